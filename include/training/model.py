@@ -1,0 +1,137 @@
+"""A Llama-style decoder (RMSNorm, RoPE, grouped-query attention, SwiGLU).
+
+``MODELS`` maps a registry name to its shape, so a recipe names "llama3_8b"
+instead of repeating dimensions; ``flops_per_token`` is the accounting MFU uses.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    ffn_dim: int
+    vocab_size: int = 256
+    rope_theta: float = 500000.0
+    norm_eps: float = 1e-5
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+
+MODELS: dict[str, ModelArgs] = {
+    "tiny": ModelArgs(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=384),
+    "small": ModelArgs(dim=256, n_layers=4, n_heads=8, n_kv_heads=4, ffn_dim=768),
+    "llama3_2_1b": ModelArgs(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, ffn_dim=8192, vocab_size=128256),
+    "llama3_2_3b": ModelArgs(dim=3072, n_layers=28, n_heads=24, n_kv_heads=8, ffn_dim=8192, vocab_size=128256),
+    "llama3_1_8b": ModelArgs(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_dim=14336, vocab_size=128256),
+    "llama3_1_70b": ModelArgs(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, ffn_dim=28672, vocab_size=128256),
+}
+
+
+def rope_frequencies(args: ModelArgs, seq_len: int, device: torch.device | None = None) -> torch.Tensor:
+    inv = 1.0 / (args.rope_theta ** (torch.arange(0, args.head_dim, 2, device=device).float() / args.head_dim))
+    angles = torch.outer(torch.arange(seq_len, device=device).float(), inv)
+    return torch.polar(torch.ones_like(angles), angles)
+
+
+def apply_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    pairs = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+    rotated = pairs * freqs[None, :, None, :]
+    return torch.view_as_real(rotated).flatten(-2).type_as(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.args = args
+        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+
+    def forward(self, x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+        bsz, seq, _ = x.shape
+        a = self.args
+        q = self.wq(x).view(bsz, seq, a.n_heads, a.head_dim)
+        k = self.wk(x).view(bsz, seq, a.n_kv_heads, a.head_dim)
+        v = self.wv(x).view(bsz, seq, a.n_kv_heads, a.head_dim)
+        q, k = apply_rope(q, freqs), apply_rope(k, freqs)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=a.n_kv_heads != a.n_heads)
+        return self.wo(out.transpose(1, 2).reshape(bsz, seq, -1))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(args.dim, args.ffn_dim, bias=False)
+        self.w3 = nn.Linear(args.dim, args.ffn_dim, bias=False)
+        self.w2 = nn.Linear(args.ffn_dim, args.dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.attention_norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
+        self.attention = Attention(args)
+        self.ffn_norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
+        self.feed_forward = FeedForward(args)
+
+    def forward(self, x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+        x = x + self.attention(self.attention_norm(x), freqs)
+        return x + self.feed_forward(self.ffn_norm(x))
+
+
+class Transformer(nn.Module):
+    """The decoder; ``layers`` is a ModuleList so FSDP can shard block by block."""
+
+    def __init__(self, args: ModelArgs, seq_len: int) -> None:
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(Block(args) for _ in range(args.n_layers))
+        self.norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.register_buffer("freqs", rope_frequencies(args, seq_len), persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for name, param in self.named_parameters():
+            if param.dim() == 2:
+                std = 0.02 / math.sqrt(2 * self.args.n_layers) if name.endswith(("wo.weight", "w2.weight")) else 0.02
+                nn.init.normal_(param, mean=0.0, std=std)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        h = self.tok_embeddings(tokens)
+        freqs = self.freqs[: tokens.shape[1]]
+        for layer in self.layers:
+            h = layer(h, freqs)
+        return self.output(self.norm(h))
+
+
+def count_parameters(args: ModelArgs) -> int:
+    attn = args.dim * args.head_dim * (2 * args.n_heads + 2 * args.n_kv_heads)
+    ffn = 3 * args.dim * args.ffn_dim
+    return args.n_layers * (attn + ffn + 2 * args.dim) + 2 * args.vocab_size * args.dim + args.dim
+
+
+def flops_per_token(args: ModelArgs, seq_len: int) -> float:
+    """Training FLOPs per token: 6 x non-embedding params plus causal-free attention (torchtitan's convention)."""
+    dense = count_parameters(args) - args.vocab_size * args.dim
+    attention = 12 * args.n_layers * args.n_heads * args.head_dim * seq_len
+    return 6 * dense + attention

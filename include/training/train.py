@@ -1,0 +1,209 @@
+"""DTP's FSDP trainer: ``torchrun ... train.py --config run.json``.
+
+One JSON config (written by the train task from the recipe and the run's
+params, so no value travels through a shell) drives everything. Rank 0 prints
+one JSON line per logged step and appends it to ``metrics_path``. The run
+resumes from the newest complete checkpoint, so a Slurm requeue or a torchrun
+restart loses at most one checkpoint interval.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import checkpoint  # noqa: E402
+from model import MODELS, Transformer, count_parameters, flops_per_token  # noqa: E402
+
+# Dense bf16 peak per device, for MFU (vendor datasheets, without sparsity).
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10G": 125e12}
+
+
+@dataclass
+class TrainConfig:
+    model: str
+    data_path: str
+    checkpoint_dir: str
+    metrics_path: str
+    seq_len: int = 128
+    micro_batch: int = 16
+    max_steps: int = 200
+    lr: float = 5e-3
+    warmup_steps: int = 10
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    seed: int = 0
+    checkpoint_interval: int = 50
+    log_interval: int = 1
+    precision: str = "fp32"
+    compile: bool = False
+    activation_checkpointing: bool = False
+    collective_timeout_s: int = 300
+    run_name: str = "local"
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, path: str) -> TrainConfig:
+        return cls(**json.loads(Path(path).read_text()))
+
+
+def lr_at(cfg: TrainConfig, step: int) -> float:
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def batch_for(data: np.ndarray, cfg: TrainConfig, step: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batches are seeded by (seed, step, rank): a resumed run sees the same data as an uninterrupted one."""
+    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 1_009 + rank)
+    starts = torch.randint(0, len(data) - cfg.seq_len - 1, (cfg.micro_batch,), generator=gen)
+    rows = np.stack([data[s : s + cfg.seq_len + 1] for s in starts.tolist()]).astype(np.int64)
+    tokens = torch.from_numpy(rows)
+    return tokens[:, :-1], tokens[:, 1:]
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
+def memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def build(cfg: TrainConfig, device: torch.device, world: int):
+    args = MODELS[cfg.model]
+    with torch.device(device):
+        model = Transformer(args, cfg.seq_len)
+    mesh = init_device_mesh(device.type, (world,))
+    dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
+    policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+    for i, block in enumerate(model.layers):
+        if cfg.activation_checkpointing:
+            from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+            block = checkpoint_wrapper(block)
+            model.layers[i] = block
+        fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=i < len(model.layers) - 1)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95), fused=device.type == "cuda"
+    )
+    return model, optimizer
+
+
+def emit(record: dict, metrics_path: Path) -> None:
+    line = json.dumps(record)
+    print(line, flush=True)
+    with metrics_path.open("a") as fh:
+        fh.write(line + "\n")
+
+
+def train(cfg: TrainConfig) -> None:
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend, timeout=timedelta(seconds=cfg.collective_timeout_s))
+    rank, world = dist.get_rank(), dist.get_world_size()
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device("cuda", local_rank) if backend == "nccl" else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    torch.manual_seed(cfg.seed)
+
+    model, optimizer = build(cfg, device, world)
+    step_fn = torch.compile(model) if cfg.compile else model
+    ckpt_dir, metrics_path = Path(cfg.checkpoint_dir), Path(cfg.metrics_path)
+    if rank == 0:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        metrics_path.parent.mkdir(parents=True, exist_ok=True)
+        checkpoint.clean_partial(ckpt_dir)
+    dist.barrier()
+
+    start = 0
+    latest = checkpoint.newest_complete(ckpt_dir)
+    if latest is not None:
+        start = checkpoint.load(latest, model, optimizer)["step"]
+    args = MODELS[cfg.model]
+    params = count_parameters(args)
+    fpt = flops_per_token(args, cfg.seq_len)
+    peak = peak_flops(device)
+    if rank == 0:
+        emit(
+            {"event": "start", "run": cfg.run_name, "model": cfg.model, "params": params, "world_size": world,
+             "backend": backend, "resumed_from_step": start if latest else None, "time": time.time()},
+            metrics_path,
+        )
+
+    data = np.memmap(cfg.data_path, dtype=np.uint8, mode="r")
+    fail_at = int(os.environ.get("DTP_FAIL_AT_STEP", "0"))
+    tokens_per_step = cfg.micro_batch * cfg.seq_len * world
+    window_start, window_steps = time.perf_counter(), 0
+    for step in range(start, cfg.max_steps):
+        if fail_at and step + 1 == fail_at:
+            raise RuntimeError(f"injected failure at step {fail_at} (DTP_FAIL_AT_STEP)")
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(cfg, step)
+        inputs, targets = (t.to(device) for t in batch_for(data, cfg, step, rank))
+        logits = step_fn(inputs)
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        window_steps += 1
+        done = step + 1
+        if done % cfg.log_interval == 0 or done == cfg.max_steps:
+            loss_avg = loss.detach().clone()
+            dist.all_reduce(loss_avg, op=dist.ReduceOp.AVG if backend == "nccl" else dist.ReduceOp.SUM)
+            if backend != "nccl":
+                loss_avg /= world
+            elapsed = time.perf_counter() - window_start
+            tps = tokens_per_step * window_steps / elapsed
+            if rank == 0:
+                emit(
+                    {"event": "step", "step": done, "loss": round(loss_avg.item(), 5), "lr": lr_at(cfg, step),
+                     "grad_norm": round(float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm), 4),
+                     "tokens_per_s": round(tps, 1), "tokens_per_s_per_device": round(tps / world, 1),
+                     "mfu": round(fpt * tps / world / peak, 4) if peak else None,
+                     "memory_mb": round(memory_mb(device), 1), "time": time.time()},
+                    metrics_path,
+                )
+            window_start, window_steps = time.perf_counter(), 0
+        if done % cfg.checkpoint_interval == 0 or done == cfg.max_steps:
+            path = checkpoint.save(ckpt_dir, done, model, optimizer, {"loss": float(loss.item())})
+            if rank == 0:
+                emit({"event": "checkpoint", "step": done, "path": str(path), "time": time.time()}, metrics_path)
+
+    if rank == 0:
+        emit({"event": "end", "step": cfg.max_steps, "config": asdict(cfg), "time": time.time()}, metrics_path)
+    dist.destroy_process_group()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--config", required=True, help="path to the run's JSON config")
+    train(TrainConfig.load(parser.parse_args().config))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,198 @@
+"""Paths, ports and environment of the local profile's stack.
+
+Everything the stack writes lives under one state directory (``.dtp/`` in the
+project root unless ``DTP_HOME`` says otherwise), so ``down`` can stop exactly
+what ``up`` started and a test can run a second stack beside the first.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import os
+import secrets
+import shlex
+from dataclasses import dataclass
+from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parents[3]
+REGION = "us-east-1"
+
+
+@dataclass(frozen=True)
+class Ports:
+    """Loopback ports of every service; ``DTP_PORT_OFFSET`` shifts them all."""
+
+    postgres: int = 15432
+    moto: int = 15050
+    airflow_api: int = 18080
+    worker_logs: int = 18793
+    trigger_logs: int = 18794
+    slurmctld: int = 16817
+    slurmd_first: int = 17001
+
+    @classmethod
+    def with_offset(cls, offset: int) -> Ports:
+        base = cls()
+        return cls(**{name: value + offset for name, value in base.__dict__.items()})
+
+    def slurmd(self, nodes: int) -> list[int]:
+        return [self.slurmd_first + i for i in range(nodes)]
+
+
+@dataclass(frozen=True)
+class StackConfig:
+    """Where the stack keeps its state, and how its services are reached."""
+
+    home: Path
+    ports: Ports
+    slurm_nodes: int = 2
+    user: str = getpass.getuser()
+
+    @classmethod
+    def from_env(cls) -> StackConfig:
+        home = Path(os.environ.get("DTP_HOME", PROJECT_ROOT / ".dtp")).resolve()
+        offset = int(os.environ.get("DTP_PORT_OFFSET", "0"))
+        return cls(home=home, ports=Ports.with_offset(offset))
+
+    # --- directories -------------------------------------------------------
+    @property
+    def run_dir(self) -> Path:
+        return self.home / "run"
+
+    @property
+    def log_dir(self) -> Path:
+        return self.home / "logs"
+
+    @property
+    def slurm_dir(self) -> Path:
+        return self.home / "slurm"
+
+    @property
+    def slurm_conf(self) -> Path:
+        return self.slurm_dir / "slurm.conf"
+
+    @property
+    def munge_socket(self) -> Path:
+        return self.home / "munge" / "munge.socket"
+
+    @property
+    def postgres_dir(self) -> Path:
+        return self.home / "postgres"
+
+    @property
+    def airflow_home(self) -> Path:
+        return self.home / "airflow"
+
+    @property
+    def shared_dir(self) -> Path:
+        """The directory every Slurm node sees: the local stand-in for FSx for Lustre."""
+        return self.home / "fsx"
+
+    @property
+    def passwords_file(self) -> Path:
+        return self.airflow_home / "passwords.json"
+
+    @property
+    def env_file(self) -> Path:
+        return self.home / "env"
+
+    # --- endpoints ---------------------------------------------------------
+    @property
+    def moto_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports.moto}"
+
+    @property
+    def airflow_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports.airflow_api}"
+
+    @property
+    def database_url(self) -> str:
+        return f"postgresql+psycopg2://airflow@127.0.0.1:{self.ports.postgres}/airflow"
+
+    def secret(self, name: str) -> str:
+        """A random secret generated once per state directory (mode 600)."""
+        path = self.home / "secrets" / name
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            path.write_text(secrets.token_urlsafe(32))
+            path.chmod(0o600)
+        return path.read_text().strip()
+
+    def passwords(self) -> dict[str, str]:
+        """The admin and viewer logins; the file is created with mode 600."""
+        if not self.passwords_file.exists():
+            self.passwords_file.parent.mkdir(parents=True, exist_ok=True)
+            data = {"admin": secrets.token_urlsafe(12), "viewer": secrets.token_urlsafe(12)}
+            self.passwords_file.write_text(json.dumps(data))
+            self.passwords_file.chmod(0o600)
+        return json.loads(self.passwords_file.read_text())
+
+    def connections(self) -> dict[str, str]:
+        """Airflow connections as ``AIRFLOW_CONN_*`` values: the profile lives here, not in code."""
+        aws = {
+            "conn_type": "aws",
+            "login": "testing",
+            "password": "testing",
+            "extra": {"endpoint_url": self.moto_url, "region_name": REGION},
+        }
+        slurm = {
+            "conn_type": "generic",
+            "extra": {"transport": "local", "slurm_conf": str(self.slurm_conf)},
+        }
+        return {
+            "AIRFLOW_CONN_AWS_DEFAULT": json.dumps(aws),
+            "AIRFLOW_CONN_SLURM_DEFAULT": json.dumps(slurm),
+        }
+
+    def airflow_env(self) -> dict[str, str]:
+        """The environment every Airflow component of the local stack runs with."""
+        self.passwords()
+        env = {
+            "AIRFLOW_HOME": str(self.airflow_home),
+            "AIRFLOW__CORE__DAGS_FOLDER": str(PROJECT_ROOT / "dags"),
+            "AIRFLOW__CORE__PLUGINS_FOLDER": str(PROJECT_ROOT / "plugins"),
+            "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+            "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
+            "AIRFLOW__CORE__PARALLELISM": "4",
+            "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "True",
+            "AIRFLOW__CORE__FERNET_KEY": self._fernet_key(),
+            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin,viewer:viewer",
+            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(self.passwords_file),
+            "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{self.airflow_url}/execution/",
+            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": self.database_url,
+            "AIRFLOW__API__HOST": "127.0.0.1",
+            "AIRFLOW__API__PORT": str(self.ports.airflow_api),
+            "AIRFLOW__API__BASE_URL": self.airflow_url,
+            "AIRFLOW__API__SECRET_KEY": self.secret("api_secret_key"),
+            "AIRFLOW__API_AUTH__JWT_SECRET": self.secret("jwt_secret"),
+            "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(self.ports.worker_logs),
+            "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT": str(self.ports.trigger_logs),
+            "AIRFLOW__SCHEDULER__ENABLE_HEALTH_CHECK": "False",
+            "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "30",
+            "DTP_HOME": str(self.home),
+            "DTP_SHARED_DIR": str(self.shared_dir),
+            "DTP_PROJECT_ROOT": str(PROJECT_ROOT),
+            "SLURM_CONF": str(self.slurm_conf),
+            "AWS_DEFAULT_REGION": REGION,
+            "PYTHONPATH": str(PROJECT_ROOT / "plugins"),
+        }
+        env.update(self.connections())
+        return env
+
+    def _fernet_key(self) -> str:
+        path = self.home / "secrets" / "fernet_key"
+        if not path.exists():
+            from cryptography.fernet import Fernet
+
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            path.write_text(Fernet.generate_key().decode())
+            path.chmod(0o600)
+        return path.read_text().strip()
+
+    def write_env_file(self) -> None:
+        """Write ``.dtp/env``: ``source`` it to use the airflow CLI against this stack."""
+        lines = [f"export {k}={shlex.quote(v)}" for k, v in sorted(self.airflow_env().items())]
+        self.env_file.write_text("\n".join(lines) + "\n")
+        self.env_file.chmod(0o600)
+

@@ -1,0 +1,386 @@
+"""The local stack's services: each one knows how to start, check and stop itself.
+
+Every daemon runs in the foreground of its own session (``start_new_session``),
+its pid is kept in ``<state>/run/<name>.pid`` and its output in
+``<state>/logs/<name>.log``; stopping signals the whole process group, so
+nothing a service forked is left behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import jinja2
+
+from dtp.local.config import PROJECT_ROOT, StackConfig
+
+PG_BIN = Path("/usr/lib/postgresql/15/bin")
+
+
+class StackError(RuntimeError):
+    """A service could not be started, with the reason a person can act on."""
+
+
+def port_open(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex((host, port)) == 0
+
+
+def http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=3) as resp:  # noqa: S310 - loopback URL we built
+            return 200 <= resp.status < 300
+    except OSError:
+        return False
+
+
+def wait_until(check: Callable[[], bool], timeout: float, what: str, log: Path | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.5)
+    tail = ""
+    if log and log.exists():
+        tail = "\n  " + "\n  ".join(log.read_text(errors="replace").splitlines()[-15:])
+    raise StackError(f"{what} not healthy after {timeout:.0f}s (log: {log}){tail}")
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie still answers kill(0); read its state to tell it apart.
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat.rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@dataclass
+class Daemon:
+    """A foreground process started in its own session and tracked by pid file."""
+
+    name: str
+    command: Callable[[StackConfig], Sequence[str]]
+    ports: Callable[[StackConfig], Sequence[int]]
+    health: Callable[[StackConfig], bool]
+    env: Callable[[StackConfig], dict[str, str]] = field(default=lambda cfg: {})
+    prepare: Callable[[StackConfig], None] = field(default=lambda cfg: None)
+    start_timeout: float = 30.0
+
+    def pid_file(self, cfg: StackConfig) -> Path:
+        return cfg.run_dir / f"{self.name}.pid"
+
+    def log_file(self, cfg: StackConfig) -> Path:
+        return cfg.log_dir / f"{self.name}.log"
+
+    def pid(self, cfg: StackConfig) -> int | None:
+        path = self.pid_file(cfg)
+        if not path.exists():
+            return None
+        pid = int(path.read_text().strip())
+        return pid if pid_alive(pid) else None
+
+    def running(self, cfg: StackConfig) -> bool:
+        return self.pid(cfg) is not None
+
+    def healthy(self, cfg: StackConfig) -> bool:
+        return self.running(cfg) and self.health(cfg)
+
+    def start(self, cfg: StackConfig) -> None:
+        if self.running(cfg):
+            wait_until(lambda: self.health(cfg), self.start_timeout, self.name, self.log_file(cfg))
+            return
+        taken = [p for p in self.ports(cfg) if port_open(p)]
+        if taken:
+            raise StackError(
+                f"{self.name}: port {', '.join(map(str, taken))} on 127.0.0.1 is already in use by "
+                "another process; stop it or set DTP_PORT_OFFSET to move the whole stack"
+            )
+        self.prepare(cfg)
+        env = {**os.environ, **self.env(cfg)}
+        with self.log_file(cfg).open("ab") as log:
+            proc = subprocess.Popen(  # noqa: S603 - fixed argv, no shell
+                list(self.command(cfg)),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                cwd=cfg.home,
+                start_new_session=True,
+            )
+        self.pid_file(cfg).write_text(str(proc.pid))
+        wait_until(lambda: self.healthy(cfg), self.start_timeout, self.name, self.log_file(cfg))
+
+    def stop(self, cfg: StackConfig) -> None:
+        pid = self.pid(cfg)
+        if pid is not None:
+            _kill_group(pid)
+        self.pid_file(cfg).unlink(missing_ok=True)
+
+
+def _kill_group(pid: int, grace: float = 15.0) -> None:
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        if not pid_alive(pid) and not _group_alive(pid):
+            return
+        time.sleep(0.2)
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def _group_alive(pgid: int) -> bool:
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] != "Z" and int(fields[2]) == pgid:
+            return True
+    return False
+
+
+# --- PostgreSQL ---------------------------------------------------------------
+
+
+def _as_postgres(argv: list[str]) -> list[str]:
+    """initdb refuses to run as root: run the PostgreSQL tools as ``postgres`` then."""
+    return ["runuser", "-u", "postgres", "--", *argv] if os.geteuid() == 0 else argv
+
+
+def _prepare_postgres(cfg: StackConfig) -> None:
+    data = cfg.postgres_dir / "data"
+    if (data / "PG_VERSION").exists():
+        return
+    cfg.postgres_dir.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() == 0:
+        shutil.chown(cfg.postgres_dir, "postgres", "postgres")
+    subprocess.run(  # noqa: S603
+        _as_postgres([str(PG_BIN / "initdb"), "-D", str(data), "-U", "airflow", "--auth=trust", "-E", "UTF8"]),
+        check=True,
+        capture_output=True,
+    )
+
+
+def _postgres_command(cfg: StackConfig) -> list[str]:
+    data = cfg.postgres_dir / "data"
+    return _as_postgres(
+        [
+            str(PG_BIN / "postgres"),
+            "-D",
+            str(data),
+            "-p",
+            str(cfg.ports.postgres),
+            "-c",
+            "listen_addresses=127.0.0.1",
+            "-c",
+            f"unix_socket_directories={cfg.postgres_dir}",
+        ]
+    )
+
+
+def _postgres_ready(cfg: StackConfig) -> bool:
+    probe = subprocess.run(  # noqa: S603
+        [str(PG_BIN / "pg_isready"), "-h", "127.0.0.1", "-p", str(cfg.ports.postgres)],
+        capture_output=True,
+    )
+    return probe.returncode == 0
+
+
+def ensure_database(cfg: StackConfig) -> None:
+    psql = ["psql", "-h", "127.0.0.1", "-p", str(cfg.ports.postgres), "-U", "airflow", "-d", "postgres", "-tAc"]
+    exists = subprocess.run([*psql, "SELECT 1 FROM pg_database WHERE datname='airflow'"], capture_output=True, text=True)  # noqa: S603
+    if exists.stdout.strip() != "1":
+        subprocess.run([*psql, "CREATE DATABASE airflow"], check=True, capture_output=True)  # noqa: S603
+
+
+# --- munge + Slurm ------------------------------------------------------------
+
+
+def _prepare_munge(cfg: StackConfig) -> None:
+    munge_dir = cfg.munge_socket.parent
+    munge_dir.mkdir(parents=True, exist_ok=True)
+    munge_dir.chmod(0o755)  # munged refuses a socket dir that others cannot traverse
+    key = munge_dir / "munge.key"
+    if not key.exists():
+        key.write_bytes(os.urandom(1024))
+        key.chmod(0o400)
+
+
+def _munge_command(cfg: StackConfig) -> list[str]:
+    d = cfg.munge_socket.parent
+    return [
+        "/usr/sbin/munged",
+        "--foreground",
+        "--force",
+        f"--socket={cfg.munge_socket}",
+        f"--key-file={d / 'munge.key'}",
+        f"--pid-file={d / 'munged.pid'}",
+        f"--seed-file={d / 'munged.seed'}",
+        f"--log-file={cfg.log_dir / 'munged-internal.log'}",
+    ]
+
+
+def render_slurm_conf(cfg: StackConfig) -> str:
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(PROJECT_ROOT / "include" / "templates"),
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+    )
+    nodes = [{"name": f"n{i + 1}", "port": port} for i, port in enumerate(cfg.ports.slurmd(cfg.slurm_nodes))]
+    return env.get_template("slurm/slurm.conf.j2").render(
+        nodes=nodes,
+        ctld_port=cfg.ports.slurmctld,
+        user=cfg.user,
+        munge_socket=cfg.munge_socket,
+        state_dir=cfg.slurm_dir,
+        log_dir=cfg.log_dir,
+        cpus=2,
+    )
+
+
+def _prepare_slurm(cfg: StackConfig) -> None:
+    (cfg.slurm_dir / "ctld").mkdir(parents=True, exist_ok=True)
+    cfg.slurm_conf.write_text(render_slurm_conf(cfg))
+    cfg.shared_dir.mkdir(parents=True, exist_ok=True)
+
+
+def slurm_env(cfg: StackConfig) -> dict[str, str]:
+    return {"SLURM_CONF": str(cfg.slurm_conf)}
+
+
+def _nodes_idle(cfg: StackConfig) -> bool:
+    out = subprocess.run(  # noqa: S603
+        ["sinfo", "-h", "-N", "-o", "%N %t"], capture_output=True, text=True, env={**os.environ, **slurm_env(cfg)}
+    )
+    states = dict(line.split() for line in out.stdout.splitlines() if line.strip())
+    expected = {f"n{i + 1}" for i in range(cfg.slurm_nodes)}
+    return out.returncode == 0 and expected <= {n for n, s in states.items() if s in ("idle", "mix", "alloc")}
+
+
+def _slurmd(index: int) -> Daemon:
+    name = f"n{index + 1}"
+    return Daemon(
+        name=f"slurmd-{name}",
+        command=lambda cfg: ["/usr/sbin/slurmd", "-D", "-N", name, "-f", str(cfg.slurm_conf)],
+        ports=lambda cfg: [cfg.ports.slurmd(cfg.slurm_nodes)[index]],
+        health=lambda cfg: port_open(cfg.ports.slurmd(cfg.slurm_nodes)[index]),
+        env=slurm_env,
+    )
+
+
+# --- Airflow ------------------------------------------------------------------
+
+
+def _airflow(*args: str) -> Callable[[StackConfig], list[str]]:
+    return lambda cfg: [str(Path(sys.executable).parent / "airflow"), *args]
+
+
+def migrate_airflow_db(cfg: StackConfig) -> None:
+    env = {**os.environ, **cfg.airflow_env()}
+    airflow = str(Path(sys.executable).parent / "airflow")
+    with (cfg.log_dir / "airflow-db-migrate.log").open("ab") as log:
+        subprocess.run([airflow, "db", "migrate"], env=env, stdout=log, stderr=subprocess.STDOUT, check=True)  # noqa: S603
+
+
+def _airflow_component(name: str, *args: str, health: Callable[[StackConfig], bool]) -> Daemon:
+    return Daemon(
+        name=f"airflow-{name}",
+        command=_airflow(*args),
+        ports=lambda cfg: [],
+        health=health,
+        env=lambda cfg: cfg.airflow_env(),
+        start_timeout=90.0,
+    )
+
+
+def _api_healthy(cfg: StackConfig) -> bool:
+    return http_ok(f"{cfg.airflow_url}/api/v2/monitor/health")
+
+
+def _component_healthy(component: str) -> Callable[[StackConfig], bool]:
+    """The api-server's health endpoint reports each component's last heartbeat."""
+
+    def check(cfg: StackConfig) -> bool:
+        try:
+            with urllib.request.urlopen(f"{cfg.airflow_url}/api/v2/monitor/health", timeout=3) as resp:  # noqa: S310
+                report = json.load(resp)
+        except OSError:
+            return False
+        return report.get(component, {}).get("status") == "healthy"
+
+    return check
+
+
+def build_services(cfg: StackConfig) -> list[Daemon]:
+    """All services, in start order (stop runs in reverse)."""
+    services = [
+        Daemon(
+            name="postgres",
+            command=_postgres_command,
+            ports=lambda c: [c.ports.postgres],
+            health=_postgres_ready,
+            prepare=_prepare_postgres,
+        ),
+        Daemon(
+            name="moto",
+            command=lambda c: [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(c.ports.moto)],
+            ports=lambda c: [c.ports.moto],
+            health=lambda c: http_ok(f"{c.moto_url}/moto-api/"),
+        ),
+        Daemon(
+            name="munged",
+            command=_munge_command,
+            ports=lambda c: [],
+            health=lambda c: c.munge_socket.exists(),
+            prepare=_prepare_munge,
+        ),
+        Daemon(
+            name="slurmctld",
+            command=lambda c: ["/usr/sbin/slurmctld", "-D", "-f", str(c.slurm_conf)],
+            ports=lambda c: [c.ports.slurmctld],
+            health=lambda c: port_open(c.ports.slurmctld),
+            env=slurm_env,
+            prepare=_prepare_slurm,
+        ),
+    ]
+    services += [_slurmd(i) for i in range(cfg.slurm_nodes)]
+    services += [
+        Daemon(
+            name="airflow-api-server",
+            command=_airflow("api-server"),
+            ports=lambda c: [c.ports.airflow_api],
+            health=_api_healthy,
+            env=lambda c: c.airflow_env(),
+            start_timeout=120.0,
+        ),
+        _airflow_component("scheduler", "scheduler", health=_component_healthy("scheduler")),
+        _airflow_component("dag-processor", "dag-processor", health=_component_healthy("dag_processor")),
+        _airflow_component("triggerer", "triggerer", health=_component_healthy("triggerer")),
+    ]
+    return services

@@ -1,0 +1,78 @@
+"""``python -m dtp.local.stack up|down|status``: the local profile's services.
+
+``up`` is idempotent: a healthy service is left alone, a dead one is started.
+``down`` stops, by pid, exactly what ``up`` started, in reverse order.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from dtp.local.config import StackConfig
+from dtp.local.services import Daemon, StackError, build_services, ensure_database, migrate_airflow_db
+
+
+def up(cfg: StackConfig, *, airflow: bool = True) -> None:
+    for directory in (cfg.home, cfg.run_dir, cfg.log_dir, cfg.shared_dir):
+        directory.mkdir(parents=True, exist_ok=True)
+    cfg.write_env_file()
+    for service in _selected(cfg, airflow):
+        if service.name == "airflow-api-server":
+            migrate_airflow_db(cfg)
+        was_running = service.running(cfg)
+        service.start(cfg)
+        print(f"  {service.name:<22} {'already up' if was_running else 'started'}", flush=True)
+        if service.name == "postgres":
+            ensure_database(cfg)
+
+
+def down(cfg: StackConfig) -> None:
+    for service in reversed(build_services(cfg)):
+        if service.running(cfg):
+            service.stop(cfg)
+            print(f"  {service.name:<22} stopped", flush=True)
+
+
+def status(cfg: StackConfig) -> dict[str, str]:
+    report = {}
+    for service in build_services(cfg):
+        pid = service.pid(cfg)
+        if pid is None:
+            report[service.name] = "stopped"
+        else:
+            report[service.name] = f"healthy (pid {pid})" if service.health(cfg) else f"UNHEALTHY (pid {pid})"
+    return report
+
+
+def _selected(cfg: StackConfig, airflow: bool) -> list[Daemon]:
+    services = build_services(cfg)
+    return services if airflow else [s for s in services if not s.name.startswith("airflow-")]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="stack", description=__doc__)
+    parser.add_argument("action", choices=["up", "down", "status"])
+    parser.add_argument("--no-airflow", action="store_true", help="only the emulator, PostgreSQL and Slurm")
+    args = parser.parse_args(argv)
+    cfg = StackConfig.from_env()
+    try:
+        if args.action == "up":
+            print(f"Starting the local stack (state in {cfg.home})", flush=True)
+            up(cfg, airflow=not args.no_airflow)
+            print(f"Airflow UI: {cfg.airflow_url}  login: admin, password in {cfg.passwords_file}")
+        elif args.action == "down":
+            down(cfg)
+        else:
+            report = status(cfg)
+            for name, state in report.items():
+                print(f"  {name:<22} {state}")
+            return 0 if all(s.startswith("healthy") for s in report.values()) else 1
+    except StackError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
