@@ -1,0 +1,1 @@
+"""Training and validation results: parse JSON lines, judge gates, render reports."""

@@ -1,0 +1,52 @@
+"""Pass/fail gates: each failure names the metric, the measured value and the bound."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from dtp.metrics.parse import TrainingSummary
+
+
+class GateFailed(RuntimeError):
+    """One or more gates failed; the message lists each."""
+
+
+def training_failures(summary: TrainingSummary, gates: dict[str, Any], max_steps: int) -> list[str]:
+    failures = []
+    if not summary.steps:
+        return ["no training step was logged"]
+    if summary.steps[-1] < max_steps:
+        failures.append(f"steps: reached {summary.steps[-1]}, expected {max_steps}")
+    final, first = summary.final_loss, summary.first_loss
+    if gates.get("final_loss_max") is not None and final is not None and final > gates["final_loss_max"]:
+        failures.append(f"final_loss: {final:.4f} > allowed {gates['final_loss_max']}")
+    if gates.get("loss_must_decrease") and final is not None and first is not None and final >= first:
+        failures.append(f"loss did not decrease: first {first:.4f}, final {final:.4f}")
+    tps = summary.median_tokens_per_s
+    if gates.get("min_tokens_per_s") is not None and tps is not None and tps < gates["min_tokens_per_s"]:
+        failures.append(f"tokens_per_s: median {tps:.0f} < required {gates['min_tokens_per_s']}")
+    return failures
+
+
+def preflight_failures(result: dict[str, Any], num_nodes: int, expected_busbw_gbps: float, tolerance: float = 0.8) -> list[str]:
+    failures = []
+    ranks = result.get("ranks", [])
+    nodes = {r.get("slurm_node") or r.get("host") for r in ranks}
+    if len(nodes) < num_nodes:
+        failures.append(f"nodes: {len(nodes)} answered ({', '.join(sorted(nodes))}), expected {num_nodes}")
+    for key in ("torch", "cuda", "nccl", "python"):
+        versions = {str(r.get(key)) for r in ranks}
+        if len(versions) > 1:
+            per_node = ", ".join(f"{r.get('slurm_node') or r.get('host')}={r.get(key)}" for r in ranks)
+            failures.append(f"{key} versions differ across nodes: {per_node}")
+    for r in ranks:
+        if r.get("matmul_max_abs_error", 0) > 1e-2:
+            failures.append(f"matmul on {r.get('slurm_node') or r.get('host')} is wrong (max error {r['matmul_max_abs_error']:.3g})")
+    sweep = result.get("allreduce", [])
+    best = max((row["busbw_gbps"] for row in sweep), default=0.0)
+    floor = expected_busbw_gbps * tolerance
+    if best < floor:
+        failures.append(
+            f"busbw: best {best:.3f} GB/s < {floor:.3f} GB/s ({tolerance:.0%} of the expected {expected_busbw_gbps} GB/s)"
+        )
+    return failures

@@ -1,0 +1,94 @@
+"""Parse the trainer's JSON lines into a run summary.
+
+Lines that are not JSON (torchrun banners, Slurm messages, ``srun -l``
+prefixes) are skipped, so the same parser reads a metrics file or a raw job log.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass
+class TrainingSummary:
+    steps: list[int] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)
+    tokens_per_s: list[float] = field(default_factory=list)
+    checkpoints: list[int] = field(default_factory=list)
+    restarts: int = 0
+    params: int | None = None
+    world_size: int | None = None
+    max_memory_mb: float | None = None
+    mfu: float | None = None
+    finished: bool = False
+
+    @property
+    def first_loss(self) -> float | None:
+        return self.losses[0] if self.losses else None
+
+    @property
+    def final_loss(self) -> float | None:
+        return self.losses[-1] if self.losses else None
+
+    @property
+    def median_tokens_per_s(self) -> float | None:
+        # The first window includes start-up and warm-up: leave it out when there is more.
+        window = self.tokens_per_s[1:] or self.tokens_per_s
+        return statistics.median(window) if window else None
+
+    def as_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data.update(
+            first_loss=self.first_loss,
+            final_loss=self.final_loss,
+            median_tokens_per_s=self.median_tokens_per_s,
+            last_step=self.steps[-1] if self.steps else 0,
+        )
+        return data
+
+
+def json_records(lines: Iterable[str]) -> Iterable[dict[str, Any]]:
+    for line in lines:
+        start = line.find("{")
+        if start < 0:
+            continue
+        try:
+            record = json.loads(line[start:])
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and "event" in record:
+            yield record
+
+
+def summarize(lines: Iterable[str]) -> TrainingSummary:
+    """Fold the records into a summary; a step logged twice (after a resume) keeps its latest value."""
+    by_step: dict[int, dict[str, Any]] = {}
+    summary = TrainingSummary()
+    starts = 0
+    for record in json_records(lines):
+        event = record["event"]
+        if event == "start":
+            starts += 1
+            summary.params = record.get("params")
+            summary.world_size = record.get("world_size")
+        elif event == "step":
+            by_step[int(record["step"])] = record
+        elif event == "checkpoint":
+            summary.checkpoints.append(int(record["step"]))
+        elif event == "end":
+            summary.finished = True
+    summary.restarts = max(0, starts - 1)
+    for step in sorted(by_step):
+        record = by_step[step]
+        summary.steps.append(step)
+        summary.losses.append(float(record["loss"]))
+        summary.tokens_per_s.append(float(record["tokens_per_s"]))
+        if record.get("memory_mb") is not None:
+            summary.max_memory_mb = max(summary.max_memory_mb or 0.0, float(record["memory_mb"]))
+        if record.get("mfu") is not None:
+            summary.mfu = float(record["mfu"])
+    return summary

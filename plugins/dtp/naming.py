@@ -1,0 +1,80 @@
+"""Deterministic resource names and tags from (dag_id, run_id).
+
+A retried, cleared or re-run task computes the same name, so it finds the
+resource it created before instead of creating a second one, and a reaper can
+find every resource of a run by its tags. Names are valid everywhere DTP uses
+them: S3 buckets (3-63 chars, lowercase), CloudFormation stacks, Slurm job
+names and POSIX paths; they never contain a shell metacharacter.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+PREFIX = "dtp"
+OWNER = "dtp"
+TAG_PREFIX = "dtp:"
+_SAFE = re.compile(r"[^a-z0-9]+")
+
+
+def slug(text: str, limit: int) -> str:
+    """Lowercase alphanumerics and single hyphens, at most ``limit`` characters."""
+    return _SAFE.sub("-", text.lower()).strip("-")[:limit].strip("-") or "x"
+
+
+@dataclass(frozen=True)
+class RunNames:
+    """Every name one pipeline run uses, derived from its dag_id and run_id."""
+
+    dag_id: str
+    run_id: str
+
+    @property
+    def run_key(self) -> str:
+        digest = hashlib.sha256(f"{self.dag_id}\0{self.run_id}".encode()).hexdigest()[:10]
+        return f"{PREFIX}-{slug(self.dag_id, 24)}-{digest}"
+
+    @property
+    def network_stack(self) -> str:
+        return f"{self.run_key}-network"
+
+    @property
+    def data_bucket(self) -> str:
+        return f"{self.run_key}-data"
+
+    @property
+    def slurm_job(self) -> str:
+        return self.run_key
+
+    def as_dict(self) -> dict[str, str]:
+        return {
+            "run_key": self.run_key,
+            "network_stack": self.network_stack,
+            "data_bucket": self.data_bucket,
+            "slurm_job": self.slurm_job,
+        }
+
+
+def expiry(hours: float, now: datetime | None = None) -> str:
+    """The ISO-8601 UTC instant after which the reaper may delete a resource."""
+    now = now or datetime.now(UTC)
+    return (now + timedelta(hours=hours)).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def resource_tags(names: RunNames, recipe: str, expires_at: str) -> dict[str, str]:
+    """The tags every resource of a run carries (owner, dag, run, recipe, expiry)."""
+    return {
+        f"{TAG_PREFIX}owner": OWNER,
+        f"{TAG_PREFIX}dag": names.dag_id,
+        f"{TAG_PREFIX}run": names.run_key,
+        f"{TAG_PREFIX}run-id": names.run_id,
+        f"{TAG_PREFIX}recipe": recipe,
+        f"{TAG_PREFIX}expires-at": expires_at,
+    }
+
+
+def aws_tags(tags: dict[str, str]) -> list[dict[str, str]]:
+    return [{"Key": k, "Value": v} for k, v in sorted(tags.items())]

@@ -1,0 +1,91 @@
+"""Submit a batch script to Slurm and wait for it without holding a worker slot."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from airflow.sdk import BaseOperator
+from airflow.sdk.exceptions import AirflowException
+
+from dtp.hooks.slurm import SlurmHook
+from dtp.triggers.slurm import SlurmJobTrigger
+
+
+class SlurmJobFailed(AirflowException):
+    """The Slurm job ended in a state other than COMPLETED, or hung."""
+
+
+class SlurmSubmitJobOperator(BaseOperator):
+    """
+    Submit ``script_path`` with sbatch, defer to ``SlurmJobTrigger``, fail with the job's last log lines.
+
+    Idempotent: a retry first looks for an active job named ``job_name`` and
+    re-attaches to it instead of submitting a second one.
+
+    :param script_path: batch script on the cluster's shared filesystem
+    :param job_name: Slurm job name (also the key used to find the job again)
+    :param output_path: sbatch ``--output`` pattern; ``%j`` becomes the job id
+    :param hang_timeout: seconds without a new log line before the job counts as hung
+    :param sbatch_args: extra sbatch arguments, e.g. ``["--nodes=2"]``
+    """
+
+    template_fields: Sequence[str] = ("script_path", "job_name", "output_path", "hang_timeout", "sbatch_args")
+
+    def __init__(
+        self,
+        *,
+        script_path: str,
+        job_name: str,
+        output_path: str,
+        sbatch_args: list[str] | None = None,
+        hang_timeout: float | str = 600.0,
+        poll_interval: float = 5.0,
+        slurm_conn_id: str = SlurmHook.default_conn_name,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.script_path = script_path
+        self.job_name = job_name
+        self.output_path = output_path
+        self.sbatch_args = sbatch_args or []
+        self.hang_timeout = hang_timeout
+        self.poll_interval = poll_interval
+        self.slurm_conn_id = slurm_conn_id
+
+    def execute(self, context: Any) -> None:
+        hook = SlurmHook(self.slurm_conn_id)
+        active = hook.find_jobs(self.job_name)
+        if active:
+            job_id = active[0].job_id
+            self.log.info("Re-attaching to active Slurm job %s (%s)", job_id, self.job_name)
+        else:
+            job_id = hook.submit(
+                self.script_path, job_name=self.job_name, output=self.output_path, extra_args=list(self.sbatch_args)
+            )
+        log_path = self.output_path.replace("%j", job_id)
+        context["ti"].xcom_push(key="job_id", value=job_id)
+        context["ti"].xcom_push(key="log_path", value=log_path)
+        self.defer(
+            trigger=SlurmJobTrigger(
+                job_id=job_id,
+                log_path=log_path,
+                slurm_conn_id=self.slurm_conn_id,
+                poll_interval=self.poll_interval,
+                hang_timeout=float(self.hang_timeout),
+            ),
+            method_name="execute_complete",
+        )
+
+    def execute_complete(self, context: Any, event: dict[str, Any]) -> dict[str, Any]:
+        job_id = event["job_id"]
+        tail = "\n".join(event.get("tail", [])[-20:])
+        if event["status"] == "hung":
+            SlurmHook(self.slurm_conn_id).cancel(job_id)
+            raise SlurmJobFailed(f"Slurm job {job_id} hung ({event['message']}); cancelled it. Last lines:\n{tail}")
+        if event["status"] != "success":
+            raise SlurmJobFailed(
+                f"Slurm job {job_id} ended {event['state']} (exit code {event.get('exit_code') or '?'}). Last lines:\n{tail}"
+            )
+        self.log.info("Slurm job %s completed", job_id)
+        return {"job_id": job_id, "log_path": self.output_path.replace("%j", job_id), "state": event["state"]}

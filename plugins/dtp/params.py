@@ -1,0 +1,175 @@
+"""The training pipeline's parameters: one pydantic model, two uses.
+
+``TrainParams`` validates a run's conf inside ``validate_params`` (unknown keys
+included, which Airflow itself accepts), and ``airflow_params()`` turns the same
+model's JSON schema into the trigger form's typed ``Param``s, so the form and
+the validation cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from dtp.recipes import PLATFORMS, Platform, RecipeError, get_recipe, instance_types, recipe_names
+
+S3_URI = r"^$|^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[A-Za-z0-9!_.*'()/-]*)?$"
+ENV_NAME = re.compile(r"^[A-Z_][A-Z0-9_]{0,63}$")
+# Variables the pipeline sets itself; overriding them would break the launch.
+RESERVED_ENV = frozenset({"PATH", "LD_PRELOAD", "LD_LIBRARY_PATH", "PYTHONPATH", "SLURM_CONF", "HOME", "USER"})
+IMPLEMENTED_PLATFORMS = ("local",)
+
+
+class ParamsError(ValueError):
+    """Invalid run parameters; the message names each field, its value and what is allowed."""
+
+
+class TrainParams(BaseModel):
+    """What a person may set when triggering a training run."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    platform: Platform = Field(
+        "local",
+        title="Platform",
+        description="Where the cluster runs: local (emulator + local Slurm), parallelcluster, hyperpod, eks or batch.",
+    )
+    recipe: str = Field("tiny", title="Recipe", description="Model and size, from include/recipes/*.yaml.")
+    num_nodes: int = Field(2, ge=1, le=512, title="Nodes", description="Compute nodes for training.")
+    instance_type: str = Field(
+        "local.cpu",
+        title="Instance type",
+        description="EC2 instance type of the compute nodes (local.cpu on the local platform).",
+        max_length=32,
+        pattern=r"^[a-z0-9]+(-[a-z0-9]+)?\.[a-z0-9]+$",
+    )
+    dataset_uri: str = Field(
+        "",
+        title="Dataset S3 URI",
+        description="s3://bucket/prefix/ with .txt files to train on; empty uses the shipped sample corpus.",
+        max_length=1024,
+        pattern=S3_URI,
+    )
+    max_steps: int = Field(200, ge=1, le=1_000_000, title="Max steps", description="Optimizer steps to train.")
+    checkpoint_interval: int = Field(
+        50, ge=1, le=1_000_000, title="Checkpoint interval", description="Steps between sharded checkpoints."
+    )
+    keep_cluster: bool = Field(
+        False,
+        title="Keep cluster",
+        description="Skip deleting the network and cluster after the run; the expiry tag still lets the reaper remove them.",
+    )
+    budget_usd: float = Field(
+        100.0, ge=0, le=1_000_000, title="Budget (USD)", description="Refuse to start when the estimated cost exceeds it."
+    )
+    hang_timeout_minutes: int = Field(
+        10, ge=1, le=1440, title="Hang timeout (minutes)", description="Fail training when no log line arrives for this long."
+    )
+    expiry_hours: float = Field(
+        24, gt=0, le=720, title="Expiry (hours)", description="Tagged expiry of every resource; the reaper deletes past it."
+    )
+    extra_env: dict[str, str] = Field(
+        default_factory=dict,
+        title="Extra environment",
+        description="Environment variables for the training job, e.g. {\"NCCL_DEBUG\": \"INFO\"}.",
+    )
+
+    @field_validator("extra_env")
+    @classmethod
+    def _check_env(cls, env: dict[str, str]) -> dict[str, str]:
+        if len(env) > 64:
+            raise ValueError(f"at most 64 variables are allowed, got {len(env)}")
+        for name, value in env.items():
+            if not ENV_NAME.match(name):
+                raise ValueError(f"variable name {name!r} must match {ENV_NAME.pattern}")
+            if name in RESERVED_ENV:
+                raise ValueError(f"variable {name!r} is set by the pipeline and cannot be overridden")
+            if len(value) > 4096 or any(c in value for c in "\0\n\r"):
+                raise ValueError(f"value of {name!r} must be one line of at most 4096 characters")
+        return env
+
+
+def _describe(err: ValidationError) -> str:
+    lines = []
+    for item in err.errors():
+        field = ".".join(str(p) for p in item["loc"]) or "conf"
+        if item["type"] == "extra_forbidden":
+            lines.append(f"{field}: unknown parameter (allowed: {', '.join(TrainParams.model_fields)})")
+        else:
+            lines.append(f"{field}: got {_short(item.get('input'))}; {item['msg']}")
+    return "\n".join(lines)
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def validate_params(conf: dict[str, Any]) -> TrainParams:
+    """Validate a run's conf fully (schema, catalogue, platform, instance type, budget) before anything exists."""
+    try:
+        params = TrainParams.model_validate(conf)
+    except ValidationError as err:
+        raise ParamsError(f"invalid parameters:\n{_describe(err)}") from None
+    problems = []
+    if params.platform not in IMPLEMENTED_PLATFORMS:
+        problems.append(
+            f"platform: got {params.platform!r}; not available in this release (available: {', '.join(IMPLEMENTED_PLATFORMS)})"
+        )
+    try:
+        recipe = get_recipe(params.recipe)
+    except RecipeError as err:
+        problems.append(f"recipe: got {params.recipe!r}; {err}")
+        recipe = None
+    instance = instance_types().get(params.instance_type)
+    if instance is None:
+        problems.append(
+            f"instance_type: got {params.instance_type!r}; allowed: {', '.join(sorted(instance_types()))}"
+        )
+    elif params.platform not in instance.platforms:
+        problems.append(
+            f"instance_type: got {params.instance_type!r}; not offered on platform {params.platform!r} "
+            f"(allowed there: {', '.join(n for n, i in instance_types().items() if params.platform in i.platforms)})"
+        )
+    if params.checkpoint_interval > params.max_steps:
+        problems.append(
+            f"checkpoint_interval: got {params.checkpoint_interval}; must not exceed max_steps ({params.max_steps})"
+        )
+    if recipe is not None and instance is not None:
+        cost = estimate_cost_usd(params, recipe.expected_step_seconds, instance.price_usd_per_hour)
+        if cost > params.budget_usd:
+            problems.append(
+                f"budget_usd: got {params.budget_usd}; the estimated cost is {cost:.2f} USD "
+                f"({params.num_nodes} x {params.instance_type} for {params.max_steps} steps)"
+            )
+    if problems:
+        raise ParamsError("invalid parameters:\n" + "\n".join(problems))
+    return params
+
+
+def estimate_cost_usd(params: TrainParams, step_seconds: float, price_per_hour: float) -> float:
+    hours = params.max_steps * step_seconds / 3600
+    return round(hours * price_per_hour * params.num_nodes, 2)
+
+
+def airflow_params() -> dict[str, Any]:
+    """The trigger form: one ``Param`` per field, its JSON schema taken from ``TrainParams``."""
+    from airflow.sdk import Param
+
+    schema = TrainParams.model_json_schema()
+    form = {}
+    for name, prop in schema["properties"].items():
+        spec = {k: v for k, v in prop.items() if k in _PARAM_KEYS}
+        if name == "recipe":
+            spec["enum"] = recipe_names()
+        if name == "platform":
+            spec["enum"] = list(PLATFORMS)
+        if name == "extra_env":
+            spec["type"] = "object"
+        form[name] = Param(prop.get("default", {}), **spec)
+    return form
+
+
+_PARAM_KEYS = {"type", "title", "description", "minimum", "maximum", "exclusiveMinimum", "maxLength", "pattern", "enum"}

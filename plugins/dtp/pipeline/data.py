@@ -1,0 +1,75 @@
+"""Stage the dataset: S3 -> the cluster's shared filesystem -> a byte-level token shard.
+
+On AWS the S3 -> FSx step is a data repository import; on the local profile
+the worker copies into the shared directory. Both are idempotent: objects
+already present with the same size are not copied again, and the shard is
+written to a temporary name and renamed, so a half-written shard is never used.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from airflow.providers.amazon.aws.hooks.s3 import S3Hook
+
+from dtp.recipes import INCLUDE_DIR
+
+log = logging.getLogger(__name__)
+SAMPLE_CORPUS = INCLUDE_DIR / "data" / "corpus.txt"
+S3_URI = re.compile(r"^s3://(?P<bucket>[^/]+)/?(?P<prefix>.*)$")
+
+
+def run_dir(spec: dict[str, Any], cluster: dict[str, Any]) -> Path:
+    return Path(cluster["shared_dir"]) / "runs" / spec["names"]["run_key"]
+
+
+def upload_sample_corpus(s3: S3Hook, bucket: str) -> str:
+    key = "datasets/sample/corpus.txt"
+    if not s3.check_for_key(key, bucket) or s3.head_object(key, bucket)["ContentLength"] != SAMPLE_CORPUS.stat().st_size:
+        s3.load_file(str(SAMPLE_CORPUS), key, bucket, replace=True)
+    return f"s3://{bucket}/datasets/sample/"
+
+
+def stage_data(spec: dict[str, Any], network: dict[str, str], cluster: dict[str, Any], aws_conn_id: str) -> dict[str, Any]:
+    s3 = S3Hook(aws_conn_id=aws_conn_id)
+    source = spec["params"]["dataset_uri"] or upload_sample_corpus(s3, network["DataBucket"])
+    match = S3_URI.match(source)
+    if match is None:
+        raise ValueError(f"dataset_uri: got {source!r}; expected s3://bucket/prefix/")
+    bucket, prefix = match["bucket"], match["prefix"]
+    keys = sorted(k for k in s3.list_keys(bucket, prefix=prefix) or [] if k.endswith(".txt"))
+    if not keys:
+        raise ValueError(f"dataset_uri: no .txt objects under {source}")
+    dest = run_dir(spec, cluster) / "data"
+    dest.mkdir(parents=True, exist_ok=True)
+    copied = moved_bytes = 0
+    files = []
+    for key in keys:
+        target = dest / key[len(prefix) :].lstrip("/").replace("/", "__")
+        size = s3.head_object(key, bucket)["ContentLength"]
+        if not (target.exists() and target.stat().st_size == size):
+            s3.get_conn().download_file(bucket, key, str(target))
+            copied += 1
+            moved_bytes += size
+        files.append(target)
+    shard = dest.parent / "train.bin"
+    tokens = tokenize(files, shard)
+    log.info("Staged %s: %d files (%d copied, %d bytes moved), %d tokens -> %s", source, len(files), copied, moved_bytes, tokens, shard)
+    return {"source": source, "files": len(files), "copied": copied, "bytes_moved": moved_bytes, "tokens": tokens, "train_bin": str(shard)}
+
+
+def tokenize(files: list[Path], shard: Path) -> int:
+    """Byte-level tokenization (vocabulary 256): the shard is the files' UTF-8 bytes, in order."""
+    tmp = shard.with_suffix(".tmp")
+    total = 0
+    with tmp.open("wb") as out:
+        for path in files:
+            data = path.read_bytes()
+            out.write(data)
+            total += len(data)
+    os.replace(tmp, shard)
+    return total

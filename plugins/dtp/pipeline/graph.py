@@ -1,0 +1,199 @@
+"""The training pipeline as Airflow tasks: one builder, used by every training DAG.
+
+    validate_params -> resolve_images -> deploy_network -> deploy_cluster -> stage_data
+      -> preflight -> train -> collect_metrics -> evaluate_gates -> report
+    teardown_cluster -> teardown_network   (teardowns of deploy_cluster / deploy_network)
+
+The task callables are thin: each calls one step function of dtp.pipeline.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from airflow.providers.amazon.aws.hooks.ssm import SsmHook
+from airflow.providers.amazon.aws.sensors.cloud_formation import CloudFormationCreateStackSensor
+from airflow.sdk import TaskGroup, TriggerRule, task
+from airflow.sdk.exceptions import AirflowFailException
+
+from dtp.metrics.gates import GateFailed
+from dtp.operators.report import TrainingReportOperator
+from dtp.operators.slurm import SlurmSubmitJobOperator
+from dtp.params import ParamsError
+from dtp.pipeline import data, jobs, network, results
+from dtp.pipeline.spec import build_spec
+from dtp.platforms import get_platform
+from dtp.recipes import RecipeError
+
+log = logging.getLogger(__name__)
+AWS_CONN_ID = "aws_default"
+SLURM_CONN_ID = "slurm_default"
+
+
+@task
+def validate_params(**context: Any) -> dict[str, Any]:
+    """Refuse bad input, with field, value and what is allowed, before anything is created."""
+    try:
+        spec = build_spec(context["params"], context["dag_run"].conf or {}, context["dag"].dag_id, context["run_id"])
+    except (ParamsError, RecipeError, ValueError) as err:
+        raise AirflowFailException(str(err)) from None
+    log.info("Run %s: estimated cost %.2f USD", spec["names"]["run_key"], spec["estimated_cost_usd"])
+    return spec
+
+
+@task
+def resolve_images(spec: dict[str, Any]) -> dict[str, str]:
+    """The image published by ami_bake/container_build (SSM), else the platform's default runtime."""
+    name = f"/dtp/images/{spec['params']['platform']}/training"
+    try:
+        uri = SsmHook(aws_conn_id=AWS_CONN_ID).get_parameter_value(name)
+    except Exception as err:  # the provider raises the client's ParameterNotFound
+        if "ParameterNotFound" not in type(err).__name__ + str(err):
+            raise
+        image = get_platform(spec["params"]["platform"]).default_image()
+        log.info("No image published at %s: using %s", name, image)
+        return image
+    return {"source": f"ssm:{name}", "image": uri, "python": "python3"}
+
+
+@task
+def create_stack(spec: dict[str, Any]) -> str:
+    return network.create_network_stack(spec, AWS_CONN_ID)
+
+
+@task
+def stack_outputs(spec: dict[str, Any]) -> dict[str, str]:
+    return network.network_outputs(spec, AWS_CONN_ID)
+
+
+@task
+def deploy_cluster(spec: dict[str, Any], network_outputs: dict[str, str]) -> dict[str, Any]:
+    return get_platform(spec["params"]["platform"]).provision(spec, network_outputs)
+
+
+@task
+def stage_data(spec: dict[str, Any], network_outputs: dict[str, str], cluster: dict[str, Any]) -> dict[str, Any]:
+    return data.stage_data(spec, network_outputs, cluster, AWS_CONN_ID)
+
+
+@task
+def record_resources(network_outputs: dict[str, str], cluster: dict[str, Any], staged: dict[str, Any]) -> dict[str, Any]:
+    """What the run created and uses, in one XCom for the report."""
+    return {"network": network_outputs, "cluster": cluster, "data": staged}
+
+
+@task(multiple_outputs=True)
+def prepare_preflight(spec: dict[str, Any], cluster: dict[str, Any], images: dict[str, str]) -> dict[str, str]:
+    return jobs.prepare_preflight(spec, cluster, images)
+
+
+@task
+def check_preflight(spec: dict[str, Any], cluster: dict[str, Any], results_path: str) -> dict[str, Any]:
+    checked = results.check_preflight(spec, cluster, results_path)
+    if checked["failures"]:
+        raise AirflowFailException("preflight failed:\n" + "\n".join(checked["failures"]))
+    return checked["result"]
+
+
+@task(multiple_outputs=True)
+def prepare_training(
+    spec: dict[str, Any], cluster: dict[str, Any], images: dict[str, str], staged: dict[str, Any]
+) -> dict[str, str]:
+    return jobs.prepare_training(spec, cluster, images, staged)
+
+
+@task
+def collect_metrics(spec: dict[str, Any], cluster: dict[str, Any], metrics_path: str) -> dict[str, Any]:
+    return results.collect_metrics(spec, cluster, metrics_path, AWS_CONN_ID)
+
+
+@task
+def evaluate_gates(spec: dict[str, Any], metrics: dict[str, Any]) -> None:
+    failures = results.gate_failures(spec, metrics)
+    if failures:
+        raise AirflowFailException(str(GateFailed("gates failed:\n" + "\n".join(failures))))
+    log.info("All gates passed")
+
+
+@task(retries=3)
+def teardown_cluster(spec: dict[str, Any]) -> dict[str, Any]:
+    if spec["params"]["keep_cluster"]:
+        log.warning("keep_cluster=true: cluster kept; its resources expire at %s", spec["tags"]["dtp:expires-at"])
+        return {"kept": True}
+    return get_platform(spec["params"]["platform"]).teardown(spec)
+
+
+@task(retries=3)
+def teardown_network(spec: dict[str, Any]) -> dict[str, Any]:
+    return network.teardown_network(spec, AWS_CONN_ID)
+
+
+def training_pipeline() -> None:
+    """Add the pipeline's tasks to the DAG being defined (call inside ``with DAG(...)``)."""
+    spec = validate_params()
+    images = resolve_images(spec)
+
+    with TaskGroup("deploy_network", tooltip="VPC, subnets, EFA security group, S3 bucket (CloudFormation)"):
+        stack = create_stack(spec)
+        wait = CloudFormationCreateStackSensor(
+            task_id="wait_for_stack",
+            stack_name=stack,
+            aws_conn_id=AWS_CONN_ID,
+            mode="reschedule",
+            poke_interval=15,
+            timeout=3600,
+        )
+        outputs = stack_outputs(spec)
+        images >> stack
+        wait >> outputs
+
+    cluster = deploy_cluster(spec, outputs)
+    staged = stage_data(spec, outputs, cluster)
+    resources = record_resources(outputs, cluster, staged)
+
+    with TaskGroup("preflight", tooltip="environment screen and all-reduce bus bandwidth on every node"):
+        pf_job = prepare_preflight(spec, cluster, images)
+        pf_run = SlurmSubmitJobOperator(
+            task_id="run_checks",
+            script_path=pf_job["script_path"],
+            job_name=pf_job["job_name"],
+            output_path=pf_job["output_path"],
+            hang_timeout="{{ params.hang_timeout_minutes * 60 }}",
+            slurm_conn_id=SLURM_CONN_ID,
+        )
+        pf_result = check_preflight(spec, cluster, pf_job["results_path"])
+        pf_run >> pf_result
+    staged >> pf_job
+
+    with TaskGroup("train", tooltip="FSDP training on Slurm, resumable from checkpoints"):
+        job = prepare_training(spec, cluster, images, staged)
+        run = SlurmSubmitJobOperator(
+            task_id="run_job",
+            script_path=job["script_path"],
+            job_name=job["job_name"],
+            output_path=job["output_path"],
+            hang_timeout="{{ params.hang_timeout_minutes * 60 }}",
+            slurm_conn_id=SLURM_CONN_ID,
+            retries=1,
+        )
+        job >> run
+    pf_result >> job
+
+    metrics = collect_metrics(spec, cluster, job["metrics_path"])
+    run >> metrics
+    gates = evaluate_gates(spec, metrics)
+    report = TrainingReportOperator(
+        task_id="report",
+        spec=spec,
+        metrics=metrics,
+        preflight=pf_result,
+        run_resources=resources,
+        aws_conn_id=AWS_CONN_ID,
+        trigger_rule=TriggerRule.ALL_DONE_MIN_ONE_SUCCESS,
+    )
+    gates >> report
+
+    cluster_down = teardown_cluster(spec).as_teardown(setups=cluster)
+    network_down = teardown_network(spec).as_teardown(setups=stack)
+    report >> cluster_down >> network_down

@@ -1,0 +1,97 @@
+"""Write a run's job files (JSON config + batch script) to the cluster's shared filesystem.
+
+The trainer reads every value from the JSON config, and the batch script's
+values are shell-quoted by the template engine, so nothing a person typed is
+ever parsed by a shell.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from dtp.hooks.slurm import SlurmHook
+from dtp.pipeline.data import run_dir
+from dtp.recipes import INCLUDE_DIR
+from dtp.templates import render
+
+TRAINING_DIR = INCLUDE_DIR / "training"
+
+
+def _common(spec: dict[str, Any], images: dict[str, Any]) -> dict[str, Any]:
+    instance = spec["instance"]
+    on_cpu = instance["accelerator"] == "cpu"
+    return {
+        "num_nodes": spec["params"]["num_nodes"],
+        "procs_per_node": instance["accelerators_per_node"],
+        "python": images["python"],
+        "omp_threads": 1 if on_cpu else 8,
+        "env": spec["params"]["extra_env"],
+    }
+
+
+def prepare_preflight(spec: dict[str, Any], cluster: dict[str, Any], images: dict[str, Any]) -> dict[str, str]:
+    hook = SlurmHook(cluster["slurm_conn_id"])
+    workdir = run_dir(spec, cluster)
+    results = workdir / "preflight.json"
+    script = render(
+        "slurm/preflight.sbatch.j2",
+        **_common(spec, images),
+        program=TRAINING_DIR / "preflight.py",
+        results_path=results,
+        max_bytes=16 << 20 if spec["instance"]["accelerator"] == "cpu" else 16 << 30,
+    )
+    script_path = workdir / "preflight.sbatch"
+    hook.write_file(str(script_path), script, mode=0o755)
+    return {
+        "script_path": str(script_path),
+        "output_path": str(workdir / "logs" / "preflight-%j.out"),
+        "job_name": f"{spec['names']['slurm_job']}-preflight",
+        "results_path": str(results),
+    }
+
+
+def training_config(spec: dict[str, Any], workdir: str, data: dict[str, Any]) -> dict[str, Any]:
+    recipe, params = spec["recipe"], spec["params"]
+    return {
+        "run_name": spec["names"]["run_key"],
+        "model": recipe["model"],
+        "data_path": data["train_bin"],
+        "checkpoint_dir": f"{workdir}/checkpoints",
+        "metrics_path": f"{workdir}/metrics.jsonl",
+        "seq_len": recipe["seq_len"],
+        "micro_batch": recipe["micro_batch"],
+        "max_steps": params["max_steps"],
+        "lr": recipe["lr"],
+        "warmup_steps": recipe["warmup_steps"],
+        "checkpoint_interval": params["checkpoint_interval"],
+        "log_interval": max(1, params["max_steps"] // 100),
+        "precision": recipe["precision"],
+        "activation_checkpointing": recipe["activation_checkpointing"],
+    }
+
+
+def prepare_training(
+    spec: dict[str, Any], cluster: dict[str, Any], images: dict[str, Any], data: dict[str, Any]
+) -> dict[str, str]:
+    hook = SlurmHook(cluster["slurm_conn_id"])
+    workdir = run_dir(spec, cluster)
+    config = training_config(spec, str(workdir), data)
+    config_path = workdir / "train.json"
+    hook.write_file(str(config_path), json.dumps(config, indent=1))
+    script = render(
+        "slurm/train.sbatch.j2",
+        **_common(spec, images),
+        program=TRAINING_DIR / "train.py",
+        config_path=config_path,
+        max_restarts=3,
+    )
+    script_path = workdir / "train.sbatch"
+    hook.write_file(str(script_path), script, mode=0o755)
+    return {
+        "script_path": str(script_path),
+        "output_path": str(workdir / "logs" / "train-%j.out"),
+        "job_name": spec["names"]["slurm_job"],
+        "metrics_path": config["metrics_path"],
+        "checkpoint_dir": config["checkpoint_dir"],
+    }

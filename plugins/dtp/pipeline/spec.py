@@ -1,0 +1,41 @@
+"""The run spec: validated params, recipe, names and tags, fixed once by validate_params.
+
+Every later task takes the spec from XCom, so no task re-reads params or
+re-derives names, and a retried task sees exactly what the first try saw.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from dtp.naming import RunNames, expiry, resource_tags
+from dtp.params import ParamsError, estimate_cost_usd, validate_params
+from dtp.platforms import get_platform
+from dtp.recipes import get_recipe, instance_types
+
+
+def build_spec(params: Mapping[str, Any], conf: Mapping[str, Any], dag_id: str, run_id: str) -> dict[str, Any]:
+    """Validate ``params`` (form defaults + conf) plus any key of ``conf`` no param declares."""
+    merged = {**dict(params), **dict(conf)}
+    validated = validate_params(merged)
+    platform = get_platform(validated.platform)
+    capacity = platform.max_nodes()
+    if validated.num_nodes > capacity:
+        raise ParamsError(
+            f"invalid parameters:\nnum_nodes: got {validated.num_nodes}; platform {validated.platform!r} "
+            f"has at most {capacity} nodes"
+        )
+    recipe = get_recipe(validated.recipe)
+    instance = instance_types()[validated.instance_type]
+    names = RunNames(dag_id, run_id)
+    return {
+        "dag_id": dag_id,
+        "run_id": run_id,
+        "params": validated.model_dump(),
+        "recipe": recipe.model_dump(),
+        "instance": instance.model_dump(),
+        "names": names.as_dict(),
+        "tags": resource_tags(names, validated.recipe, expiry(validated.expiry_hours)),
+        "estimated_cost_usd": estimate_cost_usd(validated, recipe.expected_step_seconds, instance.price_usd_per_hour),
+    }

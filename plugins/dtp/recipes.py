@@ -1,0 +1,115 @@
+"""Recipes (include/recipes/*.yaml) and the instance-type table, as validated data.
+
+Reading the catalogue touches local files only, so DAG files can call it at
+parse time. A broken recipe file raises ``RecipeError`` naming the file.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+INCLUDE_DIR = Path(os.environ.get("DTP_INCLUDE_DIR", Path(__file__).resolve().parents[2] / "include"))
+RECIPE_DIR = INCLUDE_DIR / "recipes"
+PLATFORMS = ("local", "parallelcluster", "hyperpod", "eks", "batch")
+Platform = Literal["local", "parallelcluster", "hyperpod", "eks", "batch"]
+
+
+class RecipeError(ValueError):
+    """A recipe file that is missing, unreadable or invalid."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RecipeDefaults(_Strict):
+    platform: Platform
+    instance_type: str
+    num_nodes: int = Field(ge=1)
+    max_steps: int = Field(ge=1)
+    checkpoint_interval: int = Field(ge=1)
+
+
+class Gates(_Strict):
+    """Pass/fail thresholds a run is judged by."""
+
+    final_loss_max: float | None = None
+    min_tokens_per_s: float | None = None
+    loss_must_decrease: bool = True
+
+
+class Recipe(_Strict):
+    """One model at one size, with how to train it and what a good run looks like."""
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_]{0,62}$")
+    description: str
+    framework: Literal["fsdp", "torchtitan", "megatron-lm", "nemo", "picotron", "neuronx-distributed"]
+    model: str
+    precision: Literal["fp32", "bf16", "fp8"]
+    seq_len: int = Field(ge=8)
+    micro_batch: int = Field(ge=1)
+    lr: float = Field(gt=0)
+    warmup_steps: int = Field(ge=0)
+    activation_checkpointing: bool = False
+    defaults: RecipeDefaults
+    expected_step_seconds: float = Field(gt=0)
+    gates: Gates = Gates()
+    schedule: str | None = None
+
+
+class InstanceType(_Strict):
+    platforms: list[Platform]
+    accelerator: str
+    accelerators_per_node: int = Field(ge=1)
+    peak_flops: float | None
+    price_usd_per_hour: float = Field(ge=0)
+    expected_busbw_gbps: float = Field(gt=0)
+
+
+def _read_yaml(path: Path) -> object:
+    try:
+        return yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as err:
+        raise RecipeError(f"{path}: cannot read YAML: {err}") from err
+
+
+def load_recipe_file(path: Path) -> Recipe:
+    try:
+        recipe = Recipe.model_validate(_read_yaml(path))
+    except ValidationError as err:
+        raise RecipeError(f"{path.name}: {err}") from err
+    if recipe.name != path.stem:
+        raise RecipeError(f"{path.name}: name {recipe.name!r} must match the file name {path.stem!r}")
+    return recipe
+
+
+@functools.cache
+def catalogue(recipe_dir: Path = RECIPE_DIR) -> dict[str, Recipe]:
+    """Every recipe, by name. Raises on the first invalid file."""
+    return {p.stem: load_recipe_file(p) for p in sorted(recipe_dir.glob("*.yaml"))}
+
+
+def recipe_names(recipe_dir: Path = RECIPE_DIR) -> list[str]:
+    """Recipe names from file names only: cheap enough for a DAG file's parse."""
+    return sorted(p.stem for p in recipe_dir.glob("*.yaml"))
+
+
+def get_recipe(name: str) -> Recipe:
+    recipes = catalogue()
+    if name not in recipes:
+        raise RecipeError(f"recipe {name!r} does not exist; available: {', '.join(sorted(recipes))}")
+    return recipes[name]
+
+
+@functools.cache
+def instance_types() -> dict[str, InstanceType]:
+    raw = _read_yaml(INCLUDE_DIR / "instance_types.yaml")
+    if not isinstance(raw, dict):
+        raise RecipeError("instance_types.yaml must be a mapping of instance type to its facts")
+    return {name: InstanceType.model_validate(spec) for name, spec in raw.items()}

@@ -1,0 +1,100 @@
+"""Wait for a Slurm job in the triggerer, streaming its log into the task log.
+
+The trigger holds no worker slot. Each poll it forwards new lines of the job's
+output file (the triggerer's log lines appear in the task's log in the UI) and
+checks the job's state. If no new line arrives for ``hang_timeout`` seconds
+while the job runs, it reports a hang with the last lines, so a stuck
+collective fails the task instead of waiting forever.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import AsyncIterator
+from typing import Any
+
+from airflow.triggers.base import BaseTrigger, TriggerEvent
+
+from dtp.hooks.slurm import SlurmHook
+
+
+class SlurmJobTrigger(BaseTrigger):
+    """Fires once the Slurm job ends (success or failure) or stops making progress."""
+
+    def __init__(
+        self,
+        job_id: str,
+        log_path: str,
+        slurm_conn_id: str = SlurmHook.default_conn_name,
+        poll_interval: float = 5.0,
+        hang_timeout: float = 600.0,
+        log_offset: int = 0,
+    ) -> None:
+        super().__init__()
+        self.job_id = job_id
+        self.log_path = log_path
+        self.slurm_conn_id = slurm_conn_id
+        self.poll_interval = poll_interval
+        self.hang_timeout = hang_timeout
+        self.log_offset = log_offset
+
+    def serialize(self) -> tuple[str, dict[str, Any]]:
+        return (
+            f"{type(self).__module__}.{type(self).__qualname__}",
+            {
+                "job_id": self.job_id,
+                "log_path": self.log_path,
+                "slurm_conn_id": self.slurm_conn_id,
+                "poll_interval": self.poll_interval,
+                "hang_timeout": self.hang_timeout,
+                "log_offset": self.log_offset,
+            },
+        )
+
+    async def run(self) -> AsyncIterator[TriggerEvent]:
+        hook = SlurmHook(self.slurm_conn_id)
+        tail: deque[str] = deque(maxlen=30)
+        offset, partial = self.log_offset, ""
+        last_progress = time.monotonic()
+        while True:
+            text, offset = await asyncio.to_thread(hook.read_file, self.log_path, offset)
+            if text:
+                lines = (partial + text).split("\n")
+                partial = lines.pop()
+                for line in lines:
+                    self.log.info("[slurm %s] %s", self.job_id, line)
+                    tail.append(line)
+                last_progress = time.monotonic()
+            job = await asyncio.to_thread(hook.get_job, self.job_id)
+            if job.finished:
+                if partial:
+                    tail.append(partial)
+                    self.log.info("[slurm %s] %s", self.job_id, partial)
+                yield TriggerEvent(
+                    {
+                        "status": "success" if job.succeeded else "failed",
+                        "job_id": self.job_id,
+                        "state": job.state,
+                        "exit_code": job.exit_code,
+                        "log_offset": offset,
+                        "tail": list(tail),
+                    }
+                )
+                return
+            if job.state == "RUNNING" and time.monotonic() - last_progress > self.hang_timeout:
+                yield TriggerEvent(
+                    {
+                        "status": "hung",
+                        "job_id": self.job_id,
+                        "state": job.state,
+                        "log_offset": offset,
+                        "tail": list(tail),
+                        "message": f"no new log line for {self.hang_timeout:.0f}s",
+                    }
+                )
+                return
+            if job.state != "RUNNING":
+                last_progress = time.monotonic()  # pending or requeued time is not a hang
+            await asyncio.sleep(self.poll_interval)
