@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import os
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from dtp.local.config import StackConfig
 from dtp.local import stack as stack_cli
+from dtp.local.api import AirflowApi
+from dtp.local.config import StackConfig
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,36 +40,6 @@ def aws(stack: StackConfig):
 
     session = boto3.Session(aws_access_key_id="testing", aws_secret_access_key="testing", region_name="us-east-1")
     return lambda service: session.client(service, endpoint_url=stack.moto_url)
-
-
-class AirflowApi:
-    """A minimal REST v2 client for the tests: token login, JSON in and out."""
-
-    def __init__(self, base_url: str, username: str, password: str) -> None:
-        self.base_url = base_url
-        self.token = self._login(username, password)
-
-    def _login(self, username: str, password: str) -> str:
-        status, body = self.request("POST", "/auth/token", {"username": username, "password": password}, auth=False)
-        assert status in (200, 201), body
-        return body["access_token"]
-
-    def request(self, method: str, path: str, payload: dict | None = None, auth: bool = True) -> tuple[int, dict]:
-        data = json.dumps(payload).encode() if payload is not None else None
-        req = urllib.request.Request(self.base_url + path, data=data, method=method)
-        req.add_header("Content-Type", "application/json")
-        if auth:
-            req.add_header("Authorization", f"Bearer {self.token}")
-        try:
-            with urllib.request.urlopen(req, timeout=30) as resp:
-                raw = resp.read()
-                return resp.status, json.loads(raw) if raw else {}
-        except urllib.error.HTTPError as err:
-            raw = err.read()
-            try:
-                return err.code, json.loads(raw)
-            except json.JSONDecodeError:
-                return err.code, {"detail": raw.decode(errors="replace")}
 
 
 @pytest.fixture(scope="session")

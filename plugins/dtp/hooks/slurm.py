@@ -174,6 +174,12 @@ class SlurmHook(BaseHook):
             data = self.run(["tail", "-c", f"+{offset + 1}", path], check=False).encode()
         return data.decode(errors="replace"), offset + len(data)
 
+    def make_dirs(self, path: str) -> None:
+        if self.transport == "local":
+            os.makedirs(path, exist_ok=True)
+        else:
+            self.run(["mkdir", "-p", path])
+
     def write_file(self, path: str, text: str, mode: int = 0o644) -> None:
         if self.transport == "local":
             os.makedirs(os.path.dirname(path), exist_ok=True)

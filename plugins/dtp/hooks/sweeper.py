@@ -13,6 +13,7 @@ from functools import cached_property
 from typing import Any
 
 from airflow.providers.amazon.aws.hooks.base_aws import AwsBaseHook
+from airflow.providers.amazon.aws.hooks.s3 import S3Hook
 from botocore.exceptions import ClientError
 
 from dtp.naming import TAG_PREFIX
@@ -26,7 +27,7 @@ class RunResourceSweeper(AwsBaseHook):
 
     @cached_property
     def s3(self) -> Any:
-        return self.get_client_type("s3")
+        return S3Hook(aws_conn_id=self.aws_conn_id, region_name=self.region_name).conn
 
     def _filter(self, run_key: str) -> list[dict[str, Any]]:
         return [{"Name": f"tag:{TAG_PREFIX}run", "Values": [run_key]}]

@@ -7,6 +7,7 @@ from typing import Any
 
 from airflow.sdk.execution_time.xcom import XCom
 from airflow.sdk import BaseOperator, BaseOperatorLink
+from airflow.sdk.exceptions import AirflowSkipException
 
 from dtp.pipeline.results import publish_report
 
@@ -53,6 +54,8 @@ class TrainingReportOperator(BaseOperator):
         self.aws_conn_id = aws_conn_id
 
     def execute(self, context: Any) -> dict[str, str]:
+        if not self.metrics:
+            raise AirflowSkipException("no metrics were collected (training did not finish): no report")
         report = publish_report(self.spec, self.metrics, self.preflight, self.run_resources or {}, self.aws_conn_id)
         context["ti"].xcom_push(key=REPORT_URL_KEY, value=report["url"])
         return report

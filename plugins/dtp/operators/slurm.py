@@ -79,7 +79,8 @@ class SlurmSubmitJobOperator(BaseOperator):
 
     def execute_complete(self, context: Any, event: dict[str, Any]) -> dict[str, Any]:
         job_id = event["job_id"]
-        tail = "\n".join(event.get("tail", [])[-20:])
+        log_path = self.output_path.replace("%j", job_id)
+        tail = "\n".join(event.get("tail", [])[-20:]) or f"(no output in {log_path}: could the job open it?)"
         if event["status"] == "hung":
             SlurmHook(self.slurm_conn_id).cancel(job_id)
             raise SlurmJobFailed(f"Slurm job {job_id} hung ({event['message']}); cancelled it. Last lines:\n{tail}")

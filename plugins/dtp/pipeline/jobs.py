@@ -43,6 +43,7 @@ def prepare_preflight(spec: dict[str, Any], cluster: dict[str, Any], images: dic
     )
     script_path = workdir / "preflight.sbatch"
     hook.write_file(str(script_path), script, mode=0o755)
+    hook.make_dirs(str(workdir / "logs"))
     return {
         "script_path": str(script_path),
         "output_path": str(workdir / "logs" / "preflight-%j.out"),
@@ -88,6 +89,7 @@ def prepare_training(
     )
     script_path = workdir / "train.sbatch"
     hook.write_file(str(script_path), script, mode=0o755)
+    hook.make_dirs(str(workdir / "logs"))
     return {
         "script_path": str(script_path),
         "output_path": str(workdir / "logs" / "train-%j.out"),

@@ -1,0 +1,90 @@
+"""A small Airflow REST API v2 client for the demo command and the tests.
+
+Stdlib only (urllib), so it runs anywhere the project's Python does.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable
+from typing import Any
+
+TERMINAL_RUN_STATES = {"success", "failed"}
+
+
+class AirflowApi:
+    """Token login and JSON requests against ``/api/v2``."""
+
+    def __init__(self, base_url: str, username: str, password: str) -> None:
+        self.base_url = base_url.rstrip("/")
+        status, body = self.request("POST", "/auth/token", {"username": username, "password": password}, auth=False)
+        if status not in (200, 201):
+            raise PermissionError(f"login as {username!r} failed: HTTP {status} {body}")
+        self.token = body["access_token"]
+
+    def request(self, method: str, path: str, payload: dict | None = None, auth: bool = True) -> tuple[int, Any]:
+        data = json.dumps(payload).encode() if payload is not None else None
+        req = urllib.request.Request(self.base_url + path, data=data, method=method)  # noqa: S310 - our own URL
+        req.add_header("Content-Type", "application/json")
+        if auth:
+            req.add_header("Authorization", f"Bearer {self.token}")
+        try:
+            with urllib.request.urlopen(req, timeout=30) as resp:  # noqa: S310
+                raw = resp.read()
+                return resp.status, json.loads(raw) if raw else {}
+        except urllib.error.HTTPError as err:
+            raw = err.read()
+            try:
+                return err.code, json.loads(raw)
+            except json.JSONDecodeError:
+                return err.code, {"detail": raw.decode(errors="replace")}
+
+    def trigger(self, dag_id: str, conf: dict[str, Any]) -> str:
+        self.request("PATCH", f"/api/v2/dags/{dag_id}", {"is_paused": False})
+        status, body = self.request("POST", f"/api/v2/dags/{dag_id}/dagRuns", {"logical_date": None, "conf": conf})
+        if status != 200:
+            raise ValueError(f"trigger of {dag_id} refused: HTTP {status} {body.get('detail', body)}")
+        return body["dag_run_id"]
+
+    def run_state(self, dag_id: str, run_id: str) -> str:
+        _, body = self.request("GET", f"/api/v2/dags/{dag_id}/dagRuns/{urllib.parse.quote(run_id, safe='')}")
+        return body["state"]
+
+    def task_instances(self, dag_id: str, run_id: str) -> list[dict[str, Any]]:
+        quoted = urllib.parse.quote(run_id, safe="")
+        _, body = self.request("GET", f"/api/v2/dags/{dag_id}/dagRuns/{quoted}/taskInstances?limit=200")
+        return body["task_instances"]
+
+    def xcom(self, dag_id: str, run_id: str, task_id: str, key: str = "return_value") -> Any:
+        quoted = urllib.parse.quote(run_id, safe="")
+        status, body = self.request(
+            "GET", f"/api/v2/dags/{dag_id}/dagRuns/{quoted}/taskInstances/{task_id}/xcomEntries/{key}?deserialize=true"
+        )
+        return body.get("value") if status == 200 else None
+
+    def wait(
+        self,
+        dag_id: str,
+        run_id: str,
+        timeout: float = 1800,
+        on_change: Callable[[str, str], None] | None = None,
+    ) -> str:
+        """Poll until the run ends; call ``on_change(task_id, state)`` for each task state change."""
+        seen: dict[str, str] = {}
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for ti in self.task_instances(dag_id, run_id):
+                state = ti["state"] or "none"
+                if seen.get(ti["task_id"]) != state:
+                    seen[ti["task_id"]] = state
+                    if on_change:
+                        on_change(ti["task_id"], state)
+            state = self.run_state(dag_id, run_id)
+            if state in TERMINAL_RUN_STATES:
+                return state
+            time.sleep(3)
+        raise TimeoutError(f"{dag_id} run {run_id} still running after {timeout:.0f}s")
