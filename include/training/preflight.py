@@ -57,8 +57,12 @@ def bus_bandwidth(device: torch.device, max_bytes: int, iters: int = 5) -> list[
         seconds = (time.perf_counter() - start) / iters
         algbw = size / seconds / 1e9
         results.append(
-            {"bytes": size, "time_us": round(seconds * 1e6, 1), "algbw_gbps": round(algbw, 4),
-             "busbw_gbps": round(algbw * 2 * (world - 1) / world, 4)}
+            {
+                "bytes": size,
+                "time_us": round(seconds * 1e6, 1),
+                "algbw_gbps": round(algbw, 4),
+                "busbw_gbps": round(algbw * 2 * (world - 1) / world, 4),
+            }
         )
         size *= 4
     return results

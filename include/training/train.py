@@ -28,8 +28,8 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import checkpoint  # noqa: E402
-from model import MODELS, Transformer, count_parameters, flops_per_token  # noqa: E402
+import checkpoint
+from model import MODELS, Transformer, count_parameters, flops_per_token
 
 # Dense bf16 peak per device, for MFU (vendor datasheets, without sparsity).
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10G": 125e12}
@@ -149,8 +149,16 @@ def train(cfg: TrainConfig) -> None:
     peak = peak_flops(device)
     if rank == 0:
         emit(
-            {"event": "start", "run": cfg.run_name, "model": cfg.model, "params": params, "world_size": world,
-             "backend": backend, "resumed_from_step": start if latest else None, "time": time.time()},
+            {
+                "event": "start",
+                "run": cfg.run_name,
+                "model": cfg.model,
+                "params": params,
+                "world_size": world,
+                "backend": backend,
+                "resumed_from_step": start if latest else None,
+                "time": time.time(),
+            },
             metrics_path,
         )
 
@@ -181,11 +189,20 @@ def train(cfg: TrainConfig) -> None:
             tps = tokens_per_step * window_steps / elapsed
             if rank == 0:
                 emit(
-                    {"event": "step", "step": done, "loss": round(loss_avg.item(), 5), "lr": lr_at(cfg, step),
-                     "grad_norm": round(float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm), 4),
-                     "tokens_per_s": round(tps, 1), "tokens_per_s_per_device": round(tps / world, 1),
-                     "mfu": round(fpt * tps / world / peak, 4) if peak else None,
-                     "memory_mb": round(memory_mb(device), 1), "time": time.time()},
+                    {
+                        "event": "step",
+                        "step": done,
+                        "loss": round(loss_avg.item(), 5),
+                        "lr": lr_at(cfg, step),
+                        "grad_norm": round(
+                            float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm), 4
+                        ),
+                        "tokens_per_s": round(tps, 1),
+                        "tokens_per_s_per_device": round(tps / world, 1),
+                        "mfu": round(fpt * tps / world / peak, 4) if peak else None,
+                        "memory_mb": round(memory_mb(device), 1),
+                        "time": time.time(),
+                    },
                     metrics_path,
                 )
             window_start, window_steps = time.perf_counter(), 0

@@ -52,28 +52,42 @@ class TrainParams(BaseModel):
         max_length=1024,
         pattern=S3_URI,
     )
-    max_steps: int = Field(200, ge=1, le=1_000_000, title="Max steps", description="Optimizer steps to train.")
+    max_steps: int = Field(300, ge=1, le=1_000_000, title="Max steps", description="Optimizer steps to train.")
     checkpoint_interval: int = Field(
         50, ge=1, le=1_000_000, title="Checkpoint interval", description="Steps between sharded checkpoints."
     )
     keep_cluster: bool = Field(
         False,
         title="Keep cluster",
-        description="Skip deleting the network and cluster after the run; the expiry tag still lets the reaper remove them.",
+        description=(
+            "Skip deleting the network and cluster after the run; the expiry tag still lets the reaper remove them."
+        ),
     )
     budget_usd: float = Field(
-        100.0, ge=0, le=1_000_000, title="Budget (USD)", description="Refuse to start when the estimated cost exceeds it."
+        100.0,
+        ge=0,
+        le=1_000_000,
+        title="Budget (USD)",
+        description="Refuse to start when the estimated cost exceeds it.",
     )
     hang_timeout_minutes: int = Field(
-        10, ge=1, le=1440, title="Hang timeout (minutes)", description="Fail training when no log line arrives for this long."
+        10,
+        ge=1,
+        le=1440,
+        title="Hang timeout (minutes)",
+        description="Fail training when no log line arrives for this long.",
     )
     expiry_hours: float = Field(
-        24, gt=0, le=720, title="Expiry (hours)", description="Tagged expiry of every resource; the reaper deletes past it."
+        24,
+        gt=0,
+        le=720,
+        title="Expiry (hours)",
+        description="Tagged expiry of every resource; the reaper deletes past it.",
     )
     extra_env: dict[str, str] = Field(
         default_factory=dict,
         title="Extra environment",
-        description="Environment variables for the training job, e.g. {\"NCCL_DEBUG\": \"INFO\"}.",
+        description='Environment variables for the training job, e.g. {"NCCL_DEBUG": "INFO"}.',
     )
 
     @field_validator("extra_env")
@@ -116,7 +130,8 @@ def validate_params(conf: dict[str, Any]) -> TrainParams:
     problems = []
     if params.platform not in IMPLEMENTED_PLATFORMS:
         problems.append(
-            f"platform: got {params.platform!r}; not available in this release (available: {', '.join(IMPLEMENTED_PLATFORMS)})"
+            f"platform: got {params.platform!r}; not available in this release"
+            f" (available: {', '.join(IMPLEMENTED_PLATFORMS)})"
         )
     try:
         recipe = get_recipe(params.recipe)
@@ -125,9 +140,7 @@ def validate_params(conf: dict[str, Any]) -> TrainParams:
         recipe = None
     instance = instance_types().get(params.instance_type)
     if instance is None:
-        problems.append(
-            f"instance_type: got {params.instance_type!r}; allowed: {', '.join(sorted(instance_types()))}"
-        )
+        problems.append(f"instance_type: got {params.instance_type!r}; allowed: {', '.join(sorted(instance_types()))}")
     elif params.platform not in instance.platforms:
         problems.append(
             f"instance_type: got {params.instance_type!r}; not offered on platform {params.platform!r} "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import itertools
 from pathlib import Path
 
 import pytest
@@ -62,7 +63,7 @@ def test_train_e2e_graph_order(dagbag: DagBag) -> None:
         "evaluate_gates",
         "report",
     ]
-    for upstream, downstream in zip(order, order[1:], strict=False):
+    for upstream, downstream in itertools.pairwise(order):
         assert upstream in dag.get_task(downstream).get_flat_relative_ids(upstream=True), f"{upstream} !-> {downstream}"
 
 
@@ -76,8 +77,18 @@ def test_teardowns_are_teardowns_of_their_setups(dagbag: DagBag) -> None:
 
 def test_train_e2e_form(dagbag: DagBag) -> None:
     params = dagbag.dags["train_e2e"].params
-    for name in ("platform", "recipe", "num_nodes", "instance_type", "dataset_uri", "max_steps",
-                 "checkpoint_interval", "keep_cluster", "budget_usd", "extra_env"):
+    for name in (
+        "platform",
+        "recipe",
+        "num_nodes",
+        "instance_type",
+        "dataset_uri",
+        "max_steps",
+        "checkpoint_interval",
+        "keep_cluster",
+        "budget_usd",
+        "extra_env",
+    ):
         param = params.get_param(name)
         assert param.schema.get("title") and param.description, name
     assert "tiny" in params.get_param("recipe").schema["enum"]

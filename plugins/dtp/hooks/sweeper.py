@@ -22,8 +22,9 @@ from dtp.naming import TAG_PREFIX
 class RunResourceSweeper(AwsBaseHook):
     """EC2 network pieces and S3 buckets of one run, found by its ``dtp:run`` tag."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, client_type="ec2", **kwargs)
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs["client_type"] = "ec2"
+        super().__init__(**kwargs)
 
     @cached_property
     def s3(self) -> Any:
@@ -41,7 +42,9 @@ class RunResourceSweeper(AwsBaseHook):
                 for n in ec2.describe_nat_gateways(Filters=f)["NatGateways"]
                 if n["State"] not in ("deleted", "deleting")
             ],
-            "internet_gateways": [g["InternetGatewayId"] for g in ec2.describe_internet_gateways(Filters=f)["InternetGateways"]],
+            "internet_gateways": [
+                g["InternetGatewayId"] for g in ec2.describe_internet_gateways(Filters=f)["InternetGateways"]
+            ],
             "subnets": [s["SubnetId"] for s in ec2.describe_subnets(Filters=f)["Subnets"]],
             "route_tables": [r["RouteTableId"] for r in ec2.describe_route_tables(Filters=f)["RouteTables"]],
             "security_groups": [g["GroupId"] for g in ec2.describe_security_groups(Filters=f)["SecurityGroups"]],

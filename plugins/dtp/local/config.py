@@ -195,4 +195,3 @@ class StackConfig:
         lines = [f"export {k}={shlex.quote(v)}" for k, v in sorted(self.airflow_env().items())]
         self.env_file.write_text("\n".join(lines) + "\n")
         self.env_file.chmod(0o600)
-

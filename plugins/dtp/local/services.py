@@ -8,22 +8,22 @@ nothing a service forked is left behind.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-import sys
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import jinja2
-
-from dtp.local.config import PROJECT_ROOT, StackConfig
+from dtp.local.config import StackConfig
+from dtp.templates import render
 
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
 
@@ -117,7 +117,7 @@ class Daemon:
         self.prepare(cfg)
         env = {**os.environ, **self.env(cfg)}
         with self.log_file(cfg).open("ab") as log:
-            proc = subprocess.Popen(  # noqa: S603 - fixed argv, no shell
+            proc = subprocess.Popen(
                 list(self.command(cfg)),
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -146,10 +146,8 @@ def _kill_group(pid: int, grace: float = 15.0) -> None:
         if not pid_alive(pid) and not _group_alive(pid):
             return
         time.sleep(0.2)
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
 
 
 def _group_alive(pgid: int) -> bool:
@@ -180,7 +178,7 @@ def _prepare_postgres(cfg: StackConfig) -> None:
     cfg.postgres_dir.mkdir(parents=True, exist_ok=True)
     if os.geteuid() == 0:
         shutil.chown(cfg.postgres_dir, "postgres", "postgres")
-    subprocess.run(  # noqa: S603
+    subprocess.run(
         _as_postgres([str(PG_BIN / "initdb"), "-D", str(data), "-U", "airflow", "--auth=trust", "-E", "UTF8"]),
         check=True,
         capture_output=True,
@@ -205,7 +203,7 @@ def _postgres_command(cfg: StackConfig) -> list[str]:
 
 
 def _postgres_ready(cfg: StackConfig) -> bool:
-    probe = subprocess.run(  # noqa: S603
+    probe = subprocess.run(
         [str(PG_BIN / "pg_isready"), "-h", "127.0.0.1", "-p", str(cfg.ports.postgres)],
         capture_output=True,
     )
@@ -214,9 +212,11 @@ def _postgres_ready(cfg: StackConfig) -> bool:
 
 def ensure_database(cfg: StackConfig) -> None:
     psql = ["psql", "-h", "127.0.0.1", "-p", str(cfg.ports.postgres), "-U", "airflow", "-d", "postgres", "-tAc"]
-    exists = subprocess.run([*psql, "SELECT 1 FROM pg_database WHERE datname='airflow'"], capture_output=True, text=True)  # noqa: S603
+    exists = subprocess.run(
+        [*psql, "SELECT 1 FROM pg_database WHERE datname='airflow'"], capture_output=True, text=True
+    )
     if exists.stdout.strip() != "1":
-        subprocess.run([*psql, "CREATE DATABASE airflow"], check=True, capture_output=True)  # noqa: S603
+        subprocess.run([*psql, "CREATE DATABASE airflow"], check=True, capture_output=True)
 
 
 # --- munge + Slurm ------------------------------------------------------------
@@ -247,13 +247,9 @@ def _munge_command(cfg: StackConfig) -> list[str]:
 
 
 def render_slurm_conf(cfg: StackConfig) -> str:
-    env = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(PROJECT_ROOT / "include" / "templates"),
-        undefined=jinja2.StrictUndefined,
-        keep_trailing_newline=True,
-    )
     nodes = [{"name": f"n{i + 1}", "port": port} for i, port in enumerate(cfg.ports.slurmd(cfg.slurm_nodes))]
-    return env.get_template("slurm/slurm.conf.j2").render(
+    return render(
+        "slurm/slurm.conf.j2",
         nodes=nodes,
         ctld_port=cfg.ports.slurmctld,
         user=cfg.user,
@@ -275,7 +271,7 @@ def slurm_env(cfg: StackConfig) -> dict[str, str]:
 
 
 def _nodes_idle(cfg: StackConfig) -> bool:
-    out = subprocess.run(  # noqa: S603
+    out = subprocess.run(
         ["sinfo", "-h", "-N", "-o", "%N %t"], capture_output=True, text=True, env={**os.environ, **slurm_env(cfg)}
     )
     states = dict(line.split() for line in out.stdout.splitlines() if line.strip())
@@ -305,7 +301,7 @@ def migrate_airflow_db(cfg: StackConfig) -> None:
     env = {**os.environ, **cfg.airflow_env()}
     airflow = str(Path(sys.executable).parent / "airflow")
     with (cfg.log_dir / "airflow-db-migrate.log").open("ab") as log:
-        subprocess.run([airflow, "db", "migrate"], env=env, stdout=log, stderr=subprocess.STDOUT, check=True)  # noqa: S603
+        subprocess.run([airflow, "db", "migrate"], env=env, stdout=log, stderr=subprocess.STDOUT, check=True)
 
 
 def _airflow_component(name: str, *args: str, health: Callable[[StackConfig], bool]) -> Daemon:
@@ -349,7 +345,13 @@ def build_services(cfg: StackConfig) -> list[Daemon]:
         ),
         Daemon(
             name="moto",
-            command=lambda c: [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(c.ports.moto)],
+            command=lambda c: [
+                str(Path(sys.executable).parent / "moto_server"),
+                "-H",
+                "127.0.0.1",
+                "-p",
+                str(c.ports.moto),
+            ],
             ports=lambda c: [c.ports.moto],
             health=lambda c: http_ok(f"{c.moto_url}/moto-api/"),
         ),

@@ -28,7 +28,9 @@ def training_failures(summary: TrainingSummary, gates: dict[str, Any], max_steps
     return failures
 
 
-def preflight_failures(result: dict[str, Any], num_nodes: int, expected_busbw_gbps: float, tolerance: float = 0.8) -> list[str]:
+def preflight_failures(
+    result: dict[str, Any], num_nodes: int, expected_busbw_gbps: float, tolerance: float = 0.8
+) -> list[str]:
     failures = []
     ranks = result.get("ranks", [])
     nodes = {r.get("slurm_node") or r.get("host") for r in ranks}
@@ -41,12 +43,15 @@ def preflight_failures(result: dict[str, Any], num_nodes: int, expected_busbw_gb
             failures.append(f"{key} versions differ across nodes: {per_node}")
     for r in ranks:
         if r.get("matmul_max_abs_error", 0) > 1e-2:
-            failures.append(f"matmul on {r.get('slurm_node') or r.get('host')} is wrong (max error {r['matmul_max_abs_error']:.3g})")
+            failures.append(
+                f"matmul on {r.get('slurm_node') or r.get('host')} is wrong (max error {r['matmul_max_abs_error']:.3g})"
+            )
     sweep = result.get("allreduce", [])
     best = max((row["busbw_gbps"] for row in sweep), default=0.0)
     floor = expected_busbw_gbps * tolerance
     if best < floor:
         failures.append(
-            f"busbw: best {best:.3f} GB/s < {floor:.3f} GB/s ({tolerance:.0%} of the expected {expected_busbw_gbps} GB/s)"
+            f"busbw: best {best:.3f} GB/s < {floor:.3f} GB/s "
+            f"({tolerance:.0%} of the expected {expected_busbw_gbps} GB/s)"
         )
     return failures

@@ -81,7 +81,10 @@ def render_report(
         "checkpoints at steps": ", ".join(map(str, summary.checkpoints)),
         "restarts": summary.restarts,
     }
-    figures = "".join(f'<figure><img alt="{name}" src="{uri}"><figcaption>{name}</figcaption></figure>' for name, uri in images.items())
+    figures = "".join(
+        f'<figure><img alt="{name}" src="{uri}"><figcaption>{name}</figcaption></figure>'
+        for name, uri in images.items()
+    )
     gates = "".join(f"<li>{html.escape(f)}</li>" for f in gate_failures) or "<li>all gates passed</li>"
     title = f"DTP run {spec['names']['run_key']}"
     return f"""<!doctype html>
@@ -90,13 +93,13 @@ def render_report(
 th,td{{border:1px solid #ccc;padding:4px 8px;text-align:left}}figure{{display:inline-block;margin:.5em}}
 .PASSED{{color:#187a18}}.FAILED{{color:#b00}}</style></head>
 <body><h1>{html.escape(title)}</h1>
-<p>DAG <code>{html.escape(spec['dag_id'])}</code>, run <code>{html.escape(spec['run_id'])}</code>,
-recipe <b>{html.escape(spec['params']['recipe'])}</b> on <b>{html.escape(spec['params']['platform'])}</b>.
+<p>DAG <code>{html.escape(spec["dag_id"])}</code>, run <code>{html.escape(spec["run_id"])}</code>,
+recipe <b>{html.escape(spec["params"]["recipe"])}</b> on <b>{html.escape(spec["params"]["platform"])}</b>.
 Gates: <b class="{verdict}">{verdict}</b></p>
 <ul>{gates}</ul>
 <h2>Key metrics</h2>{_table(key_metrics)}
 <h2>Plots</h2>{figures}
-<h2>Parameters</h2>{_table(spec['params'])}
+<h2>Parameters</h2>{_table(spec["params"])}
 <h2>Resources</h2>{_table(resources)}
 </body></html>
 """

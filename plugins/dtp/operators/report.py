@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from airflow.sdk.execution_time.xcom import XCom
 from airflow.sdk import BaseOperator, BaseOperatorLink
 from airflow.sdk.exceptions import AirflowSkipException
+from airflow.sdk.execution_time.xcom import XCom
 
 from dtp.pipeline.results import publish_report
 

@@ -86,7 +86,8 @@ class SlurmSubmitJobOperator(BaseOperator):
             raise SlurmJobFailed(f"Slurm job {job_id} hung ({event['message']}); cancelled it. Last lines:\n{tail}")
         if event["status"] != "success":
             raise SlurmJobFailed(
-                f"Slurm job {job_id} ended {event['state']} (exit code {event.get('exit_code') or '?'}). Last lines:\n{tail}"
+                f"Slurm job {job_id} ended {event['state']} (exit code {event.get('exit_code') or '?'})."
+                f" Last lines:\n{tail}"
             )
         self.log.info("Slurm job %s completed", job_id)
         return {"job_id": job_id, "log_path": self.output_path.replace("%j", job_id), "state": event["state"]}

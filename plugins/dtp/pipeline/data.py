@@ -29,12 +29,17 @@ def run_dir(spec: dict[str, Any], cluster: dict[str, Any]) -> Path:
 
 def upload_sample_corpus(s3: S3Hook, bucket: str) -> str:
     key = "datasets/sample/corpus.txt"
-    if not s3.check_for_key(key, bucket) or s3.head_object(key, bucket)["ContentLength"] != SAMPLE_CORPUS.stat().st_size:
+    if (
+        not s3.check_for_key(key, bucket)
+        or s3.head_object(key, bucket)["ContentLength"] != SAMPLE_CORPUS.stat().st_size
+    ):
         s3.load_file(str(SAMPLE_CORPUS), key, bucket, replace=True)
     return f"s3://{bucket}/datasets/sample/"
 
 
-def stage_data(spec: dict[str, Any], network: dict[str, str], cluster: dict[str, Any], aws_conn_id: str) -> dict[str, Any]:
+def stage_data(
+    spec: dict[str, Any], network: dict[str, str], cluster: dict[str, Any], aws_conn_id: str
+) -> dict[str, Any]:
     s3 = S3Hook(aws_conn_id=aws_conn_id)
     source = spec["params"]["dataset_uri"] or upload_sample_corpus(s3, network["DataBucket"])
     match = S3_URI.match(source)
@@ -58,8 +63,23 @@ def stage_data(spec: dict[str, Any], network: dict[str, str], cluster: dict[str,
         files.append(target)
     shard = dest.parent / "train.bin"
     tokens = tokenize(files, shard)
-    log.info("Staged %s: %d files (%d copied, %d bytes moved), %d tokens -> %s", source, len(files), copied, moved_bytes, tokens, shard)
-    return {"source": source, "files": len(files), "copied": copied, "bytes_moved": moved_bytes, "tokens": tokens, "train_bin": str(shard)}
+    log.info(
+        "Staged %s: %d files (%d copied, %d bytes moved), %d tokens -> %s",
+        source,
+        len(files),
+        copied,
+        moved_bytes,
+        tokens,
+        shard,
+    )
+    return {
+        "source": source,
+        "files": len(files),
+        "copied": copied,
+        "bytes_moved": moved_bytes,
+        "tokens": tokens,
+        "train_bin": str(shard),
+    }
 
 
 def tokenize(files: list[Path], shard: Path) -> int:

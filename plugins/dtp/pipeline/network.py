@@ -49,14 +49,20 @@ def teardown_network(spec: dict[str, Any], aws_conn_id: str) -> dict[str, Any]:
     """Empty the bucket, delete the stack, sweep what it left, verify nothing of the run remains."""
     names = spec["names"]
     if spec["params"]["keep_cluster"]:
-        log.warning("keep_cluster=true: keeping %s; it expires at %s", names["network_stack"], spec["tags"]["dtp:expires-at"])
+        log.warning(
+            "keep_cluster=true: keeping %s; it expires at %s", names["network_stack"], spec["tags"]["dtp:expires-at"]
+        )
         return {"kept": True}
     stacks, sweeper = StackHook(aws_conn_id=aws_conn_id), RunResourceSweeper(aws_conn_id=aws_conn_id)
     buckets = (names["data_bucket"],)
     emptied = sweeper.empty_bucket(names["data_bucket"])
     status = stacks.delete_and_wait(names["network_stack"])
     if status == "DELETE_FAILED":
-        log.warning("Stack %s: DELETE_FAILED (%s); sweeping what blocks it", names["network_stack"], stacks.failure_reasons(names["network_stack"]))
+        log.warning(
+            "Stack %s: DELETE_FAILED (%s); sweeping what blocks it",
+            names["network_stack"],
+            stacks.failure_reasons(names["network_stack"]),
+        )
     swept = sweeper.sweep(names["run_key"], buckets)
     if status == "DELETE_FAILED":
         status = stacks.delete_and_wait(names["network_stack"])

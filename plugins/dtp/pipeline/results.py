@@ -33,7 +33,12 @@ def artifacts_bucket(aws_conn_id: str) -> str:
         s3.create_bucket(name, region_name=s3.conn_region_name)
         s3.conn.put_bucket_tagging(
             Bucket=name,
-            Tagging={"TagSet": [{"Key": f"{TAG_PREFIX}owner", "Value": OWNER}, {"Key": f"{TAG_PREFIX}role", "Value": "artifacts"}]},
+            Tagging={
+                "TagSet": [
+                    {"Key": f"{TAG_PREFIX}owner", "Value": OWNER},
+                    {"Key": f"{TAG_PREFIX}role", "Value": "artifacts"},
+                ]
+            },
         )
     return name
 
@@ -53,7 +58,9 @@ def check_preflight(spec: dict[str, Any], cluster: dict[str, Any], results_path:
     return {"result": result, "failures": failures}
 
 
-def collect_metrics(spec: dict[str, Any], cluster: dict[str, Any], metrics_path: str, aws_conn_id: str) -> dict[str, Any]:
+def collect_metrics(
+    spec: dict[str, Any], cluster: dict[str, Any], metrics_path: str, aws_conn_id: str
+) -> dict[str, Any]:
     text, _ = SlurmHook(cluster["slurm_conn_id"]).read_file(metrics_path)
     summary = summarize(text.splitlines())
     if not summary.steps:
@@ -64,7 +71,11 @@ def collect_metrics(spec: dict[str, Any], cluster: dict[str, Any], metrics_path:
     result = summary.as_dict()
     log.info(
         "Loss %.4f -> %.4f over %d steps, median %.0f tokens/s, restarts %d",
-        summary.first_loss, summary.final_loss, summary.steps[-1], summary.median_tokens_per_s or 0, summary.restarts,
+        summary.first_loss,
+        summary.final_loss,
+        summary.steps[-1],
+        summary.median_tokens_per_s or 0,
+        summary.restarts,
     )
     return {**result, "metrics_uri": f"s3://{bucket}/{key}"}
 
@@ -79,7 +90,11 @@ def _summary(metrics: dict[str, Any]) -> TrainingSummary:
 
 
 def publish_report(
-    spec: dict[str, Any], metrics: dict[str, Any], preflight: dict[str, Any] | None, resources: dict[str, Any], aws_conn_id: str
+    spec: dict[str, Any],
+    metrics: dict[str, Any],
+    preflight: dict[str, Any] | None,
+    resources: dict[str, Any],
+    aws_conn_id: str,
 ) -> dict[str, str]:
     html = render_report(spec, _summary(metrics), preflight, gate_failures(spec, metrics), resources)
     bucket = artifacts_bucket(aws_conn_id)
