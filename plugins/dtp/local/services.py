@@ -381,8 +381,9 @@ def build_services(cfg: StackConfig) -> list[Daemon]:
             env=lambda c: c.airflow_env(),
             start_timeout=120.0,
         ),
-        _airflow_component("scheduler", "scheduler", health=_component_healthy("scheduler")),
+        # Task logs are read from local disk by the api-server; Airflow's log server would bind every interface.
+        _airflow_component("scheduler", "scheduler", "--skip-serve-logs", health=_component_healthy("scheduler")),
         _airflow_component("dag-processor", "dag-processor", health=_component_healthy("dag_processor")),
-        _airflow_component("triggerer", "triggerer", health=_component_healthy("triggerer")),
+        _airflow_component("triggerer", "triggerer", "--skip-serve-logs", health=_component_healthy("triggerer")),
     ]
     return services

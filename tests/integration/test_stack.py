@@ -1,0 +1,108 @@
+"""The local stack: every service healthy and really answering; down leaves nothing behind."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+import uuid
+
+import pytest
+
+from dtp.local import stack as stack_cli
+from dtp.local.config import PROJECT_ROOT, StackConfig
+from dtp.local.services import pid_alive, port_open
+
+pytestmark = pytest.mark.stack
+
+
+def test_all_services_healthy(stack: StackConfig) -> None:
+    report = stack_cli.status(stack)
+    assert report and all(state.startswith("healthy") for state in report.values()), report
+
+
+def test_slurm_job_runs_on_both_nodes(stack: StackConfig) -> None:
+    env = {**os.environ, "SLURM_CONF": str(stack.slurm_conf)}
+    out = subprocess.run(
+        ["srun", "-N2", "--ntasks-per-node=1", "bash", "-c", "echo $SLURMD_NODENAME"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=True,
+    )
+    assert sorted(out.stdout.split()) == ["n1", "n2"]
+    acct = subprocess.run(["sacct", "-c", "-n", "-P", "-o", "JobID,State"], capture_output=True, text=True, env=env)
+    assert acct.returncode == 0 and "COMPLETED" in acct.stdout
+
+
+def test_emulator_answers_s3(aws) -> None:
+    s3 = aws("s3")
+    name = f"dtp-it-{uuid.uuid4().hex[:8]}"
+    s3.create_bucket(Bucket=name)
+    s3.put_object(Bucket=name, Key="k", Body=b"v")
+    assert s3.get_object(Bucket=name, Key="k")["Body"].read() == b"v"
+    s3.delete_object(Bucket=name, Key="k")
+    s3.delete_bucket(Bucket=name)
+
+
+def test_airflow_api_requires_login(stack: StackConfig, airflow_api) -> None:
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(f"{stack.airflow_url}/api/v2/dags", timeout=10)
+    assert err.value.code == 401
+    status, body = airflow_api.request("GET", "/api/v2/dags")
+    assert status == 200 and "dags" in body
+
+
+def test_services_listen_on_loopback_only(stack: StackConfig) -> None:
+    listening = subprocess.run(["ss", "-Hltn"], capture_output=True, text=True).stdout
+    ports = set(stack.ports.__dict__.values()) | set(stack.ports.slurmd(stack.slurm_nodes))
+    for line in listening.splitlines():
+        local = line.split()[3]
+        host, _, port = local.rpartition(":")
+        if int(port) in ports:
+            assert host in ("127.0.0.1", "[::1]", "localhost"), line
+
+
+def test_second_stack_up_status_down_leaves_nothing() -> None:
+    """A separate stack (own state dir, shifted ports, no Airflow) comes up healthy and goes away completely."""
+    home = PROJECT_ROOT / ".dtp" / f"it-stack-{uuid.uuid4().hex[:6]}"
+    env = {**os.environ, "DTP_HOME": str(home), "DTP_PORT_OFFSET": "300", "PYTHONPATH": str(PROJECT_ROOT / "plugins")}
+    cli = [sys.executable, "-m", "dtp.local.stack"]
+    try:
+        up = subprocess.run([*cli, "up", "--no-airflow"], env=env, capture_output=True, text=True, timeout=180)
+        assert up.returncode == 0, up.stdout + up.stderr
+        cfg = StackConfig(home=home.resolve(), ports=StackConfig.from_env().ports.with_offset(300))
+        pids = [int(p.read_text()) for p in cfg.run_dir.glob("*.pid")]
+        assert len(pids) == 6 and all(pid_alive(p) for p in pids)
+        assert port_open(cfg.ports.moto) and port_open(cfg.ports.slurmctld)
+        status = subprocess.run([*cli, "status"], env=env, capture_output=True, text=True)
+        assert "postgres               healthy" in status.stdout
+        down = subprocess.run([*cli, "down"], env=env, capture_output=True, text=True, timeout=120)
+        assert down.returncode == 0, down.stderr
+        assert not any(pid_alive(p) for p in pids)
+        assert not any(port_open(p) for p in (cfg.ports.moto, cfg.ports.postgres, cfg.ports.slurmctld))
+        assert not list(cfg.run_dir.glob("*.pid"))
+    finally:
+        subprocess.run([*cli, "down"], env=env, capture_output=True, timeout=120)
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def test_port_taken_is_reported_by_name(tmp_path) -> None:
+    import socket
+
+    home = PROJECT_ROOT / ".dtp" / f"it-port-{uuid.uuid4().hex[:6]}"
+    cfg = StackConfig(home=home, ports=StackConfig.from_env().ports.with_offset(400))
+    blocker = socket.socket()
+    blocker.bind(("127.0.0.1", cfg.ports.postgres))
+    blocker.listen()
+    try:
+        with pytest.raises(stack_cli.StackError, match=f"postgres: port {cfg.ports.postgres}.*already in use"):
+            stack_cli.up(cfg, airflow=False)
+    finally:
+        blocker.close()
+        stack_cli.down(cfg)
+        shutil.rmtree(home, ignore_errors=True)

@@ -1,0 +1,40 @@
+"""stage_data: S3 (emulator) -> shared directory -> byte shard, idempotent on retry."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+from dtp.pipeline.data import SAMPLE_CORPUS, stage_data
+
+pytestmark = pytest.mark.stack
+
+
+def test_stage_sample_corpus_twice(stack, aws, tmp_path) -> None:
+    bucket = f"dtp-it-stage-{uuid.uuid4().hex[:8]}"
+    aws("s3").create_bucket(Bucket=bucket)
+    spec = {"params": {"dataset_uri": ""}, "names": {"run_key": bucket}}
+    cluster = {"shared_dir": str(tmp_path)}
+    first = stage_data(spec, {"DataBucket": bucket}, cluster, "aws_default")
+    size = SAMPLE_CORPUS.stat().st_size
+    assert first["files"] == 1 and first["copied"] == 1 and first["bytes_moved"] == size
+    assert first["tokens"] == size
+    assert (tmp_path / "runs" / bucket / "train.bin").read_bytes() == SAMPLE_CORPUS.read_bytes()
+    again = stage_data(spec, {"DataBucket": bucket}, cluster, "aws_default")
+    assert again["copied"] == 0 and again["bytes_moved"] == 0 and again["tokens"] == size
+
+
+def test_user_dataset_uri_and_empty_prefix(stack, aws, tmp_path) -> None:
+    s3 = aws("s3")
+    bucket = f"dtp-it-user-{uuid.uuid4().hex[:8]}"
+    s3.create_bucket(Bucket=bucket)
+    s3.put_object(Bucket=bucket, Key="corpus/a.txt", Body=b"hello ")
+    s3.put_object(Bucket=bucket, Key="corpus/b.txt", Body=b"world")
+    s3.put_object(Bucket=bucket, Key="corpus/skip.bin", Body=b"\x00")
+    spec = {"params": {"dataset_uri": f"s3://{bucket}/corpus/"}, "names": {"run_key": "user"}}
+    staged = stage_data(spec, {"DataBucket": "unused"}, {"shared_dir": str(tmp_path)}, "aws_default")
+    assert staged["files"] == 2 and (tmp_path / "runs/user/train.bin").read_bytes() == b"hello world"
+    empty = {"params": {"dataset_uri": f"s3://{bucket}/nothing/"}, "names": {"run_key": "user"}}
+    with pytest.raises(ValueError, match="no .txt objects under s3://"):
+        stage_data(empty, {"DataBucket": "unused"}, {"shared_dir": str(tmp_path)}, "aws_default")

@@ -1,0 +1,151 @@
+"""dtp.naming: deterministic, collision-free names that are valid S3 buckets and CloudFormation stacks."""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime
+
+import pytest
+
+from dtp.naming import RunNames, aws_tags, expiry, resource_tags, slug
+
+# S3 general purpose bucket rules (without dots, which DTP never uses).
+S3_BUCKET = re.compile(r"^[a-z0-9][a-z0-9-]{1,61}[a-z0-9]$")
+S3_FORBIDDEN_PREFIXES = ("xn--", "sthree-", "amzn-s3-demo-")
+S3_FORBIDDEN_SUFFIXES = ("-s3alias", "--ol-s3", "--x-s3", "--table-s3")
+CFN_STACK = re.compile(r"^[A-Za-z][-A-Za-z0-9]{0,127}$")
+SHELL_META = set("'\"`$;&|<>()\\ \t\n*?[]{}!#~")
+# S3 object/bucket tagging: letters, digits, spaces and + - = . _ : / @, at most 256 characters.
+S3_TAG_VALUE = re.compile(r"^[\w\s+\-=.:/@]{0,256}$", re.ASCII)
+
+HOSTILE_RUN_IDS = [
+    "manual__2026-01-01T00:00:00+00:00",
+    "scheduled__2026-01-01T00:00:00+00:00",
+    "x; rm -rf /",
+    "$(touch /tmp/p)",
+    "`id`",
+    "../../etc/passwd",
+    "Ünïcödé-ラン-🚀",
+    "\0\n\t",
+    "",
+    "-",
+    "A" * 500,
+    "x" * 500,
+]
+HOSTILE_DAG_IDS = ["train_e2e", "TRAIN.E2E", "a", "-", "---", "日本語", "dag" * 100, "xn--abc", "x-s3alias"]
+
+
+def assert_valid_bucket(name: str) -> None:
+    assert 3 <= len(name) <= 63, name
+    assert S3_BUCKET.match(name), name
+    assert "--" not in name, name
+    assert not name.startswith(S3_FORBIDDEN_PREFIXES), name
+    assert not name.endswith(S3_FORBIDDEN_SUFFIXES), name
+
+
+@pytest.mark.parametrize("run_id", HOSTILE_RUN_IDS)
+@pytest.mark.parametrize("dag_id", HOSTILE_DAG_IDS)
+def test_every_name_is_a_valid_bucket_stack_and_job_name(dag_id: str, run_id: str) -> None:
+    names = RunNames(dag_id, run_id)
+    for name in (names.run_key, names.data_bucket, names.network_stack, names.slurm_job):
+        assert_valid_bucket(name)
+        assert CFN_STACK.match(name), name
+        assert not SHELL_META & set(name), name
+        assert name.isascii()
+
+
+def test_run_key_is_deterministic() -> None:
+    a = RunNames("train_e2e", "manual__2026-01-01T00:00:00+00:00")
+    b = RunNames("train_e2e", "manual__2026-01-01T00:00:00+00:00")
+    assert a.run_key == b.run_key
+    assert a.as_dict() == b.as_dict()
+    # A fixed input gives a fixed key across processes and releases (the reaper relies on it).
+    assert a.run_key == "dtp-train-e2e-" + a.run_key.rsplit("-", 1)[1]
+    assert re.fullmatch(r"[0-9a-f]{10}", a.run_key.rsplit("-", 1)[1])
+
+
+def test_different_runs_get_different_keys() -> None:
+    run_ids = [f"manual__2026-01-{d:02d}T00:00:00+00:00" for d in range(1, 29)] + HOSTILE_RUN_IDS
+    keys = {RunNames("train_e2e", r).run_key for r in run_ids}
+    assert len(keys) == len(set(run_ids))
+
+
+def test_dag_ids_that_slug_alike_still_differ() -> None:
+    # "train.e2e", "train_e2e" and "TRAIN-E2E" share a slug; the hash of the full dag_id keeps them apart.
+    keys = {RunNames(d, "r1").run_key for d in ("train.e2e", "train_e2e", "TRAIN-E2E")}
+    assert len(keys) == 3
+    assert all(k.startswith("dtp-train-e2e-") for k in keys)
+
+
+def test_as_dict_names_every_resource() -> None:
+    names = RunNames("train_e2e", "r1")
+    d = names.as_dict()
+    assert d == {
+        "run_key": names.run_key,
+        "network_stack": f"{names.run_key}-network",
+        "data_bucket": f"{names.run_key}-data",
+        "slurm_job": names.run_key,
+    }
+
+
+@pytest.mark.parametrize(
+    ("text", "limit", "expected"),
+    [
+        ("Train_E2E", 24, "train-e2e"),
+        ("--a--b--", 24, "a-b"),
+        ("abc-def", 4, "abc"),  # cut at the limit, then the trailing hyphen is stripped
+        ("!!!", 10, "x"),
+        ("", 10, "x"),
+    ],
+)
+def test_slug(text: str, limit: int, expected: str) -> None:
+    assert slug(text, limit) == expected
+
+
+def test_expiry_is_iso_utc_hours_ahead() -> None:
+    now = datetime(2026, 1, 1, 23, 30, tzinfo=UTC)
+    assert expiry(1, now) == "2026-01-02T00:30:00Z"
+    assert expiry(0.5, now) == "2026-01-02T00:00:00Z"
+    assert expiry(24 * 30, now) == "2026-01-31T23:30:00Z"
+
+
+def test_expiry_defaults_to_now() -> None:
+    before = datetime.now(UTC)
+    stamp = datetime.strptime(expiry(2), "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+    delta = (stamp - before).total_seconds()
+    assert 7200 - 2 <= delta <= 7200 + 2
+
+
+def test_resource_tags() -> None:
+    names = RunNames("train_e2e", "manual__2026-01-01T00:00:00+00:00")
+    tags = resource_tags(names, "tiny", "2026-01-02T00:00:00Z")
+    assert tags == {
+        "dtp:owner": "dtp",
+        "dtp:dag": "train_e2e",
+        "dtp:run": names.run_key,
+        "dtp:run-id": "manual__2026-01-01T00:00:00+00:00",
+        "dtp:recipe": "tiny",
+        "dtp:expires-at": "2026-01-02T00:00:00Z",
+    }
+    assert aws_tags(tags) == [{"Key": k, "Value": tags[k]} for k in sorted(tags)]
+
+
+def test_resource_tags_are_valid_s3_tags_for_airflow_generated_run_ids() -> None:
+    names = RunNames("train_e2e", "manual__2026-01-01T00:00:00+00:00")
+    for key, value in resource_tags(names, "tiny", expiry(24)).items():
+        assert S3_TAG_VALUE.match(key), key
+        assert S3_TAG_VALUE.match(value), value
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "BUG: resource_tags puts the raw run_id into the dtp:run-id tag, but Airflow's default "
+        "allowed_run_id_pattern ^[A-Za-z0-9_.~:+-]+$ accepts '~', which S3 PutBucketTagging rejects (InvalidTag)"
+    ),
+)
+def test_resource_tags_are_valid_s3_tags_for_every_run_id_airflow_accepts() -> None:
+    run_id = "manual~retry"
+    assert re.match(r"^[A-Za-z0-9_.~:+-]+$", run_id)  # Airflow's default allowed_run_id_pattern
+    tags = resource_tags(RunNames("train_e2e", run_id), "tiny", expiry(24))
+    assert all(S3_TAG_VALUE.match(v) for v in tags.values()), tags

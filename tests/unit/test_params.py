@@ -1,0 +1,336 @@
+"""dtp.params: validate_params refuses every bad conf with a message naming the field and value,
+and airflow_params() builds a trigger form whose JSON schema agrees with the validation."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jsonschema
+import pytest
+
+from dtp.params import (
+    RESERVED_ENV,
+    S3_URI,
+    ParamsError,
+    TrainParams,
+    airflow_params,
+    estimate_cost_usd,
+    validate_params,
+)
+from dtp.recipes import PLATFORMS, catalogue, recipe_names
+
+BIG_70B = {
+    "platform": "parallelcluster",
+    "recipe": "llama3_1_70b",
+    "instance_type": "p5.48xlarge",
+    "num_nodes": 16,
+    "max_steps": 1000,
+    "checkpoint_interval": 250,
+}
+
+
+def refuse(conf: dict[str, Any]) -> str:
+    with pytest.raises(ParamsError) as info:
+        validate_params(conf)
+    message = str(info.value)
+    assert message.startswith("invalid parameters:")
+    return message
+
+
+# --- valid --------------------------------------------------------------------------------------
+
+
+def test_defaults_are_valid() -> None:
+    params = validate_params({})
+    assert params == TrainParams()
+    assert params.platform == "local"
+    assert params.recipe == "tiny"
+    assert params.instance_type == "local.cpu"
+    assert params.dataset_uri == ""
+    assert params.extra_env == {}
+
+
+def test_defaults_match_the_tiny_recipe_defaults() -> None:
+    # The trigger form's defaults must be the local profile's recipe, or a default run would be refused.
+    tiny = catalogue()["tiny"].defaults
+    params = TrainParams()
+    assert (params.platform, params.instance_type, params.num_nodes) == (
+        tiny.platform,
+        tiny.instance_type,
+        tiny.num_nodes,
+    )
+    assert (params.max_steps, params.checkpoint_interval) == (tiny.max_steps, tiny.checkpoint_interval)
+
+
+@pytest.mark.parametrize(
+    "conf",
+    [
+        {"num_nodes": 1},
+        {"num_nodes": 512},
+        {"dataset_uri": "s3://my-bucket/datasets/sample/"},
+        {"dataset_uri": "s3://my.bucket.name"},
+        {"dataset_uri": "s3://abc/a/b_c-d.e*f(g)!h'i/"},
+        {"max_steps": 50, "checkpoint_interval": 50},
+        {"budget_usd": 0},  # local.cpu costs nothing
+        {"extra_env": {"NCCL_DEBUG": "INFO", "_X1": "", "TORCH_LOGS": "+dynamo, a=b; c"}},
+        {"extra_env": {f"V{i}": "x" for i in range(64)}},
+        {"extra_env": {"LONG": "x" * 4096}},
+        {"keep_cluster": True, "expiry_hours": 0.5, "hang_timeout_minutes": 1440},
+    ],
+)
+def test_valid_confs_are_accepted(conf: dict[str, Any]) -> None:
+    params = validate_params(conf)
+    for key, value in conf.items():
+        assert getattr(params, key) == value
+
+
+# --- refused, with the field and the value in the message ---------------------------------------
+
+BAD = [
+    # (conf, field, text that must appear in the message: the offending value)
+    ({"recipe": "nope"}, "recipe", "'nope'"),
+    ({"recipe": "TINY"}, "recipe", "'TINY'"),
+    ({"recipe": "../tiny"}, "recipe", "'../tiny'"),
+    ({"num_nodes": 0}, "num_nodes", "got 0"),
+    ({"num_nodes": 10000}, "num_nodes", "got 10000"),
+    ({"num_nodes": -1}, "num_nodes", "got -1"),
+    ({"num_nodes": 2.5}, "num_nodes", "got 2.5"),
+    ({"num_nodes": None}, "num_nodes", "got None"),
+    ({"num_nodes": [2]}, "num_nodes", "got [2]"),
+    ({"num_nodes": "two"}, "num_nodes", "got 'two'"),
+    ({"max_steps": 0}, "max_steps", "got 0"),
+    ({"checkpoint_interval": 0}, "checkpoint_interval", "got 0"),
+    ({"budget_usd": -1}, "budget_usd", "got -1"),
+    ({"budget_usd": float("nan")}, "budget_usd", "got nan"),
+    ({"expiry_hours": 0}, "expiry_hours", "got 0"),
+    ({"expiry_hours": 721}, "expiry_hours", "got 721"),
+    ({"hang_timeout_minutes": 0}, "hang_timeout_minutes", "got 0"),
+    ({"keep_cluster": "maybe"}, "keep_cluster", "got 'maybe'"),
+    ({"dataset_uri": "http://x"}, "dataset_uri", "'http://x'"),
+    ({"dataset_uri": "s3://"}, "dataset_uri", "'s3://'"),
+    ({"dataset_uri": "s3://UPPER/x"}, "dataset_uri", "'s3://UPPER/x'"),
+    ({"dataset_uri": "s3://b/../../etc"}, "dataset_uri", "'s3://b/../../etc'"),
+    ({"dataset_uri": "s3://bucket/a b"}, "dataset_uri", "'s3://bucket/a b'"),
+    ({"dataset_uri": "s3://bucket/x\n"}, "dataset_uri", "'s3://bucket/x\\n'"),
+    ({"dataset_uri": "s3://bucket/$(id)"}, "dataset_uri", "'s3://bucket/$(id)'"),
+    ({"dataset_uri": "s3://-bucket/x"}, "dataset_uri", "'s3://-bucket/x'"),
+    ({"dataset_uri": "file:///etc/passwd"}, "dataset_uri", "'file:///etc/passwd'"),
+    ({"instance_type": "p5.48xlarge; rm -rf /"}, "instance_type", "'p5.48xlarge; rm -rf /'"),
+    ({"instance_type": "$(id)"}, "instance_type", "'$(id)'"),
+    ({"instance_type": "local.cpu\n"}, "instance_type", "'local.cpu\\n'"),
+    ({"instance_type": ""}, "instance_type", "got ''"),
+    ({"instance_type": "m5.large"}, "instance_type", "'m5.large'"),
+    ({"instance_type": "p5.48xlarge"}, "instance_type", "'p5.48xlarge'"),
+    ({"platform": "azure"}, "platform", "'azure'"),
+    ({"platform": "eks", "instance_type": "p5.48xlarge"}, "platform", "'eks'"),
+    ({"extra_env": {"A B": "x"}}, "extra_env", "'A B'"),
+    ({"extra_env": {"1X": "x"}}, "extra_env", "'1X'"),
+    ({"extra_env": {"lower": "x"}}, "extra_env", "'lower'"),
+    ({"extra_env": {"X;Y": "x"}}, "extra_env", "'X;Y'"),
+    ({"extra_env": {"": "x"}}, "extra_env", "''"),
+    ({"extra_env": {"V" * 65: "x"}}, "extra_env", "VVVVV"),
+    ({"extra_env": {"PATH": "/evil"}}, "extra_env", "'PATH'"),
+    ({"extra_env": {"LD_PRELOAD": "/evil.so"}}, "extra_env", "'LD_PRELOAD'"),
+    ({"extra_env": {"X": "a\nb"}}, "extra_env", "'X'"),
+    ({"extra_env": {"X": "a\rb"}}, "extra_env", "'X'"),
+    ({"extra_env": {"X": "a\0b"}}, "extra_env", "'X'"),
+    ({"extra_env": {"X": "x" * 4097}}, "extra_env", "'X'"),
+    ({"extra_env": {"X": 1}}, "extra_env.X", "got 1"),
+    ({"extra_env": ["X=1"]}, "extra_env", "['X=1']"),
+    ({"extra_env": {f"V{i}": "x" for i in range(65)}}, "extra_env", "65"),
+    ({"max_steps": 10, "checkpoint_interval": 20}, "checkpoint_interval", "got 20"),
+]
+
+
+@pytest.mark.parametrize(("conf", "field", "value"), BAD, ids=[f"{f}-{i}" for i, (_, f, _) in enumerate(BAD)])
+def test_bad_conf_is_refused_naming_field_and_value(conf: dict[str, Any], field: str, value: str) -> None:
+    message = refuse(conf)
+    assert f"\n{field}: " in message, message
+    assert value in message, message
+
+
+def test_unknown_key_is_refused_naming_the_key_and_the_allowed_ones() -> None:
+    message = refuse({"num_nodes": 2, "nodes": 4})
+    assert "nodes: unknown parameter" in message
+    for name in TrainParams.model_fields:
+        assert name in message
+
+
+def test_every_problem_is_reported_at_once() -> None:
+    message = refuse({"recipe": "nope", "num_nodes": 0, "dataset_uri": "http://x", "typo": 1})
+    for field in ("recipe", "num_nodes", "dataset_uri", "typo"):
+        assert f"\n{field}: " in message, message
+
+
+def test_unknown_recipe_lists_the_available_ones() -> None:
+    message = refuse({"recipe": "nope"})
+    for name in catalogue():
+        assert name in message
+
+
+def test_instance_type_not_on_platform_lists_what_is() -> None:
+    message = refuse({"instance_type": "p5.48xlarge"})
+    assert "not offered on platform 'local'" in message
+    assert "allowed there: local.cpu" in message
+
+
+def test_unimplemented_platform_names_the_implemented_ones() -> None:
+    message = refuse({"platform": "eks", "instance_type": "p5.48xlarge"})
+    assert "platform: got 'eks'; not available in this release (available: local)" in message
+
+
+def test_reserved_env_names_are_all_refused() -> None:
+    for name in RESERVED_ENV:
+        assert "set by the pipeline" in refuse({"extra_env": {name: "x"}})
+
+
+def test_huge_value_is_refused_with_a_short_message() -> None:
+    uri = "s3://bucket/" + "a" * (1 << 20)
+    message = refuse({"dataset_uri": uri})
+    assert "\ndataset_uri: " in message
+    assert "at most 1024 characters" in message
+    assert len(message) < 1000
+
+
+def test_budget_too_low_for_70b_names_the_cost_along_with_the_platform() -> None:
+    message = refuse({**BIG_70B, "budget_usd": 100})
+    # 1000 steps x 8 s x 16 nodes x 98.32 USD/h
+    assert "\nplatform: got 'parallelcluster'; not available in this release" in message
+    assert "\nbudget_usd: got 100.0; the estimated cost is 3495.82 USD (16 x p5.48xlarge for 1000 steps)" in message
+
+
+def test_sufficient_budget_leaves_only_the_platform_problem() -> None:
+    message = refuse({**BIG_70B, "budget_usd": 3500})
+    assert "platform: got 'parallelcluster'" in message
+    assert "budget_usd" not in message
+
+
+def test_estimate_cost_usd() -> None:
+    params = TrainParams(num_nodes=4, max_steps=3600, checkpoint_interval=50)
+    assert estimate_cost_usd(params, step_seconds=1.0, price_per_hour=10.0) == 40.0
+    assert estimate_cost_usd(params, step_seconds=0.5, price_per_hour=0.0) == 0.0
+
+
+# --- lax coercion (findings) --------------------------------------------------------------------
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "BUG: TrainParams validates in pydantic's lax mode, so validate_params silently coerces wrongly typed "
+        "values (num_nodes '2' -> 2, True -> 1, keep_cluster 'yes' -> True, budget_usd '5' -> 5.0) that the "
+        "trigger form's JSON schema rejects"
+    ),
+)
+@pytest.mark.parametrize(
+    ("field", "value"), [("num_nodes", "2"), ("num_nodes", True), ("keep_cluster", "yes"), ("budget_usd", "5")]
+)
+def test_wrongly_typed_values_are_refused(field: str, value: Any) -> None:
+    message = refuse({field: value})
+    assert f"\n{field}: " in message
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "BUG: ENV_NAME.match uses '$', which also matches before a trailing newline, so the variable name "
+        "'A\\n' passes _check_env and lands in the batch script as `export 'A\\n'=...`"
+    ),
+)
+def test_env_name_with_trailing_newline_is_refused() -> None:
+    message = refuse({"extra_env": {"A\n": "x"}})
+    assert "\nextra_env: " in message
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "BUG (questionable): S3_URI allows '.' and '/' freely in the key part, so 's3://bucket/../../etc' "
+        "passes validation (only 's3://b/../../etc' is refused, and only because the bucket name is too short)"
+    ),
+)
+def test_dataset_uri_with_dotdot_segments_is_refused() -> None:
+    message = refuse({"dataset_uri": "s3://bucket/../../etc"})
+    assert "\ndataset_uri: " in message
+
+
+# --- the trigger form -----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def form() -> dict[str, Any]:
+    return airflow_params()
+
+
+def test_form_has_one_param_per_field(form: dict[str, Any]) -> None:
+    assert list(form) == list(TrainParams.model_fields)
+
+
+def test_form_schema_enums_limits_and_patterns(form: dict[str, Any]) -> None:
+    assert form["recipe"].schema["enum"] == recipe_names() == sorted(catalogue())
+    assert form["platform"].schema["enum"] == list(PLATFORMS)
+    assert form["num_nodes"].schema["type"] == "integer"
+    assert (form["num_nodes"].schema["minimum"], form["num_nodes"].schema["maximum"]) == (1, 512)
+    assert form["dataset_uri"].schema["pattern"] == S3_URI
+    assert form["dataset_uri"].schema["maxLength"] == 1024
+    assert form["instance_type"].schema["pattern"] == TrainParams.model_fields["instance_type"].metadata[-1].pattern
+    assert form["expiry_hours"].schema["exclusiveMinimum"] == 0
+    assert form["extra_env"].schema["type"] == "object"
+    assert form["keep_cluster"].schema["type"] == "boolean"
+
+
+def test_form_defaults_are_the_model_defaults_and_satisfy_their_schema(form: dict[str, Any]) -> None:
+    defaults = TrainParams().model_dump()
+    for name, param in form.items():
+        assert param.value == defaults[name], name
+        jsonschema.validate(param.value, param.schema)
+        param.resolve()  # Airflow's own check of the default
+
+
+# Values both the model and the form's JSON schema can refuse.
+SCHEMA_BAD = [
+    ("recipe", "nope"),
+    ("platform", "azure"),
+    ("num_nodes", 0),
+    ("num_nodes", 10000),
+    ("num_nodes", 2.5),
+    ("num_nodes", None),
+    ("max_steps", 0),
+    ("checkpoint_interval", 0),
+    ("budget_usd", -1),
+    ("expiry_hours", 0),
+    ("hang_timeout_minutes", 2000),
+    ("keep_cluster", "maybe"),
+    ("dataset_uri", "http://x"),
+    ("dataset_uri", "s3://"),
+    ("dataset_uri", "s3://UPPER/x"),
+    ("dataset_uri", "s3://b/../../etc"),
+    ("dataset_uri", "s3://bucket/a b"),
+    ("dataset_uri", "s3://bucket/" + "a" * 2000),
+    ("instance_type", "p5.48xlarge; rm -rf /"),
+    ("instance_type", "$(id)"),
+    ("instance_type", "x" * 40 + ".large"),
+    ("extra_env", ["X=1"]),
+]
+
+
+@pytest.mark.parametrize(("field", "value"), SCHEMA_BAD)
+def test_form_schema_refuses_what_validation_refuses(form: dict[str, Any], field: str, value: Any) -> None:
+    refuse({field: value})
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(value, form[field].schema)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("num_nodes", 512),
+        ("dataset_uri", "s3://my-bucket/datasets/sample/"),
+        ("extra_env", {"NCCL_DEBUG": "INFO"}),
+        ("budget_usd", 0),
+        ("expiry_hours", 0.5),
+    ],
+)
+def test_form_schema_accepts_what_validation_accepts(form: dict[str, Any], field: str, value: Any) -> None:
+    validate_params({field: value})
+    jsonschema.validate(value, form[field].schema)
