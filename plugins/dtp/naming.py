@@ -18,6 +18,7 @@ PREFIX = "dtp"
 OWNER = "dtp"
 TAG_PREFIX = "dtp:"
 _SAFE = re.compile(r"[^a-z0-9]+")
+_TAG_UNSAFE = re.compile(r"[^\w +\-=.:/@]", re.ASCII)
 
 
 def slug(text: str, limit: int) -> str:
@@ -64,13 +65,18 @@ def expiry(hours: float, now: datetime | None = None) -> str:
     return (now + timedelta(hours=hours)).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def tag_value(text: str) -> str:
+    """A tag value every AWS service accepts: letters, digits, spaces and ``+-=._:/@``, at most 256 chars."""
+    return _TAG_UNSAFE.sub("_", text)[:256]
+
+
 def resource_tags(names: RunNames, recipe: str, expires_at: str) -> dict[str, str]:
     """The tags every resource of a run carries (owner, dag, run, recipe, expiry)."""
     return {
         f"{TAG_PREFIX}owner": OWNER,
         f"{TAG_PREFIX}dag": names.dag_id,
         f"{TAG_PREFIX}run": names.run_key,
-        f"{TAG_PREFIX}run-id": names.run_id,
+        f"{TAG_PREFIX}run-id": tag_value(names.run_id),
         f"{TAG_PREFIX}recipe": recipe,
         f"{TAG_PREFIX}expires-at": expires_at,
     }

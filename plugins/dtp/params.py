@@ -29,7 +29,8 @@ class ParamsError(ValueError):
 class TrainParams(BaseModel):
     """What a person may set when triggering a training run."""
 
-    model_config = ConfigDict(extra="forbid")
+    # strict: "2" is not 2 and true is not 1, exactly as the trigger form's JSON schema judges them.
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     platform: Platform = Field(
         "local",
@@ -90,13 +91,20 @@ class TrainParams(BaseModel):
         description='Environment variables for the training job, e.g. {"NCCL_DEBUG": "INFO"}.',
     )
 
+    @field_validator("dataset_uri")
+    @classmethod
+    def _check_uri(cls, uri: str) -> str:
+        if any(part in (".", "..") for part in uri.removeprefix("s3://").split("/")):
+            raise ValueError("path segments '.' and '..' are not allowed")
+        return uri
+
     @field_validator("extra_env")
     @classmethod
     def _check_env(cls, env: dict[str, str]) -> dict[str, str]:
         if len(env) > 64:
             raise ValueError(f"at most 64 variables are allowed, got {len(env)}")
         for name, value in env.items():
-            if not ENV_NAME.match(name):
+            if not ENV_NAME.fullmatch(name):
                 raise ValueError(f"variable name {name!r} must match {ENV_NAME.pattern}")
             if name in RESERVED_ENV:
                 raise ValueError(f"variable {name!r} is set by the pipeline and cannot be overridden")

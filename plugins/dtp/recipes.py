@@ -112,4 +112,7 @@ def instance_types() -> dict[str, InstanceType]:
     raw = _read_yaml(INCLUDE_DIR / "instance_types.yaml")
     if not isinstance(raw, dict):
         raise RecipeError("instance_types.yaml must be a mapping of instance type to its facts")
-    return {name: InstanceType.model_validate(spec) for name, spec in raw.items()}
+    try:
+        return {name: InstanceType.model_validate(spec) for name, spec in raw.items()}
+    except ValidationError as err:
+        raise RecipeError(f"instance_types.yaml: {err}") from err

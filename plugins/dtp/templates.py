@@ -1,8 +1,9 @@
 """Render include/templates with StrictUndefined, quoting for the target format.
 
 Shell templates (``*.sh.j2``, ``*.sbatch.j2``) pass every ``{{ value }}``
-through ``shlex.quote`` (Jinja's ``finalize``), so a param can never inject a
-command: a template author cannot forget to quote.
+through ``shlex.quote`` (Jinja's ``finalize``) and refuse line breaks, so a
+param can never inject a command, even in a comment or ``#SBATCH`` line: a
+template author cannot forget to quote.
 """
 
 from __future__ import annotations
@@ -20,8 +21,18 @@ TEMPLATE_DIR = INCLUDE_DIR / "templates"
 SHELL_SUFFIXES = (".sh.j2", ".sbatch.j2")
 
 
+class UnsafeTemplateValue(ValueError):
+    """A value that quoting cannot make safe in a line-oriented file (a line break or NUL)."""
+
+
 def _shell_finalize(value: Any) -> str:
-    return shlex.quote(str(value))
+    text = str(value)
+    # Quoting keeps a newline inside the quotes, but in a comment or #SBATCH line it would start a new line.
+    if any(c in text for c in "\n\r\0"):
+        raise UnsafeTemplateValue(
+            f"refusing to render {text[:60]!r} into a shell script: it contains a line break or NUL"
+        )
+    return shlex.quote(text)
 
 
 @cache

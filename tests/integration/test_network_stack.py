@@ -80,7 +80,7 @@ def test_half_created_stack_is_reused_and_torn_down(spec, aws) -> None:
         "  V:\n    Type: AWS::EC2::VPC\n    Properties: {CidrBlock: 10.0.0.0/16}\n"
         "  S:\n    Type: AWS::EC2::Subnet\n    Properties: {VpcId: !Ref V, CidrBlock: 10.9.0.0/24}\n"
     )
-    with pytest.raises(Exception, match="InvalidSubnet.Range"):
+    with pytest.raises(Exception, match=r"InvalidSubnet\.Range"):
         hook.ensure_stack(name, broken, {}, spec["tags"])
     network.create_network_stack(spec, AWS)
     assert len(_stacks_named(aws, name)) == 1

@@ -36,5 +36,5 @@ def test_user_dataset_uri_and_empty_prefix(stack, aws, tmp_path) -> None:
     staged = stage_data(spec, {"DataBucket": "unused"}, {"shared_dir": str(tmp_path)}, "aws_default")
     assert staged["files"] == 2 and (tmp_path / "runs/user/train.bin").read_bytes() == b"hello world"
     empty = {"params": {"dataset_uri": f"s3://{bucket}/nothing/"}, "names": {"run_key": "user"}}
-    with pytest.raises(ValueError, match="no .txt objects under s3://"):
+    with pytest.raises(ValueError, match=r"no \.txt objects under s3://"):
         stage_data(empty, {"DataBucket": "unused"}, {"shared_dir": str(tmp_path)}, "aws_default")

@@ -1,0 +1,130 @@
+"""train_e2e through the real scheduler, triggered over the REST API, on the running local stack.
+
+Reads like a system test: trigger, wait, then check the outcome and that the run left nothing behind.
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.parse
+
+import pytest
+
+from dtp.hooks.slurm import SlurmHook
+from dtp.hooks.sweeper import RunResourceSweeper
+from dtp.local.config import StackConfig
+
+pytestmark = [pytest.mark.stack, pytest.mark.e2e]
+DAG_ID = "train_e2e"
+
+
+def _run(api, conf: dict, timeout: float = 900) -> tuple[str, str, dict[str, str]]:
+    run_id = api.trigger(DAG_ID, conf)
+    state = api.wait(DAG_ID, run_id, timeout=timeout)
+    tasks = {ti["task_id"]: ti["state"] for ti in api.task_instances(DAG_ID, run_id)}
+    return run_id, state, tasks
+
+
+def _assert_nothing_left(api, aws, run_id: str) -> None:
+    spec = api.xcom(DAG_ID, run_id, "validate_params")
+    names = spec["names"]
+    found = RunResourceSweeper(aws_conn_id="aws_default").find(names["run_key"], (names["data_bucket"],))
+    assert all(ids == [] for ids in found.values()), found
+    stacks = aws("cloudformation").list_stacks()["StackSummaries"]
+    assert [
+        s for s in stacks if s["StackName"] == names["network_stack"] and s["StackStatus"] != "DELETE_COMPLETE"
+    ] == []
+    assert SlurmHook().find_jobs(names["slurm_job"]) == []
+
+
+def _task_log(api, run_id: str, task_id: str, try_number: int = 1) -> str:
+    quoted = urllib.parse.quote(run_id, safe="")
+    _, body = api.request("GET", f"/api/v2/dags/{DAG_ID}/dagRuns/{quoted}/taskInstances/{task_id}/logs/{try_number}")
+    return json.dumps(body)
+
+
+@pytest.fixture(scope="module")
+def successful_run(airflow_api):
+    return _run(airflow_api, {})
+
+
+def test_run_succeeds_with_every_task(successful_run) -> None:
+    _, state, tasks = successful_run
+    assert state == "success", tasks
+    assert all(s == "success" for s in tasks.values()), tasks
+
+
+def test_loss_goes_down_and_gates_hold(airflow_api, successful_run) -> None:
+    run_id, _, _ = successful_run
+    metrics = airflow_api.xcom(DAG_ID, run_id, "collect_metrics")
+    assert metrics["last_step"] == 300 and metrics["world_size"] == 2
+    assert metrics["final_loss"] < metrics["first_loss"] - 2.0
+    assert metrics["final_loss"] < 2.3
+    assert metrics["median_tokens_per_s"] > 2000
+
+
+def test_checkpoints_on_the_shared_filesystem(airflow_api, successful_run, stack: StackConfig) -> None:
+    run_id, _, _ = successful_run
+    run_key = airflow_api.xcom(DAG_ID, run_id, "validate_params")["names"]["run_key"]
+    ckpt = stack.shared_dir / "runs" / run_key / "checkpoints"
+    steps = sorted(int(p.name.split("_")[1]) for p in ckpt.glob("step_*") if (p / "meta.json").exists())
+    assert steps[-1] == 300 and len(steps) == 2  # the trainer keeps the newest two
+    assert list(ckpt.glob("tmp-*")) == []
+    assert any(f.suffix == ".distcp" for f in (ckpt / "step_300").iterdir())
+
+
+def test_report_in_s3_and_linked_from_the_ui(airflow_api, successful_run, aws) -> None:
+    run_id, _, _ = successful_run
+    report = airflow_api.xcom(DAG_ID, run_id, "report")
+    bucket, key = report["uri"].removeprefix("s3://").split("/", 1)
+    obj = aws("s3").get_object(Bucket=bucket, Key=key)
+    html = obj["Body"].read().decode()
+    assert obj["ContentType"].startswith("text/html")
+    assert html.count("data:image/png;base64,") == 3 and "PASSED" in html
+    quoted = urllib.parse.quote(run_id, safe="")
+    _, links = airflow_api.request("GET", f"/api/v2/dags/{DAG_ID}/dagRuns/{quoted}/taskInstances/report/links")
+    assert links["extra_links"]["Training report"] == report["url"]
+
+
+def test_training_log_streams_into_the_task_log(airflow_api, successful_run) -> None:
+    run_id, _, _ = successful_run
+    log = _task_log(airflow_api, run_id, "train.run_job")
+    assert log.count("[slurm ") > 100 and '\\"event\\": \\"step\\"' in log
+
+
+def test_nothing_of_the_run_is_left(airflow_api, aws, successful_run) -> None:
+    _assert_nothing_left(airflow_api, aws, successful_run[0])
+
+
+def test_training_failure_still_tears_down(airflow_api, aws) -> None:
+    # torchrun's restarts repeat a deterministic failure; the hang timeout bounds restarts that wedge in gloo.
+    conf = {
+        "max_steps": 20,
+        "checkpoint_interval": 10,
+        "hang_timeout_minutes": 1,
+        "extra_env": {"DTP_FAIL_AT_STEP": "5"},
+    }
+    run_id, state, tasks = _run(airflow_api, conf)
+    assert state == "failed"
+    assert tasks["train.run_job"] == "failed"
+    assert tasks["teardown_cluster"] == "success" and tasks["teardown_network"] == "success"
+    logs = _task_log(airflow_api, run_id, "train.run_job", 1) + _task_log(airflow_api, run_id, "train.run_job", 2)
+    assert "injected failure at step 5" in logs
+    _assert_nothing_left(airflow_api, aws, run_id)
+
+
+def test_unknown_key_is_refused_before_anything_exists(airflow_api, aws) -> None:
+    run_id, state, tasks = _run(airflow_api, {"num_nodse": 2}, timeout=300)
+    assert state == "failed" and tasks["validate_params"] == "failed"
+    assert "num_nodse: unknown parameter" in _task_log(airflow_api, run_id, "validate_params")
+    assert tasks["deploy_network.create_stack"] == "upstream_failed"
+    assert tasks["teardown_network"] in ("upstream_failed", "skipped")
+
+
+def test_schema_violation_is_refused_at_trigger(airflow_api) -> None:
+    before = airflow_api.request("GET", f"/api/v2/dags/{DAG_ID}/dagRuns?limit=1")[1]["total_entries"]
+    status, body = airflow_api.request(
+        "POST", f"/api/v2/dags/{DAG_ID}/dagRuns", {"logical_date": None, "conf": {"num_nodes": 0}}
+    )
+    assert status == 400 and "num_nodes" in json.dumps(body)
+    assert airflow_api.request("GET", f"/api/v2/dags/{DAG_ID}/dagRuns?limit=1")[1]["total_entries"] == before

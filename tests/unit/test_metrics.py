@@ -1,0 +1,230 @@
+"""dtp.metrics.parse and dtp.metrics.gates: summaries of noisy logs, and gate messages with numbers."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from dtp.metrics.gates import preflight_failures, training_failures
+from dtp.metrics.parse import TrainingSummary, json_records, summarize
+
+
+def step(n: int, loss: float, tps: float = 1000.0, **extra: Any) -> str:
+    return json.dumps({"event": "step", "step": n, "loss": loss, "tokens_per_s": tps, **extra})
+
+
+def start(**extra: Any) -> str:
+    return json.dumps({"event": "start", "params": 459392, "world_size": 2, **extra})
+
+
+# --- parse ------------------------------------------------------------------------------------------
+
+
+def test_json_records_skip_noise_and_strip_srun_prefixes() -> None:
+    lines = [
+        "WARNING:torch.distributed.run:*****",
+        "0: " + start(),
+        "1: not json {at all",
+        '{"no_event": true}',
+        "[1, 2, 3]",
+        '"{"',
+        "",
+        "srun: error: n2: task 1: Exited with exit code 1",
+        "0: " + step(1, 5.0),
+    ]
+    records = list(json_records(lines))
+    assert [r["event"] for r in records] == ["start", "step"]
+
+
+def test_summarize_noisy_log() -> None:
+    lines = [
+        "+ srun --kill-on-bad-exit=1 python -m torch.distributed.run",
+        "0: " + start(),
+        "0: " + step(1, 5.5, 100.0, memory_mb=300.0, mfu=None),
+        "torchrun banner",
+        "0: " + step(2, 4.0, 900.0, memory_mb=420.5, mfu=0.31),
+        "1: {broken json",
+        step(3, 3.0, 1100.0, memory_mb=410.0, mfu=0.33),
+        "0: " + json.dumps({"event": "checkpoint", "step": 3, "path": "/x/step_3"}),
+        "0: " + json.dumps({"event": "end", "step": 3}),
+    ]
+    s = summarize(lines)
+    assert s.steps == [1, 2, 3]
+    assert s.losses == [5.5, 4.0, 3.0]
+    assert s.tokens_per_s == [100.0, 900.0, 1100.0]
+    assert s.checkpoints == [3]
+    assert s.restarts == 0
+    assert (s.params, s.world_size) == (459392, 2)
+    assert s.max_memory_mb == 420.5
+    assert s.mfu == 0.33
+    assert s.finished
+    assert (s.first_loss, s.final_loss) == (5.5, 3.0)
+    d = s.as_dict()
+    assert d["last_step"] == 3 and d["final_loss"] == 3.0 and d["median_tokens_per_s"] == 1000.0
+
+
+def test_resumed_run_latest_value_wins_and_restarts_are_counted() -> None:
+    lines = [
+        start(),
+        step(5, 4.0),
+        step(10, 3.5),
+        json.dumps({"event": "checkpoint", "step": 10}),
+        step(15, 3.4),  # lost: the run died before the next checkpoint
+        start(resumed_from_step=10),
+        step(15, 3.3),
+        step(20, 3.1),
+        start(resumed_from_step=10),
+        step(15, 3.2),
+        step(20, 3.0),
+        json.dumps({"event": "checkpoint", "step": 20}),
+        json.dumps({"event": "end", "step": 20}),
+    ]
+    s = summarize(lines)
+    assert s.steps == [5, 10, 15, 20]
+    assert s.losses == [4.0, 3.5, 3.2, 3.0]
+    assert s.restarts == 2
+    assert s.checkpoints == [10, 20]
+    assert s.finished
+
+
+def test_steps_out_of_order_are_sorted() -> None:
+    s = summarize([step(3, 1.0), step(1, 3.0), step(2, 2.0)])
+    assert s.steps == [1, 2, 3]
+    assert s.losses == [3.0, 2.0, 1.0]
+
+
+def test_median_tokens_per_s_leaves_out_the_first_window() -> None:
+    s = summarize([step(1, 5.0, 10.0), step(2, 4.0, 1000.0), step(3, 3.0, 2000.0), step(4, 2.0, 3000.0)])
+    assert s.median_tokens_per_s == 2000.0  # with the first window it would be 1500
+
+
+def test_median_tokens_per_s_with_one_window_uses_it() -> None:
+    assert summarize([step(1, 5.0, 123.0)]).median_tokens_per_s == 123.0
+
+
+def test_empty_log() -> None:
+    s = summarize(["nothing", "here"])
+    assert s == TrainingSummary()
+    assert (s.first_loss, s.final_loss, s.median_tokens_per_s) == (None, None, None)
+    assert s.as_dict()["last_step"] == 0
+    assert not s.finished
+
+
+# --- training gates ---------------------------------------------------------------------------------
+
+GATES = {"final_loss_max": 2.3, "min_tokens_per_s": 2000, "loss_must_decrease": True}
+
+
+def summary(losses: list[float], tps: list[float] | None = None, steps: list[int] | None = None) -> TrainingSummary:
+    steps = steps or [10 * (i + 1) for i in range(len(losses))]
+    return TrainingSummary(steps=steps, losses=losses, tokens_per_s=tps or [5000.0] * len(losses))
+
+
+def test_good_run_passes() -> None:
+    assert training_failures(summary([4.0, 3.0, 2.0]), GATES, max_steps=30) == []
+
+
+def test_no_step_logged() -> None:
+    assert training_failures(TrainingSummary(), GATES, max_steps=30) == ["no training step was logged"]
+
+
+def test_run_that_stopped_early() -> None:
+    assert training_failures(summary([4.0, 2.0]), GATES, max_steps=300) == ["steps: reached 20, expected 300"]
+
+
+def test_final_loss_too_high() -> None:
+    assert training_failures(summary([4.0, 2.5]), GATES, max_steps=20) == ["final_loss: 2.5000 > allowed 2.3"]
+
+
+def test_loss_did_not_decrease() -> None:
+    failures = training_failures(summary([2.0, 2.1]), GATES, max_steps=20)
+    assert failures == ["loss did not decrease: first 2.0000, final 2.1000"]
+    assert training_failures(summary([2.0, 2.1]), {**GATES, "loss_must_decrease": False}, max_steps=20) == []
+
+
+def test_throughput_too_low() -> None:
+    failures = training_failures(summary([4.0, 2.0, 1.0], tps=[9999.0, 1500.0, 1700.0]), GATES, max_steps=30)
+    assert failures == ["tokens_per_s: median 1600 < required 2000"]
+
+
+def test_every_failure_is_listed() -> None:
+    failures = training_failures(summary([2.0, 9.0], tps=[1.0, 1.0]), GATES, max_steps=100)
+    assert [f.split(":")[0] for f in failures] == ["steps", "final_loss", "loss did not decrease", "tokens_per_s"]
+
+
+def test_unset_gates_are_not_judged() -> None:
+    gates = {"final_loss_max": None, "min_tokens_per_s": None, "loss_must_decrease": False}
+    assert training_failures(summary([1.0, 99.0], tps=[1.0, 1.0]), gates, max_steps=20) == []
+
+
+# --- preflight gates --------------------------------------------------------------------------------
+
+
+def rank(node: str, **overrides: Any) -> dict[str, Any]:
+    return {
+        "host": "head",
+        "slurm_node": node,
+        "python": "3.11.9",
+        "torch": "2.13.0",
+        "cuda": None,
+        "nccl": None,
+        "matmul_max_abs_error": 1e-5,
+        **overrides,
+    }
+
+
+def preflight(ranks: list[dict[str, Any]], busbw: list[float]) -> dict[str, Any]:
+    sweep = [{"bytes": 1 << (16 + 2 * i), "busbw_gbps": b} for i, b in enumerate(busbw)]
+    return {"ranks": ranks, "allreduce": sweep}
+
+
+def test_healthy_preflight_passes() -> None:
+    assert preflight_failures(preflight([rank("n1"), rank("n2")], [10.0, 90.0, 95.0]), 2, 100.0) == []
+
+
+def test_busbw_at_exactly_80_percent_passes_below_fails() -> None:
+    assert preflight_failures(preflight([rank("n1"), rank("n2")], [80.0]), 2, 100.0) == []
+    failures = preflight_failures(preflight([rank("n1"), rank("n2")], [10.0, 79.9]), 2, 100.0)
+    assert failures == ["busbw: best 79.900 GB/s < 80.000 GB/s (80% of the expected 100.0 GB/s)"]
+
+
+def test_busbw_tolerance_is_configurable() -> None:
+    result = preflight([rank("n1"), rank("n2")], [60.0])
+    assert preflight_failures(result, 2, 100.0, tolerance=0.5) == []
+    assert preflight_failures(result, 2, 100.0, tolerance=0.9)[0].startswith("busbw: best 60.000 GB/s < 90.000")
+
+
+def test_missing_sweep_fails_busbw() -> None:
+    failures = preflight_failures({"ranks": [rank("n1"), rank("n2")]}, 2, 487.0)
+    assert failures == ["busbw: best 0.000 GB/s < 389.600 GB/s (80% of the expected 487.0 GB/s)"]
+
+
+def test_too_few_nodes_names_those_that_answered() -> None:
+    failures = preflight_failures(preflight([rank("n2"), rank("n2")], [100.0]), 3, 100.0)
+    assert failures == ["nodes: 1 answered (n2), expected 3"]
+
+
+def test_host_identifies_the_node_when_slurm_node_is_empty() -> None:
+    ranks = [rank("", host="ip-10-0-0-1"), rank("", host="ip-10-0-0-2")]
+    assert preflight_failures(preflight(ranks, [100.0]), 2, 100.0) == []
+
+
+@pytest.mark.parametrize("key", ["torch", "cuda", "nccl", "python"])
+def test_version_mismatch_names_each_node(key: str) -> None:
+    ranks = [rank("n1", **{key: "1.0"}), rank("n2", **{key: "2.0"})]
+    failures = preflight_failures(preflight(ranks, [100.0]), 2, 100.0)
+    assert failures == [f"{key} versions differ across nodes: n1=1.0, n2=2.0"]
+
+
+def test_wrong_matmul_names_the_node_and_error() -> None:
+    ranks = [rank("n1"), rank("n2", matmul_max_abs_error=0.5)]
+    failures = preflight_failures(preflight(ranks, [100.0]), 2, 100.0)
+    assert failures == ["matmul on n2 is wrong (max error 0.5)"]
+
+
+def test_every_preflight_failure_is_listed() -> None:
+    ranks = [rank("n1", torch="2.12.0", matmul_max_abs_error=1.0)]
+    failures = preflight_failures(preflight(ranks, [1.0]), 2, 100.0)
+    assert [f.split(" ")[0] for f in failures] == ["nodes:", "matmul", "busbw:"]

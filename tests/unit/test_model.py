@@ -1,0 +1,180 @@
+"""include/training/model.py and the in-process pieces of train.py and checkpoint.py."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+
+import checkpoint
+from model import MODELS, Transformer, count_parameters, flops_per_token
+from train import TrainConfig, batch_for, lr_at
+
+# Published parameter counts (untied embeddings): Llama 3.1 8B and 70B.
+PUBLISHED = {"llama3_1_8b": 8_030_261_248, "llama3_1_70b": 70_553_706_496}
+
+
+@pytest.fixture(scope="module")
+def tiny() -> Transformer:
+    torch.manual_seed(0)
+    return Transformer(MODELS["tiny"], seq_len=32)
+
+
+def test_forward_shape(tiny: Transformer) -> None:
+    tokens = torch.randint(0, 256, (3, 32))
+    logits = tiny(tokens)
+    assert logits.shape == (3, 32, 256)
+    assert torch.isfinite(logits).all()
+    # A shorter sequence uses a prefix of the RoPE table.
+    assert tiny(tokens[:, :7]).shape == (3, 7, 256)
+
+
+def test_forward_is_causal(tiny: Transformer) -> None:
+    tokens = torch.randint(0, 256, (1, 32))
+    changed = tokens.clone()
+    changed[0, 20:] = (changed[0, 20:] + 1) % 256
+    with torch.no_grad():
+        a, b = tiny(tokens), tiny(changed)
+    torch.testing.assert_close(a[:, :20], b[:, :20])
+    assert not torch.allclose(a[:, 20:], b[:, 20:])
+
+
+def test_count_parameters_matches_the_tiny_module(tiny: Transformer) -> None:
+    assert count_parameters(MODELS["tiny"]) == sum(p.numel() for p in tiny.parameters()) == 459_392
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_count_parameters_matches_every_module(name: str) -> None:
+    with torch.device("meta"):
+        model = Transformer(MODELS[name], seq_len=16)
+    assert count_parameters(MODELS[name]) == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize(("name", "published"), PUBLISHED.items())
+def test_count_parameters_matches_published_sizes(name: str, published: int) -> None:
+    assert count_parameters(MODELS[name]) == published
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_flops_per_token(name: str) -> None:
+    args = MODELS[name]
+    fpt = flops_per_token(args, 128)
+    non_embedding = count_parameters(args) - args.vocab_size * args.dim
+    assert fpt > 6 * non_embedding > 0
+    assert flops_per_token(args, 8192) > fpt  # attention grows with the sequence
+
+
+def test_head_dims_are_even_and_divide() -> None:
+    for name, args in MODELS.items():
+        assert args.dim % args.n_heads == 0, name
+        assert args.n_heads % args.n_kv_heads == 0, name
+        assert args.head_dim % 2 == 0, name  # RoPE pairs
+
+
+# --- train.py helpers ---------------------------------------------------------------------------
+
+
+def config(**overrides: object) -> TrainConfig:
+    paths = {"data_path": "-", "checkpoint_dir": "-", "metrics_path": "-"}
+    return TrainConfig(model="tiny", **{**paths, **overrides})
+
+
+def test_lr_schedule() -> None:
+    cfg = config(lr=1.0, warmup_steps=10, max_steps=110)
+    assert lr_at(cfg, 0) == pytest.approx(0.1)
+    assert lr_at(cfg, 9) == pytest.approx(1.0)
+    assert lr_at(cfg, 10) == pytest.approx(1.0)
+    assert lr_at(cfg, 60) == pytest.approx(0.55)
+    assert lr_at(cfg, 110) == pytest.approx(0.1)
+    assert lr_at(cfg, 500) == pytest.approx(0.1)  # floor after the end
+    decay = [lr_at(cfg, s) for s in range(10, 111)]
+    assert decay == sorted(decay, reverse=True)
+
+
+def test_batches_are_seeded_by_step_and_rank() -> None:
+    data = np.frombuffer(bytes(range(256)) * 20, dtype=np.uint8)
+    cfg = config(seq_len=16, micro_batch=4)
+    inputs, targets = batch_for(data, cfg, step=3, rank=1)
+    assert inputs.shape == targets.shape == (4, 16)
+    assert inputs.dtype == torch.int64
+    torch.testing.assert_close(inputs[:, 1:], targets[:, :-1])
+    again, _ = batch_for(data, cfg, step=3, rank=1)
+    torch.testing.assert_close(inputs, again)
+    assert not torch.equal(inputs, batch_for(data, cfg, step=3, rank=0)[0])
+    assert not torch.equal(inputs, batch_for(data, cfg, step=4, rank=1)[0])
+    assert not torch.equal(inputs, batch_for(data, config(seq_len=16, micro_batch=4, seed=1), step=3, rank=1)[0])
+
+
+def test_config_round_trip(tmp_path: Path) -> None:
+    path = tmp_path / "cfg.json"
+    path.write_text(json.dumps({"model": "tiny", "data_path": "d", "checkpoint_dir": "c", "metrics_path": "m"}))
+    assert TrainConfig.load(str(path)) == config(data_path="d", checkpoint_dir="c", metrics_path="m")
+    path.write_text(json.dumps({"model": "tiny", "data_path": "d", "checkpoint_dir": "c", "metrics_path": "m", "x": 1}))
+    with pytest.raises(TypeError):
+        TrainConfig.load(str(path))
+
+
+# --- checkpoint.py --------------------------------------------------------------------------------
+
+
+def make_step(directory: Path, name: str, complete: bool = True) -> Path:
+    path = directory / name
+    path.mkdir()
+    (path / "__0_0.distcp").write_bytes(b"x")
+    if complete:
+        (path / "meta.json").write_text("{}")
+    return path
+
+
+def test_newest_complete_orders_numerically_and_skips_incomplete(tmp_path: Path) -> None:
+    assert checkpoint.newest_complete(tmp_path) is None
+    make_step(tmp_path, "step_9")
+    make_step(tmp_path, "step_10")
+    make_step(tmp_path, "step_30", complete=False)
+    make_step(tmp_path, "tmp-step_40")
+    assert checkpoint.newest_complete(tmp_path) == tmp_path / "step_10"
+
+
+def test_clean_partial_removes_only_torn_checkpoints(tmp_path: Path) -> None:
+    make_step(tmp_path, "step_10")
+    make_step(tmp_path, "tmp-step_20")
+    make_step(tmp_path, "tmp-step_30", complete=False)
+    checkpoint.clean_partial(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_10"]
+
+
+@pytest.fixture
+def single_process_group() -> Iterator[None]:
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def test_save_is_atomic_keeps_two_and_loads_back(tmp_path: Path, single_process_group: None) -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model(torch.ones(2, 4)).sum().backward()
+    optimizer.step()
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    for step in (10, 20, 30):
+        path = checkpoint.save(tmp_path, step, model, optimizer, {"loss": 1.5})
+        assert path == tmp_path / f"step_{step}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_20", "step_30"]
+    assert json.loads((tmp_path / "step_30" / "meta.json").read_text()) == {"step": 30, "loss": 1.5}
+
+    fresh = torch.nn.Linear(4, 3)
+    fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=0.1)
+    meta = checkpoint.load(checkpoint.newest_complete(tmp_path), fresh, fresh_opt)
+    assert meta["step"] == 30
+    for key, value in fresh.state_dict().items():
+        torch.testing.assert_close(value, saved[key])
+    state = fresh_opt.state_dict()["state"]
+    assert state and all(int(s["step"]) == 1 for s in state.values())

@@ -1,0 +1,158 @@
+"""dtp.recipes: the shipped catalogue loads, and a broken recipe file raises RecipeError naming the file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dtp.recipes import (
+    PLATFORMS,
+    RECIPE_DIR,
+    Recipe,
+    RecipeError,
+    catalogue,
+    get_recipe,
+    instance_types,
+    load_recipe_file,
+    recipe_names,
+)
+from model import MODELS
+
+SHIPPED = sorted(RECIPE_DIR.glob("*.yaml"))
+
+
+def test_shipped_recipes_exist() -> None:
+    assert {p.stem for p in SHIPPED} >= {"tiny", "llama3_2_1b", "llama3_1_8b", "llama3_1_70b"}
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.stem for p in SHIPPED])
+def test_every_shipped_recipe_loads_and_is_consistent(path: Path) -> None:
+    recipe = catalogue()[path.stem]
+    assert isinstance(recipe, Recipe)
+    assert recipe.name == path.stem
+    assert recipe == load_recipe_file(path)
+    # Everything a recipe points at exists: its model shape, its default instance type on its default platform.
+    assert recipe.model in MODELS
+    instance = instance_types()[recipe.defaults.instance_type]
+    assert recipe.defaults.platform in instance.platforms
+    assert recipe.defaults.checkpoint_interval <= recipe.defaults.max_steps
+    assert recipe.warmup_steps < recipe.defaults.max_steps
+
+
+def test_catalogue_and_recipe_names_agree() -> None:
+    assert list(catalogue()) == recipe_names() == [p.stem for p in SHIPPED]
+
+
+def test_get_recipe() -> None:
+    assert get_recipe("tiny").model == "tiny"
+    with pytest.raises(RecipeError, match=r"recipe 'nope' does not exist; available: .*tiny"):
+        get_recipe("nope")
+
+
+def test_instance_types_load() -> None:
+    types = instance_types()
+    assert "local.cpu" in types and "p5.48xlarge" in types
+    assert types["local.cpu"].platforms == ["local"]
+    assert types["local.cpu"].price_usd_per_hour == 0.0
+    for name, spec in types.items():
+        assert set(spec.platforms) <= set(PLATFORMS), name
+        assert spec.expected_busbw_gbps > 0, name
+        assert spec.accelerators_per_node >= 1, name
+
+
+def test_recipe_names_reads_file_names_only(tmp_path: Path) -> None:
+    (tmp_path / "b.yaml").write_text("not: [valid")
+    (tmp_path / "a.yaml").write_text("")
+    (tmp_path / "notes.txt").write_text("")
+    assert recipe_names(tmp_path) == ["a", "b"]
+
+
+# --- broken files ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def tiny_raw() -> dict:
+    return yaml.safe_load((RECIPE_DIR / "tiny.yaml").read_text())
+
+
+def write(tmp_path: Path, name: str, data: object) -> Path:
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(data if isinstance(data, str) else yaml.safe_dump(data))
+    return path
+
+
+def test_copy_of_a_valid_recipe_loads(tmp_path: Path, tiny_raw: dict) -> None:
+    assert load_recipe_file(write(tmp_path, "tiny", tiny_raw)) == get_recipe("tiny")
+
+
+def test_broken_yaml(tmp_path: Path) -> None:
+    path = write(tmp_path, "broken", "name: broken\ndefaults: [unclosed\n")
+    with pytest.raises(RecipeError, match=r"broken\.yaml: cannot read YAML"):
+        load_recipe_file(path)
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(RecipeError, match=r"absent\.yaml: cannot read YAML"):
+        load_recipe_file(tmp_path / "absent.yaml")
+
+
+@pytest.mark.parametrize("content", ["", "- a list\n", "just a string\n", "42\n"])
+def test_not_a_mapping(tmp_path: Path, content: str) -> None:
+    with pytest.raises(RecipeError, match=r"^odd\.yaml: "):
+        load_recipe_file(write(tmp_path, "odd", content))
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"lr": -1}, "lr"),
+        ({"seq_len": 4}, "seq_len"),
+        ({"framework": "jax"}, "framework"),
+        ({"precision": "fp16"}, "precision"),
+        ({"learning_rate": 1e-3}, "learning_rate"),
+        ({"defaults": {"platform": "local"}}, "defaults.instance_type"),
+        ({"gates": {"final_loss_max": "low"}}, "gates.final_loss_max"),
+        ({"gates": {"unknown_gate": 1}}, "gates.unknown_gate"),
+    ],
+)
+def test_wrong_field(tmp_path: Path, tiny_raw: dict, change: dict, field: str) -> None:
+    path = write(tmp_path, "tiny", {**tiny_raw, **change})
+    with pytest.raises(RecipeError) as info:
+        load_recipe_file(path)
+    assert str(info.value).startswith("tiny.yaml: ")
+    assert field in str(info.value)
+
+
+def test_missing_field(tmp_path: Path, tiny_raw: dict) -> None:
+    del tiny_raw["expected_step_seconds"]
+    with pytest.raises(RecipeError, match=r"(?s)^tiny\.yaml: .*expected_step_seconds"):
+        load_recipe_file(write(tmp_path, "tiny", tiny_raw))
+
+
+def test_name_must_match_file_name(tmp_path: Path, tiny_raw: dict) -> None:
+    path = write(tmp_path, "other", tiny_raw)
+    with pytest.raises(RecipeError, match=r"other\.yaml: name 'tiny' must match the file name 'other'"):
+        load_recipe_file(path)
+
+
+def test_invalid_name_pattern(tmp_path: Path, tiny_raw: dict) -> None:
+    path = write(tmp_path, "Bad-Name", {**tiny_raw, "name": "Bad-Name"})
+    with pytest.raises(RecipeError, match=r"(?s)^Bad-Name\.yaml: .*name"):
+        load_recipe_file(path)
+
+
+def test_catalogue_raises_on_the_first_broken_file(tmp_path: Path, tiny_raw: dict) -> None:
+    write(tmp_path, "tiny", tiny_raw)
+    write(tmp_path, "zzz", {**tiny_raw, "name": "zzz", "micro_batch": 0})
+    with pytest.raises(RecipeError, match=r"(?s)^zzz\.yaml: .*micro_batch"):
+        catalogue(tmp_path)
+
+
+def test_catalogue_of_a_directory(tmp_path: Path, tiny_raw: dict) -> None:
+    write(tmp_path, "tiny", tiny_raw)
+    write(tmp_path, "tiny2", {**tiny_raw, "name": "tiny2", "seq_len": 64})
+    recipes = catalogue(tmp_path)
+    assert list(recipes) == ["tiny", "tiny2"]
+    assert recipes["tiny2"].seq_len == 64

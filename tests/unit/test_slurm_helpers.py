@@ -1,0 +1,78 @@
+"""dtp.hooks.slurm pure helpers (no Slurm needed) and dtp.platforms.get_platform."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from dtp.hooks.slurm import ACTIVE_STATES, TERMINAL_STATES, SlurmJob, _scontrol_fields
+from dtp.platforms import get_platform
+from dtp.platforms.local import LocalSlurmPlatform
+
+SCONTROL = (
+    "JobId=42 JobName=dtp-train-e2e-0123456789 UserId=dtp(1000) GroupId=dtp(1000) Priority=1 "
+    "JobState=RUNNING Reason=None Dependency=(null) Requeue=1 Restarts=0 ExitCode=0:0 "
+    "NodeList=n[1-2] Comment=a=b Command=/fsx/runs/r/train.sbatch\n"
+)
+
+
+def test_scontrol_fields() -> None:
+    fields = _scontrol_fields(SCONTROL)
+    assert fields["JobId"] == "42"
+    assert fields["JobName"] == "dtp-train-e2e-0123456789"
+    assert fields["JobState"] == "RUNNING"
+    assert fields["ExitCode"] == "0:0"
+    assert fields["NodeList"] == "n[1-2]"
+    assert fields["Reason"] == "None"
+    assert fields["UserId"] == "dtp(1000)"
+    assert fields["Comment"] == "a=b"  # only the first '=' separates key and value
+    assert fields["Command"] == "/fsx/runs/r/train.sbatch"
+
+
+def test_scontrol_fields_skip_tokens_without_equals() -> None:
+    assert _scontrol_fields("no fields here") == {}
+    assert _scontrol_fields("") == {}
+    assert _scontrol_fields("A=1 stray B= C=3") == {"A": "1", "B": "", "C": "3"}
+
+
+def test_scontrol_fields_multiline_output() -> None:
+    # scontrol without -o prints one job over several indented lines.
+    fields = _scontrol_fields("JobId=7 JobName=x\n   JobState=COMPLETED Reason=None\n   ExitCode=0:0\n")
+    assert (fields["JobId"], fields["JobState"], fields["ExitCode"]) == ("7", "COMPLETED", "0:0")
+
+
+@pytest.mark.parametrize("state", sorted(TERMINAL_STATES))
+def test_terminal_states_are_finished(state: str) -> None:
+    job = SlurmJob(job_id="1", name="n", state=state)
+    assert job.finished
+    assert job.succeeded == (state == "COMPLETED")
+
+
+@pytest.mark.parametrize("state", [*sorted(ACTIVE_STATES), "UNKNOWN", ""])
+def test_active_and_unknown_states_are_not_finished(state: str) -> None:
+    job = SlurmJob(job_id="1", name="n", state=state)
+    assert not job.finished
+    assert not job.succeeded
+
+
+def test_states_are_disjoint_and_job_is_frozen() -> None:
+    assert not TERMINAL_STATES & ACTIVE_STATES
+    job = SlurmJob(job_id="1", name="n", state="RUNNING")
+    assert (job.exit_code, job.reason, job.nodes) == ("", "", "")
+    with pytest.raises(AttributeError):
+        job.state = "COMPLETED"  # type: ignore[misc]
+
+
+def test_get_platform_local() -> None:
+    platform = get_platform("local")
+    assert isinstance(platform, LocalSlurmPlatform)
+    assert platform.name == "local"
+    assert platform.slurm_conn_id == "slurm_default"
+    assert platform.default_image() == {"source": "project virtualenv", "python": sys.executable}
+
+
+@pytest.mark.parametrize("name", ["eks", "parallelcluster", "", "LOCAL"])
+def test_get_platform_unknown_names_the_available_ones(name: str) -> None:
+    with pytest.raises(ValueError, match=rf"^platform {name!r} is not available; available: local$"):
+        get_platform(name)

@@ -1,0 +1,191 @@
+"""dtp.templates: every template renders with StrictUndefined, and shell templates quote every value."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import pytest
+
+from dtp.templates import UnsafeTemplateValue, TEMPLATE_DIR, render
+
+COMMON = {
+    "num_nodes": 2,
+    "procs_per_node": 1,
+    "python": "/opt/venv/bin/python",
+    "omp_threads": 1,
+    "env": {"NCCL_DEBUG": "INFO"},
+}
+CONTEXTS: dict[str, dict[str, Any]] = {
+    "slurm/train.sbatch.j2": {
+        **COMMON,
+        "program": Path("/fsx/training/train.py"),
+        "config_path": Path("/fsx/runs/r/train.json"),
+        "max_restarts": 3,
+    },
+    "slurm/preflight.sbatch.j2": {
+        **COMMON,
+        "program": Path("/fsx/training/preflight.py"),
+        "results_path": Path("/fsx/runs/r/preflight.json"),
+        "max_bytes": 16 << 20,
+    },
+    "slurm/_env.sh.j2": {"omp_threads": 8, "env": {"NCCL_DEBUG": "INFO"}},
+    "slurm/slurm.conf.j2": {
+        "nodes": [{"name": "n1", "port": 16001}, {"name": "n2", "port": 16002}],
+        "ctld_port": 16000,
+        "user": "dtp",
+        "munge_socket": Path("/var/dtp/munge/munge.socket"),
+        "state_dir": Path("/var/dtp/slurm"),
+        "log_dir": Path("/var/dtp/logs"),
+        "cpus": 2,
+    },
+}
+SHELL_TEMPLATES = [name for name in CONTEXTS if name.endswith((".sh.j2", ".sbatch.j2"))]
+
+
+def test_every_template_has_a_test_context() -> None:
+    found = {str(p.relative_to(TEMPLATE_DIR)) for p in TEMPLATE_DIR.rglob("*.j2")}
+    assert found == set(CONTEXTS)
+
+
+@pytest.mark.parametrize("name", list(CONTEXTS))
+def test_template_renders(name: str) -> None:
+    text = render(name, **CONTEXTS[name])
+    assert text.endswith("\n")
+    assert "{{" not in text and "{%" not in text
+
+
+@pytest.mark.parametrize("name", list(CONTEXTS))
+def test_missing_variable_raises(name: str) -> None:
+    context = dict(CONTEXTS[name])
+    for key in context:
+        partial = {k: v for k, v in context.items() if k != key}
+        with pytest.raises(jinja2.UndefinedError, match=key):
+            render(name, **partial)
+
+
+@pytest.mark.parametrize("name", SHELL_TEMPLATES)
+def test_shell_templates_pass_bash_syntax_check(name: str) -> None:
+    text = render(name, **CONTEXTS[name])
+    subprocess.run(["bash", "-n"], input=text, text=True, check=True)
+
+
+def test_train_script_content() -> None:
+    text = render("slurm/train.sbatch.j2", **CONTEXTS["slurm/train.sbatch.j2"])
+    assert text.startswith("#!/bin/bash\n")
+    assert "#SBATCH --nodes=2\n" in text
+    assert "#SBATCH --requeue\n" in text
+    assert "set -euo pipefail\n" in text
+    assert "export NCCL_DEBUG=INFO\n" in text
+    assert "export OMP_NUM_THREADS=1\n" in text
+    assert "--max-restarts=3" in text
+    assert "/fsx/training/train.py --config /fsx/runs/r/train.json" in text
+
+
+def test_slurm_conf_is_not_shell_quoted() -> None:
+    text = render("slurm/slurm.conf.j2", **CONTEXTS["slurm/slurm.conf.j2"])
+    assert "StateSaveLocation=/var/dtp/slurm/ctld\n" in text
+    assert "AuthInfo=socket=/var/dtp/munge/munge.socket\n" in text
+    assert "NodeName=n1 NodeHostname=localhost NodeAddr=127.0.0.1 Port=16001 CPUs=2" in text
+    assert "PartitionName=compute Nodes=n1,n2 " in text
+    assert "'" not in text
+
+
+# --- injection ------------------------------------------------------------------------------------
+
+
+def hostile_context(tmp_path: Path) -> dict[str, Any]:
+    return {
+        **CONTEXTS["slurm/train.sbatch.j2"],
+        "env": {
+            "NCCL_DEBUG": f"INFO; touch {tmp_path}/p1",
+            "SUBST": f"$(touch {tmp_path}/p2)",
+            "BACKTICK": f"`touch {tmp_path}/p3`",
+            "QUOTE": f"x'; touch {tmp_path}/p4; echo '",
+            "MIXED": 'a"b $HOME \\ * ~ & |',
+            "EMPTY": "",
+        },
+        "config_path": Path(tmp_path) / "a b" / "$(id)" / "c.json",
+        "python": f"{tmp_path}/py thon",
+    }
+
+
+def test_dangerous_values_appear_only_single_quoted(tmp_path: Path) -> None:
+    context = hostile_context(tmp_path)
+    text = render("slurm/train.sbatch.j2", **context)
+    subprocess.run(["bash", "-n"], input=text, text=True, check=True)
+    for value in (context["env"]["NCCL_DEBUG"], context["env"]["SUBST"], str(context["config_path"])):
+        quoted = shlex.quote(value)
+        assert quoted == f"'{value}'"
+        assert text.count(value) == text.count(quoted) >= 1, value
+    export = next(line for line in text.splitlines() if line.startswith("export NCCL_DEBUG="))
+    assert shlex.split(export) == ["export", f"NCCL_DEBUG=INFO; touch {tmp_path}/p1"]
+    launch = text[text.index("srun ") :].replace("\\\n", " ")
+    argv = shlex.split(launch)
+    assert argv[argv.index("--config") + 1] == str(context["config_path"])
+    assert argv[1:3] == ["--kill-on-bad-exit=1", f"{tmp_path}/py thon"]
+
+
+def test_export_lines_set_values_verbatim_without_side_effects(tmp_path: Path) -> None:
+    context = hostile_context(tmp_path)
+    text = render("slurm/train.sbatch.j2", **context)
+    exports = [line for line in text.splitlines() if line.startswith("export ")]
+    names = list(context["env"])
+    dump = " ".join(f'"${name}"' for name in names)
+    script = "\n".join([*exports, f"printf '%s\\0' {dump}"])
+    out = subprocess.run(
+        ["bash", "-c", script], capture_output=True, text=True, check=True, cwd=tmp_path, env={"PATH": os.defpath}
+    )
+    assert out.stdout.split("\0")[:-1] == [context["env"][n] for n in names]
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def fake_slurm(tmp_path: Path) -> dict[str, str]:
+    """scontrol/srun stand-ins: srun records its argv, NUL-separated."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text(
+        '#!/bin/bash\nif [ "$2" = hostnames ]; then echo n1; else echo "NodeName=n1 NodeAddr=10.0.0.7 State=IDLE"; fi\n'
+    )
+    (bin_dir / "srun").write_text(
+        f"#!/bin/bash\nprintf '%s\\0' \"$@\" > {tmp_path}/srun.argv\nenv > {tmp_path}/srun.env\n"
+    )
+    for tool in bin_dir.iterdir():
+        tool.chmod(0o755)
+    return {
+        "PATH": f"{bin_dir}:{os.defpath}",
+        "SLURM_JOB_NODELIST": "n1",
+        "SLURM_JOB_ID": "1234",
+        "SLURM_NNODES": "1",
+    }
+
+
+def test_whole_train_script_runs_with_hostile_values_and_passes_them_as_single_arguments(tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    work.mkdir()
+    context = hostile_context(work)
+    script = tmp_path / "train.sbatch"
+    script.write_text(render("slurm/train.sbatch.j2", **context))
+    out = subprocess.run(
+        ["bash", str(script)], capture_output=True, text=True, cwd=work, env=fake_slurm(tmp_path), check=True
+    )
+    assert '"rdzv": "10.0.0.7:21234"' in out.stdout
+    argv = (tmp_path / "srun.argv").read_text().split("\0")[:-1]
+    assert argv[argv.index("--config") + 1] == str(context["config_path"])
+    assert "--rdzv_endpoint=10.0.0.7:21234" in argv
+    env = (tmp_path / "srun.env").read_text()
+    assert f"NCCL_DEBUG=INFO; touch {work}/p1\n" in env
+    assert list(work.iterdir()) == []  # no pN file: nothing was executed
+
+
+def test_value_with_newline_cannot_escape_a_comment(tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    work.mkdir()
+    context = {**CONTEXTS["slurm/train.sbatch.j2"], "num_nodes": f"2\ntouch {work}/pwned #"}
+    with pytest.raises(UnsafeTemplateValue, match="line break"):
+        render("slurm/train.sbatch.j2", **context)
+    assert list(work.iterdir()) == []

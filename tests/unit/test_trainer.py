@@ -1,0 +1,199 @@
+"""Real 2-process CPU training runs of include/training/train.py under torchrun (gloo).
+
+Three runs in all: an uninterrupted 40-step run, and, at the same time, the same config in another
+directory that fails at step 25 (DTP_FAIL_AT_STEP) and is then resumed with a torn ``tmp-step_30``
+left in its checkpoint directory. Batches are seeded by (step, rank), so the resumed run must log
+the losses of the uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dtp.metrics.parse import TrainingSummary, summarize
+from model import MODELS, count_parameters
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+CORPUS = PROJECT_ROOT / "include" / "data" / "corpus.txt"
+TRAIN = PROJECT_ROOT / "include" / "training" / "train.py"
+MAX_STEPS, INTERVAL, LOG_EVERY = 40, 20, 5
+
+
+@dataclass
+class Run:
+    directory: Path
+    config: Path
+    results: list[subprocess.CompletedProcess] = field(default_factory=list)
+    after_failure: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.directory / "checkpoints"
+
+    @property
+    def records(self) -> list[dict]:
+        lines = (self.directory / "metrics.jsonl").read_text().splitlines()
+        return [json.loads(line) for line in lines]
+
+    @property
+    def summary(self) -> TrainingSummary:
+        return summarize((self.directory / "metrics.jsonl").read_text().splitlines())
+
+    def losses(self) -> dict[int, float]:
+        return dict(zip(self.summary.steps, self.summary.losses, strict=True))
+
+
+def make_run(directory: Path, data: Path) -> Run:
+    directory.mkdir()
+    config = {
+        "model": "tiny",
+        "data_path": str(data),
+        "checkpoint_dir": str(directory / "checkpoints"),
+        "metrics_path": str(directory / "metrics.jsonl"),
+        "seq_len": 64,
+        "micro_batch": 8,
+        "max_steps": MAX_STEPS,
+        "checkpoint_interval": INTERVAL,
+        "log_interval": LOG_EVERY,
+        "run_name": directory.name,
+    }
+    path = directory / "cfg.json"
+    path.write_text(json.dumps(config))
+    return Run(directory, path)
+
+
+def start(run: Run, fail_at: int | None = None) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if k != "DTP_FAIL_AT_STEP"}
+    env["OMP_NUM_THREADS"] = "1"
+    if fail_at:
+        env["DTP_FAIL_AT_STEP"] = str(fail_at)
+    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    return subprocess.Popen(
+        [*argv, str(TRAIN), "--config", str(run.config)],
+        cwd=PROJECT_ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def finish(run: Run, proc: subprocess.Popen) -> subprocess.CompletedProcess:
+    try:
+        out, err = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+    result = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    run.results.append(result)
+    return result
+
+
+def describe(result: subprocess.CompletedProcess) -> str:
+    return f"exit {result.returncode}\n--- stdout\n{result.stdout[-3000:]}\n--- stderr\n{result.stderr[-3000:]}"
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Run]:
+    root = tmp_path_factory.mktemp("trainer")
+    data = root / "train.bin"
+    data.write_bytes(CORPUS.read_bytes()[: 200 * 1024])
+    full, resumed = make_run(root / "full", data), make_run(root / "resumed", data)
+    # The uninterrupted run and the run that dies at step 25 go side by side.
+    procs = [(full, start(full)), (resumed, start(resumed, fail_at=25))]
+    for run, proc in procs:
+        finish(run, proc)
+    # What the failed run left, before the resume is started.
+    resumed.after_failure = {
+        "names": sorted(p.name for p in resumed.checkpoints.iterdir()),
+        "summary": resumed.summary,
+    }
+    torn = resumed.checkpoints / "tmp-step_30"
+    torn.mkdir()
+    (torn / "meta.json").write_text(json.dumps({"step": 30}))
+    (torn / "__0_0.distcp").write_bytes(b"garbage")
+    finish(resumed, start(resumed))
+    return {"full": full, "resumed": resumed}
+
+
+def test_full_run_trains(runs: dict[str, Run]) -> None:
+    run = runs["full"]
+    [result] = run.results
+    assert result.returncode == 0, describe(result)
+    summary = run.summary
+    assert summary.steps == list(range(LOG_EVERY, MAX_STEPS + 1, LOG_EVERY))
+    assert summary.finished
+    assert summary.restarts == 0
+    assert summary.world_size == 2
+    assert summary.params == count_parameters(MODELS["tiny"])
+    assert summary.checkpoints == [20, 40]
+    # Byte-level text starts near ln(256) = 5.5; 40 steps must bring it well down.
+    assert summary.first_loss > summary.final_loss + 0.5, summary.losses
+    assert min(summary.losses[-3:]) < min(summary.losses[:2])
+    assert summary.median_tokens_per_s > 0
+
+
+def test_full_run_step_lines(runs: dict[str, Run]) -> None:
+    records = runs["full"].records
+    assert records[0]["event"] == "start"
+    assert records[0]["resumed_from_step"] is None
+    assert records[-1]["event"] == "end" and records[-1]["step"] == MAX_STEPS
+    steps = [r for r in records if r["event"] == "step"]
+    for record in steps:
+        assert {"loss", "lr", "grad_norm", "tokens_per_s", "tokens_per_s_per_device", "memory_mb"} <= set(record)
+        assert record["tokens_per_s"] == pytest.approx(2 * record["tokens_per_s_per_device"], rel=1e-3)
+        assert record["mfu"] is None  # no known peak FLOPs on CPU
+
+
+def test_full_run_checkpoints_are_complete(runs: dict[str, Run]) -> None:
+    ckpt = runs["full"].checkpoints
+    assert sorted(p.name for p in ckpt.iterdir()) == ["step_20", "step_40"]
+    for step in (20, 40):
+        meta = json.loads((ckpt / f"step_{step}" / "meta.json").read_text())
+        assert meta["step"] == step
+        assert meta["loss"] > 0
+        assert list((ckpt / f"step_{step}").glob("*.distcp")), "no shard written"
+    assert not list(ckpt.glob("tmp-*"))
+
+
+def test_injected_failure_leaves_the_last_complete_checkpoint(runs: dict[str, Run]) -> None:
+    run = runs["resumed"]
+    failed = run.results[0]
+    assert failed.returncode != 0
+    assert "injected failure at step 25 (DTP_FAIL_AT_STEP)" in failed.stdout + failed.stderr
+    assert run.after_failure["names"] == ["step_20"]
+    assert run.after_failure["summary"].steps == [5, 10, 15, 20]
+    assert not run.after_failure["summary"].finished
+
+
+def test_resume_deletes_the_torn_checkpoint_and_continues_from_step_20(runs: dict[str, Run]) -> None:
+    run = runs["resumed"]
+    resumed = run.results[1]
+    assert resumed.returncode == 0, describe(resumed)
+    assert not (run.checkpoints / "tmp-step_30").exists()
+    assert sorted(p.name for p in run.checkpoints.iterdir()) == ["step_20", "step_40"]
+    starts = [r for r in run.records if r["event"] == "start"]
+    assert [s["resumed_from_step"] for s in starts] == [None, 20]
+    summary = run.summary
+    assert summary.restarts == 1
+    assert summary.finished
+    assert summary.steps == list(range(LOG_EVERY, MAX_STEPS + 1, LOG_EVERY))
+    assert summary.checkpoints == [20, 40]
+
+
+def test_resumed_run_reproduces_the_uninterrupted_losses(runs: dict[str, Run]) -> None:
+    full, resumed = runs["full"].losses(), runs["resumed"].losses()
+    assert resumed[40] == pytest.approx(full[40], abs=1e-4)
+    for step in range(25, MAX_STEPS + 1, LOG_EVERY):
+        assert resumed[step] == pytest.approx(full[step], abs=1e-4), step
+    full_lr = {r["step"]: r["lr"] for r in runs["full"].records if r["event"] == "step"}
+    resumed_lr = {r["step"]: r["lr"] for r in runs["resumed"].records if r["event"] == "step"}
+    assert resumed_lr == full_lr
