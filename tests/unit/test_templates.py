@@ -11,7 +11,7 @@ from typing import Any
 import jinja2
 import pytest
 
-from dtp.templates import UnsafeTemplateValue, TEMPLATE_DIR, render
+from dtp.templates import TEMPLATE_DIR, UnsafeTemplateValue, render
 
 COMMON = {
     "num_nodes": 2,
