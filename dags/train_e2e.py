@@ -26,5 +26,5 @@ with DAG(
     params=airflow_params(),
     tags=["dtp", "training", "e2e"],
     default_args={"owner": "dtp", "retries": 2, "retry_delay": timedelta(seconds=10)},
-):
-    training_pipeline()
+) as dag:
+    training_pipeline(dag)

@@ -82,5 +82,13 @@ def resource_tags(names: RunNames, recipe: str, expires_at: str) -> dict[str, st
     }
 
 
+SLURM_EXPIRY_PREFIX = f"{TAG_PREFIX}expires-at="
+
+
+def slurm_comment(expires_at: str) -> str:
+    """Slurm jobs have no tags: the expiry travels in the job's comment, where the reaper reads it."""
+    return f"{SLURM_EXPIRY_PREFIX}{expires_at}"
+
+
 def aws_tags(tags: dict[str, str]) -> list[dict[str, str]]:
     return [{"Key": k, "Value": v} for k, v in sorted(tags.items())]

@@ -23,7 +23,7 @@ def test_no_import_errors(dagbag: DagBag) -> None:
 
 
 def test_expected_dags_present(dagbag: DagBag) -> None:
-    assert "train_e2e" in dagbag.dags
+    assert {"train_e2e", "reaper"} <= set(dagbag.dags)
 
 
 @pytest.mark.parametrize("dag_id", ["train_e2e"])
@@ -33,7 +33,7 @@ def test_dag_conventions(dagbag: DagBag, dag_id: str) -> None:
     assert "dtp" in dag.tags
     assert dag.doc_md and len(dag.doc_md) > 40
     for t in dag.tasks:
-        assert t.retries >= 1 or t.task_id == "validate_params", f"{t.task_id} has no retries"
+        assert t.retries >= 1 or t.task_id in ("validate_params", "watcher"), f"{t.task_id} has no retries"
 
 
 def test_every_dag_is_documented_and_owned(dagbag: DagBag) -> None:
@@ -73,6 +73,13 @@ def test_teardowns_are_teardowns_of_their_setups(dagbag: DagBag) -> None:
     assert cluster_down.is_teardown and network_down.is_teardown
     assert dag.get_task("deploy_cluster").is_setup and dag.get_task("deploy_network.create_stack").is_setup
     assert "teardown_cluster" in network_down.upstream_task_ids, "cluster must go before the network"
+
+
+def test_watcher_fails_the_run_when_any_task_fails(dagbag: DagBag) -> None:
+    dag = dagbag.dags["train_e2e"]
+    watcher = dag.get_task("watcher")
+    assert watcher.trigger_rule == "one_failed"
+    assert watcher.upstream_task_ids == {t.task_id for t in dag.tasks if not t.is_setup} - {"watcher"}
 
 
 def test_train_e2e_form(dagbag: DagBag) -> None:

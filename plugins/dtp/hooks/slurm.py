@@ -104,8 +104,12 @@ class SlurmHook(BaseHook):
             return rc, stdout.read().decode(), stderr.read().decode()
 
     # --- jobs -------------------------------------------------------------------
-    def submit(self, script_path: str, *, job_name: str, output: str, extra_args: list[str] | None = None) -> str:
+    def submit(
+        self, script_path: str, *, job_name: str, output: str, comment: str = "", extra_args: list[str] | None = None
+    ) -> str:
         argv = ["sbatch", "--parsable", f"--job-name={job_name}", f"--output={output}", *(extra_args or [])]
+        if comment:
+            argv.append(f"--comment={comment}")
         if self.partition:
             argv.append(f"--partition={self.partition}")
         job_id = self.run([*argv, script_path]).strip().split(";")[0]

@@ -26,11 +26,19 @@ class SlurmSubmitJobOperator(BaseOperator):
     :param script_path: batch script on the cluster's shared filesystem
     :param job_name: Slurm job name (also the key used to find the job again)
     :param output_path: sbatch ``--output`` pattern; ``%j`` becomes the job id
+    :param comment: sbatch ``--comment`` (DTP puts the resource expiry there, for the reaper)
     :param hang_timeout: seconds without a new log line before the job counts as hung
     :param sbatch_args: extra sbatch arguments, e.g. ``["--nodes=2"]``
     """
 
-    template_fields: Sequence[str] = ("script_path", "job_name", "output_path", "hang_timeout", "sbatch_args")
+    template_fields: Sequence[str] = (
+        "script_path",
+        "job_name",
+        "output_path",
+        "comment",
+        "hang_timeout",
+        "sbatch_args",
+    )
 
     def __init__(
         self,
@@ -38,6 +46,7 @@ class SlurmSubmitJobOperator(BaseOperator):
         script_path: str,
         job_name: str,
         output_path: str,
+        comment: str = "",
         sbatch_args: list[str] | None = None,
         hang_timeout: float | str = 600.0,
         poll_interval: float = 5.0,
@@ -48,6 +57,7 @@ class SlurmSubmitJobOperator(BaseOperator):
         self.script_path = script_path
         self.job_name = job_name
         self.output_path = output_path
+        self.comment = comment
         self.sbatch_args = sbatch_args or []
         self.hang_timeout = hang_timeout
         self.poll_interval = poll_interval
@@ -61,7 +71,11 @@ class SlurmSubmitJobOperator(BaseOperator):
             self.log.info("Re-attaching to active Slurm job %s (%s)", job_id, self.job_name)
         else:
             job_id = hook.submit(
-                self.script_path, job_name=self.job_name, output=self.output_path, extra_args=list(self.sbatch_args)
+                self.script_path,
+                job_name=self.job_name,
+                output=self.output_path,
+                comment=self.comment,
+                extra_args=list(self.sbatch_args),
             )
         log_path = self.output_path.replace("%j", job_id)
         context["ti"].xcom_push(key="job_id", value=job_id)

@@ -5,6 +5,7 @@
     validate_params -> resolve_images -> deploy_network -> deploy_cluster -> stage_data
       -> preflight -> train -> collect_metrics -> evaluate_gates -> report
     teardown_cluster -> teardown_network   (teardowns of deploy_cluster / deploy_network)
+    watcher                                (fails the run if any task failed)
 
 The task callables are thin: each calls one step function of dtp.pipeline.
 """
@@ -16,7 +17,7 @@ from typing import Any
 
 from airflow.providers.amazon.aws.hooks.ssm import SsmHook
 from airflow.providers.amazon.aws.sensors.cloud_formation import CloudFormationCreateStackSensor
-from airflow.sdk import TaskGroup, TriggerRule, task
+from airflow.sdk import DAG, TaskGroup, TriggerRule, task
 from airflow.sdk.exceptions import AirflowFailException
 
 from dtp.metrics.gates import GateFailed
@@ -133,8 +134,19 @@ def teardown_network(spec: dict[str, Any]) -> dict[str, Any]:
     return network.teardown_network(spec, AWS_CONN_ID)
 
 
-def training_pipeline() -> None:
-    """Add the pipeline's tasks to the DAG being defined (call inside ``with DAG(...)``)."""
+@task(trigger_rule=TriggerRule.ONE_FAILED, retries=0)
+def watcher() -> None:
+    """Fail the run when any task failed.
+
+    The report may be skipped (no metrics) and teardowns do not decide a run's
+    state, so without this a failed training could end in a "successful" run.
+    The same idiom as the amazon provider's system tests.
+    """
+    raise AirflowFailException("a task of this run failed; see the failed task's log")
+
+
+def training_pipeline(dag: DAG) -> None:
+    """Add the pipeline's tasks to ``dag`` (call inside ``with DAG(...) as dag``)."""
     spec = validate_params()
     images = resolve_images(spec)
 
@@ -163,6 +175,7 @@ def training_pipeline() -> None:
             script_path=pf_job["script_path"],
             job_name=pf_job["job_name"],
             output_path=pf_job["output_path"],
+            comment=pf_job["comment"],
             hang_timeout="{{ params.hang_timeout_minutes * 60 }}",
             slurm_conn_id=SLURM_CONN_ID,
         )
@@ -177,6 +190,7 @@ def training_pipeline() -> None:
             script_path=job["script_path"],
             job_name=job["job_name"],
             output_path=job["output_path"],
+            comment=job["comment"],
             hang_timeout="{{ params.hang_timeout_minutes * 60 }}",
             slurm_conn_id=SLURM_CONN_ID,
             retries=1,
@@ -201,3 +215,5 @@ def training_pipeline() -> None:
     cluster_down = teardown_cluster(spec).as_teardown(setups=cluster)
     network_down = teardown_network(spec).as_teardown(setups=stack)
     report >> cluster_down >> network_down
+    # Setups may only be followed by ALL_SUCCESS tasks; their failures reach the watcher as upstream_failed.
+    [t for t in dag.tasks if not t.is_setup] >> watcher()

@@ -11,6 +11,7 @@ import json
 from typing import Any
 
 from dtp.hooks.slurm import SlurmHook
+from dtp.naming import slurm_comment
 from dtp.pipeline.data import run_dir
 from dtp.recipes import INCLUDE_DIR
 from dtp.templates import render
@@ -48,6 +49,7 @@ def prepare_preflight(spec: dict[str, Any], cluster: dict[str, Any], images: dic
         "script_path": str(script_path),
         "output_path": str(workdir / "logs" / "preflight-%j.out"),
         "job_name": f"{spec['names']['slurm_job']}-preflight",
+        "comment": slurm_comment(spec["tags"]["dtp:expires-at"]),
         "results_path": str(results),
     }
 
@@ -94,6 +96,7 @@ def prepare_training(
         "script_path": str(script_path),
         "output_path": str(workdir / "logs" / "train-%j.out"),
         "job_name": spec["names"]["slurm_job"],
+        "comment": slurm_comment(spec["tags"]["dtp:expires-at"]),
         "metrics_path": config["metrics_path"],
         "checkpoint_dir": config["checkpoint_dir"],
     }

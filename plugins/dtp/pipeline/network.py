@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from dtp.hooks.stacks import StackFailed, StackHook
+from dtp.hooks.stacks import StackHook
 from dtp.hooks.sweeper import RunResourceSweeper
 from dtp.templates import TEMPLATE_DIR
 
@@ -45,33 +45,40 @@ def network_outputs(spec: dict[str, Any], aws_conn_id: str) -> dict[str, str]:
     return outputs
 
 
+def destroy_run_resources(
+    aws_conn_id: str, run_key: str, stacks: list[str], buckets: tuple[str, ...]
+) -> dict[str, Any]:
+    """Empty the buckets, delete the stacks, sweep what is still tagged with the run, verify nothing is left.
+
+    Shared by teardown and the reaper. A DELETE_FAILED stack (retained or blocking
+    resources) is deleted again once the sweep has removed what blocked it.
+    """
+    stack_hook, sweeper = StackHook(aws_conn_id=aws_conn_id), RunResourceSweeper(aws_conn_id=aws_conn_id)
+    emptied = sum(sweeper.empty_bucket(b) for b in buckets)
+    statuses = {name: stack_hook.delete_and_wait(name) for name in stacks}
+    for name, status in statuses.items():
+        if status == "DELETE_FAILED":
+            log.warning("Stack %s: DELETE_FAILED (%s); sweeping what blocks it", name, stack_hook.failure_reasons(name))
+    swept = sweeper.sweep(run_key, buckets)
+    for name, status in statuses.items():
+        if status == "DELETE_FAILED":
+            statuses[name] = stack_hook.delete_and_wait(name)
+    left = {kind: ids for kind, ids in sweeper.find(run_key, buckets).items() if ids}
+    for name in stacks:
+        remaining = stack_hook.describe(name)
+        if remaining is not None and remaining["StackStatus"] != "DELETE_COMPLETE":
+            left.setdefault("stacks", []).append(f"{name} ({remaining['StackStatus']})")
+    if left:
+        raise LeakedResources(f"resources of run {run_key} still exist after deletion: {left}")
+    return {"objects_deleted": emptied, "stack_status": statuses, "swept": {k: v for k, v in swept.items() if v}}
+
+
 def teardown_network(spec: dict[str, Any], aws_conn_id: str) -> dict[str, Any]:
-    """Empty the bucket, delete the stack, sweep what it left, verify nothing of the run remains."""
+    """Delete the run's network stack and bucket, and verify nothing of the run remains."""
     names = spec["names"]
     if spec["params"]["keep_cluster"]:
         log.warning(
             "keep_cluster=true: keeping %s; it expires at %s", names["network_stack"], spec["tags"]["dtp:expires-at"]
         )
         return {"kept": True}
-    stacks, sweeper = StackHook(aws_conn_id=aws_conn_id), RunResourceSweeper(aws_conn_id=aws_conn_id)
-    buckets = (names["data_bucket"],)
-    emptied = sweeper.empty_bucket(names["data_bucket"])
-    status = stacks.delete_and_wait(names["network_stack"])
-    if status == "DELETE_FAILED":
-        log.warning(
-            "Stack %s: DELETE_FAILED (%s); sweeping what blocks it",
-            names["network_stack"],
-            stacks.failure_reasons(names["network_stack"]),
-        )
-    swept = sweeper.sweep(names["run_key"], buckets)
-    if status == "DELETE_FAILED":
-        status = stacks.delete_and_wait(names["network_stack"])
-        if status == "DELETE_FAILED" and stacks.describe(names["network_stack"]) is not None:
-            raise StackFailed(f"stack {names['network_stack']} still DELETE_FAILED after sweeping its resources")
-    left = {kind: ids for kind, ids in sweeper.find(names["run_key"], buckets).items() if ids}
-    remaining = stacks.describe(names["network_stack"])
-    if remaining is not None and remaining["StackStatus"] != "DELETE_COMPLETE":
-        left["stack"] = [f"{names['network_stack']} ({remaining['StackStatus']})"]
-    if left:
-        raise LeakedResources(f"resources of run {names['run_key']} still exist after teardown: {left}")
-    return {"objects_deleted": emptied, "stack_status": status, "swept": {k: v for k, v in swept.items() if v}}
+    return destroy_run_resources(aws_conn_id, names["run_key"], [names["network_stack"]], (names["data_bucket"],))

@@ -1,0 +1,106 @@
+"""Find and delete what runs left behind past their ``dtp:expires-at`` tag.
+
+The safety net under teardown: a teardown that itself failed, a run with
+``keep_cluster=true``, or a worker that died mid-run leaves tagged resources;
+the scheduled ``reaper`` DAG finds them by tag (never by a local record) and
+deletes them with the same dependency-ordered sweep teardown uses.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from airflow.providers.amazon.aws.hooks.s3 import S3Hook
+from botocore.exceptions import ClientError
+
+from dtp.hooks.slurm import SlurmHook
+from dtp.hooks.stacks import StackHook
+from dtp.hooks.sweeper import RunResourceSweeper
+from dtp.naming import SLURM_EXPIRY_PREFIX, TAG_PREFIX
+from dtp.pipeline.network import destroy_run_resources
+
+log = logging.getLogger(__name__)
+EXPIRES = f"{TAG_PREFIX}expires-at"
+RUN = f"{TAG_PREFIX}run"
+
+
+@dataclass(frozen=True)
+class Expired:
+    kind: str
+    name: str
+    run_key: str
+    expires_at: str
+
+
+def _expired(expires_at: str | None, now: datetime) -> bool:
+    if not expires_at:
+        return False
+    try:
+        return datetime.strptime(expires_at, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC) < now
+    except ValueError:
+        return False
+
+
+def find_expired(aws_conn_id: str, slurm_conn_id: str | None, now: datetime | None = None) -> list[Expired]:
+    now = now or datetime.now(UTC)
+    found: list[Expired] = []
+    stacks = StackHook(aws_conn_id=aws_conn_id)
+    for page in stacks.conn.get_paginator("describe_stacks").paginate():
+        for stack in page["Stacks"]:
+            tags = {t["Key"]: t["Value"] for t in stack.get("Tags", [])}
+            if RUN in tags and _expired(tags.get(EXPIRES), now):
+                found.append(Expired("stack", stack["StackName"], tags[RUN], tags[EXPIRES]))
+    s3 = S3Hook(aws_conn_id=aws_conn_id).conn
+    for bucket in s3.list_buckets().get("Buckets", []):
+        try:
+            tags = {t["Key"]: t["Value"] for t in s3.get_bucket_tagging(Bucket=bucket["Name"])["TagSet"]}
+        except ClientError:
+            continue
+        if RUN in tags and _expired(tags.get(EXPIRES), now):
+            found.append(Expired("bucket", bucket["Name"], tags[RUN], tags[EXPIRES]))
+    ec2 = RunResourceSweeper(aws_conn_id=aws_conn_id).conn
+    for vpc in ec2.describe_vpcs(Filters=[{"Name": "tag-key", "Values": [RUN]}])["Vpcs"]:
+        tags = {t["Key"]: t["Value"] for t in vpc.get("Tags", [])}
+        if _expired(tags.get(EXPIRES), now):
+            found.append(Expired("vpc", vpc["VpcId"], tags[RUN], tags[EXPIRES]))
+    if slurm_conn_id:
+        out = SlurmHook(slurm_conn_id).run(["squeue", "-h", "-o", "%i|%j|%k"], check=False)
+        for line in out.splitlines():
+            job_id, name, comment = [*line.split("|", 2), "", ""][:3]
+            expires_at = comment.removeprefix(SLURM_EXPIRY_PREFIX) if comment.startswith(SLURM_EXPIRY_PREFIX) else ""
+            if _expired(expires_at, now):
+                found.append(Expired("slurm_job", job_id, name, expires_at))
+    return found
+
+
+def reap(found: list[Expired], aws_conn_id: str, slurm_conn_id: str | None, dry_run: bool) -> dict[str, Any]:
+    """Delete what ``find_expired`` found, run by run; return what was (or would be) deleted."""
+    for item in found:
+        log.info(
+            "%s %-9s %-45s run %s expired %s",
+            "would delete" if dry_run else "deleting",
+            item.kind,
+            item.name,
+            item.run_key,
+            item.expires_at,
+        )
+    if dry_run:
+        return {"dry_run": True, "found": [asdict(i) for i in found], "deleted": []}
+    deleted: list[dict[str, str]] = []
+    for job in (i for i in found if i.kind == "slurm_job"):
+        if slurm_conn_id:
+            SlurmHook(slurm_conn_id).cancel(job.name)
+            deleted.append(asdict(job))
+    for run_key in sorted({i.run_key for i in found if i.kind != "slurm_job"}):
+        of_run = [i for i in found if i.run_key == run_key]
+        destroy_run_resources(
+            aws_conn_id,
+            run_key,
+            [i.name for i in of_run if i.kind == "stack"],
+            tuple(i.name for i in of_run if i.kind == "bucket"),
+        )
+        deleted += [asdict(i) for i in of_run]
+    return {"dry_run": False, "found": [asdict(i) for i in found], "deleted": deleted}

@@ -1,0 +1,65 @@
+"""The reaper finds resources past their expiry by tag, leaves the rest, and deletes in order."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+from dtp.hooks.slurm import SlurmHook
+from dtp.hooks.sweeper import RunResourceSweeper
+from dtp.naming import RunNames, expiry, resource_tags, slurm_comment
+from dtp.pipeline import network
+from dtp.reaper import find_expired, reap
+
+pytestmark = pytest.mark.stack
+AWS, SLURM = "aws_default", "slurm_default"
+
+
+def _spec(hours: float) -> dict:
+    names = RunNames("it_reaper", f"manual__{uuid.uuid4().hex}")
+    return {
+        "params": {"keep_cluster": True},
+        "names": names.as_dict(),
+        "tags": resource_tags(names, "tiny", expiry(hours)),
+    }
+
+
+def test_reaper_deletes_only_what_expired(stack, aws) -> None:
+    expired, alive = _spec(-1), _spec(24)
+    for spec in (expired, alive):
+        network.create_network_stack(spec, AWS)
+        network.network_outputs(spec, AWS)
+    workdir = stack.shared_dir / "it" / uuid.uuid4().hex[:8]
+    workdir.mkdir(parents=True)
+    (workdir / "job.sh").write_text("#!/bin/bash\nsleep 300\n")
+    job_id = SlurmHook().submit(
+        str(workdir / "job.sh"),
+        job_name=expired["names"]["slurm_job"],
+        output=str(workdir / "o-%j"),
+        comment=slurm_comment(expired["tags"]["dtp:expires-at"]),
+    )
+
+    found = find_expired(AWS, SLURM)
+    mine = {
+        (f.kind, f.run_key) for f in found if f.run_key in (expired["names"]["run_key"], expired["names"]["slurm_job"])
+    }
+    assert mine == {
+        ("stack", expired["names"]["run_key"]),
+        ("bucket", expired["names"]["run_key"]),
+        ("vpc", expired["names"]["run_key"]),
+        ("slurm_job", expired["names"]["slurm_job"]),
+    }
+    assert not any(f.run_key == alive["names"]["run_key"] for f in found)
+
+    dry = reap(found, AWS, SLURM, dry_run=True)
+    assert dry["deleted"] == [] and RunResourceSweeper(aws_conn_id=AWS).find(expired["names"]["run_key"])["vpcs"]
+
+    result = reap(found, AWS, SLURM, dry_run=False)
+    assert {d["kind"] for d in result["deleted"]} >= {"stack", "bucket", "vpc", "slurm_job"}
+    left = RunResourceSweeper(aws_conn_id=AWS).find(expired["names"]["run_key"], (expired["names"]["data_bucket"],))
+    assert all(ids == [] for ids in left.values()), left
+    assert SlurmHook().get_job(job_id).state in ("CANCELLED", "COMPLETING")
+    kept = RunResourceSweeper(aws_conn_id=AWS).find(alive["names"]["run_key"], (alive["names"]["data_bucket"],))
+    assert kept["vpcs"] and kept["buckets"]
+    network.teardown_network({**alive, "params": {"keep_cluster": False}}, AWS)
