@@ -19,6 +19,7 @@ DAG_ID = "train_e2e"
 
 
 def _run(api, conf: dict, timeout: float = 900) -> tuple[str, str, dict[str, str]]:
+    api.wait_for_dag(DAG_ID)
     run_id = api.trigger(DAG_ID, conf)
     state = api.wait(DAG_ID, run_id, timeout=timeout)
     tasks = {ti["task_id"]: ti["state"] for ti in api.task_instances(DAG_ID, run_id)}
@@ -122,6 +123,7 @@ def test_unknown_key_is_refused_before_anything_exists(airflow_api, aws) -> None
 
 
 def test_schema_violation_is_refused_at_trigger(airflow_api) -> None:
+    airflow_api.wait_for_dag(DAG_ID)
     before = airflow_api.request("GET", f"/api/v2/dags/{DAG_ID}/dagRuns?limit=1")[1]["total_entries"]
     status, body = airflow_api.request(
         "POST", f"/api/v2/dags/{DAG_ID}/dagRuns", {"logical_date": None, "conf": {"num_nodes": 0}}

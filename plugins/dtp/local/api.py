@@ -43,6 +43,17 @@ class AirflowApi:
             except json.JSONDecodeError:
                 return err.code, {"detail": raw.decode(errors="replace")}
 
+    def wait_for_dag(self, dag_id: str, timeout: float = 180) -> None:
+        """Wait until the dag-processor has parsed ``dag_id`` (a fresh stack parses within ~30 s)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            status, _ = self.request("GET", f"/api/v2/dags/{dag_id}")
+            if status == 200:
+                return
+            time.sleep(2)
+        _, errors = self.request("GET", "/api/v2/importErrors")
+        raise TimeoutError(f"DAG {dag_id} was not parsed within {timeout:.0f}s; import errors: {errors}")
+
     def trigger(self, dag_id: str, conf: dict[str, Any]) -> str:
         self.request("PATCH", f"/api/v2/dags/{dag_id}", {"is_paused": False})
         status, body = self.request("POST", f"/api/v2/dags/{dag_id}/dagRuns", {"logical_date": None, "conf": conf})

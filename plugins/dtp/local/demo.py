@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -23,17 +22,6 @@ DAG_ID = "train_e2e"
 
 def _now() -> str:
     return datetime.now(UTC).strftime("%H:%M:%S")
-
-
-def wait_for_dag(api: AirflowApi, dag_id: str, timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        status, _ = api.request("GET", f"/api/v2/dags/{dag_id}")
-        if status == 200:
-            return
-        time.sleep(2)
-    _, errors = api.request("GET", "/api/v2/importErrors")
-    raise RuntimeError(f"DAG {dag_id} was not parsed within {timeout:.0f}s; import errors: {errors}")
 
 
 class Progress:
@@ -100,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[{_now()}] Bringing up the local stack (state in {cfg.home})", flush=True)
     stack.up(cfg)
     api = AirflowApi(cfg.airflow_url, "admin", cfg.passwords()["admin"])
-    wait_for_dag(api, DAG_ID)
+    api.wait_for_dag(DAG_ID)
     run_id = api.trigger(DAG_ID, json.loads(args.conf))
     print(f"[{_now()}] Triggered {DAG_ID} run {run_id}", flush=True)
     progress = Progress(api, run_id)
