@@ -52,6 +52,7 @@ def successful_run(airflow_api):
 def test_run_succeeds_with_every_task(successful_run) -> None:
     _, state, tasks = successful_run
     assert state == "success", tasks
+    assert tasks.pop("watcher") == "skipped"  # it only runs, and fails the run, when a task failed
     assert all(s == "success" for s in tasks.values()), tasks
 
 
@@ -109,6 +110,7 @@ def test_training_failure_still_tears_down(airflow_api, aws) -> None:
     assert state == "failed"
     assert tasks["train.run_job"] == "failed"
     assert tasks["teardown_cluster"] == "success" and tasks["teardown_network"] == "success"
+    assert tasks["watcher"] == "failed"
     logs = _task_log(airflow_api, run_id, "train.run_job", 1) + _task_log(airflow_api, run_id, "train.run_job", 2)
     assert "injected failure at step 5" in logs
     _assert_nothing_left(airflow_api, aws, run_id)
