@@ -175,21 +175,26 @@ def estimate_cost_usd(params: TrainParams, step_seconds: float, price_per_hour: 
     return round(hours * price_per_hour * params.num_nodes, 2)
 
 
-def airflow_params() -> dict[str, Any]:
-    """The trigger form: one ``Param`` per field, its JSON schema taken from ``TrainParams``."""
+def airflow_params(defaults: dict[str, Any] | None = None, recipes: list[str] | None = None) -> dict[str, Any]:
+    """The trigger form: one ``Param`` per field, its JSON schema taken from ``TrainParams``.
+
+    ``defaults`` overrides the form's default values (a regression DAG's recipe
+    defaults); ``recipes`` limits the recipe dropdown (default: the catalogue).
+    """
     from airflow.sdk import Param
 
     schema = TrainParams.model_json_schema()
+    defaults = defaults or {}
     form = {}
     for name, prop in schema["properties"].items():
         spec = {k: v for k, v in prop.items() if k in _PARAM_KEYS}
         if name == "recipe":
-            spec["enum"] = recipe_names()
+            spec["enum"] = recipes or recipe_names()
         if name == "platform":
             spec["enum"] = list(PLATFORMS)
         if name == "extra_env":
             spec["type"] = "object"
-        form[name] = Param(prop.get("default", {}), **spec)
+        form[name] = Param(defaults.get(name, prop.get("default", {})), **spec)
     return form
 
 

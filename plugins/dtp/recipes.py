@@ -42,6 +42,11 @@ class Gates(_Strict):
     final_loss_max: float | None = None
     min_tokens_per_s: float | None = None
     loss_must_decrease: bool = True
+    # Against the median of recent comparable runs (same recipe, hardware, nodes and steps):
+    max_loss_regression: float = Field(0.10, ge=0)  # final loss may be at most 10% higher
+    max_throughput_regression: float = Field(0.30, ge=0, le=1)  # tokens/s may be at most 30% lower
+    history_runs: int = Field(10, ge=1)
+    min_history_runs: int = Field(3, ge=1)
 
 
 class Recipe(_Strict):
@@ -59,7 +64,7 @@ class Recipe(_Strict):
     activation_checkpointing: bool = False
     defaults: RecipeDefaults
     expected_step_seconds: float = Field(gt=0)
-    gates: Gates = Gates()
+    gates: Gates = Field(default_factory=Gates)
     schedule: str | None = None
 
 

@@ -114,3 +114,31 @@ def test_dag_files_import_nothing_heavy_at_top_level(path: Path) -> None:
             names = [node.module]
         for name in names:
             assert name.split(".")[0] not in HEAVY_MODULES, f"{path.name} imports {name} at top level"
+
+
+def test_one_regression_dag_per_scheduled_recipe(dagbag: DagBag) -> None:
+    from dtp.recipes import catalogue
+
+    scheduled = {name: r for name, r in catalogue().items() if r.schedule}
+    assert scheduled, "at least one recipe is scheduled"
+    generated = {d.removeprefix("regression__") for d in dagbag.dags if d.startswith("regression__")}
+    assert generated == set(scheduled)
+    for name, recipe in scheduled.items():
+        dag = dagbag.dags[f"regression__{name}"]
+        assert dag.params.get_param("recipe").schema["enum"] == [name]
+        assert dag.params["num_nodes"] == recipe.defaults.num_nodes
+        assert dag.params["max_steps"] == recipe.defaults.max_steps
+        assert not dag.catchup and dag.max_active_runs == 1
+        assert "watcher" in dag.task_ids
+
+
+def test_a_broken_recipe_costs_only_its_own_dag(tmp_path, monkeypatch) -> None:
+    import shutil
+
+    from dtp.pipeline import factory
+
+    for name in ("tiny.yaml", "tiny_deep.yaml"):
+        shutil.copy(factory.RECIPE_DIR / name, tmp_path / name)
+    (tmp_path / "tiny_deep.yaml").write_text("name: tiny_deep\nframework: [unclosed\n")
+    monkeypatch.setattr(factory, "RECIPE_DIR", tmp_path)
+    assert list(factory.regression_dags()) == ["regression__tiny"]

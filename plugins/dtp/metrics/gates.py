@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 from typing import Any
 
 from dtp.metrics.parse import TrainingSummary
@@ -25,6 +26,35 @@ def training_failures(summary: TrainingSummary, gates: dict[str, Any], max_steps
     tps = summary.median_tokens_per_s
     if gates.get("min_tokens_per_s") is not None and tps is not None and tps < gates["min_tokens_per_s"]:
         failures.append(f"tokens_per_s: median {tps:.0f} < required {gates['min_tokens_per_s']}")
+    return failures
+
+
+def regression_failures(current: dict[str, Any], history: list[dict[str, Any]], gates: dict[str, Any]) -> list[str]:
+    """Regressions against the median of recent comparable runs (skipped until there are enough of them)."""
+    comparable = [
+        h
+        for h in history
+        if h.get("num_nodes") == current.get("num_nodes") and h.get("max_steps") == current.get("max_steps")
+    ][-gates["history_runs"] :]
+    if len(comparable) < gates["min_history_runs"]:
+        return []
+    failures = []
+    loss_median = statistics.median(h["final_loss"] for h in comparable)
+    if current["final_loss"] > loss_median * (1 + gates["max_loss_regression"]):
+        failures.append(
+            f"final_loss regressed: {current['final_loss']:.4f} vs median {loss_median:.4f} of the last "
+            f"{len(comparable)} runs (+{current['final_loss'] / loss_median - 1:.1%}, "
+            f"allowed +{gates['max_loss_regression']:.0%})"
+        )
+    tps = [h["median_tokens_per_s"] for h in comparable if h.get("median_tokens_per_s")]
+    if tps and current.get("median_tokens_per_s"):
+        tps_median = statistics.median(tps)
+        if current["median_tokens_per_s"] < tps_median * (1 - gates["max_throughput_regression"]):
+            failures.append(
+                f"tokens_per_s regressed: {current['median_tokens_per_s']:.0f} vs median {tps_median:.0f} of the last "
+                f"{len(tps)} runs ({current['median_tokens_per_s'] / tps_median - 1:.1%}, "
+                f"allowed -{gates['max_throughput_regression']:.0%})"
+            )
     return failures
 
 

@@ -20,7 +20,12 @@ def _png(fig: Any) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def plots(summary: TrainingSummary, preflight: dict[str, Any] | None, expected_busbw: float | None) -> dict[str, str]:
+def plots(
+    summary: TrainingSummary,
+    preflight: dict[str, Any] | None,
+    expected_busbw: float | None,
+    history: list[dict[str, Any]] | None = None,
+) -> dict[str, str]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -52,6 +57,22 @@ def plots(summary: TrainingSummary, preflight: dict[str, Any] | None, expected_b
         ax.grid(alpha=0.3)
         images["busbw"] = _png(fig)
         plt.close(fig)
+
+    if history:
+        runs = [*history, {"final_loss": summary.final_loss, "median_tokens_per_s": summary.median_tokens_per_s}]
+        xs = list(range(-len(history), 1))
+        fig, ax = plt.subplots(figsize=(6, 3.2))
+        ax.plot(xs, [r["final_loss"] for r in runs], marker="o", color="tab:blue", label="final loss")
+        ax.set(xlabel="run (0 = this run)", ylabel="final loss", title="Trend over recent runs of this recipe")
+        twin = ax.twinx()
+        twin.plot(
+            xs, [r.get("median_tokens_per_s") or 0 for r in runs], marker="s", color="tab:green", label="tokens/s"
+        )
+        twin.set_ylabel("median tokens/s")
+        fig.legend(loc="lower left")
+        ax.grid(alpha=0.3)
+        images["trend"] = _png(fig)
+        plt.close(fig)
     return images
 
 
@@ -66,9 +87,10 @@ def render_report(
     preflight: dict[str, Any] | None,
     gate_failures: list[str],
     resources: dict[str, Any],
+    history: list[dict[str, Any]] | None = None,
 ) -> str:
     expected = spec["instance"]["expected_busbw_gbps"]
-    images = plots(summary, preflight, expected)
+    images = plots(summary, preflight, expected, history)
     verdict = "PASSED" if not gate_failures else "FAILED"
     key_metrics = {
         "first loss": summary.first_loss,

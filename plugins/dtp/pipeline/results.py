@@ -15,7 +15,8 @@ from airflow.providers.amazon.aws.hooks.base_aws import AwsBaseHook
 from airflow.providers.amazon.aws.hooks.s3 import S3Hook
 
 from dtp.hooks.slurm import SlurmHook
-from dtp.metrics.gates import preflight_failures, training_failures
+from dtp.metrics import history
+from dtp.metrics.gates import preflight_failures, regression_failures, training_failures
 from dtp.metrics.parse import TrainingSummary, summarize
 from dtp.metrics.report import render_report
 from dtp.naming import OWNER, TAG_PREFIX
@@ -67,8 +68,19 @@ def collect_metrics(
         raise ValueError(f"{metrics_path} holds no training step")
     bucket = artifacts_bucket(aws_conn_id)
     key = f"runs/{spec['names']['run_key']}/metrics.jsonl"
-    S3Hook(aws_conn_id=aws_conn_id).load_string(text, key, bucket, replace=True)
+    s3 = S3Hook(aws_conn_id=aws_conn_id)
+    s3.load_string(text, key, bucket, replace=True)
     result = summary.as_dict()
+    result.update(num_nodes=spec["params"]["num_nodes"], max_steps=spec["params"]["max_steps"])
+    params, gates = spec["params"], spec["recipe"]["gates"]
+    previous = [
+        entry
+        for entry in history.recent(
+            s3, bucket, params["recipe"], params["platform"], params["instance_type"], gates["history_runs"] + 1
+        )
+        if entry["run_key"] != spec["names"]["run_key"]
+    ]
+    history.record(s3, bucket, spec, result)
     log.info(
         "Loss %.4f -> %.4f over %d steps, median %.0f tokens/s, restarts %d",
         summary.first_loss,
@@ -77,11 +89,14 @@ def collect_metrics(
         summary.median_tokens_per_s or 0,
         summary.restarts,
     )
-    return {**result, "metrics_uri": f"s3://{bucket}/{key}"}
+    return {**result, "metrics_uri": f"s3://{bucket}/{key}", "history": previous}
 
 
 def gate_failures(spec: dict[str, Any], metrics: dict[str, Any]) -> list[str]:
-    return training_failures(_summary(metrics), spec["recipe"]["gates"], spec["params"]["max_steps"])
+    gates = spec["recipe"]["gates"]
+    return training_failures(_summary(metrics), gates, spec["params"]["max_steps"]) + regression_failures(
+        metrics, metrics.get("history", []), gates
+    )
 
 
 def _summary(metrics: dict[str, Any]) -> TrainingSummary:
@@ -96,7 +111,9 @@ def publish_report(
     resources: dict[str, Any],
     aws_conn_id: str,
 ) -> dict[str, str]:
-    html = render_report(spec, _summary(metrics), preflight, gate_failures(spec, metrics), resources)
+    html = render_report(
+        spec, _summary(metrics), preflight, gate_failures(spec, metrics), resources, metrics.get("history", [])
+    )
     bucket = artifacts_bucket(aws_conn_id)
     key = f"runs/{spec['names']['run_key']}/report.html"
     s3 = S3Hook(aws_conn_id=aws_conn_id)

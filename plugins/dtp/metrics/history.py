@@ -1,0 +1,64 @@
+"""The metrics history store: one JSON object per run in the artifacts bucket.
+
+Chosen over a table in Airflow's metadata database: history outlives any one
+Airflow installation (a rebuilt MWAA environment, a new local stack), is
+shared by every environment that trains the same recipe, and is queryable
+with Athena. Objects are keyed ``history/<recipe>/<platform>/<instance>/<time>-<run>.json``
+so "the last N runs of this recipe on this hardware" is one listing.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from typing import Any
+
+from airflow.providers.amazon.aws.hooks.s3 import S3Hook
+
+HISTORY_PREFIX = "history"
+RECORDED_METRICS = (
+    "final_loss",
+    "first_loss",
+    "median_tokens_per_s",
+    "mfu",
+    "max_memory_mb",
+    "last_step",
+    "world_size",
+)
+
+
+def _prefix(recipe: str, platform: str, instance_type: str) -> str:
+    return f"{HISTORY_PREFIX}/{recipe}/{platform}/{instance_type}/"
+
+
+def record(s3: S3Hook, bucket: str, spec: dict[str, Any], metrics: dict[str, Any]) -> str:
+    """Store this run's summary; re-recording the same run overwrites its one object."""
+    params = spec["params"]
+    now = datetime.now(UTC)
+    entry = {
+        "run_key": spec["names"]["run_key"],
+        "dag_id": spec["dag_id"],
+        "run_id": spec["run_id"],
+        "recipe": params["recipe"],
+        "platform": params["platform"],
+        "instance_type": params["instance_type"],
+        "num_nodes": params["num_nodes"],
+        "max_steps": params["max_steps"],
+        "recorded_at": now.isoformat(timespec="seconds"),
+        **{k: metrics.get(k) for k in RECORDED_METRICS},
+    }
+    prefix = _prefix(params["recipe"], params["platform"], params["instance_type"])
+    for key in s3.list_keys(bucket, prefix=prefix) or []:
+        if key.endswith(f"-{entry['run_key']}.json"):
+            s3.delete_objects(bucket, [key])
+    key = f"{prefix}{now.strftime('%Y%m%dT%H%M%S')}-{entry['run_key']}.json"
+    s3.load_string(json.dumps(entry), key, bucket, replace=True)
+    return key
+
+
+def recent(
+    s3: S3Hook, bucket: str, recipe: str, platform: str, instance_type: str, limit: int = 10
+) -> list[dict[str, Any]]:
+    """The newest ``limit`` entries for this recipe on this hardware, oldest first."""
+    keys = sorted(s3.list_keys(bucket, prefix=_prefix(recipe, platform, instance_type)) or [])[-limit:]
+    return [json.loads(s3.read_key(key, bucket)) for key in keys]

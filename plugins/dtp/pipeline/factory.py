@@ -1,0 +1,58 @@
+"""Regression DAGs generated from the recipe catalogue: ``regression__<recipe>``.
+
+One DAG per recipe that sets a ``schedule``, with the recipe's defaults in its
+form, so each model size is scheduled, failed and backfilled on its own.
+Generation reads YAML files only. A recipe that does not validate gets no DAG
+and an error in the dag-processor's log; the other recipes' DAGs are unaffected
+(the recipe unit tests fail on it in CI).
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime, timedelta
+
+from airflow.sdk import DAG
+
+from dtp.params import airflow_params
+from dtp.pipeline.graph import training_pipeline
+from dtp.recipes import RECIPE_DIR, Recipe, RecipeError, load_recipe_file
+
+log = logging.getLogger(__name__)
+DAG_PREFIX = "regression__"
+
+
+def regression_dag(recipe: Recipe) -> DAG:
+    defaults = recipe.defaults.model_dump() | {"recipe": recipe.name}
+    with DAG(
+        dag_id=f"{DAG_PREFIX}{recipe.name}",
+        description=f"Scheduled end-to-end regression run of {recipe.name}",
+        doc_md=(
+            f"Scheduled (`{recipe.schedule}`) end-to-end regression run of **{recipe.name}**: {recipe.description}\n\n"
+            "The same pipeline as `train_e2e`, with this recipe's defaults. Gates: the recipe's thresholds and "
+            "the median of its recent runs. Backfill with `scripts/backfill`."
+        ),
+        schedule=recipe.schedule,
+        start_date=datetime(2026, 1, 1),
+        catchup=False,
+        max_active_runs=1,
+        params=airflow_params(defaults=defaults, recipes=[recipe.name]),
+        tags=["dtp", "regression", recipe.name],
+        default_args={"owner": "dtp", "retries": 2, "retry_delay": timedelta(seconds=10)},
+    ) as dag:
+        training_pipeline(dag)
+    return dag
+
+
+def regression_dags() -> dict[str, DAG]:
+    dags = {}
+    for path in sorted(RECIPE_DIR.glob("*.yaml")):
+        try:
+            recipe = load_recipe_file(path)
+        except RecipeError as err:
+            log.error("No regression DAG for %s: %s", path.name, err)
+            continue
+        if recipe.schedule:
+            dag = regression_dag(recipe)
+            dags[dag.dag_id] = dag
+    return dags
