@@ -145,6 +145,20 @@ def watcher() -> None:
     raise AirflowFailException("a task of this run failed; see the failed task's log")
 
 
+def _submit(task_id: str, job: Any, **kwargs: Any) -> SlurmSubmitJobOperator:
+    """Submit a job prepared by ``dtp.pipeline.jobs`` (its XCom keys are the operator's arguments)."""
+    return SlurmSubmitJobOperator(
+        task_id=task_id,
+        script_path=job["script_path"],
+        job_name=job["job_name"],
+        output_path=job["output_path"],
+        comment=job["comment"],
+        hang_timeout="{{ params.hang_timeout_minutes * 60 }}",
+        slurm_conn_id=SLURM_CONN_ID,
+        **kwargs,
+    )
+
+
 def training_pipeline(dag: DAG) -> None:
     """Add the pipeline's tasks to ``dag`` (call inside ``with DAG(...) as dag``)."""
     spec = validate_params()
@@ -170,31 +184,14 @@ def training_pipeline(dag: DAG) -> None:
 
     with TaskGroup("preflight", tooltip="environment screen and all-reduce bus bandwidth on every node"):
         pf_job = prepare_preflight(spec, cluster, images)
-        pf_run = SlurmSubmitJobOperator(
-            task_id="run_checks",
-            script_path=pf_job["script_path"],
-            job_name=pf_job["job_name"],
-            output_path=pf_job["output_path"],
-            comment=pf_job["comment"],
-            hang_timeout="{{ params.hang_timeout_minutes * 60 }}",
-            slurm_conn_id=SLURM_CONN_ID,
-        )
+        pf_run = _submit("run_checks", pf_job)
         pf_result = check_preflight(spec, cluster, pf_job["results_path"])
         pf_run >> pf_result
     staged >> pf_job
 
     with TaskGroup("train", tooltip="FSDP training on Slurm, resumable from checkpoints"):
         job = prepare_training(spec, cluster, images, staged)
-        run = SlurmSubmitJobOperator(
-            task_id="run_job",
-            script_path=job["script_path"],
-            job_name=job["job_name"],
-            output_path=job["output_path"],
-            comment=job["comment"],
-            hang_timeout="{{ params.hang_timeout_minutes * 60 }}",
-            slurm_conn_id=SLURM_CONN_ID,
-            retries=1,
-        )
+        run = _submit("run_job", job, retries=1)
         job >> run
     pf_result >> job
 

@@ -8,6 +8,7 @@ ever parsed by a shell.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 from dtp.hooks.slurm import SlurmHook
@@ -31,6 +32,21 @@ def _common(spec: dict[str, Any], images: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _write_job(
+    hook: SlurmHook, spec: dict[str, Any], workdir: Path, kind: str, script: str, job_name: str
+) -> dict[str, str]:
+    """Write the batch script and its log folder; return what the Slurm operator needs to submit it."""
+    script_path = workdir / f"{kind}.sbatch"
+    hook.write_file(str(script_path), script, mode=0o755)
+    hook.make_dirs(str(workdir / "logs"))
+    return {
+        "script_path": str(script_path),
+        "output_path": str(workdir / "logs" / f"{kind}-%j.out"),
+        "job_name": job_name,
+        "comment": slurm_comment(spec["tags"]["dtp:expires-at"]),
+    }
+
+
 def prepare_preflight(spec: dict[str, Any], cluster: dict[str, Any], images: dict[str, Any]) -> dict[str, str]:
     hook = SlurmHook(cluster["slurm_conn_id"])
     workdir = run_dir(spec, cluster)
@@ -42,16 +58,8 @@ def prepare_preflight(spec: dict[str, Any], cluster: dict[str, Any], images: dic
         results_path=results,
         max_bytes=16 << 20 if spec["instance"]["accelerator"] == "cpu" else 16 << 30,
     )
-    script_path = workdir / "preflight.sbatch"
-    hook.write_file(str(script_path), script, mode=0o755)
-    hook.make_dirs(str(workdir / "logs"))
-    return {
-        "script_path": str(script_path),
-        "output_path": str(workdir / "logs" / "preflight-%j.out"),
-        "job_name": f"{spec['names']['slurm_job']}-preflight",
-        "comment": slurm_comment(spec["tags"]["dtp:expires-at"]),
-        "results_path": str(results),
-    }
+    job = _write_job(hook, spec, workdir, "preflight", script, f"{spec['names']['slurm_job']}-preflight")
+    return {**job, "results_path": str(results)}
 
 
 def training_config(spec: dict[str, Any], workdir: str, data: dict[str, Any]) -> dict[str, Any]:
@@ -89,14 +97,5 @@ def prepare_training(
         config_path=config_path,
         max_restarts=3,
     )
-    script_path = workdir / "train.sbatch"
-    hook.write_file(str(script_path), script, mode=0o755)
-    hook.make_dirs(str(workdir / "logs"))
-    return {
-        "script_path": str(script_path),
-        "output_path": str(workdir / "logs" / "train-%j.out"),
-        "job_name": spec["names"]["slurm_job"],
-        "comment": slurm_comment(spec["tags"]["dtp:expires-at"]),
-        "metrics_path": config["metrics_path"],
-        "checkpoint_dir": config["checkpoint_dir"],
-    }
+    job = _write_job(hook, spec, workdir, "train", script, spec["names"]["slurm_job"])
+    return {**job, "metrics_path": config["metrics_path"], "checkpoint_dir": config["checkpoint_dir"]}
