@@ -23,10 +23,7 @@ def _all_healthy(cfg: StackConfig) -> bool:
 def stack() -> Iterator[StackConfig]:
     """The running local stack; started here (and stopped at the end) when it was not already up."""
     cfg = StackConfig.from_env()
-    started = False
-    if not _all_healthy(cfg):
-        stack_cli.up(cfg)
-        started = True
+    started = [] if _all_healthy(cfg) else stack_cli.up(cfg)
     os.environ.update(cfg.airflow_env())
     yield cfg
     if started and os.environ.get("DTP_KEEP_STACK") != "1":

@@ -35,7 +35,7 @@ def _assert_nothing_left(api, aws, run_id: str) -> None:
     assert [
         s for s in stacks if s["StackName"] == names["network_stack"] and s["StackStatus"] != "DELETE_COMPLETE"
     ] == []
-    assert SlurmHook().find_jobs(names["slurm_job"]) == []
+    assert SlurmHook().find_jobs(names["slurm_job"], prefix=True) == []
 
 
 def _task_log(api, run_id: str, task_id: str, try_number: int = 1) -> str:

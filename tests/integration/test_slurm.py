@@ -88,3 +88,20 @@ def test_read_file_continues_from_offset(workdir: Path) -> None:
 
 def test_node_count(stack) -> None:
     assert SlurmHook().node_count() == stack.slurm_nodes
+
+
+def test_platform_teardown_cancels_every_job_of_the_run(workdir: Path) -> None:
+    from dtp.platforms.local import LocalSlurmPlatform
+
+    hook = SlurmHook()
+    run = f"dtp-it-{uuid.uuid4().hex[:6]}"
+    for suffix in ("", "-preflight"):
+        script = workdir / f"job{suffix}.sh"
+        script.write_text("#!/bin/bash\nsleep 300\n")
+        hook.submit(str(script), job_name=f"{run}{suffix}", output=str(workdir / "o-%j"))
+    other = hook.submit(_script(workdir, "sleep 300\n"), job_name=f"x{run}", output=str(workdir / "x-%j"))
+    assert len(hook.find_jobs(run, prefix=True)) == 2
+    result = LocalSlurmPlatform().teardown({"names": {"slurm_job": run}})
+    assert len(result["cancelled_jobs"]) == 2 and hook.find_jobs(run, prefix=True) == []
+    assert [j.job_id for j in hook.find_jobs(f"x{run}")] == [other]
+    hook.cancel(other)

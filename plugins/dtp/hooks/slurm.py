@@ -138,21 +138,22 @@ class SlurmHook(BaseHook):
                 return SlurmJob(job_id=job_id, name=parts[1], state=parts[2].split()[0])
         return SlurmJob(job_id=job_id, name="", state="UNKNOWN")
 
-    def find_jobs(self, name: str) -> list[SlurmJob]:
-        """Active jobs (pending or running) with this name."""
-        out = self.run(["squeue", "-h", "-n", name, "-o", "%i|%j|%T|%R"], check=False)
+    def find_jobs(self, name: str, *, prefix: bool = False) -> list[SlurmJob]:
+        """Active jobs (pending or running) named ``name`` (or starting with it, with ``prefix``)."""
+        argv = ["squeue", "-h", "-o", "%i|%j|%T|%R"] + ([] if prefix else ["-n", name])
         jobs = []
-        for line in out.splitlines():
+        for line in self.run(argv, check=False).splitlines():
             job_id, job_name, state, reason = line.split("|", 3)
-            jobs.append(SlurmJob(job_id=job_id, name=job_name, state=state, reason=reason))
+            if job_name == name or (prefix and job_name.startswith(name)):
+                jobs.append(SlurmJob(job_id=job_id, name=job_name, state=state, reason=reason))
         return jobs
 
     def cancel(self, job_id: str) -> None:
         self.run(["scancel", job_id], check=False)
 
-    def cancel_by_name(self, name: str) -> list[str]:
-        """Cancel every active job with this name; return their ids."""
-        ids = [job.job_id for job in self.find_jobs(name)]
+    def cancel_by_name(self, name: str, *, prefix: bool = False) -> list[str]:
+        """Cancel every active job with this name (or name prefix); return their ids."""
+        ids = [job.job_id for job in self.find_jobs(name, prefix=prefix)]
         if ids:
             self.run(["scancel", *ids], check=False)
             self.log.info("Cancelled Slurm jobs %s (%s)", ", ".join(ids), name)

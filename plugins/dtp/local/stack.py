@@ -13,7 +13,9 @@ from dtp.local.config import StackConfig
 from dtp.local.services import Daemon, StackError, build_services, ensure_database, migrate_airflow_db
 
 
-def up(cfg: StackConfig, *, airflow: bool = True) -> None:
+def up(cfg: StackConfig, *, airflow: bool = True) -> list[str]:
+    """Start what is not running; return the names of the services this call started."""
+    started = []
     for directory in (cfg.home, cfg.run_dir, cfg.log_dir, cfg.shared_dir):
         directory.mkdir(parents=True, exist_ok=True)
     cfg.write_env_file()
@@ -23,8 +25,11 @@ def up(cfg: StackConfig, *, airflow: bool = True) -> None:
         was_running = service.running(cfg)
         service.start(cfg)
         print(f"  {service.name:<22} {'already up' if was_running else 'started'}", flush=True)
+        if not was_running:
+            started.append(service.name)
         if service.name == "postgres":
             ensure_database(cfg)
+    return started
 
 
 def down(cfg: StackConfig) -> None:

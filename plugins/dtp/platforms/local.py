@@ -48,10 +48,11 @@ class LocalSlurmPlatform:
 
     def teardown(self, spec: dict[str, Any]) -> dict[str, Any]:
         hook = self.hook
+        # Every job of the run (training, preflight, ...) is named with the run's key as prefix.
         name = spec["names"]["slurm_job"]
-        cancelled = hook.cancel_by_name(name)
+        cancelled = hook.cancel_by_name(name, prefix=True)
         deadline = time.monotonic() + 120
-        while hook.find_jobs(name):
+        while hook.find_jobs(name, prefix=True):
             if time.monotonic() > deadline:
                 raise RuntimeError(f"Slurm jobs named {name} still active 120s after scancel")
             time.sleep(2)
