@@ -99,7 +99,7 @@ def test_nothing_of_the_run_is_left(airflow_api, aws, successful_run) -> None:
 
 
 def test_training_failure_still_tears_down(airflow_api, aws) -> None:
-    # torchrun's restarts repeat a deterministic failure; the hang timeout bounds restarts that wedge in gloo.
+    # Every relaunch repeats a deterministic failure, so the job and then the task fail; teardown must still run.
     conf = {
         "max_steps": 20,
         "checkpoint_interval": 10,

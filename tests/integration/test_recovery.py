@@ -79,9 +79,11 @@ def test_killed_rank_resumes_from_newest_checkpoint(stack) -> None:
             "no step 45",
         )
         killed_at = max(r["step"] for r in _records(metrics) if r["event"] == "step")
-        pids = subprocess.run(
-            ["pgrep", "-f", f"train.py --config {workdir}/train.json"], capture_output=True, text=True
-        ).stdout.split()
+        # The workers torchrun starts (python -u train.py ...), not srun or torchrun, whose argv look alike.
+        workers = subprocess.run(
+            ["pgrep", "-f", "--", f"-u [^ ]*train\\.py --config {workdir}/train.json"], capture_output=True, text=True
+        )
+        pids = workers.stdout.split()
         assert len(pids) == 2, pids
         os.kill(int(max(pids, key=int)), signal.SIGKILL)
         _wait_for(lambda: hook.get_job(job_id).finished, 300, f"job {job_id} did not finish")

@@ -82,7 +82,8 @@ def test_train_script_content() -> None:
     assert "set -euo pipefail\n" in text
     assert "export NCCL_DEBUG=INFO\n" in text
     assert "export OMP_NUM_THREADS=1\n" in text
-    assert "--max-restarts=3" in text
+    assert "ATTEMPTS=4\n" in text  # max_restarts=3: four fresh launches at most
+    assert "--max-restarts=0" in text
     assert "/fsx/training/train.py --config /fsx/runs/r/train.json" in text
 
 
@@ -124,7 +125,7 @@ def test_dangerous_values_appear_only_single_quoted(tmp_path: Path) -> None:
         assert text.count(value) == text.count(quoted) >= 1, value
     export = next(line for line in text.splitlines() if line.startswith("export NCCL_DEBUG="))
     assert shlex.split(export) == ["export", f"NCCL_DEBUG=INFO; touch {tmp_path}/p1"]
-    launch = text[text.index("srun ") :].replace("\\\n", " ")
+    launch = text[text.index("srun ") : text.index("; then")].replace("\\\n", " ")
     argv = shlex.split(launch)
     assert argv[argv.index("--config") + 1] == str(context["config_path"])
     assert argv[1:3] == ["--kill-on-bad-exit=1", f"{tmp_path}/py thon"]
@@ -173,10 +174,10 @@ def test_whole_train_script_runs_with_hostile_values_and_passes_them_as_single_a
     out = subprocess.run(
         ["bash", str(script)], capture_output=True, text=True, cwd=work, env=fake_slurm(tmp_path), check=True
     )
-    assert '"rdzv": "10.0.0.7:21234"' in out.stdout
+    assert '"rdzv": "10.0.0.7:28639"' in out.stdout  # 20000 + (1234 * 7 + 1) % 20000, first attempt
     argv = (tmp_path / "srun.argv").read_text().split("\0")[:-1]
     assert argv[argv.index("--config") + 1] == str(context["config_path"])
-    assert "--rdzv_endpoint=10.0.0.7:21234" in argv
+    assert "--rdzv_endpoint=10.0.0.7:28639" in argv and "--rdzv_id=1234-1" in argv
     env = (tmp_path / "srun.env").read_text()
     assert f"NCCL_DEBUG=INFO; touch {work}/p1\n" in env
     assert list(work.iterdir()) == []  # no pN file: nothing was executed
