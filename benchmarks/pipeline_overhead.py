@@ -6,13 +6,14 @@ graph weighted by each task's duration (deferred time included). The
 difference is what Airflow itself adds: scheduling, queuing, deferral
 hand-offs. Writes benchmarks/results/pipeline_overhead.json.
 
-    .venv/bin/python benchmarks/pipeline_overhead.py [--conf '{"max_steps": 100}']
+    PYTHONPATH=plugins .venv/bin/python benchmarks/pipeline_overhead.py [--conf '{"max_steps": 300}']
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import time
 from datetime import UTC, datetime
@@ -42,7 +43,7 @@ def critical_path(durations: dict[str, float], upstream: dict[str, set[str]]) ->
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--conf", default='{"max_steps": 100}')
+    parser.add_argument("--conf", default="{}", help="run conf (JSON); the default runs train_e2e as the demo does")
     args = parser.parse_args()
     cfg = StackConfig.from_env()
     api = AirflowApi(cfg.airflow_url, "admin", cfg.passwords()["admin"])
@@ -66,7 +67,7 @@ def main() -> None:
     result = {
         "benchmark": "train_e2e orchestration overhead",
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": f"{platform.node()} {platform.machine()}, local profile (LocalExecutor, parallelism 4)",
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, local profile (LocalExecutor, parallelism 4)",
         "conf": json.loads(args.conf),
         "state": state,
         "run_wall_seconds": round(wall, 1),
