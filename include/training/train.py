@@ -16,7 +16,7 @@ import os
 import resource
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from datetime import timedelta
 from pathlib import Path
 
@@ -56,7 +56,6 @@ class TrainConfig:
     activation_checkpointing: bool = False
     collective_timeout_s: int = 300
     run_name: str = "local"
-    extra: dict = field(default_factory=dict)
 
     @classmethod
     def load(cls, path: str) -> TrainConfig:

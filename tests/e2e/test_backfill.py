@@ -34,6 +34,8 @@ def test_backfill_two_dates_two_sizes(airflow_api, aws) -> None:
         "2026-11-21",
         "--conf",
         '{"max_steps": 200}',
+        "--reprocess",
+        "completed",  # rerun dates an earlier session already ran: every test run trains for real
     ]
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = [proc.stdout.readline() for _ in SIZES]

@@ -6,9 +6,12 @@ import sys
 
 import pytest
 
-from dtp.hooks.slurm import ACTIVE_STATES, TERMINAL_STATES, SlurmJob, _scontrol_fields
+from dtp.hooks.slurm import TERMINAL_STATES, SlurmJob, _scontrol_fields
 from dtp.platforms import get_platform
 from dtp.platforms.local import LocalSlurmPlatform
+
+# squeue's states of a job that is still waiting or running.
+ACTIVE_STATES = {"PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", "RESIZING", "SUSPENDED"}
 
 SCONTROL = (
     "JobId=42 JobName=dtp-train-e2e-0123456789 UserId=dtp(1000) GroupId=dtp(1000) Priority=1 "

@@ -24,7 +24,9 @@ from dtp.local.config import StackConfig
 from dtp.pipeline.factory import DAG_PREFIX
 
 
-def start_backfills(api: AirflowApi, sizes: list[str], start: str, end: str, conf: dict[str, Any]) -> dict[str, int]:
+def start_backfills(
+    api: AirflowApi, sizes: list[str], start: str, end: str, conf: dict[str, Any], reprocess: str = "failed"
+) -> dict[str, int]:
     started = {}
     for size in sizes:
         dag_id = f"{DAG_PREFIX}{size}"
@@ -38,7 +40,7 @@ def start_backfills(api: AirflowApi, sizes: list[str], start: str, end: str, con
                 "from_date": f"{start}T00:00:00Z",
                 "to_date": f"{end}T00:00:00Z",
                 "dag_run_conf": conf,
-                "reprocess_behavior": "failed",
+                "reprocess_behavior": reprocess,
                 "max_active_runs": 1,
             },
         )
@@ -81,11 +83,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--from", dest="start", required=True, help="first date, YYYY-MM-DD")
     parser.add_argument("--to", dest="end", required=True, help="last date, YYYY-MM-DD")
     parser.add_argument("--conf", default="{}", help="dag_run conf for every run (JSON)")
+    parser.add_argument(
+        "--reprocess",
+        choices=["none", "failed", "completed"],
+        default="failed",
+        help="dates that already have a run: keep them (none), rerun failed ones (failed), rerun all (completed)",
+    )
     parser.add_argument("--timeout", type=float, default=3600)
     args = parser.parse_args(argv)
     cfg = StackConfig.from_env()
     api = AirflowApi(cfg.airflow_url, "admin", cfg.passwords()["admin"])
-    started = start_backfills(api, args.sizes, args.start, args.end, json.loads(args.conf))
+    started = start_backfills(api, args.sizes, args.start, args.end, json.loads(args.conf), args.reprocess)
     if not started:
         return 1
     states = follow(api, started, args.start, args.end, args.timeout)

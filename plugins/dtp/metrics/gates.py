@@ -29,13 +29,15 @@ def training_failures(summary: TrainingSummary, gates: dict[str, Any], max_steps
     return failures
 
 
+def comparable_runs(current: dict[str, Any], history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """History entries trained like ``current`` (same nodes and steps): only their losses compare."""
+    keys = ("num_nodes", "max_steps")
+    return [h for h in history if all(h.get(k) == current.get(k) for k in keys)]
+
+
 def regression_failures(current: dict[str, Any], history: list[dict[str, Any]], gates: dict[str, Any]) -> list[str]:
     """Regressions against the median of recent comparable runs (skipped until there are enough of them)."""
-    comparable = [
-        h
-        for h in history
-        if h.get("num_nodes") == current.get("num_nodes") and h.get("max_steps") == current.get("max_steps")
-    ][-gates["history_runs"] :]
+    comparable = comparable_runs(current, history)[-gates["history_runs"] :]
     if len(comparable) < gates["min_history_runs"]:
         return []
     failures = []

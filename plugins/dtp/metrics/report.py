@@ -63,7 +63,7 @@ def plots(
         xs = list(range(-len(history), 1))
         fig, ax = plt.subplots(figsize=(6, 3.2))
         ax.plot(xs, [r["final_loss"] for r in runs], marker="o", color="tab:blue", label="final loss")
-        ax.set(xlabel="run (0 = this run)", ylabel="final loss", title="Trend over recent runs of this recipe")
+        ax.set(xlabel="run (0 = this run)", ylabel="final loss", title="Trend over recent comparable runs")
         twin = ax.twinx()
         twin.plot(
             xs, [r.get("median_tokens_per_s") or 0 for r in runs], marker="s", color="tab:green", label="tokens/s"

@@ -19,6 +19,7 @@ from airflow.providers.amazon.aws.hooks.ssm import SsmHook
 from airflow.providers.amazon.aws.sensors.cloud_formation import CloudFormationCreateStackSensor
 from airflow.sdk import DAG, TaskGroup, TriggerRule, task
 from airflow.sdk.exceptions import AirflowFailException
+from botocore.exceptions import ClientError
 
 from dtp.metrics.gates import GateFailed
 from dtp.operators.report import TrainingReportOperator
@@ -51,8 +52,8 @@ def resolve_images(spec: dict[str, Any]) -> dict[str, str]:
     name = f"/dtp/images/{spec['params']['platform']}/training"
     try:
         uri = SsmHook(aws_conn_id=AWS_CONN_ID).get_parameter_value(name)
-    except Exception as err:  # the provider raises the client's ParameterNotFound
-        if "ParameterNotFound" not in type(err).__name__ + str(err):
+    except ClientError as err:
+        if err.response["Error"]["Code"] != "ParameterNotFound":
             raise
         image = get_platform(spec["params"]["platform"]).default_image()
         log.info("No image published at %s: using %s", name, image)

@@ -16,7 +16,7 @@ from airflow.providers.amazon.aws.hooks.s3 import S3Hook
 
 from dtp.hooks.slurm import SlurmHook
 from dtp.metrics import history
-from dtp.metrics.gates import preflight_failures, regression_failures, training_failures
+from dtp.metrics.gates import comparable_runs, preflight_failures, regression_failures, training_failures
 from dtp.metrics.parse import TrainingSummary, summarize
 from dtp.metrics.report import render_report
 from dtp.naming import OWNER, TAG_PREFIX
@@ -111,9 +111,8 @@ def publish_report(
     resources: dict[str, Any],
     aws_conn_id: str,
 ) -> dict[str, str]:
-    html = render_report(
-        spec, _summary(metrics), preflight, gate_failures(spec, metrics), resources, metrics.get("history", [])
-    )
+    trend = comparable_runs(metrics, metrics.get("history", []))
+    html = render_report(spec, _summary(metrics), preflight, gate_failures(spec, metrics), resources, trend)
     bucket = artifacts_bucket(aws_conn_id)
     key = f"runs/{spec['names']['run_key']}/report.html"
     s3 = S3Hook(aws_conn_id=aws_conn_id)
