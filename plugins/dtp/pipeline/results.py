@@ -1,8 +1,8 @@
 """Collect a run's metrics, judge its gates, publish its report to the artifacts bucket.
 
 The artifacts bucket outlives runs (it is not a run resource and teardown
-leaves it): reports, metrics and preflight results stay after the run's own
-bucket and network are gone.
+leaves it): reports (with the preflight results), metrics and the history stay
+after the run's own bucket and network are gone.
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ from dtp.naming import OWNER, TAG_PREFIX
 
 log = logging.getLogger(__name__)
 REPORT_URL_TTL_S = 7 * 24 * 3600
+# Recent entries read from the history; runs of other shapes among them are filtered out afterwards.
+HISTORY_WINDOW = 50
 
 
 def artifacts_bucket(aws_conn_id: str) -> str:
@@ -70,13 +72,13 @@ def collect_metrics(
     key = f"runs/{spec['names']['run_key']}/metrics.jsonl"
     s3 = S3Hook(aws_conn_id=aws_conn_id)
     s3.load_string(text, key, bucket, replace=True)
+    params = spec["params"]
     result = summary.as_dict()
-    result.update(num_nodes=spec["params"]["num_nodes"], max_steps=spec["params"]["max_steps"])
-    params, gates = spec["params"], spec["recipe"]["gates"]
+    result.update(num_nodes=params["num_nodes"], max_steps=params["max_steps"])
     previous = [
         entry
         for entry in history.recent(
-            s3, bucket, params["recipe"], params["platform"], params["instance_type"], gates["history_runs"] + 1
+            s3, bucket, params["recipe"], params["platform"], params["instance_type"], HISTORY_WINDOW
         )
         if entry["run_key"] != spec["names"]["run_key"]
     ]
