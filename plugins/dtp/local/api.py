@@ -83,8 +83,10 @@ class AirflowApi:
         run_id: str,
         timeout: float = 1800,
         on_change: Callable[[str, str], None] | None = None,
+        on_poll: Callable[[], None] | None = None,
     ) -> str:
-        """Poll until the run ends; call ``on_change(task_id, state)`` for each task state change."""
+        """Poll until the run ends; call ``on_change(task_id, state)`` for each task state change
+        and ``on_poll()`` once per poll."""
         seen: dict[str, str] = {}
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -94,6 +96,8 @@ class AirflowApi:
                     seen[ti["task_id"]] = state
                     if on_change:
                         on_change(ti["task_id"], state)
+            if on_poll:
+                on_poll()
             state = self.run_state(dag_id, run_id)
             if state in TERMINAL_RUN_STATES:
                 return state

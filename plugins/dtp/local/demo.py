@@ -31,6 +31,7 @@ class Progress:
         self.api, self.run_id = api, run_id
         self.metrics_path: Path | None = None
         self.offset = 0
+        self.printed_up_to = 0  # steps are logged every max_steps/100: print the first past each 50
 
     def on_change(self, task_id: str, state: str) -> None:
         if state in ("none", "scheduled", "queued"):
@@ -39,22 +40,22 @@ class Progress:
         if task_id == "train.prepare_training" and state == "success":
             path = self.api.xcom(DAG_ID, self.run_id, task_id, key="metrics_path")
             self.metrics_path = Path(path) if path else None
-        self.print_steps()
 
     def print_steps(self) -> None:
         if self.metrics_path is None or not self.metrics_path.exists():
             return
         with self.metrics_path.open() as fh:
             fh.seek(self.offset)
-            for line in fh:
+            while (line := fh.readline()).endswith("\n"):  # a line still being written waits for the next poll
+                self.offset = fh.tell()
                 record = json.loads(line)
-                if record.get("event") == "step" and record["step"] % 50 == 0:
+                if record.get("event") == "step" and record["step"] // 50 > self.printed_up_to // 50:
+                    self.printed_up_to = record["step"]
                     print(
                         f"           step {record['step']:>5}  loss {record['loss']:.4f}  "
                         f"{record['tokens_per_s']:>9.0f} tokens/s",
                         flush=True,
                     )
-            self.offset = fh.tell()
 
 
 def summarize(api: AirflowApi, run_id: str, state: str, cfg: StackConfig) -> None:
@@ -92,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     run_id = api.trigger(DAG_ID, json.loads(args.conf))
     print(f"[{_now()}] Triggered {DAG_ID} run {run_id}", flush=True)
     progress = Progress(api, run_id)
-    state = api.wait(DAG_ID, run_id, timeout=args.timeout, on_change=progress.on_change)
+    state = api.wait(DAG_ID, run_id, timeout=args.timeout, on_change=progress.on_change, on_poll=progress.print_steps)
     progress.print_steps()
     summarize(api, run_id, state, cfg)
     return 0 if state == "success" else 1
