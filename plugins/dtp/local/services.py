@@ -293,13 +293,18 @@ def _slurmd(index: int) -> Daemon:
 # --- Airflow ------------------------------------------------------------------
 
 
+def _venv_bin(name: str) -> str:
+    """A console script installed beside this interpreter (the project's virtualenv)."""
+    return str(Path(sys.executable).parent / name)
+
+
 def _airflow(*args: str) -> Callable[[StackConfig], list[str]]:
-    return lambda cfg: [str(Path(sys.executable).parent / "airflow"), *args]
+    return lambda cfg: [_venv_bin("airflow"), *args]
 
 
 def migrate_airflow_db(cfg: StackConfig) -> None:
     env = {**os.environ, **cfg.airflow_env()}
-    airflow = str(Path(sys.executable).parent / "airflow")
+    airflow = _venv_bin("airflow")
     with (cfg.log_dir / "airflow-db-migrate.log").open("ab") as log:
         subprocess.run([airflow, "db", "migrate"], env=env, stdout=log, stderr=subprocess.STDOUT, check=True)
 
@@ -346,7 +351,7 @@ def build_services(cfg: StackConfig) -> list[Daemon]:
         Daemon(
             name="moto",
             command=lambda c: [
-                str(Path(sys.executable).parent / "moto_server"),
+                _venv_bin("moto_server"),
                 "-H",
                 "127.0.0.1",
                 "-p",
