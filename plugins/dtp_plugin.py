@@ -2,9 +2,9 @@
 
 from airflow.plugins_manager import AirflowPlugin
 
-from dtp.operators.report import TrainingReportLink
+from dtp.operators.report import TrainingReportLink, ValidationReportLink
 
 
 class DtpPlugin(AirflowPlugin):
     name = "dtp"
-    operator_extra_links = [TrainingReportLink()]
+    operator_extra_links = [TrainingReportLink(), ValidationReportLink()]

@@ -3,8 +3,13 @@
 1. Environment screen per rank (the reference repo's pytorch-env-validation):
    host, torch / CUDA / NCCL versions, devices, and a small matmul checked
    against float64.
-2. All-reduce bus bandwidth over a size sweep, computed as nccl-tests does:
-   algbw = bytes / time, busbw = algbw * 2 * (n - 1) / n.
+2. Raw probe outputs per node (local rank 0): the EFA installer, libfabric,
+   aws-ofi-nccl and driver versions (the reference's efa-versions) and GPU
+   health (nvidia-smi ECC counters, kernel Xid lines). Absent tools give None;
+   DTP's gate (dtp.metrics.node_checks) interprets them.
+3. All-reduce bus bandwidth over a size sweep, computed as nccl-tests does:
+   algbw = bytes / time, busbw = algbw * 2 * (n - 1) / n (skipped with
+   --no-busbw where nccl-tests measures it instead).
 Rank 0 writes everything to one JSON file for the gate to judge.
 """
 
@@ -14,7 +19,10 @@ import argparse
 import json
 import os
 import platform
+import re
+import shutil
 import socket
+import subprocess
 import time
 from datetime import timedelta
 
@@ -37,6 +45,52 @@ def environment(device: torch.device) -> dict:
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "device_count": torch.cuda.device_count() if device.type == "cuda" else 0,
         "matmul_max_abs_error": float(error.abs().max()),
+    }
+
+
+SMI_QUERY = "index,name,driver_version,ecc.errors.uncorrected.volatile.total"
+OFI_NCCL_LIBS = ("/opt/amazon/ofi-nccl/lib/libnccl-net.so", "/opt/aws-ofi-nccl/lib/libnccl-net.so")
+
+
+def _command(*argv: str) -> str | None:
+    """What a tool prints, or None when it is not installed or fails."""
+    if shutil.which(argv[0]) is None:
+        return None
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return done.stdout if done.returncode == 0 else None
+
+
+def _read(path: str, limit: int = 64 << 10) -> str | None:
+    try:
+        with open(path, errors="replace") as fh:
+            return fh.read(limit)
+    except OSError:
+        return None
+
+
+def _ofi_nccl_strings() -> str | None:
+    """The aws-ofi-nccl plugin's version strings (what `strings libnccl-net.so | grep aws-ofi-nccl` shows)."""
+    for path in OFI_NCCL_LIBS:
+        try:
+            with open(path, "rb") as fh:
+                found = re.findall(rb"[ -~]*aws-ofi-nccl [ -~]*", fh.read())
+        except OSError:
+            continue
+        return "\n".join(sorted({line.decode() for line in found}))
+    return None
+
+
+def probes() -> dict[str, str | None]:
+    dmesg = _command("dmesg")
+    return {
+        "efa_installed_packages": _read("/opt/amazon/efa_installed_packages"),
+        "fi_info_version": _command("fi_info", "--version"),
+        "ofi_nccl_strings": _ofi_nccl_strings(),
+        "nvidia_smi": _command("nvidia-smi", f"--query-gpu={SMI_QUERY}", "--format=csv"),
+        "dmesg_xid": "\n".join(line for line in dmesg.splitlines() if "Xid" in line) if dmesg else None,
     }
 
 
@@ -72,19 +126,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--results", required=True)
     parser.add_argument("--max-bytes", type=int, default=16 << 20)
+    parser.add_argument("--no-busbw", action="store_true", help="nccl-tests measures the bandwidth instead")
     args = parser.parse_args()
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     dist.init_process_group(backend, timeout=timedelta(seconds=120))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device("cuda", local_rank) if backend == "nccl" else torch.device("cpu")
+    record = environment(device)
+    if local_rank == 0:
+        record["probes"] = probes()
     envs: list = [None] * dist.get_world_size()
-    dist.all_gather_object(envs, environment(device))
-    sweep = bus_bandwidth(device, args.max_bytes)
+    dist.all_gather_object(envs, record)
+    sweep = [] if args.no_busbw else bus_bandwidth(device, args.max_bytes)
     if dist.get_rank() == 0:
         result = {"backend": backend, "world_size": dist.get_world_size(), "ranks": envs, "allreduce": sweep}
         with open(args.results, "w") as fh:
             json.dump(result, fh, indent=1)
-        print(json.dumps({"event": "preflight", "busbw_gbps_max": max(r["busbw_gbps"] for r in sweep)}), flush=True)
+        best = max((r["busbw_gbps"] for r in sweep), default=None)
+        print(json.dumps({"event": "preflight", "busbw_gbps_max": best}), flush=True)
     dist.destroy_process_group()
 
 

@@ -9,10 +9,11 @@ the validation cannot drift apart.
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, ClassVar, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from dtp.hostlist import expand_hostlist
 from dtp.recipes import PLATFORMS, Platform, RecipeError, get_recipe, instance_types, recipe_names
 
 S3_URI = r"^$|^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[A-Za-z0-9!_.*'()/-]*)?$"
@@ -22,23 +23,22 @@ RESERVED_ENV = frozenset({"PATH", "LD_PRELOAD", "LD_LIBRARY_PATH", "PYTHONPATH",
 IMPLEMENTED_PLATFORMS = ("local",)
 
 
+P = TypeVar("P", bound=BaseModel)
+
+
 class ParamsError(ValueError):
     """Invalid run parameters; the message names each field, its value and what is allowed."""
 
 
-class TrainParams(BaseModel):
-    """What a person may set when triggering a training run."""
+class ClusterParams(BaseModel):
+    """What any job on a cluster takes: its size, instance type, preflight expectations, environment."""
 
     # strict: "2" is not 2 and true is not 1, exactly as the trigger form's JSON schema judges them.
     model_config = ConfigDict(extra="forbid", strict=True)
+    # Fields the trigger form shows first; the rest follow in declaration order.
+    leading: ClassVar[tuple[str, ...]] = ()
 
-    platform: Platform = Field(
-        "local",
-        title="Platform",
-        description="Where the cluster runs: local (emulator + local Slurm), parallelcluster, hyperpod, eks or batch.",
-    )
-    recipe: str = Field("tiny", title="Recipe", description="Model and size, from include/recipes/*.yaml.")
-    num_nodes: int = Field(2, ge=1, le=512, title="Nodes", description="Compute nodes for training.")
+    num_nodes: int = Field(2, ge=1, le=512, title="Nodes", description="Compute nodes the job runs on.")
     instance_type: str = Field(
         "local.cpu",
         title="Instance type",
@@ -46,6 +46,83 @@ class TrainParams(BaseModel):
         max_length=32,
         pattern=r"^[a-z0-9]+(-[a-z0-9]+)?\.[a-z0-9]+$",
     )
+    hang_timeout_minutes: int = Field(
+        10,
+        ge=1,
+        le=1440,
+        title="Hang timeout (minutes)",
+        description="Fail a Slurm job's task when no log line arrives for this long.",
+    )
+    expiry_hours: float = Field(
+        24,
+        gt=0,
+        le=720,
+        title="Expiry (hours)",
+        description="Tagged expiry of every resource; the reaper deletes past it.",
+    )
+    expected_busbw_gbps: float = Field(
+        0,
+        ge=0,
+        le=100_000,
+        title="Expected busbw (GB/s)",
+        description="Preflight all-reduce bus bandwidth to expect; 0 takes the instance type's figure.",
+    )
+    exclude_nodes: str = Field(
+        "",
+        title="Exclude nodes",
+        description="Slurm hostlist of nodes to keep out of the jobs (e.g. a node preflight named as bad): n[3-4],n7.",
+        max_length=256,
+        pattern=r"^[A-Za-z0-9_.,\[\]-]*$",
+    )
+    extra_env: dict[str, str] = Field(
+        default_factory=dict,
+        title="Extra environment",
+        description='Environment variables for the training job, e.g. {"NCCL_DEBUG": "INFO"}.',
+    )
+
+
+    @field_validator("exclude_nodes")
+    @classmethod
+    def _check_hostlist(cls, expression: str) -> str:
+        expand_hostlist(expression)
+        return expression
+
+    @field_validator("extra_env")
+    @classmethod
+    def _check_env(cls, env: dict[str, str]) -> dict[str, str]:
+        if len(env) > 64:
+            raise ValueError(f"at most 64 variables are allowed, got {len(env)}")
+        for name, value in env.items():
+            if not ENV_NAME.fullmatch(name):
+                raise ValueError(f"variable name {name!r} must match {ENV_NAME.pattern}")
+            if name in RESERVED_ENV:
+                raise ValueError(f"variable {name!r} is set by the pipeline and cannot be overridden")
+            if len(value) > 4096 or any(c in value for c in "\0\n\r"):
+                raise ValueError(f"value of {name!r} must be one line of at most 4096 characters")
+        return env
+
+
+class TrainParams(ClusterParams):
+    """What a person may set when triggering a training run."""
+
+    leading: ClassVar[tuple[str, ...]] = (
+        "platform",
+        "recipe",
+        "num_nodes",
+        "instance_type",
+        "dataset_uri",
+        "max_steps",
+        "checkpoint_interval",
+        "keep_cluster",
+        "budget_usd",
+    )
+
+    platform: Platform = Field(
+        "local",
+        title="Platform",
+        description="Where the cluster runs: local (emulator + local Slurm), parallelcluster, hyperpod, eks or batch.",
+    )
+    recipe: str = Field("tiny", title="Recipe", description="Model and size, from include/recipes/*.yaml.")
     dataset_uri: str = Field(
         "",
         title="Dataset S3 URI",
@@ -71,26 +148,6 @@ class TrainParams(BaseModel):
         title="Budget (USD)",
         description="Refuse to start when the estimated cost exceeds it.",
     )
-    hang_timeout_minutes: int = Field(
-        10,
-        ge=1,
-        le=1440,
-        title="Hang timeout (minutes)",
-        description="Fail training when no log line arrives for this long.",
-    )
-    expiry_hours: float = Field(
-        24,
-        gt=0,
-        le=720,
-        title="Expiry (hours)",
-        description="Tagged expiry of every resource; the reaper deletes past it.",
-    )
-    extra_env: dict[str, str] = Field(
-        default_factory=dict,
-        title="Extra environment",
-        description='Environment variables for the training job, e.g. {"NCCL_DEBUG": "INFO"}.',
-    )
-
     @field_validator("dataset_uri")
     @classmethod
     def _check_uri(cls, uri: str) -> str:
@@ -98,27 +155,34 @@ class TrainParams(BaseModel):
             raise ValueError("path segments '.' and '..' are not allowed")
         return uri
 
-    @field_validator("extra_env")
-    @classmethod
-    def _check_env(cls, env: dict[str, str]) -> dict[str, str]:
-        if len(env) > 64:
-            raise ValueError(f"at most 64 variables are allowed, got {len(env)}")
-        for name, value in env.items():
-            if not ENV_NAME.fullmatch(name):
-                raise ValueError(f"variable name {name!r} must match {ENV_NAME.pattern}")
-            if name in RESERVED_ENV:
-                raise ValueError(f"variable {name!r} is set by the pipeline and cannot be overridden")
-            if len(value) > 4096 or any(c in value for c in "\0\n\r"):
-                raise ValueError(f"value of {name!r} must be one line of at most 4096 characters")
-        return env
 
 
-def _describe(err: ValidationError) -> str:
+class ValidateParams(ClusterParams):
+    """What a person may set when validating an existing Slurm cluster (``validate_cluster``)."""
+
+    leading: ClassVar[tuple[str, ...]] = ("slurm_conn_id", "num_nodes", "instance_type")
+
+    slurm_conn_id: str = Field(
+        "slurm_default",
+        title="Slurm connection",
+        description="Airflow connection of the cluster's head node (slurm_default: the local cluster).",
+        pattern=r"^[A-Za-z0-9_-]{1,64}$",
+    )
+    python: str = Field(
+        "",
+        title="Python on the nodes",
+        description="Interpreter with torch on every node; empty uses the local profile's virtualenv.",
+        max_length=256,
+        pattern=r"^$|^/[A-Za-z0-9_./-]+$",
+    )
+
+
+def _describe(err: ValidationError, model: type[BaseModel]) -> str:
     lines = []
     for item in err.errors():
         field = ".".join(str(p) for p in item["loc"]) or "conf"
         if item["type"] == "extra_forbidden":
-            lines.append(f"{field}: unknown parameter (allowed: {', '.join(TrainParams.model_fields)})")
+            lines.append(f"{field}: unknown parameter (allowed: {', '.join(model.model_fields)})")
         else:
             lines.append(f"{field}: got {_short(item.get('input'))}; {item['msg']}")
     return "\n".join(lines)
@@ -129,12 +193,17 @@ def _short(value: Any) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
+def parse_params(model: type[P], conf: dict[str, Any]) -> P:
+    """``conf`` as ``model``, or ``ParamsError`` naming every bad field, its value and what is allowed."""
+    try:
+        return model.model_validate(conf)
+    except ValidationError as err:
+        raise ParamsError(f"invalid parameters:\n{_describe(err, model)}") from None
+
+
 def validate_params(conf: dict[str, Any]) -> TrainParams:
     """Validate a run's conf fully (schema, catalogue, platform, instance type, budget) before anything exists."""
-    try:
-        params = TrainParams.model_validate(conf)
-    except ValidationError as err:
-        raise ParamsError(f"invalid parameters:\n{_describe(err)}") from None
+    params = parse_params(TrainParams, conf)
     problems = []
     if params.platform not in IMPLEMENTED_PLATFORMS:
         problems.append(
@@ -170,23 +239,40 @@ def validate_params(conf: dict[str, Any]) -> TrainParams:
     return params
 
 
+def validate_cluster_params(conf: dict[str, Any]) -> ValidateParams:
+    """Validate a ``validate_cluster`` conf before any job is submitted."""
+    params = parse_params(ValidateParams, conf)
+    if params.instance_type not in instance_types():
+        raise ParamsError(
+            f"invalid parameters:\ninstance_type: got {params.instance_type!r}; "
+            f"allowed: {', '.join(sorted(instance_types()))}"
+        )
+    return params
+
+
 def estimate_cost_usd(params: TrainParams, step_seconds: float, price_per_hour: float) -> float:
     hours = params.max_steps * step_seconds / 3600
     return round(hours * price_per_hour * params.num_nodes, 2)
 
 
-def airflow_params(defaults: dict[str, Any] | None = None, recipes: list[str] | None = None) -> dict[str, Any]:
-    """The trigger form: one ``Param`` per field, its JSON schema taken from ``TrainParams``.
+def airflow_params(
+    defaults: dict[str, Any] | None = None,
+    recipes: list[str] | None = None,
+    model: type[ClusterParams] = TrainParams,
+) -> dict[str, Any]:
+    """The trigger form: one ``Param`` per field, its JSON schema taken from ``model``.
 
     ``defaults`` overrides the form's default values (a regression DAG's recipe
     defaults); ``recipes`` limits the recipe dropdown (default: the catalogue).
     """
     from airflow.sdk import Param
 
-    schema = TrainParams.model_json_schema()
+    properties = model.model_json_schema()["properties"]
+    order = [*model.leading, *(name for name in properties if name not in model.leading)]
     defaults = defaults or {}
     form = {}
-    for name, prop in schema["properties"].items():
+    for name in order:
+        prop = properties[name]
         spec = {k: v for k, v in prop.items() if k in _PARAM_KEYS}
         if name == "recipe":
             spec["enum"] = recipes or recipe_names()

@@ -75,6 +75,8 @@ class InstanceType(_Strict):
     peak_flops: float | None
     price_usd_per_hour: float = Field(ge=0)
     expected_busbw_gbps: float = Field(gt=0)
+    busbw_at_bytes: int = Field(gt=0)
+    collective_test: Literal["nccl-tests", "torch"]
 
 
 def _read_yaml(path: Path) -> object:

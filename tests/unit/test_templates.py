@@ -19,6 +19,7 @@ COMMON = {
     "python": "/opt/venv/bin/python",
     "omp_threads": 1,
     "env": {"NCCL_DEBUG": "INFO"},
+    "exclude_nodes": "n[3-4]",
 }
 CONTEXTS: dict[str, dict[str, Any]] = {
     "slurm/train.sbatch.j2": {
@@ -32,6 +33,8 @@ CONTEXTS: dict[str, dict[str, Any]] = {
         "program": Path("/fsx/training/preflight.py"),
         "results_path": Path("/fsx/runs/r/preflight.json"),
         "max_bytes": 16 << 20,
+        "nccl_tests_path": "/fsx/runs/r/nccl-tests.out",
+        "nccl_tests_bin": "/opt/nccl-tests/build",
     },
     "slurm/_env.sh.j2": {"omp_threads": 8, "env": {"NCCL_DEBUG": "INFO"}},
     "slurm/slurm.conf.j2": {
@@ -190,3 +193,22 @@ def test_value_with_newline_cannot_escape_a_comment(tmp_path: Path) -> None:
     with pytest.raises(UnsafeTemplateValue, match="line break"):
         render("slurm/train.sbatch.j2", **context)
     assert list(work.iterdir()) == []
+
+
+def test_excluded_nodes_reach_sbatch_and_nothing_is_excluded_by_default() -> None:
+    for name in ("slurm/train.sbatch.j2", "slurm/preflight.sbatch.j2"):
+        assert "#SBATCH --exclude='n[3-4]'\n" in render(name, **CONTEXTS[name])
+        assert "--exclude" not in render(name, **{**CONTEXTS[name], "exclude_nodes": ""})
+
+
+def test_gpu_preflight_runs_nccl_tests_one_rank_per_gpu() -> None:
+    context = {**CONTEXTS["slurm/preflight.sbatch.j2"], "procs_per_node": 8, "max_bytes": 16 << 30}
+    torch_only = render("slurm/preflight.sbatch.j2", **{**context, "nccl_tests_path": ""})
+    assert "all_reduce_perf" not in torch_only and "--no-busbw" not in torch_only
+    text = render("slurm/preflight.sbatch.j2", **context)
+    assert "#SBATCH --exclusive\n" in text
+    assert "--max-bytes 17179869184 --no-busbw\n" in text
+    assert (
+        "srun --mpi=pmix --ntasks-per-node=8 /opt/nccl-tests/build/all_reduce_perf \\\n"
+        "  -b 8 -e 17179869184 -f 2 -g 1 -c 1 -n 20 > /fsx/runs/r/nccl-tests.out\n"
+    ) in text

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import shlex
 import subprocess
+import time
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
@@ -157,6 +158,16 @@ class SlurmHook(BaseHook):
             self.run(["scancel", *ids], check=False)
             self.log.info("Cancelled Slurm jobs %s (%s)", ", ".join(ids), name)
         return ids
+
+    def cancel_and_wait(self, name: str, *, prefix: bool = False, timeout: float = 120) -> list[str]:
+        """Cancel every active job with this name (or prefix) and wait until Slurm shows none of them."""
+        cancelled = self.cancel_by_name(name, prefix=prefix)
+        deadline = time.monotonic() + timeout
+        while self.find_jobs(name, prefix=prefix):
+            if time.monotonic() > deadline:
+                raise SlurmCommandError(f"Slurm jobs named {name} still active {timeout:.0f}s after scancel")
+            time.sleep(2)
+        return cancelled
 
     def node_count(self) -> int:
         argv = ["sinfo", "-h", "-o", "%D"]

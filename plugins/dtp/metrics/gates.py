@@ -58,32 +58,3 @@ def regression_failures(current: dict[str, Any], history: list[dict[str, Any]], 
                 f"allowed -{gates['max_throughput_regression']:.0%})"
             )
     return failures
-
-
-def preflight_failures(
-    result: dict[str, Any], num_nodes: int, expected_busbw_gbps: float, tolerance: float = 0.8
-) -> list[str]:
-    failures = []
-    ranks = result.get("ranks", [])
-    nodes = {r.get("slurm_node") or r.get("host") for r in ranks}
-    if len(nodes) < num_nodes:
-        failures.append(f"nodes: {len(nodes)} answered ({', '.join(sorted(nodes))}), expected {num_nodes}")
-    for key in ("torch", "cuda", "nccl", "python"):
-        versions = {str(r.get(key)) for r in ranks}
-        if len(versions) > 1:
-            per_node = ", ".join(f"{r.get('slurm_node') or r.get('host')}={r.get(key)}" for r in ranks)
-            failures.append(f"{key} versions differ across nodes: {per_node}")
-    for r in ranks:
-        if r.get("matmul_max_abs_error", 0) > 1e-2:
-            failures.append(
-                f"matmul on {r.get('slurm_node') or r.get('host')} is wrong (max error {r['matmul_max_abs_error']:.3g})"
-            )
-    sweep = result.get("allreduce", [])
-    best = max((row["busbw_gbps"] for row in sweep), default=0.0)
-    floor = expected_busbw_gbps * tolerance
-    if best < floor:
-        failures.append(
-            f"busbw: best {best:.3f} GB/s < {floor:.3f} GB/s "
-            f"({tolerance:.0%} of the expected {expected_busbw_gbps} GB/s)"
-        )
-    return failures

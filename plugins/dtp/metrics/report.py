@@ -20,16 +20,37 @@ def _png(fig: Any) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def plots(
-    summary: TrainingSummary,
-    preflight: dict[str, Any] | None,
-    expected_busbw: float | None,
-    history: list[dict[str, Any]] | None = None,
-) -> dict[str, str]:
+def _pyplot() -> Any:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def busbw_plot(sweep: list[dict[str, Any]], expected: dict[str, Any] | None) -> str:
+    """Measured all-reduce busbw against message size, with the expected figure and the pass floor."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    ax.plot([r["bytes"] for r in sweep], [r["busbw_gbps"] for r in sweep], marker="o", label="measured")
+    if expected:
+        ax.plot([expected["at_bytes"]], [expected["gbps"]], "r*", markersize=12, label="expected (instance type)")
+        ax.axhline(expected["floor"], color="tab:red", linestyle="--", label="pass floor")
+    ax.set(xscale="log", xlabel="message size (bytes)", ylabel="busbw (GB/s)", title="All-reduce bus bandwidth")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    image = _png(fig)
+    plt.close(fig)
+    return image
+
+
+def plots(
+    summary: TrainingSummary,
+    preflight: dict[str, Any] | None,
+    history: list[dict[str, Any]] | None = None,
+) -> dict[str, str]:
+    plt = _pyplot()
 
     images = {}
     fig, ax = plt.subplots(figsize=(6, 3.2))
@@ -47,16 +68,7 @@ def plots(
     plt.close(fig)
 
     if preflight and preflight.get("allreduce"):
-        sweep = preflight["allreduce"]
-        fig, ax = plt.subplots(figsize=(6, 3.2))
-        ax.plot([r["bytes"] for r in sweep], [r["busbw_gbps"] for r in sweep], marker="o", label="measured")
-        if expected_busbw:
-            ax.axhline(expected_busbw, color="tab:red", linestyle="--", label="expected (instance type)")
-        ax.set(xscale="log", xlabel="message size (bytes)", ylabel="busbw (GB/s)", title="All-reduce bus bandwidth")
-        ax.legend()
-        ax.grid(alpha=0.3)
-        images["busbw"] = _png(fig)
-        plt.close(fig)
+        images["busbw"] = busbw_plot(preflight["allreduce"], preflight.get("expected_busbw"))
 
     if history:
         runs = [*history, {"final_loss": summary.final_loss, "median_tokens_per_s": summary.median_tokens_per_s}]
@@ -81,6 +93,50 @@ def _table(rows: dict[str, Any]) -> str:
     return f"<table>{cells}</table>"
 
 
+def _grid(rows: dict[str, dict[str, Any]]) -> str:
+    """A table with one row per key of ``rows`` (a node) and one column per inner key (a component)."""
+    columns = sorted({c for row in rows.values() for c in row})
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in ["node", *columns])
+    body = "".join(
+        f"<tr><th>{html.escape(name)}</th>" + "".join(f"<td>{html.escape(str(row.get(c, '')))}</td>" for c in columns)
+        for name, row in sorted(rows.items())
+    )
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _figures(images: dict[str, str]) -> str:
+    return "".join(
+        f'<figure><img alt="{name}" src="{uri}"><figcaption>{name}</figcaption></figure>'
+        for name, uri in images.items()
+    )
+
+
+def _page(title: str, body: str) -> str:
+    return f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>body{{font-family:sans-serif;margin:2em;max-width:1100px}}table{{border-collapse:collapse;margin:1em 0}}
+th,td{{border:1px solid #ccc;padding:4px 8px;text-align:left}}figure{{display:inline-block;margin:.5em}}
+pre{{background:#f6f6f6;padding:.5em}}.PASSED{{color:#187a18}}.FAILED{{color:#b00}}</style></head>
+<body><h1>{html.escape(title)}</h1>
+{body}
+</body></html>
+"""
+
+
+def _failures(failures: list[str], none: str) -> str:
+    """A list item per failure; multi-line ones (the busbw table) keep their layout."""
+    items = (f"<li><pre>{html.escape(f)}</pre></li>" if "\n" in f else f"<li>{html.escape(f)}</li>" for f in failures)
+    return "".join(items) or f"<li>{none}</li>"
+
+
+def _cluster_section(preflight: dict[str, Any] | None) -> str:
+    if not preflight or not preflight.get("versions"):
+        return ""
+    return "<h2>Cluster validation</h2><p>Versions per node (the reference's efa-versions):</p>" + _grid(
+        preflight["versions"]
+    )
+
+
 def render_report(
     spec: dict[str, Any],
     summary: TrainingSummary,
@@ -89,9 +145,7 @@ def render_report(
     resources: dict[str, Any],
     history: list[dict[str, Any]] | None = None,
 ) -> str:
-    expected = spec["instance"]["expected_busbw_gbps"]
-    images = plots(summary, preflight, expected, history)
-    verdict = "PASSED" if not gate_failures else "FAILED"
+    images = plots(summary, preflight, history)
     key_metrics = {
         "first loss": summary.first_loss,
         "final loss": summary.final_loss,
@@ -103,25 +157,34 @@ def render_report(
         "checkpoints at steps": ", ".join(map(str, summary.checkpoints)),
         "restarts": summary.restarts,
     }
-    figures = "".join(
-        f'<figure><img alt="{name}" src="{uri}"><figcaption>{name}</figcaption></figure>'
-        for name, uri in images.items()
-    )
-    gates = "".join(f"<li>{html.escape(f)}</li>" for f in gate_failures) or "<li>all gates passed</li>"
-    title = f"DTP run {spec['names']['run_key']}"
-    return f"""<!doctype html>
-<html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
-<style>body{{font-family:sans-serif;margin:2em;max-width:1100px}}table{{border-collapse:collapse;margin:1em 0}}
-th,td{{border:1px solid #ccc;padding:4px 8px;text-align:left}}figure{{display:inline-block;margin:.5em}}
-.PASSED{{color:#187a18}}.FAILED{{color:#b00}}</style></head>
-<body><h1>{html.escape(title)}</h1>
-<p>DAG <code>{html.escape(spec["dag_id"])}</code>, run <code>{html.escape(spec["run_id"])}</code>,
+    verdict = "PASSED" if not gate_failures else "FAILED"
+    body = f"""<p>DAG <code>{html.escape(spec["dag_id"])}</code>, run <code>{html.escape(spec["run_id"])}</code>,
 recipe <b>{html.escape(spec["params"]["recipe"])}</b> on <b>{html.escape(spec["params"]["platform"])}</b>.
 Gates: <b class="{verdict}">{verdict}</b></p>
-<ul>{gates}</ul>
+<ul>{_failures(gate_failures, "all gates passed")}</ul>
 <h2>Key metrics</h2>{_table(key_metrics)}
-<h2>Plots</h2>{figures}
+<h2>Plots</h2>{_figures(images)}
+{_cluster_section(preflight)}
 <h2>Parameters</h2>{_table(spec["params"])}
-<h2>Resources</h2>{_table(resources)}
-</body></html>
-"""
+<h2>Resources</h2>{_table(resources)}"""
+    return _page(f"DTP run {spec['names']['run_key']}", body)
+
+
+def render_validation_report(spec: dict[str, Any], result: dict[str, Any]) -> str:
+    """validate_cluster's report: verdict, per-node environment and versions, bandwidth sweep."""
+    failures = result.get("failures", [])
+    verdict = "PASSED" if not failures else "FAILED"
+    environment = {
+        f"rank {r.get('rank')}": {k: r.get(k) for k in ("slurm_node", "host", "device", "matmul_max_abs_error")}
+        for r in result.get("ranks", [])
+    }
+    images = {"busbw": busbw_plot(result["allreduce"], result.get("expected_busbw"))} if result.get("allreduce") else {}
+    body = f"""<p>Cluster connection <code>{html.escape(spec["params"]["slurm_conn_id"])}</code>,
+{spec["params"]["num_nodes"]} x {html.escape(spec["params"]["instance_type"])}.
+Validation: <b class="{verdict}">{verdict}</b></p>
+<ul>{_failures(failures, "every check passed")}</ul>
+<h2>All-reduce bus bandwidth</h2>{_figures(images)}
+<h2>Versions per node</h2>{_grid(result.get("versions", {}))}
+<h2>Environment per rank</h2>{_grid(environment)}
+<h2>Parameters</h2>{_table(spec["params"])}"""
+    return _page(f"DTP cluster validation {spec['names']['run_key']}", body)

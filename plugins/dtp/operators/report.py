@@ -1,4 +1,4 @@
-"""Publish a run's HTML report and link it from the task in the Airflow UI."""
+"""Publish HTML reports to the artifacts bucket and link them from the task in the Airflow UI."""
 
 from __future__ import annotations
 
@@ -9,18 +9,29 @@ from airflow.sdk import BaseOperator, BaseOperatorLink
 from airflow.sdk.exceptions import AirflowSkipException
 from airflow.sdk.execution_time.xcom import XCom
 
-from dtp.pipeline.results import publish_report
+from dtp.metrics.report import render_validation_report
+from dtp.pipeline.results import publish_html, publish_report
 
 REPORT_URL_KEY = "report_url"
 
 
-class TrainingReportLink(BaseOperatorLink):
-    """The "Training report" button on the report task."""
-
-    name = "Training report"
+class _ReportLink(BaseOperatorLink):
+    """A button that opens the presigned URL the report task pushed."""
 
     def get_link(self, operator: BaseOperator, *, ti_key: Any) -> str:
         return XCom.get_value(ti_key=ti_key, key=REPORT_URL_KEY) or ""
+
+
+class TrainingReportLink(_ReportLink):
+    """The "Training report" button on the training report task."""
+
+    name = "Training report"
+
+
+class ValidationReportLink(_ReportLink):
+    """The "Validation report" button on validate_cluster's report task."""
+
+    name = "Validation report"
 
 
 class TrainingReportOperator(BaseOperator):
@@ -57,5 +68,29 @@ class TrainingReportOperator(BaseOperator):
         if not self.metrics:
             raise AirflowSkipException("no metrics were collected (training did not finish): no report")
         report = publish_report(self.spec, self.metrics, self.preflight, self.run_resources or {}, self.aws_conn_id)
+        context["ti"].xcom_push(key=REPORT_URL_KEY, value=report["url"])
+        return report
+
+
+class ClusterValidationReportOperator(BaseOperator):
+    """
+    Render validate_cluster's report (verdict, busbw plot, versions per node) and upload it.
+
+    :param spec: the validation spec from ``validate_params``
+    :param result: the judged preflight result (with its ``failures``)
+    """
+
+    template_fields: Sequence[str] = ("spec", "result")
+    operator_extra_links = (ValidationReportLink(),)
+
+    def __init__(self, *, spec: Any, result: Any, aws_conn_id: str = "aws_default", **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.spec = spec
+        self.result = result
+        self.aws_conn_id = aws_conn_id
+
+    def execute(self, context: Any) -> dict[str, str]:
+        html = render_validation_report(self.spec, self.result)
+        report = publish_html(f"validation/{self.spec['names']['run_key']}/report.html", html, self.aws_conn_id)
         context["ti"].xcom_push(key=REPORT_URL_KEY, value=report["url"])
         return report

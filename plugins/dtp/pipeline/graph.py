@@ -22,6 +22,7 @@ from airflow.sdk.exceptions import AirflowFailException
 from botocore.exceptions import ClientError
 
 from dtp.metrics.gates import GateFailed
+from dtp.metrics.preflight_gate import preflight_message
 from dtp.operators.report import TrainingReportOperator
 from dtp.operators.slurm import SlurmSubmitJobOperator
 from dtp.params import ParamsError
@@ -95,10 +96,12 @@ def prepare_preflight(spec: dict[str, Any], cluster: dict[str, Any], images: dic
 
 
 @task
-def check_preflight(spec: dict[str, Any], cluster: dict[str, Any], results_path: str) -> dict[str, Any]:
-    checked = results.check_preflight(spec, cluster, results_path)
+def check_preflight(
+    spec: dict[str, Any], cluster: dict[str, Any], results_path: str, nccl_tests_path: str
+) -> dict[str, Any]:
+    checked = results.check_preflight(spec, cluster, results_path, nccl_tests_path)
     if checked["failures"]:
-        raise AirflowFailException("preflight failed:\n" + "\n".join(checked["failures"]))
+        raise AirflowFailException(preflight_message(checked["failures"]))
     return checked["result"]
 
 
@@ -146,7 +149,7 @@ def watcher() -> None:
     raise AirflowFailException("a task of this run failed; see the failed task's log")
 
 
-def _submit(task_id: str, job: Any, **kwargs: Any) -> SlurmSubmitJobOperator:
+def submit_prepared_job(task_id: str, job: Any, **kwargs: Any) -> SlurmSubmitJobOperator:
     """Submit a job prepared by ``dtp.pipeline.jobs`` (its XCom keys are the operator's arguments)."""
     return SlurmSubmitJobOperator(
         task_id=task_id,
@@ -185,14 +188,14 @@ def training_pipeline(dag: DAG) -> None:
 
     with TaskGroup("preflight", tooltip="environment screen and all-reduce bus bandwidth on every node"):
         pf_job = prepare_preflight(spec, cluster, images)
-        pf_run = _submit("run_checks", pf_job)
-        pf_result = check_preflight(spec, cluster, pf_job["results_path"])
+        pf_run = submit_prepared_job("run_checks", pf_job)
+        pf_result = check_preflight(spec, cluster, pf_job["results_path"], pf_job["nccl_tests_path"])
         pf_run >> pf_result
     staged >> pf_job
 
     with TaskGroup("train", tooltip="FSDP training on Slurm, resumable from checkpoints"):
         job = prepare_training(spec, cluster, images, staged)
-        run = _submit("run_job", job, retries=1)
+        run = submit_prepared_job("run_job", job, retries=1)
         job >> run
     pf_result >> job
 

@@ -18,6 +18,8 @@ from dtp.recipes import INCLUDE_DIR
 from dtp.templates import render
 
 TRAINING_DIR = INCLUDE_DIR / "training"
+# Where the reference repo's AMIs and containers install nccl-tests; an image may say otherwise.
+NCCL_TESTS_BIN = "/opt/nccl-tests/build"
 
 
 def _common(spec: dict[str, Any], images: dict[str, Any]) -> dict[str, Any]:
@@ -29,6 +31,7 @@ def _common(spec: dict[str, Any], images: dict[str, Any]) -> dict[str, Any]:
         "python": images["python"],
         "omp_threads": 1 if on_cpu else 8,
         "env": spec["params"]["extra_env"],
+        "exclude_nodes": spec["params"]["exclude_nodes"],
     }
 
 
@@ -51,15 +54,18 @@ def prepare_preflight(spec: dict[str, Any], cluster: dict[str, Any], images: dic
     hook = SlurmHook(cluster["slurm_conn_id"])
     workdir = run_dir(spec, cluster)
     results = workdir / "preflight.json"
+    nccl_tests = workdir / "nccl-tests.out" if spec["instance"]["collective_test"] == "nccl-tests" else None
     script = render(
         "slurm/preflight.sbatch.j2",
         **_common(spec, images),
         program=TRAINING_DIR / "preflight.py",
         results_path=results,
-        max_bytes=16 << 20 if spec["instance"]["accelerator"] == "cpu" else 16 << 30,
+        max_bytes=spec["instance"]["busbw_at_bytes"],
+        nccl_tests_path=nccl_tests or "",
+        nccl_tests_bin=images.get("nccl_tests_bin", NCCL_TESTS_BIN),
     )
     job = _write_job(hook, spec, workdir, "preflight", script, f"{spec['names']['slurm_job']}-preflight")
-    return {**job, "results_path": str(results)}
+    return {**job, "results_path": str(results), "nccl_tests_path": str(nccl_tests or "")}
 
 
 def training_config(spec: dict[str, Any], workdir: str, data: dict[str, Any]) -> dict[str, Any]:

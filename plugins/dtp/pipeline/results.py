@@ -16,8 +16,10 @@ from airflow.providers.amazon.aws.hooks.s3 import S3Hook
 
 from dtp.hooks.slurm import SlurmHook
 from dtp.metrics import history
-from dtp.metrics.gates import comparable_runs, preflight_failures, regression_failures, training_failures
+from dtp.metrics.gates import comparable_runs, regression_failures, training_failures
+from dtp.metrics.nccl_tests import parse_nccl_tests
 from dtp.metrics.parse import TrainingSummary, summarize
+from dtp.metrics.preflight_gate import BusbwExpectation, busbw_table, node_versions, preflight_failures
 from dtp.metrics.report import render_report
 from dtp.naming import OWNER, TAG_PREFIX
 
@@ -53,11 +55,35 @@ def read_json(cluster: dict[str, Any], path: str) -> dict[str, Any]:
     return json.loads(text)
 
 
-def check_preflight(spec: dict[str, Any], cluster: dict[str, Any], results_path: str) -> dict[str, Any]:
+def busbw_expectation(spec: dict[str, Any]) -> BusbwExpectation:
+    """The instance type's expected busbw, unless the run's ``expected_busbw_gbps`` param overrides it."""
+    instance = spec["instance"]
+    gbps = spec["params"].get("expected_busbw_gbps") or instance["expected_busbw_gbps"]
+    return BusbwExpectation(gbps=gbps, at_bytes=instance["busbw_at_bytes"])
+
+
+def check_preflight(
+    spec: dict[str, Any], cluster: dict[str, Any], results_path: str, nccl_tests_path: str = ""
+) -> dict[str, Any]:
+    """Judge the preflight job's results; the result gains the per-node version table and the verdict."""
     result = read_json(cluster, results_path)
-    failures = preflight_failures(result, spec["params"]["num_nodes"], spec["instance"]["expected_busbw_gbps"])
-    for row in result["allreduce"]:
-        log.info("all-reduce %10d bytes: busbw %.3f GB/s", row["bytes"], row["busbw_gbps"])
+    failures = []
+    if nccl_tests_path:
+        text, _ = SlurmHook(cluster["slurm_conn_id"]).read_file(nccl_tests_path)
+        nccl = parse_nccl_tests(text)
+        result["allreduce"] = nccl.rows
+        result["nccl_tests"] = {"avg_busbw_gbps": nccl.avg_busbw_gbps, "out_of_bounds": nccl.out_of_bounds}
+        if nccl.wrong_results or nccl.out_of_bounds:
+            failures.append(f"nccl-tests: {nccl.wrong_results} wrong results, {nccl.out_of_bounds} out of bounds")
+    expected = busbw_expectation(spec)
+    gpus = spec["instance"]["accelerators_per_node"] if spec["instance"]["collective_test"] == "nccl-tests" else 0
+    failures += preflight_failures(result, spec["params"]["num_nodes"], expected, gpus_per_node=gpus)
+    result["versions"] = node_versions(result)
+    result["expected_busbw"] = {"gbps": expected.gbps, "at_bytes": expected.at_bytes, "floor": expected.floor}
+    result["failures"] = failures
+    log.info("All-reduce bus bandwidth:\n%s", busbw_table(result["allreduce"], expected))
+    for node, table in sorted(result["versions"].items()):
+        log.info("%s: %s", node, ", ".join(f"{k} {v}" for k, v in table.items()))
     return {"result": result, "failures": failures}
 
 
@@ -115,8 +141,12 @@ def publish_report(
 ) -> dict[str, str]:
     trend = comparable_runs(metrics, metrics.get("history", []))
     html = render_report(spec, _summary(metrics), preflight, gate_failures(spec, metrics), resources, trend)
+    return publish_html(f"runs/{spec['names']['run_key']}/report.html", html, aws_conn_id)
+
+
+def publish_html(key: str, html: str, aws_conn_id: str) -> dict[str, str]:
+    """Upload a self-contained HTML page to the artifacts bucket; its S3 URI and a presigned URL."""
     bucket = artifacts_bucket(aws_conn_id)
-    key = f"runs/{spec['names']['run_key']}/report.html"
     s3 = S3Hook(aws_conn_id=aws_conn_id)
     s3.conn.put_object(Bucket=bucket, Key=key, Body=html.encode(), ContentType="text/html; charset=utf-8")
     url = s3.generate_presigned_url("get_object", params={"Bucket": bucket, "Key": key}, expires_in=REPORT_URL_TTL_S)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from dtp.hostlist import expand_hostlist
 from dtp.naming import RunNames, expiry, resource_tags
 from dtp.params import ParamsError, estimate_cost_usd, validate_params
 from dtp.platforms import get_platform
@@ -20,11 +21,12 @@ def build_spec(params: Mapping[str, Any], conf: Mapping[str, Any], dag_id: str, 
     merged = {**dict(params), **dict(conf)}
     validated = validate_params(merged)
     platform = get_platform(validated.platform)
-    capacity = platform.max_nodes()
+    excluded = len(expand_hostlist(validated.exclude_nodes))
+    capacity = platform.max_nodes() - excluded
     if validated.num_nodes > capacity:
         raise ParamsError(
             f"invalid parameters:\nnum_nodes: got {validated.num_nodes}; platform {validated.platform!r} "
-            f"has at most {capacity} nodes"
+            f"has at most {capacity} nodes" + (f" once {excluded} are excluded" if excluded else "")
         )
     recipe = get_recipe(validated.recipe)
     instance = instance_types()[validated.instance_type]

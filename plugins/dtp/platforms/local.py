@@ -7,7 +7,6 @@ job name, so teardown cancels by name and checks no job of the run is left.
 from __future__ import annotations
 
 import sys
-import time
 from typing import Any
 
 from dtp.hooks.slurm import SlurmHook
@@ -47,13 +46,5 @@ class LocalSlurmPlatform:
         }
 
     def teardown(self, spec: dict[str, Any]) -> dict[str, Any]:
-        hook = self.hook
         # Every job of the run (training, preflight, ...) is named with the run's key as prefix.
-        name = spec["names"]["slurm_job"]
-        cancelled = hook.cancel_by_name(name, prefix=True)
-        deadline = time.monotonic() + 120
-        while hook.find_jobs(name, prefix=True):
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"Slurm jobs named {name} still active 120s after scancel")
-            time.sleep(2)
-        return {"cancelled_jobs": cancelled}
+        return {"cancelled_jobs": self.hook.cancel_and_wait(spec["names"]["slurm_job"], prefix=True)}

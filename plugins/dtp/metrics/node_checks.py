@@ -1,0 +1,103 @@
+"""Per-node software versions and GPU health, from the raw probe outputs preflight collects.
+
+The preflight program only captures what the tools print on each node
+(``/opt/amazon/efa_installed_packages``, ``fi_info --version``, the
+aws-ofi-nccl library's version string, ``nvidia-smi`` queries, kernel Xid
+lines); every interpretation lives here, tested against real captured output.
+The version set is the reference repo's efa-versions table.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+VERSION_PROBES = ("efa_installer", "libfabric", "aws_ofi_nccl", "nvidia_driver")
+_EFA_INSTALLER = re.compile(r"#\s*EFA installer version:\s*(\S+)")
+_LIBFABRIC = re.compile(r"^libfabric:\s*(\S+)", re.MULTILINE)
+_OFI_NCCL = re.compile(r"aws-ofi-nccl\s+v?(\d+\.\d+\.\d+\S*)")
+_XID = re.compile(r"NVRM: Xid \((?P<device>[^)]*)\):\s*(?P<code>\d+)")
+# NVIDIA's Xid catalogue, "resolution bucket": these need the node drained (reset or reboot), not a job restart.
+NODE_FATAL_XIDS = {
+    48: "double-bit ECC error",
+    64: "ECC page retirement or row remapping failure",
+    74: "NVLink error",
+    79: "GPU has fallen off the bus",
+    95: "uncontained ECC error",
+    119: "GSP RPC timeout",
+    120: "GSP error",
+    143: "GPU initialization failure",
+}
+
+
+def node_name(record: dict[str, Any]) -> str:
+    return str(record.get("slurm_node") or record.get("host") or f"rank {record.get('rank')}")
+
+
+def versions(probes: dict[str, str | None]) -> dict[str, str]:
+    """The efa-versions table of one node; ``absent`` where the component is not installed."""
+    gpus = _smi_rows(probes.get("nvidia_smi"))
+    found: dict[str, str | None] = {
+        "efa_installer": _first(_EFA_INSTALLER, probes.get("efa_installed_packages")),
+        "libfabric": _first(_LIBFABRIC, probes.get("fi_info_version")),
+        "aws_ofi_nccl": _first(_OFI_NCCL, probes.get("ofi_nccl_strings")),
+        "nvidia_driver": gpus[0].get("driver_version") if gpus else None,
+    }
+    return {key: value or "absent" for key, value in found.items()}
+
+
+def _first(pattern: re.Pattern[str], text: str | None) -> str | None:
+    match = pattern.search(text or "")
+    return match.group(1) if match else None
+
+
+def _smi_rows(text: str | None) -> list[dict[str, str]]:
+    """``nvidia-smi --query-gpu=... --format=csv`` as one dict per GPU, keyed by the header's field names."""
+    lines = [line for line in (text or "").splitlines() if line.strip() and not line.startswith("#")]
+    if not lines:
+        return []
+    header = [name.strip().split(" [")[0] for name in lines[0].split(",")]
+    rows = []
+    for line in lines[1:]:
+        cells = [cell.strip() for cell in line.split(",")]
+        if len(cells) == len(header):
+            rows.append(dict(zip(header, cells, strict=True)))
+    return rows
+
+
+def xid_errors(dmesg: str | None) -> list[tuple[int, str]]:
+    """``(code, device)`` for each NVIDIA Xid line in a kernel log."""
+    return [(int(m["code"]), m["device"]) for m in _XID.finditer(dmesg or "")]
+
+
+def health_failures(node: str, probes: dict[str, str | None], expected_gpus: int) -> list[str]:
+    """Why this node should not run the job: missing GPUs, uncorrected ECC errors, node-fatal Xids."""
+    if expected_gpus == 0:  # a CPU instance type: nothing to check
+        return []
+    failures = []
+    gpus = _smi_rows(probes.get("nvidia_smi"))
+    if len(gpus) < expected_gpus:
+        failures.append(f"node {node}: {len(gpus)} GPUs visible to nvidia-smi, expected {expected_gpus}")
+    for gpu in gpus:
+        ecc = gpu.get("ecc.errors.uncorrected.volatile.total", "")
+        if ecc.isdigit() and int(ecc) > 0:
+            failures.append(f"node {node}: GPU {gpu.get('index', '?')} has {ecc} uncorrected ECC errors")
+    fatal = sorted({(code, dev) for code, dev in xid_errors(probes.get("dmesg_xid")) if code in NODE_FATAL_XIDS})
+    for code, device in fatal:
+        failures.append(f"node {node}: Xid {code} ({NODE_FATAL_XIDS[code]}) on {device}")
+    return failures
+
+
+def version_mismatches(per_node: dict[str, dict[str, str]]) -> list[str]:
+    """One line per component whose version differs across nodes, naming the odd nodes out."""
+    failures = []
+    components = sorted({key for table in per_node.values() for key in table})
+    for component in components:
+        by_version: dict[str, list[str]] = {}
+        for node, table in sorted(per_node.items()):
+            by_version.setdefault(table.get(component, "absent"), []).append(node)
+        if len(by_version) > 1:
+            common = max(by_version, key=lambda v: len(by_version[v]))
+            odd = ", ".join(f"{n}={v}" for v, nodes in by_version.items() if v != common for n in nodes)
+            failures.append(f"{component} differs across nodes: {odd} (others: {common})")
+    return failures

@@ -1,0 +1,121 @@
+# TaskFlow wiring passes XComArgs where the task callables declare plain values: mypy cannot see through it.
+# mypy: disable-error-code="arg-type,index"
+"""validate_cluster: the preflight checks as a pipeline of their own, against a cluster that already exists.
+
+    validate_params -> connect_cluster -> prepare_checks -> run_checks -> evaluate -> report -> verdict
+    cancel_jobs   (teardown of prepare_checks: no job of the run is left on the cluster)
+
+The checks and the gate are train_e2e's preflight (dtp.pipeline.jobs,
+dtp.pipeline.results); the report is its own page with the bandwidth sweep and
+the versions of every node.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+from airflow.sdk import DAG, task
+from airflow.sdk.exceptions import AirflowFailException
+
+from dtp.hooks.slurm import SlurmHook
+from dtp.hostlist import expand_hostlist
+from dtp.metrics.preflight_gate import preflight_message
+from dtp.naming import RunNames, expiry, resource_tags
+from dtp.operators.report import ClusterValidationReportOperator
+from dtp.params import ParamsError, validate_cluster_params
+from dtp.pipeline import jobs, results
+from dtp.pipeline.graph import AWS_CONN_ID, submit_prepared_job
+from dtp.recipes import instance_types
+
+log = logging.getLogger(__name__)
+
+
+def build_validation_spec(params: dict[str, Any], conf: dict[str, Any], dag_id: str, run_id: str) -> dict[str, Any]:
+    """The spec the preflight job writers and the gate read, for a validation run."""
+    validated = validate_cluster_params({**params, **conf})
+    names = RunNames(dag_id, run_id)
+    return {
+        "dag_id": dag_id,
+        "run_id": run_id,
+        "params": validated.model_dump(),
+        "instance": instance_types()[validated.instance_type].model_dump(),
+        "names": names.as_dict(),
+        "tags": resource_tags(names, "cluster-validation", expiry(validated.expiry_hours)),
+    }
+
+
+def connect(spec: dict[str, Any]) -> dict[str, Any]:
+    """The cluster behind the connection, checked to have the nodes the validation asks for."""
+    params = spec["params"]
+    hook = SlurmHook(params["slurm_conn_id"])
+    nodes = hook.node_count()
+    usable = nodes - len(expand_hostlist(params["exclude_nodes"]))
+    if usable < params["num_nodes"]:
+        raise ParamsError(
+            f"num_nodes: got {params['num_nodes']}; the cluster behind {params['slurm_conn_id']!r} has {nodes} "
+            f"nodes, {usable} once exclude_nodes={params['exclude_nodes']!r} is applied"
+        )
+    return {
+        "platform": "existing",
+        "slurm_conn_id": params["slurm_conn_id"],
+        "shared_dir": hook.shared_dir,
+        "nodes": nodes,
+        "python": params["python"] or sys.executable,
+    }
+
+
+@task
+def validate_params(**context: Any) -> dict[str, Any]:
+    """Refuse bad input before any job is submitted."""
+    try:
+        return build_validation_spec(
+            context["params"], context["dag_run"].conf or {}, context["dag"].dag_id, context["run_id"]
+        )
+    except ParamsError as err:
+        raise AirflowFailException(str(err)) from None
+
+
+@task
+def connect_cluster(spec: dict[str, Any]) -> dict[str, Any]:
+    try:
+        return connect(spec)
+    except ParamsError as err:
+        raise AirflowFailException(str(err)) from None
+
+
+@task(multiple_outputs=True)
+def prepare_checks(spec: dict[str, Any], cluster: dict[str, Any]) -> dict[str, str]:
+    return jobs.prepare_preflight(spec, cluster, {"python": cluster["python"]})
+
+
+@task
+def evaluate(spec: dict[str, Any], cluster: dict[str, Any], results_path: str, nccl_tests_path: str) -> dict[str, Any]:
+    """Judge the results; failures are reported first and fail the run in ``verdict``."""
+    return results.check_preflight(spec, cluster, results_path, nccl_tests_path)["result"]
+
+
+@task
+def verdict(result: dict[str, Any]) -> None:
+    if result["failures"]:
+        raise AirflowFailException(preflight_message(result["failures"]))
+    log.info("The cluster passed every check")
+
+
+@task(retries=3)
+def cancel_jobs(spec: dict[str, Any], cluster: dict[str, Any]) -> list[str]:
+    return SlurmHook(cluster["slurm_conn_id"]).cancel_and_wait(spec["names"]["slurm_job"], prefix=True)
+
+
+def validation_pipeline(dag: DAG) -> None:
+    """Add validate_cluster's tasks to ``dag`` (call inside ``with DAG(...) as dag``)."""
+    spec = validate_params()
+    cluster = connect_cluster(spec)
+    job = prepare_checks(spec, cluster)
+    run = submit_prepared_job("run_checks", job)
+    result = evaluate(spec, cluster, job["results_path"], job["nccl_tests_path"])
+    run >> result
+    report = ClusterValidationReportOperator(task_id="report", spec=spec, result=result, aws_conn_id=AWS_CONN_ID)
+    report >> verdict(result)
+    report >> cancel_jobs(spec, cluster).as_teardown(setups=job)
