@@ -80,7 +80,6 @@ class ClusterParams(BaseModel):
         description='Environment variables for the training job, e.g. {"NCCL_DEBUG": "INFO"}.',
     )
 
-
     @field_validator("exclude_nodes")
     @classmethod
     def _check_hostlist(cls, expression: str) -> str:
@@ -148,13 +147,13 @@ class TrainParams(ClusterParams):
         title="Budget (USD)",
         description="Refuse to start when the estimated cost exceeds it.",
     )
+
     @field_validator("dataset_uri")
     @classmethod
     def _check_uri(cls, uri: str) -> str:
         if any(part in (".", "..") for part in uri.removeprefix("s3://").split("/")):
             raise ValueError("path segments '.' and '..' are not allowed")
         return uri
-
 
 
 class ValidateParams(ClusterParams):

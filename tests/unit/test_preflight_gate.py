@@ -151,12 +151,12 @@ def test_a_component_missing_on_one_node_is_a_mismatch() -> None:
 def test_gpu_health_names_the_bad_node_and_how_to_exclude_it() -> None:
     sick = probes(
         dmesg_xid="[Mon Nov 23 10:00:00 2026] NVRM: Xid (PCI:0000:53:00): 79, pid=1234, GPU has fallen off the bus.",
-        nvidia_smi=probes()["nvidia_smi"].replace("3, NVIDIA H100 80GB HBM3, 535.129.03, 0", "3, NVIDIA H100 80GB HBM3, 535.129.03, 2"),
+        nvidia_smi=probes()["nvidia_smi"].replace("535.129.03, 0\n3,", "535.129.03, 2\n3,"),
     )
     ranks = [rank("n1", probes=probes()), rank("n7", probes=sick)]
     failures = preflight_failures(preflight(ranks, [1, 1, 1, 1, 100]), 2, EXPECTED, gpus_per_node=8)
     assert failures == [
-        "node n7: GPU 3 has 2 uncorrected ECC errors",
+        "node n7: GPU 2 has 2 uncorrected ECC errors",
         "node n7: Xid 79 (GPU has fallen off the bus) on PCI:0000:53:00",
     ]
     assert bad_nodes(failures) == ["n7"]
