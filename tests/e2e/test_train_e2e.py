@@ -118,6 +118,18 @@ def test_training_failure_still_tears_down(airflow_api, aws) -> None:
     _assert_nothing_left(airflow_api, aws, run_id)
 
 
+def test_preflight_failure_stops_before_training_and_tears_down(airflow_api, aws) -> None:
+    # Expect more all-reduce bandwidth than loopback gloo gives: the gate must stop the run before train.
+    run_id, state, tasks = _run(airflow_api, {"expected_busbw_gbps": 1000.0, "max_steps": 20, "checkpoint_interval": 10}, timeout=600)
+    assert state == "failed"
+    assert tasks["preflight.check_preflight"] == "failed"
+    assert tasks["train.prepare_training"] == "upstream_failed" and tasks["train.run_job"] == "upstream_failed"
+    assert tasks["teardown_cluster"] == "success" and tasks["teardown_network"] == "success"
+    log = _task_log(airflow_api, run_id, "preflight.check_preflight")
+    assert "(80% of the expected 1000.0 GB/s)" in log and "TOO LOW" in log
+    _assert_nothing_left(airflow_api, aws, run_id)
+
+
 def test_unknown_key_is_refused_before_anything_exists(airflow_api, aws) -> None:
     run_id, state, tasks = _run(airflow_api, {"num_nodse": 2}, timeout=300)
     assert state == "failed" and tasks["validate_params"] == "failed"

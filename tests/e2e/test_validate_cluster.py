@@ -1,0 +1,48 @@
+"""validate_cluster through the real scheduler against the local Slurm cluster, triggered over REST."""
+
+from __future__ import annotations
+
+import urllib.parse
+
+import pytest
+
+from dtp.hooks.slurm import SlurmHook
+
+pytestmark = [pytest.mark.stack, pytest.mark.e2e]
+DAG_ID = "validate_cluster"
+
+
+def _run(api, conf: dict) -> tuple[str, str, dict[str, str]]:
+    api.wait_for_dag(DAG_ID)
+    run_id = api.trigger(DAG_ID, conf)
+    state = api.wait(DAG_ID, run_id, timeout=600)
+    return run_id, state, {ti["task_id"]: ti["state"] for ti in api.task_instances(DAG_ID, run_id)}
+
+
+def _report(api, aws, run_id: str) -> str:
+    report = api.xcom(DAG_ID, run_id, "report")
+    quoted = urllib.parse.quote(run_id, safe="")
+    _, links = api.request("GET", f"/api/v2/dags/{DAG_ID}/dagRuns/{quoted}/taskInstances/report/links")
+    assert links["extra_links"]["Validation report"] == report["url"]
+    bucket, key = report["uri"].removeprefix("s3://").split("/", 1)
+    return aws("s3").get_object(Bucket=bucket, Key=key)["Body"].read().decode()
+
+
+def test_local_cluster_passes_with_a_report(airflow_api, aws) -> None:
+    run_id, state, tasks = _run(airflow_api, {})
+    assert state == "success", tasks
+    assert all(s == "success" for s in tasks.values()), tasks
+    html = _report(airflow_api, aws, run_id)
+    assert '<b class="PASSED">PASSED</b>' in html
+    assert '<img alt="busbw" src="data:image/png;base64,' in html
+    assert "<th>n1</th>" in html and "<th>n2</th>" in html and "<th>efa_installer</th>" in html
+    spec = airflow_api.xcom(DAG_ID, run_id, "validate_params")
+    assert SlurmHook().find_jobs(spec["names"]["slurm_job"], prefix=True) == []
+
+
+def test_failing_cluster_still_gets_its_report_and_fails_the_run(airflow_api, aws) -> None:
+    run_id, state, tasks = _run(airflow_api, {"expected_busbw_gbps": 500.0})
+    assert state == "failed"
+    assert tasks["report"] == "success" and tasks["verdict"] == "failed" and tasks["cancel_jobs"] == "success"
+    html = _report(airflow_api, aws, run_id)
+    assert '<b class="FAILED">FAILED</b>' in html and "TOO LOW" in html
