@@ -120,7 +120,9 @@ def test_training_failure_still_tears_down(airflow_api, aws) -> None:
 
 def test_preflight_failure_stops_before_training_and_tears_down(airflow_api, aws) -> None:
     # Expect more all-reduce bandwidth than loopback gloo gives: the gate must stop the run before train.
-    run_id, state, tasks = _run(airflow_api, {"expected_busbw_gbps": 1000.0, "max_steps": 20, "checkpoint_interval": 10}, timeout=600)
+    run_id, state, tasks = _run(
+        airflow_api, {"expected_busbw_gbps": 1000.0, "max_steps": 20, "checkpoint_interval": 10}, timeout=600
+    )
     assert state == "failed"
     assert tasks["preflight.check_preflight"] == "failed"
     assert tasks["train.prepare_training"] == "upstream_failed" and tasks["train.run_job"] == "upstream_failed"
