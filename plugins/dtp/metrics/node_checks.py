@@ -56,10 +56,10 @@ def _smi_rows(text: str | None) -> list[dict[str, str]]:
     lines = [line for line in (text or "").splitlines() if line.strip() and not line.startswith("#")]
     if not lines:
         return []
-    header = [name.strip().split(" [")[0] for name in lines[0].split(",")]
+    header = [name.strip().split(" [")[0] for name in lines[0].rstrip().removesuffix(",").split(",")]
     rows = []
     for line in lines[1:]:
-        cells = [cell.strip() for cell in line.split(",")]
+        cells = [cell.strip() for cell in line.rstrip().removesuffix(",").split(",")]
         if len(cells) == len(header):
             rows.append(dict(zip(header, cells, strict=True)))
     return rows
@@ -81,7 +81,8 @@ def health_failures(node: str, probes: dict[str, str | None], expected_gpus: int
     for gpu in gpus:
         ecc = gpu.get("ecc.errors.uncorrected.volatile.total", "")
         if ecc.isdigit() and int(ecc) > 0:
-            failures.append(f"node {node}: GPU {gpu.get('index', '?')} has {ecc} uncorrected ECC errors")
+            gpu_id = gpu.get("index") or gpu.get("pci.bus_id", "?")
+            failures.append(f"node {node}: GPU {gpu_id} has {ecc} uncorrected ECC errors")
     fatal = sorted({(code, dev) for code, dev in xid_errors(probes.get("dmesg_xid")) if code in NODE_FATAL_XIDS})
     for code, device in fatal:
         failures.append(f"node {node}: Xid {code} ({NODE_FATAL_XIDS[code]}) on {device}")
