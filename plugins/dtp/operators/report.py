@@ -10,7 +10,7 @@ from airflow.sdk.exceptions import AirflowSkipException
 from airflow.sdk.execution_time.xcom import XCom
 
 from dtp.metrics.report import render_validation_report
-from dtp.pipeline.results import publish_html, publish_report
+from dtp.pipeline.results import export_metrics, publish_html, publish_report
 
 REPORT_URL_KEY = "report_url"
 
@@ -69,6 +69,7 @@ class TrainingReportOperator(BaseOperator):
             raise AirflowSkipException("no metrics were collected (training did not finish): no report")
         report = publish_report(self.spec, self.metrics, self.preflight, self.run_resources or {}, self.aws_conn_id)
         context["ti"].xcom_push(key=REPORT_URL_KEY, value=report["url"])
+        export_metrics(self.spec, self.metrics, self.preflight)
         return report
 
 
@@ -93,4 +94,5 @@ class ClusterValidationReportOperator(BaseOperator):
         html = render_validation_report(self.spec, self.result)
         report = publish_html(f"validation/{self.spec['names']['run_key']}/report.html", html, self.aws_conn_id)
         context["ti"].xcom_push(key=REPORT_URL_KEY, value=report["url"])
+        export_metrics(self.spec, {}, self.result)
         return report

@@ -13,9 +13,11 @@ from typing import Any
 
 from airflow.providers.amazon.aws.hooks.base_aws import AwsBaseHook
 from airflow.providers.amazon.aws.hooks.s3 import S3Hook
+from airflow.sdk.bases.hook import BaseHook
+from airflow.sdk.exceptions import AirflowNotFoundException
 
 from dtp.hooks.slurm import SlurmHook
-from dtp.metrics import history
+from dtp.metrics import history, prometheus
 from dtp.metrics.gates import comparable_runs, regression_failures, training_failures
 from dtp.metrics.nccl_tests import parse_nccl_tests
 from dtp.metrics.parse import TrainingSummary, summarize
@@ -25,6 +27,7 @@ from dtp.naming import OWNER, TAG_PREFIX
 
 log = logging.getLogger(__name__)
 REPORT_URL_TTL_S = 7 * 24 * 3600
+PUSHGATEWAY_CONN_ID = "prometheus_pushgateway"
 # Recent entries read from the history; runs of other shapes among them are filtered out afterwards.
 HISTORY_WINDOW = 50
 
@@ -152,3 +155,15 @@ def publish_html(key: str, html: str, aws_conn_id: str) -> dict[str, str]:
     url = s3.generate_presigned_url("get_object", params={"Bucket": bucket, "Key": key}, expires_in=REPORT_URL_TTL_S)
     log.info("Report: s3://%s/%s", bucket, key)
     return {"uri": f"s3://{bucket}/{key}", "url": url or ""}
+
+
+def export_metrics(spec: dict[str, Any], metrics: dict[str, Any], preflight: dict[str, Any] | None) -> bool:
+    """Push the run's numbers to the Pushgateway of the ``prometheus_pushgateway`` connection, if there is one."""
+    try:
+        conn = BaseHook.get_connection(PUSHGATEWAY_CONN_ID)
+    except AirflowNotFoundException:
+        log.info("No %s connection: metrics are not exported to Prometheus", PUSHGATEWAY_CONN_ID)
+        return False
+    url = f"{conn.schema or 'http'}://{conn.host}" + (f":{conn.port}" if conn.port else "")
+    prometheus.push(url, spec["names"]["run_key"], prometheus.exposition(spec, metrics, preflight))
+    return True

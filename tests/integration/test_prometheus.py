@@ -1,0 +1,78 @@
+"""Run metrics pushed to a real Pushgateway (Debian's prometheus-pushgateway) through the Airflow connection."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import time
+import urllib.request
+from collections.abc import Iterator
+
+import pytest
+
+from dtp.pipeline.results import PUSHGATEWAY_CONN_ID, export_metrics
+
+SPEC = {
+    "dag_id": "train_e2e",
+    "names": {"run_key": "dtp-train-e2e-0123456789"},
+    "params": {"recipe": "tiny", "platform": "local", "instance_type": "local.cpu", "num_nodes": 2},
+}
+METRICS = {"first_loss": 5.5, "final_loss": 1.9, "median_tokens_per_s": 21000.0, "mfu": None, "last_step": 300}
+PREFLIGHT = {"allreduce": [{"bytes": 65536, "busbw_gbps": 0.03}, {"bytes": 16777216, "busbw_gbps": 1.2}]}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def pushgateway(tmp_path) -> Iterator[str]:
+    port = _free_port()
+    proc = subprocess.Popen(
+        ["prometheus-pushgateway", f"--web.listen-address=127.0.0.1:{port}"],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            urllib.request.urlopen(f"{url}/-/ready", timeout=1)
+            break
+        except OSError:
+            if time.monotonic() > deadline:
+                proc.kill()
+                raise
+            time.sleep(0.2)
+    yield url
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+def _series(url: str) -> list[str]:
+    text = urllib.request.urlopen(f"{url}/metrics", timeout=5).read().decode()
+    return [line for line in text.splitlines() if line.startswith("dtp_")]
+
+
+def test_run_metrics_land_on_the_pushgateway_once_per_run(pushgateway: str, monkeypatch) -> None:
+    monkeypatch.setenv(f"AIRFLOW_CONN_{PUSHGATEWAY_CONN_ID.upper()}", pushgateway)
+    assert export_metrics(SPEC, METRICS, PREFLIGHT)
+    assert export_metrics(SPEC, {**METRICS, "final_loss": 1.8}, PREFLIGHT)  # a retry replaces, never adds
+    series = _series(pushgateway)
+    labels = (
+        'dag_id="train_e2e",instance="",instance_type="local.cpu",job="dtp",num_nodes="2",platform="local",'
+        'recipe="tiny",run="dtp-train-e2e-0123456789"'
+    )
+    assert f"dtp_run_final_loss{{{labels}}} 1.8" in series
+    assert f"dtp_run_tokens_per_second{{{labels}}} 21000" in series
+    assert not [s for s in series if s.startswith("dtp_run_mfu")]  # unknown on CPU: left out, not 0
+    assert f'dtp_preflight_busbw_gbps{{bytes="16777216",{labels}}} 1.2' in series
+    assert len([s for s in series if s.startswith("dtp_run_final_loss")]) == 1
+
+
+def test_without_the_connection_nothing_is_pushed(monkeypatch) -> None:
+    monkeypatch.delenv(f"AIRFLOW_CONN_{PUSHGATEWAY_CONN_ID.upper()}", raising=False)
+    assert export_metrics(SPEC, METRICS, PREFLIGHT) is False
