@@ -30,6 +30,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import checkpoint
 from model import MODELS, Transformer, count_parameters, flops_per_token
+from profiling import StepProfiler
 
 # Dense bf16 peak per device, for MFU (vendor datasheets, without sparsity).
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10G": 125e12}
@@ -56,6 +57,8 @@ class TrainConfig:
     activation_checkpointing: bool = False
     collective_timeout_s: int = 300
     run_name: str = "local"
+    profile_steps: int = 0
+    profile_dir: str = ""
 
     @classmethod
     def load(cls, path: str) -> TrainConfig:
@@ -165,7 +168,11 @@ def train(cfg: TrainConfig) -> None:
     fail_at = int(os.environ.get("DTP_FAIL_AT_STEP", "0"))
     tokens_per_step = cfg.micro_batch * cfg.seq_len * world
     window_start, window_steps = time.perf_counter(), 0
+    # The first step after a (re)start warms up allocators and compiled code: profile the ones after it.
+    first = min(start + 2, cfg.max_steps)
+    profiler = StepProfiler(cfg.profile_dir, first, min(cfg.profile_steps, cfg.max_steps - first + 1), rank, device)
     for step in range(start, cfg.max_steps):
+        profiler.before_step(step + 1)
         if fail_at and step + 1 == fail_at:
             raise RuntimeError(f"injected failure at step {fail_at} (DTP_FAIL_AT_STEP)")
         for group in optimizer.param_groups:
@@ -179,6 +186,12 @@ def train(cfg: TrainConfig) -> None:
         optimizer.zero_grad(set_to_none=True)
         window_steps += 1
         done = step + 1
+        trace = profiler.after_step(done)
+        if trace and rank == 0:
+            emit(
+                {"event": "profile", "steps": [first, done], "path": str(trace.parent), "time": time.time()},
+                metrics_path,
+            )
         if done % cfg.log_interval == 0 or done == cfg.max_steps:
             loss_avg = loss.detach().clone()
             dist.all_reduce(loss_avg, op=dist.ReduceOp.AVG if backend == "nccl" else dist.ReduceOp.SUM)

@@ -112,6 +112,7 @@ class TrainParams(ClusterParams):
         "dataset_uri",
         "max_steps",
         "checkpoint_interval",
+        "profile_steps",
         "keep_cluster",
         "budget_usd",
     )
@@ -132,6 +133,14 @@ class TrainParams(ClusterParams):
     max_steps: int = Field(300, ge=1, le=1_000_000, title="Max steps", description="Optimizer steps to train.")
     checkpoint_interval: int = Field(
         50, ge=1, le=1_000_000, title="Checkpoint interval", description="Steps between sharded checkpoints."
+    )
+    profile_steps: int = Field(
+        0,
+        ge=0,
+        le=20,
+        title="Profile steps",
+        description="Profile this many training steps (torch.profiler traces, plus Nsight Systems on GPU nodes "
+        "that have nsys); uploaded with the run. 0 = off.",
     )
     keep_cluster: bool = Field(
         False,

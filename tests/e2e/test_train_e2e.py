@@ -46,7 +46,7 @@ def _task_log(api, run_id: str, task_id: str, try_number: int = 1) -> str:
 
 @pytest.fixture(scope="module")
 def successful_run(airflow_api):
-    return _run(airflow_api, {})
+    return _run(airflow_api, {"profile_steps": 2})
 
 
 def test_run_succeeds_with_every_task(successful_run) -> None:
@@ -88,6 +88,14 @@ def test_report_in_s3_and_linked_from_the_ui(airflow_api, successful_run, aws) -
     quoted = urllib.parse.quote(run_id, safe="")
     _, links = airflow_api.request("GET", f"/api/v2/dags/{DAG_ID}/dagRuns/{quoted}/taskInstances/report/links")
     assert links["extra_links"]["Training report"] == report["url"]
+
+
+def test_profile_traces_are_uploaded_with_the_run(airflow_api, successful_run, aws) -> None:
+    metrics = airflow_api.xcom(DAG_ID, successful_run[0], "collect_metrics")
+    traces = metrics["profile"]["traces"]
+    assert [t.rsplit("/", 1)[1] for t in traces] == ["trace-rank0.json", "trace-rank1.json"]
+    bucket, key = traces[0].removeprefix("s3://").split("/", 1)
+    assert b'"traceEvents"' in aws("s3").get_object(Bucket=bucket, Key=key)["Body"].read()
 
 
 def test_training_log_streams_into_the_task_log(airflow_api, successful_run) -> None:

@@ -27,6 +27,7 @@ CONTEXTS: dict[str, dict[str, Any]] = {
         "program": Path("/fsx/training/train.py"),
         "config_path": Path("/fsx/runs/r/train.json"),
         "max_restarts": 3,
+        "nsys_dir": "/fsx/runs/r/profile",
     },
     "slurm/preflight.sbatch.j2": {
         **COMMON,
@@ -115,6 +116,7 @@ def hostile_context(tmp_path: Path) -> dict[str, Any]:
         },
         "config_path": Path(tmp_path) / "a b" / "$(id)" / "c.json",
         "python": f"{tmp_path}/py thon",
+        "nsys_dir": "",
     }
 
 
@@ -212,3 +214,11 @@ def test_gpu_preflight_runs_nccl_tests_one_rank_per_gpu() -> None:
         "srun --mpi=pmix --ntasks-per-node=8 /opt/nccl-tests/build/all_reduce_perf \\\n"
         "  -b 8 -e 17179869184 -f 2 -g 1 -c 1 -n 20 > /fsx/runs/r/nccl-tests.out\n"
     ) in text
+
+
+def test_nsys_wraps_the_launch_only_when_profiling_on_gpu_nodes() -> None:
+    context = CONTEXTS["slurm/train.sbatch.j2"]
+    text = render("slurm/train.sbatch.j2", **context)
+    assert "--output /fsx/runs/r/profile/nsys-%h)" in text
+    assert 'srun --kill-on-bad-exit=1 "${NSYS[@]}" /opt/venv/bin/python -m torch.distributed.run' in text
+    assert "nsys" not in render("slurm/train.sbatch.j2", **{**context, "nsys_dir": ""})

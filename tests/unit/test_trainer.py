@@ -51,7 +51,7 @@ class Run:
         return dict(zip(self.summary.steps, self.summary.losses, strict=True))
 
 
-def make_run(directory: Path, data: Path) -> Run:
+def make_run(directory: Path, data: Path, profile_steps: int = 0) -> Run:
     directory.mkdir()
     config = {
         "model": "tiny",
@@ -64,6 +64,8 @@ def make_run(directory: Path, data: Path) -> Run:
         "checkpoint_interval": INTERVAL,
         "log_interval": LOG_EVERY,
         "run_name": directory.name,
+        "profile_steps": profile_steps,
+        "profile_dir": str(directory / "profile"),
     }
     path = directory / "cfg.json"
     path.write_text(json.dumps(config))
@@ -106,7 +108,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Run]:
     root = tmp_path_factory.mktemp("trainer")
     data = root / "train.bin"
     data.write_bytes(CORPUS.read_bytes()[: 200 * 1024])
-    full, resumed = make_run(root / "full", data), make_run(root / "resumed", data)
+    full, resumed = make_run(root / "full", data, profile_steps=2), make_run(root / "resumed", data)
     # The uninterrupted run and the run that dies at step 25 go side by side.
     procs = [(full, start(full)), (resumed, start(resumed, fail_at=25))]
     for run, proc in procs:
@@ -197,3 +199,13 @@ def test_resumed_run_reproduces_the_uninterrupted_losses(runs: dict[str, Run]) -
     full_lr = {r["step"]: r["lr"] for r in runs["full"].records if r["event"] == "step"}
     resumed_lr = {r["step"]: r["lr"] for r in runs["resumed"].records if r["event"] == "step"}
     assert resumed_lr == full_lr
+
+
+def test_profiled_steps_leave_a_chrome_trace_per_rank(runs: dict[str, Run]) -> None:
+    full = runs["full"]
+    [event] = [r for r in full.records if r["event"] == "profile"]
+    assert event["steps"] == [2, 3]
+    for rank in (0, 1):
+        trace = json.loads((full.directory / "profile" / f"trace-rank{rank}.json").read_text())
+        assert any(e.get("name", "").startswith("aten::") for e in trace["traceEvents"])
+    assert not (runs["resumed"].directory / "profile").exists()  # profile_steps 0: nothing written

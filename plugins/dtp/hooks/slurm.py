@@ -189,6 +189,16 @@ class SlurmHook(BaseHook):
             data = self.run(["tail", "-c", f"+{offset + 1}", path], check=False).encode()
         return data.decode(errors="replace"), offset + len(data)
 
+    def list_files(self, path: str) -> list[str]:
+        """Names of the regular files directly in ``path`` (empty if it does not exist)."""
+        if self.transport == "local":
+            try:
+                return sorted(e.name for e in os.scandir(path) if e.is_file())
+            except FileNotFoundError:
+                return []
+        out = self.run(["find", path, "-maxdepth", "1", "-type", "f", "-printf", "%f\\n"], check=False)
+        return sorted(line for line in out.splitlines() if line)
+
     def make_dirs(self, path: str) -> None:
         if self.transport == "local":
             os.makedirs(path, exist_ok=True)

@@ -113,8 +113,10 @@ def prepare_training(
 
 
 @task
-def collect_metrics(spec: dict[str, Any], cluster: dict[str, Any], metrics_path: str) -> dict[str, Any]:
-    return results.collect_metrics(spec, cluster, metrics_path, AWS_CONN_ID)
+def collect_metrics(
+    spec: dict[str, Any], cluster: dict[str, Any], metrics_path: str, profile_dir: str
+) -> dict[str, Any]:
+    return results.collect_metrics(spec, cluster, metrics_path, AWS_CONN_ID, profile_dir)
 
 
 @task
@@ -199,7 +201,7 @@ def training_pipeline(dag: DAG) -> None:
         job >> run
     pf_result >> job
 
-    metrics = collect_metrics(spec, cluster, job["metrics_path"])
+    metrics = collect_metrics(spec, cluster, job["metrics_path"], job["profile_dir"])
     run >> metrics
     gates = evaluate_gates(spec, metrics)
     report = TrainingReportOperator(

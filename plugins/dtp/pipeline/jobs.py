@@ -85,6 +85,8 @@ def training_config(spec: dict[str, Any], workdir: str, data: dict[str, Any]) ->
         "log_interval": max(1, params["max_steps"] // 100),
         "precision": recipe["precision"],
         "activation_checkpointing": recipe["activation_checkpointing"],
+        "profile_steps": params["profile_steps"],
+        "profile_dir": f"{workdir}/profile",
     }
 
 
@@ -102,6 +104,16 @@ def prepare_training(
         program=TRAINING_DIR / "train.py",
         config_path=config_path,
         max_restarts=3,
+        nsys_dir=config["profile_dir"] if params_profiled(spec) and spec["instance"]["accelerator"] != "cpu" else "",
     )
     job = _write_job(hook, spec, workdir, "train", script, spec["names"]["slurm_job"])
-    return {**job, "metrics_path": config["metrics_path"], "checkpoint_dir": config["checkpoint_dir"]}
+    return {
+        **job,
+        "metrics_path": config["metrics_path"],
+        "checkpoint_dir": config["checkpoint_dir"],
+        "profile_dir": config["profile_dir"] if params_profiled(spec) else "",
+    }
+
+
+def params_profiled(spec: dict[str, Any]) -> bool:
+    return spec["params"]["profile_steps"] > 0

@@ -90,8 +90,25 @@ def check_preflight(
     return {"result": result, "failures": failures}
 
 
+def upload_profile(spec: dict[str, Any], cluster: dict[str, Any], profile_dir: str, aws_conn_id: str) -> dict[str, Any]:
+    """Copy the run's Chrome traces to the artifacts bucket; Nsight reports (binary) stay on the cluster."""
+    hook = SlurmHook(cluster["slurm_conn_id"])
+    s3 = S3Hook(aws_conn_id=aws_conn_id)
+    bucket = artifacts_bucket(aws_conn_id)
+    uploaded, on_cluster = [], []
+    for name in hook.list_files(profile_dir):
+        if name.endswith(".json"):
+            key = f"runs/{spec['names']['run_key']}/profile/{name}"
+            s3.load_string(hook.read_file(f"{profile_dir}/{name}")[0], key, bucket, replace=True)
+            uploaded.append(f"s3://{bucket}/{key}")
+        else:
+            on_cluster.append(f"{profile_dir}/{name}")
+    log.info("Profile: %d traces uploaded, %d reports on the cluster", len(uploaded), len(on_cluster))
+    return {"traces": uploaded, "on_cluster": on_cluster}
+
+
 def collect_metrics(
-    spec: dict[str, Any], cluster: dict[str, Any], metrics_path: str, aws_conn_id: str
+    spec: dict[str, Any], cluster: dict[str, Any], metrics_path: str, aws_conn_id: str, profile_dir: str = ""
 ) -> dict[str, Any]:
     text, _ = SlurmHook(cluster["slurm_conn_id"]).read_file(metrics_path)
     summary = summarize(text.splitlines())
@@ -112,6 +129,8 @@ def collect_metrics(
         if entry["run_key"] != spec["names"]["run_key"]
     ]
     history.record(s3, bucket, spec, result)
+    if profile_dir:
+        result["profile"] = upload_profile(spec, cluster, profile_dir, aws_conn_id)
     log.info(
         "Loss %.4f -> %.4f over %d steps, median %.0f tokens/s, restarts %d",
         summary.first_loss,
@@ -143,6 +162,8 @@ def publish_report(
     aws_conn_id: str,
 ) -> dict[str, str]:
     trend = comparable_runs(metrics, metrics.get("history", []))
+    if metrics.get("profile"):
+        resources = {**resources, "profile": metrics["profile"]}
     html = render_report(spec, _summary(metrics), preflight, gate_failures(spec, metrics), resources, trend)
     return publish_html(f"runs/{spec['names']['run_key']}/report.html", html, aws_conn_id)
 
