@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from typing import Any, ClassVar, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from dtp.hostlist import expand_hostlist
 from dtp.recipes import PLATFORMS, Platform, RecipeError, get_recipe, instance_types, recipe_names
@@ -79,6 +79,13 @@ class ClusterParams(BaseModel):
         title="Extra environment",
         description='Environment variables for the training job, e.g. {"NCCL_DEBUG": "INFO"}.',
     )
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _empty_text(cls, value: Any, info: ValidationInfo) -> Any:
+        """A text field the form left empty arrives as null: it means the field's empty default."""
+        field = cls.model_fields[info.field_name] if info.field_name else None
+        return "" if value is None and field is not None and field.default == "" else value
 
     @field_validator("exclude_nodes")
     @classmethod
@@ -288,7 +295,13 @@ def airflow_params(
             spec["enum"] = list(PLATFORMS)
         if name == "extra_env":
             spec["type"] = "object"
-        form[name] = Param(defaults.get(name, prop.get("default", {})), **spec)
+        default = defaults.get(name, prop.get("default", {}))
+        if default == "" and spec.get("type") == "string":
+            # The UI form treats an empty required field as missing and disables Trigger; an optional text
+            # field is ["string", "null"] (Airflow's convention) and an emptied one arrives as null.
+            spec["type"] = ["string", "null"]
+            default = None
+        form[name] = Param(default, **spec)
     return form
 
 

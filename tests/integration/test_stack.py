@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import urllib.error
@@ -13,6 +14,7 @@ import uuid
 import pytest
 
 from dtp.local import stack as stack_cli
+from dtp.local.api import AirflowApi
 from dtp.local.config import PROJECT_ROOT, StackConfig
 from dtp.local.services import pid_alive, port_open
 
@@ -55,6 +57,24 @@ def test_airflow_api_requires_login(stack: StackConfig, airflow_api) -> None:
     assert err.value.code == 401
     status, body = airflow_api.request("GET", "/api/v2/dags")
     assert status == 200 and "dags" in body
+
+
+def test_a_wrong_password_gets_no_token(stack: StackConfig) -> None:
+    with pytest.raises(PermissionError, match="login as 'admin' failed: HTTP 401"):
+        AirflowApi(stack.airflow_url, "admin", "not-the-password")
+
+
+def test_the_viewer_reads_but_cannot_trigger(stack: StackConfig, airflow_api) -> None:
+    viewer = AirflowApi(stack.airflow_url, "viewer", stack.passwords()["viewer"])
+    assert viewer.request("GET", "/api/v2/dags/train_e2e")[0] == 200
+    before = airflow_api.request("GET", "/api/v2/dags/train_e2e/dagRuns?limit=1")[1]["total_entries"]
+    status, _ = viewer.request("POST", "/api/v2/dags/train_e2e/dagRuns", {"logical_date": None, "conf": {}})
+    assert status == 403
+    assert airflow_api.request("GET", "/api/v2/dags/train_e2e/dagRuns?limit=1")[1]["total_entries"] == before
+
+
+def test_passwords_file_is_private(stack: StackConfig) -> None:
+    assert stat.S_IMODE(stack.passwords_file.stat().st_mode) == 0o600
 
 
 def test_services_listen_on_loopback_only(stack: StackConfig) -> None:

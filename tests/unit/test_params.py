@@ -268,7 +268,8 @@ def test_form_schema_enums_limits_and_patterns(form: dict[str, Any]) -> None:
 def test_form_defaults_are_the_model_defaults_and_satisfy_their_schema(form: dict[str, Any]) -> None:
     defaults = TrainParams().model_dump()
     for name, param in form.items():
-        assert param.value == defaults[name], name
+        # An empty text default is null in the form (see below); the model reads null as that default.
+        assert param.value == (defaults[name] if defaults[name] != "" else None), name
         jsonschema.validate(param.value, param.schema)
         param.resolve()  # Airflow's own check of the default
 
@@ -320,3 +321,14 @@ def test_form_schema_refuses_what_validation_refuses(form: dict[str, Any], field
 def test_form_schema_accepts_what_validation_accepts(form: dict[str, Any], field: str, value: Any) -> None:
     validate_params({field: value})
     jsonschema.validate(value, form[field].schema)
+
+
+def test_empty_text_fields_are_optional_in_the_form_and_mean_their_default(form: dict[str, Any]) -> None:
+    # An empty *required* text field disables the UI's Trigger button: optional ones are ["string", "null"].
+    for name in ("dataset_uri", "exclude_nodes"):
+        assert form[name].schema["type"] == ["string", "null"] and form[name].value is None
+    assert form["recipe"].schema["type"] == "string"
+    params = validate_params({"dataset_uri": None, "exclude_nodes": None})
+    assert (params.dataset_uri, params.exclude_nodes) == ("", "")
+    with pytest.raises(ParamsError, match="recipe: got None"):
+        validate_params({"recipe": None})
