@@ -30,6 +30,7 @@ class Ports:
     trigger_logs: int = 18794
     slurmctld: int = 16817
     slurmd_first: int = 17001
+    redis: int = 16379
 
     @classmethod
     def with_offset(cls, offset: int) -> Ports:
@@ -40,6 +41,17 @@ class Ports:
         return [self.slurmd_first + i for i in range(nodes)]
 
 
+EXECUTORS = ("local", "celery")
+# Celery queues: control-plane tasks, and the tasks that submit and wait on Slurm jobs.
+CELERY_QUEUES = {"control": "default", "training": "training"}
+# Above the longest task (a deferred training wait holds no worker, but a sync run may): re-delivery after it.
+CELERY_VISIBILITY_TIMEOUT_S = 48 * 3600
+
+
+def _read(path: Path) -> str | None:
+    return path.read_text().strip() if path.exists() else None
+
+
 @dataclass(frozen=True)
 class StackConfig:
     """Where the stack keeps its state, and how its services are reached."""
@@ -48,12 +60,17 @@ class StackConfig:
     ports: Ports
     slurm_nodes: int = 2
     user: str = getpass.getuser()
+    executor: str = "local"
 
     @classmethod
-    def from_env(cls) -> StackConfig:
+    def from_env(cls, executor: str | None = None) -> StackConfig:
+        """The stack of ``DTP_HOME``; executor: the argument, else ``DTP_EXECUTOR``, else the one it runs with."""
         home = Path(os.environ.get("DTP_HOME", PROJECT_ROOT / ".dtp")).resolve()
         offset = int(os.environ.get("DTP_PORT_OFFSET", "0"))
-        return cls(home=home, ports=Ports.with_offset(offset))
+        chosen = executor or os.environ.get("DTP_EXECUTOR") or _read(home / "executor") or "local"
+        if chosen not in EXECUTORS:
+            raise ValueError(f"executor must be one of {', '.join(EXECUTORS)}, got {chosen!r}")
+        return cls(home=home, ports=Ports.with_offset(offset), executor=chosen)
 
     # --- directories -------------------------------------------------------
     @property
@@ -177,6 +194,16 @@ class StackConfig:
             "AWS_DEFAULT_REGION": REGION,
             "PYTHONPATH": str(PROJECT_ROOT / "plugins"),
         }
+        if self.executor == "celery":
+            env.update(
+                {
+                    "AIRFLOW__CORE__EXECUTOR": "CeleryExecutor",
+                    "AIRFLOW__CELERY__BROKER_URL": f"redis://127.0.0.1:{self.ports.redis}/0",
+                    "AIRFLOW__CELERY__RESULT_BACKEND": "db+" + self.database_url,
+                    "AIRFLOW__CELERY_BROKER_TRANSPORT_OPTIONS__VISIBILITY_TIMEOUT": str(CELERY_VISIBILITY_TIMEOUT_S),
+                    "AIRFLOW__OPERATORS__DEFAULT_QUEUE": CELERY_QUEUES["control"],
+                }
+            )
         env.update(self.connections())
         return env
 

@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dtp.local.config import StackConfig
+from dtp.local.config import CELERY_QUEUES, StackConfig
 from dtp.templates import render
 
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
@@ -338,6 +338,54 @@ def _component_healthy(component: str) -> Callable[[StackConfig], bool]:
     return check
 
 
+def _celery_worker_answers(name: str) -> Callable[[StackConfig], bool]:
+    def check(cfg: StackConfig) -> bool:
+        from celery import Celery
+
+        app = Celery(broker=f"redis://127.0.0.1:{cfg.ports.redis}/0")
+        try:
+            return bool(app.control.ping(destination=[name], timeout=1.0))
+        except OSError:
+            return False
+        finally:
+            app.close()
+
+    return check
+
+
+def _redis() -> Daemon:
+    """The Celery broker (PostgreSQL is the result backend)."""
+    return Daemon(
+        name="redis",
+        command=lambda c: [
+            "redis-server",
+            *("--port", str(c.ports.redis), "--bind", "127.0.0.1", "--protected-mode", "yes"),
+            *("--dir", str(c.home), "--save", "", "--appendonly", "no"),
+        ],
+        ports=lambda c: [c.ports.redis],
+        health=lambda c: port_open(c.ports.redis),
+    )
+
+
+def _celery_workers() -> list[Daemon]:
+    """One worker per queue: control-plane tasks, and the Slurm job submit/wait tasks."""
+    services = []
+    for role, queue in CELERY_QUEUES.items():
+        worker = f"{role}@dtp"
+        concurrency = "2" if role == "control" else "1"
+        services.append(
+            Daemon(
+                name=f"airflow-worker-{role}",
+                command=_airflow("celery", "worker", "-H", worker, "-q", queue, "-c", concurrency, "--skip-serve-logs"),
+                ports=lambda c: [],
+                health=_celery_worker_answers(worker),
+                env=lambda c: c.airflow_env(),
+                start_timeout=120.0,
+            )
+        )
+    return services
+
+
 def build_services(cfg: StackConfig) -> list[Daemon]:
     """All services, in start order (stop runs in reverse)."""
     services = [
@@ -377,6 +425,8 @@ def build_services(cfg: StackConfig) -> list[Daemon]:
         ),
     ]
     services += [_slurmd(i) for i in range(cfg.slurm_nodes)]
+    if cfg.executor == "celery":
+        services.append(_redis())
     services += [
         Daemon(
             name="airflow-api-server",
@@ -391,4 +441,6 @@ def build_services(cfg: StackConfig) -> list[Daemon]:
         _airflow_component("dag-processor", "dag-processor", health=_component_healthy("dag_processor")),
         _airflow_component("triggerer", "triggerer", "--skip-serve-logs", health=_component_healthy("triggerer")),
     ]
+    if cfg.executor == "celery":
+        services += _celery_workers()
     return services

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from dtp.local.config import StackConfig
+from dtp.local.config import EXECUTORS, StackConfig
 from dtp.local.services import Daemon, StackError, build_services, ensure_database, migrate_airflow_db
 
 
@@ -19,6 +19,7 @@ def up(cfg: StackConfig, *, airflow: bool = True) -> list[str]:
     for directory in (cfg.home, cfg.run_dir, cfg.log_dir, cfg.shared_dir):
         directory.mkdir(parents=True, exist_ok=True)
     cfg.write_env_file()
+    (cfg.home / "executor").write_text(cfg.executor)
     for service in _selected(cfg, airflow):
         if service.name == "airflow-api-server":
             migrate_airflow_db(cfg)
@@ -37,6 +38,7 @@ def down(cfg: StackConfig) -> None:
         if service.running(cfg):
             service.stop(cfg)
             print(f"  {service.name:<22} stopped", flush=True)
+    (cfg.home / "executor").unlink(missing_ok=True)
 
 
 def status(cfg: StackConfig) -> dict[str, str]:
@@ -59,8 +61,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="stack", description=__doc__)
     parser.add_argument("action", choices=["up", "down", "status"])
     parser.add_argument("--no-airflow", action="store_true", help="only the emulator, PostgreSQL and Slurm")
+    parser.add_argument(
+        "--executor",
+        choices=EXECUTORS,
+        help="up: LocalExecutor (default) or CeleryExecutor with Redis and a worker per queue; kept until down",
+    )
     args = parser.parse_args(argv)
-    cfg = StackConfig.from_env()
+    cfg = StackConfig.from_env(args.executor)
     try:
         if args.action == "up":
             print(f"Starting the local stack (state in {cfg.home})", flush=True)

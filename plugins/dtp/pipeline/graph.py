@@ -34,6 +34,8 @@ from dtp.recipes import RecipeError
 log = logging.getLogger(__name__)
 AWS_CONN_ID = "aws_default"
 SLURM_CONN_ID = "slurm_default"
+# Under CeleryExecutor the Slurm submit/wait tasks have their own workers (other executors ignore queues).
+TRAINING_QUEUE = "training"
 
 
 @task
@@ -161,6 +163,7 @@ def submit_prepared_job(task_id: str, job: Any, **kwargs: Any) -> SlurmSubmitJob
         comment=job["comment"],
         hang_timeout="{{ params.hang_timeout_minutes * 60 }}",
         slurm_conn_id=SLURM_CONN_ID,
+        queue=TRAINING_QUEUE,
         **kwargs,
     )
 
