@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import uuid
@@ -36,6 +37,7 @@ def celery_stack() -> Iterator[StackConfig]:
         )
     finally:
         subprocess.run([*cli, "down"], env=env, capture_output=True, timeout=180)
+        shutil.rmtree(home, ignore_errors=True)
 
 
 def test_queues_match_the_pipeline() -> None:

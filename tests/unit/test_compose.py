@@ -1,0 +1,108 @@
+"""docker-compose.yaml: valid for Debian's docker-compose, and in step with the local stack it mirrors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dtp.local.config import CELERY_QUEUES, PROJECT_ROOT, Ports, StackConfig
+
+SECRETS = {"DTP_FERNET_KEY": "k", "DTP_API_SECRET_KEY": "s", "DTP_JWT_SECRET": "j"}
+# Settings both must agree on; endpoints, credentials and paths differ by design.
+SHARED = (
+    "AIRFLOW__CORE__EXECUTOR",
+    "AIRFLOW__CORE__PARALLELISM",
+    "AIRFLOW__CORE__LOAD_EXAMPLES",
+    "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION",
+    "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS",
+    "AIRFLOW__CELERY_BROKER_TRANSPORT_OPTIONS__VISIBILITY_TIMEOUT",
+    "AIRFLOW__OPERATORS__DEFAULT_QUEUE",
+    "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL",
+    "AWS_DEFAULT_REGION",
+)
+
+
+def compose(*args: str, secrets: bool = True) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in SECRETS} | (SECRETS if secrets else {})
+    return subprocess.run(
+        ["docker-compose", "-f", "docker-compose.yaml", *args],
+        cwd=PROJECT_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+
+
+@pytest.fixture(scope="module")
+def resolved() -> dict:
+    done = compose("config")
+    assert done.returncode == 0, done.stderr
+    return yaml.safe_load(done.stdout)
+
+
+@pytest.fixture(scope="module")
+def local_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    return StackConfig(home=tmp_path_factory.mktemp("stack"), ports=Ports(), executor="celery").airflow_env()
+
+
+def test_compose_file_validates() -> None:
+    done = compose("config", "-q")
+    assert done.returncode == 0, done.stderr
+
+
+def test_missing_secrets_are_refused_by_name() -> None:
+    done = compose("config", "-q", secrets=False)
+    assert done.returncode != 0 and "set DTP_FERNET_KEY in .env" in done.stderr
+
+
+def test_settings_match_the_local_stack(resolved: dict, local_env: dict[str, str]) -> None:
+    env = resolved["services"]["airflow-scheduler"]["environment"]
+    assert {k: str(env[k]) for k in SHARED} == {k: local_env[k] for k in SHARED}
+
+
+def test_aws_connection_matches_but_for_the_emulator_address(resolved: dict, local_env: dict[str, str]) -> None:
+    env = resolved["services"]["airflow-scheduler"]["environment"]
+    ours, theirs = json.loads(env["AIRFLOW_CONN_AWS_DEFAULT"]), json.loads(local_env["AIRFLOW_CONN_AWS_DEFAULT"])
+    assert ours["extra"].pop("endpoint_url") == "http://moto:5000"
+    theirs["extra"].pop("endpoint_url")
+    assert ours == theirs
+
+
+def test_one_worker_per_queue_of_the_local_stack(resolved: dict) -> None:
+    # Debian's docker-compose 1.29 keeps the short syntax: command, volumes and ports stay strings.
+    workers = {name: svc["command"].split() for name, svc in resolved["services"].items() if "worker" in name}
+    queues = {cmd[cmd.index("-q") + 1] for cmd in workers.values()}
+    assert queues == set(CELERY_QUEUES.values())
+
+
+def test_every_airflow_service_shares_settings_and_mounts(resolved: dict) -> None:
+    airflow = {n: s for n, s in resolved["services"].items() if n.startswith("airflow-")}
+    assert set(airflow) >= {
+        "airflow-init",
+        "airflow-apiserver",
+        "airflow-scheduler",
+        "airflow-dag-processor",
+        "airflow-triggerer",
+    }
+    for name, service in airflow.items():
+        targets = {volume.split(":")[1] for volume in service["volumes"]}
+        assert {"/opt/airflow/dags", "/opt/airflow/plugins", "/opt/airflow/include"} <= targets, name
+        if name != "airflow-init":
+            assert "healthcheck" in service, name
+    assert resolved["services"]["airflow-apiserver"]["ports"] == ["127.0.0.1:8080:8080/tcp"]  # loopback only
+
+
+def test_image_requirements_are_the_projects(resolved: dict) -> None:
+    def specs(path: Path) -> set[str]:
+        lines = (line.split("#")[0].strip() for line in path.read_text().splitlines())
+        return {line for line in lines if line}
+
+    image = specs(PROJECT_ROOT / "images" / "containers" / "airflow" / "requirements.txt")
+    assert image <= specs(PROJECT_ROOT / "requirements.txt")
+    assert resolved["services"]["airflow-scheduler"]["build"]["dockerfile"] == "images/containers/airflow/Dockerfile"
