@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 from airflow.dag_processing.dagbag import DagBag
 
+from dtp.params import TrainParams
+
 DAGS_DIR = Path(__file__).resolve().parents[2] / "dags"
 HEAVY_MODULES = {"torch", "pandas", "matplotlib", "boto3", "botocore", "numpy", "requests"}
 
@@ -84,18 +86,8 @@ def test_watcher_fails_the_run_when_any_task_fails(dagbag: DagBag) -> None:
 
 def test_train_e2e_form(dagbag: DagBag) -> None:
     params = dagbag.dags["train_e2e"].params
-    for name in (
-        "platform",
-        "recipe",
-        "num_nodes",
-        "instance_type",
-        "dataset_uri",
-        "max_steps",
-        "checkpoint_interval",
-        "keep_cluster",
-        "budget_usd",
-        "extra_env",
-    ):
+    assert set(params.keys()) == set(TrainParams.model_fields)
+    for name in TrainParams.model_fields:
         param = params.get_param(name)
         assert param.schema.get("title") and param.description, name
     assert "tiny" in params.get_param("recipe").schema["enum"]
