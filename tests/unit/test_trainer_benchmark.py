@@ -1,0 +1,28 @@
+"""benchmarks/trainer_mfu.py's CPU smoke path: the GPU benchmark runs end to end and writes its JSON."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_smoke_run_measures_the_trainer_after_warm_up(tmp_path: Path) -> None:
+    out = tmp_path / "trainer_mfu.json"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "trainer_mfu.py"), "--smoke", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["shape"] == {"model": "tiny", "seq_len": 64, "micro_batch": 4, "precision": "fp32"}
+    ours = result["dtp"]
+    assert ours["steps_measured"] == 6 and ours["tokens_per_s_per_device"] > 0 and ours["peak_memory_mb"] > 0
+    assert ours["mfu"] is None  # no known peak FLOPs for a CPU: not a made-up number
+    assert result["device"].startswith("CPU") and result["torchtitan"]["status"] == "not run"
