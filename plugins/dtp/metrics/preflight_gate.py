@@ -57,6 +57,18 @@ def busbw_table(sweep: list[dict[str, Any]], expected: BusbwExpectation) -> str:
     return "\n".join(lines)
 
 
+def busbw_failures(sweep: list[dict[str, Any]], expected: BusbwExpectation) -> list[str]:
+    judged = reference_row(sweep, expected.at_bytes)
+    if judged is None:
+        return ["busbw: no all-reduce measurement in the preflight results"]
+    if judged["busbw_gbps"] >= expected.floor:
+        return []
+    return [
+        f"busbw: {judged['busbw_gbps']:.3f} GB/s at {_size(judged['bytes'])} < {expected.floor:.3f} GB/s "
+        f"({expected.tolerance:.0%} of the expected {expected.gbps} GB/s)\n{busbw_table(sweep, expected)}"
+    ]
+
+
 def node_versions(result: dict[str, Any]) -> dict[str, dict[str, str]]:
     """The efa-versions table per node, with the environment screen's versions."""
     table: dict[str, dict[str, str]] = {}
@@ -83,17 +95,9 @@ def preflight_failures(
             failures.append(f"matmul on {node_name(record)} is wrong (max error {record['matmul_max_abs_error']:.3g})")
         if "probes" in record:
             failures += health_failures(node_name(record), record["probes"], gpus_per_node)
-    sweep = result.get("allreduce", [])
-    judged = reference_row(sweep, expected.at_bytes)
-    if result.get("world_size") == 1:
-        pass  # one rank has no peer: its bus bandwidth is zero by definition, not a fault
-    elif judged is None:
-        failures.append("busbw: no all-reduce measurement in the preflight results")
-    elif judged["busbw_gbps"] < expected.floor:
-        failures.append(
-            f"busbw: {judged['busbw_gbps']:.3f} GB/s at {_size(judged['bytes'])} < {expected.floor:.3f} GB/s "
-            f"({expected.tolerance:.0%} of the expected {expected.gbps} GB/s)\n{busbw_table(sweep, expected)}"
-        )
+    # One rank has no peer: its bus bandwidth is zero by definition, not a fault.
+    if result.get("world_size") != 1:
+        failures += busbw_failures(result.get("allreduce", []), expected)
     return failures
 
 

@@ -98,22 +98,20 @@ def prepare_training(
     config = training_config(spec, str(workdir), data)
     config_path = workdir / "train.json"
     hook.write_file(str(config_path), json.dumps(config, indent=1))
+    profile_dir = config["profile_dir"] if spec["params"]["profile_steps"] > 0 else ""
     script = render(
         "slurm/train.sbatch.j2",
         **_common(spec, images),
         program=TRAINING_DIR / "train.py",
         config_path=config_path,
         max_restarts=3,
-        nsys_dir=config["profile_dir"] if params_profiled(spec) and spec["instance"]["accelerator"] != "cpu" else "",
+        # Nsight Systems only where there are GPUs to trace; torch.profiler traces everywhere.
+        nsys_dir=profile_dir if spec["instance"]["accelerator"] != "cpu" else "",
     )
     job = _write_job(hook, spec, workdir, "train", script, spec["names"]["slurm_job"])
     return {
         **job,
         "metrics_path": config["metrics_path"],
         "checkpoint_dir": config["checkpoint_dir"],
-        "profile_dir": config["profile_dir"] if params_profiled(spec) else "",
+        "profile_dir": profile_dir,
     }
-
-
-def params_profiled(spec: dict[str, Any]) -> bool:
-    return spec["params"]["profile_steps"] > 0

@@ -79,6 +79,7 @@ def check_preflight(
         if nccl.wrong_results or nccl.out_of_bounds:
             failures.append(f"nccl-tests: {nccl.wrong_results} wrong results, {nccl.out_of_bounds} out of bounds")
     expected = busbw_expectation(spec)
+    # NVIDIA instance types (the ones measured with nccl-tests) get the GPU health checks.
     gpus = spec["instance"]["accelerators_per_node"] if spec["instance"]["collective_test"] == "nccl-tests" else 0
     failures += preflight_failures(result, spec["params"]["num_nodes"], expected, gpus_per_node=gpus)
     result["versions"] = node_versions(result)
