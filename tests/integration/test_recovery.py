@@ -61,6 +61,8 @@ def test_killed_rank_resumes_from_newest_checkpoint(stack) -> None:
         program=TRAINING_DIR / "train.py",
         config_path=workdir / "train.json",
         max_restarts=3,
+        exclude_nodes="",
+        nsys_dir="",
     )
     (workdir / "train.sbatch").write_text(script)
     hook = SlurmHook()
