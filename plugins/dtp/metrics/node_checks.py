@@ -12,7 +12,6 @@ from __future__ import annotations
 import re
 from typing import Any
 
-VERSION_PROBES = ("efa_installer", "libfabric", "aws_ofi_nccl", "nvidia_driver")
 _EFA_INSTALLER = re.compile(r"#\s*EFA installer version:\s*(\S+)")
 _LIBFABRIC = re.compile(r"^libfabric:\s*(\S+)", re.MULTILINE)
 _OFI_NCCL = re.compile(r"aws-ofi-nccl\s+v?(\d+\.\d+\.\d+\S*)")

@@ -91,11 +91,11 @@ def check_preflight(
     return {"result": result, "failures": failures}
 
 
-def upload_profile(spec: dict[str, Any], cluster: dict[str, Any], profile_dir: str, aws_conn_id: str) -> dict[str, Any]:
+def upload_profile(
+    spec: dict[str, Any], cluster: dict[str, Any], profile_dir: str, s3: S3Hook, bucket: str
+) -> dict[str, Any]:
     """Copy the run's Chrome traces to the artifacts bucket; Nsight reports (binary) stay on the cluster."""
     hook = SlurmHook(cluster["slurm_conn_id"])
-    s3 = S3Hook(aws_conn_id=aws_conn_id)
-    bucket = artifacts_bucket(aws_conn_id)
     uploaded, on_cluster = [], []
     for name in hook.list_files(profile_dir):
         if name.endswith(".json"):
@@ -131,7 +131,7 @@ def collect_metrics(
     ]
     history.record(s3, bucket, spec, result)
     if profile_dir:
-        result["profile"] = upload_profile(spec, cluster, profile_dir, aws_conn_id)
+        result["profile"] = upload_profile(spec, cluster, profile_dir, s3, bucket)
     log.info(
         "Loss %.4f -> %.4f over %d steps, median %.0f tokens/s, restarts %d",
         summary.first_loss,
