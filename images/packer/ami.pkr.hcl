@@ -1,0 +1,186 @@
+# One template for every DTP AMI family; a family is a var file under families/
+# (source AMI, builder instance, SSH user, playbook) plus the component versions.
+#
+#   packer build -var-file=families/pcluster-gpu.pkrvars.hcl -var ami_name=... ami.pkr.hcl
+#
+# Two sources: `aws` boots the source AMI and runs the family's Ansible playbook over SSH;
+# `emulator` is the same AMI pipeline against a local EC2 API emulator (no instance to SSH
+# into, so no provisioning). The Packer operator picks `emulator` when the AWS connection
+# has an endpoint_url. Debian's packer 1.6.6 knows no `packer { required_plugins }` block.
+
+variable "ami_name" {
+  type        = string
+  description = "Name of the AMI to create; DTP derives it from the family and a fingerprint of the inputs."
+}
+
+variable "family" {
+  type        = string
+  description = "AMI family: the playbook ansible/<family>.yml is run."
+}
+
+variable "region" {
+  type    = string
+  default = "us-east-1"
+}
+
+variable "instance_type" {
+  type    = string
+  default = "c5.4xlarge"
+}
+
+variable "source_ami_name" {
+  type        = string
+  description = "Name filter of the source AMI (newest match wins)."
+}
+
+variable "source_ami_owner" {
+  type = string
+}
+
+variable "ssh_username" {
+  type    = string
+  default = "ec2-user"
+}
+
+variable "root_volume_gb" {
+  type    = number
+  default = 100
+}
+
+variable "ec2_endpoint" {
+  type        = string
+  default     = ""
+  description = "EC2 API endpoint of the emulator (the emulator source only)."
+}
+
+variable "emulator_source_ami_name" {
+  type        = string
+  default     = "al2023-ami-2023.*-kernel-6.1-x86_64"
+  description = "A source AMI the emulator serves (it has no ParallelCluster or EKS images)."
+}
+
+variable "emulator_source_ami_owner" {
+  type    = string
+  default = "137112412989"
+}
+
+variable "nvidia_driver_version" {
+  type    = string
+  default = "570.172.08"
+}
+
+variable "cuda_version" {
+  type    = string
+  default = "12.8.1"
+}
+
+variable "efa_installer_version" {
+  type    = string
+  default = "1.43.1"
+}
+
+variable "nccl_version" {
+  type    = string
+  default = "2.27.5-1"
+}
+
+variable "aws_ofi_nccl_version" {
+  type    = string
+  default = "1.16.0"
+}
+
+variable "nccl_tests_version" {
+  type    = string
+  default = "2.16.4"
+}
+
+variable "enroot_version" {
+  type    = string
+  default = "3.5.0"
+}
+
+variable "pyxis_version" {
+  type    = string
+  default = "0.20.0"
+}
+
+variable "neuron_version" {
+  type    = string
+  default = "2.25.0"
+}
+
+locals {
+  versions = {
+    "dtp:family"            = var.family
+    "dtp:nvidia-driver"     = var.nvidia_driver_version
+    "dtp:cuda"              = var.cuda_version
+    "dtp:efa-installer"     = var.efa_installer_version
+    "dtp:nccl"              = var.nccl_version
+    "dtp:aws-ofi-nccl"      = var.aws_ofi_nccl_version
+    "dtp:enroot"            = var.enroot_version
+    "dtp:pyxis"             = var.pyxis_version
+    "dtp:neuron"            = var.neuron_version
+  }
+}
+
+source "amazon-ebs" "aws" {
+  region        = var.region
+  ami_name      = var.ami_name
+  instance_type = var.instance_type
+  ssh_username  = var.ssh_username
+  source_ami_filter {
+    filters = {
+      name                = var.source_ami_name
+      virtualization-type = "hvm"
+      architecture        = "x86_64"
+    }
+    owners      = [var.source_ami_owner]
+    most_recent = true
+  }
+  launch_block_device_mappings {
+    device_name           = "/dev/xvda"
+    volume_size           = var.root_volume_gb
+    volume_type           = "gp3"
+    throughput            = 1000
+    iops                  = 10000
+    delete_on_termination = true
+  }
+  tags          = local.versions
+  snapshot_tags = local.versions
+}
+
+source "amazon-ebs" "emulator" {
+  region                     = var.region
+  ami_name                   = var.ami_name
+  instance_type              = var.instance_type
+  custom_endpoint_ec2        = var.ec2_endpoint
+  skip_credential_validation = true
+  skip_metadata_api_check    = true
+  communicator               = "none"
+  source_ami_filter {
+    filters = {
+      name = var.emulator_source_ami_name
+    }
+    owners      = [var.emulator_source_ami_owner]
+    most_recent = true
+  }
+  tags          = local.versions
+  snapshot_tags = local.versions
+}
+
+build {
+  sources = ["source.amazon-ebs.aws", "source.amazon-ebs.emulator"]
+
+  provisioner "ansible" {
+    only          = ["amazon-ebs.aws"]
+    playbook_file = "${path.root}/ansible/${var.family}.yml"
+    user          = var.ssh_username
+    extra_arguments = [
+      "--extra-vars", "nvidia_driver_version=${var.nvidia_driver_version} cuda_version=${var.cuda_version}",
+      "--extra-vars", "efa_installer_version=${var.efa_installer_version} nccl_version=${var.nccl_version}",
+      "--extra-vars", "aws_ofi_nccl_version=${var.aws_ofi_nccl_version} nccl_tests_version=${var.nccl_tests_version}",
+      "--extra-vars", "enroot_version=${var.enroot_version} pyxis_version=${var.pyxis_version}",
+      "--extra-vars", "neuron_version=${var.neuron_version}",
+    ]
+  }
+}
