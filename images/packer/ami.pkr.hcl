@@ -1,12 +1,16 @@
 # One template for every DTP AMI family; a family is a var file under families/
 # (source AMI, builder instance, SSH user, playbook) plus the component versions.
 #
-#   packer build -var-file=families/pcluster-gpu.pkrvars.hcl -var ami_name=... ami.pkr.hcl
+#   packer build -var-file=versions.pkrvars.hcl -var-file=families/pcluster-gpu.pkrvars.hcl \
+#     -var ami_name=... ami.pkr.hcl
 #
 # Two sources: `aws` boots the source AMI and runs the family's Ansible playbook over SSH;
 # `emulator` is the same AMI pipeline against a local EC2 API emulator (no instance to SSH
 # into, so no provisioning). The Packer operator picks `emulator` when the AWS connection
 # has an endpoint_url. Debian's packer 1.6.6 knows no `packer { required_plugins }` block.
+#
+# Component versions have no defaults here: versions.pkrvars.hcl holds them (the ami_bake
+# DAG's form defaults are read from it), so pass it too: -var-file=versions.pkrvars.hcl
 
 variable "ami_name" {
   type        = string
@@ -64,49 +68,46 @@ variable "emulator_source_ami_owner" {
   default = "137112412989"
 }
 
+variable "ansible_playbook" {
+  type        = string
+  default     = "ansible-playbook"
+  description = "The ansible-playbook command the provisioner runs."
+}
+
 variable "nvidia_driver_version" {
-  type    = string
-  default = "570.172.08"
+  type = string
 }
 
 variable "cuda_version" {
-  type    = string
-  default = "12.8.1"
+  type = string
 }
 
 variable "efa_installer_version" {
-  type    = string
-  default = "1.43.1"
+  type = string
 }
 
 variable "nccl_version" {
-  type    = string
-  default = "2.27.5-1"
+  type = string
 }
 
 variable "aws_ofi_nccl_version" {
-  type    = string
-  default = "1.16.0"
+  type = string
 }
 
 variable "nccl_tests_version" {
-  type    = string
-  default = "2.16.4"
+  type = string
 }
 
 variable "enroot_version" {
-  type    = string
-  default = "3.5.0"
+  type = string
 }
 
 variable "pyxis_version" {
-  type    = string
-  default = "0.20.0"
+  type = string
 }
 
 variable "neuron_version" {
-  type    = string
-  default = "2.25.0"
+  type = string
 }
 
 locals {
@@ -175,6 +176,7 @@ build {
     only          = ["amazon-ebs.aws"]
     playbook_file = "${path.root}/ansible/${var.family}.yml"
     user          = var.ssh_username
+    command       = var.ansible_playbook
     extra_arguments = [
       "--extra-vars", "nvidia_driver_version=${var.nvidia_driver_version} cuda_version=${var.cuda_version}",
       "--extra-vars", "efa_installer_version=${var.efa_installer_version} nccl_version=${var.nccl_version}",

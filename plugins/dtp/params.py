@@ -30,13 +30,24 @@ class ParamsError(ValueError):
     """Invalid run parameters; the message names each field, its value and what is allowed."""
 
 
-class ClusterParams(BaseModel):
-    """What any job on a cluster takes: its size, instance type, preflight expectations, environment."""
+class FormParams(BaseModel):
+    """A DAG's trigger form as a model: unknown keys refused, types judged as the form's JSON schema does."""
 
     # strict: "2" is not 2 and true is not 1, exactly as the trigger form's JSON schema judges them.
     model_config = ConfigDict(extra="forbid", strict=True)
     # Fields the trigger form shows first; the rest follow in declaration order.
     leading: ClassVar[tuple[str, ...]] = ()
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _empty_text(cls, value: Any, info: ValidationInfo) -> Any:
+        """A text field the form left empty arrives as null: it means the field's empty default."""
+        field = cls.model_fields[info.field_name] if info.field_name else None
+        return "" if value is None and field is not None and field.default == "" else value
+
+
+class ClusterParams(FormParams):
+    """What any job on a cluster takes: its size, instance type, preflight expectations, environment."""
 
     num_nodes: int = Field(2, ge=1, le=512, title="Nodes", description="Compute nodes the job runs on.")
     instance_type: str = Field(
@@ -79,13 +90,6 @@ class ClusterParams(BaseModel):
         title="Extra environment",
         description='Environment variables for the training job, e.g. {"NCCL_DEBUG": "INFO"}.',
     )
-
-    @field_validator("*", mode="before")
-    @classmethod
-    def _empty_text(cls, value: Any, info: ValidationInfo) -> Any:
-        """A text field the form left empty arrives as null: it means the field's empty default."""
-        field = cls.model_fields[info.field_name] if info.field_name else None
-        return "" if value is None and field is not None and field.default == "" else value
 
     @field_validator("exclude_nodes")
     @classmethod
@@ -273,7 +277,7 @@ def estimate_cost_usd(params: TrainParams, step_seconds: float, price_per_hour: 
 def airflow_params(
     defaults: dict[str, Any] | None = None,
     recipes: list[str] | None = None,
-    model: type[ClusterParams] = TrainParams,
+    model: type[FormParams] = TrainParams,
 ) -> dict[str, Any]:
     """The trigger form: one ``Param`` per field, its JSON schema taken from ``model``.
 
@@ -305,4 +309,17 @@ def airflow_params(
     return form
 
 
-_PARAM_KEYS = {"type", "title", "description", "minimum", "maximum", "exclusiveMinimum", "maxLength", "pattern", "enum"}
+_PARAM_KEYS = {
+    "type",
+    "title",
+    "description",
+    "minimum",
+    "maximum",
+    "exclusiveMinimum",
+    "maxLength",
+    "pattern",
+    "enum",
+    "items",
+    "minItems",
+    "uniqueItems",
+}

@@ -31,6 +31,7 @@ class Ports:
     slurmctld: int = 16817
     slurmd_first: int = 17001
     redis: int = 16379
+    registry: int = 15000
 
     @classmethod
     def with_offset(cls, offset: int) -> Ports:
@@ -116,6 +117,10 @@ class StackConfig:
 
     # --- endpoints ---------------------------------------------------------
     @property
+    def registry(self) -> str:
+        return f"127.0.0.1:{self.ports.registry}"
+
+    @property
     def moto_url(self) -> str:
         return f"http://127.0.0.1:{self.ports.moto}"
 
@@ -157,9 +162,12 @@ class StackConfig:
             "conn_type": "generic",
             "extra": {"transport": "local", "slurm_conf": str(self.slurm_conf)},
         }
+        # A plain-HTTP OCI registry on loopback stands in for ECR.
+        registry = {"conn_type": "generic", "host": self.registry, "extra": {"tls_verify": False}}
         return {
             "AIRFLOW_CONN_AWS_DEFAULT": json.dumps(aws),
             "AIRFLOW_CONN_SLURM_DEFAULT": json.dumps(slurm),
+            "AIRFLOW_CONN_CONTAINER_REGISTRY": json.dumps(registry),
         }
 
     def airflow_env(self) -> dict[str, str]:

@@ -367,6 +367,27 @@ def _redis() -> Daemon:
     )
 
 
+def _prepare_registry(cfg: StackConfig) -> None:
+    (cfg.home / "registry").mkdir(parents=True, exist_ok=True)
+    config = {
+        "version": 0.1,
+        "storage": {"filesystem": {"rootdirectory": str(cfg.home / "registry")}, "delete": {"enabled": True}},
+        "http": {"addr": cfg.registry},
+    }
+    (cfg.home / "registry.yml").write_text(json.dumps(config))
+
+
+def _registry() -> Daemon:
+    """Debian's docker-registry (distribution) on loopback: where container_build pushes locally."""
+    return Daemon(
+        name="registry",
+        command=lambda c: ["docker-registry", "serve", str(c.home / "registry.yml")],
+        ports=lambda c: [c.ports.registry],
+        health=lambda c: http_ok(f"http://{c.registry}/v2/"),
+        prepare=_prepare_registry,
+    )
+
+
 def _celery_workers() -> list[Daemon]:
     """One worker per queue: control-plane tasks, and the Slurm job submit/wait tasks."""
     services = []
@@ -425,6 +446,7 @@ def build_services(cfg: StackConfig) -> list[Daemon]:
         ),
     ]
     services += [_slurmd(i) for i in range(cfg.slurm_nodes)]
+    services.append(_registry())
     if cfg.executor == "celery":
         services.append(_redis())
     services += [

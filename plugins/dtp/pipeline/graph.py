@@ -15,12 +15,11 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from airflow.providers.amazon.aws.hooks.ssm import SsmHook
 from airflow.providers.amazon.aws.sensors.cloud_formation import CloudFormationCreateStackSensor
 from airflow.sdk import DAG, TaskGroup, TriggerRule, task
 from airflow.sdk.exceptions import AirflowFailException
-from botocore.exceptions import ClientError
 
+from dtp.images.container import resolve_runtime
 from dtp.metrics.gates import GateFailed
 from dtp.metrics.preflight_gate import preflight_message
 from dtp.operators.report import TrainingReportOperator
@@ -51,17 +50,10 @@ def validate_params(**context: Any) -> dict[str, Any]:
 
 @task
 def resolve_images(spec: dict[str, Any]) -> dict[str, str]:
-    """The image published by ami_bake/container_build (SSM), else the platform's default runtime."""
-    name = f"/dtp/images/{spec['params']['platform']}/training"
-    try:
-        uri = SsmHook(aws_conn_id=AWS_CONN_ID).get_parameter_value(name)
-    except ClientError as err:
-        if err.response["Error"]["Code"] != "ParameterNotFound":
-            raise
-        image = get_platform(spec["params"]["platform"]).default_image()
-        log.info("No image published at %s: using %s", name, image)
-        return image
-    return {"source": f"ssm:{name}", "image": uri, "python": "python3"}
+    """The newest image and AMI published by container_build/ami_bake (SSM), else the platform's default runtime."""
+    runtime = resolve_runtime(get_platform(spec["params"]["platform"]), AWS_CONN_ID)
+    log.info("Training runtime: %s", runtime)
+    return runtime
 
 
 @task

@@ -35,6 +35,11 @@ def _common(spec: dict[str, Any], images: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _programs(images: dict[str, Any]) -> Path:
+    """Where the training programs are: inside the image when it carries them, else include/training."""
+    return Path(images.get("training_dir") or TRAINING_DIR)
+
+
 def _write_job(
     hook: SlurmHook, spec: dict[str, Any], workdir: Path, kind: str, script: str, job_name: str
 ) -> dict[str, str]:
@@ -58,7 +63,7 @@ def prepare_preflight(spec: dict[str, Any], cluster: dict[str, Any], images: dic
     script = render(
         "slurm/preflight.sbatch.j2",
         **_common(spec, images),
-        program=TRAINING_DIR / "preflight.py",
+        program=_programs(images) / "preflight.py",
         results_path=results,
         max_bytes=spec["instance"]["busbw_at_bytes"],
         nccl_tests_path=nccl_tests or "",
@@ -102,7 +107,7 @@ def prepare_training(
     script = render(
         "slurm/train.sbatch.j2",
         **_common(spec, images),
-        program=TRAINING_DIR / "train.py",
+        program=_programs(images) / "train.py",
         config_path=config_path,
         max_restarts=3,
         # Nsight Systems only where there are GPUs to trace; torch.profiler traces everywhere.

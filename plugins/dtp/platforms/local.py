@@ -7,8 +7,10 @@ job name, so teardown cancels by name and checks no job of the run is left.
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Any
 
+from dtp.hooks.container import ContainerRegistryHook
 from dtp.hooks.slurm import SlurmHook
 
 
@@ -16,6 +18,9 @@ class LocalSlurmPlatform:
     """Slurm on this host through the ``slurm_default`` connection."""
 
     name = "local"
+    # The local cluster stands in for a ParallelCluster CPU cluster; its nodes are this host and boot nothing,
+    # so the AMI is recorded with the run, not booted.
+    ami_family = "pcluster-cpu"
 
     def __init__(self, slurm_conn_id: str = SlurmHook.default_conn_name) -> None:
         self.slurm_conn_id = slurm_conn_id
@@ -30,6 +35,18 @@ class LocalSlurmPlatform:
     def default_image(self) -> dict[str, str]:
         # Slurm's nodes share this host, so the project's own virtualenv is the "image".
         return {"source": "project virtualenv", "python": sys.executable}
+
+    def runtime(self, image: str) -> dict[str, str]:
+        # No container runtime on the local nodes: the image is unpacked on the shared filesystem (as enroot
+        # would import it) and its training programs run with the project's interpreter.
+        digest = image.rsplit("@", 1)[-1].removeprefix("sha256:")
+        rootfs = ContainerRegistryHook().unpack(image, Path(self.hook.shared_dir) / "images" / digest[:16])
+        return {
+            "source": f"image {image}",
+            "image": image,
+            "python": sys.executable,
+            "training_dir": str(rootfs / "opt" / "dtp" / "training"),
+        }
 
     def provision(self, spec: dict[str, Any], network: dict[str, str]) -> dict[str, Any]:
         hook = self.hook

@@ -1,0 +1,10 @@
+# Component versions baked into DTP AMIs: the defaults of the ami_bake DAG's form.
+nvidia_driver_version = "570.172.08"
+cuda_version = "12.8.1"
+efa_installer_version = "1.43.1"
+nccl_version = "2.27.5-1"
+aws_ofi_nccl_version = "1.16.0"
+nccl_tests_version = "2.16.4"
+enroot_version = "3.5.0"
+pyxis_version = "0.20.0"
+neuron_version = "2.25.0"

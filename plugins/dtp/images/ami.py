@@ -1,0 +1,139 @@
+"""AMI families (images/packer), the ami_bake form, and where a baked AMI is published.
+
+A family is a var file ``images/packer/families/<family>.pkrvars.hcl`` with a
+playbook ``images/packer/ansible/<family>.yml``; the component versions'
+defaults live in ``images/packer/versions.pkrvars.hcl``. A baked AMI's id is
+published to the SSM parameter ``/dtp/amis/<family>`` and as an event of the
+Asset ``dtp-ami://<family>`` whose extra carries the versions.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from functools import cache
+from pathlib import Path
+from typing import Any, ClassVar
+
+from pydantic import Field, create_model, field_validator
+
+from dtp.params import FormParams
+
+IMAGES_DIR = Path(os.environ.get("DTP_IMAGES_DIR", Path(__file__).resolve().parents[3] / "images"))
+PACKER_DIR = IMAGES_DIR / "packer"
+TEMPLATE = PACKER_DIR / "ami.pkr.hcl"
+VERSIONS_FILE = PACKER_DIR / "versions.pkrvars.hcl"
+# A version string goes into an AMI tag, a URL and a shell-free argv: digits first, then a small alphabet.
+VERSION = r"^[0-9][0-9A-Za-z.+_-]{0,31}$"
+_ASSIGNMENT = re.compile(r'^\s*(\w+)\s*=\s*"([^"]*)"\s*$')
+
+
+def ami_families() -> list[str]:
+    """Every family with a var file and a playbook."""
+    return sorted(
+        f.name.removesuffix(".pkrvars.hcl")
+        for f in (PACKER_DIR / "families").glob("*.pkrvars.hcl")
+        if (PACKER_DIR / "ansible" / f.name.replace(".pkrvars.hcl", ".yml")).is_file()
+    )
+
+
+@cache
+def default_versions() -> dict[str, str]:
+    """The ``name = "value"`` assignments of versions.pkrvars.hcl."""
+    found = {}
+    for line in VERSIONS_FILE.read_text().splitlines():
+        match = _ASSIGNMENT.match(line)
+        if match:
+            found[match.group(1)] = match.group(2)
+    return found
+
+
+def ssm_parameter(family: str) -> str:
+    return f"/dtp/amis/{family}"
+
+
+def asset_uri(family: str) -> str:
+    return f"dtp-ami://{family}"
+
+
+def fingerprint_inputs(family: str) -> list[str]:
+    """What an AMI of ``family`` depends on besides template and var files: its playbook and the roles."""
+    return [str(PACKER_DIR / "ansible" / f"{family}.yml"), str(PACKER_DIR / "ansible" / "roles")]
+
+
+class _AmiBakeBase(FormParams):
+    leading: ClassVar[tuple[str, ...]] = ("families",)
+
+    families: list[str] = Field(
+        ["pcluster-gpu"],
+        min_length=1,
+        title="AMI families",
+        description="One bake per family: images/packer/families/<family>.pkrvars.hcl.",
+        json_schema_extra={"uniqueItems": True, "items": {"type": "string", "enum": ami_families()}},
+    )
+    retain_days: int = Field(
+        90, ge=1, le=3650, title="Keep for (days)", description="Expiry tag of the AMIs and snapshots, for the reaper."
+    )
+
+    @field_validator("families")
+    @classmethod
+    def _known_families(cls, families: list[str]) -> list[str]:
+        unknown = sorted(set(families) - set(ami_families()))
+        if unknown:
+            raise ValueError(f"unknown AMI families {unknown}; allowed: {', '.join(ami_families())}")
+        if len(set(families)) != len(families):
+            raise ValueError("each family may be listed once")
+        return families
+
+    def versions(self) -> dict[str, str]:
+        return {name: getattr(self, name) for name in default_versions()}
+
+
+_COMPONENTS = {
+    "nvidia_driver": "NVIDIA driver",
+    "cuda": "CUDA",
+    "efa_installer": "EFA installer",
+    "nccl": "NCCL",
+    "aws_ofi_nccl": "aws-ofi-nccl",
+    "nccl_tests": "nccl-tests",
+    "enroot": "enroot",
+    "pyxis": "pyxis",
+    "neuron": "Neuron SDK",
+}
+
+
+def _version_field(name: str, default: str) -> Any:
+    component = name.removesuffix("_version")
+    title = f"{_COMPONENTS.get(component, component)} version"
+    return (
+        str,
+        Field(
+            default,
+            title=title,
+            description=f"Baked into the families that install {component}.",
+            pattern=VERSION,
+            max_length=32,
+        ),
+    )
+
+
+AmiBakeParams = create_model(
+    "AmiBakeParams",
+    __base__=_AmiBakeBase,
+    __doc__="What a person may set when baking AMIs: the families, the component versions, the retention.",
+    **{name: _version_field(name, value) for name, value in default_versions().items()},
+)
+
+
+def bake_requests(params: Any, tags: dict[str, str]) -> list[dict[str, Any]]:
+    """One PackerBuildOperator's kwargs per family (for ``expand_kwargs``)."""
+    return [
+        {
+            "var_file": str(PACKER_DIR / "families" / f"{family}.pkrvars.hcl"),
+            "variables": {"family": family, **params.versions()},
+            "name_prefix": f"dtp-{family}",
+            "fingerprint_paths": fingerprint_inputs(family),
+            "tags": tags,
+        }
+        for family in params.families
+    ]

@@ -1,0 +1,103 @@
+"""Training container images (images/containers), the container_build form, and where runs find them.
+
+Each image is ``images/containers/<image>/Dockerfile`` built with ``include/``
+as its context (so the image carries DTP's training programs); its ``ARG``
+defaults are the form's build-arg defaults. A pushed image is published, pinned
+by digest, to the SSM parameter ``/dtp/images/<platform>/training`` (what
+train_e2e's resolve_images reads) and as an event of the Asset
+``oci://<registry>/<repository>``.
+"""
+
+from __future__ import annotations
+
+import re
+from functools import cache
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+from airflow.providers.amazon.aws.hooks.ssm import SsmHook
+from botocore.exceptions import ClientError
+from pydantic import Field, model_validator
+
+from dtp.images import ami
+from dtp.images.ami import IMAGES_DIR, VERSION
+from dtp.params import FormParams
+from dtp.recipes import INCLUDE_DIR, Platform
+
+CONTAINERS_DIR = IMAGES_DIR / "containers"
+TRAINING_IMAGES = ("local-cpu", "training", "neuron")
+TrainingImage = Literal["local-cpu", "training", "neuron"]
+_ARG = re.compile(r"^ARG\s+([A-Z][A-Z0-9_]*)=(\S+)\s*$")
+
+
+def dockerfile(image: str) -> Path:
+    return CONTAINERS_DIR / image / "Dockerfile"
+
+
+@cache
+def build_arg_defaults(image: str) -> dict[str, str]:
+    """The ``ARG NAME=default`` lines of the image's Dockerfile."""
+    return {m.group(1): m.group(2) for line in dockerfile(image).read_text().splitlines() if (m := _ARG.match(line))}
+
+
+def training_parameter(platform: str) -> str:
+    return f"/dtp/images/{platform}/training"
+
+
+class ContainerBuildParams(FormParams):
+    """What a person may set when building a training image."""
+
+    leading: ClassVar[tuple[str, ...]] = ("image", "platform")
+
+    image: TrainingImage = Field(
+        "local-cpu", title="Image", description="images/containers/<image>/Dockerfile (local-cpu: the local profile's)."
+    )
+    platform: Platform = Field(
+        "local", title="Platform", description="Publish as /dtp/images/<platform>/training, where its runs look."
+    )
+    build_args: dict[str, str] = Field(
+        default_factory=dict,
+        title="Build args",
+        description='Overrides of the Dockerfile\'s ARG defaults, e.g. {"NCCL_VERSION": "2.28.3-1"}.',
+    )
+
+    @model_validator(mode="after")
+    def _known_args(self) -> ContainerBuildParams:
+        allowed = build_arg_defaults(self.image)
+        for name, value in self.build_args.items():
+            if name not in allowed:
+                raise ValueError(
+                    f"build_args: {name!r} is not an ARG of {self.image}'s Dockerfile (allowed: {', '.join(allowed)})"
+                )
+            if not re.fullmatch(VERSION, value):
+                raise ValueError(f"build_args: {name}={value!r} must match {VERSION}")
+        return self
+
+    def build_request(self) -> dict[str, Any]:
+        """ContainerImageBuildOperator's kwargs for this image."""
+        return {
+            "context_dir": str(INCLUDE_DIR),
+            "dockerfile": str(dockerfile(self.image)),
+            "repository": f"dtp/{self.image}",
+            "build_args": {**build_arg_defaults(self.image), **self.build_args},
+            "labels": {"dev.dtp.image": self.image, "dev.dtp.platform": self.platform},
+        }
+
+
+def _parameter(ssm: SsmHook, name: str) -> str | None:
+    try:
+        return ssm.get_parameter_value(name)
+    except ClientError as err:
+        if err.response["Error"]["Code"] != "ParameterNotFound":
+            raise
+        return None
+
+
+def resolve_runtime(platform: Any, aws_conn_id: str | None) -> dict[str, str]:
+    """The newest published training image (and AMI) for ``platform``, as the runtime its jobs use;
+    the platform's default runtime when nothing is published."""
+    ssm = SsmHook(aws_conn_id=aws_conn_id)
+    image = _parameter(ssm, training_parameter(platform.name))
+    runtime = platform.runtime(image) if image else platform.default_image()
+    ami_id = _parameter(ssm, ami.ssm_parameter(platform.ami_family)) if platform.ami_family else None
+    return {**runtime, "ami": ami_id} if ami_id else runtime

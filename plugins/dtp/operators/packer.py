@@ -1,0 +1,108 @@
+"""Bake an AMI with Packer: one build per task, found again instead of baked twice."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from airflow.sdk import BaseOperator
+
+from dtp.hooks.packer import PackerError, PackerHook, fingerprint
+
+
+class PackerBuildOperator(BaseOperator):
+    """
+    Build an amazon-ebs Packer template and return the AMI it made.
+
+    The AMI name is ``<name_prefix>-<fingerprint>``, the fingerprint covering the
+    template's directory (template, var files, playbooks, roles) and every
+    variable. A retry, or a second run with the same inputs, finds that AMI and
+    returns it without building; changing any version variable or file gives a
+    new name and a new AMI. The AMI and its snapshots get ``tags`` every time.
+    Packer's UI lines stream into the task log; killing the task interrupts
+    packer (which cleans up its instance) and then kills its process tree.
+
+    :param template: path of the ``.pkr.hcl`` template
+    :param var_file: ``.pkrvars.hcl`` file passed with ``-var-file``
+    :param variables: template variables (``-var``), e.g. component versions
+    :param name_prefix: start of the AMI name
+    :param fingerprint_paths: files and folders the AMI depends on besides the template and
+        var file (playbooks, roles); default: the template's folder
+    :param name_variable: the template variable that receives the AMI name
+    :param tags: tags for the AMI and its snapshots
+    :param aws_conn_id: AWS connection (credentials, region, emulator endpoint)
+    """
+
+    template_fields: Sequence[str] = ("template", "var_file", "variables", "name_prefix", "tags", "fingerprint_paths")
+    ui_color = "#02a8ef"
+
+    def __init__(
+        self,
+        *,
+        template: str,
+        name_prefix: str,
+        var_file: str | None = None,
+        variables: dict[str, str] | None = None,
+        fingerprint_paths: list[str] | None = None,
+        name_variable: str = "ami_name",
+        tags: dict[str, str] | None = None,
+        aws_conn_id: str | None = "aws_default",
+        packer_path: str = "packer",
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.template = template
+        self.var_file = var_file
+        self.variables = variables or {}
+        self.name_prefix = name_prefix
+        self.fingerprint_paths = fingerprint_paths
+        self.name_variable = name_variable
+        self.tags = tags or {}
+        self.aws_conn_id = aws_conn_id
+        self.packer_path = packer_path
+        self._process = None
+
+    @property
+    def hook(self) -> PackerHook:
+        return PackerHook(aws_conn_id=self.aws_conn_id, packer_path=self.packer_path)
+
+    def execute(self, context: Any) -> dict[str, Any]:
+        hook = self.hook
+        template = Path(self.template)
+        var_file = Path(self.var_file) if self.var_file else None
+        inputs = [Path(p) for p in self.fingerprint_paths] if self.fingerprint_paths else [template.parent]
+        name = (
+            f"{self.name_prefix}-{fingerprint([template, *([var_file] if var_file else []), *inputs], self.variables)}"
+        )
+        variables = {**self.variables, self.name_variable: name}
+
+        existing = hook.find_image(name)
+        if existing:
+            image_id, built = existing["ImageId"], False
+            self.log.info("AMI %s already exists as %s (same template and inputs): not baking again", name, image_id)
+        else:
+            hook.validate(template, var_file, variables)
+            self.log.info("Baking %s with packer (source %s)", name, hook.source)
+            self._process = hook.start_build(template, var_file, variables)
+            try:
+                result = hook.follow(self._process, lambda message: self.log.info("packer: %s", message))
+            finally:
+                self._process = None
+            region_amis = result.amis()
+            if len(region_amis) != 1:
+                raise PackerError(f"expected one AMI from the build, packer reported {result.artifacts}")
+            image_id, built = next(iter(region_amis.values())), True
+        hook.tag_image(image_id, self.tags)
+        return {
+            "ami_id": image_id,
+            "ami_name": name,
+            "built": built,
+            "source": hook.source,
+            "variables": self.variables,
+        }
+
+    def on_kill(self) -> None:
+        if self._process is not None:
+            self.log.info("Stopping packer (pid %s) and its children", self._process.pid)
+            PackerHook.stop(self._process)

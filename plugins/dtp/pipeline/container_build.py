@@ -1,0 +1,77 @@
+# TaskFlow wiring passes XComArgs where the task callables declare plain values: mypy cannot see through it.
+# mypy: disable-error-code="arg-type"
+"""container_build as Airflow tasks:
+
+    validate_params -> build (ContainerImageBuildOperator) -> publish
+
+``publish`` writes the digest-pinned reference to ``/dtp/images/<platform>/training``
+in SSM (train_e2e's resolve_images reads it) and an event of the image's Asset.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from airflow.sdk import DAG, task
+from airflow.sdk.exceptions import AirflowFailException
+
+from dtp.hooks.container import ContainerRegistryHook
+from dtp.images.container import ContainerBuildParams, training_parameter
+from dtp.images.publish import IMAGE_ALIAS, emit, put_parameter
+from dtp.operators.container import ContainerImageBuildOperator
+from dtp.params import ParamsError, parse_params
+
+log = logging.getLogger(__name__)
+AWS_CONN_ID = "aws_default"
+
+
+@task
+def validate_params(**context: Any) -> dict[str, Any]:
+    """Refuse bad input before anything is built; return the build request and where to publish."""
+    try:
+        params = parse_params(ContainerBuildParams, {**context["params"], **(context["dag_run"].conf or {})})
+    except ParamsError as err:
+        raise AirflowFailException(str(err)) from None
+    return {**params.build_request(), "platform": params.platform, "image_name": params.image}
+
+
+@task(outlets=[IMAGE_ALIAS])
+def publish(request: dict[str, Any], built: dict[str, Any], *, outlet_events: Any = None) -> dict[str, Any]:
+    """Point ``/dtp/images/<platform>/training`` at the image and record an Asset event."""
+    parameter = training_parameter(request["platform"])
+    version = put_parameter(
+        parameter, built["image"], f"DTP {request['image_name']} image", {"dtp:owner": "dtp"}, AWS_CONN_ID
+    )
+    registry = ContainerRegistryHook().registry
+    extra = {
+        "image": built["image"],
+        "digest": built["digest"],
+        "ssm_parameter": parameter,
+        "build_args": built["build_args"],
+    }
+    emit(
+        outlet_events, IMAGE_ALIAS, f"image/{request['image_name']}", f"oci://{registry}/{request['repository']}", extra
+    )
+    log.info(
+        "%s -> %s (parameter version %s; %s)",
+        parameter,
+        built["image"],
+        version,
+        "built" if built["built"] else "reused",
+    )
+    return {**extra, "parameter_version": version}
+
+
+def container_build_pipeline(dag: DAG) -> None:
+    """Add container_build's tasks to ``dag``."""
+    request = validate_params()
+    build = ContainerImageBuildOperator(
+        task_id="build",
+        context_dir=request["context_dir"],
+        dockerfile=request["dockerfile"],
+        repository=request["repository"],
+        build_args=request["build_args"],
+        labels=request["labels"],
+    )
+    publish(request, build.output)
