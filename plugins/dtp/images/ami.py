@@ -69,7 +69,7 @@ class _AmiBakeBase(FormParams):
         min_length=1,
         title="AMI families",
         description="One bake per family: images/packer/families/<family>.pkrvars.hcl.",
-        json_schema_extra={"uniqueItems": True, "items": {"type": "string", "enum": ami_families()}},
+        json_schema_extra={"uniqueItems": True, "items": {"type": "string", "enum": list(ami_families())}},
     )
     retain_days: int = Field(
         90, ge=1, le=3650, title="Keep for (days)", description="Expiry tag of the AMIs and snapshots, for the reaper."

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -61,7 +62,7 @@ class PackerBuildOperator(BaseOperator):
         self.tags = tags or {}
         self.aws_conn_id = aws_conn_id
         self.packer_path = packer_path
-        self._process = None
+        self._process: subprocess.Popen[str] | None = None
 
     @property
     def hook(self) -> PackerHook:
@@ -84,9 +85,9 @@ class PackerBuildOperator(BaseOperator):
         else:
             hook.validate(template, var_file, variables)
             self.log.info("Baking %s with packer (source %s)", name, hook.source)
-            self._process = hook.start_build(template, var_file, variables)
+            process = self._process = hook.start_build(template, var_file, variables)
             try:
-                result = hook.follow(self._process, lambda message: self.log.info("packer: %s", message))
+                result = hook.follow(process, lambda message: self.log.info("packer: %s", message))
             finally:
                 self._process = None
             region_amis = result.amis()

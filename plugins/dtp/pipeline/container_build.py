@@ -1,5 +1,5 @@
 # TaskFlow wiring passes XComArgs where the task callables declare plain values: mypy cannot see through it.
-# mypy: disable-error-code="arg-type"
+# mypy: disable-error-code="arg-type,index"
 """container_build as Airflow tasks:
 
     validate_params -> build (ContainerImageBuildOperator) -> publish
