@@ -97,14 +97,18 @@ def test_second_stack_up_status_down_leaves_nothing() -> None:
         assert up.returncode == 0, up.stdout + up.stderr
         cfg = StackConfig(home=home.resolve(), ports=StackConfig.from_env().ports.with_offset(300))
         pids = [int(p.read_text()) for p in cfg.run_dir.glob("*.pid")]
-        assert len(pids) == 6 and all(pid_alive(p) for p in pids)
-        assert port_open(cfg.ports.moto) and port_open(cfg.ports.slurmctld)
+        assert len(pids) == 7 and all(
+            pid_alive(p) for p in pids
+        )  # postgres, moto, munged, slurmctld, 2 slurmd, registry
+        assert port_open(cfg.ports.moto) and port_open(cfg.ports.slurmctld) and port_open(cfg.ports.registry)
         status = subprocess.run([*cli, "status"], env=env, capture_output=True, text=True)
         assert "postgres               healthy" in status.stdout
         down = subprocess.run([*cli, "down"], env=env, capture_output=True, text=True, timeout=120)
         assert down.returncode == 0, down.stderr
         assert not any(pid_alive(p) for p in pids)
-        assert not any(port_open(p) for p in (cfg.ports.moto, cfg.ports.postgres, cfg.ports.slurmctld))
+        assert not any(
+            port_open(p) for p in (cfg.ports.moto, cfg.ports.postgres, cfg.ports.slurmctld, cfg.ports.registry)
+        )
         assert not list(cfg.run_dir.glob("*.pid"))
     finally:
         subprocess.run([*cli, "down"], env=env, capture_output=True, timeout=120)

@@ -37,7 +37,9 @@ def test_bundle_layout(bundle: dict[str, Path]) -> None:
     assert (bundle["dags"] / "train_e2e.py").exists() and (
         bundle["dags"] / "include" / "recipes" / "tiny.yaml"
     ).exists()
-    assert (bundle["dags"] / ".airflowignore").read_text() == "include/\n"
+    assert (bundle["dags"] / ".airflowignore").read_text() == "include/\nimages/\n"
+    assert (bundle["dags"] / "images" / "packer" / "versions.pkrvars.hcl").is_file()
+    assert not (bundle["dags"] / "images" / "containers" / "airflow").exists()
     names = zipfile.ZipFile(bundle["plugins"]).namelist()
     assert "dtp_plugin.py" in names and "dtp/params.py" in names and not [n for n in names if "__pycache__" in n]
     lines = bundle["requirements"].read_text().splitlines()
@@ -47,6 +49,7 @@ def test_bundle_layout(bundle: dict[str, Path]) -> None:
     )
     assert "apache-airflow-providers-amazon==9.39.0" in lines
     assert f"export DTP_INCLUDE_DIR={DAGS_DIR}/include" in bundle["startup"].read_text()
+    assert f"export DTP_IMAGES_DIR={DAGS_DIR}/images" in bundle["startup"].read_text()
 
 
 def test_bundle_dags_parse_from_the_plugins_zip(bundle: dict[str, Path]) -> None:
@@ -61,6 +64,7 @@ def test_bundle_dags_parse_from_the_plugins_zip(bundle: dict[str, Path]) -> None
         **{k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "DTP_INCLUDE_DIR")},
         "PYTHONPATH": str(bundle["plugins"]),
         "DTP_INCLUDE_DIR": str(bundle["dags"] / "include"),
+        "DTP_IMAGES_DIR": str(bundle["dags"] / "images"),
         "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
     }
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd="/")

@@ -3,9 +3,10 @@
 ``python -m dtp.deploy.mwaa package`` builds MWAA's layout in a folder:
 
     dags/                 the DAG files, with include/ (recipes, templates, trainer) under dags/include/
+                          and images/packer + the training Dockerfiles under dags/images/
     plugins.zip           plugins/ (the dtp package and the plugin that registers its extra links)
     requirements.txt      DTP's runtime dependencies, under Airflow's constraints for the environment's version
-    startup.sh            exports DTP_INCLUDE_DIR so dtp finds include/ inside the DAGs folder
+    startup.sh            exports DTP_INCLUDE_DIR and DTP_IMAGES_DIR so dtp finds them inside the DAGs folder
 
 ``deploy`` uploads it to a versioned S3 bucket and calls CreateEnvironment, or UpdateEnvironment when
 the environment exists, through the amazon provider's MwaaHook, with the object versions MWAA needs.
@@ -27,8 +28,9 @@ RUNTIME_REQUIREMENTS = PROJECT_ROOT / "images" / "containers" / "airflow" / "req
 # Airflow settings DTP relies on (the local stack sets the same).
 AIRFLOW_OPTIONS = {"core.load_examples": "False", "core.dags_are_paused_at_creation": "True"}
 STARTUP_SCRIPT = f"""#!/bin/sh
-# MWAA startup script: DTP's recipes, templates and trainer ship inside the DAGs folder.
+# MWAA startup script: DTP's recipes, templates, trainer and image definitions ship inside the DAGs folder.
 export DTP_INCLUDE_DIR={DAGS_DIR}/include
+export DTP_IMAGES_DIR={DAGS_DIR}/images
 """
 
 
@@ -39,8 +41,9 @@ def package(out: Path, airflow_version: str, python_version: str = "3.11") -> di
     dags = out / "dags"
     shutil.copytree(PROJECT_ROOT / "dags", dags, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(PROJECT_ROOT / "include", dags / "include", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    shutil.copytree(PROJECT_ROOT / "images", dags / "images", ignore=shutil.ignore_patterns("airflow"))
     # MWAA parses every .py under the DAGs folder: the trainer's modules are not DAGs; keep them out of parsing.
-    (dags / ".airflowignore").write_text("include/\n")
+    (dags / ".airflowignore").write_text("include/\nimages/\n")
     plugins_zip = out / "plugins.zip"
     with zipfile.ZipFile(plugins_zip, "w", zipfile.ZIP_DEFLATED) as archive:
         for path in sorted((PROJECT_ROOT / "plugins").rglob("*")):
