@@ -14,11 +14,13 @@ from datetime import UTC, datetime
 from typing import Any
 
 from airflow.providers.amazon.aws.hooks.s3 import S3Hook
+from airflow.providers.amazon.aws.hooks.ssm import SsmHook
 from botocore.exceptions import ClientError
 
 from dtp.hooks.slurm import SlurmHook
 from dtp.hooks.stacks import StackHook
 from dtp.hooks.sweeper import RunResourceSweeper
+from dtp.images.ami import AMI_PARAMETER_PATH
 from dtp.naming import SLURM_EXPIRY_PREFIX, TAG_PREFIX
 from dtp.pipeline.network import destroy_run_resources
 
@@ -66,6 +68,11 @@ def find_expired(aws_conn_id: str, slurm_conn_id: str | None, now: datetime | No
         tags = {t["Key"]: t["Value"] for t in vpc.get("Tags", [])}
         if _expired(tags.get(EXPIRES), now):
             found.append(Expired("vpc", vpc["VpcId"], tags[RUN], tags[EXPIRES]))
+    published = published_amis(aws_conn_id)
+    for image in ec2.describe_images(Owners=["self"], Filters=[{"Name": "tag-key", "Values": [RUN]}])["Images"]:
+        tags = {t["Key"]: t["Value"] for t in image.get("Tags", [])}
+        if _expired(tags.get(EXPIRES), now) and image["ImageId"] not in published:
+            found.append(Expired("ami", image["ImageId"], tags[RUN], tags[EXPIRES]))
     if slurm_conn_id:
         out = SlurmHook(slurm_conn_id).run(["squeue", "-h", "-o", "%i|%j|%k"], check=False)
         for line in out.splitlines():
@@ -74,6 +81,29 @@ def find_expired(aws_conn_id: str, slurm_conn_id: str | None, now: datetime | No
             if _expired(expires_at, now):
                 found.append(Expired("slurm_job", job_id, name, expires_at))
     return found
+
+
+def published_amis(aws_conn_id: str) -> set[str]:
+    """The AMIs that SSM ``/dtp/amis/*`` points runs at: never reaped, whatever their expiry."""
+    ssm = SsmHook(aws_conn_id=aws_conn_id).conn
+    pages = ssm.get_paginator("get_parameters_by_path").paginate(Path=AMI_PARAMETER_PATH, Recursive=True)
+    return {parameter["Value"] for page in pages for parameter in page["Parameters"]}
+
+
+def delete_image(aws_conn_id: str, image_id: str) -> list[str]:
+    """Deregister the AMI, then delete its snapshots; return the snapshot ids."""
+    ec2 = RunResourceSweeper(aws_conn_id=aws_conn_id).conn
+    images = ec2.describe_images(ImageIds=[image_id])["Images"]
+    snapshots = [
+        m["Ebs"]["SnapshotId"]
+        for i in images
+        for m in i.get("BlockDeviceMappings", [])
+        if "SnapshotId" in m.get("Ebs", {})
+    ]
+    ec2.deregister_image(ImageId=image_id)
+    for snapshot in snapshots:
+        ec2.delete_snapshot(SnapshotId=snapshot)
+    return snapshots
 
 
 def reap(found: list[Expired], aws_conn_id: str, slurm_conn_id: str | None, dry_run: bool) -> dict[str, Any]:
@@ -94,7 +124,10 @@ def reap(found: list[Expired], aws_conn_id: str, slurm_conn_id: str | None, dry_
         if slurm_conn_id:
             SlurmHook(slurm_conn_id).cancel(job.name)
             deleted.append(asdict(job))
-    for run_key in sorted({i.run_key for i in found if i.kind != "slurm_job"}):
+    for image in (i for i in found if i.kind == "ami"):
+        delete_image(aws_conn_id, image.name)
+        deleted.append(asdict(image))
+    for run_key in sorted({i.run_key for i in found if i.kind not in ("slurm_job", "ami")}):
         of_run = [i for i in found if i.run_key == run_key]
         destroy_run_resources(
             aws_conn_id,

@@ -63,3 +63,32 @@ def test_reaper_deletes_only_what_expired(stack, aws) -> None:
     kept = RunResourceSweeper(aws_conn_id=AWS).find(alive["names"]["run_key"], (alive["names"]["data_bucket"],))
     assert kept["vpcs"] and kept["buckets"]
     network.teardown_network({**alive, "params": {"keep_cluster": False}}, AWS)
+
+
+def _ami(aws, tags: dict[str, str]) -> tuple[str, str]:
+    ec2 = aws("ec2")
+    source = ec2.describe_images(Owners=["amazon"])["Images"][0]["ImageId"]
+    instance = ec2.run_instances(ImageId=source, MinCount=1, MaxCount=1, InstanceType="t3.micro")["Instances"][0]
+    image_id = ec2.create_image(InstanceId=instance["InstanceId"], Name=f"dtp-it-{uuid.uuid4().hex[:8]}")["ImageId"]
+    ec2.terminate_instances(InstanceIds=[instance["InstanceId"]])
+    snapshot = ec2.describe_images(ImageIds=[image_id])["Images"][0]["BlockDeviceMappings"][0]["Ebs"]["SnapshotId"]
+    ec2.create_tags(Resources=[image_id, snapshot], Tags=[{"Key": k, "Value": v} for k, v in tags.items()])
+    return image_id, snapshot
+
+
+def test_reaper_deletes_expired_amis_but_never_a_published_one(stack, aws) -> None:
+    tags = resource_tags(RunNames("ami_bake", f"manual__{uuid.uuid4().hex}"), "ami-bake", expiry(-1))
+    expired, snapshot = _ami(aws, tags)
+    published, _ = _ami(aws, tags)
+    family = f"it-{uuid.uuid4().hex[:6]}"
+    aws("ssm").put_parameter(Name=f"/dtp/amis/{family}", Value=published, Type="String")
+    try:
+        found = [f for f in find_expired(AWS, None) if f.kind == "ami"]
+        assert expired in {f.name for f in found} and published not in {f.name for f in found}
+        reap([f for f in found if f.name == expired], AWS, None, dry_run=False)
+        ec2 = aws("ec2")
+        assert ec2.describe_images(Filters=[{"Name": "image-id", "Values": [expired]}])["Images"] == []
+        assert snapshot not in {s["SnapshotId"] for s in ec2.describe_snapshots(OwnerIds=["self"])["Snapshots"]}
+        assert ec2.describe_images(ImageIds=[published])["Images"]
+    finally:
+        aws("ssm").delete_parameter(Name=f"/dtp/amis/{family}")

@@ -25,6 +25,7 @@ TEMPLATE = PACKER_DIR / "ami.pkr.hcl"
 VERSIONS_FILE = PACKER_DIR / "versions.pkrvars.hcl"
 # A version string goes into an AMI tag, a URL and a shell-free argv: digits first, then a small alphabet.
 VERSION = r"^[0-9][0-9A-Za-z.+_-]{0,31}$"
+AMI_PARAMETER_PATH = "/dtp/amis"
 _ASSIGNMENT = re.compile(r'^\s*(\w+)\s*=\s*"([^"]*)"\s*$')
 
 
@@ -49,7 +50,7 @@ def default_versions() -> dict[str, str]:
 
 
 def ssm_parameter(family: str) -> str:
-    return f"/dtp/amis/{family}"
+    return f"{AMI_PARAMETER_PATH}/{family}"
 
 
 def asset_uri(family: str) -> str:
