@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from dtp.hooks.container import ContainerRegistryHook
+from dtp.hooks.packer import PackerError
 from dtp.images import ami, container
 from dtp.operators.container import ContainerImageBuildOperator
 from dtp.operators.packer import PackerBuildOperator
@@ -105,3 +106,11 @@ def test_buildah_builds_pushes_and_the_registry_holds_the_digest(stack, tmp_path
     assert shipped.read_text() == (ami.IMAGES_DIR.parent / "include" / "training" / "train.py").read_text()
     assert registry.unpack(first["image"], tmp_path / "rootfs") == rootfs
     assert [p.name for p in tmp_path.iterdir()] == ["rootfs"]  # no half-unpacked tree left beside it
+
+
+def test_a_failing_bake_says_why(stack) -> None:
+    params = parse_params(ami.AmiBakeParams, {"families": ["pcluster-cpu"]})
+    request = ami.bake_requests(params, {"dtp:owner": "dtp"})[0]
+    request["variables"] = {**request["variables"], "emulator_source_ami_name": f"no-such-ami-{uuid.uuid4().hex[:6]}-*"}
+    with pytest.raises(PackerError, match="No AMI was found matching filters"):
+        PackerBuildOperator(task_id="bake", template=str(ami.TEMPLATE), **request).execute({})

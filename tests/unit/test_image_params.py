@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import time
 
 import pytest
 
@@ -144,3 +147,16 @@ def test_buildah_command_is_an_argv_with_args_and_labels(tmp_path) -> None:
     assert argv[:4] == ["buildah", "--storage-driver", "vfs", "build"]
     assert argv[argv.index("--build-arg") : argv.index("--build-arg") + 2] == ["--build-arg", "A=1; rm -rf /"]
     assert "--isolation" in argv and argv[-1] == str(tmp_path)
+
+
+def test_stopping_a_build_takes_down_its_whole_process_tree() -> None:
+    build = subprocess.Popen(
+        ["sh", "-c", "sleep 300 & echo $!; wait"], stdout=subprocess.PIPE, text=True, start_new_session=True
+    )
+    child = int(build.stdout.readline())
+    PackerHook.stop(build, grace_seconds=5)
+    assert build.poll() is not None
+    with pytest.raises(ProcessLookupError):
+        for _ in range(50):
+            os.kill(child, 0)
+            time.sleep(0.1)

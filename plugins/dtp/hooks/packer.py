@@ -10,6 +10,7 @@ emulator) the build runs the template's ``emulator`` source against it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import signal
@@ -195,16 +196,16 @@ class PackerHook(BaseHook):
 
     @staticmethod
     def stop(process: subprocess.Popen[str], grace_seconds: float = 120.0) -> None:
-        """Interrupt the build (packer then deletes its instance, key pair and security group);
-        kill the whole process tree if it has not finished cleaning up within ``grace_seconds``."""
-        if process.poll() is not None:
-            return
-        os.killpg(process.pid, signal.SIGINT)
-        try:
-            process.wait(timeout=grace_seconds)
-        except subprocess.TimeoutExpired:
+        """Interrupt the build (packer then deletes its instance, key pair and security group), give it
+        ``grace_seconds`` to clean up, then kill whatever is left of its process group (provisioners,
+        plugins, anything they started)."""
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGINT)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(timeout=grace_seconds)
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        process.wait()
 
     def find_image(self, name: str) -> dict | None:
         """The account's available AMI called ``name``, if there is one."""
