@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from dtp.hooks.container import ContainerRegistryHook
+from dtp.hooks.container import ContainerBuildError, ContainerRegistryHook
 from dtp.hooks.packer import PackerError
 from dtp.images import ami, container
 from dtp.operators.container import ContainerImageBuildOperator
@@ -114,3 +114,10 @@ def test_a_failing_bake_says_why(stack) -> None:
     request["variables"] = {**request["variables"], "emulator_source_ami_name": f"no-such-ami-{uuid.uuid4().hex[:6]}-*"}
     with pytest.raises(PackerError, match="No AMI was found matching filters"):
         PackerBuildOperator(task_id="bake", template=str(ami.TEMPLATE), **request).execute({})
+
+
+def test_unpacking_an_image_the_registry_lacks_names_it(stack, tmp_path) -> None:
+    missing = f"{stack.registry}/dtp/local-cpu@sha256:{'0' * 64}"
+    with pytest.raises(ContainerBuildError, match=r"cannot fetch .*sha256:0{64}"):
+        ContainerRegistryHook().unpack(missing, tmp_path / "rootfs")
+    assert list(tmp_path.iterdir()) == []

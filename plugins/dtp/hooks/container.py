@@ -147,14 +147,15 @@ class ContainerRegistryHook(BaseHook):
         the image into a directory, its layers are extracted in order (tar's ``data``
         filter refuses absolute paths, links out of the tree and device files), and
         the tree is renamed into place, so a half-written one is never seen. An image
-        already unpacked at ``dest`` is kept.
+        already unpacked at ``dest`` is kept. Whiteout files are not applied: meant for
+        images that add files layer on layer, as DTP's do, not for general images.
         """
         if dest.is_dir():
             return dest
         dest.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".unpack-") as work, self.auth_file() as auth:
             layout = Path(work) / "image"
-            subprocess.run(
+            copied = subprocess.run(
                 [
                     "skopeo",
                     "copy",
@@ -163,10 +164,12 @@ class ContainerRegistryHook(BaseHook):
                     f"docker://{image}",
                     f"dir:{layout}",
                 ],
-                check=True,
+                check=False,
                 capture_output=True,
                 text=True,
             )
+            if copied.returncode != 0:
+                raise ContainerBuildError(f"cannot fetch {image}: {copied.stderr.strip()}")
             rootfs = Path(work) / "rootfs"
             rootfs.mkdir()
             manifest = json.loads((layout / "manifest.json").read_text())
