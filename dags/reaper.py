@@ -2,8 +2,9 @@
 
 Every resource a run creates carries a ``dtp:expires-at`` tag (Slurm jobs carry
 it in their comment). Hourly, this DAG finds those past expiry (CloudFormation
-stacks, VPC pieces, S3 buckets, baked AMIs and their snapshots, Slurm jobs) and
-deletes them in dependency order; an AMI that SSM ``/dtp/amis/*`` publishes is kept. Trigger it with ``dry_run`` to see what it would delete.
+stacks, VPC pieces, S3 buckets, baked AMIs and their snapshots, Slurm jobs)
+and deletes them in dependency order; an AMI that SSM ``/dtp/amis/*`` still
+publishes is kept. Trigger it with ``dry_run`` to see what it would delete.
 """
 
 from __future__ import annotations
