@@ -20,7 +20,8 @@ def _run(api, dag_id: str, conf: dict, timeout: float = 600) -> tuple[str, dict[
 
 
 def _asset_events(api, uri: str) -> list[dict]:
-    _, assets = api.request("GET", f"/api/v2/assets?uri_pattern={urllib.parse.quote(uri)}")
+    # An asset first seen through an alias event counts as active only once the DAG is parsed again.
+    _, assets = api.request("GET", f"/api/v2/assets?only_active=false&uri_pattern={urllib.parse.quote(uri)}")
     [asset] = [a for a in assets["assets"] if a["uri"].rstrip("/") == uri]
     _, events = api.request("GET", f"/api/v2/assets/events?asset_id={asset['id']}&order_by=-timestamp&limit=50")
     return events["asset_events"]
