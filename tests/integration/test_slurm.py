@@ -8,7 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from airflow.sdk.exceptions import TaskDeferred
+
 from dtp.hooks.slurm import SlurmHook
+from dtp.operators.slurm import SlurmSubmitJobOperator
 from dtp.triggers.slurm import SlurmJobTrigger
 
 pytestmark = pytest.mark.stack
@@ -72,6 +75,42 @@ def test_silent_job_is_reported_hung(workdir: Path) -> None:
             break
         asyncio.run(asyncio.sleep(1))
     assert hook.find_jobs(name) == []
+
+
+class _XComSink:
+    def __init__(self) -> None:
+        self.pushed: dict[str, str] = {}
+
+    def xcom_push(self, key: str, value: str) -> None:
+        self.pushed[key] = value
+
+
+def test_rerun_reuses_a_completed_job_and_resubmits_a_failed_one(workdir: Path) -> None:
+    hook = SlurmHook()
+    ok_name, bad_name = f"it-done-{uuid.uuid4().hex[:6]}", f"it-bad-{uuid.uuid4().hex[:6]}"
+    ok_id = hook.submit(_script(workdir, "echo done\n"), job_name=ok_name, output=str(workdir / "d-%j"))
+    bad_id = hook.submit(_script(workdir, "exit 1\n"), job_name=bad_name, output=str(workdir / "b-%j"))
+    for job_id in (ok_id, bad_id):
+        asyncio.run(_first_event(SlurmJobTrigger(job_id=job_id, log_path="/dev/null", poll_interval=1)))
+    assert [(j.job_id, j.state) for j in hook.ended_jobs(ok_name)] == [(ok_id, "COMPLETED")]
+    assert [(j.job_id, j.state) for j in hook.ended_jobs(bad_name)] == [(bad_id, "FAILED")]
+
+    def operator(name: str, body: str) -> SlurmSubmitJobOperator:
+        script = workdir / f"{name}.sh"
+        script.write_text(f"#!/bin/bash\n{body}\n")
+        return SlurmSubmitJobOperator(
+            task_id=name, script_path=str(script), job_name=name, output_path=str(workdir / "r-%j")
+        )
+
+    sink = _XComSink()
+    result = operator(ok_name, "echo again").execute({"ti": sink})
+    assert result == {"job_id": ok_id, "log_path": str(workdir / f"r-{ok_id}"), "state": "COMPLETED"}
+    assert sink.pushed["job_id"] == ok_id
+    with pytest.raises(TaskDeferred):
+        operator(bad_name, "echo retried").execute({"ti": sink})
+    retried = sink.pushed["job_id"]
+    assert retried != bad_id and hook.get_job(retried).name == bad_name
+    hook.cancel_and_wait(bad_name)
 
 
 def test_read_file_continues_from_offset(workdir: Path) -> None:

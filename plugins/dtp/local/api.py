@@ -54,9 +54,11 @@ class AirflowApi:
         _, errors = self.request("GET", "/api/v2/importErrors")
         raise TimeoutError(f"DAG {dag_id} was not parsed within {timeout:.0f}s; import errors: {errors}")
 
-    def trigger(self, dag_id: str, conf: dict[str, Any]) -> str:
+    def trigger(self, dag_id: str, conf: dict[str, Any], run_id: str | None = None) -> str:
+        """Unpause ``dag_id`` and create a run (with ``run_id`` when given); return the run's id."""
         self.request("PATCH", f"/api/v2/dags/{dag_id}", {"is_paused": False})
-        status, body = self.request("POST", f"/api/v2/dags/{dag_id}/dagRuns", {"logical_date": None, "conf": conf})
+        payload = {"logical_date": None, "conf": conf} | ({"dag_run_id": run_id} if run_id else {})
+        status, body = self.request("POST", f"/api/v2/dags/{dag_id}/dagRuns", payload)
         if status != 200:
             raise ValueError(f"trigger of {dag_id} refused: HTTP {status} {body.get('detail', body)}")
         return body["dag_run_id"]

@@ -170,6 +170,11 @@ class StackConfig:
             "AIRFLOW_CONN_CONTAINER_REGISTRY": json.dumps(registry),
         }
 
+    @property
+    def fault_plan(self) -> Path:
+        """Where the fault-injection suite writes its plan (see dtp.faults); absent, nothing is injected."""
+        return self.home / "faults.json"
+
     def airflow_env(self) -> dict[str, str]:
         """The environment every Airflow component of the local stack runs with."""
         self.passwords()
@@ -198,6 +203,7 @@ class StackConfig:
             "DTP_HOME": str(self.home),
             "DTP_SHARED_DIR": str(self.shared_dir),
             "DTP_PROJECT_ROOT": str(PROJECT_ROOT),
+            "DTP_FAULT_PLAN": str(self.fault_plan),
             "SLURM_CONF": str(self.slurm_conf),
             "AWS_DEFAULT_REGION": REGION,
             "PYTHONPATH": str(PROJECT_ROOT / "plugins"),

@@ -20,8 +20,10 @@ class SlurmSubmitJobOperator(BaseOperator):
     """
     Submit ``script_path`` with sbatch, defer to ``SlurmJobTrigger``, fail with the job's last log lines.
 
-    Idempotent: a retry first looks for an active job named ``job_name`` and
-    re-attaches to it instead of submitting a second one.
+    Idempotent: a retry (or a cleared task) first looks for an active job named
+    ``job_name`` and re-attaches to it, or for one that already completed and
+    returns it, instead of submitting a second one. Job names carry the run's
+    key, so only this run's own jobs are found.
 
     :param script_path: batch script on the cluster's shared filesystem
     :param job_name: Slurm job name (also the key used to find the job again)
@@ -63,12 +65,17 @@ class SlurmSubmitJobOperator(BaseOperator):
         self.poll_interval = poll_interval
         self.slurm_conn_id = slurm_conn_id
 
-    def execute(self, context: Any) -> None:
+    def execute(self, context: Any) -> dict[str, Any] | None:
         hook = SlurmHook(self.slurm_conn_id)
         active = hook.find_jobs(self.job_name)
+        completed = [job for job in hook.ended_jobs(self.job_name) if job.succeeded]
         if active:
             job_id = active[0].job_id
             self.log.info("Re-attaching to active Slurm job %s (%s)", job_id, self.job_name)
+        elif completed:
+            job = completed[-1]
+            self.log.info("Slurm job %s (%s) already completed: reusing it, not running it again", job.job_id, job.name)
+            return self._result(context, job.job_id, job.state)
         else:
             job_id = hook.submit(
                 self.script_path,
@@ -77,9 +84,7 @@ class SlurmSubmitJobOperator(BaseOperator):
                 comment=self.comment,
                 extra_args=list(self.sbatch_args),
             )
-        log_path = self.output_path.replace("%j", job_id)
-        context["ti"].xcom_push(key="job_id", value=job_id)
-        context["ti"].xcom_push(key="log_path", value=log_path)
+        log_path = self._push_ids(context, job_id)
         self.defer(
             trigger=SlurmJobTrigger(
                 job_id=job_id,
@@ -104,4 +109,13 @@ class SlurmSubmitJobOperator(BaseOperator):
                 f" Last lines:\n{tail}"
             )
         self.log.info("Slurm job %s completed", job_id)
-        return {"job_id": job_id, "log_path": self.output_path.replace("%j", job_id), "state": event["state"]}
+        return self._result(context, job_id, event["state"])
+
+    def _push_ids(self, context: Any, job_id: str) -> str:
+        log_path = self.output_path.replace("%j", job_id)
+        context["ti"].xcom_push(key="job_id", value=job_id)
+        context["ti"].xcom_push(key="log_path", value=log_path)
+        return log_path
+
+    def _result(self, context: Any, job_id: str, state: str) -> dict[str, Any]:
+        return {"job_id": job_id, "log_path": self._push_ids(context, job_id), "state": state}
