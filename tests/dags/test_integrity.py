@@ -51,6 +51,7 @@ def test_train_e2e_graph_order(dagbag: DagBag) -> None:
     order = [
         "validate_params",
         "resolve_images",
+        "deploy_network.plan_stack",
         "deploy_network.create_stack",
         "deploy_network.wait_for_stack",
         "deploy_network.stack_outputs",
@@ -73,7 +74,13 @@ def test_teardowns_are_teardowns_of_their_setups(dagbag: DagBag) -> None:
     dag = dagbag.dags["train_e2e"]
     cluster_down, network_down = dag.get_task("teardown_cluster"), dag.get_task("teardown_network")
     assert cluster_down.is_teardown and network_down.is_teardown
-    assert dag.get_task("deploy_cluster").is_setup and dag.get_task("deploy_network.create_stack").is_setup
+    plan, stack, cluster = (
+        dag.get_task(t) for t in ("deploy_network.plan_stack", "deploy_network.create_stack", "deploy_cluster")
+    )
+    assert plan.is_setup and stack.is_setup and cluster.is_setup
+    # plan_stack creates nothing, so the teardowns also run when a create task failed after creating something.
+    assert {"deploy_network.plan_stack", "deploy_cluster"} <= cluster_down.upstream_task_ids
+    assert {"deploy_network.plan_stack", "deploy_network.create_stack"} <= network_down.upstream_task_ids
     assert "teardown_cluster" in network_down.upstream_task_ids, "cluster must go before the network"
 
 

@@ -10,8 +10,6 @@ import urllib.parse
 
 import pytest
 
-from dtp.hooks.slurm import SlurmHook
-from dtp.hooks.sweeper import RunResourceSweeper
 from dtp.local.config import StackConfig
 
 pytestmark = [pytest.mark.stack, pytest.mark.e2e]
@@ -24,18 +22,6 @@ def _run(api, conf: dict, timeout: float = 900) -> tuple[str, str, dict[str, str
     state = api.wait(DAG_ID, run_id, timeout=timeout)
     tasks = {ti["task_id"]: ti["state"] for ti in api.task_instances(DAG_ID, run_id)}
     return run_id, state, tasks
-
-
-def _assert_nothing_left(api, aws, run_id: str) -> None:
-    spec = api.xcom(DAG_ID, run_id, "validate_params")
-    names = spec["names"]
-    found = RunResourceSweeper(aws_conn_id="aws_default").find(names["run_key"], (names["data_bucket"],))
-    assert all(ids == [] for ids in found.values()), found
-    stacks = aws("cloudformation").list_stacks()["StackSummaries"]
-    assert [
-        s for s in stacks if s["StackName"] == names["network_stack"] and s["StackStatus"] != "DELETE_COMPLETE"
-    ] == []
-    assert SlurmHook().find_jobs(names["slurm_job"], prefix=True) == []
 
 
 def _task_log(api, run_id: str, task_id: str, try_number: int = 1) -> str:
@@ -104,11 +90,11 @@ def test_training_log_streams_into_the_task_log(airflow_api, successful_run) -> 
     assert log.count("[slurm ") > 100 and '\\"event\\": \\"step\\"' in log
 
 
-def test_nothing_of_the_run_is_left(airflow_api, aws, successful_run) -> None:
-    _assert_nothing_left(airflow_api, aws, successful_run[0])
+def test_nothing_of_the_run_is_left(run_leftovers, successful_run) -> None:
+    assert run_leftovers(DAG_ID, successful_run[0]) == {}
 
 
-def test_training_failure_still_tears_down(airflow_api, aws) -> None:
+def test_training_failure_still_tears_down(airflow_api, run_leftovers) -> None:
     # Every relaunch repeats a deterministic failure, so the job and then the task fail; teardown must still run.
     conf = {
         "max_steps": 20,
@@ -123,10 +109,10 @@ def test_training_failure_still_tears_down(airflow_api, aws) -> None:
     assert tasks["watcher"] == "failed"
     logs = _task_log(airflow_api, run_id, "train.run_job", 1) + _task_log(airflow_api, run_id, "train.run_job", 2)
     assert "injected failure at step 5" in logs
-    _assert_nothing_left(airflow_api, aws, run_id)
+    assert run_leftovers(DAG_ID, run_id) == {}
 
 
-def test_preflight_failure_stops_before_training_and_tears_down(airflow_api, aws) -> None:
+def test_preflight_failure_stops_before_training_and_tears_down(airflow_api, run_leftovers) -> None:
     # Expect more all-reduce bandwidth than loopback gloo gives: the gate must stop the run before train.
     run_id, state, tasks = _run(
         airflow_api, {"expected_busbw_gbps": 1000.0, "max_steps": 20, "checkpoint_interval": 10}, timeout=600
@@ -137,7 +123,7 @@ def test_preflight_failure_stops_before_training_and_tears_down(airflow_api, aws
     assert tasks["teardown_cluster"] == "success" and tasks["teardown_network"] == "success"
     log = _task_log(airflow_api, run_id, "preflight.check_preflight")
     assert "(80% of the expected 1000.0 GB/s)" in log and "TOO LOW" in log
-    _assert_nothing_left(airflow_api, aws, run_id)
+    assert run_leftovers(DAG_ID, run_id) == {}
 
 
 def test_unknown_key_is_refused_before_anything_exists(airflow_api, aws) -> None:

@@ -7,7 +7,6 @@ import uuid
 from pathlib import Path
 
 import pytest
-
 from airflow.sdk.exceptions import TaskDeferred
 
 from dtp.hooks.slurm import SlurmHook

@@ -148,13 +148,14 @@ class SlurmHook(BaseHook):
                 jobs.append(SlurmJob(job_id=job_id, name=job_name, state=state, reason=reason))
         return jobs
 
-    def ended_jobs(self, name: str) -> list[SlurmJob]:
-        """Jobs named ``name`` that ended, oldest first (from the job completion log)."""
-        acct = self.run(["sacct", "-c", "-n", "-P", f"--name={name}", "-o", "JobID,JobName,State"], check=False)
+    def ended_jobs(self, name: str, *, prefix: bool = False) -> list[SlurmJob]:
+        """Jobs named ``name`` (or starting with it, with ``prefix``) that ended, oldest first."""
+        name_filter = [] if prefix else [f"--name={name}"]
+        acct = self.run(["sacct", "-c", "-n", "-P", *name_filter, "-o", "JobID,JobName,State"], check=False)
         return [
             SlurmJob(job_id=parts[0], name=parts[1], state=parts[2].split()[0])
             for parts in (line.split("|") for line in acct.splitlines())
-            if len(parts) == 3 and parts[1] == name
+            if len(parts) == 3 and (parts[1] == name or (prefix and parts[1].startswith(name)))
         ]
 
     def cancel(self, job_id: str) -> None:

@@ -2,7 +2,7 @@
 # mypy: disable-error-code="arg-type,index"
 """The training pipeline as Airflow tasks: one builder, used by every training DAG.
 
-    validate_params -> resolve_images -> deploy_network -> deploy_cluster -> stage_data
+    validate_params -> resolve_images -> deploy_network (plan, create, wait, outputs) -> deploy_cluster -> stage_data
       -> preflight -> train -> collect_metrics -> evaluate_gates -> report
     teardown_cluster -> teardown_network   (teardowns of deploy_cluster / deploy_network)
     watcher                                (fails the run if any task failed)
@@ -54,6 +54,11 @@ def resolve_images(spec: dict[str, Any]) -> dict[str, str]:
     runtime = resolve_runtime(get_platform(spec["params"]["platform"]), AWS_CONN_ID)
     log.info("Training runtime: %s", runtime)
     return runtime
+
+
+@task
+def plan_stack(spec: dict[str, Any]) -> str:
+    return network.plan_network_stack(spec, AWS_CONN_ID)
 
 
 @task
@@ -166,7 +171,9 @@ def training_pipeline(dag: DAG) -> None:
     images = resolve_images(spec)
 
     with TaskGroup("deploy_network", tooltip="VPC, subnets, EFA security group, S3 bucket (CloudFormation)"):
+        plan = plan_stack(spec)
         stack = create_stack(spec)
+        plan >> stack
         wait = CloudFormationCreateStackSensor(
             task_id="wait_for_stack",
             stack_name=stack,
@@ -176,7 +183,7 @@ def training_pipeline(dag: DAG) -> None:
             timeout=3600,
         )
         outputs = stack_outputs(spec)
-        images >> stack
+        images >> plan
         wait >> outputs
 
     cluster = deploy_cluster(spec, outputs)
@@ -210,8 +217,10 @@ def training_pipeline(dag: DAG) -> None:
     )
     gates >> report
 
-    cluster_down = teardown_cluster(spec).as_teardown(setups=cluster)
-    network_down = teardown_network(spec).as_teardown(setups=stack)
+    # A teardown runs when at least one of its setups succeeded. plan_stack creates nothing and succeeds before
+    # anything exists, so both teardowns also run when create_stack or deploy_cluster failed after creating.
+    cluster_down = teardown_cluster(spec).as_teardown(setups=[plan, cluster])
+    network_down = teardown_network(spec).as_teardown(setups=[plan, stack])
     report >> cluster_down >> network_down
     # Setups may only be followed by ALL_SUCCESS tasks; their failures reach the watcher as upstream_failed.
     [t for t in dag.tasks if not t.is_setup] >> watcher()

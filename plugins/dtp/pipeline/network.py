@@ -1,4 +1,4 @@
-"""The run's network + storage stack: create (idempotent), read outputs, tear down and verify."""
+"""The run's network + storage stack: validate, create (idempotent), read outputs, tear down and verify."""
 
 from __future__ import annotations
 
@@ -15,6 +15,13 @@ NETWORK_TEMPLATE = TEMPLATE_DIR / "cloudformation" / "network.yaml"
 
 class LeakedResources(RuntimeError):
     """Teardown finished but resources of the run still exist."""
+
+
+def plan_network_stack(spec: dict[str, Any], aws_conn_id: str) -> str:
+    """Validate the network template with CloudFormation before anything exists; return the stack's name."""
+    StackHook(aws_conn_id=aws_conn_id).conn.validate_template(TemplateBody=NETWORK_TEMPLATE.read_text())
+    log.info("Network template valid; stack %s will carry tags %s", spec["names"]["network_stack"], spec["tags"])
+    return spec["names"]["network_stack"]
 
 
 def create_network_stack(spec: dict[str, Any], aws_conn_id: str) -> str:

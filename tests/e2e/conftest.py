@@ -1,0 +1,29 @@
+"""Fixtures shared by the end-to-end tests: what a run of the training pipeline left behind."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+
+from dtp.hooks.slurm import SlurmHook
+from dtp.hooks.sweeper import RunResourceSweeper
+from dtp.naming import RunNames
+
+
+@pytest.fixture(scope="session")
+def run_leftovers(aws) -> Callable[[str, str], dict[str, list[str]]]:
+    """``leftovers(dag_id, run_id)``: every live resource of that run, by kind, in the emulator and on Slurm."""
+
+    def leftovers(dag_id: str, run_id: str) -> dict[str, list[str]]:
+        names = RunNames(dag_id, run_id).as_dict()
+        found = RunResourceSweeper(aws_conn_id="aws_default").find(names["run_key"], (names["data_bucket"],))
+        found["stacks"] = [
+            s["StackName"]
+            for s in aws("cloudformation").list_stacks()["StackSummaries"]
+            if s["StackName"] == names["network_stack"] and s["StackStatus"] != "DELETE_COMPLETE"
+        ]
+        found["slurm_jobs"] = [j.job_id for j in SlurmHook().find_jobs(names["slurm_job"], prefix=True)]
+        return {kind: ids for kind, ids in found.items() if ids}
+
+    return leftovers

@@ -1,0 +1,165 @@
+"""Fault injection: train_e2e with a fault at each of its tasks in turn, on the local stack.
+
+Faults are injected by dtp.faults' listener in the real task processes, from a
+plan file the stack's Airflow reads (``DTP_FAULT_PLAN``):
+
+- transient: one run in which the first try of every task fails, by exception
+  or SIGKILL, before or after the task's work. Retries must recover the run,
+  reusing what the failed try created: one network stack, one preflight and
+  one training job.
+- persistent: for each task before the teardowns, a run in which that task
+  fails on every try (a create task failing after it created its resource
+  included). The run must fail at that task, the teardowns must have run
+  unless the run failed before anything could exist, and nothing of the run
+  may be left.
+
+Every run is then checked for leftovers in the emulator and on Slurm. The
+counts go to test-artifacts/fault_injection.json.
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.parse
+import uuid
+from pathlib import Path
+
+import pytest
+
+from dtp.faults import Fault, FaultPlan, fired_faults
+from dtp.hooks.slurm import SlurmHook
+from dtp.naming import RunNames
+
+pytestmark = [pytest.mark.stack, pytest.mark.e2e, pytest.mark.fault_injection]
+DAG_ID = "train_e2e"
+# The recovered run trains the recipe's full 300 steps, so its gates pass; failing runs stop early anyway.
+RECOVERED_CONF = {"hang_timeout_minutes": 2}
+FAILING_CONF = {"max_steps": 20, "checkpoint_interval": 10, "hang_timeout_minutes": 2}
+TEARDOWNS = ("teardown_cluster", "teardown_network")
+# Transient faults cycle through these (kind, when) pairs, task by task.
+TRANSIENT = (("exception", "before"), ("sigkill", "after"), ("exception", "after"), ("sigkill", "before"))
+# Persistent faults: a non-retryable failure, except where retries are the point.
+PERSISTENT = {
+    "deploy_cluster": ("exception", "before"),  # retryable: all retries are used up, then teardown
+    "train.run_job": ("sigkill", "after"),  # the job completes, the task dies on every try
+    "deploy_network.create_stack": ("fatal", "after"),  # the stack exists, its setup task failed
+}
+RESULTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "fault_injection.json"
+
+
+@pytest.fixture(scope="module")
+def pipeline_tasks(airflow_api) -> list[str]:
+    """train_e2e's task ids, as the scheduler knows them."""
+    airflow_api.wait_for_dag(DAG_ID)
+    _, body = airflow_api.request("GET", f"/api/v2/dags/{DAG_ID}/tasks")
+    tasks = [t["task_id"] for t in body["tasks"]]
+    assert {"validate_params", "train.run_job", *TEARDOWNS} <= set(tasks)
+    return [t for t in tasks if t != "watcher"]
+
+
+@pytest.fixture(scope="module")
+def ledger(stack):
+    """Collects each run's outcome and writes the suite's JSON record at the end."""
+    plan_path = stack.fault_plan
+    FaultPlan().write(plan_path)
+    runs: list[dict] = []
+    yield plan_path, runs
+    plan_path.unlink(missing_ok=True)
+    RESULTS.parent.mkdir(exist_ok=True)
+    RESULTS.write_text(
+        json.dumps(
+            {
+                "injected_faults": sum(len(r["fired"]) for r in runs),
+                "runs": len(runs),
+                "leaked_resources": sum(len(ids) for r in runs for ids in r["leftovers"].values()),
+                "details": runs,
+            },
+            indent=1,
+        )
+    )
+
+
+def _run_with_faults(api, run_leftovers, ledger, name: str, faults: list[dict], conf: dict, timeout: float) -> dict:
+    plan_path, runs = ledger
+    run_id = f"faults__{name}__{uuid.uuid4().hex[:6]}"
+    plan = FaultPlan.read(plan_path)
+    FaultPlan(faults=plan.faults + [Fault(dag_id=DAG_ID, run_id=run_id, **f) for f in faults]).write(plan_path)
+    api.trigger(DAG_ID, conf, run_id=run_id)
+    state = api.wait(DAG_ID, run_id, timeout=timeout)
+    tis = api.task_instances(DAG_ID, run_id)
+    outcome = {
+        "name": name,
+        "run_id": run_id,
+        "state": state,
+        "tasks": {ti["task_id"]: ti["state"] for ti in tis},
+        "tries": {ti["task_id"]: ti["try_number"] for ti in tis},
+        "fired": [f for f in fired_faults(plan_path) if f["run_id"] == run_id],
+        "leftovers": run_leftovers(DAG_ID, run_id),
+    }
+    runs.append(outcome)
+    return outcome
+
+
+def _task_log(api, run_id: str, task_id: str) -> str:
+    quoted = urllib.parse.quote(run_id, safe="")
+    _, body = api.request("GET", f"/api/v2/dags/{DAG_ID}/dagRuns/{quoted}/taskInstances/{task_id}/logs/1")
+    return json.dumps(body)
+
+
+def test_a_transient_fault_at_every_task_is_recovered(airflow_api, run_leftovers, ledger, pipeline_tasks) -> None:
+    faults = [
+        {"task_id": task, "kind": kind, "when": when, "tries": [1]}
+        for task, (kind, when) in zip(pipeline_tasks, TRANSIENT * len(pipeline_tasks), strict=False)
+    ]
+    run = _run_with_faults(airflow_api, run_leftovers, ledger, "transient", faults, RECOVERED_CONF, 1800)
+    assert sorted(f["task_id"] for f in run["fired"]) == sorted(pipeline_tasks)
+    assert run["state"] == "success", run["tasks"]
+    assert all(run["tasks"][t] == "success" and run["tries"][t] == 2 for t in pipeline_tasks), run["tries"]
+    # Retries reused what the failed tries created: one job each, though both tasks were retried.
+    run_key = RunNames(DAG_ID, run["run_id"]).run_key
+    jobs = SlurmHook().ended_jobs(run_key, prefix=True)
+    assert sorted(job.name for job in jobs) == [run_key, f"{run_key}-preflight"], jobs
+    assert run["leftovers"] == {}
+
+
+PERSISTENT_TASKS = [
+    "validate_params",
+    "resolve_images",
+    "deploy_network.plan_stack",
+    "deploy_network.create_stack",
+    "deploy_network.wait_for_stack",
+    "deploy_network.stack_outputs",
+    "deploy_cluster",
+    "stage_data",
+    "record_resources",
+    "preflight.prepare_preflight",
+    "preflight.run_checks",
+    "preflight.check_preflight",
+    "train.prepare_training",
+    "train.run_job",
+    "collect_metrics",
+    "evaluate_gates",
+    "report",
+]
+
+
+def test_the_persistent_list_covers_the_pipeline(pipeline_tasks) -> None:
+    assert sorted(PERSISTENT_TASKS) == sorted(t for t in pipeline_tasks if t not in TEARDOWNS)
+
+
+@pytest.mark.parametrize("task_id", PERSISTENT_TASKS)
+def test_a_persistent_fault_fails_the_run_and_leaves_nothing(airflow_api, run_leftovers, ledger, task_id) -> None:
+    kind, when = PERSISTENT.get(task_id, ("fatal", "before"))
+    fault = {"task_id": task_id, "kind": kind, "when": when, "tries": "all"}
+    run = _run_with_faults(airflow_api, run_leftovers, ledger, task_id, [fault], FAILING_CONF, 900)
+    assert run["state"] == "failed"
+    assert run["tasks"][task_id] == "failed"
+    assert run["tasks"]["watcher"] == "failed"
+    assert {f["task_id"] for f in run["fired"]} == {task_id}
+    if kind != "sigkill":
+        assert f"injected {kind} fault {when} {task_id}" in _task_log(airflow_api, run["run_id"], task_id)
+    # Both teardowns ran once plan_stack, the first setup, had succeeded; before it nothing existed to tear down.
+    planned = run["tasks"]["deploy_network.plan_stack"] == "success"
+    for teardown in TEARDOWNS:
+        assert run["tasks"][teardown] in (("success",) if planned else ("skipped", "upstream_failed")), run["tasks"]
+    assert run["leftovers"] == {}
