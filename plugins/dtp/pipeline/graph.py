@@ -1,5 +1,5 @@
 # TaskFlow wiring passes XComArgs where the task callables declare plain values: mypy cannot see through it.
-# mypy: disable-error-code="arg-type,index"
+# mypy: disable-error-code="arg-type,index,list-item"
 """The training pipeline as Airflow tasks: one builder, used by every training DAG.
 
     validate_params -> resolve_images -> deploy_network (plan, create, wait, outputs) -> deploy_cluster -> stage_data
