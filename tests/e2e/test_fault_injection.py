@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import urllib.parse
+import urllib.request
 import uuid
 from pathlib import Path
 
@@ -28,6 +29,7 @@ import pytest
 
 from dtp.faults import Fault, FaultPlan, fired_faults
 from dtp.hooks.slurm import SlurmHook
+from dtp.local.emulator import FAULTS_PATH
 from dtp.naming import RunNames
 
 pytestmark = [pytest.mark.stack, pytest.mark.e2e, pytest.mark.fault_injection]
@@ -44,6 +46,15 @@ PERSISTENT = {
     "train.run_job": ("sigkill", "after"),  # the job completes, the task dies on every try
     "deploy_network.create_stack": ("fatal", "after"),  # the stack exists, its setup task failed
 }
+# The emulator playing a control plane that throttles and is briefly unavailable (botocore retries absorb these)
+# and refuses one call once (the task's retry absorbs it).
+FLAKY_CONTROL_PLANE = [
+    {"service": "cloudformation", "action": "CreateStack", "code": "ServiceUnavailable", "status": 503, "times": 2},
+    {"service": "cloudformation", "action": "DescribeStacks", "code": "Throttling", "status": 400, "times": 3},
+    {"service": "s3", "code": "SlowDown", "status": 503, "times": 3},
+    {"service": "ec2", "action": "DescribeVpcs", "code": "RequestLimitExceeded", "status": 503, "times": 2},
+    {"service": "cloudformation", "action": "ValidateTemplate", "code": "AccessDenied", "status": 403, "times": 1},
+]
 RESULTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "fault_injection.json"
 
 
@@ -63,13 +74,13 @@ def ledger(stack):
     plan_path = stack.fault_plan
     FaultPlan().write(plan_path)
     runs: list[dict] = []
-    yield plan_path, runs
+    yield plan_path, runs, stack
     plan_path.unlink(missing_ok=True)
     RESULTS.parent.mkdir(exist_ok=True)
     RESULTS.write_text(
         json.dumps(
             {
-                "injected_faults": sum(len(r["fired"]) for r in runs),
+                "injected_faults": sum(len(r["fired"]) + sum(e["hits"] for e in r["emulator_errors"]) for r in runs),
                 "runs": len(runs),
                 "leaked_resources": sum(len(ids) for r in runs for ids in r["leftovers"].values()),
                 "details": runs,
@@ -79,13 +90,28 @@ def ledger(stack):
     )
 
 
-def _run_with_faults(api, run_leftovers, ledger, name: str, faults: list[dict], conf: dict, timeout: float) -> dict:
-    plan_path, runs = ledger
+def _emulator_rules(stack, method: str, rules: list[dict] | None = None) -> list[dict]:
+    """Set (PUT), read (GET) or clear (DELETE) the emulator's error rules (dtp.local.emulator)."""
+    data = json.dumps({"rules": rules}).encode() if rules is not None else None
+    req = urllib.request.Request(stack.moto_url + FAULTS_PATH, data=data, method=method)
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        return json.loads(resp.read())["rules"]
+
+
+def _run_with_faults(
+    api, run_leftovers, ledger, name: str, faults: list[dict], conf: dict, timeout: float, emulator: list[dict] = ()
+) -> dict:
+    plan_path, runs, stack = ledger
     run_id = f"faults__{name}__{uuid.uuid4().hex[:6]}"
     plan = FaultPlan.read(plan_path)
     FaultPlan(faults=plan.faults + [Fault(dag_id=DAG_ID, run_id=run_id, **f) for f in faults]).write(plan_path)
-    api.trigger(DAG_ID, conf, run_id=run_id)
-    state = api.wait(DAG_ID, run_id, timeout=timeout)
+    _emulator_rules(stack, "PUT", list(emulator))
+    try:
+        api.trigger(DAG_ID, conf, run_id=run_id)
+        state = api.wait(DAG_ID, run_id, timeout=timeout)
+    finally:
+        emulator_hits = [r for r in _emulator_rules(stack, "GET") if r["hits"]]
+        _emulator_rules(stack, "DELETE")
     tis = api.task_instances(DAG_ID, run_id)
     outcome = {
         "name": name,
@@ -94,6 +120,7 @@ def _run_with_faults(api, run_leftovers, ledger, name: str, faults: list[dict], 
         "tasks": {ti["task_id"]: ti["state"] for ti in tis},
         "tries": {ti["task_id"]: ti["try_number"] for ti in tis},
         "fired": [f for f in fired_faults(plan_path) if f["run_id"] == run_id],
+        "emulator_errors": emulator_hits,
         "leftovers": run_leftovers(DAG_ID, run_id),
     }
     runs.append(outcome)
@@ -119,6 +146,28 @@ def test_a_transient_fault_at_every_task_is_recovered(airflow_api, run_leftovers
     run_key = RunNames(DAG_ID, run["run_id"]).run_key
     jobs = SlurmHook().ended_jobs(run_key, prefix=True)
     assert sorted(job.name for job in jobs) == [run_key, f"{run_key}-preflight"], jobs
+    assert run["leftovers"] == {}
+
+
+def test_a_flaky_control_plane_is_recovered(airflow_api, run_leftovers, ledger) -> None:
+    run = _run_with_faults(
+        airflow_api, run_leftovers, ledger, "flaky-aws", [], RECOVERED_CONF, 1200, FLAKY_CONTROL_PLANE
+    )
+    assert run["state"] == "success", run["tasks"]
+    hits = {(e["service"], e["action"]): e["hits"] for e in run["emulator_errors"]}
+    assert hits == {(r["service"], r.get("action")): r["times"] for r in FLAKY_CONTROL_PLANE}, hits
+    assert run["tries"]["deploy_network.plan_stack"] == 2  # AccessDenied is not retried by botocore
+    assert run["tries"]["deploy_network.create_stack"] == 1  # 503s are
+    assert run["leftovers"] == {}
+
+
+def test_a_refusing_control_plane_fails_the_run_and_leaves_nothing(airflow_api, run_leftovers, ledger) -> None:
+    refuse = [{"service": "cloudformation", "action": "CreateStack", "code": "AccessDenied", "status": 403}]
+    run = _run_with_faults(airflow_api, run_leftovers, ledger, "refusing-aws", [], FAILING_CONF, 900, refuse)
+    assert run["state"] == "failed"
+    assert run["tasks"]["deploy_network.create_stack"] == "failed" and run["tries"]["deploy_network.create_stack"] == 3
+    assert run["tasks"]["teardown_cluster"] == "success" and run["tasks"]["teardown_network"] == "success"
+    assert "AccessDenied" in _task_log(airflow_api, run["run_id"], "deploy_network.create_stack")
     assert run["leftovers"] == {}
 
 

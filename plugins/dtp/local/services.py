@@ -26,6 +26,7 @@ from dtp.local.config import CELERY_QUEUES, StackConfig
 from dtp.templates import render
 
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
+PLUGINS_DIR = Path(__file__).resolve().parents[2]
 
 
 class StackError(RuntimeError):
@@ -419,13 +420,17 @@ def build_services(cfg: StackConfig) -> list[Daemon]:
         ),
         Daemon(
             name="moto",
+            # moto's server behind dtp.local.emulator's error-injection middleware.
             command=lambda c: [
-                _venv_bin("moto_server"),
-                "-H",
+                sys.executable,
+                "-m",
+                "dtp.local.emulator",
+                "--host",
                 "127.0.0.1",
-                "-p",
+                "--port",
                 str(c.ports.moto),
             ],
+            env=lambda c: {"PYTHONPATH": str(PLUGINS_DIR)},
             ports=lambda c: [c.ports.moto],
             health=lambda c: http_ok(f"{c.moto_url}/moto-api/"),
         ),
