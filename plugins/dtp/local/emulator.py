@@ -71,8 +71,10 @@ class FaultingMiddleware:
         if environ.get("PATH_INFO") == FAULTS_PATH:
             return self._faults_api(environ, start_response)
         service, action = self._identify(environ)
+        if service is None:
+            return self.app(environ, start_response)
         with self.lock:
-            rule = next((r for r in self.rules if r.take(service, action)), None) if service else None
+            rule = next((r for r in self.rules if r.take(service, action)), None)
         if rule is None:
             return self.app(environ, start_response)
         body, content_type = _error_body(environ, service, rule)
