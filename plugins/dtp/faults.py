@@ -14,7 +14,7 @@ or ``after`` it (the work is done, then the task fails: its retry must find and
 reuse what the first try created):
 
 - ``exception``: the task raises ``InjectedFault`` (a retryable error);
-- ``fatal``: the task raises ``AirflowFailException`` (no retries left to use);
+- ``fatal``: the task raises ``AirflowFailException`` and fails without retrying;
 - ``sigkill``: the task process kills itself with SIGKILL, as the OOM killer would.
 
 Each fault fires at most once per task instance and try (a sensor's reschedule
@@ -124,7 +124,7 @@ def _strike(fault: Fault, plan_path: Path, record: dict[str, Any]) -> Any:
 
 
 class FaultInjectionListener:
-    """An Airflow listener that injects the planned fault into a task just before it executes."""
+    """An Airflow listener that arms the planned fault of a starting task (through its pre- or post-execute)."""
 
     @hookimpl
     def on_task_instance_running(self, previous_state: Any, task_instance: Any) -> None:
