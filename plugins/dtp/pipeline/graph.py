@@ -4,7 +4,7 @@
 
     validate_params -> resolve_images -> deploy_network (plan, create, wait, outputs) -> deploy_cluster -> stage_data
       -> preflight -> train -> collect_metrics -> evaluate_gates -> report
-    teardown_cluster -> teardown_network   (teardowns of deploy_cluster / deploy_network)
+    teardown_cluster -> teardown_network   (teardowns of plan_stack + deploy_cluster / plan_stack + create_stack)
     watcher                                (fails the run if any task failed)
 
 The task callables are thin: each calls one step function of dtp.pipeline.
