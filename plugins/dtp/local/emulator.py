@@ -70,6 +70,8 @@ class FaultingMiddleware:
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         if environ.get("PATH_INFO") == FAULTS_PATH:
             return self._faults_api(environ, start_response)
+        if not self.rules:  # the usual case: no body parsing on the way to moto
+            return self.app(environ, start_response)
         service, action = self._identify(environ)
         if service is None:
             return self.app(environ, start_response)
