@@ -22,7 +22,8 @@ with DAG(
     schedule=None,
     start_date=datetime(2026, 1, 1),
     catchup=False,
-    max_active_runs=1,
+    # Each run has its own stack, cluster and jobs, named from its run id; at most this many clusters at once.
+    max_active_runs=4,
     params=airflow_params(),
     tags=["dtp", "training", "e2e"],
     default_args={"owner": "dtp", "retries": 2, "retry_delay": timedelta(seconds=10)},

@@ -13,8 +13,10 @@ plan file the stack's Airflow reads (``DTP_FAULT_PLAN``):
   unless the run failed before anything could exist, and nothing of the run
   may be left.
 
-Every run is then checked for leftovers in the emulator and on Slurm. The
-counts go to test-artifacts/fault_injection.json.
+These runs go concurrently, as train_e2e's max_active_runs allows. Then runs
+against an emulator that throttles, is briefly unavailable or refuses a call,
+one at a time. Every run is then checked for leftovers in the emulator and on
+Slurm. The counts go to test-artifacts/fault_injection.json.
 """
 
 from __future__ import annotations
@@ -98,20 +100,14 @@ def _emulator_rules(stack, method: str, rules: list[dict] | None = None) -> list
         return json.loads(resp.read())["rules"]
 
 
-def _run_with_faults(
-    api, run_leftovers, ledger, name: str, faults: list[dict], conf: dict, timeout: float, emulator: list[dict] = ()
-) -> dict:
-    plan_path, runs, stack = ledger
-    run_id = f"faults__{name}__{uuid.uuid4().hex[:6]}"
+def _add_faults(plan_path: Path, run_id: str, faults: list[dict]) -> None:
     plan = FaultPlan.read(plan_path)
     FaultPlan(faults=plan.faults + [Fault(dag_id=DAG_ID, run_id=run_id, **f) for f in faults]).write(plan_path)
-    _emulator_rules(stack, "PUT", list(emulator))
-    try:
-        api.trigger(DAG_ID, conf, run_id=run_id)
-        state = api.wait(DAG_ID, run_id, timeout=timeout)
-    finally:
-        emulator_hits = [r for r in _emulator_rules(stack, "GET") if r["hits"]]
-        _emulator_rules(stack, "DELETE")
+
+
+def _outcome(api, run_leftovers, ledger, name: str, run_id: str, state: str, emulator_hits: list[dict]) -> dict:
+    """What one run did and left, recorded in the ledger."""
+    plan_path, runs, _ = ledger
     tis = api.task_instances(DAG_ID, run_id)
     outcome = {
         "name": name,
@@ -127,48 +123,28 @@ def _run_with_faults(
     return outcome
 
 
+def _run_id(name: str) -> str:
+    return f"faults__{name}__{uuid.uuid4().hex[:6]}"
+
+
+def _run_with_emulator_errors(api, run_leftovers, ledger, name: str, conf: dict, rules: list[dict]) -> dict:
+    """One run while the emulator answers with ``rules``' errors (which are global: no other run may be active)."""
+    _, _, stack = ledger
+    run_id = _run_id(name)
+    _emulator_rules(stack, "PUT", rules)
+    try:
+        api.trigger(DAG_ID, conf, run_id=run_id)
+        state = api.wait(DAG_ID, run_id, timeout=1200)
+    finally:
+        emulator_hits = [r for r in _emulator_rules(stack, "GET") if r["hits"]]
+        _emulator_rules(stack, "DELETE")
+    return _outcome(api, run_leftovers, ledger, name, run_id, state, emulator_hits)
+
+
 def _task_log(api, run_id: str, task_id: str) -> str:
     quoted = urllib.parse.quote(run_id, safe="")
     _, body = api.request("GET", f"/api/v2/dags/{DAG_ID}/dagRuns/{quoted}/taskInstances/{task_id}/logs/1")
     return json.dumps(body)
-
-
-def test_a_transient_fault_at_every_task_is_recovered(airflow_api, run_leftovers, ledger, pipeline_tasks) -> None:
-    faults = [
-        {"task_id": task, "kind": kind, "when": when, "tries": [1]}
-        for task, (kind, when) in zip(pipeline_tasks, TRANSIENT * len(pipeline_tasks), strict=False)
-    ]
-    run = _run_with_faults(airflow_api, run_leftovers, ledger, "transient", faults, RECOVERED_CONF, 1800)
-    assert sorted(f["task_id"] for f in run["fired"]) == sorted(pipeline_tasks)
-    assert run["state"] == "success", run["tasks"]
-    assert all(run["tasks"][t] == "success" and run["tries"][t] == 2 for t in pipeline_tasks), run["tries"]
-    # Retries reused what the failed tries created: one job each, though both tasks were retried.
-    run_key = RunNames(DAG_ID, run["run_id"]).run_key
-    jobs = SlurmHook().ended_jobs(run_key, prefix=True)
-    assert sorted(job.name for job in jobs) == [run_key, f"{run_key}-preflight"], jobs
-    assert run["leftovers"] == {}
-
-
-def test_a_flaky_control_plane_is_recovered(airflow_api, run_leftovers, ledger) -> None:
-    run = _run_with_faults(
-        airflow_api, run_leftovers, ledger, "flaky-aws", [], RECOVERED_CONF, 1200, FLAKY_CONTROL_PLANE
-    )
-    assert run["state"] == "success", run["tasks"]
-    hits = {(e["service"], e["action"]): e["hits"] for e in run["emulator_errors"]}
-    assert hits == {(r["service"], r.get("action")): r["times"] for r in FLAKY_CONTROL_PLANE}, hits
-    assert run["tries"]["deploy_network.plan_stack"] == 2  # AccessDenied is not retried by botocore
-    assert run["tries"]["deploy_network.create_stack"] == 1  # 503s are
-    assert run["leftovers"] == {}
-
-
-def test_a_refusing_control_plane_fails_the_run_and_leaves_nothing(airflow_api, run_leftovers, ledger) -> None:
-    refuse = [{"service": "cloudformation", "action": "CreateStack", "code": "AccessDenied", "status": 403}]
-    run = _run_with_faults(airflow_api, run_leftovers, ledger, "refusing-aws", [], FAILING_CONF, 900, refuse)
-    assert run["state"] == "failed"
-    assert run["tasks"]["deploy_network.create_stack"] == "failed" and run["tries"]["deploy_network.create_stack"] == 3
-    assert run["tasks"]["teardown_cluster"] == "success" and run["tasks"]["teardown_network"] == "success"
-    assert "AccessDenied" in _task_log(airflow_api, run["run_id"], "deploy_network.create_stack")
-    assert run["leftovers"] == {}
 
 
 PERSISTENT_TASKS = [
@@ -192,23 +168,92 @@ PERSISTENT_TASKS = [
 ]
 
 
+def _persistent_fault(task_id: str) -> dict:
+    kind, when = PERSISTENT.get(task_id, ("fatal", "before"))
+    return {"task_id": task_id, "kind": kind, "when": when, "tries": "all"}
+
+
+@pytest.fixture(scope="module")
+def planned_runs(airflow_api, run_leftovers, ledger, pipeline_tasks) -> dict[str, dict]:
+    """The transient run and one persistent run per task, run concurrently (as many as train_e2e allows at once).
+
+    All their faults are in the plan before the first is triggered; each strikes only its own run.
+    """
+    plan_path, _, _ = ledger
+    planned = {
+        "transient": (
+            [
+                {"task_id": task, "kind": kind, "when": when, "tries": [1]}
+                for task, (kind, when) in zip(pipeline_tasks, TRANSIENT * len(pipeline_tasks), strict=False)
+            ],
+            RECOVERED_CONF,
+        ),
+        **{task: ([_persistent_fault(task)], FAILING_CONF) for task in PERSISTENT_TASKS},
+    }
+    run_ids = {name: _run_id(name) for name in planned}
+    for name, (faults, _) in planned.items():
+        _add_faults(plan_path, run_ids[name], faults)
+    for name, (_, conf) in planned.items():
+        airflow_api.trigger(DAG_ID, conf, run_id=run_ids[name])
+    states = airflow_api.wait_all(DAG_ID, list(run_ids.values()), timeout=2400)
+    return {
+        name: _outcome(airflow_api, run_leftovers, ledger, name, run_id, states[run_id], [])
+        for name, run_id in run_ids.items()
+    }
+
+
+def test_a_transient_fault_at_every_task_is_recovered(planned_runs, pipeline_tasks) -> None:
+    run = planned_runs["transient"]
+    assert sorted(f["task_id"] for f in run["fired"]) == sorted(pipeline_tasks)
+    assert run["state"] == "success", run["tasks"]
+    assert all(run["tasks"][t] == "success" and run["tries"][t] == 2 for t in pipeline_tasks), run["tries"]
+    # Retries reused what the failed tries created: one job each, though both tasks were retried.
+    run_key = RunNames(DAG_ID, run["run_id"]).run_key
+    jobs = SlurmHook().ended_jobs(run_key, prefix=True)
+    assert sorted(job.name for job in jobs) == [run_key, f"{run_key}-preflight"], jobs
+    assert run["leftovers"] == {}
+
+
 def test_the_persistent_list_covers_the_pipeline(pipeline_tasks) -> None:
     assert sorted(PERSISTENT_TASKS) == sorted(t for t in pipeline_tasks if t not in TEARDOWNS)
 
 
 @pytest.mark.parametrize("task_id", PERSISTENT_TASKS)
-def test_a_persistent_fault_fails_the_run_and_leaves_nothing(airflow_api, run_leftovers, ledger, task_id) -> None:
-    kind, when = PERSISTENT.get(task_id, ("fatal", "before"))
-    fault = {"task_id": task_id, "kind": kind, "when": when, "tries": "all"}
-    run = _run_with_faults(airflow_api, run_leftovers, ledger, task_id, [fault], FAILING_CONF, 900)
+def test_a_persistent_fault_fails_the_run_and_leaves_nothing(airflow_api, planned_runs, task_id) -> None:
+    run = planned_runs[task_id]
+    fault = _persistent_fault(task_id)
     assert run["state"] == "failed"
     assert run["tasks"][task_id] == "failed"
     assert run["tasks"]["watcher"] == "failed"
     assert {f["task_id"] for f in run["fired"]} == {task_id}
-    if kind != "sigkill":
-        assert f"injected {kind} fault {when} {task_id}" in _task_log(airflow_api, run["run_id"], task_id)
+    if fault["kind"] != "sigkill":
+        expected = f"injected {fault['kind']} fault {fault['when']} {task_id}"
+        assert expected in _task_log(airflow_api, run["run_id"], task_id)
     # Both teardowns ran once plan_stack, the first setup, had succeeded; before it nothing existed to tear down.
     planned = run["tasks"]["deploy_network.plan_stack"] == "success"
     for teardown in TEARDOWNS:
         assert run["tasks"][teardown] in (("success",) if planned else ("skipped", "upstream_failed")), run["tasks"]
+    assert run["leftovers"] == {}
+
+
+# The emulator's error rules are global, so these runs go one at a time, after the planned runs have ended.
+def test_a_flaky_control_plane_is_recovered(airflow_api, run_leftovers, ledger) -> None:
+    run = _run_with_emulator_errors(
+        airflow_api, run_leftovers, ledger, "flaky-aws", RECOVERED_CONF, FLAKY_CONTROL_PLANE
+    )
+    assert run["state"] == "success", run["tasks"]
+    hits = {(e["service"], e["action"]): e["hits"] for e in run["emulator_errors"]}
+    assert hits == {(r["service"], r.get("action")): r["times"] for r in FLAKY_CONTROL_PLANE}, hits
+    assert run["tries"]["deploy_network.plan_stack"] == 2  # AccessDenied is not retried by botocore
+    assert run["tries"]["deploy_network.create_stack"] == 1  # 503s are
+    assert run["leftovers"] == {}
+
+
+def test_a_refusing_control_plane_fails_the_run_and_leaves_nothing(airflow_api, run_leftovers, ledger) -> None:
+    refuse = [{"service": "cloudformation", "action": "CreateStack", "code": "AccessDenied", "status": 403}]
+    run = _run_with_emulator_errors(airflow_api, run_leftovers, ledger, "refusing-aws", FAILING_CONF, refuse)
+    assert run["state"] == "failed"
+    assert run["tasks"]["deploy_network.create_stack"] == "failed" and run["tries"]["deploy_network.create_stack"] == 3
+    assert run["tasks"]["teardown_cluster"] == "success" and run["tasks"]["teardown_network"] == "success"
+    assert "AccessDenied" in _task_log(airflow_api, run["run_id"], "deploy_network.create_stack")
     assert run["leftovers"] == {}

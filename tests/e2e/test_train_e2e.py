@@ -16,23 +16,47 @@ pytestmark = [pytest.mark.stack, pytest.mark.e2e]
 DAG_ID = "train_e2e"
 
 
-def _run(api, conf: dict, timeout: float = 900) -> tuple[str, str, dict[str, str]]:
-    api.wait_for_dag(DAG_ID)
-    run_id = api.trigger(DAG_ID, conf)
-    state = api.wait(DAG_ID, run_id, timeout=timeout)
-    tasks = {ti["task_id"]: ti["state"] for ti in api.task_instances(DAG_ID, run_id)}
-    return run_id, state, tasks
-
-
 def _task_log(api, run_id: str, task_id: str, try_number: int = 1) -> str:
     quoted = urllib.parse.quote(run_id, safe="")
     _, body = api.request("GET", f"/api/v2/dags/{DAG_ID}/dagRuns/{quoted}/taskInstances/{task_id}/logs/{try_number}")
     return json.dumps(body)
 
 
+# The module's runs, triggered together (train_e2e allows four at once): conf and how long to wait.
+RUNS = {
+    "success": {"profile_steps": 2},
+    # Every relaunch repeats a deterministic failure, so the job and then the task fail; teardown must still run.
+    "training_failure": {
+        "max_steps": 20,
+        "checkpoint_interval": 10,
+        "hang_timeout_minutes": 1,
+        "extra_env": {"DTP_FAIL_AT_STEP": "5"},
+    },
+    # Expect more all-reduce bandwidth than loopback gloo gives: the gate must stop the run before train.
+    "preflight_failure": {"expected_busbw_gbps": 1000.0, "max_steps": 20, "checkpoint_interval": 10},
+    "unknown_key": {"num_nodse": 2},
+}
+
+
 @pytest.fixture(scope="module")
-def successful_run(airflow_api):
-    return _run(airflow_api, {"profile_steps": 2})
+def runs(airflow_api) -> dict[str, tuple[str, str, dict[str, str]]]:
+    """Each of RUNS as (run id, final state, state of each task)."""
+    airflow_api.wait_for_dag(DAG_ID)
+    run_ids = {name: airflow_api.trigger(DAG_ID, conf) for name, conf in RUNS.items()}
+    states = airflow_api.wait_all(DAG_ID, list(run_ids.values()), timeout=1200)
+    return {
+        name: (
+            run_id,
+            states[run_id],
+            {ti["task_id"]: ti["state"] for ti in airflow_api.task_instances(DAG_ID, run_id)},
+        )
+        for name, run_id in run_ids.items()
+    }
+
+
+@pytest.fixture(scope="module")
+def successful_run(runs):
+    return runs["success"]
 
 
 def test_run_succeeds_with_every_task(successful_run) -> None:
@@ -94,15 +118,8 @@ def test_nothing_of_the_run_is_left(run_leftovers, successful_run) -> None:
     assert run_leftovers(DAG_ID, successful_run[0]) == {}
 
 
-def test_training_failure_still_tears_down(airflow_api, run_leftovers) -> None:
-    # Every relaunch repeats a deterministic failure, so the job and then the task fail; teardown must still run.
-    conf = {
-        "max_steps": 20,
-        "checkpoint_interval": 10,
-        "hang_timeout_minutes": 1,
-        "extra_env": {"DTP_FAIL_AT_STEP": "5"},
-    }
-    run_id, state, tasks = _run(airflow_api, conf)
+def test_training_failure_still_tears_down(airflow_api, run_leftovers, runs) -> None:
+    run_id, state, tasks = runs["training_failure"]
     assert state == "failed"
     assert tasks["train.run_job"] == "failed"
     assert tasks["teardown_cluster"] == "success" and tasks["teardown_network"] == "success"
@@ -112,11 +129,8 @@ def test_training_failure_still_tears_down(airflow_api, run_leftovers) -> None:
     assert run_leftovers(DAG_ID, run_id) == {}
 
 
-def test_preflight_failure_stops_before_training_and_tears_down(airflow_api, run_leftovers) -> None:
-    # Expect more all-reduce bandwidth than loopback gloo gives: the gate must stop the run before train.
-    run_id, state, tasks = _run(
-        airflow_api, {"expected_busbw_gbps": 1000.0, "max_steps": 20, "checkpoint_interval": 10}, timeout=600
-    )
+def test_preflight_failure_stops_before_training_and_tears_down(airflow_api, run_leftovers, runs) -> None:
+    run_id, state, tasks = runs["preflight_failure"]
     assert state == "failed"
     assert tasks["preflight.check_preflight"] == "failed"
     assert tasks["train.prepare_training"] == "upstream_failed" and tasks["train.run_job"] == "upstream_failed"
@@ -126,8 +140,8 @@ def test_preflight_failure_stops_before_training_and_tears_down(airflow_api, run
     assert run_leftovers(DAG_ID, run_id) == {}
 
 
-def test_unknown_key_is_refused_before_anything_exists(airflow_api, aws) -> None:
-    run_id, state, tasks = _run(airflow_api, {"num_nodse": 2}, timeout=300)
+def test_unknown_key_is_refused_before_anything_exists(airflow_api, runs) -> None:
+    run_id, state, tasks = runs["unknown_key"]
     assert state == "failed" and tasks["validate_params"] == "failed"
     assert "num_nodse: unknown parameter" in _task_log(airflow_api, run_id, "validate_params")
     assert tasks["deploy_network.create_stack"] == "upstream_failed"

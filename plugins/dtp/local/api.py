@@ -79,6 +79,20 @@ class AirflowApi:
         )
         return body.get("value") if status == 200 else None
 
+    def wait_all(self, dag_id: str, run_ids: list[str], timeout: float = 1800) -> dict[str, str]:
+        """Poll until every run of ``run_ids`` has ended; return each run's final state."""
+        ended: dict[str, str] = {}
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for run_id in run_ids:
+                if run_id not in ended and (state := self.run_state(dag_id, run_id)) in TERMINAL_RUN_STATES:
+                    ended[run_id] = state
+            if len(ended) == len(run_ids):
+                return ended
+            time.sleep(5)
+        running = sorted(set(run_ids) - set(ended))
+        raise TimeoutError(f"{dag_id} runs {running} still running after {timeout:.0f}s")
+
     def wait(
         self,
         dag_id: str,
