@@ -65,11 +65,16 @@ def json_records(lines: Iterable[str]) -> Iterable[dict[str, Any]]:
 
 
 def summarize(lines: Iterable[str]) -> TrainingSummary:
+    """The summary of the trainer's JSON lines (see ``summarize_records``)."""
+    return summarize_records(json_records(lines))
+
+
+def summarize_records(records: Iterable[dict[str, Any]]) -> TrainingSummary:
     """Fold the records into a summary; a step logged twice (after a resume) keeps its latest value."""
     by_step: dict[int, dict[str, Any]] = {}
     summary = TrainingSummary()
     starts = 0
-    for record in json_records(lines):
+    for record in records:
         event = record["event"]
         if event == "start":
             starts += 1

@@ -18,9 +18,10 @@ from airflow.sdk.exceptions import AirflowNotFoundException
 
 from dtp.hooks.slurm import SlurmHook
 from dtp.metrics import history, prometheus
+from dtp.metrics.framework_logs import summarize_log
 from dtp.metrics.gates import comparable_runs, regression_failures, training_failures
 from dtp.metrics.nccl_tests import parse_nccl_tests
-from dtp.metrics.parse import TrainingSummary, summarize
+from dtp.metrics.parse import TrainingSummary
 from dtp.metrics.preflight_gate import BusbwExpectation, busbw_table, node_versions, preflight_failures
 from dtp.metrics.report import render_report
 from dtp.naming import OWNER, TAG_PREFIX
@@ -112,14 +113,19 @@ def collect_metrics(
     spec: dict[str, Any], cluster: dict[str, Any], metrics_path: str, aws_conn_id: str, profile_dir: str = ""
 ) -> dict[str, Any]:
     text, _ = SlurmHook(cluster["slurm_conn_id"]).read_file(metrics_path)
-    summary = summarize(text.splitlines())
+    recipe, params = spec["recipe"], spec["params"]
+    summary = summarize_log(
+        recipe["framework"],
+        text.splitlines(),
+        seq_len=recipe["seq_len"],
+        world_size=params["num_nodes"] * spec["instance"]["accelerators_per_node"],
+    )
     if not summary.steps:
         raise ValueError(f"{metrics_path} holds no training step")
     bucket = artifacts_bucket(aws_conn_id)
     key = f"runs/{spec['names']['run_key']}/metrics.jsonl"
     s3 = S3Hook(aws_conn_id=aws_conn_id)
     s3.load_string(text, key, bucket, replace=True)
-    params = spec["params"]
     result = summary.as_dict()
     result.update(num_nodes=params["num_nodes"], max_steps=params["max_steps"])
     previous = [
