@@ -1,4 +1,5 @@
-"""A Llama-style decoder (RMSNorm, RoPE, grouped-query attention, SwiGLU).
+"""A Llama-style decoder (RMSNorm, RoPE, grouped-query attention, SwiGLU), dense or
+Mixtral-style mixture of experts.
 
 ``MODELS`` maps a registry name to its shape, so a recipe names "llama3_8b"
 instead of repeating dimensions; ``flops_per_token`` is the accounting MFU uses.
@@ -24,6 +25,8 @@ class ModelArgs:
     vocab_size: int = 256
     rope_theta: float = 500000.0
     norm_eps: float = 1e-5
+    n_experts: int = 0  # 0: a dense SwiGLU; else that many SwiGLU experts per layer
+    top_k: int = 2  # experts each token is routed to
 
     @property
     def head_dim(self) -> int:
@@ -38,6 +41,10 @@ MODELS: dict[str, ModelArgs] = {
     "llama3_2_3b": ModelArgs(dim=3072, n_layers=28, n_heads=24, n_kv_heads=8, ffn_dim=8192, vocab_size=128256),
     "llama3_1_8b": ModelArgs(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_dim=14336, vocab_size=128256),
     "llama3_1_70b": ModelArgs(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, ffn_dim=28672, vocab_size=128256),
+    "tiny_moe": ModelArgs(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=192, n_experts=4),
+    "mixtral_8x7b": ModelArgs(
+        dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_dim=14336, vocab_size=32000, rope_theta=1e6, n_experts=8
+    ),
 }
 
 
@@ -85,13 +92,35 @@ class FeedForward(nn.Module):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
+class MixtureOfExperts(nn.Module):
+    """Mixtral's sparse feed-forward: a router picks ``top_k`` experts per token, weighted by the softmax of
+    their logits. No load-balancing loss is added to the training loss."""
+
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.top_k = args.top_k
+        self.router = nn.Linear(args.dim, args.n_experts, bias=False)
+        self.experts = nn.ModuleList(FeedForward(args) for _ in range(args.n_experts))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = x.reshape(-1, x.shape[-1])
+        weights, chosen = torch.topk(self.router(tokens), self.top_k, dim=-1)
+        weights = F.softmax(weights, dim=-1, dtype=torch.float32).to(tokens.dtype)
+        out = torch.zeros_like(tokens)
+        for index, expert in enumerate(self.experts):
+            rows, slot = torch.nonzero(chosen == index, as_tuple=True)
+            if rows.numel():
+                out.index_add_(0, rows, expert(tokens[rows]) * weights[rows, slot, None])
+        return out.reshape(x.shape)
+
+
 class Block(nn.Module):
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
         self.attention_norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
         self.attention = Attention(args)
         self.ffn_norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
-        self.feed_forward = FeedForward(args)
+        self.feed_forward = MixtureOfExperts(args) if args.n_experts else FeedForward(args)
 
     def forward(self, x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
         x = x + self.attention(self.attention_norm(x), freqs)
@@ -125,14 +154,17 @@ class Transformer(nn.Module):
         return self.output(self.norm(h))
 
 
-def count_parameters(args: ModelArgs) -> int:
+def count_parameters(args: ModelArgs, active: bool = False) -> int:
+    """All parameters, or (``active``) those one token passes through: its ``top_k`` experts, not all."""
     attn = args.dim * args.head_dim * (2 * args.n_heads + 2 * args.n_kv_heads)
-    ffn = 3 * args.dim * args.ffn_dim
+    experts = (args.top_k if active else args.n_experts) if args.n_experts else 1
+    ffn = experts * 3 * args.dim * args.ffn_dim + args.dim * args.n_experts  # SwiGLU experts + router
     return args.n_layers * (attn + ffn + 2 * args.dim) + 2 * args.vocab_size * args.dim + args.dim
 
 
 def flops_per_token(args: ModelArgs, seq_len: int) -> float:
-    """Training FLOPs per token: 6 x non-embedding params plus causal-free attention (torchtitan's convention)."""
-    dense = count_parameters(args) - args.vocab_size * args.dim
+    """Training FLOPs per token: 6 x active non-embedding params plus causal-free attention (torchtitan's
+    convention)."""
+    dense = count_parameters(args, active=True) - args.vocab_size * args.dim
     attention = 12 * args.n_layers * args.n_heads * args.head_dim * seq_len
     return 6 * dense + attention

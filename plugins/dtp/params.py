@@ -14,7 +14,15 @@ from typing import Any, ClassVar, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from dtp.hostlist import expand_hostlist
-from dtp.recipes import PLATFORMS, Platform, RecipeError, get_recipe, instance_types, recipe_names
+from dtp.recipes import (
+    LAUNCHABLE_FRAMEWORKS,
+    PLATFORMS,
+    Platform,
+    RecipeError,
+    get_recipe,
+    instance_types,
+    recipe_names,
+)
 
 S3_URI = r"^$|^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[A-Za-z0-9!_.*'()/-]*)?$"
 ENV_NAME = re.compile(r"^[A-Z_][A-Z0-9_]{0,63}$")
@@ -246,7 +254,16 @@ def validate_params(conf: dict[str, Any]) -> TrainParams:
         problems.append(
             f"checkpoint_interval: got {params.checkpoint_interval}; must not exceed max_steps ({params.max_steps})"
         )
+    if recipe is not None and recipe.framework not in LAUNCHABLE_FRAMEWORKS:
+        problems.append(
+            f"recipe: got {params.recipe!r}; its framework {recipe.framework!r} has recipes and a log parser but "
+            f"no launch template in this release (launchable: {', '.join(LAUNCHABLE_FRAMEWORKS)})"
+        )
     if recipe is not None and instance is not None:
+        try:
+            recipe.ranks(params.num_nodes, instance.accelerators_per_node)
+        except RecipeError as err:
+            problems.append(f"num_nodes: got {params.num_nodes}; {err}")
         cost = estimate_cost_usd(params, recipe.expected_step_seconds, instance.price_usd_per_hour)
         if cost > params.budget_usd:
             problems.append(

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 INCLUDE_DIR = Path(os.environ.get("DTP_INCLUDE_DIR", Path(__file__).resolve().parents[2] / "include"))
 RECIPE_DIR = INCLUDE_DIR / "recipes"
@@ -49,6 +49,35 @@ class Gates(_Strict):
     min_history_runs: int = Field(3, ge=1)
 
 
+class Parallelism(_Strict):
+    """How the model is split over the job's accelerators; what is left over is data parallel."""
+
+    tensor: int = Field(1, ge=1)
+    pipeline: int = Field(1, ge=1)
+    context: int = Field(1, ge=1)
+    # FSDP / ZeRO-style sharding of the data-parallel replicas: full, hybrid (within a node) or none.
+    sharding: Literal["full", "hybrid", "none"] = "full"
+
+    @property
+    def model_parallel(self) -> int:
+        return self.tensor * self.pipeline * self.context
+
+
+# What each framework's trainer can split, besides sharding (DTP's FSDP trainer: sharding only).
+FRAMEWORK_PARALLELISM = {
+    "fsdp": set(),
+    "torchtitan": {"tensor", "pipeline", "context"},
+    "megatron-lm": {"tensor", "pipeline", "context"},
+    "nemo": {"tensor", "pipeline", "context"},
+    "picotron": {"tensor", "pipeline", "context"},
+    "neuronx-distributed": {"tensor", "pipeline", "context"},
+}
+
+# Frameworks DTP's pipeline can launch; the others have recipes, parallelism checks and log parsers, but no launch
+# template yet, and validate_params refuses them by name.
+LAUNCHABLE_FRAMEWORKS = ("fsdp",)
+
+
 class Recipe(_Strict):
     """One model at one size, with how to train it and what a good run looks like."""
 
@@ -62,10 +91,33 @@ class Recipe(_Strict):
     lr: float = Field(gt=0)
     warmup_steps: int = Field(ge=0)
     activation_checkpointing: bool = False
+    parallelism: Parallelism = Field(default_factory=Parallelism)
     defaults: RecipeDefaults
     expected_step_seconds: float = Field(gt=0)
     gates: Gates = Field(default_factory=Gates)
     schedule: str | None = None
+
+    @model_validator(mode="after")
+    def _framework_can_split_so(self) -> Recipe:
+        split = {name for name in ("tensor", "pipeline", "context") if getattr(self.parallelism, name) > 1}
+        unsupported = split - FRAMEWORK_PARALLELISM[self.framework]
+        if unsupported:
+            raise ValueError(f"framework {self.framework!r} has no {'/'.join(sorted(unsupported))} parallelism")
+        return self
+
+    def ranks(self, num_nodes: int, accelerators_per_node: int) -> tuple[int, int]:
+        """(world size, data-parallel replicas) on ``num_nodes`` nodes; raises when the split does not fit."""
+        world = num_nodes * accelerators_per_node
+        if world % self.parallelism.model_parallel:
+            raise RecipeError(
+                f"recipe {self.name!r} splits the model over {self.parallelism.model_parallel} accelerators "
+                f"(tensor x pipeline x context), which does not divide {world} ({num_nodes} nodes x "
+                f"{accelerators_per_node})"
+            )
+        return world, world // self.parallelism.model_parallel
+
+    def tokens_per_step(self, num_nodes: int, accelerators_per_node: int) -> int:
+        return self.ranks(num_nodes, accelerators_per_node)[1] * self.micro_batch * self.seq_len
 
 
 class InstanceType(_Strict):

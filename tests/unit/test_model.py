@@ -16,7 +16,7 @@ from model import MODELS, Transformer, count_parameters, flops_per_token
 from train import TrainConfig, batch_for, lr_at
 
 # Published parameter counts (untied embeddings): Llama 3.1 8B and 70B.
-PUBLISHED = {"llama3_1_8b": 8_030_261_248, "llama3_1_70b": 70_553_706_496}
+PUBLISHED = {"llama3_1_8b": 8_030_261_248, "llama3_1_70b": 70_553_706_496, "mixtral_8x7b": 46_702_792_704}
 
 
 @pytest.fixture(scope="module")
@@ -64,9 +64,47 @@ def test_count_parameters_matches_published_sizes(name: str, published: int) -> 
 def test_flops_per_token(name: str) -> None:
     args = MODELS[name]
     fpt = flops_per_token(args, 128)
-    non_embedding = count_parameters(args) - args.vocab_size * args.dim
+    non_embedding = count_parameters(args, active=True) - args.vocab_size * args.dim
     assert fpt > 6 * non_embedding > 0
     assert flops_per_token(args, 8192) > fpt  # attention grows with the sequence
+
+
+def test_a_mixtral_token_passes_through_two_of_eight_experts() -> None:
+    args = MODELS["mixtral_8x7b"]
+    assert count_parameters(args, active=True) == 12_879_925_248  # Mixtral's published "12.9B active"
+    assert count_parameters(MODELS["llama3_1_8b"], active=True) == count_parameters(MODELS["llama3_1_8b"])
+
+
+def test_moe_routes_each_token_to_its_top_k_experts() -> None:
+    torch.manual_seed(0)
+    model = Transformer(MODELS["tiny_moe"], seq_len=16)
+    moe = model.layers[0].feed_forward
+    x = torch.randn(2, 16, 128)
+    with torch.no_grad():
+        out = moe(x)
+        # The same sum, written per token: softmax over the two best router logits, weighting those experts.
+        token = x[1, 5]
+        logits, best = torch.topk(moe.router(token), 2)
+        weights = torch.softmax(logits, dim=-1)
+        expected = sum(w * moe.experts[int(e)](token) for w, e in zip(weights, best, strict=True))
+    torch.testing.assert_close(out[1, 5], expected)
+
+
+def test_moe_model_trains() -> None:
+    torch.manual_seed(0)
+    model = Transformer(MODELS["tiny_moe"], seq_len=32)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-3)
+    tokens = torch.randint(0, 256, (4, 33))
+    losses = []
+    for _ in range(20):
+        logits = model(tokens[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, 256), tokens[:, 1:].reshape(-1))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] * 0.5
+    assert all(p.grad is not None for p in model.layers[0].feed_forward.router.parameters())
 
 
 def test_head_dims_are_even_and_divide() -> None:

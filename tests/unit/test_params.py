@@ -186,6 +186,18 @@ def test_unimplemented_platform_names_the_implemented_ones() -> None:
     assert "platform: got 'eks'; not available in this release (available: local)" in message
 
 
+def test_a_recipe_dtp_cannot_launch_is_refused_by_name() -> None:
+    message = refuse({"recipe": "llama3_1_70b_megatron"})
+    assert "recipe: got 'llama3_1_70b_megatron'; its framework 'megatron-lm' has recipes and a log parser" in message
+    assert "(launchable: fsdp)" in message
+
+
+def test_nodes_that_do_not_fit_the_model_split_are_refused() -> None:
+    # TP 8 x PP 2 = 16 GPUs per model replica; one p5 node has 8.
+    message = refuse({"recipe": "llama3_1_70b_megatron", "num_nodes": 1, "instance_type": "p5.48xlarge"})
+    assert "\nnum_nodes: got 1; recipe 'llama3_1_70b_megatron' splits the model over 16 accelerators" in message
+
+
 def test_reserved_env_names_are_all_refused() -> None:
     for name in RESERVED_ENV:
         assert "set by the pipeline" in refuse({"extra_env": {name: "x"}})

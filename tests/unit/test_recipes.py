@@ -39,6 +39,25 @@ def test_every_shipped_recipe_loads_and_is_consistent(path: Path) -> None:
     assert recipe.defaults.platform in instance.platforms
     assert recipe.defaults.checkpoint_interval <= recipe.defaults.max_steps
     assert recipe.warmup_steps < recipe.defaults.max_steps
+    # The throughput gate is reachable at the recipe's own expected pace on its default nodes.
+    tokens = recipe.tokens_per_step(recipe.defaults.num_nodes, instance.accelerators_per_node)
+    if recipe.gates.min_tokens_per_s:
+        assert tokens / recipe.expected_step_seconds >= recipe.gates.min_tokens_per_s
+
+
+def test_model_parallelism_must_divide_the_accelerators(tiny_raw: dict) -> None:
+    recipe = Recipe.model_validate(
+        {**tiny_raw, "framework": "megatron-lm", "parallelism": {"tensor": 8, "pipeline": 2}}
+    )
+    assert recipe.ranks(num_nodes=2, accelerators_per_node=8) == (16, 1)
+    assert recipe.tokens_per_step(num_nodes=4, accelerators_per_node=8) == 2 * 16 * 128
+    with pytest.raises(RecipeError, match=r"splits the model over 16 accelerators .* does not divide 8"):
+        recipe.ranks(num_nodes=1, accelerators_per_node=8)
+
+
+def test_fsdp_trainer_has_no_tensor_parallelism(tiny_raw: dict) -> None:
+    with pytest.raises(ValueError, match="framework 'fsdp' has no pipeline/tensor parallelism"):
+        Recipe.model_validate({**tiny_raw, "parallelism": {"tensor": 2, "pipeline": 2}})
 
 
 def test_catalogue_and_recipe_names_agree() -> None:
