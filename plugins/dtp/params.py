@@ -14,8 +14,8 @@ from typing import Any, ClassVar, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from dtp.hostlist import expand_hostlist
+from dtp.pipeline.frameworks import launch_problem
 from dtp.recipes import (
-    LAUNCHABLE_FRAMEWORKS,
     PLATFORMS,
     Platform,
     RecipeError,
@@ -173,7 +173,10 @@ class TrainParams(ClusterParams):
         ge=0,
         le=1_000_000,
         title="Budget (USD)",
-        description="Refuse to start when the estimated cost exceeds it.",
+        description=(
+            "Refuse to start when the estimated cost exceeds it; Slurm stops training once it has run as long as"
+            " the budget pays for on these nodes."
+        ),
     )
 
     @field_validator("dataset_uri")
@@ -254,11 +257,8 @@ def validate_params(conf: dict[str, Any]) -> TrainParams:
         problems.append(
             f"checkpoint_interval: got {params.checkpoint_interval}; must not exceed max_steps ({params.max_steps})"
         )
-    if recipe is not None and recipe.framework not in LAUNCHABLE_FRAMEWORKS:
-        problems.append(
-            f"recipe: got {params.recipe!r}; its framework {recipe.framework!r} has recipes and a log parser but "
-            f"no launch template in this release (launchable: {', '.join(LAUNCHABLE_FRAMEWORKS)})"
-        )
+    if recipe is not None and (problem := launch_problem(recipe)):
+        problems.append(f"recipe: got {params.recipe!r}; {problem}")
     if recipe is not None and instance is not None:
         try:
             recipe.ranks(params.num_nodes, instance.accelerators_per_node)
@@ -289,6 +289,14 @@ def validate_cluster_params(conf: dict[str, Any]) -> ValidateParams:
 def estimate_cost_usd(params: TrainParams, step_seconds: float, price_per_hour: float) -> float:
     hours = params.max_steps * step_seconds / 3600
     return round(hours * price_per_hour * params.num_nodes, 2)
+
+
+def training_time_limit_minutes(params: TrainParams, price_per_hour: float) -> int:
+    """Minutes of training ``budget_usd`` pays for on the run's nodes; Slurm stops the job there (0: no limit,
+    for instances that cost nothing)."""
+    if price_per_hour <= 0:
+        return 0
+    return max(1, int(params.budget_usd / (price_per_hour * params.num_nodes) * 60))
 
 
 def airflow_params(

@@ -50,20 +50,18 @@ class Gates(_Strict):
 
 
 class Parallelism(_Strict):
-    """How the model is split over the job's accelerators; what is left over is data parallel."""
+    """How the model is split over the job's accelerators; what is left over is data parallel (sharded)."""
 
     tensor: int = Field(1, ge=1)
     pipeline: int = Field(1, ge=1)
     context: int = Field(1, ge=1)
-    # FSDP / ZeRO-style sharding of the data-parallel replicas: full, hybrid (within a node) or none.
-    sharding: Literal["full", "hybrid", "none"] = "full"
 
     @property
     def model_parallel(self) -> int:
         return self.tensor * self.pipeline * self.context
 
 
-# What each framework's trainer can split, besides sharding (DTP's FSDP trainer: sharding only).
+# How each framework's trainer can split the model, besides sharding it (DTP's FSDP trainer: sharding only).
 FRAMEWORK_PARALLELISM = {
     "fsdp": set(),
     "torchtitan": {"tensor", "pipeline", "context"},
@@ -72,10 +70,6 @@ FRAMEWORK_PARALLELISM = {
     "picotron": {"tensor", "pipeline", "context"},
     "neuronx-distributed": {"tensor", "pipeline", "context"},
 }
-
-# Frameworks DTP's pipeline can launch; the others have recipes, parallelism checks and log parsers, but no launch
-# template yet, and validate_params refuses them by name.
-LAUNCHABLE_FRAMEWORKS = ("fsdp",)
 
 
 class Recipe(_Strict):

@@ -10,7 +10,7 @@ import pytest
 from airflow.sdk.exceptions import TaskDeferred
 
 from dtp.hooks.slurm import SlurmHook
-from dtp.operators.slurm import SlurmSubmitJobOperator
+from dtp.operators.slurm import SlurmJobOverTime, SlurmSubmitJobOperator
 from dtp.triggers.slurm import SlurmJobTrigger
 
 pytestmark = pytest.mark.stack
@@ -143,3 +143,30 @@ def test_platform_teardown_cancels_every_job_of_the_run(workdir: Path) -> None:
     assert len(result["cancelled_jobs"]) == 2 and hook.find_jobs(run, prefix=True) == []
     assert [j.job_id for j in hook.find_jobs(f"x{run}")] == [other]
     hook.cancel(other)
+
+
+def test_a_job_past_its_time_limit_is_stopped_by_slurm_and_not_run_again(workdir: Path) -> None:
+    # What budget_usd becomes for priced instances: sbatch --time; Slurm itself stops the job there.
+    name = f"it-overtime-{uuid.uuid4().hex[:6]}"
+    script = _script(workdir, "echo started\nsleep 600\n")
+    operator = SlurmSubmitJobOperator(
+        task_id="train",
+        script_path=script,
+        job_name=name,
+        output_path=str(workdir / "t-%j"),
+        time_limit_minutes=1,
+        poll_interval=2,
+    )
+    sink = _XComSink()
+    with pytest.raises(TaskDeferred) as deferred:
+        operator.execute({"ti": sink})
+    job_id = sink.pushed["job_id"]
+    assert "TimeLimit=00:01:00" in SlurmHook().run(["scontrol", "show", "job", job_id])
+    event = asyncio.run(_first_event(deferred.value.trigger))
+    assert event["state"] == "TIMEOUT"
+    with pytest.raises(SlurmJobOverTime, match=f"Slurm job {job_id} ran past its time limit of 1 min"):
+        operator.execute_complete({"ti": sink}, event)
+    # A retry (or a cleared task) finds the job that ran out of time and does not submit it again.
+    with pytest.raises(SlurmJobOverTime, match="already ran past its time limit; not submitting it again"):
+        operator.execute({"ti": sink})
+    assert [job.job_id for job in SlurmHook().ended_jobs(name)] == [job_id]

@@ -15,6 +15,7 @@ from dtp.params import (
     TrainParams,
     airflow_params,
     estimate_cost_usd,
+    training_time_limit_minutes,
     validate_params,
 )
 from dtp.recipes import PLATFORMS, catalogue, recipe_names
@@ -186,12 +187,6 @@ def test_unimplemented_platform_names_the_implemented_ones() -> None:
     assert "platform: got 'eks'; not available in this release (available: local)" in message
 
 
-def test_a_recipe_dtp_cannot_launch_is_refused_by_name() -> None:
-    message = refuse({"recipe": "llama3_1_70b_megatron"})
-    assert "recipe: got 'llama3_1_70b_megatron'; its framework 'megatron-lm' has recipes and a log parser" in message
-    assert "(launchable: fsdp)" in message
-
-
 def test_nodes_that_do_not_fit_the_model_split_are_refused() -> None:
     # TP 8 x PP 2 = 16 GPUs per model replica; one p5 node has 8.
     message = refuse({"recipe": "llama3_1_70b_megatron", "num_nodes": 1, "instance_type": "p5.48xlarge"})
@@ -222,6 +217,13 @@ def test_sufficient_budget_leaves_only_the_platform_problem() -> None:
     message = refuse({**BIG_70B, "budget_usd": 3500})
     assert "platform: got 'parallelcluster'" in message
     assert "budget_usd" not in message
+
+
+def test_training_time_limit_is_what_the_budget_pays_for() -> None:
+    params = TrainParams(num_nodes=4, budget_usd=100.0)
+    assert training_time_limit_minutes(params, price_per_hour=10.0) == 150  # 100 USD / (4 x 10 USD/h)
+    assert training_time_limit_minutes(params, price_per_hour=0.0) == 0  # free: no limit
+    assert training_time_limit_minutes(TrainParams(budget_usd=0.01), price_per_hour=98.32) == 1  # Slurm's least
 
 
 def test_estimate_cost_usd() -> None:

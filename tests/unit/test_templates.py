@@ -11,6 +11,8 @@ from typing import Any
 import jinja2
 import pytest
 
+from dtp.pipeline.frameworks import template_args
+from dtp.recipes import get_recipe, instance_types
 from dtp.templates import TEMPLATE_DIR, UnsafeTemplateValue, render
 
 COMMON = {
@@ -21,7 +23,23 @@ COMMON = {
     "env": {"NCCL_DEBUG": "INFO"},
     "exclude_nodes": "n[3-4]",
 }
+
+
+def framework_context(recipe_name: str) -> dict[str, Any]:
+    """A framework's template context, as prepare_training builds it for a shipped recipe on its default nodes."""
+    recipe = get_recipe(recipe_name)
+    spec = {
+        "recipe": recipe.model_dump(),
+        "params": {"num_nodes": recipe.defaults.num_nodes, "max_steps": 100, "checkpoint_interval": 50},
+        "instance": instance_types()[recipe.defaults.instance_type].model_dump(),
+    }
+    return {**COMMON, **template_args(spec, {}, "/fsx/runs/r", "/fsx")}
+
+
 CONTEXTS: dict[str, dict[str, Any]] = {
+    "slurm/train_torchtitan.sbatch.j2": framework_context("llama3_1_8b_torchtitan"),
+    "slurm/train_megatron.sbatch.j2": framework_context("llama3_1_70b_megatron"),
+    "slurm/train_neuronx.sbatch.j2": framework_context("llama3_1_8b_trn1"),
     "slurm/train.sbatch.j2": {
         **COMMON,
         "program": Path("/fsx/training/train.py"),

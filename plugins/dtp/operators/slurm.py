@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from airflow.sdk import BaseOperator
-from airflow.sdk.exceptions import AirflowException
+from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
 from dtp.hooks.slurm import SlurmHook
 from dtp.triggers.slurm import SlurmJobTrigger
@@ -16,6 +16,10 @@ class SlurmJobFailed(AirflowException):
     """The Slurm job ended in a state other than COMPLETED, or hung."""
 
 
+class SlurmJobOverTime(AirflowFailException):
+    """The Slurm job ran past its time limit; a retry would run past it again, so the task is not retried."""
+
+
 class SlurmSubmitJobOperator(BaseOperator):
     """
     Submit ``script_path`` with sbatch, defer to ``SlurmJobTrigger``, fail with the job's last log lines.
@@ -23,7 +27,8 @@ class SlurmSubmitJobOperator(BaseOperator):
     Idempotent: a retry (or a cleared task) first looks for an active job named
     ``job_name`` and re-attaches to it, or for one that already completed and
     returns it, instead of submitting a second one. Job names carry the run's
-    key, so only this run's own jobs are found.
+    key, so only this run's own jobs are found. A job that ran out of its time
+    limit is not submitted again: the task fails without retries.
 
     :param script_path: batch script on the cluster's shared filesystem
     :param job_name: Slurm job name (also the key used to find the job again)
@@ -31,6 +36,7 @@ class SlurmSubmitJobOperator(BaseOperator):
     :param comment: sbatch ``--comment`` (DTP puts the resource expiry there, for the reaper)
     :param hang_timeout: seconds without a new log line before the job counts as hung
     :param sbatch_args: extra sbatch arguments, e.g. ``["--nodes=2"]``
+    :param time_limit_minutes: sbatch ``--time``: Slurm stops the job after this many minutes (0: no limit)
     """
 
     template_fields: Sequence[str] = (
@@ -40,6 +46,7 @@ class SlurmSubmitJobOperator(BaseOperator):
         "comment",
         "hang_timeout",
         "sbatch_args",
+        "time_limit_minutes",
     )
 
     def __init__(
@@ -51,6 +58,7 @@ class SlurmSubmitJobOperator(BaseOperator):
         comment: str = "",
         sbatch_args: list[str] | None = None,
         hang_timeout: float | str = 600.0,
+        time_limit_minutes: int | str = 0,
         poll_interval: float = 5.0,
         slurm_conn_id: str = SlurmHook.default_conn_name,
         **kwargs: Any,
@@ -62,13 +70,21 @@ class SlurmSubmitJobOperator(BaseOperator):
         self.comment = comment
         self.sbatch_args = sbatch_args or []
         self.hang_timeout = hang_timeout
+        self.time_limit_minutes = time_limit_minutes
         self.poll_interval = poll_interval
         self.slurm_conn_id = slurm_conn_id
 
     def execute(self, context: Any) -> dict[str, Any] | None:
         hook = SlurmHook(self.slurm_conn_id)
         active = hook.find_jobs(self.job_name)
-        completed = [job for job in hook.ended_jobs(self.job_name) if job.succeeded]
+        ended = hook.ended_jobs(self.job_name)
+        completed = [job for job in ended if job.succeeded]
+        over_time = [job for job in ended if job.state == "TIMEOUT"]
+        if over_time and not (active or completed):
+            raise SlurmJobOverTime(
+                f"Slurm job {over_time[-1].job_id} ({self.job_name}) already ran past its time limit; not submitting "
+                "it again"
+            )
         if active:
             job_id = active[0].job_id
             self.log.info("Re-attaching to active Slurm job %s (%s)", job_id, self.job_name)
@@ -82,7 +98,7 @@ class SlurmSubmitJobOperator(BaseOperator):
                 job_name=self.job_name,
                 output=self.output_path,
                 comment=self.comment,
-                extra_args=list(self.sbatch_args),
+                extra_args=[*self.sbatch_args, *self._time_limit_args()],
             )
         log_path = self._push_ids(context, job_id)
         self.defer(
@@ -103,6 +119,11 @@ class SlurmSubmitJobOperator(BaseOperator):
         if event["status"] == "hung":
             SlurmHook(self.slurm_conn_id).cancel(job_id)
             raise SlurmJobFailed(f"Slurm job {job_id} hung ({event['message']}); cancelled it. Last lines:\n{tail}")
+        if event["state"] == "TIMEOUT":
+            raise SlurmJobOverTime(
+                f"Slurm job {job_id} ran past its time limit of {self.time_limit_minutes} min and was stopped by "
+                f"Slurm; not retried. Last lines:\n{tail}"
+            )
         if event["status"] != "success":
             raise SlurmJobFailed(
                 f"Slurm job {job_id} ended {event['state']} (exit code {event.get('exit_code') or '?'})."
@@ -110,6 +131,10 @@ class SlurmSubmitJobOperator(BaseOperator):
             )
         self.log.info("Slurm job %s completed", job_id)
         return self._result(context, job_id, event["state"])
+
+    def _time_limit_args(self) -> list[str]:
+        minutes = int(self.time_limit_minutes or 0)
+        return [f"--time={minutes}"] if minutes > 0 else []
 
     def _push_ids(self, context: Any, job_id: str) -> str:
         log_path = self.output_path.replace("%j", job_id)

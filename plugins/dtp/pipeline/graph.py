@@ -44,7 +44,12 @@ def validate_params(**context: Any) -> dict[str, Any]:
         spec = build_spec(context["params"], context["dag_run"].conf or {}, context["dag"].dag_id, context["run_id"])
     except (ParamsError, RecipeError, ValueError) as err:
         raise AirflowFailException(str(err)) from None
-    log.info("Run %s: estimated cost %.2f USD", spec["names"]["run_key"], spec["estimated_cost_usd"])
+    log.info(
+        "Run %s: estimated cost %.2f USD; training time limit %s",
+        spec["names"]["run_key"],
+        spec["estimated_cost_usd"],
+        f"{spec['training_time_limit_minutes']} min (budget_usd)" if spec["training_time_limit_minutes"] else "none",
+    )
     return spec
 
 
@@ -199,7 +204,8 @@ def training_pipeline(dag: DAG) -> None:
 
     with TaskGroup("train", tooltip="FSDP training on Slurm, resumable from checkpoints"):
         job = prepare_training(spec, cluster, images, staged)
-        run = submit_prepared_job("run_job", job, retries=1)
+        # Slurm stops the job once it has used the time budget_usd pays for; that failure is not retried.
+        run = submit_prepared_job("run_job", job, retries=1, time_limit_minutes=job["time_limit_minutes"])
         job >> run
     pf_result >> job
 

@@ -13,6 +13,7 @@ from typing import Any
 
 from dtp.hooks.slurm import SlurmHook
 from dtp.naming import slurm_comment
+from dtp.pipeline import frameworks
 from dtp.pipeline.data import run_dir
 from dtp.recipes import INCLUDE_DIR
 from dtp.templates import render
@@ -97,7 +98,9 @@ def training_config(spec: dict[str, Any], workdir: str, data: dict[str, Any]) ->
 
 def prepare_training(
     spec: dict[str, Any], cluster: dict[str, Any], images: dict[str, Any], data: dict[str, Any]
-) -> dict[str, str]:
+) -> dict[str, Any]:
+    if spec["recipe"]["framework"] != "fsdp":
+        return _prepare_framework_training(spec, cluster, images)
     hook = SlurmHook(cluster["slurm_conn_id"])
     workdir = run_dir(spec, cluster)
     config = training_config(spec, str(workdir), data)
@@ -119,4 +122,24 @@ def prepare_training(
         "metrics_path": config["metrics_path"],
         "checkpoint_dir": config["checkpoint_dir"],
         "profile_dir": profile_dir,
+        "time_limit_minutes": spec["training_time_limit_minutes"],
+    }
+
+
+def _prepare_framework_training(
+    spec: dict[str, Any], cluster: dict[str, Any], images: dict[str, Any]
+) -> dict[str, Any]:
+    """The batch script of a framework other than DTP's trainer (``dtp.pipeline.frameworks``); its metrics are the
+    step lines of its own log, read by that framework's parser."""
+    hook = SlurmHook(cluster["slurm_conn_id"])
+    workdir = run_dir(spec, cluster)
+    args = frameworks.template_args(spec, images, str(workdir), cluster["shared_dir"])
+    script = render(frameworks.TEMPLATES[spec["recipe"]["framework"]], **_common(spec, images), **args)
+    job = _write_job(hook, spec, workdir, "train", script, spec["names"]["slurm_job"])
+    return {
+        **job,
+        "metrics_path": args["log_path"],
+        "checkpoint_dir": args["checkpoint_dir"],
+        "profile_dir": "",
+        "time_limit_minutes": spec["training_time_limit_minutes"],
     }

@@ -11,7 +11,7 @@ from typing import Any
 
 from dtp.hostlist import expand_hostlist
 from dtp.naming import RunNames, expiry, resource_tags
-from dtp.params import ParamsError, estimate_cost_usd, validate_params
+from dtp.params import ParamsError, estimate_cost_usd, training_time_limit_minutes, validate_params
 from dtp.platforms import get_platform
 from dtp.recipes import get_recipe, instance_types
 
@@ -40,4 +40,5 @@ def build_spec(params: Mapping[str, Any], conf: Mapping[str, Any], dag_id: str, 
         "names": names.as_dict(),
         "tags": resource_tags(names, validated.recipe, expiry(validated.expiry_hours)),
         "estimated_cost_usd": estimate_cost_usd(validated, recipe.expected_step_seconds, instance.price_usd_per_hour),
+        "training_time_limit_minutes": training_time_limit_minutes(validated, instance.price_usd_per_hour),
     }

@@ -1,0 +1,132 @@
+"""Launch templates of torchtitan, Megatron-LM and neuronx-distributed: each whole batch script runs against
+stand-in ``scontrol``/``srun`` that record the launch and print the framework's log lines, which must come back
+through the run's train.log and the framework's parser."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dtp.metrics.framework_logs import summarize_log
+from dtp.pipeline.frameworks import MEGATRON_ARCHITECTURES, TEMPLATES, launch_problem, template_args
+from dtp.recipes import Recipe, get_recipe, instance_types
+from dtp.templates import render
+from model import MODELS
+
+LOGS = Path(__file__).parent / "data" / "framework_logs"
+SAMPLE_LOG = {
+    "torchtitan": "torchtitan_llama3_8b.log",
+    "megatron-lm": "megatron_llama3_8b.log",
+    "neuronx-distributed": "neuronx_llama3_8b.log",
+}
+
+
+def _launch(tmp_path: Path, recipe_name: str) -> tuple[list[list[str]], dict[str, Any], Recipe]:
+    """Run the recipe's batch script; return each srun call's argv, the template context and the recipe."""
+    recipe = get_recipe(recipe_name)
+    instance = instance_types()[recipe.defaults.instance_type]
+    spec = {
+        "recipe": recipe.model_dump(),
+        "params": {"num_nodes": recipe.defaults.num_nodes, "max_steps": 100, "checkpoint_interval": 50},
+        "instance": instance.model_dump(),
+    }
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    common = {
+        "num_nodes": recipe.defaults.num_nodes,
+        "procs_per_node": instance.accelerators_per_node,
+        "python": "/opt/venv/bin/python",
+        "omp_threads": 8,
+        "env": {},
+        "exclude_nodes": "",
+    }
+    context = {**common, **template_args(spec, {}, str(workdir), str(tmp_path / "fsx"))}
+    script = tmp_path / "train.sbatch"
+    script.write_text(render(TEMPLATES[recipe.framework], **context))
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text(
+        '#!/bin/bash\nif [ "$2" = hostnames ]; then echo n1; else echo "NodeName=n1 NodeAddr=10.0.0.7 State=IDLE"; fi\n'
+    )
+    calls = tmp_path / "srun.calls"
+    (bin_dir / "srun").write_text(
+        f"#!/bin/bash\nprintf '%s\\0' \"$@\" >> {calls}\necho >> {calls}\ncat {LOGS / SAMPLE_LOG[recipe.framework]}\n"
+    )
+    for tool in bin_dir.iterdir():
+        tool.chmod(0o755)
+    env = {"PATH": f"{bin_dir}:{os.defpath}", "SLURM_JOB_NODELIST": "n1", "SLURM_JOB_ID": "77", "SLURM_NNODES": "4"}
+    subprocess.run(["bash", str(script)], env=env, check=True, capture_output=True, text=True)
+    argvs = [call.split("\0") for call in calls.read_text().split("\0\n") if call]
+    return argvs, context, recipe
+
+
+def _flag(argv: list[str], name: str) -> str:
+    return argv[argv.index(name) + 1]
+
+
+def test_torchtitan_launch(tmp_path: Path) -> None:
+    (argv,), context, _ = _launch(tmp_path, "llama3_1_8b_torchtitan")
+    assert argv[argv.index("-m", argv.index("torch.distributed.run")) + 1] == "torchtitan.train"
+    assert (_flag(argv, "--module"), _flag(argv, "--config")) == ("llama3", "llama3_8b")
+    assert "--nproc_per_node=8" in argv and _flag(argv, "--training.steps") == "100"
+    assert _flag(argv, "--training.seq_len") == "8192" and _flag(argv, "--parallelism.tensor_parallel_degree") == "1"
+    assert _flag(argv, "--checkpoint.folder") == context["checkpoint_dir"] and "--checkpoint.enable" in argv
+    assert "--rdzv_endpoint=10.0.0.7:29500" in argv
+
+
+def test_megatron_launch_splits_the_70b_model(tmp_path: Path) -> None:
+    (argv,), _, recipe = _launch(tmp_path, "llama3_1_70b_megatron")
+    assert argv[argv.index("--use-mcore-models") - 1].endswith("/pretrain_gpt.py")
+    assert _flag(argv, "--tensor-model-parallel-size") == "8" and _flag(argv, "--pipeline-model-parallel-size") == "2"
+    assert "--sequence-parallel" in argv and "--bf16" in argv and "--recompute-activations" in argv
+    # 16 nodes x 8 GPUs / (TP 8 x PP 2) = 8 data-parallel replicas, one micro-batch each.
+    assert _flag(argv, "--global-batch-size") == "8" and _flag(argv, "--micro-batch-size") == "1"
+    assert (_flag(argv, "--num-layers"), _flag(argv, "--num-query-groups")) == ("80", "8")
+    assert _flag(argv, "--lr") == str(recipe.lr) and _flag(argv, "--train-iters") == "100"
+
+
+def test_neuronx_launch_compiles_first_then_trains(tmp_path: Path) -> None:
+    (compile_argv, train_argv), context, _ = _launch(tmp_path, "llama3_1_8b_trn1")
+    assert (
+        compile_argv[:2] == ["--kill-on-bad-exit=1", "neuron_parallel_compile"]
+        and _flag(compile_argv, "--steps_this_run") == "10"
+    )
+    assert _flag(train_argv, "--steps_this_run") == "100" and "neuron_parallel_compile" not in train_argv
+    assert _flag(train_argv, "--tensor_parallel_size") == "32" and "--nproc_per_node=32" in train_argv
+    assert _flag(train_argv, "--checkpoint_dir") == context["checkpoint_dir"]
+    assert "--use_zero_1" in train_argv and "--use_mix_precision" in train_argv
+
+
+@pytest.mark.parametrize("recipe_name", ["llama3_1_8b_torchtitan", "llama3_1_70b_megatron", "llama3_1_8b_trn1"])
+def test_the_jobs_output_reaches_its_parser_through_train_log(tmp_path: Path, recipe_name: str) -> None:
+    _, context, recipe = _launch(tmp_path, recipe_name)
+    lines = Path(context["log_path"]).read_text().splitlines()
+    summary = summarize_log(recipe.framework, lines, seq_len=recipe.seq_len, world_size=32)
+    assert len(summary.steps) >= 4 and summary.final_loss < summary.first_loss
+
+
+def test_megatron_architectures_are_the_trainers_shapes() -> None:
+    for name, arch in MEGATRON_ARCHITECTURES.items():
+        model = MODELS[name]
+        assert arch == {
+            "num_layers": model.n_layers,
+            "hidden_size": model.dim,
+            "num_attention_heads": model.n_heads,
+            "num_query_groups": model.n_kv_heads,
+            "ffn_hidden_size": model.ffn_dim,
+        }, name
+
+
+def test_what_cannot_be_launched_is_named() -> None:
+    tiny = get_recipe("tiny")
+    assert launch_problem(tiny) is None
+    nemo = tiny.model_copy(update={"framework": "nemo"})
+    assert launch_problem(nemo) == (
+        "framework 'nemo' has no launch template (launchable: fsdp, torchtitan, megatron-lm, neuronx-distributed)"
+    )
+    titan = tiny.model_copy(update={"framework": "torchtitan"})
+    assert launch_problem(titan).startswith("no torchtitan launch template for model 'tiny' (templated: llama3_1_8b")
