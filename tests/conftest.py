@@ -13,6 +13,9 @@ from dtp.local.api import AirflowApi
 from dtp.local.config import StackConfig
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
+# A stack the session starts runs no scheduled runs: tests trigger and backfill their own, and a nightly run started
+# by unpausing a DAG would compete with them for the machine (see dtp.local.config.StackConfig.schedules).
+os.environ.setdefault("DTP_SCHEDULES", "off")
 
 
 def _all_healthy(cfg: StackConfig) -> bool:

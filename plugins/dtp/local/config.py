@@ -62,6 +62,9 @@ class StackConfig:
     slurm_nodes: int = 2
     user: str = getpass.getuser()
     executor: str = "local"
+    # False: the scheduler creates no scheduled runs (Airflow's use_job_schedule); manual runs and backfills still
+    # run. The test session turns them off (DTP_SCHEDULES=off) so an unpaused DAG does not start a run of its own.
+    schedules: bool = True
 
     @classmethod
     def from_env(cls, executor: str | None = None) -> StackConfig:
@@ -71,7 +74,8 @@ class StackConfig:
         chosen = executor or os.environ.get("DTP_EXECUTOR") or _read(home / "executor") or "local"
         if chosen not in EXECUTORS:
             raise ValueError(f"executor must be one of {', '.join(EXECUTORS)}, got {chosen!r}")
-        return cls(home=home, ports=Ports.with_offset(offset), executor=chosen)
+        schedules = os.environ.get("DTP_SCHEDULES", "on") != "off"
+        return cls(home=home, ports=Ports.with_offset(offset), executor=chosen, schedules=schedules)
 
     # --- directories -------------------------------------------------------
     @property
@@ -199,6 +203,7 @@ class StackConfig:
             "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(self.ports.worker_logs),
             "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT": str(self.ports.trigger_logs),
             "AIRFLOW__SCHEDULER__ENABLE_HEALTH_CHECK": "False",
+            "AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE": str(self.schedules),
             "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "30",
             "DTP_HOME": str(self.home),
             "DTP_SHARED_DIR": str(self.shared_dir),
