@@ -1,0 +1,105 @@
+"""Run an FSx for Lustre data repository task (import from S3, export to S3, release) without a worker slot."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from typing import Any
+
+import botocore.session
+from airflow.sdk import BaseOperator
+from airflow.sdk.exceptions import AirflowException
+
+from dtp.hooks.fsx import FsxHook
+from dtp.triggers.fsx import FsxDataRepositoryTaskTrigger, task_outcome
+
+TASK_KEY_TAG = "dtp:task-key"
+TASK_TYPES = tuple(botocore.session.get_session().get_service_model("fsx").shape_for("DataRepositoryTaskType").enum)
+
+
+def task_key(ti: Any) -> str:
+    """The tag value that marks a task instance's FSx tasks, the same on every try."""
+    return hashlib.sha256(f"{ti.dag_id}/{ti.run_id}/{ti.task_id}/{ti.map_index}".encode()).hexdigest()[:32]
+
+
+class FsxDataRepositoryTaskFailed(AirflowException):
+    """The data repository task ended FAILED or CANCELED."""
+
+
+class FsxDataRepositoryTaskOperator(BaseOperator):
+    """
+    Start a data repository task on an FSx for Lustre file system and defer until it ends.
+
+    Idempotent: tasks are tagged with a key of the task instance, so a retry
+    re-attaches to this task's FSx task that is still running, or returns the
+    one that already succeeded, instead of starting another.
+
+    :param file_system_id: the FSx for Lustre file system
+    :param repository_task_type: one of botocore's ``DataRepositoryTaskType`` values, e.g. ``EXPORT_TO_REPOSITORY``
+    :param paths: file system paths (relative to the mount) the task covers
+    :param report_path: S3 URI the report of failed files is written under
+    :param tags: tags of the FSx task (DTP passes the run's tags)
+    """
+
+    template_fields: Sequence[str] = ("file_system_id", "paths", "report_path", "tags")
+
+    def __init__(
+        self,
+        *,
+        file_system_id: str,
+        repository_task_type: str,
+        paths: list[str],
+        report_path: str,
+        tags: dict[str, str] | None = None,
+        aws_conn_id: str | None = "aws_default",
+        poll_interval: float = 30.0,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        if repository_task_type not in TASK_TYPES:
+            raise ValueError(f"repository_task_type: got {repository_task_type!r}; allowed: {', '.join(TASK_TYPES)}")
+        self.file_system_id = file_system_id
+        self.repository_task_type = repository_task_type
+        self.paths = paths
+        self.report_path = report_path
+        self.tags = tags or {}
+        self.aws_conn_id = aws_conn_id
+        self.poll_interval = poll_interval
+
+    def execute(self, context: Any) -> dict[str, Any] | None:
+        hook = FsxHook(aws_conn_id=self.aws_conn_id)
+        ti = context["ti"]
+        key = task_key(ti)
+        earlier = hook.find_data_repository_tasks(self.file_system_id, TASK_KEY_TAG, key)
+        running = [task for task in earlier if task["Lifecycle"] in ("PENDING", "EXECUTING")]
+        succeeded = [task for task in earlier if task["Lifecycle"] == "SUCCEEDED"]
+        if running:
+            task_id = running[-1]["TaskId"]
+            self.log.info("Re-attaching to FSx task %s", task_id)
+        elif succeeded:
+            self.log.info("FSx task %s already succeeded: reusing it", succeeded[-1]["TaskId"])
+            return task_outcome(succeeded[-1])
+        else:
+            task_id = hook.start_data_repository_task(
+                self.file_system_id,
+                self.repository_task_type,
+                list(self.paths),
+                self.report_path,
+                client_request_token=f"{key}-{ti.try_number}",
+                tags={**self.tags, TASK_KEY_TAG: key},
+            )
+        self.defer(
+            trigger=FsxDataRepositoryTaskTrigger(task_id, self.aws_conn_id, self.poll_interval),
+            method_name="execute_complete",
+        )
+        return None
+
+    def execute_complete(self, context: Any, event: dict[str, Any]) -> dict[str, Any]:
+        counts = f"{event['succeeded']} of {event['total']} files done, {event['failed']} failed"
+        if event["status"] != "success":
+            raise FsxDataRepositoryTaskFailed(
+                f"FSx task {event['task_id']} ended {event['lifecycle']} ({counts}): {event['failure'] or 'no reason'}"
+                f"; failed files are listed under {event['report_path']}"
+            )
+        self.log.info("FSx task %s succeeded: %s", event["task_id"], counts)
+        return {key: value for key, value in event.items() if key != "status"}

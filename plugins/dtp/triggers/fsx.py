@@ -1,0 +1,66 @@
+"""Wait for an FSx for Lustre data repository task in the triggerer, logging its progress."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+from airflow.triggers.base import BaseTrigger, TriggerEvent
+
+from dtp.hooks.fsx import TERMINAL_TASK_STATES, FsxHook
+
+
+def task_outcome(task: dict[str, Any]) -> dict[str, Any]:
+    """A task's end state, counts and report, as the trigger's event carries them."""
+    status = task.get("Status", {})
+    return {
+        "task_id": task["TaskId"],
+        "lifecycle": task["Lifecycle"],
+        "total": status.get("TotalCount", 0),
+        "succeeded": status.get("SucceededCount", 0),
+        "failed": status.get("FailedCount", 0),
+        "released_bytes": status.get("ReleasedCapacity", 0),
+        "failure": task.get("FailureDetails", {}).get("Message", ""),
+        "report_path": task.get("Report", {}).get("Path", ""),
+    }
+
+
+class FsxDataRepositoryTaskTrigger(BaseTrigger):
+    """Fires once the data repository task ends: SUCCEEDED, FAILED or CANCELED."""
+
+    def __init__(
+        self, repository_task_id: str, aws_conn_id: str | None = "aws_default", poll_interval: float = 30.0
+    ) -> None:
+        super().__init__()
+        self.repository_task_id = repository_task_id
+        self.aws_conn_id = aws_conn_id
+        self.poll_interval = poll_interval
+
+    def serialize(self) -> tuple[str, dict[str, Any]]:
+        return (
+            f"{type(self).__module__}.{type(self).__qualname__}",
+            {
+                "repository_task_id": self.repository_task_id,
+                "aws_conn_id": self.aws_conn_id,
+                "poll_interval": self.poll_interval,
+            },
+        )
+
+    async def run(self) -> AsyncIterator[TriggerEvent]:
+        hook = FsxHook(aws_conn_id=self.aws_conn_id)
+        while True:
+            task = await asyncio.to_thread(hook.get_data_repository_task, self.repository_task_id)
+            outcome = task_outcome(task)
+            if task["Lifecycle"] in TERMINAL_TASK_STATES:
+                yield TriggerEvent({"status": "success" if task["Lifecycle"] == "SUCCEEDED" else "failed", **outcome})
+                return
+            self.log.info(
+                "FSx task %s %s: %d of %d files done, %d failed",
+                self.repository_task_id,
+                task["Lifecycle"],
+                outcome["succeeded"],
+                outcome["total"],
+                outcome["failed"],
+            )
+            await asyncio.sleep(self.poll_interval)

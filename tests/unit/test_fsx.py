@@ -1,0 +1,218 @@
+"""FsxHook, FsxDataRepositoryTaskTrigger and FsxDataRepositoryTaskOperator against botocore's FSx service model.
+
+The local emulator has no FSx data repository APIs, so botocore's Stubber answers: every request DTP sends is
+validated against the real service model (botocore refuses a wrong parameter before the Stubber sees it), and
+every canned response against the model's output shapes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from datetime import UTC, datetime
+from types import SimpleNamespace
+
+import botocore.session
+import pytest
+from airflow.sdk.exceptions import TaskDeferred
+from botocore.stub import ANY, Stubber
+
+import dtp.operators.fsx as fsx_operators
+import dtp.triggers.fsx as fsx_triggers
+from dtp.hooks.fsx import AUTO_EVENTS, DataRepositoryConflict, FsxHook
+from dtp.operators.fsx import (
+    TASK_KEY_TAG,
+    TASK_TYPES,
+    FsxDataRepositoryTaskFailed,
+    FsxDataRepositoryTaskOperator,
+    task_key,
+)
+
+FS = "fs-0123456789abcdef0"
+CREATED = datetime(2026, 12, 2, tzinfo=UTC)
+
+
+@pytest.fixture
+def hook(monkeypatch) -> FsxHook:
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    return FsxHook(aws_conn_id=None, region_name="us-east-1")
+
+
+@pytest.fixture
+def stub(hook: FsxHook):
+    client = hook.get_client_type(region_name="us-east-1")
+    hook.conn = client  # the hook's cached client, answered by the Stubber
+    with Stubber(client) as stubber:
+        yield stubber
+        stubber.assert_no_pending_responses()
+
+
+def _association(path: str, prefix: str) -> dict:
+    return {
+        "AssociationId": "dra-0123456789abcdef0",
+        "FileSystemId": FS,
+        "Lifecycle": "AVAILABLE",
+        "FileSystemPath": path,
+        "DataRepositoryPath": prefix,
+    }
+
+
+def _task(task_id: str, lifecycle: str, key: str = "", **status) -> dict:
+    return {
+        "TaskId": task_id,
+        "Lifecycle": lifecycle,
+        "Type": "EXPORT_TO_REPOSITORY",
+        "CreationTime": CREATED,
+        "FileSystemId": FS,
+        **({"Tags": [{"Key": TASK_KEY_TAG, "Value": key}]} if key else {}),
+        "Status": {"TotalCount": 10, "SucceededCount": 10, "FailedCount": 0, **status},
+        "Report": {"Enabled": True, "Path": "s3://bucket/reports"},
+    }
+
+
+def test_an_association_is_created_once_and_then_found(hook: FsxHook, stub: Stubber) -> None:
+    filters = {"Filters": [{"Name": "file-system-id", "Values": [FS]}]}
+    stub.add_response("describe_data_repository_associations", {"Associations": []}, filters)
+    stub.add_response(
+        "create_data_repository_association",
+        {"Association": _association("/data", "s3://bucket/data/")},
+        {
+            "FileSystemId": FS,
+            "FileSystemPath": "/data",
+            "DataRepositoryPath": "s3://bucket/data/",
+            "BatchImportMetaDataOnCreate": True,
+            "S3": {"AutoImportPolicy": {"Events": AUTO_EVENTS}, "AutoExportPolicy": {"Events": AUTO_EVENTS}},
+            "Tags": [{"Key": "dtp:run", "Value": "r1"}],
+        },
+    )
+    created = hook.ensure_data_repository_association(FS, "/data", "s3://bucket/data/", {"dtp:run": "r1"})
+    stub.add_response("describe_data_repository_associations", {"Associations": [created]}, filters)
+    assert hook.ensure_data_repository_association(FS, "/data", "s3://bucket/data") == created
+
+
+def test_a_path_linked_elsewhere_is_refused(hook: FsxHook, stub: Stubber) -> None:
+    stub.add_response("describe_data_repository_associations", {"Associations": [_association("/data", "s3://a/")]})
+    with pytest.raises(DataRepositoryConflict, match="/data is linked to s3://a/, not s3://b/"):
+        hook.ensure_data_repository_association(FS, "/data", "s3://b/")
+
+
+@pytest.mark.parametrize("task_type", TASK_TYPES)
+def test_every_task_type_is_a_valid_request(hook: FsxHook, stub: Stubber, task_type: str) -> None:
+    stub.add_response(
+        "create_data_repository_task",
+        {"DataRepositoryTask": _task("task-0123456789abcdef0", "PENDING")},
+        {
+            "Type": task_type,
+            "FileSystemId": FS,
+            "Paths": ["checkpoints/run1"],
+            "Report": {
+                "Enabled": True,
+                "Path": "s3://bucket/reports",
+                "Format": "REPORT_CSV_20191124",
+                "Scope": "FAILED_FILES_ONLY",
+            },
+            "ClientRequestToken": "k-1",
+        },
+    )
+    assert hook.start_data_repository_task(FS, task_type, ["checkpoints/run1"], "s3://bucket/reports", "k-1") == (
+        "task-0123456789abcdef0"
+    )
+
+
+def test_the_operators_request_token_fits_fsx() -> None:
+    # botocore checks no maximum length or pattern, FSx does: check the token against the model's limits.
+    shape = botocore.session.get_session().get_service_model("fsx").shape_for("ClientRequestToken")
+    token = f"{task_key(_ti())}-{99}"
+    assert len(token) <= shape.metadata["max"] and re.fullmatch(shape.metadata["pattern"], token)
+
+
+def test_trigger_waits_for_the_end_and_reports_counts(hook: FsxHook, stub: Stubber, monkeypatch) -> None:
+    monkeypatch.setattr(fsx_triggers, "FsxHook", lambda **_: hook)
+    for lifecycle, done in (("EXECUTING", 4), ("SUCCEEDED", 10)):
+        response = {"DataRepositoryTasks": [_task("task-0123456789abcdef1", lifecycle, SucceededCount=done)]}
+        stub.add_response("describe_data_repository_tasks", response, {"TaskIds": ["task-0123456789abcdef1"]})
+    trigger = fsx_triggers.FsxDataRepositoryTaskTrigger("task-0123456789abcdef1", aws_conn_id=None, poll_interval=0)
+
+    async def first_event() -> dict:
+        async for event in trigger.run():
+            return event.payload
+        raise AssertionError("no event")
+
+    path, kwargs = trigger.serialize()
+    assert path == "dtp.triggers.fsx.FsxDataRepositoryTaskTrigger"
+    assert fsx_triggers.FsxDataRepositoryTaskTrigger(**kwargs).serialize() == (path, kwargs)  # as the triggerer does
+    event = asyncio.run(first_event())
+    assert event["status"] == "success" and (event["succeeded"], event["total"], event["failed"]) == (10, 10, 0)
+
+
+def _ti(try_number: int = 1) -> SimpleNamespace:
+    return SimpleNamespace(dag_id="d", run_id="r", task_id="export", map_index=-1, try_number=try_number)
+
+
+def _operator() -> FsxDataRepositoryTaskOperator:
+    return FsxDataRepositoryTaskOperator(
+        task_id="export",
+        file_system_id=FS,
+        repository_task_type="EXPORT_TO_REPOSITORY",
+        paths=["checkpoints/run1"],
+        report_path="s3://bucket/reports",
+        tags={"dtp:run": "r1"},
+        aws_conn_id=None,
+    )
+
+
+def test_operator_starts_once_then_reattaches_then_reuses(hook: FsxHook, stub: Stubber, monkeypatch) -> None:
+    monkeypatch.setattr(fsx_operators, "FsxHook", lambda **_: hook)
+    key = task_key(_ti())
+    filters = {"Filters": [{"Name": "file-system-id", "Values": [FS]}]}
+    other = _task("task-0123456789abcdef9", "EXECUTING", key="someone-else")
+    stub.add_response("describe_data_repository_tasks", {"DataRepositoryTasks": [other]}, filters)
+    stub.add_response(
+        "create_data_repository_task",
+        {"DataRepositoryTask": _task("task-0123456789abcdef1", "PENDING", key=key)},
+        {
+            "Type": "EXPORT_TO_REPOSITORY",
+            "FileSystemId": FS,
+            "Paths": ["checkpoints/run1"],
+            "Report": ANY,
+            "ClientRequestToken": f"{key}-1",
+            "Tags": [{"Key": "dtp:run", "Value": "r1"}, {"Key": TASK_KEY_TAG, "Value": key}],
+        },
+    )
+    with pytest.raises(TaskDeferred) as deferred:
+        _operator().execute({"ti": _ti(1)})
+    assert deferred.value.trigger.repository_task_id == "task-0123456789abcdef1"
+    # A retry of a try that died while waiting finds its task by the tag and waits for it again: nothing is started.
+    running = _task("task-0123456789abcdef1", "EXECUTING", key=key)
+    stub.add_response("describe_data_repository_tasks", {"DataRepositoryTasks": [other, running]}, filters)
+    with pytest.raises(TaskDeferred) as deferred:
+        _operator().execute({"ti": _ti(2)})
+    assert deferred.value.trigger.repository_task_id == "task-0123456789abcdef1"
+    # Once it succeeded, a cleared task returns its outcome.
+    done = _task("task-0123456789abcdef1", "SUCCEEDED", key=key)
+    stub.add_response("describe_data_repository_tasks", {"DataRepositoryTasks": [done]}, filters)
+    assert _operator().execute({"ti": _ti(3)})["task_id"] == "task-0123456789abcdef1"
+
+
+def test_a_failed_task_fails_the_operator_with_counts_and_report() -> None:
+    event = {
+        "status": "failed",
+        "task_id": "task-0123456789abcdef1",
+        "lifecycle": "FAILED",
+        "total": 10,
+        "succeeded": 7,
+        "failed": 3,
+        "released_bytes": 0,
+        "failure": "3 files could not be exported",
+        "report_path": "s3://bucket/reports",
+    }
+    with pytest.raises(FsxDataRepositoryTaskFailed, match=r"ended FAILED \(7 of 10 files done, 3 failed\)"):
+        _operator().execute_complete({}, event)
+
+
+def test_an_unknown_task_type_is_refused_when_the_dag_is_parsed() -> None:
+    with pytest.raises(ValueError, match=r"repository_task_type: got 'EXPORT'; allowed: .*EXPORT_TO_REPOSITORY"):
+        FsxDataRepositoryTaskOperator(
+            task_id="t", file_system_id=FS, repository_task_type="EXPORT", paths=[], report_path=""
+        )
