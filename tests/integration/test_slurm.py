@@ -10,7 +10,7 @@ import pytest
 from airflow.sdk.exceptions import TaskDeferred
 
 from dtp.hooks.slurm import SlurmHook
-from dtp.operators.slurm import SlurmJobOverTime, SlurmSubmitJobOperator
+from dtp.operators.slurm import SlurmJobFailed, SlurmJobOverTime, SlurmSubmitJobOperator
 from dtp.triggers.slurm import SlurmJobTrigger
 
 pytestmark = pytest.mark.stack
@@ -170,3 +170,34 @@ def test_a_job_past_its_time_limit_is_stopped_by_slurm_and_not_run_again(workdir
     with pytest.raises(SlurmJobOverTime, match="already ran past its time limit; not submitting it again"):
         operator.execute({"ti": sink})
     assert [job.job_id for job in SlurmHook().ended_jobs(name)] == [job_id]
+
+
+def test_a_retried_job_gets_what_is_left_of_the_time_limit(workdir: Path) -> None:
+    name = f"it-retry-limit-{uuid.uuid4().hex[:6]}"
+    script = Path(_script(workdir, "sleep 2\nexit 1\n"))
+    operator = SlurmSubmitJobOperator(
+        task_id="train",
+        script_path=str(script),
+        job_name=name,
+        output_path=str(workdir / "l-%j"),
+        time_limit_minutes=2,
+        poll_interval=1,
+    )
+    sink = _XComSink()
+    with pytest.raises(TaskDeferred) as deferred:
+        operator.execute({"ti": sink})
+    failed_id = sink.pushed["job_id"]
+    assert "TimeLimit=00:02:00" in SlurmHook().run(["scontrol", "show", "job", failed_id])
+    event = asyncio.run(_first_event(deferred.value.trigger))
+    with pytest.raises(SlurmJobFailed):
+        operator.execute_complete({"ti": sink}, event)
+    # The retry's job may run what the failed one left: 2 min less its (rounded up) minute.
+    script.write_text(script.read_text().replace("sleep 2\nexit 1", "sleep 600"))
+    with pytest.raises(TaskDeferred):
+        operator.execute({"ti": sink})
+    retried = sink.pushed["job_id"]
+    try:
+        assert retried != failed_id
+        assert "TimeLimit=00:01:00" in SlurmHook().run(["scontrol", "show", "job", retried])
+    finally:
+        SlurmHook().cancel_and_wait(name)

@@ -37,6 +37,7 @@ class SlurmJob:
     exit_code: str = ""
     reason: str = ""
     nodes: str = ""
+    elapsed_s: int = 0  # run time, known once the job ended (``ended_jobs``)
 
     @property
     def finished(self) -> bool:
@@ -151,11 +152,11 @@ class SlurmHook(BaseHook):
     def ended_jobs(self, name: str, *, prefix: bool = False) -> list[SlurmJob]:
         """Jobs named ``name`` (or starting with it, with ``prefix``) that ended, oldest first."""
         name_filter = [] if prefix else [f"--name={name}"]
-        acct = self.run(["sacct", "-c", "-n", "-P", *name_filter, "-o", "JobID,JobName,State"], check=False)
+        acct = self.run(["sacct", "-c", "-n", "-P", *name_filter, "-o", "JobID,JobName,State,ElapsedRaw"], check=False)
         return [
-            SlurmJob(job_id=parts[0], name=parts[1], state=parts[2].split()[0])
+            SlurmJob(job_id=parts[0], name=parts[1], state=parts[2].split()[0], elapsed_s=int(parts[3] or 0))
             for parts in (line.split("|") for line in acct.splitlines())
-            if len(parts) == 3 and (parts[1] == name or (prefix and parts[1].startswith(name)))
+            if len(parts) == 4 and (parts[1] == name or (prefix and parts[1].startswith(name)))
         ]
 
     def cancel(self, job_id: str) -> None:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
 from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
-from dtp.hooks.slurm import SlurmHook
+from dtp.hooks.slurm import SlurmHook, SlurmJob
 from dtp.triggers.slurm import SlurmJobTrigger
 
 
@@ -36,7 +37,8 @@ class SlurmSubmitJobOperator(BaseOperator):
     :param comment: sbatch ``--comment`` (DTP puts the resource expiry there, for the reaper)
     :param hang_timeout: seconds without a new log line before the job counts as hung
     :param sbatch_args: extra sbatch arguments, e.g. ``["--nodes=2"]``
-    :param time_limit_minutes: sbatch ``--time``: Slurm stops the job after this many minutes (0: no limit)
+    :param time_limit_minutes: sbatch ``--time``: Slurm stops the job after this many minutes, less what earlier
+        jobs of this name ran (0: no limit)
     """
 
     template_fields: Sequence[str] = (
@@ -98,7 +100,7 @@ class SlurmSubmitJobOperator(BaseOperator):
                 job_name=self.job_name,
                 output=self.output_path,
                 comment=self.comment,
-                extra_args=[*self.sbatch_args, *self._time_limit_args()],
+                extra_args=[*self.sbatch_args, *self._time_limit_args(ended)],
             )
         log_path = self._push_ids(context, job_id)
         self.defer(
@@ -132,9 +134,20 @@ class SlurmSubmitJobOperator(BaseOperator):
         self.log.info("Slurm job %s completed", job_id)
         return self._result(context, job_id, event["state"])
 
-    def _time_limit_args(self) -> list[str]:
-        minutes = int(self.time_limit_minutes or 0)
-        return [f"--time={minutes}"] if minutes > 0 else []
+    def _time_limit_args(self, ended: list[SlurmJob]) -> list[str]:
+        """``--time`` for a new job: the limit less what earlier jobs of this name ran (a retried task's job
+        gets what is left, not the whole limit again)."""
+        limit = int(self.time_limit_minutes or 0)
+        if limit <= 0:
+            return []
+        used = math.ceil(sum(job.elapsed_s for job in ended) / 60)
+        if used >= limit:
+            raise SlurmJobOverTime(
+                f"earlier {self.job_name} jobs ran {used} min of the {limit} min time limit; not submitting another"
+            )
+        if used:
+            self.log.info("Earlier %s jobs ran %d min: this one may run %d", self.job_name, used, limit - used)
+        return [f"--time={limit - used}"]
 
     def _push_ids(self, context: Any, job_id: str) -> str:
         log_path = self.output_path.replace("%j", job_id)
