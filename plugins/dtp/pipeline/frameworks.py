@@ -44,6 +44,11 @@ MEGATRON_ARCHITECTURES = {
     "llama3_1_70b": {"num_layers": 80, "hidden_size": 8192, "num_attention_heads": 64, "num_query_groups": 8,
                      "ffn_hidden_size": 28672},
 }  # fmt: skip
+# Frameworks whose launch names the model's shape: only the models they have one for can be launched.
+_MODELS_BY_FRAMEWORK: dict[str, dict[str, Any]] = {
+    "torchtitan": TORCHTITAN_CONFIGS,
+    "megatron-lm": MEGATRON_ARCHITECTURES,
+}
 # Where the framework's code is inside its image, unless the image says otherwise.
 MEGATRON_DIR = "/workspace/Megatron-LM"
 NEURONX_TRAINER = "/workspace/neuronx-distributed/llama/train.py"
@@ -51,15 +56,9 @@ NEURONX_TRAINER = "/workspace/neuronx-distributed/llama/train.py"
 
 def launch_problem(recipe: Recipe) -> str | None:
     """Why DTP cannot launch ``recipe`` (no template for its framework, or for its model there), else None."""
-    known = {
-        "fsdp": None,
-        "torchtitan": TORCHTITAN_CONFIGS,
-        "megatron-lm": MEGATRON_ARCHITECTURES,
-        "neuronx-distributed": None,
-    }
-    if recipe.framework not in known:
-        return f"framework {recipe.framework!r} has no launch template (launchable: {', '.join(known)})"
-    models = known[recipe.framework]
+    if recipe.framework not in TEMPLATES:
+        return f"framework {recipe.framework!r} has no launch template (launchable: {', '.join(TEMPLATES)})"
+    models = _MODELS_BY_FRAMEWORK.get(recipe.framework)
     if models is not None and recipe.model not in models:
         return f"no {recipe.framework} launch template for model {recipe.model!r} (templated: {', '.join(models)})"
     return None
@@ -99,4 +98,4 @@ def template_args(spec: dict[str, Any], images: dict[str, Any], workdir: str, sh
             "trainer": images.get("neuronx_trainer", NEURONX_TRAINER),
             "compile_cache": f"{shared_dir}/neuron_cache",
         }
-    raise ValueError(launch_problem(Recipe.model_validate(recipe)) or f"{framework} is launched by train.sbatch.j2")
+    raise ValueError(f"no {framework} launch template for model {model!r}")  # validate_params refuses these first
