@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 from airflow.sdk.exceptions import TaskDeferred
@@ -145,24 +146,29 @@ def test_platform_teardown_cancels_every_job_of_the_run(workdir: Path) -> None:
     hook.cancel(other)
 
 
-def test_a_job_past_its_time_limit_is_stopped_by_slurm_and_not_run_again(workdir: Path) -> None:
-    # What budget_usd becomes for priced instances: sbatch --time; Slurm itself stops the job there.
-    name = f"it-overtime-{uuid.uuid4().hex[:6]}"
-    script = _script(workdir, "echo started\nsleep 600\n")
+def _submit_limited(workdir: Path, name: str, body: str, minutes: int) -> tuple[SlurmSubmitJobOperator, _XComSink, Any]:
+    """Submit ``body`` through the operator with a time limit; return it, its XCom sink and its trigger."""
     operator = SlurmSubmitJobOperator(
         task_id="train",
-        script_path=script,
+        script_path=_script(workdir, body),
         job_name=name,
-        output_path=str(workdir / "t-%j"),
-        time_limit_minutes=1,
-        poll_interval=2,
+        output_path=str(workdir / f"{name}-%j"),
+        time_limit_minutes=minutes,
+        poll_interval=1,
     )
     sink = _XComSink()
     with pytest.raises(TaskDeferred) as deferred:
         operator.execute({"ti": sink})
+    return operator, sink, deferred.value.trigger
+
+
+def test_a_job_past_its_time_limit_is_stopped_by_slurm_and_not_run_again(workdir: Path) -> None:
+    # What budget_usd becomes for priced instances: sbatch --time; Slurm itself stops the job there.
+    name = f"it-overtime-{uuid.uuid4().hex[:6]}"
+    operator, sink, trigger = _submit_limited(workdir, name, "echo started\nsleep 600\n", minutes=1)
     job_id = sink.pushed["job_id"]
     assert "TimeLimit=00:01:00" in SlurmHook().run(["scontrol", "show", "job", job_id])
-    event = asyncio.run(_first_event(deferred.value.trigger))
+    event = asyncio.run(_first_event(trigger))
     assert event["state"] == "TIMEOUT"
     with pytest.raises(SlurmJobOverTime, match=f"Slurm job {job_id} ran past its time limit of 1 min"):
         operator.execute_complete({"ti": sink}, event)
@@ -174,25 +180,14 @@ def test_a_job_past_its_time_limit_is_stopped_by_slurm_and_not_run_again(workdir
 
 def test_a_retried_job_gets_what_is_left_of_the_time_limit(workdir: Path) -> None:
     name = f"it-retry-limit-{uuid.uuid4().hex[:6]}"
-    script = Path(_script(workdir, "sleep 2\nexit 1\n"))
-    operator = SlurmSubmitJobOperator(
-        task_id="train",
-        script_path=str(script),
-        job_name=name,
-        output_path=str(workdir / "l-%j"),
-        time_limit_minutes=2,
-        poll_interval=1,
-    )
-    sink = _XComSink()
-    with pytest.raises(TaskDeferred) as deferred:
-        operator.execute({"ti": sink})
+    operator, sink, trigger = _submit_limited(workdir, name, "sleep 2\nexit 1\n", minutes=2)
     failed_id = sink.pushed["job_id"]
     assert "TimeLimit=00:02:00" in SlurmHook().run(["scontrol", "show", "job", failed_id])
-    event = asyncio.run(_first_event(deferred.value.trigger))
+    event = asyncio.run(_first_event(trigger))
     with pytest.raises(SlurmJobFailed):
         operator.execute_complete({"ti": sink}, event)
     # The retry's job may run what the failed one left: 2 min less its (rounded up) minute.
-    script.write_text(script.read_text().replace("sleep 2\nexit 1", "sleep 600"))
+    Path(operator.script_path).write_text(Path(operator.script_path).read_text().replace("exit 1", "sleep 600"))
     with pytest.raises(TaskDeferred):
         operator.execute({"ti": sink})
     retried = sink.pushed["job_id"]
