@@ -57,3 +57,17 @@ def test_a_log_of_another_framework_yields_no_steps() -> None:
 def test_a_framework_without_a_parser_is_named() -> None:
     with pytest.raises(ValueError, match="no log parser for framework 'picotron'"):
         summarize_log("picotron", [], seq_len=8192, world_size=16)
+
+
+def test_older_torchtitan_lines_without_grad_norm_or_tflops_and_srun_prefixes() -> None:
+    # The format of torchtitan releases before grad_norm/tflops were logged, behind `srun -l`'s rank prefix;
+    # every rank prints the line, so a step appears several times and counts once.
+    line = (
+        "{rank}: 2026-11-30 09:00:00,000 - root - INFO - "
+        "step: {step}  loss:  {loss}  memory: 60.00GiB(75.00%)  tps: 5,000  mfu: 30.00%"
+    )
+    steps = ((10, "4.5000"), (20, "4.0000"))
+    lines = [line.format(rank=rank, step=step, loss=loss) for step, loss in steps for rank in (0, 1)]
+    summary = summarize_log("torchtitan", lines, seq_len=8192, world_size=32)
+    assert summary.steps == [10, 20] and summary.losses == [4.5, 4.0]
+    assert summary.tokens_per_s == [5000 * 32, 5000 * 32] and summary.mfu == pytest.approx(0.30)
