@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from types import SimpleNamespace
 
@@ -142,7 +143,9 @@ def test_trigger_waits_for_the_end_and_reports_counts(hook: FsxHook, stub: Stubb
     path, kwargs = trigger.serialize()
     assert path == "dtp.triggers.fsx.FsxDataRepositoryTaskTrigger"
     assert fsx_triggers.FsxDataRepositoryTaskTrigger(**kwargs).serialize() == (path, kwargs)  # as the triggerer does
-    event = asyncio.run(first_event())
+    # In a thread of its own: the session's Playwright (tests/ui) keeps an event loop running in this one.
+    with ThreadPoolExecutor(1) as pool:
+        event = pool.submit(asyncio.run, first_event()).result()
     assert event["status"] == "success" and (event["succeeded"], event["total"], event["failed"]) == (10, 10, 0)
 
 
