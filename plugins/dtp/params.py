@@ -28,7 +28,6 @@ S3_URI = r"^$|^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[A-Za-z0-9!_.*'()/-]*)?$"
 ENV_NAME = re.compile(r"^[A-Z_][A-Z0-9_]{0,63}$")
 # Variables the pipeline sets itself; overriding them would break the launch.
 RESERVED_ENV = frozenset({"PATH", "LD_PRELOAD", "LD_LIBRARY_PATH", "PYTHONPATH", "SLURM_CONF", "HOME", "USER"})
-IMPLEMENTED_PLATFORMS = ("local",)
 
 
 P = TypeVar("P", bound=BaseModel)
@@ -235,11 +234,6 @@ def validate_params(conf: dict[str, Any]) -> TrainParams:
     """Validate a run's conf fully (schema, catalogue, platform, instance type, budget) before anything exists."""
     params = parse_params(TrainParams, conf)
     problems = []
-    if params.platform not in IMPLEMENTED_PLATFORMS:
-        problems.append(
-            f"platform: got {params.platform!r}; not available in this release"
-            f" (available: {', '.join(IMPLEMENTED_PLATFORMS)})"
-        )
     try:
         recipe = get_recipe(params.recipe)
     except RecipeError as err:

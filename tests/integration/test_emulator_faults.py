@@ -71,3 +71,28 @@ def test_a_refusal_raises_with_its_code_in_each_protocol(stack, aws, set_rules) 
     # Calls no rule names still reach moto.
     assert aws("ec2").describe_subnets()["Subnets"] is not None
     assert "refused" not in [s["StackName"] for s in aws("cloudformation").list_stacks()["StackSummaries"]]
+
+
+@pytest.mark.parametrize(
+    ("service", "operation", "kwargs"),
+    [
+        (
+            "fsx",
+            "create_data_repository_association",
+            {"FileSystemId": "fs-0123456789abcdef0", "FileSystemPath": "/d", "DataRepositoryPath": "s3://b/d"},
+        ),
+        ("ssm", "list_command_invocations", {}),
+        ("ec2", "create_placement_group", {"GroupName": "g", "Strategy": "cluster"}),
+    ],
+)
+def test_an_api_moto_lacks_says_so_once_without_retries(stack, aws, service, operation, kwargs) -> None:
+    """moto's NotImplementedError becomes a 501 NotImplemented naming the call, in the service's protocol."""
+    with pytest.raises(botocore.exceptions.ClientError) as raised:
+        getattr(aws(service), operation)(**kwargs)
+    response = raised.value.response
+    assert response["Error"]["Code"] == "NotImplemented"
+    assert response["Error"]["Message"].startswith("not supported on the local profile: the local AWS emulator (moto ")
+    assert operation in response["Error"]["Message"]
+    assert (response["ResponseMetadata"]["HTTPStatusCode"], response["ResponseMetadata"]["RetryAttempts"]) == (501, 0)
+    # The emulator still serves the next call.
+    assert "Buckets" in aws("s3").list_buckets()

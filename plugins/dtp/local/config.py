@@ -12,11 +12,14 @@ import json
 import os
 import secrets
 import shlex
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 PROJECT_ROOT = Path(__file__).resolve().parents[3]
 REGION = "us-east-1"
+# The account id the emulator (moto) gives every resource.
+EMULATOR_ACCOUNT = "123456789012"
 
 
 @dataclass(frozen=True)
@@ -166,12 +169,25 @@ class StackConfig:
             "conn_type": "generic",
             "extra": {"transport": "local", "slurm_conf": str(self.slurm_conf)},
         }
+        # HyperPod's control plane is the emulator's; the stack's Slurm cluster stands in for its controller's.
+        hyperpod = {
+            "conn_type": "generic",
+            "extra": {
+                "execution_role_arn": f"arn:aws:iam::{EMULATOR_ACCOUNT}:role/dtp-hyperpod-execution",
+                "lifecycle_bucket": "sagemaker-dtp-local-lifecycle",
+                "slurm_conn_id": "slurm_default",
+                "max_nodes": self.slurm_nodes,
+                "python": sys.executable,
+                "training_dir": str(PROJECT_ROOT / "include" / "training"),
+            },
+        }
         # A plain-HTTP OCI registry on loopback stands in for ECR.
         registry = {"conn_type": "generic", "host": self.registry, "extra": {"tls_verify": False}}
         return {
             "AIRFLOW_CONN_AWS_DEFAULT": json.dumps(aws),
             "AIRFLOW_CONN_SLURM_DEFAULT": json.dumps(slurm),
             "AIRFLOW_CONN_CONTAINER_REGISTRY": json.dumps(registry),
+            "AIRFLOW_CONN_DTP_HYPERPOD": json.dumps(hyperpod),
         }
 
     @property

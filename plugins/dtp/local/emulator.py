@@ -15,11 +15,16 @@ when given, action (the operation, from ``X-Amz-Target`` or the ``Action``
 parameter); it fails the next ``times`` matching calls (every one when null)
 with ``code`` and ``status``, in the error format of the service's protocol,
 so botocore parses, retries and raises exactly as it does against AWS.
+
+A call moto does not implement gets a ``NotImplemented`` error (HTTP 501, not
+retried) saying it is not supported on the local profile, instead of moto's
+HTML "500 Internal Server Error" page that botocore would retry four times.
 """
 
 from __future__ import annotations
 
 import argparse
+import html
 import io
 import json
 import os
@@ -71,17 +76,31 @@ class FaultingMiddleware:
         if environ.get("PATH_INFO") == FAULTS_PATH:
             return self._faults_api(environ, start_response)
         if not self.rules:  # the usual case: no body parsing on the way to moto
-            return self.app(environ, start_response)
+            return self._moto(environ, start_response)
         service, action = self._identify(environ)
         if service is None:
-            return self.app(environ, start_response)
+            return self._moto(environ, start_response)
         with self.lock:
             rule = next((r for r in self.rules if r.take(service, action)), None)
         if rule is None:
-            return self.app(environ, start_response)
-        body, content_type = _error_body(environ, service, rule)
+            return self._moto(environ, start_response)
+        body, content_type = _error_body(environ, service, rule.code, rule.message)
         start_response(f"{rule.status} Injected", [("Content-Type", content_type), ("x-amzn-RequestId", "dtp")])
         return [body]
+
+    def _moto(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        try:
+            return self.app(environ, start_response)
+        except NotImplementedError as err:  # moto's backends propagate it (see _propagating)
+            scope = _SCOPE.search(environ.get("HTTP_AUTHORIZATION", ""))
+            service = scope.group(1) if scope else "unknown"
+            message = (
+                f"not supported on the local profile: the local AWS emulator (moto {_moto_version()}) "
+                f"does not implement it ({service}: {err})"
+            )
+            body, content_type = _error_body(environ, service, "NotImplemented", message)
+            start_response("501 Not Implemented", [("Content-Type", content_type), ("x-amzn-RequestId", "dtp")])
+            return [body]
 
     def _faults_api(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         method = environ["REQUEST_METHOD"]
@@ -117,11 +136,11 @@ def _read_body(environ: dict[str, Any]) -> bytes:
     return body
 
 
-def _error_body(environ: dict[str, Any], service: str, rule: ErrorRule) -> tuple[bytes, str]:
+def _error_body(environ: dict[str, Any], service: str, code: str, message: str) -> tuple[bytes, str]:
     """The error in the protocol botocore expects from this service."""
     if environ.get("HTTP_X_AMZ_TARGET"):
-        return json.dumps({"__type": rule.code, "message": rule.message}).encode(), "application/x-amz-json-1.1"
-    error = f"<Code>{rule.code}</Code><Message>{rule.message}</Message>"
+        return json.dumps({"__type": code, "message": message}).encode(), "application/x-amz-json-1.1"
+    error = f"<Code>{code}</Code><Message>{html.escape(message)}</Message>"
     if service == "ec2":
         xml = f"<Response><Errors><Error>{error}</Error></Errors><RequestID>dtp</RequestID></Response>"
     elif service == "s3":
@@ -129,6 +148,23 @@ def _error_body(environ: dict[str, Any], service: str, rule: ErrorRule) -> tuple
     else:
         xml = f"<ErrorResponse><Error><Type>Sender</Type>{error}</Error><RequestId>dtp</RequestId></ErrorResponse>"
     return xml.encode(), "text/xml"
+
+
+def _moto_version() -> str:
+    from importlib.metadata import version
+
+    return version("moto")
+
+
+def _propagating(create_app: Callable[[str], Any]) -> Callable[[str], Any]:
+    """moto's per-service Flask apps, letting exceptions reach the middleware instead of an HTML 500 page."""
+
+    def create(service: str) -> Any:
+        app = create_app(service)
+        app.config["PROPAGATE_EXCEPTIONS"] = True
+        return app
+
+    return create
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -143,7 +179,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     os.environ.setdefault("MOTO_PORT", str(args.port))
     signal.signal(signal.SIGTERM, signal_handler)
-    app = FaultingMiddleware(DomainDispatcherApplication(create_backend_app))
+    app = FaultingMiddleware(DomainDispatcherApplication(_propagating(create_backend_app)))
     run_simple(args.host, args.port, app, threaded=True, request_handler=MotoRequestHandler)
 
 

@@ -42,6 +42,7 @@ class SlurmSubmitJobOperator(BaseOperator):
     """
 
     template_fields: Sequence[str] = (
+        "slurm_conn_id",
         "script_path",
         "job_name",
         "output_path",

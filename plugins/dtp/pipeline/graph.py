@@ -22,17 +22,18 @@ from airflow.sdk.exceptions import AirflowFailException
 from dtp.images.container import resolve_runtime
 from dtp.metrics.gates import GateFailed
 from dtp.metrics.preflight_gate import preflight_message
+from dtp.operators.cluster import DeployClusterOperator
 from dtp.operators.report import TrainingReportOperator
 from dtp.operators.slurm import SlurmSubmitJobOperator
 from dtp.params import ParamsError
 from dtp.pipeline import data, jobs, network, results
 from dtp.pipeline.spec import build_spec
 from dtp.platforms import get_platform
+from dtp.platforms.base import PlatformNotReady
 from dtp.recipes import RecipeError
 
 log = logging.getLogger(__name__)
 AWS_CONN_ID = "aws_default"
-SLURM_CONN_ID = "slurm_default"
 # Under CeleryExecutor the Slurm submit/wait tasks have their own workers (other executors ignore queues).
 TRAINING_QUEUE = "training"
 
@@ -42,7 +43,7 @@ def validate_params(**context: Any) -> dict[str, Any]:
     """Refuse bad input, with field, value and what is allowed, before anything is created."""
     try:
         spec = build_spec(context["params"], context["dag_run"].conf or {}, context["dag"].dag_id, context["run_id"])
-    except (ParamsError, RecipeError, ValueError) as err:
+    except (ParamsError, RecipeError, ValueError, PlatformNotReady) as err:
         raise AirflowFailException(str(err)) from None
     log.info(
         "Run %s: estimated cost %.2f USD; training time limit %s",
@@ -74,11 +75,6 @@ def create_stack(spec: dict[str, Any]) -> str:
 @task
 def stack_outputs(spec: dict[str, Any]) -> dict[str, str]:
     return network.network_outputs(spec, AWS_CONN_ID)
-
-
-@task
-def deploy_cluster(spec: dict[str, Any], network_outputs: dict[str, str]) -> dict[str, Any]:
-    return get_platform(spec["params"]["platform"]).provision(spec, network_outputs)
 
 
 @task
@@ -164,7 +160,7 @@ def submit_prepared_job(task_id: str, job: Any, **kwargs: Any) -> SlurmSubmitJob
         output_path=job["output_path"],
         comment=job["comment"],
         hang_timeout="{{ params.hang_timeout_minutes * 60 }}",
-        slurm_conn_id=SLURM_CONN_ID,
+        slurm_conn_id=job["slurm_conn_id"],
         queue=TRAINING_QUEUE,
         **kwargs,
     )
@@ -191,7 +187,8 @@ def training_pipeline(dag: DAG) -> None:
         images >> plan
         wait >> outputs
 
-    cluster = deploy_cluster(spec, outputs)
+    deploy = DeployClusterOperator(task_id="deploy_cluster", spec=spec, network=outputs)
+    cluster = deploy.output
     staged = stage_data(spec, outputs, cluster)
     resources = record_resources(outputs, cluster, staged)
 
@@ -225,7 +222,7 @@ def training_pipeline(dag: DAG) -> None:
 
     # A teardown runs when at least one of its setups succeeded. plan_stack creates nothing and succeeds before
     # anything exists, so both teardowns also run when create_stack or deploy_cluster failed after creating.
-    cluster_down = teardown_cluster(spec).as_teardown(setups=[plan, cluster])
+    cluster_down = teardown_cluster(spec).as_teardown(setups=[plan, deploy])
     network_down = teardown_network(spec).as_teardown(setups=[plan, stack])
     report >> cluster_down >> network_down
     # Setups may only be followed by ALL_SUCCESS tasks; their failures reach the watcher as upstream_failed.

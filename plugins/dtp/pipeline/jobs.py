@@ -49,6 +49,7 @@ def _write_job(
     hook.write_file(str(script_path), script, mode=0o755)
     hook.make_dirs(str(workdir / "logs"))
     return {
+        "slurm_conn_id": hook.slurm_conn_id,
         "script_path": str(script_path),
         "output_path": str(workdir / "logs" / f"{kind}-%j.out"),
         "job_name": job_name,

@@ -11,8 +11,8 @@ from typing import Any
 
 from dtp.hostlist import expand_hostlist
 from dtp.naming import RunNames, expiry, resource_tags
-from dtp.params import ParamsError, estimate_cost_usd, training_time_limit_minutes, validate_params
-from dtp.platforms import get_platform
+from dtp.params import ParamsError, TrainParams, estimate_cost_usd, training_time_limit_minutes, validate_params
+from dtp.platforms import get_platform, platform_names
 from dtp.recipes import get_recipe, instance_types
 
 
@@ -28,6 +28,18 @@ def build_spec(params: Mapping[str, Any], conf: Mapping[str, Any], dag_id: str, 
             f"invalid parameters:\nnum_nodes: got {validated.num_nodes}; platform {validated.platform!r} "
             f"has at most {capacity} nodes" + (f" once {excluded} are excluded" if excluded else "")
         )
+    if platform.scheduler != "slurm":
+        raise ParamsError(
+            f"invalid parameters:\nplatform: got {validated.platform!r}; its jobs run on {platform.scheduler}, and "
+            "this pipeline submits its preflight and training as Slurm jobs (available: "
+            f"{', '.join(n for n in platform_names() if get_platform(n).scheduler == 'slurm')}). "
+            f"dtp.platforms.{validated.platform} renders and validates its cluster and job documents."
+        )
+    return run_spec(validated, dag_id, run_id)
+
+
+def run_spec(validated: TrainParams, dag_id: str, run_id: str) -> dict[str, Any]:
+    """The spec of validated params: recipe, instance, names, tags, cost (no check against the platform)."""
     recipe = get_recipe(validated.recipe)
     instance = instance_types()[validated.instance_type]
     names = RunNames(dag_id, run_id)

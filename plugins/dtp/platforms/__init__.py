@@ -2,14 +2,28 @@
 
 from __future__ import annotations
 
-from dtp.platforms.base import ComputePlatform
-from dtp.platforms.local import LocalSlurmPlatform
+from importlib import import_module
 
-_PLATFORMS: dict[str, type] = {"local": LocalSlurmPlatform}
+from dtp.platforms.base import ComputePlatform
+
+# name -> "module:class", imported on first use so a DAG file never pays for every platform's imports.
+_PLATFORMS: dict[str, str] = {
+    "local": "dtp.platforms.local:LocalSlurmPlatform",
+    "hyperpod": "dtp.platforms.hyperpod:HyperPodPlatform",
+    "parallelcluster": "dtp.platforms.parallelcluster:ParallelClusterPlatform",
+    "eks": "dtp.platforms.eks:EksPlatform",
+    "batch": "dtp.platforms.batch:BatchPlatform",
+}
+
+
+def platform_names() -> tuple[str, ...]:
+    return tuple(_PLATFORMS)
 
 
 def get_platform(name: str) -> ComputePlatform:
     try:
-        return _PLATFORMS[name]()
+        module, cls = _PLATFORMS[name].split(":")
     except KeyError:
         raise ValueError(f"platform {name!r} is not available; available: {', '.join(sorted(_PLATFORMS))}") from None
+    platform: ComputePlatform = getattr(import_module(module), cls)()
+    return platform

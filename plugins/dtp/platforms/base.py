@@ -3,11 +3,48 @@
 Modeled on SkyPilot's provision API: a few plain operations, one module per
 platform, chosen by the ``platform`` param. The pipeline's graph is the same
 for every platform; only these calls differ.
+
+A platform's account settings (execution role, file system, key pair, ...)
+live in the extra of an Airflow connection named ``dtp_<platform>``, never in
+code: the local profile writes its own, a real account gets its own.
 """
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+if TYPE_CHECKING:
+    from airflow.triggers.base import BaseTrigger
+
+Scheduler = Literal["slurm", "kubernetes", "batch"]
+S = TypeVar("S", bound="PlatformSettings")
+
+
+class PlatformNotReady(RuntimeError):
+    """A platform cannot be used as configured; the message names the connection and field to fix."""
+
+
+class PlatformSettings(BaseModel):
+    """A platform's account settings, read from the extra of its ``dtp_<platform>`` connection."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @classmethod
+    def from_connection(cls: type[S], conn_id: str) -> S:
+        from airflow.sdk.bases.hook import BaseHook
+        from airflow.sdk.exceptions import AirflowNotFoundException
+
+        try:
+            extra = BaseHook.get_connection(conn_id).extra_dejson
+        except AirflowNotFoundException as err:
+            raise PlatformNotReady(f"connection {conn_id!r} is not defined; it holds {cls.__doc__}") from err
+        try:
+            return cls.model_validate(extra)
+        except ValidationError as err:
+            problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
+            raise PlatformNotReady(f"connection {conn_id!r} extra: {problems}") from None
 
 
 class ComputePlatform(Protocol):
@@ -16,6 +53,8 @@ class ComputePlatform(Protocol):
     name: str
     # The AMI family (images/packer/families) the platform's nodes boot; None where nodes boot no DTP AMI.
     ami_family: str | None
+    # How jobs reach the nodes: sbatch on a Slurm controller, a Kubernetes API, or AWS Batch.
+    scheduler: Scheduler
 
     def max_nodes(self) -> int:
         """How many compute nodes a run may ask for (a read, safe before anything exists)."""
@@ -26,8 +65,17 @@ class ComputePlatform(Protocol):
     def runtime(self, image: str) -> dict[str, str]:
         """How jobs run the published training image ``image`` (``registry/repo@digest``)."""
 
+    def render(self, spec: dict[str, Any], network: dict[str, str]) -> dict[str, str]:
+        """Every document the platform sends to create the run's cluster and jobs: file name -> text."""
+
+    def check(self, documents: dict[str, str]) -> list[str]:
+        """Validate rendered documents offline against the service's own schema; each problem as a message."""
+
     def provision(self, spec: dict[str, Any], network: dict[str, str]) -> dict[str, Any]:
         """Create (or find again) the run's cluster; return how to reach it."""
+
+    def ready_trigger(self, cluster: dict[str, Any]) -> BaseTrigger | None:
+        """A trigger that fires once ``provision``'s cluster is ready; None when it is ready already."""
 
     def teardown(self, spec: dict[str, Any]) -> dict[str, Any]:
         """Stop the run's jobs and delete its cluster; verify nothing is left."""

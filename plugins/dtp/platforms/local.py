@@ -18,6 +18,7 @@ class LocalSlurmPlatform:
     """Slurm on this host through the ``slurm_default`` connection."""
 
     name = "local"
+    scheduler = "slurm"
     # The local cluster stands in for a ParallelCluster CPU cluster; its nodes are this host and boot nothing,
     # so the AMI is recorded with the run, not booted.
     ami_family = "pcluster-cpu"
@@ -61,6 +62,16 @@ class LocalSlurmPlatform:
             "nodes": nodes,
             "scheduler": "slurm",
         }
+
+    def render(self, spec: dict[str, Any], network: dict[str, str]) -> dict[str, str]:
+        # The stack's slurm.conf describes the cluster; a run sends nothing to create one.
+        return {}
+
+    def check(self, documents: dict[str, str]) -> list[str]:
+        return []
+
+    def ready_trigger(self, cluster: dict[str, Any]) -> None:
+        return None
 
     def teardown(self, spec: dict[str, Any]) -> dict[str, Any]:
         # Every job of the run (training, preflight, ...) is named with the run's key as prefix.

@@ -1,0 +1,81 @@
+"""SageMaker HyperPod clusters: create once per name, describe, list nodes, delete.
+
+The amazon provider's ``SageMakerHook`` covers training jobs, endpoints and
+pipelines but not HyperPod's cluster API, so this hook adds it on the same
+base (``AwsBaseHook``, ``aws_conn_id``), the way the provider would.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from airflow.providers.amazon.aws.hooks.base_aws import AwsBaseHook
+from botocore.exceptions import ClientError
+
+# ClusterStatus values (SageMaker API reference) after which a cluster will not change by itself.
+SETTLED_STATES = frozenset({"InService", "Failed", "RollingBack"})
+
+
+def is_missing_cluster(err: ClientError) -> bool:
+    """SageMaker says ResourceNotFound; the local emulator says ValidationException "Could not find cluster"."""
+    error = err.response.get("Error", {})
+    return error.get("Code") == "ResourceNotFound" or (
+        error.get("Code") == "ValidationException" and error.get("Message", "").startswith("Could not find cluster")
+    )
+
+
+class HyperPodHook(AwsBaseHook):
+    """Interact with SageMaker HyperPod clusters (``CreateCluster`` and friends) through boto3."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs["client_type"] = "sagemaker"
+        super().__init__(*args, **kwargs)
+
+    def describe_cluster(self, name: str) -> dict[str, Any] | None:
+        """The cluster's description, or None when no cluster has that name."""
+        try:
+            description: dict[str, Any] = self.conn.describe_cluster(ClusterName=name)
+        except ClientError as err:
+            if is_missing_cluster(err):
+                return None
+            raise
+        return description
+
+    def ensure_cluster(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Create the cluster ``request`` describes unless one of its name exists; return its description.
+
+        A retried task finds the cluster its first try created, in whatever state it is.
+        """
+        name = request["ClusterName"]
+        existing = self.describe_cluster(name)
+        if existing is not None:
+            self.log.info("HyperPod cluster %s exists (%s); not creating it again", name, existing["ClusterStatus"])
+            return existing
+        self.conn.create_cluster(**request)
+        self.log.info("Creating HyperPod cluster %s", name)
+        created = self.describe_cluster(name)
+        if created is None:
+            raise RuntimeError(f"HyperPod cluster {name} was created but cannot be described")
+        return created
+
+    def list_nodes(self, name: str) -> list[dict[str, Any]]:
+        """Every node of the cluster (instance group, instance id, status)."""
+        nodes: list[dict[str, Any]] = []
+        kwargs: dict[str, Any] = {"ClusterName": name}
+        while True:
+            page = self.conn.list_cluster_nodes(**kwargs)
+            nodes.extend(page.get("ClusterNodeSummaries", []))
+            if not page.get("NextToken"):
+                return nodes
+            kwargs["NextToken"] = page["NextToken"]
+
+    def delete_cluster(self, name: str) -> bool:
+        """Start deleting the cluster; False when it was already gone."""
+        try:
+            self.conn.delete_cluster(ClusterName=name)
+        except ClientError as err:
+            if is_missing_cluster(err):
+                return False
+            raise
+        self.log.info("Deleting HyperPod cluster %s", name)
+        return True

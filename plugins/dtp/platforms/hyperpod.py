@@ -1,0 +1,216 @@
+"""SageMaker HyperPod with the Slurm orchestrator: one cluster per run, jobs through its controller's Slurm.
+
+``provision`` uploads the lifecycle scripts (the reference base-config, DTP's
+``on_create.sh`` and the run's ``provisioning_parameters.json``) under the
+run's prefix of the lifecycle bucket and calls ``CreateCluster`` with a
+controller group and a compute group; the task then waits in the triggerer
+until the cluster is InService. ``teardown`` cancels the run's Slurm jobs,
+deletes the cluster, waits until it is gone and deletes the run's lifecycle
+objects. Jobs reach the controller through the Slurm connection the
+``dtp_hyperpod`` connection names (ssh over SSM on AWS; on the local profile,
+the stack's Slurm cluster stands in for the controller's).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any
+
+from airflow.providers.amazon.aws.hooks.s3 import S3Hook
+from pydantic import Field
+
+from dtp.hooks.hyperpod import HyperPodHook
+from dtp.hooks.slurm import SlurmCommandError, SlurmHook
+from dtp.platforms.base import PlatformNotReady, PlatformSettings
+from dtp.platforms.service_models import request_problems
+from dtp.recipes import INCLUDE_DIR
+from dtp.triggers.hyperpod import HyperPodClusterTrigger
+
+log = logging.getLogger(__name__)
+AWS_CONN_ID = "aws_default"
+CONTROLLER_GROUP = "controller-machine"
+COMPUTE_GROUP = "compute-nodes"
+ON_CREATE = INCLUDE_DIR / "hyperpod" / "on_create.sh"
+
+
+class HyperPodSettings(PlatformSettings):
+    """the account's HyperPod settings: execution_role_arn, lifecycle_bucket and optional FSx, base-config, sizes"""
+
+    execution_role_arn: str = Field(pattern=r"^arn:aws[a-z-]*:iam::\d{12}:role/[\w+=,.@/-]+$")
+    # The instance role's managed policy (AmazonSageMakerClusterInstanceRolePolicy) reads only sagemaker-* buckets.
+    lifecycle_bucket: str = Field(pattern=r"^sagemaker-[a-z0-9.-]{1,52}$")
+    base_config_uri: str = Field("", pattern=r"^$|^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]/[\w./-]*$")
+    controller_instance_type: str = "ml.m5.12xlarge"
+    fsx_dns_name: str = ""
+    fsx_mount_name: str = ""
+    slurm_conn_id: str = "dtp_hyperpod_slurm"
+    max_nodes: int = Field(64, ge=1)
+    create_timeout_minutes: int = Field(90, ge=1)
+    # The interpreter and training programs on the nodes (the DLAMI's python, the programs staged to FSx).
+    python: str = "/usr/bin/python3"
+    training_dir: str = "/fsx/dtp/training"
+
+
+class HyperPodPlatform:
+    """SageMaker HyperPod (Slurm orchestrator) in the account of the ``aws_default`` connection."""
+
+    name = "hyperpod"
+    ami_family = None  # HyperPod nodes boot SageMaker's own HyperPod AMI
+    scheduler = "slurm"
+
+    def __init__(self, conn_id: str = "dtp_hyperpod", aws_conn_id: str = AWS_CONN_ID) -> None:
+        self.conn_id = conn_id
+        self.aws_conn_id = aws_conn_id
+
+    @property
+    def settings(self) -> HyperPodSettings:
+        return HyperPodSettings.from_connection(self.conn_id)
+
+    def max_nodes(self) -> int:
+        return self.settings.max_nodes
+
+    def default_image(self) -> dict[str, str]:
+        settings = self.settings
+        return {"source": "the nodes' python", "python": settings.python, "training_dir": settings.training_dir}
+
+    def runtime(self, image: str) -> dict[str, str]:
+        raise PlatformNotReady(
+            f"image {image} is published for hyperpod, but DTP's sbatch templates do not launch containers "
+            "(pyxis) yet; delete the /dtp/images/hyperpod/training parameter to run on the nodes' python"
+        )
+
+    # --- documents ------------------------------------------------------------------------------------------------
+    def lifecycle_uri(self, spec: dict[str, Any]) -> str:
+        return f"s3://{self.settings.lifecycle_bucket}/{spec['names']['run_key']}/lifecycle/"
+
+    def render(self, spec: dict[str, Any], network: dict[str, str]) -> dict[str, str]:
+        settings = self.settings
+        lifecycle = {"SourceS3Uri": self.lifecycle_uri(spec), "OnCreate": ON_CREATE.name}
+        group = {"LifeCycleConfig": lifecycle, "ExecutionRole": settings.execution_role_arn}
+        request = {
+            "ClusterName": spec["names"]["run_key"],
+            "InstanceGroups": [
+                {
+                    "InstanceGroupName": CONTROLLER_GROUP,
+                    "InstanceType": settings.controller_instance_type,
+                    "InstanceCount": 1,
+                    "ThreadsPerCore": 2,
+                    **group,
+                },
+                {
+                    "InstanceGroupName": COMPUTE_GROUP,
+                    "InstanceType": f"ml.{spec['params']['instance_type']}",
+                    "InstanceCount": spec["params"]["num_nodes"],
+                    # One thread per core: the reference's setting for GPU and Trainium training nodes.
+                    "ThreadsPerCore": 1,
+                    **group,
+                },
+            ],
+            "VpcConfig": {"SecurityGroupIds": [network["SecurityGroup"]], "Subnets": [network["PrivateSubnet"]]},
+            "Tags": [{"Key": key, "Value": value} for key, value in spec["tags"].items()],
+        }
+        provisioning = {
+            "version": "1.0.0",
+            "workload_manager": "slurm",
+            "controller_group": CONTROLLER_GROUP,
+            "worker_groups": [
+                {"instance_group_name": COMPUTE_GROUP, "partition_name": spec["params"]["instance_type"]}
+            ],
+        }
+        if settings.fsx_dns_name:
+            provisioning |= {"fsx_dns_name": settings.fsx_dns_name, "fsx_mountname": settings.fsx_mount_name}
+        return {
+            "cluster-config.json": json.dumps(request, indent=2),
+            "provisioning_parameters.json": json.dumps(provisioning, indent=2),
+        }
+
+    def check(self, documents: dict[str, str]) -> list[str]:
+        request = json.loads(documents["cluster-config.json"])
+        problems = request_problems("sagemaker", "CreateCluster", request)
+        provisioning = json.loads(documents["provisioning_parameters.json"])
+        groups = {g["InstanceGroupName"] for g in request.get("InstanceGroups", [])}
+        named = [provisioning.get("controller_group")] + [
+            w.get("instance_group_name") for w in provisioning.get("worker_groups", [])
+        ]
+        problems += [
+            f"provisioning_parameters.json: instance group {name!r} is not in the cluster's groups ({sorted(groups)})"
+            for name in named
+            if name not in groups
+        ]
+        if bool(provisioning.get("fsx_dns_name")) != bool(provisioning.get("fsx_mountname")):
+            problems.append("provisioning_parameters.json: fsx_dns_name and fsx_mountname go together")
+        return problems
+
+    # --- lifecycle --------------------------------------------------------------------------------------------------
+    def provision(self, spec: dict[str, Any], network: dict[str, str]) -> dict[str, Any]:
+        settings = self.settings
+        documents = self.render(spec, network)
+        if problems := self.check(documents):
+            raise PlatformNotReady("the HyperPod cluster request is invalid:\n" + "\n".join(problems))
+        uploaded = self._upload_lifecycle(spec, settings, documents["provisioning_parameters.json"])
+        cluster = HyperPodHook(aws_conn_id=self.aws_conn_id).ensure_cluster(
+            json.loads(documents["cluster-config.json"])
+        )
+        if cluster["ClusterStatus"] == "Failed":
+            raise RuntimeError(f"HyperPod cluster {cluster['ClusterName']} failed: {cluster.get('FailureMessage')}")
+        slurm = SlurmHook(settings.slurm_conn_id)
+        return {
+            "platform": self.name,
+            "cluster_name": cluster["ClusterName"],
+            "cluster_arn": cluster["ClusterArn"],
+            "lifecycle_objects": uploaded,
+            "slurm_conn_id": settings.slurm_conn_id,
+            "shared_dir": slurm.shared_dir,
+            "nodes": spec["params"]["num_nodes"],
+            "scheduler": "slurm",
+        }
+
+    def ready_trigger(self, cluster: dict[str, Any]) -> HyperPodClusterTrigger | None:
+        """Wait in the triggerer until the cluster is InService (minutes to hours on AWS)."""
+        timeout = self.settings.create_timeout_minutes * 60
+        return HyperPodClusterTrigger(cluster["cluster_name"], aws_conn_id=self.aws_conn_id, timeout=timeout)
+
+    def _upload_lifecycle(self, spec: dict[str, Any], settings: HyperPodSettings, provisioning: str) -> int:
+        """Copy the base-config, then DTP's on_create.sh and the run's parameters, under the run's prefix."""
+        s3 = S3Hook(aws_conn_id=self.aws_conn_id)
+        bucket = settings.lifecycle_bucket
+        if not s3.check_for_bucket(bucket):
+            s3.create_bucket(bucket)
+        prefix = f"{spec['names']['run_key']}/lifecycle/"
+        copied = 0
+        if settings.base_config_uri:
+            source_bucket, source_prefix = S3Hook.parse_s3_url(settings.base_config_uri)
+            for key in s3.list_keys(source_bucket, prefix=source_prefix) or []:
+                relative = key[len(source_prefix) :].lstrip("/")
+                s3.copy_object(key, prefix + relative, source_bucket, bucket)
+                copied += 1
+        else:
+            log.warning("dtp_hyperpod has no base_config_uri: the nodes' on_create.sh will find no lifecycle_script.py")
+        s3.load_file(str(ON_CREATE), prefix + ON_CREATE.name, bucket, replace=True)
+        s3.load_string(provisioning, prefix + "provisioning_parameters.json", bucket, replace=True)
+        return copied + 2
+
+    def teardown(self, spec: dict[str, Any]) -> dict[str, Any]:
+        settings = self.settings
+        name = spec["names"]["run_key"]
+        hook = HyperPodHook(aws_conn_id=self.aws_conn_id)
+        cancelled: list[str] = []
+        if hook.describe_cluster(name) is not None:
+            try:
+                cancelled = SlurmHook(settings.slurm_conn_id).cancel_and_wait(spec["names"]["slurm_job"], prefix=True)
+            except (SlurmCommandError, OSError) as err:  # an unreachable controller: deleting the cluster stops jobs
+                log.warning("Could not cancel the run's Slurm jobs before deleting the cluster: %s", err)
+        deleted = hook.delete_cluster(name)
+        deadline = time.monotonic() + 1800
+        while hook.describe_cluster(name) is not None:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"HyperPod cluster {name} is still there 30 minutes after DeleteCluster")
+            time.sleep(15)
+        s3 = S3Hook(aws_conn_id=self.aws_conn_id)
+        bucket = settings.lifecycle_bucket
+        keys = (s3.list_keys(bucket, prefix=f"{name}/") or []) if s3.check_for_bucket(bucket) else []
+        if keys:
+            s3.delete_objects(bucket, keys)
+        return {"cancelled_jobs": cancelled, "deleted_cluster": deleted, "deleted_lifecycle_objects": len(keys)}

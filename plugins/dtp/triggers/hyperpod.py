@@ -1,0 +1,63 @@
+"""Wait for a SageMaker HyperPod cluster to be InService, in the triggerer."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from airflow.triggers.base import BaseTrigger, TriggerEvent
+
+from dtp.hooks.hyperpod import SETTLED_STATES, HyperPodHook
+
+
+class HyperPodClusterTrigger(BaseTrigger):
+    """Fires once the cluster is InService (success), failed or gone, or ``timeout`` seconds passed (failed)."""
+
+    def __init__(
+        self,
+        cluster_name: str,
+        aws_conn_id: str | None = "aws_default",
+        poll_interval: float = 30.0,
+        timeout: float = 5400.0,
+    ) -> None:
+        super().__init__()
+        self.cluster_name = cluster_name
+        self.aws_conn_id = aws_conn_id
+        self.poll_interval = poll_interval
+        self.timeout = timeout
+
+    def serialize(self) -> tuple[str, dict[str, Any]]:
+        return (
+            f"{type(self).__module__}.{type(self).__qualname__}",
+            {
+                "cluster_name": self.cluster_name,
+                "aws_conn_id": self.aws_conn_id,
+                "poll_interval": self.poll_interval,
+                "timeout": self.timeout,
+            },
+        )
+
+    async def run(self) -> AsyncIterator[TriggerEvent]:
+        hook = HyperPodHook(aws_conn_id=self.aws_conn_id)
+        deadline = time.monotonic() + self.timeout
+        while True:
+            cluster = await asyncio.to_thread(hook.describe_cluster, self.cluster_name)
+            if cluster is None:
+                yield TriggerEvent({"status": "failed", "message": f"HyperPod cluster {self.cluster_name} is gone"})
+                return
+            state = cluster["ClusterStatus"]
+            if state in SETTLED_STATES:
+                ok = state == "InService"
+                message = f"HyperPod cluster {self.cluster_name} is {state}" + (
+                    "" if ok else f": {cluster.get('FailureMessage') or 'no failure message'}"
+                )
+                yield TriggerEvent({"status": "success" if ok else "failed", "message": message})
+                return
+            if time.monotonic() > deadline:
+                message = f"HyperPod cluster {self.cluster_name} is still {state} after {self.timeout:.0f} s"
+                yield TriggerEvent({"status": "failed", "message": message})
+                return
+            self.log.info("HyperPod cluster %s is %s", self.cluster_name, state)
+            await asyncio.sleep(self.poll_interval)

@@ -1,0 +1,142 @@
+"""HyperPod's CreateCluster request and provisioning parameters, checked offline against SageMaker's model."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from dtp.params import TrainParams, parse_params
+from dtp.pipeline.spec import run_spec
+from dtp.platforms import get_platform
+from dtp.platforms.base import PlatformNotReady
+from dtp.platforms.hyperpod import HyperPodPlatform
+from dtp.platforms.service_models import request_problems
+
+SETTINGS = {
+    "execution_role_arn": "arn:aws:iam::111122223333:role/hyperpod-execution",
+    "lifecycle_bucket": "sagemaker-dtp-lifecycle",
+    "fsx_dns_name": "fs-0123456789abcdef0.fsx.us-east-1.amazonaws.com",
+    "fsx_mount_name": "abcdefgh",
+}
+NETWORK = {"SecurityGroup": "sg-0123456789abcdef0", "PrivateSubnet": "subnet-0123456789abcdef0"}
+
+
+@pytest.fixture
+def settings(monkeypatch: pytest.MonkeyPatch) -> Any:
+    def use(**extra: Any) -> None:
+        conn = {"conn_type": "generic", "extra": {**SETTINGS, **extra}}
+        monkeypatch.setenv("AIRFLOW_CONN_DTP_HYPERPOD", json.dumps(conn))
+
+    use()
+    return use
+
+
+def spec_for(**conf: Any) -> dict[str, Any]:
+    params = parse_params(TrainParams, {"platform": "hyperpod", "instance_type": "p5.48xlarge", **conf})
+    return run_spec(params, "train_e2e", "manual__2026-12-02T10:00:00+00:00")
+
+
+@pytest.mark.parametrize(
+    ("recipe", "instance_type", "num_nodes"),
+    [
+        ("llama3_1_8b", "p5.48xlarge", 4),
+        ("llama3_1_70b", "p5.48xlarge", 16),
+        ("llama3_1_8b_trn1", "trn1n.32xlarge", 4),
+        ("tiny", "m5.2xlarge", 2),
+    ],
+)
+def test_shipped_recipes_render_a_request_sagemaker_accepts(settings, recipe, instance_type, num_nodes) -> None:
+    spec = spec_for(recipe=recipe, instance_type=instance_type, num_nodes=num_nodes)
+    platform = get_platform("hyperpod")
+    documents = platform.render(spec, NETWORK)
+    assert platform.check(documents) == []
+    request = json.loads(documents["cluster-config.json"])
+    controller, compute = request["InstanceGroups"]
+    assert request["ClusterName"] == spec["names"]["run_key"]
+    assert (controller["InstanceCount"], compute["InstanceCount"]) == (1, num_nodes)
+    assert compute["InstanceType"] == f"ml.{instance_type}"
+    assert (
+        compute["LifeCycleConfig"]["SourceS3Uri"]
+        == f"s3://sagemaker-dtp-lifecycle/{spec['names']['run_key']}/lifecycle/"
+    )
+    assert {"Key": "dtp:run", "Value": spec["names"]["run_key"]} in request["Tags"]
+    assert request["VpcConfig"] == {
+        "SecurityGroupIds": ["sg-0123456789abcdef0"],
+        "Subnets": ["subnet-0123456789abcdef0"],
+    }
+    provisioning = json.loads(documents["provisioning_parameters.json"])
+    assert provisioning["worker_groups"] == [{"instance_group_name": "compute-nodes", "partition_name": instance_type}]
+    assert (provisioning["fsx_dns_name"], provisioning["fsx_mountname"]) == (SETTINGS["fsx_dns_name"], "abcdefgh")
+
+
+def test_check_names_what_sagemaker_would_refuse(settings) -> None:
+    platform = HyperPodPlatform()
+    documents = platform.render(spec_for(num_nodes=2), NETWORK)
+    request = json.loads(documents["cluster-config.json"])
+    request["ClusterName"] = "-starts-with-a-hyphen"
+    request["InstanceGroups"][1]["InstanceType"] = "ml.p5.huge"
+    request["InstanceGroups"][1]["ThreadsPerCore"] = 3
+    request["InstanceGroups"][0]["Bogus"] = True
+    del request["InstanceGroups"][0]["ExecutionRole"]
+    provisioning = json.loads(documents["provisioning_parameters.json"])
+    provisioning["worker_groups"][0]["instance_group_name"] = "workers"
+    del provisioning["fsx_mountname"]
+    problems = "\n".join(
+        platform.check(
+            {"cluster-config.json": json.dumps(request), "provisioning_parameters.json": json.dumps(provisioning)}
+        )
+    )
+    assert 'Missing required parameter in InstanceGroups[0]: "ExecutionRole"' in problems
+    assert 'Unknown parameter in InstanceGroups[0]: "Bogus"' in problems
+    assert "CreateCluster.ClusterName: '-starts-with-a-hyphen' does not match the pattern" in problems
+    assert "CreateCluster.InstanceGroups[1].InstanceType: 'ml.p5.huge' is not one of the allowed values" in problems
+    assert "CreateCluster.InstanceGroups[1].ThreadsPerCore: 3 is more than the maximum 2" in problems
+    assert "instance group 'workers' is not in the cluster's groups" in problems
+    assert "fsx_dns_name and fsx_mountname go together" in problems
+
+
+def test_request_problems_checks_lengths_and_list_sizes_botocore_leaves_to_the_server() -> None:
+    arn = "arn:aws:sagemaker:us-east-1:111122223333:cluster/abc123"
+    tags = [{"Key": f"k{i}", "Value": "v" * 300} for i in range(51)]
+    problems = request_problems("sagemaker", "AddTags", {"ResourceArn": arn, "Tags": tags})
+    assert "AddTags.Tags: 51 items is more than the maximum 50" in problems
+    assert "AddTags.Tags[0].Value: 300 characters is more than the maximum 256" in problems
+    assert request_problems("sagemaker", "AddTags", {"ResourceArn": arn, "Tags": tags[:1]}) == [
+        "AddTags.Tags[0].Value: 300 characters is more than the maximum 256"
+    ]
+    (problem,) = request_problems("sagemaker", "AddTags", {"ResourceArn": "not-an-arn", "Tags": []})
+    assert problem.startswith("AddTags.ResourceArn: 'not-an-arn' does not match the pattern arn:aws")
+
+
+@pytest.mark.parametrize(
+    ("extra", "field"),
+    [
+        ({"lifecycle_bucket": "my-bucket"}, "lifecycle_bucket"),
+        ({"execution_role_arn": "role/hyperpod"}, "execution_role_arn"),
+        ({"base_config_uri": "s3://bucket/prefix; rm -rf /"}, "base_config_uri"),
+        ({"max_nodes": 0}, "max_nodes"),
+        ({"controler_instance_type": "ml.m5.xlarge"}, "controler_instance_type"),
+    ],
+)
+def test_bad_settings_name_the_connection_and_field(settings, extra, field) -> None:
+    settings(**extra)
+    with pytest.raises(PlatformNotReady, match=rf"^connection 'dtp_hyperpod' extra: {field}: "):
+        HyperPodPlatform().max_nodes()
+
+
+def test_a_missing_connection_says_what_it_should_hold(monkeypatch) -> None:
+    monkeypatch.delenv("AIRFLOW_CONN_DTP_HYPERPOD", raising=False)
+    with pytest.raises(PlatformNotReady, match=r"^connection 'dtp_hyperpod' is not defined; it holds the account's"):
+        HyperPodPlatform().max_nodes()
+
+
+def test_a_published_image_is_refused_until_the_templates_launch_containers(settings) -> None:
+    with pytest.raises(PlatformNotReady, match="do not launch containers"):
+        HyperPodPlatform().runtime("registry.example/dtp/training@sha256:" + "0" * 64)
+    assert HyperPodPlatform().default_image() == {
+        "source": "the nodes' python",
+        "python": "/usr/bin/python3",
+        "training_dir": "/fsx/dtp/training",
+    }
