@@ -23,6 +23,11 @@ def run_leftovers(aws) -> Callable[[str, str], dict[str, list[str]]]:
             for s in aws("cloudformation").list_stacks()["StackSummaries"]
             if s["StackName"] == names["network_stack"] and s["StackStatus"] != "DELETE_COMPLETE"
         ]
+        found["hyperpod_clusters"] = [
+            c["ClusterName"]
+            for c in aws("sagemaker").list_clusters()["ClusterSummaries"]
+            if c["ClusterName"] == names["run_key"]
+        ]
         found["slurm_jobs"] = [j.job_id for j in SlurmHook().find_jobs(names["slurm_job"], prefix=True)]
         return {kind: ids for kind, ids in found.items() if ids}
 

@@ -22,7 +22,7 @@ def _task_log(api, run_id: str, task_id: str, try_number: int = 1) -> str:
     return json.dumps(body)
 
 
-# The module's runs, triggered together (train_e2e allows four at once): conf and how long to wait.
+# The module's runs, triggered together (train_e2e runs four at once; unknown_key ends at once).
 RUNS = {
     "success": {"profile_steps": 2},
     # Every relaunch repeats a deterministic failure, so the job and then the task fail; teardown must still run.
@@ -35,6 +35,8 @@ RUNS = {
     # Expect more all-reduce bandwidth than loopback gloo gives: the gate must stop the run before train.
     "preflight_failure": {"expected_busbw_gbps": 1000.0, "max_steps": 20, "checkpoint_interval": 10},
     "unknown_key": {"num_nodse": 2},
+    # The emulator's SageMaker creates the HyperPod cluster; the stack's Slurm stands in for its controller's.
+    "hyperpod": {"platform": "hyperpod", "instance_type": "m5.2xlarge"},
 }
 
 
@@ -156,3 +158,17 @@ def test_schema_violation_is_refused_at_trigger(airflow_api) -> None:
     )
     assert status == 400 and "num_nodes" in json.dumps(body)
     assert airflow_api.request("GET", f"/api/v2/dags/{DAG_ID}/dagRuns?limit=1")[1]["total_entries"] == before
+
+
+def test_hyperpod_run_creates_its_cluster_waits_for_it_and_deletes_it(airflow_api, run_leftovers, runs) -> None:
+    run_id, state, tasks = runs["hyperpod"]
+    assert state == "success", tasks
+    cluster = airflow_api.xcom(DAG_ID, run_id, "deploy_cluster")
+    run_key = airflow_api.xcom(DAG_ID, run_id, "validate_params")["names"]["run_key"]
+    assert (cluster["platform"], cluster["cluster_name"]) == ("hyperpod", run_key)
+    assert cluster["cluster_arn"].startswith("arn:aws:sagemaker:us-east-1:123456789012:cluster/")
+    log = _task_log(airflow_api, run_id, "deploy_cluster")
+    assert f"HyperPod cluster {run_key} is InService" in log  # the trigger's event, after the task deferred
+    assert airflow_api.xcom(DAG_ID, run_id, "collect_metrics")["final_loss"] < 2.3
+    assert airflow_api.xcom(DAG_ID, run_id, "teardown_cluster")["deleted_cluster"] is True
+    assert run_leftovers(DAG_ID, run_id) == {}

@@ -1,0 +1,107 @@
+"""The HyperPod platform against the local emulator: lifecycle upload, one cluster per run, wait, verified teardown."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from dtp.hooks.hyperpod import HyperPodHook
+from dtp.params import TrainParams, parse_params
+from dtp.pipeline import network
+from dtp.pipeline.spec import run_spec
+from dtp.platforms.hyperpod import HyperPodPlatform
+from dtp.triggers.hyperpod import HyperPodClusterTrigger
+
+pytestmark = pytest.mark.stack
+AWS = "aws_default"
+
+
+@pytest.fixture
+def spec(stack) -> dict:
+    params = parse_params(TrainParams, {"platform": "hyperpod", "instance_type": "m5.2xlarge", "num_nodes": 2})
+    return run_spec(params, "it_hyperpod", f"manual__{uuid.uuid4().hex}")
+
+
+@pytest.fixture
+def outputs(spec) -> dict:
+    network.create_network_stack(spec, AWS)
+    yield network.network_outputs(spec, AWS)
+    network.teardown_network(spec, AWS)
+
+
+def _first_event(trigger: HyperPodClusterTrigger) -> dict:
+    async def first() -> dict:
+        async for event in trigger.run():
+            return event.payload
+        raise AssertionError("no event")
+
+    # In a thread of its own: the session's Playwright (tests/ui) keeps an event loop running in this one.
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, first()).result()
+
+
+def test_provision_twice_makes_one_cluster_and_teardown_leaves_nothing(spec, outputs, aws) -> None:
+    platform = HyperPodPlatform()
+    run_key = spec["names"]["run_key"]
+    bucket = platform.settings.lifecycle_bucket
+
+    cluster = platform.provision(spec, outputs)
+    assert platform.provision(spec, outputs)["cluster_arn"] == cluster["cluster_arn"]
+    clusters = aws("sagemaker").list_clusters()["ClusterSummaries"]
+    assert [c["ClusterName"] for c in clusters].count(run_key) == 1
+    assert (cluster["slurm_conn_id"], cluster["scheduler"]) == ("slurm_default", "slurm")
+
+    described = HyperPodHook(aws_conn_id=AWS).describe_cluster(run_key)
+    groups = {g["InstanceGroupName"]: g for g in described["InstanceGroups"]}
+    assert groups["compute-nodes"]["TargetCount"] == 2 and groups["compute-nodes"]["InstanceType"] == "ml.m5.2xlarge"
+    assert described["VpcConfig"]["Subnets"] == [outputs["PrivateSubnet"]]
+
+    keys = sorted(o["Key"] for o in aws("s3").list_objects_v2(Bucket=bucket, Prefix=f"{run_key}/")["Contents"])
+    assert keys == [f"{run_key}/lifecycle/on_create.sh", f"{run_key}/lifecycle/provisioning_parameters.json"]
+    body = aws("s3").get_object(Bucket=bucket, Key=keys[1])["Body"].read()
+    assert json.loads(body)["worker_groups"] == [
+        {"instance_group_name": "compute-nodes", "partition_name": "m5.2xlarge"}
+    ]
+
+    trigger = platform.ready_trigger(cluster)
+    assert _first_event(trigger) == {"status": "success", "message": f"HyperPod cluster {run_key} is InService"}
+
+    result = platform.teardown(spec)
+    assert (result["deleted_cluster"], result["deleted_lifecycle_objects"]) == (True, 2)
+    assert HyperPodHook(aws_conn_id=AWS).describe_cluster(run_key) is None
+    assert "Contents" not in aws("s3").list_objects_v2(Bucket=bucket, Prefix=f"{run_key}/")
+    # A retried teardown finds nothing left and still succeeds.
+    assert platform.teardown(spec) == {"cancelled_jobs": [], "deleted_cluster": False, "deleted_lifecycle_objects": 0}
+    # The trigger of a run whose cluster is gone fails instead of waiting forever.
+    assert _first_event(trigger)["status"] == "failed"
+
+
+def test_base_config_scripts_are_copied_under_the_run(spec, outputs, aws, monkeypatch) -> None:
+    s3 = aws("s3")
+    s3.create_bucket(Bucket="dtp-base-config")
+    for key in ("src/lifecycle_script.py", "src/utils/mount_fsx.sh", "src/on_create.sh"):
+        s3.put_object(Bucket="dtp-base-config", Key=key, Body=b"# reference base-config")
+    conn = json.loads(os.environ["AIRFLOW_CONN_DTP_HYPERPOD"])
+    conn["extra"]["base_config_uri"] = "s3://dtp-base-config/src/"
+    monkeypatch.setenv("AIRFLOW_CONN_DTP_HYPERPOD", json.dumps(conn))
+    platform = HyperPodPlatform()
+    run_key = spec["names"]["run_key"]
+    try:
+        assert platform.provision(spec, outputs)["lifecycle_objects"] == 5
+        prefix = f"{run_key}/lifecycle/"
+        listed = s3.list_objects_v2(Bucket=platform.settings.lifecycle_bucket, Prefix=prefix)["Contents"]
+        keys = sorted(o["Key"].removeprefix(prefix) for o in listed)
+        assert keys == ["lifecycle_script.py", "on_create.sh", "provisioning_parameters.json", "utils/mount_fsx.sh"]
+        # DTP's on_create.sh replaces the base-config's: it runs lifecycle_script.py with the run's parameters.
+        on_create = s3.get_object(Bucket=platform.settings.lifecycle_bucket, Key=prefix + "on_create.sh")["Body"].read()
+        assert b"lifecycle_script.py -rc" in on_create
+    finally:
+        platform.teardown(spec)
+        for key in ("src/lifecycle_script.py", "src/utils/mount_fsx.sh", "src/on_create.sh"):
+            s3.delete_object(Bucket="dtp-base-config", Key=key)
+        s3.delete_bucket(Bucket="dtp-base-config")
