@@ -3,7 +3,8 @@
 The safety net under teardown: a teardown that itself failed, a run with
 ``keep_cluster=true``, or a worker that died mid-run leaves tagged resources;
 the scheduled ``reaper`` DAG finds them by tag (never by a local record) and
-deletes them with the same dependency-ordered sweep teardown uses.
+deletes them with the same dependency-ordered sweep teardown uses (HyperPod
+clusters first: their nodes sit in the run's subnets).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from airflow.providers.amazon.aws.hooks.s3 import S3Hook
 from airflow.providers.amazon.aws.hooks.ssm import SsmHook
 from botocore.exceptions import ClientError
 
+from dtp.hooks.hyperpod import HyperPodHook
 from dtp.hooks.slurm import SlurmHook
 from dtp.hooks.stacks import StackHook
 from dtp.hooks.sweeper import RunResourceSweeper
@@ -68,6 +70,9 @@ def find_expired(aws_conn_id: str, slurm_conn_id: str | None, now: datetime | No
         tags = {t["Key"]: t["Value"] for t in vpc.get("Tags", [])}
         if _expired(tags.get(EXPIRES), now):
             found.append(Expired("vpc", vpc["VpcId"], tags[RUN], tags[EXPIRES]))
+    for name, tags in HyperPodHook(aws_conn_id=aws_conn_id).tagged_clusters():
+        if RUN in tags and _expired(tags.get(EXPIRES), now):
+            found.append(Expired("hyperpod_cluster", name, tags[RUN], tags[EXPIRES]))
     published = published_amis(aws_conn_id)
     for image in ec2.describe_images(Owners=["self"], Filters=[{"Name": "tag-key", "Values": [RUN]}])["Images"]:
         tags = {t["Key"]: t["Value"] for t in image.get("Tags", [])}
@@ -124,10 +129,14 @@ def reap(found: list[Expired], aws_conn_id: str, slurm_conn_id: str | None, dry_
         if slurm_conn_id:
             SlurmHook(slurm_conn_id).cancel(job.name)
             deleted.append(asdict(job))
+    # A cluster's nodes sit in the run's subnets: delete clusters before the network they use.
+    for cluster in (i for i in found if i.kind == "hyperpod_cluster"):
+        HyperPodHook(aws_conn_id=aws_conn_id).delete_cluster(cluster.name)
+        deleted.append(asdict(cluster))
     for image in (i for i in found if i.kind == "ami"):
         delete_image(aws_conn_id, image.name)
         deleted.append(asdict(image))
-    for run_key in sorted({i.run_key for i in found if i.kind not in ("slurm_job", "ami")}):
+    for run_key in sorted({i.run_key for i in found if i.kind not in ("slurm_job", "ami", "hyperpod_cluster")}):
         of_run = [i for i in found if i.run_key == run_key]
         destroy_run_resources(
             aws_conn_id,

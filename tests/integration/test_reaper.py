@@ -92,3 +92,28 @@ def test_reaper_deletes_expired_amis_but_never_a_published_one(stack, aws) -> No
         assert ec2.describe_images(ImageIds=[published])["Images"]
     finally:
         aws("ssm").delete_parameter(Name=f"/dtp/amis/{family}")
+
+
+def test_reaper_deletes_an_expired_hyperpod_cluster_and_leaves_a_live_one(stack, aws) -> None:
+    sagemaker = aws("sagemaker")
+    clusters = {}
+    for label, hours in (("expired", -1), ("alive", 24)):
+        spec = _spec(hours)
+        group = {
+            "InstanceGroupName": "compute-nodes",
+            "InstanceType": "ml.m5.2xlarge",
+            "InstanceCount": 1,
+            "LifeCycleConfig": {"SourceS3Uri": "s3://sagemaker-dtp-it/lifecycle/", "OnCreate": "on_create.sh"},
+            "ExecutionRole": "arn:aws:iam::123456789012:role/dtp-hyperpod-execution",
+            "ThreadsPerCore": 1,
+        }
+        tags = [{"Key": k, "Value": v} for k, v in spec["tags"].items()]
+        sagemaker.create_cluster(ClusterName=spec["names"]["run_key"], InstanceGroups=[group], Tags=tags)
+        clusters[label] = spec["names"]["run_key"]
+
+    found = [f for f in find_expired(AWS, None) if f.kind == "hyperpod_cluster"]
+    assert [f.name for f in found if f.name in clusters.values()] == [clusters["expired"]]
+    assert clusters["expired"] in [d["name"] for d in reap(found, AWS, None, dry_run=False)["deleted"]]
+    names = {c["ClusterName"] for c in sagemaker.list_clusters()["ClusterSummaries"]}
+    assert clusters["expired"] not in names and clusters["alive"] in names
+    sagemaker.delete_cluster(ClusterName=clusters["alive"])

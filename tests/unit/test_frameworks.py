@@ -43,6 +43,7 @@ def _launch(tmp_path: Path, recipe_name: str) -> tuple[list[list[str]], dict[str
         "omp_threads": 8,
         "env": {},
         "exclude_nodes": "",
+        "container": [],
     }
     context = {**common, **template_args(spec, {}, str(workdir), str(tmp_path / "fsx"))}
     script = tmp_path / "train.sbatch"

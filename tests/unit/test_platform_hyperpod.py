@@ -132,11 +132,9 @@ def test_a_missing_connection_says_what_it_should_hold(monkeypatch) -> None:
         HyperPodPlatform().max_nodes()
 
 
-def test_a_published_image_is_refused_until_the_templates_launch_containers(settings) -> None:
-    with pytest.raises(PlatformNotReady, match="do not launch containers"):
-        HyperPodPlatform().runtime("registry.example/dtp/training@sha256:" + "0" * 64)
-    assert HyperPodPlatform().default_image() == {
-        "source": "the nodes' python",
-        "python": "/usr/bin/python3",
-        "training_dir": "/fsx/dtp/training",
-    }
+def test_a_published_image_runs_with_pyxis_and_the_default_on_the_nodes_python(settings) -> None:
+    image = "111122223333.dkr.ecr.us-east-1.amazonaws.com/dtp/training@sha256:" + "0" * 64
+    runtime = HyperPodPlatform().runtime(image)
+    assert runtime["image"] == "111122223333.dkr.ecr.us-east-1.amazonaws.com#dtp/training@sha256:" + "0" * 64
+    assert (runtime["container_runtime"], runtime["training_dir"]) == ("pyxis", "/opt/dtp/training")
+    assert HyperPodPlatform().default_image() == {"source": "the nodes' python", "python": "/usr/bin/python3"}

@@ -75,7 +75,8 @@ def test_get_platform_local() -> None:
     assert platform.default_image() == {"source": "project virtualenv", "python": sys.executable}
 
 
-@pytest.mark.parametrize("name", ["eks", "parallelcluster", "", "LOCAL"])
+@pytest.mark.parametrize("name", ["slurm", "", "LOCAL"])
 def test_get_platform_unknown_names_the_available_ones(name: str) -> None:
-    with pytest.raises(ValueError, match=rf"^platform {name!r} is not available; available: local$"):
+    available = "batch, eks, hyperpod, local, parallelcluster"
+    with pytest.raises(ValueError, match=rf"^platform {name!r} is not available; available: {available}$"):
         get_platform(name)

@@ -12,6 +12,8 @@ import jinja2
 import pytest
 
 from dtp.pipeline.frameworks import template_args
+from dtp.pipeline.jobs import container_options
+from dtp.platforms.pyxis import pyxis_runtime
 from dtp.recipes import get_recipe, instance_types
 from dtp.templates import TEMPLATE_DIR, UnsafeTemplateValue, render
 
@@ -22,6 +24,7 @@ COMMON = {
     "omp_threads": 1,
     "env": {"NCCL_DEBUG": "INFO"},
     "exclude_nodes": "n[3-4]",
+    "container": [],
 }
 
 
@@ -69,9 +72,17 @@ CONTEXTS: dict[str, dict[str, Any]] = {
 SHELL_TEMPLATES = [name for name in CONTEXTS if name.endswith((".sh.j2", ".sbatch.j2"))]
 
 
+# Platform documents, rendered and validated against their services' schemas by each platform's own tests.
+PLATFORM_TEMPLATES = {
+    "eks/pytorchjob.yaml.j2": "test_platform_eks.py",
+    "parallelcluster/cluster-config.yaml.j2": "test_platform_parallelcluster.py",
+}
+
+
 def test_every_template_has_a_test_context() -> None:
     found = {str(p.relative_to(TEMPLATE_DIR)) for p in TEMPLATE_DIR.rglob("*.j2")}
-    assert found == set(CONTEXTS)
+    assert found - set(PLATFORM_TEMPLATES) == set(CONTEXTS)
+    assert all((Path(__file__).parent / test).exists() for test in PLATFORM_TEMPLATES.values())
 
 
 @pytest.mark.parametrize("name", list(CONTEXTS))
@@ -240,3 +251,18 @@ def test_nsys_wraps_the_launch_only_when_profiling_on_gpu_nodes() -> None:
     assert "--output /fsx/runs/r/profile/nsys-%h)" in text
     assert 'srun --kill-on-bad-exit=1 "${NSYS[@]}" /opt/venv/bin/python -m torch.distributed.run' in text
     assert "nsys" not in render("slurm/train.sbatch.j2", **{**context, "nsys_dir": ""})
+
+
+def test_a_pyxis_runtime_runs_every_training_step_in_its_container() -> None:
+    runtime = pyxis_runtime("111122223333.dkr.ecr.us-east-1.amazonaws.com/dtp/training@sha256:" + "ab" * 32)
+    options = container_options(runtime, "/fsx")
+    assert options == [
+        "--container-image=111122223333.dkr.ecr.us-east-1.amazonaws.com#dtp/training@sha256:" + "ab" * 32,
+        "--container-mounts=/fsx:/fsx",
+    ]
+    assert container_options({"python": "/usr/bin/python3"}, "/fsx") == []
+    for name in ("slurm/train.sbatch.j2", "slurm/preflight.sbatch.j2", "slurm/train_torchtitan.sbatch.j2"):
+        text = render(name, **{**CONTEXTS[name], "container": options})
+        launches = [line for line in text.splitlines() if "srun --kill-on-bad-exit=1" in line]
+        assert launches and all(f"{shlex.join(options)} " in line for line in launches), name
+        assert "--container-image" not in render(name, **CONTEXTS[name])

@@ -58,6 +58,15 @@ class HyperPodHook(AwsBaseHook):
             raise RuntimeError(f"HyperPod cluster {name} was created but cannot be described")
         return created
 
+    def tagged_clusters(self) -> list[tuple[str, dict[str, str]]]:
+        """Every cluster's name with its tags (the reaper's view of the account)."""
+        clusters = []
+        for page in self.conn.get_paginator("list_clusters").paginate():
+            for summary in page["ClusterSummaries"]:
+                tags = self.conn.list_tags(ResourceArn=summary["ClusterArn"]).get("Tags", [])
+                clusters.append((summary["ClusterName"], {t["Key"]: t["Value"] for t in tags}))
+        return clusters
+
     def list_nodes(self, name: str) -> list[dict[str, Any]]:
         """Every node of the cluster (instance group, instance id, status)."""
         nodes: list[dict[str, Any]] = []

@@ -178,7 +178,6 @@ class StackConfig:
                 "slurm_conn_id": "slurm_default",
                 "max_nodes": self.slurm_nodes,
                 "python": sys.executable,
-                "training_dir": str(PROJECT_ROOT / "include" / "training"),
             },
         }
         # A plain-HTTP OCI registry on loopback stands in for ECR.

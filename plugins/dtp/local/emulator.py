@@ -156,10 +156,10 @@ def _moto_version() -> str:
     return version("moto")
 
 
-def _propagating(create_app: Callable[[str], Any]) -> Callable[[str], Any]:
+def _propagating(create_app: Callable[[Any], Any]) -> Callable[[Any], Any]:
     """moto's per-service Flask apps, letting exceptions reach the middleware instead of an HTML 500 page."""
 
-    def create(service: str) -> Any:
+    def create(service: Any) -> Any:
         app = create_app(service)
         app.config["PROPAGATE_EXCEPTIONS"] = True
         return app

@@ -52,4 +52,4 @@ class DeployClusterOperator(BaseOperator):
         if event["status"] != "success":
             raise AirflowException(event["message"])
         self.log.info(event["message"])
-        return cluster
+        return {**cluster, **event.get("cluster", {})}

@@ -23,7 +23,14 @@ TRAINING_DIR = INCLUDE_DIR / "training"
 NCCL_TESTS_BIN = "/opt/nccl-tests/build"
 
 
-def _common(spec: dict[str, Any], images: dict[str, Any]) -> dict[str, Any]:
+def container_options(images: dict[str, Any], shared_dir: str) -> list[str]:
+    """srun's options to run a step in the runtime's container (enroot + pyxis); none for a runtime on the host."""
+    if images.get("container_runtime") != "pyxis":
+        return []
+    return [f"--container-image={images['image']}", f"--container-mounts={shared_dir}:{shared_dir}"]
+
+
+def _common(spec: dict[str, Any], images: dict[str, Any], cluster: dict[str, Any]) -> dict[str, Any]:
     instance = spec["instance"]
     on_cpu = instance["accelerator"] == "cpu"
     return {
@@ -33,12 +40,21 @@ def _common(spec: dict[str, Any], images: dict[str, Any]) -> dict[str, Any]:
         "omp_threads": 1 if on_cpu else 8,
         "env": spec["params"]["extra_env"],
         "exclude_nodes": spec["params"]["exclude_nodes"],
+        "container": container_options(images, cluster["shared_dir"]),
     }
 
 
-def _programs(images: dict[str, Any]) -> Path:
-    """Where the training programs are: inside the image when it carries them, else include/training."""
-    return Path(images.get("training_dir") or TRAINING_DIR)
+def _programs(hook: SlurmHook, images: dict[str, Any], workdir: Path) -> Path:
+    """Where the nodes find the training programs: inside the image when it carries them, include/training when
+    the cluster shares this host, else a copy the task writes to the run's directory on the shared filesystem."""
+    if images.get("training_dir"):
+        return Path(images["training_dir"])
+    if hook.transport == "local":
+        return TRAINING_DIR
+    staged = workdir / "programs"
+    for program in sorted(TRAINING_DIR.glob("*.py")):
+        hook.write_file(str(staged / program.name), program.read_text())
+    return staged
 
 
 def _write_job(
@@ -64,8 +80,8 @@ def prepare_preflight(spec: dict[str, Any], cluster: dict[str, Any], images: dic
     nccl_tests = workdir / "nccl-tests.out" if spec["instance"]["collective_test"] == "nccl-tests" else None
     script = render(
         "slurm/preflight.sbatch.j2",
-        **_common(spec, images),
-        program=_programs(images) / "preflight.py",
+        **_common(spec, images, cluster),
+        program=_programs(hook, images, workdir) / "preflight.py",
         results_path=results,
         max_bytes=spec["instance"]["busbw_at_bytes"],
         nccl_tests_path=nccl_tests or "",
@@ -110,8 +126,8 @@ def prepare_training(
     profile_dir = config["profile_dir"] if spec["params"]["profile_steps"] > 0 else ""
     script = render(
         "slurm/train.sbatch.j2",
-        **_common(spec, images),
-        program=_programs(images) / "train.py",
+        **_common(spec, images, cluster),
+        program=_programs(hook, images, workdir) / "train.py",
         config_path=config_path,
         max_restarts=3,
         # Nsight Systems only where there are GPUs to trace; torch.profiler traces everywhere.
@@ -135,7 +151,7 @@ def _prepare_framework_training(
     hook = SlurmHook(cluster["slurm_conn_id"])
     workdir = run_dir(spec, cluster)
     args = frameworks.template_args(spec, images, str(workdir), cluster["shared_dir"])
-    script = render(frameworks.TEMPLATES[spec["recipe"]["framework"]], **_common(spec, images), **args)
+    script = render(frameworks.TEMPLATES[spec["recipe"]["framework"]], **_common(spec, images, cluster), **args)
     job = _write_job(hook, spec, workdir, "train", script, spec["names"]["slurm_job"])
     return {
         **job,

@@ -21,19 +21,19 @@ def build_spec(params: Mapping[str, Any], conf: Mapping[str, Any], dag_id: str, 
     merged = {**dict(params), **dict(conf)}
     validated = validate_params(merged)
     platform = get_platform(validated.platform)
-    excluded = len(expand_hostlist(validated.exclude_nodes))
-    capacity = platform.max_nodes() - excluded
-    if validated.num_nodes > capacity:
-        raise ParamsError(
-            f"invalid parameters:\nnum_nodes: got {validated.num_nodes}; platform {validated.platform!r} "
-            f"has at most {capacity} nodes" + (f" once {excluded} are excluded" if excluded else "")
-        )
     if platform.scheduler != "slurm":
         raise ParamsError(
             f"invalid parameters:\nplatform: got {validated.platform!r}; its jobs run on {platform.scheduler}, and "
             "this pipeline submits its preflight and training as Slurm jobs (available: "
             f"{', '.join(n for n in platform_names() if get_platform(n).scheduler == 'slurm')}). "
             f"dtp.platforms.{validated.platform} renders and validates its cluster and job documents."
+        )
+    excluded = len(expand_hostlist(validated.exclude_nodes))
+    capacity = platform.max_nodes() - excluded
+    if validated.num_nodes > capacity:
+        raise ParamsError(
+            f"invalid parameters:\nnum_nodes: got {validated.num_nodes}; platform {validated.platform!r} "
+            f"has at most {capacity} nodes" + (f" once {excluded} are excluded" if excluded else "")
         )
     return run_spec(validated, dag_id, run_id)
 

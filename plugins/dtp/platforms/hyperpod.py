@@ -24,6 +24,7 @@ from pydantic import Field
 from dtp.hooks.hyperpod import HyperPodHook
 from dtp.hooks.slurm import SlurmCommandError, SlurmHook
 from dtp.platforms.base import PlatformNotReady, PlatformSettings
+from dtp.platforms.pyxis import pyxis_runtime
 from dtp.platforms.service_models import request_problems
 from dtp.recipes import INCLUDE_DIR
 from dtp.triggers.hyperpod import HyperPodClusterTrigger
@@ -48,9 +49,8 @@ class HyperPodSettings(PlatformSettings):
     slurm_conn_id: str = "dtp_hyperpod_slurm"
     max_nodes: int = Field(64, ge=1)
     create_timeout_minutes: int = Field(90, ge=1)
-    # The interpreter and training programs on the nodes (the DLAMI's python, the programs staged to FSx).
+    # The nodes' interpreter (with torch) when no training image is published for hyperpod.
     python: str = "/usr/bin/python3"
-    training_dir: str = "/fsx/dtp/training"
 
 
 class HyperPodPlatform:
@@ -72,14 +72,12 @@ class HyperPodPlatform:
         return self.settings.max_nodes
 
     def default_image(self) -> dict[str, str]:
-        settings = self.settings
-        return {"source": "the nodes' python", "python": settings.python, "training_dir": settings.training_dir}
+        # The task copies the training programs to the run's directory on the shared filesystem (dtp.pipeline.jobs).
+        return {"source": "the nodes' python", "python": self.settings.python}
 
     def runtime(self, image: str) -> dict[str, str]:
-        raise PlatformNotReady(
-            f"image {image} is published for hyperpod, but DTP's sbatch templates do not launch containers "
-            "(pyxis) yet; delete the /dtp/images/hyperpod/training parameter to run on the nodes' python"
-        )
+        # The reference base-config installs enroot + pyxis on every node.
+        return pyxis_runtime(image)
 
     # --- documents ------------------------------------------------------------------------------------------------
     def lifecycle_uri(self, spec: dict[str, Any]) -> str:

@@ -54,10 +54,10 @@ def _constraint_problems(value: Any, shape: Shape, path: str) -> list[str]:
         if shape.enum and value not in shape.enum:
             allowed = ", ".join(shape.enum[:12]) + (", ..." if len(shape.enum) > 12 else "")
             problems.append(f"{path}: {value!r} is not one of the allowed values ({allowed})")
-        pattern = shape.metadata.get("pattern")
+        regex = _python_regex(shape.metadata.get("pattern", ""))
         # AWS services match the whole value (SageMaker refuses "-name" under the unanchored "[a-zA-Z0-9](-*...)*").
-        if pattern and _python_regex(pattern) is not None and not _python_regex(pattern).fullmatch(value):
-            problems.append(f"{path}: {value!r} does not match the pattern {pattern}")
+        if regex is not None and not regex.fullmatch(value):
+            problems.append(f"{path}: {value!r} does not match the pattern {regex.pattern}")
         return problems
     if shape.type_name in ("integer", "long") and isinstance(value, int):
         return _bound_problems(value, shape, path, "")
@@ -73,7 +73,9 @@ def _bound_problems(size: int, shape: Shape, path: str, unit: str) -> list[str]:
 
 @cache
 def _python_regex(pattern: str) -> re.Pattern[str] | None:
-    """The service's (Java-flavoured) pattern as a Python regex; None where Python cannot read it."""
+    """The service's (Java-flavoured) pattern as a Python regex; None where there is none or Python cannot read it."""
+    if not pattern:
+        return None
     try:
         return re.compile(pattern)
     except re.error:

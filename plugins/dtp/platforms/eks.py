@@ -1,0 +1,349 @@
+"""Amazon EKS: a run trains as a Kubeflow PyTorchJob on an existing cluster's GPU or Trainium nodes.
+
+EKS clusters are long-lived in DTP: ``provision`` finds the ``dtp_eks`` connection's cluster and checks it is
+ACTIVE, and ``teardown`` deletes the run's PyTorchJob (the training operator deletes its pods), never the cluster.
+The job (include/templates/eks/pytorchjob.yaml.j2) follows the reference repo's FSDP PyTorchJob: one pod per node
+running torchrun with one process per accelerator, the node's EFA devices, the FSx for Lustre claim at /fsx.
+``check`` validates it against the training operator's CRD schema (include/schemas) and its webhook's rules.
+The Kubernetes API is reached with a kubeconfig the amazon provider generates from ``aws_default`` (as
+``EksPodOperator`` does), so no Kubernetes connection is needed.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import cache
+from typing import Any, Literal
+
+import yaml
+from airflow.providers.amazon.aws.hooks.eks import EksHook
+from airflow.providers.cncf.kubernetes.hooks.kubernetes import KubernetesHook
+from botocore.exceptions import ClientError
+from jsonschema import Draft7Validator
+from kubernetes.client.exceptions import ApiException
+from pydantic import Field
+
+from dtp.images.container import build_arg_defaults
+from dtp.naming import TAG_PREFIX
+from dtp.pipeline.data import run_dir
+from dtp.platforms.base import PlatformNotReady, PlatformSettings
+from dtp.recipes import INCLUDE_DIR
+from dtp.templates import render
+
+AWS_CONN_ID = "aws_default"
+CONN_ID = "dtp_eks"
+GROUP, VERSION, PLURAL = "kubeflow.org", "v1", "pytorchjobs"
+SCHEMA_PATH = INCLUDE_DIR / "schemas" / "kubeflow.org_pytorchjobs.v1.json"
+FSX_MOUNT = "/fsx"
+# Where images/containers/training puts DTP's training programs.
+IMAGE_TRAINING_DIR = "/opt/dtp/training"
+# Where the programs are staged on FSx for an image that does not carry them.
+STAGED_TRAINING_DIR = f"{FSX_MOUNT}/dtp/training"
+# Pod restarts before the job fails: the Slurm job's fresh launches after the first (dtp.pipeline.jobs).
+MAX_RESTARTS = 3
+LABEL_DOMAIN = "dtp.dev"
+# Extended resources of the NVIDIA, Neuron and EFA device plugins.
+GPU, NEURON, EFA = "nvidia.com/gpu", "aws.amazon.com/neuron", "vpc.amazonaws.com/efa"
+# EFA interfaces per instance type (AWS docs, "Supported instance types" of Elastic Fabric Adapter, and the
+# instance types' network specifications); the EFA device plugin offers them as vpc.amazonaws.com/efa.
+EFA_INTERFACES = {
+    "p5.48xlarge": 32,
+    "p5e.48xlarge": 32,
+    "p5en.48xlarge": 16,
+    "p4d.24xlarge": 4,
+    "p4de.24xlarge": 4,
+    "g5.48xlarge": 1,
+    "trn1.32xlarge": 8,
+    "trn1n.32xlarge": 16,
+    "trn2.48xlarge": 16,
+}
+# Neuron devices per instance type: the Neuron device plugin's aws.amazon.com/neuron counts devices, while
+# instance_types.yaml counts NeuronCores (2 per trn1 device, 4 logical per trn2 device).
+NEURON_DEVICES = {"trn1.32xlarge": 16, "trn1n.32xlarge": 16, "trn2.48xlarge": 16}
+# The webhook (pkg/webhooks/pytorch) and API types (pkg/apis/kubeflow.org/v1) of training-operator v1.9.0.
+REPLICA_TYPES = ("Master", "Worker")
+RESTART_POLICIES = ("Always", "OnFailure", "Never", "ExitCode")
+DNS_1035_LABEL = re.compile(r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")
+DNS_1123_LABEL = r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?"
+DNS_1123_SUBDOMAIN = rf"{DNS_1123_LABEL}(\.{DNS_1123_LABEL})*"
+QUALIFIED_NAME = re.compile(rf"^(({DNS_1123_SUBDOMAIN})/)?[A-Za-z0-9]([-A-Za-z0-9_.]{{0,61}}[A-Za-z0-9])?$")
+LABEL_VALUE = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$")
+
+
+class EksSettings(PlatformSettings):
+    """the account's EKS settings: cluster_name and optional namespace, fsx_claim, image_pull_policy, max_nodes"""
+
+    cluster_name: str = Field(pattern=r"^[0-9A-Za-z][A-Za-z0-9_-]{0,99}$")
+    # The namespace of the training operator's jobs, which holds the FSx claim.
+    namespace: str = Field("kubeflow", pattern=rf"^{DNS_1123_LABEL}$")
+    # A PersistentVolumeClaim bound to FSx for Lustre (the FSx CSI driver), mounted at /fsx.
+    fsx_claim: str = Field("fsx-claim", max_length=253, pattern=rf"^{DNS_1123_SUBDOMAIN}$")
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
+    max_nodes: int = Field(64, ge=1)
+
+
+class EksPlatform:
+    """Kubeflow PyTorchJobs on the EKS cluster of the ``dtp_eks`` connection, in the ``aws_default`` account."""
+
+    name = "eks"
+    ami_family = "eks-gpu"  # the managed node group's GPU nodes boot DTP's EKS GPU AMI when one is published
+    scheduler = "kubernetes"
+
+    def __init__(self, conn_id: str = CONN_ID, aws_conn_id: str = AWS_CONN_ID, delete_timeout: float = 600) -> None:
+        self.conn_id = conn_id
+        self.aws_conn_id = aws_conn_id
+        self.delete_timeout = delete_timeout
+        self.eks_hook = EksHook(aws_conn_id=aws_conn_id)
+
+    @property
+    def settings(self) -> EksSettings:
+        return EksSettings.from_connection(self.conn_id)
+
+    def max_nodes(self) -> int:
+        return self.settings.max_nodes
+
+    def default_image(self) -> dict[str, str]:
+        # DTP's training image is built FROM this NGC image; without DTP's programs, they are staged on FSx.
+        image = f"nvcr.io/nvidia/pytorch:{build_arg_defaults('training')['PYTORCH_TAG']}-py3"
+        return {"source": f"image {image}, programs on FSx", "image": image, "training_dir": STAGED_TRAINING_DIR}
+
+    def runtime(self, image: str) -> dict[str, str]:
+        return {"source": f"image {image}", "image": image, "training_dir": IMAGE_TRAINING_DIR}
+
+    # --- documents ------------------------------------------------------------------------------------------------
+    def render(
+        self, spec: dict[str, Any], network: dict[str, str], runtime: dict[str, str] | None = None
+    ) -> dict[str, str]:
+        """The run's PyTorchJob, running ``runtime``'s image (default: ``default_image()``); EKS needs no network,
+        the cluster has its own VPC."""
+        if spec["recipe"]["framework"] != "fsdp":
+            raise PlatformNotReady(
+                f"recipe {spec['recipe']['name']!r} uses {spec['recipe']['framework']}; on eks DTP launches its own "
+                "FSDP trainer only (the other frameworks' launch templates are Slurm batch scripts)"
+            )
+        settings = self.settings
+        runtime = runtime or self.default_image()
+        instance_type, instance = spec["params"]["instance_type"], spec["instance"]
+        devices = _devices(instance_type, instance["accelerator"], instance["accelerators_per_node"])
+        config = run_dir(spec, {"shared_dir": FSX_MOUNT}) / "train.json"
+        labels = {f"{LABEL_DOMAIN}/run": spec["names"]["run_key"], f"{LABEL_DOMAIN}/dag": _label_value(spec["dag_id"])}
+        job = render(
+            "eks/pytorchjob.yaml.j2",
+            job_name=spec["names"]["run_key"],
+            namespace=settings.namespace,
+            labels=labels,
+            annotations={
+                f"{LABEL_DOMAIN}/{key.removeprefix(TAG_PREFIX)}": value for key, value in spec["tags"].items()
+            },
+            procs_per_node=instance["accelerators_per_node"],
+            num_nodes=spec["params"]["num_nodes"],
+            max_restarts=MAX_RESTARTS,
+            deadline_seconds=spec["training_time_limit_minutes"] * 60,
+            instance_type=instance_type,
+            # Accelerated node groups are often tainted with their accelerator so other pods stay off them.
+            tolerations=[
+                {"key": name, "operator": "Exists", "effect": "NoSchedule"} for name in devices if name != EFA
+            ],
+            image=runtime["image"],
+            image_pull_policy=settings.image_pull_policy,
+            command=["torchrun", f"{runtime['training_dir']}/train.py", "--config", str(config)],
+            env=[{"name": k, "value": v} for k, v in {**_environment(devices), **spec["params"]["extra_env"]}.items()],
+            devices=devices,
+            fsx_mount=FSX_MOUNT,
+            fsx_claim=settings.fsx_claim,
+        )
+        return {"pytorchjob.yaml": job}
+
+    def check(self, documents: dict[str, str]) -> list[str]:
+        try:
+            manifests = list(yaml.safe_load_all(documents["pytorchjob.yaml"]))
+        except yaml.YAMLError as err:
+            return [f"pytorchjob.yaml: not YAML: {err}"]
+        if len(manifests) != 1 or not isinstance(manifests[0], dict):
+            return [f"pytorchjob.yaml: expected one PyTorchJob mapping, found {len(manifests)} YAML documents"]
+        job = manifests[0]
+        errors = sorted(_validator().iter_errors(job), key=lambda e: list(map(str, e.absolute_path)))
+        problems = [f"{_path(error.absolute_path)}: {error.message}" for error in errors]
+        return [f"pytorchjob.yaml: {problem}" for problem in problems + _operator_problems(job)]
+
+    # --- lifecycle --------------------------------------------------------------------------------------------------
+    def provision(self, spec: dict[str, Any], network: dict[str, str]) -> dict[str, Any]:
+        settings = self.settings
+        cluster = self._describe_cluster(settings.cluster_name)
+        if cluster["status"] != "ACTIVE":
+            raise PlatformNotReady(
+                f"EKS cluster {settings.cluster_name!r} (connection {self.conn_id!r}, cluster_name) is "
+                f"{cluster['status']}, not ACTIVE"
+            )
+        return {
+            "platform": self.name,
+            "cluster_name": settings.cluster_name,
+            "endpoint": cluster["endpoint"],
+            "namespace": settings.namespace,
+            "scheduler": self.scheduler,
+            "job_name": spec["names"]["run_key"],
+        }
+
+    def ready_trigger(self, cluster: dict[str, Any]) -> None:
+        return None  # the cluster exists before the run and provision checked it is ACTIVE
+
+    def teardown(self, spec: dict[str, Any]) -> dict[str, Any]:
+        """Delete the run's PyTorchJob (a 404 means it is already gone) and wait until it and its pods are gone."""
+        name, namespace = spec["names"]["run_key"], self.settings.namespace
+        with self._kubernetes() as kubernetes:
+            try:
+                # Foreground: the job stays visible until the garbage collector has deleted its pods.
+                kubernetes.delete_custom_object(
+                    GROUP, VERSION, PLURAL, name, namespace, propagation_policy="Foreground"
+                )
+                deleted = [name]
+            except ApiException as err:
+                if err.status != 404:
+                    raise
+                deleted = []
+            deadline = time.monotonic() + self.delete_timeout
+            while _exists(kubernetes, name, namespace):
+                if time.monotonic() > deadline:
+                    raise RuntimeError(
+                        f"PyTorchJob {namespace}/{name} is still there {self.delete_timeout:.0f} s after delete"
+                    )
+                time.sleep(5)
+        return {"deleted_jobs": deleted, "namespace": namespace}
+
+    def _describe_cluster(self, cluster_name: str) -> dict[str, Any]:
+        try:
+            cluster: dict[str, Any] = self.eks_hook.conn.describe_cluster(name=cluster_name)["cluster"]
+        except ClientError as err:
+            if err.response["Error"]["Code"] != "ResourceNotFoundException":
+                raise
+            raise PlatformNotReady(
+                f"EKS cluster {cluster_name!r} (connection {self.conn_id!r}, cluster_name) does not exist in the "
+                f"{self.aws_conn_id!r} account's region {self.eks_hook.conn_region_name}"
+            ) from None
+        return cluster
+
+    @contextmanager
+    def _kubernetes(self) -> Iterator[KubernetesHook]:
+        """A Kubernetes hook on the cluster, authenticated with ``aws_default``'s credentials (EKS access entries)."""
+        settings = self.settings
+        with self.eks_hook.generate_config_file_with_credentials(
+            eks_cluster_name=settings.cluster_name, pod_namespace=settings.namespace
+        ) as (config_file, _):
+            yield KubernetesHook(conn_id=None, config_file=config_file)
+
+
+def _devices(instance_type: str, accelerator: str, accelerators: int) -> dict[str, int]:
+    """The extended resources one worker pod takes: all of its node's accelerators and EFA interfaces."""
+    if accelerator.startswith("trainium"):
+        if instance_type not in NEURON_DEVICES:
+            raise PlatformNotReady(f"eks.NEURON_DEVICES does not list {instance_type}'s Neuron devices")
+        devices = {NEURON: NEURON_DEVICES[instance_type]}
+    else:
+        devices = {GPU: accelerators}
+    if instance_type in EFA_INTERFACES:
+        devices[EFA] = EFA_INTERFACES[instance_type]
+    return devices
+
+
+def _environment(devices: dict[str, int]) -> dict[str, str]:
+    """What the trainer's processes need besides torchrun's PET_* settings (as the Slurm job's _env.sh sets)."""
+    env = {"OMP_NUM_THREADS": "8", "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1"}
+    if EFA in devices:
+        env |= {"FI_PROVIDER": "efa", "FI_EFA_FORK_SAFE": "1"}
+    if GPU in devices:
+        env |= {"NCCL_SOCKET_IFNAME": "^lo,docker,veth", "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
+    return env
+
+
+def _label_value(text: str) -> str:
+    """``text`` as a Kubernetes label value: at most 63 of [A-Za-z0-9_.-], alphanumeric at both ends."""
+    return re.sub(r"^[^A-Za-z0-9]+|[^A-Za-z0-9]+$", "", re.sub(r"[^A-Za-z0-9_.-]", "_", text)[:63])
+
+
+def _exists(kubernetes: KubernetesHook, name: str, namespace: str) -> bool:
+    try:
+        kubernetes.get_custom_object(GROUP, VERSION, PLURAL, name, namespace)
+    except ApiException as err:
+        if err.status == 404:
+            return False
+        raise
+    return True
+
+
+@cache
+def _validator() -> Draft7Validator:
+    return Draft7Validator(_as_api_server_judges(json.loads(SCHEMA_PATH.read_text())))
+
+
+def _as_api_server_judges(schema: Any) -> Any:
+    """The CRD schema as the API server applies it: an int-or-string without its own type takes either, and
+    undeclared fields are refused (kubectl's strict field validation) unless the schema preserves them."""
+    if isinstance(schema, list):
+        return [_as_api_server_judges(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    adapted = {key: _as_api_server_judges(value) for key, value in schema.items()}
+    if adapted.get("x-kubernetes-int-or-string") and "type" not in adapted and "anyOf" not in adapted:
+        adapted["type"] = ["integer", "string"]
+    if "properties" in adapted and not adapted.get("x-kubernetes-preserve-unknown-fields"):
+        adapted.setdefault("additionalProperties", False)
+    return adapted
+
+
+def _path(parts: Any) -> str:
+    return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in parts).lstrip(".") or "(document)"
+
+
+def _operator_problems(job: dict[str, Any]) -> list[str]:
+    """What the training operator requires beyond its CRD schema: the webhook's rules and its API types' enums."""
+    problems = []
+    if (job.get("apiVersion"), job.get("kind")) != (f"{GROUP}/{VERSION}", "PyTorchJob"):
+        problems.append(f"apiVersion/kind: expected {GROUP}/{VERSION} PyTorchJob")
+    metadata = job.get("metadata") or {}
+    name = str(metadata.get("name", ""))
+    if not DNS_1035_LABEL.fullmatch(name):
+        problems.append(f"metadata.name: {name!r} is not a DNS-1035 label (a-z, 0-9, '-', a letter first, <= 63)")
+    for field in ("labels", "annotations"):
+        for key, value in (metadata.get(field) or {}).items():
+            if not QUALIFIED_NAME.fullmatch(str(key)):
+                problems.append(f"metadata.{field}: key {key!r} is not a qualified name ([prefix/]name)")
+            if field == "labels" and not LABEL_VALUE.fullmatch(str(value)):
+                problems.append(f"metadata.labels.{key}: {value!r} is not a label value (<= 63 of A-Za-z0-9_.-)")
+    spec = job.get("spec") or {}
+    replica_specs = spec.get("pytorchReplicaSpecs") or {}
+    if spec.get("elasticPolicy") is not None and "Worker" not in replica_specs:
+        problems.append("spec.pytorchReplicaSpecs.Worker: required with an elasticPolicy")
+    if (spec.get("elasticPolicy") or {}).get("nProcPerNode") is not None and "nprocPerNode" in spec:
+        problems.append("spec.elasticPolicy.nProcPerNode: must not be used with spec.nprocPerNode")
+    for replica_type, replica in replica_specs.items():
+        problems += _replica_problems(f"spec.pytorchReplicaSpecs.{replica_type}", replica_type, replica or {})
+    return problems
+
+
+def _replica_problems(path: str, replica_type: str, replica: dict[str, Any]) -> list[str]:
+    problems = []
+    if replica_type not in REPLICA_TYPES:
+        problems.append(f"{path}: unsupported replica type (supported: {', '.join(REPLICA_TYPES)})")
+    policy = replica.get("restartPolicy")
+    if policy is not None and policy not in RESTART_POLICIES:
+        problems.append(f"{path}.restartPolicy: {policy!r} is not one of {', '.join(RESTART_POLICIES)}")
+    replicas = replica.get("replicas")
+    if replica_type == "Master" and replicas != 1:
+        problems.append(f"{path}.replicas: must be 1")
+    elif isinstance(replicas, int) and replicas < 1:
+        problems.append(f"{path}.replicas: must be at least 1")
+    containers = ((replica.get("template") or {}).get("spec") or {}).get("containers") or []
+    if not containers:
+        problems.append(f"{path}.template.spec.containers: must be specified")
+    elif not any(isinstance(c, dict) and c.get("name") == "pytorch" for c in containers):
+        problems.append(f"{path}.template.spec.containers: needs a container named 'pytorch'")
+    problems += [
+        f"{path}.template.spec.containers[{index}].image: required"
+        for index, container in enumerate(containers)
+        if isinstance(container, dict) and not container.get("image")
+    ]
+    return problems

@@ -1,0 +1,328 @@
+"""The ParallelCluster platform: one AWS ParallelCluster 3 Slurm cluster per run, created with the pcluster CLI.
+
+The cluster configuration is rendered from ``include/templates/parallelcluster/cluster-config.yaml.j2`` in the
+shape of the reference repo's (aws-samples/awsome-distributed-training, 1.architectures/2.aws-parallelcluster) and
+validated offline against aws-parallelcluster's own schema. aws-parallelcluster cannot share a virtualenv with
+Airflow, so both the schema check and the CLI run in ``.venv-pcluster`` (made by ``scripts/setup``), in a
+subprocess: ``include/parallelcluster/validate_config.py`` for the schema, ``pcluster`` for the cluster.
+
+Jobs reach the cluster through the Slurm connection of the head node (``slurm_conn_id``, transport ssh) and run
+the training image with enroot + pyxis (``srun --container-image``), which the ``pcluster-gpu`` AMIs carry.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import tempfile
+import time
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field
+
+from dtp.platforms.base import PlatformNotReady, PlatformSettings
+from dtp.platforms.pyxis import pyxis_runtime
+from dtp.recipes import INCLUDE_DIR
+from dtp.templates import render
+from dtp.triggers.parallelcluster import ParallelClusterCreateTrigger
+
+log = logging.getLogger(__name__)
+
+PROJECT_ROOT = INCLUDE_DIR.parent
+PCLUSTER_VENV = PROJECT_ROOT / ".venv-pcluster"
+VALIDATE_SCRIPT = INCLUDE_DIR / "parallelcluster" / "validate_config.py"
+CONFIG_DOCUMENT = "cluster-config.yaml"
+SHARED_DIR = "/fsx"
+# The EC2 instance types of the catalogue (include/instance_types.yaml) that have EFA.
+EFA_INSTANCE_TYPES = frozenset(
+    {
+        "p5.48xlarge",
+        "p5e.48xlarge",
+        "p4de.24xlarge",
+        "p4d.24xlarge",
+        "g5.48xlarge",
+        "trn1.32xlarge",
+        "trn1n.32xlarge",
+        "trn2.48xlarge",
+    }
+)
+# What pcluster answers for a cluster that does not exist, and for a dry run that passed.
+NOT_FOUND = "does not exist"
+DRYRUN_PASSED = "Request would have succeeded, but DryRun flag is set."
+
+
+class ParallelClusterSettings(PlatformSettings):
+    """the ParallelCluster account settings as JSON: key_name (the head node's EC2 key pair) and optionally
+    fsx_file_system_id (an existing FSx for Lustre file system; empty: a new PERSISTENT_2 one per cluster),
+    custom_ami, capacity_reservation_id, head_node_instance_type, os, slurm_conn_id, max_nodes, pcluster"""
+
+    key_name: str = Field(min_length=1, max_length=255)
+    head_node_instance_type: str = Field("m5.8xlarge", pattern=r"^[a-z0-9]+(-[a-z0-9]+)?\.[a-z0-9]+$")
+    fsx_file_system_id: str = Field("", pattern=r"^$|^fs-[0-9a-f]{17}$")
+    fsx_storage_capacity_gib: int = Field(1200, ge=1200)
+    fsx_throughput_per_tib: Literal[125, 250, 500, 1000] = 250
+    custom_ami: str = Field("", pattern=r"^$|^ami-[0-9a-f]{8}([0-9a-f]{9})?$")
+    capacity_reservation_id: str = Field("", pattern=r"^$|^cr-[0-9a-f]{17}$")
+    os: Literal["alinux2023", "ubuntu2204", "ubuntu2404", "rhel8", "rocky8", "rhel9", "rocky9"] = "ubuntu2204"
+    slurm_conn_id: str = Field("dtp_parallelcluster_slurm", pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    max_nodes: int = Field(64, ge=1, le=512)
+    pcluster: str = str(PCLUSTER_VENV / "bin" / "pcluster")
+
+
+class PclusterError(RuntimeError):
+    """The pcluster CLI refused a command; the message carries pcluster's own."""
+
+
+class PclusterCli:
+    """
+    The pcluster CLI of ``.venv-pcluster`` with an AWS connection's region, credentials and endpoint.
+
+    Every command is an argv list (no shell) and pcluster answers in JSON on stdout, errors included.
+
+    :param executable: the pcluster executable
+    :param aws_conn_id: the AWS connection; its ``endpoint_url`` (the local emulator) is passed on
+    """
+
+    def __init__(self, executable: str, aws_conn_id: str = "aws_default") -> None:
+        self.executable = executable
+        self.aws_conn_id = aws_conn_id
+
+    @cached_property
+    def aws(self) -> Any:
+        from airflow.providers.amazon.aws.hooks.base_aws import AwsBaseHook
+
+        return AwsBaseHook(aws_conn_id=self.aws_conn_id, client_type="cloudformation")
+
+    @property
+    def region(self) -> str:
+        return self.aws.conn_region_name or "us-east-1"
+
+    def environment(self) -> dict[str, str]:
+        """pcluster's environment: the connection's credentials, region and endpoint; no instance metadata."""
+        credentials = self.aws.get_credentials()
+        env = {
+            **os.environ,
+            "AWS_ACCESS_KEY_ID": credentials.access_key,
+            "AWS_SECRET_ACCESS_KEY": credentials.secret_key,
+            "AWS_REGION": self.region,
+            "AWS_DEFAULT_REGION": self.region,
+        }
+        if credentials.token:
+            env["AWS_SESSION_TOKEN"] = credentials.token
+        if endpoint := self.aws.conn_config.endpoint_url:
+            env["AWS_ENDPOINT_URL"] = endpoint
+            env["AWS_EC2_METADATA_DISABLED"] = "true"
+        return env
+
+    def command(self, action: str, *args: str) -> list[str]:
+        return [self.executable, action, *args, "--region", self.region]
+
+    def call(self, action: str, *args: str, timeout: float = 600) -> tuple[int, dict[str, Any]]:
+        """Run ``pcluster action args``: its exit status and JSON answer (pcluster answers errors in JSON too)."""
+        if not Path(self.executable).exists():
+            raise PlatformNotReady(f"pcluster CLI {self.executable} is missing: run scripts/setup")
+        argv = self.command(action, *args)
+        proc = subprocess.run(argv, capture_output=True, text=True, env=self.environment(), timeout=timeout)
+        try:
+            answer = json.loads(proc.stdout) if proc.stdout.strip() else {}
+        except json.JSONDecodeError:
+            answer = {"message": proc.stdout.strip()}
+        if not answer and proc.returncode != 0:
+            answer = {"message": proc.stderr.strip()[-2000:]}
+        return proc.returncode, dict(answer)
+
+    def run(self, action: str, *args: str, timeout: float = 600) -> dict[str, Any]:
+        """Run ``pcluster action args``; its JSON answer, or ``PclusterError`` with pcluster's message."""
+        returncode, answer = self.call(action, *args, timeout=timeout)
+        if returncode != 0:
+            raise PclusterError(f"pcluster {action} exited {returncode}: {json.dumps(answer)}")
+        return answer
+
+    def create_cluster(
+        self, name: str, config: str, *, dryrun: bool = False, suppress_validators: tuple[str, ...] = ()
+    ) -> dict[str, Any]:
+        """``pcluster create-cluster`` of the configuration text ``config``; with ``dryrun``, validate it with every
+        validator (AWS calls included) and create nothing."""
+        with tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix=f"{name}-") as file:
+            file.write(config)
+            file.flush()
+            args = ["--cluster-name", name, "--cluster-configuration", file.name, "--dryrun", str(dryrun).lower()]
+            if suppress_validators:
+                args += ["--suppress-validators", *(f"type:{v}" for v in suppress_validators)]
+            returncode, answer = self.call("create-cluster", *args)
+        # A dry run that passes still exits 1, with this message.
+        if returncode != 0 and not (dryrun and answer.get("message") == DRYRUN_PASSED):
+            raise PclusterError(f"pcluster create-cluster exited {returncode}: {json.dumps(answer)}")
+        return answer
+
+    def describe_cluster(self, name: str) -> dict[str, Any] | None:
+        """``pcluster describe-cluster``; None when no such cluster exists."""
+        try:
+            return self.run("describe-cluster", "--cluster-name", name, timeout=120)
+        except PclusterError as err:
+            if NOT_FOUND in str(err):
+                return None
+            raise
+
+    def delete_cluster(self, name: str) -> bool:
+        """``pcluster delete-cluster``; False when there was no such cluster."""
+        try:
+            self.run("delete-cluster", "--cluster-name", name, timeout=120)
+        except PclusterError as err:
+            if NOT_FOUND in str(err):
+                return False
+            raise
+        return True
+
+
+class ParallelClusterPlatform:
+    """An AWS ParallelCluster 3 Slurm cluster per run, with the account settings of ``dtp_parallelcluster``."""
+
+    name = "parallelcluster"
+    ami_family = "pcluster-gpu"
+    scheduler: Literal["slurm"] = "slurm"
+    conn_id = "dtp_parallelcluster"
+    aws_conn_id = "aws_default"
+
+    @cached_property
+    def settings(self) -> ParallelClusterSettings:
+        return ParallelClusterSettings.from_connection(self.conn_id)
+
+    @cached_property
+    def cli(self) -> PclusterCli:
+        return PclusterCli(self.settings.pcluster, self.aws_conn_id)
+
+    def max_nodes(self) -> int:
+        return self.settings.max_nodes
+
+    def default_image(self) -> dict[str, str]:
+        """With no published DTP image, the NGC PyTorch image the training image builds on, run with pyxis; the
+        task copies the training programs to the run's directory on FSx, which the container mounts."""
+        from dtp.images.container import build_arg_defaults
+
+        tag = build_arg_defaults("training")["PYTORCH_TAG"]
+        return {
+            "source": "NGC PyTorch (no DTP image published)",
+            "image": f"nvcr.io#nvidia/pytorch:{tag}-py3",
+            "container_runtime": "pyxis",
+            "python": "python3",
+        }
+
+    def runtime(self, image: str) -> dict[str, str]:
+        return pyxis_runtime(image)
+
+    # --- documents -----------------------------------------------------------------
+    def cluster_name(self, spec: dict[str, Any]) -> str:
+        """The run key: it starts with a letter and has at most 39 characters of [a-z0-9-], as pcluster requires
+        (at most 60, or 40 with Slurm accounting)."""
+        name: str = spec["names"]["run_key"]
+        return name
+
+    def render(self, spec: dict[str, Any], network: dict[str, str], ami: str | None = None) -> dict[str, str]:
+        """The cluster configuration; ``ami`` (the runtime's published AMI) is used unless settings name one."""
+        settings = self.settings
+        instance_type = spec["params"]["instance_type"]
+        text = render(
+            "parallelcluster/cluster-config.yaml.j2",
+            region=self.cli.region,
+            os=settings.os,
+            custom_ami=settings.custom_ami or ami or "",
+            head_node_instance_type=settings.head_node_instance_type,
+            key_name=settings.key_name,
+            network=network,
+            capacity_reservation_id=settings.capacity_reservation_id,
+            compute_resource=instance_type.replace(".", "-"),
+            instance_type=instance_type,
+            num_nodes=spec["params"]["num_nodes"],
+            efa=instance_type in EFA_INSTANCE_TYPES,
+            fsx_file_system_id=settings.fsx_file_system_id,
+            fsx_storage_capacity_gib=settings.fsx_storage_capacity_gib,
+            fsx_throughput_per_tib=settings.fsx_throughput_per_tib,
+            tags=spec["tags"],
+        )
+        return {CONFIG_DOCUMENT: text}
+
+    def check(self, documents: dict[str, str], cluster_name: str = "dtp-check") -> list[str]:
+        """Problems aws-parallelcluster's schema (plus its offline validators) finds in the configuration."""
+        python = PCLUSTER_VENV / "bin" / "python"
+        if not python.exists():
+            raise PlatformNotReady(f"{PCLUSTER_VENV} (aws-parallelcluster) is missing: run scripts/setup")
+        proc = subprocess.run(
+            [str(python), str(VALIDATE_SCRIPT), "--cluster-name", cluster_name],
+            input=documents[CONFIG_DOCUMENT],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", "/")},
+        )
+        if proc.returncode != 0:
+            raise RuntimeError(f"{VALIDATE_SCRIPT.name} exited {proc.returncode}: {proc.stderr.strip()[-2000:]}")
+        problems: list[str] = json.loads(proc.stdout)
+        return [f"{CONFIG_DOCUMENT}: {p}" for p in problems]
+
+    # --- lifecycle -------------------------------------------------------------------
+    def cluster_status(self, name: str) -> str | None:
+        """The cluster's status (CREATE_IN_PROGRESS, CREATE_COMPLETE, ...); None when it does not exist."""
+        described = self.cli.describe_cluster(name)
+        return None if described is None else str(described["clusterStatus"])
+
+    def provision(self, spec: dict[str, Any], network: dict[str, str], ami: str | None = None) -> dict[str, Any]:
+        """Create the cluster (or find it again); ``ready_trigger`` waits for it to be created."""
+        name = self.cluster_name(spec)
+        documents = self.render(spec, network, ami)
+        if problems := self.check(documents, name):
+            raise PlatformNotReady(f"cluster configuration of {name} is invalid:\n" + "\n".join(problems))
+        existing = self.cli.describe_cluster(name)
+        if existing is None:
+            log.info("Creating ParallelCluster cluster %s", name)
+            self.cli.create_cluster(name, documents[CONFIG_DOCUMENT])
+        elif existing["clusterStatus"] == "CREATE_FAILED":
+            raise RuntimeError(f"cluster {name} exists and is CREATE_FAILED: {failures(existing)}")
+        else:
+            log.info("Reusing ParallelCluster cluster %s (%s)", name, existing["clusterStatus"])
+        return {
+            "platform": self.name,
+            "cluster_name": name,
+            "slurm_conn_id": self.settings.slurm_conn_id,
+            "shared_dir": SHARED_DIR,
+            "nodes": spec["params"]["num_nodes"],
+            "scheduler": self.scheduler,
+        }
+
+    def ready_trigger(self, cluster: dict[str, Any]) -> ParallelClusterCreateTrigger:
+        """Wait in the triggerer until ``create-cluster`` is done; the event adds the head node's address."""
+        return ParallelClusterCreateTrigger(cluster["cluster_name"])
+
+    def teardown(self, spec: dict[str, Any], timeout: float = 3600, poll: float = 30) -> dict[str, Any]:
+        name = self.cluster_name(spec)
+        status = self.cluster_status(name)
+        if status is None:
+            return {"cluster_name": name, "cancelled_jobs": [], "deleted": False}
+        cancelled = self._cancel_jobs(spec) if status in ("CREATE_COMPLETE", "UPDATE_COMPLETE") else []
+        deleted = self.cli.delete_cluster(name)
+        deadline = time.monotonic() + timeout
+        while (status := self.cluster_status(name)) is not None:
+            if status == "DELETE_FAILED" or time.monotonic() > deadline:
+                raise RuntimeError(f"cluster {name} is still there ({status}) after delete-cluster")
+            time.sleep(poll)
+        return {"cluster_name": name, "cancelled_jobs": cancelled, "deleted": deleted}
+
+    def _cancel_jobs(self, spec: dict[str, Any]) -> list[str]:
+        """Cancel the run's Slurm jobs; an unreachable head node is logged, not fatal: deleting the cluster stops
+        every job anyway."""
+        from dtp.hooks.slurm import SlurmHook
+
+        try:
+            return SlurmHook(self.settings.slurm_conn_id).cancel_and_wait(spec["names"]["slurm_job"], prefix=True)
+        except Exception as err:
+            log.warning("Could not cancel the run's Slurm jobs (%s); deleting the cluster stops them", err)
+            return []
+
+
+def failures(described: dict[str, Any]) -> str:
+    failures = described.get("failures") or []
+    return "; ".join(f"{f.get('failureCode')}: {f.get('failureReason')}" for f in failures) or json.dumps(described)

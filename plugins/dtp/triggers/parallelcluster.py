@@ -1,0 +1,51 @@
+"""Wait for a ParallelCluster cluster to be created, in the triggerer, polling ``pcluster describe-cluster``."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from airflow.triggers.base import BaseTrigger, TriggerEvent
+
+
+class ParallelClusterCreateTrigger(BaseTrigger):
+    """Fires once the cluster is CREATE_COMPLETE (with its head node's address) or failed, gone or timed out."""
+
+    def __init__(self, cluster_name: str, poll_interval: float = 30.0, timeout: float = 3600.0) -> None:
+        super().__init__()
+        self.cluster_name = cluster_name
+        self.poll_interval = poll_interval
+        self.timeout = timeout
+
+    def serialize(self) -> tuple[str, dict[str, Any]]:
+        return (
+            f"{type(self).__module__}.{type(self).__qualname__}",
+            {"cluster_name": self.cluster_name, "poll_interval": self.poll_interval, "timeout": self.timeout},
+        )
+
+    async def run(self) -> AsyncIterator[TriggerEvent]:
+        from dtp.platforms.parallelcluster import ParallelClusterPlatform, failures
+
+        cli = ParallelClusterPlatform().cli
+        deadline = time.monotonic() + self.timeout
+        while True:
+            described = await asyncio.to_thread(cli.describe_cluster, self.cluster_name)
+            status = None if described is None else described["clusterStatus"]
+            if described is not None and status == "CREATE_COMPLETE":
+                head = described.get("headNode", {})
+                address = head.get("publicIpAddress") or head.get("privateIpAddress", "")
+                message = f"ParallelCluster cluster {self.cluster_name} is CREATE_COMPLETE"
+                yield TriggerEvent({"status": "success", "message": message, "cluster": {"head_node_ip": address}})
+                return
+            if described is None or status != "CREATE_IN_PROGRESS":
+                why = "does not exist" if described is None else f"is {status}: {failures(described)}"
+                yield TriggerEvent({"status": "failed", "message": f"cluster {self.cluster_name} {why}"})
+                return
+            if time.monotonic() > deadline:
+                message = f"cluster {self.cluster_name} is still {status} after {self.timeout:.0f} s"
+                yield TriggerEvent({"status": "failed", "message": message})
+                return
+            self.log.info("ParallelCluster cluster %s is %s", self.cluster_name, status)
+            await asyncio.sleep(self.poll_interval)

@@ -1,0 +1,389 @@
+"""dtp.platforms.eks: the run's PyTorchJob renders for the shipped recipes and instance types and passes the
+training operator's CRD schema and webhook rules; check catches real violations; the dtp_eks connection, the EKS
+API (botocore's Stubber) and the Kubernetes API (a local HTTP server speaking its protocol) are used as on AWS."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import sys
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from botocore.stub import Stubber
+
+from dtp.params import TrainParams, parse_params
+from dtp.pipeline.spec import run_spec
+from dtp.platforms import get_platform
+from dtp.platforms.base import PlatformNotReady
+from dtp.platforms.eks import EksPlatform
+
+CLUSTER = "dtp-training"
+RUN_ID = "manual__2026-12-02"
+
+
+@pytest.fixture(autouse=True)
+def account(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AIRFLOW_CONN_DTP_EKS", json.dumps({"conn_type": "generic", "extra": {"cluster_name": CLUSTER}}))
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+
+
+def spec_for(recipe: str, instance_type: str, num_nodes: int, **conf: Any) -> dict[str, Any]:
+    params = {"platform": "eks", "recipe": recipe, "instance_type": instance_type, "num_nodes": num_nodes, **conf}
+    return run_spec(parse_params(TrainParams, params), "train_e2e", RUN_ID)
+
+
+def rendered(spec: dict[str, Any], **runtime: str) -> tuple[str, dict[str, Any]]:
+    text = EksPlatform().render(spec, {}, runtime or None)["pytorchjob.yaml"]
+    return text, yaml.safe_load(text)
+
+
+def worker(job: dict[str, Any]) -> dict[str, Any]:
+    return job["spec"]["pytorchReplicaSpecs"]["Worker"]
+
+
+def container(job: dict[str, Any]) -> dict[str, Any]:
+    return worker(job)["template"]["spec"]["containers"][0]
+
+
+def check(job: dict[str, Any]) -> list[str]:
+    return EksPlatform().check({"pytorchjob.yaml": yaml.safe_dump(job)})
+
+
+def test_registered_as_the_eks_platform() -> None:
+    platform = get_platform("eks")
+    assert (platform.name, platform.scheduler, platform.ami_family) == ("eks", "kubernetes", "eks-gpu")
+    assert (Path(__file__).parents[2] / "images/packer/families/eks-gpu.pkrvars.hcl").is_file()
+
+
+@pytest.mark.parametrize(
+    ("recipe", "instance_type", "nodes", "devices"),
+    [
+        ("llama3_1_8b", "p5.48xlarge", 4, {"nvidia.com/gpu": 8, "vpc.amazonaws.com/efa": 32}),
+        ("llama3_1_70b", "p5e.48xlarge", 16, {"nvidia.com/gpu": 8, "vpc.amazonaws.com/efa": 32}),
+        ("llama3_2_1b", "p4de.24xlarge", 2, {"nvidia.com/gpu": 8, "vpc.amazonaws.com/efa": 4}),
+        ("mixtral_8x7b", "p4d.24xlarge", 8, {"nvidia.com/gpu": 8, "vpc.amazonaws.com/efa": 4}),
+        ("tiny", "g5.48xlarge", 1, {"nvidia.com/gpu": 8, "vpc.amazonaws.com/efa": 1}),
+        ("llama3_2_1b", "trn1.32xlarge", 2, {"aws.amazon.com/neuron": 16, "vpc.amazonaws.com/efa": 8}),
+        ("llama3_2_1b", "trn2.48xlarge", 2, {"aws.amazon.com/neuron": 16, "vpc.amazonaws.com/efa": 16}),
+    ],
+)
+def test_job_for_each_instance_type_passes_the_crd(
+    recipe: str, instance_type: str, nodes: int, devices: dict[str, int]
+) -> None:
+    spec = spec_for(recipe, instance_type, nodes)
+    text, job = rendered(spec)
+    assert EksPlatform().check({"pytorchjob.yaml": text}) == []
+    assert (job["apiVersion"], job["kind"]) == ("kubeflow.org/v1", "PyTorchJob")
+    assert job["metadata"]["name"] == spec["names"]["run_key"]
+    assert job["metadata"]["namespace"] == "kubeflow"
+    assert job["spec"]["nprocPerNode"] == str(spec["instance"]["accelerators_per_node"])
+    elastic = job["spec"]["elasticPolicy"]
+    assert (elastic["rdzvBackend"], elastic["minReplicas"], elastic["maxReplicas"]) == ("c10d", nodes, nodes)
+    assert list(job["spec"]["pytorchReplicaSpecs"]) == ["Worker"]
+    assert (worker(job)["replicas"], worker(job)["restartPolicy"]) == (nodes, "OnFailure")
+    pod = worker(job)["template"]["spec"]
+    assert pod["nodeSelector"] == {"node.kubernetes.io/instance-type": instance_type}
+    assert container(job)["resources"] == {"requests": devices, "limits": devices}
+    assert {t["key"] for t in pod["tolerations"]} == set(devices) - {"vpc.amazonaws.com/efa"}
+    assert {v["name"] for v in pod["volumes"]} == {"fsx", "shm"}
+    assert {"name": "fsx", "persistentVolumeClaim": {"claimName": "fsx-claim"}} in pod["volumes"]
+    assert {"name": "shm", "emptyDir": {"medium": "Memory"}} in pod["volumes"]
+    assert {(m["name"], m["mountPath"]) for m in container(job)["volumeMounts"]} == {
+        ("fsx", "/fsx"),
+        ("shm", "/dev/shm"),
+    }
+    env = {e["name"]: e["value"] for e in container(job)["env"]}
+    assert env["FI_PROVIDER"] == "efa"
+    assert ("NCCL_SOCKET_IFNAME" in env) == ("nvidia.com/gpu" in devices)
+
+
+def test_command_runs_the_trainer_with_the_runs_config_from_the_image() -> None:
+    spec = spec_for("llama3_1_8b", "p5.48xlarge", 2, extra_env={"NCCL_DEBUG": "INFO", "OMP_NUM_THREADS": "4"})
+    image = "123456789012.dkr.ecr.us-east-1.amazonaws.com/dtp/training@sha256:" + "a" * 64
+    _, job = rendered(spec, **EksPlatform().runtime(image))
+    run_key = spec["names"]["run_key"]
+    assert container(job)["image"] == image
+    assert container(job)["imagePullPolicy"] == "IfNotPresent"
+    assert container(job)["command"] == [
+        "torchrun",
+        "/opt/dtp/training/train.py",
+        "--config",
+        f"/fsx/runs/{run_key}/train.json",
+    ]
+    env = [e["name"] for e in container(job)["env"]]
+    assert len(env) == len(set(env))  # extra_env overrides a default instead of repeating it
+    assert {"name": "NCCL_DEBUG", "value": "INFO"} in container(job)["env"]
+    assert {"name": "OMP_NUM_THREADS", "value": "4"} in container(job)["env"]
+    # Restarts and the budget's time limit, as on Slurm.
+    assert job["spec"]["runPolicy"] == {
+        "backoffLimit": 3,
+        "activeDeadlineSeconds": spec["training_time_limit_minutes"] * 60,
+    }
+
+
+def test_default_image_is_the_training_images_base_with_programs_on_fsx() -> None:
+    runtime = EksPlatform().default_image()
+    assert runtime["image"].startswith("nvcr.io/nvidia/pytorch:") and runtime["image"].endswith("-py3")
+    _, job = rendered(spec_for("tiny", "g5.48xlarge", 1))
+    assert container(job)["image"] == runtime["image"]
+    assert container(job)["command"][1] == "/fsx/dtp/training/train.py"
+
+
+def test_tags_are_annotations_and_labels_are_valid_label_values() -> None:
+    spec = spec_for("llama3_1_8b", "p5.48xlarge", 2)
+    _, job = rendered(spec)
+    annotations = job["metadata"]["annotations"]
+    assert annotations == {f"dtp.dev/{key.removeprefix('dtp:')}": value for key, value in spec["tags"].items()}
+    assert job["metadata"]["labels"] == {"dtp.dev/run": spec["names"]["run_key"], "dtp.dev/dag": "train_e2e"}
+    assert worker(job)["template"]["metadata"]["labels"] == job["metadata"]["labels"]
+
+
+def test_odd_characters_in_values_cannot_break_the_yaml() -> None:
+    spec = spec_for("llama3_1_8b", "p5.48xlarge", 2, extra_env={"NCCL_DEBUG": "INFO'\": {x: [y]} # not a comment"})
+    hostile = 'it\'s "quoted": {a: b}\n---\nkind: Secret\n- [x] # & *anchor !!python/object'
+    spec["tags"] = {**spec["tags"], "dtp:run-id": hostile}
+    spec["dag_id"] = "dag: with\nnewline/and-a-very-long-name-" + "x" * 80
+    text, job = rendered(spec)
+    assert EksPlatform().check({"pytorchjob.yaml": text}) == []
+    assert len(list(yaml.safe_load_all(text))) == 1
+    assert job["metadata"]["annotations"]["dtp.dev/run-id"] == hostile
+    assert {"name": "NCCL_DEBUG", "value": spec["params"]["extra_env"]["NCCL_DEBUG"]} in container(job)["env"]
+    dag_label = job["metadata"]["labels"]["dtp.dev/dag"]
+    assert len(dag_label) <= 63 and dag_label.startswith("dag__with_newline")
+
+
+def test_recipes_of_other_frameworks_are_refused() -> None:
+    with pytest.raises(PlatformNotReady, match=r"llama3_1_8b_torchtitan.*torchtitan.*FSDP trainer only"):
+        EksPlatform().render(spec_for("llama3_1_8b_torchtitan", "p5.48xlarge", 2), {})
+
+
+def test_settings_come_from_the_connection(monkeypatch: pytest.MonkeyPatch) -> None:
+    extra = {
+        "cluster_name": CLUSTER,
+        "namespace": "training",
+        "fsx_claim": "fsx-lustre",
+        "image_pull_policy": "Always",
+        "max_nodes": 128,
+    }
+    monkeypatch.setenv("AIRFLOW_CONN_DTP_EKS", json.dumps({"conn_type": "generic", "extra": extra}))
+    assert EksPlatform().max_nodes() == 128
+    _, job = rendered(spec_for("tiny", "g5.48xlarge", 1))
+    assert job["metadata"]["namespace"] == "training"
+    assert container(job)["imagePullPolicy"] == "Always"
+    assert {"name": "fsx", "persistentVolumeClaim": {"claimName": "fsx-lustre"}} in worker(job)["template"]["spec"][
+        "volumes"
+    ]
+
+
+def test_missing_connection_names_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("AIRFLOW_CONN_DTP_EKS")
+    with pytest.raises(PlatformNotReady, match="connection 'dtp_eks' is not defined; it holds the account's EKS"):
+        EksPlatform().max_nodes()
+
+
+@pytest.mark.parametrize(
+    ("extra", "field"),
+    [
+        ({}, "cluster_name"),
+        ({"cluster_name": "-bad name"}, "cluster_name"),
+        ({"cluster_name": CLUSTER, "namespace": "Kube_Flow"}, "namespace"),
+        ({"cluster_name": CLUSTER, "image_pull_policy": "Sometimes"}, "image_pull_policy"),
+        ({"cluster_name": CLUSTER, "max_nodes": 0}, "max_nodes"),
+        ({"cluster_name": CLUSTER, "fsx": "fsx-claim"}, "fsx"),
+    ],
+)
+def test_invalid_connection_names_the_field(monkeypatch: pytest.MonkeyPatch, extra: dict[str, Any], field: str) -> None:
+    monkeypatch.setenv("AIRFLOW_CONN_DTP_EKS", json.dumps({"conn_type": "generic", "extra": extra}))
+    with pytest.raises(PlatformNotReady, match=f"connection 'dtp_eks' extra: .*{field}"):
+        EksPlatform().max_nodes()
+
+
+@pytest.fixture
+def job() -> dict[str, Any]:
+    return rendered(spec_for("llama3_1_8b", "p5.48xlarge", 4))[1]
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        (lambda j: worker(j).update(restartPolicy="Sometimes"), "Worker.restartPolicy: 'Sometimes' is not one of"),
+        (lambda j: worker(j).update(replicas="two"), "Worker.replicas: 'two' is not of type 'integer'"),
+        (lambda j: worker(j).pop("template"), "Worker.template.spec.containers: must be specified"),
+        (lambda j: j.update(status_report={}), "(document): Additional properties are not allowed ('status_report'"),
+        (lambda j: j["spec"].update(replicas=4), "spec: Additional properties are not allowed ('replicas'"),
+        (lambda j: container(j).update(imagePullPolicy=7), "containers[0].imagePullPolicy: 7 is not of type 'string'"),
+        (lambda j: container(j).pop("image"), "containers[0].image: required"),
+        (lambda j: container(j).update(name="trainer"), "needs a container named 'pytorch'"),
+        (lambda j: container(j)["resources"]["limits"].update(cpu="lots"), "limits.cpu: 'lots' does not match"),
+        (lambda j: container(j)["resources"]["limits"].update(cpu=[8]), "limits.cpu: [8] is not valid under any"),
+        (lambda j: j["spec"]["pytorchReplicaSpecs"].update(Chief=worker(j)), "Chief: unsupported replica type"),
+        (lambda j: j["spec"]["pytorchReplicaSpecs"].update(Master=dict(worker(j))), "Master.replicas: must be 1"),
+        (lambda j: j["spec"]["pytorchReplicaSpecs"].update(Master=j["spec"]["pytorchReplicaSpecs"].pop("Worker")),
+         "Worker: required with an elasticPolicy"),
+        (lambda j: j["spec"]["elasticPolicy"].update(nProcPerNode=8), "nProcPerNode: must not be used with"),
+        (lambda j: j["metadata"].update(name="Run_1"), "metadata.name: 'Run_1' is not a DNS-1035 label"),
+        (lambda j: j["metadata"].update(name="1-run"), "metadata.name: '1-run' is not a DNS-1035 label"),
+        (lambda j: j["metadata"]["labels"].update(dag="has space"), "'has space' is not a label value"),
+        (lambda j: j["metadata"]["annotations"].update({"dtp:owner": "dtp"}), "key 'dtp:owner' is not a qualified"),
+        (lambda j: j.update(kind="TFJob"), "apiVersion/kind: expected kubeflow.org/v1 PyTorchJob"),
+    ],
+)  # fmt: skip
+def test_check_catches_violations(job: dict[str, Any], change: Any, expected: str) -> None:
+    assert check(job) == []
+    change(job)
+    problems = check(job)
+    assert any(expected in problem for problem in problems), problems
+    assert all(problem.startswith("pytorchjob.yaml: ") for problem in problems)
+
+
+def test_quantities_take_integers_and_strings(job: dict[str, Any]) -> None:
+    container(job)["resources"]["limits"] |= {"cpu": 96, "memory": "1900Gi", "ephemeral-storage": "0.5Ti"}
+    container(job)["ports"] = [{"containerPort": 29500, "name": "pytorchjob-port"}]
+    worker(job)["template"]["spec"]["containers"][0]["livenessProbe"] = {"tcpSocket": {"port": "pytorchjob-port"}}
+    assert check(job) == []
+
+
+def test_check_wants_a_single_yaml_document(job: dict[str, Any]) -> None:
+    text = yaml.safe_dump(job)
+    platform = EksPlatform()
+    assert platform.check({"pytorchjob.yaml": text + "---\n" + text}) == [
+        "pytorchjob.yaml: expected one PyTorchJob mapping, found 2 YAML documents"
+    ]
+    assert platform.check({"pytorchjob.yaml": "metadata: {name: [unclosed"})[0].startswith("pytorchjob.yaml: not YAML")
+
+
+def describe_cluster(status: str, endpoint: str = "https://ABC.gr7.us-east-1.eks.amazonaws.com") -> dict[str, Any]:
+    certificate = base64.b64encode(b"-----BEGIN CERTIFICATE-----\n").decode()
+    return {
+        "cluster": {
+            "name": CLUSTER,
+            "status": status,
+            "endpoint": endpoint,
+            "certificateAuthority": {"data": certificate},
+        }
+    }
+
+
+def test_provision_finds_the_active_cluster() -> None:
+    platform = EksPlatform()
+    spec = spec_for("llama3_1_8b", "p5.48xlarge", 2)
+    with Stubber(platform.eks_hook.conn) as eks:
+        eks.add_response("describe_cluster", describe_cluster("ACTIVE"), {"name": CLUSTER})
+        cluster = platform.provision(spec, {})
+        eks.assert_no_pending_responses()
+    assert cluster == {
+        "platform": "eks",
+        "cluster_name": CLUSTER,
+        "endpoint": "https://ABC.gr7.us-east-1.eks.amazonaws.com",
+        "namespace": "kubeflow",
+        "scheduler": "kubernetes",
+        "job_name": spec["names"]["run_key"],
+    }
+
+
+def test_provision_refuses_a_cluster_that_is_not_active() -> None:
+    platform = EksPlatform()
+    with Stubber(platform.eks_hook.conn) as eks:
+        eks.add_response("describe_cluster", describe_cluster("CREATING"), {"name": CLUSTER})
+        with pytest.raises(PlatformNotReady, match=f"EKS cluster '{CLUSTER}' .*dtp_eks.* is CREATING, not ACTIVE"):
+            platform.provision(spec_for("tiny", "g5.48xlarge", 1), {})
+
+
+def test_provision_refuses_a_missing_cluster() -> None:
+    platform = EksPlatform()
+    with Stubber(platform.eks_hook.conn) as eks:
+        eks.add_client_error("describe_cluster", "ResourceNotFoundException", "No cluster found", 404)
+        with pytest.raises(PlatformNotReady, match=f"EKS cluster '{CLUSTER}' .*cluster_name.* does not exist"):
+            platform.provision(spec_for("tiny", "g5.48xlarge", 1), {})
+
+
+class KubernetesApi(BaseHTTPRequestHandler):
+    """The Kubernetes API's custom-object endpoints for PyTorchJobs, over plain HTTP; ``jobs`` holds the jobs,
+    ``finalizing`` those a delete marks but does not remove (their pods are still terminating)."""
+
+    jobs: set[str] = set()
+    finalizing: set[str] = set()
+    requests: list[tuple[str, str, str, bytes]] = []
+
+    def _answer(self) -> None:
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        self.requests.append((self.command, self.path, self.headers.get("Authorization", ""), body))
+        name = self.path.split("?")[0].removeprefix("/apis/kubeflow.org/v1/namespaces/kubeflow/pytorchjobs/")
+        if name in self.jobs:
+            if self.command == "DELETE" and name not in self.finalizing:
+                self.jobs.discard(name)
+            status, answer = 200, {"apiVersion": "kubeflow.org/v1", "kind": "PyTorchJob", "metadata": {"name": name}}
+        else:
+            status, answer = 404, {"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound",
+                                   "code": 404, "message": f'pytorchjobs.kubeflow.org "{name}" not found'}  # fmt: skip
+        data = json.dumps(answer).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    do_GET = do_DELETE = _answer
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def kubernetes_api(monkeypatch: pytest.MonkeyPatch) -> Iterator[type[KubernetesApi]]:
+    # The generated kubeconfig runs the amazon provider's eks_get_token with the interpreter of this Python version.
+    monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    KubernetesApi.jobs, KubernetesApi.finalizing, KubernetesApi.requests = set(), set(), []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), KubernetesApi)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    KubernetesApi.endpoint = f"http://127.0.0.1:{server.server_port}"  # type: ignore[attr-defined]
+    yield KubernetesApi
+    server.shutdown()
+    thread.join()
+
+
+def teardown_against(api: type[KubernetesApi], spec: dict[str, Any], delete_timeout: float = 600) -> dict[str, Any]:
+    platform = EksPlatform(delete_timeout=delete_timeout)
+    with Stubber(platform.eks_hook.conn) as eks:
+        eks.add_response("describe_cluster", describe_cluster("ACTIVE", api.endpoint), {"name": CLUSTER})  # type: ignore[attr-defined]
+        return platform.teardown(spec)
+
+
+def test_teardown_deletes_the_runs_job_in_the_foreground(kubernetes_api: type[KubernetesApi]) -> None:
+    spec = spec_for("llama3_1_8b", "p5.48xlarge", 2)
+    name = spec["names"]["run_key"]
+    kubernetes_api.jobs = {name, "someone-elses-job"}
+    assert teardown_against(kubernetes_api, spec) == {"deleted_jobs": [name], "namespace": "kubeflow"}
+    assert kubernetes_api.jobs == {"someone-elses-job"}
+    (method, path, authorization, _), (verify, *_) = kubernetes_api.requests
+    assert (method, path) == (
+        "DELETE",
+        f"/apis/kubeflow.org/v1/namespaces/kubeflow/pytorchjobs/{name}?propagationPolicy=Foreground",
+    )
+    assert authorization.startswith("Bearer k8s-aws-v1.")  # the EKS token of aws_default's credentials
+    assert verify == "GET"
+
+
+def test_teardown_of_a_job_already_gone(kubernetes_api: type[KubernetesApi]) -> None:
+    spec = spec_for("tiny", "g5.48xlarge", 1)
+    assert teardown_against(kubernetes_api, spec) == {"deleted_jobs": [], "namespace": "kubeflow"}
+    assert [method for method, *_ in kubernetes_api.requests] == ["DELETE", "GET"]
+
+
+def test_teardown_fails_when_the_job_stays(kubernetes_api: type[KubernetesApi]) -> None:
+    spec = spec_for("tiny", "g5.48xlarge", 1)
+    name = spec["names"]["run_key"]
+    kubernetes_api.jobs = kubernetes_api.finalizing = {name}
+    with pytest.raises(RuntimeError, match=f"PyTorchJob kubeflow/{name} is still there 0 s after delete"):
+        teardown_against(kubernetes_api, spec, delete_timeout=0)

@@ -1,0 +1,385 @@
+"""The ParallelCluster platform: configurations rendered for shipped recipes pass aws-parallelcluster's own schema
+(in .venv-pcluster, as scripts/setup makes it), violations are caught, no value can break the YAML, and
+``pcluster create-cluster --dryrun true`` accepts a rendered configuration against the local AWS emulator."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from dtp.params import TrainParams, parse_params
+from dtp.pipeline.spec import run_spec
+from dtp.platforms import get_platform
+from dtp.platforms import parallelcluster as pc
+from dtp.platforms.base import PlatformNotReady
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+needs_pcluster = pytest.mark.skipif(
+    not (pc.PCLUSTER_VENV / "bin" / "pcluster").exists(),
+    reason=".venv-pcluster is missing (scripts/setup creates it): aws-parallelcluster's schema is not available",
+)
+NETWORK = {
+    "VPC": "vpc-0123456789abcdef0",
+    "PublicSubnet": "subnet-0123456789abcdef0",
+    "PrivateSubnet": "subnet-0fedcba9876543210",
+    "SecurityGroup": "sg-0123456789abcdef0",
+    "FSXSecurityGroup": "sg-0fedcba9876543210",
+    "DataBucket": "dtp-train-e2e-0123456789-data",
+}
+# Validators whose AWS calls the emulator cannot answer as AWS does (FACTS.md, offline validation).
+# The emulator offers p5.48xlarge where AWS does (us-east-1), as pcluster's instance type validators check.
+EMULATOR_REGION = "us-east-1"
+EMULATOR_SUPPRESSED = ("KeyPairValidator", "HeadNodeLaunchTemplateValidator", "ComputeResourceLaunchTemplateValidator")
+
+
+def use_settings(
+    monkeypatch: pytest.MonkeyPatch, endpoint: str | None = None, region: str = "eu-west-1", **extra: Any
+) -> pc.ParallelClusterPlatform:
+    """Connections from the environment, as the stack sets them: the platform's settings and aws_default."""
+    monkeypatch.setenv("AIRFLOW_CONN_DTP_PARALLELCLUSTER", json.dumps({"conn_type": "generic", "extra": extra}))
+    aws_extra = {"region_name": region, **({"endpoint_url": endpoint} if endpoint else {})}
+    aws = {"conn_type": "aws", "login": "testing", "password": "testing", "extra": aws_extra}
+    monkeypatch.setenv("AIRFLOW_CONN_AWS_DEFAULT", json.dumps(aws))
+    return pc.ParallelClusterPlatform()
+
+
+def make_spec(recipe: str, instance_type: str, num_nodes: int, dag_id: str = "train_e2e") -> dict[str, Any]:
+    conf = {"platform": "parallelcluster", "recipe": recipe, "instance_type": instance_type, "num_nodes": num_nodes}
+    return run_spec(parse_params(TrainParams, conf), dag_id, "manual__2026-12-02")
+
+
+def config(documents: dict[str, str]) -> dict[str, Any]:
+    parsed: dict[str, Any] = yaml.safe_load(documents["cluster-config.yaml"])
+    return parsed
+
+
+def compute_resource(cfg: dict[str, Any]) -> dict[str, Any]:
+    resource: dict[str, Any] = cfg["Scheduling"]["SlurmQueues"][0]["ComputeResources"][0]
+    return resource
+
+
+def test_the_registry_gives_the_platform_and_its_ami_family_exists() -> None:
+    platform = get_platform("parallelcluster")
+    assert isinstance(platform, pc.ParallelClusterPlatform)
+    assert platform.scheduler == "slurm"
+    assert (PROJECT_ROOT / "images" / "packer" / "families" / f"{platform.ami_family}.pkrvars.hcl").exists()
+
+
+@needs_pcluster
+@pytest.mark.parametrize(
+    ("recipe", "instance_type", "num_nodes", "settings", "ami"),
+    [
+        ("llama3_1_8b", "p5.48xlarge", 4, {}, None),
+        ("llama3_1_70b", "p4de.24xlarge", 16, {"fsx_file_system_id": "fs-0123456789abcdef0"}, None),
+        ("llama3_1_70b_megatron", "p5.48xlarge", 2, {"custom_ami": "ami-0123456789abcdef0"}, "ami-0aaaaaaaaaaaaaaaa"),
+        ("llama3_1_8b_trn1", "trn1n.32xlarge", 2, {"capacity_reservation_id": "cr-0123456789abcdef0"}, None),
+        ("tiny", "g5.48xlarge", 1, {"os": "alinux2023", "fsx_storage_capacity_gib": 2400}, "ami-0aaaaaaaaaaaaaaaa"),
+    ],
+)
+def test_rendered_configs_pass_the_parallelcluster_schema(
+    monkeypatch, recipe, instance_type, num_nodes, settings, ami
+) -> None:
+    platform = use_settings(monkeypatch, key_name="dtp-head", **settings)
+    spec = make_spec(recipe, instance_type, num_nodes)
+    documents = platform.render(spec, NETWORK, ami)
+
+    assert platform.check(documents, platform.cluster_name(spec)) == []
+    cfg = config(documents)
+    assert cfg["Region"] == "eu-west-1"
+    assert cfg["HeadNode"]["Networking"] == {
+        "SubnetId": NETWORK["PublicSubnet"],
+        "AdditionalSecurityGroups": [NETWORK["SecurityGroup"]],
+    }
+    assert cfg["HeadNode"]["Ssh"] == {"KeyName": "dtp-head"}
+    queue = cfg["Scheduling"]["SlurmQueues"][0]
+    assert queue["Networking"]["SubnetIds"] == [NETWORK["PrivateSubnet"]]
+    resource = compute_resource(cfg)
+    assert resource["InstanceType"] == instance_type
+    assert resource["MinCount"] == resource["MaxCount"] == num_nodes
+    assert resource["Efa"] == {"Enabled": True, "GdrSupport": True}
+    assert {t["Key"]: t["Value"] for t in cfg["Tags"]} == spec["tags"]
+    # The settings' AMI wins over the runtime's; with neither, pcluster's official AMI for the OS.
+    expected_ami = settings.get("custom_ami") or ami
+    assert cfg["Image"] == {
+        "Os": settings.get("os", "ubuntu2204"),
+        **({"CustomAmi": expected_ami} if expected_ami else {}),
+    }
+    fsx = cfg["SharedStorage"][0]
+    assert fsx["MountDir"] == "/fsx" and fsx["StorageType"] == "FsxLustre"
+    if "fsx_file_system_id" in settings:
+        assert fsx["FsxLustreSettings"] == {"FileSystemId": settings["fsx_file_system_id"]}
+    else:
+        assert fsx["FsxLustreSettings"]["DeploymentType"] == "PERSISTENT_2"
+        assert fsx["FsxLustreSettings"]["StorageCapacity"] == settings.get("fsx_storage_capacity_gib", 1200)
+        assert fsx["FsxLustreSettings"]["PerUnitStorageThroughput"] == 250
+    reservation = settings.get("capacity_reservation_id")
+    assert queue.get("CapacityReservationTarget") == ({"CapacityReservationId": reservation} if reservation else None)
+    assert queue["Networking"]["PlacementGroup"] == {"Enabled": not reservation}
+
+
+def _mutated(documents: dict[str, str], change: Any) -> dict[str, str]:
+    cfg = config(documents)
+    change(cfg)
+    return {"cluster-config.yaml": yaml.safe_dump(cfg)}
+
+
+@needs_pcluster
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        (lambda c: compute_resource(c).update(Bogus=1), "ComputeResources.0.Bogus: Unknown field."),
+        (lambda c: c["HeadNode"].update(Ssh={"KeyNam": "x"}), "HeadNode.Ssh.KeyNam: Unknown field."),
+        (
+            lambda c: compute_resource(c).update(MinCount=5, MaxCount=4),
+            "ComputeResourceSizeValidator: Max count must be greater than or equal to min count.",
+        ),
+        (
+            lambda c: compute_resource(c).update(InstanceType="p5.48xlarge; rm -rf /"),
+            "ComputeResources.p5-48xlarge.InstanceType: 'p5.48xlarge; rm -rf /' is not an EC2 instance type",
+        ),
+        (lambda c: c["HeadNode"].update(InstanceType="m5.huge"), "HeadNode.InstanceType: 'm5.huge' is not an EC2"),
+        (
+            lambda c: c["SharedStorage"][0].update(FsxLustreSettings={"FileSystemId": "fs-123"}),
+            "SharedStorage.0.FsxLustreSettings.FileSystemId: String does not match expected pattern.",
+        ),
+        (lambda c: c["Image"].update(Os="windows"), "Image.Os: Must be one of"),
+        (lambda c: c["Tags"].append({"Key": "parallelcluster:x", "Value": "1"}), "parallelcluster:"),
+    ],
+)
+def test_check_catches_real_violations(monkeypatch, change, expected) -> None:
+    platform = use_settings(monkeypatch, key_name="k")
+    documents = platform.render(make_spec("llama3_1_8b", "p5.48xlarge", 2), NETWORK)
+    problems = platform.check(_mutated(documents, change))
+    assert any(expected in p for p in problems), problems
+
+
+@needs_pcluster
+def test_check_reports_yaml_that_does_not_parse(monkeypatch) -> None:
+    platform = use_settings(monkeypatch, key_name="k")
+    assert platform.check({"cluster-config.yaml": "Image: [unclosed"})[0].startswith("cluster-config.yaml: not valid")
+
+
+@needs_pcluster
+@pytest.mark.parametrize("dag_id", ["train_e2e", "A" * 250, "9-starts-with-a-digit", "dots.and spaces: and 'quotes'"])
+def test_the_cluster_name_is_valid_for_pcluster_whatever_the_dag_id(monkeypatch, dag_id) -> None:
+    platform = use_settings(monkeypatch, key_name="k")
+    spec = make_spec("tiny", "p5.48xlarge", 1, dag_id=dag_id)
+    name = platform.cluster_name(spec)
+    # pcluster's rule (PCLUSTER_NAME_REGEX), at most 40 characters so that Slurm accounting stays possible.
+    assert re.fullmatch(r"[a-zA-Z][a-zA-Z0-9-]{0,39}", name)
+    assert platform.check(platform.render(spec, NETWORK), name) == []
+    assert any("ClusterNameValidator" in p for p in platform.check(platform.render(spec, NETWORK), "9" + name))
+
+
+@needs_pcluster
+def test_hostile_values_cannot_break_the_yaml(monkeypatch) -> None:
+    platform = use_settings(monkeypatch, key_name="key: 'with' \"quotes\" # and\n- Key: injected")
+    spec = make_spec("tiny", "p5.48xlarge", 2)
+    hostile = {
+        "dtp:run-id": 'manual__"2026": {x}\nTags:\n  - Key: aws:evil',
+        "dtp:recipe": "a: b # c\r\n- d",
+        "dtp:note": "'single' \\ back\\slash \t tab \u2028 <html>&",
+    }
+    spec["tags"] = {**spec["tags"], **hostile}
+    network = {**NETWORK, "DataBucket": "bucket\nHeadNode: {}"}
+    documents = platform.render(spec, network)
+    cfg = config(documents)
+    assert {t["Key"]: t["Value"] for t in cfg["Tags"]} == spec["tags"]
+    assert cfg["HeadNode"]["Ssh"]["KeyName"] == platform.settings.key_name
+    assert cfg["HeadNode"]["Iam"]["S3Access"][0]["BucketName"] == network["DataBucket"]
+    assert set(cfg) == {"Region", "Imds", "Image", "HeadNode", "Scheduling", "SharedStorage", "Monitoring", "Tags"}
+    # The value stays one scalar; only the schema's own bucket-name pattern objects to it.
+    assert platform.check(documents) == [
+        f"cluster-config.yaml: {path}.Iam.S3Access.0.BucketName: String does not match expected pattern."
+        for path in ("HeadNode", "Scheduling.SlurmQueues.0")
+    ]
+
+
+def test_missing_settings_connection_is_named(monkeypatch) -> None:
+    monkeypatch.delenv("AIRFLOW_CONN_DTP_PARALLELCLUSTER", raising=False)
+    with pytest.raises(PlatformNotReady, match=r"connection 'dtp_parallelcluster' is not defined; it holds the "):
+        pc.ParallelClusterPlatform().max_nodes()
+
+
+@pytest.mark.parametrize(
+    ("extra", "field"),
+    [
+        ({}, "key_name: Field required"),
+        ({"key_name": "k", "fsx_file_system_id": "fs-123"}, "fsx_file_system_id: String should match pattern"),
+        ({"key_name": "k", "custom_ami": "ami-xyz"}, "custom_ami: String should match pattern"),
+        ({"key_name": "k", "capacity_reservation_id": "cr-1"}, "capacity_reservation_id: String should match"),
+        ({"key_name": "k", "os": "windows"}, "os: Input should be"),
+        ({"key_name": "k", "fsx_throughput_per_tib": 300}, "fsx_throughput_per_tib: Input should be"),
+        ({"key_name": "k", "max_nodes": 0}, "max_nodes: Input should be greater than or equal to 1"),
+        ({"key_name": "k", "keyname": "typo"}, "keyname: Extra inputs are not permitted"),
+    ],
+)
+def test_invalid_settings_name_the_connection_and_field(monkeypatch, extra, field) -> None:
+    platform = use_settings(monkeypatch, **extra)
+    with pytest.raises(PlatformNotReady, match=re.escape("connection 'dtp_parallelcluster' extra: ") + ".*" + field):
+        platform.max_nodes()
+
+
+def test_settings_give_capacity_and_the_slurm_connection(monkeypatch) -> None:
+    platform = use_settings(monkeypatch, key_name="k", max_nodes=8)
+    assert platform.max_nodes() == 8
+    assert platform.settings.slurm_conn_id == "dtp_parallelcluster_slurm"
+    assert platform.settings.pcluster == str(PROJECT_ROOT / ".venv-pcluster" / "bin" / "pcluster")
+
+
+def test_check_without_the_pcluster_venv_says_to_run_setup(monkeypatch, tmp_path) -> None:
+    platform = use_settings(monkeypatch, key_name="k")
+    documents = platform.render(make_spec("tiny", "p5.48xlarge", 1), NETWORK)
+    monkeypatch.setattr(pc, "PCLUSTER_VENV", tmp_path / "absent")
+    with pytest.raises(PlatformNotReady, match="run scripts/setup"):
+        platform.check(documents)
+
+
+def test_runtime_runs_the_published_image_with_pyxis(monkeypatch) -> None:
+    platform = use_settings(monkeypatch, key_name="k")
+    runtime = platform.runtime("123456789012.dkr.ecr.us-east-1.amazonaws.com/dtp/training@sha256:abc")
+    assert runtime["image"] == "123456789012.dkr.ecr.us-east-1.amazonaws.com#dtp/training@sha256:abc"
+    assert runtime["container_runtime"] == "pyxis" and runtime["training_dir"] == "/opt/dtp/training"
+    default = platform.default_image()
+    assert default["image"].startswith("nvcr.io#nvidia/pytorch:") and default["python"] == runtime["python"]
+
+
+def test_cli_commands_are_argv_lists_with_the_connection_s_region_credentials_and_endpoint(monkeypatch) -> None:
+    use_settings(monkeypatch, endpoint="http://127.0.0.1:1", key_name="k")
+    cli = pc.PclusterCli("/opt/pcluster", "aws_default")
+    assert cli.command("describe-cluster", "--cluster-name", "x; rm -rf /") == [
+        "/opt/pcluster",
+        "describe-cluster",
+        "--cluster-name",
+        "x; rm -rf /",
+        "--region",
+        "eu-west-1",
+    ]
+    env = cli.environment()
+    assert env["AWS_ENDPOINT_URL"] == "http://127.0.0.1:1" and env["AWS_REGION"] == "eu-west-1"
+    assert env["AWS_ACCESS_KEY_ID"] == env["AWS_SECRET_ACCESS_KEY"] == "testing"
+
+
+def test_cli_without_an_endpoint_talks_to_aws(monkeypatch) -> None:
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    use_settings(monkeypatch, key_name="k")
+    assert "AWS_ENDPOINT_URL" not in pc.PclusterCli("/opt/pcluster").environment()
+
+
+# --- against the local AWS emulator ------------------------------------------------------------------------------
+
+
+def _first_event(trigger: Any) -> dict[str, Any]:
+    async def first() -> dict[str, Any]:
+        async for event in trigger.run():
+            return dict(event.payload)
+        raise AssertionError("no event")
+
+    # In a thread of its own: the session's Playwright (tests/ui) keeps an event loop running in this one.
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, first()).result()
+
+
+@pytest.fixture(scope="module")
+def emulator() -> Iterator[str]:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dtp.local.emulator", "--port", str(port)],
+        cwd=PROJECT_ROOT,
+        # AWS managed policies (AmazonSSMManagedInstanceCore, ...) exist, as pcluster's IAM validator expects.
+        env={
+            "PATH": "/usr/bin:/bin",
+            "PYTHONPATH": str(PROJECT_ROOT / "plugins"),
+            "MOTO_IAM_LOAD_MANAGED_POLICIES": "true",
+        },
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(100):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.2)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def emulated_network(emulator: str) -> tuple[dict[str, str], str]:
+    """A run network (the network stack's outputs) and a baked AMI, created in the emulator."""
+    import boto3
+
+    session = boto3.Session(aws_access_key_id="testing", aws_secret_access_key="testing", region_name=EMULATOR_REGION)
+    ec2 = session.client("ec2", endpoint_url=emulator)
+    vpc = ec2.create_vpc(CidrBlock="10.0.0.0/16")["Vpc"]["VpcId"]
+    subnets = [
+        ec2.create_subnet(VpcId=vpc, CidrBlock=f"10.0.{i}.0/24", AvailabilityZone=f"{EMULATOR_REGION}a")["Subnet"][
+            "SubnetId"
+        ]
+        for i in (1, 2)
+    ]
+    groups = [ec2.create_security_group(GroupName=g, Description=g, VpcId=vpc)["GroupId"] for g in ("efa", "fsx")]
+    ec2.create_key_pair(KeyName="dtp-head")
+    base = ec2.describe_images(Owners=["amazon"])["Images"][0]["ImageId"]
+    instance = ec2.run_instances(ImageId=base, MinCount=1, MaxCount=1, InstanceType="m5.large")["Instances"][0]
+    ami = ec2.create_image(InstanceId=instance["InstanceId"], Name="dtp-pcluster-gpu-test")["ImageId"]
+    network = {
+        "VPC": vpc,
+        "PublicSubnet": subnets[0],
+        "PrivateSubnet": subnets[1],
+        "SecurityGroup": groups[0],
+        "FSXSecurityGroup": groups[1],
+        "DataBucket": "dtp-train-e2e-0123456789-data",
+    }
+    return network, ami
+
+
+@needs_pcluster
+def test_pcluster_dryrun_accepts_the_rendered_config_against_the_emulator(monkeypatch, emulator, emulated_network):
+    network, ami = emulated_network
+    platform = use_settings(monkeypatch, endpoint=emulator, region=EMULATOR_REGION, key_name="dtp-head")
+    spec = make_spec("llama3_1_8b", "p5.48xlarge", 2)
+    name = platform.cluster_name(spec)
+    config_text = platform.render(spec, network, ami)["cluster-config.yaml"]
+
+    answer = platform.cli.create_cluster(name, config_text, dryrun=True, suppress_validators=EMULATOR_SUPPRESSED)
+    assert answer["message"] == pc.DRYRUN_PASSED
+    # Nothing was created: the cluster does not exist, its wait fails at once, and teardown finds nothing to delete.
+    assert platform.cluster_status(name) is None
+    event = _first_event(platform.ready_trigger({"cluster_name": name}))
+    assert event == {"status": "failed", "message": f"cluster {name} does not exist"}
+    assert platform.teardown(spec) == {"cluster_name": name, "cancelled_jobs": [], "deleted": False}
+
+
+@needs_pcluster
+def test_pcluster_dryrun_refusal_carries_pcluster_s_message(monkeypatch, emulator, emulated_network) -> None:
+    network, ami = emulated_network
+    platform = use_settings(monkeypatch, endpoint=emulator, region=EMULATOR_REGION, key_name="dtp-head")
+    spec = make_spec("llama3_1_8b", "p5.48xlarge", 2)
+    config_text = platform.render(spec, {**network, "PrivateSubnet": "subnet-00000000000000000"}, ami)
+    with pytest.raises(pc.PclusterError, match=r"create-cluster exited 1: .*subnet-00000000000000000"):
+        platform.cli.create_cluster(
+            platform.cluster_name(spec),
+            config_text["cluster-config.yaml"],
+            dryrun=True,
+            suppress_validators=EMULATOR_SUPPRESSED,
+        )
