@@ -31,6 +31,8 @@ class _Strict(BaseModel):
 class RecipeDefaults(_Strict):
     platform: Platform
     instance_type: str
+    # Tried in order when the cloud has no capacity for the run's instance type (dtp.platforms.capacity).
+    fallback_instance_types: list[str] = Field(default_factory=list)
     num_nodes: int = Field(ge=1)
     max_steps: int = Field(ge=1)
     checkpoint_interval: int = Field(ge=1)

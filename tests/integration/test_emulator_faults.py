@@ -13,19 +13,6 @@ from dtp.local.emulator import FAULTS_PATH
 pytestmark = pytest.mark.stack
 
 
-@pytest.fixture
-def set_rules(stack):
-    def put(rules: list[dict]) -> list[dict]:
-        req = urllib.request.Request(
-            stack.moto_url + FAULTS_PATH, data=json.dumps({"rules": rules}).encode(), method="PUT"
-        )
-        with urllib.request.urlopen(req, timeout=10) as resp:
-            return json.loads(resp.read())["rules"]
-
-    yield put
-    put([])
-
-
 def _hits(stack) -> dict[tuple[str, str | None], int]:
     with urllib.request.urlopen(stack.moto_url + FAULTS_PATH, timeout=10) as resp:
         return {(r["service"], r["action"]): r["hits"] for r in json.loads(resp.read())["rules"]}

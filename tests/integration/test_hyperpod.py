@@ -92,7 +92,7 @@ def test_base_config_scripts_are_copied_under_the_run(spec, outputs, aws, monkey
     platform = HyperPodPlatform()
     run_key = spec["names"]["run_key"]
     try:
-        assert platform.provision(spec, outputs)["lifecycle_objects"] == 5
+        platform.provision(spec, outputs)
         prefix = f"{run_key}/lifecycle/"
         listed = s3.list_objects_v2(Bucket=platform.settings.lifecycle_bucket, Prefix=prefix)["Contents"]
         keys = sorted(o["Key"].removeprefix(prefix) for o in listed)
@@ -105,3 +105,46 @@ def test_base_config_scripts_are_copied_under_the_run(spec, outputs, aws, monkey
         for key in ("src/lifecycle_script.py", "src/utils/mount_fsx.sh", "src/on_create.sh"):
             s3.delete_object(Bucket="dtp-base-config", Key=key)
         s3.delete_bucket(Bucket="dtp-base-config")
+
+
+def test_no_capacity_falls_back_to_the_recipe_s_next_instance_type(stack, aws, set_rules, outputs) -> None:
+    params = parse_params(
+        TrainParams, {"platform": "hyperpod", "recipe": "llama3_1_8b", "instance_type": "p5.48xlarge"}
+    )
+    spec = run_spec(params, "it_hyperpod", f"manual__{uuid.uuid4().hex}")
+    platform = HyperPodPlatform()
+    # SageMaker's answer when the account or region has no p5 (then p5e) capacity for the cluster.
+    set_rules(
+        [
+            {
+                "service": "sagemaker",
+                "action": "CreateCluster",
+                "code": "ResourceLimitExceeded",
+                "status": 400,
+                "message": "The account-level service limit 'ml.p5.48xlarge for cluster usage' is 0",
+                "times": 2,
+            }
+        ]
+    )
+    try:
+        cluster = platform.provision(spec, outputs)
+        assert (cluster["instance_type"], cluster["instance"]["accelerator"]) == ("p4de.24xlarge", "A100-80GB")
+        described = HyperPodHook(aws_conn_id=AWS).describe_cluster(spec["names"]["run_key"])
+        compute = next(g for g in described["InstanceGroups"] if g["InstanceGroupName"] == "compute-nodes")
+        assert compute["InstanceType"] == "ml.p4de.24xlarge"
+        # A retried task finds the cluster its fallback created and keeps its instance type.
+        assert platform.provision(spec, outputs)["instance_type"] == "p4de.24xlarge"
+    finally:
+        platform.teardown(spec)
+
+
+def test_no_capacity_anywhere_says_what_was_tried(stack, aws, set_rules, outputs) -> None:
+    params = parse_params(
+        TrainParams, {"platform": "hyperpod", "recipe": "llama3_1_8b", "instance_type": "p5.48xlarge"}
+    )
+    spec = run_spec(params, "it_hyperpod", f"manual__{uuid.uuid4().hex}")
+    set_rules([{"service": "sagemaker", "action": "CreateCluster", "code": "InsufficientCapacity", "status": 400}])
+    with pytest.raises(RuntimeError, match=r"^no capacity for 2 nodes of p5.48xlarge, p5e.48xlarge, p4de.24xlarge "):
+        HyperPodPlatform().provision(spec, outputs)
+    assert HyperPodHook(aws_conn_id=AWS).describe_cluster(spec["names"]["run_key"]) is None
+    HyperPodPlatform().teardown(spec)

@@ -11,7 +11,8 @@ from dtp.params import TrainParams, parse_params
 from dtp.pipeline.spec import run_spec
 from dtp.platforms import get_platform
 from dtp.platforms.base import PlatformNotReady
-from dtp.platforms.hyperpod import HyperPodPlatform
+from dtp.platforms.capacity import candidates
+from dtp.platforms.hyperpod import HyperPodPlatform, options_after_failure
 from dtp.platforms.service_models import request_problems
 
 SETTINGS = {
@@ -138,3 +139,31 @@ def test_a_published_image_runs_with_pyxis_and_the_default_on_the_nodes_python(s
     assert runtime["image"] == "111122223333.dkr.ecr.us-east-1.amazonaws.com#dtp/training@sha256:" + "0" * 64
     assert (runtime["container_runtime"], runtime["training_dir"]) == ("pyxis", "/opt/dtp/training")
     assert HyperPodPlatform().default_image() == {"source": "the nodes' python", "python": "/usr/bin/python3"}
+
+
+def test_capacity_candidates_keep_the_node_shape_and_the_platform() -> None:
+    spec = spec_for(recipe="llama3_1_8b", num_nodes=4)
+    assert candidates(spec, "hyperpod") == ["p5.48xlarge", "p5e.48xlarge", "p4de.24xlarge"]
+    # Asking for a fallback starts there and goes on with the others; a CPU type has no 8-GPU fallback.
+    assert candidates(spec_for(recipe="llama3_1_8b", instance_type="p4de.24xlarge"), "hyperpod") == [
+        "p4de.24xlarge",
+        "p5e.48xlarge",
+    ]
+    assert candidates(spec_for(recipe="tiny", instance_type="m5.2xlarge"), "hyperpod") == ["m5.2xlarge"]
+
+
+def _failed(instance_type: str, message: str) -> dict[str, Any]:
+    groups = [
+        {"InstanceGroupName": "controller-machine", "InstanceType": "ml.m5.12xlarge"},
+        {"InstanceGroupName": "compute-nodes", "InstanceType": f"ml.{instance_type}"},
+    ]
+    return {"ClusterName": "dtp-run", "ClusterStatus": "Failed", "FailureMessage": message, "InstanceGroups": groups}
+
+
+def test_a_cluster_that_failed_for_capacity_moves_on_to_the_next_instance_type() -> None:
+    options = ["p5.48xlarge", "p5e.48xlarge", "p4de.24xlarge"]
+    no_capacity = "We currently do not have sufficient capacity for ml.p5e.48xlarge in us-east-1b"
+    assert options_after_failure(_failed("p5e.48xlarge", no_capacity), options) == ["p4de.24xlarge"]
+    assert options_after_failure(_failed("p4de.24xlarge", "InsufficientInstanceCapacity"), options) == []
+    with pytest.raises(RuntimeError, match=r"^HyperPod cluster dtp-run failed: lifecycle script exited 1$"):
+        options_after_failure(_failed("p5.48xlarge", "lifecycle script exited 1"), options)

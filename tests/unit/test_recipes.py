@@ -37,6 +37,13 @@ def test_every_shipped_recipe_loads_and_is_consistent(path: Path) -> None:
     assert recipe.model in MODELS
     instance = instance_types()[recipe.defaults.instance_type]
     assert recipe.defaults.platform in instance.platforms
+    # A capacity fallback keeps the node's shape, so the recipe's split and preflight still hold on it.
+    for fallback in recipe.defaults.fallback_instance_types:
+        other = instance_types()[fallback]
+        assert (other.accelerators_per_node, other.collective_test) == (
+            instance.accelerators_per_node,
+            instance.collective_test,
+        ), fallback
     assert recipe.defaults.checkpoint_interval <= recipe.defaults.max_steps
     assert recipe.warmup_steps < recipe.defaults.max_steps
     # The throughput gate is reachable at the recipe's own expected pace on its default nodes.

@@ -15,6 +15,7 @@ from dtp.hooks.slurm import SlurmHook
 from dtp.naming import slurm_comment
 from dtp.pipeline import frameworks
 from dtp.pipeline.data import run_dir
+from dtp.platforms.capacity import instance_of
 from dtp.recipes import INCLUDE_DIR
 from dtp.templates import render
 
@@ -31,7 +32,7 @@ def container_options(images: dict[str, Any], shared_dir: str) -> list[str]:
 
 
 def _common(spec: dict[str, Any], images: dict[str, Any], cluster: dict[str, Any]) -> dict[str, Any]:
-    instance = spec["instance"]
+    instance = instance_of(spec, cluster)
     on_cpu = instance["accelerator"] == "cpu"
     return {
         "num_nodes": spec["params"]["num_nodes"],
@@ -77,13 +78,14 @@ def prepare_preflight(spec: dict[str, Any], cluster: dict[str, Any], images: dic
     hook = SlurmHook(cluster["slurm_conn_id"])
     workdir = run_dir(spec, cluster)
     results = workdir / "preflight.json"
-    nccl_tests = workdir / "nccl-tests.out" if spec["instance"]["collective_test"] == "nccl-tests" else None
+    instance = instance_of(spec, cluster)
+    nccl_tests = workdir / "nccl-tests.out" if instance["collective_test"] == "nccl-tests" else None
     script = render(
         "slurm/preflight.sbatch.j2",
         **_common(spec, images, cluster),
         program=_programs(hook, images, workdir) / "preflight.py",
         results_path=results,
-        max_bytes=spec["instance"]["busbw_at_bytes"],
+        max_bytes=instance["busbw_at_bytes"],
         nccl_tests_path=nccl_tests or "",
         nccl_tests_bin=images.get("nccl_tests_bin", NCCL_TESTS_BIN),
     )
@@ -131,7 +133,7 @@ def prepare_training(
         config_path=config_path,
         max_restarts=3,
         # Nsight Systems only where there are GPUs to trace; torch.profiler traces everywhere.
-        nsys_dir=profile_dir if spec["instance"]["accelerator"] != "cpu" else "",
+        nsys_dir=profile_dir if instance_of(spec, cluster)["accelerator"] != "cpu" else "",
     )
     job = _write_job(hook, spec, workdir, "train", script, spec["names"]["slurm_job"])
     return {

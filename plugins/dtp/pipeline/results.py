@@ -25,6 +25,7 @@ from dtp.metrics.parse import TrainingSummary
 from dtp.metrics.preflight_gate import BusbwExpectation, busbw_table, node_versions, preflight_failures
 from dtp.metrics.report import render_report
 from dtp.naming import OWNER, TAG_PREFIX
+from dtp.platforms.capacity import instance_of
 
 log = logging.getLogger(__name__)
 REPORT_URL_TTL_S = 7 * 24 * 3600
@@ -59,9 +60,9 @@ def read_json(cluster: dict[str, Any], path: str) -> dict[str, Any]:
     return json.loads(text)
 
 
-def busbw_expectation(spec: dict[str, Any]) -> BusbwExpectation:
-    """The instance type's expected busbw, unless the run's ``expected_busbw_gbps`` param overrides it."""
-    instance = spec["instance"]
+def busbw_expectation(spec: dict[str, Any], cluster: dict[str, Any]) -> BusbwExpectation:
+    """The cluster's instance type's expected busbw, unless the run's ``expected_busbw_gbps`` param overrides it."""
+    instance = instance_of(spec, cluster)
     gbps = spec["params"].get("expected_busbw_gbps") or instance["expected_busbw_gbps"]
     return BusbwExpectation(gbps=gbps, at_bytes=instance["busbw_at_bytes"])
 
@@ -79,9 +80,10 @@ def check_preflight(
         result["nccl_tests"] = {"avg_busbw_gbps": nccl.avg_busbw_gbps, "out_of_bounds": nccl.out_of_bounds}
         if nccl.wrong_results or nccl.out_of_bounds:
             failures.append(f"nccl-tests: {nccl.wrong_results} wrong results, {nccl.out_of_bounds} out of bounds")
-    expected = busbw_expectation(spec)
+    expected = busbw_expectation(spec, cluster)
     # NVIDIA instance types (the ones measured with nccl-tests) get the GPU health checks.
-    gpus = spec["instance"]["accelerators_per_node"] if spec["instance"]["collective_test"] == "nccl-tests" else 0
+    instance = instance_of(spec, cluster)
+    gpus = instance["accelerators_per_node"] if instance["collective_test"] == "nccl-tests" else 0
     failures += preflight_failures(result, spec["params"]["num_nodes"], expected, gpus_per_node=gpus)
     result["versions"] = node_versions(result)
     result["expected_busbw"] = {"gbps": expected.gbps, "at_bytes": expected.at_bytes, "floor": expected.floor}

@@ -19,11 +19,13 @@ import time
 from typing import Any
 
 from airflow.providers.amazon.aws.hooks.s3 import S3Hook
+from botocore.exceptions import ClientError
 from pydantic import Field
 
 from dtp.hooks.hyperpod import HyperPodHook
 from dtp.hooks.slurm import SlurmCommandError, SlurmHook
 from dtp.platforms.base import PlatformNotReady, PlatformSettings
+from dtp.platforms.capacity import candidates, instance_fields, is_capacity_error, is_capacity_failure
 from dtp.platforms.pyxis import pyxis_runtime
 from dtp.platforms.service_models import request_problems
 from dtp.recipes import INCLUDE_DIR
@@ -83,8 +85,10 @@ class HyperPodPlatform:
     def lifecycle_uri(self, spec: dict[str, Any]) -> str:
         return f"s3://{self.settings.lifecycle_bucket}/{spec['names']['run_key']}/lifecycle/"
 
-    def render(self, spec: dict[str, Any], network: dict[str, str]) -> dict[str, str]:
+    def render(self, spec: dict[str, Any], network: dict[str, str], instance_type: str = "") -> dict[str, str]:
+        """The CreateCluster request and provisioning parameters; ``instance_type`` overrides the run's."""
         settings = self.settings
+        instance_type = instance_type or spec["params"]["instance_type"]
         lifecycle = {"SourceS3Uri": self.lifecycle_uri(spec), "OnCreate": ON_CREATE.name}
         group = {"LifeCycleConfig": lifecycle, "ExecutionRole": settings.execution_role_arn}
         request = {
@@ -99,7 +103,7 @@ class HyperPodPlatform:
                 },
                 {
                     "InstanceGroupName": COMPUTE_GROUP,
-                    "InstanceType": f"ml.{spec['params']['instance_type']}",
+                    "InstanceType": f"ml.{instance_type}",
                     "InstanceCount": spec["params"]["num_nodes"],
                     # One thread per core: the reference's setting for GPU and Trainium training nodes.
                     "ThreadsPerCore": 1,
@@ -113,9 +117,7 @@ class HyperPodPlatform:
             "version": "1.0.0",
             "workload_manager": "slurm",
             "controller_group": CONTROLLER_GROUP,
-            "worker_groups": [
-                {"instance_group_name": COMPUTE_GROUP, "partition_name": spec["params"]["instance_type"]}
-            ],
+            "worker_groups": [{"instance_group_name": COMPUTE_GROUP, "partition_name": instance_type}],
         }
         if settings.fsx_dns_name:
             provisioning |= {"fsx_dns_name": settings.fsx_dns_name, "fsx_mountname": settings.fsx_mount_name}
@@ -143,26 +145,55 @@ class HyperPodPlatform:
 
     # --- lifecycle --------------------------------------------------------------------------------------------------
     def provision(self, spec: dict[str, Any], network: dict[str, str]) -> dict[str, Any]:
-        settings = self.settings
-        documents = self.render(spec, network)
-        if problems := self.check(documents):
-            raise PlatformNotReady("the HyperPod cluster request is invalid:\n" + "\n".join(problems))
-        uploaded = self._upload_lifecycle(spec, settings, documents["provisioning_parameters.json"])
-        cluster = HyperPodHook(aws_conn_id=self.aws_conn_id).ensure_cluster(
-            json.loads(documents["cluster-config.json"])
+        """Create the run's cluster (or find it again), falling back to the recipe's next instance type when
+        CreateCluster has no capacity, or when an earlier try's cluster failed for capacity."""
+        hook = HyperPodHook(aws_conn_id=self.aws_conn_id)
+        name = spec["names"]["run_key"]
+        options = candidates(spec, self.name)
+        existing = hook.describe_cluster(name)
+        if existing is not None and existing["ClusterStatus"] != "Failed":
+            log.info("HyperPod cluster %s exists (%s); not creating it again", name, existing["ClusterStatus"])
+            return self._record(spec, existing, _compute_instance_type(existing))
+        if existing is not None:
+            options = options_after_failure(existing, options)
+            log.warning("HyperPod cluster %s failed for capacity (%s); deleting it", name, existing["FailureMessage"])
+            self._delete_and_wait(hook, name)
+        for instance_type in options:
+            documents = self.render(spec, network, instance_type)
+            if problems := self.check(documents):
+                raise PlatformNotReady("the HyperPod cluster request is invalid:\n" + "\n".join(problems))
+            self._upload_lifecycle(spec, self.settings, documents["provisioning_parameters.json"])
+            try:
+                cluster = hook.ensure_cluster(json.loads(documents["cluster-config.json"]))
+            except ClientError as err:
+                if not is_capacity_error(err):
+                    raise
+                log.warning("No capacity for %d x %s: %s", spec["params"]["num_nodes"], instance_type, err)
+                continue
+            if instance_type != spec["params"]["instance_type"]:
+                log.warning(
+                    "Capacity fallback: cluster %s uses %s, not %s",
+                    name,
+                    instance_type,
+                    spec["params"]["instance_type"],
+                )
+            return self._record(spec, cluster, instance_type)
+        raise RuntimeError(
+            f"no capacity for {spec['params']['num_nodes']} nodes of {', '.join(candidates(spec, self.name))} "
+            "(the run's instance type, then the recipe's fallback_instance_types); a retry tries again"
         )
-        if cluster["ClusterStatus"] == "Failed":
-            raise RuntimeError(f"HyperPod cluster {cluster['ClusterName']} failed: {cluster.get('FailureMessage')}")
-        slurm = SlurmHook(settings.slurm_conn_id)
+
+    def _record(self, spec: dict[str, Any], cluster: dict[str, Any], instance_type: str) -> dict[str, Any]:
+        settings = self.settings
         return {
             "platform": self.name,
             "cluster_name": cluster["ClusterName"],
             "cluster_arn": cluster["ClusterArn"],
-            "lifecycle_objects": uploaded,
             "slurm_conn_id": settings.slurm_conn_id,
-            "shared_dir": slurm.shared_dir,
+            "shared_dir": SlurmHook(settings.slurm_conn_id).shared_dir,
             "nodes": spec["params"]["num_nodes"],
             "scheduler": "slurm",
+            **instance_fields(instance_type),
         }
 
     def ready_trigger(self, cluster: dict[str, Any]) -> HyperPodClusterTrigger | None:
@@ -170,25 +201,33 @@ class HyperPodPlatform:
         timeout = self.settings.create_timeout_minutes * 60
         return HyperPodClusterTrigger(cluster["cluster_name"], aws_conn_id=self.aws_conn_id, timeout=timeout)
 
-    def _upload_lifecycle(self, spec: dict[str, Any], settings: HyperPodSettings, provisioning: str) -> int:
+    @staticmethod
+    def _delete_and_wait(hook: HyperPodHook, name: str, timeout: float = 1800, poll: float = 15) -> bool:
+        """Delete the cluster and wait until it is gone; False when there was none."""
+        deleted = hook.delete_cluster(name)
+        deadline = time.monotonic() + timeout
+        while hook.describe_cluster(name) is not None:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"HyperPod cluster {name} is still there {timeout:.0f} s after DeleteCluster")
+            time.sleep(poll)
+        return deleted
+
+    def _upload_lifecycle(self, spec: dict[str, Any], settings: HyperPodSettings, provisioning: str) -> None:
         """Copy the base-config, then DTP's on_create.sh and the run's parameters, under the run's prefix."""
         s3 = S3Hook(aws_conn_id=self.aws_conn_id)
         bucket = settings.lifecycle_bucket
         if not s3.check_for_bucket(bucket):
             s3.create_bucket(bucket)
         prefix = f"{spec['names']['run_key']}/lifecycle/"
-        copied = 0
         if settings.base_config_uri:
             source_bucket, source_prefix = S3Hook.parse_s3_url(settings.base_config_uri)
             for key in s3.list_keys(source_bucket, prefix=source_prefix) or []:
                 relative = key[len(source_prefix) :].lstrip("/")
                 s3.copy_object(key, prefix + relative, source_bucket, bucket)
-                copied += 1
         else:
             log.warning("dtp_hyperpod has no base_config_uri: the nodes' on_create.sh will find no lifecycle_script.py")
         s3.load_file(str(ON_CREATE), prefix + ON_CREATE.name, bucket, replace=True)
         s3.load_string(provisioning, prefix + "provisioning_parameters.json", bucket, replace=True)
-        return copied + 2
 
     def teardown(self, spec: dict[str, Any]) -> dict[str, Any]:
         settings = self.settings
@@ -200,15 +239,24 @@ class HyperPodPlatform:
                 cancelled = SlurmHook(settings.slurm_conn_id).cancel_and_wait(spec["names"]["slurm_job"], prefix=True)
             except (SlurmCommandError, OSError) as err:  # an unreachable controller: deleting the cluster stops jobs
                 log.warning("Could not cancel the run's Slurm jobs before deleting the cluster: %s", err)
-        deleted = hook.delete_cluster(name)
-        deadline = time.monotonic() + 1800
-        while hook.describe_cluster(name) is not None:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"HyperPod cluster {name} is still there 30 minutes after DeleteCluster")
-            time.sleep(15)
+        deleted = self._delete_and_wait(hook, name)
         s3 = S3Hook(aws_conn_id=self.aws_conn_id)
         bucket = settings.lifecycle_bucket
         keys = (s3.list_keys(bucket, prefix=f"{name}/") or []) if s3.check_for_bucket(bucket) else []
         if keys:
             s3.delete_objects(bucket, keys)
         return {"cancelled_jobs": cancelled, "deleted_cluster": deleted, "deleted_lifecycle_objects": len(keys)}
+
+
+def options_after_failure(cluster: dict[str, Any], options: list[str]) -> list[str]:
+    """The instance types left to try after ``cluster`` failed: those after its own, if it failed for capacity."""
+    failed_type, message = _compute_instance_type(cluster), cluster.get("FailureMessage", "")
+    if not is_capacity_failure(message) or failed_type not in options:
+        raise RuntimeError(f"HyperPod cluster {cluster['ClusterName']} failed: {message or 'no failure message'}")
+    return options[options.index(failed_type) + 1 :]
+
+
+def _compute_instance_type(cluster: dict[str, Any]) -> str:
+    """The compute group's EC2 instance type (without SageMaker's ``ml.`` prefix)."""
+    group = next(g for g in cluster["InstanceGroups"] if g["InstanceGroupName"] == COMPUTE_GROUP)
+    return str(group["InstanceType"]).removeprefix("ml.")

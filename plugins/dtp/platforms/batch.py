@@ -1,0 +1,357 @@
+"""AWS Batch multi-node parallel jobs: one compute environment, job queue and job definition per run.
+
+``provision`` creates (or finds again) a managed EC2 compute environment of the run's instance type in the run's
+private subnet, a job queue on it and a ``multinode`` job definition whose nodes each run torchrun with one process
+per accelerator (reference pattern: Batch's multi-node parallel jobs, whose nodes learn their index, the node count
+and the main node's address from ``AWS_BATCH_JOB_*`` variables). ``teardown`` terminates the run's jobs,
+deregisters its job definitions and disables then deletes the queue and the compute environment, waiting until
+each is gone. The shared filesystem is the host's ``/fsx``: ECS cannot mount FSx for Lustre itself, so the
+``dtp_batch`` connection's launch template mounts it on every host (and attaches the EFA interfaces).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import time
+from collections.abc import Callable
+from typing import Any
+
+from airflow.providers.amazon.aws.hooks.batch_client import BatchClientHook
+from pydantic import Field
+
+from dtp.images.container import build_arg_defaults
+from dtp.naming import TAG_PREFIX
+from dtp.pipeline.data import run_dir
+from dtp.platforms.base import PlatformNotReady, PlatformSettings
+from dtp.platforms.eks import EFA_INTERFACES
+from dtp.platforms.pyxis import IMAGE_TRAINING_DIR
+from dtp.platforms.service_models import request_problems
+
+AWS_CONN_ID = "aws_default"
+CONN_ID = "dtp_batch"
+FSX_MOUNT = "/fsx"
+DOCUMENTS = ("compute-environment.json", "job-queue.json", "job-definition.json")
+# Batch's rule for compute environment, job queue, job definition and job names.
+BATCH_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")
+DIGEST_TAG = f"{TAG_PREFIX}definition-sha256"
+ACTIVE_JOB_STATES = ("SUBMITTED", "PENDING", "RUNNABLE", "STARTING", "RUNNING")
+# vCPUs and memory (GiB) per instance type: AWS docs, "Amazon EC2 instance types" specifications.
+INSTANCE_SIZES = {
+    "p5.48xlarge": (192, 2048),
+    "p5e.48xlarge": (192, 2048),
+    "p4d.24xlarge": (96, 1152),
+    "p4de.24xlarge": (96, 1152),
+    "g5.48xlarge": (192, 768),
+    "trn1.32xlarge": (128, 512),
+    "trn1n.32xlarge": (128, 512),
+    "trn2.48xlarge": (192, 2048),
+    "m5.2xlarge": (8, 32),
+}
+# The ECS agent and the OS keep part of a host's memory ("Compute resource memory management"): ask for 90%.
+MEMORY_SHARE = 0.9
+# The main node has no AWS_BATCH_JOB_MAIN_NODE_PRIVATE_IPV4_ADDRESS: it is the main node, so it takes its own
+# address. The script is constant; torchrun's arguments arrive as the script's own argv ("$@").
+LAUNCH = (
+    'MAIN="${AWS_BATCH_JOB_MAIN_NODE_PRIVATE_IPV4_ADDRESS:-$(hostname -I | cut -d" " -f1)}"\n'
+    'exec torchrun --nnodes "$AWS_BATCH_JOB_NUM_NODES" --node_rank "$AWS_BATCH_JOB_NODE_INDEX" '
+    '--master_addr "$MAIN" --master_port 29500 "$@"\n'
+)
+
+
+class BatchSettings(PlatformSettings):
+    """the account's Batch settings: instance_role_arn and optional service_role_arn, launch_template_id, image"""
+
+    instance_role_arn: str = Field(pattern=r"^arn:aws[a-z-]*:iam::\d{12}:instance-profile/[\w+=,.@/-]+$")
+    # Empty: Batch uses its service-linked role.
+    service_role_arn: str = Field("", pattern=r"^$|^arn:aws[a-z-]*:iam::\d{12}:role/[\w+=,.@/-]+$")
+    # Mounts FSx for Lustre at /fsx on each host and attaches the instance type's EFA interfaces.
+    launch_template_id: str = Field("", pattern=r"^$|^lt-[0-9a-f]{8,17}$")
+    max_nodes: int = Field(16, ge=1)
+    # The training container when no DTP image is published for batch; the programs are then staged on FSx.
+    image_uri: str = f"nvcr.io/nvidia/pytorch:{build_arg_defaults('training')['PYTORCH_TAG']}-py3"
+    wait_timeout_minutes: int = Field(30, ge=1)
+
+
+class BatchPlatform:
+    """Multi-node parallel jobs on AWS Batch in the account of the ``aws_default`` connection."""
+
+    name = "batch"
+    ami_family = None  # Batch picks the ECS-optimized AMI of ec2Configuration's image type; DTP bakes none for it
+    scheduler = "batch"
+
+    def __init__(self, conn_id: str = CONN_ID, aws_conn_id: str = AWS_CONN_ID, poll_seconds: float = 10) -> None:
+        self.conn_id = conn_id
+        self.aws_conn_id = aws_conn_id
+        self.poll_seconds = poll_seconds
+
+    @property
+    def settings(self) -> BatchSettings:
+        return BatchSettings.from_connection(self.conn_id)
+
+    @property
+    def client(self) -> Any:
+        return BatchClientHook(aws_conn_id=self.aws_conn_id).client
+
+    def max_nodes(self) -> int:
+        return self.settings.max_nodes
+
+    def default_image(self) -> dict[str, str]:
+        # Without training_dir the pipeline stages the programs in the run's directory on FSx (dtp.pipeline.jobs).
+        image = self.settings.image_uri
+        return {"source": f"image {image}, programs on FSx", "image": image}
+
+    def runtime(self, image: str) -> dict[str, str]:
+        return {"source": f"image {image}", "image": image, "training_dir": IMAGE_TRAINING_DIR}
+
+    # --- documents ------------------------------------------------------------------------------------------------
+    def render(
+        self, spec: dict[str, Any], network: dict[str, str], runtime: dict[str, str] | None = None
+    ) -> dict[str, str]:
+        """The run's compute environment, job queue and job definition, running ``runtime``'s image (default:
+        ``default_image()``)."""
+        if spec["recipe"]["framework"] != "fsdp":
+            raise PlatformNotReady(
+                f"recipe {spec['recipe']['name']!r} uses {spec['recipe']['framework']}; on batch DTP launches its "
+                "own FSDP trainer only (the other frameworks' launch templates are Slurm batch scripts)"
+            )
+        settings, params, instance = self.settings, spec["params"], spec["instance"]
+        instance_type, num_nodes, run_key = params["instance_type"], params["num_nodes"], spec["names"]["run_key"]
+        if instance_type not in INSTANCE_SIZES:
+            raise PlatformNotReady(f"batch.INSTANCE_SIZES does not list {instance_type}'s vCPUs and memory")
+        vcpus, memory_gib = INSTANCE_SIZES[instance_type]
+        nvidia = instance["accelerator"] != "cpu" and not instance["accelerator"].startswith("trainium")
+        compute: dict[str, Any] = {
+            "type": "EC2",
+            "minvCpus": 0,
+            "maxvCpus": vcpus * num_nodes,
+            "instanceTypes": [instance_type],
+            "subnets": [network["PrivateSubnet"]],
+            "securityGroupIds": [network["SecurityGroup"]],
+            "instanceRole": settings.instance_role_arn,
+            "ec2Configuration": [{"imageType": "ECS_AL2023_NVIDIA" if nvidia else "ECS_AL2023"}],
+            "tags": spec["tags"],
+        }
+        if settings.launch_template_id:
+            compute["launchTemplate"] = {"launchTemplateId": settings.launch_template_id, "version": "$Latest"}
+        # No cluster placement group: Batch only takes an existing one and DTP creates none (the emulator has none).
+        environment: dict[str, Any] = {
+            "computeEnvironmentName": f"{run_key}-ce",
+            "type": "MANAGED",
+            "state": "ENABLED",
+            "computeResources": compute,
+            "tags": spec["tags"],
+        }
+        if settings.service_role_arn:
+            environment["serviceRole"] = settings.service_role_arn
+        queue = {
+            "jobQueueName": f"{run_key}-queue",
+            "state": "ENABLED",
+            "priority": 1,
+            "computeEnvironmentOrder": [{"order": 1, "computeEnvironment": environment["computeEnvironmentName"]}],
+            "tags": spec["tags"],
+        }
+        runtime = runtime or self.default_image()
+        workdir = run_dir(spec, {"shared_dir": FSX_MOUNT})
+        program = f"{runtime.get('training_dir') or workdir / 'programs'}/train.py"
+        procs, memory = str(instance["accelerators_per_node"]), int(memory_gib * 1024 * MEMORY_SHARE)
+        torchrun = ["torchrun", "--nproc_per_node", procs, program, "--config", str(workdir / "train.json")]
+        resources = {"VCPU": str(vcpus), "MEMORY": str(memory)} | ({"GPU": procs} if nvidia else {})
+        env = {**_environment(instance_type, nvidia), **params["extra_env"]}
+        container: dict[str, Any] = {
+            "image": runtime["image"],
+            "command": ["sh", "-c", LAUNCH, *torchrun],
+            "instanceType": instance_type,
+            "resourceRequirements": [{"type": kind, "value": value} for kind, value in resources.items()],
+            "volumes": [{"name": "fsx", "host": {"sourcePath": FSX_MOUNT}}],
+            "mountPoints": [{"sourceVolume": "fsx", "containerPath": FSX_MOUNT, "readOnly": False}],
+            # NCCL and the data loader's workers share memory through /dev/shm; the container default is 64 MiB.
+            "linuxParameters": {"sharedMemorySize": memory // 2},
+            "environment": [{"name": name, "value": value} for name, value in env.items()],
+        }
+        if efa := EFA_INTERFACES.get(instance_type, 0):
+            devices = [f"/dev/infiniband/uverbs{i}" for i in range(efa)]
+            container["linuxParameters"]["devices"] = [{"hostPath": d, "containerPath": d} for d in devices]
+            container["ulimits"] = [{"name": "memlock", "softLimit": -1, "hardLimit": -1}]
+        definition: dict[str, Any] = {
+            "jobDefinitionName": f"{run_key}-train",
+            "type": "multinode",
+            "nodeProperties": {
+                "numNodes": num_nodes,
+                "mainNode": 0,
+                "nodeRangeProperties": [{"targetNodes": "0:", "container": container}],
+            },
+            "retryStrategy": {"attempts": 1},
+            "propagateTags": True,
+            "tags": spec["tags"],
+        }
+        if spec["training_time_limit_minutes"] > 0:
+            definition["timeout"] = {"attemptDurationSeconds": max(60, spec["training_time_limit_minutes"] * 60)}
+        # A retried provision reuses the active revision only when nothing changed.
+        digest = hashlib.sha256(json.dumps(definition, sort_keys=True).encode()).hexdigest()
+        definition["tags"] = {**spec["tags"], DIGEST_TAG: digest}
+        requests = (environment, queue, definition)
+        return {name: json.dumps(request, indent=2) for name, request in zip(DOCUMENTS, requests, strict=True)}
+
+    def check(self, documents: dict[str, str]) -> list[str]:
+        environment, queue, definition = (json.loads(documents[name]) for name in DOCUMENTS)
+        problems = request_problems("batch", "CreateComputeEnvironment", environment)
+        problems += request_problems("batch", "CreateJobQueue", queue)
+        problems += request_problems("batch", "RegisterJobDefinition", definition)
+        names = {
+            "CreateComputeEnvironment.computeEnvironmentName": environment.get("computeEnvironmentName"),
+            "CreateJobQueue.jobQueueName": queue.get("jobQueueName"),
+            "RegisterJobDefinition.jobDefinitionName": definition.get("jobDefinitionName"),
+        }
+        problems += [
+            f"{path}: {name!r} is not a Batch name (up to 128 letters, numbers, hyphens, underscores)"
+            for path, name in names.items()
+            if not BATCH_NAME.fullmatch(str(name))
+        ]
+        problems += [
+            f"job-queue.json: computeEnvironmentOrder names {order.get('computeEnvironment')!r}, not the run's "
+            f"compute environment {environment.get('computeEnvironmentName')!r}"
+            for order in queue.get("computeEnvironmentOrder", [])
+            if order.get("computeEnvironment") != environment.get("computeEnvironmentName")
+        ]
+        return problems + _node_problems(definition.get("nodeProperties") or {})
+
+    # --- lifecycle --------------------------------------------------------------------------------------------------
+    def provision(self, spec: dict[str, Any], network: dict[str, str]) -> dict[str, Any]:
+        documents = self.render(spec, network)
+        if problems := self.check(documents):
+            raise PlatformNotReady("the Batch requests are invalid:\n" + "\n".join(problems))
+        environment, queue, definition = (json.loads(documents[name]) for name in DOCUMENTS)
+        client = self.client
+        for kind, request, create in (
+            ("compute_environment", environment, client.create_compute_environment),
+            ("job_queue", queue, client.create_job_queue),
+        ):
+            name = request[f"{_camel(kind)}Name"]
+            if not _describe(client, kind, name):
+                create(**request)
+            self._wait(client, kind, name, lambda items: bool(items) and items[0]["status"] == "VALID")
+        active = _job_definitions(client, definition["jobDefinitionName"])
+        latest = max(active, key=lambda d: d["revision"], default=None)
+        if latest is not None and latest.get("tags", {}).get(DIGEST_TAG) == definition["tags"][DIGEST_TAG]:
+            arn = latest["jobDefinitionArn"]
+        else:
+            arn = client.register_job_definition(**definition)["jobDefinitionArn"]
+        return {
+            "platform": self.name,
+            "compute_environment": environment["computeEnvironmentName"],
+            "job_queue": queue["jobQueueName"],
+            "job_definition": arn,
+            "scheduler": self.scheduler,
+            "shared_dir": FSX_MOUNT,
+            "nodes": spec["params"]["num_nodes"],
+        }
+
+    def ready_trigger(self, cluster: dict[str, Any]) -> None:
+        return None  # provision waited until the compute environment and the queue were VALID
+
+    def submit_training(self, spec: dict[str, Any], cluster: dict[str, Any]) -> str:
+        """Submit the run's training job to its queue; return the job id."""
+        job = self.client.submit_job(
+            jobName=f"{spec['names']['run_key']}-train",
+            jobQueue=cluster["job_queue"],
+            jobDefinition=cluster["job_definition"],
+            tags=spec["tags"],
+        )
+        job_id: str = job["jobId"]
+        return job_id
+
+    def teardown(self, spec: dict[str, Any]) -> dict[str, Any]:
+        """Terminate the run's unfinished jobs, deregister its job definitions, delete its queue and compute
+        environment (in that order: Batch deletes no compute environment a queue still uses)."""
+        run_key, client = spec["names"]["run_key"], self.client
+        queue = f"{run_key}-queue"
+        terminated: list[str] = []
+        if _describe(client, "job_queue", queue):
+            for status in ACTIVE_JOB_STATES:
+                for page in client.get_paginator("list_jobs").paginate(jobQueue=queue, jobStatus=status):
+                    for job in page["jobSummaryList"]:
+                        client.terminate_job(jobId=job["jobId"], reason=f"teardown of run {run_key}")
+                        terminated.append(job["jobId"])
+        deregistered = [d["jobDefinitionArn"] for d in _job_definitions(client, f"{run_key}-train")]
+        for arn in deregistered:
+            client.deregister_job_definition(jobDefinition=arn)
+        return {
+            "terminated_jobs": terminated,
+            "deregistered_job_definitions": deregistered,
+            "deleted_job_queue": self._disable_and_delete(client, "job_queue", queue),
+            "deleted_compute_environment": self._disable_and_delete(client, "compute_environment", f"{run_key}-ce"),
+        }
+
+    def _disable_and_delete(self, client: Any, kind: str, name: str) -> bool:
+        """Batch deletes a queue or compute environment only once it is DISABLED and settled; False when gone."""
+        found = _describe(client, kind, name)
+        if not found:
+            return False
+        if found[0]["state"] != "DISABLED":
+            getattr(client, f"update_{kind}")(**{_camel(kind): name, "state": "DISABLED"})
+        self._wait(client, kind, name, lambda items: not items or items[0]["status"] not in ("CREATING", "UPDATING"))
+        if _describe(client, kind, name):
+            getattr(client, f"delete_{kind}")(**{_camel(kind): name})
+        self._wait(client, kind, name, lambda items: not items)
+        return True
+
+    def _wait(self, client: Any, kind: str, name: str, done: Callable[[list[dict[str, Any]]], bool]) -> None:
+        deadline = time.monotonic() + self.settings.wait_timeout_minutes * 60
+        while not done(items := _describe(client, kind, name)):
+            what = f"Batch {kind.replace('_', ' ')} {name}"
+            if items and items[0]["status"] == "INVALID":
+                raise RuntimeError(f"{what} is INVALID: {items[0].get('statusReason')}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{what} is still {items[0]['status'] if items else 'missing'}")
+            time.sleep(self.poll_seconds)
+
+
+def _camel(kind: str) -> str:
+    """``job_queue`` -> ``jobQueue``: how Batch's parameters name a job queue or compute environment."""
+    first, rest = kind.split("_", 1)
+    return first + rest.title().replace("_", "")
+
+
+def _describe(client: Any, kind: str, name: str) -> list[dict[str, Any]]:
+    """The job queue or compute environment ``name`` unless deleted (Batch lists a deleted one for a while)."""
+    key = _camel(kind)
+    found = getattr(client, f"describe_{kind}s")(**{f"{key}s": [name]})[f"{key}s"]
+    return [item for item in found if item[f"{key}Name"] == name and item.get("status") != "DELETED"]
+
+
+def _job_definitions(client: Any, name: str) -> list[dict[str, Any]]:
+    pages = client.get_paginator("describe_job_definitions").paginate(jobDefinitionName=name, status="ACTIVE")
+    return [d for page in pages for d in page["jobDefinitions"]]
+
+
+def _environment(instance_type: str, nvidia: bool) -> dict[str, str]:
+    """What the trainer's processes need besides torchrun's settings (as the Slurm job's _env.sh sets)."""
+    env = {"OMP_NUM_THREADS": "8", "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1"}
+    if instance_type in EFA_INTERFACES:
+        env |= {"FI_PROVIDER": "efa", "FI_EFA_FORK_SAFE": "1"}
+    if nvidia:
+        env |= {"NCCL_SOCKET_IFNAME": "^lo,docker,veth", "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
+    return env
+
+
+def _node_problems(nodes: dict[str, Any]) -> list[str]:
+    """Batch's rules for a multi-node job's node ranges: together they cover nodes 0..numNodes-1 exactly once."""
+    count, main = nodes.get("numNodes", 0), nodes.get("mainNode", 0)
+    problems = [] if count >= 1 else [f"nodeProperties.numNodes: {count}; a job needs at least 1 node"]
+    if not 0 <= main < max(count, 1):
+        problems.append(f"nodeProperties.mainNode: {main} is not one of the job's nodes 0..{count - 1}")
+    covered: list[int] = []
+    for index, node_range in enumerate(nodes.get("nodeRangeProperties", [])):
+        start, sep, end = str(node_range.get("targetNodes", "")).partition(":")
+        if not re.fullmatch(r"\d*", start + end) or not (start or end):
+            problems.append(f"nodeProperties.nodeRangeProperties[{index}].targetNodes: not a range like '0:' or '1:3'")
+            continue
+        first, last = int(start or 0), int(end) if end else (count - 1 if sep else int(start))
+        covered += range(first, last + 1)
+    if sorted(covered) != list(range(count)):
+        problems.append(
+            f"nodeProperties.nodeRangeProperties: the ranges cover nodes {sorted(covered)}, not 0..{count - 1}"
+        )
+    return problems

@@ -1,0 +1,58 @@
+"""Capacity fallback: when the cloud has no capacity for an instance type, try the recipe's next one.
+
+A recipe lists ``fallback_instance_types`` in its defaults (e.g. p5.48xlarge, then p5e.48xlarge, then
+p4de.24xlarge). Only types with the run's accelerators per node and collective test qualify, so the
+job's ranks and the preflight stay as validated; their price, peak and expected bandwidth come with the
+cluster (``instance_of``) and are what preflight, MFU and the report use.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from botocore.exceptions import ClientError
+
+from dtp.recipes import instance_types
+
+# Error codes meaning "no capacity (or quota) for this instance type now", from EC2 and SageMaker.
+CAPACITY_ERROR_CODES = frozenset(
+    {"InsufficientInstanceCapacity", "InsufficientCapacity", "InsufficientCapacityException", "ResourceLimitExceeded"}
+)
+# How a cluster that failed later says the same (HyperPod's FailureMessage, pcluster's failures).
+_CAPACITY_MESSAGE = re.compile(r"insufficient\s*(instance\s*)?capacity|not have sufficient capacity", re.IGNORECASE)
+
+
+def is_capacity_error(err: ClientError) -> bool:
+    return err.response.get("Error", {}).get("Code") in CAPACITY_ERROR_CODES
+
+
+def is_capacity_failure(message: str) -> bool:
+    return bool(_CAPACITY_MESSAGE.search(message or ""))
+
+
+def candidates(spec: dict[str, Any], platform: str) -> list[str]:
+    """The run's instance type, then the recipe's fallbacks offered on ``platform`` with the same node shape."""
+    chosen = spec["params"]["instance_type"]
+    table = instance_types()
+    shape = (table[chosen].accelerators_per_node, table[chosen].collective_test)
+    fallbacks = [
+        name
+        for name in spec["recipe"]["defaults"].get("fallback_instance_types", [])
+        if name != chosen
+        and name in table
+        and platform in table[name].platforms
+        and (table[name].accelerators_per_node, table[name].collective_test) == shape
+    ]
+    return [chosen, *fallbacks]
+
+
+def instance_of(spec: dict[str, Any], cluster: dict[str, Any]) -> dict[str, Any]:
+    """The instance type the cluster actually got (a fallback's), else the one the run asked for."""
+    instance: dict[str, Any] = cluster.get("instance") or spec["instance"]
+    return instance
+
+
+def instance_fields(name: str) -> dict[str, Any]:
+    """What a cluster record carries about its instance type."""
+    return {"instance_type": name, "instance": instance_types()[name].model_dump()}

@@ -1,0 +1,234 @@
+"""Batch's compute environment, job queue and multi-node job definition, checked offline against Batch's model."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from dtp.params import ParamsError, TrainParams, parse_params
+from dtp.pipeline.spec import run_spec
+from dtp.platforms import get_platform
+from dtp.platforms.base import PlatformNotReady
+from dtp.platforms.batch import LAUNCH, BatchPlatform
+
+SETTINGS = {"instance_role_arn": "arn:aws:iam::111122223333:instance-profile/ecsInstanceRole"}
+NETWORK = {"SecurityGroup": "sg-0123456789abcdef0", "PrivateSubnet": "subnet-0123456789abcdef0"}
+
+
+@pytest.fixture
+def settings(monkeypatch: pytest.MonkeyPatch) -> Any:
+    def use(**extra: Any) -> None:
+        conn = {"conn_type": "generic", "extra": {**SETTINGS, **extra}}
+        monkeypatch.setenv("AIRFLOW_CONN_DTP_BATCH", json.dumps(conn))
+
+    use()
+    return use
+
+
+def spec_for(**conf: Any) -> dict[str, Any]:
+    params = parse_params(TrainParams, {"platform": "batch", "instance_type": "p5.48xlarge", **conf})
+    return run_spec(params, "train_e2e", "manual__2026-12-02T10:00:00+00:00")
+
+
+def requests(documents: dict[str, str]) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    names = ("compute-environment.json", "job-queue.json", "job-definition.json")
+    environment, queue, definition = (json.loads(documents[name]) for name in names)
+    return environment, queue, definition
+
+
+def documents_of(environment: Any, queue: Any, definition: Any) -> dict[str, str]:
+    return {
+        "compute-environment.json": json.dumps(environment),
+        "job-queue.json": json.dumps(queue),
+        "job-definition.json": json.dumps(definition),
+    }
+
+
+@pytest.mark.parametrize(
+    ("recipe", "instance_type", "num_nodes", "vcpus", "gpus", "efa"),
+    [
+        ("llama3_1_8b", "p5.48xlarge", 4, 192, "8", 32),
+        ("llama3_1_70b", "p4de.24xlarge", 16, 96, "8", 4),
+        ("llama3_2_1b", "g5.48xlarge", 2, 192, "8", 1),
+        ("tiny", "m5.2xlarge", 2, 8, None, 0),
+    ],
+)
+def test_shipped_recipes_render_requests_batch_accepts(
+    settings, recipe, instance_type, num_nodes, vcpus, gpus, efa
+) -> None:
+    spec = spec_for(recipe=recipe, instance_type=instance_type, num_nodes=num_nodes)
+    platform = get_platform("batch")
+    documents = platform.render(spec, NETWORK)
+    assert platform.check(documents) == []
+    environment, queue, definition = requests(documents)
+    run_key = spec["names"]["run_key"]
+
+    assert (environment["computeEnvironmentName"], environment["type"]) == (f"{run_key}-ce", "MANAGED")
+    compute = environment["computeResources"]
+    assert (compute["type"], compute["minvCpus"], compute["maxvCpus"]) == ("EC2", 0, vcpus * num_nodes)
+    assert compute["instanceTypes"] == [instance_type]
+    assert (compute["subnets"], compute["securityGroupIds"]) == (["subnet-0123456789abcdef0"], ["sg-0123456789abcdef0"])
+    assert compute["instanceRole"] == SETTINGS["instance_role_arn"]
+    assert "serviceRole" not in environment and "placementGroup" not in compute
+    assert environment["tags"]["dtp:run"] == compute["tags"]["dtp:run"] == run_key
+
+    assert queue["jobQueueName"] == f"{run_key}-queue"
+    assert queue["computeEnvironmentOrder"] == [{"order": 1, "computeEnvironment": f"{run_key}-ce"}]
+
+    assert (definition["jobDefinitionName"], definition["type"]) == (f"{run_key}-train", "multinode")
+    assert definition["retryStrategy"] == {"attempts": 1} and definition["propagateTags"] is True
+    nodes = definition["nodeProperties"]
+    assert (nodes["numNodes"], nodes["mainNode"]) == (num_nodes, 0)
+    (node_range,) = nodes["nodeRangeProperties"]
+    container = node_range["container"]
+    assert node_range["targetNodes"] == "0:" and container["instanceType"] == instance_type
+    resources = {r["type"]: r["value"] for r in container["resourceRequirements"]}
+    assert resources.get("GPU") == gpus and resources["VCPU"] == str(vcpus)
+    procs = spec["instance"]["accelerators_per_node"]
+    programs = f"/fsx/runs/{run_key}/programs"
+    assert container["command"][:4] == ["sh", "-c", LAUNCH, "torchrun"]
+    assert container["command"][4:7] == ["--nproc_per_node", str(procs), f"{programs}/train.py"]
+    assert container["command"][7:] == ["--config", f"/fsx/runs/{run_key}/train.json"]
+    assert container["mountPoints"] == [{"sourceVolume": "fsx", "containerPath": "/fsx", "readOnly": False}]
+    assert container["volumes"] == [{"name": "fsx", "host": {"sourcePath": "/fsx"}}]
+    assert container["linuxParameters"]["sharedMemorySize"] > 64
+    devices = container["linuxParameters"].get("devices", [])
+    assert [d["hostPath"] for d in devices] == [f"/dev/infiniband/uverbs{i}" for i in range(efa)]
+    env = {e["name"]: e["value"] for e in container["environment"]}
+    assert (env.get("FI_PROVIDER") == "efa") == bool(efa)
+    limit = spec["training_time_limit_minutes"]
+    assert limit > 0 and definition["timeout"] == {"attemptDurationSeconds": max(60, limit * 60)}
+
+
+def test_the_launch_script_finds_the_main_node_on_every_node() -> None:
+    assert '--nnodes "$AWS_BATCH_JOB_NUM_NODES" --node_rank "$AWS_BATCH_JOB_NODE_INDEX"' in LAUNCH
+    # Batch sets the main node's address on the other nodes only: node 0 falls back to its own.
+    assert '"${AWS_BATCH_JOB_MAIN_NODE_PRIVATE_IPV4_ADDRESS:-$(hostname -I' in LAUNCH
+    assert '--master_addr "$MAIN"' in LAUNCH and LAUNCH.rstrip().endswith('"$@"')
+
+
+def test_a_published_image_carries_the_programs(settings) -> None:
+    spec = spec_for(recipe="tiny", instance_type="m5.2xlarge", num_nodes=2)
+    platform = BatchPlatform()
+    image = "111122223333.dkr.ecr.us-east-1.amazonaws.com/dtp/training@sha256:" + "0" * 64
+    runtime = platform.runtime(image)
+    assert runtime == {"source": f"image {image}", "image": image, "training_dir": "/opt/dtp/training"}
+    _, _, definition = requests(platform.render(spec, NETWORK, runtime))
+    container = definition["nodeProperties"]["nodeRangeProperties"][0]["container"]
+    assert container["image"] == image and "/opt/dtp/training/train.py" in container["command"]
+    assert platform.default_image()["image"].startswith("nvcr.io/nvidia/pytorch:")
+    assert "training_dir" not in platform.default_image()
+
+
+def test_optional_settings_reach_the_compute_environment(settings) -> None:
+    settings(
+        service_role_arn="arn:aws:iam::111122223333:role/AWSBatchServiceRole",
+        launch_template_id="lt-0123456789abcdef0",
+        image_uri="public.ecr.aws/example/pytorch:2.6",
+        max_nodes=4,
+    )
+    platform = BatchPlatform()
+    documents = platform.render(spec_for(num_nodes=2), NETWORK)
+    assert platform.check(documents) == []
+    environment, _, definition = requests(documents)
+    assert environment["serviceRole"] == "arn:aws:iam::111122223333:role/AWSBatchServiceRole"
+    assert environment["computeResources"]["launchTemplate"] == {
+        "launchTemplateId": "lt-0123456789abcdef0",
+        "version": "$Latest",
+    }
+    assert definition["nodeProperties"]["nodeRangeProperties"][0]["container"]["image"] == (
+        "public.ecr.aws/example/pytorch:2.6"
+    )
+    assert platform.max_nodes() == 4
+
+
+def test_check_names_what_batch_would_refuse(settings) -> None:
+    platform = BatchPlatform()
+    environment, queue, definition = requests(platform.render(spec_for(num_nodes=2), NETWORK))
+    environment["computeEnvironmentName"] = "my compute environment"
+    environment["computeResources"]["type"] = "EC3"
+    environment["computeResources"]["Bogus"] = True
+    queue["computeEnvironmentOrder"][0]["computeEnvironment"] = "someone-elses-ce"
+    definition["type"] = "parallel"
+    definition["nodeProperties"]["numNodes"] = 0
+    problems = "\n".join(platform.check(documents_of(environment, queue, definition)))
+    assert "CreateComputeEnvironment.computeEnvironmentName: 'my compute environment' is not a Batch name" in problems
+    assert "CreateComputeEnvironment.computeResources.type: 'EC3' is not one of the allowed values" in problems
+    assert 'Unknown parameter in computeResources: "Bogus"' in problems
+    assert "computeEnvironmentOrder names 'someone-elses-ce', not the run's compute environment" in problems
+    assert "RegisterJobDefinition.type: 'parallel' is not one of the allowed values" in problems
+    assert "nodeProperties.numNodes: 0; a job needs at least 1 node" in problems
+
+
+@pytest.mark.parametrize(
+    ("nodes", "problem"),
+    [
+        ({"mainNode": 2}, "nodeProperties.mainNode: 2 is not one of the job's nodes 0..1"),
+        ({"nodeRangeProperties": [{"targetNodes": "0:0"}]}, "the ranges cover nodes [0], not 0..1"),
+        ({"nodeRangeProperties": [{"targetNodes": "0:"}, {"targetNodes": "1"}]}, "cover nodes [0, 1, 1], not 0..1"),
+        ({"nodeRangeProperties": [{"targetNodes": "a:b"}]}, "targetNodes: not a range like '0:' or '1:3'"),
+    ],
+)
+def test_check_refuses_node_ranges_that_do_not_cover_the_job(settings, nodes, problem) -> None:
+    platform = BatchPlatform()
+    environment, queue, definition = requests(platform.render(spec_for(num_nodes=2), NETWORK))
+    container = definition["nodeProperties"]["nodeRangeProperties"][0]["container"]
+    ranges = [{**r, "container": container} for r in nodes.pop("nodeRangeProperties", [])]
+    definition["nodeProperties"] |= nodes | ({"nodeRangeProperties": ranges} if ranges else {})
+    assert any(problem in p for p in platform.check(documents_of(environment, queue, definition)))
+
+
+def test_hostile_extra_env_reaches_the_container_only_as_environment_values(settings) -> None:
+    hostile = {
+        "QUOTES": 'it\'s "quoted"',
+        "SUBST": "$(rm -rf /)",
+        "TICKS": "`reboot`; exit 1",
+    }
+    platform = BatchPlatform()
+    spec = spec_for(num_nodes=2, extra_env=hostile)
+    documents = platform.render(spec, NETWORK)
+    assert platform.check(documents) == []
+    container = requests(documents)[2]["nodeProperties"]["nodeRangeProperties"][0]["container"]
+    env = {e["name"]: e["value"] for e in container["environment"]}
+    assert {name: env[name] for name in hostile} == hostile
+    command = "\n".join(container["command"])
+    assert container["command"][2] == LAUNCH
+    for value in hostile.values():
+        assert value not in command
+
+
+def test_values_with_newlines_never_become_params() -> None:
+    with pytest.raises(ParamsError, match="extra_env"):
+        spec_for(extra_env={"EVIL": "line\nrm -rf /"})
+
+
+def test_recipes_of_other_frameworks_are_refused(settings) -> None:
+    with pytest.raises(PlatformNotReady, match="uses megatron-lm; on batch DTP launches its own FSDP trainer"):
+        BatchPlatform().render(spec_for(recipe="llama3_1_70b_megatron", num_nodes=2), NETWORK)
+
+
+@pytest.mark.parametrize(
+    ("extra", "field"),
+    [
+        ({"instance_role_arn": "arn:aws:iam::111122223333:role/ecsInstanceRole"}, "instance_role_arn"),
+        ({"service_role_arn": "AWSBatchServiceRole"}, "service_role_arn"),
+        ({"launch_template_id": "lt-1; rm -rf /"}, "launch_template_id"),
+        ({"max_nodes": 0}, "max_nodes"),
+        ({"instance_role": "ecsInstanceRole"}, "instance_role"),
+    ],
+)
+def test_bad_settings_name_the_connection_and_field(settings, extra, field) -> None:
+    settings(**extra)
+    with pytest.raises(PlatformNotReady, match=rf"^connection 'dtp_batch' extra: {field}: "):
+        BatchPlatform().max_nodes()
+
+
+def test_a_missing_instance_role_and_connection_say_what_to_set(settings, monkeypatch) -> None:
+    monkeypatch.setenv("AIRFLOW_CONN_DTP_BATCH", json.dumps({"conn_type": "generic", "extra": {}}))
+    with pytest.raises(PlatformNotReady, match=r"^connection 'dtp_batch' extra: instance_role_arn: Field required"):
+        BatchPlatform().max_nodes()
+    monkeypatch.delenv("AIRFLOW_CONN_DTP_BATCH")
+    with pytest.raises(PlatformNotReady, match=r"^connection 'dtp_batch' is not defined; it holds the account's"):
+        BatchPlatform().max_nodes()
