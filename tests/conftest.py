@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -45,3 +48,22 @@ def aws(stack: StackConfig):
 @pytest.fixture(scope="session")
 def airflow_api(stack: StackConfig) -> AirflowApi:
     return AirflowApi(stack.airflow_url, "admin", stack.passwords()["admin"])
+
+
+@pytest.fixture
+def first_event() -> Callable[[Any], dict[str, Any]]:
+    """``first_event(trigger)``: run a trigger as the triggerer does and return its first event's payload.
+
+    It runs in a thread of its own: the session's Playwright (tests/ui) keeps an event loop running in this one.
+    """
+
+    async def first(trigger: Any) -> dict[str, Any]:
+        async for event in trigger.run():
+            return dict(event.payload)
+        raise AssertionError(f"{type(trigger).__name__} ended without an event")
+
+    def run(trigger: Any) -> dict[str, Any]:
+        with ThreadPoolExecutor(1) as pool:
+            return pool.submit(asyncio.run, first(trigger)).result()
+
+    return run

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -15,7 +13,6 @@ from dtp.params import TrainParams, parse_params
 from dtp.pipeline import network
 from dtp.pipeline.spec import run_spec
 from dtp.platforms.hyperpod import HyperPodPlatform
-from dtp.triggers.hyperpod import HyperPodClusterTrigger
 
 pytestmark = pytest.mark.stack
 AWS = "aws_default"
@@ -34,18 +31,7 @@ def outputs(spec) -> dict:
     network.teardown_network(spec, AWS)
 
 
-def _first_event(trigger: HyperPodClusterTrigger) -> dict:
-    async def first() -> dict:
-        async for event in trigger.run():
-            return event.payload
-        raise AssertionError("no event")
-
-    # In a thread of its own: the session's Playwright (tests/ui) keeps an event loop running in this one.
-    with ThreadPoolExecutor(1) as pool:
-        return pool.submit(asyncio.run, first()).result()
-
-
-def test_provision_twice_makes_one_cluster_and_teardown_leaves_nothing(spec, outputs, aws) -> None:
+def test_provision_twice_makes_one_cluster_and_teardown_leaves_nothing(spec, outputs, aws, first_event) -> None:
     platform = HyperPodPlatform()
     run_key = spec["names"]["run_key"]
     bucket = platform.settings.lifecycle_bucket
@@ -69,7 +55,7 @@ def test_provision_twice_makes_one_cluster_and_teardown_leaves_nothing(spec, out
     ]
 
     trigger = platform.ready_trigger(cluster)
-    assert _first_event(trigger) == {"status": "success", "message": f"HyperPod cluster {run_key} is InService"}
+    assert first_event(trigger) == {"status": "success", "message": f"HyperPod cluster {run_key} is InService"}
 
     result = platform.teardown(spec)
     assert (result["deleted_cluster"], result["deleted_lifecycle_objects"]) == (True, 2)
@@ -78,7 +64,7 @@ def test_provision_twice_makes_one_cluster_and_teardown_leaves_nothing(spec, out
     # A retried teardown finds nothing left and still succeeds.
     assert platform.teardown(spec) == {"cancelled_jobs": [], "deleted_cluster": False, "deleted_lifecycle_objects": 0}
     # The trigger of a run whose cluster is gone fails instead of waiting forever.
-    assert _first_event(trigger)["status"] == "failed"
+    assert first_event(trigger)["status"] == "failed"
 
 
 def test_base_config_scripts_are_copied_under_the_run(spec, outputs, aws, monkeypatch) -> None:

@@ -7,9 +7,7 @@ every canned response against the model's output shapes.
 
 from __future__ import annotations
 
-import asyncio
 import re
-from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from types import SimpleNamespace
 
@@ -128,24 +126,17 @@ def test_the_operators_request_token_fits_fsx() -> None:
     assert len(token) <= shape.metadata["max"] and re.fullmatch(shape.metadata["pattern"], token)
 
 
-def test_trigger_waits_for_the_end_and_reports_counts(hook: FsxHook, stub: Stubber, monkeypatch) -> None:
+def test_trigger_waits_for_the_end_and_reports_counts(hook: FsxHook, stub: Stubber, monkeypatch, first_event) -> None:
     monkeypatch.setattr(fsx_triggers, "FsxHook", lambda **_: hook)
     for lifecycle, done in (("EXECUTING", 4), ("SUCCEEDED", 10)):
         response = {"DataRepositoryTasks": [_task("task-0123456789abcdef1", lifecycle, SucceededCount=done)]}
         stub.add_response("describe_data_repository_tasks", response, {"TaskIds": ["task-0123456789abcdef1"]})
     trigger = fsx_triggers.FsxDataRepositoryTaskTrigger("task-0123456789abcdef1", aws_conn_id=None, poll_interval=0)
 
-    async def first_event() -> dict:
-        async for event in trigger.run():
-            return event.payload
-        raise AssertionError("no event")
-
     path, kwargs = trigger.serialize()
     assert path == "dtp.triggers.fsx.FsxDataRepositoryTaskTrigger"
     assert fsx_triggers.FsxDataRepositoryTaskTrigger(**kwargs).serialize() == (path, kwargs)  # as the triggerer does
-    # In a thread of its own: the session's Playwright (tests/ui) keeps an event loop running in this one.
-    with ThreadPoolExecutor(1) as pool:
-        event = pool.submit(asyncio.run, first_event()).result()
+    event = first_event(trigger)
     assert event["status"] == "success" and (event["succeeded"], event["total"], event["failed"]) == (10, 10, 0)
 
 

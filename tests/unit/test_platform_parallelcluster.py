@@ -4,7 +4,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
 import socket
@@ -12,7 +11,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -281,17 +279,6 @@ def test_cli_without_an_endpoint_talks_to_aws(monkeypatch) -> None:
 # --- against the local AWS emulator ------------------------------------------------------------------------------
 
 
-def _first_event(trigger: Any) -> dict[str, Any]:
-    async def first() -> dict[str, Any]:
-        async for event in trigger.run():
-            return dict(event.payload)
-        raise AssertionError("no event")
-
-    # In a thread of its own: the session's Playwright (tests/ui) keeps an event loop running in this one.
-    with ThreadPoolExecutor(1) as pool:
-        return pool.submit(asyncio.run, first()).result()
-
-
 @pytest.fixture(scope="module")
 def emulator() -> Iterator[str]:
     with socket.socket() as sock:
@@ -354,7 +341,9 @@ def emulated_network(emulator: str) -> tuple[dict[str, str], str]:
 
 
 @needs_pcluster
-def test_pcluster_dryrun_accepts_the_rendered_config_against_the_emulator(monkeypatch, emulator, emulated_network):
+def test_pcluster_dryrun_accepts_the_rendered_config_against_the_emulator(
+    monkeypatch, emulator, emulated_network, first_event
+):
     network, ami = emulated_network
     platform = use_settings(monkeypatch, endpoint=emulator, region=EMULATOR_REGION, key_name="dtp-head")
     spec = make_spec("llama3_1_8b", "p5.48xlarge", 2)
@@ -365,7 +354,7 @@ def test_pcluster_dryrun_accepts_the_rendered_config_against_the_emulator(monkey
     assert answer["message"] == pc.DRYRUN_PASSED
     # Nothing was created: the cluster does not exist, its wait fails at once, and teardown finds nothing to delete.
     assert platform.cluster_status(name) is None
-    event = _first_event(platform.ready_trigger({"cluster_name": name}))
+    event = first_event(platform.ready_trigger({"cluster_name": name}))
     assert event == {"status": "failed", "message": f"cluster {name} does not exist"}
     assert platform.teardown(spec) == {"cluster_name": name, "cancelled_jobs": [], "deleted": False}
 
