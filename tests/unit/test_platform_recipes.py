@@ -1,0 +1,66 @@
+"""Every shipped recipe renders for every AWS platform that offers its instance type, and the service's own schema
+accepts what it renders (or the platform refuses the recipe, by name, before anything is sent)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from dtp.params import TrainParams, parse_params
+from dtp.pipeline.spec import run_spec
+from dtp.platforms import get_platform
+from dtp.platforms.base import PlatformNotReady
+from dtp.recipes import catalogue, instance_types
+
+# The least each platform's dtp_<platform> connection holds (see README, Platforms).
+SETTINGS = {
+    "hyperpod": {
+        "execution_role_arn": "arn:aws:iam::111122223333:role/hyperpod-execution",
+        "lifecycle_bucket": "sagemaker-dtp-lifecycle",
+    },
+    "parallelcluster": {"key_name": "dtp-head"},
+    "eks": {"cluster_name": "dtp-training"},
+    "batch": {"instance_role_arn": "arn:aws:iam::111122223333:instance-profile/ecsInstanceRole"},
+}
+NETWORK = {
+    "VPC": "vpc-0123456789abcdef0",
+    "PublicSubnet": "subnet-0123456789abcdef0",
+    "PrivateSubnet": "subnet-0fedcba9876543210",
+    "SecurityGroup": "sg-0123456789abcdef0",
+    "FSXSecurityGroup": "sg-0fedcba9876543210",
+    "DataBucket": "dtp-train-e2e-0123456789-data",
+}
+# DTP launches other frameworks (torchtitan, Megatron-LM, neuronx-distributed) with Slurm batch scripts only.
+SLURM_ONLY = {"eks", "batch"}
+CASES = [
+    (recipe.name, platform)
+    for recipe in catalogue().values()
+    for platform in SETTINGS
+    if platform in instance_types()[recipe.defaults.instance_type].platforms
+]
+
+
+@pytest.mark.parametrize(("recipe", "platform"), CASES, ids=[f"{r}-{p}" for r, p in CASES])
+def test_recipe_renders_for_the_platform(monkeypatch: pytest.MonkeyPatch, recipe: str, platform: str) -> None:
+    monkeypatch.setenv(
+        f"AIRFLOW_CONN_DTP_{platform.upper()}", json.dumps({"conn_type": "generic", "extra": SETTINGS[platform]})
+    )
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_AWS_DEFAULT", json.dumps({"conn_type": "aws", "extra": {"region_name": "us-east-1"}})
+    )
+    defaults = catalogue()[recipe].defaults
+    conf: dict[str, Any] = {"platform": platform, "recipe": recipe, "instance_type": defaults.instance_type}
+    spec = run_spec(parse_params(TrainParams, {**conf, "num_nodes": defaults.num_nodes}), "train_e2e", "manual__1")
+    target = get_platform(platform)
+    if platform in SLURM_ONLY and spec["recipe"]["framework"] != "fsdp":
+        with pytest.raises(PlatformNotReady, match=f"uses {spec['recipe']['framework']}"):
+            target.render(spec, NETWORK)
+        return
+    documents = target.render(spec, NETWORK)
+    assert documents and target.check(documents) == []
+
+
+def test_every_recipe_renders_somewhere_beyond_the_local_platform() -> None:
+    assert {recipe for recipe, _ in CASES} == set(catalogue()) - {"tiny", "tiny_deep"}
