@@ -6,7 +6,7 @@ import uuid
 
 import pytest
 
-from dtp.pipeline.data import SAMPLE_CORPUS, stage_data
+from dtp.pipeline.data import SAMPLE_CORPUS, SharedFilesystemNotVisible, stage_data
 
 pytestmark = pytest.mark.stack
 
@@ -15,7 +15,7 @@ def test_stage_sample_corpus_twice(stack, aws, tmp_path) -> None:
     bucket = f"dtp-it-stage-{uuid.uuid4().hex[:8]}"
     aws("s3").create_bucket(Bucket=bucket)
     spec = {"params": {"dataset_uri": ""}, "names": {"run_key": bucket}}
-    cluster = {"shared_dir": str(tmp_path)}
+    cluster = {"shared_dir": str(tmp_path), "slurm_conn_id": "slurm_default"}
     first = stage_data(spec, {"DataBucket": bucket}, cluster, "aws_default")
     size = SAMPLE_CORPUS.stat().st_size
     assert first["files"] == 1 and first["copied"] == 1 and first["bytes_moved"] == size
@@ -33,8 +33,23 @@ def test_user_dataset_uri_and_empty_prefix(stack, aws, tmp_path) -> None:
     s3.put_object(Bucket=bucket, Key="corpus/b.txt", Body=b"world")
     s3.put_object(Bucket=bucket, Key="corpus/skip.bin", Body=b"\x00")
     spec = {"params": {"dataset_uri": f"s3://{bucket}/corpus/"}, "names": {"run_key": "user"}}
-    staged = stage_data(spec, {"DataBucket": "unused"}, {"shared_dir": str(tmp_path)}, "aws_default")
+    staged = stage_data(
+        spec, {"DataBucket": "unused"}, {"shared_dir": str(tmp_path), "slurm_conn_id": "slurm_default"}, "aws_default"
+    )
     assert staged["files"] == 2 and (tmp_path / "runs/user/train.bin").read_bytes() == b"hello world"
     empty = {"params": {"dataset_uri": f"s3://{bucket}/nothing/"}, "names": {"run_key": "user"}}
     with pytest.raises(ValueError, match=r"no \.txt objects under s3://"):
-        stage_data(empty, {"DataBucket": "unused"}, {"shared_dir": str(tmp_path)}, "aws_default")
+        stage_data(
+            empty,
+            {"DataBucket": "unused"},
+            {"shared_dir": str(tmp_path), "slurm_conn_id": "slurm_default"},
+            "aws_default",
+        )
+
+
+def test_a_shared_filesystem_this_worker_does_not_see_is_refused_before_any_copy(stack, aws, tmp_path) -> None:
+    spec = {"params": {"dataset_uri": ""}, "names": {"run_key": "unseen"}}
+    cluster = {"shared_dir": str(tmp_path / "fsx-not-mounted"), "slurm_conn_id": "slurm_default"}
+    with pytest.raises(SharedFilesystemNotVisible, match=r"fsx-not-mounted, which this worker does not see"):
+        stage_data(spec, {"DataBucket": "unused"}, cluster, "aws_default")
+    assert not (tmp_path / "fsx-not-mounted").exists()

@@ -1,7 +1,9 @@
 """Stage the dataset: S3 -> the cluster's shared filesystem -> a byte-level token shard.
 
-On AWS the S3 -> FSx step is a data repository import; on the local profile
-the worker copies into the shared directory. Both are idempotent: objects
+The worker copies into the cluster's shared filesystem, so the task runs on the
+``training`` queue, whose worker sits where that filesystem is mounted (the
+head node or controller on AWS, this host on the local profile); it checks it
+sees the filesystem before writing anything. Staging is idempotent: objects
 already present with the same size are not copied again, and the shard is
 written to a temporary name and renamed, so a half-written shard is never used.
 """
@@ -11,11 +13,13 @@ from __future__ import annotations
 import logging
 import os
 import re
+import uuid
 from pathlib import Path
 from typing import Any
 
 from airflow.providers.amazon.aws.hooks.s3 import S3Hook
 
+from dtp.hooks.slurm import SlurmHook
 from dtp.recipes import INCLUDE_DIR
 
 log = logging.getLogger(__name__)
@@ -37,9 +41,33 @@ def upload_sample_corpus(s3: S3Hook, bucket: str) -> str:
     return f"s3://{bucket}/datasets/sample/"
 
 
+class SharedFilesystemNotVisible(RuntimeError):
+    """This worker does not see the cluster's shared filesystem, so it cannot stage data into it."""
+
+
+def check_shared_dir_visible(cluster: dict[str, Any]) -> None:
+    """Fail unless this worker sees the cluster's shared filesystem (a file written there through the Slurm
+    connection must show up here), so staging never fills a local directory the nodes cannot read."""
+    hook = SlurmHook(cluster["slurm_conn_id"])
+    shared = cluster["shared_dir"]
+    if hook.transport == "local":
+        visible = Path(shared).is_dir()
+    else:
+        probe = f"{shared}/.dtp-probe-{uuid.uuid4().hex}"
+        hook.write_file(probe, "")
+        visible = Path(probe).exists()
+        hook.run(["rm", "-f", probe], check=False)
+    if not visible:
+        raise SharedFilesystemNotVisible(
+            f"stage_data writes the dataset into {shared}, which this worker does not see: run the worker of the "
+            "'training' queue where the cluster's shared filesystem is mounted (the head node or controller)"
+        )
+
+
 def stage_data(
     spec: dict[str, Any], network: dict[str, str], cluster: dict[str, Any], aws_conn_id: str
 ) -> dict[str, Any]:
+    check_shared_dir_visible(cluster)
     s3 = S3Hook(aws_conn_id=aws_conn_id)
     source = spec["params"]["dataset_uri"] or upload_sample_corpus(s3, network["DataBucket"])
     match = S3_URI.match(source)

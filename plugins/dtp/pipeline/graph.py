@@ -77,7 +77,8 @@ def stack_outputs(spec: dict[str, Any]) -> dict[str, str]:
     return network.network_outputs(spec, AWS_CONN_ID)
 
 
-@task
+# It writes into the cluster's shared filesystem: on the training queue, whose worker has it mounted.
+@task(queue=TRAINING_QUEUE)
 def stage_data(spec: dict[str, Any], network_outputs: dict[str, str], cluster: dict[str, Any]) -> dict[str, Any]:
     return data.stage_data(spec, network_outputs, cluster, AWS_CONN_ID)
 
