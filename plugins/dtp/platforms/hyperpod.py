@@ -147,6 +147,7 @@ class HyperPodPlatform:
     def provision(self, spec: dict[str, Any], network: dict[str, str]) -> dict[str, Any]:
         """Create the run's cluster (or find it again), falling back to the recipe's next instance type when
         CreateCluster has no capacity, or when an earlier try's cluster failed for capacity."""
+        settings = self.settings  # a platform that is not set up fails here, before any AWS call
         hook = HyperPodHook(aws_conn_id=self.aws_conn_id)
         name = spec["names"]["run_key"]
         options = candidates(spec, self.name)
@@ -162,7 +163,7 @@ class HyperPodPlatform:
             documents = self.render(spec, network, instance_type)
             if problems := self.check(documents):
                 raise PlatformNotReady("the HyperPod cluster request is invalid:\n" + "\n".join(problems))
-            self._upload_lifecycle(spec, self.settings, documents["provisioning_parameters.json"])
+            self._upload_lifecycle(spec, settings, documents["provisioning_parameters.json"])
             try:
                 cluster = hook.ensure_cluster(json.loads(documents["cluster-config.json"]))
             except ClientError as err:
