@@ -125,6 +125,10 @@ class InstanceType(_Strict):
     expected_busbw_gbps: float = Field(gt=0)
     busbw_at_bytes: int = Field(gt=0)
     collective_test: Literal["nccl-tests", "torch"]
+    vcpus: int | None = Field(None, ge=1)
+    memory_gib: int | None = Field(None, ge=1)
+    efa_interfaces: int = Field(0, ge=0)
+    neuron_devices: int = Field(0, ge=0)  # Neuron devices (accelerators_per_node counts NeuronCores)
 
 
 def _read_yaml(path: Path) -> object:

@@ -67,6 +67,7 @@ class TrainingJob:
             max_restarts=3,
             exclude_nodes="",
             nsys_dir="",
+            container=[],
         )
         (self.workdir / "train.sbatch").write_text(script)
         self.hook = SlurmHook()

@@ -25,7 +25,6 @@ from dtp.images.container import build_arg_defaults
 from dtp.naming import TAG_PREFIX
 from dtp.pipeline.data import run_dir
 from dtp.platforms.base import PlatformNotReady, PlatformSettings
-from dtp.platforms.eks import EFA_INTERFACES
 from dtp.platforms.pyxis import IMAGE_TRAINING_DIR
 from dtp.platforms.service_models import request_problems
 
@@ -37,18 +36,6 @@ DOCUMENTS = ("compute-environment.json", "job-queue.json", "job-definition.json"
 BATCH_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")
 DIGEST_TAG = f"{TAG_PREFIX}definition-sha256"
 ACTIVE_JOB_STATES = ("SUBMITTED", "PENDING", "RUNNABLE", "STARTING", "RUNNING")
-# vCPUs and memory (GiB) per instance type: AWS docs, "Amazon EC2 instance types" specifications.
-INSTANCE_SIZES = {
-    "p5.48xlarge": (192, 2048),
-    "p5e.48xlarge": (192, 2048),
-    "p4d.24xlarge": (96, 1152),
-    "p4de.24xlarge": (96, 1152),
-    "g5.48xlarge": (192, 768),
-    "trn1.32xlarge": (128, 512),
-    "trn1n.32xlarge": (128, 512),
-    "trn2.48xlarge": (192, 2048),
-    "m5.2xlarge": (8, 32),
-}
 # The ECS agent and the OS keep part of a host's memory ("Compute resource memory management"): ask for 90%.
 MEMORY_SHARE = 0.9
 # The main node has no AWS_BATCH_JOB_MAIN_NODE_PRIVATE_IPV4_ADDRESS: it is the main node, so it takes its own
@@ -118,9 +105,9 @@ class BatchPlatform:
             )
         settings, params, instance = self.settings, spec["params"], spec["instance"]
         instance_type, num_nodes, run_key = params["instance_type"], params["num_nodes"], spec["names"]["run_key"]
-        if instance_type not in INSTANCE_SIZES:
-            raise PlatformNotReady(f"batch.INSTANCE_SIZES does not list {instance_type}'s vCPUs and memory")
-        vcpus, memory_gib = INSTANCE_SIZES[instance_type]
+        vcpus, memory_gib = instance["vcpus"], instance["memory_gib"]
+        if not (vcpus and memory_gib):
+            raise PlatformNotReady(f"include/instance_types.yaml gives no vcpus and memory_gib for {instance_type}")
         nvidia = instance["accelerator"] != "cpu" and not instance["accelerator"].startswith("trainium")
         compute: dict[str, Any] = {
             "type": "EC2",
@@ -158,7 +145,7 @@ class BatchPlatform:
         procs, memory = str(instance["accelerators_per_node"]), int(memory_gib * 1024 * MEMORY_SHARE)
         torchrun = ["torchrun", "--nproc_per_node", procs, program, "--config", str(workdir / "train.json")]
         resources = {"VCPU": str(vcpus), "MEMORY": str(memory)} | ({"GPU": procs} if nvidia else {})
-        env = {**_environment(instance_type, nvidia), **params["extra_env"]}
+        env = {**_environment(instance["efa_interfaces"] > 0, nvidia), **params["extra_env"]}
         container: dict[str, Any] = {
             "image": runtime["image"],
             "command": ["sh", "-c", LAUNCH, *torchrun],
@@ -170,7 +157,7 @@ class BatchPlatform:
             "linuxParameters": {"sharedMemorySize": memory // 2},
             "environment": [{"name": name, "value": value} for name, value in env.items()],
         }
-        if efa := EFA_INTERFACES.get(instance_type, 0):
+        if efa := instance["efa_interfaces"]:
             devices = [f"/dev/infiniband/uverbs{i}" for i in range(efa)]
             container["linuxParameters"]["devices"] = [{"hostPath": d, "containerPath": d} for d in devices]
             container["ulimits"] = [{"name": "memlock", "softLimit": -1, "hardLimit": -1}]
@@ -326,10 +313,10 @@ def _job_definitions(client: Any, name: str) -> list[dict[str, Any]]:
     return [d for page in pages for d in page["jobDefinitions"]]
 
 
-def _environment(instance_type: str, nvidia: bool) -> dict[str, str]:
+def _environment(efa: bool, nvidia: bool) -> dict[str, str]:
     """What the trainer's processes need besides torchrun's settings (as the Slurm job's _env.sh sets)."""
     env = {"OMP_NUM_THREADS": "8", "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1"}
-    if instance_type in EFA_INTERFACES:
+    if efa:
         env |= {"FI_PROVIDER": "efa", "FI_EFA_FORK_SAFE": "1"}
     if nvidia:
         env |= {"NCCL_SOCKET_IFNAME": "^lo,docker,veth", "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}

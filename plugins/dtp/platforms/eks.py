@@ -48,22 +48,6 @@ MAX_RESTARTS = 3
 LABEL_DOMAIN = "dtp.dev"
 # Extended resources of the NVIDIA, Neuron and EFA device plugins.
 GPU, NEURON, EFA = "nvidia.com/gpu", "aws.amazon.com/neuron", "vpc.amazonaws.com/efa"
-# EFA interfaces per instance type (AWS docs, "Supported instance types" of Elastic Fabric Adapter, and the
-# instance types' network specifications); the EFA device plugin offers them as vpc.amazonaws.com/efa.
-EFA_INTERFACES = {
-    "p5.48xlarge": 32,
-    "p5e.48xlarge": 32,
-    "p5en.48xlarge": 16,
-    "p4d.24xlarge": 4,
-    "p4de.24xlarge": 4,
-    "g5.48xlarge": 1,
-    "trn1.32xlarge": 8,
-    "trn1n.32xlarge": 16,
-    "trn2.48xlarge": 16,
-}
-# Neuron devices per instance type: the Neuron device plugin's aws.amazon.com/neuron counts devices, while
-# instance_types.yaml counts NeuronCores (2 per trn1 device, 4 logical per trn2 device).
-NEURON_DEVICES = {"trn1.32xlarge": 16, "trn1n.32xlarge": 16, "trn2.48xlarge": 16}
 # The webhook (pkg/webhooks/pytorch) and API types (pkg/apis/kubeflow.org/v1) of training-operator v1.9.0.
 REPLICA_TYPES = ("Master", "Worker")
 RESTART_POLICIES = ("Always", "OnFailure", "Never", "ExitCode")
@@ -128,7 +112,7 @@ class EksPlatform:
         settings = self.settings
         runtime = runtime or self.default_image()
         instance_type, instance = spec["params"]["instance_type"], spec["instance"]
-        devices = _devices(instance_type, instance["accelerator"], instance["accelerators_per_node"])
+        devices = _devices(instance)
         config = run_dir(spec, {"shared_dir": FSX_MOUNT}) / "train.json"
         labels = {f"{LABEL_DOMAIN}/run": spec["names"]["run_key"], f"{LABEL_DOMAIN}/dag": _label_value(spec["dag_id"])}
         job = render(
@@ -236,16 +220,15 @@ class EksPlatform:
             yield KubernetesHook(conn_id=None, config_file=config_file)
 
 
-def _devices(instance_type: str, accelerator: str, accelerators: int) -> dict[str, int]:
-    """The extended resources one worker pod takes: all of its node's accelerators and EFA interfaces."""
-    if accelerator.startswith("trainium"):
-        if instance_type not in NEURON_DEVICES:
-            raise PlatformNotReady(f"eks.NEURON_DEVICES does not list {instance_type}'s Neuron devices")
-        devices = {NEURON: NEURON_DEVICES[instance_type]}
+def _devices(instance: dict[str, Any]) -> dict[str, int]:
+    """The extended resources one worker pod takes: all of its node's accelerators and EFA interfaces
+    (the Neuron device plugin counts devices, where ``accelerators_per_node`` counts NeuronCores)."""
+    if instance["accelerator"].startswith("trainium"):
+        devices = {NEURON: instance["neuron_devices"]}
     else:
-        devices = {GPU: accelerators}
-    if instance_type in EFA_INTERFACES:
-        devices[EFA] = EFA_INTERFACES[instance_type]
+        devices = {GPU: instance["accelerators_per_node"]}
+    if instance["efa_interfaces"]:
+        devices[EFA] = instance["efa_interfaces"]
     return devices
 
 

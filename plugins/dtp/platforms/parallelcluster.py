@@ -26,7 +26,7 @@ from pydantic import Field
 
 from dtp.platforms.base import PlatformNotReady, PlatformSettings
 from dtp.platforms.pyxis import pyxis_runtime
-from dtp.recipes import INCLUDE_DIR
+from dtp.recipes import INCLUDE_DIR, instance_types
 from dtp.templates import render
 from dtp.triggers.parallelcluster import ParallelClusterCreateTrigger
 
@@ -37,19 +37,6 @@ PCLUSTER_VENV = PROJECT_ROOT / ".venv-pcluster"
 VALIDATE_SCRIPT = INCLUDE_DIR / "parallelcluster" / "validate_config.py"
 CONFIG_DOCUMENT = "cluster-config.yaml"
 SHARED_DIR = "/fsx"
-# The EC2 instance types of the catalogue (include/instance_types.yaml) that have EFA.
-EFA_INSTANCE_TYPES = frozenset(
-    {
-        "p5.48xlarge",
-        "p5e.48xlarge",
-        "p4de.24xlarge",
-        "p4d.24xlarge",
-        "g5.48xlarge",
-        "trn1.32xlarge",
-        "trn1n.32xlarge",
-        "trn2.48xlarge",
-    }
-)
 # What pcluster answers for a cluster that does not exist, and for a dry run that passed.
 NOT_FOUND = "does not exist"
 DRYRUN_PASSED = "Request would have succeeded, but DryRun flag is set."
@@ -238,7 +225,7 @@ class ParallelClusterPlatform:
             compute_resource=instance_type.replace(".", "-"),
             instance_type=instance_type,
             num_nodes=spec["params"]["num_nodes"],
-            efa=instance_type in EFA_INSTANCE_TYPES,
+            efa=instance_types()[instance_type].efa_interfaces > 0,
             fsx_file_system_id=settings.fsx_file_system_id,
             fsx_storage_capacity_gib=settings.fsx_storage_capacity_gib,
             fsx_throughput_per_tib=settings.fsx_throughput_per_tib,
