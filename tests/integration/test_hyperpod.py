@@ -93,44 +93,82 @@ def test_base_config_scripts_are_copied_under_the_run(spec, outputs, aws, monkey
         s3.delete_bucket(Bucket="dtp-base-config")
 
 
-def test_no_capacity_falls_back_to_the_recipe_s_next_instance_type(stack, aws, set_rules, outputs) -> None:
+def _no_capacity(times: int) -> list[dict]:
+    # SageMaker's answer when the account or zone has no p5 (then p5e) capacity for the cluster.
+    message = "The account-level service limit 'ml.p5.48xlarge for cluster usage' is 0"
+    return [
+        {
+            "service": "sagemaker",
+            "action": "CreateCluster",
+            "code": "ResourceLimitExceeded",
+            "status": 400,
+            "message": message,
+            "times": times,
+        }
+    ]
+
+
+def _compute_group(run_key: str) -> dict:
+    described = HyperPodHook(aws_conn_id=AWS).describe_cluster(run_key)
+    return next(g for g in described["InstanceGroups"] if g["InstanceGroupName"] == "compute-nodes")
+
+
+@pytest.fixture
+def p5_spec() -> dict:
     params = parse_params(
         TrainParams, {"platform": "hyperpod", "recipe": "llama3_1_8b", "instance_type": "p5.48xlarge"}
     )
-    spec = run_spec(params, "it_hyperpod", f"manual__{uuid.uuid4().hex}")
+    return run_spec(params, "it_hyperpod", f"manual__{uuid.uuid4().hex}")
+
+
+def test_no_capacity_in_the_first_zone_falls_back_to_the_second(stack, aws, set_rules, outputs, p5_spec) -> None:
     platform = HyperPodPlatform()
-    # SageMaker's answer when the account or region has no p5 (then p5e) capacity for the cluster.
-    set_rules(
-        [
-            {
-                "service": "sagemaker",
-                "action": "CreateCluster",
-                "code": "ResourceLimitExceeded",
-                "status": 400,
-                "message": "The account-level service limit 'ml.p5.48xlarge for cluster usage' is 0",
-                "times": 2,
-            }
-        ]
-    )
+    set_rules(_no_capacity(times=1))
     try:
-        cluster = platform.provision(spec, outputs)
-        assert (cluster["instance_type"], cluster["instance"]["accelerator"]) == ("p4de.24xlarge", "A100-80GB")
-        described = HyperPodHook(aws_conn_id=AWS).describe_cluster(spec["names"]["run_key"])
-        compute = next(g for g in described["InstanceGroups"] if g["InstanceGroupName"] == "compute-nodes")
-        assert compute["InstanceType"] == "ml.p4de.24xlarge"
-        # A retried task finds the cluster its fallback created and keeps its instance type.
-        assert platform.provision(spec, outputs)["instance_type"] == "p4de.24xlarge"
+        cluster = platform.provision(p5_spec, outputs)
+        assert cluster["instance_type"] == "p5.48xlarge"
+        assert cluster["placement"] == f"p5.48xlarge in {outputs['FallbackPrivateSubnet']} (on demand)"
+        compute = _compute_group(p5_spec["names"]["run_key"])
+        assert compute["OverrideVpcConfig"]["Subnets"] == [outputs["FallbackPrivateSubnet"]]
+        subnets = aws("ec2").describe_subnets(SubnetIds=[outputs["PrivateSubnet"], outputs["FallbackPrivateSubnet"]])
+        assert len({s["AvailabilityZone"] for s in subnets["Subnets"]}) == 2
     finally:
-        platform.teardown(spec)
+        platform.teardown(p5_spec)
 
 
-def test_no_capacity_anywhere_says_what_was_tried(stack, aws, set_rules, outputs) -> None:
-    params = parse_params(
-        TrainParams, {"platform": "hyperpod", "recipe": "llama3_1_8b", "instance_type": "p5.48xlarge"}
-    )
-    spec = run_spec(params, "it_hyperpod", f"manual__{uuid.uuid4().hex}")
+def test_no_capacity_in_either_zone_falls_back_to_the_next_instance_type(
+    stack, aws, set_rules, outputs, p5_spec
+) -> None:
+    platform = HyperPodPlatform()
+    set_rules(_no_capacity(times=4))  # p5 and p5e, each in both zones
+    try:
+        cluster = platform.provision(p5_spec, outputs)
+        assert (cluster["instance_type"], cluster["instance"]["accelerator"]) == ("p4de.24xlarge", "A100-80GB")
+        compute = _compute_group(p5_spec["names"]["run_key"])
+        assert compute["InstanceType"] == "ml.p4de.24xlarge" and "OverrideVpcConfig" not in compute
+        # A retried task finds the cluster its fallback created and keeps its placement.
+        assert platform.provision(p5_spec, outputs)["placement"] == cluster["placement"]
+    finally:
+        platform.teardown(p5_spec)
+
+
+def test_a_training_plan_is_tried_before_on_demand(stack, aws, set_rules, outputs, p5_spec, monkeypatch) -> None:
+    plan = f"arn:aws:sagemaker:us-east-1:{aws('sts').get_caller_identity()['Account']}:training-plan/p5-reserved"
+    conn = json.loads(os.environ["AIRFLOW_CONN_DTP_HYPERPOD"])
+    conn["extra"]["training_plans"] = {"p5.48xlarge": plan}
+    monkeypatch.setenv("AIRFLOW_CONN_DTP_HYPERPOD", json.dumps(conn))
+    platform = HyperPodPlatform()
+    try:
+        cluster = platform.provision(p5_spec, outputs)
+        assert cluster["placement"] == f"p5.48xlarge in {outputs['PrivateSubnet']} (reservation {plan})"
+        assert _compute_group(p5_spec["names"]["run_key"])["TrainingPlanArn"] == plan
+    finally:
+        platform.teardown(p5_spec)
+
+
+def test_no_capacity_anywhere_says_what_was_tried(stack, aws, set_rules, outputs, p5_spec) -> None:
     set_rules([{"service": "sagemaker", "action": "CreateCluster", "code": "InsufficientCapacity", "status": 400}])
-    with pytest.raises(RuntimeError, match=r"^no capacity for 2 nodes of p5.48xlarge, p5e.48xlarge, p4de.24xlarge "):
-        HyperPodPlatform().provision(spec, outputs)
-    assert HyperPodHook(aws_conn_id=AWS).describe_cluster(spec["names"]["run_key"]) is None
-    HyperPodPlatform().teardown(spec)
+    with pytest.raises(RuntimeError, match=r"^no capacity for 2 nodes in any placement: p5.48xlarge in subnet-"):
+        HyperPodPlatform().provision(p5_spec, outputs)
+    assert HyperPodHook(aws_conn_id=AWS).describe_cluster(p5_spec["names"]["run_key"]) is None
+    HyperPodPlatform().teardown(p5_spec)

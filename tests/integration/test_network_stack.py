@@ -39,7 +39,20 @@ def test_create_twice_makes_one_stack_and_teardown_leaves_nothing(spec, aws) -> 
     assert len(ec2.describe_vpcs(Filters=[{"Name": "tag:dtp:run", "Values": [run_key]}])["Vpcs"]) == 1
 
     outputs = network.network_outputs(spec, AWS)
-    assert set(outputs) == {"VPC", "PublicSubnet", "PrivateSubnet", "SecurityGroup", "FSXSecurityGroup", "DataBucket"}
+    assert set(outputs) == {
+        "VPC",
+        "PublicSubnet",
+        "PrivateSubnet",
+        "FallbackPrivateSubnet",
+        "SecurityGroup",
+        "FSXSecurityGroup",
+        "DataBucket",
+    }
+    subnets = ec2.describe_subnets(SubnetIds=[outputs["PrivateSubnet"], outputs["FallbackPrivateSubnet"]])["Subnets"]
+    zones = {s["SubnetId"]: s["AvailabilityZone"] for s in subnets}
+    assert [zones[outputs["PrivateSubnet"]], zones[outputs["FallbackPrivateSubnet"]]] == network.availability_zones(
+        AWS
+    )[:2]
     s3 = aws("s3")
     tags = {t["Key"]: t["Value"] for t in s3.get_bucket_tagging(Bucket=outputs["DataBucket"])["TagSet"]}
     assert tags["dtp:run"] == run_key and "dtp:expires-at" in tags

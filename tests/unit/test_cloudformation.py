@@ -12,7 +12,15 @@ from dtp.naming import RunNames
 from dtp.templates import TEMPLATE_DIR
 
 NETWORK = TEMPLATE_DIR / "cloudformation" / "network.yaml"
-EXPORTS = ["VPC", "PublicSubnet", "PrivateSubnet", "SecurityGroup", "FSXSecurityGroup", "DataBucket"]
+EXPORTS = [
+    "VPC",
+    "PublicSubnet",
+    "PrivateSubnet",
+    "FallbackPrivateSubnet",
+    "SecurityGroup",
+    "FSXSecurityGroup",
+    "DataBucket",
+]
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +67,7 @@ def test_exports(template: dict) -> None:
 
 
 def test_parameters_and_bucket(template: dict) -> None:
-    assert set(template["Parameters"]) == {"VPCName", "SubnetsAZ", "DataBucketName"}
+    assert set(template["Parameters"]) == {"VPCName", "SubnetsAZ", "FallbackSubnetAZ", "DataBucketName"}
     bucket = template["Resources"]["DataBucket"]
     assert bucket["Type"] == "AWS::S3::Bucket"
     assert bucket["Properties"]["BucketName"] == {"Ref": "DataBucketName"}

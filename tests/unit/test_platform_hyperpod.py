@@ -11,8 +11,8 @@ from dtp.params import TrainParams, parse_params
 from dtp.pipeline.spec import run_spec
 from dtp.platforms import get_platform
 from dtp.platforms.base import PlatformNotReady
-from dtp.platforms.capacity import candidates
-from dtp.platforms.hyperpod import HyperPodPlatform, options_after_failure
+from dtp.platforms.capacity import Placement, candidates, placements
+from dtp.platforms.hyperpod import HyperPodPlatform, options_after_failure, placement_of
 from dtp.platforms.service_models import request_problems
 
 SETTINGS = {
@@ -21,7 +21,12 @@ SETTINGS = {
     "fsx_dns_name": "fs-0123456789abcdef0.fsx.us-east-1.amazonaws.com",
     "fsx_mount_name": "abcdefgh",
 }
-NETWORK = {"SecurityGroup": "sg-0123456789abcdef0", "PrivateSubnet": "subnet-0123456789abcdef0"}
+NETWORK = {
+    "SecurityGroup": "sg-0123456789abcdef0",
+    "PrivateSubnet": "subnet-0123456789abcdef0",
+    "FallbackPrivateSubnet": "subnet-0fedcba9876543210",
+}
+PLAN = "arn:aws:sagemaker:us-east-1:111122223333:training-plan/p5-december"
 
 
 @pytest.fixture
@@ -152,18 +157,68 @@ def test_capacity_candidates_keep_the_node_shape_and_the_platform() -> None:
     assert candidates(spec_for(recipe="tiny", instance_type="m5.2xlarge"), "hyperpod") == ["m5.2xlarge"]
 
 
-def _failed(instance_type: str, message: str) -> dict[str, Any]:
-    groups = [
-        {"InstanceGroupName": "controller-machine", "InstanceType": "ml.m5.12xlarge"},
-        {"InstanceGroupName": "compute-nodes", "InstanceType": f"ml.{instance_type}"},
+def test_placements_try_reserved_capacity_then_each_zone_then_the_next_instance_type() -> None:
+    primary, fallback = NETWORK["PrivateSubnet"], NETWORK["FallbackPrivateSubnet"]
+    order = placements(spec_for(recipe="llama3_1_8b", num_nodes=4), "hyperpod", NETWORK, {"p5e.48xlarge": PLAN})
+    assert order == [
+        Placement("p5.48xlarge", primary),
+        Placement("p5.48xlarge", fallback),
+        Placement("p5e.48xlarge", primary, PLAN),
+        Placement("p5e.48xlarge", fallback, PLAN),
+        Placement("p5e.48xlarge", primary),
+        Placement("p5e.48xlarge", fallback),
+        Placement("p4de.24xlarge", primary),
+        Placement("p4de.24xlarge", fallback),
     ]
-    return {"ClusterName": "dtp-run", "ClusterStatus": "Failed", "FailureMessage": message, "InstanceGroups": groups}
+    assert str(order[2]) == f"p5e.48xlarge in {primary} (reservation {PLAN})"
 
 
-def test_a_cluster_that_failed_for_capacity_moves_on_to_the_next_instance_type() -> None:
-    options = ["p5.48xlarge", "p5e.48xlarge", "p4de.24xlarge"]
+def test_a_fallback_placement_renders_a_request_sagemaker_accepts(settings) -> None:
+    settings(training_plans={"p5e.48xlarge": PLAN})
+    spec = spec_for(recipe="llama3_1_8b", num_nodes=4)
+    platform = HyperPodPlatform()
+    placement = Placement("p5e.48xlarge", NETWORK["FallbackPrivateSubnet"], PLAN)
+    documents = platform.render(spec, NETWORK, placement)
+    assert platform.check(documents) == []
+    request = json.loads(documents["cluster-config.json"])
+    controller, compute = request["InstanceGroups"]
+    # The controller stays in the stack's first subnet; only the compute group moves.
+    assert request["VpcConfig"]["Subnets"] == [NETWORK["PrivateSubnet"]] and "OverrideVpcConfig" not in controller
+    assert compute["OverrideVpcConfig"] == {
+        "SecurityGroupIds": [NETWORK["SecurityGroup"]],
+        "Subnets": [placement.subnet],
+    }
+    assert compute["TrainingPlanArn"] == PLAN
+    described = {**request, "ClusterStatus": "Failed"}
+    assert placement_of(described) == placement
+
+
+def test_a_training_plan_that_is_not_an_arn_is_refused(settings) -> None:
+    settings(training_plans={"p5.48xlarge": "p5-december"})
+    with pytest.raises(PlatformNotReady, match=r"dtp_hyperpod.*training_plans\.p5\.48xlarge"):
+        HyperPodPlatform().max_nodes()
+
+
+def _failed(placement: Placement, message: str) -> dict[str, Any]:
+    compute: dict[str, Any] = {"InstanceGroupName": "compute-nodes", "InstanceType": f"ml.{placement.instance_type}"}
+    if placement.subnet != NETWORK["PrivateSubnet"]:
+        compute["OverrideVpcConfig"] = {"SecurityGroupIds": [NETWORK["SecurityGroup"]], "Subnets": [placement.subnet]}
+    groups = [{"InstanceGroupName": "controller-machine", "InstanceType": "ml.m5.12xlarge"}, compute]
+    return {
+        "ClusterName": "dtp-run",
+        "ClusterStatus": "Failed",
+        "FailureMessage": message,
+        "InstanceGroups": groups,
+        "VpcConfig": {"SecurityGroupIds": [NETWORK["SecurityGroup"]], "Subnets": [NETWORK["PrivateSubnet"]]},
+    }
+
+
+def test_a_cluster_that_failed_for_capacity_moves_on_to_the_next_placement() -> None:
+    options = placements(spec_for(recipe="llama3_1_8b", num_nodes=4), "hyperpod", NETWORK, {})
+    p5e_fallback_zone = Placement("p5e.48xlarge", NETWORK["FallbackPrivateSubnet"])
     no_capacity = "We currently do not have sufficient capacity for ml.p5e.48xlarge in us-east-1b"
-    assert options_after_failure(_failed("p5e.48xlarge", no_capacity), options) == ["p4de.24xlarge"]
-    assert options_after_failure(_failed("p4de.24xlarge", "InsufficientInstanceCapacity"), options) == []
+    assert options_after_failure(_failed(p5e_fallback_zone, no_capacity), options) == options[-2:]
+    assert options_after_failure(_failed(options[0], "InsufficientInstanceCapacity"), options) == options[1:]
+    assert options_after_failure(_failed(options[-1], "InsufficientInstanceCapacity"), options) == []
     with pytest.raises(RuntimeError, match=r"^HyperPod cluster dtp-run failed: lifecycle script exited 1$"):
-        options_after_failure(_failed("p5.48xlarge", "lifecycle script exited 1"), options)
+        options_after_failure(_failed(options[0], "lifecycle script exited 1"), options)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from airflow.providers.amazon.aws.hooks.ec2 import EC2Hook
+
 from dtp.hooks.stacks import StackHook
 from dtp.hooks.sweeper import RunResourceSweeper
 from dtp.templates import TEMPLATE_DIR
@@ -24,15 +26,28 @@ def plan_network_stack(spec: dict[str, Any], aws_conn_id: str) -> str:
     return spec["names"]["network_stack"]
 
 
+def availability_zones(aws_conn_id: str) -> list[str]:
+    """The region's available zones (not Local or Wavelength zones), in name order."""
+    ec2 = EC2Hook(aws_conn_id=aws_conn_id, api_type="client_type").conn
+    zones = ec2.describe_availability_zones(
+        Filters=[{"Name": "state", "Values": ["available"]}, {"Name": "zone-type", "Values": ["availability-zone"]}]
+    )["AvailabilityZones"]
+    return sorted(zone["ZoneName"] for zone in zones)
+
+
 def create_network_stack(spec: dict[str, Any], aws_conn_id: str) -> str:
-    hook = StackHook(aws_conn_id=aws_conn_id)
+    """Create the run's stack in the region's first available zone, with a fallback subnet in the second."""
     names = spec["names"]
-    hook.ensure_stack(
+    zones = availability_zones(aws_conn_id)
+    if len(zones) < 2:
+        raise RuntimeError(f"the region has {len(zones)} available zone(s) ({zones}); the network stack needs two")
+    StackHook(aws_conn_id=aws_conn_id).ensure_stack(
         names["network_stack"],
         NETWORK_TEMPLATE.read_text(),
         {
             "VPCName": names["run_key"],
-            "SubnetsAZ": f"{hook.conn_region_name}a",
+            "SubnetsAZ": zones[0],
+            "FallbackSubnetAZ": zones[1],
             "DataBucketName": names["data_bucket"],
         },
         spec["tags"],

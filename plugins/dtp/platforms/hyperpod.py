@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from typing import Any
+from typing import Annotated, Any
 
 from airflow.providers.amazon.aws.hooks.s3 import S3Hook
 from botocore.exceptions import ClientError
@@ -25,7 +25,7 @@ from pydantic import Field
 from dtp.hooks.hyperpod import HyperPodHook
 from dtp.hooks.slurm import SlurmCommandError, SlurmHook
 from dtp.platforms.base import PlatformNotReady, PlatformSettings
-from dtp.platforms.capacity import candidates, instance_fields, is_capacity_error, is_capacity_failure
+from dtp.platforms.capacity import Placement, instance_fields, is_capacity_error, is_capacity_failure, placements
 from dtp.platforms.pyxis import pyxis_runtime
 from dtp.platforms.service_models import request_problems
 from dtp.recipes import INCLUDE_DIR
@@ -36,6 +36,7 @@ AWS_CONN_ID = "aws_default"
 CONTROLLER_GROUP = "controller-machine"
 COMPUTE_GROUP = "compute-nodes"
 ON_CREATE = INCLUDE_DIR / "hyperpod" / "on_create.sh"
+TRAINING_PLAN_ARN = r"^arn:aws[a-z-]*:sagemaker:[a-z0-9-]+:\d{12}:training-plan/[\w-]{1,64}$"
 
 
 class HyperPodSettings(PlatformSettings):
@@ -46,6 +47,8 @@ class HyperPodSettings(PlatformSettings):
     lifecycle_bucket: str = Field(pattern=r"^sagemaker-[a-z0-9.-]{1,52}$")
     base_config_uri: str = Field("", pattern=r"^$|^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]/[\w./-]*$")
     controller_instance_type: str = "ml.m5.12xlarge"
+    # Reserved capacity per instance type (SageMaker flexible training plans), tried before on-demand.
+    training_plans: dict[str, Annotated[str, Field(pattern=TRAINING_PLAN_ARN)]] = Field(default_factory=dict)
     fsx_dns_name: str = ""
     fsx_mount_name: str = ""
     slurm_conn_id: str = "dtp_hyperpod_slurm"
@@ -85,12 +88,23 @@ class HyperPodPlatform:
     def lifecycle_uri(self, spec: dict[str, Any]) -> str:
         return f"s3://{self.settings.lifecycle_bucket}/{spec['names']['run_key']}/lifecycle/"
 
-    def render(self, spec: dict[str, Any], network: dict[str, str], instance_type: str = "") -> dict[str, str]:
-        """The CreateCluster request and provisioning parameters; ``instance_type`` overrides the run's."""
+    def render(
+        self, spec: dict[str, Any], network: dict[str, str], placement: Placement | None = None
+    ) -> dict[str, str]:
+        """The CreateCluster request and provisioning parameters; ``placement`` overrides the run's first one."""
         settings = self.settings
-        instance_type = instance_type or spec["params"]["instance_type"]
+        placement = placement or Placement(spec["params"]["instance_type"], network["PrivateSubnet"])
+        instance_type = placement.instance_type
         lifecycle = {"SourceS3Uri": self.lifecycle_uri(spec), "OnCreate": ON_CREATE.name}
         group = {"LifeCycleConfig": lifecycle, "ExecutionRole": settings.execution_role_arn}
+        compute_placement: dict[str, Any] = {}
+        if placement.subnet != network["PrivateSubnet"]:
+            compute_placement["OverrideVpcConfig"] = {
+                "SecurityGroupIds": [network["SecurityGroup"]],
+                "Subnets": [placement.subnet],
+            }
+        if placement.reservation:
+            compute_placement["TrainingPlanArn"] = placement.reservation
         request = {
             "ClusterName": spec["names"]["run_key"],
             "InstanceGroups": [
@@ -108,6 +122,7 @@ class HyperPodPlatform:
                     # One thread per core: the reference's setting for GPU and Trainium training nodes.
                     "ThreadsPerCore": 1,
                     **group,
+                    **compute_placement,
                 },
             ],
             "VpcConfig": {"SecurityGroupIds": [network["SecurityGroup"]], "Subnets": [network["PrivateSubnet"]]},
@@ -145,22 +160,23 @@ class HyperPodPlatform:
 
     # --- lifecycle --------------------------------------------------------------------------------------------------
     def provision(self, spec: dict[str, Any], network: dict[str, str]) -> dict[str, Any]:
-        """Create the run's cluster (or find it again), falling back to the recipe's next instance type when
-        CreateCluster has no capacity, or when an earlier try's cluster failed for capacity."""
+        """Create the run's cluster (or find it again), falling back to the next placement (reserved capacity,
+        zone, then the recipe's next instance type) when CreateCluster has no capacity, or when an earlier
+        try's cluster failed for capacity."""
         settings = self.settings  # a platform that is not set up fails here, before any AWS call
         hook = HyperPodHook(aws_conn_id=self.aws_conn_id)
         name = spec["names"]["run_key"]
-        options = candidates(spec, self.name)
+        options = placements(spec, self.name, network, settings.training_plans)
         existing = hook.describe_cluster(name)
         if existing is not None and existing["ClusterStatus"] != "Failed":
             log.info("HyperPod cluster %s exists (%s); not creating it again", name, existing["ClusterStatus"])
-            return self._record(spec, existing, _compute_instance_type(existing))
+            return self._record(spec, existing, placement_of(existing))
         if existing is not None:
             options = options_after_failure(existing, options)
             log.warning("HyperPod cluster %s failed for capacity (%s); deleting it", name, existing["FailureMessage"])
             self._delete_and_wait(hook, name)
-        for instance_type in options:
-            documents = self.render(spec, network, instance_type)
+        for placement in options:
+            documents = self.render(spec, network, placement)
             if problems := self.check(documents):
                 raise PlatformNotReady("the HyperPod cluster request is invalid:\n" + "\n".join(problems))
             self._upload_lifecycle(spec, settings, documents["provisioning_parameters.json"])
@@ -169,22 +185,19 @@ class HyperPodPlatform:
             except ClientError as err:
                 if not is_capacity_error(err):
                     raise
-                log.warning("No capacity for %d x %s: %s", spec["params"]["num_nodes"], instance_type, err)
+                log.warning("No capacity for %d x %s: %s", spec["params"]["num_nodes"], placement, err)
                 continue
-            if instance_type != spec["params"]["instance_type"]:
-                log.warning(
-                    "Capacity fallback: cluster %s uses %s, not %s",
-                    name,
-                    instance_type,
-                    spec["params"]["instance_type"],
-                )
-            return self._record(spec, cluster, instance_type)
+            if placement != options[0] or existing is not None:
+                log.warning("Capacity fallback: cluster %s asks for %s", name, placement)
+            return self._record(spec, cluster, placement)
+        tried = "; ".join(str(p) for p in placements(spec, self.name, network, settings.training_plans))
         raise RuntimeError(
-            f"no capacity for {spec['params']['num_nodes']} nodes of {', '.join(candidates(spec, self.name))} "
-            "(the run's instance type, then the recipe's fallback_instance_types); a retry tries again"
+            f"no capacity for {spec['params']['num_nodes']} nodes in any placement: {tried} (the run's instance "
+            "type, then the recipe's fallback_instance_types, each reserved then on demand, in each zone's "
+            "subnet); a retry tries again"
         )
 
-    def _record(self, spec: dict[str, Any], cluster: dict[str, Any], instance_type: str) -> dict[str, Any]:
+    def _record(self, spec: dict[str, Any], cluster: dict[str, Any], placement: Placement) -> dict[str, Any]:
         settings = self.settings
         return {
             "platform": self.name,
@@ -194,7 +207,8 @@ class HyperPodPlatform:
             "shared_dir": SlurmHook(settings.slurm_conn_id).shared_dir,
             "nodes": spec["params"]["num_nodes"],
             "scheduler": "slurm",
-            **instance_fields(instance_type),
+            "placement": str(placement),
+            **instance_fields(placement.instance_type),
         }
 
     def ready_trigger(self, cluster: dict[str, Any]) -> HyperPodClusterTrigger | None:
@@ -249,15 +263,16 @@ class HyperPodPlatform:
         return {"cancelled_jobs": cancelled, "deleted_cluster": deleted, "deleted_lifecycle_objects": len(keys)}
 
 
-def options_after_failure(cluster: dict[str, Any], options: list[str]) -> list[str]:
-    """The instance types left to try after ``cluster`` failed: those after its own, if it failed for capacity."""
-    failed_type, message = _compute_instance_type(cluster), cluster.get("FailureMessage", "")
-    if not is_capacity_failure(message) or failed_type not in options:
+def options_after_failure(cluster: dict[str, Any], options: list[Placement]) -> list[Placement]:
+    """The placements left to try after ``cluster`` failed: those after its own, if it failed for capacity."""
+    failed, message = placement_of(cluster), cluster.get("FailureMessage", "")
+    if not is_capacity_failure(message) or failed not in options:
         raise RuntimeError(f"HyperPod cluster {cluster['ClusterName']} failed: {message or 'no failure message'}")
-    return options[options.index(failed_type) + 1 :]
+    return options[options.index(failed) + 1 :]
 
 
-def _compute_instance_type(cluster: dict[str, Any]) -> str:
-    """The compute group's EC2 instance type (without SageMaker's ``ml.`` prefix)."""
+def placement_of(cluster: dict[str, Any]) -> Placement:
+    """Where a described cluster's compute group was asked for (EC2 type, without SageMaker's ``ml.`` prefix)."""
     group = next(g for g in cluster["InstanceGroups"] if g["InstanceGroupName"] == COMPUTE_GROUP)
-    return str(group["InstanceType"]).removeprefix("ml.")
+    subnets = (group.get("OverrideVpcConfig") or cluster["VpcConfig"])["Subnets"]
+    return Placement(str(group["InstanceType"]).removeprefix("ml."), subnets[0], group.get("TrainingPlanArn", ""))
