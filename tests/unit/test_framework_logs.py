@@ -40,6 +40,22 @@ def test_neuronx_throughput_is_sequences_per_second() -> None:
     assert summary.tokens_per_s[1] == pytest.approx(10.67 * 8192)
 
 
+def test_picotron_tokens_per_s_is_for_the_job_with_readable_suffixes() -> None:
+    summary = summarize_log("picotron", _lines("picotron_llama3_2_1b.log"), seq_len=4096, world_size=16)
+    assert summary.steps == [1, 2, 3, 4, 5, 6]  # "Tokens per step: 131.07K" is not a step line
+    assert summary.losses == [11.9312, 11.2040, 10.3177, 9.6021, 8.9410, 8.4405]
+    assert summary.tokens_per_s[:2] == [pytest.approx(45.04e3), pytest.approx(319.69e3)]
+    assert summary.max_memory_mb == pytest.approx(41.20e9 / 2**20)
+    assert summary.mfu == pytest.approx(0.2342, abs=0.01)
+
+
+def test_nemo_steps_count_from_one_and_tokens_come_from_batch_and_step_time() -> None:
+    summary = summarize_log("nemo", _lines("nemo_llama3_8b.log"), seq_len=8192, world_size=16)
+    assert summary.steps == [1, 2, 3, 4, 5]  # iterations 0-4; the checkpoint line in between is not a step
+    assert summary.losses == [12.03, 11.98, 11.41, 10.87, 10.22]
+    assert summary.tokens_per_s[2] == pytest.approx(8 * 8192 / 0.3842)
+
+
 def test_the_trainer_metrics_file_goes_through_the_same_entry_point() -> None:
     lines = [
         '{"event": "start", "params": 10, "world_size": 2}',
@@ -55,8 +71,8 @@ def test_a_log_of_another_framework_yields_no_steps() -> None:
 
 
 def test_a_framework_without_a_parser_is_named() -> None:
-    with pytest.raises(ValueError, match="no log parser for framework 'picotron'"):
-        summarize_log("picotron", [], seq_len=8192, world_size=16)
+    with pytest.raises(ValueError, match="no log parser for framework 'jax'"):
+        summarize_log("jax", [], seq_len=8192, world_size=16)
 
 
 def test_older_torchtitan_lines_without_grad_norm_or_tflops_and_srun_prefixes() -> None:

@@ -1,9 +1,10 @@
-"""Launch templates of torchtitan, Megatron-LM and neuronx-distributed: each whole batch script runs against
-stand-in ``scontrol``/``srun`` that record the launch and print the framework's log lines, which must come back
-through the run's train.log and the framework's parser."""
+"""Launch templates of torchtitan, Megatron-LM, neuronx-distributed, picotron and NeMo: each whole batch script
+runs against stand-in ``scontrol``/``srun`` that record the launch and print the framework's log lines, which must
+come back through the run's train.log and the framework's parser."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -22,10 +23,14 @@ SAMPLE_LOG = {
     "torchtitan": "torchtitan_llama3_8b.log",
     "megatron-lm": "megatron_llama3_8b.log",
     "neuronx-distributed": "neuronx_llama3_8b.log",
+    "picotron": "picotron_llama3_2_1b.log",
+    "nemo": "nemo_llama3_8b.log",
 }
 
 
-def _launch(tmp_path: Path, recipe_name: str) -> tuple[list[list[str]], dict[str, Any], Recipe]:
+def _launch(
+    tmp_path: Path, recipe_name: str, checkpoints: tuple[str, ...] = ()
+) -> tuple[list[list[str]], dict[str, Any], Recipe]:
     """Run the recipe's batch script; return each srun call's argv, the template context and the recipe."""
     recipe = get_recipe(recipe_name)
     instance = instance_types()[recipe.defaults.instance_type]
@@ -46,6 +51,8 @@ def _launch(tmp_path: Path, recipe_name: str) -> tuple[list[list[str]], dict[str
         "container": [],
     }
     context = {**common, **template_args(spec, {}, str(workdir), str(tmp_path / "fsx"))}
+    for step in checkpoints:
+        (Path(context["checkpoint_dir"]) / step).mkdir(parents=True)
     script = tmp_path / "train.sbatch"
     script.write_text(render(TEMPLATES[recipe.framework], **context))
     bin_dir = tmp_path / "bin"
@@ -102,7 +109,60 @@ def test_neuronx_launch_compiles_first_then_trains(tmp_path: Path) -> None:
     assert "--use_zero_1" in train_argv and "--use_mix_precision" in train_argv
 
 
-@pytest.mark.parametrize("recipe_name", ["llama3_1_8b_torchtitan", "llama3_1_70b_megatron", "llama3_1_8b_trn1"])
+def test_picotron_launch_writes_its_config(tmp_path: Path) -> None:
+    (argv,), context, recipe = _launch(tmp_path, "llama3_2_1b_picotron")
+    workdir = Path(context["workdir"])
+    assert argv[-2:] == ["--config", str(workdir / "picotron.json")] and argv[-3] == "/picotron/train.py"
+    config = json.loads((workdir / "picotron.json").read_text())
+    # 2 nodes x 8 GPUs / TP 2 = 8 data-parallel replicas.
+    assert config["distributed"] | {"backend": None} == {
+        "tp_size": 2, "cp_size": 1, "pp_size": 1, "dp_size": 8, "pp_engine": "1f1b", "backend": None, "use_cpu": False
+    }  # fmt: skip
+    assert config["training"]["total_train_steps"] == 100 and config["training"]["seq_length"] == recipe.seq_len
+    assert config["checkpoint"] == {"save_dir": context["checkpoint_dir"], "save_frequency": 50, "load_path": ""}
+    assert config["model"]["name"] == context["assets_dir"] == str(tmp_path / "fsx/assets/llama3_2_1b")
+    assert (workdir / "hf_model_safetensors").readlink() == Path(context["assets_dir"])
+
+
+def test_a_requeued_picotron_job_resumes_from_its_newest_checkpoint(tmp_path: Path) -> None:
+    _, context, _ = _launch(tmp_path, "llama3_2_1b_picotron", checkpoints=("50", "100", "not-a-step"))
+    config = json.loads((Path(context["workdir"]) / "picotron.json").read_text())
+    assert config["checkpoint"]["load_path"] == f"{context['checkpoint_dir']}/100"
+
+
+def test_nemo_launch_runs_one_task_per_gpu_with_the_recipe_s_overrides(tmp_path: Path) -> None:
+    (argv,), context, recipe = _launch(tmp_path, "llama3_1_8b_nemo")
+    assert argv[argv.index("llm") - 1 :][:7] == ["nemo", "llm", "pretrain", "--factory", "llama31_8b", "--direct", "-y"]
+    overrides = dict(arg.split("=", 1) for arg in argv if "=" in arg and not arg.startswith("-"))
+    # 2 nodes x 8 GPUs / CP 2 = 8 data-parallel replicas, one micro-batch each.
+    assert overrides == {
+        "trainer.num_nodes": "2",
+        "trainer.devices": "8",
+        "trainer.max_steps": "100",
+        "trainer.strategy.tensor_model_parallel_size": "1",
+        "trainer.strategy.pipeline_model_parallel_size": "1",
+        "trainer.strategy.context_parallel_size": "2",
+        "data.seq_length": "8192",
+        "data.micro_batch_size": "1",
+        "data.global_batch_size": "8",
+        "optim.config.lr": str(recipe.lr),
+        "log.log_dir": context["checkpoint_dir"],
+        "log.ckpt.every_n_train_steps": "50",
+    }
+    script = (tmp_path / "train.sbatch").read_text()
+    assert "#SBATCH --ntasks-per-node=8" in script and "torch.distributed.run" not in script
+
+
+ALL_FRAMEWORK_RECIPES = [
+    "llama3_1_8b_torchtitan",
+    "llama3_1_70b_megatron",
+    "llama3_1_8b_trn1",
+    "llama3_2_1b_picotron",
+    "llama3_1_8b_nemo",
+]
+
+
+@pytest.mark.parametrize("recipe_name", ALL_FRAMEWORK_RECIPES)
 def test_the_jobs_output_reaches_its_parser_through_train_log(tmp_path: Path, recipe_name: str) -> None:
     _, context, recipe = _launch(tmp_path, recipe_name)
     lines = Path(context["log_path"]).read_text().splitlines()
@@ -126,8 +186,6 @@ def test_what_cannot_be_launched_is_named() -> None:
     tiny = get_recipe("tiny")
     assert launch_problem(tiny) is None
     nemo = tiny.model_copy(update={"framework": "nemo"})
-    assert launch_problem(nemo) == (
-        "framework 'nemo' has no launch template (launchable: fsdp, torchtitan, megatron-lm, neuronx-distributed)"
-    )
+    assert launch_problem(nemo).startswith("no nemo launch template for model 'tiny' (templated: llama3_2_1b, ")
     titan = tiny.model_copy(update={"framework": "torchtitan"})
     assert launch_problem(titan).startswith("no torchtitan launch template for model 'tiny' (templated: llama3_1_8b")

@@ -3,7 +3,7 @@
 Each parser reads a job log and yields the records the FSDP trainer writes
 itself (``{"event": "step", "step", "loss", "tokens_per_s", ...}``, tokens/s
 for the whole job), so ``dtp.metrics.parse`` summarizes and the gates judge a
-torchtitan, Megatron-LM or neuronx-distributed run like any other. The
+torchtitan, Megatron-LM, neuronx-distributed, picotron or NeMo run like any other. The
 formats are those printed by:
 
 - torchtitan (``torchtitan/components/metrics.py``): ``step: 10  loss:  7.1
@@ -14,7 +14,15 @@ formats are those printed by:
   (ms): 2834.5 | ... | global batch size: 64 | lm loss: 1.04E+01 | ...``;
 - neuronx-distributed's example trainers (their ``logger.py``):
   ``LOG <asctime> - (epoch, step) step_loss : 4.1 learning_rate : 1.5e-04
-  throughput : 12.3``, with ``throughput`` in sequences/s for the job.
+  throughput : 12.3``, with ``throughput`` in sequences/s for the job;
+- picotron (``train.py``): ``[rank 0] Step: 10 | Loss: 7.1234 | Global batch
+  size: 131.07K | Tokens/s: 402.65K | Tokens/s/GPU: 25.17K | Tokens: 1.31M |
+  MFU: 32.10% | Memory usage: 41.20GB``, numbers with picotron's K/M/B/T
+  suffixes and ``Tokens/s`` for the job;
+- NeMo 2.0 (its progress printer): ``Training epoch 0, iteration 9/99 | lr:
+  1.5e-05 | global_batch_size: 128 | global_step: 9 | reduced_train_loss:
+  6.265 | train_step_timing in s: 12.22 | consumed_samples: 1280``, with
+  iterations counted from 0.
 
 Log prefixes (``srun -l``'s ``0:``, torchrun's ``[rank0]:``) and terminal
 colour codes are ignored.
@@ -36,9 +44,17 @@ _TORCHTITAN = re.compile(
     rf"(?:.*?mfu:\s*(?P<mfu>{_NUMBER})%)?"
 )
 _MEGATRON_ITERATION = re.compile(r"\biteration\s+(?P<step>\d+)\s*/")
+_NEMO_ITERATION = re.compile(r"Training epoch \d+, iteration (?P<step>\d+)/\d+")
 _NEURONX = re.compile(
     rf"LOG .* - \(\d+, (?P<step>\d+)\) step_loss : (?P<loss>{_NUMBER}) .*?throughput : (?P<throughput>{_NUMBER})"
 )
+
+_PICOTRON = re.compile(
+    r"Step:\s*(?P<step>\d+)\s*\|\s*Loss:\s*(?P<loss>[-+0-9.eE]+)\s*\|.*?\|\s*Tokens/s:\s*(?P<tps>[0-9.]+[KMBT]?)\s*\|"
+    r".*?MFU:\s*(?P<mfu>[0-9.]+)%(?:.*?Memory usage:\s*(?P<memory>[0-9.]+)GB)?"
+)
+# picotron's to_readable_format suffixes.
+_SUFFIXES = {"": 1.0, "K": 1e3, "M": 1e6, "B": 1e9, "T": 1e12}
 
 Records = Iterator[dict[str, Any]]
 
@@ -65,17 +81,23 @@ def torchtitan_records(lines: Iterable[str], *, world_size: int, **_: Any) -> Re
             yield record
 
 
+def _fields(text: str) -> dict[str, str]:
+    """``key: value | key: value`` pairs (a value's ``/ total`` left out)."""
+    fields = {}
+    for part in text.split("|"):
+        key, sep, value = part.rpartition(":")
+        if sep:
+            fields[key.strip()] = value.strip().split("/")[0]
+    return fields
+
+
 def megatron_records(lines: Iterable[str], *, seq_len: int, **_: Any) -> Records:
     """Megatron-LM's ``training_log`` lines: tokens/s is global batch x sequence length / time per iteration."""
     for line in lines:
         match = _MEGATRON_ITERATION.search(line)
         if not match:
             continue
-        fields = {}
-        for part in line[match.end() :].split("|"):
-            key, sep, value = part.rpartition(":")
-            if sep:
-                fields[key.strip()] = value.strip().split("/")[0]
+        fields = _fields(line[match.end() :])
         loss = fields.get("lm loss")
         if loss is None or "elapsed time per iteration (ms)" not in fields:  # e.g. a skipped iteration
             continue
@@ -85,6 +107,23 @@ def megatron_records(lines: Iterable[str], *, seq_len: int, **_: Any) -> Records
             "step": int(match["step"]),
             "loss": _float(loss),
             "tokens_per_s": _float(fields["global batch size"]) * seq_len / seconds,
+        }
+
+
+def nemo_records(lines: Iterable[str], *, seq_len: int, **_: Any) -> Records:
+    """NeMo's progress lines: tokens/s is global batch x sequence length / step time; step = iteration + 1."""
+    for line in lines:
+        match = _NEMO_ITERATION.search(line)
+        if not match:
+            continue
+        fields = _fields(line[match.end() :])
+        if "reduced_train_loss" not in fields or "train_step_timing in s" not in fields:
+            continue
+        yield {
+            "event": "step",
+            "step": int(match["step"]) + 1,
+            "loss": _float(fields["reduced_train_loss"]),
+            "tokens_per_s": _float(fields["global_batch_size"]) * seq_len / _float(fields["train_step_timing in s"]),
         }
 
 
@@ -101,6 +140,25 @@ def neuronx_records(lines: Iterable[str], *, seq_len: int, **_: Any) -> Records:
             }
 
 
+def picotron_records(lines: Iterable[str], **_: Any) -> Records:
+    """picotron's step lines: ``Tokens/s`` is for the job; memory is reserved GB (10^9 bytes)."""
+    for line in lines:
+        match = _PICOTRON.search(line)
+        if match:
+            tps = match["tps"]
+            suffix = tps[-1] if tps[-1] in _SUFFIXES else ""
+            record = {
+                "event": "step",
+                "step": int(match["step"]),
+                "loss": float(match["loss"]),
+                "tokens_per_s": float(tps.removesuffix(suffix)) * _SUFFIXES[suffix],
+                "mfu": float(match["mfu"]) / 100,
+            }
+            if match["memory"]:
+                record["memory_mb"] = float(match["memory"]) * 1e9 / 2**20
+            yield record
+
+
 def _trainer_records(lines: Iterable[str], **_: Any) -> Records:
     return iter(json_records(lines))
 
@@ -110,6 +168,8 @@ PARSERS: dict[str, Callable[..., Records]] = {
     "torchtitan": torchtitan_records,
     "megatron-lm": megatron_records,
     "neuronx-distributed": neuronx_records,
+    "picotron": picotron_records,
+    "nemo": nemo_records,
 }
 
 

@@ -10,16 +10,23 @@ shared filesystem, staged beforehand:
 - ``datasets/<framework>/<model>/``: the training data in the framework's
   format (torchtitan: a Hugging Face dataset name or path in ``dataset``;
   Megatron-LM: an indexed dataset with prefix ``train_text_document``;
-  neuronx-distributed: the tokenized dataset its example trainer reads).
+  neuronx-distributed: the tokenized dataset its example trainer reads;
+  picotron: a Hugging Face dataset directory with a ``text`` column;
+  NeMo: none, its recipes train on synthetic tokens).
+
+picotron also reads the model's safetensors from ``assets/<model>/``: it takes
+the weights' shapes from them before initialising fresh ones.
 
 The command lines follow the reference repo's test cases under
 ``3.test_cases/`` and the frameworks' own CLIs (torchtitan 0.3.0's config
 registry and dotted overrides, Megatron-LM's ``pretrain_gpt.py`` flags,
-neuronx-distributed's Llama example trainer).
+neuronx-distributed's Llama example trainer, picotron's JSON config, NeMo 2.0's
+``nemo llm pretrain`` CLI).
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from dtp.recipes import Recipe
@@ -29,6 +36,8 @@ TEMPLATES = {
     "torchtitan": "slurm/train_torchtitan.sbatch.j2",
     "megatron-lm": "slurm/train_megatron.sbatch.j2",
     "neuronx-distributed": "slurm/train_neuronx.sbatch.j2",
+    "picotron": "slurm/train_picotron.sbatch.j2",
+    "nemo": "slurm/train_nemo.sbatch.j2",
 }
 # torchtitan's config registry entries (``--module``, ``--config``) for DTP's model names.
 TORCHTITAN_CONFIGS = {
@@ -44,14 +53,24 @@ MEGATRON_ARCHITECTURES = {
     "llama3_1_70b": {"num_layers": 80, "hidden_size": 8192, "num_attention_heads": 64, "num_query_groups": 8,
                      "ffn_hidden_size": 28672},
 }  # fmt: skip
+# NeMo 2.0's pretraining recipes (``--factory``) for DTP's model names.
+NEMO_FACTORIES = {
+    "llama3_2_1b": "llama32_1b",
+    "llama3_1_8b": "llama31_8b",
+    "llama3_1_70b": "llama31_70b",
+    "mixtral_8x7b": "mixtral_8x7b",
+}
 # Frameworks whose launch names the model's shape: only the models they have one for can be launched.
 _MODELS_BY_FRAMEWORK: dict[str, dict[str, Any]] = {
     "torchtitan": TORCHTITAN_CONFIGS,
     "megatron-lm": MEGATRON_ARCHITECTURES,
+    "nemo": NEMO_FACTORIES,
 }
 # Where the framework's code is inside its image, unless the image says otherwise.
 MEGATRON_DIR = "/workspace/Megatron-LM"
 NEURONX_TRAINER = "/workspace/neuronx-distributed/llama/train.py"
+PICOTRON_TRAINER = "/picotron/train.py"
+NEMO_CLI = "nemo"
 
 
 def launch_problem(recipe: Recipe) -> str | None:
@@ -82,10 +101,8 @@ def template_args(spec: dict[str, Any], images: dict[str, Any], workdir: str, sh
     if framework == "torchtitan" and model in TORCHTITAN_CONFIGS:
         module, config = TORCHTITAN_CONFIGS[model]
         return {**args, "module": module, "config": config}
+    _, replicas = Recipe.model_validate(recipe).ranks(params["num_nodes"], spec["instance"]["accelerators_per_node"])
     if framework == "megatron-lm" and model in MEGATRON_ARCHITECTURES:
-        _, replicas = Recipe.model_validate(recipe).ranks(
-            params["num_nodes"], spec["instance"]["accelerators_per_node"]
-        )
         return {
             **args,
             "architecture": MEGATRON_ARCHITECTURES[model],
@@ -98,4 +115,61 @@ def template_args(spec: dict[str, Any], images: dict[str, Any], workdir: str, sh
             "trainer": images.get("neuronx_trainer", NEURONX_TRAINER),
             "compile_cache": f"{shared_dir}/neuron_cache",
         }
+    if framework == "nemo" and model in NEMO_FACTORIES:
+        return {
+            **args,
+            "factory": NEMO_FACTORIES[model],
+            "global_batch": replicas * recipe["micro_batch"],
+            "nemo": images.get("nemo_cli", NEMO_CLI),
+        }
+    if framework == "picotron":
+        config = picotron_config(args, replicas)
+        return {
+            **args,
+            "config_json": json.dumps(config),
+            "trainer": images.get("picotron_trainer", PICOTRON_TRAINER),
+        }
     raise ValueError(f"no {framework} launch template for model {model!r}")  # validate_params refuses these first
+
+
+def picotron_config(args: dict[str, Any], replicas: int) -> dict[str, Any]:
+    """picotron's train.py config (the layout its create_config.py writes) for the run; ``load_path`` is left
+    empty for the job to point at the newest checkpoint."""
+    recipe, parallelism = args["recipe"], args["parallelism"]
+    return {
+        "distributed": {
+            "tp_size": parallelism["tensor"],
+            "cp_size": parallelism["context"],
+            "pp_size": parallelism["pipeline"],
+            "dp_size": replicas,
+            "pp_engine": "1f1b",
+            "backend": "nccl",
+            "use_cpu": False,
+        },
+        # A local directory as the model's name: its config, tokenizer and (for picotron's download check) itself.
+        "model": {"name": args["assets_dir"], "use_fused_adam": True},
+        "training": {
+            "seed": 42,
+            "learning_rate": recipe["lr"],
+            "total_train_steps": args["max_steps"],
+            "seq_length": recipe["seq_len"],
+            "micro_batch_size": recipe["micro_batch"],
+            "gradient_accumulation_steps": 1,
+            "num_samples": None,
+            "max_tokens": None,
+        },
+        "dataset": {
+            "name": args["dataset_dir"],
+            "subset_name": None,
+            "split": "train",
+            "num_workers": 0,
+            "num_proc": 1,
+        },
+        "checkpoint": {
+            "save_dir": args["checkpoint_dir"],
+            "save_frequency": args["checkpoint_interval"],
+            "load_path": "",
+        },
+        "logging": {"use_wandb": False, "project_name": "dtp", "run_name": recipe["name"]},
+        "environment": {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "FLASH_ATTEN": "1"},
+    }
