@@ -123,10 +123,9 @@ def template_args(spec: dict[str, Any], images: dict[str, Any], workdir: str, sh
             "nemo": images.get("nemo_cli", NEMO_CLI),
         }
     if framework == "picotron":
-        config = picotron_config(args, replicas)
         return {
             **args,
-            "config_json": json.dumps(config),
+            "config_json": json.dumps(picotron_config(args, replicas)),
             "trainer": images.get("picotron_trainer", PICOTRON_TRAINER),
         }
     raise ValueError(f"no {framework} launch template for model {model!r}")  # validate_params refuses these first
