@@ -43,6 +43,9 @@ CONTEXTS: dict[str, dict[str, Any]] = {
     "slurm/train_torchtitan.sbatch.j2": framework_context("llama3_1_8b_torchtitan"),
     "slurm/train_megatron.sbatch.j2": framework_context("llama3_1_70b_megatron"),
     "slurm/train_neuronx.sbatch.j2": framework_context("llama3_1_8b_trn1"),
+    "slurm/train_picotron.sbatch.j2": framework_context("llama3_2_1b_picotron"),
+    # NeMo's job runs the image's `nemo` CLI, not an interpreter.
+    "slurm/train_nemo.sbatch.j2": {k: v for k, v in framework_context("llama3_1_8b_nemo").items() if k != "python"},
     "slurm/train.sbatch.j2": {
         **COMMON,
         "program": Path("/fsx/training/train.py"),

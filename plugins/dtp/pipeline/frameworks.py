@@ -116,15 +116,18 @@ def template_args(spec: dict[str, Any], images: dict[str, Any], workdir: str, sh
             "compile_cache": f"{shared_dir}/neuron_cache",
         }
     if framework == "nemo" and model in NEMO_FACTORIES:
+        # No assets or dataset: NeMo's recipes bring their tokenizer and train on synthetic tokens.
+        unused = ("assets_dir", "dataset_dir")
         return {
-            **args,
+            **{key: value for key, value in args.items() if key not in unused},
             "factory": NEMO_FACTORIES[model],
             "global_batch": replicas * recipe["micro_batch"],
             "nemo": images.get("nemo_cli", NEMO_CLI),
         }
     if framework == "picotron":
+        # The rest of the run's settings reach picotron through its config file.
         return {
-            **args,
+            **{key: args[key] for key in ("workdir", "log_path", "checkpoint_dir", "assets_dir")},
             "config_json": json.dumps(picotron_config(args, replicas)),
             "trainer": images.get("picotron_trainer", PICOTRON_TRAINER),
         }
