@@ -14,7 +14,7 @@ from typing import Any, ClassVar, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from dtp.hostlist import expand_hostlist
-from dtp.pipeline.frameworks import launch_problem
+from dtp.pipeline.frameworks import DATASET_FILES, launch_problem
 from dtp.recipes import (
     PLATFORMS,
     Platform,
@@ -144,7 +144,10 @@ class TrainParams(ClusterParams):
     dataset_uri: str = Field(
         "",
         title="Dataset S3 URI",
-        description="s3://bucket/prefix/ with .txt files to train on; empty uses the shipped sample corpus.",
+        description=(
+            "s3://bucket/prefix/: .txt files for DTP's trainer (empty uses the shipped sample corpus), or, for "
+            "another framework's recipe, the dataset in that framework's format."
+        ),
         max_length=1024,
         pattern=S3_URI,
     )
@@ -253,6 +256,12 @@ def validate_params(conf: dict[str, Any]) -> TrainParams:
         )
     if recipe is not None and (problem := launch_problem(recipe)):
         problems.append(f"recipe: got {params.recipe!r}; {problem}")
+    if recipe is not None and recipe.framework in DATASET_FILES and not params.dataset_uri:
+        required = DATASET_FILES[recipe.framework]
+        problems.append(
+            f"dataset_uri: empty; recipe {params.recipe!r} ({recipe.framework}) trains on a dataset prepared in its "
+            f"format: give the S3 prefix that holds it{' (' + ', '.join(required) + ')' if required else ''}"
+        )
     if recipe is not None and instance is not None:
         try:
             recipe.ranks(params.num_nodes, instance.accelerators_per_node)

@@ -1,4 +1,4 @@
-"""stage_data: S3 (emulator) -> shared directory -> byte shard, idempotent on retry."""
+"""stage_data: S3 (emulator) -> shared directory -> byte shard (or a framework's dataset), idempotent on retry."""
 
 from __future__ import annotations
 
@@ -9,12 +9,14 @@ import pytest
 from dtp.pipeline.data import SAMPLE_CORPUS, SharedFilesystemNotVisible, stage_data
 
 pytestmark = pytest.mark.stack
+TRAINER = {"framework": "fsdp", "model": "tiny"}
+MEGATRON = {"framework": "megatron-lm", "model": "llama3_1_70b"}
 
 
 def test_stage_sample_corpus_twice(stack, aws, tmp_path) -> None:
     bucket = f"dtp-it-stage-{uuid.uuid4().hex[:8]}"
     aws("s3").create_bucket(Bucket=bucket)
-    spec = {"params": {"dataset_uri": ""}, "names": {"run_key": bucket}}
+    spec = {"params": {"dataset_uri": ""}, "names": {"run_key": bucket}, "recipe": TRAINER}
     cluster = {"shared_dir": str(tmp_path), "slurm_conn_id": "slurm_default"}
     first = stage_data(spec, {"DataBucket": bucket}, cluster, "aws_default")
     size = SAMPLE_CORPUS.stat().st_size
@@ -32,12 +34,12 @@ def test_user_dataset_uri_and_empty_prefix(stack, aws, tmp_path) -> None:
     s3.put_object(Bucket=bucket, Key="corpus/a.txt", Body=b"hello ")
     s3.put_object(Bucket=bucket, Key="corpus/b.txt", Body=b"world")
     s3.put_object(Bucket=bucket, Key="corpus/skip.bin", Body=b"\x00")
-    spec = {"params": {"dataset_uri": f"s3://{bucket}/corpus/"}, "names": {"run_key": "user"}}
+    spec = {"params": {"dataset_uri": f"s3://{bucket}/corpus/"}, "names": {"run_key": "user"}, "recipe": TRAINER}
     staged = stage_data(
         spec, {"DataBucket": "unused"}, {"shared_dir": str(tmp_path), "slurm_conn_id": "slurm_default"}, "aws_default"
     )
     assert staged["files"] == 2 and (tmp_path / "runs/user/train.bin").read_bytes() == b"hello world"
-    empty = {"params": {"dataset_uri": f"s3://{bucket}/nothing/"}, "names": {"run_key": "user"}}
+    empty = {"params": {"dataset_uri": f"s3://{bucket}/nothing/"}, "names": {"run_key": "user"}, "recipe": TRAINER}
     with pytest.raises(ValueError, match=r"no \.txt objects under s3://"):
         stage_data(
             empty,
@@ -48,8 +50,56 @@ def test_user_dataset_uri_and_empty_prefix(stack, aws, tmp_path) -> None:
 
 
 def test_a_shared_filesystem_this_worker_does_not_see_is_refused_before_any_copy(stack, aws, tmp_path) -> None:
-    spec = {"params": {"dataset_uri": ""}, "names": {"run_key": "unseen"}}
+    spec = {"params": {"dataset_uri": ""}, "names": {"run_key": "unseen"}, "recipe": TRAINER}
     cluster = {"shared_dir": str(tmp_path / "fsx-not-mounted"), "slurm_conn_id": "slurm_default"}
     with pytest.raises(SharedFilesystemNotVisible, match=r"fsx-not-mounted, which this worker does not see"):
         stage_data(spec, {"DataBucket": "unused"}, cluster, "aws_default")
     assert not (tmp_path / "fsx-not-mounted").exists()
+
+
+def test_a_framework_dataset_is_mirrored_where_its_job_reads_it(stack, aws, tmp_path) -> None:
+    s3 = aws("s3")
+    bucket = f"dtp-it-megatron-{uuid.uuid4().hex[:8]}"
+    s3.create_bucket(Bucket=bucket)
+    objects = {
+        "megatron/train_text_document.bin": b"\x01" * 4096,
+        "megatron/train_text_document.idx": b"MMIDIDX\x00\x00",
+        "megatron/tokenizer/tokenizer.json": b"{}",
+    }
+    for key, body in objects.items():
+        s3.put_object(Bucket=bucket, Key=key, Body=body)
+    spec = {"params": {"dataset_uri": f"s3://{bucket}/megatron"}, "names": {"run_key": "fw"}, "recipe": MEGATRON}
+    cluster = {"shared_dir": str(tmp_path), "slurm_conn_id": "slurm_default"}
+
+    staged = stage_data(spec, {"DataBucket": "unused"}, cluster, "aws_default")
+    dest = tmp_path / "datasets/megatron-lm/llama3_1_70b"
+    assert staged == {
+        "source": f"s3://{bucket}/megatron",
+        "files": 3,
+        "copied": 3,
+        "bytes_moved": sum(len(body) for body in objects.values()),
+        "dataset_dir": str(dest),
+    }
+    for key, body in objects.items():
+        assert (dest / key.removeprefix("megatron/")).read_bytes() == body
+    assert not list(dest.rglob("*.tmp"))
+    # A retried task copies nothing again.
+    assert stage_data(spec, {"DataBucket": "unused"}, cluster, "aws_default")["copied"] == 0
+
+
+def test_a_framework_dataset_without_its_index_is_refused_before_any_copy(stack, aws, tmp_path) -> None:
+    s3 = aws("s3")
+    bucket = f"dtp-it-noidx-{uuid.uuid4().hex[:8]}"
+    s3.create_bucket(Bucket=bucket)
+    s3.put_object(Bucket=bucket, Key="m/train_text_document.bin", Body=b"\x01")
+    spec = {"params": {"dataset_uri": f"s3://{bucket}/m/"}, "names": {"run_key": "fw"}, "recipe": MEGATRON}
+    cluster = {"shared_dir": str(tmp_path), "slurm_conn_id": "slurm_default"}
+    with pytest.raises(ValueError, match=r"m/ lacks train_text_document\.idx \(this framework reads train_text_doc"):
+        stage_data(spec, {"DataBucket": "unused"}, cluster, "aws_default")
+    assert not (tmp_path / "datasets").exists()
+
+
+def test_nemo_stages_nothing(tmp_path) -> None:
+    spec = {"params": {"dataset_uri": ""}, "names": {"run_key": "n"}, "recipe": {"framework": "nemo"}}
+    cluster = {"shared_dir": str(tmp_path / "not-even-mounted"), "slurm_conn_id": "slurm_default"}
+    assert stage_data(spec, {}, cluster, "aws_default")["files"] == 0

@@ -196,6 +196,18 @@ def test_nodes_that_do_not_fit_the_model_split_are_refused() -> None:
     assert "\nnum_nodes: got 1; recipe 'llama3_1_70b_megatron' splits the model over 16 accelerators" in message
 
 
+def test_a_framework_recipe_needs_its_prepared_dataset() -> None:
+    megatron = {"recipe": "llama3_1_70b_megatron", "num_nodes": 16, "instance_type": "p5.48xlarge"}
+    assert (
+        "\ndataset_uri: empty; recipe 'llama3_1_70b_megatron' (megatron-lm) trains on a dataset prepared in its "
+        "format: give the S3 prefix that holds it (train_text_document.bin, train_text_document.idx)"
+    ) in refuse(megatron)
+    assert "dataset_uri" not in refuse({**megatron, "dataset_uri": "s3://corpus/megatron/", "num_nodes": 1})
+    # DTP's trainer falls back to the shipped corpus; NeMo's recipes train on synthetic tokens.
+    for recipe in ("llama3_1_8b", "llama3_1_8b_nemo"):
+        assert "dataset_uri" not in refuse({"recipe": recipe, "num_nodes": 1, "instance_type": "p5.48xlarge"})
+
+
 def test_reserved_env_names_are_all_refused() -> None:
     for name in RESERVED_ENV:
         assert "set by the pipeline" in refuse({"extra_env": {name: "x"}})

@@ -1,11 +1,17 @@
-"""Stage the dataset: S3 -> the cluster's shared filesystem -> a byte-level token shard.
+"""Stage the dataset: S3 -> the cluster's shared filesystem (-> a byte-level token shard for DTP's trainer).
+
+DTP's trainer gets the ``.txt`` objects under ``dataset_uri`` tokenized into one
+shard in the run's directory. Another framework's recipe gets the objects under
+``dataset_uri`` mirrored, as they are, into the directory its job reads
+(``<shared>/datasets/<framework>/<model>/``), checked for the files that
+framework needs; NeMo's recipes train on synthetic tokens and stage nothing.
 
 The worker copies into the cluster's shared filesystem, so the task runs on the
 ``training`` queue, whose worker sits where that filesystem is mounted (the
 head node or controller on AWS, this host on the local profile); it checks it
 sees the filesystem before writing anything. Staging is idempotent: objects
 already present with the same size are not copied again, and the shard is
-written to a temporary name and renamed, so a half-written shard is never used.
+written to a temporary name and renamed, so a half-written file is never used.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from typing import Any
 from airflow.providers.amazon.aws.hooks.s3 import S3Hook
 
 from dtp.hooks.slurm import SlurmHook
+from dtp.pipeline.frameworks import DATASET_FILES, dataset_dir
 from dtp.recipes import INCLUDE_DIR
 
 log = logging.getLogger(__name__)
@@ -67,6 +74,10 @@ def check_shared_dir_visible(cluster: dict[str, Any]) -> None:
 def stage_data(
     spec: dict[str, Any], network: dict[str, str], cluster: dict[str, Any], aws_conn_id: str
 ) -> dict[str, Any]:
+    framework = spec["recipe"]["framework"]
+    if framework == "nemo":
+        log.info("NeMo's recipes train on synthetic tokens: nothing to stage")
+        return {"source": None, "files": 0, "copied": 0, "bytes_moved": 0}
     check_shared_dir_visible(cluster)
     s3 = S3Hook(aws_conn_id=aws_conn_id)
     source = spec["params"]["dataset_uri"] or upload_sample_corpus(s3, network["DataBucket"])
@@ -74,6 +85,9 @@ def stage_data(
     if match is None:
         raise ValueError(f"dataset_uri: got {source!r}; expected s3://bucket/prefix/")
     bucket, prefix = match["bucket"], match["prefix"]
+    if framework in DATASET_FILES:
+        dest = Path(dataset_dir(cluster["shared_dir"], framework, spec["recipe"]["model"]))
+        return mirror_dataset(s3, bucket, prefix, dest, DATASET_FILES[framework]) | {"source": source}
     keys = sorted(k for k in s3.list_keys(bucket, prefix=prefix) or [] if k.endswith(".txt"))
     if not keys:
         raise ValueError(f"dataset_uri: no .txt objects under {source}")
@@ -84,8 +98,7 @@ def stage_data(
     for key in keys:
         target = dest / key[len(prefix) :].lstrip("/").replace("/", "__")
         size = s3.head_object(key, bucket)["ContentLength"]
-        if not (target.exists() and target.stat().st_size == size):
-            s3.get_conn().download_file(bucket, key, str(target))
+        if _download(s3, bucket, key, size, target):
             copied += 1
             moved_bytes += size
         files.append(target)
@@ -108,6 +121,56 @@ def stage_data(
         "tokens": tokens,
         "train_bin": str(shard),
     }
+
+
+def _download(s3: S3Hook, bucket: str, key: str, size: int, target: Path) -> bool:
+    """Copy one object unless ``target`` already has its size; through a temporary name. True when copied."""
+    if target.exists() and target.stat().st_size == size:
+        return False
+    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.tmp")
+    s3.get_conn().download_file(bucket, key, str(tmp))
+    os.replace(tmp, target)
+    return True
+
+
+def relative_key(key: str, prefix: str) -> str:
+    """``key`` under ``prefix`` as a relative path; a key that would leave the destination is refused."""
+    relative = key[len(prefix) :]
+    if any(part in ("", ".", "..") for part in relative.split("/")):
+        raise ValueError(f"dataset_uri: object {key!r} is not a plain relative path under {prefix!r}")
+    return relative
+
+
+def mirror_dataset(s3: S3Hook, bucket: str, prefix: str, dest: Path, required: tuple[str, ...]) -> dict[str, Any]:
+    """Copy every object under ``prefix`` to the same relative path under ``dest``; fail unless ``required``
+    files are there (a framework's dataset is used as it is: DTP does not convert formats)."""
+    base = prefix if not prefix or prefix.endswith("/") else prefix + "/"
+    keys = sorted(k for k in s3.list_keys(bucket, prefix=base) or [] if not k.endswith("/"))
+    missing = [name for name in required if base + name not in keys]
+    if not keys or missing:
+        raise ValueError(
+            f"dataset_uri: s3://{bucket}/{base} "
+            + (f"lacks {', '.join(missing)}" if keys else "holds no objects")
+            + (f" (this framework reads {', '.join(required)})" if required else "")
+        )
+    targets = {key: dest / relative_key(key, base) for key in keys}
+    copied = moved_bytes = 0
+    for key, target in targets.items():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        size = s3.head_object(key, bucket)["ContentLength"]
+        if _download(s3, bucket, key, size, target):
+            copied += 1
+            moved_bytes += size
+    log.info(
+        "Mirrored s3://%s/%s -> %s: %d files, %d copied (%d bytes)",
+        bucket,
+        base,
+        dest,
+        len(keys),
+        copied,
+        moved_bytes,
+    )
+    return {"files": len(keys), "copied": copied, "bytes_moved": moved_bytes, "dataset_dir": str(dest)}
 
 
 def tokenize(files: list[Path], shard: Path) -> int:

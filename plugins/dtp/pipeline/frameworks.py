@@ -8,11 +8,11 @@ shared filesystem, staged beforehand:
 
 - ``assets/<model>/``: the Hugging Face config and tokenizer of the model;
 - ``datasets/<framework>/<model>/``: the training data in the framework's
-  format (torchtitan: a Hugging Face dataset name or path in ``dataset``;
-  Megatron-LM: an indexed dataset with prefix ``train_text_document``;
-  neuronx-distributed: the tokenized dataset its example trainer reads;
-  picotron: a Hugging Face dataset directory with a ``text`` column;
-  NeMo: none, its recipes train on synthetic tokens).
+  format, which ``stage_data`` copies there from ``dataset_uri`` (torchtitan:
+  a Hugging Face dataset directory; Megatron-LM: an indexed dataset with
+  prefix ``train_text_document``; neuronx-distributed: the tokenized dataset
+  its example trainer reads; picotron: a Hugging Face dataset directory with
+  a ``text`` column; NeMo: none, its recipes train on synthetic tokens).
 
 picotron also reads the model's safetensors from ``assets/<model>/``: it takes
 the weights' shapes from them before initialising fresh ones.
@@ -60,6 +60,13 @@ NEMO_FACTORIES = {
     "llama3_1_70b": "llama31_70b",
     "mixtral_8x7b": "mixtral_8x7b",
 }
+# Frameworks that train on a dataset prepared in their own format, and the files it must hold.
+DATASET_FILES: dict[str, tuple[str, ...]] = {
+    "torchtitan": (),
+    "megatron-lm": ("train_text_document.bin", "train_text_document.idx"),
+    "neuronx-distributed": (),
+    "picotron": (),
+}
 # Frameworks whose launch names the model's shape: only the models they have one for can be launched.
 _MODELS_BY_FRAMEWORK: dict[str, dict[str, Any]] = {
     "torchtitan": TORCHTITAN_CONFIGS,
@@ -83,6 +90,11 @@ def launch_problem(recipe: Recipe) -> str | None:
     return None
 
 
+def dataset_dir(shared_dir: str, framework: str, model: str) -> str:
+    """Where a framework's job reads its dataset on the shared filesystem."""
+    return f"{shared_dir}/datasets/{framework}/{model}"
+
+
 def template_args(spec: dict[str, Any], images: dict[str, Any], workdir: str, shared_dir: str) -> dict[str, Any]:
     """What ``TEMPLATES[framework]`` needs, besides the arguments every job template takes."""
     recipe, params = spec["recipe"], spec["params"]
@@ -92,7 +104,7 @@ def template_args(spec: dict[str, Any], images: dict[str, Any], workdir: str, sh
         "log_path": f"{workdir}/train.log",
         "checkpoint_dir": f"{workdir}/checkpoints",
         "assets_dir": f"{shared_dir}/assets/{model}",
-        "dataset_dir": f"{shared_dir}/datasets/{framework}/{model}",
+        "dataset_dir": dataset_dir(shared_dir, framework, model),
         "recipe": recipe,
         "parallelism": recipe["parallelism"],
         "max_steps": params["max_steps"],
