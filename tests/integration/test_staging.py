@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import uuid
+from pathlib import Path
 
 import pytest
 
 from dtp.pipeline.data import SAMPLE_CORPUS, SharedFilesystemNotVisible, stage_data
+from dtp.pipeline.frameworks import dataset_dir
 
 pytestmark = pytest.mark.stack
 TRAINER = {"framework": "fsdp", "model": "tiny"}
@@ -72,7 +74,8 @@ def test_a_framework_dataset_is_mirrored_where_its_job_reads_it(stack, aws, tmp_
     cluster = {"shared_dir": str(tmp_path), "slurm_conn_id": "slurm_default"}
 
     staged = stage_data(spec, {"DataBucket": "unused"}, cluster, "aws_default")
-    dest = tmp_path / "datasets/megatron-lm/llama3_1_70b"
+    dest = Path(dataset_dir(str(tmp_path), "megatron-lm", f"s3://{bucket}/megatron"))
+    assert dest.parent == tmp_path / "datasets/megatron-lm"
     assert staged == {
         "source": f"s3://{bucket}/megatron",
         "files": 3,

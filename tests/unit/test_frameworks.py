@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from dtp.metrics.framework_logs import summarize_log
-from dtp.pipeline.frameworks import MEGATRON_ARCHITECTURES, TEMPLATES, launch_problem, template_args
+from dtp.pipeline.frameworks import MEGATRON_ARCHITECTURES, TEMPLATES, dataset_dir, launch_problem, template_args
 from dtp.recipes import Recipe, get_recipe, instance_types
 from dtp.templates import render
 from model import MODELS
@@ -36,7 +36,12 @@ def _launch(
     instance = instance_types()[recipe.defaults.instance_type]
     spec = {
         "recipe": recipe.model_dump(),
-        "params": {"num_nodes": recipe.defaults.num_nodes, "max_steps": 100, "checkpoint_interval": 50},
+        "params": {
+            "num_nodes": recipe.defaults.num_nodes,
+            "max_steps": 100,
+            "checkpoint_interval": 50,
+            "dataset_uri": f"s3://datasets/{recipe.framework}/",
+        },
         "instance": instance.model_dump(),
     }
     workdir = tmp_path / "run"
@@ -122,6 +127,8 @@ def test_picotron_launch_writes_its_config(tmp_path: Path) -> None:
     assert config["checkpoint"] == {"save_dir": context["checkpoint_dir"], "save_frequency": 50, "load_path": ""}
     assert config["model"]["name"] == context["assets_dir"] == str(tmp_path / "fsx/assets/llama3_2_1b")
     assert (workdir / "hf_model_safetensors").readlink() == Path(context["assets_dir"])
+    # The directory stage_data mirrors dataset_uri into.
+    assert config["dataset"]["name"] == dataset_dir(str(tmp_path / "fsx"), "picotron", "s3://datasets/picotron/")
 
 
 def test_a_requeued_picotron_job_resumes_from_its_newest_checkpoint(tmp_path: Path) -> None:

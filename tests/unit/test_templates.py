@@ -33,7 +33,12 @@ def framework_context(recipe_name: str) -> dict[str, Any]:
     recipe = get_recipe(recipe_name)
     spec = {
         "recipe": recipe.model_dump(),
-        "params": {"num_nodes": recipe.defaults.num_nodes, "max_steps": 100, "checkpoint_interval": 50},
+        "params": {
+            "num_nodes": recipe.defaults.num_nodes,
+            "max_steps": 100,
+            "checkpoint_interval": 50,
+            "dataset_uri": f"s3://datasets/{recipe.framework}/",
+        },
         "instance": instance_types()[recipe.defaults.instance_type].model_dump(),
     }
     return {**COMMON, **template_args(spec, {}, "/fsx/runs/r", "/fsx")}

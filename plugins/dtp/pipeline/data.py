@@ -3,7 +3,7 @@
 DTP's trainer gets the ``.txt`` objects under ``dataset_uri`` tokenized into one
 shard in the run's directory. Another framework's recipe gets the objects under
 ``dataset_uri`` mirrored, as they are, into the directory its job reads
-(``<shared>/datasets/<framework>/<model>/``), checked for the files that
+(``<shared>/datasets/<framework>/<hash of dataset_uri>/``), checked for the files that
 framework needs; NeMo's recipes train on synthetic tokens and stage nothing.
 
 The worker copies into the cluster's shared filesystem, so the task runs on the
@@ -86,7 +86,7 @@ def stage_data(
         raise ValueError(f"dataset_uri: got {source!r}; expected s3://bucket/prefix/")
     bucket, prefix = match["bucket"], match["prefix"]
     if framework in DATASET_FILES:
-        dest = Path(dataset_dir(cluster["shared_dir"], framework, spec["recipe"]["model"]))
+        dest = Path(dataset_dir(cluster["shared_dir"], framework, source))
         return mirror_dataset(s3, bucket, prefix, dest, DATASET_FILES[framework]) | {"source": source}
     keys = sorted(k for k in s3.list_keys(bucket, prefix=prefix) or [] if k.endswith(".txt"))
     if not keys:
@@ -142,8 +142,9 @@ def relative_key(key: str, prefix: str) -> str:
 
 
 def mirror_dataset(s3: S3Hook, bucket: str, prefix: str, dest: Path, required: tuple[str, ...]) -> dict[str, Any]:
-    """Copy every object under ``prefix`` to the same relative path under ``dest``; fail unless ``required``
-    files are there (a framework's dataset is used as it is: DTP does not convert formats)."""
+    """Copy every object under ``prefix`` to the same relative path under ``dest`` (adding and updating, never
+    deleting); fail unless ``required`` files are there (a framework's dataset is used as it is: DTP does not
+    convert formats)."""
     base = prefix if not prefix or prefix.endswith("/") else prefix + "/"
     keys = sorted(k for k in s3.list_keys(bucket, prefix=base) or [] if not k.endswith("/"))
     missing = [name for name in required if base + name not in keys]

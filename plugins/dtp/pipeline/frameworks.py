@@ -4,12 +4,13 @@
 parallelism and paths. Each framework's job tees its output to
 ``<run dir>/train.log``, which ``collect_metrics`` reads with the framework's
 log parser (``dtp.metrics.framework_logs``). What each job expects on the
-shared filesystem, staged beforehand:
+shared filesystem:
 
-- ``assets/<model>/``: the Hugging Face config and tokenizer of the model;
-- ``datasets/<framework>/<model>/``: the training data in the framework's
-  format, which ``stage_data`` copies there from ``dataset_uri`` (torchtitan:
-  a Hugging Face dataset directory; Megatron-LM: an indexed dataset with
+- ``assets/<model>/``: the Hugging Face config and tokenizer of the model,
+  placed there beforehand;
+- ``datasets/<framework>/<hash of dataset_uri>/``: the training data in the
+  framework's format, which ``stage_data`` copies there from ``dataset_uri``
+  (torchtitan: a Hugging Face dataset directory; Megatron-LM: an indexed dataset with
   prefix ``train_text_document``; neuronx-distributed: the tokenized dataset
   its example trainer reads; picotron: a Hugging Face dataset directory with
   a ``text`` column; NeMo: none, its recipes train on synthetic tokens).
@@ -26,6 +27,7 @@ neuronx-distributed's Llama example trainer, picotron's JSON config, NeMo 2.0's
 
 from __future__ import annotations
 
+import hashlib
 import json
 from typing import Any
 
@@ -90,9 +92,10 @@ def launch_problem(recipe: Recipe) -> str | None:
     return None
 
 
-def dataset_dir(shared_dir: str, framework: str, model: str) -> str:
-    """Where a framework's job reads its dataset on the shared filesystem."""
-    return f"{shared_dir}/datasets/{framework}/{model}"
+def dataset_dir(shared_dir: str, framework: str, dataset_uri: str) -> str:
+    """Where a framework's job reads its dataset on the shared filesystem: one directory per source, so runs of
+    other datasets never overwrite it and runs of the same one reuse it."""
+    return f"{shared_dir}/datasets/{framework}/{hashlib.sha256(dataset_uri.encode()).hexdigest()[:16]}"
 
 
 def template_args(spec: dict[str, Any], images: dict[str, Any], workdir: str, shared_dir: str) -> dict[str, Any]:
@@ -104,7 +107,7 @@ def template_args(spec: dict[str, Any], images: dict[str, Any], workdir: str, sh
         "log_path": f"{workdir}/train.log",
         "checkpoint_dir": f"{workdir}/checkpoints",
         "assets_dir": f"{shared_dir}/assets/{model}",
-        "dataset_dir": dataset_dir(shared_dir, framework, model),
+        "dataset_dir": dataset_dir(shared_dir, framework, params["dataset_uri"]),
         "recipe": recipe,
         "parallelism": recipe["parallelism"],
         "max_steps": params["max_steps"],
