@@ -32,6 +32,7 @@ NETWORK = {
     "VPC": "vpc-0123456789abcdef0",
     "PublicSubnet": "subnet-0123456789abcdef0",
     "PrivateSubnet": "subnet-0fedcba9876543210",
+    "FallbackPrivateSubnet": "subnet-0aaaabbbbccccdddd",
     "SecurityGroup": "sg-0123456789abcdef0",
     "FSXSecurityGroup": "sg-0fedcba9876543210",
     "DataBucket": "dtp-train-e2e-0123456789-data",

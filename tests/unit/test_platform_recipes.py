@@ -28,11 +28,13 @@ NETWORK = {
     "VPC": "vpc-0123456789abcdef0",
     "PublicSubnet": "subnet-0123456789abcdef0",
     "PrivateSubnet": "subnet-0fedcba9876543210",
+    "FallbackPrivateSubnet": "subnet-0aaaabbbbccccdddd",
     "SecurityGroup": "sg-0123456789abcdef0",
     "FSXSecurityGroup": "sg-0fedcba9876543210",
     "DataBucket": "dtp-train-e2e-0123456789-data",
 }
-# DTP launches other frameworks (torchtitan, Megatron-LM, neuronx-distributed) with Slurm batch scripts only.
+# DTP launches other frameworks (torchtitan, Megatron-LM, neuronx-distributed, picotron, NeMo) with Slurm batch
+# scripts only.
 SLURM_ONLY = {"eks", "batch"}
 CASES = [
     (recipe.name, platform)
