@@ -117,11 +117,12 @@ def template_args(spec: dict[str, Any], images: dict[str, Any], workdir: str, sh
         module, config = TORCHTITAN_CONFIGS[model]
         return {**args, "module": module, "config": config}
     _, replicas = Recipe.model_validate(recipe).ranks(params["num_nodes"], spec["instance"]["accelerators_per_node"])
+    global_batch = replicas * recipe["micro_batch"]
     if framework == "megatron-lm" and model in MEGATRON_ARCHITECTURES:
         return {
             **args,
             "architecture": MEGATRON_ARCHITECTURES[model],
-            "global_batch": replicas * recipe["micro_batch"],
+            "global_batch": global_batch,
             "megatron_dir": images.get("megatron_dir", MEGATRON_DIR),
         }
     if framework == "neuronx-distributed":
@@ -136,7 +137,7 @@ def template_args(spec: dict[str, Any], images: dict[str, Any], workdir: str, sh
         return {
             **{key: value for key, value in args.items() if key not in unused},
             "factory": NEMO_FACTORIES[model],
-            "global_batch": replicas * recipe["micro_batch"],
+            "global_batch": global_batch,
             "nemo": images.get("nemo_cli", NEMO_CLI),
         }
     if framework == "picotron":

@@ -166,7 +166,8 @@ class HyperPodPlatform:
         settings = self.settings  # a platform that is not set up fails here, before any AWS call
         hook = HyperPodHook(aws_conn_id=self.aws_conn_id)
         name = spec["names"]["run_key"]
-        options = placements(spec, self.name, network, settings.training_plans)
+        every = placements(spec, self.name, network, settings.training_plans)
+        options = every
         existing = hook.describe_cluster(name)
         if existing is not None and existing["ClusterStatus"] != "Failed":
             log.info("HyperPod cluster %s exists (%s); not creating it again", name, existing["ClusterStatus"])
@@ -190,7 +191,7 @@ class HyperPodPlatform:
             if placement != options[0] or existing is not None:
                 log.warning("Capacity fallback: cluster %s asks for %s", name, placement)
             return self._record(spec, cluster, placement)
-        tried = "; ".join(str(p) for p in placements(spec, self.name, network, settings.training_plans))
+        tried = "; ".join(str(p) for p in every)
         raise RuntimeError(
             f"no capacity for {spec['params']['num_nodes']} nodes in any placement: {tried} (the run's instance "
             "type, then the recipe's fallback_instance_types, each reserved then on demand, in each zone's "
