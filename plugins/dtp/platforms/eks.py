@@ -13,20 +13,16 @@ from __future__ import annotations
 
 import json
 import re
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from functools import cache
+from functools import cache, cached_property
 from typing import Any, Literal
 
 import yaml
 from airflow.providers.amazon.aws.hooks.eks import EksHook
-from airflow.providers.cncf.kubernetes.hooks.kubernetes import KubernetesHook
 from botocore.exceptions import ClientError
 from jsonschema import Draft7Validator
-from kubernetes.client.exceptions import ApiException
 from pydantic import Field
 
+from dtp.hooks.pytorchjob import GROUP, VERSION, PyTorchJobHook
 from dtp.images.container import build_arg_defaults
 from dtp.naming import TAG_PREFIX
 from dtp.pipeline.data import run_dir
@@ -36,7 +32,6 @@ from dtp.templates import render
 
 AWS_CONN_ID = "aws_default"
 CONN_ID = "dtp_eks"
-GROUP, VERSION, PLURAL = "kubeflow.org", "v1", "pytorchjobs"
 SCHEMA_PATH = INCLUDE_DIR / "schemas" / "kubeflow.org_pytorchjobs.v1.json"
 FSX_MOUNT = "/fsx"
 # Where images/containers/training puts DTP's training programs.
@@ -176,27 +171,17 @@ class EksPlatform:
         return None  # the cluster exists before the run and provision checked it is ACTIVE
 
     def teardown(self, spec: dict[str, Any]) -> dict[str, Any]:
-        """Delete the run's PyTorchJob (a 404 means it is already gone) and wait until it and its pods are gone."""
-        name, namespace = spec["names"]["run_key"], self.settings.namespace
-        with self._kubernetes() as kubernetes:
-            try:
-                # Foreground: the job stays visible until the garbage collector has deleted its pods.
-                kubernetes.delete_custom_object(
-                    GROUP, VERSION, PLURAL, name, namespace, propagation_policy="Foreground"
-                )
-                deleted = [name]
-            except ApiException as err:
-                if err.status != 404:
-                    raise
-                deleted = []
-            deadline = time.monotonic() + self.delete_timeout
-            while _exists(kubernetes, name, namespace):
-                if time.monotonic() > deadline:
-                    raise RuntimeError(
-                        f"PyTorchJob {namespace}/{name} is still there {self.delete_timeout:.0f} s after delete"
-                    )
-                time.sleep(5)
-        return {"deleted_jobs": deleted, "namespace": namespace}
+        """Delete the run's PyTorchJob (it may be gone already) and wait until it and its pods are gone."""
+        name = spec["names"]["run_key"]
+        with self.jobs.kubernetes() as kubernetes:
+            deleted = self.jobs.delete_job(kubernetes, name, timeout=self.delete_timeout)
+        return {"deleted_jobs": [name] if deleted else [], "namespace": self.jobs.namespace}
+
+    @cached_property
+    def jobs(self) -> PyTorchJobHook:
+        """The hook of the run's PyTorchJobs: the connection's cluster and namespace, ``aws_default``'s identity."""
+        settings = self.settings
+        return PyTorchJobHook(settings.cluster_name, settings.namespace, self.aws_conn_id)
 
     def _describe_cluster(self, cluster_name: str) -> dict[str, Any]:
         try:
@@ -209,15 +194,6 @@ class EksPlatform:
                 f"{self.aws_conn_id!r} account's region {self.eks_hook.conn_region_name}"
             ) from None
         return cluster
-
-    @contextmanager
-    def _kubernetes(self) -> Iterator[KubernetesHook]:
-        """A Kubernetes hook on the cluster, authenticated with ``aws_default``'s credentials (EKS access entries)."""
-        settings = self.settings
-        with self.eks_hook.generate_config_file_with_credentials(
-            eks_cluster_name=settings.cluster_name, pod_namespace=settings.namespace
-        ) as (config_file, _):
-            yield KubernetesHook(conn_id=None, config_file=config_file)
 
 
 def _devices(instance: dict[str, Any]) -> dict[str, int]:
@@ -245,16 +221,6 @@ def _environment(devices: dict[str, int]) -> dict[str, str]:
 def _label_value(text: str) -> str:
     """``text`` as a Kubernetes label value: at most 63 of [A-Za-z0-9_.-], alphanumeric at both ends."""
     return re.sub(r"^[^A-Za-z0-9]+|[^A-Za-z0-9]+$", "", re.sub(r"[^A-Za-z0-9_.-]", "_", text)[:63])
-
-
-def _exists(kubernetes: KubernetesHook, name: str, namespace: str) -> bool:
-    try:
-        kubernetes.get_custom_object(GROUP, VERSION, PLURAL, name, namespace)
-    except ApiException as err:
-        if err.status == 404:
-            return False
-        raise
-    return True
 
 
 @cache

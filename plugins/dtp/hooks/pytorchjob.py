@@ -1,0 +1,159 @@
+"""Kubeflow PyTorchJobs on an Amazon EKS cluster: create once per name, read their state and logs, delete.
+
+The cncf-kubernetes provider has no operator for the training operator's custom resources, so this hook builds
+on its ``KubernetesHook`` the way the amazon provider's ``EksPodOperator`` does: the kubeconfig is generated
+from an AWS connection (``EksHook.generate_config_file_with_credentials``), so no Kubernetes connection is needed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import cached_property
+from typing import Any
+
+from airflow.providers.amazon.aws.hooks.eks import EksHook
+from airflow.providers.cncf.kubernetes.hooks.kubernetes import KubernetesHook
+from airflow.utils.log.logging_mixin import LoggingMixin
+from kubernetes.client.exceptions import ApiException
+
+GROUP, VERSION, PLURAL = "kubeflow.org", "v1", "pytorchjobs"
+# Labels the training operator (kubeflow/common's constants) puts on a job's pods.
+JOB_NAME_LABEL = "training.kubeflow.org/job-name"
+REPLICA_TYPE_LABEL = "training.kubeflow.org/replica-type"
+REPLICA_INDEX_LABEL = "training.kubeflow.org/replica-index"
+CONTAINER = "pytorch"  # the container the operator gives torchrun's PET_* settings
+TERMINAL_CONDITIONS = ("Succeeded", "Failed")
+# The API server and the operator's webhook fill in defaults, so a job's spec is compared through this annotation.
+SPEC_DIGEST_ANNOTATION = "dtp.dev/spec-sha256"
+
+
+class PyTorchJobExists(RuntimeError):
+    """A PyTorchJob of that name exists and was not created from the same manifest."""
+
+
+def job_state(job: dict[str, Any]) -> tuple[str, str]:
+    """The job's newest true condition (Created, Running, Restarting, Succeeded, Failed, Suspended) and its
+    message; ("Pending", "") before the operator has written any."""
+    conditions = [c for c in (job.get("status") or {}).get("conditions") or [] if c.get("status") == "True"]
+    if not conditions:
+        return "Pending", ""
+    # A terminal condition wins over a Running one whose transition time ties with it.
+    newest = max(conditions, key=lambda c: (c.get("lastTransitionTime") or "", c.get("type") in TERMINAL_CONDITIONS))
+    return newest["type"], newest.get("message", "")
+
+
+class PyTorchJobHook(LoggingMixin):
+    """
+    Create, read, log and delete Kubeflow PyTorchJobs in a namespace of an EKS cluster.
+
+    :param cluster_name: the EKS cluster
+    :param namespace: the namespace of the jobs
+    :param aws_conn_id: the AWS connection whose identity has an access entry on the cluster
+    :param region_name: the cluster's region (default: the connection's)
+    """
+
+    def __init__(
+        self, cluster_name: str, namespace: str, aws_conn_id: str | None = "aws_default", region_name: str | None = None
+    ) -> None:
+        super().__init__()
+        self.cluster_name = cluster_name
+        self.namespace = namespace
+        self.aws_conn_id = aws_conn_id
+        self.region_name = region_name
+
+    @cached_property
+    def eks_hook(self) -> EksHook:
+        return EksHook(aws_conn_id=self.aws_conn_id, region_name=self.region_name)
+
+    @contextmanager
+    def kubernetes(self) -> Iterator[KubernetesHook]:
+        """A Kubernetes hook on the cluster; its kubeconfig (and the credentials it reads) live until exit."""
+        with self.eks_hook.generate_config_file_with_credentials(
+            eks_cluster_name=self.cluster_name, pod_namespace=self.namespace
+        ) as (config_file, _):
+            yield KubernetesHook(conn_id=None, config_file=config_file)
+
+    def ensure_job(self, kubernetes: KubernetesHook, manifest: dict[str, Any]) -> dict[str, Any]:
+        """Create the job ``manifest`` describes unless it exists; return the job as the API holds it.
+
+        A retried task finds its first try's job again; a job of the same name with another spec is refused.
+        """
+        name = manifest["metadata"]["name"]
+        digest = hashlib.sha256(json.dumps(manifest["spec"], sort_keys=True).encode()).hexdigest()
+        metadata = manifest["metadata"]
+        annotations = {**(metadata.get("annotations") or {}), SPEC_DIGEST_ANNOTATION: digest}
+        body = {**manifest, "metadata": {**metadata, "annotations": annotations}}
+        try:
+            job: dict[str, Any] = kubernetes.create_custom_object(GROUP, VERSION, PLURAL, body, self.namespace)
+            self.log.info("Created PyTorchJob %s/%s", self.namespace, name)
+            return job
+        except ApiException as err:
+            if err.status != 409:
+                raise
+        existing = self.get_job(kubernetes, name)
+        if existing is None:  # deleted between the two calls: create it now
+            return self.ensure_job(kubernetes, manifest)
+        if (existing["metadata"].get("annotations") or {}).get(SPEC_DIGEST_ANNOTATION) != digest:
+            raise PyTorchJobExists(
+                f"PyTorchJob {self.namespace}/{name} exists with another spec; delete it or use another run"
+            )
+        self.log.info("PyTorchJob %s/%s exists already (%s)", self.namespace, name, job_state(existing)[0])
+        return existing
+
+    def get_job(self, kubernetes: KubernetesHook, name: str) -> dict[str, Any] | None:
+        try:
+            job: dict[str, Any] = kubernetes.get_custom_object(GROUP, VERSION, PLURAL, name, self.namespace)
+        except ApiException as err:
+            if err.status == 404:
+                return None
+            raise
+        return job
+
+    def delete_job(self, kubernetes: KubernetesHook, name: str, timeout: float = 600, poll: float = 5) -> bool:
+        """Delete the job in the foreground (it stays visible until its pods are gone) and wait until it is gone.
+
+        False when there was no such job; raises when it is still there after ``timeout`` seconds.
+        """
+        try:
+            kubernetes.delete_custom_object(
+                GROUP, VERSION, PLURAL, name, self.namespace, propagation_policy="Foreground"
+            )
+        except ApiException as err:
+            if err.status != 404:
+                raise
+            return False
+        deadline = time.monotonic() + timeout
+        while self.get_job(kubernetes, name) is not None:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"PyTorchJob {self.namespace}/{name} is still there {timeout:.0f} s after delete")
+            time.sleep(poll)
+        return True
+
+    def leader_pod(self, kubernetes: KubernetesHook, name: str) -> str | None:
+        """The name of the job's first worker pod (torchrun's rank 0 and the rendezvous host), None before it exists."""
+        selector = f"{JOB_NAME_LABEL}={name},{REPLICA_TYPE_LABEL}=worker,{REPLICA_INDEX_LABEL}=0"
+        pods = kubernetes.core_v1_client.list_namespaced_pod(self.namespace, label_selector=selector).items
+        return pods[0].metadata.name if pods else None
+
+    def log_lines(self, kubernetes: KubernetesHook, pod: str, since_seconds: int | None = None) -> list[str]:
+        """The pod's training container's log lines, each prefixed with its RFC 3339 timestamp; none before it
+        has started."""
+        try:
+            # Raw bytes, decoded here: a log may hold bytes that are not UTF-8 (as the provider's get_pod_logs).
+            response = kubernetes.core_v1_client.read_namespaced_pod_log(
+                pod,
+                self.namespace,
+                container=CONTAINER,
+                timestamps=True,
+                since_seconds=since_seconds,
+                _preload_content=False,
+            )
+        except ApiException as err:
+            if err.status in (400, 404):  # the container is still being created, or the pod is gone
+                return []
+            raise
+        return [line for line in response.data.decode("utf-8", "replace").splitlines() if line]

@@ -1,0 +1,117 @@
+"""Run a Kubeflow PyTorchJob on EKS and wait for it without holding a worker slot."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import cached_property
+from typing import Any
+
+import yaml
+from airflow.sdk import BaseOperator
+from airflow.sdk.exceptions import AirflowException
+
+from dtp.hooks.pytorchjob import PyTorchJobHook, job_state
+from dtp.triggers.pytorchjob import PyTorchJobTrigger
+
+
+class PyTorchJobFailed(AirflowException):
+    """The PyTorchJob failed, was deleted while it ran, or hung."""
+
+
+class EksPyTorchJobOperator(BaseOperator):
+    """
+    Create a PyTorchJob on an EKS cluster, defer to ``PyTorchJobTrigger``, fail with its last log lines.
+
+    Idempotent: a retry (or a cleared task) finds the job its first try created and waits on it again, or returns
+    at once when it already succeeded. A job that failed is deleted and created afresh, so the new pods resume
+    from the newest checkpoint; a job of the same name made from another manifest is refused.
+
+    :param manifest: the PyTorchJob, as YAML text or a mapping (its namespace is the job's namespace)
+    :param cluster_name: the EKS cluster
+    :param aws_conn_id: the AWS connection with an access entry on the cluster
+    :param region_name: the cluster's region (default: the connection's)
+    :param poll_interval: seconds between the trigger's polls
+    :param hang_timeout: seconds without a new log line from worker 0 while Running before the job is deleted as
+        hung (0: never)
+    :param delete_timeout: seconds to wait for a deleted job's pods to go
+    """
+
+    template_fields: Sequence[str] = ("manifest", "cluster_name", "hang_timeout")
+
+    def __init__(
+        self,
+        *,
+        manifest: str | dict[str, Any],
+        cluster_name: str,
+        aws_conn_id: str | None = "aws_default",
+        region_name: str | None = None,
+        poll_interval: float = 30.0,
+        hang_timeout: float | str = 0.0,
+        delete_timeout: float = 600.0,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.manifest = manifest
+        self.cluster_name = cluster_name
+        self.aws_conn_id = aws_conn_id
+        self.region_name = region_name
+        self.poll_interval = poll_interval
+        self.hang_timeout = hang_timeout
+        self.delete_timeout = delete_timeout
+
+    def _job(self) -> dict[str, Any]:
+        job = yaml.safe_load(self.manifest) if isinstance(self.manifest, str) else self.manifest
+        if not isinstance(job, dict) or not (job.get("metadata") or {}).get("namespace"):
+            raise ValueError("manifest: expected one PyTorchJob mapping with metadata.name and metadata.namespace")
+        return job
+
+    @cached_property
+    def hook(self) -> PyTorchJobHook:
+        namespace = self._job()["metadata"]["namespace"]
+        return PyTorchJobHook(self.cluster_name, namespace, self.aws_conn_id, self.region_name)
+
+    def execute(self, context: Any) -> dict[str, Any] | None:
+        manifest = self._job()
+        name, namespace, hook = manifest["metadata"]["name"], manifest["metadata"]["namespace"], self.hook
+        with hook.kubernetes() as kubernetes:
+            state, message = job_state(hook.ensure_job(kubernetes, manifest))
+            if state == "Failed":
+                self.log.info("PyTorchJob %s/%s failed before (%s): running it afresh", namespace, name, message)
+                hook.delete_job(kubernetes, name, timeout=self.delete_timeout)
+                state, _ = job_state(hook.ensure_job(kubernetes, manifest))
+        if state == "Succeeded":
+            self.log.info("PyTorchJob %s/%s already succeeded: reusing it, not running it again", namespace, name)
+            return {"job_name": name, "namespace": namespace, "state": state}
+        self.defer(
+            trigger=PyTorchJobTrigger(
+                job_name=name,
+                namespace=namespace,
+                cluster_name=self.cluster_name,
+                aws_conn_id=self.aws_conn_id,
+                region_name=self.region_name,
+                poll_interval=self.poll_interval,
+                hang_timeout=float(self.hang_timeout),
+            ),
+            method_name="execute_complete",
+        )
+
+    def execute_complete(self, context: Any, event: dict[str, Any]) -> dict[str, Any]:
+        name, namespace = event["job_name"], event["namespace"]
+        tail = "\n".join(event["tail"][-20:]) or "(no log lines from worker 0)"
+        if event["status"] == "hung":
+            with self.hook.kubernetes() as kubernetes:
+                self.hook.delete_job(kubernetes, name, timeout=self.delete_timeout)
+            raise PyTorchJobFailed(
+                f"PyTorchJob {namespace}/{name} hung ({event['message']}); deleted it. Last lines:\n{tail}"
+            )
+        if event["status"] != "success":
+            raise PyTorchJobFailed(
+                f"PyTorchJob {namespace}/{name} ended {event['state']}: {event['message']}. Last lines:\n{tail}"
+            )
+        self.log.info("PyTorchJob %s/%s succeeded", namespace, name)
+        return {"job_name": name, "namespace": namespace, "state": event["state"]}
+
+    def on_kill(self) -> None:
+        """Delete the job when the task is killed while it is still creating it (the trigger handles the wait)."""
+        with self.hook.kubernetes() as kubernetes:
+            self.hook.delete_job(kubernetes, self._job()["metadata"]["name"], timeout=self.delete_timeout)

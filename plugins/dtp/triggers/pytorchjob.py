@@ -1,0 +1,147 @@
+"""Wait for a Kubeflow PyTorchJob on EKS in the triggerer, streaming its first worker's log into the task log.
+
+Like ``EksPodTrigger``, the trigger generates its own kubeconfig from the AWS connection (the operator's is gone
+once it defers) and keeps it for the whole wait. Each poll it forwards the new log lines of worker 0 (torchrun's
+rank 0) and reads the job's conditions. A job with no new log line for ``hang_timeout`` seconds while Running is
+reported as hung, so a stuck collective fails the task instead of waiting forever. A user who marks the task
+failed or clears it while it waits deletes the job (``on_kill``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import AsyncIterator
+from functools import cached_property
+from typing import Any
+
+from airflow.triggers.base import BaseTrigger, TriggerEvent
+
+from dtp.hooks.pytorchjob import TERMINAL_CONDITIONS, PyTorchJobHook, job_state
+
+TAIL_LINES = 30
+
+
+class PyTorchJobTrigger(BaseTrigger):
+    """Fires once the PyTorchJob succeeds, fails, disappears or hangs.
+
+    :param job_name: the PyTorchJob
+    :param namespace: its namespace
+    :param cluster_name: the EKS cluster it runs on
+    :param aws_conn_id: the AWS connection with access to the cluster
+    :param region_name: the cluster's region (default: the connection's)
+    :param poll_interval: seconds between polls
+    :param hang_timeout: seconds without a new log line while Running before the job counts as hung (0: never)
+    :param last_log_time: the timestamp of the last log line already forwarded (a trigger resumed after a
+        triggerer restart does not forward lines twice)
+    """
+
+    def __init__(
+        self,
+        job_name: str,
+        namespace: str,
+        cluster_name: str,
+        aws_conn_id: str | None = "aws_default",
+        region_name: str | None = None,
+        poll_interval: float = 30.0,
+        hang_timeout: float = 0.0,
+        last_log_time: str = "",
+    ) -> None:
+        super().__init__()
+        self.job_name = job_name
+        self.namespace = namespace
+        self.cluster_name = cluster_name
+        self.aws_conn_id = aws_conn_id
+        self.region_name = region_name
+        self.poll_interval = poll_interval
+        self.hang_timeout = hang_timeout
+        self.last_log_time = last_log_time
+
+    def serialize(self) -> tuple[str, dict[str, Any]]:
+        return (
+            f"{type(self).__module__}.{type(self).__qualname__}",
+            {
+                "job_name": self.job_name,
+                "namespace": self.namespace,
+                "cluster_name": self.cluster_name,
+                "aws_conn_id": self.aws_conn_id,
+                "region_name": self.region_name,
+                "poll_interval": self.poll_interval,
+                "hang_timeout": self.hang_timeout,
+                "last_log_time": self.last_log_time,
+            },
+        )
+
+    @cached_property
+    def hook(self) -> PyTorchJobHook:
+        return PyTorchJobHook(self.cluster_name, self.namespace, self.aws_conn_id, self.region_name)
+
+    async def run(self) -> AsyncIterator[TriggerEvent]:
+        tail: deque[str] = deque(maxlen=TAIL_LINES)
+        last_progress = time.monotonic()
+        with self.hook.kubernetes() as kubernetes:
+            while True:
+                job = await asyncio.to_thread(self.hook.get_job, kubernetes, self.job_name)
+                if job is None:
+                    yield self._event("failed", "Deleted", "the job was deleted before it finished", tail)
+                    return
+                state, message = job_state(job)
+                if await asyncio.to_thread(self._forward_log, kubernetes, tail):
+                    last_progress = time.monotonic()
+                if state in TERMINAL_CONDITIONS:
+                    yield self._event("success" if state == "Succeeded" else "failed", state, message, tail)
+                    return
+                if state != "Running":
+                    last_progress = time.monotonic()  # pending, restarting or suspended time is not a hang
+                elif self.hang_timeout and time.monotonic() - last_progress > self.hang_timeout:
+                    yield self._event("hung", state, f"no new log line for {self.hang_timeout:.0f} s", tail)
+                    return
+                self.log.info("PyTorchJob %s/%s is %s", self.namespace, self.job_name, state)
+                await asyncio.sleep(self.poll_interval)
+
+    async def on_kill(self) -> None:
+        """Delete the job when a user kills the deferred task (Airflow 3.3+ calls this for user kills only)."""
+        await asyncio.to_thread(self._delete_job)
+
+    def _delete_job(self) -> None:
+        with self.hook.kubernetes() as kubernetes:
+            self.hook.delete_job(kubernetes, self.job_name)
+
+    def _forward_log(self, kubernetes: Any, tail: deque[str]) -> bool:
+        """Log worker 0's lines newer than ``last_log_time``; True when there were any."""
+        pod = self.hook.leader_pod(kubernetes, self.job_name)
+        if pod is None:
+            return False
+        # Ask for a window a little longer than the poll interval; lines already forwarded are skipped by time.
+        since = int(self.poll_interval * 3 + 60) if self.last_log_time else None
+        forwarded = False
+        for line in self.hook.log_lines(kubernetes, pod, since):
+            stamp, _, text = line.partition(" ")
+            if _sortable(stamp) <= _sortable(self.last_log_time):
+                continue
+            self.log.info("[%s] %s", pod, text)
+            tail.append(text)
+            self.last_log_time, forwarded = stamp, True
+        return forwarded
+
+    def _event(self, status: str, state: str, message: str, tail: deque[str]) -> TriggerEvent:
+        return TriggerEvent(
+            {
+                "status": status,
+                "job_name": self.job_name,
+                "namespace": self.namespace,
+                "state": state,
+                "message": message,
+                "tail": list(tail),
+            }
+        )
+
+
+def _sortable(stamp: str) -> str:
+    """An RFC 3339 timestamp as Kubernetes writes it (UTC, trailing zeros of the fraction dropped) padded to
+    nanoseconds, so that text order is time order; "" sorts first."""
+    if not stamp:
+        return ""
+    whole, _, fraction = stamp.rstrip("Z").partition(".")
+    return f"{whole}.{fraction.ljust(9, '0')}"

@@ -1,0 +1,136 @@
+"""Unit-test fixtures: a local HTTP server speaking the Kubernetes API for PyTorchJobs and their pods.
+
+No Kubernetes API server can run on this machine (see README, "What is tested locally"); this one answers the
+requests DTP's EKS code sends, over HTTP, through the real Kubernetes client and the amazon provider's EKS
+kubeconfig and token, and records them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+
+JOBS_PATH = "/apis/kubeflow.org/v1/namespaces/{namespace}/pytorchjobs"
+PODS_PATH = "/api/v1/namespaces/{namespace}/pods"
+
+
+class KubernetesApi(BaseHTTPRequestHandler):
+    """PyTorchJobs (``jobs``, by name) and their pods (``pods``: name -> labels, ``logs``: name -> timestamped
+    lines) in namespace ``namespace``. A delete leaves the jobs in ``finalizing`` (their pods are still going).
+    Each GET of a job first applies the next step of ``timeline`` (a condition type or None, and log lines of
+    worker 0), as the training operator and the pods would between two polls."""
+
+    namespace = "kubeflow"
+    endpoint = ""
+    jobs: dict[str, dict[str, Any]] = {}
+    finalizing: set[str] = set()
+    pods: dict[str, dict[str, str]] = {}
+    logs: dict[str, list[str]] = {}
+    timeline: list[tuple[str | None, list[str]]] = []
+    requests: list[tuple[str, str, str, bytes]] = []
+
+    def _send(self, status: int, answer: Any, content_type: str = "application/json") -> None:
+        data = answer.encode() if isinstance(answer, str) else json.dumps(answer).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _status(self, code: int, reason: str, message: str) -> None:
+        self._send(code, {"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": reason,
+                          "code": code, "message": message})  # fmt: skip
+
+    def _answer(self) -> None:
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        self.requests.append((self.command, self.path, self.headers.get("Authorization", ""), body))
+        url = urlsplit(self.path)
+        query = {key: values[0] for key, values in parse_qs(url.query).items()}
+        jobs, pods = JOBS_PATH.format(namespace=self.namespace), PODS_PATH.format(namespace=self.namespace)
+        if url.path == jobs and self.command == "POST":
+            self._create(json.loads(body))
+        elif url.path.startswith(f"{jobs}/"):
+            self._job(url.path.removeprefix(f"{jobs}/"))
+        elif url.path == pods:
+            selector = dict(term.split("=", 1) for term in query.get("labelSelector", "").split(",") if term)
+            items = [
+                {"metadata": {"name": name, "namespace": self.namespace, "labels": labels}}
+                for name, labels in self.pods.items()
+                if selector.items() <= labels.items()
+            ]
+            self._send(200, {"kind": "PodList", "apiVersion": "v1", "metadata": {}, "items": items})
+        elif url.path.startswith(f"{pods}/") and url.path.endswith("/log"):
+            pod = url.path.removeprefix(f"{pods}/").removesuffix("/log")
+            if pod not in self.logs:
+                self._status(400, "BadRequest", f'container "pytorch" in pod "{pod}" is waiting to start')
+            else:
+                self._send(200, "".join(f"{line}\n" for line in self.logs[pod]), "text/plain")
+        else:
+            self._status(404, "NotFound", f"no route for {self.command} {url.path}")
+
+    def _create(self, job: dict[str, Any]) -> None:
+        name = job["metadata"]["name"]
+        if name in self.jobs:
+            self._status(409, "AlreadyExists", f'pytorchjobs.kubeflow.org "{name}" already exists')
+            return
+        self.jobs[name] = {**job, "status": {}}
+        self._send(201, self.jobs[name])
+
+    def _job(self, name: str) -> None:
+        if name not in self.jobs:
+            self._status(404, "NotFound", f'pytorchjobs.kubeflow.org "{name}" not found')
+            return
+        if self.command == "DELETE":
+            answer = self.jobs[name]
+            if name not in self.finalizing:
+                del self.jobs[name]
+            self._send(200, answer)
+            return
+        if self.timeline:
+            self._advance(name, *self.timeline.pop(0))
+        self._send(200, self.jobs[name])
+
+    def _advance(self, name: str, condition: str | None, lines: list[str]) -> None:
+        if condition:
+            conditions = self.jobs[name]["status"].setdefault("conditions", [])
+            stamp = f"2026-12-03T10:00:{len(conditions):02d}Z"
+            conditions.append({"type": condition, "status": "True", "lastTransitionTime": stamp,
+                               "message": f"PyTorchJob {name} is {condition.lower()}."})  # fmt: skip
+        if lines:
+            pod = f"{name}-worker-0"
+            self.pods[pod] = {
+                "training.kubeflow.org/job-name": name,
+                "training.kubeflow.org/replica-type": "worker",
+                "training.kubeflow.org/replica-index": "0",
+            }
+            self.logs.setdefault(pod, []).extend(lines)
+
+    do_GET = do_POST = do_DELETE = _answer
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def kubernetes_api(monkeypatch: pytest.MonkeyPatch) -> Iterator[type[KubernetesApi]]:
+    # The generated kubeconfig runs the amazon provider's eks_get_token with the interpreter of this Python version.
+    monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    for name, empty in (("jobs", {}), ("finalizing", set()), ("pods", {}), ("logs", {}), ("timeline", []),
+                        ("requests", [])):  # fmt: skip
+        setattr(KubernetesApi, name, empty)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), KubernetesApi)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    KubernetesApi.endpoint = f"http://127.0.0.1:{server.server_port}"
+    yield KubernetesApi
+    server.shutdown()
+    thread.join()
