@@ -84,6 +84,17 @@ def test_teardowns_are_teardowns_of_their_setups(dagbag: DagBag) -> None:
     assert "teardown_cluster" in network_down.upstream_task_ids, "cluster must go before the network"
 
 
+def test_the_checkpoint_is_saved_after_training_however_it_ended_and_before_the_cluster_goes(dagbag: DagBag) -> None:
+    dag = dagbag.dags["train_e2e"]
+    saved = dag.get_task("save_checkpoint")
+    # A teardown of deploy_cluster alone: it runs when training failed, and is skipped when there is no cluster.
+    assert saved.is_teardown and saved.trigger_rule == "all_done_setup_success"
+    assert {"deploy_cluster", "train.run_job", "collect_metrics"} <= saved.upstream_task_ids
+    assert "save_checkpoint" in dag.get_task("teardown_cluster").upstream_task_ids
+    assert "save_checkpoint" in dag.get_task("report").upstream_task_ids
+    assert saved.queue == "training"
+
+
 def test_watcher_fails_the_run_when_any_task_fails(dagbag: DagBag) -> None:
     dag = dagbag.dags["train_e2e"]
     watcher = dag.get_task("watcher")

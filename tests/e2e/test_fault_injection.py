@@ -164,6 +164,7 @@ PERSISTENT_TASKS = [
     "train.run_job",
     "collect_metrics",
     "evaluate_gates",
+    "save_checkpoint",
     "report",
 ]
 

@@ -87,6 +87,19 @@ def test_checkpoints_on_the_shared_filesystem(airflow_api, successful_run, stack
     assert any(f.suffix == ".distcp" for f in (ckpt / "step_300").iterdir())
 
 
+def test_the_newest_checkpoint_is_saved_to_the_artifacts_bucket(airflow_api, successful_run, aws) -> None:
+    run_id, _, _ = successful_run
+    saved = airflow_api.xcom(DAG_ID, run_id, "save_checkpoint")
+    assert saved["saved"] and saved["step"] == 300
+    bucket, prefix = saved["uri"].removeprefix("s3://").split("/", 1)
+    manifest = json.loads(aws("s3").get_object(Bucket=bucket, Key=prefix + "MANIFEST.json")["Body"].read())
+    assert manifest["step"] == 300 and {f["path"].split("/")[0] for f in manifest["files"]} == {"step_300"}
+    assert any(f["path"].endswith(".distcp") for f in manifest["files"])
+    report = airflow_api.xcom(DAG_ID, run_id, "report")
+    bucket, key = report["uri"].removeprefix("s3://").split("/", 1)
+    assert saved["uri"] in aws("s3").get_object(Bucket=bucket, Key=key)["Body"].read().decode()
+
+
 def test_report_in_s3_and_linked_from_the_ui(airflow_api, successful_run, aws) -> None:
     run_id, _, _ = successful_run
     report = airflow_api.xcom(DAG_ID, run_id, "report")
@@ -124,6 +137,8 @@ def test_training_failure_still_tears_down(airflow_api, run_leftovers, runs) -> 
     run_id, state, tasks = runs["training_failure"]
     assert state == "failed"
     assert tasks["train.run_job"] == "failed"
+    assert tasks["save_checkpoint"] == "success"  # it looked, before teardown: the job failed before its first one
+    assert airflow_api.xcom(DAG_ID, run_id, "save_checkpoint")["saved"] is False
     assert tasks["teardown_cluster"] == "success" and tasks["teardown_network"] == "success"
     assert tasks["watcher"] == "failed"
     logs = _task_log(airflow_api, run_id, "train.run_job", 1) + _task_log(airflow_api, run_id, "train.run_job", 2)

@@ -42,9 +42,10 @@ class TrainingReportOperator(BaseOperator):
     :param metrics: the summary from ``collect_metrics``
     :param preflight: the preflight gate's result, if preflight ran
     :param run_resources: ids of what the run created, shown in the report
+    :param checkpoint: where ``save_checkpoint`` saved the run's newest checkpoint, if it did
     """
 
-    template_fields: Sequence[str] = ("spec", "metrics", "preflight", "run_resources")
+    template_fields: Sequence[str] = ("spec", "metrics", "preflight", "run_resources", "checkpoint")
     operator_extra_links = (TrainingReportLink(),)
 
     def __init__(
@@ -54,6 +55,7 @@ class TrainingReportOperator(BaseOperator):
         metrics: Any,
         preflight: Any = None,
         run_resources: Any = None,
+        checkpoint: Any = None,
         aws_conn_id: str = "aws_default",
         **kwargs: Any,
     ) -> None:
@@ -62,12 +64,16 @@ class TrainingReportOperator(BaseOperator):
         self.metrics = metrics
         self.preflight = preflight
         self.run_resources = run_resources
+        self.checkpoint = checkpoint
         self.aws_conn_id = aws_conn_id
 
     def execute(self, context: Any) -> dict[str, str]:
         if not self.metrics:
             raise AirflowSkipException("no metrics were collected (training did not finish): no report")
-        report = publish_report(self.spec, self.metrics, self.preflight, self.run_resources or {}, self.aws_conn_id)
+        resources = dict(self.run_resources or {})
+        if (self.checkpoint or {}).get("saved"):
+            resources["checkpoint"] = self.checkpoint["uri"]
+        report = publish_report(self.spec, self.metrics, self.preflight, resources, self.aws_conn_id)
         context["ti"].xcom_push(key=REPORT_URL_KEY, value=report["url"])
         export_metrics(self.spec, self.metrics, self.preflight)
         return report

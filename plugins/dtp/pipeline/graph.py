@@ -4,7 +4,8 @@
 
     validate_params -> resolve_images -> deploy_network (plan, create, wait, outputs) -> deploy_cluster -> stage_data
       -> preflight -> train -> collect_metrics -> evaluate_gates -> report
-    teardown_cluster -> teardown_network   (teardowns of plan_stack + deploy_cluster / plan_stack + create_stack)
+    save_checkpoint -> teardown_cluster -> teardown_network
+        (teardowns of deploy_cluster / plan_stack + deploy_cluster / plan_stack + create_stack)
     watcher                                (fails the run if any task failed)
 
 The task callables are thin: each calls one step function of dtp.pipeline.
@@ -26,7 +27,7 @@ from dtp.operators.cluster import DeployClusterOperator
 from dtp.operators.report import TrainingReportOperator
 from dtp.operators.slurm import SlurmSubmitJobOperator
 from dtp.params import ParamsError
-from dtp.pipeline import data, jobs, network, results
+from dtp.pipeline import checkpoints, data, jobs, network, results
 from dtp.pipeline.spec import build_spec
 from dtp.platforms import get_platform
 from dtp.platforms.base import PlatformNotReady
@@ -128,6 +129,13 @@ def evaluate_gates(spec: dict[str, Any], metrics: dict[str, Any]) -> None:
     log.info("All gates passed")
 
 
+# It reads the cluster's shared filesystem: on the training queue, like stage_data.
+@task(queue=TRAINING_QUEUE, retries=3)
+def save_checkpoint(spec: dict[str, Any], cluster: dict[str, Any]) -> dict[str, Any]:
+    """Copy the newest checkpoint to the artifacts bucket, whether training succeeded or not, before teardown."""
+    return checkpoints.save_checkpoint(spec, cluster, AWS_CONN_ID)
+
+
 @task(retries=3)
 def teardown_cluster(spec: dict[str, Any]) -> dict[str, Any]:
     if spec["params"]["keep_cluster"]:
@@ -210,12 +218,16 @@ def training_pipeline(dag: DAG) -> None:
     metrics = collect_metrics(spec, cluster, job["metrics_path"], job["profile_dir"])
     run >> metrics
     gates = evaluate_gates(spec, metrics)
+    # A teardown of deploy_cluster: it runs once training is over, however it ended, while the cluster still exists.
+    saved = save_checkpoint(spec, cluster).as_teardown(setups=[deploy])
+    [run, metrics] >> saved
     report = TrainingReportOperator(
         task_id="report",
         spec=spec,
         metrics=metrics,
         preflight=pf_result,
         run_resources=resources,
+        checkpoint=saved,
         aws_conn_id=AWS_CONN_ID,
         trigger_rule=TriggerRule.ALL_DONE_MIN_ONE_SUCCESS,
     )
@@ -225,6 +237,6 @@ def training_pipeline(dag: DAG) -> None:
     # anything exists, so both teardowns also run when create_stack or deploy_cluster failed after creating.
     cluster_down = teardown_cluster(spec).as_teardown(setups=[plan, deploy])
     network_down = teardown_network(spec).as_teardown(setups=[plan, stack])
-    report >> cluster_down >> network_down
+    [saved, report] >> cluster_down >> network_down
     # Setups may only be followed by ALL_SUCCESS tasks; their failures reach the watcher as upstream_failed.
     [t for t in dag.tasks if not t.is_setup] >> watcher()

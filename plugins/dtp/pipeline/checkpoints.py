@@ -1,0 +1,81 @@
+"""Save a run's newest checkpoint to the artifacts bucket before its cluster goes.
+
+A cluster's shared filesystem may go with the cluster (ParallelCluster's own FSx for Lustre file system is
+deleted with it), so the checkpoint a run trained to would go too. Before teardown, the training queue's worker
+(which sees the shared filesystem) copies it to ``s3://<artifacts>/runs/<run_key>/checkpoints/``, the bucket that
+outlives runs, and writes ``MANIFEST.json`` (every file, its size, the step) last: a manifest means the copy is
+whole. DTP's trainer's newest complete ``step_N`` folder is saved; another framework's whole checkpoint folder
+is saved, less the folders it has not finished (named ``tmp*``). A retry uploads only what is missing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+from airflow.providers.amazon.aws.hooks.s3 import S3Hook
+
+from dtp.pipeline.data import check_shared_dir_visible, run_dir
+from dtp.pipeline.results import artifacts_bucket
+
+log = logging.getLogger(__name__)
+STEP_DIR = re.compile(r"^step_(\d+)$")
+MANIFEST = "MANIFEST.json"
+
+
+def checkpoint_files(checkpoint_dir: Path, framework: str) -> tuple[int | None, list[Path]]:
+    """The step and the files to save: DTP's trainer's newest ``step_N`` (renamed from ``tmp-step_N`` once every
+    rank has written it, so whole); for other frameworks every file not under a ``tmp*`` folder."""
+    if not checkpoint_dir.is_dir():
+        return None, []
+    if framework == "fsdp":
+        steps = {int(m[1]): p for p in checkpoint_dir.iterdir() if p.is_dir() and (m := STEP_DIR.match(p.name))}
+        if not steps:
+            return None, []
+        newest = max(steps)
+        return newest, sorted(p for p in steps[newest].rglob("*") if p.is_file())
+    files = sorted(
+        p
+        for p in checkpoint_dir.rglob("*")
+        if p.is_file() and not any(part.startswith("tmp") for part in p.relative_to(checkpoint_dir).parts)
+    )
+    return None, files
+
+
+def save_checkpoint(spec: dict[str, Any], cluster: dict[str, Any], aws_conn_id: str) -> dict[str, Any]:
+    """Copy the run's newest checkpoint to the artifacts bucket; ``{"saved": False}`` when the run wrote none."""
+    check_shared_dir_visible(cluster)
+    checkpoint_dir = run_dir(spec, cluster) / "checkpoints"
+    step, files = checkpoint_files(checkpoint_dir, spec["recipe"]["framework"])
+    if not files:
+        log.info("No checkpoint in %s: nothing to save", checkpoint_dir)
+        return {"saved": False, "checkpoint_dir": str(checkpoint_dir)}
+    s3, bucket = S3Hook(aws_conn_id=aws_conn_id), artifacts_bucket(aws_conn_id)
+    prefix = f"runs/{spec['names']['run_key']}/checkpoints/"
+    existing = {obj["Key"]: obj["Size"] for obj in _objects(s3, bucket, prefix)}
+    uploaded = uploaded_bytes = total = 0
+    entries = []
+    for path in files:
+        relative, size = path.relative_to(checkpoint_dir).as_posix(), path.stat().st_size
+        key = prefix + relative
+        if existing.get(key) != size:
+            s3.load_file(str(path), key, bucket, replace=True)
+            uploaded, uploaded_bytes = uploaded + 1, uploaded_bytes + size
+        entries.append({"path": relative, "bytes": size})
+        total += size
+    manifest = {"run_key": spec["names"]["run_key"], "framework": spec["recipe"]["framework"], "step": step,
+                "bytes": total, "files": entries}  # fmt: skip
+    s3.load_string(json.dumps(manifest, indent=1), prefix + MANIFEST, bucket, replace=True)
+    uri = f"s3://{bucket}/{prefix}"
+    log.info("Saved %s to %s: %d files, %d bytes (%d files uploaded now)", checkpoint_dir, uri, len(files), total,
+             uploaded)  # fmt: skip
+    return {"saved": True, "uri": uri, "step": step, "files": len(files), "bytes": total, "uploaded": uploaded,
+            "uploaded_bytes": uploaded_bytes}  # fmt: skip
+
+
+def _objects(s3: S3Hook, bucket: str, prefix: str) -> list[dict[str, Any]]:
+    pages = s3.get_conn().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+    return [obj for page in pages for obj in page.get("Contents", [])]
