@@ -151,6 +151,16 @@ class TrainParams(ClusterParams):
         max_length=1024,
         pattern=S3_URI,
     )
+    resume_from: str = Field(
+        "",
+        title="Resume from checkpoint",
+        description=(
+            "s3://.../runs/<run>/checkpoints/: a checkpoint an earlier run of the same framework and model saved "
+            "(its save_checkpoint task); training continues from its step up to Max steps. Empty: from scratch."
+        ),
+        max_length=1024,
+        pattern=S3_URI,
+    )
     max_steps: int = Field(300, ge=1, le=1_000_000, title="Max steps", description="Optimizer steps to train.")
     checkpoint_interval: int = Field(
         50, ge=1, le=1_000_000, title="Checkpoint interval", description="Steps between sharded checkpoints."
@@ -181,7 +191,7 @@ class TrainParams(ClusterParams):
         ),
     )
 
-    @field_validator("dataset_uri")
+    @field_validator("dataset_uri", "resume_from")
     @classmethod
     def _check_uri(cls, uri: str) -> str:
         if any(part in (".", "..") for part in uri.removeprefix("s3://").split("/")):

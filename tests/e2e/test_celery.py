@@ -51,7 +51,7 @@ def test_train_e2e_runs_on_both_celery_workers(celery_stack: StackConfig) -> Non
     assert api.wait("train_e2e", run_id, timeout=900) == "success"
     tasks = api.task_instances("train_e2e", run_id)
     queues = {ti["task_id"]: ti["queue"] for ti in tasks if ti["state"] == "success"}
-    assert queues["train.run_job"] == queues["preflight.run_checks"] == "training"
+    assert queues["train.run_job"] == queues["preflight.run_checks"] == queues["save_checkpoint"] == "training"
     assert queues["validate_params"] == queues["collect_metrics"] == "default"
     for role in CELERY_QUEUES:
         log = (celery_stack.log_dir / f"airflow-worker-{role}.log").read_text()

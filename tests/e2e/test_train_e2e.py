@@ -100,6 +100,29 @@ def test_the_newest_checkpoint_is_saved_to_the_artifacts_bucket(airflow_api, suc
     assert saved["uri"] in aws("s3").get_object(Bucket=bucket, Key=key)["Body"].read().decode()
 
 
+@pytest.fixture(scope="module")
+def resumed_run(airflow_api, successful_run) -> tuple[str, dict[str, str]]:
+    """A run resuming from the successful run's saved checkpoint (step 300) up to step 400."""
+    saved = airflow_api.xcom(DAG_ID, successful_run[0], "save_checkpoint")
+    run_id = airflow_api.trigger(DAG_ID, {"resume_from": saved["uri"], "max_steps": 400})
+    airflow_api.wait(DAG_ID, run_id, timeout=900)
+    return run_id, {ti["task_id"]: ti["state"] for ti in airflow_api.task_instances(DAG_ID, run_id)}
+
+
+def test_a_run_resumes_from_the_checkpoint_an_earlier_run_saved(airflow_api, run_leftovers, resumed_run) -> None:
+    run_id, tasks = resumed_run
+    # Its gates judge 100 steps of an already trained model; what matters here is where training started.
+    assert tasks["stage_data"] == tasks["train.run_job"] == tasks["collect_metrics"] == "success", tasks
+    restored = airflow_api.xcom(DAG_ID, run_id, "stage_data")["checkpoint"]
+    assert restored["step"] == 300 and restored["copied"] == restored["files"] >= 3
+    assert '\\"resumed_from_step\\": 300' in _task_log(airflow_api, run_id, "train.run_job")
+    metrics = airflow_api.xcom(DAG_ID, run_id, "collect_metrics")
+    assert metrics["steps"][0] > 300 and metrics["last_step"] == 400
+    assert metrics["final_loss"] < 2.3
+    assert airflow_api.xcom(DAG_ID, run_id, "save_checkpoint")["step"] == 400
+    assert run_leftovers(DAG_ID, run_id) == {}
+
+
 def test_report_in_s3_and_linked_from_the_ui(airflow_api, successful_run, aws) -> None:
     run_id, _, _ = successful_run
     report = airflow_api.xcom(DAG_ID, run_id, "report")

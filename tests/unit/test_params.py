@@ -72,6 +72,7 @@ def test_defaults_match_the_tiny_recipe_defaults() -> None:
         {"dataset_uri": "s3://my-bucket/datasets/sample/"},
         {"dataset_uri": "s3://my.bucket.name"},
         {"dataset_uri": "s3://abc/a/b_c-d.e*f(g)!h'i/"},
+        {"resume_from": "s3://dtp-artifacts-123456789012-us-east-1/runs/train_e2e-abc/checkpoints/"},
         {"max_steps": 50, "checkpoint_interval": 50},
         {"budget_usd": 0},  # local.cpu costs nothing
         {"extra_env": {"NCCL_DEBUG": "INFO", "_X1": "", "TORCH_LOGS": "+dynamo, a=b; c"}},
@@ -117,6 +118,8 @@ BAD = [
     ({"dataset_uri": "s3://bucket/$(id)"}, "dataset_uri", "'s3://bucket/$(id)'"),
     ({"dataset_uri": "s3://-bucket/x"}, "dataset_uri", "'s3://-bucket/x'"),
     ({"dataset_uri": "file:///etc/passwd"}, "dataset_uri", "'file:///etc/passwd'"),
+    ({"resume_from": "s3://b/runs/../../etc/"}, "resume_from", "'s3://b/runs/../../etc/'"),
+    ({"resume_from": "s3://b/runs/x; rm -rf /"}, "resume_from", "'s3://b/runs/x; rm -rf /'"),
     ({"instance_type": "p5.48xlarge; rm -rf /"}, "instance_type", "'p5.48xlarge; rm -rf /'"),
     ({"instance_type": "$(id)"}, "instance_type", "'$(id)'"),
     ({"instance_type": "local.cpu\n"}, "instance_type", "'local.cpu\\n'"),

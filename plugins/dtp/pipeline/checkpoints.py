@@ -6,6 +6,10 @@ deleted with it), so the checkpoint a run trained to would go too. Before teardo
 outlives runs, and writes ``MANIFEST.json`` (every file, its size, the step) last: a manifest means the copy is
 whole. DTP's trainer's newest complete ``step_N`` folder is saved; another framework's whole checkpoint folder
 is saved, less the folders it has not finished (named ``tmp*``). A retry uploads only what is missing.
+
+A later run of the same framework and model may start from a saved checkpoint (its ``resume_from`` param):
+``resume_source`` checks the manifest against the run before anything exists, and ``restore_checkpoint`` copies
+the files back into the new run's checkpoint folder, where its job resumes from them.
 """
 
 from __future__ import annotations
@@ -18,7 +22,8 @@ from typing import Any
 
 from airflow.providers.amazon.aws.hooks.s3 import S3Hook
 
-from dtp.pipeline.data import check_shared_dir_visible, run_dir
+from dtp.params import ParamsError
+from dtp.pipeline.data import S3_URI, check_shared_dir_visible, download, relative_key, run_dir
 from dtp.pipeline.results import artifacts_bucket
 
 log = logging.getLogger(__name__)
@@ -66,8 +71,9 @@ def save_checkpoint(spec: dict[str, Any], cluster: dict[str, Any], aws_conn_id: 
             uploaded, uploaded_bytes = uploaded + 1, uploaded_bytes + size
         entries.append({"path": relative, "bytes": size})
         total += size
-    manifest = {"run_key": spec["names"]["run_key"], "framework": spec["recipe"]["framework"], "step": step,
-                "bytes": total, "files": entries}  # fmt: skip
+    recipe = spec["recipe"]
+    manifest = {"run_key": spec["names"]["run_key"], "framework": recipe["framework"], "model": recipe["model"],
+                "step": step, "bytes": total, "files": entries}  # fmt: skip
     s3.load_string(json.dumps(manifest, indent=1), prefix + MANIFEST, bucket, replace=True)
     uri = f"s3://{bucket}/{prefix}"
     log.info("Saved %s to %s: %d files, %d bytes (%d files uploaded now)", checkpoint_dir, uri, len(files), total,
@@ -79,3 +85,66 @@ def save_checkpoint(spec: dict[str, Any], cluster: dict[str, Any], aws_conn_id: 
 def _objects(s3: S3Hook, bucket: str, prefix: str) -> list[dict[str, Any]]:
     pages = s3.get_conn().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
     return [obj for page in pages for obj in page.get("Contents", [])]
+
+
+def _location(uri: str) -> tuple[str, str]:
+    match = S3_URI.match(uri)
+    if match is None:
+        raise ParamsError(f"invalid parameters:\nresume_from: got {uri!r}; expected s3://bucket/prefix/")
+    prefix = match["prefix"]
+    return match["bucket"], prefix if not prefix or prefix.endswith("/") else prefix + "/"
+
+
+def _manifest(s3: S3Hook, bucket: str, prefix: str) -> dict[str, Any] | None:
+    if not s3.check_for_key(prefix + MANIFEST, bucket):
+        return None
+    manifest: dict[str, Any] = json.loads(s3.read_key(prefix + MANIFEST, bucket))
+    return manifest
+
+
+def resume_source(spec: dict[str, Any], aws_conn_id: str) -> dict[str, Any] | None:
+    """The checkpoint ``resume_from`` names (None when the run starts from scratch), refused unless a whole copy
+    is there (its manifest), of the run's framework and model, at a step before ``max_steps``."""
+    uri = spec["params"]["resume_from"]
+    if not uri:
+        return None
+    bucket, prefix = _location(uri)
+    manifest = _manifest(S3Hook(aws_conn_id=aws_conn_id), bucket, prefix)
+    if manifest is None:
+        raise ParamsError(
+            f"invalid parameters:\nresume_from: no {MANIFEST} under s3://{bucket}/{prefix}: not a checkpoint "
+            "saved by a run's save_checkpoint, or its copy did not finish"
+        )
+    recipe, problems = spec["recipe"], []
+    for field in ("framework", "model"):
+        if manifest.get(field) != recipe[field]:
+            problems.append(f"it holds a {field} {manifest.get(field)!r} checkpoint; recipe {recipe['name']!r} "
+                            f"trains {recipe[field]!r}")  # fmt: skip
+    step, max_steps = manifest.get("step"), spec["params"]["max_steps"]
+    if step is not None and step >= max_steps:
+        problems.append(f"its step {step} is not before max_steps ({max_steps}): there would be nothing to train")
+    if problems:
+        raise ParamsError("invalid parameters:\n" + "\n".join(f"resume_from: {problem}" for problem in problems))
+    return {"uri": f"s3://{bucket}/{prefix}", "step": step, "files": len(manifest["files"]), "bytes": manifest["bytes"],
+            "from_run": manifest["run_key"]}  # fmt: skip
+
+
+def restore_checkpoint(spec: dict[str, Any], cluster: dict[str, Any], aws_conn_id: str) -> dict[str, Any]:
+    """Copy the checkpoint ``resume_source`` accepted into the run's checkpoint folder (files already there with
+    their size are not copied again; each is written under a temporary name and renamed)."""
+    source = spec["resume"]
+    bucket, prefix = _location(source["uri"])
+    s3 = S3Hook(aws_conn_id=aws_conn_id)
+    manifest = _manifest(s3, bucket, prefix)
+    if manifest is None:
+        raise FileNotFoundError(f"{source['uri']}{MANIFEST} is gone since validate_params read it")
+    dest = run_dir(spec, cluster) / "checkpoints"
+    copied = moved_bytes = 0
+    for entry in manifest["files"]:
+        target = dest / relative_key(prefix + entry["path"], prefix, "resume_from")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if download(s3, bucket, prefix + entry["path"], entry["bytes"], target):
+            copied, moved_bytes = copied + 1, moved_bytes + entry["bytes"]
+    log.info("Restored %s (step %s) into %s: %d files, %d copied (%d bytes)", source["uri"], manifest["step"], dest,
+             len(manifest["files"]), copied, moved_bytes)  # fmt: skip
+    return {**source, "copied": copied, "bytes_moved": moved_bytes}

@@ -98,7 +98,7 @@ def stage_data(
     for key in keys:
         target = dest / key[len(prefix) :].lstrip("/").replace("/", "__")
         size = s3.head_object(key, bucket)["ContentLength"]
-        if _download(s3, bucket, key, size, target):
+        if download(s3, bucket, key, size, target):
             copied += 1
             moved_bytes += size
         files.append(target)
@@ -123,7 +123,7 @@ def stage_data(
     }
 
 
-def _download(s3: S3Hook, bucket: str, key: str, size: int, target: Path) -> bool:
+def download(s3: S3Hook, bucket: str, key: str, size: int, target: Path) -> bool:
     """Copy one object unless ``target`` already has its size; through a temporary name. True when copied."""
     if target.exists() and target.stat().st_size == size:
         return False
@@ -133,11 +133,12 @@ def _download(s3: S3Hook, bucket: str, key: str, size: int, target: Path) -> boo
     return True
 
 
-def relative_key(key: str, prefix: str) -> str:
-    """``key`` under ``prefix`` as a relative path; a key that would leave the destination is refused."""
+def relative_key(key: str, prefix: str, param: str = "dataset_uri") -> str:
+    """``key`` under ``prefix`` as a relative path; a key that would leave the destination is refused, naming the
+    ``param`` that pointed there."""
     relative = key[len(prefix) :]
     if any(part in ("", ".", "..") for part in relative.split("/")):
-        raise ValueError(f"dataset_uri: object {key!r} is not a plain relative path under {prefix!r}")
+        raise ValueError(f"{param}: object {key!r} is not a plain relative path under {prefix!r}")
     return relative
 
 
@@ -159,7 +160,7 @@ def mirror_dataset(s3: S3Hook, bucket: str, prefix: str, dest: Path, required: t
     for key, target in targets.items():
         target.parent.mkdir(parents=True, exist_ok=True)
         size = s3.head_object(key, bucket)["ContentLength"]
-        if _download(s3, bucket, key, size, target):
+        if download(s3, bucket, key, size, target):
             copied += 1
             moved_bytes += size
     log.info(

@@ -44,8 +44,11 @@ def validate_params(**context: Any) -> dict[str, Any]:
     """Refuse bad input, with field, value and what is allowed, before anything is created."""
     try:
         spec = build_spec(context["params"], context["dag_run"].conf or {}, context["dag"].dag_id, context["run_id"])
+        spec["resume"] = checkpoints.resume_source(spec, AWS_CONN_ID)
     except (ParamsError, RecipeError, ValueError, PlatformNotReady) as err:
         raise AirflowFailException(str(err)) from None
+    if spec["resume"]:
+        log.info("Resuming from %s (step %s of run %s)", *(spec["resume"][k] for k in ("uri", "step", "from_run")))
     log.info(
         "Run %s: estimated cost %.2f USD; training time limit %s",
         spec["names"]["run_key"],
@@ -81,7 +84,11 @@ def stack_outputs(spec: dict[str, Any]) -> dict[str, str]:
 # It writes into the cluster's shared filesystem: on the training queue, whose worker has it mounted.
 @task(queue=TRAINING_QUEUE)
 def stage_data(spec: dict[str, Any], network_outputs: dict[str, str], cluster: dict[str, Any]) -> dict[str, Any]:
-    return data.stage_data(spec, network_outputs, cluster, AWS_CONN_ID)
+    """The dataset, and the checkpoint the run resumes from, onto the cluster's shared filesystem."""
+    staged = data.stage_data(spec, network_outputs, cluster, AWS_CONN_ID)
+    if spec["resume"]:
+        staged["checkpoint"] = checkpoints.restore_checkpoint(spec, cluster, AWS_CONN_ID)
+    return staged
 
 
 @task
