@@ -16,7 +16,7 @@ import pytest
 from dtp.local import stack as stack_cli
 from dtp.local.api import AirflowApi
 from dtp.local.config import PROJECT_ROOT, StackConfig
-from dtp.local.services import pid_alive, port_open
+from dtp.local.daemon import pid_alive, port_open
 
 pytestmark = pytest.mark.stack
 

@@ -10,7 +10,8 @@ import argparse
 import sys
 
 from dtp.local.config import EXECUTORS, StackConfig
-from dtp.local.services import Daemon, StackError, build_services, ensure_database, migrate_airflow_db
+from dtp.local.daemon import Daemon, StackError
+from dtp.local.services import build_services, ensure_database, migrate_airflow_db
 
 
 def up(cfg: StackConfig, *, airflow: bool = True) -> list[str]:
