@@ -37,6 +37,8 @@ class KubernetesApi(BaseHTTPRequestHandler):
     logs: dict[str, list[str]] = {}
     timeline: list[tuple[str | None, list[str]]] = []
     requests: list[tuple[str, str, str, bytes]] = []
+    # The numbers (1 = the first) of the requests answered 401 Unauthorized, as when a token's credentials expired.
+    unauthorized: set[int] = set()
 
     def _send(self, status: int, answer: Any, content_type: str = "application/json") -> None:
         data = answer.encode() if isinstance(answer, str) else json.dumps(answer).encode()
@@ -53,6 +55,9 @@ class KubernetesApi(BaseHTTPRequestHandler):
     def _answer(self) -> None:
         body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
         self.requests.append((self.command, self.path, self.headers.get("Authorization", ""), body))
+        if len(self.requests) in self.unauthorized:
+            self._status(401, "Unauthorized", "Unauthorized")
+            return
         url = urlsplit(self.path)
         query = {key: values[0] for key, values in parse_qs(url.query).items()}
         jobs, pods = JOBS_PATH.format(namespace=self.namespace), PODS_PATH.format(namespace=self.namespace)
@@ -125,7 +130,7 @@ def kubernetes_api(monkeypatch: pytest.MonkeyPatch) -> Iterator[type[KubernetesA
     # The generated kubeconfig runs the amazon provider's eks_get_token with the interpreter of this Python version.
     monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
     for name, empty in (("jobs", {}), ("finalizing", set()), ("pods", {}), ("logs", {}), ("timeline", []),
-                        ("requests", [])):  # fmt: skip
+                        ("requests", []), ("unauthorized", set())):  # fmt: skip
         setattr(KubernetesApi, name, empty)
     server = ThreadingHTTPServer(("127.0.0.1", 0), KubernetesApi)
     thread = threading.Thread(target=server.serve_forever, daemon=True)

@@ -14,6 +14,7 @@ import pytest
 import yaml
 from airflow.sdk.exceptions import TaskDeferred
 from botocore.stub import Stubber
+from kubernetes.client.exceptions import ApiException
 
 from dtp.hooks.pytorchjob import SPEC_DIGEST_ANNOTATION, PyTorchJobExists, job_state
 from dtp.operators.pytorchjob import EksPyTorchJobOperator, PyTorchJobFailed
@@ -60,14 +61,16 @@ def trigger(**kwargs: Any) -> PyTorchJobTrigger:
     return PyTorchJobTrigger(job_name=NAME, namespace=NAMESPACE, cluster_name=CLUSTER, poll_interval=0, **kwargs)
 
 
-def first_event(api: Any, trigger: PyTorchJobTrigger) -> dict[str, Any]:
+def first_event(api: Any, trigger: PyTorchJobTrigger, kubeconfigs: int = 1) -> dict[str, Any]:
     async def run() -> dict[str, Any]:
         async for event in trigger.run():
             return event.payload
         raise AssertionError("trigger ended without an event")
 
-    with stub_eks(trigger.hook, api):
-        return asyncio.run(run())
+    with stub_eks(trigger.hook, api, kubeconfigs) as eks:
+        event = asyncio.run(run())
+        eks.assert_no_pending_responses()  # it wrote ``kubeconfigs`` kubeconfigs
+    return event
 
 
 def created(api: Any) -> list[dict[str, Any]]:
@@ -228,6 +231,22 @@ def test_trigger_resumed_after_a_triggerer_restart_forwards_no_line_twice(kubern
     kubernetes_api.timeline = [("Running", [f"{stamp(1)} old line"]), ("Succeeded", [f"{stamp(2)} new line"])]
     event = first_event(kubernetes_api, trigger(last_log_time=stamp(1)))
     assert event["tail"] == ["new line"]
+
+
+def test_trigger_renews_credentials_the_api_refuses_during_the_wait(kubernetes_api: Any) -> None:
+    kubernetes_api.jobs = {NAME: {**MANIFEST, "status": {}}}
+    kubernetes_api.timeline = [("Running", [f"{stamp(1)} step 1"]), ("Succeeded", [f"{stamp(2)} step 2"])]
+    # The first poll reads the job, lists worker 0 and reads its log; the second poll's first request is refused.
+    kubernetes_api.unauthorized = {4}
+    event = first_event(kubernetes_api, trigger(), kubeconfigs=2)  # a second kubeconfig, with fresh credentials
+    assert (event["status"], event["tail"]) == ("success", ["step 1", "step 2"])
+
+
+def test_trigger_fails_when_fresh_credentials_are_refused(kubernetes_api: Any) -> None:
+    kubernetes_api.jobs = {NAME: {**MANIFEST, "status": {}}}
+    kubernetes_api.unauthorized = {1}
+    with pytest.raises(ApiException, match="Unauthorized"):
+        first_event(kubernetes_api, trigger())
 
 
 def test_trigger_serializes_every_argument() -> None:

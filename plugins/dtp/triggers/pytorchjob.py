@@ -17,6 +17,7 @@ from functools import cached_property
 from typing import Any
 
 from airflow.triggers.base import BaseTrigger, TriggerEvent
+from kubernetes.client.exceptions import ApiException
 
 from dtp.hooks.pytorchjob import TERMINAL_CONDITIONS, PyTorchJobHook, job_state
 
@@ -57,6 +58,8 @@ class PyTorchJobTrigger(BaseTrigger):
         self.poll_interval = poll_interval
         self.hang_timeout = hang_timeout
         self.last_log_time = last_log_time
+        self._last_progress = 0.0  # when worker 0 last logged a line (time.monotonic)
+        self._served = False  # whether the current kubeconfig has served a poll
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         return (
@@ -79,26 +82,40 @@ class PyTorchJobTrigger(BaseTrigger):
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
         tail: deque[str] = deque(maxlen=TAIL_LINES)
-        last_progress = time.monotonic()
-        with self.hook.kubernetes() as kubernetes:
-            while True:
-                job = await asyncio.to_thread(self.hook.get_job, kubernetes, self.job_name)
-                if job is None:
-                    yield self._event("failed", "Deleted", "the job was deleted before it finished", tail)
-                    return
-                state, message = job_state(job)
-                if await asyncio.to_thread(self._forward_log, kubernetes, tail):
-                    last_progress = time.monotonic()
-                if state in TERMINAL_CONDITIONS:
-                    yield self._event("success" if state == "Succeeded" else "failed", state, message, tail)
-                    return
-                if state != "Running":
-                    last_progress = time.monotonic()  # pending, restarting or suspended time is not a hang
-                elif self.hang_timeout and time.monotonic() - last_progress > self.hang_timeout:
-                    yield self._event("hung", state, f"no new log line for {self.hang_timeout:.0f} s", tail)
-                    return
-                self.log.info("PyTorchJob %s/%s is %s", self.namespace, self.job_name, state)
-                await asyncio.sleep(self.poll_interval)
+        self._last_progress = time.monotonic()
+        while True:
+            # The kubeconfig carries the connection's credentials as they were when it was written. When the API
+            # refuses them (temporary credentials expiring during a long run), write a new one and go on waiting;
+            # a refusal before the new one served a single poll is not a matter of expiry, and fails the trigger.
+            self._served = False
+            with self.hook.kubernetes() as kubernetes:
+                try:
+                    event = await self._wait(kubernetes, tail)
+                except ApiException as err:
+                    if err.status != 401 or not self._served:
+                        raise
+                    self.log.info("The Kubernetes API refused the kubeconfig's credentials: renewing them")
+                    continue
+            yield event
+            return
+
+    async def _wait(self, kubernetes: Any, tail: deque[str]) -> TriggerEvent:
+        while True:
+            job = await asyncio.to_thread(self.hook.get_job, kubernetes, self.job_name)
+            self._served = True
+            if job is None:
+                return self._event("failed", "Deleted", "the job was deleted before it finished", tail)
+            state, message = job_state(job)
+            if await asyncio.to_thread(self._forward_log, kubernetes, tail):
+                self._last_progress = time.monotonic()
+            if state in TERMINAL_CONDITIONS:
+                return self._event("success" if state == "Succeeded" else "failed", state, message, tail)
+            if state != "Running":
+                self._last_progress = time.monotonic()  # pending, restarting or suspended time is not a hang
+            elif self.hang_timeout and time.monotonic() - self._last_progress > self.hang_timeout:
+                return self._event("hung", state, f"no new log line for {self.hang_timeout:.0f} s", tail)
+            self.log.info("PyTorchJob %s/%s is %s", self.namespace, self.job_name, state)
+            await asyncio.sleep(self.poll_interval)
 
     async def on_kill(self) -> None:
         """Delete the job when a user kills the deferred task (Airflow 3.3+ calls this for user kills only)."""
