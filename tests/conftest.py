@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -50,20 +50,26 @@ def airflow_api(stack: StackConfig) -> AirflowApi:
     return AirflowApi(stack.airflow_url, "admin", stack.passwords()["admin"])
 
 
+def _in_own_thread(coroutine: Coroutine[Any, Any, Any]) -> Any:
+    """``asyncio.run(coroutine)`` in a thread of its own: the session's Playwright (tests/ui) keeps an event loop
+    running in this one, where ``asyncio.run`` refuses to start."""
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coroutine).result()
+
+
+@pytest.fixture
+def run_coroutine() -> Callable[[Coroutine[Any, Any, Any]], Any]:
+    """``run_coroutine(coroutine)``: run it to its end, as the triggerer would, and return its result."""
+    return _in_own_thread
+
+
 @pytest.fixture
 def first_event() -> Callable[[Any], dict[str, Any]]:
-    """``first_event(trigger)``: run a trigger as the triggerer does and return its first event's payload.
-
-    It runs in a thread of its own: the session's Playwright (tests/ui) keeps an event loop running in this one.
-    """
+    """``first_event(trigger)``: run a trigger as the triggerer does and return its first event's payload."""
 
     async def first(trigger: Any) -> dict[str, Any]:
         async for event in trigger.run():
             return dict(event.payload)
         raise AssertionError(f"{type(trigger).__name__} ended without an event")
 
-    def run(trigger: Any) -> dict[str, Any]:
-        with ThreadPoolExecutor(1) as pool:
-            return pool.submit(asyncio.run, first(trigger)).result()
-
-    return run
+    return lambda trigger: _in_own_thread(first(trigger))

@@ -5,7 +5,6 @@ Kubernetes client with the amazon provider's EKS kubeconfig and token."""
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
 from typing import Any
@@ -61,14 +60,9 @@ def trigger(**kwargs: Any) -> PyTorchJobTrigger:
     return PyTorchJobTrigger(job_name=NAME, namespace=NAMESPACE, cluster_name=CLUSTER, poll_interval=0, **kwargs)
 
 
-def first_event(api: Any, trigger: PyTorchJobTrigger, kubeconfigs: int = 1) -> dict[str, Any]:
-    async def run() -> dict[str, Any]:
-        async for event in trigger.run():
-            return event.payload
-        raise AssertionError("trigger ended without an event")
-
+def wait_for_event(api: Any, trigger: PyTorchJobTrigger, first_event: Any, kubeconfigs: int = 1) -> dict[str, Any]:
     with stub_eks(trigger.hook, api, kubeconfigs) as eks:
-        event = asyncio.run(run())
+        event = first_event(trigger)
         eks.assert_no_pending_responses()  # it wrote ``kubeconfigs`` kubeconfigs
     return event
 
@@ -183,7 +177,7 @@ def test_a_user_kill_while_creating_deletes_the_job(kubernetes_api: Any) -> None
 
 # --- trigger: wait and stream --------------------------------------------------------------------------------------
 def test_trigger_streams_worker_0s_log_once_and_fires_on_success(
-    kubernetes_api: Any, capsys: pytest.CaptureFixture[str]
+    kubernetes_api: Any, first_event: Any, capsys: pytest.CaptureFixture[str]
 ) -> None:
     kubernetes_api.jobs = {NAME: {**MANIFEST, "status": {}}}
     kubernetes_api.timeline = [
@@ -192,7 +186,7 @@ def test_trigger_streams_worker_0s_log_once_and_fires_on_success(
         (None, [f"{stamp(2)} step 3 loss 4.2"]),
         ("Succeeded", [f"{stamp(3)} training complete"]),
     ]
-    event = first_event(kubernetes_api, trigger())
+    event = wait_for_event(kubernetes_api, trigger(), first_event)
     assert event["status"] == "success" and event["state"] == "Succeeded"
     assert event["tail"] == ["step 1 loss 5.1", "step 2 loss 4.8", "step 3 loss 4.2", "training complete"]
     # The triggerer's log lines go to the task's log; here they reach stdout.
@@ -205,48 +199,49 @@ def test_trigger_streams_worker_0s_log_once_and_fires_on_success(
     assert any(selector in path for _, path, *_ in kubernetes_api.requests)
 
 
-def test_trigger_reports_a_failed_job_with_its_message(kubernetes_api: Any) -> None:
+def test_trigger_reports_a_failed_job_with_its_message(kubernetes_api: Any, first_event: Any) -> None:
     kubernetes_api.jobs = {NAME: {**MANIFEST, "status": {}}}
     kubernetes_api.timeline = [("Running", [f"{stamp(1)} NCCL error"]), ("Failed", [])]
-    event = first_event(kubernetes_api, trigger())
+    event = wait_for_event(kubernetes_api, trigger(), first_event)
     assert (event["status"], event["state"], event["tail"]) == ("failed", "Failed", ["NCCL error"])
     assert event["message"] == f"PyTorchJob {NAME} is failed."
 
 
-def test_trigger_reports_a_hang(kubernetes_api: Any) -> None:
+def test_trigger_reports_a_hang(kubernetes_api: Any, first_event: Any) -> None:
     kubernetes_api.jobs = {NAME: {**MANIFEST, "status": {}}}
     kubernetes_api.timeline = [("Running", [f"{stamp(1)} step 1"])]  # then nothing new, for ever
-    event = first_event(kubernetes_api, trigger(hang_timeout=0.5))
+    event = wait_for_event(kubernetes_api, trigger(hang_timeout=0.5), first_event)
     assert (event["status"], event["tail"]) == ("hung", ["step 1"])
     assert event["message"] == "no new log line for 0 s"  # 0.5 s, rounded
 
 
-def test_trigger_reports_a_job_deleted_under_it(kubernetes_api: Any) -> None:
-    event = first_event(kubernetes_api, trigger())
+def test_trigger_reports_a_job_deleted_under_it(kubernetes_api: Any, first_event: Any) -> None:
+    event = wait_for_event(kubernetes_api, trigger(), first_event)
     assert (event["status"], event["state"]) == ("failed", "Deleted")
 
 
-def test_trigger_resumed_after_a_triggerer_restart_forwards_no_line_twice(kubernetes_api: Any) -> None:
+def test_a_resumed_trigger_forwards_no_line_twice(kubernetes_api: Any, first_event: Any) -> None:
     kubernetes_api.jobs = {NAME: {**MANIFEST, "status": {}}}
     kubernetes_api.timeline = [("Running", [f"{stamp(1)} old line"]), ("Succeeded", [f"{stamp(2)} new line"])]
-    event = first_event(kubernetes_api, trigger(last_log_time=stamp(1)))
+    event = wait_for_event(kubernetes_api, trigger(last_log_time=stamp(1)), first_event)
     assert event["tail"] == ["new line"]
 
 
-def test_trigger_renews_credentials_the_api_refuses_during_the_wait(kubernetes_api: Any) -> None:
+def test_trigger_renews_credentials_the_api_refuses_during_the_wait(kubernetes_api: Any, first_event: Any) -> None:
     kubernetes_api.jobs = {NAME: {**MANIFEST, "status": {}}}
     kubernetes_api.timeline = [("Running", [f"{stamp(1)} step 1"]), ("Succeeded", [f"{stamp(2)} step 2"])]
     # The first poll reads the job, lists worker 0 and reads its log; the second poll's first request is refused.
     kubernetes_api.unauthorized = {4}
-    event = first_event(kubernetes_api, trigger(), kubeconfigs=2)  # a second kubeconfig, with fresh credentials
+    # A second kubeconfig, with fresh credentials:
+    event = wait_for_event(kubernetes_api, trigger(), first_event, kubeconfigs=2)
     assert (event["status"], event["tail"]) == ("success", ["step 1", "step 2"])
 
 
-def test_trigger_fails_when_fresh_credentials_are_refused(kubernetes_api: Any) -> None:
+def test_trigger_fails_when_fresh_credentials_are_refused(kubernetes_api: Any, first_event: Any) -> None:
     kubernetes_api.jobs = {NAME: {**MANIFEST, "status": {}}}
     kubernetes_api.unauthorized = {1}
     with pytest.raises(ApiException, match="Unauthorized"):
-        first_event(kubernetes_api, trigger())
+        wait_for_event(kubernetes_api, trigger(), first_event)
 
 
 def test_trigger_serializes_every_argument() -> None:
@@ -257,11 +252,11 @@ def test_trigger_serializes_every_argument() -> None:
     assert kwargs["last_log_time"] == stamp(1) and kwargs["region_name"] == "us-west-2"
 
 
-def test_trigger_on_kill_deletes_the_job(kubernetes_api: Any) -> None:
+def test_trigger_on_kill_deletes_the_job(kubernetes_api: Any, run_coroutine: Any) -> None:
     kubernetes_api.jobs = {NAME: {**MANIFEST, "status": {}}}
     waiting = trigger()
     with stub_eks(waiting.hook, kubernetes_api):
-        asyncio.run(waiting.on_kill())
+        run_coroutine(waiting.on_kill())
     assert kubernetes_api.jobs == {}
 
 
