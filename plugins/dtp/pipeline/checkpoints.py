@@ -23,7 +23,7 @@ from typing import Any
 from airflow.providers.amazon.aws.hooks.s3 import S3Hook
 
 from dtp.params import ParamsError
-from dtp.pipeline.data import S3_URI, check_shared_dir_visible, download, relative_key, run_dir
+from dtp.pipeline.data import S3_URI, as_folder, check_shared_dir_visible, download, relative_key, run_dir
 from dtp.pipeline.results import artifacts_bucket
 
 log = logging.getLogger(__name__)
@@ -60,7 +60,7 @@ def save_checkpoint(spec: dict[str, Any], cluster: dict[str, Any], aws_conn_id: 
         return {"saved": False, "checkpoint_dir": str(checkpoint_dir)}
     s3, bucket = S3Hook(aws_conn_id=aws_conn_id), artifacts_bucket(aws_conn_id)
     prefix = f"runs/{spec['names']['run_key']}/checkpoints/"
-    existing = {obj["Key"]: obj["Size"] for obj in _objects(s3, bucket, prefix)}
+    existing = {obj["Key"]: obj["Size"] for obj in s3.get_file_metadata(prefix, bucket)}
     uploaded = uploaded_bytes = total = 0
     entries = []
     for path in files:
@@ -82,17 +82,11 @@ def save_checkpoint(spec: dict[str, Any], cluster: dict[str, Any], aws_conn_id: 
             "uploaded_bytes": uploaded_bytes}  # fmt: skip
 
 
-def _objects(s3: S3Hook, bucket: str, prefix: str) -> list[dict[str, Any]]:
-    pages = s3.get_conn().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
-    return [obj for page in pages for obj in page.get("Contents", [])]
-
-
 def _location(uri: str) -> tuple[str, str]:
     match = S3_URI.match(uri)
     if match is None:
         raise ParamsError(f"invalid parameters:\nresume_from: got {uri!r}; expected s3://bucket/prefix/")
-    prefix = match["prefix"]
-    return match["bucket"], prefix if not prefix or prefix.endswith("/") else prefix + "/"
+    return match["bucket"], as_folder(match["prefix"])
 
 
 def _manifest(s3: S3Hook, bucket: str, prefix: str) -> dict[str, Any] | None:

@@ -133,6 +133,11 @@ def download(s3: S3Hook, bucket: str, key: str, size: int, target: Path) -> bool
     return True
 
 
+def as_folder(prefix: str) -> str:
+    """An S3 prefix as a folder: ``a/b`` -> ``a/b/`` (the bucket's root stays empty)."""
+    return prefix if not prefix or prefix.endswith("/") else prefix + "/"
+
+
 def relative_key(key: str, prefix: str, param: str = "dataset_uri") -> str:
     """``key`` under ``prefix`` as a relative path; a key that would leave the destination is refused, naming the
     ``param`` that pointed there."""
@@ -146,7 +151,7 @@ def mirror_dataset(s3: S3Hook, bucket: str, prefix: str, dest: Path, required: t
     """Copy every object under ``prefix`` to the same relative path under ``dest`` (adding and updating, never
     deleting); fail unless ``required`` files are there (a framework's dataset is used as it is: DTP does not
     convert formats)."""
-    base = prefix if not prefix or prefix.endswith("/") else prefix + "/"
+    base = as_folder(prefix)
     keys = sorted(k for k in s3.list_keys(bucket, prefix=base) or [] if not k.endswith("/"))
     missing = [name for name in required if base + name not in keys]
     if not keys or missing:
