@@ -59,7 +59,9 @@ class EksPyTorchJobOperator(BaseOperator):
         self.hang_timeout = hang_timeout
         self.delete_timeout = delete_timeout
 
-    def _job(self) -> dict[str, Any]:
+    @cached_property
+    def job(self) -> dict[str, Any]:
+        """The rendered manifest as a mapping (parsed once)."""
         job = yaml.safe_load(self.manifest) if isinstance(self.manifest, str) else self.manifest
         if not isinstance(job, dict) or not (job.get("metadata") or {}).get("namespace"):
             raise ValueError("manifest: expected one PyTorchJob mapping with metadata.name and metadata.namespace")
@@ -67,11 +69,11 @@ class EksPyTorchJobOperator(BaseOperator):
 
     @cached_property
     def hook(self) -> PyTorchJobHook:
-        namespace = self._job()["metadata"]["namespace"]
+        namespace = self.job["metadata"]["namespace"]
         return PyTorchJobHook(self.cluster_name, namespace, self.aws_conn_id, self.region_name)
 
     def execute(self, context: Any) -> dict[str, Any] | None:
-        manifest = self._job()
+        manifest = self.job
         name, namespace, hook = manifest["metadata"]["name"], manifest["metadata"]["namespace"], self.hook
         with hook.kubernetes() as kubernetes:
             state, message = job_state(hook.ensure_job(kubernetes, manifest))
@@ -114,4 +116,4 @@ class EksPyTorchJobOperator(BaseOperator):
     def on_kill(self) -> None:
         """Delete the job when the task is killed while it is still creating it (the trigger handles the wait)."""
         with self.hook.kubernetes() as kubernetes:
-            self.hook.delete_job(kubernetes, self._job()["metadata"]["name"], timeout=self.delete_timeout)
+            self.hook.delete_job(kubernetes, self.job["metadata"]["name"], timeout=self.delete_timeout)
