@@ -142,9 +142,7 @@ def _run_with_emulator_errors(api, run_leftovers, ledger, name: str, conf: dict,
 
 
 def _task_log(api, run_id: str, task_id: str) -> str:
-    quoted = urllib.parse.quote(run_id, safe="")
-    _, body = api.request("GET", f"/api/v2/dags/{DAG_ID}/dagRuns/{quoted}/taskInstances/{task_id}/logs/1")
-    return json.dumps(body)
+    return api.task_log(DAG_ID, run_id, task_id, try_number=1)  # the try the fault was injected into
 
 
 PERSISTENT_TASKS = [

@@ -16,10 +16,8 @@ pytestmark = [pytest.mark.stack, pytest.mark.e2e]
 DAG_ID = "train_e2e"
 
 
-def _task_log(api, run_id: str, task_id: str, try_number: int = 1) -> str:
-    quoted = urllib.parse.quote(run_id, safe="")
-    _, body = api.request("GET", f"/api/v2/dags/{DAG_ID}/dagRuns/{quoted}/taskInstances/{task_id}/logs/{try_number}")
-    return json.dumps(body)
+def _task_log(api, run_id: str, task_id: str, try_number: int | None = None) -> str:
+    return api.task_log(DAG_ID, run_id, task_id, try_number)
 
 
 # The module's runs, triggered together (train_e2e runs four at once; unknown_key ends at once).

@@ -72,6 +72,15 @@ class AirflowApi:
         _, body = self.request("GET", f"/api/v2/dags/{dag_id}/dagRuns/{quoted}/taskInstances?limit=200")
         return body["task_instances"]
 
+    def task_log(self, dag_id: str, run_id: str, task_id: str, try_number: int | None = None) -> str:
+        """The log of one try of a task (its latest when ``try_number`` is None), as JSON text."""
+        base = f"/api/v2/dags/{dag_id}/dagRuns/{urllib.parse.quote(run_id, safe='')}/taskInstances/{task_id}"
+        if try_number is None:
+            _, instance = self.request("GET", base)
+            try_number = instance["try_number"]
+        _, body = self.request("GET", f"{base}/logs/{try_number}")
+        return json.dumps(body)
+
     def xcom(self, dag_id: str, run_id: str, task_id: str, key: str = "return_value") -> Any:
         quoted = urllib.parse.quote(run_id, safe="")
         status, body = self.request(

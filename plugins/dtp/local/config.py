@@ -218,6 +218,10 @@ class StackConfig:
             "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(self.ports.worker_logs),
             "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT": str(self.ports.trigger_logs),
             "AIRFLOW__SCHEDULER__ENABLE_HEALTH_CHECK": "False",
+            # The one scheduler shares the machine with CPU training. A heartbeat later than this
+            # makes it fail its own job and reset its running tasks (LocalExecutor cannot adopt
+            # them): a second try of a task whose first is still running, with no history of the first.
+            "AIRFLOW__SCHEDULER__SCHEDULER_HEALTH_CHECK_THRESHOLD": "300",
             "AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE": str(self.schedules),
             "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "30",
             "DTP_HOME": str(self.home),

@@ -60,7 +60,7 @@ def save_checkpoint(spec: dict[str, Any], cluster: dict[str, Any], aws_conn_id: 
         return {"saved": False, "checkpoint_dir": str(checkpoint_dir)}
     s3, bucket = S3Hook(aws_conn_id=aws_conn_id), artifacts_bucket(aws_conn_id)
     prefix = f"runs/{spec['names']['run_key']}/checkpoints/"
-    existing = {obj["Key"]: obj["Size"] for obj in s3.get_file_metadata(prefix, bucket)}
+    existing = {obj["Key"]: obj["Size"] for obj in s3.iter_file_metadata(prefix, bucket)}
     uploaded = uploaded_bytes = total = 0
     entries = []
     for path in files:
