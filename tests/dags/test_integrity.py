@@ -70,6 +70,24 @@ def test_train_e2e_graph_order(dagbag: DagBag) -> None:
         assert upstream in dag.get_task(downstream).get_flat_relative_ids(upstream=True), f"{upstream} !-> {downstream}"
 
 
+@pytest.mark.parametrize("group, job", [("preflight", "run_checks"), ("train", "run_job")])
+def test_the_clusters_scheduler_picks_who_runs_each_job(dagbag: DagBag, group: str, job: str) -> None:
+    dag = dagbag.dags["train_e2e"]
+    pick, done = dag.get_task(f"{group}.pick_{job}_scheduler"), dag.get_task(f"{group}.{job}_done")
+    on_slurm, on_eks = dag.get_task(f"{group}.{job}"), dag.get_task(f"{group}.{job}_on_eks")
+    assert pick.downstream_task_ids == {on_slurm.task_id, on_eks.task_id}
+    assert on_slurm.task_type == "SlurmSubmitJobOperator" and on_eks.task_type == "EksPyTorchJobOperator"
+    assert on_slurm.queue == "training"
+    # The one skipped must not skip what follows; what reads the cluster's files waits on the join alone.
+    assert done.upstream_task_ids == {on_slurm.task_id, on_eks.task_id}
+    assert done.trigger_rule == "none_failed_min_one_success"
+    follower = dag.get_task("preflight.check_preflight" if group == "preflight" else "collect_metrics")
+    assert (
+        done.task_id in follower.upstream_task_ids
+        and not {on_slurm.task_id, on_eks.task_id} & follower.upstream_task_ids
+    )
+
+
 def test_teardowns_are_teardowns_of_their_setups(dagbag: DagBag) -> None:
     dag = dagbag.dags["train_e2e"]
     cluster_down, network_down = dag.get_task("teardown_cluster"), dag.get_task("teardown_network")
@@ -89,7 +107,7 @@ def test_the_checkpoint_is_saved_after_training_however_it_ended_and_before_the_
     saved = dag.get_task("save_checkpoint")
     # A teardown of deploy_cluster alone: it runs when training failed, and is skipped when there is no cluster.
     assert saved.is_teardown and saved.trigger_rule == "all_done_setup_success"
-    assert {"deploy_cluster", "train.run_job", "collect_metrics"} <= saved.upstream_task_ids
+    assert {"deploy_cluster", "train.run_job_done", "collect_metrics"} <= saved.upstream_task_ids
     assert "save_checkpoint" in dag.get_task("teardown_cluster").upstream_task_ids
     assert "save_checkpoint" in dag.get_task("report").upstream_task_ids
     assert saved.queue == "training"
@@ -99,7 +117,9 @@ def test_watcher_fails_the_run_when_any_task_fails(dagbag: DagBag) -> None:
     dag = dagbag.dags["train_e2e"]
     watcher = dag.get_task("watcher")
     assert watcher.trigger_rule == "one_failed"
-    assert watcher.upstream_task_ids == {t.task_id for t in dag.tasks if not t.is_setup} - {"watcher"}
+    # A branch would skip the watcher; a failed pick reaches it as its job's upstream_failed.
+    picks = {t.task_id for t in dag.tasks if t.task_id.endswith("_scheduler")}
+    assert picks and watcher.upstream_task_ids == {t.task_id for t in dag.tasks if not t.is_setup} - {"watcher"} - picks
 
 
 def test_train_e2e_form(dagbag: DagBag) -> None:

@@ -51,8 +51,10 @@ def test_train_e2e_runs_on_both_celery_workers(celery_stack: StackConfig) -> Non
     assert api.wait("train_e2e", run_id, timeout=900) == "success"
     tasks = api.task_instances("train_e2e", run_id)
     queues = {ti["task_id"]: ti["queue"] for ti in tasks if ti["state"] == "success"}
-    assert queues["train.run_job"] == queues["preflight.run_checks"] == queues["save_checkpoint"] == "training"
-    assert queues["validate_params"] == queues["collect_metrics"] == "default"
+    # What submits Slurm jobs or touches the shared filesystem runs where it is mounted; the rest does not.
+    training = {"train.run_job", "preflight.run_checks", "collect_metrics", "train.prepare_training", "save_checkpoint"}
+    assert {task for task, queue in queues.items() if queue == "training"} >= training
+    assert queues["validate_params"] == queues["train.pick_run_job_scheduler"] == "default"
     for role in CELERY_QUEUES:
         log = (celery_stack.log_dir / f"airflow-worker-{role}.log").read_text()
         assert log.count("received") >= (2 if role == "training" else 10), role

@@ -3,6 +3,7 @@ and airflow_params() builds a trigger form whose JSON schema agrees with the val
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import jsonschema
@@ -185,12 +186,23 @@ def test_instance_type_not_on_platform_lists_what_is() -> None:
     assert "allowed there: local.cpu" in message
 
 
-@pytest.mark.parametrize(("platform", "scheduler"), [("eks", "kubernetes"), ("batch", "batch")])
-def test_a_platform_whose_jobs_are_not_slurm_jobs_is_refused_by_the_pipeline(platform, scheduler) -> None:
+def test_a_platform_whose_jobs_the_pipeline_cannot_run_is_refused() -> None:
     with pytest.raises(ParamsError) as info:
-        build_spec({}, {"platform": platform, "instance_type": "p5.48xlarge"}, "train_e2e", "manual__1")
-    assert f"platform: got {platform!r}; its jobs run on {scheduler}" in str(info.value)
-    assert "(available: local, hyperpod, parallelcluster)" in str(info.value)
+        build_spec({}, {"platform": "batch", "instance_type": "p5.48xlarge"}, "train_e2e", "manual__1")
+    assert "platform: got 'batch'; its jobs run on batch" in str(info.value)
+    assert "(available: local, hyperpod, parallelcluster, eks)" in str(info.value)
+
+
+def test_eks_runs_dtps_fsdp_trainer_and_refuses_other_frameworks(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AIRFLOW_CONN_DTP_EKS", json.dumps({"conn_type": "generic", "extra": {"cluster_name": "c"}}))
+    conf = {"platform": "eks", "instance_type": "p5.48xlarge", "num_nodes": 2}
+    spec = build_spec({}, {**conf, "recipe": "llama3_1_8b"}, "train_e2e", "manual__1")
+    assert (spec["params"]["platform"], spec["recipe"]["framework"]) == ("eks", "fsdp")
+    with pytest.raises(ParamsError) as info:
+        build_spec({}, {**conf, "recipe": "llama3_1_8b_nemo"}, "train_e2e", "manual__1")
+    assert "recipe: got 'llama3_1_8b_nemo', which trains with nemo; on eks DTP runs its own FSDP trainer" in str(
+        info.value
+    )
 
 
 def test_nodes_that_do_not_fit_the_model_split_are_refused() -> None:

@@ -14,6 +14,7 @@ import yaml
 from botocore.stub import Stubber
 
 from dtp.params import TrainParams, parse_params
+from dtp.pipeline import jobs
 from dtp.pipeline.spec import run_spec
 from dtp.platforms import get_platform
 from dtp.platforms.base import PlatformNotReady
@@ -129,9 +130,69 @@ def test_command_runs_the_trainer_with_the_runs_config_from_the_image() -> None:
 def test_default_image_is_the_training_images_base_with_programs_on_fsx() -> None:
     runtime = EksPlatform().default_image()
     assert runtime["image"].startswith("nvcr.io/nvidia/pytorch:") and runtime["image"].endswith("-py3")
-    _, job = rendered(spec_for("tiny", "g5.48xlarge", 1))
+    spec = spec_for("tiny", "g5.48xlarge", 1)
+    _, job = rendered(spec)
     assert container(job)["image"] == runtime["image"]
-    assert container(job)["command"][1] == "/fsx/dtp/training/train.py"
+    # dtp.pipeline.jobs stages the programs into the run's folder for an image that does not carry them.
+    assert container(job)["command"][1] == f"/fsx/runs/{spec['names']['run_key']}/programs/train.py"
+
+
+def test_the_preflight_job_screens_every_node_with_the_training_image() -> None:
+    spec = spec_for("llama3_1_8b", "p5.48xlarge", 2)
+    documents = EksPlatform().render(spec, {}, {"image": "registry/dtp@sha256:abc", "training_dir": "/opt/dtp"})
+    assert EksPlatform().check(documents) == []
+    preflight, training = (yaml.safe_load(documents[name]) for name in ("preflight.yaml", "pytorchjob.yaml"))
+    run_dir = f"/fsx/runs/{spec['names']['run_key']}"
+    assert preflight["metadata"]["name"] == f"{spec['names']['run_key']}-preflight"
+    assert container(preflight)["command"] == [
+        *("torchrun", "/opt/dtp/preflight.py", "--results", f"{run_dir}/preflight.json"),
+        *("--max-bytes", str(spec["instance"]["busbw_at_bytes"])),
+    ]
+    # The same nodes, devices, image and labels as training; no retry and a deadline of its own.
+    assert worker(preflight)["replicas"] == worker(training)["replicas"] == 2
+    assert container(preflight)["resources"] == container(training)["resources"]
+    assert container(preflight)["image"] == container(training)["image"] == "registry/dtp@sha256:abc"
+    assert preflight["metadata"]["labels"] == training["metadata"]["labels"]
+    assert (
+        preflight["spec"]["runPolicy"]["backoffLimit"],
+        preflight["spec"]["runPolicy"]["activeDeadlineSeconds"],
+    ) == (
+        0,
+        900,
+    )
+
+
+def test_the_pipeline_prepares_both_jobs_on_fsx_for_the_pytorchjob_operator(tmp_path: Path) -> None:
+    # The training queue's worker pod mounts the FSx claim where the jobs' pods do; here tmp_path stands for it.
+    spec = spec_for("tiny", "g5.48xlarge", 1)
+    cluster = {"platform": "eks", "scheduler": "kubernetes", "cluster_name": CLUSTER, "shared_dir": str(tmp_path)}
+    images = EksPlatform().default_image()
+    documents = EksPlatform().render(spec, {}, images)
+    workdir = tmp_path / "runs" / spec["names"]["run_key"]
+
+    preflight = jobs.prepare_preflight(spec, cluster, images)
+    assert preflight == {
+        "manifest": documents["preflight.yaml"],
+        "cluster_name": CLUSTER,
+        "results_path": str(workdir / "preflight.json"),
+        "nccl_tests_path": "",  # torch's all-reduce sweep measures the bus bandwidth
+    }
+    training = jobs.prepare_training(spec, cluster, images, {"train_bin": "/fsx/runs/x/train.bin"})
+    assert (training["manifest"], training["cluster_name"]) == (documents["pytorchjob.yaml"], CLUSTER)
+    assert training["metrics_path"] == str(workdir / "metrics.jsonl")
+    # What the pods run, where the manifest says: the programs (the image has none) and the trainer's config.
+    assert {p.name for p in (workdir / "programs").iterdir()} == {p.name for p in jobs.TRAINING_DIR.glob("*.py")}
+    config = json.loads((workdir / "train.json").read_text())
+    assert (config["data_path"], config["max_steps"]) == ("/fsx/runs/x/train.bin", spec["params"]["max_steps"])
+    assert "train.json" in container(yaml.safe_load(training["manifest"]))["command"][-1]
+
+
+def test_an_image_with_the_programs_needs_none_staged(tmp_path: Path) -> None:
+    spec = spec_for("tiny", "g5.48xlarge", 1)
+    cluster = {"platform": "eks", "scheduler": "kubernetes", "cluster_name": CLUSTER, "shared_dir": str(tmp_path)}
+    job = jobs.prepare_preflight(spec, cluster, EksPlatform().runtime("registry/dtp@sha256:abc"))
+    assert container(yaml.safe_load(job["manifest"]))["command"][1] == "/opt/dtp/training/preflight.py"
+    assert not (tmp_path / "runs" / spec["names"]["run_key"] / "programs").exists()
 
 
 def test_tags_are_annotations_and_labels_are_valid_label_values() -> None:
@@ -282,6 +343,7 @@ def test_provision_finds_the_active_cluster() -> None:
         "endpoint": "https://ABC.gr7.us-east-1.eks.amazonaws.com",
         "namespace": "kubeflow",
         "scheduler": "kubernetes",
+        "shared_dir": "/fsx",
         "job_name": spec["names"]["run_key"],
     }
 
@@ -309,25 +371,29 @@ def teardown_against(api: Any, spec: dict[str, Any], delete_timeout: float = 600
         return platform.teardown(spec)
 
 
-def test_teardown_deletes_the_runs_job_in_the_foreground(kubernetes_api: Any) -> None:
+def test_teardown_deletes_the_runs_jobs_in_the_foreground(kubernetes_api: Any) -> None:
     spec = spec_for("llama3_1_8b", "p5.48xlarge", 2)
-    name = spec["names"]["run_key"]
-    kubernetes_api.jobs = {name: {"metadata": {"name": name}}, "someone-elses-job": {}}
-    assert teardown_against(kubernetes_api, spec) == {"deleted_jobs": [name], "namespace": "kubeflow"}
+    name, preflight = spec["names"]["run_key"], f"{spec['names']['run_key']}-preflight"
+    kubernetes_api.jobs = {name: {"metadata": {"name": name}}, preflight: {}, "someone-elses-job": {}}
+    assert teardown_against(kubernetes_api, spec) == {"deleted_jobs": [preflight, name], "namespace": "kubeflow"}
     assert set(kubernetes_api.jobs) == {"someone-elses-job"}
-    (method, path, authorization, _), (verify, *_) = kubernetes_api.requests
+    (method, path, authorization, _), (verify, *_) = kubernetes_api.requests[:2]
     assert (method, path) == (
         "DELETE",
-        f"/apis/kubeflow.org/v1/namespaces/kubeflow/pytorchjobs/{name}?propagationPolicy=Foreground",
+        f"/apis/kubeflow.org/v1/namespaces/kubeflow/pytorchjobs/{preflight}?propagationPolicy=Foreground",
     )
     assert authorization.startswith("Bearer k8s-aws-v1.")  # the EKS token of aws_default's credentials
     assert verify == "GET"
+    assert kubernetes_api.requests[2][:2] == (
+        "DELETE",
+        f"/apis/kubeflow.org/v1/namespaces/kubeflow/pytorchjobs/{name}?propagationPolicy=Foreground",
+    )
 
 
-def test_teardown_of_a_job_already_gone(kubernetes_api: Any) -> None:
+def test_teardown_of_jobs_already_gone(kubernetes_api: Any) -> None:
     spec = spec_for("tiny", "g5.48xlarge", 1)
     assert teardown_against(kubernetes_api, spec) == {"deleted_jobs": [], "namespace": "kubeflow"}
-    assert [method for method, *_ in kubernetes_api.requests] == ["DELETE"]  # a 404 needs no second look
+    assert [method for method, *_ in kubernetes_api.requests] == ["DELETE", "DELETE"]  # a 404 needs no second look
 
 
 def test_teardown_fails_when_the_job_stays(kubernetes_api: Any) -> None:

@@ -1,32 +1,24 @@
-"""Talk to a Slurm cluster: submit, query, cancel, read job logs.
+"""Talk to a Slurm cluster: submit, query, cancel.
 
-The connection says how commands reach the cluster. ``transport: local`` runs
-the Slurm client commands on this host (the local profile, or an Airflow worker
-on a ParallelCluster head node); ``transport: ssh`` runs them on the head node
-through the ssh provider's ``SSHHook`` (``ssh_conn_id`` in the extra). Every
-command is an argv list, quoted with ``shlex`` for ssh, so no value is ever
-interpreted by a shell.
+Commands reach the cluster over the connection's transport (``dtp.hooks.shared_fs``): on this host, or on the
+head node through the ssh provider's ``SSHHook``. Every command is an argv list, quoted with ``shlex`` for ssh,
+so no value is ever interpreted by a shell.
 """
 
 from __future__ import annotations
 
-import os
-import shlex
-import subprocess
 import time
 from dataclasses import dataclass
-from functools import cached_property
-from typing import Any
 
-from airflow.sdk.bases.hook import BaseHook
+from dtp.hooks.shared_fs import ClusterCommandError, SharedFilesystemHook
 
 TERMINAL_STATES = frozenset(
     {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED", "BOOT_FAIL", "DEADLINE"}
 )
 
 
-class SlurmCommandError(RuntimeError):
-    """A Slurm client command failed; carries its stderr."""
+class SlurmCommandError(ClusterCommandError):
+    """A Slurm client command gave no usable answer, or its jobs did not go."""
 
 
 @dataclass(frozen=True)
@@ -48,7 +40,7 @@ class SlurmJob:
         return self.state == "COMPLETED"
 
 
-class SlurmHook(BaseHook):
+class SlurmHook(SharedFilesystemHook):
     """Run Slurm client commands over the transport named by the connection."""
 
     conn_name_attr = "slurm_conn_id"
@@ -57,52 +49,12 @@ class SlurmHook(BaseHook):
     hook_name = "Slurm"
 
     def __init__(self, slurm_conn_id: str = default_conn_name) -> None:
-        super().__init__()
+        super().__init__(slurm_conn_id)
         self.slurm_conn_id = slurm_conn_id
-
-    @cached_property
-    def extra(self) -> dict[str, Any]:
-        return self.get_connection(self.slurm_conn_id).extra_dejson
-
-    @property
-    def transport(self) -> str:
-        return self.extra.get("transport", "local")
-
-    @property
-    def shared_dir(self) -> str:
-        """The directory all nodes mount (FSx for Lustre on AWS, the stack's fsx/ locally)."""
-        return self.extra.get("shared_dir") or os.environ.get("DTP_SHARED_DIR", "/fsx")
 
     @property
     def partition(self) -> str | None:
         return self.extra.get("partition")
-
-    def run(self, argv: list[str], *, check: bool = True, input_text: str | None = None) -> str:
-        if self.transport == "local":
-            env = dict(os.environ)
-            if self.extra.get("slurm_conf"):
-                env["SLURM_CONF"] = self.extra["slurm_conf"]
-            proc = subprocess.run(argv, capture_output=True, text=True, env=env, input=input_text, timeout=120)
-            rc, out, err = proc.returncode, proc.stdout, proc.stderr
-        elif self.transport == "ssh":
-            rc, out, err = self._run_ssh(argv, input_text)
-        else:
-            raise ValueError(f"connection {self.slurm_conn_id!r}: transport {self.transport!r} is not local or ssh")
-        if check and rc != 0:
-            raise SlurmCommandError(f"{' '.join(argv[:2])} exited {rc}: {err.strip() or out.strip()}")
-        return out
-
-    def _run_ssh(self, argv: list[str], input_text: str | None) -> tuple[int, str, str]:
-        from airflow.providers.ssh.hooks.ssh import SSHHook
-
-        command = shlex.join(argv)
-        with SSHHook(ssh_conn_id=self.extra["ssh_conn_id"]).get_conn() as client:
-            stdin, stdout, stderr = client.exec_command(command, timeout=120)
-            if input_text is not None:
-                stdin.write(input_text)
-                stdin.channel.shutdown_write()
-            rc = stdout.channel.recv_exit_status()
-            return rc, stdout.read().decode(), stderr.read().decode()
 
     # --- jobs -------------------------------------------------------------------
     def submit(
@@ -185,46 +137,6 @@ class SlurmHook(BaseHook):
         if self.partition:
             argv.append(f"--partition={self.partition}")
         return sum(int(n) for n in self.run(argv).split() if n.isdigit())
-
-    # --- files on the cluster's shared filesystem --------------------------------
-    def read_file(self, path: str, offset: int = 0) -> tuple[str, int]:
-        """Bytes of ``path`` from ``offset`` on, and the new offset (``("", offset)`` if absent)."""
-        if self.transport == "local":
-            try:
-                with open(path, "rb") as fh:
-                    fh.seek(offset)
-                    data = fh.read()
-            except FileNotFoundError:
-                return "", offset
-        else:
-            data = self.run(["tail", "-c", f"+{offset + 1}", path], check=False).encode()
-        return data.decode(errors="replace"), offset + len(data)
-
-    def list_files(self, path: str) -> list[str]:
-        """Names of the regular files directly in ``path`` (empty if it does not exist)."""
-        if self.transport == "local":
-            try:
-                return sorted(e.name for e in os.scandir(path) if e.is_file())
-            except FileNotFoundError:
-                return []
-        out = self.run(["find", path, "-maxdepth", "1", "-type", "f", "-printf", "%f\\n"], check=False)
-        return sorted(line for line in out.splitlines() if line)
-
-    def make_dirs(self, path: str) -> None:
-        if self.transport == "local":
-            os.makedirs(path, exist_ok=True)
-        else:
-            self.run(["mkdir", "-p", path])
-
-    def write_file(self, path: str, text: str, mode: int = 0o644) -> None:
-        if self.transport == "local":
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            with open(path, "w") as fh:
-                fh.write(text)
-            os.chmod(path, mode)
-        else:
-            self.run(["mkdir", "-p", os.path.dirname(path)])
-            self.run(["sh", "-c", 'cat > "$0" && chmod "$1" "$0"', path, oct(mode)[2:]], input_text=text)
 
 
 def _scontrol_fields(line: str) -> dict[str, str]:

@@ -1,17 +1,20 @@
-"""Run a Kubeflow PyTorchJob on EKS and wait for it without holding a worker slot."""
+"""Run a Kubeflow PyTorchJob on EKS and wait for it without holding a worker slot.
+
+The Kubernetes clients are imported when the task runs, not when a DAG that holds the operator is parsed.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from functools import cached_property
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowException
 
-from dtp.hooks.pytorchjob import PyTorchJobHook, job_state
-from dtp.triggers.pytorchjob import PyTorchJobTrigger
+if TYPE_CHECKING:
+    from dtp.hooks.pytorchjob import PyTorchJobHook
 
 
 class PyTorchJobFailed(AirflowException):
@@ -69,10 +72,15 @@ class EksPyTorchJobOperator(BaseOperator):
 
     @cached_property
     def hook(self) -> PyTorchJobHook:
+        from dtp.hooks.pytorchjob import PyTorchJobHook
+
         namespace = self.job["metadata"]["namespace"]
         return PyTorchJobHook(self.cluster_name, namespace, self.aws_conn_id, self.region_name)
 
     def execute(self, context: Any) -> dict[str, Any] | None:
+        from dtp.hooks.pytorchjob import job_state
+        from dtp.triggers.pytorchjob import PyTorchJobTrigger
+
         manifest = self.job
         name, namespace, hook = manifest["metadata"]["name"], manifest["metadata"]["namespace"], self.hook
         with hook.kubernetes() as kubernetes:

@@ -25,7 +25,7 @@ from typing import Any
 
 from airflow.providers.amazon.aws.hooks.s3 import S3Hook
 
-from dtp.hooks.slurm import SlurmHook
+from dtp.hooks.shared_fs import SharedFilesystemHook
 from dtp.pipeline.frameworks import DATASET_FILES, dataset_dir
 from dtp.recipes import INCLUDE_DIR
 
@@ -53,9 +53,9 @@ class SharedFilesystemNotVisible(RuntimeError):
 
 
 def check_shared_dir_visible(cluster: dict[str, Any]) -> None:
-    """Fail unless this worker sees the cluster's shared filesystem (a file written there through the Slurm
+    """Fail unless this worker sees the cluster's shared filesystem (a file written there through the cluster's
     connection must show up here), so staging never fills a local directory the nodes cannot read."""
-    hook = SlurmHook(cluster["slurm_conn_id"])
+    hook = SharedFilesystemHook.of_cluster(cluster)
     shared = cluster["shared_dir"]
     if hook.transport == "local":
         visible = Path(shared).is_dir()

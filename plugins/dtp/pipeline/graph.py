@@ -4,6 +4,8 @@
 
     validate_params -> resolve_images -> deploy_network (plan, create, wait, outputs) -> deploy_cluster -> stage_data
       -> preflight -> train -> collect_metrics -> evaluate_gates -> report
+    (preflight and train each prepare their job, then the cluster's scheduler picks who runs it: sbatch, or a
+    PyTorchJob on EKS; the other is skipped)
     save_checkpoint -> teardown_cluster -> teardown_network
         (teardowns of deploy_cluster / plan_stack + deploy_cluster / plan_stack + create_stack)
     watcher                                (fails the run if any task failed)
@@ -17,6 +19,8 @@ import logging
 from typing import Any
 
 from airflow.providers.amazon.aws.sensors.cloud_formation import CloudFormationCreateStackSensor
+from airflow.providers.standard.operators.empty import EmptyOperator
+from airflow.providers.standard.operators.python import BranchPythonOperator
 from airflow.sdk import DAG, TaskGroup, TriggerRule, task
 from airflow.sdk.exceptions import AirflowFailException
 
@@ -24,6 +28,7 @@ from dtp.images.container import resolve_runtime
 from dtp.metrics.gates import GateFailed
 from dtp.metrics.preflight_gate import preflight_message
 from dtp.operators.cluster import DeployClusterOperator
+from dtp.operators.pytorchjob import EksPyTorchJobOperator
 from dtp.operators.report import TrainingReportOperator
 from dtp.operators.slurm import SlurmSubmitJobOperator
 from dtp.params import ParamsError
@@ -35,8 +40,12 @@ from dtp.recipes import RecipeError
 
 log = logging.getLogger(__name__)
 AWS_CONN_ID = "aws_default"
-# Under CeleryExecutor the Slurm submit/wait tasks have their own workers (other executors ignore queues).
+# Under CeleryExecutor the tasks that submit Slurm jobs or touch the cluster's shared filesystem have their own
+# workers, where it is mounted (other executors ignore queues).
 TRAINING_QUEUE = "training"
+# Job suffix of the task that runs a prepared job as a PyTorchJob (``scheduler: kubernetes`` clusters).
+ON_EKS = "_on_eks"
+HANG_TIMEOUT_S = "{{ params.hang_timeout_minutes * 60 }}"
 
 
 @task
@@ -99,12 +108,12 @@ def record_resources(
     return {"network": network_outputs, "cluster": cluster, "data": staged}
 
 
-@task(multiple_outputs=True)
+@task(multiple_outputs=True, queue=TRAINING_QUEUE)
 def prepare_preflight(spec: dict[str, Any], cluster: dict[str, Any], images: dict[str, str]) -> dict[str, str]:
     return jobs.prepare_preflight(spec, cluster, images)
 
 
-@task
+@task(queue=TRAINING_QUEUE)
 def check_preflight(
     spec: dict[str, Any], cluster: dict[str, Any], results_path: str, nccl_tests_path: str
 ) -> dict[str, Any]:
@@ -114,14 +123,14 @@ def check_preflight(
     return checked["result"]
 
 
-@task(multiple_outputs=True)
+@task(multiple_outputs=True, queue=TRAINING_QUEUE)
 def prepare_training(
     spec: dict[str, Any], cluster: dict[str, Any], images: dict[str, str], staged: dict[str, Any]
 ) -> dict[str, str]:
     return jobs.prepare_training(spec, cluster, images, staged)
 
 
-@task
+@task(queue=TRAINING_QUEUE)
 def collect_metrics(
     spec: dict[str, Any], cluster: dict[str, Any], metrics_path: str, profile_dir: str
 ) -> dict[str, Any]:
@@ -168,17 +177,48 @@ def watcher() -> None:
 
 
 def submit_prepared_job(task_id: str, job: Any, **kwargs: Any) -> SlurmSubmitJobOperator:
-    """Submit a job prepared by ``dtp.pipeline.jobs`` (its XCom keys are the operator's arguments)."""
+    """Submit a Slurm job prepared by ``dtp.pipeline.jobs`` (its XCom keys are the operator's arguments)."""
     return SlurmSubmitJobOperator(
         task_id=task_id,
         script_path=job["script_path"],
         job_name=job["job_name"],
         output_path=job["output_path"],
         comment=job["comment"],
-        hang_timeout="{{ params.hang_timeout_minutes * 60 }}",
+        hang_timeout=HANG_TIMEOUT_S,
         slurm_conn_id=job["slurm_conn_id"],
         queue=TRAINING_QUEUE,
         **kwargs,
+    )
+
+
+@task.branch
+def pick_scheduler(cluster: dict[str, Any], runners: dict[str, str]) -> str:
+    """The task that runs the prepared job on the cluster's scheduler; the other is skipped."""
+    return runners[cluster["scheduler"]]
+
+
+def run_prepared_job(task_id: str, job: Any, cluster: Any, *, time_limit: bool = False, **kwargs: Any) -> EmptyOperator:
+    """Run a job prepared by ``dtp.pipeline.jobs`` (its XCom keys are the operators' arguments) as a Slurm job,
+    or as a PyTorchJob (``task_id`` + ``_on_eks``), as the cluster's scheduler picks; return the task that joins
+    the two (tasks fed by ``deploy_cluster``, a setup, must keep ALL_SUCCESS, which a skipped upstream defeats)."""
+    # Slurm stops the job once it has used the time budget_usd pays for (the PyTorchJob's deadline says so).
+    limit = {"time_limit_minutes": job["time_limit_minutes"]} if time_limit else {}
+    on_slurm = submit_prepared_job(task_id, job, **limit, **kwargs)
+    on_eks = EksPyTorchJobOperator(
+        task_id=task_id + ON_EKS,
+        manifest=job["manifest"],
+        cluster_name=job["cluster_name"],
+        aws_conn_id=AWS_CONN_ID,
+        hang_timeout=HANG_TIMEOUT_S,
+        **kwargs,
+    )
+    return (
+        job
+        >> pick_scheduler.override(task_id=f"pick_{task_id}_scheduler")(
+            cluster, {"slurm": on_slurm.task_id, "kubernetes": on_eks.task_id}
+        )
+        >> [on_slurm, on_eks]
+        >> EmptyOperator(task_id=f"{task_id}_done", trigger_rule=TriggerRule.NONE_FAILED_MIN_ONE_SUCCESS)
     )
 
 
@@ -210,16 +250,15 @@ def training_pipeline(dag: DAG) -> None:
 
     with TaskGroup("preflight", tooltip="environment screen and all-reduce bus bandwidth on every node"):
         pf_job = prepare_preflight(spec, cluster, images)
-        pf_run = submit_prepared_job("run_checks", pf_job)
+        pf_run = run_prepared_job("run_checks", pf_job, cluster)
         pf_result = check_preflight(spec, cluster, pf_job["results_path"], pf_job["nccl_tests_path"])
         pf_run >> pf_result
     staged >> pf_job
 
-    with TaskGroup("train", tooltip="FSDP training on Slurm, resumable from checkpoints"):
+    with TaskGroup("train", tooltip="training on Slurm or EKS, resumable from checkpoints"):
         job = prepare_training(spec, cluster, images, staged)
-        # Slurm stops the job once it has used the time budget_usd pays for; that failure is not retried.
-        run = submit_prepared_job("run_job", job, retries=1, time_limit_minutes=job["time_limit_minutes"])
-        job >> run
+        # A job stopped at the time budget_usd pays for is not retried.
+        run = run_prepared_job("run_job", job, cluster, time_limit=True, retries=1)
     pf_result >> job
 
     metrics = collect_metrics(spec, cluster, job["metrics_path"], job["profile_dir"])
@@ -245,5 +284,6 @@ def training_pipeline(dag: DAG) -> None:
     cluster_down = teardown_cluster(spec).as_teardown(setups=[plan, deploy])
     network_down = teardown_network(spec).as_teardown(setups=[plan, stack])
     [saved, report] >> cluster_down >> network_down
-    # Setups may only be followed by ALL_SUCCESS tasks; their failures reach the watcher as upstream_failed.
-    [t for t in dag.tasks if not t.is_setup] >> watcher()
+    # Setups may only be followed by ALL_SUCCESS tasks, and a branch skips every task it does not pick that follows
+    # it: their failures reach the watcher as upstream_failed.
+    [t for t in dag.tasks if not (t.is_setup or isinstance(t, BranchPythonOperator))] >> watcher()

@@ -1,8 +1,9 @@
-"""Write a run's job files (JSON config + batch script) to the cluster's shared filesystem.
+"""Write a run's job files to the cluster's shared filesystem: the JSON config, and the batch script on Slurm or
+the PyTorchJob manifest on EKS.
 
-The trainer reads every value from the JSON config, and the batch script's
-values are shell-quoted by the template engine, so nothing a person typed is
-ever parsed by a shell.
+The trainer reads every value from the JSON config, the batch script's values
+are shell-quoted by the template engine and the manifest's are JSON, so nothing
+a person typed is ever parsed by a shell.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from dtp.hooks.shared_fs import SharedFilesystemHook
 from dtp.hooks.slurm import SlurmHook
 from dtp.naming import slurm_comment
 from dtp.pipeline import frameworks
@@ -52,10 +54,27 @@ def _programs(hook: SlurmHook, images: dict[str, Any], workdir: Path) -> Path:
         return Path(images["training_dir"])
     if hook.transport == "local":
         return TRAINING_DIR
+    return _stage_programs(hook, workdir)
+
+
+def _stage_programs(files: SharedFilesystemHook, workdir: Path) -> Path:
     staged = workdir / "programs"
     for program in sorted(TRAINING_DIR.glob("*.py")):
-        hook.write_file(str(staged / program.name), program.read_text())
+        files.write_file(str(staged / program.name), program.read_text())
     return staged
+
+
+def _prepare_pytorchjob(
+    spec: dict[str, Any], cluster: dict[str, Any], images: dict[str, Any], document: str
+) -> dict[str, str]:
+    """One of the run's PyTorchJobs (``dtp.platforms.eks``), what ``EksPyTorchJobOperator`` takes; the programs
+    are staged into the run's folder on FSx when the image does not carry them."""
+    from dtp.platforms.eks import EksPlatform  # here: the Kubernetes clients load on EKS runs only
+
+    if not images.get("training_dir"):
+        _stage_programs(SharedFilesystemHook.of_cluster(cluster), run_dir(spec, cluster))
+    manifest = EksPlatform().render(spec, {}, images)[document]
+    return {"manifest": manifest, "cluster_name": cluster["cluster_name"]}
 
 
 def _write_job(
@@ -75,9 +94,12 @@ def _write_job(
 
 
 def prepare_preflight(spec: dict[str, Any], cluster: dict[str, Any], images: dict[str, Any]) -> dict[str, str]:
-    hook = SlurmHook(cluster["slurm_conn_id"])
     workdir = run_dir(spec, cluster)
     results = workdir / "preflight.json"
+    if cluster["scheduler"] == "kubernetes":  # torch's all-reduce sweep measures the bus bandwidth
+        job = _prepare_pytorchjob(spec, cluster, images, "preflight.yaml")
+        return {**job, "results_path": str(results), "nccl_tests_path": ""}
+    hook = SlurmHook(cluster["slurm_conn_id"])
     instance = instance_of(spec, cluster)
     nccl_tests = workdir / "nccl-tests.out" if instance["collective_test"] == "nccl-tests" else None
     script = render(
@@ -120,12 +142,20 @@ def prepare_training(
 ) -> dict[str, Any]:
     if spec["recipe"]["framework"] != "fsdp":
         return _prepare_framework_training(spec, cluster, images)
-    hook = SlurmHook(cluster["slurm_conn_id"])
     workdir = run_dir(spec, cluster)
     config = training_config(spec, str(workdir), data)
     config_path = workdir / "train.json"
-    hook.write_file(str(config_path), json.dumps(config, indent=1))
     profile_dir = config["profile_dir"] if spec["params"]["profile_steps"] > 0 else ""
+    outputs = {
+        "metrics_path": config["metrics_path"],
+        "checkpoint_dir": config["checkpoint_dir"],
+        "profile_dir": profile_dir,
+        "time_limit_minutes": spec["training_time_limit_minutes"],
+    }
+    SharedFilesystemHook.of_cluster(cluster).write_file(str(config_path), json.dumps(config, indent=1))
+    if cluster["scheduler"] == "kubernetes":
+        return _prepare_pytorchjob(spec, cluster, images, "pytorchjob.yaml") | outputs
+    hook = SlurmHook(cluster["slurm_conn_id"])
     script = render(
         "slurm/train.sbatch.j2",
         **_common(spec, images, cluster),
@@ -135,14 +165,7 @@ def prepare_training(
         # Nsight Systems only where there are GPUs to trace; torch.profiler traces everywhere.
         nsys_dir=profile_dir if instance_of(spec, cluster)["accelerator"] != "cpu" else "",
     )
-    job = _write_job(hook, spec, workdir, "train", script, spec["names"]["slurm_job"])
-    return {
-        **job,
-        "metrics_path": config["metrics_path"],
-        "checkpoint_dir": config["checkpoint_dir"],
-        "profile_dir": profile_dir,
-        "time_limit_minutes": spec["training_time_limit_minutes"],
-    }
+    return _write_job(hook, spec, workdir, "train", script, spec["names"]["slurm_job"]) | outputs
 
 
 def _prepare_framework_training(

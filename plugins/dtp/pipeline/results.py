@@ -16,7 +16,7 @@ from airflow.providers.amazon.aws.hooks.s3 import S3Hook
 from airflow.sdk.bases.hook import BaseHook
 from airflow.sdk.exceptions import AirflowNotFoundException
 
-from dtp.hooks.slurm import SlurmHook
+from dtp.hooks.shared_fs import SharedFilesystemHook
 from dtp.metrics import history, prometheus
 from dtp.metrics.framework_logs import summarize_log
 from dtp.metrics.gates import comparable_runs, regression_failures, training_failures
@@ -54,7 +54,7 @@ def artifacts_bucket(aws_conn_id: str) -> str:
 
 
 def read_json(cluster: dict[str, Any], path: str) -> dict[str, Any]:
-    text, _ = SlurmHook(cluster["slurm_conn_id"]).read_file(path)
+    text, _ = SharedFilesystemHook.of_cluster(cluster).read_file(path)
     if not text:
         raise FileNotFoundError(f"{path} is missing or empty on the cluster")
     return json.loads(text)
@@ -74,7 +74,7 @@ def check_preflight(
     result = read_json(cluster, results_path)
     failures = []
     if nccl_tests_path:
-        text, _ = SlurmHook(cluster["slurm_conn_id"]).read_file(nccl_tests_path)
+        text, _ = SharedFilesystemHook.of_cluster(cluster).read_file(nccl_tests_path)
         nccl = parse_nccl_tests(text)
         result["allreduce"] = nccl.rows
         result["nccl_tests"] = {"avg_busbw_gbps": nccl.avg_busbw_gbps, "out_of_bounds": nccl.out_of_bounds}
@@ -98,7 +98,7 @@ def upload_profile(
     spec: dict[str, Any], cluster: dict[str, Any], profile_dir: str, s3: S3Hook, bucket: str
 ) -> dict[str, Any]:
     """Copy the run's Chrome traces to the artifacts bucket; Nsight reports (binary) stay on the cluster."""
-    hook = SlurmHook(cluster["slurm_conn_id"])
+    hook = SharedFilesystemHook.of_cluster(cluster)
     uploaded, on_cluster = [], []
     for name in hook.list_files(profile_dir):
         if name.endswith(".json"):
@@ -114,7 +114,7 @@ def upload_profile(
 def collect_metrics(
     spec: dict[str, Any], cluster: dict[str, Any], metrics_path: str, aws_conn_id: str, profile_dir: str = ""
 ) -> dict[str, Any]:
-    text, _ = SlurmHook(cluster["slurm_conn_id"]).read_file(metrics_path)
+    text, _ = SharedFilesystemHook.of_cluster(cluster).read_file(metrics_path)
     recipe, params = spec["recipe"], spec["params"]
     summary = summarize_log(
         recipe["framework"],

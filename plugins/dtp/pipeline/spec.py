@@ -15,18 +15,28 @@ from dtp.params import ParamsError, TrainParams, estimate_cost_usd, training_tim
 from dtp.platforms import get_platform, platform_names
 from dtp.recipes import get_recipe, instance_types
 
+# The schedulers whose jobs dtp.pipeline.graph can run: sbatch, or a PyTorchJob on EKS.
+PIPELINE_SCHEDULERS = ("slurm", "kubernetes")
+
 
 def build_spec(params: Mapping[str, Any], conf: Mapping[str, Any], dag_id: str, run_id: str) -> dict[str, Any]:
     """Validate ``params`` (form defaults + conf) plus any key of ``conf`` no param declares."""
     merged = {**dict(params), **dict(conf)}
     validated = validate_params(merged)
     platform = get_platform(validated.platform)
-    if platform.scheduler != "slurm":
+    if platform.scheduler not in PIPELINE_SCHEDULERS:
         raise ParamsError(
             f"invalid parameters:\nplatform: got {validated.platform!r}; its jobs run on {platform.scheduler}, and "
-            "this pipeline submits its preflight and training as Slurm jobs (available: "
-            f"{', '.join(n for n in platform_names() if get_platform(n).scheduler == 'slurm')}). "
+            "this pipeline runs its preflight and training as Slurm jobs or Kubeflow PyTorchJobs (available: "
+            f"{', '.join(n for n in platform_names() if get_platform(n).scheduler in PIPELINE_SCHEDULERS)}). "
             f"dtp.platforms.{validated.platform} renders and validates its cluster and job documents."
+        )
+    framework = get_recipe(validated.recipe).framework
+    if platform.scheduler == "kubernetes" and framework != "fsdp":
+        raise ParamsError(
+            f"invalid parameters:\nrecipe: got {validated.recipe!r}, which trains with {framework}; on "
+            f"{validated.platform} DTP runs its own FSDP trainer only (the other frameworks launch from Slurm batch "
+            "scripts): choose an fsdp recipe or a Slurm platform"
         )
     excluded = len(expand_hostlist(validated.exclude_nodes))
     capacity = platform.max_nodes() - excluded

@@ -59,6 +59,7 @@ def connect(spec: dict[str, Any]) -> dict[str, Any]:
         )
     return {
         "platform": "existing",
+        "scheduler": "slurm",
         "slurm_conn_id": params["slurm_conn_id"],
         "shared_dir": hook.shared_dir,
         "nodes": nodes,

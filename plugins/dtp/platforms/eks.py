@@ -36,10 +36,10 @@ SCHEMA_PATH = INCLUDE_DIR / "schemas" / "kubeflow.org_pytorchjobs.v1.json"
 FSX_MOUNT = "/fsx"
 # Where images/containers/training puts DTP's training programs.
 IMAGE_TRAINING_DIR = "/opt/dtp/training"
-# Where the programs are staged on FSx for an image that does not carry them.
-STAGED_TRAINING_DIR = f"{FSX_MOUNT}/dtp/training"
 # Pod restarts before the job fails: the Slurm job's fresh launches after the first (dtp.pipeline.jobs).
 MAX_RESTARTS = 3
+# The preflight job's whole time: image pulls on every node, the screen, the all-reduce sweep.
+PREFLIGHT_DEADLINE_S = 900
 LABEL_DOMAIN = "dtp.dev"
 # Extended resources of the NVIDIA, Neuron and EFA device plugins.
 GPU, NEURON, EFA = "nvidia.com/gpu", "aws.amazon.com/neuron", "vpc.amazonaws.com/efa"
@@ -88,7 +88,7 @@ class EksPlatform:
     def default_image(self) -> dict[str, str]:
         # DTP's training image is built FROM this NGC image; without DTP's programs, they are staged on FSx.
         image = f"nvcr.io/nvidia/pytorch:{build_arg_defaults('training')['PYTORCH_TAG']}-py3"
-        return {"source": f"image {image}, programs on FSx", "image": image, "training_dir": STAGED_TRAINING_DIR}
+        return {"source": f"image {image}, programs on FSx", "image": image}
 
     def runtime(self, image: str) -> dict[str, str]:
         return {"source": f"image {image}", "image": image, "training_dir": IMAGE_TRAINING_DIR}
@@ -97,8 +97,9 @@ class EksPlatform:
     def render(
         self, spec: dict[str, Any], network: dict[str, str], runtime: dict[str, str] | None = None
     ) -> dict[str, str]:
-        """The run's PyTorchJob, running ``runtime``'s image (default: ``default_image()``); EKS needs no network,
-        the cluster has its own VPC."""
+        """The run's PyTorchJobs, running ``runtime``'s image (default: ``default_image()``): ``preflight.yaml``
+        (environment screen and all-reduce sweep on every node) and ``pytorchjob.yaml`` (training). EKS needs no
+        network, the cluster has its own VPC. An image without DTP's programs finds them in the run's folder."""
         if spec["recipe"]["framework"] != "fsdp":
             raise PlatformNotReady(
                 f"recipe {spec['recipe']['name']!r} uses {spec['recipe']['framework']}; on eks DTP launches its own "
@@ -108,46 +109,55 @@ class EksPlatform:
         runtime = runtime or self.default_image()
         instance_type, instance = spec["params"]["instance_type"], spec["instance"]
         devices = _devices(instance)
-        config = run_dir(spec, {"shared_dir": FSX_MOUNT}) / "train.json"
-        labels = {f"{LABEL_DOMAIN}/run": spec["names"]["run_key"], f"{LABEL_DOMAIN}/dag": _label_value(spec["dag_id"])}
-        job = render(
-            "eks/pytorchjob.yaml.j2",
-            job_name=spec["names"]["run_key"],
-            namespace=settings.namespace,
-            labels=labels,
-            annotations={
+        workdir = run_dir(spec, {"shared_dir": FSX_MOUNT})
+        programs = runtime.get("training_dir") or str(workdir / "programs")
+        run_key = spec["names"]["run_key"]
+        labels = {f"{LABEL_DOMAIN}/run": run_key, f"{LABEL_DOMAIN}/dag": _label_value(spec["dag_id"])}
+        common = {
+            "namespace": settings.namespace,
+            "labels": labels,
+            "annotations": {
                 f"{LABEL_DOMAIN}/{key.removeprefix(TAG_PREFIX)}": value for key, value in spec["tags"].items()
             },
-            procs_per_node=instance["accelerators_per_node"],
-            num_nodes=spec["params"]["num_nodes"],
-            max_restarts=MAX_RESTARTS,
-            deadline_seconds=spec["training_time_limit_minutes"] * 60,
-            instance_type=instance_type,
+            "procs_per_node": instance["accelerators_per_node"],
+            "num_nodes": spec["params"]["num_nodes"],
+            "instance_type": instance_type,
             # Accelerated node groups are often tainted with their accelerator so other pods stay off them.
-            tolerations=[
+            "tolerations": [
                 {"key": name, "operator": "Exists", "effect": "NoSchedule"} for name in devices if name != EFA
             ],
-            image=runtime["image"],
-            image_pull_policy=settings.image_pull_policy,
-            command=["torchrun", f"{runtime['training_dir']}/train.py", "--config", str(config)],
-            env=[{"name": k, "value": v} for k, v in {**_environment(devices), **spec["params"]["extra_env"]}.items()],
-            devices=devices,
-            fsx_mount=FSX_MOUNT,
-            fsx_claim=settings.fsx_claim,
+            "image": runtime["image"],
+            "image_pull_policy": settings.image_pull_policy,
+            "env": [
+                {"name": k, "value": v} for k, v in {**_environment(devices), **spec["params"]["extra_env"]}.items()
+            ],
+            "devices": devices,
+            "fsx_mount": FSX_MOUNT,
+            "fsx_claim": settings.fsx_claim,
+        }
+        preflight = render(
+            "eks/pytorchjob.yaml.j2",
+            **common,
+            job_name=preflight_job_name(spec),
+            command=[
+                *("torchrun", f"{programs}/preflight.py", "--results", str(workdir / "preflight.json")),
+                *("--max-bytes", str(instance["busbw_at_bytes"])),
+            ],
+            max_restarts=0,
+            deadline_seconds=PREFLIGHT_DEADLINE_S,
         )
-        return {"pytorchjob.yaml": job}
+        training = render(
+            "eks/pytorchjob.yaml.j2",
+            **common,
+            job_name=run_key,
+            command=["torchrun", f"{programs}/train.py", "--config", str(workdir / "train.json")],
+            max_restarts=MAX_RESTARTS,
+            deadline_seconds=spec["training_time_limit_minutes"] * 60,
+        )
+        return {"preflight.yaml": preflight, "pytorchjob.yaml": training}
 
     def check(self, documents: dict[str, str]) -> list[str]:
-        try:
-            manifests = list(yaml.safe_load_all(documents["pytorchjob.yaml"]))
-        except yaml.YAMLError as err:
-            return [f"pytorchjob.yaml: not YAML: {err}"]
-        if len(manifests) != 1 or not isinstance(manifests[0], dict):
-            return [f"pytorchjob.yaml: expected one PyTorchJob mapping, found {len(manifests)} YAML documents"]
-        job = manifests[0]
-        errors = sorted(_validator().iter_errors(job), key=lambda e: list(map(str, e.absolute_path)))
-        problems = [f"{_path(error.absolute_path)}: {error.message}" for error in errors]
-        return [f"pytorchjob.yaml: {problem}" for problem in problems + _operator_problems(job)]
+        return [f"{name}: {problem}" for name, text in sorted(documents.items()) for problem in _job_problems(text)]
 
     # --- lifecycle --------------------------------------------------------------------------------------------------
     def provision(self, spec: dict[str, Any], network: dict[str, str]) -> dict[str, Any]:
@@ -164,6 +174,7 @@ class EksPlatform:
             "endpoint": cluster["endpoint"],
             "namespace": settings.namespace,
             "scheduler": self.scheduler,
+            "shared_dir": FSX_MOUNT,
             "job_name": spec["names"]["run_key"],
         }
 
@@ -171,11 +182,11 @@ class EksPlatform:
         return None  # the cluster exists before the run and provision checked it is ACTIVE
 
     def teardown(self, spec: dict[str, Any]) -> dict[str, Any]:
-        """Delete the run's PyTorchJob (it may be gone already) and wait until it and its pods are gone."""
-        name = spec["names"]["run_key"]
+        """Delete the run's PyTorchJobs (either may be gone already) and wait until they and their pods are gone."""
+        names = [preflight_job_name(spec), spec["names"]["run_key"]]
         with self.jobs.kubernetes() as kubernetes:
-            deleted = self.jobs.delete_job(kubernetes, name, timeout=self.delete_timeout)
-        return {"deleted_jobs": [name] if deleted else [], "namespace": self.jobs.namespace}
+            deleted = [name for name in names if self.jobs.delete_job(kubernetes, name, timeout=self.delete_timeout)]
+        return {"deleted_jobs": deleted, "namespace": self.jobs.namespace}
 
     @cached_property
     def jobs(self) -> PyTorchJobHook:
@@ -194,6 +205,23 @@ class EksPlatform:
                 f"{self.aws_conn_id!r} account's region {self.eks_hook.conn_region_name}"
             ) from None
         return cluster
+
+
+def preflight_job_name(spec: dict[str, Any]) -> str:
+    return f"{spec['names']['run_key']}-preflight"
+
+
+def _job_problems(text: str) -> list[str]:
+    """What the API server and the training operator would refuse in one PyTorchJob manifest."""
+    try:
+        manifests = list(yaml.safe_load_all(text))
+    except yaml.YAMLError as err:
+        return [f"not YAML: {err}"]
+    if len(manifests) != 1 or not isinstance(manifests[0], dict):
+        return [f"expected one PyTorchJob mapping, found {len(manifests)} YAML documents"]
+    job = manifests[0]
+    errors = sorted(_validator().iter_errors(job), key=lambda e: list(map(str, e.absolute_path)))
+    return [f"{_path(error.absolute_path)}: {error.message}" for error in errors] + _operator_problems(job)
 
 
 def _devices(instance: dict[str, Any]) -> dict[str, int]:

@@ -23,7 +23,8 @@ from botocore.exceptions import ClientError
 from pydantic import Field
 
 from dtp.hooks.hyperpod import HyperPodHook
-from dtp.hooks.slurm import SlurmCommandError, SlurmHook
+from dtp.hooks.shared_fs import ClusterCommandError
+from dtp.hooks.slurm import SlurmHook
 from dtp.platforms.base import PlatformNotReady, PlatformSettings
 from dtp.platforms.capacity import Placement, instance_fields, is_capacity_error, is_capacity_failure, placements
 from dtp.platforms.pyxis import pyxis_runtime
@@ -253,7 +254,7 @@ class HyperPodPlatform:
         if hook.describe_cluster(name) is not None:
             try:
                 cancelled = SlurmHook(settings.slurm_conn_id).cancel_and_wait(spec["names"]["slurm_job"], prefix=True)
-            except (SlurmCommandError, OSError) as err:  # an unreachable controller: deleting the cluster stops jobs
+            except (ClusterCommandError, OSError) as err:  # an unreachable controller: deleting the cluster stops jobs
                 log.warning("Could not cancel the run's Slurm jobs before deleting the cluster: %s", err)
         deleted = self._delete_and_wait(hook, name)
         s3 = S3Hook(aws_conn_id=self.aws_conn_id)

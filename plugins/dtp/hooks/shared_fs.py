@@ -1,0 +1,122 @@
+"""A cluster's shared filesystem (FSx for Lustre on AWS, the stack's fsx/ locally), and its shell.
+
+The connection says how they are reached. ``transport: local`` runs commands and opens files on this host:
+the local profile, an Airflow worker on a ParallelCluster head node, or a worker pod that mounts the EKS
+cluster's FSx claim (no connection at all). ``transport: ssh`` runs them on the head node through the ssh
+provider's ``SSHHook`` (``ssh_conn_id`` in the extra).
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+from functools import cached_property
+from typing import Any
+
+from airflow.sdk.bases.hook import BaseHook
+
+
+class ClusterCommandError(RuntimeError):
+    """A command on the cluster failed; carries its stderr."""
+
+
+class SharedFilesystemHook(BaseHook):
+    """Read and write the cluster's shared filesystem, and run commands where it is mounted.
+
+    :param conn_id: a connection whose extra holds ``transport``, ``ssh_conn_id``, ``shared_dir``; None: the
+        filesystem is mounted on this worker at ``DTP_SHARED_DIR`` (default ``/fsx``)
+    """
+
+    conn_name_attr = "conn_id"
+    conn_type = "generic"
+    hook_name = "Shared filesystem"
+
+    def __init__(self, conn_id: str | None = None) -> None:
+        super().__init__()
+        self.conn_id = conn_id
+
+    @classmethod
+    def of_cluster(cls, cluster: dict[str, Any]) -> SharedFilesystemHook:
+        """The filesystem of a cluster ``provision`` described: through its Slurm connection, or mounted here
+        where the cluster has none (EKS: the training queue's worker pods mount its FSx claim)."""
+        return cls(cluster.get("slurm_conn_id"))
+
+    @cached_property
+    def extra(self) -> dict[str, Any]:
+        return self.get_connection(self.conn_id).extra_dejson if self.conn_id else {}
+
+    @property
+    def transport(self) -> str:
+        return self.extra.get("transport", "local")
+
+    @property
+    def shared_dir(self) -> str:
+        """The directory all nodes mount."""
+        return self.extra.get("shared_dir") or os.environ.get("DTP_SHARED_DIR", "/fsx")
+
+    def run(self, argv: list[str], *, check: bool = True, input_text: str | None = None) -> str:
+        if self.transport == "local":
+            env = dict(os.environ)
+            if self.extra.get("slurm_conf"):
+                env["SLURM_CONF"] = self.extra["slurm_conf"]
+            proc = subprocess.run(argv, capture_output=True, text=True, env=env, input=input_text, timeout=120)
+            rc, out, err = proc.returncode, proc.stdout, proc.stderr
+        elif self.transport == "ssh":
+            rc, out, err = self._run_ssh(argv, input_text)
+        else:
+            raise ValueError(f"connection {self.conn_id!r}: transport {self.transport!r} is not local or ssh")
+        if check and rc != 0:
+            raise ClusterCommandError(f"{' '.join(argv[:2])} exited {rc}: {err.strip() or out.strip()}")
+        return out
+
+    def _run_ssh(self, argv: list[str], input_text: str | None) -> tuple[int, str, str]:
+        from airflow.providers.ssh.hooks.ssh import SSHHook
+
+        command = shlex.join(argv)
+        with SSHHook(ssh_conn_id=self.extra["ssh_conn_id"]).get_conn() as client:
+            stdin, stdout, stderr = client.exec_command(command, timeout=120)
+            if input_text is not None:
+                stdin.write(input_text)
+                stdin.channel.shutdown_write()
+            rc = stdout.channel.recv_exit_status()
+            return rc, stdout.read().decode(), stderr.read().decode()
+
+    def read_file(self, path: str, offset: int = 0) -> tuple[str, int]:
+        """Bytes of ``path`` from ``offset`` on, and the new offset (``("", offset)`` if absent)."""
+        if self.transport == "local":
+            try:
+                with open(path, "rb") as fh:
+                    fh.seek(offset)
+                    data = fh.read()
+            except FileNotFoundError:
+                return "", offset
+        else:
+            data = self.run(["tail", "-c", f"+{offset + 1}", path], check=False).encode()
+        return data.decode(errors="replace"), offset + len(data)
+
+    def list_files(self, path: str) -> list[str]:
+        """Names of the regular files directly in ``path`` (empty if it does not exist)."""
+        if self.transport == "local":
+            try:
+                return sorted(e.name for e in os.scandir(path) if e.is_file())
+            except FileNotFoundError:
+                return []
+        out = self.run(["find", path, "-maxdepth", "1", "-type", "f", "-printf", "%f\\n"], check=False)
+        return sorted(line for line in out.splitlines() if line)
+
+    def make_dirs(self, path: str) -> None:
+        if self.transport == "local":
+            os.makedirs(path, exist_ok=True)
+        else:
+            self.run(["mkdir", "-p", path])
+
+    def write_file(self, path: str, text: str, mode: int = 0o644) -> None:
+        if self.transport == "local":
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "w") as fh:
+                fh.write(text)
+            os.chmod(path, mode)
+        else:
+            self.run(["mkdir", "-p", os.path.dirname(path)])
+            self.run(["sh", "-c", 'cat > "$0" && chmod "$1" "$0"', path, oct(mode)[2:]], input_text=text)
