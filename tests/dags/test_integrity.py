@@ -74,18 +74,16 @@ def test_train_e2e_graph_order(dagbag: DagBag) -> None:
 def test_the_clusters_scheduler_picks_who_runs_each_job(dagbag: DagBag, group: str, job: str) -> None:
     dag = dagbag.dags["train_e2e"]
     pick, done = dag.get_task(f"{group}.pick_{job}_scheduler"), dag.get_task(f"{group}.{job}_done")
-    on_slurm, on_eks = dag.get_task(f"{group}.{job}"), dag.get_task(f"{group}.{job}_on_eks")
-    assert pick.downstream_task_ids == {on_slurm.task_id, on_eks.task_id}
-    assert on_slurm.task_type == "SlurmSubmitJobOperator" and on_eks.task_type == "EksPyTorchJobOperator"
-    assert on_slurm.queue == "training"
-    # The one skipped must not skip what follows; what reads the cluster's files waits on the join alone.
-    assert done.upstream_task_ids == {on_slurm.task_id, on_eks.task_id}
-    assert done.trigger_rule == "none_failed_min_one_success"
+    runners = {dag.get_task(f"{group}.{job}{suffix}").task_type for suffix in ("", "_on_eks", "_on_batch")}
+    assert runners == {"SlurmSubmitJobOperator", "EksPyTorchJobOperator", "BatchJobOperator"}
+    ids = {f"{group}.{job}{suffix}" for suffix in ("", "_on_eks", "_on_batch")}
+    assert pick.downstream_task_ids == ids
+    assert dag.get_task(f"{group}.{job}").queue == "training"
+    assert dag.get_task(f"{group}.{job}_on_batch").deferrable
+    # The ones skipped must not skip what follows; what reads the cluster's files waits on the join alone.
+    assert done.upstream_task_ids == ids and done.trigger_rule == "none_failed_min_one_success"
     follower = dag.get_task("preflight.check_preflight" if group == "preflight" else "collect_metrics")
-    assert (
-        done.task_id in follower.upstream_task_ids
-        and not {on_slurm.task_id, on_eks.task_id} & follower.upstream_task_ids
-    )
+    assert done.task_id in follower.upstream_task_ids and not ids & follower.upstream_task_ids
 
 
 def test_teardowns_are_teardowns_of_their_setups(dagbag: DagBag) -> None:

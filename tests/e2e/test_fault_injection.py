@@ -33,7 +33,7 @@ from dtp.faults import Fault, FaultPlan, fired_faults
 from dtp.hooks.slurm import SlurmHook
 from dtp.local.emulator import FAULTS_PATH
 from dtp.naming import RunNames
-from dtp.pipeline.graph import ON_EKS
+from dtp.pipeline.graph import ON_BATCH, ON_EKS
 
 pytestmark = [pytest.mark.stack, pytest.mark.e2e, pytest.mark.fault_injection]
 DAG_ID = "train_e2e"
@@ -64,13 +64,16 @@ RESULTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "fault_inject
 @pytest.fixture(scope="module")
 def pipeline_tasks(airflow_api) -> list[str]:
     """train_e2e's task ids, as the scheduler knows them, less those no worker runs on the local profile: the
-    watcher, the joins (the scheduler ends an EmptyOperator itself) and the PyTorchJob tasks (skipped on Slurm)."""
+    watcher, the joins (the scheduler ends an EmptyOperator itself) and the PyTorchJob and Batch job tasks
+    (skipped on Slurm)."""
     airflow_api.wait_for_dag(DAG_ID)
     _, body = airflow_api.request("GET", f"/api/v2/dags/{DAG_ID}/tasks")
     tasks = [t["task_id"] for t in body["tasks"]]
-    assert {"validate_params", "train.run_job", "train.run_job_on_eks", *TEARDOWNS} <= set(tasks)
+    assert {"validate_params", "train.run_job", "train.run_job_on_eks", "train.run_job_on_batch", *TEARDOWNS} <= set(
+        tasks
+    )
     not_run = {t["task_id"] for t in body["tasks"] if t["operator_name"] == "EmptyOperator"} | {"watcher"}
-    return [t for t in tasks if t not in not_run and not t.endswith(ON_EKS)]
+    return [t for t in tasks if t not in not_run and not t.endswith((ON_EKS, ON_BATCH))]
 
 
 @pytest.fixture(scope="module")

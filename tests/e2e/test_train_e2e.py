@@ -11,6 +11,7 @@ import urllib.parse
 import pytest
 
 from dtp.local.config import StackConfig
+from dtp.pipeline.graph import ON_BATCH, ON_EKS
 
 pytestmark = [pytest.mark.stack, pytest.mark.e2e]
 DAG_ID = "train_e2e"
@@ -63,8 +64,9 @@ def test_run_succeeds_with_every_task(successful_run) -> None:
     _, state, tasks = successful_run
     assert state == "success", tasks
     assert tasks.pop("watcher") == "skipped"  # it only runs, and fails the run, when a task failed
-    # The local cluster's scheduler is Slurm: the jobs ran as Slurm jobs, not as PyTorchJobs on EKS.
-    assert tasks.pop("preflight.run_checks_on_eks") == tasks.pop("train.run_job_on_eks") == "skipped"
+    # The local cluster's scheduler is Slurm: the jobs ran as Slurm jobs, not as PyTorchJobs or Batch jobs.
+    off_slurm = [f"{job}{suffix}" for job in ("preflight.run_checks", "train.run_job") for suffix in (ON_EKS, ON_BATCH)]
+    assert {tasks.pop(task) for task in off_slurm} == {"skipped"}
     assert all(s == "success" for s in tasks.values()), tasks
 
 

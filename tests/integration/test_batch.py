@@ -11,11 +11,13 @@ from typing import Any
 
 import pytest
 import requests
+from airflow.sdk.exceptions import TaskDeferred
 
+from dtp.operators.batch import BatchJobOperator
 from dtp.params import TrainParams, parse_params
-from dtp.pipeline import network
+from dtp.pipeline import jobs, network
 from dtp.pipeline.spec import run_spec
-from dtp.platforms.batch import BatchPlatform
+from dtp.platforms.batch import DIGEST_TAG, BatchPlatform
 
 pytestmark = pytest.mark.stack
 AWS = "aws_default"
@@ -64,6 +66,14 @@ def jobs_without_docker(stack) -> Iterator[None]:
     requests.post(url, json={"batch": before}, timeout=10).raise_for_status()
 
 
+def _ended(aws: Any, job_id: str) -> dict[str, Any]:
+    deadline = time.monotonic() + 30
+    while (job := aws("batch").describe_jobs(jobs=[job_id])["jobs"][0])["status"] not in ("SUCCEEDED", "FAILED"):
+        assert time.monotonic() < deadline, f"job {job_id} is still {job['status']}"
+        time.sleep(0.5)
+    return job
+
+
 def _left(aws: Any, run_key: str) -> dict[str, list[Any]]:
     batch = aws("batch")
     return {
@@ -101,12 +111,10 @@ def test_provision_twice_then_a_job_then_teardown_leaves_nothing(spec, outputs, 
         assert definition["jobDefinitionArn"] == cluster["job_definition"]
         assert (definition["type"], definition["revision"], definition["tags"]["dtp:run"]) == ("multinode", 1, run_key)
 
-        job_id = platform.submit_training(spec, cluster)
-        batch = aws("batch")
-        deadline = time.monotonic() + 30
-        while (job := batch.describe_jobs(jobs=[job_id])["jobs"][0])["status"] not in ("SUCCEEDED", "FAILED"):
-            assert time.monotonic() < deadline, f"job {job_id} is still {job['status']}"
-            time.sleep(0.5)
+        job_id = aws("batch").submit_job(
+            jobName=f"{run_key}-train", jobQueue=cluster["job_queue"], jobDefinition=cluster["job_definition"]
+        )["jobId"]
+        job = _ended(aws, job_id)
         assert (job["status"], job["jobName"], job["nodeProperties"]["numNodes"]) == (
             "SUCCEEDED",
             f"{run_key}-train",
@@ -142,4 +150,73 @@ def test_a_changed_job_definition_is_registered_as_a_new_revision(spec, outputs,
         assert platform.provision(changed, outputs)["job_definition"] == second
     finally:
         assert len(platform.teardown(spec)["deregistered_job_definitions"]) == 2
+    assert _left(aws, run_key) == {"compute_environments": [], "job_queues": [], "job_definitions": []}
+
+
+def test_the_pipelines_jobs_run_on_the_runs_queue_once_per_name(
+    spec, outputs, roles, jobs_without_docker, aws, tmp_path, first_event
+) -> None:
+    platform = BatchPlatform(poll_seconds=1)
+    run_key = spec["names"]["run_key"]
+    batch = aws("batch")
+
+    def operator(job: dict[str, Any]) -> BatchJobOperator:
+        return BatchJobOperator(
+            task_id="run_job_on_batch",
+            job_name=job["job_name"],
+            job_queue=job["job_queue"],
+            job_definition=job["job_definition"],
+            node_overrides=job["node_overrides"],
+            submit_job_timeout=job["timeout_s"],
+            tags=job["tags"],
+            aws_conn_id=AWS,
+            deferrable=True,
+            poll_interval=1,
+            do_xcom_push=False,  # no task instance to hold the console links
+        )
+
+    def run(op: BatchJobOperator) -> str:
+        try:
+            return op.execute({})
+        except TaskDeferred as deferred:
+            return op.execute_complete({}, first_event(deferred.trigger))
+
+    try:
+        # tmp_path stands for the FSx mount of the training queue's worker.
+        cluster = {**platform.provision(spec, outputs), "shared_dir": str(tmp_path)}
+        images = platform.runtime("registry.example/dtp-training@sha256:" + "a" * 64)
+        preflight = jobs.prepare_preflight(spec, cluster, images)
+        assert (preflight["job_name"], preflight["results_path"]) == (
+            f"{run_key}-preflight",
+            f"{tmp_path}/runs/{run_key}/preflight.json",
+        )
+        # The published image needs a definition of its own: a job cannot override a multi-node job's image.
+        # (The emulator describes no nodeProperties; the content digest tag tells which definition it holds.)
+        (definition,) = batch.describe_job_definitions(jobDefinitions=[preflight["job_definition"]])["jobDefinitions"]
+        expected = platform.job_definition(spec, images)
+        assert expected["nodeProperties"]["nodeRangeProperties"][0]["container"]["image"] == images["image"]
+        assert (definition["revision"], definition["tags"][DIGEST_TAG]) == (2, expected["tags"][DIGEST_TAG])
+
+        first = operator(preflight)
+        first.submit_job({})
+        retried = operator(preflight)
+        retried.submit_job({})
+        assert retried.job_id == first.job_id  # a retry waits on its first try's job
+        submitted = _ended(aws, first.job_id)
+        assert submitted["status"] == "SUCCEEDED" and submitted["timeout"] == {"attemptDurationSeconds": 900}
+        assert run(operator(preflight)) == first.job_id  # it succeeded: nothing is submitted again
+
+        training = jobs.prepare_training(spec, cluster, images, {"train_bin": "/fsx/train.bin"})
+        assert training["job_definition"] == preflight["job_definition"]
+        assert run(operator(training)) != first.job_id
+        assert json.loads((tmp_path / "runs" / run_key / "train.json").read_text())["data_path"] == "/fsx/train.bin"
+        listed = batch.list_jobs(
+            jobQueue=cluster["job_queue"], filters=[{"name": "JOB_NAME", "values": [run_key + "*"]}]
+        )
+        assert sorted(job["jobName"] for job in listed["jobSummaryList"]) == [
+            f"{run_key}-preflight",
+            f"{run_key}-train",
+        ]
+    finally:
+        platform.teardown(spec)
     assert _left(aws, run_key) == {"compute_environments": [], "job_queues": [], "job_definitions": []}

@@ -32,6 +32,9 @@ BIG_70B = {
 }
 
 
+INSTANCE_PROFILE = "arn:aws:iam::123456789012:instance-profile/ecs"
+
+
 def refuse(conf: dict[str, Any]) -> str:
     with pytest.raises(ParamsError) as info:
         validate_params(conf)
@@ -186,23 +189,20 @@ def test_instance_type_not_on_platform_lists_what_is() -> None:
     assert "allowed there: local.cpu" in message
 
 
-def test_a_platform_whose_jobs_the_pipeline_cannot_run_is_refused() -> None:
-    with pytest.raises(ParamsError) as info:
-        build_spec({}, {"platform": "batch", "instance_type": "p5.48xlarge"}, "train_e2e", "manual__1")
-    assert "platform: got 'batch'; its jobs run on batch" in str(info.value)
-    assert "(available: local, hyperpod, parallelcluster, eks)" in str(info.value)
-
-
-def test_eks_runs_dtps_fsdp_trainer_and_refuses_other_frameworks(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("AIRFLOW_CONN_DTP_EKS", json.dumps({"conn_type": "generic", "extra": {"cluster_name": "c"}}))
-    conf = {"platform": "eks", "instance_type": "p5.48xlarge", "num_nodes": 2}
+@pytest.mark.parametrize("platform", ["eks", "batch"])
+def test_off_slurm_dtps_fsdp_trainer_runs_and_other_frameworks_are_refused(
+    platform: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    extra = {"cluster_name": "c"} if platform == "eks" else {"instance_role_arn": INSTANCE_PROFILE}
+    monkeypatch.setenv(f"AIRFLOW_CONN_DTP_{platform.upper()}", json.dumps({"conn_type": "generic", "extra": extra}))
+    conf = {"platform": platform, "instance_type": "p5.48xlarge", "num_nodes": 2}
     spec = build_spec({}, {**conf, "recipe": "llama3_1_8b"}, "train_e2e", "manual__1")
-    assert (spec["params"]["platform"], spec["recipe"]["framework"]) == ("eks", "fsdp")
+    assert (spec["params"]["platform"], spec["recipe"]["framework"]) == (platform, "fsdp")
     with pytest.raises(ParamsError) as info:
         build_spec({}, {**conf, "recipe": "llama3_1_8b_nemo"}, "train_e2e", "manual__1")
-    assert "recipe: got 'llama3_1_8b_nemo', which trains with nemo; on eks DTP runs its own FSDP trainer" in str(
-        info.value
-    )
+    assert (
+        f"recipe: got 'llama3_1_8b_nemo', which trains with nemo; on {platform} DTP runs its own FSDP trainer only"
+    ) in str(info.value)
 
 
 def test_nodes_that_do_not_fit_the_model_split_are_refused() -> None:

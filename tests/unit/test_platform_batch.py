@@ -6,12 +6,15 @@ import json
 from typing import Any
 
 import pytest
+from botocore.stub import Stubber
 
+from dtp.operators.batch import BatchJobOperator
 from dtp.params import ParamsError, TrainParams, parse_params
 from dtp.pipeline.spec import run_spec
 from dtp.platforms import get_platform
 from dtp.platforms.base import PlatformNotReady
 from dtp.platforms.batch import LAUNCH, BatchPlatform
+from dtp.platforms.service_models import request_problems
 
 SETTINGS = {"instance_role_arn": "arn:aws:iam::111122223333:instance-profile/ecsInstanceRole"}
 NETWORK = {"SecurityGroup": "sg-0123456789abcdef0", "PrivateSubnet": "subnet-0123456789abcdef0"}
@@ -232,3 +235,64 @@ def test_a_missing_instance_role_and_connection_say_what_to_set(settings, monkey
     monkeypatch.delenv("AIRFLOW_CONN_DTP_BATCH")
     with pytest.raises(PlatformNotReady, match=r"^connection 'dtp_batch' is not defined; it holds the account's"):
         BatchPlatform().max_nodes()
+
+
+def test_the_preflight_runs_on_the_jobs_nodes_as_a_submit_batch_accepts(settings) -> None:
+    spec = spec_for(recipe="llama3_1_8b", num_nodes=4)
+    runtime = BatchPlatform().runtime("registry.example/dtp-training@sha256:" + "a" * 64)
+    overrides = BatchPlatform().preflight_overrides(spec, runtime)
+    run_dir = f"/fsx/runs/{spec['names']['run_key']}"
+    (node_range,) = overrides["nodePropertyOverrides"]
+    assert node_range["targetNodes"] == "0:"
+    assert node_range["containerOverrides"]["command"] == [
+        *("sh", "-c", LAUNCH, "torchrun", "--nproc_per_node", "8", "/opt/dtp/training/preflight.py"),
+        *("--results", f"{run_dir}/preflight.json", "--max-bytes", str(spec["instance"]["busbw_at_bytes"])),
+    ]
+    submit = {
+        "jobName": f"{spec['names']['run_key']}-preflight",
+        "jobQueue": f"{spec['names']['run_key']}-queue",
+        "jobDefinition": "arn:aws:batch:us-east-1:111122223333:job-definition/x:2",
+        "nodeOverrides": overrides,
+        "timeout": {"attemptDurationSeconds": 900},
+        "tags": spec["tags"],
+    }
+    assert request_problems("batch", "SubmitJob", submit) == []
+
+
+def test_a_retry_after_a_failed_job_submits_a_new_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name, value in {
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ACCESS_KEY_ID": "x",
+        "AWS_SECRET_ACCESS_KEY": "x",
+    }.items():
+        monkeypatch.setenv(name, value)
+    op = BatchJobOperator(
+        task_id="run_job_on_batch",
+        job_name="run-train",
+        job_queue="run-queue",
+        job_definition="run-train:2",
+        aws_conn_id=None,
+        do_xcom_push=False,
+    )
+    listed = {"jobQueue": "run-queue", "filters": [{"name": "JOB_NAME", "values": ["run-train"]}]}
+    summaries = [
+        {"jobId": "old", "jobName": "run-train", "status": "SUCCEEDED", "createdAt": 1},
+        {"jobId": "newest", "jobName": "run-train", "status": "FAILED", "createdAt": 3},
+        {"jobId": "other", "jobName": "run-train-preflight", "status": "RUNNING", "createdAt": 4},
+    ]
+    with Stubber(op.hook.client) as batch:
+        batch.add_response("list_jobs", {"jobSummaryList": summaries}, listed)
+        batch.add_response(
+            "submit_job",
+            {"jobId": "fresh", "jobName": "run-train", "jobArn": "arn:aws:batch:us-east-1:1:job/fresh"},
+            {
+                "jobName": "run-train",
+                "jobQueue": "run-queue",
+                "jobDefinition": "run-train:2",
+                "parameters": {},
+                "tags": {},
+            },
+        )
+        op.submit_job({})
+        batch.assert_no_pending_responses()
+    assert op.job_id == "fresh"

@@ -4,8 +4,8 @@
 
     validate_params -> resolve_images -> deploy_network (plan, create, wait, outputs) -> deploy_cluster -> stage_data
       -> preflight -> train -> collect_metrics -> evaluate_gates -> report
-    (preflight and train each prepare their job, then the cluster's scheduler picks who runs it: sbatch, or a
-    PyTorchJob on EKS; the other is skipped)
+    (preflight and train each prepare their job, then the cluster's scheduler picks who runs it: sbatch, a
+    PyTorchJob on EKS or a Batch job; the others are skipped)
     save_checkpoint -> teardown_cluster -> teardown_network
         (teardowns of deploy_cluster / plan_stack + deploy_cluster / plan_stack + create_stack)
     watcher                                (fails the run if any task failed)
@@ -27,6 +27,7 @@ from airflow.sdk.exceptions import AirflowFailException
 from dtp.images.container import resolve_runtime
 from dtp.metrics.gates import GateFailed
 from dtp.metrics.preflight_gate import preflight_message
+from dtp.operators.batch import BatchJobOperator
 from dtp.operators.cluster import DeployClusterOperator
 from dtp.operators.pytorchjob import EksPyTorchJobOperator
 from dtp.operators.report import TrainingReportOperator
@@ -43,8 +44,9 @@ AWS_CONN_ID = "aws_default"
 # Under CeleryExecutor the tasks that submit Slurm jobs or touch the cluster's shared filesystem have their own
 # workers, where it is mounted (other executors ignore queues).
 TRAINING_QUEUE = "training"
-# Job suffix of the task that runs a prepared job as a PyTorchJob (``scheduler: kubernetes`` clusters).
-ON_EKS = "_on_eks"
+# Suffixes of the tasks that run a prepared job off Slurm: as a PyTorchJob (``scheduler: kubernetes``), as an
+# AWS Batch job (``scheduler: batch``).
+ON_EKS, ON_BATCH = "_on_eks", "_on_batch"
 HANG_TIMEOUT_S = "{{ params.hang_timeout_minutes * 60 }}"
 
 
@@ -198,28 +200,42 @@ def pick_scheduler(cluster: dict[str, Any], runners: dict[str, str]) -> str:
 
 
 def run_prepared_job(task_id: str, job: Any, cluster: Any, *, time_limit: bool = False, **kwargs: Any) -> EmptyOperator:
-    """Run a job prepared by ``dtp.pipeline.jobs`` (its XCom keys are the operators' arguments) as a Slurm job,
-    or as a PyTorchJob (``task_id`` + ``_on_eks``), as the cluster's scheduler picks; return the task that joins
-    the two (tasks fed by ``deploy_cluster``, a setup, must keep ALL_SUCCESS, which a skipped upstream defeats)."""
-    # Slurm stops the job once it has used the time budget_usd pays for (the PyTorchJob's deadline says so).
+    """Run a job prepared by ``dtp.pipeline.jobs`` (its XCom keys are the operators' arguments) as a Slurm job, a
+    PyTorchJob (``task_id`` + ``_on_eks``) or a Batch job (+ ``_on_batch``), as the cluster's scheduler picks;
+    return the task that joins them (tasks fed by ``deploy_cluster``, a setup, must keep ALL_SUCCESS, which a
+    skipped upstream defeats)."""
+    # Slurm stops the job once it has used the time budget_usd pays for (the PyTorchJob's deadline and the Batch
+    # job definition's timeout say so).
     limit = {"time_limit_minutes": job["time_limit_minutes"]} if time_limit else {}
-    on_slurm = submit_prepared_job(task_id, job, **limit, **kwargs)
-    on_eks = EksPyTorchJobOperator(
-        task_id=task_id + ON_EKS,
-        manifest=job["manifest"],
-        cluster_name=job["cluster_name"],
-        aws_conn_id=AWS_CONN_ID,
-        hang_timeout=HANG_TIMEOUT_S,
-        **kwargs,
+    runners = {
+        "slurm": submit_prepared_job(task_id, job, **limit, **kwargs),
+        "kubernetes": EksPyTorchJobOperator(
+            task_id=task_id + ON_EKS,
+            manifest=job["manifest"],
+            cluster_name=job["cluster_name"],
+            aws_conn_id=AWS_CONN_ID,
+            hang_timeout=HANG_TIMEOUT_S,
+            **kwargs,
+        ),
+        "batch": BatchJobOperator(
+            task_id=task_id + ON_BATCH,
+            job_name=job["job_name"],
+            job_queue=job["job_queue"],
+            job_definition=job["job_definition"],
+            node_overrides=job["node_overrides"],
+            submit_job_timeout=job["timeout_s"],
+            tags=job["tags"],
+            aws_conn_id=AWS_CONN_ID,
+            deferrable=True,
+            **kwargs,
+        ),
+    }
+    pick = pick_scheduler.override(task_id=f"pick_{task_id}_scheduler")(
+        cluster, {scheduler: runner.task_id for scheduler, runner in runners.items()}
     )
-    return (
-        job
-        >> pick_scheduler.override(task_id=f"pick_{task_id}_scheduler")(
-            cluster, {"slurm": on_slurm.task_id, "kubernetes": on_eks.task_id}
-        )
-        >> [on_slurm, on_eks]
-        >> EmptyOperator(task_id=f"{task_id}_done", trigger_rule=TriggerRule.NONE_FAILED_MIN_ONE_SUCCESS)
-    )
+    done = EmptyOperator(task_id=f"{task_id}_done", trigger_rule=TriggerRule.NONE_FAILED_MIN_ONE_SUCCESS)
+    job >> pick >> list(runners.values()) >> done
+    return done
 
 
 def training_pipeline(dag: DAG) -> None:

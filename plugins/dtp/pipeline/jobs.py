@@ -1,5 +1,5 @@
-"""Write a run's job files to the cluster's shared filesystem: the JSON config, and the batch script on Slurm or
-the PyTorchJob manifest on EKS.
+"""Write a run's job files to the cluster's shared filesystem: the JSON config, and the batch script on Slurm, the
+PyTorchJob manifest on EKS, or the job on the run's job definition on AWS Batch.
 
 The trainer reads every value from the JSON config, the batch script's values
 are shell-quoted by the template engine and the manifest's are JSON, so nothing
@@ -17,6 +17,7 @@ from dtp.hooks.slurm import SlurmHook
 from dtp.naming import slurm_comment
 from dtp.pipeline import frameworks
 from dtp.pipeline.data import run_dir
+from dtp.platforms.base import PREFLIGHT_DEADLINE_S
 from dtp.platforms.capacity import instance_of
 from dtp.recipes import INCLUDE_DIR
 from dtp.templates import render
@@ -64,17 +65,32 @@ def _stage_programs(files: SharedFilesystemHook, workdir: Path) -> Path:
     return staged
 
 
-def _prepare_pytorchjob(
-    spec: dict[str, Any], cluster: dict[str, Any], images: dict[str, Any], document: str
-) -> dict[str, str]:
-    """One of the run's PyTorchJobs (``dtp.platforms.eks``), what ``EksPyTorchJobOperator`` takes; the programs
-    are staged into the run's folder on FSx when the image does not carry them."""
-    from dtp.platforms.eks import EksPlatform  # here: the Kubernetes clients load on EKS runs only
-
+def _prepare_off_slurm(
+    spec: dict[str, Any], cluster: dict[str, Any], images: dict[str, Any], kind: str
+) -> dict[str, Any]:
+    """The run's ``kind`` job (preflight, train) where the scheduler is not Slurm, as its operator takes it: a
+    PyTorchJob manifest on EKS, a job on the run's job definition on Batch. The programs are staged into the run's
+    folder on FSx when the image does not carry them."""
     if not images.get("training_dir"):
         _stage_programs(SharedFilesystemHook.of_cluster(cluster), run_dir(spec, cluster))
-    manifest = EksPlatform().render(spec, {}, images)[document]
-    return {"manifest": manifest, "cluster_name": cluster["cluster_name"]}
+    # The platform modules load here: the Kubernetes clients only on EKS runs, never when a DAG is parsed.
+    if cluster["scheduler"] == "kubernetes":
+        from dtp.platforms.eks import EksPlatform
+
+        document = "preflight.yaml" if kind == "preflight" else "pytorchjob.yaml"
+        return {"manifest": EksPlatform().render(spec, {}, images)[document], "cluster_name": cluster["cluster_name"]}
+    from dtp.platforms.batch import BatchPlatform
+
+    batch = BatchPlatform()
+    return {
+        "job_name": f"{spec['names']['run_key']}-{kind}",
+        "job_queue": cluster["job_queue"],
+        "job_definition": batch.register_job_definition(spec, images),
+        "node_overrides": batch.preflight_overrides(spec, images) if kind == "preflight" else None,
+        # Training's limit is the definition's (budget_usd); the preflight's is its own.
+        "timeout_s": PREFLIGHT_DEADLINE_S if kind == "preflight" else None,
+        "tags": spec["tags"],
+    }
 
 
 def _write_job(
@@ -96,8 +112,8 @@ def _write_job(
 def prepare_preflight(spec: dict[str, Any], cluster: dict[str, Any], images: dict[str, Any]) -> dict[str, str]:
     workdir = run_dir(spec, cluster)
     results = workdir / "preflight.json"
-    if cluster["scheduler"] == "kubernetes":  # torch's all-reduce sweep measures the bus bandwidth
-        job = _prepare_pytorchjob(spec, cluster, images, "preflight.yaml")
+    if cluster["scheduler"] != "slurm":  # torch's all-reduce sweep measures the bus bandwidth
+        job = _prepare_off_slurm(spec, cluster, images, "preflight")
         return {**job, "results_path": str(results), "nccl_tests_path": ""}
     hook = SlurmHook(cluster["slurm_conn_id"])
     instance = instance_of(spec, cluster)
@@ -153,8 +169,8 @@ def prepare_training(
         "time_limit_minutes": spec["training_time_limit_minutes"],
     }
     SharedFilesystemHook.of_cluster(cluster).write_file(str(config_path), json.dumps(config, indent=1))
-    if cluster["scheduler"] == "kubernetes":
-        return _prepare_pytorchjob(spec, cluster, images, "pytorchjob.yaml") | outputs
+    if cluster["scheduler"] != "slurm":
+        return _prepare_off_slurm(spec, cluster, images, "train") | outputs
     hook = SlurmHook(cluster["slurm_conn_id"])
     script = render(
         "slurm/train.sbatch.j2",

@@ -12,11 +12,8 @@ from typing import Any
 from dtp.hostlist import expand_hostlist
 from dtp.naming import RunNames, expiry, resource_tags
 from dtp.params import ParamsError, TrainParams, estimate_cost_usd, training_time_limit_minutes, validate_params
-from dtp.platforms import get_platform, platform_names
+from dtp.platforms import get_platform
 from dtp.recipes import get_recipe, instance_types
-
-# The schedulers whose jobs dtp.pipeline.graph can run: sbatch, or a PyTorchJob on EKS.
-PIPELINE_SCHEDULERS = ("slurm", "kubernetes")
 
 
 def build_spec(params: Mapping[str, Any], conf: Mapping[str, Any], dag_id: str, run_id: str) -> dict[str, Any]:
@@ -24,15 +21,8 @@ def build_spec(params: Mapping[str, Any], conf: Mapping[str, Any], dag_id: str, 
     merged = {**dict(params), **dict(conf)}
     validated = validate_params(merged)
     platform = get_platform(validated.platform)
-    if platform.scheduler not in PIPELINE_SCHEDULERS:
-        raise ParamsError(
-            f"invalid parameters:\nplatform: got {validated.platform!r}; its jobs run on {platform.scheduler}, and "
-            "this pipeline runs its preflight and training as Slurm jobs or Kubeflow PyTorchJobs (available: "
-            f"{', '.join(n for n in platform_names() if get_platform(n).scheduler in PIPELINE_SCHEDULERS)}). "
-            f"dtp.platforms.{validated.platform} renders and validates its cluster and job documents."
-        )
     framework = get_recipe(validated.recipe).framework
-    if platform.scheduler == "kubernetes" and framework != "fsdp":
+    if platform.scheduler != "slurm" and framework != "fsdp":
         raise ParamsError(
             f"invalid parameters:\nrecipe: got {validated.recipe!r}, which trains with {framework}; on "
             f"{validated.platform} DTP runs its own FSDP trainer only (the other frameworks launch from Slurm batch "

@@ -19,6 +19,8 @@ if TYPE_CHECKING:
     from airflow.triggers.base import BaseTrigger
 
 Scheduler = Literal["slurm", "kubernetes", "batch"]
+# The whole time of a preflight job off Slurm (PyTorchJob, Batch job): image pulls, the screen, the sweep.
+PREFLIGHT_DEADLINE_S = 900
 S = TypeVar("S", bound="PlatformSettings")
 
 

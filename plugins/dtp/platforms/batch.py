@@ -98,26 +98,18 @@ class BatchPlatform:
     ) -> dict[str, str]:
         """The run's compute environment, job queue and job definition, running ``runtime``'s image (default:
         ``default_image()``)."""
-        if spec["recipe"]["framework"] != "fsdp":
-            raise PlatformNotReady(
-                f"recipe {spec['recipe']['name']!r} uses {spec['recipe']['framework']}; on batch DTP launches its "
-                "own FSDP trainer only (the other frameworks' launch templates are Slurm batch scripts)"
-            )
+        definition = self.job_definition(spec, runtime)
         settings, params, instance = self.settings, spec["params"], spec["instance"]
         instance_type, num_nodes, run_key = params["instance_type"], params["num_nodes"], spec["names"]["run_key"]
-        vcpus, memory_gib = instance["vcpus"], instance["memory_gib"]
-        if not (vcpus and memory_gib):
-            raise PlatformNotReady(f"include/instance_types.yaml gives no vcpus and memory_gib for {instance_type}")
-        nvidia = instance["accelerator"] != "cpu" and not instance["accelerator"].startswith("trainium")
         compute: dict[str, Any] = {
             "type": "EC2",
             "minvCpus": 0,
-            "maxvCpus": vcpus * num_nodes,
+            "maxvCpus": instance["vcpus"] * num_nodes,
             "instanceTypes": [instance_type],
             "subnets": [network["PrivateSubnet"]],
             "securityGroupIds": [network["SecurityGroup"]],
             "instanceRole": settings.instance_role_arn,
-            "ec2Configuration": [{"imageType": "ECS_AL2023_NVIDIA" if nvidia else "ECS_AL2023"}],
+            "ec2Configuration": [{"imageType": "ECS_AL2023_NVIDIA" if _nvidia(instance) else "ECS_AL2023"}],
             "tags": spec["tags"],
         }
         if settings.launch_template_id:
@@ -139,16 +131,28 @@ class BatchPlatform:
             "computeEnvironmentOrder": [{"order": 1, "computeEnvironment": environment["computeEnvironmentName"]}],
             "tags": spec["tags"],
         }
+        requests = (environment, queue, definition)
+        return {name: json.dumps(request, indent=2) for name, request in zip(DOCUMENTS, requests, strict=True)}
+
+    def job_definition(self, spec: dict[str, Any], runtime: dict[str, str] | None = None) -> dict[str, Any]:
+        """The run's ``multinode`` job definition (RegisterJobDefinition's request), its content digest as a tag."""
+        if spec["recipe"]["framework"] != "fsdp":
+            raise PlatformNotReady(
+                f"recipe {spec['recipe']['name']!r} uses {spec['recipe']['framework']}; on batch DTP launches its "
+                "own FSDP trainer only (the other frameworks' launch templates are Slurm batch scripts)"
+            )
+        params, instance, instance_type = spec["params"], spec["instance"], spec["params"]["instance_type"]
+        vcpus, memory_gib = instance["vcpus"], instance["memory_gib"]
+        if not (vcpus and memory_gib):
+            raise PlatformNotReady(f"include/instance_types.yaml gives no vcpus and memory_gib for {instance_type}")
         runtime = runtime or self.default_image()
         workdir = run_dir(spec, {"shared_dir": FSX_MOUNT})
-        program = f"{runtime.get('training_dir') or workdir / 'programs'}/train.py"
         procs, memory = str(instance["accelerators_per_node"]), int(memory_gib * 1024 * MEMORY_SHARE)
-        torchrun = ["torchrun", "--nproc_per_node", procs, program, "--config", str(workdir / "train.json")]
-        resources = {"VCPU": str(vcpus), "MEMORY": str(memory)} | ({"GPU": procs} if nvidia else {})
-        env = {**_environment(instance["efa_interfaces"] > 0, nvidia), **params["extra_env"]}
+        resources = {"VCPU": str(vcpus), "MEMORY": str(memory)} | ({"GPU": procs} if _nvidia(instance) else {})
+        env = {**_environment(instance["efa_interfaces"] > 0, _nvidia(instance)), **params["extra_env"]}
         container: dict[str, Any] = {
             "image": runtime["image"],
-            "command": ["sh", "-c", LAUNCH, *torchrun],
+            "command": _launch(spec, runtime, "train.py", "--config", str(workdir / "train.json")),
             "instanceType": instance_type,
             "resourceRequirements": [{"type": kind, "value": value} for kind, value in resources.items()],
             "volumes": [{"name": "fsx", "host": {"sourcePath": FSX_MOUNT}}],
@@ -162,10 +166,10 @@ class BatchPlatform:
             container["linuxParameters"]["devices"] = [{"hostPath": d, "containerPath": d} for d in devices]
             container["ulimits"] = [{"name": "memlock", "softLimit": -1, "hardLimit": -1}]
         definition: dict[str, Any] = {
-            "jobDefinitionName": f"{run_key}-train",
+            "jobDefinitionName": f"{spec['names']['run_key']}-train",
             "type": "multinode",
             "nodeProperties": {
-                "numNodes": num_nodes,
+                "numNodes": params["num_nodes"],
                 "mainNode": 0,
                 "nodeRangeProperties": [{"targetNodes": "0:", "container": container}],
             },
@@ -175,11 +179,22 @@ class BatchPlatform:
         }
         if spec["training_time_limit_minutes"] > 0:
             definition["timeout"] = {"attemptDurationSeconds": max(60, spec["training_time_limit_minutes"] * 60)}
-        # A retried provision reuses the active revision only when nothing changed.
+        # A retried registration reuses the active revision only when nothing changed.
         digest = hashlib.sha256(json.dumps(definition, sort_keys=True).encode()).hexdigest()
         definition["tags"] = {**spec["tags"], DIGEST_TAG: digest}
-        requests = (environment, queue, definition)
-        return {name: json.dumps(request, indent=2) for name, request in zip(DOCUMENTS, requests, strict=True)}
+        return definition
+
+    def preflight_overrides(self, spec: dict[str, Any], runtime: dict[str, str] | None = None) -> dict[str, Any]:
+        """SubmitJob's ``nodeOverrides`` that turn the run's job definition into its preflight: every node runs
+        ``preflight.py`` (environment screen, all-reduce sweep) in place of the trainer."""
+        workdir = run_dir(spec, {"shared_dir": FSX_MOUNT})
+        command = _launch(
+            spec,
+            runtime or self.default_image(),
+            "preflight.py",
+            *("--results", str(workdir / "preflight.json"), "--max-bytes", str(spec["instance"]["busbw_at_bytes"])),
+        )
+        return {"nodePropertyOverrides": [{"targetNodes": "0:", "containerOverrides": {"command": command}}]}
 
     def check(self, documents: dict[str, str]) -> list[str]:
         environment, queue, definition = (json.loads(documents[name]) for name in DOCUMENTS)
@@ -219,17 +234,11 @@ class BatchPlatform:
             if not _describe(client, kind, name):
                 create(**request)
             self._wait(client, kind, name, lambda items: bool(items) and items[0]["status"] == "VALID")
-        active = _job_definitions(client, definition["jobDefinitionName"])
-        latest = max(active, key=lambda d: d["revision"], default=None)
-        if latest is not None and latest.get("tags", {}).get(DIGEST_TAG) == definition["tags"][DIGEST_TAG]:
-            arn = latest["jobDefinitionArn"]
-        else:
-            arn = client.register_job_definition(**definition)["jobDefinitionArn"]
         return {
             "platform": self.name,
             "compute_environment": environment["computeEnvironmentName"],
             "job_queue": queue["jobQueueName"],
-            "job_definition": arn,
+            "job_definition": self._register(client, definition),
             "scheduler": self.scheduler,
             "shared_dir": FSX_MOUNT,
             "nodes": spec["params"]["num_nodes"],
@@ -238,16 +247,20 @@ class BatchPlatform:
     def ready_trigger(self, cluster: dict[str, Any]) -> None:
         return None  # provision waited until the compute environment and the queue were VALID
 
-    def submit_training(self, spec: dict[str, Any], cluster: dict[str, Any]) -> str:
-        """Submit the run's training job to its queue; return the job id."""
-        job = self.client.submit_job(
-            jobName=f"{spec['names']['run_key']}-train",
-            jobQueue=cluster["job_queue"],
-            jobDefinition=cluster["job_definition"],
-            tags=spec["tags"],
-        )
-        job_id: str = job["jobId"]
-        return job_id
+    def register_job_definition(self, spec: dict[str, Any], runtime: dict[str, str]) -> str:
+        """The ARN of the run's job definition running ``runtime``'s image: its active revision when that has the
+        same content, else a new revision (a job's image is fixed by its definition, not overridable)."""
+        return self._register(self.client, self.job_definition(spec, runtime))
+
+    @staticmethod
+    def _register(client: Any, definition: dict[str, Any]) -> str:
+        active = _job_definitions(client, definition["jobDefinitionName"])
+        latest = max(active, key=lambda d: d["revision"], default=None)
+        if latest is not None and latest.get("tags", {}).get(DIGEST_TAG) == definition["tags"][DIGEST_TAG]:
+            arn: str = latest["jobDefinitionArn"]
+            return arn
+        arn = client.register_job_definition(**definition)["jobDefinitionArn"]
+        return arn
 
     def teardown(self, spec: dict[str, Any]) -> dict[str, Any]:
         """Terminate the run's unfinished jobs, deregister its job definitions, delete its queue and compute
@@ -311,6 +324,18 @@ def _describe(client: Any, kind: str, name: str) -> list[dict[str, Any]]:
 def _job_definitions(client: Any, name: str) -> list[dict[str, Any]]:
     pages = client.get_paginator("describe_job_definitions").paginate(jobDefinitionName=name, status="ACTIVE")
     return [d for page in pages for d in page["jobDefinitions"]]
+
+
+def _launch(spec: dict[str, Any], runtime: dict[str, str], program: str, *args: str) -> list[str]:
+    """A node's command: ``LAUNCH`` starting torchrun on ``program`` of the runtime (or of the run's folder on
+    FSx, where the pipeline stages the programs for an image without them)."""
+    programs = runtime.get("training_dir") or str(run_dir(spec, {"shared_dir": FSX_MOUNT}) / "programs")
+    procs = str(spec["instance"]["accelerators_per_node"])
+    return ["sh", "-c", LAUNCH, "torchrun", "--nproc_per_node", procs, f"{programs}/{program}", *args]
+
+
+def _nvidia(instance: dict[str, Any]) -> bool:
+    return instance["accelerator"] != "cpu" and not instance["accelerator"].startswith("trainium")
 
 
 def _environment(efa: bool, nvidia: bool) -> dict[str, str]:

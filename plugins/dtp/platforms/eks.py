@@ -26,7 +26,7 @@ from dtp.hooks.pytorchjob import GROUP, VERSION, PyTorchJobHook
 from dtp.images.container import build_arg_defaults
 from dtp.naming import TAG_PREFIX
 from dtp.pipeline.data import run_dir
-from dtp.platforms.base import PlatformNotReady, PlatformSettings
+from dtp.platforms.base import PREFLIGHT_DEADLINE_S, PlatformNotReady, PlatformSettings
 from dtp.recipes import INCLUDE_DIR
 from dtp.templates import render
 
@@ -38,8 +38,6 @@ FSX_MOUNT = "/fsx"
 IMAGE_TRAINING_DIR = "/opt/dtp/training"
 # Pod restarts before the job fails: the Slurm job's fresh launches after the first (dtp.pipeline.jobs).
 MAX_RESTARTS = 3
-# The preflight job's whole time: image pulls on every node, the screen, the all-reduce sweep.
-PREFLIGHT_DEADLINE_S = 900
 LABEL_DOMAIN = "dtp.dev"
 # Extended resources of the NVIDIA, Neuron and EFA device plugins.
 GPU, NEURON, EFA = "nvidia.com/gpu", "aws.amazon.com/neuron", "vpc.amazonaws.com/efa"
