@@ -16,6 +16,7 @@ from airflow.sdk.exceptions import TaskDeferred
 from dtp.operators.batch import BatchJobOperator
 from dtp.params import TrainParams, parse_params
 from dtp.pipeline import jobs, network
+from dtp.pipeline.graph import submit_prepared_batch_job
 from dtp.pipeline.spec import run_spec
 from dtp.platforms.batch import DIGEST_TAG, BatchPlatform
 
@@ -161,19 +162,8 @@ def test_the_pipelines_jobs_run_on_the_runs_queue_once_per_name(
     batch = aws("batch")
 
     def operator(job: dict[str, Any]) -> BatchJobOperator:
-        return BatchJobOperator(
-            task_id="run_job_on_batch",
-            job_name=job["job_name"],
-            job_queue=job["job_queue"],
-            job_definition=job["job_definition"],
-            node_overrides=job["node_overrides"],
-            submit_job_timeout=job["timeout_s"],
-            tags=job["tags"],
-            aws_conn_id=AWS,
-            deferrable=True,
-            poll_interval=1,
-            do_xcom_push=False,  # no task instance to hold the console links
-        )
+        # As train_e2e submits it; no task instance here to hold the console links.
+        return submit_prepared_batch_job("run_job_on_batch", job, poll_interval=1, do_xcom_push=False)
 
     def run(op: BatchJobOperator) -> str:
         try:

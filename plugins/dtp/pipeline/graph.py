@@ -193,6 +193,22 @@ def submit_prepared_job(task_id: str, job: Any, **kwargs: Any) -> SlurmSubmitJob
     )
 
 
+def submit_prepared_batch_job(task_id: str, job: Any, **kwargs: Any) -> BatchJobOperator:
+    """Submit a Batch job prepared by ``dtp.pipeline.jobs`` (its XCom keys are the operator's arguments)."""
+    return BatchJobOperator(
+        task_id=task_id,
+        job_name=job["job_name"],
+        job_queue=job["job_queue"],
+        job_definition=job["job_definition"],
+        node_overrides=job["node_overrides"],
+        submit_job_timeout=job["timeout_s"],
+        tags=job["tags"],
+        aws_conn_id=AWS_CONN_ID,
+        deferrable=True,
+        **kwargs,
+    )
+
+
 @task.branch
 def pick_scheduler(cluster: dict[str, Any], runners: dict[str, str]) -> str:
     """The task that runs the prepared job on the cluster's scheduler; the other is skipped."""
@@ -217,18 +233,7 @@ def run_prepared_job(task_id: str, job: Any, cluster: Any, *, time_limit: bool =
             hang_timeout=HANG_TIMEOUT_S,
             **kwargs,
         ),
-        "batch": BatchJobOperator(
-            task_id=task_id + ON_BATCH,
-            job_name=job["job_name"],
-            job_queue=job["job_queue"],
-            job_definition=job["job_definition"],
-            node_overrides=job["node_overrides"],
-            submit_job_timeout=job["timeout_s"],
-            tags=job["tags"],
-            aws_conn_id=AWS_CONN_ID,
-            deferrable=True,
-            **kwargs,
-        ),
+        "batch": submit_prepared_batch_job(task_id + ON_BATCH, job, **kwargs),
     }
     pick = pick_scheduler.override(task_id=f"pick_{task_id}_scheduler")(
         cluster, {scheduler: runner.task_id for scheduler, runner in runners.items()}
