@@ -211,7 +211,7 @@ def submit_prepared_batch_job(task_id: str, job: Any, **kwargs: Any) -> BatchJob
 
 @task.branch
 def pick_scheduler(cluster: dict[str, Any], runners: dict[str, str]) -> str:
-    """The task that runs the prepared job on the cluster's scheduler; the other is skipped."""
+    """The task that runs the prepared job on the cluster's scheduler; the others are skipped."""
     return runners[cluster["scheduler"]]
 
 
