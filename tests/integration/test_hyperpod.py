@@ -93,6 +93,42 @@ def test_base_config_scripts_are_copied_under_the_run(spec, outputs, aws, monkey
         s3.delete_bucket(Bucket="dtp-base-config")
 
 
+def test_on_eks_the_cluster_comes_and_goes_even_when_its_eks_cluster_is_out_of_reach(
+    spec, outputs, aws, monkeypatch, first_event, caplog
+) -> None:
+    s3 = aws("s3")
+    s3.create_bucket(Bucket="dtp-eks-base-config")
+    s3.put_object(Bucket="dtp-eks-base-config", Key="eks/on_create.sh", Body=b"# the reference's EKS on_create.sh")
+    conn = json.loads(os.environ["AIRFLOW_CONN_DTP_HYPERPOD"])
+    eks_arn = "arn:aws:eks:us-east-1:123456789012:cluster/dtp-training"
+    conn["extra"] |= {"base_config_uri": "s3://dtp-eks-base-config/eks/", "eks": {"cluster_arn": eks_arn}}
+    monkeypatch.setenv("AIRFLOW_CONN_DTP_HYPERPOD", json.dumps(conn))
+    platform = HyperPodPlatform()
+    run_key, bucket = spec["names"]["run_key"], platform.settings.lifecycle_bucket
+    try:
+        cluster = platform.provision(spec, outputs)
+        assert (cluster["scheduler"], cluster["eks_cluster_name"], cluster["shared_dir"]) == (
+            "kubernetes",
+            "dtp-training",
+            "/fsx",
+        )
+        assert "slurm_conn_id" not in cluster
+        (group,) = HyperPodHook(aws_conn_id=AWS).describe_cluster(run_key)["InstanceGroups"]  # no controller
+        assert group["InstanceGroupName"] == "compute-nodes"
+        # The base-config's own on_create.sh, no Slurm parameters.
+        listed = s3.list_objects_v2(Bucket=bucket, Prefix=f"{run_key}/")["Contents"]
+        assert [o["Key"] for o in listed] == [f"{run_key}/lifecycle/on_create.sh"]
+        assert first_event(platform.ready_trigger(cluster))["status"] == "success"
+    finally:
+        # The emulator has no such EKS cluster: the run's jobs cannot be deleted, the cluster still is.
+        result = platform.teardown(spec)
+        s3.delete_object(Bucket="dtp-eks-base-config", Key="eks/on_create.sh")
+        s3.delete_bucket(Bucket="dtp-eks-base-config")
+    assert result == {"cancelled_jobs": [], "deleted_cluster": True, "deleted_lifecycle_objects": 1}
+    assert "Could not stop the run's jobs before deleting the cluster" in caplog.text
+    assert HyperPodHook(aws_conn_id=AWS).describe_cluster(run_key) is None
+
+
 def _no_capacity(times: int) -> list[dict]:
     # SageMaker's answer when the account or zone has no p5 (then p5e) capacity for the cluster.
     message = "The account-level service limit 'ml.p5.48xlarge for cluster usage' is 0"

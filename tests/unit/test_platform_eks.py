@@ -165,7 +165,7 @@ def test_the_preflight_job_screens_every_node_with_the_training_image() -> None:
 def test_the_pipeline_prepares_both_jobs_on_fsx_for_the_pytorchjob_operator(tmp_path: Path) -> None:
     # The training queue's worker pod mounts the FSx claim where the jobs' pods do; here tmp_path stands for it.
     spec = spec_for("tiny", "g5.48xlarge", 1)
-    cluster = {"platform": "eks", "scheduler": "kubernetes", "cluster_name": CLUSTER, "shared_dir": str(tmp_path)}
+    cluster = {"platform": "eks", "scheduler": "kubernetes", "eks_cluster_name": CLUSTER, "shared_dir": str(tmp_path)}
     images = EksPlatform().default_image()
     documents = EksPlatform().render(spec, {}, images)
     workdir = tmp_path / "runs" / spec["names"]["run_key"]
@@ -189,7 +189,7 @@ def test_the_pipeline_prepares_both_jobs_on_fsx_for_the_pytorchjob_operator(tmp_
 
 def test_an_image_with_the_programs_needs_none_staged(tmp_path: Path) -> None:
     spec = spec_for("tiny", "g5.48xlarge", 1)
-    cluster = {"platform": "eks", "scheduler": "kubernetes", "cluster_name": CLUSTER, "shared_dir": str(tmp_path)}
+    cluster = {"platform": "eks", "scheduler": "kubernetes", "eks_cluster_name": CLUSTER, "shared_dir": str(tmp_path)}
     job = jobs.prepare_preflight(spec, cluster, EksPlatform().runtime("registry/dtp@sha256:abc"))
     assert container(yaml.safe_load(job["manifest"]))["command"][1] == "/opt/dtp/training/preflight.py"
     assert not (tmp_path / "runs" / spec["names"]["run_key"] / "programs").exists()
@@ -343,6 +343,7 @@ def test_provision_finds_the_active_cluster() -> None:
         "endpoint": "https://ABC.gr7.us-east-1.eks.amazonaws.com",
         "namespace": "kubeflow",
         "scheduler": "kubernetes",
+        "eks_cluster_name": CLUSTER,
         "shared_dir": "/fsx",
         "job_name": spec["names"]["run_key"],
     }

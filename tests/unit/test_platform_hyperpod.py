@@ -6,12 +6,15 @@ import json
 from typing import Any
 
 import pytest
+import yaml
+from botocore.stub import Stubber
 
-from dtp.params import TrainParams, parse_params
-from dtp.pipeline.spec import run_spec
+from dtp.params import ParamsError, TrainParams, parse_params
+from dtp.pipeline.spec import build_spec, run_spec
 from dtp.platforms import get_platform
 from dtp.platforms.base import PlatformNotReady
 from dtp.platforms.capacity import Placement, candidates, placements
+from dtp.platforms.eks import EksPlatform
 from dtp.platforms.hyperpod import HyperPodPlatform, options_after_failure, placement_of
 from dtp.platforms.service_models import request_problems
 
@@ -222,3 +225,86 @@ def test_a_cluster_that_failed_for_capacity_moves_on_to_the_next_placement() -> 
     assert options_after_failure(_failed(options[-1], "InsufficientInstanceCapacity"), options) == []
     with pytest.raises(RuntimeError, match=r"^HyperPod cluster dtp-run failed: lifecycle script exited 1$"):
         options_after_failure(_failed(options[0], "lifecycle script exited 1"), options)
+
+
+EKS_ARN = "arn:aws:eks:us-east-1:111122223333:cluster/dtp-training"
+ON_EKS = {"base_config_uri": "s3://dtp-lifecycle/eks-base-config/", "eks": {"cluster_arn": EKS_ARN}}
+
+
+def test_on_eks_the_nodes_join_the_eks_cluster_labelled_with_the_run(settings) -> None:
+    settings(**ON_EKS)
+    spec = spec_for(recipe="llama3_1_8b", num_nodes=4)
+    platform = HyperPodPlatform()
+    documents = platform.render(spec, NETWORK)
+    assert set(documents) == {"cluster-config.json"}  # no Slurm provisioning parameters: the base-config's own
+    assert platform.check(documents) == []
+    request = json.loads(documents["cluster-config.json"])
+    assert request["Orchestrator"] == {"Eks": {"ClusterArn": EKS_ARN}} and request["NodeRecovery"] == "Automatic"
+    (group,) = request["InstanceGroups"]  # no controller group
+    assert (group["InstanceGroupName"], group["InstanceType"], group["InstanceCount"]) == (
+        "compute-nodes",
+        "ml.p5.48xlarge",
+        4,
+    )
+    assert group["KubernetesConfig"] == {"Labels": {"dtp.dev/run": spec["names"]["run_key"]}}
+    assert platform.scheduler == "kubernetes"
+
+
+def test_on_eks_the_runs_pytorchjobs_run_on_its_healthy_nodes(settings) -> None:
+    settings(**{**ON_EKS, "eks": {"cluster_arn": EKS_ARN, "namespace": "training"}})
+    spec = spec_for(recipe="llama3_1_8b", num_nodes=4)
+    platform = HyperPodPlatform()
+    runtime = platform.runtime("111122223333.dkr.ecr.us-east-1.amazonaws.com/dtp/training@sha256:" + "0" * 64)
+    assert runtime["training_dir"] == "/opt/dtp/training" and "container_runtime" not in runtime  # no pyxis
+    documents = platform.pytorchjobs(spec, runtime)
+    assert EksPlatform.check(EksPlatform(), documents) == []
+    for text in documents.values():
+        job = yaml.safe_load(text)
+        assert job["metadata"]["namespace"] == "training"
+        pod = job["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]
+        assert pod["nodeSelector"] == {
+            "dtp.dev/run": spec["names"]["run_key"],
+            "sagemaker.amazonaws.com/node-health-status": "Schedulable",
+        }
+    assert platform.default_image()["image"].startswith("nvcr.io/nvidia/pytorch:")
+
+
+@pytest.mark.parametrize(
+    ("extra", "problem"),
+    [
+        ({"eks": {"cluster_arn": EKS_ARN}}, "eks needs base_config_uri"),
+        ({**ON_EKS, "eks": {"cluster_arn": "dtp-training"}}, "eks.cluster_arn: String should match pattern"),
+    ],
+)
+def test_on_eks_settings_name_what_is_missing(settings, extra, problem) -> None:
+    settings(**extra)
+    with pytest.raises(PlatformNotReady, match=f"connection 'dtp_hyperpod' extra: .*{problem}"):
+        _ = HyperPodPlatform().scheduler
+
+
+def test_on_eks_another_frameworks_recipe_is_refused_before_anything_exists(settings) -> None:
+    settings(**ON_EKS)
+    conf = {"platform": "hyperpod", "instance_type": "p5.48xlarge", "num_nodes": 4}
+    assert (
+        build_spec({}, {**conf, "recipe": "llama3_1_8b"}, "train_e2e", "manual__1")["params"]["platform"] == "hyperpod"
+    )
+    with pytest.raises(ParamsError, match="which trains with nemo; on hyperpod DTP runs its own FSDP trainer"):
+        build_spec({}, {**conf, "recipe": "llama3_1_8b_nemo"}, "train_e2e", "manual__1")
+
+
+def test_on_eks_an_eks_cluster_out_of_reach_does_not_keep_the_runs_cluster(settings, monkeypatch, caplog) -> None:
+    # Teardown deletes the run's PyTorchJobs first; when the EKS API cannot be reached it goes on to delete the
+    # HyperPod cluster, whose nodes the jobs' pods run on.
+    for name, value in {
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ACCESS_KEY_ID": "x",
+        "AWS_SECRET_ACCESS_KEY": "x",
+    }.items():
+        monkeypatch.setenv(name, value)
+    settings(**ON_EKS)
+    platform = HyperPodPlatform()
+    with Stubber(platform.jobs.eks_hook.conn) as eks:
+        eks.add_client_error("describe_cluster", "ResourceNotFoundException", "No cluster found for name", 404)
+        assert platform._stop_jobs(spec_for(recipe="llama3_1_8b", num_nodes=4)) == []
+        eks.assert_no_pending_responses()
+    assert "Could not stop the run's jobs before deleting the cluster" in caplog.text

@@ -17,7 +17,8 @@ from dtp.hooks.slurm import SlurmHook
 from dtp.naming import slurm_comment
 from dtp.pipeline import frameworks
 from dtp.pipeline.data import run_dir
-from dtp.platforms.base import PREFLIGHT_DEADLINE_S
+from dtp.platforms import get_platform
+from dtp.platforms.base import PREFLIGHT_DEADLINE_S, PlatformNotReady, PyTorchJobPlatform
 from dtp.platforms.capacity import instance_of
 from dtp.recipes import INCLUDE_DIR
 from dtp.templates import render
@@ -73,12 +74,14 @@ def _prepare_off_slurm(
     folder on FSx when the image does not carry them."""
     if not images.get("training_dir"):
         _stage_programs(SharedFilesystemHook.of_cluster(cluster), run_dir(spec, cluster))
-    # The platform modules load here: the Kubernetes clients only on EKS runs, never when a DAG is parsed.
-    if cluster["scheduler"] == "kubernetes":
-        from dtp.platforms.eks import EksPlatform
+    platform = get_platform(cluster["platform"])  # its module loads here, never when a DAG is parsed
+    if cluster["scheduler"] == "kubernetes" and isinstance(platform, PyTorchJobPlatform):
+        from dtp.platforms.eks import manifest_problems
 
-        document = "preflight.yaml" if kind == "preflight" else "pytorchjob.yaml"
-        return {"manifest": EksPlatform().render(spec, {}, images)[document], "cluster_name": cluster["cluster_name"]}
+        manifest = platform.pytorchjobs(spec, images)["preflight.yaml" if kind == "preflight" else "pytorchjob.yaml"]
+        if problems := manifest_problems(manifest):
+            raise PlatformNotReady(f"the run's {kind} PyTorchJob is invalid:\n" + "\n".join(problems))
+        return {"manifest": manifest, "cluster_name": cluster["eks_cluster_name"]}
     from dtp.platforms.batch import BatchPlatform
 
     batch = BatchPlatform()

@@ -11,7 +11,7 @@ code: the local profile writes its own, a real account gets its own.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
@@ -81,3 +81,11 @@ class ComputePlatform(Protocol):
 
     def teardown(self, spec: dict[str, Any]) -> dict[str, Any]:
         """Stop the run's jobs and delete its cluster; verify nothing is left."""
+
+
+@runtime_checkable
+class PyTorchJobPlatform(Protocol):
+    """A platform whose jobs are Kubeflow PyTorchJobs on an EKS cluster (EKS, HyperPod on EKS)."""
+
+    def pytorchjobs(self, spec: dict[str, Any], runtime: dict[str, str]) -> dict[str, str]:
+        """The run's ``preflight.yaml`` and ``pytorchjob.yaml``, running ``runtime``'s image."""

@@ -48,18 +48,24 @@ DNS_1035_LABEL = re.compile(r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")
 DNS_1123_LABEL = r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?"
 DNS_1123_SUBDOMAIN = rf"{DNS_1123_LABEL}(\.{DNS_1123_LABEL})*"
 QUALIFIED_NAME = re.compile(rf"^(({DNS_1123_SUBDOMAIN})/)?[A-Za-z0-9]([-A-Za-z0-9_.]{{0,61}}[A-Za-z0-9])?$")
+EKS_CLUSTER_NAME = r"^[0-9A-Za-z][A-Za-z0-9_-]{0,99}$"
 LABEL_VALUE = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$")
 
 
-class EksSettings(PlatformSettings):
-    """the account's EKS settings: cluster_name and optional namespace, fsx_claim, image_pull_policy, max_nodes"""
+class PyTorchJobSettings(PlatformSettings):
+    """where the run's PyTorchJobs go on an EKS cluster: namespace, fsx_claim, image_pull_policy"""
 
-    cluster_name: str = Field(pattern=r"^[0-9A-Za-z][A-Za-z0-9_-]{0,99}$")
     # The namespace of the training operator's jobs, which holds the FSx claim.
     namespace: str = Field("kubeflow", pattern=rf"^{DNS_1123_LABEL}$")
     # A PersistentVolumeClaim bound to FSx for Lustre (the FSx CSI driver), mounted at /fsx.
     fsx_claim: str = Field("fsx-claim", max_length=253, pattern=rf"^{DNS_1123_SUBDOMAIN}$")
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
+
+
+class EksSettings(PyTorchJobSettings):
+    """the account's EKS settings: cluster_name and optional namespace, fsx_claim, image_pull_policy, max_nodes"""
+
+    cluster_name: str = Field(pattern=EKS_CLUSTER_NAME)
     max_nodes: int = Field(64, ge=1)
 
 
@@ -84,78 +90,25 @@ class EksPlatform:
         return self.settings.max_nodes
 
     def default_image(self) -> dict[str, str]:
-        # DTP's training image is built FROM this NGC image; without DTP's programs, they are staged on FSx.
-        image = f"nvcr.io/nvidia/pytorch:{build_arg_defaults('training')['PYTORCH_TAG']}-py3"
-        return {"source": f"image {image}, programs on FSx", "image": image}
+        return default_pod_runtime()
 
     def runtime(self, image: str) -> dict[str, str]:
-        return {"source": f"image {image}", "image": image, "training_dir": IMAGE_TRAINING_DIR}
+        return pod_runtime(image)
 
     # --- documents ------------------------------------------------------------------------------------------------
     def render(
         self, spec: dict[str, Any], network: dict[str, str], runtime: dict[str, str] | None = None
     ) -> dict[str, str]:
-        """The run's PyTorchJobs, running ``runtime``'s image (default: ``default_image()``): ``preflight.yaml``
-        (environment screen and all-reduce sweep on every node) and ``pytorchjob.yaml`` (training). EKS needs no
-        network, the cluster has its own VPC. An image without DTP's programs finds them in the run's folder."""
-        if spec["recipe"]["framework"] != "fsdp":
-            raise PlatformNotReady(
-                f"recipe {spec['recipe']['name']!r} uses {spec['recipe']['framework']}; on eks DTP launches its own "
-                "FSDP trainer only (the other frameworks' launch templates are Slurm batch scripts)"
-            )
-        settings = self.settings
-        runtime = runtime or self.default_image()
-        instance_type, instance = spec["params"]["instance_type"], spec["instance"]
-        devices = _devices(instance)
-        workdir = run_dir(spec, {"shared_dir": FSX_MOUNT})
-        programs = runtime.get("training_dir") or str(workdir / "programs")
-        run_key = spec["names"]["run_key"]
-        labels = {f"{LABEL_DOMAIN}/run": run_key, f"{LABEL_DOMAIN}/dag": _label_value(spec["dag_id"])}
-        common = {
-            "namespace": settings.namespace,
-            "labels": labels,
-            "annotations": {
-                f"{LABEL_DOMAIN}/{key.removeprefix(TAG_PREFIX)}": value for key, value in spec["tags"].items()
-            },
-            "procs_per_node": instance["accelerators_per_node"],
-            "num_nodes": spec["params"]["num_nodes"],
-            "instance_type": instance_type,
-            # Accelerated node groups are often tainted with their accelerator so other pods stay off them.
-            "tolerations": [
-                {"key": name, "operator": "Exists", "effect": "NoSchedule"} for name in devices if name != EFA
-            ],
-            "image": runtime["image"],
-            "image_pull_policy": settings.image_pull_policy,
-            "env": [
-                {"name": k, "value": v} for k, v in {**_environment(devices), **spec["params"]["extra_env"]}.items()
-            ],
-            "devices": devices,
-            "fsx_mount": FSX_MOUNT,
-            "fsx_claim": settings.fsx_claim,
-        }
-        preflight = render(
-            "eks/pytorchjob.yaml.j2",
-            **common,
-            job_name=preflight_job_name(spec),
-            command=[
-                *("torchrun", f"{programs}/preflight.py", "--results", str(workdir / "preflight.json")),
-                *("--max-bytes", str(instance["busbw_at_bytes"])),
-            ],
-            max_restarts=0,
-            deadline_seconds=PREFLIGHT_DEADLINE_S,
-        )
-        training = render(
-            "eks/pytorchjob.yaml.j2",
-            **common,
-            job_name=run_key,
-            command=["torchrun", f"{programs}/train.py", "--config", str(workdir / "train.json")],
-            max_restarts=MAX_RESTARTS,
-            deadline_seconds=spec["training_time_limit_minutes"] * 60,
-        )
-        return {"preflight.yaml": preflight, "pytorchjob.yaml": training}
+        """The run's PyTorchJobs (``render_pytorchjobs``) on the nodes of the run's instance type, running
+        ``runtime``'s image (default: ``default_image()``); EKS needs no network, the cluster has its own VPC."""
+        return self.pytorchjobs(spec, runtime or self.default_image())
+
+    def pytorchjobs(self, spec: dict[str, Any], runtime: dict[str, str]) -> dict[str, str]:
+        node_selector = {"node.kubernetes.io/instance-type": spec["params"]["instance_type"]}
+        return render_pytorchjobs(spec, runtime, self.settings, node_selector)
 
     def check(self, documents: dict[str, str]) -> list[str]:
-        return [f"{name}: {problem}" for name, text in sorted(documents.items()) for problem in _job_problems(text)]
+        return [f"{name}: {problem}" for name, text in sorted(documents.items()) for problem in manifest_problems(text)]
 
     # --- lifecycle --------------------------------------------------------------------------------------------------
     def provision(self, spec: dict[str, Any], network: dict[str, str]) -> dict[str, Any]:
@@ -172,6 +125,7 @@ class EksPlatform:
             "endpoint": cluster["endpoint"],
             "namespace": settings.namespace,
             "scheduler": self.scheduler,
+            "eks_cluster_name": settings.cluster_name,
             "shared_dir": FSX_MOUNT,
             "job_name": spec["names"]["run_key"],
         }
@@ -181,10 +135,10 @@ class EksPlatform:
 
     def teardown(self, spec: dict[str, Any]) -> dict[str, Any]:
         """Delete the run's PyTorchJobs (either may be gone already) and wait until they and their pods are gone."""
-        names = [preflight_job_name(spec), spec["names"]["run_key"]]
-        with self.jobs.kubernetes() as kubernetes:
-            deleted = [name for name in names if self.jobs.delete_job(kubernetes, name, timeout=self.delete_timeout)]
-        return {"deleted_jobs": deleted, "namespace": self.jobs.namespace}
+        return {
+            "deleted_jobs": delete_pytorchjobs(self.jobs, spec, self.delete_timeout),
+            "namespace": self.jobs.namespace,
+        }
 
     @cached_property
     def jobs(self) -> PyTorchJobHook:
@@ -205,11 +159,85 @@ class EksPlatform:
         return cluster
 
 
+def default_pod_runtime() -> dict[str, str]:
+    """Pods' runtime without a published image: the NGC image DTP's training image is built FROM, whose lack of
+    DTP's programs the pipeline makes up for by staging them on FSx."""
+    image = f"nvcr.io/nvidia/pytorch:{build_arg_defaults('training')['PYTORCH_TAG']}-py3"
+    return {"source": f"image {image}, programs on FSx", "image": image}
+
+
+def pod_runtime(image: str) -> dict[str, str]:
+    """Pods' runtime with DTP's published training image ``image``, which carries the programs."""
+    return {"source": f"image {image}", "image": image, "training_dir": IMAGE_TRAINING_DIR}
+
+
+def render_pytorchjobs(
+    spec: dict[str, Any], runtime: dict[str, str], settings: PyTorchJobSettings, node_selector: dict[str, str]
+) -> dict[str, str]:
+    """The run's PyTorchJobs on the nodes ``node_selector`` picks, running ``runtime``'s image: ``preflight.yaml``
+    (environment screen and all-reduce sweep on every node) and ``pytorchjob.yaml`` (training). An image without
+    DTP's programs finds them in the run's folder on FSx, where the pipeline stages them."""
+    if spec["recipe"]["framework"] != "fsdp":
+        raise PlatformNotReady(
+            f"recipe {spec['recipe']['name']!r} uses {spec['recipe']['framework']}; on {spec['params']['platform']} "
+            "DTP launches its own FSDP trainer only (the other frameworks' launch templates are Slurm batch scripts)"
+        )
+    instance = spec["instance"]
+    devices = _devices(instance)
+    workdir = run_dir(spec, {"shared_dir": FSX_MOUNT})
+    programs = runtime.get("training_dir") or str(workdir / "programs")
+    run_key = spec["names"]["run_key"]
+    labels = {f"{LABEL_DOMAIN}/run": run_key, f"{LABEL_DOMAIN}/dag": _label_value(spec["dag_id"])}
+    common = {
+        "namespace": settings.namespace,
+        "labels": labels,
+        "annotations": {f"{LABEL_DOMAIN}/{key.removeprefix(TAG_PREFIX)}": value for key, value in spec["tags"].items()},
+        "procs_per_node": instance["accelerators_per_node"],
+        "num_nodes": spec["params"]["num_nodes"],
+        "node_selector": node_selector,
+        # Accelerated node groups are often tainted with their accelerator so other pods stay off them.
+        "tolerations": [{"key": name, "operator": "Exists", "effect": "NoSchedule"} for name in devices if name != EFA],
+        "image": runtime["image"],
+        "image_pull_policy": settings.image_pull_policy,
+        "env": [{"name": k, "value": v} for k, v in {**_environment(devices), **spec["params"]["extra_env"]}.items()],
+        "devices": devices,
+        "fsx_mount": FSX_MOUNT,
+        "fsx_claim": settings.fsx_claim,
+    }
+    preflight = render(
+        "eks/pytorchjob.yaml.j2",
+        **common,
+        job_name=preflight_job_name(spec),
+        command=[
+            *("torchrun", f"{programs}/preflight.py", "--results", str(workdir / "preflight.json")),
+            *("--max-bytes", str(instance["busbw_at_bytes"])),
+        ],
+        max_restarts=0,
+        deadline_seconds=PREFLIGHT_DEADLINE_S,
+    )
+    training = render(
+        "eks/pytorchjob.yaml.j2",
+        **common,
+        job_name=run_key,
+        command=["torchrun", f"{programs}/train.py", "--config", str(workdir / "train.json")],
+        max_restarts=MAX_RESTARTS,
+        deadline_seconds=spec["training_time_limit_minutes"] * 60,
+    )
+    return {"preflight.yaml": preflight, "pytorchjob.yaml": training}
+
+
+def delete_pytorchjobs(hook: PyTorchJobHook, spec: dict[str, Any], timeout: float) -> list[str]:
+    """Delete the run's PyTorchJobs and wait until they and their pods are gone; the names of those there were."""
+    names = [preflight_job_name(spec), spec["names"]["run_key"]]
+    with hook.kubernetes() as kubernetes:
+        return [name for name in names if hook.delete_job(kubernetes, name, timeout=timeout)]
+
+
 def preflight_job_name(spec: dict[str, Any]) -> str:
     return f"{spec['names']['run_key']}-preflight"
 
 
-def _job_problems(text: str) -> list[str]:
+def manifest_problems(text: str) -> list[str]:
     """What the API server and the training operator would refuse in one PyTorchJob manifest."""
     try:
         manifests = list(yaml.safe_load_all(text))

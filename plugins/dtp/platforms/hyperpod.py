@@ -1,4 +1,4 @@
-"""SageMaker HyperPod with the Slurm orchestrator: one cluster per run, jobs through its controller's Slurm.
+"""SageMaker HyperPod: one cluster per run, jobs through its controller's Slurm or as PyTorchJobs on EKS.
 
 ``provision`` uploads the lifecycle scripts (the reference base-config, DTP's
 ``on_create.sh`` and the run's ``provisioning_parameters.json``) under the
@@ -9,6 +9,10 @@ deletes the cluster, waits until it is gone and deletes the run's lifecycle
 objects. Jobs reach the controller through the Slurm connection the
 ``dtp_hyperpod`` connection names (ssh over SSM on AWS; on the local profile,
 the stack's Slurm cluster stands in for the controller's).
+
+With ``eks`` in the connection, the cluster's orchestrator is that EKS cluster instead: the compute group's
+nodes join it, labelled with the run, and the run's jobs are PyTorchJobs pinned to them (``dtp.platforms.eks``
+renders them); there is no controller group, and the base-config is the reference's EKS lifecycle scripts.
 """
 
 from __future__ import annotations
@@ -16,17 +20,29 @@ from __future__ import annotations
 import json
 import logging
 import time
+from functools import cached_property
 from typing import Annotated, Any
 
 from airflow.providers.amazon.aws.hooks.s3 import S3Hook
 from botocore.exceptions import ClientError
-from pydantic import Field
+from kubernetes.client.exceptions import ApiException
+from pydantic import Field, model_validator
 
 from dtp.hooks.hyperpod import HyperPodHook
+from dtp.hooks.pytorchjob import PyTorchJobHook
 from dtp.hooks.shared_fs import ClusterCommandError
 from dtp.hooks.slurm import SlurmHook
-from dtp.platforms.base import PlatformNotReady, PlatformSettings
+from dtp.platforms.base import PlatformNotReady, PlatformSettings, Scheduler
 from dtp.platforms.capacity import Placement, instance_fields, is_capacity_error, is_capacity_failure, placements
+from dtp.platforms.eks import (
+    FSX_MOUNT,
+    LABEL_DOMAIN,
+    PyTorchJobSettings,
+    default_pod_runtime,
+    delete_pytorchjobs,
+    pod_runtime,
+    render_pytorchjobs,
+)
 from dtp.platforms.pyxis import pyxis_runtime
 from dtp.platforms.service_models import request_problems
 from dtp.recipes import INCLUDE_DIR
@@ -37,7 +53,19 @@ AWS_CONN_ID = "aws_default"
 CONTROLLER_GROUP = "controller-machine"
 COMPUTE_GROUP = "compute-nodes"
 ON_CREATE = INCLUDE_DIR / "hyperpod" / "on_create.sh"
+# The Kubernetes label of a run's nodes on HyperPod on EKS (the compute group's KubernetesConfig).
+RUN_LABEL = f"{LABEL_DOMAIN}/run"
 TRAINING_PLAN_ARN = r"^arn:aws[a-z-]*:sagemaker:[a-z0-9-]+:\d{12}:training-plan/[\w-]{1,64}$"
+
+
+class HyperPodEksSettings(PyTorchJobSettings):
+    """the EKS cluster a HyperPod cluster's nodes join: cluster_arn, and where the run's PyTorchJobs go"""
+
+    cluster_arn: str = Field(pattern=r"^arn:aws[a-z-]*:eks:[a-z0-9-]+:\d{12}:cluster/[0-9A-Za-z][A-Za-z0-9_-]{0,99}$")
+
+    @property
+    def cluster_name(self) -> str:
+        return self.cluster_arn.rsplit("/", 1)[1]
 
 
 class HyperPodSettings(PlatformSettings):
@@ -57,14 +85,21 @@ class HyperPodSettings(PlatformSettings):
     create_timeout_minutes: int = Field(90, ge=1)
     # The nodes' interpreter (with torch) when no training image is published for hyperpod.
     python: str = "/usr/bin/python3"
+    # The EKS orchestrator (HyperPod on EKS); absent, the cluster's orchestrator is Slurm.
+    eks: HyperPodEksSettings | None = None
+
+    @model_validator(mode="after")
+    def _eks_needs_its_lifecycle_scripts(self) -> HyperPodSettings:
+        if self.eks is not None and not self.base_config_uri:
+            raise ValueError("eks needs base_config_uri: the reference's EKS lifecycle scripts (on_create.sh)")
+        return self
 
 
 class HyperPodPlatform:
-    """SageMaker HyperPod (Slurm orchestrator) in the account of the ``aws_default`` connection."""
+    """SageMaker HyperPod (Slurm or EKS orchestrator) in the account of the ``aws_default`` connection."""
 
     name = "hyperpod"
     ami_family = None  # HyperPod nodes boot SageMaker's own HyperPod AMI
-    scheduler = "slurm"
 
     def __init__(self, conn_id: str = "dtp_hyperpod", aws_conn_id: str = AWS_CONN_ID) -> None:
         self.conn_id = conn_id
@@ -74,16 +109,39 @@ class HyperPodPlatform:
     def settings(self) -> HyperPodSettings:
         return HyperPodSettings.from_connection(self.conn_id)
 
+    @property
+    def scheduler(self) -> Scheduler:
+        return "kubernetes" if self.settings.eks else "slurm"
+
     def max_nodes(self) -> int:
         return self.settings.max_nodes
 
     def default_image(self) -> dict[str, str]:
+        if self.settings.eks:
+            return default_pod_runtime()
         # The task copies the training programs to the run's directory on the shared filesystem (dtp.pipeline.jobs).
         return {"source": "the nodes' python", "python": self.settings.python}
 
     def runtime(self, image: str) -> dict[str, str]:
+        if self.settings.eks:
+            return pod_runtime(image)
         # The reference base-config installs enroot + pyxis on every node.
         return pyxis_runtime(image)
+
+    def pytorchjobs(self, spec: dict[str, Any], runtime: dict[str, str]) -> dict[str, str]:
+        """The run's PyTorchJobs (HyperPod on EKS), on the healthy nodes of the run's compute group."""
+        return render_pytorchjobs(spec, runtime, self._eks(), _run_nodes(spec))
+
+    @cached_property
+    def jobs(self) -> PyTorchJobHook:
+        """The hook of the run's PyTorchJobs (HyperPod on EKS): the EKS cluster and namespace of the settings."""
+        eks = self._eks()
+        return PyTorchJobHook(eks.cluster_name, eks.namespace, self.aws_conn_id)
+
+    def _eks(self) -> HyperPodEksSettings:
+        if self.settings.eks is None:
+            raise PlatformNotReady(f"connection {self.conn_id!r} has no eks: the cluster's orchestrator is Slurm")
+        return self.settings.eks
 
     # --- documents ------------------------------------------------------------------------------------------------
     def lifecycle_uri(self, spec: dict[str, Any]) -> str:
@@ -106,29 +164,37 @@ class HyperPodPlatform:
             }
         if placement.reservation:
             compute_placement["TrainingPlanArn"] = placement.reservation
-        request = {
+        compute = {
+            "InstanceGroupName": COMPUTE_GROUP,
+            "InstanceType": f"ml.{instance_type}",
+            "InstanceCount": spec["params"]["num_nodes"],
+            # One thread per core: the reference's setting for GPU and Trainium training nodes.
+            "ThreadsPerCore": 1,
+            **group,
+            **compute_placement,
+        }
+        controller = {
+            "InstanceGroupName": CONTROLLER_GROUP,
+            "InstanceType": settings.controller_instance_type,
+            "InstanceCount": 1,
+            "ThreadsPerCore": 2,
+            **group,
+        }
+        request: dict[str, Any] = {
             "ClusterName": spec["names"]["run_key"],
-            "InstanceGroups": [
-                {
-                    "InstanceGroupName": CONTROLLER_GROUP,
-                    "InstanceType": settings.controller_instance_type,
-                    "InstanceCount": 1,
-                    "ThreadsPerCore": 2,
-                    **group,
-                },
-                {
-                    "InstanceGroupName": COMPUTE_GROUP,
-                    "InstanceType": f"ml.{instance_type}",
-                    "InstanceCount": spec["params"]["num_nodes"],
-                    # One thread per core: the reference's setting for GPU and Trainium training nodes.
-                    "ThreadsPerCore": 1,
-                    **group,
-                    **compute_placement,
-                },
-            ],
+            "InstanceGroups": [controller, compute],
             "VpcConfig": {"SecurityGroupIds": [network["SecurityGroup"]], "Subnets": [network["PrivateSubnet"]]},
             "Tags": [{"Key": key, "Value": value} for key, value in spec["tags"].items()],
         }
+        if settings.eks:
+            # The nodes join the EKS cluster labelled with the run; the run's PyTorchJobs select them by it.
+            compute["KubernetesConfig"] = {"Labels": {RUN_LABEL: spec["names"]["run_key"]}}
+            request |= {
+                "InstanceGroups": [compute],
+                "Orchestrator": {"Eks": {"ClusterArn": settings.eks.cluster_arn}},
+                "NodeRecovery": "Automatic",
+            }
+            return {"cluster-config.json": json.dumps(request, indent=2)}
         provisioning = {
             "version": "1.0.0",
             "workload_manager": "slurm",
@@ -145,6 +211,8 @@ class HyperPodPlatform:
     def check(self, documents: dict[str, str]) -> list[str]:
         request = json.loads(documents["cluster-config.json"])
         problems = request_problems("sagemaker", "CreateCluster", request)
+        if "provisioning_parameters.json" not in documents:  # EKS: the reference's own lifecycle scripts
+            return problems
         provisioning = json.loads(documents["provisioning_parameters.json"])
         groups = {g["InstanceGroupName"] for g in request.get("InstanceGroups", [])}
         named = [provisioning.get("controller_group")] + [
@@ -181,7 +249,7 @@ class HyperPodPlatform:
             documents = self.render(spec, network, placement)
             if problems := self.check(documents):
                 raise PlatformNotReady("the HyperPod cluster request is invalid:\n" + "\n".join(problems))
-            self._upload_lifecycle(spec, settings, documents["provisioning_parameters.json"])
+            self._upload_lifecycle(spec, settings, documents.get("provisioning_parameters.json"))
             try:
                 cluster = hook.ensure_cluster(json.loads(documents["cluster-config.json"]))
             except ClientError as err:
@@ -201,14 +269,18 @@ class HyperPodPlatform:
 
     def _record(self, spec: dict[str, Any], cluster: dict[str, Any], placement: Placement) -> dict[str, Any]:
         settings = self.settings
+        if settings.eks:
+            jobs = {"eks_cluster_name": settings.eks.cluster_name, "namespace": settings.eks.namespace,
+                    "shared_dir": FSX_MOUNT}  # fmt: skip
+        else:
+            jobs = {"slurm_conn_id": settings.slurm_conn_id, "shared_dir": SlurmHook(settings.slurm_conn_id).shared_dir}
         return {
             "platform": self.name,
             "cluster_name": cluster["ClusterName"],
             "cluster_arn": cluster["ClusterArn"],
-            "slurm_conn_id": settings.slurm_conn_id,
-            "shared_dir": SlurmHook(settings.slurm_conn_id).shared_dir,
+            **jobs,
             "nodes": spec["params"]["num_nodes"],
-            "scheduler": "slurm",
+            "scheduler": self.scheduler,
             "placement": str(placement),
             **instance_fields(placement.instance_type),
         }
@@ -229,8 +301,21 @@ class HyperPodPlatform:
             time.sleep(poll)
         return deleted
 
-    def _upload_lifecycle(self, spec: dict[str, Any], settings: HyperPodSettings, provisioning: str) -> None:
-        """Copy the base-config, then DTP's on_create.sh and the run's parameters, under the run's prefix."""
+    def _stop_jobs(self, spec: dict[str, Any]) -> list[str]:
+        """Cancel the run's Slurm jobs, or delete its PyTorchJobs (EKS), before the cluster goes; an unreachable
+        controller or API is logged, not raised: deleting the cluster stops the jobs on its nodes too."""
+        settings = self.settings
+        try:
+            if settings.eks:
+                return delete_pytorchjobs(self.jobs, spec, timeout=600)
+            return SlurmHook(settings.slurm_conn_id).cancel_and_wait(spec["names"]["slurm_job"], prefix=True)
+        except (ClusterCommandError, OSError, ApiException, ClientError) as err:
+            log.warning("Could not stop the run's jobs before deleting the cluster: %s", err)
+            return []
+
+    def _upload_lifecycle(self, spec: dict[str, Any], settings: HyperPodSettings, provisioning: str | None) -> None:
+        """Copy the base-config, then DTP's on_create.sh and the run's parameters (Slurm; on EKS the base-config's
+        own on_create.sh runs), under the run's prefix."""
         s3 = S3Hook(aws_conn_id=self.aws_conn_id)
         bucket = settings.lifecycle_bucket
         if not s3.check_for_bucket(bucket):
@@ -243,8 +328,9 @@ class HyperPodPlatform:
                 s3.copy_object(key, prefix + relative, source_bucket, bucket)
         else:
             log.warning("dtp_hyperpod has no base_config_uri: the nodes' on_create.sh will find no lifecycle_script.py")
-        s3.load_file(str(ON_CREATE), prefix + ON_CREATE.name, bucket, replace=True)
-        s3.load_string(provisioning, prefix + "provisioning_parameters.json", bucket, replace=True)
+        if provisioning is not None:
+            s3.load_file(str(ON_CREATE), prefix + ON_CREATE.name, bucket, replace=True)
+            s3.load_string(provisioning, prefix + "provisioning_parameters.json", bucket, replace=True)
 
     def teardown(self, spec: dict[str, Any]) -> dict[str, Any]:
         settings = self.settings
@@ -252,10 +338,7 @@ class HyperPodPlatform:
         hook = HyperPodHook(aws_conn_id=self.aws_conn_id)
         cancelled: list[str] = []
         if hook.describe_cluster(name) is not None:
-            try:
-                cancelled = SlurmHook(settings.slurm_conn_id).cancel_and_wait(spec["names"]["slurm_job"], prefix=True)
-            except (ClusterCommandError, OSError) as err:  # an unreachable controller: deleting the cluster stops jobs
-                log.warning("Could not cancel the run's Slurm jobs before deleting the cluster: %s", err)
+            cancelled = self._stop_jobs(spec)
         deleted = self._delete_and_wait(hook, name)
         s3 = S3Hook(aws_conn_id=self.aws_conn_id)
         bucket = settings.lifecycle_bucket
@@ -263,6 +346,11 @@ class HyperPodPlatform:
         if keys:
             s3.delete_objects(bucket, keys)
         return {"cancelled_jobs": cancelled, "deleted_cluster": deleted, "deleted_lifecycle_objects": len(keys)}
+
+
+def _run_nodes(spec: dict[str, Any]) -> dict[str, str]:
+    """The node selector of the run's PyTorchJobs on HyperPod: its compute group's nodes, while healthy."""
+    return {RUN_LABEL: spec["names"]["run_key"], "sagemaker.amazonaws.com/node-health-status": "Schedulable"}
 
 
 def options_after_failure(cluster: dict[str, Any], options: list[Placement]) -> list[Placement]:
