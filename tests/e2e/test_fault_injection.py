@@ -187,10 +187,15 @@ def planned_runs(airflow_api, run_leftovers, ledger, pipeline_tasks) -> dict[str
     All their faults are in the plan before the first is triggered; each strikes only its own run.
     """
     plan_path, _, _ = ledger
+    _, body = airflow_api.request("GET", f"/api/v2/dags/{DAG_ID}/tasks")
+    branches = {t["task_id"] for t in body["tasks"] if t["operator_name"] == "@task.branch"}
+    assert branches == {"preflight.pick_run_checks_scheduler", "train.pick_run_job_scheduler"}
     planned = {
         "transient": (
             [
-                {"task_id": task, "kind": kind, "when": when, "tries": [1]}
+                # A branch's execute ends by raising the skip of the tasks it did not pick: no post-execute
+                # follows it, so its fault strikes before.
+                {"task_id": task, "kind": kind, "when": "before" if task in branches else when, "tries": [1]}
                 for task, (kind, when) in zip(pipeline_tasks, TRANSIENT * len(pipeline_tasks), strict=False)
             ],
             RECOVERED_CONF,
