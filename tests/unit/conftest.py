@@ -139,3 +139,15 @@ def kubernetes_api(monkeypatch: pytest.MonkeyPatch) -> Iterator[type[KubernetesA
     yield KubernetesApi
     server.shutdown()
     thread.join()
+
+
+@pytest.fixture
+def offline_aws(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Credentials and a region for AWS clients whose calls a botocore ``Stubber`` answers (nothing is sent)."""
+    for name, value in {
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }.items():
+        monkeypatch.setenv(name, value)

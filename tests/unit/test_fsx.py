@@ -32,9 +32,7 @@ CREATED = datetime(2026, 12, 2, tzinfo=UTC)
 
 
 @pytest.fixture
-def hook(monkeypatch) -> FsxHook:
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+def hook(offline_aws: None) -> FsxHook:
     return FsxHook(aws_conn_id=None, region_name="us-east-1")
 
 

@@ -259,13 +259,7 @@ def test_the_preflight_runs_on_the_jobs_nodes_as_a_submit_batch_accepts(settings
     assert request_problems("batch", "SubmitJob", submit) == []
 
 
-def test_a_retry_after_a_failed_job_submits_a_new_one(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name, value in {
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_ACCESS_KEY_ID": "x",
-        "AWS_SECRET_ACCESS_KEY": "x",
-    }.items():
-        monkeypatch.setenv(name, value)
+def test_a_retry_after_a_failed_job_submits_a_new_one(offline_aws: None) -> None:
     op = BatchJobOperator(
         task_id="run_job_on_batch",
         job_name="run-train",

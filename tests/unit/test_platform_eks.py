@@ -25,12 +25,8 @@ RUN_ID = "manual__2026-12-02"
 
 
 @pytest.fixture(autouse=True)
-def account(monkeypatch: pytest.MonkeyPatch) -> None:
+def account(monkeypatch: pytest.MonkeyPatch, offline_aws: None) -> None:
     monkeypatch.setenv("AIRFLOW_CONN_DTP_EKS", json.dumps({"conn_type": "generic", "extra": {"cluster_name": CLUSTER}}))
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
 
 
 def spec_for(recipe: str, instance_type: str, num_nodes: int, **conf: Any) -> dict[str, Any]:

@@ -292,15 +292,9 @@ def test_on_eks_another_frameworks_recipe_is_refused_before_anything_exists(sett
         build_spec({}, {**conf, "recipe": "llama3_1_8b_nemo"}, "train_e2e", "manual__1")
 
 
-def test_on_eks_an_eks_cluster_out_of_reach_does_not_keep_the_runs_cluster(settings, monkeypatch, caplog) -> None:
+def test_on_eks_an_eks_cluster_out_of_reach_does_not_keep_the_runs_cluster(settings, offline_aws, caplog) -> None:
     # Teardown deletes the run's PyTorchJobs first; when the EKS API cannot be reached it goes on to delete the
     # HyperPod cluster, whose nodes the jobs' pods run on.
-    for name, value in {
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_ACCESS_KEY_ID": "x",
-        "AWS_SECRET_ACCESS_KEY": "x",
-    }.items():
-        monkeypatch.setenv(name, value)
     settings(**ON_EKS)
     platform = HyperPodPlatform()
     with Stubber(platform.jobs.eks_hook.conn) as eks:

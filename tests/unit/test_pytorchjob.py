@@ -29,10 +29,8 @@ MANIFEST: dict[str, Any] = {
 
 
 @pytest.fixture(autouse=True)
-def account(monkeypatch: pytest.MonkeyPatch) -> None:
-    for key, value in (("AWS_DEFAULT_REGION", "us-east-1"), ("AWS_ACCESS_KEY_ID", "testing"),
-                       ("AWS_SECRET_ACCESS_KEY", "testing"), ("AWS_EC2_METADATA_DISABLED", "true")):  # fmt: skip
-        monkeypatch.setenv(key, value)
+def account(offline_aws: None) -> None:
+    """Every test here signs its EKS token with the offline credentials."""
 
 
 def describe_cluster(endpoint: str) -> dict[str, Any]:
