@@ -1,10 +1,11 @@
-"""Amazon EKS: a run trains as a Kubeflow PyTorchJob on an existing cluster's GPU or Trainium nodes.
+"""Amazon EKS: a run's preflight and training are Kubeflow PyTorchJobs on an existing cluster's GPU or Trainium nodes.
 
 EKS clusters are long-lived in DTP: ``provision`` finds the ``dtp_eks`` connection's cluster and checks it is
-ACTIVE, and ``teardown`` deletes the run's PyTorchJob (the training operator deletes its pods), never the cluster.
-The job (include/templates/eks/pytorchjob.yaml.j2) follows the reference repo's FSDP PyTorchJob: one pod per node
-running torchrun with one process per accelerator, the node's EFA devices, the FSx for Lustre claim at /fsx.
-``check`` validates it against the training operator's CRD schema (include/schemas) and its webhook's rules.
+ACTIVE, and ``teardown`` deletes the run's PyTorchJobs (the training operator deletes their pods), never the
+cluster. The jobs (include/templates/eks/pytorchjob.yaml.j2) follow the reference repo's FSDP PyTorchJob: one pod
+per node running torchrun with one process per accelerator, the node's EFA devices, the FSx for Lustre claim at
+/fsx. ``check`` validates them against the training operator's CRD schema (include/schemas) and its webhook's
+rules. HyperPod on EKS (``dtp.platforms.hyperpod``) renders its jobs with the same ``render_pytorchjobs``.
 The Kubernetes API is reached with a kubeconfig the amazon provider generates from ``aws_default`` (as
 ``EksPodOperator`` does), so no Kubernetes connection is needed.
 """
