@@ -1,16 +1,21 @@
-"""Tokens/s per device, MFU and peak memory of DTP's trainer (include/training/train.py) on one device.
+"""Tokens/s per device, MFU and peak memory of DTP's trainer (include/training/train.py) against
+torchtitan, on one device, in one run.
 
-Runs the real trainer under torchrun (one process) for warm-up plus measured steps, on random
-byte tokens, and reads its own JSON step lines: the median tokens/s/device and MFU of the steps
-after warm-up, and the peak memory. MFU is the trainer's accounting: 6 x non-embedding parameters
-plus attention FLOPs per token, against the device's dense bf16 peak (989 TFLOP/s for an H100
-SXM, NVIDIA's datasheet figure without sparsity).
+Each shape runs twice on the same byte-token file, for warm-up plus measured steps: DTP's trainer
+under torchrun (one process), then torchtitan under torchrun with the same model (its train spec
+``dtp_llama3`` in ``benchmarks/torchtitan_shape.py``: the same dimensions, batches, AdamW and
+bf16). Each side's figures are the medians of its steps after warm-up: tokens/s/device and MFU,
+and its peak memory as the caching allocator reserved it. MFU is DTP's accounting for both sides:
+6 x non-embedding parameters plus attention FLOPs per token, against the device's dense bf16 peak
+(989 TFLOP/s for an H100 SXM or an H200: NVIDIA's datasheet figures, without sparsity);
+torchtitan's own MFU is kept beside it.
 
-    .venv/bin/python benchmarks/trainer_mfu.py                 # GPU: Llama 3.2 1B shape, bf16
+    .venv/bin/python benchmarks/trainer_mfu.py                 # GPU: Llama 3.2 1B, then 3B
     .venv/bin/python benchmarks/trainer_mfu.py --smoke         # CPU: tiny shape, a few steps (CI)
 
-Writes benchmarks/results/trainer_mfu.json (or --out). The torchtitan side of the comparison
-needs a GPU and its own virtualenv; on CPU it is recorded as not run, with the reason.
+Writes benchmarks/results/trainer_mfu.json (or --out). torchtitan runs from --torchtitan-python
+(default .venv-torchtitan, made by scripts/setup) and trains on CUDA devices only: on a CPU its
+side is recorded as not run, with the reason.
 """
 
 from __future__ import annotations
@@ -23,90 +28,192 @@ import statistics
 import subprocess
 import sys
 import tempfile
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "plugins"), str(ROOT / "include" / "training")]
+
+from dtp.metrics.framework_logs import torchtitan_records  # noqa: E402
+from model import MODELS, flops_per_token  # noqa: E402
+from train import PEAK_FLOPS  # noqa: E402
+
 TRAIN = ROOT / "include" / "training" / "train.py"
 OUT = ROOT / "benchmarks" / "results" / "trainer_mfu.json"
-SHAPES = {
-    # name: model, seq_len, micro_batch, precision, warm-up steps, measured steps
-    "gpu": ("llama3_2_1b", 2048, 4, "bf16", 10, 30),
-    "smoke": ("tiny", 64, 4, "fp32", 3, 6),
-}
+TORCHTITAN_PYTHON = ROOT / ".venv-torchtitan" / "bin" / "python"
+TORCHTITAN_PATH = [ROOT / "benchmarks", ROOT / "include" / "training"]
 
 
-def run_trainer(model: str, seq_len: int, micro_batch: int, precision: str, steps: int, compile_: bool) -> list[dict]:
-    """The trainer's step records for one run of ``steps`` steps."""
-    with tempfile.TemporaryDirectory(prefix="dtp-bench-") as tmp:
-        work = Path(tmp)
-        data = work / "tokens.bin"
-        np.random.default_rng(0).integers(0, 256, size=8 << 20, dtype=np.uint8).tofile(data)
-        config = {
-            "model": model,
-            "data_path": str(data),
-            "checkpoint_dir": str(work / "ckpt"),
-            "metrics_path": str(work / "metrics.jsonl"),
-            "seq_len": seq_len,
-            "micro_batch": micro_batch,
-            "max_steps": steps,
-            "checkpoint_interval": steps * 10,  # a final checkpoint only, after the measured steps
-            "log_interval": 1,
-            "precision": precision,
-            "compile": compile_,
-            "run_name": "benchmark",
-        }
-        (work / "cfg.json").write_text(json.dumps(config))
-        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-        argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1"]
-        subprocess.run([*argv, str(TRAIN), "--config", str(work / "cfg.json")], env=env, check=True, cwd=ROOT)
-        lines = (work / "metrics.jsonl").read_text().splitlines()
+@dataclass(frozen=True)
+class Shape:
+    """One benchmark configuration, the same for both trainers."""
+
+    model: str
+    seq_len: int
+    micro_batch: int
+    precision: str
+    warmup_steps: int
+    measured_steps: int
+
+    @property
+    def steps(self) -> int:
+        return self.warmup_steps + self.measured_steps
+
+
+GPU_SHAPES = [
+    Shape("llama3_2_1b", 2048, 4, "bf16", 10, 30),  # the ~1B recipe
+    Shape("llama3_2_3b", 2048, 2, "bf16", 10, 20),  # the largest Llama 3 whose weights, grads and AdamW fit 80 GB
+]
+SMOKE_SHAPE = Shape("tiny", 64, 4, "fp32", 3, 6)
+
+
+def write_tokens(path: Path) -> None:
+    np.random.default_rng(0).integers(0, 256, size=8 << 20, dtype=np.uint8).tofile(path)
+
+
+def torchrun(python: str) -> list[str]:
+    return [python, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1"]
+
+
+def run_dtp(shape: Shape, data: Path, work: Path, compile_: bool) -> list[dict]:
+    """DTP's trainer's step records for ``shape``."""
+    config = {
+        "model": shape.model,
+        "data_path": str(data),
+        "checkpoint_dir": str(work / "ckpt"),
+        "metrics_path": str(work / "metrics.jsonl"),
+        "seq_len": shape.seq_len,
+        "micro_batch": shape.micro_batch,
+        "max_steps": shape.steps,
+        "checkpoint_interval": shape.steps * 10,  # a final checkpoint only, after the measured steps
+        "log_interval": 1,
+        "precision": shape.precision,
+        "compile": compile_,
+        "run_name": "benchmark",
+    }
+    (work / "cfg.json").write_text(json.dumps(config))
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    argv = [*torchrun(sys.executable), str(TRAIN), "--config", str(work / "cfg.json")]
+    subprocess.run(argv, env=env, check=True, cwd=ROOT)
+    lines = (work / "metrics.jsonl").read_text().splitlines()
     return [r for r in map(json.loads, lines) if r.get("event") == "step"]
 
 
-def summarize(records: list[dict], warmup: int) -> dict:
-    measured = [r for r in records if r["step"] > warmup]
+def torchtitan_args(shape: Shape, data: Path, dump_folder: Path, compile_: bool) -> list[str]:
+    """torchtitan.train's arguments for ``shape``: DTP's model and data, one metrics line a step, no
+    activation checkpointing (DTP's default), bf16 mixed precision."""
+    args = [
+        "--experimental.custom_import", "torchtitan_shape",
+        "--model.name", "dtp_llama3",
+        "--model.flavor", shape.model,
+        "--training.dataset_path", str(data),
+        "--training.seq_len", str(shape.seq_len),
+        "--training.local_batch_size", str(shape.micro_batch),
+        "--training.steps", str(shape.steps),
+        "--training.mixed_precision_param", "bfloat16" if shape.precision == "bf16" else "float32",
+        "--activation_checkpoint.mode", "none",
+        "--metrics.log_freq", "1",
+        "--job.dump_folder", str(dump_folder),
+    ]  # fmt: skip
+    return [*args, "--compile.enable"] if compile_ else args
+
+
+def run_torchtitan(python: str, shape: Shape, data: Path, work: Path, compile_: bool) -> list[dict]:
+    """torchtitan's step records for ``shape``, read from its metrics lines."""
+    path = os.pathsep.join([*map(str, TORCHTITAN_PATH), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    argv = [*torchrun(python), "-m", "torchtitan.train", *torchtitan_args(shape, data, work / "torchtitan", compile_)]
+    done = subprocess.run(argv, env=env, cwd=work, capture_output=True, text=True, check=False)
+    (work / "torchtitan.log").write_text(done.stdout + done.stderr)
+    if done.returncode:
+        raise RuntimeError(f"torchtitan exited {done.returncode}:\n{(done.stdout + done.stderr)[-4000:]}")
+    return list(torchtitan_records((done.stdout + done.stderr).splitlines(), world_size=1))
+
+
+def summarize(records: list[dict], shape: Shape, peak: float | None) -> dict:
+    """Medians of the steps after warm-up; MFU by DTP's accounting where the device's peak is known."""
+    measured = [r for r in records if r["step"] > shape.warmup_steps]
     if not measured:
-        raise ValueError(f"no step after the {warmup} warm-up steps was logged")
-    mfu = [r["mfu"] for r in measured if r.get("mfu") is not None]
-    return {
+        raise ValueError(f"no step after the {shape.warmup_steps} warm-up steps was logged")
+    tokens_per_s = statistics.median(r["tokens_per_s"] for r in measured)
+    summary = {
         "steps_measured": len(measured),
-        "tokens_per_s_per_device": round(statistics.median(r["tokens_per_s_per_device"] for r in measured), 1),
-        "mfu": round(statistics.median(mfu), 4) if mfu else None,
-        "peak_memory_mb": max(r["memory_mb"] for r in records),
+        "tokens_per_s_per_device": round(tokens_per_s, 1),
+        "mfu": round(flops_per_token(MODELS[shape.model], shape.seq_len) * tokens_per_s / peak, 4) if peak else None,
         "final_loss": measured[-1]["loss"],
     }
+    reported = [r["mfu"] for r in measured if r.get("mfu") is not None]
+    if reported:
+        summary["mfu_reported"] = round(statistics.median(reported), 4)
+    reserved = [r.get("memory_reserved_mb") or r.get("memory_mb") for r in records]
+    summary["peak_memory_mb"] = max(m for m in reserved if m is not None)
+    return summary
+
+
+def device_peak_flops() -> float | None:
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name(0)
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
 
 
 def device_description() -> str:
-    import torch
-
     if torch.cuda.is_available():
         return f"{torch.cuda.get_device_name(0)}, CUDA {torch.version.cuda}, torch {torch.__version__}"
     return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores), torch {torch.__version__}"
 
 
+def torchtitan_side(python: str | None, shape: Shape, data: Path, work: Path, compile_: bool, peak: float | None):
+    """torchtitan's summary, or why it was not run."""
+    if not torch.cuda.is_available():
+        return {"status": "not run", "reason": "torchtitan trains on CUDA devices only"}
+    if python is None:
+        return {"status": "not run", "reason": f"no torchtitan Python ({TORCHTITAN_PYTHON} is made by scripts/setup)"}
+    try:
+        return {"status": "ran", **summarize(run_torchtitan(python, shape, data, work, compile_), shape, peak)}
+    except (RuntimeError, ValueError) as err:
+        return {"status": "failed", "reason": str(err)}
+
+
+def measure(shape: Shape, compile_: bool, torchtitan_python: str | None) -> dict:
+    peak = device_peak_flops()
+    with tempfile.TemporaryDirectory(prefix="dtp-bench-") as tmp:
+        work = Path(tmp)
+        data = work / "tokens.bin"
+        write_tokens(data)
+        (work / "dtp").mkdir()
+        ours = summarize(run_dtp(shape, data, work / "dtp", compile_), shape, peak)
+        theirs = torchtitan_side(torchtitan_python, shape, data, work, compile_, peak)
+    ratio = ours["tokens_per_s_per_device"] / theirs["tokens_per_s_per_device"] if theirs["status"] == "ran" else None
+    return {
+        "shape": asdict(shape),
+        "dtp": ours,
+        "torchtitan": theirs,
+        "ratio_tokens_per_s": round(ratio, 3) if ratio else None,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny shape on CPU: proves the benchmark runs")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the model")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model, on both sides")
+    parser.add_argument("--model", action="append", help="only these GPU shapes (by model name)")
+    parser.add_argument("--torchtitan-python", help=f"a Python with torchtitan 0.2.2 (default {TORCHTITAN_PYTHON})")
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args()
-    model, seq_len, micro_batch, precision, warmup, measured = SHAPES["smoke" if args.smoke else "gpu"]
-    records = run_trainer(model, seq_len, micro_batch, precision, warmup + measured, args.compile)
-    ours = summarize(records, warmup)
+    shapes = [SMOKE_SHAPE] if args.smoke else [s for s in GPU_SHAPES if not args.model or s.model in args.model]
+    torchtitan_python = args.torchtitan_python or (str(TORCHTITAN_PYTHON) if TORCHTITAN_PYTHON.exists() else None)
     result = {
         "benchmark": "trainer_mfu",
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "device": device_description(),
-        "shape": {"model": model, "seq_len": seq_len, "micro_batch": micro_batch, "precision": precision},
-        "warmup_steps": warmup,
+        "peak_flops": device_peak_flops(),
         "compile": args.compile,
-        "dtp": ours,
-        "torchtitan": {"status": "not run", "reason": "needs a GPU and torchtitan 0.3.0 in its own virtualenv"},
-        "ratio_tokens_per_s": None,
+        "results": [measure(shape, args.compile, torchtitan_python) for shape in shapes],
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")

@@ -94,6 +94,11 @@ def memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def reserved_memory_mb(device: torch.device) -> float | None:
+    """Peak memory the caching allocator held (what other trainers, torchtitan's among them, report)."""
+    return round(torch.cuda.max_memory_reserved(device) / 2**20, 1) if device.type == "cuda" else None
+
+
 def build(cfg: TrainConfig, device: torch.device, world: int):
     args = MODELS[cfg.model]
     with torch.device(device):
@@ -213,6 +218,7 @@ def train(cfg: TrainConfig) -> None:
                         "tokens_per_s_per_device": round(tps / world, 1),
                         "mfu": round(fpt * tps / world / peak, 4) if peak else None,
                         "memory_mb": round(memory_mb(device), 1),
+                        "memory_reserved_mb": reserved_memory_mb(device),
                         "time": time.time(),
                     },
                     metrics_path,

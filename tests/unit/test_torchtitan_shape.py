@@ -1,0 +1,89 @@
+"""benchmarks/torchtitan_shape.py, the torchtitan side of the GPU benchmark, up to where a CPU reaches.
+
+torchtitan's trainer needs CUDA, so its run is the GPU benchmark's; here, in .venv-torchtitan (as
+scripts/setup makes it), torchtitan 0.2.2 parses the exact arguments the benchmark passes it, and
+its train spec ``dtp_llama3`` is checked to be DTP's model and data: every flavor has DTP's
+parameter count, torchtitan's decoder loaded with DTP's weights gives DTP's logits, and its
+dataloader yields DTP's trainer's batches.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from model import MODELS, count_parameters
+
+ROOT = Path(__file__).resolve().parents[2]
+PYTHON = ROOT / ".venv-torchtitan" / "bin" / "python"
+PROBE = Path(__file__).with_name("torchtitan_probe.py")
+
+pytestmark = pytest.mark.skipif(
+    not PYTHON.exists(), reason=".venv-torchtitan is missing (scripts/setup creates it): torchtitan is not available"
+)
+
+
+def benchmark_module():
+    spec = importlib.util.spec_from_file_location("trainer_mfu", ROOT / "benchmarks" / "trainer_mfu.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("trainer_mfu", module)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def probe(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """What torchtitan makes of the benchmark's 1B shape, with compile on."""
+    bench = benchmark_module()
+    work = tmp_path_factory.mktemp("torchtitan")
+    data = work / "tokens.bin"
+    bench.write_tokens(data)
+    args = bench.torchtitan_args(bench.GPU_SHAPES[0], data, work / "dump", compile_=True)
+    env = {"PYTHONPATH": ":".join(str(p) for p in bench.TORCHTITAN_PATH), "PATH": "/usr/bin:/bin"}
+    done = subprocess.run(
+        [str(PYTHON), str(PROBE)],
+        input=json.dumps({"args": args}),
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=work,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_torchtitan_takes_the_benchmark_arguments_as_meant(probe: dict) -> None:
+    assert probe["job"] == {
+        "model": [probe["train_spec"], "llama3_2_1b"],
+        "seq_len": 2048,
+        "local_batch_size": 4,
+        "steps": 40,
+        "mixed_precision_param": "bfloat16",
+        "activation_checkpoint": "none",
+        "compile": True,
+        "log_freq": 1,
+        "checkpoint": False,
+    }
+
+
+def test_every_dense_dtp_model_is_a_torchtitan_flavor_of_the_same_size(probe: dict) -> None:
+    dense = {name: args for name, args in MODELS.items() if not args.n_experts}
+    assert probe["models"].keys() == dense.keys()
+    for name, args in dense.items():
+        assert probe["models"][name] == {"parameters": count_parameters(args), "ffn_dim": args.ffn_dim}, name
+
+
+def test_torchtitans_decoder_with_dtps_weights_computes_dtps_logits(probe: dict) -> None:
+    assert probe["logits_difference"] < 1e-5
+
+
+def test_torchtitan_reads_dtps_batches_and_refuses_to_start_without_them(probe: dict) -> None:
+    assert probe["batches_match"] is True
+    assert "--training.dataset_path" in probe["missing_data_error"]
