@@ -100,6 +100,10 @@ def reserved_memory_mb(device: torch.device) -> float | None:
 
 
 def build(cfg: TrainConfig, device: torch.device, world: int):
+    """The model sharded block by block with FSDP2, and its optimizer. Each block is wrapped for activation
+    checkpointing and compiled (whole, ``fullgraph``) before it is sharded, so FSDP's hooks stay outside the
+    compiled graphs: compiling the whole model instead breaks its graph at every block's hooks. Checkpoints
+    keep the plain parameter names either way (``get_state_dict`` strips the wrappers')."""
     args = MODELS[cfg.model]
     with torch.device(device):
         model = Transformer(args, cfg.seq_len)
@@ -111,7 +115,9 @@ def build(cfg: TrainConfig, device: torch.device, world: int):
             from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
             block = checkpoint_wrapper(block)
-            model.layers[i] = block
+        if cfg.compile:
+            block = torch.compile(block, fullgraph=True)
+        model.layers[i] = block
         fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=i < len(model.layers) - 1)
     fully_shard(model, mesh=mesh, mp_policy=policy)
     optimizer = torch.optim.AdamW(
@@ -138,7 +144,6 @@ def train(cfg: TrainConfig) -> None:
     torch.manual_seed(cfg.seed)
 
     model, optimizer = build(cfg, device, world)
-    step_fn = torch.compile(model) if cfg.compile else model
     ckpt_dir, metrics_path = Path(cfg.checkpoint_dir), Path(cfg.metrics_path)
     if rank == 0:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -183,7 +188,7 @@ def train(cfg: TrainConfig) -> None:
         for group in optimizer.param_groups:
             group["lr"] = lr_at(cfg, step)
         inputs, targets = (t.to(device) for t in batch_for(data, cfg, step, rank))
-        logits = step_fn(inputs)
+        logits = model(inputs)
         loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)

@@ -1,9 +1,10 @@
 """Real 2-process CPU training runs of include/training/train.py under torchrun (gloo).
 
-Three runs in all: an uninterrupted 40-step run, and, at the same time, the same config in another
+Four runs in all: an uninterrupted 40-step run, and, at the same time, the same config in another
 directory that fails at step 25 (DTP_FAIL_AT_STEP) and is then resumed with a torn ``tmp-step_30``
-left in its checkpoint directory. Batches are seeded by (step, rank), so the resumed run must log
-the losses of the uninterrupted one.
+left in its checkpoint directory; beside the resume, the uninterrupted run's config with the GPU
+path's options on (each block compiled and activation-checkpointed). Batches are seeded by
+(step, rank), so the resumed and the optimized runs must log the losses of the uninterrupted one.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch.distributed.checkpoint as dcp
 
 from dtp.metrics.parse import TrainingSummary, summarize
 from model import MODELS, count_parameters
@@ -51,9 +53,10 @@ class Run:
         return dict(zip(self.summary.steps, self.summary.losses, strict=True))
 
 
-def make_run(directory: Path, data: Path, profile_steps: int = 0) -> Run:
+def make_run(directory: Path, data: Path, profile_steps: int = 0, **options: bool) -> Run:
     directory.mkdir()
     config = {
+        **options,
         "model": "tiny",
         "data_path": str(data),
         "checkpoint_dir": str(directory / "checkpoints"),
@@ -122,8 +125,12 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Run]:
     torn.mkdir()
     (torn / "meta.json").write_text(json.dumps({"step": 30}))
     (torn / "__0_0.distcp").write_bytes(b"garbage")
-    finish(resumed, start(resumed))
-    return {"full": full, "resumed": resumed}
+    # The resume goes beside the optimized run.
+    optimized = make_run(root / "optimized", data, compile=True, activation_checkpointing=True)
+    procs = [(resumed, start(resumed)), (optimized, start(optimized))]
+    for run, proc in procs:
+        finish(run, proc)
+    return {"full": full, "resumed": resumed, "optimized": optimized}
 
 
 def test_full_run_trains(runs: dict[str, Run]) -> None:
@@ -209,3 +216,23 @@ def test_profiled_steps_leave_a_chrome_trace_per_rank(runs: dict[str, Run]) -> N
         trace = json.loads((full.directory / "profile" / f"trace-rank{rank}.json").read_text())
         assert any(e.get("name", "").startswith("aten::") for e in trace["traceEvents"])
     assert not (runs["resumed"].directory / "profile").exists()  # profile_steps 0: nothing written
+
+
+def test_compiled_checkpointed_blocks_train_as_the_eager_model(runs: dict[str, Run]) -> None:
+    run = runs["optimized"]
+    [result] = run.results
+    assert result.returncode == 0, describe(result)
+    assert run.records[-1]["event"] == "end" and run.records[-1]["config"]["compile"] is True
+    full, optimized = runs["full"].losses(), run.losses()
+    assert optimized.keys() == full.keys()
+    for step, loss in full.items():
+        assert optimized[step] == pytest.approx(loss, abs=1e-3), step
+
+
+def test_compiled_checkpointed_runs_save_the_plain_parameter_names(runs: dict[str, Run]) -> None:
+    """A checkpoint written with the blocks wrapped loads into the plain model, and the other way round."""
+
+    def names(run: Run) -> set[str]:
+        return set(dcp.FileSystemReader(str(run.checkpoints / "step_40")).read_metadata().state_dict_metadata)
+
+    assert names(runs["optimized"]) == names(runs["full"])
