@@ -87,11 +87,18 @@ class Recipe(_Strict):
     lr: float = Field(gt=0)
     warmup_steps: int = Field(ge=0)
     activation_checkpointing: bool = False
+    compile: bool = False  # torch.compile each decoder block: DTP's trainer (fsdp); other frameworks have their own
     parallelism: Parallelism = Field(default_factory=Parallelism)
     defaults: RecipeDefaults
     expected_step_seconds: float = Field(gt=0)
     gates: Gates = Field(default_factory=Gates)
     schedule: str | None = None
+
+    @model_validator(mode="after")
+    def _compile_is_the_trainers(self) -> Recipe:
+        if self.compile and self.framework != "fsdp":
+            raise ValueError(f"compile is DTP's trainer's option (framework fsdp); {self.framework} has its own")
+        return self
 
     @model_validator(mode="after")
     def _framework_can_split_so(self) -> Recipe:

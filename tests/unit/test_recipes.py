@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
 import yaml
 
+from dtp.params import TrainParams
+from dtp.pipeline.jobs import training_config
 from dtp.recipes import (
     PLATFORMS,
     RECIPE_DIR,
@@ -19,6 +22,7 @@ from dtp.recipes import (
     recipe_names,
 )
 from model import MODELS
+from train import TrainConfig
 
 SHIPPED = sorted(RECIPE_DIR.glob("*.yaml"))
 
@@ -137,6 +141,7 @@ def test_not_a_mapping(tmp_path: Path, content: str) -> None:
         ({"seq_len": 4}, "seq_len"),
         ({"framework": "jax"}, "framework"),
         ({"precision": "fp16"}, "precision"),
+        ({"framework": "torchtitan", "compile": True}, "compile is DTP's trainer's option"),
         ({"learning_rate": 1e-3}, "learning_rate"),
         ({"defaults": {"platform": "local"}}, "defaults.instance_type"),
         ({"gates": {"final_loss_max": "low"}}, "gates.final_loss_max"),
@@ -182,3 +187,12 @@ def test_catalogue_of_a_directory(tmp_path: Path, tiny_raw: dict) -> None:
     recipes = catalogue(tmp_path)
     assert list(recipes) == ["tiny", "tiny2"]
     assert recipes["tiny2"].seq_len == 64
+
+
+@pytest.mark.parametrize("compile_", [False, True])
+def test_the_trainer_gets_the_recipes_compile_and_activation_checkpointing(compile_: bool) -> None:
+    recipe = load_recipe_file(RECIPE_DIR / "llama3_1_8b.yaml").model_copy(update={"compile": compile_})
+    spec = {"recipe": recipe.model_dump(), "params": TrainParams().model_dump(), "names": {"run_key": "r"}}
+    config = training_config(spec, "/fsx/runs/r", {"train_bin": "/fsx/runs/r/train.bin"})
+    assert (config["compile"], config["activation_checkpointing"]) == (compile_, True)
+    assert config.keys() <= {f.name for f in fields(TrainConfig)}

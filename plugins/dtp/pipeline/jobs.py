@@ -151,6 +151,7 @@ def training_config(spec: dict[str, Any], workdir: str, data: dict[str, Any]) ->
         "log_interval": max(1, params["max_steps"] // 100),
         "precision": recipe["precision"],
         "activation_checkpointing": recipe["activation_checkpointing"],
+        "compile": recipe["compile"],
         "profile_steps": params["profile_steps"],
         "profile_dir": f"{workdir}/profile",
     }
