@@ -39,6 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "plugins"), str(ROOT / "include" / "training")]
 
 from dtp.metrics.framework_logs import torchtitan_records  # noqa: E402
+from dtp.metrics.trace import summarize_trace  # noqa: E402
 from model import MODELS, flops_per_token  # noqa: E402
 from train import PEAK_FLOPS  # noqa: E402
 
@@ -71,6 +72,17 @@ GPU_SHAPES = [
 SMOKE_SHAPE = Shape("tiny", 64, 4, "fp32", 3, 6)
 
 
+@dataclass(frozen=True)
+class Run:
+    """One side's run of a shape: where it works and with which options."""
+
+    shape: Shape
+    data: Path
+    work: Path
+    compile: bool
+    profile: bool
+
+
 def write_tokens(path: Path) -> None:
     np.random.default_rng(0).integers(0, 256, size=8 << 20, dtype=np.uint8).tofile(path)
 
@@ -79,62 +91,73 @@ def torchrun(python: str) -> list[str]:
     return [python, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1"]
 
 
-def run_dtp(shape: Shape, data: Path, work: Path, compile_: bool) -> list[dict]:
-    """DTP's trainer's step records for ``shape``."""
+def run_dtp(run: Run) -> tuple[list[dict], Path | None]:
+    """DTP's trainer's step records, and its profile trace (steps 2 and 3, in the warm-up) if asked for."""
+    shape = run.shape
     config = {
         "model": shape.model,
-        "data_path": str(data),
-        "checkpoint_dir": str(work / "ckpt"),
-        "metrics_path": str(work / "metrics.jsonl"),
+        "data_path": str(run.data),
+        "checkpoint_dir": str(run.work / "ckpt"),
+        "metrics_path": str(run.work / "metrics.jsonl"),
         "seq_len": shape.seq_len,
         "micro_batch": shape.micro_batch,
         "max_steps": shape.steps,
         "checkpoint_interval": shape.steps * 10,  # a final checkpoint only, after the measured steps
         "log_interval": 1,
         "precision": shape.precision,
-        "compile": compile_,
+        "compile": run.compile,
         "run_name": "benchmark",
+        "profile_steps": 2 if run.profile else 0,
+        "profile_dir": str(run.work / "profile"),
     }
-    (work / "cfg.json").write_text(json.dumps(config))
+    (run.work / "cfg.json").write_text(json.dumps(config))
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    argv = [*torchrun(sys.executable), str(TRAIN), "--config", str(work / "cfg.json")]
+    argv = [*torchrun(sys.executable), str(TRAIN), "--config", str(run.work / "cfg.json")]
     subprocess.run(argv, env=env, check=True, cwd=ROOT)
-    lines = (work / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if r.get("event") == "step"]
+    lines = (run.work / "metrics.jsonl").read_text().splitlines()
+    trace = run.work / "profile" / "trace-rank0.json"
+    return [r for r in map(json.loads, lines) if r.get("event") == "step"], trace if run.profile else None
 
 
-def torchtitan_args(shape: Shape, data: Path, dump_folder: Path, compile_: bool) -> list[str]:
-    """torchtitan.train's arguments for ``shape``: DTP's model and data, one metrics line a step, no
-    activation checkpointing (DTP's default), bf16 mixed precision."""
+def torchtitan_args(run: Run) -> list[str]:
+    """torchtitan.train's arguments for the run: DTP's model and data, one metrics line a step, no
+    activation checkpointing (DTP's default), bf16 mixed precision; profiled at its last step if asked."""
+    shape = run.shape
     args = [
         "--experimental.custom_import", "torchtitan_shape",
         "--model.name", "dtp_llama3",
         "--model.flavor", shape.model,
-        "--training.dataset_path", str(data),
+        "--training.dataset_path", str(run.data),
         "--training.seq_len", str(shape.seq_len),
         "--training.local_batch_size", str(shape.micro_batch),
         "--training.steps", str(shape.steps),
         "--training.mixed_precision_param", "bfloat16" if shape.precision == "bf16" else "float32",
         "--activation_checkpoint.mode", "none",
         "--metrics.log_freq", "1",
-        "--job.dump_folder", str(dump_folder),
+        "--job.dump_folder", str(run.work),
     ]  # fmt: skip
-    return [*args, "--compile.enable"] if compile_ else args
+    if run.compile:
+        args.append("--compile.enable")
+    if run.profile:
+        args += ["--profiling.enable_profiling", "--profiling.profile_freq", str(shape.steps)]
+    return args
 
 
-def run_torchtitan(python: str, shape: Shape, data: Path, work: Path, compile_: bool) -> list[dict]:
-    """torchtitan's step records for ``shape``, read from its metrics lines."""
+def run_torchtitan(python: str, run: Run) -> tuple[list[dict], Path | None]:
+    """torchtitan's step records, read from its metrics lines, and its profile trace if asked for."""
     path = os.pathsep.join([*map(str, TORCHTITAN_PATH), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    argv = [*torchrun(python), "-m", "torchtitan.train", *torchtitan_args(shape, data, work / "torchtitan", compile_)]
-    done = subprocess.run(argv, env=env, cwd=work, capture_output=True, text=True, check=False)
-    (work / "torchtitan.log").write_text(done.stdout + done.stderr)
+    argv = [*torchrun(python), "-m", "torchtitan.train", *torchtitan_args(run)]
+    done = subprocess.run(argv, env=env, cwd=run.work, capture_output=True, text=True, check=False)
+    output = done.stdout + done.stderr
+    (run.work / "torchtitan.log").write_text(output)
     if done.returncode:
-        raise RuntimeError(f"torchtitan exited {done.returncode}:\n{(done.stdout + done.stderr)[-4000:]}")
-    return list(torchtitan_records((done.stdout + done.stderr).splitlines(), world_size=1))
+        raise RuntimeError(f"torchtitan exited {done.returncode}:\n{output[-4000:]}")
+    trace = run.work / "profile_traces" / f"iteration_{run.shape.steps}" / "rank0_trace.json"
+    return list(torchtitan_records(output.splitlines(), world_size=1)), trace if run.profile else None
 
 
-def summarize(records: list[dict], shape: Shape, peak: float | None) -> dict:
+def summarize(records: list[dict], trace: Path | None, shape: Shape, peak: float | None) -> dict:
     """Medians of the steps after warm-up; MFU by DTP's accounting where the device's peak is known."""
     measured = [r for r in records if r["step"] > shape.warmup_steps]
     if not measured:
@@ -151,6 +174,8 @@ def summarize(records: list[dict], shape: Shape, peak: float | None) -> dict:
         summary["mfu_reported"] = round(statistics.median(reported), 4)
     reserved = [r.get("memory_reserved_mb") or r.get("memory_mb") for r in records]
     summary["peak_memory_mb"] = max(m for m in reserved if m is not None)
+    if trace is not None:
+        summary["profile"] = summarize_trace(json.loads(trace.read_text())) if trace.exists() else "no trace written"
     return summary
 
 
@@ -167,27 +192,28 @@ def device_description() -> str:
     return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores), torch {torch.__version__}"
 
 
-def torchtitan_side(python: str | None, shape: Shape, data: Path, work: Path, compile_: bool, peak: float | None):
+def torchtitan_side(python: str | None, run: Run, peak: float | None) -> dict:
     """torchtitan's summary, or why it was not run."""
     if not torch.cuda.is_available():
         return {"status": "not run", "reason": "torchtitan trains on CUDA devices only"}
     if python is None:
         return {"status": "not run", "reason": f"no torchtitan Python ({TORCHTITAN_PYTHON} is made by scripts/setup)"}
     try:
-        return {"status": "ran", **summarize(run_torchtitan(python, shape, data, work, compile_), shape, peak)}
+        return {"status": "ran", **summarize(*run_torchtitan(python, run), run.shape, peak)}
     except (RuntimeError, ValueError) as err:
         return {"status": "failed", "reason": str(err)}
 
 
-def measure(shape: Shape, compile_: bool, torchtitan_python: str | None) -> dict:
+def measure(shape: Shape, compile_: bool, profile: bool, torchtitan_python: str | None) -> dict:
     peak = device_peak_flops()
     with tempfile.TemporaryDirectory(prefix="dtp-bench-") as tmp:
-        work = Path(tmp)
-        data = work / "tokens.bin"
+        data = Path(tmp) / "tokens.bin"
         write_tokens(data)
-        (work / "dtp").mkdir()
-        ours = summarize(run_dtp(shape, data, work / "dtp", compile_), shape, peak)
-        theirs = torchtitan_side(torchtitan_python, shape, data, work, compile_, peak)
+        sides = {name: Run(shape, data, Path(tmp) / name, compile_, profile) for name in ("dtp", "torchtitan")}
+        for side in sides.values():
+            side.work.mkdir()
+        ours = summarize(*run_dtp(sides["dtp"]), shape, peak)
+        theirs = torchtitan_side(torchtitan_python, sides["torchtitan"], peak)
     ratio = ours["tokens_per_s_per_device"] / theirs["tokens_per_s_per_device"] if theirs["status"] == "ran" else None
     return {
         "shape": asdict(shape),
@@ -201,6 +227,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny shape on CPU: proves the benchmark runs")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model, on both sides")
+    parser.add_argument("--profile", action="store_true", help="profile a step on both sides; summarize its time")
     parser.add_argument("--model", action="append", help="only these GPU shapes (by model name)")
     parser.add_argument("--torchtitan-python", help=f"a Python with torchtitan 0.2.2 (default {TORCHTITAN_PYTHON})")
     parser.add_argument("--out", type=Path, default=OUT)
@@ -213,7 +240,7 @@ def main() -> None:
         "device": device_description(),
         "peak_flops": device_peak_flops(),
         "compile": args.compile,
-        "results": [measure(shape, args.compile, torchtitan_python) for shape in shapes],
+        "results": [measure(shape, args.compile, args.profile, torchtitan_python) for shape in shapes],
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")

@@ -38,12 +38,12 @@ def benchmark_module():
 
 @pytest.fixture(scope="module")
 def probe(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """What torchtitan makes of the benchmark's 1B shape, with compile on."""
+    """What torchtitan makes of the benchmark's 1B shape, compiled and profiled."""
     bench = benchmark_module()
     work = tmp_path_factory.mktemp("torchtitan")
     data = work / "tokens.bin"
     bench.write_tokens(data)
-    args = bench.torchtitan_args(bench.GPU_SHAPES[0], data, work / "dump", compile_=True)
+    args = bench.torchtitan_args(bench.Run(bench.GPU_SHAPES[0], data, work, compile=True, profile=True))
     env = {"PYTHONPATH": ":".join(str(p) for p in bench.TORCHTITAN_PATH), "PATH": "/usr/bin:/bin"}
     done = subprocess.run(
         [str(PYTHON), str(PROBE)],
@@ -70,6 +70,7 @@ def test_torchtitan_takes_the_benchmark_arguments_as_meant(probe: dict) -> None:
         "compile": True,
         "log_freq": 1,
         "checkpoint": False,
+        "profiled_step": 40,  # the last: its trace lands where the benchmark reads it (iteration_40)
     }
 
 

@@ -21,6 +21,7 @@ import pytest
 import torch.distributed.checkpoint as dcp
 
 from dtp.metrics.parse import TrainingSummary, summarize
+from dtp.metrics.trace import summarize_trace
 from model import MODELS, count_parameters
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -236,3 +237,13 @@ def test_compiled_checkpointed_runs_save_the_plain_parameter_names(runs: dict[st
         return set(dcp.FileSystemReader(str(run.checkpoints / "step_40")).read_metadata().state_dict_metadata)
 
     assert names(runs["optimized"]) == names(runs["full"])
+
+
+def test_a_profiled_window_is_summarized_by_kind_of_work(runs: dict[str, Run]) -> None:
+    trace = json.loads((runs["full"].directory / "profile" / "trace-rank0.json").read_text())
+    summary = summarize_trace(trace)
+    assert summary["source"] == "host operators"
+    assert 0 < summary["busy_ms"] <= summary["span_ms"]
+    # Two CPU ranks under FSDP: matrix products and gloo's collectives are both in the window.
+    assert summary["by_kind_ms"]["matmul"] > 0 and summary["by_kind_ms"]["communication"] > 0
+    assert "aten::mm" in summary["top_ms"]

@@ -11,10 +11,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_smoke_run_measures_the_trainer_after_warm_up(tmp_path: Path) -> None:
+def test_smoke_run_measures_and_profiles_the_trainer_after_warm_up(tmp_path: Path) -> None:
     out = tmp_path / "trainer_mfu.json"
     done = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "trainer_mfu.py"), "--smoke", "--out", str(out)],
+        [sys.executable, str(ROOT / "benchmarks" / "trainer_mfu.py"), "--smoke", "--profile", "--out", str(out)],
         capture_output=True,
         text=True,
         timeout=300,
@@ -35,5 +35,7 @@ def test_smoke_run_measures_the_trainer_after_warm_up(tmp_path: Path) -> None:
     ours = run["dtp"]
     assert ours["steps_measured"] == 6 and ours["tokens_per_s_per_device"] > 0 and ours["peak_memory_mb"] > 0
     assert ours["mfu"] is None  # no known peak FLOPs for a CPU: not a made-up number
+    # --profile: the trainer's profiled warm-up steps, summarized by kind of work.
+    assert ours["profile"]["source"] == "host operators" and ours["profile"]["by_kind_ms"]["matmul"] > 0
     assert run["torchtitan"] == {"status": "not run", "reason": "torchtitan trains on CUDA devices only"}
     assert run["ratio_tokens_per_s"] is None

@@ -85,6 +85,7 @@ def main() -> None:
             "compile": job_config.compile.enable,
             "log_freq": job_config.metrics.log_freq,
             "checkpoint": job_config.checkpoint.enable,
+            "profiled_step": job_config.profiling.profile_freq if job_config.profiling.enable_profiling else None,
         },
         "models": models(spec),
         "logits_difference": logits_difference(spec),
