@@ -10,8 +10,9 @@ and its peak memory as the caching allocator reserved it. MFU is DTP's accountin
 (989 TFLOP/s for an H100 SXM or an H200: NVIDIA's datasheet figures, without sparsity);
 torchtitan's own MFU is kept beside it.
 
-    .venv/bin/python benchmarks/trainer_mfu.py                 # GPU: Llama 3.2 1B, then 3B
-    .venv/bin/python benchmarks/trainer_mfu.py --smoke         # CPU: tiny shape, a few steps (CI)
+    .venv/bin/python benchmarks/trainer_mfu.py                    # GPU: Llama 3.2 1B, then 3B
+    .venv/bin/python benchmarks/trainer_mfu.py --compile --profile  # compiled, and where the time goes
+    .venv/bin/python benchmarks/trainer_mfu.py --smoke --profile    # CPU: tiny shape, a few steps (CI)
 
 Writes benchmarks/results/trainer_mfu.json (or --out). torchtitan runs from --torchtitan-python
 (default .venv-torchtitan, made by scripts/setup) and trains on CUDA devices only: on a CPU its
@@ -70,6 +71,7 @@ GPU_SHAPES = [
     Shape("llama3_2_3b", 2048, 2, "bf16", 10, 20),  # the largest Llama 3 whose weights, grads and AdamW fit 80 GB
 ]
 SMOKE_SHAPE = Shape("tiny", 64, 4, "fp32", 3, 6)
+LR = 3e-4  # both sides' AdamW (betas 0.9/0.95, weight decay 0.1 on both), warmed up over the warm-up steps
 
 
 @dataclass(frozen=True)
@@ -104,6 +106,8 @@ def run_dtp(run: Run) -> tuple[list[dict], Path | None]:
         "max_steps": shape.steps,
         "checkpoint_interval": shape.steps * 10,  # a final checkpoint only, after the measured steps
         "log_interval": 1,
+        "lr": LR,
+        "warmup_steps": shape.warmup_steps,
         "precision": shape.precision,
         "compile": run.compile,
         "run_name": "benchmark",
@@ -132,6 +136,8 @@ def torchtitan_args(run: Run) -> list[str]:
         "--training.local_batch_size", str(shape.micro_batch),
         "--training.steps", str(shape.steps),
         "--training.mixed_precision_param", "bfloat16" if shape.precision == "bf16" else "float32",
+        "--optimizer.lr", str(LR),
+        "--lr_scheduler.warmup_steps", str(shape.warmup_steps),
         "--activation_checkpoint.mode", "none",
         "--metrics.log_freq", "1",
         "--job.dump_folder", str(run.work),

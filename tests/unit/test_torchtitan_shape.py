@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from model import MODELS, count_parameters
+from train import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 PYTHON = ROOT / ".venv-torchtitan" / "bin" / "python"
@@ -66,6 +67,9 @@ def test_torchtitan_takes_the_benchmark_arguments_as_meant(probe: dict) -> None:
         "local_batch_size": 4,
         "steps": 40,
         "mixed_precision_param": "bfloat16",
+        "lr": 3e-4,
+        "weight_decay": TrainConfig.weight_decay,  # DTP's trainer's
+        "warmup_steps": 10,
         "activation_checkpoint": "none",
         "compile": True,
         "log_freq": 1,
