@@ -29,6 +29,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -93,6 +94,15 @@ def torchrun(python: str) -> list[str]:
     return [python, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1"]
 
 
+def launch(argv: list[str], env: dict[str, str], cwd: Path) -> str:
+    """Run one trainer to its end; its output, or a RuntimeError with the output's tail."""
+    done = subprocess.run(argv, env=env, cwd=cwd, capture_output=True, text=True, check=False)
+    output = done.stdout + done.stderr
+    if done.returncode:
+        raise RuntimeError(f"exit {done.returncode}:\n{output[-4000:]}")
+    return output
+
+
 def run_dtp(run: Run) -> tuple[list[dict], Path | None]:
     """DTP's trainer's step records, and its profile trace (steps 2 and 3, in the warm-up) if asked for."""
     shape = run.shape
@@ -116,8 +126,7 @@ def run_dtp(run: Run) -> tuple[list[dict], Path | None]:
     }
     (run.work / "cfg.json").write_text(json.dumps(config))
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    argv = [*torchrun(sys.executable), str(TRAIN), "--config", str(run.work / "cfg.json")]
-    subprocess.run(argv, env=env, check=True, cwd=ROOT)
+    launch([*torchrun(sys.executable), str(TRAIN), "--config", str(run.work / "cfg.json")], env, ROOT)
     lines = (run.work / "metrics.jsonl").read_text().splitlines()
     trace = run.work / "profile" / "trace-rank0.json"
     return [r for r in map(json.loads, lines) if r.get("event") == "step"], trace if run.profile else None
@@ -153,12 +162,7 @@ def run_torchtitan(python: str, run: Run) -> tuple[list[dict], Path | None]:
     """torchtitan's step records, read from its metrics lines, and its profile trace if asked for."""
     path = os.pathsep.join([*map(str, TORCHTITAN_PATH), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    argv = [*torchrun(python), "-m", "torchtitan.train", *torchtitan_args(run)]
-    done = subprocess.run(argv, env=env, cwd=run.work, capture_output=True, text=True, check=False)
-    output = done.stdout + done.stderr
-    (run.work / "torchtitan.log").write_text(output)
-    if done.returncode:
-        raise RuntimeError(f"torchtitan exited {done.returncode}:\n{output[-4000:]}")
+    output = launch([*torchrun(python), "-m", "torchtitan.train", *torchtitan_args(run)], env, run.work)
     trace = run.work / "profile_traces" / f"iteration_{run.shape.steps}" / "rank0_trace.json"
     return list(torchtitan_records(output.splitlines(), world_size=1)), trace if run.profile else None
 
@@ -198,16 +202,21 @@ def device_description() -> str:
     return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores), torch {torch.__version__}"
 
 
+def side(measure_run: Callable[[], tuple[list[dict], Path | None]], shape: Shape, peak: float | None) -> dict:
+    """One side's summary, or why it failed (an out-of-memory, say), so the other shapes still run."""
+    try:
+        return {"status": "ran", **summarize(*measure_run(), shape, peak)}
+    except (RuntimeError, ValueError) as err:
+        return {"status": "failed", "reason": str(err)}
+
+
 def torchtitan_side(python: str | None, run: Run, peak: float | None) -> dict:
     """torchtitan's summary, or why it was not run."""
     if not torch.cuda.is_available():
         return {"status": "not run", "reason": "torchtitan trains on CUDA devices only"}
     if python is None:
         return {"status": "not run", "reason": f"no torchtitan Python ({TORCHTITAN_PYTHON} is made by scripts/setup)"}
-    try:
-        return {"status": "ran", **summarize(*run_torchtitan(python, run), run.shape, peak)}
-    except (RuntimeError, ValueError) as err:
-        return {"status": "failed", "reason": str(err)}
+    return side(lambda: run_torchtitan(python, run), run.shape, peak)
 
 
 def measure(shape: Shape, compile_: bool, profile: bool, torchtitan_python: str | None) -> dict:
@@ -215,17 +224,19 @@ def measure(shape: Shape, compile_: bool, profile: bool, torchtitan_python: str 
     with tempfile.TemporaryDirectory(prefix="dtp-bench-") as tmp:
         data = Path(tmp) / "tokens.bin"
         write_tokens(data)
-        sides = {name: Run(shape, data, Path(tmp) / name, compile_, profile) for name in ("dtp", "torchtitan")}
-        for side in sides.values():
-            side.work.mkdir()
-        ours = summarize(*run_dtp(sides["dtp"]), shape, peak)
-        theirs = torchtitan_side(torchtitan_python, sides["torchtitan"], peak)
-    ratio = ours["tokens_per_s_per_device"] / theirs["tokens_per_s_per_device"] if theirs["status"] == "ran" else None
+        ours_run, theirs_run = (Run(shape, data, Path(tmp) / name, compile_, profile) for name in ("dtp", "torchtitan"))
+        for run in (ours_run, theirs_run):
+            run.work.mkdir()
+        ours = side(lambda: run_dtp(ours_run), shape, peak)
+        theirs = torchtitan_side(torchtitan_python, theirs_run, peak)
+    both = ours["status"] == theirs["status"] == "ran"
     return {
         "shape": asdict(shape),
         "dtp": ours,
         "torchtitan": theirs,
-        "ratio_tokens_per_s": round(ratio, 3) if ratio else None,
+        "ratio_tokens_per_s": (
+            round(ours["tokens_per_s_per_device"] / theirs["tokens_per_s_per_device"], 3) if both else None
+        ),
     }
 
 
@@ -246,10 +257,12 @@ def main() -> None:
         "device": device_description(),
         "peak_flops": device_peak_flops(),
         "compile": args.compile,
-        "results": [measure(shape, args.compile, args.profile, torchtitan_python) for shape in shapes],
+        "results": [],
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    for shape in shapes:  # the file is rewritten after each shape: a run cut short keeps what it measured
+        result["results"].append(measure(shape, args.compile, args.profile, torchtitan_python))
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
 
 

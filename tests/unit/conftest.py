@@ -7,6 +7,7 @@ kubeconfig and token, and records them.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import sys
@@ -14,6 +15,7 @@ import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -151,3 +153,15 @@ def offline_aws(monkeypatch: pytest.MonkeyPatch) -> None:
         "AWS_EC2_METADATA_DISABLED": "true",
     }.items():
         monkeypatch.setenv(name, value)
+
+
+@pytest.fixture(scope="session")
+def trainer_mfu() -> ModuleType:
+    """benchmarks/trainer_mfu.py, imported as a module (benchmarks/ is no package)."""
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "trainer_mfu.py"
+    spec = importlib.util.spec_from_file_location("trainer_mfu", path)
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["trainer_mfu"] = module  # its dataclasses resolve their annotations through it
+    spec.loader.exec_module(module)
+    return module

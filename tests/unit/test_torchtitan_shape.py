@@ -9,11 +9,10 @@ dataloader yields DTP's trainer's batches.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
-import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -29,18 +28,10 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def benchmark_module():
-    spec = importlib.util.spec_from_file_location("trainer_mfu", ROOT / "benchmarks" / "trainer_mfu.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("trainer_mfu", module)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
-def probe(tmp_path_factory: pytest.TempPathFactory) -> dict:
+def probe(tmp_path_factory: pytest.TempPathFactory, trainer_mfu: ModuleType) -> dict:
     """What torchtitan makes of the benchmark's 1B shape, compiled and profiled."""
-    bench = benchmark_module()
+    bench = trainer_mfu
     work = tmp_path_factory.mktemp("torchtitan")
     data = work / "tokens.bin"
     bench.write_tokens(data)
