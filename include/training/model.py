@@ -107,10 +107,11 @@ class MixtureOfExperts(nn.Module):
         weights, chosen = torch.topk(self.router(tokens), self.top_k, dim=-1)
         weights = F.softmax(weights, dim=-1, dtype=torch.float32).to(tokens.dtype)
         out = torch.zeros_like(tokens)
+        # Every expert runs, on no rows when no token chose it here, so each has a gradient on every rank:
+        # FSDP reduce-scatters the same gradients everywhere, and a rank without an expert's would not match.
         for index, expert in enumerate(self.experts):
             rows, slot = torch.nonzero(chosen == index, as_tuple=True)
-            if rows.numel():
-                out.index_add_(0, rows, expert(tokens[rows]) * weights[rows, slot, None])
+            out.index_add_(0, rows, expert(tokens[rows]) * weights[rows, slot, None])
         return out.reshape(x.shape)
 
 

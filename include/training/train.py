@@ -101,9 +101,9 @@ def reserved_memory_mb(device: torch.device) -> float | None:
 
 def build(cfg: TrainConfig, device: torch.device, world: int):
     """The model sharded block by block with FSDP2, and its optimizer. Each block is wrapped for activation
-    checkpointing and compiled (whole, ``fullgraph``) before it is sharded, so FSDP's hooks stay outside the
-    compiled graphs: compiling the whole model instead breaks its graph at every block's hooks. Checkpoints
-    keep the plain parameter names either way (``get_state_dict`` strips the wrappers')."""
+    checkpointing and compiled (a dense one whole, ``fullgraph``) before it is sharded, so FSDP's hooks stay
+    outside the compiled graphs: compiling the whole model instead breaks its graph at every block's hooks.
+    Checkpoints keep the plain parameter names either way (``get_state_dict`` strips the wrappers')."""
     args = MODELS[cfg.model]
     with torch.device(device):
         model = Transformer(args, cfg.seq_len)
@@ -116,7 +116,8 @@ def build(cfg: TrainConfig, device: torch.device, world: int):
 
             block = checkpoint_wrapper(block)
         if cfg.compile:
-            block = torch.compile(block, fullgraph=True)
+            # The experts' routing has data-dependent shapes (torch.nonzero): a MoE block's graph breaks there.
+            block = torch.compile(block, fullgraph=not args.n_experts)
         model.layers[i] = block
         fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=i < len(model.layers) - 1)
     fully_shard(model, mesh=mesh, mp_policy=policy)

@@ -247,3 +247,22 @@ def test_a_profiled_window_is_summarized_by_kind_of_work(runs: dict[str, Run]) -
     # Two CPU ranks under FSDP: matrix products and gloo's collectives are both in the window.
     assert summary["by_kind_ms"]["matmul"] > 0 and summary["by_kind_ms"]["communication"] > 0
     assert "aten::mm" in summary["top_ms"]
+
+
+def test_a_mixture_of_experts_trains_on_two_ranks_and_compiled_as_eager(tmp_path: Path) -> None:
+    """Two ranks route their tokens to different experts; FSDP still reduce-scatters the same gradients on both
+    (it failed with a collective mismatch when an expert had no token on one rank). The experts' routing has
+    data-dependent shapes: compiled, a MoE block's graph breaks there rather than refusing."""
+    data = tmp_path / "train.bin"
+    data.write_bytes(CORPUS.read_bytes()[: 64 * 1024])
+    losses = {}
+    for compiled in (False, True):
+        run = make_run(tmp_path / f"compiled-{compiled}", data, compile=compiled)
+        config = json.loads(run.config.read_text())
+        run.config.write_text(json.dumps({**config, "model": "tiny_moe", "max_steps": 4, "log_interval": 2}))
+        result = finish(run, start(run))
+        assert result.returncode == 0, describe(result)
+        losses[compiled] = run.losses()
+    assert losses[True].keys() == losses[False].keys() == {2, 4}
+    for step, loss in losses[False].items():
+        assert losses[True][step] == pytest.approx(loss, abs=1e-3), step
