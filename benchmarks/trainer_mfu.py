@@ -104,7 +104,7 @@ def launch(argv: list[str], env: dict[str, str], cwd: Path) -> str:
 
 
 def run_dtp(run: Run) -> tuple[list[dict], Path | None]:
-    """DTP's trainer's step records, and its profile trace (steps 2 and 3, in the warm-up) if asked for."""
+    """DTP's trainer's step records, and its profile trace (of step 2, in the warm-up) if asked for."""
     shape = run.shape
     config = {
         "model": shape.model,
@@ -121,7 +121,7 @@ def run_dtp(run: Run) -> tuple[list[dict], Path | None]:
         "precision": shape.precision,
         "compile": run.compile,
         "run_name": "benchmark",
-        "profile_steps": 2 if run.profile else 0,
+        "profile_steps": 1 if run.profile else 0,
         "profile_dir": str(run.work / "profile"),
     }
     (run.work / "cfg.json").write_text(json.dumps(config))
