@@ -43,7 +43,7 @@ sys.path[:0] = [str(ROOT / "plugins"), str(ROOT / "include" / "training")]
 from dtp.metrics.framework_logs import torchtitan_records  # noqa: E402
 from dtp.metrics.trace import summarize_trace  # noqa: E402
 from model import MODELS, flops_per_token  # noqa: E402
-from train import PEAK_FLOPS  # noqa: E402
+from train import peak_flops  # noqa: E402
 
 TRAIN = ROOT / "include" / "training" / "train.py"
 OUT = ROOT / "benchmarks" / "results" / "trainer_mfu.json"
@@ -190,10 +190,8 @@ def summarize(records: list[dict], trace: Path | None, shape: Shape, peak: float
 
 
 def device_peak_flops() -> float | None:
-    if not torch.cuda.is_available():
-        return None
-    name = torch.cuda.get_device_name(0)
-    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+    """The trainer's dense bf16 peak for the first GPU (None on a CPU or an unknown GPU)."""
+    return peak_flops(torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu"))
 
 
 def device_description() -> str:
