@@ -54,10 +54,10 @@ class Run:
         return dict(zip(self.summary.steps, self.summary.losses, strict=True))
 
 
-def make_run(directory: Path, data: Path, profile_steps: int = 0, **options: bool) -> Run:
+def make_run(directory: Path, data: Path, profile_steps: int = 0, **options: Any) -> Run:
+    """A run of the tiny model for MAX_STEPS steps; ``options`` replace or add to its config's entries."""
     directory.mkdir()
     config = {
-        **options,
         "model": "tiny",
         "data_path": str(data),
         "checkpoint_dir": str(directory / "checkpoints"),
@@ -70,6 +70,7 @@ def make_run(directory: Path, data: Path, profile_steps: int = 0, **options: boo
         "run_name": directory.name,
         "profile_steps": profile_steps,
         "profile_dir": str(directory / "profile"),
+        **options,
     }
     path = directory / "cfg.json"
     path.write_text(json.dumps(config))
@@ -257,9 +258,9 @@ def test_a_mixture_of_experts_trains_on_two_ranks_and_compiled_as_eager(tmp_path
     data.write_bytes(CORPUS.read_bytes()[: 64 * 1024])
     losses = {}
     for compiled in (False, True):
-        run = make_run(tmp_path / f"compiled-{compiled}", data, compile=compiled)
-        config = json.loads(run.config.read_text())
-        run.config.write_text(json.dumps({**config, "model": "tiny_moe", "max_steps": 4, "log_interval": 2}))
+        run = make_run(
+            tmp_path / f"compiled-{compiled}", data, model="tiny_moe", max_steps=4, log_interval=2, compile=compiled
+        )
         result = finish(run, start(run))
         assert result.returncode == 0, describe(result)
         losses[compiled] = run.losses()
