@@ -76,6 +76,7 @@ def summarize_trace(trace: dict[str, Any], top: int = 8) -> dict[str, Any]:
     for event, own_us in timed:
         by_kind[kind_of(event["name"])] += own_us
         by_name[event["name"]] += own_us
+    kinds = sorted(by_kind.items(), key=lambda kv: -kv[1])
     work = sum(by_kind.values())
     span = max(e["ts"] + e["dur"] for e, _ in timed) - min(e["ts"] for e, _ in timed)
     busy = _union_us((e["ts"], e["ts"] + e["dur"]) for e, _ in timed)
@@ -84,7 +85,7 @@ def summarize_trace(trace: dict[str, Any], top: int = 8) -> dict[str, Any]:
         "span_ms": round(span / 1e3, 3),
         "busy_ms": round(busy / 1e3, 3),
         "idle_share": round(1 - busy / span, 4) if span else 0.0,
-        "by_kind_ms": {k: round(v / 1e3, 3) for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])},
-        "by_kind_share": {k: round(v / work, 4) for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])},
+        "by_kind_ms": {k: round(v / 1e3, 3) for k, v in kinds},
+        "by_kind_share": {k: round(v / work, 4) for k, v in kinds},
         "top_ms": {n: round(v / 1e3, 3) for n, v in sorted(by_name.items(), key=lambda kv: -kv[1])[:top]},
     }
