@@ -47,10 +47,6 @@ def container(job: dict[str, Any]) -> dict[str, Any]:
     return worker(job)["template"]["spec"]["containers"][0]
 
 
-def check(job: dict[str, Any]) -> list[str]:
-    return EksPlatform().check({"pytorchjob.yaml": yaml.safe_dump(job)})
-
-
 def test_registered_as_the_eks_platform() -> None:
     platform = get_platform("eks")
     assert (platform.name, platform.scheduler, platform.ami_family) == ("eks", "kubernetes", "eks-gpu")
@@ -214,6 +210,12 @@ def test_odd_characters_in_values_cannot_break_the_yaml() -> None:
     assert len(dag_label) <= 63 and dag_label.startswith("dag__with_newline")
 
 
+def test_check_names_the_document_of_each_problem() -> None:
+    text, _ = rendered(spec_for("llama3_1_8b", "p5.48xlarge", 2))
+    problems = EksPlatform().check({"pytorchjob.yaml": text, "preflight.yaml": text.replace("PyTorchJob", "TFJob")})
+    assert problems == ["preflight.yaml: apiVersion/kind: expected kubeflow.org/v1 PyTorchJob"]
+
+
 def test_recipes_of_other_frameworks_are_refused() -> None:
     with pytest.raises(PlatformNotReady, match=r"llama3_1_8b_torchtitan.*torchtitan.*FSDP trainer only"):
         EksPlatform().render(spec_for("llama3_1_8b_torchtitan", "p5.48xlarge", 2), {})
@@ -258,60 +260,6 @@ def test_invalid_connection_names_the_field(monkeypatch: pytest.MonkeyPatch, ext
     monkeypatch.setenv("AIRFLOW_CONN_DTP_EKS", json.dumps({"conn_type": "generic", "extra": extra}))
     with pytest.raises(PlatformNotReady, match=f"connection 'dtp_eks' extra: .*{field}"):
         EksPlatform().max_nodes()
-
-
-@pytest.fixture
-def job() -> dict[str, Any]:
-    return rendered(spec_for("llama3_1_8b", "p5.48xlarge", 4))[1]
-
-
-@pytest.mark.parametrize(
-    ("change", "expected"),
-    [
-        (lambda j: worker(j).update(restartPolicy="Sometimes"), "Worker.restartPolicy: 'Sometimes' is not one of"),
-        (lambda j: worker(j).update(replicas="two"), "Worker.replicas: 'two' is not of type 'integer'"),
-        (lambda j: worker(j).pop("template"), "Worker.template.spec.containers: must be specified"),
-        (lambda j: j.update(status_report={}), "(document): Additional properties are not allowed ('status_report'"),
-        (lambda j: j["spec"].update(replicas=4), "spec: Additional properties are not allowed ('replicas'"),
-        (lambda j: container(j).update(imagePullPolicy=7), "containers[0].imagePullPolicy: 7 is not of type 'string'"),
-        (lambda j: container(j).pop("image"), "containers[0].image: required"),
-        (lambda j: container(j).update(name="trainer"), "needs a container named 'pytorch'"),
-        (lambda j: container(j)["resources"]["limits"].update(cpu="lots"), "limits.cpu: 'lots' does not match"),
-        (lambda j: container(j)["resources"]["limits"].update(cpu=[8]), "limits.cpu: [8] is not valid under any"),
-        (lambda j: j["spec"]["pytorchReplicaSpecs"].update(Chief=worker(j)), "Chief: unsupported replica type"),
-        (lambda j: j["spec"]["pytorchReplicaSpecs"].update(Master=dict(worker(j))), "Master.replicas: must be 1"),
-        (lambda j: j["spec"]["pytorchReplicaSpecs"].update(Master=j["spec"]["pytorchReplicaSpecs"].pop("Worker")),
-         "Worker: required with an elasticPolicy"),
-        (lambda j: j["spec"]["elasticPolicy"].update(nProcPerNode=8), "nProcPerNode: must not be used with"),
-        (lambda j: j["metadata"].update(name="Run_1"), "metadata.name: 'Run_1' is not a DNS-1035 label"),
-        (lambda j: j["metadata"].update(name="1-run"), "metadata.name: '1-run' is not a DNS-1035 label"),
-        (lambda j: j["metadata"]["labels"].update(dag="has space"), "'has space' is not a label value"),
-        (lambda j: j["metadata"]["annotations"].update({"dtp:owner": "dtp"}), "key 'dtp:owner' is not a qualified"),
-        (lambda j: j.update(kind="TFJob"), "apiVersion/kind: expected kubeflow.org/v1 PyTorchJob"),
-    ],
-)  # fmt: skip
-def test_check_catches_violations(job: dict[str, Any], change: Any, expected: str) -> None:
-    assert check(job) == []
-    change(job)
-    problems = check(job)
-    assert any(expected in problem for problem in problems), problems
-    assert all(problem.startswith("pytorchjob.yaml: ") for problem in problems)
-
-
-def test_quantities_take_integers_and_strings(job: dict[str, Any]) -> None:
-    container(job)["resources"]["limits"] |= {"cpu": 96, "memory": "1900Gi", "ephemeral-storage": "0.5Ti"}
-    container(job)["ports"] = [{"containerPort": 29500, "name": "pytorchjob-port"}]
-    worker(job)["template"]["spec"]["containers"][0]["livenessProbe"] = {"tcpSocket": {"port": "pytorchjob-port"}}
-    assert check(job) == []
-
-
-def test_check_wants_a_single_yaml_document(job: dict[str, Any]) -> None:
-    text = yaml.safe_dump(job)
-    platform = EksPlatform()
-    assert platform.check({"pytorchjob.yaml": text + "---\n" + text}) == [
-        "pytorchjob.yaml: expected one PyTorchJob mapping, found 2 YAML documents"
-    ]
-    assert platform.check({"pytorchjob.yaml": "metadata: {name: [unclosed"})[0].startswith("pytorchjob.yaml: not YAML")
 
 
 def describe_cluster(status: str, endpoint: str = "https://ABC.gr7.us-east-1.eks.amazonaws.com") -> dict[str, Any]:

@@ -76,7 +76,7 @@ def _prepare_off_slurm(
         _stage_programs(SharedFilesystemHook.of_cluster(cluster), run_dir(spec, cluster))
     platform = get_platform(cluster["platform"])  # its module loads here, never when a DAG is parsed
     if cluster["scheduler"] == "kubernetes" and isinstance(platform, PyTorchJobPlatform):
-        from dtp.platforms.eks import manifest_problems
+        from dtp.platforms.pytorchjob_manifest import manifest_problems
 
         manifest = platform.pytorchjobs(spec, images)["preflight.yaml" if kind == "preflight" else "pytorchjob.yaml"]
         if problems := manifest_problems(manifest):
