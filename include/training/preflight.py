@@ -132,6 +132,8 @@ def main() -> None:
     dist.init_process_group(backend, timeout=timedelta(seconds=120))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device("cuda", local_rank) if backend == "nccl" else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # NCCL's object collectives use the current device: each rank its own GPU
     record = environment(device)
     if local_rank == 0:
         record["probes"] = probes()
