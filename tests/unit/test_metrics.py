@@ -56,7 +56,7 @@ def test_summarize_noisy_log() -> None:
     assert s.restarts == 0
     assert (s.params, s.world_size) == (459392, 2)
     assert s.max_memory_mb == 420.5
-    assert s.mfu == 0.33
+    assert s.mfu == 0.32  # the median over the windows after the first
     assert s.finished
     assert (s.first_loss, s.final_loss) == (5.5, 3.0)
     d = s.as_dict()
@@ -98,6 +98,24 @@ def test_median_tokens_per_s_leaves_out_the_first_window() -> None:
     assert s.median_tokens_per_s == 2000.0  # with the first window it would be 1500
 
 
+def test_the_first_window_after_a_resume_is_a_warm_up_too() -> None:
+    lines = [
+        start(),
+        step(1, 5.0, 10.0, mfu=0.01),
+        step(2, 4.0, 1000.0, mfu=0.30),
+        step(3, 3.9, 1100.0, mfu=0.33),  # lost: logged again after the resume
+        start(resumed_from_step=2),
+        step(3, 3.0, 20.0, mfu=0.02),
+        step(4, 2.0, 1200.0, mfu=0.36),
+        step(5, 1.0, 1300.0, mfu=0.39),
+    ]
+    s = summarize(lines)
+    assert s.warm_up_steps == [1, 3]
+    assert s.tokens_per_s == [10.0, 1000.0, 20.0, 1200.0, 1300.0]
+    assert s.median_tokens_per_s == 1200.0  # with the resume's warm-up it would be 1000
+    assert s.mfu == 0.36
+
+
 def test_median_tokens_per_s_with_one_window_uses_it() -> None:
     assert summarize([step(1, 5.0, 123.0)]).median_tokens_per_s == 123.0
 
@@ -117,7 +135,8 @@ GATES = {"final_loss_max": 2.3, "min_tokens_per_s": 2000, "loss_must_decrease": 
 
 def summary(losses: list[float], tps: list[float] | None = None, steps: list[int] | None = None) -> TrainingSummary:
     steps = steps or [10 * (i + 1) for i in range(len(losses))]
-    return TrainingSummary(steps=steps, losses=losses, tokens_per_s=tps or [5000.0] * len(losses))
+    tps = tps or [5000.0] * len(losses)
+    return TrainingSummary(steps=steps, losses=losses, tokens_per_s=tps, warm_up_steps=steps[:1])
 
 
 def test_good_run_passes() -> None:

@@ -33,6 +33,7 @@ SUMMARY = TrainingSummary(
     losses=[4.4, 3.4, 3.1, 3.0],
     tokens_per_s=[10000.0, 21000.0, 24000.0, 23000.0],
     checkpoints=[10, 20],
+    warm_up_steps=[5],
     restarts=1,
     params=459392,
     world_size=2,

@@ -19,11 +19,13 @@ class TrainingSummary:
     losses: list[float] = field(default_factory=list)
     tokens_per_s: list[float] = field(default_factory=list)
     checkpoints: list[int] = field(default_factory=list)
+    # Steps whose window began with a (re)start: the allocator's and compiled code's warm-up is in them.
+    warm_up_steps: list[int] = field(default_factory=list)
     restarts: int = 0
     params: int | None = None
     world_size: int | None = None
     max_memory_mb: float | None = None
-    mfu: float | None = None
+    mfu: float | None = None  # the median over the windows median_tokens_per_s takes
     finished: bool = False
 
     @property
@@ -36,9 +38,13 @@ class TrainingSummary:
 
     @property
     def median_tokens_per_s(self) -> float | None:
-        # The first window includes start-up and warm-up: leave it out when there is more.
-        window = self.tokens_per_s[1:] or self.tokens_per_s
+        window = self.steady(self.tokens_per_s)
         return statistics.median(window) if window else None
+
+    def steady(self, values: list[float]) -> list[float]:
+        """``values`` (one per logged step) of the windows without a warm-up, or all when every one has one."""
+        warm_up = set(self.warm_up_steps)
+        return [value for step, value in zip(self.steps, values, strict=True) if step not in warm_up] or values
 
     def as_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -72,28 +78,41 @@ def summarize(lines: Iterable[str]) -> TrainingSummary:
 def summarize_records(records: Iterable[dict[str, Any]]) -> TrainingSummary:
     """Fold the records into a summary; a step logged twice (after a resume) keeps its latest value."""
     by_step: dict[int, dict[str, Any]] = {}
+    warm_up: set[int] = set()
     summary = TrainingSummary()
     starts = 0
+    started = True  # the records' first window is a warm-up, whether or not its start record is among them
     for record in records:
         event = record["event"]
         if event == "start":
             starts += 1
+            started = True
             summary.params = record.get("params")
             summary.world_size = record.get("world_size")
         elif event == "step":
-            by_step[int(record["step"])] = record
+            step = int(record["step"])
+            by_step[step] = record
+            if started:
+                warm_up.add(step)
+            else:
+                warm_up.discard(step)
+            started = False
         elif event == "checkpoint":
             summary.checkpoints.append(int(record["step"]))
         elif event == "end":
             summary.finished = True
     summary.restarts = max(0, starts - 1)
+    mfus = []
     for step in sorted(by_step):
         record = by_step[step]
         summary.steps.append(step)
         summary.losses.append(float(record["loss"]))
         summary.tokens_per_s.append(float(record["tokens_per_s"]))
+        if step in warm_up:
+            summary.warm_up_steps.append(step)
         if record.get("memory_mb") is not None:
             summary.max_memory_mb = max(summary.max_memory_mb or 0.0, float(record["memory_mb"]))
-        if record.get("mfu") is not None:
-            summary.mfu = float(record["mfu"])
+        mfus.append(float(record["mfu"]) if record.get("mfu") is not None else None)
+    steady_mfus = [mfu for mfu in summary.steady(mfus) if mfu is not None]
+    summary.mfu = statistics.median(steady_mfus) if steady_mfus else None
     return summary
