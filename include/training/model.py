@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 
 @dataclass(frozen=True)
@@ -131,21 +132,38 @@ class Block(nn.Module):
 class Transformer(nn.Module):
     """The decoder; ``layers`` is a ModuleList so FSDP can shard block by block."""
 
-    def __init__(self, args: ModelArgs, seq_len: int) -> None:
+    def __init__(self, args: ModelArgs, seq_len: int, seed: int = 0) -> None:
         super().__init__()
         self.args = args
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
         self.layers = nn.ModuleList(Block(args) for _ in range(args.n_layers))
         self.norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.seq_len = seq_len
         self.register_buffer("freqs", rope_frequencies(args, seq_len), persistent=False)
-        self.reset_parameters()
+        self.init_weights(seed)
 
-    def reset_parameters(self) -> None:
+    @torch.no_grad()
+    def init_weights(self, seed: int) -> None:
+        """(Re)initialise the parameters and the RoPE buffer where they are, from ``seed`` alone: matrices normal
+        (std 0.02, less for the projections into the residual stream), norms one. A model built on the meta device
+        (nothing to initialise there) and sharded by FSDP2, then given memory by ``to_empty``, gets its shards of
+        the model the same seed makes whole on one device: each rank draws a parameter whole, keeps its shard and
+        drops the rest, so no device ever holds more than one whole parameter."""
+        device = self.output.weight.device
+        if device.type == "meta":
+            return
+        self.freqs = rope_frequencies(self.args, self.seq_len, device)
+        generator = torch.Generator(device).manual_seed(seed)
         for name, param in self.named_parameters():
             if param.dim() == 2:
                 std = 0.02 / math.sqrt(2 * self.args.n_layers) if name.endswith(("wo.weight", "w2.weight")) else 0.02
-                nn.init.normal_(param, mean=0.0, std=std)
+                value = torch.empty(param.shape, device=device).normal_(mean=0.0, std=std, generator=generator)
+            else:
+                value = torch.ones(param.shape, device=device)
+            if isinstance(param, DTensor):
+                value = distribute_tensor(value, param.device_mesh, param.placements, src_data_rank=None)
+            param.copy_(value)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         h = self.tok_embeddings(tokens)

@@ -13,6 +13,7 @@ import argparse
 import json
 import math
 import os
+import re
 import resource
 import sys
 import time
@@ -32,8 +33,18 @@ import checkpoint
 from model import MODELS, Transformer, count_parameters, flops_per_token
 from profiling import StepProfiler
 
-# Dense bf16 peak per device, for MFU (vendor datasheets, without sparsity).
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10G": 125e12}
+# Dense bf16 peak per device, for MFU (vendor datasheets, without sparsity), by a pattern of the name CUDA
+# gives the device ("NVIDIA H100 80GB HBM3"): the first that matches. A run on a cluster takes its instance
+# type's figure from include/instance_types.yaml instead (``TrainConfig.peak_flops``).
+PEAK_FLOPS = (
+    (r"H100 PCIe", 756e12),
+    (r"H100 NVL", 835e12),
+    (r"H100|H200", 989e12),
+    (r"A100", 312e12),
+    (r"L40S", 362e12),
+    (r"L4\b", 121e12),
+    (r"A10G", 125e12),
+)
 
 
 @dataclass
@@ -59,6 +70,7 @@ class TrainConfig:
     run_name: str = "local"
     profile_steps: int = 0
     profile_dir: str = ""
+    peak_flops: float | None = None  # per device, for MFU; None: by the device's name (PEAK_FLOPS)
 
     @classmethod
     def load(cls, path: str) -> TrainConfig:
@@ -73,8 +85,10 @@ def lr_at(cfg: TrainConfig, step: int) -> float:
 
 
 def batch_for(data: np.ndarray, cfg: TrainConfig, step: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Batches are seeded by (seed, step, rank): a resumed run sees the same data as an uninterrupted one."""
-    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 1_009 + rank)
+    """Batches are seeded by (seed, step, rank): a resumed run sees the same data as an uninterrupted one, and
+    no two (seed, step, rank) share a seed."""
+    key = np.random.SeedSequence((cfg.seed, step, rank)).generate_state(1, np.uint64)[0]
+    gen = torch.Generator().manual_seed(int(key))
     starts = torch.randint(0, len(data) - cfg.seq_len - 1, (cfg.micro_batch,), generator=gen)
     rows = np.stack([data[s : s + cfg.seq_len + 1] for s in starts.tolist()]).astype(np.int64)
     tokens = torch.from_numpy(rows)
@@ -85,7 +99,7 @@ def peak_flops(device: torch.device) -> float | None:
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+    return next((flops for pattern, flops in PEAK_FLOPS if re.search(pattern, name)), None)
 
 
 def memory_mb(device: torch.device) -> float:
@@ -100,12 +114,13 @@ def reserved_memory_mb(device: torch.device) -> float | None:
 
 
 def build(cfg: TrainConfig, device: torch.device, world: int):
-    """The model sharded block by block with FSDP2, and its optimizer. Each block is wrapped for activation
+    """The model sharded block by block with FSDP2, and its optimizer. The model is built on the meta device and
+    initialised once sharded, so each rank only ever holds its shards. Each block is wrapped for activation
     checkpointing and compiled (a dense one whole, ``fullgraph``) before it is sharded, so FSDP's hooks stay
     outside the compiled graphs: compiling the whole model instead breaks its graph at every block's hooks.
     Checkpoints keep the plain parameter names either way (``get_state_dict`` strips the wrappers')."""
     args = MODELS[cfg.model]
-    with torch.device(device):
+    with torch.device("meta"):  # no rank ever holds the whole model: a 70B one is 280 GB in fp32
         model = Transformer(args, cfg.seq_len)
     mesh = init_device_mesh(device.type, (world,))
     dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
@@ -121,6 +136,8 @@ def build(cfg: TrainConfig, device: torch.device, world: int):
         model.layers[i] = block
         fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=i < len(model.layers) - 1)
     fully_shard(model, mesh=mesh, mp_policy=policy)
+    model.to_empty(device=device)
+    model.init_weights(cfg.seed)
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95), fused=device.type == "cuda"
     )
@@ -159,7 +176,7 @@ def train(cfg: TrainConfig) -> None:
     args = MODELS[cfg.model]
     params = count_parameters(args)
     fpt = flops_per_token(args, cfg.seq_len)
-    peak = peak_flops(device)
+    peak = cfg.peak_flops or peak_flops(device)
     if rank == 0:
         emit(
             {
@@ -208,6 +225,7 @@ def train(cfg: TrainConfig) -> None:
             dist.all_reduce(loss_avg, op=dist.ReduceOp.AVG if backend == "nccl" else dist.ReduceOp.SUM)
             if backend != "nccl":
                 loss_avg /= world
+            mean_loss = loss_avg.item()  # waits for the device to finish the window's steps, so the time is theirs
             elapsed = time.perf_counter() - window_start
             tps = tokens_per_step * window_steps / elapsed
             if rank == 0:
@@ -215,7 +233,7 @@ def train(cfg: TrainConfig) -> None:
                     {
                         "event": "step",
                         "step": done,
-                        "loss": round(loss_avg.item(), 5),
+                        "loss": round(mean_loss, 5),
                         "lr": lr_at(cfg, step),
                         "grad_norm": round(
                             float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm), 4
@@ -231,7 +249,10 @@ def train(cfg: TrainConfig) -> None:
                 )
             window_start, window_steps = time.perf_counter(), 0
         if done % cfg.checkpoint_interval == 0 or done == cfg.max_steps:
-            path = checkpoint.save(ckpt_dir, done, model, optimizer, {"loss": float(loss.item())})
+            step_loss = float(loss.item())
+            saving = time.perf_counter()
+            path = checkpoint.save(ckpt_dir, done, model, optimizer, {"loss": step_loss})
+            window_start += time.perf_counter() - saving  # saving is not training: the window's throughput skips it
             if rank == 0:
                 emit({"event": "checkpoint", "step": done, "path": str(path), "time": time.time()}, metrics_path)
 

@@ -193,6 +193,8 @@ def test_catalogue_of_a_directory(tmp_path: Path, tiny_raw: dict) -> None:
 def test_the_trainer_gets_the_recipes_compile_and_activation_checkpointing(compile_: bool) -> None:
     recipe = load_recipe_file(RECIPE_DIR / "llama3_1_8b.yaml").model_copy(update={"compile": compile_})
     spec = {"recipe": recipe.model_dump(), "params": TrainParams().model_dump(), "names": {"run_key": "r"}}
-    config = training_config(spec, "/fsx/runs/r", {"train_bin": "/fsx/runs/r/train.bin"})
+    instance = instance_types()["p5.48xlarge"].model_dump()
+    config = training_config(spec, "/fsx/runs/r", {"train_bin": "/fsx/runs/r/train.bin"}, instance)
     assert (config["compile"], config["activation_checkpointing"]) == (compile_, True)
+    assert config["peak_flops"] == 989e12  # the instance type's, for MFU
     assert config.keys() <= {f.name for f in fields(TrainConfig)}

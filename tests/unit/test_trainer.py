@@ -267,3 +267,25 @@ def test_a_mixture_of_experts_trains_on_two_ranks_and_compiled_as_eager(tmp_path
     assert losses[True].keys() == losses[False].keys() == {2, 4}
     for step, loss in losses[False].items():
         assert losses[True][step] == pytest.approx(loss, abs=1e-3), step
+
+
+@pytest.mark.parametrize("model", ["tiny", "tiny_moe"])
+def test_the_sharded_model_starts_as_the_one_its_seed_makes_whole(tmp_path: Path, model: str) -> None:
+    """The trainer builds its model on the meta device and initialises it sharded (a 70B model whole would not fit
+    one GPU); each rank's shards are those of the model the seed makes on one device, the RoPE table too."""
+    out = tmp_path / "init.json"
+    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    result = subprocess.run(
+        [*argv, str(Path(__file__).with_name("sharded_init_probe.py")), model, str(out)],
+        cwd=PROJECT_ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert result.returncode == 0, describe(result)
+    probe = json.loads(out.read_text())
+    assert len(probe["differences"]) == len(probe["local_shapes"]) + 1  # every parameter, and the RoPE table
+    assert max(probe["differences"].values()) == 0.0, probe["differences"]
+    args = MODELS[model]
+    assert probe["local_shapes"]["tok_embeddings.weight"] == [args.vocab_size // 2, args.dim]  # a half per rank

@@ -10,7 +10,9 @@ import json
 import statistics
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -41,7 +43,7 @@ class TrainingSummary:
         window = self.steady(self.tokens_per_s)
         return statistics.median(window) if window else None
 
-    def steady(self, values: list[float]) -> list[float]:
+    def steady(self, values: list[T]) -> list[T]:
         """``values`` (one per logged step) of the windows without a warm-up, or all when every one has one."""
         warm_up = set(self.warm_up_steps)
         return [value for step, value in zip(self.steps, values, strict=True) if step not in warm_up] or values

@@ -134,7 +134,10 @@ def prepare_preflight(spec: dict[str, Any], cluster: dict[str, Any], images: dic
     return {**job, "results_path": str(results), "nccl_tests_path": str(nccl_tests or "")}
 
 
-def training_config(spec: dict[str, Any], workdir: str, data: dict[str, Any]) -> dict[str, Any]:
+def training_config(
+    spec: dict[str, Any], workdir: str, data: dict[str, Any], instance: dict[str, Any]
+) -> dict[str, Any]:
+    """DTP's trainer's config (include/training/train.py ``TrainConfig``) for the run on ``instance``'s nodes."""
     recipe, params = spec["recipe"], spec["params"]
     return {
         "run_name": spec["names"]["run_key"],
@@ -154,6 +157,7 @@ def training_config(spec: dict[str, Any], workdir: str, data: dict[str, Any]) ->
         "compile": recipe["compile"],
         "profile_steps": params["profile_steps"],
         "profile_dir": f"{workdir}/profile",
+        "peak_flops": instance["peak_flops"],
     }
 
 
@@ -163,7 +167,7 @@ def prepare_training(
     if spec["recipe"]["framework"] != "fsdp":
         return _prepare_framework_training(spec, cluster, images)
     workdir = run_dir(spec, cluster)
-    config = training_config(spec, str(workdir), data)
+    config = training_config(spec, str(workdir), data, instance_of(spec, cluster))
     config_path = workdir / "train.json"
     profile_dir = config["profile_dir"] if spec["params"]["profile_steps"] > 0 else ""
     outputs = {
