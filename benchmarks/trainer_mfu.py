@@ -49,6 +49,7 @@ TRAIN = ROOT / "include" / "training" / "train.py"
 OUT = ROOT / "benchmarks" / "results" / "trainer_mfu.json"
 TORCHTITAN_PYTHON = ROOT / ".venv-torchtitan" / "bin" / "python"
 TORCHTITAN_PATH = [ROOT / "benchmarks", ROOT / "include" / "training"]
+DEVICES = 1  # both sides train on one device: the "tokens/s/GPU" on one GPU
 
 
 @dataclass(frozen=True)
@@ -91,7 +92,7 @@ def write_tokens(path: Path) -> None:
 
 
 def torchrun(python: str) -> list[str]:
-    return [python, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1"]
+    return [python, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={DEVICES}"]
 
 
 def launch(argv: list[str], env: dict[str, str], cwd: Path) -> str:
@@ -164,7 +165,7 @@ def run_torchtitan(python: str, run: Run) -> tuple[list[dict], Path | None]:
     env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     output = launch([*torchrun(python), "-m", "torchtitan.train", *torchtitan_args(run)], env, run.work)
     trace = run.work / "profile_traces" / f"iteration_{run.shape.steps}" / "rank0_trace.json"
-    return list(torchtitan_records(output.splitlines(), world_size=1)), trace if run.profile else None
+    return list(torchtitan_records(output.splitlines(), world_size=DEVICES)), trace if run.profile else None
 
 
 def summarize(records: list[dict], trace: Path | None, shape: Shape, peak: float | None) -> dict:
@@ -172,7 +173,7 @@ def summarize(records: list[dict], trace: Path | None, shape: Shape, peak: float
     measured = [r for r in records if r["step"] > shape.warmup_steps]
     if not measured:
         raise ValueError(f"no step after the {shape.warmup_steps} warm-up steps was logged")
-    tokens_per_s = statistics.median(r["tokens_per_s"] for r in measured)
+    tokens_per_s = statistics.median(r["tokens_per_s"] for r in measured) / DEVICES
     summary = {
         "steps_measured": len(measured),
         "tokens_per_s_per_device": round(tokens_per_s, 1),

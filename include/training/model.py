@@ -182,8 +182,8 @@ def count_parameters(args: ModelArgs, active: bool = False) -> int:
 
 
 def flops_per_token(args: ModelArgs, seq_len: int) -> float:
-    """Training FLOPs per token: 6 x active non-embedding params plus causal-free attention (torchtitan's
-    convention)."""
+    """Training FLOPs per token: 6 x the active parameters but the token embedding, plus attention's
+    12 x layers x heads x head_dim x seq, not halved for the causal mask (torchtitan's convention)."""
     dense = count_parameters(args, active=True) - args.vocab_size * args.dim
     attention = 12 * args.n_layers * args.n_heads * args.head_dim * seq_len
     return 6 * dense + attention
