@@ -19,6 +19,7 @@ from dtp.pipeline.spec import run_spec
 from dtp.platforms import get_platform
 from dtp.platforms.base import PlatformNotReady
 from dtp.platforms.eks import EksPlatform
+from dtp.recipes import instance_types
 
 CLUSTER = "dtp-training"
 RUN_ID = "manual__2026-12-02"
@@ -49,8 +50,11 @@ def container(job: dict[str, Any]) -> dict[str, Any]:
 
 def test_registered_as_the_eks_platform() -> None:
     platform = get_platform("eks")
-    assert (platform.name, platform.scheduler, platform.ami_family) == ("eks", "kubernetes", "eks-gpu")
-    assert (Path(__file__).parents[2] / "images/packer/families/eks-gpu.pkrvars.hcl").is_file()
+    assert (platform.name, platform.scheduler) == ("eks", "kubernetes")
+    families = {
+        name: platform.ami_family(instance_types()[name].model_dump()) for name in ("p5.48xlarge", "trn1.32xlarge")
+    }
+    assert families == {"p5.48xlarge": "eks-gpu", "trn1.32xlarge": None}  # DTP bakes no EKS Neuron AMI
 
 
 @pytest.mark.parametrize(

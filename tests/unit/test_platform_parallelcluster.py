@@ -22,6 +22,7 @@ from dtp.pipeline.spec import run_spec
 from dtp.platforms import get_platform
 from dtp.platforms import parallelcluster as pc
 from dtp.platforms.base import PlatformNotReady
+from dtp.recipes import instance_types
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 needs_pcluster = pytest.mark.skipif(
@@ -69,11 +70,18 @@ def compute_resource(cfg: dict[str, Any]) -> dict[str, Any]:
     return resource
 
 
-def test_the_registry_gives_the_platform_and_its_ami_family_exists() -> None:
+def test_the_registry_gives_the_platform() -> None:
     platform = get_platform("parallelcluster")
     assert isinstance(platform, pc.ParallelClusterPlatform)
     assert platform.scheduler == "slurm"
-    assert (PROJECT_ROOT / "images" / "packer" / "families" / f"{platform.ami_family}.pkrvars.hcl").exists()
+
+
+@pytest.mark.parametrize(
+    ("instance_type", "family"),
+    [("m5.2xlarge", "pcluster-cpu"), ("p5.48xlarge", "pcluster-gpu"), ("trn1.32xlarge", "pcluster-neuron")],
+)
+def test_the_nodes_boot_the_ami_family_of_their_accelerators(instance_type: str, family: str) -> None:
+    assert pc.ParallelClusterPlatform().ami_family(instance_types()[instance_type].model_dump()) == family
 
 
 @needs_pcluster

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from dtp.images.ami import ami_families
 from dtp.params import TrainParams, parse_params
 from dtp.pipeline.spec import run_spec
 from dtp.platforms import get_platform
@@ -66,3 +67,12 @@ def test_recipe_renders_for_the_platform(monkeypatch: pytest.MonkeyPatch, recipe
 
 def test_every_recipe_renders_somewhere_beyond_the_local_platform() -> None:
     assert {recipe for recipe, _ in CASES} == set(catalogue()) - {"tiny", "tiny_deep"}
+
+
+@pytest.mark.parametrize("platform_name", ["local", *SETTINGS])
+def test_every_instance_type_boots_an_ami_family_ami_bake_bakes_or_none(platform_name: str) -> None:
+    platform = get_platform(platform_name)
+    offered = [spec for spec in instance_types().values() if platform_name in spec.platforms]
+    assert offered
+    for instance in offered:
+        assert platform.ami_family(instance.model_dump()) in {*ami_families(), None}

@@ -93,11 +93,12 @@ def _parameter(ssm: SsmHook, name: str) -> str | None:
         return None
 
 
-def resolve_runtime(platform: Any, aws_conn_id: str | None) -> dict[str, str]:
-    """The newest published training image (and AMI) for ``platform``, as the runtime its jobs use;
-    the platform's default runtime when nothing is published."""
+def resolve_runtime(platform: Any, instance: dict[str, Any], aws_conn_id: str | None) -> dict[str, str]:
+    """The newest published training image for ``platform``, as the runtime its jobs use (the platform's default
+    runtime when none is published), and the newest AMI of the family ``instance``'s nodes boot there."""
     ssm = SsmHook(aws_conn_id=aws_conn_id)
     image = _parameter(ssm, training_parameter(platform.name))
     runtime = platform.runtime(image) if image else platform.default_image()
-    ami_id = _parameter(ssm, ami.ssm_parameter(platform.ami_family)) if platform.ami_family else None
+    family = platform.ami_family(instance)
+    ami_id = _parameter(ssm, ami.ssm_parameter(family)) if family else None
     return {**runtime, "ami": ami_id} if ami_id else runtime

@@ -23,19 +23,21 @@ class DeployClusterOperator(BaseOperator):
 
     :param spec: the run spec from ``validate_params``
     :param network: the network stack's outputs
+    :param images: the runtime from ``resolve_images``; its ``ami``, when published, is what the nodes boot
     """
 
-    template_fields: Sequence[str] = ("spec", "network")
+    template_fields: Sequence[str] = ("spec", "network", "images")
 
-    def __init__(self, *, spec: Any, network: Any, **kwargs: Any) -> None:
+    def __init__(self, *, spec: Any, network: Any, images: Any = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.spec = spec
         self.network = network
+        self.images = images
 
     def execute(self, context: Any) -> dict[str, Any]:
         platform = get_platform(self.spec["params"]["platform"])
         try:
-            cluster = platform.provision(self.spec, self.network)
+            cluster = platform.provision(self.spec, self.network, (self.images or {}).get("ami"))
         except PlatformNotReady as err:
             raise AirflowFailException(str(err)) from None
         except ClientError as err:

@@ -72,7 +72,7 @@ def validate_params(**context: Any) -> dict[str, Any]:
 @task
 def resolve_images(spec: dict[str, Any]) -> dict[str, str]:
     """The newest image and AMI published by container_build/ami_bake (SSM), else the platform's default runtime."""
-    runtime = resolve_runtime(get_platform(spec["params"]["platform"]), AWS_CONN_ID)
+    runtime = resolve_runtime(get_platform(spec["params"]["platform"]), spec["instance"], AWS_CONN_ID)
     log.info("Training runtime: %s", runtime)
     return runtime
 
@@ -264,7 +264,7 @@ def training_pipeline(dag: DAG) -> None:
         images >> plan
         wait >> outputs
 
-    deploy = DeployClusterOperator(task_id="deploy_cluster", spec=spec, network=outputs)
+    deploy = DeployClusterOperator(task_id="deploy_cluster", spec=spec, network=outputs, images=images)
     cluster = deploy.output
     staged = stage_data(spec, outputs, cluster)
     resources = record_resources(outputs, cluster, staged)

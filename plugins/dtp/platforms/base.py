@@ -53,13 +53,15 @@ class ComputePlatform(Protocol):
     """Provision a cluster for a run, report its capacity, tear it down."""
 
     name: str
-    # The AMI family (images/packer/families) the platform's nodes boot; None where nodes boot no DTP AMI.
-    ami_family: str | None
     # How jobs reach the nodes: sbatch on a Slurm controller, a Kubernetes API, or AWS Batch.
     scheduler: Scheduler
 
     def max_nodes(self) -> int:
         """How many compute nodes a run may ask for (a read, safe before anything exists)."""
+
+    def ami_family(self, instance: dict[str, Any]) -> str | None:
+        """The AMI family (images/packer/families) nodes of ``instance``'s type boot; None where they boot none of
+        DTP's AMIs."""
 
     def default_image(self) -> dict[str, str]:
         """The training runtime to use when no baked image is published for this platform."""
@@ -73,8 +75,9 @@ class ComputePlatform(Protocol):
     def check(self, documents: dict[str, str]) -> list[str]:
         """Validate rendered documents offline against the service's own schema; each problem as a message."""
 
-    def provision(self, spec: dict[str, Any], network: dict[str, str]) -> dict[str, Any]:
-        """Create (or find again) the run's cluster; return how to reach it."""
+    def provision(self, spec: dict[str, Any], network: dict[str, str], ami: str | None = None) -> dict[str, Any]:
+        """Create (or find again) the run's cluster, its nodes booting ``ami`` (the newest AMI of their
+        ``ami_family``, where one is published); return how to reach it."""
 
     def ready_trigger(self, cluster: dict[str, Any]) -> BaseTrigger | None:
         """A trigger that fires once ``provision``'s cluster is ready; None when it is ready already."""

@@ -65,7 +65,6 @@ class BatchPlatform:
     """Multi-node parallel jobs on AWS Batch in the account of the ``aws_default`` connection."""
 
     name = "batch"
-    ami_family = None  # Batch picks the ECS-optimized AMI of ec2Configuration's image type; DTP bakes none for it
     scheduler = "batch"
 
     def __init__(self, conn_id: str = CONN_ID, aws_conn_id: str = AWS_CONN_ID, poll_seconds: float = 10) -> None:
@@ -83,6 +82,9 @@ class BatchPlatform:
 
     def max_nodes(self) -> int:
         return self.settings.max_nodes
+
+    def ami_family(self, instance: dict[str, Any]) -> None:
+        return None  # Batch picks the ECS-optimized AMI of ec2Configuration's image type; DTP bakes none for it
 
     def default_image(self) -> dict[str, str]:
         # Without training_dir the pipeline stages the programs in the run's directory on FSx (dtp.pipeline.jobs).
@@ -220,7 +222,7 @@ class BatchPlatform:
         return problems + _node_problems(definition.get("nodeProperties") or {})
 
     # --- lifecycle --------------------------------------------------------------------------------------------------
-    def provision(self, spec: dict[str, Any], network: dict[str, str]) -> dict[str, Any]:
+    def provision(self, spec: dict[str, Any], network: dict[str, str], ami: str | None = None) -> dict[str, Any]:
         documents = self.render(spec, network)
         if problems := self.check(documents):
             raise PlatformNotReady("the Batch requests are invalid:\n" + "\n".join(problems))

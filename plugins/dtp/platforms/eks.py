@@ -63,7 +63,6 @@ class EksPlatform:
     """Kubeflow PyTorchJobs on the EKS cluster of the ``dtp_eks`` connection, in the ``aws_default`` account."""
 
     name = "eks"
-    ami_family = "eks-gpu"  # the managed node group's GPU nodes boot DTP's EKS GPU AMI when one is published
     scheduler = "kubernetes"
 
     def __init__(self, conn_id: str = CONN_ID, aws_conn_id: str = AWS_CONN_ID, delete_timeout: float = 600) -> None:
@@ -78,6 +77,10 @@ class EksPlatform:
 
     def max_nodes(self) -> int:
         return self.settings.max_nodes
+
+    def ami_family(self, instance: dict[str, Any]) -> str | None:
+        # The cluster's GPU node groups boot DTP's EKS GPU AMI when one is published; DTP bakes none for the others.
+        return "eks-gpu" if instance["accelerator"] != "cpu" and not _is_trainium(instance) else None
 
     def default_image(self) -> dict[str, str]:
         return default_pod_runtime()
@@ -101,7 +104,8 @@ class EksPlatform:
         return [f"{name}: {problem}" for name, text in sorted(documents.items()) for problem in manifest_problems(text)]
 
     # --- lifecycle --------------------------------------------------------------------------------------------------
-    def provision(self, spec: dict[str, Any], network: dict[str, str]) -> dict[str, Any]:
+    def provision(self, spec: dict[str, Any], network: dict[str, str], ami: str | None = None) -> dict[str, Any]:
+        """Find the connection's cluster, which must be ACTIVE; its node groups boot what they were made with."""
         settings = self.settings
         cluster = self._describe_cluster(settings.cluster_name)
         if cluster["status"] != "ACTIVE":
@@ -230,13 +234,17 @@ def preflight_job_name(spec: dict[str, Any]) -> str:
 def _devices(instance: dict[str, Any]) -> dict[str, int]:
     """The extended resources one worker pod takes: all of its node's accelerators and EFA interfaces
     (the Neuron device plugin counts devices, where ``accelerators_per_node`` counts NeuronCores)."""
-    if instance["accelerator"].startswith("trainium"):
+    if _is_trainium(instance):
         devices = {NEURON: instance["neuron_devices"]}
     else:
         devices = {GPU: instance["accelerators_per_node"]}
     if instance["efa_interfaces"]:
         devices[EFA] = instance["efa_interfaces"]
     return devices
+
+
+def _is_trainium(instance: dict[str, Any]) -> bool:
+    return str(instance["accelerator"]).startswith("trainium")
 
 
 def _environment(devices: dict[str, int]) -> dict[str, str]:

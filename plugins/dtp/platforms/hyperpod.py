@@ -99,7 +99,6 @@ class HyperPodPlatform:
     """SageMaker HyperPod (Slurm or EKS orchestrator) in the account of the ``aws_default`` connection."""
 
     name = "hyperpod"
-    ami_family = None  # HyperPod nodes boot SageMaker's own HyperPod AMI
 
     def __init__(self, conn_id: str = "dtp_hyperpod", aws_conn_id: str = AWS_CONN_ID) -> None:
         self.conn_id = conn_id
@@ -115,6 +114,9 @@ class HyperPodPlatform:
 
     def max_nodes(self) -> int:
         return self.settings.max_nodes
+
+    def ami_family(self, instance: dict[str, Any]) -> None:
+        return None  # HyperPod nodes boot SageMaker's own HyperPod AMI
 
     def default_image(self) -> dict[str, str]:
         if self.settings.eks:
@@ -228,7 +230,7 @@ class HyperPodPlatform:
         return problems
 
     # --- lifecycle --------------------------------------------------------------------------------------------------
-    def provision(self, spec: dict[str, Any], network: dict[str, str]) -> dict[str, Any]:
+    def provision(self, spec: dict[str, Any], network: dict[str, str], ami: str | None = None) -> dict[str, Any]:
         """Create the run's cluster (or find it again), falling back to the next placement (reserved capacity,
         zone, then the recipe's next instance type) when CreateCluster has no capacity, or when an earlier
         try's cluster failed for capacity."""

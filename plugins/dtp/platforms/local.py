@@ -19,9 +19,6 @@ class LocalSlurmPlatform:
 
     name = "local"
     scheduler = "slurm"
-    # The local cluster stands in for a ParallelCluster CPU cluster; its nodes are this host and boot nothing,
-    # so the AMI is recorded with the run, not booted.
-    ami_family = "pcluster-cpu"
 
     def __init__(self, slurm_conn_id: str = SlurmHook.default_conn_name) -> None:
         self.slurm_conn_id = slurm_conn_id
@@ -32,6 +29,11 @@ class LocalSlurmPlatform:
 
     def max_nodes(self) -> int:
         return self.hook.node_count()
+
+    def ami_family(self, instance: dict[str, Any]) -> str:
+        # The local cluster stands in for a ParallelCluster CPU cluster; its nodes are this host and boot nothing,
+        # so the AMI is recorded with the run, not booted.
+        return "pcluster-cpu"
 
     def default_image(self) -> dict[str, str]:
         # Slurm's nodes share this host, so the project's own virtualenv is the "image".
@@ -49,7 +51,7 @@ class LocalSlurmPlatform:
             "training_dir": str(rootfs / "opt" / "dtp" / "training"),
         }
 
-    def provision(self, spec: dict[str, Any], network: dict[str, str]) -> dict[str, Any]:
+    def provision(self, spec: dict[str, Any], network: dict[str, str], ami: str | None = None) -> dict[str, Any]:
         hook = self.hook
         nodes = hook.node_count()
         wanted = spec["params"]["num_nodes"]

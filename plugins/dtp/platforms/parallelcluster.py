@@ -170,7 +170,6 @@ class ParallelClusterPlatform:
     """An AWS ParallelCluster 3 Slurm cluster per run, with the account settings of ``dtp_parallelcluster``."""
 
     name = "parallelcluster"
-    ami_family = "pcluster-gpu"
     scheduler: Literal["slurm"] = "slurm"
     conn_id = "dtp_parallelcluster"
     aws_conn_id = "aws_default"
@@ -178,6 +177,12 @@ class ParallelClusterPlatform:
     @cached_property
     def settings(self) -> ParallelClusterSettings:
         return ParallelClusterSettings.from_connection(self.conn_id)
+
+    def ami_family(self, instance: dict[str, Any]) -> str:
+        """The cluster's AMI (head node and compute nodes alike) for ``instance``'s accelerators."""
+        if instance["accelerator"] == "cpu":
+            return "pcluster-cpu"
+        return "pcluster-neuron" if str(instance["accelerator"]).startswith("trainium") else "pcluster-gpu"
 
     @cached_property
     def cli(self) -> PclusterCli:
