@@ -302,3 +302,12 @@ def test_on_eks_an_eks_cluster_out_of_reach_does_not_keep_the_runs_cluster(setti
         assert platform._stop_jobs(spec_for(recipe="llama3_1_8b", num_nodes=4)) == []
         eks.assert_no_pending_responses()
     assert "Could not stop the run's jobs before deleting the cluster" in caplog.text
+
+
+def test_a_controller_without_its_connection_does_not_keep_the_runs_cluster(settings, monkeypatch, caplog) -> None:
+    # The Slurm connection is missing (AirflowNotFoundException, neither OSError nor a cluster command's error):
+    # teardown still goes on to delete the cluster, whose deletion stops the jobs on its nodes.
+    monkeypatch.delenv("AIRFLOW_CONN_DTP_HYPERPOD_SLURM", raising=False)
+    assert HyperPodPlatform()._stop_jobs(spec_for(recipe="llama3_1_8b", num_nodes=4)) == []
+    assert "Could not stop the run's jobs before deleting the cluster" in caplog.text
+    assert "dtp_hyperpod_slurm" in caplog.text

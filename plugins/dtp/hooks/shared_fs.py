@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shlex
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 from functools import cached_property
 from typing import Any
 
@@ -79,8 +80,12 @@ class SharedFilesystemHook(BaseHook):
             if input_text is not None:
                 stdin.write(input_text)
                 stdin.channel.shutdown_write()
-            rc = stdout.channel.recv_exit_status()
-            return rc, stdout.read().decode(), stderr.read().decode()
+            # Both streams are drained while the command runs: one left unread fills the channel's window, and
+            # the command then blocks writing to it (paramiko's recv_exit_status warns of the same).
+            with ThreadPoolExecutor(max_workers=1) as pool:
+                err = pool.submit(stderr.read)
+                out = stdout.read()
+                return stdout.channel.recv_exit_status(), out.decode(), err.result().decode()
 
     def read_file(self, path: str, offset: int = 0) -> tuple[str, int]:
         """Bytes of ``path`` from ``offset`` on, and the new offset (``("", offset)`` if absent)."""

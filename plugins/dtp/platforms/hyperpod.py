@@ -25,12 +25,10 @@ from typing import Annotated, Any
 
 from airflow.providers.amazon.aws.hooks.s3 import S3Hook
 from botocore.exceptions import ClientError
-from kubernetes.client.exceptions import ApiException
 from pydantic import Field, model_validator
 
 from dtp.hooks.hyperpod import HyperPodHook
 from dtp.hooks.pytorchjob import PyTorchJobHook
-from dtp.hooks.shared_fs import ClusterCommandError
 from dtp.hooks.slurm import SlurmHook
 from dtp.platforms.base import PlatformNotReady, PlatformSettings, Scheduler
 from dtp.platforms.capacity import Placement, instance_fields, is_capacity_error, is_capacity_failure, placements
@@ -311,8 +309,8 @@ class HyperPodPlatform:
             if settings.eks:
                 return delete_pytorchjobs(self.jobs, spec, timeout=600)
             return SlurmHook(settings.slurm_conn_id).cancel_and_wait(spec["names"]["slurm_job"], prefix=True)
-        except (ClusterCommandError, OSError, ApiException, ClientError) as err:
-            log.warning("Could not stop the run's jobs before deleting the cluster: %s", err)
+        except Exception as err:  # ssh, SSM, Kubernetes or a missing connection alike: the delete must still run
+            log.warning("Could not stop the run's jobs before deleting the cluster: %r", err)
             return []
 
     def _upload_lifecycle(self, spec: dict[str, Any], settings: HyperPodSettings, provisioning: str | None) -> None:
