@@ -77,6 +77,16 @@ def test_silent_job_is_reported_hung(workdir: Path) -> None:
     assert hook.find_jobs(name) == []
 
 
+def test_a_job_slurm_has_no_record_of_is_reported_lost(workdir: Path) -> None:
+    # An id no job of this cluster had: scontrol calls it invalid and the completion log has no row, as for a job
+    # slurmctld forgot on a cluster that keeps no record of ended jobs.
+    job_id = "9999999"  # the local cluster's ids count up from 1
+    assert SlurmHook().get_job(job_id).state == "UNKNOWN"
+    trigger = SlurmJobTrigger(job_id=job_id, log_path=str(workdir / "lost"), poll_interval=1, lost_timeout=2)
+    event = asyncio.run(_first_event(trigger))
+    assert event["status"] == "lost" and "no record of the job for 2s" in event["message"]
+
+
 class _XComSink:
     def __init__(self) -> None:
         self.pushed: dict[str, str] = {}

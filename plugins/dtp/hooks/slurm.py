@@ -72,7 +72,7 @@ class SlurmHook(SharedFilesystemHook):
         return job_id
 
     def get_job(self, job_id: str) -> SlurmJob:
-        """The job's state: scontrol while slurmctld remembers it, the completion log after."""
+        """The job's state: scontrol while slurmctld remembers it, sacct after (``UNKNOWN`` when neither knows it)."""
         out = self.run(["scontrol", "show", "job", "-o", job_id], check=False)
         if out.strip() and "Invalid job id" not in out:
             fields = _scontrol_fields(out)
@@ -84,8 +84,7 @@ class SlurmHook(SharedFilesystemHook):
                 reason=fields.get("Reason", ""),
                 nodes=fields.get("NodeList", ""),
             )
-        acct = self.run(["sacct", "-c", "-n", "-P", "-j", job_id, "-o", "JobID,JobName,State,End"], check=False)
-        for line in acct.splitlines():
+        for line in self._accounting("-j", job_id, "-o", "JobID,JobName,State,End").splitlines():
             parts = line.split("|")
             if parts and parts[0] == job_id:
                 return SlurmJob(job_id=job_id, name=parts[1], state=parts[2].split()[0])
@@ -95,7 +94,7 @@ class SlurmHook(SharedFilesystemHook):
         """Active jobs (pending or running) named ``name`` (or starting with it, with ``prefix``)."""
         argv = ["squeue", "-h", "-o", "%i|%j|%T|%R"] + ([] if prefix else ["-n", name])
         jobs = []
-        for line in self.run(argv, check=False).splitlines():
+        for line in self.run(argv).splitlines():  # a failing squeue must not read as "no job" (a second submit)
             job_id, job_name, state, reason = line.split("|", 3)
             if job_name == name or (prefix and job_name.startswith(name)):
                 jobs.append(SlurmJob(job_id=job_id, name=job_name, state=state, reason=reason))
@@ -104,12 +103,20 @@ class SlurmHook(SharedFilesystemHook):
     def ended_jobs(self, name: str, *, prefix: bool = False) -> list[SlurmJob]:
         """Jobs named ``name`` (or starting with it, with ``prefix``) that ended, oldest first."""
         name_filter = [] if prefix else [f"--name={name}"]
-        acct = self.run(["sacct", "-c", "-n", "-P", *name_filter, "-o", "JobID,JobName,State,ElapsedRaw"], check=False)
+        acct = self._accounting(*name_filter, "-o", "JobID,JobName,State,ElapsedRaw")
         return [
             SlurmJob(job_id=parts[0], name=parts[1], state=parts[2].split()[0], elapsed_s=int(parts[3] or 0))
             for parts in (line.split("|") for line in acct.splitlines())
             if len(parts) == 4 and (parts[1] == name or (prefix and parts[1].startswith(name)))
         ]
+
+    def _accounting(self, *args: str) -> str:
+        """sacct's rows (``-n -P``) from the job completion log, where DTP's clusters keep the jobs that ended
+        (JobCompType=jobcomp/filetxt), else from the accounting database (slurmdbd) of a cluster that has one."""
+        for source in ("-c", "-X"):
+            if out := self.run(["sacct", source, "-n", "-P", *args], check=False).strip():
+                return out
+        return ""
 
     def cancel(self, job_id: str) -> None:
         self.run(["scancel", job_id], check=False)

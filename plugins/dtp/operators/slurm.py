@@ -122,6 +122,8 @@ class SlurmSubmitJobOperator(BaseOperator):
         if event["status"] == "hung":
             SlurmHook(self.slurm_conn_id).cancel(job_id)
             raise SlurmJobFailed(f"Slurm job {job_id} hung ({event['message']}); cancelled it. Last lines:\n{tail}")
+        if event["status"] == "lost":
+            raise SlurmJobFailed(f"Slurm job {job_id} is lost: {event['message']}. Last lines:\n{tail}")
         if event["state"] == "TIMEOUT":
             raise SlurmJobOverTime(
                 f"Slurm job {job_id} ran past its time limit of {self.time_limit_minutes} min and was stopped by "

@@ -4,7 +4,9 @@ The trigger holds no worker slot. Each poll it forwards new lines of the job's
 output file (the triggerer's log lines appear in the task's log in the UI) and
 checks the job's state. If no new line arrives for ``hang_timeout`` seconds
 while the job runs, it reports a hang with the last lines, so a stuck
-collective fails the task instead of waiting forever.
+collective fails the task instead of waiting forever. A job Slurm has no record
+of for ``lost_timeout`` seconds (slurmctld forgot it, and the cluster keeps no
+completion log or accounting) is reported lost rather than waited on forever.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ class SlurmJobTrigger(BaseTrigger):
         poll_interval: float = 5.0,
         hang_timeout: float = 600.0,
         log_offset: int = 0,
+        lost_timeout: float = 300.0,
     ) -> None:
         super().__init__()
         self.job_id = job_id
@@ -39,6 +42,7 @@ class SlurmJobTrigger(BaseTrigger):
         self.poll_interval = poll_interval
         self.hang_timeout = hang_timeout
         self.log_offset = log_offset
+        self.lost_timeout = lost_timeout
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         return (
@@ -50,6 +54,7 @@ class SlurmJobTrigger(BaseTrigger):
                 "poll_interval": self.poll_interval,
                 "hang_timeout": self.hang_timeout,
                 "log_offset": self.log_offset,
+                "lost_timeout": self.lost_timeout,
             },
         )
 
@@ -58,6 +63,7 @@ class SlurmJobTrigger(BaseTrigger):
         tail: deque[str] = deque(maxlen=30)
         offset, partial = self.log_offset, ""
         last_progress = time.monotonic()
+        unknown_since: float | None = None
         while True:
             text, offset = await asyncio.to_thread(hook.read_file, self.log_path, offset)
             if text:
@@ -92,6 +98,22 @@ class SlurmJobTrigger(BaseTrigger):
                         "log_offset": offset,
                         "tail": list(tail),
                         "message": f"no new log line for {self.hang_timeout:.0f}s",
+                    }
+                )
+                return
+            unknown_since = (unknown_since or time.monotonic()) if job.state == "UNKNOWN" else None
+            if unknown_since is not None and time.monotonic() - unknown_since > self.lost_timeout:
+                yield TriggerEvent(
+                    {
+                        "status": "lost",
+                        "job_id": self.job_id,
+                        "state": job.state,
+                        "log_offset": offset,
+                        "tail": list(tail),
+                        "message": (
+                            f"Slurm has had no record of the job for {self.lost_timeout:.0f}s: neither slurmctld "
+                            "nor sacct (a job completion log, JobCompType, or slurmdbd accounting) knows it"
+                        ),
                     }
                 )
                 return
