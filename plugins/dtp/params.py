@@ -26,8 +26,17 @@ from dtp.recipes import (
 
 S3_URI = r"^$|^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[A-Za-z0-9!_.*'()/-]*)?$"
 ENV_NAME = re.compile(r"^[A-Z_][A-Z0-9_]{0,63}$")
-# Variables the pipeline sets itself; overriding them would break the launch.
-RESERVED_ENV = frozenset({"PATH", "LD_PRELOAD", "LD_LIBRARY_PATH", "PYTHONPATH", "SLURM_CONF", "HOME", "USER"})
+# Variables the pipeline, the job scripts (include/templates/slurm), Slurm, torchrun or the shell set or read
+# themselves; overriding one would break the launch (RDZV_HOST would move the rendezvous, IFS the scripts' loops).
+RESERVED_ENV = frozenset(
+    {
+        *("PATH", "LD_PRELOAD", "LD_LIBRARY_PATH", "PYTHONPATH", "HOME", "USER"),
+        *("IFS", "BASH_ENV", "ENV", "SHELL", "PS4"),
+        *("RDZV_HOST", "RDZV_PORT", "FIRST_NODE", "ATTEMPT", "ATTEMPTS", "LATEST", "LOAD_PATH", "NSYS", "TRAIN"),
+        *("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE"),
+    }
+)
+RESERVED_ENV_PREFIXES = ("SLURM_", "PET_", "TORCHELASTIC_")
 
 
 P = TypeVar("P", bound=BaseModel)
@@ -112,7 +121,7 @@ class ClusterParams(FormParams):
         for name, value in env.items():
             if not ENV_NAME.fullmatch(name):
                 raise ValueError(f"variable name {name!r} must match {ENV_NAME.pattern}")
-            if name in RESERVED_ENV:
+            if name in RESERVED_ENV or name.startswith(RESERVED_ENV_PREFIXES):
                 raise ValueError(f"variable {name!r} is set by the pipeline and cannot be overridden")
             if len(value) > 4096 or any(c in value for c in "\0\n\r"):
                 raise ValueError(f"value of {name!r} must be one line of at most 4096 characters")

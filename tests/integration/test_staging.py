@@ -36,11 +36,14 @@ def test_user_dataset_uri_and_empty_prefix(stack, aws, tmp_path) -> None:
     s3.put_object(Bucket=bucket, Key="corpus/a.txt", Body=b"hello ")
     s3.put_object(Bucket=bucket, Key="corpus/b.txt", Body=b"world")
     s3.put_object(Bucket=bucket, Key="corpus/skip.bin", Body=b"\x00")
-    spec = {"params": {"dataset_uri": f"s3://{bucket}/corpus/"}, "names": {"run_key": "user"}, "recipe": TRAINER}
-    staged = stage_data(
-        spec, {"DataBucket": "unused"}, {"shared_dir": str(tmp_path), "slurm_conn_id": "slurm_default"}, "aws_default"
-    )
-    assert staged["files"] == 2 and (tmp_path / "runs/user/train.bin").read_bytes() == b"hello world"
+    # Beside the folder, not in it: s3://bucket/corpus means corpus/ alone.
+    s3.put_object(Bucket=bucket, Key="corpus_v2/c.txt", Body=b"!")
+    s3.put_object(Bucket=bucket, Key="corpus-old.txt", Body=b"?")
+    for uri in (f"s3://{bucket}/corpus/", f"s3://{bucket}/corpus"):
+        spec = {"params": {"dataset_uri": uri}, "names": {"run_key": "user"}, "recipe": TRAINER}
+        cluster = {"shared_dir": str(tmp_path), "slurm_conn_id": "slurm_default"}
+        staged = stage_data(spec, {"DataBucket": "unused"}, cluster, "aws_default")
+        assert staged["files"] == 2 and (tmp_path / "runs/user/train.bin").read_bytes() == b"hello world", uri
     empty = {"params": {"dataset_uri": f"s3://{bucket}/nothing/"}, "names": {"run_key": "user"}, "recipe": TRAINER}
     with pytest.raises(ValueError, match=r"no \.txt objects under s3://"):
         stage_data(

@@ -4,6 +4,7 @@ and airflow_params() builds a trigger form whose JSON schema agrees with the val
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import jsonschema
@@ -21,6 +22,7 @@ from dtp.params import (
 )
 from dtp.pipeline.spec import build_spec
 from dtp.recipes import PLATFORMS, catalogue, recipe_names
+from dtp.templates import TEMPLATE_DIR
 
 BIG_70B = {
     "platform": "parallelcluster",
@@ -224,8 +226,17 @@ def test_a_framework_recipe_needs_its_prepared_dataset() -> None:
 
 
 def test_reserved_env_names_are_all_refused() -> None:
-    for name in RESERVED_ENV:
+    for name in [*RESERVED_ENV, "SLURM_NNODES", "PET_NNODES", "TORCHELASTIC_RESTART_COUNT"]:
         assert "set by the pipeline" in refuse({"extra_env": {name: "x"}})
+    assert validate_params({"extra_env": {"NCCL_DEBUG": "INFO", "OMP_NUM_THREADS": "4"}}).extra_env
+
+
+def test_the_variables_the_job_scripts_assign_are_reserved() -> None:
+    # A user's export comes first in the job (_env.sh.j2): one of these would move the rendezvous or the checkpoint.
+    scripts = [*(TEMPLATE_DIR / "slurm").glob("*.sbatch.j2"), TEMPLATE_DIR / "slurm" / "_env.sh.j2"]
+    assigned = {name for path in scripts for name in re.findall(r"^\s*([A-Z_][A-Z0-9_]*)=", path.read_text(), re.M)}
+    assert {"RDZV_HOST", "TRAIN"} <= assigned
+    assert assigned <= RESERVED_ENV
 
 
 def test_huge_value_is_refused_with_a_short_message() -> None:

@@ -88,6 +88,7 @@ def stage_data(
     if framework in DATASET_FILES:
         dest = Path(dataset_dir(cluster["shared_dir"], framework, source))
         return mirror_dataset(s3, bucket, prefix, dest, DATASET_FILES[framework]) | {"source": source}
+    prefix = as_folder(prefix)  # s3://b/corpus is the folder corpus/, not corpus_v2/ or corpus-old.txt as well
     keys = sorted(k for k in s3.list_keys(bucket, prefix=prefix) or [] if k.endswith(".txt"))
     if not keys:
         raise ValueError(f"dataset_uri: no .txt objects under {source}")
