@@ -111,6 +111,15 @@ def test_the_checkpoint_is_saved_after_training_however_it_ended_and_before_the_
     assert saved.queue == "training"
 
 
+def test_validate_cluster_fails_when_its_jobs_stay_and_touches_the_shared_filesystem_on_the_training_queue(
+    dagbag: DagBag,
+) -> None:
+    dag = dagbag.dags["validate_cluster"]
+    cancel = dag.get_task("cancel_jobs")
+    assert cancel.is_teardown and cancel.on_failure_fail_dagrun
+    assert {dag.get_task(t).queue for t in ("prepare_checks", "evaluate")} == {"training"}
+
+
 def test_watcher_fails_the_run_when_any_task_fails(dagbag: DagBag) -> None:
     dag = dagbag.dags["train_e2e"]
     watcher = dag.get_task("watcher")

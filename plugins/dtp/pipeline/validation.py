@@ -26,7 +26,7 @@ from dtp.naming import RunNames, expiry, resource_tags
 from dtp.operators.report import ClusterValidationReportOperator
 from dtp.params import ParamsError, validate_cluster_params
 from dtp.pipeline import jobs, results
-from dtp.pipeline.graph import AWS_CONN_ID, submit_prepared_job
+from dtp.pipeline.graph import AWS_CONN_ID, TRAINING_QUEUE, submit_prepared_job
 from dtp.recipes import instance_types
 
 log = logging.getLogger(__name__)
@@ -86,12 +86,13 @@ def connect_cluster(spec: dict[str, Any]) -> dict[str, Any]:
         raise AirflowFailException(str(err)) from None
 
 
-@task(multiple_outputs=True)
+# It and evaluate read and write the cluster's shared filesystem: on the training queue, whose worker mounts it.
+@task(multiple_outputs=True, queue=TRAINING_QUEUE)
 def prepare_checks(spec: dict[str, Any], cluster: dict[str, Any]) -> dict[str, str]:
     return jobs.prepare_preflight(spec, cluster, {"python": cluster["python"]})
 
 
-@task
+@task(queue=TRAINING_QUEUE)
 def evaluate(spec: dict[str, Any], cluster: dict[str, Any], results_path: str, nccl_tests_path: str) -> dict[str, Any]:
     """Judge the results; failures are reported first and fail the run in ``verdict``."""
     return results.check_preflight(spec, cluster, results_path, nccl_tests_path)["result"]
@@ -119,4 +120,5 @@ def validation_pipeline(dag: DAG) -> None:
     run >> result
     report = ClusterValidationReportOperator(task_id="report", spec=spec, result=result, aws_conn_id=AWS_CONN_ID)
     report >> verdict(result)
-    report >> cancel_jobs(spec, cluster).as_teardown(setups=job)
+    # No watcher here: the teardown itself fails the run if the run's jobs are still on the cluster.
+    report >> cancel_jobs(spec, cluster).as_teardown(setups=job, on_failure_fail_dagrun=True)
