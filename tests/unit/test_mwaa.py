@@ -23,14 +23,14 @@ TARGET = MwaaTarget(
     execution_role_arn="arn:aws:iam::123456789012:role/dtp-mwaa",
     subnet_ids=["subnet-0123456789abcdef0", "subnet-0123456789abcdef1"],
     security_group_ids=["sg-0123456789abcdef0"],
-    airflow_version="3.0.6",
+    airflow_version="3.1.7",
     tags={"dtp:owner": "dtp"},
 )
 
 
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    return package(tmp_path_factory.mktemp("mwaa") / "out", "3.0.6")
+    return package(tmp_path_factory.mktemp("mwaa") / "out", "3.1.7")
 
 
 def test_bundle_layout(bundle: dict[str, Path]) -> None:
@@ -45,11 +45,17 @@ def test_bundle_layout(bundle: dict[str, Path]) -> None:
     lines = bundle["requirements"].read_text().splitlines()
     assert (
         lines[0]
-        == '--constraint "https://raw.githubusercontent.com/apache/airflow/constraints-3.0.6/constraints-3.11.txt"'
+        == '--constraint "https://raw.githubusercontent.com/apache/airflow/constraints-3.1.7/constraints-3.11.txt"'
     )
     assert "apache-airflow-providers-amazon==9.39.0" in lines
     assert f"export DTP_INCLUDE_DIR={DAGS_DIR}/include" in bundle["startup"].read_text()
     assert f"export DTP_IMAGES_DIR={DAGS_DIR}/images" in bundle["startup"].read_text()
+
+
+def test_an_airflow_older_than_the_dags_need_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"--airflow-version 3\.0\.6: DTP's DAGs need Airflow 3\.1 or newer"):
+        package(tmp_path / "out", "3.0.6")
+    assert not (tmp_path / "out").exists()
 
 
 def test_bundle_dags_parse_from_the_plugins_zip(bundle: dict[str, Path]) -> None:

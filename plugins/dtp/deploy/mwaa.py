@@ -21,12 +21,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from airflow import __version__ as AIRFLOW_VERSION
+
 from dtp.local.config import PROJECT_ROOT
 
 DAGS_DIR = "/usr/local/airflow/dags"  # where MWAA syncs DagS3Path
 RUNTIME_REQUIREMENTS = PROJECT_ROOT / "images" / "containers" / "airflow" / "requirements.txt"
 # Airflow settings DTP relies on (the local stack sets the same).
 AIRFLOW_OPTIONS = {"core.load_examples": "False", "core.dags_are_paused_at_creation": "True"}
+# DTP's DAGs use what airflow.sdk exports from 3.1 on (TriggerRule among them); they are tested on AIRFLOW_VERSION.
+MIN_AIRFLOW = (3, 1)
 STARTUP_SCRIPT = f"""#!/bin/sh
 # MWAA startup script: DTP's recipes, templates, trainer and image definitions ship inside the DAGs folder.
 export DTP_INCLUDE_DIR={DAGS_DIR}/include
@@ -36,6 +40,11 @@ export DTP_IMAGES_DIR={DAGS_DIR}/images
 
 def package(out: Path, airflow_version: str, python_version: str = "3.11") -> dict[str, Path]:
     """Build the MWAA layout under ``out`` (replaced); the paths of its four parts."""
+    if tuple(int(part) for part in airflow_version.split(".")[:2]) < MIN_AIRFLOW:
+        raise ValueError(
+            f"--airflow-version {airflow_version}: DTP's DAGs need Airflow {'.'.join(map(str, MIN_AIRFLOW))} or "
+            f"newer (they are tested on {AIRFLOW_VERSION}); pick such a version MWAA offers"
+        )
     if out.exists():
         shutil.rmtree(out)
     dags = out / "dags"
@@ -137,7 +146,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dtp.deploy.mwaa", description=__doc__)
     parser.add_argument("action", choices=["package", "deploy"])
     parser.add_argument("--out", type=Path, default=PROJECT_ROOT / "build" / "mwaa")
-    parser.add_argument("--airflow-version", default="3.0.6", help="an Airflow version MWAA offers")
+    parser.add_argument(
+        "--airflow-version",
+        default=AIRFLOW_VERSION,
+        help=f"an Airflow version MWAA offers, 3.1 or newer (default: {AIRFLOW_VERSION}, the one DTP is tested on)",
+    )
     parser.add_argument("--name", help="deploy: the environment's name")
     parser.add_argument("--bucket", help="deploy: the source bucket (versioning is turned on)")
     parser.add_argument("--role-arn", help="deploy: the execution role")
