@@ -9,7 +9,7 @@ import pytest
 from dtp.local import backfill
 from dtp.local.config import PROJECT_ROOT
 
-pytestmark = [pytest.mark.stack, pytest.mark.e2e]
+pytestmark = [pytest.mark.stack, pytest.mark.e2e, pytest.mark.timeout(2700)]
 SIZES = ["tiny", "tiny_deep"]
 
 

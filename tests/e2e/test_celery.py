@@ -15,7 +15,7 @@ from dtp.local.api import AirflowApi
 from dtp.local.config import CELERY_QUEUES, PROJECT_ROOT, StackConfig
 from dtp.pipeline.graph import TRAINING_QUEUE
 
-pytestmark = [pytest.mark.stack, pytest.mark.e2e]
+pytestmark = [pytest.mark.stack, pytest.mark.e2e, pytest.mark.timeout(2700)]
 OFFSET = 500
 
 

@@ -35,7 +35,7 @@ from dtp.local.emulator import FAULTS_PATH
 from dtp.naming import RunNames
 from dtp.pipeline.graph import ON_BATCH, ON_EKS
 
-pytestmark = [pytest.mark.stack, pytest.mark.e2e, pytest.mark.fault_injection]
+pytestmark = [pytest.mark.stack, pytest.mark.e2e, pytest.mark.timeout(2700), pytest.mark.fault_injection]
 DAG_ID = "train_e2e"
 # The recovered run trains the recipe's full 300 steps, so its gates pass; failing runs stop early anyway.
 RECOVERED_CONF = {"hang_timeout_minutes": 2}

@@ -9,7 +9,7 @@ import pytest
 
 from dtp.images import ami, container
 
-pytestmark = [pytest.mark.stack, pytest.mark.e2e]
+pytestmark = [pytest.mark.stack, pytest.mark.e2e, pytest.mark.timeout(2700)]
 
 
 def _run(api, dag_id: str, conf: dict, timeout: float = 600) -> tuple[str, dict[str, str]]:

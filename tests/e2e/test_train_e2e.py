@@ -13,7 +13,7 @@ import pytest
 from dtp.local.config import StackConfig
 from dtp.pipeline.graph import ON_BATCH, ON_EKS
 
-pytestmark = [pytest.mark.stack, pytest.mark.e2e]
+pytestmark = [pytest.mark.stack, pytest.mark.e2e, pytest.mark.timeout(2700)]
 DAG_ID = "train_e2e"
 
 
@@ -76,7 +76,6 @@ def test_loss_goes_down_and_gates_hold(airflow_api, successful_run) -> None:
     assert metrics["last_step"] == 300 and metrics["world_size"] == 2
     assert metrics["final_loss"] < metrics["first_loss"] - 2.0
     assert metrics["final_loss"] < 2.3
-    assert metrics["median_tokens_per_s"] > 2000
 
 
 def test_checkpoints_on_the_shared_filesystem(airflow_api, successful_run, stack: StackConfig) -> None:

@@ -8,7 +8,7 @@ import pytest
 
 from dtp.hooks.slurm import SlurmHook
 
-pytestmark = [pytest.mark.stack, pytest.mark.e2e]
+pytestmark = [pytest.mark.stack, pytest.mark.e2e, pytest.mark.timeout(2700)]
 DAG_ID = "validate_cluster"
 
 

@@ -28,8 +28,9 @@ def test_all_services_healthy(stack: StackConfig) -> None:
 
 def test_slurm_job_runs_on_both_nodes(stack: StackConfig) -> None:
     env = {**os.environ, "SLURM_CONF": str(stack.slurm_conf)}
+    name = f"it-both-{uuid.uuid4().hex[:6]}"
     out = subprocess.run(
-        ["srun", "-N2", "--ntasks-per-node=1", "bash", "-c", "echo $SLURMD_NODENAME"],
+        ["srun", "-N2", "--ntasks-per-node=1", f"--job-name={name}", "bash", "-c", "echo $SLURMD_NODENAME"],
         capture_output=True,
         text=True,
         env=env,
@@ -37,8 +38,12 @@ def test_slurm_job_runs_on_both_nodes(stack: StackConfig) -> None:
         check=True,
     )
     assert sorted(out.stdout.split()) == ["n1", "n2"]
-    acct = subprocess.run(["sacct", "-c", "-n", "-P", "-o", "JobID,State"], capture_output=True, text=True, env=env)
-    assert acct.returncode == 0 and "COMPLETED" in acct.stdout
+    # The completion log has it (the hook reads ended jobs there once slurmctld forgets them).
+    acct = subprocess.run(
+        ["sacct", "-c", "-n", "-P", "-o", "JobName,State,NodeList"], capture_output=True, text=True, env=env, timeout=30
+    )
+    assert acct.returncode == 0
+    assert [row for row in acct.stdout.split() if row.startswith(f"{name}|")] == [f"{name}|COMPLETED|n[1-2]"]
 
 
 def test_emulator_answers_s3(aws) -> None:
@@ -80,11 +85,15 @@ def test_passwords_file_is_private(stack: StackConfig) -> None:
 def test_services_listen_on_loopback_only(stack: StackConfig) -> None:
     listening = subprocess.run(["ss", "-Hltn"], capture_output=True, text=True).stdout
     ports = set(stack.ports.__dict__.values()) | set(stack.ports.slurmd(stack.slurm_nodes))
+    seen = set()
     for line in listening.splitlines():
         local = line.split()[3]
         host, _, port = local.rpartition(":")
         if int(port) in ports:
+            seen.add(int(port))
             assert host in ("127.0.0.1", "[::1]", "localhost"), line
+    always_up = [stack.ports.postgres, stack.ports.moto, stack.ports.airflow_api, stack.ports.slurmctld]
+    assert {*always_up, *stack.ports.slurmd(stack.slurm_nodes)} <= seen, listening
 
 
 def test_second_stack_up_status_down_leaves_nothing() -> None:

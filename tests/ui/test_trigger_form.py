@@ -16,7 +16,7 @@ from dtp.local.config import StackConfig
 from dtp.params import TrainParams, ValidateParams
 from dtp.recipes import PLATFORMS, recipe_names
 
-pytestmark = [pytest.mark.stack, pytest.mark.e2e]
+pytestmark = [pytest.mark.stack, pytest.mark.e2e, pytest.mark.timeout(2700)]
 PIPELINE_ORDER = [
     "validate_params",
     "resolve_images",

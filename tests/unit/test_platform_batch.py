@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -105,11 +107,29 @@ def test_shipped_recipes_render_requests_batch_accepts(
     assert limit > 0 and definition["timeout"] == {"attemptDurationSeconds": max(60, limit * 60)}
 
 
-def test_the_launch_script_finds_the_main_node_on_every_node() -> None:
-    assert '--nnodes "$AWS_BATCH_JOB_NUM_NODES" --node_rank "$AWS_BATCH_JOB_NODE_INDEX"' in LAUNCH
-    # Batch sets the main node's address on the other nodes only: node 0 falls back to its own.
-    assert '"${AWS_BATCH_JOB_MAIN_NODE_PRIVATE_IPV4_ADDRESS:-$(hostname -I' in LAUNCH
-    assert '--master_addr "$MAIN"' in LAUNCH and LAUNCH.rstrip().endswith('"$@"')
+@pytest.mark.parametrize(
+    ("node_env", "main"),
+    [
+        # Batch sets the main node's address on the other nodes only: node 0 takes its own first address.
+        ({"AWS_BATCH_JOB_NODE_INDEX": "0"}, "10.0.0.5"),
+        ({"AWS_BATCH_JOB_NODE_INDEX": "3", "AWS_BATCH_JOB_MAIN_NODE_PRIVATE_IPV4_ADDRESS": "10.0.0.9"}, "10.0.0.9"),
+    ],
+)
+def test_the_launch_script_finds_the_main_node_on_every_node(
+    tmp_path: Path, node_env: dict[str, str], main: str
+) -> None:
+    """The job definition's command, run by sh as on a node, with stand-ins for torchrun and hostname."""
+    for name, body in {"torchrun": 'printf "%s\\n" "$@"', "hostname": 'echo "10.0.0.5 172.17.0.1 "'}.items():
+        (tmp_path / name).write_text(f"#!/bin/sh\n{body}\n")
+        (tmp_path / name).chmod(0o755)
+    env = {"PATH": f"{tmp_path}:/usr/bin:/bin", "AWS_BATCH_JOB_NUM_NODES": "4", **node_env}
+    argv = ["sh", "-c", LAUNCH, "torchrun", "--nproc_per_node", "8", "train.py", "--config", "a b.json"]
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=30, check=True)
+    assert done.stdout.splitlines() == [
+        *("--nnodes", "4", "--node_rank", node_env["AWS_BATCH_JOB_NODE_INDEX"]),
+        *("--master_addr", main, "--master_port", "29500"),
+        *("--nproc_per_node", "8", "train.py", "--config", "a b.json"),
+    ]
 
 
 def test_a_published_image_carries_the_programs(settings) -> None:
