@@ -101,6 +101,16 @@ def test_the_newest_checkpoint_is_saved_to_the_artifacts_bucket(airflow_api, suc
     assert saved["uri"] in aws("s3").get_object(Bucket=bucket, Key=key)["Body"].read().decode()
 
 
+def test_the_run_is_recorded_in_the_history_with_its_verdict(airflow_api, successful_run, aws) -> None:
+    run_id, _, _ = successful_run
+    run_key = airflow_api.xcom(DAG_ID, run_id, "validate_params")["names"]["run_key"]
+    bucket = airflow_api.xcom(DAG_ID, run_id, "collect_metrics")["metrics_uri"].removeprefix("s3://").split("/")[0]
+    listed = aws("s3").list_objects_v2(Bucket=bucket, Prefix="history/tiny/local/local.cpu/")["Contents"]
+    (key,) = [o["Key"] for o in listed if o["Key"].endswith(f"-{run_key}.json")]
+    entry = json.loads(aws("s3").get_object(Bucket=bucket, Key=key)["Body"].read())
+    assert (entry["passed"], entry["last_step"], entry["dataset_uri"], entry["profile_steps"]) == (True, 300, "", 0)
+
+
 @pytest.fixture(scope="module")
 def resumed_run(airflow_api, successful_run) -> tuple[str, dict[str, str]]:
     """A run resuming from the successful run's saved checkpoint (step 300) up to step 400."""

@@ -8,8 +8,8 @@ from dtp.recipes import Gates
 GATES = Gates().model_dump()
 
 
-def _run(loss: float, tps: float, nodes: int = 2, steps: int = 300) -> dict:
-    return {"final_loss": loss, "median_tokens_per_s": tps, "num_nodes": nodes, "max_steps": steps}
+def _run(loss: float, tps: float, nodes: int = 2, steps: int = 300, **more: object) -> dict:
+    return {"final_loss": loss, "median_tokens_per_s": tps, "num_nodes": nodes, "max_steps": steps, **more}
 
 
 def test_no_verdict_until_enough_history() -> None:
@@ -32,6 +32,17 @@ def test_loss_and_throughput_regressions_name_metric_and_size() -> None:
 def test_only_comparable_runs_count() -> None:
     other_shape = [_run(1.0, 90000, nodes=4), _run(1.0, 90000, steps=1000), _run(1.0, 90000, nodes=1)]
     assert regression_failures(_run(2.4, 10000), other_shape, GATES) == []
+    other_runs = [_run(1.0, 90000, dataset_uri="s3://b/other/"), _run(1.0, 90000, profile_steps=5)] * 2
+    assert regression_failures(_run(2.4, 10000), other_runs, GATES) == []
+    # An entry recorded before dataset_uri and profile_steps were kept stands for the defaults: it compares.
+    assert regression_failures(_run(2.4, 10000, dataset_uri="", profile_steps=0), [_run(1.0, 90000)] * 3, GATES)
+
+
+def test_a_lasting_regression_does_not_become_its_own_baseline() -> None:
+    good = [_run(2.0, 20000, passed=True)] * 3
+    regressed = [_run(2.4, 10000, passed=False)] * GATES["history_runs"]
+    failures = regression_failures(_run(2.4, 10000), good + regressed, GATES)
+    assert [f.split(":")[0] for f in failures] == ["final_loss regressed", "tokens_per_s regressed"]
 
 
 def test_only_the_newest_history_runs_count() -> None:

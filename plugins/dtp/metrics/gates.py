@@ -7,6 +7,10 @@ from typing import Any
 
 from dtp.metrics.parse import TrainingSummary
 
+# The run parameters a past run must share with this one for their numbers to compare, each with the value an
+# entry recorded before it was kept stands for. A profiled run is slower; another dataset has other losses.
+COMPARED_PARAMS: dict[str, Any] = {"num_nodes": None, "max_steps": None, "dataset_uri": "", "profile_steps": 0}
+
 
 class GateFailed(RuntimeError):
     """One or more gates failed; the message lists each."""
@@ -30,14 +34,16 @@ def training_failures(summary: TrainingSummary, gates: dict[str, Any], max_steps
 
 
 def comparable_runs(current: dict[str, Any], history: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """History entries trained like ``current`` (same nodes and steps): only their losses compare."""
-    keys = ("num_nodes", "max_steps")
-    return [h for h in history if all(h.get(k) == current.get(k) for k in keys)]
+    """History entries trained like ``current`` (same nodes, steps, data and profiling): only their numbers
+    compare. An entry recorded before a parameter was kept counts as having its default."""
+    return [h for h in history if all(h.get(k, d) == current.get(k, d) for k, d in COMPARED_PARAMS.items())]
 
 
 def regression_failures(current: dict[str, Any], history: list[dict[str, Any]], gates: dict[str, Any]) -> list[str]:
-    """Regressions against the median of recent comparable runs (skipped until there are enough of them)."""
-    comparable = comparable_runs(current, history)[-gates["history_runs"] :]
+    """Regressions against the median of recent comparable runs that passed their gates (skipped until there are
+    enough of them), so a lasting regression never becomes its own baseline."""
+    passed = [h for h in comparable_runs(current, history) if h.get("passed", True)]
+    comparable = passed[-gates["history_runs"] :]
     if len(comparable) < gates["min_history_runs"]:
         return []
     failures = []

@@ -31,8 +31,9 @@ def _prefix(recipe: str, platform: str, instance_type: str) -> str:
     return f"{HISTORY_PREFIX}/{recipe}/{platform}/{instance_type}/"
 
 
-def record(s3: S3Hook, bucket: str, spec: dict[str, Any], metrics: dict[str, Any]) -> str:
-    """Store this run's summary; re-recording the same run overwrites its one object."""
+def record(s3: S3Hook, bucket: str, spec: dict[str, Any], metrics: dict[str, Any], passed: bool) -> str:
+    """Store this run's summary and whether it passed its gates; re-recording the same run overwrites its one
+    object."""
     params = spec["params"]
     now = datetime.now(UTC)
     entry = {
@@ -44,6 +45,9 @@ def record(s3: S3Hook, bucket: str, spec: dict[str, Any], metrics: dict[str, Any
         "instance_type": params["instance_type"],
         "num_nodes": params["num_nodes"],
         "max_steps": params["max_steps"],
+        "dataset_uri": params["dataset_uri"],
+        "profile_steps": params["profile_steps"],
+        "passed": passed,
         "recorded_at": now.isoformat(timespec="seconds"),
         **{k: metrics.get(k) for k in RECORDED_METRICS},
     }

@@ -19,7 +19,7 @@ from airflow.sdk.exceptions import AirflowNotFoundException
 from dtp.hooks.shared_fs import SharedFilesystemHook
 from dtp.metrics import history, prometheus
 from dtp.metrics.framework_logs import summarize_log
-from dtp.metrics.gates import comparable_runs, regression_failures, training_failures
+from dtp.metrics.gates import COMPARED_PARAMS, comparable_runs, regression_failures, training_failures
 from dtp.metrics.nccl_tests import parse_nccl_tests
 from dtp.metrics.parse import TrainingSummary
 from dtp.metrics.preflight_gate import BusbwExpectation, busbw_table, node_versions, preflight_failures
@@ -129,7 +129,7 @@ def collect_metrics(
     s3 = S3Hook(aws_conn_id=aws_conn_id)
     s3.load_string(text, key, bucket, replace=True)
     result = summary.as_dict()
-    result.update(num_nodes=params["num_nodes"], max_steps=params["max_steps"])
+    result.update({key: params[key] for key in COMPARED_PARAMS})
     previous = [
         entry
         for entry in history.recent(
@@ -137,7 +137,8 @@ def collect_metrics(
         )
         if entry["run_key"] != spec["names"]["run_key"]
     ]
-    history.record(s3, bucket, spec, result)
+    # The verdict goes with the entry: a run that failed its gates is no baseline for the next ones.
+    history.record(s3, bucket, spec, result, passed=not gate_failures(spec, {**result, "history": previous}))
     if profile_dir:
         result["profile"] = upload_profile(spec, cluster, profile_dir, s3, bucket)
     log.info(
