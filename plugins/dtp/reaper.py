@@ -4,16 +4,21 @@ The safety net under teardown: a teardown that itself failed, a run with
 ``keep_cluster=true``, or a worker that died mid-run leaves tagged resources;
 the scheduled ``reaper`` DAG finds them by tag (never by a local record) and
 deletes them with the same dependency-ordered sweep teardown uses (HyperPod
-clusters first: their nodes sit in the run's subnets).
+clusters and Batch compute environments first, waited on until gone: their
+nodes sit in the run's subnets). One resource that cannot be deleted does not
+stop the others: the task fails at the end, naming each, and its retry or the
+next sweep finds them again.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from airflow.providers.amazon.aws.hooks.batch_client import BatchClientHook
 from airflow.providers.amazon.aws.hooks.s3 import S3Hook
 from airflow.providers.amazon.aws.hooks.ssm import SsmHook
 from botocore.exceptions import ClientError
@@ -25,10 +30,17 @@ from dtp.hooks.sweeper import RunResourceSweeper
 from dtp.images.ami import AMI_PARAMETER_PATH
 from dtp.naming import SLURM_EXPIRY_PREFIX, TAG_PREFIX
 from dtp.pipeline.network import destroy_run_resources
+from dtp.platforms.batch import WAIT_TIMEOUT_MINUTES, BatchPlatform
 
 log = logging.getLogger(__name__)
 EXPIRES = f"{TAG_PREFIX}expires-at"
 RUN = f"{TAG_PREFIX}run"
+# What a run's network sweep (destroy_run_resources) deletes together.
+NETWORK_KINDS = ("stack", "bucket", "vpc")
+
+
+class ReapIncomplete(RuntimeError):
+    """Some expired resources could not be deleted; the message names each with its error."""
 
 
 @dataclass(frozen=True)
@@ -73,6 +85,12 @@ def find_expired(aws_conn_id: str, slurm_conn_id: str | None, now: datetime | No
     for name, tags in HyperPodHook(aws_conn_id=aws_conn_id).tagged_clusters():
         if RUN in tags and _expired(tags.get(EXPIRES), now):
             found.append(Expired("hyperpod_cluster", name, tags[RUN], tags[EXPIRES]))
+    batch: Any = BatchClientHook(aws_conn_id=aws_conn_id).client
+    for page in batch.get_paginator("describe_compute_environments").paginate():
+        for environment in page["computeEnvironments"]:
+            tags = environment.get("tags", {})
+            if RUN in tags and _expired(tags.get(EXPIRES), now):
+                found.append(Expired("batch", environment["computeEnvironmentName"], tags[RUN], tags[EXPIRES]))
     published = published_amis(aws_conn_id)
     for image in ec2.describe_images(Owners=["self"], Filters=[{"Name": "tag-key", "Values": [RUN]}])["Images"]:
         tags = {t["Key"]: t["Value"] for t in image.get("Tags", [])}
@@ -125,24 +143,53 @@ def reap(found: list[Expired], aws_conn_id: str, slurm_conn_id: str | None, dry_
     if dry_run:
         return {"dry_run": True, "found": [asdict(i) for i in found], "deleted": []}
     deleted: list[dict[str, str]] = []
-    for job in (i for i in found if i.kind == "slurm_job"):
+    failed: dict[str, str] = {}  # run key -> why one of its resources was not deleted
+
+    def attempt(items: list[Expired], delete: Callable[[Expired], object]) -> None:
+        for item in items:
+            try:
+                delete(item)
+            except Exception as err:  # every other resource is still tried; the task fails at the end
+                log.exception("could not delete %s %s of run %s", item.kind, item.name, item.run_key)
+                failed[item.run_key] = f"{item.kind} {item.name}: {err}"
+            else:
+                deleted.append(asdict(item))
+
+    def of_kind(kind: str) -> list[Expired]:
+        return [i for i in found if i.kind == kind]
+
+    def cancel_job(job: Expired) -> None:
         if slurm_conn_id:
             SlurmHook(slurm_conn_id).cancel(job.name)
-            deleted.append(asdict(job))
-    # A cluster's nodes sit in the run's subnets: delete clusters before the network they use.
-    for cluster in (i for i in found if i.kind == "hyperpod_cluster"):
-        HyperPodHook(aws_conn_id=aws_conn_id).delete_cluster(cluster.name)
-        deleted.append(asdict(cluster))
-    for image in (i for i in found if i.kind == "ami"):
-        delete_image(aws_conn_id, image.name)
-        deleted.append(asdict(image))
-    for run_key in sorted({i.run_key for i in found if i.kind not in ("slurm_job", "ami", "hyperpod_cluster")}):
-        of_run = [i for i in found if i.run_key == run_key]
-        destroy_run_resources(
-            aws_conn_id,
-            run_key,
-            [i.name for i in of_run if i.kind == "stack"],
-            tuple(i.name for i in of_run if i.kind == "bucket"),
+
+    def delete_cluster(cluster: Expired) -> None:
+        HyperPodHook(aws_conn_id=aws_conn_id).delete_cluster_and_wait(cluster.name)
+
+    def delete_batch(environment: Expired) -> None:
+        platform = BatchPlatform(aws_conn_id=aws_conn_id, wait_timeout_minutes=WAIT_TIMEOUT_MINUTES)
+        platform.teardown({"names": {"run_key": environment.run_key}})
+
+    attempt(of_kind("slurm_job") if slurm_conn_id else [], cancel_job)
+    # Clusters' nodes sit in their run's subnets: they go, and are waited on, before the network.
+    attempt(of_kind("hyperpod_cluster"), delete_cluster)
+    attempt(of_kind("batch"), delete_batch)
+    attempt(of_kind("ami"), lambda image: delete_image(aws_conn_id, image.name))
+    for run_key in sorted({i.run_key for i in found if i.kind in NETWORK_KINDS}):
+        of_run = [i for i in found if i.run_key == run_key and i.kind in NETWORK_KINDS]
+        if run_key in failed:
+            log.warning("Leaving run %s's network: %s is not gone", run_key, failed[run_key])
+            continue
+        try:
+            stacks = [i.name for i in of_run if i.kind == "stack"]
+            destroy_run_resources(aws_conn_id, run_key, stacks, tuple(i.name for i in of_run if i.kind == "bucket"))
+        except Exception as err:  # the other runs' networks are still swept
+            log.exception("could not delete the network of run %s", run_key)
+            failed[run_key] = f"network: {err}"
+        else:
+            deleted += [asdict(i) for i in of_run]
+    if failed:
+        raise ReapIncomplete(
+            f"deleted {len(deleted)} of {len(found)} expired resources; not deleted:\n"
+            + "\n".join(f"run {run_key}: {why}" for run_key, why in sorted(failed.items()))
         )
-        deleted += [asdict(i) for i in of_run]
     return {"dry_run": False, "found": [asdict(i) for i in found], "deleted": deleted}

@@ -10,7 +10,7 @@ from dtp.hooks.slurm import SlurmHook
 from dtp.hooks.sweeper import RunResourceSweeper
 from dtp.naming import RunNames, expiry, resource_tags, slurm_comment
 from dtp.pipeline import network
-from dtp.reaper import find_expired, reap
+from dtp.reaper import ReapIncomplete, find_expired, reap
 
 pytestmark = pytest.mark.stack
 AWS, SLURM = "aws_default", "slurm_default"
@@ -94,22 +94,24 @@ def test_reaper_deletes_expired_amis_but_never_a_published_one(stack, aws) -> No
         aws("ssm").delete_parameter(Name=f"/dtp/amis/{family}")
 
 
+def _cluster(aws, spec: dict) -> str:
+    """A HyperPod cluster in the emulator, tagged as ``spec``'s run tags it; its name."""
+    group = {
+        "InstanceGroupName": "compute-nodes",
+        "InstanceType": "ml.m5.2xlarge",
+        "InstanceCount": 1,
+        "LifeCycleConfig": {"SourceS3Uri": "s3://sagemaker-dtp-it/lifecycle/", "OnCreate": "on_create.sh"},
+        "ExecutionRole": "arn:aws:iam::123456789012:role/dtp-hyperpod-execution",
+        "ThreadsPerCore": 1,
+    }
+    tags = [{"Key": k, "Value": v} for k, v in spec["tags"].items()]
+    aws("sagemaker").create_cluster(ClusterName=spec["names"]["run_key"], InstanceGroups=[group], Tags=tags)
+    return str(spec["names"]["run_key"])
+
+
 def test_reaper_deletes_an_expired_hyperpod_cluster_and_leaves_a_live_one(stack, aws) -> None:
     sagemaker = aws("sagemaker")
-    clusters = {}
-    for label, hours in (("expired", -1), ("alive", 24)):
-        spec = _spec(hours)
-        group = {
-            "InstanceGroupName": "compute-nodes",
-            "InstanceType": "ml.m5.2xlarge",
-            "InstanceCount": 1,
-            "LifeCycleConfig": {"SourceS3Uri": "s3://sagemaker-dtp-it/lifecycle/", "OnCreate": "on_create.sh"},
-            "ExecutionRole": "arn:aws:iam::123456789012:role/dtp-hyperpod-execution",
-            "ThreadsPerCore": 1,
-        }
-        tags = [{"Key": k, "Value": v} for k, v in spec["tags"].items()]
-        sagemaker.create_cluster(ClusterName=spec["names"]["run_key"], InstanceGroups=[group], Tags=tags)
-        clusters[label] = spec["names"]["run_key"]
+    clusters = {label: _cluster(aws, _spec(hours)) for label, hours in (("expired", -1), ("alive", 24))}
 
     found = [f for f in find_expired(AWS, None) if f.kind == "hyperpod_cluster"]
     assert [f.name for f in found if f.name in clusters.values()] == [clusters["expired"]]
@@ -117,3 +119,42 @@ def test_reaper_deletes_an_expired_hyperpod_cluster_and_leaves_a_live_one(stack,
     names = {c["ClusterName"] for c in sagemaker.list_clusters()["ClusterSummaries"]}
     assert clusters["expired"] not in names and clusters["alive"] in names
     sagemaker.delete_cluster(ClusterName=clusters["alive"])
+
+
+def test_reaper_deletes_an_expired_runs_batch_queue_and_compute_environment(stack, aws) -> None:
+    batch, spec = aws("batch"), _spec(-1)
+    run_key = spec["names"]["run_key"]
+    role = aws("iam").create_role(RoleName=f"{run_key}-batch", AssumeRolePolicyDocument="{}")["Role"]["Arn"]
+    environment = batch.create_compute_environment(
+        computeEnvironmentName=f"{run_key}-ce", type="UNMANAGED", state="ENABLED", serviceRole=role, tags=spec["tags"]
+    )
+    order = [{"order": 1, "computeEnvironment": environment["computeEnvironmentArn"]}]
+    batch.create_job_queue(
+        jobQueueName=f"{run_key}-queue", state="ENABLED", priority=1, computeEnvironmentOrder=order, tags=spec["tags"]
+    )
+    found = [f for f in find_expired(AWS, None) if f.run_key == run_key]
+    assert [(f.kind, f.name) for f in found] == [("batch", f"{run_key}-ce")]
+    assert [d["name"] for d in reap(found, AWS, None, dry_run=False)["deleted"]] == [f"{run_key}-ce"]
+    assert batch.describe_job_queues(jobQueues=[f"{run_key}-queue"])["jobQueues"] == []
+    assert batch.describe_compute_environments(computeEnvironments=[f"{run_key}-ce"])["computeEnvironments"] == []
+    aws("iam").delete_role(RoleName=f"{run_key}-batch")
+
+
+def test_a_resource_that_cannot_be_deleted_stops_neither_the_other_runs_nor_the_report(stack, aws, set_rules) -> None:
+    stuck, other = _spec(-1), _spec(-1)
+    for spec in (stuck, other):
+        network.create_network_stack(spec, AWS)
+        network.network_outputs(spec, AWS)
+    _cluster(aws, stuck)
+    runs = {stuck["names"]["run_key"], other["names"]["run_key"]}
+    found = [f for f in find_expired(AWS, None) if f.run_key in runs]
+    set_rules([{"service": "sagemaker", "action": "DeleteCluster", "code": "AccessDeniedException", "status": 400}])
+    with pytest.raises(ReapIncomplete, match=rf"run {stuck['names']['run_key']}: hyperpod_cluster .*AccessDenied"):
+        reap(found, AWS, None, dry_run=False)
+    sweeper = RunResourceSweeper(aws_conn_id=AWS)
+    assert sweeper.find(other["names"]["run_key"], (other["names"]["data_bucket"],))["vpcs"] == []
+    # The cluster's nodes would still be in the stuck run's subnets: its network is left for the next sweep.
+    assert sweeper.find(stuck["names"]["run_key"])["vpcs"]
+    set_rules([])
+    reap([f for f in find_expired(AWS, None) if f.run_key in runs], AWS, None, dry_run=False)
+    assert sweeper.find(stuck["names"]["run_key"], (stuck["names"]["data_bucket"],))["vpcs"] == []

@@ -1,4 +1,4 @@
-"""SageMaker HyperPod clusters: create once per name, describe, list nodes, delete.
+"""SageMaker HyperPod clusters: create once per name, describe, list nodes, delete (and wait until gone).
 
 The amazon provider's ``SageMakerHook`` covers training jobs, endpoints and
 pipelines but not HyperPod's cluster API, so this hook adds it on the same
@@ -7,6 +7,7 @@ base (``AwsBaseHook``, ``aws_conn_id``), the way the provider would.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from airflow.providers.amazon.aws.hooks.base_aws import AwsBaseHook
@@ -88,3 +89,13 @@ class HyperPodHook(AwsBaseHook):
             raise
         self.log.info("Deleting HyperPod cluster %s", name)
         return True
+
+    def delete_cluster_and_wait(self, name: str, timeout: float = 1800, poll: float = 15) -> bool:
+        """Delete the cluster and wait until it is gone (its nodes leave the subnets); False when there was none."""
+        deleted = self.delete_cluster(name)
+        deadline = time.monotonic() + timeout
+        while self.describe_cluster(name) is not None:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"HyperPod cluster {name} is still there {timeout:.0f} s after DeleteCluster")
+            time.sleep(poll)
+        return deleted

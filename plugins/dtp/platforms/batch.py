@@ -38,6 +38,8 @@ DIGEST_TAG = f"{TAG_PREFIX}definition-sha256"
 ACTIVE_JOB_STATES = ("SUBMITTED", "PENDING", "RUNNABLE", "STARTING", "RUNNING")
 # The ECS agent and the OS keep part of a host's memory ("Compute resource memory management"): ask for 90%.
 MEMORY_SHARE = 0.9
+# How long a compute environment or queue may take to settle or go, unless the connection says otherwise.
+WAIT_TIMEOUT_MINUTES = 30
 # The main node has no AWS_BATCH_JOB_MAIN_NODE_PRIVATE_IPV4_ADDRESS: it is the main node, so it takes its own
 # address. The script is constant; torchrun's arguments arrive as the script's own argv ("$@").
 LAUNCH = (
@@ -58,7 +60,7 @@ class BatchSettings(PlatformSettings):
     max_nodes: int = Field(16, ge=1)
     # The training container when no DTP image is published for batch; the programs are then staged on FSx.
     image_uri: str = f"nvcr.io/nvidia/pytorch:{build_arg_defaults('training')['PYTORCH_TAG']}-py3"
-    wait_timeout_minutes: int = Field(30, ge=1)
+    wait_timeout_minutes: int = Field(WAIT_TIMEOUT_MINUTES, ge=1)
 
 
 class BatchPlatform:
@@ -67,10 +69,18 @@ class BatchPlatform:
     name = "batch"
     scheduler = "batch"
 
-    def __init__(self, conn_id: str = CONN_ID, aws_conn_id: str = AWS_CONN_ID, poll_seconds: float = 10) -> None:
+    def __init__(
+        self,
+        conn_id: str = CONN_ID,
+        aws_conn_id: str = AWS_CONN_ID,
+        poll_seconds: float = 10,
+        wait_timeout_minutes: int | None = None,
+    ) -> None:
         self.conn_id = conn_id
         self.aws_conn_id = aws_conn_id
         self.poll_seconds = poll_seconds
+        # None: the connection's; the reaper sets it, so teardown works where no dtp_batch connection is left.
+        self.wait_timeout_minutes = wait_timeout_minutes
 
     @property
     def settings(self) -> BatchSettings:
@@ -300,7 +310,8 @@ class BatchPlatform:
         return True
 
     def _wait(self, client: Any, kind: str, name: str, done: Callable[[list[dict[str, Any]]], bool]) -> None:
-        deadline = time.monotonic() + self.settings.wait_timeout_minutes * 60
+        minutes = self.wait_timeout_minutes or self.settings.wait_timeout_minutes
+        deadline = time.monotonic() + minutes * 60
         while not done(items := _describe(client, kind, name)):
             what = f"Batch {kind.replace('_', ' ')} {name}"
             if items and items[0]["status"] == "INVALID":

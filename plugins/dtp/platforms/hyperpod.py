@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from functools import cached_property
 from typing import Annotated, Any
 
@@ -244,7 +243,7 @@ class HyperPodPlatform:
         if existing is not None:
             options = options_after_failure(existing, options)
             log.warning("HyperPod cluster %s failed for capacity (%s); deleting it", name, existing["FailureMessage"])
-            self._delete_and_wait(hook, name)
+            hook.delete_cluster_and_wait(name)
         for placement in options:
             documents = self.render(spec, network, placement)
             if problems := self.check(documents):
@@ -290,17 +289,6 @@ class HyperPodPlatform:
         timeout = self.settings.create_timeout_minutes * 60
         return HyperPodClusterTrigger(cluster["cluster_name"], aws_conn_id=self.aws_conn_id, timeout=timeout)
 
-    @staticmethod
-    def _delete_and_wait(hook: HyperPodHook, name: str, timeout: float = 1800, poll: float = 15) -> bool:
-        """Delete the cluster and wait until it is gone; False when there was none."""
-        deleted = hook.delete_cluster(name)
-        deadline = time.monotonic() + timeout
-        while hook.describe_cluster(name) is not None:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"HyperPod cluster {name} is still there {timeout:.0f} s after DeleteCluster")
-            time.sleep(poll)
-        return deleted
-
     def _stop_jobs(self, spec: dict[str, Any]) -> list[str]:
         """Cancel the run's Slurm jobs, or delete its PyTorchJobs (EKS), before the cluster goes; an unreachable
         controller or API is logged, not raised: deleting the cluster stops the jobs on its nodes too."""
@@ -339,7 +327,7 @@ class HyperPodPlatform:
         cancelled: list[str] = []
         if hook.describe_cluster(name) is not None:
             cancelled = self._stop_jobs(spec)
-        deleted = self._delete_and_wait(hook, name)
+        deleted = hook.delete_cluster_and_wait(name)
         s3 = S3Hook(aws_conn_id=self.aws_conn_id)
         bucket = settings.lifecycle_bucket
         keys = (s3.list_keys(bucket, prefix=f"{name}/") or []) if s3.check_for_bucket(bucket) else []
