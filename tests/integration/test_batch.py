@@ -94,6 +94,10 @@ def test_provision_twice_then_a_job_then_teardown_leaves_nothing(spec, outputs, 
     try:
         cluster = platform.provision(spec, outputs)
         assert platform.provision(spec, outputs) == cluster
+        # A teardown that stopped after disabling them: provision enables them again rather than reusing them so.
+        aws("batch").update_job_queue(jobQueue=f"{run_key}-queue", state="DISABLED")
+        aws("batch").update_compute_environment(computeEnvironment=f"{run_key}-ce", state="DISABLED")
+        assert platform.provision(spec, outputs) == cluster
         assert cluster | {"job_definition": None} == {
             "platform": "batch",
             "compute_environment": f"{run_key}-ce",

@@ -23,6 +23,7 @@ from dtp.platforms import get_platform
 from dtp.platforms import parallelcluster as pc
 from dtp.platforms.base import PlatformNotReady
 from dtp.recipes import instance_types
+from dtp.triggers.parallelcluster import ParallelClusterCreateTrigger
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 needs_pcluster = pytest.mark.skipif(
@@ -283,6 +284,35 @@ def test_cli_without_an_endpoint_talks_to_aws(monkeypatch) -> None:
     monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
     use_settings(monkeypatch, key_name="k")
     assert "AWS_ENDPOINT_URL" not in pc.PclusterCli("/opt/pcluster").environment()
+
+
+def stand_in_pcluster(tmp_path: Path, status: str) -> str:
+    """A pcluster executable that describes every cluster as ``status`` (the ParallelCluster API cannot run here)."""
+    answer = json.dumps({"clusterStatus": status, "headNode": {"privateIpAddress": "10.0.0.7"}, "failures": []})
+    executable = tmp_path / "pcluster"
+    executable.write_text(f"#!/bin/sh\n[ \"$1\" = describe-cluster ] && echo '{answer}'\n")
+    executable.chmod(0o755)
+    return str(executable)
+
+
+@needs_pcluster
+def test_a_cluster_an_earlier_try_left_create_failed_fails_the_task_without_retries(monkeypatch, tmp_path) -> None:
+    platform = use_settings(monkeypatch, key_name="k", pcluster=stand_in_pcluster(tmp_path, "CREATE_FAILED"))
+    with pytest.raises(PlatformNotReady, match=r"exists and is CREATE_FAILED"):
+        platform.provision(make_spec("llama3_1_8b", "p5.48xlarge", 2), NETWORK)
+
+
+@pytest.mark.parametrize("status", ["CREATE_COMPLETE", "UPDATE_COMPLETE"])
+def test_a_cluster_whose_head_node_runs_slurm_is_ready(monkeypatch, tmp_path, first_event, status) -> None:
+    use_settings(monkeypatch, key_name="k", pcluster=stand_in_pcluster(tmp_path, status))
+    event = first_event(ParallelClusterCreateTrigger("dtp-train-e2e-0123456789", poll_interval=0.1))
+    assert (event["status"], event["cluster"]) == ("success", {"head_node_ip": "10.0.0.7"})
+
+
+def test_a_cluster_that_failed_to_create_fails_the_wait(monkeypatch, tmp_path, first_event) -> None:
+    use_settings(monkeypatch, key_name="k", pcluster=stand_in_pcluster(tmp_path, "CREATE_FAILED"))
+    event = first_event(ParallelClusterCreateTrigger("dtp-train-e2e-0123456789", poll_interval=0.1))
+    assert event["status"] == "failed" and "is CREATE_FAILED" in event["message"]
 
 
 # --- against the local AWS emulator ------------------------------------------------------------------------------

@@ -243,8 +243,11 @@ class BatchPlatform:
             ("job_queue", queue, client.create_job_queue),
         ):
             name = request[f"{_camel(kind)}Name"]
-            if not _describe(client, kind, name):
+            found = _describe(client, kind, name)
+            if not found:
                 create(**request)
+            elif found[0]["state"] == "DISABLED":  # a half-finished teardown's: VALID, but it would take no job
+                getattr(client, f"update_{kind}")(**{_camel(kind): name, "state": "ENABLED"})
             self._wait(client, kind, name, lambda items: bool(items) and items[0]["status"] == "VALID")
         return {
             "platform": self.name,

@@ -31,6 +31,8 @@ from dtp.templates import render
 from dtp.triggers.parallelcluster import ParallelClusterCreateTrigger
 
 log = logging.getLogger(__name__)
+# Cluster states in which its head node runs Slurm (a cluster updated after creation included).
+READY_STATES = ("CREATE_COMPLETE", "UPDATE_COMPLETE")
 
 PROJECT_ROOT = INCLUDE_DIR.parent
 PCLUSTER_VENV = PROJECT_ROOT / ".venv-pcluster"
@@ -273,7 +275,8 @@ class ParallelClusterPlatform:
             log.info("Creating ParallelCluster cluster %s", name)
             self.cli.create_cluster(name, documents[CONFIG_DOCUMENT])
         elif existing["clusterStatus"] == "CREATE_FAILED":
-            raise RuntimeError(f"cluster {name} exists and is CREATE_FAILED: {failures(existing)}")
+            # Retrying would find it failed again; the run's teardown deletes it, and the next run creates anew.
+            raise PlatformNotReady(f"cluster {name} exists and is CREATE_FAILED: {failures(existing)}")
         else:
             log.info("Reusing ParallelCluster cluster %s (%s)", name, existing["clusterStatus"])
         return {
@@ -294,7 +297,7 @@ class ParallelClusterPlatform:
         status = self.cluster_status(name)
         if status is None:
             return {"cluster_name": name, "cancelled_jobs": [], "deleted": False}
-        cancelled = self._cancel_jobs(spec) if status in ("CREATE_COMPLETE", "UPDATE_COMPLETE") else []
+        cancelled = self._cancel_jobs(spec) if status in READY_STATES else []
         deleted = self.cli.delete_cluster(name)
         deadline = time.monotonic() + timeout
         while (status := self.cluster_status(name)) is not None:

@@ -11,7 +11,8 @@ from airflow.triggers.base import BaseTrigger, TriggerEvent
 
 
 class ParallelClusterCreateTrigger(BaseTrigger):
-    """Fires once the cluster is CREATE_COMPLETE (with its head node's address) or failed, gone or timed out."""
+    """Fires once the cluster is ready (CREATE_COMPLETE, or UPDATE_COMPLETE when an earlier try's was updated), with
+    its head node's address, or failed, gone or timed out."""
 
     def __init__(self, cluster_name: str, poll_interval: float = 30.0, timeout: float = 3600.0) -> None:
         super().__init__()
@@ -26,17 +27,17 @@ class ParallelClusterCreateTrigger(BaseTrigger):
         )
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
-        from dtp.platforms.parallelcluster import ParallelClusterPlatform, failures
+        from dtp.platforms.parallelcluster import READY_STATES, ParallelClusterPlatform, failures
 
         cli = ParallelClusterPlatform().cli
         deadline = time.monotonic() + self.timeout
         while True:
             described = await asyncio.to_thread(cli.describe_cluster, self.cluster_name)
             status = None if described is None else described["clusterStatus"]
-            if described is not None and status == "CREATE_COMPLETE":
+            if described is not None and status in READY_STATES:
                 head = described.get("headNode", {})
                 address = head.get("publicIpAddress") or head.get("privateIpAddress", "")
-                message = f"ParallelCluster cluster {self.cluster_name} is CREATE_COMPLETE"
+                message = f"ParallelCluster cluster {self.cluster_name} is {status}"
                 yield TriggerEvent({"status": "success", "message": message, "cluster": {"head_node_ip": address}})
                 return
             if described is None or status != "CREATE_IN_PROGRESS":
