@@ -13,7 +13,7 @@ from dtp.params import TrainParams, parse_params
 from dtp.pipeline.spec import run_spec
 from dtp.platforms import get_platform
 from dtp.platforms.base import PlatformNotReady
-from dtp.recipes import catalogue, instance_types
+from dtp.recipes import PLATFORMS, catalogue, instance_types
 
 # The least each platform's dtp_<platform> connection holds (see README, Platforms).
 SETTINGS = {
@@ -76,3 +76,7 @@ def test_every_instance_type_boots_an_ami_family_ami_bake_bakes_or_none(platform
     assert offered
     for instance in offered:
         assert platform.ami_family(instance.model_dump()) in {*ami_families(), None}
+
+
+def test_every_platform_a_recipe_may_name_is_registered() -> None:
+    assert [get_platform(name).name for name in PLATFORMS] == list(PLATFORMS)

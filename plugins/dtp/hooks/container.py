@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from airflow.providers.amazon.aws.hooks.ecr import EcrHook
-from airflow.sdk.bases.hook import BaseHook
+from airflow.sdk import BaseHook
 
 MANIFEST_TYPES = ", ".join(
     [

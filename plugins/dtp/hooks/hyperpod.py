@@ -1,4 +1,4 @@
-"""SageMaker HyperPod clusters: create once per name, describe, list nodes, delete (and wait until gone).
+"""SageMaker HyperPod clusters: create once per name, describe, delete (and wait until gone).
 
 The amazon provider's ``SageMakerHook`` covers training jobs, endpoints and
 pipelines but not HyperPod's cluster API, so this hook adds it on the same
@@ -67,17 +67,6 @@ class HyperPodHook(AwsBaseHook):
                 tags = self.conn.list_tags(ResourceArn=summary["ClusterArn"]).get("Tags", [])
                 clusters.append((summary["ClusterName"], {t["Key"]: t["Value"] for t in tags}))
         return clusters
-
-    def list_nodes(self, name: str) -> list[dict[str, Any]]:
-        """Every node of the cluster (instance group, instance id, status)."""
-        nodes: list[dict[str, Any]] = []
-        kwargs: dict[str, Any] = {"ClusterName": name}
-        while True:
-            page = self.conn.list_cluster_nodes(**kwargs)
-            nodes.extend(page.get("ClusterNodeSummaries", []))
-            if not page.get("NextToken"):
-                return nodes
-            kwargs["NextToken"] = page["NextToken"]
 
     def delete_cluster(self, name: str) -> bool:
         """Start deleting the cluster; False when it was already gone."""

@@ -22,7 +22,7 @@ from functools import cached_property
 from pathlib import Path
 
 from airflow.providers.amazon.aws.hooks.ec2 import EC2Hook
-from airflow.sdk.bases.hook import BaseHook
+from airflow.sdk import BaseHook
 from packerpy import PackerExecutable
 
 AWS_SOURCE = "amazon-ebs.aws"

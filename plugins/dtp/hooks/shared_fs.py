@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from functools import cached_property
 from typing import Any
 
-from airflow.sdk.bases.hook import BaseHook
+from airflow.sdk import BaseHook
 
 
 class ClusterCommandError(RuntimeError):

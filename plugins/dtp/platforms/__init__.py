@@ -16,10 +16,6 @@ _PLATFORMS: dict[str, str] = {
 }
 
 
-def platform_names() -> tuple[str, ...]:
-    return tuple(_PLATFORMS)
-
-
 def get_platform(name: str) -> ComputePlatform:
     try:
         module, cls = _PLATFORMS[name].split(":")
