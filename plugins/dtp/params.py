@@ -313,12 +313,12 @@ def estimate_cost_usd(params: TrainParams, step_seconds: float, price_per_hour: 
     return round(hours * price_per_hour * params.num_nodes, 2)
 
 
-def training_time_limit_minutes(params: TrainParams, price_per_hour: float) -> int:
-    """Minutes of training ``budget_usd`` pays for on the run's nodes; Slurm stops the job there (0: no limit,
-    for instances that cost nothing)."""
+def training_time_limit_minutes(budget_usd: float, num_nodes: int, price_per_hour: float) -> int:
+    """Minutes of training ``budget_usd`` pays for on ``num_nodes`` nodes at ``price_per_hour`` each; Slurm stops
+    the job there (0: no limit, for instances that cost nothing)."""
     if price_per_hour <= 0:
         return 0
-    return max(1, int(params.budget_usd / (price_per_hour * params.num_nodes) * 60))
+    return max(1, int(budget_usd / (price_per_hour * num_nodes) * 60))
 
 
 def airflow_params(

@@ -17,11 +17,13 @@ from dtp.params import (
     TrainParams,
     airflow_params,
     estimate_cost_usd,
+    parse_params,
     training_time_limit_minutes,
     validate_params,
 )
-from dtp.pipeline.spec import build_spec
-from dtp.recipes import PLATFORMS, catalogue, recipe_names
+from dtp.pipeline.jobs import priced_for
+from dtp.pipeline.spec import build_spec, run_spec
+from dtp.recipes import PLATFORMS, catalogue, instance_types, recipe_names
 from dtp.templates import TEMPLATE_DIR
 
 BIG_70B = {
@@ -207,6 +209,15 @@ def test_off_slurm_dtps_fsdp_trainer_runs_and_other_frameworks_are_refused(
     ) in str(info.value)
 
 
+def test_nodes_excluded_twice_count_once_against_the_platforms_capacity(monkeypatch: pytest.MonkeyPatch) -> None:
+    extra = {"cluster_name": "c", "max_nodes": 4}
+    monkeypatch.setenv("AIRFLOW_CONN_DTP_EKS", json.dumps({"conn_type": "generic", "extra": extra}))
+    conf = {"platform": "eks", "recipe": "llama3_1_8b", "instance_type": "p5.48xlarge", "num_nodes": 2}
+    assert build_spec({}, {**conf, "exclude_nodes": "n1,n1,n[1-2]"}, "train_e2e", "manual__1")
+    with pytest.raises(ParamsError, match=r"has at most 1 nodes once 3 are excluded"):
+        build_spec({}, {**conf, "exclude_nodes": "n[1-3],n2"}, "train_e2e", "manual__1")
+
+
 def test_nodes_that_do_not_fit_the_model_split_are_refused() -> None:
     # TP 8 x PP 2 = 16 GPUs per model replica; one p5 node has 8.
     message = refuse({"recipe": "llama3_1_70b_megatron", "num_nodes": 1, "instance_type": "p5.48xlarge"})
@@ -258,10 +269,18 @@ def test_sufficient_budget_is_accepted() -> None:
 
 
 def test_training_time_limit_is_what_the_budget_pays_for() -> None:
-    params = TrainParams(num_nodes=4, budget_usd=100.0)
-    assert training_time_limit_minutes(params, price_per_hour=10.0) == 150  # 100 USD / (4 x 10 USD/h)
-    assert training_time_limit_minutes(params, price_per_hour=0.0) == 0  # free: no limit
-    assert training_time_limit_minutes(TrainParams(budget_usd=0.01), price_per_hour=98.32) == 1  # Slurm's least
+    assert training_time_limit_minutes(100.0, 4, price_per_hour=10.0) == 150  # 100 USD / (4 x 10 USD/h)
+    assert training_time_limit_minutes(100.0, 4, price_per_hour=0.0) == 0  # free: no limit
+    assert training_time_limit_minutes(0.01, 1, price_per_hour=98.32) == 1  # Slurm's least
+
+
+def test_after_a_capacity_fallback_the_time_limit_is_what_the_budget_pays_for_there() -> None:
+    conf = {"platform": "local", "recipe": "tiny", "instance_type": "local.cpu", "num_nodes": 2, "budget_usd": 100.0}
+    spec = run_spec(parse_params(TrainParams, conf), "train_e2e", "manual__1")
+    spec = {**spec, "instance": instance_types()["p5.48xlarge"].model_dump()}  # as asked: 98.32 USD/h
+    assert priced_for(spec, {})["training_time_limit_minutes"] == 30  # 100 USD / (2 x 98.32 USD/h)
+    fallback = {"instance": instance_types()["p5e.48xlarge"].model_dump()}  # 108.15 USD/h
+    assert priced_for(spec, fallback)["training_time_limit_minutes"] == 27
 
 
 def test_estimate_cost_usd() -> None:

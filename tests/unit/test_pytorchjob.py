@@ -284,3 +284,11 @@ def test_a_hung_job_is_deleted(kubernetes_api: Any) -> None:
     with stub_eks(op.hook, kubernetes_api), pytest.raises(PyTorchJobFailed, match=r"hung .*deleted it"):
         op.execute_complete({}, event("hung", "Running", "no new log line for 900 s", ["step 3"]))
     assert kubernetes_api.jobs == {}
+
+
+@pytest.mark.parametrize("missing", ["name", "namespace"])
+def test_a_manifest_without_its_name_or_namespace_is_refused_before_any_call(missing: str) -> None:
+    manifest = {**MANIFEST, "metadata": {k: v for k, v in MANIFEST["metadata"].items() if k != missing}}
+    op = EksPyTorchJobOperator(task_id="run_job", manifest=yaml.safe_dump(manifest), cluster_name=CLUSTER)
+    with pytest.raises(ValueError, match=r"with metadata\.name and metadata\.namespace"):
+        op.execute({})

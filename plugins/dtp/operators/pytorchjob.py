@@ -66,7 +66,8 @@ class EksPyTorchJobOperator(BaseOperator):
     def job(self) -> dict[str, Any]:
         """The rendered manifest as a mapping (parsed once)."""
         job = yaml.safe_load(self.manifest) if isinstance(self.manifest, str) else self.manifest
-        if not isinstance(job, dict) or not (job.get("metadata") or {}).get("namespace"):
+        metadata = job.get("metadata") if isinstance(job, dict) else None
+        if not isinstance(metadata, dict) or not metadata.get("name") or not metadata.get("namespace"):
             raise ValueError("manifest: expected one PyTorchJob mapping with metadata.name and metadata.namespace")
         return job
 

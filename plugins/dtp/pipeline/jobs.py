@@ -15,6 +15,7 @@ from typing import Any
 from dtp.hooks.shared_fs import SharedFilesystemHook
 from dtp.hooks.slurm import SlurmHook
 from dtp.naming import slurm_comment
+from dtp.params import training_time_limit_minutes
 from dtp.pipeline import frameworks
 from dtp.pipeline.data import run_dir
 from dtp.platforms import get_platform
@@ -161,9 +162,18 @@ def training_config(
     }
 
 
+def priced_for(spec: dict[str, Any], cluster: dict[str, Any]) -> dict[str, Any]:
+    """``spec`` with the training time ``budget_usd`` pays for on the nodes the cluster got: a capacity fallback's
+    instance type may cost more per hour than the one the run asked for."""
+    params, price = spec["params"], instance_of(spec, cluster)["price_usd_per_hour"]
+    minutes = training_time_limit_minutes(params["budget_usd"], params["num_nodes"], price)
+    return {**spec, "training_time_limit_minutes": minutes}
+
+
 def prepare_training(
     spec: dict[str, Any], cluster: dict[str, Any], images: dict[str, Any], data: dict[str, Any]
 ) -> dict[str, Any]:
+    spec = priced_for(spec, cluster)
     if spec["recipe"]["framework"] != "fsdp":
         return _prepare_framework_training(spec, cluster, images)
     workdir = run_dir(spec, cluster)

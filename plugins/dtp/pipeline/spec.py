@@ -28,7 +28,7 @@ def build_spec(params: Mapping[str, Any], conf: Mapping[str, Any], dag_id: str, 
             f"{validated.platform} DTP runs its own FSDP trainer only (the other frameworks launch from Slurm batch "
             "scripts): choose an fsdp recipe or a Slurm platform"
         )
-    excluded = len(expand_hostlist(validated.exclude_nodes))
+    excluded = len(set(expand_hostlist(validated.exclude_nodes)))  # "n1,n[1-2]" excludes two nodes, not three
     capacity = platform.max_nodes() - excluded
     if validated.num_nodes > capacity:
         raise ParamsError(
@@ -52,5 +52,7 @@ def run_spec(validated: TrainParams, dag_id: str, run_id: str) -> dict[str, Any]
         "names": names.as_dict(),
         "tags": resource_tags(names, validated.recipe, expiry(validated.expiry_hours)),
         "estimated_cost_usd": estimate_cost_usd(validated, recipe.expected_step_seconds, instance.price_usd_per_hour),
-        "training_time_limit_minutes": training_time_limit_minutes(validated, instance.price_usd_per_hour),
+        "training_time_limit_minutes": training_time_limit_minutes(
+            validated.budget_usd, validated.num_nodes, instance.price_usd_per_hour
+        ),
     }

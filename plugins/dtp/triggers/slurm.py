@@ -67,14 +67,13 @@ class SlurmJobTrigger(BaseTrigger):
         while True:
             text, offset = await asyncio.to_thread(hook.read_file, self.log_path, offset)
             if text:
-                lines = (partial + text).split("\n")
-                partial = lines.pop()
-                for line in lines:
-                    self.log.info("[slurm %s] %s", self.job_id, line)
-                    tail.append(line)
+                partial = self._forward(partial + text, tail)
                 last_progress = time.monotonic()
             job = await asyncio.to_thread(hook.get_job, self.job_id)
             if job.finished:
+                # What the job wrote between that read and its end.
+                text, offset = await asyncio.to_thread(hook.read_file, self.log_path, offset)
+                partial = self._forward(partial + text, tail)
                 if partial:
                     tail.append(partial)
                     self.log.info("[slurm %s] %s", self.job_id, partial)
@@ -120,3 +119,11 @@ class SlurmJobTrigger(BaseTrigger):
             if job.state != "RUNNING":
                 last_progress = time.monotonic()  # pending or requeued time is not a hang
             await asyncio.sleep(self.poll_interval)
+
+    def _forward(self, text: str, tail: deque[str]) -> str:
+        """Log ``text``'s complete lines into the task log and ``tail``; the unfinished last line, to prepend next."""
+        *lines, partial = text.split("\n")
+        for line in lines:
+            self.log.info("[slurm %s] %s", self.job_id, line)
+            tail.append(line)
+        return partial
