@@ -29,7 +29,7 @@ class ParallelClusterCreateTrigger(BaseTrigger):
     async def run(self) -> AsyncIterator[TriggerEvent]:
         from dtp.platforms.parallelcluster import READY_STATES, ParallelClusterPlatform, failures
 
-        cli = ParallelClusterPlatform().cli
+        cli = await asyncio.to_thread(lambda: ParallelClusterPlatform().cli)  # it reads connections: off the loop
         deadline = time.monotonic() + self.timeout
         while True:
             described = await asyncio.to_thread(cli.describe_cluster, self.cluster_name)

@@ -10,6 +10,7 @@ failed or clears it while it waits deletes the job (``on_kill``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import deque
 from collections.abc import AsyncIterator
@@ -88,7 +89,9 @@ class PyTorchJobTrigger(BaseTrigger):
             # refuses them (temporary credentials expiring during a long run), write a new one and go on waiting;
             # a refusal before the new one served a single poll is not a matter of expiry, and fails the trigger.
             self._served = False
-            with self.hook.kubernetes() as kubernetes:
+            # Writing the kubeconfig calls EKS and reads the connection: in a thread, off the triggerer's loop.
+            with contextlib.ExitStack() as stack:
+                kubernetes = await asyncio.to_thread(stack.enter_context, self.hook.kubernetes())
                 try:
                     event = await self._wait(kubernetes, tail)
                 except ApiException as err:
