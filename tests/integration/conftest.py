@@ -1,4 +1,4 @@
-"""Fixtures of the integration tests: the emulator's error rules."""
+"""Fixtures of the integration tests: the emulator's error rules, a run's network stack."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from dtp.local.emulator import FAULTS_PATH
+from dtp.pipeline import network
 
 
 @pytest.fixture
@@ -24,3 +25,11 @@ def set_rules(stack) -> Iterator[Callable[[list[dict]], list[dict]]]:
 
     yield put
     put([])
+
+
+@pytest.fixture
+def outputs(spec: dict) -> Iterator[dict]:
+    """The network stack of the module's ``spec`` (created in the emulator), its outputs; torn down after."""
+    network.create_network_stack(spec, "aws_default")
+    yield network.network_outputs(spec, "aws_default")
+    network.teardown_network(spec, "aws_default")

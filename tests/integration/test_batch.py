@@ -15,7 +15,7 @@ from airflow.sdk.exceptions import TaskDeferred
 
 from dtp.operators.batch import BatchJobOperator
 from dtp.params import TrainParams, parse_params
-from dtp.pipeline import jobs, network
+from dtp.pipeline import jobs
 from dtp.pipeline.graph import submit_prepared_batch_job
 from dtp.pipeline.spec import run_spec
 from dtp.platforms.batch import DIGEST_TAG, BatchPlatform
@@ -33,13 +33,6 @@ def spec(stack) -> dict:
         TrainParams, {"platform": "batch", "recipe": "tiny", "instance_type": "m5.2xlarge", "num_nodes": 2}
     )
     return run_spec(params, "it_batch", f"manual__{uuid.uuid4().hex}")
-
-
-@pytest.fixture
-def outputs(spec) -> Iterator[dict]:
-    network.create_network_stack(spec, AWS)
-    yield network.network_outputs(spec, AWS)
-    network.teardown_network(spec, AWS)
 
 
 @pytest.fixture

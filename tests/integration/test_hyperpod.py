@@ -10,7 +10,6 @@ import pytest
 
 from dtp.hooks.hyperpod import HyperPodHook
 from dtp.params import TrainParams, parse_params
-from dtp.pipeline import network
 from dtp.pipeline.spec import run_spec
 from dtp.platforms.hyperpod import HyperPodPlatform
 
@@ -22,13 +21,6 @@ AWS = "aws_default"
 def spec(stack) -> dict:
     params = parse_params(TrainParams, {"platform": "hyperpod", "instance_type": "m5.2xlarge", "num_nodes": 2})
     return run_spec(params, "it_hyperpod", f"manual__{uuid.uuid4().hex}")
-
-
-@pytest.fixture
-def outputs(spec) -> dict:
-    network.create_network_stack(spec, AWS)
-    yield network.network_outputs(spec, AWS)
-    network.teardown_network(spec, AWS)
 
 
 def test_provision_twice_makes_one_cluster_and_teardown_leaves_nothing(spec, outputs, aws, first_event) -> None:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
 import uuid
+from typing import Any
 
 import pytest
 
@@ -21,23 +21,17 @@ def _validation(**conf) -> tuple[dict, dict]:
     return spec, connect(spec)
 
 
-def _run_preflight(spec: dict, cluster: dict) -> dict:
+def _run_preflight(first_event: Any, spec: dict, cluster: dict) -> dict:
     job = jobs.prepare_preflight(spec, cluster, {"python": cluster["python"]})
     hook = SlurmHook(cluster["slurm_conn_id"])
     job_id = hook.submit(job["script_path"], job_name=job["job_name"], output=job["output_path"])
     trigger = SlurmJobTrigger(job_id=job_id, log_path=job["output_path"].replace("%j", job_id), poll_interval=1)
-
-    async def outcome() -> dict:
-        async for event in trigger.run():
-            return event.payload
-        raise AssertionError("trigger ended without an event")
-
-    assert asyncio.run(outcome())["status"] == "success"
+    assert first_event(trigger)["status"] == "success"
     return results.check_preflight(spec, cluster, job["results_path"], job["nccl_tests_path"])
 
 
-def test_both_nodes_pass_with_a_version_table_per_node(stack) -> None:
-    checked = _run_preflight(*_validation())
+def test_both_nodes_pass_with_a_version_table_per_node(stack, first_event) -> None:
+    checked = _run_preflight(first_event, *_validation())
     assert checked["failures"] == []
     versions = checked["result"]["versions"]
     assert sorted(versions) == ["n1", "n2"]
@@ -46,14 +40,14 @@ def test_both_nodes_pass_with_a_version_table_per_node(stack) -> None:
     assert checked["result"]["expected_busbw"] == {"gbps": 0.1, "at_bytes": 16 << 20, "floor": pytest.approx(0.08)}
 
 
-def test_excluded_node_takes_no_part(stack) -> None:
-    checked = _run_preflight(*_validation(num_nodes=1, exclude_nodes="n1"))
+def test_excluded_node_takes_no_part(stack, first_event) -> None:
+    checked = _run_preflight(first_event, *_validation(num_nodes=1, exclude_nodes="n1"))
     assert checked["failures"] == []
     assert {r["slurm_node"] for r in checked["result"]["ranks"]} == {"n2"}
 
 
-def test_unreachable_bandwidth_fails_with_the_table(stack) -> None:
-    checked = _run_preflight(*_validation(expected_busbw_gbps=1000.0))
+def test_unreachable_bandwidth_fails_with_the_table(stack, first_event) -> None:
+    checked = _run_preflight(first_event, *_validation(expected_busbw_gbps=1000.0))
     [failure] = checked["failures"]
     assert failure.startswith("busbw: ") and "< 800.000 GB/s (80% of the expected 1000.0 GB/s)" in failure
     assert "  1000.000   800.000  TOO LOW" in failure

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -30,60 +30,52 @@ def _script(workdir: Path, body: str) -> str:
     return str(path)
 
 
-async def _first_event(trigger: SlurmJobTrigger) -> dict:
-    async for event in trigger.run():
-        return event.payload
-    raise AssertionError("trigger ended without an event")
-
-
-def test_submit_wait_and_stream_log(workdir: Path) -> None:
+def test_submit_wait_and_stream_log(workdir: Path, first_event) -> None:
     hook = SlurmHook()
     script = _script(workdir, "for i in 1 2 3; do echo line-$i; sleep 1; done\nsrun hostname >/dev/null\n")
     name = f"it-{uuid.uuid4().hex[:6]}"
     job_id = hook.submit(script, job_name=name, output=str(workdir / "out-%j.log"))
     assert [j.job_id for j in hook.find_jobs(name)] == [job_id]
     trigger = SlurmJobTrigger(job_id=job_id, log_path=str(workdir / f"out-{job_id}.log"), poll_interval=1)
-    event = asyncio.run(_first_event(trigger))
+    event = first_event(trigger)
     assert event["status"] == "success" and event["state"] == "COMPLETED"
     assert [line for line in event["tail"] if line.startswith("line-")] == ["line-1", "line-2", "line-3"]
     assert hook.get_job(job_id).succeeded
 
 
-def test_failed_job_reports_state_and_tail(workdir: Path) -> None:
+def test_failed_job_reports_state_and_tail(workdir: Path, first_event) -> None:
     hook = SlurmHook()
     job_id = hook.submit(
         _script(workdir, "echo about-to-fail\nexit 3\n"), job_name="it-fail", output=str(workdir / "o-%j")
     )
-    event = asyncio.run(
-        _first_event(SlurmJobTrigger(job_id=job_id, log_path=str(workdir / f"o-{job_id}"), poll_interval=1))
-    )
+    event = first_event(SlurmJobTrigger(job_id=job_id, log_path=str(workdir / f"o-{job_id}"), poll_interval=1))
     assert event["status"] == "failed" and event["state"] == "FAILED"
     assert event["exit_code"].startswith("3:")
     assert "about-to-fail" in event["tail"]
 
 
-def test_silent_job_is_reported_hung(workdir: Path) -> None:
+def test_silent_job_is_reported_hung(workdir: Path, first_event) -> None:
     hook = SlurmHook()
     name = f"it-hang-{uuid.uuid4().hex[:6]}"
     job_id = hook.submit(_script(workdir, "echo started\nsleep 300\n"), job_name=name, output=str(workdir / "h-%j"))
     trigger = SlurmJobTrigger(job_id=job_id, log_path=str(workdir / f"h-{job_id}"), poll_interval=1, hang_timeout=4)
-    event = asyncio.run(_first_event(trigger))
+    event = first_event(trigger)
     assert event["status"] == "hung" and "no new log line" in event["message"]
     assert hook.cancel_by_name(name) == [job_id]
     for _ in range(30):
         if not hook.find_jobs(name):
             break
-        asyncio.run(asyncio.sleep(1))
+        time.sleep(1)
     assert hook.find_jobs(name) == []
 
 
-def test_a_job_slurm_has_no_record_of_is_reported_lost(workdir: Path) -> None:
+def test_a_job_slurm_has_no_record_of_is_reported_lost(workdir: Path, first_event) -> None:
     # An id no job of this cluster had: scontrol calls it invalid and the completion log has no row, as for a job
     # slurmctld forgot on a cluster that keeps no record of ended jobs.
     job_id = "9999999"  # the local cluster's ids count up from 1
     assert SlurmHook().get_job(job_id).state == "UNKNOWN"
     trigger = SlurmJobTrigger(job_id=job_id, log_path=str(workdir / "lost"), poll_interval=1, lost_timeout=2)
-    event = asyncio.run(_first_event(trigger))
+    event = first_event(trigger)
     assert event["status"] == "lost" and "no record of the job for 2s" in event["message"]
 
 
@@ -95,13 +87,13 @@ class _XComSink:
         self.pushed[key] = value
 
 
-def test_rerun_reuses_a_completed_job_and_resubmits_a_failed_one(workdir: Path) -> None:
+def test_rerun_reuses_a_completed_job_and_resubmits_a_failed_one(workdir: Path, first_event) -> None:
     hook = SlurmHook()
     ok_name, bad_name = f"it-done-{uuid.uuid4().hex[:6]}", f"it-bad-{uuid.uuid4().hex[:6]}"
     ok_id = hook.submit(_script(workdir, "echo done\n"), job_name=ok_name, output=str(workdir / "d-%j"))
     bad_id = hook.submit(_script(workdir, "exit 1\n"), job_name=bad_name, output=str(workdir / "b-%j"))
     for job_id in (ok_id, bad_id):
-        asyncio.run(_first_event(SlurmJobTrigger(job_id=job_id, log_path="/dev/null", poll_interval=1)))
+        first_event(SlurmJobTrigger(job_id=job_id, log_path="/dev/null", poll_interval=1))
     assert [(j.job_id, j.state) for j in hook.ended_jobs(ok_name)] == [(ok_id, "COMPLETED")]
     assert [(j.job_id, j.state) for j in hook.ended_jobs(bad_name)] == [(bad_id, "FAILED")]
 
@@ -172,13 +164,13 @@ def _submit_limited(workdir: Path, name: str, body: str, minutes: int) -> tuple[
     return operator, sink, deferred.value.trigger
 
 
-def test_a_job_past_its_time_limit_is_stopped_by_slurm_and_not_run_again(workdir: Path) -> None:
+def test_a_job_past_its_time_limit_is_stopped_by_slurm_and_not_run_again(workdir: Path, first_event) -> None:
     # What budget_usd becomes for priced instances: sbatch --time; Slurm itself stops the job there.
     name = f"it-overtime-{uuid.uuid4().hex[:6]}"
     operator, sink, trigger = _submit_limited(workdir, name, "echo started\nsleep 600\n", minutes=1)
     job_id = sink.pushed["job_id"]
     assert "TimeLimit=00:01:00" in SlurmHook().run(["scontrol", "show", "job", job_id])
-    event = asyncio.run(_first_event(trigger))
+    event = first_event(trigger)
     assert event["state"] == "TIMEOUT"
     with pytest.raises(SlurmJobOverTime, match=f"Slurm job {job_id} ran past its time limit of 1 min"):
         operator.execute_complete({"ti": sink}, event)
@@ -188,12 +180,12 @@ def test_a_job_past_its_time_limit_is_stopped_by_slurm_and_not_run_again(workdir
     assert [job.job_id for job in SlurmHook().ended_jobs(name)] == [job_id]
 
 
-def test_a_retried_job_gets_what_is_left_of_the_time_limit(workdir: Path) -> None:
+def test_a_retried_job_gets_what_is_left_of_the_time_limit(workdir: Path, first_event) -> None:
     name = f"it-retry-limit-{uuid.uuid4().hex[:6]}"
     operator, sink, trigger = _submit_limited(workdir, name, "sleep 2\nexit 1\n", minutes=2)
     failed_id = sink.pushed["job_id"]
     assert "TimeLimit=00:02:00" in SlurmHook().run(["scontrol", "show", "job", failed_id])
-    event = asyncio.run(_first_event(trigger))
+    event = first_event(trigger)
     with pytest.raises(SlurmJobFailed):
         operator.execute_complete({"ti": sink}, event)
     # The retry's job may run what the failed one left: 2 min less its (rounded up) minute.
