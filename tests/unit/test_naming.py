@@ -137,8 +137,12 @@ def test_resource_tags_are_valid_s3_tags_for_airflow_generated_run_ids() -> None
         assert S3_TAG_VALUE.match(value), value
 
 
-def test_resource_tags_are_valid_s3_tags_for_every_run_id_airflow_accepts() -> None:
-    run_id = "manual~retry"
-    assert re.match(r"^[A-Za-z0-9_.~:+-]+$", run_id)  # Airflow's default allowed_run_id_pattern
+@pytest.mark.parametrize(
+    "run_id",
+    # Airflow's default allowed_run_id_pattern is ^[A-Za-z0-9_.~:+-]+$: each of its characters, and the shapes of
+    # the run ids the scheduler, the UI and backfills make.
+    ["manual~retry", "scheduled__2026-01-01T00:00:00+00:00", "backfill__2026-01-01T00:00:00+00:00", "a.b_c-d:e+f~g"],
+)
+def test_resource_tags_are_valid_s3_tags_for_every_run_id_airflow_accepts(run_id: str) -> None:
     tags = resource_tags(RunNames("train_e2e", run_id), "tiny", expiry(24))
     assert all(S3_TAG_VALUE.match(v) for v in tags.values()), tags

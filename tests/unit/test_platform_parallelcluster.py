@@ -343,6 +343,8 @@ def emulator() -> Iterator[str]:
                 break
             except OSError:
                 time.sleep(0.2)
+        else:
+            raise RuntimeError(f"the emulator did not listen on {url} within 20 s")
         yield url
     finally:
         proc.terminate()
