@@ -110,7 +110,7 @@ def test_the_run_is_recorded_in_the_history_with_its_verdict(airflow_api, succes
     listed = aws("s3").list_objects_v2(Bucket=bucket, Prefix="history/tiny/local/local.cpu/")["Contents"]
     (key,) = [o["Key"] for o in listed if o["Key"].endswith(f"-{run_key}.json")]
     entry = json.loads(aws("s3").get_object(Bucket=bucket, Key=key)["Body"].read())
-    assert (entry["passed"], entry["last_step"], entry["dataset_uri"], entry["profile_steps"]) == (True, 300, "", 0)
+    assert (entry["passed"], entry["last_step"], entry["dataset_uri"], entry["profile_steps"]) == (True, 300, "", 2)
 
 
 @pytest.fixture(scope="module")
