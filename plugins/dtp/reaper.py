@@ -158,10 +158,6 @@ def reap(found: list[Expired], aws_conn_id: str, slurm_conn_id: str | None, dry_
     def of_kind(kind: str) -> list[Expired]:
         return [i for i in found if i.kind == kind]
 
-    def cancel_job(job: Expired) -> None:
-        if slurm_conn_id:
-            SlurmHook(slurm_conn_id).cancel(job.name)
-
     def delete_cluster(cluster: Expired) -> None:
         HyperPodHook(aws_conn_id=aws_conn_id).delete_cluster_and_wait(cluster.name)
 
@@ -169,7 +165,8 @@ def reap(found: list[Expired], aws_conn_id: str, slurm_conn_id: str | None, dry_
         platform = BatchPlatform(aws_conn_id=aws_conn_id, wait_timeout_minutes=WAIT_TIMEOUT_MINUTES)
         platform.teardown({"names": {"run_key": environment.run_key}})
 
-    attempt(of_kind("slurm_job") if slurm_conn_id else [], cancel_job)
+    if slurm_conn_id:
+        attempt(of_kind("slurm_job"), lambda job: SlurmHook(slurm_conn_id).cancel(job.name))
     # Clusters' nodes sit in their run's subnets: they go, and are waited on, before the network.
     attempt(of_kind("hyperpod_cluster"), delete_cluster)
     attempt(of_kind("batch"), delete_batch)

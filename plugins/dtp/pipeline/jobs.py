@@ -176,8 +176,8 @@ def prepare_training(
     spec = priced_for(spec, cluster)
     if spec["recipe"]["framework"] != "fsdp":
         return _prepare_framework_training(spec, cluster, images)
-    workdir = run_dir(spec, cluster)
-    config = training_config(spec, str(workdir), data, instance_of(spec, cluster))
+    workdir, instance = run_dir(spec, cluster), instance_of(spec, cluster)
+    config = training_config(spec, str(workdir), data, instance)
     config_path = workdir / "train.json"
     profile_dir = config["profile_dir"] if spec["params"]["profile_steps"] > 0 else ""
     outputs = {
@@ -197,7 +197,7 @@ def prepare_training(
         config_path=config_path,
         max_restarts=3,
         # Nsight Systems only where there are GPUs to trace; torch.profiler traces everywhere.
-        nsys_dir=profile_dir if instance_of(spec, cluster)["accelerator"] != "cpu" else "",
+        nsys_dir=profile_dir if instance["accelerator"] != "cpu" else "",
     )
     return _write_job(hook, spec, workdir, "train", script, spec["names"]["slurm_job"]) | outputs
 
