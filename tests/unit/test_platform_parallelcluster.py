@@ -4,7 +4,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 import socket
 import subprocess
@@ -16,49 +15,18 @@ from typing import Any
 
 import pytest
 import yaml
+from parallelcluster_support import NETWORK, make_spec, needs_pcluster, use_settings
 
-from dtp.params import TrainParams, parse_params
-from dtp.pipeline.spec import run_spec
 from dtp.platforms import get_platform
 from dtp.platforms import parallelcluster as pc
 from dtp.platforms.base import PlatformNotReady
 from dtp.recipes import instance_types
-from dtp.triggers.parallelcluster import ParallelClusterCreateTrigger
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
-needs_pcluster = pytest.mark.skipif(
-    not (pc.PCLUSTER_VENV / "bin" / "pcluster").exists(),
-    reason=".venv-pcluster is missing (scripts/setup creates it): aws-parallelcluster's schema is not available",
-)
-NETWORK = {
-    "VPC": "vpc-0123456789abcdef0",
-    "PublicSubnet": "subnet-0123456789abcdef0",
-    "PrivateSubnet": "subnet-0fedcba9876543210",
-    "FallbackPrivateSubnet": "subnet-0aaaabbbbccccdddd",
-    "SecurityGroup": "sg-0123456789abcdef0",
-    "FSXSecurityGroup": "sg-0fedcba9876543210",
-    "DataBucket": "dtp-train-e2e-0123456789-data",
-}
 # Validators whose AWS calls the emulator cannot answer as AWS does (FACTS.md, offline validation).
 # The emulator offers p5.48xlarge where AWS does (us-east-1), as pcluster's instance type validators check.
 EMULATOR_REGION = "us-east-1"
 EMULATOR_SUPPRESSED = ("KeyPairValidator", "HeadNodeLaunchTemplateValidator", "ComputeResourceLaunchTemplateValidator")
-
-
-def use_settings(
-    monkeypatch: pytest.MonkeyPatch, endpoint: str | None = None, region: str = "eu-west-1", **extra: Any
-) -> pc.ParallelClusterPlatform:
-    """Connections from the environment, as the stack sets them: the platform's settings and aws_default."""
-    monkeypatch.setenv("AIRFLOW_CONN_DTP_PARALLELCLUSTER", json.dumps({"conn_type": "generic", "extra": extra}))
-    aws_extra = {"region_name": region, **({"endpoint_url": endpoint} if endpoint else {})}
-    aws = {"conn_type": "aws", "login": "testing", "password": "testing", "extra": aws_extra}
-    monkeypatch.setenv("AIRFLOW_CONN_AWS_DEFAULT", json.dumps(aws))
-    return pc.ParallelClusterPlatform()
-
-
-def make_spec(recipe: str, instance_type: str, num_nodes: int, dag_id: str = "train_e2e") -> dict[str, Any]:
-    conf = {"platform": "parallelcluster", "recipe": recipe, "instance_type": instance_type, "num_nodes": num_nodes}
-    return run_spec(parse_params(TrainParams, conf), dag_id, "manual__2026-12-02")
 
 
 def config(documents: dict[str, str]) -> dict[str, Any]:
@@ -262,57 +230,6 @@ def test_runtime_runs_the_published_image_with_pyxis(monkeypatch) -> None:
     assert runtime["container_runtime"] == "pyxis" and runtime["training_dir"] == "/opt/dtp/training"
     default = platform.default_image()
     assert default["image"].startswith("nvcr.io#nvidia/pytorch:") and default["python"] == runtime["python"]
-
-
-def test_cli_commands_are_argv_lists_with_the_connection_s_region_credentials_and_endpoint(monkeypatch) -> None:
-    use_settings(monkeypatch, endpoint="http://127.0.0.1:1", key_name="k")
-    cli = pc.PclusterCli("/opt/pcluster", "aws_default")
-    assert cli.command("describe-cluster", "--cluster-name", "x; rm -rf /") == [
-        "/opt/pcluster",
-        "describe-cluster",
-        "--cluster-name",
-        "x; rm -rf /",
-        "--region",
-        "eu-west-1",
-    ]
-    env = cli.environment()
-    assert env["AWS_ENDPOINT_URL"] == "http://127.0.0.1:1" and env["AWS_REGION"] == "eu-west-1"
-    assert env["AWS_ACCESS_KEY_ID"] == env["AWS_SECRET_ACCESS_KEY"] == "testing"
-
-
-def test_cli_without_an_endpoint_talks_to_aws(monkeypatch) -> None:
-    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
-    use_settings(monkeypatch, key_name="k")
-    assert "AWS_ENDPOINT_URL" not in pc.PclusterCli("/opt/pcluster").environment()
-
-
-def stand_in_pcluster(tmp_path: Path, status: str) -> str:
-    """A pcluster executable that describes every cluster as ``status`` (the ParallelCluster API cannot run here)."""
-    answer = json.dumps({"clusterStatus": status, "headNode": {"privateIpAddress": "10.0.0.7"}, "failures": []})
-    executable = tmp_path / "pcluster"
-    executable.write_text(f"#!/bin/sh\n[ \"$1\" = describe-cluster ] && echo '{answer}'\n")
-    executable.chmod(0o755)
-    return str(executable)
-
-
-@needs_pcluster
-def test_a_cluster_an_earlier_try_left_create_failed_fails_the_task_without_retries(monkeypatch, tmp_path) -> None:
-    platform = use_settings(monkeypatch, key_name="k", pcluster=stand_in_pcluster(tmp_path, "CREATE_FAILED"))
-    with pytest.raises(PlatformNotReady, match=r"exists and is CREATE_FAILED"):
-        platform.provision(make_spec("llama3_1_8b", "p5.48xlarge", 2), NETWORK)
-
-
-@pytest.mark.parametrize("status", ["CREATE_COMPLETE", "UPDATE_COMPLETE"])
-def test_a_cluster_whose_head_node_runs_slurm_is_ready(monkeypatch, tmp_path, first_event, status) -> None:
-    use_settings(monkeypatch, key_name="k", pcluster=stand_in_pcluster(tmp_path, status))
-    event = first_event(ParallelClusterCreateTrigger("dtp-train-e2e-0123456789", poll_interval=0.1))
-    assert (event["status"], event["cluster"]) == ("success", {"head_node_ip": "10.0.0.7"})
-
-
-def test_a_cluster_that_failed_to_create_fails_the_wait(monkeypatch, tmp_path, first_event) -> None:
-    use_settings(monkeypatch, key_name="k", pcluster=stand_in_pcluster(tmp_path, "CREATE_FAILED"))
-    event = first_event(ParallelClusterCreateTrigger("dtp-train-e2e-0123456789", poll_interval=0.1))
-    assert event["status"] == "failed" and "is CREATE_FAILED" in event["message"]
 
 
 # --- against the local AWS emulator ------------------------------------------------------------------------------

@@ -1,0 +1,66 @@
+"""The ParallelCluster platform's pcluster CLI and cluster lifecycle: argv lists with the connection's region,
+credentials and endpoint, and what provision and the create trigger make of each cluster state (a stand-in
+``pcluster`` answers at the boundary: the ParallelCluster API cannot run here)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from parallelcluster_support import NETWORK, make_spec, needs_pcluster, use_settings
+
+from dtp.platforms import parallelcluster as pc
+from dtp.platforms.base import PlatformNotReady
+from dtp.triggers.parallelcluster import ParallelClusterCreateTrigger
+
+
+def test_cli_commands_are_argv_lists_with_the_connection_s_region_credentials_and_endpoint(monkeypatch) -> None:
+    use_settings(monkeypatch, endpoint="http://127.0.0.1:1", key_name="k")
+    cli = pc.PclusterCli("/opt/pcluster", "aws_default")
+    assert cli.command("describe-cluster", "--cluster-name", "x; rm -rf /") == [
+        "/opt/pcluster",
+        "describe-cluster",
+        "--cluster-name",
+        "x; rm -rf /",
+        "--region",
+        "eu-west-1",
+    ]
+    env = cli.environment()
+    assert env["AWS_ENDPOINT_URL"] == "http://127.0.0.1:1" and env["AWS_REGION"] == "eu-west-1"
+    assert env["AWS_ACCESS_KEY_ID"] == env["AWS_SECRET_ACCESS_KEY"] == "testing"
+
+
+def test_cli_without_an_endpoint_talks_to_aws(monkeypatch) -> None:
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    use_settings(monkeypatch, key_name="k")
+    assert "AWS_ENDPOINT_URL" not in pc.PclusterCli("/opt/pcluster").environment()
+
+
+def stand_in_pcluster(tmp_path: Path, status: str) -> str:
+    """A pcluster executable that describes every cluster as ``status`` (the ParallelCluster API cannot run here)."""
+    answer = json.dumps({"clusterStatus": status, "headNode": {"privateIpAddress": "10.0.0.7"}, "failures": []})
+    executable = tmp_path / "pcluster"
+    executable.write_text(f"#!/bin/sh\n[ \"$1\" = describe-cluster ] && echo '{answer}'\n")
+    executable.chmod(0o755)
+    return str(executable)
+
+
+@needs_pcluster
+def test_a_cluster_an_earlier_try_left_create_failed_fails_the_task_without_retries(monkeypatch, tmp_path) -> None:
+    platform = use_settings(monkeypatch, key_name="k", pcluster=stand_in_pcluster(tmp_path, "CREATE_FAILED"))
+    with pytest.raises(PlatformNotReady, match=r"exists and is CREATE_FAILED"):
+        platform.provision(make_spec("llama3_1_8b", "p5.48xlarge", 2), NETWORK)
+
+
+@pytest.mark.parametrize("status", ["CREATE_COMPLETE", "UPDATE_COMPLETE"])
+def test_a_cluster_whose_head_node_runs_slurm_is_ready(monkeypatch, tmp_path, first_event, status) -> None:
+    use_settings(monkeypatch, key_name="k", pcluster=stand_in_pcluster(tmp_path, status))
+    event = first_event(ParallelClusterCreateTrigger("dtp-train-e2e-0123456789", poll_interval=0.1))
+    assert (event["status"], event["cluster"]) == ("success", {"head_node_ip": "10.0.0.7"})
+
+
+def test_a_cluster_that_failed_to_create_fails_the_wait(monkeypatch, tmp_path, first_event) -> None:
+    use_settings(monkeypatch, key_name="k", pcluster=stand_in_pcluster(tmp_path, "CREATE_FAILED"))
+    event = first_event(ParallelClusterCreateTrigger("dtp-train-e2e-0123456789", poll_interval=0.1))
+    assert event["status"] == "failed" and "is CREATE_FAILED" in event["message"]
