@@ -273,6 +273,16 @@ def validate_params(conf: dict[str, Any]) -> TrainParams:
         problems.append(
             f"checkpoint_interval: got {params.checkpoint_interval}; must not exceed max_steps ({params.max_steps})"
         )
+    if params.profile_steps >= params.max_steps:
+        problems.append(
+            f"profile_steps: got {params.profile_steps}; must be below max_steps ({params.max_steps}): "
+            "profiling starts after the first step, which warms up"
+        )
+    if recipe is not None and params.profile_steps and recipe.framework != "fsdp":
+        problems.append(
+            f"profile_steps: got {params.profile_steps}; recipe {params.recipe!r} trains with {recipe.framework}, "
+            "and only DTP's trainer (framework fsdp) takes profile_steps"
+        )
     if recipe is not None and (problem := launch_problem(recipe)):
         problems.append(f"recipe: got {params.recipe!r}; {problem}")
     if recipe is not None and recipe.framework in DATASET_FILES and not params.dataset_uri:

@@ -148,6 +148,8 @@ BAD = [
     ({"extra_env": ["X=1"]}, "extra_env", "['X=1']"),
     ({"extra_env": {f"V{i}": "x" for i in range(65)}}, "extra_env", "65"),
     ({"max_steps": 10, "checkpoint_interval": 20}, "checkpoint_interval", "got 20"),
+    ({"max_steps": 5, "checkpoint_interval": 5, "profile_steps": 5}, "profile_steps", "below max_steps (5)"),
+    ({"recipe": "llama3_1_8b_torchtitan", "profile_steps": 2}, "profile_steps", "only DTP's trainer"),
 ]
 
 
