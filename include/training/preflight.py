@@ -90,7 +90,8 @@ def probes() -> dict[str, str | None]:
         "fi_info_version": _command("fi_info", "--version"),
         "ofi_nccl_strings": _ofi_nccl_strings(),
         "nvidia_smi": _command("nvidia-smi", f"--query-gpu={SMI_QUERY}", "--format=csv"),
-        "dmesg_xid": "\n".join(line for line in dmesg.splitlines() if "Xid" in line) if dmesg else None,
+        # None: dmesg refused (kernel.dmesg_restrict=1 for a non-root job); "" : read, and no Xid in it.
+        "dmesg_xid": "\n".join(line for line in dmesg.splitlines() if "Xid" in line) if dmesg is not None else None,
     }
 
 

@@ -13,6 +13,7 @@ from dtp.metrics.preflight_gate import (
     node_versions,
     preflight_failures,
     preflight_message,
+    preflight_warnings,
     reference_row,
 )
 
@@ -172,6 +173,18 @@ def test_missing_gpus_fail_but_cpu_instances_skip_gpu_checks() -> None:
         "node n1: 0 GPUs visible to nvidia-smi, expected 8",
         "node n2: 0 GPUs visible to nvidia-smi, expected 8",
     ]
+
+
+def test_an_unreadable_kernel_log_is_reported_not_checked_not_passed() -> None:
+    # preflight.py gives None where dmesg was refused, "" where it was read and held no Xid line.
+    ranks = [rank("n1", probes=probes()), rank("n2", probes=probes(dmesg_xid=None))]
+    result = preflight(ranks, [1, 1, 1, 1, 100])
+    assert preflight_failures(result, 2, EXPECTED, gpus_per_node=8) == []
+    assert preflight_warnings(result, gpus_per_node=8) == [
+        "node n2: Xid errors not checked: the job's user may not read the kernel log "
+        "(dmesg refused; kernel.dmesg_restrict=1?)"
+    ]
+    assert preflight_warnings(result, gpus_per_node=0) == []  # a CPU instance type has no Xid to check
 
 
 def test_wrong_matmul_names_the_node_and_error() -> None:

@@ -88,6 +88,16 @@ def health_failures(node: str, probes: dict[str, str | None], expected_gpus: int
     return failures
 
 
+def unchecked(node: str, probes: dict[str, str | None], expected_gpus: int) -> list[str]:
+    """Health checks that could not run on this node: the verdict holds without them, the report says so."""
+    if expected_gpus and probes.get("dmesg_xid") is None:
+        return [
+            f"node {node}: Xid errors not checked: the job's user may not read the kernel log "
+            "(dmesg refused; kernel.dmesg_restrict=1?)"
+        ]
+    return []
+
+
 def version_mismatches(per_node: dict[str, dict[str, str]]) -> list[str]:
     """One line per component whose version differs across nodes, naming the odd nodes out."""
     failures = []

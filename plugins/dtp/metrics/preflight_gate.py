@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from dtp.metrics.node_checks import health_failures, node_name, version_mismatches, versions
+from dtp.metrics.node_checks import health_failures, node_name, unchecked, version_mismatches, versions
 
 # Versions reported by every rank's environment screen, then those read from each node's probes.
 RANK_VERSIONS = ("python", "torch", "cuda", "nccl")
@@ -99,6 +99,12 @@ def preflight_failures(
     if result.get("world_size") != 1:
         failures += busbw_failures(result.get("allreduce", []), expected)
     return failures
+
+
+def preflight_warnings(result: dict[str, Any], gpus_per_node: int = 0) -> list[str]:
+    """Checks that could not run, one line per node: they do not fail the cluster, the report lists them."""
+    probed = {node_name(r): r["probes"] for r in result.get("ranks", []) if "probes" in r}
+    return [line for node, probes in sorted(probed.items()) for line in unchecked(node, probes, gpus_per_node)]
 
 
 def bad_nodes(failures: list[str]) -> list[str]:

@@ -22,7 +22,13 @@ from dtp.metrics.framework_logs import summarize_log
 from dtp.metrics.gates import COMPARED_PARAMS, comparable_runs, regression_failures, training_failures
 from dtp.metrics.nccl_tests import parse_nccl_tests
 from dtp.metrics.parse import TrainingSummary
-from dtp.metrics.preflight_gate import BusbwExpectation, busbw_table, node_versions, preflight_failures
+from dtp.metrics.preflight_gate import (
+    BusbwExpectation,
+    busbw_table,
+    node_versions,
+    preflight_failures,
+    preflight_warnings,
+)
 from dtp.metrics.report import render_report
 from dtp.naming import OWNER, TAG_PREFIX
 from dtp.platforms.capacity import instance_of
@@ -70,7 +76,8 @@ def busbw_expectation(spec: dict[str, Any], cluster: dict[str, Any]) -> BusbwExp
 def check_preflight(
     spec: dict[str, Any], cluster: dict[str, Any], results_path: str, nccl_tests_path: str = ""
 ) -> dict[str, Any]:
-    """Judge the preflight job's results; the result gains the per-node version table and the verdict."""
+    """Judge the preflight job's results; the result gains the per-node version table, the verdict and the checks
+    that could not run (``warnings``)."""
     result = read_json(cluster, results_path)
     failures = []
     if nccl_tests_path:
@@ -88,6 +95,9 @@ def check_preflight(
     result["versions"] = node_versions(result)
     result["expected_busbw"] = {"gbps": expected.gbps, "at_bytes": expected.at_bytes, "floor": expected.floor}
     result["failures"] = failures
+    result["warnings"] = preflight_warnings(result, gpus_per_node=gpus)
+    for warning in result["warnings"]:
+        log.warning("%s", warning)
     log.info("All-reduce bus bandwidth:\n%s", busbw_table(result["allreduce"], expected))
     for node, table in sorted(result["versions"].items()):
         log.info("%s: %s", node, ", ".join(f"{k} {v}" for k, v in table.items()))

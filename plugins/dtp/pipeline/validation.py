@@ -102,7 +102,10 @@ def evaluate(spec: dict[str, Any], cluster: dict[str, Any], results_path: str, n
 def verdict(result: dict[str, Any]) -> None:
     if result["failures"]:
         raise AirflowFailException(preflight_message(result["failures"]))
-    log.info("The cluster passed every check")
+    if result.get("warnings"):
+        log.warning("The cluster passed the checks that ran; not checked:\n%s", "\n".join(result["warnings"]))
+    else:
+        log.info("The cluster passed every check")
 
 
 @task(retries=3)
