@@ -102,6 +102,13 @@ def peak_flops(device: torch.device) -> float | None:
     return next((flops for pattern, flops in PEAK_FLOPS if re.search(pattern, name)), None)
 
 
+def mfu_peak(cfg: TrainConfig, device: torch.device) -> float | None:
+    """The per-device FLOP/s MFU is measured against: a dense bf16 peak, so only a bf16 run has an MFU."""
+    if cfg.precision != "bf16":
+        return None
+    return cfg.peak_flops or peak_flops(device)
+
+
 def memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -176,7 +183,7 @@ def train(cfg: TrainConfig) -> None:
     args = MODELS[cfg.model]
     params = count_parameters(args)
     fpt = flops_per_token(args, cfg.seq_len)
-    peak = cfg.peak_flops or peak_flops(device)
+    peak = mfu_peak(cfg, device)
     if rank == 0:
         emit(
             {

@@ -13,7 +13,7 @@ import torch.distributed as dist
 
 import checkpoint
 from model import MODELS, Transformer, count_parameters, flops_per_token
-from train import TrainConfig, batch_for, lr_at
+from train import TrainConfig, batch_for, lr_at, mfu_peak
 
 # Published parameter counts (untied embeddings): Llama 3.1 8B and 70B.
 PUBLISHED = {"llama3_1_8b": 8_030_261_248, "llama3_1_70b": 70_553_706_496, "mixtral_8x7b": 46_702_792_704}
@@ -146,6 +146,13 @@ def test_batches_are_seeded_by_step_and_rank() -> None:
     assert not torch.equal(inputs, batch_for(data, cfg, step=3, rank=0)[0])
     assert not torch.equal(inputs, batch_for(data, cfg, step=4, rank=1)[0])
     assert not torch.equal(inputs, batch_for(data, config(seq_len=16, micro_batch=4, seed=1), step=3, rank=1)[0])
+
+
+def test_mfu_is_against_a_bf16_peak_so_only_bf16_runs_have_one() -> None:
+    cpu = torch.device("cpu")
+    assert mfu_peak(config(precision="bf16", peak_flops=989e12), cpu) == 989e12  # the instance type's figure
+    assert mfu_peak(config(precision="fp32", peak_flops=989e12), cpu) is None
+    assert mfu_peak(config(precision="bf16"), cpu) is None  # no figure for a CPU
 
 
 def test_config_round_trip(tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from dtp.metrics.parse import TrainingSummary
-from dtp.metrics.report import render_report
+from dtp.metrics.report import render_report, render_validation_report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 DATA_URI = re.compile(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"')
@@ -87,7 +87,7 @@ def test_report_content(full_report: str) -> None:
     assert "<tr><th>checkpoints at steps</th><td>10, 20</td></tr>" in full_report
     assert "<tr><th>restarts</th><td>1</td></tr>" in full_report
     assert "<tr><th>median tokens/s</th><td>23000.0</td></tr>" in full_report
-    assert "n/a (no known peak FLOPs for this device)" in full_report
+    assert "n/a (measured on bf16 runs, on devices of known peak FLOPs)" in full_report
     assert "<tr><th>network_stack</th><td>dtp-train-e2e-0123456789-network</td></tr>" in full_report
     assert "run <code>manual__2026-01-01T00:00:00+00:00</code>" in full_report
 
@@ -134,3 +134,16 @@ def test_report_of_a_run_without_steps() -> None:
     page = render_report(spec(), TrainingSummary(), None, ["no training step was logged"], {})
     assert len(images(page)) == 2
     assert "<li>no training step was logged</li>" in page
+
+
+def test_checks_that_could_not_run_are_listed_apart_from_the_verdict() -> None:
+    warning = "node n2: Xid errors not checked: the job's user may not read the kernel log"
+    result = {**PREFLIGHT, "failures": [], "warnings": [warning], "versions": {"n1": {"torch": "2.13.0"}}}
+    validation = render_validation_report(
+        spec(slurm_conn_id="slurm_default", instance_type="p5.48xlarge"), {**result, "ranks": []}
+    )
+    run = render_report(spec(), SUMMARY, result, [], {})
+    for page in (validation, run):
+        assert '<b class="PASSED">PASSED</b>' in page
+        assert f"<h3>Not checked</h3><ul><li>{warning.replace(chr(39), '&#x27;')}</li></ul>" in page
+    assert "Not checked" not in render_report(spec(), SUMMARY, {**result, "warnings": []}, [], {})

@@ -13,6 +13,9 @@ from typing import Any
 
 from dtp.metrics.parse import TrainingSummary
 
+# The trainer reports MFU against a dense bf16 peak: fp32 runs and devices without a known peak have none.
+NO_MFU = "n/a (measured on bf16 runs, on devices of known peak FLOPs)"
+
 
 def _png(fig: Any) -> str:
     buf = io.BytesIO()
@@ -129,11 +132,20 @@ def _failures(failures: list[str], none: str) -> str:
     return "".join(items) or f"<li>{none}</li>"
 
 
+def _not_checked(result: dict[str, Any]) -> str:
+    """The checks that could not run on some node, under a heading of their own; nothing when all ran."""
+    warnings = result.get("warnings", [])
+    return f"<h3>Not checked</h3><ul>{_failures(warnings, '')}</ul>" if warnings else ""
+
+
 def _cluster_section(preflight: dict[str, Any] | None) -> str:
     if not preflight or not preflight.get("versions"):
         return ""
-    return "<h2>Cluster validation</h2><p>Versions per node (the reference's efa-versions):</p>" + _grid(
-        preflight["versions"]
+    return (
+        "<h2>Cluster validation</h2>"
+        + _not_checked(preflight)
+        + "<p>Versions per node (the reference's efa-versions):</p>"
+        + _grid(preflight["versions"])
     )
 
 
@@ -150,7 +162,7 @@ def render_report(
         "first loss": summary.first_loss,
         "final loss": summary.final_loss,
         "median tokens/s": summary.median_tokens_per_s,
-        "MFU": summary.mfu if summary.mfu is not None else "n/a (no known peak FLOPs for this device)",
+        "MFU": summary.mfu if summary.mfu is not None else NO_MFU,
         "max memory (MB)": summary.max_memory_mb,
         "parameters": summary.params,
         "world size": summary.world_size,
@@ -183,6 +195,7 @@ def render_validation_report(spec: dict[str, Any], result: dict[str, Any]) -> st
 {spec["params"]["num_nodes"]} x {html.escape(spec["params"]["instance_type"])}.
 Validation: <b class="{verdict}">{verdict}</b></p>
 <ul>{_failures(failures, "every check passed")}</ul>
+{_not_checked(result)}
 <h2>All-reduce bus bandwidth</h2>{_figures(images)}
 <h2>Versions per node</h2>{_grid(result.get("versions", {}))}
 <h2>Environment per rank</h2>{_grid(environment)}
