@@ -7,6 +7,7 @@ import json
 from typing import Any
 
 import pytest
+from parallelcluster_support import NETWORK  # every output of the network stack
 
 from dtp.images.ami import ami_families
 from dtp.params import TrainParams, parse_params
@@ -24,15 +25,6 @@ SETTINGS = {
     "parallelcluster": {"key_name": "dtp-head"},
     "eks": {"cluster_name": "dtp-training"},
     "batch": {"instance_role_arn": "arn:aws:iam::111122223333:instance-profile/ecsInstanceRole"},
-}
-NETWORK = {
-    "VPC": "vpc-0123456789abcdef0",
-    "PublicSubnet": "subnet-0123456789abcdef0",
-    "PrivateSubnet": "subnet-0fedcba9876543210",
-    "FallbackPrivateSubnet": "subnet-0aaaabbbbccccdddd",
-    "SecurityGroup": "sg-0123456789abcdef0",
-    "FSXSecurityGroup": "sg-0fedcba9876543210",
-    "DataBucket": "dtp-train-e2e-0123456789-data",
 }
 # DTP launches other frameworks (torchtitan, Megatron-LM, neuronx-distributed, picotron, NeMo) with Slurm batch
 # scripts only.
