@@ -24,6 +24,7 @@ from airflow.providers.amazon.aws.hooks.ssm import SsmHook
 from botocore.exceptions import ClientError
 
 from dtp.hooks.hyperpod import HyperPodHook
+from dtp.hooks.packer import PackerHook
 from dtp.hooks.slurm import SlurmHook
 from dtp.hooks.stacks import StackHook
 from dtp.hooks.sweeper import RunResourceSweeper
@@ -113,22 +114,6 @@ def published_amis(aws_conn_id: str) -> set[str]:
     return {parameter["Value"] for page in pages for parameter in page["Parameters"]}
 
 
-def delete_image(aws_conn_id: str, image_id: str) -> list[str]:
-    """Deregister the AMI, then delete its snapshots; return the snapshot ids."""
-    ec2 = RunResourceSweeper(aws_conn_id=aws_conn_id).conn
-    images = ec2.describe_images(ImageIds=[image_id])["Images"]
-    snapshots = [
-        m["Ebs"]["SnapshotId"]
-        for i in images
-        for m in i.get("BlockDeviceMappings", [])
-        if "SnapshotId" in m.get("Ebs", {})
-    ]
-    ec2.deregister_image(ImageId=image_id)
-    for snapshot in snapshots:
-        ec2.delete_snapshot(SnapshotId=snapshot)
-    return snapshots
-
-
 def reap(found: list[Expired], aws_conn_id: str, slurm_conn_id: str | None, dry_run: bool) -> dict[str, Any]:
     """Delete what ``find_expired`` found, run by run; return what was (or would be) deleted."""
     for item in found:
@@ -170,7 +155,7 @@ def reap(found: list[Expired], aws_conn_id: str, slurm_conn_id: str | None, dry_
     # Clusters' nodes sit in their run's subnets: they go, and are waited on, before the network.
     attempt(of_kind("hyperpod_cluster"), delete_cluster)
     attempt(of_kind("batch"), delete_batch)
-    attempt(of_kind("ami"), lambda image: delete_image(aws_conn_id, image.name))
+    attempt(of_kind("ami"), lambda image: PackerHook(aws_conn_id=aws_conn_id).deregister_image(image.name))
     for run_key in sorted({i.run_key for i in found if i.kind in NETWORK_KINDS}):
         of_run = [i for i in found if i.run_key == run_key and i.kind in NETWORK_KINDS]
         if run_key in failed:

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from airflow.providers.amazon.aws.hooks.ec2 import EC2Hook
 from airflow.sdk import BaseHook
+from botocore.exceptions import WaiterError
 from packerpy import PackerExecutable
 
 AWS_SOURCE = "amazon-ebs.aws"
@@ -208,20 +209,45 @@ class PackerHook(BaseHook):
         process.wait()
 
     def find_image(self, name: str) -> dict | None:
-        """The account's available AMI called ``name``, if there is one."""
+        """The account's AMI called ``name``, if there is one, in whatever state (``pending``, ``failed``...)."""
         images = self.ec2.conn.describe_images(Owners=["self"], Filters=[{"Name": "name", "Values": [name]}])["Images"]
-        available = [image for image in images if image.get("State", "available") == "available"]
-        return available[0] if available else None
+        return images[0] if images else None
+
+    def describe_image(self, image_id: str) -> dict:
+        """The AMI ``image_id`` as DescribeImages reports it."""
+        return self.ec2.conn.describe_images(ImageIds=[image_id])["Images"][0]
+
+    def wait_available(self, image_id: str, delay: int = 15, max_attempts: int = 120) -> dict:
+        """Wait (EC2's ``image_available`` waiter) until the AMI is no longer pending, and return it: ``available``,
+        or ``failed``. Raises botocore's WaiterError when it is still pending after ``max_attempts`` checks ``delay``
+        seconds apart."""
+        try:
+            self.ec2.conn.get_waiter("image_available").wait(
+                ImageIds=[image_id], WaiterConfig={"Delay": delay, "MaxAttempts": max_attempts}
+            )
+        except WaiterError:
+            if self.describe_image(image_id)["State"] != "failed":
+                raise
+        return self.describe_image(image_id)
+
+    def deregister_image(self, image_id: str) -> list[str]:
+        """Deregister the AMI, then delete the snapshots behind it (EC2 keeps an AMI's snapshots); their ids."""
+        snapshots = _snapshot_ids(self.describe_image(image_id))
+        self.ec2.conn.deregister_image(ImageId=image_id)
+        for snapshot in snapshots:
+            self.ec2.conn.delete_snapshot(SnapshotId=snapshot)
+        return snapshots
 
     def tag_image(self, image_id: str, tags: Mapping[str, str]) -> None:
         """Tag the AMI and the snapshots behind it."""
-        image = self.ec2.conn.describe_images(ImageIds=[image_id])["Images"][0]
-        snapshots = [
-            m["Ebs"]["SnapshotId"] for m in image.get("BlockDeviceMappings", []) if m.get("Ebs", {}).get("SnapshotId")
-        ]
+        snapshots = _snapshot_ids(self.describe_image(image_id))
         self.ec2.conn.create_tags(
             Resources=[image_id, *snapshots], Tags=[{"Key": k, "Value": v} for k, v in tags.items()]
         )
+
+
+def _snapshot_ids(image: Mapping) -> list[str]:
+    return [m["Ebs"]["SnapshotId"] for m in image.get("BlockDeviceMappings", []) if m.get("Ebs", {}).get("SnapshotId")]
 
 
 def _lines(process: subprocess.Popen[str]) -> Iterator[MachineReadableLine]:

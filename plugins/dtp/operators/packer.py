@@ -20,7 +20,13 @@ class PackerBuildOperator(BaseOperator):
     template's directory (template, var files, playbooks, roles) and every
     variable. A retry, or a second run with the same inputs, finds that AMI and
     returns it without building; changing any version variable or file gives a
-    new name and a new AMI. The AMI and its snapshots get ``tags`` every time.
+    new name and a new AMI. An AMI of that name still ``pending`` (an earlier
+    try was killed after packer's CreateImage) is waited for with EC2's
+    ``image_available`` waiter and then returned. One that is, or turns out,
+    anything but ``available`` (``failed``, ``error``, ``invalid``...) is
+    deregistered, its snapshots deleted, and the AMI baked again (packer would
+    refuse the taken name). ``built`` is False when no bake was needed. The AMI
+    and its snapshots get ``tags`` every time.
     Packer's UI lines stream into the task log; killing the task interrupts
     packer (which cleans up its instance) and then kills its process tree.
 
@@ -33,6 +39,9 @@ class PackerBuildOperator(BaseOperator):
     :param name_variable: the template variable that receives the AMI name
     :param tags: tags for the AMI and its snapshots
     :param aws_conn_id: AWS connection (credentials, region, emulator endpoint)
+    :param packer_path: the packer executable
+    :param waiter_delay: seconds between checks of a pending AMI
+    :param waiter_max_attempts: checks of a pending AMI before the task fails
     """
 
     template_fields: Sequence[str] = ("template", "var_file", "variables", "name_prefix", "tags", "fingerprint_paths")
@@ -50,6 +59,8 @@ class PackerBuildOperator(BaseOperator):
         tags: dict[str, str] | None = None,
         aws_conn_id: str | None = "aws_default",
         packer_path: str = "packer",
+        waiter_delay: int = 15,
+        waiter_max_attempts: int = 120,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -62,6 +73,8 @@ class PackerBuildOperator(BaseOperator):
         self.tags = tags or {}
         self.aws_conn_id = aws_conn_id
         self.packer_path = packer_path
+        self.waiter_delay = waiter_delay
+        self.waiter_max_attempts = waiter_max_attempts
         self._process: subprocess.Popen[str] | None = None
 
     @property
@@ -79,6 +92,20 @@ class PackerBuildOperator(BaseOperator):
         variables = {**self.variables, self.name_variable: name}
 
         existing = hook.find_image(name)
+        if existing and existing["State"] == "pending":
+            self.log.info(
+                "AMI %s (%s) of an earlier try is still being made: waiting for it", name, existing["ImageId"]
+            )
+            existing = hook.wait_available(existing["ImageId"], self.waiter_delay, self.waiter_max_attempts)
+        if existing and existing["State"] != "available":
+            self.log.warning(
+                "AMI %s (%s) of an earlier try is %s: deregistering it and baking again",
+                name,
+                existing["ImageId"],
+                existing["State"],
+            )
+            hook.deregister_image(existing["ImageId"])
+            existing = None
         if existing:
             image_id, built = existing["ImageId"], False
             self.log.info("AMI %s already exists as %s (same template and inputs): not baking again", name, image_id)

@@ -1,0 +1,132 @@
+"""PackerBuildOperator finding the AMI an earlier try made, in each state, in moto's EC2 (run in this process:
+the emulator of the local stack makes every AMI available at once, so only here can an AMI be pending or failed).
+
+The packer it is given records its arguments in ``calls`` and fails, so any attempt to bake shows and raises.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import boto3
+import pytest
+from botocore.exceptions import ClientError, WaiterError
+from moto import mock_aws
+from moto.core import DEFAULT_ACCOUNT_ID
+from moto.ec2.models import ec2_backends
+
+from dtp.hooks.packer import PackerError, fingerprint
+from dtp.operators.packer import PackerBuildOperator
+
+REGION = "us-east-1"
+
+
+@pytest.fixture
+def ec2(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    conn = {"conn_type": "aws", "login": "testing", "password": "testing", "extra": {"region_name": REGION}}
+    monkeypatch.setenv("AIRFLOW_CONN_AWS_DEFAULT", json.dumps(conn))
+    with mock_aws():
+        yield boto3.client("ec2", region_name=REGION, aws_access_key_id="testing", aws_secret_access_key="testing")
+
+
+@pytest.fixture
+def template(tmp_path: Path) -> Path:
+    path = tmp_path / "ami" / "ami.pkr.hcl"
+    path.parent.mkdir()
+    path.write_text('source "amazon-ebs" "aws" {}\n')
+    return path
+
+
+@pytest.fixture
+def operator(tmp_path: Path, template: Path) -> PackerBuildOperator:
+    packer = tmp_path / "bin" / "packer"
+    packer.parent.mkdir()
+    packer.write_text(f'#!/bin/sh\necho "$@" >> {tmp_path / "calls"}\necho "this packer cannot bake" >&2\nexit 1\n')
+    packer.chmod(0o755)
+    return PackerBuildOperator(
+        task_id="bake",
+        template=str(template),
+        name_prefix="dtp-test",
+        tags={"dtp:run": "r1"},
+        packer_path=str(packer),
+        waiter_delay=1,
+        waiter_max_attempts=10,
+    )
+
+
+@pytest.fixture
+def earlier_ami(ec2: Any, template: Path) -> dict[str, str]:
+    """The AMI an earlier try registered under the name this operator gives its inputs, and its snapshot."""
+    name = f"dtp-test-{fingerprint([template, template.parent], {})}"
+    image_id = ec2.register_image(Name=name)["ImageId"]
+    image = ec2.describe_images(ImageIds=[image_id])["Images"][0]
+    return {"name": name, "id": image_id, "snapshot": image["BlockDeviceMappings"][0]["Ebs"]["SnapshotId"]}
+
+
+def set_state(image_id: str, state: str) -> None:
+    ec2_backends[DEFAULT_ACCOUNT_ID][REGION].amis[image_id].state = state
+
+
+def later(seconds: float, image_id: str, state: str) -> threading.Timer:
+    """Move the AMI to ``state`` after ``seconds``, as EC2 would while the operator waits."""
+    timer = threading.Timer(seconds, set_state, (image_id, state))
+    timer.start()
+    return timer
+
+
+def test_an_available_ami_is_returned_and_tagged_without_baking(ec2, operator, earlier_ami, tmp_path) -> None:
+    result = operator.execute({})
+    assert (result["ami_id"], result["ami_name"], result["built"]) == (earlier_ami["id"], earlier_ami["name"], False)
+    image = ec2.describe_images(ImageIds=[earlier_ami["id"]])["Images"][0]
+    assert {"Key": "dtp:run", "Value": "r1"} in image["Tags"]
+    assert not (tmp_path / "calls").exists()
+
+
+def test_a_pending_ami_is_waited_for_and_returned_without_baking(ec2, operator, earlier_ami, tmp_path) -> None:
+    set_state(earlier_ami["id"], "pending")
+    timer = later(1.0, earlier_ami["id"], "available")
+    try:
+        result = operator.execute({})
+    finally:
+        timer.cancel()
+    assert timer.finished.is_set(), "the operator returned before the AMI became available"
+    assert (result["ami_id"], result["built"]) == (earlier_ami["id"], False)
+    assert not (tmp_path / "calls").exists()
+
+
+def test_an_ami_still_pending_when_the_wait_runs_out_fails_the_task_and_is_kept(
+    ec2, operator, earlier_ami, tmp_path
+) -> None:
+    set_state(earlier_ami["id"], "pending")
+    operator.waiter_max_attempts = 2
+    with pytest.raises(WaiterError, match="Max attempts exceeded"):
+        operator.execute({})
+    assert ec2.describe_images(ImageIds=[earlier_ami["id"]])["Images"][0]["State"] == "pending"
+    assert not (tmp_path / "calls").exists()
+
+
+@pytest.mark.parametrize(
+    ("state", "then"),
+    [("failed", None), ("error", None), ("invalid", None), ("pending", "failed")],
+    ids=["failed", "error", "invalid", "pending-then-failed"],
+)
+def test_a_failed_ami_is_deregistered_with_its_snapshot_and_baked_again(
+    ec2, operator, earlier_ami, tmp_path, state, then
+) -> None:
+    set_state(earlier_ami["id"], state)
+    timer = later(1.0, earlier_ami["id"], then) if then else None
+    try:
+        with pytest.raises(PackerError, match=r"packer validate ami\.pkr\.hcl failed:\nthis packer cannot bake"):
+            operator.execute({})
+    finally:
+        if timer:
+            timer.cancel()
+    name_filter = [{"Name": "name", "Values": [earlier_ami["name"]]}]
+    assert ec2.describe_images(Owners=["self"], Filters=name_filter)["Images"] == []
+    with pytest.raises(ClientError, match=r"InvalidSnapshot\.NotFound"):
+        ec2.describe_snapshots(SnapshotIds=[earlier_ami["snapshot"]])
+    assert (tmp_path / "calls").read_text().startswith("validate ")
