@@ -1,7 +1,7 @@
 # One template for every DTP AMI family; a family is a var file under families/
 # (source AMI, builder instance, SSH user, playbook) plus the component versions.
 #
-#   packer build -var-file=versions.pkrvars.hcl -var-file=families/pcluster-gpu.pkrvars.hcl \
+#   packer build -only=amazon-ebs.aws -var-file=versions.pkrvars.hcl -var-file=families/pcluster-gpu.pkrvars.hcl \
 #     -var ami_name=... ami.pkr.hcl
 #
 # Two sources: `aws` boots the source AMI and runs the family's Ansible playbook over SSH;
