@@ -68,6 +68,12 @@ variable "emulator_source_ami_owner" {
   default = "137112412989"
 }
 
+variable "builder_tags" {
+  type        = map(string)
+  default     = {}
+  description = "Tags of the builder instance and its volumes (the run's, with a short expiry): the reaper finds one packer left behind."
+}
+
 variable "ansible_playbook" {
   type        = string
   default     = "ansible-playbook"
@@ -112,15 +118,15 @@ variable "neuron_version" {
 
 locals {
   versions = {
-    "dtp:family"            = var.family
-    "dtp:nvidia-driver"     = var.nvidia_driver_version
-    "dtp:cuda"              = var.cuda_version
-    "dtp:efa-installer"     = var.efa_installer_version
-    "dtp:nccl"              = var.nccl_version
-    "dtp:aws-ofi-nccl"      = var.aws_ofi_nccl_version
-    "dtp:enroot"            = var.enroot_version
-    "dtp:pyxis"             = var.pyxis_version
-    "dtp:neuron"            = var.neuron_version
+    "dtp:family"        = var.family
+    "dtp:nvidia-driver" = var.nvidia_driver_version
+    "dtp:cuda"          = var.cuda_version
+    "dtp:efa-installer" = var.efa_installer_version
+    "dtp:nccl"          = var.nccl_version
+    "dtp:aws-ofi-nccl"  = var.aws_ofi_nccl_version
+    "dtp:enroot"        = var.enroot_version
+    "dtp:pyxis"         = var.pyxis_version
+    "dtp:neuron"        = var.neuron_version
   }
 }
 
@@ -146,8 +152,10 @@ source "amazon-ebs" "aws" {
     iops                  = 10000
     delete_on_termination = true
   }
-  tags          = local.versions
-  snapshot_tags = local.versions
+  tags            = local.versions
+  snapshot_tags   = local.versions
+  run_tags        = var.builder_tags
+  run_volume_tags = var.builder_tags
 }
 
 source "amazon-ebs" "emulator" {
@@ -165,8 +173,10 @@ source "amazon-ebs" "emulator" {
     owners      = [var.emulator_source_ami_owner]
     most_recent = true
   }
-  tags          = local.versions
-  snapshot_tags = local.versions
+  tags            = local.versions
+  snapshot_tags   = local.versions
+  run_tags        = var.builder_tags
+  run_volume_tags = var.builder_tags
 }
 
 build {

@@ -50,7 +50,7 @@ def test_playbooks_and_roles_pass_ansible_lint() -> None:
 
 def _bake(family: str, tags: dict[str, str], **versions: str) -> dict:
     params = parse_params(ami.AmiBakeParams, {"families": [family], **versions})
-    request = ami.bake_requests(params, tags)[0]
+    request = ami.bake_requests(params, tags, {**tags, ami.BUILDER_TAG: "true"})[0]
     return PackerBuildOperator(task_id="bake", template=str(ami.TEMPLATE), **request).execute({})
 
 
@@ -70,6 +70,13 @@ def test_packer_bakes_an_ami_in_the_emulator_and_finds_it_again(stack, aws) -> N
         t["Key"]: t["Value"] for t in ec2.describe_snapshots(SnapshotIds=[snapshot])["Snapshots"][0]["Tags"]
     }
     assert snapshot_tags["dtp:run"] == tags["dtp:run"]
+    # The instance packer baked it on carries the builder tags, so the reaper could find it had packer died.
+    builder_filter = [
+        {"Name": f"tag:{ami.BUILDER_TAG}", "Values": ["true"]},
+        {"Name": "tag:dtp:run", "Values": [tags["dtp:run"]]},
+    ]
+    reservations = ec2.describe_instances(Filters=builder_filter)["Reservations"]
+    assert len([i for r in reservations for i in r["Instances"]]) == 1
 
     count = len(ec2.describe_images(Owners=["self"])["Images"])
     again = _bake("pcluster-cpu", tags, enroot_version=first["variables"]["enroot_version"])

@@ -26,6 +26,9 @@ VERSIONS_FILE = PACKER_DIR / "versions.pkrvars.hcl"
 # A version string goes into an AMI tag, a URL and a shell-free argv: digits first, then a small alphabet.
 VERSION = r"^[0-9][0-9A-Za-z.+_-]{0,31}$"
 AMI_PARAMETER_PATH = "/dtp/amis"
+# Marks packer's builder instances, which the reaper terminates once their expiry passes; a bake takes hours.
+BUILDER_TAG = "dtp:packer-builder"
+BUILDER_EXPIRY_HOURS = 12
 _ASSIGNMENT = re.compile(r'^\s*(\w+)\s*=\s*"([^"]*)"\s*$')
 
 
@@ -126,8 +129,11 @@ AmiBakeParams = create_model(
 )
 
 
-def bake_requests(params: Any, tags: dict[str, str]) -> list[dict[str, Any]]:
-    """One PackerBuildOperator's kwargs per family (for ``expand_kwargs``)."""
+def bake_requests(
+    params: Any, tags: dict[str, str], builder_tags: dict[str, str] | None = None
+) -> list[dict[str, Any]]:
+    """One PackerBuildOperator's kwargs per family (for ``expand_kwargs``): ``tags`` for the AMI, ``builder_tags``
+    for the instance that bakes it."""
     return [
         {
             "var_file": str(PACKER_DIR / "families" / f"{family}.pkrvars.hcl"),
@@ -135,6 +141,7 @@ def bake_requests(params: Any, tags: dict[str, str]) -> list[dict[str, Any]]:
             "name_prefix": f"dtp-{family}",
             "fingerprint_paths": fingerprint_inputs(family),
             "tags": tags,
+            "builder_tags": builder_tags,
         }
         for family in params.families
     ]

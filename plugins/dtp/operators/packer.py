@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 from collections.abc import Sequence
 from pathlib import Path
@@ -38,13 +39,24 @@ class PackerBuildOperator(BaseOperator):
         var file (playbooks, roles); default: the template's folder
     :param name_variable: the template variable that receives the AMI name
     :param tags: tags for the AMI and its snapshots
+    :param builder_tags: tags for the builder instance and its volumes, passed as the template's
+        ``builder_tags`` map variable (not part of the fingerprint), so an instance packer could not
+        delete can be found; None passes nothing
     :param aws_conn_id: AWS connection (credentials, region, emulator endpoint)
     :param packer_path: the packer executable
     :param waiter_delay: seconds between checks of a pending AMI
     :param waiter_max_attempts: checks of a pending AMI before the task fails
     """
 
-    template_fields: Sequence[str] = ("template", "var_file", "variables", "name_prefix", "tags", "fingerprint_paths")
+    template_fields: Sequence[str] = (
+        "template",
+        "var_file",
+        "variables",
+        "name_prefix",
+        "tags",
+        "builder_tags",
+        "fingerprint_paths",
+    )
     ui_color = "#02a8ef"
 
     def __init__(
@@ -57,6 +69,7 @@ class PackerBuildOperator(BaseOperator):
         fingerprint_paths: list[str] | None = None,
         name_variable: str = "ami_name",
         tags: dict[str, str] | None = None,
+        builder_tags: dict[str, str] | None = None,
         aws_conn_id: str | None = "aws_default",
         packer_path: str = "packer",
         waiter_delay: int = 15,
@@ -71,6 +84,7 @@ class PackerBuildOperator(BaseOperator):
         self.fingerprint_paths = fingerprint_paths
         self.name_variable = name_variable
         self.tags = tags or {}
+        self.builder_tags = builder_tags
         self.aws_conn_id = aws_conn_id
         self.packer_path = packer_path
         self.waiter_delay = waiter_delay
@@ -90,6 +104,8 @@ class PackerBuildOperator(BaseOperator):
             f"{self.name_prefix}-{fingerprint([template, *([var_file] if var_file else []), *inputs], self.variables)}"
         )
         variables = {**self.variables, self.name_variable: name}
+        if self.builder_tags is not None:
+            variables["builder_tags"] = json.dumps(self.builder_tags)  # JSON is HCL's map syntax too
 
         existing = hook.find_image(name)
         if existing and existing["State"] == "pending":

@@ -35,7 +35,8 @@ def validate_params(**context: Any) -> list[dict[str, Any]]:
         raise AirflowFailException(str(err)) from None
     names = RunNames(context["dag"].dag_id, context["run_id"])
     tags = resource_tags(names, "ami-bake", expiry(params.retain_days * 24))
-    return ami.bake_requests(params, tags)
+    builder_tags = {**resource_tags(names, "ami-bake", expiry(ami.BUILDER_EXPIRY_HOURS)), ami.BUILDER_TAG: "true"}
+    return ami.bake_requests(params, tags, builder_tags)
 
 
 @task(outlets=[AMI_ALIAS], map_index_template="{{ baked['variables']['family'] }}")
