@@ -64,3 +64,16 @@ def test_a_cluster_that_failed_to_create_fails_the_wait(monkeypatch, tmp_path, f
     use_settings(monkeypatch, key_name="k", pcluster=stand_in_pcluster(tmp_path, "CREATE_FAILED"))
     event = first_event(ParallelClusterCreateTrigger("dtp-train-e2e-0123456789", poll_interval=0.1))
     assert event["status"] == "failed" and "is CREATE_FAILED" in event["message"]
+
+
+def test_a_restarted_triggerer_keeps_the_deadline_set_when_the_task_deferred(
+    monkeypatch, tmp_path, first_event
+) -> None:
+    # The triggerer rebuilds a trigger from what it serialized when the task deferred: the clock must not restart.
+    use_settings(monkeypatch, key_name="k", pcluster=stand_in_pcluster(tmp_path, "CREATE_IN_PROGRESS"))
+    deferred = ParallelClusterCreateTrigger("dtp-train-e2e-0123456789", poll_interval=0.1, timeout=3600)
+    deferred.started_at -= 3601  # the task deferred an hour ago
+    classpath, kwargs = deferred.serialize()
+    assert classpath == "dtp.triggers.parallelcluster.ParallelClusterCreateTrigger"
+    event = first_event(ParallelClusterCreateTrigger(**kwargs))
+    assert event["status"] == "failed" and "is still CREATE_IN_PROGRESS after 3600 s" in event["message"]

@@ -13,7 +13,8 @@ from dtp.hooks.hyperpod import SETTLED_STATES, HyperPodHook
 
 
 class HyperPodClusterTrigger(BaseTrigger):
-    """Fires once the cluster is InService (success), failed or gone, or ``timeout`` seconds passed (failed)."""
+    """Fires once the cluster is InService (success), failed or gone, or ``timeout`` seconds after ``started_at``
+    (epoch seconds; default: when the task deferred) passed (failed)."""
 
     def __init__(
         self,
@@ -21,12 +22,15 @@ class HyperPodClusterTrigger(BaseTrigger):
         aws_conn_id: str | None = "aws_default",
         poll_interval: float = 30.0,
         timeout: float = 5400.0,
+        started_at: float | None = None,
     ) -> None:
         super().__init__()
         self.cluster_name = cluster_name
         self.aws_conn_id = aws_conn_id
         self.poll_interval = poll_interval
         self.timeout = timeout
+        # Set when the task defers and serialized with the rest: a restarted triggerer keeps the deadline.
+        self.started_at = time.time() if started_at is None else started_at
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         return (
@@ -36,12 +40,13 @@ class HyperPodClusterTrigger(BaseTrigger):
                 "aws_conn_id": self.aws_conn_id,
                 "poll_interval": self.poll_interval,
                 "timeout": self.timeout,
+                "started_at": self.started_at,
             },
         )
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
         hook = HyperPodHook(aws_conn_id=self.aws_conn_id)
-        deadline = time.monotonic() + self.timeout
+        deadline = self.started_at + self.timeout
         while True:
             cluster = await asyncio.to_thread(hook.describe_cluster, self.cluster_name)
             if cluster is None:
@@ -55,7 +60,7 @@ class HyperPodClusterTrigger(BaseTrigger):
                 )
                 yield TriggerEvent({"status": "success" if ok else "failed", "message": message})
                 return
-            if time.monotonic() > deadline:
+            if time.time() > deadline:
                 message = f"HyperPod cluster {self.cluster_name} is still {state} after {self.timeout:.0f} s"
                 yield TriggerEvent({"status": "failed", "message": message})
                 return

@@ -12,25 +12,35 @@ from airflow.triggers.base import BaseTrigger, TriggerEvent
 
 class ParallelClusterCreateTrigger(BaseTrigger):
     """Fires once the cluster is ready (CREATE_COMPLETE, or UPDATE_COMPLETE when an earlier try's was updated), with
-    its head node's address, or failed, gone or timed out."""
+    its head node's address, or failed, gone or ``timeout`` seconds after ``started_at`` (epoch seconds; default:
+    when the task deferred)."""
 
-    def __init__(self, cluster_name: str, poll_interval: float = 30.0, timeout: float = 3600.0) -> None:
+    def __init__(
+        self, cluster_name: str, poll_interval: float = 30.0, timeout: float = 3600.0, started_at: float | None = None
+    ) -> None:
         super().__init__()
         self.cluster_name = cluster_name
         self.poll_interval = poll_interval
         self.timeout = timeout
+        # Set when the task defers and serialized with the rest: a restarted triggerer keeps the deadline.
+        self.started_at = time.time() if started_at is None else started_at
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         return (
             f"{type(self).__module__}.{type(self).__qualname__}",
-            {"cluster_name": self.cluster_name, "poll_interval": self.poll_interval, "timeout": self.timeout},
+            {
+                "cluster_name": self.cluster_name,
+                "poll_interval": self.poll_interval,
+                "timeout": self.timeout,
+                "started_at": self.started_at,
+            },
         )
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
         from dtp.platforms.parallelcluster import READY_STATES, ParallelClusterPlatform, failures
 
         cli = await asyncio.to_thread(lambda: ParallelClusterPlatform().cli)  # it reads connections: off the loop
-        deadline = time.monotonic() + self.timeout
+        deadline = self.started_at + self.timeout
         while True:
             described = await asyncio.to_thread(cli.describe_cluster, self.cluster_name)
             status = None if described is None else described["clusterStatus"]
@@ -44,7 +54,7 @@ class ParallelClusterCreateTrigger(BaseTrigger):
                 why = "does not exist" if described is None else f"is {status}: {failures(described)}"
                 yield TriggerEvent({"status": "failed", "message": f"cluster {self.cluster_name} {why}"})
                 return
-            if time.monotonic() > deadline:
+            if time.time() > deadline:
                 message = f"cluster {self.cluster_name} is still {status} after {self.timeout:.0f} s"
                 yield TriggerEvent({"status": "failed", "message": message})
                 return

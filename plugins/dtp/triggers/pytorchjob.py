@@ -35,8 +35,9 @@ class PyTorchJobTrigger(BaseTrigger):
     :param region_name: the cluster's region (default: the connection's)
     :param poll_interval: seconds between polls
     :param hang_timeout: seconds without a new log line while Running before the job counts as hung (0: never)
-    :param last_log_time: the timestamp of the last log line already forwarded (a trigger resumed after a
-        triggerer restart does not forward lines twice)
+    :param last_log_time: the timestamp of the last log line already forwarded: older lines are skipped. The
+        trigger advances it as it forwards, but Airflow keeps a trigger's arguments as they were when the task
+        deferred, so a restarted triggerer forwards worker 0's log again from there
     """
 
     def __init__(
