@@ -151,7 +151,8 @@ def reap(found: list[Expired], aws_conn_id: str, slurm_conn_id: str | None, dry_
         platform.teardown({"names": {"run_key": environment.run_key}})
 
     if slurm_conn_id:
-        attempt(of_kind("slurm_job"), lambda job: SlurmHook(slurm_conn_id).cancel(job.name))
+        # Checked: a scancel slurmctld refused, or a job still listed (COMPLETING) when the wait ends, is not deleted.
+        attempt(of_kind("slurm_job"), lambda job: SlurmHook(slurm_conn_id).cancel_job_and_wait(job.name))
     # Clusters' nodes sit in their run's subnets: they go, and are waited on, before the network.
     attempt(of_kind("hyperpod_cluster"), delete_cluster)
     attempt(of_kind("batch"), delete_batch)

@@ -126,7 +126,7 @@ def test_killed_rank_resumes_from_newest_checkpoint(stack) -> None:
         os.kill(int(max(pids, key=int)), signal.SIGKILL)
         job.wait_completed()
     finally:
-        job.hook.cancel(job.job_id)
+        job.hook.cancel_job_and_wait(job.job_id)
     job.assert_resumed_and_finished(killed_at)
 
 
@@ -149,6 +149,6 @@ def test_job_on_a_failed_node_is_requeued_and_resumes(stack) -> None:
         job.wait_completed(timeout=600)
     finally:
         _return_to_service(job.hook, node)
-        job.hook.cancel(job.job_id)
+        job.hook.cancel_job_and_wait(job.job_id)
     assert "Restarts=1" in job.hook.run(["scontrol", "show", "job", job.job_id])
     job.assert_resumed_and_finished(failed_at)

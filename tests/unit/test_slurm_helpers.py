@@ -7,8 +7,10 @@ import sys
 import pytest
 
 from dtp.hooks.slurm import TERMINAL_STATES, SlurmJob, _scontrol_fields
+from dtp.operators.slurm import SlurmSubmitJobOperator
 from dtp.platforms import get_platform
 from dtp.platforms.local import LocalSlurmPlatform
+from dtp.triggers.slurm import SlurmJobTrigger
 
 # squeue's states of a job that is still waiting or running.
 ACTIVE_STATES = {"PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", "RESIZING", "SUSPENDED"}
@@ -80,3 +82,18 @@ def test_get_platform_unknown_names_the_available_ones(name: str) -> None:
     available = "batch, eks, hyperpod, local, parallelcluster"
     with pytest.raises(ValueError, match=rf"^platform {name!r} is not available; available: {available}$"):
         get_platform(name)
+
+
+def test_trigger_round_trips_its_pending_timeout_and_reads_older_kwargs() -> None:
+    trigger = SlurmJobTrigger(job_id="7", log_path="/fsx/o-7", pending_timeout=90)
+    classpath, kwargs = trigger.serialize()
+    assert classpath == "dtp.triggers.slurm.SlurmJobTrigger" and kwargs["pending_timeout"] == 90
+    assert SlurmJobTrigger(**kwargs).serialize() == (classpath, kwargs)
+    # A trigger deferred before pending_timeout existed comes back from the database with the default hour.
+    older = {key: value for key, value in kwargs.items() if key != "pending_timeout"}
+    assert SlurmJobTrigger(**older).pending_timeout == 3600
+
+
+def test_operator_pending_timeout_is_templated_with_an_hour_default() -> None:
+    operator = SlurmSubmitJobOperator(task_id="t", script_path="/s", job_name="j", output_path="/o-%j")
+    assert operator.pending_timeout == 3600.0 and "pending_timeout" in operator.template_fields

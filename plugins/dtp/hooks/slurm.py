@@ -8,6 +8,7 @@ so no value is ever interpreted by a shell.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from dtp.hooks.shared_fs import ClusterCommandError, SharedFilesystemHook
@@ -15,6 +16,12 @@ from dtp.hooks.shared_fs import ClusterCommandError, SharedFilesystemHook
 TERMINAL_STATES = frozenset(
     {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED", "BOOT_FAIL", "DEADLINE"}
 )
+
+# Where ``ended_jobs`` starts looking: long enough ago to find every earlier job of a run (job names are unique per
+# run). Not 1970-01-01, which sacct reads as 0, "no start given", and so as midnight today.
+ACCOUNTING_SINCE = "2000-01-01T00:00:00"
+# What sacct says of a source this cluster does not keep (JobCompType=jobcomp/none, or no slurmdbd): not a failure.
+SOURCE_DISABLED = ("Slurm job completion is disabled", "Slurm accounting storage is disabled")
 
 
 class SlurmCommandError(ClusterCommandError):
@@ -101,9 +108,12 @@ class SlurmHook(SharedFilesystemHook):
         return jobs
 
     def ended_jobs(self, name: str, *, prefix: bool = False) -> list[SlurmJob]:
-        """Jobs named ``name`` (or starting with it, with ``prefix``) that ended, oldest first."""
+        """Jobs named ``name`` (or starting with it, with ``prefix``) that ended, oldest first, however long ago.
+
+        Raises ``SlurmCommandError`` when sacct cannot answer (slurmdbd down): that is not "no job ended"."""
         name_filter = [] if prefix else [f"--name={name}"]
-        acct = self._accounting(*name_filter, "-o", "JobID,JobName,State,ElapsedRaw")
+        # sacct's default window starts at midnight today: a job that ended yesterday would be missed.
+        acct = self._accounting(*name_filter, f"--starttime={ACCOUNTING_SINCE}", "-o", "JobID,JobName,State,ElapsedRaw")
         return [
             SlurmJob(job_id=parts[0], name=parts[1], state=parts[2].split()[0], elapsed_s=int(parts[3] or 0))
             for parts in (line.split("|") for line in acct.splitlines())
@@ -112,32 +122,61 @@ class SlurmHook(SharedFilesystemHook):
 
     def _accounting(self, *args: str) -> str:
         """sacct's rows (``-n -P``) from the job completion log, where DTP's clusters keep the jobs that ended
-        (JobCompType=jobcomp/filetxt), else from the accounting database (slurmdbd) of a cluster that has one."""
+        (JobCompType=jobcomp/filetxt), else from the accounting database (slurmdbd) of a cluster that has one.
+
+        "" when a source answered with no rows, or when the cluster keeps neither (sacct calls both disabled);
+        ``SlurmCommandError`` when no source answered and one failed (an unreachable slurmdbd, say)."""
+        failures = []
+        answered = False
         for source in ("-c", "-X"):
-            if out := self.run(["sacct", source, "-n", "-P", *args], check=False).strip():
+            try:
+                out = self.run(["sacct", source, "-n", "-P", *args]).strip()
+            except ClusterCommandError as err:
+                if not any(message in str(err) for message in SOURCE_DISABLED):
+                    failures.append(f"sacct {source}: {err}")
+                continue
+            if out:
                 return out
+            answered = True
+        if failures and not answered:
+            raise SlurmCommandError("sacct could not read Slurm's records of ended jobs: " + "; ".join(failures))
         return ""
 
-    def cancel(self, job_id: str) -> None:
-        self.run(["scancel", job_id], check=False)
+    def cancel_job_and_wait(self, job_id: str, *, timeout: float = 120) -> None:
+        """Cancel the job and wait until Slurm no longer lists it as active (COMPLETING included)."""
+        self.run(["scancel", job_id])  # one slurmctld refuses or cannot hear fails here
+        self._wait_gone(lambda: self._job_active(job_id), f"Slurm job {job_id}", timeout)
 
     def cancel_by_name(self, name: str, *, prefix: bool = False) -> list[str]:
         """Cancel every active job with this name (or name prefix); return their ids."""
         ids = [job.job_id for job in self.find_jobs(name, prefix=prefix)]
         if ids:
-            self.run(["scancel", *ids], check=False)
+            self.run(["scancel", *ids])
             self.log.info("Cancelled Slurm jobs %s (%s)", ", ".join(ids), name)
         return ids
 
     def cancel_and_wait(self, name: str, *, prefix: bool = False, timeout: float = 120) -> list[str]:
         """Cancel every active job with this name (or prefix) and wait until Slurm shows none of them."""
         cancelled = self.cancel_by_name(name, prefix=prefix)
-        deadline = time.monotonic() + timeout
-        while self.find_jobs(name, prefix=prefix):
-            if time.monotonic() > deadline:
-                raise SlurmCommandError(f"Slurm jobs named {name} still active {timeout:.0f}s after scancel")
-            time.sleep(2)
+        self._wait_gone(lambda: bool(self.find_jobs(name, prefix=prefix)), f"Slurm jobs named {name}", timeout)
         return cancelled
+
+    def _job_active(self, job_id: str) -> bool:
+        """Whether squeue lists the job (pending, running, completing...); a job it no longer knows is not."""
+        try:
+            return bool(self.run(["squeue", "-h", "-j", job_id, "-o", "%T"]).strip())
+        except ClusterCommandError as err:
+            if "Invalid job id" in str(err):  # slurmctld has forgotten it (MinJobAge)
+                return False
+            raise
+
+    @staticmethod
+    def _wait_gone(active: Callable[[], bool], what: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while active():
+            if time.monotonic() > deadline:
+                raise SlurmCommandError(f"{what} still active {timeout:.0f}s after scancel")
+            time.sleep(2)
 
     def node_count(self) -> int:
         argv = ["sinfo", "-h", "-o", "%D"]

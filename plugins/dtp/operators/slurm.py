@@ -9,12 +9,13 @@ from typing import Any
 from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
+from dtp.hooks.shared_fs import ClusterCommandError
 from dtp.hooks.slurm import SlurmHook, SlurmJob
 from dtp.triggers.slurm import SlurmJobTrigger
 
 
 class SlurmJobFailed(AirflowException):
-    """The Slurm job ended in a state other than COMPLETED, or hung."""
+    """The Slurm job ended in a state other than COMPLETED, hung, or never started."""
 
 
 class SlurmJobOverTime(AirflowFailException):
@@ -36,6 +37,9 @@ class SlurmSubmitJobOperator(BaseOperator):
     :param output_path: sbatch ``--output`` pattern; ``%j`` becomes the job id
     :param comment: sbatch ``--comment`` (DTP puts the resource expiry there, for the reaper)
     :param hang_timeout: seconds without a new log line before the job counts as hung
+    :param pending_timeout: seconds the job may stay PENDING (nodes down, a request the partition cannot meet)
+        before it is cancelled and the task fails with Slurm's reason; the clock restarts when the job runs and is
+        requeued (0: no limit)
     :param sbatch_args: extra sbatch arguments, e.g. ``["--nodes=2"]``
     :param time_limit_minutes: sbatch ``--time``: Slurm stops the job after this many minutes, less what earlier
         jobs of this name ran (0: no limit)
@@ -48,6 +52,7 @@ class SlurmSubmitJobOperator(BaseOperator):
         "output_path",
         "comment",
         "hang_timeout",
+        "pending_timeout",
         "sbatch_args",
         "time_limit_minutes",
     )
@@ -61,6 +66,7 @@ class SlurmSubmitJobOperator(BaseOperator):
         comment: str = "",
         sbatch_args: list[str] | None = None,
         hang_timeout: float | str = 600.0,
+        pending_timeout: float | str = 3600.0,
         time_limit_minutes: int | str = 0,
         poll_interval: float = 5.0,
         slurm_conn_id: str = SlurmHook.default_conn_name,
@@ -73,6 +79,7 @@ class SlurmSubmitJobOperator(BaseOperator):
         self.comment = comment
         self.sbatch_args = sbatch_args or []
         self.hang_timeout = hang_timeout
+        self.pending_timeout = pending_timeout
         self.time_limit_minutes = time_limit_minutes
         self.poll_interval = poll_interval
         self.slurm_conn_id = slurm_conn_id
@@ -111,6 +118,7 @@ class SlurmSubmitJobOperator(BaseOperator):
                 slurm_conn_id=self.slurm_conn_id,
                 poll_interval=self.poll_interval,
                 hang_timeout=float(self.hang_timeout),
+                pending_timeout=float(self.pending_timeout),
             ),
             method_name="execute_complete",
         )
@@ -120,8 +128,15 @@ class SlurmSubmitJobOperator(BaseOperator):
         log_path = self.output_path.replace("%j", job_id)
         tail = "\n".join(event.get("tail", [])[-20:]) or f"(no output in {log_path}: could the job open it?)"
         if event["status"] == "hung":
-            SlurmHook(self.slurm_conn_id).cancel(job_id)
-            raise SlurmJobFailed(f"Slurm job {job_id} hung ({event['message']}); cancelled it. Last lines:\n{tail}")
+            raise SlurmJobFailed(
+                f"Slurm job {job_id} hung ({event['message']}); {self._cancel(job_id)}. Last lines:\n{tail}"
+            )
+        if event["status"] == "pending":
+            raise SlurmJobFailed(
+                f"Slurm job {job_id} ({self.job_name}) did not start within {float(self.pending_timeout):.0f}s: it is"
+                f" still {event['state']}, Slurm's reason: {event.get('reason') or '(none given)'}; "
+                f"{self._cancel(job_id)}"
+            )
         if event["status"] == "lost":
             raise SlurmJobFailed(f"Slurm job {job_id} is lost: {event['message']}. Last lines:\n{tail}")
         if event["state"] == "TIMEOUT":
@@ -136,6 +151,16 @@ class SlurmSubmitJobOperator(BaseOperator):
             )
         self.log.info("Slurm job %s completed", job_id)
         return self._result(context, job_id, event["state"])
+
+    def _cancel(self, job_id: str) -> str:
+        """Cancel the job and wait until Slurm no longer lists it, so that a retry submits a new one rather than
+        re-attaching to it; say what became of it."""
+        try:
+            SlurmHook(self.slurm_conn_id).cancel_and_wait(self.job_name)
+        except ClusterCommandError as err:
+            self.log.exception("Could not cancel Slurm job %s (%s)", job_id, self.job_name)
+            return f"cancelling it failed ({err})"
+        return "cancelled it"
 
     def _time_limit_args(self, ended: list[SlurmJob]) -> list[str]:
         """``--time`` for a new job: the limit less what earlier jobs of this name ran (a retried task's job

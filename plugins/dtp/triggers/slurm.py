@@ -6,7 +6,10 @@ checks the job's state. If no new line arrives for ``hang_timeout`` seconds
 while the job runs, it reports a hang with the last lines, so a stuck
 collective fails the task instead of waiting forever. A job Slurm has no record
 of for ``lost_timeout`` seconds (slurmctld forgot it, and the cluster keeps no
-completion log or accounting) is reported lost rather than waited on forever.
+completion log or accounting) is reported lost rather than waited on forever. A
+job that stays PENDING for ``pending_timeout`` seconds (nodes down, a request
+the partition cannot meet) is reported with Slurm's reason for keeping it
+waiting; the clock starts again each time the job runs and is requeued.
 """
 
 from __future__ import annotations
@@ -23,7 +26,10 @@ from dtp.hooks.slurm import SlurmHook
 
 
 class SlurmJobTrigger(BaseTrigger):
-    """Fires once the Slurm job ends (success or failure) or stops making progress."""
+    """Fires once the Slurm job ends (success or failure), stops making progress, or never starts.
+
+    :param pending_timeout: seconds the job may stay PENDING at a stretch before it is reported (0: no limit)
+    """
 
     def __init__(
         self,
@@ -34,6 +40,7 @@ class SlurmJobTrigger(BaseTrigger):
         hang_timeout: float = 600.0,
         log_offset: int = 0,
         lost_timeout: float = 300.0,
+        pending_timeout: float = 3600.0,
     ) -> None:
         super().__init__()
         self.job_id = job_id
@@ -43,6 +50,7 @@ class SlurmJobTrigger(BaseTrigger):
         self.hang_timeout = hang_timeout
         self.log_offset = log_offset
         self.lost_timeout = lost_timeout
+        self.pending_timeout = pending_timeout
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         return (
@@ -55,6 +63,7 @@ class SlurmJobTrigger(BaseTrigger):
                 "hang_timeout": self.hang_timeout,
                 "log_offset": self.log_offset,
                 "lost_timeout": self.lost_timeout,
+                "pending_timeout": self.pending_timeout,
             },
         )
 
@@ -64,6 +73,7 @@ class SlurmJobTrigger(BaseTrigger):
         offset, partial = self.log_offset, ""
         last_progress = time.monotonic()
         unknown_since: float | None = None
+        pending_since: float | None = None
         while True:
             text, offset = await asyncio.to_thread(hook.read_file, self.log_path, offset)
             if text:
@@ -112,6 +122,27 @@ class SlurmJobTrigger(BaseTrigger):
                         "message": (
                             f"Slurm has had no record of the job for {self.lost_timeout:.0f}s: neither slurmctld "
                             "nor sacct (a job completion log, JobCompType, or slurmdbd accounting) knows it"
+                        ),
+                    }
+                )
+                return
+            pending_since = (pending_since or time.monotonic()) if job.state == "PENDING" else None
+            if (
+                pending_since is not None
+                and self.pending_timeout
+                and time.monotonic() - pending_since > self.pending_timeout
+            ):
+                yield TriggerEvent(
+                    {
+                        "status": "pending",
+                        "job_id": self.job_id,
+                        "state": job.state,
+                        "reason": job.reason,
+                        "log_offset": offset,
+                        "tail": list(tail),
+                        "message": (
+                            f"Slurm has not started it in {self.pending_timeout:.0f}s: still {job.state}, "
+                            f"reason {job.reason or '(none given)'}"
                         ),
                     }
                 )

@@ -1,0 +1,69 @@
+"""The reaper's Slurm part against the real local cluster: an expired job counts as deleted only once it is gone."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+
+from dtp.hooks.slurm import SlurmHook
+from dtp.naming import expiry, slurm_comment
+from dtp.reaper import Expired, ReapIncomplete, find_expired, reap
+
+pytestmark = pytest.mark.stack
+AWS, SLURM = "aws_default", "slurm_default"
+
+
+def _expired_job(stack, body: str) -> tuple[str, Expired]:
+    """Submit ``body`` with an expiry an hour ago in its comment and wait until it printed ``ready``; return its
+    name, and what ``find_expired`` makes of it."""
+    workdir = stack.shared_dir / "it" / uuid.uuid4().hex[:8]
+    workdir.mkdir(parents=True)
+    (workdir / "job.sh").write_text(f"#!/bin/bash\n{body}")
+    name = f"dtp-it-reap-{uuid.uuid4().hex[:6]}"
+    job_id = SlurmHook().submit(
+        str(workdir / "job.sh"), job_name=name, output=str(workdir / "o-%j"), comment=slurm_comment(expiry(-1))
+    )
+    output = workdir / f"o-{job_id}"
+    deadline = time.monotonic() + 60
+    while not (output.exists() and "ready" in output.read_text()):
+        assert time.monotonic() < deadline, f"job {job_id} did not start"
+        time.sleep(0.5)
+    mine = [found for found in find_expired(AWS, SLURM) if found.kind == "slurm_job" and found.name == job_id]
+    assert len(mine) == 1, mine
+    return name, mine[0]
+
+
+def test_a_reaped_job_is_gone_when_the_reaper_says_so(stack) -> None:
+    # The job ignores SIGTERM: after scancel Slurm lists it COMPLETING until KillWait passes and SIGKILL ends it.
+    name, job = _expired_job(stack, "trap '' TERM\necho ready\nsleep 300\n")
+    try:
+        result = reap([job], AWS, SLURM, dry_run=False)
+        assert result["deleted"] == [asdict(job)]
+        assert SlurmHook().find_jobs(name) == []
+    finally:
+        SlurmHook().cancel_and_wait(name)
+
+
+def test_a_scancel_slurmctld_never_heard_is_not_counted_as_deleted(stack, tmp_path: Path, monkeypatch) -> None:
+    # The reaper's connection reaches no slurmctld (a wrong port): scancel fails, and the job runs on.
+    name, job = _expired_job(stack, "echo ready\nsleep 300\n")
+    conf = tmp_path / "slurm.conf"
+    conf.write_text(
+        "\n".join(
+            "SlurmctldPort=9" if line.startswith("SlurmctldPort=") else line
+            for line in stack.slurm_conf.read_text().splitlines()
+        )
+    )
+    extra = {"transport": "local", "slurm_conf": str(conf)}
+    monkeypatch.setenv("AIRFLOW_CONN_SLURM_UNREACHABLE", json.dumps({"conn_type": "generic", "extra": extra}))
+    try:
+        with pytest.raises(ReapIncomplete, match=rf"slurm_job {job.name}: scancel {job.name} exited \d+: .*slurm"):
+            reap([job], AWS, "slurm_unreachable", dry_run=False)
+        assert [j.job_id for j in SlurmHook().find_jobs(name)] == [job.name]
+    finally:
+        SlurmHook().cancel_and_wait(name)
