@@ -5,14 +5,28 @@ from __future__ import annotations
 import uuid
 
 import pytest
+from airflow.providers.amazon.aws.sensors.cloud_formation import CloudFormationCreateStackSensor
+from airflow.sdk.exceptions import AirflowFailException
+from botocore.exceptions import ClientError
 
 from dtp.hooks.stacks import StackHook
 from dtp.hooks.sweeper import RunResourceSweeper
 from dtp.naming import RunNames, expiry, resource_tags
 from dtp.pipeline import network
+from dtp.sensors.stacks import StackCreatedSensor
 
 pytestmark = pytest.mark.stack
 AWS = "aws_default"
+VPC_TEMPLATE = (
+    "AWSTemplateFormatVersion: '2010-09-09'\nResources:\n"
+    "  V:\n    Type: AWS::EC2::VPC\n    Properties: {CidrBlock: 10.0.0.0/16}\n"
+)
+# A create that fails part-way: the emulator fails the CreateStack call and leaves the stack CREATE_IN_PROGRESS.
+BROKEN_TEMPLATE = (
+    "AWSTemplateFormatVersion: '2010-09-09'\nResources:\n"
+    "  V:\n    Type: AWS::EC2::VPC\n    Properties: {CidrBlock: 10.0.0.0/16}\n"
+    "  S:\n    Type: AWS::EC2::Subnet\n    Properties: {VpcId: !Ref V, CidrBlock: 10.9.0.0/24}\n"
+)
 
 
 @pytest.fixture
@@ -62,6 +76,7 @@ def test_create_twice_makes_one_stack_and_teardown_leaves_nothing(spec, aws) -> 
     assert result["objects_deleted"] == 1
     assert RunResourceSweeper(aws_conn_id=AWS).find(run_key, (outputs["DataBucket"],)) == {
         "nat_gateways": [],
+        "addresses": [],
         "internet_gateways": [],
         "subnets": [],
         "route_tables": [],
@@ -88,16 +103,109 @@ def test_half_created_stack_is_reused_and_torn_down(spec, aws) -> None:
     and teardown still removes it and what it made."""
     hook = StackHook(aws_conn_id=AWS)
     name = spec["names"]["network_stack"]
-    broken = (
-        "AWSTemplateFormatVersion: '2010-09-09'\nResources:\n"
-        "  V:\n    Type: AWS::EC2::VPC\n    Properties: {CidrBlock: 10.0.0.0/16}\n"
-        "  S:\n    Type: AWS::EC2::Subnet\n    Properties: {VpcId: !Ref V, CidrBlock: 10.9.0.0/24}\n"
-    )
     with pytest.raises(Exception, match=r"InvalidSubnet\.Range"):
-        hook.ensure_stack(name, broken, {}, spec["tags"])
+        hook.ensure_stack(name, BROKEN_TEMPLATE, {}, spec["tags"])
     network.create_network_stack(spec, AWS)
     assert len(_stacks_named(aws, name)) == 1
     network.teardown_network(spec, AWS)
     assert _stacks_named(aws, name) == []
     vpcs = aws("ec2").describe_vpcs(Filters=[{"Name": "tag:dtp:run", "Values": [spec["names"]["run_key"]]}])["Vpcs"]
     assert vpcs == []
+
+
+def _nat_of(aws, run_key: str) -> dict:
+    """The run's NAT gateway (the emulator ignores tag filters on NAT gateways: the tag is checked here)."""
+    nats = [
+        n
+        for n in aws("ec2").describe_nat_gateways()["NatGateways"]
+        if {"Key": "dtp:run", "Value": run_key} in n.get("Tags", []) and n["State"] != "deleted"
+    ]
+    assert len(nats) == 1, nats
+    return nats[0]
+
+
+def _allocated(aws, allocation_id: str) -> bool:
+    try:
+        aws("ec2").describe_addresses(AllocationIds=[allocation_id])
+    except ClientError as err:
+        assert err.response["Error"]["Code"] == "InvalidAllocationID.NotFound"
+        return False
+    return True
+
+
+def test_a_leaked_elastic_ip_is_released_by_its_tag(spec, aws) -> None:
+    """A sweep that stopped after deleting the NAT gateway (AWS: its address is in use until the NAT gateway is
+    deleted) leaves an address no NAT gateway holds: the next teardown finds it by the run's tag and releases it."""
+    run_key = spec["names"]["run_key"]
+    network.create_network_stack(spec, AWS)
+    parameters = aws("cloudformation").describe_stacks(StackName=spec["names"]["network_stack"])["Stacks"][0]
+    # The template tags the Elastic IP with VPCName as dtp:run (the emulator drops template tags on addresses).
+    assert {"ParameterKey": "VPCName", "ParameterValue": run_key} in parameters["Parameters"]
+    network.network_outputs(spec, AWS)
+    nat = _nat_of(aws, run_key)
+    allocation_id = nat["NatGatewayAddresses"][0]["AllocationId"]
+    tags = aws("ec2").describe_addresses(AllocationIds=[allocation_id])["Addresses"][0]["Tags"]
+    assert {"Key": "dtp:run", "Value": run_key} in tags and any(t["Key"] == "dtp:expires-at" for t in tags)
+    assert RunResourceSweeper(aws_conn_id=AWS).find(run_key)["addresses"] == [allocation_id]
+
+    aws("ec2").delete_nat_gateway(NatGatewayId=nat["NatGatewayId"])  # the sweep that stopped here
+    assert RunResourceSweeper(aws_conn_id=AWS).find(run_key)["nat_gateways"] == []
+    result = network.teardown_network(spec, AWS)
+
+    assert result["swept"]["addresses"] == [allocation_id]
+    assert not _allocated(aws, allocation_id)
+    assert RunResourceSweeper(aws_conn_id=AWS).find(run_key)["addresses"] == []
+
+
+def test_a_teardown_leaves_other_runs_nat_gateways_alone(spec, aws) -> None:
+    """The emulator answers a tag-filtered DescribeNatGateways with every NAT gateway: a sweep that trusted the
+    filter deleted those of every other run (and released their addresses)."""
+    names = RunNames("it_network", f"manual__{uuid.uuid4().hex}")
+    other = {**spec, "names": names.as_dict(), "tags": resource_tags(names, "tiny", expiry(1))}
+    network.create_network_stack(spec, AWS)
+    network.create_network_stack(other, AWS)
+    try:
+        kept = _nat_of(aws, names.run_key)
+        network.teardown_network(spec, AWS)
+        assert _nat_of(aws, names.run_key)["State"] == "available"
+        assert _allocated(aws, kept["NatGatewayAddresses"][0]["AllocationId"])
+    finally:
+        network.teardown_network(other, AWS)
+    assert not _allocated(aws, kept["NatGatewayAddresses"][0]["AllocationId"])
+
+
+def test_wait_for_stack_fails_at_once_on_a_stack_that_is_gone(spec, aws) -> None:
+    """A stack deleted while it was awaited (as OnFailure=DELETE does) is reported, not poked for an hour."""
+    name = spec["names"]["network_stack"]
+    sensor = StackCreatedSensor(task_id="wait_for_stack", stack_name=name, aws_conn_id=AWS)
+    network.create_network_stack(spec, AWS)
+    assert sensor.poke({}) is True
+    network.teardown_network(spec, AWS)
+    assert CloudFormationCreateStackSensor(task_id="provider", stack_name=name, aws_conn_id=AWS).poke({}) is False
+    with pytest.raises(AirflowFailException, match=rf"stack {name} does not exist \(deleted\?\)"):
+        sensor.poke({})
+
+
+def test_the_events_of_a_deleted_stack_are_read_by_its_id(spec, aws) -> None:
+    """DescribeStackEvents by name fails once the stack is deleted; by the id of the newest deleted stack of that
+    name it still answers. (The emulator records no failure events, and none of a network stack whose DeleteStack
+    it refused, hence the plain VPC.)"""
+    hook, name = StackHook(aws_conn_id=AWS), spec["names"]["network_stack"]
+    hook.ensure_stack(name, VPC_TEMPLATE, {}, spec["tags"])
+    assert hook.failure_reasons(name) == "no failure events"
+    assert hook.delete_and_wait(name, poll=0) == "DELETE_COMPLETE"
+    with pytest.raises(ClientError, match="does not exist"):
+        aws("cloudformation").describe_stack_events(StackName=name)
+    assert hook.failure_reasons(name) == "no failure events"  # read by id: no longer "no events"
+
+
+def test_wait_for_stack_waits_on_a_half_created_stack(spec, aws) -> None:
+    """The emulator leaves a create that broke part-way CREATE_IN_PROGRESS (it cannot roll back): still waited on."""
+    hook = StackHook(aws_conn_id=AWS)
+    name = spec["names"]["network_stack"]
+    with pytest.raises(ClientError, match=r"InvalidSubnet\.Range"):
+        hook.ensure_stack(name, BROKEN_TEMPLATE, {}, spec["tags"])
+    try:
+        assert StackCreatedSensor(task_id="wait_for_stack", stack_name=name, aws_conn_id=AWS).poke({}) is False
+    finally:
+        network.teardown_network(spec, AWS)

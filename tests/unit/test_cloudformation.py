@@ -78,3 +78,11 @@ def test_run_bucket_names_satisfy_the_template_pattern(template: dict) -> None:
     pattern = re.compile(template["Parameters"]["DataBucketName"]["AllowedPattern"])
     for run_id in ("manual__2026-01-01T00:00:00+00:00", "x; rm -rf /", "ü" * 300):
         assert pattern.fullmatch(RunNames("train_e2e", run_id).data_bucket)
+
+
+def test_the_elastic_ip_carries_the_runs_tag(template: dict) -> None:
+    """A sweep finds an address that outlived its NAT gateway by the dtp:run tag; VPCName is the run's key
+    (dtp.pipeline.network passes it), stack tags alone do not reach an address on every implementation."""
+    eip = template["Resources"]["ElasticIP"]
+    assert eip["Type"] == "AWS::EC2::EIP"
+    assert {"Key": "dtp:run", "Value": {"Ref": "VPCName"}} in eip["Properties"]["Tags"]

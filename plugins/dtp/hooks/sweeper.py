@@ -5,6 +5,13 @@ DELETE_FAILED stack's retained resources, a non-empty bucket, or an emulator
 that does not delete everything it created); the reaper uses it for runs
 whose teardown never ran. Resources are found by the ``dtp:run`` tag, never
 by ids kept in a local file.
+
+NAT gateways are deleted asynchronously on AWS: the sweep waits until they are
+gone before it releases their Elastic IPs (InvalidIPAddress.InUse before),
+detaches the internet gateway and deletes subnets (DependencyViolation
+before). Addresses are found by the tag too (and through the run's NAT
+gateways, deleting ones included), so a sweep that stopped after deleting a
+NAT gateway releases its address the next time.
 """
 
 from __future__ import annotations
@@ -12,11 +19,17 @@ from __future__ import annotations
 from functools import cached_property
 from typing import Any
 
+from airflow.providers.amazon.aws.exceptions import WaiterMaxAttemptsError
 from airflow.providers.amazon.aws.hooks.base_aws import AwsBaseHook
 from airflow.providers.amazon.aws.hooks.s3 import S3Hook
+from airflow.providers.amazon.aws.utils.waiter_with_logging import wait
 from botocore.exceptions import ClientError
 
 from dtp.naming import TAG_PREFIX
+
+
+class NatGatewaysNotDeleted(RuntimeError):
+    """The run's NAT gateways were still deleting when the sweep stopped waiting for them."""
 
 
 class RunResourceSweeper(AwsBaseHook):
@@ -33,15 +46,56 @@ class RunResourceSweeper(AwsBaseHook):
     def _filter(self, run_key: str) -> list[dict[str, Any]]:
         return [{"Name": f"tag:{TAG_PREFIX}run", "Values": [run_key]}]
 
-    def find(self, run_key: str, buckets: tuple[str, ...] = ()) -> dict[str, list[str]]:
+    @staticmethod
+    def _tagged(resource: dict[str, Any], run_key: str) -> bool:
+        return {"Key": f"{TAG_PREFIX}run", "Value": run_key} in resource.get("Tags", [])
+
+    def nat_gateways(self, run_key: str) -> list[dict[str, Any]]:
+        """The run's NAT gateways that still exist: deleting ones included (they hold their address until deleted),
+        failed ones not (they hold nothing, and AWS deletes them itself).
+
+        The tag is checked here as well: the local emulator ignores tag filters on NAT gateways.
+        """
+        pages = self.conn.get_paginator("describe_nat_gateways").paginate(Filters=self._filter(run_key))
+        return [
+            nat
+            for page in pages
+            for nat in page["NatGateways"]
+            if nat["State"] not in ("deleted", "failed") and self._tagged(nat, run_key)
+        ]
+
+    @staticmethod
+    def _held(nats: list[dict[str, Any]]) -> list[str]:
+        """Allocation ids of the NAT gateways' Elastic IPs."""
+        return [a["AllocationId"] for n in nats for a in n.get("NatGatewayAddresses", []) if a.get("AllocationId")]
+
+    def addresses(self, run_key: str, nats: list[dict[str, Any]] | None = None) -> list[str]:
+        """Allocation ids of the run's Elastic IPs: tagged with the run, or held by one of its NAT gateways."""
+        nats = self.nat_gateways(run_key) if nats is None else nats
+        tagged = self.conn.describe_addresses(Filters=self._filter(run_key))["Addresses"]
+        ids = [a["AllocationId"] for a in tagged if self._tagged(a, run_key)] + self._held(nats)
+        return list(dict.fromkeys(ids))
+
+    def tag_addresses(self, run_key: str, tags: dict[str, str]) -> list[str]:
+        """Tag the Elastic IPs of the run's NAT gateways with ``tags``; return their allocation ids.
+
+        The template tags the address, and stack tags reach it on AWS, but not on every
+        emulator; a sweep finds an address that its NAT gateway no longer holds by this tag.
+        """
+        ids = self._held(self.nat_gateways(run_key))
+        if ids:
+            self.conn.create_tags(Resources=ids, Tags=[{"Key": k, "Value": v} for k, v in sorted(tags.items())])
+        return ids
+
+    def find(
+        self, run_key: str, buckets: tuple[str, ...] = (), nats: list[dict[str, Any]] | None = None
+    ) -> dict[str, list[str]]:
         """Ids of every live resource of the run, by kind (empty lists when none)."""
         ec2, f = self.conn, self._filter(run_key)
+        nats = self.nat_gateways(run_key) if nats is None else nats
         found = {
-            "nat_gateways": [
-                n["NatGatewayId"]
-                for n in ec2.describe_nat_gateways(Filters=f)["NatGateways"]
-                if n["State"] not in ("deleted", "deleting")
-            ],
+            "nat_gateways": [n["NatGatewayId"] for n in nats],
+            "addresses": self.addresses(run_key, nats),
             "internet_gateways": [
                 g["InternetGatewayId"] for g in ec2.describe_internet_gateways(Filters=f)["InternetGateways"]
             ],
@@ -76,20 +130,32 @@ class RunResourceSweeper(AwsBaseHook):
                 deleted += len(keys)
         return deleted
 
-    def sweep(self, run_key: str, buckets: tuple[str, ...] = ()) -> dict[str, list[str]]:
-        """Delete what ``find`` finds, dependents first; return what was deleted."""
+    def sweep(
+        self, run_key: str, buckets: tuple[str, ...] = (), nat_delay: int = 15, nat_attempts: int = 60
+    ) -> dict[str, list[str]]:
+        """Delete what ``find`` finds, dependents first; return what was deleted.
+
+        NAT gateways are waited for (every ``nat_delay`` s, ``nat_attempts`` times) until
+        deleted before anything that depends on them is touched.
+        """
         ec2 = self.conn
-        found = self.find(run_key, buckets)
-        for nat in found["nat_gateways"]:
-            addresses = ec2.describe_nat_gateways(NatGatewayIds=[nat])["NatGateways"][0].get("NatGatewayAddresses", [])
-            ec2.delete_nat_gateway(NatGatewayId=nat)
-            for address in addresses:
-                if address.get("AllocationId"):
-                    self._ignore_missing(ec2.release_address, AllocationId=address["AllocationId"])
+        nats = self.nat_gateways(run_key)
+        found = self.find(run_key, buckets, nats)
+        for nat in nats:
+            if nat["State"] != "deleting":
+                self._ignore_missing(ec2.delete_nat_gateway, NatGatewayId=nat["NatGatewayId"])
+        if nats:
+            self.wait_nat_gateways_deleted([n["NatGatewayId"] for n in nats], nat_delay, nat_attempts)
+        for allocation_id in found["addresses"]:
+            self._ignore_missing(ec2.release_address, AllocationId=allocation_id)
         for igw in found["internet_gateways"]:
-            for attachment in ec2.describe_internet_gateways(InternetGatewayIds=[igw])["InternetGateways"][0].get(
-                "Attachments", []
-            ):
+            try:
+                gateway = ec2.describe_internet_gateways(InternetGatewayIds=[igw])["InternetGateways"][0]
+            except ClientError as err:
+                if "NotFound" in err.response.get("Error", {}).get("Code", ""):
+                    continue  # gone since it was found (the stack's own delete may still be running)
+                raise
+            for attachment in gateway.get("Attachments", []):
                 ec2.detach_internet_gateway(InternetGatewayId=igw, VpcId=attachment["VpcId"])
             ec2.delete_internet_gateway(InternetGatewayId=igw)
         for table in found["route_tables"]:
@@ -114,6 +180,24 @@ class RunResourceSweeper(AwsBaseHook):
             if ids:
                 self.log.info("Swept %s: %s", kind, ", ".join(ids))
         return found
+
+    def wait_nat_gateways_deleted(self, nat_ids: list[str], delay: int = 15, attempts: int = 60) -> None:
+        """Wait until the NAT gateways are deleted: their address, subnet and internet route are in use until then."""
+        try:
+            wait(
+                waiter=self.get_waiter("nat_gateway_deleted"),
+                waiter_delay=delay,
+                waiter_max_attempts=attempts,
+                args={"NatGatewayIds": nat_ids},
+                failure_message=f"NAT gateways {', '.join(nat_ids)} were not deleted",
+                status_message="NAT gateways",
+                status_args=["NatGateways[].State"],
+            )
+        except WaiterMaxAttemptsError as err:
+            raise NatGatewaysNotDeleted(
+                f"NAT gateways {', '.join(nat_ids)} still not deleted after {delay * attempts}s; their addresses, "
+                "subnets and internet gateway are left for the next sweep"
+            ) from err
 
     def _revoke_all(self, group_id: str) -> None:
         """Self-referencing EFA rules keep groups alive: drop every rule first."""

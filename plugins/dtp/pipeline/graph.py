@@ -18,7 +18,6 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from airflow.providers.amazon.aws.sensors.cloud_formation import CloudFormationCreateStackSensor
 from airflow.providers.standard.operators.empty import EmptyOperator
 from airflow.providers.standard.operators.python import BranchPythonOperator
 from airflow.sdk import DAG, TaskGroup, TriggerRule, task
@@ -38,6 +37,7 @@ from dtp.pipeline.spec import build_spec
 from dtp.platforms import get_platform
 from dtp.platforms.base import PlatformNotReady
 from dtp.recipes import RecipeError
+from dtp.sensors.stacks import StackCreatedSensor
 
 log = logging.getLogger(__name__)
 AWS_CONN_ID = "aws_default"
@@ -252,7 +252,9 @@ def training_pipeline(dag: DAG) -> None:
         plan = plan_stack(spec)
         stack = create_stack(spec)
         plan >> stack
-        wait = CloudFormationCreateStackSensor(
+        # The provider's CloudFormationCreateStackSensor, failing at once with CloudFormation's reasons when the
+        # stack failed (rolled back) or is gone, instead of "bad state" without a cause or poking until its timeout.
+        wait = StackCreatedSensor(
             task_id="wait_for_stack",
             stack_name=stack,
             aws_conn_id=AWS_CONN_ID,

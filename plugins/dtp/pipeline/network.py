@@ -56,13 +56,15 @@ def create_network_stack(spec: dict[str, Any], aws_conn_id: str) -> str:
 
 
 def network_outputs(spec: dict[str, Any], aws_conn_id: str) -> dict[str, str]:
-    """The stack's exports, and the run's tags on the bucket (stack tags do not reach S3 everywhere)."""
+    """The stack's exports, and the run's tags on the bucket and the NAT gateway's Elastic IP (stack tags reach
+    neither everywhere; a sweep finds an address its NAT gateway no longer holds by them)."""
     outputs = StackHook(aws_conn_id=aws_conn_id).stack_outputs(spec["names"]["network_stack"])
     sweeper = RunResourceSweeper(aws_conn_id=aws_conn_id)
     sweeper.s3.put_bucket_tagging(
         Bucket=outputs["DataBucket"],
         Tagging={"TagSet": [{"Key": k, "Value": v} for k, v in sorted(spec["tags"].items())]},
     )
+    sweeper.tag_addresses(spec["names"]["run_key"], spec["tags"])
     log.info("Network ready: %s", outputs)
     return outputs
 
