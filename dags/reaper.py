@@ -1,10 +1,12 @@
 """reaper: delete what DTP runs left behind past their expiry.
 
 Every resource a run creates carries a ``dtp:expires-at`` tag (Slurm jobs carry
-it in their comment). Hourly, this DAG finds those past expiry (CloudFormation
-stacks, VPC pieces, S3 buckets, baked AMIs and their snapshots, Slurm jobs)
-and deletes them in dependency order; an AMI that SSM ``/dtp/amis/*`` still
-publishes is kept. Trigger it with ``dry_run`` to see what it would delete.
+it in their comment, run directories on the shared filesystem in their
+``run.json``). Hourly, this DAG finds those past expiry (CloudFormation stacks,
+VPC pieces, S3 buckets, HyperPod clusters, Batch compute environments, baked
+AMIs and their snapshots, packer builder instances, Slurm jobs, run
+directories) and deletes them in dependency order; an AMI that SSM
+``/dtp/amis/*`` still publishes is kept. Trigger it with ``dry_run`` to see what it would delete.
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
 The safety net under teardown: a teardown that itself failed, a run with
 ``keep_cluster=true``, or a worker that died mid-run leaves tagged resources;
-the scheduled ``reaper`` DAG finds them by tag (never by a local record) and
+the scheduled ``reaper`` DAG finds them by tag (run directories on the shared
+filesystem by their ``run.json`` marker; never by a local record) and
 deletes them with the same dependency-ordered sweep teardown uses (HyperPod
 clusters and Batch compute environments first, waited on until gone: their
 nodes sit in the run's subnets). One resource that cannot be deleted does not
@@ -12,7 +13,9 @@ next sweep finds them again.
 
 from __future__ import annotations
 
+import json
 import logging
+import posixpath
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -25,11 +28,13 @@ from botocore.exceptions import ClientError
 
 from dtp.hooks.hyperpod import HyperPodHook
 from dtp.hooks.packer import PackerHook
+from dtp.hooks.shared_fs import SharedFilesystemHook
 from dtp.hooks.slurm import SlurmHook
 from dtp.hooks.stacks import StackHook
 from dtp.hooks.sweeper import RunResourceSweeper
-from dtp.images.ami import AMI_PARAMETER_PATH
+from dtp.images.ami import AMI_PARAMETER_PATH, BUILDER_TAG
 from dtp.naming import SLURM_EXPIRY_PREFIX, TAG_PREFIX
+from dtp.pipeline.data import RUN_MARKER
 from dtp.pipeline.network import destroy_run_resources
 from dtp.platforms.batch import WAIT_TIMEOUT_MINUTES, BatchPlatform
 
@@ -92,6 +97,7 @@ def find_expired(aws_conn_id: str, slurm_conn_id: str | None, now: datetime | No
             tags = environment.get("tags", {})
             if RUN in tags and _expired(tags.get(EXPIRES), now):
                 found.append(Expired("batch", environment["computeEnvironmentName"], tags[RUN], tags[EXPIRES]))
+    found += expired_builder_instances(ec2, now)
     published = published_amis(aws_conn_id)
     for image in ec2.describe_images(Owners=["self"], Filters=[{"Name": "tag-key", "Values": [RUN]}])["Images"]:
         tags = {t["Key"]: t["Value"] for t in image.get("Tags", [])}
@@ -104,6 +110,45 @@ def find_expired(aws_conn_id: str, slurm_conn_id: str | None, now: datetime | No
             expires_at = comment.removeprefix(SLURM_EXPIRY_PREFIX) if comment.startswith(SLURM_EXPIRY_PREFIX) else ""
             if _expired(expires_at, now):
                 found.append(Expired("slurm_job", job_id, name, expires_at))
+        found += expired_run_dirs(SharedFilesystemHook(slurm_conn_id), now)
+    return found
+
+
+def expired_builder_instances(ec2: Any, now: datetime) -> list[Expired]:
+    """Packer builder instances (tagged ``dtp:packer-builder``) still there past their expiry: packer deletes its
+    instance when a bake ends, so one left means the bake's worker died with it."""
+    filters = [
+        {"Name": "tag-key", "Values": [BUILDER_TAG]},
+        {"Name": "instance-state-name", "Values": ["pending", "running", "stopping", "stopped"]},
+    ]
+    found = []
+    for page in ec2.get_paginator("describe_instances").paginate(Filters=filters):
+        for instance in (i for reservation in page["Reservations"] for i in reservation["Instances"]):
+            tags = {t["Key"]: t["Value"] for t in instance.get("Tags", [])}
+            if _expired(tags.get(EXPIRES), now):
+                run_key = tags.get(RUN, instance["InstanceId"])
+                found.append(Expired("builder_instance", instance["InstanceId"], run_key, tags[EXPIRES]))
+    return found
+
+
+def expired_run_dirs(shared: SharedFilesystemHook, now: datetime) -> list[Expired]:
+    """Run directories on the cluster's shared filesystem whose marker (``run.json``) has expired: that filesystem
+    may outlive the run's cluster (an existing FSx), and its checkpoints, data and logs would fill it."""
+    runs = posixpath.join(shared.shared_dir, "runs")
+    listing = shared.run(
+        ["find", runs, "-mindepth", "2", "-maxdepth", "2", "-type", "f", "-name", RUN_MARKER], check=False
+    )
+    found = []
+    for path in listing.splitlines():
+        directory = posixpath.dirname(path)
+        try:
+            marker = json.loads(shared.read_file(path)[0])
+        except ValueError:
+            log.warning("Skipping %s: its %s is not JSON", directory, RUN_MARKER)
+            continue
+        # Only a directory named after the run its marker names: a copied or moved marker deletes nothing.
+        if marker.get("run_key") == posixpath.basename(directory) and _expired(marker.get("expires_at"), now):
+            found.append(Expired("run_dir", directory, marker["run_key"], marker["expires_at"]))
     return found
 
 
@@ -153,6 +198,10 @@ def reap(found: list[Expired], aws_conn_id: str, slurm_conn_id: str | None, dry_
     if slurm_conn_id:
         # Checked: a scancel slurmctld refused, or a job still listed (COMPLETING) when the wait ends, is not deleted.
         attempt(of_kind("slurm_job"), lambda job: SlurmHook(slurm_conn_id).cancel_job_and_wait(job.name))
+        # After the jobs that write there.
+        attempt(of_kind("run_dir"), lambda directory: SharedFilesystemHook(slurm_conn_id).remove_tree(directory.name))
+    ec2 = RunResourceSweeper(aws_conn_id=aws_conn_id).conn
+    attempt(of_kind("builder_instance"), lambda instance: ec2.terminate_instances(InstanceIds=[instance.name]))
     # Clusters' nodes sit in their run's subnets: they go, and are waited on, before the network.
     attempt(of_kind("hyperpod_cluster"), delete_cluster)
     attempt(of_kind("batch"), delete_batch)

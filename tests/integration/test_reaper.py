@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 import uuid
 
 import pytest
 
 from dtp.hooks.slurm import SlurmHook
 from dtp.hooks.sweeper import RunResourceSweeper
+from dtp.images.ami import BUILDER_TAG
 from dtp.naming import RunNames, expiry, resource_tags, slurm_comment
 from dtp.pipeline import network
+from dtp.pipeline.data import RUN_MARKER, claim_run_dir
 from dtp.reaper import ReapIncomplete, find_expired, reap
 
 pytestmark = pytest.mark.stack
@@ -19,6 +23,8 @@ AWS, SLURM = "aws_default", "slurm_default"
 def _spec(hours: float) -> dict:
     names = RunNames("it_reaper", f"manual__{uuid.uuid4().hex}")
     return {
+        "dag_id": names.dag_id,
+        "run_id": names.run_id,
         "params": {"keep_cluster": True},
         "names": names.as_dict(),
         "tags": resource_tags(names, "tiny", expiry(hours)),
@@ -158,3 +164,50 @@ def test_a_resource_that_cannot_be_deleted_stops_neither_the_other_runs_nor_the_
     set_rules([])
     reap([f for f in find_expired(AWS, None) if f.run_key in runs], AWS, None, dry_run=False)
     assert sweeper.find(stuck["names"]["run_key"], (stuck["names"]["data_bucket"],))["vpcs"] == []
+
+
+def test_reaper_terminates_an_expired_packer_builder_and_leaves_a_live_one(stack, aws) -> None:
+    # What a bake whose worker died with it leaves: packer's instance, tagged by ami_bake as its builder.
+    ec2 = aws("ec2")
+    source = ec2.describe_images(Owners=["amazon"])["Images"][0]["ImageId"]
+    builders = {}
+    for label, hours in (("expired", -1), ("alive", 12)):
+        tags = {**_spec(hours)["tags"], BUILDER_TAG: "true"}
+        tagging = [{"ResourceType": "instance", "Tags": [{"Key": k, "Value": v} for k, v in tags.items()]}]
+        launched = ec2.run_instances(ImageId=source, MinCount=1, MaxCount=1, TagSpecifications=tagging)
+        builders[label] = launched["Instances"][0]["InstanceId"]
+
+    found = [f for f in find_expired(AWS, None) if f.kind == "builder_instance"]
+    assert [f.name for f in found if f.name in builders.values()] == [builders["expired"]]
+    reap([f for f in found if f.name == builders["expired"]], AWS, None, dry_run=False)
+    states = {
+        i["InstanceId"]: i["State"]["Name"]
+        for r in ec2.describe_instances(InstanceIds=list(builders.values()))["Reservations"]
+        for i in r["Instances"]
+    }
+    assert states == {builders["expired"]: "terminated", builders["alive"]: "running"}
+    ec2.terminate_instances(InstanceIds=[builders["alive"]])
+
+
+def test_reaper_removes_expired_run_directories_from_the_shared_filesystem(stack) -> None:
+    cluster = {"shared_dir": str(stack.shared_dir), "slurm_conn_id": SLURM}
+    expired, alive, moved = _spec(-1), _spec(24), _spec(-1)
+    directories = {}
+    for label, spec in (("expired", expired), ("alive", alive), ("moved", moved)):
+        directories[label] = claim_run_dir(spec, cluster)
+        (directories[label] / "checkpoints" / "step_10").mkdir(parents=True)
+        (directories[label] / "checkpoints" / "step_10" / "__0_0.distcp").write_bytes(b"x")
+    # A marker copied into another run's directory names a run that is not that directory's: nothing is deleted.
+    marker = json.loads((directories["moved"] / RUN_MARKER).read_text())
+    (directories["moved"] / RUN_MARKER).write_text(json.dumps({**marker, "run_key": expired["names"]["run_key"]}))
+
+    found = [f for f in find_expired(AWS, SLURM) if f.kind == "run_dir"]
+    mine = [f for f in found if f.name in {str(d) for d in directories.values()}]
+    assert [(f.name, f.run_key) for f in mine] == [(str(directories["expired"]), expired["names"]["run_key"])]
+    assert reap(mine, AWS, SLURM, dry_run=True)["deleted"] == [] and directories["expired"].exists()
+    assert [d["name"] for d in reap(mine, AWS, SLURM, dry_run=False)["deleted"]] == [str(directories["expired"])]
+    assert not directories["expired"].exists()
+    assert (directories["alive"] / "checkpoints" / "step_10" / "__0_0.distcp").exists()
+    assert directories["moved"].exists()
+    for label in ("alive", "moved"):
+        shutil.rmtree(directories[label])

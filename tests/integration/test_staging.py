@@ -2,23 +2,36 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 from pathlib import Path
 
 import pytest
 
-from dtp.pipeline.data import SAMPLE_CORPUS, SharedFilesystemNotVisible, stage_data
+from dtp.pipeline.data import RUN_MARKER, SAMPLE_CORPUS, SharedFilesystemNotVisible, stage_data
 from dtp.pipeline.frameworks import dataset_dir
 
 pytestmark = pytest.mark.stack
 TRAINER = {"framework": "fsdp", "model": "tiny"}
 MEGATRON = {"framework": "megatron-lm", "model": "llama3_1_70b"}
+EXPIRES_AT = "2026-12-06T10:00:00Z"
+
+
+def run_spec(run_key: str, recipe: dict, dataset_uri: str = "") -> dict:
+    return {
+        "dag_id": "train_e2e",
+        "run_id": f"it__{run_key}",
+        "params": {"dataset_uri": dataset_uri},
+        "names": {"run_key": run_key},
+        "recipe": recipe,
+        "tags": {"dtp:expires-at": EXPIRES_AT},
+    }
 
 
 def test_stage_sample_corpus_twice(stack, aws, tmp_path) -> None:
     bucket = f"dtp-it-stage-{uuid.uuid4().hex[:8]}"
     aws("s3").create_bucket(Bucket=bucket)
-    spec = {"params": {"dataset_uri": ""}, "names": {"run_key": bucket}, "recipe": TRAINER}
+    spec = run_spec(bucket, TRAINER)
     cluster = {"shared_dir": str(tmp_path), "slurm_conn_id": "slurm_default"}
     first = stage_data(spec, {"DataBucket": bucket}, cluster, "aws_default")
     size = SAMPLE_CORPUS.stat().st_size
@@ -27,6 +40,9 @@ def test_stage_sample_corpus_twice(stack, aws, tmp_path) -> None:
     assert (tmp_path / "runs" / bucket / "train.bin").read_bytes() == SAMPLE_CORPUS.read_bytes()
     again = stage_data(spec, {"DataBucket": bucket}, cluster, "aws_default")
     assert again["copied"] == 0 and again["bytes_moved"] == 0 and again["tokens"] == size
+    # What the reaper reads to remove the directory once the run has expired (the filesystem may outlive the run).
+    marker = json.loads((tmp_path / "runs" / bucket / RUN_MARKER).read_text())
+    assert marker == {"run_key": bucket, "dag_id": "train_e2e", "run_id": f"it__{bucket}", "expires_at": EXPIRES_AT}
 
 
 def test_user_dataset_uri_and_empty_prefix(stack, aws, tmp_path) -> None:
@@ -40,11 +56,11 @@ def test_user_dataset_uri_and_empty_prefix(stack, aws, tmp_path) -> None:
     s3.put_object(Bucket=bucket, Key="corpus_v2/c.txt", Body=b"!")
     s3.put_object(Bucket=bucket, Key="corpus-old.txt", Body=b"?")
     for uri in (f"s3://{bucket}/corpus/", f"s3://{bucket}/corpus"):
-        spec = {"params": {"dataset_uri": uri}, "names": {"run_key": "user"}, "recipe": TRAINER}
+        spec = run_spec("user", TRAINER, uri)
         cluster = {"shared_dir": str(tmp_path), "slurm_conn_id": "slurm_default"}
         staged = stage_data(spec, {"DataBucket": "unused"}, cluster, "aws_default")
         assert staged["files"] == 2 and (tmp_path / "runs/user/train.bin").read_bytes() == b"hello world", uri
-    empty = {"params": {"dataset_uri": f"s3://{bucket}/nothing/"}, "names": {"run_key": "user"}, "recipe": TRAINER}
+    empty = run_spec("user", TRAINER, f"s3://{bucket}/nothing/")
     with pytest.raises(ValueError, match=r"no \.txt objects under s3://"):
         stage_data(
             empty,
@@ -55,7 +71,7 @@ def test_user_dataset_uri_and_empty_prefix(stack, aws, tmp_path) -> None:
 
 
 def test_a_shared_filesystem_this_worker_does_not_see_is_refused_before_any_copy(stack, aws, tmp_path) -> None:
-    spec = {"params": {"dataset_uri": ""}, "names": {"run_key": "unseen"}, "recipe": TRAINER}
+    spec = run_spec("unseen", TRAINER)
     cluster = {"shared_dir": str(tmp_path / "fsx-not-mounted"), "slurm_conn_id": "slurm_default"}
     with pytest.raises(SharedFilesystemNotVisible, match=r"fsx-not-mounted, which this worker does not see"):
         stage_data(spec, {"DataBucket": "unused"}, cluster, "aws_default")
@@ -73,7 +89,7 @@ def test_a_framework_dataset_is_mirrored_where_its_job_reads_it(stack, aws, tmp_
     }
     for key, body in objects.items():
         s3.put_object(Bucket=bucket, Key=key, Body=body)
-    spec = {"params": {"dataset_uri": f"s3://{bucket}/megatron"}, "names": {"run_key": "fw"}, "recipe": MEGATRON}
+    spec = run_spec("fw", MEGATRON, f"s3://{bucket}/megatron")
     cluster = {"shared_dir": str(tmp_path), "slurm_conn_id": "slurm_default"}
 
     staged = stage_data(spec, {"DataBucket": "unused"}, cluster, "aws_default")
@@ -98,7 +114,7 @@ def test_a_framework_dataset_without_its_index_is_refused_before_any_copy(stack,
     bucket = f"dtp-it-noidx-{uuid.uuid4().hex[:8]}"
     s3.create_bucket(Bucket=bucket)
     s3.put_object(Bucket=bucket, Key="m/train_text_document.bin", Body=b"\x01")
-    spec = {"params": {"dataset_uri": f"s3://{bucket}/m/"}, "names": {"run_key": "fw"}, "recipe": MEGATRON}
+    spec = run_spec("fw", MEGATRON, f"s3://{bucket}/m/")
     cluster = {"shared_dir": str(tmp_path), "slurm_conn_id": "slurm_default"}
     with pytest.raises(ValueError, match=r"m/ lacks train_text_document\.idx \(this framework reads train_text_doc"):
         stage_data(spec, {"DataBucket": "unused"}, cluster, "aws_default")
@@ -106,6 +122,6 @@ def test_a_framework_dataset_without_its_index_is_refused_before_any_copy(stack,
 
 
 def test_nemo_stages_nothing(tmp_path) -> None:
-    spec = {"params": {"dataset_uri": ""}, "names": {"run_key": "n"}, "recipe": {"framework": "nemo"}}
+    spec = run_spec("n", {"framework": "nemo"})
     cluster = {"shared_dir": str(tmp_path / "not-even-mounted"), "slurm_conn_id": "slurm_default"}
     assert stage_data(spec, {}, cluster, "aws_default")["files"] == 0

@@ -8,8 +8,10 @@ provider's ``SSHHook`` (``ssh_conn_id`` in the extra).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
+import shutil
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from functools import cached_property
@@ -109,6 +111,14 @@ class SharedFilesystemHook(BaseHook):
                 return []
         out = self.run(["find", path, "-maxdepth", "1", "-type", "f", "-printf", "%f\\n"], check=False)
         return sorted(line for line in out.splitlines() if line)
+
+    def remove_tree(self, path: str) -> None:
+        """Delete ``path`` and everything under it (nothing to do when it does not exist)."""
+        if self.transport == "local":
+            with contextlib.suppress(FileNotFoundError):
+                shutil.rmtree(path)
+        else:
+            self.run(["rm", "-rf", "--", path])
 
     def make_dirs(self, path: str) -> None:
         if self.transport == "local":

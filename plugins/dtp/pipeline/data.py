@@ -16,6 +16,7 @@ written to a temporary name and renamed, so a half-written file is never used.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -26,16 +27,33 @@ from typing import Any
 from airflow.providers.amazon.aws.hooks.s3 import S3Hook
 
 from dtp.hooks.shared_fs import SharedFilesystemHook
+from dtp.naming import TAG_PREFIX
 from dtp.pipeline.frameworks import DATASET_FILES, dataset_dir
 from dtp.recipes import INCLUDE_DIR
 
 log = logging.getLogger(__name__)
 SAMPLE_CORPUS = INCLUDE_DIR / "data" / "corpus.txt"
+RUN_MARKER = "run.json"
+EXPIRES_TAG = f"{TAG_PREFIX}expires-at"
 S3_URI = re.compile(r"^s3://(?P<bucket>[^/]+)/?(?P<prefix>.*)$")
 
 
 def run_dir(spec: dict[str, Any], cluster: dict[str, Any]) -> Path:
     return Path(cluster["shared_dir"]) / "runs" / spec["names"]["run_key"]
+
+
+def claim_run_dir(spec: dict[str, Any], cluster: dict[str, Any]) -> Path:
+    """The run's directory, marked with ``RUN_MARKER``: the run it belongs to and when it expires. A shared
+    filesystem may outlive the cluster (an existing FSx); the reaper removes the directory once it has expired."""
+    path = run_dir(spec, cluster)
+    marker = {
+        "run_key": spec["names"]["run_key"],
+        "dag_id": spec["dag_id"],
+        "run_id": spec["run_id"],
+        "expires_at": spec["tags"][EXPIRES_TAG],
+    }
+    SharedFilesystemHook.of_cluster(cluster).write_file(str(path / RUN_MARKER), json.dumps(marker))
+    return path
 
 
 def upload_sample_corpus(s3: S3Hook, bucket: str) -> str:
@@ -75,10 +93,11 @@ def stage_data(
     spec: dict[str, Any], network: dict[str, str], cluster: dict[str, Any], aws_conn_id: str
 ) -> dict[str, Any]:
     framework = spec["recipe"]["framework"]
-    if framework == "nemo":
+    if framework == "nemo":  # its run directory is first written by prepare_preflight, which claims it then
         log.info("NeMo's recipes train on synthetic tokens: nothing to stage")
         return {"source": None, "files": 0, "copied": 0, "bytes_moved": 0}
     check_shared_dir_visible(cluster)
+    claim_run_dir(spec, cluster)
     s3 = S3Hook(aws_conn_id=aws_conn_id)
     source = spec["params"]["dataset_uri"] or upload_sample_corpus(s3, network["DataBucket"])
     match = S3_URI.match(source)

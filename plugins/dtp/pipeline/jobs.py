@@ -17,7 +17,7 @@ from dtp.hooks.slurm import SlurmHook
 from dtp.naming import slurm_comment
 from dtp.params import training_time_limit_minutes
 from dtp.pipeline import frameworks
-from dtp.pipeline.data import run_dir
+from dtp.pipeline.data import claim_run_dir, run_dir
 from dtp.platforms import get_platform
 from dtp.platforms.base import PREFLIGHT_DEADLINE_S, PlatformNotReady, PyTorchJobPlatform
 from dtp.platforms.capacity import instance_of
@@ -114,7 +114,7 @@ def _write_job(
 
 
 def prepare_preflight(spec: dict[str, Any], cluster: dict[str, Any], images: dict[str, Any]) -> dict[str, str]:
-    workdir = run_dir(spec, cluster)
+    workdir = claim_run_dir(spec, cluster)  # validate_cluster's first write there (train_e2e's is stage_data)
     results = workdir / "preflight.json"
     if cluster["scheduler"] != "slurm":  # torch's all-reduce sweep measures the bus bandwidth
         job = _prepare_off_slurm(spec, cluster, images, "preflight")
