@@ -90,21 +90,9 @@ def test_a_job_that_can_never_start_fails_with_slurms_reason(workdir: Path, firs
     # Three nodes from a two-node partition: Slurm keeps the job PENDING (PartitionNodeLimit) for ever.
     hook = SlurmHook()
     name = f"it-pending-{uuid.uuid4().hex[:6]}"
-    operator = SlurmSubmitJobOperator(
-        task_id="train",
-        script_path=_script(workdir, "echo never\n"),
-        job_name=name,
-        output_path=str(workdir / "p-%j"),
-        sbatch_args=["--nodes=3"],
-        pending_timeout=3,
-        poll_interval=1,
-    )
-    sink = _XComSink()
     try:
-        with pytest.raises(TaskDeferred) as deferred:
-            operator.execute({"ti": sink})
+        operator, sink, trigger = _submit(workdir, name, "echo never\n", sbatch_args=["--nodes=3"], pending_timeout=3)
         job_id = sink.pushed["job_id"]
-        trigger = deferred.value.trigger
         assert trigger.serialize()[1]["pending_timeout"] == 3
         started = time.monotonic()
         event = first_event(trigger)
@@ -139,20 +127,10 @@ def test_a_hung_job_is_gone_before_the_task_fails(workdir: Path, first_event) ->
     # KillWait passes and SIGKILL ends it. A retry that found it then would re-attach to it instead of resubmitting.
     hook = SlurmHook()
     name = f"it-hung-{uuid.uuid4().hex[:6]}"
-    operator = SlurmSubmitJobOperator(
-        task_id="train",
-        script_path=_script(workdir, "trap '' TERM\necho started\nsleep 300\n"),
-        job_name=name,
-        output_path=str(workdir / "g-%j"),
-        hang_timeout=3,
-        poll_interval=1,
-    )
-    sink = _XComSink()
     try:
-        with pytest.raises(TaskDeferred) as deferred:
-            operator.execute({"ti": sink})
+        operator, sink, trigger = _submit(workdir, name, "trap '' TERM\necho started\nsleep 300\n", hang_timeout=3)
         job_id = sink.pushed["job_id"]
-        event = first_event(deferred.value.trigger)
+        event = first_event(trigger)
         assert event["status"] == "hung"
         with pytest.raises(SlurmJobFailed, match=rf"^Slurm job {job_id} hung \(no new log line for 3s\); cancelled it"):
             operator.execute_complete({"ti": sink}, event)
@@ -231,15 +209,15 @@ def test_platform_teardown_cancels_every_job_of_the_run(workdir: Path) -> None:
     hook.cancel_job_and_wait(other)
 
 
-def _submit_limited(workdir: Path, name: str, body: str, minutes: int) -> tuple[SlurmSubmitJobOperator, _XComSink, Any]:
-    """Submit ``body`` through the operator with a time limit; return it, its XCom sink and its trigger."""
+def _submit(workdir: Path, name: str, body: str, **options: Any) -> tuple[SlurmSubmitJobOperator, _XComSink, Any]:
+    """Submit ``body`` through the operator (``options`` its arguments); return it, its XCom sink and its trigger."""
     operator = SlurmSubmitJobOperator(
         task_id="train",
         script_path=_script(workdir, body),
         job_name=name,
         output_path=str(workdir / f"{name}-%j"),
-        time_limit_minutes=minutes,
         poll_interval=1,
+        **options,
     )
     sink = _XComSink()
     with pytest.raises(TaskDeferred) as deferred:
@@ -250,7 +228,7 @@ def _submit_limited(workdir: Path, name: str, body: str, minutes: int) -> tuple[
 def test_a_job_past_its_time_limit_is_stopped_by_slurm_and_not_run_again(workdir: Path, first_event) -> None:
     # What budget_usd becomes for priced instances: sbatch --time; Slurm itself stops the job there.
     name = f"it-overtime-{uuid.uuid4().hex[:6]}"
-    operator, sink, trigger = _submit_limited(workdir, name, "echo started\nsleep 600\n", minutes=1)
+    operator, sink, trigger = _submit(workdir, name, "echo started\nsleep 600\n", time_limit_minutes=1)
     job_id = sink.pushed["job_id"]
     assert "TimeLimit=00:01:00" in SlurmHook().run(["scontrol", "show", "job", job_id])
     event = first_event(trigger)
@@ -265,7 +243,7 @@ def test_a_job_past_its_time_limit_is_stopped_by_slurm_and_not_run_again(workdir
 
 def test_a_retried_job_gets_what_is_left_of_the_time_limit(workdir: Path, first_event) -> None:
     name = f"it-retry-limit-{uuid.uuid4().hex[:6]}"
-    operator, sink, trigger = _submit_limited(workdir, name, "sleep 2\nexit 1\n", minutes=2)
+    operator, sink, trigger = _submit(workdir, name, "sleep 2\nexit 1\n", time_limit_minutes=2)
     failed_id = sink.pushed["job_id"]
     assert "TimeLimit=00:02:00" in SlurmHook().run(["scontrol", "show", "job", failed_id])
     event = first_event(trigger)
