@@ -208,3 +208,45 @@ def test_an_unknown_task_type_is_refused_when_the_dag_is_parsed() -> None:
         FsxDataRepositoryTaskOperator(
             task_id="t", file_system_id=FS, repository_task_type="EXPORT", paths=[], report_path=""
         )
+
+
+def _trigger(**options) -> fsx_triggers.FsxDataRepositoryTaskTrigger:
+    return fsx_triggers.FsxDataRepositoryTaskTrigger(
+        "task-0123456789abcdef1", aws_conn_id=None, poll_interval=0, **options
+    )
+
+
+def test_a_task_fsx_no_longer_knows_fails_the_wait(hook: FsxHook, stub: Stubber, monkeypatch, first_event) -> None:
+    monkeypatch.setattr(fsx_triggers, "FsxHook", lambda **_: hook)
+    stub.add_client_error("describe_data_repository_tasks", "DataRepositoryTaskNotFound", "no such task")
+    event = first_event(_trigger())
+    assert (event["status"], event["lifecycle"]) == ("failed", "GONE") and "no longer knows" in event["failure"]
+
+
+def test_a_task_still_running_at_the_deadline_fails_the_wait(
+    hook: FsxHook, stub: Stubber, monkeypatch, first_event
+) -> None:
+    # The deadline is set when the task defers and survives a triggerer restart (the trigger is rebuilt from it).
+    monkeypatch.setattr(fsx_triggers, "FsxHook", lambda **_: hook)
+    stub.add_response(
+        "describe_data_repository_tasks",
+        {"DataRepositoryTasks": [_task("task-0123456789abcdef1", "EXECUTING", SucceededCount=4)]},
+        {"TaskIds": ["task-0123456789abcdef1"]},
+    )
+    deferred = _trigger(timeout=3600)
+    deferred.started_at -= 3601
+    event = first_event(fsx_triggers.FsxDataRepositoryTaskTrigger(**deferred.serialize()[1]))
+    assert (event["status"], event["succeeded"]) == ("failed", 4)
+    assert event["failure"] == "still EXECUTING after 3600 s; left running"
+
+
+def test_killing_the_waiting_task_cancels_the_fsx_task(
+    hook: FsxHook, stub: Stubber, monkeypatch, run_coroutine
+) -> None:
+    monkeypatch.setattr(fsx_triggers, "FsxHook", lambda **_: hook)
+    cancelled = {"Lifecycle": "CANCELING", "TaskId": "task-0123456789abcdef1"}
+    stub.add_response("cancel_data_repository_task", cancelled, {"TaskId": "task-0123456789abcdef1"})
+    run_coroutine(_trigger().on_kill())
+    # A task that ended meanwhile is left as it is.
+    stub.add_client_error("cancel_data_repository_task", "DataRepositoryTaskEnded", "already ended")
+    run_coroutine(_trigger().on_kill())

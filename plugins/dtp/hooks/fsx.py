@@ -133,5 +133,16 @@ class FsxHook(AwsBaseHook):
                 return
             kwargs["NextToken"] = page["NextToken"]
 
-    def get_data_repository_task(self, task_id: str) -> dict[str, Any]:
-        return self.conn.describe_data_repository_tasks(TaskIds=[task_id])["DataRepositoryTasks"][0]
+    def get_data_repository_task(self, task_id: str) -> dict[str, Any] | None:
+        """The task, or None once FSx no longer knows it."""
+        try:
+            return self.conn.describe_data_repository_tasks(TaskIds=[task_id])["DataRepositoryTasks"][0]
+        except self.conn.exceptions.DataRepositoryTaskNotFound:
+            return None
+
+    def cancel_data_repository_task(self, task_id: str) -> None:
+        """Cancel the task (FSx finishes the file in flight); one that already ended is left as it is."""
+        try:
+            self.conn.cancel_data_repository_task(TaskId=task_id)
+        except (self.conn.exceptions.DataRepositoryTaskEnded, self.conn.exceptions.DataRepositoryTaskNotFound):
+            self.log.info("FSx task %s has already ended", task_id)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -27,15 +28,25 @@ def task_outcome(task: dict[str, Any]) -> dict[str, Any]:
 
 
 class FsxDataRepositoryTaskTrigger(BaseTrigger):
-    """Fires once the data repository task ends: SUCCEEDED, FAILED or CANCELED."""
+    """Fires once the data repository task ends (SUCCEEDED, FAILED or CANCELED), is gone, or is still running
+    ``timeout`` seconds after ``started_at`` (epoch seconds; default: when the task deferred). A user who marks
+    the waiting task failed cancels the FSx task (``on_kill``)."""
 
     def __init__(
-        self, repository_task_id: str, aws_conn_id: str | None = "aws_default", poll_interval: float = 30.0
+        self,
+        repository_task_id: str,
+        aws_conn_id: str | None = "aws_default",
+        poll_interval: float = 30.0,
+        timeout: float = 12 * 3600.0,
+        started_at: float | None = None,
     ) -> None:
         super().__init__()
         self.repository_task_id = repository_task_id
         self.aws_conn_id = aws_conn_id
         self.poll_interval = poll_interval
+        self.timeout = timeout
+        # Set when the task defers and serialized with the rest: a restarted triggerer keeps the deadline.
+        self.started_at = time.time() if started_at is None else started_at
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         return (
@@ -44,6 +55,8 @@ class FsxDataRepositoryTaskTrigger(BaseTrigger):
                 "repository_task_id": self.repository_task_id,
                 "aws_conn_id": self.aws_conn_id,
                 "poll_interval": self.poll_interval,
+                "timeout": self.timeout,
+                "started_at": self.started_at,
             },
         )
 
@@ -51,9 +64,18 @@ class FsxDataRepositoryTaskTrigger(BaseTrigger):
         hook = FsxHook(aws_conn_id=self.aws_conn_id)
         while True:
             task = await asyncio.to_thread(hook.get_data_repository_task, self.repository_task_id)
+            if task is None:
+                gone = {"TaskId": self.repository_task_id, "Lifecycle": "GONE"}
+                failure = {"failure": "FSx no longer knows the task (deleted with its file system?)"}
+                yield TriggerEvent({"status": "failed", **task_outcome(gone), **failure})
+                return
             outcome = task_outcome(task)
             if task["Lifecycle"] in TERMINAL_TASK_STATES:
                 yield TriggerEvent({"status": "success" if task["Lifecycle"] == "SUCCEEDED" else "failed", **outcome})
+                return
+            if time.time() > self.started_at + self.timeout:
+                failure = {"failure": f"still {task['Lifecycle']} after {self.timeout:.0f} s; left running"}
+                yield TriggerEvent({"status": "failed", **outcome, **failure})
                 return
             self.log.info(
                 "FSx task %s %s: %d of %d files done, %d failed",
@@ -64,3 +86,8 @@ class FsxDataRepositoryTaskTrigger(BaseTrigger):
                 outcome["failed"],
             )
             await asyncio.sleep(self.poll_interval)
+
+    async def on_kill(self) -> None:
+        """Cancel the FSx task when a user kills the deferred task (Airflow 3.3+ calls this for user kills only)."""
+        hook = FsxHook(aws_conn_id=self.aws_conn_id)
+        await asyncio.to_thread(hook.cancel_data_repository_task, self.repository_task_id)
