@@ -80,6 +80,14 @@ class ClusterParams(FormParams):
         title="Hang timeout (minutes)",
         description="Fail a Slurm job's task when no log line arrives for this long.",
     )
+    pending_timeout_minutes: int = Field(
+        60,
+        ge=0,
+        le=10080,
+        title="Pending timeout (minutes)",
+        description="Cancel a Slurm job and fail its task when Slurm keeps it PENDING this long at a stretch "
+        "(nodes down, more nodes than the partition has); 0 waits as long as it takes (a busy shared cluster).",
+    )
     expiry_hours: float = Field(
         24,
         gt=0,

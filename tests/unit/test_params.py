@@ -113,6 +113,7 @@ BAD = [
     ({"expiry_hours": 0}, "expiry_hours", "got 0"),
     ({"expiry_hours": 721}, "expiry_hours", "got 721"),
     ({"hang_timeout_minutes": 0}, "hang_timeout_minutes", "got 0"),
+    ({"pending_timeout_minutes": -1}, "pending_timeout_minutes", "got -1"),
     ({"keep_cluster": "maybe"}, "keep_cluster", "got 'maybe'"),
     ({"dataset_uri": "http://x"}, "dataset_uri", "'http://x'"),
     ({"dataset_uri": "s3://"}, "dataset_uri", "'s3://'"),

@@ -48,6 +48,7 @@ TRAINING_QUEUE = "training"
 # AWS Batch job (``scheduler: batch``).
 ON_EKS, ON_BATCH = "_on_eks", "_on_batch"
 HANG_TIMEOUT_S = "{{ params.hang_timeout_minutes * 60 }}"
+PENDING_TIMEOUT_S = "{{ params.pending_timeout_minutes * 60 }}"
 
 
 @task
@@ -187,6 +188,7 @@ def submit_prepared_job(task_id: str, job: Any, **kwargs: Any) -> SlurmSubmitJob
         output_path=job["output_path"],
         comment=job["comment"],
         hang_timeout=HANG_TIMEOUT_S,
+        pending_timeout=PENDING_TIMEOUT_S,
         slurm_conn_id=job["slurm_conn_id"],
         queue=TRAINING_QUEUE,
         **kwargs,
