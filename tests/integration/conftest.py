@@ -1,10 +1,13 @@
-"""Fixtures of the integration tests: the emulator's error rules, a run's network stack."""
+"""Fixtures of the integration tests: the emulator's error rules, a run's network stack, a job folder on the
+shared filesystem."""
 
 from __future__ import annotations
 
 import json
 import urllib.request
+import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -33,3 +36,11 @@ def outputs(spec: dict) -> Iterator[dict]:
     network.create_network_stack(spec, "aws_default")
     yield network.network_outputs(spec, "aws_default")
     network.teardown_network(spec, "aws_default")
+
+
+@pytest.fixture
+def workdir(stack) -> Path:
+    """A fresh folder on the cluster's shared filesystem, where every node sees a job's script and output."""
+    path = stack.shared_dir / "it" / uuid.uuid4().hex[:8]
+    path.mkdir(parents=True)
+    return path
