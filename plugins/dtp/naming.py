@@ -17,6 +17,7 @@ from datetime import UTC, datetime, timedelta
 PREFIX = "dtp"
 OWNER = "dtp"
 TAG_PREFIX = "dtp:"
+EXPIRES_TAG = f"{TAG_PREFIX}expires-at"  # when the reaper may delete a resource (UTC, ISO 8601)
 _SAFE = re.compile(r"[^a-z0-9]+")
 _TAG_UNSAFE = re.compile(r"[^\w +\-=.:/@]", re.ASCII)
 
@@ -78,11 +79,11 @@ def resource_tags(names: RunNames, recipe: str, expires_at: str) -> dict[str, st
         f"{TAG_PREFIX}run": names.run_key,
         f"{TAG_PREFIX}run-id": tag_value(names.run_id),
         f"{TAG_PREFIX}recipe": recipe,
-        f"{TAG_PREFIX}expires-at": expires_at,
+        EXPIRES_TAG: expires_at,
     }
 
 
-SLURM_EXPIRY_PREFIX = f"{TAG_PREFIX}expires-at="
+SLURM_EXPIRY_PREFIX = f"{EXPIRES_TAG}="
 
 
 def slurm_comment(expires_at: str) -> str:

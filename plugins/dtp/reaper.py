@@ -33,13 +33,12 @@ from dtp.hooks.slurm import SlurmHook
 from dtp.hooks.stacks import StackHook
 from dtp.hooks.sweeper import RunResourceSweeper
 from dtp.images.ami import AMI_PARAMETER_PATH, BUILDER_TAG
-from dtp.naming import SLURM_EXPIRY_PREFIX, TAG_PREFIX
+from dtp.naming import EXPIRES_TAG, SLURM_EXPIRY_PREFIX, TAG_PREFIX
 from dtp.pipeline.data import RUN_MARKER
 from dtp.pipeline.network import destroy_run_resources
 from dtp.platforms.batch import WAIT_TIMEOUT_MINUTES, BatchPlatform
 
 log = logging.getLogger(__name__)
-EXPIRES = f"{TAG_PREFIX}expires-at"
 RUN = f"{TAG_PREFIX}run"
 # What a run's network sweep (destroy_run_resources) deletes together.
 NETWORK_KINDS = ("stack", "bucket", "vpc")
@@ -73,36 +72,36 @@ def find_expired(aws_conn_id: str, slurm_conn_id: str | None, now: datetime | No
     for page in stacks.conn.get_paginator("describe_stacks").paginate():
         for stack in page["Stacks"]:
             tags = {t["Key"]: t["Value"] for t in stack.get("Tags", [])}
-            if RUN in tags and _expired(tags.get(EXPIRES), now):
-                found.append(Expired("stack", stack["StackName"], tags[RUN], tags[EXPIRES]))
+            if RUN in tags and _expired(tags.get(EXPIRES_TAG), now):
+                found.append(Expired("stack", stack["StackName"], tags[RUN], tags[EXPIRES_TAG]))
     s3 = S3Hook(aws_conn_id=aws_conn_id).conn
     for bucket in s3.list_buckets().get("Buckets", []):
         try:
             tags = {t["Key"]: t["Value"] for t in s3.get_bucket_tagging(Bucket=bucket["Name"])["TagSet"]}
         except ClientError:
             continue
-        if RUN in tags and _expired(tags.get(EXPIRES), now):
-            found.append(Expired("bucket", bucket["Name"], tags[RUN], tags[EXPIRES]))
+        if RUN in tags and _expired(tags.get(EXPIRES_TAG), now):
+            found.append(Expired("bucket", bucket["Name"], tags[RUN], tags[EXPIRES_TAG]))
     ec2 = RunResourceSweeper(aws_conn_id=aws_conn_id).conn
     for vpc in ec2.describe_vpcs(Filters=[{"Name": "tag-key", "Values": [RUN]}])["Vpcs"]:
         tags = {t["Key"]: t["Value"] for t in vpc.get("Tags", [])}
-        if _expired(tags.get(EXPIRES), now):
-            found.append(Expired("vpc", vpc["VpcId"], tags[RUN], tags[EXPIRES]))
+        if _expired(tags.get(EXPIRES_TAG), now):
+            found.append(Expired("vpc", vpc["VpcId"], tags[RUN], tags[EXPIRES_TAG]))
     for name, tags in HyperPodHook(aws_conn_id=aws_conn_id).tagged_clusters():
-        if RUN in tags and _expired(tags.get(EXPIRES), now):
-            found.append(Expired("hyperpod_cluster", name, tags[RUN], tags[EXPIRES]))
+        if RUN in tags and _expired(tags.get(EXPIRES_TAG), now):
+            found.append(Expired("hyperpod_cluster", name, tags[RUN], tags[EXPIRES_TAG]))
     batch: Any = BatchClientHook(aws_conn_id=aws_conn_id).client
     for page in batch.get_paginator("describe_compute_environments").paginate():
         for environment in page["computeEnvironments"]:
             tags = environment.get("tags", {})
-            if RUN in tags and _expired(tags.get(EXPIRES), now):
-                found.append(Expired("batch", environment["computeEnvironmentName"], tags[RUN], tags[EXPIRES]))
+            if RUN in tags and _expired(tags.get(EXPIRES_TAG), now):
+                found.append(Expired("batch", environment["computeEnvironmentName"], tags[RUN], tags[EXPIRES_TAG]))
     found += expired_builder_instances(ec2, now)
     published = published_amis(aws_conn_id)
     for image in ec2.describe_images(Owners=["self"], Filters=[{"Name": "tag-key", "Values": [RUN]}])["Images"]:
         tags = {t["Key"]: t["Value"] for t in image.get("Tags", [])}
-        if _expired(tags.get(EXPIRES), now) and image["ImageId"] not in published:
-            found.append(Expired("ami", image["ImageId"], tags[RUN], tags[EXPIRES]))
+        if _expired(tags.get(EXPIRES_TAG), now) and image["ImageId"] not in published:
+            found.append(Expired("ami", image["ImageId"], tags[RUN], tags[EXPIRES_TAG]))
     if slurm_conn_id:
         out = SlurmHook(slurm_conn_id).run(["squeue", "-h", "-o", "%i|%j|%k"], check=False)
         for line in out.splitlines():
@@ -125,9 +124,9 @@ def expired_builder_instances(ec2: Any, now: datetime) -> list[Expired]:
     for page in ec2.get_paginator("describe_instances").paginate(Filters=filters):
         for instance in (i for reservation in page["Reservations"] for i in reservation["Instances"]):
             tags = {t["Key"]: t["Value"] for t in instance.get("Tags", [])}
-            if _expired(tags.get(EXPIRES), now):
+            if _expired(tags.get(EXPIRES_TAG), now):
                 run_key = tags.get(RUN, instance["InstanceId"])
-                found.append(Expired("builder_instance", instance["InstanceId"], run_key, tags[EXPIRES]))
+                found.append(Expired("builder_instance", instance["InstanceId"], run_key, tags[EXPIRES_TAG]))
     return found
 
 

@@ -27,14 +27,13 @@ from typing import Any
 from airflow.providers.amazon.aws.hooks.s3 import S3Hook
 
 from dtp.hooks.shared_fs import SharedFilesystemHook
-from dtp.naming import TAG_PREFIX
+from dtp.naming import EXPIRES_TAG
 from dtp.pipeline.frameworks import DATASET_FILES, dataset_dir
 from dtp.recipes import INCLUDE_DIR
 
 log = logging.getLogger(__name__)
 SAMPLE_CORPUS = INCLUDE_DIR / "data" / "corpus.txt"
 RUN_MARKER = "run.json"
-EXPIRES_TAG = f"{TAG_PREFIX}expires-at"
 S3_URI = re.compile(r"^s3://(?P<bucket>[^/]+)/?(?P<prefix>.*)$")
 
 
