@@ -65,7 +65,9 @@ def _expired(expires_at: str | None, now: datetime) -> bool:
         return False
 
 
-def find_expired(aws_conn_id: str, slurm_conn_id: str | None, now: datetime | None = None) -> list[Expired]:
+def find_expired_in_aws(aws_conn_id: str, now: datetime | None = None) -> list[Expired]:
+    """The account's expired stacks, buckets, VPCs, HyperPod clusters, Batch environments, builder instances and
+    unpublished AMIs."""
     now = now or datetime.now(UTC)
     found: list[Expired] = []
     stacks = StackHook(aws_conn_id=aws_conn_id)
@@ -102,15 +104,20 @@ def find_expired(aws_conn_id: str, slurm_conn_id: str | None, now: datetime | No
         tags = {t["Key"]: t["Value"] for t in image.get("Tags", [])}
         if _expired(tags.get(EXPIRES_TAG), now) and image["ImageId"] not in published:
             found.append(Expired("ami", image["ImageId"], tags[RUN], tags[EXPIRES_TAG]))
-    if slurm_conn_id:
-        out = SlurmHook(slurm_conn_id).run(["squeue", "-h", "-o", "%i|%j|%k"], check=False)
-        for line in out.splitlines():
-            job_id, name, comment = [*line.split("|", 2), "", ""][:3]
-            expires_at = comment.removeprefix(SLURM_EXPIRY_PREFIX) if comment.startswith(SLURM_EXPIRY_PREFIX) else ""
-            if _expired(expires_at, now):
-                found.append(Expired("slurm_job", job_id, name, expires_at))
-        found += expired_run_dirs(SharedFilesystemHook(slurm_conn_id), now)
     return found
+
+
+def find_expired_on_cluster(slurm_conn_id: str, now: datetime | None = None) -> list[Expired]:
+    """The Slurm cluster's expired jobs (by their comment) and run directories (by their marker). A cluster that
+    cannot be asked is an error, not an empty answer: its jobs would run on unseen."""
+    now = now or datetime.now(UTC)
+    found = []
+    for line in SlurmHook(slurm_conn_id).run(["squeue", "-h", "-o", "%i|%j|%k"]).splitlines():
+        job_id, name, comment = [*line.split("|", 2), "", ""][:3]
+        expires_at = comment.removeprefix(SLURM_EXPIRY_PREFIX) if comment.startswith(SLURM_EXPIRY_PREFIX) else ""
+        if _expired(expires_at, now):
+            found.append(Expired("slurm_job", job_id, name, expires_at))
+    return found + expired_run_dirs(SharedFilesystemHook(slurm_conn_id), now)
 
 
 def expired_builder_instances(ec2: Any, now: datetime) -> list[Expired]:
@@ -134,16 +141,17 @@ def expired_run_dirs(shared: SharedFilesystemHook, now: datetime) -> list[Expire
     """Run directories on the cluster's shared filesystem whose marker (``run.json``) has expired: that filesystem
     may outlive the run's cluster (an existing FSx), and its checkpoints, data and logs would fill it."""
     runs = posixpath.join(shared.shared_dir, "runs")
-    listing = shared.run(
-        ["find", runs, "-mindepth", "2", "-maxdepth", "2", "-type", "f", "-name", RUN_MARKER], check=False
-    )
+    # No runs directory yet is nothing to reap; one that cannot be listed fails the search.
+    find = f'test ! -e "$1" || find "$1" -mindepth 2 -maxdepth 2 -type f -name {RUN_MARKER}'
     found = []
-    for path in listing.splitlines():
+    for path in shared.run(["sh", "-c", find, "sh", runs]).splitlines():
         directory = posixpath.dirname(path)
         try:
             marker = json.loads(shared.read_file(path)[0])
         except ValueError:
-            log.warning("Skipping %s: its %s is not JSON", directory, RUN_MARKER)
+            marker = None
+        if not isinstance(marker, dict):
+            log.warning("Skipping %s: its %s is not a JSON object", directory, RUN_MARKER)
             continue
         # Only a directory named after the run its marker names: a copied or moved marker deletes nothing.
         if marker.get("run_key") == posixpath.basename(directory) and _expired(marker.get("expires_at"), now):
@@ -159,7 +167,8 @@ def published_amis(aws_conn_id: str) -> set[str]:
 
 
 def reap(found: list[Expired], aws_conn_id: str, slurm_conn_id: str | None, dry_run: bool) -> dict[str, Any]:
-    """Delete what ``find_expired`` found, run by run; return what was (or would be) deleted."""
+    """Delete what ``find_expired_in_aws`` or ``find_expired_on_cluster`` found, run by run; return what was (or
+    would be) deleted."""
     for item in found:
         log.info(
             "%s %-9s %-45s run %s expired %s",

@@ -5,16 +5,18 @@ from __future__ import annotations
 import json
 import shutil
 import uuid
+from datetime import UTC, datetime
 
 import pytest
 
+from dtp.hooks.shared_fs import SharedFilesystemHook
 from dtp.hooks.slurm import SlurmHook
 from dtp.hooks.sweeper import RunResourceSweeper
 from dtp.images.ami import BUILDER_TAG
 from dtp.naming import RunNames, expiry, resource_tags, slurm_comment
 from dtp.pipeline import network
 from dtp.pipeline.data import RUN_MARKER, claim_run_dir
-from dtp.reaper import ReapIncomplete, find_expired, reap
+from dtp.reaper import ReapIncomplete, expired_run_dirs, find_expired_in_aws, find_expired_on_cluster, reap
 
 pytestmark = pytest.mark.stack
 AWS, SLURM = "aws_default", "slurm_default"
@@ -46,7 +48,7 @@ def test_reaper_deletes_only_what_expired(stack, aws) -> None:
         comment=slurm_comment(expired["tags"]["dtp:expires-at"]),
     )
 
-    found = find_expired(AWS, SLURM)
+    found = find_expired_in_aws(AWS) + find_expired_on_cluster(SLURM)
     mine = {
         (f.kind, f.run_key) for f in found if f.run_key in (expired["names"]["run_key"], expired["names"]["slurm_job"])
     }
@@ -89,7 +91,7 @@ def test_reaper_deletes_expired_amis_but_never_a_published_one(stack, aws) -> No
     family = f"it-{uuid.uuid4().hex[:6]}"
     aws("ssm").put_parameter(Name=f"/dtp/amis/{family}", Value=published, Type="String")
     try:
-        found = [f for f in find_expired(AWS, None) if f.kind == "ami"]
+        found = [f for f in find_expired_in_aws(AWS) if f.kind == "ami"]
         assert expired in {f.name for f in found} and published not in {f.name for f in found}
         reap([f for f in found if f.name == expired], AWS, None, dry_run=False)
         ec2 = aws("ec2")
@@ -119,7 +121,7 @@ def test_reaper_deletes_an_expired_hyperpod_cluster_and_leaves_a_live_one(stack,
     sagemaker = aws("sagemaker")
     clusters = {label: _cluster(aws, _spec(hours)) for label, hours in (("expired", -1), ("alive", 24))}
 
-    found = [f for f in find_expired(AWS, None) if f.kind == "hyperpod_cluster"]
+    found = [f for f in find_expired_in_aws(AWS) if f.kind == "hyperpod_cluster"]
     assert [f.name for f in found if f.name in clusters.values()] == [clusters["expired"]]
     assert clusters["expired"] in [d["name"] for d in reap(found, AWS, None, dry_run=False)["deleted"]]
     names = {c["ClusterName"] for c in sagemaker.list_clusters()["ClusterSummaries"]}
@@ -138,7 +140,7 @@ def test_reaper_deletes_an_expired_runs_batch_queue_and_compute_environment(stac
     batch.create_job_queue(
         jobQueueName=f"{run_key}-queue", state="ENABLED", priority=1, computeEnvironmentOrder=order, tags=spec["tags"]
     )
-    found = [f for f in find_expired(AWS, None) if f.run_key == run_key]
+    found = [f for f in find_expired_in_aws(AWS) if f.run_key == run_key]
     assert [(f.kind, f.name) for f in found] == [("batch", f"{run_key}-ce")]
     assert [d["name"] for d in reap(found, AWS, None, dry_run=False)["deleted"]] == [f"{run_key}-ce"]
     assert batch.describe_job_queues(jobQueues=[f"{run_key}-queue"])["jobQueues"] == []
@@ -153,7 +155,7 @@ def test_a_resource_that_cannot_be_deleted_stops_neither_the_other_runs_nor_the_
         network.network_outputs(spec, AWS)
     _cluster(aws, stuck)
     runs = {stuck["names"]["run_key"], other["names"]["run_key"]}
-    found = [f for f in find_expired(AWS, None) if f.run_key in runs]
+    found = [f for f in find_expired_in_aws(AWS) if f.run_key in runs]
     set_rules([{"service": "sagemaker", "action": "DeleteCluster", "code": "AccessDeniedException", "status": 400}])
     with pytest.raises(ReapIncomplete, match=rf"run {stuck['names']['run_key']}: hyperpod_cluster .*AccessDenied"):
         reap(found, AWS, None, dry_run=False)
@@ -162,7 +164,7 @@ def test_a_resource_that_cannot_be_deleted_stops_neither_the_other_runs_nor_the_
     # The cluster's nodes would still be in the stuck run's subnets: its network is left for the next sweep.
     assert sweeper.find(stuck["names"]["run_key"])["vpcs"]
     set_rules([])
-    reap([f for f in find_expired(AWS, None) if f.run_key in runs], AWS, None, dry_run=False)
+    reap([f for f in find_expired_in_aws(AWS) if f.run_key in runs], AWS, None, dry_run=False)
     assert sweeper.find(stuck["names"]["run_key"], (stuck["names"]["data_bucket"],))["vpcs"] == []
 
 
@@ -177,7 +179,7 @@ def test_reaper_terminates_an_expired_packer_builder_and_leaves_a_live_one(stack
         launched = ec2.run_instances(ImageId=source, MinCount=1, MaxCount=1, TagSpecifications=tagging)
         builders[label] = launched["Instances"][0]["InstanceId"]
 
-    found = [f for f in find_expired(AWS, None) if f.kind == "builder_instance"]
+    found = [f for f in find_expired_in_aws(AWS) if f.kind == "builder_instance"]
     assert [f.name for f in found if f.name in builders.values()] == [builders["expired"]]
     reap([f for f in found if f.name == builders["expired"]], AWS, None, dry_run=False)
     states = {
@@ -191,23 +193,33 @@ def test_reaper_terminates_an_expired_packer_builder_and_leaves_a_live_one(stack
 
 def test_reaper_removes_expired_run_directories_from_the_shared_filesystem(stack) -> None:
     cluster = {"shared_dir": str(stack.shared_dir), "slurm_conn_id": SLURM}
-    expired, alive, moved = _spec(-1), _spec(24), _spec(-1)
+    expired, alive, moved, listed = _spec(-1), _spec(24), _spec(-1), _spec(-1)
     directories = {}
-    for label, spec in (("expired", expired), ("alive", alive), ("moved", moved)):
+    for label, spec in (("expired", expired), ("alive", alive), ("moved", moved), ("listed", listed)):
         directories[label] = claim_run_dir(spec, cluster)
         (directories[label] / "checkpoints" / "step_10").mkdir(parents=True)
         (directories[label] / "checkpoints" / "step_10" / "__0_0.distcp").write_bytes(b"x")
     # A marker copied into another run's directory names a run that is not that directory's: nothing is deleted.
     marker = json.loads((directories["moved"] / RUN_MARKER).read_text())
     (directories["moved"] / RUN_MARKER).write_text(json.dumps({**marker, "run_key": expired["names"]["run_key"]}))
+    # A marker that is JSON but no object is skipped, and the other directories are still searched.
+    (directories["listed"] / RUN_MARKER).write_text(json.dumps([marker]))
 
-    found = [f for f in find_expired(AWS, SLURM) if f.kind == "run_dir"]
+    found = [f for f in find_expired_on_cluster(SLURM) if f.kind == "run_dir"]
     mine = [f for f in found if f.name in {str(d) for d in directories.values()}]
     assert [(f.name, f.run_key) for f in mine] == [(str(directories["expired"]), expired["names"]["run_key"])]
     assert reap(mine, AWS, SLURM, dry_run=True)["deleted"] == [] and directories["expired"].exists()
     assert [d["name"] for d in reap(mine, AWS, SLURM, dry_run=False)["deleted"]] == [str(directories["expired"])]
     assert not directories["expired"].exists()
     assert (directories["alive"] / "checkpoints" / "step_10" / "__0_0.distcp").exists()
-    assert directories["moved"].exists()
-    for label in ("alive", "moved"):
+    assert directories["moved"].exists() and directories["listed"].exists()
+    for label in ("alive", "moved", "listed"):
         shutil.rmtree(directories[label])
+
+
+def test_a_shared_filesystem_with_no_runs_yet_has_no_expired_run_directories(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_FRESH_FS", json.dumps({"conn_type": "generic", "extra": {"shared_dir": str(tmp_path)}})
+    )
+    # The search fails when the runs directory cannot be listed; one not there yet is nothing to reap.
+    assert expired_run_dirs(SharedFilesystemHook("fresh_fs"), datetime.now(UTC)) == []

@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from dtp.hooks.shared_fs import ClusterCommandError
 from dtp.hooks.slurm import SlurmHook
 from dtp.naming import expiry, slurm_comment
-from dtp.reaper import Expired, ReapIncomplete, find_expired, reap
+from dtp.reaper import Expired, ReapIncomplete, find_expired_on_cluster, reap
 
 pytestmark = pytest.mark.stack
 AWS, SLURM = "aws_default", "slurm_default"
@@ -20,7 +21,7 @@ AWS, SLURM = "aws_default", "slurm_default"
 
 def _expired_job(stack, body: str) -> tuple[str, Expired]:
     """Submit ``body`` with an expiry an hour ago in its comment and wait until it printed ``ready``; return its
-    name, and what ``find_expired`` makes of it."""
+    name, and what ``find_expired_on_cluster`` makes of it."""
     workdir = stack.shared_dir / "it" / uuid.uuid4().hex[:8]
     workdir.mkdir(parents=True)
     (workdir / "job.sh").write_text(f"#!/bin/bash\n{body}")
@@ -33,7 +34,7 @@ def _expired_job(stack, body: str) -> tuple[str, Expired]:
     while not (output.exists() and "ready" in output.read_text()):
         assert time.monotonic() < deadline, f"job {job_id} did not start"
         time.sleep(0.5)
-    mine = [found for found in find_expired(AWS, SLURM) if found.kind == "slurm_job" and found.name == job_id]
+    mine = [found for found in find_expired_on_cluster(SLURM) if found.kind == "slurm_job" and found.name == job_id]
     assert len(mine) == 1, mine
     return name, mine[0]
 
@@ -49,9 +50,9 @@ def test_a_reaped_job_is_gone_when_the_reaper_says_so(stack) -> None:
         SlurmHook().cancel_and_wait(name)
 
 
-def test_a_scancel_slurmctld_never_heard_is_not_counted_as_deleted(stack, tmp_path: Path, monkeypatch) -> None:
-    # The reaper's connection reaches no slurmctld (a wrong port): scancel fails, and the job runs on.
-    name, job = _expired_job(stack, "echo ready\nsleep 300\n")
+@pytest.fixture
+def unreachable_slurm(stack, tmp_path: Path, monkeypatch) -> str:
+    """A Slurm connection that reaches no slurmctld (a wrong port)."""
     conf = tmp_path / "slurm.conf"
     conf.write_text(
         "\n".join(
@@ -61,9 +62,20 @@ def test_a_scancel_slurmctld_never_heard_is_not_counted_as_deleted(stack, tmp_pa
     )
     extra = {"transport": "local", "slurm_conf": str(conf)}
     monkeypatch.setenv("AIRFLOW_CONN_SLURM_UNREACHABLE", json.dumps({"conn_type": "generic", "extra": extra}))
+    return "slurm_unreachable"
+
+
+def test_a_scancel_slurmctld_never_heard_is_not_counted_as_deleted(stack, unreachable_slurm: str) -> None:
+    # scancel fails, and the job runs on.
+    name, job = _expired_job(stack, "echo ready\nsleep 300\n")
     try:
         with pytest.raises(ReapIncomplete, match=rf"slurm_job {job.name}: scancel {job.name} exited \d+: .*slurm"):
-            reap([job], AWS, "slurm_unreachable", dry_run=False)
+            reap([job], AWS, unreachable_slurm, dry_run=False)
         assert [j.job_id for j in SlurmHook().find_jobs(name)] == [job.name]
     finally:
         SlurmHook().cancel_and_wait(name)
+
+
+def test_a_cluster_that_cannot_be_asked_is_an_error_not_an_empty_sweep(unreachable_slurm: str) -> None:
+    with pytest.raises(ClusterCommandError, match=r"squeue -h exited \d+: .*slurm"):
+        find_expired_on_cluster(unreachable_slurm)
