@@ -30,5 +30,5 @@ with DAG(
     params=airflow_params(model=AmiBakeParams),
     tags=["dtp", "images"],
     default_args={"owner": "dtp", "retries": 1, "retry_delay": timedelta(seconds=30)},
-) as dag:
-    ami_bake_pipeline(dag)
+):
+    ami_bake_pipeline()

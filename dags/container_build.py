@@ -31,5 +31,5 @@ with DAG(
     params=airflow_params(model=ContainerBuildParams),
     tags=["dtp", "images"],
     default_args={"owner": "dtp", "retries": 1, "retry_delay": timedelta(seconds=10)},
-) as dag:
-    container_build_pipeline(dag)
+):
+    container_build_pipeline()

@@ -27,5 +27,5 @@ with DAG(
     params=airflow_params(model=ValidateParams),
     tags=["dtp", "validation"],
     default_args={"owner": "dtp", "retries": 2, "retry_delay": timedelta(seconds=10)},
-) as dag:
-    validation_pipeline(dag)
+):
+    validation_pipeline()

@@ -25,7 +25,6 @@ from dtp.params import FormParams
 from dtp.recipes import INCLUDE_DIR, Platform
 
 CONTAINERS_DIR = IMAGES_DIR / "containers"
-TRAINING_IMAGES = ("local-cpu", "training", "neuron")
 TrainingImage = Literal["local-cpu", "training", "neuron"]
 _ARG = re.compile(r"^ARG\s+([A-Z][A-Z0-9_]*)=(\S+)\s*$")
 

@@ -127,15 +127,6 @@ def slurm_env(cfg: StackConfig) -> dict[str, str]:
     return {"SLURM_CONF": str(cfg.slurm_conf)}
 
 
-def _nodes_idle(cfg: StackConfig) -> bool:
-    out = subprocess.run(
-        ["sinfo", "-h", "-N", "-o", "%N %t"], capture_output=True, text=True, env={**os.environ, **slurm_env(cfg)}
-    )
-    states = dict(line.split() for line in out.stdout.splitlines() if line.strip())
-    expected = {f"n{i + 1}" for i in range(cfg.slurm_nodes)}
-    return out.returncode == 0 and expected <= {n for n, s in states.items() if s in ("idle", "mix", "alloc")}
-
-
 def _slurmd(index: int) -> Daemon:
     name = f"n{index + 1}"
     return Daemon(

@@ -12,10 +12,6 @@ from dtp.metrics.parse import TrainingSummary
 COMPARED_PARAMS: dict[str, Any] = {"num_nodes": None, "max_steps": None, "dataset_uri": "", "profile_steps": 0}
 
 
-class GateFailed(RuntimeError):
-    """One or more gates failed; the message lists each."""
-
-
 def training_failures(summary: TrainingSummary, gates: dict[str, Any], max_steps: int) -> list[str]:
     failures = []
     if not summary.steps:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from airflow.sdk import DAG, task
+from airflow.sdk import task
 from airflow.sdk.exceptions import AirflowFailException
 
 from dtp.images import ami
@@ -57,8 +57,8 @@ def publish(baked: dict[str, Any], *, outlet_events: Any = None) -> dict[str, An
     return {**extra, "parameter_version": version}
 
 
-def ami_bake_pipeline(dag: DAG) -> None:
-    """Add ami_bake's tasks to ``dag``."""
+def ami_bake_pipeline() -> None:
+    """Add ami_bake's tasks to the DAG being defined (call inside ``with DAG(...):``)."""
     requests = validate_params()
     baked = PackerBuildOperator.partial(
         task_id="bake",

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from airflow.sdk import DAG, task
+from airflow.sdk import task
 from airflow.sdk.exceptions import AirflowFailException
 
 from dtp.hooks.container import ContainerRegistryHook
@@ -63,8 +63,8 @@ def publish(request: dict[str, Any], built: dict[str, Any], *, outlet_events: An
     return {**extra, "parameter_version": version}
 
 
-def container_build_pipeline(dag: DAG) -> None:
-    """Add container_build's tasks to ``dag``."""
+def container_build_pipeline() -> None:
+    """Add container_build's tasks to the DAG being defined (call inside ``with DAG(...):``)."""
     request = validate_params()
     build = ContainerImageBuildOperator(
         task_id="build",

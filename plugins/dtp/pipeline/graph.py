@@ -24,7 +24,6 @@ from airflow.sdk import DAG, TaskGroup, TriggerRule, task
 from airflow.sdk.exceptions import AirflowFailException
 
 from dtp.images.container import resolve_runtime
-from dtp.metrics.gates import GateFailed
 from dtp.metrics.preflight_gate import preflight_message
 from dtp.operators.batch import BatchJobOperator
 from dtp.operators.cluster import DeployClusterOperator
@@ -144,7 +143,7 @@ def collect_metrics(
 def evaluate_gates(spec: dict[str, Any], metrics: dict[str, Any]) -> None:
     failures = results.gate_failures(spec, metrics)
     if failures:
-        raise AirflowFailException(str(GateFailed("gates failed:\n" + "\n".join(failures))))
+        raise AirflowFailException("gates failed:\n" + "\n".join(failures))
     log.info("All gates passed")
 
 

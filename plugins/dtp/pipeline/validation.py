@@ -16,7 +16,7 @@ import logging
 import sys
 from typing import Any
 
-from airflow.sdk import DAG, task
+from airflow.sdk import task
 from airflow.sdk.exceptions import AirflowFailException
 
 from dtp.hooks.slurm import SlurmHook
@@ -113,8 +113,8 @@ def cancel_jobs(spec: dict[str, Any], cluster: dict[str, Any]) -> list[str]:
     return SlurmHook(cluster["slurm_conn_id"]).cancel_and_wait(spec["names"]["slurm_job"], prefix=True)
 
 
-def validation_pipeline(dag: DAG) -> None:
-    """Add validate_cluster's tasks to ``dag`` (call inside ``with DAG(...) as dag``)."""
+def validation_pipeline() -> None:
+    """Add validate_cluster's tasks to the DAG being defined (call inside ``with DAG(...):``)."""
     spec = validate_params()
     cluster = connect_cluster(spec)
     job = prepare_checks(spec, cluster)
