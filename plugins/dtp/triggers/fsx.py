@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from airflow.triggers.base import BaseTrigger, TriggerEvent
+from airflow.triggers.base import TriggerEvent
 
 from dtp.hooks.fsx import TERMINAL_TASK_STATES, FsxHook
+from dtp.triggers.deadline import DeadlineTrigger
 
 
 def task_outcome(task: dict[str, Any]) -> dict[str, Any]:
@@ -27,7 +27,7 @@ def task_outcome(task: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-class FsxDataRepositoryTaskTrigger(BaseTrigger):
+class FsxDataRepositoryTaskTrigger(DeadlineTrigger):
     """Fires once the data repository task ends (SUCCEEDED, FAILED or CANCELED), is gone, or is still running
     ``timeout`` seconds after ``started_at`` (epoch seconds; default: when the task deferred). A user who marks
     the waiting task failed cancels the FSx task (``on_kill``)."""
@@ -40,25 +40,12 @@ class FsxDataRepositoryTaskTrigger(BaseTrigger):
         timeout: float = 12 * 3600.0,
         started_at: float | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(poll_interval=poll_interval, timeout=timeout, started_at=started_at)
         self.repository_task_id = repository_task_id
         self.aws_conn_id = aws_conn_id
-        self.poll_interval = poll_interval
-        self.timeout = timeout
-        # Set when the task defers and serialized with the rest: a restarted triggerer keeps the deadline.
-        self.started_at = time.time() if started_at is None else started_at
 
-    def serialize(self) -> tuple[str, dict[str, Any]]:
-        return (
-            f"{type(self).__module__}.{type(self).__qualname__}",
-            {
-                "repository_task_id": self.repository_task_id,
-                "aws_conn_id": self.aws_conn_id,
-                "poll_interval": self.poll_interval,
-                "timeout": self.timeout,
-                "started_at": self.started_at,
-            },
-        )
+    def serialize_fields(self) -> dict[str, Any]:
+        return {"repository_task_id": self.repository_task_id, "aws_conn_id": self.aws_conn_id}
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
         hook = FsxHook(aws_conn_id=self.aws_conn_id)
@@ -73,7 +60,7 @@ class FsxDataRepositoryTaskTrigger(BaseTrigger):
             if task["Lifecycle"] in TERMINAL_TASK_STATES:
                 yield TriggerEvent({"status": "success" if task["Lifecycle"] == "SUCCEEDED" else "failed", **outcome})
                 return
-            if time.time() > self.started_at + self.timeout:
+            if self.past_deadline:
                 failure = {"failure": f"still {task['Lifecycle']} after {self.timeout:.0f} s; left running"}
                 yield TriggerEvent({"status": "failed", **outcome, **failure})
                 return

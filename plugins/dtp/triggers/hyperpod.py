@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from airflow.triggers.base import BaseTrigger, TriggerEvent
+from airflow.triggers.base import TriggerEvent
 
 from dtp.hooks.hyperpod import SETTLED_STATES, HyperPodHook
+from dtp.triggers.deadline import DeadlineTrigger
 
 
-class HyperPodClusterTrigger(BaseTrigger):
+class HyperPodClusterTrigger(DeadlineTrigger):
     """Fires once the cluster is InService (success), failed or gone, or ``timeout`` seconds after ``started_at``
     (epoch seconds; default: when the task deferred) passed (failed)."""
 
@@ -24,29 +24,15 @@ class HyperPodClusterTrigger(BaseTrigger):
         timeout: float = 5400.0,
         started_at: float | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(poll_interval=poll_interval, timeout=timeout, started_at=started_at)
         self.cluster_name = cluster_name
         self.aws_conn_id = aws_conn_id
-        self.poll_interval = poll_interval
-        self.timeout = timeout
-        # Set when the task defers and serialized with the rest: a restarted triggerer keeps the deadline.
-        self.started_at = time.time() if started_at is None else started_at
 
-    def serialize(self) -> tuple[str, dict[str, Any]]:
-        return (
-            f"{type(self).__module__}.{type(self).__qualname__}",
-            {
-                "cluster_name": self.cluster_name,
-                "aws_conn_id": self.aws_conn_id,
-                "poll_interval": self.poll_interval,
-                "timeout": self.timeout,
-                "started_at": self.started_at,
-            },
-        )
+    def serialize_fields(self) -> dict[str, Any]:
+        return {"cluster_name": self.cluster_name, "aws_conn_id": self.aws_conn_id}
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
         hook = HyperPodHook(aws_conn_id=self.aws_conn_id)
-        deadline = self.started_at + self.timeout
         while True:
             cluster = await asyncio.to_thread(hook.describe_cluster, self.cluster_name)
             if cluster is None:
@@ -60,7 +46,7 @@ class HyperPodClusterTrigger(BaseTrigger):
                 )
                 yield TriggerEvent({"status": "success" if ok else "failed", "message": message})
                 return
-            if time.time() > deadline:
+            if self.past_deadline:
                 message = f"HyperPod cluster {self.cluster_name} is still {state} after {self.timeout:.0f} s"
                 yield TriggerEvent({"status": "failed", "message": message})
                 return

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from airflow.triggers.base import BaseTrigger, TriggerEvent
+from airflow.triggers.base import TriggerEvent
+
+from dtp.triggers.deadline import DeadlineTrigger
 
 
-class ParallelClusterCreateTrigger(BaseTrigger):
+class ParallelClusterCreateTrigger(DeadlineTrigger):
     """Fires once the cluster is ready (CREATE_COMPLETE, or UPDATE_COMPLETE when an earlier try's was updated), with
     its head node's address, or failed, gone or ``timeout`` seconds after ``started_at`` (epoch seconds; default:
     when the task deferred)."""
@@ -18,29 +19,16 @@ class ParallelClusterCreateTrigger(BaseTrigger):
     def __init__(
         self, cluster_name: str, poll_interval: float = 30.0, timeout: float = 3600.0, started_at: float | None = None
     ) -> None:
-        super().__init__()
+        super().__init__(poll_interval=poll_interval, timeout=timeout, started_at=started_at)
         self.cluster_name = cluster_name
-        self.poll_interval = poll_interval
-        self.timeout = timeout
-        # Set when the task defers and serialized with the rest: a restarted triggerer keeps the deadline.
-        self.started_at = time.time() if started_at is None else started_at
 
-    def serialize(self) -> tuple[str, dict[str, Any]]:
-        return (
-            f"{type(self).__module__}.{type(self).__qualname__}",
-            {
-                "cluster_name": self.cluster_name,
-                "poll_interval": self.poll_interval,
-                "timeout": self.timeout,
-                "started_at": self.started_at,
-            },
-        )
+    def serialize_fields(self) -> dict[str, Any]:
+        return {"cluster_name": self.cluster_name}
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
         from dtp.platforms.parallelcluster import READY_STATES, ParallelClusterPlatform, failures
 
         cli = await asyncio.to_thread(lambda: ParallelClusterPlatform().cli)  # it reads connections: off the loop
-        deadline = self.started_at + self.timeout
         while True:
             described = await asyncio.to_thread(cli.describe_cluster, self.cluster_name)
             status = None if described is None else described["clusterStatus"]
@@ -54,7 +42,7 @@ class ParallelClusterCreateTrigger(BaseTrigger):
                 why = "does not exist" if described is None else f"is {status}: {failures(described)}"
                 yield TriggerEvent({"status": "failed", "message": f"cluster {self.cluster_name} {why}"})
                 return
-            if time.time() > deadline:
+            if self.past_deadline:
                 message = f"cluster {self.cluster_name} is still {status} after {self.timeout:.0f} s"
                 yield TriggerEvent({"status": "failed", "message": message})
                 return
