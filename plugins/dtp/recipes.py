@@ -167,10 +167,16 @@ def recipe_names(recipe_dir: Path = RECIPE_DIR) -> list[str]:
 
 
 def get_recipe(name: str) -> Recipe:
-    recipes = catalogue()
-    if name not in recipes:
-        raise RecipeError(f"recipe {name!r} does not exist; available: {', '.join(sorted(recipes))}")
-    return recipes[name]
+    """The recipe ``name``, reading its file only: a broken file elsewhere in the catalogue costs only itself."""
+    names = recipe_names(RECIPE_DIR)
+    if name not in names:
+        raise RecipeError(f"recipe {name!r} does not exist; available: {', '.join(names)}")
+    return _load_recipe(RECIPE_DIR / f"{name}.yaml")
+
+
+@functools.cache
+def _load_recipe(path: Path) -> Recipe:
+    return load_recipe_file(path)
 
 
 @functools.cache

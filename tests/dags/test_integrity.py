@@ -177,5 +177,9 @@ def test_a_broken_recipe_costs_only_its_own_dag(tmp_path, monkeypatch) -> None:
     for name in ("tiny.yaml", "tiny_deep.yaml"):
         shutil.copy(factory.RECIPE_DIR / name, tmp_path / name)
     (tmp_path / "tiny_deep.yaml").write_text("name: tiny_deep\nframework: [unclosed\n")
+    # A recipe that validates, with a default the trigger form refuses (at most 512 nodes).
+    wide = (factory.RECIPE_DIR / "tiny.yaml").read_text().replace("name: tiny\n", "name: tiny_wide\n")
+    (tmp_path / "tiny_wide.yaml").write_text(wide.replace("  num_nodes: 2\n", "  num_nodes: 1000\n"))
+    assert "num_nodes: 1000" in (tmp_path / "tiny_wide.yaml").read_text()
     monkeypatch.setattr(factory, "RECIPE_DIR", tmp_path)
     assert list(factory.regression_dags()) == ["regression__tiny"]

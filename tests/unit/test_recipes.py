@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import fields
 from pathlib import Path
 
 import pytest
 import yaml
 
+from dtp import recipes
 from dtp.params import TrainParams
 from dtp.pipeline.jobs import training_config
 from dtp.recipes import (
@@ -198,3 +200,14 @@ def test_the_trainer_gets_the_recipes_compile_and_activation_checkpointing(compi
     assert (config["compile"], config["activation_checkpointing"]) == (compile_, True)
     assert config["peak_flops"] == 989e12  # the instance type's, for MFU
     assert config.keys() <= {f.name for f in fields(TrainConfig)}
+
+
+def test_a_broken_recipe_file_costs_only_its_own_runs(tmp_path, monkeypatch) -> None:
+    shutil.copy(RECIPE_DIR / "tiny.yaml", tmp_path / "tiny.yaml")
+    (tmp_path / "broken.yaml").write_text("name: broken\nframework: [unclosed\n")
+    monkeypatch.setattr(recipes, "RECIPE_DIR", tmp_path)
+    assert recipes.get_recipe("tiny").name == "tiny"
+    with pytest.raises(RecipeError, match=r"broken\.yaml: cannot read YAML"):
+        recipes.get_recipe("broken")
+    with pytest.raises(RecipeError, match="recipe 'tiny_deep' does not exist; available: broken, tiny"):
+        recipes.get_recipe("tiny_deep")
