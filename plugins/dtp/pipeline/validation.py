@@ -17,7 +17,7 @@ import sys
 from typing import Any
 
 from airflow.sdk import task
-from airflow.sdk.exceptions import AirflowFailException
+from airflow.sdk.exceptions import AirflowFailException, AirflowNotFoundException
 
 from dtp.hooks.slurm import SlurmHook
 from dtp.hostlist import expand_hostlist
@@ -50,6 +50,15 @@ def connect(spec: dict[str, Any]) -> dict[str, Any]:
     """The cluster behind the connection, checked to have the nodes the validation asks for."""
     params = spec["params"]
     hook = SlurmHook(params["slurm_conn_id"])
+    try:
+        transport = hook.extra.get("transport")
+    except AirflowNotFoundException:
+        raise ParamsError(f"slurm_conn_id: got {params['slurm_conn_id']!r}; no such Airflow connection") from None
+    if transport is None:  # the hook would take it for this worker's own cluster, and validate that one instead
+        raise ParamsError(
+            f"slurm_conn_id: got {params['slurm_conn_id']!r}; its extra names no transport, so it is not a Slurm "
+            'connection: give {"transport": "ssh", "ssh_conn_id": "<head node>"} (or "local" on the head node)'
+        )
     nodes = hook.node_count()
     usable = nodes - len(expand_hostlist(params["exclude_nodes"]))
     if usable < params["num_nodes"]:
