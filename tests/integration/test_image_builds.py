@@ -16,6 +16,8 @@ from dtp.images import ami, container
 from dtp.operators.container import ContainerImageBuildOperator
 from dtp.operators.packer import PackerBuildOperator
 from dtp.params import parse_params
+from dtp.platforms import get_platform
+from dtp.recipes import instance_types
 
 pytestmark = pytest.mark.stack
 ANSIBLE_BIN = Path(sys.executable).parent
@@ -128,3 +130,23 @@ def test_unpacking_an_image_the_registry_lacks_names_it(stack, tmp_path) -> None
     with pytest.raises(ContainerBuildError, match=r"cannot fetch .*sha256:0{64}"):
         ContainerRegistryHook().unpack(missing, tmp_path / "rootfs")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_run_reads_the_image_its_instance_types_accelerator_runs(stack, aws) -> None:
+    # EKS offers GPU and Trainium nodes: the Neuron image is published beside the CUDA one, not over it.
+    ssm = aws("ssm")
+    published = {
+        "training": f"registry.invalid/dtp/training@sha256:{'a' * 64}",
+        "neuron": f"registry.invalid/dtp/neuron@sha256:{'b' * 64}",
+    }
+    parameters = {image: container.training_parameter("eks", image) for image in published}
+    assert len(set(parameters.values())) == 2
+    for image, reference in published.items():
+        ssm.put_parameter(Name=parameters[image], Value=reference, Type="String", Overwrite=True)
+    try:
+        for instance_type, image in (("p5.48xlarge", "training"), ("trn1.32xlarge", "neuron")):
+            instance = instance_types()[instance_type].model_dump()
+            assert container.resolve_runtime(get_platform("eks"), instance, "aws_default")["image"] == published[image]
+    finally:
+        for name in parameters.values():
+            ssm.delete_parameter(Name=name)

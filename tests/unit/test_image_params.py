@@ -100,7 +100,8 @@ def test_ami_bake_refuses_bad_input(conf, message) -> None:
 def test_container_build_args_default_to_the_dockerfile() -> None:
     assert container.build_arg_defaults("training")["NCCL_VERSION"] == ami.default_versions()["nccl_version"]
     request = parse_params(
-        container.ContainerBuildParams, {"image": "training", "build_args": {"NCCL_VERSION": "2.28.3-1"}}
+        container.ContainerBuildParams,
+        {"image": "training", "platform": "parallelcluster", "build_args": {"NCCL_VERSION": "2.28.3-1"}},
     ).build_request()
     assert request["build_args"]["NCCL_VERSION"] == "2.28.3-1"
     assert (
@@ -115,8 +116,12 @@ def test_container_build_args_default_to_the_dockerfile() -> None:
     [
         ({"image": "airflow"}, "image: got 'airflow'"),
         ({"build_args": {"PATH": "1"}}, "'PATH' is not an ARG"),
-        ({"image": "training", "build_args": {"NCCL_VERSION": "$(id)"}}, "must match"),
+        ({"image": "training", "platform": "eks", "build_args": {"NCCL_VERSION": "$(id)"}}, "must match"),
         ({"platform": "gcp"}, "platform: got 'gcp'"),
+        # Each image where its nodes can run it: a CPU image published for GPU runs would fail them on their cluster.
+        ({"platform": "parallelcluster"}, "image 'local-cpu' cannot run on platform 'parallelcluster'"),
+        ({"image": "training"}, "image 'training' cannot run on platform 'local''s nodes (it runs on: batch, eks,"),
+        ({"image": "neuron", "platform": "batch"}, "image 'neuron' cannot run on platform 'batch'"),
     ],
 )
 def test_container_build_refuses_bad_input(conf, message) -> None:

@@ -3,9 +3,10 @@
 Each image is ``images/containers/<image>/Dockerfile`` built with ``include/``
 as its context (so the image carries DTP's training programs); its ``ARG``
 defaults are the form's build-arg defaults. A pushed image is published, pinned
-by digest, to the SSM parameter ``/dtp/images/<platform>/training`` (what
-train_e2e's resolve_images reads) and as an event of the Asset
-``oci://<registry>/<repository>``.
+by digest, to the SSM parameter ``/dtp/images/<platform>/training``
+(``.../neuron`` for the Neuron image: a platform with GPU and Trainium nodes runs
+each on its own; train_e2e's resolve_images reads the one the run's instance
+type needs) and as an event of the Asset ``oci://<registry>/<repository>``.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from pydantic import Field, model_validator
 from dtp.images import ami
 from dtp.images.ami import IMAGES_DIR, VERSION
 from dtp.params import FormParams
-from dtp.recipes import INCLUDE_DIR, Platform
+from dtp.recipes import INCLUDE_DIR, Platform, instance_types
 
 CONTAINERS_DIR = IMAGES_DIR / "containers"
 TrainingImage = Literal["local-cpu", "training", "neuron"]
@@ -39,8 +40,26 @@ def build_arg_defaults(image: str) -> dict[str, str]:
     return {m.group(1): m.group(2) for line in dockerfile(image).read_text().splitlines() if (m := _ARG.match(line))}
 
 
-def training_parameter(platform: str) -> str:
-    return f"/dtp/images/{platform}/training"
+def training_parameter(platform: str, image: str = "training") -> str:
+    """The SSM parameter runs on ``platform`` read for ``image``: the Neuron image has its own, since a platform
+    with GPU and Trainium nodes needs both; the others share ``training``."""
+    return f"/dtp/images/{platform}/{'neuron' if image == 'neuron' else 'training'}"
+
+
+def image_platforms(image: str) -> list[str]:
+    """The platforms whose nodes can run ``image``: the local profile's CPU nodes run local-cpu only; the CUDA image
+    needs a platform offering GPU instance types, the Neuron image one offering Trainium."""
+    if image == "local-cpu":
+        return ["local"]
+    wanted = "neuron" if image == "neuron" else "gpu"
+    return sorted(
+        {
+            platform
+            for instance in instance_types().values()
+            if instance.accelerator != "cpu" and ("neuron" if instance.neuron_devices else "gpu") == wanted
+            for platform in instance.platforms
+        }
+    )
 
 
 class ContainerBuildParams(FormParams):
@@ -59,6 +78,15 @@ class ContainerBuildParams(FormParams):
         title="Build args",
         description='Overrides of the Dockerfile\'s ARG defaults, e.g. {"NCCL_VERSION": "2.28.3-1"}.',
     )
+
+    @model_validator(mode="after")
+    def _image_fits_platform(self) -> ContainerBuildParams:
+        if self.platform not in (platforms := image_platforms(self.image)):
+            raise ValueError(
+                f"image {self.image!r} cannot run on platform {self.platform!r}'s nodes "
+                f"(it runs on: {', '.join(platforms)})"
+            )
+        return self
 
     @model_validator(mode="after")
     def _known_args(self) -> ContainerBuildParams:
@@ -96,7 +124,7 @@ def resolve_runtime(platform: Any, instance: dict[str, Any], aws_conn_id: str | 
     """The newest published training image for ``platform``, as the runtime its jobs use (the platform's default
     runtime when none is published), and the newest AMI of the family ``instance``'s nodes boot there."""
     ssm = SsmHook(aws_conn_id=aws_conn_id)
-    image = _parameter(ssm, training_parameter(platform.name))
+    image = _parameter(ssm, training_parameter(platform.name, "neuron" if instance["neuron_devices"] else "training"))
     runtime = platform.runtime(image) if image else platform.default_image()
     family = platform.ami_family(instance)
     ami_id = _parameter(ssm, ami.ssm_parameter(family)) if family else None

@@ -38,8 +38,8 @@ def validate_params(**context: Any) -> dict[str, Any]:
 
 @task(outlets=[IMAGE_ALIAS])
 def publish(request: dict[str, Any], built: dict[str, Any], *, outlet_events: Any = None) -> dict[str, Any]:
-    """Point ``/dtp/images/<platform>/training`` at the image and record an Asset event."""
-    parameter = training_parameter(request["platform"])
+    """Point ``/dtp/images/<platform>/training`` (``.../neuron``) at the image and record an Asset event."""
+    parameter = training_parameter(request["platform"], request["image_name"])
     version = put_parameter(
         parameter, built["image"], f"DTP {request['image_name']} image", {"dtp:owner": "dtp"}, AWS_CONN_ID
     )
