@@ -5,6 +5,7 @@ run of the same framework and model starts from it, anything else is refused bef
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from pathlib import Path
 from typing import Any
@@ -134,4 +135,22 @@ def test_a_prefix_without_a_whole_copy_is_refused(stack, aws, tmp_path) -> None:
     aws("s3").put_object(Bucket=bucket, Key="runs/half-copied/checkpoints/step_5/__0_0.distcp", Body=b"\x00")
     spec, _, _ = run(tmp_path, "fsdp", resume_from=f"s3://{bucket}/runs/half-copied/checkpoints/")
     with pytest.raises(ParamsError, match=r"resume_from: no MANIFEST.json under s3://.*/runs/half-copied/checkpoints/"):
+        resume_source(spec, "aws_default")
+
+
+@pytest.mark.parametrize(
+    ("manifest", "message"),
+    [
+        (b"{not json", "manifest: Invalid JSON"),
+        (b'{"run_key": "r", "framework": "fsdp", "model": "tiny", "step": 5, "bytes": 1}', "files: Field required"),
+        (b'{"run_key": "r", "framework": "fsdp", "model": "tiny", "step": "five", "bytes": 1, "files": []}', "step: "),
+    ],
+)
+def test_a_manifest_that_is_not_one_is_refused_by_what_is_wrong(stack, aws, tmp_path, manifest, message) -> None:
+    bucket = artifacts_bucket("aws_default")
+    prefix = f"runs/not-a-manifest-{uuid.uuid4().hex[:6]}/checkpoints/"
+    aws("s3").put_object(Bucket=bucket, Key=prefix + "MANIFEST.json", Body=manifest)
+    spec, _, _ = run(tmp_path, "fsdp", resume_from=f"s3://{bucket}/{prefix}")
+    where = f"s3://{bucket}/{prefix}MANIFEST.json"
+    with pytest.raises(ParamsError, match=re.escape(f"{where} is not a manifest save_checkpoint wrote ({message}")):
         resume_source(spec, "aws_default")

@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from airflow.providers.amazon.aws.hooks.s3 import S3Hook
+from botocore.exceptions import ClientError
+from pydantic import BaseModel, Field, ValidationError
 
 from dtp.params import ParamsError
 from dtp.pipeline.data import S3_URI, as_folder, check_shared_dir_visible, download, relative_key, run_dir
@@ -89,11 +91,41 @@ def _location(uri: str) -> tuple[str, str]:
     return match["bucket"], as_folder(match["prefix"])
 
 
+class _ManifestFile(BaseModel):
+    path: str
+    bytes: int = Field(ge=0)
+
+
+class _Manifest(BaseModel):
+    """What ``save_checkpoint`` writes last: the copy's files, their sizes, and what trained them."""
+
+    run_key: str
+    framework: str
+    model: str
+    step: int | None
+    bytes: int = Field(ge=0)
+    files: list[_ManifestFile]
+
+
 def _manifest(s3: S3Hook, bucket: str, prefix: str) -> dict[str, Any] | None:
-    if not s3.check_for_key(prefix + MANIFEST, bucket):
-        return None
-    manifest: dict[str, Any] = json.loads(s3.read_key(prefix + MANIFEST, bucket))
-    return manifest
+    """The checkpoint's manifest (None when there is none); one that cannot be read or is not a manifest is
+    refused naming what is wrong, as a bad ``resume_from``."""
+    where = f"s3://{bucket}/{prefix}{MANIFEST}"
+    try:
+        if not s3.check_for_key(prefix + MANIFEST, bucket):
+            return None
+        text = s3.read_key(prefix + MANIFEST, bucket)
+    except ClientError as err:
+        raise ParamsError(
+            f"invalid parameters:\nresume_from: cannot read {where}: {err.response['Error']['Code']}"
+        ) from None
+    try:
+        return _Manifest.model_validate_json(text).model_dump()
+    except ValidationError as err:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'manifest'}: {e['msg']}" for e in err.errors()[:3])
+        raise ParamsError(
+            f"invalid parameters:\nresume_from: {where} is not a manifest save_checkpoint wrote ({problems})"
+        ) from None
 
 
 def resume_source(spec: dict[str, Any], aws_conn_id: str) -> dict[str, Any] | None:
