@@ -31,12 +31,17 @@ ENV_NAME = re.compile(r"^[A-Z_][A-Z0-9_]{0,63}$")
 RESERVED_ENV = frozenset(
     {
         *("PATH", "LD_PRELOAD", "LD_LIBRARY_PATH", "PYTHONPATH", "HOME", "USER"),
-        *("IFS", "BASH_ENV", "ENV", "SHELL", "PS4"),
+        *("IFS", "ENV", "SHELL", "PS4", "PYTHONHOME"),
+        # bash's read-only variables: exporting one ends the job script under set -e.
+        *("UID", "EUID", "PPID", "SHELLOPTS", "BASHOPTS"),
         *("RDZV_HOST", "RDZV_PORT", "FIRST_NODE", "ATTEMPT", "ATTEMPTS", "LATEST", "LOAD_PATH", "NSYS", "TRAIN"),
         *("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE"),
     }
 )
-RESERVED_ENV_PREFIXES = ("SLURM_", "PET_", "TORCHELASTIC_")
+RESERVED_ENV_PREFIXES = ("SLURM_", "PET_", "TORCHELASTIC_", "BASH_", "AWS_BATCH_")
+# Hours a run takes besides training: its cluster coming up (HyperPod's may take 90 minutes), data staging,
+# preflight, results and teardown. A shorter expiry would let the reaper delete the run while it still runs.
+SETUP_HOURS = 2.0
 
 
 P = TypeVar("P", bound=BaseModel)
@@ -304,12 +309,24 @@ def validate_params(conf: dict[str, Any]) -> TrainParams:
             recipe.ranks(params.num_nodes, instance.accelerators_per_node)
         except RecipeError as err:
             problems.append(f"num_nodes: got {params.num_nodes}; {err}")
+        hours = estimate_training_hours(params, recipe.expected_step_seconds)
+        if params.expiry_hours < hours + SETUP_HOURS:
+            problems.append(
+                f"expiry_hours: got {params.expiry_hours}; the run is estimated to take {hours:.1f} h of training "
+                f"plus up to {SETUP_HOURS:.0f} h for its cluster and results: give at least "
+                f"{hours + SETUP_HOURS:.1f}, or the reaper deletes the run while it runs"
+            )
         cost = estimate_cost_usd(params, recipe.expected_step_seconds, instance.price_usd_per_hour)
         if cost > params.budget_usd:
             problems.append(
                 f"budget_usd: got {params.budget_usd}; the estimated cost is {cost:.2f} USD "
                 f"({params.num_nodes} x {params.instance_type} for {params.max_steps} steps)"
             )
+    if params.exclude_nodes and params.platform in ("eks", "batch"):
+        problems.append(
+            f"exclude_nodes: got {params.exclude_nodes!r}; platform {params.platform!r} does not schedule with "
+            "Slurm, which reads it (cordon the node in Kubernetes, or take it out of the compute environment)"
+        )
     if problems:
         raise ParamsError("invalid parameters:\n" + "\n".join(problems))
     return params
@@ -326,9 +343,12 @@ def validate_cluster_params(conf: dict[str, Any]) -> ValidateParams:
     return params
 
 
+def estimate_training_hours(params: TrainParams, step_seconds: float) -> float:
+    return params.max_steps * step_seconds / 3600
+
+
 def estimate_cost_usd(params: TrainParams, step_seconds: float, price_per_hour: float) -> float:
-    hours = params.max_steps * step_seconds / 3600
-    return round(hours * price_per_hour * params.num_nodes, 2)
+    return round(estimate_training_hours(params, step_seconds) * price_per_hour * params.num_nodes, 2)
 
 
 def training_time_limit_minutes(budget_usd: float, num_nodes: int, price_per_hour: float) -> int:
