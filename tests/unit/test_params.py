@@ -159,11 +159,25 @@ BAD = [
     ({"recipe": "llama3_1_8b_torchtitan", "profile_steps": 2}, "profile_steps", "only DTP's trainer"),
     # An expiry the run outlasts lets the reaper delete it while it runs: 300 steps of 0.25 s plus 2 h of setup.
     ({"expiry_hours": 1.5}, "expiry_hours", "give at least 2.0"),
-    ({"recipe": "llama3_1_70b", "platform": "parallelcluster", "instance_type": "p5.48xlarge", "num_nodes": 8,
-      "max_steps": 1000, "budget_usd": 1e6, "expiry_hours": 3}, "expiry_hours", "2.2 h of training"),
+    (
+        {
+            "recipe": "llama3_1_70b",
+            "platform": "parallelcluster",
+            "instance_type": "p5.48xlarge",
+            "num_nodes": 8,
+            "max_steps": 1000,
+            "budget_usd": 1e6,
+            "expiry_hours": 3,
+        },
+        "expiry_hours",
+        "2.2 h of training",
+    ),
     # Only Slurm reads exclude_nodes: elsewhere the node would still be used.
-    ({"platform": "eks", "recipe": "llama3_1_8b", "instance_type": "p5.48xlarge", "exclude_nodes": "n1"},
-     "exclude_nodes", "'n1'; platform 'eks' does not schedule with Slurm"),
+    (
+        {"platform": "eks", "recipe": "llama3_1_8b", "instance_type": "p5.48xlarge", "exclude_nodes": "n1"},
+        "exclude_nodes",
+        "'n1'; platform 'eks' does not schedule with Slurm",
+    ),
 ]
 
 
