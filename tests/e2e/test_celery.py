@@ -13,7 +13,6 @@ import pytest
 
 from dtp.local.api import AirflowApi
 from dtp.local.config import CELERY_QUEUES, PROJECT_ROOT, StackConfig
-from dtp.pipeline.graph import TRAINING_QUEUE
 
 pytestmark = [pytest.mark.stack, pytest.mark.e2e, pytest.mark.timeout(2700)]
 OFFSET = 500
@@ -38,10 +37,6 @@ def celery_stack() -> Iterator[StackConfig]:
     finally:
         subprocess.run([*cli, "down"], env=env, capture_output=True, timeout=180)
         shutil.rmtree(home, ignore_errors=True)
-
-
-def test_queues_match_the_pipeline() -> None:
-    assert CELERY_QUEUES["training"] == TRAINING_QUEUE
 
 
 def test_train_e2e_runs_on_both_celery_workers(celery_stack: StackConfig) -> None:

@@ -64,6 +64,7 @@ def test_train_e2e_runs_the_newest_published_image(airflow_api, aws, stack) -> N
     assert _asset_events(airflow_api, f"oci://{stack.registry}/dtp/local-cpu")[0]["extra"]["digest"] == built["digest"]
 
     run_id, tasks = _run(airflow_api, "train_e2e", {"max_steps": 20, "checkpoint_interval": 10}, timeout=900)
+    assert airflow_api.run_state("train_e2e", run_id) == "success", tasks
     runtime = airflow_api.xcom("train_e2e", run_id, "resolve_images")
     assert runtime["image"] == built["image"]
     assert runtime["ami"] == aws("ssm").get_parameter(Name=ami.ssm_parameter("pcluster-cpu"))["Parameter"]["Value"]

@@ -75,10 +75,11 @@ def test_a_job_that_can_never_start_fails_with_slurms_reason(workdir: Path, firs
         operator, sink, trigger = submit(workdir, name, "echo never\n", sbatch_args=["--nodes=3"], pending_timeout=3)
         job_id = sink.pushed["job_id"]
         assert trigger.serialize()[1]["pending_timeout"] == 3
-        started = time.monotonic()
+        assert hook.get_job(job_id).state == "PENDING"  # before the trigger looks, and still once it has reported
         event = first_event(trigger)
-        assert time.monotonic() - started >= 3
         assert (event["status"], event["state"], event["reason"]) == ("pending", "PENDING", "PartitionNodeLimit")
+        assert "not started it in 3s: still PENDING" in event["message"]  # reported for the pending timeout
+        assert hook.get_job(job_id).state == "PENDING"
         message = (
             rf"^Slurm job {job_id} \({name}\) did not start within 3s: it is still PENDING, Slurm's reason: "
             "PartitionNodeLimit; cancelled it$"

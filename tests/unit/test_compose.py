@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from dtp.local.config import CELERY_QUEUES, PROJECT_ROOT, Ports, StackConfig
+from dtp.pipeline.graph import TRAINING_QUEUE
 
 SECRETS = {"DTP_FERNET_KEY": "k", "DTP_API_SECRET_KEY": "s", "DTP_JWT_SECRET": "j"}
 # Settings both must agree on; endpoints, credentials and paths differ by design.
@@ -80,6 +81,11 @@ def test_one_worker_per_queue_of_the_local_stack(resolved: dict) -> None:
     workers = {name: svc["command"].split() for name, svc in resolved["services"].items() if "worker" in name}
     queues = {cmd[cmd.index("-q") + 1] for cmd in workers.values()}
     assert queues == set(CELERY_QUEUES.values())
+
+
+def test_the_training_worker_serves_the_queue_of_the_pipelines_training_tasks() -> None:
+    # Moved from tests/e2e/test_celery.py: two modules' values, checked without a stack.
+    assert CELERY_QUEUES["training"] == TRAINING_QUEUE
 
 
 def test_every_airflow_service_shares_settings_and_mounts(resolved: dict) -> None:

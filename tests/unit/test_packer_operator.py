@@ -88,13 +88,22 @@ def test_an_available_ami_is_returned_and_tagged_without_baking(ec2, operator, e
 
 def test_a_pending_ami_is_waited_for_and_returned_without_baking(ec2, operator, earlier_ami, tmp_path) -> None:
     set_state(earlier_ami["id"], "pending")
-    timer = later(1.0, earlier_ami["id"], "available")
+    available = threading.Event()
+
+    def become_available() -> None:
+        set_state(earlier_ami["id"], "available")
+        available.set()
+
+    timer = threading.Timer(1.0, become_available)
+    timer.start()
     try:
         result = operator.execute({})
+        returned_once_available = available.is_set()  # read before cancel(): the AMI flipped before execute returned
     finally:
         timer.cancel()
-    assert timer.finished.is_set(), "the operator returned before the AMI became available"
+    assert returned_once_available, "the operator returned before the AMI became available"
     assert (result["ami_id"], result["built"]) == (earlier_ami["id"], False)
+    assert ec2.describe_images(ImageIds=[earlier_ami["id"]])["Images"][0]["State"] == "available"
     assert not (tmp_path / "calls").exists()
 
 

@@ -1,17 +1,22 @@
 """dtp.platforms.eks: the run's PyTorchJob renders for the shipped recipes and instance types and passes the
 training operator's CRD schema and webhook rules; check catches real violations; the dtp_eks connection, the EKS
-API (botocore's Stubber) and the Kubernetes API (a local HTTP server speaking its protocol) are used as on AWS."""
+API (moto's, in this process; botocore's Stubber where moto cannot answer: a cluster not yet ACTIVE, or one whose
+endpoint is the local Kubernetes API) and the Kubernetes API (a local HTTP server speaking its protocol) are used as
+on AWS."""
 
 from __future__ import annotations
 
 import base64
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import boto3
 import pytest
 import yaml
 from botocore.stub import Stubber
+from moto import mock_aws
 
 from dtp.params import TrainParams, parse_params
 from dtp.pipeline import jobs
@@ -278,17 +283,25 @@ def describe_cluster(status: str, endpoint: str = "https://ABC.gr7.us-east-1.eks
     }
 
 
-def test_provision_finds_the_active_cluster() -> None:
-    platform = EksPlatform()
+@pytest.fixture
+def eks_api() -> Iterator[Any]:
+    """moto's EKS in this process: a cluster it creates is ACTIVE at once, and one never created is missing."""
+    with mock_aws():
+        yield boto3.client("eks", region_name="us-east-1")
+
+
+def test_provision_finds_the_active_cluster(eks_api: Any) -> None:
+    made = eks_api.create_cluster(
+        name=CLUSTER,
+        roleArn="arn:aws:iam::123456789012:role/dtp-eks",
+        resourcesVpcConfig={"subnetIds": ["subnet-0a", "subnet-0b"]},
+    )["cluster"]
     spec = spec_for("llama3_1_8b", "p5.48xlarge", 2)
-    with Stubber(platform.eks_hook.conn) as eks:
-        eks.add_response("describe_cluster", describe_cluster("ACTIVE"), {"name": CLUSTER})
-        cluster = platform.provision(spec, {})
-        eks.assert_no_pending_responses()
+    cluster = EksPlatform().provision(spec, {})
     assert cluster == {
         "platform": "eks",
         "cluster_name": CLUSTER,
-        "endpoint": "https://ABC.gr7.us-east-1.eks.amazonaws.com",
+        "endpoint": made["endpoint"],
         "namespace": "kubeflow",
         "scheduler": "kubernetes",
         "eks_cluster_name": CLUSTER,
@@ -298,6 +311,7 @@ def test_provision_finds_the_active_cluster() -> None:
 
 
 def test_provision_refuses_a_cluster_that_is_not_active() -> None:
+    # moto's EKS makes every cluster ACTIVE at once: only a Stubber answers CREATING.
     platform = EksPlatform()
     with Stubber(platform.eks_hook.conn) as eks:
         eks.add_response("describe_cluster", describe_cluster("CREATING"), {"name": CLUSTER})
@@ -305,12 +319,14 @@ def test_provision_refuses_a_cluster_that_is_not_active() -> None:
             platform.provision(spec_for("tiny", "g5.48xlarge", 1), {})
 
 
-def test_provision_refuses_a_missing_cluster() -> None:
-    platform = EksPlatform()
-    with Stubber(platform.eks_hook.conn) as eks:
-        eks.add_client_error("describe_cluster", "ResourceNotFoundException", "No cluster found", 404)
-        with pytest.raises(PlatformNotReady, match=f"EKS cluster '{CLUSTER}' .*cluster_name.* does not exist"):
-            platform.provision(spec_for("tiny", "g5.48xlarge", 1), {})
+def test_provision_refuses_a_missing_cluster(eks_api: Any) -> None:
+    eks_api.create_cluster(
+        name="someone-elses-cluster",
+        roleArn="arn:aws:iam::123456789012:role/dtp-eks",
+        resourcesVpcConfig={"subnetIds": ["subnet-0a"]},
+    )
+    with pytest.raises(PlatformNotReady, match=f"EKS cluster '{CLUSTER}' .*cluster_name.* does not exist"):
+        EksPlatform().provision(spec_for("tiny", "g5.48xlarge", 1), {})
 
 
 def teardown_against(api: Any, spec: dict[str, Any], delete_timeout: float = 600) -> dict[str, Any]:
@@ -341,8 +357,15 @@ def test_teardown_deletes_the_runs_jobs_in_the_foreground(kubernetes_api: Any) -
 
 def test_teardown_of_jobs_already_gone(kubernetes_api: Any) -> None:
     spec = spec_for("tiny", "g5.48xlarge", 1)
+    name = spec["names"]["run_key"]
     assert teardown_against(kubernetes_api, spec) == {"deleted_jobs": [], "namespace": "kubeflow"}
-    assert [method for method, *_ in kubernetes_api.requests] == ["DELETE", "DELETE"]  # a 404 needs no second look
+    sent = [(method, path.split("?")[0]) for method, path, *_ in kubernetes_api.requests]
+    jobs = "/apis/kubeflow.org/v1/namespaces/kubeflow/pytorchjobs"
+    assert {(method, path) for method, path in sent if method == "DELETE"} == {
+        ("DELETE", f"{jobs}/{name}-preflight"),
+        ("DELETE", f"{jobs}/{name}"),
+    }
+    assert [request for request in sent if request[0] != "DELETE"] == []  # a 404 needs no second look
 
 
 def test_teardown_fails_when_the_job_stays(kubernetes_api: Any) -> None:

@@ -7,7 +7,6 @@ from typing import Any
 
 import pytest
 import yaml
-from botocore.stub import Stubber
 
 from dtp.params import ParamsError, TrainParams, parse_params
 from dtp.pipeline.spec import build_spec, run_spec
@@ -290,18 +289,6 @@ def test_on_eks_another_frameworks_recipe_is_refused_before_anything_exists(sett
     )
     with pytest.raises(ParamsError, match="which trains with nemo; on hyperpod DTP runs its own FSDP trainer"):
         build_spec({}, {**conf, "recipe": "llama3_1_8b_nemo"}, "train_e2e", "manual__1")
-
-
-def test_on_eks_an_eks_cluster_out_of_reach_does_not_keep_the_runs_cluster(settings, offline_aws, caplog) -> None:
-    # Teardown deletes the run's PyTorchJobs first; when the EKS API cannot be reached it goes on to delete the
-    # HyperPod cluster, whose nodes the jobs' pods run on.
-    settings(**ON_EKS)
-    platform = HyperPodPlatform()
-    with Stubber(platform.jobs.eks_hook.conn) as eks:
-        eks.add_client_error("describe_cluster", "ResourceNotFoundException", "No cluster found for name", 404)
-        assert platform._stop_jobs(spec_for(recipe="llama3_1_8b", num_nodes=4)) == []
-        eks.assert_no_pending_responses()
-    assert "Could not stop the run's jobs before deleting the cluster" in caplog.text
 
 
 def test_a_controller_without_its_connection_does_not_keep_the_runs_cluster(settings, monkeypatch, caplog) -> None:

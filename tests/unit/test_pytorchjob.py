@@ -161,7 +161,13 @@ def test_a_retry_after_failure_runs_a_fresh_job(kubernetes_api: Any) -> None:
     op = operator()
     with stub_eks(op.hook, kubernetes_api), pytest.raises(TaskDeferred):
         op.execute({})
-    assert [method for method, *_ in kubernetes_api.requests] == ["POST", "GET", "DELETE", "GET", "POST"]
+    job_path = f"/apis/kubeflow.org/v1/namespaces/{NAMESPACE}/pytorchjobs/{NAME}"
+    sent = [(method, path.split("?")[0]) for method, path, *_ in kubernetes_api.requests]
+    deleted = [i for i, request in enumerate(sent) if request == ("DELETE", job_path)]
+    creates = [i for i, (method, _) in enumerate(sent) if method == "POST"]
+    assert deleted, sent  # the failed job was deleted ...
+    assert creates and creates[-1] > deleted[0], sent  # ... before the fresh one was created
+    assert created(kubernetes_api)[-1]["spec"] == MANIFEST["spec"]
     assert kubernetes_api.jobs[NAME]["status"] == {}  # the new job, not the failed one
 
 

@@ -7,7 +7,6 @@ import sys
 import pytest
 
 from dtp.hooks.slurm import TERMINAL_STATES, SlurmJob, _scontrol_fields
-from dtp.operators.slurm import SlurmSubmitJobOperator
 from dtp.platforms import get_platform
 from dtp.platforms.local import LocalSlurmPlatform
 from dtp.triggers.slurm import SlurmJobTrigger
@@ -92,8 +91,3 @@ def test_trigger_round_trips_its_pending_timeout_and_reads_older_kwargs() -> Non
     # A trigger deferred before pending_timeout existed comes back from the database with the default hour.
     older = {key: value for key, value in kwargs.items() if key != "pending_timeout"}
     assert SlurmJobTrigger(**older).pending_timeout == 3600
-
-
-def test_operator_pending_timeout_is_templated_with_an_hour_default() -> None:
-    operator = SlurmSubmitJobOperator(task_id="t", script_path="/s", job_name="j", output_path="/o-%j")
-    assert operator.pending_timeout == 3600.0 and "pending_timeout" in operator.template_fields

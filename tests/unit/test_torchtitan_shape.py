@@ -14,14 +14,17 @@ import subprocess
 from pathlib import Path
 from types import ModuleType
 
+import numpy as np
 import pytest
+import torch
 
 from model import MODELS, count_parameters
-from train import TrainConfig
+from train import TrainConfig, batch_for
 
 ROOT = Path(__file__).resolve().parents[2]
 PYTHON = ROOT / ".venv-torchtitan" / "bin" / "python"
 PROBE = Path(__file__).with_name("torchtitan_probe.py")
+BATCHES = 3  # the dataloader's first batches, compared with DTP's trainer's
 
 pytestmark = pytest.mark.skipif(
     not PYTHON.exists(), reason=".venv-torchtitan is missing (scripts/setup creates it): torchtitan is not available"
@@ -30,16 +33,19 @@ pytestmark = pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def probe(tmp_path_factory: pytest.TempPathFactory, trainer_mfu: ModuleType) -> dict:
-    """What torchtitan makes of the benchmark's 1B shape, compiled and profiled."""
+    """What torchtitan makes of the benchmark's 1B shape, compiled and profiled; with the token file and
+    shape it was given, and where its dataloader's first batches were kept."""
     bench = trainer_mfu
+    shape = bench.GPU_SHAPES[0]
     work = tmp_path_factory.mktemp("torchtitan")
     data = work / "tokens.bin"
     bench.write_tokens(data)
-    args = bench.torchtitan_args(bench.Run(bench.GPU_SHAPES[0], data, work, compile=True, profile=True))
+    args = bench.torchtitan_args(bench.Run(shape, data, work, compile=True, profile=True))
     env = {"PYTHONPATH": ":".join(str(p) for p in bench.TORCHTITAN_PATH), "PATH": "/usr/bin:/bin"}
+    batches_out = work / "loader_batches.npz"
     done = subprocess.run(
         [str(PYTHON), str(PROBE)],
-        input=json.dumps({"args": args}),
+        input=json.dumps({"args": args, "batches": BATCHES, "batches_out": str(batches_out)}),
         capture_output=True,
         text=True,
         env=env,
@@ -48,7 +54,8 @@ def probe(tmp_path_factory: pytest.TempPathFactory, trainer_mfu: ModuleType) -> 
         check=False,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    found = json.loads(done.stdout.strip().splitlines()[-1])
+    return {**found, "given": {"data": data, "shape": shape, "batches_out": batches_out}}
 
 
 def test_torchtitan_takes_the_benchmark_arguments_as_meant(probe: dict) -> None:
@@ -81,5 +88,24 @@ def test_torchtitans_decoder_with_dtps_weights_computes_dtps_logits(probe: dict)
 
 
 def test_torchtitan_reads_dtps_batches_and_refuses_to_start_without_them(probe: dict) -> None:
-    assert probe["batches_match"] is True
+    """The loader's first batches are those DTP's trainer draws from the benchmark's token file at the
+    benchmark's sequence length and micro-batch (rank 0, steps 0, 1, 2): the expectation is built here,
+    from what the benchmark passed, not from anything the loader holds."""
+    given = probe["given"]
+    trainer = TrainConfig(
+        model="",
+        data_path=str(given["data"]),
+        checkpoint_dir="",
+        metrics_path="",
+        seq_len=given["shape"].seq_len,
+        micro_batch=given["shape"].micro_batch,
+    )
+    tokens = np.fromfile(given["data"], dtype=np.uint8)
+    assert probe["batches_yielded"] == BATCHES
+    kept = np.load(given["batches_out"])
+    assert kept["inputs"].shape == kept["labels"].shape == (BATCHES, trainer.micro_batch, trainer.seq_len)
+    for step in range(BATCHES):
+        want_inputs, want_labels = batch_for(tokens, trainer, step, 0)
+        assert torch.equal(torch.from_numpy(kept["inputs"][step]), want_inputs), step
+        assert torch.equal(torch.from_numpy(kept["labels"][step]), want_labels), step
     assert "--training.dataset_path" in probe["missing_data_error"]

@@ -1,22 +1,24 @@
 """Run by test_torchtitan_shape.py in .venv-torchtitan: what torchtitan makes of benchmarks/torchtitan_shape.py.
 
-Reads a JSON request on stdin ({"args": torchtitan.train's arguments from the benchmark}) and prints one
-JSON object of what it found; the test asserts on it. CPU only: torchtitan's trainer itself needs CUDA,
+Reads a JSON request on stdin ({"args": torchtitan.train's arguments from the benchmark, "batches": how
+many of the dataloader's batches to keep, "batches_out": the .npz to keep them in}) and prints one JSON
+object of what it found; the test asserts on it. CPU only: torchtitan's trainer itself needs CUDA,
 so this stops at the pieces the trainer is built from (config, train spec, model, dataloader).
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import sys
 
+import numpy as np
 import torch
 from torchtitan.config import ConfigManager
 from torchtitan.protocols.train_spec import get_train_spec
 
 import torchtitan_shape
 from model import MODELS, Transformer
-from train import batch_for
 
 
 def models(spec) -> dict:
@@ -50,14 +52,15 @@ def logits_difference(spec, seq_len: int = 64) -> float:
         return (ours(tokens) - theirs(tokens)).abs().max().item()
 
 
-def batches_match(spec, job_config, count: int = 3) -> bool:
-    """Whether the spec's dataloader yields DTP's trainer's first ``count`` batches."""
+def loader_batches(spec, job_config, count: int, out: str) -> int:
+    """Write the spec's dataloader's first ``count`` batches (inputs and labels, stacked) to ``out``, an
+    ``.npz`` the test compares with DTP's trainer's batches; how many batches the loader yielded."""
     loader = spec.build_dataloader_fn(dp_world_size=1, dp_rank=0, tokenizer=None, job_config=job_config)
-    for step, (inputs, labels) in zip(range(count), loader, strict=False):
-        want_inputs, want_labels = batch_for(loader.data, loader.shape, step, 0)
-        if not (torch.equal(inputs["input"], want_inputs) and torch.equal(labels, want_labels)):
-            return False
-    return True
+    batches = list(itertools.islice(iter(loader), count))
+    inputs = [batch["input"].numpy() for batch, _ in batches]
+    labels = [label.numpy() for _, label in batches]
+    np.savez(out, inputs=np.array(inputs), labels=np.array(labels))
+    return len(batches)
 
 
 def missing_data_error(spec, job_config) -> str | None:
@@ -71,7 +74,8 @@ def missing_data_error(spec, job_config) -> str | None:
 
 
 def main() -> None:
-    job_config = ConfigManager().parse_args(json.load(sys.stdin)["args"])
+    request = json.load(sys.stdin)
+    job_config = ConfigManager().parse_args(request["args"])
     spec = get_train_spec(job_config.model.name)
     found = {
         "train_spec": torchtitan_shape.TRAIN_SPEC,
@@ -92,7 +96,7 @@ def main() -> None:
         },
         "models": models(spec),
         "logits_difference": logits_difference(spec),
-        "batches_match": batches_match(spec, job_config),
+        "batches_yielded": loader_batches(spec, job_config, request["batches"], request["batches_out"]),
         "missing_data_error": missing_data_error(spec, job_config),
     }
     print(json.dumps(found))
