@@ -8,13 +8,17 @@
     requirements.txt      DTP's runtime dependencies, under Airflow's constraints for the environment's version
     startup.sh            exports DTP_INCLUDE_DIR and DTP_IMAGES_DIR so dtp finds them inside the DAGs folder
 
-``deploy`` uploads it to a versioned S3 bucket and calls CreateEnvironment, or UpdateEnvironment when
-the environment exists, through the amazon provider's MwaaHook, with the object versions MWAA needs.
+``package`` replaces only a folder an earlier ``package`` made (it holds ``.dtp-mwaa-package``) or an empty one.
+
+``deploy`` checks its inputs against CreateEnvironment's rules before any AWS call, then uploads the layout to a
+versioned S3 bucket (created and tagged when missing) and calls CreateEnvironment, or UpdateEnvironment when the
+environment exists, through the amazon provider's MwaaHook, with the object versions MWAA needs.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import shutil
 import zipfile
 from dataclasses import dataclass, field
@@ -24,6 +28,7 @@ from typing import Any
 from airflow import __version__ as AIRFLOW_VERSION
 
 from dtp.local.config import PROJECT_ROOT
+from dtp.naming import OWNER, TAG_PREFIX, aws_tags
 
 DAGS_DIR = "/usr/local/airflow/dags"  # where MWAA syncs DagS3Path
 RUNTIME_REQUIREMENTS = PROJECT_ROOT / "images" / "containers" / "airflow" / "requirements.txt"
@@ -31,6 +36,21 @@ RUNTIME_REQUIREMENTS = PROJECT_ROOT / "images" / "containers" / "airflow" / "req
 AIRFLOW_OPTIONS = {"core.load_examples": "False", "core.dags_are_paused_at_creation": "True"}
 # DTP's DAGs use what airflow.sdk exports from 3.1 on (TriggerRule among them); they are tested on AIRFLOW_VERSION.
 MIN_AIRFLOW = (3, 1)
+AIRFLOW_RELEASE = re.compile(r"[0-9]+\.[0-9]+\.[0-9]+")
+# The file that marks a folder as made by ``package``: the only kind of non-empty folder ``package`` replaces.
+PACKAGE_MARKER = ".dtp-mwaa-package"
+# CreateEnvironment's rules (botocore's mwaa service model); subnet and security group ids as EC2 issues them.
+ENVIRONMENT_NAME = re.compile(r"[a-zA-Z][0-9a-zA-Z_-]{0,79}")
+EXECUTION_ROLE_ARN = re.compile(r"arn:aws(-[a-z]+)?:iam::[0-9]{12}:role/?[a-zA-Z_0-9+=,.@/-]+")
+SUBNET_ID = re.compile(r"subnet-[0-9a-f]{8,17}")
+SECURITY_GROUP_ID = re.compile(r"sg-[0-9a-f]{8,17}")
+# S3's general purpose bucket naming rules.
+BUCKET_NAME = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+IP_ADDRESS = re.compile(r"[0-9]+\.[0-9]+\.[0-9]+\.[0-9]+")
+RESERVED_BUCKET_PREFIXES = ("xn--", "sthree-", "amzn-s3-demo-")
+RESERVED_BUCKET_SUFFIXES = ("-s3alias", "--ol-s3", ".mrap", "--x-s3", "--table-s3")
+# Tags of the source bucket DTP creates and of the environment: DTP's, and not a run's (the reaper leaves them).
+MWAA_TAGS = {f"{TAG_PREFIX}owner": OWNER, f"{TAG_PREFIX}role": "mwaa"}
 STARTUP_SCRIPT = f"""#!/bin/sh
 # MWAA startup script: DTP's recipes, templates, trainer and image definitions ship inside the DAGs folder.
 export DTP_INCLUDE_DIR={DAGS_DIR}/include
@@ -38,15 +58,48 @@ export DTP_IMAGES_DIR={DAGS_DIR}/images
 """
 
 
-def package(out: Path, airflow_version: str, python_version: str = "3.11") -> dict[str, Path]:
-    """Build the MWAA layout under ``out`` (replaced); the paths of its four parts."""
-    if tuple(int(part) for part in airflow_version.split(".")[:2]) < MIN_AIRFLOW:
-        raise ValueError(
-            f"--airflow-version {airflow_version}: DTP's DAGs need Airflow {'.'.join(map(str, MIN_AIRFLOW))} or "
+def airflow_version_problem(version: str) -> str | None:
+    """Why ``version`` cannot be the environment's Airflow (not a release number, or older than the DAGs need)."""
+    if not AIRFLOW_RELEASE.fullmatch(version):
+        return f"--airflow-version {version!r}: must be an Airflow release, MAJOR.MINOR.PATCH (e.g. {AIRFLOW_VERSION})"
+    if tuple(int(part) for part in version.split(".")[:2]) < MIN_AIRFLOW:
+        return (
+            f"--airflow-version {version}: DTP's DAGs need Airflow {'.'.join(map(str, MIN_AIRFLOW))} or "
             f"newer (they are tested on {AIRFLOW_VERSION}); pick such a version MWAA offers"
         )
+    return None
+
+
+def out_problem(out: Path) -> str | None:
+    """Why ``package`` may not replace ``out``: only a folder an earlier package made, or an empty one, is its own."""
+    folder = out.resolve()
+    if PROJECT_ROOT.is_relative_to(folder):
+        return f"--out {out}: it holds the project ({PROJECT_ROOT}); choose a folder of its own, e.g. build/mwaa"
+    if folder.exists() and not folder.is_dir():
+        return f"--out {out}: {folder} is not a folder"
+    if folder.is_dir() and any(folder.iterdir()) and not (folder / PACKAGE_MARKER).is_file():
+        return (
+            f"--out {out}: {folder} is not empty and no earlier package made it (it has no {PACKAGE_MARKER}); "
+            "choose a new or empty folder, or delete this one yourself"
+        )
+    return None
+
+
+def check_package_inputs(out: Path, airflow_version: str) -> None:
+    """Raise ``ValueError`` when ``airflow_version`` or ``out`` cannot be packaged for."""
+    problem = airflow_version_problem(airflow_version) or out_problem(out)
+    if problem:
+        raise ValueError(problem)
+
+
+def package(out: Path, airflow_version: str, python_version: str = "3.11") -> dict[str, Path]:
+    """Build the MWAA layout under ``out`` (replacing an earlier package there); the paths of its four parts."""
+    check_package_inputs(out, airflow_version)
+    out = out.resolve()
     if out.exists():
         shutil.rmtree(out)
+    out.mkdir(parents=True)
+    (out / PACKAGE_MARKER).write_text("Made by python -m dtp.deploy.mwaa package, which replaces this folder.\n")
     dags = out / "dags"
     shutil.copytree(PROJECT_ROOT / "dags", dags, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(PROJECT_ROOT / "include", dags / "include", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
@@ -81,7 +134,51 @@ class MwaaTarget:
     airflow_version: str
     environment_class: str = "mw1.small"
     max_workers: int = 2
-    tags: dict[str, str] = field(default_factory=dict)
+    tags: dict[str, str] = field(default_factory=lambda: dict(MWAA_TAGS))
+
+
+def bucket_problem(bucket: str) -> str | None:
+    """Why S3 would refuse ``bucket`` as a bucket name."""
+    if not BUCKET_NAME.fullmatch(bucket):
+        return (
+            f"--bucket {bucket!r}: must be 3-63 lowercase letters, digits, dots and hyphens, "
+            "starting and ending with a letter or digit"
+        )
+    if ".." in bucket or IP_ADDRESS.fullmatch(bucket):
+        return f"--bucket {bucket!r}: must not hold two adjacent dots or look like an IP address"
+    if bucket.startswith(RESERVED_BUCKET_PREFIXES) or bucket.endswith(RESERVED_BUCKET_SUFFIXES):
+        return (
+            f"--bucket {bucket!r}: S3 reserves the prefixes {', '.join(RESERVED_BUCKET_PREFIXES)} "
+            f"and the suffixes {', '.join(RESERVED_BUCKET_SUFFIXES)}"
+        )
+    return None
+
+
+def target_problems(target: MwaaTarget) -> list[str]:
+    """What CreateEnvironment or S3 would refuse in ``target``, each with its option, value and rule."""
+    checks = [
+        ("--name", target.name, ENVIRONMENT_NAME, "1-80 letters, digits, - and _, starting with a letter"),
+        (
+            "--role-arn",
+            target.execution_role_arn,
+            EXECUTION_ROLE_ARN,
+            "an IAM role ARN, arn:aws:iam::<account>:role/<name>",
+        ),
+    ]
+    checks += [("--subnets", s, SUBNET_ID, "a subnet id, subnet-<8 to 17 hex digits>") for s in target.subnet_ids]
+    checks += [
+        ("--security-group", group, SECURITY_GROUP_ID, "a security group id, sg-<8 to 17 hex digits>")
+        for group in target.security_group_ids
+    ]
+    problems = [
+        f"{option} {value!r}: must be {rule}" for option, value, pattern, rule in checks if not pattern.fullmatch(value)
+    ]
+    if len(set(target.subnet_ids)) != 2:
+        problems.append(f"--subnets {target.subnet_ids}: MWAA needs two different subnets (in two availability zones)")
+    if not 1 <= len(target.security_group_ids) <= 5:
+        problems.append(f"security groups {target.security_group_ids}: MWAA takes 1 to 5")
+    problems += [p for p in (bucket_problem(target.bucket), airflow_version_problem(target.airflow_version)) if p]
+    return problems
 
 
 def upload(parts: dict[str, Path], bucket: str, aws_conn_id: str) -> dict[str, str]:
@@ -91,6 +188,7 @@ def upload(parts: dict[str, Path], bucket: str, aws_conn_id: str) -> dict[str, s
     s3 = S3Hook(aws_conn_id=aws_conn_id)
     if not s3.check_for_bucket(bucket):
         s3.create_bucket(bucket, region_name=s3.conn_region_name)
+        s3.conn.put_bucket_tagging(Bucket=bucket, Tagging={"TagSet": aws_tags(MWAA_TAGS)})
     s3.conn.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
     for path in sorted(parts["dags"].rglob("*")):
         if path.is_file():
@@ -142,10 +240,29 @@ def create_or_update(client: Any, request: dict[str, Any]) -> str:
     return client.update_environment(**update_request(request))["Arn"]
 
 
+def deploy_target(parser: argparse.ArgumentParser, args: argparse.Namespace) -> MwaaTarget:
+    """The environment ``deploy`` targets; a usage error when an option is missing, ``ValueError`` when invalid."""
+    missing = [n for n in ("name", "bucket", "role_arn", "subnets", "security_group") if not getattr(args, n)]
+    if missing:
+        parser.error("deploy needs --" + ", --".join(n.replace("_", "-") for n in missing))
+    target = MwaaTarget(
+        args.name, args.bucket, args.role_arn, args.subnets, [args.security_group], args.airflow_version
+    )
+    problems = target_problems(target)
+    if problems:
+        raise ValueError("cannot deploy to MWAA:\n" + "\n".join(problems))
+    return target
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dtp.deploy.mwaa", description=__doc__)
     parser.add_argument("action", choices=["package", "deploy"])
-    parser.add_argument("--out", type=Path, default=PROJECT_ROOT / "build" / "mwaa")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=PROJECT_ROOT / "build" / "mwaa",
+        help=f"the layout's folder: new, empty, or an earlier package's (it holds {PACKAGE_MARKER})",
+    )
     parser.add_argument(
         "--airflow-version",
         default=AIRFLOW_VERSION,
@@ -158,18 +275,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--security-group", help="deploy: the security group")
     parser.add_argument("--aws-conn-id", default="aws_default")
     args = parser.parse_args(argv)
+    try:  # every input is checked before any file is replaced or any AWS call is made
+        target = deploy_target(parser, args) if args.action == "deploy" else None
+        check_package_inputs(args.out, args.airflow_version)
+    except ValueError as err:
+        parser.error(str(err))
     parts = package(args.out, args.airflow_version)
     print(f"MWAA layout in {args.out}")
-    if args.action == "deploy":
+    if target is not None:
         from airflow.providers.amazon.aws.hooks.mwaa import MwaaHook
 
-        missing = [n for n in ("name", "bucket", "role_arn", "subnets", "security_group") if not getattr(args, n)]
-        if missing:
-            parser.error("deploy needs --" + ", --".join(n.replace("_", "-") for n in missing))
-        target = MwaaTarget(
-            args.name, args.bucket, args.role_arn, args.subnets, [args.security_group], args.airflow_version
-        )
-        request = environment_request(target, upload(parts, args.bucket, args.aws_conn_id))
+        request = environment_request(target, upload(parts, target.bucket, args.aws_conn_id))
         print(f"Environment {create_or_update(MwaaHook(aws_conn_id=args.aws_conn_id).conn, request)}")
     return 0
 

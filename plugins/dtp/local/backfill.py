@@ -8,30 +8,85 @@ is reported and left alone), prints progress until every backfill run ended,
 and exits non-zero when any run failed. The DAGs are unpaused, since a paused
 DAG's backfill runs stay queued; unpausing also lets the schedule create its
 next run.
+
+Every input is checked before the first request: each size must be a recipe
+with a regression DAG, the dates ISO dates in order and not in the future, and
+the conf a JSON object that the DAG's form and ``validate_params`` accept.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 import time
 from collections import Counter
+from datetime import UTC, date, datetime
 from typing import Any
+
+from airflow.sdk import DAG
 
 from dtp.local.api import AirflowApi
 from dtp.local.config import StackConfig
-from dtp.pipeline.factory import DAG_PREFIX
+from dtp.params import validate_params
+from dtp.pipeline.factory import DAG_PREFIX, regression_dags
+
+
+def size_dags(sizes: list[str]) -> dict[str, DAG]:
+    """The regression DAG of each size, by size; ``ValueError`` naming the sizes that have none."""
+    known = {dag_id.removeprefix(DAG_PREFIX): dag for dag_id, dag in regression_dags().items()}
+    unknown = [size for size in sizes if size not in known]
+    if unknown:
+        raise ValueError(
+            f"--sizes: no regression DAG for {', '.join(map(repr, unknown))}; "
+            f"known sizes (recipes with a schedule): {', '.join(sorted(known))}"
+        )
+    return {size: known[size] for size in sizes}
+
+
+def date_range(start: str, end: str) -> tuple[str, str]:
+    """``start`` and ``end`` as YYYY-MM-DD; ``ValueError`` unless both are dates, in order, from a past start."""
+    try:
+        first, last = date.fromisoformat(start), date.fromisoformat(end)
+    except ValueError as err:
+        raise ValueError(f"--from {start!r} / --to {end!r}: dates must be YYYY-MM-DD ({err})") from None
+    if first > last:
+        raise ValueError(f"--from {first} is after --to {last}")
+    if first > datetime.now(UTC).date():
+        raise ValueError(f"--from {first} is in the future; Airflow backfills past dates only")
+    return first.isoformat(), last.isoformat()
+
+
+def run_conf(text: str, dags: dict[str, DAG]) -> dict[str, Any]:
+    """``--conf`` as a dict, checked as each DAG's form and its ``validate_params`` task would check it."""
+    try:
+        conf = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"--conf {text!r}: not JSON ({err})") from None
+    if not isinstance(conf, dict):
+        raise ValueError(f"--conf {text!r}: must be a JSON object, e.g. '{{\"max_steps\": 100}}'")
+    for dag in dags.values():
+        try:
+            validate_params({**dag.params.dump(), **conf})
+        except ValueError as err:
+            raise ValueError(f"--conf for {dag.dag_id}: {err}") from None
+        try:  # as Airflow checks a backfill's conf: each value against its param's JSON schema (the recipe's enum)
+            copy.deepcopy(dag.params).update(conf)
+        except ValueError as err:
+            raise ValueError(f"--conf for {dag.dag_id}: {str(err).splitlines()[0]}") from None
+    return conf
 
 
 def start_backfills(
     api: AirflowApi, sizes: list[str], start: str, end: str, conf: dict[str, Any], reprocess: str = "failed"
 ) -> dict[str, int]:
-    started = {}
-    for size in sizes:
-        dag_id = f"{DAG_PREFIX}{size}"
+    """Create one backfill per size's DAG, once every DAG is parsed; the ids of those created, by DAG."""
+    dag_ids = [f"{DAG_PREFIX}{size}" for size in sizes]
+    for dag_id in dag_ids:
         api.wait_for_dag(dag_id)
-        api.request("PATCH", f"/api/v2/dags/{dag_id}", {"is_paused": False})
+    started = {}
+    for dag_id in dag_ids:
         status, body = api.request(
             "POST",
             "/api/v2/backfills",
@@ -49,6 +104,7 @@ def start_backfills(
             continue
         if status != 200:
             raise ValueError(f"{dag_id}: backfill refused: HTTP {status} {body.get('detail', body)}")
+        api.request("PATCH", f"/api/v2/dags/{dag_id}", {"is_paused": False})
         started[dag_id] = body["id"]
         print(f"{dag_id}: backfill {body['id']} from {start} to {end}", flush=True)
     return started
@@ -91,12 +147,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--timeout", type=float, default=3600)
     args = parser.parse_args(argv)
+    try:  # every input is checked before the first request
+        dags = size_dags(args.sizes)
+        start, end = date_range(args.start, args.end)
+        conf = run_conf(args.conf, dags)
+    except ValueError as err:
+        parser.error(str(err))
     cfg = StackConfig.from_env()
     api = AirflowApi(cfg.airflow_url, "admin", cfg.passwords()["admin"])
-    started = start_backfills(api, args.sizes, args.start, args.end, json.loads(args.conf), args.reprocess)
+    started = start_backfills(api, list(dags), start, end, conf, args.reprocess)
     if not started:
         return 1
-    states = follow(api, started, args.start, args.end, args.timeout)
+    states = follow(api, started, start, end, args.timeout)
     failed = sum(c["failed"] for c in states.values())
     print(f"backfill finished: {sum(sum(c.values()) for c in states.values())} runs, {failed} failed")
     return 1 if failed else 0
