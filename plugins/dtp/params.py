@@ -42,6 +42,8 @@ RESERVED_ENV_PREFIXES = ("SLURM_", "PET_", "TORCHELASTIC_", "BASH_", "AWS_BATCH_
 # Hours a run takes besides training: its cluster coming up (HyperPod's may take 90 minutes), data staging,
 # preflight, results and teardown. A shorter expiry would let the reaper delete the run while it still runs.
 SETUP_HOURS = 2.0
+# The longest time limit every scheduler takes: Batch's attemptDurationSeconds is a 32-bit integer (~68 years).
+MAX_TIME_LIMIT_MINUTES = (2**31 - 1) // 60
 
 
 P = TypeVar("P", bound=BaseModel)
@@ -356,7 +358,7 @@ def training_time_limit_minutes(budget_usd: float, num_nodes: int, price_per_hou
     the job there (0: no limit, for instances that cost nothing)."""
     if price_per_hour <= 0:
         return 0
-    return max(1, int(budget_usd / (price_per_hour * num_nodes) * 60))
+    return min(MAX_TIME_LIMIT_MINUTES, max(1, int(budget_usd / (price_per_hour * num_nodes) * 60)))
 
 
 def airflow_params(

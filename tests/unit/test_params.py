@@ -299,6 +299,8 @@ def test_training_time_limit_is_what_the_budget_pays_for() -> None:
     assert training_time_limit_minutes(100.0, 4, price_per_hour=10.0) == 150  # 100 USD / (4 x 10 USD/h)
     assert training_time_limit_minutes(100.0, 4, price_per_hour=0.0) == 0  # free: no limit
     assert training_time_limit_minutes(0.01, 1, price_per_hour=98.32) == 1  # Slurm's least
+    # A budget on a cheap instance pays for longer than Batch's 32-bit attemptDurationSeconds can say.
+    assert training_time_limit_minutes(1e6, 1, price_per_hour=0.0001) * 60 <= 2**31 - 1
 
 
 def test_after_a_capacity_fallback_the_time_limit_is_what_the_budget_pays_for_there() -> None:
