@@ -21,16 +21,21 @@ from typing import Any
 from airflow.providers.amazon.aws.hooks.batch_client import BatchClientHook
 from pydantic import Field
 
-from dtp.images.container import build_arg_defaults
 from dtp.naming import TAG_PREFIX
 from dtp.pipeline.data import run_dir
 from dtp.platforms.base import PlatformNotReady, PlatformSettings
-from dtp.platforms.pyxis import IMAGE_TRAINING_DIR
+from dtp.platforms.containers import (
+    FSX_MOUNT,
+    image_runtime,
+    is_nvidia,
+    ngc_pytorch_image,
+    require_dtp_trainer,
+    trainer_environment,
+)
 from dtp.platforms.service_models import request_problems
 
 AWS_CONN_ID = "aws_default"
 CONN_ID = "dtp_batch"
-FSX_MOUNT = "/fsx"
 DOCUMENTS = ("compute-environment.json", "job-queue.json", "job-definition.json")
 # Batch's rule for compute environment, job queue, job definition and job names.
 BATCH_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")
@@ -59,7 +64,7 @@ class BatchSettings(PlatformSettings):
     launch_template_id: str = Field("", pattern=r"^$|^lt-[0-9a-f]{8,17}$")
     max_nodes: int = Field(16, ge=1)
     # The training container when no DTP image is published for batch; the programs are then staged on FSx.
-    image_uri: str = f"nvcr.io/nvidia/pytorch:{build_arg_defaults('training')['PYTORCH_TAG']}-py3"
+    image_uri: str = Field(default_factory=ngc_pytorch_image)
     wait_timeout_minutes: int = Field(WAIT_TIMEOUT_MINUTES, ge=1)
 
 
@@ -102,7 +107,7 @@ class BatchPlatform:
         return {"source": f"image {image}, programs on FSx", "image": image}
 
     def runtime(self, image: str) -> dict[str, str]:
-        return {"source": f"image {image}", "image": image, "training_dir": IMAGE_TRAINING_DIR}
+        return image_runtime(image)
 
     # --- documents ------------------------------------------------------------------------------------------------
     def render(
@@ -121,7 +126,7 @@ class BatchPlatform:
             "subnets": [network["PrivateSubnet"]],
             "securityGroupIds": [network["SecurityGroup"]],
             "instanceRole": settings.instance_role_arn,
-            "ec2Configuration": [{"imageType": "ECS_AL2023_NVIDIA" if _nvidia(instance) else "ECS_AL2023"}],
+            "ec2Configuration": [{"imageType": "ECS_AL2023_NVIDIA" if is_nvidia(instance) else "ECS_AL2023"}],
             "tags": spec["tags"],
         }
         if settings.launch_template_id:
@@ -148,11 +153,7 @@ class BatchPlatform:
 
     def job_definition(self, spec: dict[str, Any], runtime: dict[str, str] | None = None) -> dict[str, Any]:
         """The run's ``multinode`` job definition (RegisterJobDefinition's request), its content digest as a tag."""
-        if spec["recipe"]["framework"] != "fsdp":
-            raise PlatformNotReady(
-                f"recipe {spec['recipe']['name']!r} uses {spec['recipe']['framework']}; on batch DTP launches its "
-                "own FSDP trainer only (the other frameworks' launch templates are Slurm batch scripts)"
-            )
+        require_dtp_trainer(spec)
         params, instance, instance_type = spec["params"], spec["instance"], spec["params"]["instance_type"]
         vcpus, memory_gib = instance["vcpus"], instance["memory_gib"]
         if not (vcpus and memory_gib):
@@ -160,8 +161,8 @@ class BatchPlatform:
         runtime = runtime or self.default_image()
         workdir = run_dir(spec, {"shared_dir": FSX_MOUNT})
         procs, memory = str(instance["accelerators_per_node"]), int(memory_gib * 1024 * MEMORY_SHARE)
-        resources = {"VCPU": str(vcpus), "MEMORY": str(memory)} | ({"GPU": procs} if _nvidia(instance) else {})
-        env = {**_environment(instance["efa_interfaces"] > 0, _nvidia(instance)), **params["extra_env"]}
+        resources = {"VCPU": str(vcpus), "MEMORY": str(memory)} | ({"GPU": procs} if is_nvidia(instance) else {})
+        env = {**trainer_environment(instance["efa_interfaces"] > 0, is_nvidia(instance)), **params["extra_env"]}
         container: dict[str, Any] = {
             "image": runtime["image"],
             "command": _launch(spec, runtime, "train.py", "--config", str(workdir / "train.json")),
@@ -348,20 +349,6 @@ def _launch(spec: dict[str, Any], runtime: dict[str, str], program: str, *args: 
     programs = runtime.get("training_dir") or str(run_dir(spec, {"shared_dir": FSX_MOUNT}) / "programs")
     procs = str(spec["instance"]["accelerators_per_node"])
     return ["sh", "-c", LAUNCH, "torchrun", "--nproc_per_node", procs, f"{programs}/{program}", *args]
-
-
-def _nvidia(instance: dict[str, Any]) -> bool:
-    return instance["accelerator"] != "cpu" and not instance["accelerator"].startswith("trainium")
-
-
-def _environment(efa: bool, nvidia: bool) -> dict[str, str]:
-    """What the trainer's processes need besides torchrun's settings (as the Slurm job's _env.sh sets)."""
-    env = {"OMP_NUM_THREADS": "8", "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1"}
-    if efa:
-        env |= {"FI_PROVIDER": "efa", "FI_EFA_FORK_SAFE": "1"}
-    if nvidia:
-        env |= {"NCCL_SOCKET_IFNAME": "^lo,docker,veth", "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
-    return env
 
 
 def _node_problems(nodes: dict[str, Any]) -> list[str]:

@@ -22,18 +22,24 @@ from botocore.exceptions import ClientError
 from pydantic import Field
 
 from dtp.hooks.pytorchjob import PyTorchJobHook
-from dtp.images.container import build_arg_defaults
 from dtp.naming import TAG_PREFIX
 from dtp.pipeline.data import run_dir
 from dtp.platforms.base import PREFLIGHT_DEADLINE_S, PlatformNotReady, PlatformSettings
+from dtp.platforms.containers import (
+    FSX_MOUNT,
+    image_runtime,
+    is_nvidia,
+    is_trainium,
+    ngc_pytorch_image,
+    require_dtp_trainer,
+    trainer_environment,
+)
+from dtp.platforms.containers import image_runtime as pod_runtime  # noqa: F401  (hyperpod imports it from here)
 from dtp.platforms.pytorchjob_manifest import DNS_1123_LABEL, DNS_1123_SUBDOMAIN, manifest_problems
 from dtp.templates import render
 
 AWS_CONN_ID = "aws_default"
 CONN_ID = "dtp_eks"
-FSX_MOUNT = "/fsx"
-# Where images/containers/training puts DTP's training programs.
-IMAGE_TRAINING_DIR = "/opt/dtp/training"
 # Pod restarts before the job fails: the Slurm job's fresh launches after the first (dtp.pipeline.jobs).
 MAX_RESTARTS = 3
 LABEL_DOMAIN = "dtp.dev"
@@ -80,13 +86,13 @@ class EksPlatform:
 
     def ami_family(self, instance: dict[str, Any]) -> str | None:
         # The cluster's GPU node groups boot DTP's EKS GPU AMI when one is published; DTP bakes none for the others.
-        return "eks-gpu" if instance["accelerator"] != "cpu" and not _is_trainium(instance) else None
+        return "eks-gpu" if is_nvidia(instance) else None
 
     def default_image(self) -> dict[str, str]:
         return default_pod_runtime()
 
     def runtime(self, image: str) -> dict[str, str]:
-        return pod_runtime(image)
+        return image_runtime(image)
 
     # --- documents ------------------------------------------------------------------------------------------------
     def render(
@@ -156,13 +162,8 @@ class EksPlatform:
 def default_pod_runtime() -> dict[str, str]:
     """Pods' runtime without a published image: the NGC image DTP's training image is built FROM, whose lack of
     DTP's programs the pipeline makes up for by staging them on FSx."""
-    image = f"nvcr.io/nvidia/pytorch:{build_arg_defaults('training')['PYTORCH_TAG']}-py3"
+    image = ngc_pytorch_image()
     return {"source": f"image {image}, programs on FSx", "image": image}
-
-
-def pod_runtime(image: str) -> dict[str, str]:
-    """Pods' runtime with DTP's published training image ``image``, which carries the programs."""
-    return {"source": f"image {image}", "image": image, "training_dir": IMAGE_TRAINING_DIR}
 
 
 def render_pytorchjobs(
@@ -171,11 +172,7 @@ def render_pytorchjobs(
     """The run's PyTorchJobs on the nodes ``node_selector`` picks, running ``runtime``'s image: ``preflight.yaml``
     (environment screen and all-reduce sweep on every node) and ``pytorchjob.yaml`` (training). An image without
     DTP's programs finds them in the run's folder on FSx, where the pipeline stages them."""
-    if spec["recipe"]["framework"] != "fsdp":
-        raise PlatformNotReady(
-            f"recipe {spec['recipe']['name']!r} uses {spec['recipe']['framework']}; on {spec['params']['platform']} "
-            "DTP launches its own FSDP trainer only (the other frameworks' launch templates are Slurm batch scripts)"
-        )
+    require_dtp_trainer(spec)
     instance = spec["instance"]
     devices = _devices(instance)
     workdir = run_dir(spec, {"shared_dir": FSX_MOUNT})
@@ -193,7 +190,10 @@ def render_pytorchjobs(
         "tolerations": [{"key": name, "operator": "Exists", "effect": "NoSchedule"} for name in devices if name != EFA],
         "image": runtime["image"],
         "image_pull_policy": settings.image_pull_policy,
-        "env": [{"name": k, "value": v} for k, v in {**_environment(devices), **spec["params"]["extra_env"]}.items()],
+        "env": [
+            {"name": k, "value": v}
+            for k, v in {**trainer_environment(EFA in devices, GPU in devices), **spec["params"]["extra_env"]}.items()
+        ],
         "devices": devices,
         "fsx_mount": FSX_MOUNT,
         "fsx_claim": settings.fsx_claim,
@@ -234,27 +234,13 @@ def preflight_job_name(spec: dict[str, Any]) -> str:
 def _devices(instance: dict[str, Any]) -> dict[str, int]:
     """The extended resources one worker pod takes: all of its node's accelerators and EFA interfaces
     (the Neuron device plugin counts devices, where ``accelerators_per_node`` counts NeuronCores)."""
-    if _is_trainium(instance):
+    if is_trainium(instance):
         devices = {NEURON: instance["neuron_devices"]}
     else:
         devices = {GPU: instance["accelerators_per_node"]}
     if instance["efa_interfaces"]:
         devices[EFA] = instance["efa_interfaces"]
     return devices
-
-
-def _is_trainium(instance: dict[str, Any]) -> bool:
-    return str(instance["accelerator"]).startswith("trainium")
-
-
-def _environment(devices: dict[str, int]) -> dict[str, str]:
-    """What the trainer's processes need besides torchrun's PET_* settings (as the Slurm job's _env.sh sets)."""
-    env = {"OMP_NUM_THREADS": "8", "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1"}
-    if EFA in devices:
-        env |= {"FI_PROVIDER": "efa", "FI_EFA_FORK_SAFE": "1"}
-    if GPU in devices:
-        env |= {"NCCL_SOCKET_IFNAME": "^lo,docker,veth", "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
-    return env
 
 
 def _label_value(text: str) -> str:

@@ -25,6 +25,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from dtp.platforms.base import PlatformNotReady, PlatformSettings
+from dtp.platforms.containers import ngc_pytorch_image
 from dtp.platforms.pyxis import pyxis_runtime
 from dtp.recipes import INCLUDE_DIR, instance_types
 from dtp.templates import render
@@ -196,12 +197,9 @@ class ParallelClusterPlatform:
     def default_image(self) -> dict[str, str]:
         """With no published DTP image, the NGC PyTorch image the training image builds on, run with pyxis; the
         task copies the training programs to the run's directory on FSx, which the container mounts."""
-        from dtp.images.container import build_arg_defaults
-
-        tag = build_arg_defaults("training")["PYTORCH_TAG"]
         return {
             "source": "NGC PyTorch (no DTP image published)",
-            "image": f"nvcr.io#nvidia/pytorch:{tag}-py3",
+            "image": ngc_pytorch_image(registry_separator="#"),
             "container_runtime": "pyxis",
             "python": "python3",
         }

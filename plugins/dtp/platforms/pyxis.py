@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-# Where images/containers/training installs DTP's training programs.
-IMAGE_TRAINING_DIR = "/opt/dtp/training"
+from dtp.platforms.containers import IMAGE_TRAINING_DIR
 
 
 def pyxis_runtime(image: str) -> dict[str, str]:
