@@ -8,6 +8,8 @@ from dtp.operators.report import TrainingReportLink, ValidationReportLink
 
 
 class DtpPlugin(AirflowPlugin):
+    """The report links on the report tasks, and the fault-injection listener."""
+
     name = "dtp"
     operator_extra_links = [TrainingReportLink(), ValidationReportLink()]
     # Inert unless DTP_FAULT_PLAN names an existing plan file (see dtp.faults).

@@ -29,6 +29,8 @@ class _Strict(BaseModel):
 
 
 class RecipeDefaults(_Strict):
+    """The recipe's defaults of the run parameters (the regression DAG's form starts from them)."""
+
     platform: Platform
     instance_type: str
     # Tried in order when the cloud has no capacity for the run's instance type (dtp.platforms.capacity).
@@ -124,6 +126,9 @@ class Recipe(_Strict):
 
 
 class InstanceType(_Strict):
+    """One entry of include/instance_types.yaml: where it is offered, its accelerators, price and expected
+    bandwidth."""
+
     platforms: list[Platform]
     accelerator: str
     accelerators_per_node: int = Field(ge=1)

@@ -30,6 +30,8 @@ class SlurmCommandError(ClusterCommandError):
 
 @dataclass(frozen=True)
 class SlurmJob:
+    """A job as squeue, scontrol or sacct report it."""
+
     job_id: str
     name: str
     state: str
@@ -67,6 +69,8 @@ class SlurmHook(SharedFilesystemHook):
     def submit(
         self, script_path: str, *, job_name: str, output: str, comment: str = "", extra_args: list[str] | None = None
     ) -> str:
+        """``sbatch`` the script ``script_path`` as ``job_name``, its output to ``output`` (``%j``: the job id);
+        the job's id."""
         argv = ["sbatch", "--parsable", f"--job-name={job_name}", f"--output={output}", *(extra_args or [])]
         if comment:
             argv.append(f"--comment={comment}")

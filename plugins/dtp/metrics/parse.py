@@ -17,6 +17,9 @@ T = TypeVar("T")
 
 @dataclass
 class TrainingSummary:
+    """What a training log says: each logged step's loss and throughput, the checkpoints, restarts and the run's
+    size; the report, the gates and the metrics history read it."""
+
     steps: list[int] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
     tokens_per_s: list[float] = field(default_factory=list)

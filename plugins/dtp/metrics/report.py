@@ -53,6 +53,8 @@ def plots(
     preflight: dict[str, Any] | None,
     history: list[dict[str, Any]] | None = None,
 ) -> dict[str, str]:
+    """The report's plots as base64 PNGs, by name: loss, throughput, preflight's bus bandwidth, and the recipe's
+    recent runs when there are any."""
     plt = _pyplot()
 
     images = {}
@@ -157,6 +159,8 @@ def render_report(
     resources: dict[str, Any],
     history: list[dict[str, Any]] | None = None,
 ) -> str:
+    """The run's HTML report: verdict, key metrics, gate failures, plots, what was not checked, and the resources
+    it used."""
     images = plots(summary, preflight, history)
     key_metrics = {
         "first loss": summary.first_loss,

@@ -17,6 +17,7 @@ _PLATFORMS: dict[str, str] = {
 
 
 def get_platform(name: str) -> ComputePlatform:
+    """The platform ``name``, its module imported only now (each pulls in its own service's client)."""
     try:
         module, cls = _PLATFORMS[name].split(":")
     except KeyError:
