@@ -25,7 +25,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from dtp.platforms.base import PlatformNotReady, PlatformSettings
-from dtp.platforms.containers import ngc_pytorch_image
+from dtp.platforms.containers import FSX_MOUNT, ngc_pytorch_image
 from dtp.platforms.pyxis import pyxis_runtime
 from dtp.recipes import INCLUDE_DIR, instance_types
 from dtp.templates import render
@@ -39,7 +39,6 @@ PROJECT_ROOT = INCLUDE_DIR.parent
 PCLUSTER_VENV = PROJECT_ROOT / ".venv-pcluster"
 VALIDATE_SCRIPT = INCLUDE_DIR / "parallelcluster" / "validate_config.py"
 CONFIG_DOCUMENT = "cluster-config.yaml"
-SHARED_DIR = "/fsx"
 # What pcluster answers for a cluster that does not exist, and for a dry run that passed.
 NOT_FOUND = "does not exist"
 DRYRUN_PASSED = "Request would have succeeded, but DryRun flag is set."
@@ -281,7 +280,7 @@ class ParallelClusterPlatform:
             "platform": self.name,
             "cluster_name": name,
             "slurm_conn_id": self.settings.slurm_conn_id,
-            "shared_dir": SHARED_DIR,
+            "shared_dir": FSX_MOUNT,
             "nodes": spec["params"]["num_nodes"],
             "scheduler": self.scheduler,
         }
