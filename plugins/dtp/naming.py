@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -18,6 +19,7 @@ PREFIX = "dtp"
 OWNER = "dtp"
 TAG_PREFIX = "dtp:"
 EXPIRES_TAG = f"{TAG_PREFIX}expires-at"  # when the reaper may delete a resource (UTC, ISO 8601)
+_EXPIRY_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
 _SAFE = re.compile(r"[^a-z0-9]+")
 _TAG_UNSAFE = re.compile(r"[^\w +\-=.:/@]", re.ASCII)
 
@@ -63,7 +65,12 @@ class RunNames:
 def expiry(hours: float, now: datetime | None = None) -> str:
     """The ISO-8601 UTC instant after which the reaper may delete a resource."""
     now = now or datetime.now(UTC)
-    return (now + timedelta(hours=hours)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return (now + timedelta(hours=hours)).strftime(_EXPIRY_FORMAT)
+
+
+def parse_expiry(expires_at: str) -> datetime:
+    """The instant ``expiry`` wrote; ValueError when ``expires_at`` is not in its format."""
+    return datetime.strptime(expires_at, _EXPIRY_FORMAT).replace(tzinfo=UTC)
 
 
 def tag_value(text: str) -> str:
@@ -91,5 +98,11 @@ def slurm_comment(expires_at: str) -> str:
     return f"{SLURM_EXPIRY_PREFIX}{expires_at}"
 
 
-def aws_tags(tags: dict[str, str]) -> list[dict[str, str]]:
+def aws_tags(tags: Mapping[str, str]) -> list[dict[str, str]]:
+    """``tags`` as the ``[{"Key": ..., "Value": ...}]`` list most AWS APIs take, in key order."""
     return [{"Key": k, "Value": v} for k, v in sorted(tags.items())]
+
+
+def tags_dict(tags: Iterable[Mapping[str, str]]) -> dict[str, str]:
+    """The reverse of ``aws_tags``: an AWS ``[{"Key": ..., "Value": ...}]`` list as a dict."""
+    return {t["Key"]: t["Value"] for t in tags}

@@ -33,7 +33,7 @@ from dtp.hooks.slurm import SlurmHook
 from dtp.hooks.stacks import StackHook
 from dtp.hooks.sweeper import RunResourceSweeper
 from dtp.images.ami import AMI_PARAMETER_PATH, BUILDER_TAG
-from dtp.naming import EXPIRES_TAG, SLURM_EXPIRY_PREFIX, TAG_PREFIX
+from dtp.naming import EXPIRES_TAG, SLURM_EXPIRY_PREFIX, TAG_PREFIX, parse_expiry, tags_dict
 from dtp.pipeline.data import RUN_MARKER
 from dtp.pipeline.network import destroy_run_resources
 from dtp.platforms.batch import WAIT_TIMEOUT_MINUTES, BatchPlatform
@@ -60,7 +60,7 @@ def _expired(expires_at: str | None, now: datetime) -> bool:
     if not expires_at:
         return False
     try:
-        return datetime.strptime(expires_at, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC) < now
+        return parse_expiry(expires_at) < now
     except ValueError:
         return False
 
@@ -73,20 +73,20 @@ def find_expired_in_aws(aws_conn_id: str, now: datetime | None = None) -> list[E
     stacks = StackHook(aws_conn_id=aws_conn_id)
     for page in stacks.conn.get_paginator("describe_stacks").paginate():
         for stack in page["Stacks"]:
-            tags = {t["Key"]: t["Value"] for t in stack.get("Tags", [])}
+            tags = tags_dict(stack.get("Tags", []))
             if RUN in tags and _expired(tags.get(EXPIRES_TAG), now):
                 found.append(Expired("stack", stack["StackName"], tags[RUN], tags[EXPIRES_TAG]))
     s3 = S3Hook(aws_conn_id=aws_conn_id).conn
     for bucket in s3.list_buckets().get("Buckets", []):
         try:
-            tags = {t["Key"]: t["Value"] for t in s3.get_bucket_tagging(Bucket=bucket["Name"])["TagSet"]}
+            tags = tags_dict(s3.get_bucket_tagging(Bucket=bucket["Name"])["TagSet"])
         except ClientError:
             continue
         if RUN in tags and _expired(tags.get(EXPIRES_TAG), now):
             found.append(Expired("bucket", bucket["Name"], tags[RUN], tags[EXPIRES_TAG]))
     ec2 = RunResourceSweeper(aws_conn_id=aws_conn_id).conn
     for vpc in ec2.describe_vpcs(Filters=[{"Name": "tag-key", "Values": [RUN]}])["Vpcs"]:
-        tags = {t["Key"]: t["Value"] for t in vpc.get("Tags", [])}
+        tags = tags_dict(vpc.get("Tags", []))
         if _expired(tags.get(EXPIRES_TAG), now):
             found.append(Expired("vpc", vpc["VpcId"], tags[RUN], tags[EXPIRES_TAG]))
     for name, tags in HyperPodHook(aws_conn_id=aws_conn_id).tagged_clusters():
@@ -101,7 +101,7 @@ def find_expired_in_aws(aws_conn_id: str, now: datetime | None = None) -> list[E
     found += expired_builder_instances(ec2, now)
     published = published_amis(aws_conn_id)
     for image in ec2.describe_images(Owners=["self"], Filters=[{"Name": "tag-key", "Values": [RUN]}])["Images"]:
-        tags = {t["Key"]: t["Value"] for t in image.get("Tags", [])}
+        tags = tags_dict(image.get("Tags", []))
         if _expired(tags.get(EXPIRES_TAG), now) and image["ImageId"] not in published:
             found.append(Expired("ami", image["ImageId"], tags[RUN], tags[EXPIRES_TAG]))
     return found
@@ -130,7 +130,7 @@ def expired_builder_instances(ec2: Any, now: datetime) -> list[Expired]:
     found = []
     for page in ec2.get_paginator("describe_instances").paginate(Filters=filters):
         for instance in (i for reservation in page["Reservations"] for i in reservation["Instances"]):
-            tags = {t["Key"]: t["Value"] for t in instance.get("Tags", [])}
+            tags = tags_dict(instance.get("Tags", []))
             if _expired(tags.get(EXPIRES_TAG), now):
                 run_key = tags.get(RUN, instance["InstanceId"])
                 found.append(Expired("builder_instance", instance["InstanceId"], run_key, tags[EXPIRES_TAG]))

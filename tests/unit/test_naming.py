@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from dtp.naming import RunNames, aws_tags, expiry, resource_tags, slug
+from dtp.naming import RunNames, aws_tags, expiry, parse_expiry, resource_tags, slug, tags_dict
 
 # S3 general purpose bucket rules (without dots, which DTP never uses).
 S3_BUCKET = re.compile(r"^[a-z0-9][a-z0-9-]{1,61}[a-z0-9]$")
@@ -108,7 +108,7 @@ def test_expiry_is_iso_utc_hours_ahead() -> None:
 def test_expiry_defaults_to_now() -> None:
     # The call's own now lies between the two read around it; the stamp drops the second's fraction.
     before = datetime.now(UTC).replace(microsecond=0)
-    stamp = datetime.strptime(expiry(2), "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+    stamp = parse_expiry(expiry(2))
     after = datetime.now(UTC)
     assert before + timedelta(hours=2) <= stamp <= after + timedelta(hours=2)
 
@@ -125,6 +125,14 @@ def test_resource_tags() -> None:
         "dtp:expires-at": "2026-01-02T00:00:00Z",
     }
     assert aws_tags(tags) == [{"Key": k, "Value": tags[k]} for k in sorted(tags)]
+    assert tags_dict(aws_tags(tags)) == tags
+
+
+def test_parse_expiry_reads_what_expiry_writes() -> None:
+    now = datetime(2026, 1, 1, 23, 30, tzinfo=UTC)
+    assert parse_expiry(expiry(1, now)) == now + timedelta(hours=1)
+    with pytest.raises(ValueError):
+        parse_expiry("2026-01-02 00:30")
 
 
 def test_resource_tags_are_valid_s3_tags_for_airflow_generated_run_ids() -> None:

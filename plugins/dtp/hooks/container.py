@@ -29,6 +29,8 @@ from typing import Any
 from airflow.providers.amazon.aws.hooks.ecr import EcrHook
 from airflow.sdk import BaseHook
 
+from dtp.naming import aws_tags
+
 MANIFEST_TYPES = ", ".join(
     [
         "application/vnd.oci.image.manifest.v1+json",
@@ -118,7 +120,7 @@ class ContainerRegistryHook(BaseHook):
             client.create_repository(
                 repositoryName=repository,
                 imageScanningConfiguration={"scanOnPush": True},
-                tags=[{"Key": k, "Value": v} for k, v in tags.items()],
+                tags=aws_tags(tags),
             )
 
     def manifest_digest(self, repository: str, reference: str) -> str | None:

@@ -14,6 +14,8 @@ from typing import Any
 
 from airflow.providers.amazon.aws.hooks.base_aws import AwsBaseHook
 
+from dtp.naming import aws_tags
+
 # The S3 events a data repository association imports and exports automatically.
 AUTO_EVENTS = ["NEW", "CHANGED", "DELETED"]
 TERMINAL_TASK_STATES = frozenset({"SUCCEEDED", "FAILED", "CANCELED"})
@@ -21,7 +23,7 @@ TERMINAL_TASK_STATES = frozenset({"SUCCEEDED", "FAILED", "CANCELED"})
 
 def _tags(tags: dict[str, str] | None) -> dict[str, Any]:
     """FSx's ``Tags`` argument; FSx refuses an empty list, so no tags means no argument."""
-    return {"Tags": [{"Key": k, "Value": v} for k, v in tags.items()]} if tags else {}
+    return {"Tags": aws_tags(tags)} if tags else {}
 
 
 class DataRepositoryConflict(ValueError):

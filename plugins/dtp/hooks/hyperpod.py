@@ -13,6 +13,8 @@ from typing import Any
 from airflow.providers.amazon.aws.hooks.base_aws import AwsBaseHook
 from botocore.exceptions import ClientError
 
+from dtp.naming import tags_dict
+
 # ClusterStatus values (SageMaker API reference) after which a cluster will not change by itself.
 SETTLED_STATES = frozenset({"InService", "Failed", "RollingBack"})
 
@@ -65,7 +67,7 @@ class HyperPodHook(AwsBaseHook):
         for page in self.conn.get_paginator("list_clusters").paginate():
             for summary in page["ClusterSummaries"]:
                 tags = self.conn.list_tags(ResourceArn=summary["ClusterArn"]).get("Tags", [])
-                clusters.append((summary["ClusterName"], {t["Key"]: t["Value"] for t in tags}))
+                clusters.append((summary["ClusterName"], tags_dict(tags)))
         return clusters
 
     def delete_cluster(self, name: str) -> bool:

@@ -26,6 +26,8 @@ from airflow.sdk import BaseHook
 from botocore.exceptions import WaiterError
 from packerpy import PackerExecutable
 
+from dtp.naming import aws_tags
+
 AWS_SOURCE = "amazon-ebs.aws"
 EMULATOR_SOURCE = "amazon-ebs.emulator"
 
@@ -241,9 +243,7 @@ class PackerHook(BaseHook):
     def tag_image(self, image_id: str, tags: Mapping[str, str]) -> None:
         """Tag the AMI and the snapshots behind it."""
         snapshots = _snapshot_ids(self.describe_image(image_id))
-        self.ec2.conn.create_tags(
-            Resources=[image_id, *snapshots], Tags=[{"Key": k, "Value": v} for k, v in tags.items()]
-        )
+        self.ec2.conn.create_tags(Resources=[image_id, *snapshots], Tags=aws_tags(tags))
 
 
 def _snapshot_ids(image: Mapping) -> list[str]:

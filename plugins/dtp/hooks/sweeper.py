@@ -25,7 +25,7 @@ from airflow.providers.amazon.aws.hooks.s3 import S3Hook
 from airflow.providers.amazon.aws.utils.waiter_with_logging import wait
 from botocore.exceptions import ClientError
 
-from dtp.naming import TAG_PREFIX
+from dtp.naming import TAG_PREFIX, aws_tags
 
 
 class NatGatewaysNotDeleted(RuntimeError):
@@ -40,8 +40,8 @@ class RunResourceSweeper(AwsBaseHook):
         super().__init__(**kwargs)
 
     @cached_property
-    def s3(self) -> Any:
-        return S3Hook(aws_conn_id=self.aws_conn_id, region_name=self.region_name).conn
+    def s3(self) -> S3Hook:
+        return S3Hook(aws_conn_id=self.aws_conn_id, region_name=self.region_name)
 
     def _filter(self, run_key: str) -> list[dict[str, Any]]:
         return [{"Name": f"tag:{TAG_PREFIX}run", "Values": [run_key]}]
@@ -84,7 +84,7 @@ class RunResourceSweeper(AwsBaseHook):
         """
         ids = self._held(self.nat_gateways(run_key))
         if ids:
-            self.conn.create_tags(Resources=ids, Tags=[{"Key": k, "Value": v} for k, v in sorted(tags.items())])
+            self.conn.create_tags(Resources=ids, Tags=aws_tags(tags))
         return ids
 
     def find(
@@ -103,30 +103,23 @@ class RunResourceSweeper(AwsBaseHook):
             "route_tables": [r["RouteTableId"] for r in ec2.describe_route_tables(Filters=f)["RouteTables"]],
             "security_groups": [g["GroupId"] for g in ec2.describe_security_groups(Filters=f)["SecurityGroups"]],
             "vpcs": [v["VpcId"] for v in ec2.describe_vpcs(Filters=f)["Vpcs"]],
-            "buckets": [b for b in buckets if self._bucket_exists(b)],
+            "buckets": [b for b in buckets if self.s3.check_for_bucket(b)],
         }
         return found
 
-    def _bucket_exists(self, name: str) -> bool:
-        try:
-            self.s3.head_bucket(Bucket=name)
-        except ClientError:
-            return False
-        return True
-
     def empty_bucket(self, name: str) -> int:
         """Delete every object and version; return how many were deleted."""
-        if not self._bucket_exists(name):
+        if not self.s3.check_for_bucket(name):
             return 0
         deleted = 0
-        paginator = self.s3.get_paginator("list_object_versions")
+        paginator = self.s3.conn.get_paginator("list_object_versions")
         for page in paginator.paginate(Bucket=name):
             keys = [
                 {"Key": v["Key"], "VersionId": v["VersionId"]}
                 for v in page.get("Versions", []) + page.get("DeleteMarkers", [])
             ]
             if keys:
-                self.s3.delete_objects(Bucket=name, Delete={"Objects": keys, "Quiet": True})
+                self.s3.conn.delete_objects(Bucket=name, Delete={"Objects": keys, "Quiet": True})
                 deleted += len(keys)
         return deleted
 
@@ -175,7 +168,7 @@ class RunResourceSweeper(AwsBaseHook):
             ec2.delete_vpc(VpcId=vpc)
         for bucket in found["buckets"]:
             self.empty_bucket(bucket)
-            self.s3.delete_bucket(Bucket=bucket)
+            self.s3.delete_bucket(bucket)
         for kind, ids in found.items():
             if ids:
                 self.log.info("Swept %s: %s", kind, ", ".join(ids))

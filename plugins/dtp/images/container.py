@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 from airflow.providers.amazon.aws.hooks.ssm import SsmHook
-from botocore.exceptions import ClientError
 from pydantic import Field, model_validator
 
 from dtp.images import ami
@@ -111,21 +110,14 @@ class ContainerBuildParams(FormParams):
         }
 
 
-def _parameter(ssm: SsmHook, name: str) -> str | None:
-    try:
-        return ssm.get_parameter_value(name)
-    except ClientError as err:
-        if err.response["Error"]["Code"] != "ParameterNotFound":
-            raise
-        return None
-
-
 def resolve_runtime(platform: Any, instance: dict[str, Any], aws_conn_id: str | None) -> dict[str, str]:
     """The newest published training image for ``platform``, as the runtime its jobs use (the platform's default
     runtime when none is published), and the newest AMI of the family ``instance``'s nodes boot there."""
     ssm = SsmHook(aws_conn_id=aws_conn_id)
-    image = _parameter(ssm, training_parameter(platform.name, "neuron" if instance["neuron_devices"] else "training"))
+    image = ssm.get_parameter_value(
+        training_parameter(platform.name, "neuron" if instance["neuron_devices"] else "training"), default=""
+    )
     runtime = platform.runtime(image) if image else platform.default_image()
     family = platform.ami_family(instance)
-    ami_id = _parameter(ssm, ami.ssm_parameter(family)) if family else None
+    ami_id = ssm.get_parameter_value(ami.ssm_parameter(family), default="") if family else None
     return {**runtime, "ami": ami_id} if ami_id else runtime

@@ -18,7 +18,7 @@ from airflow.sdk.exceptions import AirflowFailException
 
 from dtp.images import ami
 from dtp.images.publish import AMI_ALIAS, emit, put_parameter
-from dtp.naming import RunNames, expiry, resource_tags
+from dtp.naming import OWNER, TAG_PREFIX, RunNames, expiry, resource_tags
 from dtp.operators.packer import PackerBuildOperator
 from dtp.params import ParamsError, parse_params
 
@@ -44,7 +44,7 @@ def publish(baked: dict[str, Any], *, outlet_events: Any = None) -> dict[str, An
     """Point ``/dtp/amis/<family>`` at the AMI and record an Asset event with its versions."""
     family = baked["variables"]["family"]
     parameter = ami.ssm_parameter(family)
-    version = put_parameter(parameter, baked["ami_id"], f"DTP {family} AMI", {"dtp:owner": "dtp"}, AWS_CONN_ID)
+    version = put_parameter(parameter, baked["ami_id"], f"DTP {family} AMI", {f"{TAG_PREFIX}owner": OWNER}, AWS_CONN_ID)
     extra = {"ami_id": baked["ami_id"], "ami_name": baked["ami_name"], "ssm_parameter": parameter, **baked["variables"]}
     emit(outlet_events, AMI_ALIAS, f"ami/{family}", ami.asset_uri(family), extra)
     log.info(

@@ -19,6 +19,7 @@ from airflow.sdk.exceptions import AirflowFailException
 from dtp.hooks.container import ContainerRegistryHook
 from dtp.images.container import ContainerBuildParams, training_parameter
 from dtp.images.publish import IMAGE_ALIAS, emit, put_parameter
+from dtp.naming import OWNER, TAG_PREFIX
 from dtp.operators.container import ContainerImageBuildOperator
 from dtp.params import ParamsError, parse_params
 
@@ -41,7 +42,7 @@ def publish(request: dict[str, Any], built: dict[str, Any], *, outlet_events: An
     """Point ``/dtp/images/<platform>/training`` (``.../neuron``) at the image and record an Asset event."""
     parameter = training_parameter(request["platform"], request["image_name"])
     version = put_parameter(
-        parameter, built["image"], f"DTP {request['image_name']} image", {"dtp:owner": "dtp"}, AWS_CONN_ID
+        parameter, built["image"], f"DTP {request['image_name']} image", {f"{TAG_PREFIX}owner": OWNER}, AWS_CONN_ID
     )
     registry = ContainerRegistryHook().registry
     extra = {

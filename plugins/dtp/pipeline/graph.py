@@ -25,6 +25,7 @@ from airflow.sdk.exceptions import AirflowFailException
 
 from dtp.images.container import resolve_runtime
 from dtp.metrics.preflight_gate import preflight_message
+from dtp.naming import EXPIRES_TAG
 from dtp.operators.batch import BatchJobOperator
 from dtp.operators.cluster import DeployClusterOperator
 from dtp.operators.pytorchjob import EksPyTorchJobOperator
@@ -157,7 +158,7 @@ def save_checkpoint(spec: dict[str, Any], cluster: dict[str, Any]) -> dict[str, 
 @task(retries=3)
 def teardown_cluster(spec: dict[str, Any]) -> dict[str, Any]:
     if spec["params"]["keep_cluster"]:
-        log.warning("keep_cluster=true: cluster kept; its resources expire at %s", spec["tags"]["dtp:expires-at"])
+        log.warning("keep_cluster=true: cluster kept; its resources expire at %s", spec["tags"][EXPIRES_TAG])
         return {"kept": True}
     return get_platform(spec["params"]["platform"]).teardown(spec)
 

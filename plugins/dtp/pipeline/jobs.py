@@ -14,7 +14,7 @@ from typing import Any
 
 from dtp.hooks.shared_fs import SharedFilesystemHook
 from dtp.hooks.slurm import SlurmHook
-from dtp.naming import slurm_comment
+from dtp.naming import EXPIRES_TAG, slurm_comment
 from dtp.params import training_time_limit_minutes
 from dtp.pipeline import frameworks
 from dtp.pipeline.data import claim_run_dir, run_dir
@@ -109,7 +109,7 @@ def _write_job(
         "script_path": str(script_path),
         "output_path": str(workdir / "logs" / f"{kind}-%j.out"),
         "job_name": job_name,
-        "comment": slurm_comment(spec["tags"]["dtp:expires-at"]),
+        "comment": slurm_comment(spec["tags"][EXPIRES_TAG]),
     }
 
 

@@ -9,6 +9,7 @@ from airflow.providers.amazon.aws.hooks.ec2 import EC2Hook
 
 from dtp.hooks.stacks import StackHook
 from dtp.hooks.sweeper import RunResourceSweeper
+from dtp.naming import EXPIRES_TAG, aws_tags
 from dtp.templates import TEMPLATE_DIR
 
 log = logging.getLogger(__name__)
@@ -60,10 +61,7 @@ def network_outputs(spec: dict[str, Any], aws_conn_id: str) -> dict[str, str]:
     neither everywhere; a sweep finds an address its NAT gateway no longer holds by them)."""
     outputs = StackHook(aws_conn_id=aws_conn_id).stack_outputs(spec["names"]["network_stack"])
     sweeper = RunResourceSweeper(aws_conn_id=aws_conn_id)
-    sweeper.s3.put_bucket_tagging(
-        Bucket=outputs["DataBucket"],
-        Tagging={"TagSet": [{"Key": k, "Value": v} for k, v in sorted(spec["tags"].items())]},
-    )
+    sweeper.s3.put_bucket_tagging(tag_set=aws_tags(spec["tags"]), bucket_name=outputs["DataBucket"])
     sweeper.tag_addresses(spec["names"]["run_key"], spec["tags"])
     log.info("Network ready: %s", outputs)
     return outputs
@@ -102,7 +100,7 @@ def teardown_network(spec: dict[str, Any], aws_conn_id: str) -> dict[str, Any]:
     names = spec["names"]
     if spec["params"]["keep_cluster"]:
         log.warning(
-            "keep_cluster=true: keeping %s; it expires at %s", names["network_stack"], spec["tags"]["dtp:expires-at"]
+            "keep_cluster=true: keeping %s; it expires at %s", names["network_stack"], spec["tags"][EXPIRES_TAG]
         )
         return {"kept": True}
     return destroy_run_resources(aws_conn_id, names["run_key"], [names["network_stack"]], (names["data_bucket"],))

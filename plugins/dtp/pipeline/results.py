@@ -11,7 +11,6 @@ import json
 import logging
 from typing import Any
 
-from airflow.providers.amazon.aws.hooks.base_aws import AwsBaseHook
 from airflow.providers.amazon.aws.hooks.s3 import S3Hook
 from airflow.sdk import BaseHook
 from airflow.sdk.exceptions import AirflowNotFoundException
@@ -42,20 +41,11 @@ HISTORY_WINDOW = 50
 
 def artifacts_bucket(aws_conn_id: str) -> str:
     """``dtp-artifacts-<account>-<region>``, created and tagged on first use."""
-    sts = AwsBaseHook(aws_conn_id=aws_conn_id, client_type="sts")
     s3 = S3Hook(aws_conn_id=aws_conn_id)
-    name = f"dtp-artifacts-{sts.conn.get_caller_identity()['Account']}-{s3.conn_region_name}"
+    name = f"dtp-artifacts-{s3.account_id}-{s3.conn_region_name}"
     if not s3.check_for_bucket(name):
         s3.create_bucket(name, region_name=s3.conn_region_name)
-        s3.conn.put_bucket_tagging(
-            Bucket=name,
-            Tagging={
-                "TagSet": [
-                    {"Key": f"{TAG_PREFIX}owner", "Value": OWNER},
-                    {"Key": f"{TAG_PREFIX}role", "Value": "artifacts"},
-                ]
-            },
-        )
+        s3.put_bucket_tagging(tag_set={f"{TAG_PREFIX}owner": OWNER, f"{TAG_PREFIX}role": "artifacts"}, bucket_name=name)
     return name
 
 

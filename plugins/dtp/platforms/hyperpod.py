@@ -29,6 +29,7 @@ from pydantic import Field, model_validator
 from dtp.hooks.hyperpod import HyperPodHook
 from dtp.hooks.pytorchjob import PyTorchJobHook
 from dtp.hooks.slurm import SlurmHook
+from dtp.naming import aws_tags
 from dtp.platforms.base import PlatformNotReady, PlatformSettings, Scheduler
 from dtp.platforms.capacity import Placement, instance_fields, is_capacity_error, is_capacity_failure, placements
 from dtp.platforms.eks import (
@@ -183,7 +184,7 @@ class HyperPodPlatform:
             "ClusterName": spec["names"]["run_key"],
             "InstanceGroups": [controller, compute],
             "VpcConfig": {"SecurityGroupIds": [network["SecurityGroup"]], "Subnets": [network["PrivateSubnet"]]},
-            "Tags": [{"Key": key, "Value": value} for key, value in spec["tags"].items()],
+            "Tags": aws_tags(spec["tags"]),
         }
         if settings.eks:
             # The nodes join the EKS cluster labelled with the run; the run's PyTorchJobs select them by it.
