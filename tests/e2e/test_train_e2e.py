@@ -23,7 +23,7 @@ def _task_log(api, run_id: str, task_id: str, try_number: int | None = None) -> 
     return api.task_log(DAG_ID, run_id, task_id, try_number)
 
 
-# The module's runs, triggered together (train_e2e runs four at once; unknown_key ends at once).
+# The module's runs, triggered together (train_e2e runs four at once; unknown_key and missing_dataset end at once).
 RUNS = {
     "success": {"profile_steps": 2},
     # Every relaunch repeats a deterministic failure, so the job and then the task fail; teardown must still run.
@@ -36,6 +36,8 @@ RUNS = {
     # Expect more all-reduce bandwidth than loopback gloo gives: the gate must stop the run before train.
     "preflight_failure": {"expected_busbw_gbps": 1000.0, "max_steps": 20, "checkpoint_interval": 10},
     "unknown_key": {"num_nodse": 2},
+    # A dataset that is not there fails validate_params, not stage_data after the network and cluster exist.
+    "missing_dataset": {"dataset_uri": "s3://dtp-no-such-dataset/corpus/"},
     # The emulator's SageMaker creates the HyperPod cluster; the stack's Slurm stands in for its controller's.
     "hyperpod": {"platform": "hyperpod", "instance_type": "m5.2xlarge"},
 }
@@ -193,12 +195,20 @@ def test_preflight_failure_stops_before_training_and_tears_down(airflow_api, run
     assert run_leftovers(DAG_ID, run_id) == {}
 
 
-def test_unknown_key_is_refused_before_anything_exists(airflow_api, runs) -> None:
-    run_id, state, tasks = runs["unknown_key"]
+@pytest.mark.parametrize(
+    ("run", "message"),
+    [
+        ("unknown_key", "num_nodse: unknown parameter"),
+        ("missing_dataset", "dataset_uri: cannot list s3://dtp-no-such-dataset/corpus/: NoSuchBucket"),
+    ],
+)
+def test_bad_input_is_refused_before_anything_exists(airflow_api, run_leftovers, runs, run: str, message: str) -> None:
+    run_id, state, tasks = runs[run]
     assert state == "failed" and tasks["validate_params"] == "failed"
-    assert "num_nodse: unknown parameter" in _task_log(airflow_api, run_id, "validate_params")
+    assert message in _task_log(airflow_api, run_id, "validate_params")
     assert tasks["deploy_network.create_stack"] == "upstream_failed"
     assert tasks["teardown_network"] in ("upstream_failed", "skipped")
+    assert run_leftovers(DAG_ID, run_id) == {}
 
 
 def test_schema_violation_is_refused_at_trigger(airflow_api) -> None:

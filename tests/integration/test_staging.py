@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from dtp.pipeline.data import RUN_MARKER, SAMPLE_CORPUS, SharedFilesystemNotVisible, stage_data
+from dtp.pipeline.data import RUN_MARKER, SAMPLE_CORPUS, SharedFilesystemNotVisible, dataset_problem, stage_data
 from dtp.pipeline.frameworks import dataset_dir
 
 pytestmark = pytest.mark.stack
@@ -125,3 +125,35 @@ def test_nemo_stages_nothing(tmp_path) -> None:
     spec = run_spec("n", {"framework": "nemo"})
     cluster = {"shared_dir": str(tmp_path / "not-even-mounted"), "slurm_conn_id": "slurm_default"}
     assert stage_data(spec, {}, cluster, "aws_default")["files"] == 0
+
+
+def test_a_dataset_that_is_not_there_is_named_before_anything_is_created(stack, aws) -> None:
+    s3 = aws("s3")
+    bucket = f"dtp-it-check-{uuid.uuid4().hex[:8]}"
+    s3.create_bucket(Bucket=bucket)
+    s3.put_object(Bucket=bucket, Key="corpus/a.txt", Body=b"hello")
+    s3.put_object(Bucket=bucket, Key="m/train_text_document.bin", Body=b"\x01")
+    s3.put_object(Bucket=bucket, Key="m/train_text_document.idx", Body=b"\x02")
+    assert dataset_problem(run_spec("c", TRAINER, f"s3://{bucket}/corpus"), "aws_default") is None
+    assert dataset_problem(run_spec("c", MEGATRON, f"s3://{bucket}/m/"), "aws_default") is None
+    assert dataset_problem(run_spec("c", TRAINER), "aws_default") is None  # the sample corpus, uploaded later
+    problems = {
+        "no .txt": (TRAINER, f"s3://{bucket}/m/", f"dataset_uri: no .txt objects under s3://{bucket}/m/"),
+        "typo": (MEGATRON, f"s3://{bucket}/mm/", f"dataset_uri: s3://{bucket}/mm/ lacks train_text_document.bin, "),
+        "no bucket": (TRAINER, "s3://dtp-it-no-such-bucket/x/", "dataset_uri: cannot list s3://dtp-it-no-such-bucket/"),
+    }
+    for label, (recipe, uri, message) in problems.items():
+        problem = dataset_problem(run_spec("c", recipe, uri), "aws_default")
+        assert problem is not None and problem.startswith(message), (label, problem)
+
+
+def test_objects_that_would_be_staged_as_one_file_are_refused(stack, aws, tmp_path) -> None:
+    s3 = aws("s3")
+    bucket = f"dtp-it-clash-{uuid.uuid4().hex[:8]}"
+    s3.create_bucket(Bucket=bucket)
+    s3.put_object(Bucket=bucket, Key="c/a/b.txt", Body=b"one")
+    s3.put_object(Bucket=bucket, Key="c/a__b.txt", Body=b"two")
+    spec = run_spec("clash", TRAINER, f"s3://{bucket}/c/")
+    cluster = {"shared_dir": str(tmp_path), "slurm_conn_id": "slurm_default"}
+    with pytest.raises(ValueError, match=r"objects c/a/b\.txt, c/a__b\.txt under s3://.* would be staged as one file"):
+        stage_data(spec, {"DataBucket": "unused"}, cluster, "aws_default")

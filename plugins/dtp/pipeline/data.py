@@ -21,10 +21,12 @@ import logging
 import os
 import re
 import uuid
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 from airflow.providers.amazon.aws.hooks.s3 import S3Hook
+from botocore.exceptions import ClientError
 
 from dtp.hooks.shared_fs import SharedFilesystemHook
 from dtp.naming import EXPIRES_TAG
@@ -88,9 +90,40 @@ def check_shared_dir_visible(cluster: dict[str, Any]) -> None:
         )
 
 
+def dataset_problem(spec: dict[str, Any], aws_conn_id: str) -> str | None:
+    """Why ``dataset_uri`` cannot be staged (nothing there to train on, the framework's files missing, or S3
+    refusing to list it), asked before anything is created; ``stage_data`` checks again as it copies. Lists keys
+    only up to the first ``.txt`` (or one key, with the framework's files), however large the dataset."""
+    source, framework = spec["params"]["dataset_uri"], spec["recipe"]["framework"]
+    if not source or framework == "nemo":  # the shipped sample corpus; NeMo trains on synthetic tokens
+        return None
+    match = S3_URI.match(source)
+    if match is None:
+        return f"dataset_uri: got {source!r}; expected s3://bucket/prefix/"
+    bucket, prefix = match["bucket"], as_folder(match["prefix"])
+    s3 = S3Hook(aws_conn_id=aws_conn_id)
+    try:
+        if framework in DATASET_FILES:
+            missing = [name for name in DATASET_FILES[framework] if not s3.check_for_key(prefix + name, bucket)]
+            listed = s3.get_conn().list_objects_v2(Bucket=bucket, Prefix=prefix, MaxKeys=1).get("Contents", [])
+            if missing or not listed:
+                why = f"lacks {', '.join(missing)} (this framework reads them)" if missing else "holds no objects"
+                return f"dataset_uri: s3://{bucket}/{prefix} {why}"
+            return None
+        pages = s3.get_conn().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+        if not any(o["Key"].endswith(".txt") for page in pages for o in page.get("Contents", [])):
+            return f"dataset_uri: no .txt objects under {source}"
+    except ClientError as err:
+        return f"dataset_uri: cannot list {source}: {err.response['Error']['Code']}"
+    return None
+
+
 def stage_data(
     spec: dict[str, Any], network: dict[str, str], cluster: dict[str, Any], aws_conn_id: str
 ) -> dict[str, Any]:
+    """Stage ``dataset_uri`` (empty: the sample corpus, uploaded to the run's data bucket) on the cluster's shared
+    filesystem: tokenized into the run's ``train.bin`` for DTP's trainer, mirrored as it is for another framework;
+    what was staged, copied and moved."""
     framework = spec["recipe"]["framework"]
     if framework == "nemo":  # its run directory is first written by prepare_preflight, which claims it then
         log.info("NeMo's recipes train on synthetic tokens: nothing to stage")
@@ -112,10 +145,14 @@ def stage_data(
         raise ValueError(f"dataset_uri: no .txt objects under {source}")
     dest = run_dir(spec, cluster) / "data"
     dest.mkdir(parents=True, exist_ok=True)
+    targets = {key: dest / key[len(prefix) :].lstrip("/").replace("/", "__") for key in keys}
+    counts = Counter(targets.values())
+    if len(counts) < len(targets):  # a/b.txt and a__b.txt would be one file, read twice into the shard
+        same = sorted(key for key, target in targets.items() if counts[target] > 1)
+        raise ValueError(f"dataset_uri: objects {', '.join(same)} under {source} would be staged as one file")
     copied = moved_bytes = 0
     files = []
-    for key in keys:
-        target = dest / key[len(prefix) :].lstrip("/").replace("/", "__")
+    for key, target in targets.items():
         size = s3.head_object(key, bucket)["ContentLength"]
         if download(s3, bucket, key, size, target):
             copied += 1

@@ -57,6 +57,8 @@ def validate_params(**context: Any) -> dict[str, Any]:
     try:
         spec = build_spec(context["params"], context["dag_run"].conf or {}, context["dag"].dag_id, context["run_id"])
         spec["resume"] = checkpoints.resume_source(spec, AWS_CONN_ID)
+        if problem := data.dataset_problem(spec, AWS_CONN_ID):
+            raise ParamsError(f"invalid parameters:\n{problem}")
     except (ParamsError, RecipeError, ValueError, PlatformNotReady) as err:
         raise AirflowFailException(str(err)) from None
     if spec["resume"]:
