@@ -10,7 +10,8 @@ import yaml
 
 from dtp.params import TrainParams, parse_params
 from dtp.pipeline.spec import run_spec
-from dtp.platforms.eks import PyTorchJobSettings, pod_runtime, render_pytorchjobs
+from dtp.platforms.containers import image_runtime
+from dtp.platforms.eks import PyTorchJobSettings, render_pytorchjobs
 from dtp.platforms.pytorchjob_manifest import manifest_problems
 
 
@@ -32,7 +33,7 @@ def job(request: pytest.FixtureRequest) -> dict[str, Any]:
     params = {"platform": "eks", "recipe": "llama3_1_8b", "instance_type": "p5.48xlarge", "num_nodes": 4}
     spec = run_spec(parse_params(TrainParams, params), "train_e2e", "manual__2026-12-02")
     selector = {"node.kubernetes.io/instance-type": "p5.48xlarge"}
-    documents = render_pytorchjobs(spec, pod_runtime("dtp/training:latest"), PyTorchJobSettings(), selector)
+    documents = render_pytorchjobs(spec, image_runtime("dtp/training:latest"), PyTorchJobSettings(), selector)
     return dict(yaml.safe_load(documents[request.param]))
 
 

@@ -34,7 +34,6 @@ from dtp.platforms.containers import (
     require_dtp_trainer,
     trainer_environment,
 )
-from dtp.platforms.containers import image_runtime as pod_runtime  # noqa: F401  (hyperpod imports it from here)
 from dtp.platforms.pytorchjob_manifest import DNS_1123_LABEL, DNS_1123_SUBDOMAIN, manifest_problems
 from dtp.templates import render
 

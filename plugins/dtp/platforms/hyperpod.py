@@ -32,13 +32,12 @@ from dtp.hooks.slurm import SlurmHook
 from dtp.naming import aws_tags
 from dtp.platforms.base import PlatformNotReady, PlatformSettings, Scheduler
 from dtp.platforms.capacity import Placement, instance_fields, is_capacity_error, is_capacity_failure, placements
+from dtp.platforms.containers import FSX_MOUNT, image_runtime
 from dtp.platforms.eks import (
-    FSX_MOUNT,
     LABEL_DOMAIN,
     PyTorchJobSettings,
     default_pod_runtime,
     delete_pytorchjobs,
-    pod_runtime,
     render_pytorchjobs,
 )
 from dtp.platforms.pyxis import pyxis_runtime
@@ -124,7 +123,7 @@ class HyperPodPlatform:
 
     def runtime(self, image: str) -> dict[str, str]:
         if self.settings.eks:
-            return pod_runtime(image)
+            return image_runtime(image)
         # The reference base-config installs enroot + pyxis on every node.
         return pyxis_runtime(image)
 
