@@ -17,7 +17,8 @@ pytestmark = [pytest.mark.stack, pytest.mark.e2e, pytest.mark.timeout(1800)]
 
 
 def test_the_main_job_runs_train_e2e_and_prints_its_outcome(stack) -> None:
-    conf = {"max_steps": 20, "checkpoint_interval": 10}
+    # 200 steps: fewer leave tiny's loss above its final_loss_max gate, and the run fails in evaluate_gates.
+    conf = {"max_steps": 200, "checkpoint_interval": 100}
     demo = subprocess.run(
         [sys.executable, "-m", "dtp.local.demo", "--conf", json.dumps(conf), "--timeout", "1500"],
         capture_output=True,
@@ -29,8 +30,8 @@ def test_the_main_job_runs_train_e2e_and_prints_its_outcome(stack) -> None:
     assert demo.returncode == 0, out[-4000:] + demo.stderr[-4000:]
     assert re.search(r"^\[\d\d:\d\d:\d\d\] train\.run_job +success$", out, re.MULTILINE), out
     assert re.search(r"^train_e2e run manual__\S+: SUCCESS$", out, re.MULTILINE), out
-    first, final = map(float, re.search(r"loss +(\d+\.\d+) -> (\d+\.\d+) over 20 steps", out).groups())
+    first, final = map(float, re.search(r"loss +(\d+\.\d+) -> (\d+\.\d+) over 200 steps", out).groups())
     assert final < first
-    assert re.search(r"^  checkpoints +steps 10, 20$", out, re.MULTILINE), out
+    assert re.search(r"^  checkpoints +steps 100, 200$", out, re.MULTILINE), out
     assert re.search(r"^  report +s3://dtp-artifacts-\S+/report\.html$", out, re.MULTILINE), out
     assert f"{stack.airflow_url}/dags/train_e2e" in out
