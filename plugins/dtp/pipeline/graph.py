@@ -181,7 +181,7 @@ def watcher() -> None:
     raise AirflowFailException("a task of this run failed; see the failed task's log")
 
 
-def submit_prepared_job(task_id: str, job: Any, **kwargs: Any) -> SlurmSubmitJobOperator:
+def submit_prepared_slurm_job(task_id: str, job: Any, **kwargs: Any) -> SlurmSubmitJobOperator:
     """Submit a Slurm job prepared by ``dtp.pipeline.jobs`` (its XCom keys are the operator's arguments)."""
     return SlurmSubmitJobOperator(
         task_id=task_id,
@@ -228,7 +228,7 @@ def run_prepared_job(task_id: str, job: Any, cluster: Any, *, time_limit: bool =
     # job definition's timeout say so).
     limit = {"time_limit_minutes": job["time_limit_minutes"]} if time_limit else {}
     runners = {
-        "slurm": submit_prepared_job(task_id, job, **limit, **kwargs),
+        "slurm": submit_prepared_slurm_job(task_id, job, **limit, **kwargs),
         "kubernetes": EksPyTorchJobOperator(
             task_id=task_id + ON_EKS,
             manifest=job["manifest"],

@@ -26,7 +26,7 @@ from dtp.naming import RunNames, expiry, resource_tags
 from dtp.operators.report import ClusterValidationReportOperator
 from dtp.params import ParamsError, validate_cluster_params
 from dtp.pipeline import jobs, results
-from dtp.pipeline.graph import AWS_CONN_ID, TRAINING_QUEUE, submit_prepared_job
+from dtp.pipeline.graph import AWS_CONN_ID, TRAINING_QUEUE, submit_prepared_slurm_job
 from dtp.recipes import instance_types
 
 log = logging.getLogger(__name__)
@@ -127,7 +127,7 @@ def validation_pipeline() -> None:
     spec = validate_params()
     cluster = connect_cluster(spec)
     job = prepare_checks(spec, cluster)
-    run = submit_prepared_job("run_checks", job)
+    run = submit_prepared_slurm_job("run_checks", job)
     result = evaluate(spec, cluster, job["results_path"], job["nccl_tests_path"])
     run >> result
     report = ClusterValidationReportOperator(task_id="report", spec=spec, result=result, aws_conn_id=AWS_CONN_ID)
