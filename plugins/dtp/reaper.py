@@ -50,6 +50,9 @@ class ReapIncomplete(RuntimeError):
 
 @dataclass(frozen=True)
 class Expired:
+    """A resource past its expiry: its kind (``stack``, ``slurm_job``, ...), the name or id to delete it by, the
+    run it belongs to, and its expiry."""
+
     kind: str
     name: str
     run_key: str
