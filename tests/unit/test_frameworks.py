@@ -29,9 +29,10 @@ SAMPLE_LOG = {
 
 
 def _launch(
-    tmp_path: Path, recipe_name: str, checkpoints: tuple[str, ...] = ()
+    tmp_path: Path, recipe_name: str, checkpoints: tuple[str, ...] = (), extra_env: dict[str, str] | None = None
 ) -> tuple[list[list[str]], dict[str, Any], Recipe]:
-    """Run the recipe's batch script; return each srun call's argv, the template context and the recipe."""
+    """Run the recipe's batch script; return each srun call's argv, the template context and the recipe. The
+    environment of the last srun call is left in ``srun.env`` under ``tmp_path``."""
     recipe = get_recipe(recipe_name)
     instance = instance_types()[recipe.defaults.instance_type]
     spec = {
@@ -51,7 +52,7 @@ def _launch(
         "procs_per_node": instance.accelerators_per_node,
         "python": "/opt/venv/bin/python",
         "omp_threads": 8,
-        "env": {},
+        "env": extra_env or {},
         "exclude_nodes": "",
         "container": [],
     }
@@ -67,7 +68,8 @@ def _launch(
     )
     calls = tmp_path / "srun.calls"
     (bin_dir / "srun").write_text(
-        f"#!/bin/bash\nprintf '%s\\0' \"$@\" >> {calls}\necho >> {calls}\ncat {LOGS / SAMPLE_LOG[recipe.framework]}\n"
+        f"#!/bin/bash\nprintf '%s\\0' \"$@\" >> {calls}\necho >> {calls}\nenv > {tmp_path / 'srun.env'}\n"
+        f"cat {LOGS / SAMPLE_LOG[recipe.framework]}\n"
     )
     for tool in bin_dir.iterdir():
         tool.chmod(0o755)
@@ -176,6 +178,22 @@ def test_the_jobs_output_reaches_its_parser_through_train_log(tmp_path: Path, re
     summary = summarize_log(recipe.framework, lines, seq_len=recipe.seq_len, world_size=32)
     assert len(summary.steps) >= 4 and summary.final_loss < summary.first_loss
 
+
+
+@pytest.mark.parametrize("recipe_name", ALL_FRAMEWORK_RECIPES)
+def test_extra_env_overrides_the_jobs_own_settings(tmp_path: Path, recipe_name: str) -> None:
+    # Each name is one a launch template or _env.sh sets itself: the run's value must still be the one srun sees.
+    extra_env = {
+        "NCCL_NVLS_ENABLE": "1",
+        "CUDA_DEVICE_MAX_CONNECTIONS": "32",
+        "FI_PROVIDER": "tcp",
+        "NEURON_RT_NUM_CORES": "2",
+        "HF_TOKEN": "hf_x",
+        "OMP_NUM_THREADS": "3",
+    }
+    _launch(tmp_path, recipe_name, extra_env=extra_env)
+    seen = dict(line.split("=", 1) for line in (tmp_path / "srun.env").read_text().splitlines() if "=" in line)
+    assert {name: seen.get(name) for name in extra_env} == extra_env
 
 def test_megatron_architectures_are_the_trainers_shapes() -> None:
     for name, arch in MEGATRON_ARCHITECTURES.items():
