@@ -14,6 +14,7 @@ from typing import Any
 
 import boto3
 import pytest
+from airflow.sdk.exceptions import AirflowFailException
 from botocore.exceptions import ClientError, WaiterError
 from moto import mock_aws
 from moto.core import DEFAULT_ACCOUNT_ID
@@ -117,6 +118,13 @@ def test_an_ami_still_pending_when_the_wait_runs_out_fails_the_task_and_is_kept(
     assert ec2.describe_images(ImageIds=[earlier_ami["id"]])["Images"][0]["State"] == "pending"
     assert not (tmp_path / "calls").exists()
 
+
+def test_a_disabled_ami_fails_the_task_without_baking_and_is_kept(ec2, operator, earlier_ami, tmp_path) -> None:
+    ec2.disable_image(ImageId=earlier_ami["id"])
+    with pytest.raises(AirflowFailException, match=rf"is disabled: .*enable-image --image-id {earlier_ami['id']}"):
+        operator.execute({})
+    assert ec2.describe_images(ImageIds=[earlier_ami["id"]])["Images"][0]["State"] == "disabled"
+    assert not (tmp_path / "calls").exists()
 
 @pytest.mark.parametrize(
     ("state", "then"),

@@ -211,8 +211,11 @@ class PackerHook(BaseHook):
         process.wait()
 
     def find_image(self, name: str) -> dict | None:
-        """The account's AMI called ``name``, if there is one, in whatever state (``pending``, ``failed``...)."""
-        images = self.ec2.conn.describe_images(Owners=["self"], Filters=[{"Name": "name", "Values": [name]}])["Images"]
+        """The account's AMI called ``name``, if there is one, in whatever state (``pending``, ``failed``,
+        ``disabled``: EC2 lists disabled AMIs only when asked, yet their names stay taken)."""
+        images = self.ec2.conn.describe_images(
+            Owners=["self"], Filters=[{"Name": "name", "Values": [name]}], IncludeDisabled=True
+        )["Images"]
         return images[0] if images else None
 
     def describe_image(self, image_id: str) -> dict:

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from airflow.sdk import BaseOperator
+from airflow.sdk.exceptions import AirflowFailException
 
 from dtp.hooks.packer import PackerError, PackerHook, fingerprint
 
@@ -23,10 +24,12 @@ class PackerBuildOperator(BaseOperator):
     returns it without building; changing any version variable or file gives a
     new name and a new AMI. An AMI of that name still ``pending`` (an earlier
     try was killed after packer's CreateImage) is waited for with EC2's
-    ``image_available`` waiter and then returned. One that is, or turns out,
-    anything but ``available`` (``failed``, ``error``, ``invalid``...) is
-    deregistered, its snapshots deleted, and the AMI baked again (packer would
-    refuse the taken name). ``built`` is False when no bake was needed. The AMI
+    ``image_available`` waiter and then returned. One that is ``disabled`` was
+    taken out of use on purpose: the task fails without baking, saying how to
+    enable it or free its name. One that is, or turns out, anything else but
+    ``available`` (``failed``, ``error``, ``invalid``...) is deregistered, its
+    snapshots deleted, and the AMI baked again (packer would refuse the taken
+    name). ``built`` is False when no bake was needed. The AMI
     and its snapshots get ``tags`` every time.
     Packer's UI lines stream into the task log; killing the task interrupts
     packer (which cleans up its instance) and then kills its process tree.
@@ -108,7 +111,12 @@ class PackerBuildOperator(BaseOperator):
             variables["builder_tags"] = json.dumps(self.builder_tags)  # JSON is HCL's map syntax too
 
         existing = hook.find_image(name)
-        if existing and existing["State"] == "pending":
+        if existing and existing["State"] == "disabled":
+            raise AirflowFailException(
+                f"AMI {name} ({existing['ImageId']}) has these inputs but is disabled: enable it to use it again "
+                f"(aws ec2 enable-image --image-id {existing['ImageId']}), or deregister it to bake a new one"
+            )
+        if existing and existing["State"] in ("pending", "transient"):
             self.log.info(
                 "AMI %s (%s) of an earlier try is still being made: waiting for it", name, existing["ImageId"]
             )
