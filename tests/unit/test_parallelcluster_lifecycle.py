@@ -5,6 +5,7 @@ credentials and endpoint, and what provision and the create trigger make of each
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -37,9 +38,12 @@ def test_cli_without_an_endpoint_talks_to_aws(monkeypatch) -> None:
     assert "AWS_ENDPOINT_URL" not in pc.PclusterCli("/opt/pcluster").environment()
 
 
-def stand_in_pcluster(tmp_path: Path, status: str) -> str:
-    """A pcluster executable that describes every cluster as ``status`` (the ParallelCluster API cannot run here)."""
-    answer = json.dumps({"clusterStatus": status, "headNode": {"privateIpAddress": "10.0.0.7"}, "failures": []})
+def stand_in_pcluster(tmp_path: Path, status: str, created: str = "2026-01-01T00:00:00.000Z") -> str:
+    """A pcluster executable that describes every cluster as ``status``, created at ``created`` (the
+    ParallelCluster API cannot run here)."""
+    answer = json.dumps(
+        {"clusterStatus": status, "creationTime": created, "headNode": {"privateIpAddress": "10.0.0.7"}, "failures": []}
+    )
     executable = tmp_path / "pcluster"
     executable.write_text(f"#!/bin/sh\n[ \"$1\" = describe-cluster ] && echo '{answer}'\n")
     executable.chmod(0o755)
@@ -51,6 +55,22 @@ def test_a_cluster_an_earlier_try_left_create_failed_fails_the_task_without_retr
     platform = use_settings(monkeypatch, key_name="k", pcluster=stand_in_pcluster(tmp_path, "CREATE_FAILED"))
     with pytest.raises(PlatformNotReady, match=r"exists and is CREATE_FAILED"):
         platform.provision(make_spec("llama3_1_8b", "p5.48xlarge", 2), NETWORK)
+
+
+@needs_pcluster
+def test_a_retry_waits_for_the_cluster_an_earlier_try_created_only_until_its_own_deadline(
+    monkeypatch, tmp_path, first_event
+) -> None:
+    # The earlier try created the cluster 61 minutes ago and timed out waiting: the retry must not wait an hour more.
+    created = (datetime.now(UTC) - timedelta(minutes=61)).isoformat()
+    pcluster = stand_in_pcluster(tmp_path, "CREATE_IN_PROGRESS", created)
+    platform = use_settings(monkeypatch, key_name="k", pcluster=pcluster)
+    cluster = platform.provision(make_spec("llama3_1_8b", "p5.48xlarge", 2), NETWORK)
+    assert cluster["created_at"] == datetime.fromisoformat(created).timestamp()
+    trigger = platform.ready_trigger(cluster)
+    trigger.poll_interval = 0.1
+    event = first_event(trigger)
+    assert event["status"] == "failed" and "is still CREATE_IN_PROGRESS after 3600 s" in event["message"]
 
 
 @pytest.mark.parametrize("status", ["CREATE_COMPLETE", "UPDATE_COMPLETE"])

@@ -312,7 +312,7 @@ def test_pcluster_dryrun_accepts_the_rendered_config_against_the_emulator(
     assert answer["message"] == pc.DRYRUN_PASSED
     # Nothing was created: the cluster does not exist, its wait fails at once, and teardown finds nothing to delete.
     assert platform.cluster_status(name) is None
-    event = first_event(platform.ready_trigger({"cluster_name": name}))
+    event = first_event(platform.ready_trigger({"cluster_name": name, "created_at": time.time()}))
     assert event == {"status": "failed", "message": f"cluster {name} does not exist"}
     assert platform.teardown(spec) == {"cluster_name": name, "cancelled_jobs": [], "deleted": False}
 

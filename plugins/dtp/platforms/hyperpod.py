@@ -277,6 +277,8 @@ class HyperPodPlatform:
             "platform": self.name,
             "cluster_name": cluster["ClusterName"],
             "cluster_arn": cluster["ClusterArn"],
+            # The wait for InService counts from here, so a retry after a timed-out wait does not wait as long again.
+            "created_at": cluster["CreationTime"].timestamp(),
             **jobs,
             "nodes": spec["params"]["num_nodes"],
             "scheduler": self.scheduler,
@@ -285,9 +287,12 @@ class HyperPodPlatform:
         }
 
     def ready_trigger(self, cluster: dict[str, Any]) -> HyperPodClusterTrigger | None:
-        """Wait in the triggerer until the cluster is InService (minutes to hours on AWS)."""
+        """Wait in the triggerer until the cluster is InService (minutes to hours on AWS), at most
+        ``create_timeout_minutes`` after the cluster was created."""
         timeout = self.settings.create_timeout_minutes * 60
-        return HyperPodClusterTrigger(cluster["cluster_name"], aws_conn_id=self.aws_conn_id, timeout=timeout)
+        return HyperPodClusterTrigger(
+            cluster["cluster_name"], aws_conn_id=self.aws_conn_id, timeout=timeout, started_at=cluster["created_at"]
+        )
 
     def _stop_jobs(self, spec: dict[str, Any]) -> list[str]:
         """Cancel the run's Slurm jobs, or delete its PyTorchJobs (EKS), before the cluster goes; an unreachable

@@ -18,6 +18,7 @@ import os
 import subprocess
 import tempfile
 import time
+from datetime import datetime
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
@@ -271,14 +272,18 @@ class ParallelClusterPlatform:
         if existing is None:
             log.info("Creating ParallelCluster cluster %s", name)
             self.cli.create_cluster(name, documents[CONFIG_DOCUMENT])
+            created_at = time.time()
         elif existing["clusterStatus"] == "CREATE_FAILED":
             # Retrying would find it failed again; the run's teardown deletes it, and the next run creates anew.
             raise PlatformNotReady(f"cluster {name} exists and is CREATE_FAILED: {failures(existing)}")
         else:
             log.info("Reusing ParallelCluster cluster %s (%s)", name, existing["clusterStatus"])
+            created_at = datetime.fromisoformat(existing["creationTime"]).timestamp()
         return {
             "platform": self.name,
             "cluster_name": name,
+            # The wait for the cluster counts from here, so a retry after a timed-out wait does not wait as long again.
+            "created_at": created_at,
             "slurm_conn_id": self.settings.slurm_conn_id,
             "shared_dir": FSX_MOUNT,
             "nodes": spec["params"]["num_nodes"],
@@ -286,8 +291,9 @@ class ParallelClusterPlatform:
         }
 
     def ready_trigger(self, cluster: dict[str, Any]) -> ParallelClusterCreateTrigger:
-        """Wait in the triggerer until ``create-cluster`` is done; the event adds the head node's address."""
-        return ParallelClusterCreateTrigger(cluster["cluster_name"])
+        """Wait in the triggerer until ``create-cluster`` is done, at most an hour after the cluster was created; the
+        event adds the head node's address."""
+        return ParallelClusterCreateTrigger(cluster["cluster_name"], started_at=cluster["created_at"])
 
     def teardown(self, spec: dict[str, Any], timeout: float = 3600, poll: float = 30) -> dict[str, Any]:
         name = self.cluster_name(spec)
