@@ -179,7 +179,6 @@ def test_the_jobs_output_reaches_its_parser_through_train_log(tmp_path: Path, re
     assert len(summary.steps) >= 4 and summary.final_loss < summary.first_loss
 
 
-
 @pytest.mark.parametrize("recipe_name", ALL_FRAMEWORK_RECIPES)
 def test_extra_env_overrides_the_jobs_own_settings(tmp_path: Path, recipe_name: str) -> None:
     # Each name is one a launch template or _env.sh sets itself: the run's value must still be the one srun sees.
@@ -194,6 +193,7 @@ def test_extra_env_overrides_the_jobs_own_settings(tmp_path: Path, recipe_name: 
     _launch(tmp_path, recipe_name, extra_env=extra_env)
     seen = dict(line.split("=", 1) for line in (tmp_path / "srun.env").read_text().splitlines() if "=" in line)
     assert {name: seen.get(name) for name in extra_env} == extra_env
+
 
 def test_megatron_architectures_are_the_trainers_shapes() -> None:
     for name, arch in MEGATRON_ARCHITECTURES.items():

@@ -126,6 +126,7 @@ def test_a_disabled_ami_fails_the_task_without_baking_and_is_kept(ec2, operator,
     assert ec2.describe_images(ImageIds=[earlier_ami["id"]])["Images"][0]["State"] == "disabled"
     assert not (tmp_path / "calls").exists()
 
+
 @pytest.mark.parametrize(
     ("state", "then"),
     [("failed", None), ("error", None), ("invalid", None), ("pending", "failed")],
