@@ -61,6 +61,8 @@ def test_bundle_layout(bundle: dict[str, Path]) -> None:
     assert not (bundle["dags"] / "images" / "containers" / "airflow").exists()
     names = zipfile.ZipFile(bundle["plugins"]).namelist()
     assert "dtp_plugin.py" in names and "dtp/params.py" in names and not [n for n in names if "__pycache__" in n]
+    # The local stack and this deploy tool stay home; the DAGs parse without them (test_bundle_dags_parse...).
+    assert not [n for n in names if n.startswith(("dtp/local/", "dtp/deploy/"))]
     lines = bundle["requirements"].read_text().splitlines()
     assert (
         lines[0]

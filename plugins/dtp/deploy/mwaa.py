@@ -4,7 +4,8 @@
 
     dags/                 the DAG files, with include/ (recipes, templates, trainer) under dags/include/
                           and images/packer + the training Dockerfiles under dags/images/
-    plugins.zip           plugins/ (the dtp package and the plugin that registers its extra links)
+    plugins.zip           plugins/ (the dtp package and the plugin that registers its extra links), less the local
+                          stack and this deploy tool (dtp.local, dtp.deploy), which run where the operator works
     requirements.txt      DTP's runtime dependencies, under Airflow's constraints for the environment's version
     startup.sh            exports DTP_INCLUDE_DIR and DTP_IMAGES_DIR so dtp finds them inside the DAGs folder
 
@@ -31,6 +32,8 @@ from dtp.local.config import PROJECT_ROOT
 from dtp.naming import OWNER, TAG_PREFIX, aws_tags
 
 DAGS_DIR = "/usr/local/airflow/dags"  # where MWAA syncs DagS3Path
+# Packages of plugins/ that run on the operator's machine, never in the environment.
+OPERATOR_SIDE = {("dtp", "local"), ("dtp", "deploy")}
 RUNTIME_REQUIREMENTS = PROJECT_ROOT / "images" / "containers" / "airflow" / "requirements.txt"
 # Airflow settings DTP relies on (the local stack sets the same).
 AIRFLOW_OPTIONS = {"core.load_examples": "False", "core.dags_are_paused_at_creation": "True"}
@@ -109,8 +112,9 @@ def package(out: Path, airflow_version: str, python_version: str = "3.11") -> di
     plugins_zip = out / "plugins.zip"
     with zipfile.ZipFile(plugins_zip, "w", zipfile.ZIP_DEFLATED) as archive:
         for path in sorted((PROJECT_ROOT / "plugins").rglob("*")):
-            if path.is_file() and "__pycache__" not in path.parts:
-                archive.write(path, path.relative_to(PROJECT_ROOT / "plugins"))
+            relative = path.relative_to(PROJECT_ROOT / "plugins")
+            if path.is_file() and "__pycache__" not in path.parts and relative.parts[:2] not in OPERATOR_SIDE:
+                archive.write(path, relative)
     constraints = (
         f"https://raw.githubusercontent.com/apache/airflow/constraints-{airflow_version}/"
         f"constraints-{python_version}.txt"
