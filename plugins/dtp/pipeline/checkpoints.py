@@ -25,7 +25,7 @@ from botocore.exceptions import ClientError
 from pydantic import BaseModel, Field, ValidationError
 
 from dtp.params import ParamsError
-from dtp.pipeline.data import S3_URI, as_folder, check_shared_dir_visible, download, relative_key, run_dir
+from dtp.pipeline.data import check_shared_dir_visible, download, relative_key, run_dir, s3_folder
 from dtp.pipeline.results import artifacts_bucket
 
 log = logging.getLogger(__name__)
@@ -85,10 +85,10 @@ def save_checkpoint(spec: dict[str, Any], cluster: dict[str, Any], aws_conn_id: 
 
 
 def _location(uri: str) -> tuple[str, str]:
-    match = S3_URI.match(uri)
-    if match is None:
-        raise ParamsError(f"invalid parameters:\nresume_from: got {uri!r}; expected s3://bucket/prefix/")
-    return match["bucket"], as_folder(match["prefix"])
+    try:
+        return s3_folder(uri, "resume_from")
+    except ValueError as err:
+        raise ParamsError(f"invalid parameters:\n{err}") from None
 
 
 class _ManifestFile(BaseModel):

@@ -97,10 +97,10 @@ def dataset_problem(spec: dict[str, Any], aws_conn_id: str) -> str | None:
     source, framework = spec["params"]["dataset_uri"], spec["recipe"]["framework"]
     if not source or framework == "nemo":  # the shipped sample corpus; NeMo trains on synthetic tokens
         return None
-    match = S3_URI.match(source)
-    if match is None:
-        return f"dataset_uri: got {source!r}; expected s3://bucket/prefix/"
-    bucket, prefix = match["bucket"], as_folder(match["prefix"])
+    try:
+        bucket, prefix = s3_folder(source, "dataset_uri")
+    except ValueError as err:
+        return str(err)
     s3 = S3Hook(aws_conn_id=aws_conn_id)
     try:
         if framework in DATASET_FILES:
@@ -132,14 +132,10 @@ def stage_data(
     claim_run_dir(spec, cluster)
     s3 = S3Hook(aws_conn_id=aws_conn_id)
     source = spec["params"]["dataset_uri"] or upload_sample_corpus(s3, network["DataBucket"])
-    match = S3_URI.match(source)
-    if match is None:
-        raise ValueError(f"dataset_uri: got {source!r}; expected s3://bucket/prefix/")
-    bucket, prefix = match["bucket"], match["prefix"]
+    bucket, prefix = s3_folder(source, "dataset_uri")
     if framework in DATASET_FILES:
         dest = Path(dataset_dir(cluster["shared_dir"], framework, source))
         return mirror_dataset(s3, bucket, prefix, dest, DATASET_FILES[framework]) | {"source": source}
-    prefix = as_folder(prefix)  # s3://b/corpus is the folder corpus/, not corpus_v2/ or corpus-old.txt as well
     keys = sorted(k for k in s3.list_keys(bucket, prefix=prefix) or [] if k.endswith(".txt"))
     if not keys:
         raise ValueError(f"dataset_uri: no .txt objects under {source}")
@@ -187,6 +183,15 @@ def download(s3: S3Hook, bucket: str, key: str, size: int, target: Path) -> bool
     s3.get_conn().download_file(bucket, key, str(tmp))
     os.replace(tmp, target)
     return True
+
+
+def s3_folder(uri: str, param: str) -> tuple[str, str]:
+    """The bucket and folder prefix of the ``param`` URI ``s3://bucket/prefix``: ``s3://b/corpus`` is the folder
+    ``corpus/``, not ``corpus_v2/`` or ``corpus-old.txt`` as well. A URI of another shape raises ValueError."""
+    match = S3_URI.match(uri)
+    if match is None:
+        raise ValueError(f"{param}: got {uri!r}; expected s3://bucket/prefix/")
+    return match["bucket"], as_folder(match["prefix"])
 
 
 def as_folder(prefix: str) -> str:
