@@ -142,6 +142,13 @@ class InstanceType(_Strict):
     efa_interfaces: int = Field(0, ge=0)
     neuron_devices: int = Field(0, ge=0)  # Neuron devices (accelerators_per_node counts NeuronCores)
 
+    @model_validator(mode="after")
+    def _neuron_devices_mean_trainium(self) -> InstanceType:
+        # Images go by neuron_devices, launches by the accelerator's name: the two must agree.
+        if (self.neuron_devices > 0) != self.accelerator.startswith("trainium"):
+            raise ValueError(f"accelerator {self.accelerator!r}: neuron_devices > 0 exactly when it is a trainium")
+        return self
+
 
 def _read_yaml(path: Path) -> object:
     try:

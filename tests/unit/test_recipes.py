@@ -15,6 +15,7 @@ from dtp.pipeline.jobs import training_config
 from dtp.recipes import (
     PLATFORMS,
     RECIPE_DIR,
+    InstanceType,
     Recipe,
     RecipeError,
     catalogue,
@@ -92,6 +93,16 @@ def test_instance_types_load() -> None:
         assert set(spec.platforms) <= set(PLATFORMS), name
         assert spec.expected_busbw_gbps > 0, name
         assert spec.accelerators_per_node >= 1, name
+
+
+@pytest.mark.parametrize(("accelerator", "neuron_devices"), [("trainium1", 0), ("H100", 16)])
+def test_an_instance_type_has_neuron_devices_exactly_when_it_is_a_trainium(accelerator, neuron_devices) -> None:
+    entry = instance_types()["trn1.32xlarge"].model_dump() | {
+        "accelerator": accelerator,
+        "neuron_devices": neuron_devices,
+    }
+    with pytest.raises(ValueError, match="neuron_devices > 0 exactly when it is a trainium"):
+        InstanceType.model_validate(entry)
 
 
 def test_recipe_names_reads_file_names_only(tmp_path: Path) -> None:
