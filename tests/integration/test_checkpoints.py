@@ -1,4 +1,4 @@
-"""save_checkpoint: the newest checkpoint, from the shared directory to the emulator's artifacts bucket, whole
+"""SaveCheckpointOperator: the newest checkpoint, from the shared directory to the emulator's artifacts bucket, whole
 (a manifest written last) and once (a retry uploads nothing again); resume_source and restore_checkpoint: a later
 run of the same framework and model starts from it, anything else is refused before the run creates anything."""
 
@@ -7,13 +7,23 @@ from __future__ import annotations
 import json
 import re
 import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from airflow.sdk.exceptions import TaskDeferred
+from botocore.stub import Stubber
 
+import dtp.operators.checkpoints as checkpoint_operators
+import dtp.operators.fsx as fsx_operators
+from dtp.hooks.fsx import FsxHook
+from dtp.operators.checkpoints import SaveCheckpointOperator
+from dtp.operators.fsx import TASK_KEY_TAG, task_key
 from dtp.params import ParamsError
-from dtp.pipeline.checkpoints import restore_checkpoint, resume_source, save_checkpoint
+from dtp.pipeline.checkpoints import restore_checkpoint, resume_source
 from dtp.pipeline.results import artifacts_bucket
 
 pytestmark = pytest.mark.stack
@@ -35,6 +45,13 @@ def run(
     }
     cluster = {"shared_dir": str(tmp_path), "slurm_conn_id": "slurm_default"}
     return spec, cluster, tmp_path / "runs" / run_key / "checkpoints"
+
+
+def save_checkpoint(spec: dict[str, Any], cluster: dict[str, Any], aws_conn_id: str) -> dict[str, Any]:
+    """The save_checkpoint task, on a cluster without FSx: this worker uploads."""
+    return SaveCheckpointOperator(
+        task_id="save_checkpoint", spec=spec, cluster=cluster, aws_conn_id=aws_conn_id
+    ).execute({})
 
 
 def objects(aws: Any, uri: str) -> dict[str, int]:
@@ -154,3 +171,134 @@ def test_a_manifest_that_is_not_one_is_refused_by_what_is_wrong(stack, aws, tmp_
     where = f"s3://{bucket}/{prefix}MANIFEST.json"
     with pytest.raises(ParamsError, match=re.escape(f"{where} is not a manifest save_checkpoint wrote ({message}")):
         resume_source(spec, "aws_default")
+
+
+# On FSx: the file system cannot run here, so botocore's Stubber answers FSx (every request checked against its
+# service model) while S3 is the emulator's. The Stubber refuses any call it was not told to expect.
+FS = "fs-0123456789abcdef0"
+
+
+@pytest.fixture
+def fsx(monkeypatch: pytest.MonkeyPatch) -> Iterator[Stubber]:
+    for name, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}.items():
+        monkeypatch.setenv(name, value)
+    hook = FsxHook(aws_conn_id=None, region_name="us-east-1")
+    hook.conn = hook.get_client_type(region_name="us-east-1")
+    monkeypatch.setattr(checkpoint_operators, "FsxHook", lambda **_: hook)
+    monkeypatch.setattr(fsx_operators, "FsxHook", lambda **_: hook)
+    with Stubber(hook.conn) as stubber:
+        yield stubber
+        stubber.assert_no_pending_responses()
+
+
+def on_fsx(tmp_path: Path) -> tuple[dict[str, Any], dict[str, str], Path]:
+    spec, cluster, checkpoints = run(tmp_path, "fsdp")
+    spec["tags"] = {"dtp:run": spec["names"]["run_key"]}
+    write(checkpoints / "step_50" / "__0_0.distcp", b"\x00" * 10)
+    write(checkpoints / "step_100" / "__0_0.distcp", b"\x01" * 300)
+    write(checkpoints / "step_100" / "meta.json", b'{"step": 100}')
+    return spec, {**cluster, "fsx_file_system_id": FS}, checkpoints
+
+
+def association(lifecycle: str, repository: str) -> dict[str, Any]:
+    return {"AssociationId": "dra-0123456789abcdef0", "FileSystemId": FS, "Lifecycle": lifecycle,
+            "FileSystemPath": "/runs", "DataRepositoryPath": repository}  # fmt: skip
+
+
+def expect_association(fsx: Stubber, lifecycle: str) -> None:
+    linked = association(lifecycle, f"s3://{artifacts_bucket('aws_default')}/runs/")
+    fsx.add_response("describe_data_repository_associations", {"Associations": [linked]})
+
+
+def ti(try_number: int = 1) -> SimpleNamespace:
+    return SimpleNamespace(dag_id="train_e2e", run_id="r", task_id="save_checkpoint", map_index=-1,
+                           try_number=try_number)  # fmt: skip
+
+
+def export_event(lifecycle: str, failed: int) -> dict[str, Any]:
+    """What FsxDataRepositoryTaskTrigger fires once the export of the two files ends."""
+    return {"status": "success" if lifecycle == "SUCCEEDED" else "failed", "task_id": "task-0123456789abcdef1",
+            "lifecycle": lifecycle, "total": 2, "succeeded": 2 - failed, "failed": failed, "released_bytes": 0,
+            "failure": f"{failed} files failed" if failed else "", "report_path": "s3://r/report"}  # fmt: skip
+
+
+def operator(spec: dict[str, Any], cluster: dict[str, Any]) -> SaveCheckpointOperator:
+    return SaveCheckpointOperator(task_id="save_checkpoint", spec=spec, cluster=cluster, aws_conn_id="aws_default")
+
+
+def test_on_fsx_the_file_system_exports_the_newest_step_and_the_manifest_follows(stack, aws, fsx, tmp_path) -> None:
+    spec, cluster, _ = on_fsx(tmp_path)
+    run_key, bucket = spec["names"]["run_key"], artifacts_bucket("aws_default")
+    expect_association(fsx, "AVAILABLE")
+    fsx.add_response("describe_data_repository_tasks", {"DataRepositoryTasks": []})
+    task = {"TaskId": "task-0123456789abcdef1", "Lifecycle": "PENDING", "Type": "EXPORT_TO_REPOSITORY",
+            "CreationTime": datetime.now(UTC), "FileSystemId": FS}  # fmt: skip
+    fsx.add_response(
+        "create_data_repository_task",
+        {"DataRepositoryTask": task},
+        {
+            "Type": "EXPORT_TO_REPOSITORY",
+            "FileSystemId": FS,
+            "Paths": [f"runs/{run_key}/checkpoints/step_100"],  # relative to the mount: the newest whole step only
+            "Report": {
+                "Enabled": True,
+                "Path": f"s3://{bucket}/runs/{run_key}/fsx-export-report",
+                "Format": "REPORT_CSV_20191124",
+                "Scope": "FAILED_FILES_ONLY",
+            },
+            "ClientRequestToken": f"{task_key(ti())}-1",
+            "Tags": [{"Key": "dtp:run", "Value": run_key}, {"Key": TASK_KEY_TAG, "Value": task_key(ti())}],
+        },
+    )
+    with pytest.raises(TaskDeferred) as deferred:
+        operator(spec, cluster).execute({"ti": ti()})
+    assert deferred.value.trigger.repository_task_id == "task-0123456789abcdef1"
+    prefix = f"s3://{bucket}/runs/{run_key}/checkpoints/"
+    assert objects(aws, prefix) == {}  # the worker uploads nothing, and no manifest before the export ends
+
+    saved = operator(spec, cluster).execute_complete({}, export_event("SUCCEEDED", failed=0))
+    assert saved == {"saved": True, "uri": prefix, "step": 100, "files": 2, "bytes": 313,
+                     "exported_by": "task-0123456789abcdef1"}  # fmt: skip
+    assert set(objects(aws, prefix)) == {"MANIFEST.json"}  # the exported files are FSx's to write
+
+
+def test_a_failed_export_is_uploaded_by_the_worker_instead(stack, aws, fsx, tmp_path) -> None:
+    spec, cluster, _ = on_fsx(tmp_path)
+    saved = operator(spec, cluster).execute_complete({}, export_event("FAILED", failed=1))
+    assert (saved["saved"], saved["uploaded"], saved["uploaded_bytes"], saved["step"]) == (True, 2, 313, 100)
+    assert set(objects(aws, saved["uri"])) == {"step_100/__0_0.distcp", "step_100/meta.json", "MANIFEST.json"}
+
+
+def test_without_the_association_it_is_made_for_later_runs_and_this_one_uploads(stack, aws, fsx, tmp_path) -> None:
+    spec, cluster, _ = on_fsx(tmp_path)
+    fsx.add_response("describe_data_repository_associations", {"Associations": []})
+    repository = f"s3://{artifacts_bucket('aws_default')}/runs/"
+    fsx.add_response(
+        "create_data_repository_association",
+        {"Association": association("CREATING", repository)},
+        {
+            "FileSystemId": FS,
+            "FileSystemPath": "/runs",
+            "DataRepositoryPath": repository,
+            "BatchImportMetaDataOnCreate": False,  # and no S3 policy: nothing moves but export tasks
+            "Tags": [{"Key": "dtp:owner", "Value": "dtp"}, {"Key": "dtp:role", "Value": "checkpoint-export"}],
+        },
+    )
+    saved = operator(spec, cluster).execute({"ti": ti()})
+    assert (saved["uploaded"], saved["files"]) == (2, 2) and "exported_by" not in saved
+
+
+@pytest.mark.parametrize("linked_elsewhere", ["s3://another-bucket/runs/", None])
+def test_a_file_system_whose_runs_folder_cannot_be_linked_is_uploaded_from(
+    stack, aws, fsx, tmp_path, linked_elsewhere
+) -> None:
+    spec, cluster, _ = on_fsx(tmp_path)
+    if linked_elsewhere:
+        fsx.add_response(
+            "describe_data_repository_associations", {"Associations": [association("AVAILABLE", linked_elsewhere)]}
+        )
+    else:  # e.g. the file system's root is linked already: FSx refuses a nested association
+        fsx.add_response("describe_data_repository_associations", {"Associations": []})
+        fsx.add_client_error("create_data_repository_association", "BadRequest", "overlaps with /")
+    saved = operator(spec, cluster).execute({"ti": ti()})
+    assert (saved["saved"], saved["uploaded"]) == (True, 2)

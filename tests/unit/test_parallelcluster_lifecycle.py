@@ -67,10 +67,19 @@ def test_a_retry_waits_for_the_cluster_an_earlier_try_created_only_until_its_own
     platform = use_settings(monkeypatch, key_name="k", pcluster=pcluster)
     cluster = platform.provision(make_spec("llama3_1_8b", "p5.48xlarge", 2), NETWORK)
     assert cluster["created_at"] == datetime.fromisoformat(created).timestamp()
+    assert "fsx_file_system_id" not in cluster  # its own file system: deleted with it, nothing for FSx to export to
     trigger = platform.ready_trigger(cluster)
     trigger.poll_interval = 0.1
     event = first_event(trigger)
     assert event["status"] == "failed" and "is still CREATE_IN_PROGRESS after 3600 s" in event["message"]
+
+
+@needs_pcluster
+def test_a_cluster_on_an_existing_file_system_names_it_for_the_checkpoint_export(monkeypatch, tmp_path) -> None:
+    pcluster = stand_in_pcluster(tmp_path, "CREATE_COMPLETE")
+    platform = use_settings(monkeypatch, key_name="k", pcluster=pcluster, fsx_file_system_id="fs-0123456789abcdef0")
+    cluster = platform.provision(make_spec("llama3_1_8b", "p5.48xlarge", 2), NETWORK)
+    assert cluster["fsx_file_system_id"] == "fs-0123456789abcdef0"
 
 
 @pytest.mark.parametrize("status", ["CREATE_COMPLETE", "UPDATE_COMPLETE"])

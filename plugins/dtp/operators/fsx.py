@@ -22,6 +22,37 @@ def task_key(ti: Any) -> str:
     return hashlib.sha256(f"{ti.dag_id}/{ti.run_id}/{ti.task_id}/{ti.map_index}".encode()).hexdigest()[:32]
 
 
+def find_or_start_task(
+    hook: FsxHook,
+    ti: Any,
+    *,
+    file_system_id: str,
+    task_type: str,
+    paths: list[str],
+    report_path: str,
+    tags: dict[str, str],
+) -> dict[str, Any]:
+    """The task instance's data repository task: one an earlier try started that still runs, else one that already
+    succeeded, else one started now (``Lifecycle`` PENDING). FSx tasks carry a tag of the task instance, the same
+    on every try, so a retry never starts a second one."""
+    key = task_key(ti)
+    earlier = hook.find_data_repository_tasks(file_system_id, TASK_KEY_TAG, key)
+    for lifecycles in (("PENDING", "EXECUTING"), ("SUCCEEDED",)):
+        found = [task for task in earlier if task["Lifecycle"] in lifecycles]
+        if found:
+            hook.log.info("FSx task %s of an earlier try is %s", found[-1]["TaskId"], found[-1]["Lifecycle"])
+            return found[-1]
+    task_id = hook.start_data_repository_task(
+        file_system_id,
+        task_type,
+        paths,
+        report_path,
+        client_request_token=f"{key}-{ti.try_number}",
+        tags={**tags, TASK_KEY_TAG: key},
+    )
+    return {"TaskId": task_id, "Lifecycle": "PENDING"}
+
+
 class FsxDataRepositoryTaskFailed(AirflowException):
     """The data repository task ended FAILED or CANCELED."""
 
@@ -67,29 +98,19 @@ class FsxDataRepositoryTaskOperator(BaseOperator):
         self.poll_interval = poll_interval
 
     def execute(self, context: Any) -> dict[str, Any] | None:
-        hook = FsxHook(aws_conn_id=self.aws_conn_id)
-        ti = context["ti"]
-        key = task_key(ti)
-        earlier = hook.find_data_repository_tasks(self.file_system_id, TASK_KEY_TAG, key)
-        running = [task for task in earlier if task["Lifecycle"] in ("PENDING", "EXECUTING")]
-        succeeded = [task for task in earlier if task["Lifecycle"] == "SUCCEEDED"]
-        if running:
-            task_id = running[-1]["TaskId"]
-            self.log.info("Re-attaching to FSx task %s", task_id)
-        elif succeeded:
-            self.log.info("FSx task %s already succeeded: reusing it", succeeded[-1]["TaskId"])
-            return task_outcome(succeeded[-1])
-        else:
-            task_id = hook.start_data_repository_task(
-                self.file_system_id,
-                self.repository_task_type,
-                list(self.paths),
-                self.report_path,
-                client_request_token=f"{key}-{ti.try_number}",
-                tags={**self.tags, TASK_KEY_TAG: key},
-            )
+        task = find_or_start_task(
+            FsxHook(aws_conn_id=self.aws_conn_id),
+            context["ti"],
+            file_system_id=self.file_system_id,
+            task_type=self.repository_task_type,
+            paths=list(self.paths),
+            report_path=self.report_path,
+            tags=self.tags,
+        )
+        if task["Lifecycle"] == "SUCCEEDED":
+            return task_outcome(task)
         self.defer(
-            trigger=FsxDataRepositoryTaskTrigger(task_id, self.aws_conn_id, self.poll_interval),
+            trigger=FsxDataRepositoryTaskTrigger(task["TaskId"], self.aws_conn_id, self.poll_interval),
             method_name="execute_complete",
         )
         return None

@@ -6,6 +6,7 @@ deleted with it), so the checkpoint a run trained to would go too. Before teardo
 outlives runs, and writes ``MANIFEST.json`` (every file, its size, the step) last: a manifest means the copy is
 whole. DTP's trainer's newest complete ``step_N`` folder is saved; another framework's whole checkpoint folder
 is saved, less the folders it has not finished (named ``tmp*``). A retry uploads only what is missing.
+``SaveCheckpointOperator`` does the saving, and has FSx for Lustre export the files where it can.
 
 A later run of the same framework and model may start from a saved checkpoint (its ``resume_from`` param):
 ``resume_source`` checks the manifest against the run before anything exists, and ``restore_checkpoint`` copies
@@ -17,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -52,36 +54,64 @@ def checkpoint_files(checkpoint_dir: Path, framework: str) -> tuple[int | None, 
     return None, files
 
 
-def save_checkpoint(spec: dict[str, Any], cluster: dict[str, Any], aws_conn_id: str) -> dict[str, Any]:
-    """Copy the run's newest checkpoint to the artifacts bucket; ``{"saved": False}`` when the run wrote none."""
+@dataclass(frozen=True)
+class Checkpoint:
+    """A run's newest checkpoint on the shared filesystem, and where in the artifacts bucket it is saved."""
+
+    directory: Path  # the run's checkpoint folder; ``files`` are under it
+    step: int | None
+    files: list[Path]
+    bucket: str
+    prefix: str  # runs/<run_key>/checkpoints/
+
+    @property
+    def uri(self) -> str:
+        return f"s3://{self.bucket}/{self.prefix}"
+
+    def relative(self, path: Path) -> str:
+        return path.relative_to(self.directory).as_posix()
+
+
+def newest_checkpoint(spec: dict[str, Any], cluster: dict[str, Any], aws_conn_id: str) -> Checkpoint | None:
+    """The run's checkpoint to save; None when it wrote none."""
     check_shared_dir_visible(cluster)
-    checkpoint_dir = run_dir(spec, cluster) / "checkpoints"
-    step, files = checkpoint_files(checkpoint_dir, spec["recipe"]["framework"])
+    directory = run_dir(spec, cluster) / "checkpoints"
+    step, files = checkpoint_files(directory, spec["recipe"]["framework"])
     if not files:
-        log.info("No checkpoint in %s: nothing to save", checkpoint_dir)
-        return {"saved": False, "checkpoint_dir": str(checkpoint_dir)}
-    s3, bucket = S3Hook(aws_conn_id=aws_conn_id), artifacts_bucket(aws_conn_id)
+        log.info("No checkpoint in %s: nothing to save", directory)
+        return None
     prefix = f"runs/{spec['names']['run_key']}/checkpoints/"
-    existing = {obj["Key"]: obj["Size"] for obj in s3.iter_file_metadata(prefix, bucket)}
-    uploaded = uploaded_bytes = total = 0
-    entries = []
-    for path in files:
-        relative, size = path.relative_to(checkpoint_dir).as_posix(), path.stat().st_size
-        key = prefix + relative
+    return Checkpoint(directory, step, files, artifacts_bucket(aws_conn_id), prefix)
+
+
+def upload_checkpoint(checkpoint: Checkpoint, aws_conn_id: str) -> dict[str, int]:
+    """Upload the checkpoint's files that the bucket lacks or holds with another size; how many, and their bytes."""
+    s3 = S3Hook(aws_conn_id=aws_conn_id)
+    existing = {obj["Key"]: obj["Size"] for obj in s3.iter_file_metadata(checkpoint.prefix, checkpoint.bucket)}
+    uploaded = uploaded_bytes = 0
+    for path in checkpoint.files:
+        key, size = checkpoint.prefix + checkpoint.relative(path), path.stat().st_size
         if existing.get(key) != size:
-            s3.load_file(str(path), key, bucket, replace=True)
+            s3.load_file(str(path), key, checkpoint.bucket, replace=True)
             uploaded, uploaded_bytes = uploaded + 1, uploaded_bytes + size
-        entries.append({"path": relative, "bytes": size})
-        total += size
+    log.info("Uploaded %d of %d files (%d bytes) to %s", uploaded, len(checkpoint.files), uploaded_bytes,
+             checkpoint.uri)  # fmt: skip
+    return {"uploaded": uploaded, "uploaded_bytes": uploaded_bytes}
+
+
+def write_manifest(spec: dict[str, Any], checkpoint: Checkpoint, aws_conn_id: str) -> dict[str, Any]:
+    """Write ``MANIFEST.json`` once every file is in the bucket, marking the copy whole; what it records."""
+    sizes = {checkpoint.relative(path): path.stat().st_size for path in checkpoint.files}
+    entries = [{"path": relative, "bytes": size} for relative, size in sizes.items()]
+    total = sum(sizes.values())
     recipe = spec["recipe"]
     manifest = {"run_key": spec["names"]["run_key"], "framework": recipe["framework"], "model": recipe["model"],
-                "step": step, "bytes": total, "files": entries}  # fmt: skip
-    s3.load_string(json.dumps(manifest, indent=1), prefix + MANIFEST, bucket, replace=True)
-    uri = f"s3://{bucket}/{prefix}"
-    log.info("Saved %s to %s: %d files, %d bytes (%d files uploaded now)", checkpoint_dir, uri, len(files), total,
-             uploaded)  # fmt: skip
-    return {"saved": True, "uri": uri, "step": step, "files": len(files), "bytes": total, "uploaded": uploaded,
-            "uploaded_bytes": uploaded_bytes}  # fmt: skip
+                "step": checkpoint.step, "bytes": total, "files": entries}  # fmt: skip
+    S3Hook(aws_conn_id=aws_conn_id).load_string(
+        json.dumps(manifest, indent=1), checkpoint.prefix + MANIFEST, checkpoint.bucket, replace=True
+    )
+    log.info("Saved %s to %s: %d files, %d bytes", checkpoint.directory, checkpoint.uri, len(entries), total)
+    return {"saved": True, "uri": checkpoint.uri, "step": checkpoint.step, "files": len(entries), "bytes": total}
 
 
 def _location(uri: str) -> tuple[str, str]:

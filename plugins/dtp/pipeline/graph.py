@@ -27,6 +27,7 @@ from dtp.images.container import resolve_runtime
 from dtp.metrics.preflight_gate import preflight_message
 from dtp.naming import EXPIRES_TAG
 from dtp.operators.batch import BatchJobOperator
+from dtp.operators.checkpoints import SaveCheckpointOperator
 from dtp.operators.cluster import DeployClusterOperator
 from dtp.operators.pytorchjob import EksPyTorchJobOperator
 from dtp.operators.report import TrainingReportOperator
@@ -148,13 +149,6 @@ def evaluate_gates(spec: dict[str, Any], metrics: dict[str, Any]) -> None:
     if failures:
         raise AirflowFailException("gates failed:\n" + "\n".join(failures))
     log.info("All gates passed")
-
-
-# It reads the cluster's shared filesystem: on the training queue, like stage_data.
-@task(queue=TRAINING_QUEUE, retries=3)
-def save_checkpoint(spec: dict[str, Any], cluster: dict[str, Any]) -> dict[str, Any]:
-    """Copy the newest checkpoint to the artifacts bucket, whether training succeeded or not, before teardown."""
-    return checkpoints.save_checkpoint(spec, cluster, AWS_CONN_ID)
 
 
 @task(retries=3)
@@ -292,7 +286,10 @@ def training_pipeline(dag: DAG) -> None:
     run >> metrics
     gates = evaluate_gates(spec, metrics)
     # A teardown of deploy_cluster: it runs once training is over, however it ended, while the cluster still exists.
-    saved = save_checkpoint(spec, cluster).as_teardown(setups=[deploy])
+    # It reads the cluster's shared filesystem: on the training queue, like stage_data.
+    saved = SaveCheckpointOperator(
+        task_id="save_checkpoint", spec=spec, cluster=cluster, aws_conn_id=AWS_CONN_ID, queue=TRAINING_QUEUE, retries=3
+    ).as_teardown(setups=[deploy])
     [run, metrics] >> saved
     report = TrainingReportOperator(
         task_id="report",
@@ -300,7 +297,7 @@ def training_pipeline(dag: DAG) -> None:
         metrics=metrics,
         preflight=pf_result,
         run_resources=resources,
-        checkpoint=saved,
+        checkpoint=saved.output,
         aws_conn_id=AWS_CONN_ID,
         trigger_rule=TriggerRule.ALL_DONE_MIN_ONE_SUCCESS,
     )

@@ -288,6 +288,8 @@ class ParallelClusterPlatform:
             "shared_dir": FSX_MOUNT,
             "nodes": spec["params"]["num_nodes"],
             "scheduler": self.scheduler,
+            # An existing file system outlives the cluster; save_checkpoint has it export the run's checkpoint.
+            **({"fsx_file_system_id": self.settings.fsx_file_system_id} if self.settings.fsx_file_system_id else {}),
         }
 
     def ready_trigger(self, cluster: dict[str, Any]) -> ParallelClusterCreateTrigger:
