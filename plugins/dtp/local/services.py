@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -16,11 +17,20 @@ from dtp.local.config import CELERY_QUEUES, StackConfig
 from dtp.local.daemon import Daemon, http_ok, port_open
 from dtp.templates import render
 
-PG_BIN = Path("/usr/lib/postgresql/15/bin")
+PG_ROOT = Path("/usr/lib/postgresql")  # Debian and Ubuntu install each major version's programs under it
 PLUGINS_DIR = Path(__file__).resolve().parents[2]
 
 
 # --- PostgreSQL ---------------------------------------------------------------
+
+
+@functools.cache
+def pg_bin(root: Path = PG_ROOT) -> Path:
+    """The programs of the newest PostgreSQL installed (Debian 12 has 15, Ubuntu 24.04 16)."""
+    installed = [path.parent for path in root.glob("*/bin/initdb")]
+    if not installed:
+        raise FileNotFoundError(f"no PostgreSQL under {root}: scripts/setup installs it")
+    return max(installed, key=lambda bin_dir: tuple(int(n) for n in bin_dir.parent.name.split(".") if n.isdigit()))
 
 
 def _as_postgres(argv: list[str]) -> list[str]:
@@ -36,7 +46,7 @@ def _prepare_postgres(cfg: StackConfig) -> None:
     if os.geteuid() == 0:
         shutil.chown(cfg.postgres_dir, "postgres", "postgres")
     subprocess.run(
-        _as_postgres([str(PG_BIN / "initdb"), "-D", str(data), "-U", "airflow", "--auth=trust", "-E", "UTF8"]),
+        _as_postgres([str(pg_bin() / "initdb"), "-D", str(data), "-U", "airflow", "--auth=trust", "-E", "UTF8"]),
         check=True,
         capture_output=True,
     )
@@ -46,7 +56,7 @@ def _postgres_command(cfg: StackConfig) -> list[str]:
     data = cfg.postgres_dir / "data"
     return _as_postgres(
         [
-            str(PG_BIN / "postgres"),
+            str(pg_bin() / "postgres"),
             "-D",
             str(data),
             "-p",
@@ -61,7 +71,7 @@ def _postgres_command(cfg: StackConfig) -> list[str]:
 
 def _postgres_ready(cfg: StackConfig) -> bool:
     probe = subprocess.run(
-        [str(PG_BIN / "pg_isready"), "-h", "127.0.0.1", "-p", str(cfg.ports.postgres)],
+        [str(pg_bin() / "pg_isready"), "-h", "127.0.0.1", "-p", str(cfg.ports.postgres)],
         capture_output=True,
     )
     return probe.returncode == 0
