@@ -34,6 +34,7 @@ def test_provision_twice_makes_one_cluster_and_teardown_leaves_nothing(spec, out
     clusters = aws("sagemaker").list_clusters()["ClusterSummaries"]
     assert [c["ClusterName"] for c in clusters].count(run_key) == 1
     assert (cluster["slurm_conn_id"], cluster["scheduler"]) == ("slurm_default", "slurm")
+    assert "fsx_file_system_id" not in cluster  # no FSx in the connection: the worker uploads checkpoints
 
     described = HyperPodHook(aws_conn_id=AWS).describe_cluster(run_key)
     groups = {g["InstanceGroupName"]: g for g in described["InstanceGroups"]}
@@ -69,11 +70,14 @@ def test_base_config_scripts_are_copied_under_the_run(spec, outputs, aws, monkey
         s3.put_object(Bucket="dtp-base-config", Key=key, Body=b"# reference base-config")
     conn = json.loads(os.environ["AIRFLOW_CONN_DTP_HYPERPOD"])
     conn["extra"]["base_config_uri"] = "s3://dtp-base-config/src/"
+    conn["extra"] |= {"fsx_dns_name": "fs-0123456789abcdef0.fsx.us-east-1.amazonaws.com", "fsx_mount_name": "abcd"}
     monkeypatch.setenv("AIRFLOW_CONN_DTP_HYPERPOD", json.dumps(conn))
     platform = HyperPodPlatform()
     run_key = spec["names"]["run_key"]
     try:
-        platform.provision(spec, outputs)
+        cluster = platform.provision(spec, outputs)
+        # The nodes mount that file system: save_checkpoint has it export the run's checkpoint.
+        assert cluster["fsx_file_system_id"] == "fs-0123456789abcdef0"
         prefix = f"{run_key}/lifecycle/"
         listed = s3.list_objects_v2(Bucket=platform.settings.lifecycle_bucket, Prefix=prefix)["Contents"]
         keys = sorted(o["Key"].removeprefix(prefix) for o in listed)

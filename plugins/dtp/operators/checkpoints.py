@@ -27,13 +27,13 @@ class SaveCheckpointOperator(BaseOperator):
     Save the run's newest checkpoint to ``s3://<artifacts>/runs/<run>/checkpoints/`` before its cluster goes, and
     write ``MANIFEST.json`` last (a manifest means the copy is whole). A run that wrote none saves nothing.
 
-    On a cluster whose FSx for Lustre file system is known (``fsx_file_system_id`` in the cluster, e.g. a
-    ParallelCluster on an existing file system), FSx copies the files itself: a data repository association links
-    the file system's ``/runs`` to the bucket's ``runs/`` (made on first use, with no automatic import or export,
-    and kept with the file system), and an ``EXPORT_TO_REPOSITORY`` task, waited for in the triggerer, exports
-    the checkpoint. A retry finds its FSx task again instead of starting another. While that association is being
-    created, when the path is linked elsewhere, or when the export fails, this worker uploads the files instead,
-    as on every other cluster (only what the bucket lacks).
+    On a cluster whose FSx for Lustre file system is known (``fsx_file_system_id`` in the cluster: a
+    ParallelCluster on an existing file system, a HyperPod cluster on Slurm mounting one), FSx copies the files
+    itself: a data repository association links the file system's ``/runs`` to the bucket's ``runs/`` (made on
+    first use, with no automatic import or export, and kept with the file system), and an ``EXPORT_TO_REPOSITORY``
+    task, waited for in the triggerer, exports the checkpoint. A retry finds its FSx task again instead of
+    starting another. While that association is being created, when the path is linked elsewhere, or when the
+    export fails, this worker uploads the files instead, as on every other cluster (only what the bucket lacks).
 
     :param spec: the run spec from ``validate_params``
     :param cluster: the cluster from ``deploy_cluster``

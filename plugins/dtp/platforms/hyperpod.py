@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from functools import cached_property
 from typing import Annotated, Any
 
@@ -63,6 +64,9 @@ class HyperPodEksSettings(PyTorchJobSettings):
     @property
     def cluster_name(self) -> str:
         return self.cluster_arn.rsplit("/", 1)[1]
+
+
+FSX_DNS_NAME = re.compile(r"^(?P<file_system_id>fs-[0-9a-f]{17})\.fsx\.")
 
 
 class HyperPodSettings(PlatformSettings):
@@ -273,6 +277,10 @@ class HyperPodPlatform:
                     "shared_dir": FSX_MOUNT}  # fmt: skip
         else:
             jobs = {"slurm_conn_id": settings.slurm_conn_id, "shared_dir": SlurmHook(settings.slurm_conn_id).shared_dir}
+            # The nodes mount fsx_dns_name's file system (fs-<id>.fsx.<region>.amazonaws.com) at the shared
+            # directory: save_checkpoint has it export the run's checkpoint.
+            if match := FSX_DNS_NAME.match(settings.fsx_dns_name):
+                jobs["fsx_file_system_id"] = match["file_system_id"]
         return {
             "platform": self.name,
             "cluster_name": cluster["ClusterName"],
