@@ -269,36 +269,49 @@ def test_a_failed_export_is_uploaded_by_the_worker_instead(stack, aws, fsx, tmp_
     assert set(objects(aws, saved["uri"])) == {"step_100/__0_0.distcp", "step_100/meta.json", "MANIFEST.json"}
 
 
-def test_without_the_association_it_is_made_for_later_runs_and_this_one_uploads(stack, aws, fsx, tmp_path) -> None:
+def test_an_export_stopped_at_its_deadline_is_cancelled_and_uploaded_instead(stack, aws, fsx, tmp_path) -> None:
     spec, cluster, _ = on_fsx(tmp_path)
-    fsx.add_response("describe_data_repository_associations", {"Associations": []})
-    repository = f"s3://{artifacts_bucket('aws_default')}/runs/"
-    fsx.add_response(
-        "create_data_repository_association",
-        {"Association": association("CREATING", repository)},
-        {
-            "FileSystemId": FS,
-            "FileSystemPath": "/runs",
-            "DataRepositoryPath": repository,
-            "BatchImportMetaDataOnCreate": False,  # and no S3 policy: nothing moves but export tasks
-            "Tags": [{"Key": "dtp:owner", "Value": "dtp"}, {"Key": "dtp:role", "Value": "checkpoint-export"}],
-        },
-    )
+    cancelled = {"TaskId": "task-0123456789abcdef1", "Lifecycle": "CANCELING"}
+    fsx.add_response("cancel_data_repository_task", cancelled, {"TaskId": "task-0123456789abcdef1"})
+    late = export_event("EXECUTING", failed=0) | {"status": "failed", "failure": "still EXECUTING after 10800 s"}
+    saved = operator(spec, cluster).execute_complete({}, late)
+    assert (saved["saved"], saved["uploaded"]) == (True, 2)
+
+
+def test_an_export_fsx_will_not_start_is_uploaded_instead(stack, aws, fsx, tmp_path) -> None:
+    spec, cluster, _ = on_fsx(tmp_path)
+    expect_association(fsx, "AVAILABLE")
+    fsx.add_response("describe_data_repository_tasks", {"DataRepositoryTasks": []})
+    fsx.add_client_error("create_data_repository_task", "DataRepositoryTaskExecuting", "another task is running")
     saved = operator(spec, cluster).execute({"ti": ti()})
-    assert (saved["uploaded"], saved["files"]) == (2, 2) and "exported_by" not in saved
+    assert (saved["saved"], saved["uploaded"]) == (True, 2) and "exported_by" not in saved
 
 
-@pytest.mark.parametrize("linked_elsewhere", ["s3://another-bucket/runs/", None])
-def test_a_file_system_whose_runs_folder_cannot_be_linked_is_uploaded_from(
-    stack, aws, fsx, tmp_path, linked_elsewhere
+@pytest.mark.parametrize(
+    "linked",
+    [None, association("AVAILABLE", "s3://another-bucket/runs/"), "FAILED"],
+    ids=["not-linked", "linked-elsewhere", "failed-association"],
+)
+def test_a_file_system_without_a_working_link_is_uploaded_from_and_left_as_it_is(
+    stack, aws, fsx, tmp_path, linked
 ) -> None:
+    # DTP never links a file system itself (a linked one can no longer be backed up): the Stubber would refuse a
+    # CreateDataRepositoryAssociation it was not told to expect.
     spec, cluster, _ = on_fsx(tmp_path)
-    if linked_elsewhere:
-        fsx.add_response(
-            "describe_data_repository_associations", {"Associations": [association("AVAILABLE", linked_elsewhere)]}
-        )
-    else:  # e.g. the file system's root is linked already: FSx refuses a nested association
-        fsx.add_response("describe_data_repository_associations", {"Associations": []})
-        fsx.add_client_error("create_data_repository_association", "BadRequest", "overlaps with /")
+    if linked == "FAILED":
+        expect_association(fsx, "FAILED")
+    else:
+        fsx.add_response("describe_data_repository_associations", {"Associations": [linked] if linked else []})
     saved = operator(spec, cluster).execute({"ti": ti()})
     assert (saved["saved"], saved["uploaded"]) == (True, 2)
+
+
+def test_a_checkpoint_folder_holding_what_the_manifest_leaves_out_is_uploaded(stack, aws, fsx, tmp_path) -> None:
+    # Exporting iter_0000200/ whole would copy its unfinished tmp folder too, which the manifest does not list.
+    spec, cluster, checkpoints = run(tmp_path, "megatron-lm")
+    spec["tags"] = {"dtp:run": spec["names"]["run_key"]}
+    write(checkpoints / "iter_0000200" / "mp_rank_00" / "model_optim_rng.pt", b"\x00" * 64)
+    write(checkpoints / "iter_0000200" / "tmp_shard" / "part.pt", b"\x00" * 8)
+    expect_association(fsx, "AVAILABLE")
+    saved = operator(spec, {**cluster, "fsx_file_system_id": FS}).execute({"ti": ti()})
+    assert (saved["files"], saved["uploaded"]) == (1, 1)

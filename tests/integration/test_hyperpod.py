@@ -76,8 +76,8 @@ def test_base_config_scripts_are_copied_under_the_run(spec, outputs, aws, monkey
     run_key = spec["names"]["run_key"]
     try:
         cluster = platform.provision(spec, outputs)
-        # The nodes mount that file system: save_checkpoint has it export the run's checkpoint.
-        assert cluster["fsx_file_system_id"] == "fs-0123456789abcdef0"
+        # The nodes would mount it at /fsx, but the stack's Slurm cluster shares another directory: no export.
+        assert "fsx_file_system_id" not in cluster
         prefix = f"{run_key}/lifecycle/"
         listed = s3.list_objects_v2(Bucket=platform.settings.lifecycle_bucket, Prefix=prefix)["Contents"]
         keys = sorted(o["Key"].removeprefix(prefix) for o in listed)

@@ -55,13 +55,16 @@ def _association(path: str, prefix: str) -> dict:
     }
 
 
-def _task(task_id: str, lifecycle: str, key: str = "", **status) -> dict:
+def _task(
+    task_id: str, lifecycle: str, key: str = "", paths: tuple[str, ...] = ("checkpoints/run1",), **status
+) -> dict:
     return {
         "TaskId": task_id,
         "Lifecycle": lifecycle,
         "Type": "EXPORT_TO_REPOSITORY",
         "CreationTime": CREATED,
         "FileSystemId": FS,
+        "Paths": list(paths),
         **({"Tags": [{"Key": TASK_KEY_TAG, "Value": key}]} if key else {}),
         "Status": {"TotalCount": 10, "SucceededCount": 10, "FailedCount": 0, **status},
         "Report": {"Enabled": True, "Path": "s3://bucket/reports"},
@@ -185,6 +188,23 @@ def test_operator_starts_once_then_reattaches_then_reuses(hook: FsxHook, stub: S
     done = _task("task-0123456789abcdef1", "SUCCEEDED", key=key)
     stub.add_response("describe_data_repository_tasks", {"DataRepositoryTasks": [done]}, filters)
     assert _operator().execute({"ti": _ti(3)})["task_id"] == "task-0123456789abcdef1"
+
+
+def test_a_cleared_task_asking_for_other_paths_starts_its_own(hook: FsxHook, stub: Stubber, monkeypatch) -> None:
+    # A cleared save_checkpoint after more training exports a newer step: the older export is not its answer.
+    monkeypatch.setattr(fsx_operators, "FsxHook", lambda **_: hook)
+    key = task_key(_ti())
+    older = _task("task-0123456789abcdef1", "SUCCEEDED", key=key, paths=("checkpoints/run0",))
+    filters = {"Filters": [{"Name": "file-system-id", "Values": [FS]}]}
+    stub.add_response("describe_data_repository_tasks", {"DataRepositoryTasks": [older]}, filters)
+    started = _task("task-0123456789abcdef2", "PENDING", key=key)
+    stub.add_response("create_data_repository_task", {"DataRepositoryTask": started}, {
+        "Type": "EXPORT_TO_REPOSITORY", "FileSystemId": FS, "Paths": ["checkpoints/run1"], "Report": ANY,
+        "ClientRequestToken": f"{key}-4", "Tags": ANY,
+    })  # fmt: skip
+    with pytest.raises(TaskDeferred) as deferred:
+        _operator().execute({"ti": _ti(4)})
+    assert deferred.value.trigger.repository_task_id == "task-0123456789abcdef2"
 
 
 def test_a_failed_task_fails_the_operator_with_counts_and_report() -> None:

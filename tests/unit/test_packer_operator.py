@@ -16,6 +16,7 @@ import boto3
 import pytest
 from airflow.sdk.exceptions import AirflowFailException
 from botocore.exceptions import ClientError, WaiterError
+from botocore.stub import Stubber
 from moto import mock_aws
 from moto.core import DEFAULT_ACCOUNT_ID
 from moto.ec2.models import ec2_backends
@@ -87,8 +88,9 @@ def test_an_available_ami_is_returned_and_tagged_without_baking(ec2, operator, e
     assert not (tmp_path / "calls").exists()
 
 
-def test_a_pending_ami_is_waited_for_and_returned_without_baking(ec2, operator, earlier_ami, tmp_path) -> None:
-    set_state(earlier_ami["id"], "pending")
+@pytest.mark.parametrize("state", ["pending", "transient"])
+def test_a_pending_ami_is_waited_for_and_returned_without_baking(ec2, operator, earlier_ami, tmp_path, state) -> None:
+    set_state(earlier_ami["id"], state)
     available = threading.Event()
 
     def become_available() -> None:
@@ -117,6 +119,16 @@ def test_an_ami_still_pending_when_the_wait_runs_out_fails_the_task_and_is_kept(
         operator.execute({})
     assert ec2.describe_images(ImageIds=[earlier_ami["id"]])["Images"][0]["State"] == "pending"
     assert not (tmp_path / "calls").exists()
+
+
+def test_disabled_amis_are_asked_for(ec2, operator, earlier_ami) -> None:
+    # EC2 leaves disabled AMIs out of DescribeImages unless asked (moto lists them anyway: the request is checked).
+    hook = operator.hook
+    with Stubber(hook.ec2.conn) as stub:
+        name_filter = [{"Name": "name", "Values": [earlier_ami["name"]]}]
+        expected = {"Owners": ["self"], "Filters": name_filter, "IncludeDisabled": True}
+        stub.add_response("describe_images", {"Images": []}, expected)
+        assert hook.find_image(earlier_ami["name"]) is None
 
 
 def test_a_disabled_ami_fails_the_task_without_baking_and_is_kept(ec2, operator, earlier_ami, tmp_path) -> None:

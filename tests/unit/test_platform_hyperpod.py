@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -298,3 +299,18 @@ def test_a_controller_without_its_connection_does_not_keep_the_runs_cluster(sett
     assert HyperPodPlatform()._stop_jobs(spec_for(recipe="llama3_1_8b", num_nodes=4)) == []
     assert "Could not stop the run's jobs before deleting the cluster" in caplog.text
     assert "dtp_hyperpod_slurm" in caplog.text
+
+
+@pytest.mark.parametrize(("shared_dir", "exports"), [("/fsx", True), ("/fsx/ubuntu", False)])
+def test_the_cluster_names_its_file_system_only_where_it_is_mounted_at_the_shared_dir(
+    settings, monkeypatch, shared_dir, exports
+) -> None:
+    # The lifecycle scripts mount fsx_dns_name's file system at /fsx: export paths are relative to that root.
+    controller = {"conn_type": "generic", "extra": {"transport": "local", "shared_dir": shared_dir}}
+    monkeypatch.setenv("AIRFLOW_CONN_HYPERPOD_CONTROLLER", json.dumps(controller))
+    settings(slurm_conn_id="hyperpod_controller")
+    described = {"ClusterName": "c", "ClusterArn": "arn:aws:sagemaker:us-east-1:111122223333:cluster/c",
+                 "CreationTime": datetime(2026, 12, 6, tzinfo=UTC)}  # fmt: skip
+    cluster = HyperPodPlatform()._record(spec_for(), described, Placement("p5.48xlarge", NETWORK["PrivateSubnet"]))
+    assert cluster.get("fsx_file_system_id") == ("fs-0123456789abcdef0" if exports else None)
+    assert cluster["created_at"] == datetime(2026, 12, 6, tzinfo=UTC).timestamp()

@@ -53,11 +53,8 @@ class FsxHook(AwsBaseHook):
         file_system_path: str,
         data_repository_path: str,
         tags: dict[str, str] | None = None,
-        automatic: bool = True,
     ) -> dict[str, Any]:
-        """Link ``file_system_path`` to the S3 prefix ``data_repository_path``: with ``automatic``, S3's objects are
-        imported (metadata first) and new, changed and deleted files exported as they change; without, nothing
-        moves but what data repository tasks move.
+        """Link ``file_system_path`` to the S3 prefix ``data_repository_path`` with automatic import and export.
 
         Idempotent: an existing association of the same path and prefix is returned; one to another prefix raises
         ``DataRepositoryConflict``.
@@ -73,13 +70,12 @@ class FsxHook(AwsBaseHook):
                 "Data repository association %s already links %s", existing["AssociationId"], file_system_path
             )
             return existing
-        policies = {"AutoImportPolicy": {"Events": AUTO_EVENTS}, "AutoExportPolicy": {"Events": AUTO_EVENTS}}
         response = self.conn.create_data_repository_association(
             FileSystemId=file_system_id,
             FileSystemPath=file_system_path,
             DataRepositoryPath=data_repository_path,
-            BatchImportMetaDataOnCreate=automatic,
-            **({"S3": policies} if automatic else {}),
+            BatchImportMetaDataOnCreate=True,
+            S3={"AutoImportPolicy": {"Events": AUTO_EVENTS}, "AutoExportPolicy": {"Events": AUTO_EVENTS}},
             **_tags(tags),
         )
         association = response["Association"]

@@ -32,11 +32,16 @@ def find_or_start_task(
     report_path: str,
     tags: dict[str, str],
 ) -> dict[str, Any]:
-    """The task instance's data repository task: one an earlier try started that still runs, else one that already
-    succeeded, else one started now (``Lifecycle`` PENDING). FSx tasks carry a tag of the task instance, the same
-    on every try, so a retry never starts a second one."""
+    """The task instance's data repository task of this type on these paths: one an earlier try started that still
+    runs, else one that already succeeded, else one started now (``Lifecycle`` PENDING). FSx tasks carry a tag of
+    the task instance, the same on every try, so a retry never starts a second one; a cleared task asked for other
+    paths (a newer checkpoint) starts its own."""
     key = task_key(ti)
-    earlier = hook.find_data_repository_tasks(file_system_id, TASK_KEY_TAG, key)
+    earlier = [
+        task
+        for task in hook.find_data_repository_tasks(file_system_id, TASK_KEY_TAG, key)
+        if task["Type"] == task_type and sorted(task.get("Paths", [])) == sorted(paths)
+    ]
     for lifecycles in (("PENDING", "EXECUTING"), ("SUCCEEDED",)):
         found = [task for task in earlier if task["Lifecycle"] in lifecycles]
         if found:

@@ -277,9 +277,9 @@ class HyperPodPlatform:
                     "shared_dir": FSX_MOUNT}  # fmt: skip
         else:
             jobs = {"slurm_conn_id": settings.slurm_conn_id, "shared_dir": SlurmHook(settings.slurm_conn_id).shared_dir}
-            # The nodes mount fsx_dns_name's file system (fs-<id>.fsx.<region>.amazonaws.com) at the shared
-            # directory: save_checkpoint has it export the run's checkpoint.
-            if match := FSX_DNS_NAME.match(settings.fsx_dns_name):
+            # The lifecycle scripts mount fsx_dns_name's file system (fs-<id>.fsx.<region>.amazonaws.com) at /fsx:
+            # when that is the shared directory, save_checkpoint can have FSx export the run's checkpoint.
+            if (match := FSX_DNS_NAME.match(settings.fsx_dns_name)) and jobs["shared_dir"] == FSX_MOUNT:
                 jobs["fsx_file_system_id"] = match["file_system_id"]
         return {
             "platform": self.name,
