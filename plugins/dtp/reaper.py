@@ -34,7 +34,7 @@ from dtp.hooks.stacks import StackHook
 from dtp.hooks.sweeper import RunResourceSweeper
 from dtp.images.ami import AMI_PARAMETER_PATH, BUILDER_TAG
 from dtp.naming import EXPIRES_TAG, SLURM_EXPIRY_PREFIX, TAG_PREFIX, parse_expiry, tags_dict
-from dtp.pipeline.data import RUN_MARKER
+from dtp.pipeline.data import RUN_MARKER, RUNS_FOLDER
 from dtp.pipeline.network import destroy_run_resources
 from dtp.platforms.batch import WAIT_TIMEOUT_MINUTES, BatchPlatform
 
@@ -143,7 +143,7 @@ def expired_builder_instances(ec2: Any, now: datetime) -> list[Expired]:
 def expired_run_dirs(shared: SharedFilesystemHook, now: datetime) -> list[Expired]:
     """Run directories on the cluster's shared filesystem whose marker (``run.json``) has expired: that filesystem
     may outlive the run's cluster (an existing FSx), and its checkpoints, data and logs would fill it."""
-    runs = posixpath.join(shared.shared_dir, "runs")
+    runs = posixpath.join(shared.shared_dir, RUNS_FOLDER)
     # No runs directory yet is nothing to reap; one that cannot be listed fails the search.
     find = f'test ! -e "$1" || find "$1" -mindepth 2 -maxdepth 2 -type f -name {RUN_MARKER}'
     found = []

@@ -12,12 +12,9 @@ from dtp.hooks.fsx import FsxHook
 from dtp.operators.fsx import find_or_start_task
 from dtp.pipeline import checkpoints
 from dtp.pipeline.checkpoints import Checkpoint
-from dtp.pipeline.data import run_dir
+from dtp.pipeline.data import RUNS_FOLDER, run_dir
 from dtp.triggers.fsx import FsxDataRepositoryTaskTrigger
 
-# Run directories sit under this folder of the shared filesystem, and their saved checkpoints under the same prefix
-# of the artifacts bucket: one data repository association of the two exports every run's checkpoint to its place.
-RUNS_FOLDER = "runs"
 MAX_TASK_PATHS = 100  # CreateDataRepositoryTask's limit
 
 
@@ -84,7 +81,7 @@ class SaveCheckpointOperator(BaseOperator):
             self.log.warning("FSx cannot export the checkpoint (%s): uploading from this worker", err)
             return self._upload(checkpoint)
         if task["Lifecycle"] == "SUCCEEDED":
-            return checkpoints.write_manifest(self.spec, checkpoint, self.aws_conn_id) | {"exported_by": task["TaskId"]}
+            return self._exported(checkpoint, task["TaskId"])
         self.log.info("FSx exports %s to %s: waiting for task %s", checkpoint.directory, checkpoint.uri, task["TaskId"])
         self.defer(
             trigger=FsxDataRepositoryTaskTrigger(
@@ -101,9 +98,7 @@ class SaveCheckpointOperator(BaseOperator):
         counts = f"{event['succeeded']} of {event['total']} files, {event['failed']} failed"
         if event["status"] == "success":
             self.log.info("FSx task %s exported the checkpoint: %s", event["task_id"], counts)
-            return checkpoints.write_manifest(self.spec, checkpoint, self.aws_conn_id) | {
-                "exported_by": event["task_id"]
-            }
+            return self._exported(checkpoint, event["task_id"])
         self.log.warning(
             "FSx task %s ended %s (%s): %s; failed files are listed under %s. Uploading from this worker instead",
             event["task_id"], event["lifecycle"], counts, event["failure"] or "no reason", event["report_path"],
@@ -111,6 +106,9 @@ class SaveCheckpointOperator(BaseOperator):
         if event["lifecycle"] in ("PENDING", "EXECUTING"):  # past export_timeout: it must not write under the upload
             FsxHook(aws_conn_id=self.aws_conn_id).cancel_data_repository_task(event["task_id"])
         return self._upload(checkpoint)
+
+    def _exported(self, checkpoint: Checkpoint, task_id: str) -> dict[str, Any]:
+        return checkpoints.write_manifest(self.spec, checkpoint, self.aws_conn_id) | {"exported_by": task_id}
 
     def _upload(self, checkpoint: Checkpoint) -> dict[str, Any]:
         uploaded = checkpoints.upload_checkpoint(checkpoint, self.aws_conn_id)
@@ -135,9 +133,8 @@ class SaveCheckpointOperator(BaseOperator):
             or len(tops) > MAX_TASK_PATHS
         ):
             return None
+        # Under RUNS_FOLDER (run_dir), which the association links to the bucket's prefix of the same name.
         folder = checkpoint.directory.relative_to(self.cluster["shared_dir"]).as_posix()
-        if not folder.startswith(f"{RUNS_FOLDER}/"):
-            return None
         return [f"{folder}/{top.name}" for top in tops]
 
     def _exporting_file_system(self, checkpoint: Checkpoint) -> str | None:

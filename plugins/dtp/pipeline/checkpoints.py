@@ -27,7 +27,7 @@ from botocore.exceptions import ClientError
 from pydantic import BaseModel, Field, ValidationError
 
 from dtp.params import ParamsError
-from dtp.pipeline.data import check_shared_dir_visible, download, relative_key, run_dir, s3_folder
+from dtp.pipeline.data import RUNS_FOLDER, check_shared_dir_visible, download, relative_key, run_dir, s3_folder
 from dtp.pipeline.results import artifacts_bucket
 
 log = logging.getLogger(__name__)
@@ -80,7 +80,7 @@ def newest_checkpoint(spec: dict[str, Any], cluster: dict[str, Any], aws_conn_id
     if not files:
         log.info("No checkpoint in %s: nothing to save", directory)
         return None
-    prefix = f"runs/{spec['names']['run_key']}/checkpoints/"
+    prefix = f"{RUNS_FOLDER}/{spec['names']['run_key']}/checkpoints/"
     return Checkpoint(directory, step, files, artifacts_bucket(aws_conn_id), prefix)
 
 

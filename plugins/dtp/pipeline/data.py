@@ -36,11 +36,14 @@ from dtp.recipes import INCLUDE_DIR
 log = logging.getLogger(__name__)
 SAMPLE_CORPUS = INCLUDE_DIR / "data" / "corpus.txt"
 RUN_MARKER = "run.json"
+# Run directories sit under this folder of the shared filesystem, and what runs save under the same prefix of the
+# artifacts bucket.
+RUNS_FOLDER = "runs"
 S3_URI = re.compile(r"^s3://(?P<bucket>[^/]+)/?(?P<prefix>.*)$")
 
 
 def run_dir(spec: dict[str, Any], cluster: dict[str, Any]) -> Path:
-    return Path(cluster["shared_dir"]) / "runs" / spec["names"]["run_key"]
+    return Path(cluster["shared_dir"]) / RUNS_FOLDER / spec["names"]["run_key"]
 
 
 def claim_run_dir(spec: dict[str, Any], cluster: dict[str, Any]) -> Path:
