@@ -1,10 +1,14 @@
-"""Deterministic resource names and tags from (dag_id, run_id).
+"""Deterministic resource names and tags from (dag_id, run_id, incarnation).
 
-A retried, cleared or re-run task computes the same name, so it finds the
-resource it created before instead of creating a second one, and a reaper can
-find every resource of a run by its tags. Names are valid everywhere DTP uses
-them: S3 buckets (3-63 chars, lowercase), CloudFormation stacks, Slurm job
-names and POSIX paths; they never contain a shell metacharacter.
+A retried or cleared task reads the names its run's ``validate_params`` fixed,
+so it finds the resource it created before instead of creating a second one,
+and a reaper can find every resource of a run by its tags. A whole run cleared
+and run again is a new incarnation (Airflow's ``clear_number``) with new names:
+it trains again instead of finding its first incarnation's finished job.
+
+Names are valid everywhere DTP uses them: S3 buckets (3-63 chars, lowercase),
+CloudFormation stacks, Slurm job names and POSIX paths; they never contain a
+shell metacharacter.
 """
 
 from __future__ import annotations
@@ -31,14 +35,17 @@ def slug(text: str, limit: int) -> str:
 
 @dataclass(frozen=True)
 class RunNames:
-    """Every name one pipeline run uses, derived from its dag_id and run_id."""
+    """Every name one pipeline run uses, derived from its dag_id, run_id and incarnation (the run's
+    ``clear_number`` when its names were fixed: 0 for a run never cleared)."""
 
     dag_id: str
     run_id: str
+    incarnation: int = 0
 
     @property
     def run_key(self) -> str:
-        digest = hashlib.sha256(f"{self.dag_id}\0{self.run_id}".encode()).hexdigest()[:10]
+        key = f"{self.dag_id}\0{self.run_id}" + (f"\0{self.incarnation}" if self.incarnation else "")
+        digest = hashlib.sha256(key.encode()).hexdigest()[:10]
         return f"{PREFIX}-{slug(self.dag_id, 24)}-{digest}"
 
     @property

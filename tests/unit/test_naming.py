@@ -60,6 +60,16 @@ def test_run_key_is_deterministic() -> None:
     assert RunNames("train_e2e", "manual__2026-01-01T00:00:00+00:00").run_key == "dtp-train-e2e-718cc1c5b8"
 
 
+def test_a_cleared_run_is_a_new_incarnation_with_new_names() -> None:
+    # A whole run cleared and run again must not find its first incarnation's finished job or stack; a run
+    # never cleared (clear_number 0) keeps the names it always had.
+    first = RunNames("train_e2e", "scheduled__2026-01-01T00:00:00+00:00")
+    again = [RunNames(first.dag_id, first.run_id, n) for n in (1, 2)]
+    assert first == RunNames(first.dag_id, first.run_id, 0)
+    assert len({first.run_key, *(names.run_key for names in again)}) == 3
+    assert all(names.run_key.startswith("dtp-train-e2e-") for names in again)
+
+
 def test_different_runs_get_different_keys() -> None:
     run_ids = [f"manual__2026-01-{d:02d}T00:00:00+00:00" for d in range(1, 29)] + HOSTILE_RUN_IDS
     keys = {RunNames("train_e2e", r).run_key for r in run_ids}

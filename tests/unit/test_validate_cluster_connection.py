@@ -1,14 +1,17 @@
-"""validate_cluster's connect step refuses a connection that is missing or not a Slurm one, before any job: a
-connection whose extra names no transport would otherwise be taken for the worker's own cluster."""
+"""validate_cluster's first steps: connect refuses a connection that is missing or not a Slurm one, before any job
+(a connection whose extra names no transport would otherwise be taken for the worker's own cluster), and
+validate_params names the run's jobs by its incarnation."""
 
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 
+from dtp.naming import RunNames
 from dtp.params import ParamsError
-from dtp.pipeline.validation import connect
+from dtp.pipeline.validation import connect, validate_params
 
 
 def _spec(conn_id: str) -> dict:
@@ -25,3 +28,13 @@ def test_a_connection_that_is_not_a_slurm_one_is_refused(monkeypatch) -> None:
 def test_a_missing_connection_is_refused_by_name() -> None:
     with pytest.raises(ParamsError, match="slurm_conn_id: got 'no_such_cluster'; no such Airflow connection"):
         connect(_spec("no_such_cluster"))
+
+
+def test_a_cleared_validation_run_gets_new_names() -> None:
+    # Clearing a whole finished run re-runs validate_params with a higher clear_number: its jobs get new names,
+    # so it validates again instead of finding the first incarnation's finished preflight job.
+    run = SimpleNamespace(conf={}, dag_id="validate_cluster", run_id="scheduled__1", clear_number=0)
+    first = validate_params.function(params={}, dag_run=run)["names"]
+    again = validate_params.function(params={}, dag_run=SimpleNamespace(**{**vars(run), "clear_number": 1}))["names"]
+    assert first == RunNames("validate_cluster", "scheduled__1").as_dict()
+    assert again == RunNames("validate_cluster", "scheduled__1", 1).as_dict() != first

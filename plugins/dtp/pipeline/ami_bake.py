@@ -33,7 +33,8 @@ def validate_params(**context: Any) -> list[dict[str, Any]]:
         params = parse_params(ami.AmiBakeParams, {**context["params"], **(context["dag_run"].conf or {})})
     except ParamsError as err:
         raise AirflowFailException(str(err)) from None
-    names = RunNames(context["dag"].dag_id, context["run_id"])
+    dag_run = context["dag_run"]
+    names = RunNames(dag_run.dag_id, dag_run.run_id, dag_run.clear_number or 0)
     tags = resource_tags(names, "ami-bake", expiry(params.retain_days * 24))
     builder_tags = {**resource_tags(names, "ami-bake", expiry(ami.BUILDER_EXPIRY_HOURS)), ami.BUILDER_TAG: "true"}
     return ami.bake_requests(params, tags, builder_tags)

@@ -16,8 +16,11 @@ from dtp.platforms import get_platform
 from dtp.recipes import get_recipe, instance_types
 
 
-def build_spec(params: Mapping[str, Any], conf: Mapping[str, Any], dag_id: str, run_id: str) -> dict[str, Any]:
-    """Validate ``params`` (form defaults + conf) plus any key of ``conf`` no param declares."""
+def build_spec(
+    params: Mapping[str, Any], conf: Mapping[str, Any], dag_id: str, run_id: str, incarnation: int = 0
+) -> dict[str, Any]:
+    """Validate ``params`` (form defaults + conf) plus any key of ``conf`` no param declares; ``incarnation``
+    is the run's ``clear_number`` (see ``RunNames``)."""
     merged = {**dict(params), **dict(conf)}
     validated = validate_params(merged)
     platform = get_platform(validated.platform)
@@ -35,14 +38,14 @@ def build_spec(params: Mapping[str, Any], conf: Mapping[str, Any], dag_id: str, 
             f"invalid parameters:\nnum_nodes: got {validated.num_nodes}; platform {validated.platform!r} "
             f"has at most {capacity} nodes" + (f" once {excluded} are excluded" if excluded else "")
         )
-    return run_spec(validated, dag_id, run_id)
+    return run_spec(validated, dag_id, run_id, incarnation)
 
 
-def run_spec(validated: TrainParams, dag_id: str, run_id: str) -> dict[str, Any]:
+def run_spec(validated: TrainParams, dag_id: str, run_id: str, incarnation: int = 0) -> dict[str, Any]:
     """The spec of validated params: recipe, instance, names, tags, cost (no check against the platform)."""
     recipe = get_recipe(validated.recipe)
     instance = instance_types()[validated.instance_type]
-    names = RunNames(dag_id, run_id)
+    names = RunNames(dag_id, run_id, incarnation)
     return {
         "dag_id": dag_id,
         "run_id": run_id,
@@ -53,6 +56,10 @@ def run_spec(validated: TrainParams, dag_id: str, run_id: str) -> dict[str, Any]
         "tags": resource_tags(names, validated.recipe, expiry(validated.expiry_hours)),
         "estimated_cost_usd": estimate_cost_usd(validated, recipe.expected_step_seconds, instance.price_usd_per_hour),
         "training_time_limit_minutes": training_time_limit_minutes(
-            validated.budget_usd, validated.num_nodes, instance.price_usd_per_hour
+            validated.budget_usd,
+            validated.num_nodes,
+            instance.price_usd_per_hour,
+            validated.expiry_hours,
+            validated.pending_timeout_minutes,
         ),
     }

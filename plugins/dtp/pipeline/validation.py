@@ -32,10 +32,12 @@ from dtp.recipes import instance_types
 log = logging.getLogger(__name__)
 
 
-def build_validation_spec(params: dict[str, Any], conf: dict[str, Any], dag_id: str, run_id: str) -> dict[str, Any]:
+def build_validation_spec(
+    params: dict[str, Any], conf: dict[str, Any], dag_id: str, run_id: str, incarnation: int = 0
+) -> dict[str, Any]:
     """The spec the preflight job writers and the gate read, for a validation run."""
     validated = validate_cluster_params({**params, **conf})
-    names = RunNames(dag_id, run_id)
+    names = RunNames(dag_id, run_id, incarnation)
     return {
         "dag_id": dag_id,
         "run_id": run_id,
@@ -60,7 +62,7 @@ def connect(spec: dict[str, Any]) -> dict[str, Any]:
             'connection: give {"transport": "ssh", "ssh_conn_id": "<head node>"} (or "local" on the head node)'
         )
     nodes = hook.node_count()
-    usable = nodes - len(expand_hostlist(params["exclude_nodes"]))
+    usable = nodes - len(set(expand_hostlist(params["exclude_nodes"])))  # "n1,n[1-2]" excludes two nodes
     if usable < params["num_nodes"]:
         raise ParamsError(
             f"num_nodes: got {params['num_nodes']}; the cluster behind {params['slurm_conn_id']!r} has {nodes} "
@@ -80,8 +82,9 @@ def connect(spec: dict[str, Any]) -> dict[str, Any]:
 def validate_params(**context: Any) -> dict[str, Any]:
     """Refuse bad input before any job is submitted."""
     try:
+        dag_run = context["dag_run"]
         return build_validation_spec(
-            context["params"], context["dag_run"].conf or {}, context["dag"].dag_id, context["run_id"]
+            context["params"], dag_run.conf or {}, dag_run.dag_id, dag_run.run_id, dag_run.clear_number or 0
         )
     except ParamsError as err:
         raise AirflowFailException(str(err)) from None
