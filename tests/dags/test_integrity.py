@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import itertools
+import re
 from pathlib import Path
 
 import pytest
@@ -100,6 +101,31 @@ def test_teardowns_are_teardowns_of_their_setups(dagbag: DagBag) -> None:
     assert "teardown_cluster" in network_down.upstream_task_ids, "cluster must go before the network"
 
 
+def _cleared_with(dag, task_id: str) -> set[str]:
+    """The tasks Airflow clears with ``task_id`` (the UI's Clear with "downstream", the default)."""
+    return set(dag.partial_subset(task_id, include_downstream=True, include_upstream=False).task_dict)
+
+
+def test_a_cleared_task_rebuilds_everything_its_teardowns_deleted(dagbag: DagBag) -> None:
+    # Once the teardowns ran, training again needs the whole chain that rebuilds the network and the cluster:
+    # with only the tasks that create them, deploy_cluster would start on the deleted stack's subnets and the new
+    # cluster would have neither the data nor the job script.
+    dag = dagbag.dags["train_e2e"]
+    rebuilt = {
+        *("deploy_network.plan_stack", "deploy_network.create_stack", "deploy_network.wait_for_stack"),
+        *("deploy_network.stack_outputs", "deploy_cluster", "stage_data", "train.prepare_training"),
+        *("train.run_job", "collect_metrics", "save_checkpoint", "teardown_cluster", "teardown_network"),
+    }
+    assert rebuilt <= _cleared_with(dag, "train.run_job")
+    assert {"preflight.prepare_preflight", "stage_data", "deploy_cluster"} <= _cleared_with(dag, "preflight.run_checks")
+
+
+@pytest.mark.parametrize("task_id", ["evaluate_gates", "report"])
+def test_judging_or_reporting_again_rebuilds_nothing(dagbag: DagBag, task_id: str) -> None:
+    dag = dagbag.dags["train_e2e"]
+    assert _cleared_with(dag, task_id) <= {task_id, "report", "watcher"}
+
+
 def test_the_checkpoint_is_saved_after_training_however_it_ended_and_before_the_cluster_goes(dagbag: DagBag) -> None:
     dag = dagbag.dags["train_e2e"]
     saved = dag.get_task("save_checkpoint")
@@ -181,5 +207,8 @@ def test_a_broken_recipe_costs_only_its_own_dag(tmp_path, monkeypatch) -> None:
     wide = (factory.RECIPE_DIR / "tiny.yaml").read_text().replace("name: tiny\n", "name: tiny_wide\n")
     (tmp_path / "tiny_wide.yaml").write_text(wide.replace("  num_nodes: 2\n", "  num_nodes: 1000\n"))
     assert "num_nodes: 1000" in (tmp_path / "tiny_wide.yaml").read_text()
+    nightly = (factory.RECIPE_DIR / "tiny.yaml").read_text().replace("name: tiny\n", "name: tiny_nightly\n")
+    (tmp_path / "tiny_nightly.yaml").write_text(re.sub(r"(?m)^schedule: .*$", 'schedule: "nightly"', nightly))
+    assert 'schedule: "nightly"' in (tmp_path / "tiny_nightly.yaml").read_text()
     monkeypatch.setattr(factory, "RECIPE_DIR", tmp_path)
     assert list(factory.regression_dags()) == ["regression__tiny"]

@@ -13,6 +13,7 @@ import logging
 from datetime import datetime, timedelta
 
 from airflow.sdk import DAG
+from airflow.sdk.exceptions import AirflowTimetableInvalid
 
 from dtp.params import airflow_params
 from dtp.pipeline.graph import training_pipeline
@@ -53,7 +54,10 @@ def regression_dags() -> dict[str, DAG]:
                 continue
             # Its defaults become the form's: one the form would refuse (num_nodes: 1000) fails the DAG's build.
             dag = regression_dag(recipe)
-        except ValueError as err:  # a RecipeError, or the DAG's refusal of its params' defaults
+            # A schedule that is no cron expression or preset: the dag-processor would refuse it as an error of
+            # this whole file, and stop scheduling every regression DAG.
+            dag.timetable.validate()
+        except (ValueError, AirflowTimetableInvalid) as err:  # a RecipeError, a refused default, a bad schedule
             log.error("No regression DAG for %s: %s", path.name, err)
             continue
         dags[dag.dag_id] = dag

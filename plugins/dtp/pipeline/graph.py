@@ -56,7 +56,10 @@ PENDING_TIMEOUT_S = "{{ params.pending_timeout_minutes * 60 }}"
 def validate_params(**context: Any) -> dict[str, Any]:
     """Refuse bad input, with field, value and what is allowed, before anything is created."""
     try:
-        spec = build_spec(context["params"], context["dag_run"].conf or {}, context["dag"].dag_id, context["run_id"])
+        dag_run = context["dag_run"]
+        spec = build_spec(
+            context["params"], dag_run.conf or {}, dag_run.dag_id, dag_run.run_id, dag_run.clear_number or 0
+        )
         spec["resume"] = checkpoints.resume_source(spec, AWS_CONN_ID)
         if problem := data.dataset_problem(spec, AWS_CONN_ID):
             raise ParamsError(f"invalid parameters:\n{problem}")
@@ -65,10 +68,10 @@ def validate_params(**context: Any) -> dict[str, Any]:
     if spec["resume"]:
         log.info("Resuming from %s (step %s of run %s)", *(spec["resume"][k] for k in ("uri", "step", "from_run")))
     log.info(
-        "Run %s: estimated cost %.2f USD; training time limit %s",
+        "Run %s: estimated cost %.2f USD; training time limit %d min (budget_usd, expiry_hours)",
         spec["names"]["run_key"],
         spec["estimated_cost_usd"],
-        f"{spec['training_time_limit_minutes']} min (budget_usd)" if spec["training_time_limit_minutes"] else "none",
+        spec["training_time_limit_minutes"],
     )
     return spec
 
@@ -305,9 +308,14 @@ def training_pipeline(dag: DAG) -> None:
 
     # A teardown runs when at least one of its setups succeeded. plan_stack creates nothing and succeeds before
     # anything exists, so both teardowns also run when create_stack or deploy_cluster failed after creating.
-    cluster_down = teardown_cluster(spec).as_teardown(setups=[plan, deploy])
-    network_down = teardown_network(spec).as_teardown(setups=[plan, stack])
-    [saved, report] >> cluster_down >> network_down
+    # Every task that builds what a teardown deletes is one of its setups: clearing a task after the teardowns
+    # ran (train.run_job, say) re-runs the whole chain that rebuilds the network and the cluster it needs, not
+    # only the tasks that create them (Airflow clears a cleared task's setups, not the tasks between them).
+    cluster_down = teardown_cluster(spec).as_teardown(setups=[plan, deploy, staged, pf_job, job])
+    network_down = teardown_network(spec).as_teardown(setups=[plan, stack, wait, outputs])
+    # The gates and the report read XComs and write to the artifacts bucket: the cluster does not wait for them,
+    # and clearing one to judge or render again rebuilds nothing.
+    saved >> cluster_down >> network_down
     # Setups may only be followed by ALL_SUCCESS tasks, and a branch skips every task it does not pick that follows
     # it: their failures reach the watcher as upstream_failed.
     [t for t in dag.tasks if not (t.is_setup or isinstance(t, BranchPythonOperator))] >> watcher()
