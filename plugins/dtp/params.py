@@ -32,8 +32,9 @@ RESERVED_ENV = frozenset(
     {
         *("PATH", "LD_PRELOAD", "LD_LIBRARY_PATH", "PYTHONPATH", "HOME", "USER"),
         *("IFS", "ENV", "SHELL", "PS4", "PYTHONHOME"),
-        # bash's read-only variables: exporting one ends the job script under set -e.
-        *("UID", "EUID", "PPID", "SHELLOPTS", "BASHOPTS"),
+        # bash's read-only variables: exporting one ends the job script under set -e; and those bash evaluates as
+        # arithmetic, where a value that is not a number does the same.
+        *("UID", "EUID", "PPID", "SHELLOPTS", "BASHOPTS", "RANDOM", "SRANDOM", "OPTIND", "HISTCMD"),
         *("RDZV_HOST", "RDZV_PORT", "FIRST_NODE", "ATTEMPT", "ATTEMPTS", "LATEST", "LOAD_PATH", "NSYS", "TRAIN"),
         *("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE"),
     }
@@ -306,17 +307,26 @@ def validate_params(conf: dict[str, Any]) -> TrainParams:
             f"dataset_uri: empty; recipe {params.recipe!r} ({recipe.framework}) trains on a dataset prepared in its "
             f"format: give the S3 prefix that holds it{' (' + ', '.join(required) + ')' if required else ''}"
         )
+    on_neuron = recipe is not None and recipe.framework == "neuronx-distributed"
+    if recipe is not None and instance is not None and bool(instance.neuron_devices) != on_neuron:
+        runs_on = "Trainium only" if on_neuron else "GPUs or CPUs, not Trainium"
+        problems.append(
+            f"instance_type: got {params.instance_type!r} ({instance.accelerator}); recipe {params.recipe!r} trains "
+            f"with {recipe.framework}, which runs on {runs_on}"
+        )
     if recipe is not None and instance is not None:
         try:
             recipe.ranks(params.num_nodes, instance.accelerators_per_node)
         except RecipeError as err:
             problems.append(f"num_nodes: got {params.num_nodes}; {err}")
         hours = estimate_training_hours(params, recipe.expected_step_seconds)
-        if params.expiry_hours < hours + SETUP_HOURS:
+        pending = params.pending_timeout_minutes / 60
+        if params.expiry_hours < hours + SETUP_HOURS + pending:
             problems.append(
                 f"expiry_hours: got {params.expiry_hours}; the run is estimated to take {hours:.1f} h of training "
-                f"plus up to {SETUP_HOURS:.0f} h for its cluster and results: give at least "
-                f"{hours + SETUP_HOURS:.1f}, or the reaper deletes the run while it runs"
+                f"plus up to {SETUP_HOURS:.0f} h for its cluster and results"
+                + (f" plus up to {pending:.1f} h pending (pending_timeout_minutes)" if pending else "")
+                + f": give at least {hours + SETUP_HOURS + pending:.1f}, or the reaper deletes the run while it runs"
             )
         cost = estimate_cost_usd(params, recipe.expected_step_seconds, instance.price_usd_per_hour)
         if cost > params.budget_usd:
@@ -353,12 +363,25 @@ def estimate_cost_usd(params: TrainParams, step_seconds: float, price_per_hour: 
     return round(estimate_training_hours(params, step_seconds) * price_per_hour * params.num_nodes, 2)
 
 
-def training_time_limit_minutes(budget_usd: float, num_nodes: int, price_per_hour: float) -> int:
-    """Minutes of training ``budget_usd`` pays for on ``num_nodes`` nodes at ``price_per_hour`` each; Slurm stops
-    the job there (0: no limit, for instances that cost nothing)."""
-    if price_per_hour <= 0:
-        return 0
-    return min(MAX_TIME_LIMIT_MINUTES, max(1, int(budget_usd / (price_per_hour * num_nodes) * 60)))
+def training_time_limit_minutes(
+    budget_usd: float,
+    num_nodes: int,
+    price_per_hour: float,
+    expiry_hours: float | None = None,
+    pending_timeout_minutes: int = 0,
+) -> int:
+    """Minutes the training job may run; its scheduler stops it there (0: no limit).
+
+    The least of what ``budget_usd`` pays for on ``num_nodes`` nodes at ``price_per_hour`` each (nothing, for
+    instances that cost nothing) and what ``expiry_hours`` leaves once the run's cluster and results
+    (``SETUP_HOURS``) and its longest wait in the queue are counted: the reaper never deletes a run that trains.
+    """
+    limits = [MAX_TIME_LIMIT_MINUTES]
+    if price_per_hour > 0:
+        limits.append(int(budget_usd / (price_per_hour * num_nodes) * 60))
+    if expiry_hours is not None:
+        limits.append(int((expiry_hours - SETUP_HOURS) * 60) - pending_timeout_minutes)
+    return 0 if len(limits) == 1 else max(1, min(limits))
 
 
 def airflow_params(

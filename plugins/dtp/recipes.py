@@ -103,6 +103,13 @@ class Recipe(_Strict):
         return self
 
     @model_validator(mode="after")
+    def _fp8_is_megatrons(self) -> Recipe:
+        # Only the Megatron-LM launch turns fp8 into a flag (--fp8-format); DTP's trainer would train in fp32.
+        if self.precision == "fp8" and self.framework != "megatron-lm":
+            raise ValueError(f"precision fp8 is launched for framework megatron-lm only, not {self.framework!r}")
+        return self
+
+    @model_validator(mode="after")
     def _framework_can_split_so(self) -> Recipe:
         split = {name for name in ("tensor", "pipeline", "context") if getattr(self.parallelism, name) > 1}
         unsupported = split - FRAMEWORK_PARALLELISM[self.framework]

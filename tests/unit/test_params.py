@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 from typing import Any
 
 import pytest
@@ -83,7 +84,7 @@ def test_defaults_match_the_tiny_recipe_defaults() -> None:
         {"extra_env": {"NCCL_DEBUG": "INFO", "_X1": "", "TORCH_LOGS": "+dynamo, a=b; c"}},
         {"extra_env": {f"V{i}": "x" for i in range(64)}},
         {"extra_env": {"LONG": "x" * 4096}},
-        {"keep_cluster": True, "expiry_hours": 2.1, "hang_timeout_minutes": 1440},
+        {"keep_cluster": True, "expiry_hours": 3.1, "hang_timeout_minutes": 1440},
     ],
 )
 def test_valid_confs_are_accepted(conf: dict[str, Any]) -> None:
@@ -158,7 +159,9 @@ BAD = [
     ({"max_steps": 5, "checkpoint_interval": 5, "profile_steps": 5}, "profile_steps", "below max_steps (5)"),
     ({"recipe": "llama3_1_8b_torchtitan", "profile_steps": 2}, "profile_steps", "only DTP's trainer"),
     # An expiry the run outlasts lets the reaper delete it while it runs: 300 steps of 0.25 s plus 2 h of setup.
-    ({"expiry_hours": 1.5}, "expiry_hours", "give at least 2.0"),
+    # The run may wait pending_timeout_minutes in the queue before it trains: the expiry counts that too.
+    ({"expiry_hours": 2.5}, "expiry_hours", "plus up to 1.0 h pending (pending_timeout_minutes): give at least 3.0"),
+    ({"expiry_hours": 1.5, "pending_timeout_minutes": 0}, "expiry_hours", "results: give at least 2.0"),
     (
         {
             "recipe": "llama3_1_70b",
@@ -263,10 +266,35 @@ def test_a_framework_recipe_needs_its_prepared_dataset() -> None:
         assert "dataset_uri" not in refuse({"recipe": recipe, "num_nodes": 1, "instance_type": "p5.48xlarge"})
 
 
+@pytest.mark.parametrize(
+    ("recipe", "instance_type", "runs_on"),
+    [
+        ("llama3_1_8b", "trn1.32xlarge", "GPUs or CPUs, not Trainium"),
+        ("llama3_1_8b_trn1", "p5.48xlarge", "Trainium only"),
+    ],
+)
+def test_a_recipe_on_an_accelerator_its_framework_cannot_use_is_refused(
+    recipe: str, instance_type: str, runs_on: str
+) -> None:
+    # DTP's trainer on a trn1 would find no CUDA device and train on the CPUs for the whole budget.
+    conf = {"recipe": recipe, "platform": "parallelcluster", "instance_type": instance_type, "num_nodes": 4}
+    assert f"instance_type: got {instance_type!r} (" in refuse(conf)
+    assert f"which runs on {runs_on}" in refuse(conf)
+
+
 def test_reserved_env_names_are_all_refused() -> None:
     for name in [*RESERVED_ENV, "SLURM_NNODES", "PET_NNODES", "TORCHELASTIC_RESTART_COUNT"]:
         assert "set by the pipeline" in refuse({"extra_env": {name: "x"}})
     assert validate_params({"extra_env": {"NCCL_DEBUG": "INFO", "OMP_NUM_THREADS": "4"}}).extra_env
+
+
+@pytest.mark.parametrize("name", ["UID", "RANDOM", "SRANDOM", "OPTIND", "HISTCMD", "SHELLOPTS"])
+def test_the_variables_whose_export_ends_a_job_script_are_reserved(name: str) -> None:
+    # The job scripts run under set -euo pipefail: exporting one of these (read-only, or arithmetic in bash)
+    # would end the job after its cluster exists.
+    run = subprocess.run(["bash", "-c", f"set -euo pipefail; export {name}=x; echo ok"], capture_output=True)
+    assert run.returncode != 0
+    assert name in RESERVED_ENV
 
 
 def test_the_variables_the_job_scripts_assign_are_reserved() -> None:
@@ -293,6 +321,15 @@ def test_budget_too_low_for_70b_names_the_cost_along_with_the_platform() -> None
 
 def test_sufficient_budget_is_accepted() -> None:
     assert validate_params({**BIG_70B, "budget_usd": 3500}).budget_usd == 3500
+
+
+def test_training_time_limit_ends_before_the_expiry() -> None:
+    # 24 h expiry - 2 h for the cluster and results - 1 h pending: the reaper never deletes a run that trains.
+    assert training_time_limit_minutes(1e6, 4, 10.0, expiry_hours=24, pending_timeout_minutes=60) == 21 * 60
+    assert training_time_limit_minutes(100.0, 4, 10.0, expiry_hours=24, pending_timeout_minutes=60) == 150
+    assert training_time_limit_minutes(100.0, 4, 0.0, expiry_hours=24) == 22 * 60  # free, and still bounded
+    spec = run_spec(parse_params(TrainParams, {"expiry_hours": 5, "pending_timeout_minutes": 30}), "train_e2e", "r")
+    assert spec["training_time_limit_minutes"] == 150
 
 
 def test_training_time_limit_is_what_the_budget_pays_for() -> None:

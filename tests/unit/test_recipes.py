@@ -155,6 +155,7 @@ def test_not_a_mapping(tmp_path: Path, content: str) -> None:
         ({"framework": "jax"}, "framework"),
         ({"precision": "fp16"}, "precision"),
         ({"framework": "torchtitan", "compile": True}, "compile is DTP's trainer's option"),
+        ({"precision": "fp8"}, "precision fp8 is launched for framework megatron-lm only, not 'fsdp'"),
         ({"learning_rate": 1e-3}, "learning_rate"),
         ({"defaults": {"platform": "local"}}, "defaults.instance_type"),
         ({"gates": {"final_loss_max": "low"}}, "gates.final_loss_max"),

@@ -166,7 +166,9 @@ def priced_for(spec: dict[str, Any], cluster: dict[str, Any]) -> dict[str, Any]:
     """``spec`` with the training time ``budget_usd`` pays for on the nodes the cluster got: a capacity fallback's
     instance type may cost more per hour than the one the run asked for."""
     params, price = spec["params"], instance_of(spec, cluster)["price_usd_per_hour"]
-    minutes = training_time_limit_minutes(params["budget_usd"], params["num_nodes"], price)
+    minutes = training_time_limit_minutes(
+        params["budget_usd"], params["num_nodes"], price, params["expiry_hours"], params["pending_timeout_minutes"]
+    )
     return {**spec, "training_time_limit_minutes": minutes}
 
 
