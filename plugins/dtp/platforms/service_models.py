@@ -8,11 +8,11 @@ DTP would send is known good (or its fault named) before any account sees it.
 
 from __future__ import annotations
 
-import re
 from functools import cache
 from typing import Any
 
 import botocore.session
+import regex
 from botocore.model import ListShape, MapShape, Shape, StructureShape
 from botocore.validate import ParamValidator
 
@@ -54,10 +54,10 @@ def _constraint_problems(value: Any, shape: Shape, path: str) -> list[str]:
         if shape.enum and value not in shape.enum:
             allowed = ", ".join(shape.enum[:12]) + (", ..." if len(shape.enum) > 12 else "")
             problems.append(f"{path}: {value!r} is not one of the allowed values ({allowed})")
-        regex = _python_regex(shape.metadata.get("pattern", ""))
+        compiled = _python_regex(shape.metadata.get("pattern", ""))
         # AWS services match the whole value (SageMaker refuses "-name" under the unanchored "[a-zA-Z0-9](-*...)*").
-        if regex is not None and not regex.fullmatch(value):
-            problems.append(f"{path}: {value!r} does not match the pattern {regex.pattern}")
+        if compiled is not None and not compiled.fullmatch(value):
+            problems.append(f"{path}: {value!r} does not match the pattern {compiled.pattern}")
         return problems
     if shape.type_name in ("integer", "long") and isinstance(value, int):
         return _bound_problems(value, shape, path, "")
@@ -72,11 +72,12 @@ def _bound_problems(size: int, shape: Shape, path: str, unit: str) -> list[str]:
 
 
 @cache
-def _python_regex(pattern: str) -> re.Pattern[str] | None:
-    """The service's (Java-flavoured) pattern as a Python regex; None where there is none or Python cannot read it."""
+def _python_regex(pattern: str) -> regex.Pattern[str] | None:
+    """The service's (Java-flavoured) pattern as a compiled ``regex``, which reads the Unicode classes of AWS's tag
+    patterns (``\\p{L}``) that ``re`` cannot; None where there is none or it cannot be read."""
     if not pattern:
         return None
     try:
-        return re.compile(pattern)
-    except re.error:
+        return regex.compile(pattern)
+    except regex.error:
         return None
