@@ -92,7 +92,7 @@ def test_form_schema_refuses_what_validation_refuses(form: dict[str, Any], field
         ("dataset_uri", "s3://my-bucket/datasets/sample/"),
         ("extra_env", {"NCCL_DEBUG": "INFO"}),
         ("budget_usd", 0),
-        ("expiry_hours", 2.5),
+        ("expiry_hours", 3.5),
     ],
 )
 def test_form_schema_accepts_what_validation_accepts(form: dict[str, Any], field: str, value: Any) -> None:
