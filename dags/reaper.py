@@ -3,7 +3,7 @@
 Every resource a run creates carries a ``dtp:expires-at`` tag (Slurm jobs carry
 it in their comment, run directories on the shared filesystem in their
 ``run.json``). Hourly, this DAG finds those past expiry (CloudFormation stacks,
-VPC pieces, S3 buckets, HyperPod clusters, Batch compute environments, baked
+VPC pieces, S3 buckets, HyperPod and ParallelCluster clusters, Batch compute environments, baked
 AMIs and their snapshots, packer builder instances, Slurm jobs, run
 directories) and deletes them in dependency order, the AWS account and the
 Slurm cluster each in its own find/delete pair; an AMI that SSM

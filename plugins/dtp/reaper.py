@@ -5,10 +5,10 @@ The safety net under teardown: a teardown that itself failed, a run with
 the scheduled ``reaper`` DAG finds them by tag (run directories on the shared
 filesystem by their ``run.json`` marker; never by a local record) and
 deletes them with the same dependency-ordered sweep teardown uses (HyperPod
-clusters and Batch compute environments first, waited on until gone: their
-nodes sit in the run's subnets). One resource that cannot be deleted does not
-stop the others: the task fails at the end, naming each, and its retry or the
-next sweep finds them again.
+clusters, ParallelCluster clusters and Batch compute environments first,
+waited on until gone: their nodes sit in the run's subnets). One resource
+that cannot be deleted does not stop the others: the task fails at the end,
+naming each, and its retry or the next sweep finds them again.
 """
 
 from __future__ import annotations
@@ -42,6 +42,14 @@ log = logging.getLogger(__name__)
 RUN = f"{TAG_PREFIX}run"
 # What a run's network sweep (destroy_run_resources) deletes together.
 NETWORK_KINDS = ("stack", "bucket", "vpc")
+# The tags ParallelCluster adds to the cluster config's Tags (which carry dtp:run and dtp:expires-at) on a cluster's
+# root stack (aws-parallelcluster's pcluster/constants.py PCLUSTER_VERSION_TAG; its list_pcluster_stacks tells
+# cluster stacks from `pcluster build-image` stacks, which carry both tags, the same way).
+PCLUSTER_VERSION_TAG = "parallelcluster:version"
+PCLUSTER_IMAGE_ID_TAG = "parallelcluster:image_id"
+# How long a ParallelCluster cluster's stack may take to go (FSx included) and how often it is polled, as
+# ParallelClusterPlatform.teardown waits.
+PCLUSTER_DELETE_TIMEOUT, PCLUSTER_DELETE_POLL = 3600, 30
 
 
 class ReapIncomplete(RuntimeError):
@@ -69,16 +77,10 @@ def _expired(expires_at: str | None, now: datetime) -> bool:
 
 
 def find_expired_in_aws(aws_conn_id: str, now: datetime | None = None) -> list[Expired]:
-    """The account's expired stacks, buckets, VPCs, HyperPod clusters, Batch environments, builder instances and
-    unpublished AMIs."""
+    """The account's expired stacks (network and ParallelCluster cluster stacks), buckets, VPCs, HyperPod clusters,
+    Batch environments, builder instances and unpublished AMIs."""
     now = now or datetime.now(UTC)
-    found: list[Expired] = []
-    stacks = StackHook(aws_conn_id=aws_conn_id)
-    for page in stacks.conn.get_paginator("describe_stacks").paginate():
-        for stack in page["Stacks"]:
-            tags = tags_dict(stack.get("Tags", []))
-            if RUN in tags and _expired(tags.get(EXPIRES_TAG), now):
-                found.append(Expired("stack", stack["StackName"], tags[RUN], tags[EXPIRES_TAG]))
+    found = expired_stacks(StackHook(aws_conn_id=aws_conn_id).conn, now)
     s3 = S3Hook(aws_conn_id=aws_conn_id).conn
     for bucket in s3.list_buckets().get("Buckets", []):
         try:
@@ -107,6 +109,23 @@ def find_expired_in_aws(aws_conn_id: str, now: datetime | None = None) -> list[E
         tags = tags_dict(image.get("Tags", []))
         if _expired(tags.get(EXPIRES_TAG), now) and image["ImageId"] not in published:
             found.append(Expired("ami", image["ImageId"], tags[RUN], tags[EXPIRES_TAG]))
+    return found
+
+
+def expired_stacks(cloudformation: Any, now: datetime) -> list[Expired]:
+    """Expired root stacks: a ParallelCluster cluster's (kind ``parallelcluster``, deleted before its run's network)
+    and the rest (kind ``stack``, deleted with the network). A nested stack (ParallelCluster's QueuesStack and the
+    like) carries its root's tags but is skipped: only a root stack may be deleted, and it takes its nested ones."""
+    found = []
+    for page in cloudformation.get_paginator("describe_stacks").paginate():
+        for stack in page["Stacks"]:
+            tags = tags_dict(stack.get("Tags", []))
+            if stack.get("ParentId") or RUN not in tags or not _expired(tags.get(EXPIRES_TAG), now):
+                continue
+            cluster = PCLUSTER_VERSION_TAG in tags and PCLUSTER_IMAGE_ID_TAG not in tags
+            found.append(
+                Expired("parallelcluster" if cluster else "stack", stack["StackName"], tags[RUN], tags[EXPIRES_TAG])
+            )
     return found
 
 
@@ -202,6 +221,16 @@ def reap(found: list[Expired], aws_conn_id: str, slurm_conn_id: str | None, dry_
     def delete_cluster(cluster: Expired) -> None:
         HyperPodHook(aws_conn_id=aws_conn_id).delete_cluster_and_wait(cluster.name)
 
+    def delete_parallelcluster(cluster: Expired) -> None:
+        # Not `pcluster delete-cluster` (ParallelClusterPlatform.teardown): the reaper runs where that CLI is not
+        # (.venv-pcluster is in no Airflow image, and the dtp_parallelcluster connection naming it may not exist).
+        # For a cluster, delete-cluster is a DeleteStack of its root stack (Cluster.delete, keep_logs=False), whose
+        # custom resources terminate the compute fleet: so the root stack is deleted here and waited on until gone.
+        stacks = StackHook(aws_conn_id=aws_conn_id)
+        status = stacks.delete_and_wait(cluster.name, timeout=PCLUSTER_DELETE_TIMEOUT, poll=PCLUSTER_DELETE_POLL)
+        if status != "DELETE_COMPLETE":
+            raise RuntimeError(f"cluster stack {cluster.name} is {status}: {stacks.failure_reasons(cluster.name)}")
+
     def delete_batch(environment: Expired) -> None:
         platform = BatchPlatform(aws_conn_id=aws_conn_id, wait_timeout_minutes=WAIT_TIMEOUT_MINUTES)
         platform.teardown({"names": {"run_key": environment.run_key}})
@@ -215,6 +244,7 @@ def reap(found: list[Expired], aws_conn_id: str, slurm_conn_id: str | None, dry_
     attempt(of_kind("builder_instance"), lambda instance: ec2.terminate_instances(InstanceIds=[instance.name]))
     # Clusters' nodes sit in their run's subnets: they go, and are waited on, before the network.
     attempt(of_kind("hyperpod_cluster"), delete_cluster)
+    attempt(of_kind("parallelcluster"), delete_parallelcluster)
     attempt(of_kind("batch"), delete_batch)
     attempt(of_kind("ami"), lambda image: PackerHook(aws_conn_id=aws_conn_id).deregister_image(image.name))
     for run_key in sorted({i.run_key for i in found if i.kind in NETWORK_KINDS}):

@@ -73,6 +73,48 @@ def test_reaper_deletes_only_what_expired(stack, aws) -> None:
     network.teardown_network({**alive, "params": {"keep_cluster": False}}, AWS)
 
 
+def _parallelcluster_stack(aws, spec: dict, vpc: str) -> str:
+    """What ``pcluster create-cluster`` leaves of a run's cluster in CloudFormation, as far as the emulator can hold
+    it: a root stack named after the cluster (the run key), tagged with the config's Tags (the run's) and what pcluster
+    adds to them, holding a head node security group in the run's VPC; its name."""
+    template = {
+        "Resources": {
+            "HeadNodeSecurityGroup": {
+                "Type": "AWS::EC2::SecurityGroup",
+                "Properties": {"GroupDescription": "head node", "VpcId": vpc},
+            }
+        }
+    }
+    name = spec["names"]["run_key"]
+    tags = {**spec["tags"], "parallelcluster:cluster-name": name, "parallelcluster:version": "3.16.1"}
+    aws("cloudformation").create_stack(
+        StackName=name, TemplateBody=json.dumps(template), Tags=[{"Key": k, "Value": v} for k, v in tags.items()]
+    )
+    return str(name)
+
+
+def test_reaper_deletes_an_expired_parallelcluster_clusters_stack_then_its_runs_network(stack, aws) -> None:
+    spec = _spec(-1)
+    run_key = spec["names"]["run_key"]
+    network.create_network_stack(spec, AWS)
+    outputs = network.network_outputs(spec, AWS)
+    cluster = _parallelcluster_stack(aws, spec, outputs["VPC"])
+
+    found = [f for f in find_expired_in_aws(AWS) if f.run_key == run_key]
+    assert sorted((f.kind, f.name) for f in found) == [
+        ("bucket", spec["names"]["data_bucket"]),
+        ("parallelcluster", cluster),
+        ("stack", spec["names"]["network_stack"]),
+        ("vpc", outputs["VPC"]),
+    ]
+    deleted = [(d["kind"], d["name"]) for d in reap(found, AWS, None, dry_run=False)["deleted"]]
+    assert deleted[0] == ("parallelcluster", cluster)  # gone before the network is touched
+    live = {s["StackName"] for s in aws("cloudformation").describe_stacks()["Stacks"]}
+    assert cluster not in live and spec["names"]["network_stack"] not in live
+    left = RunResourceSweeper(aws_conn_id=AWS).find(run_key, (spec["names"]["data_bucket"],))
+    assert all(ids == [] for ids in left.values()), left
+
+
 def _ami(aws, tags: dict[str, str]) -> tuple[str, str]:
     ec2 = aws("ec2")
     source = ec2.describe_images(Owners=["amazon"])["Images"][0]["ImageId"]

@@ -66,12 +66,30 @@ class HyperPodHook(AwsBaseHook):
         clusters = []
         for page in self.conn.get_paginator("list_clusters").paginate():
             for summary in page["ClusterSummaries"]:
-                tags = self.conn.list_tags(ResourceArn=summary["ClusterArn"]).get("Tags", [])
+                try:
+                    tags = self.conn.list_tags(ResourceArn=summary["ClusterArn"]).get("Tags", [])
+                except ClientError as err:
+                    # Deleted since ListClusters listed it: nothing left to find. SageMaker may answer a ListTags
+                    # of a deleted resource with another error than DescribeCluster's, so DescribeCluster decides.
+                    if is_missing_cluster(err) or self.describe_cluster(summary["ClusterName"]) is None:
+                        self.log.info("HyperPod cluster %s is gone since it was listed", summary["ClusterName"])
+                        continue
+                    raise
                 clusters.append((summary["ClusterName"], tags_dict(tags)))
         return clusters
 
     def delete_cluster(self, name: str) -> bool:
-        """Start deleting the cluster; False when it was already gone."""
+        """Start deleting the cluster; False when it was already gone.
+
+        A cluster already Deleting (what a retried teardown or the reaper finds after an earlier try) is left to
+        it: DeleteCluster again may be refused with ConflictException.
+        """
+        described = self.describe_cluster(name)
+        if described is None:
+            return False
+        if described["ClusterStatus"] == "Deleting":
+            self.log.info("HyperPod cluster %s is already Deleting; not deleting it again", name)
+            return True
         try:
             self.conn.delete_cluster(ClusterName=name)
         except ClientError as err:

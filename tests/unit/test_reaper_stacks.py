@@ -1,0 +1,159 @@
+"""The reaper and the CloudFormation stacks a ParallelCluster cluster leaves: its root stack (tagged with the cluster
+config's Tags, dtp:run and dtp:expires-at among them, and with ``parallelcluster:version``) and the nested stacks
+pcluster 3 builds under it (QueuesStack, ComputeFleetStack...), which inherit those tags.
+
+CloudFormation is answered by botocore's Stubber (every request validated against the real service model, every
+canned answer against its output shapes): the emulator (moto) reports no ``ParentId`` on nested stacks and deletes a
+stack synchronously (no DELETE_IN_PROGRESS to wait out). The other services find_expired_in_aws asks (S3, EC2,
+SageMaker, Batch, SSM) are moto's, in process, with nothing in them. A cluster stack and its run's network in the
+emulator are in tests/integration/test_reaper.py.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from botocore.stub import Stubber
+from moto import mock_aws
+
+from dtp import reaper
+from dtp.hooks.stacks import StackHook
+from dtp.naming import aws_tags
+from dtp.reaper import Expired, ReapIncomplete, find_expired_in_aws, reap
+
+AWS = "aws_default"
+NOW = datetime(2026, 12, 5, 12, tzinfo=UTC)
+EXPIRED, ALIVE = "2026-12-05T11:00:00Z", "2026-12-06T12:00:00Z"
+RUN_KEY = "dtp-train-e2e-0123456789"
+CLUSTER = RUN_KEY  # pcluster names the cluster's root stack after the cluster, and DTP the cluster after the run
+NETWORK = f"{RUN_KEY}-network"
+ARN = "arn:aws:cloudformation:us-east-1:123456789012:stack/{}/11111111-2222-3333-4444-555555555555"
+CLUSTER_ID, NETWORK_ID = ARN.format(CLUSTER), ARN.format(NETWORK)
+CREATED = datetime(2026, 12, 5, tzinfo=UTC)
+FSX_REASON = "Resource handler returned message: \"File system 'fs-0123456789abcdef0' is in use\""
+
+
+def _tags(run_key: str, expires_at: str, cluster: bool = False) -> dict[str, str]:
+    tags = {"dtp:owner": "dtp", "dtp:run": run_key, "dtp:expires-at": expires_at}
+    if cluster:  # what pcluster adds to the config's Tags (pcluster/models/cluster.py, Cluster._add_tags)
+        tags |= {"parallelcluster:cluster-name": run_key, "parallelcluster:version": "3.16.1"}
+    return tags
+
+
+def _stack(name: str, status: str, tags: dict[str, str] | None = None, parent: str | None = None) -> dict[str, Any]:
+    stack: dict[str, Any] = {
+        "StackId": ARN.format(name),
+        "StackName": name,
+        "CreationTime": CREATED,
+        "StackStatus": status,
+        "Tags": aws_tags(tags or {}),
+    }
+    if parent:
+        stack |= {"ParentId": parent, "RootId": parent}
+    return stack
+
+
+@pytest.fixture
+def aws_default(monkeypatch: pytest.MonkeyPatch, offline_aws: None) -> None:
+    aws = {"conn_type": "aws", "login": "testing", "password": "testing", "extra": {"region_name": "us-east-1"}}
+    monkeypatch.setenv("AIRFLOW_CONN_AWS_DEFAULT", json.dumps(aws))
+
+
+@pytest.fixture
+def cloudformation(aws_default: None, monkeypatch: pytest.MonkeyPatch) -> Iterator[Stubber]:
+    """Every StackHook's client, answered by the Stubber."""
+    client = StackHook(aws_conn_id=AWS).get_client_type(region_name="us-east-1")
+    monkeypatch.setattr(StackHook, "conn", client)
+    with Stubber(client) as stubber:
+        yield stubber
+        stubber.assert_no_pending_responses()
+
+
+def test_a_parallelcluster_cluster_is_its_root_stack_and_its_nested_stacks_are_not_reaped(cloudformation) -> None:
+    cluster_tags = _tags(RUN_KEY, EXPIRED, cluster=True)
+    stacks = [
+        _stack(NETWORK, "CREATE_COMPLETE", _tags(RUN_KEY, EXPIRED)),
+        _stack(CLUSTER, "CREATE_COMPLETE", cluster_tags),
+        # pcluster 3's nested stacks, with the tags of their root: deleted with it, never on their own.
+        _stack(f"{CLUSTER}-QueuesStack-1A2B3C4D5E6F", "CREATE_COMPLETE", cluster_tags, parent=CLUSTER_ID),
+        _stack(f"{CLUSTER}-ComputeFleetStack-6F5E4D3C2B1A", "CREATE_COMPLETE", cluster_tags, parent=CLUSTER_ID),
+        # Another run's cluster that has not expired.
+        _stack("dtp-train-e2e-9876543210", "CREATE_COMPLETE", _tags("dtp-train-e2e-9876543210", ALIVE, cluster=True)),
+        # A stack of no run.
+        _stack("someone-elses", "CREATE_COMPLETE", {"parallelcluster:version": "3.16.1"}),
+    ]
+    cloudformation.add_response("describe_stacks", {"Stacks": stacks}, {})
+    with mock_aws():
+        found = find_expired_in_aws(AWS, NOW)
+    assert found == [Expired("stack", NETWORK, RUN_KEY, EXPIRED), Expired("parallelcluster", CLUSTER, RUN_KEY, EXPIRED)]
+
+
+def test_a_pcluster_build_image_stack_is_no_cluster(cloudformation) -> None:
+    """``pcluster build-image`` stacks carry ``parallelcluster:version`` too, with ``parallelcluster:image_id``."""
+    tags = {**_tags(RUN_KEY, EXPIRED, cluster=True), "parallelcluster:image_id": "dtp-image"}
+    cloudformation.add_response("describe_stacks", {"Stacks": [_stack("dtp-image", "CREATE_COMPLETE", tags)]}, {})
+    with mock_aws():
+        assert [f.kind for f in find_expired_in_aws(AWS, NOW)] == ["stack"]
+
+
+@pytest.fixture
+def networks(monkeypatch: pytest.MonkeyPatch, cloudformation: Stubber) -> list[tuple[str, list[str]]]:
+    """The runs whose network reap deleted (destroy_run_resources, recorded), each with its stacks; each asserts
+    that by then every CloudFormation call answered (the cluster's stack is gone) and that no DeleteStack is left."""
+    deleted: list[tuple[str, list[str]]] = []
+
+    def destroy(aws_conn_id: str, run_key: str, stacks: list[str], buckets: tuple[str, ...]) -> dict[str, Any]:
+        cloudformation.assert_no_pending_responses()
+        deleted.append((run_key, stacks))
+        return {}
+
+    monkeypatch.setattr(reaper, "destroy_run_resources", destroy)
+    monkeypatch.setattr(reaper, "PCLUSTER_DELETE_POLL", 0, raising=False)
+    return deleted
+
+
+FOUND = [Expired("stack", NETWORK, RUN_KEY, EXPIRED), Expired("parallelcluster", CLUSTER, RUN_KEY, EXPIRED)]
+
+
+def test_a_clusters_stack_is_deleted_and_gone_before_its_runs_network(cloudformation, networks) -> None:
+    cloudformation.add_response(
+        "describe_stacks", {"Stacks": [_stack(CLUSTER, "CREATE_COMPLETE")]}, {"StackName": CLUSTER}
+    )
+    cloudformation.add_response("delete_stack", {}, {"StackName": CLUSTER_ID})
+    for status in ("DELETE_IN_PROGRESS", "DELETE_IN_PROGRESS", "DELETE_COMPLETE"):
+        cloudformation.add_response("describe_stacks", {"Stacks": [_stack(CLUSTER, status)]}, {"StackName": CLUSTER_ID})
+    result = reap(FOUND, AWS, None, dry_run=False)
+    assert networks == [(RUN_KEY, [NETWORK])]
+    assert [(d["kind"], d["name"]) for d in result["deleted"]] == [("parallelcluster", CLUSTER), ("stack", NETWORK)]
+
+
+def test_a_clusters_stack_that_fails_to_delete_leaves_its_runs_network(cloudformation, networks) -> None:
+    cloudformation.add_response(
+        "describe_stacks", {"Stacks": [_stack(CLUSTER, "CREATE_COMPLETE")]}, {"StackName": CLUSTER}
+    )
+    cloudformation.add_response("delete_stack", {}, {"StackName": CLUSTER_ID})
+    cloudformation.add_response(
+        "describe_stacks", {"Stacks": [_stack(CLUSTER, "DELETE_FAILED")]}, {"StackName": CLUSTER_ID}
+    )
+    event = {
+        "StackId": CLUSTER_ID,
+        "EventId": "event-1",
+        "StackName": CLUSTER,
+        "LogicalResourceId": "FSx",
+        "ResourceType": "AWS::FSx::FileSystem",
+        "Timestamp": CREATED + timedelta(minutes=20),
+        "ResourceStatus": "DELETE_FAILED",
+        "ResourceStatusReason": FSX_REASON,
+    }
+    cloudformation.add_response("describe_stack_events", {"StackEvents": [event]}, {"StackName": CLUSTER})
+    with pytest.raises(ReapIncomplete, match=rf"run {RUN_KEY}: parallelcluster {CLUSTER}: .*DELETE_FAILED: FSx: "):
+        reap(FOUND, AWS, None, dry_run=False)
+    assert networks == []  # the cluster's nodes may still be in the run's subnets: its network is left
+
+
+def test_a_dry_run_deletes_no_cluster(cloudformation, networks) -> None:
+    assert reap(FOUND, AWS, None, dry_run=True)["deleted"] == [] and networks == []
