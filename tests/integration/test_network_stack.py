@@ -1,4 +1,5 @@
-"""The run's network stack against the local emulator: idempotent create, outputs, verified teardown."""
+"""The run's network stack against the local emulator: idempotent create, outputs, verified teardown; the stack of
+a platform that needs no network (EKS): the bucket alone."""
 
 from __future__ import annotations
 
@@ -87,6 +88,56 @@ def test_create_twice_makes_one_stack_and_teardown_leaves_nothing(spec, aws) -> 
     assert _stacks_named(aws, spec["names"]["network_stack"]) == []
     # A retried teardown finds nothing to do and still succeeds.
     assert network.teardown_network(spec, AWS)["stack_status"] == {spec["names"]["network_stack"]: "DELETE_COMPLETE"}
+
+
+def _bucket_tags(aws, bucket: str) -> dict[str, str]:
+    return {t["Key"]: t["Value"] for t in aws("s3").get_bucket_tagging(Bucket=bucket)["TagSet"]}
+
+
+def test_the_run_tags_are_added_to_the_buckets_own(spec, aws) -> None:
+    """The run's tags are added to the bucket's tags, not put in their place; a second read writes nothing new.
+    (The emulator puts no system tags on the bucket: the Stubbers of tests/unit/test_network.py show those.)"""
+    network.create_network_stack(spec, AWS)
+    try:
+        bucket = spec["names"]["data_bucket"]
+        aws("s3").put_bucket_tagging(Bucket=bucket, Tagging={"TagSet": [{"Key": "team", "Value": "ml"}]})
+        network.network_outputs(spec, AWS)
+        assert _bucket_tags(aws, bucket) == {"team": "ml", **spec["tags"]}
+        network.network_outputs(spec, AWS)
+        assert _bucket_tags(aws, bucket) == {"team": "ml", **spec["tags"]}
+    finally:
+        network.teardown_network(spec, AWS)
+
+
+def test_an_eks_run_gets_only_the_bucket_and_its_teardown_leaves_nothing(spec, aws) -> None:
+    """EKS runs on its cluster's own VPC: the run's stack holds the bucket (what dtp.pipeline.data reads) and no
+    VPC, subnet, NAT gateway or Elastic IP; teardown and its sweep handle a stack without them."""
+    spec = {**spec, "params": {**spec["params"], "platform": "eks"}}
+    run_key, name, bucket = (spec["names"][k] for k in ("run_key", "network_stack", "data_bucket"))
+    sweeper = RunResourceSweeper(aws_conn_id=AWS)
+    network.create_network_stack(spec, AWS)
+    try:
+        network.create_network_stack(spec, AWS)
+        assert len(_stacks_named(aws, name)) == 1
+        parameters = aws("cloudformation").describe_stacks(StackName=name)["Stacks"][0]["Parameters"]
+        assert {"ParameterKey": "CreateNetwork", "ParameterValue": "false"} in parameters
+        # (The emulator lists each resource its condition left out as an entry without a logical id.)
+        resources = aws("cloudformation").describe_stack_resources(StackName=name)["StackResources"]
+        created = [(r["LogicalResourceId"], r["ResourceType"]) for r in resources if "LogicalResourceId" in r]
+        assert created == [("DataBucket", "AWS::S3::Bucket")]
+
+        outputs = network.network_outputs(spec, AWS)
+        assert outputs == {"DataBucket": bucket}
+        tags = _bucket_tags(aws, bucket)
+        assert tags["dtp:run"] == run_key and "dtp:expires-at" in tags
+        # The emulator puts the stack's tags (the run's) on EC2 resources it creates: none was created.
+        assert {kind: ids for kind, ids in sweeper.find(run_key, (bucket,)).items() if ids} == {"buckets": [bucket]}
+        aws("s3").put_object(Bucket=bucket, Key="checkpoints/x", Body=b"non-empty bucket")
+    finally:
+        result = network.teardown_network(spec, AWS)
+    assert result["objects_deleted"] == 1 and result["stack_status"] == {name: "DELETE_COMPLETE"}
+    assert not any(sweeper.find(run_key, (bucket,)).values())
+    assert _stacks_named(aws, name) == []
 
 
 def test_keep_cluster_keeps_the_stack(spec, aws) -> None:

@@ -12,6 +12,9 @@ detaches the internet gateway and deletes subnets (DependencyViolation
 before). Addresses are found by the tag too (and through the run's NAT
 gateways, deleting ones included), so a sweep that stopped after deleting a
 NAT gateway releases its address the next time.
+
+It also adds the run's tags to the run's bucket (``tag_bucket``): without dropping the system tags that
+CloudFormation puts on a bucket it creates, which S3 refuses to see removed by a PutBucketTagging.
 """
 
 from __future__ import annotations
@@ -25,11 +28,19 @@ from airflow.providers.amazon.aws.hooks.s3 import S3Hook
 from airflow.providers.amazon.aws.utils.waiter_with_logging import wait
 from botocore.exceptions import ClientError
 
-from dtp.naming import TAG_PREFIX, aws_tags
+from dtp.naming import TAG_PREFIX, aws_tags, tags_dict
+
+# Tags AWS itself sets (CloudFormation's aws:cloudformation:stack-name, -stack-id, -logical-id): a requester can
+# neither set nor remove them, so a bucket carrying them cannot have its whole tag set replaced.
+SYSTEM_TAG_PREFIX = "aws:"
 
 
 class NatGatewaysNotDeleted(RuntimeError):
     """The run's NAT gateways were still deleting when the sweep stopped waiting for them."""
+
+
+class BucketTaggingFailed(RuntimeError):
+    """The Resource Groups Tagging API did not tag the bucket."""
 
 
 class RunResourceSweeper(AwsBaseHook):
@@ -42,6 +53,44 @@ class RunResourceSweeper(AwsBaseHook):
     @cached_property
     def s3(self) -> S3Hook:
         return S3Hook(aws_conn_id=self.aws_conn_id, region_name=self.region_name)
+
+    @cached_property
+    def tagging(self) -> Any:
+        """A Resource Groups Tagging API client, in the connection's region (the run's bucket's)."""
+        return AwsBaseHook(
+            aws_conn_id=self.aws_conn_id, region_name=self.region_name, client_type="resourcegroupstaggingapi"
+        ).conn
+
+    def bucket_tags(self, bucket: str) -> dict[str, str]:
+        """The bucket's tags (none: an empty dict, where S3 answers NoSuchTagSet)."""
+        try:
+            return tags_dict(self.s3.conn.get_bucket_tagging(Bucket=bucket)["TagSet"])
+        except ClientError as err:
+            if err.response.get("Error", {}).get("Code") == "NoSuchTagSet":
+                return {}
+            raise
+
+    def tag_bucket(self, bucket: str, tags: dict[str, str]) -> str:
+        """Add ``tags`` to the bucket's tags, keeping the ones it has; return how: ``"present"`` (nothing to add),
+        ``"tagging-api"`` or ``"put"``.
+
+        PutBucketTagging replaces the whole tag set, and S3 refuses one that drops a system tag (``aws:*``, which
+        CloudFormation puts on a bucket it creates: "InvalidTag: System Tags cannot be removed by requester") or
+        that names one. A bucket with system tags is therefore tagged through the Resource Groups Tagging API,
+        which adds tags; on AWS the stack's tags usually reach the bucket already, and then nothing is written.
+        """
+        current = self.bucket_tags(bucket)
+        missing = {key: value for key, value in tags.items() if current.get(key) != value}
+        if not missing:
+            return "present"
+        if any(key.startswith(SYSTEM_TAG_PREFIX) for key in current):
+            arn = f"arn:{self.s3.conn.meta.partition}:s3:::{bucket}"
+            failed = self.tagging.tag_resources(ResourceARNList=[arn], Tags=missing).get("FailedResourcesMap")
+            if failed:
+                raise BucketTaggingFailed(f"could not tag bucket {bucket} with {sorted(missing)}: {failed}")
+            return "tagging-api"
+        self.s3.conn.put_bucket_tagging(Bucket=bucket, Tagging={"TagSet": aws_tags({**current, **tags})})
+        return "put"
 
     def _filter(self, run_key: str) -> list[dict[str, Any]]:
         return [{"Name": f"tag:{TAG_PREFIX}run", "Values": [run_key]}]

@@ -1,4 +1,7 @@
-"""The run's network + storage stack: validate, create (idempotent), read outputs, tear down and verify."""
+"""The run's network + storage stack: validate, create (idempotent), read outputs, tear down and verify.
+
+A run on a platform whose cluster brings its own network (EKS) gets a stack with only the data bucket: no VPC,
+subnets, NAT gateway (billed hourly) or Elastic IP (VPCs and addresses: 5 per region by default)."""
 
 from __future__ import annotations
 
@@ -9,11 +12,15 @@ from airflow.providers.amazon.aws.hooks.ec2 import EC2Hook
 
 from dtp.hooks.stacks import StackHook
 from dtp.hooks.sweeper import RunResourceSweeper
-from dtp.naming import EXPIRES_TAG, aws_tags
+from dtp.naming import EXPIRES_TAG
 from dtp.templates import TEMPLATE_DIR
 
 log = logging.getLogger(__name__)
 NETWORK_TEMPLATE = TEMPLATE_DIR / "cloudformation" / "network.yaml"
+# Platforms that use none of the stack's network outputs, only its DataBucket (dtp.pipeline.data): EKS runs its
+# PyTorchJobs on an existing cluster, in the cluster's VPC (dtp.platforms.eks). The platforms do not say so
+# themselves; every other one places its nodes in the stack's subnets and security group.
+PLATFORMS_WITHOUT_NETWORK = frozenset({"eks"})
 
 
 class LeakedResources(RuntimeError):
@@ -36,33 +43,46 @@ def availability_zones(aws_conn_id: str) -> list[str]:
     return sorted(zone["ZoneName"] for zone in zones)
 
 
+def needs_network(spec: dict[str, Any]) -> bool:
+    """Whether the run's platform uses the stack's network (VPC, subnets, security groups), not only its bucket."""
+    return spec["params"].get("platform") not in PLATFORMS_WITHOUT_NETWORK
+
+
 def create_network_stack(spec: dict[str, Any], aws_conn_id: str) -> str:
-    """Create the run's stack in the region's first available zone, with a fallback subnet in the second."""
+    """Create the run's stack in the region's first available zone, with a fallback subnet in the second; for a
+    platform that needs no network (``needs_network``), a stack with only the data bucket."""
     names = spec["names"]
-    zones = availability_zones(aws_conn_id)
-    if len(zones) < 2:
-        raise RuntimeError(f"the region has {len(zones)} available zone(s) ({zones}); the network stack needs two")
+    parameters = {"VPCName": names["run_key"], "DataBucketName": names["data_bucket"]}
+    if needs_network(spec):
+        zones = availability_zones(aws_conn_id)
+        if len(zones) < 2:
+            raise RuntimeError(f"the region has {len(zones)} available zone(s) ({zones}); the network stack needs two")
+        parameters |= {"CreateNetwork": "true", "SubnetsAZ": zones[0], "FallbackSubnetAZ": zones[1]}
+    else:
+        log.info(
+            "Platform %s needs no network: stack %s holds only the bucket",
+            spec["params"]["platform"],
+            names["network_stack"],
+        )
+        parameters["CreateNetwork"] = "false"
     StackHook(aws_conn_id=aws_conn_id).ensure_stack(
-        names["network_stack"],
-        NETWORK_TEMPLATE.read_text(),
-        {
-            "VPCName": names["run_key"],
-            "SubnetsAZ": zones[0],
-            "FallbackSubnetAZ": zones[1],
-            "DataBucketName": names["data_bucket"],
-        },
-        spec["tags"],
+        names["network_stack"], NETWORK_TEMPLATE.read_text(), parameters, spec["tags"]
     )
     return names["network_stack"]
 
 
 def network_outputs(spec: dict[str, Any], aws_conn_id: str) -> dict[str, str]:
     """The stack's exports, and the run's tags on the bucket and the NAT gateway's Elastic IP (stack tags reach
-    neither everywhere; a sweep finds an address its NAT gateway no longer holds by them)."""
+    neither everywhere; a sweep finds an address its NAT gateway no longer holds by them).
+
+    The bucket's tags are added to, never replaced: CloudFormation's system tags on it cannot be removed
+    (``RunResourceSweeper.tag_bucket``)."""
     outputs = StackHook(aws_conn_id=aws_conn_id).stack_outputs(spec["names"]["network_stack"])
     sweeper = RunResourceSweeper(aws_conn_id=aws_conn_id)
-    sweeper.s3.put_bucket_tagging(tag_set=aws_tags(spec["tags"]), bucket_name=outputs["DataBucket"])
-    sweeper.tag_addresses(spec["names"]["run_key"], spec["tags"])
+    how = sweeper.tag_bucket(outputs["DataBucket"], spec["tags"])
+    log.info("Run tags on bucket %s: %s", outputs["DataBucket"], how)
+    if "VPC" in outputs:  # a bucket-only stack has no NAT gateway, so no address
+        sweeper.tag_addresses(spec["names"]["run_key"], spec["tags"])
     log.info("Network ready: %s", outputs)
     return outputs
 
