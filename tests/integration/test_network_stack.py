@@ -140,6 +140,30 @@ def test_an_eks_run_gets_only_the_bucket_and_its_teardown_leaves_nothing(spec, a
     assert _stacks_named(aws, name) == []
 
 
+def test_a_run_in_an_existing_vpc_gets_only_the_bucket_and_leaves_the_vpc_alone(spec, aws) -> None:
+    """With the dtp_network connection the run's cluster goes into that VPC: the run's stack holds the bucket, the
+    outputs name the VPC's subnets and security group, and teardown deletes the bucket only."""
+    ec2 = aws("ec2")
+    vpc = ec2.create_vpc(CidrBlock="10.9.0.0/16")["Vpc"]["VpcId"]
+    subnet = ec2.create_subnet(VpcId=vpc, CidrBlock="10.9.1.0/24")["Subnet"]["SubnetId"]
+    group = ec2.create_security_group(GroupName="efa", Description="EFA", VpcId=vpc)["GroupId"]
+    existing = {"VPC": vpc, "PrivateSubnet": subnet, "PublicSubnet": subnet, "SecurityGroup": group}
+    spec = {**spec, "existing_network": existing}
+    name, bucket = spec["names"]["network_stack"], spec["names"]["data_bucket"]
+    try:
+        network.create_network_stack(spec, AWS)
+        resources = aws("cloudformation").describe_stack_resources(StackName=name)["StackResources"]
+        assert [r["LogicalResourceId"] for r in resources if "LogicalResourceId" in r] == ["DataBucket"]
+        assert network.network_outputs(spec, AWS) == {**existing, "DataBucket": bucket}
+    finally:
+        network.teardown_network(spec, AWS)
+        assert _stacks_named(aws, name) == []
+        assert ec2.describe_subnets(SubnetIds=[subnet])["Subnets"] and ec2.describe_vpcs(VpcIds=[vpc])["Vpcs"]
+        ec2.delete_security_group(GroupId=group)
+        ec2.delete_subnet(SubnetId=subnet)
+        ec2.delete_vpc(VpcId=vpc)
+
+
 def test_keep_cluster_keeps_the_stack(spec, aws) -> None:
     network.create_network_stack(spec, AWS)
     kept = {**spec, "params": {"keep_cluster": True}}

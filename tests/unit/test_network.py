@@ -1,9 +1,10 @@
-"""dtp.pipeline.network without the emulator: which stack a run's platform gets, and how the run's tags reach the
-stack's bucket (botocore Stubbers answer as AWS does, where the emulator does not; the emulator runs are in
-tests/integration/test_network_stack.py)."""
+"""dtp.pipeline.network without the emulator: which stack a run's platform gets (the dtp_network connection's
+existing VPC included), and how the run's tags reach the stack's bucket (botocore Stubbers answer as AWS does,
+where the emulator does not; the emulator runs are in tests/integration/test_network_stack.py)."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -12,7 +13,10 @@ from botocore.stub import Stubber
 from dtp.hooks.stacks import StackHook
 from dtp.hooks.sweeper import RunResourceSweeper
 from dtp.naming import RunNames, expiry, resource_tags
+from dtp.params import ParamsError
 from dtp.pipeline import network
+from dtp.pipeline.spec import build_spec
+from dtp.platforms.base import PlatformNotReady
 
 NAMES = RunNames("train_e2e", "manual__2026-01-01T00:00:00+00:00")
 TAGS = resource_tags(NAMES, "tiny", expiry(1))
@@ -72,6 +76,56 @@ def test_other_platforms_get_the_network(created, platform: str | None) -> None:
             "FallbackSubnetAZ": "us-east-1b",
         }
     ]
+
+
+def test_a_run_in_an_existing_vpc_gets_a_stack_with_only_the_bucket(created) -> None:
+    spec = {**_spec("parallelcluster"), "existing_network": {"VPC": "vpc-0123456789abcdef0"}}
+    assert network.needs_network(spec) and not network.makes_network(spec)
+    network.create_network_stack(spec, "aws_default")
+    assert created == [{"VPCName": NAMES.run_key, "DataBucketName": BUCKET, "CreateNetwork": "false"}]
+
+
+INSTANCE_PROFILE = "arn:aws:iam::123456789012:instance-profile/ecs"
+EXISTING = {
+    "vpc_id": "vpc-0123456789abcdef0",
+    "private_subnet": "subnet-0123456789abcdef0",
+    "security_group": "sg-0123456789abcdef0",
+}
+
+
+def test_the_existing_network_comes_from_the_dtp_network_connection(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert network.existing_network() == {}  # no connection: each run makes its own VPC
+    monkeypatch.setenv("AIRFLOW_CONN_DTP_NETWORK", json.dumps({"conn_type": "generic", "extra": EXISTING}))
+    assert network.existing_network() == {
+        "VPC": "vpc-0123456789abcdef0",
+        "PrivateSubnet": "subnet-0123456789abcdef0",
+        "PublicSubnet": "subnet-0123456789abcdef0",  # ParallelCluster's head node goes there too
+        "SecurityGroup": "sg-0123456789abcdef0",
+    }
+    bad = {**EXISTING, "security_group": "default"}
+    monkeypatch.setenv("AIRFLOW_CONN_DTP_NETWORK", json.dumps({"conn_type": "generic", "extra": bad}))
+    with pytest.raises(PlatformNotReady, match="connection 'dtp_network' extra: security_group: String should match"):
+        network.existing_network()
+
+
+@pytest.mark.parametrize(
+    ("platform", "extra", "mounted"),
+    [
+        ("parallelcluster", {"key_name": "k", "fsx_file_system_id": "fs-0123456789abcdef0"}, "fs-0123456789abcdef0"),
+        ("batch", {"instance_role_arn": INSTANCE_PROFILE, "launch_template_id": "lt-0123456789abcdef0"}, "lt-0123"),
+    ],
+)
+def test_a_platform_on_an_existing_file_system_needs_its_vpc_before_anything_exists(
+    monkeypatch: pytest.MonkeyPatch, platform: str, extra: dict[str, str], mounted: str
+) -> None:
+    # The file system is reachable only from its own VPC (ParallelCluster refuses an FSx in another VPC outright).
+    monkeypatch.setenv(f"AIRFLOW_CONN_DTP_{platform.upper()}", json.dumps({"conn_type": "generic", "extra": extra}))
+    conf = {"platform": platform, "recipe": "llama3_1_8b", "instance_type": "p5.48xlarge", "num_nodes": 2}
+    with pytest.raises(ParamsError, match=f"platform: got '{platform}', whose nodes mount .*{mounted}.*'dtp_network'"):
+        build_spec({}, conf, "train_e2e", "manual__1")
+    monkeypatch.setenv("AIRFLOW_CONN_DTP_NETWORK", json.dumps({"conn_type": "generic", "extra": EXISTING}))
+    spec = build_spec({}, conf, "train_e2e", "manual__1")
+    assert spec["existing_network"]["PrivateSubnet"] == "subnet-0123456789abcdef0"
 
 
 def test_the_platforms_without_network_exist() -> None:

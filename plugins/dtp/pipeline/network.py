@@ -1,7 +1,10 @@
 """The run's network + storage stack: validate, create (idempotent), read outputs, tear down and verify.
 
 A run on a platform whose cluster brings its own network (EKS) gets a stack with only the data bucket: no VPC,
-subnets, NAT gateway (billed hourly) or Elastic IP (VPCs and addresses: 5 per region by default)."""
+subnets, NAT gateway (billed hourly) or Elastic IP (VPCs and addresses: 5 per region by default). So does a run
+where the ``dtp_network`` connection names an existing VPC (``ExistingNetwork``): its cluster goes into that VPC's
+subnets, which DTP neither tags nor deletes. A file system that outlives runs (an existing FSx for Lustre) can
+only be mounted from its own VPC, so a platform set up with one needs that connection."""
 
 from __future__ import annotations
 
@@ -9,10 +12,12 @@ import logging
 from typing import Any
 
 from airflow.providers.amazon.aws.hooks.ec2 import EC2Hook
+from pydantic import Field
 
 from dtp.hooks.stacks import StackHook
 from dtp.hooks.sweeper import RunResourceSweeper
 from dtp.naming import EXPIRES_TAG
+from dtp.platforms.base import PlatformSettings
 from dtp.templates import TEMPLATE_DIR
 
 log = logging.getLogger(__name__)
@@ -21,6 +26,46 @@ NETWORK_TEMPLATE = TEMPLATE_DIR / "cloudformation" / "network.yaml"
 # PyTorchJobs on an existing cluster, in the cluster's VPC (dtp.platforms.eks). The platforms do not say so
 # themselves; every other one places its nodes in the stack's subnets and security group.
 PLATFORMS_WITHOUT_NETWORK = frozenset({"eks"})
+NETWORK_CONN_ID = "dtp_network"
+_SUBNET, _GROUP = r"^subnet-[0-9a-f]{8,17}$", r"^sg-[0-9a-f]{8,17}$"
+
+
+class ExistingNetwork(PlatformSettings):
+    """an existing VPC for the runs' clusters, as JSON: vpc_id, private_subnet, security_group (with the EFA rules:
+    all traffic to and from itself), and optionally fallback_private_subnet (another zone's, for HyperPod's capacity
+    fallback), public_subnet (ParallelCluster's head node; default private_subnet) and fsx_security_group"""
+
+    vpc_id: str = Field(pattern=r"^vpc-[0-9a-f]{8,17}$")
+    private_subnet: str = Field(pattern=_SUBNET)
+    security_group: str = Field(pattern=_GROUP)
+    fallback_private_subnet: str = Field("", pattern=f"^$|{_SUBNET}")
+    public_subnet: str = Field("", pattern=f"^$|{_SUBNET}")
+    fsx_security_group: str = Field("", pattern=f"^$|{_GROUP}")
+
+    def outputs(self) -> dict[str, str]:
+        """The VPC's ids under the names of the network stack's outputs, which the platforms read."""
+        outputs = {
+            "VPC": self.vpc_id,
+            "PrivateSubnet": self.private_subnet,
+            "PublicSubnet": self.public_subnet or self.private_subnet,
+            "FallbackPrivateSubnet": self.fallback_private_subnet,
+            "SecurityGroup": self.security_group,
+            "FSXSecurityGroup": self.fsx_security_group,
+        }
+        return {name: value for name, value in outputs.items() if value}
+
+
+def existing_network() -> dict[str, str]:
+    """The outputs of the VPC the ``dtp_network`` connection names; empty when there is no such connection (each
+    run makes its own VPC). An invalid connection raises ``PlatformNotReady`` naming the field."""
+    from airflow.sdk.bases.hook import BaseHook
+    from airflow.sdk.exceptions import AirflowNotFoundException
+
+    try:
+        BaseHook.get_connection(NETWORK_CONN_ID)
+    except AirflowNotFoundException:
+        return {}
+    return ExistingNetwork.from_connection(NETWORK_CONN_ID).outputs()
 
 
 class LeakedResources(RuntimeError):
@@ -44,26 +89,32 @@ def availability_zones(aws_conn_id: str) -> list[str]:
 
 
 def needs_network(spec: dict[str, Any]) -> bool:
-    """Whether the run's platform uses the stack's network (VPC, subnets, security groups), not only its bucket."""
+    """Whether the run's platform uses a network (VPC, subnets, security groups), not only the stack's bucket."""
     return spec["params"].get("platform") not in PLATFORMS_WITHOUT_NETWORK
 
 
+def makes_network(spec: dict[str, Any]) -> bool:
+    """Whether the run's stack makes a network: its platform needs one and ``dtp_network`` names none."""
+    return needs_network(spec) and not spec.get("existing_network")
+
+
 def create_network_stack(spec: dict[str, Any], aws_conn_id: str) -> str:
-    """Create the run's stack in the region's first available zone, with a fallback subnet in the second; for a
-    platform that needs no network (``needs_network``), a stack with only the data bucket."""
+    """Create the run's stack in the region's first available zone, with a fallback subnet in the second; where the
+    run makes no network (``makes_network``), a stack with only the data bucket."""
     names = spec["names"]
     parameters = {"VPCName": names["run_key"], "DataBucketName": names["data_bucket"]}
-    if needs_network(spec):
+    if makes_network(spec):
         zones = availability_zones(aws_conn_id)
         if len(zones) < 2:
             raise RuntimeError(f"the region has {len(zones)} available zone(s) ({zones}); the network stack needs two")
         parameters |= {"CreateNetwork": "true", "SubnetsAZ": zones[0], "FallbackSubnetAZ": zones[1]}
     else:
-        log.info(
-            "Platform %s needs no network: stack %s holds only the bucket",
-            spec["params"]["platform"],
-            names["network_stack"],
+        why = (
+            f"the cluster goes into {spec['existing_network']['VPC']} ({NETWORK_CONN_ID})"
+            if needs_network(spec)
+            else f"platform {spec['params']['platform']} needs no network"
         )
+        log.info("Stack %s holds only the bucket: %s", names["network_stack"], why)
         parameters["CreateNetwork"] = "false"
     StackHook(aws_conn_id=aws_conn_id).ensure_stack(
         names["network_stack"], NETWORK_TEMPLATE.read_text(), parameters, spec["tags"]
@@ -83,6 +134,7 @@ def network_outputs(spec: dict[str, Any], aws_conn_id: str) -> dict[str, str]:
     log.info("Run tags on bucket %s: %s", outputs["DataBucket"], how)
     if "VPC" in outputs:  # a bucket-only stack has no NAT gateway, so no address
         sweeper.tag_addresses(spec["names"]["run_key"], spec["tags"])
+    outputs = {**spec.get("existing_network", {}), **outputs}
     log.info("Network ready: %s", outputs)
     return outputs
 

@@ -12,6 +12,7 @@ from typing import Any
 from dtp.hostlist import expand_hostlist
 from dtp.naming import RunNames, expiry, resource_tags
 from dtp.params import ParamsError, TrainParams, estimate_cost_usd, training_time_limit_minutes, validate_params
+from dtp.pipeline.network import NETWORK_CONN_ID, existing_network, needs_network
 from dtp.platforms import get_platform
 from dtp.recipes import get_recipe, instance_types
 
@@ -38,7 +39,16 @@ def build_spec(
             f"invalid parameters:\nnum_nodes: got {validated.num_nodes}; platform {validated.platform!r} "
             f"has at most {capacity} nodes" + (f" once {excluded} are excluded" if excluded else "")
         )
-    return run_spec(validated, dag_id, run_id, incarnation)
+    spec = run_spec(validated, dag_id, run_id, incarnation)
+    spec["existing_network"] = existing_network()
+    if needs_network(spec) and not spec["existing_network"] and (file_system := platform.existing_file_system()):
+        raise ParamsError(
+            f"invalid parameters:\nplatform: got {validated.platform!r}, whose nodes mount {file_system}, which "
+            "outlives runs and is reachable only from its own VPC, while each run makes a VPC of its own: define "
+            f"the {NETWORK_CONN_ID!r} connection with that VPC's subnets and security group (see the README's "
+            "Going to a real AWS account)"
+        )
+    return spec
 
 
 def run_spec(validated: TrainParams, dag_id: str, run_id: str, incarnation: int = 0) -> dict[str, Any]:

@@ -59,6 +59,10 @@ class ComputePlatform(Protocol):
     def max_nodes(self) -> int:
         """How many compute nodes a run may ask for (a read, safe before anything exists)."""
 
+    def existing_file_system(self) -> str:
+        """The file system that outlives runs which the nodes mount (an existing FSx for Lustre), named for a
+        message; empty where the run's cluster brings its own or mounts none."""
+
     def ami_family(self, instance: dict[str, Any]) -> str | None:
         """The AMI family (images/packer/families) nodes of ``instance``'s type boot; None where they boot none of
         DTP's AMIs."""

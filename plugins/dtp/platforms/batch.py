@@ -98,6 +98,10 @@ class BatchPlatform:
     def max_nodes(self) -> int:
         return self.settings.max_nodes
 
+    def existing_file_system(self) -> str:
+        template = self.settings.launch_template_id
+        return f"the FSx for Lustre file system launch template {template} mounts" if template else ""
+
     def ami_family(self, instance: dict[str, Any]) -> None:
         return None  # Batch picks the ECS-optimized AMI of ec2Configuration's image type; DTP bakes none for it
 

@@ -83,6 +83,9 @@ class EksPlatform:
     def max_nodes(self) -> int:
         return self.settings.max_nodes
 
+    def existing_file_system(self) -> str:
+        return ""  # the cluster's FSx claim, in the cluster's own VPC: the run makes no network
+
     def ami_family(self, instance: dict[str, Any]) -> str | None:
         # The cluster's GPU node groups boot DTP's EKS GPU AMI when one is published; DTP bakes none for the others.
         return "eks-gpu" if is_nvidia(instance) else None

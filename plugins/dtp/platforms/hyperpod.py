@@ -116,6 +116,9 @@ class HyperPodPlatform:
     def max_nodes(self) -> int:
         return self.settings.max_nodes
 
+    def existing_file_system(self) -> str:
+        return self.settings.fsx_dns_name
+
     def ami_family(self, instance: dict[str, Any]) -> None:
         return None  # HyperPod nodes boot SageMaker's own HyperPod AMI
 

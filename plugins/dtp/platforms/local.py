@@ -30,6 +30,9 @@ class LocalSlurmPlatform:
     def max_nodes(self) -> int:
         return self.hook.node_count()
 
+    def existing_file_system(self) -> str:
+        return ""  # the host's shared directory: no VPC to be in
+
     def ami_family(self, instance: dict[str, Any]) -> str:
         # The local cluster stands in for a ParallelCluster CPU cluster; its nodes are this host and boot nothing,
         # so the AMI is recorded with the run, not booted.

@@ -194,6 +194,9 @@ class ParallelClusterPlatform:
     def max_nodes(self) -> int:
         return self.settings.max_nodes
 
+    def existing_file_system(self) -> str:
+        return self.settings.fsx_file_system_id
+
     def default_image(self) -> dict[str, str]:
         """With no published DTP image, the NGC PyTorch image the training image builds on, run with pyxis; the
         task copies the training programs to the run's directory on FSx, which the container mounts."""
