@@ -18,6 +18,7 @@ import yaml
 from botocore.stub import Stubber
 from moto import mock_aws
 
+from dtp.hooks.pytorchjob import PyTorchJobHook, deadline_seconds
 from dtp.params import TrainParams, parse_params
 from dtp.pipeline import jobs
 from dtp.pipeline.spec import run_spec
@@ -126,6 +127,24 @@ def test_command_runs_the_trainer_with_the_runs_config_from_the_image() -> None:
         "backoffLimit": 3,
         "activeDeadlineSeconds": spec["training_time_limit_minutes"] * 60,
     }
+
+
+def test_a_retrys_job_is_the_rendered_one_with_what_is_left_of_its_deadline(kubernetes_api: Any) -> None:
+    """EksPyTorchJobOperator creates a failed job afresh with only what is left of its deadline: the job it sends
+    is still one the training operator's CRD takes."""
+    spec = spec_for("llama3_1_8b", "p5.48xlarge", 2)
+    _, job = rendered(spec)
+    assert deadline_seconds(job) == spec["training_time_limit_minutes"] * 60 > 600
+    hook = PyTorchJobHook(CLUSTER, "kubeflow")
+    with Stubber(hook.eks_hook.conn) as eks:
+        eks.add_response("describe_cluster", describe_cluster("ACTIVE", kubernetes_api.endpoint), {"name": CLUSTER})
+        with hook.kubernetes() as kubernetes:
+            hook.ensure_job(kubernetes, job, 600)
+    (method, _, _, body), *_ = kubernetes_api.requests
+    sent = json.loads(body)
+    assert method == "POST" and sent["spec"]["runPolicy"] == {"backoffLimit": 3, "activeDeadlineSeconds": 600}
+    assert {**sent["spec"], "runPolicy": job["spec"]["runPolicy"]} == job["spec"]
+    assert EksPlatform().check({"pytorchjob.yaml": yaml.safe_dump(sent)}) == []
 
 
 def test_default_image_is_the_training_images_base_with_programs_on_fsx() -> None:

@@ -11,12 +11,12 @@ from typing import Any
 
 import pytest
 import yaml
-from airflow.sdk.exceptions import TaskDeferred
+from airflow.sdk.exceptions import AirflowFailException, TaskDeferred
 from botocore.stub import Stubber
 from kubernetes.client.exceptions import ApiException
 
-from dtp.hooks.pytorchjob import SPEC_DIGEST_ANNOTATION, PyTorchJobExists, job_state
-from dtp.operators.pytorchjob import EksPyTorchJobOperator, PyTorchJobFailed
+from dtp.hooks.pytorchjob import SPEC_DIGEST_ANNOTATION, PyTorchJobExists, job_state, past_deadline, ran_seconds
+from dtp.operators.pytorchjob import EksPyTorchJobOperator, PyTorchJobFailed, PyTorchJobOverTime
 from dtp.triggers.pytorchjob import PyTorchJobTrigger, _sortable
 
 CLUSTER, NAMESPACE, NAME = "dtp-training", "kubeflow", "run-abc123"
@@ -48,9 +48,9 @@ def stub_eks(hook: Any, api: Any, calls: int = 1) -> Stubber:
     return stubber
 
 
-def operator(**kwargs: Any) -> EksPyTorchJobOperator:
+def operator(manifest: dict[str, Any] = MANIFEST, **kwargs: Any) -> EksPyTorchJobOperator:
     return EksPyTorchJobOperator(
-        task_id="run_job", manifest=yaml.safe_dump(MANIFEST), cluster_name=CLUSTER, poll_interval=0, **kwargs
+        task_id="run_job", manifest=yaml.safe_dump(manifest), cluster_name=CLUSTER, poll_interval=0, **kwargs
     )
 
 
@@ -209,6 +209,7 @@ def test_trigger_reports_a_failed_job_with_its_message(kubernetes_api: Any, firs
     event = wait_for_event(kubernetes_api, trigger(), first_event)
     assert (event["status"], event["state"], event["tail"]) == ("failed", "Failed", ["NCCL error"])
     assert event["message"] == f"PyTorchJob {NAME} is failed."
+    assert event["over_time"] is False
 
 
 def test_trigger_reports_a_hang(kubernetes_api: Any, first_event: Any) -> None:
@@ -298,3 +299,108 @@ def test_a_manifest_without_its_name_or_namespace_is_refused_before_any_call(mis
     op = EksPyTorchJobOperator(task_id="run_job", manifest=yaml.safe_dump(manifest), cluster_name=CLUSTER)
     with pytest.raises(ValueError, match=r"with metadata\.name and metadata\.namespace"):
         op.execute({})
+
+
+# --- one deadline across the task's retries ----------------------------------------------------------------------
+# The run's training job carries the time budget_usd pays for as runPolicy.activeDeadlineSeconds.
+TIMED: dict[str, Any] = {**MANIFEST, "spec": {**MANIFEST["spec"], "runPolicy": {"activeDeadlineSeconds": 3600}}}
+# How training-operator v1.9 fails a job at its deadline, and at its backoff limit (pkg/controller.v1/common/job.go):
+# the same reason for both, told apart by the message.
+PAST_DEADLINE = f"Job {NAME} has failed because it was active longer than specified deadline"
+BACKOFF = f"Job {NAME} has failed because it has reached the specified backoff limit"
+
+
+def ended_after(api: Any, seconds: int, message: str, reason: str = "PyTorchJobFailed") -> None:
+    """The job in the API failed ``seconds`` after the operator first synced it (its startTime)."""
+    done = f"2026-12-03T{10 + seconds // 3600:02d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}Z"
+    api.jobs[NAME]["status"] = {
+        "startTime": "2026-12-03T10:00:00Z",
+        "completionTime": done,
+        "conditions": [
+            condition("Created", "2026-12-03T10:00:00Z"),
+            condition("Running", done, status="False"),
+            {**condition("Failed", done, message=message), "reason": reason},
+        ],
+    }
+
+
+def retried(api: Any, manifest: dict[str, Any] = TIMED) -> dict[str, Any]:
+    """Run a try's execute, which defers to the trigger; the job it created."""
+    api.requests.clear()
+    op = operator(manifest)
+    with stub_eks(op.hook, api), pytest.raises(TaskDeferred):
+        op.execute({})
+    return created(api)[-1]
+
+
+def test_the_active_time_counts_from_start_to_completion() -> None:
+    job = {"status": {"startTime": "2026-12-03T10:00:00Z", "completionTime": "2026-12-03T10:16:40Z"}}
+    assert ran_seconds(job) == 1000
+    # Without a completionTime, the terminal condition's time ends it; before the operator synced it, nothing ran.
+    failed = {"startTime": "2026-12-03T10:00:00Z", "conditions": [condition("Failed", "2026-12-03T10:01:00Z")]}
+    assert ran_seconds({"status": failed}) == 60
+    assert ran_seconds({"status": {"conditions": failed["conditions"]}}) == 0
+
+
+@pytest.mark.parametrize(
+    ("message", "reason", "ran"),
+    [
+        (PAST_DEADLINE, "PyTorchJobFailed", 3600),  # training-operator v1.9
+        ("Job was active longer than specified deadline", "DeadlineExceeded", 3600),  # as Kubernetes Jobs say it
+        (BACKOFF, "PyTorchJobFailed", 3601),  # it failed otherwise, but only once its deadline had passed
+    ],
+)
+def test_a_job_stopped_at_its_deadline_is_not_created_again(
+    kubernetes_api: Any, message: str, reason: str, ran: int
+) -> None:
+    retried(kubernetes_api)
+    ended_after(kubernetes_api, ran, message, reason)
+    assert past_deadline(kubernetes_api.jobs[NAME])
+    op = operator(TIMED)
+    with stub_eks(op.hook, kubernetes_api), pytest.raises(PyTorchJobOverTime, match="stopped at its deadline"):
+        op.execute({})
+    assert issubclass(PyTorchJobOverTime, AirflowFailException)  # the task fails without its retries
+    assert "DELETE" not in [method for method, *_ in kubernetes_api.requests]  # the job stays, to be read
+    assert len(created(kubernetes_api)) == 2  # the first try's, and the retry's refused one (409)
+
+
+def test_a_retry_after_another_failure_gets_what_is_left_of_the_deadline(kubernetes_api: Any) -> None:
+    first = retried(kubernetes_api)
+    assert first["spec"]["runPolicy"] == {"activeDeadlineSeconds": 3600}
+    ended_after(kubernetes_api, 1000, BACKOFF)
+    assert not past_deadline(kubernetes_api.jobs[NAME])
+    second = retried(kubernetes_api)
+    assert second["spec"]["runPolicy"] == {"activeDeadlineSeconds": 2600}
+    # Made from the same manifest: a retry while it runs finds it as its own, deadline and all.
+    assert second["metadata"]["annotations"] == first["metadata"]["annotations"]
+    retried(kubernetes_api)  # its create is refused (409) and the job there is not refused as another's ...
+    assert kubernetes_api.jobs[NAME]["spec"] == second["spec"]  # ... so it waits on it
+    ended_after(kubernetes_api, 2000, BACKOFF)
+    assert retried(kubernetes_api)["spec"]["runPolicy"] == {"activeDeadlineSeconds": 600}
+    # The third job failed otherwise 50 s before its deadline: too little is left to start a fourth's pods.
+    ended_after(kubernetes_api, 550, BACKOFF)
+    kubernetes_api.requests.clear()
+    op = operator(TIMED)
+    with stub_eks(op.hook, kubernetes_api), pytest.raises(PyTorchJobOverTime, match="active 550 s of the 600 s"):
+        op.execute({})
+    assert "DELETE" not in [method for method, *_ in kubernetes_api.requests]
+
+
+def test_a_job_without_a_deadline_is_created_again_without_one(kubernetes_api: Any) -> None:
+    retried(kubernetes_api, MANIFEST)
+    ended_after(kubernetes_api, 99_999, BACKOFF)
+    assert retried(kubernetes_api, MANIFEST)["spec"] == MANIFEST["spec"]
+
+
+def test_trigger_says_when_the_job_failed_at_its_deadline(kubernetes_api: Any, first_event: Any) -> None:
+    kubernetes_api.jobs = {NAME: {**TIMED, "status": {}}}
+    ended_after(kubernetes_api, 3600, PAST_DEADLINE)
+    event = wait_for_event(kubernetes_api, trigger(), first_event)
+    assert (event["status"], event["state"], event["over_time"]) == ("failed", "Failed", True)
+    assert event["message"] == PAST_DEADLINE
+
+
+def test_a_job_that_ran_past_its_deadline_fails_the_task_without_retries() -> None:
+    over = {**event("failed", "Failed", PAST_DEADLINE, ["step 90"]), "over_time": True}
+    with pytest.raises(PyTorchJobOverTime, match=r"ran past its deadline .*not retried. Last lines:\nstep 90"):
+        operator(TIMED).execute_complete({}, over)

@@ -12,6 +12,7 @@ import json
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import datetime
 from functools import cached_property
 from typing import Any
 
@@ -29,6 +30,11 @@ CONTAINER = "pytorch"  # the container the operator gives torchrun's PET_* setti
 TERMINAL_CONDITIONS = ("Succeeded", "Failed")
 # The API server and the operator's webhook fill in defaults, so a job's spec is compared through this annotation.
 SPEC_DIGEST_ANNOTATION = "dtp.dev/spec-sha256"
+# How a job stopped at runPolicy.activeDeadlineSeconds reads: training-operator v1.9's Failed condition says
+# "Job <name> has failed because it was active longer than specified deadline" (reason PyTorchJobFailed, as for
+# any failure); Kubernetes Jobs, and operators that follow them, give the reason DeadlineExceeded.
+DEADLINE_MESSAGE = "active longer than specified deadline"
+DEADLINE_REASON = "DeadlineExceeded"
 
 
 class PyTorchJobExists(RuntimeError):
@@ -44,6 +50,38 @@ def job_state(job: dict[str, Any]) -> tuple[str, str]:
     # A terminal condition wins over a Running one whose transition time ties with it.
     newest = max(conditions, key=lambda c: (c.get("lastTransitionTime") or "", c.get("type") in TERMINAL_CONDITIONS))
     return newest["type"], newest.get("message", "")
+
+
+def deadline_seconds(job: dict[str, Any]) -> int:
+    """The job's (or manifest's) ``runPolicy.activeDeadlineSeconds``; 0 when it has none."""
+    return int(((job.get("spec") or {}).get("runPolicy") or {}).get("activeDeadlineSeconds") or 0)
+
+
+def ran_seconds(job: dict[str, Any]) -> float:
+    """How long the job was active, as its deadline counts it: from ``status.startTime`` (the operator's first
+    sync) to ``status.completionTime``, or to its terminal condition where that is missing; 0 before it started."""
+    status = job.get("status") or {}
+    start = _time(status.get("startTime"))
+    ends = [c.get("lastTransitionTime") for c in status.get("conditions") or [] if c.get("type") in TERMINAL_CONDITIONS]
+    end = _time(status.get("completionTime") or max(filter(None, ends), default=None))
+    return max(0.0, (end - start).total_seconds()) if start and end else 0.0
+
+
+def past_deadline(job: dict[str, Any]) -> bool:
+    """Whether the job failed because it ran past ``runPolicy.activeDeadlineSeconds``."""
+    conditions = (job.get("status") or {}).get("conditions") or []
+    failed = [c for c in conditions if c.get("type") == "Failed" and c.get("status") == "True"]
+    if not failed:
+        return False
+    if any(c.get("reason") == DEADLINE_REASON or DEADLINE_MESSAGE in (c.get("message") or "") for c in failed):
+        return True
+    limit = deadline_seconds(job)
+    return bool(limit) and ran_seconds(job) >= limit
+
+
+def _time(stamp: str | None) -> datetime | None:
+    """A Kubernetes RFC 3339 timestamp (``2026-12-03T10:00:00Z``) as a datetime; None for none."""
+    return datetime.fromisoformat(stamp.replace("Z", "+00:00")) if stamp else None
 
 
 class PyTorchJobHook(LoggingMixin):
@@ -77,16 +115,22 @@ class PyTorchJobHook(LoggingMixin):
         ) as (config_file, _):
             yield KubernetesHook(conn_id=None, config_file=config_file)
 
-    def ensure_job(self, kubernetes: KubernetesHook, manifest: dict[str, Any]) -> dict[str, Any]:
+    def ensure_job(
+        self, kubernetes: KubernetesHook, manifest: dict[str, Any], deadline: int | None = None
+    ) -> dict[str, Any]:
         """Create the job ``manifest`` describes unless it exists; return the job as the API holds it.
 
         A retried task finds its first try's job again; a job of the same name with another spec is refused.
+        ``deadline``, when given, replaces the manifest's ``runPolicy.activeDeadlineSeconds`` in the job it creates
+        (what is left of the time limit); the job still counts as made from ``manifest``.
         """
         name = manifest["metadata"]["name"]
         digest = hashlib.sha256(json.dumps(manifest["spec"], sort_keys=True).encode()).hexdigest()
-        metadata = manifest["metadata"]
+        metadata, spec = manifest["metadata"], manifest["spec"]
         annotations = {**(metadata.get("annotations") or {}), SPEC_DIGEST_ANNOTATION: digest}
-        body = {**manifest, "metadata": {**metadata, "annotations": annotations}}
+        if deadline is not None:
+            spec = {**spec, "runPolicy": {**(spec.get("runPolicy") or {}), "activeDeadlineSeconds": deadline}}
+        body = {**manifest, "metadata": {**metadata, "annotations": annotations}, "spec": spec}
         try:
             job: dict[str, Any] = kubernetes.create_custom_object(GROUP, VERSION, PLURAL, body, self.namespace)
             self.log.info("Created PyTorchJob %s/%s", self.namespace, name)
@@ -96,7 +140,7 @@ class PyTorchJobHook(LoggingMixin):
                 raise
         existing = self.get_job(kubernetes, name)
         if existing is None:  # deleted between the two calls: create it now
-            return self.ensure_job(kubernetes, manifest)
+            return self.ensure_job(kubernetes, manifest, deadline)
         if (existing["metadata"].get("annotations") or {}).get(SPEC_DIGEST_ANNOTATION) != digest:
             raise PyTorchJobExists(
                 f"PyTorchJob {self.namespace}/{name} exists with another spec; delete it or use another run"

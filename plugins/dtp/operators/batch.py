@@ -1,11 +1,36 @@
-"""Run an AWS Batch job once per name: the provider's ``BatchOperator``, idempotent across retries."""
+"""Run an AWS Batch job once per name: the provider's ``BatchOperator``, idempotent across retries and held to one
+time limit across them."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
 from airflow.providers.amazon.aws.operators.batch import BatchOperator
+from airflow.sdk.exceptions import AirflowException, AirflowFailException
+
+# The statusReason Batch gives a job it stopped at its timeout: "Job attempt duration exceeded timeout".
+TIMEOUT_REASON = "attempt duration exceeded timeout"
+# The smallest attemptDurationSeconds Batch takes.
+MIN_TIMEOUT_S = 60
+
+
+class BatchJobOverTime(AirflowFailException):
+    """The Batch job ran past its time limit, or earlier jobs of its name used it up; a retry would run past it
+    again, so the task is not retried."""
+
+
+def timed_out(job: dict[str, Any]) -> bool:
+    """Whether Batch stopped ``job`` (a ListJobs summary or a DescribeJobs detail) at its timeout."""
+    reasons = [job.get("statusReason"), *(attempt.get("statusReason") for attempt in job.get("attempts") or [])]
+    return job.get("status") == "FAILED" and any(TIMEOUT_REASON in (reason or "").lower() for reason in reasons)
+
+
+def ran_seconds(job: dict[str, Any]) -> float:
+    """How long ``job`` ran: from RUNNING (``startedAt``) to its end (``stoppedAt``); 0 for a job that never ran."""
+    started, stopped = job.get("startedAt"), job.get("stoppedAt")
+    return max(0.0, (stopped - started) / 1000) if started and stopped else 0.0
 
 
 class BatchJobOperator(BatchOperator):
@@ -14,25 +39,95 @@ class BatchJobOperator(BatchOperator):
 
     A retry (or a cleared task) finds the job its first try submitted: it waits on it again while it is active,
     and returns at once when it succeeded. Only after a failure is a new job submitted, so the new one resumes
-    from the newest checkpoint. Takes ``BatchOperator``'s parameters; ``submit_job_timeout`` is templated too,
-    so a prepared job can carry its own time limit.
+    from the newest checkpoint, and it may run only what is left of the time limit (``submit_job_timeout``, else
+    the job definition's timeout) once the earlier jobs of its name are counted. A job that Batch stopped at its
+    timeout is not submitted again: the task fails without retries (``BatchJobOverTime``), as it does when less
+    than Batch's smallest timeout is left. Takes ``BatchOperator``'s parameters; ``submit_job_timeout`` is
+    templated too, so a prepared job can carry its own time limit.
     """
 
     template_fields: Sequence[str] = (*BatchOperator.template_fields, "submit_job_timeout")
 
     def submit_job(self, context: Any) -> None:
-        job = self.newest_job()
-        if job is None or job["status"] == self.hook.FAILURE_STATE:
-            super().submit_job(context)
+        jobs = self.jobs()
+        job = jobs[-1] if jobs else None
+        if job is not None and job["status"] != self.hook.FAILURE_STATE:
+            self.job_id = job["jobId"]
+            self.log.info(
+                "AWS Batch job %s (%s) is %s: not submitting another", self.job_id, self.job_name, job["status"]
+            )
             return
-        self.job_id = job["jobId"]
-        self.log.info("AWS Batch job %s (%s) is %s: not submitting another", self.job_id, self.job_name, job["status"])
+        if job is not None:
+            if timed_out(job):
+                raise BatchJobOverTime(
+                    f"AWS Batch job {job['jobId']} ({self.job_name}) was stopped at its time limit "
+                    f"({job.get('statusReason')}); not submitting it again"
+                )
+            self.submit_job_timeout = self._time_left(jobs)
+        super().submit_job(context)
 
-    def newest_job(self) -> dict[str, Any] | None:
-        """The queue's newest job named ``job_name``, in any state (None when it has none)."""
+    def execute_complete(self, context: Any, event: dict[str, Any] | None = None) -> str:
+        if event and event.get("status") != "success" and event.get("job_id"):
+            self._fail_if_timed_out(event["job_id"])
+        return super().execute_complete(context, event)
+
+    def monitor_job(self, context: Any) -> None:
+        try:
+            super().monitor_job(context)
+        except AirflowException:
+            if self.job_id:
+                self._fail_if_timed_out(self.job_id)
+            raise
+
+    def jobs(self) -> list[dict[str, Any]]:
+        """The queue's jobs named ``job_name``, in any state, oldest first."""
         client: Any = self.hook.client  # typed as the provider's BatchProtocol, which declares no paginators
         pages = client.get_paginator("list_jobs").paginate(
             jobQueue=self.job_queue, filters=[{"name": "JOB_NAME", "values": [self.job_name]}]
         )
         jobs = [job for page in pages for job in page["jobSummaryList"] if job["jobName"] == self.job_name]
-        return max(jobs, key=lambda job: job["createdAt"], default=None)
+        return sorted(jobs, key=lambda job: job["createdAt"])
+
+    def time_limit(self) -> int:
+        """The new job's time limit in seconds: ``submit_job_timeout``, else the job definition's (0: none)."""
+        if self.submit_job_timeout:
+            return int(self.submit_job_timeout)
+        client: Any = self.hook.client
+        identifier = str(self.job_definition)
+        if identifier.startswith("arn:"):
+            definitions = client.describe_job_definitions(jobDefinitions=[identifier])["jobDefinitions"]
+        else:  # name:revision or name (its newest active revision)
+            name, _, revision = identifier.partition(":")
+            pages = client.get_paginator("describe_job_definitions").paginate(jobDefinitionName=name)
+            found = [d for page in pages for d in page["jobDefinitions"] if d["jobDefinitionName"] == name]
+            if revision:
+                definitions = [d for d in found if str(d["revision"]) == revision]
+            else:
+                definitions = sorted((d for d in found if d.get("status") == "ACTIVE"), key=lambda d: d["revision"])
+        if not definitions:
+            raise AirflowException(f"AWS Batch job definition {identifier} does not exist")
+        return int((definitions[-1].get("timeout") or {}).get("attemptDurationSeconds") or 0)
+
+    def _time_left(self, jobs: list[dict[str, Any]]) -> int | None:
+        """The timeout of a new job: the time limit less what the earlier jobs of this name ran (a retried task's
+        job gets what is left, not the whole limit again); None where there is no limit."""
+        limit = self.time_limit()
+        if limit <= 0:
+            return None
+        used = math.ceil(sum(ran_seconds(job) for job in jobs))
+        if limit - used < MIN_TIMEOUT_S:
+            raise BatchJobOverTime(
+                f"earlier AWS Batch jobs named {self.job_name} ran {used} s of the {limit} s time limit, leaving less"
+                f" than Batch's smallest timeout ({MIN_TIMEOUT_S} s); not submitting another"
+            )
+        if used:
+            self.log.info("Earlier %s jobs ran %d s: this one may run %d s", self.job_name, used, limit - used)
+        return limit - used
+
+    def _fail_if_timed_out(self, job_id: str) -> None:
+        found = self.hook.client.describe_jobs(jobs=[job_id])["jobs"]
+        if found and timed_out(job := found[0]):
+            raise BatchJobOverTime(
+                f"AWS Batch job {job_id} ({self.job_name}) ran past its time limit and was stopped by Batch "
+                f"({job.get('statusReason')}); not retried"
+            )

@@ -5,20 +5,30 @@ The Kubernetes clients are imported when the task runs, not when a DAG that hold
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 import yaml
 from airflow.sdk import BaseOperator
-from airflow.sdk.exceptions import AirflowException
+from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
 if TYPE_CHECKING:
     from dtp.hooks.pytorchjob import PyTorchJobHook
 
 
+# The shortest deadline worth a new job: less is no time to schedule its pods and resume from a checkpoint.
+MIN_DEADLINE_S = 60
+
+
 class PyTorchJobFailed(AirflowException):
     """The PyTorchJob failed, was deleted while it ran, or hung."""
+
+
+class PyTorchJobOverTime(AirflowFailException):
+    """The PyTorchJob ran past its deadline, or earlier jobs of its name used it up; a retry would run past it
+    again, so the task is not retried."""
 
 
 class EksPyTorchJobOperator(BaseOperator):
@@ -27,7 +37,10 @@ class EksPyTorchJobOperator(BaseOperator):
 
     Idempotent: a retry (or a cleared task) finds the job its first try created and waits on it again, or returns
     at once when it already succeeded. A job that failed is deleted and created afresh, so the new pods resume
-    from the newest checkpoint; a job of the same name made from another manifest is refused.
+    from the newest checkpoint, with only what is left of the manifest's ``runPolicy.activeDeadlineSeconds``
+    once the failed job's active time is counted; a job of the same name made from another manifest is refused.
+    A job that ran past its deadline is not created again: the task fails without retries (``PyTorchJobOverTime``),
+    as it does when less than a minute of the deadline is left.
 
     :param manifest: the PyTorchJob, as YAML text or a mapping (its namespace is the job's namespace)
     :param cluster_name: the EKS cluster
@@ -79,17 +92,23 @@ class EksPyTorchJobOperator(BaseOperator):
         return PyTorchJobHook(self.cluster_name, namespace, self.aws_conn_id, self.region_name)
 
     def execute(self, context: Any) -> dict[str, Any] | None:
-        from dtp.hooks.pytorchjob import job_state
+        from dtp.hooks.pytorchjob import job_state, past_deadline
         from dtp.triggers.pytorchjob import PyTorchJobTrigger
 
         manifest = self.job
         name, namespace, hook = manifest["metadata"]["name"], manifest["metadata"]["namespace"], self.hook
         with hook.kubernetes() as kubernetes:
-            state, message = job_state(hook.ensure_job(kubernetes, manifest))
+            job = hook.ensure_job(kubernetes, manifest)
+            state, message = job_state(job)
             if state == "Failed":
+                if past_deadline(job):
+                    raise PyTorchJobOverTime(
+                        f"PyTorchJob {namespace}/{name} was stopped at its deadline ({message}); not running it again"
+                    )
+                deadline = self._deadline_left(job)
                 self.log.info("PyTorchJob %s/%s failed before (%s): running it afresh", namespace, name, message)
                 hook.delete_job(kubernetes, name, timeout=self.delete_timeout)
-                state, _ = job_state(hook.ensure_job(kubernetes, manifest))
+                state, _ = job_state(hook.ensure_job(kubernetes, manifest, deadline))
         if state == "Succeeded":
             self.log.info("PyTorchJob %s/%s already succeeded: reusing it, not running it again", namespace, name)
             return {"job_name": name, "namespace": namespace, "state": state}
@@ -115,12 +134,36 @@ class EksPyTorchJobOperator(BaseOperator):
             raise PyTorchJobFailed(
                 f"PyTorchJob {namespace}/{name} hung ({event['message']}); deleted it. Last lines:\n{tail}"
             )
+        if event["status"] == "failed" and event.get("over_time"):
+            raise PyTorchJobOverTime(
+                f"PyTorchJob {namespace}/{name} ran past its deadline and was stopped ({event['message']}); not "
+                f"retried. Last lines:\n{tail}"
+            )
         if event["status"] != "success":
             raise PyTorchJobFailed(
                 f"PyTorchJob {namespace}/{name} ended {event['state']}: {event['message']}. Last lines:\n{tail}"
             )
         self.log.info("PyTorchJob %s/%s succeeded", namespace, name)
         return {"job_name": name, "namespace": namespace, "state": event["state"]}
+
+    def _deadline_left(self, failed: dict[str, Any]) -> int | None:
+        """The deadline of the job that replaces ``failed``: its own deadline (what was left of the time limit when
+        it was created) less the time it was active, so that a retried task's job gets what is left, not the whole
+        limit again; None where it had no deadline."""
+        from dtp.hooks.pytorchjob import deadline_seconds, ran_seconds
+
+        limit, name = deadline_seconds(failed), failed["metadata"]["name"]
+        if limit <= 0:
+            return None
+        used = math.ceil(ran_seconds(failed))
+        if limit - used < MIN_DEADLINE_S:
+            raise PyTorchJobOverTime(
+                f"PyTorchJob {name} was active {used} s of the {limit} s left of its deadline, leaving less than "
+                f"{MIN_DEADLINE_S} s; not creating another"
+            )
+        if used:
+            self.log.info("PyTorchJob %s was active %d s: the next one may run %d s", name, used, limit - used)
+        return limit - used
 
     def on_kill(self) -> None:
         """Delete the job when the task is killed while it is still creating it (the trigger handles the wait)."""

@@ -20,13 +20,14 @@ from typing import Any
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 from kubernetes.client.exceptions import ApiException
 
-from dtp.hooks.pytorchjob import TERMINAL_CONDITIONS, PyTorchJobHook, job_state
+from dtp.hooks.pytorchjob import TERMINAL_CONDITIONS, PyTorchJobHook, job_state, past_deadline
 
 TAIL_LINES = 30
 
 
 class PyTorchJobTrigger(BaseTrigger):
-    """Fires once the PyTorchJob succeeds, fails, disappears or hangs.
+    """Fires once the PyTorchJob succeeds, fails, disappears or hangs; the event of a job that failed at its
+    ``runPolicy.activeDeadlineSeconds`` says so (``over_time``), so that the task is not retried.
 
     :param job_name: the PyTorchJob
     :param namespace: its namespace
@@ -113,7 +114,8 @@ class PyTorchJobTrigger(BaseTrigger):
             if await asyncio.to_thread(self._forward_log, kubernetes, tail):
                 self._last_progress = time.monotonic()
             if state in TERMINAL_CONDITIONS:
-                return self._event("success" if state == "Succeeded" else "failed", state, message, tail)
+                status = "success" if state == "Succeeded" else "failed"
+                return self._event(status, state, message, tail, over_time=past_deadline(job))
             if state != "Running":
                 self._last_progress = time.monotonic()  # pending, restarting or suspended time is not a hang
             elif self.hang_timeout and time.monotonic() - self._last_progress > self.hang_timeout:
@@ -146,7 +148,10 @@ class PyTorchJobTrigger(BaseTrigger):
             self.last_log_time, forwarded = stamp, True
         return forwarded
 
-    def _event(self, status: str, state: str, message: str, tail: deque[str]) -> TriggerEvent:
+    def _event(
+        self, status: str, state: str, message: str, tail: deque[str], *, over_time: bool = False
+    ) -> TriggerEvent:
+        """The event the task resumes with; ``over_time``: the job failed because it ran past its deadline."""
         return TriggerEvent(
             {
                 "status": status,
@@ -154,6 +159,7 @@ class PyTorchJobTrigger(BaseTrigger):
                 "namespace": self.namespace,
                 "state": state,
                 "message": message,
+                "over_time": over_time,
                 "tail": list(tail),
             }
         )
