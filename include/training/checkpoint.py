@@ -1,14 +1,17 @@
 """Atomic sharded checkpoints with torch.distributed.checkpoint.
 
 Every rank writes its shards into ``tmp-step_N/``; once all ranks are done,
-rank 0 writes ``meta.json`` and renames the folder to ``step_N/``. A folder
-named ``step_*`` is therefore always complete, a torn write is a ``tmp-*``
-left behind, and resuming picks the newest ``step_*``.
+rank 0 writes ``meta.json`` and renames the folder to ``step_N/``, each made
+durable (fsync) before the next. A folder named ``step_*`` is therefore always
+complete, a torn write is a ``tmp-*`` left behind, and resuming picks the
+newest ``step_*``. A ``tmp-step_N`` that already holds its ``meta.json`` is
+whole (rank 0 died before the rename): it is promoted, not deleted.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -22,10 +25,32 @@ def newest_complete(directory: Path) -> Path | None:
     return max(steps, key=lambda p: int(p.name.split("_")[1]), default=None)
 
 
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _meta_step(path: Path) -> int | None:
+    """The step ``path/meta.json`` records; None when it is missing or unreadable (cut short)."""
+    try:
+        return json.loads((path / "meta.json").read_text())["step"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def clean_partial(directory: Path) -> None:
-    """Delete torn checkpoints (rank 0 only, before anyone loads)."""
+    """Promote whole ``tmp-step_N`` folders (meta.json written) to ``step_N``, delete torn ones (rank 0 only,
+    before anyone loads)."""
     for partial in directory.glob("tmp-step_*"):
-        shutil.rmtree(partial, ignore_errors=True)
+        final = directory / partial.name.removeprefix("tmp-")
+        if f"step_{_meta_step(partial)}" == final.name and not final.exists():
+            partial.rename(final)
+            _fsync(directory)
+        else:
+            shutil.rmtree(partial, ignore_errors=True)
 
 
 def save(directory: Path, step: int, model, optimizer, extra: dict, keep: int = 2) -> Path:
@@ -35,10 +60,15 @@ def save(directory: Path, step: int, model, optimizer, extra: dict, keep: int = 
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
     dist.barrier()
     if dist.get_rank() == 0:
-        (tmp / "meta.json").write_text(json.dumps({"step": step, **extra}))
+        with (tmp / "meta.json").open("w") as fh:
+            fh.write(json.dumps({"step": step, **extra}))
+            fh.flush()
+            os.fsync(fh.fileno())
+        _fsync(tmp)
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
+        _fsync(directory)
         for old in sorted(directory.glob("step_*"), key=lambda p: int(p.name.split("_")[1]))[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     dist.barrier()

@@ -4,7 +4,10 @@ One JSON config (written by the train task from the recipe and the run's
 params, so no value travels through a shell) drives everything. Rank 0 prints
 one JSON line per logged step and appends it to ``metrics_path``. The run
 resumes from the newest complete checkpoint, so a Slurm requeue or a torchrun
-restart loses at most one checkpoint interval.
+restart loses at most one checkpoint interval. SIGTERM (a Slurm time limit or
+preemption, a Kubernetes eviction: torchrun forwards it to its workers and
+kills them 30 s later) makes every rank stop after the step it is in, save a
+checkpoint there and exit with 143.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ import math
 import os
 import re
 import resource
+import signal
+import socket
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -71,16 +76,18 @@ class TrainConfig:
     profile_steps: int = 0
     profile_dir: str = ""
     peak_flops: float | None = None  # per device, for MFU; None: by the device's name (PEAK_FLOPS)
+    device: str = "auto"  # "auto": CUDA when torch can use it, else the CPU; "cuda": CUDA or fail
 
     @classmethod
     def load(cls, path: str) -> TrainConfig:
         return cls(**json.loads(Path(path).read_text()))
 
 
-def lr_at(cfg: TrainConfig, step: int) -> float:
+def lr_at(cfg: TrainConfig, step: int, schedule_steps: int | None = None) -> float:
+    """Linear warm-up, then a cosine decay over ``schedule_steps`` (default ``max_steps``) to 0.1 * lr, held after."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+    progress = (step - cfg.warmup_steps) / max(1, (schedule_steps or cfg.max_steps) - cfg.warmup_steps)
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
@@ -151,6 +158,39 @@ def build(cfg: TrainConfig, device: torch.device, world: int):
     return model, optimizer
 
 
+def select_device(cfg: TrainConfig) -> tuple[str, torch.device]:
+    """The process group's backend and this rank's device. With ``device`` "cuda" (a GPU instance type) a node whose
+    torch cannot use CUDA fails here, rather than train on its CPU for the whole budget."""
+    if cfg.device not in ("auto", "cuda"):
+        raise ValueError(f"device must be 'auto' or 'cuda', not {cfg.device!r}")
+    if torch.cuda.is_available():
+        return "nccl", torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    if cfg.device == "cuda":
+        raise RuntimeError(
+            f"device 'cuda' is required but torch {torch.__version__} (CUDA build: {torch.version.cuda}) cannot use "
+            f"a GPU on {socket.gethostname()} (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}): "
+            "check the node's driver and that the image's torch is a CUDA build"
+        )
+    return "gloo", torch.device("cpu")
+
+
+_sigterm = False
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    global _sigterm
+    _sigterm = True
+
+
+def stop_requested(group: dist.ProcessGroup | None) -> bool:
+    """Whether any rank got SIGTERM: they all stop after the same step, so they agree on it, every step. ``group``
+    is a gloo group on the CPU, so the check never waits for the GPU's queued kernels (None: the default group,
+    itself gloo on the CPU)."""
+    flag = torch.tensor([float(_sigterm)])
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+    return bool(flag.item())
+
+
 def emit(record: dict, metrics_path: Path) -> None:
     line = json.dumps(record)
     print(line, flush=True)
@@ -159,13 +199,13 @@ def emit(record: dict, metrics_path: Path) -> None:
 
 
 def train(cfg: TrainConfig) -> None:
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    backend, device = select_device(cfg)
     dist.init_process_group(backend, timeout=timedelta(seconds=cfg.collective_timeout_s))
     rank, world = dist.get_rank(), dist.get_world_size()
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device("cuda", local_rank) if backend == "nccl" else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    stop_group = dist.new_group(backend="gloo") if backend != "gloo" else None
     torch.manual_seed(cfg.seed)
 
     model, optimizer = build(cfg, device, world)
@@ -176,10 +216,13 @@ def train(cfg: TrainConfig) -> None:
         checkpoint.clean_partial(ckpt_dir)
     dist.barrier()
 
-    start = 0
+    start, schedule = 0, cfg.max_steps
     latest = checkpoint.newest_complete(ckpt_dir)
     if latest is not None:
-        start = checkpoint.load(latest, model, optimizer)["step"]
+        meta = checkpoint.load(latest, model, optimizer)
+        # The cosine schedule keeps the length the run started with: a resume to a larger max_steps would stretch
+        # it and raise the LR mid-run (a checkpoint from before the schedule was recorded: this run's max_steps).
+        start, schedule = meta["step"], meta.get("lr_schedule_steps", cfg.max_steps)
     args = MODELS[cfg.model]
     params = count_parameters(args)
     fpt = flops_per_token(args, cfg.seq_len)
@@ -198,6 +241,9 @@ def train(cfg: TrainConfig) -> None:
             },
             metrics_path,
         )
+        if schedule != cfg.max_steps:
+            kept = {"event": "lr_schedule_kept", "schedule_steps": schedule, "max_steps": cfg.max_steps}
+            emit({**kept, "time": time.time()}, metrics_path)
 
     data = np.memmap(cfg.data_path, dtype=np.uint8, mode="r")
     fail_at = int(os.environ.get("DTP_FAIL_AT_STEP", "0"))
@@ -211,7 +257,7 @@ def train(cfg: TrainConfig) -> None:
         if fail_at and step + 1 == fail_at:
             raise RuntimeError(f"injected failure at step {fail_at} (DTP_FAIL_AT_STEP)")
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(cfg, step)
+            group["lr"] = lr_at(cfg, step, schedule)
         inputs, targets = (t.to(device) for t in batch_for(data, cfg, step, rank))
         logits = model(inputs)
         loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
@@ -241,7 +287,7 @@ def train(cfg: TrainConfig) -> None:
                         "event": "step",
                         "step": done,
                         "loss": round(mean_loss, 5),
-                        "lr": lr_at(cfg, step),
+                        "lr": lr_at(cfg, step, schedule),
                         "grad_norm": round(
                             float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm), 4
                         ),
@@ -255,13 +301,20 @@ def train(cfg: TrainConfig) -> None:
                     metrics_path,
                 )
             window_start, window_steps = time.perf_counter(), 0
-        if done % cfg.checkpoint_interval == 0 or done == cfg.max_steps:
+        preempted = done < cfg.max_steps and stop_requested(stop_group)
+        if done % cfg.checkpoint_interval == 0 or done == cfg.max_steps or preempted:
             step_loss = float(loss.item())
             saving = time.perf_counter()
-            path = checkpoint.save(ckpt_dir, done, model, optimizer, {"loss": step_loss})
+            extra = {"loss": step_loss, "lr_schedule_steps": schedule}
+            path = checkpoint.save(ckpt_dir, done, model, optimizer, extra)
             window_start += time.perf_counter() - saving  # saving is not training: the window's throughput skips it
             if rank == 0:
                 emit({"event": "checkpoint", "step": done, "path": str(path), "time": time.time()}, metrics_path)
+        if preempted:
+            if rank == 0:
+                emit({"event": "preempted", "step": done, "time": time.time()}, metrics_path)
+            dist.destroy_process_group()
+            sys.exit(143)  # 128 + SIGTERM: what the job would have reported had the signal killed it
 
     if rank == 0:
         emit({"event": "end", "step": cfg.max_steps, "config": asdict(cfg), "time": time.time()}, metrics_path)

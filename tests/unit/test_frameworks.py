@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from dtp.metrics.framework_logs import summarize_log
 from dtp.pipeline.frameworks import MEGATRON_ARCHITECTURES, TEMPLATES, dataset_dir, launch_problem, template_args
@@ -29,9 +30,13 @@ SAMPLE_LOG = {
 
 
 def _launch(
-    tmp_path: Path, recipe_name: str, checkpoints: tuple[str, ...] = (), extra_env: dict[str, str] | None = None
+    tmp_path: Path,
+    recipe_name: str,
+    checkpoints: dict[str, dict[str, bytes]] | None = None,
+    extra_env: dict[str, str] | None = None,
 ) -> tuple[list[list[str]], dict[str, Any], Recipe]:
-    """Run the recipe's batch script; return each srun call's argv, the template context and the recipe. The
+    """Run the recipe's batch script; return each srun call's argv, the template context and the recipe.
+    ``checkpoints`` are folders made in the run's checkpoint folder first, with their files' contents. The
     environment of the last srun call is left in ``srun.env`` under ``tmp_path``."""
     recipe = get_recipe(recipe_name)
     instance = instance_types()[recipe.defaults.instance_type]
@@ -57,8 +62,10 @@ def _launch(
         "container": [],
     }
     context = {**common, **template_args(spec, {}, str(workdir), str(tmp_path / "fsx"))}
-    for step in checkpoints:
+    for step, files in (checkpoints or {}).items():
         (Path(context["checkpoint_dir"]) / step).mkdir(parents=True)
+        for name, content in files.items():
+            (Path(context["checkpoint_dir"]) / step / name).write_bytes(content)
     script = tmp_path / "train.sbatch"
     script.write_text(render(TEMPLATES[recipe.framework], **context))
     bin_dir = tmp_path / "bin"
@@ -74,7 +81,8 @@ def _launch(
     for tool in bin_dir.iterdir():
         tool.chmod(0o755)
     env = {"PATH": f"{bin_dir}:{os.defpath}", "SLURM_JOB_NODELIST": "n1", "SLURM_JOB_ID": "77", "SLURM_NNODES": "4"}
-    subprocess.run(["bash", str(script)], env=env, check=True, capture_output=True, text=True)
+    job = subprocess.run(["bash", str(script)], env=env, check=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    (tmp_path / "job.out").write_bytes(job.stdout)  # what Slurm writes to the job's output file
     argvs = [call.split("\0") for call in calls.read_text().split("\0\n") if call]
     return argvs, context, recipe
 
@@ -133,10 +141,41 @@ def test_picotron_launch_writes_its_config(tmp_path: Path) -> None:
     assert config["dataset"]["name"] == dataset_dir(str(tmp_path / "fsx"), "picotron", "s3://datasets/picotron/")
 
 
-def test_a_requeued_picotron_job_resumes_from_its_newest_checkpoint(tmp_path: Path) -> None:
-    _, context, _ = _launch(tmp_path, "llama3_2_1b_picotron", checkpoints=("50", "100", "not-a-step"))
+def _picotron_weights(tmp_path: Path, step: int, tp_size: int) -> dict[str, bytes]:
+    """What picotron's CheckpointManager writes into a step folder: one torch.save file per TP rank (PP 1)."""
+    files = {}
+    for tp in range(tp_size):
+        path = tmp_path / "weights.pth"
+        torch.save({"model": {"w": torch.full((64,), float(tp))}, "trained_steps": step}, path)
+        files[f"weights_tp_rank_world_size={tp}_{tp_size}_pp_rank_world_size=0_1.pth"] = path.read_bytes()
+    return files
+
+
+def test_a_requeued_picotron_job_resumes_from_its_newest_complete_checkpoint(tmp_path: Path) -> None:
+    recipe = get_recipe("llama3_2_1b_picotron")
+    assert (recipe.parallelism.tensor, recipe.parallelism.pipeline) == (2, 1)
+    whole = {step: _picotron_weights(tmp_path, step, 2) for step in (50, 100, 150, 200)}
+    first, second = whole[200]
+    checkpoints = {
+        "50": whole[50],
+        "100": whole[100],
+        "150": {first: whole[150][first]},  # the job died before the second TP rank's file
+        "200": {first: whole[200][first], second: whole[200][second][:-100]},  # ... or while writing it
+        "250": {},  # created, nothing written yet
+        "not-a-step": whole[50],
+    }
+    _, context, _ = _launch(tmp_path, "llama3_2_1b_picotron", checkpoints=checkpoints)
     config = json.loads((Path(context["workdir"]) / "picotron.json").read_text())
     assert config["checkpoint"]["load_path"] == f"{context['checkpoint_dir']}/100"
+    events = [json.loads(line) for line in (tmp_path / "job.out").read_text().splitlines() if line.startswith("{")]
+    assert [e["step"] for e in events if e["event"] == "incomplete_checkpoint"] == [250, 200, 150]
+    assert [e["from"] for e in events if e["event"] == "resume"] == [f"{context['checkpoint_dir']}/100"]
+
+
+def test_a_first_picotron_job_starts_without_a_checkpoint(tmp_path: Path) -> None:
+    _, context, _ = _launch(tmp_path, "llama3_2_1b_picotron", checkpoints={"50": {}})
+    config = json.loads((Path(context["workdir"]) / "picotron.json").read_text())
+    assert config["checkpoint"]["load_path"] == ""
 
 
 def test_nemo_launch_runs_one_task_per_gpu_with_the_recipe_s_overrides(tmp_path: Path) -> None:

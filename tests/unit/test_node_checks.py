@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from dtp.metrics.nccl_tests import NcclTestsOutputError, parse_nccl_tests
-from dtp.metrics.node_checks import health_failures, versions, xid_errors
+from dtp.metrics.node_checks import cuda_failures, health_failures, versions, xid_errors
+from dtp.metrics.preflight_gate import BusbwExpectation, bad_nodes, preflight_failures
 
 DATA = Path(__file__).parent / "data"
 
@@ -106,3 +107,27 @@ def test_uncorrected_ecc_and_missing_gpus_fail_the_node() -> None:
         "node n3: 1 GPUs visible to nvidia-smi, expected 8",
         "node n3: GPU 00000000:0A:00.0 has 5 uncorrected ECC errors",
     ]
+
+
+def _rank(rank: int, node: str, device_count: int) -> dict:
+    """A rank's environment screen as preflight.py records it: a rank whose torch cannot use CUDA runs on the CPU."""
+    device = "NVIDIA H100 80GB HBM3" if device_count else "cpu"
+    return {"rank": rank, "slurm_node": node, "device": device, "device_count": device_count}
+
+
+def test_a_node_whose_torch_sees_fewer_gpus_than_the_job_s_processes_fails() -> None:
+    ranks = [_rank(i, "n1", 8) for i in range(8)] + [_rank(8 + i, "n2", 0) for i in range(8)]
+    assert cuda_failures(ranks, 8) == ["node n2: torch can use 0 CUDA devices, expected 8 (one per process)"]
+    assert cuda_failures([*ranks[:8], _rank(8, "n2", 4)], 8) == [
+        "node n2: torch can use 4 CUDA devices, expected 8 (one per process)"
+    ]
+    assert cuda_failures(ranks[:8], 8) == []
+    assert cuda_failures([_rank(0, "n1", 0)], 0) == []  # a CPU instance type
+
+
+def test_the_preflight_gate_names_the_node_torch_runs_on_the_cpu() -> None:
+    ranks = [{**_rank(0, "n1", 8), "matmul_max_abs_error": 0.0}, {**_rank(1, "n2", 0), "matmul_max_abs_error": 0.0}]
+    result = {"ranks": ranks, "allreduce": [{"bytes": 1 << 20, "busbw_gbps": 100.0}]}
+    failures = preflight_failures(result, 2, BusbwExpectation(gbps=100.0, at_bytes=1 << 20), gpus_per_node=1)
+    assert failures == ["node n2: torch can use 0 CUDA devices, expected 1 (one per process)"]
+    assert bad_nodes(failures) == ["n2"]

@@ -211,6 +211,7 @@ def test_the_trainer_gets_the_recipes_compile_and_activation_checkpointing(compi
     config = training_config(spec, "/fsx/runs/r", {"train_bin": "/fsx/runs/r/train.bin"}, instance)
     assert (config["compile"], config["activation_checkpointing"]) == (compile_, True)
     assert config["peak_flops"] == 989e12  # the instance type's, for MFU
+    assert config["device"] == "cuda"  # a GPU node whose torch cannot use CUDA fails instead of training on CPUs
     assert config.keys() <= {f.name for f in fields(TrainConfig)}
 
 

@@ -120,6 +120,7 @@ def test_train_script_content() -> None:
     assert text.startswith("#!/bin/bash\n")
     assert "#SBATCH --nodes=2\n" in text
     assert "#SBATCH --requeue\n" in text
+    assert "#SBATCH --exclusive\n" in text  # whole nodes, as the framework templates and the reference FSDP job
     assert "set -euo pipefail\n" in text
     assert "export NCCL_DEBUG=INFO\n" in text
     assert "export OMP_NUM_THREADS=1\n" in text
@@ -244,6 +245,7 @@ def test_gpu_preflight_runs_nccl_tests_one_rank_per_gpu() -> None:
     context = {**CONTEXTS["slurm/preflight.sbatch.j2"], "procs_per_node": 8, "max_bytes": 16 << 30}
     torch_only = render("slurm/preflight.sbatch.j2", **{**context, "nccl_tests_path": ""})
     assert "all_reduce_perf" not in torch_only and "--no-busbw" not in torch_only
+    assert "#SBATCH --exclusive\n" in torch_only  # torch's all-reduce sweep needs whole nodes as much
     text = render("slurm/preflight.sbatch.j2", **context)
     assert "#SBATCH --exclusive\n" in text
     assert "--max-bytes 17179869184 --no-busbw\n" in text

@@ -1,28 +1,36 @@
 """Real 2-process CPU training runs of include/training/train.py under torchrun (gloo).
 
 Four runs in all: an uninterrupted 40-step run, and, at the same time, the same config in another
-directory that fails at step 25 (DTP_FAIL_AT_STEP) and is then resumed with a torn ``tmp-step_30``
-left in its checkpoint directory; beside the resume, the uninterrupted run's config with the GPU
-path's options on (each block compiled and activation-checkpointed). Batches are seeded by
-(step, rank), so the resumed and the optimized runs must log the losses of the uninterrupted one.
+directory that fails at step 25 (DTP_FAIL_AT_STEP) and is then resumed with its ``step_20`` turned
+back into the ``tmp-step_20`` a rank 0 dead before the rename leaves and a torn ``tmp-step_30`` left
+in its checkpoint directory; beside the resume, the uninterrupted run's config with the GPU path's
+options on (each block compiled and activation-checkpointed). Batches are seeded by (step, rank),
+so the resumed and the optimized runs must log the losses of the uninterrupted one.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
+import checkpoint
 from dtp.metrics.parse import TrainingSummary, summarize
 from dtp.metrics.trace import summarize_trace
 from model import MODELS, count_parameters
+from train import TrainConfig
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 CORPUS = PROJECT_ROOT / "include" / "data" / "corpus.txt"
@@ -123,9 +131,10 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Run]:
         "names": sorted(p.name for p in resumed.checkpoints.iterdir()),
         "summary": resumed.summary,
     }
+    # Rank 0 died after step_20's meta.json, before the rename; a save at step 30 was cut short.
+    (resumed.checkpoints / "step_20").rename(resumed.checkpoints / "tmp-step_20")
     torn = resumed.checkpoints / "tmp-step_30"
     torn.mkdir()
-    (torn / "meta.json").write_text(json.dumps({"step": 30}))
     (torn / "__0_0.distcp").write_bytes(b"garbage")
     # The resume goes beside the optimized run.
     optimized = make_run(root / "optimized", data, compile=True, activation_checkpointing=True)
@@ -169,7 +178,7 @@ def test_full_run_checkpoints_are_complete(runs: dict[str, Run]) -> None:
     assert sorted(p.name for p in ckpt.iterdir()) == ["step_20", "step_40"]
     for step in (20, 40):
         meta = json.loads((ckpt / f"step_{step}" / "meta.json").read_text())
-        assert meta["step"] == step
+        assert meta["step"] == step and meta["lr_schedule_steps"] == MAX_STEPS
         assert meta["loss"] > 0
         assert list((ckpt / f"step_{step}").glob("*.distcp")), "no shard written"
     assert not list(ckpt.glob("tmp-*"))
@@ -185,11 +194,13 @@ def test_injected_failure_leaves_the_last_complete_checkpoint(runs: dict[str, Ru
     assert not run.after_failure["summary"].finished
 
 
-def test_resume_deletes_the_torn_checkpoint_and_continues_from_step_20(runs: dict[str, Run]) -> None:
+def test_resume_promotes_the_whole_tmp_checkpoint_deletes_the_torn_one_and_continues_from_step_20(
+    runs: dict[str, Run],
+) -> None:
     run = runs["resumed"]
     resumed = run.results[1]
     assert resumed.returncode == 0, describe(resumed)
-    assert not (run.checkpoints / "tmp-step_30").exists()
+    assert not list(run.checkpoints.glob("tmp-*"))
     assert sorted(p.name for p in run.checkpoints.iterdir()) == ["step_20", "step_40"]
     starts = [r for r in run.records if r["event"] == "start"]
     assert [s["resumed_from_step"] for s in starts] == [None, 20]
@@ -289,3 +300,105 @@ def test_the_sharded_model_starts_as_the_one_its_seed_makes_whole(tmp_path: Path
     assert max(probe["differences"].values()) == 0.0, probe["differences"]
     args = MODELS[model]
     assert probe["local_shapes"]["tok_embeddings.weight"] == [args.vocab_size // 2, args.dim]  # a half per rank
+
+
+def test_clean_partial_promotes_whole_tmp_folders_and_deletes_torn_ones(tmp_path: Path) -> None:
+    def step(name: str, meta: str | None) -> None:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "__0_0.distcp").write_bytes(b"x")
+        if meta is not None:
+            (tmp_path / name / "meta.json").write_text(meta)
+
+    step("step_10", '{"step": 10}')
+    step("tmp-step_10", '{"step": 10}')  # step_10 is there already: a leftover
+    step("tmp-step_20", '{"step": 20, "loss": 1.5}')  # whole: rank 0 died before the rename
+    step("tmp-step_30", None)  # a save cut short
+    step("tmp-step_40", '{"st')  # meta.json cut short
+    checkpoint.clean_partial(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_10", "step_20"]
+    assert json.loads((tmp_path / "step_20" / "meta.json").read_text()) == {"step": 20, "loss": 1.5}
+    assert checkpoint.newest_complete(tmp_path) == tmp_path / "step_20"
+
+
+def test_a_save_makes_meta_json_and_the_rename_durable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """meta.json and its folder are fsynced before the rename, the checkpoint folder after it."""
+    tmp_path = tmp_path.resolve()  # as /proc/self/fd names it
+    synced: list[tuple[str, bool]] = []  # (path, whether step_10 exists yet)
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append((os.readlink(f"/proc/self/fd/{fd}"), (tmp_path / "step_10").exists()))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        model = torch.nn.Linear(4, 3)
+        checkpoint.save(tmp_path, 10, model, torch.optim.AdamW(model.parameters()), {"loss": 1.0})
+    finally:
+        dist.destroy_process_group()
+    tmp = tmp_path / "tmp-step_10"
+    ours = [entry for entry in synced if entry[0] in (str(tmp / "meta.json"), str(tmp), str(tmp_path))]
+    assert ours == [(str(tmp / "meta.json"), False), (str(tmp), False), (str(tmp_path), True)]
+
+
+def test_a_run_that_requires_cuda_fails_at_once_where_torch_cannot_use_it(tmp_path: Path) -> None:
+    data = tmp_path / "train.bin"
+    data.write_bytes(CORPUS.read_bytes()[: 16 * 1024])
+    run = make_run(tmp_path / "gpu", data, device="cuda")
+    result = subprocess.run(
+        [sys.executable, str(TRAIN), "--config", str(run.config)],
+        cwd=PROJECT_ROOT,
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},  # what a node whose driver torch cannot use looks like
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode != 0
+    assert "device 'cuda' is required but torch" in result.stderr, describe(result)
+    assert not (run.directory / "metrics.jsonl").exists()
+
+
+def test_sigterm_saves_the_step_it_stopped_at_and_a_resume_continues_from_it(tmp_path: Path) -> None:
+    """SIGTERM to torchrun (what Slurm's time limit or preemption and a Kubernetes eviction send; torchrun forwards
+    it to its workers): both ranks stop after the same step, save it although it is no checkpoint step, and exit."""
+    data = tmp_path / "train.bin"
+    data.write_bytes(CORPUS.read_bytes()[: 64 * 1024])
+    run = make_run(tmp_path / "run", data, max_steps=10_000, checkpoint_interval=10_000, log_interval=1)
+    proc = start(run)
+    deadline = time.monotonic() + 180
+    while not (run.directory / "metrics.jsonl").exists() or len(run.summary.steps) < 3:
+        assert proc.poll() is None and time.monotonic() < deadline, describe(finish(run, proc))
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    result = finish(run, proc)
+    assert result.returncode != 0
+    [preempted] = [r for r in run.records if r["event"] == "preempted"]
+    stopped = preempted["step"]
+    assert 3 <= stopped < 10_000, describe(result)
+    assert run.summary.steps == list(range(1, stopped + 1)) and run.summary.checkpoints == [stopped]
+    assert sorted(p.name for p in run.checkpoints.iterdir()) == [f"step_{stopped}"]
+    assert json.loads((run.checkpoints / f"step_{stopped}" / "meta.json").read_text())["step"] == stopped
+
+    run.config.write_text(json.dumps({**json.loads(run.config.read_text()), "max_steps": stopped + 2}))
+    resumed = finish(run, start(run))
+    assert resumed.returncode == 0, describe(resumed)
+    assert [r["resumed_from_step"] for r in run.records if r["event"] == "start"] == [None, stopped]
+    assert run.summary.steps == list(range(1, stopped + 3)) and run.summary.finished
+
+
+def test_a_resume_to_more_steps_keeps_the_lr_schedule_it_started_with(runs: dict[str, Run], tmp_path: Path) -> None:
+    """The full run's cosine schedule ended at step 40, at 0.1 * lr: resumed up to step 44, the LR stays there
+    rather than jumping back up a schedule stretched to 44 steps."""
+    full = runs["full"]
+    longer = make_run(
+        tmp_path / "longer", Path(json.loads(full.config.read_text())["data_path"]), max_steps=44, log_interval=1
+    )
+    shutil.copytree(full.checkpoints / "step_40", longer.checkpoints / "step_40")
+    result = finish(longer, start(longer))
+    assert result.returncode == 0, describe(result)
+    cfg = TrainConfig.load(str(full.config))
+    lrs = {r["step"]: r["lr"] for r in longer.records if r["event"] == "step"}
+    assert lrs == {step: pytest.approx(0.1 * cfg.lr) for step in range(41, 45)}
+    [kept] = [r for r in longer.records if r["event"] == "lr_schedule_kept"]
+    assert (kept["schedule_steps"], kept["max_steps"]) == (MAX_STEPS, 44)

@@ -88,6 +88,24 @@ def health_failures(node: str, probes: dict[str, str | None], expected_gpus: int
     return failures
 
 
+def cuda_failures(ranks: list[dict[str, Any]], expected_gpus: int) -> list[str]:
+    """Nodes where torch can use fewer CUDA devices than the job runs processes (one per GPU): their ranks would
+    train on the CPU (0 devices) or fail to start. Records without ``device_count`` (not from preflight.py) are
+    not judged."""
+    if expected_gpus == 0:  # a CPU instance type: nothing to check
+        return []
+    counts: dict[str, int] = {}
+    for record in ranks:
+        if "device_count" in record:
+            node = node_name(record)
+            counts[node] = min(counts.get(node, expected_gpus), int(record["device_count"]))
+    return [
+        f"node {node}: torch can use {count} CUDA devices, expected {expected_gpus} (one per process)"
+        for node, count in sorted(counts.items())
+        if count < expected_gpus
+    ]
+
+
 def unchecked(node: str, probes: dict[str, str | None], expected_gpus: int) -> list[str]:
     """Health checks that could not run on this node: the verdict holds without them, the report says so."""
     if expected_gpus and probes.get("dmesg_xid") is None:

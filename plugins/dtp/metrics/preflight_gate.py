@@ -11,7 +11,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from dtp.metrics.node_checks import health_failures, node_name, unchecked, version_mismatches, versions
+from dtp.metrics.node_checks import (
+    cuda_failures,
+    health_failures,
+    node_name,
+    unchecked,
+    version_mismatches,
+    versions,
+)
 
 # Versions reported by every rank's environment screen, then those read from each node's probes.
 RANK_VERSIONS = ("python", "torch", "cuda", "nccl")
@@ -95,6 +102,7 @@ def preflight_failures(
             failures.append(f"matmul on {node_name(record)} is wrong (max error {record['matmul_max_abs_error']:.3g})")
         if "probes" in record:
             failures += health_failures(node_name(record), record["probes"], gpus_per_node)
+    failures += cuda_failures(ranks, gpus_per_node)
     # One rank has no peer: its bus bandwidth is zero by definition, not a fault.
     if result.get("world_size") != 1:
         failures += busbw_failures(result.get("allreduce", []), expected)

@@ -143,7 +143,7 @@ def template_args(spec: dict[str, Any], images: dict[str, Any], workdir: str, sh
     if framework == "picotron":
         # The rest of the run's settings reach picotron through its config file.
         return {
-            **{key: args[key] for key in ("workdir", "log_path", "checkpoint_dir", "assets_dir")},
+            **{key: args[key] for key in ("workdir", "log_path", "checkpoint_dir", "assets_dir", "parallelism")},
             "config_json": json.dumps(picotron_config(args, replicas)),
             "trainer": images.get("picotron_trainer", PICOTRON_TRAINER),
         }

@@ -159,6 +159,8 @@ def training_config(
         "profile_steps": params["profile_steps"],
         "profile_dir": f"{workdir}/profile",
         "peak_flops": instance["peak_flops"],
+        # A GPU node whose torch cannot use CUDA fails the launch, instead of training on its CPUs all budget long.
+        "device": "auto" if instance["accelerator"] == "cpu" else "cuda",
     }
 
 
