@@ -205,7 +205,11 @@ def train(cfg: TrainConfig) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    stop_group = dist.new_group(backend="gloo") if backend != "gloo" else None
+    stop_group = (
+        dist.new_group(backend="gloo", timeout=timedelta(seconds=cfg.collective_timeout_s))
+        if backend != "gloo"
+        else None
+    )
     torch.manual_seed(cfg.seed)
 
     model, optimizer = build(cfg, device, world)

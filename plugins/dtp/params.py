@@ -43,8 +43,6 @@ RESERVED_ENV_PREFIXES = ("SLURM_", "PET_", "TORCHELASTIC_", "BASH_", "AWS_BATCH_
 # Hours a run takes besides training: its cluster coming up (HyperPod's may take 90 minutes), data staging,
 # preflight, results and teardown. A shorter expiry would let the reaper delete the run while it still runs.
 SETUP_HOURS = 2.0
-# The longest time limit every scheduler takes: Batch's attemptDurationSeconds is a 32-bit integer (~68 years).
-MAX_TIME_LIMIT_MINUTES = (2**31 - 1) // 60
 
 
 P = TypeVar("P", bound=BaseModel)
@@ -367,21 +365,20 @@ def training_time_limit_minutes(
     budget_usd: float,
     num_nodes: int,
     price_per_hour: float,
-    expiry_hours: float | None = None,
-    pending_timeout_minutes: int = 0,
+    expiry_hours: float,
+    pending_timeout_minutes: int,
 ) -> int:
-    """Minutes the training job may run; its scheduler stops it there (0: no limit).
+    """Minutes the training job may run; its scheduler stops it there.
 
-    The least of what ``budget_usd`` pays for on ``num_nodes`` nodes at ``price_per_hour`` each (nothing, for
+    The least of what ``budget_usd`` pays for on ``num_nodes`` nodes at ``price_per_hour`` each (no bound, for
     instances that cost nothing) and what ``expiry_hours`` leaves once the run's cluster and results
-    (``SETUP_HOURS``) and its longest wait in the queue are counted: the reaper never deletes a run that trains.
+    (``SETUP_HOURS``) and its longest wait in the queue are counted, so that the reaper does not delete a run that
+    trains (where its cluster came up within those hours).
     """
-    limits = [MAX_TIME_LIMIT_MINUTES]
+    limits = [int((expiry_hours - SETUP_HOURS) * 60) - pending_timeout_minutes]
     if price_per_hour > 0:
         limits.append(int(budget_usd / (price_per_hour * num_nodes) * 60))
-    if expiry_hours is not None:
-        limits.append(int((expiry_hours - SETUP_HOURS) * 60) - pending_timeout_minutes)
-    return 0 if len(limits) == 1 else max(1, min(limits))
+    return max(1, min(limits))
 
 
 def airflow_params(

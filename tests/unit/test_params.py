@@ -327,17 +327,16 @@ def test_training_time_limit_ends_before_the_expiry() -> None:
     # 24 h expiry - 2 h for the cluster and results - 1 h pending: the reaper never deletes a run that trains.
     assert training_time_limit_minutes(1e6, 4, 10.0, expiry_hours=24, pending_timeout_minutes=60) == 21 * 60
     assert training_time_limit_minutes(100.0, 4, 10.0, expiry_hours=24, pending_timeout_minutes=60) == 150
-    assert training_time_limit_minutes(100.0, 4, 0.0, expiry_hours=24) == 22 * 60  # free, and still bounded
+    assert training_time_limit_minutes(100.0, 4, 0.0, expiry_hours=24, pending_timeout_minutes=0) == 22 * 60  # free
     spec = run_spec(parse_params(TrainParams, {"expiry_hours": 5, "pending_timeout_minutes": 30}), "train_e2e", "r")
     assert spec["training_time_limit_minutes"] == 150
 
 
 def test_training_time_limit_is_what_the_budget_pays_for() -> None:
-    assert training_time_limit_minutes(100.0, 4, price_per_hour=10.0) == 150  # 100 USD / (4 x 10 USD/h)
-    assert training_time_limit_minutes(100.0, 4, price_per_hour=0.0) == 0  # free: no limit
-    assert training_time_limit_minutes(0.01, 1, price_per_hour=98.32) == 1  # Slurm's least
-    # A budget on a cheap instance pays for longer than Batch's 32-bit attemptDurationSeconds can say.
-    assert training_time_limit_minutes(1e6, 1, price_per_hour=0.0001) * 60 <= 2**31 - 1
+    assert training_time_limit_minutes(100.0, 4, 10.0, 720, 0) == 150  # 100 USD / (4 x 10 USD/h)
+    assert training_time_limit_minutes(0.01, 1, 98.32, 720, 0) == 1  # Slurm's least
+    # A cheap instance's budget pays for years; the longest expiry (720 h) bounds it, within Batch's 32-bit seconds.
+    assert training_time_limit_minutes(1e6, 1, 0.0001, 720, 0) == (720 - 2) * 60
 
 
 def test_after_a_capacity_fallback_the_time_limit_is_what_the_budget_pays_for_there() -> None:

@@ -221,8 +221,8 @@ def run_prepared_job(task_id: str, job: Any, cluster: Any, *, time_limit: bool =
     PyTorchJob (``task_id`` + ``_on_eks``) or a Batch job (+ ``_on_batch``), as the cluster's scheduler picks;
     return the task that joins them (tasks fed by ``deploy_cluster``, a setup, must keep ALL_SUCCESS, which a
     skipped upstream defeats)."""
-    # Slurm stops the job once it has used the time budget_usd pays for (the PyTorchJob's deadline and the Batch
-    # job definition's timeout say so).
+    # Slurm stops the job once it has used the time budget_usd pays for and the expiry leaves (the PyTorchJob's
+    # deadline and the Batch job definition's timeout say so).
     limit = {"time_limit_minutes": job["time_limit_minutes"]} if time_limit else {}
     runners = {
         "slurm": submit_prepared_slurm_job(task_id, job, **limit, **kwargs),

@@ -33,14 +33,13 @@ _SUBNET, _GROUP = r"^subnet-[0-9a-f]{8,17}$", r"^sg-[0-9a-f]{8,17}$"
 class ExistingNetwork(PlatformSettings):
     """an existing VPC for the runs' clusters, as JSON: vpc_id, private_subnet, security_group (with the EFA rules:
     all traffic to and from itself), and optionally fallback_private_subnet (another zone's, for HyperPod's capacity
-    fallback), public_subnet (ParallelCluster's head node; default private_subnet) and fsx_security_group"""
+    fallback) and public_subnet (ParallelCluster's head node; default private_subnet)"""
 
     vpc_id: str = Field(pattern=r"^vpc-[0-9a-f]{8,17}$")
     private_subnet: str = Field(pattern=_SUBNET)
     security_group: str = Field(pattern=_GROUP)
     fallback_private_subnet: str = Field("", pattern=f"^$|{_SUBNET}")
     public_subnet: str = Field("", pattern=f"^$|{_SUBNET}")
-    fsx_security_group: str = Field("", pattern=f"^$|{_GROUP}")
 
     def outputs(self) -> dict[str, str]:
         """The VPC's ids under the names of the network stack's outputs, which the platforms read."""
@@ -50,7 +49,6 @@ class ExistingNetwork(PlatformSettings):
             "PublicSubnet": self.public_subnet or self.private_subnet,
             "FallbackPrivateSubnet": self.fallback_private_subnet,
             "SecurityGroup": self.security_group,
-            "FSXSecurityGroup": self.fsx_security_group,
         }
         return {name: value for name, value in outputs.items() if value}
 
