@@ -77,6 +77,7 @@ class TrainConfig:
     profile_dir: str = ""
     peak_flops: float | None = None  # per device, for MFU; None: by the device's name (PEAK_FLOPS)
     device: str = "auto"  # "auto": CUDA when torch can use it, else the CPU; "cuda": CUDA or fail
+    stop_check_steps: int = 1  # steps between the ranks' checks for SIGTERM (each a collective every rank waits on)
 
     @classmethod
     def load(cls, path: str) -> TrainConfig:
@@ -183,9 +184,9 @@ def _on_sigterm(signum: int, frame: object) -> None:
 
 
 def stop_requested(group: dist.ProcessGroup | None) -> bool:
-    """Whether any rank got SIGTERM: they all stop after the same step, so they agree on it, every step. ``group``
-    is a gloo group on the CPU, so the check never waits for the GPU's queued kernels (None: the default group,
-    itself gloo on the CPU)."""
+    """Whether any rank got SIGTERM: they all stop after the same step, so they agree on it (every
+    ``stop_check_steps``). ``group`` is a gloo group on the CPU, so the check never waits for the GPU's queued
+    kernels (None: the default group, itself gloo on the CPU)."""
     flag = torch.tensor([float(_sigterm)])
     dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
     return bool(flag.item())
@@ -305,7 +306,7 @@ def train(cfg: TrainConfig) -> None:
                     metrics_path,
                 )
             window_start, window_steps = time.perf_counter(), 0
-        preempted = done < cfg.max_steps and stop_requested(stop_group)
+        preempted = done < cfg.max_steps and done % cfg.stop_check_steps == 0 and stop_requested(stop_group)
         if done % cfg.checkpoint_interval == 0 or done == cfg.max_steps or preempted:
             step_loss = float(loss.item())
             saving = time.perf_counter()

@@ -212,6 +212,7 @@ def test_the_trainer_gets_the_recipes_compile_and_activation_checkpointing(compi
     assert (config["compile"], config["activation_checkpointing"]) == (compile_, True)
     assert config["peak_flops"] == 989e12  # the instance type's, for MFU
     assert config["device"] == "cuda"  # a GPU node whose torch cannot use CUDA fails instead of training on CPUs
+    assert config["stop_check_steps"] == 3  # SIGTERM agreed on about every 5 s: 1.5 s steps
     assert config.keys() <= {f.name for f in fields(TrainConfig)}
 
 

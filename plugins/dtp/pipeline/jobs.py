@@ -27,6 +27,8 @@ from dtp.templates import render
 TRAINING_DIR = INCLUDE_DIR / "training"
 # Where the reference repo's AMIs and containers install nccl-tests; an image may say otherwise.
 NCCL_TESTS_BIN = "/opt/nccl-tests/build"
+# About how often the trainer's ranks agree on a SIGTERM: well within torchrun's 30 s before it kills them.
+STOP_CHECK_SECONDS = 5
 
 
 def container_options(images: dict[str, Any], shared_dir: str) -> list[str]:
@@ -161,6 +163,8 @@ def training_config(
         "peak_flops": instance["peak_flops"],
         # A GPU node whose torch cannot use CUDA fails the launch, instead of training on its CPUs all budget long.
         "device": "auto" if instance["accelerator"] == "cpu" else "cuda",
+        # A collective every step would cost a short step much of its time.
+        "stop_check_steps": max(1, round(STOP_CHECK_SECONDS / recipe["expected_step_seconds"])),
     }
 
 
