@@ -191,11 +191,11 @@ class BatchPlatform:
                 "nodeRangeProperties": [{"targetNodes": "0:", "container": container}],
             },
             "retryStrategy": {"attempts": 1},
+            # Every run has a limit (budget_usd, expiry_hours) of at least a minute, Batch's least.
+            "timeout": {"attemptDurationSeconds": spec["training_time_limit_minutes"] * 60},
             "propagateTags": True,
             "tags": spec["tags"],
         }
-        if spec["training_time_limit_minutes"] > 0:
-            definition["timeout"] = {"attemptDurationSeconds": max(60, spec["training_time_limit_minutes"] * 60)}
         # A retried registration reuses the active revision only when nothing changed.
         digest = hashlib.sha256(json.dumps(definition, sort_keys=True).encode()).hexdigest()
         definition["tags"] = {**spec["tags"], DIGEST_TAG: digest}
