@@ -43,7 +43,8 @@ def test_train_e2e_runs_on_both_celery_workers(celery_stack: StackConfig) -> Non
     api = AirflowApi(celery_stack.airflow_url, "admin", celery_stack.passwords()["admin"])
     api.wait_for_dag("train_e2e")
     run_id = api.trigger("train_e2e", {"max_steps": 200, "checkpoint_interval": 100})
-    assert api.wait("train_e2e", run_id, timeout=900) == "success"
+    state = api.wait("train_e2e", run_id, timeout=900)
+    assert state == "success", api.failures("train_e2e", run_id)
     tasks = api.task_instances("train_e2e", run_id)
     queues = {ti["task_id"]: ti["queue"] for ti in tasks if ti["state"] == "success"}
     # What submits Slurm jobs or touches the shared filesystem runs where it is mounted; the rest does not.

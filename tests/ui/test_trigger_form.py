@@ -80,7 +80,11 @@ def test_trigger_form_runs_train_e2e_and_links_its_report(page: Page, shot, stac
     conf = airflow_api.request("GET", f"/api/v2/dags/train_e2e/dagRuns/{run_id}")[1]["conf"]
     assert (conf["recipe"], conf["num_nodes"], conf["max_steps"], conf["checkpoint_interval"]) == ("tiny", 2, 200, 100)
     assert conf["dataset_uri"] is None and conf["exclude_nodes"] is None  # emptied text fields arrive as null
-    assert airflow_api.wait("train_e2e", run_id, timeout=900) == "success"
+    # The run page polls and re-renders while the run goes on; on a 2-core machine that costs the local cluster's
+    # CPU ranks a third of their throughput, which the regression gate (rightly) fails against the other tests' runs.
+    page.goto("about:blank")
+    state = airflow_api.wait("train_e2e", run_id, timeout=900)
+    assert state == "success", airflow_api.failures("train_e2e", run_id)
 
     page.goto(f"{stack.airflow_url}/dags/train_e2e/runs/{run_id}")
     rows = page.locator("a[href^='/dags/train_e2e/tasks/']")

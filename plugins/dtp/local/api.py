@@ -81,6 +81,11 @@ class AirflowApi:
         _, body = self.request("GET", f"{base}/logs/{try_number}")
         return json.dumps(body)
 
+    def failures(self, dag_id: str, run_id: str, tail: int = 4000) -> str:
+        """Each failed task of a run with the end of its latest log: what a failed test should print."""
+        failed = [ti["task_id"] for ti in self.task_instances(dag_id, run_id) if ti["state"] == "failed"]
+        return "\n".join(f"--- {task_id}\n{self.task_log(dag_id, run_id, task_id)[-tail:]}" for task_id in failed)
+
     def xcom(self, dag_id: str, run_id: str, task_id: str, key: str = "return_value") -> Any:
         quoted = urllib.parse.quote(run_id, safe="")
         status, body = self.request(
