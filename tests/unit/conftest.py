@@ -96,6 +96,13 @@ class KubernetesApi(BaseHTTPRequestHandler):
         if name not in self.jobs:
             self._status(404, "NotFound", f'pytorchjobs.kubeflow.org "{name}" not found')
             return
+        if self.command == "PATCH":
+            if self.headers.get("Content-Type") != "application/merge-patch+json":
+                self._status(415, "UnsupportedMediaType", f"{self.headers.get('Content-Type')} is not a merge patch")
+                return
+            self.jobs[name] = _merge(self.jobs[name], json.loads(self.requests[-1][3]))
+            self._send(200, self.jobs[name])
+            return
         if self.command == "DELETE":
             answer = self.jobs[name]
             if name not in self.finalizing:
@@ -121,10 +128,23 @@ class KubernetesApi(BaseHTTPRequestHandler):
             }
             self.logs.setdefault(pod, []).extend(lines)
 
-    do_GET = do_POST = do_DELETE = _answer
+    do_GET = do_POST = do_DELETE = do_PATCH = _answer
 
     def log_message(self, *args: Any) -> None:
         pass
+
+
+def _merge(target: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
+    """``target`` with a JSON merge patch (RFC 7386) applied: nested objects merge, null removes a key."""
+    merged = dict(target)
+    for key, value in patch.items():
+        if value is None:
+            merged.pop(key, None)
+        elif isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
 
 
 @pytest.fixture

@@ -1,12 +1,13 @@
 """EksPyTorchJobOperator, PyTorchJobTrigger and PyTorchJobHook: create once, wait in the triggerer while worker
-0's log streams into the task log, fail with the job's condition and last lines, delete on hang and kill. The EKS
-API is botocore's Stubber; the Kubernetes API is the local HTTP server of conftest.py, reached through the real
-Kubernetes client with the amazon provider's EKS kubeconfig and token."""
+0's log streams into the task log, fail with the job's condition and last lines, suspend on hang, delete on kill.
+The EKS API is botocore's Stubber; the Kubernetes API is the local HTTP server of conftest.py, reached through the
+real Kubernetes client with the amazon provider's EKS kubeconfig and token."""
 
 from __future__ import annotations
 
 import base64
 import json
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -15,7 +16,14 @@ from airflow.sdk.exceptions import AirflowFailException, TaskDeferred
 from botocore.stub import Stubber
 from kubernetes.client.exceptions import ApiException
 
-from dtp.hooks.pytorchjob import SPEC_DIGEST_ANNOTATION, PyTorchJobExists, job_state, past_deadline, ran_seconds
+from dtp.hooks.pytorchjob import (
+    ACTIVE_SECONDS_ANNOTATION,
+    SPEC_DIGEST_ANNOTATION,
+    PyTorchJobExists,
+    job_state,
+    past_deadline,
+    ran_seconds,
+)
 from dtp.operators.pytorchjob import EksPyTorchJobOperator, PyTorchJobFailed, PyTorchJobOverTime
 from dtp.triggers.pytorchjob import PyTorchJobTrigger, _sortable
 
@@ -285,12 +293,10 @@ def test_failure_names_the_condition_and_the_last_lines() -> None:
         operator().execute_complete({}, failed)
 
 
-def test_a_hung_job_is_deleted(kubernetes_api: Any) -> None:
-    kubernetes_api.jobs = {NAME: {**MANIFEST, "status": {}}}
+def test_a_hung_job_that_is_gone_fails_the_task_saying_so(kubernetes_api: Any) -> None:
     op = operator()
-    with stub_eks(op.hook, kubernetes_api), pytest.raises(PyTorchJobFailed, match=r"hung .*deleted it"):
+    with stub_eks(op.hook, kubernetes_api), pytest.raises(PyTorchJobFailed, match=r"hung .*it is gone.*\nstep 3"):
         op.execute_complete({}, event("hung", "Running", "no new log line for 900 s", ["step 3"]))
-    assert kubernetes_api.jobs == {}
 
 
 @pytest.mark.parametrize("missing", ["name", "namespace"])
@@ -384,6 +390,37 @@ def test_a_retry_after_another_failure_gets_what_is_left_of_the_deadline(kuberne
     with stub_eks(op.hook, kubernetes_api), pytest.raises(PyTorchJobOverTime, match="active 550 s of the 600 s"):
         op.execute({})
     assert "DELETE" not in [method for method, *_ in kubernetes_api.requests]
+
+
+class AtTenSixteenForty(datetime):
+    """``datetime`` whose ``now`` is 2026-12-03T10:16:40Z, 1000 s after the jobs' startTime here."""
+
+    @classmethod
+    def now(cls, tz: Any = None) -> AtTenSixteenForty:
+        return cls(2026, 12, 3, 10, 16, 40, tzinfo=UTC)
+
+
+@pytest.mark.parametrize("operator_has_acted", [True, False])
+def test_a_hung_job_is_suspended_and_its_replacement_gets_what_is_left_of_the_deadline(
+    kubernetes_api: Any, monkeypatch: pytest.MonkeyPatch, operator_has_acted: bool
+) -> None:
+    monkeypatch.setattr("dtp.operators.pytorchjob.datetime", AtTenSixteenForty)
+    retried(kubernetes_api)
+    running = {"startTime": "2026-12-03T10:00:00Z", "conditions": [condition("Running", "2026-12-03T10:00:00Z")]}
+    kubernetes_api.jobs[NAME]["status"] = running
+    op = operator(TIMED)
+    with stub_eks(op.hook, kubernetes_api), pytest.raises(PyTorchJobFailed, match=r"hung .*suspended it"):
+        op.execute_complete({}, event("hung", "Running", "no new log line for 900 s", ["step 3"]))
+    job = kubernetes_api.jobs[NAME]
+    assert job["spec"]["runPolicy"] == {"activeDeadlineSeconds": 3600, "suspend": True}  # the operator deletes its pods
+    assert job["metadata"]["annotations"][ACTIVE_SECONDS_ANNOTATION] == "1000"
+    # The training operator marks it Suspended and resets its startTime, erasing how long it ran. A retry before it
+    # got to that (the job still Running) replaces the job all the same.
+    if operator_has_acted:
+        job["status"] = {"conditions": [condition("Suspended", "2026-12-03T10:16:40Z")]}
+    replacement = retried(kubernetes_api)
+    assert replacement["spec"]["runPolicy"] == {"activeDeadlineSeconds": 2600}
+    assert [method for method, *_ in kubernetes_api.requests].count("DELETE") == 1  # the suspended job, first
 
 
 def test_a_job_without_a_deadline_is_created_again_without_one(kubernetes_api: Any) -> None:

@@ -35,6 +35,9 @@ SPEC_DIGEST_ANNOTATION = "dtp.dev/spec-sha256"
 # any failure); Kubernetes Jobs, and operators that follow them, give the reason DeadlineExceeded.
 DEADLINE_MESSAGE = "active longer than specified deadline"
 DEADLINE_REASON = "DeadlineExceeded"
+# Suspending a job resets its status.startTime (training-operator's RunPolicy.suspend), so DTP records there how
+# long a job it suspends was active: the job that replaces it gets only what is left of the deadline.
+ACTIVE_SECONDS_ANNOTATION = "dtp.dev/active-seconds"
 
 
 class PyTorchJobExists(RuntimeError):
@@ -57,13 +60,17 @@ def deadline_seconds(job: dict[str, Any]) -> int:
     return int(((job.get("spec") or {}).get("runPolicy") or {}).get("activeDeadlineSeconds") or 0)
 
 
-def ran_seconds(job: dict[str, Any]) -> float:
+def ran_seconds(job: dict[str, Any], until: datetime | None = None) -> float:
     """How long the job was active, as its deadline counts it: from ``status.startTime`` (the operator's first
-    sync) to ``status.completionTime``, or to its terminal condition where that is missing; 0 before it started."""
+    sync) to ``status.completionTime``, or to its terminal condition where that is missing, or to ``until`` for a
+    job still active; what DTP recorded for a job it suspended; 0 before it started."""
+    recorded = ((job.get("metadata") or {}).get("annotations") or {}).get(ACTIVE_SECONDS_ANNOTATION)
+    if recorded is not None:
+        return float(recorded)
     status = job.get("status") or {}
     start = _time(status.get("startTime"))
     ends = [c.get("lastTransitionTime") for c in status.get("conditions") or [] if c.get("type") in TERMINAL_CONDITIONS]
-    end = _time(status.get("completionTime") or max(filter(None, ends), default=None))
+    end = _time(status.get("completionTime") or max(filter(None, ends), default=None)) or until
     return max(0.0, (end - start).total_seconds()) if start and end else 0.0
 
 
@@ -77,6 +84,11 @@ def past_deadline(job: dict[str, Any]) -> bool:
         return True
     limit = deadline_seconds(job)
     return bool(limit) and ran_seconds(job) >= limit
+
+
+def suspended(job: dict[str, Any]) -> bool:
+    """Whether the job was suspended (``runPolicy.suspend``), whether or not the operator has deleted its pods yet."""
+    return bool(((job.get("spec") or {}).get("runPolicy") or {}).get("suspend"))
 
 
 def _time(stamp: str | None) -> datetime | None:
@@ -156,6 +168,18 @@ class PyTorchJobHook(LoggingMixin):
                 return None
             raise
         return job
+
+    def suspend_job(self, kubernetes: KubernetesHook, name: str, active_seconds: float) -> None:
+        """Suspend the job (the training operator deletes its pods and keeps the job) and record how long it was
+        active, which its suspension would otherwise erase."""
+        body = {
+            "metadata": {"annotations": {ACTIVE_SECONDS_ANNOTATION: str(round(active_seconds))}},
+            "spec": {"runPolicy": {"suspend": True}},
+        }
+        kubernetes.custom_object_client.patch_namespaced_custom_object(
+            GROUP, VERSION, self.namespace, PLURAL, name, body
+        )
+        self.log.info("Suspended PyTorchJob %s/%s after %d s active", self.namespace, name, round(active_seconds))
 
     def delete_job(self, kubernetes: KubernetesHook, name: str, timeout: float = 600, poll: float = 5) -> bool:
         """Delete the job in the foreground (it stays visible until its pods are gone) and wait until it is gone.

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
@@ -36,9 +37,10 @@ class EksPyTorchJobOperator(BaseOperator):
     Create a PyTorchJob on an EKS cluster, defer to ``PyTorchJobTrigger``, fail with its last log lines.
 
     Idempotent: a retry (or a cleared task) finds the job its first try created and waits on it again, or returns
-    at once when it already succeeded. A job that failed is deleted and created afresh, so the new pods resume
-    from the newest checkpoint, with only what is left of the manifest's ``runPolicy.activeDeadlineSeconds``
-    once the failed job's active time is counted; a job of the same name made from another manifest is refused.
+    at once when it already succeeded. A job that failed, or that hung and was suspended, is deleted and created
+    afresh, so the new pods resume from the newest checkpoint, with only what is left of the manifest's
+    ``runPolicy.activeDeadlineSeconds`` once the old job's active time is counted; a job of the same name made
+    from another manifest is refused.
     A job that ran past its deadline is not created again: the task fails without retries (``PyTorchJobOverTime``),
     as it does when less than a minute of the deadline is left.
 
@@ -47,8 +49,8 @@ class EksPyTorchJobOperator(BaseOperator):
     :param aws_conn_id: the AWS connection with an access entry on the cluster
     :param region_name: the cluster's region (default: the connection's)
     :param poll_interval: seconds between the trigger's polls
-    :param hang_timeout: seconds without a new log line from worker 0 while Running before the job is deleted as
-        hung (0: never)
+    :param hang_timeout: seconds without a new log line from worker 0 while Running before the job is suspended
+        as hung (0: never): its pods go, and the job stays to say how long it was active
     :param delete_timeout: seconds to wait for a deleted job's pods to go
     """
 
@@ -92,7 +94,7 @@ class EksPyTorchJobOperator(BaseOperator):
         return PyTorchJobHook(self.cluster_name, namespace, self.aws_conn_id, self.region_name)
 
     def execute(self, context: Any) -> dict[str, Any] | None:
-        from dtp.hooks.pytorchjob import job_state, past_deadline
+        from dtp.hooks.pytorchjob import job_state, past_deadline, suspended
         from dtp.triggers.pytorchjob import PyTorchJobTrigger
 
         manifest = self.job
@@ -100,13 +102,14 @@ class EksPyTorchJobOperator(BaseOperator):
         with hook.kubernetes() as kubernetes:
             job = hook.ensure_job(kubernetes, manifest)
             state, message = job_state(job)
-            if state == "Failed":
-                if past_deadline(job):
+            if state == "Failed" or suspended(job):
+                if state == "Failed" and past_deadline(job):
                     raise PyTorchJobOverTime(
                         f"PyTorchJob {namespace}/{name} was stopped at its deadline ({message}); not running it again"
                     )
                 deadline = self._deadline_left(job)
-                self.log.info("PyTorchJob %s/%s failed before (%s): running it afresh", namespace, name, message)
+                why = "was suspended" if suspended(job) else f"failed before ({message})"
+                self.log.info("PyTorchJob %s/%s %s: running it afresh", namespace, name, why)
                 hook.delete_job(kubernetes, name, timeout=self.delete_timeout)
                 state, _ = job_state(hook.ensure_job(kubernetes, manifest, deadline))
         if state == "Succeeded":
@@ -129,10 +132,8 @@ class EksPyTorchJobOperator(BaseOperator):
         name, namespace = event["job_name"], event["namespace"]
         tail = "\n".join(event["tail"][-20:]) or "(no log lines from worker 0)"
         if event["status"] == "hung":
-            with self.hook.kubernetes() as kubernetes:
-                self.hook.delete_job(kubernetes, name, timeout=self.delete_timeout)
             raise PyTorchJobFailed(
-                f"PyTorchJob {namespace}/{name} hung ({event['message']}); deleted it. Last lines:\n{tail}"
+                f"PyTorchJob {namespace}/{name} hung ({event['message']}); {self._suspend(name)}. Last lines:\n{tail}"
             )
         if event["status"] == "failed" and event.get("over_time"):
             raise PyTorchJobOverTime(
@@ -146,10 +147,21 @@ class EksPyTorchJobOperator(BaseOperator):
         self.log.info("PyTorchJob %s/%s succeeded", namespace, name)
         return {"job_name": name, "namespace": namespace, "state": event["state"]}
 
+    def _suspend(self, name: str) -> str:
+        """Suspend a hung job, recording how long it was active; say what became of it."""
+        from dtp.hooks.pytorchjob import ran_seconds
+
+        with self.hook.kubernetes() as kubernetes:
+            job = self.hook.get_job(kubernetes, name)
+            if job is None:
+                return "it is gone"
+            self.hook.suspend_job(kubernetes, name, ran_seconds(job, until=datetime.now(UTC)))
+        return "suspended it (its pods are deleted; a retry replaces it with what is left of its deadline)"
+
     def _deadline_left(self, failed: dict[str, Any]) -> int | None:
-        """The deadline of the job that replaces ``failed``: its own deadline (what was left of the time limit when
-        it was created) less the time it was active, so that a retried task's job gets what is left, not the whole
-        limit again; None where it had no deadline."""
+        """The deadline of the job that replaces ``failed`` (or a suspended job): its own deadline (what was left
+        of the time limit when it was created) less the time it was active, so that a retried task's job gets what
+        is left, not the whole limit again; None where it had no deadline."""
         from dtp.hooks.pytorchjob import deadline_seconds, ran_seconds
 
         limit, name = deadline_seconds(failed), failed["metadata"]["name"]
