@@ -99,6 +99,8 @@ def test_torchtitan_launch(tmp_path: Path) -> None:
     assert _flag(argv, "--training.seq_len") == "8192" and _flag(argv, "--parallelism.tensor_parallel_degree") == "1"
     assert _flag(argv, "--checkpoint.folder") == context["checkpoint_dir"] and "--checkpoint.enable" in argv
     assert "--rdzv_endpoint=10.0.0.7:29500" in argv
+    assert _flag(argv, "--training.mixed_precision_param") == "bfloat16"
+    assert _flag(argv, "--lr_scheduler.warmup_steps") == "200"
 
 
 def test_megatron_launch_splits_the_70b_model(tmp_path: Path) -> None:
@@ -253,3 +255,17 @@ def test_what_cannot_be_launched_is_named() -> None:
     assert launch_problem(nemo).startswith("no nemo launch template for model 'tiny' (templated: llama3_2_1b, ")
     titan = tiny.model_copy(update={"framework": "torchtitan"})
     assert launch_problem(titan).startswith("no torchtitan launch template for model 'tiny' (templated: llama3_1_8b")
+
+
+def test_a_torchtitan_recipe_its_command_line_cannot_honour_is_refused() -> None:
+    # torchtitan 0.3.0 takes the learning rate from its config's optimizer parameter groups, out of the CLI's reach.
+    titan = get_recipe("llama3_1_8b_torchtitan")
+    assert launch_problem(titan) is None
+    assert launch_problem(titan.model_copy(update={"lr": 1e-4})) == (
+        "torchtitan trains at its config llama3_8b's learning rate 0.0003, which its command line cannot change: "
+        "set the recipe's lr to 0.0003, not 0.0001"
+    )
+    no_recompute = titan.model_copy(update={"activation_checkpointing": False})
+    assert "set the recipe's activation_checkpointing to true" in launch_problem(no_recompute)
+    seventy = titan.model_copy(update={"model": "llama3_1_70b", "lr": 1.5e-4})
+    assert launch_problem(seventy) is None

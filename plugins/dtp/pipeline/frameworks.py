@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from typing import Any
 
 from dtp.recipes import Recipe
@@ -41,10 +42,23 @@ TEMPLATES = {
     "picotron": "slurm/train_picotron.sbatch.j2",
     "nemo": "slurm/train_nemo.sbatch.j2",
 }
-# torchtitan's config registry entries (``--module``, ``--config``) for DTP's model names.
+
+
+@dataclass(frozen=True)
+class TorchtitanConfig:
+    """A torchtitan config registry entry (``--module``, ``--config``) and its learning rate, which torchtitan
+    0.3.0's command line cannot change (it is in the optimizer's parameter groups). Every entry here recomputes
+    activations (selective or full), and DTP's launch keeps that."""
+
+    module: str
+    config: str
+    lr: float
+
+
+# torchtitan's config registry entries for DTP's model names (torchtitan/models/llama3/config_registry.py).
 TORCHTITAN_CONFIGS = {
-    "llama3_1_8b": ("llama3", "llama3_8b"),
-    "llama3_1_70b": ("llama3", "llama3_70b"),
+    "llama3_1_8b": TorchtitanConfig("llama3", "llama3_8b", lr=3e-4),
+    "llama3_1_70b": TorchtitanConfig("llama3", "llama3_70b", lr=1.5e-4),
 }
 # Megatron-LM architecture flags for DTP's model names (the trainer's shapes in include/training/model.py).
 MEGATRON_ARCHITECTURES = {
@@ -89,6 +103,18 @@ def launch_problem(recipe: Recipe) -> str | None:
     models = _MODELS_BY_FRAMEWORK.get(recipe.framework)
     if models is not None and recipe.model not in models:
         return f"no {recipe.framework} launch template for model {recipe.model!r} (templated: {', '.join(models)})"
+    if recipe.framework == "torchtitan":
+        titan = TORCHTITAN_CONFIGS[recipe.model]
+        if recipe.lr != titan.lr:
+            return (
+                f"torchtitan trains at its config {titan.config}'s learning rate {titan.lr:g}, which its command "
+                f"line cannot change: set the recipe's lr to {titan.lr:g}, not {recipe.lr:g}"
+            )
+        if not recipe.activation_checkpointing:
+            return (
+                f"torchtitan's config {titan.config} recomputes activations, and DTP's launch keeps that: set the "
+                "recipe's activation_checkpointing to true"
+            )
     return None
 
 
@@ -114,8 +140,9 @@ def template_args(spec: dict[str, Any], images: dict[str, Any], workdir: str, sh
         "checkpoint_interval": params["checkpoint_interval"],
     }
     if framework == "torchtitan" and model in TORCHTITAN_CONFIGS:
-        module, config = TORCHTITAN_CONFIGS[model]
-        return {**args, "module": module, "config": config}
+        titan = TORCHTITAN_CONFIGS[model]
+        mixed_precision = "float32" if recipe["precision"] == "fp32" else "bfloat16"
+        return {**args, "module": titan.module, "config": titan.config, "mixed_precision": mixed_precision}
     _, replicas = Recipe.model_validate(recipe).ranks(params["num_nodes"], spec["instance"]["accelerators_per_node"])
     global_batch = replicas * recipe["micro_batch"]
     if framework == "megatron-lm" and model in MEGATRON_ARCHITECTURES:
