@@ -423,6 +423,21 @@ def test_a_hung_job_is_suspended_and_its_replacement_gets_what_is_left_of_the_de
     assert [method for method, *_ in kubernetes_api.requests].count("DELETE") == 1  # the suspended job, first
 
 
+def test_a_hung_job_that_succeeded_meanwhile_is_neither_suspended_nor_run_again(kubernetes_api: Any) -> None:
+    retried(kubernetes_api)
+    kubernetes_api.jobs[NAME]["status"] = {"conditions": [condition("Succeeded", "2026-12-03T10:16:40Z")]}
+    op = operator(TIMED)
+    with stub_eks(op.hook, kubernetes_api), pytest.raises(PyTorchJobFailed, match=r"hung .*it has succeeded since"):
+        op.execute_complete({}, event("hung", "Running", "no new log line for 900 s"))
+    assert "suspend" not in kubernetes_api.jobs[NAME]["spec"]["runPolicy"]
+    kubernetes_api.jobs[NAME]["spec"]["runPolicy"]["suspend"] = True  # suspended by someone after it succeeded
+    kubernetes_api.requests.clear()
+    op = operator(TIMED)
+    with stub_eks(op.hook, kubernetes_api):
+        assert op.execute({})["state"] == "Succeeded"
+    assert "DELETE" not in [method for method, *_ in kubernetes_api.requests]
+
+
 def test_a_job_without_a_deadline_is_created_again_without_one(kubernetes_api: Any) -> None:
     retried(kubernetes_api, MANIFEST)
     ended_after(kubernetes_api, 99_999, BACKOFF)

@@ -102,7 +102,7 @@ class EksPyTorchJobOperator(BaseOperator):
         with hook.kubernetes() as kubernetes:
             job = hook.ensure_job(kubernetes, manifest)
             state, message = job_state(job)
-            if state == "Failed" or suspended(job):
+            if state == "Failed" or (state != "Succeeded" and suspended(job)):
                 if state == "Failed" and past_deadline(job):
                     raise PyTorchJobOverTime(
                         f"PyTorchJob {namespace}/{name} was stopped at its deadline ({message}); not running it again"
@@ -149,12 +149,14 @@ class EksPyTorchJobOperator(BaseOperator):
 
     def _suspend(self, name: str) -> str:
         """Suspend a hung job, recording how long it was active; say what became of it."""
-        from dtp.hooks.pytorchjob import ran_seconds
+        from dtp.hooks.pytorchjob import TERMINAL_CONDITIONS, job_state, ran_seconds
 
         with self.hook.kubernetes() as kubernetes:
             job = self.hook.get_job(kubernetes, name)
             if job is None:
                 return "it is gone"
+            if (state := job_state(job)[0]) in TERMINAL_CONDITIONS:
+                return f"it has {state.lower()} since; a retry takes it as it is"
             self.hook.suspend_job(kubernetes, name, ran_seconds(job, until=datetime.now(UTC)))
         return "suspended it (its pods are deleted; a retry replaces it with what is left of its deadline)"
 
