@@ -55,9 +55,13 @@ def job_state(job: dict[str, Any]) -> tuple[str, str]:
     return newest["type"], newest.get("message", "")
 
 
+def _run_policy(job: dict[str, Any]) -> dict[str, Any]:
+    return ((job.get("spec") or {}).get("runPolicy")) or {}
+
+
 def deadline_seconds(job: dict[str, Any]) -> int:
     """The job's (or manifest's) ``runPolicy.activeDeadlineSeconds``; 0 when it has none."""
-    return int(((job.get("spec") or {}).get("runPolicy") or {}).get("activeDeadlineSeconds") or 0)
+    return int(_run_policy(job).get("activeDeadlineSeconds") or 0)
 
 
 def ran_seconds(job: dict[str, Any], until: datetime | None = None) -> float:
@@ -88,7 +92,7 @@ def past_deadline(job: dict[str, Any]) -> bool:
 
 def suspended(job: dict[str, Any]) -> bool:
     """Whether the job was suspended (``runPolicy.suspend``), whether or not the operator has deleted its pods yet."""
-    return bool(((job.get("spec") or {}).get("runPolicy") or {}).get("suspend"))
+    return bool(_run_policy(job).get("suspend"))
 
 
 def _time(stamp: str | None) -> datetime | None:

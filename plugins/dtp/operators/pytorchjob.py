@@ -102,13 +102,14 @@ class EksPyTorchJobOperator(BaseOperator):
         with hook.kubernetes() as kubernetes:
             job = hook.ensure_job(kubernetes, manifest)
             state, message = job_state(job)
-            if state == "Failed" or (state != "Succeeded" and suspended(job)):
+            was_suspended = state != "Succeeded" and suspended(job)
+            if state == "Failed" or was_suspended:
                 if state == "Failed" and past_deadline(job):
                     raise PyTorchJobOverTime(
                         f"PyTorchJob {namespace}/{name} was stopped at its deadline ({message}); not running it again"
                     )
                 deadline = self._deadline_left(job)
-                why = "was suspended" if suspended(job) else f"failed before ({message})"
+                why = "was suspended" if was_suspended else f"failed before ({message})"
                 self.log.info("PyTorchJob %s/%s %s: running it afresh", namespace, name, why)
                 hook.delete_job(kubernetes, name, timeout=self.delete_timeout)
                 state, _ = job_state(hook.ensure_job(kubernetes, manifest, deadline))
