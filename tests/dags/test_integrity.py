@@ -115,9 +115,13 @@ def test_a_cleared_task_rebuilds_everything_its_teardowns_deleted(dagbag: DagBag
         *("deploy_network.plan_stack", "deploy_network.create_stack", "deploy_network.wait_for_stack"),
         *("deploy_network.stack_outputs", "deploy_cluster", "stage_data", "train.prepare_training"),
         *("train.run_job", "collect_metrics", "save_checkpoint", "teardown_cluster", "teardown_network"),
+        # The report shows the rebuilt cluster's ids, not the deleted one's.
+        "record_resources",
     }
     assert rebuilt <= _cleared_with(dag, "train.run_job")
-    assert {"preflight.prepare_preflight", "stage_data", "deploy_cluster"} <= _cleared_with(dag, "preflight.run_checks")
+    assert {"preflight.prepare_preflight", "stage_data", "deploy_cluster", "record_resources"} <= _cleared_with(
+        dag, "preflight.run_checks"
+    )
 
 
 @pytest.mark.parametrize("task_id", ["evaluate_gates", "report"])

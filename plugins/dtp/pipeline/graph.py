@@ -113,7 +113,7 @@ def stage_data(spec: dict[str, Any], network_outputs: dict[str, str], cluster: d
 def record_resources(
     network_outputs: dict[str, str], cluster: dict[str, Any], staged: dict[str, Any]
 ) -> dict[str, Any]:
-    """What the run created and uses, in one XCom for the report."""
+    """What the run created and used, in one XCom for the report."""
     return {"network": network_outputs, "cluster": cluster, "data": staged}
 
 
@@ -287,6 +287,9 @@ def training_pipeline(dag: DAG) -> None:
 
     metrics = collect_metrics(spec, cluster, job["metrics_path"], job["profile_dir"])
     run >> metrics
+    # Recorded once training is over: a task cleared after the teardowns ran rebuilds the network and the cluster
+    # under new ids, and clears this with it (it is downstream), so the report shows what the run trained on.
+    metrics >> resources
     gates = evaluate_gates(spec, metrics)
     # A teardown of deploy_cluster: it runs once training is over, however it ended, while the cluster still exists.
     # It reads the cluster's shared filesystem: on the training queue, like stage_data.
