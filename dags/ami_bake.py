@@ -15,8 +15,8 @@ from datetime import datetime, timedelta
 
 from airflow.sdk import DAG
 
+from dtp.form import airflow_params
 from dtp.images.ami import AmiBakeParams
-from dtp.params import airflow_params
 from dtp.pipeline.ami_bake import ami_bake_pipeline
 
 with DAG(

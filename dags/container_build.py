@@ -16,8 +16,8 @@ from datetime import datetime, timedelta
 
 from airflow.sdk import DAG
 
+from dtp.form import airflow_params
 from dtp.images.container import ContainerBuildParams
-from dtp.params import airflow_params
 from dtp.pipeline.container_build import container_build_pipeline
 
 with DAG(

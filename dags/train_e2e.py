@@ -12,7 +12,7 @@ from datetime import datetime, timedelta
 
 from airflow.sdk import DAG
 
-from dtp.params import airflow_params
+from dtp.form import airflow_params
 from dtp.pipeline.graph import training_pipeline
 
 with DAG(

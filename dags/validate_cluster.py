@@ -14,7 +14,8 @@ from datetime import datetime, timedelta
 
 from airflow.sdk import DAG
 
-from dtp.params import ValidateParams, airflow_params
+from dtp.form import airflow_params
+from dtp.params import ValidateParams
 from dtp.pipeline.validation import validation_pipeline
 
 with DAG(

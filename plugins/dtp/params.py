@@ -1,9 +1,9 @@
-"""The training pipeline's parameters: one pydantic model, two uses.
+"""The pipelines' parameters: one pydantic model per trigger form, two uses.
 
 ``TrainParams`` validates a run's conf inside ``validate_params`` (unknown keys
-included, which Airflow itself accepts), and ``airflow_params()`` turns the same
-model's JSON schema into the trigger form's typed ``Param``s, so the form and
-the validation cannot drift apart.
+included, which Airflow itself accepts), and ``dtp.form.airflow_params()`` turns
+the same model's JSON schema into the trigger form's typed ``Param``s, so the
+form and the validation cannot drift apart.
 """
 
 from __future__ import annotations
@@ -13,15 +13,14 @@ from typing import Any, ClassVar, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
+from dtp.costs import SETUP_HOURS, estimate_cost_usd, estimate_training_hours
 from dtp.hostlist import expand_hostlist
 from dtp.pipeline.frameworks import DATASET_FILES, launch_problem
 from dtp.recipes import (
-    PLATFORMS,
     Platform,
     RecipeError,
     get_recipe,
     instance_types,
-    recipe_names,
 )
 
 S3_URI = r"^$|^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[A-Za-z0-9!_.*'()/-]*)?$"
@@ -40,9 +39,6 @@ RESERVED_ENV = frozenset(
     }
 )
 RESERVED_ENV_PREFIXES = ("SLURM_", "PET_", "TORCHELASTIC_", "BASH_", "AWS_BATCH_")
-# Hours a run takes besides training: its cluster coming up (HyperPod's may take 90 minutes), data staging,
-# preflight, results and teardown. A shorter expiry would let the reaper delete the run while it still runs.
-SETUP_HOURS = 2.0
 
 
 P = TypeVar("P", bound=BaseModel)
@@ -209,8 +205,8 @@ class TrainParams(ClusterParams):
         le=1_000_000,
         title="Budget (USD)",
         description=(
-            "Refuse to start when the estimated cost exceeds it; Slurm stops training once it has run as long as"
-            " the budget pays for on these nodes."
+            "Refuse to start when the estimated cost exceeds it; the scheduler stops training once it has run as"
+            " long as the budget pays for on these nodes."
         ),
     )
 
@@ -351,82 +347,3 @@ def validate_cluster_params(conf: dict[str, Any]) -> ValidateParams:
             f"allowed: {', '.join(sorted(instance_types()))}"
         )
     return params
-
-
-def estimate_training_hours(params: TrainParams, step_seconds: float) -> float:
-    return params.max_steps * step_seconds / 3600
-
-
-def estimate_cost_usd(params: TrainParams, step_seconds: float, price_per_hour: float) -> float:
-    return round(estimate_training_hours(params, step_seconds) * price_per_hour * params.num_nodes, 2)
-
-
-def training_time_limit_minutes(
-    budget_usd: float,
-    num_nodes: int,
-    price_per_hour: float,
-    expiry_hours: float,
-    pending_timeout_minutes: int,
-) -> int:
-    """Minutes the training job may run; its scheduler stops it there.
-
-    The least of what ``budget_usd`` pays for on ``num_nodes`` nodes at ``price_per_hour`` each (no bound, for
-    instances that cost nothing) and what ``expiry_hours`` leaves once the run's cluster and results
-    (``SETUP_HOURS``) and its longest wait in the queue are counted, so that the reaper does not delete a run that
-    trains (where its cluster came up within those hours).
-    """
-    limits = [int((expiry_hours - SETUP_HOURS) * 60) - pending_timeout_minutes]
-    if price_per_hour > 0:
-        limits.append(int(budget_usd / (price_per_hour * num_nodes) * 60))
-    return max(1, min(limits))
-
-
-def airflow_params(
-    defaults: dict[str, Any] | None = None,
-    recipes: list[str] | None = None,
-    model: type[FormParams] = TrainParams,
-) -> dict[str, Any]:
-    """The trigger form: one ``Param`` per field, its JSON schema taken from ``model``.
-
-    ``defaults`` overrides the form's default values (a regression DAG's recipe
-    defaults); ``recipes`` limits the recipe dropdown (default: the catalogue).
-    """
-    from airflow.sdk import Param
-
-    properties = model.model_json_schema()["properties"]
-    order = [*model.leading, *(name for name in properties if name not in model.leading)]
-    defaults = defaults or {}
-    form = {}
-    for name in order:
-        prop = properties[name]
-        spec = {k: v for k, v in prop.items() if k in _PARAM_KEYS}
-        if name == "recipe":
-            spec["enum"] = recipes or recipe_names()
-        if name == "platform":
-            spec["enum"] = list(PLATFORMS)
-        if name == "extra_env":
-            spec["type"] = "object"
-        default = defaults.get(name, prop.get("default", {}))
-        if default == "" and spec.get("type") == "string":
-            # The UI form treats an empty required field as missing and disables Trigger; an optional text
-            # field is ["string", "null"] (Airflow's convention) and an emptied one arrives as null.
-            spec["type"] = ["string", "null"]
-            default = None
-        form[name] = Param(default, **spec)
-    return form
-
-
-_PARAM_KEYS = {
-    "type",
-    "title",
-    "description",
-    "minimum",
-    "maximum",
-    "exclusiveMinimum",
-    "maxLength",
-    "pattern",
-    "enum",
-    "items",
-    "minItems",
-    "uniqueItems",
-}

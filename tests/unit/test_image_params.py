@@ -10,10 +10,11 @@ import time
 
 import pytest
 
+from dtp.form import airflow_params
 from dtp.hooks.container import ImageBuilder
 from dtp.hooks.packer import BuildResult, MachineReadableLine, PackerHook, fingerprint
 from dtp.images import ami, container
-from dtp.params import ParamsError, airflow_params, parse_params
+from dtp.params import ParamsError, parse_params
 
 # Lines of a real `packer build -machine-readable` (packer 1.6.6, amazon-ebs against the emulator).
 PACKER_OUTPUT = """\

@@ -284,7 +284,7 @@ def test_on_eks_settings_name_what_is_missing(settings, extra, problem) -> None:
 
 def test_on_eks_another_frameworks_recipe_is_refused_before_anything_exists(settings) -> None:
     settings(**ON_EKS, fsx_dns_name="", fsx_mount_name="")  # an existing file system needs dtp_network too
-    conf = {"platform": "hyperpod", "instance_type": "p5.48xlarge", "num_nodes": 4}
+    conf = {"platform": "hyperpod", "instance_type": "p5.48xlarge", "num_nodes": 4, "budget_usd": 200.0}
     assert (
         build_spec({}, {**conf, "recipe": "llama3_1_8b"}, "train_e2e", "manual__1")["params"]["platform"] == "hyperpod"
     )

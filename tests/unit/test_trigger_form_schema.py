@@ -1,4 +1,4 @@
-"""The train_e2e trigger form's JSON schema (dtp.params.airflow_params): one param per field, and it refuses and
+"""The train_e2e trigger form's JSON schema (dtp.form.airflow_params): one param per field, and it refuses and
 accepts what validate_params does."""
 
 from __future__ import annotations
@@ -8,11 +8,11 @@ from typing import Any
 import jsonschema
 import pytest
 
+from dtp.form import airflow_params
 from dtp.params import (
     S3_URI,
     ParamsError,
     TrainParams,
-    airflow_params,
     validate_params,
 )
 from dtp.recipes import PLATFORMS, catalogue, recipe_names

@@ -15,7 +15,7 @@ from datetime import datetime, timedelta
 from airflow.sdk import DAG
 from airflow.sdk.exceptions import AirflowTimetableInvalid
 
-from dtp.params import airflow_params
+from dtp.form import airflow_params
 from dtp.pipeline.graph import training_pipeline
 from dtp.recipes import RECIPE_DIR, Recipe, load_recipe_file
 

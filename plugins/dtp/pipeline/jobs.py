@@ -12,10 +12,10 @@ import json
 from pathlib import Path
 from typing import Any
 
+from dtp.costs import training_time_limit_minutes
 from dtp.hooks.shared_fs import SharedFilesystemHook
 from dtp.hooks.slurm import SlurmHook
 from dtp.naming import EXPIRES_TAG, slurm_comment
-from dtp.params import training_time_limit_minutes
 from dtp.pipeline import frameworks
 from dtp.pipeline.data import claim_run_dir, run_dir
 from dtp.platforms import get_platform

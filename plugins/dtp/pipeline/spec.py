@@ -9,9 +9,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from dtp.costs import estimate_cost_usd, training_time_limit_minutes
 from dtp.hostlist import expand_hostlist
 from dtp.naming import RunNames, expiry, resource_tags
-from dtp.params import ParamsError, TrainParams, estimate_cost_usd, training_time_limit_minutes, validate_params
+from dtp.params import ParamsError, TrainParams, validate_params
 from dtp.pipeline.network import NETWORK_CONN_ID, existing_network, needs_network
 from dtp.platforms import get_platform
 from dtp.recipes import get_recipe, instance_types

@@ -1,0 +1,53 @@
+"""What a training run is estimated to take and cost, and the time limit its budget and expiry set."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+# Hours a run takes besides its training job: its cluster coming up (HyperPod's may take 90 minutes), data staging,
+# preflight, results and teardown. A shorter expiry would let the reaper delete the run while it still runs.
+SETUP_HOURS = 2.0
+# Minutes the training job runs besides its steps: the image onto the nodes, the process groups, the model built
+# and sharded (a checkpoint loaded when resuming), and its last checkpoint written. A budget that paid for the steps
+# alone would have the scheduler stop the job before its last steps.
+JOB_START_MINUTES = 10
+
+
+class RunSize(Protocol):
+    """The parameters an estimate reads (``dtp.params.TrainParams`` has them)."""
+
+    @property
+    def num_nodes(self) -> int: ...
+
+    @property
+    def max_steps(self) -> int: ...
+
+
+def estimate_training_hours(params: RunSize, step_seconds: float) -> float:
+    """Hours the training job runs: its steps at the recipe's ``expected_step_seconds``, and its start."""
+    return params.max_steps * step_seconds / 3600 + JOB_START_MINUTES / 60
+
+
+def estimate_cost_usd(params: RunSize, step_seconds: float, price_per_hour: float) -> float:
+    """What the training job costs on ``params.num_nodes`` nodes at ``price_per_hour`` each."""
+    return round(estimate_training_hours(params, step_seconds) * price_per_hour * params.num_nodes, 2)
+
+
+def training_time_limit_minutes(
+    budget_usd: float,
+    num_nodes: int,
+    price_per_hour: float,
+    expiry_hours: float,
+    pending_timeout_minutes: int,
+) -> int:
+    """Minutes the training job may run; its scheduler stops it there.
+
+    The least of what ``budget_usd`` pays for on ``num_nodes`` nodes at ``price_per_hour`` each (no bound, for
+    instances that cost nothing) and what ``expiry_hours`` leaves once the run's cluster and results
+    (``SETUP_HOURS``) and its longest wait in the queue are counted, so that the reaper does not delete a run that
+    trains (where its cluster came up within those hours).
+    """
+    limits = [int((expiry_hours - SETUP_HOURS) * 60) - pending_timeout_minutes]
+    if price_per_hour > 0:
+        limits.append(int(budget_usd / (price_per_hour * num_nodes) * 60))
+    return max(1, min(limits))
