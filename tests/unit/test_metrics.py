@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
+
+import pytest
 
 from dtp.metrics.gates import training_failures
 from dtp.metrics.parse import TrainingSummary, json_records, summarize
@@ -169,6 +172,19 @@ def test_throughput_too_low() -> None:
 def test_every_failure_is_listed() -> None:
     failures = training_failures(summary([2.0, 9.0], tps=[1.0, 1.0]), GATES, max_steps=100)
     assert [f.split(":")[0] for f in failures] == ["steps", "final_loss", "loss did not decrease", "tokens_per_s"]
+
+
+@pytest.mark.parametrize("diverged", [math.nan, math.inf])
+def test_a_diverged_loss_fails_whatever_the_gates(diverged: float) -> None:
+    unset = {"final_loss_max": None, "min_tokens_per_s": None, "loss_must_decrease": False}
+    for gates in (GATES, unset):
+        failures = training_failures(summary([4.0, 2.0, diverged]), gates, max_steps=30)
+        assert failures[0] == f"final_loss: {diverged} (training diverged), whatever the recipe's gates"
+
+
+def test_a_loss_that_was_not_a_number_from_the_start_did_not_decrease() -> None:
+    failures = training_failures(summary([math.nan, 2.0]), {**GATES, "final_loss_max": None}, max_steps=20)
+    assert failures == ["loss did not decrease: first nan, final 2.0000"]
 
 
 def test_unset_gates_are_not_judged() -> None:
