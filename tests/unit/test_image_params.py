@@ -65,6 +65,19 @@ def test_fingerprint_follows_files_and_variables(tmp_path) -> None:
     assert fingerprint([tmp_path], {"nccl_version": "2.27.5-1"}) != first
 
 
+def test_fingerprint_leaves_out_bytecode_and_follows_where_a_file_is(tmp_path) -> None:
+    (tmp_path / "training").mkdir()
+    (tmp_path / "training" / "train.py").write_text("a")
+    first = fingerprint([tmp_path], {})
+    # A test run or a worker importing the sources writes these: the same sources must keep their image tag.
+    (tmp_path / "training" / "__pycache__").mkdir()
+    (tmp_path / "training" / "__pycache__" / "train.cpython-311.pyc").write_bytes(b"\x00")
+    (tmp_path / "training" / "stale.pyc").write_bytes(b"\x00")
+    assert fingerprint([tmp_path], {}) == first
+    (tmp_path / "training" / "train.py").rename(tmp_path / "train.py")
+    assert fingerprint([tmp_path], {}) != first
+
+
 def test_every_family_has_a_var_file_and_a_playbook() -> None:
     assert ami.ami_families() == ["eks-gpu", "pcluster-cpu", "pcluster-gpu", "pcluster-neuron"]
     assert set(ami.default_versions()) >= {"nccl_version", "efa_installer_version", "aws_ofi_nccl_version"}

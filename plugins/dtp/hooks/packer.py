@@ -90,15 +90,24 @@ class BuildResult:
 
 
 def fingerprint(paths: Iterable[Path], variables: Mapping[str, str]) -> str:
-    """A short digest of every input file and variable: equal inputs give an equal AMI name."""
+    """A short digest of every input file and variable: equal inputs give an equal AMI name or image tag.
+
+    Python's bytecode caches are left out: they come and go with whoever imported the sources (a test run, a worker)
+    and would change the digest of the same inputs.
+    """
     digest = hashlib.sha256()
     for path in sorted(paths):
-        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        files = sorted(p for p in path.rglob("*") if p.is_file() and not _bytecode(p)) if path.is_dir() else [path]
         for file in files:
-            digest.update(file.name.encode() + b"\0" + file.read_bytes() + b"\0")
+            name = file.relative_to(path).as_posix() if path.is_dir() else file.name
+            digest.update(name.encode() + b"\0" + file.read_bytes() + b"\0")
     for key in sorted(variables):
         digest.update(f"{key}={variables[key]}\0".encode())
     return digest.hexdigest()[:12]
+
+
+def _bytecode(path: Path) -> bool:
+    return path.suffix == ".pyc" or "__pycache__" in path.parts
 
 
 class PackerHook(BaseHook):
