@@ -5,14 +5,16 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
+import threading
 import time
 
 import pytest
 
 from dtp.form import airflow_params
 from dtp.hooks.container import ImageBuilder
-from dtp.hooks.packer import BuildResult, MachineReadableLine, PackerHook, fingerprint
+from dtp.hooks.packer import BuildResult, MachineReadableLine, PackerError, PackerHook, fingerprint
 from dtp.images import ami, container
 from dtp.params import ParamsError, parse_params
 
@@ -166,6 +168,48 @@ def test_buildah_command_is_an_argv_with_args_and_labels(tmp_path) -> None:
     assert argv[:4] == ["buildah", "--storage-driver", "vfs", "build"]
     assert argv[argv.index("--build-arg") : argv.index("--build-arg") + 2] == ["--build-arg", "A=1; rm -rf /"]
     assert "--isolation" in argv and argv[-1] == str(tmp_path)
+
+
+@pytest.fixture
+def interrupted_packer(tmp_path, monkeypatch) -> PackerHook:
+    """A packer that, when interrupted, says it cleans up, then deletes its builder (writes ``deleted``)."""
+    conn = {"conn_type": "aws", "login": "k", "password": "s", "extra": {"region_name": "eu-west-1"}}
+    monkeypatch.setenv("AIRFLOW_CONN_AWS_TEST", json.dumps(conn))
+    packer = tmp_path / "packer"
+    packer.write_text(
+        "#!/bin/bash\n"
+        f'trap \'sleep 0.5; echo "2,,ui,say,cleaning up"; touch {tmp_path}/deleted; '
+        "printf 3,,ui,say,done; exit 1' INT\n"
+        'echo "1,,ui,say,launching the builder"\n'
+        "while :; do sleep 0.1; done\n"
+    )
+    packer.chmod(0o755)
+    return PackerHook(aws_conn_id="aws_test", packer_path=str(packer))
+
+
+def test_an_interrupted_build_cleans_up_after_its_reader_is_gone(tmp_path, interrupted_packer) -> None:
+    # The task reading packer's output is killed (Airflow's SIGKILL 5 s after on_kill): nothing reads it any more,
+    # and packer must still get to delete its instance, which a write to a pipe without a reader would prevent.
+    template = tmp_path / "ami.pkr.hcl"
+    template.write_text("")
+    build = interrupted_packer.start_build(template, None, {}, tmp_path / "packer.log")
+    time.sleep(0.5)
+    os.killpg(build.pid, signal.SIGINT)
+    assert build.wait(timeout=10) == 1
+    assert (tmp_path / "deleted").exists()
+    assert "cleaning up" in (tmp_path / "packer.log").read_text()
+
+
+def test_following_a_build_reads_every_line_it_wrote_until_it_exited(tmp_path, interrupted_packer) -> None:
+    template = tmp_path / "ami.pkr.hcl"
+    template.write_text("")
+    output = tmp_path / "packer.log"
+    build = interrupted_packer.start_build(template, None, {}, output)
+    threading.Timer(1.0, os.killpg, (build.pid, signal.SIGINT)).start()
+    messages: list[str] = []
+    with pytest.raises(PackerError, match="exit code 1"):
+        interrupted_packer.follow(build, output, messages.append, poll_seconds=0.05)
+    assert messages == ["launching the builder", "cleaning up", "done"]  # the last line has no newline
 
 
 def test_stopping_a_build_takes_down_its_whole_process_tree() -> None:

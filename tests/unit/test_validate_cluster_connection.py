@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from dtp.hooks.slurm import SlurmHook
 from dtp.naming import RunNames
 from dtp.params import ParamsError
 from dtp.pipeline.validation import connect, validate_params
@@ -38,3 +39,34 @@ def test_a_cleared_validation_run_gets_new_names() -> None:
     again = validate_params.function(params={}, dag_run=SimpleNamespace(**{**vars(run), "clear_number": 1}))["names"]
     assert first == RunNames("validate_cluster", "scheduled__1").as_dict()
     assert again == RunNames("validate_cluster", "scheduled__1", 1).as_dict() != first
+
+
+# sinfo -h -N -o "%N %t" on a cluster with two partitions: n1 and n2 are in both, n3 is drained, n4 does not answer,
+# n5 is powered down (a cloud node Slurm resumes for a job).
+SINFO = "n1 idle\nn1 idle\nn2 mix\nn2 mix\nn3 drain\nn4 idle*\nn5 idle~\n"
+
+
+@pytest.fixture
+def cluster(monkeypatch) -> str:
+    extra = {"transport": "local", "slurm_conf": "/nonexistent/slurm.conf"}
+    monkeypatch.setenv("AIRFLOW_CONN_TWO_PARTITIONS", json.dumps({"conn_type": "generic", "extra": extra}))
+    monkeypatch.setattr(SlurmHook, "run", lambda self, argv, **kwargs: SINFO)
+    return "two_partitions"
+
+
+def test_only_nodes_that_take_jobs_count_once_each(cluster) -> None:
+    assert SlurmHook(cluster).node_count() == 5
+    assert connect({"params": {**_spec(cluster)["params"], "num_nodes": 3}})["nodes"] == 5
+    with pytest.raises(ParamsError, match=r"got 4; .* has 3 nodes that take jobs \(of 5: the others are down, "):
+        connect({"params": {**_spec(cluster)["params"], "num_nodes": 4}})
+    with pytest.raises(ParamsError, match=r"3 nodes that take jobs .*, 1 once exclude_nodes='n\[1-3\]' is applied"):
+        connect({"params": {**_spec(cluster)["params"], "num_nodes": 2, "exclude_nodes": "n[1-3]"}})
+
+
+def test_a_remote_cluster_needs_the_interpreter_on_its_nodes(monkeypatch) -> None:
+    # This worker's interpreter is not on the nodes of a cluster reached over ssh: the preflight job would fail,
+    # and with it the report.
+    extra = {"transport": "ssh", "ssh_conn_id": "head_node"}
+    monkeypatch.setenv("AIRFLOW_CONN_REMOTE", json.dumps({"conn_type": "generic", "extra": extra}))
+    with pytest.raises(ParamsError, match="python: empty; the cluster behind 'remote' is reached over ssh: give"):
+        connect(_spec("remote"))

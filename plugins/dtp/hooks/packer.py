@@ -16,10 +16,12 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 from airflow.providers.amazon.aws.hooks.ec2 import EC2Hook
 from airflow.sdk import BaseHook
@@ -182,23 +184,31 @@ class PackerHook(BaseHook):
         argv += [f"-var={key}={value}" for key, value in sorted(self._variables(variables).items())]
         return [*argv, str(template)]
 
-    def start_build(self, template: Path, var_file: Path | None, variables: Mapping[str, str]) -> subprocess.Popen[str]:
-        """Start ``packer build`` in its own process group (so it can be stopped as a whole)."""
-        return subprocess.Popen(
-            self.build_command(template, var_file, variables),
-            cwd=template.parent,
-            env=self.environment(),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            start_new_session=True,
-        )
+    def start_build(
+        self, template: Path, var_file: Path | None, variables: Mapping[str, str], output: Path
+    ) -> subprocess.Popen[bytes]:
+        """Start ``packer build`` in its own process group (so it can be stopped as a whole), writing to ``output``.
+
+        Not to a pipe: were the task that reads it killed, packer's next line (its own "cleaning up") would end it
+        with SIGPIPE before it deleted its builder instance. A file outlives its reader, and packer its task.
+        """
+        with output.open("ab") as out:
+            return subprocess.Popen(
+                self.build_command(template, var_file, variables),
+                cwd=template.parent,
+                env=self.environment(),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
 
     @staticmethod
-    def follow(process: subprocess.Popen[str], on_message: Callable[[str], None]) -> BuildResult:
-        """Read the build's output to the end, handing each UI message to ``on_message``."""
+    def follow(
+        process: subprocess.Popen[bytes], output: Path, on_message: Callable[[str], None], poll_seconds: float = 0.5
+    ) -> BuildResult:
+        """Read the build's ``output`` as packer writes it, to its end, handing each UI message to ``on_message``."""
         result = BuildResult()
-        for parsed in _lines(process):
+        for parsed in filter(None, map(MachineReadableLine.parse, _tail(process, output, poll_seconds))):
             result.add(parsed)
             if parsed.message:
                 on_message(parsed.message)
@@ -207,7 +217,7 @@ class PackerHook(BaseHook):
         return result
 
     @staticmethod
-    def stop(process: subprocess.Popen[str], grace_seconds: float = 120.0) -> None:
+    def stop(process: subprocess.Popen[Any], grace_seconds: float = 120.0) -> None:
         """Interrupt the build (packer then deletes its instance, key pair and security group), give it
         ``grace_seconds`` to clean up, then kill whatever is left of its process group (provisioners,
         plugins, anything they started)."""
@@ -262,9 +272,18 @@ def _snapshot_ids(image: Mapping) -> list[str]:
     return [m["Ebs"]["SnapshotId"] for m in image.get("BlockDeviceMappings", []) if m.get("Ebs", {}).get("SnapshotId")]
 
 
-def _lines(process: subprocess.Popen[str]) -> Iterator[MachineReadableLine]:
-    assert process.stdout is not None
-    for raw in process.stdout:
-        parsed = MachineReadableLine.parse(raw)
-        if parsed:
-            yield parsed
+def _tail(process: subprocess.Popen[bytes], path: Path, poll_seconds: float) -> Iterator[str]:
+    """The lines of ``path`` as ``process`` writes them, until it has exited and all it wrote was read."""
+    pending = ""
+    with path.open(encoding="utf-8", errors="replace") as file:
+        while True:
+            exited = process.poll() is not None  # before reading: what it wrote before exiting is read below
+            chunk = file.read()
+            *lines, pending = (pending + chunk).split("\n")
+            yield from lines
+            if exited:
+                if pending:
+                    yield pending
+                return
+            if not chunk:
+                time.sleep(poll_seconds)

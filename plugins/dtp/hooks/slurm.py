@@ -182,11 +182,25 @@ class SlurmHook(SharedFilesystemHook):
                 raise SlurmCommandError(f"{what} still active {timeout:.0f}s after scancel")
             time.sleep(2)
 
-    def node_count(self) -> int:
-        argv = ["sinfo", "-h", "-o", "%D"]
+    def node_states(self) -> dict[str, str]:
+        """Each node of the partition (of every partition when none is set) and its state in sinfo's short form
+        (``idle``, ``mix``, ``drain``, ``down*``, ``idle~``...). A node in two partitions is one node."""
+        argv = ["sinfo", "-h", "-N", "-o", "%N %t"]
         if self.partition:
             argv.append(f"--partition={self.partition}")
-        return sum(int(n) for n in self.run(argv).split() if n.isdigit())
+        return dict(line.split(maxsplit=1) for line in self.run(argv).splitlines() if len(line.split()) == 2)
+
+    def node_count(self) -> int:
+        return len(self.node_states())
+
+
+# sinfo's short states of nodes that take no new job (a powered-down cloud node, "idle~", does: it is resumed).
+UNUSABLE_STATES = frozenset({"down", "drain", "drng", "fail", "failg", "futr", "inval", "maint"})
+
+
+def usable(state: str) -> bool:
+    """Whether a node in sinfo's short ``state`` takes new jobs (a trailing ``*``: it does not answer)."""
+    return not state.endswith("*") and state.rstrip("~#!%$@^-") not in UNUSABLE_STATES
 
 
 def _scontrol_fields(line: str) -> dict[str, str]:

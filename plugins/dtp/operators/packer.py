@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -92,7 +93,7 @@ class PackerBuildOperator(BaseOperator):
         self.packer_path = packer_path
         self.waiter_delay = waiter_delay
         self.waiter_max_attempts = waiter_max_attempts
-        self._process: subprocess.Popen[str] | None = None
+        self._process: subprocess.Popen[bytes] | None = None
 
     @property
     def hook(self) -> PackerHook:
@@ -136,11 +137,13 @@ class PackerBuildOperator(BaseOperator):
         else:
             hook.validate(template, var_file, variables)
             self.log.info("Baking %s with packer (source %s)", name, hook.source)
-            process = self._process = hook.start_build(template, var_file, variables)
-            try:
-                result = hook.follow(process, lambda message: self.log.info("packer: %s", message))
-            finally:
-                self._process = None
+            with tempfile.TemporaryDirectory(prefix="dtp-packer-") as tmp:
+                output = Path(tmp) / "packer.log"
+                process = self._process = hook.start_build(template, var_file, variables, output)
+                try:
+                    result = hook.follow(process, output, lambda message: self.log.info("packer: %s", message))
+                finally:
+                    self._process = None
             region_amis = result.amis()
             if len(region_amis) != 1:
                 raise PackerError(f"expected one AMI from the build, packer reported {result.artifacts}")

@@ -19,7 +19,7 @@ from typing import Any
 from airflow.sdk import task
 from airflow.sdk.exceptions import AirflowFailException, AirflowNotFoundException
 
-from dtp.hooks.slurm import SlurmHook
+from dtp.hooks.slurm import SlurmHook, usable
 from dtp.hostlist import expand_hostlist
 from dtp.metrics.preflight_gate import preflight_message
 from dtp.naming import RunNames, expiry, resource_tags
@@ -61,19 +61,26 @@ def connect(spec: dict[str, Any]) -> dict[str, Any]:
             f"slurm_conn_id: got {params['slurm_conn_id']!r}; its extra names no transport, so it is not a Slurm "
             'connection: give {"transport": "ssh", "ssh_conn_id": "<head node>"} (or "local" on the head node)'
         )
-    nodes = hook.node_count()
-    usable = nodes - len(set(expand_hostlist(params["exclude_nodes"])))  # "n1,n[1-2]" excludes two nodes
-    if usable < params["num_nodes"]:
+    if transport != "local" and not params["python"]:  # this worker's interpreter is not on the cluster's nodes
         raise ParamsError(
-            f"num_nodes: got {params['num_nodes']}; the cluster behind {params['slurm_conn_id']!r} has {nodes} "
-            f"nodes, {usable} once exclude_nodes={params['exclude_nodes']!r} is applied"
+            f"python: empty; the cluster behind {params['slurm_conn_id']!r} is reached over {transport}: give the "
+            "path of the interpreter with torch on its nodes"
+        )
+    states = hook.node_states()
+    working = {node for node, state in states.items() if usable(state)}
+    left = working - set(expand_hostlist(params["exclude_nodes"]))  # "n1,n[1-2]" excludes two nodes
+    if len(left) < params["num_nodes"]:
+        raise ParamsError(
+            f"num_nodes: got {params['num_nodes']}; the cluster behind {params['slurm_conn_id']!r} has "
+            f"{len(working)} nodes that take jobs (of {len(states)}: the others are down, drained or failing), "
+            f"{len(left)} once exclude_nodes={params['exclude_nodes']!r} is applied"
         )
     return {
         "platform": "existing",
         "scheduler": "slurm",
         "slurm_conn_id": params["slurm_conn_id"],
         "shared_dir": hook.shared_dir,
-        "nodes": nodes,
+        "nodes": len(states),
         "python": params["python"] or sys.executable,
     }
 
