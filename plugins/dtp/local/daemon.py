@@ -1,7 +1,9 @@
 """How the local stack runs a daemon: in the foreground of its own session, tracked by a pid file.
 
-Each daemon's pid is kept in ``<state>/run/<name>.pid`` and its output in ``<state>/logs/<name>.log``; stopping
-signals the whole process group, so nothing a daemon forked is left behind.
+Each daemon's pid is kept in ``<state>/run/<name>.pid`` with the time the process started, and its output in
+``<state>/logs/<name>.log``; stopping signals the whole process group, so nothing a daemon forked is left behind.
+A pid file left by a reboot or a crash may name a pid the system gave another process since: its start time tells
+them apart, so that process is neither taken for the daemon nor stopped.
 """
 
 from __future__ import annotations
@@ -65,6 +67,14 @@ def pid_alive(pid: int) -> bool:
         return False
 
 
+def start_time(pid: int) -> str | None:
+    """When ``pid`` started (clock ticks since boot, /proc/<pid>/stat's 22nd field), or None if it is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
 @dataclass
 class Daemon:
     """A foreground process started in its own session and tracked by pid file."""
@@ -84,11 +94,13 @@ class Daemon:
         return cfg.log_dir / f"{self.name}.log"
 
     def pid(self, cfg: StackConfig) -> int | None:
+        """The daemon's pid, if the process the pid file names is alive and is still the one that was started."""
         path = self.pid_file(cfg)
         if not path.exists():
             return None
-        pid = int(path.read_text().strip())
-        return pid if pid_alive(pid) else None
+        pid, _, started = path.read_text().strip().partition(" ")
+        alive = pid_alive(int(pid)) and (not started or start_time(int(pid)) == started)
+        return int(pid) if alive else None
 
     def running(self, cfg: StackConfig) -> bool:
         return self.pid(cfg) is not None
@@ -118,7 +130,7 @@ class Daemon:
                 cwd=cfg.home,
                 start_new_session=True,
             )
-        self.pid_file(cfg).write_text(str(proc.pid))
+        self.pid_file(cfg).write_text(f"{proc.pid} {start_time(proc.pid) or ''}")
         wait_until(lambda: self.healthy(cfg), self.start_timeout, self.name, self.log_file(cfg))
 
     def stop(self, cfg: StackConfig) -> None:

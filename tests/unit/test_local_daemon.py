@@ -1,0 +1,55 @@
+"""The local stack's daemons are tracked by pid file: a pid the system gave another process since (after a reboot
+or a crash) is neither taken for the daemon nor stopped with it."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from dtp.local.daemon import Daemon, pid_alive, start_time
+
+
+@pytest.fixture
+def cfg(tmp_path: Path) -> Any:
+    for name in ("run", "logs"):
+        (tmp_path / name).mkdir()
+    return SimpleNamespace(home=tmp_path, run_dir=tmp_path / "run", log_dir=tmp_path / "logs")
+
+
+@pytest.fixture
+def stranger() -> Iterator[subprocess.Popen[bytes]]:
+    """A process of someone else's, in a session of its own."""
+    process = subprocess.Popen(["sleep", "300"], start_new_session=True)
+    yield process
+    process.kill()
+    process.wait()
+
+
+def sleeper() -> Daemon:
+    return Daemon(name="sleeper", command=lambda cfg: ["sleep", "300"], ports=lambda cfg: [], health=lambda cfg: True)
+
+
+def test_a_started_daemon_is_found_and_stopped(cfg) -> None:
+    daemon = sleeper()
+    daemon.start(cfg)
+    pid = daemon.pid(cfg)
+    assert pid is not None and daemon.pid_file(cfg).read_text() == f"{pid} {start_time(pid)}"
+    daemon.stop(cfg)
+    assert not pid_alive(pid) and daemon.pid(cfg) is None
+
+
+def test_a_pid_file_naming_a_process_started_since_is_stale(cfg, stranger) -> None:
+    daemon = sleeper()
+    # As after a reboot: the file names a pid that now belongs to another process, started at another time.
+    daemon.pid_file(cfg).write_text(f"{stranger.pid} {int(start_time(stranger.pid)) - 1}")
+    assert not daemon.running(cfg)
+    daemon.stop(cfg)
+    assert stranger.poll() is None, "the stranger's process was killed"
+    daemon.start(cfg)  # not taken for "already up"
+    assert daemon.pid(cfg) not in (None, stranger.pid)
+    daemon.stop(cfg)
