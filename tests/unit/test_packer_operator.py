@@ -7,8 +7,10 @@ The packer it is given records its arguments in ``calls`` and fails, so any atte
 from __future__ import annotations
 
 import json
+import re
 import threading
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,8 @@ from moto.core import DEFAULT_ACCOUNT_ID
 from moto.ec2.models import ec2_backends
 
 from dtp.hooks.packer import PackerError, fingerprint
+from dtp.images.ami import BUILDER_TAG
+from dtp.naming import EXPIRES_TAG, expiry, parse_expiry
 from dtp.operators.packer import PackerBuildOperator
 
 REGION = "us-east-1"
@@ -160,3 +164,15 @@ def test_a_failed_ami_is_deregistered_with_its_snapshot_and_baked_again(
     with pytest.raises(ClientError, match=r"InvalidSnapshot\.NotFound"):
         ec2.describe_snapshots(SnapshotIds=[earlier_ami["snapshot"]])
     assert (tmp_path / "calls").read_text().startswith("validate ")
+
+
+def test_the_builders_expiry_counts_from_when_its_bake_starts(ec2, operator, tmp_path) -> None:
+    # The run's tags were made when it began: a bake cleared 13 hours later must not start already expired, or
+    # the hourly reaper would terminate its builder mid-bake.
+    began = {"dtp:run": "r1", EXPIRES_TAG: expiry(12, datetime.now(UTC) - timedelta(hours=13)), BUILDER_TAG: "true"}
+    operator.builder_tags, operator.builder_expiry_hours = began, 12
+    with pytest.raises(PackerError):
+        operator.execute({})
+    tags = json.loads(re.search(r"builder_tags=(\{.*?\})", (tmp_path / "calls").read_text())[1])
+    assert tags["dtp:run"] == "r1" and tags[BUILDER_TAG] == "true"
+    assert parse_expiry(tags[EXPIRES_TAG]) > datetime.now(UTC) + timedelta(hours=11)

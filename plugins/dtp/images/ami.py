@@ -142,6 +142,7 @@ def bake_requests(
             "fingerprint_paths": fingerprint_inputs(family),
             "tags": tags,
             "builder_tags": builder_tags,
+            "builder_expiry_hours": BUILDER_EXPIRY_HOURS,
         }
         for family in params.families
     ]

@@ -13,6 +13,7 @@ from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowFailException
 
 from dtp.hooks.packer import PackerError, PackerHook, fingerprint
+from dtp.naming import EXPIRES_TAG, expiry
 
 
 class PackerBuildOperator(BaseOperator):
@@ -46,6 +47,8 @@ class PackerBuildOperator(BaseOperator):
     :param builder_tags: tags for the builder instance and its volumes, passed as the template's
         ``builder_tags`` map variable (not part of the fingerprint), so an instance packer could not
         delete can be found; None passes nothing
+    :param builder_expiry_hours: when set, the builder's ``dtp:expires-at`` tag is this many hours after the
+        build starts (not after the run did: a bake retried hours later would be reaped while it bakes)
     :param aws_conn_id: AWS connection (credentials, region, emulator endpoint)
     :param packer_path: the packer executable
     :param waiter_delay: seconds between checks of a pending AMI
@@ -74,6 +77,7 @@ class PackerBuildOperator(BaseOperator):
         name_variable: str = "ami_name",
         tags: dict[str, str] | None = None,
         builder_tags: dict[str, str] | None = None,
+        builder_expiry_hours: float | None = None,
         aws_conn_id: str | None = "aws_default",
         packer_path: str = "packer",
         waiter_delay: int = 15,
@@ -89,6 +93,7 @@ class PackerBuildOperator(BaseOperator):
         self.name_variable = name_variable
         self.tags = tags or {}
         self.builder_tags = builder_tags
+        self.builder_expiry_hours = builder_expiry_hours
         self.aws_conn_id = aws_conn_id
         self.packer_path = packer_path
         self.waiter_delay = waiter_delay
@@ -108,8 +113,6 @@ class PackerBuildOperator(BaseOperator):
             f"{self.name_prefix}-{fingerprint([template, *([var_file] if var_file else []), *inputs], self.variables)}"
         )
         variables = {**self.variables, self.name_variable: name}
-        if self.builder_tags is not None:
-            variables["builder_tags"] = json.dumps(self.builder_tags)  # JSON is HCL's map syntax too
 
         existing = hook.find_image(name)
         if existing and existing["State"] == "disabled":
@@ -135,6 +138,8 @@ class PackerBuildOperator(BaseOperator):
             image_id, built = existing["ImageId"], False
             self.log.info("AMI %s already exists as %s (same template and inputs): not baking again", name, image_id)
         else:
+            if self.builder_tags is not None:
+                variables["builder_tags"] = json.dumps(self._builder_tags())  # JSON is HCL's map syntax too
             hook.validate(template, var_file, variables)
             self.log.info("Baking %s with packer (source %s)", name, hook.source)
             with tempfile.TemporaryDirectory(prefix="dtp-packer-") as tmp:
@@ -156,6 +161,11 @@ class PackerBuildOperator(BaseOperator):
             "source": hook.source,
             "variables": self.variables,
         }
+
+    def _builder_tags(self) -> dict[str, str]:
+        if self.builder_expiry_hours is None:
+            return dict(self.builder_tags or {})
+        return {**(self.builder_tags or {}), EXPIRES_TAG: expiry(self.builder_expiry_hours)}
 
     def on_kill(self) -> None:
         if self._process is not None:

@@ -36,6 +36,7 @@ def validate_params(**context: Any) -> list[dict[str, Any]]:
     dag_run = context["dag_run"]
     names = RunNames(dag_run.dag_id, dag_run.run_id, dag_run.clear_number or 0)
     tags = resource_tags(names, "ami-bake", expiry(params.retain_days * 24))
+    # The builder's expiry is set again when its bake starts (PackerBuildOperator's builder_expiry_hours).
     builder_tags = {**resource_tags(names, "ami-bake", expiry(ami.BUILDER_EXPIRY_HOURS)), ami.BUILDER_TAG: "true"}
     return ami.bake_requests(params, tags, builder_tags)
 
