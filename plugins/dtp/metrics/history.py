@@ -10,6 +10,7 @@ so "the last N runs of this recipe on this hardware" is one listing.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -61,8 +62,27 @@ def record(s3: S3Hook, bucket: str, spec: dict[str, Any], metrics: dict[str, Any
 
 
 def recent(
-    s3: S3Hook, bucket: str, recipe: str, platform: str, instance_type: str, limit: int = 10
+    s3: S3Hook,
+    bucket: str,
+    recipe: str,
+    platform: str,
+    instance_type: str,
+    *,
+    where: Callable[[dict[str, Any]], bool],
+    newest: int,
+    passed: int,
+    max_reads: int = 500,
 ) -> list[dict[str, Any]]:
-    """The newest ``limit`` entries for this recipe on this hardware, oldest first."""
-    keys = sorted(s3.list_keys(bucket, prefix=_prefix(recipe, platform, instance_type)) or [])[-limit:]
-    return [json.loads(s3.read_key(key, bucket)) for key in keys]
+    """Entries of this recipe on this hardware that match ``where``, oldest first: the ``newest`` of them, and
+    older ones until ``passed`` of them passed their gates, so that neither runs of other shapes nor a streak of
+    failed runs push the last passing ones (the regression gates' baseline) out of the window. Reads at most
+    ``max_reads`` entries, newest first."""
+    keys = sorted(s3.list_keys(bucket, prefix=_prefix(recipe, platform, instance_type)) or [])
+    found: list[dict[str, Any]] = []
+    for key in reversed(keys[-max_reads:]):
+        entry = json.loads(s3.read_key(key, bucket))
+        if where(entry):
+            found.append(entry)
+        if len(found) >= newest and sum(e.get("passed", True) for e in found) >= passed:
+            break
+    return found[::-1]

@@ -35,7 +35,7 @@ from dtp.platforms.capacity import instance_of
 log = logging.getLogger(__name__)
 REPORT_URL_TTL_S = 7 * 24 * 3600
 PUSHGATEWAY_CONN_ID = "prometheus_pushgateway"
-# Recent entries read from the history; runs of other shapes among them are filtered out afterwards.
+# Comparable runs read from the history for the report's trend (and further back for the regression baseline).
 HISTORY_WINDOW = 50
 
 
@@ -130,13 +130,25 @@ def collect_metrics(
     s3.load_string(text, key, bucket, replace=True)
     result = summary.as_dict()
     result.update({key: params[key] for key in COMPARED_PARAMS})
-    previous = [
-        entry
-        for entry in history.recent(
-            s3, bucket, params["recipe"], params["platform"], params["instance_type"], HISTORY_WINDOW
+    gates = recipe["gates"]
+    previous = history.recent(
+        s3,
+        bucket,
+        params["recipe"],
+        params["platform"],
+        params["instance_type"],
+        where=lambda entry: entry["run_key"] != spec["names"]["run_key"] and bool(comparable_runs(result, [entry])),
+        newest=HISTORY_WINDOW,
+        passed=gates["history_runs"],
+    )
+    baseline = sum(entry.get("passed", True) for entry in previous)
+    if baseline < gates["min_history_runs"]:
+        log.info(
+            "Regression gates not judged: %d earlier comparable runs passed, %d needed (same recipe, hardware, %s)",
+            baseline,
+            gates["min_history_runs"],
+            ", ".join(COMPARED_PARAMS),
         )
-        if entry["run_key"] != spec["names"]["run_key"]
-    ]
     # The verdict goes with the entry: a run that failed its gates is no baseline for the next ones.
     history.record(s3, bucket, spec, result, passed=not gate_failures(spec, {**result, "history": previous}))
     if profile_dir:
