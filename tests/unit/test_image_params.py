@@ -94,6 +94,11 @@ def test_ami_bake_form_defaults_come_from_the_versions_file() -> None:
     assert [r["variables"]["family"] for r in requests] == ["eks-gpu", "pcluster-gpu"]
     assert requests[0]["variables"]["nccl_version"] == "2.28.3-1"
     assert requests[0]["var_file"].endswith("families/eks-gpu.pkrvars.hcl")
+    # The filter the template picks the source AMI with: its newest match goes into the AMI's fingerprint.
+    assert requests[1]["source_ami"] == {
+        "name": "aws-parallelcluster-3.13.2-amzn2023-hvm-x86_64-*",
+        "owner": "247102896272",
+    }
 
 
 @pytest.mark.parametrize(

@@ -176,3 +176,28 @@ def test_the_builders_expiry_counts_from_when_its_bake_starts(ec2, operator, tmp
     tags = json.loads(re.search(r"builder_tags=(\{.*?\})", (tmp_path / "calls").read_text())[1])
     assert tags["dtp:run"] == "r1" and tags[BUILDER_TAG] == "true"
     assert parse_expiry(tags[EXPIRES_TAG]) > datetime.now(UTC) + timedelta(hours=11)
+
+
+def _baked_name(tmp_path: Path) -> str:
+    """The AMI name of the last bake packer was asked for."""
+    return re.findall(r"ami_name=(\S+)", (tmp_path / "calls").read_text())[-1]
+
+
+def test_a_newer_source_ami_gives_a_new_ami_name_and_a_bake(ec2, operator, tmp_path) -> None:
+    # The weekly bake exists to pick up source AMIs with security fixes: the same files and versions on a newer
+    # source AMI must not reuse the AMI baked on the older one.
+    operator.source_ami = {"name": "base-al2023-*", "owner": DEFAULT_ACCOUNT_ID}
+    backend = ec2_backends[DEFAULT_ACCOUNT_ID][REGION]
+    ec2.register_image(Name="unrelated-1")
+    backend.amis[ec2.register_image(Name="base-al2023-1")["ImageId"]].creation_date = datetime(2026, 11, 1, tzinfo=UTC)
+    names = []
+    for _ in range(2):
+        with pytest.raises(PackerError):
+            operator.execute({})
+        names.append(_baked_name(tmp_path))
+    assert names[0] == names[1]
+    newer = ec2.register_image(Name="base-al2023-2")["ImageId"]
+    backend.amis[newer].creation_date = datetime(2026, 12, 1, tzinfo=UTC)
+    with pytest.raises(PackerError):
+        operator.execute({})
+    assert _baked_name(tmp_path) != names[0]

@@ -229,6 +229,12 @@ class PackerHook(BaseHook):
             os.killpg(process.pid, signal.SIGKILL)
         process.wait()
 
+    def newest_image(self, name: str, owner: str) -> str | None:
+        """The newest AMI of ``owner`` whose name matches ``name`` (a pattern, ``*`` a wildcard), as packer's
+        ``source_ami_filter`` with ``most_recent`` picks it; None when there is none."""
+        images = self.ec2.conn.describe_images(Owners=[owner], Filters=[{"Name": "name", "Values": [name]}])["Images"]
+        return max(images, key=lambda image: image["CreationDate"])["ImageId"] if images else None
+
     def find_image(self, name: str) -> dict | None:
         """The account's AMI called ``name``, if there is one, in whatever state (``pending``, ``failed``,
         ``disabled``: EC2 lists disabled AMIs only when asked, yet their names stay taken)."""

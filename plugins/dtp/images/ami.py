@@ -44,12 +44,21 @@ def ami_families() -> list[str]:
 @cache
 def default_versions() -> dict[str, str]:
     """The ``name = "value"`` assignments of versions.pkrvars.hcl."""
-    found = {}
-    for line in VERSIONS_FILE.read_text().splitlines():
-        match = _ASSIGNMENT.match(line)
-        if match:
-            found[match.group(1)] = match.group(2)
-    return found
+    return _assignments(VERSIONS_FILE)
+
+
+def family_file(family: str) -> Path:
+    return PACKER_DIR / "families" / f"{family}.pkrvars.hcl"
+
+
+def source_ami(family: str) -> dict[str, str]:
+    """The filter the template picks ``family``'s source AMI with (the newest match): name pattern and owner."""
+    assigned = _assignments(family_file(family))
+    return {"name": assigned["source_ami_name"], "owner": assigned["source_ami_owner"]}
+
+
+def _assignments(path: Path) -> dict[str, str]:
+    return {m.group(1): m.group(2) for line in path.read_text().splitlines() if (m := _ASSIGNMENT.match(line))}
 
 
 def ssm_parameter(family: str) -> str:
@@ -136,13 +145,14 @@ def bake_requests(
     for the instance that bakes it."""
     return [
         {
-            "var_file": str(PACKER_DIR / "families" / f"{family}.pkrvars.hcl"),
+            "var_file": str(family_file(family)),
             "variables": {"family": family, **params.versions()},
             "name_prefix": f"dtp-{family}",
             "fingerprint_paths": fingerprint_inputs(family),
             "tags": tags,
             "builder_tags": builder_tags,
             "builder_expiry_hours": BUILDER_EXPIRY_HOURS,
+            "source_ami": source_ami(family),
         }
         for family in params.families
     ]

@@ -21,10 +21,11 @@ class PackerBuildOperator(BaseOperator):
     Build an amazon-ebs Packer template and return the AMI it made.
 
     The AMI name is ``<name_prefix>-<fingerprint>``, the fingerprint covering the
-    template's directory (template, var files, playbooks, roles) and every
-    variable. A retry, or a second run with the same inputs, finds that AMI and
-    returns it without building; changing any version variable or file gives a
-    new name and a new AMI. An AMI of that name still ``pending`` (an earlier
+    template's directory (template, var files, playbooks, roles), every
+    variable and, given ``source_ami``, the id of the newest source AMI. A
+    retry, or a second run with the same inputs, finds that AMI and returns it
+    without building; changing any version variable or file, or a newer source
+    AMI, gives a new name and a new AMI. An AMI of that name still ``pending`` (an earlier
     try was killed after packer's CreateImage) is waited for with EC2's
     ``image_available`` waiter and then returned. One that is ``disabled`` was
     taken out of use on purpose: the task fails without baking, saying how to
@@ -47,6 +48,9 @@ class PackerBuildOperator(BaseOperator):
     :param builder_tags: tags for the builder instance and its volumes, passed as the template's
         ``builder_tags`` map variable (not part of the fingerprint), so an instance packer could not
         delete can be found; None passes nothing
+    :param source_ami: the template's source AMI filter, ``{"name": <pattern>, "owner": <account>}``: the id of
+        the newest AMI it matches goes into the fingerprint, so a new source AMI (security fixes) gives a new
+        AMI name and a bake, where the same inputs otherwise reuse the AMI; None leaves it out
     :param builder_expiry_hours: when set, the builder's ``dtp:expires-at`` tag is this many hours after the
         build starts (not after the run did: a bake retried hours later would be reaped while it bakes)
     :param aws_conn_id: AWS connection (credentials, region, emulator endpoint)
@@ -63,6 +67,7 @@ class PackerBuildOperator(BaseOperator):
         "tags",
         "builder_tags",
         "fingerprint_paths",
+        "source_ami",
     )
     ui_color = "#02a8ef"
 
@@ -78,6 +83,7 @@ class PackerBuildOperator(BaseOperator):
         tags: dict[str, str] | None = None,
         builder_tags: dict[str, str] | None = None,
         builder_expiry_hours: float | None = None,
+        source_ami: dict[str, str] | None = None,
         aws_conn_id: str | None = "aws_default",
         packer_path: str = "packer",
         waiter_delay: int = 15,
@@ -94,6 +100,7 @@ class PackerBuildOperator(BaseOperator):
         self.tags = tags or {}
         self.builder_tags = builder_tags
         self.builder_expiry_hours = builder_expiry_hours
+        self.source_ami = source_ami
         self.aws_conn_id = aws_conn_id
         self.packer_path = packer_path
         self.waiter_delay = waiter_delay
@@ -109,9 +116,8 @@ class PackerBuildOperator(BaseOperator):
         template = Path(self.template)
         var_file = Path(self.var_file) if self.var_file else None
         inputs = [Path(p) for p in self.fingerprint_paths] if self.fingerprint_paths else [template.parent]
-        name = (
-            f"{self.name_prefix}-{fingerprint([template, *([var_file] if var_file else []), *inputs], self.variables)}"
-        )
+        digest = fingerprint([template, *([var_file] if var_file else []), *inputs], self._fingerprinted(hook))
+        name = f"{self.name_prefix}-{digest}"
         variables = {**self.variables, self.name_variable: name}
 
         existing = hook.find_image(name)
@@ -161,6 +167,14 @@ class PackerBuildOperator(BaseOperator):
             "source": hook.source,
             "variables": self.variables,
         }
+
+    def _fingerprinted(self, hook: PackerHook) -> dict[str, str]:
+        """The variables, and the source AMI's id when a filter is given."""
+        if self.source_ami is None:
+            return self.variables
+        source = hook.newest_image(self.source_ami["name"], self.source_ami["owner"])
+        self.log.info("Source AMI: %s (the newest %s of %s)", source, self.source_ami["name"], self.source_ami["owner"])
+        return {**self.variables, "source_ami_id": source or "none"}
 
     def _builder_tags(self) -> dict[str, str]:
         if self.builder_expiry_hours is None:
