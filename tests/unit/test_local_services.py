@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
-from dtp.local.services import pg_bin
+from dtp.local.daemon import StackError
+from dtp.local.services import _prepare_postgres, pg_bin, run_checked
 
 
 def test_the_newest_installed_postgresql_is_used(tmp_path: Path) -> None:
@@ -21,3 +24,17 @@ def test_the_newest_installed_postgresql_is_used(tmp_path: Path) -> None:
 def test_no_postgresql_says_what_installs_it(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="scripts/setup installs it"):
         pg_bin(tmp_path)
+
+
+def test_a_failed_step_says_what_the_command_said() -> None:
+    with pytest.raises(StackError, match=r"^initdb failed \(exit 3\): directory not empty$"):
+        run_checked(["sh", "-c", "echo 'directory not empty' >&2; exit 3"], "initdb")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="PostgreSQL runs as the postgres user only when the stack runs as root")
+def test_a_state_directory_postgres_cannot_reach_is_refused_with_what_to_do(tmp_path: Path) -> None:
+    closed = tmp_path / "root-like"  # as /root: mode 700, owned by root
+    closed.mkdir(mode=0o700)
+    cfg = SimpleNamespace(postgres_dir=closed / "postgres")
+    with pytest.raises(StackError, match=r"which cannot reach .*: put the project where other users can read"):
+        _prepare_postgres(cfg)

@@ -16,6 +16,7 @@ from typing import Any
 from dtp.local import stack
 from dtp.local.api import AirflowApi
 from dtp.local.config import StackConfig
+from dtp.local.daemon import StackError
 
 DAG_ID = "train_e2e"
 
@@ -87,7 +88,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     cfg = StackConfig.from_env()
     print(f"[{_now()}] Bringing up the local stack (state in {cfg.home})", flush=True)
-    stack.up(cfg)
+    try:
+        stack.up(cfg)
+    except StackError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     api = AirflowApi(cfg.airflow_url, "admin", cfg.passwords()["admin"])
     api.wait_for_dag(DAG_ID)
     run_id = api.trigger(DAG_ID, json.loads(args.conf))

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from dtp.local.config import CELERY_QUEUES, StackConfig
-from dtp.local.daemon import Daemon, http_ok, port_open
+from dtp.local.daemon import Daemon, StackError, http_ok, port_open
 from dtp.templates import render
 
 PG_ROOT = Path("/usr/lib/postgresql")  # Debian and Ubuntu install each major version's programs under it
@@ -33,6 +33,14 @@ def pg_bin(root: Path = PG_ROOT) -> Path:
     return max(installed, key=lambda bin_dir: tuple(int(n) for n in bin_dir.parent.name.split(".") if n.isdigit()))
 
 
+def run_checked(argv: list[str], what: str) -> None:
+    """Run a step of bringing the stack up; a failure is a ``StackError`` in the command's own words."""
+    done = subprocess.run(argv, capture_output=True, text=True)
+    if done.returncode != 0:
+        said = (done.stderr or done.stdout).strip()[-2000:]
+        raise StackError(f"{what} failed (exit {done.returncode}): {said or 'no output'}")
+
+
 def _as_postgres(argv: list[str]) -> list[str]:
     """initdb refuses to run as root: run the PostgreSQL tools as ``postgres`` then."""
     return ["runuser", "-u", "postgres", "--", *argv] if os.geteuid() == 0 else argv
@@ -45,10 +53,15 @@ def _prepare_postgres(cfg: StackConfig) -> None:
     cfg.postgres_dir.mkdir(parents=True, exist_ok=True)
     if os.geteuid() == 0:
         shutil.chown(cfg.postgres_dir, "postgres", "postgres")
-    subprocess.run(
+        if subprocess.run(_as_postgres(["test", "-w", str(cfg.postgres_dir)])).returncode != 0:
+            raise StackError(
+                f"PostgreSQL runs as the postgres user, which cannot reach {cfg.postgres_dir} (a directory above "
+                "it, such as /root, is closed to other users): put the project where other users can read, such as "
+                "/opt or /srv, or point DTP_HOME at such a directory"
+            )
+    run_checked(
         _as_postgres([str(pg_bin() / "initdb"), "-D", str(data), "-U", "airflow", "--auth=trust", "-E", "UTF8"]),
-        check=True,
-        capture_output=True,
+        "initdb",
     )
 
 
@@ -83,7 +96,7 @@ def ensure_database(cfg: StackConfig) -> None:
         [*psql, "SELECT 1 FROM pg_database WHERE datname='airflow'"], capture_output=True, text=True
     )
     if exists.stdout.strip() != "1":
-        subprocess.run([*psql, "CREATE DATABASE airflow"], check=True, capture_output=True)
+        run_checked([*psql, "CREATE DATABASE airflow"], "creating the airflow database")
 
 
 # --- munge + Slurm ------------------------------------------------------------
@@ -163,8 +176,12 @@ def _airflow(*args: str) -> Callable[[StackConfig], list[str]]:
 def migrate_airflow_db(cfg: StackConfig) -> None:
     env = {**os.environ, **cfg.airflow_env()}
     airflow = _venv_bin("airflow")
-    with (cfg.log_dir / "airflow-db-migrate.log").open("ab") as log:
-        subprocess.run([airflow, "db", "migrate"], env=env, stdout=log, stderr=subprocess.STDOUT, check=True)
+    path = cfg.log_dir / "airflow-db-migrate.log"
+    with path.open("ab") as log:
+        migrated = subprocess.run([airflow, "db", "migrate"], env=env, stdout=log, stderr=subprocess.STDOUT)
+    if migrated.returncode != 0:
+        tail = "\n  ".join(path.read_text(errors="replace").splitlines()[-15:])
+        raise StackError(f"airflow db migrate failed (exit {migrated.returncode}; log: {path}):\n  {tail}")
 
 
 def _airflow_component(name: str, *args: str, health: Callable[[StackConfig], bool]) -> Daemon:
