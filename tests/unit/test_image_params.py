@@ -13,7 +13,7 @@ import time
 import pytest
 
 from dtp.form import airflow_params
-from dtp.hooks.container import ImageBuilder
+from dtp.hooks.container import ContainerBuildError, ImageBuilder
 from dtp.hooks.packer import BuildResult, MachineReadableLine, PackerError, PackerHook, fingerprint
 from dtp.images import ami, container
 from dtp.params import ParamsError, parse_params
@@ -215,6 +215,34 @@ def test_following_a_build_reads_every_line_it_wrote_until_it_exited(tmp_path, i
     with pytest.raises(PackerError, match="exit code 1"):
         interrupted_packer.follow(build, output, messages.append, poll_seconds=0.05)
     assert messages == ["launching the builder", "cleaning up", "done"]  # the last line has no newline
+
+
+def test_stopping_an_image_build_takes_down_all_it_started() -> None:
+    # A killed container_build task (its on_kill) must not leave docker or buildah building on the worker, where
+    # the retry would start a second build of the same tag.
+    builder = ImageBuilder("buildah")
+    children: list[str] = []
+    failed: list[Exception] = []
+
+    def build() -> None:
+        try:
+            builder._stream(["sh", "-c", "sleep 300 & echo $!; wait"], children.append, env=None)
+        except ContainerBuildError as err:
+            failed.append(err)
+
+    thread = threading.Thread(target=build)
+    thread.start()
+    for _ in range(50):
+        if children:
+            break
+        time.sleep(0.1)
+    builder.stop(grace_seconds=5)
+    thread.join(timeout=10)
+    assert failed and "failed (exit code -15)" in str(failed[0])
+    with pytest.raises(ProcessLookupError):
+        for _ in range(50):
+            os.kill(int(children[0]), 0)
+            time.sleep(0.1)
 
 
 def test_stopping_a_build_takes_down_its_whole_process_tree() -> None:

@@ -15,6 +15,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import tarfile
 import tempfile
@@ -30,6 +31,7 @@ from airflow.providers.amazon.aws.hooks.ecr import EcrHook
 from airflow.sdk import BaseHook
 
 from dtp.naming import aws_tags
+from dtp.processes import stop_group
 
 MANIFEST_TYPES = ", ".join(
     [
@@ -191,6 +193,7 @@ class ImageBuilder:
 
     def __init__(self, tool: str | None = None) -> None:
         self.tool = tool or self.detect()
+        self._process: subprocess.Popen[str] | None = None
 
     @staticmethod
     def detect() -> str:
@@ -225,18 +228,18 @@ class ImageBuilder:
         labels: Mapping[str, str],
         on_line: Callable[[str], None],
     ) -> None:
-        _stream(self.build_command(context, dockerfile, ref, build_args, labels), on_line, env=None)
+        self._stream(self.build_command(context, dockerfile, ref, build_args, labels), on_line, env=None)
 
     def push(self, ref: str, auth_file: Path, tls_verify: bool, on_line: Callable[[str], None]) -> str:
         """Push ``ref``; return the manifest digest the registry stored."""
         if self.tool == "docker":
-            lines = _stream(["docker", "push", ref], on_line, env={"DOCKER_CONFIG": str(auth_file.parent)})
+            lines = self._stream(["docker", "push", ref], on_line, env={"DOCKER_CONFIG": str(auth_file.parent)})
             found = [m.group(1) for line in lines if (m := _DOCKER_DIGEST.search(line))]
             if not found:
                 raise ContainerBuildError(f"docker push {ref} printed no digest")
             return found[-1]
         digest_file = auth_file.with_name("digest")
-        _stream(
+        self._stream(
             [
                 *self._base(),
                 "push",
@@ -250,18 +253,30 @@ class ImageBuilder:
         )
         return digest_file.read_text().strip()
 
+    def stop(self, grace_seconds: float = 10.0) -> None:
+        """Stop the build or push under way, and everything it started (a killed task's ``on_kill``)."""
+        if self._process is not None:
+            stop_group(self._process, signal.SIGTERM, grace_seconds)
 
-def _stream(argv: list[str], on_line: Callable[[str], None], env: dict[str, str] | None) -> list[str]:
-    lines: list[str] = []
-    with subprocess.Popen(
-        argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, **(env or {})}
-    ) as process:
-        assert process.stdout is not None
-        for raw in process.stdout:
-            line = raw.rstrip()
-            lines.append(line)
-            on_line(line)
-    if process.returncode != 0:
-        tail = "\n".join(lines[-20:])
-        raise ContainerBuildError(f"{' '.join(argv[:3])} ... failed (exit code {process.returncode}):\n{tail}")
-    return lines
+    def _stream(self, argv: list[str], on_line: Callable[[str], None], env: dict[str, str] | None) -> list[str]:
+        """Run ``argv`` in a process group of its own (so ``stop`` reaches all it starts), each line to ``on_line``."""
+        lines: list[str] = []
+        with subprocess.Popen(
+            argv,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={**os.environ, **(env or {})},
+            start_new_session=True,
+        ) as process:
+            self._process = process
+            assert process.stdout is not None
+            for raw in process.stdout:
+                line = raw.rstrip()
+                lines.append(line)
+                on_line(line)
+        self._process = None
+        if process.returncode != 0:
+            tail = "\n".join(lines[-20:])
+            raise ContainerBuildError(f"{' '.join(argv[:3])} ... failed (exit code {process.returncode}):\n{tail}")
+        return lines

@@ -10,7 +10,6 @@ emulator) the build runs the template's ``emulator`` source against it.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import signal
@@ -29,6 +28,7 @@ from botocore.exceptions import WaiterError
 from packerpy import PackerExecutable
 
 from dtp.naming import aws_tags
+from dtp.processes import stop_group
 
 AWS_SOURCE = "amazon-ebs.aws"
 EMULATOR_SOURCE = "amazon-ebs.emulator"
@@ -221,13 +221,7 @@ class PackerHook(BaseHook):
         """Interrupt the build (packer then deletes its instance, key pair and security group), give it
         ``grace_seconds`` to clean up, then kill whatever is left of its process group (provisioners,
         plugins, anything they started)."""
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGINT)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                process.wait(timeout=grace_seconds)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
+        stop_group(process, signal.SIGINT, grace_seconds)
 
     def newest_image(self, name: str, owner: str) -> str | None:
         """The newest AMI of ``owner`` whose name matches ``name`` (a pattern, ``*`` a wildcard), as packer's

@@ -54,6 +54,7 @@ class ContainerImageBuildOperator(BaseOperator):
         self.labels = labels or {}
         self.registry_conn_id = registry_conn_id
         self.tool = tool
+        self._builder: ImageBuilder | None = None
 
     def execute(self, context: Any) -> dict[str, Any]:
         registry = ContainerRegistryHook(self.registry_conn_id)
@@ -68,7 +69,7 @@ class ContainerImageBuildOperator(BaseOperator):
                 "%s already in the registry as %s (same Dockerfile, context and args): not building", ref, digest
             )
         else:
-            builder = ImageBuilder(self.tool)
+            builder = self._builder = ImageBuilder(self.tool)
             self.log.info("Building %s with %s", ref, builder.tool)
             registry.ensure_repository(self.repository, self.labels)
             builder.build(context_dir, dockerfile, ref, self.build_args, self.labels, self.log.info)
@@ -81,3 +82,8 @@ class ContainerImageBuildOperator(BaseOperator):
             "built": built,
             "build_args": self.build_args,
         }
+
+    def on_kill(self) -> None:
+        if self._builder is not None:
+            self.log.info("Stopping the %s build and all it started", self._builder.tool)
+            self._builder.stop()
