@@ -27,7 +27,7 @@ from airflow.providers.amazon.aws.hooks.ssm import SsmHook
 from botocore.exceptions import ClientError
 
 from dtp.hooks.hyperpod import HyperPodHook
-from dtp.hooks.packer import PackerHook
+from dtp.hooks.packer import PackerHook, snapshot_ids
 from dtp.hooks.shared_fs import SharedFilesystemHook
 from dtp.hooks.slurm import SlurmHook
 from dtp.hooks.stacks import StackHook
@@ -78,7 +78,7 @@ def _expired(expires_at: str | None, now: datetime) -> bool:
 
 def find_expired_in_aws(aws_conn_id: str, now: datetime | None = None) -> list[Expired]:
     """The account's expired stacks (network and ParallelCluster cluster stacks), buckets, VPCs, HyperPod clusters,
-    Batch environments, builder instances and unpublished AMIs."""
+    Batch environments, builder instances, unpublished AMIs and the snapshots AMIs left behind."""
     now = now or datetime.now(UTC)
     found = expired_stacks(StackHook(aws_conn_id=aws_conn_id).conn, now)
     s3 = S3Hook(aws_conn_id=aws_conn_id).conn
@@ -104,11 +104,24 @@ def find_expired_in_aws(aws_conn_id: str, now: datetime | None = None) -> list[E
             if RUN in tags and _expired(tags.get(EXPIRES_TAG), now):
                 found.append(Expired("batch", environment["computeEnvironmentName"], tags[RUN], tags[EXPIRES_TAG]))
     found += expired_builder_instances(ec2, now)
-    published = published_amis(aws_conn_id)
-    for image in ec2.describe_images(Owners=["self"], Filters=[{"Name": "tag-key", "Values": [RUN]}])["Images"]:
+    found += expired_amis(ec2, published_amis(aws_conn_id), now)
+    return found
+
+
+def expired_amis(ec2: Any, published: set[str], now: datetime) -> list[Expired]:
+    """Expired AMIs SSM does not point at (disabled ones too: their snapshots still cost), and expired snapshots
+    no AMI uses any more (an AMI deregistered whose snapshot could not be deleted then)."""
+    found, in_use = [], set()  # the snapshots of an AMI reaped now go with it (PackerHook.deregister_image)
+    for image in ec2.describe_images(Owners=["self"], IncludeDisabled=True)["Images"]:
+        in_use.update(snapshot_ids(image))
         tags = tags_dict(image.get("Tags", []))
-        if _expired(tags.get(EXPIRES_TAG), now) and image["ImageId"] not in published:
+        if RUN in tags and _expired(tags.get(EXPIRES_TAG), now) and image["ImageId"] not in published:
             found.append(Expired("ami", image["ImageId"], tags[RUN], tags[EXPIRES_TAG]))
+    snapshots = ec2.describe_snapshots(OwnerIds=["self"], Filters=[{"Name": "tag-key", "Values": [RUN]}])
+    for snapshot in snapshots["Snapshots"]:
+        tags = tags_dict(snapshot.get("Tags", []))
+        if _expired(tags.get(EXPIRES_TAG), now) and snapshot["SnapshotId"] not in in_use:
+            found.append(Expired("snapshot", snapshot["SnapshotId"], tags[RUN], tags[EXPIRES_TAG]))
     return found
 
 
@@ -247,6 +260,7 @@ def reap(found: list[Expired], aws_conn_id: str, slurm_conn_id: str | None, dry_
     attempt(of_kind("parallelcluster"), delete_parallelcluster)
     attempt(of_kind("batch"), delete_batch)
     attempt(of_kind("ami"), lambda image: PackerHook(aws_conn_id=aws_conn_id).deregister_image(image.name))
+    attempt(of_kind("snapshot"), lambda snapshot: ec2.delete_snapshot(SnapshotId=snapshot.name))
     for run_key in sorted({i.run_key for i in found if i.kind in NETWORK_KINDS}):
         of_run = [i for i in found if i.run_key == run_key and i.kind in NETWORK_KINDS]
         if run_key in failed:

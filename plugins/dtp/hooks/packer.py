@@ -256,7 +256,7 @@ class PackerHook(BaseHook):
 
     def deregister_image(self, image_id: str) -> list[str]:
         """Deregister the AMI, then delete the snapshots behind it (EC2 keeps an AMI's snapshots); their ids."""
-        snapshots = _snapshot_ids(self.describe_image(image_id))
+        snapshots = snapshot_ids(self.describe_image(image_id))
         self.ec2.conn.deregister_image(ImageId=image_id)
         for snapshot in snapshots:
             self.ec2.conn.delete_snapshot(SnapshotId=snapshot)
@@ -264,11 +264,12 @@ class PackerHook(BaseHook):
 
     def tag_image(self, image_id: str, tags: Mapping[str, str]) -> None:
         """Tag the AMI and the snapshots behind it."""
-        snapshots = _snapshot_ids(self.describe_image(image_id))
+        snapshots = snapshot_ids(self.describe_image(image_id))
         self.ec2.conn.create_tags(Resources=[image_id, *snapshots], Tags=aws_tags(tags))
 
 
-def _snapshot_ids(image: Mapping) -> list[str]:
+def snapshot_ids(image: Mapping) -> list[str]:
+    """The EBS snapshots behind an AMI."""
     return [m["Ebs"]["SnapshotId"] for m in image.get("BlockDeviceMappings", []) if m.get("Ebs", {}).get("SnapshotId")]
 
 
