@@ -29,6 +29,9 @@ def _all_healthy(cfg: StackConfig) -> bool:
 def stack() -> Iterator[StackConfig]:
     """The running local stack; started here (and stopped at the end) when it was not already up."""
     cfg = StackConfig.from_env()
+    if other := stack_cli.started_otherwise(cfg):  # scripts/demo's stack runs the schedules: not for the tests
+        print(f"Restarting the local stack: it runs with {other}, the tests with {stack_cli.settings(cfg)}")
+        stack_cli.down(cfg)
     started = [] if _all_healthy(cfg) else stack_cli.up(cfg)
     os.environ.update(cfg.airflow_env())
     yield cfg

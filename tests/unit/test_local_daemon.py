@@ -1,5 +1,6 @@
 """The local stack's daemons are tracked by pid file: a pid the system gave another process since (after a reboot
-or a crash) is neither taken for the daemon nor stopped with it."""
+or a crash) is neither taken for the daemon nor stopped with it; and a running stack is not added to with other
+settings."""
 
 from __future__ import annotations
 
@@ -11,7 +12,10 @@ from typing import Any
 
 import pytest
 
-from dtp.local.daemon import Daemon, pid_alive, start_time
+from dtp.local import stack
+from dtp.local.config import Ports, StackConfig
+from dtp.local.daemon import Daemon, StackError, pid_alive, start_time
+from dtp.local.services import build_services
 
 
 @pytest.fixture
@@ -53,3 +57,22 @@ def test_a_pid_file_naming_a_process_started_since_is_stale(cfg, stranger) -> No
     daemon.start(cfg)  # not taken for "already up"
     assert daemon.pid(cfg) not in (None, stranger.pid)
     daemon.stop(cfg)
+
+
+def test_a_stack_is_not_added_to_with_other_settings(tmp_path: Path, stranger) -> None:
+    # scripts/demo's stack runs the schedules; a second `up` for the tests (schedules off) or with the other
+    # executor would run beside it, mixing the two: it is refused before anything starts.
+    demo = StackConfig(home=tmp_path, ports=Ports.with_offset(0), schedules=True)
+    for directory in (demo.run_dir, demo.log_dir):
+        directory.mkdir()
+    (tmp_path / "settings").write_text(stack.settings(demo))
+    postgres = next(s for s in build_services(demo) if s.name == "postgres")
+    postgres.pid_file(demo).write_text(f"{stranger.pid} {start_time(stranger.pid)}")  # as if it ran postgres
+    tests = StackConfig(home=tmp_path, ports=Ports.with_offset(0), schedules=False)
+    assert stack.started_otherwise(demo) is None
+    assert stack.started_otherwise(tests) == "the local executor, schedules on"
+    with pytest.raises(StackError, match=r"runs with the local executor, schedules on; this asks for the local "):
+        stack.up(tests)
+    assert not demo.shared_dir.exists()
+    postgres.pid_file(demo).unlink()  # nothing runs: any settings may start it
+    assert stack.started_otherwise(tests) is None

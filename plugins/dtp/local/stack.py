@@ -1,6 +1,7 @@
 """``python -m dtp.local.stack up|down|status``: the local profile's services.
 
-``up`` is idempotent: a healthy service is left alone, a dead one is started.
+``up`` is idempotent: a healthy service is left alone, a dead one is started. It refuses to add to a stack that
+runs with another executor or schedules setting (``down`` first), which would mix the two.
 ``down`` stops, by pid, exactly what ``up`` started, in reverse order.
 """
 
@@ -17,10 +18,16 @@ from dtp.local.services import build_services, ensure_database, migrate_airflow_
 def up(cfg: StackConfig, *, airflow: bool = True) -> list[str]:
     """Start what is not running; return the names of the services this call started."""
     started = []
+    if other := started_otherwise(cfg):
+        raise StackError(
+            f"the stack in {cfg.home} runs with {other}; this asks for {settings(cfg)}: "
+            "run `scripts/stack down` first"
+        )
     for directory in (cfg.home, cfg.run_dir, cfg.log_dir, cfg.shared_dir):
         directory.mkdir(parents=True, exist_ok=True)
     cfg.write_env_file()
     (cfg.home / "executor").write_text(cfg.executor)
+    (cfg.home / "settings").write_text(settings(cfg))
     for service in _selected(cfg, airflow):
         if service.name == "airflow-api-server":
             migrate_airflow_db(cfg)
@@ -40,6 +47,21 @@ def down(cfg: StackConfig) -> None:
             service.stop(cfg)
             print(f"  {service.name:<22} stopped", flush=True)
     (cfg.home / "executor").unlink(missing_ok=True)
+    (cfg.home / "settings").unlink(missing_ok=True)
+
+
+def settings(cfg: StackConfig) -> str:
+    """What a stack started with ``cfg`` runs with, besides where."""
+    return f"the {cfg.executor} executor, schedules {'on' if cfg.schedules else 'off'}"
+
+
+def started_otherwise(cfg: StackConfig) -> str | None:
+    """How the stack in ``cfg.home`` was started, when any of it runs and not as ``cfg`` would start it."""
+    path = cfg.home / "settings"
+    recorded = path.read_text().strip() if path.exists() else None
+    if recorded is None or recorded == settings(cfg):
+        return None
+    return recorded if any(service.running(cfg) for service in build_services(cfg)) else None
 
 
 def status(cfg: StackConfig) -> dict[str, str]:
