@@ -20,8 +20,7 @@ def up(cfg: StackConfig, *, airflow: bool = True) -> list[str]:
     started = []
     if other := started_otherwise(cfg):
         raise StackError(
-            f"the stack in {cfg.home} runs with {other}; this asks for {settings(cfg)}: "
-            "run `scripts/stack down` first"
+            f"the stack in {cfg.home} runs with {other}; this asks for {settings(cfg)}: run `scripts/stack down` first"
         )
     for directory in (cfg.home, cfg.run_dir, cfg.log_dir, cfg.shared_dir):
         directory.mkdir(parents=True, exist_ok=True)
