@@ -43,14 +43,7 @@ def test_estimate_cost_usd_counts_the_steps_and_the_job_start() -> None:
 
 
 def test_a_budget_equal_to_the_estimate_lets_the_job_start_and_run_every_step() -> None:
-    conf = {
-        "platform": "parallelcluster",
-        "recipe": "llama3_1_70b",
-        "instance_type": "p5.48xlarge",
-        "num_nodes": 16,
-        "max_steps": 1000,
-        "checkpoint_interval": 250,
-    }
+    conf = {"platform": "hyperpod", "recipe": "llama3_1_8b", "instance_type": "p5.48xlarge", "num_nodes": 4}
     recipe, instance = get_recipe(conf["recipe"]), instance_types()[conf["instance_type"]]
     cost = estimate_cost_usd(TrainParams(**conf), recipe.expected_step_seconds, instance.price_usd_per_hour)
     params = validate_params({**conf, "budget_usd": cost})
