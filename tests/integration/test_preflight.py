@@ -55,7 +55,9 @@ def test_unreachable_bandwidth_fails_with_the_table(stack, first_event) -> None:
 
 def test_excluding_too_many_nodes_is_refused_before_any_job(stack) -> None:
     spec = build_validation_spec({}, {"exclude_nodes": "n[1-2]", "num_nodes": 1}, "validate_cluster", "it__x")
-    with pytest.raises(ParamsError, match=r"has 2 nodes, 0 once exclude_nodes='n\[1-2\]' is applied"):
+    with pytest.raises(
+        ParamsError, match=r"has 2 nodes that take jobs \(of 2: .*\), 0 once exclude_nodes='n\[1-2\]' is"
+    ):
         connect(spec)
     assert SlurmHook().find_jobs(spec["names"]["slurm_job"], prefix=True) == []
 
@@ -64,5 +66,7 @@ def test_a_node_excluded_twice_counts_once(stack) -> None:
     spec = build_validation_spec({}, {"exclude_nodes": "n1,n[1-1]", "num_nodes": 1}, "validate_cluster", "it__x")
     assert connect(spec)["nodes"]
     spec = build_validation_spec({}, {"exclude_nodes": "n1,n[1-1]", "num_nodes": 2}, "validate_cluster", "it__x")
-    with pytest.raises(ParamsError, match=r"has 2 nodes, 1 once exclude_nodes='n1,n\[1-1\]' is applied"):
+    with pytest.raises(
+        ParamsError, match=r"has 2 nodes that take jobs \(of 2: .*\), 1 once exclude_nodes='n1,n\[1-1\]'"
+    ):
         connect(spec)

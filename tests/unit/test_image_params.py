@@ -7,6 +7,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import threading
 import time
 
@@ -180,18 +181,28 @@ def interrupted_packer(tmp_path, monkeypatch) -> PackerHook:
     """A packer that, when interrupted, says it cleans up, then deletes its builder (writes ``deleted``)."""
     conn = {"conn_type": "aws", "login": "k", "password": "s", "extra": {"region_name": "eu-west-1"}}
     monkeypatch.setenv("AIRFLOW_CONN_AWS_TEST", json.dumps(conn))
+    # In Python, not bash: a shell cannot trap a signal ignored when it started, and SIGINT is ignored in what a
+    # non-interactive shell runs in the background (a CI job, a worker started with &), as Go's packer is not.
     packer = tmp_path / "packer"
     packer.write_text(
-        "#!/bin/bash\n"
-        f'trap \'sleep 0.5; echo "2,,ui,say,cleaning up"; touch {tmp_path}/deleted; '
-        "printf 3,,ui,say,done; exit 1' INT\n"
-        'echo "1,,ui,say,launching the builder"\n'
-        "while :; do sleep 0.1; done\n"
+        f"#!{sys.executable}\n"
+        "import signal, sys, time\n"
+        "def interrupted(*_):\n"
+        "    time.sleep(0.5)\n"
+        "    print('2,,ui,say,cleaning up', flush=True)\n"
+        f"    open('{tmp_path}/deleted', 'w').close()\n"
+        "    print('3,,ui,say,done', end='', flush=True)\n"
+        "    sys.exit(1)\n"
+        "signal.signal(signal.SIGINT, interrupted)\n"
+        "print('1,,ui,say,launching the builder', flush=True)\n"
+        "while True:\n"
+        "    time.sleep(0.1)\n"
     )
     packer.chmod(0o755)
     return PackerHook(aws_conn_id="aws_test", packer_path=str(packer))
 
 
+@pytest.mark.timeout(60)  # a packer that ignored the interrupt would be followed forever
 def test_an_interrupted_build_cleans_up_after_its_reader_is_gone(tmp_path, interrupted_packer) -> None:
     # The task reading packer's output is killed (Airflow's SIGKILL 5 s after on_kill): nothing reads it any more,
     # and packer must still get to delete its instance, which a write to a pipe without a reader would prevent.
@@ -205,6 +216,7 @@ def test_an_interrupted_build_cleans_up_after_its_reader_is_gone(tmp_path, inter
     assert "cleaning up" in (tmp_path / "packer.log").read_text()
 
 
+@pytest.mark.timeout(60)  # a packer that ignored the interrupt would be followed forever
 def test_following_a_build_reads_every_line_it_wrote_until_it_exited(tmp_path, interrupted_packer) -> None:
     template = tmp_path / "ami.pkr.hcl"
     template.write_text("")

@@ -1,0 +1,217 @@
+"""BatchJobOperator's retries: a retry after a failed job submits a new one, and one time limit holds across the
+task's retries (a job Batch stopped at its timeout is not run again; a job run again gets what is left), against
+botocore's Stubber and moto's Batch (in this process, without Docker)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import datetime, timedelta
+from typing import Any
+
+import boto3
+import pytest
+from airflow.sdk.exceptions import AirflowException, AirflowFailException
+from botocore.stub import Stubber
+from moto import mock_aws
+from moto.batch.models import batch_backends
+from moto.core import DEFAULT_ACCOUNT_ID
+
+from dtp.operators.batch import BatchJobOperator, BatchJobOverTime
+
+
+def test_a_retry_after_a_failed_job_submits_a_new_one(offline_aws: None) -> None:
+    op = BatchJobOperator(
+        task_id="run_job_on_batch",
+        job_name="run-train",
+        job_queue="run-queue",
+        job_definition="run-train:2",
+        aws_conn_id=None,
+        do_xcom_push=False,
+    )
+    listed = {"jobQueue": "run-queue", "filters": [{"name": "JOB_NAME", "values": ["run-train"]}]}
+    summaries = [
+        {"jobId": "old", "jobName": "run-train", "status": "SUCCEEDED", "createdAt": 1},
+        {"jobId": "newest", "jobName": "run-train", "status": "FAILED", "createdAt": 3},
+        {"jobId": "other", "jobName": "run-train-preflight", "status": "RUNNING", "createdAt": 4},
+    ]
+    definition = {
+        "jobDefinitionName": "run-train",
+        "jobDefinitionArn": "arn:aws:batch:us-east-1:1:job-definition/run-train:2",
+        "revision": 2,
+        "status": "ACTIVE",
+        "type": "multinode",
+    }
+    with Stubber(op.hook.client) as batch:
+        batch.add_response("list_jobs", {"jobSummaryList": summaries}, listed)
+        # The failed job ran under the definition's time limit: it has none, and neither does the new one.
+        batch.add_response(
+            "describe_job_definitions", {"jobDefinitions": [definition]}, {"jobDefinitionName": "run-train"}
+        )
+        batch.add_response(
+            "submit_job",
+            {"jobId": "fresh", "jobName": "run-train", "jobArn": "arn:aws:batch:us-east-1:1:job/fresh"},
+            {
+                "jobName": "run-train",
+                "jobQueue": "run-queue",
+                "jobDefinition": "run-train:2",
+                "parameters": {},
+                "tags": {},
+            },
+        )
+        op.submit_job({})
+        batch.assert_no_pending_responses()
+    assert op.job_id == "fresh"
+
+
+# What Batch says of a job it stopped at its timeout (DescribeJobs/ListJobs statusReason), and of one whose
+# container failed.
+TIMED_OUT = "Job attempt duration exceeded timeout"
+CRASHED = "Essential container in task exited"
+
+
+@pytest.fixture
+def batch_queue(offline_aws: None, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, Any]]:
+    """moto's Batch in this process, without Docker: the queue ``run-queue`` and the job definition ``run-train``
+    with a one-hour timeout, as a run's training job has (budget_usd). A submitted job fails at once; ``ended``
+    says how long it ran and why Batch stopped it."""
+    monkeypatch.setenv("MOTO_SIMPLE_BATCH_FAIL_AFTER", "0")
+    with mock_aws(config={"batch": {"use_docker": False}}):
+        role = boto3.client("iam").create_role(RoleName="batch", AssumeRolePolicyDocument="{}")["Role"]["Arn"]
+        batch = boto3.client("batch")
+        batch.create_compute_environment(
+            computeEnvironmentName="run-ce", type="UNMANAGED", state="ENABLED", serviceRole=role
+        )
+        batch.create_job_queue(
+            jobQueueName="run-queue",
+            state="ENABLED",
+            priority=1,
+            computeEnvironmentOrder=[{"order": 1, "computeEnvironment": "run-ce"}],
+        )
+        definition = batch.register_job_definition(
+            jobDefinitionName="run-train",
+            type="container",
+            containerProperties={"image": "dtp-training", "vcpus": 1, "memory": 512},
+            timeout={"attemptDurationSeconds": 3600},
+        )["jobDefinitionArn"]
+        yield {"client": batch, "definition": definition}
+
+
+def batch_operator(definition: str, **kwargs: Any) -> BatchJobOperator:
+    return BatchJobOperator(
+        task_id="run_job_on_batch",
+        job_name="run-train",
+        job_queue="run-queue",
+        job_definition=definition,
+        aws_conn_id=None,
+        do_xcom_push=False,
+        **kwargs,
+    )
+
+
+def ended(job_id: str, ran_s: int, reason: str) -> None:
+    """Make the job moto ran look as one Batch stopped after ``ran_s`` seconds for ``reason``."""
+    job = batch_backends[DEFAULT_ACCOUNT_ID]["us-east-1"].get_job_by_id(job_id)
+    assert job is not None and job.status == "FAILED"
+    job.job_stopped_at = datetime.now()
+    job.job_started_at = job.job_stopped_at - timedelta(seconds=ran_s)
+    boto3.client("batch").terminate_job(jobId=job_id, reason=reason)  # moto keeps it as the job's statusReason
+
+
+def submitted(batch: Any, definition: str, **kwargs: Any) -> dict[str, Any]:
+    """Run a try's submit_job; the job it submitted, as DescribeJobs gives it."""
+    op = batch_operator(definition, **kwargs)
+    op.submit_job({})
+    (job,) = batch["client"].describe_jobs(jobs=[op.job_id])["jobs"]
+    return job
+
+
+def failed_job_ids(batch: Any) -> list[str]:
+    return [
+        job["jobId"] for job in batch["client"].list_jobs(jobQueue="run-queue", jobStatus="FAILED")["jobSummaryList"]
+    ]
+
+
+def test_a_job_batch_stopped_at_its_timeout_is_not_submitted_again(batch_queue: dict[str, Any]) -> None:
+    first = submitted(batch_queue, batch_queue["definition"])
+    ended(first["jobId"], 3600, TIMED_OUT)
+    with pytest.raises(BatchJobOverTime, match=r"stopped at its time limit \(Job attempt duration exceeded timeout\)"):
+        batch_operator(batch_queue["definition"]).submit_job({})
+    assert issubclass(BatchJobOverTime, AirflowFailException)  # the task fails without its retries
+    assert failed_job_ids(batch_queue) == [first["jobId"]]  # nothing was submitted
+
+
+def test_a_retry_after_another_failure_runs_for_what_is_left_of_the_time_limit(batch_queue: dict[str, Any]) -> None:
+    definition = batch_queue["definition"]
+    first = submitted(batch_queue, definition)
+    assert "timeout" not in first  # the first job runs under the definition's: the whole hour
+    ended(first["jobId"], 1000, CRASHED)
+    second = submitted(batch_queue, definition)
+    assert second["timeout"] == {"attemptDurationSeconds": 2600}
+    ended(second["jobId"], 2000, CRASHED)
+    third = submitted(batch_queue, definition)
+    assert third["timeout"] == {"attemptDurationSeconds": 600}
+    ended(third["jobId"], 550, CRASHED)
+    # 50 s are left: less than the smallest timeout Batch takes.
+    with pytest.raises(BatchJobOverTime, match=r"ran 3550 s of the 3600 s time limit, leaving less than"):
+        batch_operator(definition).submit_job({})
+    assert len(failed_job_ids(batch_queue)) == 3
+
+
+@pytest.mark.parametrize(
+    ("definition", "timeout", "expected"),
+    [
+        # The preflight's own limit (submit_job_timeout) is held across its retries as well.
+        (None, 900, {"attemptDurationSeconds": 600}),
+        # The definition named by name:revision, or by name (its newest active revision).
+        ("run-train:1", None, {"attemptDurationSeconds": 3300}),
+        ("run-train", None, {"attemptDurationSeconds": 3300}),
+    ],
+)
+def test_the_time_limit_is_the_jobs_own_or_its_definitions(
+    batch_queue: dict[str, Any], definition: str | None, timeout: int | None, expected: dict[str, int]
+) -> None:
+    definition = definition or batch_queue["definition"]
+    first = submitted(batch_queue, definition, submit_job_timeout=timeout)
+    ended(first["jobId"], 300, CRASHED)
+    assert submitted(batch_queue, definition, submit_job_timeout=timeout)["timeout"] == expected
+
+
+def test_a_job_without_a_time_limit_is_resubmitted_without_one(batch_queue: dict[str, Any]) -> None:
+    definition = batch_queue["client"].register_job_definition(
+        jobDefinitionName="run-preflight",
+        type="container",
+        containerProperties={"image": "dtp-training", "vcpus": 1, "memory": 512},
+    )["jobDefinitionArn"]
+    ended(submitted(batch_queue, definition)["jobId"], 5000, CRASHED)
+    assert "timeout" not in submitted(batch_queue, definition)
+
+
+def test_a_job_stopped_at_its_timeout_fails_the_task_without_retries(batch_queue: dict[str, Any]) -> None:
+    op = batch_operator(batch_queue["definition"])
+    op.submit_job({})
+    ended(op.job_id, 3600, TIMED_OUT)
+    # The event BatchJobTrigger fires when its waiter sees the job FAILED.
+    event = {"status": "error", "message": "Waiter batch_job_complete failed", "job_id": op.job_id}
+    with pytest.raises(BatchJobOverTime, match=rf"{op.job_id} \(run-train\) ran past its time limit"):
+        op.execute_complete({}, event)
+
+
+def test_a_job_that_failed_otherwise_fails_the_task_for_a_retry(batch_queue: dict[str, Any]) -> None:
+    op = batch_operator(batch_queue["definition"])
+    op.submit_job({})
+    ended(op.job_id, 100, CRASHED)
+    event = {"status": "error", "message": "Waiter batch_job_complete failed", "job_id": op.job_id}
+    with pytest.raises(AirflowException, match="Error while running job") as failed:
+        op.execute_complete({}, event)
+    assert not isinstance(failed.value, AirflowFailException)
+
+
+def test_a_task_that_waits_in_its_worker_fails_without_retries_too(
+    batch_queue: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    op = batch_operator(batch_queue["definition"], deferrable=False)
+    op.submit_job({})
+    ended(op.job_id, 3600, TIMED_OUT)
+    monkeypatch.setattr(op.hook, "delay", lambda *_: None)  # the provider's jittered sleeps between polls
+    with pytest.raises(BatchJobOverTime, match=rf"{op.job_id} \(run-train\) ran past its time limit"):
+        op.monitor_job({})

@@ -1,0 +1,107 @@
+"""PyTorchJobTrigger: wait in the triggerer while worker 0's log streams into the task log, and report success,
+failure, a hang or a job deleted under it; credentials renewed during a long wait; delete the job on kill."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from kubernetes.client.exceptions import ApiException
+from pytorchjob_support import (
+    MANIFEST,
+    NAME,
+    stamp,
+    stub_eks,
+    trigger,
+    wait_for_event,
+)
+
+from dtp.triggers.pytorchjob import PyTorchJobTrigger
+
+# Every test here signs its EKS token with the offline credentials.
+pytestmark = pytest.mark.usefixtures("offline_aws")
+
+
+def test_trigger_streams_worker_0s_log_once_and_fires_on_success(
+    kubernetes_api: Any, first_event: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    kubernetes_api.jobs = {NAME: {**MANIFEST, "status": {}}}
+    kubernetes_api.timeline = [
+        ("Created", []),
+        ("Running", [f"{stamp(1)} step 1 loss 5.1", f"{stamp(1, '.5')} step 2 loss 4.8"]),
+        (None, [f"{stamp(2)} step 3 loss 4.2"]),
+        ("Succeeded", [f"{stamp(3)} training complete"]),
+    ]
+    event = wait_for_event(kubernetes_api, trigger(), first_event)
+    assert event["status"] == "success" and event["state"] == "Succeeded"
+    assert event["tail"] == ["step 1 loss 5.1", "step 2 loss 4.8", "step 3 loss 4.2", "training complete"]
+    # The triggerer's log lines go to the task's log; here they reach stdout.
+    prefix = f"[{NAME}-worker-0] "
+    streamed = [
+        line.split(prefix)[1].split(" [dtp.")[0] for line in capsys.readouterr().out.splitlines() if prefix in line
+    ]
+    assert streamed == event["tail"]  # each line once, in order
+    selector = "labelSelector=training.kubeflow.org%2Fjob-name%3Drun-abc123%2Ctraining.kubeflow.org%2Freplica-type"
+    assert any(selector in path for _, path, *_ in kubernetes_api.requests)
+
+
+def test_trigger_reports_a_failed_job_with_its_message(kubernetes_api: Any, first_event: Any) -> None:
+    kubernetes_api.jobs = {NAME: {**MANIFEST, "status": {}}}
+    kubernetes_api.timeline = [("Running", [f"{stamp(1)} NCCL error"]), ("Failed", [])]
+    event = wait_for_event(kubernetes_api, trigger(), first_event)
+    assert (event["status"], event["state"], event["tail"]) == ("failed", "Failed", ["NCCL error"])
+    assert event["message"] == f"PyTorchJob {NAME} is failed."
+    assert event["over_time"] is False
+
+
+def test_trigger_reports_a_hang(kubernetes_api: Any, first_event: Any) -> None:
+    kubernetes_api.jobs = {NAME: {**MANIFEST, "status": {}}}
+    kubernetes_api.timeline = [("Running", [f"{stamp(1)} step 1"])]  # then nothing new, for ever
+    event = wait_for_event(kubernetes_api, trigger(hang_timeout=0.5), first_event)
+    assert (event["status"], event["tail"]) == ("hung", ["step 1"])
+    assert event["message"] == "no new log line for 0 s"  # 0.5 s, rounded
+
+
+def test_trigger_reports_a_job_deleted_under_it(kubernetes_api: Any, first_event: Any) -> None:
+    event = wait_for_event(kubernetes_api, trigger(), first_event)
+    assert (event["status"], event["state"]) == ("failed", "Deleted")
+
+
+def test_a_resumed_trigger_forwards_no_line_twice(kubernetes_api: Any, first_event: Any) -> None:
+    kubernetes_api.jobs = {NAME: {**MANIFEST, "status": {}}}
+    kubernetes_api.timeline = [("Running", [f"{stamp(1)} old line"]), ("Succeeded", [f"{stamp(2)} new line"])]
+    event = wait_for_event(kubernetes_api, trigger(last_log_time=stamp(1)), first_event)
+    assert event["tail"] == ["new line"]
+
+
+def test_trigger_renews_credentials_the_api_refuses_during_the_wait(kubernetes_api: Any, first_event: Any) -> None:
+    kubernetes_api.jobs = {NAME: {**MANIFEST, "status": {}}}
+    kubernetes_api.timeline = [("Running", [f"{stamp(1)} step 1"]), ("Succeeded", [f"{stamp(2)} step 2"])]
+    # The first poll reads the job, lists worker 0 and reads its log; the second poll's first request is refused.
+    kubernetes_api.unauthorized = {4}
+    # A second kubeconfig, with fresh credentials:
+    event = wait_for_event(kubernetes_api, trigger(), first_event, kubeconfigs=2)
+    assert (event["status"], event["tail"]) == ("success", ["step 1", "step 2"])
+
+
+def test_trigger_fails_when_fresh_credentials_are_refused(kubernetes_api: Any, first_event: Any) -> None:
+    kubernetes_api.jobs = {NAME: {**MANIFEST, "status": {}}}
+    kubernetes_api.unauthorized = {1}
+    with pytest.raises(ApiException, match="Unauthorized"):
+        wait_for_event(kubernetes_api, trigger(), first_event)
+
+
+def test_trigger_serializes_every_argument() -> None:
+    original = trigger(hang_timeout=600, last_log_time=stamp(1), region_name="us-west-2")
+    classpath, kwargs = original.serialize()
+    assert classpath == "dtp.triggers.pytorchjob.PyTorchJobTrigger"
+    assert PyTorchJobTrigger(**kwargs).serialize() == (classpath, kwargs)
+    assert kwargs["last_log_time"] == stamp(1) and kwargs["region_name"] == "us-west-2"
+
+
+def test_trigger_on_kill_deletes_the_job(kubernetes_api: Any, run_coroutine: Any) -> None:
+    kubernetes_api.jobs = {NAME: {**MANIFEST, "status": {}}}
+    waiting = trigger()
+    with stub_eks(waiting.hook, kubernetes_api):
+        run_coroutine(waiting.on_kill())
+    assert kubernetes_api.jobs == {}
