@@ -105,7 +105,7 @@ def test_second_stack_up_status_down_leaves_nothing() -> None:
         up = subprocess.run([*cli, "up", "--no-airflow"], env=env, capture_output=True, text=True, timeout=180)
         assert up.returncode == 0, up.stdout + up.stderr
         cfg = StackConfig(home=home.resolve(), ports=StackConfig.from_env().ports.with_offset(300))
-        pids = [int(p.read_text()) for p in cfg.run_dir.glob("*.pid")]
+        pids = [int(p.read_text().split()[0]) for p in cfg.run_dir.glob("*.pid")]  # "<pid> <start time>"
         assert len(pids) == 7 and all(
             pid_alive(p) for p in pids
         )  # postgres, moto, munged, slurmctld, 2 slurmd, registry
