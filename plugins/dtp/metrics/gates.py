@@ -33,10 +33,15 @@ def training_failures(summary: TrainingSummary, gates: dict[str, Any], max_steps
     return failures
 
 
+def comparable(current: dict[str, Any], entry: dict[str, Any]) -> bool:
+    """Whether a history entry trained like ``current`` (same nodes, steps, data and profiling): only then do their
+    numbers compare. An entry recorded before a parameter was kept counts as having its default."""
+    return all(entry.get(k, d) == current.get(k, d) for k, d in COMPARED_PARAMS.items())
+
+
 def comparable_runs(current: dict[str, Any], history: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """History entries trained like ``current`` (same nodes, steps, data and profiling): only their numbers
-    compare. An entry recorded before a parameter was kept counts as having its default."""
-    return [h for h in history if all(h.get(k, d) == current.get(k, d) for k, d in COMPARED_PARAMS.items())]
+    """History entries trained like ``current``."""
+    return [h for h in history if comparable(current, h)]
 
 
 def regression_failures(current: dict[str, Any], history: list[dict[str, Any]], gates: dict[str, Any]) -> list[str]:

@@ -18,7 +18,7 @@ from airflow.sdk.exceptions import AirflowNotFoundException
 from dtp.hooks.shared_fs import SharedFilesystemHook
 from dtp.metrics import history, prometheus
 from dtp.metrics.framework_logs import summarize_log
-from dtp.metrics.gates import COMPARED_PARAMS, comparable_runs, regression_failures, training_failures
+from dtp.metrics.gates import COMPARED_PARAMS, comparable, comparable_runs, regression_failures, training_failures
 from dtp.metrics.nccl_tests import parse_nccl_tests
 from dtp.metrics.parse import TrainingSummary
 from dtp.metrics.preflight_gate import (
@@ -137,7 +137,7 @@ def collect_metrics(
         params["recipe"],
         params["platform"],
         params["instance_type"],
-        where=lambda entry: entry["run_key"] != spec["names"]["run_key"] and bool(comparable_runs(result, [entry])),
+        where=lambda entry: entry["run_key"] != spec["names"]["run_key"] and comparable(result, entry),
         newest=HISTORY_WINDOW,
         passed=gates["history_runs"],
     )
