@@ -6,7 +6,8 @@ fingerprint of the template, playbooks, roles and versions: a rerun with the
 same inputs reuses it, a changed version bakes a new one. Each AMI id goes to
 the SSM parameter ``/dtp/amis/<family>`` (where train_e2e reads it) and to an
 event of the Asset ``dtp-ami://<family>``. Weekly, to pick up source-AMI and
-security updates; trigger it by hand to change versions.
+security updates for the default family and every family published before;
+trigger it by hand to change versions.
 """
 
 from __future__ import annotations

@@ -52,7 +52,7 @@ def test_playbooks_and_roles_pass_ansible_lint() -> None:
 
 def _bake(family: str, tags: dict[str, str], **versions: str) -> dict:
     params = parse_params(ami.AmiBakeParams, {"families": [family], **versions})
-    request = ami.bake_requests(params, tags, {**tags, ami.BUILDER_TAG: "true"})[0]
+    request = ami.bake_requests(params, tags)[0]
     return PackerBuildOperator(task_id="bake", template=str(ami.TEMPLATE), **request).execute({})
 
 

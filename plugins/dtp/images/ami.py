@@ -138,11 +138,22 @@ AmiBakeParams = create_model(
 )
 
 
-def bake_requests(
-    params: Any, tags: dict[str, str], builder_tags: dict[str, str] | None = None
-) -> list[dict[str, Any]]:
-    """One PackerBuildOperator's kwargs per family (for ``expand_kwargs``): ``tags`` for the AMI, ``builder_tags``
-    for the instance that bakes it."""
+def published_families(ssm: Any) -> list[str]:
+    """The families with an AMI published under ``/dtp/amis/`` (those runs use), through the boto3 SSM client
+    ``ssm``; a parameter naming no family of this checkout is left out."""
+    names = {
+        parameter["Name"].rpartition("/")[2]
+        for page in ssm.get_paginator("get_parameters_by_path").paginate(Path=AMI_PARAMETER_PATH)
+        for parameter in page["Parameters"]
+    }
+    return sorted(names & set(ami_families()))
+
+
+def bake_requests(params: Any, tags: dict[str, str]) -> list[dict[str, Any]]:
+    """One PackerBuildOperator's kwargs per family (for ``expand_kwargs``): ``tags`` for the AMI; the instance
+    that bakes it gets them too, marked as a builder, with an expiry of ``BUILDER_EXPIRY_HOURS`` from the time its
+    bake starts."""
+    builder_tags = {**tags, BUILDER_TAG: "true"}
     return [
         {
             "var_file": str(family_file(family)),

@@ -4,6 +4,8 @@
 
     validate_params -> bake (one mapped PackerBuildOperator per family) -> publish (mapped)
 
+A scheduled run bakes the form's families and every family published before, so the
+weekly run keeps each AMI runs use up to date with its source AMI.
 ``publish`` writes ``/dtp/amis/<family>`` in SSM and an event of the Asset
 ``dtp-ami://<family>`` (through the ``dtp-amis`` alias) with the AMI id and versions.
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from airflow.providers.amazon.aws.hooks.ssm import SsmHook
 from airflow.sdk import task
 from airflow.sdk.exceptions import AirflowFailException
 
@@ -28,17 +31,21 @@ AWS_CONN_ID = "aws_default"
 
 @task
 def validate_params(**context: Any) -> list[dict[str, Any]]:
-    """Refuse bad input before packer starts; return one bake request per family."""
+    """Refuse bad input before packer starts; return one bake request per family (on a scheduled run, also one
+    per family published under ``/dtp/amis/``)."""
+    dag_run = context["dag_run"]
     try:
-        params = parse_params(ami.AmiBakeParams, {**context["params"], **(context["dag_run"].conf or {})})
+        params = parse_params(ami.AmiBakeParams, {**context["params"], **(dag_run.conf or {})})
     except ParamsError as err:
         raise AirflowFailException(str(err)) from None
-    dag_run = context["dag_run"]
+    if dag_run.run_type == "scheduled":  # DagRunType.SCHEDULED, a str enum
+        published = ami.published_families(SsmHook(aws_conn_id=AWS_CONN_ID).conn)
+        params = params.model_copy(update={"families": sorted({*params.families, *published})})
+        log.info(
+            "Scheduled run: baking %s (published under %s: %s)", params.families, ami.AMI_PARAMETER_PATH, published
+        )
     names = RunNames(dag_run.dag_id, dag_run.run_id, dag_run.clear_number or 0)
-    tags = resource_tags(names, "ami-bake", expiry(params.retain_days * 24))
-    # The builder's expiry is set again when its bake starts (PackerBuildOperator's builder_expiry_hours).
-    builder_tags = {**resource_tags(names, "ami-bake", expiry(ami.BUILDER_EXPIRY_HOURS)), ami.BUILDER_TAG: "true"}
-    return ami.bake_requests(params, tags, builder_tags)
+    return ami.bake_requests(params, resource_tags(names, "ami-bake", expiry(params.retain_days * 24)))
 
 
 @task(outlets=[AMI_ALIAS], map_index_template="{{ baked['variables']['family'] }}")
