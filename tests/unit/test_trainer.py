@@ -11,116 +11,22 @@ so the resumed and the optimized runs must log the losses of the uninterrupted o
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
-import subprocess
-import sys
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import pytest
-import torch
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from trainer_support import LOG_EVERY, MAX_STEPS, Run, corpus, describe, finish, make_run, start
 
-import checkpoint
-from dtp.metrics.parse import TrainingSummary, summarize
 from dtp.metrics.trace import summarize_trace
 from model import MODELS, count_parameters
 from train import TrainConfig
-
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
-CORPUS = PROJECT_ROOT / "include" / "data" / "corpus.txt"
-TRAIN = PROJECT_ROOT / "include" / "training" / "train.py"
-MAX_STEPS, INTERVAL, LOG_EVERY = 40, 20, 5
-
-
-@dataclass
-class Run:
-    directory: Path
-    config: Path
-    results: list[subprocess.CompletedProcess] = field(default_factory=list)
-    after_failure: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def checkpoints(self) -> Path:
-        return self.directory / "checkpoints"
-
-    @property
-    def records(self) -> list[dict]:
-        lines = (self.directory / "metrics.jsonl").read_text().splitlines()
-        return [json.loads(line) for line in lines]
-
-    @property
-    def summary(self) -> TrainingSummary:
-        return summarize((self.directory / "metrics.jsonl").read_text().splitlines())
-
-    def losses(self) -> dict[int, float]:
-        return dict(zip(self.summary.steps, self.summary.losses, strict=True))
-
-
-def make_run(directory: Path, data: Path, profile_steps: int = 0, **options: Any) -> Run:
-    """A run of the tiny model for MAX_STEPS steps; ``options`` replace or add to its config's entries."""
-    directory.mkdir()
-    config = {
-        "model": "tiny",
-        "data_path": str(data),
-        "checkpoint_dir": str(directory / "checkpoints"),
-        "metrics_path": str(directory / "metrics.jsonl"),
-        "seq_len": 64,
-        "micro_batch": 8,
-        "max_steps": MAX_STEPS,
-        "checkpoint_interval": INTERVAL,
-        "log_interval": LOG_EVERY,
-        "run_name": directory.name,
-        "profile_steps": profile_steps,
-        "profile_dir": str(directory / "profile"),
-        **options,
-    }
-    path = directory / "cfg.json"
-    path.write_text(json.dumps(config))
-    return Run(directory, path)
-
-
-def start(run: Run, fail_at: int | None = None) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if k != "DTP_FAIL_AT_STEP"}
-    env["OMP_NUM_THREADS"] = "1"
-    if fail_at:
-        env["DTP_FAIL_AT_STEP"] = str(fail_at)
-    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    return subprocess.Popen(
-        [*argv, str(TRAIN), "--config", str(run.config)],
-        cwd=PROJECT_ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
-def finish(run: Run, proc: subprocess.Popen) -> subprocess.CompletedProcess:
-    try:
-        out, err = proc.communicate(timeout=240)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        out, err = proc.communicate()
-    result = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
-    run.results.append(result)
-    return result
-
-
-def describe(result: subprocess.CompletedProcess) -> str:
-    return f"exit {result.returncode}\n--- stdout\n{result.stdout[-3000:]}\n--- stderr\n{result.stderr[-3000:]}"
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Run]:
     root = tmp_path_factory.mktemp("trainer")
-    data = root / "train.bin"
-    data.write_bytes(CORPUS.read_bytes()[: 200 * 1024])
+    data = corpus(root / "train.bin", 200)
     full, resumed = make_run(root / "full", data, profile_steps=2), make_run(root / "resumed", data)
     # The uninterrupted run and the run that dies at step 25 go side by side.
     procs = [(full, start(full)), (resumed, start(resumed, fail_at=25))]
@@ -259,132 +165,6 @@ def test_a_profiled_window_is_summarized_by_kind_of_work(runs: dict[str, Run]) -
     # Two CPU ranks under FSDP: matrix products and gloo's collectives are both in the window.
     assert summary["by_kind_ms"]["matmul"] > 0 and summary["by_kind_ms"]["communication"] > 0
     assert "aten::mm" in summary["top_ms"]
-
-
-def test_a_mixture_of_experts_trains_on_two_ranks_and_compiled_as_eager(tmp_path: Path) -> None:
-    """Two ranks route their tokens to different experts; FSDP still reduce-scatters the same gradients on both
-    (it failed with a collective mismatch when an expert had no token on one rank). The experts' routing has
-    data-dependent shapes: compiled, a MoE block's graph breaks there rather than refusing."""
-    data = tmp_path / "train.bin"
-    data.write_bytes(CORPUS.read_bytes()[: 64 * 1024])
-    losses = {}
-    for compiled in (False, True):
-        run = make_run(
-            tmp_path / f"compiled-{compiled}", data, model="tiny_moe", max_steps=4, log_interval=2, compile=compiled
-        )
-        result = finish(run, start(run))
-        assert result.returncode == 0, describe(result)
-        losses[compiled] = run.losses()
-    assert losses[True].keys() == losses[False].keys() == {2, 4}
-    for step, loss in losses[False].items():
-        assert losses[True][step] == pytest.approx(loss, abs=1e-3), step
-
-
-@pytest.mark.parametrize("model", ["tiny", "tiny_moe"])
-def test_the_sharded_model_starts_as_the_one_its_seed_makes_whole(tmp_path: Path, model: str) -> None:
-    """The trainer builds its model on the meta device and initialises it sharded (a 70B model whole would not fit
-    one GPU); each rank's shards are those of the model the seed makes on one device, the RoPE table too."""
-    out = tmp_path / "init.json"
-    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    result = subprocess.run(
-        [*argv, str(Path(__file__).with_name("sharded_init_probe.py")), model, str(out)],
-        cwd=PROJECT_ROOT,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
-    assert result.returncode == 0, describe(result)
-    probe = json.loads(out.read_text())
-    assert len(probe["differences"]) == len(probe["local_shapes"]) + 1  # every parameter, and the RoPE table
-    assert max(probe["differences"].values()) == 0.0, probe["differences"]
-    args = MODELS[model]
-    assert probe["local_shapes"]["tok_embeddings.weight"] == [args.vocab_size // 2, args.dim]  # a half per rank
-
-
-def test_clean_partial_promotes_whole_tmp_folders_and_deletes_torn_ones(tmp_path: Path) -> None:
-    def step(name: str, meta: str | None) -> None:
-        (tmp_path / name).mkdir()
-        (tmp_path / name / "__0_0.distcp").write_bytes(b"x")
-        if meta is not None:
-            (tmp_path / name / "meta.json").write_text(meta)
-
-    step("step_10", '{"step": 10}')
-    step("tmp-step_10", '{"step": 10}')  # step_10 is there already: a leftover
-    step("tmp-step_20", '{"step": 20, "loss": 1.5}')  # whole: rank 0 died before the rename
-    step("tmp-step_30", None)  # a save cut short
-    step("tmp-step_40", '{"st')  # meta.json cut short
-    checkpoint.clean_partial(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_10", "step_20"]
-    assert json.loads((tmp_path / "step_20" / "meta.json").read_text()) == {"step": 20, "loss": 1.5}
-    assert checkpoint.newest_complete(tmp_path) == tmp_path / "step_20"
-
-
-def test_a_save_makes_meta_json_and_the_rename_durable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """meta.json and its folder are fsynced before the rename, the checkpoint folder after it."""
-    tmp_path = tmp_path.resolve()  # as /proc/self/fd names it
-    synced: list[tuple[str, bool]] = []  # (path, whether step_10 exists yet)
-    real_fsync = os.fsync
-
-    def fsync(fd: int) -> None:
-        synced.append((os.readlink(f"/proc/self/fd/{fd}"), (tmp_path / "step_10").exists()))
-        real_fsync(fd)
-
-    monkeypatch.setattr(os, "fsync", fsync)
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
-        model = torch.nn.Linear(4, 3)
-        checkpoint.save(tmp_path, 10, model, torch.optim.AdamW(model.parameters()), {"loss": 1.0})
-    finally:
-        dist.destroy_process_group()
-    tmp = tmp_path / "tmp-step_10"
-    ours = [entry for entry in synced if entry[0] in (str(tmp / "meta.json"), str(tmp), str(tmp_path))]
-    assert ours == [(str(tmp / "meta.json"), False), (str(tmp), False), (str(tmp_path), True)]
-
-
-def test_a_run_that_requires_cuda_fails_at_once_where_torch_cannot_use_it(tmp_path: Path) -> None:
-    data = tmp_path / "train.bin"
-    data.write_bytes(CORPUS.read_bytes()[: 16 * 1024])
-    run = make_run(tmp_path / "gpu", data, device="cuda")
-    result = subprocess.run(
-        [sys.executable, str(TRAIN), "--config", str(run.config)],
-        cwd=PROJECT_ROOT,
-        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},  # what a node whose driver torch cannot use looks like
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode != 0
-    assert "device 'cuda' is required but torch" in result.stderr, describe(result)
-    assert not (run.directory / "metrics.jsonl").exists()
-
-
-def test_sigterm_saves_the_step_it_stopped_at_and_a_resume_continues_from_it(tmp_path: Path) -> None:
-    """SIGTERM to torchrun (what Slurm's time limit or preemption and a Kubernetes eviction send; torchrun forwards
-    it to its workers): both ranks stop after the same step, save it although it is no checkpoint step, and exit."""
-    data = tmp_path / "train.bin"
-    data.write_bytes(CORPUS.read_bytes()[: 64 * 1024])
-    run = make_run(tmp_path / "run", data, max_steps=10_000, checkpoint_interval=10_000, log_interval=1)
-    proc = start(run)
-    deadline = time.monotonic() + 180
-    while not (run.directory / "metrics.jsonl").exists() or len(run.summary.steps) < 3:
-        assert proc.poll() is None and time.monotonic() < deadline, describe(finish(run, proc))
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
-    result = finish(run, proc)
-    assert result.returncode != 0
-    [preempted] = [r for r in run.records if r["event"] == "preempted"]
-    stopped = preempted["step"]
-    assert 3 <= stopped < 10_000, describe(result)
-    assert run.summary.steps == list(range(1, stopped + 1)) and run.summary.checkpoints == [stopped]
-    assert sorted(p.name for p in run.checkpoints.iterdir()) == [f"step_{stopped}"]
-    assert json.loads((run.checkpoints / f"step_{stopped}" / "meta.json").read_text())["step"] == stopped
-
-    run.config.write_text(json.dumps({**json.loads(run.config.read_text()), "max_steps": stopped + 2}))
-    resumed = finish(run, start(run))
-    assert resumed.returncode == 0, describe(resumed)
-    assert [r["resumed_from_step"] for r in run.records if r["event"] == "start"] == [None, stopped]
-    assert run.summary.steps == list(range(1, stopped + 3)) and run.summary.finished
 
 
 def test_a_resume_to_more_steps_keeps_the_lr_schedule_it_started_with(runs: dict[str, Run], tmp_path: Path) -> None:
