@@ -59,6 +59,7 @@ def test_provision_twice_makes_one_cluster_and_teardown_leaves_nothing(spec, out
     assert "Contents" not in aws("s3").list_objects_v2(Bucket=bucket, Prefix=f"{run_key}/")
     # A retried teardown finds nothing left and still succeeds.
     assert platform.teardown(spec) == {"cancelled_jobs": [], "deleted_cluster": False, "deleted_lifecycle_objects": 0}
+    assert platform.stop_jobs(spec) == {"cancelled_jobs": []}  # keep_cluster's teardown: no cluster, no job
     # The trigger of a run whose cluster is gone fails instead of waiting forever.
     assert first_event(trigger)["status"] == "failed"
 

@@ -183,6 +183,24 @@ def test_platform_teardown_cancels_every_job_of_the_run(workdir: Path) -> None:
     hook.cancel_job_and_wait(other)
 
 
+def test_a_kept_cluster_keeps_no_job_of_the_run_running(workdir: Path) -> None:
+    # keep_cluster: teardown_cluster deletes nothing, but the run is over, so its jobs must not hold the nodes.
+    from dtp.naming import EXPIRES_TAG
+    from dtp.pipeline.graph import teardown_cluster
+
+    hook = SlurmHook()
+    run = f"dtp-it-{uuid.uuid4().hex[:6]}"
+    hook.submit(job_script(workdir, "sleep 300\n"), job_name=run, output=str(workdir / "o-%j"))
+    spec = {
+        "params": {"platform": "local", "keep_cluster": True},
+        "names": {"slurm_job": run},
+        "tags": {EXPIRES_TAG: "2026-12-31T00:00:00Z"},
+    }
+    result = teardown_cluster.function(spec)
+    assert result["kept"] is True and len(result["cancelled_jobs"]) == 1
+    assert hook.find_jobs(run, prefix=True) == []
+
+
 def test_a_job_past_its_time_limit_is_stopped_by_slurm_and_not_run_again(workdir: Path, first_event) -> None:
     # What budget_usd becomes for priced instances: sbatch --time; Slurm itself stops the job there.
     name = f"it-overtime-{uuid.uuid4().hex[:6]}"

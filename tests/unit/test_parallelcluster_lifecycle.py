@@ -9,6 +9,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from airflow.sdk.exceptions import AirflowNotFoundException
 from parallelcluster_support import NETWORK, make_spec, needs_pcluster, use_settings
 
 from dtp.platforms import parallelcluster as pc
@@ -106,3 +107,17 @@ def test_a_restarted_triggerer_keeps_the_deadline_set_when_the_task_deferred(
     assert classpath == "dtp.triggers.parallelcluster.ParallelClusterCreateTrigger"
     event = first_event(ParallelClusterCreateTrigger(**kwargs))
     assert event["status"] == "failed" and "is still CREATE_IN_PROGRESS after 3600 s" in event["message"]
+
+
+@needs_pcluster
+def test_a_kept_cluster_s_jobs_are_cancelled_on_its_head_node_and_a_failure_to_is_raised(monkeypatch, tmp_path) -> None:
+    # keep_cluster: stop_jobs is all teardown_cluster does, so a head node it cannot reach fails the task (its retry
+    # tries again) where teardown, about to delete the cluster and its jobs with it, only logs it.
+    spec = make_spec("llama3_1_8b", "p5.48xlarge", 2)
+    pcluster = stand_in_pcluster(tmp_path, "CREATE_IN_PROGRESS")
+    platform = use_settings(monkeypatch, key_name="k", pcluster=pcluster, slurm_conn_id="no_such_head_node")
+    assert platform.stop_jobs(spec) == {"cluster_name": platform.cluster_name(spec), "cancelled_jobs": []}
+    pcluster = stand_in_pcluster(tmp_path, "CREATE_COMPLETE")
+    platform = use_settings(monkeypatch, key_name="k", pcluster=pcluster, slurm_conn_id="no_such_head_node")
+    with pytest.raises(AirflowNotFoundException, match="no_such_head_node"):
+        platform.stop_jobs(spec)

@@ -156,10 +156,17 @@ def evaluate_gates(spec: dict[str, Any], metrics: dict[str, Any]) -> None:
 
 @task(retries=3)
 def teardown_cluster(spec: dict[str, Any]) -> dict[str, Any]:
+    platform = get_platform(spec["params"]["platform"])
     if spec["params"]["keep_cluster"]:
-        log.warning("keep_cluster=true: cluster kept; its resources expire at %s", spec["tags"][EXPIRES_TAG])
-        return {"kept": True}
-    return get_platform(spec["params"]["platform"]).teardown(spec)
+        # The run is over: its jobs stop (freeing the nodes), the cluster stays for a person to look at.
+        stopped = platform.stop_jobs(spec)
+        log.warning(
+            "keep_cluster=true: cluster kept, the run's jobs stopped (%s); its resources expire at %s",
+            stopped,
+            spec["tags"][EXPIRES_TAG],
+        )
+        return {"kept": True, **stopped}
+    return platform.teardown(spec)
 
 
 @task(retries=3)

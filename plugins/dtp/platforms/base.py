@@ -86,6 +86,10 @@ class ComputePlatform(Protocol):
     def ready_trigger(self, cluster: dict[str, Any]) -> BaseTrigger | None:
         """A trigger that fires once ``provision``'s cluster is ready; None when it is ready already."""
 
+    def stop_jobs(self, spec: dict[str, Any]) -> dict[str, Any]:
+        """Stop the run's jobs (training, preflight, ...) and wait until they are gone; the cluster stays (what a
+        run with ``keep_cluster`` does at its end)."""
+
     def teardown(self, spec: dict[str, Any]) -> dict[str, Any]:
         """Stop the run's jobs and delete its cluster; verify nothing is left."""
 

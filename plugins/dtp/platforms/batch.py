@@ -282,9 +282,8 @@ class BatchPlatform:
         arn = client.register_job_definition(**definition)["jobDefinitionArn"]
         return arn
 
-    def teardown(self, spec: dict[str, Any]) -> dict[str, Any]:
-        """Terminate the run's unfinished jobs, deregister its job definitions, delete its queue and compute
-        environment (in that order: Batch deletes no compute environment a queue still uses)."""
+    def stop_jobs(self, spec: dict[str, Any]) -> dict[str, Any]:
+        """Terminate the run's unfinished jobs (none while its queue does not exist)."""
         run_key, client = spec["names"]["run_key"], self.client
         queue = f"{run_key}-queue"
         terminated: list[str] = []
@@ -292,8 +291,16 @@ class BatchPlatform:
             for status in ACTIVE_JOB_STATES:
                 for page in client.get_paginator("list_jobs").paginate(jobQueue=queue, jobStatus=status):
                     for job in page["jobSummaryList"]:
-                        client.terminate_job(jobId=job["jobId"], reason=f"teardown of run {run_key}")
+                        client.terminate_job(jobId=job["jobId"], reason=f"end of run {run_key}")
                         terminated.append(job["jobId"])
+        return {"terminated_jobs": terminated}
+
+    def teardown(self, spec: dict[str, Any]) -> dict[str, Any]:
+        """Terminate the run's unfinished jobs, deregister its job definitions, delete its queue and compute
+        environment (in that order: Batch deletes no compute environment a queue still uses)."""
+        run_key, client = spec["names"]["run_key"], self.client
+        queue = f"{run_key}-queue"
+        terminated = self.stop_jobs(spec)["terminated_jobs"]
         deregistered = [d["jobDefinitionArn"] for d in _job_definitions(client, f"{run_key}-train")]
         for arn in deregistered:
             client.deregister_job_definition(jobDefinition=arn)

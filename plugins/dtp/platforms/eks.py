@@ -136,6 +136,10 @@ class EksPlatform:
         return None  # the cluster exists before the run and provision checked it is ACTIVE
 
     def teardown(self, spec: dict[str, Any]) -> dict[str, Any]:
+        """Stop the run's jobs: the EKS cluster is the connection's, and outlives runs."""
+        return self.stop_jobs(spec)
+
+    def stop_jobs(self, spec: dict[str, Any]) -> dict[str, Any]:
         """Delete the run's PyTorchJobs (either may be gone already) and wait until they and their pods are gone."""
         return {
             "deleted_jobs": delete_pytorchjobs(self.jobs, spec, self.delete_timeout),

@@ -305,17 +305,15 @@ class HyperPodPlatform:
             cluster["cluster_name"], aws_conn_id=self.aws_conn_id, timeout=timeout, started_at=cluster["created_at"]
         )
 
+    def stop_jobs(self, spec: dict[str, Any]) -> dict[str, Any]:
+        """Cancel the run's Slurm jobs, or delete its PyTorchJobs (EKS); none while the cluster does not exist."""
+        exists = HyperPodHook(aws_conn_id=self.aws_conn_id).describe_cluster(spec["names"]["run_key"]) is not None
+        return {"cancelled_jobs": self._stop_jobs(spec) if exists else []}
+
     def _stop_jobs(self, spec: dict[str, Any]) -> list[str]:
-        """Cancel the run's Slurm jobs, or delete its PyTorchJobs (EKS), before the cluster goes; an unreachable
-        controller or API is logged, not raised: deleting the cluster stops the jobs on its nodes too."""
-        settings = self.settings
-        try:
-            if settings.eks:
-                return delete_pytorchjobs(self.jobs, spec, timeout=600)
-            return SlurmHook(settings.slurm_conn_id).cancel_and_wait(spec["names"]["slurm_job"], prefix=True)
-        except Exception as err:  # ssh, SSM, Kubernetes or a missing connection alike: the delete must still run
-            log.warning("Could not stop the run's jobs before deleting the cluster: %r", err)
-            return []
+        if self.settings.eks:
+            return delete_pytorchjobs(self.jobs, spec, timeout=600)
+        return SlurmHook(self.settings.slurm_conn_id).cancel_and_wait(spec["names"]["slurm_job"], prefix=True)
 
     def _upload_lifecycle(self, spec: dict[str, Any], settings: HyperPodSettings, provisioning: str | None) -> None:
         """Copy the base-config, then DTP's on_create.sh and the run's parameters (Slurm; on EKS the base-config's
@@ -342,7 +340,10 @@ class HyperPodPlatform:
         hook = HyperPodHook(aws_conn_id=self.aws_conn_id)
         cancelled: list[str] = []
         if hook.describe_cluster(name) is not None:
-            cancelled = self._stop_jobs(spec)
+            try:
+                cancelled = self._stop_jobs(spec)
+            except Exception as err:  # ssh, SSM, Kubernetes or a missing connection alike: the delete must still run
+                log.warning("Could not stop the run's jobs before deleting the cluster: %r", err)
         deleted = hook.delete_cluster_and_wait(name)
         s3 = S3Hook(aws_conn_id=self.aws_conn_id)
         bucket = settings.lifecycle_bucket

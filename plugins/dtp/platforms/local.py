@@ -78,6 +78,10 @@ class LocalSlurmPlatform:
     def ready_trigger(self, cluster: dict[str, Any]) -> None:
         return None
 
-    def teardown(self, spec: dict[str, Any]) -> dict[str, Any]:
+    def stop_jobs(self, spec: dict[str, Any]) -> dict[str, Any]:
         # Every job of the run (training, preflight, ...) is named with the run's key as prefix.
         return {"cancelled_jobs": self.hook.cancel_and_wait(spec["names"]["slurm_job"], prefix=True)}
+
+    def teardown(self, spec: dict[str, Any]) -> dict[str, Any]:
+        # The stack's Slurm cluster outlives runs: there is nothing else to delete.
+        return self.stop_jobs(spec)

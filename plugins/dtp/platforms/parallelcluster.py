@@ -300,12 +300,23 @@ class ParallelClusterPlatform:
         event adds the head node's address."""
         return ParallelClusterCreateTrigger(cluster["cluster_name"], started_at=cluster["created_at"])
 
+    def stop_jobs(self, spec: dict[str, Any]) -> dict[str, Any]:
+        """Cancel the run's Slurm jobs on the head node (none while the cluster is not up)."""
+        name = self.cluster_name(spec)
+        cancelled = self._cancel_jobs(spec) if self.cluster_status(name) in READY_STATES else []
+        return {"cluster_name": name, "cancelled_jobs": cancelled}
+
     def teardown(self, spec: dict[str, Any], timeout: float = 3600, poll: float = 30) -> dict[str, Any]:
         name = self.cluster_name(spec)
         status = self.cluster_status(name)
         if status is None:
             return {"cluster_name": name, "cancelled_jobs": [], "deleted": False}
-        cancelled = self._cancel_jobs(spec) if status in READY_STATES else []
+        cancelled: list[str] = []
+        if status in READY_STATES:
+            try:
+                cancelled = self._cancel_jobs(spec)
+            except Exception as err:  # an unreachable head node: deleting the cluster stops every job anyway
+                log.warning("Could not cancel the run's Slurm jobs (%s); deleting the cluster stops them", err)
         deleted = self.cli.delete_cluster(name)
         deadline = time.monotonic() + timeout
         while (status := self.cluster_status(name)) is not None:
@@ -315,15 +326,9 @@ class ParallelClusterPlatform:
         return {"cluster_name": name, "cancelled_jobs": cancelled, "deleted": deleted}
 
     def _cancel_jobs(self, spec: dict[str, Any]) -> list[str]:
-        """Cancel the run's Slurm jobs; an unreachable head node is logged, not fatal: deleting the cluster stops
-        every job anyway."""
         from dtp.hooks.slurm import SlurmHook
 
-        try:
-            return SlurmHook(self.settings.slurm_conn_id).cancel_and_wait(spec["names"]["slurm_job"], prefix=True)
-        except Exception as err:
-            log.warning("Could not cancel the run's Slurm jobs (%s); deleting the cluster stops them", err)
-            return []
+        return SlurmHook(self.settings.slurm_conn_id).cancel_and_wait(spec["names"]["slurm_job"], prefix=True)
 
 
 def failures(described: dict[str, Any]) -> str:
