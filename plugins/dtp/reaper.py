@@ -142,10 +142,51 @@ def expired_stacks(cloudformation: Any, now: datetime) -> list[Expired]:
     return found
 
 
-def find_expired_on_cluster(slurm_conn_id: str, now: datetime | None = None) -> list[Expired]:
-    """The Slurm cluster's expired jobs (by their comment) and run directories (by their marker). A cluster that
-    cannot be asked is an error, not an empty answer: its jobs would run on unseen."""
+def swept_clusters(default_conn_id: str) -> list[str | None]:
+    """The clusters the reaper sweeps, each once: the Slurm connection ``default_conn_id``, those the ParallelCluster
+    and HyperPod (on Slurm) platform connections name, and None, the shared filesystem mounted on the worker itself
+    (where EKS and Batch runs keep their run directories; a worker without it finds nothing there), unless a Slurm
+    connection in the list already reaches that same directory on this host."""
+    from dtp.platforms.base import PlatformNotReady
+    from dtp.platforms.hyperpod import HyperPodSettings
+    from dtp.platforms.parallelcluster import ParallelClusterSettings
+
+    conn_ids = [default_conn_id]
+    for settings_class, platform_conn_id in (
+        (ParallelClusterSettings, "dtp_parallelcluster"),
+        (HyperPodSettings, "dtp_hyperpod"),
+    ):
+        try:
+            settings = settings_class.from_connection(platform_conn_id)
+        except PlatformNotReady:  # the platform is not set up in this account: no cluster of its own to sweep
+            continue
+        if not getattr(settings, "eks", None) and settings.slurm_conn_id not in conn_ids:
+            conn_ids.append(settings.slurm_conn_id)
+    mounted = posixpath.realpath(SharedFilesystemHook(None).shared_dir)
+    if any(_reaches_locally(conn_id, mounted) for conn_id in conn_ids):
+        return list(conn_ids)
+    return [*conn_ids, None]
+
+
+def _reaches_locally(conn_id: str, directory: str) -> bool:
+    """Whether the Slurm connection ``conn_id`` opens ``directory`` on this host (a connection that is not defined
+    reaches nothing: its own sweep fails, naming it, and the others go on)."""
+    from airflow.sdk.exceptions import AirflowNotFoundException
+
+    shared = SharedFilesystemHook(conn_id)
+    try:
+        return shared.transport == "local" and posixpath.realpath(shared.shared_dir) == directory
+    except AirflowNotFoundException:
+        return False
+
+
+def find_expired_on_cluster(slurm_conn_id: str | None, now: datetime | None = None) -> list[Expired]:
+    """The Slurm cluster's expired jobs (by their comment) and run directories (by their marker); with None, the
+    expired run directories on the shared filesystem mounted on this worker. A cluster that cannot be asked is an
+    error, not an empty answer: its jobs would run on unseen."""
     now = now or datetime.now(UTC)
+    if slurm_conn_id is None:
+        return expired_run_dirs(SharedFilesystemHook(None), now)
     found = []
     for line in SlurmHook(slurm_conn_id).run(["squeue", "-h", "-o", "%i|%j|%k"]).splitlines():
         job_id, name, comment = [*line.split("|", 2), "", ""][:3]
@@ -202,8 +243,8 @@ def published_amis(aws_conn_id: str) -> set[str]:
 
 
 def reap(found: list[Expired], aws_conn_id: str, slurm_conn_id: str | None, dry_run: bool) -> dict[str, Any]:
-    """Delete what ``find_expired_in_aws`` or ``find_expired_on_cluster`` found, run by run; return what was (or
-    would be) deleted."""
+    """Delete what ``find_expired_in_aws`` or ``find_expired_on_cluster(slurm_conn_id)`` found, run by run; return
+    what was (or would be) deleted."""
     for item in found:
         log.info(
             "%s %-9s %-45s run %s expired %s",
@@ -251,16 +292,16 @@ def reap(found: list[Expired], aws_conn_id: str, slurm_conn_id: str | None, dry_
     if slurm_conn_id:
         # Checked: a scancel slurmctld refused, or a job still listed (COMPLETING) when the wait ends, is not deleted.
         attempt(of_kind("slurm_job"), lambda job: SlurmHook(slurm_conn_id).cancel_job_and_wait(job.name))
-        # After the jobs that write there.
-        attempt(of_kind("run_dir"), lambda directory: SharedFilesystemHook(slurm_conn_id).remove_tree(directory.name))
-    ec2 = RunResourceSweeper(aws_conn_id=aws_conn_id).conn
-    attempt(of_kind("builder_instance"), lambda instance: ec2.terminate_instances(InstanceIds=[instance.name]))
+    # After the jobs that write there; None: the filesystem mounted on this worker.
+    attempt(of_kind("run_dir"), lambda directory: SharedFilesystemHook(slurm_conn_id).remove_tree(directory.name))
+    ec2 = RunResourceSweeper(aws_conn_id=aws_conn_id)  # its client is made at first use: a cluster sweep makes none
+    attempt(of_kind("builder_instance"), lambda instance: ec2.conn.terminate_instances(InstanceIds=[instance.name]))
     # Clusters' nodes sit in their run's subnets: they go, and are waited on, before the network.
     attempt(of_kind("hyperpod_cluster"), delete_cluster)
     attempt(of_kind("parallelcluster"), delete_parallelcluster)
     attempt(of_kind("batch"), delete_batch)
     attempt(of_kind("ami"), lambda image: PackerHook(aws_conn_id=aws_conn_id).deregister_image(image.name))
-    attempt(of_kind("snapshot"), lambda snapshot: ec2.delete_snapshot(SnapshotId=snapshot.name))
+    attempt(of_kind("snapshot"), lambda snapshot: ec2.conn.delete_snapshot(SnapshotId=snapshot.name))
     for run_key in sorted({i.run_key for i in found if i.kind in NETWORK_KINDS}):
         of_run = [i for i in found if i.run_key == run_key and i.kind in NETWORK_KINDS]
         if run_key in failed:
