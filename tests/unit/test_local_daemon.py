@@ -4,7 +4,10 @@ settings."""
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -14,7 +17,7 @@ import pytest
 
 from dtp.local import stack
 from dtp.local.config import Ports, StackConfig
-from dtp.local.daemon import Daemon, StackError, pid_alive, start_time
+from dtp.local.daemon import Daemon, StackError, boot_id, pid_alive, start_time
 from dtp.local.services import build_services
 
 
@@ -42,7 +45,7 @@ def test_a_started_daemon_is_found_and_stopped(cfg) -> None:
     daemon = sleeper()
     daemon.start(cfg)
     pid = daemon.pid(cfg)
-    assert pid is not None and daemon.pid_file(cfg).read_text() == f"{pid} {start_time(pid)}"
+    assert pid is not None and daemon.pid_file(cfg).read_text() == f"{pid} {start_time(pid)} {boot_id()}"
     daemon.stop(cfg)
     assert not pid_alive(pid) and daemon.pid(cfg) is None
 
@@ -57,6 +60,45 @@ def test_a_pid_file_naming_a_process_started_since_is_stale(cfg, stranger) -> No
     daemon.start(cfg)  # not taken for "already up"
     assert daemon.pid(cfg) not in (None, stranger.pid)
     daemon.stop(cfg)
+
+
+def forker() -> Daemon:
+    """A daemon that forks a child into its process group (writing the child's pid to ``child``) and dies."""
+    command = ["sh", "-c", "sleep 300 & echo $! > child; sleep 1"]
+    return Daemon(name="forker", command=lambda cfg: command, ports=lambda cfg: [], health=lambda cfg: True)
+
+
+def orphaned_child(daemon: Daemon, cfg: Any) -> int:
+    """Start ``daemon`` and wait until it has died, leaving its child; the child's pid."""
+    daemon.start(cfg)
+    deadline = time.monotonic() + 30
+    while daemon.running(cfg) or not (cfg.home / "child").exists():
+        assert time.monotonic() < deadline, "the forker did not die"
+        time.sleep(0.1)
+    child = int((cfg.home / "child").read_text())
+    assert pid_alive(child)
+    return child
+
+
+def test_what_a_dead_daemon_left_running_is_stopped_with_it(cfg) -> None:
+    # A daemon that crashed leaves what it forked holding its ports: down, or the next up, stops it.
+    daemon = forker()
+    child = orphaned_child(daemon, cfg)
+    daemon.stop(cfg)
+    assert not pid_alive(child) and not daemon.pid_file(cfg).exists()
+
+
+def test_a_group_recorded_in_another_boot_is_left_alone(cfg) -> None:
+    # After a reboot the group id may be another's: a pid file from another boot stops nothing.
+    daemon = forker()
+    child = orphaned_child(daemon, cfg)
+    pid, started, _ = daemon.recorded(cfg)
+    daemon.pid_file(cfg).write_text(f"{pid} {started} 00000000-0000-0000-0000-000000000000")
+    try:
+        daemon.stop(cfg)
+        assert pid_alive(child), "a process of another boot's group was killed"
+    finally:
+        os.kill(child, signal.SIGKILL)
 
 
 def test_a_stack_is_not_added_to_with_other_settings(tmp_path: Path, stranger) -> None:

@@ -1,9 +1,10 @@
 """How the local stack runs a daemon: in the foreground of its own session, tracked by a pid file.
 
-Each daemon's pid is kept in ``<state>/run/<name>.pid`` with the time the process started, and its output in
-``<state>/logs/<name>.log``; stopping signals the whole process group, so nothing a daemon forked is left behind.
-A pid file left by a reboot or a crash may name a pid the system gave another process since: its start time tells
-them apart, so that process is neither taken for the daemon nor stopped.
+Each daemon's pid is kept in ``<state>/run/<name>.pid`` with the time the process started and the boot it started
+in, and its output in ``<state>/logs/<name>.log``; stopping signals the whole process group, so nothing a daemon
+forked is left behind, even once the daemon itself has died. A pid file left by a reboot or a crash may name a pid
+the system gave another process since: its start time and boot tell them apart, so that process is neither taken
+for the daemon nor stopped.
 """
 
 from __future__ import annotations
@@ -67,6 +68,11 @@ def pid_alive(pid: int) -> bool:
         return False
 
 
+def boot_id() -> str:
+    """This boot's random id: a pid, or a process group id, names the same process only within one boot."""
+    return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+
+
 def start_time(pid: int) -> str | None:
     """When ``pid`` started (clock ticks since boot, /proc/<pid>/stat's 22nd field), or None if it is gone."""
     try:
@@ -93,14 +99,22 @@ class Daemon:
     def log_file(self, cfg: StackConfig) -> Path:
         return cfg.log_dir / f"{self.name}.log"
 
-    def pid(self, cfg: StackConfig) -> int | None:
-        """The daemon's pid, if the process the pid file names is alive and is still the one that was started."""
+    def recorded(self, cfg: StackConfig) -> tuple[int, str, str] | None:
+        """What the pid file says: the pid, its start time and the boot id (empty where an older file lacks them)."""
         path = self.pid_file(cfg)
         if not path.exists():
             return None
-        pid, _, started = path.read_text().strip().partition(" ")
-        alive = pid_alive(int(pid)) and (not started or start_time(int(pid)) == started)
-        return int(pid) if alive else None
+        pid, started, boot = [*path.read_text().split(), "", ""][:3]
+        return int(pid), started, boot
+
+    def pid(self, cfg: StackConfig) -> int | None:
+        """The daemon's pid, if the process the pid file names is alive and is still the one that was started."""
+        recorded = self.recorded(cfg)
+        if recorded is None:
+            return None
+        pid, started, _ = recorded
+        alive = pid_alive(pid) and (not started or start_time(pid) == started)
+        return pid if alive else None
 
     def running(self, cfg: StackConfig) -> bool:
         return self.pid(cfg) is not None
@@ -112,6 +126,7 @@ class Daemon:
         if self.running(cfg):
             wait_until(lambda: self.health(cfg), self.start_timeout, self.name, self.log_file(cfg))
             return
+        self.stop(cfg)  # what a dead daemon forked may still hold its ports
         taken = [p for p in self.ports(cfg) if port_open(p)]
         if taken:
             raise StackError(
@@ -130,13 +145,17 @@ class Daemon:
                 cwd=cfg.home,
                 start_new_session=True,
             )
-        self.pid_file(cfg).write_text(f"{proc.pid} {start_time(proc.pid) or ''}")
+        self.pid_file(cfg).write_text(f"{proc.pid} {start_time(proc.pid) or '-'} {boot_id()}")
         wait_until(lambda: self.healthy(cfg), self.start_timeout, self.name, self.log_file(cfg))
 
     def stop(self, cfg: StackConfig) -> None:
-        pid = self.pid(cfg)
-        if pid is not None:
-            _kill_group(pid)
+        """Stop the daemon and its process group; where the daemon died, what it forked and left running in its
+        group (in this boot: no new process takes the id of a group still in use)."""
+        recorded = self.recorded(cfg)
+        if recorded is not None:
+            pid, _, boot = recorded
+            if self.pid(cfg) is not None or (boot == boot_id() and not pid_alive(pid) and _group_alive(pid)):
+                _kill_group(pid)
         self.pid_file(cfg).unlink(missing_ok=True)
 
 
