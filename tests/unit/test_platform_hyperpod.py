@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 import yaml
+from airflow.sdk.exceptions import AirflowNotFoundException
 
 from dtp.params import ParamsError, TrainParams, parse_params
 from dtp.pipeline.spec import build_spec, run_spec
@@ -294,11 +295,15 @@ def test_on_eks_another_frameworks_recipe_is_refused_before_anything_exists(sett
 
 def test_a_controller_without_its_connection_does_not_keep_the_runs_cluster(settings, monkeypatch, caplog) -> None:
     # The Slurm connection is missing (AirflowNotFoundException, neither OSError nor a cluster command's error):
-    # teardown still goes on to delete the cluster, whose deletion stops the jobs on its nodes.
+    # teardown still goes on to delete the cluster, whose deletion stops the jobs on its nodes; keep_cluster's
+    # stop_jobs, which deletes nothing after it, fails instead.
     monkeypatch.delenv("AIRFLOW_CONN_DTP_HYPERPOD_SLURM", raising=False)
-    assert HyperPodPlatform()._stop_jobs(spec_for(recipe="llama3_1_8b", num_nodes=4)) == []
+    spec = spec_for(recipe="llama3_1_8b", num_nodes=4)
+    assert HyperPodPlatform()._stop_jobs_before_delete(spec) == []
     assert "Could not stop the run's jobs before deleting the cluster" in caplog.text
     assert "dtp_hyperpod_slurm" in caplog.text
+    with pytest.raises(AirflowNotFoundException, match="dtp_hyperpod_slurm"):
+        HyperPodPlatform()._stop_jobs(spec)
 
 
 @pytest.mark.parametrize(("shared_dir", "exports"), [("/fsx", True), ("/fsx/ubuntu", False)])
