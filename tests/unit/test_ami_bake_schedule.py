@@ -3,26 +3,19 @@ triggered by hand bakes the form's families only, and every bake's builder is ta
 
 from __future__ import annotations
 
-import json
-from collections.abc import Iterator
+from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any
 
-import boto3
 import pytest
-from moto import mock_aws
 
 from dtp.images import ami
 from dtp.pipeline.ami_bake import validate_params
 
 
 @pytest.fixture
-def ssm(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
-    """moto's SSM in this process, behind the aws_default connection."""
-    conn = {"conn_type": "aws", "login": "testing", "password": "testing", "extra": {"region_name": "us-east-1"}}
-    monkeypatch.setenv("AIRFLOW_CONN_AWS_DEFAULT", json.dumps(conn))
-    with mock_aws():
-        yield boto3.client("ssm", region_name="us-east-1", aws_access_key_id="testing", aws_secret_access_key="testing")
+def ssm(moto_aws: Callable[[str], Any]) -> Any:
+    return moto_aws("ssm")
 
 
 def publish(ssm: Any, *names: str) -> None:

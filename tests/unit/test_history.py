@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 from airflow.providers.amazon.aws.hooks.s3 import S3Hook
-from moto import mock_aws
 
 from dtp.metrics import history
 
@@ -17,13 +16,10 @@ PREFIX = "history/tiny/local/local.cpu/"
 
 
 @pytest.fixture
-def s3(monkeypatch: pytest.MonkeyPatch) -> Iterator[S3Hook]:
-    conn = {"conn_type": "aws", "login": "testing", "password": "testing", "extra": {"region_name": "us-east-1"}}
-    monkeypatch.setenv("AIRFLOW_CONN_AWS_DEFAULT", json.dumps(conn))
-    with mock_aws():
-        hook = S3Hook(aws_conn_id="aws_default")
-        hook.create_bucket(BUCKET)
-        yield hook
+def s3(moto_aws: Callable[[str], Any]) -> S3Hook:
+    hook = S3Hook(aws_conn_id="aws_default")
+    hook.create_bucket(BUCKET)
+    return hook
 
 
 def store(s3: S3Hook, entries: list[dict[str, Any]]) -> None:

@@ -9,7 +9,7 @@ import re
 import subprocess
 import sys
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,6 @@ import boto3
 import pytest
 from botocore.stub import Stubber
 from botocore.validate import ParamValidator
-from moto import mock_aws
 
 from dtp.deploy.mwaa import (
     DAGS_DIR,
@@ -234,12 +233,8 @@ def test_the_environment_is_tagged_as_dtps_by_default() -> None:
 
 
 @pytest.fixture
-def s3(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
-    """moto's S3 in this process, behind the aws_default connection."""
-    conn = {"conn_type": "aws", "login": "testing", "password": "testing", "extra": {"region_name": "us-east-1"}}
-    monkeypatch.setenv("AIRFLOW_CONN_AWS_DEFAULT", json.dumps(conn))
-    with mock_aws():
-        yield boto3.client("s3", region_name="us-east-1", aws_access_key_id="testing", aws_secret_access_key="testing")
+def s3(moto_aws: Callable[[str], Any]) -> Any:
+    return moto_aws("s3")
 
 
 def test_deploy_checks_every_input_before_any_aws_call(

@@ -9,17 +9,15 @@ from __future__ import annotations
 import json
 import re
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import boto3
 import pytest
 from airflow.sdk.exceptions import AirflowFailException
 from botocore.exceptions import ClientError, WaiterError
 from botocore.stub import Stubber
-from moto import mock_aws
 from moto.core import DEFAULT_ACCOUNT_ID
 from moto.ec2.models import ec2_backends
 
@@ -32,11 +30,8 @@ REGION = "us-east-1"
 
 
 @pytest.fixture
-def ec2(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
-    conn = {"conn_type": "aws", "login": "testing", "password": "testing", "extra": {"region_name": REGION}}
-    monkeypatch.setenv("AIRFLOW_CONN_AWS_DEFAULT", json.dumps(conn))
-    with mock_aws():
-        yield boto3.client("ec2", region_name=REGION, aws_access_key_id="testing", aws_secret_access_key="testing")
+def ec2(moto_aws: Callable[[str], Any]) -> Any:
+    return moto_aws("ec2")
 
 
 @pytest.fixture

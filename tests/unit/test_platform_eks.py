@@ -8,15 +8,13 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import boto3
 import pytest
 import yaml
 from botocore.stub import Stubber
-from moto import mock_aws
 
 from dtp.hooks.pytorchjob import PyTorchJobHook, deadline_seconds
 from dtp.params import TrainParams, parse_params
@@ -303,13 +301,10 @@ def describe_cluster(status: str, endpoint: str = "https://ABC.gr7.us-east-1.eks
 
 
 @pytest.fixture
-def eks_api(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+def eks_api(moto_aws: Callable[[str], Any]) -> Any:
     """moto's EKS in this process: a cluster it creates is ACTIVE at once, and one never created is missing. The
     AWS connection names no endpoint, as the local stack's does: moto intercepts only AWS's own."""
-    conn = {"conn_type": "aws", "login": "testing", "password": "testing", "extra": {"region_name": "us-east-1"}}
-    monkeypatch.setenv("AIRFLOW_CONN_AWS_DEFAULT", json.dumps(conn))
-    with mock_aws():
-        yield boto3.client("eks", region_name="us-east-1", aws_access_key_id="testing", aws_secret_access_key="testing")
+    return moto_aws("eks")
 
 
 def test_provision_finds_the_active_cluster(eks_api: Any) -> None:
