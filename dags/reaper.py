@@ -5,10 +5,10 @@ it in their comment, run directories on the shared filesystem in their
 ``run.json``). Hourly, this DAG finds those past expiry (CloudFormation stacks,
 VPC pieces, S3 buckets, HyperPod and ParallelCluster clusters, Batch compute environments, baked
 AMIs and their snapshots, packer builder instances, Slurm jobs, run
-directories) and deletes them in dependency order, the AWS account and each
-cluster in its own find/delete pair (``slurm_default``, the Slurm clusters the
-ParallelCluster and HyperPod connections name, and the shared filesystem the
-training worker mounts, where EKS and Batch runs write); an AMI that SSM
+directories) and deletes them in dependency order, each in its own find/delete
+pair: the AWS account, the ``slurm_default`` cluster, then the shared filesystem
+the training worker mounts (where EKS and Batch runs keep their run
+directories); an AMI that SSM
 ``/dtp/amis/*`` still publishes is kept. Trigger it with ``dry_run`` to see what it would delete.
 """
 
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 
-from airflow.sdk import DAG, Param, task, task_group
+from airflow.sdk import DAG, Param, TriggerRule, task
 
 AWS_CONN_ID = "aws_default"
 SLURM_CONN_ID = "slurm_default"
@@ -32,24 +32,25 @@ def find_expired_in_aws() -> list[dict[str, str]]:
     return [asdict(item) for item in find_expired_in_aws(AWS_CONN_ID)]
 
 
-@task
-def swept_clusters() -> list[str | None]:
-    from dtp.reaper import swept_clusters
-
-    return swept_clusters(SLURM_CONN_ID)
-
-
-# On the training queue: its workers reach the clusters' shared filesystems, by a local mount or over SSH.
-@task(queue=TRAINING_QUEUE, map_index_template="{{ swept }}")
-def find_expired_on_cluster(slurm_conn_id: str | None) -> list[dict[str, str]]:
+# The cluster sweeps run on the training queue: its workers reach the shared filesystems, by a mount or over SSH.
+@task(queue=TRAINING_QUEUE)
+def find_expired_on_cluster() -> list[dict[str, str]]:
     from dataclasses import asdict
-
-    from airflow.sdk import get_current_context
 
     from dtp.reaper import find_expired_on_cluster
 
-    get_current_context()["swept"] = slurm_conn_id or "worker's mount"  # the mapped task's name in the UI
-    return [asdict(item) for item in find_expired_on_cluster(slurm_conn_id)]
+    return [asdict(item) for item in find_expired_on_cluster(SLURM_CONN_ID)]
+
+
+# After the cluster's sweep, which cancels expired jobs before their run directories go (the mount may be the same
+# filesystem); also when that sweep failed: the mount is another concern.
+@task(queue=TRAINING_QUEUE, trigger_rule=TriggerRule.ALL_DONE)
+def find_expired_on_worker_mount() -> list[dict[str, str]]:
+    from dataclasses import asdict
+
+    from dtp.reaper import find_expired_on_worker_mount
+
+    return [asdict(item) for item in find_expired_on_worker_mount(SLURM_CONN_ID)]
 
 
 @task
@@ -57,13 +58,6 @@ def delete_expired(found: list[dict[str, str]], slurm_conn_id: str | None = None
     from dtp.reaper import Expired, reap
 
     return reap([Expired(**item) for item in found], AWS_CONN_ID, slurm_conn_id, dry_run=context["params"]["dry_run"])
-
-
-@task_group
-def sweep_cluster(slurm_conn_id: str | None) -> None:
-    """One cluster's expired Slurm jobs and run directories (None: the filesystem mounted on the worker)."""
-    found = find_expired_on_cluster(slurm_conn_id)
-    delete_expired.override(task_id="delete_expired", queue=TRAINING_QUEUE)(found, slurm_conn_id)
 
 
 with DAG(
@@ -84,4 +78,9 @@ with DAG(
 ):
     # Sweeps failing each on its own: an AWS API or a cluster that cannot be asked holds up only its own.
     delete_expired.override(task_id="delete_expired_in_aws")(find_expired_in_aws())
-    sweep_cluster.expand(slurm_conn_id=swept_clusters())
+    on_cluster = delete_expired.override(task_id="delete_expired_on_cluster", queue=TRAINING_QUEUE)(
+        find_expired_on_cluster(), SLURM_CONN_ID
+    )
+    on_mount = find_expired_on_worker_mount()
+    on_cluster >> on_mount
+    delete_expired.override(task_id="delete_expired_on_worker_mount", queue=TRAINING_QUEUE)(on_mount)

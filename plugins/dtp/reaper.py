@@ -13,6 +13,7 @@ naming each, and its retry or the next sweep finds them again.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import posixpath
@@ -24,6 +25,7 @@ from typing import Any
 from airflow.providers.amazon.aws.hooks.batch_client import BatchClientHook
 from airflow.providers.amazon.aws.hooks.s3 import S3Hook
 from airflow.providers.amazon.aws.hooks.ssm import SsmHook
+from airflow.sdk.exceptions import AirflowNotFoundException
 from botocore.exceptions import ClientError
 
 from dtp.hooks.hyperpod import HyperPodHook
@@ -142,51 +144,10 @@ def expired_stacks(cloudformation: Any, now: datetime) -> list[Expired]:
     return found
 
 
-def swept_clusters(default_conn_id: str) -> list[str | None]:
-    """The clusters the reaper sweeps, each once: the Slurm connection ``default_conn_id``, those the ParallelCluster
-    and HyperPod (on Slurm) platform connections name, and None, the shared filesystem mounted on the worker itself
-    (where EKS and Batch runs keep their run directories; a worker without it finds nothing there), unless a Slurm
-    connection in the list already reaches that same directory on this host."""
-    from dtp.platforms.base import PlatformNotReady
-    from dtp.platforms.hyperpod import HyperPodSettings
-    from dtp.platforms.parallelcluster import ParallelClusterSettings
-
-    conn_ids = [default_conn_id]
-    for settings_class, platform_conn_id in (
-        (ParallelClusterSettings, "dtp_parallelcluster"),
-        (HyperPodSettings, "dtp_hyperpod"),
-    ):
-        try:
-            settings = settings_class.from_connection(platform_conn_id)
-        except PlatformNotReady:  # the platform is not set up in this account: no cluster of its own to sweep
-            continue
-        if not getattr(settings, "eks", None) and settings.slurm_conn_id not in conn_ids:
-            conn_ids.append(settings.slurm_conn_id)
-    mounted = posixpath.realpath(SharedFilesystemHook(None).shared_dir)
-    if any(_reaches_locally(conn_id, mounted) for conn_id in conn_ids):
-        return list(conn_ids)
-    return [*conn_ids, None]
-
-
-def _reaches_locally(conn_id: str, directory: str) -> bool:
-    """Whether the Slurm connection ``conn_id`` opens ``directory`` on this host (a connection that is not defined
-    reaches nothing: its own sweep fails, naming it, and the others go on)."""
-    from airflow.sdk.exceptions import AirflowNotFoundException
-
-    shared = SharedFilesystemHook(conn_id)
-    try:
-        return shared.transport == "local" and posixpath.realpath(shared.shared_dir) == directory
-    except AirflowNotFoundException:
-        return False
-
-
-def find_expired_on_cluster(slurm_conn_id: str | None, now: datetime | None = None) -> list[Expired]:
-    """The Slurm cluster's expired jobs (by their comment) and run directories (by their marker); with None, the
-    expired run directories on the shared filesystem mounted on this worker. A cluster that cannot be asked is an
-    error, not an empty answer: its jobs would run on unseen."""
+def find_expired_on_cluster(slurm_conn_id: str, now: datetime | None = None) -> list[Expired]:
+    """The Slurm cluster's expired jobs (by their comment) and run directories (by their marker). A cluster that
+    cannot be asked is an error, not an empty answer: its jobs would run on unseen."""
     now = now or datetime.now(UTC)
-    if slurm_conn_id is None:
-        return expired_run_dirs(SharedFilesystemHook(None), now)
     found = []
     for line in SlurmHook(slurm_conn_id).run(["squeue", "-h", "-o", "%i|%j|%k"]).splitlines():
         job_id, name, comment = [*line.split("|", 2), "", ""][:3]
@@ -194,6 +155,20 @@ def find_expired_on_cluster(slurm_conn_id: str | None, now: datetime | None = No
         if _expired(expires_at, now):
             found.append(Expired("slurm_job", job_id, name, expires_at))
     return found + expired_run_dirs(SharedFilesystemHook(slurm_conn_id), now)
+
+
+def find_expired_on_worker_mount(slurm_conn_id: str, now: datetime | None = None) -> list[Expired]:
+    """Expired run directories on the shared filesystem mounted on this worker (``DTP_SHARED_DIR``, default
+    ``/fsx``), where EKS and Batch runs keep theirs; none where nothing is mounted there, or where the Slurm
+    connection ``slurm_conn_id`` opens that same directory on this host (its own sweep covers it)."""
+    mounted = SharedFilesystemHook(None)
+    cluster = SharedFilesystemHook(slurm_conn_id)
+    with contextlib.suppress(AirflowNotFoundException):  # no such connection: the mount is this sweep's alone
+        same = posixpath.realpath(cluster.shared_dir) == posixpath.realpath(mounted.shared_dir)
+        if cluster.transport == "local" and same:
+            log.info("%s is %s's shared directory, which its own sweep covers", mounted.shared_dir, slurm_conn_id)
+            return []
+    return expired_run_dirs(mounted, now or datetime.now(UTC))
 
 
 def expired_builder_instances(ec2: Any, now: datetime) -> list[Expired]:
@@ -243,8 +218,9 @@ def published_amis(aws_conn_id: str) -> set[str]:
 
 
 def reap(found: list[Expired], aws_conn_id: str, slurm_conn_id: str | None, dry_run: bool) -> dict[str, Any]:
-    """Delete what ``find_expired_in_aws`` or ``find_expired_on_cluster(slurm_conn_id)`` found, run by run; return
-    what was (or would be) deleted."""
+    """Delete what ``find_expired_in_aws``, ``find_expired_on_cluster(slurm_conn_id)`` or
+    ``find_expired_on_worker_mount`` (``slurm_conn_id`` None) found, run by run; return what was (or would be)
+    deleted."""
     for item in found:
         log.info(
             "%s %-9s %-45s run %s expired %s",

@@ -26,20 +26,19 @@ def test_a_dry_run_finds_an_expired_job_and_leaves_it_running(airflow_api, stack
         airflow_api.wait_for_dag(DAG_ID)
         run_id = airflow_api.trigger(DAG_ID, {"dry_run": True})
         state = airflow_api.wait(DAG_ID, run_id, timeout=600)
-        instances = airflow_api.task_instances(DAG_ID, run_id)
-        tasks = {(ti["task_id"], ti["map_index"]): ti["state"] for ti in instances}
+        tasks = {ti["task_id"]: ti["state"] for ti in airflow_api.task_instances(DAG_ID, run_id)}
         assert state == "success", tasks
-        # The stack's one cluster, slurm_default, whose shared directory is the one the worker mounts: one sweep.
         assert set(tasks) == {
-            ("find_expired_in_aws", -1),
-            ("delete_expired_in_aws", -1),
-            ("swept_clusters", -1),
-            ("sweep_cluster.find_expired_on_cluster", 0),
-            ("sweep_cluster.delete_expired", 0),
+            "find_expired_in_aws",
+            "delete_expired_in_aws",
+            "find_expired_on_cluster",
+            "delete_expired_on_cluster",
+            "find_expired_on_worker_mount",
+            "delete_expired_on_worker_mount",
         }
-        [finding] = [ti for ti in instances if ti["task_id"] == "sweep_cluster.find_expired_on_cluster"]
-        assert finding["rendered_map_index"] == "slurm_default"
-        on_cluster = airflow_api.xcom(DAG_ID, run_id, "sweep_cluster.delete_expired", map_index=0)
+        # The worker's mount is slurm_default's shared directory here: the cluster's sweep covers it.
+        assert airflow_api.xcom(DAG_ID, run_id, "find_expired_on_worker_mount") == []
+        on_cluster = airflow_api.xcom(DAG_ID, run_id, "delete_expired_on_cluster")
         assert on_cluster["dry_run"] is True and on_cluster["deleted"] == []
         assert {"kind": "slurm_job", "name": job_id} in [
             {"kind": f["kind"], "name": f["name"]} for f in on_cluster["found"]

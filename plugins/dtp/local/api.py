@@ -86,10 +86,11 @@ class AirflowApi:
         failed = [ti["task_id"] for ti in self.task_instances(dag_id, run_id) if ti["state"] == "failed"]
         return "\n".join(f"--- {task_id}\n{self.task_log(dag_id, run_id, task_id)[-tail:]}" for task_id in failed)
 
-    def xcom(self, dag_id: str, run_id: str, task_id: str, key: str = "return_value", map_index: int = -1) -> Any:
+    def xcom(self, dag_id: str, run_id: str, task_id: str, key: str = "return_value") -> Any:
         quoted = urllib.parse.quote(run_id, safe="")
-        path = f"/api/v2/dags/{dag_id}/dagRuns/{quoted}/taskInstances/{task_id}/xcomEntries/{key}"
-        status, body = self.request("GET", f"{path}?deserialize=true&map_index={map_index}")
+        status, body = self.request(
+            "GET", f"/api/v2/dags/{dag_id}/dagRuns/{quoted}/taskInstances/{task_id}/xcomEntries/{key}?deserialize=true"
+        )
         return body.get("value") if status == 200 else None
 
     def wait_all(self, dag_id: str, run_ids: list[str], timeout: float = 1800) -> dict[str, str]:

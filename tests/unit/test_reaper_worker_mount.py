@@ -1,0 +1,54 @@
+"""The reaper's sweep of the shared filesystem mounted on the training worker, where EKS and Batch runs keep their run
+directories: only expired ones go, and a mount the Slurm cluster's own sweep already covers is not swept twice."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from dtp.naming import expiry
+from dtp.reaper import find_expired_on_worker_mount, reap
+
+NOW = datetime.now(UTC)
+
+
+def connect(monkeypatch: pytest.MonkeyPatch, conn_id: str, extra: dict[str, str]) -> None:
+    monkeypatch.setenv(f"AIRFLOW_CONN_{conn_id.upper()}", json.dumps({"conn_type": "generic", "extra": extra}))
+
+
+@pytest.fixture
+def mounted(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """The worker's mount, with an expired and a live run directory."""
+    monkeypatch.setenv("DTP_SHARED_DIR", str(tmp_path / "fsx"))
+    for run_key, hours in (("dtp-expired", -1), ("dtp-live", 1)):
+        directory = tmp_path / "fsx" / "runs" / run_key
+        directory.mkdir(parents=True)
+        (directory / "run.json").write_text(json.dumps({"run_key": run_key, "expires_at": expiry(hours, NOW)}))
+    return tmp_path / "fsx"
+
+
+def test_the_mount_loses_only_its_expired_run_directories(monkeypatch, mounted) -> None:
+    # slurm_default is a cluster reached over SSH: its /fsx is not known to be this worker's.
+    connect(monkeypatch, "slurm_default", {"transport": "ssh", "ssh_conn_id": "head", "shared_dir": "/fsx"})
+    found = find_expired_on_worker_mount("slurm_default", NOW)
+    assert [(f.kind, f.run_key) for f in found] == [("run_dir", "dtp-expired")]
+    reap(found, "aws_default", None, dry_run=False)
+    assert sorted(p.name for p in (mounted / "runs").iterdir()) == ["dtp-live"]
+
+
+def test_an_account_without_a_slurm_cluster_still_has_its_mount_swept(mounted) -> None:
+    assert [f.run_key for f in find_expired_on_worker_mount("slurm_default", NOW)] == ["dtp-expired"]
+
+
+def test_a_mount_the_local_cluster_s_sweep_covers_is_not_swept_twice(monkeypatch, mounted) -> None:
+    # The local stack, or a worker on a ParallelCluster head node: slurm_default opens the same directory here.
+    connect(monkeypatch, "slurm_default", {"transport": "local", "shared_dir": f"{mounted}/../fsx"})
+    assert find_expired_on_worker_mount("slurm_default", NOW) == []
+
+
+def test_a_worker_without_the_mount_finds_nothing(monkeypatch, tmp_path) -> None:
+    monkeypatch.setenv("DTP_SHARED_DIR", str(tmp_path / "no-fsx-here"))
+    assert find_expired_on_worker_mount("slurm_default", NOW) == []
