@@ -9,6 +9,7 @@ import uuid
 import pytest
 
 from dtp.hooks.hyperpod import HyperPodHook
+from dtp.hooks.slurm import SlurmHook
 from dtp.params import TrainParams, parse_params
 from dtp.pipeline.spec import run_spec
 from dtp.platforms.hyperpod import HyperPodPlatform
@@ -23,7 +24,7 @@ def spec(stack) -> dict:
     return run_spec(params, "it_hyperpod", f"manual__{uuid.uuid4().hex}")
 
 
-def test_provision_twice_makes_one_cluster_and_teardown_leaves_nothing(spec, outputs, aws, first_event) -> None:
+def test_provision_twice_makes_one_cluster_and_teardown_leaves_nothing(spec, outputs, aws, first_event, stack) -> None:
     platform = HyperPodPlatform()
     run_key = spec["names"]["run_key"]
     bucket = platform.settings.lifecycle_bucket
@@ -52,6 +53,13 @@ def test_provision_twice_makes_one_cluster_and_teardown_leaves_nothing(spec, out
     # The wait counts from the cluster's creation, also for a retry that finds the cluster an earlier try created.
     assert trigger.started_at == cluster["created_at"] == described["CreationTime"].timestamp()
     assert first_event(trigger) == {"status": "success", "message": f"HyperPod cluster {run_key} is InService"}
+
+    # keep_cluster's end of the run: a job of the run on the controller's Slurm (the stack's) is cancelled.
+    script = stack.shared_dir / "it" / f"{run_key}.sh"
+    script.parent.mkdir(parents=True, exist_ok=True)
+    script.write_text("#!/bin/bash\nsleep 300\n")
+    job_id = SlurmHook().submit(str(script), job_name=spec["names"]["slurm_job"], output=str(script) + ".out")
+    assert platform.stop_jobs(spec) == {"cancelled_jobs": [job_id]}
 
     result = platform.teardown(spec)
     assert (result["deleted_cluster"], result["deleted_lifecycle_objects"]) == (True, 2)

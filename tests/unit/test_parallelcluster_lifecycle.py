@@ -110,7 +110,9 @@ def test_a_restarted_triggerer_keeps_the_deadline_set_when_the_task_deferred(
 
 
 @needs_pcluster
-def test_a_kept_cluster_s_jobs_are_cancelled_on_its_head_node_and_a_failure_to_is_raised(monkeypatch, tmp_path) -> None:
+def test_a_kept_cluster_s_jobs_are_stopped_once_it_is_up_and_an_unreachable_head_node_fails(
+    monkeypatch, tmp_path
+) -> None:
     # keep_cluster: stop_jobs is all teardown_cluster does, so a head node it cannot reach fails the task (its retry
     # tries again) where teardown, about to delete the cluster and its jobs with it, only logs it.
     spec = make_spec("llama3_1_8b", "p5.48xlarge", 2)

@@ -87,8 +87,9 @@ class ComputePlatform(Protocol):
         """A trigger that fires once ``provision``'s cluster is ready; None when it is ready already."""
 
     def stop_jobs(self, spec: dict[str, Any]) -> dict[str, Any]:
-        """Stop the run's jobs (training, preflight, ...) and wait until they are gone; the cluster stays (what a
-        run with ``keep_cluster`` does at its end)."""
+        """Stop the run's jobs (training, preflight, ...), waiting until they are gone where the scheduler tells
+        (Slurm, Kubernetes; AWS Batch stops terminated jobs on its own); the cluster stays (what a run with
+        ``keep_cluster`` does at its end)."""
 
     def teardown(self, spec: dict[str, Any]) -> dict[str, Any]:
         """Stop the run's jobs and delete its cluster; verify nothing is left."""

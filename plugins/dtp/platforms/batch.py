@@ -283,7 +283,7 @@ class BatchPlatform:
         return arn
 
     def stop_jobs(self, spec: dict[str, Any]) -> dict[str, Any]:
-        """Terminate the run's unfinished jobs (none while its queue does not exist)."""
+        """Terminate the run's unfinished jobs (none while its queue does not exist); Batch stops them on its own."""
         run_key, client = spec["names"]["run_key"], self.client
         queue = f"{run_key}-queue"
         terminated: list[str] = []

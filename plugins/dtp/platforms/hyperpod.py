@@ -66,6 +66,8 @@ class HyperPodEksSettings(PyTorchJobSettings):
         return self.cluster_arn.rsplit("/", 1)[1]
 
 
+# ClusterStatus values of a cluster whose nodes may run the run's jobs.
+JOB_STATES = frozenset({"InService", "Updating", "SystemUpdating"})
 FSX_DNS_NAME = re.compile(r"^(?P<file_system_id>fs-[0-9a-f]{17})\.fsx\.")
 
 
@@ -306,9 +308,11 @@ class HyperPodPlatform:
         )
 
     def stop_jobs(self, spec: dict[str, Any]) -> dict[str, Any]:
-        """Cancel the run's Slurm jobs, or delete its PyTorchJobs (EKS); none while the cluster does not exist."""
-        exists = HyperPodHook(aws_conn_id=self.aws_conn_id).describe_cluster(spec["names"]["run_key"]) is not None
-        return {"cancelled_jobs": self._stop_jobs(spec) if exists else []}
+        """Cancel the run's Slurm jobs, or delete its PyTorchJobs (EKS); none while the cluster is not up (never
+        created, failed, or being created or deleted: no job of the run runs on it)."""
+        described = HyperPodHook(aws_conn_id=self.aws_conn_id).describe_cluster(spec["names"]["run_key"])
+        up = described is not None and described["ClusterStatus"] in JOB_STATES
+        return {"cancelled_jobs": self._stop_jobs(spec) if up else []}
 
     def _stop_jobs(self, spec: dict[str, Any]) -> list[str]:
         if self.settings.eks:
