@@ -37,6 +37,9 @@ def stranger() -> Iterator[subprocess.Popen[bytes]]:
     process.wait()
 
 
+OTHER_BOOT = "00000000-0000-0000-0000-000000000000"
+
+
 def sleeper() -> Daemon:
     return Daemon(name="sleeper", command=lambda cfg: ["sleep", "300"], ports=lambda cfg: [], health=lambda cfg: True)
 
@@ -88,12 +91,26 @@ def test_what_a_dead_daemon_left_running_is_stopped_with_it(cfg) -> None:
     assert not pid_alive(child) and not daemon.pid_file(cfg).exists()
 
 
+def test_a_process_recorded_in_another_boot_is_not_the_daemon(cfg) -> None:
+    # After a reboot a pid, even with the same start tick (early-boot processes), may be another's.
+    daemon = sleeper()
+    daemon.start(cfg)
+    pid, started, _ = daemon.recorded(cfg)
+    daemon.pid_file(cfg).write_text(f"{pid} {started} {OTHER_BOOT}")
+    try:
+        assert not daemon.running(cfg)
+        daemon.stop(cfg)
+        assert pid_alive(pid), "another boot's process was killed"
+    finally:
+        os.kill(pid, signal.SIGKILL)
+
+
 def test_a_group_recorded_in_another_boot_is_left_alone(cfg) -> None:
     # After a reboot the group id may be another's: a pid file from another boot stops nothing.
     daemon = forker()
     child = orphaned_child(daemon, cfg)
     pid, started, _ = daemon.recorded(cfg)
-    daemon.pid_file(cfg).write_text(f"{pid} {started} 00000000-0000-0000-0000-000000000000")
+    daemon.pid_file(cfg).write_text(f"{pid} {started} {OTHER_BOOT}")
     try:
         daemon.stop(cfg)
         assert pid_alive(child), "a process of another boot's group was killed"

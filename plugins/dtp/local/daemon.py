@@ -112,9 +112,9 @@ class Daemon:
         recorded = self.recorded(cfg)
         if recorded is None:
             return None
-        pid, started, _ = recorded
-        alive = pid_alive(pid) and (not started or start_time(pid) == started)
-        return pid if alive else None
+        pid, started, boot = recorded
+        same = (not started or start_time(pid) == started) and (not boot or boot == boot_id())
+        return pid if pid_alive(pid) and same else None
 
     def running(self, cfg: StackConfig) -> bool:
         return self.pid(cfg) is not None
@@ -166,7 +166,7 @@ def _kill_group(pid: int, grace: float = 15.0) -> None:
         return
     deadline = time.monotonic() + grace
     while time.monotonic() < deadline:
-        if not pid_alive(pid) and not _group_alive(pid):
+        if not _group_alive(pid):  # the leader too, while it lives: its group id is its pid
             return
         time.sleep(0.2)
     with contextlib.suppress(ProcessLookupError):
