@@ -1,4 +1,4 @@
-"""Run by tests/unit/test_trainer.py as ``torchrun --nproc_per_node=2 sharded_init_probe.py MODEL OUT``.
+"""Run by tests/unit/test_trainer_models.py as ``torchrun --nproc_per_node=2 sharded_init_probe.py MODEL OUT``.
 
 Builds the trainer's model for MODEL, sharded over the ranks from the meta device, and writes to OUT (rank 0)
 the largest difference, per parameter and for the RoPE buffer, between it and the model the same seed makes
