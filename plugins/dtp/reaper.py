@@ -145,9 +145,15 @@ def expired_stacks(cloudformation: Any, now: datetime) -> list[Expired]:
 
 
 def find_expired_on_cluster(slurm_conn_id: str, now: datetime | None = None) -> list[Expired]:
-    """The Slurm cluster's expired jobs (by their comment) and run directories (by their marker). A cluster that
-    cannot be asked is an error, not an empty answer: its jobs would run on unseen."""
+    """The Slurm cluster's expired jobs (by their comment) and run directories (by their marker); none where no
+    connection ``slurm_conn_id`` is defined (an account whose runs use EKS or Batch only). A cluster that cannot be
+    asked is an error, not an empty answer: its jobs would run on unseen."""
     now = now or datetime.now(UTC)
+    try:
+        SlurmHook.get_connection(slurm_conn_id)
+    except AirflowNotFoundException:
+        log.warning("No %s connection is defined: there is no Slurm cluster to sweep", slurm_conn_id)
+        return []
     found = []
     for line in SlurmHook(slurm_conn_id).run(["squeue", "-h", "-o", "%i|%j|%k"]).splitlines():
         job_id, name, comment = [*line.split("|", 2), "", ""][:3]

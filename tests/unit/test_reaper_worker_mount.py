@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from dtp.naming import expiry
-from dtp.reaper import find_expired_on_worker_mount, reap
+from dtp.reaper import find_expired_on_cluster, find_expired_on_worker_mount, reap
 
 NOW = datetime.now(UTC)
 
@@ -53,3 +53,9 @@ def test_a_mount_the_local_cluster_s_sweep_covers_is_not_swept_twice(monkeypatch
 def test_a_worker_without_the_mount_finds_nothing(monkeypatch, tmp_path) -> None:
     monkeypatch.setenv("DTP_SHARED_DIR", str(tmp_path / "no-fsx-here"))
     assert find_expired_on_worker_mount("slurm_default", NOW) == []
+
+
+def test_an_account_without_a_slurm_cluster_has_no_cluster_to_sweep(monkeypatch) -> None:
+    # EKS or Batch only: no slurm_default connection, and no hourly failure for a cluster that is not there.
+    monkeypatch.delenv("AIRFLOW_CONN_SLURM_DEFAULT", raising=False)
+    assert find_expired_on_cluster("slurm_default") == []
