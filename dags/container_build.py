@@ -7,7 +7,8 @@ AWS, with credentials from the amazon provider's EcrHook; a loopback registry
 locally). The tag is a fingerprint of Dockerfile, context and build args: a
 rerun with the same inputs reuses the image, a changed build arg builds a new
 one. The digest-pinned reference goes to ``/dtp/images/<platform>/training``
-in SSM, where train_e2e picks up the newest, and to an Asset event.
+(the neuron image's to ``.../neuron``) in SSM, where train_e2e picks up the
+newest, and to an Asset event.
 """
 
 from __future__ import annotations

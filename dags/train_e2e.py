@@ -1,9 +1,10 @@
 """train_e2e: the whole reference-architecture flow for one training run.
 
 Deploys the network and S3 bucket (CloudFormation), provisions the cluster,
-stages data, runs preflight checks, trains with FSDP on Slurm, collects
-metrics, judges the recipe's gates, publishes a report, and tears everything
-down, also when a step failed.
+stages data, runs preflight checks, trains the recipe (DTP's FSDP trainer,
+Megatron-LM, NeMo, torchtitan, ...) on the platform's scheduler (Slurm, EKS
+PyTorchJobs or AWS Batch), collects metrics, judges the recipe's gates,
+publishes a report, and tears everything down, also when a step failed.
 """
 
 from __future__ import annotations

@@ -71,7 +71,8 @@ class ClusterParams(FormParams):
     instance_type: str = Field(
         "local.cpu",
         title="Instance type",
-        description="EC2 instance type of the compute nodes (local.cpu on the local platform).",
+        description="EC2 instance type of the compute nodes, as in include/instance_types.yaml (local.cpu: the local "
+        "profile's CPU nodes); it sets the GPU checks, the bandwidth floor and the price.",
         max_length=32,
         pattern=r"^[a-z0-9]+(-[a-z0-9]+)?\.[a-z0-9]+$",
     )
@@ -80,7 +81,8 @@ class ClusterParams(FormParams):
         ge=1,
         le=1440,
         title="Hang timeout (minutes)",
-        description="Fail a Slurm job's task when no log line arrives for this long.",
+        description="Fail a job's task when no log line arrives for this long (Slurm jobs and PyTorchJobs; a Batch "
+        "job is bounded by its attempt timeout instead).",
     )
     pending_timeout_minutes: int = Field(
         60,
@@ -114,7 +116,7 @@ class ClusterParams(FormParams):
     extra_env: dict[str, str] = Field(
         default_factory=dict,
         title="Extra environment",
-        description='Environment variables for the training job, e.g. {"NCCL_DEBUG": "INFO"}.',
+        description='Environment variables for the run\'s jobs, e.g. {"NCCL_DEBUG": "INFO"}.',
     )
 
     @field_validator("exclude_nodes")
@@ -165,7 +167,7 @@ class TrainParams(ClusterParams):
         title="Dataset S3 URI",
         description=(
             "s3://bucket/prefix/: .txt files for DTP's trainer (empty uses the shipped sample corpus), or, for "
-            "another framework's recipe, the dataset in that framework's format."
+            "another framework's recipe, the dataset in that framework's format (NeMo's recipes read none: empty)."
         ),
         max_length=1024,
         pattern=S3_URI,
@@ -190,7 +192,7 @@ class TrainParams(ClusterParams):
         le=20,
         title="Profile steps",
         description="Profile this many training steps (torch.profiler traces, plus Nsight Systems on GPU nodes "
-        "that have nsys); uploaded with the run. 0 = off.",
+        "that have nsys); uploaded with the run. DTP's trainer (fsdp recipes) only. 0 = off.",
     )
     keep_cluster: bool = Field(
         False,
@@ -205,8 +207,9 @@ class TrainParams(ClusterParams):
         le=1_000_000,
         title="Budget (USD)",
         description=(
-            "Refuse to start when the estimated cost exceeds it; the scheduler stops training once it has run as"
-            " long as the budget pays for on these nodes."
+            "Refuse to start when the training job's estimated cost exceeds it (nodes x on-demand price x the"
+            " recipe's expected step time x max_steps, plus 10 minutes; the cluster's setup and teardown are not"
+            " counted); the scheduler stops training once it has run as long as the budget pays for on these nodes."
         ),
     )
 
@@ -232,7 +235,8 @@ class ValidateParams(ClusterParams):
     python: str = Field(
         "",
         title="Python on the nodes",
-        description="Interpreter with torch on every node; empty uses the local profile's virtualenv.",
+        description="Interpreter with torch on every node; empty: the worker's own, only for a connection whose "
+        'transport is "local" (a worker on the cluster, as on the local profile).',
         max_length=256,
         pattern=r"^$|^/[A-Za-z0-9_./-]+$",
     )
@@ -241,11 +245,14 @@ class ValidateParams(ClusterParams):
 def _describe(err: ValidationError, model: type[BaseModel]) -> str:
     lines = []
     for item in err.errors():
-        field = ".".join(str(p) for p in item["loc"]) or "conf"
+        field = ".".join(str(p) for p in item["loc"])
+        message = item["msg"].removeprefix("Value error, ")  # pydantic's prefix for a validator's ValueError
         if item["type"] == "extra_forbidden":
             lines.append(f"{field}: unknown parameter (allowed: {', '.join(model.model_fields)})")
+        elif not field:  # a check across fields: its message names them, and the input is the whole conf
+            lines.append(message)
         else:
-            lines.append(f"{field}: got {_short(item.get('input'))}; {item['msg']}")
+            lines.append(f"{field}: got {_short(item.get('input'))}; {message}")
     return "\n".join(lines)
 
 

@@ -121,10 +121,12 @@ def test_a_framework_dataset_without_its_index_is_refused_before_any_copy(stack,
     assert not (tmp_path / "datasets").exists()
 
 
-def test_nemo_stages_nothing(tmp_path) -> None:
+def test_nemo_stages_nothing_and_refuses_a_dataset_it_would_not_read(tmp_path) -> None:
     spec = run_spec("n", {"framework": "nemo"})
     cluster = {"shared_dir": str(tmp_path / "not-even-mounted"), "slurm_conn_id": "slurm_default"}
     assert stage_data(spec, {}, cluster, "aws_default")["files"] == 0
+    problem = dataset_problem(run_spec("n", {"framework": "nemo"}, "s3://bucket/data/"), "aws_default")
+    assert problem is not None and "NeMo's recipes train on synthetic tokens and read no dataset" in problem
 
 
 def test_a_dataset_that_is_not_there_is_named_before_anything_is_created(stack, aws) -> None:

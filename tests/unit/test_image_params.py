@@ -138,7 +138,7 @@ def test_container_build_args_default_to_the_dockerfile() -> None:
     [
         ({"image": "airflow"}, "image: got 'airflow'"),
         ({"build_args": {"PATH": "1"}}, "'PATH' is not an ARG"),
-        ({"image": "training", "platform": "eks", "build_args": {"NCCL_VERSION": "$(id)"}}, "must match"),
+        ({"image": "training", "platform": "eks", "build_args": {"NCCL_VERSION": "$(id)"}}, "a version or image tag"),
         ({"platform": "gcp"}, "platform: got 'gcp'"),
         # Each image where its nodes can run it: a CPU image published for GPU runs would fail them on their cluster.
         ({"platform": "parallelcluster"}, "image 'local-cpu' cannot run on platform 'parallelcluster'"),
@@ -268,3 +268,21 @@ def test_stopping_a_build_takes_down_its_whole_process_tree() -> None:
         for _ in range(50):
             os.kill(child, 0)
             time.sleep(0.1)
+
+
+def test_a_check_across_fields_is_said_as_itself() -> None:
+    # Not "conf: got {<the whole conf>}; Value error, ...": the check's own sentence names the fields.
+    with pytest.raises(ParamsError) as refused:
+        parse_params(container.ContainerBuildParams, {"image": "training"})
+    assert str(refused.value).splitlines()[1].startswith("image 'training' cannot run on platform 'local''s nodes")
+    assert "Value error" not in str(refused.value) and "conf" not in str(refused.value)
+
+
+def test_every_dockerfile_default_is_a_build_arg_a_person_may_give() -> None:
+    # NEURON_TAG's default (an image tag of 41 characters) was refused when typed into the form.
+    for image, platform in (("training", "eks"), ("neuron", "parallelcluster"), ("local-cpu", "local")):
+        defaults = container.build_arg_defaults(image)
+        params = parse_params(
+            container.ContainerBuildParams, {"image": image, "platform": platform, "build_args": defaults}
+        )
+        assert params.build_request()["build_args"] == defaults

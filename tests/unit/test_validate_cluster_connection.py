@@ -13,6 +13,7 @@ from dtp.hooks.slurm import SlurmHook
 from dtp.naming import RunNames
 from dtp.params import ParamsError
 from dtp.pipeline.validation import connect, validate_params
+from dtp.recipes import instance_types
 
 
 def _spec(conn_id: str) -> dict:
@@ -70,3 +71,14 @@ def test_a_remote_cluster_needs_the_interpreter_on_its_nodes(monkeypatch) -> Non
     monkeypatch.setenv("AIRFLOW_CONN_REMOTE", json.dumps({"conn_type": "generic", "extra": extra}))
     with pytest.raises(ParamsError, match="python: empty; the cluster behind 'remote' is reached over ssh: give"):
         connect(_spec("remote"))
+
+
+def test_a_remote_cluster_is_not_validated_as_the_local_profile_s_cpu_nodes(monkeypatch) -> None:
+    # local.cpu (the form's default) would skip the GPU checks and expect 0.1 GB/s: a p5 cluster would pass as is.
+    extra = {"transport": "ssh", "ssh_conn_id": "head_node"}
+    monkeypatch.setenv("AIRFLOW_CONN_REMOTE", json.dumps({"conn_type": "generic", "extra": extra}))
+    spec = _spec("remote")
+    spec["params"] |= {"python": "/usr/bin/python3", "instance_type": "local.cpu"}
+    spec["instance"] = instance_types()["local.cpu"].model_dump()
+    with pytest.raises(ParamsError, match=r"instance_type: got 'local\.cpu', the local profile's; the cluster behind"):
+        connect(spec)

@@ -20,13 +20,16 @@ from airflow.providers.amazon.aws.hooks.ssm import SsmHook
 from pydantic import Field, model_validator
 
 from dtp.images import ami
-from dtp.images.ami import IMAGES_DIR, VERSION
+from dtp.images.ami import IMAGES_DIR
 from dtp.params import FormParams
 from dtp.recipes import INCLUDE_DIR, Platform, instance_types
 
 CONTAINERS_DIR = IMAGES_DIR / "containers"
 TrainingImage = Literal["local-cpu", "training", "neuron"]
 _ARG = re.compile(r"^ARG\s+([A-Z][A-Z0-9_]*)=(\S+)\s*$")
+# A build arg's value goes into the Dockerfile's RUN commands and image references: a version or an image tag
+# (NEURON_TAG is 41 characters), from an alphabet with nothing a shell would read.
+BUILD_ARG = r"^[0-9A-Za-z][0-9A-Za-z.+_-]{0,127}$"
 
 
 def dockerfile(image: str) -> Path:
@@ -70,7 +73,9 @@ class ContainerBuildParams(FormParams):
         "local-cpu", title="Image", description="images/containers/<image>/Dockerfile (local-cpu: the local profile's)."
     )
     platform: Platform = Field(
-        "local", title="Platform", description="Publish as /dtp/images/<platform>/training, where its runs look."
+        "local",
+        title="Platform",
+        description="Publish as /dtp/images/<platform>/training (the neuron image: .../neuron), where its runs look.",
     )
     build_args: dict[str, str] = Field(
         default_factory=dict,
@@ -95,8 +100,11 @@ class ContainerBuildParams(FormParams):
                 raise ValueError(
                     f"build_args: {name!r} is not an ARG of {self.image}'s Dockerfile (allowed: {', '.join(allowed)})"
                 )
-            if not re.fullmatch(VERSION, value):
-                raise ValueError(f"build_args: {name}={value!r} must match {VERSION}")
+            if not re.fullmatch(BUILD_ARG, value):
+                raise ValueError(
+                    f"build_args: {name}={value!r}: a version or image tag is expected (letters, digits and . + _ -,"
+                    " at most 128, a letter or digit first), e.g. 2.28.3-1"
+                )
         return self
 
     def build_request(self) -> dict[str, Any]:

@@ -98,6 +98,10 @@ def dataset_problem(spec: dict[str, Any], aws_conn_id: str) -> str | None:
     refusing to list it), asked before anything is created; ``stage_data`` checks again as it copies. Lists keys
     only up to the first ``.txt`` (or one key, with the framework's files), however large the dataset."""
     source, framework = spec["params"]["dataset_uri"], spec["recipe"]["framework"]
+    if framework == "nemo" and source:  # a dataset it would never read: said, not silently ignored
+        return (
+            f"dataset_uri: got {source!r}; NeMo's recipes train on synthetic tokens and read no dataset: leave it empty"
+        )
     if not source or framework == "nemo":  # the shipped sample corpus; NeMo trains on synthetic tokens
         return None
     try:

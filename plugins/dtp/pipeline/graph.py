@@ -286,7 +286,7 @@ def training_pipeline(dag: DAG) -> None:
         pf_run >> pf_result
     staged >> pf_job
 
-    with TaskGroup("train", tooltip="training on Slurm or EKS, resumable from checkpoints"):
+    with TaskGroup("train", tooltip="training on Slurm, EKS or Batch, resumable from checkpoints"):
         job = prepare_training(spec, cluster, images, staged)
         # A job stopped at the time budget_usd pays for is not retried.
         run = run_prepared_job("run_job", job, cluster, time_limit=True, retries=1)

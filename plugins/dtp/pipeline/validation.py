@@ -66,6 +66,12 @@ def connect(spec: dict[str, Any]) -> dict[str, Any]:
             f"python: empty; the cluster behind {params['slurm_conn_id']!r} is reached over {transport}: give the "
             "path of the interpreter with torch on its nodes"
         )
+    if transport != "local" and spec["instance"]["platforms"] == ["local"]:  # no GPU check, a loopback floor
+        raise ParamsError(
+            f"instance_type: got {params['instance_type']!r}, the local profile's; the cluster behind "
+            f"{params['slurm_conn_id']!r} is reached over {transport}: give its nodes' instance type "
+            "(e.g. p5.48xlarge), which sets the GPU checks and the bandwidth floor"
+        )
     states = hook.node_states()
     working = {node for node, state in states.items() if usable(state)}
     left = working - set(expand_hostlist(params["exclude_nodes"]))  # "n1,n[1-2]" excludes two nodes
