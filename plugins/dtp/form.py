@@ -57,4 +57,5 @@ _PARAM_KEYS = {
     "items",
     "minItems",
     "uniqueItems",
+    "additionalProperties",  # extra_env's values are strings: {"NCCL_DEBUG": 1} is refused in the form too
 }

@@ -74,6 +74,7 @@ SCHEMA_BAD = [
     ("instance_type", "$(id)"),
     ("instance_type", "x" * 40 + ".large"),
     ("extra_env", ["X=1"]),
+    ("extra_env", {"NCCL_DEBUG": 1}),
 ]
 
 
