@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from dtp.hooks.slurm import TERMINAL_STATES, SlurmJob, _scontrol_fields
+from dtp.operators.slurm import SlurmJobOverTime, SlurmSubmitJobOperator
 from dtp.platforms import get_platform
 from dtp.platforms.local import LocalSlurmPlatform
 from dtp.triggers.slurm import SlurmJobTrigger
@@ -91,3 +92,11 @@ def test_trigger_round_trips_its_pending_timeout_and_reads_older_kwargs() -> Non
     # A trigger deferred before pending_timeout existed comes back from the database with the default hour.
     older = {key: value for key, value in kwargs.items() if key != "pending_timeout"}
     assert SlurmJobTrigger(**older).pending_timeout == 3600
+
+
+def test_a_job_stopped_at_its_partition_s_limit_says_so_rather_than_none_min() -> None:
+    # A job submitted without --time (the preflight's) runs up to its partition's MaxTime.
+    operator = SlurmSubmitJobOperator(task_id="t", script_path="/s.sh", job_name="j", output_path="/o-%j")
+    event = {"status": "failed", "state": "TIMEOUT", "job_id": "7", "tail": ["step 9"]}
+    with pytest.raises(SlurmJobOverTime, match=r"^Slurm job 7 ran past its partition's time limit and was"):
+        operator.execute_complete({}, event)

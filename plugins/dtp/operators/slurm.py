@@ -140,9 +140,10 @@ class SlurmSubmitJobOperator(BaseOperator):
         if event["status"] == "lost":
             raise SlurmJobFailed(f"Slurm job {job_id} is lost: {event['message']}. Last lines:\n{tail}")
         if event["state"] == "TIMEOUT":
+            minutes = int(self.time_limit_minutes or 0)
+            limit = f"its time limit of {minutes} min" if minutes else "its partition's time limit"
             raise SlurmJobOverTime(
-                f"Slurm job {job_id} ran past its time limit of {self.time_limit_minutes} min and was stopped by "
-                f"Slurm; not retried. Last lines:\n{tail}"
+                f"Slurm job {job_id} ran past {limit} and was stopped by Slurm; not retried. Last lines:\n{tail}"
             )
         if event["status"] != "success":
             raise SlurmJobFailed(
