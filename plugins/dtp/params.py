@@ -19,6 +19,7 @@ from dtp.pipeline.frameworks import DATASET_FILES, launch_problem
 from dtp.recipes import (
     Platform,
     RecipeError,
+    catalogue,
     get_recipe,
     instance_types,
 )
@@ -315,6 +316,16 @@ def validate_params(conf: dict[str, Any]) -> TrainParams:
             f"instance_type: got {params.instance_type!r} ({instance.accelerator}); recipe {params.recipe!r} trains "
             f"with {recipe.framework}, which runs on {runs_on}"
         )
+    if recipe is not None and instance is not None and instance.accelerator == "cpu" and not on_neuron:
+        types = instance_types()
+        sized_for = recipe.defaults.instance_type
+        if types[sized_for].accelerator != "cpu":  # a model that would not fit or finish on CPU nodes
+            cpus = [name for name, r in catalogue().items() if types[r.defaults.instance_type].accelerator == "cpu"]
+            problems.append(
+                f"instance_type: got {params.instance_type!r} (cpu); recipe {params.recipe!r} is sized for "
+                f"{sized_for} ({types[sized_for].accelerator}) nodes and would not fit or finish on CPU nodes: give "
+                f"an accelerator instance type, or a recipe for CPUs ({', '.join(cpus)})"
+            )
     if recipe is not None and instance is not None:
         try:
             recipe.ranks(params.num_nodes, instance.accelerators_per_node)

@@ -337,3 +337,16 @@ def test_env_name_with_trailing_newline_is_refused() -> None:
 
 
 # --- the trigger form -----------------------------------------------------------------------------
+
+
+def test_a_recipe_sized_for_gpus_is_refused_on_cpu_nodes() -> None:
+    # llama3_1_70b on the form's default 2 x local.cpu passed, and would have built its stacks before running out
+    # of memory.
+    message = refuse({"recipe": "llama3_1_70b"})
+    assert (
+        "instance_type: got 'local.cpu' (cpu); recipe 'llama3_1_70b' is sized for p5.48xlarge (H100) nodes" in message
+    )
+    assert "a recipe for CPUs (tiny, tiny_deep)" in message
+    assert "Trainium only" in refuse({"recipe": "llama3_1_8b_trn1"}) and "sized for" not in refuse(
+        {"recipe": "llama3_1_8b_trn1"}
+    )
