@@ -206,6 +206,7 @@ def test_bad_input_is_refused_before_anything_exists(airflow_api, run_leftovers,
     run_id, state, tasks = runs[run]
     assert state == "failed" and tasks["validate_params"] == "failed"
     assert message in _task_log(airflow_api, run_id, "validate_params")
+    assert tasks["watcher"] == "failed" and "failed: validate_params;" in _task_log(airflow_api, run_id, "watcher")
     assert tasks["deploy_network.create_stack"] == "upstream_failed"
     assert tasks["teardown_network"] in ("upstream_failed", "skipped")
     assert run_leftovers(DAG_ID, run_id) == {}

@@ -175,14 +175,21 @@ def teardown_network(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 @task(trigger_rule=TriggerRule.ONE_FAILED, retries=0)
-def watcher() -> None:
-    """Fail the run when any task failed.
+def watcher(**context: Any) -> None:
+    """Fail the run when any task failed, naming the tasks that had failed by then.
 
     The report may be skipped (no metrics) and teardowns do not decide a run's
     state, so without this a failed training could end in a "successful" run.
     The same idiom as the amazon provider's system tests.
     """
-    raise AirflowFailException("a task of this run failed; see the failed task's log")
+    ti = context["ti"]
+    try:
+        states = ti.get_task_states(dag_id=ti.dag_id, run_ids=[ti.run_id]).get(ti.run_id, {})
+        failed = ", ".join(sorted(task for task, state in states.items() if state == "failed"))
+    except Exception:  # the run fails all the same; only the names are missing
+        log.exception("Could not read the run's task states")
+        failed = ""
+    raise AirflowFailException(f"failed: {failed or 'a task of this run'}; see that task's log for why")
 
 
 def submit_prepared_slurm_job(task_id: str, job: Any, **kwargs: Any) -> SlurmSubmitJobOperator:
