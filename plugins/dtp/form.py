@@ -8,7 +8,7 @@ from typing import Any
 from airflow.sdk import Param
 
 from dtp.params import FormParams, TrainParams
-from dtp.recipes import PLATFORMS, recipe_names
+from dtp.recipes import PLATFORMS, instance_types, recipe_names
 
 
 def airflow_params(
@@ -32,6 +32,8 @@ def airflow_params(
             spec["enum"] = recipes or recipe_names()
         if name == "platform":
             spec["enum"] = list(PLATFORMS)
+        if name == "instance_type":  # a list to pick from, as validate_params accepts only these
+            spec["enum"] = sorted(instance_types())
         if name == "extra_env":
             spec["type"] = "object"
         default = defaults.get(name, prop.get("default", {}))

@@ -15,7 +15,7 @@ from dtp.params import (
     TrainParams,
     validate_params,
 )
-from dtp.recipes import PLATFORMS, catalogue, recipe_names
+from dtp.recipes import PLATFORMS, catalogue, instance_types, recipe_names
 
 
 @pytest.fixture(scope="module")
@@ -31,6 +31,9 @@ def test_form_has_one_param_per_field(form: dict[str, Any]) -> None:
 def test_form_schema_enums_limits_and_patterns(form: dict[str, Any]) -> None:
     assert form["recipe"].schema["enum"] == recipe_names() == sorted(catalogue())
     assert form["platform"].schema["enum"] == list(PLATFORMS)
+    assert form["instance_type"].schema["enum"] == sorted(instance_types()) and "p5.48xlarge" in sorted(
+        instance_types()
+    )
     assert form["num_nodes"].schema["type"] == "integer"
     assert (form["num_nodes"].schema["minimum"], form["num_nodes"].schema["maximum"]) == (1, 512)
     assert form["dataset_uri"].schema["pattern"] == S3_URI
