@@ -286,3 +286,11 @@ def test_every_dockerfile_default_is_a_build_arg_a_person_may_give() -> None:
             container.ContainerBuildParams, {"image": image, "platform": platform, "build_args": defaults}
         )
         assert params.build_request()["build_args"] == defaults
+
+
+def test_each_version_field_names_the_families_it_is_baked_into() -> None:
+    # From the families' playbooks, as the README's table lists them: CUDA goes into pcluster-gpu only.
+    form = airflow_params(model=ami.AmiBakeParams)
+    assert form["cuda_version"].description == "Baked into pcluster-gpu."
+    assert form["efa_installer_version"].description == f"Baked into {', '.join(ami.ami_families())}."
+    assert ami.families_installing("neuron") == ["pcluster-neuron"]

@@ -115,6 +115,22 @@ _COMPONENTS = {
 }
 
 
+# The role installing a component, where it is not named after it.
+_ROLES = {"efa_installer": "efa"}
+_PLAYBOOK_ROLE = re.compile(r"^\s+- (\w+)\s*$")
+
+
+def families_installing(component: str) -> list[str]:
+    """The families whose playbook runs the role that installs ``component`` (e.g. cuda: pcluster-gpu)."""
+    role = _ROLES.get(component, component)
+    playbooks = {family: PACKER_DIR / "ansible" / f"{family}.yml" for family in ami_families()}
+    return [
+        family
+        for family, playbook in playbooks.items()
+        if any((m := _PLAYBOOK_ROLE.match(line)) and m.group(1) == role for line in playbook.read_text().splitlines())
+    ]
+
+
 def _version_field(name: str, default: str) -> Any:
     component = name.removesuffix("_version")
     title = f"{_COMPONENTS.get(component, component)} version"
@@ -123,7 +139,7 @@ def _version_field(name: str, default: str) -> Any:
         Field(
             default,
             title=title,
-            description=f"Baked into the families that install {component}.",
+            description=f"Baked into {', '.join(families_installing(component)) or 'no family'}.",
             pattern=VERSION,
             max_length=32,
         ),
