@@ -291,6 +291,6 @@ def test_every_dockerfile_default_is_a_build_arg_a_person_may_give() -> None:
 def test_each_version_field_names_the_families_it_is_baked_into() -> None:
     # From the families' playbooks, as the README's table lists them: CUDA goes into pcluster-gpu only.
     form = airflow_params(model=ami.AmiBakeParams)
-    assert form["cuda_version"].description == "Baked into pcluster-gpu."
-    assert form["efa_installer_version"].description == f"Baked into {', '.join(ami.ami_families())}."
+    assert form["cuda_version"].description == "CUDA in the pcluster-gpu AMIs."
+    assert form["efa_installer_version"].description == f"EFA installer in the {', '.join(ami.ami_families())} AMIs."
     assert ami.families_installing("neuron") == ["pcluster-neuron"]

@@ -133,13 +133,14 @@ def families_installing(component: str) -> list[str]:
 
 def _version_field(name: str, default: str) -> Any:
     component = name.removesuffix("_version")
-    title = f"{_COMPONENTS.get(component, component)} version"
+    display = _COMPONENTS.get(component, component)
+    title = f"{display} version"
     return (
         str,
         Field(
             default,
             title=title,
-            description=f"Baked into {', '.join(families_installing(component)) or 'no family'}.",
+            description=f"{display} in the {', '.join(families_installing(component)) or 'no'} AMIs.",
             pattern=VERSION,
             max_length=32,
         ),
