@@ -13,7 +13,7 @@ from airflow.sdk.exceptions import AirflowNotFoundException
 from dtp.params import ParamsError, TrainParams, parse_params
 from dtp.pipeline.spec import build_spec, run_spec
 from dtp.platforms import get_platform
-from dtp.platforms.base import PlatformNotReady
+from dtp.platforms.base import PlatformNotReady, stop_before_delete
 from dtp.platforms.capacity import Placement, candidates, placements
 from dtp.platforms.eks import EksPlatform
 from dtp.platforms.hyperpod import HyperPodPlatform, options_after_failure, placement_of
@@ -299,7 +299,7 @@ def test_a_controller_without_its_connection_does_not_keep_the_runs_cluster(sett
     # stop_jobs, which deletes nothing after it, fails instead.
     monkeypatch.delenv("AIRFLOW_CONN_DTP_HYPERPOD_SLURM", raising=False)
     spec = spec_for(recipe="llama3_1_8b", num_nodes=4)
-    assert HyperPodPlatform()._stop_jobs_before_delete(spec) == []
+    assert stop_before_delete(HyperPodPlatform()._stop_jobs, spec) == []
     assert "Could not stop the run's jobs before deleting the cluster" in caplog.text
     assert "dtp_hyperpod_slurm" in caplog.text
     with pytest.raises(AirflowNotFoundException, match="dtp_hyperpod_slurm"):

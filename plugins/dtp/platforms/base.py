@@ -11,6 +11,8 @@ code: the local profile writes its own, a real account gets its own.
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -22,6 +24,7 @@ Scheduler = Literal["slurm", "kubernetes", "batch"]
 # The whole time of a preflight job off Slurm (PyTorchJob, Batch job): image pulls, the screen, the sweep.
 PREFLIGHT_DEADLINE_S = 900
 S = TypeVar("S", bound="PlatformSettings")
+log = logging.getLogger(__name__)
 
 
 class PlatformNotReady(RuntimeError):
@@ -93,6 +96,17 @@ class ComputePlatform(Protocol):
 
     def teardown(self, spec: dict[str, Any]) -> dict[str, Any]:
         """Stop the run's jobs and delete its cluster; verify nothing is left."""
+
+
+def stop_before_delete(stop: Callable[[dict[str, Any]], list[str]], spec: dict[str, Any]) -> list[str]:
+    """``stop(spec)``: the run's jobs stopped before its cluster is deleted. A controller, head node or API it cannot
+    reach (ssh, SSM, Kubernetes, a missing connection) is logged, not raised: deleting the cluster stops the jobs on
+    its nodes too, and must still run."""
+    try:
+        return stop(spec)
+    except Exception as err:
+        log.warning("Could not stop the run's jobs before deleting the cluster: %r", err)
+        return []
 
 
 @runtime_checkable

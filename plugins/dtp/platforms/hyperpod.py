@@ -31,7 +31,7 @@ from dtp.hooks.hyperpod import HyperPodHook
 from dtp.hooks.pytorchjob import PyTorchJobHook
 from dtp.hooks.slurm import SlurmHook
 from dtp.naming import aws_tags
-from dtp.platforms.base import PlatformNotReady, PlatformSettings, Scheduler
+from dtp.platforms.base import PlatformNotReady, PlatformSettings, Scheduler, stop_before_delete
 from dtp.platforms.capacity import Placement, instance_fields, is_capacity_error, is_capacity_failure, placements
 from dtp.platforms.containers import FSX_MOUNT, image_runtime
 from dtp.platforms.eks import (
@@ -319,15 +319,6 @@ class HyperPodPlatform:
             return delete_pytorchjobs(self.jobs, spec, timeout=600)
         return SlurmHook(self.settings.slurm_conn_id).cancel_and_wait(spec["names"]["slurm_job"], prefix=True)
 
-    def _stop_jobs_before_delete(self, spec: dict[str, Any]) -> list[str]:
-        """Stop the run's jobs before the cluster goes; an unreachable controller or API is logged, not raised:
-        deleting the cluster stops the jobs on its nodes too."""
-        try:
-            return self._stop_jobs(spec)
-        except Exception as err:  # ssh, SSM, Kubernetes or a missing connection alike: the delete must still run
-            log.warning("Could not stop the run's jobs before deleting the cluster: %r", err)
-            return []
-
     def _upload_lifecycle(self, spec: dict[str, Any], settings: HyperPodSettings, provisioning: str | None) -> None:
         """Copy the base-config, then DTP's on_create.sh and the run's parameters (Slurm; on EKS the base-config's
         own on_create.sh runs), under the run's prefix."""
@@ -353,7 +344,7 @@ class HyperPodPlatform:
         hook = HyperPodHook(aws_conn_id=self.aws_conn_id)
         cancelled: list[str] = []
         if hook.describe_cluster(name) is not None:
-            cancelled = self._stop_jobs_before_delete(spec)
+            cancelled = stop_before_delete(self._stop_jobs, spec)
         deleted = hook.delete_cluster_and_wait(name)
         s3 = S3Hook(aws_conn_id=self.aws_conn_id)
         bucket = settings.lifecycle_bucket

@@ -25,7 +25,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from dtp.platforms.base import PlatformNotReady, PlatformSettings
+from dtp.platforms.base import PlatformNotReady, PlatformSettings, stop_before_delete
 from dtp.platforms.containers import FSX_MOUNT, ngc_pytorch_image
 from dtp.platforms.pyxis import pyxis_runtime
 from dtp.recipes import INCLUDE_DIR, instance_types
@@ -311,12 +311,7 @@ class ParallelClusterPlatform:
         status = self.cluster_status(name)
         if status is None:
             return {"cluster_name": name, "cancelled_jobs": [], "deleted": False}
-        cancelled: list[str] = []
-        if status in READY_STATES:
-            try:
-                cancelled = self._cancel_jobs(spec)
-            except Exception as err:  # an unreachable head node: deleting the cluster stops every job anyway
-                log.warning("Could not cancel the run's Slurm jobs (%s); deleting the cluster stops them", err)
+        cancelled = stop_before_delete(self._cancel_jobs, spec) if status in READY_STATES else []
         deleted = self.cli.delete_cluster(name)
         deadline = time.monotonic() + timeout
         while (status := self.cluster_status(name)) is not None:
