@@ -120,15 +120,17 @@ _ROLES = {"efa_installer": "efa"}
 _PLAYBOOK_ROLE = re.compile(r"^\s+- (\w+)\s*$")
 
 
+@cache
+def _playbook_roles(family: str) -> frozenset[str]:
+    """The roles ``family``'s playbook lists by name."""
+    lines = (PACKER_DIR / "ansible" / f"{family}.yml").read_text().splitlines()
+    return frozenset(m.group(1) for line in lines if (m := _PLAYBOOK_ROLE.match(line)))
+
+
 def families_installing(component: str) -> list[str]:
     """The families whose playbook runs the role that installs ``component`` (e.g. cuda: pcluster-gpu)."""
     role = _ROLES.get(component, component)
-    playbooks = {family: PACKER_DIR / "ansible" / f"{family}.yml" for family in ami_families()}
-    return [
-        family
-        for family, playbook in playbooks.items()
-        if any((m := _PLAYBOOK_ROLE.match(line)) and m.group(1) == role for line in playbook.read_text().splitlines())
-    ]
+    return [family for family in ami_families() if role in _playbook_roles(family)]
 
 
 def _version_field(name: str, default: str) -> Any:
