@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from airflow.dag_processing.dagbag import DagBag
+from airflow.utils.file import find_path_from_directory
 
 from dtp.params import TrainParams
 
@@ -181,6 +182,14 @@ def test_dag_files_import_nothing_heavy_at_top_level(path: Path) -> None:
             names = [node.module]
         for name in names:
             assert name.split(".")[0] not in HEAVY_MODULES, f"{path.name} imports {name} at top level"
+
+
+def test_airflow_runs_only_the_plugin_module_of_the_plugins_folder() -> None:
+    # Airflow runs each .py file it finds there as a top-level module named after the file; the dtp package's
+    # modules would be imported a second time, and shadow others of the same name (the standard library's trace).
+    plugins = DAGS_DIR.parent / "plugins"
+    found = find_path_from_directory(str(plugins), ".airflowignore", "glob")
+    assert sorted(Path(f).relative_to(plugins).as_posix() for f in found if f.endswith(".py")) == ["dtp_plugin.py"]
 
 
 def test_one_regression_dag_per_scheduled_recipe(dagbag: DagBag) -> None:
