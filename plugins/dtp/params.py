@@ -45,6 +45,10 @@ RESERVED_ENV_PREFIXES = ("SLURM_", "PET_", "TORCHELASTIC_", "BASH_", "AWS_BATCH_
 P = TypeVar("P", bound=BaseModel)
 
 
+# Platforms whose nodes outlive runs: only there can a run name nodes to keep out of its jobs (exclude_nodes).
+NODES_OUTLIVE_RUNS = ("local",)
+
+
 class ParamsError(ValueError):
     """Invalid run parameters; the message names each field, its value and what is allowed."""
 
@@ -346,11 +350,15 @@ def validate_params(conf: dict[str, Any]) -> TrainParams:
                 f"budget_usd: got {params.budget_usd}; the estimated cost is {cost:.2f} USD "
                 f"({params.num_nodes} x {params.instance_type} for {params.max_steps} steps)"
             )
-    if params.exclude_nodes and params.platform in ("eks", "batch"):
-        problems.append(
-            f"exclude_nodes: got {params.exclude_nodes!r}; platform {params.platform!r} does not schedule with "
-            "Slurm, which reads it (cordon the node in Kubernetes, or take it out of the compute environment)"
+    if params.exclude_nodes and params.platform not in NODES_OUTLIVE_RUNS:
+        why = (
+            "does not schedule with Slurm, which reads it (cordon the node in Kubernetes, or take it out of the "
+            "compute environment)"
+            if params.platform in ("eks", "batch")
+            else "creates a cluster for each run, whose node names no run knows beforehand (a node an earlier "
+            "run's preflight found bad went with that run's cluster)"
         )
+        problems.append(f"exclude_nodes: got {params.exclude_nodes!r}; platform {params.platform!r} {why}")
     if problems:
         raise ParamsError("invalid parameters:\n" + "\n".join(problems))
     return params

@@ -12,6 +12,8 @@ from slurm_support import XComSink, job_script, submit
 
 from dtp.hooks.slurm import SlurmHook
 from dtp.operators.slurm import SlurmJobFailed, SlurmJobOverTime, SlurmSubmitJobOperator
+from dtp.params import ParamsError
+from dtp.pipeline.spec import build_spec
 from dtp.triggers.slurm import SlurmJobTrigger
 
 pytestmark = pytest.mark.stack
@@ -164,6 +166,16 @@ def test_read_file_continues_from_offset(workdir: Path) -> None:
 
 def test_node_count(stack) -> None:
     assert SlurmHook().node_count() == stack.slurm_nodes
+
+
+def test_excluded_nodes_count_once_against_the_cluster_and_must_be_its_own(stack) -> None:
+    conf = {"platform": "local", "recipe": "tiny", "num_nodes": 1}
+    spec = build_spec({}, {**conf, "exclude_nodes": "n2,n2,n[2-2]"}, "train_e2e", "manual__1")
+    assert spec["params"]["exclude_nodes"] == "n2,n2,n[2-2]"
+    with pytest.raises(ParamsError, match=r"has at most 0 nodes once 2 are excluded"):
+        build_spec({}, {**conf, "exclude_nodes": "n[1-2],n1"}, "train_e2e", "manual__1")
+    with pytest.raises(ParamsError, match=r"got 'n\[2-3\]'; the cluster has no node n3 \(its nodes: n1, n2\)"):
+        build_spec({}, {**conf, "exclude_nodes": "n[2-3]"}, "train_e2e", "manual__1")
 
 
 def test_platform_teardown_cancels_every_job_of_the_run(workdir: Path) -> None:

@@ -162,6 +162,10 @@ def test_gpu_health_names_the_bad_node_and_how_to_exclude_it() -> None:
     ]
     assert bad_nodes(failures) == ["n7"]
     assert preflight_message(failures).endswith("to train without them, trigger again with exclude_nodes=n7")
+    # A cluster made for the run goes with it: the next run's has other nodes, and refuses exclude_nodes.
+    assert preflight_message(failures, nodes_outlive_runs=False).endswith(
+        "Xid 79 (GPU has fallen off the bus) on PCI:0000:53:00"
+    )
 
 
 def test_missing_gpus_fail_but_cpu_instances_skip_gpu_checks() -> None:

@@ -120,9 +120,10 @@ def bad_nodes(failures: list[str]) -> list[str]:
     return sorted({f.split(":", 1)[0].removeprefix("node ") for f in failures if f.startswith("node ")})
 
 
-def preflight_message(failures: list[str]) -> str:
-    """The task's error: every failure, then how to run without the nodes found bad."""
+def preflight_message(failures: list[str], nodes_outlive_runs: bool = True) -> str:
+    """The task's error: every failure, then how to run without the nodes found bad, on a cluster whose nodes
+    outlive the run (a cluster made for the run goes with it)."""
     message = "preflight failed:\n" + "\n".join(failures)
-    if nodes := bad_nodes(failures):
+    if (nodes := bad_nodes(failures)) and nodes_outlive_runs:
         message += f"\nto train without them, trigger again with exclude_nodes={','.join(nodes)}"
     return message

@@ -15,6 +15,7 @@ from dtp.naming import RunNames, expiry, resource_tags
 from dtp.params import ParamsError, TrainParams, validate_params
 from dtp.pipeline.network import NETWORK_CONN_ID, existing_network, needs_network
 from dtp.platforms import get_platform
+from dtp.platforms.local import LocalSlurmPlatform
 from dtp.recipes import get_recipe, instance_types
 
 
@@ -33,12 +34,18 @@ def build_spec(
             f"{validated.platform} DTP runs its own FSDP trainer only (the other frameworks launch from Slurm batch "
             "scripts): choose an fsdp recipe or a Slurm platform"
         )
-    excluded = len(set(expand_hostlist(validated.exclude_nodes)))  # "n1,n[1-2]" excludes two nodes, not three
-    capacity = platform.max_nodes() - excluded
+    excluded = set(expand_hostlist(validated.exclude_nodes))  # "n1,n[1-2]" excludes two nodes, not three
+    # The one platform whose nodes outlive runs (params refuses exclude_nodes elsewhere): names it does not have.
+    if excluded and isinstance(platform, LocalSlurmPlatform) and (unknown := excluded - set(platform.node_names())):
+        raise ParamsError(
+            f"invalid parameters:\nexclude_nodes: got {validated.exclude_nodes!r}; the cluster has no node "
+            f"{', '.join(sorted(unknown))} (its nodes: {', '.join(platform.node_names())})"
+        )
+    capacity = platform.max_nodes() - len(excluded)
     if validated.num_nodes > capacity:
         raise ParamsError(
             f"invalid parameters:\nnum_nodes: got {validated.num_nodes}; platform {validated.platform!r} "
-            f"has at most {capacity} nodes" + (f" once {excluded} are excluded" if excluded else "")
+            f"has at most {capacity} nodes" + (f" once {len(excluded)} are excluded" if excluded else "")
         )
     spec = run_spec(validated, dag_id, run_id, incarnation)
     spec["existing_network"] = existing_network()

@@ -30,6 +30,9 @@ class LocalSlurmPlatform:
     def max_nodes(self) -> int:
         return self.hook.node_count()
 
+    def node_names(self) -> list[str]:
+        return sorted(self.hook.node_states())
+
     def existing_file_system(self) -> str:
         return ""  # the host's shared directory: no VPC to be in
 
