@@ -52,7 +52,16 @@ def test_provision_twice_makes_one_cluster_and_teardown_leaves_nothing(spec, out
     trigger = platform.ready_trigger(cluster)
     # The wait counts from the cluster's creation, also for a retry that finds the cluster an earlier try created.
     assert trigger.started_at == cluster["created_at"] == described["CreationTime"].timestamp()
-    assert first_event(trigger) == {"status": "success", "message": f"HyperPod cluster {run_key} is InService"}
+    event = first_event(trigger)
+    assert (event["status"], event["message"]) == ("success", f"HyperPod cluster {run_key} is InService")
+    # Where the Slurm connection's ssh goes from then on: the controller, by its SSM target.
+    (controller,) = [
+        node["InstanceId"]
+        for node in aws("sagemaker").list_cluster_nodes(ClusterName=run_key)["ClusterNodeSummaries"]
+        if node["InstanceGroupName"] == "controller-machine"
+    ]
+    cluster_id = cluster["cluster_arn"].rsplit("/", 1)[1]
+    assert event["cluster"] == {"head_node": f"sagemaker-cluster:{cluster_id}_controller-machine-{controller}"}
 
     # keep_cluster's end of the run: a job of the run on the controller's Slurm (the stack's) is cancelled.
     script = stack.shared_dir / "it" / f"{run_key}.sh"
@@ -126,7 +135,8 @@ def test_on_eks_the_cluster_comes_and_goes_even_when_its_eks_cluster_is_out_of_r
         # The base-config's own on_create.sh, no Slurm parameters.
         listed = s3.list_objects_v2(Bucket=bucket, Prefix=f"{run_key}/")["Contents"]
         assert [o["Key"] for o in listed] == [f"{run_key}/lifecycle/on_create.sh"]
-        assert first_event(platform.ready_trigger(cluster))["status"] == "success"
+        event = first_event(platform.ready_trigger(cluster))
+        assert event["status"] == "success" and "cluster" not in event  # no controller, no head node
     finally:
         # The emulator has no such EKS cluster: the run's jobs cannot be deleted, the cluster still is.
         result = platform.teardown(spec)

@@ -87,7 +87,7 @@ def test_a_cluster_on_an_existing_file_system_names_it_for_the_checkpoint_export
 def test_a_cluster_whose_head_node_runs_slurm_is_ready(monkeypatch, tmp_path, first_event, status) -> None:
     use_settings(monkeypatch, key_name="k", pcluster=stand_in_pcluster(tmp_path, status))
     event = first_event(ParallelClusterCreateTrigger("dtp-train-e2e-0123456789", poll_interval=0.1))
-    assert (event["status"], event["cluster"]) == ("success", {"head_node_ip": "10.0.0.7"})
+    assert (event["status"], event["cluster"]) == ("success", {"head_node": "10.0.0.7"})
 
 
 def test_a_cluster_that_failed_to_create_fails_the_wait(monkeypatch, tmp_path, first_event) -> None:

@@ -76,6 +76,13 @@ CONTEXTS: dict[str, dict[str, Any]] = {
         "log_dir": Path("/var/dtp/logs"),
         "cpus": 2,
     },
+    "ssh/sshd_config.j2": {
+        "port": 16022,
+        "host_key": Path("/var/dtp/ssh/host"),
+        "authorized_keys": Path("/var/dtp/ssh/authorized_keys"),
+        "user": "dtp",
+        "slurm_conf": Path("/var/dtp/slurm/slurm.conf"),
+    },
 }
 SHELL_TEMPLATES = [name for name in CONTEXTS if name.endswith((".sh.j2", ".sbatch.j2"))]
 

@@ -61,6 +61,17 @@ class HyperPodHook(AwsBaseHook):
             raise RuntimeError(f"HyperPod cluster {name} was created but cannot be described")
         return created
 
+    def node_target(self, cluster: dict[str, Any], group: str) -> str | None:
+        """The SSM target of the described ``cluster``'s first node in instance group ``group``, as
+        ``aws ssm start-session --target`` takes it (``sagemaker-cluster:<cluster id>_<group>-<instance id>``);
+        None while the group has no node."""
+        found = self.conn.list_cluster_nodes(ClusterName=cluster["ClusterName"], InstanceGroupNameContains=group)
+        nodes = [node for node in found["ClusterNodeSummaries"] if node["InstanceGroupName"] == group]
+        if not nodes:
+            return None
+        cluster_id = cluster["ClusterArn"].rsplit("/", 1)[1]
+        return f"sagemaker-cluster:{cluster_id}_{group}-{nodes[0]['InstanceId']}"
+
     def tagged_clusters(self) -> list[tuple[str, dict[str, str]]]:
         """Every cluster's name with its tags (the reaper's view of the account)."""
         clusters = []

@@ -3,7 +3,8 @@
 The connection says how they are reached. ``transport: local`` runs commands and opens files on this host:
 the local profile, an Airflow worker on a ParallelCluster head node, or a worker pod that mounts the EKS
 cluster's FSx claim (no connection at all). ``transport: ssh`` runs them on the head node through the ssh
-provider's ``SSHHook`` (``ssh_conn_id`` in the extra).
+provider's ``SSHHook`` (``ssh_conn_id`` in the extra): the SSH connection's login and key, and its host unless the
+cluster names its own head node (a cluster created per run: its address is known only once it is up).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import shutil
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from functools import cached_property
-from typing import Any
+from typing import Any, Self
 
 from airflow.sdk import BaseHook
 
@@ -29,21 +30,25 @@ class SharedFilesystemHook(BaseHook):
 
     :param conn_id: a connection whose extra holds ``transport``, ``ssh_conn_id``, ``shared_dir``; None: the
         filesystem is mounted on this worker at ``DTP_SHARED_DIR`` (default ``/fsx``)
+    :param head_node: over ssh, the host to reach instead of the SSH connection's own (the head node of a cluster
+        created for the run: an address, or a name the worker's ``~/.ssh/config`` gives a ProxyCommand)
     """
 
     conn_name_attr = "conn_id"
     conn_type = "generic"
     hook_name = "Shared filesystem"
 
-    def __init__(self, conn_id: str | None = None) -> None:
+    def __init__(self, conn_id: str | None = None, head_node: str | None = None) -> None:
         super().__init__()
         self.conn_id = conn_id
+        self.head_node = head_node
 
     @classmethod
-    def of_cluster(cls, cluster: dict[str, Any]) -> SharedFilesystemHook:
-        """The filesystem of a cluster ``provision`` described: through its Slurm connection, or mounted here
-        where the cluster has none (EKS: the training queue's worker pods mount its FSx claim)."""
-        return cls(cluster.get("slurm_conn_id"))
+    def of_cluster(cls, cluster: dict[str, Any]) -> Self:
+        """The filesystem of a cluster ``provision`` described: through its Slurm connection (and head node, where
+        the platform created one), or mounted here where the cluster has none (EKS: the training queue's worker
+        pods mount its FSx claim)."""
+        return cls(cluster.get("slurm_conn_id"), cluster.get("head_node"))
 
     @cached_property
     def extra(self) -> dict[str, Any]:
@@ -59,25 +64,32 @@ class SharedFilesystemHook(BaseHook):
         return self.extra.get("shared_dir") or os.environ.get("DTP_SHARED_DIR", "/fsx")
 
     def run(self, argv: list[str], *, check: bool = True, input_text: str | None = None) -> str:
+        """Run ``argv`` where the filesystem is mounted; its stdout (``ClusterCommandError`` when it fails and
+        ``check``)."""
+        return self._execute(argv, check=check, input_text=input_text).decode(errors="replace")
+
+    def _execute(self, argv: list[str], *, check: bool = True, input_text: str | None = None) -> bytes:
         if self.transport == "local":
             env = dict(os.environ)
             if self.extra.get("slurm_conf"):
                 env["SLURM_CONF"] = self.extra["slurm_conf"]
-            proc = subprocess.run(argv, capture_output=True, text=True, env=env, input=input_text, timeout=120)
+            stdin = None if input_text is None else input_text.encode()
+            proc = subprocess.run(argv, capture_output=True, env=env, input=stdin, timeout=120)
             rc, out, err = proc.returncode, proc.stdout, proc.stderr
         elif self.transport == "ssh":
             rc, out, err = self._run_ssh(argv, input_text)
         else:
             raise ValueError(f"connection {self.conn_id!r}: transport {self.transport!r} is not local or ssh")
         if check and rc != 0:
-            raise ClusterCommandError(f"{' '.join(argv[:2])} exited {rc}: {err.strip() or out.strip()}")
+            message = (err.strip() or out.strip()).decode(errors="replace")
+            raise ClusterCommandError(f"{' '.join(argv[:2])} exited {rc}: {message}")
         return out
 
-    def _run_ssh(self, argv: list[str], input_text: str | None) -> tuple[int, str, str]:
+    def _run_ssh(self, argv: list[str], input_text: str | None) -> tuple[int, bytes, bytes]:
         from airflow.providers.ssh.hooks.ssh import SSHHook
 
         command = shlex.join(argv)
-        with SSHHook(ssh_conn_id=self.extra["ssh_conn_id"]).get_conn() as client:
+        with SSHHook(ssh_conn_id=self.extra["ssh_conn_id"], remote_host=self.head_node or "").get_conn() as client:
             stdin, stdout, stderr = client.exec_command(command, timeout=120)
             if input_text is not None:
                 stdin.write(input_text)
@@ -87,10 +99,11 @@ class SharedFilesystemHook(BaseHook):
             with ThreadPoolExecutor(max_workers=1) as pool:
                 err = pool.submit(stderr.read)
                 out = stdout.read()
-                return stdout.channel.recv_exit_status(), out.decode(), err.result().decode()
+                return stdout.channel.recv_exit_status(), out, err.result()
 
     def read_file(self, path: str, offset: int = 0) -> tuple[str, int]:
-        """Bytes of ``path`` from ``offset`` on, and the new offset (``("", offset)`` if absent)."""
+        """The text of ``path`` from byte ``offset`` on, and the new offset (``("", offset)`` if absent). A
+        character cut by the end of what was written so far is read whole on the next call."""
         if self.transport == "local":
             try:
                 with open(path, "rb") as fh:
@@ -99,8 +112,9 @@ class SharedFilesystemHook(BaseHook):
             except FileNotFoundError:
                 return "", offset
         else:
-            data = self.run(["tail", "-c", f"+{offset + 1}", path], check=False).encode()
-        return data.decode(errors="replace"), offset + len(data)
+            data = self._execute(["tail", "-c", f"+{offset + 1}", path], check=False)
+        whole = _whole_characters(data)
+        return whole.decode(errors="replace"), offset + len(whole)
 
     def list_files(self, path: str) -> list[str]:
         """Names of the regular files directly in ``path`` (empty if it does not exist)."""
@@ -135,3 +149,15 @@ class SharedFilesystemHook(BaseHook):
         else:
             self.run(["mkdir", "-p", os.path.dirname(path)])
             self.run(["sh", "-c", 'cat > "$0" && chmod "$1" "$0"', path, oct(mode)[2:]], input_text=text)
+
+
+def _whole_characters(data: bytes) -> bytes:
+    """``data`` less a UTF-8 character its end cuts in two (at most three bytes)."""
+    for back in range(1, min(4, len(data)) + 1):
+        byte = data[-back]
+        if byte < 0x80:  # ASCII: nothing cut
+            return data
+        if byte >= 0xC0:  # the lead byte of a character of 2, 3 or 4 bytes
+            length = 2 if byte < 0xE0 else 3 if byte < 0xF0 else 4
+            return data if back >= length else data[:-back]
+    return data

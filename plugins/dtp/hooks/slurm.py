@@ -57,8 +57,8 @@ class SlurmHook(SharedFilesystemHook):
     conn_type = "generic"
     hook_name = "Slurm"
 
-    def __init__(self, slurm_conn_id: str = default_conn_name) -> None:
-        super().__init__(slurm_conn_id)
+    def __init__(self, slurm_conn_id: str = default_conn_name, head_node: str | None = None) -> None:
+        super().__init__(slurm_conn_id, head_node)
         self.slurm_conn_id = slurm_conn_id
 
     @property

@@ -12,6 +12,7 @@ import json
 import os
 import secrets
 import shlex
+import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,7 @@ class Ports:
     slurmd_first: int = 17001
     redis: int = 16379
     registry: int = 15000
+    sshd: int = 16022
 
     @classmethod
     def with_offset(cls, offset: int) -> Ports:
@@ -115,6 +117,20 @@ class StackConfig:
         return self.home / "fsx"
 
     @property
+    def ssh_dir(self) -> Path:
+        return self.home / "ssh"
+
+    def ssh_key(self, name: str) -> Path:
+        """An ed25519 key pair made once per state directory: the private key's path (the public key beside it,
+        ``.pub``)."""
+        path = self.ssh_dir / name
+        if not path.exists():
+            self.ssh_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            argv = ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"dtp-{name}", "-f", str(path)]
+            subprocess.run(argv, check=True, capture_output=True)
+        return path
+
+    @property
     def passwords_file(self) -> Path:
         return self.airflow_home / "passwords.json"
 
@@ -180,11 +196,29 @@ class StackConfig:
                 "python": sys.executable,
             },
         }
+        # The stack's sshd stands in for a head node reached over ssh (ParallelCluster's, HyperPod's controller, a
+        # cluster of your own): slurm_ssh is the Slurm cluster of slurm_default, through it.
+        head_node = {
+            "conn_type": "ssh",
+            "host": "127.0.0.1",
+            "port": self.ports.sshd,
+            "login": self.user,
+            "extra": {
+                "key_file": str(self.ssh_key("client")),
+                "host_key": self.ssh_key("host").with_name("host.pub").read_text().strip(),
+            },
+        }
+        slurm_ssh = {
+            "conn_type": "generic",
+            "extra": {"transport": "ssh", "ssh_conn_id": "slurm_head", "shared_dir": str(self.shared_dir)},
+        }
         # A plain-HTTP OCI registry on loopback stands in for ECR.
         registry = {"conn_type": "generic", "host": self.registry, "extra": {"tls_verify": False}}
         return {
             "AIRFLOW_CONN_AWS_DEFAULT": json.dumps(aws),
             "AIRFLOW_CONN_SLURM_DEFAULT": json.dumps(slurm),
+            "AIRFLOW_CONN_SLURM_HEAD": json.dumps(head_node),
+            "AIRFLOW_CONN_SLURM_SSH": json.dumps(slurm_ssh),
             "AIRFLOW_CONN_CONTAINER_REGISTRY": json.dumps(registry),
             "AIRFLOW_CONN_DTP_HYPERPOD": json.dumps(hyperpod),
         }

@@ -1,4 +1,4 @@
-"""The local stack's services (PostgreSQL, munge, Slurm, Redis, the registry, the emulator, Airflow): each one a
+"""The local stack's services (PostgreSQL, munge, Slurm, sshd, Redis, the registry, the emulator, Airflow): each one a
 ``Daemon`` (``dtp.local.daemon``) that knows how to prepare, start, check and stop itself."""
 
 from __future__ import annotations
@@ -158,6 +158,37 @@ def _slurmd(index: int) -> Daemon:
         ports=lambda cfg: [cfg.ports.slurmd(cfg.slurm_nodes)[index]],
         health=lambda cfg: port_open(cfg.ports.slurmd(cfg.slurm_nodes)[index]),
         env=slurm_env,
+    )
+
+
+# --- sshd ---------------------------------------------------------------------
+
+
+def _prepare_sshd(cfg: StackConfig) -> None:
+    authorized_keys = cfg.ssh_dir / "authorized_keys"
+    authorized_keys.write_text(cfg.ssh_key("client").with_name("client.pub").read_text())
+    authorized_keys.chmod(0o600)
+    config = render(
+        "ssh/sshd_config.j2",
+        port=cfg.ports.sshd,
+        host_key=cfg.ssh_key("host"),
+        authorized_keys=authorized_keys,
+        user=cfg.user,
+        slurm_conf=cfg.slurm_conf,
+    )
+    (cfg.ssh_dir / "sshd_config").write_text(config)
+    if os.geteuid() == 0:  # sshd run by root separates privileges, in a directory it expects to exist
+        Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
+
+
+def _sshd() -> Daemon:
+    """Debian's OpenSSH server on loopback, as the stack's user: the head node of the ``slurm_ssh`` connection."""
+    return Daemon(
+        name="sshd",
+        command=lambda c: ["/usr/sbin/sshd", "-D", "-e", "-f", str(c.ssh_dir / "sshd_config")],
+        ports=lambda c: [c.ports.sshd],
+        health=lambda c: port_open(c.ports.sshd),
+        prepare=_prepare_sshd,
     )
 
 
@@ -325,7 +356,7 @@ def build_services(cfg: StackConfig) -> list[Daemon]:
         ),
     ]
     services += [_slurmd(i) for i in range(cfg.slurm_nodes)]
-    services.append(_registry())
+    services += [_sshd(), _registry()]
     if cfg.executor == "celery":
         services.append(_redis())
     services += [

@@ -41,12 +41,15 @@ class SlurmSubmitJobOperator(BaseOperator):
         before it is cancelled and the task fails with Slurm's reason; the clock restarts when the job runs and is
         requeued (0: no limit)
     :param sbatch_args: extra sbatch arguments, e.g. ``["--nodes=2"]``
+    :param slurm_conn_id: the cluster's Slurm connection (see ``SlurmHook``)
+    :param head_node: over ssh, the host to reach instead of the SSH connection's own (a cluster created per run)
     :param time_limit_minutes: sbatch ``--time``: Slurm stops the job after this many minutes, less what earlier
         jobs of this name ran (0: no limit)
     """
 
     template_fields: Sequence[str] = (
         "slurm_conn_id",
+        "head_node",
         "script_path",
         "job_name",
         "output_path",
@@ -70,6 +73,7 @@ class SlurmSubmitJobOperator(BaseOperator):
         time_limit_minutes: int | str = 0,
         poll_interval: float = 5.0,
         slurm_conn_id: str = SlurmHook.default_conn_name,
+        head_node: str | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -83,9 +87,10 @@ class SlurmSubmitJobOperator(BaseOperator):
         self.time_limit_minutes = time_limit_minutes
         self.poll_interval = poll_interval
         self.slurm_conn_id = slurm_conn_id
+        self.head_node = head_node
 
     def execute(self, context: Any) -> dict[str, Any] | None:
-        hook = SlurmHook(self.slurm_conn_id)
+        hook = SlurmHook(self.slurm_conn_id, self.head_node)
         active = hook.find_jobs(self.job_name)
         ended = hook.ended_jobs(self.job_name)
         completed = [job for job in ended if job.succeeded]
@@ -116,6 +121,7 @@ class SlurmSubmitJobOperator(BaseOperator):
                 job_id=job_id,
                 log_path=log_path,
                 slurm_conn_id=self.slurm_conn_id,
+                head_node=self.head_node,
                 poll_interval=self.poll_interval,
                 hang_timeout=float(self.hang_timeout),
                 pending_timeout=float(self.pending_timeout),
@@ -157,7 +163,7 @@ class SlurmSubmitJobOperator(BaseOperator):
         """Cancel the job and wait until Slurm no longer lists it, so that a retry submits a new one rather than
         re-attaching to it; say what became of it."""
         try:
-            SlurmHook(self.slurm_conn_id).cancel_and_wait(self.job_name)
+            SlurmHook(self.slurm_conn_id, self.head_node).cancel_and_wait(self.job_name)
         except ClusterCommandError as err:
             self.log.exception("Could not cancel Slurm job %s (%s)", job_id, self.job_name)
             return f"cancelling it failed ({err})"

@@ -32,7 +32,7 @@ from dtp.operators.cluster import DeployClusterOperator
 from dtp.operators.pytorchjob import EksPyTorchJobOperator
 from dtp.operators.report import TrainingReportOperator
 from dtp.operators.slurm import SlurmSubmitJobOperator
-from dtp.params import ParamsError
+from dtp.params import NODES_OUTLIVE_RUNS, ParamsError
 from dtp.pipeline import checkpoints, data, jobs, network, results
 from dtp.pipeline.spec import build_spec
 from dtp.platforms import get_platform
@@ -118,7 +118,7 @@ def record_resources(
 
 
 @task(multiple_outputs=True, queue=TRAINING_QUEUE)
-def prepare_preflight(spec: dict[str, Any], cluster: dict[str, Any], images: dict[str, str]) -> dict[str, str]:
+def prepare_preflight(spec: dict[str, Any], cluster: dict[str, Any], images: dict[str, str]) -> dict[str, str | None]:
     return jobs.prepare_preflight(spec, cluster, images)
 
 
@@ -128,7 +128,8 @@ def check_preflight(
 ) -> dict[str, Any]:
     checked = results.check_preflight(spec, cluster, results_path, nccl_tests_path)
     if checked["failures"]:
-        raise AirflowFailException(preflight_message(checked["failures"]))
+        outlive = spec["params"]["platform"] in NODES_OUTLIVE_RUNS
+        raise AirflowFailException(preflight_message(checked["failures"], nodes_outlive_runs=outlive))
     return checked["result"]
 
 
@@ -203,6 +204,7 @@ def submit_prepared_slurm_job(task_id: str, job: Any, **kwargs: Any) -> SlurmSub
         hang_timeout=HANG_TIMEOUT_S,
         pending_timeout=PENDING_TIMEOUT_S,
         slurm_conn_id=job["slurm_conn_id"],
+        head_node=job["head_node"],
         queue=TRAINING_QUEUE,
         **kwargs,
     )

@@ -101,13 +101,14 @@ def _prepare_off_slurm(
 
 def _write_job(
     hook: SlurmHook, spec: dict[str, Any], workdir: Path, kind: str, script: str, job_name: str
-) -> dict[str, str]:
+) -> dict[str, str | None]:
     """Write the batch script and its log folder; return what the Slurm operator needs to submit it."""
     script_path = workdir / f"{kind}.sbatch"
     hook.write_file(str(script_path), script, mode=0o755)
     hook.make_dirs(str(workdir / "logs"))
     return {
         "slurm_conn_id": hook.slurm_conn_id,
+        "head_node": hook.head_node,
         "script_path": str(script_path),
         "output_path": str(workdir / "logs" / f"{kind}-%j.out"),
         "job_name": job_name,
@@ -115,13 +116,13 @@ def _write_job(
     }
 
 
-def prepare_preflight(spec: dict[str, Any], cluster: dict[str, Any], images: dict[str, Any]) -> dict[str, str]:
+def prepare_preflight(spec: dict[str, Any], cluster: dict[str, Any], images: dict[str, Any]) -> dict[str, str | None]:
     workdir = claim_run_dir(spec, cluster)  # validate_cluster's first write there (train_e2e's is stage_data)
     results = workdir / "preflight.json"
     if cluster["scheduler"] != "slurm":  # torch's all-reduce sweep measures the bus bandwidth
         job = _prepare_off_slurm(spec, cluster, images, "preflight")
         return {**job, "results_path": str(results), "nccl_tests_path": ""}
-    hook = SlurmHook(cluster["slurm_conn_id"])
+    hook = SlurmHook.of_cluster(cluster)
     instance = instance_of(spec, cluster)
     nccl_tests = workdir / "nccl-tests.out" if instance["collective_test"] == "nccl-tests" else None
     script = render(
@@ -197,7 +198,7 @@ def prepare_training(
     SharedFilesystemHook.of_cluster(cluster).write_file(str(config_path), json.dumps(config, indent=1))
     if cluster["scheduler"] != "slurm":
         return _prepare_off_slurm(spec, cluster, images, "train") | outputs
-    hook = SlurmHook(cluster["slurm_conn_id"])
+    hook = SlurmHook.of_cluster(cluster)
     script = render(
         "slurm/train.sbatch.j2",
         **_common(spec, images, cluster),
@@ -215,7 +216,7 @@ def _prepare_framework_training(
 ) -> dict[str, Any]:
     """The batch script of a framework other than DTP's trainer (``dtp.pipeline.frameworks``); its metrics are the
     step lines of its own log, read by that framework's parser."""
-    hook = SlurmHook(cluster["slurm_conn_id"])
+    hook = SlurmHook.of_cluster(cluster)
     workdir = run_dir(spec, cluster)
     args = frameworks.template_args(spec, images, str(workdir), cluster["shared_dir"])
     script = render(frameworks.TEMPLATES[spec["recipe"]["framework"]], **_common(spec, images, cluster), **args)

@@ -113,7 +113,7 @@ def connect_cluster(spec: dict[str, Any]) -> dict[str, Any]:
 
 # It and evaluate read and write the cluster's shared filesystem: on the training queue, whose worker mounts it.
 @task(multiple_outputs=True, queue=TRAINING_QUEUE)
-def prepare_checks(spec: dict[str, Any], cluster: dict[str, Any]) -> dict[str, str]:
+def prepare_checks(spec: dict[str, Any], cluster: dict[str, Any]) -> dict[str, str | None]:
     return jobs.prepare_preflight(spec, cluster, {"python": cluster["python"]})
 
 
@@ -135,7 +135,7 @@ def verdict(result: dict[str, Any]) -> None:
 
 @task(retries=3)
 def cancel_jobs(spec: dict[str, Any], cluster: dict[str, Any]) -> list[str]:
-    return SlurmHook(cluster["slurm_conn_id"]).cancel_and_wait(spec["names"]["slurm_job"], prefix=True)
+    return SlurmHook.of_cluster(cluster).cancel_and_wait(spec["names"]["slurm_job"], prefix=True)
 
 
 def validation_pipeline() -> None:

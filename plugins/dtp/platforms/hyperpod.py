@@ -7,8 +7,10 @@ controller group and a compute group; the task then waits in the triggerer
 until the cluster is InService. ``teardown`` cancels the run's Slurm jobs,
 deletes the cluster, waits until it is gone and deletes the run's lifecycle
 objects. Jobs reach the controller through the Slurm connection the
-``dtp_hyperpod`` connection names (ssh over SSM on AWS; on the local profile,
-the stack's Slurm cluster stands in for the controller's).
+``dtp_hyperpod`` connection names: on AWS its ssh goes to the run's controller,
+``sagemaker-cluster:<cluster id>_controller-machine-<instance id>``, through
+the ProxyCommand (SSM) the worker's ``~/.ssh/config`` gives such names; on the
+local profile, the stack's Slurm cluster stands in for the controller's.
 
 With ``eks`` in the connection, the cluster's orchestrator is that EKS cluster instead: the compute group's
 nodes join it, labelled with the run, and the run's jobs are PyTorchJobs pinned to them (``dtp.platforms.eks``
@@ -20,7 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from functools import cached_property
+from functools import cached_property, partial
 from typing import Annotated, Any
 
 from airflow.providers.amazon.aws.hooks.s3 import S3Hook
@@ -304,20 +306,28 @@ class HyperPodPlatform:
         ``create_timeout_minutes`` after the cluster was created."""
         timeout = self.settings.create_timeout_minutes * 60
         return HyperPodClusterTrigger(
-            cluster["cluster_name"], aws_conn_id=self.aws_conn_id, timeout=timeout, started_at=cluster["created_at"]
+            cluster["cluster_name"],
+            aws_conn_id=self.aws_conn_id,
+            timeout=timeout,
+            started_at=cluster["created_at"],
+            controller_group=None if self.settings.eks else CONTROLLER_GROUP,
         )
 
     def stop_jobs(self, spec: dict[str, Any]) -> dict[str, Any]:
         """Cancel the run's Slurm jobs, or delete its PyTorchJobs (EKS); none while the cluster is not up (never
         created, failed, or being created or deleted: no job of the run runs on it)."""
         described = HyperPodHook(aws_conn_id=self.aws_conn_id).describe_cluster(spec["names"]["run_key"])
-        up = described is not None and described["ClusterStatus"] in JOB_STATES
-        return {"cancelled_jobs": self._stop_jobs(spec) if up else []}
+        if described is None or described["ClusterStatus"] not in JOB_STATES:
+            return {"cancelled_jobs": []}
+        return {"cancelled_jobs": self._stop_jobs(spec, described)}
 
-    def _stop_jobs(self, spec: dict[str, Any]) -> list[str]:
+    def _stop_jobs(self, spec: dict[str, Any], described: dict[str, Any]) -> list[str]:
         if self.settings.eks:
             return delete_pytorchjobs(self.jobs, spec, timeout=600)
-        return SlurmHook(self.settings.slurm_conn_id).cancel_and_wait(spec["names"]["slurm_job"], prefix=True)
+        slurm = SlurmHook(self.settings.slurm_conn_id)
+        if slurm.transport == "ssh":  # to the run's controller, which only the run's cluster names
+            slurm.head_node = HyperPodHook(aws_conn_id=self.aws_conn_id).node_target(described, CONTROLLER_GROUP)
+        return slurm.cancel_and_wait(spec["names"]["slurm_job"], prefix=True)
 
     def _upload_lifecycle(self, spec: dict[str, Any], settings: HyperPodSettings, provisioning: str | None) -> None:
         """Copy the base-config, then DTP's on_create.sh and the run's parameters (Slurm; on EKS the base-config's
@@ -343,8 +353,8 @@ class HyperPodPlatform:
         name = spec["names"]["run_key"]
         hook = HyperPodHook(aws_conn_id=self.aws_conn_id)
         cancelled: list[str] = []
-        if hook.describe_cluster(name) is not None:
-            cancelled = stop_before_delete(self._stop_jobs, spec)
+        if (described := hook.describe_cluster(name)) is not None:
+            cancelled = stop_before_delete(partial(self._stop_jobs, described=described), spec)
         deleted = hook.delete_cluster_and_wait(name)
         s3 = S3Hook(aws_conn_id=self.aws_conn_id)
         bucket = settings.lifecycle_bucket

@@ -19,7 +19,7 @@ import subprocess
 import tempfile
 import time
 from datetime import datetime
-from functools import cached_property
+from functools import cached_property, partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -265,6 +265,11 @@ class ParallelClusterPlatform:
         described = self.cli.describe_cluster(name)
         return None if described is None else str(described["clusterStatus"])
 
+    def _described_up(self, name: str) -> dict[str, Any] | None:
+        """The cluster as ``describe-cluster`` has it while it is up (its jobs may run); None otherwise."""
+        described = self.cli.describe_cluster(name)
+        return described if described is not None and described["clusterStatus"] in READY_STATES else None
+
     def provision(self, spec: dict[str, Any], network: dict[str, str], ami: str | None = None) -> dict[str, Any]:
         """Create the cluster (or find it again); ``ready_trigger`` waits for it to be created."""
         name = self.cluster_name(spec)
@@ -303,15 +308,16 @@ class ParallelClusterPlatform:
     def stop_jobs(self, spec: dict[str, Any]) -> dict[str, Any]:
         """Cancel the run's Slurm jobs on the head node (none while the cluster is not up)."""
         name = self.cluster_name(spec)
-        cancelled = self._cancel_jobs(spec) if self.cluster_status(name) in READY_STATES else []
+        described = self._described_up(name)
+        cancelled = self._cancel_jobs(spec, described) if described else []
         return {"cluster_name": name, "cancelled_jobs": cancelled}
 
     def teardown(self, spec: dict[str, Any], timeout: float = 3600, poll: float = 30) -> dict[str, Any]:
         name = self.cluster_name(spec)
-        status = self.cluster_status(name)
-        if status is None:
+        if self.cluster_status(name) is None:
             return {"cluster_name": name, "cancelled_jobs": [], "deleted": False}
-        cancelled = stop_before_delete(self._cancel_jobs, spec) if status in READY_STATES else []
+        described = self._described_up(name)
+        cancelled = stop_before_delete(partial(self._cancel_jobs, described=described), spec) if described else []
         deleted = self.cli.delete_cluster(name)
         deadline = time.monotonic() + timeout
         while (status := self.cluster_status(name)) is not None:
@@ -320,10 +326,18 @@ class ParallelClusterPlatform:
             time.sleep(poll)
         return {"cluster_name": name, "cancelled_jobs": cancelled, "deleted": deleted}
 
-    def _cancel_jobs(self, spec: dict[str, Any]) -> list[str]:
+    def _cancel_jobs(self, spec: dict[str, Any], described: dict[str, Any]) -> list[str]:
         from dtp.hooks.slurm import SlurmHook
 
-        return SlurmHook(self.settings.slurm_conn_id).cancel_and_wait(spec["names"]["slurm_job"], prefix=True)
+        hook = SlurmHook(self.settings.slurm_conn_id, head_node_address(described))
+        return hook.cancel_and_wait(spec["names"]["slurm_job"], prefix=True)
+
+
+def head_node_address(described: dict[str, Any]) -> str:
+    """Where the Slurm connection's ssh reaches a described cluster's head node: its public address, else its
+    private one (a worker in the cluster's VPC)."""
+    head = described.get("headNode", {})
+    return str(head.get("publicIpAddress") or head.get("privateIpAddress", ""))
 
 
 def failures(described: dict[str, Any]) -> str:

@@ -14,7 +14,11 @@ from dtp.triggers.deadline import DeadlineTrigger
 
 class HyperPodClusterTrigger(DeadlineTrigger):
     """Fires once the cluster is InService (success), failed or gone, or ``timeout`` seconds after ``started_at``
-    (epoch seconds; default: when the task deferred) passed (failed)."""
+    (epoch seconds; default: when the task deferred) passed (failed).
+
+    :param controller_group: the instance group of a Slurm cluster's controller: the success event's ``cluster``
+        names the controller's SSM target as ``head_node``, where the Slurm connection's ssh goes
+    """
 
     def __init__(
         self,
@@ -23,13 +27,19 @@ class HyperPodClusterTrigger(DeadlineTrigger):
         poll_interval: float = 30.0,
         timeout: float = 5400.0,
         started_at: float | None = None,
+        controller_group: str | None = None,
     ) -> None:
         super().__init__(poll_interval=poll_interval, timeout=timeout, started_at=started_at)
         self.cluster_name = cluster_name
         self.aws_conn_id = aws_conn_id
+        self.controller_group = controller_group
 
     def serialize_fields(self) -> dict[str, Any]:
-        return {"cluster_name": self.cluster_name, "aws_conn_id": self.aws_conn_id}
+        return {
+            "cluster_name": self.cluster_name,
+            "aws_conn_id": self.aws_conn_id,
+            "controller_group": self.controller_group,
+        }
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
         hook = HyperPodHook(aws_conn_id=self.aws_conn_id)
@@ -44,7 +54,11 @@ class HyperPodClusterTrigger(DeadlineTrigger):
                 message = f"HyperPod cluster {self.cluster_name} is {state}" + (
                     "" if ok else f": {cluster.get('FailureMessage') or 'no failure message'}"
                 )
-                yield TriggerEvent({"status": "success" if ok else "failed", "message": message})
+                event: dict[str, Any] = {"status": "success" if ok else "failed", "message": message}
+                if ok and self.controller_group:
+                    head_node = await asyncio.to_thread(hook.node_target, cluster, self.controller_group)
+                    event["cluster"] = {"head_node": head_node}
+                yield TriggerEvent(event)
                 return
             if self.past_deadline:
                 message = f"HyperPod cluster {self.cluster_name} is still {state} after {self.timeout:.0f} s"

@@ -26,17 +26,16 @@ class ParallelClusterCreateTrigger(DeadlineTrigger):
         return {"cluster_name": self.cluster_name}
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
-        from dtp.platforms.parallelcluster import READY_STATES, ParallelClusterPlatform, failures
+        from dtp.platforms.parallelcluster import READY_STATES, ParallelClusterPlatform, failures, head_node_address
 
         cli = await asyncio.to_thread(lambda: ParallelClusterPlatform().cli)  # it reads connections: off the loop
         while True:
             described = await asyncio.to_thread(cli.describe_cluster, self.cluster_name)
             status = None if described is None else described["clusterStatus"]
             if described is not None and status in READY_STATES:
-                head = described.get("headNode", {})
-                address = head.get("publicIpAddress") or head.get("privateIpAddress", "")
                 message = f"ParallelCluster cluster {self.cluster_name} is {status}"
-                yield TriggerEvent({"status": "success", "message": message, "cluster": {"head_node_ip": address}})
+                head_node = head_node_address(described)
+                yield TriggerEvent({"status": "success", "message": message, "cluster": {"head_node": head_node}})
                 return
             if described is None or status != "CREATE_IN_PROGRESS":
                 why = "does not exist" if described is None else f"is {status}: {failures(described)}"

@@ -28,6 +28,7 @@ from dtp.hooks.slurm import SlurmHook
 class SlurmJobTrigger(BaseTrigger):
     """Fires once the Slurm job ends (success or failure), stops making progress, or never starts.
 
+    :param head_node: the host the Slurm connection's ssh reaches instead of its own (see ``SlurmHook``)
     :param pending_timeout: seconds the job may stay PENDING at a stretch before it is reported (0: no limit)
     """
 
@@ -38,7 +39,7 @@ class SlurmJobTrigger(BaseTrigger):
         slurm_conn_id: str = SlurmHook.default_conn_name,
         poll_interval: float = 5.0,
         hang_timeout: float = 600.0,
-        log_offset: int = 0,
+        head_node: str | None = None,
         lost_timeout: float = 300.0,
         pending_timeout: float = 3600.0,
     ) -> None:
@@ -48,7 +49,7 @@ class SlurmJobTrigger(BaseTrigger):
         self.slurm_conn_id = slurm_conn_id
         self.poll_interval = poll_interval
         self.hang_timeout = hang_timeout
-        self.log_offset = log_offset
+        self.head_node = head_node
         self.lost_timeout = lost_timeout
         self.pending_timeout = pending_timeout
 
@@ -61,16 +62,16 @@ class SlurmJobTrigger(BaseTrigger):
                 "slurm_conn_id": self.slurm_conn_id,
                 "poll_interval": self.poll_interval,
                 "hang_timeout": self.hang_timeout,
-                "log_offset": self.log_offset,
+                "head_node": self.head_node,
                 "lost_timeout": self.lost_timeout,
                 "pending_timeout": self.pending_timeout,
             },
         )
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
-        hook = SlurmHook(self.slurm_conn_id)
+        hook = SlurmHook(self.slurm_conn_id, self.head_node)
         tail: deque[str] = deque(maxlen=30)
-        offset, partial = self.log_offset, ""
+        offset, partial = 0, ""
         last_progress = time.monotonic()
         unknown_since: float | None = None
         pending_since: float | None = None
@@ -93,7 +94,6 @@ class SlurmJobTrigger(BaseTrigger):
                         "job_id": self.job_id,
                         "state": job.state,
                         "exit_code": job.exit_code,
-                        "log_offset": offset,
                         "tail": list(tail),
                     }
                 )
@@ -104,7 +104,6 @@ class SlurmJobTrigger(BaseTrigger):
                         "status": "hung",
                         "job_id": self.job_id,
                         "state": job.state,
-                        "log_offset": offset,
                         "tail": list(tail),
                         "message": f"no new log line for {self.hang_timeout:.0f}s",
                     }
@@ -117,7 +116,6 @@ class SlurmJobTrigger(BaseTrigger):
                         "status": "lost",
                         "job_id": self.job_id,
                         "state": job.state,
-                        "log_offset": offset,
                         "tail": list(tail),
                         "message": (
                             f"Slurm has had no record of the job for {self.lost_timeout:.0f}s: neither slurmctld "
@@ -138,7 +136,6 @@ class SlurmJobTrigger(BaseTrigger):
                         "job_id": self.job_id,
                         "state": job.state,
                         "reason": job.reason,
-                        "log_offset": offset,
                         "tail": list(tail),
                         "message": (
                             f"Slurm has not started it in {self.pending_timeout:.0f}s: still {job.state}, "
