@@ -18,9 +18,9 @@ from datetime import datetime, timedelta
 
 from airflow.sdk import DAG, Param, TriggerRule, task
 
-AWS_CONN_ID = "aws_default"
+from dtp.connections import AWS_CONN_ID, TRAINING_QUEUE
+
 SLURM_CONN_ID = "slurm_default"
-TRAINING_QUEUE = "training"  # dtp.pipeline.graph.TRAINING_QUEUE, not imported: this file parses in milliseconds
 
 
 @task

@@ -17,7 +17,9 @@ def _items(expression: str) -> list[str]:
     items, depth, start = [], 0, 0
     for i, char in enumerate(expression):
         depth += {"[": 1, "]": -1}.get(char, 0)
-        if depth not in (0, 1):
+        if depth < 0:
+            raise ValueError("unbalanced ']'")
+        if depth > 1:
             raise ValueError("brackets must not nest")
         if char == "," and depth == 0:
             items.append(expression[start:i])

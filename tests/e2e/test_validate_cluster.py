@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import sys
 import urllib.parse
 
 import pytest
@@ -46,3 +48,17 @@ def test_failing_cluster_still_gets_its_report_and_fails_the_run(airflow_api, aw
     assert tasks["report"] == "success" and tasks["verdict"] == "failed" and tasks["cancel_jobs"] == "success"
     html = _report(airflow_api, aws, run_id)
     assert '<b class="FAILED">FAILED</b>' in html and "TOO LOW" in html
+
+
+def test_a_cluster_reached_over_ssh_passes(airflow_api, aws, stack) -> None:
+    # The local cluster as a real one is reached: through the stack's sshd (slurm_ssh), its nodes' interpreter
+    # named, and an AWS CPU instance type for the checks. Every step (the job's files, sbatch, the wait in the
+    # triggerer, the results, the cancel) goes over ssh.
+    conf = {"slurm_conn_id": "slurm_ssh", "python": sys.executable, "instance_type": "m5.2xlarge"}
+    run_id, state, tasks = _run(airflow_api, conf)
+    assert state == "success", tasks
+    assert '<b class="PASSED">PASSED</b>' in _report(airflow_api, aws, run_id)
+    spec = airflow_api.xcom(DAG_ID, run_id, "validate_params")
+    assert (spec["params"]["slurm_conn_id"], spec["params"]["instance_type"]) == ("slurm_ssh", "m5.2xlarge")
+    results = stack.shared_dir / "runs" / spec["names"]["run_key"] / "preflight.json"
+    assert json.loads(results.read_text())["world_size"] == 2  # written by the job, read back over ssh

@@ -56,7 +56,7 @@ def test_a_refusal_raises_with_its_code_in_each_protocol(stack, aws, set_rules) 
             call()
         assert err.value.response["Error"]["Code"] == code
     # Calls no rule names still reach moto.
-    assert aws("ec2").describe_subnets()["Subnets"] is not None
+    assert isinstance(aws("ec2").describe_subnets()["Subnets"], list)
     assert "refused" not in [s["StackName"] for s in aws("cloudformation").list_stacks()["StackSummaries"]]
 
 

@@ -7,6 +7,7 @@ import os
 import uuid
 
 import pytest
+from paramiko.ssh_exception import SSHException
 
 from dtp.hooks.hyperpod import HyperPodHook
 from dtp.hooks.slurm import SlurmHook
@@ -42,6 +43,8 @@ def test_provision_twice_makes_one_cluster_and_teardown_leaves_nothing(spec, out
     assert groups["compute-nodes"]["TargetCount"] == 2 and groups["compute-nodes"]["InstanceType"] == "ml.m5.2xlarge"
     assert described["VpcConfig"]["Subnets"] == [outputs["PrivateSubnet"]]
 
+    tags = {t["Key"]: t["Value"] for t in aws("s3").get_bucket_tagging(Bucket=bucket)["TagSet"]}
+    assert tags == {"dtp:owner": "dtp", "dtp:role": "hyperpod-lifecycle"}  # every run's, DTP's: found, never expired
     keys = sorted(o["Key"] for o in aws("s3").list_objects_v2(Bucket=bucket, Prefix=f"{run_key}/")["Contents"])
     assert keys == [f"{run_key}/lifecycle/on_create.sh", f"{run_key}/lifecycle/provisioning_parameters.json"]
     body = aws("s3").get_object(Bucket=bucket, Key=keys[1])["Body"].read()
@@ -52,16 +55,8 @@ def test_provision_twice_makes_one_cluster_and_teardown_leaves_nothing(spec, out
     trigger = platform.ready_trigger(cluster)
     # The wait counts from the cluster's creation, also for a retry that finds the cluster an earlier try created.
     assert trigger.started_at == cluster["created_at"] == described["CreationTime"].timestamp()
-    event = first_event(trigger)
-    assert (event["status"], event["message"]) == ("success", f"HyperPod cluster {run_key} is InService")
-    # Where the Slurm connection's ssh goes from then on: the controller, by its SSM target.
-    (controller,) = [
-        node["InstanceId"]
-        for node in aws("sagemaker").list_cluster_nodes(ClusterName=run_key)["ClusterNodeSummaries"]
-        if node["InstanceGroupName"] == "controller-machine"
-    ]
-    cluster_id = cluster["cluster_arn"].rsplit("/", 1)[1]
-    assert event["cluster"] == {"head_node": f"sagemaker-cluster:{cluster_id}_controller-machine-{controller}"}
+    # The stack's Slurm connection is local (this host stands in for the controller): no head node to find.
+    assert first_event(trigger) == {"status": "success", "message": f"HyperPod cluster {run_key} is InService"}
 
     # keep_cluster's end of the run: a job of the run on the controller's Slurm (the stack's) is cancelled.
     script = stack.shared_dir / "it" / f"{run_key}.sh"
@@ -79,6 +74,36 @@ def test_provision_twice_makes_one_cluster_and_teardown_leaves_nothing(spec, out
     assert platform.stop_jobs(spec) == {"cancelled_jobs": []}  # keep_cluster's teardown: no cluster, no job
     # The trigger of a run whose cluster is gone fails instead of waiting forever.
     assert first_event(trigger)["status"] == "failed"
+
+
+def test_over_ssh_the_runs_controller_is_where_its_jobs_go(spec, outputs, aws, first_event, monkeypatch) -> None:
+    conn = json.loads(os.environ["AIRFLOW_CONN_DTP_HYPERPOD"])
+    conn["extra"]["slurm_conn_id"] = "slurm_ssh"  # the stack's Slurm cluster, over ssh as on AWS
+    monkeypatch.setenv("AIRFLOW_CONN_DTP_HYPERPOD", json.dumps(conn))
+    platform = HyperPodPlatform()
+    run_key = spec["names"]["run_key"]
+    try:
+        cluster = platform.provision(spec, outputs)
+        event = first_event(platform.ready_trigger(cluster))
+        (controller,) = [
+            node["InstanceId"]
+            for node in aws("sagemaker").list_cluster_nodes(ClusterName=run_key)["ClusterNodeSummaries"]
+            if node["InstanceGroupName"] == "controller-machine"
+        ]
+        cluster_id = cluster["cluster_arn"].rsplit("/", 1)[1]
+        target = f"sagemaker-cluster:{cluster_id}_controller-machine-{controller}"
+        assert event == {
+            "status": "success",
+            "message": f"HyperPod cluster {run_key} is InService",
+            "cluster": {"head_node": target},
+        }
+        # keep_cluster's stop goes there too, not to the SSH connection's own host (which would answer): only SSM
+        # reaches such a name, and no ProxyCommand for it is configured here.
+        with pytest.raises((OSError, SSHException)):
+            platform.stop_jobs(spec)
+    finally:
+        platform.teardown(spec)  # it logs that it could not stop the jobs there, and deletes the cluster
+    assert HyperPodHook(aws_conn_id=AWS).describe_cluster(run_key) is None
 
 
 def test_base_config_scripts_are_copied_under_the_run(spec, outputs, aws, monkeypatch) -> None:

@@ -64,7 +64,7 @@ def test_excluding_too_many_nodes_is_refused_before_any_job(stack) -> None:
 
 def test_a_node_excluded_twice_counts_once(stack) -> None:
     spec = build_validation_spec({}, {"exclude_nodes": "n1,n[1-1]", "num_nodes": 1}, "validate_cluster", "it__x")
-    assert connect(spec)["nodes"]
+    assert connect(spec)["nodes"] == 2
     spec = build_validation_spec({}, {"exclude_nodes": "n1,n[1-1]", "num_nodes": 2}, "validate_cluster", "it__x")
     with pytest.raises(
         ParamsError, match=r"has 2 nodes that take jobs \(of 2: .*\), 1 once exclude_nodes='n1,n\[1-1\]'"

@@ -11,6 +11,7 @@ from airflow.sdk.exceptions import TaskDeferred
 from slurm_support import XComSink, job_script, submit
 
 from dtp.hooks.slurm import SlurmHook
+from dtp.hostlist import expand_hostlist
 from dtp.operators.slurm import SlurmJobFailed, SlurmJobOverTime, SlurmSubmitJobOperator
 from dtp.params import ParamsError
 from dtp.pipeline.spec import build_spec
@@ -66,6 +67,9 @@ def test_a_job_slurm_has_no_record_of_is_reported_lost(workdir: Path, first_even
     trigger = SlurmJobTrigger(job_id=job_id, log_path=str(workdir / "lost"), poll_interval=1, lost_timeout=2)
     event = first_event(trigger)
     assert event["status"] == "lost" and "no record of the job for 2s" in event["message"]
+    operator = SlurmSubmitJobOperator(task_id="train", script_path="/s.sh", job_name="it-lost", output_path="/o-%j")
+    with pytest.raises(SlurmJobFailed, match=r"^Slurm job 9999999 is lost: Slurm has had no record of the job"):
+        operator.execute_complete({}, event)
 
 
 @pytest.mark.timeout(120)  # without a pending timeout the trigger waits for ever
@@ -166,6 +170,11 @@ def test_read_file_continues_from_offset(workdir: Path) -> None:
 
 def test_node_count(stack) -> None:
     assert SlurmHook().node_count() == stack.slurm_nodes
+
+
+@pytest.mark.parametrize("expression", ["n1", "n[1-3]", "n[01-03],gpu-7", "node[9-11],n[2,4-5]", "n[1-2],n1"])
+def test_hostlists_expand_as_slurm_expands_them(stack, expression: str) -> None:
+    assert expand_hostlist(expression) == SlurmHook().run(["scontrol", "show", "hostnames", expression]).split()
 
 
 def test_excluded_nodes_count_once_against_the_cluster_and_must_be_its_own(stack) -> None:

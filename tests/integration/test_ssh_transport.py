@@ -16,8 +16,10 @@ from slurm_support import job_script
 
 from dtp.hooks.shared_fs import SharedFilesystemHook
 from dtp.hooks.slurm import SlurmHook
-from dtp.params import ParamsError
+from dtp.params import ParamsError, TrainParams, parse_params
+from dtp.pipeline.spec import run_spec
 from dtp.pipeline.validation import connect
+from dtp.platforms.parallelcluster import ParallelClusterPlatform
 from dtp.triggers.slurm import SlurmJobTrigger
 
 pytestmark = pytest.mark.stack
@@ -55,7 +57,13 @@ def test_a_failing_command_over_ssh_says_why(stack) -> None:
         SlurmHook(SSH).run(["scontrol", "show", "job", "99999999"])
 
 
-def test_a_job_submitted_and_followed_over_ssh(workdir: Path, first_event) -> None:
+def _connections_to(port: int) -> int:
+    """How many established TCP connections go to ``port`` (the kernel's table: remote address, state 01)."""
+    rows = [line.split() for line in Path("/proc/net/tcp").read_text().splitlines()[1:]]
+    return sum(1 for row in rows if row[2].endswith(f":{port:04X}") and row[3] == "01")
+
+
+def test_a_job_submitted_and_followed_over_ssh(stack, workdir: Path, first_event) -> None:
     hook = SlurmHook(SSH)
     name = f"it-ssh-{uuid.uuid4().hex[:6]}"
     script = job_script(workdir, "for i in 1 2; do echo line-$i; sleep 1; done\nsrun hostname >/dev/null\n")
@@ -64,23 +72,54 @@ def test_a_job_submitted_and_followed_over_ssh(workdir: Path, first_event) -> No
     trigger = SlurmJobTrigger(
         job_id=job_id, log_path=str(workdir / f"out-{job_id}.log"), slurm_conn_id=SSH, poll_interval=1
     )
+    before = _connections_to(stack.ports.sshd)
     event = first_event(trigger)
+    assert _connections_to(stack.ports.sshd) == before  # the trigger's own connection closed with it
     assert (event["status"], event["state"]) == ("success", "COMPLETED")
     assert [line for line in event["tail"] if line.startswith("line-")] == ["line-1", "line-2"]
     assert [job.job_id for job in hook.ended_jobs(name)] == [job_id]
 
 
-def test_the_runs_head_node_replaces_the_ssh_connections_host(stack, monkeypatch) -> None:
-    # A cluster created per run (ParallelCluster, HyperPod) has a head node no connection can name beforehand: the
-    # SSH connection gives the login and key, the run's cluster its address.
+@pytest.fixture
+def per_run_slurm(stack, monkeypatch) -> str:
+    """A Slurm connection as the README sets one up for a cluster created per run (ParallelCluster, HyperPod): its
+    SSH connection gives the login and key, a host that is no head node, and no host key (none of them can be known
+    before the run's cluster exists; a later run's head node may have the same address and another key)."""
     head = json.loads(stack.connections()["AIRFLOW_CONN_SLURM_HEAD"])
-    monkeypatch.setenv("AIRFLOW_CONN_PER_RUN_HEAD", json.dumps({**head, "host": "no-head-node.invalid"}))
-    slurm = {"conn_type": "generic", "extra": {"transport": "ssh", "ssh_conn_id": "per_run_head"}}
-    monkeypatch.setenv("AIRFLOW_CONN_PER_RUN_SLURM", json.dumps(slurm))
+    extra = {"key_file": head["extra"]["key_file"], "no_host_key_check": True, "allow_host_key_change": True}
+    per_run = {**head, "host": "no-head-node.invalid", "extra": extra}
+    monkeypatch.setenv("AIRFLOW_CONN_PER_RUN_HEAD", json.dumps(per_run))
+    slurm = {"transport": "ssh", "ssh_conn_id": "per_run_head", "shared_dir": str(stack.shared_dir)}
+    monkeypatch.setenv("AIRFLOW_CONN_PER_RUN_SLURM", json.dumps({"conn_type": "generic", "extra": slurm}))
+    return "per_run_slurm"
+
+
+def test_the_runs_head_node_replaces_the_ssh_connections_host(stack, per_run_slurm) -> None:
     with pytest.raises((OSError, SSHException)):
-        SlurmHook("per_run_slurm").node_count()
-    cluster = {"slurm_conn_id": "per_run_slurm", "head_node": "127.0.0.1"}
+        SlurmHook(per_run_slurm).node_count()
+    cluster = {"slurm_conn_id": per_run_slurm, "head_node": "127.0.0.1"}
     assert SlurmHook.of_cluster(cluster).node_count() == stack.slurm_nodes
+
+
+def test_a_kept_parallelcluster_clusters_jobs_are_cancelled_on_its_head_node(
+    workdir: Path, per_run_slurm, monkeypatch, tmp_path
+) -> None:
+    # keep_cluster's end of a ParallelCluster run: the head node is the one describe-cluster names (a stand-in
+    # pcluster names this host's sshd: the ParallelCluster API cannot run here), reached with the SSH connection's key.
+    described = {"clusterStatus": "CREATE_COMPLETE", "headNode": {"privateIpAddress": "127.0.0.1"}, "failures": []}
+    pcluster = tmp_path / "pcluster"
+    pcluster.write_text(f"#!/bin/sh\n[ \"$1\" = describe-cluster ] && echo '{json.dumps(described)}'\n")
+    pcluster.chmod(0o755)
+    extra = {"key_name": "k", "pcluster": str(pcluster), "slurm_conn_id": per_run_slurm}
+    monkeypatch.setenv("AIRFLOW_CONN_DTP_PARALLELCLUSTER", json.dumps({"conn_type": "generic", "extra": extra}))
+    conf = {"platform": "parallelcluster", "recipe": "llama3_1_8b", "instance_type": "p5.48xlarge", "num_nodes": 2}
+    spec = run_spec(parse_params(TrainParams, conf), "it_parallelcluster", f"manual__{uuid.uuid4().hex}")
+    job_id = SlurmHook().submit(
+        job_script(workdir, "sleep 300\n"), job_name=spec["names"]["slurm_job"], output=str(workdir / "o-%j")
+    )
+    platform = ParallelClusterPlatform()
+    assert platform.stop_jobs(spec) == {"cluster_name": platform.cluster_name(spec), "cancelled_jobs": [job_id]}
+    assert SlurmHook().find_jobs(spec["names"]["slurm_job"]) == []
 
 
 def test_validation_counts_only_the_nodes_that_take_jobs(stack) -> None:
@@ -102,6 +141,8 @@ def test_validation_counts_only_the_nodes_that_take_jobs(stack) -> None:
         with pytest.raises(ParamsError, match="has 1 nodes that take jobs \\(of 2"):
             connect(spec)
         assert connect({**spec, "params": {**spec["params"], "num_nodes": 1}})["nodes"] == 2
+        with pytest.raises(ParamsError, match=r"has no node n3 \(its nodes: n1, n2\)"):
+            connect({**spec, "params": {**spec["params"], "num_nodes": 1, "exclude_nodes": "n[2-3]"}})
     finally:
         hook.run(["scontrol", "update", "NodeName=n2", "State=RESUME"])
     # Resumed, the node may show as not answering ("idle*") until slurmctld's next ping of it.
@@ -109,3 +150,14 @@ def test_validation_counts_only_the_nodes_that_take_jobs(stack) -> None:
     while hook.node_states()["n2"] != "idle" and time.monotonic() < deadline:
         time.sleep(2)
     assert hook.node_states()["n2"] == "idle"
+
+
+def test_a_hooks_commands_share_one_ssh_connection(stack) -> None:
+    hook = SlurmHook(SSH)
+    hook.run(["true"])
+    transport = hook.ssh.get_conn().get_transport()
+    hook.node_states()
+    hook.read_file("/nonexistent")
+    assert hook.ssh.get_conn().get_transport() is transport and transport.is_active()
+    transport.close()  # the connection drops (sshd restarted, a network blip): the next command connects again
+    assert hook.run(["echo", "again"]) == "again\n"

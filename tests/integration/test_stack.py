@@ -92,7 +92,13 @@ def test_services_listen_on_loopback_only(stack: StackConfig) -> None:
         if int(port) in ports:
             seen.add(int(port))
             assert host in ("127.0.0.1", "[::1]", "localhost"), line
-    always_up = [stack.ports.postgres, stack.ports.moto, stack.ports.airflow_api, stack.ports.slurmctld]
+    always_up = [
+        stack.ports.postgres,
+        stack.ports.moto,
+        stack.ports.airflow_api,
+        stack.ports.slurmctld,
+        stack.ports.sshd,
+    ]
     assert {*always_up, *stack.ports.slurmd(stack.slurm_nodes)} <= seen, listening
 
 
@@ -106,17 +112,18 @@ def test_second_stack_up_status_down_leaves_nothing() -> None:
         assert up.returncode == 0, up.stdout + up.stderr
         cfg = StackConfig(home=home.resolve(), ports=StackConfig.from_env().ports.with_offset(300))
         pids = [int(p.read_text().split()[0]) for p in cfg.run_dir.glob("*.pid")]  # "<pid> <start time>"
-        assert len(pids) == 7 and all(
+        assert len(pids) == 8 and all(
             pid_alive(p) for p in pids
-        )  # postgres, moto, munged, slurmctld, 2 slurmd, registry
-        assert port_open(cfg.ports.moto) and port_open(cfg.ports.slurmctld) and port_open(cfg.ports.registry)
+        )  # postgres, moto, munged, slurmctld, 2 slurmd, sshd, registry
+        assert all(port_open(p) for p in (cfg.ports.moto, cfg.ports.slurmctld, cfg.ports.sshd, cfg.ports.registry))
         status = subprocess.run([*cli, "status"], env=env, capture_output=True, text=True)
         assert "postgres               healthy" in status.stdout
         down = subprocess.run([*cli, "down"], env=env, capture_output=True, text=True, timeout=120)
         assert down.returncode == 0, down.stderr
         assert not any(pid_alive(p) for p in pids)
         assert not any(
-            port_open(p) for p in (cfg.ports.moto, cfg.ports.postgres, cfg.ports.slurmctld, cfg.ports.registry)
+            port_open(p)
+            for p in (cfg.ports.moto, cfg.ports.postgres, cfg.ports.slurmctld, cfg.ports.sshd, cfg.ports.registry)
         )
         assert not list(cfg.run_dir.glob("*.pid"))
     finally:

@@ -4,6 +4,7 @@ connections the platform reads, and a run spec."""
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
 import pytest
@@ -12,8 +13,9 @@ from dtp.params import TrainParams, parse_params
 from dtp.pipeline.spec import run_spec
 from dtp.platforms import parallelcluster as pc
 
+# On CI (``CI`` set), where scripts/setup has made it, a missing .venv-pcluster fails these tests: no silent skip.
 needs_pcluster = pytest.mark.skipif(
-    not (pc.PCLUSTER_VENV / "bin" / "pcluster").exists(),
+    not (pc.PCLUSTER_VENV / "bin" / "pcluster").exists() and not os.environ.get("CI"),
     reason=".venv-pcluster is missing (scripts/setup creates it): aws-parallelcluster's schema is not available",
 )
 NETWORK = {

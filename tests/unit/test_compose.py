@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from dtp.connections import TRAINING_QUEUE
 from dtp.local.config import CELERY_QUEUES, PROJECT_ROOT, Ports, StackConfig
-from dtp.pipeline.graph import TRAINING_QUEUE
 
 SECRETS = {"DTP_FERNET_KEY": "k", "DTP_API_SECRET_KEY": "s", "DTP_JWT_SECRET": "j"}
 # Settings both must agree on; endpoints, credentials and paths differ by design.

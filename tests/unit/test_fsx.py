@@ -18,14 +18,14 @@ from botocore.stub import ANY, Stubber
 
 import dtp.operators.fsx as fsx_operators
 import dtp.triggers.fsx as fsx_triggers
-from dtp.hooks.fsx import AUTO_EVENTS, DataRepositoryConflict, FsxHook
+from dtp.hooks.fsx import FsxHook
 from dtp.operators.fsx import (
     TASK_KEY_TAG,
-    TASK_TYPES,
     FsxDataRepositoryTaskFailed,
     FsxDataRepositoryTaskOperator,
     task_key,
 )
+from dtp.platforms.service_models import enum_values
 
 FS = "fs-0123456789abcdef0"
 CREATED = datetime(2026, 12, 2, tzinfo=UTC)
@@ -55,6 +55,18 @@ def _association(path: str, prefix: str) -> dict:
     }
 
 
+def test_a_paths_association_is_found_unless_it_is_being_deleted(hook: FsxHook, stub: Stubber) -> None:
+    filters = {"Filters": [{"Name": "file-system-id", "Values": [FS]}]}
+    associations = [
+        {**_association("/runs", "s3://b/runs/"), "Lifecycle": "DELETING"},
+        _association("/data", "s3://b/"),
+    ]
+    for _ in range(2):
+        stub.add_response("describe_data_repository_associations", {"Associations": associations}, filters)
+    assert hook.find_data_repository_association(FS, "/runs") is None
+    assert hook.find_data_repository_association(FS, "/data") == associations[1]
+
+
 def _task(
     task_id: str, lifecycle: str, key: str = "", paths: tuple[str, ...] = ("checkpoints/run1",), **status
 ) -> dict:
@@ -71,33 +83,7 @@ def _task(
     }
 
 
-def test_an_association_is_created_once_and_then_found(hook: FsxHook, stub: Stubber) -> None:
-    filters = {"Filters": [{"Name": "file-system-id", "Values": [FS]}]}
-    stub.add_response("describe_data_repository_associations", {"Associations": []}, filters)
-    stub.add_response(
-        "create_data_repository_association",
-        {"Association": _association("/data", "s3://bucket/data/")},
-        {
-            "FileSystemId": FS,
-            "FileSystemPath": "/data",
-            "DataRepositoryPath": "s3://bucket/data/",
-            "BatchImportMetaDataOnCreate": True,
-            "S3": {"AutoImportPolicy": {"Events": AUTO_EVENTS}, "AutoExportPolicy": {"Events": AUTO_EVENTS}},
-            "Tags": [{"Key": "dtp:run", "Value": "r1"}],
-        },
-    )
-    created = hook.ensure_data_repository_association(FS, "/data", "s3://bucket/data/", {"dtp:run": "r1"})
-    stub.add_response("describe_data_repository_associations", {"Associations": [created]}, filters)
-    assert hook.ensure_data_repository_association(FS, "/data", "s3://bucket/data") == created
-
-
-def test_a_path_linked_elsewhere_is_refused(hook: FsxHook, stub: Stubber) -> None:
-    stub.add_response("describe_data_repository_associations", {"Associations": [_association("/data", "s3://a/")]})
-    with pytest.raises(DataRepositoryConflict, match="/data is linked to s3://a/, not s3://b/"):
-        hook.ensure_data_repository_association(FS, "/data", "s3://b/")
-
-
-@pytest.mark.parametrize("task_type", TASK_TYPES)
+@pytest.mark.parametrize("task_type", enum_values("fsx", "DataRepositoryTaskType"))
 def test_every_task_type_is_a_valid_request(hook: FsxHook, stub: Stubber, task_type: str) -> None:
     stub.add_response(
         "create_data_repository_task",

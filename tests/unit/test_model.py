@@ -185,12 +185,13 @@ def test_newest_complete_orders_numerically_and_skips_incomplete(tmp_path: Path)
     assert checkpoint.newest_complete(tmp_path) == tmp_path / "step_10"
 
 
-def test_clean_partial_removes_only_torn_checkpoints(tmp_path: Path) -> None:
+def test_clean_partial_promotes_whole_checkpoints_and_removes_torn_ones(tmp_path: Path) -> None:
     make_step(tmp_path, "step_10")
-    make_step(tmp_path, "tmp-step_20")
-    make_step(tmp_path, "tmp-step_30", complete=False)
+    (make_step(tmp_path, "tmp-step_20") / "meta.json").write_text('{"step": 20}')  # saved, killed before the rename
+    make_step(tmp_path, "tmp-step_30", complete=False)  # killed before meta.json
+    make_step(tmp_path, "tmp-step_40")  # a meta.json that names no step
     checkpoint.clean_partial(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_10"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_10", "step_20"]
 
 
 @pytest.fixture

@@ -39,12 +39,13 @@ def test_cli_without_an_endpoint_talks_to_aws(monkeypatch) -> None:
     assert "AWS_ENDPOINT_URL" not in pc.PclusterCli("/opt/pcluster").environment()
 
 
-def stand_in_pcluster(tmp_path: Path, status: str, created: str = "2026-01-01T00:00:00.000Z") -> str:
-    """A pcluster executable that describes every cluster as ``status``, created at ``created`` (the
-    ParallelCluster API cannot run here)."""
-    answer = json.dumps(
-        {"clusterStatus": status, "creationTime": created, "headNode": {"privateIpAddress": "10.0.0.7"}, "failures": []}
-    )
+def stand_in_pcluster(
+    tmp_path: Path, status: str, created: str = "2026-01-01T00:00:00.000Z", head_node: dict | None = None
+) -> str:
+    """A pcluster executable that describes every cluster as ``status``, created at ``created``, its head node
+    ``head_node`` (default: at 10.0.0.7) (the ParallelCluster API cannot run here)."""
+    head = {"privateIpAddress": "10.0.0.7"} if head_node is None else head_node
+    answer = json.dumps({"clusterStatus": status, "creationTime": created, "headNode": head, "failures": []})
     executable = tmp_path / "pcluster"
     executable.write_text(f"#!/bin/sh\n[ \"$1\" = describe-cluster ] && echo '{answer}'\n")
     executable.chmod(0o755)
@@ -88,6 +89,17 @@ def test_a_cluster_whose_head_node_runs_slurm_is_ready(monkeypatch, tmp_path, fi
     use_settings(monkeypatch, key_name="k", pcluster=stand_in_pcluster(tmp_path, status))
     event = first_event(ParallelClusterCreateTrigger("dtp-train-e2e-0123456789", poll_interval=0.1))
     assert (event["status"], event["cluster"]) == ("success", {"head_node": "10.0.0.7"})
+
+
+def test_a_ready_cluster_whose_head_node_has_no_address_fails_the_wait(monkeypatch, tmp_path, first_event) -> None:
+    # Its jobs could reach no head node: deploy_cluster fails, naming why, rather than using the connection's host.
+    pcluster = stand_in_pcluster(tmp_path, "CREATE_COMPLETE", head_node={"privateIpAddress": None})
+    use_settings(monkeypatch, key_name="k", pcluster=pcluster)
+    event = first_event(ParallelClusterCreateTrigger("dtp-train-e2e-0123456789", poll_interval=0.1))
+    assert event == {
+        "status": "failed",
+        "message": "cluster dtp-train-e2e-0123456789 is CREATE_COMPLETE, but has no head node address",
+    }
 
 
 def test_a_cluster_that_failed_to_create_fails_the_wait(monkeypatch, tmp_path, first_event) -> None:

@@ -90,8 +90,13 @@ def test_trigger_round_trips_its_pending_timeout_and_reads_older_kwargs() -> Non
     assert classpath == "dtp.triggers.slurm.SlurmJobTrigger" and kwargs["pending_timeout"] == 90
     assert SlurmJobTrigger(**kwargs).serialize() == (classpath, kwargs)
     # A trigger deferred before pending_timeout existed comes back from the database with the default hour.
-    older = {key: value for key, value in kwargs.items() if key != "pending_timeout"}
+    older = {key: value for key, value in kwargs.items() if key not in ("pending_timeout", "head_node")}
     assert SlurmJobTrigger(**older).pending_timeout == 3600
+    # One deferred by a version that serialized log_offset (always 0) comes back too, on the connection's own host.
+    restored = SlurmJobTrigger(**older, log_offset=0)
+    assert restored.head_node is None and restored.serialize() == (classpath, {**kwargs, "pending_timeout": 3600})
+    head = SlurmJobTrigger(job_id="7", log_path="/fsx/o-7", head_node="10.0.0.7")
+    assert SlurmJobTrigger(**head.serialize()[1]).head_node == "10.0.0.7"
 
 
 def test_a_job_stopped_at_its_partition_s_limit_says_so_rather_than_none_min() -> None:

@@ -1,9 +1,9 @@
-"""Amazon FSx for Lustre data repositories: link a file system path to S3 and move data between them.
+"""Amazon FSx for Lustre data repositories: move data between a file system and the S3 prefix it is linked to.
 
 The amazon provider has no FSx hook. This one is written its way (``AwsBaseHook``
-with ``client_type="fsx"``), so it could move there: data repository
-associations (a file system path <-> an S3 prefix, with automatic import and
-export) and data repository tasks (import metadata from S3, export to S3, release
+with ``client_type="fsx"``), so it could move there: finding a path's data
+repository association (a file system path <-> an S3 prefix, made with the file
+system), and data repository tasks (import metadata from S3, export to S3, release
 file data already in S3), whose progress ``FsxDataRepositoryTaskTrigger`` follows.
 """
 
@@ -16,18 +16,12 @@ from airflow.providers.amazon.aws.hooks.base_aws import AwsBaseHook
 
 from dtp.naming import aws_tags
 
-# The S3 events a data repository association imports and exports automatically.
-AUTO_EVENTS = ["NEW", "CHANGED", "DELETED"]
 TERMINAL_TASK_STATES = frozenset({"SUCCEEDED", "FAILED", "CANCELED"})
 
 
 def _tags(tags: dict[str, str] | None) -> dict[str, Any]:
     """FSx's ``Tags`` argument; FSx refuses an empty list, so no tags means no argument."""
     return {"Tags": aws_tags(tags)} if tags else {}
-
-
-class DataRepositoryConflict(ValueError):
-    """The file system path is already linked to another S3 prefix."""
 
 
 class FsxHook(AwsBaseHook):
@@ -46,46 +40,6 @@ class FsxHook(AwsBaseHook):
             if association["FileSystemPath"] == file_system_path and association["Lifecycle"] != "DELETING":
                 return association
         return None
-
-    def ensure_data_repository_association(
-        self,
-        file_system_id: str,
-        file_system_path: str,
-        data_repository_path: str,
-        tags: dict[str, str] | None = None,
-    ) -> dict[str, Any]:
-        """Link ``file_system_path`` to the S3 prefix ``data_repository_path`` with automatic import and export.
-
-        Idempotent: an existing association of the same path and prefix is returned; one to another prefix raises
-        ``DataRepositoryConflict``.
-        """
-        existing = self.find_data_repository_association(file_system_id, file_system_path)
-        if existing:
-            if existing["DataRepositoryPath"].rstrip("/") != data_repository_path.rstrip("/"):
-                raise DataRepositoryConflict(
-                    f"{file_system_id}:{file_system_path} is linked to {existing['DataRepositoryPath']}, "
-                    f"not {data_repository_path} ({existing['AssociationId']})"
-                )
-            self.log.info(
-                "Data repository association %s already links %s", existing["AssociationId"], file_system_path
-            )
-            return existing
-        response = self.conn.create_data_repository_association(
-            FileSystemId=file_system_id,
-            FileSystemPath=file_system_path,
-            DataRepositoryPath=data_repository_path,
-            BatchImportMetaDataOnCreate=True,
-            S3={"AutoImportPolicy": {"Events": AUTO_EVENTS}, "AutoExportPolicy": {"Events": AUTO_EVENTS}},
-            **_tags(tags),
-        )
-        association = response["Association"]
-        self.log.info("Created data repository association %s: %s <-> %s", association["AssociationId"],
-                      file_system_path, data_repository_path)  # fmt: skip
-        return association
-
-    def delete_data_repository_association(self, association_id: str) -> None:
-        """Unlink, keeping the files on the file system (they are in S3 already when export is automatic)."""
-        self.conn.delete_data_repository_association(AssociationId=association_id, DeleteDataInFileSystem=False)
 
     def start_data_repository_task(
         self,

@@ -16,9 +16,12 @@ import shutil
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from functools import cached_property
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
 
 from airflow.sdk import BaseHook
+
+if TYPE_CHECKING:
+    from airflow.providers.ssh.hooks.ssh import SSHHook
 
 
 class ClusterCommandError(RuntimeError):
@@ -85,21 +88,31 @@ class SharedFilesystemHook(BaseHook):
             raise ClusterCommandError(f"{' '.join(argv[:2])} exited {rc}: {message}")
         return out
 
-    def _run_ssh(self, argv: list[str], input_text: str | None) -> tuple[int, bytes, bytes]:
+    @cached_property
+    def ssh(self) -> SSHHook:
+        """The ssh provider's hook to the head node. It keeps its connection open, so the commands of one hook (a
+        trigger's every poll) share it; it connects again when the connection dropped."""
         from airflow.providers.ssh.hooks.ssh import SSHHook
 
-        command = shlex.join(argv)
-        with SSHHook(ssh_conn_id=self.extra["ssh_conn_id"], remote_host=self.head_node or "").get_conn() as client:
-            stdin, stdout, stderr = client.exec_command(command, timeout=120)
-            if input_text is not None:
-                stdin.write(input_text)
-                stdin.channel.shutdown_write()
-            # Both streams are drained while the command runs: one left unread fills the channel's window, and
-            # the command then blocks writing to it (paramiko's recv_exit_status warns of the same).
-            with ThreadPoolExecutor(max_workers=1) as pool:
-                err = pool.submit(stderr.read)
-                out = stdout.read()
-                return stdout.channel.recv_exit_status(), out, err.result()
+        return SSHHook(ssh_conn_id=self.extra["ssh_conn_id"], remote_host=self.head_node or "")
+
+    def close(self) -> None:
+        """Close the ssh connection, if one is open (a trigger's, when it ends: paramiko's would live on)."""
+        if "ssh" in self.__dict__ and self.ssh.client is not None:
+            self.ssh.client.close()
+            self.ssh.client = None
+
+    def _run_ssh(self, argv: list[str], input_text: str | None) -> tuple[int, bytes, bytes]:
+        stdin, stdout, stderr = self.ssh.get_conn().exec_command(shlex.join(argv), timeout=120)
+        if input_text is not None:
+            stdin.write(input_text)
+            stdin.channel.shutdown_write()
+        # Both streams are drained while the command runs: one left unread fills the channel's window, and the
+        # command then blocks writing to it (paramiko's recv_exit_status warns of the same).
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            err = pool.submit(stderr.read)
+            out = stdout.read()
+            return stdout.channel.recv_exit_status(), out, err.result()
 
     def read_file(self, path: str, offset: int = 0) -> tuple[str, int]:
         """The text of ``path`` from byte ``offset`` on, and the new offset (``("", offset)`` if absent). A

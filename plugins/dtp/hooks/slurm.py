@@ -95,7 +95,7 @@ class SlurmHook(SharedFilesystemHook):
                 reason=fields.get("Reason", ""),
                 nodes=fields.get("NodeList", ""),
             )
-        for line in self._accounting("-j", job_id, "-o", "JobID,JobName,State,End").splitlines():
+        for line in self._accounting("-j", job_id, "-o", "JobID,JobName,State").splitlines():
             parts = line.split("|")
             if parts and parts[0] == job_id:
                 return SlurmJob(job_id=job_id, name=parts[1], state=parts[2].split()[0])

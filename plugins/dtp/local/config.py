@@ -17,6 +17,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from dtp.connections import TRAINING_QUEUE
+
 PROJECT_ROOT = Path(__file__).resolve().parents[3]
 REGION = "us-east-1"
 # The account id the emulator (moto) gives every resource.
@@ -49,7 +51,7 @@ class Ports:
 
 EXECUTORS = ("local", "celery")
 # Celery queues: control-plane tasks, and the tasks that submit and wait on Slurm jobs.
-CELERY_QUEUES = {"control": "default", "training": "training"}
+CELERY_QUEUES = {"control": "default", "training": TRAINING_QUEUE}
 # Above the longest task (a deferred training wait holds no worker, but a sync run may): re-delivery after it.
 CELERY_VISIBILITY_TIMEOUT_S = 48 * 3600
 

@@ -82,7 +82,11 @@ def _selected(cfg: StackConfig, airflow: bool) -> list[Daemon]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="stack", description=__doc__)
     parser.add_argument("action", choices=["up", "down", "status"])
-    parser.add_argument("--no-airflow", action="store_true", help="only the emulator, PostgreSQL and Slurm")
+    parser.add_argument(
+        "--no-airflow",
+        action="store_true",
+        help="no Airflow components: the emulator, PostgreSQL, Slurm, sshd and the registry",
+    )
     parser.add_argument(
         "--executor",
         choices=EXECUTORS,

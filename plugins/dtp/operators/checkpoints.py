@@ -89,7 +89,6 @@ class SaveCheckpointOperator(BaseOperator):
             ),
             method_name="execute_complete",
         )
-        return None
 
     def execute_complete(self, context: Any, event: dict[str, Any]) -> dict[str, Any]:
         checkpoint = checkpoints.newest_checkpoint(self.spec, self.cluster, self.aws_conn_id)

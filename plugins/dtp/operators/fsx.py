@@ -6,15 +6,14 @@ import hashlib
 from collections.abc import Sequence
 from typing import Any
 
-import botocore.session
 from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowException
 
 from dtp.hooks.fsx import FsxHook
+from dtp.platforms.service_models import enum_values
 from dtp.triggers.fsx import FsxDataRepositoryTaskTrigger, task_outcome
 
 TASK_KEY_TAG = "dtp:task-key"
-TASK_TYPES = tuple(botocore.session.get_session().get_service_model("fsx").shape_for("DataRepositoryTaskType").enum)
 
 
 def task_key(ti: Any) -> str:
@@ -92,8 +91,8 @@ class FsxDataRepositoryTaskOperator(BaseOperator):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        if repository_task_type not in TASK_TYPES:
-            raise ValueError(f"repository_task_type: got {repository_task_type!r}; allowed: {', '.join(TASK_TYPES)}")
+        if repository_task_type not in (allowed := enum_values("fsx", "DataRepositoryTaskType")):
+            raise ValueError(f"repository_task_type: got {repository_task_type!r}; allowed: {', '.join(allowed)}")
         self.file_system_id = file_system_id
         self.repository_task_type = repository_task_type
         self.paths = paths
@@ -118,7 +117,6 @@ class FsxDataRepositoryTaskOperator(BaseOperator):
             trigger=FsxDataRepositoryTaskTrigger(task["TaskId"], self.aws_conn_id, self.poll_interval),
             method_name="execute_complete",
         )
-        return None
 
     def execute_complete(self, context: Any, event: dict[str, Any]) -> dict[str, Any]:
         counts = f"{event['succeeded']} of {event['total']} files done, {event['failed']} failed"

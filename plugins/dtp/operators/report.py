@@ -9,6 +9,7 @@ from airflow.sdk import BaseOperator, BaseOperatorLink
 from airflow.sdk.exceptions import AirflowSkipException
 from airflow.sdk.execution_time.xcom import XCom
 
+from dtp.connections import AWS_CONN_ID
 from dtp.metrics.report import render_validation_report
 from dtp.pipeline.results import export_metrics, publish_html, publish_report
 
@@ -36,7 +37,8 @@ class ValidationReportLink(_ReportLink):
 
 class TrainingReportOperator(BaseOperator):
     """
-    Render the report (plots, gates, params, resources) and upload it to the artifacts bucket.
+    Render the report (plots, gates, params, resources), upload it to the artifacts bucket and push the run's
+    metrics to the Prometheus Pushgateway where one is configured; skipped when training collected no metrics.
 
     :param spec: the run spec from ``validate_params``
     :param metrics: the summary from ``collect_metrics``
@@ -56,7 +58,7 @@ class TrainingReportOperator(BaseOperator):
         preflight: Any = None,
         run_resources: Any = None,
         checkpoint: Any = None,
-        aws_conn_id: str = "aws_default",
+        aws_conn_id: str = AWS_CONN_ID,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -81,7 +83,8 @@ class TrainingReportOperator(BaseOperator):
 
 class ClusterValidationReportOperator(BaseOperator):
     """
-    Render validate_cluster's report (verdict, busbw plot, versions per node) and upload it.
+    Render validate_cluster's report (verdict, busbw plot, versions per node), upload it and push its figures to
+    the Prometheus Pushgateway where one is configured.
 
     :param spec: the validation spec from ``validate_params``
     :param result: the judged preflight result (with its ``failures``)
@@ -90,7 +93,7 @@ class ClusterValidationReportOperator(BaseOperator):
     template_fields: Sequence[str] = ("spec", "result")
     operator_extra_links = (ValidationReportLink(),)
 
-    def __init__(self, *, spec: Any, result: Any, aws_conn_id: str = "aws_default", **kwargs: Any) -> None:
+    def __init__(self, *, spec: Any, result: Any, aws_conn_id: str = AWS_CONN_ID, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.spec = spec
         self.result = result

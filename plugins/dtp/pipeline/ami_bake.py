@@ -19,6 +19,7 @@ from airflow.providers.amazon.aws.hooks.ssm import SsmHook
 from airflow.sdk import task
 from airflow.sdk.exceptions import AirflowFailException
 
+from dtp.connections import AWS_CONN_ID
 from dtp.images import ami
 from dtp.images.publish import AMI_ALIAS, emit, put_parameter
 from dtp.naming import OWNER, TAG_PREFIX, RunNames, expiry, resource_tags
@@ -26,7 +27,6 @@ from dtp.operators.packer import PackerBuildOperator
 from dtp.params import ParamsError, parse_params
 
 log = logging.getLogger(__name__)
-AWS_CONN_ID = "aws_default"
 
 
 @task

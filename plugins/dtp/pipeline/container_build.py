@@ -16,6 +16,7 @@ from typing import Any
 from airflow.sdk import task
 from airflow.sdk.exceptions import AirflowFailException
 
+from dtp.connections import AWS_CONN_ID
 from dtp.hooks.container import ContainerRegistryHook
 from dtp.images.container import ContainerBuildParams, training_parameter
 from dtp.images.publish import IMAGE_ALIAS, emit, put_parameter
@@ -24,7 +25,6 @@ from dtp.operators.container import ContainerImageBuildOperator
 from dtp.params import ParamsError, parse_params
 
 log = logging.getLogger(__name__)
-AWS_CONN_ID = "aws_default"
 
 
 @task

@@ -34,6 +34,9 @@ from typing import Any
 
 from dtp.recipes import Recipe
 
+# Frameworks whose jobs read the model's Hugging Face files from ``<shared>/assets/<model>/``, placed there
+# beforehand: only a shared filesystem that outlives runs can hold them.
+NEEDS_ASSETS = frozenset({"torchtitan", "megatron-lm", "neuronx-distributed", "picotron"})
 TEMPLATES = {
     "fsdp": "slurm/train.sbatch.j2",
     "torchtitan": "slurm/train_torchtitan.sbatch.j2",

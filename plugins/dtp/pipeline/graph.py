@@ -7,7 +7,8 @@
     (preflight and train each prepare their job, then the cluster's scheduler picks who runs it: sbatch, a
     PyTorchJob on EKS or a Batch job; the others are skipped)
     save_checkpoint -> teardown_cluster -> teardown_network
-        (teardowns of deploy_cluster / plan_stack + deploy_cluster / plan_stack + create_stack)
+        (teardowns of deploy_cluster / plan_stack, deploy_cluster, stage_data and the two prepare_* jobs /
+        plan_stack, create_stack, its wait and stack_outputs: clearing any of those clears its teardowns too)
     watcher                                (fails the run if any task failed)
 
 The task callables are thin: each calls one step function of dtp.pipeline.
@@ -23,6 +24,7 @@ from airflow.providers.standard.operators.python import BranchPythonOperator
 from airflow.sdk import DAG, TaskGroup, TriggerRule, task
 from airflow.sdk.exceptions import AirflowFailException
 
+from dtp.connections import AWS_CONN_ID, TRAINING_QUEUE
 from dtp.images.container import resolve_runtime
 from dtp.metrics.preflight_gate import preflight_message
 from dtp.naming import EXPIRES_TAG
@@ -41,10 +43,6 @@ from dtp.recipes import RecipeError
 from dtp.sensors.stacks import StackCreatedSensor
 
 log = logging.getLogger(__name__)
-AWS_CONN_ID = "aws_default"
-# Under CeleryExecutor the tasks that submit Slurm jobs or touch the cluster's shared filesystem have their own
-# workers, where it is mounted (other executors ignore queues).
-TRAINING_QUEUE = "training"
 # Suffixes of the tasks that run a prepared job off Slurm: as a PyTorchJob (``scheduler: kubernetes``), as an
 # AWS Batch job (``scheduler: batch``).
 ON_EKS, ON_BATCH = "_on_eks", "_on_batch"
@@ -86,16 +84,19 @@ def resolve_images(spec: dict[str, Any]) -> dict[str, str]:
 
 @task
 def plan_stack(spec: dict[str, Any]) -> str:
+    """Decide the run's network stack (the VPC it makes, or the existing one of dtp_network); its name."""
     return network.plan_network_stack(spec, AWS_CONN_ID)
 
 
 @task
 def create_stack(spec: dict[str, Any]) -> str:
+    """Create the network stack (or find the one an earlier try created) and wait until it is complete."""
     return network.create_network_stack(spec, AWS_CONN_ID)
 
 
 @task
 def stack_outputs(spec: dict[str, Any]) -> dict[str, str]:
+    """The network stack's outputs: subnets, security groups, the run's data bucket."""
     return network.network_outputs(spec, AWS_CONN_ID)
 
 
@@ -119,6 +120,7 @@ def record_resources(
 
 @task(multiple_outputs=True, queue=TRAINING_QUEUE)
 def prepare_preflight(spec: dict[str, Any], cluster: dict[str, Any], images: dict[str, str]) -> dict[str, str | None]:
+    """Write the preflight job (node checks, all-reduce sweep) into the run's directory; what submits it."""
     return jobs.prepare_preflight(spec, cluster, images)
 
 
@@ -126,6 +128,7 @@ def prepare_preflight(spec: dict[str, Any], cluster: dict[str, Any], images: dic
 def check_preflight(
     spec: dict[str, Any], cluster: dict[str, Any], results_path: str, nccl_tests_path: str
 ) -> dict[str, Any]:
+    """Judge the preflight results: the task fails naming every node and check that failed."""
     checked = results.check_preflight(spec, cluster, results_path, nccl_tests_path)
     if checked["failures"]:
         outlive = spec["params"]["platform"] in NODES_OUTLIVE_RUNS
@@ -136,7 +139,8 @@ def check_preflight(
 @task(multiple_outputs=True, queue=TRAINING_QUEUE)
 def prepare_training(
     spec: dict[str, Any], cluster: dict[str, Any], images: dict[str, str], staged: dict[str, Any]
-) -> dict[str, str]:
+) -> dict[str, Any]:
+    """Write the training job (batch script or manifest, and its config) into the run's directory."""
     return jobs.prepare_training(spec, cluster, images, staged)
 
 
@@ -144,11 +148,13 @@ def prepare_training(
 def collect_metrics(
     spec: dict[str, Any], cluster: dict[str, Any], metrics_path: str, profile_dir: str
 ) -> dict[str, Any]:
+    """Parse the job's metrics and store them in the artifacts bucket; their summary, for the gates and the report."""
     return results.collect_metrics(spec, cluster, metrics_path, AWS_CONN_ID, profile_dir)
 
 
 @task
 def evaluate_gates(spec: dict[str, Any], metrics: dict[str, Any]) -> None:
+    """Fail the run when the recipe's gates or the comparison with comparable past runs fail."""
     failures = results.gate_failures(spec, metrics)
     if failures:
         raise AirflowFailException("gates failed:\n" + "\n".join(failures))
@@ -157,6 +163,7 @@ def evaluate_gates(spec: dict[str, Any], metrics: dict[str, Any]) -> None:
 
 @task(retries=3)
 def teardown_cluster(spec: dict[str, Any]) -> dict[str, Any]:
+    """Delete the run's cluster (its jobs stopped first); with keep_cluster, stop the jobs and keep it."""
     platform = get_platform(spec["params"]["platform"])
     if spec["params"]["keep_cluster"]:
         # The run is over: its jobs stop (freeing the nodes), the cluster stays for a person to look at.
@@ -172,6 +179,7 @@ def teardown_cluster(spec: dict[str, Any]) -> dict[str, Any]:
 
 @task(retries=3)
 def teardown_network(spec: dict[str, Any]) -> dict[str, Any]:
+    """Delete the network stack and the run's data bucket, and sweep what the stack's deletion left behind."""
     return network.teardown_network(spec, AWS_CONN_ID)
 
 

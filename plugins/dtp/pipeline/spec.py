@@ -12,7 +12,8 @@ from typing import Any
 from dtp.costs import estimate_cost_usd, training_time_limit_minutes
 from dtp.hostlist import expand_hostlist
 from dtp.naming import RunNames, expiry, resource_tags
-from dtp.params import ParamsError, TrainParams, validate_params
+from dtp.params import NODES_OUTLIVE_RUNS, ParamsError, TrainParams, validate_params
+from dtp.pipeline.frameworks import NEEDS_ASSETS
 from dtp.pipeline.network import NETWORK_CONN_ID, existing_network, needs_network
 from dtp.platforms import get_platform
 from dtp.platforms.local import LocalSlurmPlatform
@@ -27,20 +28,34 @@ def build_spec(
     merged = {**dict(params), **dict(conf)}
     validated = validate_params(merged)
     platform = get_platform(validated.platform)
-    framework = get_recipe(validated.recipe).framework
+    recipe = get_recipe(validated.recipe)
+    framework = recipe.framework
     if platform.scheduler != "slurm" and framework != "fsdp":
         raise ParamsError(
             f"invalid parameters:\nrecipe: got {validated.recipe!r}, which trains with {framework}; on "
             f"{validated.platform} DTP runs its own FSDP trainer only (the other frameworks launch from Slurm batch "
             "scripts): choose an fsdp recipe or a Slurm platform"
         )
+    if (
+        framework in NEEDS_ASSETS
+        and validated.platform not in NODES_OUTLIVE_RUNS
+        and not platform.existing_file_system()
+    ):
+        raise ParamsError(
+            f"invalid parameters:\nrecipe: got {validated.recipe!r}, which trains with {framework} from the "
+            f"model's files in <shared>/assets/{recipe.model}/, placed there beforehand; platform "
+            f"{validated.platform!r} makes the run's file system with its cluster: give dtp_{validated.platform} an "
+            "existing FSx for Lustre that holds them (see the README's Recipes and frameworks)"
+        )
     excluded = set(expand_hostlist(validated.exclude_nodes))  # "n1,n[1-2]" excludes two nodes, not three
     # The one platform whose nodes outlive runs (params refuses exclude_nodes elsewhere): names it does not have.
-    if excluded and isinstance(platform, LocalSlurmPlatform) and (unknown := excluded - set(platform.node_names())):
-        raise ParamsError(
-            f"invalid parameters:\nexclude_nodes: got {validated.exclude_nodes!r}; the cluster has no node "
-            f"{', '.join(sorted(unknown))} (its nodes: {', '.join(platform.node_names())})"
-        )
+    if excluded and isinstance(platform, LocalSlurmPlatform):
+        nodes = platform.node_names()
+        if unknown := excluded - set(nodes):
+            raise ParamsError(
+                f"invalid parameters:\nexclude_nodes: got {validated.exclude_nodes!r}; the cluster has no node "
+                f"{', '.join(sorted(unknown))} (its nodes: {', '.join(nodes)})"
+            )
     capacity = platform.max_nodes() - len(excluded)
     if validated.num_nodes > capacity:
         raise ParamsError(
@@ -56,7 +71,26 @@ def build_spec(
             f"the {NETWORK_CONN_ID!r} connection with that VPC's subnets and security group (see the README's "
             "Going to a real AWS account)"
         )
+    # The platform's requests, checked against its service's schema as provision will, before the network exists.
+    if problems := platform.check(platform.render(spec, network_stand_in(spec))):
+        raise ParamsError(
+            f"invalid parameters:\nplatform: {validated.platform!r} would be refused its cluster:\n"
+            + "\n".join(problems)
+        )
     return spec
+
+
+def network_stand_in(spec: dict[str, Any]) -> dict[str, str]:
+    """Outputs of the kind the run's network stack will have (it does not exist yet), to render its requests."""
+    return {
+        "VPC": "vpc-00000000000000000",
+        "PublicSubnet": "subnet-00000000000000000",
+        "PrivateSubnet": "subnet-00000000000000001",
+        "SecurityGroup": "sg-00000000000000000",
+        "FSXSecurityGroup": "sg-00000000000000001",
+        "DataBucket": spec["names"]["data_bucket"],
+        **spec["existing_network"],
+    }
 
 
 def run_spec(validated: TrainParams, dag_id: str, run_id: str, incarnation: int = 0) -> dict[str, Any]:

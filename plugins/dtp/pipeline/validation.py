@@ -19,6 +19,7 @@ from typing import Any
 from airflow.sdk import task
 from airflow.sdk.exceptions import AirflowFailException, AirflowNotFoundException
 
+from dtp.connections import AWS_CONN_ID, TRAINING_QUEUE
 from dtp.hooks.slurm import SlurmHook, usable
 from dtp.hostlist import expand_hostlist
 from dtp.metrics.preflight_gate import preflight_message
@@ -26,7 +27,7 @@ from dtp.naming import RunNames, expiry, resource_tags
 from dtp.operators.report import ClusterValidationReportOperator
 from dtp.params import ParamsError, validate_cluster_params
 from dtp.pipeline import jobs, results
-from dtp.pipeline.graph import AWS_CONN_ID, TRAINING_QUEUE, submit_prepared_slurm_job
+from dtp.pipeline.graph import submit_prepared_slurm_job
 from dtp.recipes import instance_types
 
 log = logging.getLogger(__name__)
@@ -73,8 +74,14 @@ def connect(spec: dict[str, Any]) -> dict[str, Any]:
             "(e.g. p5.48xlarge), which sets the GPU checks and the bandwidth floor"
         )
     states = hook.node_states()
+    excluded = set(expand_hostlist(params["exclude_nodes"]))  # "n1,n[1-2]" excludes two nodes
+    if unknown := excluded - set(states):  # sbatch would refuse the job for it
+        raise ParamsError(
+            f"exclude_nodes: got {params['exclude_nodes']!r}; the cluster behind {params['slurm_conn_id']!r} has "
+            f"no node {', '.join(sorted(unknown))} (its nodes: {', '.join(sorted(states))})"
+        )
     working = {node for node, state in states.items() if usable(state)}
-    left = working - set(expand_hostlist(params["exclude_nodes"]))  # "n1,n[1-2]" excludes two nodes
+    left = working - excluded
     if len(left) < params["num_nodes"]:
         raise ParamsError(
             f"num_nodes: got {params['num_nodes']}; the cluster behind {params['slurm_conn_id']!r} has "
@@ -105,6 +112,7 @@ def validate_params(**context: Any) -> dict[str, Any]:
 
 @task
 def connect_cluster(spec: dict[str, Any]) -> dict[str, Any]:
+    """Reach the cluster behind slurm_conn_id and check it has the nodes asked for."""
     try:
         return connect(spec)
     except ParamsError as err:
@@ -114,6 +122,7 @@ def connect_cluster(spec: dict[str, Any]) -> dict[str, Any]:
 # It and evaluate read and write the cluster's shared filesystem: on the training queue, whose worker mounts it.
 @task(multiple_outputs=True, queue=TRAINING_QUEUE)
 def prepare_checks(spec: dict[str, Any], cluster: dict[str, Any]) -> dict[str, str | None]:
+    """Write the checks' Slurm job into the run's directory on the cluster; what submits it."""
     return jobs.prepare_preflight(spec, cluster, {"python": cluster["python"]})
 
 
@@ -125,6 +134,7 @@ def evaluate(spec: dict[str, Any], cluster: dict[str, Any], results_path: str, n
 
 @task
 def verdict(result: dict[str, Any]) -> None:
+    """Fail the run when a check failed (after the report has them all); log the checks that could not run."""
     if result["failures"]:
         raise AirflowFailException(preflight_message(result["failures"]))
     if result.get("warnings"):
@@ -135,6 +145,7 @@ def verdict(result: dict[str, Any]) -> None:
 
 @task(retries=3)
 def cancel_jobs(spec: dict[str, Any], cluster: dict[str, Any]) -> list[str]:
+    """Cancel every job of the run still on the cluster, and wait until Slurm lists none."""
     return SlurmHook.of_cluster(cluster).cancel_and_wait(spec["names"]["slurm_job"], prefix=True)
 
 

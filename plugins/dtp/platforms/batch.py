@@ -21,6 +21,7 @@ from typing import Any
 from airflow.providers.amazon.aws.hooks.batch_client import BatchClientHook
 from pydantic import Field
 
+from dtp.connections import AWS_CONN_ID
 from dtp.naming import TAG_PREFIX
 from dtp.pipeline.data import run_dir
 from dtp.platforms.base import PlatformNotReady, PlatformSettings
@@ -34,7 +35,6 @@ from dtp.platforms.containers import (
 )
 from dtp.platforms.service_models import request_problems
 
-AWS_CONN_ID = "aws_default"
 CONN_ID = "dtp_batch"
 DOCUMENTS = ("compute-environment.json", "job-queue.json", "job-definition.json")
 # Batch's rule for compute environment, job queue, job definition and job names.

@@ -21,6 +21,7 @@ from airflow.providers.amazon.aws.hooks.eks import EksHook
 from botocore.exceptions import ClientError
 from pydantic import Field
 
+from dtp.connections import AWS_CONN_ID
 from dtp.hooks.pytorchjob import PyTorchJobHook
 from dtp.naming import TAG_PREFIX
 from dtp.pipeline.data import run_dir
@@ -37,7 +38,6 @@ from dtp.platforms.containers import (
 from dtp.platforms.pytorchjob_manifest import DNS_1123_LABEL, DNS_1123_SUBDOMAIN, manifest_problems
 from dtp.templates import render
 
-AWS_CONN_ID = "aws_default"
 CONN_ID = "dtp_eks"
 # Pod restarts before the job fails: the Slurm job's fresh launches after the first (dtp.pipeline.jobs).
 MAX_RESTARTS = 3

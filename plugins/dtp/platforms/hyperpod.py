@@ -29,10 +29,11 @@ from airflow.providers.amazon.aws.hooks.s3 import S3Hook
 from botocore.exceptions import ClientError
 from pydantic import Field, model_validator
 
+from dtp.connections import AWS_CONN_ID
 from dtp.hooks.hyperpod import HyperPodHook
 from dtp.hooks.pytorchjob import PyTorchJobHook
 from dtp.hooks.slurm import SlurmHook
-from dtp.naming import aws_tags
+from dtp.naming import OWNER, TAG_PREFIX, aws_tags
 from dtp.platforms.base import PlatformNotReady, PlatformSettings, Scheduler, stop_before_delete
 from dtp.platforms.capacity import Placement, instance_fields, is_capacity_error, is_capacity_failure, placements
 from dtp.platforms.containers import FSX_MOUNT, image_runtime
@@ -49,7 +50,6 @@ from dtp.recipes import INCLUDE_DIR
 from dtp.triggers.hyperpod import HyperPodClusterTrigger
 
 log = logging.getLogger(__name__)
-AWS_CONN_ID = "aws_default"
 CONTROLLER_GROUP = "controller-machine"
 COMPUTE_GROUP = "compute-nodes"
 ON_CREATE = INCLUDE_DIR / "hyperpod" / "on_create.sh"
@@ -310,8 +310,13 @@ class HyperPodPlatform:
             aws_conn_id=self.aws_conn_id,
             timeout=timeout,
             started_at=cluster["created_at"],
-            controller_group=None if self.settings.eks else CONTROLLER_GROUP,
+            controller_group=CONTROLLER_GROUP if self._controller_over_ssh() else None,
         )
+
+    def _controller_over_ssh(self) -> bool:
+        """Whether the run's jobs reach its controller over ssh, at an address only the cluster knows."""
+        settings = self.settings
+        return settings.eks is None and SlurmHook(settings.slurm_conn_id).transport == "ssh"
 
     def stop_jobs(self, spec: dict[str, Any]) -> dict[str, Any]:
         """Cancel the run's Slurm jobs, or delete its PyTorchJobs (EKS); none while the cluster is not up (never
@@ -324,18 +329,23 @@ class HyperPodPlatform:
     def _stop_jobs(self, spec: dict[str, Any], described: dict[str, Any]) -> list[str]:
         if self.settings.eks:
             return delete_pytorchjobs(self.jobs, spec, timeout=600)
-        slurm = SlurmHook(self.settings.slurm_conn_id)
-        if slurm.transport == "ssh":  # to the run's controller, which only the run's cluster names
-            slurm.head_node = HyperPodHook(aws_conn_id=self.aws_conn_id).node_target(described, CONTROLLER_GROUP)
-        return slurm.cancel_and_wait(spec["names"]["slurm_job"], prefix=True)
+        conn_id = self.settings.slurm_conn_id
+        controller = None
+        if SlurmHook(conn_id).transport == "ssh":  # to the run's controller, which only the run's cluster names
+            controller = HyperPodHook(aws_conn_id=self.aws_conn_id).node_target(described, CONTROLLER_GROUP)
+            if controller is None:
+                raise RuntimeError(f"HyperPod cluster {described['ClusterName']} has no {CONTROLLER_GROUP} node")
+        return SlurmHook(conn_id, controller).cancel_and_wait(spec["names"]["slurm_job"], prefix=True)
 
     def _upload_lifecycle(self, spec: dict[str, Any], settings: HyperPodSettings, provisioning: str | None) -> None:
         """Copy the base-config, then DTP's on_create.sh and the run's parameters (Slurm; on EKS the base-config's
         own on_create.sh runs), under the run's prefix."""
         s3 = S3Hook(aws_conn_id=self.aws_conn_id)
         bucket = settings.lifecycle_bucket
-        if not s3.check_for_bucket(bucket):
+        if not s3.check_for_bucket(bucket):  # shared by every run: DTP's, with no expiry
             s3.create_bucket(bucket)
+            s3.put_bucket_tagging(tag_set={f"{TAG_PREFIX}owner": OWNER, f"{TAG_PREFIX}role": "hyperpod-lifecycle"},
+                                  bucket_name=bucket)  # fmt: skip
         prefix = f"{spec['names']['run_key']}/lifecycle/"
         if settings.base_config_uri:
             source_bucket, source_prefix = S3Hook.parse_s3_url(settings.base_config_uri)

@@ -89,7 +89,10 @@ class PclusterCli:
 
     @property
     def region(self) -> str:
-        return self.aws.conn_region_name or "us-east-1"
+        """The connection's region, else the environment's, else us-east-1 (read without making a client)."""
+        return (
+            self.aws.region_name or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+        )
 
     def environment(self) -> dict[str, str]:
         """pcluster's environment: the connection's credentials, region and endpoint; no instance metadata."""
@@ -265,11 +268,6 @@ class ParallelClusterPlatform:
         described = self.cli.describe_cluster(name)
         return None if described is None else str(described["clusterStatus"])
 
-    def _described_up(self, name: str) -> dict[str, Any] | None:
-        """The cluster as ``describe-cluster`` has it while it is up (its jobs may run); None otherwise."""
-        described = self.cli.describe_cluster(name)
-        return described if described is not None and described["clusterStatus"] in READY_STATES else None
-
     def provision(self, spec: dict[str, Any], network: dict[str, str], ami: str | None = None) -> dict[str, Any]:
         """Create the cluster (or find it again); ``ready_trigger`` waits for it to be created."""
         name = self.cluster_name(spec)
@@ -308,16 +306,18 @@ class ParallelClusterPlatform:
     def stop_jobs(self, spec: dict[str, Any]) -> dict[str, Any]:
         """Cancel the run's Slurm jobs on the head node (none while the cluster is not up)."""
         name = self.cluster_name(spec)
-        described = self._described_up(name)
-        cancelled = self._cancel_jobs(spec, described) if described else []
-        return {"cluster_name": name, "cancelled_jobs": cancelled}
+        described = self.cli.describe_cluster(name)
+        if described is None or described["clusterStatus"] not in READY_STATES:
+            return {"cluster_name": name, "cancelled_jobs": []}
+        return {"cluster_name": name, "cancelled_jobs": self._cancel_jobs(spec, described)}
 
     def teardown(self, spec: dict[str, Any], timeout: float = 3600, poll: float = 30) -> dict[str, Any]:
         name = self.cluster_name(spec)
-        if self.cluster_status(name) is None:
+        described = self.cli.describe_cluster(name)
+        if described is None:
             return {"cluster_name": name, "cancelled_jobs": [], "deleted": False}
-        described = self._described_up(name)
-        cancelled = stop_before_delete(partial(self._cancel_jobs, described=described), spec) if described else []
+        up = described["clusterStatus"] in READY_STATES
+        cancelled = stop_before_delete(partial(self._cancel_jobs, described=described), spec) if up else []
         deleted = self.cli.delete_cluster(name)
         deadline = time.monotonic() + timeout
         while (status := self.cluster_status(name)) is not None:
@@ -335,9 +335,9 @@ class ParallelClusterPlatform:
 
 def head_node_address(described: dict[str, Any]) -> str:
     """Where the Slurm connection's ssh reaches a described cluster's head node: its public address, else its
-    private one (a worker in the cluster's VPC)."""
-    head = described.get("headNode", {})
-    return str(head.get("publicIpAddress") or head.get("privateIpAddress", ""))
+    private one (a worker in the cluster's VPC); empty when it has neither."""
+    head = described.get("headNode") or {}
+    return str(head.get("publicIpAddress") or head.get("privateIpAddress") or "")
 
 
 def failures(described: dict[str, Any]) -> str:

@@ -22,6 +22,11 @@ def _service_model(service: str) -> Any:
     return botocore.session.get_session().get_service_model(service)
 
 
+def enum_values(service: str, shape: str) -> tuple[str, ...]:
+    """The values the service model allows for the enum ``shape`` (read on first use, not at import)."""
+    return tuple(_service_model(service).shape_for(shape).enum)
+
+
 def input_shape(service: str, operation: str) -> StructureShape:
     shape: StructureShape = _service_model(service).operation_model(operation).input_shape
     return shape

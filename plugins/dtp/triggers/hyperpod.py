@@ -16,8 +16,8 @@ class HyperPodClusterTrigger(DeadlineTrigger):
     """Fires once the cluster is InService (success), failed or gone, or ``timeout`` seconds after ``started_at``
     (epoch seconds; default: when the task deferred) passed (failed).
 
-    :param controller_group: the instance group of a Slurm cluster's controller: the success event's ``cluster``
-        names the controller's SSM target as ``head_node``, where the Slurm connection's ssh goes
+    :param controller_group: the instance group of a Slurm cluster's controller, reached over ssh: the success
+        event's ``cluster`` names the controller's SSM target as ``head_node``, where the Slurm connection's ssh goes
     """
 
     def __init__(
@@ -57,7 +57,11 @@ class HyperPodClusterTrigger(DeadlineTrigger):
                 event: dict[str, Any] = {"status": "success" if ok else "failed", "message": message}
                 if ok and self.controller_group:
                     head_node = await asyncio.to_thread(hook.node_target, cluster, self.controller_group)
-                    event["cluster"] = {"head_node": head_node}
+                    if head_node is None:
+                        why = f"{message}, but its {self.controller_group} group has no node"
+                        event = {"status": "failed", "message": why}
+                    else:
+                        event["cluster"] = {"head_node": head_node}
                 yield TriggerEvent(event)
                 return
             if self.past_deadline:

@@ -33,8 +33,11 @@ class ParallelClusterCreateTrigger(DeadlineTrigger):
             described = await asyncio.to_thread(cli.describe_cluster, self.cluster_name)
             status = None if described is None else described["clusterStatus"]
             if described is not None and status in READY_STATES:
+                if not (head_node := head_node_address(described)):
+                    message = f"cluster {self.cluster_name} is {status}, but has no head node address"
+                    yield TriggerEvent({"status": "failed", "message": message})
+                    return
                 message = f"ParallelCluster cluster {self.cluster_name} is {status}"
-                head_node = head_node_address(described)
                 yield TriggerEvent({"status": "success", "message": message, "cluster": {"head_node": head_node}})
                 return
             if described is None or status != "CREATE_IN_PROGRESS":

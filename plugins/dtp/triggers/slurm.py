@@ -22,7 +22,7 @@ from typing import Any
 
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
-from dtp.hooks.slurm import SlurmHook
+from dtp.hooks.slurm import SlurmHook, SlurmJob
 
 
 class SlurmJobTrigger(BaseTrigger):
@@ -42,6 +42,7 @@ class SlurmJobTrigger(BaseTrigger):
         head_node: str | None = None,
         lost_timeout: float = 300.0,
         pending_timeout: float = 3600.0,
+        log_offset: int = 0,  # in the kwargs of triggers deferred by earlier versions, always 0: reading starts there
     ) -> None:
         super().__init__()
         self.job_id = job_id
@@ -70,6 +71,13 @@ class SlurmJobTrigger(BaseTrigger):
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
         hook = SlurmHook(self.slurm_conn_id, self.head_node)
+        try:
+            async for event in self._follow(hook):
+                yield event
+        finally:  # also when the triggerer cancels it (the task was cleared, the triggerer stops)
+            await asyncio.to_thread(hook.close)
+
+    async def _follow(self, hook: SlurmHook) -> AsyncIterator[TriggerEvent]:
         tail: deque[str] = deque(maxlen=30)
         offset, partial = 0, ""
         last_progress = time.monotonic()
@@ -88,41 +96,18 @@ class SlurmJobTrigger(BaseTrigger):
                 if partial:
                     tail.append(partial)
                     self.log.info("[slurm %s] %s", self.job_id, partial)
-                yield TriggerEvent(
-                    {
-                        "status": "success" if job.succeeded else "failed",
-                        "job_id": self.job_id,
-                        "state": job.state,
-                        "exit_code": job.exit_code,
-                        "tail": list(tail),
-                    }
-                )
+                yield self._event("success" if job.succeeded else "failed", job, tail, exit_code=job.exit_code)
                 return
             if job.state == "RUNNING" and time.monotonic() - last_progress > self.hang_timeout:
-                yield TriggerEvent(
-                    {
-                        "status": "hung",
-                        "job_id": self.job_id,
-                        "state": job.state,
-                        "tail": list(tail),
-                        "message": f"no new log line for {self.hang_timeout:.0f}s",
-                    }
-                )
+                yield self._event("hung", job, tail, message=f"no new log line for {self.hang_timeout:.0f}s")
                 return
             unknown_since = (unknown_since or time.monotonic()) if job.state == "UNKNOWN" else None
             if unknown_since is not None and time.monotonic() - unknown_since > self.lost_timeout:
-                yield TriggerEvent(
-                    {
-                        "status": "lost",
-                        "job_id": self.job_id,
-                        "state": job.state,
-                        "tail": list(tail),
-                        "message": (
-                            f"Slurm has had no record of the job for {self.lost_timeout:.0f}s: neither slurmctld "
-                            "nor sacct (a job completion log, JobCompType, or slurmdbd accounting) knows it"
-                        ),
-                    }
+                message = (
+                    f"Slurm has had no record of the job for {self.lost_timeout:.0f}s: neither slurmctld nor sacct "
+                    "(a job completion log, JobCompType, or slurmdbd accounting) knows it"
                 )
+                yield self._event("lost", job, tail, message=message)
                 return
             pending_since = (pending_since or time.monotonic()) if job.state == "PENDING" else None
             if (
@@ -130,23 +115,19 @@ class SlurmJobTrigger(BaseTrigger):
                 and self.pending_timeout
                 and time.monotonic() - pending_since > self.pending_timeout
             ):
-                yield TriggerEvent(
-                    {
-                        "status": "pending",
-                        "job_id": self.job_id,
-                        "state": job.state,
-                        "reason": job.reason,
-                        "tail": list(tail),
-                        "message": (
-                            f"Slurm has not started it in {self.pending_timeout:.0f}s: still {job.state}, "
-                            f"reason {job.reason or '(none given)'}"
-                        ),
-                    }
+                message = (
+                    f"Slurm has not started it in {self.pending_timeout:.0f}s: still {job.state}, "
+                    f"reason {job.reason or '(none given)'}"
                 )
+                yield self._event("pending", job, tail, reason=job.reason, message=message)
                 return
             if job.state != "RUNNING":
                 last_progress = time.monotonic()  # pending or requeued time is not a hang
             await asyncio.sleep(self.poll_interval)
+
+    def _event(self, status: str, job: SlurmJob, tail: deque[str], **fields: str) -> TriggerEvent:
+        """The event the task resumes with: ``status``, the job's state, its last log lines, and ``fields``."""
+        return TriggerEvent({"status": status, "job_id": self.job_id, "state": job.state, "tail": list(tail), **fields})
 
     def _forward(self, text: str, tail: deque[str]) -> str:
         """Log ``text``'s complete lines into the task log and ``tail``; the unfinished last line, to prepend next."""
