@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from datetime import UTC, datetime
-from functools import partial
 from typing import Any
 
 import pytest
@@ -326,7 +325,7 @@ def test_a_controller_without_its_connection_does_not_keep_the_runs_cluster(sett
     monkeypatch.delenv("AIRFLOW_CONN_DTP_HYPERPOD_SLURM", raising=False)
     spec = spec_for(recipe="llama3_1_8b", num_nodes=4)
     described = {"ClusterName": spec["names"]["run_key"], "ClusterStatus": "InService"}
-    assert stop_before_delete(partial(HyperPodPlatform()._stop_jobs, described=described), spec) == []
+    assert stop_before_delete(lambda: HyperPodPlatform()._stop_jobs(spec, described)) == []
     assert "Could not stop the run's jobs before deleting the cluster" in caplog.text
     assert "dtp_hyperpod_slurm" in caplog.text
     with pytest.raises(AirflowNotFoundException, match="dtp_hyperpod_slurm"):

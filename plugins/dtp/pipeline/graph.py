@@ -84,13 +84,14 @@ def resolve_images(spec: dict[str, Any]) -> dict[str, str]:
 
 @task
 def plan_stack(spec: dict[str, Any]) -> str:
-    """Decide the run's network stack (the VPC it makes, or the existing one of dtp_network); its name."""
+    """Validate the network template with CloudFormation before anything exists; the stack's name."""
     return network.plan_network_stack(spec, AWS_CONN_ID)
 
 
 @task
 def create_stack(spec: dict[str, Any]) -> str:
-    """Create the network stack (or find the one an earlier try created) and wait until it is complete."""
+    """Start creating the network stack (a VPC, or only the data bucket where the run makes none), or find the one
+    an earlier try started; the ``wait`` sensor waits for it."""
     return network.create_network_stack(spec, AWS_CONN_ID)
 
 

@@ -98,12 +98,12 @@ class ComputePlatform(Protocol):
         """Stop the run's jobs and delete its cluster; verify nothing is left."""
 
 
-def stop_before_delete(stop: Callable[[dict[str, Any]], list[str]], spec: dict[str, Any]) -> list[str]:
-    """``stop(spec)``: the run's jobs stopped before its cluster is deleted. A controller, head node or API it cannot
+def stop_before_delete(stop: Callable[[], list[str]]) -> list[str]:
+    """``stop()``: the run's jobs stopped before its cluster is deleted. A controller, head node or API it cannot
     reach (ssh, SSM, Kubernetes, a missing connection) is logged, not raised: deleting the cluster stops the jobs on
     its nodes too, and must still run."""
     try:
-        return stop(spec)
+        return stop()
     except Exception as err:
         log.warning("Could not stop the run's jobs before deleting the cluster: %r", err)
         return []

@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from functools import cached_property, partial
+from functools import cached_property
 from typing import Annotated, Any
 
 from airflow.providers.amazon.aws.hooks.s3 import S3Hook
@@ -329,13 +329,13 @@ class HyperPodPlatform:
     def _stop_jobs(self, spec: dict[str, Any], described: dict[str, Any]) -> list[str]:
         if self.settings.eks:
             return delete_pytorchjobs(self.jobs, spec, timeout=600)
-        conn_id = self.settings.slurm_conn_id
         controller = None
-        if SlurmHook(conn_id).transport == "ssh":  # to the run's controller, which only the run's cluster names
+        if self._controller_over_ssh():  # to the run's controller, which only the run's cluster names
             controller = HyperPodHook(aws_conn_id=self.aws_conn_id).node_target(described, CONTROLLER_GROUP)
             if controller is None:
                 raise RuntimeError(f"HyperPod cluster {described['ClusterName']} has no {CONTROLLER_GROUP} node")
-        return SlurmHook(conn_id, controller).cancel_and_wait(spec["names"]["slurm_job"], prefix=True)
+        hook = SlurmHook(self.settings.slurm_conn_id, controller)
+        return hook.cancel_and_wait(spec["names"]["slurm_job"], prefix=True)
 
     def _upload_lifecycle(self, spec: dict[str, Any], settings: HyperPodSettings, provisioning: str | None) -> None:
         """Copy the base-config, then DTP's on_create.sh and the run's parameters (Slurm; on EKS the base-config's
@@ -364,7 +364,7 @@ class HyperPodPlatform:
         hook = HyperPodHook(aws_conn_id=self.aws_conn_id)
         cancelled: list[str] = []
         if (described := hook.describe_cluster(name)) is not None:
-            cancelled = stop_before_delete(partial(self._stop_jobs, described=described), spec)
+            cancelled = stop_before_delete(lambda: self._stop_jobs(spec, described))
         deleted = hook.delete_cluster_and_wait(name)
         s3 = S3Hook(aws_conn_id=self.aws_conn_id)
         bucket = settings.lifecycle_bucket

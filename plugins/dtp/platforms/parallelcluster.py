@@ -19,7 +19,7 @@ import subprocess
 import tempfile
 import time
 from datetime import datetime
-from functools import cached_property, partial
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
@@ -317,7 +317,7 @@ class ParallelClusterPlatform:
         if described is None:
             return {"cluster_name": name, "cancelled_jobs": [], "deleted": False}
         up = described["clusterStatus"] in READY_STATES
-        cancelled = stop_before_delete(partial(self._cancel_jobs, described=described), spec) if up else []
+        cancelled = stop_before_delete(lambda: self._cancel_jobs(spec, described)) if up else []
         deleted = self.cli.delete_cluster(name)
         deadline = time.monotonic() + timeout
         while (status := self.cluster_status(name)) is not None:
