@@ -115,7 +115,8 @@ def run_dtp(run: Run) -> tuple[list[dict], Path | None]:
         "seq_len": shape.seq_len,
         "micro_batch": shape.micro_batch,
         "max_steps": shape.steps,
-        "checkpoint_interval": shape.steps * 10,  # a final checkpoint only, after the measured steps
+        "checkpoint_interval": shape.steps * 10,
+        "final_checkpoint": False,  # no checkpoint at all: torchtitan's side saves none either
         "log_interval": 1,
         "lr": LR,
         "warmup_steps": shape.warmup_steps,

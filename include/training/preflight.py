@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import re
@@ -44,7 +45,8 @@ def environment(device: torch.device) -> dict:
         "nccl": ".".join(map(str, torch.cuda.nccl.version())) if torch.cuda.is_available() else None,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "device_count": torch.cuda.device_count() if device.type == "cuda" else 0,
-        "matmul_max_abs_error": float(error.abs().max()),
+        # As text when not finite: the results travel as JSON, which has no NaN.
+        "matmul_max_abs_error": worst if math.isfinite(worst := float(error.abs().max())) else str(worst),
     }
 
 

@@ -77,6 +77,7 @@ class TrainConfig:
     profile_dir: str = ""
     peak_flops: float | None = None  # per device, for MFU; None: by the device's name (PEAK_FLOPS)
     device: str = "auto"  # "auto": CUDA when torch can use it, else the CPU; "cuda": CUDA or fail
+    final_checkpoint: bool = True  # off for a benchmark: it measures steps, and a 3B model's save is 43 GB
     stop_check_steps: int = 1  # steps between the ranks' checks for SIGTERM (each a collective every rank waits on)
 
     @classmethod
@@ -199,6 +200,24 @@ def emit(record: dict, metrics_path: Path) -> None:
         fh.write(line + "\n")
 
 
+class Diverged(RuntimeError):
+    """The gradient norm stopped being finite: the optimizer step made the weights NaN or infinite."""
+
+
+def diverged(step: int, norm: float, ckpt_dir: Path, metrics_path: Path, rank: int) -> None:
+    """Stop a run whose weights are lost, before they replace a good checkpoint. Every rank sees the same norm (it
+    is the whole model's), so they all stop at the same step. A relaunch resumes from the newest checkpoint: a fault
+    that made the NaN passes, a divergence happens again (the batches are seeded by step) until the job's
+    attempts are spent."""
+    if rank == 0:
+        emit({"event": "diverged", "step": step, "grad_norm": str(norm), "time": time.time()}, metrics_path)
+    newest = checkpoint.newest_complete(ckpt_dir)
+    raise Diverged(
+        f"step {step}: the gradient norm is {norm}, so the weights are no longer finite (training diverged); "
+        + (f"the newest checkpoint, {newest.name}, is from before" if newest else "no checkpoint was saved")
+    )
+
+
 def train(cfg: TrainConfig) -> None:
     signal.signal(signal.SIGTERM, _on_sigterm)
     backend, device = select_device(cfg)
@@ -278,7 +297,14 @@ def train(cfg: TrainConfig) -> None:
                 {"event": "profile", "steps": [first, done], "path": str(trace.parent), "time": time.time()},
                 metrics_path,
             )
-        if done % cfg.log_interval == 0 or done == cfg.max_steps:
+        preempted = done < cfg.max_steps and done % cfg.stop_check_steps == 0 and stop_requested(stop_group)
+        logged = done % cfg.log_interval == 0 or done == cfg.max_steps
+        saved = done % cfg.checkpoint_interval == 0 or (done == cfg.max_steps and cfg.final_checkpoint) or preempted
+        if logged or saved:
+            norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+            if not math.isfinite(norm):
+                diverged(done, norm, ckpt_dir, metrics_path, rank)
+        if logged:
             loss_avg = loss.detach().clone()
             dist.all_reduce(loss_avg, op=dist.ReduceOp.AVG if backend == "nccl" else dist.ReduceOp.SUM)
             if backend != "nccl":
@@ -293,9 +319,7 @@ def train(cfg: TrainConfig) -> None:
                         "step": done,
                         "loss": round(mean_loss, 5),
                         "lr": lr_at(cfg, step, schedule),
-                        "grad_norm": round(
-                            float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm), 4
-                        ),
+                        "grad_norm": round(norm, 4),
                         "tokens_per_s": round(tps, 1),
                         "tokens_per_s_per_device": round(tps / world, 1),
                         "mfu": round(fpt * tps / world / peak, 4) if peak else None,
@@ -306,8 +330,7 @@ def train(cfg: TrainConfig) -> None:
                     metrics_path,
                 )
             window_start, window_steps = time.perf_counter(), 0
-        preempted = done < cfg.max_steps and done % cfg.stop_check_steps == 0 and stop_requested(stop_group)
-        if done % cfg.checkpoint_interval == 0 or done == cfg.max_steps or preempted:
+        if saved:
             step_loss = float(loss.item())
             saving = time.perf_counter()
             extra = {"loss": step_loss, "lr_schedule_steps": schedule}

@@ -52,6 +52,15 @@ class Gates(_Strict):
     history_runs: int = Field(10, ge=1)
     min_history_runs: int = Field(3, ge=1)
 
+    @model_validator(mode="after")
+    def _judged_at_all(self) -> Gates:
+        # More runs than the median is taken over would never be there: the regression gates would never judge.
+        if self.min_history_runs > self.history_runs:
+            raise ValueError(
+                f"min_history_runs ({self.min_history_runs}) must be at most history_runs ({self.history_runs})"
+            )
+        return self
+
 
 class Parallelism(_Strict):
     """How the model is split over the job's accelerators; what is left over is data parallel (sharded)."""

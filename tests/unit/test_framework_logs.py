@@ -87,3 +87,60 @@ def test_older_torchtitan_lines_without_grad_norm_or_tflops_and_srun_prefixes() 
     summary = summarize_log("torchtitan", lines, seq_len=8192, world_size=32)
     assert summary.steps == [10, 20] and summary.losses == [4.5, 4.0]
     assert summary.tokens_per_s == [5000 * 32, 5000 * 32] and summary.mfu == pytest.approx(0.30)
+
+
+TITAN = "[rank{rank}]:[titan] 2026-12-06 10:00:00,000 - root - INFO - "
+
+
+def _titan_step(rank: int, step: int, loss: str, memory: float) -> str:
+    return TITAN.format(rank=rank) + (
+        f"step: {step:2}  loss: {loss}  grad_norm:  1.0000  memory: {memory:5.2f}GiB(50.00%)  tps: 5,000  "
+        "tflops: 300.00  mfu: 30.00%"
+    )
+
+
+def test_torchtitan_ranks_lines_of_a_step_are_one_record_with_the_last_pipeline_stages_loss() -> None:
+    """Two pipeline stages: the first logs loss -1 and less memory; the banner of rank 1 comes after rank 0's first
+    step (srun forwards each node's output on its own); a validation line is no training step."""
+    lines = [
+        TITAN.format(rank=0) + "Training starts at step 1",
+        _titan_step(0, 1, "-1.0000", 30.0),
+        TITAN.format(rank=1) + "Training starts at step 1",
+        _titan_step(1, 1, "11.5000", 40.0),
+        _titan_step(1, 2, " 9.0000", 41.0),
+        _titan_step(0, 2, "-1.0000", 31.0),
+        TITAN.format(rank=1) + "validate step:  2  loss:  8.0000  memory: 41.00GiB(50.00%)  tps: 9,999",
+        _titan_step(1, 3, " 8.5000", 41.0),
+        _titan_step(0, 3, "-1.0000", 31.0),
+    ]
+    summary = summarize_log("torchtitan", lines, seq_len=8192, world_size=2)
+    assert (summary.steps, summary.losses) == ([1, 2, 3], [11.5, 9.0, 8.5])
+    assert summary.tokens_per_s == [10_000.0] * 3
+    assert summary.max_memory_mb == pytest.approx(41.0 * 1024)
+    assert (summary.warm_up_steps, summary.restarts) == ([1], 0)
+
+
+def test_a_requeued_torchtitan_job_counts_a_restart_and_its_first_step_is_warm_up_again() -> None:
+    banner = TITAN.format(rank=0) + "Training starts at step {}"
+    first = [banner.format(1)] + [_titan_step(0, step, "9.0000", 40.0) for step in (1, 2, 3)]
+    resumed = [banner.format(3)] + [_titan_step(0, step, "8.0000", 40.0) for step in (3, 4)]
+    summary = summarize_log("torchtitan", first + resumed, seq_len=8192, world_size=1)
+    assert summary.steps == [1, 2, 3, 4]
+    assert summary.losses == [9.0, 9.0, 8.0, 8.0]  # step 3 as the resumed attempt logged it
+    assert (summary.warm_up_steps, summary.restarts) == ([1, 3], 1)
+
+
+@pytest.mark.parametrize(
+    ("framework", "line"),
+    [
+        ("torchtitan", TITAN.format(rank=0) + "step:  3  loss:     nan  memory: 40.00GiB(50.00%)  tps: 5,000"),
+        ("picotron", "[rank 0] Step: 3 | Loss: nan | Global batch size: 1K | Tokens/s: 5K | MFU: 30.00%"),
+        (
+            "neuronx-distributed",
+            "LOG Sat Dec 6 10:00:00 2026 - (0, 3) step_loss : inf learning_rate : 1e-04 throughput : 1.0",
+        ),
+    ],
+)
+def test_a_loss_that_is_not_a_number_is_a_divergence_not_a_missing_line(framework: str, line: str) -> None:
+    summary = summarize_log(framework, [line], seq_len=8192, world_size=1)
+    assert (summary.diverged_at, summary.steps) == (3, [])

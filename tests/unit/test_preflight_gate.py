@@ -197,6 +197,13 @@ def test_wrong_matmul_names_the_node_and_error() -> None:
     assert failures == ["matmul on n2 is wrong (max error 0.5)"]
 
 
+@pytest.mark.parametrize("error", ["nan", "inf"])
+def test_a_matmul_that_is_not_a_number_fails(error: str) -> None:
+    ranks = [rank("n1"), rank("n2", matmul_max_abs_error=error)]
+    failures = preflight_failures(preflight(ranks, [1, 1, 1, 1, 100]), 2, EXPECTED)
+    assert failures == [f"matmul on n2 is wrong (max error {error})"]
+
+
 def test_every_preflight_failure_is_listed() -> None:
     ranks = [rank("n1", torch="2.12.0", matmul_max_abs_error=1.0)]
     failures = preflight_failures(preflight(ranks, [1.0]), 2, EXPECTED)

@@ -160,6 +160,7 @@ def test_not_a_mapping(tmp_path: Path, content: str) -> None:
         ({"defaults": {"platform": "local"}}, "defaults.instance_type"),
         ({"gates": {"final_loss_max": "low"}}, "gates.final_loss_max"),
         ({"gates": {"unknown_gate": 1}}, "gates.unknown_gate"),
+        ({"gates": {"history_runs": 2, "min_history_runs": 3}}, "min_history_runs (3) must be at most history_runs"),
     ],
 )
 def test_wrong_field(tmp_path: Path, tiny_raw: dict, change: dict, field: str) -> None:

@@ -182,3 +182,30 @@ def test_a_resume_to_more_steps_keeps_the_lr_schedule_it_started_with(runs: dict
     assert lrs == {step: pytest.approx(0.1 * cfg.lr) for step in range(41, 45)}
     [kept] = [r for r in longer.records if r["event"] == "lr_schedule_kept"]
     assert (kept["schedule_steps"], kept["max_steps"]) == (MAX_STEPS, 44)
+
+
+def test_a_run_whose_weights_stop_being_finite_stops_before_it_saves_them(runs: dict[str, Run], tmp_path: Path) -> None:
+    """Resumed from the full run's step 40 with an absurd learning rate, step 41's update makes the gradient norm
+    NaN at step 42, a checkpoint step: the run fails there without saving, says so in its metrics, and its newest
+    checkpoint is still step 40."""
+    full = runs["full"]
+    data = Path(json.loads(full.config.read_text())["data_path"])
+    blown = make_run(tmp_path / "blown", data, max_steps=50, lr=1e5, log_interval=1, checkpoint_interval=2)
+    shutil.copytree(full.checkpoints / "step_40", blown.checkpoints / "step_40")
+    result = finish(blown, start(blown))
+    assert result.returncode != 0, describe(result)
+    assert "the newest checkpoint, step_40, is from before" in result.stderr, describe(result)
+    [diverged] = [r for r in blown.records if r["event"] == "diverged"]
+    assert (diverged["step"], diverged["grad_norm"]) == (42, "nan")
+    assert sorted(p.name for p in blown.checkpoints.iterdir()) == ["step_40"]
+    assert blown.summary.diverged_at == diverged["step"]
+
+
+def test_without_a_final_checkpoint_a_run_saves_only_at_its_interval(runs: dict[str, Run], tmp_path: Path) -> None:
+    """The benchmark's setting: what it measures is steps, and torchtitan's side saves nothing."""
+    data = Path(json.loads(runs["full"].config.read_text())["data_path"])
+    bench = make_run(tmp_path / "bench", data, max_steps=6, checkpoint_interval=4, final_checkpoint=False)
+    result = finish(bench, start(bench))
+    assert result.returncode == 0, describe(result)
+    assert bench.summary.finished and bench.summary.checkpoints == [4]
+    assert sorted(p.name for p in bench.checkpoints.iterdir()) == ["step_4"]

@@ -38,19 +38,22 @@ from dtp.metrics.parse import TrainingSummary, json_records, summarize_records
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _NUMBER = r"[-+]?[0-9][0-9,]*\.?[0-9]*(?:[eE][-+]?[0-9]+)?"
+# A loss is also "nan" or "inf" once training diverged: that line is what the divergence gate judges.
+_LOSS = rf"(?:[-+]?(?i:nan|inf(?:inity)?)|{_NUMBER})"
 _TORCHTITAN = re.compile(
-    rf"step:\s*(?P<step>\d+)\s+loss:\s*(?P<loss>{_NUMBER}).*?"
+    rf"(?<!validate )step:\s*(?P<step>\d+)\s+loss:\s*(?P<loss>{_LOSS}).*?"
     rf"(?:memory:\s*(?P<memory>{_NUMBER})GiB.*?)?tps:\s*(?P<tps>{_NUMBER})"
     rf"(?:.*?mfu:\s*(?P<mfu>{_NUMBER})%)?"
 )
+_TORCHTITAN_START = re.compile(r"Training starts at step (?P<step>\d+)")
 _MEGATRON_ITERATION = re.compile(r"\biteration\s+(?P<step>\d+)\s*/")
 _NEMO_ITERATION = re.compile(r"Training epoch \d+, iteration (?P<step>\d+)/\d+")
 _NEURONX = re.compile(
-    rf"LOG .* - \(\d+, (?P<step>\d+)\) step_loss : (?P<loss>{_NUMBER}) .*?throughput : (?P<throughput>{_NUMBER})"
+    rf"LOG .* - \(\d+, (?P<step>\d+)\) step_loss : (?P<loss>{_LOSS}) .*?throughput : (?P<throughput>{_NUMBER})"
 )
 
 _PICOTRON = re.compile(
-    r"Step:\s*(?P<step>\d+)\s*\|\s*Loss:\s*(?P<loss>[-+0-9.eE]+)\s*\|.*?\|\s*Tokens/s:\s*(?P<tps>[0-9.]+[KMBT]?)\s*\|"
+    rf"Step:\s*(?P<step>\d+)\s*\|\s*Loss:\s*(?P<loss>{_LOSS})\s*\|.*?\|\s*Tokens/s:\s*(?P<tps>[0-9.]+[KMBT]?)\s*\|"
     r".*?MFU:\s*(?P<mfu>[0-9.]+)%(?:.*?Memory usage:\s*(?P<memory>[0-9.]+)GB)?"
 )
 # picotron's to_readable_format suffixes.
@@ -64,21 +67,49 @@ def _float(text: str) -> float:
 
 
 def torchtitan_records(lines: Iterable[str], *, world_size: int, **_: Any) -> Records:
-    """torchtitan's metric lines; ``tps`` is per device, so the job's tokens/s is ``tps * world_size``."""
+    """torchtitan's metric lines; ``tps`` is per device, so the job's tokens/s is ``tps * world_size``.
+
+    Every rank logs every step, and under pipeline parallelism only the last stage knows the loss (the others
+    log -1): the ranks' lines of a step make one record, with the loss of the stage that has it and the largest
+    memory. The ranks' ``Training starts at step`` banners open each attempt (the first, or one resumed from a
+    checkpoint after a requeue), so the gates count the restarts and leave each attempt's first step out of the
+    throughput. Validation lines (``validate step: ...``) are not training steps.
+    """
+    attempt: dict[int, dict[str, Any]] = {}
+    opened_at: int | None = None  # the step the current attempt's banner named
     for line in lines:
-        match = _TORCHTITAN.search(_ANSI.sub("", line))
-        if match:
-            record = {
-                "event": "step",
-                "step": int(match["step"]),
-                "loss": _float(match["loss"]),
-                "tokens_per_s": _float(match["tps"]) * world_size,
-            }
-            if match["memory"]:
-                record["memory_mb"] = _float(match["memory"]) * 1024
-            if match["mfu"]:
-                record["mfu"] = _float(match["mfu"]) / 100
-            yield record
+        text = _ANSI.sub("", line)
+        banner = _TORCHTITAN_START.search(text)
+        if banner:
+            # Another rank's banner of this attempt (over srun it may come after a first step line) names its step.
+            if int(banner["step"]) != opened_at:
+                yield from (attempt.pop(step) for step in sorted(attempt))
+                yield {"event": "start"}
+                opened_at = int(banner["step"])
+            continue
+        match = _TORCHTITAN.search(text)
+        if not match:
+            continue
+        record = {
+            "event": "step",
+            "step": int(match["step"]),
+            "loss": _float(match["loss"]),
+            "tokens_per_s": _float(match["tps"]) * world_size,
+        }
+        if match["memory"]:
+            record["memory_mb"] = _float(match["memory"]) * 1024
+        if match["mfu"]:
+            record["mfu"] = _float(match["mfu"]) / 100
+        _merge(attempt.setdefault(record["step"], record), record)
+    yield from (attempt[step] for step in sorted(attempt))
+
+
+def _merge(record: dict[str, Any], other: dict[str, Any]) -> None:
+    """Fold another rank's line of the same step into ``record``."""
+    if record["loss"] < 0:  # a pipeline stage without the loss
+        record["loss"] = other["loss"]
+    if "memory_mb" in other:
+        record["memory_mb"] = max(record.get("memory_mb", 0.0), other["memory_mb"])
 
 
 def _fields(text: str) -> dict[str, str]:

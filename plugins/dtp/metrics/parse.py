@@ -7,6 +7,7 @@ prefixes) are skipped, so the same parser reads a metrics file or a raw job log.
 from __future__ import annotations
 
 import json
+import math
 import statistics
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
@@ -32,6 +33,9 @@ class TrainingSummary:
     max_memory_mb: float | None = None
     mfu: float | None = None  # the median over the windows median_tokens_per_s takes
     finished: bool = False
+    # The first step whose loss or gradient norm was not finite: its numbers are left out of the ones above, so
+    # the summary stays JSON (an XCom, a history entry) and the gates judge the divergence itself.
+    diverged_at: int | None = None
 
     @property
     def first_loss(self) -> float | None:
@@ -94,6 +98,10 @@ def summarize_records(records: Iterable[dict[str, Any]]) -> TrainingSummary:
             started = True
             summary.params = record.get("params")
             summary.world_size = record.get("world_size")
+        elif event == "diverged" or (event == "step" and not math.isfinite(float(record["loss"]))):
+            step = int(record["step"])
+            if summary.diverged_at is None or step < summary.diverged_at:
+                summary.diverged_at = step
         elif event == "step":
             step = int(record["step"])
             by_step[step] = record

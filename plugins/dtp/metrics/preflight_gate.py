@@ -98,8 +98,9 @@ def preflight_failures(
         failures.append(f"nodes: {len(nodes)} answered ({', '.join(nodes)}), expected {num_nodes}")
     failures += version_mismatches(node_versions(result))
     for record in ranks:
-        if record.get("matmul_max_abs_error", 0) > MATMUL_MAX_ERROR:
-            failures.append(f"matmul on {node_name(record)} is wrong (max error {record['matmul_max_abs_error']:.3g})")
+        error = float(record.get("matmul_max_abs_error", 0))  # "nan" or "inf" from a device computing garbage
+        if not error <= MATMUL_MAX_ERROR:
+            failures.append(f"matmul on {node_name(record)} is wrong (max error {error:.3g})")
         if "probes" in record:
             failures += health_failures(node_name(record), record["probes"], gpus_per_node)
     failures += cuda_failures(ranks, gpus_per_node)
