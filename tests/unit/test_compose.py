@@ -1,7 +1,9 @@
-"""docker-compose.yaml: valid for Debian's docker-compose, and in step with the local stack it mirrors."""
+"""docker-compose.yaml: valid for Debian's docker-compose, in step with the local stack it mirrors, and built from a
+context (.dockerignore) that holds what the Dockerfile copies and none of the local state or secrets."""
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import subprocess
@@ -113,3 +115,63 @@ def test_image_requirements_are_the_projects(resolved: dict) -> None:
     image = specs(PROJECT_ROOT / "images" / "containers" / "airflow" / "requirements.txt")
     assert image <= specs(PROJECT_ROOT / "requirements.txt")
     assert resolved["services"]["airflow-scheduler"]["build"]["dockerfile"] == "images/containers/airflow/Dockerfile"
+
+
+def test_the_init_hands_the_secrets_it_writes_to_the_user_the_services_run_as(resolved: dict) -> None:
+    # airflow-init runs as root; the api-server opens passwords.json to append ("a+") as the services' user.
+    init = resolved["services"]["airflow-init"]
+    script = init["command"][-1]
+    user = resolved["services"]["airflow-apiserver"]["user"]
+    assert init["user"] == "0:0" and user == "50000:0"
+    chown = script.index(f"chown -R {user} /opt/airflow/secrets\n")
+    assert script.index("/opt/airflow/secrets/passwords.json") < chown < script.index("airflow db migrate")
+
+
+def dockerignore_patterns() -> list[str]:
+    lines = (line.strip() for line in (PROJECT_ROOT / ".dockerignore").read_text().splitlines())
+    return [line for line in lines if line and not line.startswith("#")]
+
+
+def dockerignored(path: str, patterns: list[str]) -> bool:
+    """Docker's rule: a pattern leaves out what it matches and all under it; ``**/`` stands for any folders."""
+    parts = path.split("/")
+    paths = ["/".join(parts[:n]) for n in range(1, len(parts) + 1)]
+    return any(
+        fnmatch.fnmatchcase(p.rsplit("/", 1)[-1], pattern[3:])
+        if pattern.startswith("**/")
+        else fnmatch.fnmatchcase(p, pattern)
+        for pattern in patterns
+        for p in paths
+    )
+
+
+def copy_sources(dockerfile: Path) -> list[str]:
+    """The build-context paths the Dockerfile's COPY instructions take (their arguments but options and the last)."""
+    sources = []
+    for line in dockerfile.read_text().splitlines():
+        if line.startswith("COPY "):
+            sources += [arg for arg in line.split()[1:] if not arg.startswith("--")][:-1]
+    return sources
+
+
+def test_the_build_context_holds_what_the_image_copies_and_no_state_or_secrets(resolved: dict) -> None:
+    build = resolved["services"]["airflow-scheduler"]["build"]
+    patterns = dockerignore_patterns()
+    sources = copy_sources(Path(build["context"]) / build["dockerfile"])
+    assert sources and not [source for source in sources if dockerignored(source, patterns)]
+    left_out = [
+        ".venv/bin/python",
+        ".venv-pcluster/bin/pcluster",
+        ".dtp/secrets/jwt_secret",
+        ".dtp/munge/munge.key",
+        ".dtp/postgres/data/PG_VERSION",
+        ".git/config",
+        ".env",
+        "build/mwaa/plugins.zip",
+        "test-artifacts/fault_injection.json",
+        "plugins/dtp/__pycache__/params.cpython-311.pyc",
+        ".mypy_cache/3.11/dtp/params.data.json",
+        "wheels/torch-2.9.0+cpu-cp311-cp311-linux_x86_64.whl",
+    ]
+    assert [path for path in left_out if not dockerignored(path, patterns)] == []
+    assert not dockerignored(".env.example", patterns)

@@ -1,6 +1,6 @@
 """The local stack's daemons are tracked by pid file: a pid the system gave another process since (after a reboot
-or a crash) is neither taken for the daemon nor stopped with it; and a running stack is not added to with other
-settings."""
+or a crash) is neither taken for the daemon nor stopped with it; a running stack is not added to with other
+settings; and ``down`` stops everything ``up`` started, whatever executor it is asked for."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -135,3 +136,33 @@ def test_a_stack_is_not_added_to_with_other_settings(tmp_path: Path, stranger) -
     assert not demo.shared_dir.exists()
     postgres.pid_file(demo).unlink()  # nothing runs: any settings may start it
     assert stack.started_otherwise(tests) is None
+
+
+@pytest.fixture
+def stack_cfg(tmp_path: Path) -> StackConfig:
+    cfg = StackConfig(home=tmp_path, ports=Ports.with_offset(0))
+    for directory in (cfg.run_dir, cfg.log_dir):
+        directory.mkdir()
+    return cfg
+
+
+def test_down_stops_what_a_service_that_died_left_running(stack_cfg: StackConfig) -> None:
+    # A scheduler that crashed leaves its workers in its group (as an api-server its uvicorn workers, on its port).
+    child = orphaned_child(replace(forker(), name="airflow-scheduler"), stack_cfg)
+    stack.down(stack_cfg)
+    assert not pid_alive(child)
+    assert not list(stack_cfg.run_dir.iterdir())
+
+
+def test_down_stops_the_executor_the_stack_was_started_with(
+    stack_cfg: StackConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `DTP_EXECUTOR=local scripts/stack down` on a stack `up` started with Celery: its Redis stops too.
+    (stack_cfg.home / "executor").write_text("celery")
+    redis = replace(sleeper(), name="redis")
+    redis.start(stack_cfg)
+    pid = redis.pid(stack_cfg)
+    monkeypatch.setenv("DTP_HOME", str(stack_cfg.home))
+    monkeypatch.setenv("DTP_EXECUTOR", "local")
+    assert stack.main(["down"]) == 0
+    assert pid is not None and not pid_alive(pid)

@@ -1,15 +1,17 @@
-"""The local stack finds the PostgreSQL that scripts/setup installed, whichever major version the system ships."""
+"""The local stack finds the PostgreSQL that scripts/setup installed, whichever major version the system ships; its
+health checks answer False, rather than fail, when what they ask is down."""
 
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
 from dtp.local.daemon import StackError
-from dtp.local.services import _prepare_postgres, pg_bin, run_checked
+from dtp.local.services import _celery_worker_answers, _prepare_postgres, pg_bin, run_checked
 
 
 def test_the_newest_installed_postgresql_is_used(tmp_path: Path) -> None:
@@ -38,3 +40,11 @@ def test_a_state_directory_postgres_cannot_reach_is_refused_with_what_to_do(tmp_
     cfg = SimpleNamespace(postgres_dir=closed / "postgres")
     with pytest.raises(StackError, match=r"which cannot reach .*: put the project where other users can read"):
         _prepare_postgres(cfg)
+
+
+def test_a_celery_worker_is_unhealthy_while_redis_is_down() -> None:
+    # `scripts/stack status` reports the worker UNHEALTHY; kombu's OperationalError would end it with a traceback.
+    with socket.socket() as bound:  # bound, not listening: a connection to it is refused
+        bound.bind(("127.0.0.1", 0))
+        cfg = SimpleNamespace(ports=SimpleNamespace(redis=bound.getsockname()[1]))
+        assert _celery_worker_answers("control@dtp")(cfg) is False

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import re
 import subprocess
@@ -46,6 +47,28 @@ TARGET = MwaaTarget(
 )
 
 
+# No versions: those DTP pins (for its Airflow) would contradict the constraints of another, and pip would refuse.
+REQUIREMENTS = """\
+--constraint "https://raw.githubusercontent.com/apache/airflow/constraints-3.1.7/constraints-3.11.txt"
+apache-airflow-providers-amazon
+apache-airflow-providers-cncf-kubernetes
+apache-airflow-providers-celery
+celery[redis]
+apache-airflow-providers-ssh
+apache-airflow-providers-standard
+packer-py
+ansible-core
+boto3
+botocore
+pydantic
+jinja2
+pyyaml
+regex
+matplotlib
+numpy
+"""
+
+
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return package(tmp_path_factory.mktemp("mwaa") / "out", "3.1.7")
@@ -62,12 +85,7 @@ def test_bundle_layout(bundle: dict[str, Path]) -> None:
     assert "dtp_plugin.py" in names and "dtp/params.py" in names and not [n for n in names if "__pycache__" in n]
     # The local stack and this deploy tool stay home; the DAGs parse without them (test_bundle_dags_parse...).
     assert not [n for n in names if n.startswith(("dtp/local/", "dtp/deploy/"))]
-    lines = bundle["requirements"].read_text().splitlines()
-    assert (
-        lines[0]
-        == '--constraint "https://raw.githubusercontent.com/apache/airflow/constraints-3.1.7/constraints-3.11.txt"'
-    )
-    assert "apache-airflow-providers-amazon==9.39.0" in lines
+    assert bundle["requirements"].read_text() == REQUIREMENTS
     assert f"export DTP_INCLUDE_DIR={DAGS_DIR}/include" in bundle["startup"].read_text()
     assert f"export DTP_IMAGES_DIR={DAGS_DIR}/images" in bundle["startup"].read_text()
 
@@ -87,6 +105,16 @@ def test_an_airflow_version_must_be_a_release_number(tmp_path: Path, version: st
     with pytest.raises(ValueError, match=r"--airflow-version .*: must be an Airflow release, MAJOR\.MINOR\.PATCH"):
         package(tmp_path / "out", version)
     assert not (tmp_path / "out").exists()
+
+
+def test_the_environments_python_picks_the_constraints_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "out"
+    assert main(["package", "--out", str(out), "--airflow-version", "3.1.7", "--python-version", "3.12"]) == 0
+    assert (out / "requirements.txt").read_text().splitlines()[0].endswith('/constraints-3.1.7/constraints-3.12.txt"')
+    with pytest.raises(SystemExit) as exit_info:  # it goes into requirements.txt, as --airflow-version does
+        main(["package", "--out", str(tmp_path / "other"), "--python-version", '3.12.txt" -i "https://example.com'])
+    assert exit_info.value.code == 2 and "--python-version '3.12.txt\" -i" in capsys.readouterr().err
+    assert not (tmp_path / "other").exists()
 
 
 def test_package_replaces_only_a_folder_of_its_own(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -260,3 +288,20 @@ def test_upload_creates_a_tagged_versioned_bucket(s3: Any, bundle: dict[str, Pat
     keys = {o["Key"] for o in s3.list_objects_v2(Bucket="dtp-mwaa-123456789012", MaxKeys=1000)["Contents"]}
     assert {"plugins.zip", "requirements.txt", "startup.sh", "dags/train_e2e.py", "dags/.airflowignore"} <= keys
     assert PACKAGE_MARKER not in keys
+
+
+def test_upload_deletes_what_an_earlier_layout_left_in_the_dags_folder(
+    s3: Any, bundle: dict[str, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    # A DAG and a recipe removed since the last upload: MWAA would keep loading them.
+    bucket = "dtp-mwaa-123456789012"
+    s3.create_bucket(Bucket=bucket)
+    for key in ("dags/removed_dag.py", "dags/include/recipes/removed.yaml", "notes/keep.txt"):
+        s3.put_object(Bucket=bucket, Key=key, Body=b"old")
+    with caplog.at_level(logging.INFO, logger="dtp.deploy.mwaa"):
+        upload(bundle, bucket, "aws_default")
+    keys = {o["Key"] for o in s3.list_objects_v2(Bucket=bucket, MaxKeys=1000)["Contents"]}
+    assert "dags/train_e2e.py" in keys and "notes/keep.txt" in keys
+    assert not {"dags/removed_dag.py", "dags/include/recipes/removed.yaml"} & keys
+    assert f"Deleting s3://{bucket}/dags/removed_dag.py: not in the uploaded layout" in caplog.messages
+    assert f"Deleting s3://{bucket}/dags/include/recipes/removed.yaml: not in the uploaded layout" in caplog.messages

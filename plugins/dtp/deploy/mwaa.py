@@ -6,19 +6,22 @@
                           and images/packer + the training Dockerfiles under dags/images/
     plugins.zip           plugins/ (the dtp package and the plugin that registers its extra links), less the local
                           stack and this deploy tool (dtp.local, dtp.deploy), which run where the operator works
-    requirements.txt      DTP's runtime dependencies, under Airflow's constraints for the environment's version
+    requirements.txt      DTP's runtime dependencies, unpinned: Airflow's constraints for the environment's Airflow
+                          and Python versions choose their versions
     startup.sh            exports DTP_INCLUDE_DIR and DTP_IMAGES_DIR so dtp finds them inside the DAGs folder
 
 ``package`` replaces only a folder an earlier ``package`` made (it holds ``.dtp-mwaa-package``) or an empty one.
 
 ``deploy`` checks its inputs against CreateEnvironment's rules before any AWS call, then uploads the layout to a
-versioned S3 bucket (created and tagged when missing) and calls CreateEnvironment, or UpdateEnvironment when the
-environment exists, through the amazon provider's MwaaHook, with the object versions MWAA needs.
+versioned S3 bucket (created and tagged when missing; what an earlier upload left under dags/ that this layout lacks
+is deleted) and calls CreateEnvironment, or UpdateEnvironment when the environment exists, through the amazon
+provider's MwaaHook, with the object versions MWAA needs.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import re
 import shutil
 import zipfile
@@ -27,9 +30,13 @@ from pathlib import Path
 from typing import Any
 
 from airflow import __version__ as AIRFLOW_VERSION
+from packaging.requirements import Requirement
+from packaging.specifiers import SpecifierSet
 
 from dtp.local.config import PROJECT_ROOT
 from dtp.naming import OWNER, TAG_PREFIX, aws_tags
+
+log = logging.getLogger(__name__)
 
 DAGS_DIR = "/usr/local/airflow/dags"  # where MWAA syncs DagS3Path
 # Packages of plugins/ that run on the operator's machine, never in the environment.
@@ -40,6 +47,9 @@ AIRFLOW_OPTIONS = {"core.load_examples": "False", "core.dags_are_paused_at_creat
 # DTP's DAGs use what airflow.sdk exports from 3.1 on (TriggerRule among them); they are tested on AIRFLOW_VERSION.
 MIN_AIRFLOW = (3, 1)
 AIRFLOW_RELEASE = re.compile(r"[0-9]+\.[0-9]+\.[0-9]+")
+# The Python of the environment (MWAA's page of Airflow versions gives each one's): it picks Airflow's constraints file.
+PYTHON_VERSION = "3.11"
+PYTHON_RELEASE = re.compile(r"3\.[0-9]+")
 # The file that marks a folder as made by ``package``: the only kind of non-empty folder ``package`` replaces.
 PACKAGE_MARKER = ".dtp-mwaa-package"
 # CreateEnvironment's rules (botocore's mwaa service model); subnet and security group ids as EC2 issues them.
@@ -73,6 +83,13 @@ def airflow_version_problem(version: str) -> str | None:
     return None
 
 
+def python_version_problem(version: str) -> str | None:
+    """Why ``version`` cannot name the environment's Python (it goes into requirements.txt's constraints URL)."""
+    if not PYTHON_RELEASE.fullmatch(version):
+        return f"--python-version {version!r}: must be a Python 3 version, 3.MINOR (e.g. {PYTHON_VERSION})"
+    return None
+
+
 def out_problem(out: Path) -> str | None:
     """Why ``package`` may not replace ``out``: only a folder an earlier package made, or an empty one, is its own."""
     folder = out.resolve()
@@ -88,16 +105,30 @@ def out_problem(out: Path) -> str | None:
     return None
 
 
-def check_package_inputs(out: Path, airflow_version: str) -> None:
-    """Raise ``ValueError`` when ``airflow_version`` or ``out`` cannot be packaged for."""
-    problem = airflow_version_problem(airflow_version) or out_problem(out)
+def check_package_inputs(out: Path, airflow_version: str, python_version: str) -> None:
+    """Raise ``ValueError`` when ``airflow_version``, ``python_version`` or ``out`` cannot be packaged for."""
+    problem = airflow_version_problem(airflow_version) or python_version_problem(python_version) or out_problem(out)
     if problem:
         raise ValueError(problem)
 
 
-def package(out: Path, airflow_version: str, python_version: str = "3.11") -> dict[str, Path]:
+def unpinned_requirements(path: Path) -> list[str]:
+    """The requirements of ``path`` without their versions (extras and markers kept).
+
+    DTP's pins suit its own constraints.txt and Airflow; the environment's Airflow may be another, whose constraints
+    file pins the providers, boto3 and celery differently, and pip refuses a requirement its constraints contradict.
+    Unpinned, every package Airflow's constraints name gets the version they name, and the rest their newest.
+    """
+    lines = (line.split("#")[0].strip() for line in path.read_text().splitlines())
+    requirements = [Requirement(line) for line in lines if line]
+    for requirement in requirements:
+        requirement.specifier = SpecifierSet()
+    return [str(requirement) for requirement in requirements]
+
+
+def package(out: Path, airflow_version: str, python_version: str = PYTHON_VERSION) -> dict[str, Path]:
     """Build the MWAA layout under ``out`` (replacing an earlier package there); the paths of its four parts."""
-    check_package_inputs(out, airflow_version)
+    check_package_inputs(out, airflow_version, python_version)
     out = out.resolve()
     if out.exists():
         shutil.rmtree(out)
@@ -120,7 +151,9 @@ def package(out: Path, airflow_version: str, python_version: str = "3.11") -> di
         f"constraints-{python_version}.txt"
     )
     requirements = out / "requirements.txt"
-    requirements.write_text(f'--constraint "{constraints}"\n{RUNTIME_REQUIREMENTS.read_text()}')
+    requirements.write_text(
+        "\n".join([f'--constraint "{constraints}"', *unpinned_requirements(RUNTIME_REQUIREMENTS)]) + "\n"
+    )
     startup = out / "startup.sh"
     startup.write_text(STARTUP_SCRIPT)
     return {"dags": dags, "plugins": plugins_zip, "requirements": requirements, "startup": startup}
@@ -186,7 +219,8 @@ def target_problems(target: MwaaTarget) -> list[str]:
 
 
 def upload(parts: dict[str, Path], bucket: str, aws_conn_id: str) -> dict[str, str]:
-    """Upload the layout; the S3 object version of each file (MWAA pins plugins, requirements, startup)."""
+    """Upload the layout, then delete what an earlier upload left under dags/ that it lacks (a removed DAG or recipe
+    would keep loading); the S3 object version of each file (MWAA pins plugins, requirements, startup)."""
     from airflow.providers.amazon.aws.hooks.s3 import S3Hook
 
     s3 = S3Hook(aws_conn_id=aws_conn_id)
@@ -194,15 +228,29 @@ def upload(parts: dict[str, Path], bucket: str, aws_conn_id: str) -> dict[str, s
         s3.create_bucket(bucket, region_name=s3.conn_region_name)
         s3.conn.put_bucket_tagging(Bucket=bucket, Tagging={"TagSet": aws_tags(MWAA_TAGS)})
     s3.conn.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
+    dag_keys = set()
     for path in sorted(parts["dags"].rglob("*")):
         if path.is_file():
-            s3.load_file(str(path), f"dags/{path.relative_to(parts['dags'])}", bucket, replace=True)
+            key = f"dags/{path.relative_to(parts['dags'])}"
+            s3.load_file(str(path), key, bucket, replace=True)
+            dag_keys.add(key)
+    delete_other_dag_keys(s3, bucket, dag_keys)
     versions = {}
     for name in ("plugins", "requirements", "startup"):
         key = parts[name].name
         s3.load_file(str(parts[name]), key, bucket, replace=True)
         versions[name] = s3.conn.head_object(Bucket=bucket, Key=key)["VersionId"]
     return versions
+
+
+def delete_other_dag_keys(s3: Any, bucket: str, dag_keys: set[str]) -> None:
+    """Delete, through the ``S3Hook`` ``s3``, the keys under dags/ of ``bucket`` other than ``dag_keys``: files of an
+    earlier layout, which MWAA would keep loading."""
+    others = sorted(set(s3.list_keys(bucket, prefix="dags/")) - dag_keys)
+    for key in others:
+        log.info("Deleting s3://%s/%s: not in the uploaded layout", bucket, key)
+    if others:
+        s3.delete_objects(bucket, others)
 
 
 def environment_request(target: MwaaTarget, versions: dict[str, str]) -> dict[str, Any]:
@@ -272,6 +320,11 @@ def main(argv: list[str] | None = None) -> int:
         default=AIRFLOW_VERSION,
         help=f"an Airflow version MWAA offers, 3.1 or newer (default: {AIRFLOW_VERSION}, the one DTP is tested on)",
     )
+    parser.add_argument(
+        "--python-version",
+        default=PYTHON_VERSION,
+        help=f"the Python MWAA runs that Airflow version on; it picks Airflow's constraints (default {PYTHON_VERSION})",
+    )
     parser.add_argument("--name", help="deploy: the environment's name")
     parser.add_argument("--bucket", help="deploy: the source bucket (versioning is turned on)")
     parser.add_argument("--role-arn", help="deploy: the execution role")
@@ -281,10 +334,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:  # every input is checked before any file is replaced or any AWS call is made
         target = deploy_target(parser, args) if args.action == "deploy" else None
-        check_package_inputs(args.out, args.airflow_version)
+        check_package_inputs(args.out, args.airflow_version, args.python_version)
     except ValueError as err:
         parser.error(str(err))
-    parts = package(args.out, args.airflow_version)
+    parts = package(args.out, args.airflow_version, args.python_version)
     print(f"MWAA layout in {args.out}")
     if target is not None:
         from airflow.providers.amazon.aws.hooks.mwaa import MwaaHook

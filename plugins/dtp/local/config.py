@@ -14,7 +14,7 @@ import secrets
 import shlex
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from dtp.connections import TRAINING_QUEUE
@@ -83,6 +83,11 @@ class StackConfig:
             raise ValueError(f"executor must be one of {', '.join(EXECUTORS)}, got {chosen!r}")
         schedules = os.environ.get("DTP_SCHEDULES", "on") != "off"
         return cls(home=home, ports=Ports.with_offset(offset), executor=chosen, schedules=schedules)
+
+    def as_started(self) -> StackConfig:
+        """This stack with the executor ``up`` recorded, whichever one this config asks for (``DTP_EXECUTOR``
+        included); unchanged where none is recorded."""
+        return replace(self, executor=_read(self.home / "executor") or self.executor)
 
     # --- directories -------------------------------------------------------
     @property

@@ -245,13 +245,16 @@ def _component_healthy(component: str) -> Callable[[StackConfig], bool]:
 
 
 def _celery_worker_answers(name: str) -> Callable[[StackConfig], bool]:
+    """Whether worker ``name`` answers a ping through the stack's Redis; not when Redis itself is down."""
+
     def check(cfg: StackConfig) -> bool:
         from celery import Celery
+        from kombu.exceptions import OperationalError
 
         app = Celery(broker=f"redis://127.0.0.1:{cfg.ports.redis}/0")
         try:
             return bool(app.control.ping(destination=[name], timeout=1.0))
-        except OSError:
+        except (OSError, OperationalError):  # kombu raises the broker's connection errors as OperationalError
             return False
         finally:
             app.close()

@@ -2,7 +2,8 @@
 
 ``up`` is idempotent: a healthy service is left alone, a dead one is started. It refuses to add to a stack that
 runs with another executor or schedules setting (``down`` first), which would mix the two.
-``down`` stops, by pid, exactly what ``up`` started, in reverse order.
+``down`` stops, by pid, exactly what ``up`` started, in reverse order: the services of the executor ``up`` recorded
+(whatever ``DTP_EXECUTOR`` says now), and what a service that died left running.
 """
 
 from __future__ import annotations
@@ -41,8 +42,10 @@ def up(cfg: StackConfig, *, airflow: bool = True) -> list[str]:
 
 
 def down(cfg: StackConfig) -> None:
-    for service in reversed(build_services(cfg)):
-        if service.running(cfg):
+    """Stop every service of the executor the stack was started with that has a pid file: a running one, and what
+    one that died left running in its process group."""
+    for service in reversed(build_services(cfg.as_started())):
+        if service.recorded(cfg) is not None:
             service.stop(cfg)
             print(f"  {service.name:<22} stopped", flush=True)
     (cfg.home / "executor").unlink(missing_ok=True)
