@@ -141,6 +141,9 @@ def build(cfg: TrainConfig, device: torch.device, world: int):
     mesh = init_device_mesh(device.type, (world,))
     dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
     policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+    # The embedding and the output projection are units of their own, as the blocks are (a Llama 3 vocabulary makes
+    # them 1-2B parameters): gathered only around their use, their gradients reduced while the blocks' backward runs.
+    fully_shard(model.tok_embeddings, mesh=mesh, mp_policy=policy)
     for i, block in enumerate(model.layers):
         if cfg.activation_checkpointing:
             from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
@@ -151,6 +154,8 @@ def build(cfg: TrainConfig, device: torch.device, world: int):
             block = torch.compile(block, fullgraph=not args.n_experts)
         model.layers[i] = block
         fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=i < len(model.layers) - 1)
+    # Last in the forward, first in the backward: kept gathered in between, as the last block is.
+    fully_shard([model.norm, model.output], mesh=mesh, mp_policy=policy, reshard_after_forward=False)
     fully_shard(model, mesh=mesh, mp_policy=policy)
     model.to_empty(device=device)
     model.init_weights(cfg.seed)
