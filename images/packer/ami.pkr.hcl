@@ -187,6 +187,12 @@ build {
     playbook_file = "${path.root}/ansible/${var.family}.yml"
     user          = var.ssh_username
     command       = var.ansible_playbook
+    # Ansible reaches the instance through packer's SSH proxy, whose host key and the user key it makes are RSA
+    # keys signed with ssh-rsa (SHA-1), which OpenSSH 8.8 and later refuse unless allowed again. Ansible's own
+    # default arguments stay.
+    ansible_env_vars = [
+      "ANSIBLE_SSH_ARGS=-C -o ControlMaster=auto -o ControlPersist=60s -o HostKeyAlgorithms=+ssh-rsa -o PubkeyAcceptedKeyTypes=+ssh-rsa",
+    ]
     extra_arguments = [
       "--extra-vars", "nvidia_driver_version=${var.nvidia_driver_version} cuda_version=${var.cuda_version}",
       "--extra-vars", "efa_installer_version=${var.efa_installer_version} nccl_version=${var.nccl_version}",

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 
 from dtp.costs import SETUP_HOURS, estimate_cost_usd, estimate_training_hours
 from dtp.hostlist import expand_hostlist
-from dtp.pipeline.frameworks import DATASET_FILES, launch_problem
+from dtp.pipeline.frameworks import DATASET_FILES, launch_problem, max_steps_problem
 from dtp.recipes import (
     Platform,
     RecipeError,
@@ -307,6 +307,8 @@ def validate_params(conf: dict[str, Any]) -> TrainParams:
         )
     if recipe is not None and (problem := launch_problem(recipe)):
         problems.append(f"recipe: got {params.recipe!r}; {problem}")
+    if recipe is not None and (problem := max_steps_problem(recipe, params.max_steps)):
+        problems.append(f"max_steps: got {params.max_steps}; {problem}")
     if recipe is not None and recipe.framework in DATASET_FILES and not params.dataset_uri:
         required = DATASET_FILES[recipe.framework]
         problems.append(

@@ -81,7 +81,7 @@ FRAMEWORK_PARALLELISM = {
     "megatron-lm": {"tensor", "pipeline", "context"},
     "nemo": {"tensor", "pipeline", "context"},
     "picotron": {"tensor", "pipeline", "context"},
-    "neuronx-distributed": {"tensor", "pipeline", "context"},
+    "neuronx-distributed": {"tensor"},  # what train_neuronx passes: its Llama trainer's other splits are not wired
 }
 
 

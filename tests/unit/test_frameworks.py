@@ -14,8 +14,16 @@ import pytest
 import torch
 
 from dtp.metrics.framework_logs import summarize_log
-from dtp.pipeline.frameworks import MEGATRON_ARCHITECTURES, TEMPLATES, dataset_dir, launch_problem, template_args
-from dtp.recipes import Recipe, get_recipe, instance_types
+from dtp.pipeline.frameworks import (
+    MEGATRON_ARCHITECTURES,
+    TEMPLATES,
+    dataset_dir,
+    kv_replicator,
+    launch_problem,
+    max_steps_problem,
+    template_args,
+)
+from dtp.recipes import Recipe, catalogue, get_recipe, instance_types
 from dtp.templates import render
 from model import MODELS
 
@@ -124,6 +132,27 @@ def test_neuronx_launch_compiles_first_then_trains(tmp_path: Path) -> None:
     assert _flag(train_argv, "--tensor_parallel_size") == "32" and "--nproc_per_node=32" in train_argv
     assert _flag(train_argv, "--checkpoint_dir") == context["checkpoint_dir"]
     assert "--use_zero_1" in train_argv and "--use_mix_precision" in train_argv
+    # A step is one micro-batch (the trainer's default accumulates 64), as DTP counts the step's tokens.
+    assert _flag(train_argv, "--grad_accum_usteps") == "1" and _flag(compile_argv, "--grad_accum_usteps") == "1"
+    # TP 32 over Llama 3.1 8B's 8 KV heads: each head on 4 ranks, as the reference's launch replicates them.
+    assert "--qkv_linear" in train_argv and _flag(train_argv, "--kv_replicator") == "4"
+
+
+def test_neuronx_replicates_kv_heads_only_when_tensor_ranks_outnumber_them(tmp_path: Path) -> None:
+    assert [kv_replicator("llama3_1_8b", tensor) for tensor in (1, 4, 8, 16, 32)] == [1, 1, 1, 2, 4]
+    recipe = get_recipe("llama3_1_8b_trn1")
+    spec = {
+        "recipe": recipe.model_dump() | {"parallelism": {"tensor": 8, "pipeline": 1, "context": 1}},
+        "params": {"num_nodes": 1, "max_steps": 10, "checkpoint_interval": 5, "dataset_uri": "s3://datasets/n/"},
+        "instance": instance_types()[recipe.defaults.instance_type].model_dump(),
+    }
+    context = {
+        **{"num_nodes": 1, "procs_per_node": 32, "python": "python3", "omp_threads": 1, "env": {}},
+        **{"exclude_nodes": "", "container": []},
+        **template_args(spec, {}, str(tmp_path), "/fsx"),
+    }
+    text = render(TEMPLATES["neuronx-distributed"], **context)
+    assert "--tensor_parallel_size 8\n" in text and "--qkv_linear" not in text and "--kv_replicator" not in text
 
 
 def test_picotron_launch_writes_its_config(tmp_path: Path) -> None:
@@ -196,11 +225,19 @@ def test_nemo_launch_runs_one_task_per_gpu_with_the_recipe_s_overrides(tmp_path:
         "data.micro_batch_size": "1",
         "data.global_batch_size": "8",
         "optim.config.lr": str(recipe.lr),
+        "optim.lr_scheduler.warmup_steps": str(recipe.warmup_steps),  # the recipe's, not NeMo's 2000
         "log.log_dir": context["checkpoint_dir"],
         "log.ckpt.every_n_train_steps": "50",
     }
     script = (tmp_path / "train.sbatch").read_text()
     assert "#SBATCH --ntasks-per-node=8" in script and "torch.distributed.run" not in script
+
+
+def test_nemo_recipes_bound_no_final_loss_of_their_synthetic_tokens() -> None:
+    # MockDataModule's tokens are uniform over the vocabulary: the loss cannot fall below ln(vocabulary) ~ 11.8.
+    nemo = [recipe for recipe in catalogue().values() if recipe.framework == "nemo"]
+    assert nemo and all(recipe.gates.final_loss_max is None for recipe in nemo)
+    assert all(recipe.gates.loss_must_decrease and recipe.gates.min_tokens_per_s for recipe in nemo)
 
 
 ALL_FRAMEWORK_RECIPES = [
@@ -255,6 +292,31 @@ def test_what_cannot_be_launched_is_named() -> None:
     assert launch_problem(nemo).startswith("no nemo launch template for model 'tiny' (templated: llama3_2_1b, ")
     titan = tiny.model_copy(update={"framework": "torchtitan"})
     assert launch_problem(titan).startswith("no torchtitan launch template for model 'tiny' (templated: llama3_1_8b")
+
+
+def test_a_neuronx_tensor_degree_that_cannot_replicate_the_kv_heads_evenly_is_refused() -> None:
+    trn1 = get_recipe("llama3_1_8b_trn1")
+    assert launch_problem(trn1) is None
+    uneven = trn1.model_copy(update={"parallelism": trn1.parallelism.model_copy(update={"tensor": 12})})
+    assert launch_problem(uneven) == (
+        "neuronx-distributed's trainer replicates each of llama3_1_8b's 8 KV heads over the same number of "
+        "tensor-parallel ranks: give a tensor degree that is a multiple of 8, not 12"
+    )
+    # Its launch takes the KV heads from the model's shape, which DTP has for the Llama models only.
+    tiny = trn1.model_copy(update={"model": "tiny"})
+    assert launch_problem(tiny).startswith("no neuronx-distributed launch template for model 'tiny'")
+
+
+def test_megatron_needs_more_steps_than_the_recipe_warms_up() -> None:
+    # Megatron-LM asserts the warmup ends before the last step once the job runs, after the cluster came up.
+    megatron = get_recipe("llama3_1_70b_megatron")
+    assert max_steps_problem(megatron, megatron.warmup_steps + 1) is None
+    assert max_steps_problem(megatron, megatron.warmup_steps) == (
+        "Megatron-LM requires the learning rate's warmup of recipe 'llama3_1_70b_megatron' "
+        f"({megatron.warmup_steps} steps) to end before the last step: give more than {megatron.warmup_steps}"
+    )
+    # NeMo's scheduler stays in its warmup instead.
+    assert max_steps_problem(get_recipe("llama3_1_8b_nemo"), 10) is None
 
 
 def test_a_torchtitan_recipe_its_command_line_cannot_honour_is_refused() -> None:

@@ -97,7 +97,7 @@ def test_ami_bake_form_defaults_come_from_the_versions_file() -> None:
     assert requests[0]["var_file"].endswith("families/eks-gpu.pkrvars.hcl")
     # The filter the template picks the source AMI with: its newest match goes into the AMI's fingerprint.
     assert requests[1]["source_ami"] == {
-        "name": "aws-parallelcluster-3.13.2-amzn2023-hvm-x86_64-*",
+        "name": "aws-parallelcluster-3.16.1-amzn2023-hvm-x86_64-*",
         "owner": "247102896272",
     }
 
@@ -289,8 +289,8 @@ def test_every_dockerfile_default_is_a_build_arg_a_person_may_give() -> None:
 
 
 def test_each_version_field_names_the_families_it_is_baked_into() -> None:
-    # From the families' playbooks, as the README's table lists them: CUDA goes into pcluster-gpu only.
+    # From the families' playbooks, as the README's table lists them: CUDA goes into the GPU families only.
     form = airflow_params(model=ami.AmiBakeParams)
-    assert form["cuda_version"].description == "CUDA in the pcluster-gpu AMIs."
+    assert form["cuda_version"].description == "CUDA in the eks-gpu, pcluster-gpu AMIs."
     assert form["efa_installer_version"].description == f"EFA installer in the {', '.join(ami.ami_families())} AMIs."
     assert ami.families_installing("neuron") == ["pcluster-neuron"]

@@ -248,6 +248,15 @@ def test_nodes_that_do_not_fit_the_model_split_are_refused() -> None:
     assert "\nnum_nodes: got 1; recipe 'llama3_1_70b_megatron' splits the model over 16 accelerators" in message
 
 
+def test_a_megatron_run_no_longer_than_its_warmup_is_refused_before_anything_exists() -> None:
+    megatron = {"recipe": "llama3_1_70b_megatron", "num_nodes": 16, "instance_type": "p5.48xlarge", "max_steps": 200}
+    assert (
+        "\nmax_steps: got 200; Megatron-LM requires the learning rate's warmup of recipe 'llama3_1_70b_megatron' "
+        "(200 steps) to end before the last step: give more than 200"
+    ) in refuse(megatron)
+    assert "max_steps" not in refuse({**megatron, "max_steps": 201})
+
+
 def test_a_framework_recipe_needs_its_prepared_dataset() -> None:
     megatron = {"recipe": "llama3_1_70b_megatron", "num_nodes": 16, "instance_type": "p5.48xlarge"}
     assert (

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import stat
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -11,8 +12,11 @@ from typing import Any
 import jinja2
 import pytest
 
+from dtp.params import TrainParams, parse_params
+from dtp.pipeline import jobs
 from dtp.pipeline.frameworks import template_args
 from dtp.pipeline.jobs import container_options
+from dtp.pipeline.spec import run_spec
 from dtp.platforms.pyxis import pyxis_runtime
 from dtp.recipes import get_recipe, instance_types
 from dtp.templates import TEMPLATE_DIR, UnsafeTemplateValue, render
@@ -257,9 +261,33 @@ def test_gpu_preflight_runs_nccl_tests_one_rank_per_gpu() -> None:
     assert "#SBATCH --exclusive\n" in text
     assert "--max-bytes 17179869184 --no-busbw\n" in text
     assert (
-        "srun --mpi=pmix --ntasks-per-node=8 /opt/nccl-tests/build/all_reduce_perf \\\n"
-        "  -b 8 -e 17179869184 -f 2 -g 1 -c 1 -n 20 > /fsx/runs/r/nccl-tests.out\n"
+        'srun --mpi=pmix -N "$SLURM_NNODES" -n $((SLURM_NNODES * 8)) --ntasks-per-node=8 \\\n'
+        "  /opt/nccl-tests/build/all_reduce_perf -b 8 -e 17179869184 -f 2 -g 1 -c 1 -n 20 "
+        "> /fsx/runs/r/nccl-tests.out\n"
     ) in text
+
+
+def test_nccl_tests_run_one_task_per_gpu_of_every_node_against_the_ami_s_libraries(tmp_path: Path) -> None:
+    # Inside the job's allocation (one task a node) srun would otherwise start one task a node: one GPU each.
+    context = {
+        **CONTEXTS["slurm/preflight.sbatch.j2"],
+        "procs_per_node": 8,
+        "env": {},
+        "nccl_tests_path": tmp_path / "nccl-tests.out",
+    }
+    script = tmp_path / "preflight.sbatch"
+    script.write_text(render("slurm/preflight.sbatch.j2", **context))
+    env = {**fake_slurm(tmp_path), "SLURM_NNODES": "2", "LD_LIBRARY_PATH": "/usr/lib64"}
+    subprocess.run(["bash", str(script)], capture_output=True, text=True, cwd=tmp_path, env=env, check=True)
+    argv = (tmp_path / "srun.argv").read_text().split("\0")[:-1]  # the last step's: nccl-tests
+    assert argv[: argv.index("/opt/nccl-tests/build/all_reduce_perf")] == [
+        "--mpi=pmix", "-N", "2", "-n", "16", "--ntasks-per-node=8"
+    ]  # fmt: skip
+    step_env = dict(line.split("=", 1) for line in (tmp_path / "srun.env").read_text().splitlines() if "=" in line)
+    assert step_env["LD_LIBRARY_PATH"].split(":") == [
+        "/opt/nccl/build/lib", "/opt/aws-ofi-nccl/lib", "/opt/amazon/efa/lib", "/opt/amazon/openmpi/lib", "/usr/lib64"
+    ]  # fmt: skip
+    assert step_env["FI_PROVIDER"] == "efa"
 
 
 def test_nsys_wraps_the_launch_only_when_profiling_on_gpu_nodes() -> None:
@@ -283,3 +311,28 @@ def test_a_pyxis_runtime_runs_every_training_step_in_its_container() -> None:
         launches = [line for line in text.splitlines() if "srun --kill-on-bad-exit=1" in line]
         assert launches and all(f"{shlex.join(options)} " in line for line in launches), name
         assert "--container-image" not in render(name, **CONTEXTS[name])
+
+
+def test_a_framework_job_starts_in_the_run_s_directory_in_its_container_and_its_script_is_private(
+    tmp_path: Path,
+) -> None:
+    conf = {
+        "platform": "parallelcluster",
+        "recipe": "llama3_2_1b_picotron",
+        "instance_type": "p5.48xlarge",
+        "num_nodes": 2,
+        "dataset_uri": "s3://datasets/picotron/",
+        "extra_env": {"HF_TOKEN": "hf_secret"},
+    }
+    spec = run_spec(parse_params(TrainParams, conf), "train_e2e", "manual__2026-12-02")
+    cluster = {"platform": "parallelcluster", "scheduler": "slurm", "shared_dir": str(tmp_path)}
+    runtime = pyxis_runtime("111122223333.dkr.ecr.us-east-1.amazonaws.com/dtp/training@sha256:" + "ab" * 32)
+    job = jobs.prepare_training(spec, cluster, runtime, {})
+    workdir = tmp_path / "runs" / spec["names"]["run_key"]
+    text = Path(job["script_path"]).read_text()
+    # picotron reads ./hf_model_safetensors, which the script links into the run's directory, not the image's.
+    launches = [line for line in text.splitlines() if "srun --kill-on-bad-exit=1" in line]
+    assert launches and all(f"--container-workdir={workdir} " in line for line in launches)
+    # The script exports the run's extra_env: only its owner, who submits it, may read it.
+    assert "export HF_TOKEN=hf_secret\n" in text
+    assert stat.S_IMODE(os.stat(job["script_path"]).st_mode) == 0o700

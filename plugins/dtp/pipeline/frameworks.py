@@ -63,7 +63,8 @@ TORCHTITAN_CONFIGS = {
     "llama3_1_8b": TorchtitanConfig("llama3", "llama3_8b", lr=3e-4),
     "llama3_1_70b": TorchtitanConfig("llama3", "llama3_70b", lr=1.5e-4),
 }
-# Megatron-LM architecture flags for DTP's model names (the trainer's shapes in include/training/model.py).
+# Megatron-LM architecture flags for DTP's model names (the trainer's shapes in include/training/model.py); the
+# neuronx-distributed launch takes the model's KV heads from them.
 MEGATRON_ARCHITECTURES = {
     "llama3_2_1b": {"num_layers": 16, "hidden_size": 2048, "num_attention_heads": 32, "num_query_groups": 8,
                     "ffn_hidden_size": 8192},
@@ -91,6 +92,7 @@ _MODELS_BY_FRAMEWORK: dict[str, dict[str, Any]] = {
     "torchtitan": TORCHTITAN_CONFIGS,
     "megatron-lm": MEGATRON_ARCHITECTURES,
     "nemo": NEMO_FACTORIES,
+    "neuronx-distributed": MEGATRON_ARCHITECTURES,
 }
 # Where the framework's code is inside its image, unless the image says otherwise.
 MEGATRON_DIR = "/workspace/Megatron-LM"
@@ -118,7 +120,31 @@ def launch_problem(recipe: Recipe) -> str | None:
                 f"torchtitan's config {titan.config} recomputes activations, and DTP's launch keeps that: set the "
                 "recipe's activation_checkpointing to true"
             )
+    if recipe.framework == "neuronx-distributed":
+        kv_heads, tensor = MEGATRON_ARCHITECTURES[recipe.model]["num_query_groups"], recipe.parallelism.tensor
+        if tensor > kv_heads and tensor % kv_heads:
+            return (
+                f"neuronx-distributed's trainer replicates each of {recipe.model}'s {kv_heads} KV heads over the same "
+                f"number of tensor-parallel ranks: give a tensor degree that is a multiple of {kv_heads}, not {tensor}"
+            )
     return None
+
+
+def max_steps_problem(recipe: Recipe, max_steps: int) -> str | None:
+    """Why ``recipe``'s framework cannot train it for ``max_steps`` steps, else None. Megatron-LM asserts, once the
+    job runs, that the learning rate's warmup ends before its decay does, at the last step."""
+    if recipe.framework == "megatron-lm" and max_steps <= recipe.warmup_steps:
+        return (
+            f"Megatron-LM requires the learning rate's warmup of recipe {recipe.name!r} ({recipe.warmup_steps} "
+            f"steps) to end before the last step: give more than {recipe.warmup_steps}"
+        )
+    return None
+
+
+def kv_replicator(model: str, tensor: int) -> int:
+    """Over how many tensor-parallel ranks neuronx-distributed's Llama trainer replicates each of ``model``'s KV
+    heads (``--kv_replicator``): 1 while every rank can hold heads of its own."""
+    return max(1, tensor // MEGATRON_ARCHITECTURES[model]["num_query_groups"])
 
 
 def dataset_dir(shared_dir: str, framework: str, dataset_uri: str) -> str:
@@ -155,11 +181,12 @@ def template_args(spec: dict[str, Any], images: dict[str, Any], workdir: str, sh
             "global_batch": global_batch,
             "megatron_dir": images.get("megatron_dir", MEGATRON_DIR),
         }
-    if framework == "neuronx-distributed":
+    if framework == "neuronx-distributed" and model in MEGATRON_ARCHITECTURES:
         return {
             **args,
             "trainer": images.get("neuronx_trainer", NEURONX_TRAINER),
             "compile_cache": f"{shared_dir}/neuron_cache",
+            "kv_replicator": kv_replicator(model, recipe["parallelism"]["tensor"]),
         }
     if framework == "nemo" and model in NEMO_FACTORIES:
         # No assets or dataset: NeMo's recipes bring their tokenizer and train on synthetic tokens.

@@ -31,11 +31,14 @@ NCCL_TESTS_BIN = "/opt/nccl-tests/build"
 STOP_CHECK_SECONDS = 5
 
 
-def container_options(images: dict[str, Any], shared_dir: str) -> list[str]:
-    """srun's options to run a step in the runtime's container (enroot + pyxis); none for a runtime on the host."""
+def container_options(images: dict[str, Any], shared_dir: str, workdir: str | None = None) -> list[str]:
+    """srun's options to run a step in the runtime's container (enroot + pyxis); none for a runtime on the host.
+    ``workdir``: where the step starts in the container, which is otherwise the image's working directory, not the
+    batch script's."""
     if images.get("container_runtime") != "pyxis":
         return []
-    return [f"--container-image={images['image']}", f"--container-mounts={shared_dir}:{shared_dir}"]
+    options = [f"--container-image={images['image']}", f"--container-mounts={shared_dir}:{shared_dir}"]
+    return [*options, f"--container-workdir={workdir}"] if workdir else options
 
 
 def _common(spec: dict[str, Any], images: dict[str, Any], cluster: dict[str, Any]) -> dict[str, Any]:
@@ -102,9 +105,10 @@ def _prepare_off_slurm(
 def _write_job(
     hook: SlurmHook, spec: dict[str, Any], workdir: Path, kind: str, script: str, job_name: str
 ) -> dict[str, str | None]:
-    """Write the batch script and its log folder; return what the Slurm operator needs to submit it."""
+    """Write the batch script and its log folder; return what the Slurm operator needs to submit it. The script is
+    its owner's alone: it exports the run's extra_env, which may hold tokens, and sbatch reads it as that user."""
     script_path = workdir / f"{kind}.sbatch"
-    hook.write_file(str(script_path), script, mode=0o755)
+    hook.write_file(str(script_path), script, mode=0o700)
     hook.make_dirs(str(workdir / "logs"))
     return {
         "slurm_conn_id": hook.slurm_conn_id,
@@ -215,11 +219,16 @@ def _prepare_framework_training(
     spec: dict[str, Any], cluster: dict[str, Any], images: dict[str, Any]
 ) -> dict[str, Any]:
     """The batch script of a framework other than DTP's trainer (``dtp.pipeline.frameworks``); its metrics are the
-    step lines of its own log, read by that framework's parser."""
+    step lines of its own log, read by that framework's parser. Its steps start in the run's directory, as the
+    script does (picotron reads files relative to it)."""
     hook = SlurmHook.of_cluster(cluster)
     workdir = run_dir(spec, cluster)
     args = frameworks.template_args(spec, images, str(workdir), cluster["shared_dir"])
-    script = render(frameworks.TEMPLATES[spec["recipe"]["framework"]], **_common(spec, images, cluster), **args)
+    common = {
+        **_common(spec, images, cluster),
+        "container": container_options(images, cluster["shared_dir"], str(workdir)),
+    }
+    script = render(frameworks.TEMPLATES[spec["recipe"]["framework"]], **common, **args)
     job = _write_job(hook, spec, workdir, "train", script, spec["names"]["slurm_job"])
     return {
         **job,
