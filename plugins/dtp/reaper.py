@@ -271,11 +271,16 @@ def reap(found: list[Expired], aws_conn_id: str, slurm_conn_id: str | None, dry_
         platform = BatchPlatform(aws_conn_id=aws_conn_id, wait_timeout_minutes=WAIT_TIMEOUT_MINUTES)
         platform.teardown({"names": {"run_key": environment.run_key}})
 
-    if slurm_conn_id:
-        # Checked: a scancel slurmctld refused, or a job still listed (COMPLETING) when the wait ends, is not deleted.
-        attempt(of_kind("slurm_job"), lambda job: SlurmHook(slurm_conn_id).cancel_job_and_wait(job.name))
-    # After the jobs that write there; None: the filesystem mounted on this worker.
-    attempt(of_kind("run_dir"), lambda directory: SharedFilesystemHook(slurm_conn_id).remove_tree(directory.name))
+    # One hook of each kind for all their items (over ssh, one connection each), closed once they are done.
+    with contextlib.ExitStack() as hooks:
+        if slurm_conn_id:
+            slurm = hooks.enter_context(contextlib.closing(SlurmHook(slurm_conn_id)))
+            # Checked: a scancel slurmctld refused, or a job still listed (COMPLETING) when the wait ends, is not
+            # deleted.
+            attempt(of_kind("slurm_job"), lambda job: slurm.cancel_job_and_wait(job.name))
+        # After the jobs that write there; None: the filesystem mounted on this worker.
+        shared = hooks.enter_context(contextlib.closing(SharedFilesystemHook(slurm_conn_id)))
+        attempt(of_kind("run_dir"), lambda directory: shared.remove_tree(directory.name))
     ec2 = RunResourceSweeper(aws_conn_id=aws_conn_id)  # its client is made at first use: a cluster sweep makes none
     attempt(of_kind("builder_instance"), lambda instance: ec2.conn.terminate_instances(InstanceIds=[instance.name]))
     # Clusters' nodes sit in their run's subnets: they go, and are waited on, before the network.

@@ -1,6 +1,6 @@
 """BatchJobOperator's retries: a retry after a failed job submits a new one, and one time limit holds across the
-task's retries (a job Batch stopped at its timeout is not run again; a job run again gets what is left), against
-botocore's Stubber and moto's Batch (in this process, without Docker)."""
+task's retries (a job Batch stopped at its timeout is not run again; a job run again gets what is left); the trigger
+waits as long as the job may run. Against botocore's Stubber and moto's Batch (in this process, without Docker)."""
 
 from __future__ import annotations
 
@@ -10,13 +10,13 @@ from typing import Any
 
 import boto3
 import pytest
-from airflow.sdk.exceptions import AirflowException, AirflowFailException
+from airflow.sdk.exceptions import AirflowException, AirflowFailException, TaskDeferred
 from botocore.stub import Stubber
 from moto import mock_aws
 from moto.batch.models import batch_backends
 from moto.core import DEFAULT_ACCOUNT_ID
 
-from dtp.operators.batch import BatchJobOperator, BatchJobOverTime
+from dtp.operators.batch import QUEUE_MARGIN_S, BatchJobOperator, BatchJobOverTime
 
 
 def test_a_retry_after_a_failed_job_submits_a_new_one(offline_aws: None) -> None:
@@ -215,3 +215,43 @@ def test_a_task_that_waits_in_its_worker_fails_without_retries_too(
     monkeypatch.setattr(op.hook, "delay", lambda *_: None)  # the provider's jittered sleeps between polls
     with pytest.raises(BatchJobOverTime, match=rf"{op.job_id} \(run-train\) ran past its time limit"):
         op.monitor_job({})
+
+
+# A training job's time limit (the job definition's timeout, from training_time_limit_minutes) far past the 35 h the
+# provider's BatchJobTrigger waits by default (4200 polls 30 s apart).
+WEEK_S = 7 * 24 * 3600
+LISTED = {"jobQueue": "run-queue", "filters": [{"name": "JOB_NAME", "values": ["run-train"]}]}
+
+
+def running_job(status: str = "RUNNING") -> dict[str, Any]:
+    """The job ``job-1`` as DescribeJobs gives it."""
+    return {"jobId": "job-1", "jobName": "run-train", "status": status, "startedAt": 1, "jobQueue": "run-queue",
+            "jobDefinition": "arn:aws:batch:us-east-1:1:job-definition/run-train:2"}  # fmt: skip
+
+
+def waits_s(deferred: TaskDeferred) -> int:
+    """How long the trigger ``deferred`` carries waits before it gives up."""
+    trigger: Any = deferred.trigger
+    assert deferred.method_name == "execute_complete" and trigger.serialize()[1]["job_id"] == "job-1"
+    return trigger.attempts * trigger.waiter_delay
+
+
+def test_the_trigger_waits_as_long_as_the_job_may_run(offline_aws: None) -> None:
+    op = batch_operator("run-train:2", deferrable=True, submit_job_timeout=WEEK_S)
+    summary = {"jobId": "job-1", "jobName": "run-train", "status": "RUNNING", "createdAt": 1}
+    with Stubber(op.hook.client) as batch, pytest.raises(TaskDeferred) as deferred:
+        batch.add_response("list_jobs", {"jobSummaryList": [summary]}, LISTED)
+        batch.add_response("describe_jobs", {"jobs": [running_job()]}, {"jobs": ["job-1"]})
+        op.execute({})
+    assert waits_s(deferred.value) >= WEEK_S + QUEUE_MARGIN_S
+
+
+@pytest.mark.parametrize("status", ["RUNNABLE", "RUNNING"])
+def test_a_job_that_goes_on_when_the_trigger_gives_up_is_waited_on_again(offline_aws: None, status: str) -> None:
+    op = batch_operator("run-train:2", deferrable=True, submit_job_timeout=WEEK_S)
+    # The event BatchJobTrigger fires when its waiter runs out of attempts.
+    event = {"status": "error", "message": "Waiter error: max attempts reached", "job_id": "job-1"}
+    with Stubber(op.hook.client) as batch, pytest.raises(TaskDeferred) as deferred:
+        batch.add_response("describe_jobs", {"jobs": [running_job(status)]}, {"jobs": ["job-1"]})
+        op.execute_complete({}, event)
+    assert waits_s(deferred.value) >= WEEK_S + QUEUE_MARGIN_S

@@ -5,6 +5,8 @@ conftest.py, reached through the real Kubernetes client with the amazon provider
 
 from __future__ import annotations
 
+import time
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -106,6 +108,22 @@ def existing_job(api: Any, state: str) -> None:
     api.requests.clear()
 
 
+def test_a_job_being_deleted_is_waited_out_and_created_anew(
+    kubernetes_api: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    existing_job(kubernetes_api, "Running")
+    kubernetes_api.jobs[NAME]["metadata"]["deletionTimestamp"] = "2026-12-03T10:30:00Z"  # its pods are still going
+    # The foreground delete ends while the hook waits.
+    gone = SimpleNamespace(monotonic=time.monotonic, sleep=lambda _: kubernetes_api.jobs.pop(NAME))
+    monkeypatch.setattr("dtp.hooks.pytorchjob.time", gone)
+    op = operator()
+    with stub_eks(op.hook, kubernetes_api), pytest.raises(TaskDeferred):
+        op.execute({})
+    assert len(created(kubernetes_api)) == 2  # refused (409) while it was there, then created anew
+    assert "deletionTimestamp" not in kubernetes_api.jobs[NAME]["metadata"]
+    assert kubernetes_api.jobs[NAME]["status"] == {}
+
+
 def test_a_retry_after_success_returns_without_running_again(kubernetes_api: Any) -> None:
     existing_job(kubernetes_api, "Succeeded")
     op = operator()
@@ -150,6 +168,13 @@ def test_failure_names_the_condition_and_the_last_lines() -> None:
     failed = event("failed", "Failed", "Worker 1 exited with code 137", ["step 9", "Killed"])
     with pytest.raises(PyTorchJobFailed, match=r"ended Failed: Worker 1 exited with code 137.*\nstep 9\nKilled"):
         operator().execute_complete({}, failed)
+
+
+def test_an_api_out_of_reach_fails_the_task_with_the_triggers_reason() -> None:
+    message = "the Kubernetes API failed 11 polls in a row (503 Service Unavailable)"
+    gone = event("error", "Running", message, ["step 4"])
+    with pytest.raises(PyTorchJobFailed, match=r", last seen Running: the Kubernetes API failed 11 polls .*\nstep 4$"):
+        operator().execute_complete({}, gone)
 
 
 def test_a_hung_job_that_is_gone_fails_the_task_saying_so(kubernetes_api: Any) -> None:

@@ -1,6 +1,6 @@
-"""One deadline across a task's retries: a PyTorchJob run again after a failure or a hang gets what its earlier jobs
-left of runPolicy.activeDeadlineSeconds, a job stopped at its deadline is not run again, and a hung job is
-suspended with its active time recorded."""
+"""One deadline across a task's retries: a PyTorchJob run again after a failure, a hang or a user's kill gets what its
+earlier jobs left of runPolicy.activeDeadlineSeconds, a job stopped at its deadline is not run again, and a hung or
+killed job is suspended with its active time recorded."""
 
 from __future__ import annotations
 
@@ -145,6 +145,34 @@ def test_a_hung_job_is_suspended_and_its_replacement_gets_what_is_left_of_the_de
     replacement = retried(kubernetes_api)
     assert replacement["spec"]["runPolicy"] == {"activeDeadlineSeconds": 2600}
     assert [method for method, *_ in kubernetes_api.requests].count("DELETE") == 1  # the suspended job, first
+
+
+def test_a_user_kill_while_waiting_suspends_the_job_and_the_next_try_gets_what_is_left(
+    kubernetes_api: Any, monkeypatch: pytest.MonkeyPatch, run_coroutine: Any
+) -> None:
+    monkeypatch.setattr("dtp.triggers.pytorchjob.datetime", AtTenSixteenForty)
+    retried(kubernetes_api)
+    kubernetes_api.jobs[NAME]["status"] = {"startTime": "2026-12-03T10:00:00Z",
+                                           "conditions": [condition("Running", "2026-12-03T10:00:00Z")]}  # fmt: skip
+    kubernetes_api.requests.clear()
+    waiting = trigger()
+    with stub_eks(waiting.hook, kubernetes_api):
+        run_coroutine(waiting.on_kill())  # the task was cleared
+    job = kubernetes_api.jobs[NAME]
+    assert job["spec"]["runPolicy"] == {"activeDeadlineSeconds": 3600, "suspend": True}
+    assert job["metadata"]["annotations"][ACTIVE_SECONDS_ANNOTATION] == "1000"
+    assert [method for method, *_ in kubernetes_api.requests] == ["GET", "PATCH"]  # no delete, nothing waited on
+    assert retried(kubernetes_api)["spec"]["runPolicy"] == {"activeDeadlineSeconds": 2600}
+
+
+def test_a_user_kill_leaves_a_job_that_ended_as_it_is(kubernetes_api: Any, run_coroutine: Any) -> None:
+    retried(kubernetes_api)
+    ended_after(kubernetes_api, 1000, BACKOFF)
+    kubernetes_api.requests.clear()
+    waiting = trigger()
+    with stub_eks(waiting.hook, kubernetes_api):
+        run_coroutine(waiting.on_kill())  # the task was marked failed as the job failed
+    assert [method for method, *_ in kubernetes_api.requests] == ["GET"]
 
 
 def test_a_hung_job_that_succeeded_meanwhile_is_neither_suspended_nor_run_again(kubernetes_api: Any) -> None:

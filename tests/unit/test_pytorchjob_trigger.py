@@ -1,5 +1,6 @@
 """PyTorchJobTrigger: wait in the triggerer while worker 0's log streams into the task log, and report success,
-failure, a hang or a job deleted under it; credentials renewed during a long wait; delete the job on kill."""
+failure, a hang or a job deleted or suspended under it; credentials renewed, and API errors a later poll may not meet
+waited through, during a long wait (suspending the job on kill: test_pytorchjob_deadline.py)."""
 
 from __future__ import annotations
 
@@ -11,12 +12,13 @@ from pytorchjob_support import (
     MANIFEST,
     NAME,
     stamp,
-    stub_eks,
     trigger,
     wait_for_event,
 )
+from urllib3.exceptions import ProtocolError
 
-from dtp.triggers.pytorchjob import PyTorchJobTrigger
+from dtp.hooks.pytorchjob import PyTorchJobHook
+from dtp.triggers.pytorchjob import PyTorchJobTrigger, transient
 
 # Every test here signs its EKS token with the offline credentials.
 pytestmark = pytest.mark.usefixtures("offline_aws")
@@ -99,9 +101,60 @@ def test_trigger_serializes_every_argument() -> None:
     assert kwargs["last_log_time"] == stamp(1) and kwargs["region_name"] == "us-west-2"
 
 
-def test_trigger_on_kill_deletes_the_job(kubernetes_api: Any, run_coroutine: Any) -> None:
+def test_trigger_reports_a_job_suspended_under_it(kubernetes_api: Any, first_event: Any) -> None:
+    # A cleared task's trigger suspended the job (on_kill) after the task's next try found it still running.
+    suspended = {**MANIFEST["spec"], "runPolicy": {"suspend": True}}
+    kubernetes_api.jobs = {NAME: {**MANIFEST, "spec": suspended, "status": {}}}
+    kubernetes_api.timeline = [("Running", [f"{stamp(1)} step 1"])]  # its pods are going: nothing new, for ever
+    event = wait_for_event(kubernetes_api, trigger(hang_timeout=0.5), first_event)
+    assert (event["status"], event["state"]) == ("failed", "Suspended")  # not a hang: a retry replaces it
+
+
+def failing(monkeypatch: pytest.MonkeyPatch, method: str, errors: list[Exception | None]) -> list[Exception | None]:
+    """Make ``PyTorchJobHook.<method>`` raise the next of ``errors`` (None: answer) while any are left."""
+    answer = getattr(PyTorchJobHook, method)
+
+    def call(self: PyTorchJobHook, *args: Any) -> Any:
+        if errors and (error := errors.pop(0)) is not None:
+            raise error
+        return answer(self, *args)
+
+    monkeypatch.setattr(PyTorchJobHook, method, call)
+    return errors
+
+
+def test_trigger_waits_through_api_errors_a_later_poll_may_not_meet(
+    kubernetes_api: Any, first_event: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     kubernetes_api.jobs = {NAME: {**MANIFEST, "status": {}}}
-    waiting = trigger()
-    with stub_eks(waiting.hook, kubernetes_api):
-        run_coroutine(waiting.on_kill())
-    assert kubernetes_api.jobs == {}
+    kubernetes_api.timeline = [
+        ("Running", [f"{stamp(1)} step 1"]),
+        (None, [f"{stamp(2)} step 2"]),
+        ("Succeeded", [f"{stamp(3)} done"]),
+    ]
+    # The API server overloaded or restarting, then the connection lost: three polls in a row fail ...
+    job_errors = failing(monkeypatch, "get_job", [ApiException(503, "Service Unavailable"),
+                                                   ProtocolError("Connection aborted."), ConnectionResetError(),
+                                                   None, ApiException(429, "Too Many Requests")])  # fmt: skip
+    # ... and worker 0's kubelet fails a log read, which is skipped: the next poll reads those lines.
+    log_errors = failing(monkeypatch, "log_lines", [ApiException(500, "Internal Server Error")])
+    event = wait_for_event(kubernetes_api, trigger(max_poll_failures=3), first_event)
+    assert (event["status"], event["tail"]) == ("success", ["step 1", "step 2", "done"])
+    assert job_errors == log_errors == []
+
+
+def test_trigger_gives_up_when_the_api_fails_poll_after_poll(
+    kubernetes_api: Any, first_event: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    kubernetes_api.jobs = {NAME: {**MANIFEST, "status": {}}}
+    kubernetes_api.timeline = [("Running", [])]
+    failing(monkeypatch, "get_job", [None, *[ApiException(502, "Bad Gateway")] * 4])
+    event = wait_for_event(kubernetes_api, trigger(max_poll_failures=3), first_event)
+    assert (event["status"], event["state"]) == ("error", "Running")  # as the last poll that answered found it
+    assert event["message"] == "the Kubernetes API failed 4 polls in a row (502 Bad Gateway); the job is left as it is"
+    assert {method for method, *_ in kubernetes_api.requests} == {"GET"}  # the job was left as it is
+
+
+def test_only_errors_a_later_call_may_not_meet_are_waited_through() -> None:
+    assert all(map(transient, [ApiException(429), ApiException(504), ProtocolError(), TimeoutError()]))
+    assert not any(map(transient, [ApiException(401), ApiException(403), ApiException(404), ValueError()]))

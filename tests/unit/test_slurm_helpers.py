@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from dtp.hooks.slurm import TERMINAL_STATES, SlurmJob, _scontrol_fields
-from dtp.operators.slurm import SlurmJobOverTime, SlurmSubmitJobOperator
+from dtp.operators.slurm import SlurmJobFailed, SlurmJobOverTime, SlurmSubmitJobOperator
 from dtp.platforms import get_platform
 from dtp.platforms.local import LocalSlurmPlatform
 from dtp.triggers.slurm import SlurmJobTrigger
@@ -104,4 +104,13 @@ def test_a_job_stopped_at_its_partition_s_limit_says_so_rather_than_none_min() -
     operator = SlurmSubmitJobOperator(task_id="t", script_path="/s.sh", job_name="j", output_path="/o-%j")
     event = {"status": "failed", "state": "TIMEOUT", "job_id": "7", "tail": ["step 9"]}
     with pytest.raises(SlurmJobOverTime, match=r"^Slurm job 7 ran past its partition's time limit and was"):
+        operator.execute_complete({}, event)
+
+
+def test_a_cluster_out_of_reach_fails_the_task_with_the_triggers_reason_and_cancels_nothing() -> None:
+    operator = SlurmSubmitJobOperator(task_id="t", script_path="/s.sh", job_name="j", output_path="/o-%j")
+    message = "could not reach the cluster in 11 polls in a row (EOFError()); the job is left as it is"
+    event = {"status": "error", "state": "RUNNING", "job_id": "7", "tail": ["step 9"], "message": message}
+    # No hook is reachable here: a cancel would raise something else.
+    with pytest.raises(SlurmJobFailed, match=r"^Slurm job 7 \(j\), last seen RUNNING: could not reach .*\nstep 9$"):
         operator.execute_complete({}, event)

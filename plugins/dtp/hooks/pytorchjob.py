@@ -136,7 +136,8 @@ class PyTorchJobHook(LoggingMixin):
     ) -> dict[str, Any]:
         """Create the job ``manifest`` describes unless it exists; return the job as the API holds it.
 
-        A retried task finds its first try's job again; a job of the same name with another spec is refused.
+        A retried task finds its first try's job again; a job of the same name with another spec is refused. A job
+        of that name being deleted (its pods still going) is waited on until it is gone, then created anew.
         ``deadline``, when given, replaces the manifest's ``runPolicy.activeDeadlineSeconds`` in the job it creates
         (what is left of the time limit); the job still counts as made from ``manifest``.
         """
@@ -156,6 +157,10 @@ class PyTorchJobHook(LoggingMixin):
                 raise
         existing = self.get_job(kubernetes, name)
         if existing is None:  # deleted between the two calls: create it now
+            return self.ensure_job(kubernetes, manifest, deadline)
+        if existing["metadata"].get("deletionTimestamp"):  # not one to re-attach to: it goes once its pods do
+            self.log.info("PyTorchJob %s/%s is being deleted: creating it anew once it is gone", self.namespace, name)
+            self.wait_gone(kubernetes, name)
             return self.ensure_job(kubernetes, manifest, deadline)
         if (existing["metadata"].get("annotations") or {}).get(SPEC_DIGEST_ANNOTATION) != digest:
             raise PyTorchJobExists(
@@ -198,12 +203,16 @@ class PyTorchJobHook(LoggingMixin):
             if err.status != 404:
                 raise
             return False
+        self.wait_gone(kubernetes, name, timeout, poll)
+        return True
+
+    def wait_gone(self, kubernetes: KubernetesHook, name: str, timeout: float = 600, poll: float = 5) -> None:
+        """Wait until the job, deleted, is gone; raise when it is still there after ``timeout`` seconds."""
         deadline = time.monotonic() + timeout
         while self.get_job(kubernetes, name) is not None:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"PyTorchJob {self.namespace}/{name} is still there {timeout:.0f} s after delete")
             time.sleep(poll)
-        return True
 
     def leader_pod(self, kubernetes: KubernetesHook, name: str) -> str | None:
         """The name of the job's first worker pod (torchrun's rank 0 and the rendezvous host), None before it exists."""

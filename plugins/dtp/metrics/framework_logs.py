@@ -90,9 +90,10 @@ def torchtitan_records(lines: Iterable[str], *, world_size: int, **_: Any) -> Re
         match = _TORCHTITAN.search(text)
         if not match:
             continue
-        record = {
+        step = int(match["step"])
+        record: dict[str, Any] = {
             "event": "step",
-            "step": int(match["step"]),
+            "step": step,
             "loss": _float(match["loss"]),
             "tokens_per_s": _float(match["tps"]) * world_size,
         }
@@ -100,7 +101,7 @@ def torchtitan_records(lines: Iterable[str], *, world_size: int, **_: Any) -> Re
             record["memory_mb"] = _float(match["memory"]) * 1024
         if match["mfu"]:
             record["mfu"] = _float(match["mfu"]) / 100
-        _merge(attempt.setdefault(record["step"], record), record)
+        _merge(attempt.setdefault(step, record), record)
     yield from (attempt[step] for step in sorted(attempt))
 
 

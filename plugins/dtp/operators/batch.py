@@ -8,12 +8,16 @@ from collections.abc import Sequence
 from typing import Any
 
 from airflow.providers.amazon.aws.operators.batch import BatchOperator
+from airflow.providers.amazon.aws.triggers.batch import BatchJobTrigger
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
 # The statusReason Batch gives a job it stopped at its timeout: "Job attempt duration exceeded timeout".
 TIMEOUT_REASON = "attempt duration exceeded timeout"
 # The smallest attemptDurationSeconds Batch takes.
 MIN_TIMEOUT_S = 60
+# How long the trigger waits on a job beyond its time limit, for the job's wait in its queue (its time limit counts
+# from RUNNING). A job still queued or running when the trigger gives up is waited on again (``execute_complete``).
+QUEUE_MARGIN_S = 3600
 
 
 class BatchJobOverTime(AirflowFailException):
@@ -42,8 +46,11 @@ class BatchJobOperator(BatchOperator):
     from the newest checkpoint, and it may run only what is left of the time limit (``submit_job_timeout``, else
     the job definition's timeout) once the earlier jobs of its name are counted. A job that Batch stopped at its
     timeout is not submitted again: the task fails without retries (``BatchJobOverTime``), as it does when less
-    than Batch's smallest timeout is left. Takes ``BatchOperator``'s parameters; ``submit_job_timeout`` is
-    templated too, so a prepared job can carry its own time limit.
+    than Batch's smallest timeout is left. Deferred, the trigger waits as long as the job may run plus
+    ``QUEUE_MARGIN_S`` (the provider's ``max_retries`` polls ``poll_interval`` apart, where that is longer), and a job
+    still queued or running when it gives up is waited on again rather than failing the task. Takes
+    ``BatchOperator``'s parameters; ``submit_job_timeout`` is templated too, so a prepared job can carry its own time
+    limit.
     """
 
     template_fields: Sequence[str] = (*BatchOperator.template_fields, "submit_job_timeout")
@@ -56,19 +63,45 @@ class BatchJobOperator(BatchOperator):
             self.log.info(
                 "AWS Batch job %s (%s) is %s: not submitting another", self.job_id, self.job_name, job["status"]
             )
-            return
-        if job is not None:
-            if timed_out(job):
-                raise BatchJobOverTime(
-                    f"AWS Batch job {job['jobId']} ({self.job_name}) was stopped at its time limit "
-                    f"({job.get('statusReason')}); not submitting it again"
-                )
-            self.submit_job_timeout = self._time_left(jobs)
-        super().submit_job(context)
+        else:
+            if job is not None:
+                if timed_out(job):
+                    raise BatchJobOverTime(
+                        f"AWS Batch job {job['jobId']} ({self.job_name}) was stopped at its time limit "
+                        f"({job.get('statusReason')}); not submitting it again"
+                    )
+                self.submit_job_timeout = self._time_left(jobs)
+            super().submit_job(context)
+        if self.deferrable:
+            self._cover_time_limit()
 
     def execute_complete(self, context: Any, event: dict[str, Any] | None = None) -> str:
         if event and event.get("status") != "success" and event.get("job_id"):
-            self._fail_if_timed_out(event["job_id"])
+            job = self._describe(event["job_id"])
+            if job and job["status"] in self.hook.INTERMEDIATE_STATES:
+                # The trigger gave up (its waiter's attempts ran out) on a job that goes on: wait on it again.
+                self.log.warning(
+                    "AWS Batch job %s (%s) is still %s (%s): waiting on it again",
+                    job["jobId"],
+                    self.job_name,
+                    job["status"],
+                    event.get("message"),
+                )
+                self._cover_time_limit()
+                self.defer(
+                    timeout=self.execution_timeout,
+                    trigger=BatchJobTrigger(
+                        job_id=job["jobId"],
+                        waiter_max_attempts=self.max_retries,
+                        aws_conn_id=self.aws_conn_id,
+                        region_name=self.region_name,
+                        waiter_delay=self.poll_interval,
+                        verify=self.verify,
+                        botocore_config=self.botocore_config,
+                    ),
+                    method_name="execute_complete",
+                )
+            self._fail_if_timed_out(job)
         return super().execute_complete(context, event)
 
     def monitor_job(self, context: Any) -> None:
@@ -76,7 +109,7 @@ class BatchJobOperator(BatchOperator):
             super().monitor_job(context)
         except AirflowException:
             if self.job_id:
-                self._fail_if_timed_out(self.job_id)
+                self._fail_if_timed_out(self._describe(self.job_id))
             raise
 
     def jobs(self) -> list[dict[str, Any]]:
@@ -124,10 +157,23 @@ class BatchJobOperator(BatchOperator):
             self.log.info("Earlier %s jobs ran %d s: this one may run %d s", self.job_name, used, limit - used)
         return limit - used
 
-    def _fail_if_timed_out(self, job_id: str) -> None:
+    def _cover_time_limit(self) -> None:
+        """Make the trigger wait as long as the job may run and wait in its queue: ``max_retries`` polls
+        ``poll_interval`` apart cover its time limit plus ``QUEUE_MARGIN_S`` (the provider's default, 4200 polls 30 s
+        apart, is 35 h)."""
+        limit = self.time_limit()
+        needed = math.ceil((limit + QUEUE_MARGIN_S) / max(self.poll_interval, 1))
+        if limit and needed > self.max_retries:
+            self.max_retries = needed
+
+    def _describe(self, job_id: str) -> dict[str, Any] | None:
+        """The job as DescribeJobs gives it; None when Batch no longer knows it."""
         found = self.hook.client.describe_jobs(jobs=[job_id])["jobs"]
-        if found and timed_out(job := found[0]):
+        return found[0] if found else None
+
+    def _fail_if_timed_out(self, job: dict[str, Any] | None) -> None:
+        if job and timed_out(job):
             raise BatchJobOverTime(
-                f"AWS Batch job {job_id} ({self.job_name}) ran past its time limit and was stopped by Batch "
+                f"AWS Batch job {job['jobId']} ({self.job_name}) ran past its time limit and was stopped by Batch "
                 f"({job.get('statusReason')}); not retried"
             )

@@ -136,6 +136,10 @@ class EksPyTorchJobOperator(BaseOperator):
             raise PyTorchJobFailed(
                 f"PyTorchJob {namespace}/{name} hung ({event['message']}); {self._suspend(name)}. Last lines:\n{tail}"
             )
+        if event["status"] == "error":  # the API out of reach: the job may well be running, a retry re-attaches
+            raise PyTorchJobFailed(
+                f"PyTorchJob {namespace}/{name}, last seen {event['state']}: {event['message']}. Last lines:\n{tail}"
+            )
         if event["status"] == "failed" and event.get("over_time"):
             raise PyTorchJobOverTime(
                 f"PyTorchJob {namespace}/{name} ran past its deadline and was stopped ({event['message']}); not "

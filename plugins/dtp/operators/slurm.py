@@ -145,6 +145,11 @@ class SlurmSubmitJobOperator(BaseOperator):
             )
         if event["status"] == "lost":
             raise SlurmJobFailed(f"Slurm job {job_id} is lost: {event['message']}. Last lines:\n{tail}")
+        if event["status"] == "error":  # the cluster out of reach: the job may well be running, a retry re-attaches
+            raise SlurmJobFailed(
+                f"Slurm job {job_id} ({self.job_name}), last seen {event['state']}: {event['message']}. "
+                f"Last lines:\n{tail}"
+            )
         if event["state"] == "TIMEOUT":
             minutes = int(self.time_limit_minutes or 0)
             limit = f"its time limit of {minutes} min" if minutes else "its partition's time limit"

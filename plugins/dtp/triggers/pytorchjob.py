@@ -3,8 +3,10 @@
 Like ``EksPodTrigger``, the trigger generates its own kubeconfig from the AWS connection (the operator's is gone
 once it defers) and keeps it for the whole wait. Each poll it forwards the new log lines of worker 0 (torchrun's
 rank 0) and reads the job's conditions. A job with no new log line for ``hang_timeout`` seconds while Running is
-reported as hung, so a stuck collective fails the task instead of waiting forever. A user who marks the task
-failed or clears it while it waits deletes the job (``on_kill``).
+reported as hung, so a stuck collective fails the task instead of waiting forever. A poll the Kubernetes API fails
+for a while (429, a 5xx from the API server or a kubelet, a lost connection) is tried again at the next one; a log
+read that fails is skipped. A user who marks the task failed or succeeded or clears it while it waits suspends the
+job (``on_kill``): its pods go, and the task's next try replaces it with what is left of its deadline.
 """
 
 from __future__ import annotations
@@ -14,19 +16,37 @@ import contextlib
 import time
 from collections import deque
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from functools import cached_property
 from typing import Any
 
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 from kubernetes.client.exceptions import ApiException
+from urllib3.exceptions import HTTPError
 
-from dtp.hooks.pytorchjob import TERMINAL_CONDITIONS, PyTorchJobHook, job_state, past_deadline
+from dtp.hooks.pytorchjob import (
+    TERMINAL_CONDITIONS,
+    PyTorchJobHook,
+    job_state,
+    past_deadline,
+    ran_seconds,
+    suspended,
+)
 
 TAIL_LINES = 30
 
 
+def transient(err: Exception) -> bool:
+    """Whether a later call may succeed where this one failed: the API server or a kubelet answered 429 or 5xx, or
+    the connection failed (urllib3's errors, socket errors)."""
+    if isinstance(err, ApiException):
+        return err.status == 429 or (err.status or 0) >= 500
+    return isinstance(err, HTTPError | OSError)
+
+
 class PyTorchJobTrigger(BaseTrigger):
-    """Fires once the PyTorchJob succeeds, fails, disappears or hangs; the event of a job that failed at its
+    """Fires once the PyTorchJob succeeds, fails, disappears, is suspended or hangs, or once the Kubernetes API fails
+    ``max_poll_failures`` polls in a row (``error``: the job is left as it is); the event of a job that failed at its
     ``runPolicy.activeDeadlineSeconds`` says so (``over_time``), so that the task is not retried.
 
     :param job_name: the PyTorchJob
@@ -39,6 +59,8 @@ class PyTorchJobTrigger(BaseTrigger):
     :param last_log_time: the timestamp of the last log line already forwarded: older lines are skipped. The
         trigger advances it as it forwards, but Airflow keeps a trigger's arguments as they were when the task
         deferred, so a restarted triggerer forwards worker 0's log again from there
+    :param max_poll_failures: polls in a row the Kubernetes API may fail (``transient`` errors) before the trigger
+        gives up
     """
 
     def __init__(
@@ -51,6 +73,7 @@ class PyTorchJobTrigger(BaseTrigger):
         poll_interval: float = 30.0,
         hang_timeout: float = 0.0,
         last_log_time: str = "",
+        max_poll_failures: int = 10,
     ) -> None:
         super().__init__()
         self.job_name = job_name
@@ -61,6 +84,7 @@ class PyTorchJobTrigger(BaseTrigger):
         self.poll_interval = poll_interval
         self.hang_timeout = hang_timeout
         self.last_log_time = last_log_time
+        self.max_poll_failures = max_poll_failures
         self._last_progress = 0.0  # when worker 0 last logged a line (time.monotonic)
         self._served = False  # whether the current kubeconfig has served a poll
 
@@ -76,6 +100,7 @@ class PyTorchJobTrigger(BaseTrigger):
                 "poll_interval": self.poll_interval,
                 "hang_timeout": self.hang_timeout,
                 "last_log_time": self.last_log_time,
+                "max_poll_failures": self.max_poll_failures,
             },
         )
 
@@ -105,31 +130,59 @@ class PyTorchJobTrigger(BaseTrigger):
             return
 
     async def _wait(self, kubernetes: Any, tail: deque[str]) -> TriggerEvent:
+        state, failures = "Pending", 0  # the job's state as the last poll found it; polls failed in a row since
         while True:
-            job = await asyncio.to_thread(self.hook.get_job, kubernetes, self.job_name)
-            self._served = True
+            try:
+                job = await asyncio.to_thread(self.hook.get_job, kubernetes, self.job_name)
+            except (ApiException, HTTPError, OSError) as err:
+                if not transient(err):
+                    raise
+                failures += 1
+                if failures > self.max_poll_failures:
+                    what = f"{err.status} {err.reason}" if isinstance(err, ApiException) else repr(err)
+                    message = f"the Kubernetes API failed {failures} polls in a row ({what}); the job is left as it is"
+                    return self._event("error", state, message, tail)
+                self.log.warning(
+                    "Could not read PyTorchJob %s (%d/%d): %s", self.job_name, failures, self.max_poll_failures, err
+                )
+                await asyncio.sleep(self.poll_interval)
+                continue
+            self._served, failures = True, 0
             if job is None:
                 return self._event("failed", "Deleted", "the job was deleted before it finished", tail)
             state, message = job_state(job)
-            if await asyncio.to_thread(self._forward_log, kubernetes, tail):
-                self._last_progress = time.monotonic()
+            try:
+                if await asyncio.to_thread(self._forward_log, kubernetes, tail):
+                    self._last_progress = time.monotonic()
+            except (ApiException, HTTPError, OSError) as err:
+                if not transient(err):
+                    raise
+                self.log.warning("Could not read worker 0's log, skipping it this poll: %s", err)
+                self._last_progress = time.monotonic()  # time its log cannot be read is not a hang
             if state in TERMINAL_CONDITIONS:
                 status = "success" if state == "Succeeded" else "failed"
                 return self._event(status, state, message, tail, over_time=past_deadline(job))
+            if suspended(job):  # by the on_kill of the trigger this one replaced, say: its pods are going
+                return self._event("failed", "Suspended", "the job was suspended: a retry replaces it", tail)
             if state != "Running":
-                self._last_progress = time.monotonic()  # pending, restarting or suspended time is not a hang
+                self._last_progress = time.monotonic()  # pending or restarting time is not a hang
             elif self.hang_timeout and time.monotonic() - self._last_progress > self.hang_timeout:
                 return self._event("hung", state, f"no new log line for {self.hang_timeout:.0f} s", tail)
             self.log.info("PyTorchJob %s/%s is %s", self.namespace, self.job_name, state)
             await asyncio.sleep(self.poll_interval)
 
     async def on_kill(self) -> None:
-        """Delete the job when a user kills the deferred task (Airflow 3.3+ calls this for user kills only)."""
-        await asyncio.to_thread(self._delete_job)
+        """Suspend the job when a user clears the deferred task or marks it failed or succeeded (Airflow 3.3+ calls
+        this for user kills only): the training operator deletes its pods, and the job stays, recording how long it
+        was active, so that the task's next try replaces it with what is left of its deadline. Nothing is waited on
+        (the triggerer gives ``on_kill`` 30 s)."""
+        await asyncio.to_thread(self._suspend_job)
 
-    def _delete_job(self) -> None:
+    def _suspend_job(self) -> None:
         with self.hook.kubernetes() as kubernetes:
-            self.hook.delete_job(kubernetes, self.job_name)
+            job = self.hook.get_job(kubernetes, self.job_name)
+            if job is not None and job_state(job)[0] not in TERMINAL_CONDITIONS:
+                self.hook.suspend_job(kubernetes, self.job_name, ran_seconds(job, until=datetime.now(UTC)))
 
     def _forward_log(self, kubernetes: Any, tail: deque[str]) -> bool:
         """Log worker 0's lines newer than ``last_log_time``; True when there were any."""

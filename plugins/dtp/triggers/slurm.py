@@ -9,27 +9,38 @@ of for ``lost_timeout`` seconds (slurmctld forgot it, and the cluster keeps no
 completion log or accounting) is reported lost rather than waited on forever. A
 job that stays PENDING for ``pending_timeout`` seconds (nodes down, a request
 the partition cannot meet) is reported with Slurm's reason for keeping it
-waiting; the clock starts again each time the job runs and is requeued.
+waiting; the clock starts again each time the job runs and is requeued. A poll
+that cannot reach the cluster (a dropped ssh connection, a restarting sshd) is
+tried again on a new connection after a backoff, as the ssh provider's
+``SSHRemoteJobTrigger`` does; after ``max_reconnect_attempts`` such polls in a
+row the trigger reports the cluster unreachable, leaving the job as it is.
 """
 
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 from collections import deque
 from collections.abc import AsyncIterator
 from typing import Any
 
 from airflow.triggers.base import BaseTrigger, TriggerEvent
+from paramiko.ssh_exception import SSHException
 
 from dtp.hooks.slurm import SlurmHook, SlurmJob
 
+# What a poll raises when the cluster is out of reach for a while; socket.timeout is an OSError.
+CONNECTION_ERRORS = (SSHException, EOFError, OSError)
+
 
 class SlurmJobTrigger(BaseTrigger):
-    """Fires once the Slurm job ends (success or failure), stops making progress, or never starts.
+    """Fires once the Slurm job ends (success or failure), stops making progress, or never starts, or once the
+    cluster stays out of reach (``error``).
 
     :param head_node: the host the Slurm connection's ssh reaches instead of its own (see ``SlurmHook``)
     :param pending_timeout: seconds the job may stay PENDING at a stretch before it is reported (0: no limit)
+    :param max_reconnect_attempts: polls in a row that may fail to reach the cluster before the trigger gives up
     """
 
     def __init__(
@@ -43,6 +54,7 @@ class SlurmJobTrigger(BaseTrigger):
         lost_timeout: float = 300.0,
         pending_timeout: float = 3600.0,
         log_offset: int = 0,  # in the kwargs of triggers deferred by earlier versions, always 0: reading starts there
+        max_reconnect_attempts: int = 10,
     ) -> None:
         super().__init__()
         self.job_id = job_id
@@ -53,6 +65,7 @@ class SlurmJobTrigger(BaseTrigger):
         self.head_node = head_node
         self.lost_timeout = lost_timeout
         self.pending_timeout = pending_timeout
+        self.max_reconnect_attempts = max_reconnect_attempts
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         return (
@@ -66,6 +79,7 @@ class SlurmJobTrigger(BaseTrigger):
                 "head_node": self.head_node,
                 "lost_timeout": self.lost_timeout,
                 "pending_timeout": self.pending_timeout,
+                "max_reconnect_attempts": self.max_reconnect_attempts,
             },
         )
 
@@ -83,15 +97,39 @@ class SlurmJobTrigger(BaseTrigger):
         last_progress = time.monotonic()
         unknown_since: float | None = None
         pending_since: float | None = None
+        job = SlurmJob(job_id=self.job_id, name="", state="UNKNOWN")  # as the last poll found it
+        failures = 0  # polls in a row that could not reach the cluster
         while True:
-            text, offset = await asyncio.to_thread(hook.read_file, self.log_path, offset)
-            if text:
-                partial = self._forward(partial + text, tail)
-                last_progress = time.monotonic()
-            job = await asyncio.to_thread(hook.get_job, self.job_id)
-            if job.finished:
-                # What the job wrote between that read and its end.
+            try:
                 text, offset = await asyncio.to_thread(hook.read_file, self.log_path, offset)
+                if text:
+                    partial = self._forward(partial + text, tail)
+                    last_progress = time.monotonic()
+                job = await asyncio.to_thread(hook.get_job, self.job_id)
+                if job.finished:
+                    # What the job wrote between that read and its end.
+                    text, offset = await asyncio.to_thread(hook.read_file, self.log_path, offset)
+            except CONNECTION_ERRORS as err:
+                failures += 1
+                await asyncio.to_thread(hook.close)  # the next poll connects afresh
+                if failures > self.max_reconnect_attempts:
+                    message = (
+                        f"could not reach the cluster in {failures} polls in a row ({err!r}); the job is left as it is"
+                    )
+                    yield self._event("error", job, tail, message=message)
+                    return
+                delay = self._reconnect_delay(failures)
+                self.log.warning(
+                    "Could not reach the cluster (%d/%d), trying again in %.1f s: %r",
+                    failures,
+                    self.max_reconnect_attempts,
+                    delay,
+                    err,
+                )
+                await asyncio.sleep(delay)
+                continue
+            failures = 0
+            if job.finished:
                 partial = self._forward(partial + text, tail)
                 if partial:
                     tail.append(partial)
@@ -124,6 +162,12 @@ class SlurmJobTrigger(BaseTrigger):
             if job.state != "RUNNING":
                 last_progress = time.monotonic()  # pending or requeued time is not a hang
             await asyncio.sleep(self.poll_interval)
+
+    @staticmethod
+    def _reconnect_delay(attempt: int) -> float:
+        """Exponential backoff with jitter, as ``SSHRemoteJobTrigger``'s, so reconnecting triggers spread out."""
+        base = min(2 ** (attempt - 1), 30)
+        return base + random.uniform(0, base)  # noqa: S311
 
     def _event(self, status: str, job: SlurmJob, tail: deque[str], **fields: str) -> TriggerEvent:
         """The event the task resumes with: ``status``, the job's state, its last log lines, and ``fields``."""

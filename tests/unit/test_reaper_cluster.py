@@ -1,0 +1,83 @@
+"""The reaper's sweep of a Slurm cluster: one hook of each kind (over ssh, one connection each) cancels every expired
+job and deletes every expired run directory, and is closed when they are done, whether or not each was deleted."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dtp import reaper
+from dtp.hooks.shared_fs import SharedFilesystemHook
+from dtp.hooks.slurm import SlurmHook
+from dtp.reaper import Expired, ReapIncomplete, reap
+
+EXPIRED = "2026-12-01T00:00:00Z"
+
+
+class Slurm(SlurmHook):
+    """The cluster's Slurm (no scancel here: it records what it cancels; job ``refused`` it cannot)."""
+
+    made: list[Any] = []
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.cancelled: list[str] = []
+        self.closed = False
+        self.made.append(self)
+
+    def cancel_job_and_wait(self, job_id: str, *, timeout: float = 120) -> None:
+        if job_id == "refused":
+            raise RuntimeError("scancel: error: Access/permission denied")
+        self.cancelled.append(job_id)
+
+    def close(self) -> None:
+        super().close()
+        self.closed = True
+
+
+class Shared(SharedFilesystemHook):
+    """The cluster's shared filesystem, as it is (here: on this host)."""
+
+    made: list[Any] = []
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.closed = False
+        self.made.append(self)
+
+    def close(self) -> None:
+        super().close()
+        self.closed = True
+
+
+@pytest.fixture
+def cluster(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """slurm_default on this host, its filesystem under ``tmp_path`` with two expired run directories."""
+    extra = {"transport": "local", "shared_dir": str(tmp_path)}
+    monkeypatch.setenv("AIRFLOW_CONN_SLURM_DEFAULT", json.dumps({"conn_type": "generic", "extra": extra}))
+    monkeypatch.setattr(reaper, "SlurmHook", Slurm)
+    monkeypatch.setattr(reaper, "SharedFilesystemHook", Shared)
+    Slurm.made, Shared.made = [], []
+    for run_key in ("dtp-a", "dtp-b"):
+        (tmp_path / "runs" / run_key).mkdir(parents=True)
+    return tmp_path
+
+
+def test_one_hook_of_each_kind_serves_every_item_and_is_closed(cluster: Path) -> None:
+    found = [Expired("slurm_job", job, run_key, EXPIRED) for job, run_key in (("11", "dtp-a"), ("12", "dtp-b"))]
+    found += [Expired("run_dir", str(cluster / "runs" / key), key, EXPIRED) for key in ("dtp-a", "dtp-b")]
+    reap(found, "aws_default", "slurm_default", dry_run=False)
+    (slurm,), (shared,) = Slurm.made, Shared.made
+    assert slurm.cancelled == ["11", "12"] and list((cluster / "runs").iterdir()) == []
+    assert slurm.closed and shared.closed
+
+
+def test_the_hooks_are_closed_when_an_item_could_not_be_deleted(cluster: Path) -> None:
+    found = [Expired("slurm_job", "refused", "dtp-a", EXPIRED), Expired("slurm_job", "12", "dtp-b", EXPIRED)]
+    with pytest.raises(ReapIncomplete, match="slurm_job refused: scancel: error"):
+        reap(found, "aws_default", "slurm_default", dry_run=False)
+    (slurm,), (shared,) = Slurm.made, Shared.made
+    assert slurm.cancelled == ["12"] and slurm.closed and shared.closed
