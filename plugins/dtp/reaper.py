@@ -155,12 +155,14 @@ def find_expired_on_cluster(slurm_conn_id: str, now: datetime | None = None) -> 
         log.warning("No %s connection is defined: there is no Slurm cluster to sweep", slurm_conn_id)
         return []
     found = []
-    for line in SlurmHook(slurm_conn_id).run(["squeue", "-h", "-o", "%i|%j|%k"]).splitlines():
-        job_id, name, comment = [*line.split("|", 2), "", ""][:3]
-        expires_at = comment.removeprefix(SLURM_EXPIRY_PREFIX) if comment.startswith(SLURM_EXPIRY_PREFIX) else ""
-        if _expired(expires_at, now):
-            found.append(Expired("slurm_job", job_id, name, expires_at))
-    return found + expired_run_dirs(SharedFilesystemHook(slurm_conn_id), now)
+    # One connection (a SlurmHook is the cluster's filesystem too), closed when the sweep has looked.
+    with contextlib.closing(SlurmHook(slurm_conn_id)) as cluster:
+        for line in cluster.run(["squeue", "-h", "-o", "%i|%j|%k"]).splitlines():
+            job_id, name, comment = [*line.split("|", 2), "", ""][:3]
+            expires_at = comment.removeprefix(SLURM_EXPIRY_PREFIX) if comment.startswith(SLURM_EXPIRY_PREFIX) else ""
+            if _expired(expires_at, now):
+                found.append(Expired("slurm_job", job_id, name, expires_at))
+        return found + expired_run_dirs(cluster, now)
 
 
 def find_expired_on_worker_mount(slurm_conn_id: str, now: datetime | None = None) -> list[Expired]:

@@ -33,6 +33,9 @@ def test_the_shared_filesystem_over_ssh_is_the_clusters(workdir: Path) -> None:
     path = workdir / "sub" / "notes.txt"
     hook.write_file(str(path), "from the worker, ü\n", mode=0o600)
     assert path.read_text() == "from the worker, ü\n" and path.stat().st_mode & 0o777 == 0o600
+    path.chmod(0o644)
+    hook.write_file(str(path), "a secret\n", mode=0o700)  # over a file others could read
+    assert path.read_text() == "a secret\n" and path.stat().st_mode & 0o777 == 0o700
     (workdir / "sub" / "from-node.txt").write_text("x")
     hook.make_dirs(str(workdir / "sub" / "folder"))
     assert hook.list_files(str(workdir / "sub")) == ["from-node.txt", "notes.txt"]

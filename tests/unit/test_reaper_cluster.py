@@ -28,6 +28,11 @@ class Slurm(SlurmHook):
         self.closed = False
         self.made.append(self)
 
+    def run(self, argv: list[str], **kwargs: Any) -> str:
+        if argv[0] == "squeue":  # one job expired, one without an expiry
+            return f"11|dtp-a|{reaper.SLURM_EXPIRY_PREFIX}{EXPIRED}\n12|dtp-b|\n"
+        return super().run(argv, **kwargs)
+
     def cancel_job_and_wait(self, job_id: str, *, timeout: float = 120) -> None:
         if job_id == "refused":
             raise RuntimeError("scancel: error: Access/permission denied")
@@ -81,3 +86,16 @@ def test_the_hooks_are_closed_when_an_item_could_not_be_deleted(cluster: Path) -
         reap(found, "aws_default", "slurm_default", dry_run=False)
     (slurm,), (shared,) = Slurm.made, Shared.made
     assert slurm.cancelled == ["12"] and slurm.closed and shared.closed
+
+
+def test_the_sweep_looks_through_one_connection_and_closes_it(cluster: Path) -> None:
+    for run_key in ("dtp-a", "dtp-b"):
+        (cluster / "runs" / run_key / "run.json").write_text(json.dumps({"run_key": run_key, "expires_at": EXPIRED}))
+    found = reaper.find_expired_on_cluster("slurm_default")
+    assert sorted((f.kind, f.run_key) for f in found) == [
+        ("run_dir", "dtp-a"),
+        ("run_dir", "dtp-b"),
+        ("slurm_job", "dtp-a"),
+    ]
+    (slurm,) = Slurm.made
+    assert slurm.closed and Shared.made == []

@@ -154,14 +154,18 @@ class SharedFilesystemHook(BaseHook):
             self.run(["mkdir", "-p", path])
 
     def write_file(self, path: str, text: str, mode: int = 0o644) -> None:
+        """Write ``text`` to ``path`` with ``mode``, which the file has before any of the text is in it (a script
+        that exports secrets is never readable by others, even for a moment)."""
         if self.transport == "local":
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            with open(path, "w") as fh:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            os.fchmod(fd, mode)
+            with os.fdopen(fd, "w") as fh:
                 fh.write(text)
-            os.chmod(path, mode)
         else:
             self.run(["mkdir", "-p", os.path.dirname(path)])
-            self.run(["sh", "-c", 'cat > "$0" && chmod "$1" "$0"', path, oct(mode)[2:]], input_text=text)
+            script = 'umask 077 && : > "$0" && chmod "$1" "$0" && cat > "$0"'
+            self.run(["sh", "-c", script, path, oct(mode)[2:]], input_text=text)
 
 
 def _whole_characters(data: bytes) -> bytes:
