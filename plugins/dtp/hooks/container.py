@@ -20,6 +20,7 @@ import subprocess
 import tarfile
 import tempfile
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -126,23 +127,32 @@ class ContainerRegistryHook(BaseHook):
             )
 
     def manifest_digest(self, repository: str, reference: str) -> str | None:
-        """The registry's digest of ``repository:reference`` (``Docker-Content-Digest``), None if absent."""
+        """The registry's digest of ``repository:reference`` (``Docker-Content-Digest``), None if absent. A registry
+        that answers with a token challenge (Docker Hub, GHCR, Quay, Harbor) is asked for a pull token first."""
         scheme = "https" if self.tls_verify else "http"
-        request = urllib.request.Request(  # noqa: S310 - the scheme is http(s), set above
-            f"{scheme}://{self.registry}/v2/{repository}/manifests/{reference}",
-            method="HEAD",
-            headers={"Accept": MANIFEST_TYPES},
-        )
+        url = f"{scheme}://{self.registry}/v2/{repository}/manifests/{reference}"
         creds = self.credentials()
-        if creds:
-            request.add_header("Authorization", "Basic " + base64.b64encode(f"{creds[0]}:{creds[1]}".encode()).decode())
+        basic = "Basic " + base64.b64encode(f"{creds[0]}:{creds[1]}".encode()).decode() if creds else None
         try:
-            with urllib.request.urlopen(request, timeout=30) as response:  # noqa: S310 - http(s) only
-                return response.headers.get("Docker-Content-Digest")
+            return self._head_digest(url, basic)
         except urllib.error.HTTPError as err:
-            if err.code == 404:
+            challenge = err.headers.get("WWW-Authenticate", "") if err.code == 401 else ""
+            if not challenge.lower().startswith("bearer "):
+                _raise_unless_absent(err)
                 return None
-            raise
+        try:
+            return self._head_digest(url, "Bearer " + bearer_token(challenge, repository, basic))
+        except urllib.error.HTTPError as err:
+            _raise_unless_absent(err)
+            return None
+
+    @staticmethod
+    def _head_digest(url: str, authorization: str | None) -> str | None:
+        request = urllib.request.Request(url, method="HEAD", headers={"Accept": MANIFEST_TYPES})  # noqa: S310
+        if authorization:
+            request.add_header("Authorization", authorization)
+        with urllib.request.urlopen(request, timeout=30) as response:  # noqa: S310 - http(s) only
+            return response.headers.get("Docker-Content-Digest")
 
     def unpack(self, image: str, dest: Path) -> Path:
         """Unpack ``image`` (a ``registry/repo@digest`` reference) into ``dest`` as a root filesystem.
@@ -280,3 +290,24 @@ class ImageBuilder:
             tail = "\n".join(lines[-20:])
             raise ContainerBuildError(f"{' '.join(argv[:3])} ... failed (exit code {process.returncode}):\n{tail}")
         return lines
+
+
+def _raise_unless_absent(err: urllib.error.HTTPError) -> None:
+    """Raise a registry's refusal, unless it only says it has no such manifest (404)."""
+    if err.code != 404:
+        raise err
+
+
+def bearer_token(challenge: str, repository: str, basic: str | None) -> str:
+    """A pull token for ``repository`` from the token service a ``WWW-Authenticate: Bearer realm=...`` challenge
+    names (the registry token flow), asked with the connection's credentials when it has some."""
+    fields = dict(re.findall(r'(\w+)="([^"]*)"', challenge))
+    if not fields.get("realm", "").startswith(("https://", "http://")):
+        raise ValueError(f"the registry's token challenge names no http(s) realm: {challenge!r}")
+    query = {"service": fields.get("service", ""), "scope": fields.get("scope") or f"repository:{repository}:pull"}
+    request = urllib.request.Request(f"{fields['realm']}?{urllib.parse.urlencode(query)}")  # noqa: S310
+    if basic:
+        request.add_header("Authorization", basic)
+    with urllib.request.urlopen(request, timeout=30) as response:  # noqa: S310 - the realm is http(s), checked above
+        answer = json.load(response)
+    return answer.get("token") or answer["access_token"]
