@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import urllib.parse
+import urllib.request
 
 import pytest
 
@@ -150,7 +151,14 @@ def test_report_in_s3_and_linked_from_the_ui(airflow_api, successful_run, aws) -
         assert f'<img alt="{plot}" src="data:image/png;base64,' in html
     quoted = urllib.parse.quote(run_id, safe="")
     _, links = airflow_api.request("GET", f"/api/v2/dags/{DAG_ID}/dagRuns/{quoted}/taskInstances/report/links")
-    assert links["extra_links"]["Training report"] == report["url"]
+    # Signed again by the API server when asked for (the task's URL would die with role credentials' session).
+    link = urllib.parse.urlsplit(links["extra_links"]["Training report"])
+    signed_by_task = urllib.parse.urlsplit(report["url"])
+    assert (link.netloc, link.path) == (signed_by_task.netloc, signed_by_task.path)
+    expires = [int(urllib.parse.parse_qs(url.query)["Expires"][0]) for url in (link, signed_by_task)]
+    assert expires[0] > expires[1]
+    with urllib.request.urlopen(urllib.parse.urlunsplit(link)) as response:
+        assert "PASSED" in response.read().decode()
 
 
 def test_profile_traces_are_uploaded_with_the_run(airflow_api, successful_run, aws) -> None:
