@@ -6,10 +6,9 @@ Reads like a system test: trigger, wait, then check the outcome and that the run
 from __future__ import annotations
 
 import json
-import urllib.parse
-import urllib.request
 
 import pytest
+from report_links import report_through_link
 
 from dtp.local.config import StackConfig
 from dtp.pipeline.graph import ON_BATCH, ON_EKS
@@ -149,16 +148,7 @@ def test_report_in_s3_and_linked_from_the_ui(airflow_api, successful_run, aws) -
     assert "PASSED" in html
     for plot in ("loss", "throughput", "busbw"):  # plus "trend" once comparable runs exist
         assert f'<img alt="{plot}" src="data:image/png;base64,' in html
-    quoted = urllib.parse.quote(run_id, safe="")
-    _, links = airflow_api.request("GET", f"/api/v2/dags/{DAG_ID}/dagRuns/{quoted}/taskInstances/report/links")
-    # Signed again by the API server when asked for (the task's URL would die with role credentials' session).
-    link = urllib.parse.urlsplit(links["extra_links"]["Training report"])
-    signed_by_task = urllib.parse.urlsplit(report["url"])
-    assert (link.netloc, link.path) == (signed_by_task.netloc, signed_by_task.path)
-    expires = [int(urllib.parse.parse_qs(url.query)["Expires"][0]) for url in (link, signed_by_task)]
-    assert expires[0] > expires[1]
-    with urllib.request.urlopen(urllib.parse.urlunsplit(link)) as response:
-        assert "PASSED" in response.read().decode()
+    assert "PASSED" in report_through_link(airflow_api, DAG_ID, run_id, "Training report")
 
 
 def test_profile_traces_are_uploaded_with_the_run(airflow_api, successful_run, aws) -> None:
