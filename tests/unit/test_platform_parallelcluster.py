@@ -215,12 +215,22 @@ def test_settings_give_capacity_and_the_slurm_connection(monkeypatch) -> None:
     assert platform.settings.pcluster == str(PROJECT_ROOT / ".venv-pcluster" / "bin" / "pcluster")
 
 
-def test_check_without_the_pcluster_venv_says_to_run_setup(monkeypatch, tmp_path) -> None:
+def test_check_without_the_pcluster_venv_says_where_it_comes_from(monkeypatch, tmp_path) -> None:
     platform = use_settings(monkeypatch, key_name="k")
     documents = platform.render(make_spec("tiny", "p5.48xlarge", 1), NETWORK)
     monkeypatch.setattr(pc, "PCLUSTER_VENV", tmp_path / "absent")
-    with pytest.raises(PlatformNotReady, match="run scripts/setup"):
+    with pytest.raises(PlatformNotReady, match="scripts/setup installs it .* Amazon MWAA cannot install it"):
         platform.check(documents)
+
+
+def test_the_airflow_image_has_the_pcluster_venv_where_the_platform_looks() -> None:
+    """In the image, include/ is mounted at /opt/airflow/include: the platform looks beside it."""
+    dockerfile = (pc.PROJECT_ROOT / "images" / "containers" / "airflow" / "Dockerfile").read_text()
+    assert "RUN python -m venv /opt/airflow/.venv-pcluster" in dockerfile
+    assert "-r /opt/dtp/requirements-pcluster.txt -c /opt/dtp/constraints-pcluster.txt" in dockerfile
+    assert "nodejs" in dockerfile
+    compose = (pc.PROJECT_ROOT / "docker-compose.yaml").read_text()
+    assert "./include:/opt/airflow/include" in compose
 
 
 def test_runtime_runs_the_published_image_with_pyxis(monkeypatch) -> None:

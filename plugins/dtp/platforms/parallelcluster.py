@@ -38,6 +38,10 @@ READY_STATES = ("CREATE_COMPLETE", "UPDATE_COMPLETE")
 
 PROJECT_ROOT = INCLUDE_DIR.parent
 PCLUSTER_VENV = PROJECT_ROOT / ".venv-pcluster"
+WHERE_PCLUSTER_IS = (
+    "scripts/setup installs it (and Node.js, which it needs) on this machine, images/containers/airflow/Dockerfile "
+    "in DTP's Airflow image; Amazon MWAA cannot install it, so runs there use another platform"
+)
 VALIDATE_SCRIPT = INCLUDE_DIR / "parallelcluster" / "validate_config.py"
 CONFIG_DOCUMENT = "cluster-config.yaml"
 # What pcluster answers for a cluster that does not exist, and for a dry run that passed.
@@ -117,7 +121,7 @@ class PclusterCli:
     def call(self, action: str, *args: str, timeout: float = 600) -> tuple[int, dict[str, Any]]:
         """Run ``pcluster action args``: its exit status and JSON answer (pcluster answers errors in JSON too)."""
         if not Path(self.executable).exists():
-            raise PlatformNotReady(f"pcluster CLI {self.executable} is missing: run scripts/setup")
+            raise PlatformNotReady(f"pcluster CLI {self.executable} is missing: {WHERE_PCLUSTER_IS}")
         argv = self.command(action, *args)
         proc = subprocess.run(argv, capture_output=True, text=True, env=self.environment(), timeout=timeout)
         try:
@@ -248,7 +252,7 @@ class ParallelClusterPlatform:
         """Problems aws-parallelcluster's schema (plus its offline validators) finds in the configuration."""
         python = PCLUSTER_VENV / "bin" / "python"
         if not python.exists():
-            raise PlatformNotReady(f"{PCLUSTER_VENV} (aws-parallelcluster) is missing: run scripts/setup")
+            raise PlatformNotReady(f"{PCLUSTER_VENV} (aws-parallelcluster) is missing: {WHERE_PCLUSTER_IS}")
         proc = subprocess.run(
             [str(python), str(VALIDATE_SCRIPT), "--cluster-name", cluster_name],
             input=documents[CONFIG_DOCUMENT],
