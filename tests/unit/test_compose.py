@@ -90,6 +90,14 @@ def test_the_training_worker_serves_the_queue_of_the_pipelines_training_tasks() 
     assert CELERY_QUEUES["training"] == TRAINING_QUEUE
 
 
+def test_the_training_worker_sees_the_clusters_shared_filesystem_where_the_connection_puts_it(resolved: dict) -> None:
+    training = resolved["services"]["airflow-worker-training"]
+    shared_dir = json.loads(training["environment"]["AIRFLOW_CONN_SLURM_DEFAULT"])["extra"]["shared_dir"]
+    volumes = training["volumes"]
+    assert any(v.startswith("/") and v.endswith(f":{shared_dir}:rw") for v in volumes), volumes
+    assert not any(v.endswith(f":{shared_dir}:rw") for v in resolved["services"]["airflow-worker-control"]["volumes"])
+
+
 def test_every_airflow_service_shares_settings_and_mounts(resolved: dict) -> None:
     airflow = {n: s for n, s in resolved["services"].items() if n.startswith("airflow-")}
     assert set(airflow) >= {
