@@ -49,19 +49,19 @@ def transformer_args(args: ModelArgs) -> TransformerModelArgs:
 
 
 class TokenFileDataLoader(BaseDataLoader):
-    """DTP's trainer's batches (``train.batch_for``, seeded by step and rank) over a byte-token file."""
+    """DTP's trainer's batches (``train.batch_for``, by step and rank) over a byte-token file."""
 
-    def __init__(self, path: str, *, seq_len: int, micro_batch: int, rank: int) -> None:
+    def __init__(self, path: str, *, seq_len: int, micro_batch: int, rank: int, world: int = 1) -> None:
         self.data = np.memmap(path, dtype=np.uint8, mode="r")
         self.shape = TrainConfig(
             model="", data_path=path, checkpoint_dir="", metrics_path="", seq_len=seq_len, micro_batch=micro_batch
         )
-        self.rank = rank
+        self.rank, self.world = rank, world
         self.step = 0
 
     def __iter__(self) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
         while True:
-            inputs, labels = batch_for(self.data, self.shape, self.step, self.rank)
+            inputs, labels = batch_for(self.data, self.shape, self.step, self.rank, self.world)
             self.step += 1
             yield {"input": inputs}, labels
 
@@ -80,7 +80,11 @@ def build_token_file_dataloader(
     if not training.dataset_path:
         raise ValueError("the dtp_llama3 train spec reads byte tokens from --training.dataset_path; none was given")
     return TokenFileDataLoader(
-        training.dataset_path, seq_len=training.seq_len, micro_batch=training.local_batch_size, rank=dp_rank
+        training.dataset_path,
+        seq_len=training.seq_len,
+        micro_batch=training.local_batch_size,
+        rank=dp_rank,
+        world=dp_world_size,
     )
 
 

@@ -13,6 +13,7 @@ checkpoint there and exit with 143.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -93,15 +94,40 @@ def lr_at(cfg: TrainConfig, step: int, schedule_steps: int | None = None) -> flo
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
-def batch_for(data: np.ndarray, cfg: TrainConfig, step: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Batches are seeded by (seed, step, rank): a resumed run sees the same data as an uninterrupted one, and
-    no two (seed, step, rank) share a seed."""
-    key = np.random.SeedSequence((cfg.seed, step, rank)).generate_state(1, np.uint64)[0]
-    gen = torch.Generator().manual_seed(int(key))
-    starts = torch.randint(0, len(data) - cfg.seq_len - 1, (cfg.micro_batch,), generator=gen)
-    rows = np.stack([data[s : s + cfg.seq_len + 1] for s in starts.tolist()]).astype(np.int64)
-    tokens = torch.from_numpy(rows)
+def batch_for(
+    data: np.ndarray, cfg: TrainConfig, step: int, rank: int, world: int = 1
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The micro-batch of ``rank`` (of ``world``) at ``step``: the data's windows of ``seq_len`` + 1 tokens, end to
+    end, are dealt out in an order shuffled anew for each pass over the data, ``micro_batch`` to each rank in turn.
+    No two ranks of a step share a window, each pass sees every window once, and the batches depend on the seed
+    and the step only, so a resumed run sees the ones an uninterrupted run would."""
+    windows = (len(data) - 1) // cfg.seq_len
+    if windows < 1:
+        raise ValueError(f"{cfg.data_path}: {len(data)} tokens, fewer than one sequence of {cfg.seq_len} + 1")
+    first = (step * world + rank) * cfg.micro_batch
+    rows = []
+    for sample in range(first, first + cfg.micro_batch):
+        epoch, index = divmod(sample, windows)
+        start = shuffled(index, windows, cfg.seed, epoch) * cfg.seq_len
+        rows.append(data[start : start + cfg.seq_len + 1])
+    tokens = torch.from_numpy(np.stack(rows).astype(np.int64))
     return tokens[:, :-1], tokens[:, 1:]
+
+
+@functools.lru_cache(maxsize=64)
+def _affine(windows: int, seed: int, epoch: int) -> tuple[int, int]:
+    gen = np.random.default_rng((seed, epoch))
+    while True:  # a multiplier coprime with the count makes the map a permutation
+        a = int(gen.integers(1, windows)) if windows > 1 else 1
+        if math.gcd(a, windows) == 1:
+            return a, int(gen.integers(0, windows))
+
+
+def shuffled(index: int, windows: int, seed: int, epoch: int) -> int:
+    """Where the ``index``-th window of pass ``epoch`` is: an affine permutation of ``range(windows)`` drawn from
+    (seed, epoch), which needs no table however large the data."""
+    a, b = _affine(windows, seed, epoch)
+    return (a * index + b) % windows
 
 
 def peak_flops(device: torch.device) -> float | None:
@@ -212,7 +238,7 @@ class Diverged(RuntimeError):
 def diverged(step: int, norm: float, ckpt_dir: Path, metrics_path: Path, rank: int) -> None:
     """Stop a run whose weights are lost, before they replace a good checkpoint. Every rank sees the same norm (it
     is the whole model's), so they all stop at the same step. A relaunch resumes from the newest checkpoint: a fault
-    that made the NaN passes, a divergence happens again (the batches are seeded by step) until the job's
+    that made the NaN passes, a divergence happens again (the batches depend on the step) until the job's
     attempts are spent."""
     if rank == 0:
         emit({"event": "diverged", "step": step, "grad_norm": str(norm), "time": time.time()}, metrics_path)
@@ -287,7 +313,7 @@ def train(cfg: TrainConfig) -> None:
             raise RuntimeError(f"injected failure at step {fail_at} (DTP_FAIL_AT_STEP)")
         for group in optimizer.param_groups:
             group["lr"] = lr_at(cfg, step, schedule)
-        inputs, targets = (t.to(device) for t in batch_for(data, cfg, step, rank))
+        inputs, targets = (t.to(device) for t in batch_for(data, cfg, step, rank, world))
         logits = model(inputs)
         loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
         loss.backward()

@@ -134,18 +134,42 @@ def test_lr_schedule() -> None:
     assert decay == sorted(decay, reverse=True)
 
 
-def test_batches_are_seeded_by_step_and_rank() -> None:
+def test_batches_depend_on_the_seed_step_and_rank() -> None:
     data = np.frombuffer(bytes(range(256)) * 20, dtype=np.uint8)
     cfg = config(seq_len=16, micro_batch=4)
-    inputs, targets = batch_for(data, cfg, step=3, rank=1)
+    inputs, targets = batch_for(data, cfg, step=3, rank=1, world=2)
     assert inputs.shape == targets.shape == (4, 16)
     assert inputs.dtype == torch.int64
     torch.testing.assert_close(inputs[:, 1:], targets[:, :-1])
-    again, _ = batch_for(data, cfg, step=3, rank=1)
+    again, _ = batch_for(data, cfg, step=3, rank=1, world=2)
     torch.testing.assert_close(inputs, again)
-    assert not torch.equal(inputs, batch_for(data, cfg, step=3, rank=0)[0])
-    assert not torch.equal(inputs, batch_for(data, cfg, step=4, rank=1)[0])
-    assert not torch.equal(inputs, batch_for(data, config(seq_len=16, micro_batch=4, seed=1), step=3, rank=1)[0])
+    assert not torch.equal(inputs, batch_for(data, cfg, step=3, rank=0, world=2)[0])
+    assert not torch.equal(inputs, batch_for(data, cfg, step=4, rank=1, world=2)[0])
+    other_seed = config(seq_len=16, micro_batch=4, seed=1)
+    assert not torch.equal(inputs, batch_for(data, other_seed, step=3, rank=1, world=2)[0])
+
+
+def _windows(data: np.ndarray, inputs: torch.Tensor, seq_len: int) -> list[int]:
+    """Which window (of ``seq_len`` + 1 tokens, ``seq_len`` apart) each row of ``inputs`` is."""
+    rows = data[: (len(data) - 1) // seq_len * seq_len].reshape(-1, seq_len)
+    return [next(i for i, row in enumerate(rows) if np.array_equal(row, r)) for r in inputs.numpy()]
+
+
+def test_a_pass_over_the_data_deals_every_window_once_and_no_two_ranks_share_one() -> None:
+    """3 ranks x 2 sequences a step over 12 windows: 2 steps make a pass, each window once; the next pass, a new
+    order. Each window's tokens are unique, so a row names its window."""
+    seq_len, windows, world = 8, 12, 3
+    data = np.arange(windows * seq_len + 1, dtype=np.int64)
+    cfg = config(seq_len=seq_len, micro_batch=2)
+    dealt = [
+        window
+        for step in range(4)
+        for rank in range(world)
+        for window in _windows(data, batch_for(data, cfg, step=step, rank=rank, world=world)[0], seq_len)
+    ]
+    first_pass, second_pass = dealt[:windows], dealt[windows:]
+    assert sorted(first_pass) == sorted(second_pass) == list(range(windows))
+    assert first_pass != second_pass
 
 
 def test_mfu_is_against_a_bf16_peak_so_only_bf16_runs_have_one() -> None:

@@ -219,7 +219,7 @@ def test_check_without_the_pcluster_venv_says_where_it_comes_from(monkeypatch, t
     platform = use_settings(monkeypatch, key_name="k")
     documents = platform.render(make_spec("tiny", "p5.48xlarge", 1), NETWORK)
     monkeypatch.setattr(pc, "PCLUSTER_VENV", tmp_path / "absent")
-    with pytest.raises(PlatformNotReady, match="scripts/setup installs it .* Amazon MWAA cannot install it"):
+    with pytest.raises(PlatformNotReady, match=r"scripts/setup installs it .* Amazon MWAA cannot install it"):
         platform.check(documents)
 
 

@@ -4,7 +4,7 @@ Four runs in all: an uninterrupted 40-step run, and, at the same time, the same 
 directory that fails at step 25 (DTP_FAIL_AT_STEP) and is then resumed with its ``step_20`` turned
 back into the ``tmp-step_20`` a rank 0 dead before the rename leaves and a torn ``tmp-step_30`` left
 in its checkpoint directory; beside the resume, the uninterrupted run's config with the GPU path's
-options on (each block compiled and activation-checkpointed). Batches are seeded by (step, rank),
+options on (each block compiled and activation-checkpointed). Batches depend on the step and rank only,
 so the resumed and the optimized runs must log the losses of the uninterrupted one.
 """
 
@@ -144,8 +144,8 @@ def test_compiled_checkpointed_blocks_train_as_the_eager_model(runs: dict[str, R
     assert run.records[-1]["event"] == "end" and run.records[-1]["config"]["compile"] is True
     full, optimized = runs["full"].losses(), run.losses()
     assert optimized.keys() == full.keys()
-    for step, loss in full.items():
-        assert optimized[step] == pytest.approx(loss, abs=1e-3), step
+    for step, loss in full.items():  # compiled kernels order their float sums otherwise: equal to 0.1%
+        assert optimized[step] == pytest.approx(loss, rel=1e-3), step
 
 
 def test_compiled_checkpointed_runs_save_the_plain_parameter_names(runs: dict[str, Run]) -> None:
