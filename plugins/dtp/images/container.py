@@ -1,17 +1,23 @@
 """Training container images (images/containers), the container_build form, and where runs find them.
 
-Each image is ``images/containers/<image>/Dockerfile`` built with ``include/``
-as its context (so the image carries DTP's training programs); its ``ARG``
-defaults are the form's build-arg defaults. A pushed image is published, pinned
-by digest, to the SSM parameter ``/dtp/images/<platform>/training``
-(``.../neuron`` for the Neuron image: a platform with GPU and Trainium nodes runs
-each on its own; train_e2e's resolve_images reads the one the run's instance
-type needs) and as an event of the Asset ``oci://<registry>/<repository>``.
+Each image is built from a Dockerfile under ``images/containers/`` with
+``include/`` as its context (so the image carries DTP's training programs);
+its ``ARG`` defaults are the form's build-arg defaults. The images of other
+frameworks than DTP's trainer are stages of the GPU (``training``) and Neuron
+(``neuron``) Dockerfiles, on the same EFA/NCCL layers: ``IMAGES`` says which
+Dockerfile and which stage (its ``FRAMEWORK`` and ``BASE`` build args). A pushed
+image is published, pinned by digest, to the SSM parameter
+``/dtp/images/<platform>/<image>`` (``.../training`` for the local profile's
+``local-cpu``): a platform with GPU and Trainium nodes runs each on its own;
+train_e2e's resolve_images reads the one the run's instance type and framework
+need. And as an event of the Asset ``oci://<registry>/<repository>``.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -22,38 +28,98 @@ from pydantic import Field, model_validator
 from dtp.images import ami
 from dtp.images.ami import IMAGES_DIR
 from dtp.params import FormParams
+from dtp.pipeline.frameworks import FRAMEWORK_IMAGES
+from dtp.platforms.base import PlatformNotReady
 from dtp.recipes import INCLUDE_DIR, Platform, instance_types
 
 CONTAINERS_DIR = IMAGES_DIR / "containers"
-TrainingImage = Literal["local-cpu", "training", "neuron"]
+TrainingImage = Literal[
+    "local-cpu", "training", "neuron", "torchtitan", "megatron-lm", "picotron", "nemo", "neuronx-distributed"
+]
+# Build args that pick an image's stages: the image's own (IMAGES), never a person's.
+STAGE_ARGS = ("BASE", "FRAMEWORK")
+
+
+@dataclass(frozen=True)
+class ImageBuild:
+    """How an image is built: ``images/containers/<folder>/Dockerfile`` up to the stages its ``stages`` build args
+    pick (``FRAMEWORK``: the framework's stage; ``BASE``: the NGC image under the CUDA layers), and the accelerator of
+    the nodes that run it."""
+
+    folder: str
+    accelerator: Literal["cpu", "gpu", "neuron"]
+    stages: Mapping[str, str] = field(default_factory=dict)
+
+
+IMAGES: dict[str, ImageBuild] = {
+    "local-cpu": ImageBuild("local-cpu", "cpu"),
+    "training": ImageBuild("training", "gpu"),
+    "neuron": ImageBuild("neuron", "neuron"),
+    "torchtitan": ImageBuild("training", "gpu", {"FRAMEWORK": "torchtitan"}),
+    "megatron-lm": ImageBuild("training", "gpu", {"FRAMEWORK": "megatron-lm"}),
+    "picotron": ImageBuild("training", "gpu", {"FRAMEWORK": "picotron"}),
+    "nemo": ImageBuild("training", "gpu", {"FRAMEWORK": "nemo", "BASE": "ngc-nemo"}),
+    "neuronx-distributed": ImageBuild("neuron", "neuron", {"FRAMEWORK": "neuronx-distributed"}),
+}
 _ARG = re.compile(r"^ARG\s+([A-Z][A-Z0-9_]*)=(\S+)\s*$")
+_FROM = re.compile(r"^FROM\s+(\S+)(?:\s+AS\s+(\S+))?\s*$", re.IGNORECASE)
+_ARG_REF = re.compile(r"\$\{([A-Z][A-Z0-9_]*)\}")
 # A build arg's value goes into the Dockerfile's RUN commands and image references: a version or an image tag
 # (NEURON_TAG is 41 characters), from an alphabet with nothing a shell would read.
 BUILD_ARG = r"^[0-9A-Za-z][0-9A-Za-z.+_-]{0,127}$"
 
 
 def dockerfile(image: str) -> Path:
-    return CONTAINERS_DIR / image / "Dockerfile"
+    return CONTAINERS_DIR / IMAGES[image].folder / "Dockerfile"
+
+
+@cache
+def _stages(folder: str) -> tuple[dict[str, str], list[tuple[str, str | None, dict[str, str]]]]:
+    """A Dockerfile's global ``ARG NAME=default`` lines, and its stages: what each is ``FROM``, its name, its ARGs."""
+    global_args: dict[str, str] = {}
+    stages: list[tuple[str, str | None, dict[str, str]]] = []
+    for line in (CONTAINERS_DIR / folder / "Dockerfile").read_text().splitlines():
+        if m := _FROM.match(line):
+            stages.append((m.group(1), m.group(2), {}))
+        elif m := _ARG.match(line):
+            (stages[-1][2] if stages else global_args)[m.group(1)] = m.group(2)
+    return global_args, stages
 
 
 @cache
 def build_arg_defaults(image: str) -> dict[str, str]:
-    """The ``ARG NAME=default`` lines of the image's Dockerfile."""
-    return {m.group(1): m.group(2) for line in dockerfile(image).read_text().splitlines() if (m := _ARG.match(line))}
+    """The build args a person may override for ``image``, with their defaults: the ARGs of the stages it is built
+    through (from its last ``FROM``, each stage's base resolved with the image's ``STAGE_ARGS``) and the global ARGs
+    their ``FROM`` lines name, less the ``STAGE_ARGS``."""
+    global_args, stages = _stages(IMAGES[image].folder)
+    values = {**global_args, **IMAGES[image].stages}
+    named = {name: (base, args) for base, name, args in stages if name}
+    base, _, args = stages[-1]
+    chain = [args]
+    while True:
+        chain.append({ref: global_args[ref] for ref in _ARG_REF.findall(base) if ref in global_args})
+        base = _ARG_REF.sub(lambda ref: values.get(ref.group(1), ref.group(0)), base)
+        if base not in named:
+            break
+        base, args = named[base]
+        chain.append(args)
+    found = {name: value for args in reversed(chain) for name, value in args.items()}
+    return {name: value for name, value in found.items() if name not in STAGE_ARGS}
 
 
 def training_parameter(platform: str, image: str = "training") -> str:
-    """The SSM parameter runs on ``platform`` read for ``image``: the Neuron image has its own, since a platform
-    with GPU and Trainium nodes needs both; the others share ``training``."""
-    return f"/dtp/images/{platform}/{'neuron' if image == 'neuron' else 'training'}"
+    """The SSM parameter runs on ``platform`` read for ``image``: each image its own (a platform with GPU and
+    Trainium nodes runs DTP's trainer from ``training`` and ``neuron``, other frameworks from theirs), the local
+    profile's ``local-cpu`` that of the image DTP's trainer runs from, ``training``."""
+    return f"/dtp/images/{platform}/{'training' if image == 'local-cpu' else image}"
 
 
 def image_platforms(image: str) -> list[str]:
-    """The platforms whose nodes can run ``image``: the local profile's CPU nodes run local-cpu only; the CUDA image
-    needs a platform offering GPU instance types, the Neuron image one offering Trainium."""
-    if image == "local-cpu":
+    """The platforms whose nodes can run ``image``: the local profile's CPU nodes run local-cpu only; a CUDA image
+    needs a platform offering GPU instance types, a Neuron image one offering Trainium."""
+    wanted = IMAGES[image].accelerator
+    if wanted == "cpu":
         return ["local"]
-    wanted = "neuron" if image == "neuron" else "gpu"
     return sorted(
         {
             platform
@@ -70,12 +136,15 @@ class ContainerBuildParams(FormParams):
     leading: ClassVar[tuple[str, ...]] = ("image", "platform")
 
     image: TrainingImage = Field(
-        "local-cpu", title="Image", description="images/containers/<image>/Dockerfile (local-cpu: the local profile's)."
+        "local-cpu",
+        title="Image",
+        description="From images/containers: local-cpu (the local profile's), training and neuron (DTP's trainer on "
+        "GPU and Trainium nodes), or the image of another framework's recipes, a stage of those two.",
     )
     platform: Platform = Field(
         "local",
         title="Platform",
-        description="Publish as /dtp/images/<platform>/training (the neuron image: .../neuron), where its runs look.",
+        description="Publish as /dtp/images/<platform>/<image> (local-cpu: .../training), where its runs look.",
     )
     build_args: dict[str, str] = Field(
         default_factory=dict,
@@ -96,9 +165,15 @@ class ContainerBuildParams(FormParams):
     def _known_args(self) -> ContainerBuildParams:
         allowed = build_arg_defaults(self.image)
         for name, value in self.build_args.items():
+            if name in STAGE_ARGS:
+                raise ValueError(
+                    f"build_args: {name!r} picks the Dockerfile's stages, which the image does: choose the image "
+                    "(e.g. torchtitan) instead"
+                )
             if name not in allowed:
                 raise ValueError(
-                    f"build_args: {name!r} is not an ARG of {self.image}'s Dockerfile (allowed: {', '.join(allowed)})"
+                    f"build_args: {name!r} is not an ARG of image {self.image}'s stages of its Dockerfile (allowed: "
+                    f"{', '.join(allowed)})"
                 )
             if not re.fullmatch(BUILD_ARG, value):
                 raise ValueError(
@@ -113,19 +188,55 @@ class ContainerBuildParams(FormParams):
             "context_dir": str(INCLUDE_DIR),
             "dockerfile": str(dockerfile(self.image)),
             "repository": f"dtp/{self.image}",
-            "build_args": {**build_arg_defaults(self.image), **self.build_args},
+            "build_args": {**build_arg_defaults(self.image), **self.build_args, **IMAGES[self.image].stages},
             "labels": {"dev.dtp.image": self.image, "dev.dtp.platform": self.platform},
         }
 
 
-def resolve_runtime(platform: Any, instance: dict[str, Any], aws_conn_id: str | None) -> dict[str, str]:
-    """The newest published training image for ``platform``, as the runtime its jobs use (the platform's default
-    runtime when none is published), and the newest AMI of the family ``instance``'s nodes boot there."""
-    ssm = SsmHook(aws_conn_id=aws_conn_id)
-    image = ssm.get_parameter_value(
-        training_parameter(platform.name, "neuron" if instance["neuron_devices"] else "training"), default=""
+def runtime_image(framework: str, instance: dict[str, Any]) -> str:
+    """The image a run of ``framework`` on ``instance``'s nodes runs from: the framework's own, or for DTP's trainer
+    the one for the nodes' accelerator."""
+    if framework in FRAMEWORK_IMAGES:
+        return FRAMEWORK_IMAGES[framework].image
+    return "neuron" if instance["neuron_devices"] else "training"
+
+
+def _unpublished(framework: str, platform: str) -> str:
+    image = FRAMEWORK_IMAGES[framework].image
+    return (
+        f"{framework} runs from its image {image!r}, which is not published for platform {platform!r} (no SSM "
+        f"parameter {training_parameter(platform, image)}): publish it with container_build image={image} "
+        f"platform={platform} first"
     )
-    runtime = platform.runtime(image) if image else platform.default_image()
+
+
+def framework_image_problem(spec: dict[str, Any], aws_conn_id: str | None) -> str | None:
+    """Why the run cannot start on its platform: its recipe's framework runs from an image of its own that
+    container_build has not published there (a read of SSM, before anything exists); None for DTP's trainer, whose
+    runs fall back to the platform's default runtime."""
+    framework, platform = spec["recipe"]["framework"], spec["params"]["platform"]
+    if framework not in FRAMEWORK_IMAGES:
+        return None
+    parameter = training_parameter(platform, FRAMEWORK_IMAGES[framework].image)
+    if SsmHook(aws_conn_id=aws_conn_id).get_parameter_value(parameter, default=""):
+        return None
+    return f"recipe: got {spec['recipe']['name']!r}; {_unpublished(framework, platform)}"
+
+
+def resolve_runtime(
+    platform: Any, instance: dict[str, Any], aws_conn_id: str | None, framework: str = "fsdp"
+) -> dict[str, str]:
+    """The newest published image for ``framework`` on ``platform``, as the runtime its jobs use, with where the
+    framework is in it (``FRAMEWORK_IMAGES``); for DTP's trainer the platform's default runtime when none is
+    published. And the newest AMI of the family ``instance``'s nodes boot there."""
+    ssm = SsmHook(aws_conn_id=aws_conn_id)
+    image = ssm.get_parameter_value(training_parameter(platform.name, runtime_image(framework, instance)), default="")
+    if framework in FRAMEWORK_IMAGES:
+        if not image:  # validate_params refused it; the parameter was deleted since
+            raise PlatformNotReady(_unpublished(framework, platform.name))
+        runtime = {**platform.runtime(image), **FRAMEWORK_IMAGES[framework].layout}
+    else:
+        runtime = platform.runtime(image) if image else platform.default_image()
     family = platform.ami_family(instance)
     ami_id = ssm.get_parameter_value(ami.ssm_parameter(family), default="") if family else None
     return {**runtime, "ami": ami_id} if ami_id else runtime

@@ -22,13 +22,19 @@ The command lines follow the reference repo's test cases under
 ``3.test_cases/`` and the frameworks' own CLIs (torchtitan 0.3.0's config
 registry and dotted overrides, Megatron-LM's ``pretrain_gpt.py`` flags,
 neuronx-distributed's Llama example trainer, picotron's JSON config, NeMo 2.0's
-``nemo llm pretrain`` CLI).
+``nemo llm pretrain`` CLI). Each framework runs from an image of its own
+(``FRAMEWORK_IMAGES``: torchtitan 0.3.0, Megatron-LM core_v0.12.1, picotron at
+a pinned commit and NeMo 25.07 on the GPU image's EFA/NCCL layers,
+neuronx-distributed's example on the Neuron image), which ``container_build``
+publishes per platform; ``validate_params`` refuses a run whose platform has
+none.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -94,11 +100,34 @@ _MODELS_BY_FRAMEWORK: dict[str, dict[str, Any]] = {
     "nemo": NEMO_FACTORIES,
     "neuronx-distributed": MEGATRON_ARCHITECTURES,
 }
-# Where the framework's code is inside its image, unless the image says otherwise.
-MEGATRON_DIR = "/workspace/Megatron-LM"
-NEURONX_TRAINER = "/workspace/neuronx-distributed/llama/train.py"
-PICOTRON_TRAINER = "/picotron/train.py"
-NEMO_CLI = "nemo"
+
+
+@dataclass(frozen=True)
+class FrameworkImage:
+    """The image a framework's jobs run in (a ``container_build`` image, built at the framework's stage of its
+    Dockerfile in images/containers) and where the framework is in it: runtime keys its launch template reads,
+    ``python`` where its interpreter is not the image's ``python3``."""
+
+    image: str
+    layout: Mapping[str, str]
+
+
+# Every framework but DTP's own trainer runs from an image of its own, published per platform.
+FRAMEWORK_IMAGES = {
+    "torchtitan": FrameworkImage("torchtitan", {"python": "/opt/torchtitan/bin/python"}),
+    "megatron-lm": FrameworkImage("megatron-lm", {"megatron_dir": "/workspace/Megatron-LM"}),
+    "neuronx-distributed": FrameworkImage(
+        "neuronx-distributed", {"neuronx_trainer": "/workspace/neuronx-distributed/llama/tp_zero1_llama_hf_pretrain.py"}
+    ),
+    "picotron": FrameworkImage("picotron", {"picotron_trainer": "/picotron/train.py"}),
+    "nemo": FrameworkImage("nemo", {"nemo_cli": "nemo"}),
+}
+
+
+def image_path(images: dict[str, Any], framework: str, key: str) -> str:
+    """``key`` of the runtime ``images`` (``resolve_images`` adds the framework image's layout), else where the
+    framework's image puts it."""
+    return str(images.get(key) or FRAMEWORK_IMAGES[framework].layout[key])
 
 
 def launch_problem(recipe: Recipe) -> str | None:
@@ -179,12 +208,12 @@ def template_args(spec: dict[str, Any], images: dict[str, Any], workdir: str, sh
             **args,
             "architecture": MEGATRON_ARCHITECTURES[model],
             "global_batch": global_batch,
-            "megatron_dir": images.get("megatron_dir", MEGATRON_DIR),
+            "megatron_dir": image_path(images, framework, "megatron_dir"),
         }
     if framework == "neuronx-distributed" and model in MEGATRON_ARCHITECTURES:
         return {
             **args,
-            "trainer": images.get("neuronx_trainer", NEURONX_TRAINER),
+            "trainer": image_path(images, framework, "neuronx_trainer"),
             "compile_cache": f"{shared_dir}/neuron_cache",
             "kv_replicator": kv_replicator(model, recipe["parallelism"]["tensor"]),
         }
@@ -195,14 +224,14 @@ def template_args(spec: dict[str, Any], images: dict[str, Any], workdir: str, sh
             **{key: value for key, value in args.items() if key not in unused},
             "factory": NEMO_FACTORIES[model],
             "global_batch": global_batch,
-            "nemo": images.get("nemo_cli", NEMO_CLI),
+            "nemo": image_path(images, framework, "nemo_cli"),
         }
     if framework == "picotron":
         # The rest of the run's settings reach picotron through its config file.
         return {
             **{key: args[key] for key in ("workdir", "log_path", "checkpoint_dir", "assets_dir", "parallelism")},
             "config_json": json.dumps(picotron_config(args, replicas)),
-            "trainer": images.get("picotron_trainer", PICOTRON_TRAINER),
+            "trainer": image_path(images, framework, "picotron_trainer"),
         }
     raise ValueError(f"no {framework} launch template for model {model!r}")  # validate_params refuses these first
 

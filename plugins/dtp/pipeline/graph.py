@@ -25,7 +25,7 @@ from airflow.sdk import DAG, TaskGroup, TriggerRule, task
 from airflow.sdk.exceptions import AirflowFailException
 
 from dtp.connections import AWS_CONN_ID, TRAINING_QUEUE
-from dtp.images.container import resolve_runtime
+from dtp.images.container import framework_image_problem, resolve_runtime
 from dtp.metrics.preflight_gate import preflight_message
 from dtp.naming import EXPIRES_TAG
 from dtp.operators.batch import BatchJobOperator
@@ -59,8 +59,10 @@ def validate_params(**context: Any) -> dict[str, Any]:
             context["params"], dag_run.conf or {}, dag_run.dag_id, dag_run.run_id, dag_run.clear_number or 0
         )
         spec["resume"] = checkpoints.resume_source(spec, AWS_CONN_ID)
-        if problem := data.dataset_problem(spec, AWS_CONN_ID):
-            raise ParamsError(f"invalid parameters:\n{problem}")
+        # Another framework's recipe runs from its own image: refused here when its platform has none published.
+        checks = (data.dataset_problem(spec, AWS_CONN_ID), framework_image_problem(spec, AWS_CONN_ID))
+        if problems := [problem for problem in checks if problem]:
+            raise ParamsError("invalid parameters:\n" + "\n".join(problems))
     except (ParamsError, RecipeError, ValueError, PlatformNotReady) as err:
         raise AirflowFailException(str(err)) from None
     if spec["resume"]:
@@ -76,8 +78,13 @@ def validate_params(**context: Any) -> dict[str, Any]:
 
 @task
 def resolve_images(spec: dict[str, Any]) -> dict[str, str]:
-    """The newest image and AMI published by container_build/ami_bake (SSM), else the platform's default runtime."""
-    runtime = resolve_runtime(get_platform(spec["params"]["platform"]), spec["instance"], AWS_CONN_ID)
+    """The newest image and AMI published by container_build/ami_bake (SSM): the recipe's framework's image, with
+    where the framework is in it, or for DTP's trainer the platform's training image, else its default runtime."""
+    platform = get_platform(spec["params"]["platform"])
+    try:
+        runtime = resolve_runtime(platform, spec["instance"], AWS_CONN_ID, spec["recipe"]["framework"])
+    except PlatformNotReady as err:
+        raise AirflowFailException(str(err)) from None
     log.info("Training runtime: %s", runtime)
     return runtime
 
