@@ -212,9 +212,10 @@ class TrainParams(ClusterParams):
         le=1_000_000,
         title="Budget (USD)",
         description=(
-            "Refuse to start when the training job's estimated cost exceeds it (nodes x on-demand price x the"
-            " recipe's expected step time x max_steps, plus 10 minutes; the cluster's setup and teardown are not"
-            " counted); the scheduler stops training once it has run as long as the budget pays for on these nodes."
+            "Refuse to start when the run's estimated cost exceeds it (nodes x on-demand price x the recipe's"
+            " expected step time x max_steps, plus 10 minutes, plus up to 2 h of the cluster's creation, staging,"
+            " preflight and teardown); the scheduler stops training once it has run as long as what is left of the"
+            " budget after those 2 h pays for on these nodes."
         ),
     )
 
@@ -350,7 +351,8 @@ def validate_params(conf: dict[str, Any]) -> TrainParams:
         if cost > params.budget_usd:
             problems.append(
                 f"budget_usd: got {params.budget_usd}; the estimated cost is {cost:.2f} USD "
-                f"({params.num_nodes} x {params.instance_type} for {params.max_steps} steps)"
+                f"({params.num_nodes} x {params.instance_type} for {params.max_steps} steps and up to "
+                f"{SETUP_HOURS:.0f} h of setup and teardown)"
             )
     if params.exclude_nodes and params.platform not in NODES_OUTLIVE_RUNS:
         why = (

@@ -5,6 +5,8 @@ tests/e2e/test_backfill.py)."""
 from __future__ import annotations
 
 import re
+import urllib.parse
+from collections import Counter
 from types import SimpleNamespace
 from typing import Any
 
@@ -15,12 +17,17 @@ from dtp.local import backfill
 VALID = {"--sizes": ["tiny", "tiny_deep"], "--from": ["2026-01-20"], "--to": ["2026-01-21"], "--conf": ["{}"]}
 
 
-class FakeApi:
-    """Records every request; answers as Airflow does for backfills that start and end at once."""
+CREATED_AT = "2026-01-22T10:00:00.123456Z"
 
-    def __init__(self, backfill_status: int = 200) -> None:
+
+class FakeApi:
+    """Records every request; answers as Airflow does for backfills that start and end at once. ``runs`` are the
+    DAG's backfill runs of the dates, answered a page (``limit``, ``offset``) at a time."""
+
+    def __init__(self, backfill_status: int = 200, runs: list[dict[str, Any]] | None = None) -> None:
         self.calls: list[tuple[str, str, Any]] = []
         self.backfill_status = backfill_status
+        self.runs = [{"state": "success", "queued_at": "2026-01-22T10:00:01Z"}] if runs is None else runs
 
     def wait_for_dag(self, dag_id: str) -> None:
         self.calls.append(("WAIT", dag_id, None))
@@ -30,9 +37,11 @@ class FakeApi:
         if path == "/api/v2/backfills":
             return self.backfill_status, {"id": len(self.calls), "detail": "refused"}
         if "/dagRuns?" in path:
-            return 200, {"dag_runs": [{"state": "success"}]}
+            query = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(path).query))
+            offset, limit = int(query.get("offset", 0)), min(int(query.get("limit", 50)), 100)
+            return 200, {"dag_runs": self.runs[offset : offset + limit], "total_entries": len(self.runs)}
         if path.startswith("/api/v2/backfills/"):
-            return 200, {"completed_at": "2026-01-22T00:00:00Z"}
+            return 200, {"created_at": CREATED_AT, "completed_at": "2026-01-22T11:00:00Z"}
         return 200, {}
 
 
@@ -104,3 +113,27 @@ def test_a_dag_whose_backfill_is_refused_is_left_paused() -> None:
     api = FakeApi(backfill_status=409)
     assert backfill.start_backfills(api, ["tiny"], "2026-01-20", "2026-01-20", {}) == {}
     assert [method for method, _, _ in api.calls] == ["WAIT", "POST"]
+
+
+def test_an_earlier_backfills_failed_run_of_the_same_dates_does_not_count(monkeypatch: pytest.MonkeyPatch) -> None:
+    # With --reprocess none, the new backfill leaves the date an earlier backfill failed alone: its run, queued
+    # before this backfill was created, is not this backfill's failure.
+    earlier = {"state": "failed", "queued_at": "2026-01-21T09:00:00Z"}
+    ours = {"state": "success", "queued_at": "2026-01-22T10:00:00.200000Z"}
+    api = FakeApi(runs=[earlier, ours])
+    config = SimpleNamespace(airflow_url="http://127.0.0.1:9", passwords=lambda: {"admin": "x"})
+    monkeypatch.setattr(backfill.StackConfig, "from_env", lambda: config)
+    monkeypatch.setattr(backfill, "AirflowApi", lambda *_: api)
+    argv = ["--sizes", "tiny", "--from", "2026-01-20", "--to", "2026-01-21", "--reprocess", "none"]
+    assert backfill.main(argv) == 0
+    # A run it cleared to run again (queued anew, after its creation) is its own.
+    api.runs = [{**earlier, "queued_at": "2026-01-22T10:00:00.200000Z"}, ours]
+    assert backfill.main(argv) == 1
+
+
+def test_every_page_of_runs_is_read() -> None:
+    runs = [{"state": "success", "queued_at": "2026-01-22T10:00:01Z"}] * 249 + [
+        {"state": "failed", "queued_at": "2026-01-22T10:00:01Z"}
+    ]
+    states = backfill.follow(FakeApi(runs=runs), {"regression__tiny": 1}, "2026-01-01", "2026-09-07", timeout=5)
+    assert states == {"regression__tiny": Counter({"success": 249, "failed": 1})}

@@ -1,15 +1,22 @@
-"""The metrics history (dtp.metrics.history) against moto's S3: which earlier runs a new run is compared with."""
+"""The metrics history (dtp.metrics.history, and what dtp.pipeline.results.collect_metrics records in it) against
+moto's S3: which earlier runs a new run is compared with."""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 from airflow.providers.amazon.aws.hooks.s3 import S3Hook
 
 from dtp.metrics import history
+from dtp.metrics.gates import recipe_digest
+from dtp.params import TrainParams, parse_params
+from dtp.pipeline import results
+from dtp.pipeline.spec import run_spec
+from dtp.platforms.capacity import instance_fields
 
 BUCKET = "dtp-artifacts-test"
 PREFIX = "history/tiny/local/local.cpu/"
@@ -51,3 +58,67 @@ def test_runs_of_other_shapes_do_not_fill_the_window(s3) -> None:
     store(s3, [{"num_nodes": 2, "passed": True}] * 3 + [{"num_nodes": 1, "passed": True}] * 80)
     found = read(s3, where=lambda e: e["num_nodes"] == 2, newest=50, passed=10)
     assert [e["run_key"] for e in found] == ["r0", "r1", "r2"]
+
+
+# --- what collect_metrics records and compares with -------------------------------------------------------------
+
+IMAGES = {"source": "image r/dtp@sha256:ab", "image": "r/dtp@sha256:ab", "ami": "ami-0123"}
+
+
+def run_spec_of(run_id: str, **recipe_changes: Any) -> dict[str, Any]:
+    conf = {"platform": "hyperpod", "recipe": "llama3_1_8b", "instance_type": "p5.48xlarge", "num_nodes": 1}
+    spec = run_spec(parse_params(TrainParams, {**conf, "max_steps": 4, "checkpoint_interval": 2}), "train_e2e", run_id)
+    return {**spec, "recipe": {**spec["recipe"], **recipe_changes}}
+
+
+# llama3_1_8b's throughput gate asks for 150000 tokens/s: the runs here pass it, at 400000 or 200000.
+def collect(
+    tmp_path: Path,
+    spec: dict[str, Any],
+    tokens_per_s: float,
+    cluster: dict[str, Any] | None = None,
+    images: dict[str, Any] = IMAGES,
+) -> dict[str, Any]:
+    steps = [{"event": "step", "step": n, "loss": 5.0 - n, "tokens_per_s": tokens_per_s} for n in range(1, 5)]
+    path = tmp_path / f"{spec['names']['run_key']}.jsonl"
+    path.write_text("".join(json.dumps(step) + "\n" for step in steps))
+    return results.collect_metrics(spec, cluster or {}, images, str(path), "aws_default")
+
+
+def entries(s3: S3Hook) -> list[dict[str, Any]]:
+    bucket = results.artifacts_bucket("aws_default")
+    keys = sorted(s3.list_keys(bucket, prefix="history/llama3_1_8b/hyperpod/p5.48xlarge/"))
+    return [json.loads(s3.read_key(key, bucket)) for key in keys]
+
+
+def test_a_changed_recipe_or_image_is_not_judged_against_the_runs_before_it(s3, tmp_path) -> None:
+    for i in range(3):
+        collect(tmp_path, run_spec_of(f"manual__{i}"), 400000.0)
+    # micro_batch doubled on purpose: half the tokens/s of the runs before would fail their median for good.
+    changed = run_spec_of("manual__new_recipe", micro_batch=2)
+    metrics = collect(tmp_path, changed, 200000.0)
+    assert metrics["history"] == [] and results.gate_failures(changed, metrics) == []
+    # A new image: the same.
+    metrics = collect(tmp_path, run_spec_of("manual__new_image"), 200000.0, images={**IMAGES, "ami": "ami-0456"})
+    assert metrics["history"] == [] and metrics["runtime"] == "r/dtp@sha256:ab on ami-0456"
+    # The recipe and image of the first three: judged against them, and it regressed.
+    same = run_spec_of("manual__same")
+    metrics = collect(tmp_path, same, 200000.0)
+    assert len(metrics["history"]) == 3
+    assert [f.split(":")[0] for f in results.gate_failures(same, metrics)] == ["tokens_per_s regressed"]
+    recorded = {e["run_key"]: e for e in entries(s3)}
+    assert recorded[changed["names"]["run_key"]]["passed"] is True
+    assert recorded[same["names"]["run_key"]]["passed"] is False
+    assert recorded[same["names"]["run_key"]]["recipe_digest"] == recipe_digest(same["recipe"])
+    assert recorded[same["names"]["run_key"]]["runtime"] == "r/dtp@sha256:ab on ami-0123"
+
+
+def test_a_capacity_fallbacks_run_is_recorded_and_compared_as_the_type_it_got(s3, tmp_path) -> None:
+    fallback = {**instance_fields("p5e.48xlarge"), "placement": "p5e.48xlarge in subnet-1 (on demand)"}
+    for i in range(3):
+        collect(tmp_path, run_spec_of(f"manual__{i}"), 400000.0)
+    metrics = collect(tmp_path, run_spec_of("manual__fell_back"), 200000.0, fallback)
+    assert metrics["actual_instance_type"] == "p5e.48xlarge" and metrics["history"] == []
+    # Filed under the type it asked for, with the one it got.
+    assert [e["actual_instance_type"] for e in entries(s3)].count("p5e.48xlarge") == 1
+    assert collect(tmp_path, run_spec_of("manual__p5"), 400000.0)["actual_instance_type"] == "p5.48xlarge"

@@ -121,6 +121,7 @@ def test_a_platform_on_an_existing_file_system_needs_its_vpc_before_anything_exi
     # The file system is reachable only from its own VPC (ParallelCluster refuses an FSx in another VPC outright).
     monkeypatch.setenv(f"AIRFLOW_CONN_DTP_{platform.upper()}", json.dumps({"conn_type": "generic", "extra": extra}))
     conf = {"platform": platform, "recipe": "llama3_1_8b", "instance_type": "p5.48xlarge", "num_nodes": 2}
+    conf["budget_usd"] = 1000.0  # 2 h of setup on 2 x 98.32 USD/h, and the training
     with pytest.raises(ParamsError, match=f"platform: got '{platform}', whose nodes mount .*{mounted}.*'dtp_network'"):
         build_spec({}, conf, "train_e2e", "manual__1")
     monkeypatch.setenv("AIRFLOW_CONN_DTP_NETWORK", json.dumps({"conn_type": "generic", "extra": EXISTING}))

@@ -232,7 +232,7 @@ def test_off_slurm_dtps_fsdp_trainer_runs_and_other_frameworks_are_refused(
 ) -> None:
     extra = {"cluster_name": "c"} if platform == "eks" else {"instance_role_arn": INSTANCE_PROFILE}
     monkeypatch.setenv(f"AIRFLOW_CONN_DTP_{platform.upper()}", json.dumps({"conn_type": "generic", "extra": extra}))
-    conf = {"platform": platform, "instance_type": "p5.48xlarge", "num_nodes": 2}
+    conf = {"platform": platform, "instance_type": "p5.48xlarge", "num_nodes": 2, "budget_usd": 1000.0}
     spec = build_spec({}, {**conf, "recipe": "llama3_1_8b"}, "train_e2e", "manual__1")
     assert (spec["params"]["platform"], spec["recipe"]["framework"]) == (platform, "fsdp")
     with pytest.raises(ParamsError) as info:
@@ -318,12 +318,15 @@ def test_huge_value_is_refused_with_a_short_message() -> None:
 
 def test_budget_too_low_for_70b_names_the_cost_along_with_the_platform() -> None:
     message = refuse({**BIG_70B, "budget_usd": 100})
-    # (1000 steps x 8 s + 10 min to start) x 16 nodes x 98.32 USD/h
-    assert "\nbudget_usd: got 100.0; the estimated cost is 3758.01 USD (16 x p5.48xlarge for 1000 steps)" in message
+    # (1000 steps x 8 s + 10 min to start + 2 h of cluster creation, preflight and teardown) x 16 nodes x 98.32 USD/h
+    assert (
+        "\nbudget_usd: got 100.0; the estimated cost is 6904.25 USD (16 x p5.48xlarge for 1000 steps and up to 2 h of"
+        " setup and teardown)"
+    ) in message
 
 
 def test_sufficient_budget_is_accepted() -> None:
-    assert validate_params({**BIG_70B, "budget_usd": 3760}).budget_usd == 3760
+    assert validate_params({**BIG_70B, "budget_usd": 6905}).budget_usd == 6905
 
 
 # --- lax coercion (findings) --------------------------------------------------------------------

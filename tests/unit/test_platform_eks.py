@@ -130,7 +130,7 @@ def test_command_runs_the_trainer_with_the_runs_config_from_the_image() -> None:
 def test_a_retrys_job_is_the_rendered_one_with_what_is_left_of_its_deadline(kubernetes_api: Any) -> None:
     """EksPyTorchJobOperator creates a failed job afresh with only what is left of its deadline: the job it sends
     is still one the training operator's CRD takes."""
-    spec = spec_for("llama3_1_8b", "p5.48xlarge", 2)
+    spec = spec_for("llama3_1_8b", "p5.48xlarge", 2, budget_usd=1000.0)
     _, job = rendered(spec)
     assert deadline_seconds(job) == spec["training_time_limit_minutes"] * 60 > 600
     hook = PyTorchJobHook(CLUSTER, "kubeflow")

@@ -285,7 +285,7 @@ def test_on_eks_settings_name_what_is_missing(settings, extra, problem) -> None:
 
 def test_on_eks_another_frameworks_recipe_is_refused_before_anything_exists(settings) -> None:
     settings(**ON_EKS, fsx_dns_name="", fsx_mount_name="")  # an existing file system needs dtp_network too
-    conf = {"platform": "hyperpod", "instance_type": "p5.48xlarge", "num_nodes": 4, "budget_usd": 200.0}
+    conf = {"platform": "hyperpod", "instance_type": "p5.48xlarge", "num_nodes": 4, "budget_usd": 2000.0}
     assert (
         build_spec({}, {**conf, "recipe": "llama3_1_8b"}, "train_e2e", "manual__1")["params"]["platform"] == "hyperpod"
     )
@@ -297,7 +297,7 @@ def test_a_cluster_request_the_service_would_refuse_is_refused_before_anything_e
     # A controller instance type SageMaker does not have: the settings' model lets it through, CreateCluster's own
     # model does not, and validate_params says so before the network stack (NAT gateway, address) is created.
     settings(controller_instance_type="ml.m5.huge", fsx_dns_name="", fsx_mount_name="")
-    conf = {"platform": "hyperpod", "recipe": "llama3_1_8b", "instance_type": "p5.48xlarge", "budget_usd": 200.0}
+    conf = {"platform": "hyperpod", "recipe": "llama3_1_8b", "instance_type": "p5.48xlarge", "budget_usd": 2000.0}
     with pytest.raises(ParamsError, match=r"'hyperpod' would be refused its cluster:\n.*ml\.m5\.huge"):
         build_spec({}, conf, "train_e2e", "manual__1")
     settings(fsx_dns_name="", fsx_mount_name="")
@@ -307,7 +307,7 @@ def test_a_cluster_request_the_service_would_refuse_is_refused_before_anything_e
 def test_a_framework_that_reads_the_models_files_needs_a_file_system_that_outlives_runs(settings) -> None:
     # torchtitan reads the tokenizer from <shared>/assets/<model>/: nothing can place it on an FSx made with the run.
     settings(fsx_dns_name="", fsx_mount_name="")
-    conf = {"platform": "hyperpod", "instance_type": "p5.48xlarge", "budget_usd": 200.0}
+    conf = {"platform": "hyperpod", "instance_type": "p5.48xlarge", "budget_usd": 2000.0}
     with pytest.raises(ParamsError, match=r"trains with torchtitan from the model's files in <shared>/assets/"):
         build_spec(
             {},

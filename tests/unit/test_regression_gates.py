@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from dtp.metrics.gates import regression_failures
-from dtp.recipes import Gates
+import pytest
+
+from dtp.metrics.gates import COMPARED_PARAMS, recipe_digest, regression_failures, runtime_of
+from dtp.recipes import Gates, get_recipe
 
 GATES = Gates().model_dump()
 
@@ -49,3 +51,70 @@ def test_only_the_newest_history_runs_count() -> None:
     old_good = [_run(1.0, 50000)] * 20
     recent = [_run(2.4, 10000)] * GATES["history_runs"]
     assert regression_failures(_run(2.4, 10000), old_good + recent, GATES) == []
+
+
+TINY = get_recipe("tiny").model_dump()
+
+
+def test_the_recipe_digest_is_of_what_it_trains() -> None:
+    digest = recipe_digest(TINY)
+    assert len(digest) == 12 and recipe_digest(dict(TINY)) == digest
+    changes = {
+        "micro_batch": TINY["micro_batch"] + 1,
+        "lr": TINY["lr"] * 2,
+        "seq_len": 4 * TINY["seq_len"],
+        "precision": "bf16",
+        "parallelism": {"tensor": 2, "pipeline": 1, "context": 1},
+    }
+    for field, value in changes.items():
+        assert recipe_digest({**TINY, field: value}) != digest, field
+    # How runs are judged, their defaults, schedule and prose change nothing they train.
+    same = {**TINY, "gates": {}, "defaults": {}, "schedule": "@hourly", "description": "x", "expected_step_seconds": 9}
+    assert recipe_digest(same) == digest
+
+
+def test_the_runtime_is_the_image_and_the_ami() -> None:
+    assert runtime_of({"source": "image r/dtp@sha256:ab", "image": "r/dtp@sha256:ab", "ami": "ami-1"}) == (
+        "r/dtp@sha256:ab on ami-1"
+    )
+    assert runtime_of({"source": "project virtualenv", "python": "/x/python"}) == "project virtualenv"
+    assert runtime_of(None) is None
+
+
+@pytest.mark.parametrize(
+    ("field", "before", "after"),
+    [
+        ("recipe_digest", recipe_digest(TINY), recipe_digest({**TINY, "micro_batch": TINY["micro_batch"] * 2})),
+        ("runtime", "r/dtp@sha256:old on ami-1", "r/dtp@sha256:new on ami-1"),
+        ("runtime", "r/dtp@sha256:ab on ami-1", "r/dtp@sha256:ab on ami-2"),
+        ("actual_instance_type", "p5.48xlarge", "p4de.24xlarge"),  # a capacity fallback's nodes
+    ],
+)
+def test_a_new_recipe_image_or_instance_type_starts_a_new_baseline(field: str, before: str, after: str) -> None:
+    # The runs before the change passed; every run since trains slower. Were they compared, every later run would
+    # fail, and a failed run never joins the baseline: it would stay the old runs' for good.
+    before_runs = [_run(2.0, 20000, passed=True, **{field: before})] * 10
+    assert regression_failures(_run(2.0, 10000, **{field: after}), before_runs, GATES) == []
+    since = [_run(2.0, 10000, passed=True, **{field: after})] * 3
+    assert regression_failures(_run(2.0, 10000, **{field: after}), before_runs + since, GATES) == []
+    assert regression_failures(_run(2.0, 5000, **{field: after}), before_runs + since, GATES)
+
+
+def test_an_entry_recorded_before_recipe_and_runtime_were_kept_compares_only_with_a_run_without_them() -> None:
+    old = [_run(1.0, 90000)] * 3  # recorded before: whatever recipe and image they ran is unknown
+    kept = {"recipe_digest": recipe_digest(TINY), "runtime": "project virtualenv", "actual_instance_type": "local.cpu"}
+    assert regression_failures(_run(2.4, 10000, **kept), old, GATES) == []
+    assert regression_failures(_run(2.4, 10000), old, GATES)
+    assert {k: COMPARED_PARAMS[k] for k in kept} == dict.fromkeys(kept)
+
+
+def test_a_regression_names_what_the_runs_it_was_compared_with_share() -> None:
+    kept = {
+        "recipe_digest": "0123456789ab",
+        "runtime": "r/dtp@sha256:ab on ami-1",
+        "actual_instance_type": "p5e.48xlarge",
+    }
+    history = [_run(2.0, 20000, **kept)] * 3
+    for failure in regression_failures(_run(2.4, 10000, **kept), history, GATES):
+        assert "recipe_digest='0123456789ab', runtime='r/dtp@sha256:ab on ami-1'" in failure
+        assert "actual_instance_type='p5e.48xlarge'" in failure and "num_nodes=2, max_steps=300" in failure

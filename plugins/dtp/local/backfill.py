@@ -5,7 +5,9 @@
 Creates one Airflow backfill per ``regression__<size>`` DAG through the REST
 API (Airflow 3 allows one active backfill per DAG: a DAG that already has one
 is reported and left alone), prints progress until every backfill run ended,
-and exits non-zero when any run failed. The DAGs are unpaused, since a paused
+and exits non-zero when any run it queued (created, or cleared to run again)
+failed: the runs an earlier backfill made of the same dates and this one left
+alone do not count. The DAGs are unpaused, since a paused
 DAG's backfill runs stay queued; unpausing also lets the schedule create its
 next run.
 
@@ -110,16 +112,46 @@ def start_backfills(
     return started
 
 
-def backfill_runs(api: AirflowApi, dag_id: str, start: str, end: str) -> list[dict[str, Any]]:
-    query = f"run_type=backfill&logical_date_gte={start}T00:00:00Z&logical_date_lte={end}T00:00:00Z&limit=100"
-    _, body = api.request("GET", f"/api/v2/dags/{dag_id}/dagRuns?{query}")
-    return body["dag_runs"]
+# Runs per page of the dagRuns listing: the API's default maximum_page_limit.
+PAGE_SIZE = 100
+
+
+def _time(text: str) -> datetime:
+    return datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+def backfill_runs(api: AirflowApi, dag_id: str, start: str, end: str, since: str) -> list[dict[str, Any]]:
+    """The backfill runs of ``dag_id`` between the dates that were queued at or after ``since`` (the backfill's
+    ``created_at``): those the backfill created or cleared, not an earlier backfill's runs of the same dates that
+    it left alone. Every page of them."""
+    query = (
+        f"run_type=backfill&logical_date_gte={start}T00:00:00Z&logical_date_lte={end}T00:00:00Z"
+        f"&order_by=id&limit={PAGE_SIZE}"
+    )
+    runs: list[dict[str, Any]] = []
+    while True:
+        status, body = api.request("GET", f"/api/v2/dags/{dag_id}/dagRuns?{query}&offset={len(runs)}")
+        if status != 200:
+            raise RuntimeError(f"{dag_id}: listing its backfill runs failed: HTTP {status} {body.get('detail', body)}")
+        page, total = body["dag_runs"], body.get("total_entries")
+        runs += page
+        # A server whose maximum_page_limit is lower answers shorter pages: the total says when all were read.
+        if not page or (len(page) < PAGE_SIZE and total is None) or (total is not None and len(runs) >= total):
+            break
+    created = _time(since)
+    return [r for r in runs if r.get("queued_at") and _time(r["queued_at"]) >= created]
 
 
 def follow(api: AirflowApi, started: dict[str, int], start: str, end: str, timeout: float = 3600) -> dict[str, Counter]:
+    """Print the states of each backfill's runs as they change until every backfill completed and its runs ended;
+    the last states, by DAG."""
+    backfills = {dag_id: api.request("GET", f"/api/v2/backfills/{bid}")[1] for dag_id, bid in started.items()}
     deadline, last = time.monotonic() + timeout, ""
     while time.monotonic() < deadline:
-        states = {dag_id: Counter(r["state"] for r in backfill_runs(api, dag_id, start, end)) for dag_id in started}
+        states = {
+            dag_id: Counter(r["state"] for r in backfill_runs(api, dag_id, start, end, backfills[dag_id]["created_at"]))
+            for dag_id in started
+        }
         done = all(
             api.request("GET", f"/api/v2/backfills/{bid}")[1].get("completed_at") for bid in started.values()
         ) and all(set(c) <= {"success", "failed"} for c in states.values())

@@ -2,14 +2,53 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import statistics
 from typing import Any
 
 from dtp.metrics.parse import TrainingSummary
 
-# The run parameters a past run must share with this one for their numbers to compare, each with the value an
-# entry recorded before it was kept stands for. A profiled run is slower; another dataset has other losses.
-COMPARED_PARAMS: dict[str, Any] = {"num_nodes": None, "max_steps": None, "dataset_uri": "", "profile_steps": 0}
+# What a past run must share with this one for their numbers to compare, each with the value an entry recorded
+# before it was kept stands for. A profiled run is slower; another dataset has other losses; another recipe content
+# (micro_batch, lr, precision, parallelism...), image or AMI, or nodes of a capacity fallback's instance type, trains
+# otherwise. An entry recorded before the last three were kept compares only with a run that lacks them too (none
+# since they are recorded): the regression gates start a new baseline instead of judging against runs whose recipe
+# and image nobody knows, which could fail every later run for good (failed runs never join the baseline).
+COMPARED_PARAMS: dict[str, Any] = {
+    "num_nodes": None,
+    "max_steps": None,
+    "dataset_uri": "",
+    "profile_steps": 0,
+    "recipe_digest": None,
+    "runtime": None,
+    "actual_instance_type": None,
+}
+# Recipe fields that do not change how a run trains: judging (gates), the form's defaults, when it runs, its name
+# (the history is kept per recipe name), its prose and its cost estimate.
+NOT_TRAINING_FIELDS = frozenset({"name", "description", "gates", "defaults", "schedule", "expected_step_seconds"})
+
+
+def recipe_digest(recipe: dict[str, Any]) -> str:
+    """A short digest of what the recipe trains (model, precision, seq_len, micro_batch, lr, parallelism...):
+    runs whose recipe file changed in any of these are not compared with the earlier ones."""
+    content = {k: v for k, v in recipe.items() if k not in NOT_TRAINING_FIELDS}
+    return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def runtime_of(images: dict[str, Any] | None) -> str | None:
+    """The training runtime a run used, from ``resolve_images``' result: its image (else what the platform runs
+    without one, e.g. "project virtualenv"), and the AMI its nodes booted where one was published."""
+    if not images:
+        return None
+    image = images.get("image") or images.get("source")
+    ami = images.get("ami")
+    return f"{image} on {ami}" if image and ami else image or ami
+
+
+def same_as(current: dict[str, Any]) -> str:
+    """What the runs ``current`` is compared with share, besides recipe name and platform: for messages."""
+    return ", ".join(f"{k}={current.get(k, d)!r}" for k, d in COMPARED_PARAMS.items())
 
 
 def training_failures(summary: TrainingSummary, gates: dict[str, Any], max_steps: int) -> list[str]:
@@ -32,8 +71,9 @@ def training_failures(summary: TrainingSummary, gates: dict[str, Any], max_steps
 
 
 def comparable(current: dict[str, Any], entry: dict[str, Any]) -> bool:
-    """Whether a history entry trained like ``current`` (same nodes, steps, data and profiling): only then do their
-    numbers compare. An entry recorded before a parameter was kept counts as having its default."""
+    """Whether a history entry trained like ``current`` (same nodes, steps, data, profiling, recipe content,
+    runtime and instance type actually used): only then do their numbers compare. An entry recorded before a
+    parameter was kept counts as having its default."""
     return all(entry.get(k, d) == current.get(k, d) for k, d in COMPARED_PARAMS.items())
 
 
@@ -44,7 +84,8 @@ def comparable_runs(current: dict[str, Any], history: list[dict[str, Any]]) -> l
 
 def regression_failures(current: dict[str, Any], history: list[dict[str, Any]], gates: dict[str, Any]) -> list[str]:
     """Regressions against the median of recent comparable runs that passed their gates (skipped until there are
-    enough of them), so a lasting regression never becomes its own baseline."""
+    enough of them), so a lasting regression never becomes its own baseline; each names what the runs it was
+    compared with share, so that a changed recipe or image is seen to start a new baseline."""
     passed = [h for h in comparable_runs(current, history) if h.get("passed", True)]
     comparable = passed[-gates["history_runs"] :]
     if len(comparable) < gates["min_history_runs"]:
@@ -55,7 +96,7 @@ def regression_failures(current: dict[str, Any], history: list[dict[str, Any]], 
         failures.append(
             f"final_loss regressed: {current['final_loss']:.4f} vs median {loss_median:.4f} of the last "
             f"{len(comparable)} runs (+{current['final_loss'] / loss_median - 1:.1%}, "
-            f"allowed +{gates['max_loss_regression']:.0%})"
+            f"allowed +{gates['max_loss_regression']:.0%}); compared with runs of {same_as(current)}"
         )
     tps = [h["median_tokens_per_s"] for h in comparable if h.get("median_tokens_per_s")]
     if tps and current.get("median_tokens_per_s"):
@@ -64,6 +105,6 @@ def regression_failures(current: dict[str, Any], history: list[dict[str, Any]], 
             failures.append(
                 f"tokens_per_s regressed: {current['median_tokens_per_s']:.0f} vs median {tps_median:.0f} of the last "
                 f"{len(tps)} runs ({current['median_tokens_per_s'] / tps_median - 1:.1%}, "
-                f"allowed -{gates['max_throughput_regression']:.0%})"
+                f"allowed -{gates['max_throughput_regression']:.0%}); compared with runs of {same_as(current)}"
             )
     return failures

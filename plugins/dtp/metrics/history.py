@@ -4,7 +4,8 @@ Chosen over a table in Airflow's metadata database: history outlives any one
 Airflow installation (a rebuilt MWAA environment, a new local stack), is
 shared by every environment that trains the same recipe, and is queryable
 with Athena. Objects are keyed ``history/<recipe>/<platform>/<instance>/<time>-<run>.json``
-so "the last N runs of this recipe on this hardware" is one listing.
+so "the last N runs of this recipe on this hardware" is one listing (the instance type the run asked for: an
+entry keeps the one a capacity fallback gave it as ``actual_instance_type``).
 """
 
 from __future__ import annotations
@@ -48,6 +49,11 @@ def record(s3: S3Hook, bucket: str, spec: dict[str, Any], metrics: dict[str, Any
         "max_steps": params["max_steps"],
         "dataset_uri": params["dataset_uri"],
         "profile_steps": params["profile_steps"],
+        # What collect_metrics found the run trained with (dtp.metrics.gates.COMPARED_PARAMS): the recipe's content,
+        # the image (and AMI), and the instance type the cluster got, a capacity fallback's where it got one.
+        "recipe_digest": metrics.get("recipe_digest"),
+        "runtime": metrics.get("runtime"),
+        "actual_instance_type": metrics.get("actual_instance_type"),
         "passed": passed,
         "recorded_at": now.isoformat(timespec="seconds"),
         **{k: metrics.get(k) for k in RECORDED_METRICS},

@@ -9,12 +9,28 @@ from __future__ import annotations
 import base64
 import html
 import io
+import math
 from typing import Any
 
 from dtp.metrics.parse import TrainingSummary
 
-# The trainer reports MFU against a dense bf16 peak: fp32 runs and devices without a known peak have none.
-NO_MFU = "n/a (measured on bf16 runs, on devices of known peak FLOPs)"
+# Earlier comparable runs the trend plot shows besides this one.
+TREND_RUNS = 50
+# Why a run has no MFU, by framework: each reports its own, or none.
+NO_MFU = {
+    # The trainer reports MFU against the instance type's dense bf16 peak: fp32 runs and devices without one have none.
+    "fsdp": "n/a (DTP's trainer reports MFU for bf16 runs on instance types with a known dense bf16 peak)",
+    "torchtitan": "n/a (torchtitan's step lines printed no mfu)",
+    "picotron": "n/a (picotron's step lines printed no MFU)",
+    "megatron-lm": "n/a (Megatron-LM's log prints no MFU)",
+    "nemo": "n/a (NeMo's log prints no MFU)",
+    "neuronx-distributed": "n/a (neuronx-distributed's log prints no MFU)",
+}
+
+
+def no_mfu(framework: str) -> str:
+    """Why a run of ``framework`` has no MFU, for the report."""
+    return NO_MFU.get(framework, f"n/a ({framework} reports none)")
 
 
 def _png(fig: Any) -> str:
@@ -52,9 +68,10 @@ def plots(
     summary: TrainingSummary,
     preflight: dict[str, Any] | None,
     history: list[dict[str, Any]] | None = None,
+    passed: bool = True,
 ) -> dict[str, str]:
     """The report's plots as base64 PNGs, by name: loss, throughput, preflight's bus bandwidth, and the recipe's
-    recent runs when there are any."""
+    recent comparable runs when there are any (``passed``: whether this run passed its gates)."""
     plt = _pyplot()
 
     images = {}
@@ -76,21 +93,40 @@ def plots(
         images["busbw"] = busbw_plot(preflight["allreduce"], preflight.get("expected_busbw"))
 
     if history:
-        runs = [*history, {"final_loss": summary.final_loss, "median_tokens_per_s": summary.median_tokens_per_s}]
-        xs = list(range(-len(history), 1))
-        fig, ax = plt.subplots(figsize=(6, 3.2))
-        ax.plot(xs, [r["final_loss"] for r in runs], marker="o", color="tab:blue", label="final loss")
-        ax.set(xlabel="run (0 = this run)", ylabel="final loss", title="Trend over recent comparable runs")
-        twin = ax.twinx()
-        twin.plot(
-            xs, [r.get("median_tokens_per_s") or 0 for r in runs], marker="s", color="tab:green", label="tokens/s"
-        )
-        twin.set_ylabel("median tokens/s")
-        fig.legend(loc="lower left")
-        ax.grid(alpha=0.3)
-        images["trend"] = _png(fig)
-        plt.close(fig)
+        images["trend"] = trend_plot(plt, summary, history, passed)
     return images
+
+
+def _value(number: Any) -> float:
+    """A number to plot; a missing one is NaN, which matplotlib leaves as a gap (not a fall to 0)."""
+    return float(number) if number is not None else math.nan
+
+
+def trend_plot(plt: Any, summary: TrainingSummary, history: list[dict[str, Any]], passed: bool) -> str:
+    """Final loss and median tokens/s of this run (at 0) and the last ``TREND_RUNS`` comparable runs before it (the
+    history holds more: the regression gates' baseline reaches further back); a run that failed its gates is marked
+    with a red cross, a run without a figure leaves a gap."""
+    this = {"final_loss": summary.final_loss, "median_tokens_per_s": summary.median_tokens_per_s, "passed": passed}
+    runs = [*history[-TREND_RUNS:], this]
+    xs = list(range(1 - len(runs), 1))
+    losses = [_value(r.get("final_loss")) for r in runs]
+    tps = [_value(r.get("median_tokens_per_s")) for r in runs]
+    failed = [i for i, r in enumerate(runs) if not r.get("passed", True)]
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    ax.plot(xs, losses, marker="o", color="tab:blue", label="final loss")
+    ax.set(xlabel="run (0 = this run)", ylabel="final loss", title="Trend over recent comparable runs")
+    twin = ax.twinx()
+    twin.plot(xs, tps, marker="s", color="tab:green", label="tokens/s")
+    twin.set_ylabel("median tokens/s")
+    if failed:
+        cross = {"linestyle": "none", "marker": "X", "markersize": 10, "color": "tab:red"}
+        ax.plot([xs[i] for i in failed], [losses[i] for i in failed], label="failed its gates", **cross)
+        twin.plot([xs[i] for i in failed], [tps[i] for i in failed], **cross)
+    fig.legend(loc="lower left")
+    ax.grid(alpha=0.3)
+    image = _png(fig)
+    plt.close(fig)
+    return image
 
 
 def _table(rows: dict[str, Any]) -> str:
@@ -158,15 +194,25 @@ def render_report(
     gate_failures: list[str],
     resources: dict[str, Any],
     history: list[dict[str, Any]] | None = None,
+    actual_instance_type: str | None = None,
 ) -> str:
     """The run's HTML report: verdict, key metrics, gate failures, plots, what was not checked, and the resources
-    it used."""
-    images = plots(summary, preflight, history)
+    it used; ``actual_instance_type`` is the instance type the cluster got, shown where a capacity fallback made it
+    another than the one the run asked for."""
+    images = plots(summary, preflight, history, passed=not gate_failures)
+    params = spec["params"]
+    asked = params.get("instance_type")
+    fallback = (
+        {"instance type": f"{actual_instance_type} (capacity fallback: the run asked for {asked})"}
+        if actual_instance_type and asked and actual_instance_type != asked
+        else {}
+    )
     key_metrics = {
+        **fallback,
         "first loss": summary.first_loss,
         "final loss": summary.final_loss,
         "median tokens/s": summary.median_tokens_per_s,
-        "MFU": summary.mfu if summary.mfu is not None else NO_MFU,
+        "MFU": summary.mfu if summary.mfu is not None else no_mfu(spec.get("recipe", {}).get("framework", "fsdp")),
         "max memory (MB)": summary.max_memory_mb,
         "parameters": summary.params,
         "world size": summary.world_size,

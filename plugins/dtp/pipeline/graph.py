@@ -154,10 +154,11 @@ def prepare_training(
 
 @task(queue=TRAINING_QUEUE)
 def collect_metrics(
-    spec: dict[str, Any], cluster: dict[str, Any], metrics_path: str, profile_dir: str
+    spec: dict[str, Any], cluster: dict[str, Any], images: dict[str, Any], metrics_path: str, profile_dir: str
 ) -> dict[str, Any]:
-    """Parse the job's metrics and store them in the artifacts bucket; their summary, for the gates and the report."""
-    return results.collect_metrics(spec, cluster, metrics_path, AWS_CONN_ID, profile_dir)
+    """Parse the job's metrics and store them in the artifacts bucket; their summary, for the gates and the report
+    (compared with past runs of the same recipe content, runtime and hardware)."""
+    return results.collect_metrics(spec, cluster, images, metrics_path, AWS_CONN_ID, profile_dir)
 
 
 @task
@@ -317,7 +318,7 @@ def training_pipeline(dag: DAG) -> None:
         run = run_prepared_job("run_job", job, cluster, time_limit=True, retries=1)
     pf_result >> job
 
-    metrics = collect_metrics(spec, cluster, job["metrics_path"], job["profile_dir"])
+    metrics = collect_metrics(spec, cluster, images, job["metrics_path"], job["profile_dir"])
     run >> metrics
     # Recorded once training is over: a task cleared after the teardowns ran rebuilds the network and the cluster
     # under new ids, and clears this with it (it is downstream), so the report shows what the run trained on.

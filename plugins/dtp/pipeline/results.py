@@ -18,7 +18,15 @@ from airflow.sdk.exceptions import AirflowNotFoundException
 from dtp.hooks.shared_fs import SharedFilesystemHook
 from dtp.metrics import history, prometheus
 from dtp.metrics.framework_logs import summarize_log
-from dtp.metrics.gates import COMPARED_PARAMS, comparable, comparable_runs, regression_failures, training_failures
+from dtp.metrics.gates import (
+    comparable,
+    comparable_runs,
+    recipe_digest,
+    regression_failures,
+    runtime_of,
+    same_as,
+    training_failures,
+)
 from dtp.metrics.nccl_tests import parse_nccl_tests
 from dtp.metrics.parse import TrainingSummary
 from dtp.metrics.preflight_gate import (
@@ -28,7 +36,7 @@ from dtp.metrics.preflight_gate import (
     preflight_failures,
     preflight_warnings,
 )
-from dtp.metrics.report import render_report
+from dtp.metrics.report import TREND_RUNS, render_report
 from dtp.naming import OWNER, TAG_PREFIX
 from dtp.platforms.capacity import instance_of
 
@@ -36,7 +44,10 @@ log = logging.getLogger(__name__)
 REPORT_URL_TTL_S = 7 * 24 * 3600
 PUSHGATEWAY_CONN_ID = "prometheus_pushgateway"
 # Comparable runs read from the history for the report's trend (and further back for the regression baseline).
-HISTORY_WINDOW = 50
+HISTORY_WINDOW = TREND_RUNS
+# The pipeline's task whose result is the runtime (image, AMI) the run's jobs used.
+# The run parameters a past run must share with this one to compare (dtp.metrics.gates.COMPARED_PARAMS has the rest).
+COMPARED_RUN_PARAMS = ("num_nodes", "max_steps", "dataset_uri", "profile_steps")
 
 
 def artifacts_bucket(aws_conn_id: str) -> str:
@@ -111,9 +122,29 @@ def upload_profile(
     return {"traces": uploaded, "on_cluster": on_cluster}
 
 
+def compared_params(spec: dict[str, Any], cluster: dict[str, Any], images: dict[str, Any] | None) -> dict[str, Any]:
+    """What the run trained with that a past run must share to compare (``dtp.metrics.gates.COMPARED_PARAMS``):
+    nodes, steps, data, profiling, the recipe's content, the runtime, and the instance type the cluster got (a
+    capacity fallback's, where it got one; the history is kept under the one the run asked for)."""
+    params = spec["params"]
+    return {
+        **{k: params[k] for k in COMPARED_RUN_PARAMS},
+        "recipe_digest": recipe_digest(spec["recipe"]),
+        "runtime": runtime_of(images),
+        "actual_instance_type": cluster.get("instance_type") or params["instance_type"],
+    }
+
+
 def collect_metrics(
-    spec: dict[str, Any], cluster: dict[str, Any], metrics_path: str, aws_conn_id: str, profile_dir: str = ""
+    spec: dict[str, Any],
+    cluster: dict[str, Any],
+    images: dict[str, Any],
+    metrics_path: str,
+    aws_conn_id: str,
+    profile_dir: str = "",
 ) -> dict[str, Any]:
+    """The run's summary, stored with its verdict in the history; ``images`` is the runtime its jobs used
+    (``resolve_images``' result)."""
     text, _ = SharedFilesystemHook.of_cluster(cluster).read_file(metrics_path)
     recipe, params = spec["recipe"], spec["params"]
     summary = summarize_log(
@@ -129,7 +160,7 @@ def collect_metrics(
     s3 = S3Hook(aws_conn_id=aws_conn_id)
     s3.load_string(text, key, bucket, replace=True)
     result = summary.as_dict()
-    result.update({key: params[key] for key in COMPARED_PARAMS})
+    result.update(compared_params(spec, cluster, images))
     gates = recipe["gates"]
     previous = history.recent(
         s3,
@@ -144,10 +175,14 @@ def collect_metrics(
     baseline = sum(entry.get("passed", True) for entry in previous)
     if baseline < gates["min_history_runs"]:
         log.info(
-            "Regression gates not judged: %d earlier comparable runs passed, %d needed (same recipe, hardware, %s)",
+            "Regression gates not judged: %d earlier comparable runs passed, %d needed (recipe %s on %s %s, and %s;"
+            " a changed recipe content, runtime or instance type starts a new baseline)",
             baseline,
             gates["min_history_runs"],
-            ", ".join(COMPARED_PARAMS),
+            params["recipe"],
+            params["platform"],
+            params["instance_type"],
+            same_as(result),
         )
     # The verdict goes with the entry: a run that failed its gates is no baseline for the next ones.
     history.record(s3, bucket, spec, result, passed=not gate_failures(spec, {**result, "history": previous}))
@@ -186,7 +221,15 @@ def publish_report(
     trend = comparable_runs(metrics, metrics.get("history", []))
     if metrics.get("profile"):
         resources = {**resources, "profile": metrics["profile"]}
-    html = render_report(spec, _summary(metrics), preflight, gate_failures(spec, metrics), resources, trend)
+    html = render_report(
+        spec,
+        _summary(metrics),
+        preflight,
+        gate_failures(spec, metrics),
+        resources,
+        trend,
+        actual_instance_type=metrics.get("actual_instance_type"),
+    )
     return publish_html(f"runs/{spec['names']['run_key']}/report.html", html, aws_conn_id)
 
 
