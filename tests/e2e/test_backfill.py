@@ -40,6 +40,7 @@ def test_backfill_two_dates_two_sizes(airflow_api, aws) -> None:
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = [proc.stdout.readline() for _ in SIZES]
     assert all(": backfill " in line for line in lines), lines
+    backfill_ids = {line.split(":")[0]: line.split()[2] for line in lines}  # "<dag_id>: backfill <id> from ..."
     # While those backfills are active, Airflow refuses a second one per DAG and the helper leaves it alone.
     assert backfill.start_backfills(airflow_api, SIZES, "2026-11-22", "2026-11-22", {}) == {}
     out, _ = proc.communicate(timeout=2400)
@@ -47,7 +48,8 @@ def test_backfill_two_dates_two_sizes(airflow_api, aws) -> None:
     assert "backfill finished: 4 runs, 0 failed" in out
     for size in SIZES:
         dag_id = f"regression__{size}"
-        runs = backfill.backfill_runs(airflow_api, dag_id, "2026-11-20", "2026-11-21")
+        created_at = airflow_api.request("GET", f"/api/v2/backfills/{backfill_ids[dag_id]}")[1]["created_at"]
+        runs = backfill.backfill_runs(airflow_api, dag_id, "2026-11-20", "2026-11-21", created_at)
         assert sorted(r["logical_date"][:10] for r in runs) == ["2026-11-20", "2026-11-21"]
         assert {r["state"] for r in runs} == {"success"}
         assert all(r["conf"] == {"max_steps": 200} for r in runs)

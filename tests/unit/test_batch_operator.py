@@ -246,7 +246,15 @@ def test_the_trigger_waits_as_long_as_the_job_may_run(offline_aws: None) -> None
     assert waits_s(deferred.value) >= WEEK_S + QUEUE_MARGIN_S
 
 
-@pytest.mark.parametrize("status", ["RUNNABLE", "RUNNING"])
+def test_a_job_still_waiting_for_capacity_when_the_trigger_gives_up_fails_the_task(offline_aws: None) -> None:
+    op = batch_operator("run-train:2", deferrable=True, submit_job_timeout=WEEK_S)
+    event = {"status": "error", "message": "Waiter error: max attempts reached", "job_id": "job-1"}
+    with Stubber(op.hook.client) as batch, pytest.raises(AirflowException, match="max attempts reached"):
+        batch.add_response("describe_jobs", {"jobs": [running_job("RUNNABLE")]}, {"jobs": ["job-1"]})
+        op.execute_complete({}, event)
+
+
+@pytest.mark.parametrize("status", ["STARTING", "RUNNING"])
 def test_a_job_that_goes_on_when_the_trigger_gives_up_is_waited_on_again(offline_aws: None, status: str) -> None:
     op = batch_operator("run-train:2", deferrable=True, submit_job_timeout=WEEK_S)
     # The event BatchJobTrigger fires when its waiter runs out of attempts.

@@ -130,6 +130,16 @@ def test_a_requeued_torchtitan_job_counts_a_restart_and_its_first_step_is_warm_u
     assert (summary.warm_up_steps, summary.restarts) == ([1, 3], 1)
 
 
+def test_a_torchtitan_relaunch_before_the_first_checkpoint_is_an_attempt_of_its_own() -> None:
+    """Both ranks' banners name step 1 twice: once for the first attempt, once for the relaunch after it died."""
+    banners = [TITAN.format(rank=rank) + "Training starts at step 1" for rank in (0, 1)]
+    first = [_titan_step(rank, 1, "9.0000", 40.0) for rank in (0, 1)]
+    relaunch = [_titan_step(rank, step, "7.0000", 40.0) for step in (1, 2) for rank in (0, 1)]
+    summary = summarize_log("torchtitan", banners + first + banners + relaunch, seq_len=8192, world_size=2)
+    assert (summary.steps, summary.losses) == ([1, 2], [7.0, 7.0])  # the relaunch's step 1
+    assert (summary.warm_up_steps, summary.restarts) == ([1], 1)
+
+
 @pytest.mark.parametrize(
     ("framework", "line"),
     [

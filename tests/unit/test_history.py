@@ -122,3 +122,19 @@ def test_a_capacity_fallbacks_run_is_recorded_and_compared_as_the_type_it_got(s3
     # Filed under the type it asked for, with the one it got.
     assert [e["actual_instance_type"] for e in entries(s3)].count("p5e.48xlarge") == 1
     assert collect(tmp_path, run_spec_of("manual__p5"), 400000.0)["actual_instance_type"] == "p5.48xlarge"
+
+
+def test_a_run_whose_every_loss_is_nan_is_judged_diverged_and_still_reported(s3, tmp_path) -> None:
+    spec = run_spec_of("manual__nan")
+    path = tmp_path / "nan.jsonl"
+    path.write_text("".join(f'{{"event": "step", "step": {n}, "loss": NaN, "tokens_per_s": 1.0}}\n' for n in (1, 2)))
+    metrics = results.collect_metrics(spec, {}, IMAGES, str(path), "aws_default")
+    json.dumps(metrics, allow_nan=False)  # what Airflow's XCom needs
+    failures = results.gate_failures(spec, metrics)
+    assert failures[:2] == [
+        "loss: not finite from step 1 (training diverged), whatever the gates",
+        "no training step was logged",
+    ]
+    report = results.publish_report(spec, metrics, None, {}, "aws_default")
+    bucket, key = report["uri"].removeprefix("s3://").split("/", 1)
+    assert "training diverged" in s3.read_key(key, bucket)

@@ -191,6 +191,23 @@ def test_a_diverged_run_fails_whatever_the_gates_and_its_summary_stays_json(loss
         assert failures[0] == "loss: not finite from step 30 (training diverged), whatever the gates"
 
 
+def test_a_relaunch_that_gets_past_the_step_a_fault_made_nan_is_no_divergence() -> None:
+    """The batch script relaunched the trainer from its step 10 checkpoint after a NaN at step 20 (a flaky GPU,
+    say); the relaunch trained past it with finite numbers."""
+    log = [
+        '{"event": "start", "world_size": 2}',
+        '{"event": "step", "step": 10, "loss": 4.0, "tokens_per_s": 5000.0}',
+        '{"event": "diverged", "step": 20, "grad_norm": "nan"}',
+        '{"event": "start", "world_size": 2}',
+        '{"event": "step", "step": 20, "loss": 3.0, "tokens_per_s": 5000.0}',
+        '{"event": "step", "step": 30, "loss": 2.0, "tokens_per_s": 5000.0}',
+        '{"event": "end", "step": 30}',
+    ]
+    parsed = summarize(log)
+    assert (parsed.diverged_at, parsed.steps, parsed.restarts) == (None, [10, 20, 30], 1)
+    assert training_failures(parsed, GATES, max_steps=30) == []
+
+
 def test_the_trainers_divergence_is_the_first_step_it_was_seen_at() -> None:
     log = [
         '{"event": "step", "step": 5, "loss": 4.0, "tokens_per_s": 5000.0}',

@@ -23,6 +23,7 @@ from dtp.deploy.mwaa import (
     DAGS_DIR,
     MWAA_TAGS,
     PACKAGE_MARKER,
+    UPLOAD_MANIFEST,
     MwaaTarget,
     create_or_update,
     environment_request,
@@ -290,18 +291,26 @@ def test_upload_creates_a_tagged_versioned_bucket(s3: Any, bundle: dict[str, Pat
     assert PACKAGE_MARKER not in keys
 
 
-def test_upload_deletes_what_an_earlier_layout_left_in_the_dags_folder(
+def test_upload_deletes_what_the_previous_upload_left_in_the_dags_folder_and_nothing_else(
     s3: Any, bundle: dict[str, Path], caplog: pytest.LogCaptureFixture
 ) -> None:
-    # A DAG and a recipe removed since the last upload: MWAA would keep loading them.
+    # A DAG and a recipe removed since the previous upload: MWAA would keep loading them. Another team's DAG in the
+    # same folder was never DTP's.
     bucket = "dtp-mwaa-123456789012"
     s3.create_bucket(Bucket=bucket)
-    for key in ("dags/removed_dag.py", "dags/include/recipes/removed.yaml", "notes/keep.txt"):
+    earlier = ["dags/train_e2e.py", "dags/removed_dag.py", "dags/include/recipes/removed.yaml"]
+    for key in [*earlier, "dags/their_dag.py", "notes/keep.txt"]:
         s3.put_object(Bucket=bucket, Key=key, Body=b"old")
+    s3.put_object(Bucket=bucket, Key=UPLOAD_MANIFEST, Body=json.dumps(earlier).encode())
     with caplog.at_level(logging.INFO, logger="dtp.deploy.mwaa"):
         upload(bundle, bucket, "aws_default")
     keys = {o["Key"] for o in s3.list_objects_v2(Bucket=bucket, MaxKeys=1000)["Contents"]}
-    assert "dags/train_e2e.py" in keys and "notes/keep.txt" in keys
+    assert {"dags/train_e2e.py", "dags/their_dag.py", "notes/keep.txt"} <= keys
     assert not {"dags/removed_dag.py", "dags/include/recipes/removed.yaml"} & keys
-    assert f"Deleting s3://{bucket}/dags/removed_dag.py: not in the uploaded layout" in caplog.messages
-    assert f"Deleting s3://{bucket}/dags/include/recipes/removed.yaml: not in the uploaded layout" in caplog.messages
+    deleted = [m for m in caplog.messages if m.startswith("Deleting")]
+    assert deleted == [
+        f"Deleting s3://{bucket}/dags/include/recipes/removed.yaml: the previous upload's, not in this one",
+        f"Deleting s3://{bucket}/dags/removed_dag.py: the previous upload's, not in this one",
+    ]
+    manifest = json.loads(s3.get_object(Bucket=bucket, Key=UPLOAD_MANIFEST)["Body"].read())
+    assert "dags/train_e2e.py" in manifest and "dags/their_dag.py" not in manifest

@@ -115,6 +115,8 @@ def test_a_regression_names_what_the_runs_it_was_compared_with_share() -> None:
         "actual_instance_type": "p5e.48xlarge",
     }
     history = [_run(2.0, 20000, **kept)] * 3
-    for failure in regression_failures(_run(2.4, 10000, **kept), history, GATES):
+    failures = regression_failures(_run(2.4, 10000, **kept), history, GATES)
+    assert len(failures) == 2  # loss and throughput
+    for failure in failures:
         assert "recipe_digest='0123456789ab', runtime='r/dtp@sha256:ab on ami-1'" in failure
         assert "actual_instance_type='p5e.48xlarge'" in failure and "num_nodes=2, max_steps=300" in failure

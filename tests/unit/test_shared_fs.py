@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import stat
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -16,6 +18,36 @@ def hook(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> SharedFilesystemHoo
     extra = {"transport": "local", "shared_dir": str(tmp_path)}
     monkeypatch.setenv("AIRFLOW_CONN_SLURM_DEFAULT", json.dumps({"conn_type": "generic", "extra": extra}))
     return SharedFilesystemHook("slurm_default")
+
+
+def test_the_text_goes_into_a_file_that_already_has_its_mode(
+    hook: SharedFilesystemHook, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The mode is the file's before any text is in it: a script exporting a token is never readable by others,
+    not even between the write and a chmod."""
+    seen: list[int] = []
+    fdopen = os.fdopen
+
+    class Spying:
+        def __init__(self, fd: int, *args: Any) -> None:
+            self.fd, self.file = fd, fdopen(fd, *args)
+
+        def __enter__(self) -> Spying:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            self.file.close()
+
+        def write(self, text: str) -> int:
+            seen.append(stat.S_IMODE(os.fstat(self.fd).st_mode))
+            return self.file.write(text)
+
+    monkeypatch.setattr(os, "fdopen", Spying)
+    script = tmp_path / "train.sbatch"
+    script.write_text("old")
+    script.chmod(0o644)
+    hook.write_file(str(script), "export HF_TOKEN='secret'\n", mode=0o700)
+    assert seen == [0o700] and script.read_text() == "export HF_TOKEN='secret'\n"
 
 
 def test_a_file_written_over_a_readable_one_takes_its_mode(hook: SharedFilesystemHook, tmp_path: Path) -> None:

@@ -13,14 +13,15 @@
 ``package`` replaces only a folder an earlier ``package`` made (it holds ``.dtp-mwaa-package``) or an empty one.
 
 ``deploy`` checks its inputs against CreateEnvironment's rules before any AWS call, then uploads the layout to a
-versioned S3 bucket (created and tagged when missing; what an earlier upload left under dags/ that this layout lacks
-is deleted) and calls CreateEnvironment, or UpdateEnvironment when the environment exists, through the amazon
-provider's MwaaHook, with the object versions MWAA needs.
+versioned S3 bucket (created and tagged when missing; what the previous upload put under dags/ that this layout
+lacks is deleted, by its manifest) and calls CreateEnvironment, or UpdateEnvironment when the environment exists,
+through the amazon provider's MwaaHook, with the object versions MWAA needs.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import re
 import shutil
@@ -52,6 +53,8 @@ PYTHON_VERSION = "3.11"
 PYTHON_RELEASE = re.compile(r"3\.[0-9]+")
 # The file that marks a folder as made by ``package``: the only kind of non-empty folder ``package`` replaces.
 PACKAGE_MARKER = ".dtp-mwaa-package"
+# Beside dags/ in the bucket: the keys an upload put there, so the next one deletes only what DTP put there.
+UPLOAD_MANIFEST = "dtp-mwaa-dags.json"
 # CreateEnvironment's rules (botocore's mwaa service model); subnet and security group ids as EC2 issues them.
 ENVIRONMENT_NAME = re.compile(r"[a-zA-Z][0-9a-zA-Z_-]{0,79}")
 EXECUTION_ROLE_ARN = re.compile(r"arn:aws(-[a-z]+)?:iam::[0-9]{12}:role/?[a-zA-Z_0-9+=,.@/-]+")
@@ -219,8 +222,9 @@ def target_problems(target: MwaaTarget) -> list[str]:
 
 
 def upload(parts: dict[str, Path], bucket: str, aws_conn_id: str) -> dict[str, str]:
-    """Upload the layout, then delete what an earlier upload left under dags/ that it lacks (a removed DAG or recipe
-    would keep loading); the S3 object version of each file (MWAA pins plugins, requirements, startup)."""
+    """Upload the layout, then delete what the previous upload put under dags/ that this one lacks (a removed DAG or
+    recipe would keep loading), by the manifest each upload leaves (``UPLOAD_MANIFEST``): files DTP never uploaded
+    are left alone; the S3 object version of each file (MWAA pins plugins, requirements, startup)."""
     from airflow.providers.amazon.aws.hooks.s3 import S3Hook
 
     s3 = S3Hook(aws_conn_id=aws_conn_id)
@@ -228,13 +232,14 @@ def upload(parts: dict[str, Path], bucket: str, aws_conn_id: str) -> dict[str, s
         s3.create_bucket(bucket, region_name=s3.conn_region_name)
         s3.conn.put_bucket_tagging(Bucket=bucket, Tagging={"TagSet": aws_tags(MWAA_TAGS)})
     s3.conn.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
-    dag_keys = set()
+    dag_keys = []
     for path in sorted(parts["dags"].rglob("*")):
         if path.is_file():
             key = f"dags/{path.relative_to(parts['dags'])}"
             s3.load_file(str(path), key, bucket, replace=True)
-            dag_keys.add(key)
-    delete_other_dag_keys(s3, bucket, dag_keys)
+            dag_keys.append(key)
+    delete_earlier_dag_keys(s3, bucket, dag_keys)
+    s3.load_string(json.dumps(dag_keys, indent=1), UPLOAD_MANIFEST, bucket, replace=True)
     versions = {}
     for name in ("plugins", "requirements", "startup"):
         key = parts[name].name
@@ -243,14 +248,15 @@ def upload(parts: dict[str, Path], bucket: str, aws_conn_id: str) -> dict[str, s
     return versions
 
 
-def delete_other_dag_keys(s3: Any, bucket: str, dag_keys: set[str]) -> None:
-    """Delete, through the ``S3Hook`` ``s3``, the keys under dags/ of ``bucket`` other than ``dag_keys``: files of an
-    earlier layout, which MWAA would keep loading."""
-    others = sorted(set(s3.list_keys(bucket, prefix="dags/")) - dag_keys)
-    for key in others:
-        log.info("Deleting s3://%s/%s: not in the uploaded layout", bucket, key)
-    if others:
-        s3.delete_objects(bucket, others)
+def delete_earlier_dag_keys(s3: Any, bucket: str, dag_keys: list[str]) -> None:
+    """Delete, through the ``S3Hook`` ``s3``, the keys the previous upload's manifest lists that ``dag_keys`` lacks:
+    files of an earlier layout, which MWAA would keep loading."""
+    earlier = json.loads(s3.read_key(UPLOAD_MANIFEST, bucket)) if s3.check_for_key(UPLOAD_MANIFEST, bucket) else []
+    gone = sorted(set(earlier) - set(dag_keys))
+    for key in gone:
+        log.info("Deleting s3://%s/%s: the previous upload's, not in this one", bucket, key)
+    if gone:
+        s3.delete_objects(bucket, gone)
 
 
 def environment_request(target: MwaaTarget, versions: dict[str, str]) -> dict[str, Any]:

@@ -76,16 +76,19 @@ def torchtitan_records(lines: Iterable[str], *, world_size: int, **_: Any) -> Re
     throughput. Validation lines (``validate step: ...``) are not training steps.
     """
     attempt: dict[int, dict[str, Any]] = {}
-    opened_at: int | None = None  # the step the current attempt's banner named
+    opened_at: int | None = None  # the step the current attempt's banners name
+    banners = 0  # the current attempt's: one a rank
     for line in lines:
         text = _ANSI.sub("", line)
         banner = _TORCHTITAN_START.search(text)
         if banner:
-            # Another rank's banner of this attempt (over srun it may come after a first step line) names its step.
-            if int(banner["step"]) != opened_at:
+            # Another rank's banner of this attempt (over srun it may come after a first step line) names its step;
+            # a relaunch before the first checkpoint names the same step, once every rank's banner was seen.
+            if int(banner["step"]) != opened_at or banners >= world_size:
                 yield from (attempt.pop(step) for step in sorted(attempt))
                 yield {"event": "start"}
-                opened_at = int(banner["step"])
+                opened_at, banners = int(banner["step"]), 0
+            banners += 1
             continue
         match = _TORCHTITAN.search(text)
         if not match:

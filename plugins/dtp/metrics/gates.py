@@ -92,7 +92,8 @@ def regression_failures(current: dict[str, Any], history: list[dict[str, Any]], 
         return []
     failures = []
     loss_median = statistics.median(h["final_loss"] for h in comparable)
-    if current["final_loss"] > loss_median * (1 + gates["max_loss_regression"]):
+    # No final loss: the run diverged before its first finite step, which training_failures reports.
+    if current["final_loss"] is not None and current["final_loss"] > loss_median * (1 + gates["max_loss_regression"]):
         failures.append(
             f"final_loss regressed: {current['final_loss']:.4f} vs median {loss_median:.4f} of the last "
             f"{len(comparable)} runs (+{current['final_loss'] / loss_median - 1:.1%}, "

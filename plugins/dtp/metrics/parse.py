@@ -33,8 +33,9 @@ class TrainingSummary:
     max_memory_mb: float | None = None
     mfu: float | None = None  # the median over the windows median_tokens_per_s takes
     finished: bool = False
-    # The first step whose loss or gradient norm was not finite: its numbers are left out of the ones above, so
-    # the summary stays JSON (an XCom, a history entry) and the gates judge the divergence itself.
+    # The first step whose loss or gradient norm was not finite, unless a later finite step got past it: its numbers
+    # are left out of the ones above, so the summary stays JSON (an XCom, a history entry) and the gates judge the
+    # divergence itself.
     diverged_at: int | None = None
 
     @property
@@ -104,6 +105,8 @@ def summarize_records(records: Iterable[dict[str, Any]]) -> TrainingSummary:
                 summary.diverged_at = step
         elif event == "step":
             step = int(record["step"])
+            if summary.diverged_at is not None and step >= summary.diverged_at:
+                summary.diverged_at = None  # a relaunch from a checkpoint got past it: a fault, not a divergence
             by_step[step] = record
             if started:
                 warm_up.add(step)

@@ -16,8 +16,10 @@ TIMEOUT_REASON = "attempt duration exceeded timeout"
 # The smallest attemptDurationSeconds Batch takes.
 MIN_TIMEOUT_S = 60
 # How long the trigger waits on a job beyond its time limit, for the job's wait in its queue (its time limit counts
-# from RUNNING). A job still queued or running when the trigger gives up is waited on again (``execute_complete``).
+# from RUNNING). A job still running when the trigger gives up is waited on again (``execute_complete``).
 QUEUE_MARGIN_S = 3600
+# A job in these is running within its own time limit, which Batch enforces: one the trigger gave up on is waited on.
+RUNNING_STATES = ("STARTING", "RUNNING")
 
 
 class BatchJobOverTime(AirflowFailException):
@@ -47,8 +49,8 @@ class BatchJobOperator(BatchOperator):
     the job definition's timeout) once the earlier jobs of its name are counted. A job that Batch stopped at its
     timeout is not submitted again: the task fails without retries (``BatchJobOverTime``), as it does when less
     than Batch's smallest timeout is left. Deferred, the trigger waits as long as the job may run plus
-    ``QUEUE_MARGIN_S`` (the provider's ``max_retries`` polls ``poll_interval`` apart, where that is longer), and a job
-    still queued or running when it gives up is waited on again rather than failing the task. Takes
+    ``QUEUE_MARGIN_S`` (the provider's ``max_retries`` polls ``poll_interval`` apart, where that is longer); a job
+    still running when it gives up is waited on again, one still waiting for capacity fails the task. Takes
     ``BatchOperator``'s parameters; ``submit_job_timeout`` is templated too, so a prepared job can carry its own time
     limit.
     """
@@ -78,8 +80,9 @@ class BatchJobOperator(BatchOperator):
     def execute_complete(self, context: Any, event: dict[str, Any] | None = None) -> str:
         if event and event.get("status") != "success" and event.get("job_id"):
             job = self._describe(event["job_id"])
-            if job and job["status"] in self.hook.INTERMEDIATE_STATES:
-                # The trigger gave up (its waiter's attempts ran out) on a job that goes on: wait on it again.
+            if job and job["status"] in RUNNING_STATES:
+                # The trigger gave up (its waiter's attempts ran out) on a job that runs on: wait on it again. One
+                # still waiting for capacity after all that fails the task (the teardown terminates it).
                 self.log.warning(
                     "AWS Batch job %s (%s) is still %s (%s): waiting on it again",
                     job["jobId"],

@@ -10,7 +10,7 @@ from airflow.providers.amazon.aws.hooks.s3 import S3Hook
 from airflow.sdk import BaseOperator, BaseOperatorLink
 from airflow.sdk.exceptions import AirflowNotFoundException, AirflowSkipException
 from airflow.sdk.execution_time.xcom import XCom
-from botocore.exceptions import BotoCoreError
+from botocore.exceptions import BotoCoreError, ClientError
 
 from dtp.connections import AWS_CONN_ID
 from dtp.metrics.report import render_validation_report
@@ -34,7 +34,7 @@ class _ReportLink(BaseOperatorLink):
                 url = S3Hook(aws_conn_id=AWS_CONN_ID).generate_presigned_url(
                     "get_object", params={"Bucket": bucket, "Key": key}, expires_in=REPORT_URL_TTL_S
                 )
-            except (AirflowNotFoundException, BotoCoreError) as err:
+            except (AirflowNotFoundException, BotoCoreError, ClientError) as err:  # ClientError: assuming a role
                 log.warning("Cannot sign %s again here (%s): the link is the one the task signed", report["uri"], err)
             else:
                 if url:

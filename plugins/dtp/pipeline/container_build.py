@@ -4,8 +4,9 @@
 
     validate_params -> build (ContainerImageBuildOperator) -> publish
 
-``publish`` writes the digest-pinned reference to ``/dtp/images/<platform>/training``
-in SSM (train_e2e's resolve_images reads it) and an event of the image's Asset.
+``publish`` writes the digest-pinned reference to ``/dtp/images/<platform>/<image>``
+in SSM (``.../training`` for ``local-cpu``; train_e2e's resolve_images reads the one
+the run needs) and an event of the image's Asset.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ def validate_params(**context: Any) -> dict[str, Any]:
 
 @task(outlets=[IMAGE_ALIAS])
 def publish(request: dict[str, Any], built: dict[str, Any], *, outlet_events: Any = None) -> dict[str, Any]:
-    """Point ``/dtp/images/<platform>/training`` (``.../neuron``) at the image and record an Asset event."""
+    """Point the image's SSM parameter (``/dtp/images/<platform>/<image>``) at it and record an Asset event."""
     parameter = training_parameter(request["platform"], request["image_name"])
     version = put_parameter(
         parameter, built["image"], f"DTP {request['image_name']} image", {f"{TAG_PREFIX}owner": OWNER}, AWS_CONN_ID

@@ -45,7 +45,6 @@ REPORT_URL_TTL_S = 7 * 24 * 3600
 PUSHGATEWAY_CONN_ID = "prometheus_pushgateway"
 # Comparable runs read from the history for the report's trend (and further back for the regression baseline).
 HISTORY_WINDOW = TREND_RUNS
-# The pipeline's task whose result is the runtime (image, AMI) the run's jobs used.
 # The run parameters a past run must share with this one to compare (dtp.metrics.gates.COMPARED_PARAMS has the rest).
 COMPARED_RUN_PARAMS = ("num_nodes", "max_steps", "dataset_uri", "profile_steps")
 
@@ -153,7 +152,7 @@ def collect_metrics(
         seq_len=recipe["seq_len"],
         world_size=params["num_nodes"] * spec["instance"]["accelerators_per_node"],
     )
-    if not summary.steps:
+    if not summary.steps and summary.diverged_at is None:  # a run that diverged at once is the gates' to judge
         raise ValueError(f"{metrics_path} holds no training step")
     bucket = artifacts_bucket(aws_conn_id)
     key = f"runs/{spec['names']['run_key']}/metrics.jsonl"
@@ -188,14 +187,17 @@ def collect_metrics(
     history.record(s3, bucket, spec, result, passed=not gate_failures(spec, {**result, "history": previous}))
     if profile_dir:
         result["profile"] = upload_profile(spec, cluster, profile_dir, s3, bucket)
-    log.info(
-        "Loss %.4f -> %.4f over %d steps, median %.0f tokens/s, restarts %d",
-        summary.first_loss,
-        summary.final_loss,
-        summary.steps[-1],
-        summary.median_tokens_per_s or 0,
-        summary.restarts,
-    )
+    if summary.diverged_at is not None:
+        log.warning("Training diverged: the loss was not finite from step %d", summary.diverged_at)
+    if summary.steps:
+        log.info(
+            "Loss %.4f -> %.4f over %d steps, median %.0f tokens/s, restarts %d",
+            summary.first_loss,
+            summary.final_loss,
+            summary.steps[-1],
+            summary.median_tokens_per_s or 0,
+            summary.restarts,
+        )
     return {**result, "metrics_uri": f"s3://{bucket}/{key}", "history": previous}
 
 
