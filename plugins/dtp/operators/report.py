@@ -2,43 +2,24 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from typing import Any
 
-from airflow.providers.amazon.aws.hooks.s3 import S3Hook
 from airflow.sdk import BaseOperator, BaseOperatorLink
-from airflow.sdk.exceptions import AirflowNotFoundException, AirflowSkipException
+from airflow.sdk.exceptions import AirflowSkipException
 from airflow.sdk.execution_time.xcom import XCom
-from botocore.exceptions import BotoCoreError, ClientError
 
 from dtp.connections import AWS_CONN_ID
 from dtp.metrics.report import render_validation_report
-from dtp.pipeline.results import REPORT_URL_TTL_S, export_metrics, publish_html, publish_report
-
-log = logging.getLogger(__name__)
+from dtp.pipeline.results import export_metrics, publish_html, publish_report
 
 REPORT_URL_KEY = "report_url"
 
 
 class _ReportLink(BaseOperatorLink):
-    """A button that opens the report through a URL presigned when the link is asked for: one the task signed
-    with role credentials (an instance profile, IRSA, MWAA's execution role) dies with their session, in hours. The
-    URL the task pushed where the report cannot be signed again here."""
+    """A button that opens the presigned URL the report task pushed."""
 
     def get_link(self, operator: BaseOperator, *, ti_key: Any) -> str:
-        report = XCom.get_value(ti_key=ti_key, key="return_value")
-        if isinstance(report, dict) and str(report.get("uri", "")).startswith("s3://"):
-            bucket, key = report["uri"].removeprefix("s3://").split("/", 1)
-            try:
-                url = S3Hook(aws_conn_id=AWS_CONN_ID).generate_presigned_url(
-                    "get_object", params={"Bucket": bucket, "Key": key}, expires_in=REPORT_URL_TTL_S
-                )
-            except (AirflowNotFoundException, BotoCoreError, ClientError) as err:  # ClientError: assuming a role
-                log.warning("Cannot sign %s again here (%s): the link is the one the task signed", report["uri"], err)
-            else:
-                if url:
-                    return url
         return XCom.get_value(ti_key=ti_key, key=REPORT_URL_KEY) or ""
 
 
