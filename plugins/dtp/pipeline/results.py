@@ -19,6 +19,7 @@ from dtp.hooks.shared_fs import SharedFilesystemHook
 from dtp.metrics import history, prometheus
 from dtp.metrics.framework_logs import summarize_log
 from dtp.metrics.gates import (
+    COMPARED_PARAMS,
     comparable,
     comparable_runs,
     recipe_digest,
@@ -45,8 +46,6 @@ REPORT_URL_TTL_S = 7 * 24 * 3600
 PUSHGATEWAY_CONN_ID = "prometheus_pushgateway"
 # Comparable runs read from the history for the report's trend (and further back for the regression baseline).
 HISTORY_WINDOW = TREND_RUNS
-# The run parameters a past run must share with this one to compare (dtp.metrics.gates.COMPARED_PARAMS has the rest).
-COMPARED_RUN_PARAMS = ("num_nodes", "max_steps", "dataset_uri", "profile_steps")
 
 
 def artifacts_bucket(aws_conn_id: str) -> str:
@@ -126,12 +125,12 @@ def compared_params(spec: dict[str, Any], cluster: dict[str, Any], images: dict[
     nodes, steps, data, profiling, the recipe's content, the runtime, and the instance type the cluster got (a
     capacity fallback's, where it got one; the history is kept under the one the run asked for)."""
     params = spec["params"]
-    return {
-        **{k: params[k] for k in COMPARED_RUN_PARAMS},
+    derived = {
         "recipe_digest": recipe_digest(spec["recipe"]),
         "runtime": runtime_of(images),
         "actual_instance_type": cluster.get("instance_type") or params["instance_type"],
     }
+    return {**{k: params[k] for k in COMPARED_PARAMS if k not in derived}, **derived}
 
 
 def collect_metrics(
