@@ -128,7 +128,7 @@ class AtTenSixteenForty(datetime):
 def test_a_hung_job_is_suspended_and_its_replacement_gets_what_is_left_of_the_deadline(
     kubernetes_api: Any, monkeypatch: pytest.MonkeyPatch, operator_has_acted: bool
 ) -> None:
-    monkeypatch.setattr("dtp.operators.pytorchjob.datetime", AtTenSixteenForty)
+    monkeypatch.setattr("dtp.hooks.pytorchjob.datetime", AtTenSixteenForty)
     retried(kubernetes_api)
     running = {"startTime": "2026-12-03T10:00:00Z", "conditions": [condition("Running", "2026-12-03T10:00:00Z")]}
     kubernetes_api.jobs[NAME]["status"] = running
@@ -150,7 +150,7 @@ def test_a_hung_job_is_suspended_and_its_replacement_gets_what_is_left_of_the_de
 def test_a_user_kill_while_waiting_suspends_the_job_and_the_next_try_gets_what_is_left(
     kubernetes_api: Any, monkeypatch: pytest.MonkeyPatch, run_coroutine: Any
 ) -> None:
-    monkeypatch.setattr("dtp.triggers.pytorchjob.datetime", AtTenSixteenForty)
+    monkeypatch.setattr("dtp.hooks.pytorchjob.datetime", AtTenSixteenForty)
     retried(kubernetes_api)
     kubernetes_api.jobs[NAME]["status"] = {"startTime": "2026-12-03T10:00:00Z",
                                            "conditions": [condition("Running", "2026-12-03T10:00:00Z")]}  # fmt: skip

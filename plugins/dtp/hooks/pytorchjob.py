@@ -12,7 +12,7 @@ import json
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import datetime
+from datetime import UTC, datetime
 from functools import cached_property
 from typing import Any
 
@@ -189,6 +189,17 @@ class PyTorchJobHook(LoggingMixin):
             GROUP, VERSION, self.namespace, PLURAL, name, body
         )
         self.log.info("Suspended PyTorchJob %s/%s after %d s active", self.namespace, name, round(active_seconds))
+
+    def suspend_unless_ended(self, kubernetes: KubernetesHook, name: str) -> str | None:
+        """Suspend the job unless it has ended, recording how long it was active (``suspend_job``): the condition it
+        ended with, else "Suspended"; None when there is no such job."""
+        job = self.get_job(kubernetes, name)
+        if job is None:
+            return None
+        if (state := job_state(job)[0]) in TERMINAL_CONDITIONS:
+            return state
+        self.suspend_job(kubernetes, name, ran_seconds(job, until=datetime.now(UTC)))
+        return "Suspended"
 
     def delete_job(self, kubernetes: KubernetesHook, name: str, timeout: float = 600, poll: float = 5) -> bool:
         """Delete the job in the foreground (it stays visible until its pods are gone) and wait until it is gone.

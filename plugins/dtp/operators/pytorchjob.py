@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from datetime import UTC, datetime
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
@@ -154,15 +153,12 @@ class EksPyTorchJobOperator(BaseOperator):
 
     def _suspend(self, name: str) -> str:
         """Suspend a hung job, recording how long it was active; say what became of it."""
-        from dtp.hooks.pytorchjob import TERMINAL_CONDITIONS, job_state, ran_seconds
-
         with self.hook.kubernetes() as kubernetes:
-            job = self.hook.get_job(kubernetes, name)
-            if job is None:
-                return "it is gone"
-            if (state := job_state(job)[0]) in TERMINAL_CONDITIONS:
-                return f"it has {state.lower()} since; a retry takes it as it is"
-            self.hook.suspend_job(kubernetes, name, ran_seconds(job, until=datetime.now(UTC)))
+            state = self.hook.suspend_unless_ended(kubernetes, name)
+        if state is None:
+            return "it is gone"
+        if state != "Suspended":
+            return f"it has {state.lower()} since; a retry takes it as it is"
         return "suspended it (its pods are deleted; a retry replaces it with what is left of its deadline)"
 
     def _deadline_left(self, failed: dict[str, Any]) -> int | None:

@@ -16,7 +16,6 @@ import contextlib
 import time
 from collections import deque
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
 from functools import cached_property
 from typing import Any
 
@@ -29,7 +28,6 @@ from dtp.hooks.pytorchjob import (
     PyTorchJobHook,
     job_state,
     past_deadline,
-    ran_seconds,
     suspended,
 )
 
@@ -180,9 +178,7 @@ class PyTorchJobTrigger(BaseTrigger):
 
     def _suspend_job(self) -> None:
         with self.hook.kubernetes() as kubernetes:
-            job = self.hook.get_job(kubernetes, self.job_name)
-            if job is not None and job_state(job)[0] not in TERMINAL_CONDITIONS:
-                self.hook.suspend_job(kubernetes, self.job_name, ran_seconds(job, until=datetime.now(UTC)))
+            self.hook.suspend_unless_ended(kubernetes, self.job_name)
 
     def _forward_log(self, kubernetes: Any, tail: deque[str]) -> bool:
         """Log worker 0's lines newer than ``last_log_time``; True when there were any."""
