@@ -87,10 +87,11 @@ class TrainConfig:
 
 
 def lr_at(cfg: TrainConfig, step: int, schedule_steps: int | None = None) -> float:
-    """Linear warm-up, then a cosine decay over ``schedule_steps`` (default ``max_steps``) to 0.1 * lr, held after."""
+    """The LR of 0-based ``step``: a linear warm-up that peaks at the last warm-up step, then a cosine decay that
+    reaches 0.1 * lr on the last step of ``schedule_steps`` (default ``max_steps``), held after."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, (schedule_steps or cfg.max_steps) - cfg.warmup_steps)
+    progress = (step + 1 - cfg.warmup_steps) / max(1, (schedule_steps or cfg.max_steps) - cfg.warmup_steps)
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
