@@ -1,10 +1,14 @@
-"""Deterministic resource names and tags from (dag_id, run_id, incarnation).
+"""Deterministic resource names and tags from (installation, dag_id, run_id, incarnation).
 
 A retried or cleared task reads the names its run's ``validate_params`` fixed,
 so it finds the resource it created before instead of creating a second one,
 and a reaper can find every resource of a run by its tags. A whole run cleared
 and run again is a new incarnation (Airflow's ``clear_number``) with new names:
 it trains again instead of finding its first incarnation's finished job.
+The installation's id keeps apart two Airflow installations whose runs share
+a dag_id and run_id (every installation's nightly ``scheduled__`` run of a DAG
+has the same one): in one account they would take each other's stacks, and
+S3 bucket names are global across accounts.
 
 Names are valid everywhere DTP uses them: S3 buckets (3-63 chars, lowercase),
 CloudFormation stacks, Slurm job names and POSIX paths; they never contain a
@@ -15,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import secrets
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -26,6 +31,7 @@ EXPIRES_TAG = f"{TAG_PREFIX}expires-at"  # when the reaper may delete a resource
 _EXPIRY_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
 _SAFE = re.compile(r"[^a-z0-9]+")
 _TAG_UNSAFE = re.compile(r"[^\w +\-=.:/@]", re.ASCII)
+INSTALLATION_VARIABLE = "dtp_installation_id"
 
 
 def slug(text: str, limit: int) -> str:
@@ -35,16 +41,19 @@ def slug(text: str, limit: int) -> str:
 
 @dataclass(frozen=True)
 class RunNames:
-    """Every name one pipeline run uses, derived from its dag_id, run_id and incarnation (the run's
-    ``clear_number`` when its names were fixed: 0 for a run never cleared)."""
+    """Every name one pipeline run uses, derived from its dag_id, run_id, incarnation (the run's
+    ``clear_number`` when its names were fixed: 0 for a run never cleared) and the id of the Airflow
+    installation that runs it (``installation_id``)."""
 
     dag_id: str
     run_id: str
     incarnation: int = 0
+    installation: str = ""
 
     @property
     def run_key(self) -> str:
         key = f"{self.dag_id}\0{self.run_id}" + (f"\0{self.incarnation}" if self.incarnation else "")
+        key += f"\0{self.installation}" if self.installation else ""
         digest = hashlib.sha256(key.encode()).hexdigest()[:10]
         return f"{PREFIX}-{slug(self.dag_id, 24)}-{digest}"
 
@@ -67,6 +76,20 @@ class RunNames:
             "data_bucket": self.data_bucket,
             "slurm_job": self.slurm_job,
         }
+
+
+def installation_id() -> str:
+    """This Airflow installation's id, from the ``dtp_installation_id`` Variable (or its
+    ``AIRFLOW_VAR_DTP_INSTALLATION_ID`` environment variable); the first run of a new installation sets it to a
+    random one. Two runs that both find it unset each name their resources with the id they set, which is still
+    unique to them. Callable in a running task only (it may write the Variable)."""
+    from airflow.sdk import Variable  # a task-time import: naming is imported where Airflow is not running
+
+    if found := Variable.get(INSTALLATION_VARIABLE, default=None):
+        return str(found)
+    created = secrets.token_hex(4)
+    Variable.set(INSTALLATION_VARIABLE, created, description="Keeps this installation's DTP resource names apart")
+    return created
 
 
 def expiry(hours: float, now: datetime | None = None) -> str:

@@ -8,15 +8,29 @@ import pytest
 
 from dtp.hooks.slurm import SlurmHook
 from dtp.hooks.sweeper import RunResourceSweeper
-from dtp.naming import RunNames
+from dtp.local.api import AirflowApi
+from dtp.naming import INSTALLATION_VARIABLE, RunNames
 
 
 @pytest.fixture(scope="session")
-def run_leftovers(aws) -> Callable[[str, str], dict[str, list[str]]]:
+def run_names(airflow_api: AirflowApi) -> Callable[[str, str], dict[str, str]]:
+    """``run_names(dag_id, run_id)``: the names the run fixed in ``validate_params`` (for a run refused there,
+    those it would have had)."""
+
+    def names(dag_id: str, run_id: str) -> dict[str, str]:
+        if spec := airflow_api.xcom(dag_id, run_id, "validate_params"):
+            return spec["names"]
+        return RunNames(dag_id, run_id, 0, airflow_api.variable(INSTALLATION_VARIABLE) or "").as_dict()
+
+    return names
+
+
+@pytest.fixture(scope="session")
+def run_leftovers(aws, run_names) -> Callable[[str, str], dict[str, list[str]]]:
     """``leftovers(dag_id, run_id)``: every live resource of that run, by kind, in the emulator and on Slurm."""
 
     def leftovers(dag_id: str, run_id: str) -> dict[str, list[str]]:
-        names = RunNames(dag_id, run_id).as_dict()
+        names = run_names(dag_id, run_id)
         found = RunResourceSweeper(aws_conn_id="aws_default").find(names["run_key"], (names["data_bucket"],))
         found["stacks"] = [
             s["StackName"]

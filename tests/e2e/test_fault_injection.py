@@ -32,7 +32,6 @@ import pytest
 from dtp.faults import Fault, FaultPlan, fired_faults
 from dtp.hooks.slurm import SlurmHook
 from dtp.local.emulator import FAULTS_PATH
-from dtp.naming import RunNames
 from dtp.pipeline.graph import ON_BATCH, ON_EKS
 
 pytestmark = [pytest.mark.stack, pytest.mark.e2e, pytest.mark.timeout(2700), pytest.mark.fault_injection]
@@ -214,13 +213,13 @@ def planned_runs(airflow_api, run_leftovers, ledger, pipeline_tasks) -> dict[str
     }
 
 
-def test_a_transient_fault_at_every_task_is_recovered(planned_runs, pipeline_tasks) -> None:
+def test_a_transient_fault_at_every_task_is_recovered(planned_runs, pipeline_tasks, run_names) -> None:
     run = planned_runs["transient"]
     assert sorted(f["task_id"] for f in run["fired"]) == sorted(pipeline_tasks)
     assert run["state"] == "success", run["tasks"]
     assert all(run["tasks"][t] == "success" and run["tries"][t] == 2 for t in pipeline_tasks), run["tries"]
     # Retries reused what the failed tries created: one job each, though both tasks were retried.
-    run_key = RunNames(DAG_ID, run["run_id"]).run_key
+    run_key = run_names(DAG_ID, run["run_id"])["run_key"]
     jobs = SlurmHook().ended_jobs(run_key, prefix=True)
     assert sorted(job.name for job in jobs) == [run_key, f"{run_key}-preflight"], jobs
     assert run["leftovers"] == {}

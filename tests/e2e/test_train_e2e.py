@@ -6,11 +6,13 @@ Reads like a system test: trigger, wait, then check the outcome and that the run
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from report_links import report_through_link
 
 from dtp.local.config import StackConfig
+from dtp.naming import INSTALLATION_VARIABLE, RunNames
 from dtp.pipeline.graph import ON_BATCH, ON_EKS
 from dtp.recipes import get_recipe
 
@@ -136,6 +138,16 @@ def test_a_run_resumes_from_the_checkpoint_an_earlier_run_saved(airflow_api, run
     assert metrics["final_loss"] < FINAL_LOSS_MAX
     assert airflow_api.xcom(DAG_ID, run_id, "save_checkpoint")["step"] == 400
     assert run_leftovers(DAG_ID, run_id) == {}
+
+
+def test_a_run_names_its_resources_with_the_installations_id(airflow_api, resumed_run) -> None:
+    # An earlier run (the first on this stack) set the id; this run, started after the module's others, names with it.
+    installation = airflow_api.variable(INSTALLATION_VARIABLE)
+    assert re.fullmatch("[0-9a-f]{8}", installation or ""), installation
+    run_id, _ = resumed_run
+    names = airflow_api.xcom(DAG_ID, run_id, "validate_params")["names"]
+    assert names == RunNames(DAG_ID, run_id, 0, installation).as_dict()
+    assert names["run_key"] != RunNames(DAG_ID, run_id).run_key
 
 
 def test_report_in_s3_and_linked_from_the_ui(airflow_api, successful_run, aws) -> None:

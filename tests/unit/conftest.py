@@ -166,6 +166,14 @@ def kubernetes_api(monkeypatch: pytest.MonkeyPatch) -> Iterator[type[KubernetesA
 
 
 @pytest.fixture
+def installation(monkeypatch: pytest.MonkeyPatch) -> str:
+    """This installation's id, pinned the way a deployment can pin it (``AIRFLOW_VAR_DTP_INSTALLATION_ID``): a
+    task function called outside a running task cannot set the Variable itself."""
+    monkeypatch.setenv("AIRFLOW_VAR_DTP_INSTALLATION_ID", "0a1b2c3d")
+    return "0a1b2c3d"
+
+
+@pytest.fixture
 def offline_aws(monkeypatch: pytest.MonkeyPatch) -> None:
     """Credentials and a region for AWS clients whose calls a botocore ``Stubber`` answers (nothing is sent)."""
     for name, value in {

@@ -12,6 +12,8 @@ import pytest
 from dtp.images import ami
 from dtp.pipeline.ami_bake import validate_params
 
+pytestmark = pytest.mark.usefixtures("installation")
+
 
 @pytest.fixture
 def ssm(moto_aws: Callable[[str], Any]) -> Any:

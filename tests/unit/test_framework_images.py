@@ -162,7 +162,7 @@ def test_a_framework_recipe_without_its_image_is_refused_naming_what_to_publish(
     assert container.framework_image_problem(spec, "aws_default") is None
 
 
-def test_validate_params_refuses_the_run_before_anything_exists(ssm, monkeypatch) -> None:
+def test_validate_params_refuses_the_run_before_anything_exists(ssm, monkeypatch, installation) -> None:
     # HyperPod with Slurm: a platform whose nodes run another framework's batch script; NeMo reads no assets.
     extra = {"execution_role_arn": "arn:aws:iam::111122223333:role/hp", "lifecycle_bucket": "sagemaker-dtp-lc"}
     monkeypatch.setenv("AIRFLOW_CONN_DTP_HYPERPOD", json.dumps({"conn_type": "generic", "extra": extra}))

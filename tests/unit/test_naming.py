@@ -7,7 +7,17 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from dtp.naming import RunNames, aws_tags, expiry, parse_expiry, resource_tags, slug, tags_dict
+from dtp.naming import (
+    INSTALLATION_VARIABLE,
+    RunNames,
+    aws_tags,
+    expiry,
+    installation_id,
+    parse_expiry,
+    resource_tags,
+    slug,
+    tags_dict,
+)
 
 # S3 general purpose bucket rules (without dots, which DTP never uses).
 S3_BUCKET = re.compile(r"^[a-z0-9][a-z0-9-]{1,61}[a-z0-9]$")
@@ -68,6 +78,22 @@ def test_a_cleared_run_is_a_new_incarnation_with_new_names() -> None:
     assert first == RunNames(first.dag_id, first.run_id, 0)
     assert len({first.run_key, *(names.run_key for names in again)}) == 3
     assert all(names.run_key.startswith("dtp-train-e2e-") for names in again)
+
+
+def test_two_installations_name_the_same_run_apart() -> None:
+    # Every installation's nightly run of a DAG has the same run_id: in one account the second would take the
+    # first's stack, and S3 bucket names are global across accounts.
+    run = ("regression__llama3_2_1b", "scheduled__2026-12-06T00:00:00+00:00")
+    names = [RunNames(*run, installation=i) for i in ("", "0a1b2c3d", "4e5f6a7b")]
+    assert len({n.data_bucket for n in names}) == len({n.network_stack for n in names}) == 3
+    assert all(S3_BUCKET.match(n.data_bucket) and CFN_STACK.match(n.network_stack) for n in names)
+    assert RunNames(*run, 1, "0a1b2c3d") not in names
+
+
+def test_the_installation_id_is_read_from_its_variable(monkeypatch) -> None:
+    # Airflow reads a Variable from AIRFLOW_VAR_<KEY> before its database: the way to pin an installation's id.
+    monkeypatch.setenv(f"AIRFLOW_VAR_{INSTALLATION_VARIABLE.upper()}", "pinned01")
+    assert installation_id() == "pinned01"
 
 
 def test_different_runs_get_different_keys() -> None:

@@ -32,14 +32,14 @@ def test_a_missing_connection_is_refused_by_name() -> None:
         connect(_spec("no_such_cluster"))
 
 
-def test_a_cleared_validation_run_gets_new_names() -> None:
+def test_a_cleared_validation_run_gets_new_names(installation: str) -> None:
     # Clearing a whole finished run re-runs validate_params with a higher clear_number: its jobs get new names,
     # so it validates again instead of finding the first incarnation's finished preflight job.
     run = SimpleNamespace(conf={}, dag_id="validate_cluster", run_id="scheduled__1", clear_number=0)
     first = validate_params.function(params={}, dag_run=run)["names"]
     again = validate_params.function(params={}, dag_run=SimpleNamespace(**{**vars(run), "clear_number": 1}))["names"]
-    assert first == RunNames("validate_cluster", "scheduled__1").as_dict()
-    assert again == RunNames("validate_cluster", "scheduled__1", 1).as_dict() != first
+    assert first == RunNames("validate_cluster", "scheduled__1", 0, installation).as_dict()
+    assert again == RunNames("validate_cluster", "scheduled__1", 1, installation).as_dict() != first
 
 
 # sinfo -h -N -o "%N %t" on a cluster with two partitions: n1 and n2 are in both, n3 is drained, n4 does not answer,

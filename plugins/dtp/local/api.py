@@ -93,6 +93,11 @@ class AirflowApi:
         )
         return body.get("value") if status == 200 else None
 
+    def variable(self, key: str) -> str | None:
+        """The Airflow Variable ``key``'s value, None when it is not set."""
+        status, body = self.request("GET", f"/api/v2/variables/{urllib.parse.quote(key, safe='')}")
+        return body.get("value") if status == 200 else None
+
     def wait_all(self, dag_id: str, run_ids: list[str], timeout: float = 1800) -> dict[str, str]:
         """Poll until every run of ``run_ids`` has ended; return each run's final state."""
         ended: dict[str, str] = {}

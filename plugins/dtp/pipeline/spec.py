@@ -21,10 +21,15 @@ from dtp.recipes import get_recipe, instance_types
 
 
 def build_spec(
-    params: Mapping[str, Any], conf: Mapping[str, Any], dag_id: str, run_id: str, incarnation: int = 0
+    params: Mapping[str, Any],
+    conf: Mapping[str, Any],
+    dag_id: str,
+    run_id: str,
+    incarnation: int = 0,
+    installation: str = "",
 ) -> dict[str, Any]:
     """Validate ``params`` (form defaults + conf) plus any key of ``conf`` no param declares; ``incarnation``
-    is the run's ``clear_number`` (see ``RunNames``)."""
+    is the run's ``clear_number`` and ``installation`` the installation's id (see ``RunNames``)."""
     merged = {**dict(params), **dict(conf)}
     validated = validate_params(merged)
     platform = get_platform(validated.platform)
@@ -62,7 +67,7 @@ def build_spec(
             f"invalid parameters:\nnum_nodes: got {validated.num_nodes}; platform {validated.platform!r} "
             f"has at most {capacity} nodes" + (f" once {len(excluded)} are excluded" if excluded else "")
         )
-    spec = run_spec(validated, dag_id, run_id, incarnation)
+    spec = run_spec(validated, dag_id, run_id, incarnation, installation)
     spec["existing_network"] = existing_network()
     if needs_network(spec) and not spec["existing_network"] and (file_system := platform.existing_file_system()):
         raise ParamsError(
@@ -93,11 +98,13 @@ def network_stand_in(spec: dict[str, Any]) -> dict[str, str]:
     }
 
 
-def run_spec(validated: TrainParams, dag_id: str, run_id: str, incarnation: int = 0) -> dict[str, Any]:
+def run_spec(
+    validated: TrainParams, dag_id: str, run_id: str, incarnation: int = 0, installation: str = ""
+) -> dict[str, Any]:
     """The spec of validated params: recipe, instance, names, tags, cost (no check against the platform)."""
     recipe = get_recipe(validated.recipe)
     instance = instance_types()[validated.instance_type]
-    names = RunNames(dag_id, run_id, incarnation)
+    names = RunNames(dag_id, run_id, incarnation, installation)
     return {
         "dag_id": dag_id,
         "run_id": run_id,

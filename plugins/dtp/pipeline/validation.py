@@ -23,7 +23,7 @@ from dtp.connections import AWS_CONN_ID, TRAINING_QUEUE
 from dtp.hooks.slurm import SlurmHook, usable
 from dtp.hostlist import expand_hostlist
 from dtp.metrics.preflight_gate import preflight_message
-from dtp.naming import RunNames, expiry, resource_tags
+from dtp.naming import RunNames, expiry, installation_id, resource_tags
 from dtp.operators.report import ClusterValidationReportOperator
 from dtp.params import ParamsError, validate_cluster_params
 from dtp.pipeline import jobs, results
@@ -34,11 +34,16 @@ log = logging.getLogger(__name__)
 
 
 def build_validation_spec(
-    params: dict[str, Any], conf: dict[str, Any], dag_id: str, run_id: str, incarnation: int = 0
+    params: dict[str, Any],
+    conf: dict[str, Any],
+    dag_id: str,
+    run_id: str,
+    incarnation: int = 0,
+    installation: str = "",
 ) -> dict[str, Any]:
     """The spec the preflight job writers and the gate read, for a validation run."""
     validated = validate_cluster_params({**params, **conf})
-    names = RunNames(dag_id, run_id, incarnation)
+    names = RunNames(dag_id, run_id, incarnation, installation)
     return {
         "dag_id": dag_id,
         "run_id": run_id,
@@ -104,7 +109,12 @@ def validate_params(**context: Any) -> dict[str, Any]:
     try:
         dag_run = context["dag_run"]
         return build_validation_spec(
-            context["params"], dag_run.conf or {}, dag_run.dag_id, dag_run.run_id, dag_run.clear_number or 0
+            context["params"],
+            dag_run.conf or {},
+            dag_run.dag_id,
+            dag_run.run_id,
+            dag_run.clear_number or 0,
+            installation_id(),
         )
     except ParamsError as err:
         raise AirflowFailException(str(err)) from None
