@@ -86,6 +86,7 @@ def test_rendered_configs_pass_the_parallelcluster_schema(
     assert resource["MinCount"] == resource["MaxCount"] == num_nodes
     assert resource["Efa"] == {"Enabled": True, "GdrSupport": True}
     assert {t["Key"]: t["Value"] for t in cfg["Tags"]} == spec["tags"]
+    assert cfg["Monitoring"]["Logs"]["CloudWatch"] == {"Enabled": True, "RetentionInDays": 14}
     # The settings' AMI wins over the runtime's; with neither, pcluster's official AMI for the OS.
     expected_ami = settings.get("custom_ami") or ami
     assert cfg["Image"] == {
