@@ -88,6 +88,7 @@ def fired_path(plan_path: Path) -> Path:
 
 
 def fired_faults(plan_path: Path) -> list[dict[str, Any]]:
+    """The faults of the plan at ``plan_path`` that fired so far, one record per task try, in firing order."""
     ledger = fired_path(plan_path)
     return [json.loads(line) for line in ledger.read_text().splitlines()] if ledger.exists() else []
 

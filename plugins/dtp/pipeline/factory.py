@@ -24,6 +24,7 @@ DAG_PREFIX = "regression__"
 
 
 def regression_dag(recipe: Recipe) -> DAG:
+    """The scheduled regression DAG of ``recipe``: train_e2e's pipeline with the recipe's defaults."""
     defaults = recipe.defaults.model_dump() | {"recipe": recipe.name}
     with DAG(
         dag_id=f"{DAG_PREFIX}{recipe.name}",
@@ -46,6 +47,7 @@ def regression_dag(recipe: Recipe) -> DAG:
 
 
 def regression_dags() -> dict[str, DAG]:
+    """One regression DAG per recipe that sets a ``schedule``, by dag_id."""
     dags = {}
     for path in sorted(RECIPE_DIR.glob("*.yaml")):
         try:

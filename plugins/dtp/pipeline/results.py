@@ -59,6 +59,7 @@ def artifacts_bucket(aws_conn_id: str) -> str:
 
 
 def read_json(cluster: dict[str, Any], path: str) -> dict[str, Any]:
+    """The JSON document at ``path`` on the cluster's shared filesystem; FileNotFoundError when missing or empty."""
     text, _ = SharedFilesystemHook.of_cluster(cluster).read_file(path)
     if not text:
         raise FileNotFoundError(f"{path} is missing or empty on the cluster")
@@ -201,6 +202,7 @@ def collect_metrics(
 
 
 def gate_failures(spec: dict[str, Any], metrics: dict[str, Any]) -> list[str]:
+    """Every gate the run failed: the recipe's absolute thresholds, then the comparison with its history."""
     gates = spec["recipe"]["gates"]
     return training_failures(_summary(metrics), gates, spec["params"]["max_steps"]) + regression_failures(
         metrics, metrics.get("history", []), gates
@@ -219,6 +221,7 @@ def publish_report(
     resources: dict[str, Any],
     aws_conn_id: str,
 ) -> dict[str, str]:
+    """Render the run's HTML report with its plots, upload it to the artifacts bucket and return where it is."""
     trend = comparable_runs(metrics, metrics.get("history", []))
     if metrics.get("profile"):
         resources = {**resources, "profile": metrics["profile"]}

@@ -30,10 +30,12 @@ _CAPACITY_MESSAGE = re.compile(r"insufficient\s*(instance\s*)?capacity|not have 
 
 
 def is_capacity_error(err: ClientError) -> bool:
+    """Whether an AWS call was refused for want of capacity (worth trying another instance type)."""
     return err.response.get("Error", {}).get("Code") in CAPACITY_ERROR_CODES
 
 
 def is_capacity_failure(message: str) -> bool:
+    """Whether a cluster's failure message says it got no capacity."""
     return bool(_CAPACITY_MESSAGE.search(message or ""))
 
 

@@ -234,6 +234,7 @@ def delete_pytorchjobs(hook: PyTorchJobHook, spec: dict[str, Any], timeout: floa
 
 
 def preflight_job_name(spec: dict[str, Any]) -> str:
+    """The name of the run's preflight PyTorchJob (its training job has the run key)."""
     return f"{spec['names']['run_key']}-preflight"
 
 

@@ -345,5 +345,6 @@ def head_node_address(described: dict[str, Any]) -> str:
 
 
 def failures(described: dict[str, Any]) -> str:
+    """pcluster's failure codes and reasons for a cluster, or the whole description when it gives none."""
     failures = described.get("failures") or []
     return "; ".join(f"{f.get('failureCode')}: {f.get('failureReason')}" for f in failures) or json.dumps(described)

@@ -28,6 +28,7 @@ def enum_values(service: str, shape: str) -> tuple[str, ...]:
 
 
 def input_shape(service: str, operation: str) -> StructureShape:
+    """The request shape of ``operation`` in botocore's model of ``service``."""
     shape: StructureShape = _service_model(service).operation_model(operation).input_shape
     return shape
 
