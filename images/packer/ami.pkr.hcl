@@ -68,6 +68,12 @@ variable "emulator_source_ami_owner" {
   default = "137112412989"
 }
 
+variable "image_tags" {
+  type        = map(string)
+  default     = {}
+  description = "The run's tags for the AMI and its snapshots, set as packer makes them: one left by a worker that died before the task tagged it still carries its expiry."
+}
+
 variable "builder_tags" {
   type        = map(string)
   default     = {}
@@ -152,8 +158,8 @@ source "amazon-ebs" "aws" {
     iops                  = 10000
     delete_on_termination = true
   }
-  tags            = local.versions
-  snapshot_tags   = local.versions
+  tags            = merge(local.versions, var.image_tags)
+  snapshot_tags   = merge(local.versions, var.image_tags)
   run_tags        = var.builder_tags
   run_volume_tags = var.builder_tags
 }
@@ -173,8 +179,8 @@ source "amazon-ebs" "emulator" {
     owners      = [var.emulator_source_ami_owner]
     most_recent = true
   }
-  tags            = local.versions
-  snapshot_tags   = local.versions
+  tags            = merge(local.versions, var.image_tags)
+  snapshot_tags   = merge(local.versions, var.image_tags)
   run_tags        = var.builder_tags
   run_volume_tags = var.builder_tags
 }

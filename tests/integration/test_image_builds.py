@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import urllib.request
@@ -11,8 +12,9 @@ from pathlib import Path
 import pytest
 
 from dtp.hooks.container import ContainerBuildError, ContainerRegistryHook
-from dtp.hooks.packer import PackerError
+from dtp.hooks.packer import PackerError, PackerHook
 from dtp.images import ami, container
+from dtp.naming import EXPIRES_TAG, expiry
 from dtp.operators.container import ContainerImageBuildOperator
 from dtp.operators.packer import PackerBuildOperator
 from dtp.params import parse_params
@@ -87,6 +89,31 @@ def test_packer_bakes_an_ami_in_the_emulator_and_finds_it_again(stack, aws) -> N
 
     changed = _bake("pcluster-cpu", tags, enroot_version=first["variables"]["enroot_version"] + "1")
     assert changed["built"] and changed["ami_id"] != first["ami_id"] and changed["ami_name"] != first["ami_name"]
+
+
+def test_packer_tags_the_ami_and_its_snapshot_as_it_makes_them(stack, aws, tmp_path) -> None:
+    # The task tags the AMI again once packer is done; a worker that dies before then must still leave an AMI and
+    # snapshot the reaper finds by their expiry. Packer alone here, without the operator's tagging.
+    tags = {"dtp:owner": "dtp", "dtp:run": f"it-{uuid.uuid4().hex[:8]}", EXPIRES_TAG: expiry(1)}
+    params = parse_params(ami.AmiBakeParams, {"families": ["pcluster-cpu"]})
+    request = ami.bake_requests(params, tags)[0]
+    variables = {
+        **request["variables"],
+        "ami_name": f"dtp-it-{uuid.uuid4().hex[:12]}",
+        request["tags_variable"]: json.dumps(tags),
+    }
+    hook, output = PackerHook(), tmp_path / "packer.log"
+    process = hook.start_build(ami.TEMPLATE, Path(request["var_file"]), variables, output)
+    (image_id,) = hook.follow(process, output, lambda message: None).amis().values()
+    try:
+        ec2 = aws("ec2")
+        image = ec2.describe_images(ImageIds=[image_id])["Images"][0]
+        snapshot_id = image["BlockDeviceMappings"][0]["Ebs"]["SnapshotId"]
+        snapshot = ec2.describe_snapshots(SnapshotIds=[snapshot_id])["Snapshots"][0]
+        assert tags.items() <= {t["Key"]: t["Value"] for t in image["Tags"]}.items()
+        assert tags.items() <= {t["Key"]: t["Value"] for t in snapshot["Tags"]}.items()
+    finally:
+        hook.deregister_image(image_id)
 
 
 def _build(**conf) -> dict:

@@ -173,6 +173,13 @@ def test_the_builders_expiry_counts_from_when_its_bake_starts(ec2, operator, tmp
     assert parse_expiry(tags[EXPIRES_TAG]) > datetime.now(UTC) + timedelta(hours=11)
 
 
+def test_the_amis_tags_go_to_packer_through_the_tags_variable(ec2, operator, tmp_path) -> None:
+    operator.tags_variable = "image_tags"
+    with pytest.raises(PackerError):
+        operator.execute({})
+    assert json.loads(re.search(r"image_tags=(\{.*?\})", (tmp_path / "calls").read_text())[1]) == {"dtp:run": "r1"}
+
+
 def _baked_name(tmp_path: Path) -> str:
     """The AMI name of the last bake packer was asked for."""
     return re.findall(r"ami_name=(\S+)", (tmp_path / "calls").read_text())[-1]

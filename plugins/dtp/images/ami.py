@@ -169,9 +169,9 @@ def published_families(ssm: Any) -> list[str]:
 
 
 def bake_requests(params: Any, tags: dict[str, str]) -> list[dict[str, Any]]:
-    """One PackerBuildOperator's kwargs per family (for ``expand_kwargs``): ``tags`` for the AMI; the instance
-    that bakes it gets them too, marked as a builder, with an expiry of ``BUILDER_EXPIRY_HOURS`` from the time its
-    bake starts."""
+    """One PackerBuildOperator's kwargs per family (for ``expand_kwargs``): ``tags`` for the AMI, which packer
+    sets as it makes it; the instance that bakes it gets them too, marked as a builder, with an expiry of
+    ``BUILDER_EXPIRY_HOURS`` from the time its bake starts."""
     builder_tags = {**tags, BUILDER_TAG: "true"}
     return [
         {
@@ -180,6 +180,7 @@ def bake_requests(params: Any, tags: dict[str, str]) -> list[dict[str, Any]]:
             "name_prefix": f"dtp-{family}",
             "fingerprint_paths": fingerprint_inputs(family),
             "tags": tags,
+            "tags_variable": "image_tags",
             "builder_tags": builder_tags,
             "builder_expiry_hours": BUILDER_EXPIRY_HOURS,
             "source_ami": source_ami(family),

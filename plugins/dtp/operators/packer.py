@@ -45,6 +45,9 @@ class PackerBuildOperator(BaseOperator):
         var file (playbooks, roles); default: the template's folder
     :param name_variable: the template variable that receives the AMI name
     :param tags: tags for the AMI and its snapshots
+    :param tags_variable: the template's map variable that also takes ``tags`` (not part of the fingerprint), so
+        packer tags the AMI and its snapshots as it makes them: a worker that dies before the task tags them
+        leaves nothing the reaper cannot find; None passes nothing
     :param builder_tags: tags for the builder instance and its volumes, passed as the template's
         ``builder_tags`` map variable (not part of the fingerprint), so an instance packer could not
         delete can be found; None passes nothing
@@ -81,6 +84,7 @@ class PackerBuildOperator(BaseOperator):
         fingerprint_paths: list[str] | None = None,
         name_variable: str = "ami_name",
         tags: dict[str, str] | None = None,
+        tags_variable: str | None = None,
         builder_tags: dict[str, str] | None = None,
         builder_expiry_hours: float | None = None,
         source_ami: dict[str, str] | None = None,
@@ -98,6 +102,7 @@ class PackerBuildOperator(BaseOperator):
         self.fingerprint_paths = fingerprint_paths
         self.name_variable = name_variable
         self.tags = tags or {}
+        self.tags_variable = tags_variable
         self.builder_tags = builder_tags
         self.builder_expiry_hours = builder_expiry_hours
         self.source_ami = source_ami
@@ -146,6 +151,8 @@ class PackerBuildOperator(BaseOperator):
         else:
             if self.builder_tags is not None:
                 variables["builder_tags"] = json.dumps(self._builder_tags())  # JSON is HCL's map syntax too
+            if self.tags_variable:
+                variables[self.tags_variable] = json.dumps(self.tags)
             hook.validate(template, var_file, variables)
             self.log.info("Baking %s with packer (source %s)", name, hook.source)
             with tempfile.TemporaryDirectory(prefix="dtp-packer-") as tmp:
