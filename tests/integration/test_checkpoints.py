@@ -98,6 +98,22 @@ def test_another_frameworks_checkpoint_folder_is_saved_less_unfinished_folders(s
     }
 
 
+def test_a_file_a_later_save_rewrote_with_its_size_is_saved_again(stack, aws, tmp_path) -> None:
+    spec, cluster, checkpoints = run(tmp_path, "megatron-lm")
+    write(checkpoints / "latest_checkpointed_iteration.txt", b"100")
+    write(checkpoints / "iter_0000100" / "mp_rank_00" / "model_optim_rng.pt", b"\x01" * 64)
+    assert save_checkpoint(spec, cluster, "aws_default")["uploaded"] == 2
+    # The run saved again: the tracker says 300, in as many bytes as it said 100.
+    write(checkpoints / "latest_checkpointed_iteration.txt", b"300")
+    write(checkpoints / "iter_0000300" / "mp_rank_00" / "model_optim_rng.pt", b"\x03" * 64)
+    saved = save_checkpoint(spec, cluster, "aws_default")
+    assert (saved["uploaded"], saved["uploaded_bytes"]) == (2, 67)  # the tracker and the new iteration's file
+    bucket, prefix = saved["uri"].removeprefix("s3://").split("/", 1)
+    tracker = aws("s3").get_object(Bucket=bucket, Key=prefix + "latest_checkpointed_iteration.txt")["Body"].read()
+    assert tracker == b"300"
+    assert save_checkpoint(spec, cluster, "aws_default")["uploaded"] == 0  # a retry: all stored as they are
+
+
 def test_a_run_that_wrote_no_checkpoint_saves_nothing(stack, aws, tmp_path) -> None:
     spec, cluster, checkpoints = run(tmp_path, "fsdp")
     write(checkpoints / "tmp-step_10" / "__0_0.distcp", b"\x00")  # it failed while saving its first one
@@ -161,6 +177,12 @@ def test_a_prefix_without_a_whole_copy_is_refused(stack, aws, tmp_path) -> None:
         (b"{not json", "manifest: Invalid JSON"),
         (b'{"run_key": "r", "framework": "fsdp", "model": "tiny", "step": 5, "bytes": 1}', "files: Field required"),
         (b'{"run_key": "r", "framework": "fsdp", "model": "tiny", "step": "five", "bytes": 1, "files": []}', "step: "),
+        # A path restore_checkpoint would write outside the new run's checkpoint folder: refused before it exists.
+        (
+            b'{"run_key": "r", "framework": "fsdp", "model": "tiny", "step": 5, "bytes": 1, "files": [{"path": '
+            b'"../../../etc/cron.d/x", "bytes": 1}]}',
+            "files.0.path: Value error, got '../../../etc/cron.d/x'; expected a relative path below the checkpoint",
+        ),
     ],
 )
 def test_a_manifest_that_is_not_one_is_refused_by_what_is_wrong(stack, aws, tmp_path, manifest, message) -> None:

@@ -159,3 +159,32 @@ def test_objects_that_would_be_staged_as_one_file_are_refused(stack, aws, tmp_pa
     cluster = {"shared_dir": str(tmp_path), "slurm_conn_id": "slurm_default"}
     with pytest.raises(ValueError, match=r"objects c/a/b\.txt, c/a__b\.txt under s3://.* would be staged as one file"):
         stage_data(spec, {"DataBucket": "unused"}, cluster, "aws_default")
+
+
+@pytest.mark.parametrize(
+    ("recipe", "keys", "message"),
+    [
+        (MEGATRON, ["d/tok//tokenizer.json"], "object 'd/tok//tokenizer.json' is not a plain relative path under 'd/'"),
+        (MEGATRON, ["d/./x"], "object 'd/./x' is not a plain relative path under 'd/'"),
+        (MEGATRON, ["d/sub/../x"], "object 'd/sub/../x' is not a plain relative path under 'd/'"),
+        (MEGATRON, ["d/tokenizer", "d/tokenizer/tokenizer.json"], "object 'd/tokenizer' is also a folder of other"),
+        (TRAINER, ["d/a/b.txt", "d/a__b.txt"], "objects d/a/b.txt, d/a__b.txt under s3://"),
+    ],
+)  # fmt: skip
+def test_keys_stage_data_would_refuse_are_named_before_anything_is_created(
+    stack, aws, tmp_path, recipe: dict, keys: list[str], message: str
+) -> None:
+    s3 = aws("s3")
+    bucket = f"dtp-it-keys-{uuid.uuid4().hex[:8]}"
+    s3.create_bucket(Bucket=bucket)
+    for key in ["d/train_text_document.bin", "d/train_text_document.idx", "d/corpus.txt", *keys]:
+        s3.put_object(Bucket=bucket, Key=key, Body=b"\x01")
+    assert set(keys) <= {o["Key"] for o in s3.list_objects_v2(Bucket=bucket)["Contents"]}  # stored as they are
+    spec = run_spec("keys", recipe, f"s3://{bucket}/d/")
+    problem = dataset_problem(spec, "aws_default")
+    assert problem is not None and problem.startswith(f"dataset_uri: {message}"), problem
+    # stage_data, once the cluster exists, refuses the same keys with the same words.
+    cluster = {"shared_dir": str(tmp_path), "slurm_conn_id": "slurm_default"}
+    with pytest.raises(ValueError) as refused:
+        stage_data(spec, {"DataBucket": "unused"}, cluster, "aws_default")
+    assert str(refused.value) == problem

@@ -210,3 +210,16 @@ def test_a_capacity_fallbacks_instance_type_is_shown() -> None:
     page = render_report(asked, SUMMARY, None, [], {}, actual_instance_type="p5e.48xlarge")
     assert "<tr><th>instance type</th><td>p5e.48xlarge (capacity fallback: the run asked for p5.48xlarge)</td>" in page
     assert "capacity fallback" not in render_report(asked, SUMMARY, None, [], {}, actual_instance_type="p5.48xlarge")
+
+
+def test_extra_env_is_shown_by_its_names_and_never_its_values() -> None:
+    # The report is published to the artifacts bucket behind a presigned URL; extra_env may hold tokens.
+    env = {"HF_TOKEN": "hf_secret123", "NCCL_DEBUG": "INFO"}
+    run = render_report(spec(extra_env=env), SUMMARY, None, [], {})
+    validation = render_validation_report(
+        spec(slurm_conn_id="slurm_default", instance_type="p5.48xlarge", extra_env=env), {"ranks": []}
+    )
+    for page in (run, validation):
+        assert "hf_secret123" not in page and "INFO" not in page
+        assert "<tr><th>extra_env</th><td>HF_TOKEN=***, NCCL_DEBUG=***</td></tr>" in page
+        assert "<tr><th>num_nodes</th><td>2</td></tr>" in page  # the other parameters as they are

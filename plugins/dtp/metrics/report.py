@@ -28,6 +28,10 @@ NO_MFU = {
 }
 
 
+# What a masked value shows instead of itself.
+MASK = "***"
+
+
 def no_mfu(framework: str) -> str:
     """Why a run of ``framework`` has no MFU, for the report."""
     return NO_MFU.get(framework, f"n/a ({framework} reports none)")
@@ -134,6 +138,17 @@ def _table(rows: dict[str, Any]) -> str:
     return f"<table>{cells}</table>"
 
 
+def shown_params(params: dict[str, Any]) -> dict[str, Any]:
+    """The run's parameters as a report shows them: ``extra_env`` by its names alone (``HF_TOKEN=***``). Its values
+    are the jobs' environment, which may hold tokens (the batch script exporting them is its owner's alone), and a
+    report is published to the artifacts bucket behind a presigned URL. The other parameters are names, sizes, S3
+    URIs and switches, shown as they are."""
+    env = params.get("extra_env")
+    if not env:
+        return params
+    return {**params, "extra_env": ", ".join(f"{name}={MASK}" for name in env)}
+
+
 def _grid(rows: dict[str, dict[str, Any]]) -> str:
     """A table with one row per key of ``rows`` (a node) and one column per inner key (a component)."""
     columns = sorted({c for row in rows.values() for c in row})
@@ -227,7 +242,7 @@ Gates: <b class="{verdict}">{verdict}</b></p>
 <h2>Key metrics</h2>{_table(key_metrics)}
 <h2>Plots</h2>{_figures(images)}
 {_cluster_section(preflight)}
-<h2>Parameters</h2>{_table(spec["params"])}
+<h2>Parameters</h2>{_table(shown_params(spec["params"]))}
 <h2>Resources</h2>{_table(resources)}"""
     return _page(f"DTP run {spec['names']['run_key']}", body)
 
@@ -249,5 +264,5 @@ Validation: <b class="{verdict}">{verdict}</b></p>
 <h2>All-reduce bus bandwidth</h2>{_figures(images)}
 <h2>Versions per node</h2>{_grid(result.get("versions", {}))}
 <h2>Environment per rank</h2>{_grid(environment)}
-<h2>Parameters</h2>{_table(spec["params"])}"""
+<h2>Parameters</h2>{_table(shown_params(spec["params"]))}"""
     return _page(f"DTP cluster validation {spec['names']['run_key']}", body)

@@ -5,7 +5,8 @@ deleted with it), so the checkpoint a run trained to would go too. Before teardo
 (which sees the shared filesystem) copies it to ``s3://<artifacts>/runs/<run_key>/checkpoints/``, the bucket that
 outlives runs, and writes ``MANIFEST.json`` (every file, its size, the step) last: a manifest means the copy is
 whole. DTP's trainer's newest complete ``step_N`` folder is saved; another framework's whole checkpoint folder
-is saved, less the folders it has not finished (named ``tmp*``). A retry uploads only what is missing.
+is saved, less the folders it has not finished (named ``tmp*``). A retry uploads only what the bucket lacks or
+holds with other content.
 ``SaveCheckpointOperator`` does the saving, and has FSx for Lustre export the files where it can.
 
 A later run of the same framework and model may start from a saved checkpoint (its ``resume_from`` param):
@@ -15,24 +16,36 @@ the files back into the new run's checkpoint folder, where its job resumes from 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from airflow.providers.amazon.aws.hooks.s3 import S3Hook
 from botocore.exceptions import ClientError
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError, field_validator
+from s3transfer.utils import ChunksizeAdjuster
 
 from dtp.params import ParamsError
-from dtp.pipeline.data import RUNS_FOLDER, check_shared_dir_visible, download, relative_key, run_dir, s3_folder
+from dtp.pipeline.data import (
+    RUNS_FOLDER,
+    check_shared_dir_visible,
+    download,
+    is_plain_relative,
+    relative_key,
+    run_dir,
+    s3_folder,
+)
 from dtp.pipeline.results import artifacts_bucket
 
 log = logging.getLogger(__name__)
 STEP_DIR = re.compile(r"^step_(\d+)$")
 MANIFEST = "MANIFEST.json"
+HASH_BLOCK = 1 << 20  # bytes read at a time while hashing a file
 
 
 def checkpoint_files(checkpoint_dir: Path, framework: str) -> tuple[int | None, list[Path]]:
@@ -85,18 +98,63 @@ def newest_checkpoint(spec: dict[str, Any], cluster: dict[str, Any], aws_conn_id
 
 
 def upload_checkpoint(checkpoint: Checkpoint, aws_conn_id: str) -> dict[str, int]:
-    """Upload the checkpoint's files that the bucket lacks or holds with another size; how many, and their bytes."""
+    """Upload the checkpoint's files that the bucket lacks or holds with other content; how many, and their bytes.
+
+    Size alone does not tell: a checkpoint rewrites files in place with the same size (Megatron-LM's
+    ``latest_checkpointed_iteration.txt`` going from "100" to "300", a shard of a step trained again), and a copy
+    keeping the old one would resume from the wrong step. An object written after the file last changed is its
+    copy (an FSx export of this checkpoint, or an earlier try of this upload). An older one of the same size is
+    compared by content: the file is hashed and compared with the object's ETag, which S3 computes from the
+    content as uploaded (the MD5, or for a multipart upload the MD5 of its parts' MD5s: ``etag`` computes it with
+    the part size this upload uses). An object whose ETag is not of that kind (another part size, a KMS-encrypted
+    bucket) is uploaded again, the safe side."""
     s3 = S3Hook(aws_conn_id=aws_conn_id)
-    existing = {obj["Key"]: obj["Size"] for obj in s3.iter_file_metadata(checkpoint.prefix, checkpoint.bucket)}
+    existing = {obj["Key"]: obj for obj in s3.iter_file_metadata(checkpoint.prefix, checkpoint.bucket)}
+    threshold, part_size = s3.transfer_config.multipart_threshold, s3.transfer_config.multipart_chunksize
     uploaded = uploaded_bytes = 0
     for path in checkpoint.files:
         key, size = checkpoint.prefix + checkpoint.relative(path), path.stat().st_size
-        if existing.get(key) != size:
+        if not _stored_as_is(existing.get(key), path, threshold, part_size):
             s3.load_file(str(path), key, checkpoint.bucket, replace=True)
             uploaded, uploaded_bytes = uploaded + 1, uploaded_bytes + size
     log.info("Uploaded %d of %d files (%d bytes) to %s", uploaded, len(checkpoint.files), uploaded_bytes,
              checkpoint.uri)  # fmt: skip
     return {"uploaded": uploaded, "uploaded_bytes": uploaded_bytes}
+
+
+def _stored_as_is(stored: dict[str, Any] | None, path: Path, threshold: int, part_size: int) -> bool:
+    """Whether the bucket's object ``stored`` (its listing entry) holds the file at ``path`` as it is now."""
+    if stored is None or stored["Size"] != path.stat().st_size:
+        return False
+    if stored["LastModified"] >= datetime.fromtimestamp(path.stat().st_mtime, UTC):
+        return True
+    return bool(stored["ETag"].strip('"') == etag(path, threshold, part_size))
+
+
+def etag(path: Path, multipart_threshold: int, part_size: int) -> str:
+    """The ETag S3 gives ``path`` uploaded as boto3 uploads it (without KMS): the MD5 of a file smaller than
+    ``multipart_threshold``; else the MD5 of its parts' MD5s and their count, the parts ``part_size`` bytes (boto3
+    raises it to keep a file within S3's 10,000 parts)."""
+    size = path.stat().st_size
+    with path.open("rb") as file:
+        if size < multipart_threshold:
+            return hashlib.file_digest(file, _md5).hexdigest()
+        part_size = ChunksizeAdjuster().adjust_chunksize(part_size, size)
+        parts = [_part_md5(file, part_size) for _ in range(-(-size // part_size))]
+    return f"{_md5(b''.join(parts)).hexdigest()}-{len(parts)}"
+
+
+def _part_md5(file: BinaryIO, size: int) -> bytes:
+    """The MD5 of the next ``size`` bytes of ``file`` (fewer at its end)."""
+    digest = _md5()
+    while size and (block := file.read(min(HASH_BLOCK, size))):
+        digest.update(block)
+        size -= len(block)
+    return digest.digest()
+
+
+def _md5(data: bytes = b"") -> Any:
+    return hashlib.md5(data, usedforsecurity=False)  # the algorithm of S3's ETags, not a security check
 
 
 def write_manifest(spec: dict[str, Any], checkpoint: Checkpoint, aws_conn_id: str) -> dict[str, Any]:
@@ -124,6 +182,18 @@ def _location(uri: str) -> tuple[str, str]:
 class _ManifestFile(BaseModel):
     path: str
     bytes: int = Field(ge=0)
+
+    @field_validator("path")
+    @classmethod
+    def _plain(cls, path: str) -> str:
+        """A path restore_checkpoint writes below the new run's checkpoint folder: refused here, while
+        validate_params reads the manifest, rather than once the run's cluster exists."""
+        if not is_plain_relative(path) or any(c in path for c in "\\\0"):
+            raise ValueError(
+                f"got {path!r}; expected a relative path below the checkpoint folder: not absolute, no empty, '.' or "
+                "'..' segment, no backslash or NUL"
+            )
+        return path
 
 
 class _Manifest(BaseModel):

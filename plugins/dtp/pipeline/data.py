@@ -22,6 +22,8 @@ import os
 import re
 import uuid
 from collections import Counter
+from collections.abc import Iterator
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +42,10 @@ RUN_MARKER = "run.json"
 # artifacts bucket.
 RUNS_FOLDER = "runs"
 S3_URI = re.compile(r"^s3://(?P<bucket>[^/]+)/?(?P<prefix>.*)$")
+# Pages of a listing (1,000 keys each) whose keys dataset_problem checks before anything is created: enough for any
+# dataset of shards while keeping validate_params to seconds. A bad key past them is still refused, by stage_data
+# (which lists every key, as it copies every object), only later.
+CHECKED_PAGES = 20
 
 
 def run_dir(spec: dict[str, Any], cluster: dict[str, Any]) -> Path:
@@ -94,9 +100,10 @@ def check_shared_dir_visible(cluster: dict[str, Any]) -> None:
 
 
 def dataset_problem(spec: dict[str, Any], aws_conn_id: str) -> str | None:
-    """Why ``dataset_uri`` cannot be staged (nothing there to train on, the framework's files missing, or S3
-    refusing to list it), asked before anything is created; ``stage_data`` checks again as it copies. Lists keys
-    only up to the first ``.txt`` (or one key, with the framework's files), however large the dataset."""
+    """Why ``dataset_uri`` cannot be staged (nothing there to train on, the framework's files missing, keys
+    ``stage_data`` would refuse, or S3 refusing to list it), asked before anything is created; ``stage_data`` checks
+    again as it copies. Checks the keys of the listing's first ``CHECKED_PAGES`` pages, however large the dataset
+    (for DTP's trainer it lists on from there only until it meets a ``.txt``)."""
     source, framework = spec["params"]["dataset_uri"], spec["recipe"]["framework"]
     if framework == "nemo" and source:  # a dataset it would never read: said, not silently ignored
         return (
@@ -112,17 +119,57 @@ def dataset_problem(spec: dict[str, Any], aws_conn_id: str) -> str | None:
     try:
         if framework in DATASET_FILES:
             missing = [name for name in DATASET_FILES[framework] if not s3.check_for_key(prefix + name, bucket)]
-            listed = s3.get_conn().list_objects_v2(Bucket=bucket, Prefix=prefix, MaxKeys=1).get("Contents", [])
-            if missing or not listed:
+            checked = islice(_listed(s3, bucket, prefix), CHECKED_PAGES)
+            keys = [key for page in checked for key in page if not key.endswith("/")]  # less folder markers
+            if missing or not keys:
                 why = f"lacks {', '.join(missing)} (this framework reads them)" if missing else "holds no objects"
                 return f"dataset_uri: s3://{bucket}/{prefix} {why}"
+            mirror_paths(keys, prefix)
             return None
-        pages = s3.get_conn().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
-        if not any(o["Key"].endswith(".txt") for page in pages for o in page.get("Contents", [])):
+        pages = _listed(s3, bucket, prefix)
+        keys = [key for page in islice(pages, CHECKED_PAGES) for key in page]
+        # The rest of the pages only while no .txt has shown up: one is enough to train on.
+        if not any(key.endswith(".txt") for key in keys) and not any(k.endswith(".txt") for p in pages for k in p):
             return f"dataset_uri: no .txt objects under {source}"
+        shard_files(keys, prefix, source)
     except ClientError as err:
         return f"dataset_uri: cannot list {source}: {err.response['Error']['Code']}"
+    except ValueError as err:  # a key stage_data would refuse
+        return str(err)
     return None
+
+
+def _listed(s3: S3Hook, bucket: str, prefix: str) -> Iterator[list[str]]:
+    """The keys under ``prefix``, a page at a time, listed as each is asked for."""
+    pages = s3.get_conn().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+    return ([obj["Key"] for obj in page.get("Contents", [])] for page in pages)
+
+
+def shard_files(keys: list[str], prefix: str, source: str) -> dict[str, str]:
+    """The ``.txt`` objects among ``keys`` (under ``prefix`` of ``source``), sorted, by the file name each is staged
+    as in the run's flat data folder (``a/b.txt`` -> ``a__b.txt``). Objects that would be staged as one file
+    (``a/b.txt`` and ``a__b.txt``: one of them would be read twice into the shard) raise ValueError."""
+    names = {key: key[len(prefix) :].lstrip("/").replace("/", "__") for key in sorted(keys) if key.endswith(".txt")}
+    counts = Counter(names.values())
+    if len(counts) < len(names):
+        same = sorted(key for key, name in names.items() if counts[name] > 1)
+        raise ValueError(f"dataset_uri: objects {', '.join(same)} under {source} would be staged as one file")
+    return names
+
+
+def mirror_paths(keys: list[str], prefix: str) -> dict[str, str]:
+    """The objects among ``keys`` (less folder markers, ``x/``), sorted, by the path under ``prefix`` each is
+    mirrored to. A key that is not a plain relative path under ``prefix`` (it could land outside the dataset
+    directory) raises ValueError, and so does an object whose path other objects' paths are under (``a`` and
+    ``a/b``: one path cannot be a file and a folder)."""
+    paths = {key: relative_key(key, prefix) for key in sorted(keys) if not key.endswith("/")}
+    folders = {path.rsplit("/", depth)[0] for path in paths.values() for depth in range(1, path.count("/") + 1)}
+    if clashing := [key for key, path in paths.items() if path in folders]:
+        raise ValueError(
+            f"dataset_uri: object {clashing[0]!r} is also a folder of other objects under {prefix!r}; a path can be "
+            "a file or a folder, not both"
+        )
+    return paths
 
 
 def stage_data(
@@ -143,16 +190,12 @@ def stage_data(
     if framework in DATASET_FILES:
         dest = Path(dataset_dir(cluster["shared_dir"], framework, source))
         return mirror_dataset(s3, bucket, prefix, dest, DATASET_FILES[framework]) | {"source": source}
-    keys = sorted(k for k in s3.list_keys(bucket, prefix=prefix) or [] if k.endswith(".txt"))
-    if not keys:
+    names = shard_files(s3.list_keys(bucket, prefix=prefix) or [], prefix, source)
+    if not names:
         raise ValueError(f"dataset_uri: no .txt objects under {source}")
     dest = run_dir(spec, cluster) / "data"
     dest.mkdir(parents=True, exist_ok=True)
-    targets = {key: dest / key[len(prefix) :].lstrip("/").replace("/", "__") for key in keys}
-    counts = Counter(targets.values())
-    if len(counts) < len(targets):  # a/b.txt and a__b.txt would be one file, read twice into the shard
-        same = sorted(key for key, target in targets.items() if counts[target] > 1)
-        raise ValueError(f"dataset_uri: objects {', '.join(same)} under {source} would be staged as one file")
+    targets = {key: dest / name for key, name in names.items()}
     copied = moved_bytes = 0
     files = []
     for key, target in targets.items():
@@ -206,11 +249,17 @@ def as_folder(prefix: str) -> str:
     return prefix if not prefix or prefix.endswith("/") else prefix + "/"
 
 
+def is_plain_relative(path: str) -> bool:
+    """Whether ``path`` stays below the folder it is joined to, naming a file: not absolute, no empty, ``.`` or
+    ``..`` segment."""
+    return not any(part in ("", ".", "..") for part in path.split("/"))
+
+
 def relative_key(key: str, prefix: str, param: str = "dataset_uri") -> str:
     """``key`` under ``prefix`` as a relative path; a key that would leave the destination is refused, naming the
     ``param`` that pointed there."""
     relative = key[len(prefix) :]
-    if any(part in ("", ".", "..") for part in relative.split("/")):
+    if not is_plain_relative(relative):
         raise ValueError(f"{param}: object {key!r} is not a plain relative path under {prefix!r}")
     return relative
 
@@ -228,7 +277,7 @@ def mirror_dataset(s3: S3Hook, bucket: str, prefix: str, dest: Path, required: t
             + (f"lacks {', '.join(missing)}" if keys else "holds no objects")
             + (f" (this framework reads {', '.join(required)})" if required else "")
         )
-    targets = {key: dest / relative_key(key, base) for key in keys}
+    targets = {key: dest / path for key, path in mirror_paths(keys, base).items()}
     copied = moved_bytes = 0
     for key, target in targets.items():
         target.parent.mkdir(parents=True, exist_ok=True)
