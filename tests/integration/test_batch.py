@@ -18,7 +18,7 @@ from dtp.params import TrainParams, parse_params
 from dtp.pipeline import jobs
 from dtp.pipeline.graph import submit_prepared_batch_job
 from dtp.pipeline.spec import run_spec
-from dtp.platforms.batch import DIGEST_TAG, BatchPlatform
+from dtp.platforms.batch import ACTIVE_JOB_STATES, DIGEST_TAG, BatchPlatform
 
 pytestmark = pytest.mark.stack
 AWS = "aws_default"
@@ -49,15 +49,27 @@ def roles(spec, aws, monkeypatch) -> Iterator[None]:
     iam.delete_role(RoleName=name)
 
 
+def _batch_config(stack: Any, use_docker: bool) -> Iterator[None]:
+    """The emulator's Batch jobs with ``use_docker`` set; its setting is restored afterwards."""
+    url = f"{stack.moto_url}/moto-api/config"
+    before = requests.get(url, timeout=10).json()["batch"]
+    requests.post(url, json={"batch": {"use_docker": use_docker}}, timeout=10).raise_for_status()
+    yield
+    requests.post(url, json={"batch": before}, timeout=10).raise_for_status()
+
+
 @pytest.fixture
 def jobs_without_docker(stack) -> Iterator[None]:
     """The emulator runs Batch jobs in Docker unless told not to; there is no Docker engine here, so jobs then
-    succeed at once without running anything. The emulator's setting is restored afterwards."""
-    url = f"{stack.moto_url}/moto-api/config"
-    before = requests.get(url, timeout=10).json()["batch"]
-    requests.post(url, json={"batch": {"use_docker": False}}, timeout=10).raise_for_status()
-    yield
-    requests.post(url, json={"batch": before}, timeout=10).raise_for_status()
+    succeed at once without running anything."""
+    yield from _batch_config(stack, use_docker=False)
+
+
+@pytest.fixture
+def jobs_in_docker(stack) -> Iterator[None]:
+    """Jobs run as on Batch: through their states, a job waiting for its dependencies first (without Docker, a job
+    that gets to run its container fails)."""
+    yield from _batch_config(stack, use_docker=True)
 
 
 def _ended(aws: Any, job_id: str) -> dict[str, Any]:
@@ -137,6 +149,34 @@ def test_provision_twice_then_a_job_then_teardown_leaves_nothing(spec, outputs, 
     }
 
 
+def test_teardown_terminates_the_runs_unfinished_jobs(spec, outputs, roles, jobs_in_docker, aws) -> None:
+    """A job of the run that has not ended when the run is torn down is terminated with DTP's reason (Batch then
+    fails it); one that ended is left alone. The emulator holds a job unfinished while it waits for a dependency it
+    never sees end: here a job id it does not know (AWS would refuse that id; it stands for a job still running)."""
+    platform = BatchPlatform(poll_seconds=1)
+    run_key = spec["names"]["run_key"]
+    batch = aws("batch")
+    cluster = platform.provision(spec, outputs)
+    submit = {"jobQueue": cluster["job_queue"], "jobDefinition": cluster["job_definition"]}
+    try:
+        ended = batch.submit_job(jobName=f"{run_key}-preflight", **submit)["jobId"]
+        _ended(aws, ended)  # (it fails at its container: no Docker engine here)
+        waiting = batch.submit_job(jobName=f"{run_key}-train", dependsOn=[{"jobId": str(uuid.uuid4())}], **submit)[
+            "jobId"
+        ]
+        assert batch.describe_jobs(jobs=[waiting])["jobs"][0]["status"] in ACTIVE_JOB_STATES
+    finally:
+        result = platform.teardown(spec)
+
+    try:
+        assert result["terminated_jobs"] == [waiting]
+        job = _ended(aws, waiting)
+    finally:  # a job teardown left would wait in the emulator for good (a no-op on one that was terminated)
+        batch.terminate_job(jobId=waiting, reason="test cleanup")
+    assert (job["status"], job["statusReason"]) == ("FAILED", f"end of run {run_key}")
+    assert _left(aws, run_key) == {"compute_environments": [], "job_queues": [], "job_definitions": []}
+
+
 def test_a_changed_job_definition_is_registered_as_a_new_revision(spec, outputs, roles, aws, monkeypatch) -> None:
     platform = BatchPlatform(poll_seconds=1)
     run_key = spec["names"]["run_key"]
@@ -147,7 +187,8 @@ def test_a_changed_job_definition_is_registered_as_a_new_revision(spec, outputs,
         assert (first.rsplit(":", 1)[1], second.rsplit(":", 1)[1]) == ("1", "2")
         assert platform.provision(changed, outputs)["job_definition"] == second
     finally:
-        assert len(platform.teardown(spec)["deregistered_job_definitions"]) == 2
+        result = platform.teardown(spec)
+    assert len(result["deregistered_job_definitions"]) == 2
     assert _left(aws, run_key) == {"compute_environments": [], "job_queues": [], "job_definitions": []}
 
 

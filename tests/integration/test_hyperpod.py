@@ -99,8 +99,11 @@ def test_over_ssh_the_runs_controller_is_where_its_jobs_go(spec, outputs, aws, f
         }
         # keep_cluster's stop goes there too, not to the SSH connection's own host (which would answer): only SSM
         # reaches such a name, and no ProxyCommand for it is configured here (the resolver refuses it outright).
-        with pytest.raises((OSError, SSHException, UnicodeError)):
+        with pytest.raises((OSError, SSHException, UnicodeError)) as refused:
             platform.stop_jobs(spec)
+        # The error names no host (the resolver's): the host ssh tried is read off paramiko's connect.
+        tried = [entry.locals["hostname"] for entry in refused.traceback if entry.name == "connect"]
+        assert tried == [target]
     finally:
         platform.teardown(spec)  # it logs that it could not stop the jobs there, and deletes the cluster
     assert HyperPodHook(aws_conn_id=AWS).describe_cluster(run_key) is None

@@ -178,7 +178,7 @@ def test_half_created_stack_is_reused_and_torn_down(spec, aws) -> None:
     and teardown still removes it and what it made."""
     hook = StackHook(aws_conn_id=AWS)
     name = spec["names"]["network_stack"]
-    with pytest.raises(Exception, match=r"InvalidSubnet\.Range"):
+    with pytest.raises(ClientError, match=r"InvalidSubnet\.Range"):
         hook.ensure_stack(name, BROKEN_TEMPLATE, {}, spec["tags"])
     network.create_network_stack(spec, AWS)
     assert len(_stacks_named(aws, name)) == 1

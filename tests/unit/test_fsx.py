@@ -176,6 +176,32 @@ def test_operator_starts_once_then_reattaches_then_reuses(hook: FsxHook, stub: S
     assert _operator().execute({"ti": _ti(3)})["task_id"] == "task-0123456789abcdef1"
 
 
+def test_a_retry_reattaches_to_its_task_on_a_later_page(hook: FsxHook, stub: Stubber, monkeypatch) -> None:
+    """FSx answers DescribeDataRepositoryTasks a page at a time (botocore has no paginator for it): the retry's task,
+    on the second page, is found and waited for again; nothing is started (the Stubber would refuse a create)."""
+    monkeypatch.setattr(fsx_operators, "FsxHook", lambda **_: hook)
+    key = task_key(_ti())
+    filters = {"Filters": [{"Name": "file-system-id", "Values": [FS]}]}
+    others = [_task(f"task-0123456789abcdef{n}", "SUCCEEDED", key="someone-else") for n in (7, 8)]
+    stub.add_response("describe_data_repository_tasks", {"DataRepositoryTasks": others, "NextToken": "page-2"}, filters)
+    running = _task("task-0123456789abcdef1", "EXECUTING", key=key)
+    stub.add_response(
+        "describe_data_repository_tasks", {"DataRepositoryTasks": [running]}, {**filters, "NextToken": "page-2"}
+    )
+    with pytest.raises(TaskDeferred) as deferred:
+        _operator().execute({"ti": _ti(2)})
+    assert deferred.value.trigger.repository_task_id == "task-0123456789abcdef1"
+
+
+def test_a_paths_association_on_a_later_page_is_found(hook: FsxHook, stub: Stubber) -> None:
+    filters = {"Filters": [{"Name": "file-system-id", "Values": [FS]}]}
+    first = {"Associations": [_association("/data", "s3://b/")], "NextToken": "page-2"}
+    stub.add_response("describe_data_repository_associations", first, filters)
+    second = {"Associations": [_association("/runs", "s3://b/runs/")]}
+    stub.add_response("describe_data_repository_associations", second, {**filters, "NextToken": "page-2"})
+    assert hook.find_data_repository_association(FS, "/runs") == second["Associations"][0]
+
+
 def test_a_cleared_task_asking_for_other_paths_starts_its_own(hook: FsxHook, stub: Stubber, monkeypatch) -> None:
     # A cleared save_checkpoint after more training exports a newer step: the older export is not its answer.
     monkeypatch.setattr(fsx_operators, "FsxHook", lambda **_: hook)

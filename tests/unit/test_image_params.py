@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -202,6 +203,17 @@ def interrupted_packer(tmp_path, monkeypatch) -> PackerHook:
     return PackerHook(aws_conn_id="aws_test", packer_path=str(packer))
 
 
+def _interrupt_once_launched(build: subprocess.Popen[bytes], output: Path, deadline_seconds: float = 30) -> None:
+    """SIGINT the fake packer's process group once its log shows it installed its handler (it prints "launching the
+    builder" after): a signal sent before that would kill it outright, never cleaning up."""
+    deadline = time.monotonic() + deadline_seconds
+    while "launching the builder" not in (output.read_text() if output.exists() else ""):
+        if build.poll() is not None or time.monotonic() > deadline:
+            raise AssertionError(f"the fake packer never launched its builder (exit code {build.poll()})")
+        time.sleep(0.02)
+    os.killpg(build.pid, signal.SIGINT)
+
+
 @pytest.mark.timeout(60)  # a packer that ignored the interrupt would be followed forever
 def test_an_interrupted_build_cleans_up_after_its_reader_is_gone(tmp_path, interrupted_packer) -> None:
     # The task reading packer's output is killed (Airflow's SIGKILL 5 s after on_kill): nothing reads it any more,
@@ -209,8 +221,7 @@ def test_an_interrupted_build_cleans_up_after_its_reader_is_gone(tmp_path, inter
     template = tmp_path / "ami.pkr.hcl"
     template.write_text("")
     build = interrupted_packer.start_build(template, None, {}, tmp_path / "packer.log")
-    time.sleep(0.5)
-    os.killpg(build.pid, signal.SIGINT)
+    _interrupt_once_launched(build, tmp_path / "packer.log")
     assert build.wait(timeout=10) == 1
     assert (tmp_path / "deleted").exists()
     assert "cleaning up" in (tmp_path / "packer.log").read_text()
@@ -222,10 +233,12 @@ def test_following_a_build_reads_every_line_it_wrote_until_it_exited(tmp_path, i
     template.write_text("")
     output = tmp_path / "packer.log"
     build = interrupted_packer.start_build(template, None, {}, output)
-    threading.Timer(1.0, os.killpg, (build.pid, signal.SIGINT)).start()
+    interrupter = threading.Thread(target=_interrupt_once_launched, args=(build, output))
+    interrupter.start()
     messages: list[str] = []
     with pytest.raises(PackerError, match="exit code 1"):
         interrupted_packer.follow(build, output, messages.append, poll_seconds=0.05)
+    interrupter.join()
     assert messages == ["launching the builder", "cleaning up", "done"]  # the last line has no newline
 
 
