@@ -9,12 +9,16 @@ directories) and deletes them in dependency order, each in its own find/delete
 pair: the AWS account, the ``slurm_default`` cluster, then the shared filesystem
 the training worker mounts (where EKS and Batch runs keep their run
 directories); an AMI that SSM
-``/dtp/amis/*`` still publishes is kept. Trigger it with ``dry_run`` to see what it would delete.
+``/dtp/amis/*`` still publishes is kept, and so is everything of a DAG run
+still queued or running here (a task cleared after its run's expiry recreates
+what it needs with that expiry). A kind of AWS resource that cannot be looked
+for fails its pair once the others are deleted. Trigger it with ``dry_run`` to see what it would delete.
 """
 
 from __future__ import annotations
 
 from datetime import datetime, timedelta
+from typing import Any
 
 from airflow.sdk import DAG, Param, TriggerRule, task
 
@@ -23,13 +27,16 @@ from dtp.connections import AWS_CONN_ID, TRAINING_QUEUE
 SLURM_CONN_ID = "slurm_default"
 
 
-@task
-def find_expired_in_aws() -> list[dict[str, str]]:
+# Each finder is given run_is_active, which asks this Airflow for a run's state: a run still queued or running keeps
+# its resources, expired or not.
+@task(multiple_outputs=True)
+def find_expired_in_aws() -> dict[str, Any]:
     from dataclasses import asdict
 
-    from dtp.reaper import find_expired_in_aws
+    from dtp.reaper import find_expired_in_aws, run_is_active
 
-    return [asdict(item) for item in find_expired_in_aws(AWS_CONN_ID)]
+    findings = find_expired_in_aws(AWS_CONN_ID, active=run_is_active)
+    return {"found": [asdict(item) for item in findings.found], "unsearched": findings.unsearched}
 
 
 # The cluster sweeps run on the training queue: its workers reach the shared filesystems, by a mount or over SSH.
@@ -37,9 +44,9 @@ def find_expired_in_aws() -> list[dict[str, str]]:
 def find_expired_on_cluster() -> list[dict[str, str]]:
     from dataclasses import asdict
 
-    from dtp.reaper import find_expired_on_cluster
+    from dtp.reaper import find_expired_on_cluster, run_is_active
 
-    return [asdict(item) for item in find_expired_on_cluster(SLURM_CONN_ID)]
+    return [asdict(item) for item in find_expired_on_cluster(SLURM_CONN_ID, active=run_is_active)]
 
 
 # After the cluster's sweep, which cancels expired jobs before their run directories go (the mount may be the same
@@ -48,16 +55,19 @@ def find_expired_on_cluster() -> list[dict[str, str]]:
 def find_expired_on_worker_mount() -> list[dict[str, str]]:
     from dataclasses import asdict
 
-    from dtp.reaper import find_expired_on_worker_mount
+    from dtp.reaper import find_expired_on_worker_mount, run_is_active
 
-    return [asdict(item) for item in find_expired_on_worker_mount(SLURM_CONN_ID)]
+    return [asdict(item) for item in find_expired_on_worker_mount(SLURM_CONN_ID, active=run_is_active)]
 
 
 @task
-def delete_expired(found: list[dict[str, str]], slurm_conn_id: str | None = None, **context) -> dict:
+def delete_expired(
+    found: list[dict[str, str]], slurm_conn_id: str | None = None, unsearched: dict[str, str] | None = None, **context
+) -> dict:
     from dtp.reaper import Expired, reap
 
-    return reap([Expired(**item) for item in found], AWS_CONN_ID, slurm_conn_id, dry_run=context["params"]["dry_run"])
+    items = [Expired(**item) for item in found]
+    return reap(items, AWS_CONN_ID, slurm_conn_id, dry_run=context["params"]["dry_run"], unsearched=unsearched)
 
 
 with DAG(
@@ -77,7 +87,9 @@ with DAG(
     default_args={"owner": "dtp", "retries": 2, "retry_delay": timedelta(minutes=1)},
 ):
     # Sweeps failing each on its own: an AWS API or a cluster that cannot be asked holds up only its own.
-    delete_expired.override(task_id="delete_expired_in_aws")(find_expired_in_aws())
+    # A kind of AWS resource that cannot be looked for still lets the others be deleted, then fails the deletion.
+    in_aws = find_expired_in_aws()
+    delete_expired.override(task_id="delete_expired_in_aws")(in_aws["found"], unsearched=in_aws["unsearched"])
     on_cluster = delete_expired.override(task_id="delete_expired_on_cluster", queue=TRAINING_QUEUE)(
         find_expired_on_cluster(), SLURM_CONN_ID
     )

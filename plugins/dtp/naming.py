@@ -121,11 +121,27 @@ def resource_tags(names: RunNames, recipe: str, expires_at: str) -> dict[str, st
 
 
 SLURM_EXPIRY_PREFIX = f"{EXPIRES_TAG}="
+SLURM_DAG_PREFIX = f"{TAG_PREFIX}dag="
+SLURM_RUN_ID_PREFIX = f"{TAG_PREFIX}run-id="
 
 
-def slurm_comment(expires_at: str) -> str:
-    """Slurm jobs have no tags: the expiry travels in the job's comment, where the reaper reads it."""
-    return f"{SLURM_EXPIRY_PREFIX}{expires_at}"
+def slurm_comment(expires_at: str, dag_id: str, run_id: str) -> str:
+    """Slurm jobs have no tags: the expiry, and the DAG run whose job it is (the reaper leaves a job of a run still
+    running), travel in the job's comment, where the reaper reads them (``parse_slurm_comment``). The run id goes
+    last and whole: a custom one may hold a space."""
+    return f"{SLURM_EXPIRY_PREFIX}{expires_at} {SLURM_DAG_PREFIX}{dag_id} {SLURM_RUN_ID_PREFIX}{run_id}"
+
+
+def parse_slurm_comment(comment: str) -> tuple[str, str, str]:
+    """``(expires_at, dag_id, run_id)`` from a job's comment: empty strings for what it does not carry (a comment
+    written before it named the DAG run carries the expiry alone; one DTP did not write, nothing)."""
+    if not comment.startswith(SLURM_EXPIRY_PREFIX):
+        return "", "", ""
+    expires_at, _, dag_run = comment.removeprefix(SLURM_EXPIRY_PREFIX).partition(" ")
+    dag, _, run = dag_run.partition(" ")
+    if not (dag.startswith(SLURM_DAG_PREFIX) and run.startswith(SLURM_RUN_ID_PREFIX)):
+        return expires_at, "", ""
+    return expires_at, dag.removeprefix(SLURM_DAG_PREFIX), run.removeprefix(SLURM_RUN_ID_PREFIX)
 
 
 def aws_tags(tags: Mapping[str, str]) -> list[dict[str, str]]:

@@ -7,8 +7,11 @@ filesystem by their ``run.json`` marker; never by a local record) and
 deletes them with the same dependency-ordered sweep teardown uses (HyperPod
 clusters, ParallelCluster clusters and Batch compute environments first,
 waited on until gone: their nodes sit in the run's subnets). One resource
-that cannot be deleted does not stop the others: the task fails at the end,
-naming each, and its retry or the next sweep finds them again.
+that cannot be deleted, or one kind that cannot be looked for, does not stop
+the others: the task fails at the end, naming each, and its retry or the next
+sweep finds them again. Nothing of a DAG run still queued or running is
+deleted, whatever its expiry: a run cleared or retried after it recreates its
+resources with the expiry its ``validate_params`` fixed, and they are in use.
 """
 
 from __future__ import annotations
@@ -17,8 +20,8 @@ import contextlib
 import json
 import logging
 import posixpath
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -35,13 +38,17 @@ from dtp.hooks.slurm import SlurmHook
 from dtp.hooks.stacks import StackHook
 from dtp.hooks.sweeper import RunResourceSweeper
 from dtp.images.ami import AMI_PARAMETER_PATH, BUILDER_TAG
-from dtp.naming import EXPIRES_TAG, SLURM_EXPIRY_PREFIX, TAG_PREFIX, parse_expiry, tags_dict
+from dtp.naming import EXPIRES_TAG, TAG_PREFIX, parse_expiry, parse_slurm_comment, tags_dict
 from dtp.pipeline.data import RUN_MARKER, RUNS_FOLDER
 from dtp.pipeline.network import destroy_run_resources
 from dtp.platforms.batch import WAIT_TIMEOUT_MINUTES, BatchPlatform
 
 log = logging.getLogger(__name__)
 RUN = f"{TAG_PREFIX}run"
+DAG = f"{TAG_PREFIX}dag"
+RUN_ID = f"{TAG_PREFIX}run-id"
+# The DAG run states in which a run may still create or use its resources.
+ACTIVE_RUN_STATES = ("queued", "running")
 # What a run's network sweep (destroy_run_resources) deletes together.
 NETWORK_KINDS = ("stack", "bucket", "vpc")
 # The tags ParallelCluster adds to the cluster config's Tags (which carry dtp:run and dtp:expires-at) on a cluster's
@@ -61,12 +68,28 @@ class ReapIncomplete(RuntimeError):
 @dataclass(frozen=True)
 class Expired:
     """A resource past its expiry: its kind (``stack``, ``slurm_job``, ...), the name or id to delete it by, the
-    run it belongs to, and its expiry."""
+    run it belongs to, its expiry, and the DAG run that made it (empty where the resource does not say)."""
 
     kind: str
     name: str
     run_key: str
     expires_at: str
+    dag_id: str = ""
+    run_id: str = ""
+
+
+@dataclass(frozen=True)
+class AwsFindings:
+    """What ``find_expired_in_aws`` found to delete, and the kinds it could not look for (kind: the error)."""
+
+    found: list[Expired]
+    unsearched: dict[str, str] = field(default_factory=dict)
+
+
+def _tagged(kind: str, name: str, tags: Mapping[str, str], run_key: str | None = None) -> Expired:
+    """The expired resource ``name`` of ``kind``, its run and expiry as its tags say."""
+    run_key = run_key or tags[RUN]
+    return Expired(kind, name, run_key, tags[EXPIRES_TAG], tags.get(DAG, ""), tags.get(RUN_ID, ""))
 
 
 def _expired(expires_at: str | None, now: datetime) -> bool:
@@ -78,36 +101,124 @@ def _expired(expires_at: str | None, now: datetime) -> bool:
         return False
 
 
-def find_expired_in_aws(aws_conn_id: str, now: datetime | None = None) -> list[Expired]:
+def find_expired_in_aws(
+    aws_conn_id: str, now: datetime | None = None, *, active: Callable[[str, str], bool]
+) -> AwsFindings:
     """The account's expired stacks (network and ParallelCluster cluster stacks), buckets, VPCs, HyperPod clusters,
-    Batch environments, builder instances, unpublished AMIs and the snapshots AMIs left behind."""
+    Batch environments, builder instances, unpublished AMIs and the snapshots AMIs left behind, less those of a run
+    ``active`` says is queued or running. Each kind is looked for on its own: one whose lookup fails (an API down,
+    a permission missing) is logged and named in ``unsearched``, and the others are still found."""
     now = now or datetime.now(UTC)
-    found = expired_stacks(StackHook(aws_conn_id=aws_conn_id).conn, now)
-    s3 = S3Hook(aws_conn_id=aws_conn_id).conn
+    lookups: dict[str, Callable[[], list[Expired]]] = {
+        "stack": lambda: expired_stacks(StackHook(aws_conn_id=aws_conn_id).conn, now),
+        "bucket": lambda: expired_buckets(S3Hook(aws_conn_id=aws_conn_id).conn, now),
+        "vpc": lambda: expired_vpcs(RunResourceSweeper(aws_conn_id=aws_conn_id).conn, now),
+        "hyperpod_cluster": lambda: expired_hyperpod_clusters(HyperPodHook(aws_conn_id=aws_conn_id), now),
+        "batch": lambda: expired_batch_environments(BatchClientHook(aws_conn_id=aws_conn_id).client, now),
+        "builder_instance": lambda: expired_builder_instances(RunResourceSweeper(aws_conn_id=aws_conn_id).conn, now),
+        "ami": lambda: expired_amis(RunResourceSweeper(aws_conn_id=aws_conn_id).conn, published_amis(aws_conn_id), now),
+    }
+    found: list[Expired] = []
+    unsearched: dict[str, str] = {}
+    for kind, lookup in lookups.items():
+        try:
+            found += lookup()
+        except Exception as err:  # the other kinds are still looked for, and deleted; reap fails at the end
+            log.exception("could not look for expired resources of kind %s", kind)
+            unsearched[kind] = f"{type(err).__name__}: {err}"
+    return AwsFindings(spare_active_runs(found, active), unsearched)
+
+
+def expired_buckets(s3: Any, now: datetime) -> list[Expired]:
+    """Expired buckets of a run (one whose tags cannot be read is not one of DTP's)."""
+    found = []
     for bucket in s3.list_buckets().get("Buckets", []):
         try:
             tags = tags_dict(s3.get_bucket_tagging(Bucket=bucket["Name"])["TagSet"])
         except ClientError:
             continue
         if RUN in tags and _expired(tags.get(EXPIRES_TAG), now):
-            found.append(Expired("bucket", bucket["Name"], tags[RUN], tags[EXPIRES_TAG]))
-    ec2 = RunResourceSweeper(aws_conn_id=aws_conn_id).conn
+            found.append(_tagged("bucket", bucket["Name"], tags))
+    return found
+
+
+def expired_vpcs(ec2: Any, now: datetime) -> list[Expired]:
+    """Expired VPCs of a run (what its network sweep deletes with them is found by their run's tag then)."""
+    found = []
     for vpc in ec2.describe_vpcs(Filters=[{"Name": "tag-key", "Values": [RUN]}])["Vpcs"]:
         tags = tags_dict(vpc.get("Tags", []))
         if _expired(tags.get(EXPIRES_TAG), now):
-            found.append(Expired("vpc", vpc["VpcId"], tags[RUN], tags[EXPIRES_TAG]))
-    for name, tags in HyperPodHook(aws_conn_id=aws_conn_id).tagged_clusters():
-        if RUN in tags and _expired(tags.get(EXPIRES_TAG), now):
-            found.append(Expired("hyperpod_cluster", name, tags[RUN], tags[EXPIRES_TAG]))
-    batch: Any = BatchClientHook(aws_conn_id=aws_conn_id).client
+            found.append(_tagged("vpc", vpc["VpcId"], tags))
+    return found
+
+
+def expired_hyperpod_clusters(hyperpod: HyperPodHook, now: datetime) -> list[Expired]:
+    """Expired HyperPod clusters of a run."""
+    return [
+        _tagged("hyperpod_cluster", name, tags)
+        for name, tags in hyperpod.tagged_clusters()
+        if RUN in tags and _expired(tags.get(EXPIRES_TAG), now)
+    ]
+
+
+def expired_batch_environments(batch: Any, now: datetime) -> list[Expired]:
+    """Expired Batch compute environments of a run (deleted with the run's queue, job definitions and jobs)."""
+    found = []
     for page in batch.get_paginator("describe_compute_environments").paginate():
         for environment in page["computeEnvironments"]:
             tags = environment.get("tags", {})
             if RUN in tags and _expired(tags.get(EXPIRES_TAG), now):
-                found.append(Expired("batch", environment["computeEnvironmentName"], tags[RUN], tags[EXPIRES_TAG]))
-    found += expired_builder_instances(ec2, now)
-    found += expired_amis(ec2, published_amis(aws_conn_id), now)
+                found.append(_tagged("batch", environment["computeEnvironmentName"], tags))
     return found
+
+
+def spare_active_runs(found: list[Expired], active: Callable[[str, str], bool]) -> list[Expired]:
+    """``found`` less every resource of a run that ``active(dag_id, run_id)`` says is still queued or running: a
+    task cleared or retried after its run's expiry recreates what it needs with that expiry, and it is in use. A
+    run's resources are kept or deleted together (its network sweep takes all that is tagged with its key), so one
+    of them naming an active DAG run keeps them all; one naming no DAG run (an older Slurm comment) cannot."""
+    answers: dict[tuple[str, str], bool] = {}
+
+    def is_active(dag_run: tuple[str, str]) -> bool:
+        if dag_run not in answers:
+            answers[dag_run] = active(*dag_run)
+        return answers[dag_run]
+
+    live = {
+        item.run_key: (item.dag_id, item.run_id)
+        for item in found
+        if item.dag_id and item.run_id and is_active((item.dag_id, item.run_id))
+    }
+    for item in found:
+        if item.run_key in live:
+            dag_id, run_id = live[item.run_key]
+            log.info(
+                "keeping %s %s of run %s: expired %s but its run %s of %s is still running",
+                item.kind,
+                item.name,
+                item.run_key,
+                item.expires_at,
+                run_id,
+                dag_id,
+            )
+    return [item for item in found if item.run_key not in live]
+
+
+def run_is_active(dag_id: str, run_id: str) -> bool:
+    """Whether this Airflow's DAG run ``run_id`` of ``dag_id`` is queued or running, asked through the Task SDK (so
+    callable in a running task only): the check the reaper's tasks pass their finders. A run it does not know
+    (deleted, or another installation's) is not active, unless ``run_id`` may be one ``tag_value`` altered (it
+    writes ``_`` for a character a tag cannot hold) while a run of ``dag_id`` is active: that run may be this one.
+    Any other error raises: nothing is deleted on a guess."""
+    from airflow.sdk.exceptions import AirflowRuntimeError
+    from airflow.sdk.execution_time.task_runner import RuntimeTaskInstance
+
+    try:
+        return RuntimeTaskInstance.get_dagrun_state(dag_id, run_id) in ACTIVE_RUN_STATES
+    except AirflowRuntimeError as err:
+        if (err.error.detail or {}).get("status_code") != 404:
+            raise
+    return "_" in run_id and RuntimeTaskInstance.get_dr_count(dag_id, states=list(ACTIVE_RUN_STATES)) > 0
 
 
 def expired_amis(ec2: Any, published: set[str], now: datetime) -> list[Expired]:
@@ -118,12 +229,12 @@ def expired_amis(ec2: Any, published: set[str], now: datetime) -> list[Expired]:
         in_use.update(snapshot_ids(image))
         tags = tags_dict(image.get("Tags", []))
         if RUN in tags and _expired(tags.get(EXPIRES_TAG), now) and image["ImageId"] not in published:
-            found.append(Expired("ami", image["ImageId"], tags[RUN], tags[EXPIRES_TAG]))
+            found.append(_tagged("ami", image["ImageId"], tags))
     snapshots = ec2.describe_snapshots(OwnerIds=["self"], Filters=[{"Name": "tag-key", "Values": [RUN]}])
     for snapshot in snapshots["Snapshots"]:
         tags = tags_dict(snapshot.get("Tags", []))
         if _expired(tags.get(EXPIRES_TAG), now) and snapshot["SnapshotId"] not in in_use:
-            found.append(Expired("snapshot", snapshot["SnapshotId"], tags[RUN], tags[EXPIRES_TAG]))
+            found.append(_tagged("snapshot", snapshot["SnapshotId"], tags))
     return found
 
 
@@ -138,37 +249,48 @@ def expired_stacks(cloudformation: Any, now: datetime) -> list[Expired]:
             if stack.get("ParentId") or RUN not in tags or not _expired(tags.get(EXPIRES_TAG), now):
                 continue
             cluster = PCLUSTER_VERSION_TAG in tags and PCLUSTER_IMAGE_ID_TAG not in tags
-            found.append(
-                Expired("parallelcluster" if cluster else "stack", stack["StackName"], tags[RUN], tags[EXPIRES_TAG])
-            )
+            found.append(_tagged("parallelcluster" if cluster else "stack", stack["StackName"], tags))
     return found
 
 
-def find_expired_on_cluster(slurm_conn_id: str, now: datetime | None = None) -> list[Expired]:
-    """The Slurm cluster's expired jobs (by their comment) and run directories (by their marker); none where no
-    connection ``slurm_conn_id`` is defined (an account whose runs use EKS or Batch only). A cluster that cannot be
-    asked is an error, not an empty answer: its jobs would run on unseen."""
+def find_expired_on_cluster(
+    slurm_conn_id: str, now: datetime | None = None, *, active: Callable[[str, str], bool]
+) -> list[Expired]:
+    """The Slurm cluster's expired jobs (by their comment) and run directories (by their marker), less those of a
+    run ``active`` says is queued or running; none where no connection ``slurm_conn_id`` is defined (an account
+    whose runs use EKS or Batch only). A cluster that cannot be asked is an error, not an empty answer: its jobs
+    would run on unseen."""
     now = now or datetime.now(UTC)
     try:
         SlurmHook.get_connection(slurm_conn_id)
     except AirflowNotFoundException:
         log.warning("No %s connection is defined: there is no Slurm cluster to sweep", slurm_conn_id)
         return []
-    found = []
     # One connection (a SlurmHook is the cluster's filesystem too), closed when the sweep has looked.
     with contextlib.closing(SlurmHook(slurm_conn_id)) as cluster:
-        for line in cluster.run(["squeue", "-h", "-o", "%i|%j|%k"]).splitlines():
-            job_id, name, comment = [*line.split("|", 2), "", ""][:3]
-            expires_at = comment.removeprefix(SLURM_EXPIRY_PREFIX) if comment.startswith(SLURM_EXPIRY_PREFIX) else ""
-            if _expired(expires_at, now):
-                found.append(Expired("slurm_job", job_id, name, expires_at))
-        return found + expired_run_dirs(cluster, now)
+        found = expired_jobs(cluster, now) + expired_run_dirs(cluster, now)
+    return spare_active_runs(found, active)
 
 
-def find_expired_on_worker_mount(slurm_conn_id: str, now: datetime | None = None) -> list[Expired]:
+def expired_jobs(cluster: SlurmHook, now: datetime) -> list[Expired]:
+    """The cluster's jobs whose comment (``slurm_comment``) has expired, each with the DAG run the comment names
+    (none in a comment written before it named one)."""
+    found = []
+    for line in cluster.run(["squeue", "-h", "-o", "%i|%j|%k"]).splitlines():
+        job_id, name, comment = [*line.split("|", 2), "", ""][:3]
+        expires_at, dag_id, run_id = parse_slurm_comment(comment)
+        if _expired(expires_at, now):
+            found.append(Expired("slurm_job", job_id, name, expires_at, dag_id, run_id))
+    return found
+
+
+def find_expired_on_worker_mount(
+    slurm_conn_id: str, now: datetime | None = None, *, active: Callable[[str, str], bool]
+) -> list[Expired]:
     """Expired run directories on the shared filesystem mounted on this worker (``DTP_SHARED_DIR``, default
-    ``/fsx``), where EKS and Batch runs keep theirs; none where nothing is mounted there, or where the Slurm
-    connection ``slurm_conn_id`` opens that same directory on this host (its own sweep covers it)."""
+    ``/fsx``), where EKS and Batch runs keep theirs, less those of a run ``active`` says is queued or running; none
+    where nothing is mounted there, or where the Slurm connection ``slurm_conn_id`` opens that same directory on
+    this host (its own sweep covers it)."""
     mounted = SharedFilesystemHook(None)
     cluster = SharedFilesystemHook(slurm_conn_id)
     with contextlib.suppress(AirflowNotFoundException):  # no such connection: the mount is this sweep's alone
@@ -176,7 +298,7 @@ def find_expired_on_worker_mount(slurm_conn_id: str, now: datetime | None = None
         if cluster.transport == "local" and same:
             log.info("%s is %s's shared directory, which its own sweep covers", mounted.shared_dir, slurm_conn_id)
             return []
-    return expired_run_dirs(mounted, now or datetime.now(UTC))
+    return spare_active_runs(expired_run_dirs(mounted, now or datetime.now(UTC)), active)
 
 
 def expired_builder_instances(ec2: Any, now: datetime) -> list[Expired]:
@@ -192,7 +314,7 @@ def expired_builder_instances(ec2: Any, now: datetime) -> list[Expired]:
             tags = tags_dict(instance.get("Tags", []))
             if _expired(tags.get(EXPIRES_TAG), now):
                 run_key = tags.get(RUN, instance["InstanceId"])
-                found.append(Expired("builder_instance", instance["InstanceId"], run_key, tags[EXPIRES_TAG]))
+                found.append(_tagged("builder_instance", instance["InstanceId"], tags, run_key))
     return found
 
 
@@ -214,7 +336,8 @@ def expired_run_dirs(shared: SharedFilesystemHook, now: datetime) -> list[Expire
             continue
         # Only a directory named after the run its marker names: a copied or moved marker deletes nothing.
         if marker.get("run_key") == posixpath.basename(directory) and _expired(marker.get("expires_at"), now):
-            found.append(Expired("run_dir", directory, marker["run_key"], marker["expires_at"]))
+            dag_run = (str(marker.get("dag_id", "")), str(marker.get("run_id", "")))
+            found.append(Expired("run_dir", directory, marker["run_key"], marker["expires_at"], *dag_run))
     return found
 
 
@@ -225,10 +348,18 @@ def published_amis(aws_conn_id: str) -> set[str]:
     return {parameter["Value"] for page in pages for parameter in page["Parameters"]}
 
 
-def reap(found: list[Expired], aws_conn_id: str, slurm_conn_id: str | None, dry_run: bool) -> dict[str, Any]:
+def reap(
+    found: list[Expired],
+    aws_conn_id: str,
+    slurm_conn_id: str | None,
+    dry_run: bool,
+    unsearched: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
     """Delete what ``find_expired_in_aws``, ``find_expired_on_cluster(slurm_conn_id)`` or
     ``find_expired_on_worker_mount`` (``slurm_conn_id`` None) found, run by run; return what was (or would be)
-    deleted."""
+    deleted. ``unsearched``, the kinds the search could not look for (kind: the error), fails it once the rest is
+    deleted (or listed), as a resource that could not be deleted does."""
+    unsearched = dict(unsearched or {})
     for item in found:
         log.info(
             "%s %-9s %-45s run %s expired %s",
@@ -239,6 +370,8 @@ def reap(found: list[Expired], aws_conn_id: str, slurm_conn_id: str | None, dry_
             item.expires_at,
         )
     if dry_run:
+        if unsearched:
+            raise ReapIncomplete(_unsearched_report(unsearched))
         return {"dry_run": True, "found": [asdict(i) for i in found], "deleted": []}
     deleted: list[dict[str, str]] = []
     failed: dict[str, str] = {}  # run key -> why one of its resources was not deleted
@@ -304,9 +437,17 @@ def reap(found: list[Expired], aws_conn_id: str, slurm_conn_id: str | None, dry_
             failed[run_key] = f"network: {err}"
         else:
             deleted += [asdict(i) for i in of_run]
-    if failed:
-        raise ReapIncomplete(
-            f"deleted {len(deleted)} of {len(found)} expired resources; not deleted:\n"
-            + "\n".join(f"run {run_key}: {why}" for run_key, why in sorted(failed.items()))
-        )
+    if failed or unsearched:
+        report = [f"deleted {len(deleted)} of {len(found)} expired resources"]
+        if failed:
+            report.append("not deleted:\n" + "\n".join(f"run {key}: {why}" for key, why in sorted(failed.items())))
+        if unsearched:
+            report.append(_unsearched_report(unsearched))
+        raise ReapIncomplete("; ".join(report))
     return {"dry_run": False, "found": [asdict(i) for i in found], "deleted": deleted}
+
+
+def _unsearched_report(unsearched: Mapping[str, str]) -> str:
+    return "could not look for the expired resources of kind:\n" + "\n".join(
+        f"{kind}: {why}" for kind, why in sorted(unsearched.items())
+    )

@@ -1,5 +1,5 @@
-"""reaper through the real scheduler, triggered over REST: the AWS and the cluster sweeps run, and a dry run deletes
-nothing."""
+"""reaper through the real scheduler, triggered over REST: the AWS and the cluster sweeps run, a job of a DAG run still
+running (here the reaper's own) is kept whatever its expiry, and a dry run deletes nothing."""
 
 from __future__ import annotations
 
@@ -18,13 +18,20 @@ def test_a_dry_run_finds_an_expired_job_and_leaves_it_running(airflow_api, stack
     workdir = stack.shared_dir / "it" / uuid.uuid4().hex[:8]
     workdir.mkdir(parents=True)
     (workdir / "job.sh").write_text("#!/bin/bash\nsleep 300\n")
-    name = f"dtp-it-reaper-dag-{uuid.uuid4().hex[:6]}"
-    job_id = SlurmHook().submit(
-        str(workdir / "job.sh"), job_name=name, output=str(workdir / "o-%j"), comment=slurm_comment(expiry(-1))
-    )
+    run_id = f"manual__it-reaper-{uuid.uuid4().hex[:8]}"
+    jobs = {}
+    # One of a DAG run this Airflow does not know (finished and deleted), one of the reaper's run about to sweep: that
+    # one is still running while it looks, and asks the API server so through the Task SDK.
+    for label, dag_run in (("gone", ("it_reaper", f"manual__{uuid.uuid4().hex}")), ("running", (DAG_ID, run_id))):
+        name = f"dtp-it-reaper-dag-{uuid.uuid4().hex[:6]}"
+        comment = slurm_comment(expiry(-1), *dag_run)
+        job_id = SlurmHook().submit(
+            str(workdir / "job.sh"), job_name=name, output=str(workdir / "o-%j"), comment=comment
+        )
+        jobs[label] = (name, job_id)
     try:
         airflow_api.wait_for_dag(DAG_ID)
-        run_id = airflow_api.trigger(DAG_ID, {"dry_run": True})
+        assert airflow_api.trigger(DAG_ID, {"dry_run": True}, run_id=run_id) == run_id
         state = airflow_api.wait(DAG_ID, run_id, timeout=600)
         tasks = {ti["task_id"]: ti["state"] for ti in airflow_api.task_instances(DAG_ID, run_id)}
         assert state == "success", tasks
@@ -40,9 +47,10 @@ def test_a_dry_run_finds_an_expired_job_and_leaves_it_running(airflow_api, stack
         assert airflow_api.xcom(DAG_ID, run_id, "find_expired_on_worker_mount") == []
         on_cluster = airflow_api.xcom(DAG_ID, run_id, "delete_expired_on_cluster")
         assert on_cluster["dry_run"] is True and on_cluster["deleted"] == []
-        assert {"kind": "slurm_job", "name": job_id} in [
-            {"kind": f["kind"], "name": f["name"]} for f in on_cluster["found"]
-        ]
-        assert [job.job_id for job in SlurmHook().find_jobs(name)] == [job_id]
+        found = [(f["kind"], f["name"]) for f in on_cluster["found"]]
+        assert ("slurm_job", jobs["gone"][1]) in found and ("slurm_job", jobs["running"][1]) not in found
+        for name, job_id in jobs.values():
+            assert [job.job_id for job in SlurmHook().find_jobs(name)] == [job_id]
     finally:
-        SlurmHook().cancel_and_wait(name)
+        for name, _ in jobs.values():
+            SlurmHook().cancel_and_wait(name)

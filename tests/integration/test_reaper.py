@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime
 
 import pytest
@@ -16,10 +17,28 @@ from dtp.images.ami import BUILDER_TAG
 from dtp.naming import RunNames, expiry, resource_tags, slurm_comment
 from dtp.pipeline import network
 from dtp.pipeline.data import RUN_MARKER, claim_run_dir
-from dtp.reaper import ReapIncomplete, expired_run_dirs, find_expired_in_aws, find_expired_on_cluster, reap
+from dtp.reaper import (
+    Expired,
+    ReapIncomplete,
+    expired_run_dirs,
+    find_expired_in_aws,
+    find_expired_on_cluster,
+    reap,
+)
 
 pytestmark = pytest.mark.stack
 AWS, SLURM = "aws_default", "slurm_default"
+
+
+def no_run_active(dag_id: str, run_id: str) -> bool:
+    return False
+
+
+def in_aws(active: Callable[[str, str], bool] = no_run_active) -> list[Expired]:
+    """What ``find_expired_in_aws`` finds, every kind looked for."""
+    findings = find_expired_in_aws(AWS, active=active)
+    assert findings.unsearched == {}
+    return findings.found
 
 
 def _spec(hours: float) -> dict:
@@ -33,44 +52,61 @@ def _spec(hours: float) -> dict:
     }
 
 
-def test_reaper_deletes_only_what_expired(stack, aws) -> None:
-    expired, alive = _spec(-1), _spec(24)
-    for spec in (expired, alive):
-        network.create_network_stack(spec, AWS)
-        network.network_outputs(spec, AWS)
+def _submit(stack, spec: dict) -> str:
+    """A job of ``spec``'s run, named and commented as its jobs are; its id."""
     workdir = stack.shared_dir / "it" / uuid.uuid4().hex[:8]
     workdir.mkdir(parents=True)
     (workdir / "job.sh").write_text("#!/bin/bash\nsleep 300\n")
-    job_id = SlurmHook().submit(
+    return SlurmHook().submit(
         str(workdir / "job.sh"),
-        job_name=expired["names"]["slurm_job"],
+        job_name=spec["names"]["slurm_job"],
         output=str(workdir / "o-%j"),
-        comment=slurm_comment(expired["tags"]["dtp:expires-at"]),
+        comment=slurm_comment(spec["tags"]["dtp:expires-at"], spec["dag_id"], spec["run_id"]),
     )
 
-    found = find_expired_in_aws(AWS) + find_expired_on_cluster(SLURM)
-    mine = {
-        (f.kind, f.run_key) for f in found if f.run_key in (expired["names"]["run_key"], expired["names"]["slurm_job"])
-    }
-    assert mine == {
-        ("stack", expired["names"]["run_key"]),
-        ("bucket", expired["names"]["run_key"]),
-        ("vpc", expired["names"]["run_key"]),
-        ("slurm_job", expired["names"]["slurm_job"]),
-    }
-    assert not any(f.run_key == alive["names"]["run_key"] for f in found)
 
-    dry = reap(found, AWS, SLURM, dry_run=True)
-    assert dry["deleted"] == [] and RunResourceSweeper(aws_conn_id=AWS).find(expired["names"]["run_key"])["vpcs"]
+def test_reaper_deletes_only_what_expired(stack, aws) -> None:
+    # running: a run cleared after its expiry, still running, which rebuilt its network and resubmitted its job.
+    expired, alive, running = _spec(-1), _spec(24), _spec(-1)
+    for spec in (expired, alive, running):
+        network.create_network_stack(spec, AWS)
+        network.network_outputs(spec, AWS)
+    job_id, running_job = _submit(stack, expired), _submit(stack, running)
 
-    result = reap(found, AWS, SLURM, dry_run=False)
-    assert {d["kind"] for d in result["deleted"]} >= {"stack", "bucket", "vpc", "slurm_job"}
-    left = RunResourceSweeper(aws_conn_id=AWS).find(expired["names"]["run_key"], (expired["names"]["data_bucket"],))
-    assert all(ids == [] for ids in left.values()), left
-    assert SlurmHook().get_job(job_id).state in ("CANCELLED", "COMPLETING")
-    kept = RunResourceSweeper(aws_conn_id=AWS).find(alive["names"]["run_key"], (alive["names"]["data_bucket"],))
-    assert kept["vpcs"] and kept["buckets"]
-    network.teardown_network({**alive, "params": {"keep_cluster": False}}, AWS)
+    def active(dag_id: str, run_id: str) -> bool:
+        return (dag_id, run_id) == (running["dag_id"], running["run_id"])
+
+    try:
+        found = in_aws(active) + find_expired_on_cluster(SLURM, active=active)
+        mine = {
+            (f.kind, f.run_key)
+            for f in found
+            if f.run_key in (expired["names"]["run_key"], expired["names"]["slurm_job"])
+        }
+        assert mine == {
+            ("stack", expired["names"]["run_key"]),
+            ("bucket", expired["names"]["run_key"]),
+            ("vpc", expired["names"]["run_key"]),
+            ("slurm_job", expired["names"]["slurm_job"]),
+        }
+        assert not any(f.run_key in (alive["names"]["run_key"], running["names"]["run_key"]) for f in found)
+
+        dry = reap(found, AWS, SLURM, dry_run=True)
+        assert dry["deleted"] == [] and RunResourceSweeper(aws_conn_id=AWS).find(expired["names"]["run_key"])["vpcs"]
+
+        result = reap(found, AWS, SLURM, dry_run=False)
+        assert {d["kind"] for d in result["deleted"]} >= {"stack", "bucket", "vpc", "slurm_job"}
+        left = RunResourceSweeper(aws_conn_id=AWS).find(expired["names"]["run_key"], (expired["names"]["data_bucket"],))
+        assert all(ids == [] for ids in left.values()), left
+        assert SlurmHook().get_job(job_id).state in ("CANCELLED", "COMPLETING")
+        for spec in (alive, running):
+            kept = RunResourceSweeper(aws_conn_id=AWS).find(spec["names"]["run_key"], (spec["names"]["data_bucket"],))
+            assert kept["vpcs"] and kept["buckets"]
+        assert SlurmHook().get_job(running_job).state in ("PENDING", "RUNNING")
+    finally:
+        SlurmHook().cancel_and_wait(running["names"]["slurm_job"])
+    for spec in (alive, running):
+        network.teardown_network({**spec, "params": {"keep_cluster": False}}, AWS)
 
 
 def _parallelcluster_stack(aws, spec: dict, vpc: str) -> str:
@@ -100,7 +136,7 @@ def test_reaper_deletes_an_expired_parallelcluster_clusters_stack_then_its_runs_
     outputs = network.network_outputs(spec, AWS)
     cluster = _parallelcluster_stack(aws, spec, outputs["VPC"])
 
-    found = [f for f in find_expired_in_aws(AWS) if f.run_key == run_key]
+    found = [f for f in in_aws() if f.run_key == run_key]
     assert sorted((f.kind, f.name) for f in found) == [
         ("bucket", spec["names"]["data_bucket"]),
         ("parallelcluster", cluster),
@@ -133,7 +169,7 @@ def test_reaper_deletes_expired_amis_but_never_a_published_one(stack, aws) -> No
     family = f"it-{uuid.uuid4().hex[:6]}"
     aws("ssm").put_parameter(Name=f"/dtp/amis/{family}", Value=published, Type="String")
     try:
-        found = [f for f in find_expired_in_aws(AWS) if f.kind == "ami"]
+        found = [f for f in in_aws() if f.kind == "ami"]
         assert expired in {f.name for f in found} and published not in {f.name for f in found}
         reap([f for f in found if f.name == expired], AWS, None, dry_run=False)
         ec2 = aws("ec2")
@@ -163,7 +199,7 @@ def test_reaper_deletes_an_expired_hyperpod_cluster_and_leaves_a_live_one(stack,
     sagemaker = aws("sagemaker")
     clusters = {label: _cluster(aws, _spec(hours)) for label, hours in (("expired", -1), ("alive", 24))}
 
-    found = [f for f in find_expired_in_aws(AWS) if f.kind == "hyperpod_cluster"]
+    found = [f for f in in_aws() if f.kind == "hyperpod_cluster"]
     assert [f.name for f in found if f.name in clusters.values()] == [clusters["expired"]]
     assert clusters["expired"] in [d["name"] for d in reap(found, AWS, None, dry_run=False)["deleted"]]
     names = {c["ClusterName"] for c in sagemaker.list_clusters()["ClusterSummaries"]}
@@ -182,7 +218,7 @@ def test_reaper_deletes_an_expired_runs_batch_queue_and_compute_environment(stac
     batch.create_job_queue(
         jobQueueName=f"{run_key}-queue", state="ENABLED", priority=1, computeEnvironmentOrder=order, tags=spec["tags"]
     )
-    found = [f for f in find_expired_in_aws(AWS) if f.run_key == run_key]
+    found = [f for f in in_aws() if f.run_key == run_key]
     assert [(f.kind, f.name) for f in found] == [("batch", f"{run_key}-ce")]
     assert [d["name"] for d in reap(found, AWS, None, dry_run=False)["deleted"]] == [f"{run_key}-ce"]
     assert batch.describe_job_queues(jobQueues=[f"{run_key}-queue"])["jobQueues"] == []
@@ -197,7 +233,7 @@ def test_a_resource_that_cannot_be_deleted_stops_neither_the_other_runs_nor_the_
         network.network_outputs(spec, AWS)
     _cluster(aws, stuck)
     runs = {stuck["names"]["run_key"], other["names"]["run_key"]}
-    found = [f for f in find_expired_in_aws(AWS) if f.run_key in runs]
+    found = [f for f in in_aws() if f.run_key in runs]
     set_rules([{"service": "sagemaker", "action": "DeleteCluster", "code": "AccessDeniedException", "status": 400}])
     with pytest.raises(ReapIncomplete, match=rf"run {stuck['names']['run_key']}: hyperpod_cluster .*AccessDenied"):
         reap(found, AWS, None, dry_run=False)
@@ -206,7 +242,7 @@ def test_a_resource_that_cannot_be_deleted_stops_neither_the_other_runs_nor_the_
     # The cluster's nodes would still be in the stuck run's subnets: its network is left for the next sweep.
     assert sweeper.find(stuck["names"]["run_key"])["vpcs"]
     set_rules([])
-    reap([f for f in find_expired_in_aws(AWS) if f.run_key in runs], AWS, None, dry_run=False)
+    reap([f for f in in_aws() if f.run_key in runs], AWS, None, dry_run=False)
     assert sweeper.find(stuck["names"]["run_key"], (stuck["names"]["data_bucket"],))["vpcs"] == []
 
 
@@ -221,7 +257,7 @@ def test_reaper_terminates_an_expired_packer_builder_and_leaves_a_live_one(stack
         launched = ec2.run_instances(ImageId=source, MinCount=1, MaxCount=1, TagSpecifications=tagging)
         builders[label] = launched["Instances"][0]["InstanceId"]
 
-    found = [f for f in find_expired_in_aws(AWS) if f.kind == "builder_instance"]
+    found = [f for f in in_aws() if f.kind == "builder_instance"]
     assert [f.name for f in found if f.name in builders.values()] == [builders["expired"]]
     reap([f for f in found if f.name == builders["expired"]], AWS, None, dry_run=False)
     states = {
@@ -247,7 +283,7 @@ def test_reaper_removes_expired_run_directories_from_the_shared_filesystem(stack
     # A marker that is JSON but no object is skipped, and the other directories are still searched.
     (directories["listed"] / RUN_MARKER).write_text(json.dumps([marker]))
 
-    found = [f for f in find_expired_on_cluster(SLURM) if f.kind == "run_dir"]
+    found = [f for f in find_expired_on_cluster(SLURM, active=no_run_active) if f.kind == "run_dir"]
     mine = [f for f in found if f.name in {str(d) for d in directories.values()}]
     assert [(f.name, f.run_key) for f in mine] == [(str(directories["expired"]), expired["names"]["run_key"])]
     assert reap(mine, AWS, SLURM, dry_run=True)["deleted"] == [] and directories["expired"].exists()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -19,24 +20,48 @@ pytestmark = pytest.mark.stack
 AWS, SLURM = "aws_default", "slurm_default"
 
 
-def _expired_job(stack, body: str) -> tuple[str, Expired]:
-    """Submit ``body`` with an expiry an hour ago in its comment and wait until it printed ``ready``; return its
-    name, and what ``find_expired_on_cluster`` makes of it."""
+def no_run_active(dag_id: str, run_id: str) -> bool:
+    return False
+
+
+def _started_job(stack, body: str, comment: str) -> tuple[str, str]:
+    """Submit ``body`` with ``comment`` and wait until it printed ``ready``; return its name and id."""
     workdir = stack.shared_dir / "it" / uuid.uuid4().hex[:8]
     workdir.mkdir(parents=True)
     (workdir / "job.sh").write_text(f"#!/bin/bash\n{body}")
     name = f"dtp-it-reap-{uuid.uuid4().hex[:6]}"
-    job_id = SlurmHook().submit(
-        str(workdir / "job.sh"), job_name=name, output=str(workdir / "o-%j"), comment=slurm_comment(expiry(-1))
-    )
+    job_id = SlurmHook().submit(str(workdir / "job.sh"), job_name=name, output=str(workdir / "o-%j"), comment=comment)
     output = workdir / f"o-{job_id}"
     deadline = time.monotonic() + 60
     while not (output.exists() and "ready" in output.read_text()):
         assert time.monotonic() < deadline, f"job {job_id} did not start"
         time.sleep(0.5)
-    mine = [found for found in find_expired_on_cluster(SLURM) if found.kind == "slurm_job" and found.name == job_id]
+    return name, job_id
+
+
+def _expired_job(stack, body: str) -> tuple[str, Expired]:
+    """Submit ``body`` with an expiry an hour ago in its comment and wait until it printed ``ready``; return its
+    name, and what ``find_expired_on_cluster`` makes of it."""
+    name, job_id = _started_job(stack, body, slurm_comment(expiry(-1), "it_reaper", f"manual__{uuid.uuid4().hex}"))
+    found = find_expired_on_cluster(SLURM, active=no_run_active)
+    mine = [item for item in found if item.kind == "slurm_job" and item.name == job_id]
     assert len(mine) == 1, mine
     return name, mine[0]
+
+
+def test_an_expired_job_of_a_run_still_running_is_left_running(stack) -> None:
+    run_id = f"manual__{uuid.uuid4().hex}"
+    name, job_id = _started_job(stack, "echo ready\nsleep 300\n", slurm_comment(expiry(-1), "it_reaper", run_id))
+    try:
+
+        def jobs_found(active: Callable[[str, str], bool]) -> list[str]:
+            return [item.name for item in find_expired_on_cluster(SLURM, active=active) if item.kind == "slurm_job"]
+
+        assert job_id in jobs_found(no_run_active)  # expired, and found by its comment
+        assert job_id not in jobs_found(lambda dag_id, run: (dag_id, run) == ("it_reaper", run_id))
+        assert [job.job_id for job in SlurmHook().find_jobs(name)] == [job_id]
+    finally:
+        SlurmHook().cancel_and_wait(name)
 
 
 def test_a_reaped_job_is_gone_when_the_reaper_says_so(stack) -> None:
@@ -78,4 +103,4 @@ def test_a_scancel_slurmctld_never_heard_is_not_counted_as_deleted(stack, unreac
 
 def test_a_cluster_that_cannot_be_asked_is_an_error_not_an_empty_sweep(unreachable_slurm: str) -> None:
     with pytest.raises(ClusterCommandError, match=r"squeue -h exited \d+: .*slurm"):
-        find_expired_on_cluster(unreachable_slurm)
+        find_expired_on_cluster(unreachable_slurm, active=no_run_active)

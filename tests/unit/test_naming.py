@@ -14,8 +14,10 @@ from dtp.naming import (
     expiry,
     installation_id,
     parse_expiry,
+    parse_slurm_comment,
     resource_tags,
     slug,
+    slurm_comment,
     tags_dict,
 )
 
@@ -187,3 +189,16 @@ def test_resource_tags_are_valid_s3_tags_for_airflow_generated_run_ids() -> None
 def test_resource_tags_are_valid_s3_tags_for_every_run_id_airflow_accepts(run_id: str) -> None:
     tags = resource_tags(RunNames("train_e2e", run_id), "tiny", expiry(24))
     assert all(S3_TAG_VALUE.match(v) for v in tags.values()), tags
+
+
+@pytest.mark.parametrize("run_id", ["manual__2026-12-01T00:00:00+00:00", "nightly run ~ with spaces|and a pipe"])
+def test_a_slurm_comment_names_the_dag_run_whose_job_it_is(run_id: str) -> None:
+    comment = slurm_comment("2026-12-01T00:00:00Z", "train_e2e", run_id)
+    assert parse_slurm_comment(comment) == ("2026-12-01T00:00:00Z", "train_e2e", run_id)
+
+
+def test_an_older_slurm_comment_still_gives_its_expiry_and_another_comment_nothing() -> None:
+    assert parse_slurm_comment("dtp:expires-at=2026-12-01T00:00:00Z") == ("2026-12-01T00:00:00Z", "", "")
+    assert parse_slurm_comment("dtp:expires-at=2026-12-01T00:00:00Z by hand") == ("2026-12-01T00:00:00Z", "", "")
+    assert parse_slurm_comment("my experiment") == ("", "", "")
+    assert parse_slurm_comment("") == ("", "", "")

@@ -12,15 +12,21 @@ import pytest
 from dtp import reaper
 from dtp.hooks.shared_fs import SharedFilesystemHook
 from dtp.hooks.slurm import SlurmHook
+from dtp.naming import SLURM_EXPIRY_PREFIX, slurm_comment
 from dtp.reaper import Expired, ReapIncomplete, reap
 
 EXPIRED = "2026-12-01T00:00:00Z"
+
+
+def no_run_active(dag_id: str, run_id: str) -> bool:
+    return False
 
 
 class Slurm(SlurmHook):
     """The cluster's Slurm (no scancel here: it records what it cancels; job ``refused`` it cannot)."""
 
     made: list[Any] = []
+    queue = f"11|dtp-a|{SLURM_EXPIRY_PREFIX}{EXPIRED}\n12|dtp-b|\n"  # one job expired, one without an expiry
 
     def __init__(self, *args: Any) -> None:
         super().__init__(*args)
@@ -29,8 +35,8 @@ class Slurm(SlurmHook):
         self.made.append(self)
 
     def run(self, argv: list[str], **kwargs: Any) -> str:
-        if argv[0] == "squeue":  # one job expired, one without an expiry
-            return f"11|dtp-a|{reaper.SLURM_EXPIRY_PREFIX}{EXPIRED}\n12|dtp-b|\n"
+        if argv[0] == "squeue":
+            return self.queue
         return super().run(argv, **kwargs)
 
     def cancel_job_and_wait(self, job_id: str, *, timeout: float = 120) -> None:
@@ -91,7 +97,7 @@ def test_the_hooks_are_closed_when_an_item_could_not_be_deleted(cluster: Path) -
 def test_the_sweep_looks_through_one_connection_and_closes_it(cluster: Path) -> None:
     for run_key in ("dtp-a", "dtp-b"):
         (cluster / "runs" / run_key / "run.json").write_text(json.dumps({"run_key": run_key, "expires_at": EXPIRED}))
-    found = reaper.find_expired_on_cluster("slurm_default")
+    found = reaper.find_expired_on_cluster("slurm_default", active=no_run_active)
     assert sorted((f.kind, f.run_key) for f in found) == [
         ("run_dir", "dtp-a"),
         ("run_dir", "dtp-b"),
@@ -99,3 +105,30 @@ def test_the_sweep_looks_through_one_connection_and_closes_it(cluster: Path) -> 
     ]
     (slurm,) = Slurm.made
     assert slurm.closed and Shared.made == []
+
+
+def test_an_expired_job_and_run_directory_of_a_run_still_running_are_kept(
+    cluster: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # train_e2e's run cleared days later: its job and run directory carry the expiry its validate_params fixed.
+    queue = f"21|dtp-a|{slurm_comment(EXPIRED, 'train_e2e', 'manual__live')}\n"
+    queue += f"22|dtp-b|{slurm_comment(EXPIRED, 'train_e2e', 'manual__done')}\n"
+    # Submitted before comments named their run: one named as its run (its training job) goes with its run directory.
+    queue += f"23|dtp-c|{SLURM_EXPIRY_PREFIX}{EXPIRED}\n24|dtp-a|{SLURM_EXPIRY_PREFIX}{EXPIRED}\n"
+    monkeypatch.setattr(Slurm, "queue", queue)
+    for run_key, run_id in (("dtp-a", "manual__live"), ("dtp-b", "manual__done")):
+        marker = {"run_key": run_key, "dag_id": "train_e2e", "run_id": run_id, "expires_at": EXPIRED}
+        (cluster / "runs" / run_key / "run.json").write_text(json.dumps(marker))
+    asked: list[tuple[str, str]] = []
+
+    def active(dag_id: str, run_id: str) -> bool:
+        asked.append((dag_id, run_id))
+        return (dag_id, run_id) == ("train_e2e", "manual__live")
+
+    found = reaper.find_expired_on_cluster("slurm_default", active=active)
+    assert sorted((f.kind, f.name) for f in found) == [
+        ("run_dir", str(cluster / "runs" / "dtp-b")),
+        ("slurm_job", "22"),
+        ("slurm_job", "23"),
+    ]
+    assert sorted(asked) == [("train_e2e", "manual__done"), ("train_e2e", "manual__live")]  # once each

@@ -17,12 +17,14 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from botocore.exceptions import ClientError
 from botocore.stub import Stubber
 from moto import mock_aws
 
 from dtp import reaper
+from dtp.hooks.hyperpod import HyperPodHook
 from dtp.hooks.stacks import StackHook
-from dtp.naming import aws_tags
+from dtp.naming import RunNames, aws_tags, resource_tags
 from dtp.reaper import Expired, ReapIncomplete, find_expired_in_aws, reap
 
 AWS = "aws_default"
@@ -34,6 +36,12 @@ NETWORK = f"{RUN_KEY}-network"
 ARN = "arn:aws:cloudformation:us-east-1:123456789012:stack/{}/11111111-2222-3333-4444-555555555555"
 CLUSTER_ID, NETWORK_ID = ARN.format(CLUSTER), ARN.format(NETWORK)
 CREATED = datetime(2026, 12, 5, tzinfo=UTC)
+
+
+def no_run_active(dag_id: str, run_id: str) -> bool:
+    return False
+
+
 FSX_REASON = "Resource handler returned message: \"File system 'fs-0123456789abcdef0' is in use\""
 
 
@@ -88,7 +96,7 @@ def test_a_parallelcluster_cluster_is_its_root_stack_and_its_nested_stacks_are_n
     ]
     cloudformation.add_response("describe_stacks", {"Stacks": stacks}, {})
     with mock_aws():
-        found = find_expired_in_aws(AWS, NOW)
+        found = find_expired_in_aws(AWS, NOW, active=no_run_active).found
     assert found == [Expired("stack", NETWORK, RUN_KEY, EXPIRED), Expired("parallelcluster", CLUSTER, RUN_KEY, EXPIRED)]
 
 
@@ -97,7 +105,7 @@ def test_a_pcluster_build_image_stack_is_no_cluster(cloudformation) -> None:
     tags = {**_tags(RUN_KEY, EXPIRED, cluster=True), "parallelcluster:image_id": "dtp-image"}
     cloudformation.add_response("describe_stacks", {"Stacks": [_stack("dtp-image", "CREATE_COMPLETE", tags)]}, {})
     with mock_aws():
-        assert [f.kind for f in find_expired_in_aws(AWS, NOW)] == ["stack"]
+        assert [f.kind for f in find_expired_in_aws(AWS, NOW, active=no_run_active).found] == ["stack"]
 
 
 @pytest.fixture
@@ -157,3 +165,55 @@ def test_a_clusters_stack_that_fails_to_delete_leaves_its_runs_network(cloudform
 
 def test_a_dry_run_deletes_no_cluster(cloudformation, networks) -> None:
     assert reap(FOUND, AWS, None, dry_run=True)["deleted"] == [] and networks == []
+
+
+def test_the_stacks_of_a_run_still_running_are_kept_whatever_their_expiry(cloudformation) -> None:
+    # A run cleared after its teardowns rebuilt its network and cluster with the expiry validate_params fixed.
+    live = RunNames("train_e2e", "manual__2026-12-01T00:00:00+00:00")
+    done = RunNames("train_e2e", "manual__2026-11-30T00:00:00+00:00")
+    stacks = [
+        _stack(live.network_stack, "CREATE_COMPLETE", resource_tags(live, "llama", EXPIRED)),
+        _stack(
+            live.run_key,
+            "CREATE_COMPLETE",
+            resource_tags(live, "llama", EXPIRED) | {reaper.PCLUSTER_VERSION_TAG: "3.16.1"},
+        ),
+        _stack(done.network_stack, "CREATE_COMPLETE", resource_tags(done, "llama", EXPIRED)),
+    ]
+    cloudformation.add_response("describe_stacks", {"Stacks": stacks}, {})
+    asked: list[tuple[str, str]] = []
+
+    def active(dag_id: str, run_id: str) -> bool:
+        asked.append((dag_id, run_id))
+        return run_id == live.run_id
+
+    with mock_aws():
+        findings = find_expired_in_aws(AWS, NOW, active=active)
+    assert [(f.kind, f.name, f.run_id) for f in findings.found] == [("stack", done.network_stack, done.run_id)]
+    assert sorted(asked) == sorted([("train_e2e", live.run_id), ("train_e2e", done.run_id)])  # once per run
+    assert findings.unsearched == {}
+
+
+def test_a_kind_that_cannot_be_looked_for_stops_no_other_kind_and_fails_the_reap(
+    cloudformation, networks, monkeypatch
+) -> None:
+    def no_sagemaker(self: HyperPodHook) -> list[tuple[str, dict[str, str]]]:
+        raise ClientError({"Error": {"Code": "ThrottlingException", "Message": "Rate exceeded"}}, "ListClusters")
+
+    monkeypatch.setattr(HyperPodHook, "tagged_clusters", no_sagemaker)
+    cloudformation.add_response(
+        "describe_stacks", {"Stacks": [_stack(NETWORK, "CREATE_COMPLETE", _tags(RUN_KEY, EXPIRED))]}, {}
+    )
+    with mock_aws():
+        findings = find_expired_in_aws(AWS, NOW, active=no_run_active)
+    assert findings.found == [Expired("stack", NETWORK, RUN_KEY, EXPIRED)]
+    assert list(findings.unsearched) == ["hyperpod_cluster"]
+    with pytest.raises(ReapIncomplete, match=r"deleted 1 of 1 .*\nhyperpod_cluster: ClientError: .*Rate exceeded"):
+        reap(findings.found, AWS, None, dry_run=False, unsearched=findings.unsearched)
+    assert networks == [(RUN_KEY, [NETWORK])]  # deleted all the same
+
+
+def test_a_dry_run_that_could_not_look_for_a_kind_fails_and_deletes_nothing(cloudformation, networks) -> None:
+    with pytest.raises(ReapIncomplete, match="hyperpod_cluster: boom"):
+        reap(FOUND, AWS, None, dry_run=True, unsearched={"hyperpod_cluster": "boom"})
+    assert networks == []

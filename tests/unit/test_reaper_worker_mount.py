@@ -15,6 +15,10 @@ from dtp.reaper import find_expired_on_cluster, find_expired_on_worker_mount, re
 NOW = datetime.now(UTC)
 
 
+def no_run_active(dag_id: str, run_id: str) -> bool:
+    return False
+
+
 def connect(monkeypatch: pytest.MonkeyPatch, conn_id: str, extra: dict[str, str]) -> None:
     monkeypatch.setenv(f"AIRFLOW_CONN_{conn_id.upper()}", json.dumps({"conn_type": "generic", "extra": extra}))
 
@@ -33,7 +37,7 @@ def mounted(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
 def test_the_mount_loses_only_its_expired_run_directories(monkeypatch, mounted) -> None:
     # slurm_default is a cluster reached over SSH: its /fsx is not known to be this worker's.
     connect(monkeypatch, "slurm_default", {"transport": "ssh", "ssh_conn_id": "head", "shared_dir": "/fsx"})
-    found = find_expired_on_worker_mount("slurm_default", NOW)
+    found = find_expired_on_worker_mount("slurm_default", NOW, active=no_run_active)
     assert [(f.kind, f.run_key) for f in found] == [("run_dir", "dtp-expired")]
     reap(found, "aws_default", None, dry_run=False)
     assert sorted(p.name for p in (mounted / "runs").iterdir()) == ["dtp-live"]
@@ -41,21 +45,23 @@ def test_the_mount_loses_only_its_expired_run_directories(monkeypatch, mounted) 
 
 def test_an_account_without_a_slurm_cluster_still_has_its_mount_swept(monkeypatch, mounted) -> None:
     monkeypatch.delenv("AIRFLOW_CONN_SLURM_DEFAULT", raising=False)  # the local stack's, where a session started it
-    assert [f.run_key for f in find_expired_on_worker_mount("slurm_default", NOW)] == ["dtp-expired"]
+    assert [f.run_key for f in find_expired_on_worker_mount("slurm_default", NOW, active=no_run_active)] == [
+        "dtp-expired"
+    ]
 
 
 def test_a_mount_the_local_cluster_s_sweep_covers_is_not_swept_twice(monkeypatch, mounted) -> None:
     # The local stack, or a worker on a ParallelCluster head node: slurm_default opens the same directory here.
     connect(monkeypatch, "slurm_default", {"transport": "local", "shared_dir": f"{mounted}/../fsx"})
-    assert find_expired_on_worker_mount("slurm_default", NOW) == []
+    assert find_expired_on_worker_mount("slurm_default", NOW, active=no_run_active) == []
 
 
 def test_a_worker_without_the_mount_finds_nothing(monkeypatch, tmp_path) -> None:
     monkeypatch.setenv("DTP_SHARED_DIR", str(tmp_path / "no-fsx-here"))
-    assert find_expired_on_worker_mount("slurm_default", NOW) == []
+    assert find_expired_on_worker_mount("slurm_default", NOW, active=no_run_active) == []
 
 
 def test_an_account_without_a_slurm_cluster_has_no_cluster_to_sweep(monkeypatch) -> None:
     # EKS or Batch only: no slurm_default connection, and no hourly failure for a cluster that is not there.
     monkeypatch.delenv("AIRFLOW_CONN_SLURM_DEFAULT", raising=False)
-    assert find_expired_on_cluster("slurm_default") == []
+    assert find_expired_on_cluster("slurm_default", active=no_run_active) == []

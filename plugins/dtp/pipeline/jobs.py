@@ -116,7 +116,7 @@ def _write_job(
         "script_path": str(script_path),
         "output_path": str(workdir / "logs" / f"{kind}-%j.out"),
         "job_name": job_name,
-        "comment": slurm_comment(spec["tags"][EXPIRES_TAG]),
+        "comment": slurm_comment(spec["tags"][EXPIRES_TAG], spec["dag_id"], spec["run_id"]),
     }
 
 

@@ -1,0 +1,118 @@
+"""The reaper never deletes what a DAG run still queued or running uses, whatever its ``dtp:expires-at``: a task
+cleared days later (``train.run_job`` after the teardowns ran rebuilds the network and cluster) recreates its resources
+with the expiry its run's ``validate_params`` fixed. How a run's state is asked (``run_is_active``, through the Task
+SDK), how one active run keeps all of its resources, and where a Slurm job's comment names its run."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+from airflow.sdk.exceptions import AirflowRuntimeError, ErrorType
+from airflow.sdk.execution_time.comms import ErrorResponse
+from airflow.sdk.execution_time.task_runner import RuntimeTaskInstance
+
+from dtp.naming import parse_slurm_comment
+from dtp.pipeline import jobs
+from dtp.reaper import Expired, find_expired_on_worker_mount, run_is_active, spare_active_runs
+
+EXPIRED = "2026-12-01T00:00:00Z"
+LIVE_RUN, DONE_RUN = "manual__2026-12-01T00:00:00+00:00", "manual__2026-11-30T00:00:00+00:00"
+
+
+def live_only(dag_id: str, run_id: str) -> bool:
+    return run_id == LIVE_RUN
+
+
+def test_one_resource_naming_a_running_run_keeps_all_of_that_runs_resources(caplog) -> None:
+    found = [
+        Expired("stack", "dtp-a-network", "dtp-a", EXPIRED, "train_e2e", LIVE_RUN),
+        Expired("vpc", "vpc-1", "dtp-a", EXPIRED),  # names no run: its run's network sweep would take it all the same
+        Expired("stack", "dtp-b-network", "dtp-b", EXPIRED, "train_e2e", DONE_RUN),
+        Expired("vpc", "vpc-2", "dtp-c", EXPIRED),
+    ]
+    with caplog.at_level(logging.INFO, logger="dtp.reaper"):
+        kept = spare_active_runs(found, live_only)
+    assert [item.name for item in kept] == ["dtp-b-network", "vpc-2"]
+    assert (
+        f"keeping vpc vpc-1 of run dtp-a: expired {EXPIRED} but its run {LIVE_RUN} of train_e2e is still running"
+        in (caplog.text)
+    )
+
+
+def test_a_run_directory_of_a_running_run_stays_on_the_worker_mount(monkeypatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("DTP_SHARED_DIR", str(tmp_path))
+    monkeypatch.delenv("AIRFLOW_CONN_SLURM_DEFAULT", raising=False)
+    for run_key, run_id in (("dtp-live", LIVE_RUN), ("dtp-done", DONE_RUN)):
+        (tmp_path / "runs" / run_key).mkdir(parents=True)
+        marker = {"run_key": run_key, "dag_id": "train_e2e", "run_id": run_id, "expires_at": EXPIRED}
+        (tmp_path / "runs" / run_key / "run.json").write_text(json.dumps(marker))
+    found = find_expired_on_worker_mount("slurm_default", active=live_only)
+    assert [(item.run_key, item.run_id) for item in found] == [("dtp-done", DONE_RUN)]
+
+
+class Airflow:
+    """What the API server answers a task about DAG runs: ``states`` by (dag, run id), 404 for any other run."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, states: dict[tuple[str, str], str], error: int = 404):
+        self.states, self.error = states, error
+        self.counted: list[tuple[str, list[str]]] = []
+        monkeypatch.setattr(RuntimeTaskInstance, "get_dagrun_state", self.get_dagrun_state)
+        monkeypatch.setattr(RuntimeTaskInstance, "get_dr_count", self.get_dr_count)
+
+    def get_dagrun_state(self, dag_id: str, run_id: str) -> str:
+        if (dag_id, run_id) not in self.states:
+            detail = {"status_code": self.error, "message": "Dag run not found"}
+            raise AirflowRuntimeError(ErrorResponse(error=ErrorType.API_SERVER_ERROR, detail=detail))
+        return self.states[dag_id, run_id]
+
+    def get_dr_count(self, dag_id: str, states: list[str]) -> int:
+        self.counted.append((dag_id, sorted(states)))
+        return sum(d == dag_id and state in states for (d, _), state in self.states.items())
+
+
+@pytest.mark.parametrize(
+    ("state", "active"), [("queued", True), ("running", True), ("success", False), ("failed", False)]
+)
+def test_a_run_is_active_while_queued_or_running(monkeypatch, state: str, active: bool) -> None:
+    Airflow(monkeypatch, {("train_e2e", LIVE_RUN): state})
+    assert run_is_active("train_e2e", LIVE_RUN) is active
+
+
+def test_a_deleted_run_is_not_active(monkeypatch) -> None:
+    airflow = Airflow(monkeypatch, {("train_e2e", LIVE_RUN): "running"})
+    assert run_is_active("other_dag", "manual__deleted") is False  # its DAG has no run active
+    assert run_is_active("train_e2e", "deleted-run-without-underscores") is False  # an id no tag altered
+    assert airflow.counted == [("other_dag", ["queued", "running"])]
+
+
+def test_a_run_id_a_tag_may_have_altered_counts_as_active_while_its_dag_has_an_active_run(monkeypatch) -> None:
+    # tag_value wrote "_" for the "~" of run id "nightly~7": the tag's id is not the run's, and may be this run.
+    Airflow(monkeypatch, {("train_e2e", "nightly~7"): "running"})
+    assert run_is_active("train_e2e", "nightly_7") is True
+
+
+def test_a_run_state_the_api_server_cannot_give_is_an_error_not_a_deletion(monkeypatch) -> None:
+    Airflow(monkeypatch, {}, error=503)
+    with pytest.raises(AirflowRuntimeError, match="503"):
+        run_is_active("train_e2e", LIVE_RUN)
+
+
+class Cluster:
+    """The Slurm hook _write_job writes a job's script and log folder through."""
+
+    slurm_conn_id, head_node = "slurm_default", None
+
+    def write_file(self, path: str, text: str, mode: int = 0o644) -> None:
+        pass
+
+    def make_dirs(self, path: str) -> None:
+        pass
+
+
+def test_a_slurm_jobs_comment_names_its_dag_run(tmp_path: Path) -> None:
+    spec = {"dag_id": "train_e2e", "run_id": LIVE_RUN, "tags": {"dtp:expires-at": EXPIRED}}
+    job = jobs._write_job(Cluster(), spec, tmp_path, "train", "#!/bin/bash\n", "dtp-train-e2e-0123456789")  # type: ignore[arg-type]
+    assert parse_slurm_comment(job["comment"] or "") == (EXPIRED, "train_e2e", LIVE_RUN)
