@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import ast
 import itertools
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -182,6 +185,25 @@ def test_dag_files_import_nothing_heavy_at_top_level(path: Path) -> None:
             names = [node.module]
         for name in names:
             assert name.split(".")[0] not in HEAVY_MODULES, f"{path.name} imports {name} at top level"
+
+
+# What parsing a DAG file must not load: paramiko (the Slurm trigger's, 0.13 s: its tasks import it when they run),
+# the ECR/SSM image lookups, and for validate_cluster the whole training graph. (boto3 still loads: the Batch
+# operator subclasses the amazon provider's, and the report's module imports its S3Hook.)
+NOT_AT_PARSE = {
+    "train_e2e": {"paramiko", "dtp.triggers.slurm", "dtp.images.container"},
+    "validate_cluster": {"paramiko", "dtp.triggers.slurm", "dtp.images.container", "dtp.pipeline.graph"},
+}
+
+
+@pytest.mark.parametrize("dag_file", sorted(NOT_AT_PARSE))
+def test_parsing_a_dag_file_loads_only_what_its_tasks_need_to_be_declared(dag_file: str, tmp_path: Path) -> None:
+    # In a fresh interpreter, as the DAG processor parses a file: this one has imported everything already.
+    code = f"import sys; sys.path[:0] = {[str(DAGS_DIR.parent / 'plugins'), str(DAGS_DIR)]!r}; import {dag_file}; "
+    code += "print(' '.join(sys.modules))"
+    env = {**os.environ, "AIRFLOW_HOME": str(tmp_path)}
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert NOT_AT_PARSE[dag_file] & set(loaded.stdout.split()) == set()
 
 
 def test_airflow_runs_only_the_plugin_module_of_the_plugins_folder() -> None:

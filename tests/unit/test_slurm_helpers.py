@@ -99,11 +99,12 @@ def test_trigger_round_trips_its_pending_timeout_and_reads_older_kwargs() -> Non
     assert SlurmJobTrigger(**head.serialize()[1]).head_node == "10.0.0.7"
 
 
-def test_a_job_stopped_at_its_partition_s_limit_says_so_rather_than_none_min() -> None:
-    # A job submitted without --time (the preflight's) runs up to its partition's MaxTime.
+def test_a_job_stopped_at_a_limit_the_operator_did_not_set_says_so_rather_than_none_min() -> None:
+    # A job the operator submits without --time runs up to its script's --time (the preflight's), else its
+    # partition's MaxTime.
     operator = SlurmSubmitJobOperator(task_id="t", script_path="/s.sh", job_name="j", output_path="/o-%j")
     event = {"status": "failed", "state": "TIMEOUT", "job_id": "7", "tail": ["step 9"]}
-    with pytest.raises(SlurmJobOverTime, match=r"^Slurm job 7 ran past its partition's time limit and was"):
+    with pytest.raises(SlurmJobOverTime, match=r"^Slurm job 7 ran past its script's or its partition's time limit"):
         operator.execute_complete({}, event)
 
 

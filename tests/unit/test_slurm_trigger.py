@@ -9,14 +9,14 @@ from typing import Any
 import pytest
 from paramiko.ssh_exception import SSHException
 
-from dtp.hooks.slurm import SlurmJob
+from dtp.hooks.slurm import SlurmControllerUnreachable, SlurmJob
 from dtp.triggers.slurm import SlurmJobTrigger
 
 
 class FlakyCluster:
     """A ``SlurmHook`` on a cluster whose job logs a line each poll while it runs, for three answered polls, then
     completes; each poll's ``get_job`` raises the next of ``drops`` (None: it answers) while any are left. It counts
-    ``close``, and has no ``cancel_job_and_wait``: the trigger never cancels the job."""
+    ``close``, and has no ``cancel_job``: the trigger never cancels the job (``on_kill`` aside)."""
 
     drops: list[BaseException | None] = []
     made: list[FlakyCluster] = []
@@ -51,17 +51,34 @@ def trigger(**kwargs: Any) -> SlurmJobTrigger:
 
 
 def test_polls_that_cannot_reach_the_cluster_are_tried_again_on_a_new_connection(
-    cluster: type[FlakyCluster], first_event: Any
+    cluster: type[FlakyCluster], first_event: Any, run_coroutine: Any
 ) -> None:
     # Three drops in a row, an answer (which resets the count), then three more: never more than three in a row.
     cluster.drops = [SSHException("Connection reset"), EOFError(), TimeoutError("timed out"), None, OSError("No route"),
                      SSHException("SSH session not active"), EOFError()]  # fmt: skip
-    event = first_event(trigger(max_reconnect_attempts=3))
+    waiting = trigger(max_reconnect_attempts=3)
+    event = first_event(waiting)
     assert (event["status"], event["state"]) == ("success", "COMPLETED")
     # Each line once, in order: the lines a failed poll read before it failed were forwarded then.
     assert event["tail"] == [f"step {n}" for n in range(9)]
     (hook,) = cluster.made
     assert hook.closed == 6 + 1  # once per failed poll, so the next connects afresh, and once at the end
+    run_coroutine(waiting.cleanup())  # the triggerer's, last, however the trigger ended (after on_kill's scancel)
+    assert hook.closed == 6 + 2 and cluster.made == [hook]
+
+
+def test_a_slurmctld_that_does_not_answer_is_waited_out_not_taken_for_a_lost_job(
+    cluster: type[FlakyCluster], first_event: Any
+) -> None:
+    # A slurmctld restarting for longer than lost_timeout: the job runs on meanwhile, and completes.
+    cluster.drops = [
+        None,
+        *[SlurmControllerUnreachable("slurm_load_jobs error: Unable to contact slurm controller")] * 3,
+    ]
+    event = first_event(trigger(max_reconnect_attempts=3, lost_timeout=0))
+    assert (event["status"], event["state"]) == ("success", "COMPLETED")
+    (hook,) = cluster.made
+    assert cluster.drops == [] and hook.closed == 3 + 1
 
 
 def test_a_cluster_out_of_reach_poll_after_poll_ends_the_trigger_leaving_the_job(

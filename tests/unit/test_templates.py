@@ -17,6 +17,7 @@ from dtp.pipeline import jobs
 from dtp.pipeline.frameworks import template_args
 from dtp.pipeline.jobs import container_options
 from dtp.pipeline.spec import run_spec
+from dtp.platforms.base import PREFLIGHT_DEADLINE_S
 from dtp.platforms.pyxis import pyxis_runtime
 from dtp.recipes import get_recipe, instance_types
 from dtp.templates import TEMPLATE_DIR, UnsafeTemplateValue, render
@@ -336,3 +337,12 @@ def test_a_framework_job_starts_in_the_run_s_directory_in_its_container_and_its_
     # The script exports the run's extra_env: only its owner, who submits it, may read it.
     assert "export HF_TOKEN=hf_secret\n" in text
     assert stat.S_IMODE(os.stat(job["script_path"]).st_mode) == 0o700
+
+
+def test_the_preflight_job_ends_at_the_off_slurm_preflight_s_deadline() -> None:
+    # It takes whole nodes (--exclusive): a sweep that hangs, or outlives a deleted run, must not keep them.
+    for nccl_tests_path in ("", "/fsx/runs/r/nccl-tests.out"):
+        text = render(
+            "slurm/preflight.sbatch.j2", **{**CONTEXTS["slurm/preflight.sbatch.j2"], "nccl_tests_path": nccl_tests_path}
+        )
+        assert f"\n#SBATCH --time={PREFLIGHT_DEADLINE_S // 60}\n" in text

@@ -28,6 +28,10 @@ class SlurmCommandError(ClusterCommandError):
     """A Slurm client command gave no usable answer, or its jobs did not go."""
 
 
+class SlurmControllerUnreachable(SlurmCommandError):
+    """slurmctld gave no answer (down, restarting, out of reach): what it knows of a job is unknown, not gone."""
+
+
 @dataclass(frozen=True)
 class SlurmJob:
     """A job as squeue, scontrol or sacct report it."""
@@ -83,9 +87,17 @@ class SlurmHook(SharedFilesystemHook):
         return job_id
 
     def get_job(self, job_id: str) -> SlurmJob:
-        """The job's state: scontrol while slurmctld remembers it, sacct after (``UNKNOWN`` when neither knows it)."""
-        out = self.run(["scontrol", "show", "job", "-o", job_id], check=False)
-        if out.strip() and "Invalid job id" not in out:
+        """The job's state: scontrol while slurmctld remembers it, sacct after (``UNKNOWN`` when neither knows it).
+
+        Raises ``SlurmControllerUnreachable`` when scontrol fails for any other reason than an id slurmctld does not
+        know: a controller that cannot be asked (restarting, say) must not make a running job look forgotten."""
+        try:
+            out = self.run(["scontrol", "show", "job", "-o", job_id])
+        except ClusterCommandError as err:
+            if "Invalid job id" not in str(err):
+                raise SlurmControllerUnreachable(f"slurmctld did not answer for job {job_id}: {err}") from err
+            out = ""  # slurmctld has forgotten it (MinJobAge), or never had it: the records of ended jobs may know
+        if out.strip():
             fields = _scontrol_fields(out)
             return SlurmJob(
                 job_id=job_id,
@@ -146,9 +158,14 @@ class SlurmHook(SharedFilesystemHook):
             raise SlurmCommandError("sacct could not read Slurm's records of ended jobs: " + "; ".join(failures))
         return ""
 
+    def cancel_job(self, job_id: str) -> None:
+        """Ask slurmctld to cancel the job (a job that already ended stays as it ended); wait for nothing."""
+        self.run(["scancel", job_id])  # one slurmctld refuses or cannot hear fails here
+        self.log.info("Cancelled Slurm job %s", job_id)
+
     def cancel_job_and_wait(self, job_id: str, *, timeout: float = 120) -> None:
         """Cancel the job and wait until Slurm no longer lists it as active (COMPLETING included)."""
-        self.run(["scancel", job_id])  # one slurmctld refuses or cannot hear fails here
+        self.cancel_job(job_id)
         self._wait_gone(lambda: self._job_active(job_id), f"Slurm job {job_id}", timeout)
 
     def cancel_by_name(self, name: str, *, prefix: bool = False) -> list[str]:

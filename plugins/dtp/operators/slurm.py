@@ -9,9 +9,13 @@ from typing import Any
 from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
+from dtp.connections import TRAINING_QUEUE
 from dtp.hooks.shared_fs import ClusterCommandError
 from dtp.hooks.slurm import SlurmHook, SlurmJob
-from dtp.triggers.slurm import SlurmJobTrigger
+
+# The timeouts of a DAG's form (``hang_timeout_minutes``, ``pending_timeout_minutes``), in the operators' seconds.
+HANG_TIMEOUT_S = "{{ params.hang_timeout_minutes * 60 }}"
+PENDING_TIMEOUT_S = "{{ params.pending_timeout_minutes * 60 }}"
 
 
 class SlurmJobFailed(AirflowException):
@@ -90,6 +94,9 @@ class SlurmSubmitJobOperator(BaseOperator):
         self.head_node = head_node
 
     def execute(self, context: Any) -> dict[str, Any] | None:
+        # Here, not at the top: the trigger pulls in paramiko, which a DAG file parsing this module has no use for.
+        from dtp.triggers.slurm import SlurmJobTrigger
+
         hook = SlurmHook(self.slurm_conn_id, self.head_node)
         active = hook.find_jobs(self.job_name)
         ended = hook.ended_jobs(self.job_name)
@@ -152,7 +159,9 @@ class SlurmSubmitJobOperator(BaseOperator):
             )
         if event["state"] == "TIMEOUT":
             minutes = int(self.time_limit_minutes or 0)
-            limit = f"its time limit of {minutes} min" if minutes else "its partition's time limit"
+            # Without one of the operator's, the limit is the batch script's --time (the preflight's), else the
+            # partition's.
+            limit = f"its time limit of {minutes} min" if minutes else "its script's or its partition's time limit"
             raise SlurmJobOverTime(
                 f"Slurm job {job_id} ran past {limit} and was stopped by Slurm; not retried. Last lines:\n{tail}"
             )
@@ -197,3 +206,21 @@ class SlurmSubmitJobOperator(BaseOperator):
 
     def _result(self, context: Any, job_id: str, state: str) -> dict[str, Any]:
         return {"job_id": job_id, "log_path": self._push_ids(context, job_id), "state": state}
+
+
+def submit_prepared_slurm_job(task_id: str, job: Any, **kwargs: Any) -> SlurmSubmitJobOperator:
+    """Submit a Slurm job prepared by ``dtp.pipeline.jobs`` (its XCom keys are the operator's arguments), with the
+    DAG form's hang and pending timeouts, on the training queue (``kwargs``: further operator arguments)."""
+    return SlurmSubmitJobOperator(
+        task_id=task_id,
+        script_path=job["script_path"],
+        job_name=job["job_name"],
+        output_path=job["output_path"],
+        comment=job["comment"],
+        hang_timeout=HANG_TIMEOUT_S,
+        pending_timeout=PENDING_TIMEOUT_S,
+        slurm_conn_id=job["slurm_conn_id"],
+        head_node=job["head_node"],
+        queue=TRAINING_QUEUE,
+        **kwargs,
+    )

@@ -25,7 +25,6 @@ from airflow.sdk import DAG, TaskGroup, TriggerRule, task
 from airflow.sdk.exceptions import AirflowFailException
 
 from dtp.connections import AWS_CONN_ID, TRAINING_QUEUE
-from dtp.images.container import framework_image_problem, resolve_runtime
 from dtp.metrics.preflight_gate import preflight_message
 from dtp.naming import EXPIRES_TAG, installation_id
 from dtp.operators.batch import BatchJobOperator
@@ -33,7 +32,7 @@ from dtp.operators.checkpoints import SaveCheckpointOperator
 from dtp.operators.cluster import DeployClusterOperator
 from dtp.operators.pytorchjob import EksPyTorchJobOperator
 from dtp.operators.report import TrainingReportOperator
-from dtp.operators.slurm import SlurmSubmitJobOperator
+from dtp.operators.slurm import HANG_TIMEOUT_S, submit_prepared_slurm_job
 from dtp.params import NODES_OUTLIVE_RUNS, ParamsError
 from dtp.pipeline import checkpoints, data, jobs, network, results
 from dtp.pipeline.spec import build_spec
@@ -46,13 +45,13 @@ log = logging.getLogger(__name__)
 # Suffixes of the tasks that run a prepared job off Slurm: as a PyTorchJob (``scheduler: kubernetes``), as an
 # AWS Batch job (``scheduler: batch``).
 ON_EKS, ON_BATCH = "_on_eks", "_on_batch"
-HANG_TIMEOUT_S = "{{ params.hang_timeout_minutes * 60 }}"
-PENDING_TIMEOUT_S = "{{ params.pending_timeout_minutes * 60 }}"
 
 
 @task
 def validate_params(**context: Any) -> dict[str, Any]:
     """Refuse bad input, with field, value and what is allowed, before anything is created."""
+    from dtp.images.container import framework_image_problem  # boto3, through SSM: not when a DAG file is parsed
+
     try:
         dag_run = context["dag_run"]
         spec = build_spec(
@@ -85,6 +84,8 @@ def validate_params(**context: Any) -> dict[str, Any]:
 def resolve_images(spec: dict[str, Any]) -> dict[str, str]:
     """The newest image and AMI published by container_build/ami_bake (SSM): the recipe's framework's image, with
     where the framework is in it, or for DTP's trainer the platform's training image, else its default runtime."""
+    from dtp.images.container import resolve_runtime  # boto3, through SSM: not when a DAG file is parsed
+
     platform = get_platform(spec["params"]["platform"])
     try:
         runtime = resolve_runtime(platform, spec["instance"], AWS_CONN_ID, spec["recipe"]["framework"])
@@ -213,23 +214,6 @@ def watcher(**context: Any) -> None:
         log.exception("Could not read the run's task states")
         failed = ""
     raise AirflowFailException(f"failed: {failed or 'a task of this run'}; see that task's log for why")
-
-
-def submit_prepared_slurm_job(task_id: str, job: Any, **kwargs: Any) -> SlurmSubmitJobOperator:
-    """Submit a Slurm job prepared by ``dtp.pipeline.jobs`` (its XCom keys are the operator's arguments)."""
-    return SlurmSubmitJobOperator(
-        task_id=task_id,
-        script_path=job["script_path"],
-        job_name=job["job_name"],
-        output_path=job["output_path"],
-        comment=job["comment"],
-        hang_timeout=HANG_TIMEOUT_S,
-        pending_timeout=PENDING_TIMEOUT_S,
-        slurm_conn_id=job["slurm_conn_id"],
-        head_node=job["head_node"],
-        queue=TRAINING_QUEUE,
-        **kwargs,
-    )
 
 
 def submit_prepared_batch_job(task_id: str, job: Any, **kwargs: Any) -> BatchJobOperator:

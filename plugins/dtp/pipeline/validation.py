@@ -25,9 +25,9 @@ from dtp.hostlist import expand_hostlist
 from dtp.metrics.preflight_gate import preflight_message
 from dtp.naming import RunNames, expiry, installation_id, resource_tags
 from dtp.operators.report import ClusterValidationReportOperator
+from dtp.operators.slurm import submit_prepared_slurm_job
 from dtp.params import ParamsError, validate_cluster_params
 from dtp.pipeline import jobs, results
-from dtp.pipeline.graph import submit_prepared_slurm_job
 from dtp.recipes import instance_types
 
 log = logging.getLogger(__name__)

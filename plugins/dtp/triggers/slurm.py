@@ -12,8 +12,11 @@ the partition cannot meet) is reported with Slurm's reason for keeping it
 waiting; the clock starts again each time the job runs and is requeued. A poll
 that cannot reach the cluster (a dropped ssh connection, a restarting sshd) is
 tried again on a new connection after a backoff, as the ssh provider's
-``SSHRemoteJobTrigger`` does; after ``max_reconnect_attempts`` such polls in a
-row the trigger reports the cluster unreachable, leaving the job as it is.
+``SSHRemoteJobTrigger`` does; so is one slurmctld does not answer (restarting,
+say: the job is not lost for that). After ``max_reconnect_attempts`` such polls
+in a row the trigger reports the cluster unreachable, leaving the job as it is.
+A user who marks the deferred task failed or succeeded, or clears it, cancels
+the job (``on_kill``).
 """
 
 from __future__ import annotations
@@ -23,15 +26,17 @@ import random
 import time
 from collections import deque
 from collections.abc import AsyncIterator
+from functools import cached_property
 from typing import Any
 
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 from paramiko.ssh_exception import SSHException
 
-from dtp.hooks.slurm import SlurmHook, SlurmJob
+from dtp.hooks.slurm import SlurmControllerUnreachable, SlurmHook, SlurmJob
 
-# What a poll raises when the cluster is out of reach for a while; socket.timeout is an OSError.
-CONNECTION_ERRORS = (SSHException, EOFError, OSError)
+# What a poll raises when the cluster is out of reach for a while; socket.timeout is an OSError. A slurmctld that
+# does not answer is the same: the job goes on meanwhile.
+CONNECTION_ERRORS = (SSHException, EOFError, OSError, SlurmControllerUnreachable)
 
 
 class SlurmJobTrigger(BaseTrigger):
@@ -53,7 +58,9 @@ class SlurmJobTrigger(BaseTrigger):
         head_node: str | None = None,
         lost_timeout: float = 300.0,
         pending_timeout: float = 3600.0,
-        log_offset: int = 0,  # in the kwargs of triggers deferred by earlier versions, always 0: reading starts there
+        # Serialized by earlier versions (always 0): the triggerer rebuilds a trigger deferred then from its stored
+        # kwargs, and an unknown one would fail it, and the task. Ignored: reading starts at 0 anyway.
+        log_offset: int = 0,
         max_reconnect_attempts: int = 10,
     ) -> None:
         super().__init__()
@@ -83,13 +90,30 @@ class SlurmJobTrigger(BaseTrigger):
             },
         )
 
+    @cached_property
+    def hook(self) -> SlurmHook:
+        """The hook of the trigger's polls and of its ``on_kill``."""
+        return SlurmHook(self.slurm_conn_id, self.head_node)
+
     async def run(self) -> AsyncIterator[TriggerEvent]:
-        hook = SlurmHook(self.slurm_conn_id, self.head_node)
         try:
-            async for event in self._follow(hook):
+            async for event in self._follow(self.hook):
                 yield event
-        finally:  # also when the triggerer cancels it (the task was cleared, the triggerer stops)
-            await asyncio.to_thread(hook.close)
+        finally:  # here too, not only in cleanup: dag.test() runs a trigger in-process and never calls cleanup
+            await asyncio.to_thread(self.hook.close)
+
+    async def on_kill(self) -> None:
+        """Cancel the job when a user marks the deferred task failed or succeeded, or clears it (Airflow 3.3+ calls
+        this for user kills only, not when the triggerer stops): it would otherwise hold its nodes until the run's
+        teardown. Nothing is waited on (the triggerer gives ``on_kill`` 30 s): a cleared task's next try that still
+        finds the job ending (COMPLETING) re-attaches to it and fails with its CANCELLED; its retry submits anew."""
+        self.log.info("The task was killed: cancelling Slurm job %s", self.job_id)
+        await asyncio.to_thread(self.hook.cancel_job, self.job_id)
+
+    async def cleanup(self) -> None:
+        """Close the ssh connection (paramiko's would live on), however the trigger ended: the triggerer calls this
+        last, after ``on_kill``, whose scancel connects again once ``run`` has closed the polls' connection."""
+        await asyncio.to_thread(self.hook.close)
 
     async def _follow(self, hook: SlurmHook) -> AsyncIterator[TriggerEvent]:
         tail: deque[str] = deque(maxlen=30)
