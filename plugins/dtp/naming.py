@@ -69,6 +69,12 @@ class RunNames:
     def slurm_job(self) -> str:
         return self.run_key
 
+    def earlier(self, count: int) -> list[RunNames]:
+        """The names of the (at most ``count``, the latest) incarnations before this one: what the run had before
+        it was cleared whole, which the clear left running when it came while the run ran."""
+        first = max(0, self.incarnation - count)
+        return [RunNames(self.dag_id, self.run_id, n, self.installation) for n in range(first, self.incarnation)]
+
     def as_dict(self) -> dict[str, str]:
         return {
             "run_key": self.run_key,

@@ -98,6 +98,13 @@ def test_the_installation_id_is_read_from_its_variable(monkeypatch) -> None:
     assert installation_id() == "pinned01"
 
 
+def test_earlier_incarnations_are_the_latest_before_this_one_with_this_installations_names() -> None:
+    run = ("train_e2e", "manual__2026-12-07T00:00:00+00:00")
+    assert RunNames(*run, 0, "0a1b2c3d").earlier(3) == []
+    assert RunNames(*run, 5, "0a1b2c3d").earlier(3) == [RunNames(*run, n, "0a1b2c3d") for n in (2, 3, 4)]
+    assert RunNames(*run, 1).earlier(3)[0].run_key == RunNames(*run).run_key
+
+
 def test_different_runs_get_different_keys() -> None:
     run_ids = [f"manual__2026-01-{d:02d}T00:00:00+00:00" for d in range(1, 29)] + HOSTILE_RUN_IDS
     keys = {RunNames("train_e2e", r).run_key for r in run_ids}

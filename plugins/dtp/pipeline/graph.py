@@ -17,6 +17,7 @@ The task callables are thin: each calls one step function of dtp.pipeline.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from airflow.providers.standard.operators.empty import EmptyOperator
@@ -178,24 +179,38 @@ def evaluate_gates(spec: dict[str, Any], metrics: dict[str, Any]) -> None:
 
 @task(retries=3)
 def teardown_cluster(spec: dict[str, Any]) -> dict[str, Any]:
-    """Delete the run's cluster (its jobs stopped first); with keep_cluster, stop the jobs and keep it."""
+    """Delete the run's cluster (its jobs stopped first); with keep_cluster, stop the jobs and keep it. Then delete
+    the clusters of the run's earlier incarnations (``earlier_names``), kept or not."""
     platform = get_platform(spec["params"]["platform"])
     if spec["params"]["keep_cluster"]:
         # The run is over: its jobs stop (freeing the nodes), the cluster stays for a person to look at.
-        stopped = platform.stop_jobs(spec)
+        done = {"kept": True, **platform.stop_jobs(spec)}
         log.warning(
             "keep_cluster=true: cluster kept, the run's jobs stopped (%s); its resources expire at %s",
-            stopped,
+            done,
             spec["tags"][EXPIRES_TAG],
         )
-        return {"kept": True, **stopped}
-    return platform.teardown(spec)
+    else:
+        done = platform.teardown(spec)
+    return done | _retired(spec, platform.teardown)
+
+
+def _retired(spec: dict[str, Any], teardown: Callable[[dict[str, Any]], dict[str, Any]]) -> dict[str, Any]:
+    """``teardown`` of each earlier incarnation of the run: a run cleared whole while it ran got new names, and
+    what its earlier incarnation made was never torn down (``{}`` for a run never cleared)."""
+    retired = {}
+    for names in spec.get("earlier_names", []):  # a spec from before they were recorded has none
+        log.info("Deleting what incarnation %s of the run left (cleared whole while it ran)", names["run_key"])
+        retired[names["run_key"]] = teardown({**spec, "names": names})
+    return {"earlier_incarnations": retired} if retired else {}
 
 
 @task(retries=3)
 def teardown_network(spec: dict[str, Any]) -> dict[str, Any]:
-    """Delete the network stack and the run's data bucket, and sweep what the stack's deletion left behind."""
-    return network.teardown_network(spec, AWS_CONN_ID)
+    """Delete the network stack and the run's data bucket, and sweep what the stack's deletion left behind; then
+    those of the run's earlier incarnations, kept or not."""
+    done = network.teardown_network(spec, AWS_CONN_ID)
+    return done | _retired(spec, lambda earlier: network.destroy_network(earlier, AWS_CONN_ID))
 
 
 @task(trigger_rule=TriggerRule.ONE_FAILED, retries=0)

@@ -173,4 +173,10 @@ def teardown_network(spec: dict[str, Any], aws_conn_id: str) -> dict[str, Any]:
             "keep_cluster=true: keeping %s; it expires at %s", names["network_stack"], spec["tags"][EXPIRES_TAG]
         )
         return {"kept": True}
+    return destroy_network(spec, aws_conn_id)
+
+
+def destroy_network(spec: dict[str, Any], aws_conn_id: str) -> dict[str, Any]:
+    """Delete the network stack and bucket of ``spec``'s names, whatever ``keep_cluster`` says."""
+    names = spec["names"]
     return destroy_run_resources(aws_conn_id, names["run_key"], [names["network_stack"]], (names["data_bucket"],))

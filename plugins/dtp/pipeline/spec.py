@@ -19,6 +19,9 @@ from dtp.platforms import get_platform
 from dtp.platforms.local import LocalSlurmPlatform
 from dtp.recipes import get_recipe, instance_types
 
+# How many earlier incarnations of a run its teardowns delete (each costs a few describe calls when it is gone).
+RETIRED_INCARNATIONS = 3
+
 
 def build_spec(
     params: Mapping[str, Any],
@@ -112,6 +115,8 @@ def run_spec(
         "recipe": recipe.model_dump(),
         "instance": instance.model_dump(),
         "names": names.as_dict(),
+        # The teardowns delete these too: a run cleared whole while it ran never tore them down.
+        "earlier_names": [earlier.as_dict() for earlier in names.earlier(RETIRED_INCARNATIONS)],
         "tags": resource_tags(names, validated.recipe, expiry(validated.expiry_hours)),
         "estimated_cost_usd": estimate_cost_usd(validated, recipe.expected_step_seconds, instance.price_usd_per_hour),
         "training_time_limit_minutes": training_time_limit_minutes(
