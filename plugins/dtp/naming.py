@@ -53,7 +53,7 @@ class RunNames:
     @property
     def run_key(self) -> str:
         key = f"{self.dag_id}\0{self.run_id}" + (f"\0{self.incarnation}" if self.incarnation else "")
-        key += f"\0{self.installation}" if self.installation else ""
+        key += f"\0installation={self.installation}" if self.installation else ""  # never read as an incarnation
         digest = hashlib.sha256(key.encode()).hexdigest()[:10]
         return f"{PREFIX}-{slug(self.dag_id, 24)}-{digest}"
 
@@ -70,10 +70,12 @@ class RunNames:
         return self.run_key
 
     def earlier(self, count: int) -> list[RunNames]:
-        """The names of the (at most ``count``, the latest) incarnations before this one: what the run had before
-        it was cleared whole, which the clear left running when it came while the run ran."""
-        first = max(0, self.incarnation - count)
-        return [RunNames(self.dag_id, self.run_id, n, self.installation) for n in range(first, self.incarnation)]
+        """The names of the incarnations before this one: the first, and the latest ``count`` - 1. What the run had
+        before it was cleared whole, which the clear left running when it came while the run ran. Airflow counts
+        every clear of a task of the run (``clear_number``), so most numbers named no resource; the first always
+        did."""
+        numbers = sorted({0, *range(max(0, self.incarnation - count + 1), self.incarnation)} - {self.incarnation})
+        return [RunNames(self.dag_id, self.run_id, n, self.installation) for n in numbers]
 
     def as_dict(self) -> dict[str, str]:
         return {
@@ -87,15 +89,15 @@ class RunNames:
 def installation_id() -> str:
     """This Airflow installation's id, from the ``dtp_installation_id`` Variable (or its
     ``AIRFLOW_VAR_DTP_INSTALLATION_ID`` environment variable); the first run of a new installation sets it to a
-    random one. Two runs that both find it unset each name their resources with the id they set, which is still
-    unique to them. Callable in a running task only (it may write the Variable)."""
+    random one, and reads it back: of two first runs that both found it unset, the one whose write came first
+    takes the other's id (unless it reads before that write lands; its id is still unique to it). Callable in a
+    running task only (it may write the Variable)."""
     from airflow.sdk import Variable  # a task-time import: naming is imported where Airflow is not running
 
-    if found := Variable.get(INSTALLATION_VARIABLE, default=None):
-        return str(found)
-    created = secrets.token_hex(4)
-    Variable.set(INSTALLATION_VARIABLE, created, description="Keeps this installation's DTP resource names apart")
-    return created
+    if not (found := Variable.get(INSTALLATION_VARIABLE, default=None)):
+        Variable.set(INSTALLATION_VARIABLE, secrets.token_hex(4), description="Keeps this installation's names apart")
+        found = Variable.get(INSTALLATION_VARIABLE)  # another first run's, where it set the Variable after this one
+    return str(found)
 
 
 def expiry(hours: float, now: datetime | None = None) -> str:

@@ -51,6 +51,8 @@ RUN_ID = f"{TAG_PREFIX}run-id"
 ACTIVE_RUN_STATES = ("queued", "running")
 # What a run's network sweep (destroy_run_resources) deletes together.
 NETWORK_KINDS = ("stack", "bucket", "vpc")
+# Kinds whose nodes may sit in a run's network: while one of them cannot be looked for, no network is swept.
+NODE_KINDS = ("stack", "hyperpod_cluster", "batch")
 # The tags ParallelCluster adds to the cluster config's Tags (which carry dtp:run and dtp:expires-at) on a cluster's
 # root stack (aws-parallelcluster's pcluster/constants.py PCLUSTER_VERSION_TAG; its list_pcluster_stacks tells
 # cluster stacks from `pcluster build-image` stacks, which carry both tags, the same way).
@@ -205,20 +207,22 @@ def spare_active_runs(found: list[Expired], active: Callable[[str, str], bool]) 
 
 
 def run_is_active(dag_id: str, run_id: str) -> bool:
-    """Whether this Airflow's DAG run ``run_id`` of ``dag_id`` is queued or running, asked through the Task SDK (so
-    callable in a running task only): the check the reaper's tasks pass their finders. A run it does not know
-    (deleted, or another installation's) is not active, unless ``run_id`` may be one ``tag_value`` altered (it
-    writes ``_`` for a character a tag cannot hold) while a run of ``dag_id`` is active: that run may be this one.
-    Any other error raises: nothing is deleted on a guess."""
+    """Whether this Airflow's DAG run ``run_id`` of ``dag_id`` is queued or running in a DAG that is not paused,
+    asked through the Task SDK (so callable in a running task only): the check the reaper's tasks pass their
+    finders. A run it does not know (deleted, another installation's, or one whose id has a character a tag
+    cannot hold, which ``tag_value`` replaced) is not active. A paused DAG's run is not either: the scheduler
+    leaves it "running" for as long as the DAG stays paused, and its teardowns do not run, so the expiry is what
+    ends its resources. Any other error raises: nothing is deleted on a guess."""
     from airflow.sdk.exceptions import AirflowRuntimeError
     from airflow.sdk.execution_time.task_runner import RuntimeTaskInstance
 
     try:
-        return RuntimeTaskInstance.get_dagrun_state(dag_id, run_id) in ACTIVE_RUN_STATES
+        state = RuntimeTaskInstance.get_dagrun_state(dag_id, run_id)
     except AirflowRuntimeError as err:
         if (err.error.detail or {}).get("status_code") != 404:
             raise
-    return "_" in run_id and RuntimeTaskInstance.get_dr_count(dag_id, states=list(ACTIVE_RUN_STATES)) > 0
+        return False
+    return state in ACTIVE_RUN_STATES and not RuntimeTaskInstance.get_dag(dag_id).is_paused
 
 
 def expired_amis(ec2: Any, published: set[str], now: datetime) -> list[Expired]:
@@ -424,7 +428,12 @@ def reap(
     attempt(of_kind("batch"), delete_batch)
     attempt(of_kind("ami"), lambda image: PackerHook(aws_conn_id=aws_conn_id).deregister_image(image.name))
     attempt(of_kind("snapshot"), lambda snapshot: ec2.conn.delete_snapshot(SnapshotId=snapshot.name))
-    for run_key in sorted({i.run_key for i in found if i.kind in NETWORK_KINDS}):
+    networks = sorted({i.run_key for i in found if i.kind in NETWORK_KINDS})
+    if networks and (blind := [kind for kind in NODE_KINDS if kind in unsearched]):
+        # A cluster that could not be listed may still have nodes in one of these networks.
+        log.warning("Leaving every network (%s) while %s cannot be looked for", ", ".join(networks), blind)
+        networks = []
+    for run_key in networks:
         of_run = [i for i in found if i.run_key == run_key and i.kind in NETWORK_KINDS]
         if run_key in failed:
             log.warning("Leaving run %s's network: %s is not gone", run_key, failed[run_key])

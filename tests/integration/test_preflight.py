@@ -12,7 +12,6 @@ from dtp.hooks.slurm import SlurmHook
 from dtp.params import ParamsError
 from dtp.pipeline import jobs, results
 from dtp.pipeline.validation import build_validation_spec, connect
-from dtp.platforms.base import PREFLIGHT_DEADLINE_S
 from dtp.triggers.slurm import SlurmJobTrigger
 
 pytestmark = pytest.mark.stack
@@ -56,14 +55,14 @@ def test_unreachable_bandwidth_fails_with_the_table(stack, first_event) -> None:
 
 
 def test_slurm_ends_a_preflight_job_at_its_deadline(stack) -> None:
-    # It takes whole nodes: one that hangs, or outlives a deleted run, must not keep them past the deadline of the
-    # preflight off Slurm. The local partition has no MaxTime: the limit is the script's own.
+    # It takes whole nodes: one that hangs, or outlives a deleted run, must not keep them past its time limit. The
+    # local partition has no MaxTime: the limit is the script's own.
     spec, cluster = _validation()
     job = jobs.prepare_preflight(spec, cluster, {"python": cluster["python"]})
     hook = SlurmHook(cluster["slurm_conn_id"])
     job_id = hook.submit(job["script_path"], job_name=job["job_name"], output=job["output_path"], extra_args=["--hold"])
     try:
-        assert f"TimeLimit=00:{PREFLIGHT_DEADLINE_S // 60}:00" in hook.run(["scontrol", "show", "job", job_id])
+        assert f"TimeLimit=00:{jobs.SLURM_PREFLIGHT_MINUTES}:00" in hook.run(["scontrol", "show", "job", job_id])
     finally:
         hook.cancel_job_and_wait(job_id)
         hook.remove_tree(os.path.dirname(job["script_path"]))  # the run's directory, which only this test used

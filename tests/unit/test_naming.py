@@ -98,11 +98,19 @@ def test_the_installation_id_is_read_from_its_variable(monkeypatch) -> None:
     assert installation_id() == "pinned01"
 
 
-def test_earlier_incarnations_are_the_latest_before_this_one_with_this_installations_names() -> None:
+def test_earlier_incarnations_are_the_first_and_the_latest_with_this_installations_names() -> None:
+    # Airflow counts every task clear: names fixed at 0, three tasks cleared, then the whole run (4). The first
+    # always made resources; of the others, only those a whole-run clear started.
     run = ("train_e2e", "manual__2026-12-07T00:00:00+00:00")
     assert RunNames(*run, 0, "0a1b2c3d").earlier(3) == []
-    assert RunNames(*run, 5, "0a1b2c3d").earlier(3) == [RunNames(*run, n, "0a1b2c3d") for n in (2, 3, 4)]
+    assert RunNames(*run, 9, "0a1b2c3d").earlier(3) == [RunNames(*run, n, "0a1b2c3d") for n in (0, 7, 8)]
+    assert RunNames(*run, 2).earlier(3) == [RunNames(*run, 0), RunNames(*run, 1)]
     assert RunNames(*run, 1).earlier(3)[0].run_key == RunNames(*run).run_key
+
+
+def test_an_installation_id_is_never_read_as_an_incarnation() -> None:
+    run = ("train_e2e", "manual__2026-12-07T00:00:00+00:00")
+    assert RunNames(*run, 0, "1").run_key != RunNames(*run, 1).run_key
 
 
 def test_different_runs_get_different_keys() -> None:

@@ -21,7 +21,7 @@ import json
 import logging
 import re
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -46,6 +46,9 @@ log = logging.getLogger(__name__)
 STEP_DIR = re.compile(r"^step_(\d+)$")
 MANIFEST = "MANIFEST.json"
 HASH_BLOCK = 1 << 20  # bytes read at a time while hashing a file
+# How far the clock of the node that wrote a file may be behind S3's: an object newer than the file by less is
+# compared by content.
+CLOCK_SKEW = timedelta(minutes=1)
 
 
 def checkpoint_files(checkpoint_dir: Path, framework: str) -> tuple[int | None, list[Path]]:
@@ -102,12 +105,12 @@ def upload_checkpoint(checkpoint: Checkpoint, aws_conn_id: str) -> dict[str, int
 
     Size alone does not tell: a checkpoint rewrites files in place with the same size (Megatron-LM's
     ``latest_checkpointed_iteration.txt`` going from "100" to "300", a shard of a step trained again), and a copy
-    keeping the old one would resume from the wrong step. An object written after the file last changed is its
-    copy (an FSx export of this checkpoint, or an earlier try of this upload). An older one of the same size is
-    compared by content: the file is hashed and compared with the object's ETag, which S3 computes from the
-    content as uploaded (the MD5, or for a multipart upload the MD5 of its parts' MD5s: ``etag`` computes it with
-    the part size this upload uses). An object whose ETag is not of that kind (another part size, a KMS-encrypted
-    bucket) is uploaded again, the safe side."""
+    keeping the old one would resume from the wrong step. An object written more than ``CLOCK_SKEW`` after the
+    file last changed is its copy (an FSx export of this checkpoint, or an earlier try of this upload). Any other
+    of the same size is compared by content: the file is hashed and compared with the object's ETag, which S3
+    computes from the content as uploaded (the MD5, or for a multipart upload the MD5 of its parts' MD5s: ``etag``
+    computes it with the part size this upload uses). An object whose ETag is not of that kind (another part size,
+    a KMS-encrypted bucket) is uploaded again, the safe side."""
     s3 = S3Hook(aws_conn_id=aws_conn_id)
     existing = {obj["Key"]: obj for obj in s3.iter_file_metadata(checkpoint.prefix, checkpoint.bucket)}
     threshold, part_size = s3.transfer_config.multipart_threshold, s3.transfer_config.multipart_chunksize
@@ -126,7 +129,7 @@ def _stored_as_is(stored: dict[str, Any] | None, path: Path, threshold: int, par
     """Whether the bucket's object ``stored`` (its listing entry) holds the file at ``path`` as it is now."""
     if stored is None or stored["Size"] != path.stat().st_size:
         return False
-    if stored["LastModified"] >= datetime.fromtimestamp(path.stat().st_mtime, UTC):
+    if stored["LastModified"] >= datetime.fromtimestamp(path.stat().st_mtime, UTC) + CLOCK_SKEW:
         return True
     return bool(stored["ETag"].strip('"') == etag(path, threshold, part_size))
 

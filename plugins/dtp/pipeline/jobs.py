@@ -27,6 +27,9 @@ from dtp.templates import render
 TRAINING_DIR = INCLUDE_DIR / "training"
 # Where the reference repo's AMIs and containers install nccl-tests; an image may say otherwise.
 NCCL_TESTS_BIN = "/opt/nccl-tests/build"
+# A preflight job's time on Slurm: pyxis importing the image on each node (minutes for a large one on a node that
+# has not imported it yet), the screen and the sweep. A job stopped there is not retried.
+SLURM_PREFLIGHT_MINUTES = 30
 # About how often the trainer's ranks agree on a SIGTERM: well within torchrun's 30 s before it kills them.
 STOP_CHECK_SECONDS = 5
 
@@ -137,6 +140,7 @@ def prepare_preflight(spec: dict[str, Any], cluster: dict[str, Any], images: dic
         max_bytes=instance["busbw_at_bytes"],
         nccl_tests_path=nccl_tests or "",
         nccl_tests_bin=images.get("nccl_tests_bin", NCCL_TESTS_BIN),
+        time_minutes=SLURM_PREFLIGHT_MINUTES,
     )
     job = _write_job(hook, spec, workdir, "preflight", script, f"{spec['names']['slurm_job']}-preflight")
     return {**job, "results_path": str(results), "nccl_tests_path": str(nccl_tests or "")}

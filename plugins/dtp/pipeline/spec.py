@@ -19,8 +19,9 @@ from dtp.platforms import get_platform
 from dtp.platforms.local import LocalSlurmPlatform
 from dtp.recipes import get_recipe, instance_types
 
-# How many earlier incarnations of a run its teardowns delete (each costs a few describe calls when it is gone).
-RETIRED_INCARNATIONS = 3
+# How many earlier incarnations of a run its teardowns delete, the first and the latest (each costs a few describe
+# calls when it made nothing, as most do: Airflow counts every clear of a task of the run).
+RETIRED_INCARNATIONS = 5
 
 
 def build_spec(
