@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import asdict
-from pathlib import Path
 
 import pytest
 
@@ -73,21 +71,6 @@ def test_a_reaped_job_is_gone_when_the_reaper_says_so(stack) -> None:
         assert SlurmHook().find_jobs(name) == []
     finally:
         SlurmHook().cancel_and_wait(name)
-
-
-@pytest.fixture
-def unreachable_slurm(stack, tmp_path: Path, monkeypatch) -> str:
-    """A Slurm connection that reaches no slurmctld (a wrong port)."""
-    conf = tmp_path / "slurm.conf"
-    conf.write_text(
-        "\n".join(
-            "SlurmctldPort=9" if line.startswith("SlurmctldPort=") else line
-            for line in stack.slurm_conf.read_text().splitlines()
-        )
-    )
-    extra = {"transport": "local", "slurm_conf": str(conf)}
-    monkeypatch.setenv("AIRFLOW_CONN_SLURM_UNREACHABLE", json.dumps({"conn_type": "generic", "extra": extra}))
-    return "slurm_unreachable"
 
 
 def test_a_scancel_slurmctld_never_heard_is_not_counted_as_deleted(stack, unreachable_slurm: str) -> None:

@@ -21,6 +21,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import boto3
 import pytest
+from botocore.stub import Stubber
 from moto import mock_aws
 
 JOBS_PATH = "/apis/kubeflow.org/v1/namespaces/{namespace}/pytorchjobs"
@@ -171,6 +172,17 @@ def installation(monkeypatch: pytest.MonkeyPatch) -> str:
     task function called outside a running task cannot set the Variable itself."""
     monkeypatch.setenv("AIRFLOW_VAR_DTP_INSTALLATION_ID", "0a1b2c3d")
     return "0a1b2c3d"
+
+
+@pytest.fixture
+def stub(hook: Any) -> Iterator[Stubber]:
+    """A Stubber answering for the client of the module's ``hook`` fixture (an AWS hook, made in us-east-1), which
+    must have been given every response it is asked for by the end of the test."""
+    client = hook.get_client_type(region_name="us-east-1")
+    hook.conn = client  # the hook's cached client, answered by the Stubber
+    with Stubber(client) as stubber:
+        yield stubber
+        stubber.assert_no_pending_responses()
 
 
 @pytest.fixture

@@ -36,15 +36,6 @@ def hook(offline_aws: None) -> FsxHook:
     return FsxHook(aws_conn_id=None, region_name="us-east-1")
 
 
-@pytest.fixture
-def stub(hook: FsxHook):
-    client = hook.get_client_type(region_name="us-east-1")
-    hook.conn = client  # the hook's cached client, answered by the Stubber
-    with Stubber(client) as stubber:
-        yield stubber
-        stubber.assert_no_pending_responses()
-
-
 def _association(path: str, prefix: str) -> dict:
     return {
         "AssociationId": "dra-0123456789abcdef0",

@@ -6,7 +6,6 @@ Deleting)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import UTC, datetime
 
 import pytest
@@ -35,15 +34,6 @@ CONFLICT = ("ConflictException", f"Cluster {NAME} is in Deleting state")
 @pytest.fixture
 def hook(offline_aws: None) -> HyperPodHook:
     return HyperPodHook(aws_conn_id=None, region_name="us-east-1")
-
-
-@pytest.fixture
-def stub(hook: HyperPodHook) -> Iterator[Stubber]:
-    client = hook.get_client_type(region_name="us-east-1")
-    hook.conn = client  # the hook's cached client, answered by the Stubber
-    with Stubber(client) as stubber:
-        yield stubber
-        stubber.assert_no_pending_responses()
 
 
 def _described(status: str, name: str = NAME) -> dict:

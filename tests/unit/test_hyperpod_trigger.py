@@ -7,7 +7,6 @@ are in tests/integration/test_hyperpod.py."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -32,15 +31,6 @@ def hook(offline_aws: None, monkeypatch: pytest.MonkeyPatch) -> HyperPodHook:
     hook = HyperPodHook(aws_conn_id=None, region_name="us-east-1")
     monkeypatch.setattr(hyperpod_triggers, "HyperPodHook", lambda **_: hook)
     return hook
-
-
-@pytest.fixture
-def stub(hook: HyperPodHook) -> Iterator[Stubber]:
-    client = hook.get_client_type(region_name="us-east-1")
-    hook.conn = client  # the hook's cached client, answered by the Stubber
-    with Stubber(client) as stubber:
-        yield stubber
-        stubber.assert_no_pending_responses()
 
 
 def _describe(stub: Stubber, status: str, **fields: Any) -> None:

@@ -36,15 +36,6 @@ def hook(offline_aws: None) -> StackHook:
     return StackHook(aws_conn_id=None, region_name="us-east-1")
 
 
-@pytest.fixture
-def stub(hook: StackHook):
-    client = hook.get_client_type(region_name="us-east-1")
-    hook.conn = client  # the hook's cached client, answered by the Stubber
-    with Stubber(client) as stubber:
-        yield stubber
-        stubber.assert_no_pending_responses()
-
-
 def _stack(status: str, stack_id: str = STACK_ID, reason: str | None = None) -> dict:
     stack = {"StackId": stack_id, "StackName": NAME, "CreationTime": CREATED, "StackStatus": status}
     return {"Stacks": [{**stack, "StackStatusReason": reason} if reason else stack]}
