@@ -111,14 +111,15 @@ def find_expired_in_aws(
     ``active`` says is queued or running. Each kind is looked for on its own: one whose lookup fails (an API down,
     a permission missing) is logged and named in ``unsearched``, and the others are still found."""
     now = now or datetime.now(UTC)
+    ec2 = RunResourceSweeper(aws_conn_id=aws_conn_id)  # one EC2 client, made at the first lookup that needs it
     lookups: dict[str, Callable[[], list[Expired]]] = {
         "stack": lambda: expired_stacks(StackHook(aws_conn_id=aws_conn_id).conn, now),
         "bucket": lambda: expired_buckets(S3Hook(aws_conn_id=aws_conn_id).conn, now),
-        "vpc": lambda: expired_vpcs(RunResourceSweeper(aws_conn_id=aws_conn_id).conn, now),
+        "vpc": lambda: expired_vpcs(ec2.conn, now),
         "hyperpod_cluster": lambda: expired_hyperpod_clusters(HyperPodHook(aws_conn_id=aws_conn_id), now),
         "batch": lambda: expired_batch_environments(BatchClientHook(aws_conn_id=aws_conn_id).client, now),
-        "builder_instance": lambda: expired_builder_instances(RunResourceSweeper(aws_conn_id=aws_conn_id).conn, now),
-        "ami": lambda: expired_amis(RunResourceSweeper(aws_conn_id=aws_conn_id).conn, published_amis(aws_conn_id), now),
+        "builder_instance": lambda: expired_builder_instances(ec2.conn, now),
+        "ami": lambda: expired_amis(ec2.conn, published_amis(aws_conn_id), now),
     }
     found: list[Expired] = []
     unsearched: dict[str, str] = {}
