@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from dtp.form import airflow_params
-from dtp.hooks.container import ContainerBuildError, ImageBuilder
+from dtp.hooks.image_builder import ContainerBuildError, ImageBuilder
 from dtp.hooks.packer import BuildResult, MachineReadableLine, PackerError, PackerHook, fingerprint
 from dtp.images import ami, container
 from dtp.params import ParamsError, parse_params

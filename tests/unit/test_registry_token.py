@@ -14,7 +14,7 @@ from urllib.parse import parse_qs, urlparse
 
 import pytest
 
-from dtp.hooks.container import ContainerRegistryHook
+from dtp.hooks.registry import ContainerRegistryHook
 
 DIGEST = "sha256:" + "ab" * 32
 BASIC = "Basic " + base64.b64encode(b"robot:s3cret").decode()

@@ -8,8 +8,9 @@ from typing import Any
 
 from airflow.sdk import BaseOperator
 
-from dtp.hooks.container import ContainerRegistryHook, ImageBuilder
+from dtp.hooks.image_builder import ImageBuilder
 from dtp.hooks.packer import fingerprint
+from dtp.hooks.registry import ContainerRegistryHook
 
 
 class ContainerImageBuildOperator(BaseOperator):

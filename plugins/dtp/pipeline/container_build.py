@@ -18,7 +18,7 @@ from airflow.sdk import task
 from airflow.sdk.exceptions import AirflowFailException
 
 from dtp.connections import AWS_CONN_ID
-from dtp.hooks.container import ContainerRegistryHook
+from dtp.hooks.registry import ContainerRegistryHook
 from dtp.images.container import ContainerBuildParams, training_parameter
 from dtp.images.publish import IMAGE_ALIAS, emit, put_parameter
 from dtp.naming import OWNER, TAG_PREFIX

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from dtp.hooks.container import ContainerRegistryHook
+from dtp.hooks.registry import ContainerRegistryHook
 from dtp.hooks.slurm import SlurmHook
 
 

@@ -1,28 +1,25 @@
-"""Build OCI images and push them to a registry: Docker when a daemon answers, buildah otherwise.
+"""A container registry: credentials, manifest digests, ECR repositories, unpacking an image.
 
 The registry comes from a connection: ``host`` is the registry (``host[:port]``),
 ``login``/``password`` its credentials, and the extra may say ``{"ecr": true,
 "aws_conn_id": "aws_default"}`` (credentials from the amazon provider's
-``EcrHook``, the repository created when missing) or ``{"tls_verify": false}``
-(a plain-HTTP registry on loopback). Credentials travel in a mode-600 auth file,
-never on a command line.
+``EcrHook``, the repository created when missing and given DTP's lifecycle policy)
+or ``{"tls_verify": false}`` (a plain-HTTP registry on loopback). Credentials
+travel in a mode-600 auth file, never on a command line.
 """
 
 from __future__ import annotations
 
 import base64
 import json
-import os
 import re
-import shutil
-import signal
 import subprocess
 import tarfile
 import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from functools import cached_property
 from pathlib import Path
@@ -31,8 +28,8 @@ from typing import Any
 from airflow.providers.amazon.aws.hooks.ecr import EcrHook
 from airflow.sdk import BaseHook
 
+from dtp.hooks.image_builder import ContainerBuildError
 from dtp.naming import aws_tags
-from dtp.processes import stop_group
 
 MANIFEST_TYPES = ", ".join(
     [
@@ -42,11 +39,45 @@ MANIFEST_TYPES = ", ".join(
         "application/vnd.docker.distribution.manifest.list.v2+json",
     ]
 )
-_DOCKER_DIGEST = re.compile(r"digest: (sha256:[0-9a-f]{64})")
 
-
-class ContainerBuildError(RuntimeError):
-    """A build or push failed; carries the tool's last lines."""
+# The lifecycle policy of the ECR repositories DTP pushes to, without which every image built stays (and bills)
+# forever. DTP tags an image with the fingerprint of its inputs and pushes only a tag the registry lacks, so it
+# never moves a tag: the image an SSM parameter (``/dtp/images/...``) or a run pins by digest is a tagged one, and
+# an image is left untagged only by a push over one of its tags, which DTP does not make.
+UNTAGGED_IMAGE_DAYS = 14  # two weeks to notice such a push, and tag the image it replaced again if it is wanted
+# SSM names the newest image published for each platform, and a run the one SSM named when it started. ECR counts
+# by push time, and an image a build finds instead of building it again keeps its first push's: so many are kept
+# that a published image expires only after this many builds with other inputs into its repository.
+IMAGES_KEPT = 30
+# The start of the description of each rule DTP sets: a policy whose rules all have it is DTP's, to be replaced by
+# the current one; any other is the account owner's, and left as it is.
+DTP_RULE = "dtp: "
+LIFECYCLE_POLICY: dict[str, Any] = {
+    "rules": [
+        {
+            "rulePriority": 1,
+            "description": f"{DTP_RULE}expire untagged images {UNTAGGED_IMAGE_DAYS} days after their push",
+            "selection": {
+                "tagStatus": "untagged",
+                "countType": "sinceImagePushed",
+                "countUnit": "days",
+                "countNumber": UNTAGGED_IMAGE_DAYS,
+            },
+            "action": {"type": "expire"},
+        },
+        {
+            "rulePriority": 2,
+            "description": f"{DTP_RULE}keep the newest {IMAGES_KEPT} images",
+            "selection": {
+                # DTP's tags are fingerprints, which no prefix tells apart: "any" (evaluated last) takes them all.
+                "tagStatus": "any",
+                "countType": "imageCountMoreThan",
+                "countNumber": IMAGES_KEPT,
+            },
+            "action": {"type": "expire"},
+        },
+    ]
+}
 
 
 class ContainerRegistryHook(BaseHook):
@@ -113,7 +144,8 @@ class ContainerRegistryHook(BaseHook):
             yield path
 
     def ensure_repository(self, repository: str, tags: Mapping[str, str]) -> None:
-        """On ECR, create the repository (scan on push, tagged) unless it exists."""
+        """On ECR, create the repository (scan on push, tagged) unless it exists, and give it ``LIFECYCLE_POLICY``
+        unless it has a lifecycle policy of its owner's (one DTP did not set)."""
         if not self.is_ecr:
             return
         client = self.ecr.conn
@@ -125,6 +157,12 @@ class ContainerRegistryHook(BaseHook):
                 imageScanningConfiguration={"scanOnPush": True},
                 tags=aws_tags(tags),
             )
+        try:
+            current = json.loads(client.get_lifecycle_policy(repositoryName=repository)["lifecyclePolicyText"])
+        except client.exceptions.LifecyclePolicyNotFoundException:
+            current = None
+        if current is None or (_set_by_dtp(current) and current != LIFECYCLE_POLICY):
+            client.put_lifecycle_policy(repositoryName=repository, lifecyclePolicyText=json.dumps(LIFECYCLE_POLICY))
 
     def manifest_digest(self, repository: str, reference: str) -> str | None:
         """The registry's digest of ``repository:reference`` (``Docker-Content-Digest``), None if absent. A registry
@@ -198,98 +236,10 @@ class ContainerRegistryHook(BaseHook):
         return dest
 
 
-class ImageBuilder:
-    """Build and push with Docker (when its daemon answers) or buildah (daemonless, vfs storage)."""
-
-    def __init__(self, tool: str | None = None) -> None:
-        self.tool = tool or self.detect()
-        self._process: subprocess.Popen[str] | None = None
-
-    @staticmethod
-    def detect() -> str:
-        docker = shutil.which("docker")
-        if docker and subprocess.run([docker, "info"], capture_output=True, check=False).returncode == 0:
-            return "docker"
-        if shutil.which("buildah"):
-            return "buildah"
-        raise ContainerBuildError("neither a Docker daemon nor buildah is available on this worker")
-
-    def _base(self) -> list[str]:
-        return ["docker"] if self.tool == "docker" else ["buildah", "--storage-driver", "vfs"]
-
-    def build_command(
-        self, context: Path, dockerfile: Path, ref: str, build_args: Mapping[str, str], labels: Mapping[str, str]
-    ) -> list[str]:
-        argv = [*self._base(), "build", "-f", str(dockerfile), "-t", ref]
-        if self.tool == "buildah":
-            argv += ["--isolation", "chroot", "--layers=false"]
-        for key, value in sorted(build_args.items()):
-            argv += ["--build-arg", f"{key}={value}"]
-        for key, value in sorted(labels.items()):
-            argv += ["--label", f"{key}={value}"]
-        return [*argv, str(context)]
-
-    def build(
-        self,
-        context: Path,
-        dockerfile: Path,
-        ref: str,
-        build_args: Mapping[str, str],
-        labels: Mapping[str, str],
-        on_line: Callable[[str], None],
-    ) -> None:
-        self._stream(self.build_command(context, dockerfile, ref, build_args, labels), on_line, env=None)
-
-    def push(self, ref: str, auth_file: Path, tls_verify: bool, on_line: Callable[[str], None]) -> str:
-        """Push ``ref``; return the manifest digest the registry stored."""
-        if self.tool == "docker":
-            lines = self._stream(["docker", "push", ref], on_line, env={"DOCKER_CONFIG": str(auth_file.parent)})
-            found = [m.group(1) for line in lines if (m := _DOCKER_DIGEST.search(line))]
-            if not found:
-                raise ContainerBuildError(f"docker push {ref} printed no digest")
-            return found[-1]
-        digest_file = auth_file.with_name("digest")
-        self._stream(
-            [
-                *self._base(),
-                "push",
-                f"--authfile={auth_file}",
-                f"--tls-verify={str(tls_verify).lower()}",
-                f"--digestfile={digest_file}",
-                ref,
-            ],
-            on_line,
-            env=None,
-        )
-        return digest_file.read_text().strip()
-
-    def stop(self, grace_seconds: float = 10.0) -> None:
-        """Stop the build or push under way, and everything it started (a killed task's ``on_kill``)."""
-        if self._process is not None:
-            stop_group(self._process, signal.SIGTERM, grace_seconds)
-
-    def _stream(self, argv: list[str], on_line: Callable[[str], None], env: dict[str, str] | None) -> list[str]:
-        """Run ``argv`` in a process group of its own (so ``stop`` reaches all it starts), each line to ``on_line``."""
-        lines: list[str] = []
-        with subprocess.Popen(
-            argv,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env={**os.environ, **(env or {})},
-            start_new_session=True,
-        ) as process:
-            self._process = process
-            assert process.stdout is not None
-            for raw in process.stdout:
-                line = raw.rstrip()
-                lines.append(line)
-                on_line(line)
-        self._process = None
-        if process.returncode != 0:
-            tail = "\n".join(lines[-20:])
-            raise ContainerBuildError(f"{' '.join(argv[:3])} ... failed (exit code {process.returncode}):\n{tail}")
-        return lines
+def _set_by_dtp(policy: Mapping[str, Any]) -> bool:
+    """Whether DTP set the lifecycle ``policy``: each of its rules is described as one of DTP's."""
+    rules = policy.get("rules") or []
+    return bool(rules) and all(str(rule.get("description", "")).startswith(DTP_RULE) for rule in rules)
 
 
 def _raise_unless_absent(err: urllib.error.HTTPError) -> None:
