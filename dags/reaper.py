@@ -33,7 +33,8 @@ SLURM_CONN_ID = "slurm_default"
 def find_expired_in_aws() -> dict[str, Any]:
     from dataclasses import asdict
 
-    from dtp.reaper import find_expired_in_aws, run_is_active
+    from dtp.reaper.active_runs import run_is_active
+    from dtp.reaper.aws import find_expired_in_aws
 
     findings = find_expired_in_aws(AWS_CONN_ID, active=run_is_active)
     return {"found": [asdict(item) for item in findings.found], "unsearched": findings.unsearched}
@@ -44,7 +45,8 @@ def find_expired_in_aws() -> dict[str, Any]:
 def find_expired_on_cluster() -> list[dict[str, str]]:
     from dataclasses import asdict
 
-    from dtp.reaper import find_expired_on_cluster, run_is_active
+    from dtp.reaper.active_runs import run_is_active
+    from dtp.reaper.cluster import find_expired_on_cluster
 
     return [asdict(item) for item in find_expired_on_cluster(SLURM_CONN_ID, active=run_is_active)]
 
@@ -55,7 +57,8 @@ def find_expired_on_cluster() -> list[dict[str, str]]:
 def find_expired_on_worker_mount() -> list[dict[str, str]]:
     from dataclasses import asdict
 
-    from dtp.reaper import find_expired_on_worker_mount, run_is_active
+    from dtp.reaper.active_runs import run_is_active
+    from dtp.reaper.cluster import find_expired_on_worker_mount
 
     return [asdict(item) for item in find_expired_on_worker_mount(SLURM_CONN_ID, active=run_is_active)]
 
@@ -64,7 +67,8 @@ def find_expired_on_worker_mount() -> list[dict[str, str]]:
 def delete_expired(
     found: list[dict[str, str]], slurm_conn_id: str | None = None, unsearched: dict[str, str] | None = None, **context
 ) -> dict:
-    from dtp.reaper import Expired, reap
+    from dtp.reaper.deletion import reap
+    from dtp.reaper.expired import Expired
 
     items = [Expired(**item) for item in found]
     return reap(items, AWS_CONN_ID, slurm_conn_id, dry_run=context["params"]["dry_run"], unsearched=unsearched)

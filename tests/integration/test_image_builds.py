@@ -11,8 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from dtp.hooks.container import ContainerBuildError, ContainerRegistryHook
+from dtp.hooks.ami import AmiHook
+from dtp.hooks.image_builder import ContainerBuildError
 from dtp.hooks.packer import PackerError, PackerHook
+from dtp.hooks.registry import ContainerRegistryHook
 from dtp.images import ami, container
 from dtp.naming import EXPIRES_TAG, expiry
 from dtp.operators.container import ContainerImageBuildOperator
@@ -113,7 +115,7 @@ def test_packer_tags_the_ami_and_its_snapshot_as_it_makes_them(stack, aws, tmp_p
         assert tags.items() <= {t["Key"]: t["Value"] for t in image["Tags"]}.items()
         assert tags.items() <= {t["Key"]: t["Value"] for t in snapshot["Tags"]}.items()
     finally:
-        hook.deregister_image(image_id)
+        AmiHook().deregister_image(image_id)
 
 
 def _build(**conf) -> dict:

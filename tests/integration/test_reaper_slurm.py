@@ -12,7 +12,9 @@ import pytest
 from dtp.hooks.shared_fs import ClusterCommandError
 from dtp.hooks.slurm import SlurmHook
 from dtp.naming import expiry, slurm_comment
-from dtp.reaper import Expired, ReapIncomplete, find_expired_on_cluster, reap
+from dtp.reaper.cluster import find_expired_on_cluster
+from dtp.reaper.deletion import ReapIncomplete, reap
+from dtp.reaper.expired import Expired
 
 pytestmark = pytest.mark.stack
 AWS, SLURM = "aws_default", "slurm_default"

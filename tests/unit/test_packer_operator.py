@@ -122,8 +122,8 @@ def test_an_ami_still_pending_when_the_wait_runs_out_fails_the_task_and_is_kept(
 
 def test_disabled_amis_are_asked_for(ec2, operator, earlier_ami) -> None:
     # EC2 leaves disabled AMIs out of DescribeImages unless asked (moto lists them anyway: the request is checked).
-    hook = operator.hook
-    with Stubber(hook.ec2.conn) as stub:
+    hook = operator.ami_hook
+    with Stubber(hook.conn) as stub:
         name_filter = [{"Name": "name", "Values": [earlier_ami["name"]]}]
         expected = {"Owners": ["self"], "Filters": name_filter, "IncludeDisabled": True}
         stub.add_response("describe_images", {"Images": []}, expected)

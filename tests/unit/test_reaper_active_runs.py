@@ -17,7 +17,9 @@ from airflow.sdk.execution_time.task_runner import RuntimeTaskInstance
 
 from dtp.naming import parse_slurm_comment
 from dtp.pipeline import jobs
-from dtp.reaper import Expired, find_expired_on_worker_mount, run_is_active, spare_active_runs
+from dtp.reaper.active_runs import run_is_active, spare_active_runs
+from dtp.reaper.cluster import find_expired_on_worker_mount
+from dtp.reaper.expired import Expired
 
 EXPIRED = "2026-12-01T00:00:00Z"
 LIVE_RUN, DONE_RUN = "manual__2026-12-01T00:00:00+00:00", "manual__2026-11-30T00:00:00+00:00"
@@ -34,7 +36,7 @@ def test_one_resource_naming_a_running_run_keeps_all_of_that_runs_resources(capl
         Expired("stack", "dtp-b-network", "dtp-b", EXPIRED, "train_e2e", DONE_RUN),
         Expired("vpc", "vpc-2", "dtp-c", EXPIRED),
     ]
-    with caplog.at_level(logging.INFO, logger="dtp.reaper"):
+    with caplog.at_level(logging.INFO, logger="dtp.reaper.active_runs"):
         kept = spare_active_runs(found, live_only)
     assert [item.name for item in kept] == ["dtp-b-network", "vpc-2"]
     assert (

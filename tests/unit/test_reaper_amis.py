@@ -11,7 +11,7 @@ import pytest
 from moto import mock_aws
 
 from dtp.naming import RunNames, expiry, resource_tags
-from dtp.reaper import expired_amis
+from dtp.reaper.aws import expired_amis
 
 NOW = datetime.now(UTC)
 

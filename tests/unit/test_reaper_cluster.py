@@ -9,11 +9,12 @@ from typing import Any
 
 import pytest
 
-from dtp import reaper
 from dtp.hooks.shared_fs import SharedFilesystemHook
 from dtp.hooks.slurm import SlurmHook
 from dtp.naming import SLURM_EXPIRY_PREFIX, slurm_comment
-from dtp.reaper import Expired, ReapIncomplete, reap
+from dtp.reaper.cluster import find_expired_on_cluster
+from dtp.reaper.deletion import ReapIncomplete, reap
+from dtp.reaper.expired import Expired
 
 EXPIRED = "2026-12-01T00:00:00Z"
 
@@ -69,8 +70,9 @@ def cluster(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
     """slurm_default on this host, its filesystem under ``tmp_path`` with two expired run directories."""
     extra = {"transport": "local", "shared_dir": str(tmp_path)}
     monkeypatch.setenv("AIRFLOW_CONN_SLURM_DEFAULT", json.dumps({"conn_type": "generic", "extra": extra}))
-    monkeypatch.setattr(reaper, "SlurmHook", Slurm)
-    monkeypatch.setattr(reaper, "SharedFilesystemHook", Shared)
+    for module in ("dtp.reaper.cluster", "dtp.reaper.deletion"):
+        monkeypatch.setattr(f"{module}.SlurmHook", Slurm)
+        monkeypatch.setattr(f"{module}.SharedFilesystemHook", Shared)
     Slurm.made, Shared.made = [], []
     for run_key in ("dtp-a", "dtp-b"):
         (tmp_path / "runs" / run_key).mkdir(parents=True)
@@ -97,7 +99,7 @@ def test_the_hooks_are_closed_when_an_item_could_not_be_deleted(cluster: Path) -
 def test_the_sweep_looks_through_one_connection_and_closes_it(cluster: Path) -> None:
     for run_key in ("dtp-a", "dtp-b"):
         (cluster / "runs" / run_key / "run.json").write_text(json.dumps({"run_key": run_key, "expires_at": EXPIRED}))
-    found = reaper.find_expired_on_cluster("slurm_default", active=no_run_active)
+    found = find_expired_on_cluster("slurm_default", active=no_run_active)
     assert sorted((f.kind, f.run_key) for f in found) == [
         ("run_dir", "dtp-a"),
         ("run_dir", "dtp-b"),
@@ -125,7 +127,7 @@ def test_an_expired_job_and_run_directory_of_a_run_still_running_are_kept(
         asked.append((dag_id, run_id))
         return (dag_id, run_id) == ("train_e2e", "manual__live")
 
-    found = reaper.find_expired_on_cluster("slurm_default", active=active)
+    found = find_expired_on_cluster("slurm_default", active=active)
     assert sorted((f.kind, f.name) for f in found) == [
         ("run_dir", str(cluster / "runs" / "dtp-b")),
         ("slurm_job", "22"),

@@ -21,10 +21,11 @@ from botocore.exceptions import ClientError
 from botocore.stub import Stubber
 from moto import mock_aws
 
-from dtp import reaper
 from dtp.hooks.stacks import StackHook
 from dtp.naming import RunNames, aws_tags, resource_tags
-from dtp.reaper import Expired, ReapIncomplete, find_expired_in_aws, reap
+from dtp.reaper.aws import PCLUSTER_VERSION_TAG, find_expired_in_aws
+from dtp.reaper.deletion import ReapIncomplete, reap
+from dtp.reaper.expired import Expired
 
 AWS = "aws_default"
 NOW = datetime(2026, 12, 5, 12, tzinfo=UTC)
@@ -118,8 +119,8 @@ def networks(monkeypatch: pytest.MonkeyPatch, cloudformation: Stubber) -> list[t
         deleted.append((run_key, stacks))
         return {}
 
-    monkeypatch.setattr(reaper, "destroy_run_resources", destroy)
-    monkeypatch.setattr(reaper, "PCLUSTER_DELETE_POLL", 0, raising=False)
+    monkeypatch.setattr("dtp.reaper.deletion.destroy_run_resources", destroy)
+    monkeypatch.setattr("dtp.reaper.deletion.PCLUSTER_DELETE_POLL", 0)
     return deleted
 
 
@@ -175,7 +176,7 @@ def test_the_stacks_of_a_run_still_running_are_kept_whatever_their_expiry(cloudf
         _stack(
             live.run_key,
             "CREATE_COMPLETE",
-            resource_tags(live, "llama", EXPIRED) | {reaper.PCLUSTER_VERSION_TAG: "3.16.1"},
+            resource_tags(live, "llama", EXPIRED) | {PCLUSTER_VERSION_TAG: "3.16.1"},
         ),
         _stack(done.network_stack, "CREATE_COMPLETE", resource_tags(done, "llama", EXPIRED)),
     ]
@@ -199,7 +200,7 @@ def test_a_kind_that_cannot_be_looked_for_stops_no_other_kind_and_fails_the_reap
     def no_images(*args: object) -> set[str]:
         raise ClientError({"Error": {"Code": "ThrottlingException", "Message": "Rate exceeded"}}, "GetParameters")
 
-    monkeypatch.setattr("dtp.reaper.published_amis", no_images)
+    monkeypatch.setattr("dtp.reaper.aws.published_amis", no_images)
     cloudformation.add_response(
         "describe_stacks", {"Stacks": [_stack(NETWORK, "CREATE_COMPLETE", _tags(RUN_KEY, EXPIRED))]}, {}
     )

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from dtp.naming import expiry
-from dtp.reaper import find_expired_on_cluster, find_expired_on_worker_mount, reap
+from dtp.reaper.cluster import find_expired_on_cluster, find_expired_on_worker_mount
+from dtp.reaper.deletion import reap
 
 NOW = datetime.now(UTC)
 

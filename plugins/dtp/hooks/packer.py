@@ -24,10 +24,8 @@ from typing import Any
 
 from airflow.providers.amazon.aws.hooks.ec2 import EC2Hook
 from airflow.sdk import BaseHook
-from botocore.exceptions import WaiterError
 from packerpy import PackerExecutable
 
-from dtp.naming import aws_tags
 from dtp.processes import stop_group
 
 AWS_SOURCE = "amazon-ebs.aws"
@@ -116,6 +114,8 @@ class PackerHook(BaseHook):
     """
     Validate and build Packer templates with an AWS connection's credentials.
 
+    The AMIs a build makes are found, tagged and deregistered with ``dtp.hooks.ami.AmiHook``.
+
     :param aws_conn_id: the AWS connection; its ``endpoint_url`` selects the emulator source
     :param packer_path: the packer executable
     """
@@ -129,6 +129,7 @@ class PackerHook(BaseHook):
 
     @cached_property
     def ec2(self) -> EC2Hook:
+        """The connection's EC2 hook: packer's credentials, region and endpoint."""
         return EC2Hook(aws_conn_id=self.aws_conn_id, api_type="client_type")
 
     @property
@@ -222,55 +223,6 @@ class PackerHook(BaseHook):
         ``grace_seconds`` to clean up, then kill whatever is left of its process group (provisioners,
         plugins, anything they started)."""
         stop_group(process, signal.SIGINT, grace_seconds)
-
-    def newest_image(self, name: str, owner: str) -> str | None:
-        """The newest AMI of ``owner`` whose name matches ``name`` (a pattern, ``*`` a wildcard), as packer's
-        ``source_ami_filter`` with ``most_recent`` picks it; None when there is none."""
-        images = self.ec2.conn.describe_images(Owners=[owner], Filters=[{"Name": "name", "Values": [name]}])["Images"]
-        return max(images, key=lambda image: image["CreationDate"])["ImageId"] if images else None
-
-    def find_image(self, name: str) -> dict | None:
-        """The account's AMI called ``name``, if there is one, in whatever state (``pending``, ``failed``,
-        ``disabled``: EC2 lists disabled AMIs only when asked, yet their names stay taken)."""
-        images = self.ec2.conn.describe_images(
-            Owners=["self"], Filters=[{"Name": "name", "Values": [name]}], IncludeDisabled=True
-        )["Images"]
-        return images[0] if images else None
-
-    def describe_image(self, image_id: str) -> dict:
-        """The AMI ``image_id`` as DescribeImages reports it."""
-        return self.ec2.conn.describe_images(ImageIds=[image_id])["Images"][0]
-
-    def wait_available(self, image_id: str, delay: int = 15, max_attempts: int = 120) -> dict:
-        """Wait (EC2's ``image_available`` waiter) until the AMI is no longer pending, and return it: ``available``,
-        or ``failed``. Raises botocore's WaiterError when it is still pending after ``max_attempts`` checks ``delay``
-        seconds apart."""
-        try:
-            self.ec2.conn.get_waiter("image_available").wait(
-                ImageIds=[image_id], WaiterConfig={"Delay": delay, "MaxAttempts": max_attempts}
-            )
-        except WaiterError:
-            if self.describe_image(image_id)["State"] != "failed":
-                raise
-        return self.describe_image(image_id)
-
-    def deregister_image(self, image_id: str) -> list[str]:
-        """Deregister the AMI, then delete the snapshots behind it (EC2 keeps an AMI's snapshots); their ids."""
-        snapshots = snapshot_ids(self.describe_image(image_id))
-        self.ec2.conn.deregister_image(ImageId=image_id)
-        for snapshot in snapshots:
-            self.ec2.conn.delete_snapshot(SnapshotId=snapshot)
-        return snapshots
-
-    def tag_image(self, image_id: str, tags: Mapping[str, str]) -> None:
-        """Tag the AMI and the snapshots behind it."""
-        snapshots = snapshot_ids(self.describe_image(image_id))
-        self.ec2.conn.create_tags(Resources=[image_id, *snapshots], Tags=aws_tags(tags))
-
-
-def snapshot_ids(image: Mapping) -> list[str]:
-    """The EBS snapshots behind an AMI."""
-    return [m["Ebs"]["SnapshotId"] for m in image.get("BlockDeviceMappings", []) if m.get("Ebs", {}).get("SnapshotId")]
 
 
 def _tail(process: subprocess.Popen[bytes], path: Path, poll_seconds: float) -> Iterator[str]:

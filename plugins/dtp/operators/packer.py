@@ -12,6 +12,7 @@ from typing import Any
 from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowFailException
 
+from dtp.hooks.ami import AmiHook
 from dtp.hooks.packer import PackerError, PackerHook, fingerprint
 from dtp.naming import EXPIRES_TAG, expiry
 
@@ -114,18 +115,24 @@ class PackerBuildOperator(BaseOperator):
 
     @property
     def hook(self) -> PackerHook:
+        """The hook that runs packer."""
         return PackerHook(aws_conn_id=self.aws_conn_id, packer_path=self.packer_path)
 
+    @property
+    def ami_hook(self) -> AmiHook:
+        """The hook that finds, tags and deregisters the AMIs."""
+        return AmiHook(aws_conn_id=self.aws_conn_id)
+
     def execute(self, context: Any) -> dict[str, Any]:
-        hook = self.hook
+        hook, amis = self.hook, self.ami_hook
         template = Path(self.template)
         var_file = Path(self.var_file) if self.var_file else None
         inputs = [Path(p) for p in self.fingerprint_paths] if self.fingerprint_paths else [template.parent]
-        digest = fingerprint([template, *([var_file] if var_file else []), *inputs], self._fingerprinted(hook))
+        digest = fingerprint([template, *([var_file] if var_file else []), *inputs], self._fingerprinted(amis))
         name = f"{self.name_prefix}-{digest}"
         variables = {**self.variables, self.name_variable: name}
 
-        existing = hook.find_image(name)
+        existing = amis.find_image(name)
         if existing and existing["State"] == "disabled":
             raise AirflowFailException(
                 f"AMI {name} ({existing['ImageId']}) has these inputs but is disabled: enable it to use it again "
@@ -135,7 +142,7 @@ class PackerBuildOperator(BaseOperator):
             self.log.info(
                 "AMI %s (%s) of an earlier try is still being made: waiting for it", name, existing["ImageId"]
             )
-            existing = hook.wait_available(existing["ImageId"], self.waiter_delay, self.waiter_max_attempts)
+            existing = amis.wait_available(existing["ImageId"], self.waiter_delay, self.waiter_max_attempts)
         if existing and existing["State"] != "available":
             self.log.warning(
                 "AMI %s (%s) of an earlier try is %s: deregistering it and baking again",
@@ -143,7 +150,7 @@ class PackerBuildOperator(BaseOperator):
                 existing["ImageId"],
                 existing["State"],
             )
-            hook.deregister_image(existing["ImageId"])
+            amis.deregister_image(existing["ImageId"])
             existing = None
         if existing:
             image_id, built = existing["ImageId"], False
@@ -166,7 +173,7 @@ class PackerBuildOperator(BaseOperator):
             if len(region_amis) != 1:
                 raise PackerError(f"expected one AMI from the build, packer reported {result.artifacts}")
             image_id, built = next(iter(region_amis.values())), True
-        hook.tag_image(image_id, self.tags)
+        amis.tag_image(image_id, self.tags)
         return {
             "ami_id": image_id,
             "ami_name": name,
@@ -175,11 +182,11 @@ class PackerBuildOperator(BaseOperator):
             "variables": self.variables,
         }
 
-    def _fingerprinted(self, hook: PackerHook) -> dict[str, str]:
+    def _fingerprinted(self, amis: AmiHook) -> dict[str, str]:
         """The variables, and the source AMI's id when a filter is given."""
         if self.source_ami is None:
             return self.variables
-        source = hook.newest_image(self.source_ami["name"], self.source_ami["owner"])
+        source = amis.newest_image(self.source_ami["name"], self.source_ami["owner"])
         self.log.info("Source AMI: %s (the newest %s of %s)", source, self.source_ami["name"], self.source_ami["owner"])
         return {**self.variables, "source_ami_id": source or "none"}
 

@@ -1,0 +1,79 @@
+"""EC2 AMIs: find one by name, wait out a pending one, tag it, deregister it with its snapshots.
+
+Extends the amazon provider's ``EC2Hook`` (which manages instances but not
+images) on its client API. ``PackerBuildOperator`` uses it to find the AMI an
+earlier try baked and to tag the one it returns; the reaper to delete expired
+AMIs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from airflow.providers.amazon.aws.hooks.ec2 import EC2Hook
+from botocore.exceptions import WaiterError
+
+from dtp.naming import aws_tags
+
+
+def snapshot_ids(image: Mapping) -> list[str]:
+    """The EBS snapshots behind an AMI."""
+    return [m["Ebs"]["SnapshotId"] for m in image.get("BlockDeviceMappings", []) if m.get("Ebs", {}).get("SnapshotId")]
+
+
+class AmiHook(EC2Hook):
+    """
+    Find, wait for, tag and deregister AMIs, and the EBS snapshots behind them.
+
+    Always on boto3's EC2 client (``api_type="client_type"``); other arguments (such as ``aws_conn_id``) are passed
+    down to ``EC2Hook``.
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs["api_type"] = "client_type"
+        super().__init__(**kwargs)
+
+    def newest_image(self, name: str, owner: str) -> str | None:
+        """The newest AMI of ``owner`` whose name matches ``name`` (a pattern, ``*`` a wildcard), as packer's
+        ``source_ami_filter`` with ``most_recent`` picks it; None when there is none."""
+        images = self.conn.describe_images(Owners=[owner], Filters=[{"Name": "name", "Values": [name]}])["Images"]
+        return max(images, key=lambda image: image["CreationDate"])["ImageId"] if images else None
+
+    def find_image(self, name: str) -> dict | None:
+        """The account's AMI called ``name``, if there is one, in whatever state (``pending``, ``failed``,
+        ``disabled``: EC2 lists disabled AMIs only when asked, yet their names stay taken)."""
+        images = self.conn.describe_images(
+            Owners=["self"], Filters=[{"Name": "name", "Values": [name]}], IncludeDisabled=True
+        )["Images"]
+        return images[0] if images else None
+
+    def describe_image(self, image_id: str) -> dict:
+        """The AMI ``image_id`` as DescribeImages reports it."""
+        return self.conn.describe_images(ImageIds=[image_id])["Images"][0]
+
+    def wait_available(self, image_id: str, delay: int = 15, max_attempts: int = 120) -> dict:
+        """Wait (EC2's ``image_available`` waiter) until the AMI is no longer pending, and return it: ``available``,
+        or ``failed``. Raises botocore's WaiterError when it is still pending after ``max_attempts`` checks ``delay``
+        seconds apart."""
+        try:
+            self.conn.get_waiter("image_available").wait(
+                ImageIds=[image_id], WaiterConfig={"Delay": delay, "MaxAttempts": max_attempts}
+            )
+        except WaiterError:
+            if self.describe_image(image_id)["State"] != "failed":
+                raise
+        return self.describe_image(image_id)
+
+    def deregister_image(self, image_id: str) -> list[str]:
+        """Deregister the AMI, then delete the snapshots behind it (EC2 keeps an AMI's snapshots); their ids."""
+        snapshots = snapshot_ids(self.describe_image(image_id))
+        self.conn.deregister_image(ImageId=image_id)
+        for snapshot in snapshots:
+            self.conn.delete_snapshot(SnapshotId=snapshot)
+        return snapshots
+
+    def tag_image(self, image_id: str, tags: Mapping[str, str]) -> None:
+        """Tag the AMI and the snapshots behind it."""
+        snapshots = snapshot_ids(self.describe_image(image_id))
+        self.conn.create_tags(Resources=[image_id, *snapshots], Tags=aws_tags(tags))
