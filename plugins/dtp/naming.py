@@ -23,6 +23,10 @@ import secrets
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from airflow.sdk.types import DagRunProtocol
 
 PREFIX = "dtp"
 OWNER = "dtp"
@@ -49,6 +53,12 @@ class RunNames:
     run_id: str
     incarnation: int = 0
     installation: str = ""
+
+    @classmethod
+    def from_dag_run(cls, dag_run: DagRunProtocol) -> RunNames:
+        """The names of ``dag_run`` as it runs now (its ``clear_number`` is its incarnation) in this installation.
+        Callable in a running task only (see ``installation_id``)."""
+        return cls(dag_run.dag_id, dag_run.run_id, dag_run.clear_number or 0, installation_id())
 
     @property
     def run_key(self) -> str:

@@ -52,6 +52,11 @@ NODES_OUTLIVE_RUNS = ("local",)
 class ParamsError(ValueError):
     """Invalid run parameters; the message names each field, its value and what is allowed."""
 
+    @classmethod
+    def from_problems(cls, *problems: str) -> ParamsError:
+        """The error for a run's bad parameters, one problem a line (``field: got <value>; <what is allowed>``)."""
+        return cls("invalid parameters:\n" + "\n".join(problems))
+
 
 class FormParams(BaseModel):
     """A DAG's trigger form as a model: unknown keys refused, types judged as the form's JSON schema does."""
@@ -248,7 +253,8 @@ class ValidateParams(ClusterParams):
     )
 
 
-def _describe(err: ValidationError, model: type[BaseModel]) -> str:
+def _problems(err: ValidationError, model: type[BaseModel]) -> list[str]:
+    """One line for each field ``err`` refuses: the field, its value and what is allowed."""
     lines = []
     for item in err.errors():
         field = ".".join(str(p) for p in item["loc"])
@@ -259,7 +265,7 @@ def _describe(err: ValidationError, model: type[BaseModel]) -> str:
             lines.append(message)
         else:
             lines.append(f"{field}: got {_short(item.get('input'))}; {message}")
-    return "\n".join(lines)
+    return lines
 
 
 def _short(value: Any) -> str:
@@ -272,7 +278,7 @@ def parse_params(model: type[P], conf: dict[str, Any]) -> P:
     try:
         return model.model_validate(conf)
     except ValidationError as err:
-        raise ParamsError(f"invalid parameters:\n{_describe(err, model)}") from None
+        raise ParamsError.from_problems(*_problems(err, model)) from None
 
 
 def validate_params(conf: dict[str, Any]) -> TrainParams:
@@ -364,7 +370,7 @@ def validate_params(conf: dict[str, Any]) -> TrainParams:
         )
         problems.append(f"exclude_nodes: got {params.exclude_nodes!r}; platform {params.platform!r} {why}")
     if problems:
-        raise ParamsError("invalid parameters:\n" + "\n".join(problems))
+        raise ParamsError.from_problems(*problems)
     return params
 
 
@@ -372,8 +378,7 @@ def validate_cluster_params(conf: dict[str, Any]) -> ValidateParams:
     """Validate a ``validate_cluster`` conf before any job is submitted."""
     params = parse_params(ValidateParams, conf)
     if params.instance_type not in instance_types():
-        raise ParamsError(
-            f"invalid parameters:\ninstance_type: got {params.instance_type!r}; "
-            f"allowed: {', '.join(sorted(instance_types()))}"
+        raise ParamsError.from_problems(
+            f"instance_type: got {params.instance_type!r}; allowed: {', '.join(sorted(instance_types()))}"
         )
     return params

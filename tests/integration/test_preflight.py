@@ -9,16 +9,18 @@ from typing import Any
 import pytest
 
 from dtp.hooks.slurm import SlurmHook
+from dtp.naming import RunNames
 from dtp.params import ParamsError
 from dtp.pipeline import jobs, results
 from dtp.pipeline.validation import build_validation_spec, connect
 from dtp.triggers.slurm import SlurmJobTrigger
 
 pytestmark = pytest.mark.stack
+NAMES = RunNames("validate_cluster", "it__x")
 
 
 def _validation(**conf) -> tuple[dict, dict]:
-    spec = build_validation_spec({}, conf, "validate_cluster", f"it__{uuid.uuid4().hex[:8]}")
+    spec = build_validation_spec({}, conf, RunNames("validate_cluster", f"it__{uuid.uuid4().hex[:8]}"))
     return spec, connect(spec)
 
 
@@ -69,7 +71,7 @@ def test_slurm_ends_a_preflight_job_at_its_deadline(stack) -> None:
 
 
 def test_excluding_too_many_nodes_is_refused_before_any_job(stack) -> None:
-    spec = build_validation_spec({}, {"exclude_nodes": "n[1-2]", "num_nodes": 1}, "validate_cluster", "it__x")
+    spec = build_validation_spec({}, {"exclude_nodes": "n[1-2]", "num_nodes": 1}, NAMES)
     with pytest.raises(
         ParamsError, match=r"has 2 nodes that take jobs \(of 2: .*\), 0 once exclude_nodes='n\[1-2\]' is"
     ):
@@ -78,9 +80,9 @@ def test_excluding_too_many_nodes_is_refused_before_any_job(stack) -> None:
 
 
 def test_a_node_excluded_twice_counts_once(stack) -> None:
-    spec = build_validation_spec({}, {"exclude_nodes": "n1,n[1-1]", "num_nodes": 1}, "validate_cluster", "it__x")
+    spec = build_validation_spec({}, {"exclude_nodes": "n1,n[1-1]", "num_nodes": 1}, NAMES)
     assert connect(spec)["nodes"] == 2
-    spec = build_validation_spec({}, {"exclude_nodes": "n1,n[1-1]", "num_nodes": 2}, "validate_cluster", "it__x")
+    spec = build_validation_spec({}, {"exclude_nodes": "n1,n[1-1]", "num_nodes": 2}, NAMES)
     with pytest.raises(
         ParamsError, match=r"has 2 nodes that take jobs \(of 2: .*\), 1 once exclude_nodes='n1,n\[1-1\]'"
     ):

@@ -16,6 +16,7 @@ from slurm_support import XComSink, job_script, submit
 
 from dtp.hooks.slurm import SlurmControllerUnreachable, SlurmHook
 from dtp.hostlist import expand_hostlist
+from dtp.naming import RunNames
 from dtp.operators.slurm import SlurmJobFailed, SlurmJobOverTime, SlurmSubmitJobOperator
 from dtp.params import ParamsError
 from dtp.pipeline.spec import build_spec
@@ -252,12 +253,13 @@ def test_hostlists_expand_as_slurm_expands_them(stack, expression: str) -> None:
 
 def test_excluded_nodes_count_once_against_the_cluster_and_must_be_its_own(stack) -> None:
     conf = {"platform": "local", "recipe": "tiny", "num_nodes": 1}
-    spec = build_spec({}, {**conf, "exclude_nodes": "n2,n2,n[2-2]"}, "train_e2e", "manual__1")
+    names = RunNames("train_e2e", "manual__1")
+    spec = build_spec({}, {**conf, "exclude_nodes": "n2,n2,n[2-2]"}, names)
     assert spec["params"]["exclude_nodes"] == "n2,n2,n[2-2]"
     with pytest.raises(ParamsError, match=r"has at most 0 nodes once 2 are excluded"):
-        build_spec({}, {**conf, "exclude_nodes": "n[1-2],n1"}, "train_e2e", "manual__1")
+        build_spec({}, {**conf, "exclude_nodes": "n[1-2],n1"}, names)
     with pytest.raises(ParamsError, match=r"got 'n\[2-3\]'; the cluster has no node n3 \(its nodes: n1, n2\)"):
-        build_spec({}, {**conf, "exclude_nodes": "n[2-3]"}, "train_e2e", "manual__1")
+        build_spec({}, {**conf, "exclude_nodes": "n[2-3]"}, names)
 
 
 def test_platform_teardown_cancels_every_job_of_the_run(workdir: Path, cancel_after: Cancel) -> None:

@@ -124,9 +124,9 @@ def test_a_platform_on_an_existing_file_system_needs_its_vpc_before_anything_exi
     conf = {"platform": platform, "recipe": "llama3_1_8b", "instance_type": "p5.48xlarge", "num_nodes": 2}
     conf["budget_usd"] = 1000.0  # 2 h of setup on 2 x 98.32 USD/h, and the training
     with pytest.raises(ParamsError, match=f"platform: got '{platform}', whose nodes mount .*{mounted}.*'dtp_network'"):
-        build_spec({}, conf, "train_e2e", "manual__1")
+        build_spec({}, conf, NAMES)
     monkeypatch.setenv("AIRFLOW_CONN_DTP_NETWORK", json.dumps({"conn_type": "generic", "extra": EXISTING}))
-    spec = build_spec({}, conf, "train_e2e", "manual__1")
+    spec = build_spec({}, conf, NAMES)
     assert spec["existing_network"]["PrivateSubnet"] == "subnet-0123456789abcdef0"
 
 

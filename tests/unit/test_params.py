@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from dtp.naming import RunNames
 from dtp.params import (
     RESERVED_ENV,
     ParamsError,
@@ -31,6 +32,7 @@ BIG_70B = {
 
 
 INSTANCE_PROFILE = "arn:aws:iam::123456789012:instance-profile/ecs"
+NAMES = RunNames("train_e2e", "manual__1")
 
 
 def refuse(conf: dict[str, Any]) -> str:
@@ -233,10 +235,10 @@ def test_off_slurm_dtps_fsdp_trainer_runs_and_other_frameworks_are_refused(
     extra = {"cluster_name": "c"} if platform == "eks" else {"instance_role_arn": INSTANCE_PROFILE}
     monkeypatch.setenv(f"AIRFLOW_CONN_DTP_{platform.upper()}", json.dumps({"conn_type": "generic", "extra": extra}))
     conf = {"platform": platform, "instance_type": "p5.48xlarge", "num_nodes": 2, "budget_usd": 1000.0}
-    spec = build_spec({}, {**conf, "recipe": "llama3_1_8b"}, "train_e2e", "manual__1")
+    spec = build_spec({}, {**conf, "recipe": "llama3_1_8b"}, NAMES)
     assert (spec["params"]["platform"], spec["recipe"]["framework"]) == (platform, "fsdp")
     with pytest.raises(ParamsError) as info:
-        build_spec({}, {**conf, "recipe": "llama3_1_8b_nemo"}, "train_e2e", "manual__1")
+        build_spec({}, {**conf, "recipe": "llama3_1_8b_nemo"}, NAMES)
     assert (
         f"recipe: got 'llama3_1_8b_nemo', which trains with nemo; on {platform} DTP runs its own FSDP trainer only"
     ) in str(info.value)

@@ -10,6 +10,7 @@ import pytest
 import yaml
 from airflow.sdk.exceptions import AirflowNotFoundException
 
+from dtp.naming import RunNames
 from dtp.params import ParamsError, TrainParams, parse_params
 from dtp.pipeline.spec import build_spec, run_spec
 from dtp.platforms import get_platform
@@ -31,6 +32,7 @@ NETWORK = {
     "FallbackPrivateSubnet": "subnet-0fedcba9876543210",
 }
 PLAN = "arn:aws:sagemaker:us-east-1:111122223333:training-plan/p5-december"
+NAMES = RunNames("train_e2e", "manual__1")
 
 
 @pytest.fixture
@@ -286,11 +288,9 @@ def test_on_eks_settings_name_what_is_missing(settings, extra, problem) -> None:
 def test_on_eks_another_frameworks_recipe_is_refused_before_anything_exists(settings) -> None:
     settings(**ON_EKS, fsx_dns_name="", fsx_mount_name="")  # an existing file system needs dtp_network too
     conf = {"platform": "hyperpod", "instance_type": "p5.48xlarge", "num_nodes": 4, "budget_usd": 2000.0}
-    assert (
-        build_spec({}, {**conf, "recipe": "llama3_1_8b"}, "train_e2e", "manual__1")["params"]["platform"] == "hyperpod"
-    )
+    assert build_spec({}, {**conf, "recipe": "llama3_1_8b"}, NAMES)["params"]["platform"] == "hyperpod"
     with pytest.raises(ParamsError, match="which trains with nemo; on hyperpod DTP runs its own FSDP trainer"):
-        build_spec({}, {**conf, "recipe": "llama3_1_8b_nemo"}, "train_e2e", "manual__1")
+        build_spec({}, {**conf, "recipe": "llama3_1_8b_nemo"}, NAMES)
 
 
 def test_a_cluster_request_the_service_would_refuse_is_refused_before_anything_exists(settings) -> None:
@@ -299,9 +299,9 @@ def test_a_cluster_request_the_service_would_refuse_is_refused_before_anything_e
     settings(controller_instance_type="ml.m5.huge", fsx_dns_name="", fsx_mount_name="")
     conf = {"platform": "hyperpod", "recipe": "llama3_1_8b", "instance_type": "p5.48xlarge", "budget_usd": 2000.0}
     with pytest.raises(ParamsError, match=r"'hyperpod' would be refused its cluster:\n.*ml\.m5\.huge"):
-        build_spec({}, conf, "train_e2e", "manual__1")
+        build_spec({}, conf, NAMES)
     settings(fsx_dns_name="", fsx_mount_name="")
-    assert build_spec({}, conf, "train_e2e", "manual__1")["params"]["platform"] == "hyperpod"
+    assert build_spec({}, conf, NAMES)["params"]["platform"] == "hyperpod"
 
 
 def test_a_framework_that_reads_the_models_files_needs_a_file_system_that_outlives_runs(settings) -> None:
@@ -309,13 +309,8 @@ def test_a_framework_that_reads_the_models_files_needs_a_file_system_that_outliv
     settings(fsx_dns_name="", fsx_mount_name="")
     conf = {"platform": "hyperpod", "instance_type": "p5.48xlarge", "budget_usd": 2000.0}
     with pytest.raises(ParamsError, match=r"trains with torchtitan from the model's files in <shared>/assets/"):
-        build_spec(
-            {},
-            {**conf, "recipe": "llama3_1_8b_torchtitan", "dataset_uri": "s3://dtp-data/c4/"},
-            "train_e2e",
-            "manual__1",
-        )
-    assert build_spec({}, {**conf, "recipe": "llama3_1_8b_nemo"}, "train_e2e", "manual__1")  # synthetic tokens
+        build_spec({}, {**conf, "recipe": "llama3_1_8b_torchtitan", "dataset_uri": "s3://dtp-data/c4/"}, NAMES)
+    assert build_spec({}, {**conf, "recipe": "llama3_1_8b_nemo"}, NAMES)  # synthetic tokens
 
 
 def test_a_controller_without_its_connection_does_not_keep_the_runs_cluster(settings, monkeypatch, caplog) -> None:

@@ -22,7 +22,7 @@ from airflow.sdk.exceptions import AirflowFailException
 from dtp.connections import AWS_CONN_ID
 from dtp.images import ami
 from dtp.images.publish import AMI_ALIAS, emit, put_parameter
-from dtp.naming import OWNER, TAG_PREFIX, RunNames, expiry, installation_id, resource_tags
+from dtp.naming import OWNER, TAG_PREFIX, RunNames, expiry, resource_tags
 from dtp.operators.packer import PackerBuildOperator
 from dtp.params import ParamsError, parse_params
 
@@ -44,7 +44,7 @@ def validate_params(**context: Any) -> list[dict[str, Any]]:
         log.info(
             "Scheduled run: baking %s (published under %s: %s)", params.families, ami.AMI_PARAMETER_PATH, published
         )
-    names = RunNames(dag_run.dag_id, dag_run.run_id, dag_run.clear_number or 0, installation_id())
+    names = RunNames.from_dag_run(dag_run)
     return ami.bake_requests(params, resource_tags(names, "ami-bake", expiry(params.retain_days * 24)))
 
 

@@ -179,7 +179,7 @@ def _location(uri: str) -> tuple[str, str]:
     try:
         return s3_folder(uri, "resume_from")
     except ValueError as err:
-        raise ParamsError(f"invalid parameters:\n{err}") from None
+        raise ParamsError.from_problems(str(err)) from None
 
 
 class _ManifestFile(BaseModel):
@@ -219,15 +219,13 @@ def _manifest(s3: S3Hook, bucket: str, prefix: str) -> dict[str, Any] | None:
             return None
         text = s3.read_key(prefix + MANIFEST, bucket)
     except ClientError as err:
-        raise ParamsError(
-            f"invalid parameters:\nresume_from: cannot read {where}: {err.response['Error']['Code']}"
-        ) from None
+        raise ParamsError.from_problems(f"resume_from: cannot read {where}: {err.response['Error']['Code']}") from None
     try:
         return _Manifest.model_validate_json(text).model_dump()
     except ValidationError as err:
         problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'manifest'}: {e['msg']}" for e in err.errors()[:3])
-        raise ParamsError(
-            f"invalid parameters:\nresume_from: {where} is not a manifest save_checkpoint wrote ({problems})"
+        raise ParamsError.from_problems(
+            f"resume_from: {where} is not a manifest save_checkpoint wrote ({problems})"
         ) from None
 
 
@@ -240,8 +238,8 @@ def resume_source(spec: dict[str, Any], aws_conn_id: str) -> dict[str, Any] | No
     bucket, prefix = _location(uri)
     manifest = _manifest(S3Hook(aws_conn_id=aws_conn_id), bucket, prefix)
     if manifest is None:
-        raise ParamsError(
-            f"invalid parameters:\nresume_from: no {MANIFEST} under s3://{bucket}/{prefix}: not a checkpoint "
+        raise ParamsError.from_problems(
+            f"resume_from: no {MANIFEST} under s3://{bucket}/{prefix}: not a checkpoint "
             "saved by a run's save_checkpoint, or its copy did not finish"
         )
     recipe, problems = spec["recipe"], []
@@ -253,7 +251,7 @@ def resume_source(spec: dict[str, Any], aws_conn_id: str) -> dict[str, Any] | No
     if step is not None and step >= max_steps:
         problems.append(f"its step {step} is not before max_steps ({max_steps}): there would be nothing to train")
     if problems:
-        raise ParamsError("invalid parameters:\n" + "\n".join(f"resume_from: {problem}" for problem in problems))
+        raise ParamsError.from_problems(*(f"resume_from: {problem}" for problem in problems))
     return {"uri": f"s3://{bucket}/{prefix}", "step": step, "files": len(manifest["files"]), "bytes": manifest["bytes"],
             "from_run": manifest["run_key"]}  # fmt: skip
 

@@ -27,7 +27,7 @@ from airflow.sdk.exceptions import AirflowFailException
 
 from dtp.connections import AWS_CONN_ID, TRAINING_QUEUE
 from dtp.metrics.preflight_gate import preflight_message
-from dtp.naming import EXPIRES_TAG, installation_id
+from dtp.naming import EXPIRES_TAG, RunNames
 from dtp.operators.batch import BatchJobOperator
 from dtp.operators.checkpoints import SaveCheckpointOperator
 from dtp.operators.cluster import DeployClusterOperator
@@ -55,19 +55,12 @@ def validate_params(**context: Any) -> dict[str, Any]:
 
     try:
         dag_run = context["dag_run"]
-        spec = build_spec(
-            context["params"],
-            dag_run.conf or {},
-            dag_run.dag_id,
-            dag_run.run_id,
-            dag_run.clear_number or 0,
-            installation_id(),
-        )
+        spec = build_spec(context["params"], dag_run.conf or {}, RunNames.from_dag_run(dag_run))
         spec["resume"] = checkpoints.resume_source(spec, AWS_CONN_ID)
         # Another framework's recipe runs from its own image: refused here when its platform has none published.
         checks = (data.dataset_problem(spec, AWS_CONN_ID), framework_image_problem(spec, AWS_CONN_ID))
         if problems := [problem for problem in checks if problem]:
-            raise ParamsError("invalid parameters:\n" + "\n".join(problems))
+            raise ParamsError.from_problems(*problems)
     except (ParamsError, RecipeError, ValueError, PlatformNotReady) as err:
         raise AirflowFailException(str(err)) from None
     if spec["resume"]:

@@ -24,24 +24,17 @@ from dtp.recipes import get_recipe, instance_types
 RETIRED_INCARNATIONS = 5
 
 
-def build_spec(
-    params: Mapping[str, Any],
-    conf: Mapping[str, Any],
-    dag_id: str,
-    run_id: str,
-    incarnation: int = 0,
-    installation: str = "",
-) -> dict[str, Any]:
-    """Validate ``params`` (form defaults + conf) plus any key of ``conf`` no param declares; ``incarnation``
-    is the run's ``clear_number`` and ``installation`` the installation's id (see ``RunNames``)."""
+def build_spec(params: Mapping[str, Any], conf: Mapping[str, Any], names: RunNames) -> dict[str, Any]:
+    """Validate ``params`` (form defaults + conf) plus any key of ``conf`` no param declares; the spec of the run
+    whose resources ``names`` names."""
     merged = {**dict(params), **dict(conf)}
     validated = validate_params(merged)
     platform = get_platform(validated.platform)
     recipe = get_recipe(validated.recipe)
     framework = recipe.framework
     if platform.scheduler != "slurm" and framework != "fsdp":
-        raise ParamsError(
-            f"invalid parameters:\nrecipe: got {validated.recipe!r}, which trains with {framework}; on "
+        raise ParamsError.from_problems(
+            f"recipe: got {validated.recipe!r}, which trains with {framework}; on "
             f"{validated.platform} DTP runs its own FSDP trainer only (the other frameworks launch from Slurm batch "
             "scripts): choose an fsdp recipe or a Slurm platform"
         )
@@ -50,8 +43,8 @@ def build_spec(
         and validated.platform not in NODES_OUTLIVE_RUNS
         and not platform.existing_file_system()
     ):
-        raise ParamsError(
-            f"invalid parameters:\nrecipe: got {validated.recipe!r}, which trains with {framework} from the "
+        raise ParamsError.from_problems(
+            f"recipe: got {validated.recipe!r}, which trains with {framework} from the "
             f"model's files in <shared>/assets/{recipe.model}/, placed there beforehand; platform "
             f"{validated.platform!r} makes the run's file system with its cluster: give dtp_{validated.platform} an "
             "existing FSx for Lustre that holds them (see the README's Recipes and frameworks)"
@@ -61,31 +54,28 @@ def build_spec(
     if excluded and isinstance(platform, LocalSlurmPlatform):
         nodes = platform.node_names()
         if unknown := excluded - set(nodes):
-            raise ParamsError(
-                f"invalid parameters:\nexclude_nodes: got {validated.exclude_nodes!r}; the cluster has no node "
+            raise ParamsError.from_problems(
+                f"exclude_nodes: got {validated.exclude_nodes!r}; the cluster has no node "
                 f"{', '.join(sorted(unknown))} (its nodes: {', '.join(nodes)})"
             )
     capacity = platform.max_nodes() - len(excluded)
     if validated.num_nodes > capacity:
-        raise ParamsError(
-            f"invalid parameters:\nnum_nodes: got {validated.num_nodes}; platform {validated.platform!r} "
+        raise ParamsError.from_problems(
+            f"num_nodes: got {validated.num_nodes}; platform {validated.platform!r} "
             f"has at most {capacity} nodes" + (f" once {len(excluded)} are excluded" if excluded else "")
         )
-    spec = run_spec(validated, dag_id, run_id, incarnation, installation)
+    spec = run_spec(validated, names.dag_id, names.run_id, names.incarnation, names.installation)
     spec["existing_network"] = existing_network()
     if needs_network(spec) and not spec["existing_network"] and (file_system := platform.existing_file_system()):
-        raise ParamsError(
-            f"invalid parameters:\nplatform: got {validated.platform!r}, whose nodes mount {file_system}, which "
+        raise ParamsError.from_problems(
+            f"platform: got {validated.platform!r}, whose nodes mount {file_system}, which "
             "outlives runs and is reachable only from its own VPC, while each run makes a VPC of its own: define "
             f"the {NETWORK_CONN_ID!r} connection with that VPC's subnets and security group (see the README's "
             "Going to a real AWS account)"
         )
     # The platform's requests, checked against its service's schema as provision will, before the network exists.
     if problems := platform.check(platform.render(spec, network_stand_in(spec))):
-        raise ParamsError(
-            f"invalid parameters:\nplatform: {validated.platform!r} would be refused its cluster:\n"
-            + "\n".join(problems)
-        )
+        raise ParamsError.from_problems(f"platform: {validated.platform!r} would be refused its cluster:", *problems)
     return spec
 
 

@@ -23,7 +23,7 @@ from dtp.connections import AWS_CONN_ID, TRAINING_QUEUE
 from dtp.hooks.slurm import SlurmHook, usable
 from dtp.hostlist import expand_hostlist
 from dtp.metrics.preflight_gate import preflight_message
-from dtp.naming import RunNames, expiry, installation_id, resource_tags
+from dtp.naming import RunNames, expiry, resource_tags
 from dtp.operators.report import ClusterValidationReportOperator
 from dtp.operators.slurm import submit_prepared_slurm_job
 from dtp.params import ParamsError, validate_cluster_params
@@ -33,20 +33,12 @@ from dtp.recipes import instance_types
 log = logging.getLogger(__name__)
 
 
-def build_validation_spec(
-    params: dict[str, Any],
-    conf: dict[str, Any],
-    dag_id: str,
-    run_id: str,
-    incarnation: int = 0,
-    installation: str = "",
-) -> dict[str, Any]:
-    """The spec the preflight job writers and the gate read, for a validation run."""
+def build_validation_spec(params: dict[str, Any], conf: dict[str, Any], names: RunNames) -> dict[str, Any]:
+    """The spec the preflight job writers and the gate read, for the validation run whose jobs ``names`` names."""
     validated = validate_cluster_params({**params, **conf})
-    names = RunNames(dag_id, run_id, incarnation, installation)
     return {
-        "dag_id": dag_id,
-        "run_id": run_id,
+        "dag_id": names.dag_id,
+        "run_id": names.run_id,
         "params": validated.model_dump(),
         "instance": instance_types()[validated.instance_type].model_dump(),
         "names": names.as_dict(),
@@ -108,14 +100,7 @@ def validate_params(**context: Any) -> dict[str, Any]:
     """Refuse bad input before any job is submitted."""
     try:
         dag_run = context["dag_run"]
-        return build_validation_spec(
-            context["params"],
-            dag_run.conf or {},
-            dag_run.dag_id,
-            dag_run.run_id,
-            dag_run.clear_number or 0,
-            installation_id(),
-        )
+        return build_validation_spec(context["params"], dag_run.conf or {}, RunNames.from_dag_run(dag_run))
     except ParamsError as err:
         raise AirflowFailException(str(err)) from None
 
