@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import time
 import uuid
 from pathlib import Path
 
@@ -100,6 +102,7 @@ def test_a_framework_dataset_is_mirrored_where_its_job_reads_it(stack, aws, tmp_
         "files": 3,
         "copied": 3,
         "bytes_moved": sum(len(body) for body in objects.values()),
+        "removed": 0,
         "dataset_dir": str(dest),
     }
     for key, body in objects.items():
@@ -107,6 +110,93 @@ def test_a_framework_dataset_is_mirrored_where_its_job_reads_it(stack, aws, tmp_
     assert not list(dest.rglob("*.tmp"))
     # A retried task copies nothing again.
     assert stage_data(spec, {"DataBucket": "unused"}, cluster, "aws_default")["copied"] == 0
+
+
+def megatron_dataset(aws, tmp_path: Path, objects: dict[str, bytes]) -> tuple[dict, dict, Path]:
+    """A bucket holding ``objects`` under ``m/``, a Megatron-LM run reading it, its cluster, and the mirror's path."""
+    s3 = aws("s3")
+    bucket = f"dtp-it-mirror-{uuid.uuid4().hex[:8]}"
+    s3.create_bucket(Bucket=bucket)
+    for key, body in objects.items():
+        s3.put_object(Bucket=bucket, Key=f"m/{key}", Body=body)
+    spec = run_spec("fw", MEGATRON, f"s3://{bucket}/m/")
+    cluster = {"shared_dir": str(tmp_path), "slurm_conn_id": "slurm_default"}
+    return spec, cluster, Path(dataset_dir(str(tmp_path), "megatron-lm", f"s3://{bucket}/m/"))
+
+
+INDEXED = {"train_text_document.bin": b"\x01" * 4096, "train_text_document.idx": b"MMIDIDX\x00\x01"}
+
+
+def test_an_object_uploaded_again_with_other_content_of_its_size_is_copied_again(stack, aws, tmp_path) -> None:
+    spec, cluster, dest = megatron_dataset(aws, tmp_path, {**INDEXED, "tokenizer.json": b"{}"})
+    assert stage_data(spec, {"DataBucket": "unused"}, cluster, "aws_default")["copied"] == 3
+    time.sleep(1)  # S3's LastModified counts whole seconds
+    bucket = spec["params"]["dataset_uri"].split("/")[2]
+    aws("s3").put_object(Bucket=bucket, Key="m/train_text_document.bin", Body=b"\x02" * 4096)  # a fixed-size shard
+
+    staged = stage_data(spec, {"DataBucket": "unused"}, cluster, "aws_default")
+    assert (staged["copied"], staged["bytes_moved"]) == (1, 4096)  # the unchanged objects are not copied again
+    assert (dest / "train_text_document.bin").read_bytes() == b"\x02" * 4096
+    assert stage_data(spec, {"DataBucket": "unused"}, cluster, "aws_default")["copied"] == 0
+    # A file of the object's size that is not DTP's copy of it (written since, by anything) is copied over.
+    (dest / "tokenizer.json").write_bytes(b"[]")
+    staged = stage_data(spec, {"DataBucket": "unused"}, cluster, "aws_default")
+    assert staged["copied"] == 1 and (dest / "tokenizer.json").read_bytes() == b"{}"
+
+
+def test_a_text_object_uploaded_again_with_other_content_of_its_size_is_tokenized_again(stack, aws, tmp_path) -> None:
+    s3 = aws("s3")
+    bucket = f"dtp-it-retext-{uuid.uuid4().hex[:8]}"
+    s3.create_bucket(Bucket=bucket)
+    s3.put_object(Bucket=bucket, Key="corpus/a.txt", Body=b"hello")
+    spec = run_spec("retext", TRAINER, f"s3://{bucket}/corpus/")
+    cluster = {"shared_dir": str(tmp_path), "slurm_conn_id": "slurm_default"}
+    stage_data(spec, {"DataBucket": "unused"}, cluster, "aws_default")
+    time.sleep(1)  # S3's LastModified counts whole seconds
+    s3.put_object(Bucket=bucket, Key="corpus/a.txt", Body=b"world")
+    assert stage_data(spec, {"DataBucket": "unused"}, cluster, "aws_default")["copied"] == 1
+    assert (tmp_path / "runs/retext/train.bin").read_bytes() == b"world"
+
+
+def test_the_files_of_removed_objects_leave_the_mirror(stack, aws, tmp_path) -> None:
+    objects = {**INDEXED, "shards/a.bin": b"a", "shards/b.bin": b"b", "tokenizer/vocab.json": b"{}"}
+    spec, cluster, dest = megatron_dataset(aws, tmp_path, objects)
+    stage_data(spec, {"DataBucket": "unused"}, cluster, "aws_default")
+    bucket = spec["params"]["dataset_uri"].split("/")[2]
+    s3 = aws("s3")
+    s3.delete_objects(Bucket=bucket, Delete={"Objects": [{"Key": "m/shards/b.bin"}, {"Key": "m/tokenizer/vocab.json"}]})
+    s3.put_object(Bucket=bucket, Key="m/tokenizer", Body=b"now a file")  # where a folder of removed objects was
+
+    staged = stage_data(spec, {"DataBucket": "unused"}, cluster, "aws_default")
+    assert (staged["files"], staged["copied"], staged["removed"]) == (4, 1, 2)
+    mirrored = sorted(path.relative_to(dest).as_posix() for path in dest.rglob("*") if path.is_file())
+    assert mirrored == ["shards/a.bin", "tokenizer", "train_text_document.bin", "train_text_document.idx"]
+    assert (dest / "tokenizer").read_bytes() == b"now a file"
+
+
+def test_a_download_in_flight_stays_in_the_mirror_and_nothing_is_followed_out_of_it(stack, aws, tmp_path) -> None:
+    spec, cluster, dest = megatron_dataset(aws, tmp_path, INDEXED)
+    stage_data(spec, {"DataBucket": "unused"}, cluster, "aws_default")
+    # A concurrent run's downloads of an object this listing lacks: its temporary file and boto3's, being written.
+    in_flight = [dest / ".new.bin.1a2b3c4d.tmp", dest / ".new.bin.1a2b3c4d.tmp.9F8e7D6c"]
+    for path in in_flight:
+        path.write_bytes(b"\x03")
+    left_behind = dest / ".old.bin.5e6f7a8b.tmp"  # a download whose run is gone
+    left_behind.write_bytes(b"\x04")
+    hours_ago = time.time() - 3 * 3600
+    os.utime(left_behind, (hours_ago, hours_ago))
+    outside = tmp_path / "outside"
+    (outside / "folder").mkdir(parents=True)
+    (outside / "file.bin").write_bytes(b"\x05")
+    (outside / "folder" / "kept.bin").write_bytes(b"\x06")
+    (dest / "link.bin").symlink_to(outside / "file.bin")
+    (dest / "linked").symlink_to(outside / "folder")
+
+    assert stage_data(spec, {"DataBucket": "unused"}, cluster, "aws_default")["removed"] == 1
+    assert not left_behind.exists()
+    assert all(path.read_bytes() == b"\x03" for path in in_flight)
+    assert (dest / "link.bin").is_symlink() and (dest / "linked").is_symlink()
+    assert (outside / "file.bin").exists() and (outside / "folder" / "kept.bin").exists()
 
 
 def test_a_framework_dataset_without_its_index_is_refused_before_any_copy(stack, aws, tmp_path) -> None:

@@ -112,7 +112,7 @@ def test_torchtitan_launch(tmp_path: Path) -> None:
 
 
 def test_megatron_launch_splits_the_70b_model(tmp_path: Path) -> None:
-    (argv,), _, recipe = _launch(tmp_path, "llama3_1_70b_megatron")
+    (argv,), context, recipe = _launch(tmp_path, "llama3_1_70b_megatron")
     assert argv[argv.index("--use-mcore-models") - 1].endswith("/pretrain_gpt.py")
     assert _flag(argv, "--tensor-model-parallel-size") == "8" and _flag(argv, "--pipeline-model-parallel-size") == "2"
     assert "--sequence-parallel" in argv and "--bf16" in argv and "--recompute-activations" in argv
@@ -120,6 +120,9 @@ def test_megatron_launch_splits_the_70b_model(tmp_path: Path) -> None:
     assert _flag(argv, "--global-batch-size") == "8" and _flag(argv, "--micro-batch-size") == "1"
     assert (_flag(argv, "--num-layers"), _flag(argv, "--num-query-groups")) == ("80", "8")
     assert _flag(argv, "--lr") == str(recipe.lr) and _flag(argv, "--train-iters") == "100"
+    # Megatron's index cache, keyed on its settings and not on the data, is the run's own: the shared mirror of the
+    # dataset loses it whenever it is staged again, and a dataset uploaded again would meet a stale one.
+    assert _flag(argv, "--data-cache-path") == f"{context['workdir']}/data_cache"
 
 
 def test_neuronx_launch_compiles_first_then_trains(tmp_path: Path) -> None:

@@ -257,8 +257,9 @@ def resume_source(spec: dict[str, Any], aws_conn_id: str) -> dict[str, Any] | No
 
 
 def restore_checkpoint(spec: dict[str, Any], cluster: dict[str, Any], aws_conn_id: str) -> dict[str, Any]:
-    """Copy the checkpoint ``resume_source`` accepted into the run's checkpoint folder (files already there with
-    their size are not copied again; each is written under a temporary name and renamed)."""
+    """Copy the checkpoint ``resume_source`` accepted into the run's checkpoint folder (a file already there as
+    ``download``'s copy of its object, with its size and LastModified, is not copied again; each is written under a
+    temporary name and renamed)."""
     source = spec["resume"]
     bucket, prefix = _location(source["uri"])
     s3 = S3Hook(aws_conn_id=aws_conn_id)

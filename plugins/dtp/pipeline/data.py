@@ -9,20 +9,27 @@ framework needs; NeMo's recipes train on synthetic tokens and stage nothing.
 The worker copies into the cluster's shared filesystem, so the task runs on the
 ``training`` queue, whose worker sits where that filesystem is mounted (the
 head node or controller on AWS, this host on the local profile); it checks it
-sees the filesystem before writing anything. Staging is idempotent: objects
-already present with the same size are not copied again, and the shard is
-written to a temporary name and renamed, so a half-written file is never used.
+sees the filesystem before writing anything. Staging is idempotent: an object
+whose copy is already there (the file DTP wrote from it, which has its size and
+its LastModified as modification time) is not copied again, every file and the
+shard are written to a temporary name and renamed, so a half-written file is
+never used, and a mirror loses the files of objects no longer under
+``dataset_uri``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import re
+import stat
+import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from datetime import UTC, datetime, timedelta
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -46,6 +53,10 @@ S3_URI = re.compile(r"^s3://(?P<bucket>[^/]+)/?(?P<prefix>.*)$")
 # dataset of shards while keeping validate_params to seconds. A bad key past them is still refused, by stage_data
 # (which lists every key, as it copies every object), only later.
 CHECKED_PAGES = 20
+# A temporary file of ``download`` (``.NAME.1a2b3c4d.tmp``), or boto3's while it writes one (8 hex digits more).
+DOWNLOAD_TMP = re.compile(r"^\..+\.[0-9a-f]{8}\.tmp(\.[0-9a-fA-F]{8})?$")
+# How long a temporary file of a download goes unwritten before a mirror takes it for one whose run is gone.
+STALE_DOWNLOAD = timedelta(hours=1)
 
 
 def run_dir(spec: dict[str, Any], cluster: dict[str, Any]) -> Path:
@@ -163,7 +174,7 @@ def mirror_paths(keys: list[str], prefix: str) -> dict[str, str]:
     directory) raises ValueError, and so does an object whose path other objects' paths are under (``a`` and
     ``a/b``: one path cannot be a file and a folder)."""
     paths = {key: relative_key(key, prefix) for key in sorted(keys) if not key.endswith("/")}
-    folders = {path.rsplit("/", depth)[0] for path in paths.values() for depth in range(1, path.count("/") + 1)}
+    folders = folders_of(paths.values())
     if clashing := [key for key, path in paths.items() if path in folders]:
         raise ValueError(
             f"dataset_uri: object {clashing[0]!r} is also a folder of other objects under {prefix!r}; a path can be "
@@ -172,12 +183,17 @@ def mirror_paths(keys: list[str], prefix: str) -> dict[str, str]:
     return paths
 
 
+def folders_of(paths: Iterable[str]) -> set[str]:
+    """The folders the relative ``paths`` are under: ``a/b/c`` is under ``a/b`` and ``a``."""
+    return {path.rsplit("/", depth)[0] for path in paths for depth in range(1, path.count("/") + 1)}
+
+
 def stage_data(
     spec: dict[str, Any], network: dict[str, str], cluster: dict[str, Any], aws_conn_id: str
 ) -> dict[str, Any]:
     """Stage ``dataset_uri`` (empty: the sample corpus, uploaded to the run's data bucket) on the cluster's shared
     filesystem: tokenized into the run's ``train.bin`` for DTP's trainer, mirrored as it is for another framework;
-    what was staged, copied and moved."""
+    what was staged, copied and moved (and, from a mirror, removed)."""
     framework = spec["recipe"]["framework"]
     if framework == "nemo":  # its run directory is first written by prepare_preflight, which claims it then
         log.info("NeMo's recipes train on synthetic tokens: nothing to stage")
@@ -190,7 +206,8 @@ def stage_data(
     if framework in DATASET_FILES:
         dest = Path(dataset_dir(cluster["shared_dir"], framework, source))
         return mirror_dataset(s3, bucket, prefix, dest, DATASET_FILES[framework]) | {"source": source}
-    names = shard_files(s3.list_keys(bucket, prefix=prefix) or [], prefix, source)
+    sizes = {obj["Key"]: obj["Size"] for obj in s3.iter_file_metadata(prefix, bucket)}
+    names = shard_files(list(sizes), prefix, source)
     if not names:
         raise ValueError(f"dataset_uri: no .txt objects under {source}")
     dest = run_dir(spec, cluster) / "data"
@@ -199,10 +216,9 @@ def stage_data(
     copied = moved_bytes = 0
     files = []
     for key, target in targets.items():
-        size = s3.head_object(key, bucket)["ContentLength"]
-        if download(s3, bucket, key, size, target):
+        if download(s3, bucket, key, sizes[key], target):
             copied += 1
-            moved_bytes += size
+            moved_bytes += sizes[key]
         files.append(target)
     shard = dest.parent / "train.bin"
     tokens = tokenize(files, shard)
@@ -226,13 +242,33 @@ def stage_data(
 
 
 def download(s3: S3Hook, bucket: str, key: str, size: int, target: Path) -> bool:
-    """Copy one object unless ``target`` already has its size; through a temporary name. True when copied."""
-    if target.exists() and target.stat().st_size == size:
+    """Copy the object ``key`` of ``size`` bytes to ``target``, through a temporary name, unless ``target`` is
+    already its copy; True when copied.
+
+    Size alone does not tell: an object uploaded again with other content of the same size (a fixed-size shard)
+    would keep its old copy. ``target`` is the object's copy when it has the object's size and, as modification
+    time, the object's LastModified, which this function gives every file it writes; any other file is copied over.
+    """
+    # Asked before the copy: an object uploaded again meanwhile leaves a copy with the older time, copied again.
+    modified = s3.head_object(key, bucket)["LastModified"]
+    if _is_copy(target, size, modified):
         return False
     tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.tmp")
     s3.get_conn().download_file(bucket, key, str(tmp))
     os.replace(tmp, target)
+    # Once renamed: until then the file keeps the time it was last written, by which mirrors tell a temporary file
+    # in flight from one left behind.
+    os.utime(target, (modified.timestamp(), modified.timestamp()))
     return True
+
+
+def _is_copy(path: Path, size: int, modified: datetime) -> bool:
+    """Whether ``path`` is the copy ``download`` wrote of an object of ``size`` bytes last modified at ``modified``."""
+    try:
+        status = path.stat()
+    except FileNotFoundError:
+        return False
+    return status.st_size == size and datetime.fromtimestamp(status.st_mtime, UTC) == modified
 
 
 def s3_folder(uri: str, param: str) -> tuple[str, str]:
@@ -265,11 +301,13 @@ def relative_key(key: str, prefix: str, param: str = "dataset_uri") -> str:
 
 
 def mirror_dataset(s3: S3Hook, bucket: str, prefix: str, dest: Path, required: tuple[str, ...]) -> dict[str, Any]:
-    """Copy every object under ``prefix`` to the same relative path under ``dest`` (adding and updating, never
-    deleting); fail unless ``required`` files are there (a framework's dataset is used as it is: DTP does not
-    convert formats)."""
+    """Make ``dest`` a copy of the objects under ``prefix``, each at the same relative path: copy what it lacks or
+    holds with other content, remove the files of objects no longer there (``remove_stale_files``: a framework that
+    reads a whole folder would train on them); fail, before any of it, unless ``required`` files are there (a
+    framework's dataset is used as it is: DTP does not convert formats)."""
     base = as_folder(prefix)
-    keys = sorted(k for k in s3.list_keys(bucket, prefix=base) or [] if not k.endswith("/"))
+    sizes = {obj["Key"]: obj["Size"] for obj in s3.iter_file_metadata(base, bucket) if not obj["Key"].endswith("/")}
+    keys = sorted(sizes)
     missing = [name for name in required if base + name not in keys]
     if not keys or missing:
         raise ValueError(
@@ -277,24 +315,65 @@ def mirror_dataset(s3: S3Hook, bucket: str, prefix: str, dest: Path, required: t
             + (f"lacks {', '.join(missing)}" if keys else "holds no objects")
             + (f" (this framework reads {', '.join(required)})" if required else "")
         )
-    targets = {key: dest / path for key, path in mirror_paths(keys, base).items()}
+    paths = mirror_paths(keys, base)
+    dest.mkdir(parents=True, exist_ok=True)
+    # First: an object may now be at a path that was a folder of removed ones, or the other way round.
+    removed = remove_stale_files(dest, set(paths.values()))
+    for path in removed:
+        log.info("Removed %s from %s: no object s3://%s/%s%s any more", path, dest, bucket, base, path)
     copied = moved_bytes = 0
-    for key, target in targets.items():
+    for key, path in paths.items():
+        target = dest / path
         target.parent.mkdir(parents=True, exist_ok=True)
-        size = s3.head_object(key, bucket)["ContentLength"]
-        if download(s3, bucket, key, size, target):
+        if download(s3, bucket, key, sizes[key], target):
             copied += 1
-            moved_bytes += size
+            moved_bytes += sizes[key]
     log.info(
-        "Mirrored s3://%s/%s -> %s: %d files, %d copied (%d bytes)",
+        "Mirrored s3://%s/%s -> %s: %d files, %d copied (%d bytes), %d removed",
         bucket,
         base,
         dest,
         len(keys),
         copied,
         moved_bytes,
+        len(removed),
     )
-    return {"files": len(keys), "copied": copied, "bytes_moved": moved_bytes, "dataset_dir": str(dest)}
+    return {
+        "files": len(keys),
+        "copied": copied,
+        "bytes_moved": moved_bytes,
+        "removed": len(removed),
+        "dataset_dir": str(dest),
+    }
+
+
+def remove_stale_files(dest: Path, mirrored: set[str]) -> list[str]:
+    """Remove the regular files under ``dest`` that are not at one of the ``mirrored`` paths (relative to it), and
+    then the folders no mirrored path is under once they are empty; the files' paths. Symbolic links are neither
+    removed nor followed, and a temporary file of a download is removed only once nothing has written it for
+    ``STALE_DOWNLOAD``: until then it may be a concurrent run's, in flight."""
+    folders = folders_of(mirrored)
+    written_since = time.time() - STALE_DOWNLOAD.total_seconds()
+    removed = []
+    for root, subfolders, names, root_fd in os.fwalk(dest, topdown=False):
+        under = Path(root).relative_to(dest)
+        for name in names:
+            path = (under / name).as_posix()
+            try:
+                status = os.stat(name, dir_fd=root_fd, follow_symlinks=False)
+                if path in mirrored or not stat.S_ISREG(status.st_mode):
+                    continue
+                if DOWNLOAD_TMP.match(name) and status.st_mtime > written_since:
+                    continue
+                os.unlink(name, dir_fd=root_fd)
+            except FileNotFoundError:  # renamed or removed meanwhile, by a concurrent run
+                continue
+            removed.append(path)
+        for name in subfolders:
+            if (under / name).as_posix() not in folders:
+                with contextlib.suppress(OSError):  # not empty, or a symbolic link
+                    os.rmdir(name, dir_fd=root_fd)
+    return removed
 
 
 def tokenize(files: list[Path], shard: Path) -> int:
