@@ -11,6 +11,8 @@ from typing import Any
 
 import pytest
 import yaml
+from airflow.providers.amazon.aws.hooks.eks import EksHook
+from airflow.sdk import BaseHook
 from airflow.sdk.exceptions import TaskDeferred
 from pytorchjob_support import (
     CLUSTER,
@@ -28,6 +30,7 @@ from pytorchjob_support import (
 from dtp.hooks.pytorchjob import (
     SPEC_DIGEST_ANNOTATION,
     PyTorchJobExists,
+    PyTorchJobHook,
     job_state,
 )
 from dtp.operators.pytorchjob import EksPyTorchJobOperator, PyTorchJobFailed
@@ -60,6 +63,16 @@ def test_log_timestamps_sort_in_time_order() -> None:
     # Kubernetes drops a fraction's trailing zeros: as text, ".1Z" would sort after ".12Z".
     assert _sortable("") < _sortable(stamp(0)) < _sortable(stamp(0, ".1")) < _sortable(stamp(0, ".12"))
     assert _sortable(stamp(0, ".999999999")) < _sortable(stamp(1))
+
+
+# --- hook --------------------------------------------------------------------------------------------------------
+def test_the_hooks_connection_is_the_aws_connection_it_hands_to_eks() -> None:
+    hook = PyTorchJobHook(CLUSTER, NAMESPACE, "aws_training", "eu-west-1")
+    assert isinstance(hook, BaseHook)
+    assert getattr(hook, hook.conn_name_attr) == hook.eks_hook.aws_conn_id == "aws_training"
+    assert hook.eks_hook.region_name == "eu-west-1" and hook.conn_type == EksHook.conn_type
+    default = PyTorchJobHook(CLUSTER, NAMESPACE)
+    assert default.eks_hook.aws_conn_id == default.default_conn_name == EksHook.default_conn_name
 
 
 # --- operator: create once ---------------------------------------------------------------------------------------

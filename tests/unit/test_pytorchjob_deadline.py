@@ -4,7 +4,7 @@ killed job is suspended with its active time recorded."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -42,7 +42,7 @@ BACKOFF = f"Job {NAME} has failed because it has reached the specified backoff l
 
 def ended_after(api: Any, seconds: int, message: str, reason: str = "PyTorchJobFailed") -> None:
     """The job in the API failed ``seconds`` after the operator first synced it (its startTime)."""
-    done = f"2026-12-03T{10 + seconds // 3600:02d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}Z"
+    done = (datetime(2026, 12, 3, 10, tzinfo=UTC) + timedelta(seconds=seconds)).strftime("%Y-%m-%dT%H:%M:%SZ")
     api.jobs[NAME]["status"] = {
         "startTime": "2026-12-03T10:00:00Z",
         "completionTime": done,
@@ -186,7 +186,8 @@ def test_a_hung_job_that_succeeded_meanwhile_is_neither_suspended_nor_run_again(
     kubernetes_api.requests.clear()
     op = operator(TIMED)
     with stub_eks(op.hook, kubernetes_api):
-        assert op.execute({})["state"] == "Succeeded"
+        result = op.execute({})
+    assert result is not None and result["state"] == "Succeeded"
     assert "DELETE" not in [method for method, *_ in kubernetes_api.requests]
 
 

@@ -115,3 +115,18 @@ def test_a_cluster_out_of_reach_fails_the_task_with_the_triggers_reason_and_canc
     # No hook is reachable here: a cancel would raise something else.
     with pytest.raises(SlurmJobFailed, match=r"^Slurm job 7 \(j\), last seen RUNNING: could not reach .*\nstep 9$"):
         operator.execute_complete({}, event)
+
+
+def test_a_retried_job_gets_what_is_left_of_the_time_limit_in_whole_minutes() -> None:
+    def operator(minutes: int) -> SlurmSubmitJobOperator:
+        return SlurmSubmitJobOperator(
+            task_id="t", script_path="/s.sh", job_name="j", output_path="/o-%j", time_limit_minutes=minutes
+        )
+
+    ended = [SlurmJob("7", "j", "FAILED", elapsed_s=61), SlurmJob("8", "j", "NODE_FAIL", elapsed_s=30)]
+    assert operator(5)._time_limit_args([]) == ["--time=5"]
+    assert operator(5)._time_limit_args(ended) == ["--time=3"]  # 91 s count as 2 min
+    assert operator(0)._time_limit_args(ended) == []
+    used_up = r"^earlier j jobs ran 2 min of the 2 min time limit\b.*; not submitting another$"
+    with pytest.raises(SlurmJobOverTime, match=used_up):
+        operator(2)._time_limit_args(ended)

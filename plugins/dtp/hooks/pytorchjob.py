@@ -18,7 +18,7 @@ from typing import Any
 
 from airflow.providers.amazon.aws.hooks.eks import EksHook
 from airflow.providers.cncf.kubernetes.hooks.kubernetes import KubernetesHook
-from airflow.utils.log.logging_mixin import LoggingMixin
+from airflow.sdk import BaseHook
 from kubernetes.client.exceptions import ApiException
 
 GROUP, VERSION, PLURAL = "kubeflow.org", "v1", "pytorchjobs"
@@ -100,9 +100,11 @@ def _time(stamp: str | None) -> datetime | None:
     return datetime.fromisoformat(stamp.replace("Z", "+00:00")) if stamp else None
 
 
-class PyTorchJobHook(LoggingMixin):
+class PyTorchJobHook(BaseHook):
     """
     Create, read, log and delete Kubeflow PyTorchJobs in a namespace of an EKS cluster.
+
+    Its connection is an AWS connection, which ``EksHook`` turns into a kubeconfig (``kubernetes``).
 
     :param cluster_name: the EKS cluster
     :param namespace: the namespace of the jobs
@@ -110,8 +112,17 @@ class PyTorchJobHook(LoggingMixin):
     :param region_name: the cluster's region (default: the connection's)
     """
 
+    conn_name_attr = "aws_conn_id"
+    default_conn_name = "aws_default"
+    conn_type = "aws"
+    hook_name = "Kubeflow PyTorchJobs on Amazon EKS"
+
     def __init__(
-        self, cluster_name: str, namespace: str, aws_conn_id: str | None = "aws_default", region_name: str | None = None
+        self,
+        cluster_name: str,
+        namespace: str,
+        aws_conn_id: str | None = default_conn_name,
+        region_name: str | None = None,
     ) -> None:
         super().__init__()
         self.cluster_name = cluster_name

@@ -11,6 +11,8 @@ from airflow.providers.amazon.aws.operators.batch import BatchOperator
 from airflow.providers.amazon.aws.triggers.batch import BatchJobTrigger
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
+from dtp.operators.time_limit import time_left
+
 # The statusReason Batch gives a job it stopped at its timeout: "Job attempt duration exceeded timeout".
 TIMEOUT_REASON = "attempt duration exceeded timeout"
 # The smallest attemptDurationSeconds Batch takes.
@@ -147,18 +149,15 @@ class BatchJobOperator(BatchOperator):
     def _time_left(self, jobs: list[dict[str, Any]]) -> int | None:
         """The timeout of a new job: the time limit less what the earlier jobs of this name ran (a retried task's
         job gets what is left, not the whole limit again); None where there is no limit."""
-        limit = self.time_limit()
-        if limit <= 0:
-            return None
-        used = math.ceil(sum(ran_seconds(job) for job in jobs))
-        if limit - used < MIN_TIMEOUT_S:
-            raise BatchJobOverTime(
-                f"earlier AWS Batch jobs named {self.job_name} ran {used} s of the {limit} s time limit, leaving less"
-                f" than Batch's smallest timeout ({MIN_TIMEOUT_S} s); not submitting another"
-            )
-        if used:
-            self.log.info("Earlier %s jobs ran %d s: this one may run %d s", self.job_name, used, limit - used)
-        return limit - used
+        return time_left(
+            self.time_limit(),
+            math.ceil(sum(ran_seconds(job) for job in jobs)),
+            MIN_TIMEOUT_S,
+            unit="s",
+            used_by=f"earlier AWS Batch jobs named {self.job_name} ran",
+            over_time=BatchJobOverTime,
+            minimum_name="Batch's smallest timeout",
+        )
 
     def _cover_time_limit(self) -> None:
         """Make the trigger wait as long as the job may run and wait in its queue: ``max_retries`` polls

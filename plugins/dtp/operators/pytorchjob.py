@@ -14,6 +14,8 @@ import yaml
 from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
+from dtp.operators.time_limit import time_left
+
 if TYPE_CHECKING:
     from dtp.hooks.pytorchjob import PyTorchJobHook
 
@@ -167,18 +169,16 @@ class EksPyTorchJobOperator(BaseOperator):
         is left, not the whole limit again; None where it had no deadline."""
         from dtp.hooks.pytorchjob import deadline_seconds, ran_seconds
 
-        limit, name = deadline_seconds(failed), failed["metadata"]["name"]
-        if limit <= 0:
-            return None
-        used = math.ceil(ran_seconds(failed))
-        if limit - used < MIN_DEADLINE_S:
-            raise PyTorchJobOverTime(
-                f"PyTorchJob {name} was active {used} s of the {limit} s left of its deadline, leaving less than "
-                f"{MIN_DEADLINE_S} s; not creating another"
-            )
-        if used:
-            self.log.info("PyTorchJob %s was active %d s: the next one may run %d s", name, used, limit - used)
-        return limit - used
+        return time_left(
+            deadline_seconds(failed),
+            math.ceil(ran_seconds(failed)),
+            MIN_DEADLINE_S,
+            unit="s",
+            used_by=f"PyTorchJob {failed['metadata']['name']} was active",
+            over_time=PyTorchJobOverTime,
+            limit_name="left of its deadline",
+            refused="not creating another",
+        )
 
     def on_kill(self) -> None:
         """Delete the job when the task is killed while it is still creating it (the trigger handles the wait)."""

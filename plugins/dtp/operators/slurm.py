@@ -12,10 +12,13 @@ from airflow.sdk.exceptions import AirflowException, AirflowFailException
 from dtp.connections import TRAINING_QUEUE
 from dtp.hooks.shared_fs import ClusterCommandError
 from dtp.hooks.slurm import SlurmHook, SlurmJob
+from dtp.operators.time_limit import time_left
 
 # The timeouts of a DAG's form (``hang_timeout_minutes``, ``pending_timeout_minutes``), in the operators' seconds.
 HANG_TIMEOUT_S = "{{ params.hang_timeout_minutes * 60 }}"
 PENDING_TIMEOUT_S = "{{ params.pending_timeout_minutes * 60 }}"
+# sbatch's --time in whole minutes: a new job needs at least one.
+MIN_TIME_LIMIT_MIN = 1
 
 
 class SlurmJobFailed(AirflowException):
@@ -186,17 +189,15 @@ class SlurmSubmitJobOperator(BaseOperator):
     def _time_limit_args(self, ended: list[SlurmJob]) -> list[str]:
         """``--time`` for a new job: the limit less what earlier jobs of this name ran (a retried task's job
         gets what is left, not the whole limit again)."""
-        limit = int(self.time_limit_minutes or 0)
-        if limit <= 0:
-            return []
-        used = math.ceil(sum(job.elapsed_s for job in ended) / 60)
-        if used >= limit:
-            raise SlurmJobOverTime(
-                f"earlier {self.job_name} jobs ran {used} min of the {limit} min time limit; not submitting another"
-            )
-        if used:
-            self.log.info("Earlier %s jobs ran %d min: this one may run %d", self.job_name, used, limit - used)
-        return [f"--time={limit - used}"]
+        left = time_left(
+            int(self.time_limit_minutes or 0),
+            math.ceil(sum(job.elapsed_s for job in ended) / 60),
+            MIN_TIME_LIMIT_MIN,
+            unit="min",
+            used_by=f"earlier {self.job_name} jobs ran",
+            over_time=SlurmJobOverTime,
+        )
+        return [] if left is None else [f"--time={left}"]
 
     def _push_ids(self, context: Any, job_id: str) -> str:
         log_path = self.output_path.replace("%j", job_id)
