@@ -201,6 +201,29 @@ def test_a_hung_job_is_gone_before_the_task_fails(workdir: Path, cancel_after: C
     assert hook.get_job(job_id).state == "CANCELLED"
 
 
+def test_a_try_that_finds_its_job_completing_waits_for_its_end_and_submits_anew(
+    workdir: Path, cancel_after: Cancel
+) -> None:
+    # What a cleared task's next try finds: the trigger's on_kill cancelled the job and waited for nothing, and the
+    # job (ignoring SIGTERM, as a rank stuck in a collective may) is COMPLETING until KillWait's SIGKILL.
+    hook = SlurmHook()
+    name = cancel_after(f"it-ending-{uuid.uuid4().hex[:6]}")
+    operator, sink, _ = submit(workdir, name, "trap '' TERM\necho started\nsleep 300\n")
+    job_id = sink.pushed["job_id"]
+    deadline = time.monotonic() + 60
+    while hook.get_job(job_id).state != "RUNNING":
+        assert time.monotonic() < deadline, f"job {job_id} never ran"
+        time.sleep(1)
+    hook.cancel_job(job_id)
+    assert [job.state for job in hook.find_jobs(name)] == ["COMPLETING"]
+
+    with pytest.raises(TaskDeferred):
+        operator.execute({"ti": sink})
+    retried = sink.pushed["job_id"]
+    assert retried != job_id and hook.get_job(job_id).state == "CANCELLED"
+    assert [job.job_id for job in hook.find_jobs(name)] == [retried]
+
+
 def test_rerun_reuses_a_completed_job_and_resubmits_a_failed_one(
     workdir: Path, cancel_after: Cancel, first_event
 ) -> None:

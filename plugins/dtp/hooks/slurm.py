@@ -166,7 +166,14 @@ class SlurmHook(SharedFilesystemHook):
     def cancel_job_and_wait(self, job_id: str, *, timeout: float = 120) -> None:
         """Cancel the job and wait until Slurm no longer lists it as active (COMPLETING included)."""
         self.cancel_job(job_id)
-        self._wait_gone(lambda: self._job_active(job_id), f"Slurm job {job_id}", timeout)
+        self._wait_gone(lambda: self._job_active(job_id), f"Slurm job {job_id}", timeout, "after scancel")
+
+    def wait_ended(self, job_id: str, *, timeout: float = 120) -> None:
+        """Wait until Slurm no longer lists the job as active: a COMPLETING job's processes are gone (those that
+        ignore SIGTERM are killed ``KillWait`` later) and its epilog has run, so sacct tells how it ended."""
+        self._wait_gone(
+            lambda: self._job_active(job_id), f"Slurm job {job_id}", timeout, "after it was found COMPLETING"
+        )
 
     def cancel_by_name(self, name: str, *, prefix: bool = False) -> list[str]:
         """Cancel every active job with this name (or name prefix); return their ids."""
@@ -179,7 +186,9 @@ class SlurmHook(SharedFilesystemHook):
     def cancel_and_wait(self, name: str, *, prefix: bool = False, timeout: float = 120) -> list[str]:
         """Cancel every active job with this name (or prefix) and wait until Slurm shows none of them."""
         cancelled = self.cancel_by_name(name, prefix=prefix)
-        self._wait_gone(lambda: bool(self.find_jobs(name, prefix=prefix)), f"Slurm jobs named {name}", timeout)
+        self._wait_gone(
+            lambda: bool(self.find_jobs(name, prefix=prefix)), f"Slurm jobs named {name}", timeout, "after scancel"
+        )
         return cancelled
 
     def _job_active(self, job_id: str) -> bool:
@@ -192,11 +201,11 @@ class SlurmHook(SharedFilesystemHook):
             raise
 
     @staticmethod
-    def _wait_gone(active: Callable[[], bool], what: str, timeout: float) -> None:
+    def _wait_gone(active: Callable[[], bool], what: str, timeout: float, since: str) -> None:
         deadline = time.monotonic() + timeout
         while active():
             if time.monotonic() > deadline:
-                raise SlurmCommandError(f"{what} still active {timeout:.0f}s after scancel")
+                raise SlurmCommandError(f"{what} still active {timeout:.0f}s {since}")
             time.sleep(2)
 
     def node_states(self) -> dict[str, str]:

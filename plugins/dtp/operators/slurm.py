@@ -35,7 +35,8 @@ class SlurmSubmitJobOperator(BaseOperator):
 
     Idempotent: a retry (or a cleared task) first looks for an active job named
     ``job_name`` and re-attaches to it, or for one that already completed and
-    returns it, instead of submitting a second one. Job names carry the run's
+    returns it, instead of submitting a second one (a job still COMPLETING is
+    waited out first, and judged by how it ended). Job names carry the run's
     key, so only this run's own jobs are found. A job that ran out of its time
     limit is not submitted again: the task fails without retries.
 
@@ -102,6 +103,13 @@ class SlurmSubmitJobOperator(BaseOperator):
 
         hook = SlurmHook(self.slurm_conn_id, self.head_node)
         active = hook.find_jobs(self.job_name)
+        if ending := [job for job in active if job.state == "COMPLETING"]:
+            # Ending: cancelled with a killed or cleared try of this task, say. Judged by how it ended, not
+            # re-attached to (which would fail this try with its CANCELLED).
+            for job in ending:
+                self.log.info("Slurm job %s (%s) is COMPLETING: waiting for it to end", job.job_id, self.job_name)
+                hook.wait_ended(job.job_id)
+            active = hook.find_jobs(self.job_name)
         ended = hook.ended_jobs(self.job_name)
         completed = [job for job in ended if job.succeeded]
         over_time = [job for job in ended if job.state == "TIMEOUT"]

@@ -106,7 +106,7 @@ class SlurmJobTrigger(BaseTrigger):
         """Cancel the job when a user marks the deferred task failed or succeeded, or clears it (Airflow 3.3+ calls
         this for user kills only, not when the triggerer stops): it would otherwise hold its nodes until the run's
         teardown. Nothing is waited on (the triggerer gives ``on_kill`` 30 s): a cleared task's next try that still
-        finds the job ending (COMPLETING) re-attaches to it and fails with its CANCELLED; its retry submits anew."""
+        finds the job ending (COMPLETING) waits for it to end, then submits anew."""
         self.log.info("The task was killed: cancelling Slurm job %s", self.job_id)
         await asyncio.to_thread(self.hook.cancel_job, self.job_id)
 
