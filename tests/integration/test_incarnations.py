@@ -8,9 +8,10 @@ import uuid
 import pytest
 
 from dtp.hooks.slurm import SlurmHook
+from dtp.operators.cluster import TeardownClusterOperator
 from dtp.params import TrainParams, parse_params
 from dtp.pipeline import network
-from dtp.pipeline.graph import teardown_cluster, teardown_network
+from dtp.pipeline.graph import teardown_network
 from dtp.pipeline.spec import run_spec
 
 pytestmark = pytest.mark.stack
@@ -27,7 +28,7 @@ def test_the_teardowns_delete_what_the_runs_earlier_incarnation_left(aws, workdi
     name = cancel_after(earlier["slurm_job"])
     job_id = SlurmHook().submit(str(script), job_name=name, output=str(workdir / "%j.out"))
 
-    cluster = teardown_cluster.function(spec)
+    cluster = TeardownClusterOperator(task_id="teardown_cluster", spec=spec).execute(context={})
     assert cluster == {"cancelled_jobs": [], "earlier_incarnations": {earlier["run_key"]: {"cancelled_jobs": [job_id]}}}
     assert SlurmHook().find_jobs(name) == []
 

@@ -305,7 +305,7 @@ def test_platform_teardown_cancels_every_job_of_the_run(workdir: Path, cancel_af
 def test_a_kept_cluster_keeps_no_job_of_the_run_running(workdir: Path, cancel_after: Cancel) -> None:
     # keep_cluster: teardown_cluster deletes nothing, but the run is over, so its jobs must not hold the nodes.
     from dtp.naming import EXPIRES_TAG
-    from dtp.pipeline.graph import teardown_cluster
+    from dtp.operators.cluster import TeardownClusterOperator
 
     hook = SlurmHook()
     run = cancel_after(f"dtp-it-{uuid.uuid4().hex[:6]}")
@@ -315,7 +315,7 @@ def test_a_kept_cluster_keeps_no_job_of_the_run_running(workdir: Path, cancel_af
         "names": {"slurm_job": run},
         "tags": {EXPIRES_TAG: "2026-12-31T00:00:00Z"},
     }
-    result = teardown_cluster.function(spec)
+    result = TeardownClusterOperator(task_id="teardown_cluster", spec=spec).execute(context={})
     assert result["kept"] is True and len(result["cancelled_jobs"]) == 1
     assert hook.find_jobs(run, prefix=True) == []
 

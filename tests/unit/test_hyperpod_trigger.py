@@ -1,6 +1,7 @@
 """HyperPodClusterTrigger's events for a cluster that does not come up as it should: Failed or RollingBack (with
-SageMaker's reason), still Creating at the deadline, InService without a node in its controller's group; and the
-trigger rebuilt from what it serialized, as a restarted triggerer does. botocore's Stubber answers as SageMaker does
+SageMaker's reason), still Creating at the deadline, InService without a node in its controller's group;
+HyperPodClusterDeleteTrigger's for clusters being deleted, gone or still there at the deadline; and the triggers
+rebuilt from what they serialized, as a restarted triggerer does. botocore's Stubber answers as SageMaker does
 (the emulator creates a cluster InService at once, with every node): every request is validated against the real
 service model, every canned answer against its output shapes. The InService and gone cluster against the emulator
 are in tests/integration/test_hyperpod.py."""
@@ -15,9 +16,10 @@ from botocore.stub import Stubber
 
 import dtp.triggers.hyperpod as hyperpod_triggers
 from dtp.hooks.hyperpod import HyperPodHook
-from dtp.triggers.hyperpod import HyperPodClusterTrigger
+from dtp.triggers.hyperpod import HyperPodClusterDeleteTrigger, HyperPodClusterTrigger
 
 NAME = "dtp-train-e2e-0123456789"
+EARLIER = "dtp-train-e2e-9876543210"  # an earlier incarnation's
 CLUSTER_ID = "abcd1234efgh"
 ARN = f"arn:aws:sagemaker:us-east-1:123456789012:cluster/{CLUSTER_ID}"
 CONTROLLER = "controller-machine"
@@ -33,10 +35,15 @@ def hook(offline_aws: None, monkeypatch: pytest.MonkeyPatch) -> HyperPodHook:
     return hook
 
 
-def _describe(stub: Stubber, status: str, **fields: Any) -> None:
-    described = {"ClusterArn": ARN, "ClusterName": NAME, "ClusterStatus": status, "CreationTime": CREATED,
+def _describe(stub: Stubber, status: str | None, name: str = NAME, **fields: Any) -> None:
+    """DescribeCluster of ``name``, answering ``status``, or that no such cluster exists (None)."""
+    if status is None:
+        message = f"Cluster {name} not found"
+        stub.add_client_error("describe_cluster", "ResourceNotFound", message, expected_params={"ClusterName": name})
+        return
+    described = {"ClusterArn": ARN, "ClusterName": name, "ClusterStatus": status, "CreationTime": CREATED,
                  "InstanceGroups": [], **fields}  # fmt: skip
-    stub.add_response("describe_cluster", described, {"ClusterName": NAME})
+    stub.add_response("describe_cluster", described, {"ClusterName": name})
 
 
 def _nodes(stub: Stubber, *groups: str) -> None:
@@ -119,4 +126,34 @@ def test_a_cluster_in_service_without_a_controller_node_fails_the_wait(stub: Stu
     assert first_event(_trigger(controller_group=CONTROLLER)) == {
         "status": "failed",
         "message": f"HyperPod cluster {NAME} is InService, but its {CONTROLLER} group has no node",
+    }
+
+
+def test_deleted_clusters_are_waited_for_until_every_one_is_gone(stub: Stubber, first_event, capsys) -> None:
+    _describe(stub, "Deleting", NAME)
+    _describe(stub, "Deleting", EARLIER)
+    _describe(stub, "Deleting", NAME)
+    _describe(stub, None, EARLIER)
+    _describe(stub, None, NAME)  # and the gone EARLIER is not asked about again
+    trigger = HyperPodClusterDeleteTrigger([NAME, EARLIER], aws_conn_id=None, poll_interval=0)
+    assert first_event(trigger) == {"status": "success", "message": f"HyperPod clusters {NAME}, {EARLIER} are deleted"}
+    logged = capsys.readouterr().out.splitlines()
+    waits = [line.split("deleted: ", 1)[1].split(" [", 1)[0] for line in logged if "clusters are deleted: " in line]
+    assert waits == [f"{NAME} (Deleting), {EARLIER} (Deleting)", f"{NAME} (Deleting)"]
+
+
+def test_clusters_still_there_at_the_deadline_fail_the_wait_after_a_triggerer_restart(
+    stub: Stubber, first_event
+) -> None:
+    deferred = HyperPodClusterDeleteTrigger([NAME, EARLIER], aws_conn_id=None, poll_interval=0)
+    assert deferred.timeout == 1800  # as long as the synchronous teardown waits
+    deferred.started_at -= 1801  # the task deferred half an hour ago
+    classpath, kwargs = deferred.serialize()
+    assert classpath == "dtp.triggers.hyperpod.HyperPodClusterDeleteTrigger"
+    _describe(stub, "Deleting", NAME)
+    _describe(stub, "Failed", EARLIER, FailureMessage="Network interface eni-0123 is in use")
+    assert first_event(HyperPodClusterDeleteTrigger(**kwargs)) == {
+        "status": "failed",
+        "message": f"HyperPod clusters still there 1800 s after DeleteCluster: {NAME} is Deleting; "
+        f"{EARLIER} is Failed: Network interface eni-0123 is in use",
     }

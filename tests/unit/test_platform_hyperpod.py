@@ -9,11 +9,14 @@ from typing import Any
 import pytest
 import yaml
 from airflow.sdk.exceptions import AirflowNotFoundException
+from botocore.stub import Stubber
 
+from dtp.hooks.hyperpod import HyperPodHook
 from dtp.naming import RunNames
 from dtp.params import ParamsError, TrainParams, parse_params
 from dtp.pipeline.spec import build_spec, run_spec
 from dtp.platforms import get_platform
+from dtp.platforms import hyperpod as hyperpod_platform
 from dtp.platforms.base import PlatformNotReady, stop_before_delete
 from dtp.platforms.capacity import Placement, candidates, placements
 from dtp.platforms.eks import EksPlatform
@@ -340,3 +343,47 @@ def test_the_cluster_names_its_file_system_only_where_it_is_mounted_at_the_share
     cluster = HyperPodPlatform()._record(spec_for(), described, Placement("p5.48xlarge", NETWORK["PrivateSubnet"]))
     assert cluster.get("fsx_file_system_id") == ("fs-0123456789abcdef0" if exports else None)
     assert cluster["created_at"] == datetime(2026, 12, 6, tzinfo=UTC).timestamp()
+
+
+@pytest.fixture
+def hook(moto_aws: Any, monkeypatch: pytest.MonkeyPatch) -> HyperPodHook:
+    """The hook the platform makes, whose SageMaker client the ``stub`` fixture answers (S3 is moto's)."""
+    hook = HyperPodHook(aws_conn_id="aws_default")
+    monkeypatch.setattr(hyperpod_platform, "HyperPodHook", lambda **_: hook)
+    return hook
+
+
+@pytest.mark.parametrize("status", ["InService", "Deleting"])
+def test_start_teardown_deletes_the_cluster_and_its_lifecycle_objects_without_waiting(
+    settings, moto_aws, stub: Stubber, status: str
+) -> None:
+    spec = spec_for()
+    name = spec["names"]["run_key"]
+    s3 = moto_aws("s3")
+    s3.create_bucket(Bucket=SETTINGS["lifecycle_bucket"])
+    for key in (f"{name}/lifecycle/on_create.sh", f"{name}/lifecycle/provisioning_parameters.json", "other/x"):
+        s3.put_object(Bucket=SETTINGS["lifecycle_bucket"], Key=key, Body=b"#")
+    described = {
+        "ClusterArn": f"arn:aws:sagemaker:us-east-1:111122223333:cluster/{name}",
+        "ClusterName": name,
+        "ClusterStatus": status,
+        "CreationTime": datetime(2026, 12, 6, tzinfo=UTC),
+        "InstanceGroups": [],
+    }
+    # The jobs' controller is out of reach (no dtp_hyperpod_slurm connection): logged, the deletion goes on.
+    stub.add_response("describe_cluster", described, {"ClusterName": name})
+    stub.add_response("describe_cluster", described, {"ClusterName": name})  # delete_cluster's own look
+    if status == "InService":  # a retried teardown's cluster, already Deleting, is not deleted again
+        stub.add_response("delete_cluster", {"ClusterArn": described["ClusterArn"]}, {"ClusterName": name})
+    # No DescribeCluster after it (the Stubber would refuse one): the wait is the trigger's.
+    done = HyperPodPlatform().start_teardown(spec)
+    assert done == {"cancelled_jobs": [], "deleted_cluster": True, "deleted_lifecycle_objects": 2}
+    # The nodes read the lifecycle objects only when they are created: they go when the deletion starts.
+    assert [o["Key"] for o in s3.list_objects_v2(Bucket=SETTINGS["lifecycle_bucket"])["Contents"]] == ["other/x"]
+
+
+def test_the_deleted_trigger_waits_half_an_hour_for_the_clusters_of_every_spec(settings) -> None:
+    specs = [spec_for(), run_spec(parse_params(TrainParams, {"platform": "hyperpod"}), "train_e2e", "manual__2")]
+    trigger = HyperPodPlatform().deleted_trigger(specs)
+    assert trigger.cluster_names == [spec["names"]["run_key"] for spec in specs]
+    assert (trigger.aws_conn_id, trigger.timeout) == ("aws_default", 1800)

@@ -17,6 +17,8 @@ from dtp.naming import tags_dict
 
 # ClusterStatus values (SageMaker API reference) after which a cluster will not change by itself.
 SETTLED_STATES = frozenset({"InService", "Failed", "RollingBack"})
+# How long a deleted cluster may take to be gone, and how often it is described meanwhile.
+DELETE_TIMEOUT_S, DELETE_POLL_S = 1800, 15
 
 
 def is_missing_cluster(err: ClientError) -> bool:
@@ -110,12 +112,18 @@ class HyperPodHook(AwsBaseHook):
         self.log.info("Deleting HyperPod cluster %s", name)
         return True
 
-    def delete_cluster_and_wait(self, name: str, timeout: float = 1800, poll: float = 15) -> bool:
-        """Delete the cluster and wait until it is gone (its nodes leave the subnets); False when there was none."""
-        deleted = self.delete_cluster(name)
+    def wait_until_deleted(self, name: str, timeout: float = DELETE_TIMEOUT_S, poll: float = DELETE_POLL_S) -> None:
+        """Wait until the cluster, being deleted, is gone (its nodes leave the subnets)."""
         deadline = time.monotonic() + timeout
         while self.describe_cluster(name) is not None:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"HyperPod cluster {name} is still there {timeout:.0f} s after DeleteCluster")
             time.sleep(poll)
+
+    def delete_cluster_and_wait(
+        self, name: str, timeout: float = DELETE_TIMEOUT_S, poll: float = DELETE_POLL_S
+    ) -> bool:
+        """Delete the cluster and wait until it is gone; False when there was none."""
+        deleted = self.delete_cluster(name)
+        self.wait_until_deleted(name, timeout, poll)
         return deleted

@@ -1,4 +1,5 @@
-"""Provision a run's cluster on its platform, waiting in the triggerer while the platform creates it."""
+"""Provision a run's cluster on its platform and tear it down, waiting in the triggerer while the platform creates or
+deletes it."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 from botocore.exceptions import ClientError
 
+from dtp.naming import EXPIRES_TAG
 from dtp.platforms import get_platform
-from dtp.platforms.base import PlatformNotReady
+from dtp.platforms.base import DeferrableTeardownPlatform, PlatformNotReady
 
 
 class DeployClusterOperator(BaseOperator):
@@ -55,3 +57,57 @@ class DeployClusterOperator(BaseOperator):
             raise AirflowException(event["message"])
         self.log.info(event["message"])
         return {**cluster, **event.get("cluster", {})}
+
+
+class TeardownClusterOperator(BaseOperator):
+    """
+    Delete the run's cluster (its jobs stopped first); with ``keep_cluster``, stop the jobs and keep it. Then delete
+    the clusters of the run's earlier incarnations (``earlier_names``), kept or not.
+
+    On a platform whose clusters take long to delete (ParallelCluster, HyperPod), every deletion is started first,
+    so they proceed together, and the task defers to one trigger that waits until all those clusters are gone,
+    freeing its worker slot. A retry starts no deletion again: it waits again for the clusters still being deleted.
+
+    :param spec: the run spec from ``validate_params``
+    """
+
+    template_fields: Sequence[str] = ("spec",)
+
+    def __init__(self, *, spec: Any, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.spec = spec
+
+    def execute(self, context: Any) -> dict[str, Any]:
+        platform = get_platform(self.spec["params"]["platform"])
+        teardown = platform.start_teardown if isinstance(platform, DeferrableTeardownPlatform) else platform.teardown
+        deleting: list[dict[str, Any]] = []  # the specs whose clusters are being deleted
+        if self.spec["params"]["keep_cluster"]:
+            # The run is over: its jobs stop (freeing the nodes), the cluster stays for a person to look at.
+            done = {"kept": True, **platform.stop_jobs(self.spec)}
+            self.log.warning(
+                "keep_cluster=true: cluster kept, the run's jobs stopped (%s); its resources expire at %s",
+                done,
+                self.spec["tags"][EXPIRES_TAG],
+            )
+        else:
+            done = teardown(self.spec)
+            deleting.append(self.spec)
+        # A run cleared whole while it ran got new names: what its earlier incarnation made was never torn down.
+        retired = {}
+        for names in self.spec.get("earlier_names", []):  # a spec from before they were recorded has none
+            self.log.info("Deleting what incarnation %s of the run left (cleared whole while it ran)", names["run_key"])
+            earlier = {**self.spec, "names": names}
+            retired[names["run_key"]] = teardown(earlier)
+            deleting.append(earlier)
+        if retired:
+            done["earlier_incarnations"] = retired
+        if not deleting or not isinstance(platform, DeferrableTeardownPlatform):
+            return done
+        self.log.info("Waiting in the triggerer until the %s clusters being deleted are gone", platform.name)
+        self.defer(trigger=platform.deleted_trigger(deleting), method_name="execute_complete", kwargs={"done": done})
+
+    def execute_complete(self, context: Any, event: dict[str, Any], done: dict[str, Any]) -> dict[str, Any]:
+        if event["status"] != "success":
+            raise AirflowException(event["message"])
+        self.log.info(event["message"])
+        return done

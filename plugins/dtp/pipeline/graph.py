@@ -27,10 +27,10 @@ from airflow.sdk.exceptions import AirflowFailException
 
 from dtp.connections import AWS_CONN_ID, TRAINING_QUEUE
 from dtp.metrics.preflight_gate import preflight_message
-from dtp.naming import EXPIRES_TAG, RunNames
+from dtp.naming import RunNames
 from dtp.operators.batch import BatchJobOperator
 from dtp.operators.checkpoints import SaveCheckpointOperator
-from dtp.operators.cluster import DeployClusterOperator
+from dtp.operators.cluster import DeployClusterOperator, TeardownClusterOperator
 from dtp.operators.pytorchjob import EksPyTorchJobOperator
 from dtp.operators.report import TrainingReportOperator
 from dtp.operators.slurm import HANG_TIMEOUT_S, submit_prepared_slurm_job
@@ -168,24 +168,6 @@ def evaluate_gates(spec: dict[str, Any], metrics: dict[str, Any]) -> None:
     if failures:
         raise AirflowFailException("gates failed:\n" + "\n".join(failures))
     log.info("All gates passed")
-
-
-@task(retries=3)
-def teardown_cluster(spec: dict[str, Any]) -> dict[str, Any]:
-    """Delete the run's cluster (its jobs stopped first); with keep_cluster, stop the jobs and keep it. Then delete
-    the clusters of the run's earlier incarnations (``earlier_names``), kept or not."""
-    platform = get_platform(spec["params"]["platform"])
-    if spec["params"]["keep_cluster"]:
-        # The run is over: its jobs stop (freeing the nodes), the cluster stays for a person to look at.
-        done = {"kept": True, **platform.stop_jobs(spec)}
-        log.warning(
-            "keep_cluster=true: cluster kept, the run's jobs stopped (%s); its resources expire at %s",
-            done,
-            spec["tags"][EXPIRES_TAG],
-        )
-    else:
-        done = platform.teardown(spec)
-    return done | _retired(spec, platform.teardown)
 
 
 def _retired(spec: dict[str, Any], teardown: Callable[[dict[str, Any]], dict[str, Any]]) -> dict[str, Any]:
@@ -344,7 +326,10 @@ def training_pipeline(dag: DAG) -> None:
     # Every task that builds what a teardown deletes is one of its setups: clearing a task after the teardowns
     # ran (train.run_job, say) re-runs the whole chain that rebuilds the network and the cluster it needs, not
     # only the tasks that create them (Airflow clears a cleared task's setups, not the tasks between them).
-    cluster_down = teardown_cluster(spec).as_teardown(setups=[plan, deploy, staged, pf_job, job])
+    # It waits in the triggerer while the platform deletes the clusters (ParallelCluster, HyperPod).
+    cluster_down = TeardownClusterOperator(task_id="teardown_cluster", spec=spec, retries=3).as_teardown(
+        setups=[plan, deploy, staged, pf_job, job]
+    )
     network_down = teardown_network(spec).as_teardown(setups=[plan, stack, wait, outputs])
     # The gates and the report read XComs and write to the artifacts bucket: the cluster does not wait for them,
     # and clearing one to judge or render again rebuilds nothing.

@@ -98,6 +98,21 @@ class ComputePlatform(Protocol):
         """Stop the run's jobs and delete its cluster; verify nothing is left."""
 
 
+@runtime_checkable
+class DeferrableTeardownPlatform(Protocol):
+    """A platform whose cluster takes long to delete (ParallelCluster, HyperPod): its ``teardown`` is
+    ``start_teardown`` and then a wait until the cluster is gone, which ``deleted_trigger`` does in the triggerer
+    instead, holding no worker slot."""
+
+    def start_teardown(self, spec: dict[str, Any]) -> dict[str, Any]:
+        """Stop the run's jobs and start deleting its cluster (a cluster already being deleted is left to it);
+        return what ``teardown`` returns, without waiting until the cluster is gone."""
+
+    def deleted_trigger(self, specs: list[dict[str, Any]]) -> BaseTrigger:
+        """A trigger that fires once the clusters of ``specs`` (runs whose ``start_teardown`` ran) are all gone,
+        or one of them cannot be deleted, or the platform's deletion deadline passed."""
+
+
 def stop_before_delete(stop: Callable[[], list[str]]) -> list[str]:
     """``stop()``: the run's jobs stopped before its cluster is deleted. A controller, head node or API it cannot
     reach (ssh, SSM, Kubernetes, a missing connection) is logged, not raised: deleting the cluster stops the jobs on

@@ -5,8 +5,9 @@
 run's prefix of the lifecycle bucket and calls ``CreateCluster`` with a
 controller group and a compute group; the task then waits in the triggerer
 until the cluster is InService. ``teardown`` cancels the run's Slurm jobs,
-deletes the cluster, waits until it is gone and deletes the run's lifecycle
-objects. Jobs reach the controller through the Slurm connection the
+starts deleting the cluster, deletes the run's lifecycle objects and waits
+until the cluster is gone (``teardown_cluster`` waits in the triggerer).
+Jobs reach the controller through the Slurm connection the
 ``dtp_hyperpod`` connection names: on AWS its ssh goes to the run's controller,
 ``sagemaker-cluster:<cluster id>_controller-machine-<instance id>``, through
 the ProxyCommand (SSM) the worker's ``~/.ssh/config`` gives such names; on the
@@ -47,7 +48,7 @@ from dtp.platforms.eks import (
 from dtp.platforms.pyxis import pyxis_runtime
 from dtp.platforms.service_models import request_problems
 from dtp.recipes import INCLUDE_DIR
-from dtp.triggers.hyperpod import HyperPodClusterTrigger
+from dtp.triggers.hyperpod import HyperPodClusterDeleteTrigger, HyperPodClusterTrigger
 
 log = logging.getLogger(__name__)
 CONTROLLER_GROUP = "controller-machine"
@@ -358,20 +359,33 @@ class HyperPodPlatform:
             s3.load_file(str(ON_CREATE), prefix + ON_CREATE.name, bucket, replace=True)
             s3.load_string(provisioning, prefix + "provisioning_parameters.json", bucket, replace=True)
 
-    def teardown(self, spec: dict[str, Any]) -> dict[str, Any]:
+    def start_teardown(self, spec: dict[str, Any]) -> dict[str, Any]:
+        """Cancel the run's jobs, start deleting its cluster (one already Deleting is left to it) and delete the
+        run's lifecycle objects (the nodes read them only when they are created)."""
         settings = self.settings
         name = spec["names"]["run_key"]
         hook = HyperPodHook(aws_conn_id=self.aws_conn_id)
         cancelled: list[str] = []
         if (described := hook.describe_cluster(name)) is not None:
             cancelled = stop_before_delete(lambda: self._stop_jobs(spec, described))
-        deleted = hook.delete_cluster_and_wait(name)
+        deleted = hook.delete_cluster(name)
         s3 = S3Hook(aws_conn_id=self.aws_conn_id)
         bucket = settings.lifecycle_bucket
         keys = (s3.list_keys(bucket, prefix=f"{name}/") or []) if s3.check_for_bucket(bucket) else []
         if keys:
             s3.delete_objects(bucket, keys)
         return {"cancelled_jobs": cancelled, "deleted_cluster": deleted, "deleted_lifecycle_objects": len(keys)}
+
+    def deleted_trigger(self, specs: list[dict[str, Any]]) -> HyperPodClusterDeleteTrigger:
+        """Wait in the triggerer until the runs' clusters are gone, at most 30 minutes."""
+        names = [spec["names"]["run_key"] for spec in specs]
+        return HyperPodClusterDeleteTrigger(names, aws_conn_id=self.aws_conn_id)
+
+    def teardown(self, spec: dict[str, Any]) -> dict[str, Any]:
+        """``start_teardown``, then wait until the cluster is gone."""
+        done = self.start_teardown(spec)
+        HyperPodHook(aws_conn_id=self.aws_conn_id).wait_until_deleted(spec["names"]["run_key"])
+        return done
 
 
 def _run_nodes(spec: dict[str, Any]) -> dict[str, str]:

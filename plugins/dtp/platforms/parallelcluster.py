@@ -25,16 +25,19 @@ from typing import Any, Literal
 
 from pydantic import Field
 
+from dtp.hooks.stacks import StackHook
 from dtp.platforms.base import PlatformNotReady, PlatformSettings, stop_before_delete
 from dtp.platforms.containers import FSX_MOUNT, ngc_pytorch_image
 from dtp.platforms.pyxis import pyxis_runtime
 from dtp.recipes import INCLUDE_DIR, instance_types
 from dtp.templates import render
-from dtp.triggers.parallelcluster import ParallelClusterCreateTrigger
+from dtp.triggers.parallelcluster import ParallelClusterCreateTrigger, ParallelClusterDeleteTrigger
 
 log = logging.getLogger(__name__)
 # Cluster states in which its head node runs Slurm (a cluster updated after creation included).
 READY_STATES = ("CREATE_COMPLETE", "UPDATE_COMPLETE")
+# How long a deleted cluster may take to be gone (its own FSx file system included).
+DELETE_TIMEOUT_S = 3600
 
 PROJECT_ROOT = INCLUDE_DIR.parent
 PCLUSTER_VENV = PROJECT_ROOT / ".venv-pcluster"
@@ -315,20 +318,36 @@ class ParallelClusterPlatform:
             return {"cluster_name": name, "cancelled_jobs": []}
         return {"cluster_name": name, "cancelled_jobs": self._cancel_jobs(spec, described)}
 
-    def teardown(self, spec: dict[str, Any], timeout: float = 3600, poll: float = 30) -> dict[str, Any]:
+    def start_teardown(self, spec: dict[str, Any]) -> dict[str, Any]:
+        """Cancel the run's Slurm jobs (where the head node is up) and ``pcluster delete-cluster``; a cluster already
+        DELETE_IN_PROGRESS (a retried teardown's) is left to it."""
         name = self.cluster_name(spec)
         described = self.cli.describe_cluster(name)
         if described is None:
             return {"cluster_name": name, "cancelled_jobs": [], "deleted": False}
-        up = described["clusterStatus"] in READY_STATES
-        cancelled = stop_before_delete(lambda: self._cancel_jobs(spec, described)) if up else []
-        deleted = self.cli.delete_cluster(name)
+        status = described["clusterStatus"]
+        cancelled = stop_before_delete(lambda: self._cancel_jobs(spec, described)) if status in READY_STATES else []
+        if status == "DELETE_IN_PROGRESS":
+            log.info("ParallelCluster cluster %s is already DELETE_IN_PROGRESS; not deleting it again", name)
+            deleted = True
+        else:
+            deleted = self.cli.delete_cluster(name)
+        return {"cluster_name": name, "cancelled_jobs": cancelled, "deleted": deleted}
+
+    def deleted_trigger(self, specs: list[dict[str, Any]]) -> ParallelClusterDeleteTrigger:
+        """Wait in the triggerer until the runs' clusters are gone (FSx made with them included), at most an hour."""
+        return ParallelClusterDeleteTrigger([self.cluster_name(spec) for spec in specs], timeout=DELETE_TIMEOUT_S)
+
+    def teardown(self, spec: dict[str, Any], timeout: float = DELETE_TIMEOUT_S, poll: float = 30) -> dict[str, Any]:
+        """``start_teardown``, then wait until the cluster is gone."""
+        done = self.start_teardown(spec)
+        name = done["cluster_name"]
         deadline = time.monotonic() + timeout
         while (status := self.cluster_status(name)) is not None:
             if status == "DELETE_FAILED" or time.monotonic() > deadline:
                 raise RuntimeError(f"cluster {name} is still there ({status}) after delete-cluster")
             time.sleep(poll)
-        return {"cluster_name": name, "cancelled_jobs": cancelled, "deleted": deleted}
+        return done
 
     def _cancel_jobs(self, spec: dict[str, Any], described: dict[str, Any]) -> list[str]:
         from dtp.hooks.slurm import SlurmHook
@@ -342,6 +361,12 @@ def head_node_address(described: dict[str, Any]) -> str:
     private one (a worker in the cluster's VPC); empty when it has neither."""
     head = described.get("headNode") or {}
     return str(head.get("publicIpAddress") or head.get("privateIpAddress") or "")
+
+
+def deletion_failures(cluster_name: str, aws_conn_id: str) -> str:
+    """Why a DELETE_FAILED cluster was not deleted: pcluster reports failures of a cluster's creation only, so the
+    failed resources of its root stack (named after the cluster), read from CloudFormation."""
+    return StackHook(aws_conn_id=aws_conn_id).failure_reasons(cluster_name)
 
 
 def failures(described: dict[str, Any]) -> str:

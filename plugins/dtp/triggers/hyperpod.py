@@ -1,4 +1,4 @@
-"""Wait for a SageMaker HyperPod cluster to be InService, in the triggerer."""
+"""Wait for a SageMaker HyperPod cluster to be InService, or for clusters to be deleted, in the triggerer."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any
 
 from airflow.triggers.base import TriggerEvent
 
-from dtp.hooks.hyperpod import SETTLED_STATES, HyperPodHook
+from dtp.hooks.hyperpod import DELETE_POLL_S, DELETE_TIMEOUT_S, SETTLED_STATES, HyperPodHook
 from dtp.triggers.deadline import DeadlineTrigger
 
 
@@ -69,4 +69,49 @@ class HyperPodClusterTrigger(DeadlineTrigger):
                 yield TriggerEvent({"status": "failed", "message": message})
                 return
             self.log.info("HyperPod cluster %s is %s", self.cluster_name, state)
+            await asyncio.sleep(self.poll_interval)
+
+
+class HyperPodClusterDeleteTrigger(DeadlineTrigger):
+    """Fires once every one of ``cluster_names`` is gone (success; their nodes have left the subnets), or some are
+    still there ``timeout`` seconds after ``started_at`` (epoch seconds; default: when the task deferred) (failed,
+    with each one's status and SageMaker's failure message)."""
+
+    def __init__(
+        self,
+        cluster_names: list[str],
+        aws_conn_id: str | None = "aws_default",
+        poll_interval: float = DELETE_POLL_S,
+        timeout: float = DELETE_TIMEOUT_S,
+        started_at: float | None = None,
+    ) -> None:
+        super().__init__(poll_interval=poll_interval, timeout=timeout, started_at=started_at)
+        self.cluster_names = cluster_names
+        self.aws_conn_id = aws_conn_id
+
+    def serialize_fields(self) -> dict[str, Any]:
+        return {"cluster_names": self.cluster_names, "aws_conn_id": self.aws_conn_id}
+
+    async def run(self) -> AsyncIterator[TriggerEvent]:
+        hook = HyperPodHook(aws_conn_id=self.aws_conn_id)
+        names = list(self.cluster_names)
+        while True:
+            described = [await asyncio.to_thread(hook.describe_cluster, name) for name in names]
+            there = {name: found for name, found in zip(names, described, strict=True) if found is not None}
+            if not there:
+                message = f"HyperPod clusters {', '.join(self.cluster_names)} are deleted"
+                yield TriggerEvent({"status": "success", "message": message})
+                return
+            if self.past_deadline:
+                statuses = "; ".join(
+                    f"{name} is {found['ClusterStatus']}"
+                    + (f": {found['FailureMessage']}" if found.get("FailureMessage") else "")
+                    for name, found in there.items()
+                )
+                message = f"HyperPod clusters still there {self.timeout:.0f} s after DeleteCluster: {statuses}"
+                yield TriggerEvent({"status": "failed", "message": message})
+                return
+            statuses = ", ".join(f"{name} ({found['ClusterStatus']})" for name, found in there.items())
+            self.log.info("Waiting until the HyperPod clusters are deleted: %s", statuses)
+            names = list(there)
             await asyncio.sleep(self.poll_interval)

@@ -1,4 +1,4 @@
-"""Wait for a ParallelCluster cluster to be created, in the triggerer, polling ``pcluster describe-cluster``."""
+"""Wait in the triggerer for ParallelCluster clusters to be created or deleted (``pcluster describe-cluster``)."""
 
 from __future__ import annotations
 
@@ -49,4 +49,48 @@ class ParallelClusterCreateTrigger(DeadlineTrigger):
                 yield TriggerEvent({"status": "failed", "message": message})
                 return
             self.log.info("ParallelCluster cluster %s is %s", self.cluster_name, status)
+            await asyncio.sleep(self.poll_interval)
+
+
+class ParallelClusterDeleteTrigger(DeadlineTrigger):
+    """Fires once every one of ``cluster_names`` is gone (success), or one is DELETE_FAILED, or some are still there
+    ``timeout`` seconds after ``started_at`` (epoch seconds; default: when the task deferred) (failed)."""
+
+    def __init__(
+        self,
+        cluster_names: list[str],
+        poll_interval: float = 30.0,
+        timeout: float = 3600.0,
+        started_at: float | None = None,
+    ) -> None:
+        super().__init__(poll_interval=poll_interval, timeout=timeout, started_at=started_at)
+        self.cluster_names = cluster_names
+
+    def serialize_fields(self) -> dict[str, Any]:
+        return {"cluster_names": self.cluster_names}
+
+    async def run(self) -> AsyncIterator[TriggerEvent]:
+        from dtp.platforms.parallelcluster import ParallelClusterPlatform, deletion_failures
+
+        cli = await asyncio.to_thread(lambda: ParallelClusterPlatform().cli)  # it reads connections: off the loop
+        names = list(self.cluster_names)
+        while True:
+            described = [await asyncio.to_thread(cli.describe_cluster, name) for name in names]
+            there = {name: found for name, found in zip(names, described, strict=True) if found is not None}
+            for name, found in there.items():
+                if found["clusterStatus"] == "DELETE_FAILED":
+                    why = await asyncio.to_thread(deletion_failures, name, cli.aws_conn_id)
+                    yield TriggerEvent({"status": "failed", "message": f"cluster {name} is DELETE_FAILED: {why}"})
+                    return
+            if not there:
+                message = f"ParallelCluster clusters {', '.join(self.cluster_names)} are deleted"
+                yield TriggerEvent({"status": "success", "message": message})
+                return
+            statuses = ", ".join(f"{name} ({found['clusterStatus']})" for name, found in there.items())
+            if self.past_deadline:
+                message = f"clusters still there {self.timeout:.0f} s after delete-cluster: {statuses}"
+                yield TriggerEvent({"status": "failed", "message": message})
+                return
+            self.log.info("Waiting until the ParallelCluster clusters are deleted: %s", statuses)
+            names = list(there)
             await asyncio.sleep(self.poll_interval)
