@@ -2,10 +2,12 @@
 
 Every resource a run creates carries a ``dtp:expires-at`` tag (Slurm jobs carry
 it in their comment, run directories on the shared filesystem in their
-``run.json``). Hourly, this DAG finds those past expiry (CloudFormation stacks,
-VPC pieces, S3 buckets, HyperPod and ParallelCluster clusters, Batch compute environments, baked
-AMIs and their snapshots, packer builder instances, Slurm jobs, run
-directories) and deletes them in dependency order, each in its own find/delete
+``run.json``, and the directories runs share there, dataset mirrors and unpacked
+images, in a lease of each run that used them). Hourly, this DAG finds those past
+expiry (CloudFormation stacks, VPC pieces, S3 buckets, HyperPod and ParallelCluster
+clusters, Batch compute environments, baked AMIs and their snapshots, packer builder
+instances, Slurm jobs, run directories, and the shared directories whose every lease
+has expired) and deletes them in dependency order, each in its own find/delete
 pair: the AWS account, the ``slurm_default`` cluster, then the shared filesystem
 the training worker mounts (where EKS and Batch runs keep their run
 directories); an AMI that SSM

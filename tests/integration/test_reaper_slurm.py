@@ -1,23 +1,29 @@
-"""The reaper's Slurm part against the real local cluster: an expired job counts as deleted only once it is gone."""
+"""The reaper's Slurm part against the real local cluster: an expired job counts as deleted only once it is gone, and
+the directories runs share go over ssh once every run that leased them has expired."""
 
 from __future__ import annotations
 
+import shutil
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import asdict
+from pathlib import Path
 
 import pytest
 
 from dtp.hooks.shared_fs import ClusterCommandError
 from dtp.hooks.slurm import SlurmHook
-from dtp.naming import expiry, slurm_comment
+from dtp.naming import EXPIRES_TAG, expiry, slurm_comment
+from dtp.pipeline.data import lease_shared_dir
 from dtp.reaper.cluster import find_expired_on_cluster
 from dtp.reaper.deletion import ReapIncomplete, reap
 from dtp.reaper.expired import Expired
 
 pytestmark = pytest.mark.stack
 AWS, SLURM = "aws_default", "slurm_default"
+# slurm_default's cluster reached through the stack's sshd (see test_ssh_transport).
+SSH = "slurm_ssh"
 
 
 def no_run_active(dag_id: str, run_id: str) -> bool:
@@ -89,3 +95,39 @@ def test_a_scancel_slurmctld_never_heard_is_not_counted_as_deleted(stack, unreac
 def test_a_cluster_that_cannot_be_asked_is_an_error_not_an_empty_sweep(unreachable_slurm: str) -> None:
     with pytest.raises(ClusterCommandError, match=r"squeue -h exited \d+: .*slurm"):
         find_expired_on_cluster(unreachable_slurm, active=no_run_active)
+
+
+def test_the_shared_directories_whose_leases_expired_go_over_ssh(stack, workdir: Path) -> None:
+    # Through the Slurm connection over ssh, as the sweep of a cluster the worker does not run on: the leases are
+    # written, listed and read there, and the directories deleted there.
+    framework = f"it-reaper-{uuid.uuid4().hex[:8]}"
+    shared = stack.shared_dir
+    expired, leased = shared / "datasets" / framework / "expired", shared / "datasets" / framework / "leased"
+    (workdir / "precious").write_text("x")
+    try:
+        for directory, hours_left in ((expired, {"it-a": -1}), (leased, {"it-b": -1, "it-c": 1})):
+            (directory / "shards").mkdir(parents=True)
+            (directory / "shards" / "a.bin").write_bytes(b"\x01")
+            (directory / "shards" / "link").symlink_to(workdir / "precious")
+            for run_key, hours in hours_left.items():
+                spec = {"names": {"run_key": run_key}, "dag_id": "it_reaper", "run_id": f"manual__{run_key}"}
+                lease_shared_dir(
+                    {**spec, "tags": {EXPIRES_TAG: expiry(hours)}},
+                    {"shared_dir": str(shared), "slurm_conn_id": SSH},
+                    directory,
+                )
+        found = [item for item in find_expired_on_cluster(SSH, active=no_run_active) if framework in item.name]
+        leases = shared / "leases" / "datasets" / framework
+        assert sorted((item.kind, item.name, item.run_key) for item in found) == [
+            ("dataset_mirror", str(expired), "it-a"),
+            ("lease", str(leases / "leased" / "it-b.json"), "it-b"),
+        ]
+        deleted = reap(found, AWS, SSH, dry_run=False)["deleted"]
+        assert sorted(item["name"] for item in deleted) == sorted(item.name for item in found)
+        assert not expired.exists() and not (leases / "expired").exists()
+        assert (leased / "shards" / "a.bin").exists()
+        assert [path.name for path in (leases / "leased").iterdir()] == ["it-c.json"]
+        assert (workdir / "precious").read_text() == "x"  # the link in the deleted mirror was not followed
+    finally:
+        shutil.rmtree(shared / "datasets" / framework, ignore_errors=True)
+        shutil.rmtree(shared / "leases" / "datasets" / framework, ignore_errors=True)

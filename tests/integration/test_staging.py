@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from dtp.pipeline import data
 from dtp.pipeline.data import RUN_MARKER, SAMPLE_CORPUS, SharedFilesystemNotVisible, dataset_problem, stage_data
 from dtp.pipeline.frameworks import dataset_dir
 
@@ -17,6 +18,7 @@ pytestmark = pytest.mark.stack
 TRAINER = {"framework": "fsdp", "model": "tiny"}
 MEGATRON = {"framework": "megatron-lm", "model": "llama3_1_70b"}
 EXPIRES_AT = "2026-12-06T10:00:00Z"
+LATER = "2026-12-07T10:00:00Z"
 
 
 def run_spec(run_key: str, recipe: dict, dataset_uri: str = "") -> dict:
@@ -125,6 +127,31 @@ def megatron_dataset(aws, tmp_path: Path, objects: dict[str, bytes]) -> tuple[di
 
 
 INDEXED = {"train_text_document.bin": b"\x01" * 4096, "train_text_document.idx": b"MMIDIDX\x00\x01"}
+
+
+def test_each_run_leases_the_mirror_before_it_looks_at_it(stack, aws, tmp_path, monkeypatch) -> None:
+    # Every run of the dataset shares the mirror: the reaper deletes it once every run that leased it has expired.
+    spec, cluster, dest = megatron_dataset(aws, tmp_path, INDEXED)
+    leases = tmp_path / "leases" / "datasets" / "megatron-lm" / dest.name
+    leased_when_mirrored: list[list[str]] = []
+    mirror = data.mirror_dataset
+
+    def mirror_dataset(*args, **kwargs):
+        leased_when_mirrored.append(sorted(path.name for path in leases.iterdir()))
+        return mirror(*args, **kwargs)
+
+    monkeypatch.setattr("dtp.pipeline.data.mirror_dataset", mirror_dataset)
+    stage_data(spec, {"DataBucket": "unused"}, cluster, "aws_default")
+    other = {**spec, "names": {"run_key": "fw-2"}, "run_id": "it__fw-2", "tags": {"dtp:expires-at": LATER}}
+    stage_data(other, {"DataBucket": "unused"}, cluster, "aws_default")
+    assert leased_when_mirrored == [["fw.json"], ["fw-2.json", "fw.json"]]
+    assert json.loads((leases / "fw.json").read_text()) == {
+        "run_key": "fw",
+        "dag_id": "train_e2e",
+        "run_id": "it__fw",
+        "expires_at": EXPIRES_AT,
+    }
+    assert json.loads((leases / "fw-2.json").read_text())["expires_at"] == LATER
 
 
 def test_an_object_uploaded_again_with_other_content_of_its_size_is_copied_again(stack, aws, tmp_path) -> None:

@@ -11,7 +11,8 @@ import pytest
 
 from dtp.hooks.shared_fs import SharedFilesystemHook
 from dtp.hooks.slurm import SlurmHook
-from dtp.naming import SLURM_EXPIRY_PREFIX, slurm_comment
+from dtp.naming import EXPIRES_TAG, SLURM_EXPIRY_PREFIX, slurm_comment
+from dtp.pipeline.data import lease_shared_dir
 from dtp.reaper.cluster import find_expired_on_cluster
 from dtp.reaper.deletion import ReapIncomplete, reap
 from dtp.reaper.expired import Expired
@@ -134,3 +135,26 @@ def test_an_expired_job_and_run_directory_of_a_run_still_running_are_kept(
         ("slurm_job", "23"),
     ]
     assert sorted(asked) == [("train_e2e", "manual__done"), ("train_e2e", "manual__live")]  # once each
+
+
+def test_the_clusters_sweep_deletes_the_directories_runs_share_once_their_leases_expired(cluster: Path) -> None:
+    mirror = cluster / "datasets" / "megatron-lm" / "0123456789abcdef"
+    image, live_image = cluster / "images" / "fedcba9876543210", cluster / "images" / "0123456789abcdef"
+    for directory, run_key, expires_at in (
+        (mirror, "dtp-c", EXPIRED),
+        (image, "dtp-c", EXPIRED),
+        (live_image, "dtp-d", "2999-01-01T00:00:00Z"),
+    ):
+        directory.mkdir(parents=True)
+        spec = {"names": {"run_key": run_key}, "dag_id": "train_e2e", "run_id": f"manual__{run_key}"}
+        lease_shared_dir({**spec, "tags": {EXPIRES_TAG: expires_at}}, {"shared_dir": str(cluster)}, directory)
+    found = find_expired_on_cluster("slurm_default", active=no_run_active)
+    assert sorted((f.kind, f.name, f.run_key, f.run_id) for f in found if f.kind != "slurm_job") == [
+        ("dataset_mirror", str(mirror), "dtp-c", "manual__dtp-c"),
+        ("image_cache", str(image), "dtp-c", "manual__dtp-c"),
+    ]
+    reap(found, "aws_default", "slurm_default", dry_run=False)
+    assert not mirror.exists() and not image.exists() and live_image.exists()
+    assert [path.name for path in (cluster / "leases" / "images").iterdir()] == [live_image.name]
+    (shared,) = Shared.made
+    assert shared.closed

@@ -23,6 +23,7 @@ import contextlib
 import json
 import logging
 import os
+import posixpath
 import re
 import stat
 import time
@@ -48,6 +49,9 @@ RUN_MARKER = "run.json"
 # Run directories sit under this folder of the shared filesystem, and what runs save under the same prefix of the
 # artifacts bucket.
 RUNS_FOLDER = "runs"
+# The leases on the directories runs share (``lease_shared_dir``) sit under this folder, each directory's at the path it
+# has under the shared filesystem: ``leases/datasets/<framework>/<hash>/<run_key>.json``.
+LEASES_FOLDER = "leases"
 S3_URI = re.compile(r"^s3://(?P<bucket>[^/]+)/?(?P<prefix>.*)$")
 # Pages of a listing (1,000 keys each) whose keys dataset_problem checks before anything is created: enough for any
 # dataset of shards while keeping validate_params to seconds. A bad key past them is still refused, by stage_data
@@ -63,18 +67,43 @@ def run_dir(spec: dict[str, Any], cluster: dict[str, Any]) -> Path:
     return Path(cluster["shared_dir"]) / RUNS_FOLDER / spec["names"]["run_key"]
 
 
+def run_marker(spec: dict[str, Any]) -> str:
+    """The marker of what a run leaves on the shared filesystem (its directory's ``RUN_MARKER``, its leases), which
+    the reaper reads: the run, the DAG run that made it and when it expires."""
+    return json.dumps(
+        {
+            "run_key": spec["names"]["run_key"],
+            "dag_id": spec["dag_id"],
+            "run_id": spec["run_id"],
+            "expires_at": spec["tags"][EXPIRES_TAG],
+        }
+    )
+
+
 def claim_run_dir(spec: dict[str, Any], cluster: dict[str, Any]) -> Path:
     """The run's directory, marked with ``RUN_MARKER``: the run it belongs to and when it expires. A shared
     filesystem may outlive the cluster (an existing FSx); the reaper removes the directory once it has expired."""
     path = run_dir(spec, cluster)
-    marker = {
-        "run_key": spec["names"]["run_key"],
-        "dag_id": spec["dag_id"],
-        "run_id": spec["run_id"],
-        "expires_at": spec["tags"][EXPIRES_TAG],
-    }
-    SharedFilesystemHook.of_cluster(cluster).write_file(str(path / RUN_MARKER), json.dumps(marker))
+    SharedFilesystemHook.of_cluster(cluster).write_file(str(path / RUN_MARKER), run_marker(spec))
     return path
+
+
+def lease_shared_dir(spec: dict[str, Any], cluster: dict[str, Any], directory: Path) -> None:
+    """Lease ``directory``, which every run of a dataset or an image shares (a dataset mirror, an unpacked image), to
+    the run of ``spec``: a file of the run's own under ``LEASES_FOLDER`` holding its ``run_marker``. The reaper
+    deletes such a directory once every lease on it has expired and none of their runs is queued or running (and
+    one no run leased, never).
+
+    Written before the run looks at the directory or copies into it, so a sweep that lists the leases after that
+    keeps the directory. The reaper's deletion looks at the leases again right before it renames the directory away
+    to delete it, in one shell command (``deletion.REMOVE_LEASED_DIR``): what is left is a run leasing it between
+    that look and the rename, which loses the directory if it had already found it there (an image unpacked, files
+    copied) and fails (a retried ``stage_data`` copies again); and a lease written as the reaper removes the
+    directory's emptied lease folder, which fails its task the same way.
+    """
+    relative = directory.relative_to(cluster["shared_dir"]).as_posix()
+    path = posixpath.join(cluster["shared_dir"], LEASES_FOLDER, relative, f"{spec['names']['run_key']}.json")
+    SharedFilesystemHook.of_cluster(cluster).write_file(path, run_marker(spec))
 
 
 def upload_sample_corpus(s3: S3Hook, bucket: str) -> str:
@@ -205,6 +234,7 @@ def stage_data(
     bucket, prefix = s3_folder(source, "dataset_uri")
     if framework in DATASET_FILES:
         dest = Path(dataset_dir(cluster["shared_dir"], framework, source))
+        lease_shared_dir(spec, cluster, dest)  # before the mirror is looked at: every run of the dataset shares it
         return mirror_dataset(s3, bucket, prefix, dest, DATASET_FILES[framework]) | {"source": source}
     sizes = {obj["Key"]: obj["Size"] for obj in s3.iter_file_metadata(prefix, bucket)}
     names = shard_files(list(sizes), prefix, source)

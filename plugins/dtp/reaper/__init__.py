@@ -3,7 +3,8 @@
 The safety net under teardown: a teardown that itself failed, a run with
 ``keep_cluster=true``, or a worker that died mid-run leaves tagged resources;
 the scheduled ``reaper`` DAG finds them by tag (run directories on the shared
-filesystem by their ``run.json`` marker; never by a local record) and
+filesystem by their ``run.json`` marker, and the directories runs share there,
+dataset mirrors and unpacked images, by their leases; never by a local record) and
 deletes them with the same dependency-ordered sweep teardown uses (HyperPod
 clusters, ParallelCluster clusters and Batch compute environments first,
 waited on until gone: their nodes sit in the run's subnets). One resource

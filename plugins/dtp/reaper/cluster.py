@@ -1,5 +1,5 @@
-"""The reaper's finders on shared filesystems: the Slurm cluster's jobs and run directories, and the run directories
-on the filesystem mounted on this worker."""
+"""The reaper's finders on shared filesystems: the Slurm cluster's jobs, and the run directories and the directories
+runs share (dataset mirrors, unpacked images) on the cluster's filesystem and on the one mounted on this worker."""
 
 from __future__ import annotations
 
@@ -15,20 +15,27 @@ from airflow.sdk.exceptions import AirflowNotFoundException
 from dtp.hooks.shared_fs import SharedFilesystemHook
 from dtp.hooks.slurm import SlurmHook
 from dtp.naming import parse_slurm_comment
-from dtp.pipeline.data import RUN_MARKER, RUNS_FOLDER
+from dtp.pipeline.data import LEASES_FOLDER, RUN_MARKER, RUNS_FOLDER
 from dtp.reaper.active_runs import spare_active_runs
 from dtp.reaper.expired import Expired, is_expired
 
 log = logging.getLogger(__name__)
+# The directories every run of a dataset or an image shares, which each run leases (data.lease_shared_dir), by their
+# kind: the folder of the shared filesystem they sit in, and how deep (frameworks.dataset_dir's dataset mirrors,
+# LocalSlurmPlatform.runtime's unpacked images).
+LEASED_DIRS = {"dataset_mirror": ("datasets", 2), "image_cache": ("images", 1)}
+# An expired lease on a directory another lease still keeps: deleted alone, so that a directory in steady use does
+# not gather a lease per run for ever.
+LEASE = "lease"
 
 
 def find_expired_on_cluster(
     slurm_conn_id: str, now: datetime | None = None, *, active: Callable[[str, str], bool]
 ) -> list[Expired]:
-    """The Slurm cluster's expired jobs (by their comment) and run directories (by their marker), less those of a
-    run ``active`` says is queued or running; none where no connection ``slurm_conn_id`` is defined (an account
-    whose runs use EKS or Batch only). A cluster that cannot be asked is an error, not an empty answer: its jobs
-    would run on unseen."""
+    """The Slurm cluster's expired jobs (by their comment), run directories (by their marker) and shared directories
+    (by their leases), less those of a run ``active`` says is queued or running; none where no connection
+    ``slurm_conn_id`` is defined (an account whose runs use EKS or Batch only). A cluster that cannot be asked is an
+    error, not an empty answer: its jobs would run on unseen."""
     now = now or datetime.now(UTC)
     try:
         SlurmHook.get_connection(slurm_conn_id)
@@ -37,8 +44,8 @@ def find_expired_on_cluster(
         return []
     # One connection (a SlurmHook is the cluster's filesystem too), closed when the sweep has looked.
     with contextlib.closing(SlurmHook(slurm_conn_id)) as cluster:
-        found = expired_jobs(cluster, now) + expired_run_dirs(cluster, now)
-    return spare_active_runs(found, active)
+        found = expired_jobs(cluster, now) + expired_run_dirs(cluster, now) + expired_leases(cluster, now)
+    return spare_active_leases(found, active)
 
 
 def expired_jobs(cluster: SlurmHook, now: datetime) -> list[Expired]:
@@ -56,10 +63,10 @@ def expired_jobs(cluster: SlurmHook, now: datetime) -> list[Expired]:
 def find_expired_on_worker_mount(
     slurm_conn_id: str, now: datetime | None = None, *, active: Callable[[str, str], bool]
 ) -> list[Expired]:
-    """Expired run directories on the shared filesystem mounted on this worker (``DTP_SHARED_DIR``, default
-    ``/fsx``), where EKS and Batch runs keep theirs, less those of a run ``active`` says is queued or running; none
-    where nothing is mounted there, or where the Slurm connection ``slurm_conn_id`` opens that same directory on
-    this host (its own sweep covers it)."""
+    """Expired run directories and shared directories on the shared filesystem mounted on this worker
+    (``DTP_SHARED_DIR``, default ``/fsx``), where EKS and Batch runs keep theirs, less those of a run ``active`` says
+    is queued or running; none where nothing is mounted there, or where the Slurm connection ``slurm_conn_id`` opens
+    that same directory on this host (its own sweep covers it)."""
     mounted = SharedFilesystemHook(None)
     cluster = SharedFilesystemHook(slurm_conn_id)
     with contextlib.suppress(AirflowNotFoundException):  # no such connection: the mount is this sweep's alone
@@ -67,7 +74,8 @@ def find_expired_on_worker_mount(
         if cluster.transport == "local" and same:
             log.info("%s is %s's shared directory, which its own sweep covers", mounted.shared_dir, slurm_conn_id)
             return []
-    return spare_active_runs(expired_run_dirs(mounted, now or datetime.now(UTC)), active)
+    now = now or datetime.now(UTC)
+    return spare_active_leases(expired_run_dirs(mounted, now) + expired_leases(mounted, now), active)
 
 
 def expired_run_dirs(shared: SharedFilesystemHook, now: datetime) -> list[Expired]:
@@ -79,11 +87,7 @@ def expired_run_dirs(shared: SharedFilesystemHook, now: datetime) -> list[Expire
     found = []
     for path in shared.run(["sh", "-c", find, "sh", runs]).splitlines():
         directory = posixpath.dirname(path)
-        try:
-            marker = json.loads(shared.read_file(path)[0])
-        except ValueError:
-            marker = None
-        if not isinstance(marker, dict):
+        if (marker := _read_marker(shared, path)) is None:
             log.warning("Skipping %s: its %s is not a JSON object", directory, RUN_MARKER)
             continue
         # Only a directory named after the run its marker names: a copied or moved marker deletes nothing.
@@ -91,3 +95,107 @@ def expired_run_dirs(shared: SharedFilesystemHook, now: datetime) -> list[Expire
             dag_run = (str(marker.get("dag_id", "")), str(marker.get("run_id", "")))
             found.append(Expired("run_dir", directory, marker["run_key"], marker["expires_at"], *dag_run))
     return found
+
+
+def _read_marker(shared: SharedFilesystemHook, path: str) -> dict | None:
+    """The marker (``data.run_marker``) at ``path``; None where it is not a JSON object (one being written, or not
+    DTP's)."""
+    try:
+        marker = json.loads(shared.read_file(path)[0])
+    except ValueError:
+        return None
+    return marker if isinstance(marker, dict) else None
+
+
+def expired_leases(shared: SharedFilesystemHook, now: datetime) -> list[Expired]:
+    """The shared directories (``LEASED_DIRS``) whose every lease has expired, one record per lease (each names its
+    run), and the expired leases (kind ``LEASE``) on those another lease still keeps. A directory no run leased
+    (made before runs leased them, or by hand) is left alone, logged, and so is one that is not a directory."""
+    found: list[Expired] = []
+    unleased: list[str] = []
+    for kind, (folder, depth) in LEASED_DIRS.items():
+        entries, leases = _listed(shared, folder, depth)
+        unleased += [f"{folder}/{path}" for path, type_ in entries.items() if type_ == "d" and path not in leases]
+        for path, keys in leases.items():
+            # One gone is fine (its leases go); one not listed but there sits under a symbolic link.
+            if entries.get(path, "d") != "d" or (path not in entries and _exists(shared, f"{folder}/{path}")):
+                log.warning("Leaving %s/%s and its leases: not a directory of the shared filesystem", folder, path)
+                continue
+            found += _expired_leases_of(shared, kind, f"{folder}/{path}", keys, now)
+    if unleased:
+        log.info("Leaving the shared directories no run leased: %s", ", ".join(sorted(unleased)))
+    return found
+
+
+def _listed(shared: SharedFilesystemHook, folder: str, depth: int) -> tuple[dict[str, str], dict[str, list[str]]]:
+    """What sits ``depth`` deep in ``folder`` of the shared filesystem, not through a symbolic link, by its path in
+    ``folder``: its type (find's ``%y``: ``d`` a directory, ``l`` a symbolic link, ...), and the run keys of the
+    leases on it. Hidden ones (an image being unpacked, a tree being deleted) are not listed."""
+    # No folder yet is nothing to reap; one that cannot be listed fails the search.
+    listing = (
+        'set -e; test ! -e "$1/$2" || find "$1/$2" -mindepth "$3" -maxdepth "$3" -printf "entry %y %P\\n"; '
+        'test ! -e "$1/$4/$2" || find "$1/$4/$2" -mindepth "$(($3 + 1))" -maxdepth "$(($3 + 1))" -type f '
+        '-name "*.json" -printf "lease %P\\n"'
+    )
+    entries: dict[str, str] = {}
+    leases: dict[str, list[str]] = {}
+    argv = ["sh", "-c", listing, "sh", shared.shared_dir, folder, str(depth), LEASES_FOLDER]
+    for line in shared.run(argv).splitlines():
+        what, _, rest = line.partition(" ")
+        if what == "entry":
+            type_, _, path = rest.partition(" ")
+            if not _hidden(path):
+                entries[path] = type_
+        elif what == "lease":
+            path, _, name = rest.rpartition("/")
+            if not _hidden(path):
+                leases.setdefault(path, []).append(name.removesuffix(".json"))
+    return entries, leases
+
+
+def _hidden(path: str) -> bool:
+    return any(part.startswith(".") for part in path.split("/"))
+
+
+def _exists(shared: SharedFilesystemHook, relative: str) -> bool:
+    """Whether anything is at ``relative`` in the shared filesystem (a dangling symbolic link included)."""
+    there = 'if [ -e "$1" ] || [ -L "$1" ]; then echo there; fi'
+    return shared.run(["sh", "-c", there, "sh", posixpath.join(shared.shared_dir, relative)]).strip() == "there"
+
+
+def _expired_leases_of(
+    shared: SharedFilesystemHook, kind: str, relative: str, keys: list[str], now: datetime
+) -> list[Expired]:
+    """The records of the leased directory at ``relative`` (its path in the shared filesystem) whose leases are
+    named by the run keys ``keys``: one of ``kind`` per lease where every lease has expired, else one ``LEASE`` per
+    expired lease. A lease that cannot be read, or names another run than its file, keeps it all: it may be a run's,
+    being written."""
+    directory = posixpath.join(shared.shared_dir, relative)
+    folder = posixpath.join(shared.shared_dir, LEASES_FOLDER, relative)
+    read = {key: _read_marker(shared, posixpath.join(folder, f"{key}.json")) for key in keys}
+    leases = {key: lease for key, lease in read.items() if lease is not None and lease.get("run_key") == key}
+    if len(leases) < len(read):
+        unread = ", ".join(sorted(set(read) - set(leases)))
+        log.warning("Keeping %s: its leases %s name no run (or are being written)", directory, unread)
+        return []
+    expired = {key: lease for key, lease in leases.items() if is_expired(lease.get("expires_at"), now)}
+    whole = len(expired) == len(leases)
+    return [
+        Expired(
+            kind if whole else LEASE,
+            directory if whole else posixpath.join(folder, f"{key}.json"),
+            key,
+            lease["expires_at"],
+            str(lease.get("dag_id", "")),
+            str(lease.get("run_id", "")),
+        )
+        for key, lease in expired.items()
+    ]
+
+
+def spare_active_leases(found: list[Expired], active: Callable[[str, str], bool]) -> list[Expired]:
+    """``spare_active_runs``, each shared directory kept whole: a lease on it of a run still queued or running keeps
+    it, with the records of its other leases."""
+    kept = spare_active_runs(found, active)
+    spared = {item.name for item in set(found) - set(kept) if item.kind in LEASED_DIRS}
+    return [item for item in kept if item.kind not in LEASED_DIRS or item.name not in spared]

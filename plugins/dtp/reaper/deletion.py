@@ -6,6 +6,7 @@ import contextlib
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import asdict
+from pathlib import PurePosixPath
 from typing import Any
 
 from dtp.hooks.ami import AmiHook
@@ -14,8 +15,10 @@ from dtp.hooks.shared_fs import SharedFilesystemHook
 from dtp.hooks.slurm import SlurmHook
 from dtp.hooks.stacks import StackHook
 from dtp.hooks.sweeper import RunResourceSweeper
+from dtp.pipeline.data import LEASES_FOLDER
 from dtp.pipeline.network import destroy_run_resources
 from dtp.platforms.batch import WAIT_TIMEOUT_MINUTES, BatchPlatform
+from dtp.reaper.cluster import LEASE, LEASED_DIRS
 from dtp.reaper.expired import Expired
 
 log = logging.getLogger(__name__)
@@ -26,6 +29,41 @@ NODE_KINDS = ("stack", "hyperpod_cluster", "batch")
 # How long a ParallelCluster cluster's stack may take to go (FSx included) and how often it is polled, as
 # ParallelClusterPlatform.teardown waits.
 PCLUSTER_DELETE_TIMEOUT, PCLUSTER_DELETE_POLL = 3600, 30
+# Deletes the leased directory $2 of the shared filesystem $1 and the leases in its lease folder $3 of the run keys
+# after them, unless that folder now holds another lease (a run leased the directory since the sweep found it, to use
+# it): prints "deleted" or "kept". Nothing is reached through a symbolic link out of the shared filesystem. The
+# directory is renamed away (to a hidden name, which no sweep lists) before it is deleted: a run that leases it while
+# a large tree is deleted finds it gone, not half there; what is left is a run leasing it between the check of its
+# lease folder and that rename (see data.lease_shared_dir). A tree left half deleted by a sweep that stopped is
+# deleted by the next one, whose leases are still there.
+REMOVE_LEASED_DIR = r"""
+set -e
+cd -P "$1"
+root=$(pwd -P)
+directory=$2 leases=$3
+shift 3
+trash=$(dirname -- "$directory")/.reaped-$(basename -- "$directory")
+for path in "$directory" "$trash" "$leases"; do
+    if [ -e "$path" ] || [ -L "$path" ]; then
+        if [ -L "$path" ] || [ "$(cd -P "$path" 2>/dev/null && pwd -P)" != "$root/$path" ]; then
+            echo "$root/$path is not a directory of $root: nothing deleted" >&2
+            exit 1
+        fi
+    fi
+done
+for lease in "$leases"/*.json; do
+    [ -e "$lease" ] || continue
+    key=${lease##*/}
+    found=no
+    for expired in "$@"; do [ "$expired.json" != "$key" ] || found=yes; done
+    if [ "$found" = no ]; then echo kept; exit 0; fi
+done
+rm -rf -- "$trash"
+if [ -e "$directory" ]; then mv -- "$directory" "$trash" && rm -rf -- "$trash"; fi
+for key in "$@"; do rm -f -- "$leases/$key.json"; done
+rmdir -- "$leases" 2>/dev/null || true
+echo deleted
+"""
 
 
 class ReapIncomplete(RuntimeError):
@@ -70,6 +108,23 @@ def reap(
             else:
                 deleted.append(asdict(item))
 
+    def attempt_leased(items: list[Expired], shared: SharedFilesystemHook) -> None:
+        # One deletion per directory, with the leases of all its records.
+        by_directory: dict[str, list[Expired]] = {}
+        for item in items:
+            by_directory.setdefault(item.name, []).append(item)
+        for directory, leases in by_directory.items():
+            try:
+                removed = remove_leased_dir(shared, directory, [lease.run_key for lease in leases])
+            except Exception as err:  # every other resource is still tried; the task fails at the end
+                log.exception("could not delete %s %s", leases[0].kind, directory)
+                failed.update((lease.run_key, f"{lease.kind} {directory}: {err}") for lease in leases)
+                continue
+            if removed:
+                deleted.extend(asdict(lease) for lease in leases)
+            else:
+                log.info("keeping %s %s: a run leased it since the sweep found it", leases[0].kind, directory)
+
     def of_kind(kind: str) -> list[Expired]:
         return [i for i in found if i.kind == kind]
 
@@ -100,6 +155,9 @@ def reap(
         # After the jobs that write there; None: the filesystem mounted on this worker.
         shared = hooks.enter_context(contextlib.closing(SharedFilesystemHook(slurm_conn_id)))
         attempt(of_kind("run_dir"), lambda directory: shared.remove_tree(directory.name))
+        attempt(of_kind(LEASE), lambda lease: shared.run(["rm", "-f", "--", lease.name]))
+        for kind in LEASED_DIRS:
+            attempt_leased(of_kind(kind), shared)
     # Their clients are made at first use: a cluster sweep makes none.
     ec2, amis = RunResourceSweeper(aws_conn_id=aws_conn_id), AmiHook(aws_conn_id=aws_conn_id)
     attempt(of_kind("builder_instance"), lambda instance: ec2.conn.terminate_instances(InstanceIds=[instance.name]))
@@ -135,6 +193,15 @@ def reap(
             report.append(_unsearched_report(unsearched))
         raise ReapIncomplete("; ".join(report))
     return {"dry_run": False, "found": [asdict(i) for i in found], "deleted": deleted}
+
+
+def remove_leased_dir(shared: SharedFilesystemHook, directory: str, run_keys: list[str]) -> bool:
+    """Delete ``directory``, which runs share on the filesystem ``shared``, and its leases of ``run_keys``
+    (``REMOVE_LEASED_DIR``); False, deleting nothing, where another run has leased it since."""
+    relative = PurePosixPath(directory).relative_to(shared.shared_dir).as_posix()
+    leases = f"{LEASES_FOLDER}/{relative}"
+    said = shared.run(["sh", "-c", REMOVE_LEASED_DIR, "sh", shared.shared_dir, relative, leases, *run_keys])
+    return said.strip() == "deleted"
 
 
 def _unsearched_report(unsearched: Mapping[str, str]) -> str:
