@@ -83,6 +83,9 @@ FRAMEWORK_PARALLELISM = {
     "picotron": {"tensor", "pipeline", "context"},
     "neuronx-distributed": {"tensor"},  # what train_neuronx passes: its Llama trainer's other splits are not wired
 }
+# Micro-batches per pipeline stage that each data-parallel replica trains on a step under pipeline parallelism:
+# the pipeline fills and drains once a step, idle (its bubble) for stages - 1 of micro-batches + stages - 1 slots.
+PIPELINE_MICRO_BATCHES_PER_STAGE = 4
 
 
 class Recipe(_Strict):
@@ -137,8 +140,17 @@ class Recipe(_Strict):
             )
         return world, world // self.parallelism.model_parallel
 
+    @property
+    def micro_batches_per_step(self) -> int:
+        """Micro-batches each data-parallel replica trains on a step: one, or under pipeline parallelism
+        ``PIPELINE_MICRO_BATCHES_PER_STAGE`` per stage (a bubble of 1/9 of the step over two stages)."""
+        pipeline = self.parallelism.pipeline
+        return PIPELINE_MICRO_BATCHES_PER_STAGE * pipeline if pipeline > 1 else 1
+
     def tokens_per_step(self, num_nodes: int, accelerators_per_node: int) -> int:
-        return self.ranks(num_nodes, accelerators_per_node)[1] * self.micro_batch * self.seq_len
+        """Tokens the job trains on a step on ``num_nodes`` nodes: each replica's micro-batches of sequences."""
+        replicas = self.ranks(num_nodes, accelerators_per_node)[1]
+        return replicas * self.micro_batches_per_step * self.micro_batch * self.seq_len
 
 
 class InstanceType(_Strict):
@@ -152,7 +164,7 @@ class InstanceType(_Strict):
     price_usd_per_hour: float = Field(ge=0)
     expected_busbw_gbps: float = Field(gt=0)
     busbw_at_bytes: int = Field(gt=0)
-    collective_test: Literal["nccl-tests", "torch"]
+    collective_test: Literal["nccl-tests", "nccom-test", "torch"]
     vcpus: int | None = Field(None, ge=1)
     memory_gib: int | None = Field(None, ge=1)
     efa_interfaces: int = Field(0, ge=0)

@@ -16,6 +16,7 @@ import torch
 from dtp.metrics.framework_logs import summarize_log
 from dtp.pipeline.frameworks import (
     MEGATRON_ARCHITECTURES,
+    NEMO_FACTORIES,
     TEMPLATES,
     dataset_dir,
     kv_replicator,
@@ -42,11 +43,14 @@ def _launch(
     recipe_name: str,
     checkpoints: dict[str, dict[str, bytes]] | None = None,
     extra_env: dict[str, str] | None = None,
+    checkpoint_files: dict[str, bytes] | None = None,
+    **recipe_updates: Any,
 ) -> tuple[list[list[str]], dict[str, Any], Recipe]:
-    """Run the recipe's batch script; return each srun call's argv, the template context and the recipe.
-    ``checkpoints`` are folders made in the run's checkpoint folder first, with their files' contents. The
-    environment of the last srun call is left in ``srun.env`` under ``tmp_path``."""
-    recipe = get_recipe(recipe_name)
+    """Run the recipe's batch script (the recipe's fields changed by ``recipe_updates``); return each srun call's
+    argv, the template context and the recipe. ``checkpoints`` are folders made in the run's checkpoint folder
+    first, with their files' contents, and ``checkpoint_files`` files made there. The environment of the last
+    srun call is left in ``srun.env`` under ``tmp_path``."""
+    recipe = Recipe.model_validate(get_recipe(recipe_name).model_dump() | recipe_updates)
     instance = instance_types()[recipe.defaults.instance_type]
     spec = {
         "recipe": recipe.model_dump(),
@@ -68,12 +72,17 @@ def _launch(
         "env": extra_env or {},
         "exclude_nodes": "",
         "container": [],
+        "enroot_login": None,
     }
     context = {**common, **template_args(spec, {}, str(workdir), str(tmp_path / "fsx"))}
+    checkpoint_dir = Path(context["checkpoint_dir"])
     for step, files in (checkpoints or {}).items():
-        (Path(context["checkpoint_dir"]) / step).mkdir(parents=True)
+        (checkpoint_dir / step).mkdir(parents=True)
         for name, content in files.items():
-            (Path(context["checkpoint_dir"]) / step / name).write_bytes(content)
+            (checkpoint_dir / step / name).write_bytes(content)
+    for name, content in (checkpoint_files or {}).items():
+        checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        (checkpoint_dir / name).write_bytes(content)
     script = tmp_path / "train.sbatch"
     script.write_text(render(TEMPLATES[recipe.framework], **context))
     bin_dir = tmp_path / "bin"
@@ -109,6 +118,25 @@ def test_torchtitan_launch(tmp_path: Path) -> None:
     assert "--rdzv_endpoint=10.0.0.7:29500" in argv
     assert _flag(argv, "--training.mixed_precision_param") == "bfloat16"
     assert _flag(argv, "--lr_scheduler.warmup_steps") == "200"
+    # --dataloader.dataset names one of torchtitan's registered datasets: c4_test loads a local directory
+    # (load_dataset(path, split="train")) from --dataloader.dataset_path.
+    assert _flag(argv, "--dataloader.dataset") == "c4_test"
+    assert _flag(argv, "--dataloader.dataset_path") == context["dataset_dir"]
+    # llama3_8b's config profiles every 100 steps; DTP takes profile_steps for its own trainer only.
+    assert "--profiler.no_enable_profiling" in argv
+    # One micro-batch a step and no pipeline: torchtitan 0.3.0's CUDA graphs stay as its config has them.
+    assert _flag(argv, "--training.local_batch_size") == "1" and "--training.disable_cuda_graphs" not in argv
+    assert "--parallelism.pipeline_parallel_microbatch_size" not in argv
+
+
+def test_a_pipelined_torchtitan_launch_fills_its_pipeline_without_cuda_graphs(tmp_path: Path) -> None:
+    (argv,), _, recipe = _launch(tmp_path, "llama3_1_8b_torchtitan", parallelism={"pipeline": 2})
+    assert recipe.micro_batches_per_step == 8
+    # A replica's batch of 8 micro-batches of the recipe's 1 sequence: 8 go through the 2 stages a step.
+    assert _flag(argv, "--training.local_batch_size") == "8"
+    assert _flag(argv, "--parallelism.pipeline_parallel_microbatch_size") == "1"
+    # torchtitan 0.3.0 refuses pipeline parallelism with CUDA graphs (Trainer.Config._validate_cuda_graphs).
+    assert "--training.disable_cuda_graphs" in argv
 
 
 def test_megatron_launch_splits_the_70b_model(tmp_path: Path) -> None:
@@ -116,24 +144,61 @@ def test_megatron_launch_splits_the_70b_model(tmp_path: Path) -> None:
     assert argv[argv.index("--use-mcore-models") - 1].endswith("/pretrain_gpt.py")
     assert _flag(argv, "--tensor-model-parallel-size") == "8" and _flag(argv, "--pipeline-model-parallel-size") == "2"
     assert "--sequence-parallel" in argv and "--bf16" in argv and "--recompute-activations" in argv
-    # 16 nodes x 8 GPUs / (TP 8 x PP 2) = 8 data-parallel replicas, one micro-batch each.
-    assert _flag(argv, "--global-batch-size") == "8" and _flag(argv, "--micro-batch-size") == "1"
+    # 16 nodes x 8 GPUs / (TP 8 x PP 2) = 8 data-parallel replicas, each 4 micro-batches per pipeline stage a
+    # step: with one, half of each step would be the pipeline's fill and drain.
+    assert _flag(argv, "--global-batch-size") == "64" and _flag(argv, "--micro-batch-size") == "1"
+    assert recipe.tokens_per_step(16, 8) == 64 * recipe.seq_len
     assert (_flag(argv, "--num-layers"), _flag(argv, "--num-query-groups")) == ("80", "8")
     assert _flag(argv, "--lr") == str(recipe.lr) and _flag(argv, "--train-iters") == "100"
     # Megatron's index cache, keyed on its settings and not on the data, is the run's own: the shared mirror of the
     # dataset loses it whenever it is staged again, and a dataset uploaded again would meet a stale one.
     assert _flag(argv, "--data-cache-path") == f"{context['workdir']}/data_cache"
+    # Llama 3.1's RoPE scaling (factor 8, Megatron's default) and untied output layer.
+    assert "--use-rope-scaling" in argv and "--untie-embeddings-and-output-weights" in argv
+
+
+def test_megatron_ties_llama_3_2_1b_s_output_layer_to_its_embedding(tmp_path: Path) -> None:
+    (argv,), _, _ = _launch(tmp_path, "llama3_1_70b_megatron", model="llama3_2_1b")
+    assert _flag(argv, "--num-layers") == "16"
+    # Its Hugging Face config ties them; its RoPE scaling factor (32) is not one pretrain_gpt.py passes on.
+    assert "--untie-embeddings-and-output-weights" not in argv and "--use-rope-scaling" not in argv
+
+
+def test_a_megatron_job_keeps_its_newest_two_complete_checkpoints(tmp_path: Path) -> None:
+    iterations = {f"iter_{step:07d}": {"common.pt": b"x"} for step in (50, 100, 150, 200, 250)}
+    # iter_0000250 is past the newest complete save Megatron names: a save that did not finish.
+    _, context, _ = _launch(
+        tmp_path,
+        "llama3_1_70b_megatron",
+        checkpoints=iterations | {"not_an_iteration": {}},
+        checkpoint_files={"latest_checkpointed_iteration.txt": b"200"},
+    )
+    left = sorted(path.name for path in Path(context["checkpoint_dir"]).glob("iter_*"))
+    assert left == ["iter_0000150", "iter_0000200", "iter_0000250"]
+    assert (Path(context["checkpoint_dir"]) / "not_an_iteration").is_dir()
+    events = [json.loads(line) for line in (tmp_path / "job.out").read_text().splitlines() if line.startswith("{")]
+    assert [e["folder"] for e in events if e["event"] == "checkpoint_pruned"] == ["iter_0000100", "iter_0000050"]
+
+
+def test_a_first_megatron_job_prunes_nothing(tmp_path: Path) -> None:
+    _, context, _ = _launch(tmp_path, "llama3_1_70b_megatron", checkpoints={"iter_0000050": {}, "iter_0000100": {}})
+    assert sorted(path.name for path in Path(context["checkpoint_dir"]).iterdir()) == ["iter_0000050", "iter_0000100"]
 
 
 def test_neuronx_launch_compiles_first_then_trains(tmp_path: Path) -> None:
     (compile_argv, train_argv), context, _ = _launch(tmp_path, "llama3_1_8b_trn1")
     assert (
         compile_argv[:2] == ["--kill-on-bad-exit=1", "neuron_parallel_compile"]
-        and _flag(compile_argv, "--steps_this_run") == "10"
+        and _flag(compile_argv, "--steps_this_run") == "2"
     )
     assert _flag(train_argv, "--steps_this_run") == "100" and "neuron_parallel_compile" not in train_argv
     assert _flag(train_argv, "--tensor_parallel_size") == "32" and "--nproc_per_node=32" in train_argv
     assert _flag(train_argv, "--checkpoint_dir") == context["checkpoint_dir"]
+    assert _flag(train_argv, "--checkpoint_freq") == "50" and _flag(train_argv, "--loading_step") == "latest_if_exists"
+    # The compile pass neither resumes from the run's checkpoint nor saves one, as the trainer's own launch
+    # script extracts its graphs.
+    assert not {"--checkpoint_dir", "--checkpoint_freq", "--loading_step"} & set(compile_argv)
+    assert "--selective_checkpoint_enabled" in compile_argv and "--selective_checkpoint_enabled" in train_argv
     assert "--use_zero_1" in train_argv and "--use_mix_precision" in train_argv
     # A step is one micro-batch (the trainer's default accumulates 64), as DTP counts the step's tokens.
     assert _flag(train_argv, "--grad_accum_usteps") == "1" and _flag(compile_argv, "--grad_accum_usteps") == "1"
@@ -151,11 +216,20 @@ def test_neuronx_replicates_kv_heads_only_when_tensor_ranks_outnumber_them(tmp_p
     }
     context = {
         **{"num_nodes": 1, "procs_per_node": 32, "python": "python3", "omp_threads": 1, "env": {}},
-        **{"exclude_nodes": "", "container": []},
+        **{"exclude_nodes": "", "container": [], "enroot_login": None},
         **template_args(spec, {}, str(tmp_path), "/fsx"),
     }
     text = render(TEMPLATES["neuronx-distributed"], **context)
     assert "--tensor_parallel_size 8\n" in text and "--qkv_linear" not in text and "--kv_replicator" not in text
+
+
+def test_a_neuronx_recipe_without_activation_recomputation_is_refused() -> None:
+    # Without --selective_checkpoint_enabled the example trainer recomputes every layer in full.
+    trn1 = get_recipe("llama3_1_8b_trn1").model_copy(update={"activation_checkpointing": False})
+    assert launch_problem(trn1) == (
+        "neuronx-distributed's example trainer recomputes activations, selectively or in full (it has no flag for "
+        "none): set the recipe's activation_checkpointing to true"
+    )
 
 
 def test_picotron_launch_writes_its_config(tmp_path: Path) -> None:
@@ -173,6 +247,18 @@ def test_picotron_launch_writes_its_config(tmp_path: Path) -> None:
     assert (workdir / "hf_model_safetensors").readlink() == Path(context["assets_dir"])
     # The directory stage_data mirrors dataset_uri into.
     assert config["dataset"]["name"] == dataset_dir(str(tmp_path / "fsx"), "picotron", "s3://datasets/picotron/")
+    # Every rank tokenises the documents before the first step: only as many as 100 steps of 8 replicas x 4
+    # sequences of 4097 tokens need, at 128 tokens or more a document.
+    assert config["training"]["gradient_accumulation_steps"] == 1
+    assert config["training"]["num_samples"] == 100 * 8 * 4 * 33 == 105600
+
+
+def test_a_pipelined_picotron_launch_accumulates_micro_batches(tmp_path: Path) -> None:
+    _, context, _ = _launch(tmp_path, "llama3_2_1b_picotron", parallelism={"tensor": 2, "pipeline": 2})
+    config = json.loads((Path(context["workdir"]) / "picotron.json").read_text())
+    # picotron's 1F1B engine runs gradient_accumulation_steps micro-batches through the pipeline a step.
+    assert (config["distributed"]["dp_size"], config["training"]["gradient_accumulation_steps"]) == (4, 8)
+    assert config["training"]["num_samples"] == 100 * 4 * 8 * 4 * 33
 
 
 def _picotron_weights(tmp_path: Path, step: int, tp_size: int) -> dict[str, bytes]:
@@ -224,20 +310,49 @@ def test_nemo_launch_runs_one_task_per_gpu_with_the_recipe_s_overrides(tmp_path:
         "trainer.strategy.tensor_model_parallel_size": "1",
         "trainer.strategy.pipeline_model_parallel_size": "1",
         "trainer.strategy.context_parallel_size": "2",
+        # NeMo's llama31_70b recipe has a virtual pipeline of 5 and sequence parallelism, mixtral_8x7b's a
+        # virtual pipeline of 8 and 8-way expert parallelism: the run has the recipe's split only.
+        "trainer.strategy.virtual_pipeline_model_parallel_size": "None",
+        "trainer.strategy.sequence_parallel": "false",
+        "trainer.strategy.expert_model_parallel_size": "1",
+        # Llama's vocabulary, not the 50304 the model takes from MockDataModule's GPT-2 tokenizer.
+        "model.config.vocab_size": "128256",
         "data.seq_length": "8192",
         "data.micro_batch_size": "1",
         "data.global_batch_size": "8",
         "optim.config.lr": str(recipe.lr),
         "optim.lr_scheduler.warmup_steps": str(recipe.warmup_steps),  # the recipe's, not NeMo's 2000
+        # DTP's trainer's floor; NeMo's scheduler raises when the learning rate starts below its min_lr.
+        "optim.lr_scheduler.min_lr": str(recipe.lr / 10),
         "log.log_dir": context["checkpoint_dir"],
         "log.ckpt.every_n_train_steps": "50",
+        # NeMo's default_log checkpoints every 15 minutes, which Lightning refuses beside every_n_train_steps.
+        "log.ckpt.train_time_interval": "None",
     }
     script = (tmp_path / "train.sbatch").read_text()
     assert "#SBATCH --ntasks-per-node=8" in script and "torch.distributed.run" not in script
 
 
+def test_a_tensor_parallel_nemo_launch_splits_sequences_too(tmp_path: Path) -> None:
+    (argv,), _, _ = _launch(tmp_path, "llama3_1_8b_nemo", parallelism={"tensor": 2, "pipeline": 2})
+    overrides = dict(arg.split("=", 1) for arg in argv if "=" in arg and not arg.startswith("-"))
+    assert overrides["trainer.strategy.sequence_parallel"] == "true"
+    # 2 nodes x 8 GPUs / (TP 2 x PP 2) = 4 replicas, each 8 micro-batches a step.
+    assert overrides["data.global_batch_size"] == "32"
+
+
+def test_mixtral_s_nemo_model_keeps_a_vocabulary_that_holds_the_mock_tokens() -> None:
+    # Mixtral's 32000 tokens cannot hold GPT-2's 50257, which MockDataModule draws from.
+    assert {model: factory.vocab_size for model, factory in NEMO_FACTORIES.items()} == {
+        "llama3_2_1b": MODELS["llama3_2_1b"].vocab_size,
+        "llama3_1_8b": MODELS["llama3_1_8b"].vocab_size,
+        "llama3_1_70b": MODELS["llama3_1_70b"].vocab_size,
+        "mixtral_8x7b": None,
+    }
+
+
 def test_nemo_recipes_bound_no_final_loss_of_their_synthetic_tokens() -> None:
-    # MockDataModule's tokens are uniform over the vocabulary: the loss cannot fall below ln(vocabulary) ~ 11.8.
+    # MockDataModule's tokens are uniform over GPT-2's vocabulary: the loss cannot fall below ln(50257) ~ 10.8.
     nemo = [recipe for recipe in catalogue().values() if recipe.framework == "nemo"]
     assert nemo and all(recipe.gates.final_loss_max is None for recipe in nemo)
     assert all(recipe.gates.loss_must_decrease and recipe.gates.min_tokens_per_s for recipe in nemo)
@@ -279,7 +394,8 @@ def test_extra_env_overrides_the_jobs_own_settings(tmp_path: Path, recipe_name: 
 def test_megatron_architectures_are_the_trainers_shapes() -> None:
     for name, arch in MEGATRON_ARCHITECTURES.items():
         model = MODELS[name]
-        assert arch == {
+        shape = {key: value for key, value in arch.items() if key not in ("rope_scaling", "tied_embeddings")}
+        assert shape == {
             "num_layers": model.n_layers,
             "hidden_size": model.dim,
             "num_attention_heads": model.n_heads,

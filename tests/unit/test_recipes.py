@@ -64,9 +64,23 @@ def test_model_parallelism_must_divide_the_accelerators(tiny_raw: dict) -> None:
         {**tiny_raw, "framework": "megatron-lm", "parallelism": {"tensor": 8, "pipeline": 2}}
     )
     assert recipe.ranks(num_nodes=2, accelerators_per_node=8) == (16, 1)
-    assert recipe.tokens_per_step(num_nodes=4, accelerators_per_node=8) == 2 * 16 * 128
+    # 2 replicas, each 4 micro-batches of 16 sequences per pipeline stage a step.
+    assert recipe.micro_batches_per_step == 8
+    assert recipe.tokens_per_step(num_nodes=4, accelerators_per_node=8) == 2 * 8 * 16 * 128
     with pytest.raises(RecipeError, match=r"splits the model over 16 accelerators .* does not divide 8"):
         recipe.ranks(num_nodes=1, accelerators_per_node=8)
+
+
+def test_a_step_without_a_pipeline_is_one_micro_batch_per_replica(tiny_raw: dict) -> None:
+    recipe = Recipe.model_validate({**tiny_raw, "framework": "megatron-lm", "parallelism": {"tensor": 8}})
+    assert recipe.micro_batches_per_step == 1
+    assert recipe.tokens_per_step(num_nodes=4, accelerators_per_node=8) == 4 * 16 * 128
+
+
+def test_70b_recipes_checkpoint_at_most_twice_a_default_run() -> None:
+    # A 70B checkpoint is about a terabyte of weights and optimizer state.
+    seventy = [recipe for recipe in catalogue().values() if recipe.model == "llama3_1_70b"]
+    assert len(seventy) >= 2 and all(recipe.defaults.checkpoint_interval >= 500 for recipe in seventy)
 
 
 def test_fsdp_trainer_has_no_tensor_parallelism(tiny_raw: dict) -> None:

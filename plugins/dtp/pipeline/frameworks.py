@@ -10,7 +10,8 @@ shared filesystem:
   placed there beforehand;
 - ``datasets/<framework>/<hash of dataset_uri>/``: the training data in the
   framework's format, which ``stage_data`` copies there from ``dataset_uri``
-  (torchtitan: a Hugging Face dataset directory; Megatron-LM: an indexed dataset with
+  (torchtitan: data files with a ``text`` column that ``datasets.load_dataset``
+  reads from a directory, not a ``save_to_disk`` one; Megatron-LM: an indexed dataset with
   prefix ``train_text_document``; neuronx-distributed: the tokenized dataset
   its example trainer reads; picotron: a Hugging Face dataset directory with
   a ``text`` column; NeMo: none, its recipes train on synthetic tokens).
@@ -70,22 +71,41 @@ TORCHTITAN_CONFIGS = {
     "llama3_1_70b": TorchtitanConfig("llama3", "llama3_70b", lr=1.5e-4),
 }
 # Megatron-LM architecture flags for DTP's model names (the trainer's shapes in include/training/model.py); the
-# neuronx-distributed launch takes the model's KV heads from them.
+# neuronx-distributed launch takes the model's KV heads from them. Besides the shapes, as the Hugging Face models
+# have them: Llama 3.1's RoPE scaling (``--use-rope-scaling``, whose factor 8 is Megatron's default: core_v0.12.1's
+# pretrain_gpt.py does not pass ``--rope-scaling-factor`` on, so Llama 3.2's 32 cannot be given and it goes
+# unscaled), and Llama 3.2 1B's output layer, which shares the embedding's weights.
 MEGATRON_ARCHITECTURES = {
     "llama3_2_1b": {"num_layers": 16, "hidden_size": 2048, "num_attention_heads": 32, "num_query_groups": 8,
-                    "ffn_hidden_size": 8192},
+                    "ffn_hidden_size": 8192, "rope_scaling": False, "tied_embeddings": True},
     "llama3_1_8b": {"num_layers": 32, "hidden_size": 4096, "num_attention_heads": 32, "num_query_groups": 8,
-                    "ffn_hidden_size": 14336},
+                    "ffn_hidden_size": 14336, "rope_scaling": True, "tied_embeddings": False},
     "llama3_1_70b": {"num_layers": 80, "hidden_size": 8192, "num_attention_heads": 64, "num_query_groups": 8,
-                     "ffn_hidden_size": 28672},
+                     "ffn_hidden_size": 28672, "rope_scaling": True, "tied_embeddings": False},
 }  # fmt: skip
-# NeMo 2.0's pretraining recipes (``--factory``) for DTP's model names.
+
+
+@dataclass(frozen=True)
+class NemoFactory:
+    """A NeMo 2.0 pretraining recipe (``--factory``) and the vocabulary its model is given. The recipes train on
+    MockDataModule's tokens, drawn from GPT-2's 50257-token vocabulary, and without a size of its own the model
+    takes that tokenizer's (padded to 50304): ``vocab_size`` gives it the model's own, where that holds every mock
+    token (None: NeMo's)."""
+
+    factory: str
+    vocab_size: int | None
+
+
+# NeMo 2.0's pretraining recipes for DTP's model names. Mixtral's 32000 tokens cannot hold GPT-2's 50257.
 NEMO_FACTORIES = {
-    "llama3_2_1b": "llama32_1b",
-    "llama3_1_8b": "llama31_8b",
-    "llama3_1_70b": "llama31_70b",
-    "mixtral_8x7b": "mixtral_8x7b",
+    "llama3_2_1b": NemoFactory("llama32_1b", vocab_size=128256),
+    "llama3_1_8b": NemoFactory("llama31_8b", vocab_size=128256),
+    "llama3_1_70b": NemoFactory("llama31_70b", vocab_size=128256),
+    "mixtral_8x7b": NemoFactory("mixtral_8x7b", vocab_size=None),
 }
+# picotron tokenises every document of its dataset before the first step unless its config bounds how many
+# (``num_samples``): DTP bounds them by the run's tokens, counting documents of at least this many tokens.
+PICOTRON_MIN_DOCUMENT_TOKENS = 128
 # Frameworks that train on a dataset prepared in their own format, and the files it must hold.
 DATASET_FILES: dict[str, tuple[str, ...]] = {
     "torchtitan": (),
@@ -150,6 +170,11 @@ def launch_problem(recipe: Recipe) -> str | None:
                 "recipe's activation_checkpointing to true"
             )
     if recipe.framework == "neuronx-distributed":
+        if not recipe.activation_checkpointing:
+            return (
+                "neuronx-distributed's example trainer recomputes activations, selectively or in full (it has no "
+                "flag for none): set the recipe's activation_checkpointing to true"
+            )
         kv_heads, tensor = MEGATRON_ARCHITECTURES[recipe.model]["num_query_groups"], recipe.parallelism.tensor
         if tensor > kv_heads and tensor % kv_heads:
             return (
@@ -197,12 +222,21 @@ def template_args(spec: dict[str, Any], images: dict[str, Any], workdir: str, sh
         "max_steps": params["max_steps"],
         "checkpoint_interval": params["checkpoint_interval"],
     }
+    validated = Recipe.model_validate(recipe)
+    micro_batches = validated.micro_batches_per_step
     if framework == "torchtitan" and model in TORCHTITAN_CONFIGS:
         titan = TORCHTITAN_CONFIGS[model]
         mixed_precision = "float32" if recipe["precision"] == "fp32" else "bfloat16"
-        return {**args, "module": titan.module, "config": titan.config, "mixed_precision": mixed_precision}
-    _, replicas = Recipe.model_validate(recipe).ranks(params["num_nodes"], spec["instance"]["accelerators_per_node"])
-    global_batch = replicas * recipe["micro_batch"]
+        return {
+            **args,
+            "module": titan.module,
+            "config": titan.config,
+            "mixed_precision": mixed_precision,
+            # A replica's batch, which torchtitan's pipeline splits into micro-batches of the recipe's size.
+            "local_batch": recipe["micro_batch"] * micro_batches,
+        }
+    _, replicas = validated.ranks(params["num_nodes"], spec["instance"]["accelerators_per_node"])
+    global_batch = replicas * recipe["micro_batch"] * micro_batches
     if framework == "megatron-lm" and model in MEGATRON_ARCHITECTURES:
         return {
             **args,
@@ -222,7 +256,8 @@ def template_args(spec: dict[str, Any], images: dict[str, Any], workdir: str, sh
         unused = ("assets_dir", "dataset_dir")
         return {
             **{key: value for key, value in args.items() if key not in unused},
-            "factory": NEMO_FACTORIES[model],
+            "factory": NEMO_FACTORIES[model].factory,
+            "vocab_size": NEMO_FACTORIES[model].vocab_size,
             "global_batch": global_batch,
             "nemo": image_path(images, framework, "nemo_cli"),
         }
@@ -230,16 +265,20 @@ def template_args(spec: dict[str, Any], images: dict[str, Any], workdir: str, sh
         # The rest of the run's settings reach picotron through its config file.
         return {
             **{key: args[key] for key in ("workdir", "log_path", "checkpoint_dir", "assets_dir", "parallelism")},
-            "config_json": json.dumps(picotron_config(args, replicas)),
+            "config_json": json.dumps(picotron_config(args, replicas, micro_batches)),
             "trainer": image_path(images, framework, "picotron_trainer"),
         }
     raise ValueError(f"no {framework} launch template for model {model!r}")  # validate_params refuses these first
 
 
-def picotron_config(args: dict[str, Any], replicas: int) -> dict[str, Any]:
-    """picotron's train.py config (the layout its create_config.py writes) for the run; ``load_path`` is left
-    empty for the job to point at the newest checkpoint."""
+def picotron_config(args: dict[str, Any], replicas: int, micro_batches: int) -> dict[str, Any]:
+    """picotron's train.py config (the layout its create_config.py writes) for the run, each replica training on
+    ``micro_batches`` micro-batches a step; ``load_path`` is left empty for the job to point at the newest
+    checkpoint."""
     recipe, parallelism = args["recipe"], args["parallelism"]
+    sequences = args["max_steps"] * replicas * micro_batches * recipe["micro_batch"]
+    # Documents enough for the run's tokens (picotron concatenates them, then cuts sequences of seq_len + 1).
+    documents = sequences * -(-(recipe["seq_len"] + 1) // PICOTRON_MIN_DOCUMENT_TOKENS)
     return {
         "distributed": {
             "tp_size": parallelism["tensor"],
@@ -258,8 +297,8 @@ def picotron_config(args: dict[str, Any], replicas: int) -> dict[str, Any]:
             "total_train_steps": args["max_steps"],
             "seq_length": recipe["seq_len"],
             "micro_batch_size": recipe["micro_batch"],
-            "gradient_accumulation_steps": 1,
-            "num_samples": None,
+            "gradient_accumulation_steps": micro_batches,
+            "num_samples": documents,
             "max_tokens": None,
         },
         "dataset": {
