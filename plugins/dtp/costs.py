@@ -2,16 +2,49 @@
 
 from __future__ import annotations
 
+import math
 from typing import Protocol
+
+from dtp.recipes import Recipe
 
 # Hours a run takes besides its training job: its cluster coming up (HyperPod's may take 90 minutes), data staging,
 # preflight, results and teardown. A shorter expiry would let the reaper delete the run while it still runs. Its
 # nodes are paid for during these hours too: the cost estimate and the budget's time limit count them.
 SETUP_HOURS = 2.0
-# Minutes the training job runs besides its steps: the image onto the nodes, the process groups, the model built
-# and sharded (a checkpoint loaded when resuming), and its last checkpoint written. A budget that paid for the steps
-# alone would have the scheduler stop the job before its last steps.
+# Minutes the training job runs besides its steps and checkpoint writes: the image onto the nodes, the process
+# groups, the model built and sharded (a checkpoint loaded when resuming). A budget that paid for the steps alone
+# would have the scheduler stop the job before its last steps.
 JOB_START_MINUTES = 10
+# Minutes a framework's job spends before its first step on top of JOB_START_MINUTES: neuronx-distributed's job
+# first compiles the model's graphs with neuron_parallel_compile (include/templates/slurm/train_neuronx.sbatch.j2),
+# tens of minutes for a Llama 3 8B on trn1. An allowance, not a measurement.
+FRAMEWORK_START_MINUTES = {"neuronx-distributed": 30}
+
+# Parameters of the models the recipes name (``count_parameters`` of include/training/model.py, whose torch the
+# Airflow components do not have; tests/unit/test_costs.py keeps the two equal).
+MODEL_PARAMETERS = {
+    "tiny": 459_392,
+    "tiny_deep": 853_120,
+    "small": 3_279_104,
+    "llama3_2_1b": 1_498_482_688,
+    "llama3_2_3b": 3_606_752_256,
+    "llama3_1_8b": 8_030_261_248,
+    "llama3_1_70b": 70_553_706_496,
+    "tiny_moe": 755_328,
+    "mixtral_8x7b": 46_702_792_704,
+}
+# Bytes a checkpoint holds per parameter: fp32 parameters and AdamW's two fp32 moments, as DTP's trainer saves them
+# (the other frameworks are counted the same); Megatron-LM's torch_dist format, NeMo's too, adds the bf16 weights.
+ADAMW_CHECKPOINT_BYTES_PER_PARAMETER = 12
+CHECKPOINT_BYTES_PER_PARAMETER = {"megatron-lm": 14, "nemo": 14}
+# Checkpoints a framework keeps, deleting older ones only once the next is written (one more on disk meanwhile):
+# DTP's trainer keeps 2 (include/training/checkpoint.py), torchtitan its keep_latest_k (10; DTP's launch leaves
+# it). The others are counted as keeping every checkpoint they save (Megatron-LM's and picotron's delete none).
+CHECKPOINTS_KEPT = {"fsdp": 2, "torchtitan": 10}
+# Bytes per second the training job writes its checkpoints to the shared file system at: the baseline throughput of
+# the FSx for Lustre ParallelCluster makes by default (PERSISTENT_2, 1200 GiB at 250 MB/s per TiB:
+# ParallelClusterSettings), taken as every platform's. A larger or faster file system writes sooner.
+SHARED_FS_WRITE_BYTES_PER_S = 1200 / 1024 * 250e6
 
 
 class RunSize(Protocol):
@@ -23,10 +56,41 @@ class RunSize(Protocol):
     @property
     def max_steps(self) -> int: ...
 
+    @property
+    def checkpoint_interval(self) -> int: ...
 
-def estimate_training_hours(params: RunSize, step_seconds: float) -> float:
-    """Hours the training job runs: its steps at the recipe's ``expected_step_seconds``, and its start."""
-    return params.max_steps * step_seconds / 3600 + JOB_START_MINUTES / 60
+
+def checkpoint_bytes(recipe: Recipe) -> int:
+    """Bytes one checkpoint of ``recipe``'s model takes: its parameters, weights and optimizer state."""
+    per_parameter = CHECKPOINT_BYTES_PER_PARAMETER.get(recipe.framework, ADAMW_CHECKPOINT_BYTES_PER_PARAMETER)
+    return MODEL_PARAMETERS[recipe.model] * per_parameter
+
+
+def checkpoint_saves(params: RunSize) -> int:
+    """Checkpoints the training job writes: one every ``checkpoint_interval`` steps, and one at the last step."""
+    return math.ceil(params.max_steps / params.checkpoint_interval)
+
+
+def checkpoints_on_disk(params: RunSize, recipe: Recipe) -> int:
+    """The most checkpoints the shared file system holds at once: those the framework keeps and the one it writes."""
+    kept = CHECKPOINTS_KEPT.get(recipe.framework)
+    saves = checkpoint_saves(params)
+    return saves if kept is None else min(saves, kept + 1)
+
+
+def checkpoint_footprint_bytes(params: RunSize, recipe: Recipe) -> int:
+    """The most bytes the run's checkpoints take on the shared file system at once."""
+    return checkpoints_on_disk(params, recipe) * checkpoint_bytes(recipe)
+
+
+def estimate_training_hours(params: RunSize, recipe: Recipe) -> float:
+    """Hours the training job runs: its steps at the recipe's ``expected_step_seconds``, its checkpoints written to
+    the shared file system (``SHARED_FS_WRITE_BYTES_PER_S``), and its start (``JOB_START_MINUTES``, plus the
+    framework's ``FRAMEWORK_START_MINUTES``)."""
+    steps = params.max_steps * recipe.expected_step_seconds
+    writes = checkpoint_saves(params) * checkpoint_bytes(recipe) / SHARED_FS_WRITE_BYTES_PER_S
+    start_minutes = JOB_START_MINUTES + FRAMEWORK_START_MINUTES.get(recipe.framework, 0)
+    return (steps + writes) / 3600 + start_minutes / 60
 
 
 def setup_cost_usd(num_nodes: int, price_per_hour: float) -> float:
@@ -35,10 +99,10 @@ def setup_cost_usd(num_nodes: int, price_per_hour: float) -> float:
     return SETUP_HOURS * price_per_hour * num_nodes
 
 
-def estimate_cost_usd(params: RunSize, step_seconds: float, price_per_hour: float) -> float:
+def estimate_cost_usd(params: RunSize, recipe: Recipe, price_per_hour: float) -> float:
     """What the run costs on ``params.num_nodes`` nodes at ``price_per_hour`` each: its training job and the
     ``SETUP_HOURS`` besides it (what ``budget_usd`` is compared with)."""
-    training = estimate_training_hours(params, step_seconds) * price_per_hour * params.num_nodes
+    training = estimate_training_hours(params, recipe) * price_per_hour * params.num_nodes
     return round(training + setup_cost_usd(params.num_nodes, price_per_hour), 2)
 
 

@@ -218,9 +218,10 @@ class TrainParams(ClusterParams):
         title="Budget (USD)",
         description=(
             "Refuse to start when the run's estimated cost exceeds it (nodes x on-demand price x the recipe's"
-            " expected step time x max_steps, plus 10 minutes, plus up to 2 h of the cluster's creation, staging,"
-            " preflight and teardown); the scheduler stops training once it has run as long as what is left of the"
-            " budget after those 2 h pays for on these nodes."
+            " expected step time x max_steps, plus its checkpoints' writes to the shared file system, plus 10"
+            " minutes to start, plus up to 2 h of the cluster's creation, staging, preflight and teardown); the"
+            " scheduler stops training once it has run as long as what is left of the budget after those 2 h pays"
+            " for on these nodes."
         ),
     )
 
@@ -344,7 +345,7 @@ def validate_params(conf: dict[str, Any]) -> TrainParams:
             recipe.ranks(params.num_nodes, instance.accelerators_per_node)
         except RecipeError as err:
             problems.append(f"num_nodes: got {params.num_nodes}; {err}")
-        hours = estimate_training_hours(params, recipe.expected_step_seconds)
+        hours = estimate_training_hours(params, recipe)
         pending = params.pending_timeout_minutes / 60
         if params.expiry_hours < hours + SETUP_HOURS + pending:
             problems.append(
@@ -353,7 +354,7 @@ def validate_params(conf: dict[str, Any]) -> TrainParams:
                 + (f" plus up to {pending:.1f} h pending (pending_timeout_minutes)" if pending else "")
                 + f": give at least {hours + SETUP_HOURS + pending:.1f}, or the reaper deletes the run while it runs"
             )
-        cost = estimate_cost_usd(params, recipe.expected_step_seconds, instance.price_usd_per_hour)
+        cost = estimate_cost_usd(params, recipe, instance.price_usd_per_hour)
         if cost > params.budget_usd:
             problems.append(
                 f"budget_usd: got {params.budget_usd}; the estimated cost is {cost:.2f} USD "

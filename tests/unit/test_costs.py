@@ -6,7 +6,11 @@ import pytest
 
 from dtp.costs import (
     JOB_START_MINUTES,
+    MODEL_PARAMETERS,
     SETUP_HOURS,
+    SHARED_FS_WRITE_BYTES_PER_S,
+    checkpoint_bytes,
+    checkpoint_footprint_bytes,
     estimate_cost_usd,
     estimate_training_hours,
     training_time_limit_minutes,
@@ -14,7 +18,9 @@ from dtp.costs import (
 from dtp.params import ParamsError, TrainParams, parse_params, validate_params
 from dtp.pipeline.jobs import priced_for
 from dtp.pipeline.spec import run_spec
-from dtp.recipes import get_recipe, instance_types
+from dtp.platforms.parallelcluster import ParallelClusterSettings
+from dtp.recipes import catalogue, get_recipe, instance_types
+from model import MODELS, count_parameters
 
 
 def test_training_time_limit_ends_before_the_expiry() -> None:
@@ -46,16 +52,70 @@ def test_after_a_capacity_fallback_the_time_limit_is_what_the_budget_pays_for_th
 
 
 def test_estimate_cost_usd_counts_the_steps_the_job_start_and_the_setup() -> None:
-    params = TrainParams(num_nodes=4, max_steps=3600, checkpoint_interval=50)
-    # (1 h + 10 min + 2 h of cluster creation, staging, preflight and teardown) x 10 USD/h x 4
-    assert estimate_cost_usd(params, step_seconds=1.0, price_per_hour=10.0) == 126.67
-    assert estimate_cost_usd(params, step_seconds=0.5, price_per_hour=0.0) == 0.0
+    params = TrainParams(num_nodes=4, max_steps=3600, checkpoint_interval=3600)
+    recipe = get_recipe("tiny").model_copy(update={"expected_step_seconds": 1.0})
+    # (1 h + 10 min + 2 h of cluster creation, staging, preflight and teardown) x 10 USD/h x 4; tiny's one
+    # checkpoint (5.5 MB) is written in a fiftieth of a second.
+    assert estimate_cost_usd(params, recipe, price_per_hour=10.0) == 126.67
+    assert estimate_cost_usd(params, recipe, price_per_hour=0.0) == 0.0
+
+
+def test_the_estimate_counts_each_checkpoint_written_to_the_shared_file_system() -> None:
+    recipe = get_recipe("llama3_1_70b")
+    params = TrainParams(num_nodes=16, max_steps=1000, checkpoint_interval=250)
+    # 4 checkpoints of 847 GB at the default FSx's 293 MB/s: 48 min each, besides 1000 x 8 s and 10 min to start.
+    write_hours = 4 * 846_644_477_952 / (1200 / 1024 * 250e6) / 3600
+    assert write_hours == pytest.approx(3.21, abs=0.01)
+    assert estimate_training_hours(params, recipe) == pytest.approx(1000 * 8 / 3600 + write_hours + 10 / 60)
+    once = TrainParams(num_nodes=16, max_steps=1000, checkpoint_interval=1000)
+    assert estimate_training_hours(params, recipe) - estimate_training_hours(once, recipe) == pytest.approx(
+        write_hours * 3 / 4
+    )
+
+
+def test_the_estimate_counts_neuronx_distributeds_graph_compilation() -> None:
+    trn1 = get_recipe("llama3_1_8b_trn1")
+    fsdp = trn1.model_copy(update={"framework": "fsdp"})
+    params = TrainParams(num_nodes=4, max_steps=1000, checkpoint_interval=500)
+    # neuron_parallel_compile runs before the first step: a 30 minute allowance.
+    assert estimate_training_hours(params, trn1) - estimate_training_hours(params, fsdp) == pytest.approx(0.5)
+
+
+def test_the_write_throughput_is_the_default_parallelcluster_file_systems() -> None:
+    fields = ParallelClusterSettings.model_fields
+    capacity_tib = fields["fsx_storage_capacity_gib"].default / 1024
+    assert capacity_tib * fields["fsx_throughput_per_tib"].default * 1e6 == SHARED_FS_WRITE_BYTES_PER_S
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_model_parameters_are_the_trainers_count(name: str) -> None:
+    assert MODEL_PARAMETERS[name] == count_parameters(MODELS[name])
+
+
+def test_every_recipe_model_has_a_parameter_count() -> None:
+    assert {recipe.model for recipe in catalogue().values()} <= set(MODEL_PARAMETERS)
+
+
+def test_a_checkpoint_holds_fp32_parameters_and_adamws_two_moments() -> None:
+    assert checkpoint_bytes(get_recipe("llama3_1_70b")) == 12 * 70_553_706_496  # ~847 GB
+    assert checkpoint_bytes(get_recipe("mixtral_8x7b")) == 12 * 46_702_792_704  # ~560 GB
+    assert checkpoint_bytes(get_recipe("llama3_1_70b_megatron")) == 14 * 70_553_706_496  # torch_dist: + bf16
+
+
+def test_the_footprint_is_the_checkpoints_the_framework_keeps_and_the_one_it_writes() -> None:
+    params = TrainParams(max_steps=1000, checkpoint_interval=100)  # 10 saves
+    one = checkpoint_bytes(get_recipe("llama3_1_70b"))
+    assert checkpoint_footprint_bytes(params, get_recipe("llama3_1_70b")) == 3 * one  # DTP's trainer keeps 2
+    assert checkpoint_footprint_bytes(params, get_recipe("llama3_1_70b_megatron")) == 10 * 14 / 12 * one  # all
+    assert checkpoint_footprint_bytes(TrainParams(max_steps=1000, checkpoint_interval=1000), get_recipe("tiny")) == (
+        12 * 459_392
+    )
 
 
 def test_a_budget_that_pays_for_the_training_job_alone_is_refused() -> None:
     conf = {"platform": "hyperpod", "recipe": "llama3_1_8b", "instance_type": "p5.48xlarge", "num_nodes": 4}
     recipe, price = get_recipe(conf["recipe"]), instance_types()[conf["instance_type"]].price_usd_per_hour
-    training = estimate_training_hours(TrainParams(**conf), recipe.expected_step_seconds) * 4 * price
+    training = estimate_training_hours(TrainParams(**conf), recipe) * 4 * price
     with pytest.raises(ParamsError, match=r"budget_usd: got .*; the estimated cost is "):
         validate_params({**conf, "budget_usd": round(training + 1, 2)})
     assert validate_params({**conf, "budget_usd": round(training + SETUP_HOURS * 4 * price + 1, 2)})
@@ -64,11 +124,13 @@ def test_a_budget_that_pays_for_the_training_job_alone_is_refused() -> None:
 def test_a_budget_equal_to_the_estimate_lets_the_job_start_and_run_every_step() -> None:
     conf = {"platform": "hyperpod", "recipe": "llama3_1_8b", "instance_type": "p5.48xlarge", "num_nodes": 4}
     recipe, instance = get_recipe(conf["recipe"]), instance_types()[conf["instance_type"]]
-    cost = estimate_cost_usd(TrainParams(**conf), recipe.expected_step_seconds, instance.price_usd_per_hour)
+    cost = estimate_cost_usd(TrainParams(**conf), recipe, instance.price_usd_per_hour)
     params = validate_params({**conf, "budget_usd": cost})
     spec = run_spec(params, "train_e2e", "manual__1")
     steps_minutes = params.max_steps * recipe.expected_step_seconds / 60
-    # Slurm stops the job at its limit: the steps alone would leave no time to start.
-    assert spec["training_time_limit_minutes"] >= steps_minutes + JOB_START_MINUTES - 1
-    hours = estimate_training_hours(params, recipe.expected_step_seconds)
-    assert hours * 60 == pytest.approx(steps_minutes + JOB_START_MINUTES)
+    # 6 checkpoints (300 steps, one every 50) of 96 GB at 293 MB/s: 5.5 min each
+    writes_minutes = 6 * checkpoint_bytes(recipe) / SHARED_FS_WRITE_BYTES_PER_S / 60
+    # Slurm stops the job at its limit: the steps alone would leave no time to start or write the checkpoints.
+    assert spec["training_time_limit_minutes"] >= steps_minutes + writes_minutes + JOB_START_MINUTES - 1
+    hours = estimate_training_hours(params, recipe)
+    assert hours * 60 == pytest.approx(steps_minutes + writes_minutes + JOB_START_MINUTES)

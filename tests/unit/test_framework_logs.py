@@ -41,12 +41,22 @@ def test_neuronx_throughput_is_sequences_per_second() -> None:
 
 
 def test_picotron_tokens_per_s_is_for_the_job_with_readable_suffixes() -> None:
-    summary = summarize_log("picotron", _lines("picotron_llama3_2_1b.log"), seq_len=4096, world_size=16)
+    lines = _lines("picotron_llama3_2_1b.log")
+    summary = summarize_log("picotron", lines, seq_len=4096, world_size=16, peak_flops=989e12)
     assert summary.steps == [1, 2, 3, 4, 5, 6]  # "Tokens per step: 131.07K" is not a step line
     assert summary.losses == [11.9312, 11.2040, 10.3177, 9.6021, 8.9410, 8.4405]
     assert summary.tokens_per_s[:2] == [pytest.approx(45.04e3), pytest.approx(319.69e3)]
     assert summary.max_memory_mb == pytest.approx(41.20e9 / 2**20)
     assert summary.mfu == pytest.approx(0.2342, abs=0.01)
+
+
+def test_picotrons_mfu_against_an_h100_is_taken_against_the_instance_types_peak() -> None:
+    lines = _lines("picotron_llama3_2_1b.log")
+    on_h100 = summarize_log("picotron", lines, seq_len=4096, world_size=16, peak_flops=989.5e12).mfu
+    on_a100 = summarize_log("picotron", lines, seq_len=4096, world_size=16, peak_flops=312e12).mfu
+    assert on_h100 is not None and on_a100 == pytest.approx(on_h100 * 989.5 / 312)
+    # The same tokens/s is over three times as much of an A100's peak.
+    assert summarize_log("picotron", lines, seq_len=4096, world_size=16).mfu is None  # no peak: not known
 
 
 def test_nemo_steps_count_from_one_and_tokens_come_from_batch_and_step_time() -> None:
@@ -154,3 +164,40 @@ def test_a_torchtitan_relaunch_before_the_first_checkpoint_is_an_attempt_of_its_
 def test_a_loss_that_is_not_a_number_is_a_divergence_not_a_missing_line(framework: str, line: str) -> None:
     summary = summarize_log(framework, [line], seq_len=8192, world_size=1)
     assert (summary.diverged_at, summary.steps) == (3, [])
+
+
+# A step line of each framework that logs no start of its own, at step {step} with loss {loss}.
+STEP_LINES = {
+    "megatron-lm": (
+        " [2026-12-06 10:00:00] iteration {step:8d}/     100 | consumed samples: 8 | elapsed time per iteration (ms): "
+        "1000.0 | global batch size:     8 | lm loss: {loss} | loss scale: 1.0 |"
+    ),
+    "nemo": (
+        "Training epoch 0, iteration {iteration}/99 | lr: 1e-04 | global_batch_size: 8 | global_step: {iteration} | "
+        "reduced_train_loss: {loss} | train_step_timing in s: 1.0 | consumed_samples: 8"
+    ),
+    "neuronx-distributed": (
+        "LOG Sat Dec 6 10:00:00 2026 - (0, {step}) step_loss : {loss} learning_rate : 1e-04 throughput : 1.0"
+    ),
+    "picotron": "[rank 0] Step: {step} | Loss: {loss} | Global batch size: 8K | Tokens/s: 8K | MFU: 30.00%",
+}
+
+
+def _steps(framework: str, steps: list[int], loss: float) -> list[str]:
+    return [STEP_LINES[framework].format(step=step, iteration=step - 1, loss=loss) for step in steps]
+
+
+@pytest.mark.parametrize("framework", list(STEP_LINES))
+def test_a_requeued_job_appending_to_the_log_counts_a_restart_where_the_steps_go_back(framework: str) -> None:
+    # The requeued job resumes from its checkpoint of step 2, after it had logged step 3.
+    lines = _steps(framework, [1, 2, 3], 9.0) + _steps(framework, [3, 4], 8.0)
+    summary = summarize_log(framework, lines, seq_len=1024, world_size=1, peak_flops=989e12)
+    assert summary.steps == [1, 2, 3, 4]
+    assert summary.losses == [9.0, 9.0, 8.0, 8.0]  # step 3 as the resumed attempt logged it
+    assert (summary.warm_up_steps, summary.restarts) == ([1, 3], 1)
+
+
+@pytest.mark.parametrize("framework", list(STEP_LINES))
+def test_one_attempt_counts_no_restart(framework: str) -> None:
+    summary = summarize_log(framework, _steps(framework, [1, 2, 3], 9.0), seq_len=1024, world_size=1)
+    assert (summary.warm_up_steps, summary.restarts) == ([1], 0)

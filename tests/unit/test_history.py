@@ -12,7 +12,7 @@ import pytest
 from airflow.providers.amazon.aws.hooks.s3 import S3Hook
 
 from dtp.metrics import history
-from dtp.metrics.gates import recipe_digest
+from dtp.metrics.gates import extra_env_digest, recipe_digest
 from dtp.params import TrainParams, parse_params
 from dtp.pipeline import results
 from dtp.pipeline.spec import run_spec
@@ -65,13 +65,15 @@ def test_runs_of_other_shapes_do_not_fill_the_window(s3) -> None:
 IMAGES = {"source": "image r/dtp@sha256:ab", "image": "r/dtp@sha256:ab", "ami": "ami-0123"}
 
 
-def run_spec_of(run_id: str, **recipe_changes: Any) -> dict[str, Any]:
+def run_spec_of(run_id: str, extra_env: dict[str, str] | None = None, **recipe_changes: Any) -> dict[str, Any]:
     conf = {"platform": "hyperpod", "recipe": "llama3_1_8b", "instance_type": "p5.48xlarge", "num_nodes": 1}
-    spec = run_spec(parse_params(TrainParams, {**conf, "max_steps": 4, "checkpoint_interval": 2}), "train_e2e", run_id)
+    conf |= {"max_steps": 4, "checkpoint_interval": 2, "extra_env": extra_env or {}}
+    spec = run_spec(parse_params(TrainParams, conf), "train_e2e", run_id)
     return {**spec, "recipe": {**spec["recipe"], **recipe_changes}}
 
 
-# llama3_1_8b's throughput gate asks for 150000 tokens/s: the runs here pass it, at 400000 or 200000.
+# llama3_1_8b's throughput gate asks for 150000 tokens/s on 4 nodes, 37500 on the one here: the runs here pass it,
+# at 400000 or 200000.
 def collect(
     tmp_path: Path,
     spec: dict[str, Any],
@@ -122,6 +124,18 @@ def test_a_capacity_fallbacks_run_is_recorded_and_compared_as_the_type_it_got(s3
     # Filed under the type it asked for, with the one it got.
     assert [e["actual_instance_type"] for e in entries(s3)].count("p5e.48xlarge") == 1
     assert collect(tmp_path, run_spec_of("manual__p5"), 400000.0)["actual_instance_type"] == "p5.48xlarge"
+
+
+def test_a_run_with_other_extra_env_starts_a_new_baseline_and_its_values_are_not_recorded(s3, tmp_path) -> None:
+    for i in range(3):
+        collect(tmp_path, run_spec_of(f"manual__{i}"), 400000.0)
+    env = {"NCCL_PROTO": "Simple", "HF_TOKEN": "hf_0123456789abcdef"}
+    metrics = collect(tmp_path, run_spec_of("manual__env", extra_env=env), 200000.0)
+    assert metrics["history"] == []  # not judged against runs without the variables
+    assert len(collect(tmp_path, run_spec_of("manual__no_env"), 400000.0)["history"]) == 3
+    recorded = {e["run_key"]: e for e in entries(s3)}[run_spec_of("manual__env")["names"]["run_key"]]
+    assert recorded["extra_env_digest"] == metrics["extra_env_digest"] == extra_env_digest(env)
+    assert "hf_0123456789abcdef" not in json.dumps(recorded) + json.dumps(metrics)
 
 
 def test_a_run_whose_every_loss_is_nan_is_judged_diverged_and_still_reported(s3, tmp_path) -> None:

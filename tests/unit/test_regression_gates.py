@@ -4,7 +4,19 @@ from __future__ import annotations
 
 import pytest
 
-from dtp.metrics.gates import COMPARED_PARAMS, recipe_digest, regression_failures, runtime_of
+from dtp.metrics.gates import (
+    COMPARED_PARAMS,
+    extra_env_digest,
+    recipe_digest,
+    regression_failures,
+    runtime_of,
+    throughput_scale,
+    training_failures,
+)
+from dtp.metrics.parse import TrainingSummary
+from dtp.params import TrainParams, parse_params
+from dtp.pipeline import results
+from dtp.pipeline.spec import run_spec
 from dtp.recipes import Gates, get_recipe
 
 GATES = Gates().model_dump()
@@ -88,6 +100,8 @@ def test_the_runtime_is_the_image_and_the_ami() -> None:
         ("runtime", "r/dtp@sha256:old on ami-1", "r/dtp@sha256:new on ami-1"),
         ("runtime", "r/dtp@sha256:ab on ami-1", "r/dtp@sha256:ab on ami-2"),
         ("actual_instance_type", "p5.48xlarge", "p4de.24xlarge"),  # a capacity fallback's nodes
+        ("extra_env_digest", extra_env_digest({}), extra_env_digest({"NCCL_PROTO": "Simple"})),
+        ("extra_env_digest", extra_env_digest({"FI_EFA_USE_DEVICE_RDMA": "1"}), extra_env_digest({})),
     ],
 )
 def test_a_new_recipe_image_or_instance_type_starts_a_new_baseline(field: str, before: str, after: str) -> None:
@@ -102,7 +116,12 @@ def test_a_new_recipe_image_or_instance_type_starts_a_new_baseline(field: str, b
 
 def test_an_entry_recorded_before_recipe_and_runtime_were_kept_compares_only_with_a_run_without_them() -> None:
     old = [_run(1.0, 90000)] * 3  # recorded before: whatever recipe and image they ran is unknown
-    kept = {"recipe_digest": recipe_digest(TINY), "runtime": "project virtualenv", "actual_instance_type": "local.cpu"}
+    kept = {
+        "recipe_digest": recipe_digest(TINY),
+        "runtime": "project virtualenv",
+        "actual_instance_type": "local.cpu",
+        "extra_env_digest": extra_env_digest({}),
+    }
     assert regression_failures(_run(2.4, 10000, **kept), old, GATES) == []
     assert regression_failures(_run(2.4, 10000), old, GATES)
     assert {k: COMPARED_PARAMS[k] for k in kept} == dict.fromkeys(kept)
@@ -120,3 +139,48 @@ def test_a_regression_names_what_the_runs_it_was_compared_with_share() -> None:
     for failure in failures:
         assert "recipe_digest='0123456789ab', runtime='r/dtp@sha256:ab on ami-1'" in failure
         assert "actual_instance_type='p5e.48xlarge'" in failure and "num_nodes=2, max_steps=300" in failure
+
+
+def test_the_extra_env_digest_tells_environments_apart_without_their_values() -> None:
+    token = {"HF_TOKEN": "hf_0123456789abcdef"}
+    assert extra_env_digest(token) != extra_env_digest({"HF_TOKEN": "hf_fedcba9876543210"}) != extra_env_digest({})
+    assert extra_env_digest({"A": "1", "B": "2"}) == extra_env_digest({"B": "2", "A": "1"})
+    assert "hf_" not in extra_env_digest(token) and len(extra_env_digest(token)) == 12
+
+
+# --- the throughput gate on the nodes the run got ----------------------------------------------------------------
+
+LLAMA_8B = get_recipe("llama3_1_8b").model_dump()  # min_tokens_per_s 150000 on 4 x p5.48xlarge
+
+
+def test_the_throughput_gate_scales_with_the_nodes_peak_flops() -> None:
+    assert throughput_scale(LLAMA_8B, "p5.48xlarge", 4) == 1
+    assert throughput_scale(LLAMA_8B, "p5e.48xlarge", 4) == 1  # an H200's dense bf16 peak is an H100's
+    assert throughput_scale(LLAMA_8B, "p4de.24xlarge", 4) == pytest.approx(312 / 989)
+    assert throughput_scale(LLAMA_8B, "p5.48xlarge", 2) == 0.5
+    assert throughput_scale(TINY, "local.cpu", 1) == 1  # no peak known for CPU nodes: the gate as set
+
+
+def _steady_at(tokens_per_s: float) -> TrainingSummary:
+    return TrainingSummary(steps=[1, 2, 3], losses=[5.0, 4.0, 3.0], tokens_per_s=[tokens_per_s] * 3)
+
+
+def test_a_scaled_throughput_gate_names_the_recipes_figure_and_the_scale() -> None:
+    gates = {"min_tokens_per_s": 150000}
+    assert training_failures(_steady_at(100000), gates, 3) == ["tokens_per_s: median 100000 < required 150000"]
+    assert training_failures(_steady_at(100000), gates, 3, scale=312 / 989) == []
+    assert training_failures(_steady_at(40000), gates, 3, scale=312 / 989) == [
+        "tokens_per_s: median 40000 < required 47321 (150000 x 0.315, these nodes' peak FLOP/s over those of the "
+        "recipe's default instance type and nodes)"
+    ]
+
+
+def test_a_healthy_run_on_a_capacity_fallbacks_slower_nodes_passes_the_throughput_gate() -> None:
+    conf = {"platform": "hyperpod", "recipe": "llama3_1_8b", "instance_type": "p5.48xlarge", "num_nodes": 4}
+    spec = run_spec(parse_params(TrainParams, {**conf, "max_steps": 3, "checkpoint_interval": 3}), "train_e2e", "r")
+    # 100000 tokens/s: a third of what 4 x p5 reach, as 4 x p4de's A100s have a third of their peak.
+    metrics = {**_steady_at(100000).as_dict(), "history": []}
+    assert results.gate_failures(spec, {**metrics, "actual_instance_type": "p4de.24xlarge"}) == []
+    assert results.gate_failures(spec, {**metrics, "actual_instance_type": "p5.48xlarge"}) == [
+        "tokens_per_s: median 100000 < required 150000.0"
+    ]

@@ -90,6 +90,7 @@ def test_report_content(full_report: str) -> None:
     assert "<li>all gates passed</li>" in full_report
     assert "<tr><th>checkpoints at steps</th><td>10, 20</td></tr>" in full_report
     assert "<tr><th>restarts</th><td>1</td></tr>" in full_report
+    assert "<tr><th>max memory (MiB)</th><td>420.5</td></tr>" in full_report  # the trainers' 2**20 bytes
     assert "<tr><th>median tokens/s</th><td>23000.0</td></tr>" in full_report
     assert "DTP&#x27;s trainer reports MFU for bf16 runs on instance types with a known dense bf16 peak" in full_report
     assert "<tr><th>network_stack</th><td>dtp-train-e2e-0123456789-network</td></tr>" in full_report

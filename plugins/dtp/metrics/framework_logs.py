@@ -18,14 +18,15 @@ formats are those printed by:
 - picotron (``train.py``): ``[rank 0] Step: 10 | Loss: 7.1234 | Global batch
   size: 131.07K | Tokens/s: 402.65K | Tokens/s/GPU: 25.17K | Tokens: 1.31M |
   MFU: 32.10% | Memory usage: 41.20GB``, numbers with picotron's K/M/B/T
-  suffixes and ``Tokens/s`` for the job;
+  suffixes, ``Tokens/s`` for the job and ``MFU`` against an H100's peak;
 - NeMo 2.0 (its progress printer): ``Training epoch 0, iteration 9/99 | lr:
   1.5e-05 | global_batch_size: 128 | global_step: 9 | reduced_train_loss:
   6.265 | train_step_timing in s: 12.22 | consumed_samples: 1280``, with
   iterations counted from 0.
 
 Log prefixes (``srun -l``'s ``0:``, torchrun's ``[rank0]:``) and terminal
-colour codes are ignored.
+colour codes are ignored. Only torchtitan logs when an attempt starts; in the
+other frameworks' logs a step that does not exceed the one before marks one.
 """
 
 from __future__ import annotations
@@ -58,6 +59,8 @@ _PICOTRON = re.compile(
 )
 # picotron's to_readable_format suffixes.
 _SUFFIXES = {"": 1.0, "K": 1e3, "M": 1e6, "B": 1e9, "T": 1e12}
+# The peak FLOP/s picotron's get_mfu (picotron/utils.py) divides by, an H100's, whatever the GPU.
+PICOTRON_PEAK_FLOPS = 989.5e12
 
 Records = Iterator[dict[str, Any]]
 
@@ -175,8 +178,10 @@ def neuronx_records(lines: Iterable[str], *, seq_len: int, **_: Any) -> Records:
             }
 
 
-def picotron_records(lines: Iterable[str], **_: Any) -> Records:
-    """picotron's step lines: ``Tokens/s`` is for the job; memory is reserved GB (10^9 bytes)."""
+def picotron_records(lines: Iterable[str], *, peak_flops: float | None, **_: Any) -> Records:
+    """picotron's step lines: ``Tokens/s`` is for the job; memory is reserved GB (10^9 bytes). Its MFU, against
+    ``PICOTRON_PEAK_FLOPS``, is taken against ``peak_flops`` (the instance type's, per GPU) instead, and left out
+    where that is not known."""
     for line in lines:
         match = _PICOTRON.search(line)
         if match:
@@ -187,8 +192,9 @@ def picotron_records(lines: Iterable[str], **_: Any) -> Records:
                 "step": int(match["step"]),
                 "loss": float(match["loss"]),
                 "tokens_per_s": float(tps.removesuffix(suffix)) * _SUFFIXES[suffix],
-                "mfu": float(match["mfu"]) / 100,
             }
+            if peak_flops:
+                record["mfu"] = float(match["mfu"]) / 100 * PICOTRON_PEAK_FLOPS / peak_flops
             if match["memory"]:
                 record["memory_mb"] = float(match["memory"]) * 1e9 / 2**20
             yield record
@@ -196,6 +202,21 @@ def picotron_records(lines: Iterable[str], **_: Any) -> Records:
 
 def _trainer_records(lines: Iterable[str], **_: Any) -> Records:
     return iter(json_records(lines))
+
+
+def _starts_where_steps_go_back(records: Records) -> Records:
+    """``records`` with a start before the first step and before each step that does not exceed the one before it,
+    so that the summary counts the restarts and leaves each attempt's first window out of the throughput, as the
+    trainer's own start records have it. A requeued job appends to the same log (``tee -a``) and goes on from its
+    last checkpoint, at or before the last step it logged; one that died before it logged past that checkpoint
+    cannot be told from the first attempt going on."""
+    last: int | None = None
+    for record in records:
+        if record["event"] == "step":
+            if last is None or record["step"] <= last:
+                yield {"event": "start"}
+            last = record["step"]
+        yield record
 
 
 PARSERS: dict[str, Callable[..., Records]] = {
@@ -208,10 +229,18 @@ PARSERS: dict[str, Callable[..., Records]] = {
 }
 
 
-def summarize_log(framework: str, lines: Iterable[str], *, seq_len: int, world_size: int) -> TrainingSummary:
-    """The run summary of a ``framework`` job log (or, for DTP's own trainer, its metrics file)."""
+# Frameworks whose records mark each attempt's start themselves.
+LOGS_STARTS = frozenset({"fsdp", "torchtitan"})
+
+
+def summarize_log(
+    framework: str, lines: Iterable[str], *, seq_len: int, world_size: int, peak_flops: float | None = None
+) -> TrainingSummary:
+    """The run summary of a ``framework`` job log (or, for DTP's own trainer, its metrics file); ``peak_flops`` is
+    the instance type's per accelerator (None: not known), for an MFU a framework computes against another."""
     try:
         parser = PARSERS[framework]
     except KeyError:
         raise ValueError(f"no log parser for framework {framework!r}; known: {', '.join(PARSERS)}") from None
-    return summarize_records(parser(lines, seq_len=seq_len, world_size=world_size))
+    records = parser(lines, seq_len=seq_len, world_size=world_size, peak_flops=peak_flops)
+    return summarize_records(records if framework in LOGS_STARTS else _starts_where_steps_go_back(records))

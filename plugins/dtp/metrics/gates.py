@@ -8,13 +8,15 @@ import statistics
 from typing import Any
 
 from dtp.metrics.parse import TrainingSummary
+from dtp.recipes import instance_types
 
 # What a past run must share with this one for their numbers to compare, each with the value an entry recorded
 # before it was kept stands for. A profiled run is slower; another dataset has other losses; another recipe content
-# (micro_batch, lr, precision, parallelism...), image or AMI, or nodes of a capacity fallback's instance type, trains
-# otherwise. An entry recorded before the last three were kept compares only with a run that lacks them too (none
-# since they are recorded): the regression gates start a new baseline instead of judging against runs whose recipe
-# and image nobody knows, which could fail every later run for good (failed runs never join the baseline).
+# (micro_batch, lr, precision, parallelism...), image or AMI, nodes of a capacity fallback's instance type, or other
+# extra_env (NCCL's and EFA's settings among them), trains otherwise. An entry recorded before the last four were
+# kept compares only with a run that lacks them too (none since they are recorded): the regression gates start a
+# new baseline instead of judging against runs whose recipe, image and environment nobody knows, which could fail
+# every later run for good (failed runs never join the baseline).
 COMPARED_PARAMS: dict[str, Any] = {
     "num_nodes": None,
     "max_steps": None,
@@ -23,6 +25,7 @@ COMPARED_PARAMS: dict[str, Any] = {
     "recipe_digest": None,
     "runtime": None,
     "actual_instance_type": None,
+    "extra_env_digest": None,
 }
 # Recipe fields that do not change how a run trains: judging (gates), the form's defaults, when it runs, its name
 # (the history is kept per recipe name), its prose and its cost estimate.
@@ -34,6 +37,12 @@ def recipe_digest(recipe: dict[str, Any]) -> str:
     runs whose recipe file changed in any of these are not compared with the earlier ones."""
     content = {k: v for k, v in recipe.items() if k not in NOT_TRAINING_FIELDS}
     return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def extra_env_digest(extra_env: dict[str, str]) -> str:
+    """A short digest of the run's ``extra_env``, names and values: runs with other variables are not compared. The
+    values themselves (they may hold tokens) are never recorded."""
+    return hashlib.sha256(json.dumps(extra_env, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def runtime_of(images: dict[str, Any] | None) -> str | None:
@@ -51,7 +60,23 @@ def same_as(current: dict[str, Any]) -> str:
     return ", ".join(f"{k}={current.get(k, d)!r}" for k, d in COMPARED_PARAMS.items())
 
 
-def training_failures(summary: TrainingSummary, gates: dict[str, Any], max_steps: int) -> list[str]:
+def throughput_scale(recipe: dict[str, Any], instance_type: str, num_nodes: int) -> float:
+    """How many times the peak FLOP/s of the run's ``num_nodes`` nodes of ``instance_type`` is that of the nodes the
+    recipe's ``min_tokens_per_s`` is set for (its default instance type and node count): the tokens/s a healthy run
+    reaches grows with it. 1 where either peak is not known (CPU nodes)."""
+    defaults, types = recipe["defaults"], instance_types()
+    run, expected = types[instance_type], types[defaults["instance_type"]]
+    if run.peak_flops is None or expected.peak_flops is None:
+        return 1.0
+    run_peak = run.peak_flops * run.accelerators_per_node * num_nodes
+    return run_peak / (expected.peak_flops * expected.accelerators_per_node * defaults["num_nodes"])
+
+
+def training_failures(
+    summary: TrainingSummary, gates: dict[str, Any], max_steps: int, *, scale: float = 1.0
+) -> list[str]:
+    """The recipe's absolute gates the run failed; ``min_tokens_per_s`` is taken ``scale`` times (what
+    ``throughput_scale`` gives for the run's nodes)."""
     failures = []
     if summary.diverged_at is not None:
         failures.append(f"loss: not finite from step {summary.diverged_at} (training diverged), whatever the gates")
@@ -64,9 +89,15 @@ def training_failures(summary: TrainingSummary, gates: dict[str, Any], max_steps
         failures.append(f"final_loss: {final:.4f} > allowed {gates['final_loss_max']}")
     if gates.get("loss_must_decrease") and final is not None and first is not None and not final < first:
         failures.append(f"loss did not decrease: first {first:.4f}, final {final:.4f}")
-    tps = summary.median_tokens_per_s
-    if gates.get("min_tokens_per_s") is not None and tps is not None and tps < gates["min_tokens_per_s"]:
-        failures.append(f"tokens_per_s: median {tps:.0f} < required {gates['min_tokens_per_s']}")
+    tps, required = summary.median_tokens_per_s, gates.get("min_tokens_per_s")
+    if required is not None and tps is not None and tps < required * scale:
+        bound = (
+            f"{required}"
+            if scale == 1
+            else f"{required * scale:.0f} ({required} x {scale:.3g}, these nodes' peak FLOP/s "
+            "over those of the recipe's default instance type and nodes)"
+        )
+        failures.append(f"tokens_per_s: median {tps:.0f} < required {bound}")
     return failures
 
 

@@ -50,10 +50,12 @@ def record(s3: S3Hook, bucket: str, spec: dict[str, Any], metrics: dict[str, Any
         "dataset_uri": params["dataset_uri"],
         "profile_steps": params["profile_steps"],
         # What collect_metrics found the run trained with (dtp.metrics.gates.COMPARED_PARAMS): the recipe's content,
-        # the image (and AMI), and the instance type the cluster got, a capacity fallback's where it got one.
+        # the image (and AMI), the instance type the cluster got, a capacity fallback's where it got one, and the
+        # digest of its extra_env (never the values: they may hold tokens).
         "recipe_digest": metrics.get("recipe_digest"),
         "runtime": metrics.get("runtime"),
         "actual_instance_type": metrics.get("actual_instance_type"),
+        "extra_env_digest": metrics.get("extra_env_digest"),
         "passed": passed,
         "recorded_at": now.isoformat(timespec="seconds"),
         **{k: metrics.get(k) for k in RECORDED_METRICS},

@@ -21,7 +21,8 @@ NO_MFU = {
     # The trainer reports MFU against the instance type's dense bf16 peak: fp32 runs and devices without one have none.
     "fsdp": "n/a (DTP's trainer reports MFU for bf16 runs on instance types with a known dense bf16 peak)",
     "torchtitan": "n/a (torchtitan's step lines printed no mfu)",
-    "picotron": "n/a (picotron's step lines printed no MFU)",
+    # picotron's MFU is against an H100's peak: rescaled to the instance type's, left out where it has none.
+    "picotron": "n/a (picotron's MFU is against an H100's peak, and the instance type has no known peak)",
     "megatron-lm": "n/a (Megatron-LM's log prints no MFU)",
     "nemo": "n/a (NeMo's log prints no MFU)",
     "neuronx-distributed": "n/a (neuronx-distributed's log prints no MFU)",
@@ -228,7 +229,7 @@ def render_report(
         "final loss": summary.final_loss,
         "median tokens/s": summary.median_tokens_per_s,
         "MFU": summary.mfu if summary.mfu is not None else no_mfu(spec.get("recipe", {}).get("framework", "fsdp")),
-        "max memory (MB)": summary.max_memory_mb,
+        "max memory (MiB)": summary.max_memory_mb,
         "parameters": summary.params,
         "world size": summary.world_size,
         "checkpoints at steps": ", ".join(map(str, summary.checkpoints)),

@@ -6,18 +6,28 @@ re-derives names, and a retried task sees exactly what the first try saw.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
-from dtp.costs import estimate_cost_usd, training_time_limit_minutes
+from dtp.costs import (
+    MODEL_PARAMETERS,
+    checkpoint_bytes,
+    checkpoint_footprint_bytes,
+    checkpoint_saves,
+    checkpoints_on_disk,
+    estimate_cost_usd,
+    training_time_limit_minutes,
+)
 from dtp.hostlist import expand_hostlist
 from dtp.naming import RunNames, expiry, resource_tags
 from dtp.params import NODES_OUTLIVE_RUNS, ParamsError, TrainParams, validate_params
 from dtp.pipeline.frameworks import NEEDS_ASSETS
 from dtp.pipeline.network import NETWORK_CONN_ID, existing_network, needs_network
 from dtp.platforms import get_platform
+from dtp.platforms.base import ComputePlatform
 from dtp.platforms.local import LocalSlurmPlatform
-from dtp.recipes import get_recipe, instance_types
+from dtp.recipes import Recipe, get_recipe, instance_types
 
 # How many earlier incarnations of a run its teardowns delete, the first and the latest (each costs a few describe
 # calls when it made nothing, as most do: Airflow counts every clear of a task of the run).
@@ -64,6 +74,8 @@ def build_spec(params: Mapping[str, Any], conf: Mapping[str, Any], names: RunNam
             f"num_nodes: got {validated.num_nodes}; platform {validated.platform!r} "
             f"has at most {capacity} nodes" + (f" once {len(excluded)} are excluded" if excluded else "")
         )
+    if problem := checkpoint_space_problem(validated, recipe, platform):
+        raise ParamsError.from_problems(problem)
     spec = run_spec(validated, names.dag_id, names.run_id, names.incarnation, names.installation)
     spec["existing_network"] = existing_network()
     if needs_network(spec) and not spec["existing_network"] and (file_system := platform.existing_file_system()):
@@ -77,6 +89,48 @@ def build_spec(params: Mapping[str, Any], conf: Mapping[str, Any], names: RunNam
     if problems := platform.check(platform.render(spec, network_stand_in(spec))):
         raise ParamsError.from_problems(f"platform: {validated.platform!r} would be refused its cluster:", *problems)
     return spec
+
+
+def shared_file_system_gib(platform: ComputePlatform) -> int | None:
+    """The size of the shared file system the run's checkpoints go to, where DTP makes it with the cluster and
+    knows it: ParallelCluster's FSx for Lustre (its settings' ``fsx_storage_capacity_gib``). None elsewhere: an
+    existing file system, HyperPod's, EKS's, Batch's, the local one."""
+    if platform.name != "parallelcluster" or platform.existing_file_system():
+        return None
+    from dtp.platforms.parallelcluster import ParallelClusterPlatform  # the run's platform: imported already
+
+    return platform.settings.fsx_storage_capacity_gib if isinstance(platform, ParallelClusterPlatform) else None
+
+
+def checkpoint_space_problem(validated: TrainParams, recipe: Recipe, platform: ComputePlatform) -> str | None:
+    """Why the run's checkpoints would not fit on its shared file system (``dtp.costs.checkpoint_footprint_bytes``
+    against ``shared_file_system_gib``), with what would fit; None when they fit or its size is not known."""
+    capacity_gib = shared_file_system_gib(platform)
+    if capacity_gib is None:
+        return None
+    capacity = capacity_gib * 2**30
+    needed = checkpoint_footprint_bytes(validated, recipe)
+    if needed <= capacity:
+        return None
+    one = checkpoint_bytes(recipe)
+    fitting_gib = max(1200, math.ceil(needed / 2**30 / 2400) * 2400)  # FSx PERSISTENT_2: 1200, 2400, 2400 x n GiB
+    what = (
+        f"recipe {validated.recipe!r} ({recipe.framework}) saves {checkpoint_saves(validated)} checkpoints of "
+        f"{one / 1e9:.0f} GB ({MODEL_PARAMETERS[recipe.model] / 1e9:.1f}B parameters and their optimizer state), up "
+        f"to {checkpoints_on_disk(validated, recipe)} at once on the shared file system: {needed / 2**30:.0f} GiB, "
+        f"more than the {capacity_gib} GiB FSx for Lustre dtp_{platform.name} makes for the run"
+    )
+    larger = (
+        f"give dtp_{platform.name} an fsx_storage_capacity_gib of {fitting_gib} or more, or an existing FSx for "
+        "Lustre that has the room (fsx_file_system_id)"
+    )
+    if (fitting := capacity // one) == 0:
+        return f"recipe: got {validated.recipe!r}; {what}: {larger}"
+    fewer = math.ceil(validated.max_steps / fitting)  # at most `fitting` saves
+    return (
+        f"checkpoint_interval: got {validated.checkpoint_interval}; {what}: give a checkpoint_interval of {fewer} or "
+        f"more, or {larger}"
+    )
 
 
 def network_stand_in(spec: dict[str, Any]) -> dict[str, str]:
@@ -109,7 +163,7 @@ def run_spec(
         # The teardowns delete these too: a run cleared whole while it ran never tore them down.
         "earlier_names": [earlier.as_dict() for earlier in names.earlier(RETIRED_INCARNATIONS)],
         "tags": resource_tags(names, validated.recipe, expiry(validated.expiry_hours)),
-        "estimated_cost_usd": estimate_cost_usd(validated, recipe.expected_step_seconds, instance.price_usd_per_hour),
+        "estimated_cost_usd": estimate_cost_usd(validated, recipe, instance.price_usd_per_hour),
         "training_time_limit_minutes": training_time_limit_minutes(
             validated.budget_usd,
             validated.num_nodes,
