@@ -53,12 +53,17 @@ def clean_partial(directory: Path) -> None:
             shutil.rmtree(partial, ignore_errors=True)
 
 
-def save(directory: Path, step: int, model, optimizer, extra: dict, keep: int = 2) -> Path:
+def save(
+    directory: Path, step: int, model, optimizer, extra: dict, keep: int = 2, group: dist.ProcessGroup | None = None
+) -> Path:
+    """Save ``step`` (see the module's docstring); ``extra`` joins the step in ``meta.json``. ``group``: the process
+    group the save's collectives run on (None: the default group), whose timeout must outlast the slowest rank's
+    write."""
     tmp = directory / f"tmp-step_{step}"
     final = directory / f"step_{step}"
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
-    dist.barrier()
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp), process_group=group)
+    dist.barrier(group=group)
     if dist.get_rank() == 0:
         with (tmp / "meta.json").open("w") as fh:
             fh.write(json.dumps({"step": step, **extra}))
@@ -71,13 +76,14 @@ def save(directory: Path, step: int, model, optimizer, extra: dict, keep: int = 
         _fsync(directory)
         for old in sorted(directory.glob("step_*"), key=lambda p: int(p.name.split("_")[1]))[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
-    dist.barrier()
+    dist.barrier(group=group)
     return final
 
 
-def load(path: Path, model, optimizer) -> dict:
+def load(path: Path, model, optimizer, group: dist.ProcessGroup | None = None) -> dict:
+    """Load the checkpoint at ``path`` into ``model`` and ``optimizer`` (``group`` as for ``save``); its meta.json."""
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
-    dcp.load(state, checkpoint_id=str(path))
+    dcp.load(state, checkpoint_id=str(path), process_group=group)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     return json.loads((path / "meta.json").read_text())

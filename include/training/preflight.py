@@ -9,7 +9,10 @@
    DTP's gate (dtp.metrics.node_checks) interprets them.
 3. All-reduce bus bandwidth over a size sweep, computed as nccl-tests does:
    algbw = bytes / time, busbw = algbw * 2 * (n - 1) / n (skipped with
-   --no-busbw where nccl-tests measures it instead).
+   --no-busbw where nccl-tests or nccom-test measures it instead). Where torch
+   has no CUDA (a Neuron image's) the sweep is gloo's on CPU tensors: TCP
+   between the hosts, which the gate does not judge on an instance type with
+   accelerators.
 Rank 0 writes everything to one JSON file for the gate to judge.
 """
 
@@ -129,7 +132,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--results", required=True)
     parser.add_argument("--max-bytes", type=int, default=16 << 20)
-    parser.add_argument("--no-busbw", action="store_true", help="nccl-tests measures the bandwidth instead")
+    parser.add_argument("--no-busbw", action="store_true", help="nccl-tests or nccom-test measures it instead")
     args = parser.parse_args()
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     dist.init_process_group(backend, timeout=timedelta(seconds=120))

@@ -7,12 +7,16 @@ resumes from the newest complete checkpoint, so a Slurm requeue or a torchrun
 restart loses at most one checkpoint interval. SIGTERM (a Slurm time limit or
 preemption, a Kubernetes eviction: torchrun forwards it to its workers and
 kills them 30 s later) makes every rank stop after the step it is in, save a
-checkpoint there and exit with 143.
+checkpoint there and exit with 143. So does ``stop_file`` appearing: the Slurm
+batch script creates it when Slurm signals it ahead of the job's time limit, early
+enough for a save that would not fit in SIGTERM's 30 s (a signal to the job's
+step reaches torchrun, not its workers).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import math
@@ -22,7 +26,9 @@ import resource
 import signal
 import socket
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -49,7 +55,7 @@ PEAK_FLOPS = (
     (r"A100", 312e12),
     (r"L40S", 362e12),
     (r"L4\b", 121e12),
-    (r"A10G", 125e12),
+    (r"A10G", 70e12),  # AWS's figure: NVIDIA's A10 (125e12) is another part
 )
 
 
@@ -73,13 +79,15 @@ class TrainConfig:
     compile: bool = False
     activation_checkpointing: bool = False
     collective_timeout_s: int = 300
+    checkpoint_timeout_s: int = 1800  # for a save's or a load's collectives, which wait for the slowest rank's writes
     run_name: str = "local"
     profile_steps: int = 0
     profile_dir: str = ""
     peak_flops: float | None = None  # per device, for MFU; None: by the device's name (PEAK_FLOPS)
     device: str = "auto"  # "auto": CUDA when torch can use it, else the CPU; "cuda": CUDA or fail
     final_checkpoint: bool = True  # off for a benchmark: it measures steps, and a 3B model's save is 43 GB
-    stop_check_steps: int = 1  # steps between the ranks' checks for SIGTERM (each a collective every rank waits on)
+    stop_check_steps: int = 1  # steps between the ranks' checks for a stop (each a collective every rank waits on)
+    stop_file: str = ""  # its appearing asks the run to stop as SIGTERM does ("": none)
 
     @classmethod
     def load(cls, path: str) -> TrainConfig:
@@ -96,16 +104,24 @@ def lr_at(cfg: TrainConfig, step: int, schedule_steps: int | None = None) -> flo
 
 
 def batch_for(
-    data: np.ndarray, cfg: TrainConfig, step: int, rank: int, world: int = 1
+    data: np.ndarray,
+    cfg: TrainConfig,
+    step: int,
+    rank: int,
+    world: int = 1,
+    resumed_from: tuple[int, int] = (0, 0),
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The micro-batch of ``rank`` (of ``world``) at ``step``: the data's windows of ``seq_len`` + 1 tokens, end to
     end, are dealt out in an order shuffled anew for each pass over the data, ``micro_batch`` to each rank in turn.
     No two ranks of a step share a window, each pass sees every window once, and the batches depend on the seed
-    and the step only, so a resumed run sees the ones an uninterrupted run would."""
+    and the samples dealt before the step only, so a resumed run sees the ones an uninterrupted run would.
+    ``resumed_from``: the step the run resumed from and the samples dealt up to it, which continue from there
+    whatever the world size and micro-batch they were dealt with."""
     windows = (len(data) - 1) // cfg.seq_len
     if windows < 1:
         raise ValueError(f"{cfg.data_path}: {len(data)} tokens, fewer than one sequence of {cfg.seq_len} + 1")
-    first = (step * world + rank) * cfg.micro_batch
+    resumed_step, resumed_samples = resumed_from
+    first = resumed_samples + ((step - resumed_step) * world + rank) * cfg.micro_batch
     rows = []
     for sample in range(first, first + cfg.micro_batch):
         epoch, index = divmod(sample, windows)
@@ -216,13 +232,40 @@ def _on_sigterm(signum: int, frame: object) -> None:
     _sigterm = True
 
 
-def stop_requested(group: dist.ProcessGroup | None) -> bool:
-    """Whether any rank got SIGTERM: they all stop after the same step, so they agree on it (every
-    ``stop_check_steps``). ``group`` is a gloo group on the CPU, so the check never waits for the GPU's queued
-    kernels (None: the default group, itself gloo on the CPU)."""
-    flag = torch.tensor([float(_sigterm)])
+def stop_requested(group: dist.ProcessGroup | None, stop_file: str) -> bool:
+    """Whether any rank got SIGTERM or rank 0 finds ``stop_file`` (the one that looks, as all would see it): they
+    all stop after the same step, so they agree on it (every ``stop_check_steps``). ``group`` is a gloo group on
+    the CPU, so the check never waits for the GPU's queued kernels (None: the default group, itself gloo on the
+    CPU)."""
+    asked = _sigterm or (dist.get_rank() == 0 and bool(stop_file) and os.path.exists(stop_file))
+    flag = torch.tensor([float(asked)])
     dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
     return bool(flag.item())
+
+
+# A checkpoint's save or load prints nothing while it writes or reads (some 47 minutes for a 70B model at the FSx's
+# baseline): rank 0 says it is still at it this often, so the task's hang detection (a job silent for
+# hang_timeout_minutes, at least 1) does not take it for a hang.
+HEARTBEAT_S = 30.0
+
+
+@contextlib.contextmanager
+def heartbeat(what: str, every: float = HEARTBEAT_S) -> Iterator[None]:
+    """Print ``what`` and the seconds since it began every ``every`` seconds until the block ends (on the job's
+    log only, not in the metrics)."""
+    done, began = threading.Event(), time.monotonic()
+
+    def beat() -> None:
+        while not done.wait(every):
+            print(f"{what}: {time.monotonic() - began:.0f} s so far", flush=True)
+
+    thread = threading.Thread(target=beat, name="heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
 
 
 def emit(record: dict, metrics_path: Path) -> None:
@@ -262,6 +305,9 @@ def train(cfg: TrainConfig) -> None:
         if backend != "gloo"
         else None
     )
+    # A large model's save takes longer than collective_timeout_s (a 70B one about 47 minutes on a small FSx):
+    # its collectives, waiting for the slowest rank's writes, get a group of their own with a timeout sized for it.
+    checkpoint_group = dist.new_group(backend="gloo", timeout=timedelta(seconds=cfg.checkpoint_timeout_s))
     torch.manual_seed(cfg.seed)
 
     model, optimizer = build(cfg, device, world)
@@ -272,13 +318,17 @@ def train(cfg: TrainConfig) -> None:
         checkpoint.clean_partial(ckpt_dir)
     dist.barrier()
 
-    start, schedule = 0, cfg.max_steps
+    start, schedule, samples = 0, cfg.max_steps, 0
     latest = checkpoint.newest_complete(ckpt_dir)
     if latest is not None:
-        meta = checkpoint.load(latest, model, optimizer)
+        with heartbeat(f"loading {latest}") if rank == 0 else contextlib.nullcontext():
+            meta = checkpoint.load(latest, model, optimizer, checkpoint_group)
         # The cosine schedule keeps the length the run started with: a resume to a larger max_steps would stretch
         # it and raise the LR mid-run (a checkpoint from before the schedule was recorded: this run's max_steps).
         start, schedule = meta["step"], meta.get("lr_schedule_steps", cfg.max_steps)
+        # The data continues after the samples the checkpoint's run was dealt, on however many ranks (a checkpoint
+        # from before they were recorded: as many as this run's).
+        samples = meta.get("samples_seen", start * world * cfg.micro_batch)
     args = MODELS[cfg.model]
     params = count_parameters(args)
     fpt = flops_per_token(args, cfg.seq_len)
@@ -293,6 +343,7 @@ def train(cfg: TrainConfig) -> None:
                 "world_size": world,
                 "backend": backend,
                 "resumed_from_step": start if latest else None,
+                "resumed_from_samples": samples if latest else None,
                 "time": time.time(),
             },
             metrics_path,
@@ -314,7 +365,7 @@ def train(cfg: TrainConfig) -> None:
             raise RuntimeError(f"injected failure at step {fail_at} (DTP_FAIL_AT_STEP)")
         for group in optimizer.param_groups:
             group["lr"] = lr_at(cfg, step, schedule)
-        inputs, targets = (t.to(device) for t in batch_for(data, cfg, step, rank, world))
+        inputs, targets = (t.to(device) for t in batch_for(data, cfg, step, rank, world, (start, samples)))
         logits = model(inputs)
         loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
         loss.backward()
@@ -329,7 +380,9 @@ def train(cfg: TrainConfig) -> None:
                 {"event": "profile", "steps": [first, done], "path": str(trace.parent), "time": time.time()},
                 metrics_path,
             )
-        preempted = done < cfg.max_steps and done % cfg.stop_check_steps == 0 and stop_requested(stop_group)
+        preempted = (
+            done < cfg.max_steps and done % cfg.stop_check_steps == 0 and stop_requested(stop_group, cfg.stop_file)
+        )
         logged = done % cfg.log_interval == 0 or done == cfg.max_steps
         saved = done % cfg.checkpoint_interval == 0 or (done == cfg.max_steps and cfg.final_checkpoint) or preempted
         if logged or saved:
@@ -365,8 +418,10 @@ def train(cfg: TrainConfig) -> None:
         if saved:
             step_loss = float(loss.item())
             saving = time.perf_counter()
-            extra = {"loss": step_loss, "lr_schedule_steps": schedule}
-            path = checkpoint.save(ckpt_dir, done, model, optimizer, extra)
+            seen = samples + (done - start) * world * cfg.micro_batch
+            extra = {"loss": step_loss, "lr_schedule_steps": schedule, "samples_seen": seen}
+            with heartbeat(f"saving the checkpoint of step {done}") if rank == 0 else contextlib.nullcontext():
+                path = checkpoint.save(ckpt_dir, done, model, optimizer, extra, group=checkpoint_group)
             window_start += time.perf_counter() - saving  # saving is not training: the window's throughput skips it
             if rank == 0:
                 emit({"event": "checkpoint", "step": done, "path": str(path), "time": time.time()}, metrics_path)

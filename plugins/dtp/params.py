@@ -36,6 +36,7 @@ RESERVED_ENV = frozenset(
         # arithmetic, where a value that is not a number does the same.
         *("UID", "EUID", "PPID", "SHELLOPTS", "BASHOPTS", "RANDOM", "SRANDOM", "OPTIND", "HISTCMD"),
         *("RDZV_HOST", "RDZV_PORT", "FIRST_NODE", "ATTEMPT", "ATTEMPTS", "LATEST", "LOAD_PATH", "NSYS", "TRAIN"),
+        *("LAUNCH", "STATUS", "STOP_FILE", "NCCOM_HOSTS", "NEURON_RT_ROOT_COMM_ID"),
         *("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE"),
     }
 )

@@ -212,7 +212,7 @@ def test_the_pipelines_jobs_run_on_the_runs_queue_once_per_name(
     try:
         # tmp_path stands for the FSx mount of the training queue's worker.
         cluster = {**platform.provision(spec, outputs), "shared_dir": str(tmp_path)}
-        images = platform.runtime("registry.example/dtp-training@sha256:" + "a" * 64)
+        images = platform.runtime("registry.example/dtp-training@sha256:" + "a" * 64, spec)
         preflight = jobs.prepare_preflight(spec, cluster, images)
         assert (preflight["job_name"], preflight["results_path"]) == (
             f"{run_key}-preflight",

@@ -19,9 +19,9 @@ from dtp.images import ami, container
 from dtp.naming import EXPIRES_TAG, expiry
 from dtp.operators.container import ContainerImageBuildOperator
 from dtp.operators.packer import PackerBuildOperator
-from dtp.params import parse_params
+from dtp.params import TrainParams, parse_params
+from dtp.pipeline.spec import run_spec
 from dtp.platforms import get_platform
-from dtp.recipes import instance_types
 
 pytestmark = pytest.mark.stack
 ANSIBLE_BIN = Path(sys.executable).parent
@@ -174,8 +174,9 @@ def test_a_run_reads_the_image_its_instance_types_accelerator_runs(stack, aws) -
         ssm.put_parameter(Name=parameters[image], Value=reference, Type="String", Overwrite=True)
     try:
         for instance_type, image in (("p5.48xlarge", "training"), ("trn1.32xlarge", "neuron")):
-            instance = instance_types()[instance_type].model_dump()
-            assert container.resolve_runtime(get_platform("eks"), instance, "aws_default")["image"] == published[image]
+            params = parse_params(TrainParams, {"platform": "eks", "instance_type": instance_type})
+            spec = run_spec(params, "train_e2e", "manual__1")
+            assert container.resolve_runtime(get_platform("eks"), spec, "aws_default")["image"] == published[image]
     finally:
         for name in parameters.values():
             ssm.delete_parameter(Name=name)

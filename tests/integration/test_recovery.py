@@ -68,6 +68,9 @@ class TrainingJob:
             exclude_nodes="",
             nsys_dir="",
             container=[],
+            enroot_login=None,
+            stop_signal_s=0,
+            stop_file="",
         )
         (self.workdir / "train.sbatch").write_text(script)
         self.hook = SlurmHook()

@@ -22,7 +22,7 @@ from dtp.pipeline.jobs import container_options
 from dtp.pipeline.spec import run_spec
 from dtp.platforms import get_platform
 from dtp.platforms.base import PlatformNotReady
-from dtp.recipes import catalogue, instance_types
+from dtp.recipes import catalogue
 from dtp.templates import render
 
 FRAMEWORKS = sorted(FRAMEWORK_IMAGES)
@@ -45,12 +45,12 @@ def recipe_of(framework: str) -> str:
     return next(name for name, recipe in sorted(catalogue().items()) if recipe.framework == framework)
 
 
-def spec_for(framework: str, platform: str = "parallelcluster") -> dict[str, Any]:
+def spec_for(framework: str, platform: str = "parallelcluster", instance_type: str | None = None) -> dict[str, Any]:
     recipe = catalogue()[recipe_of(framework)]
     conf = {
         "platform": platform,
         "recipe": recipe.name,
-        "instance_type": recipe.defaults.instance_type,
+        "instance_type": instance_type or recipe.defaults.instance_type,
         "num_nodes": recipe.defaults.num_nodes,
         "dataset_uri": "" if framework == "nemo" else "s3://dtp-data/prepared/",
     }
@@ -183,9 +183,10 @@ def test_validate_params_refuses_the_run_before_anything_exists(ssm, monkeypatch
 def test_the_published_image_and_its_paths_reach_the_rendered_job(ssm, framework: str, tmp_path: Path) -> None:
     spec = spec_for(framework)
     reference = publish(ssm, "parallelcluster", FRAMEWORK_IMAGES[framework].image)
-    runtime = container.resolve_runtime(get_platform("parallelcluster"), spec["instance"], "aws_default", framework)
-    registry, _, repository = reference.partition("/")
-    assert runtime["image"] == f"{registry}#{repository}" and runtime["container_runtime"] == "pyxis"
+    runtime = container.resolve_runtime(get_platform("parallelcluster"), spec, "aws_default")
+    assert (
+        runtime["image"] == reference.replace("/", "#", 1).replace("@", ":") and runtime["container_runtime"] == "pyxis"
+    )
     assert FRAMEWORK_IMAGES[framework].layout.items() <= runtime.items()
     workdir = str(tmp_path / "run")
     script = render(
@@ -197,6 +198,7 @@ def test_the_published_image_and_its_paths_reach_the_rendered_job(ssm, framework
         env={},
         exclude_nodes="",
         container=container_options(runtime, "/fsx", workdir),
+        enroot_login=None,
         **template_args(spec, runtime, workdir, "/fsx"),
     )
     assert f"--container-image={runtime['image']}" in script
@@ -205,11 +207,13 @@ def test_the_published_image_and_its_paths_reach_the_rendered_job(ssm, framework
 
 
 def test_the_training_image_still_serves_dtps_trainer_and_nothing_published_means_the_default(ssm) -> None:
-    p5, trn1 = instance_types()["p5.48xlarge"].model_dump(), instance_types()["trn1.32xlarge"].model_dump()
+    p5, trn1 = spec_for("fsdp", instance_type="p5.48xlarge"), spec_for("fsdp", instance_type="trn1.32xlarge")
     platform = get_platform("parallelcluster")
     assert container.resolve_runtime(platform, p5, "aws_default") == platform.default_image()
     training = publish(ssm, "parallelcluster", "training")
-    assert container.resolve_runtime(platform, p5, "aws_default")["image"] == training.replace("/", "#", 1)
+    assert container.resolve_runtime(platform, p5, "aws_default")["image"] == training.replace("/", "#", 1).replace(
+        "@", ":"
+    )
     assert container.resolve_runtime(platform, trn1, "aws_default") == platform.default_image()
     # DTP's trainer is never refused for want of a framework image, and reads nothing to know it.
     assert container.framework_image_problem(spec_for("fsdp"), None) is None
@@ -220,4 +224,4 @@ def test_a_framework_image_deleted_after_validation_fails_resolve_images_saying_
     with pytest.raises(
         PlatformNotReady, match="publish it with container_build image=torchtitan platform=parallelcluster"
     ):
-        container.resolve_runtime(get_platform("parallelcluster"), spec["instance"], "aws_default", "torchtitan")
+        container.resolve_runtime(get_platform("parallelcluster"), spec, "aws_default")

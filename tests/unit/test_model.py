@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -13,8 +14,9 @@ import torch
 import torch.distributed as dist
 
 import checkpoint
+import train
 from model import MODELS, Transformer, count_parameters, flops_per_token
-from train import TrainConfig, batch_for, lr_at, mfu_peak
+from train import TrainConfig, batch_for, lr_at, mfu_peak, peak_flops
 
 # Published parameter counts (untied embeddings): Llama 3.1 8B and 70B.
 PUBLISHED = {"llama3_1_8b": 8_030_261_248, "llama3_1_70b": 70_553_706_496, "mixtral_8x7b": 46_702_792_704}
@@ -181,6 +183,30 @@ def test_mfu_is_against_a_bf16_peak_so_only_bf16_runs_have_one() -> None:
     assert mfu_peak(config(precision="bf16"), cpu) is None  # no figure for a CPU
 
 
+def test_a_resume_on_another_world_size_continues_after_the_samples_dealt() -> None:
+    """Steps 0-1 on 3 ranks deal samples 0-11 (a pass over 12 windows); resumed at step 2 on 2 ranks, steps 2-4
+    deal the next pass's samples 12-23 and no window of it twice."""
+    seq_len, windows = 8, 12
+    data = np.arange(windows * seq_len + 1, dtype=np.int64)
+    cfg = config(seq_len=seq_len, micro_batch=2)
+    after = [
+        w
+        for step in range(2, 5)
+        for rank in range(2)
+        for w in _windows(data, batch_for(data, cfg, step, rank, 2, resumed_from=(2, 12))[0], seq_len)
+    ]
+    uninterrupted = [w for rank in range(3) for w in _windows(data, batch_for(data, cfg, 2, rank, 3)[0], seq_len)]
+    assert sorted(after) == list(range(windows))  # the whole second pass, each window once
+    assert after[:6] == uninterrupted  # in the order the 3 ranks would have been dealt it
+    # Without the samples the checkpoint recorded, a resume at step 2 keeps today's sample index.
+    torch.testing.assert_close(batch_for(data, cfg, 2, 1, 2, resumed_from=(2, 8))[0], batch_for(data, cfg, 2, 1, 2)[0])
+
+
+def test_the_a10g_peak_is_aws_s_not_the_a10_s(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(train.torch.cuda, "get_device_name", lambda device: "NVIDIA A10G")
+    assert peak_flops(torch.device("cuda", 0)) == 70e12
+
+
 def test_config_round_trip(tmp_path: Path) -> None:
     path = tmp_path / "cfg.json"
     path.write_text(json.dumps({"model": "tiny", "data_path": "d", "checkpoint_dir": "c", "metrics_path": "m"}))
@@ -250,3 +276,29 @@ def test_save_is_atomic_keeps_two_and_loads_back(tmp_path: Path, single_process_
         torch.testing.assert_close(value, saved[key])
     state = fresh_opt.state_dict()["state"]
     assert state and all(int(s["step"]) == 1 for s in state.values())
+
+
+def test_save_and_load_run_their_collectives_on_the_group_given(
+    tmp_path: Path, single_process_group: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The trainer gives checkpoints a group whose timeout outlasts a large model's save; the default group's
+    (collective_timeout_s) would not."""
+    group = dist.new_group(backend="gloo", timeout=timedelta(seconds=3600))
+    used: list[object] = []
+    for name in ("save", "load"):
+        real = getattr(checkpoint.dcp, name)
+
+        def spy(*args, real=real, **kwargs):
+            used.append(kwargs.get("process_group"))
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(checkpoint.dcp, name, spy)
+    barriers: list[object] = []
+    real_barrier = dist.barrier
+    monkeypatch.setattr(checkpoint.dist, "barrier", lambda group=None: barriers.append(group) or real_barrier(group))
+    model = torch.nn.Linear(4, 3)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    path = checkpoint.save(tmp_path, 10, model, optimizer, {}, group=group)
+    checkpoint.load(path, model, optimizer, group)
+    assert used == [group, group]
+    assert barriers == [group, group]

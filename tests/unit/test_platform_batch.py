@@ -135,7 +135,7 @@ def test_a_published_image_carries_the_programs(settings) -> None:
     spec = spec_for(recipe="tiny", instance_type="m5.2xlarge", num_nodes=2)
     platform = BatchPlatform()
     image = "111122223333.dkr.ecr.us-east-1.amazonaws.com/dtp/training@sha256:" + "0" * 64
-    runtime = platform.runtime(image)
+    runtime = platform.runtime(image, spec)
     assert runtime == {"source": f"image {image}", "image": image, "training_dir": "/opt/dtp/training"}
     _, _, definition = requests(platform.render(spec, NETWORK, runtime))
     container = definition["nodeProperties"]["nodeRangeProperties"][0]["container"]
@@ -258,7 +258,7 @@ def test_a_missing_instance_role_and_connection_say_what_to_set(settings, monkey
 
 def test_the_preflight_runs_on_the_jobs_nodes_as_a_submit_batch_accepts(settings) -> None:
     spec = spec_for(recipe="llama3_1_8b", num_nodes=4)
-    runtime = BatchPlatform().runtime("registry.example/dtp-training@sha256:" + "a" * 64)
+    runtime = BatchPlatform().runtime("registry.example/dtp-training@sha256:" + "a" * 64, spec)
     overrides = BatchPlatform().preflight_overrides(spec, runtime)
     run_dir = f"/fsx/runs/{spec['names']['run_key']}"
     (node_range,) = overrides["nodePropertyOverrides"]

@@ -106,7 +106,7 @@ def test_job_for_each_instance_type_passes_the_crd(
 def test_command_runs_the_trainer_with_the_runs_config_from_the_image() -> None:
     spec = spec_for("llama3_1_8b", "p5.48xlarge", 2, extra_env={"NCCL_DEBUG": "INFO", "OMP_NUM_THREADS": "4"})
     image = "123456789012.dkr.ecr.us-east-1.amazonaws.com/dtp/training@sha256:" + "a" * 64
-    _, job = rendered(spec, **EksPlatform().runtime(image))
+    _, job = rendered(spec, **EksPlatform().runtime(image, spec))
     run_key = spec["names"]["run_key"]
     assert container(job)["image"] == image
     assert container(job)["imagePullPolicy"] == "IfNotPresent"
@@ -208,7 +208,7 @@ def test_the_pipeline_prepares_both_jobs_on_fsx_for_the_pytorchjob_operator(tmp_
 def test_an_image_with_the_programs_needs_none_staged(tmp_path: Path) -> None:
     spec = spec_for("tiny", "g5.48xlarge", 1)
     cluster = {"platform": "eks", "scheduler": "kubernetes", "eks_cluster_name": CLUSTER, "shared_dir": str(tmp_path)}
-    job = jobs.prepare_preflight(spec, cluster, EksPlatform().runtime("registry/dtp@sha256:abc"))
+    job = jobs.prepare_preflight(spec, cluster, EksPlatform().runtime("registry/dtp@sha256:abc", spec))
     assert container(yaml.safe_load(job["manifest"]))["command"][1] == "/opt/dtp/training/preflight.py"
     assert not (tmp_path / "runs" / spec["names"]["run_key"] / "programs").exists()
 

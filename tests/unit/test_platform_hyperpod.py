@@ -149,8 +149,8 @@ def test_a_missing_connection_says_what_it_should_hold(monkeypatch) -> None:
 
 def test_a_published_image_runs_with_pyxis_and_the_default_on_the_nodes_python(settings) -> None:
     image = "111122223333.dkr.ecr.us-east-1.amazonaws.com/dtp/training@sha256:" + "0" * 64
-    runtime = HyperPodPlatform().runtime(image)
-    assert runtime["image"] == "111122223333.dkr.ecr.us-east-1.amazonaws.com#dtp/training@sha256:" + "0" * 64
+    runtime = HyperPodPlatform().runtime(image, spec_for())
+    assert runtime["image"] == "111122223333.dkr.ecr.us-east-1.amazonaws.com#dtp/training:sha256:" + "0" * 64
     assert (runtime["container_runtime"], runtime["training_dir"]) == ("pyxis", "/opt/dtp/training")
     assert HyperPodPlatform().default_image() == {"source": "the nodes' python", "python": "/usr/bin/python3"}
 
@@ -260,7 +260,7 @@ def test_on_eks_the_runs_pytorchjobs_run_on_its_healthy_nodes(settings) -> None:
     settings(**{**ON_EKS, "eks": {"cluster_arn": EKS_ARN, "namespace": "training"}})
     spec = spec_for(recipe="llama3_1_8b", num_nodes=4)
     platform = HyperPodPlatform()
-    runtime = platform.runtime("111122223333.dkr.ecr.us-east-1.amazonaws.com/dtp/training@sha256:" + "0" * 64)
+    runtime = platform.runtime("111122223333.dkr.ecr.us-east-1.amazonaws.com/dtp/training@sha256:" + "0" * 64, spec)
     assert runtime["training_dir"] == "/opt/dtp/training" and "container_runtime" not in runtime  # no pyxis
     documents = platform.pytorchjobs(spec, runtime)
     assert EksPlatform.check(EksPlatform(), documents) == []

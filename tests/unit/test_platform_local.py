@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 import pytest
-from airflow.sdk.execution_time.context import set_current_context
 
 from dtp.naming import EXPIRES_TAG
 from dtp.platforms.local import LocalSlurmPlatform
@@ -21,13 +19,6 @@ SPEC = {
     "run_id": "manual__1",
     "tags": {EXPIRES_TAG: "2026-12-08T00:00:00Z"},
 }
-
-
-class TaskInstance:
-    """The resolve_images task's instance: validate_params returned the run's spec."""
-
-    def xcom_pull(self, task_ids: str) -> dict[str, Any] | None:
-        return SPEC if task_ids == "validate_params" else None
 
 
 def test_the_runtime_leases_the_unpacked_image_to_the_run_before_unpacking_it(
@@ -45,8 +36,7 @@ def test_the_runtime_leases_the_unpacked_image_to_the_run_before_unpacking_it(
             return dest
 
     monkeypatch.setattr("dtp.platforms.local.ContainerRegistryHook", Registry)
-    with set_current_context({"ti": TaskInstance()}):  # type: ignore[typeddict-item]
-        runtime = LocalSlurmPlatform().runtime(IMAGE)
+    runtime = LocalSlurmPlatform().runtime(IMAGE, SPEC)
     assert runtime["training_dir"] == str(tmp_path / "images" / DIGEST[:16] / "opt" / "dtp" / "training")
     assert leased_when_unpacked == [True]
     assert json.loads(lease.read_text()) == {

@@ -236,8 +236,10 @@ def test_the_airflow_image_has_the_pcluster_venv_where_the_platform_looks() -> N
 
 def test_runtime_runs_the_published_image_with_pyxis(monkeypatch) -> None:
     platform = use_settings(monkeypatch, key_name="k")
-    runtime = platform.runtime("123456789012.dkr.ecr.us-east-1.amazonaws.com/dtp/training@sha256:abc")
-    assert runtime["image"] == "123456789012.dkr.ecr.us-east-1.amazonaws.com#dtp/training@sha256:abc"
+    spec = make_spec("tiny", "p5.48xlarge", 1)
+    runtime = platform.runtime("123456789012.dkr.ecr.us-east-1.amazonaws.com/dtp/training@sha256:abc", spec)
+    assert runtime["image"] == "123456789012.dkr.ecr.us-east-1.amazonaws.com#dtp/training:sha256:abc"
+    assert runtime["enroot_credentials"].endswith("password $(aws ecr get-login-password --region us-east-1)")
     assert runtime["container_runtime"] == "pyxis" and runtime["training_dir"] == "/opt/dtp/training"
     default = platform.default_image()
     assert default["image"].startswith("nvcr.io#nvidia/pytorch:") and default["python"] == runtime["python"]

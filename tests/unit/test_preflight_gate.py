@@ -7,9 +7,11 @@ from typing import Any
 import pytest
 
 from dtp.metrics.preflight_gate import (
+    BUSBW_NOT_CHECKED,
     BusbwExpectation,
     bad_nodes,
     busbw_table,
+    cpu_sweep_on_accelerators,
     node_versions,
     preflight_failures,
     preflight_message,
@@ -90,6 +92,21 @@ def test_table_marks_only_the_judged_row() -> None:
     ]
 
 
+def test_a_sweep_not_judged_has_no_verdict_and_a_warning_instead() -> None:
+    result = {**preflight([rank("n1"), rank("n2")], [1, 1, 1, 1, 2.0]), "backend": "gloo"}
+    assert preflight_failures(result, 2, EXPECTED, busbw_checked=False) == []
+    assert preflight_warnings(result, busbw_checked=False) == [BUSBW_NOT_CHECKED]
+    assert busbw_table(result["allreduce"], None).splitlines()[-1] == "    16 MiB       2.000"
+
+
+def test_only_a_gloo_sweep_on_an_instance_type_with_accelerators_measures_no_accelerator_collective() -> None:
+    gloo = {**preflight([rank("n1")], [2.0]), "backend": "gloo"}
+    assert cpu_sweep_on_accelerators(gloo, "trainium1")
+    assert not cpu_sweep_on_accelerators(gloo, "cpu")  # what a CPU instance type's expectation is measured with
+    assert not cpu_sweep_on_accelerators({**gloo, "backend": "nccl"}, "h100")
+    assert not cpu_sweep_on_accelerators({**gloo, "allreduce": []}, "trainium1")  # no sweep: judged as missing
+
+
 def test_too_few_nodes_names_those_that_answered() -> None:
     failures = preflight_failures(preflight([rank("n2"), rank("n2")], [1, 1, 1, 1, 100]), 3, EXPECTED)
     assert failures == ["nodes: 1 answered (n2), expected 3"]
@@ -152,7 +169,7 @@ def test_a_component_missing_on_one_node_is_a_mismatch() -> None:
 def test_gpu_health_names_the_bad_node_and_how_to_exclude_it() -> None:
     sick = probes(
         dmesg_xid="[Mon Nov 23 10:00:00 2026] NVRM: Xid (PCI:0000:53:00): 79, pid=1234, GPU has fallen off the bus.",
-        nvidia_smi=probes()["nvidia_smi"].replace("535.129.03, 0\n3,", "535.129.03, 2\n3,"),
+        nvidia_smi=(probes()["nvidia_smi"] or "").replace("535.129.03, 0\n3,", "535.129.03, 2\n3,"),
     )
     ranks = [rank("n1", probes=probes()), rank("n7", probes=sick)]
     failures = preflight_failures(preflight(ranks, [1, 1, 1, 1, 100]), 2, EXPECTED, gpus_per_node=8)

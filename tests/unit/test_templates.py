@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import shlex
+import signal
 import stat
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
 import jinja2
 import pytest
 
+from dtp.costs import MODEL_PARAMETERS, SHARED_FS_WRITE_BYTES_PER_S
 from dtp.params import TrainParams, parse_params
 from dtp.pipeline import jobs
 from dtp.pipeline.frameworks import template_args
@@ -29,6 +34,7 @@ COMMON = {
     "env": {"NCCL_DEBUG": "INFO"},
     "exclude_nodes": "n[3-4]",
     "container": [],
+    "enroot_login": None,
 }
 
 
@@ -61,6 +67,8 @@ CONTEXTS: dict[str, dict[str, Any]] = {
         "config_path": Path("/fsx/runs/r/train.json"),
         "max_restarts": 3,
         "nsys_dir": "/fsx/runs/r/profile",
+        "stop_signal_s": 300,
+        "stop_file": "/fsx/runs/r/train.stop",
     },
     "slurm/preflight.sbatch.j2": {
         **COMMON,
@@ -69,9 +77,11 @@ CONTEXTS: dict[str, dict[str, Any]] = {
         "max_bytes": 16 << 20,
         "nccl_tests_path": "/fsx/runs/r/nccl-tests.out",
         "nccl_tests_bin": "/opt/nccl-tests/build",
+        "nccom_test_path": "/fsx/runs/r/nccom-test.out",
+        "nccom_test_bin": "/opt/aws/neuron/bin",
         "time_minutes": 30,
     },
-    "slurm/_env.sh.j2": {"omp_threads": 8, "env": {"NCCL_DEBUG": "INFO"}},
+    "slurm/_env.sh.j2": {"omp_threads": 8, "env": {"NCCL_DEBUG": "INFO"}, "enroot_login": None},
     "slurm/slurm.conf.j2": {
         "nodes": [{"name": "n1", "port": 16001}, {"name": "n2", "port": 16002}],
         "ctld_port": 16000,
@@ -180,7 +190,7 @@ def test_dangerous_values_appear_only_single_quoted(tmp_path: Path) -> None:
         assert text.count(value) == text.count(quoted) >= 1, value
     export = next(line for line in text.splitlines() if line.startswith("export NCCL_DEBUG="))
     assert shlex.split(export) == ["export", f"NCCL_DEBUG=INFO; touch {tmp_path}/p1"]
-    launch = text[text.index("srun ") : text.index("; then")].replace("\\\n", " ")
+    launch = text[text.index("srun ") : text.index(" &\n")].replace("\\\n", " ")
     argv = shlex.split(launch)
     assert argv[argv.index("--config") + 1] == str(context["config_path"])
     assert argv[1:3] == ["--kill-on-bad-exit=1", f"{tmp_path}/py thon"]
@@ -255,8 +265,9 @@ def test_excluded_nodes_reach_sbatch_and_nothing_is_excluded_by_default() -> Non
 
 def test_gpu_preflight_runs_nccl_tests_one_rank_per_gpu() -> None:
     context = {**CONTEXTS["slurm/preflight.sbatch.j2"], "procs_per_node": 8, "max_bytes": 16 << 30}
-    torch_only = render("slurm/preflight.sbatch.j2", **{**context, "nccl_tests_path": ""})
+    torch_only = render("slurm/preflight.sbatch.j2", **{**context, "nccl_tests_path": "", "nccom_test_path": ""})
     assert "all_reduce_perf" not in torch_only and "--no-busbw" not in torch_only
+    assert "/opt/aws/neuron/bin/nccom-test" not in torch_only
     assert "#SBATCH --exclusive\n" in torch_only  # torch's all-reduce sweep needs whole nodes as much
     text = render("slurm/preflight.sbatch.j2", **context)
     assert "#SBATCH --exclusive\n" in text
@@ -275,6 +286,7 @@ def test_nccl_tests_run_one_task_per_gpu_of_every_node_against_the_ami_s_librari
         "procs_per_node": 8,
         "env": {},
         "nccl_tests_path": tmp_path / "nccl-tests.out",
+        "nccom_test_path": "",
     }
     script = tmp_path / "preflight.sbatch"
     script.write_text(render("slurm/preflight.sbatch.j2", **context))
@@ -291,19 +303,89 @@ def test_nccl_tests_run_one_task_per_gpu_of_every_node_against_the_ami_s_librari
     assert step_env["FI_PROVIDER"] == "efa"
 
 
+def test_trainium_preflight_runs_nccom_test_once_with_a_worker_per_neuron_core_of_every_node(tmp_path: Path) -> None:
+    # nccom-test starts its workers on the hosts it is given, rooted at NEURON_RT_ROOT_COMM_ID (reference:
+    # micro-benchmarks/nccom-tests/slurm/nccom-tests.sbatch); the torch step leaves the bandwidth to it.
+    bin_dir = tmp_path / "neuron"
+    bin_dir.mkdir()
+    (bin_dir / "nccom-test").write_text('#!/bin/bash\nprintf \'%s\\0\' "$@" > argv\nenv > env\necho "size(B) table"\n')
+    (bin_dir / "nccom-test").chmod(0o755)
+    context = {
+        **CONTEXTS["slurm/preflight.sbatch.j2"],
+        "procs_per_node": 32,
+        "max_bytes": 2 << 30,
+        "env": {},
+        "nccl_tests_path": "",
+        "nccom_test_path": tmp_path / "nccom-test.out",
+        "nccom_test_bin": bin_dir,
+    }
+    script = tmp_path / "preflight.sbatch"
+    script.write_text(render("slurm/preflight.sbatch.j2", **context))
+    env = {**fake_slurm(tmp_path), "SLURM_NNODES": "2"}
+    subprocess.run(["bash", str(script)], capture_output=True, text=True, cwd=tmp_path, env=env, check=True)
+    torch_step = (tmp_path / "srun.argv").read_text().split("\0")[:-1]
+    assert torch_step[-3:] == ["--max-bytes", str(2 << 30), "--no-busbw"]
+    assert (tmp_path / "argv").read_text().split("\0")[:-1] == [
+        "--nworkers", "64", "--nnodes", "2", "--minbytes", "65536", "--maxbytes", str(2 << 30), "--stepfactor", "2",
+        "--iters", "20", "--warmup_iters", "5", "--datatype", "fp32", "--non-interactive", "all_reduce",
+        "--hosts", "n1",
+    ]  # fmt: skip
+    tool_env = dict(line.split("=", 1) for line in (tmp_path / "env").read_text().splitlines() if "=" in line)
+    assert tool_env["NEURON_RT_ROOT_COMM_ID"] == "10.0.0.7:28639"  # the first node, beside torch's rendezvous port
+    assert tool_env["FI_PROVIDER"] == "efa"
+    assert (tmp_path / "nccom-test.out").read_text() == "size(B) table\n"
+    assert "all_reduce_perf" not in script.read_text()
+
+
 def test_nsys_wraps_the_launch_only_when_profiling_on_gpu_nodes() -> None:
     context = CONTEXTS["slurm/train.sbatch.j2"]
     text = render("slurm/train.sbatch.j2", **context)
-    assert "--output /fsx/runs/r/profile/nsys-%h)" in text
+    assert "export NSYS_OUTPUT=/fsx/runs/r/profile/nsys-%h\n" in text
     assert 'srun --kill-on-bad-exit=1 "${NSYS[@]}" /opt/venv/bin/python -m torch.distributed.run' in text
     assert "nsys" not in render("slurm/train.sbatch.j2", **{**context, "nsys_dir": ""})
+
+
+@pytest.mark.parametrize("nsys_in_the_step", [True, False])
+def test_nsys_is_looked_for_where_the_launch_runs_not_on_the_batch_host(tmp_path: Path, nsys_in_the_step: bool) -> None:
+    """Under pyxis nsys runs in the container: the launch step looks for it there. The batch host has an nsys that
+    must not count; the step's own PATH decides."""
+    context = {**CONTEXTS["slurm/train.sbatch.j2"], "nsys_dir": str(tmp_path / "profile"), "stop_signal_s": 0}
+    script = tmp_path / "train.sbatch"
+    script.write_text(render("slurm/train.sbatch.j2", **context))
+    env = fake_slurm(tmp_path)
+    host_nsys = Path(env["PATH"].split(":")[0]) / "nsys"
+    host_nsys.write_text("#!/bin/bash\nexit 0\n")
+    host_nsys.chmod(0o755)
+    subprocess.run(["bash", str(script)], capture_output=True, text=True, cwd=tmp_path, env=env, check=True)
+    argv = (tmp_path / "srun.argv").read_text().split("\0")[:-1]
+    launched = argv[argv.index("bash") :]
+    # The step: its PATH has an nsys (recording its arguments) or none; "python" records how it was started.
+    step_bin = tmp_path / "step-bin"
+    step_bin.mkdir()
+    (step_bin / "python").write_text(f"#!/bin/bash\necho python >> {tmp_path}/ran\n")
+    if nsys_in_the_step:
+        (step_bin / "nsys").write_text(f'#!/bin/bash\necho "nsys $*" >> {tmp_path}/ran\n')
+    for tool in step_bin.iterdir():
+        tool.chmod(0o755)
+    step_env = {"PATH": f"{step_bin}:/usr/bin:/bin", "NSYS_OUTPUT": "/fsx/p/nsys-%h"}
+    launched[launched.index(context["python"])] = "python"
+    subprocess.run(launched, env=step_env, check=True)
+    ran = (tmp_path / "ran").read_text().splitlines()
+    if nsys_in_the_step:
+        [line] = ran
+        assert (
+            line.startswith("nsys profile --capture-range=cudaProfilerApi ")
+            and "--output /fsx/p/nsys-%h python" in line
+        )
+    else:
+        assert ran == ["python"]
 
 
 def test_a_pyxis_runtime_runs_every_training_step_in_its_container() -> None:
     runtime = pyxis_runtime("111122223333.dkr.ecr.us-east-1.amazonaws.com/dtp/training@sha256:" + "ab" * 32)
     options = container_options(runtime, "/fsx")
     assert options == [
-        "--container-image=111122223333.dkr.ecr.us-east-1.amazonaws.com#dtp/training@sha256:" + "ab" * 32,
+        "--container-image=111122223333.dkr.ecr.us-east-1.amazonaws.com#dtp/training:sha256:" + "ab" * 32,
         "--container-mounts=/fsx:/fsx",
     ]
     assert container_options({"python": "/usr/bin/python3"}, "/fsx") == []
@@ -346,3 +428,78 @@ def test_the_preflight_job_has_a_time_limit() -> None:
             "slurm/preflight.sbatch.j2", **{**CONTEXTS["slurm/preflight.sbatch.j2"], "nccl_tests_path": nccl_tests_path}
         )
         assert "\n#SBATCH --time=30\n" in text
+
+
+def test_slurm_s_early_signal_has_the_trainer_stop_and_the_job_wait_for_its_time_limit(tmp_path: Path) -> None:
+    """USR1, which Slurm sends the batch shell alone (B:) ahead of the time limit, creates the stop file the
+    trainer's ranks read; the launch the trainer then ends is not relaunched, and the job waits for Slurm to end it
+    at its limit (TIMEOUT, as without the signal)."""
+    stop_file = tmp_path / "train.stop"
+    context = {**CONTEXTS["slurm/train.sbatch.j2"], "nsys_dir": "", "stop_file": str(stop_file)}
+    text = render("slurm/train.sbatch.j2", **context)
+    assert "#SBATCH --signal=B:USR1@300\n" in text
+    script = tmp_path / "train.sbatch"
+    script.write_text(text)
+    env = fake_slurm(tmp_path)
+    stop_file.touch()  # left by an earlier job of the run: removed before training starts
+    # The launch: the trainer saves and exits once the stop file is there.
+    (Path(env["PATH"].split(":")[0]) / "srun").write_text(
+        f"#!/bin/bash\necho launched >> {tmp_path}/launches\nwhile [ ! -e {stop_file} ]; do sleep 0.05; done\nexit 1\n"
+    )
+    log = tmp_path / "job.out"
+    with log.open("w") as out:
+        job = subprocess.Popen(
+            ["bash", str(script)], stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path, env=env, start_new_session=True
+        )
+    try:
+        deadline = time.monotonic() + 20
+        while not (tmp_path / "launches").exists():
+            assert job.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+        assert not stop_file.exists()
+        job.send_signal(signal.SIGUSR1)
+        while '"event": "stopped_for_time_limit"' not in log.read_text():
+            assert job.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+        time.sleep(0.5)
+        assert job.poll() is None, log.read_text()  # still there, for Slurm to end at the limit
+        assert (tmp_path / "launches").read_text() == "launched\n"
+        assert "launch_failed" not in log.read_text()
+    finally:
+        os.killpg(job.pid, signal.SIGKILL)  # the script and its sleep
+        job.wait()
+
+
+def test_no_early_signal_without_a_stop_lead() -> None:
+    text = render("slurm/train.sbatch.j2", **{**CONTEXTS["slurm/train.sbatch.j2"], "stop_signal_s": 0})
+    assert "#SBATCH --signal" not in text and "STOP_FILE" not in text and "\ntrap " not in text
+
+
+@pytest.mark.parametrize(("instance_type", "signalled"), [("p5.48xlarge", True), ("m5.2xlarge", False)])
+def test_prepare_training_has_slurm_signal_a_gpu_job_in_time_for_its_checkpoint(
+    tmp_path: Path, instance_type: str, signalled: bool
+) -> None:
+    """A GPU job is signalled ahead of its time limit by the checkpoint's expected write (12 bytes a parameter at
+    the default FSx's baseline), the step in progress and the stop check, and a margin; a CPU job keeps SIGTERM."""
+    conf = {
+        "platform": "parallelcluster",
+        "recipe": "llama3_2_1b",
+        "instance_type": instance_type,
+        "num_nodes": 2,
+        "dataset_uri": "s3://datasets/fsdp/",
+    }
+    spec = run_spec(parse_params(TrainParams, conf), "train_e2e", "manual__2026-12-02")
+    cluster = {"platform": "parallelcluster", "scheduler": "slurm", "shared_dir": str(tmp_path)}
+    job = jobs.prepare_training(spec, cluster, {"python": "/usr/bin/python3"}, {"train_bin": "/fsx/train.bin"})
+    text = Path(job["script_path"]).read_text()
+    workdir = tmp_path / "runs" / spec["names"]["run_key"]
+    config = json.loads((workdir / "train.json").read_text())
+    assert config["stop_file"] == f"{workdir}/train.stop"
+    write_s = math.ceil(MODEL_PARAMETERS["llama3_2_1b"] * 12 / SHARED_FS_WRITE_BYTES_PER_S)
+    assert config["checkpoint_timeout_s"] == max(1800, 2 * write_s)
+    if signalled:
+        lead = write_s + math.ceil(spec["recipe"]["expected_step_seconds"]) + jobs.STOP_CHECK_SECONDS + 60
+        assert f"\n#SBATCH --signal=B:USR1@{lead}\n" in text
+        assert f"STOP_FILE={workdir}/train.stop\n" in text
+    else:
+        assert "#SBATCH --signal" not in text

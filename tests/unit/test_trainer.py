@@ -11,16 +11,31 @@ so the resumed and the optimized runs must log the losses of the uninterrupted o
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch.distributed.checkpoint as dcp
-from trainer_support import LOG_EVERY, MAX_STEPS, Run, corpus, describe, finish, make_run, start
+from trainer_support import (
+    LOG_EVERY,
+    MAX_STEPS,
+    PROJECT_ROOT,
+    TRAIN,
+    Run,
+    corpus,
+    describe,
+    finish,
+    make_run,
+    start,
+)
 
 from dtp.metrics.trace import summarize_trace
 from model import MODELS, count_parameters
-from train import TrainConfig
+from train import TrainConfig, heartbeat
 
 
 @pytest.fixture(scope="module")
@@ -85,6 +100,7 @@ def test_full_run_checkpoints_are_complete(runs: dict[str, Run]) -> None:
     for step in (20, 40):
         meta = json.loads((ckpt / f"step_{step}" / "meta.json").read_text())
         assert meta["step"] == step and meta["lr_schedule_steps"] == MAX_STEPS
+        assert meta["samples_seen"] == step * 2 * 8  # 2 ranks x micro_batch 8 a step
         assert meta["loss"] > 0
         assert list((ckpt / f"step_{step}").glob("*.distcp")), "no shard written"
     assert not list(ckpt.glob("tmp-*"))
@@ -209,3 +225,61 @@ def test_without_a_final_checkpoint_a_run_saves_only_at_its_interval(runs: dict[
     assert result.returncode == 0, describe(result)
     assert bench.summary.finished and bench.summary.checkpoints == [4]
     assert sorted(p.name for p in bench.checkpoints.iterdir()) == ["step_4"]
+
+
+def test_the_stop_file_stops_every_rank_after_the_same_step_with_a_checkpoint(tmp_path: Path) -> None:
+    """The file the Slurm batch script creates when Slurm signals it ahead of the time limit: the ranks stop and
+    save as on SIGTERM, without torchrun's 30 s hanging over the save."""
+    data = corpus(tmp_path / "train.bin", 64)
+    stop = tmp_path / "train.stop"
+    run = make_run(
+        tmp_path / "run", data, max_steps=10_000, checkpoint_interval=10_000, log_interval=1, stop_file=str(stop)
+    )
+    proc = start(run)
+    deadline = time.monotonic() + 180
+    while not (run.directory / "metrics.jsonl").exists() or len(run.summary.steps) < 3:
+        assert proc.poll() is None and time.monotonic() < deadline, describe(finish(run, proc))
+        time.sleep(0.2)
+    stop.touch()
+    result = finish(run, proc)
+    assert result.returncode != 0
+    [preempted] = [r for r in run.records if r["event"] == "preempted"]
+    stopped = preempted["step"]
+    assert 3 <= stopped < 10_000, describe(result)
+    assert run.summary.checkpoints == [stopped]
+    assert sorted(p.name for p in run.checkpoints.iterdir()) == [f"step_{stopped}"]
+
+
+def test_a_resume_on_fewer_ranks_continues_after_the_samples_the_checkpoint_saw(
+    runs: dict[str, Run], tmp_path: Path
+) -> None:
+    """The full run's step_20 was saved by 2 ranks (320 samples); resumed on one rank, the data continues at
+    sample 320, not at 20 x 1 x 8 = 160 (which would repeat samples)."""
+    full = runs["full"]
+    data = Path(json.loads(full.config.read_text())["data_path"])
+    single = make_run(tmp_path / "single", data, max_steps=22, log_interval=1)
+    shutil.copytree(full.checkpoints / "step_20", single.checkpoints / "step_20")
+    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", str(TRAIN)]
+    proc = subprocess.Popen(
+        [*argv, "--config", str(single.config)],
+        cwd=PROJECT_ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    result = finish(single, proc)
+    assert result.returncode == 0, describe(result)
+    [started] = [r for r in single.records if r["event"] == "start"]
+    assert (started["resumed_from_step"], started["resumed_from_samples"], started["world_size"]) == (20, 320, 1)
+    meta = json.loads((single.checkpoints / "step_22" / "meta.json").read_text())
+    assert meta["samples_seen"] == 320 + 2 * 8
+
+
+def test_a_long_save_or_load_keeps_printing_so_it_is_not_taken_for_a_hang(capsys: pytest.CaptureFixture[str]) -> None:
+    with heartbeat("saving the checkpoint of step 500", every=0.05):
+        time.sleep(0.18)
+    beats = capsys.readouterr().out.splitlines()
+    assert len(beats) >= 2 and all(line.startswith("saving the checkpoint of step 500: ") for line in beats)
+    time.sleep(0.1)
+    assert capsys.readouterr().out == ""  # it stops with the block

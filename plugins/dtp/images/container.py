@@ -223,20 +223,19 @@ def framework_image_problem(spec: dict[str, Any], aws_conn_id: str | None) -> st
     return f"recipe: got {spec['recipe']['name']!r}; {_unpublished(framework, platform)}"
 
 
-def resolve_runtime(
-    platform: Any, instance: dict[str, Any], aws_conn_id: str | None, framework: str = "fsdp"
-) -> dict[str, str]:
-    """The newest published image for ``framework`` on ``platform``, as the runtime its jobs use, with where the
-    framework is in it (``FRAMEWORK_IMAGES``); for DTP's trainer the platform's default runtime when none is
-    published. And the newest AMI of the family ``instance``'s nodes boot there."""
+def resolve_runtime(platform: Any, spec: dict[str, Any], aws_conn_id: str | None) -> dict[str, str]:
+    """The newest image published on ``platform`` for the run ``spec``'s recipe's framework, as the runtime its jobs
+    use, with where the framework is in it (``FRAMEWORK_IMAGES``); for DTP's trainer the platform's default runtime
+    when none is published. And the newest AMI of the family the run's nodes boot there."""
+    instance, framework = spec["instance"], spec["recipe"]["framework"]
     ssm = SsmHook(aws_conn_id=aws_conn_id)
     image = ssm.get_parameter_value(training_parameter(platform.name, runtime_image(framework, instance)), default="")
     if framework in FRAMEWORK_IMAGES:
         if not image:  # validate_params refused it; the parameter was deleted since
             raise PlatformNotReady(_unpublished(framework, platform.name))
-        runtime = {**platform.runtime(image), **FRAMEWORK_IMAGES[framework].layout}
+        runtime = {**platform.runtime(image, spec), **FRAMEWORK_IMAGES[framework].layout}
     else:
-        runtime = platform.runtime(image) if image else platform.default_image()
+        runtime = platform.runtime(image, spec) if image else platform.default_image()
     family = platform.ami_family(instance)
     ami_id = ssm.get_parameter_value(ami.ssm_parameter(family), default="") if family else None
     return {**runtime, "ami": ami_id} if ami_id else runtime

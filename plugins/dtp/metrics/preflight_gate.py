@@ -1,9 +1,9 @@
 """The preflight gate: judge a cluster before training spends money on it.
 
 Input is the preflight program's JSON (one record per rank, raw probe outputs
-per node, the all-reduce sweep, or rows parsed from nccl-tests). Every failure
-names the node or the number it is about; the bandwidth failure carries the
-measured-vs-expected table.
+per node, the all-reduce sweep, or rows parsed from nccl-tests or nccom-test).
+Every failure names the node or the number it is about; the bandwidth failure
+carries the measured-vs-expected table.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from dtp.metrics.node_checks import (
 # Versions reported by every rank's environment screen, then those read from each node's probes.
 RANK_VERSIONS = ("python", "torch", "cuda", "nccl")
 MATMUL_MAX_ERROR = 1e-2
+BUSBW_NOT_CHECKED = "busbw not checked: gloo on CPU measures no accelerator collective"
 
 
 @dataclass(frozen=True)
@@ -51,13 +52,14 @@ def _size(n: int) -> str:
     return f"{n} B"
 
 
-def busbw_table(sweep: list[dict[str, Any]], expected: BusbwExpectation) -> str:
-    """The sweep as a fixed-width table, the judged row marked with the expected figure and verdict."""
-    judged = reference_row(sweep, expected.at_bytes)
+def busbw_table(sweep: list[dict[str, Any]], expected: BusbwExpectation | None) -> str:
+    """The sweep as a fixed-width table, the judged row marked with the expected figure and verdict (none marked
+    without an expectation: a sweep that is not judged)."""
+    judged = reference_row(sweep, expected.at_bytes) if expected else None
     lines = [f"{'size':>10} {'busbw GB/s':>11} {'expected':>9} {'floor':>9}  verdict"]
     for row in sweep:
         line = f"{_size(row['bytes']):>10} {row['busbw_gbps']:>11.3f}"
-        if row is judged:
+        if expected and row is judged:
             verdict = "ok" if row["busbw_gbps"] >= expected.floor else "TOO LOW"
             line += f" {expected.gbps:>9.3f} {expected.floor:>9.3f}  {verdict}"
         lines.append(line)
@@ -76,6 +78,13 @@ def busbw_failures(sweep: list[dict[str, Any]], expected: BusbwExpectation) -> l
     ]
 
 
+def cpu_sweep_on_accelerators(result: dict[str, Any], accelerator: str) -> bool:
+    """Whether the all-reduce rows are preflight.py's gloo sweep on CPU tensors on an instance type with
+    accelerators (a Neuron image's torch has no CUDA): they measure TCP between the hosts, not the accelerators'
+    collective, and judged against the instance type's figure would fail every healthy cluster."""
+    return accelerator != "cpu" and result.get("backend") == "gloo" and bool(result.get("allreduce"))
+
+
 def node_versions(result: dict[str, Any]) -> dict[str, dict[str, str]]:
     """The efa-versions table per node, with the environment screen's versions."""
     table: dict[str, dict[str, str]] = {}
@@ -88,9 +97,14 @@ def node_versions(result: dict[str, Any]) -> dict[str, dict[str, str]]:
 
 
 def preflight_failures(
-    result: dict[str, Any], num_nodes: int, expected: BusbwExpectation, gpus_per_node: int = 0
+    result: dict[str, Any],
+    num_nodes: int,
+    expected: BusbwExpectation,
+    gpus_per_node: int = 0,
+    busbw_checked: bool = True,
 ) -> list[str]:
-    """Everything wrong with the cluster, one line (or table) per problem; empty when it may train."""
+    """Everything wrong with the cluster, one line (or table) per problem; empty when it may train. The bus
+    bandwidth is judged only when ``busbw_checked``."""
     ranks = result.get("ranks", [])
     failures = []
     nodes = sorted({node_name(r) for r in ranks})
@@ -105,15 +119,17 @@ def preflight_failures(
             failures += health_failures(node_name(record), record["probes"], gpus_per_node)
     failures += cuda_failures(ranks, gpus_per_node)
     # One rank has no peer: its bus bandwidth is zero by definition, not a fault.
-    if result.get("world_size") != 1:
+    if busbw_checked and result.get("world_size") != 1:
         failures += busbw_failures(result.get("allreduce", []), expected)
     return failures
 
 
-def preflight_warnings(result: dict[str, Any], gpus_per_node: int = 0) -> list[str]:
-    """Checks that could not run, one line per node: they do not fail the cluster, the report lists them."""
+def preflight_warnings(result: dict[str, Any], gpus_per_node: int = 0, busbw_checked: bool = True) -> list[str]:
+    """Checks that could not run, one line per node (and one for a bus bandwidth not judged): they do not fail
+    the cluster, the report lists them."""
     probed = {node_name(r): r["probes"] for r in result.get("ranks", []) if "probes" in r}
-    return [line for node, probes in sorted(probed.items()) for line in unchecked(node, probes, gpus_per_node)]
+    lines = [line for node, probes in sorted(probed.items()) for line in unchecked(node, probes, gpus_per_node)]
+    return lines if busbw_checked else [BUSBW_NOT_CHECKED, *lines]
 
 
 def bad_nodes(failures: list[str]) -> list[str]:

@@ -82,7 +82,7 @@ def resolve_images(spec: dict[str, Any]) -> dict[str, str]:
 
     platform = get_platform(spec["params"]["platform"])
     try:
-        runtime = resolve_runtime(platform, spec["instance"], AWS_CONN_ID, spec["recipe"]["framework"])
+        runtime = resolve_runtime(platform, spec, AWS_CONN_ID)
     except PlatformNotReady as err:
         raise AirflowFailException(str(err)) from None
     log.info("Training runtime: %s", runtime)

@@ -9,10 +9,16 @@ a person typed is ever parsed by a shell.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
-from dtp.costs import training_time_limit_minutes
+from dtp.costs import (
+    ADAMW_CHECKPOINT_BYTES_PER_PARAMETER,
+    MODEL_PARAMETERS,
+    SHARED_FS_WRITE_BYTES_PER_S,
+    training_time_limit_minutes,
+)
 from dtp.hooks.shared_fs import SharedFilesystemHook
 from dtp.hooks.slurm import SlurmHook
 from dtp.naming import EXPIRES_TAG, slurm_comment
@@ -27,11 +33,16 @@ from dtp.templates import render
 TRAINING_DIR = INCLUDE_DIR / "training"
 # Where the reference repo's AMIs and containers install nccl-tests; an image may say otherwise.
 NCCL_TESTS_BIN = "/opt/nccl-tests/build"
+# Where aws-neuronx-tools installs nccom-test on a Neuron AMI; an image may say otherwise.
+NCCOM_TEST_BIN = "/opt/aws/neuron/bin"
 # A preflight job's time on Slurm: pyxis importing the image on each node (minutes for a large one on a node that
 # has not imported it yet), the screen and the sweep. A job stopped there is not retried.
 SLURM_PREFLIGHT_MINUTES = 30
 # About how often the trainer's ranks agree on a SIGTERM: well within torchrun's 30 s before it kills them.
 STOP_CHECK_SECONDS = 5
+# Seconds a stop ahead of the time limit allows besides the checkpoint's write and the step it follows: the stop
+# check, the save's barriers, meta.json and the rename, the old checkpoint's deletion, torchrun ending.
+STOP_MARGIN_SECONDS = 60
 
 
 def container_options(images: dict[str, Any], shared_dir: str, workdir: str | None = None) -> list[str]:
@@ -42,6 +53,14 @@ def container_options(images: dict[str, Any], shared_dir: str, workdir: str | No
         return []
     options = [f"--container-image={images['image']}", f"--container-mounts={shared_dir}:{shared_dir}"]
     return [*options, f"--container-workdir={workdir}"] if workdir else options
+
+
+def enroot_login(images: dict[str, Any], workdir: Path) -> dict[str, Any] | None:
+    """What the job's preamble gives enroot to import the runtime's image: the run's folder of enroot config
+    folders, one per job (``$ENROOT_CONFIG_PATH``), and the line of their ``.credentials``; None when the registry
+    needs no login (``dtp.platforms.pyxis.enroot_credentials``) or no container is imported."""
+    credentials = images.get("enroot_credentials")
+    return {"config_dir": workdir / "enroot", "credentials": credentials} if credentials else None
 
 
 def _common(spec: dict[str, Any], images: dict[str, Any], cluster: dict[str, Any]) -> dict[str, Any]:
@@ -55,6 +74,7 @@ def _common(spec: dict[str, Any], images: dict[str, Any], cluster: dict[str, Any
         "env": spec["params"]["extra_env"],
         "exclude_nodes": spec["params"]["exclude_nodes"],
         "container": container_options(images, cluster["shared_dir"]),
+        "enroot_login": enroot_login(images, run_dir(spec, cluster)),
     }
 
 
@@ -124,6 +144,8 @@ def _write_job(
 
 
 def prepare_preflight(spec: dict[str, Any], cluster: dict[str, Any], images: dict[str, Any]) -> dict[str, str | None]:
+    """The preflight job. ``nccl_tests_path`` is where the instance type's collective test (nccl-tests or
+    nccom-test, on Slurm) writes its output, empty where torch's all-reduce sweep measures the bus bandwidth."""
     workdir = claim_run_dir(spec, cluster)  # validate_cluster's first write there (train_e2e's is stage_data)
     results = workdir / "preflight.json"
     if cluster["scheduler"] != "slurm":  # torch's all-reduce sweep measures the bus bandwidth
@@ -132,6 +154,7 @@ def prepare_preflight(spec: dict[str, Any], cluster: dict[str, Any], images: dic
     hook = SlurmHook.of_cluster(cluster)
     instance = instance_of(spec, cluster)
     nccl_tests = workdir / "nccl-tests.out" if instance["collective_test"] == "nccl-tests" else None
+    nccom_test = workdir / "nccom-test.out" if instance["collective_test"] == "nccom-test" else None
     script = render(
         "slurm/preflight.sbatch.j2",
         **_common(spec, images, cluster),
@@ -140,10 +163,29 @@ def prepare_preflight(spec: dict[str, Any], cluster: dict[str, Any], images: dic
         max_bytes=instance["busbw_at_bytes"],
         nccl_tests_path=nccl_tests or "",
         nccl_tests_bin=images.get("nccl_tests_bin", NCCL_TESTS_BIN),
+        nccom_test_path=nccom_test or "",
+        nccom_test_bin=images.get("nccom_test_bin", NCCOM_TEST_BIN),
         time_minutes=SLURM_PREFLIGHT_MINUTES,
     )
     job = _write_job(hook, spec, workdir, "preflight", script, f"{spec['names']['slurm_job']}-preflight")
-    return {**job, "results_path": str(results), "nccl_tests_path": str(nccl_tests or "")}
+    return {**job, "results_path": str(results), "nccl_tests_path": str(nccl_tests or nccom_test or "")}
+
+
+def checkpoint_write_seconds(recipe: dict[str, Any]) -> int:
+    """About how long DTP's trainer takes to write a checkpoint of ``recipe``'s model to the shared file system:
+    12 bytes a parameter (fp32 weights and AdamW's two moments) at the default FSx's baseline throughput
+    (``dtp.costs.SHARED_FS_WRITE_BYTES_PER_S``): a minute for a 1B model, 47 for a 70B one."""
+    size = MODEL_PARAMETERS[recipe["model"]] * ADAMW_CHECKPOINT_BYTES_PER_PARAMETER
+    return math.ceil(size / SHARED_FS_WRITE_BYTES_PER_S)
+
+
+def stop_signal_seconds(recipe: dict[str, Any]) -> int:
+    """Seconds before the training job's time limit that Slurm signals its batch script, which asks the trainer to
+    stop (``stop_file``): enough for the step in progress, the ranks' stop check and the checkpoint's write, with
+    ``STOP_MARGIN_SECONDS`` to spare. SIGTERM at the limit leaves torchrun's 30 s, too few for a large model's
+    save. Slurm may send the signal up to a minute earlier than asked, never later."""
+    step = math.ceil(recipe["expected_step_seconds"]) + STOP_CHECK_SECONDS
+    return checkpoint_write_seconds(recipe) + step + STOP_MARGIN_SECONDS
 
 
 def training_config(
@@ -174,6 +216,10 @@ def training_config(
         "device": "auto" if instance["accelerator"] == "cpu" else "cuda",
         # A collective every step would cost a short step much of its time.
         "stop_check_steps": max(1, round(STOP_CHECK_SECONDS / recipe["expected_step_seconds"])),
+        "stop_file": f"{workdir}/train.stop",
+        # A save's collectives wait for the slowest rank's writes: twice the expected write, and never less than
+        # the trainer's default.
+        "checkpoint_timeout_s": max(1800, 2 * checkpoint_write_seconds(recipe)),
     }
 
 
@@ -207,6 +253,7 @@ def prepare_training(
     if cluster["scheduler"] != "slurm":
         return _prepare_off_slurm(spec, cluster, images, "train") | outputs
     hook = SlurmHook.of_cluster(cluster)
+    on_gpu = instance["accelerator"] != "cpu"
     script = render(
         "slurm/train.sbatch.j2",
         **_common(spec, images, cluster),
@@ -214,7 +261,10 @@ def prepare_training(
         config_path=config_path,
         max_restarts=3,
         # Nsight Systems only where there are GPUs to trace; torch.profiler traces everywhere.
-        nsys_dir=profile_dir if instance["accelerator"] != "cpu" else "",
+        nsys_dir=profile_dir if on_gpu else "",
+        # A stop ahead of the time limit where a save needs it: a CPU node's models save within SIGTERM's 30 s.
+        stop_signal_s=stop_signal_seconds(spec["recipe"]) if on_gpu and spec["training_time_limit_minutes"] else 0,
+        stop_file=config["stop_file"],
     )
     return _write_job(hook, spec, workdir, "train", script, spec["names"]["slurm_job"]) | outputs
 

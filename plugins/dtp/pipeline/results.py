@@ -22,17 +22,21 @@ from dtp.metrics.gates import (
     COMPARED_PARAMS,
     comparable,
     comparable_runs,
+    extra_env_digest,
     recipe_digest,
     regression_failures,
     runtime_of,
     same_as,
+    throughput_scale,
     training_failures,
 )
 from dtp.metrics.nccl_tests import parse_nccl_tests
+from dtp.metrics.nccom_test import parse_nccom_test
 from dtp.metrics.parse import TrainingSummary
 from dtp.metrics.preflight_gate import (
     BusbwExpectation,
     busbw_table,
+    cpu_sweep_on_accelerators,
     node_versions,
     preflight_failures,
     preflight_warnings,
@@ -74,31 +78,42 @@ def busbw_expectation(spec: dict[str, Any], cluster: dict[str, Any]) -> BusbwExp
 
 
 def check_preflight(
-    spec: dict[str, Any], cluster: dict[str, Any], results_path: str, nccl_tests_path: str = ""
+    spec: dict[str, Any], cluster: dict[str, Any], results_path: str, collective_test_path: str = ""
 ) -> dict[str, Any]:
-    """Judge the preflight job's results; the result gains the per-node version table, the verdict and the checks
-    that could not run (``warnings``)."""
+    """Judge the preflight job's results, with the all-reduce rows of the instance type's collective test
+    (nccl-tests or nccom-test) where ``collective_test_path`` holds its output; the result gains the per-node
+    version table, the verdict and the checks that could not run (``warnings``)."""
     result = read_json(cluster, results_path)
+    instance = instance_of(spec, cluster)
     failures = []
-    if nccl_tests_path:
-        text, _ = SharedFilesystemHook.of_cluster(cluster).read_file(nccl_tests_path)
-        nccl = parse_nccl_tests(text)
-        result["allreduce"] = nccl.rows
-        result["nccl_tests"] = {"avg_busbw_gbps": nccl.avg_busbw_gbps, "out_of_bounds": nccl.out_of_bounds}
-        if nccl.wrong_results or nccl.out_of_bounds:
-            failures.append(f"nccl-tests: {nccl.wrong_results} wrong results, {nccl.out_of_bounds} out of bounds")
+    if collective_test_path:
+        text, _ = SharedFilesystemHook.of_cluster(cluster).read_file(collective_test_path)
+        if instance["collective_test"] == "nccom-test":
+            nccom = parse_nccom_test(text)
+            result["allreduce"] = nccom.rows
+            result["nccom_test"] = {"avg_busbw_gbps": nccom.avg_busbw_gbps}
+        else:
+            nccl = parse_nccl_tests(text)
+            result["allreduce"] = nccl.rows
+            result["nccl_tests"] = {"avg_busbw_gbps": nccl.avg_busbw_gbps, "out_of_bounds": nccl.out_of_bounds}
+            if nccl.wrong_results or nccl.out_of_bounds:
+                failures.append(f"nccl-tests: {nccl.wrong_results} wrong results, {nccl.out_of_bounds} out of bounds")
+    busbw_checked = bool(collective_test_path) or not cpu_sweep_on_accelerators(result, instance["accelerator"])
     expected = busbw_expectation(spec, cluster)
     # NVIDIA instance types (the ones measured with nccl-tests) get the GPU health checks.
-    instance = instance_of(spec, cluster)
     gpus = instance["accelerators_per_node"] if instance["collective_test"] == "nccl-tests" else 0
-    failures += preflight_failures(result, spec["params"]["num_nodes"], expected, gpus_per_node=gpus)
+    failures += preflight_failures(
+        result, spec["params"]["num_nodes"], expected, gpus_per_node=gpus, busbw_checked=busbw_checked
+    )
     result["versions"] = node_versions(result)
-    result["expected_busbw"] = {"gbps": expected.gbps, "at_bytes": expected.at_bytes, "floor": expected.floor}
+    result["expected_busbw"] = (
+        {"gbps": expected.gbps, "at_bytes": expected.at_bytes, "floor": expected.floor} if busbw_checked else None
+    )
     result["failures"] = failures
-    result["warnings"] = preflight_warnings(result, gpus_per_node=gpus)
+    result["warnings"] = preflight_warnings(result, gpus_per_node=gpus, busbw_checked=busbw_checked)
     for warning in result["warnings"]:
         log.warning("%s", warning)
-    log.info("All-reduce bus bandwidth:\n%s", busbw_table(result["allreduce"], expected))
+    log.info("All-reduce bus bandwidth:\n%s", busbw_table(result["allreduce"], expected if busbw_checked else None))
     for node, table in sorted(result["versions"].items()):
         log.info("%s: %s", node, ", ".join(f"{k} {v}" for k, v in table.items()))
     return {"result": result, "failures": failures}
@@ -123,13 +138,14 @@ def upload_profile(
 
 def compared_params(spec: dict[str, Any], cluster: dict[str, Any], images: dict[str, Any] | None) -> dict[str, Any]:
     """What the run trained with that a past run must share to compare (``dtp.metrics.gates.COMPARED_PARAMS``):
-    nodes, steps, data, profiling, the recipe's content, the runtime, and the instance type the cluster got (a
-    capacity fallback's, where it got one; the history is kept under the one the run asked for)."""
+    nodes, steps, data, profiling, the recipe's content, the runtime, the instance type the cluster got (a
+    capacity fallback's, where it got one; the history is kept under the one the run asked for) and the extra_env."""
     params = spec["params"]
     derived = {
         "recipe_digest": recipe_digest(spec["recipe"]),
         "runtime": runtime_of(images),
         "actual_instance_type": cluster.get("instance_type") or params["instance_type"],
+        "extra_env_digest": extra_env_digest(params["extra_env"]),
     }
     return {**{k: params[k] for k in COMPARED_PARAMS if k not in derived}, **derived}
 
@@ -151,6 +167,7 @@ def collect_metrics(
         text.splitlines(),
         seq_len=recipe["seq_len"],
         world_size=params["num_nodes"] * spec["instance"]["accelerators_per_node"],
+        peak_flops=instance_of(spec, cluster)["peak_flops"],
     )
     if not summary.steps and summary.diverged_at is None:  # a run that diverged at once is the gates' to judge
         raise ValueError(f"{metrics_path} holds no training step")
@@ -202,11 +219,14 @@ def collect_metrics(
 
 
 def gate_failures(spec: dict[str, Any], metrics: dict[str, Any]) -> list[str]:
-    """Every gate the run failed: the recipe's absolute thresholds, then the comparison with its history."""
-    gates = spec["recipe"]["gates"]
-    return training_failures(_summary(metrics), gates, spec["params"]["max_steps"]) + regression_failures(
-        metrics, metrics.get("history", []), gates
-    )
+    """Every gate the run failed: the recipe's absolute thresholds (its throughput scaled to the nodes the run got),
+    then the comparison with its history."""
+    recipe, params = spec["recipe"], spec["params"]
+    instance_type = metrics.get("actual_instance_type") or params["instance_type"]
+    scale = throughput_scale(recipe, instance_type, params["num_nodes"])
+    return training_failures(
+        _summary(metrics), recipe["gates"], params["max_steps"], scale=scale
+    ) + regression_failures(metrics, metrics.get("history", []), recipe["gates"])
 
 
 def _summary(metrics: dict[str, Any]) -> TrainingSummary:

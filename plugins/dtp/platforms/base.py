@@ -73,8 +73,8 @@ class ComputePlatform(Protocol):
     def default_image(self) -> dict[str, str]:
         """The training runtime to use when no baked image is published for this platform."""
 
-    def runtime(self, image: str) -> dict[str, str]:
-        """How jobs run the published training image ``image`` (``registry/repo@digest``)."""
+    def runtime(self, image: str, spec: dict[str, Any]) -> dict[str, str]:
+        """How the jobs of the run ``spec`` run the published training image ``image`` (``registry/repo@digest``)."""
 
     def render(self, spec: dict[str, Any], network: dict[str, str]) -> dict[str, str]:
         """Every document the platform sends to create the run's cluster and jobs: file name -> text."""

@@ -110,7 +110,7 @@ class BatchPlatform:
         image = self.settings.image_uri
         return {"source": f"image {image}, programs on FSx", "image": image}
 
-    def runtime(self, image: str) -> dict[str, str]:
+    def runtime(self, image: str, spec: dict[str, Any]) -> dict[str, str]:
         return image_runtime(image)
 
     # --- documents ------------------------------------------------------------------------------------------------

@@ -93,7 +93,7 @@ class EksPlatform:
     def default_image(self) -> dict[str, str]:
         return default_pod_runtime()
 
-    def runtime(self, image: str) -> dict[str, str]:
+    def runtime(self, image: str, spec: dict[str, Any]) -> dict[str, str]:
         return image_runtime(image)
 
     # --- documents ------------------------------------------------------------------------------------------------

@@ -133,7 +133,7 @@ class HyperPodPlatform:
         # The task copies the training programs to the run's directory on the shared filesystem (dtp.pipeline.jobs).
         return {"source": "the nodes' python", "python": self.settings.python}
 
-    def runtime(self, image: str) -> dict[str, str]:
+    def runtime(self, image: str, spec: dict[str, Any]) -> dict[str, str]:
         if self.settings.eks:
             return image_runtime(image)
         # The reference base-config installs enroot + pyxis on every node.

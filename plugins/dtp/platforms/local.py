@@ -46,14 +46,14 @@ class LocalSlurmPlatform:
         # Slurm's nodes share this host, so the project's own virtualenv is the "image".
         return {"source": "project virtualenv", "python": sys.executable}
 
-    def runtime(self, image: str) -> dict[str, str]:
+    def runtime(self, image: str, spec: dict[str, Any]) -> dict[str, str]:
         # No container runtime on the local nodes: the image is unpacked on the shared filesystem (as enroot
         # would import it) and its training programs run with the project's interpreter. Every run of the image
         # shares that directory: the run leases it first, so the reaper keeps it while a run may use it.
         digest = image.rsplit("@", 1)[-1].removeprefix("sha256:")
         shared_dir = self.hook.shared_dir
         dest = Path(shared_dir) / "images" / digest[:16]
-        lease_shared_dir(_running_spec(), {"slurm_conn_id": self.slurm_conn_id, "shared_dir": shared_dir}, dest)
+        lease_shared_dir(spec, {"slurm_conn_id": self.slurm_conn_id, "shared_dir": shared_dir}, dest)
         rootfs = ContainerRegistryHook().unpack(image, dest)
         return {
             "source": f"image {image}",
@@ -93,12 +93,3 @@ class LocalSlurmPlatform:
     def teardown(self, spec: dict[str, Any]) -> dict[str, Any]:
         # The stack's Slurm cluster outlives runs: there is nothing else to delete.
         return self.stop_jobs(spec)
-
-
-def _running_spec() -> dict[str, Any]:
-    """The spec of the DAG run whose task asks for the runtime (the pipeline's ``resolve_images``): what
-    ``validate_params`` returned, since ``runtime`` is given the image alone."""
-    from airflow.sdk import get_current_context
-
-    spec: dict[str, Any] = get_current_context()["ti"].xcom_pull(task_ids="validate_params")
-    return spec

@@ -217,7 +217,7 @@ class ParallelClusterPlatform:
             "python": "python3",
         }
 
-    def runtime(self, image: str) -> dict[str, str]:
+    def runtime(self, image: str, spec: dict[str, Any]) -> dict[str, str]:
         return pyxis_runtime(image)
 
     # --- documents -----------------------------------------------------------------
