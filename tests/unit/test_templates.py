@@ -438,8 +438,9 @@ def test_slurm_s_early_signal_has_the_trainer_stop_and_the_job_wait_for_its_time
     context = {**CONTEXTS["slurm/train.sbatch.j2"], "nsys_dir": "", "stop_file": str(stop_file)}
     text = render("slurm/train.sbatch.j2", **context)
     assert "#SBATCH --signal=B:USR1@300\n" in text
+    assert "sleep infinity" not in text
     script = tmp_path / "train.sbatch"
-    script.write_text(text)
+    script.write_text(text.replace("sleep 30\n", "sleep 0.1\n"))  # its wait's lines, sooner
     env = fake_slurm(tmp_path)
     stop_file.touch()  # left by an earlier job of the run: removed before training starts
     # The launch: the trainer saves and exits once the stop file is there.
@@ -463,6 +464,8 @@ def test_slurm_s_early_signal_has_the_trainer_stop_and_the_job_wait_for_its_time
             time.sleep(0.05)
         time.sleep(0.5)
         assert job.poll() is None, log.read_text()  # still there, for Slurm to end at the limit
+        # ... and not silent meanwhile, which the task's hang detection would take for a hang.
+        assert '"event": "waiting_for_time_limit"' in log.read_text()
         assert (tmp_path / "launches").read_text() == "launched\n"
         assert "launch_failed" not in log.read_text()
     finally:
