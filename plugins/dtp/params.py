@@ -93,7 +93,8 @@ class ClusterParams(FormParams):
         le=1440,
         title="Hang timeout (minutes)",
         description="Fail a job's task when no log line arrives for this long (Slurm jobs and PyTorchJobs; a Batch "
-        "job is bounded by its attempt timeout instead).",
+        "job is bounded by its attempt timeout instead). Another framework's training job gets at least its "
+        "checkpoint's expected write and 5 minutes: it prints nothing while it writes one.",
     )
     pending_timeout_minutes: int = Field(
         60,

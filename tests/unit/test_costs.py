@@ -11,12 +11,13 @@ from dtp.costs import (
     SHARED_FS_WRITE_BYTES_PER_S,
     checkpoint_bytes,
     checkpoint_footprint_bytes,
+    checkpoint_write_seconds,
     estimate_cost_usd,
     estimate_training_hours,
     training_time_limit_minutes,
 )
 from dtp.params import ParamsError, TrainParams, parse_params, validate_params
-from dtp.pipeline.jobs import priced_for
+from dtp.pipeline.jobs import HANG_MARGIN_SECONDS, hang_timeout_seconds, priced_for
 from dtp.pipeline.spec import run_spec
 from dtp.platforms.parallelcluster import ParallelClusterSettings
 from dtp.recipes import catalogue, get_recipe, instance_types
@@ -134,3 +135,18 @@ def test_a_budget_equal_to_the_estimate_lets_the_job_start_and_run_every_step() 
     assert spec["training_time_limit_minutes"] >= steps_minutes + writes_minutes + JOB_START_MINUTES - 1
     hours = estimate_training_hours(params, recipe)
     assert hours * 60 == pytest.approx(steps_minutes + writes_minutes + JOB_START_MINUTES)
+
+
+def test_a_framework_that_writes_a_long_checkpoint_in_silence_is_not_taken_for_hung_meanwhile() -> None:
+    # Megatron-LM prints nothing while it writes a 70B checkpoint (~55 minutes at the default FSx's baseline).
+    conf = {"recipe": "llama3_1_70b_megatron", "dataset_uri": "s3://dtp-data/d/", "hang_timeout_minutes": 10}
+    megatron = run_spec(parse_params(TrainParams, conf), "train_e2e", "r")
+    write = checkpoint_write_seconds(get_recipe("llama3_1_70b_megatron"))
+    assert write > 600 and hang_timeout_seconds(megatron) == write + HANG_MARGIN_SECONDS
+    # DTP's trainer prints while it saves: the form's timeout holds, as it does where it is the longer one.
+    trainer = run_spec(
+        parse_params(TrainParams, {"recipe": "llama3_1_70b", "hang_timeout_minutes": 10}), "train_e2e", "r"
+    )
+    assert hang_timeout_seconds(trainer) == 600
+    patient = run_spec(parse_params(TrainParams, {**conf, "hang_timeout_minutes": 1440}), "train_e2e", "r")
+    assert hang_timeout_seconds(patient) == 1440 * 60

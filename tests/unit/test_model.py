@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -15,7 +16,7 @@ import torch.distributed as dist
 
 import checkpoint
 import train
-from model import MODELS, Transformer, count_parameters, flops_per_token
+from model import MODELS, Transformer, count_parameters, flops_per_token, rope_frequencies
 from train import TrainConfig, batch_for, lr_at, mfu_peak, peak_flops
 
 # Published parameter counts (untied embeddings): Llama 3.1 8B and 70B.
@@ -115,6 +116,64 @@ def test_head_dims_are_even_and_divide() -> None:
         assert args.dim % args.n_heads == 0, name
         assert args.n_heads % args.n_kv_heads == 0, name
         assert args.head_dim % 2 == 0, name  # RoPE pairs
+
+
+# Meta's "llama3" RoPE scaling factors, from the Hugging Face configs' ``rope_scaling`` (meta-llama/Llama-3.1-8B,
+# Llama-3.2-1B): 8 for Llama 3.1, 32 for Llama 3.2, with low_freq_factor 1, high_freq_factor 4 and
+# original_max_position_embeddings 8192 for both.
+ROPE_SCALING = {"llama3_2_1b": 32.0, "llama3_2_3b": 32.0, "llama3_1_8b": 8.0, "llama3_1_70b": 8.0}
+
+
+def meta_llama3_frequencies(theta: float, head_dim: int, factor: float) -> list[float]:
+    """RoPE's frequencies scaled as Meta's reference code (llama-models' ``apply_scaling``) scales them, one by
+    one, in double precision."""
+    low_freq_factor, high_freq_factor, original_context = 1.0, 4.0, 8192
+    scaled = []
+    for i in range(0, head_dim, 2):
+        freq = 1.0 / theta ** (i / head_dim)
+        wavelength = 2 * math.pi / freq
+        if wavelength < original_context / high_freq_factor:
+            scaled.append(freq)
+        elif wavelength > original_context / low_freq_factor:
+            scaled.append(freq / factor)
+        else:
+            smooth = (original_context / wavelength - low_freq_factor) / (high_freq_factor - low_freq_factor)
+            scaled.append((1 - smooth) * freq / factor + smooth * freq)
+    return scaled
+
+
+def rotations(frequencies: list[float], seq_len: int) -> torch.Tensor:
+    """Position p's rotation by each frequency, e^(i p f)."""
+    angles = torch.outer(torch.arange(seq_len, dtype=torch.float64), torch.tensor(frequencies, dtype=torch.float64))
+    return torch.polar(torch.ones_like(angles), angles)
+
+
+def test_llama_3_1_and_3_2_scale_rope_as_published_and_no_other_model_does() -> None:
+    assert {name: args.rope_scaling for name, args in MODELS.items() if args.rope_scaling != 1} == ROPE_SCALING
+
+
+@pytest.mark.parametrize("name", list(ROPE_SCALING))
+def test_scaled_rope_frequencies_are_meta_s(name: str) -> None:
+    args = MODELS[name]
+    expected = meta_llama3_frequencies(args.rope_theta, args.head_dim, ROPE_SCALING[name])
+    unscaled = [1.0 / args.rope_theta ** (i / args.head_dim) for i in range(0, args.head_dim, 2)]
+    # The shape's frequencies fall in all three of the rule's bands: kept, divided by the factor, interpolated.
+    kept = sum(e == u for e, u in zip(expected, unscaled, strict=True))
+    stretched = sum(e == u / ROPE_SCALING[name] for e, u in zip(expected, unscaled, strict=True))
+    assert kept and stretched and kept + stretched < len(expected)
+    freqs = rope_frequencies(args, 2048)
+    assert freqs.shape == (2048, args.head_dim // 2)
+    torch.testing.assert_close(freqs[1].angle().double(), torch.tensor(expected, dtype=torch.float64))
+    torch.testing.assert_close(freqs.to(torch.complex128), rotations(expected, 2048), atol=5e-4, rtol=0)
+
+
+@pytest.mark.parametrize("name", [name for name in MODELS if name not in ROPE_SCALING])
+def test_unscaled_rope_frequencies_are_plain_rope(name: str) -> None:
+    args = MODELS[name]
+    plain = [1.0 / args.rope_theta ** (i / args.head_dim) for i in range(0, args.head_dim, 2)]
+    freqs = rope_frequencies(args, 2048)
+    torch.testing.assert_close(freqs[1].angle().double(), torch.tensor(plain, dtype=torch.float64))
+    torch.testing.assert_close(freqs.to(torch.complex128), rotations(plain, 2048), atol=5e-4, rtol=0)
 
 
 # --- train.py helpers ---------------------------------------------------------------------------

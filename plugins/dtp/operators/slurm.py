@@ -14,8 +14,7 @@ from dtp.hooks.shared_fs import ClusterCommandError
 from dtp.hooks.slurm import SlurmHook, SlurmJob
 from dtp.operators.time_limit import time_left
 
-# The timeouts of a DAG's form (``hang_timeout_minutes``, ``pending_timeout_minutes``), in the operators' seconds.
-HANG_TIMEOUT_S = "{{ params.hang_timeout_minutes * 60 }}"
+# The pending timeout of a DAG's form (``pending_timeout_minutes``), in the operator's seconds.
 PENDING_TIMEOUT_S = "{{ params.pending_timeout_minutes * 60 }}"
 # sbatch's --time in whole minutes: a new job needs at least one.
 MIN_TIME_LIMIT_MIN = 1
@@ -218,15 +217,16 @@ class SlurmSubmitJobOperator(BaseOperator):
 
 
 def submit_prepared_slurm_job(task_id: str, job: Any, **kwargs: Any) -> SlurmSubmitJobOperator:
-    """Submit a Slurm job prepared by ``dtp.pipeline.jobs`` (its XCom keys are the operator's arguments), with the
-    DAG form's hang and pending timeouts, on the training queue (``kwargs``: further operator arguments)."""
+    """Submit a Slurm job prepared by ``dtp.pipeline.jobs`` (its XCom keys are the operator's arguments: its hang
+    timeout too, the DAG form's or longer for a framework's checkpoint writes), with the form's pending timeout, on
+    the training queue (``kwargs``: further operator arguments)."""
     return SlurmSubmitJobOperator(
         task_id=task_id,
         script_path=job["script_path"],
         job_name=job["job_name"],
         output_path=job["output_path"],
         comment=job["comment"],
-        hang_timeout=HANG_TIMEOUT_S,
+        hang_timeout=job["hang_timeout_s"],
         pending_timeout=PENDING_TIMEOUT_S,
         slurm_conn_id=job["slurm_conn_id"],
         head_node=job["head_node"],

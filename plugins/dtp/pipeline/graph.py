@@ -33,7 +33,7 @@ from dtp.operators.checkpoints import SaveCheckpointOperator
 from dtp.operators.cluster import DeployClusterOperator, TeardownClusterOperator
 from dtp.operators.pytorchjob import EksPyTorchJobOperator
 from dtp.operators.report import TrainingReportOperator
-from dtp.operators.slurm import HANG_TIMEOUT_S, submit_prepared_slurm_job
+from dtp.operators.slurm import submit_prepared_slurm_job
 from dtp.params import NODES_OUTLIVE_RUNS, ParamsError
 from dtp.pipeline import checkpoints, data, jobs, network, results
 from dtp.pipeline.spec import build_spec
@@ -243,7 +243,7 @@ def run_prepared_job(task_id: str, job: Any, cluster: Any, *, time_limit: bool =
             manifest=job["manifest"],
             cluster_name=job["cluster_name"],
             aws_conn_id=AWS_CONN_ID,
-            hang_timeout=HANG_TIMEOUT_S,
+            hang_timeout=job["hang_timeout_s"],
             **kwargs,
         ),
         "batch": submit_prepared_batch_job(task_id + ON_BATCH, job, **kwargs),

@@ -13,12 +13,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from dtp.costs import (
-    ADAMW_CHECKPOINT_BYTES_PER_PARAMETER,
-    MODEL_PARAMETERS,
-    SHARED_FS_WRITE_BYTES_PER_S,
-    training_time_limit_minutes,
-)
+from dtp.costs import checkpoint_write_seconds, training_time_limit_minutes
 from dtp.hooks.shared_fs import SharedFilesystemHook
 from dtp.hooks.slurm import SlurmHook
 from dtp.naming import EXPIRES_TAG, slurm_comment
@@ -27,7 +22,7 @@ from dtp.pipeline.data import claim_run_dir, run_dir
 from dtp.platforms import get_platform
 from dtp.platforms.base import PREFLIGHT_DEADLINE_S, PlatformNotReady, PyTorchJobPlatform
 from dtp.platforms.capacity import instance_of
-from dtp.recipes import INCLUDE_DIR
+from dtp.recipes import INCLUDE_DIR, Recipe
 from dtp.templates import render
 
 TRAINING_DIR = INCLUDE_DIR / "training"
@@ -43,6 +38,8 @@ STOP_CHECK_SECONDS = 5
 # Seconds a stop ahead of the time limit allows besides the checkpoint's write and the step it follows: the stop
 # check, the save's barriers, meta.json and the rename, the old checkpoint's deletion, torchrun ending.
 STOP_MARGIN_SECONDS = 60
+# What a framework's training job may stay silent besides a checkpoint's expected write (``hang_timeout_seconds``).
+HANG_MARGIN_SECONDS = 300
 
 
 def container_options(images: dict[str, Any], shared_dir: str, workdir: str | None = None) -> list[str]:
@@ -143,14 +140,15 @@ def _write_job(
     }
 
 
-def prepare_preflight(spec: dict[str, Any], cluster: dict[str, Any], images: dict[str, Any]) -> dict[str, str | None]:
+def prepare_preflight(spec: dict[str, Any], cluster: dict[str, Any], images: dict[str, Any]) -> dict[str, Any]:
     """The preflight job. ``nccl_tests_path`` is where the instance type's collective test (nccl-tests or
     nccom-test, on Slurm) writes its output, empty where torch's all-reduce sweep measures the bus bandwidth."""
     workdir = claim_run_dir(spec, cluster)  # validate_cluster's first write there (train_e2e's is stage_data)
+    hang_timeout_s = spec["params"]["hang_timeout_minutes"] * 60  # it writes no checkpoint
     results = workdir / "preflight.json"
     if cluster["scheduler"] != "slurm":  # torch's all-reduce sweep measures the bus bandwidth
         job = _prepare_off_slurm(spec, cluster, images, "preflight")
-        return {**job, "results_path": str(results), "nccl_tests_path": ""}
+        return {**job, "results_path": str(results), "nccl_tests_path": "", "hang_timeout_s": hang_timeout_s}
     hook = SlurmHook.of_cluster(cluster)
     instance = instance_of(spec, cluster)
     nccl_tests = workdir / "nccl-tests.out" if instance["collective_test"] == "nccl-tests" else None
@@ -168,15 +166,13 @@ def prepare_preflight(spec: dict[str, Any], cluster: dict[str, Any], images: dic
         time_minutes=SLURM_PREFLIGHT_MINUTES,
     )
     job = _write_job(hook, spec, workdir, "preflight", script, f"{spec['names']['slurm_job']}-preflight")
-    return {**job, "results_path": str(results), "nccl_tests_path": str(nccl_tests or nccom_test or "")}
-
-
-def checkpoint_write_seconds(recipe: dict[str, Any]) -> int:
-    """About how long DTP's trainer takes to write a checkpoint of ``recipe``'s model to the shared file system:
-    12 bytes a parameter (fp32 weights and AdamW's two moments) at the default FSx's baseline throughput
-    (``dtp.costs.SHARED_FS_WRITE_BYTES_PER_S``): a minute for a 1B model, 47 for a 70B one."""
-    size = MODEL_PARAMETERS[recipe["model"]] * ADAMW_CHECKPOINT_BYTES_PER_PARAMETER
-    return math.ceil(size / SHARED_FS_WRITE_BYTES_PER_S)
+    collective_test_path = str(nccl_tests or nccom_test or "")
+    return {
+        **job,
+        "results_path": str(results),
+        "nccl_tests_path": collective_test_path,
+        "hang_timeout_s": hang_timeout_s,
+    }
 
 
 def stop_signal_seconds(recipe: dict[str, Any]) -> int:
@@ -185,7 +181,18 @@ def stop_signal_seconds(recipe: dict[str, Any]) -> int:
     ``STOP_MARGIN_SECONDS`` to spare. SIGTERM at the limit leaves torchrun's 30 s, too few for a large model's
     save. Slurm may send the signal up to a minute earlier than asked, never later."""
     step = math.ceil(recipe["expected_step_seconds"]) + STOP_CHECK_SECONDS
-    return checkpoint_write_seconds(recipe) + step + STOP_MARGIN_SECONDS
+    return checkpoint_write_seconds(Recipe.model_validate(recipe)) + step + STOP_MARGIN_SECONDS
+
+
+def hang_timeout_seconds(spec: dict[str, Any]) -> int:
+    """Seconds without a new log line before the run's training job counts as hung: the form's
+    ``hang_timeout_minutes``; for a framework other than DTP's trainer (which prints while it saves) at least a
+    checkpoint's expected write and ``HANG_MARGIN_SECONDS``, as those print nothing while they write one."""
+    asked = spec["params"]["hang_timeout_minutes"] * 60
+    recipe = Recipe.model_validate(spec["recipe"])
+    if recipe.framework == "fsdp":
+        return int(asked)
+    return max(int(asked), checkpoint_write_seconds(recipe) + HANG_MARGIN_SECONDS)
 
 
 def training_config(
@@ -219,7 +226,7 @@ def training_config(
         "stop_file": f"{workdir}/train.stop",
         # A save's collectives wait for the slowest rank's writes: twice the expected write, and never less than
         # the trainer's default.
-        "checkpoint_timeout_s": max(1800, 2 * checkpoint_write_seconds(recipe)),
+        "checkpoint_timeout_s": max(1800, 2 * checkpoint_write_seconds(Recipe.model_validate(recipe))),
     }
 
 
@@ -248,6 +255,7 @@ def prepare_training(
         "checkpoint_dir": config["checkpoint_dir"],
         "profile_dir": profile_dir,
         "time_limit_minutes": spec["training_time_limit_minutes"],
+        "hang_timeout_s": hang_timeout_seconds(spec),
     }
     SharedFilesystemHook.of_cluster(cluster).write_file(str(config_path), json.dumps(config, indent=1))
     if cluster["scheduler"] != "slurm":
@@ -290,4 +298,5 @@ def _prepare_framework_training(
         "checkpoint_dir": args["checkpoint_dir"],
         "profile_dir": "",
         "time_limit_minutes": spec["training_time_limit_minutes"],
+        "hang_timeout_s": hang_timeout_seconds(spec),
     }
