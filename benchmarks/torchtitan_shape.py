@@ -3,10 +3,11 @@
 Imported by torchtitan 0.2.2 through ``--experimental.custom_import torchtitan_shape`` (with
 ``benchmarks/`` and ``include/training/`` on PYTHONPATH), it registers the train spec ``dtp_llama3``:
 torchtitan's own Llama 3 decoder, parallelisation, optimizer, loss and metrics, with one flavor per
-dense DTP model of ``include/training/model.py`` (the same dimensions; untied embeddings and
-unscaled RoPE, as DTP's), fed the same batches as DTP's trainer (``train.batch_for`` over the same
-byte-token file, ``--training.dataset_path``). Attention is ``F.scaled_dot_product_attention`` on
-both sides, so the comparison is of the training stacks, not of attention kernels.
+dense DTP model of ``include/training/model.py`` (the same dimensions, untied embeddings and RoPE
+scaling as DTP's: Meta's "llama3" scaling for Llama 3.1 and 3.2, none for the others), fed the same
+batches as DTP's trainer (``train.batch_for`` over the same byte-token file,
+``--training.dataset_path``). Attention is ``F.scaled_dot_product_attention`` on both sides, so the
+comparison is of the training stacks, not of attention kernels.
 
     torchrun --standalone --nproc_per_node=1 -m torchtitan.train \\
         --experimental.custom_import torchtitan_shape --model.name dtp_llama3 --model.flavor llama3_2_1b \\
@@ -25,7 +26,7 @@ from torchtitan.models.llama3 import TransformerModelArgs, get_train_spec
 from torchtitan.models.llama3.model.args import RoPEScalingArgs
 from torchtitan.protocols.train_spec import register_train_spec
 
-from model import MODELS, ModelArgs
+from model import MODELS, ROPE_HIGH_FREQ_FACTOR, ROPE_LOW_FREQ_FACTOR, ROPE_ORIGINAL_CONTEXT, ModelArgs
 from train import TrainConfig, batch_for
 
 TRAIN_SPEC = "dtp_llama3"
@@ -34,7 +35,8 @@ TRAIN_SPEC = "dtp_llama3"
 def transformer_args(args: ModelArgs) -> TransformerModelArgs:
     """torchtitan's Llama 3 arguments for ``args``' shape. torchtitan sizes the SwiGLU hidden layer as
     8/3 x dim rounded up to ``multiple_of``; with ``multiple_of`` at DTP's ``ffn_dim`` (never below
-    8/3 x dim in ``MODELS``) that is ``ffn_dim``. A RoPE scaling factor of 1 leaves RoPE unscaled."""
+    8/3 x dim in ``MODELS``) that is ``ffn_dim``. RoPE is scaled as DTP's model scales it (a factor of 1 leaves
+    it unscaled)."""
     return TransformerModelArgs(
         dim=args.dim,
         n_layers=args.n_layers,
@@ -44,7 +46,12 @@ def transformer_args(args: ModelArgs) -> TransformerModelArgs:
         multiple_of=args.ffn_dim,
         norm_eps=args.norm_eps,
         rope_theta=args.rope_theta,
-        rope_scaling_args=RoPEScalingArgs(scaling_factor=1.0),
+        rope_scaling_args=RoPEScalingArgs(
+            scaling_factor=args.rope_scaling,
+            low_freq_factor=ROPE_LOW_FREQ_FACTOR,
+            high_freq_factor=ROPE_HIGH_FREQ_FACTOR,
+            original_max_position_embeddings=ROPE_ORIGINAL_CONTEXT,
+        ),
     )
 
 

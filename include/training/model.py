@@ -25,6 +25,7 @@ class ModelArgs:
     ffn_dim: int
     vocab_size: int = 256
     rope_theta: float = 500000.0
+    rope_scaling: float = 1.0  # the factor of Meta's "llama3" RoPE scaling (llama3_scaled); 1: none
     norm_eps: float = 1e-5
     n_experts: int = 0  # 0: a dense SwiGLU; else that many SwiGLU experts per layer
     top_k: int = 2  # experts each token is routed to
@@ -34,14 +35,36 @@ class ModelArgs:
         return self.dim // self.n_heads
 
 
+# Meta's "llama3" RoPE scaling, as the Hugging Face configs of Llama 3.1 and 3.2 give it (``rope_scaling``) beside
+# each model's factor: the context length the model was first trained at, and the wavelengths, as fractions of it,
+# from which frequencies are scaled down (longer than original / low factor: by the whole factor; shorter than
+# original / high factor: not at all; between the two: interpolated).
+ROPE_ORIGINAL_CONTEXT = 8192
+ROPE_LOW_FREQ_FACTOR = 1.0
+ROPE_HIGH_FREQ_FACTOR = 4.0
+
+# Llama 3.1 and 3.2 scale RoPE by 8 and 32 (their Hugging Face configs). A checkpoint of one of them written before
+# the trainer scaled RoPE still resumes (RoPE has no weights), but its weights learnt positions from unscaled
+# rotations: resumed, a position no longer means what it did to them.
+# Llama 3.2 1B and 3B keep an output layer of their own here, where Meta's ties it to the token embedding (1.50B and
+# 3.61B parameters here, 1.24B and 3.21B published): torchtitan's Llama 3, which the GPU benchmark compares the
+# trainer with, has no tied embeddings.
 MODELS: dict[str, ModelArgs] = {
     "tiny": ModelArgs(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=384),
     "tiny_deep": ModelArgs(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=384),
     "small": ModelArgs(dim=256, n_layers=4, n_heads=8, n_kv_heads=4, ffn_dim=768),
-    "llama3_2_1b": ModelArgs(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, ffn_dim=8192, vocab_size=128256),
-    "llama3_2_3b": ModelArgs(dim=3072, n_layers=28, n_heads=24, n_kv_heads=8, ffn_dim=8192, vocab_size=128256),
-    "llama3_1_8b": ModelArgs(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_dim=14336, vocab_size=128256),
-    "llama3_1_70b": ModelArgs(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, ffn_dim=28672, vocab_size=128256),
+    "llama3_2_1b": ModelArgs(
+        dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, ffn_dim=8192, vocab_size=128256, rope_scaling=32.0
+    ),
+    "llama3_2_3b": ModelArgs(
+        dim=3072, n_layers=28, n_heads=24, n_kv_heads=8, ffn_dim=8192, vocab_size=128256, rope_scaling=32.0
+    ),
+    "llama3_1_8b": ModelArgs(
+        dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_dim=14336, vocab_size=128256, rope_scaling=8.0
+    ),
+    "llama3_1_70b": ModelArgs(
+        dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, ffn_dim=28672, vocab_size=128256, rope_scaling=8.0
+    ),
     "tiny_moe": ModelArgs(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=192, n_experts=4),
     "mixtral_8x7b": ModelArgs(
         dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_dim=14336, vocab_size=32000, rope_theta=1e6, n_experts=8
@@ -50,9 +73,29 @@ MODELS: dict[str, ModelArgs] = {
 
 
 def rope_frequencies(args: ModelArgs, seq_len: int, device: torch.device | None = None) -> torch.Tensor:
+    """RoPE's rotations, ``seq_len`` positions by ``head_dim / 2`` frequencies, as unit complex numbers; with the
+    frequencies scaled as Meta's Llama 3.1 and 3.2 (and torchtitan's ``precompute_freqs_cis``) scale them when
+    ``args.rope_scaling`` is not 1."""
     inv = 1.0 / (args.rope_theta ** (torch.arange(0, args.head_dim, 2, device=device).float() / args.head_dim))
+    if args.rope_scaling != 1:
+        inv = llama3_scaled(inv, args.rope_scaling)
     angles = torch.outer(torch.arange(seq_len, device=device).float(), inv)
     return torch.polar(torch.ones_like(angles), angles)
+
+
+def llama3_scaled(inv: torch.Tensor, factor: float) -> torch.Tensor:
+    """RoPE frequencies ``inv`` (radians per position) scaled by Meta's "llama3" rule: a wavelength longer than
+    ``ROPE_ORIGINAL_CONTEXT / ROPE_LOW_FREQ_FACTOR`` is stretched ``factor`` times, one shorter than
+    ``ROPE_ORIGINAL_CONTEXT / ROPE_HIGH_FREQ_FACTOR`` is kept, and one between gets a frequency interpolated
+    between the two by how many times it fits in the original context."""
+    wavelength = 2 * math.pi / inv
+    smooth = (ROPE_ORIGINAL_CONTEXT / wavelength - ROPE_LOW_FREQ_FACTOR) / (
+        ROPE_HIGH_FREQ_FACTOR - ROPE_LOW_FREQ_FACTOR
+    )
+    interpolated = (1 - smooth) * inv / factor + smooth * inv
+    long = wavelength > ROPE_ORIGINAL_CONTEXT / ROPE_LOW_FREQ_FACTOR
+    short = wavelength < ROPE_ORIGINAL_CONTEXT / ROPE_HIGH_FREQ_FACTOR
+    return torch.where(long, inv / factor, torch.where(short, inv, interpolated))
 
 
 def apply_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:

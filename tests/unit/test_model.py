@@ -142,10 +142,14 @@ def meta_llama3_frequencies(theta: float, head_dim: int, factor: float) -> list[
     return scaled
 
 
-def rotations(frequencies: list[float], seq_len: int) -> torch.Tensor:
-    """Position p's rotation by each frequency, e^(i p f)."""
-    angles = torch.outer(torch.arange(seq_len, dtype=torch.float64), torch.tensor(frequencies, dtype=torch.float64))
-    return torch.polar(torch.ones_like(angles), angles)
+def assert_rotates_by(freqs: torch.Tensor, frequencies: list[float]) -> None:
+    """``freqs`` turns position 1 by each of ``frequencies`` (to float32's precision) and position p by p times
+    as much, e^(i p f)."""
+    expected = torch.tensor(frequencies, dtype=torch.float64)
+    torch.testing.assert_close(freqs[1].angle().double(), expected, rtol=1e-6, atol=0)
+    angles = torch.outer(torch.arange(len(freqs), dtype=torch.float64), expected)
+    rotations = torch.polar(torch.ones_like(angles), angles)
+    torch.testing.assert_close(freqs.to(torch.complex128), rotations, atol=5e-4, rtol=0)
 
 
 def test_llama_3_1_and_3_2_scale_rope_as_published_and_no_other_model_does() -> None:
@@ -163,17 +167,14 @@ def test_scaled_rope_frequencies_are_meta_s(name: str) -> None:
     assert kept and stretched and kept + stretched < len(expected)
     freqs = rope_frequencies(args, 2048)
     assert freqs.shape == (2048, args.head_dim // 2)
-    torch.testing.assert_close(freqs[1].angle().double(), torch.tensor(expected, dtype=torch.float64))
-    torch.testing.assert_close(freqs.to(torch.complex128), rotations(expected, 2048), atol=5e-4, rtol=0)
+    assert_rotates_by(freqs, expected)
 
 
 @pytest.mark.parametrize("name", [name for name in MODELS if name not in ROPE_SCALING])
 def test_unscaled_rope_frequencies_are_plain_rope(name: str) -> None:
     args = MODELS[name]
     plain = [1.0 / args.rope_theta ** (i / args.head_dim) for i in range(0, args.head_dim, 2)]
-    freqs = rope_frequencies(args, 2048)
-    torch.testing.assert_close(freqs[1].angle().double(), torch.tensor(plain, dtype=torch.float64))
-    torch.testing.assert_close(freqs.to(torch.complex128), rotations(plain, 2048), atol=5e-4, rtol=0)
+    assert_rotates_by(rope_frequencies(args, 2048), plain)
 
 
 # --- train.py helpers ---------------------------------------------------------------------------

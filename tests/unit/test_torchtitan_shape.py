@@ -3,8 +3,8 @@
 torchtitan's trainer needs CUDA, so its run is the GPU benchmark's; here, in .venv-torchtitan (as
 scripts/setup makes it), torchtitan 0.2.2 parses the exact arguments the benchmark passes it, and
 its train spec ``dtp_llama3`` is checked to be DTP's model and data: every flavor has DTP's
-parameter count, torchtitan's decoder loaded with DTP's weights gives DTP's logits, and its
-dataloader yields DTP's trainer's batches.
+parameter count and RoPE rotations, torchtitan's decoder loaded with DTP's weights gives DTP's
+logits, and its dataloader yields DTP's trainer's batches.
 """
 
 from __future__ import annotations
@@ -26,6 +26,22 @@ ROOT = Path(__file__).resolve().parents[2]
 PYTHON = ROOT / ".venv-torchtitan" / "bin" / "python"
 PROBE = Path(__file__).with_name("torchtitan_probe.py")
 BATCHES = 3  # the dataloader's first batches, compared with DTP's trainer's
+# Run in .venv-torchtitan: for each flavor of the train spec, whether torchtitan's RoPE rotations (as its decoder
+# computes them from the flavor's arguments) are exactly DTP's for the same model.
+ROPE_PROBE = """
+import json
+import torch
+import torchtitan_shape
+from torchtitan.models.llama3.model.model import precompute_freqs_cis
+from torchtitan.protocols.train_spec import get_train_spec
+from model import MODELS, rope_frequencies
+
+found = {}
+for name, args in get_train_spec(torchtitan_shape.TRAIN_SPEC).model_args.items():
+    theirs = precompute_freqs_cis(args.dim // args.n_heads, 4096, args.rope_theta, args.rope_scaling_args)
+    found[name] = torch.equal(theirs, rope_frequencies(MODELS[name], 4096))
+print(json.dumps(found))
+"""
 
 # On CI (``CI`` set), where scripts/setup has made it, a missing .venv-torchtitan fails these tests: no silent skip.
 pytestmark = pytest.mark.skipif(
@@ -84,6 +100,18 @@ def test_every_dense_dtp_model_is_a_torchtitan_flavor_of_the_same_size(probe: di
     assert probe["models"].keys() == dense.keys()
     for name, args in dense.items():
         assert probe["models"][name] == {"parameters": count_parameters(args), "ffn_dim": args.ffn_dim}, name
+
+
+def test_every_flavor_rotates_as_dtps_model_does(trainer_mfu: ModuleType) -> None:
+    """Llama 3.1 and 3.2 scale RoPE (Meta's "llama3" scaling), the others do not: torchtitan's side of the
+    benchmark has the same rotations as DTP's, bit for bit, whichever the model."""
+    env = {"PYTHONPATH": ":".join(str(p) for p in trainer_mfu.TORCHTITAN_PATH), "PATH": "/usr/bin:/bin"}
+    done = subprocess.run(
+        [str(PYTHON), "-c", ROPE_PROBE], capture_output=True, text=True, env=env, timeout=300, check=False
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    dense = [name for name, args in MODELS.items() if not args.n_experts]
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == dict.fromkeys(dense, True)
 
 
 def test_torchtitans_decoder_with_dtps_weights_computes_dtps_logits(probe: dict) -> None:
