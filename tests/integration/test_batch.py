@@ -1,5 +1,9 @@
 """The Batch platform against the local emulator: one compute environment, queue and job definition per run,
-a multi-node job submitted to them, verified teardown."""
+a multi-node parallel job submitted to them, verified teardown.
+
+The runs are single-node: the emulator creates no compute environment without securityGroupIds, which a compute
+environment with a launch template leaves to the template's network interfaces, and a job on more nodes needs one
+(``BatchPlatform.check``)."""
 
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ from dtp.params import TrainParams, parse_params
 from dtp.pipeline import jobs
 from dtp.pipeline.graph import submit_prepared_batch_job
 from dtp.pipeline.spec import run_spec
+from dtp.platforms.base import PlatformNotReady
 from dtp.platforms.batch import ACTIVE_JOB_STATES, DIGEST_TAG, BatchPlatform
 
 pytestmark = pytest.mark.stack
@@ -27,12 +32,14 @@ ASSUME_ECS = {
 }
 
 
+def _spec(num_nodes: int) -> dict:
+    conf = {"platform": "batch", "recipe": "tiny", "instance_type": "m5.2xlarge", "num_nodes": num_nodes}
+    return run_spec(parse_params(TrainParams, conf), "it_batch", f"manual__{uuid.uuid4().hex}")
+
+
 @pytest.fixture
 def spec(stack) -> dict:
-    params = parse_params(
-        TrainParams, {"platform": "batch", "recipe": "tiny", "instance_type": "m5.2xlarge", "num_nodes": 2}
-    )
-    return run_spec(params, "it_batch", f"manual__{uuid.uuid4().hex}")
+    return _spec(num_nodes=1)
 
 
 @pytest.fixture
@@ -110,14 +117,15 @@ def test_provision_twice_then_a_job_then_teardown_leaves_nothing(spec, outputs, 
             "job_definition": None,
             "scheduler": "batch",
             "shared_dir": "/fsx",
-            "nodes": 2,
+            "nodes": 1,
         }
         left = _left(aws, run_key)
         assert [len(items) for items in left.values()] == [1, 1, 1]
         (environment,), (queue,), (definition,) = left.values()
         assert (environment["status"], environment["state"], queue["status"]) == ("VALID", "ENABLED", "VALID")
         resources = environment["computeResources"]
-        assert (resources["subnets"], resources["maxvCpus"]) == ([outputs["PrivateSubnet"]], 16)
+        assert (resources["subnets"], resources["maxvCpus"]) == ([outputs["PrivateSubnet"]], 8)
+        assert resources["securityGroupIds"] == [outputs["SecurityGroup"]]
         assert definition["jobDefinitionArn"] == cluster["job_definition"]
         assert (definition["type"], definition["revision"], definition["tags"]["dtp:run"]) == ("multinode", 1, run_key)
 
@@ -128,7 +136,7 @@ def test_provision_twice_then_a_job_then_teardown_leaves_nothing(spec, outputs, 
         assert (job["status"], job["jobName"], job["nodeProperties"]["numNodes"]) == (
             "SUCCEEDED",
             f"{run_key}-train",
-            2,
+            1,
         )
     finally:
         result = platform.teardown(spec)
@@ -146,6 +154,18 @@ def test_provision_twice_then_a_job_then_teardown_leaves_nothing(spec, outputs, 
         "deregistered_job_definitions": [],
         "deleted_job_queue": False,
         "deleted_compute_environment": False,
+    }
+
+
+def test_a_multi_node_run_without_a_launch_template_creates_nothing(spec, outputs, roles, aws) -> None:
+    """Its hosts would get no /fsx to share the run's files through: refused before any request is sent."""
+    multi_node = _spec(num_nodes=2)
+    with pytest.raises(PlatformNotReady, match=r"no launchTemplate .* but the job runs on 2 nodes"):
+        BatchPlatform(poll_seconds=1).provision(multi_node, outputs)
+    assert _left(aws, multi_node["names"]["run_key"]) == {
+        "compute_environments": [],
+        "job_queues": [],
+        "job_definitions": [],
     }
 
 
@@ -203,7 +223,7 @@ def test_the_pipelines_jobs_run_on_the_runs_queue_once_per_name(
         # As train_e2e submits it; no task instance here to hold the console links.
         return submit_prepared_batch_job("run_job_on_batch", job, poll_interval=1, do_xcom_push=False)
 
-    def run(op: BatchJobOperator) -> str:
+    def run(op: BatchJobOperator) -> str | None:
         try:
             return op.execute({})
         except TaskDeferred as deferred:
@@ -229,7 +249,7 @@ def test_the_pipelines_jobs_run_on_the_runs_queue_once_per_name(
         first.submit_job({})
         retried = operator(preflight)
         retried.submit_job({})
-        assert retried.job_id == first.job_id  # a retry waits on its first try's job
+        assert first.job_id and retried.job_id == first.job_id  # a retry waits on its first try's job
         submitted = _ended(aws, first.job_id)
         assert submitted["status"] == "SUCCEEDED" and submitted["timeout"] == {"attemptDurationSeconds": 900}
         assert run(operator(preflight)) == first.job_id  # it succeeded: nothing is submitted again

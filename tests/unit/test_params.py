@@ -237,8 +237,13 @@ def test_instance_type_not_on_platform_lists_what_is() -> None:
 def test_off_slurm_dtps_fsdp_trainer_runs_and_other_frameworks_are_refused(
     platform: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    extra = {"cluster_name": "c"} if platform == "eks" else {"instance_role_arn": INSTANCE_PROFILE}
+    batch = {"instance_role_arn": INSTANCE_PROFILE, "launch_template_id": "lt-0123456789abcdef0"}
+    extra = {"cluster_name": "c"} if platform == "eks" else batch
     monkeypatch.setenv(f"AIRFLOW_CONN_DTP_{platform.upper()}", json.dumps({"conn_type": "generic", "extra": extra}))
+    # Batch's multi-node EFA jobs need the launch template, which mounts a file system of an existing VPC.
+    vpc = {"vpc_id": "vpc-0123456789abcdef0", "private_subnet": "subnet-0123456789abcdef0"}
+    vpc["security_group"] = "sg-0123456789abcdef0"
+    monkeypatch.setenv("AIRFLOW_CONN_DTP_NETWORK", json.dumps({"conn_type": "generic", "extra": vpc}))
     conf = {"platform": platform, "instance_type": "p5.48xlarge", "num_nodes": 2, "budget_usd": 1000.0}
     spec = build_spec({}, {**conf, "recipe": "llama3_1_8b"}, NAMES)
     assert (spec["params"]["platform"], spec["recipe"]["framework"]) == (platform, "fsdp")

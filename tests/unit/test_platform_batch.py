@@ -10,14 +10,19 @@ from typing import Any
 
 import pytest
 
+from dtp.naming import RunNames
 from dtp.params import ParamsError, TrainParams, parse_params
-from dtp.pipeline.spec import run_spec
+from dtp.pipeline.spec import build_spec, run_spec
 from dtp.platforms import get_platform
 from dtp.platforms.base import PlatformNotReady
 from dtp.platforms.batch import LAUNCH, BatchPlatform
 from dtp.platforms.service_models import request_problems
 
-SETTINGS = {"instance_role_arn": "arn:aws:iam::111122223333:instance-profile/ecsInstanceRole"}
+# What a real account's connection holds: multi-node and EFA jobs need the launch template.
+SETTINGS = {
+    "instance_role_arn": "arn:aws:iam::111122223333:instance-profile/ecsInstanceRole",
+    "launch_template_id": "lt-0123456789abcdef0",
+}
 NETWORK = {"SecurityGroup": "sg-0123456789abcdef0", "PrivateSubnet": "subnet-0123456789abcdef0"}
 
 
@@ -73,7 +78,10 @@ def test_shipped_recipes_render_requests_batch_accepts(
     compute = environment["computeResources"]
     assert (compute["type"], compute["minvCpus"], compute["maxvCpus"]) == ("EC2", 0, vcpus * num_nodes)
     assert compute["instanceTypes"] == [instance_type]
-    assert (compute["subnets"], compute["securityGroupIds"]) == (["subnet-0123456789abcdef0"], ["sg-0123456789abcdef0"])
+    assert compute["subnets"] == ["subnet-0123456789abcdef0"]
+    # The launch template's EFA interfaces carry the security group: EC2 refuses instance-level ones with them.
+    assert "securityGroupIds" not in compute
+    assert compute["launchTemplate"] == {"launchTemplateId": "lt-0123456789abcdef0", "version": "$Latest"}
     assert compute["instanceRole"] == SETTINGS["instance_role_arn"]
     assert "serviceRole" not in environment and "placementGroup" not in compute
     assert environment["tags"]["dtp:run"] == compute["tags"]["dtp:run"] == run_key
@@ -164,6 +172,60 @@ def test_optional_settings_reach_the_compute_environment(settings) -> None:
         "public.ecr.aws/example/pytorch:2.6"
     )
     assert platform.max_nodes() == 4
+
+
+@pytest.mark.parametrize(
+    ("conf", "needs"),
+    [
+        ({"num_nodes": 1}, "the job maps 32 EFA devices (/dev/infiniband/uverbs*):"),
+        ({"recipe": "tiny", "instance_type": "m5.2xlarge", "num_nodes": 2}, "the job runs on 2 nodes, which share"),
+        ({"num_nodes": 2}, "the job maps 32 EFA devices (/dev/infiniband/uverbs*) and runs on 2 nodes, which share"),
+    ],
+)
+def test_without_a_launch_template_efa_and_multi_node_jobs_are_refused_before_anything_exists(
+    settings, monkeypatch, conf, needs
+) -> None:
+    """Without the launch template the hosts get no EFA interfaces (the container's devices do not exist) and no
+    /fsx: the run is refused at validate_params and provision creates nothing."""
+    settings(launch_template_id="")
+    platform = BatchPlatform()
+    problems = platform.check(platform.render(spec_for(**conf), NETWORK))
+    assert len(problems) == 1 and problems[0].startswith(
+        "compute-environment.json: no launchTemplate (connection 'dtp_batch' gives no launch_template_id), but "
+    )
+    assert needs in problems[0]
+    assert problems[0].endswith("user data that mounts the FSx for Lustre file system at /fsx")
+    efa = "one network interface of InterfaceType efa on each network card 0..31, whose Groups hold the run's EFA"
+    assert (efa in problems[0]) == ("EFA devices" in needs)
+
+    monkeypatch.setattr(BatchPlatform, "client", property(lambda _: pytest.fail("provision called Batch")))
+    with pytest.raises(PlatformNotReady, match=r"the Batch requests are invalid:\ncompute-environment.json: no"):
+        platform.provision(spec_for(**conf), NETWORK)
+
+
+def test_validate_params_refuses_a_multi_node_run_without_a_launch_template(settings) -> None:
+    settings(launch_template_id="")
+    conf = {"platform": "batch", "recipe": "tiny", "instance_type": "m5.2xlarge", "num_nodes": 2}
+    with pytest.raises(ParamsError) as info:
+        build_spec({}, conf, RunNames("train_e2e", "manual__1"))
+    assert "platform: 'batch' would be refused its cluster:" in str(info.value)
+    assert "no launchTemplate (connection 'dtp_batch' gives no launch_template_id)" in str(info.value)
+
+
+def test_a_single_node_without_efa_needs_no_launch_template_and_gets_the_runs_security_group(settings) -> None:
+    settings(launch_template_id="")
+    platform = BatchPlatform()
+    documents = platform.render(spec_for(recipe="tiny", instance_type="m5.2xlarge", num_nodes=1), NETWORK)
+    assert platform.check(documents) == []
+    compute = requests(documents)[0]["computeResources"]
+    assert compute["securityGroupIds"] == ["sg-0123456789abcdef0"] and "launchTemplate" not in compute
+
+
+def test_the_network_stacks_placement_group_holds_the_nodes(settings) -> None:
+    platform = BatchPlatform()
+    documents = platform.render(spec_for(num_nodes=2), {**NETWORK, "PlacementGroup": "dtp-run-cluster"})
+    assert platform.check(documents) == []
+    assert requests(documents)[0]["computeResources"]["placementGroup"] == "dtp-run-cluster"
 
 
 def test_check_names_what_batch_would_refuse(settings) -> None:

@@ -24,7 +24,10 @@ SETTINGS = {
     },
     "parallelcluster": {"key_name": "dtp-head"},
     "eks": {"cluster_name": "dtp-training"},
-    "batch": {"instance_role_arn": "arn:aws:iam::111122223333:instance-profile/ecsInstanceRole"},
+    "batch": {
+        "instance_role_arn": "arn:aws:iam::111122223333:instance-profile/ecsInstanceRole",
+        "launch_template_id": "lt-0123456789abcdef0",
+    },
 }
 # DTP launches other frameworks (torchtitan, Megatron-LM, neuronx-distributed, picotron, NeMo) with Slurm batch
 # scripts only.

@@ -6,7 +6,9 @@ per accelerator (reference pattern: Batch's multi-node parallel jobs, whose node
 and the main node's address from ``AWS_BATCH_JOB_*`` variables). ``teardown`` terminates the run's jobs,
 deregisters its job definitions and disables then deletes the queue and the compute environment, waiting until
 each is gone. The shared filesystem is the host's ``/fsx``: ECS cannot mount FSx for Lustre itself, so the
-``dtp_batch`` connection's launch template mounts it on every host (and attaches the EFA interfaces).
+``dtp_batch`` connection's launch template mounts it on every host (and attaches the EFA interfaces); ``check``
+refuses a multi-node job, or an instance type with EFA interfaces, without one. The compute environment joins the
+network stack's cluster placement group where the stack has one (its ``PlacementGroup`` output).
 """
 
 from __future__ import annotations
@@ -55,12 +57,18 @@ LAUNCH = (
 
 
 class BatchSettings(PlatformSettings):
-    """the account's Batch settings: instance_role_arn and optional service_role_arn, launch_template_id, image"""
+    """the account's Batch settings: instance_role_arn and optional service_role_arn, launch_template_id, image
+
+    The launch template (needed for a multi-node job or an instance type with EFA interfaces) mounts FSx for Lustre
+    at /fsx on each host and holds one network interface of InterfaceType efa per EFA interface of the instance
+    type; those interfaces must carry the run's EFA security group (the ``dtp_network`` connection's
+    ``security_group``): with a launch template the compute environment sets no security groups of its own, since
+    EC2 refuses instance-level security groups together with network interfaces."""
 
     instance_role_arn: str = Field(pattern=r"^arn:aws[a-z-]*:iam::\d{12}:instance-profile/[\w+=,.@/-]+$")
     # Empty: Batch uses its service-linked role.
     service_role_arn: str = Field("", pattern=r"^$|^arn:aws[a-z-]*:iam::\d{12}:role/[\w+=,.@/-]+$")
-    # Mounts FSx for Lustre at /fsx on each host and attaches the instance type's EFA interfaces.
+    # Mounts FSx for Lustre at /fsx on each host and attaches the instance type's EFA interfaces (see above).
     launch_template_id: str = Field("", pattern=r"^$|^lt-[0-9a-f]{8,17}$")
     max_nodes: int = Field(16, ge=1)
     # The training container when no DTP image is published for batch; the programs are then staged on FSx.
@@ -128,14 +136,19 @@ class BatchPlatform:
             "maxvCpus": instance["vcpus"] * num_nodes,
             "instanceTypes": [instance_type],
             "subnets": [network["PrivateSubnet"]],
-            "securityGroupIds": [network["SecurityGroup"]],
             "instanceRole": settings.instance_role_arn,
             "ec2Configuration": [{"imageType": "ECS_AL2023_NVIDIA" if is_nvidia(instance) else "ECS_AL2023"}],
             "tags": spec["tags"],
         }
+        # The launch template's network interfaces carry the security groups: Batch would put securityGroupIds on
+        # the instances, and EC2 refuses those together with network interfaces.
         if settings.launch_template_id:
             compute["launchTemplate"] = {"launchTemplateId": settings.launch_template_id, "version": "$Latest"}
-        # No cluster placement group: Batch only takes an existing one and DTP creates none (the emulator has none).
+        else:
+            compute["securityGroupIds"] = [network["SecurityGroup"]]
+        # Batch takes only an existing placement group: the network stack's, where it has one.
+        if placement_group := network.get("PlacementGroup"):
+            compute["placementGroup"] = placement_group
         environment: dict[str, Any] = {
             "computeEnvironmentName": f"{run_key}-ce",
             "type": "MANAGED",
@@ -234,6 +247,7 @@ class BatchPlatform:
             for order in queue.get("computeEnvironmentOrder", [])
             if order.get("computeEnvironment") != environment.get("computeEnvironmentName")
         ]
+        problems += _launch_template_problems(environment, definition, self.conn_id)
         return problems + _node_problems(definition.get("nodeProperties") or {})
 
     # --- lifecycle --------------------------------------------------------------------------------------------------
@@ -360,6 +374,38 @@ def _launch(spec: dict[str, Any], runtime: dict[str, str], program: str, *args: 
     programs = runtime.get("training_dir") or str(run_dir(spec, {"shared_dir": FSX_MOUNT}) / "programs")
     procs = str(spec["instance"]["accelerators_per_node"])
     return ["sh", "-c", LAUNCH, "torchrun", "--nproc_per_node", procs, f"{programs}/{program}", *args]
+
+
+def _launch_template_problems(environment: dict[str, Any], definition: dict[str, Any], conn_id: str) -> list[str]:
+    """A job that needs what only a launch template gives its hosts (EFA interfaces, the shared ``/fsx``) in a
+    compute environment without one (``conn_id``'s launch_template_id)."""
+    if (environment.get("computeResources") or {}).get("launchTemplate"):
+        return []
+    nodes = definition.get("nodeProperties") or {}
+    containers = [node_range.get("container") or {} for node_range in nodes.get("nodeRangeProperties", [])]
+    efa = max((len(_efa_devices(container)) for container in containers), default=0)
+    count = nodes.get("numNodes", 0)
+    needs = [f"maps {efa} EFA devices (/dev/infiniband/uverbs*)"] if efa else []
+    needs += [f"runs on {count} nodes, which share the run's files through {FSX_MOUNT}"] if count > 1 else []
+    if not needs:
+        return []
+    interfaces = (
+        f"one network interface of InterfaceType efa on each network card 0..{efa - 1}, whose Groups hold the run's "
+        "EFA security group (the dtp_network connection's security_group), and "
+        if efa
+        else ""
+    )
+    return [
+        f"compute-environment.json: no launchTemplate (connection {conn_id!r} gives no launch_template_id), but the "
+        f"job {' and '.join(needs)}: give launch_template_id, a launch template with {interfaces}user data that "
+        f"mounts the FSx for Lustre file system at {FSX_MOUNT}"
+    ]
+
+
+def _efa_devices(container: dict[str, Any]) -> list[str]:
+    """The EFA devices (``/dev/infiniband/uverbs*``) a job definition's container maps from its host."""
+    devices = (container.get("linuxParameters") or {}).get("devices", [])
+    return [d["hostPath"] for d in devices if str(d.get("hostPath", "")).startswith("/dev/infiniband/")]
 
 
 def _node_problems(nodes: dict[str, Any]) -> list[str]:
