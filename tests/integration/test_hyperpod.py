@@ -148,6 +148,8 @@ def test_on_eks_the_cluster_comes_and_goes_even_when_its_eks_cluster_is_out_of_r
     eks_arn = "arn:aws:eks:us-east-1:123456789012:cluster/dtp-training"
     conn["extra"] |= {"base_config_uri": "s3://dtp-eks-base-config/eks/", "eks": {"cluster_arn": eks_arn}}
     monkeypatch.setenv("AIRFLOW_CONN_DTP_HYPERPOD", json.dumps(conn))
+    # HyperPod on EKS goes into the EKS cluster's VPC, which dtp_network names (the stack's network stands in).
+    spec = {**spec, "existing_network": {k: outputs[k] for k in ("VPC", "PrivateSubnet", "SecurityGroup")}}
     platform = HyperPodPlatform()
     run_key, bucket = spec["names"]["run_key"], platform.settings.lifecycle_bucket
     try:

@@ -235,13 +235,33 @@ def test_a_cluster_that_failed_for_capacity_moves_on_to_the_next_placement() -> 
 
 EKS_ARN = "arn:aws:eks:us-east-1:111122223333:cluster/dtp-training"
 ON_EKS = {"base_config_uri": "s3://dtp-lifecycle/eks-base-config/", "eks": {"cluster_arn": EKS_ARN}}
+# The EKS cluster's VPC, as the dtp_network connection names it (dtp.pipeline.network.ExistingNetwork).
+EKS_VPC = {
+    "vpc_id": "vpc-0123456789abcdef0",
+    "private_subnet": "subnet-0aaaaaaaaaaaaaaaa",
+    "fallback_private_subnet": "subnet-0bbbbbbbbbbbbbbbb",
+    "security_group": "sg-0cccccccccccccccc",
+}
 
 
-def test_on_eks_the_nodes_join_the_eks_cluster_labelled_with_the_run(settings) -> None:
+@pytest.fixture
+def eks_vpc(monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """The dtp_network connection naming the EKS cluster's VPC; the outputs the runs' clusters go into."""
+    monkeypatch.setenv("AIRFLOW_CONN_DTP_NETWORK", json.dumps({"conn_type": "generic", "extra": EKS_VPC}))
+    return {
+        "VPC": EKS_VPC["vpc_id"],
+        "PrivateSubnet": EKS_VPC["private_subnet"],
+        "PublicSubnet": EKS_VPC["private_subnet"],
+        "FallbackPrivateSubnet": EKS_VPC["fallback_private_subnet"],
+        "SecurityGroup": EKS_VPC["security_group"],
+    }
+
+
+def test_on_eks_the_nodes_join_the_eks_cluster_labelled_with_the_run(settings, eks_vpc) -> None:
     settings(**ON_EKS)
-    spec = spec_for(recipe="llama3_1_8b", num_nodes=4)
+    spec = {**spec_for(recipe="llama3_1_8b", num_nodes=4), "existing_network": eks_vpc}
     platform = HyperPodPlatform()
-    documents = platform.render(spec, NETWORK)
+    documents = platform.render(spec, eks_vpc)
     assert set(documents) == {"cluster-config.json"}  # no Slurm provisioning parameters: the base-config's own
     assert platform.check(documents) == []
     request = json.loads(documents["cluster-config.json"])
@@ -253,7 +273,24 @@ def test_on_eks_the_nodes_join_the_eks_cluster_labelled_with_the_run(settings) -
         4,
     )
     assert group["KubernetesConfig"] == {"Labels": {"dtp.dev/run": spec["names"]["run_key"]}}
+    vpc = {"SecurityGroupIds": [EKS_VPC["security_group"]], "Subnets": [EKS_VPC["private_subnet"]]}
+    assert request["VpcConfig"] == vpc  # the EKS cluster's VPC, where the nodes reach its control plane
     assert platform.scheduler == "kubernetes"
+
+
+def test_on_eks_a_run_outside_the_eks_clusters_vpc_is_refused_before_anything_exists(
+    settings, eks_vpc, monkeypatch
+) -> None:
+    # The nodes must reach the EKS control plane from its VPC: a VPC made for the run (no dtp_network) cannot.
+    settings(**ON_EKS, fsx_dns_name="", fsx_mount_name="")
+    conf = {"platform": "hyperpod", "recipe": "llama3_1_8b", "instance_type": "p5.48xlarge", "budget_usd": 2000.0}
+    assert build_spec({}, conf, NAMES)["existing_network"] == eks_vpc  # the nodes go into the EKS cluster's VPC
+    monkeypatch.delenv("AIRFLOW_CONN_DTP_NETWORK")
+    with pytest.raises(PlatformNotReady, match=r"EKS cluster dtp-training .* define the 'dtp_network' connection"):
+        build_spec({}, conf, NAMES)
+    # A Slurm-orchestrated cluster brings its own controller: the run's own VPC serves it.
+    settings(fsx_dns_name="", fsx_mount_name="")
+    assert build_spec({}, conf, NAMES)["existing_network"] == {}
 
 
 def test_on_eks_the_runs_pytorchjobs_run_on_its_healthy_nodes(settings) -> None:
@@ -288,8 +325,8 @@ def test_on_eks_settings_name_what_is_missing(settings, extra, problem) -> None:
         _ = HyperPodPlatform().scheduler
 
 
-def test_on_eks_another_frameworks_recipe_is_refused_before_anything_exists(settings) -> None:
-    settings(**ON_EKS, fsx_dns_name="", fsx_mount_name="")  # an existing file system needs dtp_network too
+def test_on_eks_another_frameworks_recipe_is_refused_before_anything_exists(settings, eks_vpc) -> None:
+    settings(**ON_EKS)
     conf = {"platform": "hyperpod", "instance_type": "p5.48xlarge", "num_nodes": 4, "budget_usd": 2000.0}
     assert build_spec({}, {**conf, "recipe": "llama3_1_8b"}, NAMES)["params"]["platform"] == "hyperpod"
     with pytest.raises(ParamsError, match="which trains with nemo; on hyperpod DTP runs its own FSDP trainer"):

@@ -61,6 +61,13 @@ def test_the_nodes_boot_the_ami_family_of_their_accelerators(instance_type: str,
         ("llama3_1_70b", "p4de.24xlarge", 16, {"fsx_file_system_id": "fs-0123456789abcdef0"}, None),
         ("llama3_1_70b_megatron", "p5.48xlarge", 2, {"custom_ami": "ami-0123456789abcdef0"}, "ami-0aaaaaaaaaaaaaaaa"),
         ("llama3_1_8b_trn1", "trn1n.32xlarge", 2, {"capacity_reservation_id": "cr-0123456789abcdef0"}, None),
+        (
+            "llama3_1_8b",
+            "p5.48xlarge",
+            2,
+            {"capacity_reservation_id": "cr-0123456789abcdef0", "capacity_type": "CAPACITY_BLOCK"},
+            None,
+        ),
         ("tiny", "g5.48xlarge", 1, {"os": "alinux2023", "fsx_storage_capacity_gib": 2400}, "ami-0aaaaaaaaaaaaaaaa"),
     ],
 )
@@ -104,6 +111,8 @@ def test_rendered_configs_pass_the_parallelcluster_schema(
     reservation = settings.get("capacity_reservation_id")
     assert queue.get("CapacityReservationTarget") == ({"CapacityReservationId": reservation} if reservation else None)
     assert queue["Networking"]["PlacementGroup"] == {"Enabled": not reservation}
+    # A Capacity Block's instances launch only with its capacity type; any other reservation's on demand.
+    assert queue["CapacityType"] == settings.get("capacity_type", "ONDEMAND")
 
 
 def _mutated(documents: dict[str, str], change: Any) -> dict[str, str]:
@@ -197,6 +206,8 @@ def test_missing_settings_connection_is_named(monkeypatch) -> None:
         ({"key_name": "k", "fsx_file_system_id": "fs-123"}, "fsx_file_system_id: String should match pattern"),
         ({"key_name": "k", "custom_ami": "ami-xyz"}, "custom_ami: String should match pattern"),
         ({"key_name": "k", "capacity_reservation_id": "cr-1"}, "capacity_reservation_id: String should match"),
+        ({"key_name": "k", "capacity_type": "SPOT"}, "capacity_type: Input should be 'ONDEMAND' or 'CAPACITY_BLOCK'"),
+        ({"key_name": "k", "capacity_type": "CAPACITY_BLOCK"}, "CAPACITY_BLOCK needs capacity_reservation_id"),
         ({"key_name": "k", "os": "windows"}, "os: Input should be"),
         ({"key_name": "k", "fsx_throughput_per_tib": 300}, "fsx_throughput_per_tib: Input should be"),
         ({"key_name": "k", "max_nodes": 0}, "max_nodes: Input should be greater than or equal to 1"),

@@ -15,7 +15,9 @@ local profile, the stack's Slurm cluster stands in for the controller's.
 
 With ``eks`` in the connection, the cluster's orchestrator is that EKS cluster instead: the compute group's
 nodes join it, labelled with the run, and the run's jobs are PyTorchJobs pinned to them (``dtp.platforms.eks``
-renders them); there is no controller group, and the base-config is the reference's EKS lifecycle scripts.
+renders them); there is no controller group, and the base-config is the reference's EKS lifecycle scripts. The
+nodes must reach the EKS cluster's control plane from its VPC, so such a run needs the ``dtp_network`` connection
+naming that VPC's subnets and a security group the cluster accepts; it is refused before anything exists without.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from dtp.hooks.hyperpod import HyperPodHook
 from dtp.hooks.pytorchjob import PyTorchJobHook
 from dtp.hooks.slurm import SlurmHook
 from dtp.naming import OWNER, TAG_PREFIX, aws_tags
+from dtp.pipeline.network import NETWORK_CONN_ID
 from dtp.platforms.base import PlatformNotReady, PlatformSettings, Scheduler, stop_before_delete
 from dtp.platforms.capacity import Placement, instance_fields, is_capacity_error, is_capacity_failure, placements
 from dtp.platforms.containers import FSX_MOUNT, image_runtime
@@ -161,8 +164,18 @@ class HyperPodPlatform:
     def render(
         self, spec: dict[str, Any], network: dict[str, str], placement: Placement | None = None
     ) -> dict[str, str]:
-        """The CreateCluster request and provisioning parameters; ``placement`` overrides the run's first one."""
+        """The CreateCluster request and provisioning parameters; ``placement`` overrides the run's first one.
+
+        On EKS, refused (``PlatformNotReady``) unless the run's network is the existing one ``dtp_network`` names:
+        a VPC made for the run could not reach the EKS cluster's control plane."""
         settings = self.settings
+        if settings.eks and not spec.get("existing_network"):
+            raise PlatformNotReady(
+                f"HyperPod on EKS ({self.conn_id}'s eks): the nodes join EKS cluster {settings.eks.cluster_name} "
+                "and must reach its control plane from its VPC, while each run makes a VPC of its own: define the "
+                f"{NETWORK_CONN_ID!r} connection with that VPC's private subnets and a security group the EKS "
+                "cluster accepts (see the README's Going to a real AWS account)"
+            )
         placement = placement or Placement(spec["params"]["instance_type"], network["PrivateSubnet"])
         instance_type = placement.instance_type
         lifecycle = {"SourceS3Uri": self.lifecycle_uri(spec), "OnCreate": ON_CREATE.name}

@@ -23,7 +23,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from dtp.hooks.stacks import StackHook
 from dtp.platforms.base import PlatformNotReady, PlatformSettings, stop_before_delete
@@ -55,7 +55,8 @@ DRYRUN_PASSED = "Request would have succeeded, but DryRun flag is set."
 class ParallelClusterSettings(PlatformSettings):
     """the ParallelCluster account settings as JSON: key_name (the head node's EC2 key pair) and optionally
     fsx_file_system_id (an existing FSx for Lustre file system; empty: a new PERSISTENT_2 one per cluster),
-    custom_ami, capacity_reservation_id, head_node_instance_type, os, slurm_conn_id, max_nodes, pcluster"""
+    custom_ami, capacity_reservation_id with capacity_type (CAPACITY_BLOCK for an EC2 Capacity Block, else
+    ONDEMAND), head_node_instance_type, os, slurm_conn_id, max_nodes, pcluster"""
 
     key_name: str = Field(min_length=1, max_length=255)
     head_node_instance_type: str = Field("m5.8xlarge", pattern=r"^[a-z0-9]+(-[a-z0-9]+)?\.[a-z0-9]+$")
@@ -64,10 +65,18 @@ class ParallelClusterSettings(PlatformSettings):
     fsx_throughput_per_tib: Literal[125, 250, 500, 1000] = 250
     custom_ami: str = Field("", pattern=r"^$|^ami-[0-9a-f]{8}([0-9a-f]{9})?$")
     capacity_reservation_id: str = Field("", pattern=r"^$|^cr-[0-9a-f]{17}$")
+    # How the compute nodes are bought: a Capacity Block reservation is usable only as CAPACITY_BLOCK.
+    capacity_type: Literal["ONDEMAND", "CAPACITY_BLOCK"] = "ONDEMAND"
     os: Literal["alinux2023", "ubuntu2204", "ubuntu2404", "rhel8", "rocky8", "rhel9", "rocky9"] = "ubuntu2204"
     slurm_conn_id: str = Field("dtp_parallelcluster_slurm", pattern=r"^[A-Za-z0-9_-]{1,64}$")
     max_nodes: int = Field(64, ge=1, le=512)
     pcluster: str = str(PCLUSTER_VENV / "bin" / "pcluster")
+
+    @model_validator(mode="after")
+    def _capacity_block_needs_its_reservation(self) -> ParallelClusterSettings:
+        if self.capacity_type == "CAPACITY_BLOCK" and not self.capacity_reservation_id:
+            raise ValueError("capacity_type CAPACITY_BLOCK needs capacity_reservation_id, the Capacity Block's id")
+        return self
 
 
 class PclusterError(RuntimeError):
@@ -240,6 +249,7 @@ class ParallelClusterPlatform:
             key_name=settings.key_name,
             network=network,
             capacity_reservation_id=settings.capacity_reservation_id,
+            capacity_type=settings.capacity_type,
             compute_resource=instance_type.replace(".", "-"),
             instance_type=instance_type,
             num_nodes=spec["params"]["num_nodes"],
