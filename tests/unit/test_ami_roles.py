@@ -124,3 +124,107 @@ def test_ansible_may_use_the_ssh_rsa_keys_of_packer_s_proxy() -> None:
     provisioner = template[template.index('provisioner "ansible"') :]
     (ssh_args,) = re.findall(r'"ANSIBLE_SSH_ARGS=([^"]*)"', provisioner)
     assert {"HostKeyAlgorithms=+ssh-rsa", "PubkeyAcceptedKeyTypes=+ssh-rsa"} <= set(ssh_args.split())
+
+
+@pytest.mark.parametrize("family", ami.families_installing("aws_ofi_nccl"))
+def test_aws_ofi_nccl_builds_where_hwloc_is_installed(family: str) -> None:
+    # aws-ofi-nccl's configure stops with "Could not find the hwloc library" without hwloc's headers and library.
+    roles = _playbook_roles(family)
+    assert roles.index("base") < roles.index("aws_ofi_nccl")
+    defaults, _ = _role("base")
+    assert "hwloc-devel" in defaults["base_packages"]
+
+
+def test_enroot_keeps_each_user_s_folders_on_the_compute_nodes_local_disk() -> None:
+    # The families with enroot boot ParallelCluster's compute nodes, which mount their instance store at MountDir.
+    assert ami.families_installing("enroot") and all(
+        f.startswith("pcluster-") for f in ami.families_installing("enroot")
+    )
+    template = (REPO / "include" / "templates" / "parallelcluster" / "cluster-config.yaml.j2").read_text()
+    (mount_dir,) = re.findall(r"EphemeralVolume:\s*\n\s*MountDir:\s*(\S+)", template)
+    defaults, tasks = _role("enroot")
+    local_dir = _resolved(defaults["enroot_local_dir"], defaults)
+    assert local_dir == mount_dir
+    (made,) = [t["ansible.builtin.file"] for t in tasks if "ansible.builtin.file" in t]
+    assert _resolved(made["path"], defaults) == local_dir and made["mode"] == "1777" and made["state"] == "directory"
+    conf = _task(tasks, "ansible.builtin.copy")["ansible.builtin.copy"]
+    assert conf["dest"] == "/etc/enroot/enroot.conf"
+    paths = dict(line.split(None, 1) for line in _resolved(conf["content"], defaults).splitlines())
+    assert set(paths) == {"ENROOT_RUNTIME_PATH", "ENROOT_CACHE_PATH", "ENROOT_DATA_PATH"}
+    for path in paths.values():
+        # enroot makes its folders with `umask 077 && mkdir -p`: the one it makes in the world-writable folder is
+        # its first user's alone, so that one must be per user.
+        assert path.startswith(f"{local_dir}/")
+        assert "$(id -u)" in path.removeprefix(f"{local_dir}/").split("/")[0], path
+    assert len(set(paths.values())) == len(paths)
+
+
+def _loader_path() -> list[str]:
+    """The folders the aws_ofi_nccl role adds to the loader's path."""
+    defaults, tasks = _role("aws_ofi_nccl")
+    (conf,) = [t for t in tasks if str(t.get("ansible.builtin.copy", {}).get("dest", "")).startswith("/etc/ld.so")]
+    assert conf["ansible.builtin.copy"]["dest"].startswith("/etc/ld.so.conf.d/")
+    assert conf["ansible.builtin.copy"]["dest"].endswith(".conf")
+    (handler,) = [h for h in _yaml(ROLES / "aws_ofi_nccl" / "handlers" / "main.yml") if h["name"] == conf["notify"]]
+    assert handler["ansible.builtin.command"]["cmd"] == "ldconfig"
+    return _resolved(conf["ansible.builtin.copy"]["content"], defaults).split()
+
+
+def test_the_ami_puts_nccl_its_plugin_and_the_efa_installer_s_libraries_on_the_loader_s_path() -> None:
+    nccl_defaults, _ = _role("nccl")
+    ofi_defaults, _ = _role("aws_ofi_nccl")
+    # The EFA installer's RPMs (Amazon Linux 2023, every family's source) install libfabric and Open MPI in lib64.
+    assert _loader_path() == [
+        f"{nccl_defaults['nccl_home']}/build/lib", f"{ofi_defaults['aws_ofi_nccl_prefix']}/lib",
+        "/opt/amazon/efa/lib64", "/opt/amazon/openmpi/lib64",
+    ]  # fmt: skip
+
+
+def test_the_preflight_s_nccl_tests_load_the_libraries_the_ami_has() -> None:
+    preflight = (REPO / "include" / "templates" / "slurm" / "preflight.sbatch.j2").read_text()
+    (exported,) = re.findall(r'^export LD_LIBRARY_PATH="([^$"]*)\$', preflight, re.M)
+    assert exported.split(":") == _loader_path()
+
+
+@pytest.mark.parametrize(
+    ("installed", "runs"),
+    [
+        ({"rc": 1, "stdout": ""}, True),  # no NVIDIA module for this kernel
+        ({"rc": 0, "stdout": "570.172.08"}, False),
+        ({"rc": 0, "stdout": "535.247.01"}, True),
+        ({"rc": 0, "stdout": "570.172.081"}, True),
+    ],
+)
+def test_the_pinned_nvidia_driver_replaces_any_other_installed(installed: dict[str, Any], runs: bool) -> None:
+    defaults, tasks = _role("nvidia_driver")
+    read = next(t for t in tasks if "modinfo" in str(t.get("ansible.builtin.command")))
+    assert read["ansible.builtin.command"]["cmd"].split() == ["modinfo", "-F", "version", "nvidia"]
+    (replace,) = [t for t in tasks if "block" in t]
+    condition = jinja2.Environment().compile_expression(replace["when"])
+    assert condition(nvidia_driver_version="570.172.08", **{read["register"]: installed}) is runs
+    # The daemons holding the kernel modules stop and the modules unload before the installer runs.
+    names = [t["name"] for t in replace["block"]]
+    stop = next(t for t in replace["block"] if t.get("ansible.builtin.systemd_service", {}).get("state") == "stopped")
+    assert _resolved(stop["loop"], defaults) == str(["nvidia-persistenced", "nvidia-fabricmanager"])
+    unload = next(t for t in replace["block"] if "/proc/modules" in str(t.get("ansible.builtin.shell")))
+    install = next(t for t in replace["block"] if ".run --silent" in str(t.get("ansible.builtin.command")))
+    assert names.index(stop["name"]) < names.index(unload["name"]) < names.index(install["name"])
+    assert "creates" not in install["ansible.builtin.command"]
+    # nvidia itself last: the other modules use it.
+    (modules,) = re.findall(r"for module in ([\w ]+); do", unload["ansible.builtin.shell"]["cmd"])
+    assert modules.split()[-1] == "nvidia" and {"nvidia_uvm", "nvidia_drm", "nvidia_modeset"} <= set(modules.split())
+    assert 'rmmod "$module"' in unload["ansible.builtin.shell"]["cmd"]
+
+
+def test_the_persistence_daemon_has_a_unit_to_enable() -> None:
+    # The driver's runfile installs the daemon but no unit for it.
+    defaults, tasks = _role("nvidia_driver")
+    unit = next(t["ansible.builtin.copy"] for t in tasks if "ansible.builtin.copy" in t)
+    assert unit["dest"] == "/etc/systemd/system/nvidia-persistenced.service"
+    text = (ROLES / "nvidia_driver" / "files" / unit["src"]).read_text()
+    assert re.search(r"^ExecStart=/usr/bin/nvidia-persistenced .*--persistence-mode", text, re.M)
+    assert "WantedBy=multi-user.target" in text
+    enable = next(t for t in tasks if t.get("ansible.builtin.systemd_service", {}).get("enabled"))
+    assert enable["ansible.builtin.systemd_service"]["daemon_reload"] is True
+    assert "nvidia-persistenced" in _resolved(enable["loop"], defaults)
+    assert tasks.index(next(t for t in tasks if "ansible.builtin.copy" in t)) < tasks.index(enable)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
@@ -23,7 +24,7 @@ from dtp.pipeline.spec import run_spec
 from dtp.platforms import get_platform
 from dtp.platforms.base import PlatformNotReady
 from dtp.recipes import catalogue
-from dtp.templates import render
+from dtp.templates import TEMPLATE_DIR, render
 
 FRAMEWORKS = sorted(FRAMEWORK_IMAGES)
 REFERENCE = "registry.example.com/dtp/{image}@sha256:" + "c" * 64
@@ -225,3 +226,53 @@ def test_a_framework_image_deleted_after_validation_fails_resolve_images_saying_
         PlatformNotReady, match="publish it with container_build image=torchtitan platform=parallelcluster"
     ):
         container.resolve_runtime(get_platform("parallelcluster"), spec, "aws_default")
+
+
+def _instructions(folder: str, stage: str) -> list[tuple[str, str]]:
+    """The instructions of ``stage`` of ``folder``'s Dockerfile, as (keyword, arguments), continuation lines joined."""
+    text = (container.CONTAINERS_DIR / folder / "Dockerfile").read_text()
+    lines = [line for line in text.splitlines() if not line.lstrip().startswith("#")]
+    joined = re.sub(r"\\\n\s*", " ", "\n".join(lines))
+    instructions = [
+        (line.split(None, 1)[0].upper(), line.split(None, 1)[1]) for line in joined.splitlines() if line.strip()
+    ]
+    (start,) = [
+        i for i, (keyword, args) in enumerate(instructions) if keyword == "FROM" and args.endswith(f" AS {stage}")
+    ]
+    end = next((i for i in range(start + 1, len(instructions)) if instructions[i][0] == "FROM"), len(instructions))
+    return instructions[start + 1 : end]
+
+
+def _expanded(text: str, env: dict[str, str]) -> str:
+    """``text`` with the ``${NAME}`` of ``env``'s names replaced by their values, as docker expands them."""
+    return re.sub(r"\$\{(\w+)\}", lambda m: env.get(m.group(1), m.group(0)), text)
+
+
+def _env(instructions: list[tuple[str, str]]) -> dict[str, str]:
+    """The variables the stage's ENV instructions set, each expanded with those set before it."""
+    env: dict[str, str] = {}
+    for pair in (pair for keyword, args in instructions if keyword == "ENV" for pair in shlex.split(args)):
+        name, value = pair.split("=", 1)
+        env[name] = _expanded(value, env)
+    return env
+
+
+def test_nccl_loads_the_images_aws_ofi_nccl_plugin_and_tuner_by_name() -> None:
+    # By name, not as whichever libnccl-net.so the loader finds first: an NGC base may bring net plugins of its own.
+    cuda = _instructions("training", "cuda")
+    env = _env(cuda)
+    assert env["NCCL_NET_PLUGIN"] == "ofi" and env["NCCL_TUNER_PLUGIN"] == "ofi"
+    # NCCL opens libnccl-net-<NCCL_NET_PLUGIN>.so and libnccl-tuner-<NCCL_TUNER_PLUGIN>.so; the build checks
+    # aws-ofi-nccl installed both where LD_LIBRARY_PATH looks.
+    (prefix,) = re.findall(r"--prefix=(\S+)", next(args for keyword, args in cuda if "aws-ofi-nccl" in args))
+    assert f"{prefix}/lib" in env["LD_LIBRARY_PATH"].split(":")
+    checks = [_expanded(args, env) for keyword, args in cuda if keyword == "RUN"]
+    for library in ("libnccl-net-ofi.so", "libnccl-tuner-ofi.so"):
+        assert any(f"test -e {prefix}/lib/{library}" in check for check in checks), library
+
+
+def test_the_neuron_image_leaves_the_neuron_core_count_to_the_job() -> None:
+    # The count differs between Trainium instance types (2 on trn1.2xlarge): the launch template sets it per run.
+    assert "NEURON_RT_NUM_CORES" not in _env(_instructions("neuron", "fsdp"))
+    launch = (TEMPLATE_DIR / TEMPLATES["neuronx-distributed"]).read_text()
+    assert "export NEURON_RT_NUM_CORES={{ procs_per_node }}\n" in launch
