@@ -1,5 +1,6 @@
-"""The run's network stack against the local emulator: idempotent create, outputs, verified teardown; the stack of
-a platform that needs no network (EKS): the bucket alone."""
+"""The run's network stack against the local emulator: idempotent create, outputs, verified teardown; subnets in
+zones that offer the run's instance type, S3 through a gateway endpoint; the stack of a platform that needs no
+network (EKS): the bucket alone."""
 
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ BROKEN_TEMPLATE = (
 def spec(stack) -> dict:
     names = RunNames("it_network", f"manual__{uuid.uuid4().hex}")
     return {
-        "params": {"keep_cluster": False},
+        "params": {"keep_cluster": False, "platform": "batch", "instance_type": "m5.2xlarge"},
         "names": names.as_dict(),
         "tags": resource_tags(names, "tiny", expiry(1)),
     }
@@ -65,9 +66,7 @@ def test_create_twice_makes_one_stack_and_teardown_leaves_nothing(spec, aws) -> 
     }
     subnets = ec2.describe_subnets(SubnetIds=[outputs["PrivateSubnet"], outputs["FallbackPrivateSubnet"]])["Subnets"]
     zones = {s["SubnetId"]: s["AvailabilityZone"] for s in subnets}
-    assert [zones[outputs["PrivateSubnet"]], zones[outputs["FallbackPrivateSubnet"]]] == network.availability_zones(
-        AWS
-    )[:2]
+    assert (zones[outputs["PrivateSubnet"]], zones[outputs["FallbackPrivateSubnet"]]) == network.subnet_zones(spec, AWS)
     s3 = aws("s3")
     tags = {t["Key"]: t["Value"] for t in s3.get_bucket_tagging(Bucket=outputs["DataBucket"])["TagSet"]}
     assert tags["dtp:run"] == run_key and "dtp:expires-at" in tags
@@ -88,6 +87,35 @@ def test_create_twice_makes_one_stack_and_teardown_leaves_nothing(spec, aws) -> 
     assert _stacks_named(aws, spec["names"]["network_stack"]) == []
     # A retried teardown finds nothing to do and still succeeds.
     assert network.teardown_network(spec, AWS)["stack_status"] == {spec["names"]["network_stack"]: "DELETE_COMPLETE"}
+
+
+def test_the_subnets_are_in_zones_offering_the_type_and_s3_skips_the_nat_gateway(spec, aws) -> None:
+    """The emulator offers p4de.24xlarge in us-east-1b and c only (not in a, the region's first zone); the private
+    route table sends S3 traffic to the gateway endpoint. (The emulator makes no placement groups: the template's
+    is checked in tests/unit/test_network.py.)"""
+    spec = {**spec, "params": {**spec["params"], "instance_type": "p4de.24xlarge"}}
+    network.plan_network_stack(spec, AWS)
+    network.create_network_stack(spec, AWS)
+    try:
+        outputs = network.network_outputs(spec, AWS)
+        ec2 = aws("ec2")
+        subnets = ec2.describe_subnets(SubnetIds=[outputs["PrivateSubnet"], outputs["FallbackPrivateSubnet"]])
+        zones = {s["SubnetId"]: s["AvailabilityZone"] for s in subnets["Subnets"]}
+        assert zones == {outputs["PrivateSubnet"]: "us-east-1b", outputs["FallbackPrivateSubnet"]: "us-east-1c"}
+        # The private route table: the one whose default route goes to the NAT gateway (the emulator lists no
+        # subnet associations of a stack's route tables).
+        vpc = [{"Name": "vpc-id", "Values": [outputs["VPC"]]}]
+        private = [
+            table["RouteTableId"]
+            for table in ec2.describe_route_tables(Filters=vpc)["RouteTables"]
+            if any("NatGatewayId" in route for route in table["Routes"])
+        ]
+        endpoints = ec2.describe_vpc_endpoints(Filters=vpc)["VpcEndpoints"]
+        assert [(e["VpcEndpointType"], e["ServiceName"], e["RouteTableIds"]) for e in endpoints] == [
+            ("Gateway", "com.amazonaws.us-east-1.s3", private)
+        ]
+    finally:
+        network.teardown_network(spec, AWS)
 
 
 def _bucket_tags(aws, bucket: str) -> dict[str, str]:

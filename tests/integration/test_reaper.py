@@ -42,7 +42,7 @@ def _spec(hours: float) -> dict:
     return {
         "dag_id": names.dag_id,
         "run_id": names.run_id,
-        "params": {"keep_cluster": True},
+        "params": {"keep_cluster": True, "platform": "batch", "instance_type": "m5.2xlarge"},
         "names": names.as_dict(),
         "tags": resource_tags(names, "tiny", expiry(hours)),
     }

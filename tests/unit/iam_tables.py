@@ -162,6 +162,14 @@ RESOURCE_ACTIONS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
         ("ec2:AssociateRouteTable", "ec2:DescribeSubnets", "ec2:DescribeRouteTables"),
         ("ec2:DisassociateRouteTable", "ec2:DescribeSubnets", "ec2:DescribeRouteTables"),
     ),
+    "AWS::EC2::VPCEndpoint": (
+        ("ec2:CreateVpcEndpoint", "ec2:CreateTags", "ec2:DescribeVpcEndpoints"),
+        ("ec2:DeleteVpcEndpoints", "ec2:DescribeVpcEndpoints"),
+    ),
+    "AWS::EC2::PlacementGroup": (
+        ("ec2:CreatePlacementGroup", "ec2:CreateTags", "ec2:DescribePlacementGroups"),
+        ("ec2:DeletePlacementGroup", "ec2:DescribePlacementGroups"),
+    ),
     "AWS::S3::Bucket": (
         ("s3:CreateBucket", "s3:PutBucketPublicAccessBlock", "s3:PutBucketTagging", "s3:ListBucket"),
         ("s3:DeleteBucket", "s3:ListBucket"),

@@ -23,6 +23,7 @@ EXPORTS = [
     "FallbackPrivateSubnet",
     "SecurityGroup",
     "FSXSecurityGroup",
+    "PlacementGroup",
     "DataBucket",
 ]
 
@@ -108,17 +109,19 @@ def _unconditional(section: dict) -> set[str]:
     return {name for name, item in section.items() if "Condition" not in item}
 
 
-def test_without_the_network_only_the_bucket_is_created(template: dict) -> None:
+def test_without_the_network_only_the_bucket_and_the_placement_group_are_created(template: dict) -> None:
     """CreateNetwork=false: no VPC, subnets, NAT gateway (billed hourly) or Elastic IP (VPCs and addresses: 5 per
-    region by default); the bucket and its export stay."""
+    region by default); the bucket, the placement group (which belongs to no VPC: Batch's nodes in an existing VPC
+    use it) and their exports stay."""
     parameter = template["Parameters"]["CreateNetwork"]
     assert parameter["AllowedValues"] == ["true", "false"] and parameter["Default"] == "true"
     assert template["Conditions"] == {"WithNetwork": {"Fn::Equals": [{"Ref": "CreateNetwork"}, "true"]}}
-    assert _unconditional(template["Resources"]) == {"DataBucket"}
-    assert _unconditional(template["Outputs"]) == {"DataBucket"}
-    conditioned = set(template["Resources"]) - {"DataBucket"}
+    unconditional = {"DataBucket", "PlacementGroup"}
+    assert _unconditional(template["Resources"]) == unconditional
+    assert _unconditional(template["Outputs"]) == unconditional
+    conditioned = set(template["Resources"]) - unconditional
     assert {template["Resources"][name]["Condition"] for name in conditioned} == {"WithNetwork"}
-    assert {template["Outputs"][name]["Condition"] for name in set(template["Outputs"]) - {"DataBucket"}} == {
+    assert {template["Outputs"][name]["Condition"] for name in set(template["Outputs"]) - unconditional} == {
         "WithNetwork"
     }
     # The zones are looked up only for a network: a bucket-only stack is created without them.

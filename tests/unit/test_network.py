@@ -1,6 +1,7 @@
 """dtp.pipeline.network without the emulator: which stack a run's platform gets (the dtp_network connection's
-existing VPC included), and how the run's tags reach the stack's bucket (botocore Stubbers answer as AWS does,
-where the emulator does not; the emulator runs are in tests/integration/test_network_stack.py)."""
+existing VPC included), the zones of its subnets, and how the run's tags reach the stack's bucket (moto in this
+process, and botocore Stubbers that answer as AWS does where moto does not; the emulator runs are in
+tests/integration/test_network_stack.py)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,12 @@ import re
 from typing import Any
 
 import pytest
+from airflow.providers.amazon.aws.hooks.ec2 import EC2Hook
+from airflow.sdk.exceptions import AirflowFailException
 from botocore.stub import Stubber
+from cfnlint.decode import decode_str
 
+from dtp.hooks.hyperpod import HyperPodHook
 from dtp.hooks.stacks import StackHook
 from dtp.hooks.sweeper import RunResourceSweeper
 from dtp.naming import RunNames, expiry, resource_tags
@@ -29,17 +34,16 @@ SYSTEM_TAGS = [
 ]
 
 
-def _spec(platform: str | None) -> dict[str, Any]:
-    params: dict[str, Any] = {"keep_cluster": False}
-    if platform is not None:
-        params["platform"] = platform
+def _spec(platform: str, instance_type: str = "p5.48xlarge") -> dict[str, Any]:
+    params = {"keep_cluster": False, "platform": platform, "instance_type": instance_type}
     return {"params": params, "names": NAMES.as_dict(), "tags": TAGS}
 
 
 # --- which stack ----------------------------------------------------------------------------------------------------
 @pytest.fixture
 def created(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, str]]:
-    """The parameters of each ensure_stack call; the region has zones a and b."""
+    """The parameters of each ensure_stack call; the region has zones a and b, both offering every type, and no
+    capacity is reserved."""
     calls: list[dict[str, str]] = []
 
     def ensure_stack(self, name: str, body: str, parameters: dict[str, str], tags: dict[str, str]) -> dict:
@@ -49,6 +53,8 @@ def created(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, str]]:
 
     monkeypatch.setattr(StackHook, "ensure_stack", ensure_stack)
     monkeypatch.setattr(network, "availability_zones", lambda conn_id: ["us-east-1a", "us-east-1b"])
+    monkeypatch.setattr(network, "zones_offering", lambda conn_id, instance_type: {"us-east-1a", "us-east-1b"})
+    monkeypatch.setattr(network, "reserved_zone", lambda spec, conn_id: "")
     return calls
 
 
@@ -64,8 +70,8 @@ def test_an_eks_run_gets_a_stack_with_only_the_bucket(created, monkeypatch: pyte
     assert created == [{"VPCName": NAMES.run_key, "DataBucketName": BUCKET, "CreateNetwork": "false"}]
 
 
-@pytest.mark.parametrize("platform", ["hyperpod", "parallelcluster", "batch", "local", None])
-def test_other_platforms_get_the_network(created, platform: str | None) -> None:
+@pytest.mark.parametrize("platform", ["hyperpod", "parallelcluster", "batch", "local"])
+def test_other_platforms_get_the_network(created, platform: str) -> None:
     assert network.needs_network(_spec(platform))
     network.create_network_stack(_spec(platform), "aws_default")
     assert created == [
@@ -84,6 +90,125 @@ def test_a_run_in_an_existing_vpc_gets_a_stack_with_only_the_bucket(created) -> 
     assert network.needs_network(spec) and not network.makes_network(spec)
     network.create_network_stack(spec, "aws_default")
     assert created == [{"VPCName": NAMES.run_key, "DataBucketName": BUCKET, "CreateNetwork": "false"}]
+
+
+# --- the subnets' zones -----------------------------------------------------------------------------------------------
+# moto's us-east-1 has zones a to f; it offers p4de.24xlarge in b and c only, trn2.48xlarge in none.
+@pytest.fixture
+def stacks(moto_aws, monkeypatch: pytest.MonkeyPatch) -> list[dict[str, str]]:
+    """The parameters of each network stack created (in moto)."""
+    calls: list[dict[str, str]] = []
+    ensure_stack = StackHook.ensure_stack
+
+    def record(self, name: str, body: str, parameters: dict[str, str], tags: dict[str, str]) -> dict:
+        calls.append(parameters)
+        return ensure_stack(self, name, body, parameters, tags)
+
+    monkeypatch.setattr(StackHook, "ensure_stack", record)
+    return calls
+
+
+def test_the_subnets_go_where_the_instance_type_is_offered(stacks) -> None:
+    """Not the region's first two zones (us-east-1a offers no p4de): the first two that offer the type."""
+    network.create_network_stack(_spec("batch", "p4de.24xlarge"), "aws_default")
+    assert (stacks[0]["SubnetsAZ"], stacks[0]["FallbackSubnetAZ"]) == ("us-east-1b", "us-east-1c")
+
+
+def test_a_type_no_zone_offers_is_refused_before_anything_exists(stacks, moto_aws) -> None:
+    spec = _spec("batch", "trn2.48xlarge")
+    refused = "instance_type: got 'trn2.48xlarge'; no availability zone of us-east-1 offers it"
+    with pytest.raises(AirflowFailException, match=re.escape(refused)):
+        network.plan_network_stack(spec, "aws_default")
+    with pytest.raises(AirflowFailException, match=re.escape(refused)):
+        network.create_network_stack(spec, "aws_default")
+    assert stacks == [] and moto_aws("cloudformation").list_stacks()["StackSummaries"] == []
+
+
+def test_the_local_platforms_stack_needs_no_offering(stacks) -> None:
+    """local.cpu is no EC2 type (no zone offers it) and no instance goes into the local run's subnets."""
+    spec = _spec("local", "local.cpu")
+    assert network.plan_network_stack(spec, "aws_default") == NAMES.network_stack
+    network.create_network_stack(spec, "aws_default")
+    assert (stacks[0]["SubnetsAZ"], stacks[0]["FallbackSubnetAZ"]) == ("us-east-1a", "us-east-1b")
+
+
+ZONES = {"AvailabilityZones": [{"ZoneName": f"us-east-1{z}", "State": "available"} for z in "abcd"]}
+AVAILABLE = [{"Name": "state", "Values": ["available"]}, {"Name": "zone-type", "Values": ["availability-zone"]}]
+
+
+@pytest.fixture
+def ec2_stub(offline_aws: None, monkeypatch: pytest.MonkeyPatch):
+    """The EC2 client of dtp.pipeline.network, answered by a Stubber (moto has no capacity reservations): four zones,
+    p5.48xlarge offered in a, c and d."""
+    hook = EC2Hook(aws_conn_id=None, region_name="us-east-1", api_type="client_type")
+    hook.conn = hook.get_client_type(region_name="us-east-1")
+    monkeypatch.setattr(network, "EC2Hook", lambda **kwargs: hook)
+    offerings = [{"InstanceType": "p5.48xlarge", "LocationType": "availability-zone", "Location": f"us-east-1{z}"}
+                 for z in "acd"]  # fmt: skip
+    by_type = {"LocationType": "availability-zone", "Filters": [{"Name": "instance-type", "Values": ["p5.48xlarge"]}]}
+    with Stubber(hook.conn) as stub:
+        stub.add_response("describe_availability_zones", ZONES, {"Filters": AVAILABLE})
+        stub.add_response("describe_instance_type_offerings", {"InstanceTypeOfferings": offerings}, by_type)
+        yield stub
+        stub.assert_no_pending_responses()
+
+
+def test_the_primary_subnets_go_into_the_capacity_reservations_zone(ec2_stub, monkeypatch) -> None:
+    extra = {"key_name": "k", "capacity_reservation_id": "cr-0123456789abcdef0"}
+    monkeypatch.setenv("AIRFLOW_CONN_DTP_PARALLELCLUSTER", json.dumps({"conn_type": "generic", "extra": extra}))
+    reservation = {"CapacityReservationId": "cr-0123456789abcdef0", "AvailabilityZone": "us-east-1d"}
+    ec2_stub.add_response(
+        "describe_capacity_reservations",
+        {"CapacityReservations": [reservation]},
+        {"CapacityReservationIds": ["cr-0123456789abcdef0"]},
+    )
+    assert network.subnet_zones(_spec("parallelcluster"), "aws_default") == ("us-east-1d", "us-east-1a")
+
+
+def test_the_primary_subnets_go_into_the_training_plans_zone(ec2_stub, monkeypatch) -> None:
+    plan = "arn:aws:sagemaker:us-east-1:123456789012:training-plan/p5-reserved"
+    extra = {
+        "execution_role_arn": "arn:aws:iam::123456789012:role/hyperpod",
+        "lifecycle_bucket": "sagemaker-dtp-lifecycle",
+        "training_plans": {"p5.48xlarge": plan},
+    }
+    monkeypatch.setenv("AIRFLOW_CONN_DTP_HYPERPOD", json.dumps({"conn_type": "generic", "extra": extra}))
+    sagemaker = HyperPodHook(aws_conn_id=None, region_name="us-east-1")
+    sagemaker.conn = sagemaker.get_client_type(region_name="us-east-1")
+    monkeypatch.setattr(network, "HyperPodHook", lambda **kwargs: sagemaker)
+    summary = {"ReservedCapacityArn": f"{plan}/reserved-capacity/rc-1", "InstanceType": "ml.p5.48xlarge",
+               "TotalInstanceCount": 2, "Status": "Scheduled", "AvailabilityZone": "us-east-1c"}  # fmt: skip
+    described = {"TrainingPlanArn": plan, "TrainingPlanName": "p5-reserved", "Status": "Scheduled",
+                 "ReservedCapacitySummaries": [summary]}  # fmt: skip
+    with Stubber(sagemaker.conn) as stub:
+        stub.add_response("describe_training_plan", described, {"TrainingPlanName": plan})
+        assert network.subnet_zones(_spec("hyperpod"), "aws_default") == ("us-east-1c", "us-east-1a")
+
+
+def test_the_network_template_has_an_s3_endpoint_and_a_placement_group() -> None:
+    """S3 traffic from the private subnets skips the NAT gateway; the placement group, exported, exists with or
+    without the run's network (the emulator makes no placement groups: this is its one check)."""
+    template, errors = decode_str(network.NETWORK_TEMPLATE.read_text())
+    assert errors == []
+    resources = template["Resources"]
+    assert resources["S3GatewayEndpoint"] == {
+        "Condition": "WithNetwork",
+        "Type": "AWS::EC2::VPCEndpoint",
+        "Properties": {
+            "VpcEndpointType": "Gateway",
+            "ServiceName": {"Fn::Sub": "com.amazonaws.${AWS::Region}.s3"},
+            "VpcId": {"Ref": "VPC"},
+            "RouteTableIds": [{"Ref": "PrivateRouteTable"}],
+        },
+    }
+    assert resources["PlacementGroup"] == {
+        "Type": "AWS::EC2::PlacementGroup",
+        "Properties": {"Strategy": "cluster"},
+    }
+    assert template["Outputs"]["PlacementGroup"] == {
+        "Value": {"Ref": "PlacementGroup"},
+        "Export": {"Name": {"Fn::Sub": "${AWS::StackName}-PlacementGroup"}},
+    }
 
 
 INSTANCE_PROFILE = "arn:aws:iam::123456789012:instance-profile/ecs"

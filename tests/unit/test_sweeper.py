@@ -18,6 +18,7 @@ from dtp.hooks.sweeper import BucketTaggingFailed, NatGatewaysNotDeleted, RunRes
 
 RUN = "dtp-train-e2e-0123456789"
 NAT, IGW, VPC, SUBNET = "nat-0123456789abcdef0", "igw-0123456789abcdef0", "vpc-0123456789abcdef0", "subnet-0123456789"
+VPCE = "vpce-0123456789abcdef0"
 ALLOC = "eipalloc-0123456789abcdef0"
 TAGS = [{"Key": "dtp:run", "Value": RUN}]
 BY_TAG = {"Filters": [{"Name": "tag:dtp:run", "Values": [RUN]}]}
@@ -48,6 +49,8 @@ def _expect_find(stub: Stubber, nat_state: str | None, tagged_addresses: list[di
     stub.add_response("describe_nat_gateways", {"NatGateways": [_nat(nat_state)] if nat_state else []}, BY_TAG)
     stub.add_response("describe_addresses", {"Addresses": list(tagged_addresses)}, BY_TAG)
     stub.add_response("describe_internet_gateways", {"InternetGateways": [{"InternetGatewayId": IGW}]}, BY_TAG)
+    endpoints = [{"VpcEndpointId": VPCE, "State": "available"}, {"VpcEndpointId": "vpce-0gone", "State": "deleted"}]
+    stub.add_response("describe_vpc_endpoints", {"VpcEndpoints": endpoints}, BY_TAG)
     stub.add_response("describe_subnets", {"Subnets": [{"SubnetId": SUBNET}]}, BY_TAG)
     stub.add_response("describe_route_tables", {"RouteTables": []}, BY_TAG)
     stub.add_response("describe_security_groups", {"SecurityGroups": []}, BY_TAG)
@@ -63,6 +66,8 @@ def _expect_nat_deleted_then_the_rest(stub: Stubber, polls_deleting: int) -> Non
     stub.add_response("describe_internet_gateways", {"InternetGateways": [attached]}, {"InternetGatewayIds": [IGW]})
     stub.add_response("detach_internet_gateway", {}, {"InternetGatewayId": IGW, "VpcId": VPC})
     stub.add_response("delete_internet_gateway", {}, {"InternetGatewayId": IGW})
+    # The S3 gateway endpoint, before its VPC (one already deleted is not asked for again).
+    stub.add_response("delete_vpc_endpoints", {"Unsuccessful": []}, {"VpcEndpointIds": [VPCE]})
     stub.add_response("delete_subnet", {}, {"SubnetId": SUBNET})
     stub.add_response("delete_vpc", {}, {"VpcId": VPC})
 

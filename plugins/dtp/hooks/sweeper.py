@@ -148,6 +148,11 @@ class RunResourceSweeper(AwsBaseHook):
             "internet_gateways": [
                 g["InternetGatewayId"] for g in ec2.describe_internet_gateways(Filters=f)["InternetGateways"]
             ],
+            "vpc_endpoints": [
+                e["VpcEndpointId"]
+                for e in ec2.describe_vpc_endpoints(Filters=f)["VpcEndpoints"]
+                if e.get("State", "").lower() not in ("deleting", "deleted")
+            ],
             "subnets": [s["SubnetId"] for s in ec2.describe_subnets(Filters=f)["Subnets"]],
             "route_tables": [r["RouteTableId"] for r in ec2.describe_route_tables(Filters=f)["RouteTables"]],
             "security_groups": [g["GroupId"] for g in ec2.describe_security_groups(Filters=f)["SecurityGroups"]],
@@ -200,6 +205,8 @@ class RunResourceSweeper(AwsBaseHook):
             for attachment in gateway.get("Attachments", []):
                 ec2.detach_internet_gateway(InternetGatewayId=igw, VpcId=attachment["VpcId"])
             ec2.delete_internet_gateway(InternetGatewayId=igw)
+        if found["vpc_endpoints"]:  # the S3 gateway endpoint: its VPC is not deleted while it is there
+            ec2.delete_vpc_endpoints(VpcEndpointIds=found["vpc_endpoints"])
         for table in found["route_tables"]:
             detail = ec2.describe_route_tables(RouteTableIds=[table])["RouteTables"][0]
             if any(a.get("Main") for a in detail.get("Associations", [])):

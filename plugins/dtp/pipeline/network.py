@@ -4,7 +4,11 @@ A run on a platform whose cluster brings its own network (EKS) gets a stack with
 subnets, NAT gateway (billed hourly) or Elastic IP (VPCs and addresses: 5 per region by default). So does a run
 where the ``dtp_network`` connection names an existing VPC (``ExistingNetwork``): its cluster goes into that VPC's
 subnets, which DTP neither tags nor deletes. A file system that outlives runs (an existing FSx for Lustre) can
-only be mounted from its own VPC, so a platform set up with one needs that connection."""
+only be mounted from its own VPC, so a platform set up with one needs that connection.
+
+A stack that makes a VPC puts its subnets in zones that offer the run's instance type: the primary subnets in the
+zone of the capacity the platform's settings reserve for it, where they name some, and the fallback subnet in
+another zone."""
 
 from __future__ import annotations
 
@@ -12,11 +16,14 @@ import logging
 from typing import Any
 
 from airflow.providers.amazon.aws.hooks.ec2 import EC2Hook
+from airflow.sdk.exceptions import AirflowFailException
 from pydantic import Field
 
+from dtp.hooks.hyperpod import HyperPodHook
 from dtp.hooks.stacks import StackHook
 from dtp.hooks.sweeper import RunResourceSweeper
 from dtp.naming import EXPIRES_TAG
+from dtp.params import NODES_OUTLIVE_RUNS
 from dtp.platforms.base import PlatformSettings
 from dtp.templates import TEMPLATE_DIR
 
@@ -71,8 +78,12 @@ class LeakedResources(RuntimeError):
 
 
 def plan_network_stack(spec: dict[str, Any], aws_conn_id: str) -> str:
-    """Validate the network template with CloudFormation before anything exists; return the stack's name."""
+    """Validate the network template with CloudFormation and, where the run makes a network, choose its subnets'
+    zones (``subnet_zones``: a region where none offers the run's instance type is refused here), before anything
+    exists; return the stack's name."""
     StackHook(aws_conn_id=aws_conn_id).conn.validate_template(TemplateBody=NETWORK_TEMPLATE.read_text())
+    if makes_network(spec):
+        log.info("Subnets in %s, fallback subnet in %s", *subnet_zones(spec, aws_conn_id))
     log.info("Network template valid; stack %s will carry tags %s", spec["names"]["network_stack"], spec["tags"])
     return spec["names"]["network_stack"]
 
@@ -86,6 +97,65 @@ def availability_zones(aws_conn_id: str) -> list[str]:
     return sorted(zone["ZoneName"] for zone in zones)
 
 
+def zones_offering(aws_conn_id: str, instance_type: str) -> set[str]:
+    """The zones where EC2 offers ``instance_type``, Local Zones among them where they offer it."""
+    ec2 = EC2Hook(aws_conn_id=aws_conn_id, api_type="client_type").conn
+    offerings = ec2.describe_instance_type_offerings(
+        LocationType="availability-zone", Filters=[{"Name": "instance-type", "Values": [instance_type]}]
+    )["InstanceTypeOfferings"]
+    return {offering["Location"] for offering in offerings}
+
+
+def reserved_zone(spec: dict[str, Any], aws_conn_id: str) -> str:
+    """The zone of the capacity the run's platform settings reserve for its instance type: ParallelCluster's
+    ``capacity_reservation_id``, the reserved capacity of HyperPod's training plan for the type; empty where they
+    reserve none."""
+    platform, instance_type = spec["params"]["platform"], spec["params"]["instance_type"]
+    if platform == "parallelcluster":
+        from dtp.platforms.parallelcluster import ParallelClusterPlatform
+
+        if reservation := ParallelClusterPlatform().settings.capacity_reservation_id:
+            ec2 = EC2Hook(aws_conn_id=aws_conn_id, api_type="client_type").conn
+            found = ec2.describe_capacity_reservations(CapacityReservationIds=[reservation])["CapacityReservations"]
+            zone: str = found[0]["AvailabilityZone"]
+            return zone
+    if platform == "hyperpod":
+        from dtp.platforms.hyperpod import HyperPodPlatform
+
+        if plan := HyperPodPlatform().settings.training_plans.get(instance_type):
+            described = HyperPodHook(aws_conn_id=aws_conn_id).conn.describe_training_plan(TrainingPlanName=plan)
+            zones = [s["AvailabilityZone"] for s in described["ReservedCapacitySummaries"] if "AvailabilityZone" in s]
+            return zones[0] if zones else ""
+    return ""
+
+
+def subnet_zones(spec: dict[str, Any], aws_conn_id: str) -> tuple[str, str]:
+    """The zones of the run's subnets: the primary (public and private) subnets', then the fallback subnet's.
+
+    Both offer the run's instance type, first in name order; the primary is the zone of the capacity the platform
+    reserves for the type (``reserved_zone``) where it reserves some. A type only one zone offers gets its fallback
+    subnet in another zone (the capacity fallback's other instance types may be offered there). On a platform whose
+    nodes outlive runs (local) no instance goes into the subnets: the region's first two zones. Raises
+    ``AirflowFailException`` where no zone offers the type."""
+    zones = availability_zones(aws_conn_id)
+    if len(zones) < 2:
+        raise RuntimeError(f"the region has {len(zones)} available zone(s) ({zones}); the network stack needs two")
+    if spec["params"]["platform"] in NODES_OUTLIVE_RUNS:
+        return zones[0], zones[1]
+    instance_type = spec["params"]["instance_type"]
+    offering = zones_offering(aws_conn_id, instance_type)
+    offered = [zone for zone in zones if zone in offering]
+    primary = reserved_zone(spec, aws_conn_id) or next(iter(offered), "")
+    if not primary:
+        region = EC2Hook(aws_conn_id=aws_conn_id, api_type="client_type").conn.meta.region_name
+        raise AirflowFailException(
+            f"instance_type: got {instance_type!r}; no availability zone of {region} offers it "
+            f"(zones: {', '.join(zones)}): choose another instance type, or another region"
+        )
+    others = [zone for zone in offered if zone != primary] or [zone for zone in zones if zone != primary]
+    return primary, others[0]
+
+
 def needs_network(spec: dict[str, Any]) -> bool:
     """Whether the run's platform uses a network (VPC, subnets, security groups), not only the stack's bucket."""
     return spec["params"].get("platform") not in PLATFORMS_WITHOUT_NETWORK
@@ -97,15 +167,13 @@ def makes_network(spec: dict[str, Any]) -> bool:
 
 
 def create_network_stack(spec: dict[str, Any], aws_conn_id: str) -> str:
-    """Create the run's stack in the region's first available zone, with a fallback subnet in the second; where the
-    run makes no network (``makes_network``), a stack with only the data bucket."""
+    """Create the run's stack, its subnets in the zones ``subnet_zones`` chooses; where the run makes no network
+    (``makes_network``), a stack with only the data bucket."""
     names = spec["names"]
     parameters = {"VPCName": names["run_key"], "DataBucketName": names["data_bucket"]}
     if makes_network(spec):
-        zones = availability_zones(aws_conn_id)
-        if len(zones) < 2:
-            raise RuntimeError(f"the region has {len(zones)} available zone(s) ({zones}); the network stack needs two")
-        parameters |= {"CreateNetwork": "true", "SubnetsAZ": zones[0], "FallbackSubnetAZ": zones[1]}
+        primary, fallback = subnet_zones(spec, aws_conn_id)
+        parameters |= {"CreateNetwork": "true", "SubnetsAZ": primary, "FallbackSubnetAZ": fallback}
     else:
         why = (
             f"the cluster goes into {spec['existing_network']['VPC']} ({NETWORK_CONN_ID})"
