@@ -298,7 +298,8 @@ def test_nccl_tests_run_one_task_per_gpu_of_every_node_against_the_ami_s_librari
     ]  # fmt: skip
     step_env = dict(line.split("=", 1) for line in (tmp_path / "srun.env").read_text().splitlines() if "=" in line)
     assert step_env["LD_LIBRARY_PATH"].split(":") == [
-        "/opt/nccl/build/lib", "/opt/aws-ofi-nccl/lib", "/opt/amazon/efa/lib64", "/opt/amazon/openmpi/lib64", "/usr/lib64"
+        "/opt/nccl/build/lib", "/opt/aws-ofi-nccl/lib", "/opt/amazon/efa/lib64", "/opt/amazon/openmpi/lib64",
+        "/usr/lib64",
     ]  # fmt: skip
     assert step_env["FI_PROVIDER"] == "efa"
 
