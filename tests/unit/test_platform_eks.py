@@ -194,8 +194,10 @@ def test_the_pipeline_prepares_both_jobs_on_fsx_for_the_pytorchjob_operator(tmp_
         "cluster_name": CLUSTER,
         "results_path": str(workdir / "preflight.json"),
         "nccl_tests_path": "",  # torch's all-reduce sweep measures the bus bandwidth
+        "hang_timeout_s": spec["params"]["hang_timeout_minutes"] * 60,
     }
     training = jobs.prepare_training(spec, cluster, images, {"train_bin": "/fsx/runs/x/train.bin"})
+    assert training["hang_timeout_s"] == spec["params"]["hang_timeout_minutes"] * 60  # DTP's trainer prints as it saves
     assert (training["manifest"], training["cluster_name"]) == (documents["pytorchjob.yaml"], CLUSTER)
     assert training["metrics_path"] == str(workdir / "metrics.jsonl")
     # What the pods run, where the manifest says: the programs (the image has none) and the trainer's config.
