@@ -78,6 +78,7 @@ def test_create_twice_makes_one_stack_and_teardown_leaves_nothing(spec, aws) -> 
         "nat_gateways": [],
         "addresses": [],
         "internet_gateways": [],
+        "vpc_endpoints": [],
         "subnets": [],
         "route_tables": [],
         "security_groups": [],
