@@ -141,12 +141,13 @@ def test_a_framework_that_writes_a_long_checkpoint_in_silence_is_not_taken_for_h
     # Megatron-LM prints nothing while it writes a 70B checkpoint (~55 minutes at the default FSx's baseline).
     conf = {"recipe": "llama3_1_70b_megatron", "dataset_uri": "s3://dtp-data/d/", "hang_timeout_minutes": 10}
     megatron = run_spec(parse_params(TrainParams, conf), "train_e2e", "r")
-    write = checkpoint_write_seconds(get_recipe("llama3_1_70b_megatron"))
-    assert write > 600 and hang_timeout_seconds(megatron) == write + HANG_MARGIN_SECONDS
+    recipe = get_recipe("llama3_1_70b_megatron")
+    write = checkpoint_write_seconds(recipe)
+    assert write > 600 and hang_timeout_seconds(megatron, recipe) == write + HANG_MARGIN_SECONDS
     # DTP's trainer prints while it saves: the form's timeout holds, as it does where it is the longer one.
     trainer = run_spec(
         parse_params(TrainParams, {"recipe": "llama3_1_70b", "hang_timeout_minutes": 10}), "train_e2e", "r"
     )
-    assert hang_timeout_seconds(trainer) == 600
+    assert hang_timeout_seconds(trainer, get_recipe("llama3_1_70b")) == 600
     patient = run_spec(parse_params(TrainParams, {**conf, "hang_timeout_minutes": 1440}), "train_e2e", "r")
-    assert hang_timeout_seconds(patient) == 1440 * 60
+    assert hang_timeout_seconds(patient, recipe) == 1440 * 60

@@ -223,7 +223,7 @@ def test_the_trainer_gets_the_recipes_compile_and_activation_checkpointing(compi
     recipe = load_recipe_file(RECIPE_DIR / "llama3_1_8b.yaml").model_copy(update={"compile": compile_})
     spec = {"recipe": recipe.model_dump(), "params": TrainParams().model_dump(), "names": {"run_key": "r"}}
     instance = instance_types()["p5.48xlarge"].model_dump()
-    config = training_config(spec, "/fsx/runs/r", {"train_bin": "/fsx/runs/r/train.bin"}, instance)
+    config = training_config(spec, recipe, "/fsx/runs/r", {"train_bin": "/fsx/runs/r/train.bin"}, instance)
     assert (config["compile"], config["activation_checkpointing"]) == (compile_, True)
     assert config["peak_flops"] == 989e12  # the instance type's, for MFU
     assert config["device"] == "cuda"  # a GPU node whose torch cannot use CUDA fails instead of training on CPUs

@@ -175,58 +175,59 @@ def prepare_preflight(spec: dict[str, Any], cluster: dict[str, Any], images: dic
     }
 
 
-def stop_signal_seconds(recipe: dict[str, Any]) -> int:
+def stop_signal_seconds(recipe: Recipe) -> int:
     """Seconds before the training job's time limit that Slurm signals its batch script, which asks the trainer to
     stop (``stop_file``): enough for the step in progress, the ranks' stop check and the checkpoint's write, with
     ``STOP_MARGIN_SECONDS`` to spare. SIGTERM at the limit leaves torchrun's 30 s, too few for a large model's
     save. Slurm may send the signal up to a minute earlier than asked, never later."""
-    step = math.ceil(recipe["expected_step_seconds"]) + STOP_CHECK_SECONDS
-    return checkpoint_write_seconds(Recipe.model_validate(recipe)) + step + STOP_MARGIN_SECONDS
+    step = math.ceil(recipe.expected_step_seconds) + STOP_CHECK_SECONDS
+    return checkpoint_write_seconds(recipe) + step + STOP_MARGIN_SECONDS
 
 
-def hang_timeout_seconds(spec: dict[str, Any]) -> int:
+def hang_timeout_seconds(spec: dict[str, Any], recipe: Recipe) -> int:
     """Seconds without a new log line before the run's training job counts as hung: the form's
     ``hang_timeout_minutes``; for a framework other than DTP's trainer (which prints while it saves) at least a
-    checkpoint's expected write and ``HANG_MARGIN_SECONDS``, as those print nothing while they write one."""
+    checkpoint's expected write and ``HANG_MARGIN_SECONDS``, as those print nothing while they write one
+    (``recipe`` is the spec's)."""
     asked = spec["params"]["hang_timeout_minutes"] * 60
-    recipe = Recipe.model_validate(spec["recipe"])
     if recipe.framework == "fsdp":
         return int(asked)
     return max(int(asked), checkpoint_write_seconds(recipe) + HANG_MARGIN_SECONDS)
 
 
 def training_config(
-    spec: dict[str, Any], workdir: str, data: dict[str, Any], instance: dict[str, Any]
+    spec: dict[str, Any], recipe: Recipe, workdir: str, data: dict[str, Any], instance: dict[str, Any]
 ) -> dict[str, Any]:
-    """DTP's trainer's config (include/training/train.py ``TrainConfig``) for the run on ``instance``'s nodes."""
-    recipe, params = spec["recipe"], spec["params"]
+    """DTP's trainer's config (include/training/train.py ``TrainConfig``) for the run on ``instance``'s nodes
+    (``recipe`` is the spec's)."""
+    params = spec["params"]
     return {
         "run_name": spec["names"]["run_key"],
-        "model": recipe["model"],
+        "model": recipe.model,
         "data_path": data["train_bin"],
         "checkpoint_dir": f"{workdir}/checkpoints",
         "metrics_path": f"{workdir}/metrics.jsonl",
-        "seq_len": recipe["seq_len"],
-        "micro_batch": recipe["micro_batch"],
+        "seq_len": recipe.seq_len,
+        "micro_batch": recipe.micro_batch,
         "max_steps": params["max_steps"],
-        "lr": recipe["lr"],
-        "warmup_steps": recipe["warmup_steps"],
+        "lr": recipe.lr,
+        "warmup_steps": recipe.warmup_steps,
         "checkpoint_interval": params["checkpoint_interval"],
         "log_interval": max(1, params["max_steps"] // 100),
-        "precision": recipe["precision"],
-        "activation_checkpointing": recipe["activation_checkpointing"],
-        "compile": recipe["compile"],
+        "precision": recipe.precision,
+        "activation_checkpointing": recipe.activation_checkpointing,
+        "compile": recipe.compile,
         "profile_steps": params["profile_steps"],
         "profile_dir": f"{workdir}/profile",
         "peak_flops": instance["peak_flops"],
         # A GPU node whose torch cannot use CUDA fails the launch, instead of training on its CPUs all budget long.
         "device": "auto" if instance["accelerator"] == "cpu" else "cuda",
         # A collective every step would cost a short step much of its time.
-        "stop_check_steps": max(1, round(STOP_CHECK_SECONDS / recipe["expected_step_seconds"])),
+        "stop_check_steps": max(1, round(STOP_CHECK_SECONDS / recipe.expected_step_seconds)),
         "stop_file": f"{workdir}/train.stop",
         # A save's collectives wait for the slowest rank's writes: twice the expected write, and never less than
         # the trainer's default.
-        "checkpoint_timeout_s": max(1800, 2 * checkpoint_write_seconds(Recipe.model_validate(recipe))),
+        "checkpoint_timeout_s": max(1800, 2 * checkpoint_write_seconds(recipe)),
     }
 
 
@@ -243,11 +244,11 @@ def priced_for(spec: dict[str, Any], cluster: dict[str, Any]) -> dict[str, Any]:
 def prepare_training(
     spec: dict[str, Any], cluster: dict[str, Any], images: dict[str, Any], data: dict[str, Any]
 ) -> dict[str, Any]:
-    spec = priced_for(spec, cluster)
-    if spec["recipe"]["framework"] != "fsdp":
-        return _prepare_framework_training(spec, cluster, images)
+    spec, recipe = priced_for(spec, cluster), Recipe.model_validate(spec["recipe"])
+    if recipe.framework != "fsdp":
+        return _prepare_framework_training(spec, recipe, cluster, images)
     workdir, instance = run_dir(spec, cluster), instance_of(spec, cluster)
-    config = training_config(spec, str(workdir), data, instance)
+    config = training_config(spec, recipe, str(workdir), data, instance)
     config_path = workdir / "train.json"
     profile_dir = config["profile_dir"] if spec["params"]["profile_steps"] > 0 else ""
     outputs = {
@@ -255,7 +256,7 @@ def prepare_training(
         "checkpoint_dir": config["checkpoint_dir"],
         "profile_dir": profile_dir,
         "time_limit_minutes": spec["training_time_limit_minutes"],
-        "hang_timeout_s": hang_timeout_seconds(spec),
+        "hang_timeout_s": hang_timeout_seconds(spec, recipe),
     }
     SharedFilesystemHook.of_cluster(cluster).write_file(str(config_path), json.dumps(config, indent=1))
     if cluster["scheduler"] != "slurm":
@@ -271,14 +272,14 @@ def prepare_training(
         # Nsight Systems only where there are GPUs to trace; torch.profiler traces everywhere.
         nsys_dir=profile_dir if on_gpu else "",
         # A stop ahead of the time limit where a save needs it: a CPU node's models save within SIGTERM's 30 s.
-        stop_signal_s=stop_signal_seconds(spec["recipe"]) if on_gpu and spec["training_time_limit_minutes"] else 0,
+        stop_signal_s=stop_signal_seconds(recipe) if on_gpu and spec["training_time_limit_minutes"] else 0,
         stop_file=config["stop_file"],
     )
     return _write_job(hook, spec, workdir, "train", script, spec["names"]["slurm_job"]) | outputs
 
 
 def _prepare_framework_training(
-    spec: dict[str, Any], cluster: dict[str, Any], images: dict[str, Any]
+    spec: dict[str, Any], recipe: Recipe, cluster: dict[str, Any], images: dict[str, Any]
 ) -> dict[str, Any]:
     """The batch script of a framework other than DTP's trainer (``dtp.pipeline.frameworks``); its metrics are the
     step lines of its own log, read by that framework's parser. Its steps start in the run's directory, as the
@@ -290,7 +291,7 @@ def _prepare_framework_training(
         **_common(spec, images, cluster),
         "container": container_options(images, cluster["shared_dir"], str(workdir)),
     }
-    script = render(frameworks.TEMPLATES[spec["recipe"]["framework"]], **common, **args)
+    script = render(frameworks.TEMPLATES[recipe.framework], **common, **args)
     job = _write_job(hook, spec, workdir, "train", script, spec["names"]["slurm_job"])
     return {
         **job,
@@ -298,5 +299,5 @@ def _prepare_framework_training(
         "checkpoint_dir": args["checkpoint_dir"],
         "profile_dir": "",
         "time_limit_minutes": spec["training_time_limit_minutes"],
-        "hang_timeout_s": hang_timeout_seconds(spec),
+        "hang_timeout_s": hang_timeout_seconds(spec, recipe),
     }
