@@ -11,6 +11,7 @@ from airflow.sdk.exceptions import AirflowException, AirflowFailException
 from botocore.exceptions import ClientError
 
 from dtp.naming import EXPIRES_TAG
+from dtp.pipeline.spec import earlier_incarnations, tear_down_earlier_incarnations
 from dtp.platforms import get_platform
 from dtp.platforms.base import DeferrableTeardownPlatform, PlatformNotReady
 
@@ -93,12 +94,8 @@ class TeardownClusterOperator(BaseOperator):
             done = teardown(self.spec)
             deleting.append(self.spec)
         # A run cleared whole while it ran got new names: what its earlier incarnation made was never torn down.
-        retired = {}
-        for names in self.spec.get("earlier_names", []):  # a spec from before they were recorded has none
-            self.log.info("Deleting what incarnation %s of the run left (cleared whole while it ran)", names["run_key"])
-            earlier = {**self.spec, "names": names}
-            retired[names["run_key"]] = teardown(earlier)
-            deleting.append(earlier)
+        retired = tear_down_earlier_incarnations(self.spec, teardown)
+        deleting += earlier_incarnations(self.spec)
         if retired:
             done["earlier_incarnations"] = retired
         if not deleting or not isinstance(platform, DeferrableTeardownPlatform):

@@ -17,7 +17,6 @@ The task callables are thin: each calls one step function of dtp.pipeline.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from typing import Any
 
 from airflow.providers.standard.operators.empty import EmptyOperator
@@ -36,7 +35,7 @@ from dtp.operators.report import TrainingReportOperator
 from dtp.operators.slurm import submit_prepared_slurm_job
 from dtp.params import NODES_OUTLIVE_RUNS, ParamsError
 from dtp.pipeline import checkpoints, data, jobs, network, results
-from dtp.pipeline.spec import build_spec
+from dtp.pipeline.spec import build_spec, tear_down_earlier_incarnations
 from dtp.platforms import get_platform
 from dtp.platforms.base import PlatformNotReady
 from dtp.recipes import RecipeError
@@ -170,22 +169,13 @@ def evaluate_gates(spec: dict[str, Any], metrics: dict[str, Any]) -> None:
     log.info("All gates passed")
 
 
-def _retired(spec: dict[str, Any], teardown: Callable[[dict[str, Any]], dict[str, Any]]) -> dict[str, Any]:
-    """``teardown`` of each earlier incarnation of the run: a run cleared whole while it ran got new names, and
-    what its earlier incarnation made was never torn down (``{}`` for a run never cleared)."""
-    retired = {}
-    for names in spec.get("earlier_names", []):  # a spec from before they were recorded has none
-        log.info("Deleting what incarnation %s of the run left (cleared whole while it ran)", names["run_key"])
-        retired[names["run_key"]] = teardown({**spec, "names": names})
-    return {"earlier_incarnations": retired} if retired else {}
-
-
 @task(retries=3)
 def teardown_network(spec: dict[str, Any]) -> dict[str, Any]:
     """Delete the network stack and the run's data bucket, and sweep what the stack's deletion left behind; then
     those of the run's earlier incarnations, kept or not."""
     done = network.teardown_network(spec, AWS_CONN_ID)
-    return done | _retired(spec, lambda earlier: network.destroy_network(earlier, AWS_CONN_ID))
+    retired = tear_down_earlier_incarnations(spec, lambda earlier: network.destroy_network(earlier, AWS_CONN_ID))
+    return done | ({"earlier_incarnations": retired} if retired else {})
 
 
 @task(trigger_rule=TriggerRule.ONE_FAILED, retries=0)

@@ -6,8 +6,9 @@ re-derives names, and a retried task sees exactly what the first try saw.
 
 from __future__ import annotations
 
+import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from dtp.costs import (
@@ -28,6 +29,8 @@ from dtp.platforms import get_platform
 from dtp.platforms.base import ComputePlatform
 from dtp.platforms.local import LocalSlurmPlatform
 from dtp.recipes import Recipe, get_recipe, instance_types
+
+log = logging.getLogger(__name__)
 
 # How many earlier incarnations of a run its teardowns delete, the first and the latest (each costs a few describe
 # calls when it made nothing, as most do: Airflow counts every clear of a task of the run).
@@ -172,3 +175,22 @@ def run_spec(
             validated.pending_timeout_minutes,
         ),
     }
+
+
+def tear_down_earlier_incarnations(
+    spec: dict[str, Any], teardown: Callable[[dict[str, Any]], dict[str, Any]]
+) -> dict[str, Any]:
+    """``teardown`` of each earlier incarnation of the run (``earlier_incarnations``), by its run key: a run cleared
+    whole while it ran got new names, and what its earlier incarnation made was never torn down."""
+    retired = {}
+    for earlier in earlier_incarnations(spec):
+        run_key = earlier["names"]["run_key"]
+        log.info("Deleting what incarnation %s of the run left (cleared whole while it ran)", run_key)
+        retired[run_key] = teardown(earlier)
+    return retired
+
+
+def earlier_incarnations(spec: dict[str, Any]) -> list[dict[str, Any]]:
+    """The spec with the names each earlier incarnation of the run had (none for a spec from before they were
+    recorded)."""
+    return [{**spec, "names": names} for names in spec.get("earlier_names", [])]
