@@ -45,6 +45,8 @@ CHECKPOINTS_KEPT = {"fsdp": 2, "torchtitan": 10}
 # the FSx for Lustre ParallelCluster makes by default (PERSISTENT_2, 1200 GiB at 250 MB/s per TiB:
 # ParallelClusterSettings), taken as every platform's. A larger or faster file system writes sooner.
 SHARED_FS_WRITE_BYTES_PER_S = 1200 / 1024 * 250e6
+# FSx for Lustre PERSISTENT_2 sizes: 1200 GiB, 2400 GiB, then multiples of 2400 GiB.
+FSX_SMALLEST_GIB, FSX_STEP_GIB = 1200, 2400
 
 
 class RunSize(Protocol):
@@ -87,6 +89,12 @@ def checkpoints_on_disk(params: RunSize, recipe: Recipe) -> int:
 def checkpoint_footprint_bytes(params: RunSize, recipe: Recipe) -> int:
     """The most bytes the run's checkpoints take on the shared file system at once."""
     return checkpoints_on_disk(params, recipe) * checkpoint_bytes(recipe)
+
+
+def fsx_storage_gib_for(needed_bytes: float) -> int:
+    """The smallest FSx for Lustre PERSISTENT_2 file system, in GiB, that holds ``needed_bytes``."""
+    gib = needed_bytes / 2**30
+    return FSX_SMALLEST_GIB if gib <= FSX_SMALLEST_GIB else math.ceil(gib / FSX_STEP_GIB) * FSX_STEP_GIB
 
 
 def estimate_training_hours(params: RunSize, recipe: Recipe) -> float:

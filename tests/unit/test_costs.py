@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from dtp.costs import (
+    FSX_SMALLEST_GIB,
     JOB_START_MINUTES,
     MODEL_PARAMETERS,
     SETUP_HOURS,
@@ -14,6 +15,7 @@ from dtp.costs import (
     checkpoint_write_seconds,
     estimate_cost_usd,
     estimate_training_hours,
+    fsx_storage_gib_for,
     training_time_limit_minutes,
 )
 from dtp.params import ParamsError, TrainParams, parse_params, validate_params
@@ -82,10 +84,17 @@ def test_the_estimate_counts_neuronx_distributeds_graph_compilation() -> None:
     assert estimate_training_hours(params, trn1) - estimate_training_hours(params, fsdp) == pytest.approx(0.5)
 
 
-def test_the_write_throughput_is_the_default_parallelcluster_file_systems() -> None:
+def test_the_write_throughput_is_the_smallest_parallelcluster_file_systems() -> None:
     fields = ParallelClusterSettings.model_fields
-    capacity_tib = fields["fsx_storage_capacity_gib"].default / 1024
+    capacity_tib = FSX_SMALLEST_GIB / 1024
     assert capacity_tib * fields["fsx_throughput_per_tib"].default * 1e6 == SHARED_FS_WRITE_BYTES_PER_S
+
+
+@pytest.mark.parametrize(
+    ("gib", "size"), [(1, 1200), (1200, 1200), (1200.5, 2400), (2400, 2400), (2401, 4800), (10_000, 12_000)]
+)
+def test_a_file_system_for_some_bytes_is_the_smallest_persistent_2_size_that_holds_them(gib: float, size: int) -> None:
+    assert fsx_storage_gib_for(gib * 2**30) == size
 
 
 @pytest.mark.parametrize("name", list(MODELS))

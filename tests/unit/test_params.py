@@ -336,7 +336,7 @@ AFFORDABLE_70B = {**BIG_70B, "budget_usd": 1e6}
 def test_checkpoints_the_clusters_file_system_cannot_hold_are_refused_with_what_would_fit(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    use_settings(monkeypatch, key_name="dtp-head")  # the default FSx: 1200 GiB
+    use_settings(monkeypatch, key_name="dtp-head", fsx_storage_capacity_gib=1200)
     with pytest.raises(ParamsError) as info:
         build_spec({}, AFFORDABLE_70B, NAMES)
     # DTP's trainer keeps 2 checkpoints of 847 GB and writes the third before it deletes the oldest.
@@ -344,8 +344,8 @@ def test_checkpoints_the_clusters_file_system_cannot_hold_are_refused_with_what_
         "invalid parameters:\ncheckpoint_interval: got 250; recipe 'llama3_1_70b' (fsdp) saves 4 checkpoints of 847 "
         "GB (70.6B parameters and their optimizer state), up to 3 at once on the shared file system: 2365 GiB, more "
         "than the 1200 GiB FSx for Lustre dtp_parallelcluster makes for the run: give a checkpoint_interval of 1000 "
-        "or more, or give dtp_parallelcluster an fsx_storage_capacity_gib of 2400 or more, or an existing FSx for "
-        "Lustre that has the room (fsx_file_system_id)"
+        "or more, or give dtp_parallelcluster an fsx_storage_capacity_gib of 2400 or more (or none, to size it to "
+        "each run), or an existing FSx for Lustre that has the room (fsx_file_system_id)"
     )
 
 
@@ -354,6 +354,7 @@ def test_checkpoints_the_clusters_file_system_cannot_hold_are_refused_with_what_
     [
         ({"checkpoint_interval": 1000}, {}),  # one checkpoint, at the end
         ({}, {"fsx_storage_capacity_gib": 2400}),
+        ({}, {}),  # a file system sized to the run
         ({}, {"fsx_file_system_id": "fs-0123456789abcdef0"}),  # its free space is not known: not judged
     ],
 )
@@ -372,7 +373,7 @@ def test_checkpoints_are_not_judged_where_the_file_systems_size_is_not_known(pla
 
 
 def test_fewer_checkpoints_of_mixtral_fit(monkeypatch: pytest.MonkeyPatch) -> None:
-    platform = use_settings(monkeypatch, key_name="dtp-head")
+    platform = use_settings(monkeypatch, key_name="dtp-head", fsx_storage_capacity_gib=1200)
     conf = {**AFFORDABLE_70B, "recipe": "mixtral_8x7b", "num_nodes": 8}
     problem = checkpoint_space_problem(validate_params(conf), get_recipe("mixtral_8x7b"), platform)
     # 3 x 560 GB do not fit in 1200 GiB, 2 do.
@@ -388,14 +389,14 @@ def test_fewer_checkpoints_of_mixtral_fit(monkeypatch: pytest.MonkeyPatch) -> No
 
 
 def test_a_model_whose_one_checkpoint_does_not_fit_names_the_recipe(monkeypatch: pytest.MonkeyPatch) -> None:
-    platform = use_settings(monkeypatch, key_name="dtp-head")
+    platform = use_settings(monkeypatch, key_name="dtp-head", fsx_storage_capacity_gib=1200)
     monkeypatch.setitem(MODEL_PARAMETERS, "llama3_1_70b", 120_000_000_000)  # 1440 GB a checkpoint
     problem = checkpoint_space_problem(validate_params(AFFORDABLE_70B), get_recipe("llama3_1_70b"), platform)
     assert problem is not None
     assert problem.startswith("recipe: got 'llama3_1_70b'; recipe 'llama3_1_70b' (fsdp) saves 4 checkpoints of 1440")
     assert problem.endswith(
-        "give dtp_parallelcluster an fsx_storage_capacity_gib of 4800 or more, or an existing "
-        "FSx for Lustre that has the room (fsx_file_system_id)"
+        "give dtp_parallelcluster an fsx_storage_capacity_gib of 4800 or more (or none, to size it to each run), or "
+        "an existing FSx for Lustre that has the room (fsx_file_system_id)"
     )
 
 

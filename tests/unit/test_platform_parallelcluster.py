@@ -106,7 +106,8 @@ def test_rendered_configs_pass_the_parallelcluster_schema(
         assert fsx["FsxLustreSettings"] == {"FileSystemId": settings["fsx_file_system_id"]}
     else:
         assert fsx["FsxLustreSettings"]["DeploymentType"] == "PERSISTENT_2"
-        assert fsx["FsxLustreSettings"]["StorageCapacity"] == settings.get("fsx_storage_capacity_gib", 1200)
+        sized = platform.fsx_storage_capacity_gib(spec)
+        assert fsx["FsxLustreSettings"]["StorageCapacity"] == settings.get("fsx_storage_capacity_gib", sized)
         assert fsx["FsxLustreSettings"]["PerUnitStorageThroughput"] == 250
     reservation = settings.get("capacity_reservation_id")
     assert queue.get("CapacityReservationTarget") == ({"CapacityReservationId": reservation} if reservation else None)
@@ -210,6 +211,7 @@ def test_missing_settings_connection_is_named(monkeypatch) -> None:
         ({"key_name": "k", "capacity_type": "CAPACITY_BLOCK"}, "CAPACITY_BLOCK needs capacity_reservation_id"),
         ({"key_name": "k", "os": "windows"}, "os: Input should be"),
         ({"key_name": "k", "fsx_throughput_per_tib": 300}, "fsx_throughput_per_tib: Input should be"),
+        ({"key_name": "k", "fsx_storage_capacity_gib": 1500}, "1200 GiB or a multiple of 2400 GiB"),
         ({"key_name": "k", "max_nodes": 0}, "max_nodes: Input should be greater than or equal to 1"),
         ({"key_name": "k", "keyname": "typo"}, "keyname: Extra inputs are not permitted"),
     ],
@@ -218,6 +220,25 @@ def test_invalid_settings_name_the_connection_and_field(monkeypatch, extra, fiel
     platform = use_settings(monkeypatch, **extra)
     with pytest.raises(PlatformNotReady, match=re.escape("connection 'dtp_parallelcluster' extra: ") + ".*" + field):
         platform.max_nodes()
+
+
+@pytest.mark.parametrize(
+    ("recipe", "num_nodes", "expected_gib"),
+    [
+        ("tiny", 1, 1200),
+        # DTP's trainer keeps 2 checkpoints of 847 GB and writes a third: 2366 GiB, with a fifth more 2839 GiB.
+        ("llama3_1_70b", 16, 4800),
+        # Megatron-LM keeps all 6 of its 988 GB checkpoints while it trains: 5519 GiB, with a fifth more 6623 GiB.
+        ("llama3_1_70b_megatron", 16, 7200),
+        ("mixtral_8x7b", 8, 2400),  # 3 of 560 GB: 1566 GiB, with a fifth more 1879 GiB
+    ],
+)
+def test_a_new_file_system_is_sized_to_the_runs_checkpoints(monkeypatch, recipe, num_nodes, expected_gib) -> None:
+    spec = make_spec(recipe, "p5.48xlarge", num_nodes)
+    assert use_settings(monkeypatch, key_name="k").fsx_storage_capacity_gib(spec) == expected_gib
+    # Settings that fix the size win, whatever the run.
+    fixed = use_settings(monkeypatch, key_name="k", fsx_storage_capacity_gib=2400)
+    assert fixed.fsx_storage_capacity_gib(spec) == 2400
 
 
 def test_settings_give_capacity_and_the_slurm_connection(monkeypatch) -> None:

@@ -18,6 +18,7 @@ from dtp.costs import (
     checkpoint_saves,
     checkpoints_on_disk,
     estimate_cost_usd,
+    fsx_storage_gib_for,
     training_time_limit_minutes,
 )
 from dtp.hostlist import expand_hostlist
@@ -95,9 +96,9 @@ def build_spec(params: Mapping[str, Any], conf: Mapping[str, Any], names: RunNam
 
 
 def shared_file_system_gib(platform: ComputePlatform) -> int | None:
-    """The size of the shared file system the run's checkpoints go to, where DTP makes it with the cluster and
-    knows it: ParallelCluster's FSx for Lustre (its settings' ``fsx_storage_capacity_gib``). None elsewhere: an
-    existing file system, HyperPod's, EKS's, Batch's, the local one."""
+    """The size of the shared file system the run's checkpoints go to, where DTP makes it with the cluster at a size
+    its settings fix: ParallelCluster's FSx for Lustre with a ``fsx_storage_capacity_gib``. None elsewhere: one
+    sized to the run, an existing file system, HyperPod's, EKS's, Batch's, the local one."""
     if platform.name != "parallelcluster" or platform.existing_file_system():
         return None
     from dtp.platforms.parallelcluster import ParallelClusterPlatform  # the run's platform: imported already
@@ -116,7 +117,6 @@ def checkpoint_space_problem(validated: TrainParams, recipe: Recipe, platform: C
     if needed <= capacity:
         return None
     one = checkpoint_bytes(recipe)
-    fitting_gib = max(1200, math.ceil(needed / 2**30 / 2400) * 2400)  # FSx PERSISTENT_2: 1200, 2400, 2400 x n GiB
     what = (
         f"recipe {validated.recipe!r} ({recipe.framework}) saves {checkpoint_saves(validated)} checkpoints of "
         f"{one / 1e9:.0f} GB ({MODEL_PARAMETERS[recipe.model] / 1e9:.1f}B parameters and their optimizer state), up "
@@ -124,8 +124,8 @@ def checkpoint_space_problem(validated: TrainParams, recipe: Recipe, platform: C
         f"more than the {capacity_gib} GiB FSx for Lustre dtp_{platform.name} makes for the run"
     )
     larger = (
-        f"give dtp_{platform.name} an fsx_storage_capacity_gib of {fitting_gib} or more, or an existing FSx for "
-        "Lustre that has the room (fsx_file_system_id)"
+        f"give dtp_{platform.name} an fsx_storage_capacity_gib of {fsx_storage_gib_for(needed)} or more (or none, "
+        "to size it to each run), or an existing FSx for Lustre that has the room (fsx_file_system_id)"
     )
     if (fitting := capacity // one) == 0:
         return f"recipe: got {validated.recipe!r}; {what}: {larger}"

@@ -25,11 +25,13 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
+from dtp.costs import FSX_SMALLEST_GIB, FSX_STEP_GIB, checkpoint_footprint_bytes, fsx_storage_gib_for
 from dtp.hooks.stacks import StackHook
+from dtp.params import TrainParams
 from dtp.platforms.base import PlatformNotReady, PlatformSettings, stop_before_delete
 from dtp.platforms.containers import FSX_MOUNT, ngc_pytorch_image
 from dtp.platforms.pyxis import pyxis_runtime
-from dtp.recipes import INCLUDE_DIR, instance_types
+from dtp.recipes import INCLUDE_DIR, Recipe, instance_types
 from dtp.templates import render
 from dtp.triggers.parallelcluster import ParallelClusterCreateTrigger, ParallelClusterDeleteTrigger
 
@@ -47,6 +49,9 @@ WHERE_PCLUSTER_IS = (
 )
 VALIDATE_SCRIPT = INCLUDE_DIR / "parallelcluster" / "validate_config.py"
 CONFIG_DOCUMENT = "cluster-config.yaml"
+# A file system DTP sizes to the run holds its checkpoints at their most and a fifth more beside them: the dataset's
+# mirror, the logs and traces.
+FSX_ROOM_BESIDE_CHECKPOINTS = 1.2
 # What pcluster answers for a cluster that does not exist, and for a dry run that passed.
 NOT_FOUND = "does not exist"
 DRYRUN_PASSED = "Request would have succeeded, but DryRun flag is set."
@@ -54,14 +59,16 @@ DRYRUN_PASSED = "Request would have succeeded, but DryRun flag is set."
 
 class ParallelClusterSettings(PlatformSettings):
     """the ParallelCluster account settings as JSON: key_name (the head node's EC2 key pair) and optionally
-    fsx_file_system_id (an existing FSx for Lustre file system; empty: a new PERSISTENT_2 one per cluster),
+    fsx_file_system_id (an existing FSx for Lustre file system; empty: a new PERSISTENT_2 one per cluster, of
+    fsx_storage_capacity_gib, by default sized to the run's checkpoints: ``fsx_storage_capacity_gib``),
     custom_ami, capacity_reservation_id with capacity_type (CAPACITY_BLOCK for an EC2 Capacity Block, else
     ONDEMAND), head_node_instance_type, os, slurm_conn_id, max_nodes, pcluster"""
 
     key_name: str = Field(min_length=1, max_length=255)
     head_node_instance_type: str = Field("m5.8xlarge", pattern=r"^[a-z0-9]+(-[a-z0-9]+)?\.[a-z0-9]+$")
     fsx_file_system_id: str = Field("", pattern=r"^$|^fs-[0-9a-f]{17}$")
-    fsx_storage_capacity_gib: int = Field(1200, ge=1200)
+    # None: the new file system is sized to each run (ParallelClusterPlatform.fsx_storage_capacity_gib).
+    fsx_storage_capacity_gib: int | None = Field(None, ge=FSX_SMALLEST_GIB)
     fsx_throughput_per_tib: Literal[125, 250, 500, 1000] = 250
     custom_ami: str = Field("", pattern=r"^$|^ami-[0-9a-f]{8}([0-9a-f]{9})?$")
     capacity_reservation_id: str = Field("", pattern=r"^$|^cr-[0-9a-f]{17}$")
@@ -76,6 +83,16 @@ class ParallelClusterSettings(PlatformSettings):
     def _capacity_block_needs_its_reservation(self) -> ParallelClusterSettings:
         if self.capacity_type == "CAPACITY_BLOCK" and not self.capacity_reservation_id:
             raise ValueError("capacity_type CAPACITY_BLOCK needs capacity_reservation_id, the Capacity Block's id")
+        return self
+
+    @model_validator(mode="after")
+    def _fsx_storage_capacity_is_a_persistent_2_size(self) -> ParallelClusterSettings:
+        size = self.fsx_storage_capacity_gib
+        if size is not None and size != FSX_SMALLEST_GIB and size % FSX_STEP_GIB:
+            raise ValueError(
+                f"fsx_storage_capacity_gib: got {size}; a PERSISTENT_2 FSx for Lustre holds {FSX_SMALLEST_GIB} GiB or "
+                f"a multiple of {FSX_STEP_GIB} GiB"
+            )
         return self
 
 
@@ -216,6 +233,15 @@ class ParallelClusterPlatform:
     def existing_file_system(self) -> str:
         return self.settings.fsx_file_system_id
 
+    def fsx_storage_capacity_gib(self, spec: dict[str, Any]) -> int:
+        """The size of the FSx for Lustre the cluster makes: the settings', else the smallest that holds the run's
+        checkpoints at their most (``dtp.costs.checkpoint_footprint_bytes``) with ``FSX_ROOM_BESIDE_CHECKPOINTS``
+        for its dataset, logs and traces."""
+        if self.settings.fsx_storage_capacity_gib is not None:
+            return self.settings.fsx_storage_capacity_gib
+        params, recipe = TrainParams.model_validate(spec["params"]), Recipe.model_validate(spec["recipe"])
+        return fsx_storage_gib_for(checkpoint_footprint_bytes(params, recipe) * FSX_ROOM_BESIDE_CHECKPOINTS)
+
     def default_image(self) -> dict[str, str]:
         """With no published DTP image, the NGC PyTorch image the training image builds on, run with pyxis; the
         task copies the training programs to the run's directory on FSx, which the container mounts."""
@@ -255,7 +281,7 @@ class ParallelClusterPlatform:
             num_nodes=spec["params"]["num_nodes"],
             efa=instance_types()[instance_type].efa_interfaces > 0,
             fsx_file_system_id=settings.fsx_file_system_id,
-            fsx_storage_capacity_gib=settings.fsx_storage_capacity_gib,
+            fsx_storage_capacity_gib=self.fsx_storage_capacity_gib(spec),
             fsx_throughput_per_tib=settings.fsx_throughput_per_tib,
             tags=spec["tags"],
         )
@@ -293,7 +319,11 @@ class ParallelClusterPlatform:
             raise PlatformNotReady(f"cluster configuration of {name} is invalid:\n" + "\n".join(problems))
         existing = self.cli.describe_cluster(name)
         if existing is None:
-            log.info("Creating ParallelCluster cluster %s", name)
+            if file_system := self.settings.fsx_file_system_id:
+                log.info("Creating ParallelCluster cluster %s, which mounts %s", name, file_system)
+            else:
+                size = self.fsx_storage_capacity_gib(spec)
+                log.info("Creating ParallelCluster cluster %s with an FSx for Lustre of %d GiB", name, size)
             self.cli.create_cluster(name, documents[CONFIG_DOCUMENT])
             created_at = time.time()
         elif existing["clusterStatus"] == "CREATE_FAILED":
