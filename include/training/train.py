@@ -23,12 +23,9 @@ import math
 import os
 import re
 import resource
-import signal
 import socket
 import sys
-import threading
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -42,8 +39,11 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import checkpoint
+from heartbeat import heartbeat
+from metrics_log import emit
 from model import MODELS, Transformer, count_parameters, flops_per_token
 from profiling import StepProfiler
+from stopping import catch_sigterm, diverged, exit_preempted, stop_requested
 
 # Dense bf16 peak per device, for MFU (vendor datasheets, without sparsity), by a pattern of the name CUDA
 # gives the device ("NVIDIA H100 80GB HBM3"): the first that matches. A run on a cluster takes its instance
@@ -224,77 +224,8 @@ def select_device(cfg: TrainConfig) -> tuple[str, torch.device]:
     return "gloo", torch.device("cpu")
 
 
-_sigterm = False
-
-
-def _on_sigterm(signum: int, frame: object) -> None:
-    global _sigterm
-    _sigterm = True
-
-
-def stop_requested(group: dist.ProcessGroup | None, stop_file: str) -> bool:
-    """Whether any rank got SIGTERM or rank 0 finds ``stop_file`` (the one that looks, as all would see it): they
-    all stop after the same step, so they agree on it (every ``stop_check_steps``). ``group`` is a gloo group on
-    the CPU, so the check never waits for the GPU's queued kernels (None: the default group, itself gloo on the
-    CPU)."""
-    asked = _sigterm or (dist.get_rank() == 0 and bool(stop_file) and os.path.exists(stop_file))
-    flag = torch.tensor([float(asked)])
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
-    return bool(flag.item())
-
-
-# A checkpoint's save or load prints nothing while it writes or reads (some 47 minutes for a 70B model at the FSx's
-# baseline): rank 0 says it is still at it this often, so the task's hang detection (a job silent for
-# hang_timeout_minutes, at least 1) does not take it for a hang.
-HEARTBEAT_S = 30.0
-
-
-@contextlib.contextmanager
-def heartbeat(what: str, every: float = HEARTBEAT_S) -> Iterator[None]:
-    """Print ``what`` and the seconds since it began every ``every`` seconds until the block ends (on the job's
-    log only, not in the metrics)."""
-    done, began = threading.Event(), time.monotonic()
-
-    def beat() -> None:
-        while not done.wait(every):
-            print(f"{what}: {time.monotonic() - began:.0f} s so far", flush=True)
-
-    thread = threading.Thread(target=beat, name="heartbeat", daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        done.set()
-        thread.join()
-
-
-def emit(record: dict, metrics_path: Path) -> None:
-    line = json.dumps(record)
-    print(line, flush=True)
-    with metrics_path.open("a") as fh:
-        fh.write(line + "\n")
-
-
-class Diverged(RuntimeError):
-    """The gradient norm stopped being finite: the optimizer step made the weights NaN or infinite."""
-
-
-def diverged(step: int, norm: float, ckpt_dir: Path, metrics_path: Path, rank: int) -> None:
-    """Stop a run whose weights are lost, before they replace a good checkpoint. Every rank sees the same norm (it
-    is the whole model's), so they all stop at the same step. A relaunch resumes from the newest checkpoint: a fault
-    that made the NaN passes, a divergence happens again (the batches depend on the step) until the job's
-    attempts are spent."""
-    if rank == 0:
-        emit({"event": "diverged", "step": step, "grad_norm": str(norm), "time": time.time()}, metrics_path)
-    newest = checkpoint.newest_complete(ckpt_dir)
-    raise Diverged(
-        f"step {step}: the gradient norm is {norm}, so the weights are no longer finite (training diverged); "
-        + (f"the newest checkpoint, {newest.name}, is from before" if newest else "no checkpoint was saved")
-    )
-
-
 def train(cfg: TrainConfig) -> None:
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    catch_sigterm()
     backend, device = select_device(cfg)
     dist.init_process_group(backend, timeout=timedelta(seconds=cfg.collective_timeout_s))
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -426,10 +357,7 @@ def train(cfg: TrainConfig) -> None:
             if rank == 0:
                 emit({"event": "checkpoint", "step": done, "path": str(path), "time": time.time()}, metrics_path)
         if preempted:
-            if rank == 0:
-                emit({"event": "preempted", "step": done, "time": time.time()}, metrics_path)
-            dist.destroy_process_group()
-            sys.exit(143)  # 128 + SIGTERM: what the job would have reported had the signal killed it
+            exit_preempted(done, metrics_path, rank)
 
     if rank == 0:
         emit({"event": "end", "step": cfg.max_steps, "config": asdict(cfg), "time": time.time()}, metrics_path)

@@ -34,8 +34,9 @@ from trainer_support import (
 )
 
 from dtp.metrics.trace import summarize_trace
+from heartbeat import heartbeat
 from model import MODELS, count_parameters
-from train import TrainConfig, heartbeat
+from train import TrainConfig
 
 
 @pytest.fixture(scope="module")
