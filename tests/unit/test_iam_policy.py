@@ -6,10 +6,10 @@ and ``plugins/dtp``, less the local stack (never on AWS) and the MWAA deploy too
 ``conn``, ``get_conn()`` or ``client``; ``AwsBaseHook(client_type=...)``; DTP's hooks built on those) through local
 names, ``self`` attributes, properties and function arguments, and maps every operation asked of a client (called,
 passed on as a bound method, or named to ``get_paginator``, ``get_waiter`` or ``getattr``) to its IAM action through
-botocore's service model (``iam_inference``, ``iam_scan``). What the scan cannot see through is listed in the small tables of
-``iam_tables``. A call it cannot map (an unknown client attribute, an unlisted provider hook method, an unlisted
-``getattr``) fails the test instead of being skipped, so a new boto3 call either shows up as an action the policy
-must allow or as a table to extend.
+botocore's service model (``iam_inference``, ``iam_scan``). What the scan cannot see through is listed in the small
+tables of ``iam_tables``. A call it cannot map (an unknown client attribute, an unlisted provider hook method, an
+unlisted ``getattr``) fails the test instead of being skipped, so a new boto3 call either shows up as an action the
+policy must allow or as a table to extend.
 
 The network template's resource types are checked too: CloudFormation creates and deletes them with the caller's
 permissions, and the actions listed for each are checked against the handler permissions of the resource provider
