@@ -140,6 +140,17 @@ def test_a_later_run_resumes_from_a_saved_checkpoint(stack, aws, tmp_path) -> No
     assert restore_checkpoint(spec, cluster, "aws_default")["copied"] == 0  # a retried stage_data
 
 
+def test_a_checkpoint_file_gone_since_its_manifest_is_named_and_nothing_is_copied(stack, aws, tmp_path) -> None:
+    saved = saved_trainer_checkpoint(aws, tmp_path)
+    spec, cluster, checkpoints = run(tmp_path, "fsdp", resume_from=saved["uri"], max_steps=400)
+    spec["resume"] = resume_source(spec, "aws_default")
+    bucket, key = saved["uri"].removeprefix("s3://").split("/", 1)
+    aws("s3").delete_object(Bucket=bucket, Key=f"{key}step_100/__0_0.distcp")
+    with pytest.raises(FileNotFoundError, match=r"names files that are gone: step_100/__0_0.distcp"):
+        restore_checkpoint(spec, cluster, "aws_default")
+    assert not checkpoints.exists() or not any(checkpoints.rglob("*"))
+
+
 def test_a_run_without_resume_from_reads_nothing(stack) -> None:
     spec, _, _ = run(Path("/nonexistent"), "fsdp")
     assert resume_source(spec, "aws_default") is None

@@ -16,7 +16,7 @@ from dtp.hooks.sweeper import RunResourceSweeper
 from dtp.images.ami import BUILDER_TAG
 from dtp.naming import RunNames, expiry, resource_tags, slurm_comment
 from dtp.pipeline import network
-from dtp.pipeline.data import RUN_MARKER, claim_run_dir
+from dtp.pipeline.run_dirs import RUN_MARKER, claim_run_dir
 from dtp.reaper.aws import find_expired_in_aws
 from dtp.reaper.cluster import expired_run_dirs, find_expired_on_cluster
 from dtp.reaper.deletion import ReapIncomplete, reap

@@ -9,10 +9,13 @@ import uuid
 from pathlib import Path
 
 import pytest
+from botocore.client import BaseClient
 
 from dtp.pipeline import data
-from dtp.pipeline.data import RUN_MARKER, SAMPLE_CORPUS, SharedFilesystemNotVisible, dataset_problem, stage_data
+from dtp.pipeline.data import SAMPLE_CORPUS, SharedFilesystemNotVisible, dataset_problem, stage_data
 from dtp.pipeline.frameworks import dataset_dir
+from dtp.pipeline.mirror import mirror_dataset
+from dtp.pipeline.run_dirs import RUN_MARKER
 
 pytestmark = pytest.mark.stack
 TRAINER = {"framework": "fsdp", "model": "tiny"}
@@ -134,13 +137,12 @@ def test_each_run_leases_the_mirror_before_it_looks_at_it(stack, aws, tmp_path, 
     spec, cluster, dest = megatron_dataset(aws, tmp_path, INDEXED)
     leases = tmp_path / "leases" / "datasets" / "megatron-lm" / dest.name
     leased_when_mirrored: list[list[str]] = []
-    mirror = data.mirror_dataset
 
-    def mirror_dataset(*args, **kwargs):
+    def mirror_noting_leases(*args, **kwargs):
         leased_when_mirrored.append(sorted(path.name for path in leases.iterdir()))
-        return mirror(*args, **kwargs)
+        return mirror_dataset(*args, **kwargs)
 
-    monkeypatch.setattr("dtp.pipeline.data.mirror_dataset", mirror_dataset)
+    monkeypatch.setattr(data, "mirror_dataset", mirror_noting_leases)
     stage_data(spec, {"DataBucket": "unused"}, cluster, "aws_default")
     other = {**spec, "names": {"run_key": "fw-2"}, "run_id": "it__fw-2", "tags": {"dtp:expires-at": LATER}}
     stage_data(other, {"DataBucket": "unused"}, cluster, "aws_default")
@@ -169,6 +171,42 @@ def test_an_object_uploaded_again_with_other_content_of_its_size_is_copied_again
     (dest / "tokenizer.json").write_bytes(b"[]")
     staged = stage_data(spec, {"DataBucket": "unused"}, cluster, "aws_default")
     assert staged["copied"] == 1 and (dest / "tokenizer.json").read_bytes() == b"{}"
+
+
+@pytest.fixture
+def s3_requests(monkeypatch) -> list[str]:
+    """The operations boto3's clients ask of S3 from here on (this test's own included), in order."""
+    requests: list[str] = []
+    make_api_call = BaseClient._make_api_call
+
+    def recorded(client: BaseClient, operation_name: str, api_params: dict) -> dict:
+        if client.meta.service_model.service_name == "s3":
+            requests.append(operation_name)
+        return make_api_call(client, operation_name, api_params)
+
+    monkeypatch.setattr(BaseClient, "_make_api_call", recorded)
+    return requests
+
+
+@pytest.mark.parametrize(
+    ("recipe", "objects"),
+    [(TRAINER, {"a.txt": b"hello ", "b.txt": b"world"}), (MEGATRON, {**INDEXED, "tokenizer.json": b"{}"})],
+)
+def test_a_dataset_staged_again_is_checked_against_its_listing_alone(
+    stack, aws, tmp_path, s3_requests, recipe: dict, objects: dict[str, bytes]
+) -> None:
+    # The listing carries each object's size and LastModified: no request per object tells its copy is there.
+    bucket = f"dtp-it-requests-{uuid.uuid4().hex[:8]}"
+    aws("s3").create_bucket(Bucket=bucket)
+    for key, body in objects.items():
+        aws("s3").put_object(Bucket=bucket, Key=f"d/{key}", Body=body)
+    spec = run_spec("requests", recipe, f"s3://{bucket}/d/")
+    cluster = {"shared_dir": str(tmp_path), "slurm_conn_id": "slurm_default"}
+    assert stage_data(spec, {"DataBucket": "unused"}, cluster, "aws_default")["copied"] == len(objects)
+    s3_requests.clear()
+
+    assert stage_data(spec, {"DataBucket": "unused"}, cluster, "aws_default")["copied"] == 0
+    assert s3_requests == ["ListObjectsV2"]
 
 
 def test_a_text_object_uploaded_again_with_other_content_of_its_size_is_tokenized_again(stack, aws, tmp_path) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from dtp.pipeline.data import relative_key
+from dtp.pipeline.s3_objects import relative_key
 
 
 @pytest.mark.parametrize(

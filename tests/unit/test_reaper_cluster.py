@@ -12,7 +12,7 @@ import pytest
 from dtp.hooks.shared_fs import SharedFilesystemHook
 from dtp.hooks.slurm import SlurmHook
 from dtp.naming import EXPIRES_TAG, SLURM_EXPIRY_PREFIX, slurm_comment
-from dtp.pipeline.data import lease_shared_dir
+from dtp.pipeline.run_dirs import lease_shared_dir
 from dtp.reaper.cluster import find_expired_on_cluster
 from dtp.reaper.deletion import ReapIncomplete, reap
 from dtp.reaper.expired import Expired

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from dtp.naming import EXPIRES_TAG, expiry
-from dtp.pipeline.data import lease_shared_dir
+from dtp.pipeline.run_dirs import lease_shared_dir
 from dtp.reaper.cluster import find_expired_on_worker_mount
 from dtp.reaper.deletion import ReapIncomplete, reap
 from dtp.reaper.expired import Expired

@@ -12,7 +12,7 @@ from dtp.hooks.fsx import FsxHook
 from dtp.operators.fsx import find_or_start_task
 from dtp.pipeline import checkpoints
 from dtp.pipeline.checkpoints import Checkpoint
-from dtp.pipeline.data import RUNS_FOLDER, run_dir
+from dtp.pipeline.run_dirs import RUNS_FOLDER, run_dir
 from dtp.triggers.fsx import FsxDataRepositoryTaskTrigger
 
 MAX_TASK_PATHS = 100  # CreateDataRepositoryTask's limit

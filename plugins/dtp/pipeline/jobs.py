@@ -18,7 +18,7 @@ from dtp.hooks.shared_fs import SharedFilesystemHook
 from dtp.hooks.slurm import SlurmHook
 from dtp.naming import EXPIRES_TAG, slurm_comment
 from dtp.pipeline import frameworks
-from dtp.pipeline.data import claim_run_dir, run_dir
+from dtp.pipeline.run_dirs import claim_run_dir, run_dir
 from dtp.platforms import get_platform
 from dtp.platforms.base import PREFLIGHT_DEADLINE_S, PlatformNotReady, PyTorchJobPlatform
 from dtp.platforms.capacity import instance_of

@@ -25,8 +25,9 @@ from pydantic import Field
 
 from dtp.connections import AWS_CONN_ID
 from dtp.naming import TAG_PREFIX
-from dtp.pipeline.data import run_dir
+from dtp.pipeline.run_dirs import run_dir
 from dtp.platforms.base import PlatformNotReady, PlatformSettings
+from dtp.platforms.batch_checks import launch_template_problems, node_problems
 from dtp.platforms.containers import (
     FSX_MOUNT,
     image_runtime,
@@ -247,8 +248,8 @@ class BatchPlatform:
             for order in queue.get("computeEnvironmentOrder", [])
             if order.get("computeEnvironment") != environment.get("computeEnvironmentName")
         ]
-        problems += _launch_template_problems(environment, definition, self.conn_id)
-        return problems + _node_problems(definition.get("nodeProperties") or {})
+        problems += launch_template_problems(environment, definition, self.conn_id)
+        return problems + node_problems(definition.get("nodeProperties") or {})
 
     # --- lifecycle --------------------------------------------------------------------------------------------------
     def provision(self, spec: dict[str, Any], network: dict[str, str], ami: str | None = None) -> dict[str, Any]:
@@ -374,56 +375,3 @@ def _launch(spec: dict[str, Any], runtime: dict[str, str], program: str, *args: 
     programs = runtime.get("training_dir") or str(run_dir(spec, {"shared_dir": FSX_MOUNT}) / "programs")
     procs = str(spec["instance"]["accelerators_per_node"])
     return ["sh", "-c", LAUNCH, "torchrun", "--nproc_per_node", procs, f"{programs}/{program}", *args]
-
-
-def _launch_template_problems(environment: dict[str, Any], definition: dict[str, Any], conn_id: str) -> list[str]:
-    """A job that needs what only a launch template gives its hosts (EFA interfaces, the shared ``/fsx``) in a
-    compute environment without one (``conn_id``'s launch_template_id)."""
-    if (environment.get("computeResources") or {}).get("launchTemplate"):
-        return []
-    nodes = definition.get("nodeProperties") or {}
-    containers = [node_range.get("container") or {} for node_range in nodes.get("nodeRangeProperties", [])]
-    efa = max((len(_efa_devices(container)) for container in containers), default=0)
-    count = nodes.get("numNodes", 0)
-    needs = [f"maps {efa} EFA devices (/dev/infiniband/uverbs*)"] if efa else []
-    needs += [f"runs on {count} nodes, which share the run's files through {FSX_MOUNT}"] if count > 1 else []
-    if not needs:
-        return []
-    interfaces = (
-        f"one network interface of InterfaceType efa on each network card 0..{efa - 1}, whose Groups hold the run's "
-        "EFA security group (the dtp_network connection's security_group), and "
-        if efa
-        else ""
-    )
-    return [
-        f"compute-environment.json: no launchTemplate (connection {conn_id!r} gives no launch_template_id), but the "
-        f"job {' and '.join(needs)}: give launch_template_id, a launch template with {interfaces}user data that "
-        f"mounts the FSx for Lustre file system at {FSX_MOUNT}"
-    ]
-
-
-def _efa_devices(container: dict[str, Any]) -> list[str]:
-    """The EFA devices (``/dev/infiniband/uverbs*``) a job definition's container maps from its host."""
-    devices = (container.get("linuxParameters") or {}).get("devices", [])
-    return [d["hostPath"] for d in devices if str(d.get("hostPath", "")).startswith("/dev/infiniband/")]
-
-
-def _node_problems(nodes: dict[str, Any]) -> list[str]:
-    """Batch's rules for a multi-node job's node ranges: together they cover nodes 0..numNodes-1 exactly once."""
-    count, main = nodes.get("numNodes", 0), nodes.get("mainNode", 0)
-    problems = [] if count >= 1 else [f"nodeProperties.numNodes: {count}; a job needs at least 1 node"]
-    if not 0 <= main < max(count, 1):
-        problems.append(f"nodeProperties.mainNode: {main} is not one of the job's nodes 0..{count - 1}")
-    covered: list[int] = []
-    for index, node_range in enumerate(nodes.get("nodeRangeProperties", [])):
-        start, sep, end = str(node_range.get("targetNodes", "")).partition(":")
-        if not re.fullmatch(r"\d*", start + end) or not (start or end):
-            problems.append(f"nodeProperties.nodeRangeProperties[{index}].targetNodes: not a range like '0:' or '1:3'")
-            continue
-        first, last = int(start or 0), int(end) if end else (count - 1 if sep else int(start))
-        covered += range(first, last + 1)
-    if sorted(covered) != list(range(count)):
-        problems.append(
-            f"nodeProperties.nodeRangeProperties: the ranges cover nodes {sorted(covered)}, not 0..{count - 1}"
-        )
-    return problems

@@ -24,7 +24,7 @@ from pydantic import Field
 from dtp.connections import AWS_CONN_ID
 from dtp.hooks.pytorchjob import PyTorchJobHook
 from dtp.naming import TAG_PREFIX
-from dtp.pipeline.data import run_dir
+from dtp.pipeline.run_dirs import run_dir
 from dtp.platforms.base import PREFLIGHT_DEADLINE_S, PlatformNotReady, PlatformSettings
 from dtp.platforms.containers import (
     FSX_MOUNT,

@@ -26,11 +26,10 @@ import json
 import logging
 import re
 from functools import cached_property
-from typing import Annotated, Any
+from typing import Any
 
 from airflow.providers.amazon.aws.hooks.s3 import S3Hook
 from botocore.exceptions import ClientError
-from pydantic import Field, model_validator
 
 from dtp.connections import AWS_CONN_ID
 from dtp.hooks.hyperpod import HyperPodHook
@@ -38,16 +37,11 @@ from dtp.hooks.pytorchjob import PyTorchJobHook
 from dtp.hooks.slurm import SlurmHook
 from dtp.naming import OWNER, TAG_PREFIX, aws_tags
 from dtp.pipeline.network import NETWORK_CONN_ID
-from dtp.platforms.base import PlatformNotReady, PlatformSettings, Scheduler, stop_before_delete
+from dtp.platforms.base import PlatformNotReady, Scheduler, stop_before_delete
 from dtp.platforms.capacity import Placement, instance_fields, is_capacity_error, is_capacity_failure, placements
 from dtp.platforms.containers import FSX_MOUNT, image_runtime
-from dtp.platforms.eks import (
-    LABEL_DOMAIN,
-    PyTorchJobSettings,
-    default_pod_runtime,
-    delete_pytorchjobs,
-    render_pytorchjobs,
-)
+from dtp.platforms.eks import LABEL_DOMAIN, default_pod_runtime, delete_pytorchjobs, render_pytorchjobs
+from dtp.platforms.hyperpod_settings import HyperPodEksSettings, HyperPodSettings
 from dtp.platforms.pyxis import pyxis_runtime
 from dtp.platforms.service_models import request_problems
 from dtp.recipes import INCLUDE_DIR
@@ -59,49 +53,9 @@ COMPUTE_GROUP = "compute-nodes"
 ON_CREATE = INCLUDE_DIR / "hyperpod" / "on_create.sh"
 # The Kubernetes label of a run's nodes on HyperPod on EKS (the compute group's KubernetesConfig).
 RUN_LABEL = f"{LABEL_DOMAIN}/run"
-TRAINING_PLAN_ARN = r"^arn:aws[a-z-]*:sagemaker:[a-z0-9-]+:\d{12}:training-plan/[\w-]{1,64}$"
-
-
-class HyperPodEksSettings(PyTorchJobSettings):
-    """the EKS cluster a HyperPod cluster's nodes join: cluster_arn, and where the run's PyTorchJobs go"""
-
-    cluster_arn: str = Field(pattern=r"^arn:aws[a-z-]*:eks:[a-z0-9-]+:\d{12}:cluster/[0-9A-Za-z][A-Za-z0-9_-]{0,99}$")
-
-    @property
-    def cluster_name(self) -> str:
-        return self.cluster_arn.rsplit("/", 1)[1]
-
-
 # ClusterStatus values of a cluster whose nodes may run the run's jobs.
 JOB_STATES = frozenset({"InService", "Updating", "SystemUpdating"})
 FSX_DNS_NAME = re.compile(r"^(?P<file_system_id>fs-[0-9a-f]{17})\.fsx\.")
-
-
-class HyperPodSettings(PlatformSettings):
-    """the account's HyperPod settings: execution_role_arn, lifecycle_bucket and optional FSx, base-config, sizes"""
-
-    execution_role_arn: str = Field(pattern=r"^arn:aws[a-z-]*:iam::\d{12}:role/[\w+=,.@/-]+$")
-    # The instance role's managed policy (AmazonSageMakerClusterInstanceRolePolicy) reads only sagemaker-* buckets.
-    lifecycle_bucket: str = Field(pattern=r"^sagemaker-[a-z0-9.-]{1,52}$")
-    base_config_uri: str = Field("", pattern=r"^$|^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]/[\w./-]*$")
-    controller_instance_type: str = "ml.m5.12xlarge"
-    # Reserved capacity per instance type (SageMaker flexible training plans), tried before on-demand.
-    training_plans: dict[str, Annotated[str, Field(pattern=TRAINING_PLAN_ARN)]] = Field(default_factory=dict)
-    fsx_dns_name: str = ""
-    fsx_mount_name: str = ""
-    slurm_conn_id: str = "dtp_hyperpod_slurm"
-    max_nodes: int = Field(64, ge=1)
-    create_timeout_minutes: int = Field(90, ge=1)
-    # The nodes' interpreter (with torch) when no training image is published for hyperpod.
-    python: str = "/usr/bin/python3"
-    # The EKS orchestrator (HyperPod on EKS); absent, the cluster's orchestrator is Slurm.
-    eks: HyperPodEksSettings | None = None
-
-    @model_validator(mode="after")
-    def _eks_needs_its_lifecycle_scripts(self) -> HyperPodSettings:
-        if self.eks is not None and not self.base_config_uri:
-            raise ValueError("eks needs base_config_uri: the reference's EKS lifecycle scripts (on_create.sh)")
-        return self
 
 
 class HyperPodPlatform:

@@ -12,7 +12,7 @@ from typing import Any
 
 from dtp.hooks.registry import ContainerRegistryHook
 from dtp.hooks.slurm import SlurmHook
-from dtp.pipeline.data import lease_shared_dir
+from dtp.pipeline.run_dirs import lease_shared_dir
 
 
 class LocalSlurmPlatform:

@@ -15,12 +15,12 @@ from airflow.sdk.exceptions import AirflowNotFoundException
 from dtp.hooks.shared_fs import SharedFilesystemHook
 from dtp.hooks.slurm import SlurmHook
 from dtp.naming import parse_slurm_comment
-from dtp.pipeline.data import LEASES_FOLDER, RUN_MARKER, RUNS_FOLDER
+from dtp.pipeline.run_dirs import LEASES_FOLDER, RUN_MARKER, RUNS_FOLDER
 from dtp.reaper.active_runs import spare_active_runs
 from dtp.reaper.expired import Expired, is_expired
 
 log = logging.getLogger(__name__)
-# The directories every run of a dataset or an image shares, which each run leases (data.lease_shared_dir), by their
+# The directories every run of a dataset or an image shares, which each run leases (run_dirs.lease_shared_dir), by their
 # kind: the folder of the shared filesystem they sit in, and how deep (frameworks.dataset_dir's dataset mirrors,
 # LocalSlurmPlatform.runtime's unpacked images).
 LEASED_DIRS = {"dataset_mirror": ("datasets", 2), "image_cache": ("images", 1)}

@@ -15,8 +15,8 @@ from dtp.hooks.shared_fs import SharedFilesystemHook
 from dtp.hooks.slurm import SlurmHook
 from dtp.hooks.stacks import StackHook
 from dtp.hooks.sweeper import RunResourceSweeper
-from dtp.pipeline.data import LEASES_FOLDER
 from dtp.pipeline.network import destroy_run_resources
+from dtp.pipeline.run_dirs import LEASES_FOLDER
 from dtp.platforms.batch import WAIT_TIMEOUT_MINUTES, BatchPlatform
 from dtp.reaper.cluster import LEASE, LEASED_DIRS
 from dtp.reaper.expired import Expired
@@ -34,7 +34,7 @@ PCLUSTER_DELETE_TIMEOUT, PCLUSTER_DELETE_POLL = 3600, 30
 # it): prints "deleted" or "kept". Nothing is reached through a symbolic link out of the shared filesystem. The
 # directory is renamed away (to a hidden name, which no sweep lists) before it is deleted: a run that leases it while
 # a large tree is deleted finds it gone, not half there; what is left is a run leasing it between the check of its
-# lease folder and that rename (see data.lease_shared_dir). A tree left half deleted by a sweep that stopped is
+# lease folder and that rename (see run_dirs.lease_shared_dir). A tree left half deleted by a sweep that stopped is
 # deleted by the next one, whose leases are still there.
 REMOVE_LEASED_DIR = r"""
 set -e

@@ -1,0 +1,63 @@
+"""What Batch would refuse, or a run would fail on, in its compute environment and multi-node job definition
+beyond what Batch's service model checks: a job that needs a launch template's hosts without one, and node ranges
+that do not cover the job's nodes exactly once."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from dtp.platforms.containers import FSX_MOUNT
+
+
+def launch_template_problems(environment: dict[str, Any], definition: dict[str, Any], conn_id: str) -> list[str]:
+    """A job that needs what only a launch template gives its hosts (EFA interfaces, the shared ``/fsx``) in a
+    compute environment without one (``conn_id``'s launch_template_id)."""
+    if (environment.get("computeResources") or {}).get("launchTemplate"):
+        return []
+    nodes = definition.get("nodeProperties") or {}
+    containers = [node_range.get("container") or {} for node_range in nodes.get("nodeRangeProperties", [])]
+    efa = max((len(_efa_devices(container)) for container in containers), default=0)
+    count = nodes.get("numNodes", 0)
+    needs = [f"maps {efa} EFA devices (/dev/infiniband/uverbs*)"] if efa else []
+    needs += [f"runs on {count} nodes, which share the run's files through {FSX_MOUNT}"] if count > 1 else []
+    if not needs:
+        return []
+    interfaces = (
+        f"one network interface of InterfaceType efa on each network card 0..{efa - 1}, whose Groups hold the run's "
+        "EFA security group (the dtp_network connection's security_group), and "
+        if efa
+        else ""
+    )
+    return [
+        f"compute-environment.json: no launchTemplate (connection {conn_id!r} gives no launch_template_id), but the "
+        f"job {' and '.join(needs)}: give launch_template_id, a launch template with {interfaces}user data that "
+        f"mounts the FSx for Lustre file system at {FSX_MOUNT}"
+    ]
+
+
+def _efa_devices(container: dict[str, Any]) -> list[str]:
+    """The EFA devices (``/dev/infiniband/uverbs*``) a job definition's container maps from its host."""
+    devices = (container.get("linuxParameters") or {}).get("devices", [])
+    return [d["hostPath"] for d in devices if str(d.get("hostPath", "")).startswith("/dev/infiniband/")]
+
+
+def node_problems(nodes: dict[str, Any]) -> list[str]:
+    """Batch's rules for a multi-node job's node ranges: together they cover nodes 0..numNodes-1 exactly once."""
+    count, main = nodes.get("numNodes", 0), nodes.get("mainNode", 0)
+    problems = [] if count >= 1 else [f"nodeProperties.numNodes: {count}; a job needs at least 1 node"]
+    if not 0 <= main < max(count, 1):
+        problems.append(f"nodeProperties.mainNode: {main} is not one of the job's nodes 0..{count - 1}")
+    covered: list[int] = []
+    for index, node_range in enumerate(nodes.get("nodeRangeProperties", [])):
+        start, sep, end = str(node_range.get("targetNodes", "")).partition(":")
+        if not re.fullmatch(r"\d*", start + end) or not (start or end):
+            problems.append(f"nodeProperties.nodeRangeProperties[{index}].targetNodes: not a range like '0:' or '1:3'")
+            continue
+        first, last = int(start or 0), int(end) if end else (count - 1 if sep else int(start))
+        covered += range(first, last + 1)
+    if sorted(covered) != list(range(count)):
+        problems.append(
+            f"nodeProperties.nodeRangeProperties: the ranges cover nodes {sorted(covered)}, not 0..{count - 1}"
+        )
+    return problems
