@@ -19,7 +19,7 @@ from dtp.costs import (
     training_time_limit_minutes,
 )
 from dtp.params import ParamsError, TrainParams, parse_params, validate_params
-from dtp.pipeline.jobs import HANG_MARGIN_SECONDS, hang_timeout_seconds, priced_for
+from dtp.pipeline.jobs import HANG_MARGIN_SECONDS, hang_timeout_seconds, priced_for, training_config
 from dtp.pipeline.spec import run_spec
 from dtp.platforms.parallelcluster import ParallelClusterSettings
 from dtp.recipes import catalogue, get_recipe, instance_types
@@ -144,6 +144,20 @@ def test_a_budget_equal_to_the_estimate_lets_the_job_start_and_run_every_step() 
     assert spec["training_time_limit_minutes"] >= steps_minutes + writes_minutes + JOB_START_MINUTES - 1
     hours = estimate_training_hours(params, recipe)
     assert hours * 60 == pytest.approx(steps_minutes + writes_minutes + JOB_START_MINUTES)
+
+
+@pytest.mark.parametrize(("recipe", "max_steps"), [("llama3_1_70b", 10_000), ("llama3_1_8b", 100_000), ("tiny", 300)])
+def test_dtps_trainer_prints_a_step_line_well_within_the_hang_timeout_however_long_the_run(
+    recipe: str, max_steps: int
+) -> None:
+    # A hundredth of a 10,000-step 70B run is 100 steps of 8 s: 800 s of silence, past the default 600 s timeout.
+    conf = {"recipe": recipe, "max_steps": max_steps, "checkpoint_interval": max_steps, "budget_usd": 1e6}
+    spec = run_spec(parse_params(TrainParams, conf), "train_e2e", "r")
+    parsed = get_recipe(recipe)
+    instance = instance_types()[spec["params"]["instance_type"]].model_dump()
+    config = training_config(spec, parsed, "/fsx/runs/r", {"train_bin": "/fsx/runs/r/train.bin"}, instance)
+    assert config["log_interval"] * parsed.expected_step_seconds <= hang_timeout_seconds(spec, parsed) / 4
+    assert config["log_interval"] <= max(1, max_steps // 100)
 
 
 def test_a_framework_that_writes_a_long_checkpoint_in_silence_is_not_taken_for_hung_meanwhile() -> None:

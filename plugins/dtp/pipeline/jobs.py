@@ -213,7 +213,12 @@ def training_config(
         "lr": recipe.lr,
         "warmup_steps": recipe.warmup_steps,
         "checkpoint_interval": params["checkpoint_interval"],
-        "log_interval": max(1, params["max_steps"] // 100),
+        # A hundred step lines a run, and one at least every quarter of the hang timeout at the recipe's step time:
+        # between them rank 0 prints nothing, and a long run's silence would be taken for a hang.
+        "log_interval": max(
+            1,
+            min(params["max_steps"] // 100, int(hang_timeout_seconds(spec, recipe) / 4 / recipe.expected_step_seconds)),
+        ),
         "precision": recipe.precision,
         "activation_checkpointing": recipe.activation_checkpointing,
         "compile": recipe.compile,
