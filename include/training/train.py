@@ -333,6 +333,9 @@ def train(cfg: TrainConfig) -> None:
                     {
                         "event": "step",
                         "step": done,
+                        "max_steps": cfg.max_steps,
+                        # The steps left at this window's pace: the run's progress as the task log shows it.
+                        "eta_s": round((cfg.max_steps - done) * elapsed / window_steps),
                         "loss": round(mean_loss, 5),
                         "lr": lr_at(cfg, step, schedule),
                         "grad_norm": round(norm, 4),

@@ -93,6 +93,8 @@ def test_full_run_step_lines(runs: dict[str, Run]) -> None:
         assert {"loss", "lr", "grad_norm", "tokens_per_s", "tokens_per_s_per_device", "memory_mb"} <= set(record)
         assert record["tokens_per_s"] == pytest.approx(2 * record["tokens_per_s_per_device"], rel=1e-3)
         assert record["mfu"] is None  # no known peak FLOPs on CPU
+        assert record["max_steps"] == MAX_STEPS and record["eta_s"] >= 0
+    assert steps[-1]["eta_s"] == 0 and steps[0]["eta_s"] > 0
 
 
 def test_full_run_checkpoints_are_complete(runs: dict[str, Run]) -> None:
