@@ -24,7 +24,9 @@ from dtp.recipes import (
     instance_types,
 )
 
-S3_URI = r"^$|^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[A-Za-z0-9!_.*'()/-]*)?$"
+# An S3 URI whose key is of S3's safe characters and '=' and '+' (Hive-style partitions such as lang=en/, ds+v2/): none
+# a shell gives a meaning to inside a word, and no ',' that would split a list.
+S3_URI = r"^$|^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[A-Za-z0-9!_.*'()/=+-]*)?$"
 ENV_NAME = re.compile(r"^[A-Z_][A-Z0-9_]{0,63}$")
 # Variables the pipeline, the job scripts (include/templates/slurm), Slurm, torchrun or the shell set or read
 # themselves; overriding one would break the launch (RDZV_HOST would move the rendezvous, IFS the scripts' loops).

@@ -19,7 +19,7 @@ from dtp.params import (
     TrainParams,
     validate_params,
 )
-from dtp.pipeline.spec import build_spec, checkpoint_space_problem
+from dtp.pipeline.spec import build_spec, checkpoint_space_problem, sample_corpus_problem
 from dtp.platforms import get_platform
 from dtp.recipes import catalogue, get_recipe
 from dtp.templates import TEMPLATE_DIR
@@ -79,6 +79,8 @@ def test_defaults_match_the_tiny_recipe_defaults() -> None:
         {"dataset_uri": "s3://my-bucket/datasets/sample/"},
         {"dataset_uri": "s3://my.bucket.name"},
         {"dataset_uri": "s3://abc/a/b_c-d.e*f(g)!h'i/"},
+        {"dataset_uri": "s3://my-bucket/ds/lang=en/"},
+        {"dataset_uri": "s3://my-bucket/ds+v2/"},
         {"resume_from": "s3://dtp-artifacts-123456789012-us-east-1/runs/train_e2e-abc/checkpoints/"},
         {"max_steps": 50, "checkpoint_interval": 50},
         {"budget_usd": 0},  # local.cpu costs nothing
@@ -124,6 +126,10 @@ BAD = [
     ({"dataset_uri": "s3://bucket/a b"}, "dataset_uri", "'s3://bucket/a b'"),
     ({"dataset_uri": "s3://bucket/x\n"}, "dataset_uri", "'s3://bucket/x\\n'"),
     ({"dataset_uri": "s3://bucket/$(id)"}, "dataset_uri", "'s3://bucket/$(id)'"),
+    ({"dataset_uri": "s3://bucket/a;b"}, "dataset_uri", "'s3://bucket/a;b'"),
+    ({"dataset_uri": "s3://bucket/a&b|c"}, "dataset_uri", "'s3://bucket/a&b|c'"),
+    ({"dataset_uri": "s3://bucket/`id`"}, "dataset_uri", "'s3://bucket/`id`'"),
+    ({"dataset_uri": "s3://bucket/a,b"}, "dataset_uri", "'s3://bucket/a,b'"),
     ({"dataset_uri": "s3://-bucket/x"}, "dataset_uri", "'s3://-bucket/x'"),
     ({"dataset_uri": "file:///etc/passwd"}, "dataset_uri", "'file:///etc/passwd'"),
     ({"resume_from": "s3://b/runs/../../etc/"}, "resume_from", "'s3://b/runs/../../etc/'"),
@@ -444,3 +450,34 @@ def test_a_recipe_sized_for_gpus_is_refused_on_cpu_nodes() -> None:
     assert "Trainium only" in refuse({"recipe": "llama3_1_8b_trn1"}) and "sized for" not in refuse(
         {"recipe": "llama3_1_8b_trn1"}
     )
+
+
+# --- the sample corpus ----------------------------------------------------------------------------
+
+
+def test_a_run_whose_step_takes_more_windows_than_the_sample_corpus_has_is_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # 16 x 8 GPUs take 128 windows of 8192 + 1 bytes a step; the shipped corpus (613 kB) has 74.
+    use_settings(monkeypatch, key_name="dtp-head")
+    with pytest.raises(ParamsError) as info:
+        build_spec({}, {**AFFORDABLE_70B, "checkpoint_interval": 1000}, NAMES)
+    assert str(info.value) == (
+        "invalid parameters:\ndataset_uri: empty, so recipe 'llama3_1_70b' would train on DTP's sample corpus, 74 "
+        "windows of 8192 + 1 bytes, while a step on 16 x p5.48xlarge takes 128 and no two ranks of a step may share "
+        "one: give a dataset_uri"
+    )
+
+
+@pytest.mark.parametrize(
+    "conf",
+    [
+        {**AFFORDABLE_70B, "num_nodes": 9},  # 72 windows a step
+        {**AFFORDABLE_70B, "dataset_uri": "s3://corpus/text/"},
+        {**AFFORDABLE_70B, "recipe": "llama3_1_70b_megatron", "dataset_uri": "s3://corpus/megatron/"},
+        {**AFFORDABLE_70B, "recipe": "mixtral_8x7b", "num_nodes": 8},  # 64 of the 149 windows of 4096 + 1 bytes
+    ],
+)
+def test_a_run_the_sample_corpus_has_the_windows_for_or_of_another_dataset_passes(conf: dict[str, Any]) -> None:
+    params = validate_params(conf)
+    assert sample_corpus_problem(params, get_recipe(params.recipe)) is None

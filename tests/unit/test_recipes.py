@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import shutil
+from collections import Counter
 from dataclasses import fields
 from pathlib import Path
 
@@ -11,6 +13,7 @@ import yaml
 
 from dtp import recipes
 from dtp.params import TrainParams
+from dtp.pipeline.data import SAMPLE_CORPUS
 from dtp.pipeline.jobs import training_config
 from dtp.recipes import (
     PLATFORMS,
@@ -81,6 +84,24 @@ def test_70b_recipes_checkpoint_at_most_twice_a_default_run() -> None:
     # A 70B checkpoint is about a terabyte of weights and optimizer state.
     seventy = [recipe for recipe in catalogue().values() if recipe.model == "llama3_1_70b"]
     assert len(seventy) >= 2 and all(recipe.defaults.checkpoint_interval >= 500 for recipe in seventy)
+
+
+def byte_unigram_entropy(text: bytes) -> float:
+    """The entropy, in nats, of the bytes of ``text`` drawn one at a time by their frequencies in it."""
+    return -sum(n / len(text) * math.log(n / len(text)) for n in Counter(text).values())
+
+
+# The low end of English text's byte unigram entropy (4.1-4.5 bits), in nats.
+ENGLISH_BYTE_UNIGRAM_NATS = 4.1 * math.log(2)
+
+
+@pytest.mark.parametrize("name", [name for name, recipe in catalogue().items() if recipe.framework == "fsdp"])
+def test_the_trainers_loss_bound_needs_more_than_byte_frequencies(name: str) -> None:
+    # DTP's trainer trains on bytes: predicting each by its frequency alone scores the unigram entropy.
+    bound = catalogue()[name].gates.final_loss_max
+    assert bound is not None
+    assert bound < math.log(256)
+    assert bound < byte_unigram_entropy(SAMPLE_CORPUS.read_bytes()) and bound < ENGLISH_BYTE_UNIGRAM_NATS
 
 
 def test_fsdp_trainer_has_no_tensor_parallelism(tiny_raw: dict) -> None:

@@ -162,7 +162,7 @@ def test_the_throughput_gate_scales_with_the_nodes_peak_flops() -> None:
 
 
 def _steady_at(tokens_per_s: float) -> TrainingSummary:
-    return TrainingSummary(steps=[1, 2, 3], losses=[5.0, 4.0, 3.0], tokens_per_s=[tokens_per_s] * 3)
+    return TrainingSummary(steps=[1, 2, 3], losses=[5.0, 4.0, 2.0], tokens_per_s=[tokens_per_s] * 3)
 
 
 def test_a_scaled_throughput_gate_names_the_recipes_figure_and_the_scale() -> None:

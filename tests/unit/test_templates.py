@@ -19,7 +19,7 @@ import pytest
 from dtp.costs import MODEL_PARAMETERS, SHARED_FS_WRITE_BYTES_PER_S
 from dtp.params import TrainParams, parse_params
 from dtp.pipeline import jobs
-from dtp.pipeline.frameworks import template_args
+from dtp.pipeline.frameworks import dataset_dir, template_args
 from dtp.pipeline.jobs import container_options
 from dtp.pipeline.spec import run_spec
 from dtp.platforms.pyxis import pyxis_runtime
@@ -149,6 +149,19 @@ def test_train_script_content() -> None:
     assert "ATTEMPTS=4\n" in text  # max_restarts=3: four fresh launches at most
     assert "--max-restarts=0" in text
     assert "/fsx/training/train.py --config /fsx/runs/r/train.json" in text
+
+
+@pytest.mark.parametrize("recipe", ["llama3_1_8b_torchtitan", "llama3_2_1b_picotron"])
+def test_jobs_that_load_the_dataset_keep_datasets_cache_on_the_shared_filesystem_beside_the_mirror(recipe: str) -> None:
+    framework = get_recipe(recipe).framework
+    name = f"slurm/train_{framework}.sbatch.j2"
+    text = render(name, **CONTEXTS[name])
+    mirror = dataset_dir("/fsx", framework, f"s3://datasets/{framework}/")
+    # Beside the mirror, not in it: the mirror's stale-file removal would delete it.
+    exports = [line for line in text.splitlines() if line.startswith("export HF_DATASETS_CACHE=")]
+    assert exports == [f"export HF_DATASETS_CACHE={mirror}.hf_datasets_cache"]
+    assert mirror.startswith("/fsx/datasets/")
+    assert text.index(exports[0]) < text.index("srun --kill-on-bad-exit=1")
 
 
 def test_slurm_conf_is_not_shell_quoted() -> None:

@@ -27,6 +27,10 @@ formats are those printed by:
 Log prefixes (``srun -l``'s ``0:``, torchrun's ``[rank0]:``) and terminal
 colour codes are ignored. Only torchtitan logs when an attempt starts; in the
 other frameworks' logs a step that does not exceed the one before marks one.
+
+The parsers keep the MFU a framework prints, by its own accounting; the summary
+of a framework's run takes every step's MFU by DTP's trainer's accounting
+instead (``dtp.metrics.flops``), so that the frameworks' MFUs compare.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ import re
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
+from dtp.metrics.flops import model_flops_utilisation
 from dtp.metrics.parse import TrainingSummary, json_records, summarize_records
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -59,8 +64,6 @@ _PICOTRON = re.compile(
 )
 # picotron's to_readable_format suffixes.
 _SUFFIXES = {"": 1.0, "K": 1e3, "M": 1e6, "B": 1e9, "T": 1e12}
-# The peak FLOP/s picotron's get_mfu (picotron/utils.py) divides by, an H100's, whatever the GPU.
-PICOTRON_PEAK_FLOPS = 989.5e12
 
 Records = Iterator[dict[str, Any]]
 
@@ -178,10 +181,10 @@ def neuronx_records(lines: Iterable[str], *, seq_len: int, **_: Any) -> Records:
             }
 
 
-def picotron_records(lines: Iterable[str], *, peak_flops: float | None, **_: Any) -> Records:
-    """picotron's step lines: ``Tokens/s`` is for the job; memory is reserved GB (10^9 bytes). Its MFU, against
-    ``PICOTRON_PEAK_FLOPS``, is taken against ``peak_flops`` (the instance type's, per GPU) instead, and left out
-    where that is not known."""
+def picotron_records(lines: Iterable[str], **_: Any) -> Records:
+    """picotron's step lines: ``Tokens/s`` is for the job; memory is reserved GB (10^9 bytes). Its MFU (get_mfu in
+    picotron/utils.py) counts 6 x every parameter, the token embedding's too, against an H100's peak whatever the
+    GPU."""
     for line in lines:
         match = _PICOTRON.search(line)
         if match:
@@ -193,8 +196,7 @@ def picotron_records(lines: Iterable[str], *, peak_flops: float | None, **_: Any
                 "loss": float(match["loss"]),
                 "tokens_per_s": float(tps.removesuffix(suffix)) * _SUFFIXES[suffix],
             }
-            if peak_flops:
-                record["mfu"] = float(match["mfu"]) / 100 * PICOTRON_PEAK_FLOPS / peak_flops
+            record["mfu"] = float(match["mfu"]) / 100
             if match["memory"]:
                 record["memory_mb"] = float(match["memory"]) * 1e9 / 2**20
             yield record
@@ -233,14 +235,42 @@ PARSERS: dict[str, Callable[..., Records]] = {
 LOGS_STARTS = frozenset({"fsdp", "torchtitan"})
 
 
+def _with_dtp_mfu(
+    records: Records, *, model: str | None, seq_len: int, world_size: int, peak_flops: float | None
+) -> Records:
+    """``records`` with each step's MFU by DTP's trainer's accounting in place of the framework's own; with none
+    where the model or the peak is not known."""
+    for record in records:
+        if record["event"] == "step":
+            record.pop("mfu", None)
+            if model is not None and peak_flops:
+                record["mfu"] = model_flops_utilisation(
+                    model,
+                    seq_len,
+                    tokens_per_s=record["tokens_per_s"],
+                    world_size=world_size,
+                    peak_flops=peak_flops,
+                )
+        yield record
+
+
 def summarize_log(
-    framework: str, lines: Iterable[str], *, seq_len: int, world_size: int, peak_flops: float | None = None
+    framework: str,
+    lines: Iterable[str],
+    *,
+    seq_len: int,
+    world_size: int,
+    model: str | None = None,
+    peak_flops: float | None = None,
 ) -> TrainingSummary:
-    """The run summary of a ``framework`` job log (or, for DTP's own trainer, its metrics file); ``peak_flops`` is
-    the instance type's per accelerator (None: not known), for an MFU a framework computes against another."""
+    """The run summary of a ``framework`` job log (or, for DTP's own trainer, its metrics file). A framework's run
+    gets its MFU by DTP's trainer's accounting from the recipe's ``model`` and the instance type's ``peak_flops``
+    per accelerator (None: not known, and the run has no MFU); the trainer's metrics file keeps its own."""
     try:
         parser = PARSERS[framework]
     except KeyError:
         raise ValueError(f"no log parser for framework {framework!r}; known: {', '.join(PARSERS)}") from None
-    records = parser(lines, seq_len=seq_len, world_size=world_size, peak_flops=peak_flops)
+    records = parser(lines, seq_len=seq_len, world_size=world_size)
+    if framework != "fsdp":
+        records = _with_dtp_mfu(records, model=model, seq_len=seq_len, world_size=world_size, peak_flops=peak_flops)
     return summarize_records(records if framework in LOGS_STARTS else _starts_where_steps_go_back(records))

@@ -16,16 +16,17 @@ from dtp.metrics.parse import TrainingSummary
 
 # Earlier comparable runs the trend plot shows besides this one.
 TREND_RUNS = 50
-# Why a run has no MFU, by framework: each reports its own, or none.
+# Why a run has no MFU, by framework. The trainer reports its own; another framework's run has one by the trainer's
+# accounting (dtp.metrics.framework_logs), whatever its log prints, where the instance type's peak is known.
+_NO_PEAK = "DTP counts its MFU against the instance type's peak FLOP/s, and none is known"
 NO_MFU = {
     # The trainer reports MFU against the instance type's dense bf16 peak: fp32 runs and devices without one have none.
     "fsdp": "n/a (DTP's trainer reports MFU for bf16 runs on instance types with a known dense bf16 peak)",
-    "torchtitan": "n/a (torchtitan's step lines printed no mfu)",
-    # picotron's MFU is against an H100's peak: rescaled to the instance type's, left out where it has none.
-    "picotron": "n/a (picotron's MFU is against an H100's peak, and the instance type has no known peak)",
-    "megatron-lm": "n/a (Megatron-LM's log prints no MFU)",
-    "nemo": "n/a (NeMo's log prints no MFU)",
-    "neuronx-distributed": "n/a (neuronx-distributed's log prints no MFU)",
+    "torchtitan": f"n/a (torchtitan's log prints an MFU by its own accounting; {_NO_PEAK})",
+    "picotron": f"n/a (picotron's log prints an MFU by its own accounting; {_NO_PEAK})",
+    "megatron-lm": f"n/a (Megatron-LM's log prints no MFU; {_NO_PEAK})",
+    "nemo": f"n/a (NeMo's log prints no MFU; {_NO_PEAK})",
+    "neuronx-distributed": f"n/a (neuronx-distributed's log prints no MFU; {_NO_PEAK})",
 }
 
 

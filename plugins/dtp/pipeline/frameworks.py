@@ -13,8 +13,9 @@ shared filesystem:
   (torchtitan: data files with a ``text`` column that ``datasets.load_dataset``
   reads from a directory, not a ``save_to_disk`` one; Megatron-LM: an indexed dataset with
   prefix ``train_text_document``; neuronx-distributed: the tokenized dataset
-  its example trainer reads; picotron: a Hugging Face dataset directory with
-  a ``text`` column; NeMo: none, its recipes train on synthetic tokens).
+  its example trainer reads with ``datasets.load_from_disk``, a ``save_to_disk``
+  folder; picotron: like torchtitan, data files with a ``text`` column; NeMo:
+  none, its recipes train on synthetic tokens).
 
 picotron also reads the model's safetensors from ``assets/<model>/``: it takes
 the weights' shapes from them before initialising fresh ones.
@@ -35,15 +36,26 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from dtp.pipeline.s3_objects import as_folder
 from dtp.recipes import Recipe
 
 # Frameworks whose jobs read the model's Hugging Face files from ``<shared>/assets/<model>/``, placed there
-# beforehand: only a shared filesystem that outlives runs can hold them.
-NEEDS_ASSETS = frozenset({"torchtitan", "megatron-lm", "neuronx-distributed", "picotron"})
+# beforehand (only a shared filesystem that outlives runs can hold them), and the files ``stage_data`` requires there:
+# the config, which it compares with the model's shape (neuronx-distributed and picotron take the model's shape from
+# it, the others would train with another model's tokenizer), and the tokenizer's files the framework loads
+# (torchtitan's HuggingFaceTokenizer, Megatron-LM's and picotron's AutoTokenizer; neuronx-distributed's trainer reads
+# tokenized data).
+ASSET_FILES = {
+    "torchtitan": ("config.json", "tokenizer.json", "tokenizer_config.json"),
+    "megatron-lm": ("config.json", "tokenizer.json", "tokenizer_config.json"),
+    "neuronx-distributed": ("config.json",),
+    "picotron": ("config.json", "tokenizer.json", "tokenizer_config.json"),
+}
+NEEDS_ASSETS = frozenset(ASSET_FILES)
 TEMPLATES = {
     "fsdp": "slurm/train.sbatch.j2",
     "torchtitan": "slurm/train_torchtitan.sbatch.j2",
@@ -106,13 +118,28 @@ NEMO_FACTORIES = {
 # picotron tokenises every document of its dataset before the first step unless its config bounds how many
 # (``num_samples``): DTP bounds them by the run's tokens, counting documents of at least this many tokens.
 PICOTRON_MIN_DOCUMENT_TOKENS = 128
+# The files at the root of a folder that ``datasets``' ``Dataset.save_to_disk`` wrote, which ``load_from_disk`` reads.
+SAVE_TO_DISK_FILES = ("state.json", "dataset_info.json")
 # Frameworks that train on a dataset prepared in their own format, and the files it must hold.
 DATASET_FILES: dict[str, tuple[str, ...]] = {
     "torchtitan": (),
     "megatron-lm": ("train_text_document.bin", "train_text_document.idx"),
-    "neuronx-distributed": (),
+    "neuronx-distributed": SAVE_TO_DISK_FILES,
     "picotron": (),
 }
+# The format each of them reads, as a dataset_uri refused for it names it.
+DATASET_FORMATS = {
+    "torchtitan": "data files with a text column, which datasets.load_dataset reads: not a save_to_disk folder",
+    "megatron-lm": "an indexed dataset with prefix train_text_document",
+    "neuronx-distributed": "a folder that datasets' save_to_disk wrote, which its trainer's load_from_disk reads",
+    "picotron": "data files with a text column, which datasets.load_dataset reads: not a save_to_disk folder",
+}
+# Frameworks whose jobs read the dataset with ``datasets.load_dataset(dir, split="train")``, which raises on a folder
+# that save_to_disk wrote (its state.json at the root).
+LOADS_DATA_FILES = frozenset({"torchtitan", "picotron"})
+# The vocabulary of the models in MEGATRON_ARCHITECTURES (include/training/model.py's ``vocab_size``, whose torch the
+# Airflow components do not have): Llama 3's tokenizer.
+VOCABULARY_SIZES = {"llama3_2_1b": 128256, "llama3_1_8b": 128256, "llama3_1_70b": 128256}
 # Frameworks whose launch names the model's shape: only the models they have one for can be launched.
 _MODELS_BY_FRAMEWORK: dict[str, dict[str, Any]] = {
     "torchtitan": TORCHTITAN_CONFIGS,
@@ -201,10 +228,47 @@ def kv_replicator(model: str, tensor: int) -> int:
     return max(1, tensor // MEGATRON_ARCHITECTURES[model]["num_query_groups"])
 
 
+def datasets_cache_dir(mirror: str) -> str:
+    """Where the jobs that read the mirror at ``mirror`` with ``datasets.load_dataset`` keep datasets' cache (its
+    Arrow copy of the dataset, its map results): beside the mirror, whose stale-file removal would delete it inside."""
+    return f"{mirror}.hf_datasets_cache"
+
+
 def dataset_dir(shared_dir: str, framework: str, dataset_uri: str) -> str:
     """Where a framework's job reads its dataset on the shared filesystem: one directory per source, so runs of
-    other datasets never overwrite it and runs of the same one reuse it."""
-    return f"{shared_dir}/datasets/{framework}/{hashlib.sha256(dataset_uri.encode()).hexdigest()[:16]}"
+    other datasets never overwrite it and runs of the same one reuse it (``s3://b/ds`` and ``s3://b/ds/`` are one
+    source, the folder ``ds/``)."""
+    source = as_folder(dataset_uri)
+    return f"{shared_dir}/datasets/{framework}/{hashlib.sha256(source.encode()).hexdigest()[:16]}"
+
+
+def dataset_files_problem(framework: str, has_file: Callable[[str], bool]) -> str | None:
+    """Why a dataset folder cannot be ``framework``'s, judged by the files at its root (``has_file`` tells whether
+    one of that name is there): files the framework reads missing, or a folder that save_to_disk wrote where the
+    framework reads data files with ``datasets.load_dataset``; else None."""
+    reads = f"{framework} reads {DATASET_FORMATS[framework]}"
+    if missing := [name for name in DATASET_FILES[framework] if not has_file(name)]:
+        return f"lacks {', '.join(missing)} ({reads}: {', '.join(DATASET_FILES[framework])})"
+    state = SAVE_TO_DISK_FILES[0]
+    if framework in LOADS_DATA_FILES and has_file(state):
+        return f"holds {state}, so it is a folder that save_to_disk wrote ({reads})"
+    return None
+
+
+def hf_config_shape(model: str) -> dict[str, int]:
+    """The fields of a Hugging Face ``config.json`` that give ``model``'s shape, as DTP launches it; empty for a
+    model DTP has no shape of its own for (the framework takes it from the config)."""
+    if model not in MEGATRON_ARCHITECTURES:
+        return {}
+    architecture = MEGATRON_ARCHITECTURES[model]
+    return {
+        "vocab_size": VOCABULARY_SIZES[model],
+        "hidden_size": architecture["hidden_size"],
+        "num_hidden_layers": architecture["num_layers"],
+        "num_attention_heads": architecture["num_attention_heads"],
+        "num_key_value_heads": architecture["num_query_groups"],
+        "intermediate_size": architecture["ffn_hidden_size"],
+    }
 
 
 def template_args(spec: dict[str, Any], images: dict[str, Any], workdir: str, shared_dir: str) -> dict[str, Any]:
@@ -224,6 +288,10 @@ def template_args(spec: dict[str, Any], images: dict[str, Any], workdir: str, sh
     }
     validated = Recipe.model_validate(recipe)
     micro_batches = validated.micro_batches_per_step
+    # Hugging Face datasets' cache for the jobs that read the mirror with load_dataset, which writes an Arrow copy of
+    # it there (picotron its tokenized copy too): on the shared filesystem beside the mirror, not in it (its stale-file
+    # removal would delete it), nor in ~/.cache (the head node's /home, a container's root file system).
+    datasets_cache = datasets_cache_dir(args["dataset_dir"])
     if framework == "torchtitan" and model in TORCHTITAN_CONFIGS:
         titan = TORCHTITAN_CONFIGS[model]
         mixed_precision = "float32" if recipe["precision"] == "fp32" else "bfloat16"
@@ -234,6 +302,7 @@ def template_args(spec: dict[str, Any], images: dict[str, Any], workdir: str, sh
             "mixed_precision": mixed_precision,
             # A replica's batch, which torchtitan's pipeline splits into micro-batches of the recipe's size.
             "local_batch": recipe["micro_batch"] * micro_batches,
+            "datasets_cache": datasets_cache,
         }
     _, replicas = validated.ranks(params["num_nodes"], spec["instance"]["accelerators_per_node"])
     global_batch = replicas * recipe["micro_batch"] * micro_batches
@@ -267,6 +336,7 @@ def template_args(spec: dict[str, Any], images: dict[str, Any], workdir: str, sh
             **{key: args[key] for key in ("workdir", "log_path", "checkpoint_dir", "assets_dir", "parallelism")},
             "config_json": json.dumps(picotron_config(args, replicas, micro_batches)),
             "trainer": image_path(images, framework, "picotron_trainer"),
+            "datasets_cache": datasets_cache,
         }
     raise ValueError(f"no {framework} launch template for model {model!r}")  # validate_params refuses these first
 

@@ -16,7 +16,8 @@ from typing import Any
 
 from airflow.providers.amazon.aws.hooks.s3 import S3Hook
 
-from dtp.pipeline.s3_objects import DOWNLOAD_TMP, as_folder, download, relative_key
+from dtp.pipeline.frameworks import dataset_files_problem
+from dtp.pipeline.s3_objects import DOWNLOAD_TMP, as_folder, bytes_to_copy, check_room, download, relative_key
 
 log = logging.getLogger(__name__)
 # How long a temporary file of a download goes unwritten before a mirror takes it for one whose run is gone.
@@ -43,22 +44,20 @@ def folders_of(paths: Iterable[str]) -> set[str]:
     return {path.rsplit("/", depth)[0] for path in paths for depth in range(1, path.count("/") + 1)}
 
 
-def mirror_dataset(s3: S3Hook, bucket: str, prefix: str, dest: Path, required: tuple[str, ...]) -> dict[str, Any]:
+def mirror_dataset(s3: S3Hook, bucket: str, prefix: str, dest: Path, framework: str) -> dict[str, Any]:
     """Make ``dest`` a copy of the objects under ``prefix``, each at the same relative path: copy what it lacks or
     holds with other content, remove the files of objects no longer there (``remove_stale_files``: a framework that
-    reads a whole folder would train on them); fail, before any of it, unless ``required`` files are there (a
-    framework's dataset is used as it is: DTP does not convert formats)."""
+    reads a whole folder would train on them); fail, before any of it, unless the objects are a dataset in
+    ``framework``'s format (``dataset_files_problem``: a framework's dataset is used as it is, DTP does not convert
+    formats) and ``dest``'s file system has room for the objects still to copy."""
     base = as_folder(prefix)
     listed = {obj["Key"]: obj for obj in s3.iter_file_metadata(base, bucket) if not obj["Key"].endswith("/")}
     keys = sorted(listed)
-    missing = [name for name in required if base + name not in keys]
-    if not keys or missing:
-        raise ValueError(
-            f"dataset_uri: s3://{bucket}/{base} "
-            + (f"lacks {', '.join(missing)}" if keys else "holds no objects")
-            + (f" (this framework reads {', '.join(required)})" if required else "")
-        )
+    problem = dataset_files_problem(framework, lambda name: base + name in listed)
+    if problem or not keys:
+        raise ValueError(f"dataset_uri: s3://{bucket}/{base} {problem or 'holds no objects'}")
     paths = mirror_paths(keys, base)
+    check_room(dest, bytes_to_copy((listed[key], dest / path) for key, path in paths.items()))
     dest.mkdir(parents=True, exist_ok=True)
     # First: an object may now be at a path that was a folder of removed ones, or the other way round.
     removed = remove_stale_files(dest, set(paths.values()))

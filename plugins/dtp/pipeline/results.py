@@ -166,6 +166,7 @@ def collect_metrics(
         recipe["framework"],
         text.splitlines(),
         seq_len=recipe["seq_len"],
+        model=recipe["model"],
         world_size=params["num_nodes"] * spec["instance"]["accelerators_per_node"],
         peak_flops=instance_of(spec, cluster)["peak_flops"],
     )

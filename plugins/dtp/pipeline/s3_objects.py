@@ -1,13 +1,17 @@
 """S3 objects as files: the bucket and folder an ``s3://`` URI names, the relative path a key under that folder is
-copied to, and ``download``, which copies an object to a file unless the file is already its copy."""
+copied to, ``download``, which copies an object to a file unless the file is already its copy, and ``check_room``,
+which refuses copies the destination's file system has no room for."""
 
 from __future__ import annotations
 
 import os
 import re
+import shutil
 import uuid
+from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from airflow.providers.amazon.aws.hooks.s3 import S3Hook
 
@@ -55,7 +59,7 @@ def download(s3: S3Hook, bucket: str, key: str, size: int, target: Path, modifie
     would keep its old copy. ``target`` is the object's copy when it has the object's size and, as modification
     time, the object's LastModified, which this function gives every file it writes; any other file is copied over.
     """
-    if _is_copy(target, size, modified):
+    if is_copy(target, size, modified):
         return False
     tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.tmp")
     s3.get_conn().download_file(bucket, key, str(tmp))
@@ -66,10 +70,32 @@ def download(s3: S3Hook, bucket: str, key: str, size: int, target: Path, modifie
     return True
 
 
-def _is_copy(path: Path, size: int, modified: datetime) -> bool:
+def is_copy(path: Path, size: int, modified: datetime) -> bool:
     """Whether ``path`` is the copy ``download`` wrote of an object of ``size`` bytes last modified at ``modified``."""
     try:
         status = path.stat()
     except FileNotFoundError:
         return False
     return status.st_size == size and datetime.fromtimestamp(status.st_mtime, UTC) == modified
+
+
+class NoRoomToCopy(RuntimeError):
+    """The file system a copy goes to has fewer bytes free than the copy needs."""
+
+
+def bytes_to_copy(copies: Iterable[tuple[Mapping[str, Any], Path]]) -> int:
+    """The bytes ``download`` would copy of ``copies``, each an object as its listing gives it (``Size``,
+    ``LastModified``) and the file it is copied to: those of the objects whose file is not already their copy."""
+    return sum(obj["Size"] for obj, target in copies if not is_copy(target, obj["Size"], obj["LastModified"]))
+
+
+def check_room(directory: Path, needed: int) -> None:
+    """Fail unless the file system ``directory`` is on (where it does not exist yet, its nearest folder that does)
+    has ``needed`` bytes free."""
+    existing = next(path for path in (directory, *directory.parents) if path.exists())
+    free = shutil.disk_usage(existing).free
+    if needed > free:
+        raise NoRoomToCopy(
+            f"{directory}: staging needs {needed} bytes ({needed / 2**30:.1f} GiB) there, and its file system has "
+            f"{free} bytes ({free / 2**30:.1f} GiB) free: free some space or give the shared file system more"
+        )

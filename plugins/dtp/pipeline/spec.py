@@ -24,6 +24,7 @@ from dtp.costs import (
 from dtp.hostlist import expand_hostlist
 from dtp.naming import RunNames, expiry, resource_tags
 from dtp.params import NODES_OUTLIVE_RUNS, ParamsError, TrainParams, validate_params
+from dtp.pipeline.data import SAMPLE_CORPUS
 from dtp.pipeline.frameworks import NEEDS_ASSETS
 from dtp.pipeline.network import NETWORK_CONN_ID, existing_network, needs_network
 from dtp.platforms import get_platform
@@ -80,6 +81,8 @@ def build_spec(params: Mapping[str, Any], conf: Mapping[str, Any], names: RunNam
         )
     if problem := checkpoint_space_problem(validated, recipe, platform):
         raise ParamsError.from_problems(problem)
+    if problem := sample_corpus_problem(validated, recipe):
+        raise ParamsError.from_problems(problem)
     spec = run_spec(validated, names.dag_id, names.run_id, names.incarnation, names.installation)
     spec["existing_network"] = existing_network()
     if needs_network(spec) and not spec["existing_network"] and (file_system := platform.existing_file_system()):
@@ -133,6 +136,25 @@ def checkpoint_space_problem(validated: TrainParams, recipe: Recipe, platform: C
     return (
         f"checkpoint_interval: got {validated.checkpoint_interval}; {what}: give a checkpoint_interval of {fewer} or "
         f"more, or {larger}"
+    )
+
+
+def sample_corpus_problem(validated: TrainParams, recipe: Recipe) -> str | None:
+    """Why DTP's trainer cannot train the run on the sample corpus it stages when ``dataset_uri`` is empty: a step
+    takes more samples than the corpus has windows of ``seq_len`` + 1 bytes, and no two ranks of a step may share a
+    window (include/training/train.py ``batch_for``); None for a run of another dataset or framework, or one that
+    fits."""
+    if validated.dataset_uri or recipe.framework != "fsdp":
+        return None
+    windows = (SAMPLE_CORPUS.stat().st_size - 1) // recipe.seq_len
+    accelerators = instance_types()[validated.instance_type].accelerators_per_node
+    samples = recipe.tokens_per_step(validated.num_nodes, accelerators) // recipe.seq_len
+    if samples <= windows:
+        return None
+    return (
+        f"dataset_uri: empty, so recipe {validated.recipe!r} would train on DTP's sample corpus, {windows} windows of "
+        f"{recipe.seq_len} + 1 bytes, while a step on {validated.num_nodes} x {validated.instance_type} takes "
+        f"{samples} and no two ranks of a step may share one: give a dataset_uri"
     )
 
 

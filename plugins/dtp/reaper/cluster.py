@@ -21,8 +21,8 @@ from dtp.reaper.expired import Expired, is_expired
 
 log = logging.getLogger(__name__)
 # The directories every run of a dataset or an image shares, which each run leases (run_dirs.lease_shared_dir), by their
-# kind: the folder of the shared filesystem they sit in, and how deep (frameworks.dataset_dir's dataset mirrors,
-# LocalSlurmPlatform.runtime's unpacked images).
+# kind: the folder of the shared filesystem they sit in, and how deep (frameworks.dataset_dir's dataset mirrors and
+# the datasets caches beside them, LocalSlurmPlatform.runtime's unpacked images).
 LEASED_DIRS = {"dataset_mirror": ("datasets", 2), "image_cache": ("images", 1)}
 # An expired lease on a directory another lease still keeps: deleted alone, so that a directory in steady use does
 # not gather a lease per run for ever.
