@@ -3,7 +3,8 @@ deletes it."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 from airflow.sdk import BaseOperator
@@ -13,12 +14,19 @@ from botocore.exceptions import ClientError
 from dtp.naming import EXPIRES_TAG
 from dtp.pipeline.spec import earlier_incarnations, tear_down_earlier_incarnations
 from dtp.platforms import get_platform
-from dtp.platforms.base import DeferrableTeardownPlatform, PlatformNotReady
+from dtp.platforms.base import ComputePlatform, DeferrableTeardownPlatform, PlatformNotReady
 
 
 class DeployClusterOperator(BaseOperator):
     """
     Create (or find again) the run's cluster with ``platform.provision`` and return how to reach it.
+
+    A run cleared whole while it ran got new names; the clusters of its earlier incarnations (``earlier_names``),
+    kept or not, are deleted first (their jobs stopped): until then their nodes bill and hold the capacity the new
+    cluster needs (a capacity reservation's instances). On a platform whose clusters take long to delete
+    (ParallelCluster, HyperPod), every deletion is started, the task defers to one trigger that waits until those
+    clusters are gone and provisions once it resumes. A retry starts no deletion again: it waits again for the
+    clusters still being deleted.
 
     When the platform hands back a trigger (its cluster takes minutes to hours to come up), the task
     defers to it and frees its worker slot. A platform that is not set up, or a call the AWS endpoint
@@ -39,14 +47,30 @@ class DeployClusterOperator(BaseOperator):
 
     def execute(self, context: Any) -> dict[str, Any]:
         platform = get_platform(self.spec["params"]["platform"])
-        try:
+        earlier = earlier_incarnations(self.spec)
+        if not earlier:
+            return self._provision(platform)
+        if not isinstance(platform, DeferrableTeardownPlatform):
+            with fails_at_once_where_retries_cannot_help(platform):
+                retired = tear_down_earlier_incarnations(self.spec, platform.teardown)
+            self.log.info("Deleted the clusters of the run's earlier incarnations, their jobs stopped: %s", retired)
+            return self._provision(platform)
+        with fails_at_once_where_retries_cannot_help(platform):
+            retired = tear_down_earlier_incarnations(self.spec, platform.start_teardown)
+        self.log.info("Deleting the clusters of the run's earlier incarnations, their jobs stopped: %s", retired)
+        self.log.info("Waiting in the triggerer until they are gone before provisioning the %s cluster", platform.name)
+        self.defer(trigger=platform.deleted_trigger(earlier), method_name="provision_once_retired")
+
+    def provision_once_retired(self, context: Any, event: dict[str, Any]) -> dict[str, Any]:
+        """Resumed once the clusters of the run's earlier incarnations are gone: provision the run's own."""
+        if event["status"] != "success":
+            raise AirflowException(event["message"])
+        self.log.info(event["message"])
+        return self._provision(get_platform(self.spec["params"]["platform"]))
+
+    def _provision(self, platform: ComputePlatform) -> dict[str, Any]:
+        with fails_at_once_where_retries_cannot_help(platform):
             cluster = platform.provision(self.spec, self.network, (self.images or {}).get("ami"))
-        except PlatformNotReady as err:
-            raise AirflowFailException(str(err)) from None
-        except ClientError as err:
-            if err.response.get("Error", {}).get("Code") == "NotImplemented":
-                raise AirflowFailException(f"platform {platform.name!r}: {err}") from None
-            raise
         trigger = platform.ready_trigger(cluster)
         if trigger is None:
             return cluster
@@ -58,6 +82,20 @@ class DeployClusterOperator(BaseOperator):
             raise AirflowException(event["message"])
         self.log.info(event["message"])
         return {**cluster, **event.get("cluster", {})}
+
+
+@contextmanager
+def fails_at_once_where_retries_cannot_help(platform: ComputePlatform) -> Iterator[None]:
+    """Turn a platform that is not set up (``PlatformNotReady``) or a call the AWS endpoint does not implement (the
+    local profile's emulator) into ``AirflowFailException``: the task fails now, whatever its retries."""
+    try:
+        yield
+    except PlatformNotReady as err:
+        raise AirflowFailException(str(err)) from None
+    except ClientError as err:
+        if err.response.get("Error", {}).get("Code") == "NotImplemented":
+            raise AirflowFailException(f"platform {platform.name!r}: {err}") from None
+        raise
 
 
 class TeardownClusterOperator(BaseOperator):
@@ -93,7 +131,8 @@ class TeardownClusterOperator(BaseOperator):
         else:
             done = teardown(self.spec)
             deleting.append(self.spec)
-        # A run cleared whole while it ran got new names: what its earlier incarnation made was never torn down.
+        # A run cleared whole while it ran got new names: deploy_cluster deleted its earlier incarnations' clusters
+        # unless it did not get that far (a task before it failed). What is gone already is found gone.
         retired = tear_down_earlier_incarnations(self.spec, teardown)
         deleting += earlier_incarnations(self.spec)
         if retired:

@@ -17,6 +17,7 @@ The task callables are thin: each calls one step function of dtp.pipeline.
 from __future__ import annotations
 
 import logging
+from datetime import timedelta
 from typing import Any
 
 from airflow.providers.standard.operators.empty import EmptyOperator
@@ -269,7 +270,15 @@ def training_pipeline(dag: DAG) -> None:
         images >> plan
         wait >> outputs
 
-    deploy = DeployClusterOperator(task_id="deploy_cluster", spec=spec, network=outputs, images=images)
+    # A capacity reservation another run still holds (ReservationUnavailable) may free up: half an hour of tries.
+    deploy = DeployClusterOperator(
+        task_id="deploy_cluster",
+        spec=spec,
+        network=outputs,
+        images=images,
+        retries=6,
+        retry_delay=timedelta(minutes=5),
+    )
     cluster = deploy.output
     staged = stage_data(spec, outputs, cluster)
     resources = record_resources(outputs, cluster, staged)

@@ -18,11 +18,13 @@ import os
 import subprocess
 import tempfile
 import time
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
+from airflow.providers.amazon.aws.hooks.ec2 import EC2Hook
+from botocore.exceptions import ClientError
 from pydantic import Field, model_validator
 
 from dtp.costs import FSX_SMALLEST_GIB, FSX_STEP_GIB, checkpoint_footprint_bytes, fsx_storage_gib_for
@@ -55,6 +57,11 @@ FSX_ROOM_BESIDE_CHECKPOINTS = 1.2
 # What pcluster answers for a cluster that does not exist, and for a dry run that passed.
 NOT_FOUND = "does not exist"
 DRYRUN_PASSED = "Request would have succeeded, but DryRun flag is set."
+# States in which a capacity reservation may still become active (a Capacity Block before its start, a reservation
+# being paid for or assessed); in any other but ``active`` it never takes instances again (expired, cancelled, ...).
+RESERVATION_STATES_BEFORE_ACTIVE = frozenset({"scheduled", "pending", "payment-pending", "assessing", "delayed"})
+# The tag pcluster gives the instances of a cluster.
+CLUSTER_NAME_TAG = "parallelcluster:cluster-name"
 
 
 class ParallelClusterSettings(PlatformSettings):
@@ -98,6 +105,11 @@ class ParallelClusterSettings(PlatformSettings):
 
 class PclusterError(RuntimeError):
     """The pcluster CLI refused a command; the message carries pcluster's own."""
+
+
+class ReservationUnavailable(RuntimeError):
+    """The capacity reservation of the settings cannot take the run's nodes now (too few of its instances available,
+    or it is not active yet); unlike ``PlatformNotReady``, this may pass, and deploy_cluster's retries try again."""
 
 
 class PclusterCli:
@@ -319,6 +331,7 @@ class ParallelClusterPlatform:
             raise PlatformNotReady(f"cluster configuration of {name} is invalid:\n" + "\n".join(problems))
         existing = self.cli.describe_cluster(name)
         if existing is None:
+            self.check_reservation(spec)
             if file_system := self.settings.fsx_file_system_id:
                 log.info("Creating ParallelCluster cluster %s, which mounts %s", name, file_system)
             else:
@@ -344,6 +357,44 @@ class ParallelClusterPlatform:
             # An existing file system outlives the cluster; save_checkpoint has it export the run's checkpoint.
             **({"fsx_file_system_id": self.settings.fsx_file_system_id} if self.settings.fsx_file_system_id else {}),
         }
+
+    def check_reservation(self, spec: dict[str, Any]) -> None:
+        """Refuse to create the run's cluster where the settings' ``capacity_reservation_id`` cannot take its nodes
+        (concurrent runs, or a run's earlier incarnation, share it): ``ReservationUnavailable`` while it is not active
+        yet or has fewer instances available than the run's ``num_nodes`` (naming the clusters whose instances use it),
+        ``PlatformNotReady`` where it never will (expired, cancelled, too small, missing). One that ends before the
+        run's training time limit is logged: the run may finish before."""
+        reservation_id = self.settings.capacity_reservation_id
+        if not reservation_id:
+            return
+        field = f"connection {self.conn_id!r} extra: capacity_reservation_id"
+        ec2 = EC2Hook(aws_conn_id=self.aws_conn_id, api_type="client_type").conn
+        try:
+            found = ec2.describe_capacity_reservations(CapacityReservationIds=[reservation_id])["CapacityReservations"]
+        except ClientError as err:
+            if not err.response.get("Error", {}).get("Code", "").startswith("InvalidCapacityReservationId"):
+                raise
+            raise PlatformNotReady(f"{field}: {err}") from None
+        reservation = found[0]
+        zone, instance_type = reservation["AvailabilityZone"], reservation["InstanceType"]
+        what = f"capacity reservation {reservation_id} ({instance_type} in {zone})"
+        state, total, needed = reservation["State"], reservation["TotalInstanceCount"], spec["params"]["num_nodes"]
+        if state in RESERVATION_STATES_BEFORE_ACTIVE:
+            start = reservation.get("StartDate")
+            raise ReservationUnavailable(f"{what} is {state}" + (f", active from {start.isoformat()}" if start else ""))
+        if state != "active":
+            raise PlatformNotReady(f"{field}: {what} is {state}; name an active one")
+        if total < needed:
+            raise PlatformNotReady(f"{field}: {what} holds {total} instances; the run needs {needed}")
+        if (available := reservation["AvailableInstanceCount"]) < needed:
+            users = ", ".join(clusters_using_reservation(ec2, reservation_id)) or "none found running"
+            raise ReservationUnavailable(
+                f"{what} has {available} of its {total} instances available and the run needs {needed}; the clusters "
+                f"(or instances) using it: {users}"
+            )
+        limit = timedelta(minutes=spec["training_time_limit_minutes"])
+        if (end := reservation.get("EndDate")) and end < datetime.now(UTC) + limit:
+            log.warning("%s ends at %s, before the run's training time limit (%s from now)", what, end, limit)
 
     def ready_trigger(self, cluster: dict[str, Any]) -> ParallelClusterCreateTrigger:
         """Wait in the triggerer until ``create-cluster`` is done, at most an hour after the cluster was created; the
@@ -401,6 +452,22 @@ def head_node_address(described: dict[str, Any]) -> str:
     private one (a worker in the cluster's VPC); empty when it has neither."""
     head = described.get("headNode") or {}
     return str(head.get("publicIpAddress") or head.get("privateIpAddress") or "")
+
+
+def clusters_using_reservation(ec2: Any, reservation_id: str) -> list[str]:
+    """The clusters whose running (or starting) instances are in the capacity reservation, by pcluster's cluster name
+    tag (an instance without one by its id)."""
+    filters = [
+        {"Name": "capacity-reservation-id", "Values": [reservation_id]},
+        {"Name": "instance-state-name", "Values": ["pending", "running"]},
+    ]
+    users = set()
+    for page in ec2.get_paginator("describe_instances").paginate(Filters=filters):
+        for group in page["Reservations"]:
+            for instance in group["Instances"]:
+                tags = {tag["Key"]: tag["Value"] for tag in instance.get("Tags", [])}
+                users.add(tags.get(CLUSTER_NAME_TAG, instance["InstanceId"]))
+    return sorted(users)
 
 
 def deletion_failures(cluster_name: str, aws_conn_id: str) -> str:
