@@ -32,6 +32,7 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from torch.distributed.elastic.multiprocessing import errors
 
 
 def environment(device: torch.device) -> dict:
@@ -128,6 +129,7 @@ def bus_bandwidth(device: torch.device, max_bytes: int, iters: int = 5) -> list[
     return results
 
 
+@errors.record  # torchrun's summary of a failed rank then shows its exception
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--results", required=True)

@@ -35,6 +35,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.elastic.multiprocessing import errors
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -367,6 +368,7 @@ def train(cfg: TrainConfig) -> None:
     dist.destroy_process_group()
 
 
+@errors.record  # torchrun's summary of a failed rank then shows its exception
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--config", required=True, help="path to the run's JSON config")

@@ -8,6 +8,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -353,3 +354,44 @@ def test_a_retried_job_gets_what_is_left_of_the_time_limit(workdir: Path, cancel
     retried = sink.pushed["job_id"]
     assert retried != failed_id
     assert "TimeLimit=00:01:00" in SlurmHook().run(["scontrol", "show", "job", retried])
+
+
+def test_a_failed_jobs_exception_is_in_the_tasks_error_however_much_boilerplate_follows_it(
+    workdir: Path, cancel_after: Cancel, first_event
+) -> None:
+    # The exception, then more lines than the error quotes of the log's end (torchrun's summary runs to some 20).
+    name = cancel_after(f"it-raised-{uuid.uuid4().hex[:6]}")
+    body = 'echo "RuntimeError: injected failure"\nfor i in $(seq 25); do echo boilerplate-$i; done\nexit 1\n'
+    operator, sink, trigger = submit(workdir, name, body)
+    job_id = sink.pushed["job_id"]
+    event = first_event(trigger)
+    assert (event["state"], event["exit_code"]) == ("FAILED", "1:0")
+    message = (
+        rf"^Slurm job {job_id} ended FAILED \(exit code 1:0\)\. Error lines:\nRuntimeError: injected failure\n"
+        r"Last lines:\n(boilerplate-\d+\n){19}boilerplate-25$"
+    )
+    with pytest.raises(SlurmJobFailed, match=message):
+        operator.execute_complete({"ti": sink}, event)
+    # Its exit code and nodes, and when it was submitted (sacct's time, in UTC).
+    hook = SlurmHook()
+    job = hook.get_job(job_id)
+    assert (job.exit_code, expand_hostlist(job.nodes)) == ("1:0", ["n1", "n2"])
+    (ended,) = hook.ended_jobs(name)
+    assert ended.submitted_at is not None and abs((datetime.now(UTC) - ended.submitted_at).total_seconds()) < 120
+
+
+@pytest.mark.parametrize("conn_id", ["slurm_default", "slurm_ssh"])
+def test_read_log_reads_a_piece_at_a_time(workdir: Path, conn_id: str) -> None:
+    path = workdir / "long.log"
+    path.write_text("".join(f"line-{n:03d}\n" for n in range(100)))  # 9 bytes a line
+    hook = SlurmHook(conn_id)
+    text, offset = hook.read_log(str(path), 0, 500)
+    rest, end = hook.read_log(str(path), offset, 500)
+    assert (len(text), offset, end) == (500, 500, 900) and text + rest == path.read_text()
+    assert hook.read_log(str(path), end, 500) == ("", 900)
+    assert hook.read_log(str(workdir / "missing"), 7, 500) == ("", 7)
+
+
+def test_unavailable_nodes_are_listed_with_slurms_reasons(stack) -> None:
+    # The stack's nodes are up (draining one would take it from the other tests): sinfo answers, with no node.
+    assert SlurmHook().unavailable_nodes() == []

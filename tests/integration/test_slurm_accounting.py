@@ -81,9 +81,10 @@ def test_a_cluster_that_keeps_no_record_of_ended_jobs_has_none(stack, tmp_path: 
 
 
 # ``sacct`` for a cluster whose ended jobs are in slurmdbd, which does not run here. ``-X`` (the accounting database)
-# answers with the rows of the completion log at $STANDIN_JOBCOMP_CONF whose job ended inside the time window that
-# the real sacct makes of the same options (``-v`` prints it), as slurmdbd selects rows; anything else is the real
-# sacct. The completion log itself cannot show the defect: jobcomp/filetxt ignores sacct's time window.
+# answers with the rows of the completion log the cluster configuration at ``jobcomp_conf`` names, whose job ended
+# inside the time window that the real sacct makes of the same options (``-v`` prints it), as slurmdbd selects rows;
+# anything else is the real sacct. The completion log itself cannot show the defect: jobcomp/filetxt ignores sacct's
+# time window.
 STANDIN_SACCT = """#!{python}
 import os, subprocess, sys
 from datetime import datetime
@@ -92,7 +93,7 @@ REAL = {real!r}
 args = sys.argv[1:]
 if "-X" not in args:
     os.execv(REAL, [REAL, *args])
-env = {{**os.environ, "SLURM_CONF": os.environ["STANDIN_JOBCOMP_CONF"]}}
+env = {{**os.environ, "SLURM_CONF": {jobcomp_conf!r}}}
 args = ["-c" if arg == "-X" else arg for arg in args]
 rows = subprocess.run([REAL, "-v", *args], env=env, capture_output=True, text=True, check=True)
 window = next(line for line in rows.stderr.splitlines() if " time window from " in line)
@@ -153,10 +154,13 @@ def test_jobs_that_ended_before_midnight_still_count(
     # A cluster that keeps no completion log and answers from slurmdbd, over the same controller.
     conn_id = cluster_variant(stack, tmp_path, monkeypatch, "dbd", JobCompType="jobcomp/none")
     cluster_variant(stack, tmp_path, monkeypatch, "dbd_rows", JobCompLoc=str(log))
-    monkeypatch.setenv("STANDIN_JOBCOMP_CONF", str(tmp_path / "dbd_rows.conf"))
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    (bin_dir / "sacct").write_text(STANDIN_SACCT.format(python=sys.executable, real=shutil.which("sacct")))
+    (bin_dir / "sacct").write_text(
+        STANDIN_SACCT.format(
+            python=sys.executable, real=shutil.which("sacct"), jobcomp_conf=str(tmp_path / "dbd_rows.conf")
+        )
+    )
     (bin_dir / "sacct").chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
     dbd = SlurmHook(conn_id)

@@ -10,8 +10,9 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
-from dtp.hooks.shared_fs import ClusterCommandError, SharedFilesystemHook
+from dtp.hooks.shared_fs import ClusterCommandError, SharedFilesystemHook, _whole_characters
 
 TERMINAL_STATES = frozenset(
     {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED", "BOOT_FAIL", "DEADLINE"}
@@ -22,6 +23,9 @@ TERMINAL_STATES = frozenset(
 ACCOUNTING_SINCE = "2000-01-01T00:00:00"
 # What sacct says of a source this cluster does not keep (JobCompType=jobcomp/none, or no slurmdbd): not a failure.
 SOURCE_DISABLED = ("Slurm job completion is disabled", "Slurm accounting storage is disabled")
+# sacct's times in UTC: it writes them in the cluster's local time, with no zone said.
+IN_UTC = "TZ=UTC"
+SACCT_TIME_FORMAT = "%Y-%m-%dT%H:%M:%S"
 
 
 class SlurmCommandError(ClusterCommandError):
@@ -43,6 +47,7 @@ class SlurmJob:
     reason: str = ""
     nodes: str = ""
     elapsed_s: int = 0  # run time, known once the job ended (``ended_jobs``)
+    submitted_at: datetime | None = None  # when it was submitted, known once the job ended (``ended_jobs``)
 
     @property
     def finished(self) -> bool:
@@ -107,10 +112,12 @@ class SlurmHook(SharedFilesystemHook):
                 reason=fields.get("Reason", ""),
                 nodes=fields.get("NodeList", ""),
             )
-        for line in self._accounting("-j", job_id, "-o", "JobID,JobName,State").splitlines():
+        for line in self._accounting("-j", job_id, "-o", "JobID,JobName,State,ExitCode,NodeList").splitlines():
             parts = line.split("|")
-            if parts and parts[0] == job_id:
-                return SlurmJob(job_id=job_id, name=parts[1], state=parts[2].split()[0])
+            if len(parts) == 5 and parts[0] == job_id:
+                return SlurmJob(
+                    job_id=job_id, name=parts[1], state=parts[2].split()[0], exit_code=parts[3], nodes=parts[4]
+                )
         return SlurmJob(job_id=job_id, name="", state="UNKNOWN")
 
     def find_jobs(self, name: str, *, prefix: bool = False) -> list[SlurmJob]:
@@ -129,11 +136,19 @@ class SlurmHook(SharedFilesystemHook):
         Raises ``SlurmCommandError`` when sacct cannot answer (slurmdbd down): that is not "no job ended"."""
         name_filter = [] if prefix else [f"--name={name}"]
         # sacct's default window starts at midnight today: a job that ended yesterday would be missed.
-        acct = self._accounting(*name_filter, f"--starttime={ACCOUNTING_SINCE}", "-o", "JobID,JobName,State,ElapsedRaw")
+        acct = self._accounting(
+            *name_filter, f"--starttime={ACCOUNTING_SINCE}", "-o", "JobID,JobName,State,ElapsedRaw,Submit"
+        )
         return [
-            SlurmJob(job_id=parts[0], name=parts[1], state=parts[2].split()[0], elapsed_s=int(parts[3] or 0))
+            SlurmJob(
+                job_id=parts[0],
+                name=parts[1],
+                state=parts[2].split()[0],
+                elapsed_s=int(parts[3] or 0),
+                submitted_at=_utc_time(parts[4]),
+            )
             for parts in (line.split("|") for line in acct.splitlines())
-            if len(parts) == 4 and (parts[1] == name or (prefix and parts[1].startswith(name)))
+            if len(parts) == 5 and (parts[1] == name or (prefix and parts[1].startswith(name)))
         ]
 
     def _accounting(self, *args: str) -> str:
@@ -146,7 +161,7 @@ class SlurmHook(SharedFilesystemHook):
         answered = False
         for source in ("-c", "-X"):
             try:
-                out = self.run(["sacct", source, "-n", "-P", *args]).strip()
+                out = self.run(["env", IN_UTC, "sacct", source, "-n", "-P", *args]).strip()
             except ClusterCommandError as err:
                 if not any(message in str(err) for message in SOURCE_DISABLED):
                     failures.append(f"sacct {source}: {err}")
@@ -157,6 +172,23 @@ class SlurmHook(SharedFilesystemHook):
         if failures and not answered:
             raise SlurmCommandError("sacct could not read Slurm's records of ended jobs: " + "; ".join(failures))
         return ""
+
+    def read_log(self, path: str, offset: int, max_bytes: int) -> tuple[str, int]:
+        """At most ``max_bytes`` of the text of a job's log ``path`` from byte ``offset`` on, and the new offset
+        (``("", offset)`` if absent), as ``read_file`` reads it: a character cut by the end is read whole next time.
+        A trigger following a long log reads it a piece at a time."""
+        if self.transport == "local":
+            try:
+                with open(path, "rb") as fh:
+                    fh.seek(offset)
+                    data = fh.read(max_bytes)
+            except FileNotFoundError:
+                return "", offset
+        else:
+            dd = ["dd", f"if={path}", "iflag=skip_bytes,count_bytes", f"skip={offset}", f"count={max_bytes}"]
+            data = self._execute([*dd, "bs=64K", "status=none"], check=False)
+        whole = _whole_characters(data)
+        return whole.decode(errors="replace"), offset + len(whole)
 
     def cancel_job(self, job_id: str) -> None:
         """Ask slurmctld to cancel the job (a job that already ended stays as it ended); wait for nothing."""
@@ -219,6 +251,15 @@ class SlurmHook(SharedFilesystemHook):
     def node_count(self) -> int:
         return len(self.node_states())
 
+    def unavailable_nodes(self) -> list[str]:
+        """The partition's nodes that are down, drained or failing (of every partition when none is set), each as
+        ``"<node> <reason>"``, the reason Slurm, an admin or ParallelCluster gave (``Not responding``,
+        ``(Code:InsufficientInstanceCapacity)...``)."""
+        argv = ["sinfo", "-R", "-h", "-o", "%n %E"]
+        if self.partition:
+            argv.append(f"--partition={self.partition}")
+        return [line.strip() for line in self.run(argv).splitlines() if line.strip()]
+
 
 # sinfo's short states of nodes that take no new job (a powered-down cloud node, "idle~", does: it is resumed).
 UNUSABLE_STATES = frozenset({"down", "drain", "drng", "fail", "failg", "futr", "inval", "maint"})
@@ -227,6 +268,14 @@ UNUSABLE_STATES = frozenset({"down", "drain", "drng", "fail", "failg", "futr", "
 def usable(state: str) -> bool:
     """Whether a node in sinfo's short ``state`` takes new jobs (a trailing ``*``: it does not answer)."""
     return not state.endswith("*") and state.rstrip("~#!%$@^-") not in UNUSABLE_STATES
+
+
+def _utc_time(text: str) -> datetime | None:
+    """The instant of a time sacct wrote in UTC (``IN_UTC``); None for one it does not know (``Unknown``)."""
+    try:
+        return datetime.strptime(text, SACCT_TIME_FORMAT).replace(tzinfo=UTC)
+    except ValueError:
+        return None
 
 
 def _scontrol_fields(line: str) -> dict[str, str]:

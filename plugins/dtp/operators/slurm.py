@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from datetime import datetime
 from typing import Any
 
 from airflow.sdk import BaseOperator
@@ -18,6 +19,10 @@ from dtp.operators.time_limit import time_left
 PENDING_TIMEOUT_S = "{{ params.pending_timeout_minutes * 60 }}"
 # sbatch's --time in whole minutes: a new job needs at least one.
 MIN_TIME_LIMIT_MIN = 1
+# How a job ends when its node failed, or ran out of memory: the node may be at fault.
+NODE_STATES = frozenset({"NODE_FAIL", "OUT_OF_MEMORY"})
+# The last log lines a failure message quotes.
+TAIL_LINES = 20
 
 
 class SlurmJobFailed(AirflowException):
@@ -36,8 +41,18 @@ class SlurmSubmitJobOperator(BaseOperator):
     ``job_name`` and re-attaches to it, or for one that already completed and
     returns it, instead of submitting a second one (a job still COMPLETING is
     waited out first, and judged by how it ended). Job names carry the run's
-    key, so only this run's own jobs are found. A job that ran out of its time
-    limit is not submitted again: the task fails without retries.
+    key, so only this run's own jobs are found; an ended job submitted before
+    ``submitted_after`` is another run's (one deleted and made again under the
+    same run id), neither reused nor counted against the time limit. A job that
+    ran out of its time limit is not submitted again: the task fails without
+    retries.
+
+    A failed job fails the task with its state and exit code, the lines of its
+    log that look like errors (a Python exception, srun's, NCCL's...), which a
+    failed rank's boilerplate may push out of its last lines, then those. One
+    that ended with its node (NODE_FAIL, OUT_OF_MEMORY) names the node(s), and
+    on a cluster of the connection's own (no ``head_node``) how to train without
+    them.
 
     :param script_path: batch script on the cluster's shared filesystem
     :param job_name: Slurm job name (also the key used to find the job again)
@@ -52,6 +67,8 @@ class SlurmSubmitJobOperator(BaseOperator):
     :param head_node: over ssh, the host to reach instead of the SSH connection's own (a cluster created per run)
     :param time_limit_minutes: sbatch ``--time``: Slurm stops the job after this many minutes, less what earlier
         jobs of this name ran (0: no limit)
+    :param submitted_after: when the run's spec was made, an ISO-8601 time with its zone: an ended job of this name
+        submitted before it is another run's (None: none is)
     """
 
     template_fields: Sequence[str] = (
@@ -65,6 +82,7 @@ class SlurmSubmitJobOperator(BaseOperator):
         "pending_timeout",
         "sbatch_args",
         "time_limit_minutes",
+        "submitted_after",
     )
 
     def __init__(
@@ -81,6 +99,7 @@ class SlurmSubmitJobOperator(BaseOperator):
         poll_interval: float = 5.0,
         slurm_conn_id: str = SlurmHook.default_conn_name,
         head_node: str | None = None,
+        submitted_after: str | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -95,6 +114,7 @@ class SlurmSubmitJobOperator(BaseOperator):
         self.poll_interval = poll_interval
         self.slurm_conn_id = slurm_conn_id
         self.head_node = head_node
+        self.submitted_after = submitted_after
 
     def execute(self, context: Any) -> dict[str, Any] | None:
         # Here, not at the top: the trigger pulls in paramiko, which a DAG file parsing this module has no use for.
@@ -109,7 +129,7 @@ class SlurmSubmitJobOperator(BaseOperator):
                 self.log.info("Slurm job %s (%s) is COMPLETING: waiting for it to end", job.job_id, self.job_name)
                 hook.wait_ended(job.job_id)
             active = hook.find_jobs(self.job_name)
-        ended = hook.ended_jobs(self.job_name)
+        ended = self._this_runs(hook.ended_jobs(self.job_name))
         completed = [job for job in ended if job.succeeded]
         over_time = [job for job in ended if job.state == "TIMEOUT"]
         if over_time and not (active or completed):
@@ -148,24 +168,21 @@ class SlurmSubmitJobOperator(BaseOperator):
 
     def execute_complete(self, context: Any, event: dict[str, Any]) -> dict[str, Any]:
         job_id = event["job_id"]
-        log_path = self.output_path.replace("%j", job_id)
-        tail = "\n".join(event.get("tail", [])[-20:]) or f"(no output in {log_path}: could the job open it?)"
+        excerpt = self._log_excerpt(event, self.output_path.replace("%j", job_id))
         if event["status"] == "hung":
-            raise SlurmJobFailed(
-                f"Slurm job {job_id} hung ({event['message']}); {self._cancel(job_id)}. Last lines:\n{tail}"
-            )
+            raise SlurmJobFailed(f"Slurm job {job_id} hung ({event['message']}); {self._cancel(job_id)}. {excerpt}")
         if event["status"] == "pending":
+            unavailable = "".join(f"\n{node}" for node in event.get("unavailable_nodes", []))
             raise SlurmJobFailed(
                 f"Slurm job {job_id} ({self.job_name}) did not start within {float(self.pending_timeout):.0f}s: it is"
                 f" still {event['state']}, Slurm's reason: {event.get('reason') or '(none given)'}; "
-                f"{self._cancel(job_id)}"
+                f"{self._cancel(job_id)}" + (f". Nodes down or drained, and why:{unavailable}" if unavailable else "")
             )
         if event["status"] == "lost":
-            raise SlurmJobFailed(f"Slurm job {job_id} is lost: {event['message']}. Last lines:\n{tail}")
+            raise SlurmJobFailed(f"Slurm job {job_id} is lost: {event['message']}. {excerpt}")
         if event["status"] == "error":  # the cluster out of reach: the job may well be running, a retry re-attaches
             raise SlurmJobFailed(
-                f"Slurm job {job_id} ({self.job_name}), last seen {event['state']}: {event['message']}. "
-                f"Last lines:\n{tail}"
+                f"Slurm job {job_id} ({self.job_name}), last seen {event['state']}: {event['message']}. {excerpt}"
             )
         if event["state"] == "TIMEOUT":
             minutes = int(self.time_limit_minutes or 0)
@@ -173,15 +190,39 @@ class SlurmSubmitJobOperator(BaseOperator):
             # partition's.
             limit = f"its time limit of {minutes} min" if minutes else "its script's or its partition's time limit"
             raise SlurmJobOverTime(
-                f"Slurm job {job_id} ran past {limit} and was stopped by Slurm; not retried. Last lines:\n{tail}"
+                f"Slurm job {job_id} ran past {limit} and was stopped by Slurm; not retried. {excerpt}"
             )
         if event["status"] != "success":
             raise SlurmJobFailed(
-                f"Slurm job {job_id} ended {event['state']} (exit code {event.get('exit_code') or '?'})."
-                f" Last lines:\n{tail}"
+                f"Slurm job {job_id} ended {event['state']} (exit code {event.get('exit_code') or '?'})"
+                f"{self._node_advice(event)}. {excerpt}"
             )
         self.log.info("Slurm job %s completed", job_id)
         return self._result(context, job_id, event["state"])
+
+    @staticmethod
+    def _log_excerpt(event: dict[str, Any], log_path: str) -> str:
+        """The job log's lines that look like errors, then its last lines."""
+        tail = "\n".join(event.get("tail", [])[-TAIL_LINES:]) or f"(no output in {log_path}: could the job open it?)"
+        errors = "".join(f"\n{line}" for line in event.get("errors", []))
+        return (f"Error lines:{errors}\n" if errors else "") + f"Last lines:\n{tail}"
+
+    def _node_advice(self, event: dict[str, Any]) -> str:
+        """For a job that ended with its node(s): which, and on a cluster whose nodes outlive the run (the
+        connection's own, no ``head_node``) how to train without them, as ``preflight_message`` says."""
+        nodes = event.get("nodes", "")
+        if event["state"] not in NODE_STATES or nodes in ("", "(null)"):
+            return ""
+        if self.head_node is not None:
+            return f" on {nodes}"
+        return f" on {nodes}; to train without them, trigger again with exclude_nodes={nodes}"
+
+    def _this_runs(self, ended: list[SlurmJob]) -> list[SlurmJob]:
+        """The ended jobs submitted once the run's spec was made (all of them without ``submitted_after``)."""
+        if not self.submitted_after:
+            return ended
+        since = datetime.fromisoformat(self.submitted_after)
+        return [job for job in ended if job.submitted_at is None or job.submitted_at >= since]
 
     def _cancel(self, job_id: str) -> str:
         """Cancel the job and wait until Slurm no longer lists it, so that a retry submits a new one rather than
@@ -230,6 +271,7 @@ def submit_prepared_slurm_job(task_id: str, job: Any, **kwargs: Any) -> SlurmSub
         pending_timeout=PENDING_TIMEOUT_S,
         slurm_conn_id=job["slurm_conn_id"],
         head_node=job["head_node"],
+        submitted_after=job["submitted_after"],
         queue=TRAINING_QUEUE,
         **kwargs,
     )

@@ -137,6 +137,8 @@ def _write_job(
         "output_path": str(workdir / "logs" / f"{kind}-%j.out"),
         "job_name": job_name,
         "comment": slurm_comment(spec["tags"][EXPIRES_TAG], spec["dag_id"], spec["run_id"]),
+        # The operator reuses no job submitted before the run's spec was made (a spec from before has no time).
+        "submitted_after": spec.get("created_at"),
     }
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
 from typing import Any
 
 from dtp.costs import (
@@ -181,6 +182,7 @@ def run_spec(
     return {
         "dag_id": dag_id,
         "run_id": run_id,
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),  # a job of the run is submitted after it
         "params": validated.model_dump(),
         "recipe": recipe.model_dump(),
         "instance": instance.model_dump(),

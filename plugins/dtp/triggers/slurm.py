@@ -16,27 +16,52 @@ tried again on a new connection after a backoff, as the ssh provider's
 say: the job is not lost for that). After ``max_reconnect_attempts`` such polls
 in a row the trigger reports the cluster unreachable, leaving the job as it is.
 A user who marks the deferred task failed or succeeded, or clears it, cancels
-the job (``on_kill``).
+the job (``on_kill``); a trigger that merely moves to another triggerer does not.
+
+Beside the last lines it keeps the lines that say what went wrong (a Python
+exception, Slurm's, the kernel's, NCCL's and CUDA's errors), which a failed
+rank's boilerplate, torchrun's some 20 lines of it, would push out of the tail.
+It logs each change of the job's state and Slurm's reason, so a job waiting
+for nodes says why in the task log. Each poll reads at most ``MAX_READ_BYTES``
+of the log and yields to the event loop as it forwards the lines, so a trigger
+that starts again (after a triggerer restart) on a day's log, which it reads
+from the start, catches up over several polls without holding the triggerer.
 """
 
 from __future__ import annotations
 
 import asyncio
 import random
+import re
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from functools import cached_property
 from typing import Any
 
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 from paramiko.ssh_exception import SSHException
 
+from dtp.hooks.shared_fs import ClusterCommandError
 from dtp.hooks.slurm import SlurmControllerUnreachable, SlurmHook, SlurmJob
 
 # What a poll raises when the cluster is out of reach for a while; socket.timeout is an OSError. A slurmctld that
 # does not answer is the same: the job goes on meanwhile.
 CONNECTION_ERRORS = (SSHException, EOFError, OSError, SlurmControllerUnreachable)
+# Lines of a job's log that say what went wrong: a Python exception as a traceback's last line shows it, srun's and
+# slurmstepd's errors, the kernel's OOM killer, NCCL's warnings, CUDA's errors.
+ERROR_LINE = re.compile(
+    r"\w(?:Error|Exception): \S|srun: error|slurmstepd: error|oom_kill|(?i:out of memory)|NCCL WARN|CUDA error"
+)
+# The error lines an event carries (the last ones, each once) and how much of each.
+MAX_ERROR_LINES = 10
+MAX_ERROR_LINE_CHARS = 500
+# The most of the job's log one poll reads (a line longer than this is forwarded in pieces).
+MAX_READ_BYTES = 1 << 20
+# Lines forwarded into the task log between two yields to the triggerer's event loop.
+LINES_PER_YIELD = 500
+# The task instance's state while it waits on its trigger (``airflow.sdk.TaskInstanceState.DEFERRED``).
+DEFERRED = "deferred"
 
 
 class SlurmJobTrigger(BaseTrigger):
@@ -103,12 +128,41 @@ class SlurmJobTrigger(BaseTrigger):
             await asyncio.to_thread(self.hook.close)
 
     async def on_kill(self) -> None:
-        """Cancel the job when a user marks the deferred task failed or succeeded, or clears it (Airflow 3.3+ calls
-        this for user kills only, not when the triggerer stops): it would otherwise hold its nodes until the run's
-        teardown. Nothing is waited on (the triggerer gives ``on_kill`` 30 s): a cleared task's next try that still
-        finds the job ending (COMPLETING) waits for it to end, then submits anew."""
+        """Cancel the job when a user marks the deferred task failed or succeeded, or clears it: it would otherwise
+        hold its nodes until the run's teardown. Nothing is waited on (the triggerer gives ``on_kill`` 30 s): a
+        cleared task's next try that still finds the job ending (COMPLETING) waits for it to end, then submits anew.
+
+        The triggerer (Airflow 3.3) calls this too when the trigger moves to another triggerer (this one missed its
+        heartbeats, say), where it runs on: the job is left then, the task instance still being deferred."""
+        if await self._task_still_deferred():
+            self.log.info(
+                "The trigger moved to another triggerer, the task still waits: Slurm job %s goes on", self.job_id
+            )
+            return
         self.log.info("The task was killed: cancelling Slurm job %s", self.job_id)
         await asyncio.to_thread(self.hook.cancel_job, self.job_id)
+
+    async def _task_still_deferred(self) -> bool:
+        """Whether the task instance still waits on a trigger, as the Task SDK's API says (False without a task
+        instance, or when the API cannot say: a user's kill is then the likelier)."""
+        ti = self.task_instance
+        if ti is None:
+            return False
+        from airflow.sdk.execution_time.task_runner import RuntimeTaskInstance
+
+        try:
+            states = await asyncio.to_thread(
+                RuntimeTaskInstance.get_task_states,
+                dag_id=ti.dag_id,
+                map_index=ti.map_index,
+                task_ids=[ti.task_id],
+                run_ids=[ti.run_id],
+            )
+        except Exception:
+            self.log.warning("Could not read the state of task %s", ti.task_id, exc_info=True)
+            return False
+        key = ti.task_id if ti.map_index < 0 else f"{ti.task_id}_{ti.map_index}"  # as the API keys mapped ones
+        return bool(states.get(ti.run_id, {}).get(key) == DEFERRED)
 
     async def cleanup(self) -> None:
         """Close the ssh connection (paramiko's would live on), however the trigger ended: the triggerer calls this
@@ -116,23 +170,20 @@ class SlurmJobTrigger(BaseTrigger):
         await asyncio.to_thread(self.hook.close)
 
     async def _follow(self, hook: SlurmHook) -> AsyncIterator[TriggerEvent]:
-        tail: deque[str] = deque(maxlen=30)
-        offset, partial = 0, ""
+        log = JobLog(self.log_path, lambda line: self.log.info("[slurm %s] %s", self.job_id, line))
         last_progress = time.monotonic()
         unknown_since: float | None = None
         pending_since: float | None = None
         job = SlurmJob(job_id=self.job_id, name="", state="UNKNOWN")  # as the last poll found it
+        logged: tuple[str, str] | None = None  # the state and reason last logged
         failures = 0  # polls in a row that could not reach the cluster
         while True:
             try:
-                text, offset = await asyncio.to_thread(hook.read_file, self.log_path, offset)
-                if text:
-                    partial = self._forward(partial + text, tail)
+                if await log.read(hook):
                     last_progress = time.monotonic()
                 job = await asyncio.to_thread(hook.get_job, self.job_id)
                 if job.finished:
-                    # What the job wrote between that read and its end.
-                    text, offset = await asyncio.to_thread(hook.read_file, self.log_path, offset)
+                    await log.read_to_end(hook)  # what the job wrote since, and what earlier polls left unread
             except CONNECTION_ERRORS as err:
                 failures += 1
                 await asyncio.to_thread(hook.close)  # the next poll connects afresh
@@ -140,7 +191,7 @@ class SlurmJobTrigger(BaseTrigger):
                     message = (
                         f"could not reach the cluster in {failures} polls in a row ({err!r}); the job is left as it is"
                     )
-                    yield self._event("error", job, tail, message=message)
+                    yield self._event("error", job, log, message=message)
                     return
                 delay = self._reconnect_delay(failures)
                 self.log.warning(
@@ -154,14 +205,14 @@ class SlurmJobTrigger(BaseTrigger):
                 continue
             failures = 0
             if job.finished:
-                partial = self._forward(partial + text, tail)
-                if partial:
-                    tail.append(partial)
-                    self.log.info("[slurm %s] %s", self.job_id, partial)
-                yield self._event("success" if job.succeeded else "failed", job, tail, exit_code=job.exit_code)
+                status = "success" if job.succeeded else "failed"
+                yield self._event(status, job, log, exit_code=job.exit_code, nodes=job.nodes)
                 return
+            if (job.state, job.reason) != logged:
+                self._log_state(job)
+                logged = (job.state, job.reason)
             if job.state == "RUNNING" and time.monotonic() - last_progress > self.hang_timeout:
-                yield self._event("hung", job, tail, message=f"no new log line for {self.hang_timeout:.0f}s")
+                yield self._event("hung", job, log, message=f"no new log line for {self.hang_timeout:.0f}s")
                 return
             unknown_since = (unknown_since or time.monotonic()) if job.state == "UNKNOWN" else None
             if unknown_since is not None and time.monotonic() - unknown_since > self.lost_timeout:
@@ -169,7 +220,7 @@ class SlurmJobTrigger(BaseTrigger):
                     f"Slurm has had no record of the job for {self.lost_timeout:.0f}s: neither slurmctld nor sacct "
                     "(a job completion log, JobCompType, or slurmdbd accounting) knows it"
                 )
-                yield self._event("lost", job, tail, message=message)
+                yield self._event("lost", job, log, message=message)
                 return
             pending_since = (pending_since or time.monotonic()) if job.state == "PENDING" else None
             if (
@@ -181,11 +232,29 @@ class SlurmJobTrigger(BaseTrigger):
                     f"Slurm has not started it in {self.pending_timeout:.0f}s: still {job.state}, "
                     f"reason {job.reason or '(none given)'}"
                 )
-                yield self._event("pending", job, tail, reason=job.reason, message=message)
+                unavailable = await self._unavailable_nodes(hook)
+                yield self._event(
+                    "pending", job, log, reason=job.reason, message=message, unavailable_nodes=unavailable
+                )
                 return
             if job.state != "RUNNING":
                 last_progress = time.monotonic()  # pending or requeued time is not a hang
             await asyncio.sleep(self.poll_interval)
+
+    def _log_state(self, job: SlurmJob) -> None:
+        """Log the job's state, with its nodes once it has some and Slurm's reason when it gives one."""
+        nodes = f" on {job.nodes}" if job.nodes and job.nodes != "(null)" else ""
+        reason = f", reason: {job.reason}" if job.reason and job.reason != "None" else ""
+        self.log.info("Slurm job %s is %s%s%s", self.job_id, job.state, nodes, reason)
+
+    async def _unavailable_nodes(self, hook: SlurmHook) -> list[str]:
+        """The partition's down and drained nodes with their reasons, for a job that never started; none when the
+        cluster does not say (the pending timeout is reported all the same)."""
+        try:
+            return await asyncio.to_thread(hook.unavailable_nodes)
+        except (*CONNECTION_ERRORS, ClusterCommandError) as err:
+            self.log.warning("Could not list the partition's unavailable nodes: %r", err)
+            return []
 
     @staticmethod
     def _reconnect_delay(attempt: int) -> float:
@@ -193,14 +262,58 @@ class SlurmJobTrigger(BaseTrigger):
         base = min(2 ** (attempt - 1), 30)
         return base + random.uniform(0, base)  # noqa: S311
 
-    def _event(self, status: str, job: SlurmJob, tail: deque[str], **fields: str) -> TriggerEvent:
-        """The event the task resumes with: ``status``, the job's state, its last log lines, and ``fields``."""
-        return TriggerEvent({"status": status, "job_id": self.job_id, "state": job.state, "tail": list(tail), **fields})
+    def _event(self, status: str, job: SlurmJob, log: JobLog, **fields: Any) -> TriggerEvent:
+        """The event the task resumes with: ``status``, the job's state, its last log lines and error lines, and
+        ``fields``."""
+        return TriggerEvent(
+            {
+                "status": status,
+                "job_id": self.job_id,
+                "state": job.state,
+                "tail": list(log.tail),
+                "errors": list(log.errors),
+                **fields,
+            }
+        )
 
-    def _forward(self, text: str, tail: deque[str]) -> str:
-        """Log ``text``'s complete lines into the task log and ``tail``; the unfinished last line, to prepend next."""
-        *lines, partial = text.split("\n")
-        for line in lines:
-            self.log.info("[slurm %s] %s", self.job_id, line)
-            tail.append(line)
-        return partial
+
+class JobLog:
+    """What a trigger has read of a job's log: how far, its last lines, and the last of its lines that look like
+    errors (``ERROR_LINE``). Each line it reads goes to ``forward`` (into the task log)."""
+
+    def __init__(self, path: str, forward: Callable[[str], None]) -> None:
+        self.path = path
+        self.forward = forward
+        self.offset = 0
+        self.partial = ""  # the unfinished last line read
+        self.tail: deque[str] = deque(maxlen=30)
+        self.errors: deque[str] = deque(maxlen=MAX_ERROR_LINES)
+
+    async def read(self, hook: SlurmHook) -> bool:
+        """Read up to ``MAX_READ_BYTES`` more of the log and forward its complete lines; whether there was more."""
+        text, self.offset = await asyncio.to_thread(hook.read_log, self.path, self.offset, MAX_READ_BYTES)
+        if not text:
+            return False
+        *lines, self.partial = (self.partial + text).split("\n")
+        if len(self.partial) >= MAX_READ_BYTES:  # a line with no end in sight: forwarded as it is
+            lines.append(self.partial)
+            self.partial = ""
+        for count, line in enumerate(lines, 1):
+            self._forward(line)
+            if count % LINES_PER_YIELD == 0:
+                await asyncio.sleep(0)
+        return True
+
+    async def read_to_end(self, hook: SlurmHook) -> None:
+        """Read and forward the rest of the log of a job that ended, its unfinished last line too."""
+        while await self.read(hook):
+            pass
+        if self.partial:
+            self._forward(self.partial)
+            self.partial = ""
+
+    def _forward(self, line: str) -> None:
+        self.forward(line)
+        self.tail.append(line)
+        if ERROR_LINE.search(line) and (error := line.strip()[:MAX_ERROR_LINE_CHARS]) not in self.errors:
+            self.errors.append(error)
