@@ -103,8 +103,9 @@ class ClusterParams(FormParams):
         ge=0,
         le=10080,
         title="Pending timeout (minutes)",
-        description="Cancel a Slurm job and fail its task when Slurm keeps it PENDING this long at a stretch "
-        "(nodes down, more nodes than the partition has); 0 waits as long as it takes (a busy shared cluster).",
+        description="Fail a job's task when its job has not started this long at a stretch: a Slurm job kept PENDING "
+        "(nodes down, more nodes than the partition has) is cancelled, a PyTorchJob whose pods are not running (no "
+        "node has room for them) is suspended; 0 waits as long as it takes (a busy shared cluster).",
     )
     expiry_hours: float = Field(
         24,

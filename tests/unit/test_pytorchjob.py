@@ -77,7 +77,7 @@ def test_the_hooks_connection_is_the_aws_connection_it_hands_to_eks() -> None:
 
 # --- operator: create once ---------------------------------------------------------------------------------------
 def test_execute_creates_the_job_and_defers_to_its_trigger(kubernetes_api: Any) -> None:
-    op = operator(hang_timeout="900")
+    op = operator(hang_timeout="900", pending_timeout="1800")  # the form's, rendered as text
     with stub_eks(op.hook, kubernetes_api), pytest.raises(TaskDeferred) as deferred:
         op.execute({})
     (job,) = created(kubernetes_api)
@@ -94,6 +94,7 @@ def test_execute_creates_the_job_and_defers_to_its_trigger(kubernetes_api: Any) 
         CLUSTER,
         900.0,
     )
+    assert waiting.pending_timeout == 1800.0
 
 
 def test_a_retry_waits_on_the_first_tries_job(kubernetes_api: Any) -> None:

@@ -1,4 +1,4 @@
-"""Kubeflow PyTorchJobs on an Amazon EKS cluster: create once per name, read their state and logs, delete.
+"""Kubeflow PyTorchJobs on an Amazon EKS cluster: create once per name, read their state, pods and logs, delete.
 
 The cncf-kubernetes provider has no operator for the training operator's custom resources, so this hook builds
 on its ``KubernetesHook`` the way the amazon provider's ``EksPodOperator`` does: the kubeconfig is generated
@@ -19,6 +19,7 @@ from typing import Any
 from airflow.providers.amazon.aws.hooks.eks import EksHook
 from airflow.providers.cncf.kubernetes.hooks.kubernetes import KubernetesHook
 from airflow.sdk import BaseHook
+from kubernetes.client import CoreV1Event, V1Pod, V1PodStatus
 from kubernetes.client.exceptions import ApiException
 
 GROUP, VERSION, PLURAL = "kubeflow.org", "v1", "pytorchjobs"
@@ -26,6 +27,8 @@ GROUP, VERSION, PLURAL = "kubeflow.org", "v1", "pytorchjobs"
 JOB_NAME_LABEL = "training.kubeflow.org/job-name"
 REPLICA_TYPE_LABEL = "training.kubeflow.org/replica-type"
 REPLICA_INDEX_LABEL = "training.kubeflow.org/replica-index"
+# The labels of a job's first worker pod: torchrun's rank 0 and the rendezvous host.
+LEADER_LABELS = {REPLICA_TYPE_LABEL: "worker", REPLICA_INDEX_LABEL: "0"}
 CONTAINER = "pytorch"  # the container the operator gives torchrun's PET_* settings
 TERMINAL_CONDITIONS = ("Succeeded", "Failed")
 # The API server and the operator's webhook fill in defaults, so a job's spec is compared through this annotation.
@@ -38,6 +41,8 @@ DEADLINE_REASON = "DeadlineExceeded"
 # Suspending a job resets its status.startTime (training-operator's RunPolicy.suspend), so DTP records there how
 # long a job it suspends was active: the job that replaces it gets only what is left of the deadline.
 ACTIVE_SECONDS_ANNOTATION = "dtp.dev/active-seconds"
+# Why a container waits that no wait mends: the image cannot be pulled or named, or the container cannot be made.
+CANNOT_START_REASONS = ("ErrImagePull", "ImagePullBackOff", "InvalidImageName", "CreateContainerConfigError")
 
 
 class PyTorchJobExists(RuntimeError):
@@ -93,6 +98,52 @@ def past_deadline(job: dict[str, Any]) -> bool:
 def suspended(job: dict[str, Any]) -> bool:
     """Whether the job was suspended (``runPolicy.suspend``), whether or not the operator has deleted its pods yet."""
     return bool(_run_policy(job).get("suspend"))
+
+
+def pod_status(pod: V1Pod, why_unscheduled: dict[str, str]) -> str:
+    """How a pod of a job that is not running stands: its phase, why the scheduler placed it nowhere (the message of
+    its latest FailedScheduling event, in ``why_unscheduled`` by pod name) and why each waiting container waits."""
+    status = pod.status or V1PodStatus()
+    parts = [status.phase or "Pending"]
+    if why := why_unscheduled.get(pod.metadata.name):
+        parts.append(f"not scheduled: {why}")
+    for container in status.container_statuses or []:
+        if (waiting := container.state and container.state.waiting) and waiting.reason:
+            parts.append(f"{container.name} {waiting.reason}" + (f": {waiting.message}" if waiting.message else ""))
+    return ", ".join(parts)
+
+
+def waiting_reasons(pod: V1Pod) -> set[str]:
+    """Why the pod's containers wait (ContainerCreating, ImagePullBackOff, ...)."""
+    statuses = (pod.status.container_statuses if pod.status else None) or []
+    return {s.state.waiting.reason for s in statuses if s.state and s.state.waiting and s.state.waiting.reason}
+
+
+def pod_failure(pod: V1Pod) -> str | None:
+    """Why a pod of a failed job failed, with the node it ran on: its eviction, or the last end of a container that
+    exited non-zero (its reason, such as OOMKilled, and exit code); None for a pod that did not fail."""
+    status = pod.status or V1PodStatus()
+    node = (pod.spec.node_name if pod.spec else None) or "no node"
+    if status.reason:  # the kubelet failed the whole pod: Evicted, say
+        return f"{pod.metadata.name} {status.reason} on {node}" + (f": {status.message}" if status.message else "")
+    for container in status.container_statuses or []:
+        ended = (container.state and container.state.terminated) or (
+            container.last_state and container.last_state.terminated
+        )
+        if ended and ended.exit_code:
+            return f"{pod.metadata.name} {ended.reason or 'Error'} (exit code {ended.exit_code}) on {node}"
+    return None
+
+
+def is_leader(pod: V1Pod) -> bool:
+    """Whether the pod is its job's first worker (``PyTorchJobHook.leader_pod``)."""
+    return LEADER_LABELS.items() <= (pod.metadata.labels or {}).items()
+
+
+def restarted(pod: V1Pod) -> bool:
+    """Whether a container of the pod was restarted (its previous container's log is still there to read)."""
+    statuses = (pod.status.container_statuses if pod.status else None) or []
+    return any(status.restart_count for status in statuses)
 
 
 def _time(stamp: str | None) -> datetime | None:
@@ -238,13 +289,39 @@ class PyTorchJobHook(BaseHook):
 
     def leader_pod(self, kubernetes: KubernetesHook, name: str) -> str | None:
         """The name of the job's first worker pod (torchrun's rank 0 and the rendezvous host), None before it exists."""
-        selector = f"{JOB_NAME_LABEL}={name},{REPLICA_TYPE_LABEL}=worker,{REPLICA_INDEX_LABEL}=0"
+        selector = ",".join(f"{key}={value}" for key, value in {JOB_NAME_LABEL: name, **LEADER_LABELS}.items())
         pods = kubernetes.core_v1_client.list_namespaced_pod(self.namespace, label_selector=selector).items
         return pods[0].metadata.name if pods else None
 
-    def log_lines(self, kubernetes: KubernetesHook, pod: str, since_seconds: int | None = None) -> list[str]:
-        """The pod's training container's log lines, each prefixed with its RFC 3339 timestamp; none before it
-        has started."""
+    def job_pods(self, kubernetes: KubernetesHook, name: str) -> list[V1Pod]:
+        """The job's pods (all its replicas), in name order."""
+        pods = kubernetes.core_v1_client.list_namespaced_pod(self.namespace, label_selector=f"{JOB_NAME_LABEL}={name}")
+        return sorted(pods.items, key=lambda pod: pod.metadata.name)
+
+    def scheduling_failures(self, kubernetes: KubernetesHook, pods: list[str]) -> dict[str, str]:
+        """The message of the latest FailedScheduling event of each of ``pods`` that has one, by pod name: why the
+        scheduler found no node for it ("0/4 nodes are available: 4 Insufficient nvidia.com/gpu")."""
+        events = kubernetes.core_v1_client.list_namespaced_event(
+            self.namespace, field_selector="involvedObject.kind=Pod,reason=FailedScheduling"
+        ).items
+        return {
+            event.involved_object.name: event.message
+            for event in sorted(events, key=_event_time)
+            if event.involved_object.name in pods
+        }
+
+    def log_lines(
+        self,
+        kubernetes: KubernetesHook,
+        pod: str,
+        since_seconds: int | None = None,
+        *,
+        previous: bool = False,
+        tail_lines: int | None = None,
+    ) -> list[str]:
+        """The pod's training container's log lines (``previous``: those of the container before its last restart;
+        ``tail_lines``: only the last so many), each prefixed with its RFC 3339 timestamp; none before it has
+        started."""
         try:
             # Raw bytes, decoded here: a log may hold bytes that are not UTF-8 (as the provider's get_pod_logs).
             response = kubernetes.core_v1_client.read_namespaced_pod_log(
@@ -253,6 +330,8 @@ class PyTorchJobHook(BaseHook):
                 container=CONTAINER,
                 timestamps=True,
                 since_seconds=since_seconds,
+                previous=previous,
+                tail_lines=tail_lines,
                 _preload_content=False,
             )
         except ApiException as err:
@@ -260,3 +339,9 @@ class PyTorchJobHook(BaseHook):
                 return []
             raise
         return [line for line in response.data.decode("utf-8", "replace").splitlines() if line]
+
+
+def _event_time(event: CoreV1Event) -> datetime:
+    """When the event last happened: its series' last observation, its last timestamp, or its creation."""
+    series = event.series.last_observed_time if event.series else None
+    return series or event.last_timestamp or event.event_time or event.metadata.creation_timestamp

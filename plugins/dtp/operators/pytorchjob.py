@@ -13,10 +13,13 @@ from typing import TYPE_CHECKING, Any
 import yaml
 from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
+from airflow.sdk.log import mask_secret
 
 from dtp.operators.time_limit import time_left
 
 if TYPE_CHECKING:
+    import jinja2
+
     from dtp.hooks.pytorchjob import PyTorchJobHook
 
 
@@ -25,7 +28,7 @@ MIN_DEADLINE_S = 60
 
 
 class PyTorchJobFailed(AirflowException):
-    """The PyTorchJob failed, was deleted while it ran, or hung."""
+    """The PyTorchJob failed, was deleted while it ran, hung, or did not start."""
 
 
 class PyTorchJobOverTime(AirflowFailException):
@@ -44,6 +47,10 @@ class EksPyTorchJobOperator(BaseOperator):
     from another manifest is refused.
     A job that ran past its deadline is not created again: the task fails without retries (``PyTorchJobOverTime``),
     as it does when less than a minute of the deadline is left.
+    A job that does not start is suspended, and the task fails with its pods' reasons: at once when a container
+    cannot start (an image that cannot be pulled: a wrong image never heals, but a registry that refused pulls for a
+    while may serve a retry's fresh job), else once it has not been Running for ``pending_timeout`` seconds (pods no
+    node has room for), rather than once its deadline, which counts while its pods wait, has passed.
 
     :param manifest: the PyTorchJob, as YAML text or a mapping (its namespace is the job's namespace)
     :param cluster_name: the EKS cluster
@@ -52,10 +59,12 @@ class EksPyTorchJobOperator(BaseOperator):
     :param poll_interval: seconds between the trigger's polls
     :param hang_timeout: seconds without a new log line from worker 0 while Running before the job is suspended
         as hung (0: never): its pods go, and the job stays to say how long it was active
+    :param pending_timeout: seconds the job may be not Running at a stretch (before its pods run, or while they are
+        replaced) before it is suspended as not started (0: no limit)
     :param delete_timeout: seconds to wait for a deleted job's pods to go
     """
 
-    template_fields: Sequence[str] = ("manifest", "cluster_name", "hang_timeout")
+    template_fields: Sequence[str] = ("manifest", "cluster_name", "hang_timeout", "pending_timeout")
 
     def __init__(
         self,
@@ -66,6 +75,7 @@ class EksPyTorchJobOperator(BaseOperator):
         region_name: str | None = None,
         poll_interval: float = 30.0,
         hang_timeout: float | str = 0.0,
+        pending_timeout: float | str = 3600.0,
         delete_timeout: float = 600.0,
         **kwargs: Any,
     ) -> None:
@@ -76,7 +86,18 @@ class EksPyTorchJobOperator(BaseOperator):
         self.region_name = region_name
         self.poll_interval = poll_interval
         self.hang_timeout = hang_timeout
+        self.pending_timeout = pending_timeout
         self.delete_timeout = delete_timeout
+
+    def render_template_fields(self, context: Any, jinja_env: jinja2.Environment | None = None) -> None:
+        """Render the templated fields once the values of the run's ``extra_env`` (tokens, some) are masked in this
+        process: the manifest's env list would show them (a retry's worker never saw validate_params mask them). A
+        mapping manifest is kept as YAML text, which the masker reads whole: it stops five levels into a mapping,
+        above the containers' env lists."""
+        mask_secret(list(context["params"].get("extra_env", {}).values()))
+        super().render_template_fields(context, jinja_env)
+        if isinstance(self.manifest, dict):
+            self.manifest = yaml.safe_dump(self.manifest, sort_keys=False)
 
     @cached_property
     def job(self) -> dict[str, Any]:
@@ -126,6 +147,7 @@ class EksPyTorchJobOperator(BaseOperator):
                 region_name=self.region_name,
                 poll_interval=self.poll_interval,
                 hang_timeout=float(self.hang_timeout),
+                pending_timeout=float(self.pending_timeout),
             ),
             method_name="execute_complete",
         )
@@ -133,9 +155,17 @@ class EksPyTorchJobOperator(BaseOperator):
     def execute_complete(self, context: Any, event: dict[str, Any]) -> dict[str, Any]:
         name, namespace = event["job_name"], event["namespace"]
         tail = "\n".join(event["tail"][-20:]) or "(no log lines from worker 0)"
+        pods = "".join(f"\n  {pod}" for pod in event.get("pods", []))
+        if previous := event.get("previous_tail"):
+            tail += "\nWorker 0's container before its restart, last lines:\n" + "\n".join(previous[-20:])
         if event["status"] == "hung":
             raise PyTorchJobFailed(
                 f"PyTorchJob {namespace}/{name} hung ({event['message']}); {self._suspend(name)}. Last lines:\n{tail}"
+            )
+        if event["status"] == "not_started":
+            raise PyTorchJobFailed(
+                f"PyTorchJob {namespace}/{name} did not start ({event['message']}); {self._suspend(name)}. Its pods:"
+                f"{pods}"
             )
         if event["status"] == "error":  # the API out of reach: the job may well be running, a retry re-attaches
             raise PyTorchJobFailed(
@@ -144,17 +174,18 @@ class EksPyTorchJobOperator(BaseOperator):
         if event["status"] == "failed" and event.get("over_time"):
             raise PyTorchJobOverTime(
                 f"PyTorchJob {namespace}/{name} ran past its deadline and was stopped ({event['message']}); not "
-                f"retried. Last lines:\n{tail}"
+                f"retried.{_failed_pods(pods)}Last lines:\n{tail}"
             )
         if event["status"] != "success":
             raise PyTorchJobFailed(
-                f"PyTorchJob {namespace}/{name} ended {event['state']}: {event['message']}. Last lines:\n{tail}"
+                f"PyTorchJob {namespace}/{name} ended {event['state']}: {event['message']}.{_failed_pods(pods)}"
+                f"Last lines:\n{tail}"
             )
         self.log.info("PyTorchJob %s/%s succeeded", namespace, name)
         return {"job_name": name, "namespace": namespace, "state": event["state"]}
 
     def _suspend(self, name: str) -> str:
-        """Suspend a hung job, recording how long it was active; say what became of it."""
+        """Suspend a hung job or one that did not start, recording how long it was active; say what became of it."""
         with self.hook.kubernetes() as kubernetes:
             state = self.hook.suspend_unless_ended(kubernetes, name)
         if state is None:
@@ -184,3 +215,8 @@ class EksPyTorchJobOperator(BaseOperator):
         """Delete the job when the task is killed while it is still creating it (the trigger handles the wait)."""
         with self.hook.kubernetes() as kubernetes:
             self.hook.delete_job(kubernetes, self.job["metadata"]["name"], timeout=self.delete_timeout)
+
+
+def _failed_pods(pods: str) -> str:
+    """What goes between a failed job's message and its last lines: its failed pods, one a line, where it has any."""
+    return f" Failed pods:{pods}\n" if pods else " "
