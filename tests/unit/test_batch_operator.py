@@ -1,6 +1,7 @@
 """BatchJobOperator's retries: a retry after a failed job submits a new one, and one time limit holds across the
 task's retries (a job Batch stopped at its timeout is not run again; a job run again gets what is left); the trigger
-waits as long as the job may run. Against botocore's Stubber and moto's Batch (in this process, without Docker)."""
+waits as long as the job may run; a failed job fails the task with Batch's reasons. Against botocore's Stubber and
+moto's Batch (in this process, without Docker)."""
 
 from __future__ import annotations
 
@@ -108,8 +109,9 @@ def batch_operator(definition: str, **kwargs: Any) -> BatchJobOperator:
     )
 
 
-def ended(job_id: str, ran_s: int, reason: str) -> None:
+def ended(job_id: str | None, ran_s: int, reason: str) -> None:
     """Make the job moto ran look as one Batch stopped after ``ran_s`` seconds for ``reason``."""
+    assert job_id is not None
     job = batch_backends[DEFAULT_ACCOUNT_ID]["us-east-1"].get_job_by_id(job_id)
     assert job is not None and job.status == "FAILED"
     job.job_stopped_at = datetime.now()
@@ -201,9 +203,40 @@ def test_a_job_that_failed_otherwise_fails_the_task_for_a_retry(batch_queue: dic
     op.submit_job({})
     ended(op.job_id, 100, CRASHED)
     event = {"status": "error", "message": "Waiter batch_job_complete failed", "job_id": op.job_id}
-    with pytest.raises(AirflowException, match="Error while running job") as failed:
+    with pytest.raises(AirflowException, match=rf"{op.job_id} \(run-train\) failed: {CRASHED}$") as failed:
         op.execute_complete({}, event)
     assert not isinstance(failed.value, AirflowFailException)
+
+
+# What DescribeJobs says of a multi-node job whose second node ran out of memory: the main node's training exits 1
+# when its peer goes.
+OUT_OF_MEMORY = "OutOfMemoryError: Container killed due to memory usage"
+NODE_PROPERTIES = {"numNodes": 2, "mainNode": 0, "nodeRangeProperties": [{"targetNodes": "0:", "container": {}}]}
+
+
+def failed_node(index: int, reason: str | None, exit_code: int) -> dict[str, Any]:
+    """Node ``index`` of the failed job ``job-1``, as DescribeJobs gives it."""
+    container = {"exitCode": exit_code, **({"reason": reason} if reason else {})}
+    return {"jobId": f"job-1#{index}", "jobName": "run-train", "status": "FAILED", "statusReason": CRASHED,
+            "jobQueue": "run-queue", "jobDefinition": "run-train:2", "startedAt": 1,
+            "attempts": [{"container": container}]}  # fmt: skip
+
+
+def test_a_failed_job_fails_the_task_with_the_reasons_of_its_failed_nodes(offline_aws: None) -> None:
+    op = batch_operator("run-train:2", deferrable=True)
+    job = {**running_job("FAILED"), "statusReason": CRASHED, "nodeProperties": NODE_PROPERTIES,
+           "attempts": [{"container": {"exitCode": 1}}]}  # fmt: skip
+    event = {"status": "error", "message": "Waiter batch_job_complete failed", "job_id": "job-1"}
+    expected = (
+        rf"job-1 \(run-train\) failed: {CRASHED}; container: exit code 1; failed nodes: job-1#0: exit code 1; "
+        rf"job-1#1: {OUT_OF_MEMORY}, exit code 137$"
+    )
+    with Stubber(op.hook.client) as batch, pytest.raises(AirflowException, match=expected):
+        batch.add_response("describe_jobs", {"jobs": [job]}, {"jobs": ["job-1"]})
+        batch.add_response("describe_jobs", {"jobs": [job]}, {"jobs": ["job-1"]})  # the provider's, for its log
+        nodes = [failed_node(0, None, 1), failed_node(1, OUT_OF_MEMORY, 137)]
+        batch.add_response("describe_jobs", {"jobs": nodes}, {"jobs": ["job-1#0", "job-1#1"]})
+        op.execute_complete({}, event)
 
 
 def test_a_task_that_waits_in_its_worker_fails_without_retries_too(
@@ -226,7 +259,8 @@ LISTED = {"jobQueue": "run-queue", "filters": [{"name": "JOB_NAME", "values": ["
 def running_job(status: str = "RUNNING") -> dict[str, Any]:
     """The job ``job-1`` as DescribeJobs gives it."""
     return {"jobId": "job-1", "jobName": "run-train", "status": status, "startedAt": 1, "jobQueue": "run-queue",
-            "jobDefinition": "arn:aws:batch:us-east-1:1:job-definition/run-train:2"}  # fmt: skip
+            "jobDefinition": "arn:aws:batch:us-east-1:1:job-definition/run-train:2",
+            "nodeProperties": NODE_PROPERTIES}  # fmt: skip
 
 
 def waits_s(deferred: TaskDeferred) -> int:
@@ -249,9 +283,41 @@ def test_the_trigger_waits_as_long_as_the_job_may_run(offline_aws: None) -> None
 def test_a_job_still_waiting_for_capacity_when_the_trigger_gives_up_fails_the_task(offline_aws: None) -> None:
     op = batch_operator("run-train:2", deferrable=True, submit_job_timeout=WEEK_S)
     event = {"status": "error", "message": "Waiter error: max attempts reached", "job_id": "job-1"}
-    with Stubber(op.hook.client) as batch, pytest.raises(AirflowException, match="max attempts reached"):
-        batch.add_response("describe_jobs", {"jobs": [running_job("RUNNABLE")]}, {"jobs": ["job-1"]})
+    # What Batch says of a job its compute environment cannot place.
+    waiting = {**running_job("RUNNABLE"), "statusReason": "CAPACITY:INSUFFICIENT_INSTANCE_CAPACITY"}
+    expected = r"job-1 \(run-train\) is still RUNNABLE \(CAPACITY:INSUFFICIENT_INSTANCE_CAPACITY\).*max attempts"
+    with Stubber(op.hook.client) as batch, pytest.raises(AirflowException, match=expected):
+        batch.add_response("describe_jobs", {"jobs": [waiting]}, {"jobs": ["job-1"]})
+        batch.add_response("describe_jobs", {"jobs": [waiting]}, {"jobs": ["job-1"]})  # the provider's, for its log
         op.execute_complete({}, event)
+
+
+class RecordedXCom:
+    """A task instance that records what is pushed to XCom."""
+
+    def __init__(self) -> None:
+        self.pushed: dict[str, Any] = {}
+
+    def xcom_push(self, key: str, value: Any) -> None:
+        self.pushed[key] = value
+
+
+def test_a_retry_that_finds_its_job_links_to_it(offline_aws: None) -> None:
+    op = BatchJobOperator(
+        task_id="run_job_on_batch", job_name="run-train", job_queue="run-queue", job_definition="run-train:2",
+        aws_conn_id=None, region_name="us-east-1",
+    )  # fmt: skip
+    summary = {"jobId": "job-1", "jobName": "run-train", "status": "RUNNABLE", "createdAt": 1}
+    ti = RecordedXCom()
+    with Stubber(op.hook.client) as batch:
+        batch.add_response("list_jobs", {"jobSummaryList": [summary]}, LISTED)
+        op.submit_job({"ti": ti})
+    assert ti.pushed["batch_job_details"] == {"region_name": "us-east-1", "aws_domain": "aws.amazon.com",
+                                              "job_id": "job-1"}  # fmt: skip
+
+
+def test_the_jobs_log_is_copied_into_the_tasks() -> None:
+    assert batch_operator("run-train:2").awslogs_enabled
 
 
 @pytest.mark.parametrize("status", ["STARTING", "RUNNING"])

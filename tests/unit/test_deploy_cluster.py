@@ -21,9 +21,10 @@ from dtp.operators import cluster as cluster_operator
 from dtp.operators.cluster import DeployClusterOperator
 from dtp.params import TrainParams, parse_params
 from dtp.pipeline.spec import run_spec
+from dtp.platforms import capacity_reservations
 from dtp.platforms import parallelcluster as pc
 from dtp.platforms.base import PlatformNotReady
-from dtp.platforms.parallelcluster import CLUSTER_NAME_TAG, ReservationUnavailable
+from dtp.platforms.capacity_reservations import CLUSTER_NAME_TAG, ReservationUnavailable
 from dtp.triggers.hyperpod import HyperPodClusterDeleteTrigger, HyperPodClusterTrigger
 
 
@@ -319,6 +320,6 @@ def test_a_capacity_block_ending_before_the_training_time_limit_is_logged(
     spec = make_spec("llama3_1_8b", "p5.48xlarge", 4)
     end = datetime.now(UTC) + timedelta(minutes=spec["training_time_limit_minutes"] - 30)
     _answer_reservation(ec2_stub, _reservation(EndDate=end))
-    with caplog.at_level(logging.WARNING, logger=pc.__name__):
+    with caplog.at_level(logging.WARNING, logger=capacity_reservations.__name__):
         _capacity_block(monkeypatch).check_reservation(spec)
     assert f"(p5.48xlarge in eu-west-1b) ends at {end}, before the run's training time limit" in caplog.text

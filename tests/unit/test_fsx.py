@@ -8,7 +8,9 @@ every canned response against the model's output shapes.
 from __future__ import annotations
 
 import re
+import time
 from datetime import UTC, datetime
+from pathlib import Path
 from types import SimpleNamespace
 
 import botocore.session
@@ -16,6 +18,7 @@ import pytest
 from airflow.sdk.exceptions import TaskDeferred
 from botocore.stub import ANY, Stubber
 
+import dtp.operators.checkpoints as checkpoint_operators
 import dtp.operators.fsx as fsx_operators
 import dtp.triggers.fsx as fsx_triggers
 from dtp.hooks.fsx import FsxHook
@@ -152,19 +155,24 @@ def test_operator_starts_once_then_reattaches_then_reuses(hook: FsxHook, stub: S
             "Tags": [{"Key": "dtp:run", "Value": "r1"}, {"Key": TASK_KEY_TAG, "Value": key}],
         },
     )
+    before = time.time()
     with pytest.raises(TaskDeferred) as deferred:
         _operator().execute({"ti": _ti(1)})
     assert deferred.value.trigger.repository_task_id == "task-0123456789abcdef1"
-    # A retry of a try that died while waiting finds its task by the tag and waits for it again: nothing is started.
+    assert deferred.value.trigger.started_at >= before  # the deadline counts from now
+    # A retry of a try that died while waiting finds its task by the tag and waits for it again: nothing is started,
+    # and the deadline still counts from when the task was created.
     running = _task("task-0123456789abcdef1", "EXECUTING", key=key)
     stub.add_response("describe_data_repository_tasks", {"DataRepositoryTasks": [other, running]}, filters)
     with pytest.raises(TaskDeferred) as deferred:
         _operator().execute({"ti": _ti(2)})
     assert deferred.value.trigger.repository_task_id == "task-0123456789abcdef1"
+    assert deferred.value.trigger.started_at == CREATED.timestamp()
     # Once it succeeded, a cleared task returns its outcome.
     done = _task("task-0123456789abcdef1", "SUCCEEDED", key=key)
     stub.add_response("describe_data_repository_tasks", {"DataRepositoryTasks": [done]}, filters)
-    assert _operator().execute({"ti": _ti(3)})["task_id"] == "task-0123456789abcdef1"
+    outcome = _operator().execute({"ti": _ti(3)})
+    assert outcome is not None and outcome["task_id"] == "task-0123456789abcdef1"
 
 
 def test_a_retry_reattaches_to_its_task_on_a_later_page(hook: FsxHook, stub: Stubber, monkeypatch) -> None:
@@ -273,3 +281,26 @@ def test_killing_the_waiting_task_cancels_the_fsx_task(
     # A task that ended meanwhile is left as it is.
     stub.add_client_error("cancel_data_repository_task", "DataRepositoryTaskEnded", "already ended")
     run_coroutine(_trigger().on_kill())
+
+
+def test_a_retried_checkpoint_export_keeps_its_deadline(hook: FsxHook, stub: Stubber, monkeypatch) -> None:
+    """A retry of save_checkpoint waits for the export an earlier try started only what is left of export_timeout."""
+    monkeypatch.setattr(checkpoint_operators, "FsxHook", lambda **_: hook)
+    checkpoint = SimpleNamespace(
+        bucket="artifacts", directory=Path("/fsx/runs/r1/checkpoints"), uri="s3://artifacts/r1"
+    )
+    monkeypatch.setattr(checkpoint_operators.checkpoints, "newest_checkpoint", lambda *_: checkpoint)
+    monkeypatch.setattr(checkpoint_operators.SaveCheckpointOperator, "_exporting_file_system", lambda *_: FS)
+    monkeypatch.setattr(checkpoint_operators.SaveCheckpointOperator, "_export_paths", lambda *_: ["checkpoints/run1"])
+    ti = SimpleNamespace(dag_id="d", run_id="r", task_id="save_checkpoint", map_index=-1, try_number=2)
+    running = _task("task-0123456789abcdef1", "EXECUTING", key=task_key(ti))
+    filters = {"Filters": [{"Name": "file-system-id", "Values": [FS]}]}
+    stub.add_response("describe_data_repository_tasks", {"DataRepositoryTasks": [running]}, filters)
+    op = checkpoint_operators.SaveCheckpointOperator(
+        task_id="save_checkpoint", spec={"names": {"run_key": "r1"}, "tags": {}}, cluster={}, export_timeout=3600
+    )
+    with pytest.raises(TaskDeferred) as deferred:
+        op.execute({"ti": ti})
+    trigger = deferred.value.trigger
+    assert trigger.repository_task_id == "task-0123456789abcdef1"
+    assert (trigger.started_at, trigger.timeout) == (CREATED.timestamp(), 3600)

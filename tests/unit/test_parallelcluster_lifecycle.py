@@ -18,12 +18,13 @@ from parallelcluster_support import NETWORK, make_spec, needs_pcluster, use_sett
 from dtp.hooks.stacks import StackHook
 from dtp.platforms import parallelcluster as pc
 from dtp.platforms.base import PlatformNotReady
+from dtp.platforms.pcluster_cli import PclusterCli
 from dtp.triggers.parallelcluster import ParallelClusterCreateTrigger, ParallelClusterDeleteTrigger
 
 
 def test_cli_commands_are_argv_lists_with_the_connection_s_region_credentials_and_endpoint(monkeypatch) -> None:
     use_settings(monkeypatch, endpoint="http://127.0.0.1:1", key_name="k")
-    cli = pc.PclusterCli("/opt/pcluster", "aws_default")
+    cli = PclusterCli("/opt/pcluster", "aws_default")
     assert cli.command("describe-cluster", "--cluster-name", "x; rm -rf /") == [
         "/opt/pcluster",
         "describe-cluster",
@@ -40,7 +41,7 @@ def test_cli_commands_are_argv_lists_with_the_connection_s_region_credentials_an
 def test_cli_without_an_endpoint_talks_to_aws(monkeypatch) -> None:
     monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
     use_settings(monkeypatch, key_name="k")
-    assert "AWS_ENDPOINT_URL" not in pc.PclusterCli("/opt/pcluster").environment()
+    assert "AWS_ENDPOINT_URL" not in PclusterCli("/opt/pcluster").environment()
 
 
 def stand_in_pcluster(

@@ -20,6 +20,7 @@ from parallelcluster_support import NETWORK, make_spec, needs_pcluster, use_sett
 from dtp.platforms import get_platform
 from dtp.platforms import parallelcluster as pc
 from dtp.platforms.base import PlatformNotReady
+from dtp.platforms.pcluster_cli import DRYRUN_PASSED, PclusterError
 from dtp.recipes import instance_types
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -354,7 +355,7 @@ def test_pcluster_dryrun_accepts_the_rendered_config_against_the_emulator(
     config_text = platform.render(spec, network, ami)["cluster-config.yaml"]
 
     answer = platform.cli.create_cluster(name, config_text, dryrun=True, suppress_validators=EMULATOR_SUPPRESSED)
-    assert answer["message"] == pc.DRYRUN_PASSED
+    assert answer["message"] == DRYRUN_PASSED
     # Nothing was created: the cluster does not exist, its wait fails at once, and teardown finds nothing to delete.
     assert platform.cluster_status(name) is None
     event = first_event(platform.ready_trigger({"cluster_name": name, "created_at": time.time()}))
@@ -368,7 +369,7 @@ def test_pcluster_dryrun_refusal_carries_pcluster_s_message(monkeypatch, emulato
     platform = use_settings(monkeypatch, endpoint=emulator, region=EMULATOR_REGION, key_name="dtp-head")
     spec = make_spec("llama3_1_8b", "p5.48xlarge", 2)
     config_text = platform.render(spec, {**network, "PrivateSubnet": "subnet-00000000000000000"}, ami)
-    with pytest.raises(pc.PclusterError, match=r"create-cluster exited 1: .*subnet-00000000000000000"):
+    with pytest.raises(PclusterError, match=r"create-cluster exited 1: .*subnet-00000000000000000"):
         platform.cli.create_cluster(
             platform.cluster_name(spec),
             config_text["cluster-config.yaml"],

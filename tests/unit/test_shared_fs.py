@@ -64,3 +64,15 @@ def test_a_new_file_and_its_folders_are_made(hook: SharedFilesystemHook, tmp_pat
     path = tmp_path / "a" / "b" / "notes.txt"
     hook.write_file(str(path), "ü\n")
     assert path.read_text() == "ü\n" and stat.S_IMODE(path.stat().st_mode) == 0o644
+
+
+def test_a_command_gets_none_of_the_workers_secrets(
+    hook: SharedFilesystemHook, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """sbatch exports the environment it is run with into the job: the worker's secrets must not be in it."""
+    monkeypatch.setenv("AIRFLOW__CORE__FERNET_KEY", "fernet-key-of-the-worker")
+    monkeypatch.setenv("AIRFLOW_CONN_AWS_DEFAULT", '{"conn_type": "aws"}')
+    monkeypatch.setenv("SLURM_CONF", "/etc/slurm/slurm.conf")
+    seen = dict(line.split("=", 1) for line in hook.run(["env"]).splitlines() if "=" in line)
+    assert not [name for name in seen if name.startswith("AIRFLOW")]
+    assert seen["SLURM_CONF"] == "/etc/slurm/slurm.conf" and seen["PATH"] == os.environ["PATH"]

@@ -520,3 +520,16 @@ def test_prepare_training_has_slurm_signal_a_gpu_job_in_time_for_its_checkpoint(
         assert f"STOP_FILE={workdir}/train.stop\n" in text
     else:
         assert "#SBATCH --signal" not in text
+
+
+@pytest.mark.parametrize("name", [name for name in SHELL_TEMPLATES if name.endswith(".sbatch.j2")])
+def test_every_job_runs_python_unbuffered(name: str) -> None:
+    """Log lines reach the job's log as they are printed, not in 8 KiB bursts whose last one a killed step loses."""
+    assert "\nexport PYTHONUNBUFFERED=1\n" in render(name, **CONTEXTS[name])
+
+
+def test_the_training_step_gets_python_unbuffered(tmp_path: Path) -> None:
+    script = tmp_path / "train.sbatch"
+    script.write_text(render("slurm/train.sbatch.j2", **CONTEXTS["slurm/train.sbatch.j2"]))
+    subprocess.run(["bash", str(script)], capture_output=True, cwd=tmp_path, env=fake_slurm(tmp_path), check=True)
+    assert "PYTHONUNBUFFERED=1" in (tmp_path / "srun.env").read_text().splitlines()

@@ -23,6 +23,29 @@ from airflow.sdk import BaseHook
 if TYPE_CHECKING:
     from airflow.providers.ssh.hooks.ssh import SSHHook
 
+# What a command run on this host gets of the worker's environment: where its programs are, who runs them, their
+# locale, Slurm's configuration, and the proxy a node may need to reach a registry (pyxis's enroot imports the job's
+# image in the environment sbatch exports to the job). Nothing else: the worker's environment holds Airflow's
+# secrets (its fernet key, JWT secret, database URL, connections), which sbatch would export into every job.
+COMMAND_ENVIRONMENT = (
+    "PATH",
+    "HOME",
+    "USER",
+    "LOGNAME",
+    "LANG",
+    "LC_ALL",
+    "LC_CTYPE",
+    "TZ",
+    "TMPDIR",
+    "SLURM_CONF",
+    "HTTP_PROXY",
+    "HTTPS_PROXY",
+    "NO_PROXY",
+    "http_proxy",
+    "https_proxy",
+    "no_proxy",
+)
+
 
 class ClusterCommandError(RuntimeError):
     """A command on the cluster failed; carries its stderr."""
@@ -68,12 +91,12 @@ class SharedFilesystemHook(BaseHook):
 
     def run(self, argv: list[str], *, check: bool = True, input_text: str | None = None) -> str:
         """Run ``argv`` where the filesystem is mounted; its stdout (``ClusterCommandError`` when it fails and
-        ``check``)."""
+        ``check``). On this host it gets ``COMMAND_ENVIRONMENT`` of the worker's environment, no more."""
         return self._execute(argv, check=check, input_text=input_text).decode(errors="replace")
 
     def _execute(self, argv: list[str], *, check: bool = True, input_text: str | None = None) -> bytes:
         if self.transport == "local":
-            env = dict(os.environ)
+            env = {name: os.environ[name] for name in COMMAND_ENVIRONMENT if name in os.environ}
             if self.extra.get("slurm_conf"):
                 env["SLURM_CONF"] = self.extra["slurm_conf"]
             stdin = None if input_text is None else input_text.encode()

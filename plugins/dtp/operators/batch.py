@@ -5,13 +5,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from airflow.providers.amazon.aws.links.batch import BatchJobDetailsLink
 from airflow.providers.amazon.aws.operators.batch import BatchOperator
 from airflow.providers.amazon.aws.triggers.batch import BatchJobTrigger
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
+from airflow.sdk.log import mask_secret
 
 from dtp.operators.time_limit import time_left
+
+if TYPE_CHECKING:
+    import jinja2
 
 # The statusReason Batch gives a job it stopped at its timeout: "Job attempt duration exceeded timeout".
 TIMEOUT_REASON = "attempt duration exceeded timeout"
@@ -22,6 +27,10 @@ MIN_TIMEOUT_S = 60
 QUEUE_MARGIN_S = 3600
 # A job in these is running within its own time limit, which Batch enforces: one the trigger gave up on is waited on.
 RUNNING_STATES = ("STARTING", "RUNNING")
+# A job in these has not started: one the trigger gave up on is still waiting for capacity (its statusReason says why).
+WAITING_STATES = ("SUBMITTED", "PENDING", "RUNNABLE")
+# The most job IDs one DescribeJobs call takes.
+DESCRIBE_JOBS_MAX = 100
 
 
 class BatchJobOverTime(AirflowFailException):
@@ -33,6 +42,17 @@ def timed_out(job: dict[str, Any]) -> bool:
     """Whether Batch stopped ``job`` (a ListJobs summary or a DescribeJobs detail) at its timeout."""
     reasons = [job.get("statusReason"), *(attempt.get("statusReason") for attempt in job.get("attempts") or [])]
     return job.get("status") == "FAILED" and any(TIMEOUT_REASON in (reason or "").lower() for reason in reasons)
+
+
+def container_outcome(job: dict[str, Any]) -> str:
+    """What the container of ``job``'s last attempt ended with: Batch's reason and its exit code ("" when there is
+    no attempt: a job that never ran)."""
+    attempts = job.get("attempts") or []
+    container = (attempts[-1].get("container") if attempts else None) or {}
+    outcome = [container["reason"]] if container.get("reason") else []
+    if container.get("exitCode") is not None:
+        outcome.append(f"exit code {container['exitCode']}")
+    return ", ".join(outcome)
 
 
 def ran_seconds(job: dict[str, Any]) -> float:
@@ -52,12 +72,26 @@ class BatchJobOperator(BatchOperator):
     timeout is not submitted again: the task fails without retries (``BatchJobOverTime``), as it does when less
     than Batch's smallest timeout is left. Deferred, the trigger waits as long as the job may run plus
     ``QUEUE_MARGIN_S`` (the provider's ``max_retries`` polls ``poll_interval`` apart, where that is longer); a job
-    still running when it gives up is waited on again, one still waiting for capacity fails the task. Takes
-    ``BatchOperator``'s parameters; ``submit_job_timeout`` is templated too, so a prepared job can carry its own time
-    limit.
+    still running when it gives up is waited on again, one still waiting for capacity fails the task. A failed job
+    fails the task with Batch's reasons: the job's statusReason, its container's reason and exit code (each failed
+    node's, for a multi-node job). Takes ``BatchOperator``'s parameters; ``submit_job_timeout`` is templated too, so a
+    prepared job can carry its own time limit.
+
+    :param awslogs_enabled: copy the job's CloudWatch log into the task's log (on by default: its last lines say
+        why a job failed; a multi-node job's main node's)
     """
 
     template_fields: Sequence[str] = (*BatchOperator.template_fields, "submit_job_timeout")
+
+    def __init__(self, *, awslogs_enabled: bool = True, **kwargs: Any) -> None:
+        super().__init__(awslogs_enabled=awslogs_enabled, **kwargs)
+
+    def render_template_fields(self, context: Any, jinja_env: jinja2.Environment | None = None) -> None:
+        """Render the templated fields once the values of the run's ``extra_env`` (tokens, some) are masked in this
+        process: the job's overrides and the provider's log of them would show them (a retry's worker never saw
+        validate_params mask them)."""
+        mask_secret(list(context["params"].get("extra_env", {}).values()))
+        super().render_template_fields(context, jinja_env)
 
     def submit_job(self, context: Any) -> None:
         jobs = self.jobs()
@@ -65,7 +99,18 @@ class BatchJobOperator(BatchOperator):
         if job is not None and job["status"] != self.hook.FAILURE_STATE:
             self.job_id = job["jobId"]
             self.log.info(
-                "AWS Batch job %s (%s) is %s: not submitting another", self.job_id, self.job_name, job["status"]
+                "AWS Batch job %s (%s) is %s (%s): not submitting another",
+                self.job_id,
+                self.job_name,
+                job["status"],
+                job.get("statusReason") or "no statusReason",
+            )
+            BatchJobDetailsLink.persist(
+                context=context,
+                operator=self,
+                region_name=self.hook.conn_region_name,
+                aws_partition=self.hook.conn_partition,
+                job_id=self.job_id,
             )
         else:
             if job is not None:
@@ -80,6 +125,7 @@ class BatchJobOperator(BatchOperator):
             self._cover_time_limit()
 
     def execute_complete(self, context: Any, event: dict[str, Any] | None = None) -> str:
+        job = None
         if event and event.get("status") != "success" and event.get("job_id"):
             job = self._describe(event["job_id"])
             if job and job["status"] in RUNNING_STATES:
@@ -107,15 +153,23 @@ class BatchJobOperator(BatchOperator):
                     method_name="execute_complete",
                 )
             self._fail_if_timed_out(job)
-        return super().execute_complete(context, event)
+        try:
+            # The provider's copies the job's log and persists its CloudWatch link, then fails with the event alone.
+            return super().execute_complete(context, event)
+        except AirflowException:
+            if job is None or (why := self._why_failed(job, (event or {}).get("message"))) is None:
+                raise
+            raise AirflowException(why) from None
 
     def monitor_job(self, context: Any) -> None:
         try:
             super().monitor_job(context)
         except AirflowException:
-            if self.job_id:
-                self._fail_if_timed_out(self._describe(self.job_id))
-            raise
+            job = self._describe(self.job_id) if self.job_id else None
+            self._fail_if_timed_out(job)
+            if job is None or (why := self._why_failed(job)) is None:
+                raise
+            raise AirflowException(why) from None
 
     def jobs(self) -> list[dict[str, Any]]:
         """The queue's jobs named ``job_name``, in any state, oldest first."""
@@ -172,6 +226,40 @@ class BatchJobOperator(BatchOperator):
         """The job as DescribeJobs gives it; None when Batch no longer knows it."""
         found = self.hook.client.describe_jobs(jobs=[job_id])["jobs"]
         return found[0] if found else None
+
+    def _why_failed(self, job: dict[str, Any], waiter_message: str | None = None) -> str | None:
+        """Why ``job`` fails the task, as Batch says it: a failed job's statusReason and container outcome (each
+        failed node's, for a multi-node job), or why a job the wait gave up on has not started (``waiter_message``:
+        the trigger's); None for a job in another state."""
+        name = f"AWS Batch job {job['jobId']} ({self.job_name})"
+        reason = job.get("statusReason") or "no statusReason"
+        if job["status"] in WAITING_STATES:
+            self.log.warning("%s is still %s: %s", name, job["status"], reason)
+            gave_up = f": {waiter_message}" if waiter_message else ""
+            return f"{name} is still {job['status']} ({reason}) when the wait for it ran out{gave_up}"
+        if job["status"] != self.hook.FAILURE_STATE:
+            return None
+        why = f"{name} failed: {reason}"
+        if outcome := container_outcome(job):
+            why += f"; container: {outcome}"
+        if failed_nodes := self._failed_nodes(job):
+            why += "; failed nodes: " + "; ".join(failed_nodes)
+        return why
+
+    def _failed_nodes(self, job: dict[str, Any]) -> list[str]:
+        """``jobId#N: outcome`` of each failed node of a multi-node ``job`` (none for a single-node job)."""
+        count = (job.get("nodeProperties") or {}).get("numNodes") or 0
+        node_ids = [f"{job['jobId']}#{index}" for index in range(count)]
+        nodes = [
+            node
+            for start in range(0, count, DESCRIBE_JOBS_MAX)
+            for node in self.hook.client.describe_jobs(jobs=node_ids[start : start + DESCRIBE_JOBS_MAX])["jobs"]
+        ]
+        return [
+            f"{node['jobId']}: {container_outcome(node) or node.get('statusReason') or 'no statusReason'}"
+            for node in sorted(nodes, key=lambda node: int(node["jobId"].rpartition("#")[2]))
+            if node["status"] == self.hook.FAILURE_STATE
+        ]
 
     def _fail_if_timed_out(self, job: dict[str, Any] | None) -> None:
         if job and timed_out(job):

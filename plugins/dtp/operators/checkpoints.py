@@ -9,7 +9,7 @@ from airflow.sdk import BaseOperator
 from botocore.exceptions import ClientError
 
 from dtp.hooks.fsx import FsxHook
-from dtp.operators.fsx import find_or_start_task
+from dtp.operators.fsx import created_at, find_or_start_task
 from dtp.pipeline import checkpoints
 from dtp.pipeline.checkpoints import Checkpoint
 from dtp.pipeline.run_dirs import RUNS_FOLDER, run_dir
@@ -28,8 +28,9 @@ class SaveCheckpointOperator(BaseOperator):
     to the bucket's ``runs/`` (a data repository association its owner made: DTP never links a file system, since
     a linked one can no longer be backed up), FSx copies the files itself: an ``EXPORT_TO_REPOSITORY`` task on the
     checkpoint's folders, waited for in the triggerer. A retry finds its FSx task again instead of starting
-    another. Otherwise, and when the export cannot start, fails or outlasts ``export_timeout`` (then it is
-    cancelled), this worker uploads the files (only what the bucket lacks).
+    another, and waits only what is left of ``export_timeout`` since FSx created it. Otherwise, and when the export
+    cannot start, fails or outlasts ``export_timeout`` (then it is cancelled), this worker uploads the files (only
+    what the bucket lacks).
 
     :param spec: the run spec from ``validate_params``
     :param cluster: the cluster from ``deploy_cluster``
@@ -85,7 +86,11 @@ class SaveCheckpointOperator(BaseOperator):
         self.log.info("FSx exports %s to %s: waiting for task %s", checkpoint.directory, checkpoint.uri, task["TaskId"])
         self.defer(
             trigger=FsxDataRepositoryTaskTrigger(
-                task["TaskId"], self.aws_conn_id, self.poll_interval, timeout=self.export_timeout
+                task["TaskId"],
+                self.aws_conn_id,
+                self.poll_interval,
+                timeout=self.export_timeout,
+                started_at=created_at(task),
             ),
             method_name="execute_complete",
         )

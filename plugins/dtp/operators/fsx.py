@@ -57,6 +57,13 @@ def find_or_start_task(
     return {"TaskId": task_id, "Lifecycle": "PENDING"}
 
 
+def created_at(task: dict[str, Any]) -> float | None:
+    """When FSx created ``task`` (epoch seconds), which an earlier try may have started: the trigger's deadline counts
+    from then, so a retry does not restart it. None for a task started now (the deadline counts from the deferral)."""
+    created = task.get("CreationTime")
+    return created.timestamp() if created else None
+
+
 class FsxDataRepositoryTaskFailed(AirflowException):
     """The data repository task ended FAILED or CANCELED."""
 
@@ -66,8 +73,9 @@ class FsxDataRepositoryTaskOperator(BaseOperator):
     Start a data repository task on an FSx for Lustre file system and defer until it ends.
 
     Idempotent: tasks are tagged with a key of the task instance, so a retry
-    re-attaches to this task's FSx task that is still running, or returns the
-    one that already succeeded, instead of starting another.
+    re-attaches to this task's FSx task that is still running (the trigger's
+    deadline counts from when FSx created it), or returns the one that already
+    succeeded, instead of starting another.
 
     :param file_system_id: the FSx for Lustre file system
     :param repository_task_type: one of botocore's ``DataRepositoryTaskType`` values, e.g. ``EXPORT_TO_REPOSITORY``
@@ -114,7 +122,9 @@ class FsxDataRepositoryTaskOperator(BaseOperator):
         if task["Lifecycle"] == "SUCCEEDED":
             return task_outcome(task)
         self.defer(
-            trigger=FsxDataRepositoryTaskTrigger(task["TaskId"], self.aws_conn_id, self.poll_interval),
+            trigger=FsxDataRepositoryTaskTrigger(
+                task["TaskId"], self.aws_conn_id, self.poll_interval, started_at=created_at(task)
+            ),
             method_name="execute_complete",
         )
 

@@ -16,22 +16,21 @@ import json
 import logging
 import os
 import subprocess
-import tempfile
 import time
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from functools import cached_property
-from pathlib import Path
 from typing import Any, Literal
 
 from airflow.providers.amazon.aws.hooks.ec2 import EC2Hook
-from botocore.exceptions import ClientError
 from pydantic import Field, model_validator
 
 from dtp.costs import FSX_SMALLEST_GIB, FSX_STEP_GIB, checkpoint_footprint_bytes, fsx_storage_gib_for
 from dtp.hooks.stacks import StackHook
 from dtp.params import TrainParams
+from dtp.platforms import capacity_reservations
 from dtp.platforms.base import PlatformNotReady, PlatformSettings, stop_before_delete
 from dtp.platforms.containers import FSX_MOUNT, ngc_pytorch_image
+from dtp.platforms.pcluster_cli import WHERE_PCLUSTER_IS, PclusterCli
 from dtp.platforms.pyxis import pyxis_runtime
 from dtp.recipes import INCLUDE_DIR, Recipe, instance_types
 from dtp.templates import render
@@ -45,23 +44,11 @@ DELETE_TIMEOUT_S = 3600
 
 PROJECT_ROOT = INCLUDE_DIR.parent
 PCLUSTER_VENV = PROJECT_ROOT / ".venv-pcluster"
-WHERE_PCLUSTER_IS = (
-    "scripts/setup installs it (and Node.js, which it needs) on this machine, images/containers/airflow/Dockerfile "
-    "in DTP's Airflow image; Amazon MWAA cannot install it, so runs there use another platform"
-)
 VALIDATE_SCRIPT = INCLUDE_DIR / "parallelcluster" / "validate_config.py"
 CONFIG_DOCUMENT = "cluster-config.yaml"
 # A file system DTP sizes to the run holds its checkpoints at their most and a fifth more beside them: the dataset's
 # mirror, the logs and traces.
 FSX_ROOM_BESIDE_CHECKPOINTS = 1.2
-# What pcluster answers for a cluster that does not exist, and for a dry run that passed.
-NOT_FOUND = "does not exist"
-DRYRUN_PASSED = "Request would have succeeded, but DryRun flag is set."
-# States in which a capacity reservation may still become active (a Capacity Block before its start, a reservation
-# being paid for or assessed); in any other but ``active`` it never takes instances again (expired, cancelled, ...).
-RESERVATION_STATES_BEFORE_ACTIVE = frozenset({"scheduled", "pending", "payment-pending", "assessing", "delayed"})
-# The tag pcluster gives the instances of a cluster.
-CLUSTER_NAME_TAG = "parallelcluster:cluster-name"
 
 
 class ParallelClusterSettings(PlatformSettings):
@@ -101,120 +88,6 @@ class ParallelClusterSettings(PlatformSettings):
                 f"a multiple of {FSX_STEP_GIB} GiB"
             )
         return self
-
-
-class PclusterError(RuntimeError):
-    """The pcluster CLI refused a command; the message carries pcluster's own."""
-
-
-class ReservationUnavailable(RuntimeError):
-    """The capacity reservation of the settings cannot take the run's nodes now (too few of its instances available,
-    or it is not active yet); unlike ``PlatformNotReady``, this may pass, and deploy_cluster's retries try again."""
-
-
-class PclusterCli:
-    """
-    The pcluster CLI of ``.venv-pcluster`` with an AWS connection's region, credentials and endpoint.
-
-    Every command is an argv list (no shell) and pcluster answers in JSON on stdout, errors included.
-
-    :param executable: the pcluster executable
-    :param aws_conn_id: the AWS connection; its ``endpoint_url`` (the local emulator) is passed on
-    """
-
-    def __init__(self, executable: str, aws_conn_id: str = "aws_default") -> None:
-        self.executable = executable
-        self.aws_conn_id = aws_conn_id
-
-    @cached_property
-    def aws(self) -> Any:
-        from airflow.providers.amazon.aws.hooks.base_aws import AwsBaseHook
-
-        return AwsBaseHook(aws_conn_id=self.aws_conn_id, client_type="cloudformation")
-
-    @property
-    def region(self) -> str:
-        """The connection's region, else the environment's, else us-east-1 (read without making a client)."""
-        return (
-            self.aws.region_name or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
-        )
-
-    def environment(self) -> dict[str, str]:
-        """pcluster's environment: the connection's credentials, region and endpoint; no instance metadata."""
-        credentials = self.aws.get_credentials()
-        env = {
-            **os.environ,
-            "AWS_ACCESS_KEY_ID": credentials.access_key,
-            "AWS_SECRET_ACCESS_KEY": credentials.secret_key,
-            "AWS_REGION": self.region,
-            "AWS_DEFAULT_REGION": self.region,
-        }
-        if credentials.token:
-            env["AWS_SESSION_TOKEN"] = credentials.token
-        if endpoint := self.aws.conn_config.endpoint_url:
-            env["AWS_ENDPOINT_URL"] = endpoint
-            env["AWS_EC2_METADATA_DISABLED"] = "true"
-        return env
-
-    def command(self, action: str, *args: str) -> list[str]:
-        return [self.executable, action, *args, "--region", self.region]
-
-    def call(self, action: str, *args: str, timeout: float = 600) -> tuple[int, dict[str, Any]]:
-        """Run ``pcluster action args``: its exit status and JSON answer (pcluster answers errors in JSON too)."""
-        if not Path(self.executable).exists():
-            raise PlatformNotReady(f"pcluster CLI {self.executable} is missing: {WHERE_PCLUSTER_IS}")
-        argv = self.command(action, *args)
-        proc = subprocess.run(argv, capture_output=True, text=True, env=self.environment(), timeout=timeout)
-        try:
-            answer = json.loads(proc.stdout) if proc.stdout.strip() else {}
-        except json.JSONDecodeError:
-            answer = {"message": proc.stdout.strip()}
-        if not answer and proc.returncode != 0:
-            answer = {"message": proc.stderr.strip()[-2000:]}
-        return proc.returncode, dict(answer)
-
-    def run(self, action: str, *args: str, timeout: float = 600) -> dict[str, Any]:
-        """Run ``pcluster action args``; its JSON answer, or ``PclusterError`` with pcluster's message."""
-        returncode, answer = self.call(action, *args, timeout=timeout)
-        if returncode != 0:
-            raise PclusterError(f"pcluster {action} exited {returncode}: {json.dumps(answer)}")
-        return answer
-
-    def create_cluster(
-        self, name: str, config: str, *, dryrun: bool = False, suppress_validators: tuple[str, ...] = ()
-    ) -> dict[str, Any]:
-        """``pcluster create-cluster`` of the configuration text ``config``; with ``dryrun``, validate it with every
-        validator (AWS calls included) and create nothing."""
-        with tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix=f"{name}-") as file:
-            file.write(config)
-            file.flush()
-            args = ["--cluster-name", name, "--cluster-configuration", file.name, "--dryrun", str(dryrun).lower()]
-            if suppress_validators:
-                args += ["--suppress-validators", *(f"type:{v}" for v in suppress_validators)]
-            returncode, answer = self.call("create-cluster", *args)
-        # A dry run that passes still exits 1, with this message.
-        if returncode != 0 and not (dryrun and answer.get("message") == DRYRUN_PASSED):
-            raise PclusterError(f"pcluster create-cluster exited {returncode}: {json.dumps(answer)}")
-        return answer
-
-    def describe_cluster(self, name: str) -> dict[str, Any] | None:
-        """``pcluster describe-cluster``; None when no such cluster exists."""
-        try:
-            return self.run("describe-cluster", "--cluster-name", name, timeout=120)
-        except PclusterError as err:
-            if NOT_FOUND in str(err):
-                return None
-            raise
-
-    def delete_cluster(self, name: str) -> bool:
-        """``pcluster delete-cluster``; False when there was no such cluster."""
-        try:
-            self.run("delete-cluster", "--cluster-name", name, timeout=120)
-        except PclusterError as err:
-            if NOT_FOUND in str(err):
-                return False
-            raise
-        return True
 
 
 class ParallelClusterPlatform:
@@ -360,41 +233,11 @@ class ParallelClusterPlatform:
 
     def check_reservation(self, spec: dict[str, Any]) -> None:
         """Refuse to create the run's cluster where the settings' ``capacity_reservation_id`` cannot take its nodes
-        (concurrent runs, or a run's earlier incarnation, share it): ``ReservationUnavailable`` while it is not active
-        yet or has fewer instances available than the run's ``num_nodes`` (naming the clusters whose instances use it),
-        ``PlatformNotReady`` where it never will (expired, cancelled, too small, missing). One that ends before the
-        run's training time limit is logged: the run may finish before."""
-        reservation_id = self.settings.capacity_reservation_id
-        if not reservation_id:
-            return
-        field = f"connection {self.conn_id!r} extra: capacity_reservation_id"
-        ec2 = EC2Hook(aws_conn_id=self.aws_conn_id, api_type="client_type").conn
-        try:
-            found = ec2.describe_capacity_reservations(CapacityReservationIds=[reservation_id])["CapacityReservations"]
-        except ClientError as err:
-            if not err.response.get("Error", {}).get("Code", "").startswith("InvalidCapacityReservationId"):
-                raise
-            raise PlatformNotReady(f"{field}: {err}") from None
-        reservation = found[0]
-        zone, instance_type = reservation["AvailabilityZone"], reservation["InstanceType"]
-        what = f"capacity reservation {reservation_id} ({instance_type} in {zone})"
-        state, total, needed = reservation["State"], reservation["TotalInstanceCount"], spec["params"]["num_nodes"]
-        if state in RESERVATION_STATES_BEFORE_ACTIVE:
-            start = reservation.get("StartDate")
-            raise ReservationUnavailable(f"{what} is {state}" + (f", active from {start.isoformat()}" if start else ""))
-        if state != "active":
-            raise PlatformNotReady(f"{field}: {what} is {state}; name an active one")
-        if total < needed:
-            raise PlatformNotReady(f"{field}: {what} holds {total} instances; the run needs {needed}")
-        if (available := reservation["AvailableInstanceCount"]) < needed:
-            users = ", ".join(clusters_using_reservation(ec2, reservation_id)) or "none found running"
-            raise ReservationUnavailable(
-                f"{what} has {available} of its {total} instances available and the run needs {needed}; the clusters "
-                f"(or instances) using it: {users}"
-            )
-        limit = timedelta(minutes=spec["training_time_limit_minutes"])
-        if (end := reservation.get("EndDate")) and end < datetime.now(UTC) + limit:
-            log.warning("%s ends at %s, before the run's training time limit (%s from now)", what, end, limit)
+        now or ever (``dtp.platforms.capacity_reservations.check_reservation``)."""
+        if reservation_id := self.settings.capacity_reservation_id:
+            ec2 = EC2Hook(aws_conn_id=self.aws_conn_id, api_type="client_type").conn
+            field = f"connection {self.conn_id!r} extra: capacity_reservation_id"
+            capacity_reservations.check_reservation(ec2, reservation_id, field, spec)
 
     def ready_trigger(self, cluster: dict[str, Any]) -> ParallelClusterCreateTrigger:
         """Wait in the triggerer until ``create-cluster`` is done, at most an hour after the cluster was created; the
@@ -454,22 +297,6 @@ def head_node_address(described: dict[str, Any]) -> str:
     return str(head.get("publicIpAddress") or head.get("privateIpAddress") or "")
 
 
-def clusters_using_reservation(ec2: Any, reservation_id: str) -> list[str]:
-    """The clusters whose running (or starting) instances are in the capacity reservation, by pcluster's cluster name
-    tag (an instance without one by its id)."""
-    filters = [
-        {"Name": "capacity-reservation-id", "Values": [reservation_id]},
-        {"Name": "instance-state-name", "Values": ["pending", "running"]},
-    ]
-    users = set()
-    for page in ec2.get_paginator("describe_instances").paginate(Filters=filters):
-        for group in page["Reservations"]:
-            for instance in group["Instances"]:
-                tags = {tag["Key"]: tag["Value"] for tag in instance.get("Tags", [])}
-                users.add(tags.get(CLUSTER_NAME_TAG, instance["InstanceId"]))
-    return sorted(users)
-
-
 def deletion_failures(cluster_name: str, aws_conn_id: str) -> str:
     """Why a DELETE_FAILED cluster was not deleted: pcluster reports failures of a cluster's creation only, so the
     failed resources of its root stack (named after the cluster), read from CloudFormation."""
@@ -477,6 +304,8 @@ def deletion_failures(cluster_name: str, aws_conn_id: str) -> str:
 
 
 def failures(described: dict[str, Any]) -> str:
-    """pcluster's failure codes and reasons for a cluster, or the whole description when it gives none."""
+    """pcluster's failure codes and reasons for a cluster, or when it gives none its description less its
+    ``clusterConfiguration``: a presigned S3 URL, which carries a session token."""
     failures = described.get("failures") or []
-    return "; ".join(f"{f.get('failureCode')}: {f.get('failureReason')}" for f in failures) or json.dumps(described)
+    status = {key: value for key, value in described.items() if key != "clusterConfiguration"}
+    return "; ".join(f"{f.get('failureCode')}: {f.get('failureReason')}" for f in failures) or json.dumps(status)
