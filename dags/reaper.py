@@ -13,8 +13,11 @@ the training worker mounts (where EKS and Batch runs keep their run
 directories); an AMI that SSM
 ``/dtp/amis/*`` still publishes is kept, and so is everything of a DAG run
 still queued or running here (a task cleared after its run's expiry recreates
-what it needs with that expiry). A kind of AWS resource that cannot be looked
-for fails its pair once the others are deleted. Trigger it with ``dry_run`` to see what it would delete.
+what it needs with that expiry), and for a day past its expiry what another
+Airflow installation's run made in the account (``dtp:installation``): this one
+cannot ask that installation whether the run still goes. A kind of AWS resource
+that cannot be looked for fails its pair once the others are deleted. Trigger it
+with ``dry_run`` to see what it would delete.
 """
 
 from __future__ import annotations
@@ -35,10 +38,11 @@ SLURM_CONN_ID = "slurm_default"
 def find_expired_in_aws() -> dict[str, Any]:
     from dataclasses import asdict
 
+    from dtp.naming import installation_id
     from dtp.reaper.active_runs import run_is_active
     from dtp.reaper.aws import find_expired_in_aws
 
-    findings = find_expired_in_aws(AWS_CONN_ID, active=run_is_active)
+    findings = find_expired_in_aws(AWS_CONN_ID, active=run_is_active, installation=installation_id())
     return {"found": [asdict(item) for item in findings.found], "unsearched": findings.unsearched}
 
 

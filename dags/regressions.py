@@ -1,4 +1,4 @@
-"""regression__<recipe>: one scheduled end-to-end regression Airflow DAG per recipe with a ``schedule``.
+"""regression__<recipe>: one end-to-end regression Airflow DAG per recipe, on its ``schedule`` or on demand.
 
 Generated from include/recipes/*.yaml by dtp.pipeline.factory (reads YAML only).
 """

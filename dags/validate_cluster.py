@@ -28,5 +28,5 @@ with DAG(
     params=airflow_params(model=ValidateParams),
     tags=["dtp", "validation"],
     default_args={"owner": "dtp", "retries": 2, "retry_delay": timedelta(seconds=10)},
-):
-    validation_pipeline()
+) as dag:
+    validation_pipeline(dag)

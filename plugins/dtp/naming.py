@@ -32,6 +32,9 @@ PREFIX = "dtp"
 OWNER = "dtp"
 TAG_PREFIX = "dtp:"
 EXPIRES_TAG = f"{TAG_PREFIX}expires-at"  # when the reaper may delete a resource (UTC, ISO 8601)
+# The installation whose run made a resource: another installation's reaper in the same account leaves it alone
+# for a while past its expiry, as it cannot ask this installation whether the run still goes.
+INSTALLATION_TAG = f"{TAG_PREFIX}installation"
 _EXPIRY_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
 _SAFE = re.compile(r"[^a-z0-9]+")
 _TAG_UNSAFE = re.compile(r"[^\w +\-=.:/@]", re.ASCII)
@@ -127,8 +130,9 @@ def tag_value(text: str) -> str:
 
 
 def resource_tags(names: RunNames, recipe: str, expires_at: str) -> dict[str, str]:
-    """The tags every resource of a run carries (owner, dag, run, recipe, expiry)."""
-    return {
+    """The tags every resource of a run carries (owner, dag, run, recipe, expiry, and the installation where the
+    names have one: those of a run always do)."""
+    tags = {
         f"{TAG_PREFIX}owner": OWNER,
         f"{TAG_PREFIX}dag": names.dag_id,
         f"{TAG_PREFIX}run": names.run_key,
@@ -136,6 +140,7 @@ def resource_tags(names: RunNames, recipe: str, expires_at: str) -> dict[str, st
         f"{TAG_PREFIX}recipe": recipe,
         EXPIRES_TAG: expires_at,
     }
+    return tags | ({INSTALLATION_TAG: tag_value(names.installation)} if names.installation else {})
 
 
 SLURM_EXPIRY_PREFIX = f"{EXPIRES_TAG}="

@@ -8,13 +8,22 @@ import os
 import re
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
+from typing import cast
 
 import pytest
 from airflow.dag_processing.dagbag import DagBag
+from airflow.models.dagrun import DagRun
+from airflow.models.taskinstance import TaskInstance
+from airflow.sdk.exceptions import AirflowFailException
+from airflow.task.priority_strategy import validate_and_load_priority_weight_strategy
 from airflow.utils.file import find_path_from_directory
+from airflow.utils.state import State
 
 from dtp.params import TrainParams
+from dtp.pipeline.teardowns import judge_run
 
 DAGS_DIR = Path(__file__).resolve().parents[2] / "dags"
 HEAVY_MODULES = {"torch", "pandas", "matplotlib", "boto3", "botocore", "numpy", "requests"}
@@ -131,7 +140,7 @@ def test_a_cleared_task_rebuilds_everything_its_teardowns_deleted(dagbag: DagBag
 @pytest.mark.parametrize("task_id", ["evaluate_gates", "report"])
 def test_judging_or_reporting_again_rebuilds_nothing(dagbag: DagBag, task_id: str) -> None:
     dag = dagbag.dags["train_e2e"]
-    assert _cleared_with(dag, task_id) <= {task_id, "report", "watcher"}
+    assert _cleared_with(dag, task_id) <= {task_id, "report", "watcher", "judge_run"}
 
 
 def test_the_checkpoint_is_saved_after_training_however_it_ended_and_before_the_cluster_goes(dagbag: DagBag) -> None:
@@ -160,7 +169,107 @@ def test_watcher_fails_the_run_when_any_task_fails(dagbag: DagBag) -> None:
     assert watcher.trigger_rule == "one_failed"
     # A branch would skip the watcher; a failed pick reaches it as its job's upstream_failed.
     picks = {t.task_id for t in dag.tasks if t.task_id.endswith("_scheduler")}
-    assert picks and watcher.upstream_task_ids == {t.task_id for t in dag.tasks if not t.is_setup} - {"watcher"} - picks
+    judged = {t.task_id for t in dag.tasks if not t.is_setup} - {"watcher", "judge_run"} - picks
+    assert picks and watcher.upstream_task_ids == judged
+
+
+def _dags_with_teardowns(dagbag: DagBag) -> list[str]:
+    return sorted(dag_id for dag_id, dag in dagbag.dags.items() if any(t.is_teardown for t in dag.tasks))
+
+
+@dataclass(frozen=True)
+class _Ended:
+    """A task instance as DagRun.update_state reads it."""
+
+    task_id: str
+    state: str
+
+
+def _judged_by(dag, states: dict[str, str]) -> set[_Ended]:
+    """The task instances Airflow judges a run of ``dag`` by once its tasks ended in ``states``
+    (``DagRun.update_state``: the leaves, less the teardowns without on_failure_fail_dagrun)."""
+    return DagRun()._tis_for_dagrun_state(dag=dag, tis=[_Ended(*item) for item in states.items()])
+
+
+def _run_state(dag, states: dict[str, str]) -> str:
+    """The state Airflow gives a run of ``dag`` whose tasks ended in ``states``: failed when one it judges the run by
+    failed, else success."""
+    return "failed" if any(ti.state in State.failed_states for ti in _judged_by(dag, states)) else "success"
+
+
+def _marked_failed_while(dag, running: str) -> dict[str, str]:
+    """How the tasks of ``dag`` end when its run is marked failed while ``running`` runs (mark_tasks'
+    _set_dag_run_terminal_state): the running task fails, those after it are skipped but for the teardowns, which
+    run (those of a setup that had succeeded; skipped where none had), judge_run last, on the states of the others."""
+    before = dag.get_task(running).get_flat_relative_ids(upstream=True)
+    states = {t.task_id: "success" if t.task_id in before else "skipped" for t in dag.tasks if not t.is_teardown}
+    states[running] = "failed"
+    for teardown in (t for t in dag.tasks if t.is_teardown and t.task_id != "judge_run"):
+        setups = [u.task_id for u in teardown.upstream_list if u.is_setup]
+        states[teardown.task_id] = "success" if any(states[s] == "success" for s in setups) else "skipped"
+
+    class RunningJudge:
+        dag_id, task_id, run_id = dag.dag_id, "judge_run", "manual__1"
+
+        def get_task_states(self, *, dag_id: str, task_ids: list[str], run_ids: list[str]) -> dict:
+            return {self.run_id: {task_id: states[task_id] for task_id in task_ids}}
+
+    try:
+        judge_run.function(ti=RunningJudge(), dag=dag)
+        states["judge_run"] = "success"
+    except AirflowFailException:
+        states["judge_run"] = "failed"
+    return states
+
+
+def test_every_dag_with_teardowns_is_judged_by_a_teardown_that_fails_the_run(dagbag: DagBag) -> None:
+    # Marking a run failed skips every task yet to run but the teardowns: only a teardown can judge it then.
+    for dag_id in _dags_with_teardowns(dagbag):
+        dag = dagbag.dags[dag_id]
+        judges = {dag.get_task(ti.task_id) for ti in _judged_by(dag, dict.fromkeys(dag.task_ids, "success"))}
+        assert any(t.is_teardown and t.on_failure_fail_dagrun for t in judges), dag_id
+
+
+@pytest.mark.parametrize(
+    "dag_id, running",
+    [
+        ("train_e2e", "validate_params"),
+        ("train_e2e", "deploy_network.wait_for_stack"),
+        ("train_e2e", "train.run_job"),
+        ("regression__tiny", "train.run_job"),
+        ("validate_cluster", "run_checks"),
+    ],
+)
+def test_a_run_marked_failed_ends_failed(dagbag: DagBag, dag_id: str, running: str) -> None:
+    dag = dagbag.dags[dag_id]
+    assert _run_state(dag, _marked_failed_while(dag, running)) == "failed"
+
+
+def test_a_run_whose_tasks_succeeded_ends_successful(dagbag: DagBag) -> None:
+    dag = dagbag.dags["train_e2e"]
+    # The jobs ran on Slurm (the other schedulers' tasks were skipped); no task failed, so the watcher was skipped.
+    skipped = {t.task_id for t in dag.tasks if t.task_id.endswith(("_on_eks", "_on_batch"))} | {"watcher"}
+    states = {t.task_id: "skipped" if t.task_id in skipped else "success" for t in dag.tasks}
+    assert _run_state(dag, states) == "success"
+
+
+def test_teardowns_go_first_in_the_queue(dagbag: DagBag) -> None:
+    # Slots are few (core.parallelism): a teardown waiting behind other runs' tasks keeps a cluster up. Airflow
+    # orders the tasks it queues by their weight, from the task's weight rule.
+    def weight(task) -> int:
+        as_scheduled = cast("TaskInstance", SimpleNamespace(task=task))  # all a weight rule reads of a task instance
+        return validate_and_load_priority_weight_strategy(task.weight_rule).get_weight(as_scheduled)
+
+    teardowns: list[tuple[int, str, str]] = []
+    others: list[tuple[int, str, str]] = []
+    for dag_id in sorted(dagbag.dags):
+        for t in dagbag.dags[dag_id].tasks:
+            (teardowns if t.is_teardown else others).append((weight(t), dag_id, t.task_id))
+    assert {dag_id for _, dag_id, _ in teardowns} == set(_dags_with_teardowns(dagbag))
+    assert min(teardowns) > max(others), (min(teardowns), max(others))
+    train_e2e = {task_id: w for w, dag_id, task_id in others if dag_id == "train_e2e"}
+    # The others keep the downstream rule's order: a run's first tasks before the last ones.
+    assert train_e2e["validate_params"] > train_e2e["deploy_cluster"] > train_e2e["train.run_job"] > train_e2e["report"]
 
 
 def test_train_e2e_form(dagbag: DagBag) -> None:
@@ -214,20 +323,21 @@ def test_airflow_runs_only_the_plugin_module_of_the_plugins_folder() -> None:
     assert sorted(Path(f).relative_to(plugins).as_posix() for f in found if f.endswith(".py")) == ["dtp_plugin.py"]
 
 
-def test_one_regression_dag_per_scheduled_recipe(dagbag: DagBag) -> None:
+def test_one_regression_dag_per_recipe(dagbag: DagBag) -> None:
     from dtp.recipes import catalogue
 
-    scheduled = {name: r for name, r in catalogue().items() if r.schedule}
-    assert scheduled, "at least one recipe is scheduled"
+    recipes = catalogue()
+    assert any(r.schedule for r in recipes.values()), "at least one recipe is scheduled"
     generated = {d.removeprefix("regression__") for d in dagbag.dags if d.startswith("regression__")}
-    assert generated == set(scheduled)
-    for name, recipe in scheduled.items():
+    assert generated == set(recipes)  # a recipe without a schedule: its DAG runs on demand (scripts/backfill)
+    for name, recipe in recipes.items():
         dag = dagbag.dags[f"regression__{name}"]
         assert dag.params.get_param("recipe").schema["enum"] == [name]
         assert dag.params["num_nodes"] == recipe.defaults.num_nodes
         assert dag.params["max_steps"] == recipe.defaults.max_steps
+        assert dag.schedule == recipe.schedule
         assert not dag.catchup and dag.max_active_runs == 1
-        assert "watcher" in dag.task_ids
+        assert {"watcher", "wait_for_other_runs"} <= set(dag.task_ids)
 
 
 def test_a_broken_recipe_costs_only_its_own_dag(tmp_path, monkeypatch) -> None:

@@ -32,7 +32,7 @@ def no_run_active(dag_id: str, run_id: str) -> bool:
 
 def in_aws(active: Callable[[str, str], bool] = no_run_active) -> list[Expired]:
     """What ``find_expired_in_aws`` finds, every kind looked for."""
-    findings = find_expired_in_aws(AWS, active=active)
+    findings = find_expired_in_aws(AWS, active=active, installation="")
     assert findings.unsearched == {}
     return findings.found
 

@@ -168,7 +168,8 @@ def test_validate_params_refuses_the_run_before_anything_exists(ssm, monkeypatch
     extra = {"execution_role_arn": "arn:aws:iam::111122223333:role/hp", "lifecycle_bucket": "sagemaker-dtp-lc"}
     monkeypatch.setenv("AIRFLOW_CONN_DTP_HYPERPOD", json.dumps({"conn_type": "generic", "extra": extra}))
     conf = {"platform": "hyperpod", "recipe": "llama3_1_8b_nemo", "instance_type": "p5.48xlarge", "budget_usd": 2000.0}
-    run = SimpleNamespace(dag_id="train_e2e", run_id="manual__1", conf=conf, clear_number=0)
+    run = SimpleNamespace(dag_id="train_e2e", run_id="manual__1", conf=conf, clear_number=0, logical_date=None,
+                          run_type=SimpleNamespace(value="manual"))  # fmt: skip
     with pytest.raises(AirflowFailException) as refused:
         validate_params.function(params={}, dag_run=run)
     assert str(refused.value) == (

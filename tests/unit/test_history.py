@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -152,3 +154,34 @@ def test_a_run_whose_every_loss_is_nan_is_judged_diverged_and_still_reported(s3,
     report = results.publish_report(spec, metrics, None, {}, "aws_default")
     bucket, key = report["uri"].removeprefix("s3://").split("/", 1)
     assert "training diverged" in s3.read_key(key, bucket)
+
+
+def test_a_backfilled_runs_entry_says_its_date_type_and_incarnation(
+    s3, tmp_path, monkeypatch: pytest.MonkeyPatch, installation: str
+) -> None:
+    # validate_params puts them in the spec from the DAG run (here a backfill's, cleared once) ...
+    from airflow.sdk.api.datamodels._generated import DagRunType
+
+    from dtp.images import container
+    from dtp.pipeline import graph
+
+    monkeypatch.setattr(graph, "build_spec", lambda params, conf, names: run_spec_of(names.run_id))
+    monkeypatch.setattr(graph.checkpoints, "resume_source", lambda spec, conn_id: None)
+    monkeypatch.setattr(graph.data, "dataset_problem", lambda spec, conn_id: None)
+    monkeypatch.setattr(container, "framework_image_problem", lambda spec, conn_id: None)
+    run_id, logical_date = "backfill__2026-11-20T00:00:00+00:00", datetime(2026, 11, 20, tzinfo=UTC)
+    run = SimpleNamespace(
+        dag_id="regression__tiny",
+        run_id=run_id,
+        conf={},
+        clear_number=1,
+        logical_date=logical_date,
+        run_type=DagRunType.BACKFILL,
+    )
+    spec = graph.validate_params.function(params={}, dag_run=run)
+    # ... and the history records them with the run's metrics.
+    collect(tmp_path, spec, 400000.0)
+    [entry] = entries(s3)
+    assert (entry["run_id"], entry["logical_date"]) == (run_id, "2026-11-20T00:00:00+00:00")
+    assert (entry["run_type"], entry["incarnation"]) == ("backfill", 1)
+    assert json.loads(json.dumps(spec)) == spec  # what the XCom and the history store take

@@ -181,6 +181,17 @@ def test_resource_tags() -> None:
     assert tags_dict(aws_tags(tags)) == tags
 
 
+def test_resource_tags_name_the_installation_of_the_run() -> None:
+    # Another installation's reaper in the same account tells them from its own runs' by it.
+    names = RunNames("train_e2e", "scheduled__2026-01-01T00:00:00+00:00", installation="0a1b2c3d")
+    tags = resource_tags(names, "tiny", "2026-01-02T00:00:00Z")
+    assert tags["dtp:installation"] == "0a1b2c3d"
+    assert tags == resource_tags(RunNames(names.dag_id, names.run_id), "tiny", "2026-01-02T00:00:00Z") | {
+        "dtp:installation": "0a1b2c3d",
+        "dtp:run": names.run_key,
+    }
+
+
 def test_parse_expiry_reads_what_expiry_writes() -> None:
     now = datetime(2026, 1, 1, 23, 30, tzinfo=UTC)
     assert parse_expiry(expiry(1, now)) == now + timedelta(hours=1)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+from datetime import timedelta
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -15,9 +16,9 @@ from airflow.sdk.exceptions import AirflowRuntimeError, ErrorType
 from airflow.sdk.execution_time.comms import ErrorResponse
 from airflow.sdk.execution_time.task_runner import RuntimeTaskInstance
 
-from dtp.naming import parse_slurm_comment
+from dtp.naming import expiry, parse_expiry, parse_slurm_comment
 from dtp.pipeline import jobs
-from dtp.reaper.active_runs import run_is_active, spare_active_runs
+from dtp.reaper.active_runs import run_is_active, spare_active_runs, spare_other_installations
 from dtp.reaper.cluster import find_expired_on_worker_mount
 from dtp.reaper.expired import Expired
 
@@ -43,6 +44,22 @@ def test_one_resource_naming_a_running_run_keeps_all_of_that_runs_resources(capl
         f"keeping vpc vpc-1 of run dtp-a: expired {EXPIRED} but its run {LIVE_RUN} of train_e2e is still running"
         in (caplog.text)
     )
+
+
+def test_another_installations_run_keeps_all_its_resources_for_a_day_past_their_expiry(caplog) -> None:
+    now = parse_expiry(EXPIRED) + timedelta(hours=23)
+    long_gone = expiry(-25, now)
+    found = [
+        Expired("stack", "dtp-a-network", "dtp-a", EXPIRED, "train_e2e", LIVE_RUN, "other"),
+        Expired("vpc", "vpc-1", "dtp-a", long_gone, installation="other"),  # its run's other resource keeps it too
+        Expired("stack", "dtp-b-network", "dtp-b", long_gone, "train_e2e", DONE_RUN, "other"),
+        Expired("stack", "dtp-c-network", "dtp-c", EXPIRED, "train_e2e", DONE_RUN, "this"),
+        Expired("stack", "dtp-d-network", "dtp-d", EXPIRED),  # made before resources named their installation
+    ]
+    with caplog.at_level(logging.INFO, logger="dtp.reaper.active_runs"):
+        kept = spare_other_installations(found, "this", now)
+    assert [item.name for item in kept] == ["dtp-b-network", "dtp-c-network", "dtp-d-network"]
+    assert f"keeping vpc vpc-1 of run dtp-a: installation other's, expired {long_gone}; reaped 1 day" in caplog.text
 
 
 def test_a_run_directory_of_a_running_run_stays_on_the_worker_mount(monkeypatch, tmp_path: Path) -> None:

@@ -36,6 +36,7 @@ NETWORK = f"{RUN_KEY}-network"
 ARN = "arn:aws:cloudformation:us-east-1:123456789012:stack/{}/11111111-2222-3333-4444-555555555555"
 CLUSTER_ID, NETWORK_ID = ARN.format(CLUSTER), ARN.format(NETWORK)
 CREATED = datetime(2026, 12, 5, tzinfo=UTC)
+INSTALLATION, OTHER_INSTALLATION = "0a1b2c3d", "4e5f6a7b"
 
 
 def no_run_active(dag_id: str, run_id: str) -> bool:
@@ -96,8 +97,28 @@ def test_a_parallelcluster_cluster_is_its_root_stack_and_its_nested_stacks_are_n
     ]
     cloudformation.add_response("describe_stacks", {"Stacks": stacks}, {})
     with mock_aws():
-        found = find_expired_in_aws(AWS, NOW, active=no_run_active).found
+        found = find_expired_in_aws(AWS, NOW, active=no_run_active, installation=INSTALLATION).found
     assert found == [Expired("stack", NETWORK, RUN_KEY, EXPIRED), Expired("parallelcluster", CLUSTER, RUN_KEY, EXPIRED)]
+
+
+def test_another_installations_stacks_are_left_to_it_for_a_day_past_their_expiry(cloudformation) -> None:
+    # Its reaper asks its own Airflow whether their run still goes; this one's knows no such run.
+    def network(run_key: str, expires_at: str, installation: str) -> dict[str, Any]:
+        tags = _tags(run_key, expires_at) | {"dtp:installation": installation}
+        return _stack(f"{run_key}-network", "CREATE_COMPLETE", tags)
+
+    stacks = [
+        network("dtp-recent", EXPIRED, OTHER_INSTALLATION),  # expired an hour ago: kept
+        network("dtp-long-gone", "2026-12-04T11:00:00Z", OTHER_INSTALLATION),  # 25 hours ago: reaped
+        network("dtp-own", EXPIRED, INSTALLATION),  # this installation's, expired an hour ago: reaped, as before
+    ]
+    cloudformation.add_response("describe_stacks", {"Stacks": stacks}, {})
+    with mock_aws():
+        found = find_expired_in_aws(AWS, NOW, active=no_run_active, installation=INSTALLATION).found
+    assert [(f.name, f.installation) for f in found] == [
+        ("dtp-long-gone-network", OTHER_INSTALLATION),
+        ("dtp-own-network", INSTALLATION),
+    ]
 
 
 def test_a_pcluster_build_image_stack_is_no_cluster(cloudformation) -> None:
@@ -105,7 +126,9 @@ def test_a_pcluster_build_image_stack_is_no_cluster(cloudformation) -> None:
     tags = {**_tags(RUN_KEY, EXPIRED, cluster=True), "parallelcluster:image_id": "dtp-image"}
     cloudformation.add_response("describe_stacks", {"Stacks": [_stack("dtp-image", "CREATE_COMPLETE", tags)]}, {})
     with mock_aws():
-        assert [f.kind for f in find_expired_in_aws(AWS, NOW, active=no_run_active).found] == ["stack"]
+        assert [
+            f.kind for f in find_expired_in_aws(AWS, NOW, active=no_run_active, installation=INSTALLATION).found
+        ] == ["stack"]
 
 
 @pytest.fixture
@@ -188,7 +211,7 @@ def test_the_stacks_of_a_run_still_running_are_kept_whatever_their_expiry(cloudf
         return run_id == live.run_id
 
     with mock_aws():
-        findings = find_expired_in_aws(AWS, NOW, active=active)
+        findings = find_expired_in_aws(AWS, NOW, active=active, installation=INSTALLATION)
     assert [(f.kind, f.name, f.run_id) for f in findings.found] == [("stack", done.network_stack, done.run_id)]
     assert sorted(asked) == sorted([("train_e2e", live.run_id), ("train_e2e", done.run_id)])  # once per run
     assert findings.unsearched == {}
@@ -205,7 +228,7 @@ def test_a_kind_that_cannot_be_looked_for_stops_no_other_kind_and_fails_the_reap
         "describe_stacks", {"Stacks": [_stack(NETWORK, "CREATE_COMPLETE", _tags(RUN_KEY, EXPIRED))]}, {}
     )
     with mock_aws():
-        findings = find_expired_in_aws(AWS, NOW, active=no_run_active)
+        findings = find_expired_in_aws(AWS, NOW, active=no_run_active, installation=INSTALLATION)
     assert findings.found == [Expired("stack", NETWORK, RUN_KEY, EXPIRED)]
     assert list(findings.unsearched) == ["ami"]
     with pytest.raises(ReapIncomplete, match=r"deleted 1 of 1 .*\nami: ClientError: .*Rate exceeded"):

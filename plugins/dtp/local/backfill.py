@@ -1,19 +1,28 @@
 """``scripts/backfill``: backfill the regression DAGs of several model sizes over a date range.
 
-    scripts/backfill --sizes tiny tiny_deep --from 2026-11-20 --to 2026-11-21 --conf '{"max_steps": 100}'
+    scripts/backfill --sizes tiny llama3_2_1b --from 2026-11-20 --to 2026-11-21 --conf '{"max_steps": 100}'
 
-Creates one Airflow backfill per ``regression__<size>`` DAG through the REST
-API (Airflow 3 allows one active backfill per DAG: a DAG that already has one
-is reported and left alone), prints progress until every backfill run ended,
-and exits non-zero when any run it queued (created, or cleared to run again)
-failed: the runs an earlier backfill made of the same dates and this one left
-alone do not count. The DAGs are unpaused, since a paused
-DAG's backfill runs stay queued; unpausing also lets the schedule create its
-next run.
+For a size whose ``regression__<size>`` DAG has a schedule, creates one Airflow
+backfill through the REST API, one run at a time (Airflow 3 allows one active
+backfill per DAG: a DAG that already has one is reported and left alone). A DAG
+without a schedule, which Airflow refuses to backfill, gets one run per date
+triggered through the REST API with that date as its logical date, run ids
+``backfill_triggered__<time>__<date>`` and a note naming this command; its
+``max_active_runs`` runs them one at a time. Dates that already have a run are
+kept or run again as ``--reprocess`` says, as Airflow's backfill does (a DAG
+without a schedule: the run is deleted and triggered anew with the conf). The
+command prints progress until every run it queued ended, and exits non-zero
+when any of them (created, or cleared to run again) failed: runs of the same
+dates that it left alone do not count. The DAGs are unpaused, since a paused
+DAG's runs stay queued; unpausing also lets a schedule create its next run,
+which waits for the backfill's running run, and they for it (the DAGs'
+``wait_for_other_runs``).
 
 Every input is checked before the first request: each size must be a recipe
 with a regression DAG, the dates ISO dates in order and not in the future, and
-the conf a JSON object that the DAG's form and ``validate_params`` accept.
+the conf a JSON object that the DAG's form and ``validate_params`` accept. Then
+every size's runs are worked out (Airflow's backfill dry run, or the runs of
+the dates) before the first backfill is created or run triggered.
 """
 
 from __future__ import annotations
@@ -23,16 +32,23 @@ import copy
 import json
 import sys
 import time
+import urllib.parse
 from collections import Counter
-from datetime import UTC, date, datetime
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 from airflow.sdk import DAG
+from airflow.serialization.encoders import coerce_to_core_timetable
 
-from dtp.local.api import AirflowApi
+from dtp.local.api import TERMINAL_RUN_STATES, AirflowApi
 from dtp.local.config import StackConfig
 from dtp.params import validate_params
 from dtp.pipeline.factory import DAG_PREFIX, regression_dags
+
+# Run ids of the runs triggered for a DAG without a schedule: the prefix, the command's start time, the date.
+TRIGGERED_RUN_PREFIX = "backfill_triggered__"
 
 
 def size_dags(sizes: list[str]) -> dict[str, DAG]:
@@ -41,8 +57,7 @@ def size_dags(sizes: list[str]) -> dict[str, DAG]:
     unknown = [size for size in sizes if size not in known]
     if unknown:
         raise ValueError(
-            f"--sizes: no regression DAG for {', '.join(map(repr, unknown))}; "
-            f"known sizes (recipes with a schedule): {', '.join(sorted(known))}"
+            f"--sizes: no regression DAG for {', '.join(map(repr, unknown))}; known sizes: {', '.join(sorted(known))}"
         )
     return {size: known[size] for size in sizes}
 
@@ -80,36 +95,15 @@ def run_conf(text: str, dags: dict[str, DAG]) -> dict[str, Any]:
     return conf
 
 
-def start_backfills(
-    api: AirflowApi, sizes: list[str], start: str, end: str, conf: dict[str, Any], reprocess: str = "failed"
-) -> dict[str, int]:
-    """Create one backfill per size's DAG, once every DAG is parsed; the ids of those created, by DAG."""
-    dag_ids = [f"{DAG_PREFIX}{size}" for size in sizes]
-    for dag_id in dag_ids:
-        api.wait_for_dag(dag_id)
-    started = {}
-    for dag_id in dag_ids:
-        status, body = api.request(
-            "POST",
-            "/api/v2/backfills",
-            {
-                "dag_id": dag_id,
-                "from_date": f"{start}T00:00:00Z",
-                "to_date": f"{end}T00:00:00Z",
-                "dag_run_conf": conf,
-                "reprocess_behavior": reprocess,
-                "max_active_runs": 1,
-            },
-        )
-        if status == 409:
-            print(f"{dag_id}: a backfill is already active ({body.get('detail')}); left alone", flush=True)
-            continue
-        if status != 200:
-            raise ValueError(f"{dag_id}: backfill refused: HTTP {status} {body.get('detail', body)}")
-        api.request("PATCH", f"/api/v2/dags/{dag_id}", {"is_paused": False})
-        started[dag_id] = body["id"]
-        print(f"{dag_id}: backfill {body['id']} from {start} to {end}", flush=True)
-    return started
+def first_moment(day: str) -> str:
+    """The first moment of ``day`` (YYYY-MM-DD), as the REST API takes it."""
+    return f"{day}T00:00:00Z"
+
+
+def last_moment(day: str) -> str:
+    """The last moment of ``day``: Airflow backfills the logical dates up to and including ``to_date``, and a
+    schedule's run of that day may come at any time of it."""
+    return f"{day}T23:59:59.999999Z"
 
 
 # Runs per page of the dagRuns listing: the API's default maximum_page_limit.
@@ -120,41 +114,191 @@ def _time(text: str) -> datetime:
     return datetime.fromisoformat(text.replace("Z", "+00:00"))
 
 
-def backfill_runs(api: AirflowApi, dag_id: str, start: str, end: str, since: str) -> list[dict[str, Any]]:
-    """The backfill runs of ``dag_id`` between the dates that were queued at or after ``since`` (the backfill's
-    ``created_at``): those the backfill created or cleared, not an earlier backfill's runs of the same dates that
-    it left alone. Every page of them."""
-    query = (
-        f"run_type=backfill&logical_date_gte={start}T00:00:00Z&logical_date_lte={end}T00:00:00Z"
-        f"&order_by=id&limit={PAGE_SIZE}"
-    )
+def list_runs(api: AirflowApi, dag_id: str, start: str, end: str, run_type: str | None = None) -> list[dict[str, Any]]:
+    """Every run of ``dag_id`` (of ``run_type`` when given) whose logical date is on a day from ``start`` to
+    ``end``, page by page."""
+    filters = {"logical_date_gte": first_moment(start), "logical_date_lte": last_moment(end)}
+    query = urllib.parse.urlencode(filters | ({"run_type": run_type} if run_type else {}) | {"order_by": "id"})
     runs: list[dict[str, Any]] = []
     while True:
-        status, body = api.request("GET", f"/api/v2/dags/{dag_id}/dagRuns?{query}&offset={len(runs)}")
+        path = f"/api/v2/dags/{dag_id}/dagRuns?{query}&limit={PAGE_SIZE}&offset={len(runs)}"
+        status, body = api.request("GET", path)
         if status != 200:
-            raise RuntimeError(f"{dag_id}: listing its backfill runs failed: HTTP {status} {body.get('detail', body)}")
+            raise RuntimeError(f"{dag_id}: listing its runs failed: HTTP {status} {body.get('detail', body)}")
         page, total = body["dag_runs"], body.get("total_entries")
         runs += page
         # A server whose maximum_page_limit is lower answers shorter pages: the total says when all were read.
         if not page or (len(page) < PAGE_SIZE and total is None) or (total is not None and len(runs) >= total):
-            break
+            return runs
+
+
+def backfill_runs(api: AirflowApi, dag_id: str, start: str, end: str, since: str) -> list[dict[str, Any]]:
+    """The backfill runs of ``dag_id`` between the dates that were queued at or after ``since`` (the backfill's
+    ``created_at``): those the backfill created or cleared, not an earlier backfill's runs of the same dates that
+    it left alone. Every page of them."""
     created = _time(since)
+    runs = list_runs(api, dag_id, start, end, run_type="backfill")
     return [r for r in runs if r.get("queued_at") and _time(r["queued_at"]) >= created]
 
 
-def follow(api: AirflowApi, started: dict[str, int], start: str, end: str, timeout: float = 3600) -> dict[str, Counter]:
-    """Print the states of each backfill's runs as they change until every backfill completed and its runs ended;
-    the last states, by DAG."""
-    backfills = {dag_id: api.request("GET", f"/api/v2/backfills/{bid}")[1] for dag_id, bid in started.items()}
+@dataclass(frozen=True)
+class Backfill:
+    """The Airflow backfill of a DAG with a schedule: its runs are the backfill runs of the dates queued since it
+    was created."""
+
+    dag_id: str
+    id: int
+    created_at: str
+
+    def runs(self, api: AirflowApi, start: str, end: str) -> list[dict[str, Any]]:
+        return backfill_runs(api, self.dag_id, start, end, self.created_at)
+
+    def completed(self, api: AirflowApi) -> bool:
+        """Whether Airflow marked the backfill completed (all its runs ended)."""
+        return bool(api.request("GET", f"/api/v2/backfills/{self.id}")[1].get("completed_at"))
+
+
+@dataclass(frozen=True)
+class TriggeredRuns:
+    """The runs triggered for a DAG without a schedule, one per date, by their run ids."""
+
+    dag_id: str
+    run_ids: frozenset[str]
+
+    def runs(self, api: AirflowApi, start: str, end: str) -> list[dict[str, Any]]:
+        return [r for r in list_runs(api, self.dag_id, start, end, "manual") if r["dag_run_id"] in self.run_ids]
+
+    def completed(self, api: AirflowApi) -> bool:
+        """Always: the states of its runs say when they ended."""
+        return True
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What backfilling one DAG takes, worked out before anything is created: an Airflow backfill of ``dates``
+    (``replaced`` is empty), or, for a DAG without a schedule, a run to trigger for each of ``dates`` after the
+    runs ``replaced`` (dates run again) are deleted."""
+
+    dag_id: str
+    scheduled: bool
+    dates: tuple[str, ...]
+    replaced: tuple[str, ...] = ()
+
+
+def _backfill_body(dag_id: str, start: str, end: str, conf: dict[str, Any], reprocess: str) -> dict[str, Any]:
+    # max_active_runs: Airflow holds a backfill's runs to the backfill's own limit (10 by default), not the DAG's.
+    return {
+        "dag_id": dag_id,
+        "from_date": first_moment(start),
+        "to_date": last_moment(end),
+        "dag_run_conf": conf,
+        "reprocess_behavior": reprocess,
+        "max_active_runs": 1,
+    }
+
+
+def _rerun(run: dict[str, Any], reprocess: str) -> bool:
+    """Whether a date's existing ``run`` is run again under ``reprocess``, as Airflow's backfill decides it (a run
+    still in flight is left alone whatever ``reprocess`` says)."""
+    if run["state"] not in TERMINAL_RUN_STATES:
+        return False
+    return reprocess == "completed" or (reprocess == "failed" and run["state"] == "failed")
+
+
+def plan_backfills(
+    api: AirflowApi, dags: dict[str, DAG], start: str, end: str, conf: dict[str, Any], reprocess: str = "failed"
+) -> list[Plan]:
+    """Each DAG's plan, once every DAG is parsed, by asking Airflow (the backfill's dry run, or the runs the dates
+    have); ``ValueError`` when Airflow refuses a DAG's backfill, before anything is created. A DAG with nothing to
+    run is reported and left out."""
+    for dag in dags.values():
+        api.wait_for_dag(dag.dag_id)
+    plans = []
+    for dag in dags.values():
+        dag_id = dag.dag_id
+        if coerce_to_core_timetable(dag.timetable).periodic:  # what Airflow backfills
+            status, body = api.request(
+                "POST", "/api/v2/backfills/dry_run", _backfill_body(dag_id, start, end, conf, reprocess)
+            )
+            if status != 200:
+                raise ValueError(f"{dag_id}: backfill refused: HTTP {status} {body.get('detail', body)}")
+            plan = Plan(dag_id, True, tuple(b["logical_date"][:10] for b in body["backfills"]))
+        else:
+            latest: dict[str, dict[str, Any]] = {}
+            for run in list_runs(api, dag_id, start, end):  # by id: the latest run of a date comes last
+                latest[run["logical_date"][:10]] = run
+            first, last = date.fromisoformat(start), min(date.fromisoformat(end), datetime.now(UTC).date())
+            days = [(first + timedelta(n)).isoformat() for n in range((last - first).days + 1)]
+            dates = [day for day in days if day not in latest or _rerun(latest[day], reprocess)]
+            replaced = tuple(latest[d]["dag_run_id"] for d in dates if d in latest)
+            plan = Plan(dag_id, False, tuple(dates), replaced)
+        if plan.dates:
+            plans.append(plan)
+        else:
+            print(f"{dag_id}: nothing to run from {start} to {end} (--reprocess {reprocess})", flush=True)
+    return plans
+
+
+def start_backfills(
+    api: AirflowApi, plans: list[Plan], start: str, end: str, conf: dict[str, Any], reprocess: str = "failed"
+) -> dict[str, Backfill | TriggeredRuns]:
+    """Carry out each plan, and unpause its DAG; what was started, by DAG."""
+    started: dict[str, Backfill | TriggeredRuns] = {}
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
+    for plan in plans:
+        dag_id = plan.dag_id
+        if plan.scheduled:
+            status, body = api.request("POST", "/api/v2/backfills", _backfill_body(dag_id, start, end, conf, reprocess))
+            if status == 409:
+                print(f"{dag_id}: a backfill is already active ({body.get('detail')}); left alone", flush=True)
+                continue
+            if status != 200:
+                raise ValueError(f"{dag_id}: backfill refused: HTTP {status} {body.get('detail', body)}")
+            started[dag_id] = Backfill(dag_id, body["id"], body["created_at"])
+            print(f"{dag_id}: backfill {body['id']} from {start} to {end}", flush=True)
+        else:
+            started[dag_id] = trigger_runs(api, plan, conf, f"{TRIGGERED_RUN_PREFIX}{stamp}__")
+            print(f"{dag_id}: triggered {len(plan.dates)} runs from {start} to {end} (no schedule)", flush=True)
+        api.request("PATCH", f"/api/v2/dags/{dag_id}", {"is_paused": False})
+    return started
+
+
+def trigger_runs(api: AirflowApi, plan: Plan, conf: dict[str, Any], run_id_prefix: str) -> TriggeredRuns:
+    """Delete the runs the plan runs again, then trigger one run per date of the plan, queued for the DAG's
+    ``max_active_runs`` to run one at a time."""
+    dag_id = plan.dag_id
+    for run_id in plan.replaced:
+        status, body = api.request("DELETE", f"/api/v2/dags/{dag_id}/dagRuns/{urllib.parse.quote(run_id, safe='')}")
+        if status not in (200, 204):
+            raise RuntimeError(f"{dag_id}: deleting run {run_id} to run it again failed: HTTP {status} {body}")
+    run_ids = []
+    for day in plan.dates:
+        payload = {
+            "dag_run_id": f"{run_id_prefix}{day}",
+            "logical_date": first_moment(day),
+            "conf": conf,
+            "note": f"scripts/backfill of {day}",
+        }
+        status, body = api.request("POST", f"/api/v2/dags/{dag_id}/dagRuns", payload)
+        if status != 200:
+            raise RuntimeError(f"{dag_id}: trigger of the run of {day} refused: HTTP {status} {body.get('detail')}")
+        run_ids.append(body["dag_run_id"])
+    return TriggeredRuns(dag_id, frozenset(run_ids))
+
+
+def follow(
+    api: AirflowApi, started: Mapping[str, Backfill | TriggeredRuns], start: str, end: str, timeout: float = 3600
+) -> dict[str, Counter]:
+    """Print the states of each DAG's runs as they change until every backfill completed and every run ended; the
+    last states, by DAG."""
     deadline, last = time.monotonic() + timeout, ""
     while time.monotonic() < deadline:
         states = {
-            dag_id: Counter(r["state"] for r in backfill_runs(api, dag_id, start, end, backfills[dag_id]["created_at"]))
-            for dag_id in started
+            dag_id: Counter(r["state"] for r in queued.runs(api, start, end)) for dag_id, queued in started.items()
         }
-        done = all(
-            api.request("GET", f"/api/v2/backfills/{bid}")[1].get("completed_at") for bid in started.values()
-        ) and all(set(c) <= {"success", "failed"} for c in states.values())
+        done = all(queued.completed(api) for queued in started.values()) and all(
+            set(c) <= TERMINAL_RUN_STATES for c in states.values()
+        )
         line = "  ".join(f"{d}: {dict(c)}" for d, c in states.items())
         if line != last:
             print(f"[{time.strftime('%H:%M:%S')}] {line}", flush=True)
@@ -162,7 +306,7 @@ def follow(api: AirflowApi, started: dict[str, int], start: str, end: str, timeo
         if done:
             return states
         time.sleep(5)
-    raise TimeoutError(f"backfills {started} still running after {timeout:.0f}s")
+    raise TimeoutError(f"backfills {sorted(started)} still running after {timeout:.0f}s")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -187,7 +331,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(err))
     cfg = StackConfig.from_env()
     api = AirflowApi(cfg.airflow_url, "admin", cfg.passwords()["admin"])
-    started = start_backfills(api, list(dags), start, end, conf, args.reprocess)
+    try:
+        plans = plan_backfills(api, dags, start, end, conf, args.reprocess)
+    except ValueError as err:
+        print(f"nothing created: {err}", file=sys.stderr)
+        return 1
+    if not plans:
+        return 0
+    started = start_backfills(api, plans, start, end, conf, args.reprocess)
     if not started:
         return 1
     states = follow(api, started, start, end, args.timeout)

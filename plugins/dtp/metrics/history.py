@@ -42,6 +42,11 @@ def record(s3: S3Hook, bucket: str, spec: dict[str, Any], metrics: dict[str, Any
         "run_key": spec["names"]["run_key"],
         "dag_id": spec["dag_id"],
         "run_id": spec["run_id"],
+        # Which date a backfill ran, whether the run was scheduled, backfilled or manual, and which clear of it
+        # (None for a run validated before the spec carried them).
+        "logical_date": spec.get("logical_date"),
+        "run_type": spec.get("run_type"),
+        "incarnation": spec.get("incarnation"),
         "recipe": params["recipe"],
         "platform": params["platform"],
         "instance_type": params["instance_type"],

@@ -4,12 +4,15 @@
 
     validate_params -> resolve_images -> deploy_network (plan, create, wait, outputs) -> deploy_cluster -> stage_data
       -> preflight -> train -> collect_metrics -> evaluate_gates -> report
-    (preflight and train each prepare their job, then the cluster's scheduler picks who runs it: sbatch, a
-    PyTorchJob on EKS or a Batch job; the others are skipped)
-    save_checkpoint -> teardown_cluster -> teardown_network
+    (a regression DAG waits in wait_for_other_runs between validate_params and resolve_images while another of
+    its runs holds it; preflight and train each prepare their job, then the cluster's scheduler picks who runs it:
+    sbatch, a PyTorchJob on EKS or a Batch job; the others are skipped)
+    save_checkpoint -> teardown_cluster -> teardown_network -> judge_run
         (teardowns of deploy_cluster / plan_stack, deploy_cluster, stage_data and the two prepare_* jobs /
-        plan_stack, create_stack, its wait and stack_outputs: clearing any of those clears its teardowns too)
-    watcher                                (fails the run if any task failed)
+        plan_stack, create_stack, its wait and stack_outputs: clearing any of those clears its teardowns too;
+        judge_run, a teardown without setups after every task, fails the run if a task failed, also when the
+        run was marked failed, which skips the watcher; the teardowns go first in the queue)
+    watcher                                (fails the run as soon as a task failed)
 
 The task callables are thin: each calls one step function of dtp.pipeline.
 """
@@ -21,9 +24,9 @@ from datetime import timedelta
 from typing import Any
 
 from airflow.providers.standard.operators.empty import EmptyOperator
-from airflow.providers.standard.operators.python import BranchPythonOperator
 from airflow.sdk import DAG, TaskGroup, TriggerRule, task
 from airflow.sdk.exceptions import AirflowFailException
+from airflow.sdk.log import mask_secret
 
 from dtp.connections import AWS_CONN_ID, TRAINING_QUEUE
 from dtp.metrics.preflight_gate import preflight_message
@@ -33,13 +36,15 @@ from dtp.operators.checkpoints import SaveCheckpointOperator
 from dtp.operators.cluster import DeployClusterOperator, TeardownClusterOperator
 from dtp.operators.pytorchjob import EksPyTorchJobOperator
 from dtp.operators.report import TrainingReportOperator
-from dtp.operators.slurm import submit_prepared_slurm_job
+from dtp.operators.slurm import PENDING_TIMEOUT_S, submit_prepared_slurm_job
 from dtp.params import NODES_OUTLIVE_RUNS, ParamsError
 from dtp.pipeline import checkpoints, data, jobs, network, results
 from dtp.pipeline.spec import build_spec, tear_down_earlier_incarnations
+from dtp.pipeline.teardowns import end_with_judgement, schedule_teardowns_first, tasks_to_follow
 from dtp.platforms import get_platform
 from dtp.platforms.base import PlatformNotReady
 from dtp.recipes import RecipeError
+from dtp.sensors.other_runs import OtherRunsSensor
 from dtp.sensors.stacks import StackCreatedSensor
 
 log = logging.getLogger(__name__)
@@ -55,7 +60,13 @@ def validate_params(**context: Any) -> dict[str, Any]:
 
     try:
         dag_run = context["dag_run"]
-        spec = build_spec(context["params"], dag_run.conf or {}, RunNames.from_dag_run(dag_run))
+        names = RunNames.from_dag_run(dag_run)
+        spec = build_spec(context["params"], dag_run.conf or {}, names)
+        # extra_env may hold tokens: masked in this task's log (the conf and the spec's XCom show them as given).
+        mask_secret(list(spec["params"]["extra_env"].values()))
+        # For the metrics history: a backfilled run, a scheduled one and each incarnation of a run, told apart.
+        logical_date = dag_run.logical_date.isoformat() if dag_run.logical_date else None
+        spec |= {"logical_date": logical_date, "run_type": dag_run.run_type.value, "incarnation": names.incarnation}
         spec["resume"] = checkpoints.resume_source(spec, AWS_CONN_ID)
         # Another framework's recipe runs from its own image: refused here when its platform has none published.
         checks = (data.dataset_problem(spec, AWS_CONN_ID), framework_image_problem(spec, AWS_CONN_ID))
@@ -181,11 +192,12 @@ def teardown_network(spec: dict[str, Any]) -> dict[str, Any]:
 
 @task(trigger_rule=TriggerRule.ONE_FAILED, retries=0)
 def watcher(**context: Any) -> None:
-    """Fail the run when any task failed, naming the tasks that had failed by then.
+    """Fail the run as soon as any task failed, naming the tasks that had failed by then.
 
     The report may be skipped (no metrics) and teardowns do not decide a run's
     state, so without this a failed training could end in a "successful" run.
-    The same idiom as the amazon provider's system tests.
+    The same idiom as the amazon provider's system tests; ``judge_run`` judges
+    the run again once every task is done.
     """
     ti = context["ti"]
     try:
@@ -235,6 +247,7 @@ def run_prepared_job(task_id: str, job: Any, cluster: Any, *, time_limit: bool =
             cluster_name=job["cluster_name"],
             aws_conn_id=AWS_CONN_ID,
             hang_timeout=job["hang_timeout_s"],
+            pending_timeout=PENDING_TIMEOUT_S,
             **kwargs,
         ),
         "batch": submit_prepared_batch_job(task_id + ON_BATCH, job, **kwargs),
@@ -247,10 +260,13 @@ def run_prepared_job(task_id: str, job: Any, cluster: Any, *, time_limit: bool =
     return done
 
 
-def training_pipeline(dag: DAG) -> None:
-    """Add the pipeline's tasks to ``dag`` (call inside ``with DAG(...) as dag``)."""
+def training_pipeline(dag: DAG, *, one_run_at_a_time: bool = False) -> None:
+    """Add the pipeline's tasks to ``dag`` (call inside ``with DAG(...) as dag``); with ``one_run_at_a_time``, a
+    run waits before it creates anything while another run of the DAG, a backfill run included, holds it."""
     spec = validate_params()
     images = resolve_images(spec)
+    if one_run_at_a_time:  # Airflow counts a backfill's runs apart from the DAG's max_active_runs
+        spec >> OtherRunsSensor(task_id="wait_for_other_runs", last_task_id="teardown_network") >> images
 
     with TaskGroup("deploy_network", tooltip="VPC, subnets, EFA security group, S3 bucket (CloudFormation)"):
         plan = plan_stack(spec)
@@ -335,4 +351,6 @@ def training_pipeline(dag: DAG) -> None:
     saved >> cluster_down >> network_down
     # Setups may only be followed by ALL_SUCCESS tasks, and a branch skips every task it does not pick that follows
     # it: their failures reach the watcher as upstream_failed.
-    [t for t in dag.tasks if not (t.is_setup or isinstance(t, BranchPythonOperator))] >> watcher()
+    tasks_to_follow(dag) >> watcher()
+    end_with_judgement(dag)
+    schedule_teardowns_first(dag)

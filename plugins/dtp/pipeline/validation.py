@@ -3,7 +3,10 @@
 """validate_cluster: the preflight checks as a pipeline of their own, against a cluster that already exists.
 
     validate_params -> connect_cluster -> prepare_checks -> run_checks -> evaluate -> report -> verdict
-    cancel_jobs   (teardown of prepare_checks: no job of the run is left on the cluster)
+    cancel_jobs -> judge_run
+        (cancel_jobs, a teardown of prepare_checks: no job of the run is left on the cluster; judge_run, a teardown
+        without setups after every task: fails the run if a task failed, also when the run was marked failed,
+        which skips the verdict; the teardowns go first in the queue)
 
 The checks and the gate are train_e2e's preflight (dtp.pipeline.jobs,
 dtp.pipeline.results); the report is its own page with the bandwidth sweep and
@@ -16,8 +19,9 @@ import logging
 import sys
 from typing import Any
 
-from airflow.sdk import task
+from airflow.sdk import DAG, task
 from airflow.sdk.exceptions import AirflowFailException, AirflowNotFoundException
+from airflow.sdk.log import mask_secret
 
 from dtp.connections import AWS_CONN_ID, TRAINING_QUEUE
 from dtp.hooks.slurm import SlurmHook, usable
@@ -28,6 +32,7 @@ from dtp.operators.report import ClusterValidationReportOperator
 from dtp.operators.slurm import submit_prepared_slurm_job
 from dtp.params import ParamsError, validate_cluster_params
 from dtp.pipeline import jobs, results
+from dtp.pipeline.teardowns import end_with_judgement, schedule_teardowns_first
 from dtp.recipes import instance_types
 
 log = logging.getLogger(__name__)
@@ -100,9 +105,12 @@ def validate_params(**context: Any) -> dict[str, Any]:
     """Refuse bad input before any job is submitted."""
     try:
         dag_run = context["dag_run"]
-        return build_validation_spec(context["params"], dag_run.conf or {}, RunNames.from_dag_run(dag_run))
+        spec = build_validation_spec(context["params"], dag_run.conf or {}, RunNames.from_dag_run(dag_run))
     except ParamsError as err:
         raise AirflowFailException(str(err)) from None
+    # extra_env may hold tokens: masked in this task's log (the conf and the spec's XCom show them as given).
+    mask_secret(list(spec["params"]["extra_env"].values()))
+    return spec
 
 
 @task
@@ -144,8 +152,8 @@ def cancel_jobs(spec: dict[str, Any], cluster: dict[str, Any]) -> list[str]:
     return SlurmHook.of_cluster(cluster).cancel_and_wait(spec["names"]["slurm_job"], prefix=True)
 
 
-def validation_pipeline() -> None:
-    """Add validate_cluster's tasks to the DAG being defined (call inside ``with DAG(...):``)."""
+def validation_pipeline(dag: DAG) -> None:
+    """Add validate_cluster's tasks to ``dag`` (call inside ``with DAG(...) as dag``)."""
     spec = validate_params()
     cluster = connect_cluster(spec)
     job = prepare_checks(spec, cluster)
@@ -154,5 +162,8 @@ def validation_pipeline() -> None:
     run >> result
     report = ClusterValidationReportOperator(task_id="report", spec=spec, result=result, aws_conn_id=AWS_CONN_ID)
     report >> verdict(result)
-    # No watcher here: the teardown itself fails the run if the run's jobs are still on the cluster.
+    # No watcher here: the verdict fails the run when a check failed, and the teardown itself when the run's jobs
+    # are still on the cluster.
     report >> cancel_jobs(spec, cluster).as_teardown(setups=job, on_failure_fail_dagrun=True)
+    end_with_judgement(dag)
+    schedule_teardowns_first(dag)

@@ -19,7 +19,7 @@ from dtp.hooks.stacks import StackHook
 from dtp.hooks.sweeper import RunResourceSweeper
 from dtp.images.ami import AMI_PARAMETER_PATH, BUILDER_TAG
 from dtp.naming import EXPIRES_TAG, tags_dict
-from dtp.reaper.active_runs import spare_active_runs
+from dtp.reaper.active_runs import spare_active_runs, spare_other_installations
 from dtp.reaper.expired import RUN, Expired, is_expired
 
 log = logging.getLogger(__name__)
@@ -39,12 +39,13 @@ class AwsFindings:
 
 
 def find_expired_in_aws(
-    aws_conn_id: str, now: datetime | None = None, *, active: Callable[[str, str], bool]
+    aws_conn_id: str, now: datetime | None = None, *, active: Callable[[str, str], bool], installation: str
 ) -> AwsFindings:
     """The account's expired stacks (network and ParallelCluster cluster stacks), buckets, VPCs, HyperPod clusters,
     Batch environments, builder instances, unpublished AMIs and the snapshots AMIs left behind, less those of a run
-    ``active`` says is queued or running. Each kind is looked for on its own: one whose lookup fails (an API down,
-    a permission missing) is logged and named in ``unsearched``, and the others are still found."""
+    of another installation than ``installation`` within a day of their expiry (``spare_other_installations``) and
+    those of a run ``active`` says is queued or running. Each kind is looked for on its own: one whose lookup fails
+    (an API down, a permission missing) is logged and named in ``unsearched``, and the others are still found."""
     now = now or datetime.now(UTC)
     ec2 = RunResourceSweeper(aws_conn_id=aws_conn_id)  # one EC2 client, made at the first lookup that needs it
     lookups: dict[str, Callable[[], list[Expired]]] = {
@@ -64,7 +65,7 @@ def find_expired_in_aws(
         except Exception as err:  # the other kinds are still looked for, and deleted; reap fails at the end
             log.exception("could not look for expired resources of kind %s", kind)
             unsearched[kind] = f"{type(err).__name__}: {err}"
-    return AwsFindings(spare_active_runs(found, active), unsearched)
+    return AwsFindings(spare_active_runs(spare_other_installations(found, installation, now), active), unsearched)
 
 
 def expired_stacks(cloudformation: Any, now: datetime) -> list[Expired]:

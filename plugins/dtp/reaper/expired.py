@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 
-from dtp.naming import EXPIRES_TAG, TAG_PREFIX, parse_expiry
+from dtp.naming import EXPIRES_TAG, INSTALLATION_TAG, TAG_PREFIX, parse_expiry
 
 RUN = f"{TAG_PREFIX}run"
 DAG = f"{TAG_PREFIX}dag"
@@ -16,7 +16,8 @@ RUN_ID = f"{TAG_PREFIX}run-id"
 @dataclass(frozen=True)
 class Expired:
     """A resource past its expiry: its kind (``stack``, ``slurm_job``, ...), the name or id to delete it by, the
-    run it belongs to, its expiry, and the DAG run that made it (empty where the resource does not say)."""
+    run it belongs to, its expiry, and the DAG run that made it and its Airflow installation (empty where the
+    resource does not say)."""
 
     kind: str
     name: str
@@ -24,13 +25,15 @@ class Expired:
     expires_at: str
     dag_id: str = ""
     run_id: str = ""
+    installation: str = ""
 
     @classmethod
     def from_tags(cls, kind: str, name: str, tags: Mapping[str, str], run_key: str | None = None) -> Expired:
-        """The expired resource ``name`` of ``kind``, its run (``run_key`` where given) and expiry as its tags
-        say."""
+        """The expired resource ``name`` of ``kind``, its run (``run_key`` where given), expiry and installation as
+        its tags say."""
         run_key = run_key or tags[RUN]
-        return cls(kind, name, run_key, tags[EXPIRES_TAG], tags.get(DAG, ""), tags.get(RUN_ID, ""))
+        dag_run = (tags.get(DAG, ""), tags.get(RUN_ID, ""))
+        return cls(kind, name, run_key, tags[EXPIRES_TAG], *dag_run, tags.get(INSTALLATION_TAG, ""))
 
 
 def is_expired(expires_at: str | None, now: datetime) -> bool:
