@@ -112,6 +112,11 @@ def use(monkeypatch: pytest.MonkeyPatch, api: FakeApi) -> FakeApi:
         ({"--conf": ['{"recipe": "tiny_deep"}']}, r"regression__tiny: .*'tiny_deep' is not one of \['tiny'\]"),
         # A size without a schedule has its DAG, and its conf is checked against that DAG's form.
         ({"--sizes": ["llama3_2_1b"], "--conf": ['{"max_steps": 100}']}, r"regression__llama3_2_1b: .*budget_usd"),
+        # One that validate_params would refuse for its dataset: the sample corpus cannot feed a 70B step.
+        (
+            {"--sizes": ["llama3_1_70b"], "--conf": ['{"budget_usd": 100000, "expiry_hours": 48}']},
+            r"regression__llama3_1_70b: dataset_uri: empty, so recipe 'llama3_1_70b' would train on DTP's sample",
+        ),
     ],
 )
 def test_bad_input_is_refused_before_any_request(

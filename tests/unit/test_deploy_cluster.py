@@ -6,6 +6,7 @@ for the run's nodes refuses its cluster before it is created."""
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -13,6 +14,7 @@ from typing import Any
 
 import pytest
 from airflow.providers.amazon.aws.hooks.ec2 import EC2Hook
+from airflow.providers.standard.triggers.temporal import TimeDeltaTrigger
 from airflow.sdk.exceptions import AirflowException, AirflowFailException, TaskDeferred
 from botocore.stub import Stubber
 from parallelcluster_support import NETWORK, make_spec, needs_pcluster, use_settings
@@ -23,8 +25,8 @@ from dtp.params import TrainParams, parse_params
 from dtp.pipeline.spec import run_spec
 from dtp.platforms import capacity_reservations
 from dtp.platforms import parallelcluster as pc
-from dtp.platforms.base import PlatformNotReady
-from dtp.platforms.capacity_reservations import CLUSTER_NAME_TAG, ReservationUnavailable
+from dtp.platforms.base import PlatformNotReady, ReservationUnavailable
+from dtp.platforms.capacity_reservations import CLUSTER_NAME_TAG
 from dtp.triggers.hyperpod import HyperPodClusterDeleteTrigger, HyperPodClusterTrigger
 
 
@@ -74,6 +76,49 @@ def test_the_nodes_boot_the_ami_resolve_images_found(
     operator = DeployClusterOperator(task_id="deploy_cluster", spec=spec, network={}, images=images)
     assert operator.execute(context={}) == {"platform": "recording"}
     assert platform.provisioned == [(spec["names"]["run_key"], ami)]
+
+
+class BusyReservationPlatform(RecordingPlatform):
+    """A platform whose capacity reservation other runs hold for its first ``busy`` provisions."""
+
+    def __init__(self, busy: int) -> None:
+        super().__init__()
+        self.busy = busy
+
+    def provision(self, spec: dict[str, Any], network: dict[str, str], ami: str | None = None) -> dict[str, Any]:
+        if self.busy:
+            self.busy -= 1
+            raise ReservationUnavailable("capacity reservation cr-1 has 0 of its 2 instances available")
+        return super().provision(spec, network, ami)
+
+
+def test_a_reservation_other_runs_hold_is_waited_for_in_the_triggerer(monkeypatch: pytest.MonkeyPatch) -> None:
+    platform = BusyReservationPlatform(busy=1)
+    monkeypatch.setattr(cluster_operator, "get_platform", lambda name: platform)
+    operator = DeployClusterOperator(
+        task_id="deploy_cluster", spec=run_spec(parse_params(TrainParams, {}), "train_e2e", "manual__1"), network={}
+    )
+    with pytest.raises(TaskDeferred) as deferred:
+        operator.execute(context={})
+    assert isinstance(deferred.value.trigger, TimeDeltaTrigger)
+    assert deferred.value.method_name == "provision_again"
+    # The wait counts from the first try, across every look again.
+    since = deferred.value.kwargs["waiting_since"]
+    assert operator.provision_again({}, None, **deferred.value.kwargs) == {"platform": "recording"}
+    assert len(platform.provisioned) == 1 and since > 0
+
+
+def test_a_reservation_still_held_after_the_wait_fails_the_task(monkeypatch: pytest.MonkeyPatch) -> None:
+    platform = BusyReservationPlatform(busy=2)
+    monkeypatch.setattr(cluster_operator, "get_platform", lambda name: platform)
+    operator = DeployClusterOperator(
+        task_id="deploy_cluster", spec=run_spec(parse_params(TrainParams, {}), "train_e2e", "manual__1"), network={}
+    )
+    with pytest.raises(TaskDeferred):  # a look again within the wait defers once more
+        operator.provision_again({}, None, waiting_since=time.time() - 60)
+    with pytest.raises(AirflowFailException, match=r"0 of its 2 instances available; still so after 30 minutes$"):
+        operator.provision_again({}, None, waiting_since=time.time() - cluster_operator.RESERVATION_WAIT_S)
+    assert platform.provisioned == []
 
 
 class SlowPlatform(RecordingPlatform):
@@ -238,7 +283,7 @@ def _recording_pcluster(tmp_path: Path) -> str:
 
 
 @needs_pcluster
-def test_a_reservation_other_runs_hold_fails_deploy_cluster_for_its_retries_before_any_cluster_is_created(
+def test_a_reservation_other_runs_hold_is_waited_for_before_any_cluster_is_created(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, ec2_stub: Stubber
 ) -> None:
     _capacity_block(monkeypatch, _recording_pcluster(tmp_path))
@@ -255,13 +300,18 @@ def test_a_reservation_other_runs_hold_fails_deploy_cluster_for_its_retries_befo
     ]
     ec2_stub.add_response("describe_instances", {"Reservations": [{"Instances": in_use}]}, {"Filters": filters})
     operator = DeployClusterOperator(task_id="deploy_cluster", spec=spec, network=NETWORK)
-    # Not AirflowFailException: the instances may be freed (another run's teardown), and the retries try again.
+    # Not a failure: the instances may be freed (another run's teardown), and the task looks again in a while.
     with pytest.raises(ReservationUnavailable) as refused:
-        operator.execute(context={})
+        pc.ParallelClusterPlatform().provision(spec, NETWORK)
     assert str(refused.value) == (
         f"capacity reservation {RESERVATION_ID} (p5.48xlarge in eu-west-1b) has 2 of its 4 instances available and "
         "the run needs 4; the clusters (or instances) using it: dtp-train-e2e-other, i-0fedcba9876543210"
     )
+    _answer_reservation(ec2_stub, _reservation(available=2))
+    ec2_stub.add_response("describe_instances", {"Reservations": [{"Instances": in_use}]}, {"Filters": filters})
+    with pytest.raises(TaskDeferred) as deferred:
+        operator.execute(context={})
+    assert isinstance(deferred.value.trigger, TimeDeltaTrigger)
     assert not (tmp_path / "created").exists()
 
 

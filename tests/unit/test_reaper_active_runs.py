@@ -16,7 +16,7 @@ from airflow.sdk.exceptions import AirflowRuntimeError, ErrorType
 from airflow.sdk.execution_time.comms import ErrorResponse
 from airflow.sdk.execution_time.task_runner import RuntimeTaskInstance
 
-from dtp.naming import expiry, parse_expiry, parse_slurm_comment
+from dtp.naming import INSTALLATION_TAG, RunNames, expiry, parse_expiry, parse_slurm_comment, resource_tags
 from dtp.pipeline import jobs
 from dtp.reaper.active_runs import run_is_active, spare_active_runs, spare_other_installations
 from dtp.reaper.cluster import find_expired_on_worker_mount
@@ -60,6 +60,14 @@ def test_another_installations_run_keeps_all_its_resources_for_a_day_past_their_
         kept = spare_other_installations(found, "this", now)
     assert [item.name for item in kept] == ["dtp-b-network", "dtp-c-network", "dtp-d-network"]
     assert f"keeping vpc vpc-1 of run dtp-a: installation other's, expired {long_gone}; reaped 1 day" in caplog.text
+
+
+def test_an_installation_whose_id_a_tag_cannot_hold_reaps_its_own_expired_resources() -> None:
+    # Pinned ids may hold characters a tag cannot: the tag holds the id as tag_value wrote it.
+    names = RunNames("train_e2e", DONE_RUN, installation="prod#eu")
+    tagged = resource_tags(names, "tiny", EXPIRED)[INSTALLATION_TAG]
+    found = [Expired("stack", "dtp-e-network", "dtp-e", EXPIRED, "train_e2e", DONE_RUN, tagged)]
+    assert spare_other_installations(found, "prod#eu", parse_expiry(EXPIRED) + timedelta(hours=1)) == found
 
 
 def test_a_run_directory_of_a_running_run_stays_on_the_worker_mount(monkeypatch, tmp_path: Path) -> None:

@@ -50,11 +50,12 @@ srun: error: n1: task 0: Exited with exit code 1""".splitlines()  # noqa: W291
 
 class Cluster:
     """A ``SlurmHook`` stand-in: the job's log is ``log`` (its bytes as a poll finds them, ``reads`` by
-    ``read_log``), ``states`` what successive polls of ``get_job`` find (the last one from then on), ``ended`` what
-    sacct knows of ended jobs; it records the jobs it submits and cancels."""
+    ``read_log``), ``states`` what successive polls of ``get_job`` find (the last one from then on), ``active`` what
+    squeue lists, ``ended`` what sacct knows of ended jobs; it records the jobs it submits and cancels."""
 
     log = b""
     states: list[SlurmJob] = []
+    active: list[SlurmJob] = []
     ended: list[SlurmJob] = []
     unavailable: list[str] = []
     made: list[Cluster] = []
@@ -79,7 +80,7 @@ class Cluster:
         return self.unavailable
 
     def find_jobs(self, name: str) -> list[SlurmJob]:
-        return []
+        return self.active
 
     def ended_jobs(self, name: str) -> list[SlurmJob]:
         return self.ended
@@ -99,7 +100,14 @@ class Cluster:
 def cluster(monkeypatch: pytest.MonkeyPatch) -> type[Cluster]:
     monkeypatch.setattr("dtp.triggers.slurm.SlurmHook", Cluster)
     monkeypatch.setattr("dtp.operators.slurm.SlurmHook", Cluster)
-    Cluster.log, Cluster.states, Cluster.ended, Cluster.unavailable, Cluster.made = b"", [], [], [], []
+    Cluster.log, Cluster.states, Cluster.active, Cluster.ended, Cluster.unavailable, Cluster.made = (
+        b"",
+        [],
+        [],
+        [],
+        [],
+        [],
+    )
     return Cluster
 
 
@@ -266,6 +274,33 @@ def test_a_completed_job_of_a_run_deleted_and_made_again_is_not_reused(cluster: 
     assert operator(submitted_after=spec_made).execute({"ti": XCom()}) == reused
     # A spec from before the operator knew when it was made: every job of the name is the run's, as before.
     assert operator().execute({"ti": XCom()}) == reused
+
+
+def test_a_running_job_of_a_run_deleted_and_made_again_is_not_re_attached_to(cluster: type[Cluster]) -> None:
+    spec_made = "2025-03-02T08:00:00+00:00"
+    cluster.active = [SlurmJob("5", "run-train", "RUNNING", submitted_at=datetime(2025, 3, 1, 10, tzinfo=UTC))]
+    with pytest.raises(TaskDeferred) as deferred:
+        operator(submitted_after=spec_made).execute({"ti": XCom()})
+    assert deferred.value.trigger.job_id == "99" and cluster.made[-1].submitted == ["run-train"]
+    # Its own running job is.
+    cluster.active = [SlurmJob("6", "run-train", "RUNNING", submitted_at=datetime(2025, 3, 2, 8, 5, tzinfo=UTC))]
+    with pytest.raises(TaskDeferred) as deferred:
+        operator(submitted_after=spec_made).execute({"ti": XCom()})
+    assert deferred.value.trigger.job_id == "6" and cluster.made[-1].submitted == []
+
+
+def test_squeue_tells_an_active_jobs_submit_time_in_utc() -> None:
+    squeue = ("env", "TZ=UTC", "squeue", "-h", "-o", "%i|%j|%T|%V|%R", "-n", "run-train")
+    hook = Commands({squeue: "7|run-train|PENDING|2025-03-01T10:00:00|(Resources|Priority)\n"})
+    assert hook.find_jobs("run-train") == [
+        SlurmJob(
+            "7",
+            "run-train",
+            "PENDING",
+            reason="(Resources|Priority)",
+            submitted_at=datetime(2025, 3, 1, 10, tzinfo=UTC),
+        )
+    ]
 
 
 def test_a_spec_records_when_it_was_made(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -121,13 +121,18 @@ class SlurmHook(SharedFilesystemHook):
         return SlurmJob(job_id=job_id, name="", state="UNKNOWN")
 
     def find_jobs(self, name: str, *, prefix: bool = False) -> list[SlurmJob]:
-        """Active jobs (pending or running) named ``name`` (or starting with it, with ``prefix``)."""
-        argv = ["squeue", "-h", "-o", "%i|%j|%T|%R"] + ([] if prefix else ["-n", name])
+        """Active jobs (pending or running) named ``name`` (or starting with it, with ``prefix``), with when they
+        were submitted."""
+        argv = ["env", IN_UTC, "squeue", "-h", "-o", "%i|%j|%T|%V|%R"] + ([] if prefix else ["-n", name])
         jobs = []
         for line in self.run(argv).splitlines():  # a failing squeue must not read as "no job" (a second submit)
-            job_id, job_name, state, reason = line.split("|", 3)
+            job_id, job_name, state, submitted, reason = line.split("|", 4)
             if job_name == name or (prefix and job_name.startswith(name)):
-                jobs.append(SlurmJob(job_id=job_id, name=job_name, state=state, reason=reason))
+                jobs.append(
+                    SlurmJob(
+                        job_id=job_id, name=job_name, state=state, reason=reason, submitted_at=_utc_time(submitted)
+                    )
+                )
         return jobs
 
     def ended_jobs(self, name: str, *, prefix: bool = False) -> list[SlurmJob]:

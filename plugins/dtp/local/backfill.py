@@ -46,6 +46,8 @@ from dtp.local.api import TERMINAL_RUN_STATES, AirflowApi
 from dtp.local.config import StackConfig
 from dtp.params import validate_params
 from dtp.pipeline.factory import DAG_PREFIX, regression_dags
+from dtp.pipeline.spec import sample_corpus_problem
+from dtp.recipes import get_recipe
 
 # Run ids of the runs triggered for a DAG without a schedule: the prefix, the command's start time, the date.
 TRIGGERED_RUN_PREFIX = "backfill_triggered__"
@@ -85,9 +87,12 @@ def run_conf(text: str, dags: dict[str, DAG]) -> dict[str, Any]:
         raise ValueError(f"--conf {text!r}: must be a JSON object, e.g. '{{\"max_steps\": 100}}'")
     for dag in dags.values():
         try:
-            validate_params({**dag.params.dump(), **conf})
+            validated = validate_params({**dag.params.dump(), **conf})
         except ValueError as err:
             raise ValueError(f"--conf for {dag.dag_id}: {err}") from None
+        # build_spec's check that needs no platform: a size the sample corpus cannot feed fails every run.
+        if problem := sample_corpus_problem(validated, get_recipe(validated.recipe)):
+            raise ValueError(f"--conf for {dag.dag_id}: {problem}")
         try:  # as Airflow checks a backfill's conf: each value against its param's JSON schema (the recipe's enum)
             copy.deepcopy(dag.params).update(conf)
         except ValueError as err:

@@ -3,10 +3,13 @@ deletes it."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from datetime import timedelta
 from typing import Any
 
+from airflow.providers.standard.triggers.temporal import TimeDeltaTrigger
 from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 from botocore.exceptions import ClientError
@@ -14,7 +17,12 @@ from botocore.exceptions import ClientError
 from dtp.naming import EXPIRES_TAG
 from dtp.pipeline.spec import earlier_incarnations, tear_down_earlier_incarnations
 from dtp.platforms import get_platform
-from dtp.platforms.base import ComputePlatform, DeferrableTeardownPlatform, PlatformNotReady
+from dtp.platforms.base import ComputePlatform, DeferrableTeardownPlatform, PlatformNotReady, ReservationUnavailable
+
+# How long deploy_cluster waits for a capacity reservation other runs hold (ReservationUnavailable), looking again
+# every RESERVATION_POLL in the triggerer.
+RESERVATION_WAIT_S = 1800
+RESERVATION_POLL = timedelta(minutes=5)
 
 
 class DeployClusterOperator(BaseOperator):
@@ -68,9 +76,24 @@ class DeployClusterOperator(BaseOperator):
         self.log.info(event["message"])
         return self._provision(get_platform(self.spec["params"]["platform"]))
 
-    def _provision(self, platform: ComputePlatform) -> dict[str, Any]:
-        with fails_at_once_where_retries_cannot_help(platform):
-            cluster = platform.provision(self.spec, self.network, (self.images or {}).get("ami"))
+    def provision_again(self, context: Any, event: Any = None, waiting_since: float = 0.0) -> dict[str, Any]:
+        """Resumed after a wait for the capacity reservation other runs held: provision the run's cluster again."""
+        return self._provision(get_platform(self.spec["params"]["platform"]), waiting_since)
+
+    def _provision(self, platform: ComputePlatform, waiting_since: float | None = None) -> dict[str, Any]:
+        try:
+            with fails_at_once_where_retries_cannot_help(platform):
+                cluster = platform.provision(self.spec, self.network, (self.images or {}).get("ami"))
+        except ReservationUnavailable as err:
+            since = waiting_since or time.time()
+            if time.time() - since >= RESERVATION_WAIT_S:
+                raise AirflowFailException(f"{err}; still so after {RESERVATION_WAIT_S // 60} minutes") from None
+            self.log.warning("%s: looking again in %s", err, RESERVATION_POLL)
+            self.defer(
+                trigger=TimeDeltaTrigger(RESERVATION_POLL),
+                method_name="provision_again",
+                kwargs={"waiting_since": since},
+            )
         trigger = platform.ready_trigger(cluster)
         if trigger is None:
             return cluster

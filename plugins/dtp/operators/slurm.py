@@ -41,9 +41,10 @@ class SlurmSubmitJobOperator(BaseOperator):
     ``job_name`` and re-attaches to it, or for one that already completed and
     returns it, instead of submitting a second one (a job still COMPLETING is
     waited out first, and judged by how it ended). Job names carry the run's
-    key, so only this run's own jobs are found; an ended job submitted before
+    key, so only this run's own jobs are found; a job submitted before
     ``submitted_after`` is another run's (one deleted and made again under the
-    same run id), neither reused nor counted against the time limit. A job that
+    same run id), neither re-attached to, reused nor counted against the time
+    limit. A job that
     ran out of its time limit is not submitted again: the task fails without
     retries.
 
@@ -67,7 +68,7 @@ class SlurmSubmitJobOperator(BaseOperator):
     :param head_node: over ssh, the host to reach instead of the SSH connection's own (a cluster created per run)
     :param time_limit_minutes: sbatch ``--time``: Slurm stops the job after this many minutes, less what earlier
         jobs of this name ran (0: no limit)
-    :param submitted_after: when the run's spec was made, an ISO-8601 time with its zone: an ended job of this name
+    :param submitted_after: when the run's spec was made, an ISO-8601 time with its zone: a job of this name
         submitted before it is another run's (None: none is)
     """
 
@@ -121,14 +122,14 @@ class SlurmSubmitJobOperator(BaseOperator):
         from dtp.triggers.slurm import SlurmJobTrigger
 
         hook = SlurmHook(self.slurm_conn_id, self.head_node)
-        active = hook.find_jobs(self.job_name)
+        active = self._this_runs(hook.find_jobs(self.job_name))
         if ending := [job for job in active if job.state == "COMPLETING"]:
             # Ending: cancelled with a killed or cleared try of this task, say. Judged by how it ended, not
             # re-attached to (which would fail this try with its CANCELLED).
             for job in ending:
                 self.log.info("Slurm job %s (%s) is COMPLETING: waiting for it to end", job.job_id, self.job_name)
                 hook.wait_ended(job.job_id)
-            active = hook.find_jobs(self.job_name)
+            active = self._this_runs(hook.find_jobs(self.job_name))
         ended = self._this_runs(hook.ended_jobs(self.job_name))
         completed = [job for job in ended if job.succeeded]
         over_time = [job for job in ended if job.state == "TIMEOUT"]
@@ -217,12 +218,12 @@ class SlurmSubmitJobOperator(BaseOperator):
             return f" on {nodes}"
         return f" on {nodes}; to train without them, trigger again with exclude_nodes={nodes}"
 
-    def _this_runs(self, ended: list[SlurmJob]) -> list[SlurmJob]:
-        """The ended jobs submitted once the run's spec was made (all of them without ``submitted_after``)."""
+    def _this_runs(self, jobs: list[SlurmJob]) -> list[SlurmJob]:
+        """The jobs submitted once the run's spec was made (all of them without ``submitted_after``)."""
         if not self.submitted_after:
-            return ended
+            return jobs
         since = datetime.fromisoformat(self.submitted_after)
-        return [job for job in ended if job.submitted_at is None or job.submitted_at >= since]
+        return [job for job in jobs if job.submitted_at is None or job.submitted_at >= since]
 
     def _cancel(self, job_id: str) -> str:
         """Cancel the job and wait until Slurm no longer lists it, so that a retry submits a new one rather than

@@ -20,7 +20,6 @@ The task callables are thin: each calls one step function of dtp.pipeline.
 from __future__ import annotations
 
 import logging
-from datetime import timedelta
 from typing import Any
 
 from airflow.providers.standard.operators.empty import EmptyOperator
@@ -286,15 +285,7 @@ def training_pipeline(dag: DAG, *, one_run_at_a_time: bool = False) -> None:
         images >> plan
         wait >> outputs
 
-    # A capacity reservation another run still holds (ReservationUnavailable) may free up: half an hour of tries.
-    deploy = DeployClusterOperator(
-        task_id="deploy_cluster",
-        spec=spec,
-        network=outputs,
-        images=images,
-        retries=6,
-        retry_delay=timedelta(minutes=5),
-    )
+    deploy = DeployClusterOperator(task_id="deploy_cluster", spec=spec, network=outputs, images=images)
     cluster = deploy.output
     staged = stage_data(spec, outputs, cluster)
     resources = record_resources(outputs, cluster, staged)

@@ -31,6 +31,12 @@ class PlatformNotReady(RuntimeError):
     """A platform cannot be used as configured; the message names the connection and field to fix."""
 
 
+class ReservationUnavailable(RuntimeError):
+    """The capacity reservation the platform's settings name cannot take the run's nodes now (too few of its
+    instances available, or it is not active yet); unlike ``PlatformNotReady``, this may pass: deploy_cluster waits
+    and tries again."""
+
+
 class PlatformSettings(BaseModel):
     """A platform's account settings, read from the extra of its ``dtp_<platform>`` connection."""
 

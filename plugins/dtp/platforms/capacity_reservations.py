@@ -9,7 +9,7 @@ from typing import Any
 
 from botocore.exceptions import ClientError
 
-from dtp.platforms.base import PlatformNotReady
+from dtp.platforms.base import PlatformNotReady, ReservationUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -18,11 +18,6 @@ log = logging.getLogger(__name__)
 RESERVATION_STATES_BEFORE_ACTIVE = frozenset({"scheduled", "pending", "payment-pending", "assessing", "delayed"})
 # The tag pcluster gives the instances of a cluster.
 CLUSTER_NAME_TAG = "parallelcluster:cluster-name"
-
-
-class ReservationUnavailable(RuntimeError):
-    """The capacity reservation of the settings cannot take the run's nodes now (too few of its instances available,
-    or it is not active yet); unlike ``PlatformNotReady``, this may pass, and deploy_cluster's retries try again."""
 
 
 def check_reservation(ec2: Any, reservation_id: str, field: str, spec: dict[str, Any]) -> None:

@@ -7,7 +7,7 @@ import logging
 from collections.abc import Callable
 from datetime import datetime, timedelta
 
-from dtp.naming import parse_expiry
+from dtp.naming import parse_expiry, tag_value
 from dtp.reaper.expired import Expired
 
 log = logging.getLogger(__name__)
@@ -54,12 +54,13 @@ def spare_active_runs(found: list[Expired], active: Callable[[str, str], bool]) 
 def spare_other_installations(found: list[Expired], installation: str, now: datetime) -> list[Expired]:
     """``found`` less every resource of a run of another installation than ``installation`` (by its
     ``dtp:installation`` tag: one without, made before runs carried it, counts as this installation's) that expired
-    less than ``OTHER_INSTALLATION_GRACE`` before ``now``. A run's resources are kept or deleted together."""
+    less than ``OTHER_INSTALLATION_GRACE`` before ``now``. A run's resources are kept or deleted together; the
+    tag holds the installation's id as ``tag_value`` wrote it."""
+    own = tag_value(installation)
     kept = {
         item.run_key
         for item in found
-        if item.installation not in ("", installation)
-        and parse_expiry(item.expires_at) + OTHER_INSTALLATION_GRACE > now
+        if item.installation not in ("", own) and parse_expiry(item.expires_at) + OTHER_INSTALLATION_GRACE > now
     }
     for item in found:
         if item.run_key in kept:
