@@ -34,7 +34,7 @@ from dtp.params import ParamsError
 from dtp.pipeline.data import check_shared_dir_visible
 from dtp.pipeline.results import artifacts_bucket
 from dtp.pipeline.run_dirs import RUNS_FOLDER, run_dir
-from dtp.pipeline.s3_objects import download, is_plain_relative, relative_key, s3_folder
+from dtp.pipeline.s3_objects import download_all, is_plain_relative, relative_key, s3_folder
 
 log = logging.getLogger(__name__)
 STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -265,13 +265,9 @@ def restore_checkpoint(spec: dict[str, Any], cluster: dict[str, Any], aws_conn_i
     modified = {obj["Key"]: obj["LastModified"] for obj in s3.iter_file_metadata(prefix, bucket)}
     if missing := [entry["path"] for entry in manifest["files"] if prefix + entry["path"] not in modified]:
         raise FileNotFoundError(f"{source['uri']}{MANIFEST} names files that are gone: {', '.join(missing[:10])}")
-    copied = moved_bytes = 0
-    for entry in manifest["files"]:
-        key = prefix + entry["path"]
-        target = dest / relative_key(key, prefix, "resume_from")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if download(s3, bucket, key, entry["bytes"], target, modified[key]):
-            copied, moved_bytes = copied + 1, moved_bytes + entry["bytes"]
+    keys = {prefix + entry["path"]: entry["bytes"] for entry in manifest["files"]}
+    copies = ((key, size, modified[key], dest / relative_key(key, prefix, "resume_from")) for key, size in keys.items())
+    copied, moved_bytes = download_all(s3, bucket, copies)
     log.info("Restored %s (step %s) into %s: %d files, %d copied (%d bytes)", source["uri"], manifest["step"], dest,
              len(manifest["files"]), copied, moved_bytes)  # fmt: skip
     return {**source, "copied": copied, "bytes_moved": moved_bytes}

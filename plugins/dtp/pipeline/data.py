@@ -54,7 +54,7 @@ from dtp.pipeline.frameworks import (
 )
 from dtp.pipeline.mirror import mirror_dataset, mirror_paths
 from dtp.pipeline.run_dirs import claim_run_dir, lease_shared_dir, run_dir
-from dtp.pipeline.s3_objects import bytes_to_copy, check_room, download, s3_folder
+from dtp.pipeline.s3_objects import bytes_to_copy, check_room, download_all, s3_folder
 from dtp.recipes import INCLUDE_DIR
 
 log = logging.getLogger(__name__)
@@ -268,14 +268,9 @@ def stage_data(
     # The copies still to make, and the shard, written whole beside the one it replaces.
     check_room(dest, bytes_to_copy((listed[key], target) for key, target in targets.items()) + corpus_tokens)
     dest.mkdir(parents=True, exist_ok=True)
-    copied = moved_bytes = 0
-    files = []
-    for key, target in targets.items():
-        size = listed[key]["Size"]
-        if download(s3, bucket, key, size, target, listed[key]["LastModified"]):
-            copied += 1
-            moved_bytes += size
-        files.append(target)
+    copies = ((key, listed[key]["Size"], listed[key]["LastModified"], target) for key, target in targets.items())
+    copied, moved_bytes = download_all(s3, bucket, copies)
+    files = list(targets.values())
     shard = dest.parent / "train.bin"
     tokens = tokenize(files, shard)
     log.info(

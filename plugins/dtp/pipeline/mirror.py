@@ -17,7 +17,7 @@ from typing import Any
 from airflow.providers.amazon.aws.hooks.s3 import S3Hook
 
 from dtp.pipeline.frameworks import dataset_files_problem
-from dtp.pipeline.s3_objects import DOWNLOAD_TMP, as_folder, bytes_to_copy, check_room, download, relative_key
+from dtp.pipeline.s3_objects import DOWNLOAD_TMP, as_folder, bytes_to_copy, check_room, download_all, relative_key
 
 log = logging.getLogger(__name__)
 # How long a temporary file of a download goes unwritten before a mirror takes it for one whose run is gone.
@@ -63,14 +63,8 @@ def mirror_dataset(s3: S3Hook, bucket: str, prefix: str, dest: Path, framework: 
     removed = remove_stale_files(dest, set(paths.values()))
     for path in removed:
         log.info("Removed %s from %s: no object s3://%s/%s%s any more", path, dest, bucket, base, path)
-    copied = moved_bytes = 0
-    for key, path in paths.items():
-        target = dest / path
-        target.parent.mkdir(parents=True, exist_ok=True)
-        size = listed[key]["Size"]
-        if download(s3, bucket, key, size, target, listed[key]["LastModified"]):
-            copied += 1
-            moved_bytes += size
+    copies = ((key, listed[key]["Size"], listed[key]["LastModified"], dest / path) for key, path in paths.items())
+    copied, moved_bytes = download_all(s3, bucket, copies)
     log.info(
         "Mirrored s3://%s/%s -> %s: %d files, %d copied (%d bytes), %d removed",
         bucket,

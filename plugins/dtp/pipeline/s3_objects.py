@@ -70,6 +70,17 @@ def download(s3: S3Hook, bucket: str, key: str, size: int, target: Path, modifie
     return True
 
 
+def download_all(s3: S3Hook, bucket: str, copies: Iterable[tuple[str, int, datetime, Path]]) -> tuple[int, int]:
+    """``download`` each of ``copies`` (key, size, LastModified, target file; the target's folder made first): how
+    many files it copied, and their bytes."""
+    copied = moved_bytes = 0
+    for key, size, modified, target in copies:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if download(s3, bucket, key, size, target, modified):
+            copied, moved_bytes = copied + 1, moved_bytes + size
+    return copied, moved_bytes
+
+
 def is_copy(path: Path, size: int, modified: datetime) -> bool:
     """Whether ``path`` is the copy ``download`` wrote of an object of ``size`` bytes last modified at ``modified``."""
     try:
