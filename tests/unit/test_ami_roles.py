@@ -228,3 +228,29 @@ def test_the_persistence_daemon_has_a_unit_to_enable() -> None:
     assert enable["ansible.builtin.systemd_service"]["daemon_reload"] is True
     assert "nvidia-persistenced" in _resolved(enable["loop"], defaults)
     assert tasks.index(next(t for t in tasks if "ansible.builtin.copy" in t)) < tasks.index(enable)
+
+
+def test_the_neuron_role_installs_the_packages_its_release_pins() -> None:
+    defaults, tasks = _role("neuron")
+    releases = defaults["neuron_releases"]
+    assert ami.default_versions()["neuron_version"] in releases
+    environment = jinja2.Environment(undefined=jinja2.StrictUndefined)
+    (check,) = [task["ansible.builtin.assert"] for task in tasks if "ansible.builtin.assert" in task]
+    install = _task(tasks, "ansible.builtin.dnf")["ansible.builtin.dnf"]
+    packages = environment.compile_expression(install["name"].strip("{} "))
+    for version, pinned in releases.items():
+        assert environment.compile_expression(check["that"])(neuron_version=version, neuron_releases=releases)
+        assert packages(neuron_version=version, neuron_releases=releases) == pinned
+        # One version each of the driver, runtime, collectives and tools, as dnf reads name-version.
+        names = [re.fullmatch(r"(aws-neuronx-[a-z-]+)-([0-9.]+)", package) for package in pinned]
+        assert all(names) and sorted(m.group(1) for m in names if m) == sorted(
+            ["aws-neuronx-dkms", "aws-neuronx-runtime-lib", "aws-neuronx-collectives", "aws-neuronx-tools"]
+        )
+    assert not environment.compile_expression(check["that"])(neuron_version="2.24.0", neuron_releases=releases)
+
+
+def test_the_neuron_ami_and_training_image_are_of_one_sdk_release() -> None:
+    # The AMI's driver serves the runtime inside the image: both come from the same Neuron SDK release.
+    dockerfile = (REPO / "images" / "containers" / "neuron" / "Dockerfile").read_text()
+    (tag,) = re.findall(r"^ARG NEURON_TAG=\S*-sdk([0-9.]+)-", dockerfile, re.M)
+    assert tag == ami.default_versions()["neuron_version"]

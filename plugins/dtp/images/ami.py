@@ -15,6 +15,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any, ClassVar
 
+import yaml
 from pydantic import Field, create_model, field_validator
 
 from dtp.params import FormParams
@@ -69,6 +70,13 @@ def asset_uri(family: str) -> str:
     return f"dtp-ami://{family}"
 
 
+@cache
+def neuron_releases() -> dict[str, list[str]]:
+    """The Neuron SDK releases the neuron role can bake, with the packages it pins for each."""
+    defaults = yaml.safe_load((PACKER_DIR / "ansible" / "roles" / "neuron" / "defaults" / "main.yml").read_text())
+    return dict(defaults["neuron_releases"])
+
+
 def fingerprint_inputs(family: str) -> list[str]:
     """What an AMI of ``family`` depends on besides template and var files: its playbook and the roles."""
     return [str(PACKER_DIR / "ansible" / f"{family}.yml"), str(PACKER_DIR / "ansible" / "roles")]
@@ -97,6 +105,15 @@ class _AmiBakeBase(FormParams):
         if len(set(families)) != len(families):
             raise ValueError("each family may be listed once")
         return families
+
+    @field_validator("neuron_version", check_fields=False)
+    @classmethod
+    def _pinned_neuron_release(cls, version: str) -> str:
+        # The neuron role installs each release's packages at their versions: another release has none to install.
+        if version not in neuron_releases():
+            known = ", ".join(neuron_releases())
+            raise ValueError(f"the neuron role pins no packages for Neuron {version}; known: {known}")
+        return version
 
     def versions(self) -> dict[str, str]:
         return {name: getattr(self, name) for name in default_versions()}
