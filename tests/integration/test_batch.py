@@ -1,13 +1,14 @@
 """The Batch platform against the local emulator: one compute environment, queue and job definition per run,
 a multi-node parallel job submitted to them, verified teardown.
 
-The runs are single-node: the emulator creates no compute environment without securityGroupIds, which a compute
-environment with a launch template leaves to the template's network interfaces, and a job on more nodes needs one
-(``BatchPlatform.check``)."""
+The runs are single-node on an instance type without EFA interfaces: every job needs a launch template
+(``BatchPlatform.check``), and the emulator creates no compute environment without securityGroupIds, which a compute
+environment leaves to the launch template's network interfaces where the instance type has EFA ones."""
 
 from __future__ import annotations
 
 import json
+import os
 import time
 import uuid
 from collections.abc import Iterator
@@ -44,14 +45,21 @@ def spec(stack) -> dict:
 
 @pytest.fixture
 def roles(spec, aws, monkeypatch) -> Iterator[None]:
-    """The account's ECS instance profile and Batch service role (the emulator requires a service role), and the
-    ``dtp_batch`` connection naming them: the stack defines no such connection."""
-    iam, name = aws("iam"), f"{spec['names']['run_key']}-ecs"
+    """The account's ECS instance profile, Batch service role (the emulator requires a service role) and launch
+    template, and the ``dtp_batch`` connection naming them: the stack defines no such connection."""
+    iam, ec2, name = aws("iam"), aws("ec2"), f"{spec['names']['run_key']}-ecs"
     role = iam.create_role(RoleName=name, AssumeRolePolicyDocument=json.dumps(ASSUME_ECS))["Role"]
     profile = iam.create_instance_profile(InstanceProfileName=name)["InstanceProfile"]
-    extra = {"instance_role_arn": profile["Arn"], "service_role_arn": role["Arn"], "wait_timeout_minutes": 1}
+    template = ec2.create_launch_template(LaunchTemplateName=name, LaunchTemplateData={})["LaunchTemplate"]
+    extra = {
+        "instance_role_arn": profile["Arn"],
+        "service_role_arn": role["Arn"],
+        "launch_template_id": template["LaunchTemplateId"],
+        "wait_timeout_minutes": 1,
+    }
     monkeypatch.setenv("AIRFLOW_CONN_DTP_BATCH", json.dumps({"conn_type": "generic", "extra": extra}))
     yield
+    ec2.delete_launch_template(LaunchTemplateId=template["LaunchTemplateId"])
     iam.delete_instance_profile(InstanceProfileName=name)
     iam.delete_role(RoleName=name)
 
@@ -100,16 +108,23 @@ def _left(aws: Any, run_key: str) -> dict[str, list[Any]]:
     }
 
 
-def test_provision_twice_then_a_job_then_teardown_leaves_nothing(spec, outputs, roles, jobs_without_docker, aws):
+def test_provision_twice_then_a_job_then_teardown_leaves_nothing(
+    spec, outputs, roles, jobs_without_docker, aws, first_event
+):
     platform = BatchPlatform(poll_seconds=1)
     run_key = spec["names"]["run_key"]
+    message = f"Batch compute environment {run_key}-ce and job queue {run_key}-queue are VALID"
+    ready = {"status": "success", "message": message}
     try:
         cluster = platform.provision(spec, outputs)
+        # The trigger reaches the emulator through the connection's endpoint, as deploy_cluster defers to it.
+        assert first_event(platform.ready_trigger(cluster)) == ready
         assert platform.provision(spec, outputs) == cluster
         # A teardown that stopped after disabling them: provision enables them again rather than reusing them so.
         aws("batch").update_job_queue(jobQueue=f"{run_key}-queue", state="DISABLED")
         aws("batch").update_compute_environment(computeEnvironment=f"{run_key}-ce", state="DISABLED")
         assert platform.provision(spec, outputs) == cluster
+        assert first_event(platform.ready_trigger(cluster)) == ready
         assert cluster | {"job_definition": None} == {
             "platform": "batch",
             "compute_environment": f"{run_key}-ce",
@@ -126,6 +141,7 @@ def test_provision_twice_then_a_job_then_teardown_leaves_nothing(spec, outputs, 
         resources = environment["computeResources"]
         assert (resources["subnets"], resources["maxvCpus"]) == ([outputs["PrivateSubnet"]], 8)
         assert resources["securityGroupIds"] == [outputs["SecurityGroup"]]
+        assert resources["launchTemplate"]["launchTemplateId"].startswith("lt-")
         assert definition["jobDefinitionArn"] == cluster["job_definition"]
         assert (definition["type"], definition["revision"], definition["tags"]["dtp:run"]) == ("multinode", 1, run_key)
 
@@ -157,12 +173,17 @@ def test_provision_twice_then_a_job_then_teardown_leaves_nothing(spec, outputs, 
     }
 
 
-def test_a_multi_node_run_without_a_launch_template_creates_nothing(spec, outputs, roles, aws) -> None:
+@pytest.mark.parametrize("num_nodes", [1, 2])
+def test_a_run_without_a_launch_template_creates_nothing(spec, outputs, roles, aws, monkeypatch, num_nodes) -> None:
     """Its hosts would get no /fsx to share the run's files through: refused before any request is sent."""
-    multi_node = _spec(num_nodes=2)
-    with pytest.raises(PlatformNotReady, match=r"no launchTemplate .* but the job runs on 2 nodes"):
-        BatchPlatform(poll_seconds=1).provision(multi_node, outputs)
-    assert _left(aws, multi_node["names"]["run_key"]) == {
+    conn = json.loads(os.environ["AIRFLOW_CONN_DTP_BATCH"])
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_DTP_BATCH", json.dumps({**conn, "extra": {**conn["extra"], "launch_template_id": ""}})
+    )
+    run = _spec(num_nodes=num_nodes)
+    with pytest.raises(PlatformNotReady, match=rf"no launchTemplate .* but the job runs on {num_nodes} node"):
+        BatchPlatform(poll_seconds=1).provision(run, outputs)
+    assert _left(aws, run["names"]["run_key"]) == {
         "compute_environments": [],
         "job_queues": [],
         "job_definitions": [],

@@ -80,7 +80,7 @@ def test_shipped_recipes_render_requests_batch_accepts(
     assert compute["instanceTypes"] == [instance_type]
     assert compute["subnets"] == ["subnet-0123456789abcdef0"]
     # The launch template's EFA interfaces carry the security group: EC2 refuses instance-level ones with them.
-    assert "securityGroupIds" not in compute
+    assert compute.get("securityGroupIds") == (None if efa else ["sg-0123456789abcdef0"])
     assert compute["launchTemplate"] == {"launchTemplateId": "lt-0123456789abcdef0", "version": "$Latest"}
     assert compute["instanceRole"] == SETTINGS["instance_role_arn"]
     assert "serviceRole" not in environment and "placementGroup" not in compute
@@ -177,16 +177,22 @@ def test_optional_settings_reach_the_compute_environment(settings) -> None:
 @pytest.mark.parametrize(
     ("conf", "needs"),
     [
-        ({"num_nodes": 1}, "the job maps 32 EFA devices (/dev/infiniband/uverbs*):"),
+        (
+            {"num_nodes": 1},
+            "the job maps 32 EFA devices (/dev/infiniband/uverbs*) and runs on 1 node, which shares the run's files",
+        ),
         ({"recipe": "tiny", "instance_type": "m5.2xlarge", "num_nodes": 2}, "the job runs on 2 nodes, which share"),
         ({"num_nodes": 2}, "the job maps 32 EFA devices (/dev/infiniband/uverbs*) and runs on 2 nodes, which share"),
+        # Its /fsx would be an empty folder of the host's disk: no config to read, its results and checkpoints lost.
+        ({"recipe": "tiny", "instance_type": "m5.2xlarge", "num_nodes": 1}, "the job runs on 1 node, which shares"),
     ],
 )
-def test_without_a_launch_template_efa_and_multi_node_jobs_are_refused_before_anything_exists(
+def test_without_a_launch_template_every_job_is_refused_before_anything_exists(
     settings, monkeypatch, conf, needs
 ) -> None:
-    """Without the launch template the hosts get no EFA interfaces (the container's devices do not exist) and no
-    /fsx: the run is refused at validate_params and provision creates nothing."""
+    """Without the launch template the hosts get no /fsx, through which the Airflow workers and the job's nodes
+    share the run's files, and no EFA interfaces (the container's devices do not exist): the run is refused at
+    validate_params and provision creates nothing."""
     settings(launch_template_id="")
     platform = BatchPlatform()
     problems = platform.check(platform.render(spec_for(**conf), NETWORK))
@@ -194,6 +200,10 @@ def test_without_a_launch_template_efa_and_multi_node_jobs_are_refused_before_an
         "compute-environment.json: no launchTemplate (connection 'dtp_batch' gives no launch_template_id), but "
     )
     assert needs in problems[0]
+    assert (
+        "the run's files (config, programs, results, checkpoints) with the Airflow workers through /fsx"
+        in (problems[0])
+    )
     assert problems[0].endswith("user data that mounts the FSx for Lustre file system at /fsx")
     efa = "one network interface of InterfaceType efa on each network card 0..31, whose Groups hold the run's EFA"
     assert (efa in problems[0]) == ("EFA devices" in needs)
@@ -203,22 +213,25 @@ def test_without_a_launch_template_efa_and_multi_node_jobs_are_refused_before_an
         platform.provision(spec_for(**conf), NETWORK)
 
 
-def test_validate_params_refuses_a_multi_node_run_without_a_launch_template(settings) -> None:
+@pytest.mark.parametrize("num_nodes", [1, 2])
+def test_validate_params_refuses_a_run_without_a_launch_template(settings, num_nodes) -> None:
     settings(launch_template_id="")
-    conf = {"platform": "batch", "recipe": "tiny", "instance_type": "m5.2xlarge", "num_nodes": 2}
+    conf = {"platform": "batch", "recipe": "tiny", "instance_type": "m5.2xlarge", "num_nodes": num_nodes}
     with pytest.raises(ParamsError) as info:
         build_spec({}, conf, RunNames("train_e2e", "manual__1"))
     assert "platform: 'batch' would be refused its cluster:" in str(info.value)
     assert "no launchTemplate (connection 'dtp_batch' gives no launch_template_id)" in str(info.value)
 
 
-def test_a_single_node_without_efa_needs_no_launch_template_and_gets_the_runs_security_group(settings) -> None:
-    settings(launch_template_id="")
+def test_a_single_node_without_efa_gets_the_runs_security_group_beside_the_launch_template(settings) -> None:
+    """The launch template holds no network interfaces for an instance type without EFA ones: the instances take
+    the compute environment's security groups."""
     platform = BatchPlatform()
     documents = platform.render(spec_for(recipe="tiny", instance_type="m5.2xlarge", num_nodes=1), NETWORK)
     assert platform.check(documents) == []
     compute = requests(documents)[0]["computeResources"]
-    assert compute["securityGroupIds"] == ["sg-0123456789abcdef0"] and "launchTemplate" not in compute
+    assert compute["securityGroupIds"] == ["sg-0123456789abcdef0"]
+    assert compute["launchTemplate"] == {"launchTemplateId": "lt-0123456789abcdef0", "version": "$Latest"}
 
 
 def test_the_network_stacks_placement_group_holds_the_nodes(settings) -> None:

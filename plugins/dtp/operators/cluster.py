@@ -37,7 +37,8 @@ class DeployClusterOperator(BaseOperator):
     clusters still being deleted.
 
     When the platform hands back a trigger (its cluster takes minutes to hours to come up), the task
-    defers to it and frees its worker slot. A platform that is not set up, or a call the AWS endpoint
+    defers to it and frees its worker slot; an event with ``provision_again`` (a cluster made in stages) has the
+    task provision again and defer to the next trigger. A platform that is not set up, or a call the AWS endpoint
     does not implement (the local profile's emulator), fails the task at once, without retries.
 
     :param spec: the run spec from ``validate_params``
@@ -104,6 +105,9 @@ class DeployClusterOperator(BaseOperator):
         if event["status"] != "success":
             raise AirflowException(event["message"])
         self.log.info(event["message"])
+        if event.get("provision_again"):
+            # A cluster made in stages (Batch: a job queue only on a VALID compute environment): the next stage.
+            return self._provision(get_platform(self.spec["params"]["platform"]))
         return {**cluster, **event.get("cluster", {})}
 
 

@@ -93,7 +93,9 @@ class ComputePlatform(Protocol):
         ``ami_family``, where one is published); return how to reach it."""
 
     def ready_trigger(self, cluster: dict[str, Any]) -> BaseTrigger | None:
-        """A trigger that fires once ``provision``'s cluster is ready; None when it is ready already."""
+        """A trigger that fires once ``provision``'s cluster is ready; None when it is ready already. A success
+        event with ``provision_again`` (a cluster made in stages) has deploy_cluster provision again and defer to the
+        next trigger."""
 
     def stop_jobs(self, spec: dict[str, Any]) -> dict[str, Any]:
         """Stop the run's jobs (training, preflight, ...), waiting until they are gone where the scheduler tells

@@ -3,12 +3,14 @@
 ``provision`` creates (or finds again) a managed EC2 compute environment of the run's instance type in the run's
 private subnet, a job queue on it and a ``multinode`` job definition whose nodes each run torchrun with one process
 per accelerator (reference pattern: Batch's multi-node parallel jobs, whose nodes learn their index, the node count
-and the main node's address from ``AWS_BATCH_JOB_*`` variables). ``teardown`` terminates the run's jobs,
+and the main node's address from ``AWS_BATCH_JOB_*`` variables); ``ready_trigger`` waits in the triggerer until the
+compute environment and the queue are VALID. ``teardown`` terminates the run's jobs,
 deregisters its job definitions and disables then deletes the queue and the compute environment, waiting until
 each is gone. The shared filesystem is the host's ``/fsx``: ECS cannot mount FSx for Lustre itself, so the
 ``dtp_batch`` connection's launch template mounts it on every host (and attaches the EFA interfaces); ``check``
-refuses a multi-node job, or an instance type with EFA interfaces, without one. The compute environment joins the
-network stack's cluster placement group where the stack has one (its ``PlacementGroup`` output).
+refuses every job without one, since the Airflow workers and the job's nodes share the run's files through it. The
+compute environment joins the network stack's cluster placement group where the stack has one (its
+``PlacementGroup`` output).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from dtp.platforms.containers import (
     trainer_environment,
 )
 from dtp.platforms.service_models import request_problems
+from dtp.triggers.batch import BatchJobQueueTrigger
 
 CONN_ID = "dtp_batch"
 DOCUMENTS = ("compute-environment.json", "job-queue.json", "job-definition.json")
@@ -58,18 +61,19 @@ LAUNCH = (
 
 
 class BatchSettings(PlatformSettings):
-    """the account's Batch settings: instance_role_arn and optional service_role_arn, launch_template_id, image
+    """the account's Batch settings: instance_role_arn, launch_template_id and optional service_role_arn, image
 
-    The launch template (needed for a multi-node job or an instance type with EFA interfaces) mounts FSx for Lustre
-    at /fsx on each host and holds one network interface of InterfaceType efa per EFA interface of the instance
-    type; those interfaces must carry the run's EFA security group (the ``dtp_network`` connection's
-    ``security_group``): with a launch template the compute environment sets no security groups of its own, since
-    EC2 refuses instance-level security groups together with network interfaces."""
+    The launch template (``check`` refuses every job without one) mounts FSx for Lustre at /fsx on each host and
+    holds one network interface of InterfaceType efa per EFA interface of the instance type; those interfaces must
+    carry the run's EFA security group (the ``dtp_network`` connection's ``security_group``): for an instance type
+    with EFA interfaces the compute environment sets no security groups of its own, since EC2 refuses
+    instance-level security groups together with network interfaces."""
 
     instance_role_arn: str = Field(pattern=r"^arn:aws[a-z-]*:iam::\d{12}:instance-profile/[\w+=,.@/-]+$")
     # Empty: Batch uses its service-linked role.
     service_role_arn: str = Field("", pattern=r"^$|^arn:aws[a-z-]*:iam::\d{12}:role/[\w+=,.@/-]+$")
-    # Mounts FSx for Lustre at /fsx on each host and attaches the instance type's EFA interfaces (see above).
+    # Mounts FSx for Lustre at /fsx on each host and attaches the instance type's EFA interfaces (see above); empty:
+    # every job is refused, naming this field.
     launch_template_id: str = Field("", pattern=r"^$|^lt-[0-9a-f]{8,17}$")
     max_nodes: int = Field(16, ge=1)
     # The training container when no DTP image is published for batch; the programs are then staged on FSx.
@@ -141,11 +145,11 @@ class BatchPlatform:
             "ec2Configuration": [{"imageType": "ECS_AL2023_NVIDIA" if is_nvidia(instance) else "ECS_AL2023"}],
             "tags": spec["tags"],
         }
-        # The launch template's network interfaces carry the security groups: Batch would put securityGroupIds on
-        # the instances, and EC2 refuses those together with network interfaces.
         if settings.launch_template_id:
             compute["launchTemplate"] = {"launchTemplateId": settings.launch_template_id, "version": "$Latest"}
-        else:
+        # The launch template's EFA network interfaces carry the security groups where the instance type has any:
+        # Batch would put securityGroupIds on the instances, and EC2 refuses those together with network interfaces.
+        if not (settings.launch_template_id and instance["efa_interfaces"]):
             compute["securityGroupIds"] = [network["SecurityGroup"]]
         # Batch takes only an existing placement group: the network stack's, where it has one.
         if placement_group := network.get("PlacementGroup"):
@@ -253,25 +257,25 @@ class BatchPlatform:
 
     # --- lifecycle --------------------------------------------------------------------------------------------------
     def provision(self, spec: dict[str, Any], network: dict[str, str], ami: str | None = None) -> dict[str, Any]:
+        """Create what is missing of the run's compute environment, job queue and job definition, enabling a compute
+        environment or queue a half-finished teardown disabled (VALID, but it would take no job). Batch takes a queue
+        only on a VALID compute environment: while the compute environment is being created the queue is left to the
+        next ``provision``, which deploy_cluster runs once ``ready_trigger`` saw the compute environment VALID."""
         documents = self.render(spec, network)
         if problems := self.check(documents):
             raise PlatformNotReady("the Batch requests are invalid:\n" + "\n".join(problems))
         environment, queue, definition = (json.loads(documents[name]) for name in DOCUMENTS)
-        client = self.client
-        for kind, request, create in (
-            ("compute_environment", environment, client.create_compute_environment),
-            ("job_queue", queue, client.create_job_queue),
+        client, environment_name = self.client, environment["computeEnvironmentName"]
+        _create_or_enable(client, "compute_environment", environment, client.create_compute_environment)
+        # A queue is created only on a VALID compute environment; one that exists is enabled all the same.
+        if (
+            describe(client, "job_queue", queue["jobQueueName"])
+            or _status(client, "compute_environment", environment_name) == "VALID"
         ):
-            name = request[f"{_camel(kind)}Name"]
-            found = _describe(client, kind, name)
-            if not found:
-                create(**request)
-            elif found[0]["state"] == "DISABLED":  # a half-finished teardown's: VALID, but it would take no job
-                getattr(client, f"update_{kind}")(**{_camel(kind): name, "state": "ENABLED"})
-            self._wait(client, kind, name, lambda items: bool(items) and items[0]["status"] == "VALID")
+            _create_or_enable(client, "job_queue", queue, client.create_job_queue)
         return {
             "platform": self.name,
-            "compute_environment": environment["computeEnvironmentName"],
+            "compute_environment": environment_name,
             "job_queue": queue["jobQueueName"],
             "job_definition": self._register(client, definition),
             "scheduler": self.scheduler,
@@ -279,8 +283,17 @@ class BatchPlatform:
             "nodes": spec["params"]["num_nodes"],
         }
 
-    def ready_trigger(self, cluster: dict[str, Any]) -> None:
-        return None  # provision waited until the compute environment and the queue were VALID
+    def ready_trigger(self, cluster: dict[str, Any]) -> BatchJobQueueTrigger:
+        """Waits in the triggerer until the cluster's compute environment and job queue are VALID, for the
+        connection's ``wait_timeout_minutes``."""
+        minutes = self.wait_timeout_minutes or self.settings.wait_timeout_minutes
+        return BatchJobQueueTrigger(
+            cluster["compute_environment"],
+            cluster["job_queue"],
+            aws_conn_id=self.aws_conn_id,
+            poll_interval=self.poll_seconds,
+            timeout=minutes * 60,
+        )
 
     def register_job_definition(self, spec: dict[str, Any], runtime: dict[str, str]) -> str:
         """The ARN of the run's job definition running ``runtime``'s image: its active revision when that has the
@@ -302,7 +315,7 @@ class BatchPlatform:
         run_key, client = spec["names"]["run_key"], self.client
         queue = f"{run_key}-queue"
         terminated: list[str] = []
-        if _describe(client, "job_queue", queue):
+        if describe(client, "job_queue", queue):
             for status in ACTIVE_JOB_STATES:
                 for page in client.get_paginator("list_jobs").paginate(jobQueue=queue, jobStatus=status):
                     for job in page["jobSummaryList"]:
@@ -328,13 +341,13 @@ class BatchPlatform:
 
     def _disable_and_delete(self, client: Any, kind: str, name: str) -> bool:
         """Batch deletes a queue or compute environment only once it is DISABLED and settled; False when gone."""
-        found = _describe(client, kind, name)
+        found = describe(client, kind, name)
         if not found:
             return False
         if found[0]["state"] != "DISABLED":
             getattr(client, f"update_{kind}")(**{_camel(kind): name, "state": "DISABLED"})
         self._wait(client, kind, name, lambda items: not items or items[0]["status"] not in ("CREATING", "UPDATING"))
-        if _describe(client, kind, name):
+        if describe(client, kind, name):
             getattr(client, f"delete_{kind}")(**{_camel(kind): name})
         self._wait(client, kind, name, lambda items: not items)
         return True
@@ -342,7 +355,7 @@ class BatchPlatform:
     def _wait(self, client: Any, kind: str, name: str, done: Callable[[list[dict[str, Any]]], bool]) -> None:
         minutes = self.wait_timeout_minutes or self.settings.wait_timeout_minutes
         deadline = time.monotonic() + minutes * 60
-        while not done(items := _describe(client, kind, name)):
+        while not done(items := describe(client, kind, name)):
             what = f"Batch {kind.replace('_', ' ')} {name}"
             if items and items[0]["status"] == "INVALID":
                 raise RuntimeError(f"{what} is INVALID: {items[0].get('statusReason')}")
@@ -357,11 +370,28 @@ def _camel(kind: str) -> str:
     return first + rest.title().replace("_", "")
 
 
-def _describe(client: Any, kind: str, name: str) -> list[dict[str, Any]]:
+def describe(client: Any, kind: str, name: str) -> list[dict[str, Any]]:
     """The job queue or compute environment ``name`` unless deleted (Batch lists a deleted one for a while)."""
     key = _camel(kind)
     found = getattr(client, f"describe_{kind}s")(**{f"{key}s": [name]})[f"{key}s"]
     return [item for item in found if item[f"{key}Name"] == name and item.get("status") != "DELETED"]
+
+
+def _status(client: Any, kind: str, name: str) -> str | None:
+    """The status of the job queue or compute environment ``name``; None while Batch does not list it."""
+    found = describe(client, kind, name)
+    return found[0]["status"] if found else None
+
+
+def _create_or_enable(client: Any, kind: str, request: dict[str, Any], create: Callable[..., Any]) -> None:
+    """Create the job queue or compute environment of ``request`` with ``create`` unless it exists; enable it
+    where it is DISABLED."""
+    name = request[f"{_camel(kind)}Name"]
+    found = describe(client, kind, name)
+    if not found:
+        create(**request)
+    elif found[0]["state"] == "DISABLED":
+        getattr(client, f"update_{kind}")(**{_camel(kind): name, "state": "ENABLED"})
 
 
 def _job_definitions(client: Any, name: str) -> list[dict[str, Any]]:

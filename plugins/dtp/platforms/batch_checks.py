@@ -1,6 +1,6 @@
 """What Batch would refuse, or a run would fail on, in its compute environment and multi-node job definition
-beyond what Batch's service model checks: a job that needs a launch template's hosts without one, and node ranges
-that do not cover the job's nodes exactly once."""
+beyond what Batch's service model checks: a compute environment without the launch template that gives its hosts
+the shared ``/fsx`` (and EFA interfaces), and node ranges that do not cover the job's nodes exactly once."""
 
 from __future__ import annotations
 
@@ -11,18 +11,24 @@ from dtp.platforms.containers import FSX_MOUNT
 
 
 def launch_template_problems(environment: dict[str, Any], definition: dict[str, Any], conn_id: str) -> list[str]:
-    """A job that needs what only a launch template gives its hosts (EFA interfaces, the shared ``/fsx``) in a
-    compute environment without one (``conn_id``'s launch_template_id)."""
+    """A compute environment without a launch template (``conn_id``'s launch_template_id): its hosts get no
+    ``/fsx``, which every job needs, and no EFA interfaces, which a job that maps EFA devices needs.
+
+    Without the mount, ECS gives the container an empty ``/fsx`` of the host's own disk: the run's config and
+    staged programs, which the Airflow worker writes to the run's folder on FSx, are not there, and what a job
+    writes (the preflight's results, metrics, checkpoints) stays on the host and goes with it."""
     if (environment.get("computeResources") or {}).get("launchTemplate"):
         return []
     nodes = definition.get("nodeProperties") or {}
     containers = [node_range.get("container") or {} for node_range in nodes.get("nodeRangeProperties", [])]
     efa = max((len(_efa_devices(container)) for container in containers), default=0)
     count = nodes.get("numNodes", 0)
+    shares = "which share" if count > 1 else "which shares"
     needs = [f"maps {efa} EFA devices (/dev/infiniband/uverbs*)"] if efa else []
-    needs += [f"runs on {count} nodes, which share the run's files through {FSX_MOUNT}"] if count > 1 else []
-    if not needs:
-        return []
+    needs += [
+        f"runs on {count} node{'s' if count > 1 else ''}, {shares} the run's files (config, programs, results, "
+        f"checkpoints) with the Airflow workers through {FSX_MOUNT}"
+    ]
     interfaces = (
         f"one network interface of InterfaceType efa on each network card 0..{efa - 1}, whose Groups hold the run's "
         "EFA security group (the dtp_network connection's security_group), and "
