@@ -22,6 +22,7 @@ from urllib.parse import parse_qs, urlsplit
 import boto3
 import pytest
 from botocore.stub import Stubber
+from hyperpod_support import SETTINGS
 from moto import mock_aws
 
 JOBS_PATH = "/apis/kubeflow.org/v1/namespaces/{namespace}/pytorchjobs"
@@ -219,3 +220,16 @@ def trainer_mfu() -> ModuleType:
     sys.modules["trainer_mfu"] = module  # its dataclasses resolve their annotations through it
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture
+def settings(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """The dtp_hyperpod connection, of hyperpod_support's ``SETTINGS``; ``settings(**extra)`` sets it again with
+    ``extra`` over them (the HyperPod tests'; a module's own ``settings`` fixture takes its place there)."""
+
+    def use(**extra: Any) -> None:
+        conn = {"conn_type": "generic", "extra": {**SETTINGS, **extra}}
+        monkeypatch.setenv("AIRFLOW_CONN_DTP_HYPERPOD", json.dumps(conn))
+
+    use()
+    return use

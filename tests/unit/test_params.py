@@ -1,50 +1,23 @@
-"""dtp.params: validate_params refuses every bad conf with a message naming the field and value (the trigger
+"""dtp.params: validate_params refuses every bad conf with a message naming the field and value (the recipe
+against the run: test_params_recipes.py; the run's checkpoints, budget and corpus: test_params_sizing.py; the trigger
 form's schema: test_trigger_form_schema.py)."""
 
 from __future__ import annotations
 
-import json
 import re
 import subprocess
 from typing import Any
 
 import pytest
-from parallelcluster_support import use_settings
+from params_support import refuse
 
-from dtp.costs import MODEL_PARAMETERS
-from dtp.naming import RunNames
 from dtp.params import (
     RESERVED_ENV,
-    ParamsError,
     TrainParams,
     validate_params,
 )
-from dtp.pipeline.spec import build_spec, checkpoint_space_problem, sample_corpus_problem
-from dtp.platforms import get_platform
-from dtp.recipes import catalogue, get_recipe
+from dtp.recipes import catalogue
 from dtp.templates import TEMPLATE_DIR
-
-BIG_70B = {
-    "platform": "parallelcluster",
-    "recipe": "llama3_1_70b",
-    "instance_type": "p5.48xlarge",
-    "num_nodes": 16,
-    "max_steps": 1000,
-    "checkpoint_interval": 250,
-}
-
-
-INSTANCE_PROFILE = "arn:aws:iam::123456789012:instance-profile/ecs"
-NAMES = RunNames("train_e2e", "manual__1")
-
-
-def refuse(conf: dict[str, Any]) -> str:
-    with pytest.raises(ParamsError) as info:
-        validate_params(conf)
-    message = str(info.value)
-    assert message.startswith("invalid parameters:")
-    return message
-
 
 # --- valid --------------------------------------------------------------------------------------
 
@@ -239,70 +212,6 @@ def test_instance_type_not_on_platform_lists_what_is() -> None:
     assert "allowed there: local.cpu" in message
 
 
-@pytest.mark.parametrize("platform", ["eks", "batch"])
-def test_off_slurm_dtps_fsdp_trainer_runs_and_other_frameworks_are_refused(
-    platform: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    batch = {"instance_role_arn": INSTANCE_PROFILE, "launch_template_id": "lt-0123456789abcdef0"}
-    extra = {"cluster_name": "c"} if platform == "eks" else batch
-    monkeypatch.setenv(f"AIRFLOW_CONN_DTP_{platform.upper()}", json.dumps({"conn_type": "generic", "extra": extra}))
-    # Batch's multi-node EFA jobs need the launch template, which mounts a file system of an existing VPC.
-    vpc = {"vpc_id": "vpc-0123456789abcdef0", "private_subnet": "subnet-0123456789abcdef0"}
-    vpc["security_group"] = "sg-0123456789abcdef0"
-    monkeypatch.setenv("AIRFLOW_CONN_DTP_NETWORK", json.dumps({"conn_type": "generic", "extra": vpc}))
-    conf = {"platform": platform, "instance_type": "p5.48xlarge", "num_nodes": 2, "budget_usd": 1000.0}
-    spec = build_spec({}, {**conf, "recipe": "llama3_1_8b"}, NAMES)
-    assert (spec["params"]["platform"], spec["recipe"]["framework"]) == (platform, "fsdp")
-    with pytest.raises(ParamsError) as info:
-        build_spec({}, {**conf, "recipe": "llama3_1_8b_nemo"}, NAMES)
-    assert (
-        f"recipe: got 'llama3_1_8b_nemo', which trains with nemo; on {platform} DTP runs its own FSDP trainer only"
-    ) in str(info.value)
-
-
-def test_nodes_that_do_not_fit_the_model_split_are_refused() -> None:
-    # TP 8 x PP 2 = 16 GPUs per model replica; one p5 node has 8.
-    message = refuse({"recipe": "llama3_1_70b_megatron", "num_nodes": 1, "instance_type": "p5.48xlarge"})
-    assert "\nnum_nodes: got 1; recipe 'llama3_1_70b_megatron' splits the model over 16 accelerators" in message
-
-
-def test_a_megatron_run_no_longer_than_its_warmup_is_refused_before_anything_exists() -> None:
-    megatron = {"recipe": "llama3_1_70b_megatron", "num_nodes": 16, "instance_type": "p5.48xlarge", "max_steps": 200}
-    assert (
-        "\nmax_steps: got 200; Megatron-LM requires the learning rate's warmup of recipe 'llama3_1_70b_megatron' "
-        "(200 steps) to end before the last step: give more than 200"
-    ) in refuse(megatron)
-    assert "max_steps" not in refuse({**megatron, "max_steps": 201})
-
-
-def test_a_framework_recipe_needs_its_prepared_dataset() -> None:
-    megatron = {"recipe": "llama3_1_70b_megatron", "num_nodes": 16, "instance_type": "p5.48xlarge"}
-    assert (
-        "\ndataset_uri: empty; recipe 'llama3_1_70b_megatron' (megatron-lm) trains on a dataset prepared in its "
-        "format: give the S3 prefix that holds it (train_text_document.bin, train_text_document.idx)"
-    ) in refuse(megatron)
-    assert "dataset_uri" not in refuse({**megatron, "dataset_uri": "s3://corpus/megatron/", "num_nodes": 1})
-    # DTP's trainer falls back to the shipped corpus; NeMo's recipes train on synthetic tokens.
-    for recipe in ("llama3_1_8b", "llama3_1_8b_nemo"):
-        assert "dataset_uri" not in refuse({"recipe": recipe, "num_nodes": 1, "instance_type": "p5.48xlarge"})
-
-
-@pytest.mark.parametrize(
-    ("recipe", "instance_type", "runs_on"),
-    [
-        ("llama3_1_8b", "trn1.32xlarge", "GPUs or CPUs, not Trainium"),
-        ("llama3_1_8b_trn1", "p5.48xlarge", "Trainium only"),
-    ],
-)
-def test_a_recipe_on_an_accelerator_its_framework_cannot_use_is_refused(
-    recipe: str, instance_type: str, runs_on: str
-) -> None:
-    # DTP's trainer on a trn1 would find no CUDA device and train on the CPUs for the whole budget.
-    conf = {"recipe": recipe, "platform": "parallelcluster", "instance_type": instance_type, "num_nodes": 4}
-    assert f"instance_type: got {instance_type!r} (" in refuse(conf)
-    assert f"which runs on {runs_on}" in refuse(conf)
-
-
 def test_reserved_env_names_are_all_refused() -> None:
     for name in [*RESERVED_ENV, "SLURM_NNODES", "PET_NNODES", "TORCHELASTIC_RESTART_COUNT"]:
         assert "set by the pipeline" in refuse({"extra_env": {name: "x"}})
@@ -334,92 +243,6 @@ def test_huge_value_is_refused_with_a_short_message() -> None:
     assert len(message) < 1000
 
 
-# --- checkpoints on the shared file system ------------------------------------------------------
-
-AFFORDABLE_70B = {**BIG_70B, "budget_usd": 1e6}
-
-
-def test_checkpoints_the_clusters_file_system_cannot_hold_are_refused_with_what_would_fit(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    use_settings(monkeypatch, key_name="dtp-head", fsx_storage_capacity_gib=1200)
-    with pytest.raises(ParamsError) as info:
-        build_spec({}, AFFORDABLE_70B, NAMES)
-    # DTP's trainer keeps 2 checkpoints of 847 GB and writes the third before it deletes the oldest.
-    assert str(info.value) == (
-        "invalid parameters:\ncheckpoint_interval: got 250; recipe 'llama3_1_70b' (fsdp) saves 4 checkpoints of 847 "
-        "GB (70.6B parameters and their optimizer state), up to 3 at once on the shared file system: 2365 GiB, more "
-        "than the 1200 GiB FSx for Lustre dtp_parallelcluster makes for the run: give a checkpoint_interval of 1000 "
-        "or more, or give dtp_parallelcluster an fsx_storage_capacity_gib of 2400 or more (or none, to size it to "
-        "each run), or an existing FSx for Lustre that has the room (fsx_file_system_id)"
-    )
-
-
-@pytest.mark.parametrize(
-    ("conf", "settings"),
-    [
-        ({"checkpoint_interval": 1000}, {}),  # one checkpoint, at the end
-        ({}, {"fsx_storage_capacity_gib": 2400}),
-        ({}, {}),  # a file system sized to the run
-        ({}, {"fsx_file_system_id": "fs-0123456789abcdef0"}),  # its free space is not known: not judged
-    ],
-)
-def test_checkpoints_that_fit_or_a_file_system_of_unknown_size_pass(
-    monkeypatch: pytest.MonkeyPatch, conf: dict[str, Any], settings: dict[str, Any]
-) -> None:
-    platform = use_settings(monkeypatch, key_name="dtp-head", **settings)
-    params = validate_params({**AFFORDABLE_70B, **conf})
-    assert checkpoint_space_problem(params, get_recipe("llama3_1_70b"), platform) is None
-
-
-@pytest.mark.parametrize("platform", ["hyperpod", "eks"])
-def test_checkpoints_are_not_judged_where_the_file_systems_size_is_not_known(platform: str) -> None:
-    params = validate_params({**AFFORDABLE_70B, "platform": platform})
-    assert checkpoint_space_problem(params, get_recipe("llama3_1_70b"), get_platform(platform)) is None
-
-
-def test_fewer_checkpoints_of_mixtral_fit(monkeypatch: pytest.MonkeyPatch) -> None:
-    platform = use_settings(monkeypatch, key_name="dtp-head", fsx_storage_capacity_gib=1200)
-    conf = {**AFFORDABLE_70B, "recipe": "mixtral_8x7b", "num_nodes": 8}
-    problem = checkpoint_space_problem(validate_params(conf), get_recipe("mixtral_8x7b"), platform)
-    # 3 x 560 GB do not fit in 1200 GiB, 2 do.
-    assert problem is not None
-    assert problem.startswith("checkpoint_interval: got 250; recipe 'mixtral_8x7b' (fsdp) saves 4 checkpoints of 560")
-    assert "give a checkpoint_interval of 500 or more" in problem
-    assert (
-        checkpoint_space_problem(
-            validate_params({**conf, "checkpoint_interval": 500}), get_recipe("mixtral_8x7b"), platform
-        )
-        is None
-    )
-
-
-def test_a_model_whose_one_checkpoint_does_not_fit_names_the_recipe(monkeypatch: pytest.MonkeyPatch) -> None:
-    platform = use_settings(monkeypatch, key_name="dtp-head", fsx_storage_capacity_gib=1200)
-    monkeypatch.setitem(MODEL_PARAMETERS, "llama3_1_70b", 120_000_000_000)  # 1440 GB a checkpoint
-    problem = checkpoint_space_problem(validate_params(AFFORDABLE_70B), get_recipe("llama3_1_70b"), platform)
-    assert problem is not None
-    assert problem.startswith("recipe: got 'llama3_1_70b'; recipe 'llama3_1_70b' (fsdp) saves 4 checkpoints of 1440")
-    assert problem.endswith(
-        "give dtp_parallelcluster an fsx_storage_capacity_gib of 4800 or more (or none, to size it to each run), or "
-        "an existing FSx for Lustre that has the room (fsx_file_system_id)"
-    )
-
-
-def test_budget_too_low_for_70b_names_the_cost_along_with_the_platform() -> None:
-    message = refuse({**BIG_70B, "budget_usd": 100})
-    # (1000 steps x 8 s + 4 checkpoints of 847 GB at the default FSx's 293 MB/s + 10 min to start + 2 h of cluster
-    # creation, preflight and teardown) x 16 nodes x 98.32 USD/h
-    assert (
-        "\nbudget_usd: got 100.0; the estimated cost is 11955.50 USD (16 x p5.48xlarge for 1000 steps and up to 2 h of"
-        " setup and teardown)"
-    ) in message
-
-
-def test_sufficient_budget_is_accepted() -> None:
-    assert validate_params({**BIG_70B, "budget_usd": 11956}).budget_usd == 11956
-
-
 # --- lax coercion (findings) --------------------------------------------------------------------
 
 
@@ -434,50 +257,3 @@ def test_wrongly_typed_values_are_refused(field: str, value: Any) -> None:
 def test_env_name_with_trailing_newline_is_refused() -> None:
     message = refuse({"extra_env": {"A\n": "x"}})
     assert "\nextra_env: " in message
-
-
-# --- the trigger form -----------------------------------------------------------------------------
-
-
-def test_a_recipe_sized_for_gpus_is_refused_on_cpu_nodes() -> None:
-    # llama3_1_70b on the form's default 2 x local.cpu passed, and would have built its stacks before running out
-    # of memory.
-    message = refuse({"recipe": "llama3_1_70b"})
-    assert (
-        "instance_type: got 'local.cpu' (cpu); recipe 'llama3_1_70b' is sized for p5.48xlarge (H100) nodes" in message
-    )
-    assert "a recipe for CPUs (tiny, tiny_deep)" in message
-    assert "Trainium only" in refuse({"recipe": "llama3_1_8b_trn1"}) and "sized for" not in refuse(
-        {"recipe": "llama3_1_8b_trn1"}
-    )
-
-
-# --- the sample corpus ----------------------------------------------------------------------------
-
-
-def test_a_run_whose_step_takes_more_windows_than_the_sample_corpus_has_is_refused(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    # 16 x 8 GPUs take 128 windows of 8192 + 1 bytes a step; the shipped corpus (613 kB) has 74.
-    use_settings(monkeypatch, key_name="dtp-head")
-    with pytest.raises(ParamsError) as info:
-        build_spec({}, {**AFFORDABLE_70B, "checkpoint_interval": 1000}, NAMES)
-    assert str(info.value) == (
-        "invalid parameters:\ndataset_uri: empty, so recipe 'llama3_1_70b' would train on DTP's sample corpus, 74 "
-        "windows of 8192 + 1 bytes, while a step on 16 x p5.48xlarge takes 128 and no two ranks of a step may share "
-        "one: give a dataset_uri"
-    )
-
-
-@pytest.mark.parametrize(
-    "conf",
-    [
-        {**AFFORDABLE_70B, "num_nodes": 9},  # 72 windows a step
-        {**AFFORDABLE_70B, "dataset_uri": "s3://corpus/text/"},
-        {**AFFORDABLE_70B, "recipe": "llama3_1_70b_megatron", "dataset_uri": "s3://corpus/megatron/"},
-        {**AFFORDABLE_70B, "recipe": "mixtral_8x7b", "num_nodes": 8},  # 64 of the 149 windows of 4096 + 1 bytes
-    ],
-)
-def test_a_run_the_sample_corpus_has_the_windows_for_or_of_another_dataset_passes(conf: dict[str, Any]) -> None:
-    params = validate_params(conf)
-    assert sample_corpus_problem(params, get_recipe(params.recipe)) is None

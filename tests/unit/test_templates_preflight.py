@@ -1,0 +1,95 @@
+"""The preflight job's template (slurm/preflight.sbatch.j2): torch's all-reduce sweep, nccl-tests with one rank per
+GPU against the AMI's libraries, nccom-test with a worker per NeuronCore on Trainium, and the job's time limit."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+from templates_support import CONTEXTS, fake_slurm
+
+from dtp.templates import render
+
+
+def test_gpu_preflight_runs_nccl_tests_one_rank_per_gpu() -> None:
+    context = {**CONTEXTS["slurm/preflight.sbatch.j2"], "procs_per_node": 8, "max_bytes": 16 << 30}
+    torch_only = render("slurm/preflight.sbatch.j2", **{**context, "nccl_tests_path": "", "nccom_test_path": ""})
+    assert "all_reduce_perf" not in torch_only and "--no-busbw" not in torch_only
+    assert "/opt/aws/neuron/bin/nccom-test" not in torch_only
+    assert "#SBATCH --exclusive\n" in torch_only  # torch's all-reduce sweep needs whole nodes as much
+    text = render("slurm/preflight.sbatch.j2", **context)
+    assert "#SBATCH --exclusive\n" in text
+    assert "--max-bytes 17179869184 --no-busbw\n" in text
+    assert (
+        'srun --mpi=pmix -N "$SLURM_NNODES" -n $((SLURM_NNODES * 8)) --ntasks-per-node=8 \\\n'
+        "  /opt/nccl-tests/build/all_reduce_perf -b 8 -e 17179869184 -f 2 -g 1 -c 1 -n 20 "
+        "> /fsx/runs/r/nccl-tests.out\n"
+    ) in text
+
+
+def test_nccl_tests_run_one_task_per_gpu_of_every_node_against_the_ami_s_libraries(tmp_path: Path) -> None:
+    # Inside the job's allocation (one task a node) srun would otherwise start one task a node: one GPU each.
+    context = {
+        **CONTEXTS["slurm/preflight.sbatch.j2"],
+        "procs_per_node": 8,
+        "env": {},
+        "nccl_tests_path": tmp_path / "nccl-tests.out",
+        "nccom_test_path": "",
+    }
+    script = tmp_path / "preflight.sbatch"
+    script.write_text(render("slurm/preflight.sbatch.j2", **context))
+    env = {**fake_slurm(tmp_path), "SLURM_NNODES": "2", "LD_LIBRARY_PATH": "/usr/lib64"}
+    subprocess.run(["bash", str(script)], capture_output=True, text=True, cwd=tmp_path, env=env, check=True)
+    argv = (tmp_path / "srun.argv").read_text().split("\0")[:-1]  # the last step's: nccl-tests
+    assert argv[: argv.index("/opt/nccl-tests/build/all_reduce_perf")] == [
+        "--mpi=pmix", "-N", "2", "-n", "16", "--ntasks-per-node=8"
+    ]  # fmt: skip
+    step_env = dict(line.split("=", 1) for line in (tmp_path / "srun.env").read_text().splitlines() if "=" in line)
+    assert step_env["LD_LIBRARY_PATH"].split(":") == [
+        "/opt/nccl/build/lib", "/opt/aws-ofi-nccl/lib", "/opt/amazon/efa/lib64", "/opt/amazon/openmpi/lib64",
+        "/usr/lib64",
+    ]  # fmt: skip
+    assert step_env["FI_PROVIDER"] == "efa"
+
+
+def test_trainium_preflight_runs_nccom_test_once_with_a_worker_per_neuron_core_of_every_node(tmp_path: Path) -> None:
+    # nccom-test starts its workers on the hosts it is given, rooted at NEURON_RT_ROOT_COMM_ID (reference:
+    # micro-benchmarks/nccom-tests/slurm/nccom-tests.sbatch); the torch step leaves the bandwidth to it.
+    bin_dir = tmp_path / "neuron"
+    bin_dir.mkdir()
+    (bin_dir / "nccom-test").write_text('#!/bin/bash\nprintf \'%s\\0\' "$@" > argv\nenv > env\necho "size(B) table"\n')
+    (bin_dir / "nccom-test").chmod(0o755)
+    context = {
+        **CONTEXTS["slurm/preflight.sbatch.j2"],
+        "procs_per_node": 32,
+        "max_bytes": 2 << 30,
+        "env": {},
+        "nccl_tests_path": "",
+        "nccom_test_path": tmp_path / "nccom-test.out",
+        "nccom_test_bin": bin_dir,
+    }
+    script = tmp_path / "preflight.sbatch"
+    script.write_text(render("slurm/preflight.sbatch.j2", **context))
+    env = {**fake_slurm(tmp_path), "SLURM_NNODES": "2"}
+    subprocess.run(["bash", str(script)], capture_output=True, text=True, cwd=tmp_path, env=env, check=True)
+    torch_step = (tmp_path / "srun.argv").read_text().split("\0")[:-1]
+    assert torch_step[-3:] == ["--max-bytes", str(2 << 30), "--no-busbw"]
+    assert (tmp_path / "argv").read_text().split("\0")[:-1] == [
+        "--nworkers", "64", "--nnodes", "2", "--minbytes", "65536", "--maxbytes", str(2 << 30), "--stepfactor", "2",
+        "--iters", "20", "--warmup_iters", "5", "--datatype", "fp32", "--non-interactive", "all_reduce",
+        "--hosts", "n1",
+    ]  # fmt: skip
+    tool_env = dict(line.split("=", 1) for line in (tmp_path / "env").read_text().splitlines() if "=" in line)
+    assert tool_env["NEURON_RT_ROOT_COMM_ID"] == "10.0.0.7:28639"  # the first node, beside torch's rendezvous port
+    assert tool_env["FI_PROVIDER"] == "efa"
+    assert (tmp_path / "nccom-test.out").read_text() == "size(B) table\n"
+    assert "all_reduce_perf" not in script.read_text()
+
+
+def test_the_preflight_job_has_a_time_limit() -> None:
+    # It takes whole nodes (--exclusive): a sweep that hangs, or outlives a deleted run, must not keep them.
+    for nccl_tests_path in ("", "/fsx/runs/r/nccl-tests.out"):
+        text = render(
+            "slurm/preflight.sbatch.j2", **{**CONTEXTS["slurm/preflight.sbatch.j2"], "nccl_tests_path": nccl_tests_path}
+        )
+        assert "\n#SBATCH --time=30\n" in text
