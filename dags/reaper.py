@@ -51,10 +51,12 @@ def find_expired_in_aws() -> dict[str, Any]:
 def find_expired_on_cluster() -> list[dict[str, str]]:
     from dataclasses import asdict
 
+    from dtp.naming import installation_id
     from dtp.reaper.active_runs import run_is_active
     from dtp.reaper.cluster import find_expired_on_cluster
 
-    return [asdict(item) for item in find_expired_on_cluster(SLURM_CONN_ID, active=run_is_active)]
+    found = find_expired_on_cluster(SLURM_CONN_ID, active=run_is_active, installation=installation_id())
+    return [asdict(item) for item in found]
 
 
 # After the cluster's sweep, which cancels expired jobs before their run directories go (the mount may be the same
@@ -63,10 +65,12 @@ def find_expired_on_cluster() -> list[dict[str, str]]:
 def find_expired_on_worker_mount() -> list[dict[str, str]]:
     from dataclasses import asdict
 
+    from dtp.naming import installation_id
     from dtp.reaper.active_runs import run_is_active
     from dtp.reaper.cluster import find_expired_on_worker_mount
 
-    return [asdict(item) for item in find_expired_on_worker_mount(SLURM_CONN_ID, active=run_is_active)]
+    found = find_expired_on_worker_mount(SLURM_CONN_ID, active=run_is_active, installation=installation_id())
+    return [asdict(item) for item in found]
 
 
 @task

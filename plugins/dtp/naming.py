@@ -145,26 +145,42 @@ def resource_tags(names: RunNames, recipe: str, expires_at: str) -> dict[str, st
 
 SLURM_EXPIRY_PREFIX = f"{EXPIRES_TAG}="
 SLURM_DAG_PREFIX = f"{TAG_PREFIX}dag="
+SLURM_INSTALLATION_PREFIX = f"{INSTALLATION_TAG}="
 SLURM_RUN_ID_PREFIX = f"{TAG_PREFIX}run-id="
+# The fields slurm_comment writes, in order; the installation may hold a space (tag_value keeps one), so it ends at
+# the run id's prefix, and the run id, last, takes the rest. The DAG run and the installation are optional: a comment
+# written before it named the DAG run carries the expiry alone, one written before it named the installation no
+# installation. Slurm refuses a comment of more than 1024 characters; the longest slurm_comment writes has 830 (a
+# dag_id and a run_id of Airflow's 250 at most, an installation of tag_value's 256).
+_SLURM_COMMENT = re.compile(
+    f"{re.escape(SLURM_EXPIRY_PREFIX)}(?P<expires_at>[^ ]*)"
+    f"( {re.escape(SLURM_DAG_PREFIX)}(?P<dag_id>[^ ]*)"
+    f"( {re.escape(SLURM_INSTALLATION_PREFIX)}(?P<installation>.*?))?"
+    f" {re.escape(SLURM_RUN_ID_PREFIX)}(?P<run_id>.*))?",
+    re.DOTALL,
+)
 
 
-def slurm_comment(expires_at: str, dag_id: str, run_id: str) -> str:
-    """Slurm jobs have no tags: the expiry, and the DAG run whose job it is (the reaper leaves a job of a run still
-    running), travel in the job's comment, where the reaper reads them (``parse_slurm_comment``). The run id goes
-    last and whole: a custom one may hold a space."""
-    return f"{SLURM_EXPIRY_PREFIX}{expires_at} {SLURM_DAG_PREFIX}{dag_id} {SLURM_RUN_ID_PREFIX}{run_id}"
+def slurm_comment(expires_at: str, dag_id: str, run_id: str, installation: str = "") -> str:
+    """Slurm jobs have no tags: the expiry, the DAG run whose job it is (the reaper leaves a job of a run still
+    running) and the installation that runs it (as ``tag_value`` writes it in the ``dtp:installation`` tag: another
+    installation's reaper leaves the job alone for a while past its expiry) travel in the job's comment, where the
+    reaper reads them (``parse_slurm_comment``). No installation (names that have none) writes no field for it. The
+    run id goes last and whole: a custom one may hold a space."""
+    fields = [f"{SLURM_EXPIRY_PREFIX}{expires_at}", f"{SLURM_DAG_PREFIX}{dag_id}"]
+    fields += [f"{SLURM_INSTALLATION_PREFIX}{tag_value(installation)}"] if installation else []
+    return " ".join([*fields, f"{SLURM_RUN_ID_PREFIX}{run_id}"])
 
 
-def parse_slurm_comment(comment: str) -> tuple[str, str, str]:
-    """``(expires_at, dag_id, run_id)`` from a job's comment: empty strings for what it does not carry (a comment
-    written before it named the DAG run carries the expiry alone; one DTP did not write, nothing)."""
-    if not comment.startswith(SLURM_EXPIRY_PREFIX):
-        return "", "", ""
-    expires_at, _, dag_run = comment.removeprefix(SLURM_EXPIRY_PREFIX).partition(" ")
-    dag, _, run = dag_run.partition(" ")
-    if not (dag.startswith(SLURM_DAG_PREFIX) and run.startswith(SLURM_RUN_ID_PREFIX)):
-        return expires_at, "", ""
-    return expires_at, dag.removeprefix(SLURM_DAG_PREFIX), run.removeprefix(SLURM_RUN_ID_PREFIX)
+def parse_slurm_comment(comment: str) -> tuple[str, str, str, str]:
+    """``(expires_at, dag_id, run_id, installation)`` from a job's comment: empty strings for what it does not carry
+    (a comment written before it named the installation carries none, and the reaper counts its job as its own
+    installation's; one written before it named the DAG run carries the expiry alone; one DTP did not write,
+    nothing)."""
+    if not (fields := _SLURM_COMMENT.match(comment)):
+        return "", "", "", ""
+    expires_at, dag_id, run_id, installation = fields.group("expires_at", "dag_id", "run_id", "installation")
+    return expires_at, dag_id or "", run_id or "", installation or ""
 
 
 def aws_tags(tags: Mapping[str, str]) -> list[dict[str, str]]:

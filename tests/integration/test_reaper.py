@@ -73,7 +73,7 @@ def test_reaper_deletes_only_what_expired(stack, aws) -> None:
         return (dag_id, run_id) == (running["dag_id"], running["run_id"])
 
     try:
-        found = in_aws(active) + find_expired_on_cluster(SLURM, active=active)
+        found = in_aws(active) + find_expired_on_cluster(SLURM, active=active, installation="")
         mine = {
             (f.kind, f.run_key)
             for f in found
@@ -279,7 +279,7 @@ def test_reaper_removes_expired_run_directories_from_the_shared_filesystem(stack
     # A marker that is JSON but no object is skipped, and the other directories are still searched.
     (directories["listed"] / RUN_MARKER).write_text(json.dumps([marker]))
 
-    found = [f for f in find_expired_on_cluster(SLURM, active=no_run_active) if f.kind == "run_dir"]
+    found = [f for f in find_expired_on_cluster(SLURM, active=no_run_active, installation="") if f.kind == "run_dir"]
     mine = [f for f in found if f.name in {str(d) for d in directories.values()}]
     assert [(f.name, f.run_key) for f in mine] == [(str(directories["expired"]), expired["names"]["run_key"])]
     assert reap(mine, AWS, SLURM, dry_run=True)["deleted"] == [] and directories["expired"].exists()

@@ -1,5 +1,6 @@
-"""The reaper's Slurm part against the real local cluster: an expired job counts as deleted only once it is gone, and
-the directories runs share go over ssh once every run that leased them has expired."""
+"""The reaper's Slurm part against the real local cluster: an expired job counts as deleted only once it is gone, one of
+another installation sharing the cluster is left for a day past its expiry, and the directories runs share go over ssh
+once every run that leased them has expired."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import asdict
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -24,6 +26,7 @@ pytestmark = pytest.mark.stack
 AWS, SLURM = "aws_default", "slurm_default"
 # slurm_default's cluster reached through the stack's sshd (see test_ssh_transport).
 SSH = "slurm_ssh"
+INSTALLATION = "it-reaper"  # the reaper's
 
 
 def no_run_active(dag_id: str, run_id: str) -> bool:
@@ -49,7 +52,7 @@ def _expired_job(stack, body: str) -> tuple[str, Expired]:
     """Submit ``body`` with an expiry an hour ago in its comment and wait until it printed ``ready``; return its
     name, and what ``find_expired_on_cluster`` makes of it."""
     name, job_id = _started_job(stack, body, slurm_comment(expiry(-1), "it_reaper", f"manual__{uuid.uuid4().hex}"))
-    found = find_expired_on_cluster(SLURM, active=no_run_active)
+    found = find_expired_on_cluster(SLURM, active=no_run_active, installation=INSTALLATION)
     mine = [item for item in found if item.kind == "slurm_job" and item.name == job_id]
     assert len(mine) == 1, mine
     return name, mine[0]
@@ -61,13 +64,41 @@ def test_an_expired_job_of_a_run_still_running_is_left_running(stack) -> None:
     try:
 
         def jobs_found(active: Callable[[str, str], bool]) -> list[str]:
-            return [item.name for item in find_expired_on_cluster(SLURM, active=active) if item.kind == "slurm_job"]
+            return [
+                item.name
+                for item in find_expired_on_cluster(SLURM, active=active, installation=INSTALLATION)
+                if item.kind == "slurm_job"
+            ]
 
         assert job_id in jobs_found(no_run_active)  # expired, and found by its comment
         assert job_id not in jobs_found(lambda dag_id, run: (dag_id, run) == ("it_reaper", run_id))
         assert [job.job_id for job in SlurmHook().find_jobs(name)] == [job_id]
     finally:
         SlurmHook().cancel_and_wait(name)
+
+
+def test_another_installations_expired_job_is_left_running_for_a_day(stack) -> None:
+    # Staging and prod share the cluster. The other's id holds a space, which its comment keeps.
+    run_id, other = f"manual__{uuid.uuid4().hex}", f"staging {uuid.uuid4().hex[:8]}"
+    now = datetime.now(UTC)
+    jobs: dict[str, tuple[str, str]] = {}
+    try:
+        for installation in (INSTALLATION, other):
+            comment = slurm_comment(expiry(-1), "it_reaper", run_id, installation)
+            jobs[installation] = _started_job(stack, "echo ready\nsleep 300\n", comment)
+
+        def found_at(hours_later: int) -> dict[str, tuple[str, str]]:
+            found = find_expired_on_cluster(
+                SLURM, now + timedelta(hours=hours_later), active=no_run_active, installation=INSTALLATION
+            )
+            return {item.name: (item.run_id, item.installation) for item in found if item.kind == "slurm_job"}
+
+        (_, mine), (_, theirs) = jobs.values()
+        assert found_at(0).get(mine) == (run_id, INSTALLATION) and theirs not in found_at(0)
+        assert found_at(24).get(theirs) == (run_id, other)
+    finally:
+        for name, _ in jobs.values():
+            SlurmHook().cancel_and_wait(name)
 
 
 def test_a_reaped_job_is_gone_when_the_reaper_says_so(stack) -> None:
@@ -94,7 +125,7 @@ def test_a_scancel_slurmctld_never_heard_is_not_counted_as_deleted(stack, unreac
 
 def test_a_cluster_that_cannot_be_asked_is_an_error_not_an_empty_sweep(unreachable_slurm: str) -> None:
     with pytest.raises(ClusterCommandError, match=r"squeue -h exited \d+: .*slurm"):
-        find_expired_on_cluster(unreachable_slurm, active=no_run_active)
+        find_expired_on_cluster(unreachable_slurm, active=no_run_active, installation=INSTALLATION)
 
 
 def test_the_shared_directories_whose_leases_expired_go_over_ssh(stack, workdir: Path) -> None:
@@ -116,7 +147,11 @@ def test_the_shared_directories_whose_leases_expired_go_over_ssh(stack, workdir:
                     {"shared_dir": str(shared), "slurm_conn_id": SSH},
                     directory,
                 )
-        found = [item for item in find_expired_on_cluster(SSH, active=no_run_active) if framework in item.name]
+        found = [
+            item
+            for item in find_expired_on_cluster(SSH, active=no_run_active, installation=INSTALLATION)
+            if framework in item.name
+        ]
         leases = shared / "leases" / "datasets" / framework
         assert sorted((item.kind, item.name, item.run_key) for item in found) == [
             ("dataset_mirror", str(expired), "it-a"),

@@ -8,6 +8,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from dtp.naming import (
+    INSTALLATION_TAG,
     INSTALLATION_VARIABLE,
     RunNames,
     aws_tags,
@@ -26,6 +27,8 @@ S3_BUCKET = re.compile(r"^[a-z0-9][a-z0-9-]{1,61}[a-z0-9]$")
 S3_FORBIDDEN_PREFIXES = ("xn--", "sthree-", "amzn-s3-demo-")
 S3_FORBIDDEN_SUFFIXES = ("-s3alias", "--ol-s3", "--x-s3", "--table-s3")
 CFN_STACK = re.compile(r"^[A-Za-z][-A-Za-z0-9]{0,127}$")
+# slurmctld refuses a job whose comment is longer.
+SLURM_COMMENT_LIMIT = 1024
 SHELL_META = set("'\"`$;&|<>()\\ \t\n*?[]{}!#~")
 # S3 object/bucket tagging: letters, digits, spaces and + - = . _ : / @, at most 256 characters.
 S3_TAG_VALUE = re.compile(r"^[\w\s+\-=.:/@]{0,256}$", re.ASCII)
@@ -218,13 +221,44 @@ def test_resource_tags_are_valid_s3_tags_for_every_run_id_airflow_accepts(run_id
 
 
 @pytest.mark.parametrize("run_id", ["manual__2026-12-01T00:00:00+00:00", "nightly run ~ with spaces|and a pipe"])
-def test_a_slurm_comment_names_the_dag_run_whose_job_it_is(run_id: str) -> None:
-    comment = slurm_comment("2026-12-01T00:00:00Z", "train_e2e", run_id)
-    assert parse_slurm_comment(comment) == ("2026-12-01T00:00:00Z", "train_e2e", run_id)
+@pytest.mark.parametrize("installation", ["0a1b2c3d", "prod eu", "staging dtp:dag=x"])
+def test_a_slurm_comment_names_the_dag_run_whose_job_it_is_and_its_installation(run_id: str, installation: str) -> None:
+    comment = slurm_comment("2026-12-01T00:00:00Z", "train_e2e", run_id, installation)
+    assert parse_slurm_comment(comment) == ("2026-12-01T00:00:00Z", "train_e2e", run_id, installation)
 
 
-def test_an_older_slurm_comment_still_gives_its_expiry_and_another_comment_nothing() -> None:
-    assert parse_slurm_comment("dtp:expires-at=2026-12-01T00:00:00Z") == ("2026-12-01T00:00:00Z", "", "")
-    assert parse_slurm_comment("dtp:expires-at=2026-12-01T00:00:00Z by hand") == ("2026-12-01T00:00:00Z", "", "")
-    assert parse_slurm_comment("my experiment") == ("", "", "")
-    assert parse_slurm_comment("") == ("", "", "")
+def test_a_slurm_comment_holds_the_installation_as_its_tag_does() -> None:
+    # The reaper compares it with its own installation's tag_value, as it does a resource's tag.
+    names = RunNames("train_e2e", "manual__1", installation="prod#eu\n")
+    comment = slurm_comment("2026-12-01T00:00:00Z", "train_e2e", "manual__1", names.installation)
+    tags = resource_tags(names, "tiny", "2026-12-01T00:00:00Z")
+    assert parse_slurm_comment(comment)[3] == tags[INSTALLATION_TAG] == "prod_eu_"
+
+
+def test_the_longest_slurm_comment_is_within_slurms_limit() -> None:
+    # Airflow's ids are at most 250 characters (ID_LEN); tag_value cuts an installation's at 256.
+    dag_id, run_id, installation = "d" * 250, "r" * 250, "i" * 300
+    comment = slurm_comment(expiry(24), dag_id, run_id, installation)
+    assert len(comment) <= SLURM_COMMENT_LIMIT
+    assert parse_slurm_comment(comment)[1:] == (dag_id, run_id, "i" * 256)
+
+
+def test_a_slurm_comment_of_a_run_without_an_installation_is_as_before() -> None:
+    comment = slurm_comment("2026-12-01T00:00:00Z", "train_e2e", "manual__1")
+    assert comment == "dtp:expires-at=2026-12-01T00:00:00Z dtp:dag=train_e2e dtp:run-id=manual__1"
+
+
+def test_an_older_slurm_comment_still_gives_what_it_carries_and_another_comment_nothing() -> None:
+    # Written before comments named the installation: the reaper counts its job as its own installation's.
+    before = "dtp:expires-at=2026-12-01T00:00:00Z dtp:dag=train_e2e dtp:run-id=nightly run"
+    assert parse_slurm_comment(before) == ("2026-12-01T00:00:00Z", "train_e2e", "nightly run", "")
+    assert parse_slurm_comment("dtp:expires-at=2026-12-01T00:00:00Z") == ("2026-12-01T00:00:00Z", "", "", "")
+    assert parse_slurm_comment("dtp:expires-at=2026-12-01T00:00:00Z by hand") == ("2026-12-01T00:00:00Z", "", "", "")
+    assert parse_slurm_comment("dtp:expires-at=2026-12-01T00:00:00Z dtp:dag=train_e2e") == (
+        "2026-12-01T00:00:00Z",
+        "",
+        "",
+        "",
+    )
+    assert parse_slurm_comment("my experiment") == ("", "", "", "")
+    assert parse_slurm_comment("") == ("", "", "", "")

@@ -4,6 +4,7 @@ job and deletes every expired run directory, and is closed when they are done, w
 from __future__ import annotations
 
 import json
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -11,13 +12,14 @@ import pytest
 
 from dtp.hooks.shared_fs import SharedFilesystemHook
 from dtp.hooks.slurm import SlurmHook
-from dtp.naming import EXPIRES_TAG, SLURM_EXPIRY_PREFIX, slurm_comment
-from dtp.pipeline.run_dirs import lease_shared_dir
+from dtp.naming import EXPIRES_TAG, SLURM_EXPIRY_PREFIX, RunNames, parse_expiry, resource_tags, slurm_comment
+from dtp.pipeline.run_dirs import claim_run_dir, lease_shared_dir
 from dtp.reaper.cluster import find_expired_on_cluster
 from dtp.reaper.deletion import ReapIncomplete, reap
 from dtp.reaper.expired import Expired
 
 EXPIRED = "2026-12-01T00:00:00Z"
+INSTALLATION, OTHER_INSTALLATION = "0a1b2c3d", "4e5f6a7b"  # the reaper's, and one sharing its cluster
 
 
 def no_run_active(dag_id: str, run_id: str) -> bool:
@@ -100,7 +102,7 @@ def test_the_hooks_are_closed_when_an_item_could_not_be_deleted(cluster: Path) -
 def test_the_sweep_looks_through_one_connection_and_closes_it(cluster: Path) -> None:
     for run_key in ("dtp-a", "dtp-b"):
         (cluster / "runs" / run_key / "run.json").write_text(json.dumps({"run_key": run_key, "expires_at": EXPIRED}))
-    found = find_expired_on_cluster("slurm_default", active=no_run_active)
+    found = find_expired_on_cluster("slurm_default", active=no_run_active, installation=INSTALLATION)
     assert sorted((f.kind, f.run_key) for f in found) == [
         ("run_dir", "dtp-a"),
         ("run_dir", "dtp-b"),
@@ -128,7 +130,7 @@ def test_an_expired_job_and_run_directory_of_a_run_still_running_are_kept(
         asked.append((dag_id, run_id))
         return (dag_id, run_id) == ("train_e2e", "manual__live")
 
-    found = find_expired_on_cluster("slurm_default", active=active)
+    found = find_expired_on_cluster("slurm_default", active=active, installation=INSTALLATION)
     assert sorted((f.kind, f.name) for f in found) == [
         ("run_dir", str(cluster / "runs" / "dtp-b")),
         ("slurm_job", "22"),
@@ -148,7 +150,7 @@ def test_the_clusters_sweep_deletes_the_directories_runs_share_once_their_leases
         directory.mkdir(parents=True)
         spec = {"names": {"run_key": run_key}, "dag_id": "train_e2e", "run_id": f"manual__{run_key}"}
         lease_shared_dir({**spec, "tags": {EXPIRES_TAG: expires_at}}, {"shared_dir": str(cluster)}, directory)
-    found = find_expired_on_cluster("slurm_default", active=no_run_active)
+    found = find_expired_on_cluster("slurm_default", active=no_run_active, installation=INSTALLATION)
     assert sorted((f.kind, f.name, f.run_key, f.run_id) for f in found if f.kind != "slurm_job") == [
         ("dataset_mirror", str(mirror), "dtp-c", "manual__dtp-c"),
         ("image_cache", str(image), "dtp-c", "manual__dtp-c"),
@@ -158,3 +160,32 @@ def test_the_clusters_sweep_deletes_the_directories_runs_share_once_their_leases
     assert [path.name for path in (cluster / "leases" / "images").iterdir()] == [live_image.name]
     (shared,) = Shared.made
     assert shared.closed
+
+
+def test_another_installations_expired_job_and_run_directory_are_kept_for_a_day(
+    cluster: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Staging and prod share the cluster: each leaves the other's expired runs to it for a day past their expiry.
+    names = {
+        "mine": RunNames("train_e2e", "manual__mine", installation=INSTALLATION),
+        "theirs": RunNames("train_e2e", "manual__theirs", installation=OTHER_INSTALLATION),
+        "older": RunNames("train_e2e", "manual__older"),  # from before runs named their installation
+    }
+    queue = ""
+    for job_id, run in enumerate(names.values()):
+        queue += f"{job_id}|{run.slurm_job}|{slurm_comment(EXPIRED, run.dag_id, run.run_id, run.installation)}\n"
+        spec = {"names": run.as_dict(), "dag_id": run.dag_id, "run_id": run.run_id}
+        claim_run_dir({**spec, "tags": resource_tags(run, "tiny", EXPIRED)}, {"shared_dir": str(cluster)})
+    monkeypatch.setattr(Slurm, "queue", queue)
+    older = cluster / "runs" / names["older"].run_key / "run.json"  # a marker written before it named them
+    older.write_text(json.dumps({"run_key": names["older"].run_key, "expires_at": EXPIRED}))
+
+    def swept(hours_past_expiry: int) -> list[tuple[str, str]]:
+        now = parse_expiry(EXPIRED) + timedelta(hours=hours_past_expiry)
+        found = find_expired_on_cluster("slurm_default", now, active=no_run_active, installation=INSTALLATION)
+        return sorted((item.kind, item.run_key) for item in found)
+
+    runs = {which: run.run_key for which, run in names.items()}
+    ours = sorted((kind, runs[which]) for kind in ("run_dir", "slurm_job") for which in ("mine", "older"))
+    assert swept(23) == ours
+    assert swept(25) == sorted([*ours, ("run_dir", runs["theirs"]), ("slurm_job", runs["theirs"])])

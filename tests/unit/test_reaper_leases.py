@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import json
 import logging
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
-from dtp.naming import EXPIRES_TAG, expiry
+from dtp.naming import EXPIRES_TAG, INSTALLATION_TAG, expiry
 from dtp.pipeline.run_dirs import lease_shared_dir
 from dtp.reaper.cluster import find_expired_on_worker_mount
 from dtp.reaper.deletion import ReapIncomplete, reap
@@ -19,6 +19,7 @@ from dtp.reaper.expired import Expired
 
 NOW = datetime.now(UTC)
 EXPIRED, LIVE = expiry(-1, NOW), expiry(1, NOW)
+INSTALLATION, OTHER_INSTALLATION = "0a1b2c3d", "4e5f6a7b"  # the reaper's, and one sharing its filesystem
 
 
 def no_run_active(dag_id: str, run_id: str) -> bool:
@@ -42,13 +43,14 @@ def mirror(shared: Path, name: str = "0123456789abcdef", framework: str = "megat
     return directory
 
 
-def lease(shared: Path, directory: Path, run_key: str, expires_at: str) -> None:
-    """The lease stage_data leaves on ``directory`` for run ``run_key`` (of DAG run ``manual__<run_key>``)."""
+def lease(shared: Path, directory: Path, run_key: str, expires_at: str, installation: str = INSTALLATION) -> None:
+    """The lease stage_data leaves on ``directory`` for run ``run_key`` (of DAG run ``manual__<run_key>``) of
+    ``installation``."""
     spec = {
         "names": {"run_key": run_key},
         "dag_id": "train_e2e",
         "run_id": f"manual__{run_key}",
-        "tags": {EXPIRES_TAG: expires_at},
+        "tags": {EXPIRES_TAG: expires_at, INSTALLATION_TAG: installation},
     }
     lease_shared_dir(spec, {"shared_dir": str(shared)}, directory)
 
@@ -58,9 +60,10 @@ def leases_of(shared: Path, directory: Path) -> list[str]:
     return sorted(path.name for path in folder.iterdir()) if folder.exists() else []
 
 
-def sweep(active=no_run_active) -> list[tuple[str, str, str]]:
-    """What the mount's sweep finds of the shared directories and leases (kind, name, run), having deleted it."""
-    found = find_expired_on_worker_mount("slurm_default", NOW, active=active)
+def sweep(active=no_run_active, now: datetime = NOW) -> list[tuple[str, str, str]]:
+    """What the mount's sweep at ``now`` finds of the shared directories and leases (kind, name, run), having deleted
+    it."""
+    found = find_expired_on_worker_mount("slurm_default", now, active=active, installation=INSTALLATION)
     reap(found, "aws_default", None, dry_run=False)
     return sorted((item.kind, item.name, item.run_key) for item in found)
 
@@ -100,6 +103,39 @@ def test_a_mirror_whose_expired_lease_is_a_running_runs_stays_whole(shared: Path
     lease(shared, directory, "dtp-done", EXPIRED)
     assert sweep(lambda dag_id, run_id: run_id == "manual__dtp-live") == []
     assert directory.exists() and leases_of(shared, directory) == ["dtp-done.json", "dtp-live.json"]
+
+
+def test_a_mirror_an_expired_run_of_another_installation_leased_stays_whole_for_a_day(shared: Path) -> None:
+    directory = mirror(shared)
+    lease(shared, directory, "dtp-mine", EXPIRED)
+    lease(shared, directory, "dtp-theirs", EXPIRED, OTHER_INSTALLATION)
+    assert sweep(now=NOW + timedelta(hours=22)) == []
+    assert directory.exists() and leases_of(shared, directory) == ["dtp-mine.json", "dtp-theirs.json"]
+    assert sweep(now=NOW + timedelta(hours=24)) == [
+        ("dataset_mirror", str(directory), "dtp-mine"),
+        ("dataset_mirror", str(directory), "dtp-theirs"),
+    ]
+    assert not directory.exists() and leases_of(shared, directory) == []
+
+
+def test_another_installations_expired_lease_on_a_mirror_still_leased_goes_a_day_past_its_expiry(shared: Path) -> None:
+    directory = mirror(shared)
+    lease(shared, directory, "dtp-theirs", EXPIRED, OTHER_INSTALLATION)
+    lease(shared, directory, "dtp-live", expiry(48, NOW))
+    assert sweep(now=NOW + timedelta(hours=22)) == []
+    theirs = shared / "leases" / "datasets" / "megatron-lm" / directory.name / "dtp-theirs.json"
+    assert sweep(now=NOW + timedelta(hours=24)) == [("lease", str(theirs), "dtp-theirs")]
+    assert directory.exists() and leases_of(shared, directory) == ["dtp-live.json"]
+
+
+def test_a_lease_written_before_leases_named_their_installation_is_this_installations(shared: Path) -> None:
+    directory = mirror(shared)
+    folder = shared / "leases" / "datasets" / "megatron-lm" / directory.name
+    folder.mkdir(parents=True)
+    older = {"run_key": "dtp-a", "dag_id": "train_e2e", "run_id": "manual__dtp-a", "expires_at": EXPIRED}
+    (folder / "dtp-a.json").write_text(json.dumps(older))
+    assert sweep() == [("dataset_mirror", str(directory), "dtp-a")]
+    assert not directory.exists()
 
 
 def test_a_directory_no_run_leased_stays_and_is_logged(shared: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -160,7 +196,7 @@ def test_a_leased_directory_reached_through_a_symbolic_link_is_not_deleted(share
     (shared / "datasets" / "megatron-lm").symlink_to(outside)
     directory = shared / "datasets" / "megatron-lm" / "0123456789abcdef"
     lease(shared, directory, "dtp-a", EXPIRED)
-    assert find_expired_on_worker_mount("slurm_default", NOW, active=no_run_active) == []
+    assert find_expired_on_worker_mount("slurm_default", NOW, active=no_run_active, installation=INSTALLATION) == []
     found_before = [Expired("dataset_mirror", str(directory), "dtp-a", EXPIRED)]
     with pytest.raises(ReapIncomplete, match=r"dataset_mirror .*0123456789abcdef: .*is not a directory of"):
         reap(found_before, "aws_default", None, dry_run=False)
@@ -170,7 +206,7 @@ def test_a_leased_directory_reached_through_a_symbolic_link_is_not_deleted(share
 def test_a_mirror_a_run_leased_since_the_sweep_found_it_is_kept(shared: Path) -> None:
     directory = mirror(shared)
     lease(shared, directory, "dtp-old", EXPIRED)
-    found = find_expired_on_worker_mount("slurm_default", NOW, active=no_run_active)
+    found = find_expired_on_worker_mount("slurm_default", NOW, active=no_run_active, installation=INSTALLATION)
     assert [item.kind for item in found] == ["dataset_mirror"]
     lease(shared, directory, "dtp-new", LIVE)  # a run staging the same dataset meanwhile
     assert reap(found, "aws_default", None, dry_run=False)["deleted"] == []

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from dtp.hooks.shared_fs import SharedFilesystemHook
-from dtp.naming import EXPIRES_TAG
+from dtp.naming import EXPIRES_TAG, INSTALLATION_TAG
 
 RUN_MARKER = "run.json"
 # Run directories sit under this folder of the shared filesystem, and what runs save under the same prefix of the
@@ -28,15 +28,16 @@ def run_dir(spec: dict[str, Any], cluster: dict[str, Any]) -> Path:
 
 def run_marker(spec: dict[str, Any]) -> str:
     """The marker of what a run leaves on the shared filesystem (its directory's ``RUN_MARKER``, its leases), which
-    the reaper reads: the run, the DAG run that made it and when it expires."""
-    return json.dumps(
-        {
-            "run_key": spec["names"]["run_key"],
-            "dag_id": spec["dag_id"],
-            "run_id": spec["run_id"],
-            "expires_at": spec["tags"][EXPIRES_TAG],
-        }
-    )
+    the reaper reads: the run, the DAG run that made it, when it expires and its installation (its
+    ``dtp:installation`` tag, where its spec has one: a run's always does)."""
+    marker = {
+        "run_key": spec["names"]["run_key"],
+        "dag_id": spec["dag_id"],
+        "run_id": spec["run_id"],
+        "expires_at": spec["tags"][EXPIRES_TAG],
+    }
+    installation = spec["tags"].get(INSTALLATION_TAG)
+    return json.dumps(marker | ({"installation": installation} if installation else {}))
 
 
 def claim_run_dir(spec: dict[str, Any], cluster: dict[str, Any]) -> Path:

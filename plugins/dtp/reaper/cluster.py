@@ -16,7 +16,7 @@ from dtp.hooks.shared_fs import SharedFilesystemHook
 from dtp.hooks.slurm import SlurmHook
 from dtp.naming import parse_slurm_comment
 from dtp.pipeline.run_dirs import LEASES_FOLDER, RUN_MARKER, RUNS_FOLDER
-from dtp.reaper.active_runs import spare_active_runs
+from dtp.reaper.active_runs import spare_active_runs, spare_other_installations
 from dtp.reaper.expired import Expired, is_expired
 
 log = logging.getLogger(__name__)
@@ -30,10 +30,11 @@ LEASE = "lease"
 
 
 def find_expired_on_cluster(
-    slurm_conn_id: str, now: datetime | None = None, *, active: Callable[[str, str], bool]
+    slurm_conn_id: str, now: datetime | None = None, *, active: Callable[[str, str], bool], installation: str
 ) -> list[Expired]:
     """The Slurm cluster's expired jobs (by their comment), run directories (by their marker) and shared directories
-    (by their leases), less those of a run ``active`` says is queued or running; none where no connection
+    (by their leases), less those of a run of another installation than ``installation`` within a day of their
+    expiry and those of a run ``active`` says is queued or running (``spare_kept_runs``); none where no connection
     ``slurm_conn_id`` is defined (an account whose runs use EKS or Batch only). A cluster that cannot be asked is an
     error, not an empty answer: its jobs would run on unseen."""
     now = now or datetime.now(UTC)
@@ -45,28 +46,29 @@ def find_expired_on_cluster(
     # One connection (a SlurmHook is the cluster's filesystem too), closed when the sweep has looked.
     with contextlib.closing(SlurmHook(slurm_conn_id)) as cluster:
         found = expired_jobs(cluster, now) + expired_run_dirs(cluster, now) + expired_leases(cluster, now)
-    return spare_active_leases(found, active)
+    return spare_kept_runs(found, active, installation, now)
 
 
 def expired_jobs(cluster: SlurmHook, now: datetime) -> list[Expired]:
-    """The cluster's jobs whose comment (``slurm_comment``) has expired, each with the DAG run the comment names
-    (none in a comment written before it named one)."""
+    """The cluster's jobs whose comment (``slurm_comment``) has expired, each with the DAG run and the installation
+    the comment names (none in a comment written before it named them)."""
     found = []
     for line in cluster.run(["squeue", "-h", "-o", "%i|%j|%k"]).splitlines():
         job_id, name, comment = [*line.split("|", 2), "", ""][:3]
-        expires_at, dag_id, run_id = parse_slurm_comment(comment)
+        expires_at, dag_id, run_id, installation = parse_slurm_comment(comment)
         if is_expired(expires_at, now):
-            found.append(Expired("slurm_job", job_id, name, expires_at, dag_id, run_id))
+            found.append(Expired("slurm_job", job_id, name, expires_at, dag_id, run_id, installation))
     return found
 
 
 def find_expired_on_worker_mount(
-    slurm_conn_id: str, now: datetime | None = None, *, active: Callable[[str, str], bool]
+    slurm_conn_id: str, now: datetime | None = None, *, active: Callable[[str, str], bool], installation: str
 ) -> list[Expired]:
     """Expired run directories and shared directories on the shared filesystem mounted on this worker
-    (``DTP_SHARED_DIR``, default ``/fsx``), where EKS and Batch runs keep theirs, less those of a run ``active`` says
-    is queued or running; none where nothing is mounted there, or where the Slurm connection ``slurm_conn_id`` opens
-    that same directory on this host (its own sweep covers it)."""
+    (``DTP_SHARED_DIR``, default ``/fsx``), where EKS and Batch runs keep theirs, less those of a run of another
+    installation than ``installation`` within a day of their expiry and those of a run ``active`` says is queued or
+    running (``spare_kept_runs``); none where nothing is mounted there, or where the Slurm connection
+    ``slurm_conn_id`` opens that same directory on this host (its own sweep covers it)."""
     mounted = SharedFilesystemHook(None)
     cluster = SharedFilesystemHook(slurm_conn_id)
     with contextlib.suppress(AirflowNotFoundException):  # no such connection: the mount is this sweep's alone
@@ -75,12 +77,14 @@ def find_expired_on_worker_mount(
             log.info("%s is %s's shared directory, which its own sweep covers", mounted.shared_dir, slurm_conn_id)
             return []
     now = now or datetime.now(UTC)
-    return spare_active_leases(expired_run_dirs(mounted, now) + expired_leases(mounted, now), active)
+    found = expired_run_dirs(mounted, now) + expired_leases(mounted, now)
+    return spare_kept_runs(found, active, installation, now)
 
 
 def expired_run_dirs(shared: SharedFilesystemHook, now: datetime) -> list[Expired]:
     """Run directories on the cluster's shared filesystem whose marker (``run.json``) has expired: that filesystem
-    may outlive the run's cluster (an existing FSx), and its checkpoints, data and logs would fill it."""
+    may outlive the run's cluster (an existing FSx), and its checkpoints, data and logs would fill it. Each names
+    the DAG run and the installation its marker names (none in a marker written before it named them)."""
     runs = posixpath.join(shared.shared_dir, RUNS_FOLDER)
     # No runs directory yet is nothing to reap; one that cannot be listed fails the search.
     find = f'test ! -e "$1" || find "$1" -mindepth 2 -maxdepth 2 -type f -name {RUN_MARKER}'
@@ -92,19 +96,25 @@ def expired_run_dirs(shared: SharedFilesystemHook, now: datetime) -> list[Expire
             continue
         # Only a directory named after the run its marker names: a copied or moved marker deletes nothing.
         if marker.get("run_key") == posixpath.basename(directory) and is_expired(marker.get("expires_at"), now):
-            dag_run = (str(marker.get("dag_id", "")), str(marker.get("run_id", "")))
-            found.append(Expired("run_dir", directory, marker["run_key"], marker["expires_at"], *dag_run))
+            found.append(Expired("run_dir", directory, marker["run_key"], marker["expires_at"], *_made_by(marker)))
     return found
 
 
 def _read_marker(shared: SharedFilesystemHook, path: str) -> dict | None:
-    """The marker (``data.run_marker``) at ``path``; None where it is not a JSON object (one being written, or not
-    DTP's)."""
+    """The marker (``run_dirs.run_marker``) at ``path``; None where it is not a JSON object (one being written, or
+    not DTP's)."""
     try:
         marker = json.loads(shared.read_file(path)[0])
     except ValueError:
         return None
     return marker if isinstance(marker, dict) else None
+
+
+def _made_by(marker: dict) -> tuple[str, str, str]:
+    """The DAG run (dag_id, run_id) and the installation a marker names: empty strings for what one written before
+    it named them does not carry (a marker without an installation counts as this installation's, as a resource
+    without the ``dtp:installation`` tag does)."""
+    return str(marker.get("dag_id", "")), str(marker.get("run_id", "")), str(marker.get("installation", ""))
 
 
 def expired_leases(shared: SharedFilesystemHook, now: datetime) -> list[Expired]:
@@ -186,16 +196,18 @@ def _expired_leases_of(
             directory if whole else posixpath.join(folder, f"{key}.json"),
             key,
             lease["expires_at"],
-            str(lease.get("dag_id", "")),
-            str(lease.get("run_id", "")),
+            *_made_by(lease),
         )
         for key, lease in expired.items()
     ]
 
 
-def spare_active_leases(found: list[Expired], active: Callable[[str, str], bool]) -> list[Expired]:
-    """``spare_active_runs``, each shared directory kept whole: a lease on it of a run still queued or running keeps
-    it, with the records of its other leases."""
-    kept = spare_active_runs(found, active)
+def spare_kept_runs(
+    found: list[Expired], active: Callable[[str, str], bool], installation: str, now: datetime
+) -> list[Expired]:
+    """``spare_other_installations`` then ``spare_active_runs``, as for the AWS account, each shared directory kept
+    whole: a lease on it of another installation's run within a day of its expiry, or of a run still queued or
+    running, keeps it, with the records of its other leases."""
+    kept = spare_active_runs(spare_other_installations(found, installation, now), active)
     spared = {item.name for item in set(found) - set(kept) if item.kind in LEASED_DIRS}
     return [item for item in kept if item.kind not in LEASED_DIRS or item.name not in spared]
