@@ -9,15 +9,18 @@ form and the validation cannot drift apart.
 from __future__ import annotations
 
 import re
-from typing import Any, ClassVar, TypeVar
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar, Literal, TypeVar
 
+from airflow.sdk.log import mask_secret
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
-from dtp.costs import SETUP_HOURS, estimate_cost_usd, estimate_training_hours
+from dtp.costs import SETUP_HOURS, RunFsx, estimate_cost_usd, estimate_training_hours
 from dtp.hostlist import expand_hostlist
 from dtp.pipeline.frameworks import DATASET_FILES, launch_problem, max_steps_problem
 from dtp.recipes import (
     Platform,
+    Recipe,
     RecipeError,
     catalogue,
     get_recipe,
@@ -50,6 +53,9 @@ P = TypeVar("P", bound=BaseModel)
 
 # Platforms whose nodes outlive runs: only there can a run name nodes to keep out of its jobs (exclude_nodes).
 NODES_OUTLIVE_RUNS = ("local",)
+# Platforms whose jobs can be Kubeflow PyTorchJobs (hyperpod: where its connection names an EKS orchestrator): only
+# there can a run ask for a gang scheduler (gang_scheduler); Slurm and AWS Batch start a job's nodes together anyway.
+KUBERNETES_PLATFORMS = ("eks", "hyperpod")
 
 
 class ParamsError(ValueError):
@@ -222,12 +228,23 @@ class TrainParams(ClusterParams):
         le=1_000_000,
         title="Budget (USD)",
         description=(
-            "Refuse to start when the run's estimated cost exceeds it (nodes x on-demand price x the recipe's"
+            "Refuse to start when the run's estimated cost exceeds it (nodes x on-demand price, plus on"
+            " parallelcluster the FSx for Lustre it makes for the run at its GiB-month list price, x the recipe's"
             " expected step time x max_steps, plus its checkpoints' writes to the shared file system, plus 10"
             " minutes to start, plus up to 2 h of the cluster's creation, staging, preflight and teardown); the"
             " scheduler stops training once it has run as long as what is left of the budget after those 2 h pays"
-            " for on these nodes."
+            " for on these nodes and that file system."
         ),
+    )
+
+    gang_scheduler: Literal["none", "volcano", "scheduler-plugins"] = Field(
+        "none",
+        title="Gang scheduler",
+        description="On Kubernetes (eks, hyperpod with an EKS orchestrator): the scheduler that places all of a "
+        "PyTorchJob's pods at once or none, so that runs sharing a cluster cannot each hold part of the nodes the "
+        "other waits for. The cluster's training operator must run with --gang-scheduler-name of the same name, and "
+        "scheduler-plugins be installed as a second scheduler (scheduler-plugins-scheduler). none: the default "
+        "scheduler places the pods one by one.",
     )
 
     @field_validator("dataset_uri", "resume_from")
@@ -287,8 +304,15 @@ def parse_params(model: type[P], conf: dict[str, Any]) -> P:
         raise ParamsError.from_problems(*_problems(err, model)) from None
 
 
-def validate_params(conf: dict[str, Any]) -> TrainParams:
-    """Validate a run's conf fully (schema, catalogue, platform, instance type, budget) before anything exists."""
+def validate_params(
+    conf: dict[str, Any], run_fsx: Callable[[TrainParams, Recipe], RunFsx | None] | None = None
+) -> TrainParams:
+    """Validate a run's conf fully (schema, catalogue, platform, instance type, budget) before anything exists.
+
+    ``run_fsx`` gives the FSx for Lustre the run's platform makes for it (None where it makes none): the estimates
+    the expiry and the budget are checked against count its write speed and its cost. Without it the run is taken to
+    make none.
+    """
     params = parse_params(TrainParams, conf)
     problems = []
     try:
@@ -350,7 +374,8 @@ def validate_params(conf: dict[str, Any]) -> TrainParams:
             recipe.ranks(params.num_nodes, instance.accelerators_per_node)
         except RecipeError as err:
             problems.append(f"num_nodes: got {params.num_nodes}; {err}")
-        hours = estimate_training_hours(params, recipe)
+        fsx = run_fsx(params, recipe) if run_fsx else None
+        hours = estimate_training_hours(params, recipe, fsx)
         pending = params.pending_timeout_minutes / 60
         if params.expiry_hours < hours + SETUP_HOURS + pending:
             problems.append(
@@ -359,12 +384,14 @@ def validate_params(conf: dict[str, Any]) -> TrainParams:
                 + (f" plus up to {pending:.1f} h pending (pending_timeout_minutes)" if pending else "")
                 + f": give at least {hours + SETUP_HOURS + pending:.1f}, or the reaper deletes the run while it runs"
             )
-        cost = estimate_cost_usd(params, recipe, instance.price_usd_per_hour)
+        cost = estimate_cost_usd(params, recipe, instance.price_usd_per_hour, fsx)
         if cost > params.budget_usd:
+            paid = f"{params.num_nodes} x {params.instance_type}"
+            if fsx:
+                paid += f" and a {fsx.storage_gib} GiB FSx for Lustre at {fsx.throughput_per_tib} MB/s per TiB"
             problems.append(
                 f"budget_usd: got {params.budget_usd}; the estimated cost is {cost:.2f} USD "
-                f"({params.num_nodes} x {params.instance_type} for {params.max_steps} steps and up to "
-                f"{SETUP_HOURS:.0f} h of setup and teardown)"
+                f"({paid} for {params.max_steps} steps and up to {SETUP_HOURS:.0f} h of setup and teardown)"
             )
     if params.exclude_nodes and params.platform not in NODES_OUTLIVE_RUNS:
         why = (
@@ -375,6 +402,13 @@ def validate_params(conf: dict[str, Any]) -> TrainParams:
             "run's preflight found bad went with that run's cluster)"
         )
         problems.append(f"exclude_nodes: got {params.exclude_nodes!r}; platform {params.platform!r} {why}")
+    if params.gang_scheduler != "none" and params.platform not in KUBERNETES_PLATFORMS:
+        problems.append(
+            f"gang_scheduler: got {params.gang_scheduler!r}; platform {params.platform!r} runs its jobs with "
+            f"{'AWS Batch' if params.platform == 'batch' else 'Slurm'}, which starts a job's nodes together "
+            f"anyway: a gang scheduler places the pods of PyTorchJobs (platforms {' and '.join(KUBERNETES_PLATFORMS)} "
+            "on EKS); give none"
+        )
     if problems:
         raise ParamsError.from_problems(*problems)
     return params
@@ -388,3 +422,13 @@ def validate_cluster_params(conf: dict[str, Any]) -> ValidateParams:
             f"instance_type: got {params.instance_type!r}; allowed: {', '.join(sorted(instance_types()))}"
         )
     return params
+
+
+def mask_extra_env(params: Mapping[str, Any]) -> None:
+    """Mask the values of the run's ``extra_env`` (tokens, some) in this process's logs and rendered fields.
+
+    The secrets masker hides a value by its name only in a mapping (``{"HF_TOKEN": ...}``), never in a job's env list
+    or its YAML text, so every value is masked; and in each process that logs or renders them, since a retry's worker
+    never saw validate_params mask them.
+    """
+    mask_secret(list(params.get("extra_env", {}).values()))

@@ -144,6 +144,8 @@ def test_validation_counts_only_the_nodes_that_take_jobs(stack) -> None:
     hook.run(["scontrol", "update", "NodeName=n2", "State=DRAIN", "Reason=dtp-drain-test"])
     try:
         assert hook.node_states()["n2"] in ("drain", "drng")
+        # Named as Slurm names it: both local nodes have the host name localhost.
+        assert hook.unavailable_nodes() == ["n2 dtp-drain-test"]
         with pytest.raises(ParamsError, match="has 1 nodes that take jobs \\(of 2"):
             connect(spec)
         assert connect({**spec, "params": {**spec["params"], "num_nodes": 1}})["nodes"] == 2

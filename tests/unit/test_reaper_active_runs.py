@@ -23,6 +23,7 @@ from dtp.reaper.cluster import find_expired_on_worker_mount
 from dtp.reaper.expired import Expired
 
 EXPIRED = "2026-12-01T00:00:00Z"
+INSTALLATION = "0a1b2c3d"  # the reaper's
 LIVE_RUN, DONE_RUN = "manual__2026-12-01T00:00:00+00:00", "manual__2026-11-30T00:00:00+00:00"
 
 
@@ -77,7 +78,7 @@ def test_a_run_directory_of_a_running_run_stays_on_the_worker_mount(monkeypatch,
         (tmp_path / "runs" / run_key).mkdir(parents=True)
         marker = {"run_key": run_key, "dag_id": "train_e2e", "run_id": run_id, "expires_at": EXPIRED}
         (tmp_path / "runs" / run_key / "run.json").write_text(json.dumps(marker))
-    found = find_expired_on_worker_mount("slurm_default", active=live_only)
+    found = find_expired_on_worker_mount("slurm_default", active=live_only, installation=INSTALLATION)
     assert [(item.run_key, item.run_id) for item in found] == [("dtp-done", DONE_RUN)]
 
 
@@ -140,6 +141,7 @@ class Cluster:
 
 
 def test_a_slurm_jobs_comment_names_its_dag_run(tmp_path: Path) -> None:
-    spec = {"dag_id": "train_e2e", "run_id": LIVE_RUN, "tags": {"dtp:expires-at": EXPIRED}}
+    tags = {"dtp:expires-at": EXPIRED, INSTALLATION_TAG: INSTALLATION}
+    spec = {"dag_id": "train_e2e", "run_id": LIVE_RUN, "tags": tags}
     job = jobs._write_job(Cluster(), spec, tmp_path, "train", "#!/bin/bash\n", "dtp-train-e2e-0123456789")  # type: ignore[arg-type]
-    assert parse_slurm_comment(job["comment"] or "") == (EXPIRED, "train_e2e", LIVE_RUN)
+    assert parse_slurm_comment(job["comment"] or "") == (EXPIRED, "train_e2e", LIVE_RUN, INSTALLATION)

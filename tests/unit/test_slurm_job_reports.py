@@ -398,7 +398,7 @@ def test_sacct_tells_an_ended_jobs_exit_code_nodes_and_submit_time_in_utc() -> N
 
 
 def test_unavailable_nodes_are_sinfos_reasons_for_the_partition() -> None:
-    hook = Commands({("sinfo", "-R", "-h", "-o", "%n %E", "--partition=gpu"): "n1 Not responding\n\nn2 maint\n"})
+    hook = Commands({("sinfo", "-R", "-h", "-o", "%N %E", "--partition=gpu"): "n1 Not responding\n\nn2 maint\n"})
     hook.__dict__["extra"] = {"partition": "gpu"}
     assert hook.unavailable_nodes() == ["n1 Not responding", "n2 maint"]
 

@@ -100,6 +100,19 @@ def suspended(job: dict[str, Any]) -> bool:
     return bool(_run_policy(job).get("suspend"))
 
 
+def gang_wait(job: dict[str, Any]) -> str:
+    """What the gang scheduler of a job with ``runPolicy.schedulingPolicy`` waits for before it places any of its
+    pods (all ``minAvailable`` of them fitting at once), as a reason the job has not started; "" for a job the
+    default scheduler places pod by pod."""
+    minimum = (_run_policy(job).get("schedulingPolicy") or {}).get("minAvailable")
+    if not minimum:
+        return ""
+    replicas = ((job.get("spec") or {}).get("pytorchReplicaSpecs") or {}).values()
+    names = {((replica.get("template") or {}).get("spec") or {}).get("schedulerName") for replica in replicas}
+    scheduler = " ".join(sorted(filter(None, names)))
+    return f"the gang scheduler{' ' + scheduler if scheduler else ''} is waiting until all {minimum} pods fit at once"
+
+
 def pod_status(pod: V1Pod, why_unscheduled: dict[str, str]) -> str:
     """How a pod of a job that is not running stands: its phase, why the scheduler placed it nowhere (the message of
     its latest FailedScheduling event, in ``why_unscheduled`` by pod name) and why each waiting container waits."""

@@ -259,8 +259,9 @@ class SlurmHook(SharedFilesystemHook):
     def unavailable_nodes(self) -> list[str]:
         """The partition's nodes that are down, drained or failing (of every partition when none is set), each as
         ``"<node> <reason>"``, the reason Slurm, an admin or ParallelCluster gave (``Not responding``,
-        ``(Code:InsufficientInstanceCapacity)...``)."""
-        argv = ["sinfo", "-R", "-h", "-o", "%n %E"]
+        ``(Code:InsufficientInstanceCapacity)...``). Nodes are named as Slurm names them (``%N``, a hostlist where
+        several share a reason), not by their host names, which nodes sharing a host have in common."""
+        argv = ["sinfo", "-R", "-h", "-o", "%N %E"]
         if self.partition:
             argv.append(f"--partition={self.partition}")
         return [line.strip() for line in self.run(argv).splitlines() if line.strip()]

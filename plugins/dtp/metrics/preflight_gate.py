@@ -132,6 +132,12 @@ def preflight_warnings(result: dict[str, Any], gpus_per_node: int = 0, busbw_che
     return lines if busbw_checked else [BUSBW_NOT_CHECKED, *lines]
 
 
+def checked_nodes(result: dict[str, Any]) -> list[str]:
+    """The Slurm nodes the preflight job's ranks ran on (``SLURMD_NODENAME``), sorted: the nodes it checked; none
+    off Slurm."""
+    return sorted({str(record["slurm_node"]) for record in result.get("ranks", []) if record.get("slurm_node")})
+
+
 def bad_nodes(failures: list[str]) -> list[str]:
     """Nodes a failure names as unhealthy (``node <name>: ...``): candidates for ``exclude_nodes``."""
     return sorted({f.split(":", 1)[0].removeprefix("node ") for f in failures if f.startswith("node ")})

@@ -11,9 +11,9 @@ from airflow.providers.amazon.aws.links.batch import BatchJobDetailsLink
 from airflow.providers.amazon.aws.operators.batch import BatchOperator
 from airflow.providers.amazon.aws.triggers.batch import BatchJobTrigger
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
-from airflow.sdk.log import mask_secret
 
 from dtp.operators.time_limit import time_left
+from dtp.params import mask_extra_env
 
 if TYPE_CHECKING:
     import jinja2
@@ -90,7 +90,7 @@ class BatchJobOperator(BatchOperator):
         """Render the templated fields once the values of the run's ``extra_env`` (tokens, some) are masked in this
         process: the job's overrides and the provider's log of them would show them (a retry's worker never saw
         validate_params mask them)."""
-        mask_secret(list(context["params"].get("extra_env", {}).values()))
+        mask_extra_env(context["params"])
         super().render_template_fields(context, jinja_env)
 
     def submit_job(self, context: Any) -> None:

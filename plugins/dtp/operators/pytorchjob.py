@@ -13,9 +13,9 @@ from typing import TYPE_CHECKING, Any
 import yaml
 from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
-from airflow.sdk.log import mask_secret
 
 from dtp.operators.time_limit import time_left
+from dtp.params import mask_extra_env
 
 if TYPE_CHECKING:
     import jinja2
@@ -94,7 +94,7 @@ class EksPyTorchJobOperator(BaseOperator):
         process: the manifest's env list would show them (a retry's worker never saw validate_params mask them). A
         mapping manifest is kept as YAML text, which the masker reads whole: it stops five levels into a mapping,
         above the containers' env lists."""
-        mask_secret(list(context["params"].get("extra_env", {}).values()))
+        mask_extra_env(context["params"])
         super().render_template_fields(context, jinja_env)
         if isinstance(self.manifest, dict):
             self.manifest = yaml.safe_dump(self.manifest, sort_keys=False)
@@ -163,9 +163,13 @@ class EksPyTorchJobOperator(BaseOperator):
                 f"PyTorchJob {namespace}/{name} hung ({event['message']}); {self._suspend(name)}. Last lines:\n{tail}"
             )
         if event["status"] == "not_started":
+            from dtp.hooks.pytorchjob import CANNOT_START_REASONS, gang_wait
+
+            # A container that cannot start is in a placed pod; pods not Running in time may be the gang's.
+            placed = any(reason in event["message"] for reason in CANNOT_START_REASONS)
+            why = "; ".join(filter(None, (event["message"], None if placed else gang_wait(self.job))))
             raise PyTorchJobFailed(
-                f"PyTorchJob {namespace}/{name} did not start ({event['message']}); {self._suspend(name)}. Its pods:"
-                f"{pods}"
+                f"PyTorchJob {namespace}/{name} did not start ({why}); {self._suspend(name)}. Its pods:{pods}"
             )
         if event["status"] == "error":  # the API out of reach: the job may well be running, a retry re-attaches
             raise PyTorchJobFailed(

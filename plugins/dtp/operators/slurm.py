@@ -12,7 +12,8 @@ from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
 from dtp.connections import TRAINING_QUEUE
 from dtp.hooks.shared_fs import ClusterCommandError
-from dtp.hooks.slurm import SlurmHook, SlurmJob
+from dtp.hooks.slurm import SlurmHook, SlurmJob, usable
+from dtp.hostlist import expand_hostlist
 from dtp.operators.time_limit import time_left
 
 # The pending timeout of a DAG's form (``pending_timeout_minutes``), in the operator's seconds.
@@ -53,7 +54,9 @@ class SlurmSubmitJobOperator(BaseOperator):
     failed rank's boilerplate may push out of its last lines, then those. One
     that ended with its node (NODE_FAIL, OUT_OF_MEMORY) names the node(s), and
     on a cluster of the connection's own (no ``head_node``) how to train without
-    them.
+    them. One pinned to ``nodelist`` that did not start within the pending
+    timeout names those of its nodes that take no jobs, and how to train
+    without them.
 
     :param script_path: batch script on the cluster's shared filesystem
     :param job_name: Slurm job name (also the key used to find the job again)
@@ -70,6 +73,9 @@ class SlurmSubmitJobOperator(BaseOperator):
         jobs of this name ran (0: no limit)
     :param submitted_after: when the run's spec was made, an ISO-8601 time with its zone: a job of this name
         submitted before it is another run's (None: none is)
+    :param nodelist: sbatch ``--nodelist``: the Slurm hostlist of the nodes the job must run on (the nodes the
+        run's preflight checked), a requeued job too; those of them that take no jobs are named when it does not
+        start ("": any of the partition's nodes)
     """
 
     template_fields: Sequence[str] = (
@@ -84,6 +90,7 @@ class SlurmSubmitJobOperator(BaseOperator):
         "sbatch_args",
         "time_limit_minutes",
         "submitted_after",
+        "nodelist",
     )
 
     def __init__(
@@ -101,6 +108,7 @@ class SlurmSubmitJobOperator(BaseOperator):
         slurm_conn_id: str = SlurmHook.default_conn_name,
         head_node: str | None = None,
         submitted_after: str | None = None,
+        nodelist: str = "",
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -116,6 +124,7 @@ class SlurmSubmitJobOperator(BaseOperator):
         self.slurm_conn_id = slurm_conn_id
         self.head_node = head_node
         self.submitted_after = submitted_after
+        self.nodelist = nodelist
 
     def execute(self, context: Any) -> dict[str, Any] | None:
         # Here, not at the top: the trigger pulls in paramiko, which a DAG file parsing this module has no use for.
@@ -151,7 +160,7 @@ class SlurmSubmitJobOperator(BaseOperator):
                 job_name=self.job_name,
                 output=self.output_path,
                 comment=self.comment,
-                extra_args=[*self.sbatch_args, *self._time_limit_args(ended)],
+                extra_args=[*self.sbatch_args, *self._nodelist_args(), *self._time_limit_args(ended)],
             )
         log_path = self._push_ids(context, job_id)
         self.defer(
@@ -177,7 +186,9 @@ class SlurmSubmitJobOperator(BaseOperator):
             raise SlurmJobFailed(
                 f"Slurm job {job_id} ({self.job_name}) did not start within {float(self.pending_timeout):.0f}s: it is"
                 f" still {event['state']}, Slurm's reason: {event.get('reason') or '(none given)'}; "
-                f"{self._cancel(job_id)}" + (f". Nodes down or drained, and why:{unavailable}" if unavailable else "")
+                f"{self._cancel(job_id)}"
+                + (f". Nodes down or drained, and why:{unavailable}" if unavailable else "")
+                + self._pinned_advice()
             )
         if event["status"] == "lost":
             raise SlurmJobFailed(f"Slurm job {job_id} is lost: {event['message']}. {excerpt}")
@@ -218,6 +229,24 @@ class SlurmSubmitJobOperator(BaseOperator):
             return f" on {nodes}"
         return f" on {nodes}; to train without them, trigger again with exclude_nodes={nodes}"
 
+    def _pinned_advice(self) -> str:
+        """For a job pinned to ``nodelist`` that did not start: the nodes it may run on, those of them that take no
+        jobs (down, drained, gone from the partition), and how to train without them."""
+        if not self.nodelist:
+            return ""
+        advice = f". It may run only on {self.nodelist}, the nodes the run's preflight checked"
+        try:
+            states = SlurmHook(self.slurm_conn_id, self.head_node).node_states()
+        except ClusterCommandError:
+            self.log.exception("Could not read the states of the nodes of Slurm job %s", self.job_name)
+            return advice + ": if one of them is down or drained, trigger again with exclude_nodes=<that node>"
+        if down := [node for node in expand_hostlist(self.nodelist) if not usable(states.get(node, "down"))]:
+            return advice + (
+                f"; of those, these take no jobs (down, drained or gone from the partition): {', '.join(down)}. To "
+                f"train without them, trigger again with exclude_nodes={','.join(down)}"
+            )
+        return advice + "; all of them take jobs (other jobs may hold them)"
+
     def _this_runs(self, jobs: list[SlurmJob]) -> list[SlurmJob]:
         """The jobs submitted once the run's spec was made (all of them without ``submitted_after``)."""
         if not self.submitted_after:
@@ -234,6 +263,10 @@ class SlurmSubmitJobOperator(BaseOperator):
             self.log.exception("Could not cancel Slurm job %s (%s)", job_id, self.job_name)
             return f"cancelling it failed ({err})"
         return "cancelled it"
+
+    def _nodelist_args(self) -> list[str]:
+        """``--nodelist`` for a new job pinned to ``nodelist``: with ``--nodes``, the job takes exactly those."""
+        return [f"--nodelist={self.nodelist}"] if self.nodelist else []
 
     def _time_limit_args(self, ended: list[SlurmJob]) -> list[str]:
         """``--time`` for a new job: the limit less what earlier jobs of this name ran (a retried task's job
@@ -273,6 +306,7 @@ def submit_prepared_slurm_job(task_id: str, job: Any, **kwargs: Any) -> SlurmSub
         slurm_conn_id=job["slurm_conn_id"],
         head_node=job["head_node"],
         submitted_after=job["submitted_after"],
+        nodelist=job["nodelist"],
         queue=TRAINING_QUEUE,
         **kwargs,
     )

@@ -25,7 +25,6 @@ from typing import Any
 from airflow.providers.standard.operators.empty import EmptyOperator
 from airflow.sdk import DAG, TaskGroup, TriggerRule, task
 from airflow.sdk.exceptions import AirflowFailException
-from airflow.sdk.log import mask_secret
 
 from dtp.connections import AWS_CONN_ID, TRAINING_QUEUE
 from dtp.metrics.preflight_gate import preflight_message
@@ -36,7 +35,7 @@ from dtp.operators.cluster import DeployClusterOperator, TeardownClusterOperator
 from dtp.operators.pytorchjob import EksPyTorchJobOperator
 from dtp.operators.report import TrainingReportOperator
 from dtp.operators.slurm import PENDING_TIMEOUT_S, submit_prepared_slurm_job
-from dtp.params import NODES_OUTLIVE_RUNS, ParamsError
+from dtp.params import NODES_OUTLIVE_RUNS, ParamsError, mask_extra_env
 from dtp.pipeline import checkpoints, data, jobs, network, results
 from dtp.pipeline.spec import build_spec, tear_down_earlier_incarnations
 from dtp.pipeline.teardowns import end_with_judgement, schedule_teardowns_first, tasks_to_follow
@@ -62,7 +61,7 @@ def validate_params(**context: Any) -> dict[str, Any]:
         names = RunNames.from_dag_run(dag_run)
         spec = build_spec(context["params"], dag_run.conf or {}, names)
         # extra_env may hold tokens: masked in this task's log (the conf and the spec's XCom show them as given).
-        mask_secret(list(spec["params"]["extra_env"].values()))
+        mask_extra_env(spec["params"])
         # For the metrics history: a backfilled run, a scheduled one and each incarnation of a run, told apart.
         logical_date = dag_run.logical_date.isoformat() if dag_run.logical_date else None
         spec |= {"logical_date": logical_date, "run_type": dag_run.run_type.value, "incarnation": names.incarnation}
@@ -156,10 +155,15 @@ def check_preflight(
 
 @task(multiple_outputs=True, queue=TRAINING_QUEUE)
 def prepare_training(
-    spec: dict[str, Any], cluster: dict[str, Any], images: dict[str, str], staged: dict[str, Any]
+    spec: dict[str, Any],
+    cluster: dict[str, Any],
+    images: dict[str, str],
+    staged: dict[str, Any],
+    preflight: dict[str, Any] | None,
 ) -> dict[str, Any]:
-    """Write the training job (batch script or manifest, and its config) into the run's directory."""
-    return jobs.prepare_training(spec, cluster, images, staged)
+    """Write the training job (batch script or manifest, and its config) into the run's directory; on a cluster
+    whose nodes outlive runs, its Slurm job runs only on the nodes ``preflight`` (the gate's result) checked."""
+    return jobs.prepare_training(spec, cluster, images, staged, preflight)
 
 
 @task(queue=TRAINING_QUEUE)
@@ -298,10 +302,9 @@ def training_pipeline(dag: DAG, *, one_run_at_a_time: bool = False) -> None:
     staged >> pf_job
 
     with TaskGroup("train", tooltip="training on Slurm, EKS or Batch, resumable from checkpoints"):
-        job = prepare_training(spec, cluster, images, staged)
+        job = prepare_training(spec, cluster, images, staged, pf_result)
         # A job stopped at the time budget_usd pays for is not retried.
         run = run_prepared_job("run_job", job, cluster, time_limit=True, retries=1)
-    pf_result >> job
 
     metrics = collect_metrics(spec, cluster, images, job["metrics_path"], job["profile_dir"])
     run >> metrics

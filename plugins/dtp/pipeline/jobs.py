@@ -13,10 +13,12 @@ import math
 from pathlib import Path
 from typing import Any
 
-from dtp.costs import checkpoint_write_seconds, training_time_limit_minutes
+from dtp.costs import RunFsx, checkpoint_write_seconds, training_time_limit_minutes
 from dtp.hooks.shared_fs import SharedFilesystemHook
 from dtp.hooks.slurm import SlurmHook
-from dtp.naming import EXPIRES_TAG, slurm_comment
+from dtp.metrics.preflight_gate import checked_nodes
+from dtp.naming import EXPIRES_TAG, INSTALLATION_TAG, slurm_comment
+from dtp.params import NODES_OUTLIVE_RUNS
 from dtp.pipeline import frameworks
 from dtp.pipeline.run_dirs import claim_run_dir, run_dir
 from dtp.platforms import get_platform
@@ -123,10 +125,11 @@ def _prepare_off_slurm(
 
 
 def _write_job(
-    hook: SlurmHook, spec: dict[str, Any], workdir: Path, kind: str, script: str, job_name: str
+    hook: SlurmHook, spec: dict[str, Any], workdir: Path, kind: str, script: str, job_name: str, nodelist: str = ""
 ) -> dict[str, str | None]:
     """Write the batch script and its log folder; return what the Slurm operator needs to submit it. The script is
-    its owner's alone: it exports the run's extra_env, which may hold tokens, and sbatch reads it as that user."""
+    its owner's alone: it exports the run's extra_env, which may hold tokens, and sbatch reads it as that user.
+    ``nodelist``: the nodes the operator submits the job to (``pinned_nodes``; "": any of the partition's)."""
     script_path = workdir / f"{kind}.sbatch"
     hook.write_file(str(script_path), script, mode=0o700)
     hook.make_dirs(str(workdir / "logs"))
@@ -136,9 +139,12 @@ def _write_job(
         "script_path": str(script_path),
         "output_path": str(workdir / "logs" / f"{kind}-%j.out"),
         "job_name": job_name,
-        "comment": slurm_comment(spec["tags"][EXPIRES_TAG], spec["dag_id"], spec["run_id"]),
+        "comment": slurm_comment(
+            spec["tags"][EXPIRES_TAG], spec["dag_id"], spec["run_id"], spec["tags"].get(INSTALLATION_TAG, "")
+        ),
         # The operator reuses no job submitted before the run's spec was made (a spec from before has no time).
         "submitted_after": spec.get("created_at"),
+        "nodelist": nodelist,
     }
 
 
@@ -242,18 +248,37 @@ def priced_for(spec: dict[str, Any], cluster: dict[str, Any]) -> dict[str, Any]:
     """``spec`` with the training time ``budget_usd`` pays for on the nodes the cluster got: a capacity fallback's
     instance type may cost more per hour than the one the run asked for."""
     params, price = spec["params"], instance_of(spec, cluster)["price_usd_per_hour"]
+    fsx = RunFsx(**spec["fsx"]) if spec.get("fsx") else None  # none in a spec from before the estimates priced FSx
     minutes = training_time_limit_minutes(
-        params["budget_usd"], params["num_nodes"], price, params["expiry_hours"], params["pending_timeout_minutes"]
+        params["budget_usd"], params["num_nodes"], price, params["expiry_hours"], params["pending_timeout_minutes"], fsx
     )
     return {**spec, "training_time_limit_minutes": minutes}
 
 
+def pinned_nodes(spec: dict[str, Any], preflight: dict[str, Any] | None) -> str:
+    """The Slurm hostlist the training job is pinned to (sbatch ``--nodelist``): on a cluster whose nodes outlive
+    runs, which may have idle nodes besides, the nodes the run's preflight checked (``preflight``, its gate's
+    result), so that training runs on no node the gate did not pass. "" (any of the partition's nodes) without a
+    preflight result, and on a cluster made for the run: it has the run's nodes alone, all of which preflight
+    checked, and a node put in place of a failed one (HyperPod's auto-resume) has a name preflight never saw."""
+    if preflight is None or spec["params"]["platform"] not in NODES_OUTLIVE_RUNS:
+        return ""
+    return ",".join(checked_nodes(preflight))
+
+
 def prepare_training(
-    spec: dict[str, Any], cluster: dict[str, Any], images: dict[str, Any], data: dict[str, Any]
+    spec: dict[str, Any],
+    cluster: dict[str, Any],
+    images: dict[str, Any],
+    data: dict[str, Any],
+    preflight: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
+    """The training job, on the nodes ``preflight`` (the preflight gate's result, None where none ran) checked
+    where ``pinned_nodes`` pins it; what its operator needs to run it."""
     spec, recipe = priced_for(spec, cluster), Recipe.model_validate(spec["recipe"])
+    nodelist = pinned_nodes(spec, preflight)
     if recipe.framework != "fsdp":
-        return _prepare_framework_training(spec, recipe, cluster, images)
+        return _prepare_framework_training(spec, recipe, cluster, images, nodelist)
     workdir, instance = run_dir(spec, cluster), instance_of(spec, cluster)
     config = training_config(spec, recipe, str(workdir), data, instance)
     config_path = workdir / "train.json"
@@ -282,15 +307,15 @@ def prepare_training(
         stop_signal_s=stop_signal_seconds(recipe) if on_gpu and spec["training_time_limit_minutes"] else 0,
         stop_file=config["stop_file"],
     )
-    return _write_job(hook, spec, workdir, "train", script, spec["names"]["slurm_job"]) | outputs
+    return _write_job(hook, spec, workdir, "train", script, spec["names"]["slurm_job"], nodelist) | outputs
 
 
 def _prepare_framework_training(
-    spec: dict[str, Any], recipe: Recipe, cluster: dict[str, Any], images: dict[str, Any]
+    spec: dict[str, Any], recipe: Recipe, cluster: dict[str, Any], images: dict[str, Any], nodelist: str
 ) -> dict[str, Any]:
     """The batch script of a framework other than DTP's trainer (``dtp.pipeline.frameworks``); its metrics are the
     step lines of its own log, read by that framework's parser. Its steps start in the run's directory, as the
-    script does (picotron reads files relative to it)."""
+    script does (picotron reads files relative to it); the job is submitted to ``nodelist`` (``pinned_nodes``)."""
     hook = SlurmHook.of_cluster(cluster)
     workdir = run_dir(spec, cluster)
     args = frameworks.template_args(spec, images, str(workdir), cluster["shared_dir"])
@@ -299,7 +324,7 @@ def _prepare_framework_training(
         "container": container_options(images, cluster["shared_dir"], str(workdir)),
     }
     script = render(frameworks.TEMPLATES[recipe.framework], **common, **args)
-    job = _write_job(hook, spec, workdir, "train", script, spec["names"]["slurm_job"])
+    job = _write_job(hook, spec, workdir, "train", script, spec["names"]["slurm_job"], nodelist)
     return {
         **job,
         "metrics_path": args["log_path"],

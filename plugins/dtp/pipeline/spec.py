@@ -9,11 +9,13 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Mapping
+from dataclasses import asdict
 from datetime import UTC, datetime
 from typing import Any
 
 from dtp.costs import (
     MODEL_PARAMETERS,
+    RunFsx,
     checkpoint_bytes,
     checkpoint_footprint_bytes,
     checkpoint_saves,
@@ -44,7 +46,7 @@ def build_spec(params: Mapping[str, Any], conf: Mapping[str, Any], names: RunNam
     """Validate ``params`` (form defaults + conf) plus any key of ``conf`` no param declares; the spec of the run
     whose resources ``names`` names."""
     merged = {**dict(params), **dict(conf)}
-    validated = validate_params(merged)
+    validated = validate_params(merged, run_fsx)
     platform = get_platform(validated.platform)
     recipe = get_recipe(validated.recipe)
     framework = recipe.framework
@@ -53,6 +55,12 @@ def build_spec(params: Mapping[str, Any], conf: Mapping[str, Any], names: RunNam
             f"recipe: got {validated.recipe!r}, which trains with {framework}; on "
             f"{validated.platform} DTP runs its own FSDP trainer only (the other frameworks launch from Slurm batch "
             "scripts): choose an fsdp recipe or a Slurm platform"
+        )
+    if validated.gang_scheduler != "none" and platform.scheduler != "kubernetes":
+        # validate_params refused the platforms that never schedule with Kubernetes; HyperPod does by its connection.
+        raise ParamsError.from_problems(
+            f"gang_scheduler: got {validated.gang_scheduler!r}; platform {validated.platform!r} schedules with "
+            f"{platform.scheduler}, which starts a job's nodes together anyway; give none"
         )
     if (
         framework in NEEDS_ASSETS
@@ -84,7 +92,8 @@ def build_spec(params: Mapping[str, Any], conf: Mapping[str, Any], names: RunNam
         raise ParamsError.from_problems(problem)
     if problem := sample_corpus_problem(validated, recipe):
         raise ParamsError.from_problems(problem)
-    spec = run_spec(validated, names.dag_id, names.run_id, names.incarnation, names.installation)
+    fsx = run_fsx(validated, recipe)
+    spec = run_spec(validated, names.dag_id, names.run_id, names.incarnation, names.installation, fsx)
     spec["existing_network"] = existing_network()
     if needs_network(spec) and not spec["existing_network"] and (file_system := platform.existing_file_system()):
         raise ParamsError.from_problems(
@@ -108,6 +117,21 @@ def shared_file_system_gib(platform: ComputePlatform) -> int | None:
     from dtp.platforms.parallelcluster import ParallelClusterPlatform  # the run's platform: imported already
 
     return platform.settings.fsx_storage_capacity_gib if isinstance(platform, ParallelClusterPlatform) else None
+
+
+def run_fsx(validated: TrainParams, recipe: Recipe) -> RunFsx | None:
+    """The FSx for Lustre DTP makes for the run with its cluster, which the run pays for: ParallelCluster's, of the
+    size ``ParallelClusterPlatform.fsx_storage_capacity_gib`` gives. None elsewhere, and where the nodes mount an
+    existing file system (``fsx_file_system_id``)."""
+    platform = get_platform(validated.platform)
+    if platform.name != "parallelcluster" or platform.existing_file_system():
+        return None
+    from dtp.platforms.parallelcluster import ParallelClusterPlatform  # the run's platform: imported already
+
+    if not isinstance(platform, ParallelClusterPlatform):
+        return None
+    spec = {"params": validated.model_dump(), "recipe": recipe.model_dump()}
+    return RunFsx(platform.fsx_storage_capacity_gib(spec), platform.settings.fsx_throughput_per_tib)
 
 
 def checkpoint_space_problem(validated: TrainParams, recipe: Recipe, platform: ComputePlatform) -> str | None:
@@ -173,9 +197,15 @@ def network_stand_in(spec: dict[str, Any]) -> dict[str, str]:
 
 
 def run_spec(
-    validated: TrainParams, dag_id: str, run_id: str, incarnation: int = 0, installation: str = ""
+    validated: TrainParams,
+    dag_id: str,
+    run_id: str,
+    incarnation: int = 0,
+    installation: str = "",
+    fsx: RunFsx | None = None,
 ) -> dict[str, Any]:
-    """The spec of validated params: recipe, instance, names, tags, cost (no check against the platform)."""
+    """The spec of validated params: recipe, instance, names, tags, cost with ``fsx``, the FSx for Lustre DTP makes
+    for the run (``run_fsx``), if any (no check against the platform)."""
     recipe = get_recipe(validated.recipe)
     instance = instance_types()[validated.instance_type]
     names = RunNames(dag_id, run_id, incarnation, installation)
@@ -190,13 +220,16 @@ def run_spec(
         # The teardowns delete these too: a run cleared whole while it ran never tore them down.
         "earlier_names": [earlier.as_dict() for earlier in names.earlier(RETIRED_INCARNATIONS)],
         "tags": resource_tags(names, validated.recipe, expiry(validated.expiry_hours)),
-        "estimated_cost_usd": estimate_cost_usd(validated, recipe, instance.price_usd_per_hour),
+        # The FSx for Lustre made for the run, which its estimates count: priced_for prices it again.
+        "fsx": asdict(fsx) if fsx else None,
+        "estimated_cost_usd": estimate_cost_usd(validated, recipe, instance.price_usd_per_hour, fsx),
         "training_time_limit_minutes": training_time_limit_minutes(
             validated.budget_usd,
             validated.num_nodes,
             instance.price_usd_per_hour,
             validated.expiry_hours,
             validated.pending_timeout_minutes,
+            fsx,
         ),
     }
 

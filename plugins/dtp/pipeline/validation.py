@@ -21,7 +21,6 @@ from typing import Any
 
 from airflow.sdk import DAG, task
 from airflow.sdk.exceptions import AirflowFailException, AirflowNotFoundException
-from airflow.sdk.log import mask_secret
 
 from dtp.connections import AWS_CONN_ID, TRAINING_QUEUE
 from dtp.hooks.slurm import SlurmHook, usable
@@ -30,7 +29,7 @@ from dtp.metrics.preflight_gate import preflight_message
 from dtp.naming import RunNames, expiry, resource_tags
 from dtp.operators.report import ClusterValidationReportOperator
 from dtp.operators.slurm import submit_prepared_slurm_job
-from dtp.params import ParamsError, validate_cluster_params
+from dtp.params import ParamsError, mask_extra_env, validate_cluster_params
 from dtp.pipeline import jobs, results
 from dtp.pipeline.teardowns import end_with_judgement, schedule_teardowns_first
 from dtp.recipes import instance_types
@@ -109,7 +108,7 @@ def validate_params(**context: Any) -> dict[str, Any]:
     except ParamsError as err:
         raise AirflowFailException(str(err)) from None
     # extra_env may hold tokens: masked in this task's log (the conf and the spec's XCom show them as given).
-    mask_secret(list(spec["params"]["extra_env"].values()))
+    mask_extra_env(spec["params"])
     return spec
 
 

@@ -45,6 +45,9 @@ LABEL_DOMAIN = "dtp.dev"
 # Extended resources of the NVIDIA, Neuron and EFA device plugins.
 GPU, NEURON, EFA = "nvidia.com/gpu", "aws.amazon.com/neuron", "vpc.amazonaws.com/efa"
 EKS_CLUSTER_NAME = r"^[0-9A-Za-z][A-Za-z0-9_-]{0,99}$"
+# The pods' schedulerName for each gang_scheduler: Volcano's, and that of scheduler-plugins installed as a second
+# scheduler (its Helm chart's), which the training operator's --gang-scheduler-name=scheduler-plugins leaves as set.
+GANG_SCHEDULER_NAMES = {"volcano": "volcano", "scheduler-plugins": "scheduler-plugins-scheduler"}
 
 
 class PyTorchJobSettings(PlatformSettings):
@@ -203,6 +206,7 @@ def render_pytorchjobs(
         "devices": devices,
         "fsx_mount": FSX_MOUNT,
         "fsx_claim": settings.fsx_claim,
+        **_gang_scheduling(spec["params"]),
     }
     preflight = render(
         "eks/pytorchjob.yaml.j2",
@@ -236,6 +240,14 @@ def delete_pytorchjobs(hook: PyTorchJobHook, spec: dict[str, Any], timeout: floa
 def preflight_job_name(spec: dict[str, Any]) -> str:
     """The name of the run's preflight PyTorchJob (its training job has the run key)."""
     return f"{spec['names']['run_key']}-preflight"
+
+
+def _gang_scheduling(params: dict[str, Any]) -> dict[str, Any]:
+    """The template's gang scheduling value: the pods' ``scheduler_name`` (None: the default scheduler's, pod by
+    pod). The PodGroup gets no ``scheduleTimeoutSeconds``: the pods scheduler-plugins has placed hold their nodes
+    while they wait for the rest, so they wait the scheduler's own short time, not the run's pending timeout (which
+    the operator applies to the job as a whole). A spec from before ``gang_scheduler`` asks for none."""
+    return {"scheduler_name": GANG_SCHEDULER_NAMES.get(params.get("gang_scheduler", "none"))}
 
 
 def _devices(instance: dict[str, Any]) -> dict[str, int]:

@@ -2,8 +2,8 @@
 
 The manifest is checked against the training operator's CRD schema (include/schemas), read as the API server
 applies it with strict field validation, and against the rules of the operator's webhook (pkg/webhooks/pytorch)
-and API types (pkg/apis/kubeflow.org/v1) of training-operator v1.9.0. EKS and HyperPod on EKS check their jobs
-with it before anything is submitted.
+and API types (pkg/apis/kubeflow.org/v1) of training-operator v1.9.0, and for what a gang scheduler could never
+place. EKS and HyperPod on EKS check their jobs with it before anything is submitted.
 """
 
 from __future__ import annotations
@@ -89,7 +89,21 @@ def _operator_problems(job: dict[str, Any]) -> list[str]:
         problems.append("spec.elasticPolicy.nProcPerNode: must not be used with spec.nprocPerNode")
     for replica_type, replica in replica_specs.items():
         problems += _replica_problems(f"spec.pytorchReplicaSpecs.{replica_type}", replica_type, replica or {})
-    return problems
+    return problems + _gang_problems(spec, replica_specs)
+
+
+def _gang_problems(spec: dict[str, Any], replica_specs: dict[str, Any]) -> list[str]:
+    """What a gang scheduler could never place: the operator makes a job with ``runPolicy.schedulingPolicy`` a
+    PodGroup of ``minAvailable`` members, and one of more members than the job has pods waits for ever (Volcano keeps
+    it Pending; scheduler-plugins' coscheduling refuses its pods for want of siblings)."""
+    minimum = (((spec.get("runPolicy") or {}).get("schedulingPolicy")) or {}).get("minAvailable")
+    # The operator defaults a replica spec without replicas to 1.
+    counts = [(replica or {}).get("replicas", 1) for replica in replica_specs.values()]
+    if not isinstance(minimum, int) or not all(isinstance(count, int) for count in counts):
+        return []  # none asked for, or the schema names what is wrong
+    if minimum > (pods := sum(counts)):
+        return [f"spec.runPolicy.schedulingPolicy.minAvailable: {minimum} is more than the job's {pods} pods"]
+    return []
 
 
 def _replica_problems(path: str, replica_type: str, replica: dict[str, Any]) -> list[str]:
