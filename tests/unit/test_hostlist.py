@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from dtp.hostlist import MAX_HOSTS, expand_hostlist
+from dtp.hostlist import MAX_HOSTS, compress_hostlist, expand_hostlist
 
 
 @pytest.mark.parametrize(
@@ -39,3 +39,21 @@ def test_expressions_expand(expression: str, hosts: list[str]) -> None:
 def test_malformed_expressions_say_what_is_wrong(expression: str, why: str) -> None:
     with pytest.raises(ValueError, match=why.replace("[", r"\[").replace("]", r"\]")):
         expand_hostlist(expression)
+
+
+@pytest.mark.parametrize(
+    ("hosts", "expression"),
+    [
+        ([], ""),
+        (["n3", "n2"], "n[2-3]"),
+        (["n1", "n2", "n3", "gpu-7"], "gpu-7,n[1-3]"),
+        (["n9", "n10", "n12"], "n[9-10,12]"),  # Slurm pads a range by its first number: n9 does not pad n10
+        (["n01", "n02", "n10"], "n10,n[01-02]"),  # a padded number ranges with its width only
+        (["ip-10-0-1-5", "ip-10-0-1-6"], "ip-10-0-1-[5-6]"),  # the last number varies
+        (["n1-ib", "n2-ib", "login"], "login,n[1-2]-ib"),
+        (["n2", "n2"], "n2"),
+    ],
+)
+def test_hosts_compress_to_an_expression_that_expands_to_them(hosts: list[str], expression: str) -> None:
+    assert compress_hostlist(hosts) == expression
+    assert sorted(expand_hostlist(expression)) == sorted(set(hosts))

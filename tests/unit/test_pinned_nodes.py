@@ -100,9 +100,9 @@ def test_where_nodes_outlive_runs_training_is_submitted_to_the_nodes_preflight_c
     tmp_path: Path, slurm: Sbatch
 ) -> None:
     job = prepare(tmp_path, LOCAL, preflight_result("n2", "n3"))
-    assert job["nodelist"] == "n2,n3"
+    assert job["nodelist"] == "n[2-3]"
     submit(job)
-    assert "--nodelist=n2,n3" in slurm.sbatch
+    assert "--nodelist=n[2-3]" in slurm.sbatch
     assert slurm.sbatch[-1] == job["script_path"]
 
 

@@ -16,6 +16,7 @@ from typing import Any
 from dtp.costs import RunFsx, checkpoint_write_seconds, training_time_limit_minutes
 from dtp.hooks.shared_fs import SharedFilesystemHook
 from dtp.hooks.slurm import SlurmHook
+from dtp.hostlist import compress_hostlist
 from dtp.metrics.preflight_gate import checked_nodes
 from dtp.naming import EXPIRES_TAG, INSTALLATION_TAG, slurm_comment
 from dtp.params import NODES_OUTLIVE_RUNS
@@ -263,7 +264,7 @@ def pinned_nodes(spec: dict[str, Any], preflight: dict[str, Any] | None) -> str:
     checked, and a node put in place of a failed one (HyperPod's auto-resume) has a name preflight never saw."""
     if preflight is None or spec["params"]["platform"] not in NODES_OUTLIVE_RUNS:
         return ""
-    return ",".join(checked_nodes(preflight))
+    return compress_hostlist(checked_nodes(preflight))
 
 
 def prepare_training(
