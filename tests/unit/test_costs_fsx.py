@@ -4,7 +4,6 @@ its size's write speed in the training hours."""
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from typing import Any, get_args
 
 import pytest
@@ -21,10 +20,12 @@ from dtp.costs import (
     estimate_training_hours,
     training_time_limit_minutes,
 )
+from dtp.naming import RunNames
 from dtp.params import ParamsError, TrainParams, parse_params, validate_params
-from dtp.pipeline.spec import run_spec
-from dtp.platforms.parallelcluster import ParallelClusterPlatform, ParallelClusterSettings
-from dtp.recipes import Recipe, get_recipe, instance_types
+from dtp.pipeline.jobs import hang_timeout_seconds, priced_for, stop_signal_seconds, training_config
+from dtp.pipeline.spec import build_spec, run_fsx, run_spec
+from dtp.platforms.parallelcluster import ParallelClusterSettings
+from dtp.recipes import get_recipe, instance_types
 
 # The 70B recipe on its 16 p5 nodes with train_e2e's form defaults: 300 steps, a checkpoint every 50.
 RUN_70B: dict[str, Any] = {
@@ -34,19 +35,6 @@ RUN_70B: dict[str, Any] = {
     "num_nodes": 16,
 }
 P5_USD_PER_HOUR = instance_types()["p5.48xlarge"].price_usd_per_hour
-
-
-def fsx_of(platform: ParallelClusterPlatform) -> Callable[[TrainParams, Recipe], RunFsx | None]:
-    """The ``run_fsx`` validate_params takes, for ParallelCluster: the FSx it makes for the run, of the size its own
-    function gives (None with an existing file system)."""
-
-    def run_fsx(params: TrainParams, recipe: Recipe) -> RunFsx | None:
-        if platform.existing_file_system():
-            return None
-        spec = {"params": params.model_dump(), "recipe": recipe.model_dump()}
-        return RunFsx(platform.fsx_storage_capacity_gib(spec), platform.settings.fsx_throughput_per_tib)
-
-    return run_fsx
 
 
 def test_the_price_table_covers_every_throughput_parallelcluster_makes() -> None:
@@ -62,7 +50,7 @@ def test_a_70b_runs_estimate_counts_the_fsx_it_makes_for_all_its_hours(monkeypat
     spec = run_spec(parse_params(TrainParams, RUN_70B), "train_e2e", "manual__1")
     assert platform.fsx_storage_capacity_gib(spec) == 4800  # 3 checkpoints of 847 GB and a fifth more
     params, recipe = TrainParams(**RUN_70B), get_recipe("llama3_1_70b")
-    fsx = fsx_of(platform)(params, recipe)
+    fsx = run_fsx(params, recipe)
     assert fsx == RunFsx(4800, 250)
     hours = estimate_training_hours(params, recipe, fsx) + SETUP_HOURS
     expected = hours * (16 * P5_USD_PER_HOUR + 4800 * 0.210 / 730)
@@ -101,7 +89,7 @@ def test_the_budgets_time_limit_pays_for_the_fsx_too() -> None:
 
 
 def test_a_budget_that_pays_for_the_nodes_but_not_the_fsx_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
-    run_fsx = fsx_of(use_settings(monkeypatch, key_name="dtp-head"))
+    use_settings(monkeypatch, key_name="dtp-head")
     params, recipe = TrainParams(**RUN_70B), get_recipe("llama3_1_70b")
     fsx = run_fsx(params, recipe)
     nodes_alone = (estimate_training_hours(params, recipe, fsx) + SETUP_HOURS) * 16 * P5_USD_PER_HOUR
@@ -116,7 +104,7 @@ def test_a_budget_that_pays_for_the_nodes_but_not_the_fsx_is_refused(monkeypatch
 
 
 def test_a_run_on_an_existing_file_system_pays_for_its_nodes_alone(monkeypatch: pytest.MonkeyPatch) -> None:
-    run_fsx = fsx_of(use_settings(monkeypatch, key_name="dtp-head", fsx_file_system_id="fs-0123456789abcdef0"))
+    use_settings(monkeypatch, key_name="dtp-head", fsx_file_system_id="fs-0123456789abcdef0")
     params, recipe = TrainParams(**RUN_70B), get_recipe("llama3_1_70b")
     assert run_fsx(params, recipe) is None
     nodes_alone = estimate_cost_usd(params, recipe, P5_USD_PER_HOUR)
@@ -127,7 +115,7 @@ def test_a_run_on_an_existing_file_system_pays_for_its_nodes_alone(monkeypatch: 
 def test_the_expiry_is_checked_against_the_write_speed_of_the_fsx_sized_to_the_run(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    run_fsx = fsx_of(use_settings(monkeypatch, key_name="dtp-head"))
+    use_settings(monkeypatch, key_name="dtp-head")
     # 1000 steps of 8 s and 20 checkpoints of 847 GB: 18.4 h of training at the smallest FSx's 293 MB/s, 6.4 h at
     # the 4800 GiB one's 1.17 GB/s.
     conf = {**RUN_70B, "max_steps": 1000, "budget_usd": 1e6, "expiry_hours": 10, "pending_timeout_minutes": 0}
@@ -136,3 +124,41 @@ def test_the_expiry_is_checked_against_the_write_speed_of_the_fsx_sized_to_the_r
     assert validate_params(conf, run_fsx).expiry_hours == 10
     with pytest.raises(ParamsError, match=r"estimated to take 6\.4 h of training"):
         validate_params({**conf, "expiry_hours": 8}, run_fsx)
+
+
+def test_a_run_made_on_parallelcluster_is_priced_and_timed_with_the_fsx_it_gets(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    use_settings(monkeypatch, key_name="dtp-head")
+    recipe = get_recipe("llama3_1_70b")
+    fsx = RunFsx(4800, 250)
+    estimate = estimate_cost_usd(TrainParams(**RUN_70B), recipe, P5_USD_PER_HOUR, fsx)
+    # A budget equal to the estimate: what the pipeline builds, prices and times.
+    conf = {**RUN_70B, "budget_usd": estimate, "dataset_uri": "s3://corpora/web/"}
+    spec = build_spec({}, conf, RunNames("train_e2e", "manual__1"))
+    assert spec["fsx"] == {"storage_gib": 4800, "throughput_per_tib": 250}
+    assert spec["estimated_cost_usd"] == estimate
+    priced = priced_for(spec, {"instance_type": "p5.48xlarge"})
+    assert priced["training_time_limit_minutes"] == spec["training_time_limit_minutes"]
+    # Slurm's stop signal comes once the last save has begun: every step and the saves before it fit before it,
+    # written at the speed the limit was worked out with (at the smallest FSx's, it came 200 steps early).
+    write = checkpoint_write_seconds(recipe, fsx)
+    signal_at = priced["training_time_limit_minutes"] * 60 - stop_signal_seconds(priced, recipe)
+    assert signal_at >= 300 * recipe.expected_step_seconds + 5 * write
+    # The save's collectives and a framework's silence are given that write too, not the smallest FSx's.
+    config = training_config(priced, recipe, "/fsx/runs/r", {"train_bin": "/fsx/d.bin"}, spec["instance"])
+    assert config["checkpoint_timeout_s"] == max(1800, 2 * write)
+    megatron = get_recipe("llama3_1_70b_megatron")
+    slow = {**priced, "fsx": {"storage_gib": 1200, "throughput_per_tib": 125}}
+    assert hang_timeout_seconds(slow, megatron) > checkpoint_write_seconds(megatron) > 600
+
+
+def test_a_spec_from_before_the_estimates_counted_fsx_is_timed_at_the_smallest_ones_speed() -> None:
+    spec = run_spec(parse_params(TrainParams, RUN_70B), "train_e2e", "manual__1")
+    del spec["fsx"]
+    recipe = get_recipe("llama3_1_70b")
+    smallest = {**spec, "fsx": {"storage_gib": 1200, "throughput_per_tib": 250}}
+    assert stop_signal_seconds(spec, recipe) == stop_signal_seconds(smallest, recipe)
+    assert stop_signal_seconds(spec, recipe) < stop_signal_seconds(
+        {**smallest, "fsx": {**smallest["fsx"], "throughput_per_tib": 125}}, recipe
+    )

@@ -17,6 +17,7 @@ from dtp.naming import RunNames
 from dtp.operators.pytorchjob import PyTorchJobFailed
 from dtp.params import ParamsError, TrainParams, parse_params, validate_params
 from dtp.pipeline.spec import build_spec, run_spec
+from dtp.platforms.base import PREFLIGHT_DEADLINE_S
 from dtp.platforms.containers import image_runtime
 from dtp.platforms.eks import PyTorchJobSettings, render_pytorchjobs
 from dtp.platforms.pytorchjob_manifest import manifest_problems
@@ -186,3 +187,13 @@ def test_a_gang_scheduled_job_not_running_in_time_says_the_gang_scheduler_waits(
     assert str(failure.value) == (
         f"PyTorchJob {NAMESPACE}/{NAME} did not start ({why}); suspended it. Its pods:\n  {NAME}-worker-0: Pending"
     )
+
+
+def test_a_gang_scheduled_job_may_wait_its_pending_timeout_besides_its_deadline() -> None:
+    # The operator counts activeDeadlineSeconds from the job's start, while a gang scheduler holds all its pods back.
+    default = {name: job["spec"]["runPolicy"]["activeDeadlineSeconds"] for name, job in jobs().items()}
+    gang = jobs(gang_scheduler="volcano", pending_timeout_minutes=60)
+    assert {name: job["spec"]["runPolicy"]["activeDeadlineSeconds"] for name, job in gang.items()} == {
+        name: seconds + 3600 for name, seconds in default.items()
+    }
+    assert default["preflight.yaml"] == PREFLIGHT_DEADLINE_S

@@ -184,24 +184,32 @@ def prepare_preflight(spec: dict[str, Any], cluster: dict[str, Any], images: dic
     }
 
 
-def stop_signal_seconds(recipe: Recipe) -> int:
+def recorded_fsx(spec: dict[str, Any]) -> RunFsx | None:
+    """The FSx for Lustre DTP makes for the run, as its spec records it (``dtp.pipeline.spec.run_fsx``), whose write
+    speed the run's estimates and time limit count on; None where the run's file system is not DTP's to size, and in
+    a spec from before the estimates counted FSx (whose estimates took the smallest one's speed, as None does)."""
+    return RunFsx(**spec["fsx"]) if spec.get("fsx") else None
+
+
+def stop_signal_seconds(spec: dict[str, Any], recipe: Recipe) -> int:
     """Seconds before the training job's time limit that Slurm signals its batch script, which asks the trainer to
-    stop (``stop_file``): enough for the step in progress, the ranks' stop check and the checkpoint's write, with
-    ``STOP_MARGIN_SECONDS`` to spare. SIGTERM at the limit leaves torchrun's 30 s, too few for a large model's
-    save. Slurm may send the signal up to a minute earlier than asked, never later."""
+    stop (``stop_file``): enough for the step in progress, the ranks' stop check and the checkpoint's write to the
+    run's file system (at the speed its time limit was worked out with), with ``STOP_MARGIN_SECONDS`` to spare.
+    SIGTERM at the limit leaves torchrun's 30 s, too few for a large model's save. Slurm may send the signal up to a
+    minute earlier than asked, never later (``recipe`` is the spec's)."""
     step = math.ceil(recipe.expected_step_seconds) + STOP_CHECK_SECONDS
-    return checkpoint_write_seconds(recipe) + step + STOP_MARGIN_SECONDS
+    return checkpoint_write_seconds(recipe, recorded_fsx(spec)) + step + STOP_MARGIN_SECONDS
 
 
 def hang_timeout_seconds(spec: dict[str, Any], recipe: Recipe) -> int:
     """Seconds without a new log line before the run's training job counts as hung: the form's
     ``hang_timeout_minutes``; for a framework other than DTP's trainer (which prints while it saves) at least a
-    checkpoint's expected write and ``HANG_MARGIN_SECONDS``, as those print nothing while they write one
-    (``recipe`` is the spec's)."""
+    checkpoint's expected write to the run's file system and ``HANG_MARGIN_SECONDS``, as those print nothing while
+    they write one (``recipe`` is the spec's)."""
     asked = spec["params"]["hang_timeout_minutes"] * 60
     if recipe.framework == "fsdp":
         return int(asked)
-    return max(int(asked), checkpoint_write_seconds(recipe) + HANG_MARGIN_SECONDS)
+    return max(int(asked), checkpoint_write_seconds(recipe, recorded_fsx(spec)) + HANG_MARGIN_SECONDS)
 
 
 def training_config(
@@ -241,7 +249,7 @@ def training_config(
         "stop_file": f"{workdir}/train.stop",
         # A save's collectives wait for the slowest rank's writes: twice the expected write, and never less than
         # the trainer's default.
-        "checkpoint_timeout_s": max(1800, 2 * checkpoint_write_seconds(recipe)),
+        "checkpoint_timeout_s": max(1800, 2 * checkpoint_write_seconds(recipe, recorded_fsx(spec))),
     }
 
 
@@ -249,9 +257,13 @@ def priced_for(spec: dict[str, Any], cluster: dict[str, Any]) -> dict[str, Any]:
     """``spec`` with the training time ``budget_usd`` pays for on the nodes the cluster got: a capacity fallback's
     instance type may cost more per hour than the one the run asked for."""
     params, price = spec["params"], instance_of(spec, cluster)["price_usd_per_hour"]
-    fsx = RunFsx(**spec["fsx"]) if spec.get("fsx") else None  # none in a spec from before the estimates priced FSx
     minutes = training_time_limit_minutes(
-        params["budget_usd"], params["num_nodes"], price, params["expiry_hours"], params["pending_timeout_minutes"], fsx
+        params["budget_usd"],
+        params["num_nodes"],
+        price,
+        params["expiry_hours"],
+        params["pending_timeout_minutes"],
+        recorded_fsx(spec),
     )
     return {**spec, "training_time_limit_minutes": minutes}
 
@@ -305,7 +317,7 @@ def prepare_training(
         # Nsight Systems only where there are GPUs to trace; torch.profiler traces everywhere.
         nsys_dir=profile_dir if on_gpu else "",
         # A stop ahead of the time limit where a save needs it: a CPU node's models save within SIGTERM's 30 s.
-        stop_signal_s=stop_signal_seconds(recipe) if on_gpu and spec["training_time_limit_minutes"] else 0,
+        stop_signal_s=stop_signal_seconds(spec, recipe) if on_gpu and spec["training_time_limit_minutes"] else 0,
         stop_file=config["stop_file"],
     )
     return _write_job(hook, spec, workdir, "train", script, spec["names"]["slurm_job"], nodelist) | outputs

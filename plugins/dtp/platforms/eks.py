@@ -208,6 +208,11 @@ def render_pytorchjobs(
         "fsx_claim": settings.fsx_claim,
         **_gang_scheduling(spec["params"]),
     }
+    # A gang scheduler places none of a job's pods until all of them fit, while the training operator counts a job's
+    # activeDeadlineSeconds from its start, not its pods': the jobs get the pending timeout besides, so that a gang's
+    # wait neither fails the preflight at its 15 minutes nor takes training's time from what its budget pays for.
+    waiting = spec["params"]["pending_timeout_minutes"] * 60 if common["scheduler_name"] else 0
+    limit = spec["training_time_limit_minutes"] * 60
     preflight = render(
         "eks/pytorchjob.yaml.j2",
         **common,
@@ -217,7 +222,7 @@ def render_pytorchjobs(
             *("--max-bytes", str(instance["busbw_at_bytes"])),
         ],
         max_restarts=0,
-        deadline_seconds=PREFLIGHT_DEADLINE_S,
+        deadline_seconds=PREFLIGHT_DEADLINE_S + waiting,
     )
     training = render(
         "eks/pytorchjob.yaml.j2",
@@ -225,7 +230,7 @@ def render_pytorchjobs(
         job_name=run_key,
         command=["torchrun", f"{programs}/train.py", "--config", str(workdir / "train.json")],
         max_restarts=MAX_RESTARTS,
-        deadline_seconds=spec["training_time_limit_minutes"] * 60,
+        deadline_seconds=limit + waiting if limit else 0,
     )
     return {"preflight.yaml": preflight, "pytorchjob.yaml": training}
 
