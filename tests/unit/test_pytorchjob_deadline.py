@@ -5,6 +5,7 @@ killed job is suspended with its active time recorded."""
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -25,6 +26,7 @@ from dtp.hooks.pytorchjob import (
     ACTIVE_SECONDS_ANNOTATION,
     past_deadline,
     ran_seconds,
+    suspended,
 )
 from dtp.operators.pytorchjob import PyTorchJobFailed, PyTorchJobOverTime
 
@@ -173,6 +175,43 @@ def test_a_user_kill_leaves_a_job_that_ended_as_it_is(kubernetes_api: Any, run_c
     with stub_eks(waiting.hook, kubernetes_api):
         run_coroutine(waiting.on_kill())  # the task was marked failed as the job failed
     assert [method for method, *_ in kubernetes_api.requests] == ["GET"]
+
+
+@pytest.mark.parametrize(
+    ("task_states", "requests"),
+    [
+        ({"manual__1": {"run_job": "deferred"}}, []),  # the trigger moved to another triggerer: the job goes on
+        ({"manual__1": {"run_job": "failed"}}, ["GET", "PATCH"]),  # a user marked the task failed
+        ({"manual__1": {"run_job": None}}, ["GET", "PATCH"]),  # ... or cleared it
+        ({}, ["GET", "PATCH"]),  # the run was deleted
+    ],
+)
+def test_on_kill_suspends_the_job_unless_the_task_still_waits_on_its_trigger(
+    kubernetes_api: Any, monkeypatch: pytest.MonkeyPatch, run_coroutine: Any, task_states: dict, requests: list
+) -> None:
+    from airflow.sdk.execution_time.task_runner import RuntimeTaskInstance
+
+    asked: list[dict[str, Any]] = []
+
+    def get_task_states(**query: Any) -> dict:
+        asked.append(query)
+        return task_states
+
+    monkeypatch.setattr(RuntimeTaskInstance, "get_task_states", staticmethod(get_task_states))
+    retried(kubernetes_api)
+    kubernetes_api.jobs[NAME]["status"] = {"startTime": "2026-12-03T10:00:00Z",
+                                           "conditions": [condition("Running", "2026-12-03T10:00:00Z")]}  # fmt: skip
+    kubernetes_api.requests.clear()
+    waiting = trigger()
+    waiting.task_instance = SimpleNamespace(  # type: ignore[assignment]
+        dag_id="train_e2e", run_id="manual__1", task_id="run_job", map_index=-1
+    )
+    with stub_eks(waiting.hook, kubernetes_api, calls=1 if requests else 0) as eks:  # no kubeconfig to leave it
+        run_coroutine(waiting.on_kill())
+        eks.assert_no_pending_responses()
+    assert asked == [{"dag_id": "train_e2e", "map_index": -1, "task_ids": ["run_job"], "run_ids": ["manual__1"]}]
+    assert [method for method, *_ in kubernetes_api.requests] == requests
+    assert suspended(kubernetes_api.jobs[NAME]) == bool(requests)
 
 
 def test_a_hung_job_that_succeeded_meanwhile_is_neither_suspended_nor_run_again(kubernetes_api: Any) -> None:

@@ -6,6 +6,7 @@ answering here also the pods' specs and statuses, FailedScheduling events and pr
 from __future__ import annotations
 
 import re
+from types import SimpleNamespace
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -172,3 +173,24 @@ def test_a_failure_names_the_failed_pods_and_worker_0s_lines_before_its_restart(
 def test_the_trigger_serializes_its_pending_timeout() -> None:
     classpath, kwargs = trigger(pending_timeout=600).serialize()
     assert kwargs["pending_timeout"] == 600 and PyTorchJobTrigger(**kwargs).serialize() == (classpath, kwargs)
+
+
+def test_credential_renewals_do_not_restart_the_pending_clock(
+    kubernetes_api: Any, first_event: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    kubernetes_api.jobs = {NAME: {**MANIFEST, "status": {}}}  # Pending for ever
+    clock = [1000.0]
+    answer = kubernetes_api.do_GET
+
+    def do_get(handler: Any) -> None:
+        clock[0] += 10  # each request takes 10 s
+        answer(handler)
+
+    monkeypatch.setattr(kubernetes_api, "do_GET", do_get)
+    monkeypatch.setattr("dtp.triggers.pytorchjob.time", SimpleNamespace(monotonic=lambda: clock[0]))
+    # A poll reads the job, lists worker 0 (none yet) and lists the job's pods: 30 s. Every fifth request is refused,
+    # the credentials having expired: a new kubeconfig every 50 s, sooner than the pending timeout.
+    kubernetes_api.unauthorized = set(range(5, 500, 5))
+    event = wait_for_event(kubernetes_api, trigger(pending_timeout=100), first_event, kubeconfigs=3)
+    assert (event["status"], event["message"]) == ("not_started", "not Running within 100 s, still Pending")
+    assert event["pods"] == ["(the job has no pods)"]

@@ -4,13 +4,16 @@ waited through, during a long wait (suspending the job on kill: test_pytorchjob_
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 from kubernetes.client.exceptions import ApiException
 from pytorchjob_support import (
     MANIFEST,
     NAME,
+    condition,
     stamp,
     trigger,
     wait_for_event,
@@ -114,10 +117,10 @@ def failing(monkeypatch: pytest.MonkeyPatch, method: str, errors: list[Exception
     """Make ``PyTorchJobHook.<method>`` raise the next of ``errors`` (None: answer) while any are left."""
     answer = getattr(PyTorchJobHook, method)
 
-    def call(self: PyTorchJobHook, *args: Any) -> Any:
+    def call(self: PyTorchJobHook, *args: Any, **kwargs: Any) -> Any:
         if errors and (error := errors.pop(0)) is not None:
             raise error
-        return answer(self, *args)
+        return answer(self, *args, **kwargs)
 
     monkeypatch.setattr(PyTorchJobHook, method, call)
     return errors
@@ -158,3 +161,72 @@ def test_trigger_gives_up_when_the_api_fails_poll_after_poll(
 def test_only_errors_a_later_call_may_not_meet_are_waited_through() -> None:
     assert all(map(transient, [ApiException(429), ApiException(504), ProtocolError(), TimeoutError()]))
     assert not any(map(transient, [ApiException(401), ApiException(403), ApiException(404), ValueError()]))
+
+
+LIMITS = ("sinceSeconds", "limitBytes")  # what a log read may ask the kubelet for
+
+
+@pytest.fixture
+def kubelet(kubernetes_api: Any, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """conftest.py's Kubernetes API on a clock of its own that each request moves on 30 s, the trigger's clock too:
+    each read of the job first has worker 0 log a step (``step <n>``, until the job succeeds at the ``steps``-th),
+    and a log read answers as the kubelet does, with the lines logged ``sinceSeconds`` before it at most and the first
+    ``limitBytes`` of them (the lines it did not log itself were logged long before)."""
+    leader = f"{NAME}-worker-0"
+    kubernetes_api.pods = {leader: {"training.kubeflow.org/job-name": NAME,
+                                    "training.kubeflow.org/replica-type": "worker",
+                                    "training.kubeflow.org/replica-index": "0"}}  # fmt: skip
+    kubernetes_api.jobs = {NAME: {**MANIFEST, "status": {"conditions": [condition("Running", stamp(0))]}}}
+    kubernetes_api.logs = {leader: []}
+    monkeypatch.setattr(kubernetes_api, "clock", 1000.0, raising=False)
+    monkeypatch.setattr(kubernetes_api, "steps", 7, raising=False)
+    logged_at: dict[str, float] = {}
+    answer = kubernetes_api.do_GET
+
+    def do_get(handler: Any) -> None:
+        kubernetes_api.clock += 30
+        url = urlsplit(handler.path)
+        lines = kubernetes_api.logs[leader]
+        if url.path.endswith(f"/pytorchjobs/{NAME}"):
+            lines.append(line := f"{stamp(len(lines) + 1)} step {len(lines) + 1}")
+            logged_at[line] = kubernetes_api.clock
+            if len(lines) == kubernetes_api.steps:
+                kubernetes_api.jobs[NAME]["status"]["conditions"].append(condition("Succeeded", stamp(59)))
+        elif url.path.endswith(f"/pods/{leader}/log"):
+            query = {key: int(values[0]) for key, values in parse_qs(url.query).items() if key in LIMITS}
+            since = kubernetes_api.clock - query.get("sinceSeconds", kubernetes_api.clock)
+            text = "".join(f"{line}\n" for line in lines if logged_at.get(line, 0.0) >= since)
+            handler.requests.append((handler.command, handler.path, "", b""))
+            handler._send(200, text[: query.get("limitBytes")], "text/plain")
+            return
+        answer(handler)
+
+    monkeypatch.setattr(kubernetes_api, "do_GET", do_get)
+    monkeypatch.setattr("dtp.triggers.pytorchjob.time", SimpleNamespace(monotonic=lambda: kubernetes_api.clock))
+    return kubernetes_api
+
+
+def test_a_log_read_after_failed_ones_reads_all_that_was_logged_since_the_last_that_answered(
+    kubelet: Any, first_event: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Worker 0's kubelet fails the four reads after the first, four polls (two minutes here) in which worker 0 logs on.
+    failing(monkeypatch, "log_lines", [None, *[ApiException(500, "Internal Server Error")] * 4])
+    event = wait_for_event(kubelet, trigger(), first_event)
+    assert (event["status"], event["tail"]) == ("success", [f"step {n}" for n in range(1, 8)])
+
+
+def test_the_first_log_read_takes_the_first_bytes_of_a_long_log_then_what_is_logged_from_then_on(
+    kubelet: Any, first_event: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    kubelet.logs[f"{NAME}-worker-0"] = [f"{stamp(n)} step {n}" for n in range(1, 5)]  # before the trigger started
+    kubelet.steps = 6
+    first_bytes = len(f"{stamp(1)} step 1\n{stamp(2)} step 2\n{stamp(3)} st")
+    monkeypatch.setattr("dtp.triggers.pytorchjob.MAX_FIRST_READ_BYTES", first_bytes)
+    event = wait_for_event(kubelet, trigger(), first_event)
+    # Step 3, cut short by the first read, and step 4 are left out; steps 5 and 6 were logged after that read.
+    assert (event["status"], event["tail"]) == ("success", ["step 1", "step 2", "step 5", "step 6"])
+    reads = [parse_qs(urlsplit(path).query) for _, path, *_ in kubelet.requests if path.split("?")[0].endswith("/log")]
+    assert [(read.get("sinceSeconds"), read.get("limitBytes")) for read in reads] == [
+        (None, [str(first_bytes)]),
+        (["150"], None),  # the 90 s since the first read was sent, and LOG_WINDOW_MARGIN
+    ]

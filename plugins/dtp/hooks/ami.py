@@ -8,13 +8,18 @@ AMIs.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from typing import Any
 
 from airflow.providers.amazon.aws.hooks.ec2 import EC2Hook
-from botocore.exceptions import WaiterError
+from botocore.exceptions import ClientError, WaiterError
 
 from dtp.naming import aws_tags
+
+# How often, and after how long at first, a snapshot EC2 still holds as in use is tried again (2 + 4 + ... + 32 s).
+SNAPSHOT_IN_USE_RETRIES = 5
+SNAPSHOT_IN_USE_DELAY_S = 2.0
 
 
 def snapshot_ids(image: Mapping) -> list[str]:
@@ -70,8 +75,25 @@ class AmiHook(EC2Hook):
         snapshots = snapshot_ids(self.describe_image(image_id))
         self.conn.deregister_image(ImageId=image_id)
         for snapshot in snapshots:
-            self.conn.delete_snapshot(SnapshotId=snapshot)
+            self.delete_snapshot(snapshot)
         return snapshots
+
+    def delete_snapshot(self, snapshot_id: str) -> None:
+        """Delete the snapshot. EC2 may hold one of an AMI deregistered a moment ago as in use
+        (``InvalidSnapshot.InUse``) for a while: it is tried again ``SNAPSHOT_IN_USE_RETRIES`` times, after
+        ``SNAPSHOT_IN_USE_DELAY_S`` seconds and twice as long each time after.
+
+        Not DeregisterImage's ``DeleteAssociatedSnapshots``: the local profile's EC2 emulator (moto) ignores it."""
+        for retry in range(SNAPSHOT_IN_USE_RETRIES + 1):
+            try:
+                self.conn.delete_snapshot(SnapshotId=snapshot_id)
+                return
+            except ClientError as err:
+                if err.response["Error"]["Code"] != "InvalidSnapshot.InUse" or retry == SNAPSHOT_IN_USE_RETRIES:
+                    raise
+                delay = SNAPSHOT_IN_USE_DELAY_S * 2**retry
+                self.log.info("Snapshot %s is still in use, trying again in %.0f s", snapshot_id, delay)
+                time.sleep(delay)
 
     def tag_image(self, image_id: str, tags: Mapping[str, str]) -> None:
         """Tag the AMI and the snapshots behind it."""

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from datetime import UTC, datetime
 from functools import cached_property
 from typing import Any
@@ -19,7 +20,7 @@ from typing import Any
 from airflow.providers.amazon.aws.hooks.eks import EksHook
 from airflow.providers.cncf.kubernetes.hooks.kubernetes import KubernetesHook
 from airflow.sdk import BaseHook
-from kubernetes.client import CoreV1Event, V1Pod, V1PodStatus
+from kubernetes.client import Configuration, CoreV1Event, V1Pod, V1PodStatus
 from kubernetes.client.exceptions import ApiException
 
 GROUP, VERSION, PLURAL = "kubeflow.org", "v1", "pytorchjobs"
@@ -43,6 +44,10 @@ DEADLINE_REASON = "DeadlineExceeded"
 ACTIVE_SECONDS_ANNOTATION = "dtp.dev/active-seconds"
 # Why a container waits that no wait mends: the image cannot be pulled or named, or the container cannot be made.
 CANNOT_START_REASONS = ("ErrImagePull", "ImagePullBackOff", "InvalidImageName", "CreateContainerConfigError")
+# Held while a kubeconfig is written: ``EksHook.generate_config_file`` sets AWS_STS_REGIONAL_ENDPOINTS in os.environ
+# and then deletes it, so two threads writing at once (a trigger's polls and its on_kill, triggers in one triggerer)
+# would have the second delete fail, or one read the STS endpoint without it.
+_WRITING_KUBECONFIG = threading.Lock()
 
 
 class PyTorchJobExists(RuntimeError):
@@ -200,11 +205,18 @@ class PyTorchJobHook(BaseHook):
 
     @contextmanager
     def kubernetes(self) -> Iterator[KubernetesHook]:
-        """A Kubernetes hook on the cluster; its kubeconfig (and the credentials it reads) live until exit."""
-        with self.eks_hook.generate_config_file_with_credentials(
-            eks_cluster_name=self.cluster_name, pod_namespace=self.namespace
-        ) as (config_file, _):
-            yield KubernetesHook(conn_id=None, config_file=config_file)
+        """A Kubernetes hook on the cluster; its kubeconfig (and the credentials it reads) live until exit.
+
+        The hook loads the kubeconfig into a configuration of its own, not the process-wide default that hooks on
+        other clusters (other triggers in the triggerer) would load theirs into."""
+        with ExitStack() as stack:
+            with _WRITING_KUBECONFIG:
+                config_file, _ = stack.enter_context(
+                    self.eks_hook.generate_config_file_with_credentials(
+                        eks_cluster_name=self.cluster_name, pod_namespace=self.namespace
+                    )
+                )
+            yield KubernetesHook(conn_id=None, config_file=config_file, client_configuration=Configuration())
 
     def ensure_job(
         self, kubernetes: KubernetesHook, manifest: dict[str, Any], deadline: int | None = None
@@ -331,10 +343,11 @@ class PyTorchJobHook(BaseHook):
         *,
         previous: bool = False,
         tail_lines: int | None = None,
+        limit_bytes: int | None = None,
     ) -> list[str]:
         """The pod's training container's log lines (``previous``: those of the container before its last restart;
-        ``tail_lines``: only the last so many), each prefixed with its RFC 3339 timestamp; none before it has
-        started."""
+        ``tail_lines``: only the last so many; ``limit_bytes``: only the first so many bytes of them, less a last line
+        cut short there), each prefixed with its RFC 3339 timestamp; none before it has started."""
         try:
             # Raw bytes, decoded here: a log may hold bytes that are not UTF-8 (as the provider's get_pod_logs).
             response = kubernetes.core_v1_client.read_namespaced_pod_log(
@@ -345,13 +358,17 @@ class PyTorchJobHook(BaseHook):
                 since_seconds=since_seconds,
                 previous=previous,
                 tail_lines=tail_lines,
+                limit_bytes=limit_bytes,
                 _preload_content=False,
             )
         except ApiException as err:
             if err.status in (400, 404):  # the container is still being created, or the pod is gone
                 return []
             raise
-        return [line for line in response.data.decode("utf-8", "replace").splitlines() if line]
+        data = response.data
+        if limit_bytes is not None and len(data) >= limit_bytes:
+            data = data[: data.rfind(b"\n") + 1]  # the kubelet stopped at limit_bytes, likely within a line
+        return [line for line in data.decode("utf-8", "replace").splitlines() if line]
 
 
 def _event_time(event: CoreV1Event) -> datetime:

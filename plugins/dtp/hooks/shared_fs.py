@@ -46,6 +46,9 @@ COMMAND_ENVIRONMENT = (
     "no_proxy",
 )
 
+# Seconds a command may take: one that takes longer raises TimeoutError, on this host as over ssh.
+COMMAND_TIMEOUT_S = 120
+
 
 class ClusterCommandError(RuntimeError):
     """A command on the cluster failed; carries its stderr."""
@@ -91,7 +94,8 @@ class SharedFilesystemHook(BaseHook):
 
     def run(self, argv: list[str], *, check: bool = True, input_text: str | None = None) -> str:
         """Run ``argv`` where the filesystem is mounted; its stdout (``ClusterCommandError`` when it fails and
-        ``check``). On this host it gets ``COMMAND_ENVIRONMENT`` of the worker's environment, no more."""
+        ``check``; ``TimeoutError`` when it takes longer than ``COMMAND_TIMEOUT_S``). On this host it gets
+        ``COMMAND_ENVIRONMENT`` of the worker's environment, no more."""
         return self._execute(argv, check=check, input_text=input_text).decode(errors="replace")
 
     def _execute(self, argv: list[str], *, check: bool = True, input_text: str | None = None) -> bytes:
@@ -100,7 +104,12 @@ class SharedFilesystemHook(BaseHook):
             if self.extra.get("slurm_conf"):
                 env["SLURM_CONF"] = self.extra["slurm_conf"]
             stdin = None if input_text is None else input_text.encode()
-            proc = subprocess.run(argv, capture_output=True, env=env, input=stdin, timeout=120)
+            try:
+                proc = subprocess.run(argv, capture_output=True, env=env, input=stdin, timeout=COMMAND_TIMEOUT_S)
+            except subprocess.TimeoutExpired as timeout:
+                # As over ssh, where the channel's socket.timeout (a TimeoutError) says the same: callers that wait
+                # out a cluster out of reach (the Slurm trigger) try again.
+                raise TimeoutError(f"{argv[0]} did not finish in {COMMAND_TIMEOUT_S} s") from timeout
             rc, out, err = proc.returncode, proc.stdout, proc.stderr
         elif self.transport == "ssh":
             rc, out, err = self._run_ssh(argv, input_text)
@@ -126,7 +135,7 @@ class SharedFilesystemHook(BaseHook):
             self.ssh.client = None
 
     def _run_ssh(self, argv: list[str], input_text: str | None) -> tuple[int, bytes, bytes]:
-        stdin, stdout, stderr = self.ssh.get_conn().exec_command(shlex.join(argv), timeout=120)
+        stdin, stdout, stderr = self.ssh.get_conn().exec_command(shlex.join(argv), timeout=COMMAND_TIMEOUT_S)
         if input_text is not None:
             stdin.write(input_text)
             stdin.channel.shutdown_write()

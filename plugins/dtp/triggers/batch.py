@@ -51,8 +51,7 @@ class BatchJobQueueTrigger(DeadlineTrigger):
         names = {"compute environment": self.compute_environment, "job queue": self.job_queue}
         while True:
             found = {
-                what: await asyncio.to_thread(describe, client, what.replace(" ", "_"), name)
-                for what, name in names.items()
+                what: await self.poll(describe, client, what.replace(" ", "_"), name) for what, name in names.items()
             }
             statuses = {what: items[0]["status"] if items else "missing" for what, items in found.items()}
             invalid = [

@@ -10,6 +10,7 @@ from airflow.triggers.base import TriggerEvent
 
 from dtp.hooks.fsx import TERMINAL_TASK_STATES, FsxHook
 from dtp.triggers.deadline import DeadlineTrigger
+from dtp.triggers.kill import task_still_deferred
 
 
 def task_outcome(task: dict[str, Any]) -> dict[str, Any]:
@@ -30,7 +31,8 @@ def task_outcome(task: dict[str, Any]) -> dict[str, Any]:
 class FsxDataRepositoryTaskTrigger(DeadlineTrigger):
     """Fires once the data repository task ends (SUCCEEDED, FAILED or CANCELED), is gone, or is still running
     ``timeout`` seconds after ``started_at`` (epoch seconds; default: when the task deferred). A user who marks
-    the waiting task failed cancels the FSx task (``on_kill``)."""
+    the waiting task failed or succeeded, or clears it, cancels the FSx task (``on_kill``); a trigger that merely
+    moves to another triggerer does not."""
 
     def __init__(
         self,
@@ -50,7 +52,7 @@ class FsxDataRepositoryTaskTrigger(DeadlineTrigger):
     async def run(self) -> AsyncIterator[TriggerEvent]:
         hook = FsxHook(aws_conn_id=self.aws_conn_id)
         while True:
-            task = await asyncio.to_thread(hook.get_data_repository_task, self.repository_task_id)
+            task = await self.poll(hook.get_data_repository_task, self.repository_task_id)
             if task is None:
                 gone = {"TaskId": self.repository_task_id, "Lifecycle": "GONE"}
                 failure = {"failure": "FSx no longer knows the task (deleted with its file system?)"}
@@ -75,6 +77,16 @@ class FsxDataRepositoryTaskTrigger(DeadlineTrigger):
             await asyncio.sleep(self.poll_interval)
 
     async def on_kill(self) -> None:
-        """Cancel the FSx task when a user kills the deferred task (Airflow 3.3+ calls this for user kills only)."""
+        """Cancel the FSx task when a user marks the deferred task failed or succeeded, or clears it.
+
+        The triggerer (Airflow 3.3) calls this too when the trigger moves to another triggerer (this one missed its
+        heartbeats, say), where it runs on: the FSx task is left then, the task instance still being deferred."""
+        if await task_still_deferred(self):
+            self.log.info(
+                "The trigger moved to another triggerer, the task still waits: FSx task %s goes on",
+                self.repository_task_id,
+            )
+            return
+        self.log.info("The task was killed: cancelling FSx task %s", self.repository_task_id)
         hook = FsxHook(aws_conn_id=self.aws_conn_id)
         await asyncio.to_thread(hook.cancel_data_repository_task, self.repository_task_id)

@@ -44,7 +44,7 @@ class HyperPodClusterTrigger(DeadlineTrigger):
     async def run(self) -> AsyncIterator[TriggerEvent]:
         hook = HyperPodHook(aws_conn_id=self.aws_conn_id)
         while True:
-            cluster = await asyncio.to_thread(hook.describe_cluster, self.cluster_name)
+            cluster = await self.poll(hook.describe_cluster, self.cluster_name)
             if cluster is None:
                 yield TriggerEvent({"status": "failed", "message": f"HyperPod cluster {self.cluster_name} is gone"})
                 return
@@ -56,7 +56,7 @@ class HyperPodClusterTrigger(DeadlineTrigger):
                 )
                 event: dict[str, Any] = {"status": "success" if ok else "failed", "message": message}
                 if ok and self.controller_group:
-                    head_node = await asyncio.to_thread(hook.node_target, cluster, self.controller_group)
+                    head_node = await self.poll(hook.node_target, cluster, self.controller_group)
                     if head_node is None:
                         why = f"{message}, but its {self.controller_group} group has no node"
                         event = {"status": "failed", "message": why}
@@ -96,7 +96,7 @@ class HyperPodClusterDeleteTrigger(DeadlineTrigger):
         hook = HyperPodHook(aws_conn_id=self.aws_conn_id)
         names = list(self.cluster_names)
         while True:
-            described = [await asyncio.to_thread(hook.describe_cluster, name) for name in names]
+            described = [await self.poll(hook.describe_cluster, name) for name in names]
             there = {name: found for name, found in zip(names, described, strict=True) if found is not None}
             if not there:
                 message = f"HyperPod clusters {', '.join(self.cluster_names)} are deleted"

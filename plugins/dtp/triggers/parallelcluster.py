@@ -30,7 +30,7 @@ class ParallelClusterCreateTrigger(DeadlineTrigger):
 
         cli = await asyncio.to_thread(lambda: ParallelClusterPlatform().cli)  # it reads connections: off the loop
         while True:
-            described = await asyncio.to_thread(cli.describe_cluster, self.cluster_name)
+            described = await self.poll(cli.describe_cluster, self.cluster_name)
             status = None if described is None else described["clusterStatus"]
             if described is not None and status in READY_STATES:
                 if not (head_node := head_node_address(described)):
@@ -75,11 +75,11 @@ class ParallelClusterDeleteTrigger(DeadlineTrigger):
         cli = await asyncio.to_thread(lambda: ParallelClusterPlatform().cli)  # it reads connections: off the loop
         names = list(self.cluster_names)
         while True:
-            described = [await asyncio.to_thread(cli.describe_cluster, name) for name in names]
+            described = [await self.poll(cli.describe_cluster, name) for name in names]
             there = {name: found for name, found in zip(names, described, strict=True) if found is not None}
             for name, found in there.items():
                 if found["clusterStatus"] == "DELETE_FAILED":
-                    why = await asyncio.to_thread(deletion_failures, name, cli.aws_conn_id)
+                    why = await self.poll(deletion_failures, name, cli.aws_conn_id)
                     yield TriggerEvent({"status": "failed", "message": f"cluster {name} is DELETE_FAILED: {why}"})
                     return
             if not there:

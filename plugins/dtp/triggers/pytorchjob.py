@@ -10,13 +10,15 @@ once, and one not Running for ``pending_timeout`` seconds at a stretch is report
 of using up its deadline waiting. A failed job is reported with why its pods failed. A poll the Kubernetes API fails
 for a while (429, a 5xx from the API server or a kubelet, a lost connection) is tried again at the next one; a log
 read that fails is skipped. A user who marks the task failed or succeeded or clears it while it waits suspends the
-job (``on_kill``): its pods go, and the task's next try replaces it with what is left of its deadline.
+job (``on_kill``): its pods go, and the task's next try replaces it with what is left of its deadline. A trigger that
+merely moves to another triggerer leaves the job as it is.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
 from collections import deque
 from collections.abc import AsyncIterator
@@ -39,8 +41,16 @@ from dtp.hooks.pytorchjob import (
     suspended,
     waiting_reasons,
 )
+from dtp.triggers.kill import task_still_deferred
 
 TAIL_LINES = 30
+# The most of worker 0's log a trigger's first read takes, from its container's start: a trigger that starts on a long
+# log (again, after a triggerer restart, or on the job of a retried task's earlier try) forwards its first so many
+# bytes, then what worker 0 logs from then on.
+MAX_FIRST_READ_BYTES = 1 << 20
+# Seconds each later read of worker 0's log reaches back beyond the previous read that answered: the kubelet counts
+# ``sinceSeconds`` back from when it gets the request, and the previous read's answer took a while to come.
+LOG_WINDOW_MARGIN = 60
 
 
 def transient(err: Exception) -> bool:
@@ -100,6 +110,8 @@ class PyTorchJobTrigger(BaseTrigger):
         self.last_log_time = last_log_time
         self.max_poll_failures = max_poll_failures
         self._last_progress = 0.0  # when worker 0 last logged a line (time.monotonic)
+        self._waiting_since: float | None = None  # since when the job has not been Running (None: it is)
+        self._log_read_at: float | None = None  # when the last read of worker 0's log that answered was sent
         self._pods: dict[str, str] = {}  # how each pod stood at the last poll that read them (pod_status)
         self._served = False  # whether the current kubeconfig has served a poll
 
@@ -126,7 +138,7 @@ class PyTorchJobTrigger(BaseTrigger):
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
         tail: deque[str] = deque(maxlen=TAIL_LINES)
-        self._last_progress = time.monotonic()
+        self._last_progress = self._waiting_since = time.monotonic()
         while True:
             # The kubeconfig carries the connection's credentials as they were when it was written. When the API
             # refuses them (temporary credentials expiring during a long run), write a new one and go on waiting;
@@ -147,7 +159,6 @@ class PyTorchJobTrigger(BaseTrigger):
 
     async def _wait(self, kubernetes: Any, tail: deque[str]) -> TriggerEvent:
         state, failures = "Pending", 0  # the job's state as the last poll found it; polls failed in a row since
-        waiting_since: float | None = time.monotonic()  # since when the job has not been Running (None: it is)
         while True:
             try:
                 job = await asyncio.to_thread(self.hook.get_job, kubernetes, self.job_name)
@@ -187,11 +198,12 @@ class PyTorchJobTrigger(BaseTrigger):
                 return self._event("failed", "Suspended", "the job was suspended: a retry replaces it", tail)
             if state != "Running":
                 self._last_progress = time.monotonic()  # pending or restarting time is not a hang
-                waiting_since = waiting_since or time.monotonic()
-                if event := await self._check_pods(kubernetes, state, waiting_since, tail):
+                if self._waiting_since is None:
+                    self._waiting_since = time.monotonic()
+                if event := await self._check_pods(kubernetes, state, self._waiting_since, tail):
                     return event
             else:
-                waiting_since = None
+                self._waiting_since = None
                 if self.hang_timeout and time.monotonic() - self._last_progress > self.hang_timeout:
                     return self._event("hung", state, f"no new log line for {self.hang_timeout:.0f} s", tail)
             self.log.info("PyTorchJob %s/%s is %s", self.namespace, self.job_name, state)
@@ -260,10 +272,18 @@ class PyTorchJobTrigger(BaseTrigger):
         return [failure for pod in pods if (failure := pod_failure(pod))], [line.partition(" ")[2] for line in previous]
 
     async def on_kill(self) -> None:
-        """Suspend the job when a user clears the deferred task or marks it failed or succeeded (Airflow 3.3+ calls
-        this for user kills only): the training operator deletes its pods, and the job stays, recording how long it
-        was active, so that the task's next try replaces it with what is left of its deadline. Nothing is waited on
-        (the triggerer gives ``on_kill`` 30 s)."""
+        """Suspend the job when a user clears the deferred task or marks it failed or succeeded: the training
+        operator deletes its pods, and the job stays, recording how long it was active, so that the task's next try
+        replaces it with what is left of its deadline. Nothing is waited on (the triggerer gives ``on_kill`` 30 s).
+
+        The triggerer (Airflow 3.3) calls this too when the trigger moves to another triggerer (this one missed its
+        heartbeats, say), where it runs on: the job is left then, the task instance still being deferred."""
+        if await task_still_deferred(self):
+            self.log.info(
+                "The trigger moved to another triggerer, the task still waits: PyTorchJob %s goes on", self.job_name
+            )
+            return
+        self.log.info("The task was killed: suspending PyTorchJob %s/%s", self.namespace, self.job_name)
         await asyncio.to_thread(self._suspend_job)
 
     def _suspend_job(self) -> None:
@@ -271,14 +291,22 @@ class PyTorchJobTrigger(BaseTrigger):
             self.hook.suspend_unless_ended(kubernetes, self.job_name)
 
     def _forward_log(self, kubernetes: Any, tail: deque[str]) -> bool:
-        """Log worker 0's lines newer than ``last_log_time``; True when there were any."""
+        """Log worker 0's lines newer than ``last_log_time``; True when there were any.
+
+        The first read takes the log from its start (``MAX_FIRST_READ_BYTES`` of it at most); each later one what was
+        logged since the previous read that answered, however many polls ago that was, and ``LOG_WINDOW_MARGIN``
+        seconds more. Lines already forwarded are skipped by time."""
         pod = self.hook.leader_pod(kubernetes, self.job_name)
         if pod is None:
             return False
-        # Ask for a window a little longer than the poll interval; lines already forwarded are skipped by time.
-        since = int(self.poll_interval * 3 + 60) if self.last_log_time else None
+        read_at = time.monotonic()
+        if self._log_read_at is None:
+            lines = self.hook.log_lines(kubernetes, pod, limit_bytes=MAX_FIRST_READ_BYTES)
+        else:
+            lines = self.hook.log_lines(kubernetes, pod, math.ceil(read_at - self._log_read_at) + LOG_WINDOW_MARGIN)
+        self._log_read_at = read_at
         forwarded = False
-        for line in self.hook.log_lines(kubernetes, pod, since):
+        for line in lines:
             stamp, _, text = line.partition(" ")
             if _sortable(stamp) <= _sortable(self.last_log_time):
                 continue

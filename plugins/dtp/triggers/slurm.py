@@ -44,6 +44,7 @@ from paramiko.ssh_exception import SSHException
 
 from dtp.hooks.shared_fs import ClusterCommandError
 from dtp.hooks.slurm import SlurmControllerUnreachable, SlurmHook, SlurmJob
+from dtp.triggers.kill import task_still_deferred
 
 # What a poll raises when the cluster is out of reach for a while; socket.timeout is an OSError. A slurmctld that
 # does not answer is the same: the job goes on meanwhile.
@@ -60,8 +61,6 @@ MAX_ERROR_LINE_CHARS = 500
 MAX_READ_BYTES = 1 << 20
 # Lines forwarded into the task log between two yields to the triggerer's event loop.
 LINES_PER_YIELD = 500
-# The task instance's state while it waits on its trigger (``airflow.sdk.TaskInstanceState.DEFERRED``).
-DEFERRED = "deferred"
 
 
 class SlurmJobTrigger(BaseTrigger):
@@ -134,35 +133,13 @@ class SlurmJobTrigger(BaseTrigger):
 
         The triggerer (Airflow 3.3) calls this too when the trigger moves to another triggerer (this one missed its
         heartbeats, say), where it runs on: the job is left then, the task instance still being deferred."""
-        if await self._task_still_deferred():
+        if await task_still_deferred(self):
             self.log.info(
                 "The trigger moved to another triggerer, the task still waits: Slurm job %s goes on", self.job_id
             )
             return
         self.log.info("The task was killed: cancelling Slurm job %s", self.job_id)
         await asyncio.to_thread(self.hook.cancel_job, self.job_id)
-
-    async def _task_still_deferred(self) -> bool:
-        """Whether the task instance still waits on a trigger, as the Task SDK's API says (False without a task
-        instance, or when the API cannot say: a user's kill is then the likelier)."""
-        ti = self.task_instance
-        if ti is None:
-            return False
-        from airflow.sdk.execution_time.task_runner import RuntimeTaskInstance
-
-        try:
-            states = await asyncio.to_thread(
-                RuntimeTaskInstance.get_task_states,
-                dag_id=ti.dag_id,
-                map_index=ti.map_index,
-                task_ids=[ti.task_id],
-                run_ids=[ti.run_id],
-            )
-        except Exception:
-            self.log.warning("Could not read the state of task %s", ti.task_id, exc_info=True)
-            return False
-        key = ti.task_id if ti.map_index < 0 else f"{ti.task_id}_{ti.map_index}"  # as the API keys mapped ones
-        return bool(states.get(ti.run_id, {}).get(key) == DEFERRED)
 
     async def cleanup(self) -> None:
         """Close the ssh connection (paramiko's would live on), however the trigger ended: the triggerer calls this
