@@ -10,7 +10,8 @@ image is published, pinned by digest, to the SSM parameter
 ``/dtp/images/<platform>/<image>`` (``.../training`` for the local profile's
 ``local-cpu``): a platform with GPU and Trainium nodes runs each on its own;
 train_e2e's resolve_images reads the one the run's instance type and framework
-need. And as an event of the Asset ``oci://<registry>/<repository>``.
+need (a backfill run: the version that was the newest at its logical date).
+And as an event of the Asset ``oci://<registry>/<repository>``.
 """
 
 from __future__ import annotations
@@ -25,9 +26,10 @@ from typing import Any, ClassVar, Literal
 from airflow.providers.amazon.aws.hooks.ssm import SsmHook
 from pydantic import Field, model_validator
 
+from dtp.form_params import FormParams
 from dtp.images import ami
 from dtp.images.ami import IMAGES_DIR
-from dtp.params import FormParams
+from dtp.images.published import published_as_of, published_value
 from dtp.pipeline.frameworks import FRAMEWORK_IMAGES
 from dtp.platforms.base import PlatformNotReady
 from dtp.recipes import INCLUDE_DIR, Platform, instance_types
@@ -226,10 +228,12 @@ def framework_image_problem(spec: dict[str, Any], aws_conn_id: str | None) -> st
 def resolve_runtime(platform: Any, spec: dict[str, Any], aws_conn_id: str | None) -> dict[str, str]:
     """The newest image published on ``platform`` for the run ``spec``'s recipe's framework, as the runtime its jobs
     use, with where the framework is in it (``FRAMEWORK_IMAGES``); for DTP's trainer the platform's default runtime
-    when none is published. And the newest AMI of the family the run's nodes boot there."""
+    when none is published. And the newest AMI of the family the run's nodes boot there. A backfill run gets those
+    that were the newest at its logical date instead (``dtp.images.published``)."""
     instance, framework = spec["instance"], spec["recipe"]["framework"]
     ssm = SsmHook(aws_conn_id=aws_conn_id)
-    image = ssm.get_parameter_value(training_parameter(platform.name, runtime_image(framework, instance)), default="")
+    as_of = published_as_of(spec)
+    image = published_value(ssm, training_parameter(platform.name, runtime_image(framework, instance)), as_of)
     if framework in FRAMEWORK_IMAGES:
         if not image:  # validate_params refused it; the parameter was deleted since
             raise PlatformNotReady(_unpublished(framework, platform.name))
@@ -237,5 +241,5 @@ def resolve_runtime(platform: Any, spec: dict[str, Any], aws_conn_id: str | None
     else:
         runtime = platform.runtime(image, spec) if image else platform.default_image()
     family = platform.ami_family(instance)
-    ami_id = ssm.get_parameter_value(ami.ssm_parameter(family), default="") if family else None
+    ami_id = published_value(ssm, ami.ssm_parameter(family), as_of) if family else None
     return {**runtime, "ami": ami_id} if ami_id else runtime

@@ -1,0 +1,136 @@
+"""A backfill run trains with the image and AMI that were the newest at its logical date, read from the SSM
+parameters' history; every other run with the newest. moto's SSM stands in for AWS's: it stamps each version with
+the real clock, so the instants between versions are taken from the history it keeps."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+
+from dtp.form_params import parse_params
+from dtp.images import ami, container
+from dtp.images.published import published_as_of
+from dtp.params import TrainParams
+from dtp.pipeline.spec import is_backfill, run_spec
+from dtp.platforms import get_platform
+from dtp.platforms.base import PlatformNotReady
+
+IMAGE = container.training_parameter("eks", "training")
+AMI = ami.ssm_parameter("eks-gpu")
+BACKFILL = ("backfill__2026-11-20T00:00:00+00:00", "backfill")
+TRIGGERED = ("backfill_triggered__20261207T101500__2026-11-20", "manual")
+MANUAL = ("manual__2026-12-07T10:15:00+00:00", "manual")
+SCHEDULED = ("scheduled__2026-11-20T00:00:00+00:00", "scheduled")
+
+
+@pytest.fixture
+def ssm(moto_aws: Callable[[str], Any]) -> Any:
+    return moto_aws("ssm")
+
+
+def image(version: int) -> str:
+    return f"registry.example.com/dtp/training@sha256:{version:064d}"
+
+
+def ami_id(version: int) -> str:
+    return f"ami-{version:017d}"
+
+
+def publish(ssm: Any, version: int) -> None:
+    """Publish the ``version``-th image and AMI, then let the clock move on: moto stamps versions to the
+    millisecond."""
+    ssm.put_parameter(Name=IMAGE, Value=image(version), Type="String", Overwrite=True)
+    ssm.put_parameter(Name=AMI, Value=ami_id(version), Type="String", Overwrite=True)
+    time.sleep(0.01)
+
+
+def written(ssm: Any, parameter: str, version: int) -> datetime:
+    """When ``version`` of ``parameter`` was written, as SSM's history says."""
+    (found,) = [v for v in ssm.get_parameter_history(Name=parameter)["Parameters"] if v["Version"] == version]
+    stamp: datetime = found["LastModifiedDate"]
+    return stamp
+
+
+def spec_of(
+    run: tuple[str, str], logical_date: datetime, recipe: str = "llama3_2_1b", platform: str = "eks"
+) -> dict[str, Any]:
+    """The spec of a run (run id, run type) of ``logical_date``, as validate_params gives it."""
+    conf = {"platform": platform, "recipe": recipe, "instance_type": "p5.48xlarge", "dataset_uri": "s3://dtp-data/p/"}
+    spec = run_spec(parse_params(TrainParams, conf), f"regression__{recipe}", run[0])
+    return spec | {"logical_date": logical_date.isoformat(), "run_type": run[1]}
+
+
+def resolved(spec: dict[str, Any]) -> tuple[str, str | None]:
+    runtime = container.resolve_runtime(get_platform("eks"), spec, "aws_default")
+    return runtime["image"], runtime.get("ami")
+
+
+@pytest.mark.parametrize(
+    ("run", "backfill"), [(BACKFILL, True), (TRIGGERED, True), (MANUAL, False), (SCHEDULED, False)]
+)
+def test_runs_of_airflow_backfills_and_of_scripts_backfill_are_backfills(run: tuple[str, str], backfill: bool) -> None:
+    spec = spec_of(run, datetime.fromisoformat("2026-11-20T00:00:00+00:00"))
+    assert is_backfill(spec) is backfill
+    assert (published_as_of(spec) is not None) is backfill
+
+
+@pytest.mark.parametrize("run", [BACKFILL, TRIGGERED])
+def test_a_backfill_of_a_date_between_two_publications_trains_with_the_earlier(
+    ssm, caplog: pytest.LogCaptureFixture, run: tuple[str, str]
+) -> None:
+    publish(ssm, 1)
+    publish(ssm, 2)
+    between = max(written(ssm, IMAGE, 1), written(ssm, AMI, 1))  # at or before it counts; version 2 came later
+    assert between < min(written(ssm, IMAGE, 2), written(ssm, AMI, 2))
+    with caplog.at_level(logging.INFO, logger="dtp.images.published"):
+        assert resolved(spec_of(run, between)) == (image(1), ami_id(1))
+    for parameter in (IMAGE, AMI):
+        assert (
+            f"{parameter}: version 1, written {written(ssm, parameter, 1).isoformat()}, the newest at "
+            f"{between.isoformat()} (the run's logical date)" in caplog.messages
+        )
+
+
+@pytest.mark.parametrize("run", [MANUAL, SCHEDULED])
+def test_any_other_run_of_that_date_trains_with_the_newest(ssm, run: tuple[str, str]) -> None:
+    publish(ssm, 1)
+    publish(ssm, 2)
+    assert resolved(spec_of(run, written(ssm, IMAGE, 1))) == (image(2), ami_id(2))
+
+
+def test_a_backfill_of_a_date_before_the_first_publication_trains_with_the_oldest_saying_so(
+    ssm, caplog: pytest.LogCaptureFixture
+) -> None:
+    publish(ssm, 1)
+    publish(ssm, 2)
+    before = written(ssm, IMAGE, 1) - timedelta(days=30)
+    with caplog.at_level(logging.WARNING, logger="dtp.images.published"):
+        assert resolved(spec_of(BACKFILL, before)) == (image(1), ami_id(1))
+    assert [record.levelno for record in caplog.records] == [logging.WARNING, logging.WARNING]
+    assert caplog.messages[0] == (
+        f"{IMAGE}: no version was written by {before.isoformat()} (the run's logical date predates its first "
+        f"publication, or the oldest of the 100 versions SSM keeps): using its oldest, version 1, written "
+        f"{written(ssm, IMAGE, 1).isoformat()}"
+    )
+
+
+def test_a_backfill_reads_every_page_of_the_history(ssm) -> None:
+    for version in range(1, 56):  # SSM answers at most 50 versions a page, as moto does
+        ssm.put_parameter(Name=AMI, Value=ami_id(version), Type="String", Overwrite=True)
+    spec = spec_of(BACKFILL, datetime.now(UTC))  # after every version was written
+    assert resolved(spec) == (get_platform("eks").default_image()["image"], ami_id(55))
+
+
+def test_a_backfill_whose_image_was_never_published_falls_back_or_is_refused_as_any_run(ssm) -> None:
+    date = datetime.fromisoformat("2026-11-20T00:00:00+00:00")
+    assert container.resolve_runtime(get_platform("eks"), spec_of(BACKFILL, date), "aws_default") == (
+        get_platform("eks").default_image()
+    )
+    torchtitan = spec_of(BACKFILL, date, recipe="llama3_1_8b_torchtitan", platform="parallelcluster")
+    with pytest.raises(PlatformNotReady, match="publish it with container_build image=torchtitan"):
+        container.resolve_runtime(get_platform("parallelcluster"), torchtitan, "aws_default")
