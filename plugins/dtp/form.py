@@ -7,7 +7,8 @@ from typing import Any
 
 from airflow.sdk import Param
 
-from dtp.params import FormParams, TrainParams
+from dtp.form_params import FormParams
+from dtp.params import TrainParams
 from dtp.recipes import PLATFORMS, instance_types, recipe_names
 
 

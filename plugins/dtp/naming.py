@@ -39,6 +39,9 @@ _EXPIRY_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
 _SAFE = re.compile(r"[^a-z0-9]+")
 _TAG_UNSAFE = re.compile(r"[^\w +\-=.:/@]", re.ASCII)
 INSTALLATION_VARIABLE = "dtp_installation_id"
+# DTP's IAM policies (docs/iam) let it pass only the roles whose path and name start with this
+# (arn:aws:iam::*:role/dtp-*): on any role, it could hand an admin's to an instance it starts.
+PASSED_ROLE_PREFIX = f"{PREFIX}-"
 
 
 def slug(text: str, limit: int) -> str:
@@ -191,3 +194,16 @@ def aws_tags(tags: Mapping[str, str]) -> list[dict[str, str]]:
 def tags_dict(tags: Iterable[Mapping[str, str]]) -> dict[str, str]:
     """The reverse of ``aws_tags``: an AWS ``[{"Key": ..., "Value": ...}]`` list as a dict."""
     return {t["Key"]: t["Value"] for t in tags}
+
+
+def passed_role_name(arn: str) -> str:
+    """The path and name of the role or instance profile ``arn`` (``service-role/x`` of ``...:role/service-role/x``)."""
+    return arn.split(":", 5)[-1].partition("/")[2]
+
+
+def passed_role_problem(arn: str) -> str | None:
+    """What keeps DTP's IAM policies from letting it pass the role or instance profile ``arn``, said of its name
+    (``passed_role_name``); None when nothing does."""
+    if passed_role_name(arn).startswith(PASSED_ROLE_PREFIX):
+        return None
+    return f"must start with {PASSED_ROLE_PREFIX!r}, with no path"

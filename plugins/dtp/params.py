@@ -3,20 +3,22 @@
 ``TrainParams`` validates a run's conf inside ``validate_params`` (unknown keys
 included, which Airflow itself accepts), and ``dtp.form.airflow_params()`` turns
 the same model's JSON schema into the trigger form's typed ``Param``s, so the
-form and the validation cannot drift apart.
+form and the validation cannot drift apart. The form models' base and the parsing
+of a conf against one are ``dtp.form_params``; the rules for ``extra_env``,
+``dtp.params_env``.
 """
 
 from __future__ import annotations
 
-import re
-from collections.abc import Callable, Mapping
-from typing import Any, ClassVar, Literal, TypeVar
+from collections.abc import Callable
+from typing import Any, ClassVar, Literal
 
-from airflow.sdk.log import mask_secret
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import Field, field_validator
 
 from dtp.costs import SETUP_HOURS, RunFsx, estimate_cost_usd, estimate_training_hours
+from dtp.form_params import FormParams, ParamsError, parse_params
 from dtp.hostlist import expand_hostlist
+from dtp.params_env import check_extra_env
 from dtp.pipeline.frameworks import DATASET_FILES, launch_problem, max_steps_problem
 from dtp.recipes import (
     Platform,
@@ -30,57 +32,12 @@ from dtp.recipes import (
 # An S3 URI whose key is of S3's safe characters and '=' and '+' (Hive-style partitions such as lang=en/, ds+v2/): none
 # a shell gives a meaning to inside a word, and no ',' that would split a list.
 S3_URI = r"^$|^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[A-Za-z0-9!_.*'()/=+-]*)?$"
-ENV_NAME = re.compile(r"^[A-Z_][A-Z0-9_]{0,63}$")
-# Variables the pipeline, the job scripts (include/templates/slurm), Slurm, torchrun or the shell set or read
-# themselves; overriding one would break the launch (RDZV_HOST would move the rendezvous, IFS the scripts' loops).
-RESERVED_ENV = frozenset(
-    {
-        *("PATH", "LD_PRELOAD", "LD_LIBRARY_PATH", "PYTHONPATH", "HOME", "USER"),
-        *("IFS", "ENV", "SHELL", "PS4", "PYTHONHOME"),
-        # bash's read-only variables: exporting one ends the job script under set -e; and those bash evaluates as
-        # arithmetic, where a value that is not a number does the same.
-        *("UID", "EUID", "PPID", "SHELLOPTS", "BASHOPTS", "RANDOM", "SRANDOM", "OPTIND", "HISTCMD"),
-        *("RDZV_HOST", "RDZV_PORT", "FIRST_NODE", "ATTEMPT", "ATTEMPTS", "LATEST", "LOAD_PATH", "NSYS", "TRAIN"),
-        *("LAUNCH", "STATUS", "STOP_FILE", "NCCOM_HOSTS", "NEURON_RT_ROOT_COMM_ID"),
-        *("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE"),
-    }
-)
-RESERVED_ENV_PREFIXES = ("SLURM_", "PET_", "TORCHELASTIC_", "BASH_", "AWS_BATCH_")
-
-
-P = TypeVar("P", bound=BaseModel)
-
 
 # Platforms whose nodes outlive runs: only there can a run name nodes to keep out of its jobs (exclude_nodes).
 NODES_OUTLIVE_RUNS = ("local",)
 # Platforms whose jobs can be Kubeflow PyTorchJobs (hyperpod: where its connection names an EKS orchestrator): only
 # there can a run ask for a gang scheduler (gang_scheduler); Slurm and AWS Batch start a job's nodes together anyway.
 KUBERNETES_PLATFORMS = ("eks", "hyperpod")
-
-
-class ParamsError(ValueError):
-    """Invalid run parameters; the message names each field, its value and what is allowed."""
-
-    @classmethod
-    def from_problems(cls, *problems: str) -> ParamsError:
-        """The error for a run's bad parameters, one problem a line (``field: got <value>; <what is allowed>``)."""
-        return cls("invalid parameters:\n" + "\n".join(problems))
-
-
-class FormParams(BaseModel):
-    """A DAG's trigger form as a model: unknown keys refused, types judged as the form's JSON schema does."""
-
-    # strict: "2" is not 2 and true is not 1, exactly as the trigger form's JSON schema judges them.
-    model_config = ConfigDict(extra="forbid", strict=True)
-    # Fields the trigger form shows first; the rest follow in declaration order.
-    leading: ClassVar[tuple[str, ...]] = ()
-
-    @field_validator("*", mode="before")
-    @classmethod
-    def _empty_text(cls, value: Any, info: ValidationInfo) -> Any:
-        """A text field the form left empty arrives as null: it means the field's empty default."""
-        field = cls.model_fields[info.field_name] if info.field_name else None
-        return "" if value is None and field is not None and field.default == "" else value
 
 
 class ClusterParams(FormParams):
@@ -149,16 +106,7 @@ class ClusterParams(FormParams):
     @field_validator("extra_env")
     @classmethod
     def _check_env(cls, env: dict[str, str]) -> dict[str, str]:
-        if len(env) > 64:
-            raise ValueError(f"at most 64 variables are allowed, got {len(env)}")
-        for name, value in env.items():
-            if not ENV_NAME.fullmatch(name):
-                raise ValueError(f"variable name {name!r} must match {ENV_NAME.pattern}")
-            if name in RESERVED_ENV or name.startswith(RESERVED_ENV_PREFIXES):
-                raise ValueError(f"variable {name!r} is set by the pipeline and cannot be overridden")
-            if len(value) > 4096 or any(c in value for c in "\0\n\r"):
-                raise ValueError(f"value of {name!r} must be one line of at most 4096 characters")
-        return env
+        return check_extra_env(env)
 
 
 class TrainParams(ClusterParams):
@@ -274,34 +222,6 @@ class ValidateParams(ClusterParams):
         max_length=256,
         pattern=r"^$|^/[A-Za-z0-9_./-]+$",
     )
-
-
-def _problems(err: ValidationError, model: type[BaseModel]) -> list[str]:
-    """One line for each field ``err`` refuses: the field, its value and what is allowed."""
-    lines = []
-    for item in err.errors():
-        field = ".".join(str(p) for p in item["loc"])
-        message = item["msg"].removeprefix("Value error, ")  # pydantic's prefix for a validator's ValueError
-        if item["type"] == "extra_forbidden":
-            lines.append(f"{field}: unknown parameter (allowed: {', '.join(model.model_fields)})")
-        elif not field:  # a check across fields: its message names them, and the input is the whole conf
-            lines.append(message)
-        else:
-            lines.append(f"{field}: got {_short(item.get('input'))}; {message}")
-    return lines
-
-
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
-def parse_params(model: type[P], conf: dict[str, Any]) -> P:
-    """``conf`` as ``model``, or ``ParamsError`` naming every bad field, its value and what is allowed."""
-    try:
-        return model.model_validate(conf)
-    except ValidationError as err:
-        raise ParamsError.from_problems(*_problems(err, model)) from None
 
 
 def validate_params(
@@ -422,13 +342,3 @@ def validate_cluster_params(conf: dict[str, Any]) -> ValidateParams:
             f"instance_type: got {params.instance_type!r}; allowed: {', '.join(sorted(instance_types()))}"
         )
     return params
-
-
-def mask_extra_env(params: Mapping[str, Any]) -> None:
-    """Mask the values of the run's ``extra_env`` (tokens, some) in this process's logs and rendered fields.
-
-    The secrets masker hides a value by its name only in a mapping (``{"HF_TOKEN": ...}``), never in a job's env list
-    or its YAML text, so every value is masked; and in each process that logs or renders them, since a retry's worker
-    never saw validate_params mask them.
-    """
-    mask_secret(list(params.get("extra_env", {}).values()))

@@ -18,8 +18,9 @@ import pytest
 import requests
 from airflow.sdk.exceptions import TaskDeferred
 
+from dtp.form_params import parse_params
 from dtp.operators.batch import BatchJobOperator
-from dtp.params import TrainParams, parse_params
+from dtp.params import TrainParams
 from dtp.pipeline import jobs
 from dtp.pipeline.graph import submit_prepared_batch_job
 from dtp.pipeline.spec import run_spec

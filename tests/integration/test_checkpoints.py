@@ -19,10 +19,10 @@ from botocore.stub import Stubber
 
 import dtp.operators.checkpoints as checkpoint_operators
 import dtp.operators.fsx as fsx_operators
+from dtp.form_params import ParamsError
 from dtp.hooks.fsx import FsxHook
 from dtp.operators.checkpoints import SaveCheckpointOperator
 from dtp.operators.fsx import TASK_KEY_TAG, task_key
-from dtp.params import ParamsError
 from dtp.pipeline.checkpoints import restore_checkpoint, resume_source
 from dtp.pipeline.results import artifacts_bucket
 

@@ -9,9 +9,10 @@ import uuid
 import pytest
 from airflow.sdk.exceptions import TaskDeferred
 
+from dtp.form_params import parse_params
 from dtp.hooks.hyperpod import HyperPodHook
 from dtp.operators.cluster import DeployClusterOperator, TeardownClusterOperator
-from dtp.params import TrainParams, parse_params
+from dtp.params import TrainParams
 from dtp.pipeline.spec import run_spec
 from dtp.platforms.hyperpod import HyperPodPlatform
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from dtp.form_params import parse_params
 from dtp.hooks.ami import AmiHook
 from dtp.hooks.image_builder import ContainerBuildError
 from dtp.hooks.packer import PackerError, PackerHook
@@ -19,7 +20,7 @@ from dtp.images import ami, container
 from dtp.naming import EXPIRES_TAG, expiry
 from dtp.operators.container import ContainerImageBuildOperator
 from dtp.operators.packer import PackerBuildOperator
-from dtp.params import TrainParams, parse_params
+from dtp.params import TrainParams
 from dtp.pipeline.spec import run_spec
 from dtp.platforms import get_platform
 

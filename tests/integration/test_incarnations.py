@@ -8,9 +8,10 @@ import uuid
 
 import pytest
 
+from dtp.form_params import parse_params
 from dtp.hooks.slurm import SlurmHook
 from dtp.operators.cluster import DeployClusterOperator, TeardownClusterOperator
-from dtp.params import TrainParams, parse_params
+from dtp.params import TrainParams
 from dtp.pipeline import network
 from dtp.pipeline.graph import teardown_network
 from dtp.pipeline.spec import run_spec

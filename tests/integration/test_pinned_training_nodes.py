@@ -13,10 +13,11 @@ import pytest
 from airflow.sdk.exceptions import TaskDeferred
 from slurm_support import XComSink
 
+from dtp.form_params import parse_params
 from dtp.hooks.slurm import SlurmHook
 from dtp.hostlist import expand_hostlist
 from dtp.operators.slurm import submit_prepared_slurm_job
-from dtp.params import TrainParams, parse_params
+from dtp.params import TrainParams
 from dtp.pipeline import jobs, results
 from dtp.pipeline.data import SAMPLE_CORPUS
 from dtp.pipeline.run_dirs import run_dir

@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
+from dtp.form_params import ParamsError
 from dtp.hooks.slurm import SlurmHook
 from dtp.naming import RunNames
-from dtp.params import ParamsError
 from dtp.pipeline import jobs, results
 from dtp.pipeline.validation import build_validation_spec, connect
 from dtp.triggers.slurm import SlurmJobTrigger

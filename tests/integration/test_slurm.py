@@ -15,11 +15,11 @@ import pytest
 from airflow.sdk.exceptions import TaskDeferred
 from slurm_support import XComSink, job_script, submit
 
+from dtp.form_params import ParamsError
 from dtp.hooks.slurm import SlurmControllerUnreachable, SlurmHook
 from dtp.hostlist import expand_hostlist
 from dtp.naming import RunNames
 from dtp.operators.slurm import SlurmJobFailed, SlurmJobOverTime, SlurmSubmitJobOperator
-from dtp.params import ParamsError
 from dtp.pipeline.spec import build_spec
 from dtp.triggers.slurm import SlurmJobTrigger
 

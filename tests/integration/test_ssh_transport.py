@@ -14,9 +14,10 @@ import pytest
 from paramiko.ssh_exception import SSHException
 from slurm_support import job_script
 
+from dtp.form_params import ParamsError, parse_params
 from dtp.hooks.shared_fs import SharedFilesystemHook
 from dtp.hooks.slurm import SlurmHook
-from dtp.params import ParamsError, TrainParams, parse_params
+from dtp.params import TrainParams
 from dtp.pipeline.spec import run_spec
 from dtp.pipeline.validation import connect
 from dtp.platforms.parallelcluster import ParallelClusterPlatform
@@ -116,7 +117,12 @@ def test_a_kept_parallelcluster_clusters_jobs_are_cancelled_on_its_head_node(
     pcluster = tmp_path / "pcluster"
     pcluster.write_text(f"#!/bin/sh\n[ \"$1\" = describe-cluster ] && echo '{json.dumps(described)}'\n")
     pcluster.chmod(0o755)
-    extra = {"key_name": "k", "pcluster": str(pcluster), "slurm_conn_id": per_run_slurm}
+    extra = {
+        "key_name": "k",
+        "ssh_allowed_ips": "127.0.0.1/32",
+        "pcluster": str(pcluster),
+        "slurm_conn_id": per_run_slurm,
+    }
     monkeypatch.setenv("AIRFLOW_CONN_DTP_PARALLELCLUSTER", json.dumps({"conn_type": "generic", "extra": extra}))
     conf = {"platform": "parallelcluster", "recipe": "llama3_1_8b", "instance_type": "p5.48xlarge", "num_nodes": 2}
     spec = run_spec(parse_params(TrainParams, conf), "it_parallelcluster", f"manual__{uuid.uuid4().hex}")

@@ -1,4 +1,5 @@
-"""The local stack: every service healthy and really answering; down leaves nothing behind."""
+"""The local stack: every service healthy and really answering, PostgreSQL and Redis only to who has their
+password; down leaves nothing behind."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import uuid
 
 import pytest
 
+from dtp.local import services
 from dtp.local import stack as stack_cli
 from dtp.local.api import AirflowApi
 from dtp.local.config import PROJECT_ROOT, StackConfig
@@ -80,6 +82,73 @@ def test_the_viewer_reads_but_cannot_trigger(stack: StackConfig, airflow_api) ->
 
 def test_passwords_file_is_private(stack: StackConfig) -> None:
     assert stat.S_IMODE(stack.passwords_file.stat().st_mode) == 0o600
+
+
+def _psql(cfg: StackConfig, password: str | None) -> subprocess.CompletedProcess:
+    """``SELECT current_user`` over TCP as ``airflow``, with ``password`` or none (never prompting, no ~/.pgpass)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")} | {"PGPASSFILE": os.devnull}
+    if password is not None:
+        env["PGPASSWORD"] = password
+    argv = ["psql", "-w", "-h", "127.0.0.1", "-p", str(cfg.ports.postgres), "-U", "airflow", "-d", "postgres"]
+    return subprocess.run([*argv, "-tAc", "SELECT current_user"], env=env, capture_output=True, text=True, timeout=30)
+
+
+def _assert_postgres_asks_for_the_password(cfg: StackConfig) -> None:
+    without = _psql(cfg, None)
+    assert without.returncode != 0 and "no password supplied" in without.stderr, without
+    wrong = _psql(cfg, "not-the-password")
+    assert wrong.returncode != 0 and "password authentication failed" in wrong.stderr, wrong
+    right = _psql(cfg, cfg.database_password)
+    assert (right.returncode, right.stdout.strip()) == (0, "airflow"), right
+    # The socket is the server user's alone: another local account cannot even try a password there.
+    socket_file = cfg.postgres_dir / f".s.PGSQL.{cfg.ports.postgres}"
+    assert stat.S_IMODE(socket_file.stat().st_mode) == 0o700
+
+
+def test_postgres_asks_every_connection_for_the_password(stack: StackConfig) -> None:
+    _assert_postgres_asks_for_the_password(stack)
+
+
+def test_a_data_directory_from_before_passwords_gets_one() -> None:
+    """A state directory made when initdb trusted every local connection: the next start asks for the password."""
+    home = PROJECT_ROOT / ".dtp" / f"it-pg-{uuid.uuid4().hex[:6]}"
+    cfg = StackConfig(home=home.resolve(), ports=StackConfig.from_env().ports.with_offset(600))
+    postgres = services.build_services(cfg)[0]
+    try:
+        for directory in (cfg.run_dir, cfg.log_dir, cfg.postgres_dir):
+            directory.mkdir(parents=True)
+        if os.geteuid() == 0:
+            shutil.chown(cfg.postgres_dir, "postgres", "postgres")
+        data = cfg.postgres_dir / "data"
+        initdb = [str(services.pg_bin() / "initdb"), "-D", str(data), "-U", "airflow", "--auth=trust", "-E", "UTF8"]
+        services.run_checked(services._as_postgres(initdb), "initdb as the stack ran it before passwords")
+        postgres.start(cfg)
+        services.ensure_database(cfg)
+        _assert_postgres_asks_for_the_password(cfg)
+        assert "trust" not in (data / "pg_hba.conf").read_text()
+    finally:
+        postgres.stop(cfg)
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def test_redis_asks_every_client_for_the_password() -> None:
+    import redis
+
+    home = PROJECT_ROOT / ".dtp" / f"it-redis-{uuid.uuid4().hex[:6]}"
+    cfg = StackConfig(home=home.resolve(), ports=StackConfig.from_env().ports.with_offset(600), executor="celery")
+    broker = services._redis()
+    try:
+        for directory in (cfg.run_dir, cfg.log_dir):
+            directory.mkdir(parents=True)
+        broker.start(cfg)
+        with pytest.raises(redis.AuthenticationError):
+            redis.Redis(host="127.0.0.1", port=cfg.ports.redis, socket_timeout=5).ping()
+        with pytest.raises(redis.AuthenticationError):
+            redis.Redis(host="127.0.0.1", port=cfg.ports.redis, password="not-the-password", socket_timeout=5).ping()
+        assert redis.Redis.from_url(cfg.broker_url, socket_timeout=5).ping() is True
+    finally:
+        broker.stop(cfg)
+        shutil.rmtree(home, ignore_errors=True)
 
 
 def test_services_listen_on_loopback_only(stack: StackConfig) -> None:

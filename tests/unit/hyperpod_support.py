@@ -5,12 +5,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from dtp.form_params import parse_params
 from dtp.naming import RunNames
-from dtp.params import TrainParams, parse_params
+from dtp.params import TrainParams
 from dtp.pipeline.spec import run_spec
 
 SETTINGS = {
-    "execution_role_arn": "arn:aws:iam::111122223333:role/hyperpod-execution",
+    "execution_role_arn": "arn:aws:iam::111122223333:role/dtp-hyperpod-execution",
     "lifecycle_bucket": "sagemaker-dtp-lifecycle",
     "fsx_dns_name": "fs-0123456789abcdef0.fsx.us-east-1.amazonaws.com",
     "fsx_mount_name": "abcdefgh",

@@ -9,7 +9,8 @@ from typing import Any
 
 import pytest
 
-from dtp.params import TrainParams, parse_params
+from dtp.form_params import parse_params
+from dtp.params import TrainParams
 from dtp.pipeline.spec import run_spec
 from dtp.platforms import parallelcluster as pc
 
@@ -27,13 +28,17 @@ NETWORK = {
     "FSXSecurityGroup": "sg-0fedcba9876543210",
     "DataBucket": "dtp-train-e2e-0123456789-data",
 }
+# The Airflow workers' egress the settings open the head node's ssh to (a documentation range, RFC 5737).
+SSH_ALLOWED_IPS = "203.0.113.0/28"
 
 
 def use_settings(
     monkeypatch: pytest.MonkeyPatch, endpoint: str | None = None, region: str = "eu-west-1", **extra: Any
 ) -> pc.ParallelClusterPlatform:
-    """Connections from the environment, as the stack sets them: the platform's settings and aws_default."""
-    monkeypatch.setenv("AIRFLOW_CONN_DTP_PARALLELCLUSTER", json.dumps({"conn_type": "generic", "extra": extra}))
+    """Connections from the environment, as the stack sets them: the platform's settings (``extra``, the head node's
+    ssh open to ``SSH_ALLOWED_IPS`` unless it says otherwise) and aws_default."""
+    settings = {"ssh_allowed_ips": SSH_ALLOWED_IPS, **extra}
+    monkeypatch.setenv("AIRFLOW_CONN_DTP_PARALLELCLUSTER", json.dumps({"conn_type": "generic", "extra": settings}))
     aws_extra = {"region_name": region, **({"endpoint_url": endpoint} if endpoint else {})}
     aws = {"conn_type": "aws", "login": "testing", "password": "testing", "extra": aws_extra}
     monkeypatch.setenv("AIRFLOW_CONN_AWS_DEFAULT", json.dumps(aws))

@@ -6,8 +6,9 @@ from typing import Any
 
 import pytest
 
+from dtp.form_params import ParamsError
 from dtp.naming import RunNames
-from dtp.params import ParamsError, validate_params
+from dtp.params import validate_params
 
 NAMES = RunNames("train_e2e", "manual__1")
 

@@ -13,9 +13,13 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from parallelcluster_support import use_settings
 
+from dtp.costs import estimate_cost_usd
 from dtp.local import backfill
 from dtp.local.api import AirflowApi
+from dtp.params import validate_params
+from dtp.recipes import get_recipe, instance_types
 
 VALID = {"--sizes": ["tiny", "tiny_deep"], "--from": ["2026-01-20"], "--to": ["2026-01-21"], "--conf": ["{}"]}
 VALID_ARGV = [arg for option, values in VALID.items() for arg in (option, *values)]
@@ -264,3 +268,18 @@ def test_every_page_of_runs_is_read() -> None:
     started = {"regression__tiny": backfill.Backfill("regression__tiny", 1, CREATED_AT)}
     states = backfill.follow(FakeApi(runs=runs), started, "2026-01-01", "2026-09-07", timeout=5)
     assert states == {"regression__tiny": Counter({"success": 249, "failed": 1})}
+
+
+def test_the_conf_is_checked_against_the_fsx_the_runs_platform_makes(monkeypatch: pytest.MonkeyPatch) -> None:
+    dags = backfill.size_dags(["llama3_2_1b"])
+    params = validate_params({**dags["llama3_2_1b"].params.dump(), **SHORT})
+    assert params.platform == "parallelcluster"
+    recipe = get_recipe("llama3_2_1b")
+    nodes_alone = estimate_cost_usd(params, recipe, instance_types()[params.instance_type].price_usd_per_hour)
+    conf = json.dumps({**SHORT, "budget_usd": nodes_alone})
+    monkeypatch.delenv("AIRFLOW_CONN_DTP_PARALLELCLUSTER", raising=False)
+    assert backfill.run_conf(conf, dags)["budget_usd"] == nodes_alone  # no connection here: each run checks again
+    # With the platform's connection, the budget pays for the FSx for Lustre each run gets too, as build_spec counts.
+    use_settings(monkeypatch, key_name="dtp-head")
+    with pytest.raises(ValueError, match=r"budget_usd: got .* and a 1200 GiB FSx for Lustre"):
+        backfill.run_conf(conf, dags)

@@ -10,15 +10,16 @@ from typing import Any
 import pytest
 from airflow.sdk.exceptions import AirflowException, TaskDeferred
 
+from dtp.form_params import parse_params
 from dtp.operators import cluster as cluster_operator
 from dtp.operators.cluster import DeployClusterOperator
-from dtp.params import TrainParams, parse_params
+from dtp.params import TrainParams
 from dtp.pipeline.spec import run_spec
 from dtp.platforms.batch import BatchPlatform
 from dtp.triggers.batch import BatchJobQueueTrigger
 
 SETTINGS = {
-    "instance_role_arn": "arn:aws:iam::111122223333:instance-profile/ecsInstanceRole",
+    "instance_role_arn": "arn:aws:iam::111122223333:instance-profile/dtp-ecs-instance",
     "launch_template_id": "lt-0123456789abcdef0",
 }
 NETWORK = {"SecurityGroup": "sg-0123456789abcdef0", "PrivateSubnet": "subnet-0123456789abcdef0"}

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from dtp.params import ParamsError
+from dtp.form_params import ParamsError
 from dtp.pipeline.checkpoints import resume_source
 
 BUCKET = "dtp-artifacts-test"

@@ -18,7 +18,8 @@ from dtp.costs import (
     fsx_storage_gib_for,
     training_time_limit_minutes,
 )
-from dtp.params import ParamsError, TrainParams, parse_params, validate_params
+from dtp.form_params import ParamsError, parse_params
+from dtp.params import TrainParams, validate_params
 from dtp.pipeline.jobs import HANG_MARGIN_SECONDS, hang_timeout_seconds, priced_for, training_config
 from dtp.pipeline.spec import run_spec
 from dtp.platforms.parallelcluster import ParallelClusterSettings

@@ -20,8 +20,9 @@ from dtp.costs import (
     estimate_training_hours,
     training_time_limit_minutes,
 )
+from dtp.form_params import ParamsError, parse_params
 from dtp.naming import RunNames
-from dtp.params import ParamsError, TrainParams, parse_params, validate_params
+from dtp.params import TrainParams, validate_params
 from dtp.pipeline.jobs import hang_timeout_seconds, priced_for, stop_signal_seconds, training_config
 from dtp.pipeline.spec import build_spec, run_fsx, run_spec
 from dtp.platforms.parallelcluster import ParallelClusterSettings

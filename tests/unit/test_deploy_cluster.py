@@ -19,9 +19,10 @@ from airflow.sdk.exceptions import AirflowException, AirflowFailException, TaskD
 from botocore.stub import Stubber
 from parallelcluster_support import NETWORK, make_spec, needs_pcluster, use_settings
 
+from dtp.form_params import parse_params
 from dtp.operators import cluster as cluster_operator
 from dtp.operators.cluster import DeployClusterOperator
-from dtp.params import TrainParams, parse_params
+from dtp.params import TrainParams
 from dtp.pipeline.spec import run_spec
 from dtp.platforms import capacity_reservations
 from dtp.platforms import parallelcluster as pc

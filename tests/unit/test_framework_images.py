@@ -15,8 +15,9 @@ from typing import Any, get_args
 import pytest
 from airflow.sdk.exceptions import AirflowFailException
 
+from dtp.form_params import ParamsError, parse_params
 from dtp.images import ami, container
-from dtp.params import ParamsError, TrainParams, parse_params
+from dtp.params import TrainParams
 from dtp.pipeline.frameworks import FRAMEWORK_IMAGES, TEMPLATES, template_args
 from dtp.pipeline.graph import validate_params
 from dtp.pipeline.jobs import container_options
@@ -165,7 +166,7 @@ def test_a_framework_recipe_without_its_image_is_refused_naming_what_to_publish(
 
 def test_validate_params_refuses_the_run_before_anything_exists(ssm, monkeypatch, installation) -> None:
     # HyperPod with Slurm: a platform whose nodes run another framework's batch script; NeMo reads no assets.
-    extra = {"execution_role_arn": "arn:aws:iam::111122223333:role/hp", "lifecycle_bucket": "sagemaker-dtp-lc"}
+    extra = {"execution_role_arn": "arn:aws:iam::111122223333:role/dtp-hp", "lifecycle_bucket": "sagemaker-dtp-lc"}
     monkeypatch.setenv("AIRFLOW_CONN_DTP_HYPERPOD", json.dumps({"conn_type": "generic", "extra": extra}))
     conf = {"platform": "hyperpod", "recipe": "llama3_1_8b_nemo", "instance_type": "p5.48xlarge", "budget_usd": 2000.0}
     run = SimpleNamespace(dag_id="train_e2e", run_id="manual__1", conf=conf, clear_number=0, logical_date=None,

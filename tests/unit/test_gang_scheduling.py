@@ -12,10 +12,11 @@ import yaml
 from pytorchjob_support import NAME, NAMESPACE, operator
 
 from dtp.form import airflow_params
+from dtp.form_params import ParamsError, parse_params
 from dtp.hooks.pytorchjob import gang_wait
 from dtp.naming import RunNames
 from dtp.operators.pytorchjob import PyTorchJobFailed
-from dtp.params import ParamsError, TrainParams, parse_params, validate_params
+from dtp.params import TrainParams, validate_params
 from dtp.pipeline.spec import build_spec, run_spec
 from dtp.platforms.base import PREFLIGHT_DEADLINE_S
 from dtp.platforms.containers import image_runtime
@@ -124,7 +125,7 @@ def test_platforms_that_run_no_pytorchjobs_refuse_a_gang_scheduler(
 
 
 HYPERPOD = {
-    "execution_role_arn": "arn:aws:iam::111122223333:role/hyperpod-execution",
+    "execution_role_arn": "arn:aws:iam::111122223333:role/dtp-hyperpod-execution",
     "lifecycle_bucket": "sagemaker-dtp-lifecycle",
 }
 ON_EKS = {

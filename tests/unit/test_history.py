@@ -13,9 +13,10 @@ from typing import Any
 import pytest
 from airflow.providers.amazon.aws.hooks.s3 import S3Hook
 
+from dtp.form_params import parse_params
 from dtp.metrics import history
 from dtp.metrics.gates import extra_env_digest, recipe_digest
-from dtp.params import TrainParams, parse_params
+from dtp.params import TrainParams
 from dtp.pipeline import results
 from dtp.pipeline.spec import run_spec
 from dtp.platforms.capacity import instance_fields

@@ -9,7 +9,10 @@ passed on as a bound method, or named to ``get_paginator``, ``get_waiter`` or ``
 botocore's service model (``iam_inference``, ``iam_scan``). What the scan cannot see through is listed in the small
 tables of ``iam_tables``. A call it cannot map (an unknown client attribute, an unlisted provider hook method, an
 unlisted ``getattr``) fails the test instead of being skipped, so a new boto3 call either shows up as an action the
-policy must allow or as a table to extend.
+policy must allow or as a table to extend. The other way round, the worker policy grants nothing the scan, the
+templates or a short list of reasons (``GRANTED_UNSCANNED``) do not account for, passes only roles of DTP's prefix,
+and lets the workers tag, take apart and delete EC2 resources only as they create them or once they carry DTP's
+owner tag.
 
 The network template's resource types are checked too: CloudFormation creates and deletes them with the caller's
 permissions, and the actions listed for each are checked against the handler permissions of the resource provider
@@ -44,7 +47,7 @@ from iam_tables import (
     WORKER_SOURCES,
 )
 
-from dtp.naming import OWNER, PREFIX
+from dtp.naming import OWNER, PASSED_ROLE_PREFIX, PREFIX
 
 # --- policies -------------------------------------------------------------------------------------------------------
 POLICIES = sorted(IAM_DIR.glob("*.json"))
@@ -65,6 +68,15 @@ PERMISSION_ONLY = frozenset(
         "cloudformation:TagResource",
     }
 )
+# The only roles the worker and deploy policies let pass.
+PASSED_ROLES_ARN = f"arn:aws:iam::*:role/{PREFIX}-*"
+# Actions the worker policy grants that neither the scan nor CloudFormation's handlers (RESOURCE_ACTIONS) account
+# for, each with why the workers need it.
+GRANTED_UNSCANNED = {
+    "iam:PassRole": "no operation: CreateCluster and CreateComputeEnvironment pass the roles they name (PASSED_ROLES)",
+    "iam:CreateServiceLinkedRole": "Batch and HyperPod create their service-linked role as the caller, on first use",
+    "logs:GetLogEvents": "the provider's BatchOperator copies the job's CloudWatch log into the task log",
+}
 
 
 def load(name: str) -> dict[str, Any]:
@@ -125,13 +137,17 @@ def without(policy: dict[str, Any], action: str) -> dict[str, Any]:
     return changed
 
 
-def handler_permissions(resource_type: str) -> dict[str, set[str]]:
-    """The permissions CloudFormation's handlers of ``resource_type`` use, by handler (``create``, ``delete``, ...),
-    from the resource provider schema cfn-lint ships."""
+def resource_schema(resource_type: str) -> dict[str, Any]:
+    """The resource provider schema of ``resource_type`` that cfn-lint ships."""
     schemas = Path(cfnlint.__file__).parent / "data" / "schemas"
     digest = json.loads((schemas / "providers" / "us-east-1.json").read_text())[resource_type]
-    handlers = json.loads((schemas / "resources" / f"{digest}.json").read_text())["handlers"]
-    return {name: set(handler["permissions"]) for name, handler in handlers.items()}
+    schema: dict[str, Any] = json.loads((schemas / "resources" / f"{digest}.json").read_text())
+    return schema
+
+
+def handler_permissions(resource_type: str) -> dict[str, set[str]]:
+    """The permissions CloudFormation's handlers of ``resource_type`` use, by handler (``create``, ``delete``, ...)."""
+    return {name: set(handler["permissions"]) for name, handler in resource_schema(resource_type)["handlers"].items()}
 
 
 class TemplateLoader(yaml.SafeLoader):
@@ -215,6 +231,17 @@ def test_roles_are_passed_only_to_named_services(path: Path) -> None:
         assert condition_values(statement, "iam:PassedToService"), statement["Sid"]
 
 
+@pytest.mark.parametrize("policy", SCANNED_POLICIES)
+def test_roles_are_passed_only_if_named_as_dtps(policy: str) -> None:
+    """iam:PassRole is on the roles of DTP's prefix only (on any role, the worker could hand an admin's to an instance
+    it starts and read its credentials there), the prefix every setting that names a passed role requires
+    (``dtp.naming.passed_role_problem``)."""
+    resources = {r for s in allowing(load(policy), "iam:PassRole") for r in listed(s["Resource"])}
+    assert resources == {PASSED_ROLES_ARN}
+    assert fnmatch.fnmatchcase(f"arn:aws:iam::123456789012:role/{PASSED_ROLE_PREFIX}batch", PASSED_ROLES_ARN)
+    assert not fnmatch.fnmatchcase(f"arn:aws:iam::123456789012:role/admin/{PASSED_ROLE_PREFIX}batch", PASSED_ROLES_ARN)
+
+
 @pytest.mark.parametrize("path", POLICIES, ids=lambda p: p.name)
 def test_tag_conditions_name_dtps_owner_tag(path: Path) -> None:
     """Every tag condition is on the owner tag DTP puts on what it creates (``dtp.naming.resource_tags``)."""
@@ -226,14 +253,65 @@ def test_tag_conditions_name_dtps_owner_tag(path: Path) -> None:
 
 
 def test_worker_policy_scopes_deletes_to_dtps_resources() -> None:
-    """Deleting what DTP creates by id (network pieces, clusters, FSx tasks) takes its owner tag; what it creates by
-    name (stacks, buckets, Batch resources, parameters, repositories) is scoped by the name's prefix."""
+    """Deleting what DTP creates by id (network pieces, AMIs and snapshots, clusters, FSx tasks), and taking a
+    network's pieces apart, takes its owner tag; what it creates by name (stacks, buckets, Batch resources,
+    parameters, repositories) is scoped by the name's prefix."""
     policy = load("dtp-worker-policy.json")
-    for action in ("ec2:DeleteVpc", "ec2:ReleaseAddress", "sagemaker:DeleteCluster", "fsx:CancelDataRepositoryTask"):
+    unlinking = (
+        "ec2:DetachInternetGateway",
+        "ec2:DisassociateRouteTable",
+        "ec2:DeleteRoute",
+        "ec2:DisassociateAddress",
+    )
+    revoking = ("ec2:RevokeSecurityGroupIngress", "ec2:RevokeSecurityGroupEgress")
+    deleting = ("ec2:DeleteVpc", "ec2:ReleaseAddress", "ec2:DeregisterImage", "ec2:DeleteSnapshot")
+    for action in (*unlinking, *revoking, *deleting, "sagemaker:DeleteCluster", "fsx:CancelDataRepositoryTask"):
         assert all(condition_values(s, f"aws:ResourceTag/{OWNER_TAG}") == [OWNER] for s in allowing(policy, action))
     for action in ("cloudformation:DeleteStack", "s3:DeleteBucket", "batch:DeleteComputeEnvironment"):
         resources = [r for s in allowing(policy, action) for r in listed(s["Resource"])]
         assert resources and all(f"/{PREFIX}-" in r or f":::{PREFIX}-" in r for r in resources), (action, resources)
+
+
+def test_worker_policy_tags_ec2_resources_as_it_creates_them_or_once_they_are_dtps() -> None:
+    """ec2:CreateTags is allowed within the calls that create the template's resources (ec2:CreateAction: their
+    schemas say CloudFormation tags them as it creates them), or on what carries DTP's owner tag already (an AMI
+    packer tagged, a NAT gateway's address): were it allowed on anything, the worker could tag any resource as DTP's
+    and then delete it."""
+    policy = load("dtp-worker-policy.json")
+    tagged = [resource_type for resource_type, (create, _) in RESOURCE_ACTIONS.items() if "ec2:CreateTags" in create]
+    assert all(resource_schema(resource_type)["tagging"]["tagOnCreate"] for resource_type in tagged)
+    tagged_on_create = {RESOURCE_ACTIONS[resource_type][0][0] for resource_type in tagged}
+    tagging = allowing(policy, "ec2:CreateTags")
+    for statement in tagging:
+        creating = condition_values(statement, "ec2:CreateAction")
+        assert creating or condition_values(statement, f"aws:ResourceTag/{OWNER_TAG}") == [OWNER], statement["Sid"]
+        assert not creating or {f"ec2:{action}" for action in creating} == tagged_on_create, statement["Sid"]
+    assert any(condition_values(s, "ec2:CreateAction") for s in tagging) and missing(policy, tagged_on_create) == []
+
+
+def test_worker_policy_grants_only_what_dtp_needs() -> None:
+    """Each action the worker policy grants (a wildcard: an action it matches) is one the scan found, one
+    CloudFormation takes for the templates' resources, or one of GRANTED_UNSCANNED: what no code calls, such as EKS
+    access entries (with which the worker could make itself any cluster's admin), is not granted."""
+    needs = needed(scan_for("dtp-worker-policy.json")) | {
+        action for create, delete in RESOURCE_ACTIONS.values() for action in (*create, *delete)
+    }
+    granted = {
+        action for statement in statements(load("dtp-worker-policy.json")) for action in listed(statement["Action"])
+    }
+    unneeded = [
+        pattern
+        for pattern in sorted(granted)
+        if not any(fnmatch.fnmatchcase(action.lower(), pattern.lower()) for action in needs)
+    ]
+    assert unneeded == sorted(GRANTED_UNSCANNED)
+
+
+def test_worker_policy_describes_only_eks_clusters() -> None:
+    resources = [
+        r for s in allowing(load("dtp-worker-policy.json"), "eks:DescribeCluster") for r in listed(s["Resource"])
+    ]
+    assert resources == ["arn:aws:eks:*:*:cluster/*"]
 
 
 @pytest.mark.parametrize("resource_type", template_resource_types())

@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 
 from dtp.form import airflow_params
+from dtp.form_params import ParamsError, parse_params
 from dtp.hooks.image_builder import ContainerBuildError, ImageBuilder
 from dtp.hooks.packer import BuildResult, MachineReadableLine, PackerError, PackerHook, fingerprint
 from dtp.images import ami, container
-from dtp.params import ParamsError, parse_params
 
 # Lines of a real `packer build -machine-readable` (packer 1.6.6, amazon-ebs against the emulator).
 PACKER_OUTPUT = """\

@@ -6,12 +6,13 @@ from __future__ import annotations
 import os
 import socket
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
+from dtp.local.airflow_services import _celery_worker_answers
+from dtp.local.config import Ports, StackConfig
 from dtp.local.daemon import StackError
-from dtp.local.services import _celery_worker_answers, _prepare_postgres, pg_bin, run_checked
+from dtp.local.services import _prepare_postgres, pg_bin, run_checked
 
 
 def test_the_newest_installed_postgresql_is_used(tmp_path: Path) -> None:
@@ -37,14 +38,14 @@ def test_a_failed_step_says_what_the_command_said() -> None:
 def test_a_state_directory_postgres_cannot_reach_is_refused_with_what_to_do(tmp_path: Path) -> None:
     closed = tmp_path / "root-like"  # as /root: mode 700, owned by root
     closed.mkdir(mode=0o700)
-    cfg = SimpleNamespace(postgres_dir=closed / "postgres")
+    cfg = StackConfig(home=closed, ports=Ports())
     with pytest.raises(StackError, match=r"which cannot reach .*: put the project where other users can read"):
         _prepare_postgres(cfg)
 
 
-def test_a_celery_worker_is_unhealthy_while_redis_is_down() -> None:
+def test_a_celery_worker_is_unhealthy_while_redis_is_down(tmp_path: Path) -> None:
     # `scripts/stack status` reports the worker UNHEALTHY; kombu's OperationalError would end it with a traceback.
     with socket.socket() as bound:  # bound, not listening: a connection to it is refused
         bound.bind(("127.0.0.1", 0))
-        cfg = SimpleNamespace(ports=SimpleNamespace(redis=bound.getsockname()[1]))
+        cfg = StackConfig(home=tmp_path, ports=Ports(redis=bound.getsockname()[1]))
         assert _celery_worker_answers("control@dtp")(cfg) is False

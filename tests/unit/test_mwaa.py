@@ -216,6 +216,16 @@ def test_creates_when_absent_updates_when_present() -> None:
         ("name", "d" * 81, r"--name 'd{81}': must be 1-80 letters"),
         ("execution_role_arn", "arn:aws:iam::12345:role/x", r"--role-arn .*: must be an IAM role ARN"),
         ("execution_role_arn", "arn:aws:iam::123456789012:user/x", r"--role-arn .*: must be an IAM role ARN"),
+        (
+            "execution_role_arn",
+            "arn:aws:iam::123456789012:role/mwaa",
+            r"--role-arn '.*role/mwaa': the role's name must start",
+        ),
+        (
+            "execution_role_arn",
+            "arn:aws:iam::123456789012:role/service-role/dtp-mwaa",
+            r"must start with 'dtp-', with no path: dtp-mwaa-deploy-policy.json lets the deploy pass only dtp-\* roles",
+        ),
         ("subnet_ids", ["subnet-0123456789abcdef0", "subnet-xyz"], r"--subnets 'subnet-xyz': must be a subnet id"),
         ("subnet_ids", ["subnet-0123456789abcdef0"] * 2, r"MWAA needs two different subnets"),
         ("subnet_ids", ["subnet-0123456789abcdef0"], r"MWAA needs two different subnets"),
@@ -242,7 +252,7 @@ def test_a_target_within_the_rules_is_taken() -> None:
     target = dataclasses.replace(
         TARGET,
         name="D" + "-_9" * 26 + "x",
-        execution_role_arn="arn:aws-cn:iam::123456789012:role/service-role/dtp.mwaa+1",
+        execution_role_arn="arn:aws-cn:iam::123456789012:role/dtp-mwaa.x+1",
         subnet_ids=["subnet-0123abcd", "subnet-0123456789abcdef1"],
         bucket="dtp.mwaa-1",
     )

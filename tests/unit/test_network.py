@@ -15,11 +15,11 @@ from airflow.sdk.exceptions import AirflowFailException
 from botocore.stub import Stubber
 from cfnlint.decode import decode_str
 
+from dtp.form_params import ParamsError
 from dtp.hooks.hyperpod import HyperPodHook
 from dtp.hooks.stacks import StackHook
 from dtp.hooks.sweeper import RunResourceSweeper
 from dtp.naming import RunNames, expiry, resource_tags
-from dtp.params import ParamsError
 from dtp.pipeline import network
 from dtp.pipeline.spec import build_spec
 from dtp.platforms.base import PlatformNotReady
@@ -154,7 +154,7 @@ def ec2_stub(offline_aws: None, monkeypatch: pytest.MonkeyPatch):
 
 
 def test_the_primary_subnets_go_into_the_capacity_reservations_zone(ec2_stub, monkeypatch) -> None:
-    extra = {"key_name": "k", "capacity_reservation_id": "cr-0123456789abcdef0"}
+    extra = {"key_name": "k", "ssh_allowed_ips": "203.0.113.0/28", "capacity_reservation_id": "cr-0123456789abcdef0"}
     monkeypatch.setenv("AIRFLOW_CONN_DTP_PARALLELCLUSTER", json.dumps({"conn_type": "generic", "extra": extra}))
     reservation = {"CapacityReservationId": "cr-0123456789abcdef0", "AvailabilityZone": "us-east-1d"}
     ec2_stub.add_response(
@@ -168,7 +168,7 @@ def test_the_primary_subnets_go_into_the_capacity_reservations_zone(ec2_stub, mo
 def test_the_primary_subnets_go_into_the_training_plans_zone(ec2_stub, monkeypatch) -> None:
     plan = "arn:aws:sagemaker:us-east-1:123456789012:training-plan/p5-reserved"
     extra = {
-        "execution_role_arn": "arn:aws:iam::123456789012:role/hyperpod",
+        "execution_role_arn": "arn:aws:iam::123456789012:role/dtp-hyperpod",
         "lifecycle_bucket": "sagemaker-dtp-lifecycle",
         "training_plans": {"p5.48xlarge": plan},
     }
@@ -211,7 +211,7 @@ def test_the_network_template_has_an_s3_endpoint_and_a_placement_group() -> None
     }
 
 
-INSTANCE_PROFILE = "arn:aws:iam::123456789012:instance-profile/ecs"
+INSTANCE_PROFILE = "arn:aws:iam::123456789012:instance-profile/dtp-ecs"
 EXISTING = {
     "vpc_id": "vpc-0123456789abcdef0",
     "private_subnet": "subnet-0123456789abcdef0",
@@ -237,7 +237,11 @@ def test_the_existing_network_comes_from_the_dtp_network_connection(monkeypatch:
 @pytest.mark.parametrize(
     ("platform", "extra", "mounted"),
     [
-        ("parallelcluster", {"key_name": "k", "fsx_file_system_id": "fs-0123456789abcdef0"}, "fs-0123456789abcdef0"),
+        (
+            "parallelcluster",
+            {"key_name": "k", "ssh_allowed_ips": "203.0.113.0/28", "fsx_file_system_id": "fs-0123456789abcdef0"},
+            "fs-0123456789abcdef0",
+        ),
         ("batch", {"instance_role_arn": INSTANCE_PROFILE, "launch_template_id": "lt-0123456789abcdef0"}, "lt-0123"),
     ],
 )

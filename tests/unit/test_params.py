@@ -11,11 +11,8 @@ from typing import Any
 import pytest
 from params_support import refuse
 
-from dtp.params import (
-    RESERVED_ENV,
-    TrainParams,
-    validate_params,
-)
+from dtp.params import TrainParams, validate_params
+from dtp.params_env import RESERVED_ENV
 from dtp.recipes import catalogue
 from dtp.templates import TEMPLATE_DIR
 
@@ -132,8 +129,8 @@ BAD = [
     ({"extra_env": {"X": "a\rb"}}, "extra_env", "'X'"),
     ({"extra_env": {"X": "a\0b"}}, "extra_env", "'X'"),
     ({"extra_env": {"X": "x" * 4097}}, "extra_env", "'X'"),
-    ({"extra_env": {"X": 1}}, "extra_env.X", "got 1"),
-    ({"extra_env": ["X=1"]}, "extra_env", "['X=1']"),
+    ({"extra_env": {"X": 1}}, "extra_env.X", "got a value of type int"),
+    ({"extra_env": ["X=1"]}, "extra_env", "got a value of type list"),
     ({"extra_env": {f"V{i}": "x" for i in range(65)}}, "extra_env", "65"),
     ({"max_steps": 10, "checkpoint_interval": 20}, "checkpoint_interval", "got 20"),
     ({"max_steps": 5, "checkpoint_interval": 5, "profile_steps": 5}, "profile_steps", "below max_steps (5)"),

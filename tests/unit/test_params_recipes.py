@@ -9,10 +9,10 @@ import json
 import pytest
 from params_support import NAMES, refuse
 
-from dtp.params import ParamsError
+from dtp.form_params import ParamsError
 from dtp.pipeline.spec import build_spec
 
-INSTANCE_PROFILE = "arn:aws:iam::123456789012:instance-profile/ecs"
+INSTANCE_PROFILE = "arn:aws:iam::123456789012:instance-profile/dtp-ecs"
 
 
 @pytest.mark.parametrize("platform", ["eks", "batch"])

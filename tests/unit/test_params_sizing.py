@@ -10,7 +10,8 @@ from parallelcluster_support import use_settings
 from params_support import NAMES, refuse
 
 from dtp.costs import MODEL_PARAMETERS
-from dtp.params import ParamsError, validate_params
+from dtp.form_params import ParamsError
+from dtp.params import validate_params
 from dtp.pipeline.spec import build_spec, checkpoint_space_problem, sample_corpus_problem
 from dtp.platforms import get_platform
 from dtp.recipes import get_recipe

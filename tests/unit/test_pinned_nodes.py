@@ -10,11 +10,12 @@ from typing import Any
 import pytest
 from airflow.sdk.exceptions import TaskDeferred
 
+from dtp.form_params import parse_params
 from dtp.hooks.shared_fs import ClusterCommandError
 from dtp.hooks.slurm import SlurmHook
 from dtp.metrics.preflight_gate import checked_nodes
 from dtp.operators.slurm import SlurmJobFailed, SlurmSubmitJobOperator, submit_prepared_slurm_job
-from dtp.params import TrainParams, parse_params
+from dtp.params import TrainParams
 from dtp.pipeline import jobs
 from dtp.pipeline.spec import run_spec
 

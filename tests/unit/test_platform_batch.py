@@ -10,8 +10,9 @@ from typing import Any
 
 import pytest
 
+from dtp.form_params import ParamsError, parse_params
 from dtp.naming import RunNames
-from dtp.params import ParamsError, TrainParams, parse_params
+from dtp.params import TrainParams
 from dtp.pipeline.spec import build_spec, run_spec
 from dtp.platforms import get_platform
 from dtp.platforms.base import PlatformNotReady
@@ -20,7 +21,7 @@ from dtp.platforms.service_models import request_problems
 
 # What a real account's connection holds: multi-node and EFA jobs need the launch template.
 SETTINGS = {
-    "instance_role_arn": "arn:aws:iam::111122223333:instance-profile/ecsInstanceRole",
+    "instance_role_arn": "arn:aws:iam::111122223333:instance-profile/dtp-ecs-instance",
     "launch_template_id": "lt-0123456789abcdef0",
 }
 NETWORK = {"SecurityGroup": "sg-0123456789abcdef0", "PrivateSubnet": "subnet-0123456789abcdef0"}
@@ -154,7 +155,7 @@ def test_a_published_image_carries_the_programs(settings) -> None:
 
 def test_optional_settings_reach_the_compute_environment(settings) -> None:
     settings(
-        service_role_arn="arn:aws:iam::111122223333:role/AWSBatchServiceRole",
+        service_role_arn="arn:aws:iam::111122223333:role/dtp-batch-service",
         launch_template_id="lt-0123456789abcdef0",
         image_uri="public.ecr.aws/example/pytorch:2.6",
         max_nodes=4,
@@ -163,7 +164,7 @@ def test_optional_settings_reach_the_compute_environment(settings) -> None:
     documents = platform.render(spec_for(num_nodes=2), NETWORK)
     assert platform.check(documents) == []
     environment, _, definition = requests(documents)
-    assert environment["serviceRole"] == "arn:aws:iam::111122223333:role/AWSBatchServiceRole"
+    assert environment["serviceRole"] == "arn:aws:iam::111122223333:role/dtp-batch-service"
     assert environment["computeResources"]["launchTemplate"] == {
         "launchTemplateId": "lt-0123456789abcdef0",
         "version": "$Latest",
@@ -319,6 +320,26 @@ def test_recipes_of_other_frameworks_are_refused(settings) -> None:
 def test_bad_settings_name_the_connection_and_field(settings, extra, field) -> None:
     settings(**extra)
     with pytest.raises(PlatformNotReady, match=rf"^connection 'dtp_batch' extra: {field}: "):
+        BatchPlatform().max_nodes()
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (
+            {"instance_role_arn": "arn:aws:iam::111122223333:instance-profile/ecsInstanceRole"},
+            r"instance_role_arn: .*the instance profile's name 'ecsInstanceRole' must start with 'dtp-', with no path, "
+            r"and so must its role's: the worker policy .* lets DTP pass only dtp-\* roles to Batch and EC2",
+        ),
+        (
+            {"service_role_arn": "arn:aws:iam::111122223333:role/service-role/dtp-batch"},
+            r"service_role_arn: .*the role's name 'service-role/dtp-batch' must start with 'dtp-', with no path",
+        ),
+    ],
+)
+def test_roles_the_worker_policy_cannot_pass_are_refused(settings, extra, message) -> None:
+    settings(**extra)
+    with pytest.raises(PlatformNotReady, match=message):
         BatchPlatform().max_nodes()
 
 

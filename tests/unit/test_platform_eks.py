@@ -16,8 +16,9 @@ import pytest
 import yaml
 from botocore.stub import Stubber
 
+from dtp.form_params import parse_params
 from dtp.hooks.pytorchjob import PyTorchJobHook, deadline_seconds
-from dtp.params import TrainParams, parse_params
+from dtp.params import TrainParams
 from dtp.pipeline import jobs
 from dtp.pipeline.spec import run_spec
 from dtp.platforms import get_platform

@@ -12,8 +12,9 @@ from airflow.sdk.exceptions import AirflowNotFoundException
 from botocore.stub import Stubber
 from hyperpod_support import NAMES, SETTINGS, spec_for
 
+from dtp.form_params import ParamsError, parse_params
 from dtp.hooks.hyperpod import HyperPodHook
-from dtp.params import ParamsError, TrainParams, parse_params
+from dtp.params import TrainParams
 from dtp.pipeline.spec import build_spec, run_spec
 from dtp.platforms import get_platform
 from dtp.platforms import hyperpod as hyperpod_platform
@@ -115,6 +116,17 @@ def test_request_problems_checks_lengths_and_list_sizes_botocore_leaves_to_the_s
 def test_bad_settings_name_the_connection_and_field(settings, extra, field) -> None:
     settings(**extra)
     with pytest.raises(PlatformNotReady, match=rf"^connection 'dtp_hyperpod' extra: {field}: "):
+        HyperPodPlatform().max_nodes()
+
+
+@pytest.mark.parametrize("role", ["hyperpod-execution", "service-role/dtp-hyperpod"])
+def test_an_execution_role_the_worker_policy_cannot_pass_is_refused(settings, role) -> None:
+    settings(execution_role_arn=f"arn:aws:iam::111122223333:role/{role}")
+    with pytest.raises(
+        PlatformNotReady,
+        match=rf"execution_role_arn: .*the role's name '{role}' must start with 'dtp-', "
+        r"with no path: the worker policy .* lets DTP pass only dtp-\* roles to SageMaker",
+    ):
         HyperPodPlatform().max_nodes()
 
 

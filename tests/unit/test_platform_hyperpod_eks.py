@@ -9,7 +9,7 @@ import pytest
 import yaml
 from hyperpod_support import NAMES, spec_for
 
-from dtp.params import ParamsError
+from dtp.form_params import ParamsError
 from dtp.pipeline.spec import build_spec
 from dtp.platforms.base import PlatformNotReady
 from dtp.platforms.eks import EksPlatform

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import socket
 import subprocess
@@ -15,8 +16,10 @@ from typing import Any
 
 import pytest
 import yaml
-from parallelcluster_support import NETWORK, make_spec, needs_pcluster, use_settings
+from parallelcluster_support import NETWORK, SSH_ALLOWED_IPS, make_spec, needs_pcluster, use_settings
 
+from dtp.naming import RunNames
+from dtp.pipeline.spec import build_spec
 from dtp.platforms import get_platform
 from dtp.platforms import parallelcluster as pc
 from dtp.platforms.base import PlatformNotReady
@@ -86,7 +89,8 @@ def test_rendered_configs_pass_the_parallelcluster_schema(
         "SubnetId": NETWORK["PublicSubnet"],
         "AdditionalSecurityGroups": [NETWORK["SecurityGroup"]],
     }
-    assert cfg["HeadNode"]["Ssh"] == {"KeyName": "dtp-head"}
+    # Only the Airflow workers' egress reaches the head node's ssh (pcluster's default is the whole internet).
+    assert cfg["HeadNode"]["Ssh"] == {"KeyName": "dtp-head", "AllowedIps": SSH_ALLOWED_IPS}
     queue = cfg["Scheduling"]["SlurmQueues"][0]
     assert queue["Networking"]["SubnetIds"] == [NETWORK["PrivateSubnet"]]
     resource = compute_resource(cfg)
@@ -215,6 +219,12 @@ def test_missing_settings_connection_is_named(monkeypatch) -> None:
         ({"key_name": "k", "fsx_storage_capacity_gib": 1500}, "1200 GiB or a multiple of 2400 GiB"),
         ({"key_name": "k", "max_nodes": 0}, "max_nodes: Input should be greater than or equal to 1"),
         ({"key_name": "k", "keyname": "typo"}, "keyname: Extra inputs are not permitted"),
+        ({"key_name": "k", "ssh_allowed_ips": ""}, "ssh_allowed_ips: .*required: the IPv4 CIDR of the Airflow workers"),
+        ({"key_name": "k", "ssh_allowed_ips": "0.0.0.0/0"}, "ssh_allowed_ips: .*0.0.0.0/0, which opens the head"),
+        ({"key_name": "k", "ssh_allowed_ips": "::/0"}, "ssh_allowed_ips: .*::/0, which opens the head node's ssh to"),
+        ({"key_name": "k", "ssh_allowed_ips": "2001:db8::/32"}, "ssh_allowed_ips: .*ParallelCluster takes an IPv4"),
+        ({"key_name": "k", "ssh_allowed_ips": "203.0.113.7/24"}, "ssh_allowed_ips: .*which is no CIDR: .*host bits"),
+        ({"key_name": "k", "ssh_allowed_ips": "my-office"}, "ssh_allowed_ips: .*'my-office', which is no CIDR"),
     ],
 )
 def test_invalid_settings_name_the_connection_and_field(monkeypatch, extra, field) -> None:
@@ -240,6 +250,21 @@ def test_a_new_file_system_is_sized_to_the_runs_checkpoints(monkeypatch, recipe,
     # Settings that fix the size win, whatever the run.
     fixed = use_settings(monkeypatch, key_name="k", fsx_storage_capacity_gib=2400)
     assert fixed.fsx_storage_capacity_gib(spec) == 2400
+
+
+def test_a_run_is_refused_before_anything_exists_when_the_settings_lack_ssh_allowed_ips(monkeypatch) -> None:
+    extra = {"key_name": "k"}
+    monkeypatch.setenv("AIRFLOW_CONN_DTP_PARALLELCLUSTER", json.dumps({"conn_type": "generic", "extra": extra}))
+    conf = {"platform": "parallelcluster", "recipe": "tiny", "instance_type": "p5.48xlarge", "num_nodes": 1}
+    with pytest.raises(PlatformNotReady, match=r"ssh_allowed_ips: .*required: the IPv4 CIDR of the Airflow workers'"):
+        build_spec({}, conf, RunNames("train_e2e", "manual__1"))
+
+
+def test_ssh_allowed_ips_is_rendered_as_the_cidr_it_names(monkeypatch) -> None:
+    # A single address is the network of that one address, as pcluster's schema wants a CIDR.
+    platform = use_settings(monkeypatch, key_name="k", ssh_allowed_ips="198.51.100.7")
+    cfg = config(platform.render(make_spec("tiny", "p5.48xlarge", 1), NETWORK))
+    assert cfg["HeadNode"]["Ssh"]["AllowedIps"] == "198.51.100.7/32"
 
 
 def test_settings_give_capacity_and_the_slurm_connection(monkeypatch) -> None:

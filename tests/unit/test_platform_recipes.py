@@ -9,8 +9,9 @@ from typing import Any
 import pytest
 from parallelcluster_support import NETWORK  # every output of the network stack
 
+from dtp.form_params import parse_params
 from dtp.images.ami import ami_families
-from dtp.params import TrainParams, parse_params
+from dtp.params import TrainParams
 from dtp.pipeline.spec import run_spec
 from dtp.platforms import get_platform
 from dtp.platforms.base import PlatformNotReady
@@ -19,13 +20,13 @@ from dtp.recipes import PLATFORMS, catalogue, instance_types
 # The least each platform's dtp_<platform> connection holds (see README, Platforms).
 SETTINGS = {
     "hyperpod": {
-        "execution_role_arn": "arn:aws:iam::111122223333:role/hyperpod-execution",
+        "execution_role_arn": "arn:aws:iam::111122223333:role/dtp-hyperpod-execution",
         "lifecycle_bucket": "sagemaker-dtp-lifecycle",
     },
-    "parallelcluster": {"key_name": "dtp-head"},
+    "parallelcluster": {"key_name": "dtp-head", "ssh_allowed_ips": "203.0.113.0/28"},
     "eks": {"cluster_name": "dtp-training"},
     "batch": {
-        "instance_role_arn": "arn:aws:iam::111122223333:instance-profile/ecsInstanceRole",
+        "instance_role_arn": "arn:aws:iam::111122223333:instance-profile/dtp-ecs-instance",
         "launch_template_id": "lt-0123456789abcdef0",
     },
 }

@@ -8,7 +8,8 @@ from typing import Any
 import pytest
 import yaml
 
-from dtp.params import TrainParams, parse_params
+from dtp.form_params import parse_params
+from dtp.params import TrainParams
 from dtp.pipeline.spec import run_spec
 from dtp.platforms.containers import image_runtime
 from dtp.platforms.eks import PyTorchJobSettings, render_pytorchjobs

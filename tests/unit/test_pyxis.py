@@ -11,7 +11,8 @@ from typing import Any
 
 import pytest
 
-from dtp.params import TrainParams, parse_params
+from dtp.form_params import parse_params
+from dtp.params import TrainParams
 from dtp.pipeline import jobs
 from dtp.pipeline.jobs import container_options
 from dtp.pipeline.spec import run_spec

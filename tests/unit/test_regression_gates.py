@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from dtp.form_params import parse_params
 from dtp.metrics.gates import (
     COMPARED_PARAMS,
     extra_env_digest,
@@ -14,7 +15,7 @@ from dtp.metrics.gates import (
     training_failures,
 )
 from dtp.metrics.parse import TrainingSummary
-from dtp.params import TrainParams, parse_params
+from dtp.params import TrainParams
 from dtp.pipeline import results
 from dtp.pipeline.spec import run_spec
 from dtp.recipes import Gates, get_recipe

@@ -9,10 +9,11 @@ from typing import Any
 import pytest
 from airflow.sdk.exceptions import AirflowException, TaskDeferred
 
+from dtp.form_params import parse_params
 from dtp.naming import EXPIRES_TAG
 from dtp.operators import cluster as cluster_operator
 from dtp.operators.cluster import TeardownClusterOperator
-from dtp.params import TrainParams, parse_params
+from dtp.params import TrainParams
 from dtp.pipeline.spec import run_spec
 from dtp.platforms.base import DeferrableTeardownPlatform
 from dtp.platforms.batch import BatchPlatform

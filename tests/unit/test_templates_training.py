@@ -17,7 +17,8 @@ import pytest
 from templates_support import CONTEXTS, fake_slurm
 
 from dtp.costs import MODEL_PARAMETERS, SHARED_FS_WRITE_BYTES_PER_S
-from dtp.params import TrainParams, parse_params
+from dtp.form_params import parse_params
+from dtp.params import TrainParams
 from dtp.pipeline import jobs
 from dtp.pipeline.jobs import container_options
 from dtp.pipeline.spec import run_spec

@@ -9,12 +9,8 @@ import jsonschema
 import pytest
 
 from dtp.form import airflow_params
-from dtp.params import (
-    S3_URI,
-    ParamsError,
-    TrainParams,
-    validate_params,
-)
+from dtp.form_params import ParamsError
+from dtp.params import S3_URI, TrainParams, validate_params
 from dtp.recipes import PLATFORMS, catalogue, instance_types, recipe_names
 
 

@@ -9,9 +9,9 @@ from types import SimpleNamespace
 
 import pytest
 
+from dtp.form_params import ParamsError
 from dtp.hooks.slurm import SlurmHook
 from dtp.naming import RunNames
-from dtp.params import ParamsError
 from dtp.pipeline.validation import connect, validate_params
 from dtp.recipes import instance_types
 

@@ -35,7 +35,7 @@ from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 
 from dtp.local.config import PROJECT_ROOT
-from dtp.naming import OWNER, TAG_PREFIX, aws_tags
+from dtp.naming import OWNER, PASSED_ROLE_PREFIX, TAG_PREFIX, aws_tags, passed_role_problem
 
 log = logging.getLogger(__name__)
 
@@ -213,6 +213,12 @@ def target_problems(target: MwaaTarget) -> list[str]:
     problems = [
         f"{option} {value!r}: must be {rule}" for option, value, pattern, rule in checks if not pattern.fullmatch(value)
     ]
+    role = target.execution_role_arn
+    if EXECUTION_ROLE_ARN.fullmatch(role) and (problem := passed_role_problem(role)):
+        problems.append(
+            f"--role-arn {role!r}: the role's name {problem}: "
+            f"dtp-mwaa-deploy-policy.json lets the deploy pass only {PASSED_ROLE_PREFIX}* roles to MWAA"
+        )
     if len(set(target.subnet_ids)) != 2:
         problems.append(f"--subnets {target.subnet_ids}: MWAA needs two different subnets (in two availability zones)")
     if not 1 <= len(target.security_group_ids) <= 5:
@@ -224,14 +230,20 @@ def target_problems(target: MwaaTarget) -> list[str]:
 def upload(parts: dict[str, Path], bucket: str, aws_conn_id: str) -> dict[str, str]:
     """Upload the layout, then delete what the previous upload put under dags/ that this one lacks (a removed DAG or
     recipe would keep loading), by the manifest each upload leaves (``UPLOAD_MANIFEST``): files DTP never uploaded
-    are left alone; the S3 object version of each file (MWAA pins plugins, requirements, startup)."""
+    are left alone; the S3 object version of each file (MWAA pins plugins, requirements, startup). A bucket another
+    account owns is refused (``owned_bucket_exists``): that account could change what the environment runs."""
     from airflow.providers.amazon.aws.hooks.s3 import S3Hook
 
+    from dtp.pipeline.results import owned_bucket_exists
+
     s3 = S3Hook(aws_conn_id=aws_conn_id)
-    if not s3.check_for_bucket(bucket):
+    account = s3.account_id
+    if not owned_bucket_exists(s3, bucket, account):
         s3.create_bucket(bucket, region_name=s3.conn_region_name)
         s3.conn.put_bucket_tagging(Bucket=bucket, Tagging={"TagSet": aws_tags(MWAA_TAGS)})
-    s3.conn.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
+    s3.conn.put_bucket_versioning(
+        Bucket=bucket, VersioningConfiguration={"Status": "Enabled"}, ExpectedBucketOwner=account
+    )
     dag_keys = []
     for path in sorted(parts["dags"].rglob("*")):
         if path.is_file():
@@ -244,7 +256,7 @@ def upload(parts: dict[str, Path], bucket: str, aws_conn_id: str) -> dict[str, s
     for name in ("plugins", "requirements", "startup"):
         key = parts[name].name
         s3.load_file(str(parts[name]), key, bucket, replace=True)
-        versions[name] = s3.conn.head_object(Bucket=bucket, Key=key)["VersionId"]
+        versions[name] = s3.conn.head_object(Bucket=bucket, Key=key, ExpectedBucketOwner=account)["VersionId"]
     return versions
 
 

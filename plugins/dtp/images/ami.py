@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 import yaml
 from pydantic import Field, create_model, field_validator
 
-from dtp.params import FormParams
+from dtp.form_params import FormParams
 
 IMAGES_DIR = Path(os.environ.get("DTP_IMAGES_DIR", Path(__file__).resolve().parents[3] / "images"))
 PACKER_DIR = IMAGES_DIR / "packer"

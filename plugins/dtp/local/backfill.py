@@ -42,15 +42,14 @@ from typing import Any
 from airflow.sdk import DAG
 from airflow.serialization.encoders import coerce_to_core_timetable
 
+from dtp.costs import RunFsx
 from dtp.local.api import TERMINAL_RUN_STATES, AirflowApi
 from dtp.local.config import StackConfig
-from dtp.params import validate_params
+from dtp.params import TrainParams, validate_params
 from dtp.pipeline.factory import DAG_PREFIX, regression_dags
-from dtp.pipeline.spec import sample_corpus_problem
-from dtp.recipes import get_recipe
-
-# Run ids of the runs triggered for a DAG without a schedule: the prefix, the command's start time, the date.
-TRIGGERED_RUN_PREFIX = "backfill_triggered__"
+from dtp.pipeline.spec import TRIGGERED_RUN_PREFIX, run_fsx, sample_corpus_problem
+from dtp.platforms.base import PlatformNotReady
+from dtp.recipes import Recipe, get_recipe
 
 
 def size_dags(sizes: list[str]) -> dict[str, DAG]:
@@ -77,6 +76,16 @@ def date_range(start: str, end: str) -> tuple[str, str]:
     return first.isoformat(), last.isoformat()
 
 
+def run_fsx_if_known(params: TrainParams, recipe: Recipe) -> RunFsx | None:
+    """The FSx for Lustre the run's platform makes for it, which its estimates count (``spec.run_fsx``), where the
+    platform's connection is defined here; None where it is not: each run's validate_params checks its budget with
+    the FSx again."""
+    try:
+        return run_fsx(params, recipe)
+    except PlatformNotReady:
+        return None
+
+
 def run_conf(text: str, dags: dict[str, DAG]) -> dict[str, Any]:
     """``--conf`` as a dict, checked as each DAG's form and its ``validate_params`` task would check it."""
     try:
@@ -87,7 +96,7 @@ def run_conf(text: str, dags: dict[str, DAG]) -> dict[str, Any]:
         raise ValueError(f"--conf {text!r}: must be a JSON object, e.g. '{{\"max_steps\": 100}}'")
     for dag in dags.values():
         try:
-            validated = validate_params({**dag.params.dump(), **conf})
+            validated = validate_params({**dag.params.dump(), **conf}, run_fsx_if_known)
         except ValueError as err:
             raise ValueError(f"--conf for {dag.dag_id}: {err}") from None
         # build_spec's check that needs no platform: a size the sample corpus cannot feed fails every run.

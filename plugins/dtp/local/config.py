@@ -160,10 +160,26 @@ class StackConfig:
 
     @property
     def database_url(self) -> str:
-        return f"postgresql+psycopg2://airflow@127.0.0.1:{self.ports.postgres}/airflow"
+        """Airflow's database, as the ``airflow`` role with its password."""
+        return f"postgresql+psycopg2://airflow:{self.database_password}@127.0.0.1:{self.ports.postgres}/airflow"
+
+    @property
+    def database_password(self) -> str:
+        """The password of PostgreSQL's ``airflow`` role, the only one: every connection needs it."""
+        return self.secret("postgres_password")
+
+    @property
+    def broker_url(self) -> str:
+        """The Celery broker: the stack's Redis, with its password."""
+        return f"redis://:{self.broker_password}@127.0.0.1:{self.ports.redis}/0"
+
+    @property
+    def broker_password(self) -> str:
+        """The password Redis asks of every client (its ``requirepass``)."""
+        return self.secret("redis_password")
 
     def secret(self, name: str) -> str:
-        """A random secret generated once per state directory (mode 600)."""
+        """A random secret generated once per state directory (mode 600); URL-safe, so it goes in a URL as it is."""
         path = self.home / "secrets" / name
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -277,7 +293,7 @@ class StackConfig:
             env.update(
                 {
                     "AIRFLOW__CORE__EXECUTOR": "CeleryExecutor",
-                    "AIRFLOW__CELERY__BROKER_URL": f"redis://127.0.0.1:{self.ports.redis}/0",
+                    "AIRFLOW__CELERY__BROKER_URL": self.broker_url,
                     "AIRFLOW__CELERY__RESULT_BACKEND": "db+" + self.database_url,
                     "AIRFLOW__CELERY_BROKER_TRANSPORT_OPTIONS__VISIBILITY_TIMEOUT": str(CELERY_VISIBILITY_TIMEOUT_S),
                     "AIRFLOW__OPERATORS__DEFAULT_QUEUE": CELERY_QUEUES["control"],

@@ -1,5 +1,6 @@
-"""The local stack's services (PostgreSQL, munge, Slurm, sshd, Redis, the registry, the emulator, Airflow): each one a
-``Daemon`` (``dtp.local.daemon``) that knows how to prepare, start, check and stop itself."""
+"""The local stack's services (PostgreSQL, munge, Slurm, sshd, Redis, the registry, the emulator, and Airflow's own,
+``dtp.local.airflow_services``): each one a ``Daemon`` (``dtp.local.daemon``) that knows how to prepare, start, check
+and stop itself."""
 
 from __future__ import annotations
 
@@ -9,11 +10,10 @@ import os
 import shutil
 import subprocess
 import sys
-import urllib.request
-from collections.abc import Callable
 from pathlib import Path
 
-from dtp.local.config import CELERY_QUEUES, StackConfig
+from dtp.local.airflow_services import airflow_services
+from dtp.local.config import StackConfig
 from dtp.local.daemon import Daemon, StackError, http_ok, port_open
 from dtp.templates import render
 
@@ -33,9 +33,9 @@ def pg_bin(root: Path = PG_ROOT) -> Path:
     return max(installed, key=lambda bin_dir: tuple(int(n) for n in bin_dir.parent.name.split(".") if n.isdigit()))
 
 
-def run_checked(argv: list[str], what: str) -> None:
+def run_checked(argv: list[str], what: str, *, stdin: str | None = None, env: dict[str, str] | None = None) -> None:
     """Run a step of bringing the stack up; a failure is a ``StackError`` in the command's own words."""
-    done = subprocess.run(argv, capture_output=True, text=True)
+    done = subprocess.run(argv, input=stdin, env=env, capture_output=True, text=True)
     if done.returncode != 0:
         said = (done.stderr or done.stdout).strip()[-2000:]
         raise StackError(f"{what} failed (exit {done.returncode}): {said or 'no output'}")
@@ -46,10 +46,34 @@ def _as_postgres(argv: list[str]) -> list[str]:
     return ["runuser", "-u", "postgres", "--", *argv] if os.geteuid() == 0 else argv
 
 
+# Every connection, over the socket or TCP, logs in with the password in <state>/secrets/postgres_password.
+PG_HBA = """\
+# Written by dtp.local.services each time PostgreSQL starts.
+local   all   all                  scram-sha-256
+host    all   all   127.0.0.1/32   scram-sha-256
+host    all   all   ::1/128        scram-sha-256
+"""
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write ``text`` to ``path``, readable and writable by its owner only from the moment it exists."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # a file that was there before, with another mode
+    with os.fdopen(fd, "w") as file:
+        file.write(text)
+
+
 def _prepare_postgres(cfg: StackConfig) -> None:
     data = cfg.postgres_dir / "data"
     if (data / "PG_VERSION").exists():
-        return
+        # Also brings a data directory made when pg_hba.conf trusted every local connection up to the password.
+        _set_password(cfg)
+    else:
+        _initdb(cfg)
+    (data / "pg_hba.conf").write_text(PG_HBA)
+
+
+def _initdb(cfg: StackConfig) -> None:
     cfg.postgres_dir.mkdir(parents=True, exist_ok=True)
     if os.geteuid() == 0:
         shutil.chown(cfg.postgres_dir, "postgres", "postgres")
@@ -59,9 +83,30 @@ def _prepare_postgres(cfg: StackConfig) -> None:
                 "it, such as /root, is closed to other users): put the project where other users can read, such as "
                 "/opt or /srv, or point DTP_HOME at such a directory"
             )
+    # A copy of the password that initdb, run as the postgres user, can read: the secrets directory is the stack
+    # user's alone.
+    password_file = cfg.postgres_dir / "initdb-password"
+    _write_private(password_file, cfg.database_password)
+    if os.geteuid() == 0:
+        shutil.chown(password_file, "postgres", "postgres")
+    try:
+        initdb = [str(pg_bin() / "initdb"), "-D", str(cfg.postgres_dir / "data"), "-U", "airflow", "-E", "UTF8"]
+        auth = ["--auth-local=scram-sha-256", "--auth-host=scram-sha-256", f"--pwfile={password_file}"]
+        run_checked(_as_postgres([*initdb, *auth]), "initdb")
+    finally:
+        password_file.unlink(missing_ok=True)
+
+
+def _set_password(cfg: StackConfig) -> None:
+    """Give the ``airflow`` role the stack's password, in single-user mode (the server is not running yet): read
+    from stdin, the password is in no command line, and an error stops the backend without logging the statement."""
+    single_user = [str(pg_bin() / "postgres"), "--single", "-D", str(cfg.postgres_dir / "data")]
+    quiet = ["-c", "exit_on_error=on", "-c", "log_min_error_statement=panic"]
+    password = cfg.database_password.replace("'", "''")
     run_checked(
-        _as_postgres([str(pg_bin() / "initdb"), "-D", str(data), "-U", "airflow", "--auth=trust", "-E", "UTF8"]),
-        "initdb",
+        _as_postgres([*single_user, *quiet, "postgres"]),
+        "setting the airflow role's password",
+        stdin=f"ALTER ROLE airflow PASSWORD '{password}'\n",
     )
 
 
@@ -78,6 +123,8 @@ def _postgres_command(cfg: StackConfig) -> list[str]:
             "listen_addresses=127.0.0.1",
             "-c",
             f"unix_socket_directories={cfg.postgres_dir}",
+            "-c",
+            "unix_socket_permissions=0700",
         ]
     )
 
@@ -92,11 +139,12 @@ def _postgres_ready(cfg: StackConfig) -> bool:
 
 def ensure_database(cfg: StackConfig) -> None:
     psql = ["psql", "-h", "127.0.0.1", "-p", str(cfg.ports.postgres), "-U", "airflow", "-d", "postgres", "-tAc"]
+    env = {**os.environ, "PGPASSWORD": cfg.database_password}
     exists = subprocess.run(
-        [*psql, "SELECT 1 FROM pg_database WHERE datname='airflow'"], capture_output=True, text=True
+        [*psql, "SELECT 1 FROM pg_database WHERE datname='airflow'"], env=env, capture_output=True, text=True
     )
     if exists.stdout.strip() != "1":
-        run_checked([*psql, "CREATE DATABASE airflow"], "creating the airflow database")
+        run_checked([*psql, "CREATE DATABASE airflow"], "creating the airflow database", env=env)
 
 
 # --- munge + Slurm ------------------------------------------------------------
@@ -192,87 +240,32 @@ def _sshd() -> Daemon:
     )
 
 
-# --- Airflow ------------------------------------------------------------------
+# --- Redis and the registry ---------------------------------------------------
 
 
-def _venv_bin(name: str) -> str:
-    """A console script installed beside this interpreter (the project's virtualenv)."""
-    return str(Path(sys.executable).parent / name)
+def _redis_conf(cfg: StackConfig) -> Path:
+    return cfg.home / "secrets" / "redis.conf"
 
 
-def _airflow(*args: str) -> Callable[[StackConfig], list[str]]:
-    return lambda cfg: [_venv_bin("airflow"), *args]
-
-
-def migrate_airflow_db(cfg: StackConfig) -> None:
-    env = {**os.environ, **cfg.airflow_env()}
-    airflow = _venv_bin("airflow")
-    path = cfg.log_dir / "airflow-db-migrate.log"
-    with path.open("ab") as log:
-        migrated = subprocess.run([airflow, "db", "migrate"], env=env, stdout=log, stderr=subprocess.STDOUT)
-    if migrated.returncode != 0:
-        tail = "\n  ".join(path.read_text(errors="replace").splitlines()[-15:])
-        raise StackError(f"airflow db migrate failed (exit {migrated.returncode}; log: {path}):\n  {tail}")
-
-
-def _airflow_component(name: str, *args: str, health: Callable[[StackConfig], bool]) -> Daemon:
-    return Daemon(
-        name=f"airflow-{name}",
-        command=_airflow(*args),
-        ports=lambda cfg: [],
-        health=health,
-        env=lambda cfg: cfg.airflow_env(),
-        start_timeout=90.0,
-    )
-
-
-def _api_healthy(cfg: StackConfig) -> bool:
-    return http_ok(f"{cfg.airflow_url}/api/v2/monitor/health")
-
-
-def _component_healthy(component: str) -> Callable[[StackConfig], bool]:
-    """The api-server's health endpoint reports each component's last heartbeat."""
-
-    def check(cfg: StackConfig) -> bool:
-        try:
-            with urllib.request.urlopen(f"{cfg.airflow_url}/api/v2/monitor/health", timeout=3) as resp:  # noqa: S310
-                report = json.load(resp)
-        except OSError:
-            return False
-        return report.get(component, {}).get("status") == "healthy"
-
-    return check
-
-
-def _celery_worker_answers(name: str) -> Callable[[StackConfig], bool]:
-    """Whether worker ``name`` answers a ping through the stack's Redis; not when Redis itself is down."""
-
-    def check(cfg: StackConfig) -> bool:
-        from celery import Celery
-        from kombu.exceptions import OperationalError
-
-        app = Celery(broker=f"redis://127.0.0.1:{cfg.ports.redis}/0")
-        try:
-            return bool(app.control.ping(destination=[name], timeout=1.0))
-        except (OSError, OperationalError):  # kombu raises the broker's connection errors as OperationalError
-            return False
-        finally:
-            app.close()
-
-    return check
+def _prepare_redis(cfg: StackConfig) -> None:
+    """The password goes in a file of the stack user's alone: on the command line every local user would see it."""
+    password = cfg.broker_password  # made first, with the secrets directory
+    _write_private(_redis_conf(cfg), f"requirepass {password}\n")
 
 
 def _redis() -> Daemon:
-    """The Celery broker (PostgreSQL is the result backend)."""
+    """The Celery broker (PostgreSQL is the result backend); every client logs in with ``secrets/redis_password``."""
     return Daemon(
         name="redis",
         command=lambda c: [
             "redis-server",
+            str(_redis_conf(c)),
             *("--port", str(c.ports.redis), "--bind", "127.0.0.1", "--protected-mode", "yes"),
             *("--dir", str(c.home), "--save", "", "--appendonly", "no"),
         ],
         ports=lambda c: [c.ports.redis],
         health=lambda c: port_open(c.ports.redis),
+        prepare=_prepare_redis,
     )
 
 
@@ -295,25 +288,6 @@ def _registry() -> Daemon:
         health=lambda c: http_ok(f"http://{c.registry}/v2/"),
         prepare=_prepare_registry,
     )
-
-
-def _celery_workers() -> list[Daemon]:
-    """One worker per queue: control-plane tasks, and the Slurm job submit/wait tasks."""
-    services = []
-    for role, queue in CELERY_QUEUES.items():
-        worker = f"{role}@dtp"
-        concurrency = "2" if role == "control" else "1"
-        services.append(
-            Daemon(
-                name=f"airflow-worker-{role}",
-                command=_airflow("celery", "worker", "-H", worker, "-q", queue, "-c", concurrency, "--skip-serve-logs"),
-                ports=lambda c: [],
-                health=_celery_worker_answers(worker),
-                env=lambda c: c.airflow_env(),
-                start_timeout=120.0,
-            )
-        )
-    return services
 
 
 def build_services(cfg: StackConfig) -> list[Daemon]:
@@ -362,20 +336,4 @@ def build_services(cfg: StackConfig) -> list[Daemon]:
     services += [_sshd(), _registry()]
     if cfg.executor == "celery":
         services.append(_redis())
-    services += [
-        Daemon(
-            name="airflow-api-server",
-            command=_airflow("api-server"),
-            ports=lambda c: [c.ports.airflow_api],
-            health=_api_healthy,
-            env=lambda c: c.airflow_env(),
-            start_timeout=120.0,
-        ),
-        # Task logs are read from local disk by the api-server; Airflow's log server would bind every interface.
-        _airflow_component("scheduler", "scheduler", "--skip-serve-logs", health=_component_healthy("scheduler")),
-        _airflow_component("dag-processor", "dag-processor", health=_component_healthy("dag_processor")),
-        _airflow_component("triggerer", "triggerer", "--skip-serve-logs", health=_component_healthy("triggerer")),
-    ]
-    if cfg.executor == "celery":
-        services += _celery_workers()
-    return services
+    return services + airflow_services(cfg)

@@ -11,9 +11,10 @@ from __future__ import annotations
 import argparse
 import sys
 
+from dtp.local.airflow_services import migrate_airflow_db
 from dtp.local.config import EXECUTORS, StackConfig
 from dtp.local.daemon import Daemon, StackError
-from dtp.local.services import build_services, ensure_database, migrate_airflow_db
+from dtp.local.services import build_services, ensure_database
 
 
 def up(cfg: StackConfig, *, airflow: bool = True) -> list[str]:

@@ -7,7 +7,7 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from airflow.providers.standard.triggers.temporal import TimeDeltaTrigger
 from airflow.sdk import BaseOperator
@@ -15,9 +15,13 @@ from airflow.sdk.exceptions import AirflowException, AirflowFailException
 from botocore.exceptions import ClientError
 
 from dtp.naming import EXPIRES_TAG
+from dtp.params_env import mask_extra_env
 from dtp.pipeline.spec import earlier_incarnations, tear_down_earlier_incarnations
 from dtp.platforms import get_platform
 from dtp.platforms.base import ComputePlatform, DeferrableTeardownPlatform, PlatformNotReady, ReservationUnavailable
+
+if TYPE_CHECKING:
+    import jinja2
 
 # How long deploy_cluster waits for a capacity reservation other runs hold (ReservationUnavailable), looking again
 # every RESERVATION_POLL in the triggerer.
@@ -53,6 +57,13 @@ class DeployClusterOperator(BaseOperator):
         self.spec = spec
         self.network = network
         self.images = images
+
+    def render_template_fields(self, context: Any, jinja_env: jinja2.Environment | None = None) -> None:
+        """Render the templated fields once the values of the run's ``extra_env`` (tokens, some) are masked in this
+        process: the spec in the Rendered Template tab, and this task's log, would show them (a retry's worker never
+        saw validate_params mask them)."""
+        mask_extra_env(context["params"])
+        super().render_template_fields(context, jinja_env)
 
     def execute(self, context: Any) -> dict[str, Any]:
         platform = get_platform(self.spec["params"]["platform"])
@@ -142,6 +153,13 @@ class TeardownClusterOperator(BaseOperator):
     def __init__(self, *, spec: Any, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.spec = spec
+
+    def render_template_fields(self, context: Any, jinja_env: jinja2.Environment | None = None) -> None:
+        """Render the templated fields once the values of the run's ``extra_env`` (tokens, some) are masked in this
+        process: the spec in the Rendered Template tab, and this task's log, would show them (a retry's worker never
+        saw validate_params mask them)."""
+        mask_extra_env(context["params"])
+        super().render_template_fields(context, jinja_env)
 
     def execute(self, context: Any) -> dict[str, Any]:
         platform = get_platform(self.spec["params"]["platform"])

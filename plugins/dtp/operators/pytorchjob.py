@@ -15,7 +15,7 @@ from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
 from dtp.operators.time_limit import time_left
-from dtp.params import mask_extra_env
+from dtp.params_env import mask_extra_env
 
 if TYPE_CHECKING:
     import jinja2

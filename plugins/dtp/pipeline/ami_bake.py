@@ -20,11 +20,11 @@ from airflow.sdk import task
 from airflow.sdk.exceptions import AirflowFailException
 
 from dtp.connections import AWS_CONN_ID
+from dtp.form_params import ParamsError, parse_params
 from dtp.images import ami
 from dtp.images.publish import AMI_ALIAS, emit, put_parameter
 from dtp.naming import OWNER, TAG_PREFIX, RunNames, expiry, resource_tags
 from dtp.operators.packer import PackerBuildOperator
-from dtp.params import ParamsError, parse_params
 
 log = logging.getLogger(__name__)
 

@@ -30,7 +30,7 @@ from botocore.exceptions import ClientError
 from pydantic import BaseModel, Field, ValidationError, field_validator
 from s3transfer.utils import ChunksizeAdjuster
 
-from dtp.params import ParamsError
+from dtp.form_params import ParamsError
 from dtp.pipeline.data import check_shared_dir_visible
 from dtp.pipeline.results import artifacts_bucket
 from dtp.pipeline.run_dirs import RUNS_FOLDER, run_dir

@@ -18,12 +18,12 @@ from airflow.sdk import task
 from airflow.sdk.exceptions import AirflowFailException
 
 from dtp.connections import AWS_CONN_ID
+from dtp.form_params import ParamsError, parse_params
 from dtp.hooks.registry import ContainerRegistryHook
 from dtp.images.container import ContainerBuildParams, training_parameter
 from dtp.images.publish import IMAGE_ALIAS, emit, put_parameter
 from dtp.naming import OWNER, TAG_PREFIX
 from dtp.operators.container import ContainerImageBuildOperator
-from dtp.params import ParamsError, parse_params
 
 log = logging.getLogger(__name__)
 

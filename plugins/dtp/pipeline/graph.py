@@ -27,6 +27,7 @@ from airflow.sdk import DAG, TaskGroup, TriggerRule, task
 from airflow.sdk.exceptions import AirflowFailException
 
 from dtp.connections import AWS_CONN_ID, TRAINING_QUEUE
+from dtp.form_params import ParamsError
 from dtp.metrics.preflight_gate import preflight_message
 from dtp.naming import RunNames
 from dtp.operators.batch import BatchJobOperator
@@ -35,9 +36,11 @@ from dtp.operators.cluster import DeployClusterOperator, TeardownClusterOperator
 from dtp.operators.pytorchjob import EksPyTorchJobOperator
 from dtp.operators.report import TrainingReportOperator
 from dtp.operators.slurm import PENDING_TIMEOUT_S, submit_prepared_slurm_job
-from dtp.params import NODES_OUTLIVE_RUNS, ParamsError, mask_extra_env
+from dtp.params import NODES_OUTLIVE_RUNS
+from dtp.params_env import mask_extra_env
 from dtp.pipeline import checkpoints, data, jobs, network, results
 from dtp.pipeline.spec import build_spec, tear_down_earlier_incarnations
+from dtp.pipeline.spec_tasks import spec_task
 from dtp.pipeline.teardowns import end_with_judgement, schedule_teardowns_first, tasks_to_follow
 from dtp.platforms import get_platform
 from dtp.platforms.base import PlatformNotReady
@@ -83,10 +86,11 @@ def validate_params(**context: Any) -> dict[str, Any]:
     return spec
 
 
-@task
+@spec_task()
 def resolve_images(spec: dict[str, Any]) -> dict[str, str]:
-    """The newest image and AMI published by container_build/ami_bake (SSM): the recipe's framework's image, with
-    where the framework is in it, or for DTP's trainer the platform's training image, else its default runtime."""
+    """The newest image and AMI published by container_build/ami_bake (SSM), for a backfill run the newest at its
+    logical date (logged, with their versions): the recipe's framework's image, with where the framework is in it,
+    or for DTP's trainer the platform's training image, else its default runtime."""
     from dtp.images.container import resolve_runtime  # boto3, through SSM: not when a DAG file is parsed
 
     platform = get_platform(spec["params"]["platform"])
@@ -98,27 +102,27 @@ def resolve_images(spec: dict[str, Any]) -> dict[str, str]:
     return runtime
 
 
-@task
+@spec_task()
 def plan_stack(spec: dict[str, Any]) -> str:
     """Validate the network template with CloudFormation before anything exists; the stack's name."""
     return network.plan_network_stack(spec, AWS_CONN_ID)
 
 
-@task
+@spec_task()
 def create_stack(spec: dict[str, Any]) -> str:
     """Start creating the network stack (a VPC, or only the data bucket where the run makes none), or find the one
     an earlier try started; the ``wait`` sensor waits for it."""
     return network.create_network_stack(spec, AWS_CONN_ID)
 
 
-@task
+@spec_task()
 def stack_outputs(spec: dict[str, Any]) -> dict[str, str]:
     """The network stack's outputs: subnets, security groups, the run's data bucket."""
     return network.network_outputs(spec, AWS_CONN_ID)
 
 
 # It writes into the cluster's shared filesystem: on the training queue, whose worker has it mounted.
-@task(queue=TRAINING_QUEUE)
+@spec_task(queue=TRAINING_QUEUE)
 def stage_data(spec: dict[str, Any], network_outputs: dict[str, str], cluster: dict[str, Any]) -> dict[str, Any]:
     """The dataset, and the checkpoint the run resumes from, onto the cluster's shared filesystem."""
     staged = data.stage_data(spec, network_outputs, cluster, AWS_CONN_ID)
@@ -135,13 +139,13 @@ def record_resources(
     return {"network": network_outputs, "cluster": cluster, "data": staged}
 
 
-@task(multiple_outputs=True, queue=TRAINING_QUEUE)
+@spec_task(multiple_outputs=True, queue=TRAINING_QUEUE)
 def prepare_preflight(spec: dict[str, Any], cluster: dict[str, Any], images: dict[str, str]) -> dict[str, str | None]:
     """Write the preflight job (node checks, all-reduce sweep) into the run's directory; what submits it."""
     return jobs.prepare_preflight(spec, cluster, images)
 
 
-@task(queue=TRAINING_QUEUE)
+@spec_task(queue=TRAINING_QUEUE)
 def check_preflight(
     spec: dict[str, Any], cluster: dict[str, Any], results_path: str, nccl_tests_path: str
 ) -> dict[str, Any]:
@@ -153,7 +157,7 @@ def check_preflight(
     return checked["result"]
 
 
-@task(multiple_outputs=True, queue=TRAINING_QUEUE)
+@spec_task(multiple_outputs=True, queue=TRAINING_QUEUE)
 def prepare_training(
     spec: dict[str, Any],
     cluster: dict[str, Any],
@@ -166,7 +170,7 @@ def prepare_training(
     return jobs.prepare_training(spec, cluster, images, staged, preflight)
 
 
-@task(queue=TRAINING_QUEUE)
+@spec_task(queue=TRAINING_QUEUE)
 def collect_metrics(
     spec: dict[str, Any], cluster: dict[str, Any], images: dict[str, Any], metrics_path: str, profile_dir: str
 ) -> dict[str, Any]:
@@ -175,7 +179,7 @@ def collect_metrics(
     return results.collect_metrics(spec, cluster, images, metrics_path, AWS_CONN_ID, profile_dir)
 
 
-@task
+@spec_task()
 def evaluate_gates(spec: dict[str, Any], metrics: dict[str, Any]) -> None:
     """Fail the run when the recipe's gates or the comparison with comparable past runs fail."""
     failures = results.gate_failures(spec, metrics)
@@ -184,7 +188,7 @@ def evaluate_gates(spec: dict[str, Any], metrics: dict[str, Any]) -> None:
     log.info("All gates passed")
 
 
-@task(retries=3)
+@spec_task(retries=3)
 def teardown_network(spec: dict[str, Any]) -> dict[str, Any]:
     """Delete the network stack and the run's data bucket, and sweep what the stack's deletion left behind; then
     those of the run's earlier incarnations, kept or not."""

@@ -14,6 +14,7 @@ from typing import Any
 from airflow.providers.amazon.aws.hooks.s3 import S3Hook
 from airflow.sdk import BaseHook
 from airflow.sdk.exceptions import AirflowNotFoundException
+from botocore.exceptions import ClientError
 
 from dtp.hooks.shared_fs import SharedFilesystemHook
 from dtp.metrics import history, prometheus
@@ -53,13 +54,35 @@ HISTORY_WINDOW = TREND_RUNS
 
 
 def artifacts_bucket(aws_conn_id: str) -> str:
-    """``dtp-artifacts-<account>-<region>``, created and tagged on first use."""
+    """``dtp-artifacts-<account>-<region>``, created and tagged on first use; refused when another account owns it
+    (``owned_bucket_exists``)."""
     s3 = S3Hook(aws_conn_id=aws_conn_id)
     name = f"dtp-artifacts-{s3.account_id}-{s3.conn_region_name}"
-    if not s3.check_for_bucket(name):
+    if not owned_bucket_exists(s3, name, s3.account_id):
         s3.create_bucket(name, region_name=s3.conn_region_name)
         s3.put_bucket_tagging(tag_set={f"{TAG_PREFIX}owner": OWNER, f"{TAG_PREFIX}role": "artifacts"}, bucket_name=name)
     return name
+
+
+def owned_bucket_exists(s3: S3Hook, bucket: str, account_id: str) -> bool:
+    """Whether ``bucket`` exists, owned by the AWS account ``account_id``; False when there is no such bucket.
+
+    A bucket name is global: anyone may create one with a name DTP derives or is given, before DTP does, and open
+    it to every account. A bucket another account owns raises PermissionError (S3 answers HeadBucket with 403 when
+    ``ExpectedBucketOwner`` is not the owner), so DTP never writes to it nor reads what it holds."""
+    try:
+        s3.conn.head_bucket(Bucket=bucket, ExpectedBucketOwner=account_id)
+    except ClientError as err:
+        code = err.response["Error"]["Code"]
+        if code in ("404", "NoSuchBucket"):
+            return False
+        if code in ("403", "AccessDenied"):
+            raise PermissionError(
+                f"bucket {bucket} exists but another AWS account owns it (or this account {account_id} may not "
+                "read it): DTP does not use a bucket it does not own"
+            ) from None
+        raise
+    return True
 
 
 def read_json(cluster: dict[str, Any], path: str) -> dict[str, Any]:
@@ -262,7 +285,13 @@ def publish_html(key: str, html: str, aws_conn_id: str) -> dict[str, str]:
     """Upload a self-contained HTML page to the artifacts bucket; its S3 URI and a presigned URL."""
     bucket = artifacts_bucket(aws_conn_id)
     s3 = S3Hook(aws_conn_id=aws_conn_id)
-    s3.conn.put_object(Bucket=bucket, Key=key, Body=html.encode(), ContentType="text/html; charset=utf-8")
+    s3.conn.put_object(
+        Bucket=bucket,
+        Key=key,
+        Body=html.encode(),
+        ContentType="text/html; charset=utf-8",
+        ExpectedBucketOwner=s3.account_id,
+    )
     url = s3.generate_presigned_url("get_object", params={"Bucket": bucket, "Key": key}, expires_in=REPORT_URL_TTL_S)
     log.info("Report: s3://%s/%s", bucket, key)
     return {"uri": f"s3://{bucket}/{key}", "url": url or ""}

@@ -24,9 +24,10 @@ from dtp.costs import (
     fsx_storage_gib_for,
     training_time_limit_minutes,
 )
+from dtp.form_params import ParamsError
 from dtp.hostlist import expand_hostlist
 from dtp.naming import RunNames, expiry, resource_tags
-from dtp.params import NODES_OUTLIVE_RUNS, ParamsError, TrainParams, validate_params
+from dtp.params import NODES_OUTLIVE_RUNS, TrainParams, validate_params
 from dtp.pipeline.data import SAMPLE_CORPUS
 from dtp.pipeline.frameworks import NEEDS_ASSETS
 from dtp.pipeline.network import NETWORK_CONN_ID, existing_network, needs_network
@@ -40,6 +41,9 @@ log = logging.getLogger(__name__)
 # How many earlier incarnations of a run its teardowns delete, the first and the latest (each costs a few describe
 # calls when it made nothing, as most do: Airflow counts every clear of a task of the run).
 RETIRED_INCARNATIONS = 5
+# Run ids of the runs scripts/backfill triggers for a DAG without a schedule: the prefix, the command's start time,
+# the date.
+TRIGGERED_RUN_PREFIX = "backfill_triggered__"
 
 
 def build_spec(params: Mapping[str, Any], conf: Mapping[str, Any], names: RunNames) -> dict[str, Any]:
@@ -251,3 +255,9 @@ def earlier_incarnations(spec: dict[str, Any]) -> list[dict[str, Any]]:
     """The spec with the names each earlier incarnation of the run had (none for a spec from before they were
     recorded)."""
     return [{**spec, "names": names} for names in spec.get("earlier_names", [])]
+
+
+def is_backfill(spec: dict[str, Any]) -> bool:
+    """Whether the run fills in a past date: a run of an Airflow backfill, or one scripts/backfill triggered for a
+    DAG without a schedule (which Airflow refuses to backfill), with that date as its logical date."""
+    return spec.get("run_type") == "backfill" or spec["run_id"].startswith(TRIGGERED_RUN_PREFIX)

@@ -23,14 +23,17 @@ from airflow.sdk import DAG, task
 from airflow.sdk.exceptions import AirflowFailException, AirflowNotFoundException
 
 from dtp.connections import AWS_CONN_ID, TRAINING_QUEUE
+from dtp.form_params import ParamsError
 from dtp.hooks.slurm import SlurmHook, usable
 from dtp.hostlist import expand_hostlist
 from dtp.metrics.preflight_gate import preflight_message
 from dtp.naming import RunNames, expiry, resource_tags
 from dtp.operators.report import ClusterValidationReportOperator
 from dtp.operators.slurm import submit_prepared_slurm_job
-from dtp.params import ParamsError, mask_extra_env, validate_cluster_params
+from dtp.params import validate_cluster_params
+from dtp.params_env import mask_extra_env
 from dtp.pipeline import jobs, results
+from dtp.pipeline.spec_tasks import spec_task
 from dtp.pipeline.teardowns import end_with_judgement, schedule_teardowns_first
 from dtp.recipes import instance_types
 
@@ -112,7 +115,7 @@ def validate_params(**context: Any) -> dict[str, Any]:
     return spec
 
 
-@task
+@spec_task()
 def connect_cluster(spec: dict[str, Any]) -> dict[str, Any]:
     """Reach the cluster behind slurm_conn_id and check it has the nodes asked for."""
     try:
@@ -122,13 +125,13 @@ def connect_cluster(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 # It and evaluate read and write the cluster's shared filesystem: on the training queue, whose worker mounts it.
-@task(multiple_outputs=True, queue=TRAINING_QUEUE)
+@spec_task(multiple_outputs=True, queue=TRAINING_QUEUE)
 def prepare_checks(spec: dict[str, Any], cluster: dict[str, Any]) -> dict[str, str | None]:
     """Write the checks' Slurm job into the run's directory on the cluster; what submits it."""
     return jobs.prepare_preflight(spec, cluster, {"python": cluster["python"]})
 
 
-@task(queue=TRAINING_QUEUE)
+@spec_task(queue=TRAINING_QUEUE)
 def evaluate(spec: dict[str, Any], cluster: dict[str, Any], results_path: str, nccl_tests_path: str) -> dict[str, Any]:
     """Judge the results; failures are reported first and fail the run in ``verdict``."""
     return results.check_preflight(spec, cluster, results_path, nccl_tests_path)["result"]
@@ -145,7 +148,7 @@ def verdict(result: dict[str, Any]) -> None:
         log.info("The cluster passed every check")
 
 
-@task(retries=3)
+@spec_task(retries=3)
 def cancel_jobs(spec: dict[str, Any], cluster: dict[str, Any]) -> list[str]:
     """Cancel every job of the run still on the cluster, and wait until Slurm lists none."""
     return SlurmHook.of_cluster(cluster).cancel_and_wait(spec["names"]["slurm_job"], prefix=True)

@@ -17,40 +17,33 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import time
 from collections.abc import Callable
 from typing import Any
 
 from airflow.providers.amazon.aws.hooks.batch_client import BatchClientHook
-from pydantic import Field
 
 from dtp.connections import AWS_CONN_ID
 from dtp.naming import TAG_PREFIX
 from dtp.pipeline.run_dirs import run_dir
-from dtp.platforms.base import PlatformNotReady, PlatformSettings
-from dtp.platforms.batch_checks import launch_template_problems, node_problems
+from dtp.platforms.base import PlatformNotReady
+from dtp.platforms.batch_checks import batch_request_problems
+from dtp.platforms.batch_settings import BatchSettings
 from dtp.platforms.containers import (
     FSX_MOUNT,
     image_runtime,
     is_nvidia,
-    ngc_pytorch_image,
     require_dtp_trainer,
     trainer_environment,
 )
-from dtp.platforms.service_models import request_problems
 from dtp.triggers.batch import BatchJobQueueTrigger
 
 CONN_ID = "dtp_batch"
 DOCUMENTS = ("compute-environment.json", "job-queue.json", "job-definition.json")
-# Batch's rule for compute environment, job queue, job definition and job names.
-BATCH_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")
 DIGEST_TAG = f"{TAG_PREFIX}definition-sha256"
 ACTIVE_JOB_STATES = ("SUBMITTED", "PENDING", "RUNNABLE", "STARTING", "RUNNING")
 # The ECS agent and the OS keep part of a host's memory ("Compute resource memory management"): ask for 90%.
 MEMORY_SHARE = 0.9
-# How long a compute environment or queue may take to settle or go, unless the connection says otherwise.
-WAIT_TIMEOUT_MINUTES = 30
 # The main node has no AWS_BATCH_JOB_MAIN_NODE_PRIVATE_IPV4_ADDRESS: it is the main node, so it takes its own
 # address. The script is constant; torchrun's arguments arrive as the script's own argv ("$@").
 LAUNCH = (
@@ -58,27 +51,6 @@ LAUNCH = (
     'exec torchrun --nnodes "$AWS_BATCH_JOB_NUM_NODES" --node_rank "$AWS_BATCH_JOB_NODE_INDEX" '
     '--master_addr "$MAIN" --master_port 29500 "$@"\n'
 )
-
-
-class BatchSettings(PlatformSettings):
-    """the account's Batch settings: instance_role_arn, launch_template_id and optional service_role_arn, image
-
-    The launch template (``check`` refuses every job without one) mounts FSx for Lustre at /fsx on each host and
-    holds one network interface of InterfaceType efa per EFA interface of the instance type; those interfaces must
-    carry the run's EFA security group (the ``dtp_network`` connection's ``security_group``): for an instance type
-    with EFA interfaces the compute environment sets no security groups of its own, since EC2 refuses
-    instance-level security groups together with network interfaces."""
-
-    instance_role_arn: str = Field(pattern=r"^arn:aws[a-z-]*:iam::\d{12}:instance-profile/[\w+=,.@/-]+$")
-    # Empty: Batch uses its service-linked role.
-    service_role_arn: str = Field("", pattern=r"^$|^arn:aws[a-z-]*:iam::\d{12}:role/[\w+=,.@/-]+$")
-    # Mounts FSx for Lustre at /fsx on each host and attaches the instance type's EFA interfaces (see above); empty:
-    # every job is refused, naming this field.
-    launch_template_id: str = Field("", pattern=r"^$|^lt-[0-9a-f]{8,17}$")
-    max_nodes: int = Field(16, ge=1)
-    # The training container when no DTP image is published for batch; the programs are then staged on FSx.
-    image_uri: str = Field(default_factory=ngc_pytorch_image)
-    wait_timeout_minutes: int = Field(WAIT_TIMEOUT_MINUTES, ge=1)
 
 
 class BatchPlatform:
@@ -232,28 +204,9 @@ class BatchPlatform:
         return {"nodePropertyOverrides": [{"targetNodes": "0:", "containerOverrides": {"command": command}}]}
 
     def check(self, documents: dict[str, str]) -> list[str]:
+        """What Batch would refuse, or the run would fail on, in the rendered requests."""
         environment, queue, definition = (json.loads(documents[name]) for name in DOCUMENTS)
-        problems = request_problems("batch", "CreateComputeEnvironment", environment)
-        problems += request_problems("batch", "CreateJobQueue", queue)
-        problems += request_problems("batch", "RegisterJobDefinition", definition)
-        names = {
-            "CreateComputeEnvironment.computeEnvironmentName": environment.get("computeEnvironmentName"),
-            "CreateJobQueue.jobQueueName": queue.get("jobQueueName"),
-            "RegisterJobDefinition.jobDefinitionName": definition.get("jobDefinitionName"),
-        }
-        problems += [
-            f"{path}: {name!r} is not a Batch name (up to 128 letters, numbers, hyphens, underscores)"
-            for path, name in names.items()
-            if not BATCH_NAME.fullmatch(str(name))
-        ]
-        problems += [
-            f"job-queue.json: computeEnvironmentOrder names {order.get('computeEnvironment')!r}, not the run's "
-            f"compute environment {environment.get('computeEnvironmentName')!r}"
-            for order in queue.get("computeEnvironmentOrder", [])
-            if order.get("computeEnvironment") != environment.get("computeEnvironmentName")
-        ]
-        problems += launch_template_problems(environment, definition, self.conn_id)
-        return problems + node_problems(definition.get("nodeProperties") or {})
+        return batch_request_problems(environment, queue, definition, self.conn_id)
 
     # --- lifecycle --------------------------------------------------------------------------------------------------
     def provision(self, spec: dict[str, Any], network: dict[str, str], ami: str | None = None) -> dict[str, Any]:

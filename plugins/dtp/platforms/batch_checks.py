@@ -1,6 +1,7 @@
-"""What Batch would refuse, or a run would fail on, in its compute environment and multi-node job definition
-beyond what Batch's service model checks: a compute environment without the launch template that gives its hosts
-the shared ``/fsx`` (and EFA interfaces), and node ranges that do not cover the job's nodes exactly once."""
+"""What Batch would refuse, or a run would fail on, in a run's compute environment, job queue and multi-node job
+definition: what Batch's service model checks, Batch's names, a queue on another compute environment, a compute
+environment without the launch template that gives its hosts the shared ``/fsx`` (and EFA interfaces), and node
+ranges that do not cover the job's nodes exactly once."""
 
 from __future__ import annotations
 
@@ -8,6 +9,38 @@ import re
 from typing import Any
 
 from dtp.platforms.containers import FSX_MOUNT
+from dtp.platforms.service_models import request_problems
+
+# Batch's rule for compute environment, job queue, job definition and job names.
+BATCH_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")
+
+
+def batch_request_problems(
+    environment: dict[str, Any], queue: dict[str, Any], definition: dict[str, Any], conn_id: str
+) -> list[str]:
+    """What Batch would refuse, or the run would fail on, in its CreateComputeEnvironment, CreateJobQueue and
+    RegisterJobDefinition requests (``conn_id``: the connection that gives the launch template)."""
+    problems = request_problems("batch", "CreateComputeEnvironment", environment)
+    problems += request_problems("batch", "CreateJobQueue", queue)
+    problems += request_problems("batch", "RegisterJobDefinition", definition)
+    names = {
+        "CreateComputeEnvironment.computeEnvironmentName": environment.get("computeEnvironmentName"),
+        "CreateJobQueue.jobQueueName": queue.get("jobQueueName"),
+        "RegisterJobDefinition.jobDefinitionName": definition.get("jobDefinitionName"),
+    }
+    problems += [
+        f"{path}: {name!r} is not a Batch name (up to 128 letters, numbers, hyphens, underscores)"
+        for path, name in names.items()
+        if not BATCH_NAME.fullmatch(str(name))
+    ]
+    problems += [
+        f"job-queue.json: computeEnvironmentOrder names {order.get('computeEnvironment')!r}, not the run's "
+        f"compute environment {environment.get('computeEnvironmentName')!r}"
+        for order in queue.get("computeEnvironmentOrder", [])
+        if order.get("computeEnvironment") != environment.get("computeEnvironmentName")
+    ]
+    problems += launch_template_problems(environment, definition, conn_id)
+    return problems + node_problems(definition.get("nodeProperties") or {})
 
 
 def launch_template_problems(environment: dict[str, Any], definition: dict[str, Any], conn_id: str) -> list[str]:

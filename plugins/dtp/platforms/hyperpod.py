@@ -37,6 +37,7 @@ from dtp.hooks.pytorchjob import PyTorchJobHook
 from dtp.hooks.slurm import SlurmHook
 from dtp.naming import OWNER, TAG_PREFIX, aws_tags
 from dtp.pipeline.network import NETWORK_CONN_ID
+from dtp.pipeline.results import owned_bucket_exists
 from dtp.platforms.base import PlatformNotReady, Scheduler, stop_before_delete
 from dtp.platforms.capacity import Placement, instance_fields, is_capacity_error, is_capacity_failure, placements
 from dtp.platforms.containers import FSX_MOUNT, image_runtime
@@ -310,7 +311,11 @@ class HyperPodPlatform:
         own on_create.sh runs), under the run's prefix."""
         s3 = S3Hook(aws_conn_id=self.aws_conn_id)
         bucket = settings.lifecycle_bucket
-        if not s3.check_for_bucket(bucket):  # shared by every run: DTP's, with no expiry
+        try:  # the nodes run its scripts as root: never another account's bucket
+            exists = owned_bucket_exists(s3, bucket, s3.account_id)
+        except PermissionError as err:
+            raise PlatformNotReady(f"connection {self.conn_id!r} extra: lifecycle_bucket: {err}") from None
+        if not exists:  # shared by every run: DTP's, with no expiry
             s3.create_bucket(bucket)
             s3.put_bucket_tagging(tag_set={f"{TAG_PREFIX}owner": OWNER, f"{TAG_PREFIX}role": "hyperpod-lifecycle"},
                                   bucket_name=bucket)  # fmt: skip

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
+from dtp.naming import PASSED_ROLE_PREFIX, passed_role_name, passed_role_problem
 from dtp.platforms.base import PlatformSettings
 from dtp.platforms.eks import PyTorchJobSettings
 
@@ -42,6 +43,17 @@ class HyperPodSettings(PlatformSettings):
     python: str = "/usr/bin/python3"
     # The EKS orchestrator (HyperPod on EKS); absent, the cluster's orchestrator is Slurm.
     eks: HyperPodEksSettings | None = None
+
+    @field_validator("execution_role_arn")
+    @classmethod
+    def _passable(cls, arn: str) -> str:
+        """Refuse a role the worker policy does not let DTP pass: CreateCluster would be refused."""
+        if problem := passed_role_problem(arn):
+            raise ValueError(
+                f"the role's name {passed_role_name(arn)!r} {problem}: the worker policy "
+                f"(docs/iam/dtp-worker-policy.json) lets DTP pass only {PASSED_ROLE_PREFIX}* roles to SageMaker"
+            )
+        return arn
 
     @model_validator(mode="after")
     def _eks_needs_its_lifecycle_scripts(self) -> HyperPodSettings:

@@ -12,6 +12,7 @@ the training image with enroot + pyxis (``srun --container-image``), which the `
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import os
@@ -22,7 +23,7 @@ from functools import cached_property
 from typing import Any, Literal
 
 from airflow.providers.amazon.aws.hooks.ec2 import EC2Hook
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from dtp.costs import FSX_SMALLEST_GIB, FSX_STEP_GIB, checkpoint_footprint_bytes, fsx_storage_gib_for
 from dtp.hooks.stacks import StackHook
@@ -52,13 +53,17 @@ FSX_ROOM_BESIDE_CHECKPOINTS = 1.2
 
 
 class ParallelClusterSettings(PlatformSettings):
-    """the ParallelCluster account settings as JSON: key_name (the head node's EC2 key pair) and optionally
+    """the ParallelCluster account settings as JSON: key_name (the head node's EC2 key pair), ssh_allowed_ips (the
+    IPv4 CIDR of the Airflow workers' egress, the only addresses that may reach the head node's ssh) and optionally
     fsx_file_system_id (an existing FSx for Lustre file system; empty: a new PERSISTENT_2 one per cluster, of
     fsx_storage_capacity_gib, by default sized to the run's checkpoints: ``fsx_storage_capacity_gib``),
     custom_ami, capacity_reservation_id with capacity_type (CAPACITY_BLOCK for an EC2 Capacity Block, else
     ONDEMAND), head_node_instance_type, os, slurm_conn_id, max_nodes, pcluster"""
 
     key_name: str = Field(min_length=1, max_length=255)
+    # The head node is in the public subnet and the workers reach its ssh at its public address; pcluster opens that
+    # ssh to 0.0.0.0/0 unless told otherwise. Required: the empty default is refused, saying what to give.
+    ssh_allowed_ips: str = Field("", validate_default=True)
     head_node_instance_type: str = Field("m5.8xlarge", pattern=r"^[a-z0-9]+(-[a-z0-9]+)?\.[a-z0-9]+$")
     fsx_file_system_id: str = Field("", pattern=r"^$|^fs-[0-9a-f]{17}$")
     # None: the new file system is sized to each run (ParallelClusterPlatform.fsx_storage_capacity_gib).
@@ -72,6 +77,27 @@ class ParallelClusterSettings(PlatformSettings):
     slurm_conn_id: str = Field("dtp_parallelcluster_slurm", pattern=r"^[A-Za-z0-9_-]{1,64}$")
     max_nodes: int = Field(64, ge=1, le=512)
     pcluster: str = str(PCLUSTER_VENV / "bin" / "pcluster")
+
+    @field_validator("ssh_allowed_ips")
+    @classmethod
+    def _ssh_allowed_ips_is_the_workers_egress(cls, value: str) -> str:
+        if not value:
+            raise ValueError(
+                "required: the IPv4 CIDR of the Airflow workers' egress (their NAT gateway's address/32, say), the "
+                "only addresses that may reach the head node's ssh"
+            )
+        try:
+            network = ipaddress.ip_network(value)
+        except ValueError as err:
+            raise ValueError(f"got {value!r}, which is no CIDR: {err}") from None
+        if network.prefixlen == 0:
+            raise ValueError(
+                f"got {value}, which opens the head node's ssh to the whole internet; give the IPv4 CIDR of the "
+                "Airflow workers' egress"
+            )
+        if network.version != 4:
+            raise ValueError(f"got {value}; ParallelCluster takes an IPv4 CIDR")
+        return str(network)
 
     @model_validator(mode="after")
     def _capacity_block_needs_its_reservation(self) -> ParallelClusterSettings:
@@ -158,6 +184,7 @@ class ParallelClusterPlatform:
             custom_ami=settings.custom_ami or ami or "",
             head_node_instance_type=settings.head_node_instance_type,
             key_name=settings.key_name,
+            ssh_allowed_ips=settings.ssh_allowed_ips,
             network=network,
             capacity_reservation_id=settings.capacity_reservation_id,
             capacity_type=settings.capacity_type,

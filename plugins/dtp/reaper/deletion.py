@@ -17,7 +17,8 @@ from dtp.hooks.stacks import StackHook
 from dtp.hooks.sweeper import RunResourceSweeper
 from dtp.pipeline.network import destroy_run_resources
 from dtp.pipeline.run_dirs import LEASES_FOLDER
-from dtp.platforms.batch import WAIT_TIMEOUT_MINUTES, BatchPlatform
+from dtp.platforms.batch import BatchPlatform
+from dtp.platforms.batch_settings import WAIT_TIMEOUT_MINUTES
 from dtp.reaper.cluster import LEASE, LEASED_DIRS
 from dtp.reaper.expired import Expired
 

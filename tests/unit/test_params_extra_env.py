@@ -1,0 +1,46 @@
+"""extra_env in validate_params: a refusal names the variables but shows no value (a token, some), and variables
+that would have the job's processes load code from outside their image are refused, whoever sets them."""
+
+from __future__ import annotations
+
+import pytest
+from params_support import refuse
+
+from dtp.params import validate_params
+
+LOADER_VARIABLES = [
+    *("LD_PRELOAD", "LD_AUDIT", "LD_LIBRARY_PATH", "GCONV_PATH", "ENV"),
+    *("PYTHONSTARTUP", "PYTHONPATH", "PYTHONHOME", "PYTHONUSERBASE"),
+]
+
+
+def test_a_refused_extra_env_shows_its_names_not_its_values() -> None:
+    message = refuse({"extra_env": {"HF_TOKEN": "hf_SECRET_refused_1", "PATH": "/x"}})
+    assert "extra_env: got a mapping with HF_TOKEN, PATH; variable 'PATH' is set by the pipeline" in message
+    assert "hf_SECRET" not in message
+
+
+def test_a_value_of_the_wrong_type_is_not_shown() -> None:
+    message = refuse({"extra_env": {"HF_TOKEN": 1234567890}})
+    assert "extra_env.HF_TOKEN: got a value of type int; Input should be a valid string" in message
+    assert "1234567890" not in message
+
+
+@pytest.mark.parametrize("name", LOADER_VARIABLES)
+def test_variables_that_load_code_from_a_path_are_refused(name: str) -> None:
+    message = refuse({"extra_env": {name: "/fsx/runs/r/data/evil.so"}})
+    assert f"variable {name!r} cannot be set: it has the dynamic loader, Python, iconv or the shell load" in message
+    assert "whose code and libraries come from its image" in message
+
+
+def test_the_variables_of_nccl_libfabric_torch_cuda_hf_and_openmp_are_accepted() -> None:
+    env = {
+        "NCCL_DEBUG": "INFO",
+        "FI_EFA_USE_DEVICE_RDMA": "1",
+        "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1",
+        "CUDA_DEVICE_MAX_CONNECTIONS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "OMP_NUM_THREADS": "4",
+        "PYTHONUNBUFFERED": "1",
+    }
+    assert validate_params({"extra_env": env}).extra_env == env
