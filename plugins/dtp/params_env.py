@@ -1,8 +1,8 @@
 """The rules for a run's ``extra_env``: the variables it may set in the run's jobs, and its values masked in the logs.
 
 A variable the pipeline, the job scripts, Slurm, torchrun or the shell set or read themselves is refused, and so is
-one that has a loader load code from a path of the run's choosing; the values may be tokens, so no message names
-them and every process that logs or renders them masks them (``mask_extra_env``).
+one that has a loader or a library (NCCL's plugins) load code from a path of the run's choosing; the values may be
+tokens, so no message names them and every process that logs or renders them masks them (``mask_extra_env``).
 """
 
 from __future__ import annotations
@@ -28,11 +28,19 @@ RESERVED_ENV = frozenset(
     }
 )
 RESERVED_ENV_PREFIXES = ("SLURM_", "PET_", "TORCHELASTIC_", "BASH_", "AWS_BATCH_")
-# Variables that have the dynamic loader, Python, glibc's iconv or the shell load code from a path of the run's choosing
-# (a file dataset_uri mirrored onto the shared filesystem, say) into every process of its jobs; the jobs' own code and
-# libraries come from their image.
-LOADER_ENV = frozenset({"GCONV_PATH", "PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "PYTHONUSERBASE", "ENV"})
+# Variables that have the dynamic loader, Python, glibc's iconv, CUDA (its injection library), libfabric (its provider
+# directory) or the shell load code from a path of the run's choosing (a file dataset_uri mirrored onto the shared
+# filesystem, say) into every process of its jobs; the jobs' own code and libraries come from their image.
+LOADER_ENV = frozenset(
+    {
+        *("GCONV_PATH", "PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "PYTHONUSERBASE", "ENV"),
+        *("CUDA_INJECTION64_PATH", "FI_PROVIDER_PATH"),
+    }
+)
 LOADER_ENV_PREFIXES = ("LD_",)
+# Variables that name a plugin library (NCCL_NET_PLUGIN, NCCL_TUNER_PLUGIN, NCCL_PROFILER_PLUGIN, ...): NCCL loads
+# libnccl-net-<name>.so (and the like) from the image for a name such as aws-ofi, but the file itself for a path.
+PLUGIN_ENV_SUFFIX = "_PLUGIN"
 # extra_env values that cannot be secrets (a flag, a number): masking one would hide every such word in the logs.
 NOT_SECRET = re.compile(r"true|false|yes|no|on|off|[+-]?\d+(\.\d+)?", re.IGNORECASE)
 
@@ -46,9 +54,15 @@ def check_extra_env(env: dict[str, str]) -> dict[str, str]:
             raise ValueError(f"variable name {name!r} must match {ENV_NAME.pattern}")
         if name in LOADER_ENV or name.startswith(LOADER_ENV_PREFIXES):
             raise ValueError(
-                f"variable {name!r} cannot be set: it has the dynamic loader, Python, iconv or the shell load code "
-                "from a path of the run's choosing into the job's processes, whose code and libraries come from "
-                "its image"
+                f"variable {name!r} cannot be set: it has the dynamic loader, Python, iconv, CUDA, libfabric or the "
+                "shell load code from a path of the run's choosing into the job's processes, whose code and "
+                "libraries come from its image"
+            )
+        if name.endswith(PLUGIN_ENV_SUFFIX) and "/" in value:
+            raise ValueError(
+                f"variable {name!r} cannot be set to a path: its library loads the plugin a path names into the "
+                "job's processes, whose code and libraries come from its image; give the name of a plugin the image "
+                "has (such as aws-ofi or none)"
             )
         if name in RESERVED_ENV or name.startswith(RESERVED_ENV_PREFIXES):
             raise ValueError(f"variable {name!r} is set by the pipeline and cannot be overridden")

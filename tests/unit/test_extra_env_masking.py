@@ -13,8 +13,9 @@ from typing import Any
 import pytest
 import yaml
 from airflow.providers.standard.operators.python import PythonOperator
-from airflow.sdk import DAG, BaseOperator, XComArg
+from airflow.sdk import DAG, BaseOperator
 from airflow.sdk._shared.secrets_masker import redact
+from airflow.sdk.definitions.xcom_arg import PlainXComArg
 from airflow.sdk.execution_time.task_runner import _serialize_rendered_fields
 
 from dtp.form_params import parse_params
@@ -27,7 +28,7 @@ from dtp.params import TrainParams
 from dtp.params_env import mask_extra_env
 from dtp.pipeline.graph import prepare_training, training_pipeline, validate_params
 from dtp.pipeline.spec import run_spec
-from dtp.pipeline.spec_tasks import SpecTaskOperator
+from dtp.pipeline.spec_tasks import SpecTaskOperator, spec_task
 from dtp.pipeline.validation import validation_pipeline
 from dtp.platforms.eks import EksPlatform
 
@@ -121,6 +122,24 @@ def test_operators_that_take_the_spec_do_not_show_its_extra_env_values(
     assert extra_env["NGC_KEY"] not in shown and "NGC_KEY" in shown
 
 
+def test_a_mapped_spec_task_masks_extra_env_values_before_its_arguments_render() -> None:
+    # A mapped task renders the task it unmaps through _do_render_template_fields, not its render_template_fields.
+    extra_env = {"NGC_KEY": "nvapi-mapped-secret-1"}
+
+    @spec_task()
+    def shard(spec: dict[str, Any], index: int) -> int:
+        return index
+
+    with DAG("mapped", params={"extra_env": {}}) as dag:
+        shard.partial(spec={"params": {"extra_env": extra_env}}).expand(index=[0, 1])
+    ti = SimpleNamespace(map_index=1, task=dag.get_task("shard"))
+    context = {"dag": dag, "dag_run": SimpleNamespace(conf={"extra_env": extra_env}), "ti": ti}
+    ti.task.render_template_fields(context)
+    assert isinstance(ti.task, SpecTaskOperator) and ti.task.op_kwargs["index"] == 1  # the unmapped task
+    shown = json.dumps(_serialize_rendered_fields(ti.task))
+    assert "nvapi-mapped-secret-1" not in shown and "NGC_KEY" in shown
+
+
 def test_flags_and_numbers_are_not_masked() -> None:
     # TOKENIZERS_PARALLELISM=false once turned every "false" of the logs into "***".
     mask_extra_env(
@@ -139,7 +158,7 @@ def test_every_task_that_takes_the_spec_masks_its_extra_env(pipeline: Any) -> No
         task
         for task in dag.tasks
         if task.task_id != "validate_params"
-        and any(isinstance(arg, XComArg) and arg.operator.task_id == "validate_params" for arg in _arguments(task))
+        and any(isinstance(arg, PlainXComArg) and arg.operator.task_id == "validate_params" for arg in _arguments(task))
     ]
     assert takes_spec
     # A Python task masks through SpecTaskOperator; an operator in its own render_template_fields (tested above).

@@ -11,7 +11,9 @@ from dtp.params import validate_params
 LOADER_VARIABLES = [
     *("LD_PRELOAD", "LD_AUDIT", "LD_LIBRARY_PATH", "GCONV_PATH", "ENV"),
     *("PYTHONSTARTUP", "PYTHONPATH", "PYTHONHOME", "PYTHONUSERBASE"),
+    *("CUDA_INJECTION64_PATH", "FI_PROVIDER_PATH"),
 ]
+PLUGIN_VARIABLES = ["NCCL_NET_PLUGIN", "NCCL_TUNER_PLUGIN", "NCCL_PROFILER_PLUGIN"]
 
 
 def test_a_refused_extra_env_shows_its_names_not_its_values() -> None:
@@ -29,8 +31,29 @@ def test_a_value_of_the_wrong_type_is_not_shown() -> None:
 @pytest.mark.parametrize("name", LOADER_VARIABLES)
 def test_variables_that_load_code_from_a_path_are_refused(name: str) -> None:
     message = refuse({"extra_env": {name: "/fsx/runs/r/data/evil.so"}})
-    assert f"variable {name!r} cannot be set: it has the dynamic loader, Python, iconv or the shell load" in message
+    assert (
+        f"variable {name!r} cannot be set: it has the dynamic loader, Python, iconv, CUDA, libfabric or the shell load"
+        in message
+    )
     assert "whose code and libraries come from its image" in message
+
+
+@pytest.mark.parametrize("name", PLUGIN_VARIABLES)
+@pytest.mark.parametrize("path", ["/fsx/runs/r/data/libnccl-net-evil.so", "./libnccl-net-evil.so"])
+def test_a_plugin_given_as_a_path_is_refused(name: str, path: str) -> None:
+    message = refuse({"extra_env": {name: path}})
+    assert (
+        f"variable {name!r} cannot be set to a path: its library loads the plugin a path names into the job's "
+        "processes, whose code and libraries come from its image; give the name of a plugin the image has (such as "
+        "aws-ofi or none)" in message
+    )
+    assert "evil" not in message
+
+
+@pytest.mark.parametrize("name", PLUGIN_VARIABLES)
+@pytest.mark.parametrize("plugin", ["aws-ofi", "none"])
+def test_a_plugin_given_by_name_is_accepted(name: str, plugin: str) -> None:
+    assert validate_params({"extra_env": {name: plugin}}).extra_env == {name: plugin}
 
 
 def test_the_variables_of_nccl_libfabric_torch_cuda_hf_and_openmp_are_accepted() -> None:

@@ -328,19 +328,19 @@ def test_bad_settings_name_the_connection_and_field(settings, extra, field) -> N
     [
         (
             {"instance_role_arn": "arn:aws:iam::111122223333:instance-profile/ecsInstanceRole"},
-            r"instance_role_arn: .*the instance profile's name 'ecsInstanceRole' must start with 'dtp-', with no path, "
+            r"instance_role_arn: the instance profile's name 'ecsInstanceRole' must start with 'dtp-', with no path, "
             r"and so must its role's: the worker policy .* lets DTP pass only dtp-\* roles to Batch and EC2",
         ),
         (
             {"service_role_arn": "arn:aws:iam::111122223333:role/service-role/dtp-batch"},
-            r"service_role_arn: .*the role's name 'service-role/dtp-batch' must start with 'dtp-', with no path",
+            r"service_role_arn: the role's name 'service-role/dtp-batch' must start with 'dtp-', with no path",
         ),
     ],
 )
 def test_roles_the_worker_policy_cannot_pass_are_refused(settings, extra, message) -> None:
     settings(**extra)
-    with pytest.raises(PlatformNotReady, match=message):
-        BatchPlatform().max_nodes()
+    with pytest.raises(PlatformNotReady, match="^connection 'dtp_batch' extra: " + message):
+        BatchPlatform().render(spec_for(), NETWORK)
 
 
 def test_a_missing_instance_role_and_connection_say_what_to_set(settings, monkeypatch) -> None:

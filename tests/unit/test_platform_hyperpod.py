@@ -124,10 +124,10 @@ def test_an_execution_role_the_worker_policy_cannot_pass_is_refused(settings, ro
     settings(execution_role_arn=f"arn:aws:iam::111122223333:role/{role}")
     with pytest.raises(
         PlatformNotReady,
-        match=rf"execution_role_arn: .*the role's name '{role}' must start with 'dtp-', "
-        r"with no path: the worker policy .* lets DTP pass only dtp-\* roles to SageMaker",
+        match=rf"^connection 'dtp_hyperpod' extra: execution_role_arn: the role's name '{role}' must start with "
+        r"'dtp-', with no path: the worker policy .* lets DTP pass only dtp-\* roles to SageMaker",
     ):
-        HyperPodPlatform().max_nodes()
+        HyperPodPlatform().render(spec_for(), NETWORK)
 
 
 def test_a_missing_connection_says_what_it_should_hold(monkeypatch) -> None:

@@ -4,7 +4,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 import socket
 import subprocess
@@ -18,8 +17,6 @@ import pytest
 import yaml
 from parallelcluster_support import NETWORK, SSH_ALLOWED_IPS, make_spec, needs_pcluster, use_settings
 
-from dtp.naming import RunNames
-from dtp.pipeline.spec import build_spec
 from dtp.platforms import get_platform
 from dtp.platforms import parallelcluster as pc
 from dtp.platforms.base import PlatformNotReady
@@ -219,12 +216,6 @@ def test_missing_settings_connection_is_named(monkeypatch) -> None:
         ({"key_name": "k", "fsx_storage_capacity_gib": 1500}, "1200 GiB or a multiple of 2400 GiB"),
         ({"key_name": "k", "max_nodes": 0}, "max_nodes: Input should be greater than or equal to 1"),
         ({"key_name": "k", "keyname": "typo"}, "keyname: Extra inputs are not permitted"),
-        ({"key_name": "k", "ssh_allowed_ips": ""}, "ssh_allowed_ips: .*required: the IPv4 CIDR of the Airflow workers"),
-        ({"key_name": "k", "ssh_allowed_ips": "0.0.0.0/0"}, "ssh_allowed_ips: .*0.0.0.0/0, which opens the head"),
-        ({"key_name": "k", "ssh_allowed_ips": "::/0"}, "ssh_allowed_ips: .*::/0, which opens the head node's ssh to"),
-        ({"key_name": "k", "ssh_allowed_ips": "2001:db8::/32"}, "ssh_allowed_ips: .*ParallelCluster takes an IPv4"),
-        ({"key_name": "k", "ssh_allowed_ips": "203.0.113.7/24"}, "ssh_allowed_ips: .*which is no CIDR: .*host bits"),
-        ({"key_name": "k", "ssh_allowed_ips": "my-office"}, "ssh_allowed_ips: .*'my-office', which is no CIDR"),
     ],
 )
 def test_invalid_settings_name_the_connection_and_field(monkeypatch, extra, field) -> None:
@@ -252,12 +243,25 @@ def test_a_new_file_system_is_sized_to_the_runs_checkpoints(monkeypatch, recipe,
     assert fixed.fsx_storage_capacity_gib(spec) == 2400
 
 
-def test_a_run_is_refused_before_anything_exists_when_the_settings_lack_ssh_allowed_ips(monkeypatch) -> None:
-    extra = {"key_name": "k"}
-    monkeypatch.setenv("AIRFLOW_CONN_DTP_PARALLELCLUSTER", json.dumps({"conn_type": "generic", "extra": extra}))
-    conf = {"platform": "parallelcluster", "recipe": "tiny", "instance_type": "p5.48xlarge", "num_nodes": 1}
-    with pytest.raises(PlatformNotReady, match=r"ssh_allowed_ips: .*required: the IPv4 CIDR of the Airflow workers'"):
-        build_spec({}, conf, RunNames("train_e2e", "manual__1"))
+@pytest.mark.parametrize(
+    ("ssh_allowed_ips", "problem"),
+    [
+        ("", "required: the IPv4 CIDR of the Airflow workers' egress"),
+        ("0.0.0.0/0", "got 0.0.0.0/0, which opens the head node's ssh to the whole internet"),
+        ("::/0", "got ::/0, which opens the head node's ssh to the whole internet"),
+        ("2001:db8::/32", "got 2001:db8::/32; ParallelCluster takes an IPv4 CIDR"),
+        ("203.0.113.7/24", "got '203.0.113.7/24', which is no CIDR: 203.0.113.7/24 has host bits set"),
+        ("my-office", "got 'my-office', which is no CIDR"),
+    ],
+)
+def test_a_cluster_is_refused_unless_ssh_allowed_ips_is_the_workers_egress(
+    monkeypatch, ssh_allowed_ips, problem
+) -> None:
+    platform = use_settings(monkeypatch, key_name="k", ssh_allowed_ips=ssh_allowed_ips)
+    assert platform.max_nodes() == 64  # the settings read: the teardown of a cluster made before the rule needs them
+    field = "connection 'dtp_parallelcluster' extra: ssh_allowed_ips: "
+    with pytest.raises(PlatformNotReady, match="^" + re.escape(field + problem)):
+        platform.render(make_spec("tiny", "p5.48xlarge", 1), NETWORK)
 
 
 def test_ssh_allowed_ips_is_rendered_as_the_cidr_it_names(monkeypatch) -> None:

@@ -1,6 +1,7 @@
 """A backfill run trains with the image and AMI that were the newest at its logical date, read from the SSM
-parameters' history; every other run with the newest. moto's SSM stands in for AWS's: it stamps each version with
-the real clock, so the instants between versions are taken from the history it keeps."""
+parameters' history, and is refused when that AMI was deregistered since; every other run with the newest. moto's
+SSM and EC2 stand in for AWS's: SSM stamps each version with the real clock, so the instants between versions are
+taken from the history it keeps."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from typing import Any
 import pytest
 
 from dtp.form_params import parse_params
+from dtp.hooks.ami import AmiHook
 from dtp.images import ami, container
 from dtp.images.published import published_as_of
 from dtp.params import TrainParams
@@ -37,16 +39,24 @@ def image(version: int) -> str:
     return f"registry.example.com/dtp/training@sha256:{version:064d}"
 
 
-def ami_id(version: int) -> str:
-    return f"ami-{version:017d}"
+def register_ami(version: int) -> str:
+    """Register an AMI in moto's EC2 for the ``version``-th bake; its id."""
+    image_id: str = AmiHook(aws_conn_id="aws_default").conn.register_image(
+        Name=f"dtp-eks-gpu-{version}",
+        RootDeviceName="/dev/xvda",
+        BlockDeviceMappings=[{"DeviceName": "/dev/xvda", "Ebs": {"VolumeSize": 8}}],
+    )["ImageId"]
+    return image_id
 
 
-def publish(ssm: Any, version: int) -> None:
-    """Publish the ``version``-th image and AMI, then let the clock move on: moto stamps versions to the
-    millisecond."""
+def publish(ssm: Any, version: int) -> str:
+    """Publish the ``version``-th image and a newly registered AMI, then let the clock move on: moto stamps versions
+    to the millisecond. The AMI's id."""
+    ami_id = register_ami(version)
     ssm.put_parameter(Name=IMAGE, Value=image(version), Type="String", Overwrite=True)
-    ssm.put_parameter(Name=AMI, Value=ami_id(version), Type="String", Overwrite=True)
+    ssm.put_parameter(Name=AMI, Value=ami_id, Type="String", Overwrite=True)
     time.sleep(0.01)
+    return ami_id
 
 
 def written(ssm: Any, parameter: str, version: int) -> datetime:
@@ -83,12 +93,12 @@ def test_runs_of_airflow_backfills_and_of_scripts_backfill_are_backfills(run: tu
 def test_a_backfill_of_a_date_between_two_publications_trains_with_the_earlier(
     ssm, caplog: pytest.LogCaptureFixture, run: tuple[str, str]
 ) -> None:
-    publish(ssm, 1)
+    first = publish(ssm, 1)
     publish(ssm, 2)
     between = max(written(ssm, IMAGE, 1), written(ssm, AMI, 1))  # at or before it counts; version 2 came later
     assert between < min(written(ssm, IMAGE, 2), written(ssm, AMI, 2))
     with caplog.at_level(logging.INFO, logger="dtp.images.published"):
-        assert resolved(spec_of(run, between)) == (image(1), ami_id(1))
+        assert resolved(spec_of(run, between)) == (image(1), first)
     for parameter in (IMAGE, AMI):
         assert (
             f"{parameter}: version 1, written {written(ssm, parameter, 1).isoformat()}, the newest at "
@@ -97,20 +107,46 @@ def test_a_backfill_of_a_date_between_two_publications_trains_with_the_earlier(
 
 
 @pytest.mark.parametrize("run", [MANUAL, SCHEDULED])
-def test_any_other_run_of_that_date_trains_with_the_newest(ssm, run: tuple[str, str]) -> None:
+def test_any_other_run_of_that_date_trains_with_the_newest_without_asking_ec2(
+    ssm, monkeypatch: pytest.MonkeyPatch, run: tuple[str, str]
+) -> None:
     publish(ssm, 1)
-    publish(ssm, 2)
-    assert resolved(spec_of(run, written(ssm, IMAGE, 1))) == (image(2), ami_id(2))
+    newest = publish(ssm, 2)
+    # The reaper spares the AMIs SSM points at now: only a backfill's may be gone.
+    monkeypatch.setattr(AmiHook, "conn", property(lambda hook: pytest.fail("EC2 was asked")))
+    assert resolved(spec_of(run, written(ssm, IMAGE, 1))) == (image(2), newest)
+
+
+def test_a_backfill_whose_ami_was_deregistered_since_is_refused_naming_it(ssm) -> None:
+    first = publish(ssm, 1)
+    AmiHook(aws_conn_id="aws_default").conn.deregister_image(ImageId=first)  # the reaper, its retain_days passed
+    second = publish(ssm, 2)
+    between = max(written(ssm, IMAGE, 1), written(ssm, AMI, 1))
+    with pytest.raises(PlatformNotReady) as refused:
+        resolved(spec_of(BACKFILL, between))
+    assert str(refused.value) == (
+        f"{AMI}: version 1, written {written(ssm, AMI, 1).isoformat()}, which the run's logical date "
+        f"{between.isoformat()} reads, is AMI {first}, which no longer exists: the reaper deregistered it once its "
+        "retain_days had passed (a rebake is a new version, which earlier dates do not read). Backfill later dates, "
+        "whose AMIs are still kept; ami_bake's retain_days sets how far back a backfill can go"
+    )
+    assert resolved(spec_of(BACKFILL, written(ssm, AMI, 2))) == (image(2), second)
+
+
+def test_a_backfill_whose_ami_ec2_never_had_is_refused(ssm) -> None:
+    ssm.put_parameter(Name=AMI, Value="ami-00000000000000001", Type="String")
+    with pytest.raises(PlatformNotReady, match="is AMI ami-00000000000000001, which no longer exists"):
+        resolved(spec_of(BACKFILL, datetime.now(UTC)))
 
 
 def test_a_backfill_of_a_date_before_the_first_publication_trains_with_the_oldest_saying_so(
     ssm, caplog: pytest.LogCaptureFixture
 ) -> None:
-    publish(ssm, 1)
+    first = publish(ssm, 1)
     publish(ssm, 2)
     before = written(ssm, IMAGE, 1) - timedelta(days=30)
     with caplog.at_level(logging.WARNING, logger="dtp.images.published"):
-        assert resolved(spec_of(BACKFILL, before)) == (image(1), ami_id(1))
+        assert resolved(spec_of(BACKFILL, before)) == (image(1), first)
     assert [record.levelno for record in caplog.records] == [logging.WARNING, logging.WARNING]
     assert caplog.messages[0] == (
         f"{IMAGE}: no version was written by {before.isoformat()} (the run's logical date predates its first "
@@ -120,10 +156,12 @@ def test_a_backfill_of_a_date_before_the_first_publication_trains_with_the_oldes
 
 
 def test_a_backfill_reads_every_page_of_the_history(ssm) -> None:
-    for version in range(1, 56):  # SSM answers at most 50 versions a page, as moto does
-        ssm.put_parameter(Name=AMI, Value=ami_id(version), Type="String", Overwrite=True)
+    for version in range(1, 55):  # SSM answers at most 50 versions a page, as moto does
+        ssm.put_parameter(Name=AMI, Value=f"ami-{version:017d}", Type="String", Overwrite=True)
+    newest = register_ami(55)
+    ssm.put_parameter(Name=AMI, Value=newest, Type="String", Overwrite=True)
     spec = spec_of(BACKFILL, datetime.now(UTC))  # after every version was written
-    assert resolved(spec) == (get_platform("eks").default_image()["image"], ami_id(55))
+    assert resolved(spec) == (get_platform("eks").default_image()["image"], newest)
 
 
 def test_a_backfill_whose_image_was_never_published_falls_back_or_is_refused_as_any_run(ssm) -> None:

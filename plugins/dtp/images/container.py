@@ -27,9 +27,10 @@ from airflow.providers.amazon.aws.hooks.ssm import SsmHook
 from pydantic import Field, model_validator
 
 from dtp.form_params import FormParams
+from dtp.hooks.ami import AmiHook
 from dtp.images import ami
 from dtp.images.ami import IMAGES_DIR
-from dtp.images.published import published_as_of, published_value
+from dtp.images.published import published_ami, published_as_of, published_value
 from dtp.pipeline.frameworks import FRAMEWORK_IMAGES
 from dtp.platforms.base import PlatformNotReady
 from dtp.recipes import INCLUDE_DIR, Platform, instance_types
@@ -229,7 +230,8 @@ def resolve_runtime(platform: Any, spec: dict[str, Any], aws_conn_id: str | None
     """The newest image published on ``platform`` for the run ``spec``'s recipe's framework, as the runtime its jobs
     use, with where the framework is in it (``FRAMEWORK_IMAGES``); for DTP's trainer the platform's default runtime
     when none is published. And the newest AMI of the family the run's nodes boot there. A backfill run gets those
-    that were the newest at its logical date instead (``dtp.images.published``)."""
+    that were the newest at its logical date instead (``dtp.images.published``), and is refused
+    (``PlatformNotReady``) when that AMI was deregistered since."""
     instance, framework = spec["instance"], spec["recipe"]["framework"]
     ssm = SsmHook(aws_conn_id=aws_conn_id)
     as_of = published_as_of(spec)
@@ -241,5 +243,5 @@ def resolve_runtime(platform: Any, spec: dict[str, Any], aws_conn_id: str | None
     else:
         runtime = platform.runtime(image, spec) if image else platform.default_image()
     family = platform.ami_family(instance)
-    ami_id = published_value(ssm, ami.ssm_parameter(family), as_of) if family else None
+    ami_id = published_ami(ssm, AmiHook(aws_conn_id=aws_conn_id), ami.ssm_parameter(family), as_of) if family else None
     return {**runtime, "ami": ami_id} if ami_id else runtime

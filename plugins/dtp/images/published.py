@@ -2,9 +2,14 @@
 
 Both overwrite one SSM parameter per image or AMI family with the newest; SSM
 keeps the parameter's earlier versions, each with when it was written
-(GetParameterHistory). A run that fills in a past date reads the version that
-was the newest at the end of that date, so the history it fills in measures
-what a run of that date would have trained with, not today's image.
+(GetParameterHistory). A run that fills in a past date reads the newest version
+written at or before its logical date (for a run of scripts/backfill, 00:00 of
+its date), so the history it fills in measures what a run of that date would
+have trained with, not today's image.
+
+The AMI so read may be gone: the reaper deregisters an AMI once its retain_days
+have passed, sparing only those SSM points runs at now. Such a run is refused
+while its images are resolved, before its network or cluster exists.
 """
 
 from __future__ import annotations
@@ -14,8 +19,11 @@ from datetime import datetime
 from typing import Any
 
 from airflow.providers.amazon.aws.hooks.ssm import SsmHook
+from botocore.exceptions import ClientError
 
+from dtp.hooks.ami import AmiHook
 from dtp.pipeline.spec import is_backfill
+from dtp.platforms.base import PlatformNotReady
 
 log = logging.getLogger(__name__)
 
@@ -33,11 +41,50 @@ def published_value(ssm: SsmHook, parameter: str, as_of: datetime | None) -> str
     newest version written at or before it (the oldest version, with a warning, when none was)."""
     if as_of is None:
         return ssm.get_parameter_value(parameter, default="")
+    version = _version_as_of(ssm, parameter, as_of)
+    return str(version["Value"]) if version else ""
+
+
+def published_ami(ssm: SsmHook, ec2: AmiHook, parameter: str, as_of: datetime | None) -> str:
+    """The AMI id the SSM parameter ``parameter`` holds, as ``published_value`` reads it. With ``as_of``, refused
+    (``PlatformNotReady``) when that AMI no longer exists: the reaper deregisters an AMI once its retain_days have
+    passed, sparing only those SSM points runs at now, so nodes could not boot it."""
+    if as_of is None:
+        return ssm.get_parameter_value(parameter, default="")
+    version = _version_as_of(ssm, parameter, as_of)
+    if not version:
+        return ""
+    ami_id = str(version["Value"])
+    if not _image_exists(ec2, ami_id):
+        raise PlatformNotReady(
+            f"{parameter}: version {version['Version']}, written {version['LastModifiedDate'].isoformat()}, which the "
+            f"run's logical date {as_of.isoformat()} reads, is AMI {ami_id}, which no longer exists: the reaper "
+            "deregistered it once its retain_days had passed (a rebake is a new version, which earlier dates do not "
+            "read). Backfill later dates, whose AMIs are still kept; ami_bake's retain_days sets how far back a "
+            "backfill can go"
+        )
+    return ami_id
+
+
+def _image_exists(ec2: AmiHook, image_id: str) -> bool:
+    """Whether EC2 still has the AMI ``image_id`` (DescribeImages answers a deregistered one with none, or with
+    ``InvalidAMIID.NotFound``)."""
+    try:
+        return bool(ec2.conn.describe_images(ImageIds=[image_id])["Images"])
+    except ClientError as err:
+        if err.response["Error"]["Code"] == "InvalidAMIID.NotFound":
+            return False
+        raise
+
+
+def _version_as_of(ssm: SsmHook, parameter: str, as_of: datetime) -> dict[str, Any] | None:
+    """The version of ``parameter`` (GetParameterHistory's record) that was the newest at ``as_of``, logged: the
+    oldest, with a warning, when none was written by then; None when the parameter does not exist."""
     try:
         pages = ssm.conn.get_paginator("get_parameter_history").paginate(Name=parameter)
         versions = [version for page in pages for version in page["Parameters"]]
     except ssm.conn.exceptions.ParameterNotFound:
-        return ""
+        return None
     if written := [version for version in versions if version["LastModifiedDate"] <= as_of]:
         chosen = max(written, key=lambda version: version["Version"])
         log.info(
@@ -57,4 +104,4 @@ def published_value(ssm: SsmHook, parameter: str, as_of: datetime | None) -> str
             chosen["Version"],
             chosen["LastModifiedDate"].isoformat(),
         )
-    return str(chosen["Value"])
+    return chosen

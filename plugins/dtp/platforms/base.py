@@ -57,6 +57,17 @@ class PlatformSettings(BaseModel):
             problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
             raise PlatformNotReady(f"connection {conn_id!r} extra: {problems}") from None
 
+    def creation_problems(self) -> list[str]:
+        """What these settings may not create a cluster with (``<field>: <why>``): rules that connections written
+        before them may break, which teardown must still read. None by default."""
+        return []
+
+    def for_creation(self: S, conn_id: str) -> S:
+        """These settings, refused (``PlatformNotReady``) where they may not create a cluster."""
+        if problems := self.creation_problems():
+            raise PlatformNotReady(f"connection {conn_id!r} extra: {'; '.join(problems)}")
+        return self
+
 
 class ComputePlatform(Protocol):
     """Provision a cluster for a run, report its capacity, tear it down."""

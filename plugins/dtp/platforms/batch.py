@@ -103,9 +103,11 @@ class BatchPlatform:
         self, spec: dict[str, Any], network: dict[str, str], runtime: dict[str, str] | None = None
     ) -> dict[str, str]:
         """The run's compute environment, job queue and job definition, running ``runtime``'s image (default:
-        ``default_image()``)."""
+        ``default_image()``); refused (``PlatformNotReady``) where the settings may not create a compute environment
+        (``BatchSettings.creation_problems``)."""
+        settings = self.settings.for_creation(self.conn_id)
         definition = self.job_definition(spec, runtime)
-        settings, params, instance = self.settings, spec["params"], spec["instance"]
+        params, instance = spec["params"], spec["instance"]
         instance_type, num_nodes, run_key = params["instance_type"], params["num_nodes"], spec["names"]["run_key"]
         compute: dict[str, Any] = {
             "type": "EC2",

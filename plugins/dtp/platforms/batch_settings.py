@@ -3,7 +3,7 @@ the roles' names the worker policy lets DTP pass."""
 
 from __future__ import annotations
 
-from pydantic import Field, ValidationInfo, field_validator
+from pydantic import Field
 
 from dtp.naming import PASSED_ROLE_PREFIX, passed_role_name, passed_role_problem
 from dtp.platforms.base import PlatformSettings
@@ -33,15 +33,17 @@ class BatchSettings(PlatformSettings):
     image_uri: str = Field(default_factory=ngc_pytorch_image)
     wait_timeout_minutes: int = Field(WAIT_TIMEOUT_MINUTES, ge=1)
 
-    @field_validator("instance_role_arn", "service_role_arn")
-    @classmethod
-    def _passable(cls, arn: str, info: ValidationInfo) -> str:
-        """Refuse a role the worker policy does not let DTP pass: the compute environment would be refused."""
-        if arn and (problem := passed_role_problem(arn)):
-            what = "the instance profile's name" if info.field_name == "instance_role_arn" else "the role's name"
-            also = ", and so must its role's" if info.field_name == "instance_role_arn" else ""
-            raise ValueError(
-                f"{what} {passed_role_name(arn)!r} {problem}{also}: the worker policy "
-                f"(docs/iam/dtp-worker-policy.json) lets DTP pass only {PASSED_ROLE_PREFIX}* roles to Batch and EC2"
-            )
-        return arn
+    def creation_problems(self) -> list[str]:
+        """Why a compute environment may not be created with these settings, each as ``field: message``: roles the
+        worker policy does not let DTP pass (Batch would refuse the compute environment). Not a validator: a
+        connection from before the rule still reads, so that what was made with it can be torn down."""
+        roles = (
+            ("instance_role_arn", self.instance_role_arn, "the instance profile's name", ", and so must its role's"),
+            ("service_role_arn", self.service_role_arn, "the role's name", ""),
+        )
+        return [
+            f"{field}: {what} {passed_role_name(arn)!r} {problem}{also}: the worker policy "
+            f"(docs/iam/dtp-worker-policy.json) lets DTP pass only {PASSED_ROLE_PREFIX}* roles to Batch and EC2"
+            for field, arn, what, also in roles
+            if arn and (problem := passed_role_problem(arn))
+        ]

@@ -121,9 +121,10 @@ class HyperPodPlatform:
     ) -> dict[str, str]:
         """The CreateCluster request and provisioning parameters; ``placement`` overrides the run's first one.
 
-        On EKS, refused (``PlatformNotReady``) unless the run's network is the existing one ``dtp_network`` names:
-        a VPC made for the run could not reach the EKS cluster's control plane."""
-        settings = self.settings
+        Refused (``PlatformNotReady``) where the settings may not create a cluster
+        (``HyperPodSettings.creation_problems``), and on EKS unless the run's network is the existing one
+        ``dtp_network`` names: a VPC made for the run could not reach the EKS cluster's control plane."""
+        settings = self.settings.for_creation(self.conn_id)
         if settings.eks and not spec.get("existing_network"):
             raise PlatformNotReady(
                 f"HyperPod on EKS ({self.conn_id}'s eks): the nodes join EKS cluster {settings.eks.cluster_name} "

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 
 from dtp.naming import PASSED_ROLE_PREFIX, passed_role_name, passed_role_problem
 from dtp.platforms.base import PlatformSettings
@@ -44,19 +44,20 @@ class HyperPodSettings(PlatformSettings):
     # The EKS orchestrator (HyperPod on EKS); absent, the cluster's orchestrator is Slurm.
     eks: HyperPodEksSettings | None = None
 
-    @field_validator("execution_role_arn")
-    @classmethod
-    def _passable(cls, arn: str) -> str:
-        """Refuse a role the worker policy does not let DTP pass: CreateCluster would be refused."""
-        if problem := passed_role_problem(arn):
-            raise ValueError(
-                f"the role's name {passed_role_name(arn)!r} {problem}: the worker policy "
-                f"(docs/iam/dtp-worker-policy.json) lets DTP pass only {PASSED_ROLE_PREFIX}* roles to SageMaker"
-            )
-        return arn
-
     @model_validator(mode="after")
     def _eks_needs_its_lifecycle_scripts(self) -> HyperPodSettings:
         if self.eks is not None and not self.base_config_uri:
             raise ValueError("eks needs base_config_uri: the reference's EKS lifecycle scripts (on_create.sh)")
         return self
+
+    def creation_problems(self) -> list[str]:
+        """Why a cluster may not be created with these settings, each as ``field: message``: an execution role the
+        worker policy does not let DTP pass (CreateCluster would be refused). Not a validator: a connection from
+        before the rule still reads, so that the clusters made with it can be torn down."""
+        if problem := passed_role_problem(self.execution_role_arn):
+            return [
+                f"execution_role_arn: the role's name {passed_role_name(self.execution_role_arn)!r} {problem}: the "
+                f"worker policy (docs/iam/dtp-worker-policy.json) lets DTP pass only {PASSED_ROLE_PREFIX}* roles to "
+                "SageMaker"
+            ]
+        return []

@@ -23,7 +23,7 @@ from functools import cached_property
 from typing import Any, Literal
 
 from airflow.providers.amazon.aws.hooks.ec2 import EC2Hook
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 
 from dtp.costs import FSX_SMALLEST_GIB, FSX_STEP_GIB, checkpoint_footprint_bytes, fsx_storage_gib_for
 from dtp.hooks.stacks import StackHook
@@ -62,8 +62,8 @@ class ParallelClusterSettings(PlatformSettings):
 
     key_name: str = Field(min_length=1, max_length=255)
     # The head node is in the public subnet and the workers reach its ssh at its public address; pcluster opens that
-    # ssh to 0.0.0.0/0 unless told otherwise. Required: the empty default is refused, saying what to give.
-    ssh_allowed_ips: str = Field("", validate_default=True)
+    # ssh to 0.0.0.0/0 unless told otherwise. Required to create a cluster (``creation_problems``), not to delete one.
+    ssh_allowed_ips: str = ""
     head_node_instance_type: str = Field("m5.8xlarge", pattern=r"^[a-z0-9]+(-[a-z0-9]+)?\.[a-z0-9]+$")
     fsx_file_system_id: str = Field("", pattern=r"^$|^fs-[0-9a-f]{17}$")
     # None: the new file system is sized to each run (ParallelClusterPlatform.fsx_storage_capacity_gib).
@@ -77,27 +77,6 @@ class ParallelClusterSettings(PlatformSettings):
     slurm_conn_id: str = Field("dtp_parallelcluster_slurm", pattern=r"^[A-Za-z0-9_-]{1,64}$")
     max_nodes: int = Field(64, ge=1, le=512)
     pcluster: str = str(PCLUSTER_VENV / "bin" / "pcluster")
-
-    @field_validator("ssh_allowed_ips")
-    @classmethod
-    def _ssh_allowed_ips_is_the_workers_egress(cls, value: str) -> str:
-        if not value:
-            raise ValueError(
-                "required: the IPv4 CIDR of the Airflow workers' egress (their NAT gateway's address/32, say), the "
-                "only addresses that may reach the head node's ssh"
-            )
-        try:
-            network = ipaddress.ip_network(value)
-        except ValueError as err:
-            raise ValueError(f"got {value!r}, which is no CIDR: {err}") from None
-        if network.prefixlen == 0:
-            raise ValueError(
-                f"got {value}, which opens the head node's ssh to the whole internet; give the IPv4 CIDR of the "
-                "Airflow workers' egress"
-            )
-        if network.version != 4:
-            raise ValueError(f"got {value}; ParallelCluster takes an IPv4 CIDR")
-        return str(network)
 
     @model_validator(mode="after")
     def _capacity_block_needs_its_reservation(self) -> ParallelClusterSettings:
@@ -114,6 +93,29 @@ class ParallelClusterSettings(PlatformSettings):
                 f"a multiple of {FSX_STEP_GIB} GiB"
             )
         return self
+
+    def creation_problems(self) -> list[str]:
+        """Why a cluster may not be created with these settings, each as ``field: message``: no ``ssh_allowed_ips``,
+        or one that is not the IPv4 CIDR of the Airflow workers' egress. Not a validator: a connection from before
+        the rule still reads, so that the clusters made with it can be torn down."""
+        value = self.ssh_allowed_ips
+        if not value:
+            return [
+                "ssh_allowed_ips: required: the IPv4 CIDR of the Airflow workers' egress (their NAT gateway's "
+                "address/32, say), the only addresses that may reach the head node's ssh"
+            ]
+        try:
+            network = ipaddress.ip_network(value)
+        except ValueError as err:
+            return [f"ssh_allowed_ips: got {value!r}, which is no CIDR: {err}"]
+        if network.prefixlen == 0:
+            return [
+                f"ssh_allowed_ips: got {value}, which opens the head node's ssh to the whole internet; give the IPv4 "
+                "CIDR of the Airflow workers' egress"
+            ]
+        if network.version != 4:
+            return [f"ssh_allowed_ips: got {value}; ParallelCluster takes an IPv4 CIDR"]
+        return []
 
 
 class ParallelClusterPlatform:
@@ -174,8 +176,10 @@ class ParallelClusterPlatform:
         return name
 
     def render(self, spec: dict[str, Any], network: dict[str, str], ami: str | None = None) -> dict[str, str]:
-        """The cluster configuration; ``ami`` (the runtime's published AMI) is used unless settings name one."""
-        settings = self.settings
+        """The cluster configuration; ``ami`` (the runtime's published AMI) is used unless settings name one.
+        Refused (``PlatformNotReady``) where the settings may not create a cluster
+        (``ParallelClusterSettings.creation_problems``)."""
+        settings = self.settings.for_creation(self.conn_id)
         instance_type = spec["params"]["instance_type"]
         text = render(
             "parallelcluster/cluster-config.yaml.j2",
@@ -184,7 +188,7 @@ class ParallelClusterPlatform:
             custom_ami=settings.custom_ami or ami or "",
             head_node_instance_type=settings.head_node_instance_type,
             key_name=settings.key_name,
-            ssh_allowed_ips=settings.ssh_allowed_ips,
+            ssh_allowed_ips=str(ipaddress.ip_network(settings.ssh_allowed_ips)),  # an address as its /32
             network=network,
             capacity_reservation_id=settings.capacity_reservation_id,
             capacity_type=settings.capacity_type,
