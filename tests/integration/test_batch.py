@@ -25,7 +25,8 @@ from dtp.pipeline import jobs
 from dtp.pipeline.graph import submit_prepared_batch_job
 from dtp.pipeline.spec import run_spec
 from dtp.platforms.base import PlatformNotReady
-from dtp.platforms.batch import ACTIVE_JOB_STATES, DIGEST_TAG, BatchPlatform
+from dtp.platforms.batch import ACTIVE_JOB_STATES, BatchPlatform
+from dtp.platforms.batch_requests import DIGEST_TAG, job_definition_request
 
 pytestmark = pytest.mark.stack
 AWS = "aws_default"
@@ -263,7 +264,7 @@ def test_the_pipelines_jobs_run_on_the_runs_queue_once_per_name(
         # The published image needs a definition of its own: a job cannot override a multi-node job's image.
         # (The emulator describes no nodeProperties; the content digest tag tells which definition it holds.)
         (definition,) = batch.describe_job_definitions(jobDefinitions=[preflight["job_definition"]])["jobDefinitions"]
-        expected = platform.job_definition(spec, images)
+        expected = job_definition_request(spec, images)
         assert expected["nodeProperties"]["nodeRangeProperties"][0]["container"]["image"] == images["image"]
         assert (definition["revision"], definition["tags"][DIGEST_TAG]) == (2, expected["tags"][DIGEST_TAG])
 

@@ -1,6 +1,6 @@
 """deploy_cluster on Batch: provision creates what is missing and the task waits in the triggerer until the compute
 environment and the job queue on it are VALID, creating the queue once the compute environment is; Batch's
-statusReason fails the task (the Batch requests: test_platform_batch.py)."""
+statusReason fails the task (the Batch requests: test_batch_requests.py)."""
 
 from __future__ import annotations
 
