@@ -1,5 +1,5 @@
 """What the stage_data tests share: the recipes of a few frameworks, a run's spec, a Megatron-LM index, a cluster
-holding a model's files, and a Megatron-LM dataset in a bucket."""
+holding a model's files, a bucket holding objects, and a Megatron-LM dataset in a bucket."""
 
 from __future__ import annotations
 
@@ -50,13 +50,18 @@ def cluster_with_assets(shared_dir: Path, recipe: dict) -> dict:
     return {"shared_dir": str(shared_dir), "slurm_conn_id": "slurm_default"}
 
 
+def bucket_holding(aws, objects: dict[str, bytes]) -> str:
+    """A new bucket holding ``objects``, by key."""
+    bucket = f"dtp-it-staging-{uuid.uuid4().hex[:8]}"
+    aws("s3").create_bucket(Bucket=bucket)
+    for key, body in objects.items():
+        aws("s3").put_object(Bucket=bucket, Key=key, Body=body)
+    return bucket
+
+
 def megatron_dataset(aws, tmp_path: Path, objects: dict[str, bytes]) -> tuple[dict, dict, Path]:
     """A bucket holding ``objects`` under ``m/``, a Megatron-LM run reading it, its cluster, and the mirror's path."""
-    s3 = aws("s3")
-    bucket = f"dtp-it-mirror-{uuid.uuid4().hex[:8]}"
-    s3.create_bucket(Bucket=bucket)
-    for key, body in objects.items():
-        s3.put_object(Bucket=bucket, Key=f"m/{key}", Body=body)
+    bucket = bucket_holding(aws, {f"m/{key}": body for key, body in objects.items()})
     spec = run_spec("fw", MEGATRON, f"s3://{bucket}/m/")
     cluster = cluster_with_assets(tmp_path, MEGATRON)
     return spec, cluster, Path(dataset_dir(str(tmp_path), "megatron-lm", f"s3://{bucket}/m/"))

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import time
-import uuid
 from pathlib import Path
 
 import pytest
@@ -18,6 +17,7 @@ from staging_support import (
     MEGATRON,
     TORCHTITAN,
     TRAINER,
+    bucket_holding,
     cluster_with_assets,
     megatron_dataset,
     run_spec,
@@ -34,10 +34,9 @@ LATER = "2026-12-07T10:00:00Z"
 
 
 def test_stage_sample_corpus_twice(stack, aws, tmp_path) -> None:
-    bucket = f"dtp-it-stage-{uuid.uuid4().hex[:8]}"
-    aws("s3").create_bucket(Bucket=bucket)
+    bucket = bucket_holding(aws, {})
     spec = run_spec(bucket, TRAINER)
-    cluster = {"shared_dir": str(tmp_path), "slurm_conn_id": "slurm_default"}
+    cluster = cluster_with_assets(tmp_path, TRAINER)
     first = stage_data(spec, {"DataBucket": bucket}, cluster, "aws_default")
     size = SAMPLE_CORPUS.stat().st_size
     assert first["files"] == 1 and first["copied"] == 1 and first["bytes_moved"] == size
@@ -51,28 +50,22 @@ def test_stage_sample_corpus_twice(stack, aws, tmp_path) -> None:
 
 
 def test_user_dataset_uri_and_empty_prefix(stack, aws, tmp_path) -> None:
-    s3 = aws("s3")
-    bucket = f"dtp-it-user-{uuid.uuid4().hex[:8]}"
-    s3.create_bucket(Bucket=bucket)
-    s3.put_object(Bucket=bucket, Key="corpus/a.txt", Body=b"hello ")
-    s3.put_object(Bucket=bucket, Key="corpus/b.txt", Body=b"world")
-    s3.put_object(Bucket=bucket, Key="corpus/skip.bin", Body=b"\x00")
-    # Beside the folder, not in it: s3://bucket/corpus means corpus/ alone.
-    s3.put_object(Bucket=bucket, Key="corpus_v2/c.txt", Body=b"!")
-    s3.put_object(Bucket=bucket, Key="corpus-old.txt", Body=b"?")
+    objects = {
+        "corpus/a.txt": b"hello ",
+        "corpus/b.txt": b"world",
+        "corpus/skip.bin": b"\x00",
+        # Beside the folder, not in it: s3://bucket/corpus means corpus/ alone.
+        "corpus_v2/c.txt": b"!",
+        "corpus-old.txt": b"?",
+    }
+    bucket = bucket_holding(aws, objects)
+    cluster = cluster_with_assets(tmp_path, TRAINER)
     for uri in (f"s3://{bucket}/corpus/", f"s3://{bucket}/corpus"):
-        spec = run_spec("user", TRAINER, uri)
-        cluster = {"shared_dir": str(tmp_path), "slurm_conn_id": "slurm_default"}
-        staged = stage_data(spec, {"DataBucket": "unused"}, cluster, "aws_default")
+        staged = stage_data(run_spec("user", TRAINER, uri), {"DataBucket": "unused"}, cluster, "aws_default")
         assert staged["files"] == 2 and (tmp_path / "runs/user/train.bin").read_bytes() == b"hello world", uri
     empty = run_spec("user", TRAINER, f"s3://{bucket}/nothing/")
     with pytest.raises(ValueError, match=r"no \.txt objects under s3://"):
-        stage_data(
-            empty,
-            {"DataBucket": "unused"},
-            {"shared_dir": str(tmp_path), "slurm_conn_id": "slurm_default"},
-            "aws_default",
-        )
+        stage_data(empty, {"DataBucket": "unused"}, cluster, "aws_default")
 
 
 def test_a_shared_filesystem_this_worker_does_not_see_is_refused_before_any_copy(stack, aws, tmp_path) -> None:
@@ -84,16 +77,12 @@ def test_a_shared_filesystem_this_worker_does_not_see_is_refused_before_any_copy
 
 
 def test_a_framework_dataset_is_mirrored_where_its_job_reads_it(stack, aws, tmp_path) -> None:
-    s3 = aws("s3")
-    bucket = f"dtp-it-megatron-{uuid.uuid4().hex[:8]}"
-    s3.create_bucket(Bucket=bucket)
     objects = {
         "megatron/train_text_document.bin": b"\x01" * 4096,
         "megatron/train_text_document.idx": INDEX,
         "megatron/tokenizer/tokenizer.json": b"{}",
     }
-    for key, body in objects.items():
-        s3.put_object(Bucket=bucket, Key=key, Body=body)
+    bucket = bucket_holding(aws, objects)
     spec = run_spec("fw", MEGATRON, f"s3://{bucket}/megatron")
     cluster = cluster_with_assets(tmp_path, MEGATRON)
 
@@ -141,10 +130,7 @@ def test_each_run_leases_the_mirror_before_it_looks_at_it(stack, aws, tmp_path, 
 
 def test_a_torchtitan_run_leases_its_jobs_datasets_cache_beside_the_mirror(stack, aws, tmp_path) -> None:
     # datasets.load_dataset writes its Arrow copy of the mirror there: the reaper deletes it with the mirror's leases.
-    s3 = aws("s3")
-    bucket = f"dtp-it-cache-{uuid.uuid4().hex[:8]}"
-    s3.create_bucket(Bucket=bucket)
-    s3.put_object(Bucket=bucket, Key="t/train.jsonl", Body=b'{"text": "hello"}\n')
+    bucket = bucket_holding(aws, {"t/train.jsonl": b'{"text": "hello"}\n'})
     spec = run_spec("tt", TORCHTITAN, f"s3://{bucket}/t/")
     cluster = cluster_with_assets(tmp_path, TORCHTITAN)
     stage_data(spec, {"DataBucket": "unused"}, cluster, "aws_default")
@@ -194,10 +180,7 @@ def test_a_dataset_staged_again_is_checked_against_its_listing_alone(
     stack, aws, tmp_path, s3_requests, recipe: dict, objects: dict[str, bytes]
 ) -> None:
     # The listing carries each object's size and LastModified: no request per object tells its copy is there.
-    bucket = f"dtp-it-requests-{uuid.uuid4().hex[:8]}"
-    aws("s3").create_bucket(Bucket=bucket)
-    for key, body in objects.items():
-        aws("s3").put_object(Bucket=bucket, Key=f"d/{key}", Body=body)
+    bucket = bucket_holding(aws, {f"d/{key}": body for key, body in objects.items()})
     spec = run_spec("requests", recipe, f"s3://{bucket}/d/")
     cluster = cluster_with_assets(tmp_path, recipe)
     assert stage_data(spec, {"DataBucket": "unused"}, cluster, "aws_default")["copied"] == len(objects)
@@ -208,15 +191,12 @@ def test_a_dataset_staged_again_is_checked_against_its_listing_alone(
 
 
 def test_a_text_object_uploaded_again_with_other_content_of_its_size_is_tokenized_again(stack, aws, tmp_path) -> None:
-    s3 = aws("s3")
-    bucket = f"dtp-it-retext-{uuid.uuid4().hex[:8]}"
-    s3.create_bucket(Bucket=bucket)
-    s3.put_object(Bucket=bucket, Key="corpus/a.txt", Body=b"hello")
+    bucket = bucket_holding(aws, {"corpus/a.txt": b"hello"})
     spec = run_spec("retext", TRAINER, f"s3://{bucket}/corpus/")
-    cluster = {"shared_dir": str(tmp_path), "slurm_conn_id": "slurm_default"}
+    cluster = cluster_with_assets(tmp_path, TRAINER)
     stage_data(spec, {"DataBucket": "unused"}, cluster, "aws_default")
     time.sleep(1)  # S3's LastModified counts whole seconds
-    s3.put_object(Bucket=bucket, Key="corpus/a.txt", Body=b"world")
+    aws("s3").put_object(Bucket=bucket, Key="corpus/a.txt", Body=b"world")
     assert stage_data(spec, {"DataBucket": "unused"}, cluster, "aws_default")["copied"] == 1
     assert (tmp_path / "runs/retext/train.bin").read_bytes() == b"world"
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import struct
-import uuid
 from types import SimpleNamespace
 
 import pytest
@@ -16,6 +15,7 @@ from staging_support import (
     MEGATRON,
     TORCHTITAN,
     TRAINER,
+    bucket_holding,
     cluster_with_assets,
     megatron_dataset,
     megatron_index,
@@ -31,10 +31,7 @@ PICOTRON = {"framework": "picotron", "model": "llama3_2_1b"}
 
 
 def test_a_framework_dataset_without_its_index_is_refused_before_any_copy(stack, aws, tmp_path) -> None:
-    s3 = aws("s3")
-    bucket = f"dtp-it-noidx-{uuid.uuid4().hex[:8]}"
-    s3.create_bucket(Bucket=bucket)
-    s3.put_object(Bucket=bucket, Key="m/train_text_document.bin", Body=b"\x01")
+    bucket = bucket_holding(aws, {"m/train_text_document.bin": b"\x01"})
     spec = run_spec("fw", MEGATRON, f"s3://{bucket}/m/")
     cluster = cluster_with_assets(tmp_path, MEGATRON)
     with pytest.raises(ValueError, match=r"m/ lacks train_text_document\.idx \(megatron-lm reads an indexed dataset "):
@@ -51,12 +48,8 @@ def test_nemo_stages_nothing_and_refuses_a_dataset_it_would_not_read(tmp_path) -
 
 
 def test_a_dataset_that_is_not_there_is_named_before_anything_is_created(stack, aws) -> None:
-    s3 = aws("s3")
-    bucket = f"dtp-it-check-{uuid.uuid4().hex[:8]}"
-    s3.create_bucket(Bucket=bucket)
-    s3.put_object(Bucket=bucket, Key="corpus/a.txt", Body=b"hello")
-    s3.put_object(Bucket=bucket, Key="m/train_text_document.bin", Body=b"\x01")
-    s3.put_object(Bucket=bucket, Key="m/train_text_document.idx", Body=INDEX)
+    objects = {"corpus/a.txt": b"hello", "m/train_text_document.bin": b"\x01", "m/train_text_document.idx": INDEX}
+    bucket = bucket_holding(aws, objects)
     assert dataset_problem(run_spec("c", TRAINER, f"s3://{bucket}/corpus"), "aws_default") is None
     assert dataset_problem(run_spec("c", MEGATRON, f"s3://{bucket}/m/"), "aws_default") is None
     assert dataset_problem(run_spec("c", TRAINER), "aws_default") is None  # the sample corpus, uploaded later
@@ -71,15 +64,10 @@ def test_a_dataset_that_is_not_there_is_named_before_anything_is_created(stack, 
 
 
 def test_objects_that_would_be_staged_as_one_file_are_refused(stack, aws, tmp_path) -> None:
-    s3 = aws("s3")
-    bucket = f"dtp-it-clash-{uuid.uuid4().hex[:8]}"
-    s3.create_bucket(Bucket=bucket)
-    s3.put_object(Bucket=bucket, Key="c/a/b.txt", Body=b"one")
-    s3.put_object(Bucket=bucket, Key="c/a__b.txt", Body=b"two")
+    bucket = bucket_holding(aws, {"c/a/b.txt": b"one", "c/a__b.txt": b"two"})
     spec = run_spec("clash", TRAINER, f"s3://{bucket}/c/")
-    cluster = {"shared_dir": str(tmp_path), "slurm_conn_id": "slurm_default"}
     with pytest.raises(ValueError, match=r"objects c/a/b\.txt, c/a__b\.txt under s3://.* would be staged as one file"):
-        stage_data(spec, {"DataBucket": "unused"}, cluster, "aws_default")
+        stage_data(spec, {"DataBucket": "unused"}, cluster_with_assets(tmp_path, TRAINER), "aws_default")
 
 
 @pytest.mark.parametrize(
@@ -95,12 +83,10 @@ def test_objects_that_would_be_staged_as_one_file_are_refused(stack, aws, tmp_pa
 def test_keys_stage_data_would_refuse_are_named_before_anything_is_created(
     stack, aws, tmp_path, recipe: dict, keys: list[str], message: str
 ) -> None:
-    s3 = aws("s3")
-    bucket = f"dtp-it-keys-{uuid.uuid4().hex[:8]}"
-    s3.create_bucket(Bucket=bucket)
-    for key in ["d/train_text_document.bin", "d/train_text_document.idx", "d/corpus.txt", *keys]:
-        s3.put_object(Bucket=bucket, Key=key, Body=b"\x01")
-    assert set(keys) <= {o["Key"] for o in s3.list_objects_v2(Bucket=bucket)["Contents"]}  # stored as they are
+    stored = ["d/train_text_document.bin", "d/train_text_document.idx", "d/corpus.txt", *keys]
+    bucket = bucket_holding(aws, dict.fromkeys(stored, b"\x01"))
+    listed = aws("s3").list_objects_v2(Bucket=bucket)["Contents"]
+    assert set(keys) <= {o["Key"] for o in listed}  # stored as they are
     spec = run_spec("keys", recipe, f"s3://{bucket}/d/")
     problem = dataset_problem(spec, "aws_default")
     assert problem is not None and problem.startswith(f"dataset_uri: {message}"), problem
@@ -109,15 +95,6 @@ def test_keys_stage_data_would_refuse_are_named_before_anything_is_created(
     with pytest.raises(ValueError) as refused:
         stage_data(spec, {"DataBucket": "unused"}, cluster, "aws_default")
     assert str(refused.value) == problem
-
-
-def bucket_holding(aws, objects: dict[str, bytes]) -> str:
-    """A new bucket holding ``objects``, by key."""
-    bucket = f"dtp-it-checks-{uuid.uuid4().hex[:8]}"
-    aws("s3").create_bucket(Bucket=bucket)
-    for key, body in objects.items():
-        aws("s3").put_object(Bucket=bucket, Key=key, Body=body)
-    return bucket
 
 
 # A folder that datasets' Dataset.save_to_disk wrote, and one of data files that datasets.load_dataset reads.

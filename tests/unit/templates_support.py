@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from dtp.pipeline.frameworks import template_args
-from dtp.recipes import get_recipe, instance_types
+from dtp.recipes import Recipe, get_recipe, instance_types
 
 COMMON = {
     "num_nodes": 2,
@@ -21,10 +21,10 @@ COMMON = {
 }
 
 
-def framework_context(recipe_name: str) -> dict[str, Any]:
-    """A framework's template context, as prepare_training builds it for a shipped recipe on its default nodes."""
-    recipe = get_recipe(recipe_name)
-    spec = {
+def framework_spec(recipe: Recipe) -> dict[str, Any]:
+    """What prepare_training reads of the spec of a run of ``recipe`` on its default nodes: 100 steps, a checkpoint
+    every 50, a dataset of the framework's."""
+    return {
         "recipe": recipe.model_dump(),
         "params": {
             "num_nodes": recipe.defaults.num_nodes,
@@ -34,7 +34,11 @@ def framework_context(recipe_name: str) -> dict[str, Any]:
         },
         "instance": instance_types()[recipe.defaults.instance_type].model_dump(),
     }
-    return {**COMMON, **template_args(spec, {}, "/fsx/runs/r", "/fsx")}
+
+
+def framework_context(recipe_name: str) -> dict[str, Any]:
+    """A framework's template context, as prepare_training builds it for a shipped recipe on its default nodes."""
+    return {**COMMON, **template_args(framework_spec(get_recipe(recipe_name)), {}, "/fsx/runs/r", "/fsx")}
 
 
 CONTEXTS: dict[str, dict[str, Any]] = {

@@ -53,21 +53,22 @@ def test_picotron_tokens_per_s_is_for_the_job_with_readable_suffixes() -> None:
     assert summary.max_memory_mb == pytest.approx(41.20e9 / 2**20)
 
 
-def test_picotrons_mfu_is_taken_by_the_trainers_accounting_not_its_own() -> None:
-    # picotron's own counts the token embedding too, against an H100's peak whatever the GPU.
-    lines = _lines("picotron_llama3_2_1b.log")
-    summary = summarize_log("picotron", lines, seq_len=4096, world_size=16, model="llama3_2_1b", peak_flops=312e12)
+@pytest.mark.parametrize(
+    ("framework", "log", "model", "seq_len", "peak_flops"),
+    [
+        # picotron's own MFU counts the token embedding too, against an H100's peak whatever the GPU.
+        ("picotron", "picotron_llama3_2_1b.log", "llama3_2_1b", 4096, 312e12),
+        ("megatron-lm", "megatron_llama3_8b.log", "llama3_1_8b", 8192, 989e12),
+    ],
+    ids=["picotron", "megatron-lm"],
+)
+def test_a_framework_runs_mfu_is_taken_by_the_trainers_accounting_not_its_own(
+    framework: str, log: str, model: str, seq_len: int, peak_flops: float
+) -> None:
+    summary = summarize_log(framework, _lines(log), seq_len=seq_len, world_size=16, model=model, peak_flops=peak_flops)
     tokens_per_s = summary.median_tokens_per_s
     assert tokens_per_s is not None
-    assert summary.mfu == pytest.approx(flops_per_token(MODELS["llama3_2_1b"], 4096) * tokens_per_s / 16 / 312e12)
-
-
-def test_a_megatron_run_gets_an_mfu_by_the_trainers_accounting() -> None:
-    lines = _lines("megatron_llama3_8b.log")
-    summary = summarize_log("megatron-lm", lines, seq_len=8192, world_size=16, model="llama3_1_8b", peak_flops=989e12)
-    tokens_per_s = summary.median_tokens_per_s
-    assert tokens_per_s is not None
-    assert summary.mfu == pytest.approx(flops_per_token(MODELS["llama3_1_8b"], 8192) * tokens_per_s / 16 / 989e12)
+    assert summary.mfu == pytest.approx(flops_per_token(MODELS[model], seq_len) * tokens_per_s / 16 / peak_flops)
 
 
 @pytest.mark.parametrize(("model", "peak_flops"), [(None, 989e12), ("llama3_1_8b", None)])

@@ -12,10 +12,11 @@ from typing import Any
 
 import pytest
 import torch
+from templates_support import framework_spec
 
 from dtp.metrics.framework_logs import summarize_log
 from dtp.pipeline.frameworks import TEMPLATES, dataset_dir, template_args
-from dtp.recipes import Recipe, get_recipe, instance_types
+from dtp.recipes import Recipe, get_recipe
 from dtp.templates import render
 
 LOGS = Path(__file__).parent / "data" / "framework_logs"
@@ -41,22 +42,12 @@ def _launch(
     first, with their files' contents, and ``checkpoint_files`` files made there. The environment of the last
     srun call is left in ``srun.env`` under ``tmp_path``."""
     recipe = Recipe.model_validate(get_recipe(recipe_name).model_dump() | recipe_updates)
-    instance = instance_types()[recipe.defaults.instance_type]
-    spec = {
-        "recipe": recipe.model_dump(),
-        "params": {
-            "num_nodes": recipe.defaults.num_nodes,
-            "max_steps": 100,
-            "checkpoint_interval": 50,
-            "dataset_uri": f"s3://datasets/{recipe.framework}/",
-        },
-        "instance": instance.model_dump(),
-    }
+    spec = framework_spec(recipe)
     workdir = tmp_path / "run"
     workdir.mkdir()
     common = {
         "num_nodes": recipe.defaults.num_nodes,
-        "procs_per_node": instance.accelerators_per_node,
+        "procs_per_node": spec["instance"]["accelerators_per_node"],
         "python": "/opt/venv/bin/python",
         "omp_threads": 8,
         "env": extra_env or {},

@@ -12,6 +12,7 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 from types import SimpleNamespace
+from unittest.mock import AsyncMock
 
 import botocore.session
 import pytest
@@ -284,30 +285,19 @@ def test_killing_the_waiting_task_cancels_the_fsx_task(
 
 
 @pytest.mark.parametrize(
-    ("task_state", "cancels"),
-    [
-        ("deferred", False),  # the trigger moved to another triggerer: the FSx task goes on
-        ("failed", True),  # a user marked the task failed
-        (None, True),  # ... or cleared it
-    ],
+    ("still_deferred", "cancels"),
+    [(True, False), (False, True)],
+    ids=["moved_to_another_triggerer", "killed"],  # how the task's state tells them apart: test_trigger_kill.py
 )
 def test_on_kill_cancels_the_fsx_task_unless_the_task_still_waits_on_its_trigger(
-    hook: FsxHook, stub: Stubber, monkeypatch, run_coroutine, task_state: str | None, cancels: bool
+    hook: FsxHook, stub: Stubber, monkeypatch, run_coroutine, still_deferred: bool, cancels: bool
 ) -> None:
-    from airflow.sdk.execution_time.task_runner import RuntimeTaskInstance
-
-    monkeypatch.setattr(
-        RuntimeTaskInstance, "get_task_states", staticmethod(lambda **_: {"r": {"save_checkpoint_3": task_state}})
-    )
+    monkeypatch.setattr(fsx_triggers, "task_still_deferred", AsyncMock(return_value=still_deferred))
     monkeypatch.setattr(fsx_triggers, "FsxHook", lambda **_: hook)
     if cancels:
         cancelling = {"Lifecycle": "CANCELING", "TaskId": "task-0123456789abcdef1"}
         stub.add_response("cancel_data_repository_task", cancelling, {"TaskId": "task-0123456789abcdef1"})
-    waiting = _trigger()
-    waiting.task_instance = SimpleNamespace(  # type: ignore[assignment]
-        dag_id="d", run_id="r", task_id="save_checkpoint", map_index=3
-    )
-    run_coroutine(waiting.on_kill())  # the stub refuses a call it was not given an answer for
+    run_coroutine(_trigger().on_kill())  # the stub refuses a call it was not given an answer for
     stub.assert_no_pending_responses()
 
 

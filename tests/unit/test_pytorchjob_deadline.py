@@ -5,8 +5,8 @@ killed job is suspended with its active time recorded."""
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
-from types import SimpleNamespace
 from typing import Any
+from unittest.mock import AsyncMock
 
 import pytest
 from airflow.sdk.exceptions import AirflowFailException, TaskDeferred
@@ -22,6 +22,7 @@ from pytorchjob_support import (
     wait_for_event,
 )
 
+import dtp.triggers.pytorchjob as pytorchjob_triggers
 from dtp.hooks.pytorchjob import (
     ACTIVE_SECONDS_ANNOTATION,
     past_deadline,
@@ -178,38 +179,22 @@ def test_a_user_kill_leaves_a_job_that_ended_as_it_is(kubernetes_api: Any, run_c
 
 
 @pytest.mark.parametrize(
-    ("task_states", "requests"),
-    [
-        ({"manual__1": {"run_job": "deferred"}}, []),  # the trigger moved to another triggerer: the job goes on
-        ({"manual__1": {"run_job": "failed"}}, ["GET", "PATCH"]),  # a user marked the task failed
-        ({"manual__1": {"run_job": None}}, ["GET", "PATCH"]),  # ... or cleared it
-        ({}, ["GET", "PATCH"]),  # the run was deleted
-    ],
+    ("still_deferred", "requests"),
+    [(True, []), (False, ["GET", "PATCH"])],
+    ids=["moved_to_another_triggerer", "killed"],  # how the task's state tells them apart: test_trigger_kill.py
 )
 def test_on_kill_suspends_the_job_unless_the_task_still_waits_on_its_trigger(
-    kubernetes_api: Any, monkeypatch: pytest.MonkeyPatch, run_coroutine: Any, task_states: dict, requests: list
+    kubernetes_api: Any, monkeypatch: pytest.MonkeyPatch, run_coroutine: Any, still_deferred: bool, requests: list
 ) -> None:
-    from airflow.sdk.execution_time.task_runner import RuntimeTaskInstance
-
-    asked: list[dict[str, Any]] = []
-
-    def get_task_states(**query: Any) -> dict:
-        asked.append(query)
-        return task_states
-
-    monkeypatch.setattr(RuntimeTaskInstance, "get_task_states", staticmethod(get_task_states))
+    monkeypatch.setattr(pytorchjob_triggers, "task_still_deferred", AsyncMock(return_value=still_deferred))
     retried(kubernetes_api)
     kubernetes_api.jobs[NAME]["status"] = {"startTime": "2026-12-03T10:00:00Z",
                                            "conditions": [condition("Running", "2026-12-03T10:00:00Z")]}  # fmt: skip
     kubernetes_api.requests.clear()
     waiting = trigger()
-    waiting.task_instance = SimpleNamespace(  # type: ignore[assignment]
-        dag_id="train_e2e", run_id="manual__1", task_id="run_job", map_index=-1
-    )
     with stub_eks(waiting.hook, kubernetes_api, calls=1 if requests else 0) as eks:  # no kubeconfig to leave it
         run_coroutine(waiting.on_kill())
         eks.assert_no_pending_responses()
-    assert asked == [{"dag_id": "train_e2e", "map_index": -1, "task_ids": ["run_job"], "run_ids": ["manual__1"]}]
     assert [method for method, *_ in kubernetes_api.requests] == requests
     assert suspended(kubernetes_api.jobs[NAME]) == bool(requests)
 

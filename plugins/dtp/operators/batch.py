@@ -5,18 +5,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from airflow.providers.amazon.aws.links.batch import BatchJobDetailsLink
 from airflow.providers.amazon.aws.operators.batch import BatchOperator
 from airflow.providers.amazon.aws.triggers.batch import BatchJobTrigger
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
+from dtp.operators.masking import ExtraEnvMaskingMixin
 from dtp.operators.time_limit import time_left
-from dtp.params_env import mask_extra_env
-
-if TYPE_CHECKING:
-    import jinja2
 
 # The statusReason Batch gives a job it stopped at its timeout: "Job attempt duration exceeded timeout".
 TIMEOUT_REASON = "attempt duration exceeded timeout"
@@ -61,7 +58,7 @@ def ran_seconds(job: dict[str, Any]) -> float:
     return max(0.0, (stopped - started) / 1000) if started and stopped else 0.0
 
 
-class BatchJobOperator(BatchOperator):
+class BatchJobOperator(ExtraEnvMaskingMixin, BatchOperator):
     """
     Submit an AWS Batch job unless the queue holds one of that name already, then wait as ``BatchOperator`` does.
 
@@ -85,13 +82,6 @@ class BatchJobOperator(BatchOperator):
 
     def __init__(self, *, awslogs_enabled: bool = True, **kwargs: Any) -> None:
         super().__init__(awslogs_enabled=awslogs_enabled, **kwargs)
-
-    def render_template_fields(self, context: Any, jinja_env: jinja2.Environment | None = None) -> None:
-        """Render the templated fields once the values of the run's ``extra_env`` (tokens, some) are masked in this
-        process: the job's overrides and the provider's log of them would show them (a retry's worker never saw
-        validate_params mask them)."""
-        mask_extra_env(context["params"])
-        super().render_template_fields(context, jinja_env)
 
     def submit_job(self, context: Any) -> None:
         jobs = self.jobs()

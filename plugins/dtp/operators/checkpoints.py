@@ -3,26 +3,23 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from airflow.sdk import BaseOperator
 from botocore.exceptions import ClientError
 
 from dtp.hooks.fsx import FsxHook
 from dtp.operators.fsx import created_at, find_or_start_task
-from dtp.params_env import mask_extra_env
+from dtp.operators.masking import ExtraEnvMaskingMixin
 from dtp.pipeline import checkpoints
 from dtp.pipeline.checkpoints import Checkpoint
 from dtp.pipeline.run_dirs import RUNS_FOLDER, run_dir
 from dtp.triggers.fsx import FsxDataRepositoryTaskTrigger
 
-if TYPE_CHECKING:
-    import jinja2
-
 MAX_TASK_PATHS = 100  # CreateDataRepositoryTask's limit
 
 
-class SaveCheckpointOperator(BaseOperator):
+class SaveCheckpointOperator(ExtraEnvMaskingMixin, BaseOperator):
     """
     Save the run's newest checkpoint to ``s3://<artifacts>/runs/<run>/checkpoints/`` before its cluster goes, and
     write ``MANIFEST.json`` last (a manifest means the copy is whole). A run that wrote none saves nothing.
@@ -62,13 +59,6 @@ class SaveCheckpointOperator(BaseOperator):
         self.aws_conn_id = aws_conn_id
         self.poll_interval = poll_interval
         self.export_timeout = export_timeout
-
-    def render_template_fields(self, context: Any, jinja_env: jinja2.Environment | None = None) -> None:
-        """Render the templated fields once the values of the run's ``extra_env`` (tokens, some) are masked in this
-        process: the spec in the Rendered Template tab, and this task's log, would show them (a retry's worker never
-        saw validate_params mask them)."""
-        mask_extra_env(context["params"])
-        super().render_template_fields(context, jinja_env)
 
     def execute(self, context: Any) -> dict[str, Any] | None:
         checkpoint = checkpoints.newest_checkpoint(self.spec, self.cluster, self.aws_conn_id)

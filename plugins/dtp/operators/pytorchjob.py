@@ -14,8 +14,8 @@ import yaml
 from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
+from dtp.operators.masking import ExtraEnvMaskingMixin
 from dtp.operators.time_limit import time_left
-from dtp.params_env import mask_extra_env
 
 if TYPE_CHECKING:
     import jinja2
@@ -36,7 +36,7 @@ class PyTorchJobOverTime(AirflowFailException):
     again, so the task is not retried."""
 
 
-class EksPyTorchJobOperator(BaseOperator):
+class EksPyTorchJobOperator(ExtraEnvMaskingMixin, BaseOperator):
     """
     Create a PyTorchJob on an EKS cluster, defer to ``PyTorchJobTrigger``, fail with its last log lines.
 
@@ -90,11 +90,9 @@ class EksPyTorchJobOperator(BaseOperator):
         self.delete_timeout = delete_timeout
 
     def render_template_fields(self, context: Any, jinja_env: jinja2.Environment | None = None) -> None:
-        """Render the templated fields once the values of the run's ``extra_env`` (tokens, some) are masked in this
-        process: the manifest's env list would show them (a retry's worker never saw validate_params mask them). A
-        mapping manifest is kept as YAML text, which the masker reads whole: it stops five levels into a mapping,
-        above the containers' env lists."""
-        mask_extra_env(context["params"])
+        """Render the templated fields, the run's ``extra_env`` values masked (``ExtraEnvMaskingMixin``), and keep a
+        mapping manifest as YAML text, which the masker reads whole: it stops five levels into a mapping, above the
+        containers' env lists."""
         super().render_template_fields(context, jinja_env)
         if isinstance(self.manifest, dict):
             self.manifest = yaml.safe_dump(self.manifest, sort_keys=False)

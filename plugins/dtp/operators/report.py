@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from airflow.sdk import BaseOperator, BaseOperatorLink
 from airflow.sdk.exceptions import AirflowSkipException
@@ -11,11 +11,8 @@ from airflow.sdk.execution_time.xcom import XCom
 
 from dtp.connections import AWS_CONN_ID
 from dtp.metrics.report import render_validation_report
-from dtp.params_env import mask_extra_env
+from dtp.operators.masking import ExtraEnvMaskingMixin
 from dtp.pipeline.results import export_metrics, publish_html, publish_report
-
-if TYPE_CHECKING:
-    import jinja2
 
 REPORT_URL_KEY = "report_url"
 
@@ -39,7 +36,7 @@ class ValidationReportLink(_ReportLink):
     name = "Validation report"
 
 
-class TrainingReportOperator(BaseOperator):
+class TrainingReportOperator(ExtraEnvMaskingMixin, BaseOperator):
     """
     Render the report (plots, gates, params, resources), upload it to the artifacts bucket and push the run's
     metrics to the Prometheus Pushgateway where one is configured; skipped when training collected no metrics.
@@ -73,13 +70,6 @@ class TrainingReportOperator(BaseOperator):
         self.checkpoint = checkpoint
         self.aws_conn_id = aws_conn_id
 
-    def render_template_fields(self, context: Any, jinja_env: jinja2.Environment | None = None) -> None:
-        """Render the templated fields once the values of the run's ``extra_env`` (tokens, some) are masked in this
-        process: the spec in the Rendered Template tab, and this task's log, would show them (a retry's worker never
-        saw validate_params mask them)."""
-        mask_extra_env(context["params"])
-        super().render_template_fields(context, jinja_env)
-
     def execute(self, context: Any) -> dict[str, str]:
         if not self.metrics:
             raise AirflowSkipException("no metrics were collected (training did not finish): no report")
@@ -92,7 +82,7 @@ class TrainingReportOperator(BaseOperator):
         return report
 
 
-class ClusterValidationReportOperator(BaseOperator):
+class ClusterValidationReportOperator(ExtraEnvMaskingMixin, BaseOperator):
     """
     Render validate_cluster's report (verdict, busbw plot, versions per node), upload it and push its figures to
     the Prometheus Pushgateway where one is configured.
@@ -109,13 +99,6 @@ class ClusterValidationReportOperator(BaseOperator):
         self.spec = spec
         self.result = result
         self.aws_conn_id = aws_conn_id
-
-    def render_template_fields(self, context: Any, jinja_env: jinja2.Environment | None = None) -> None:
-        """Render the templated fields once the values of the run's ``extra_env`` (tokens, some) are masked in this
-        process: the spec in the Rendered Template tab, and this task's log, would show them (a retry's worker never
-        saw validate_params mask them)."""
-        mask_extra_env(context["params"])
-        super().render_template_fields(context, jinja_env)
 
     def execute(self, context: Any) -> dict[str, str]:
         html = render_validation_report(self.spec, self.result)
