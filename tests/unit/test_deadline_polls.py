@@ -1,6 +1,7 @@
 """DeadlineTrigger.poll in the triggers built on it: a poll that fails transiently (AWS throttling or failing on its
-side, a connection that cannot be made, a pcluster that does not answer) is tried again and the wait goes on; a
-permanent error, or transient ones past the bound, fail it. The hooks are stand-ins answering from a script."""
+side, a connection that cannot be made, a pcluster that does not answer or that AWS throttled) is tried again and
+the wait goes on; a permanent error, or transient ones past the bound, fail it. The hooks are stand-ins answering
+from a script."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from botocore.exceptions import ClientError, EndpointConnectionError, ReadTimeou
 
 from dtp.platforms import batch as batch_platform
 from dtp.platforms import parallelcluster as pc
+from dtp.platforms.pcluster_cli import PclusterError
 from dtp.triggers import fsx as fsx_triggers
 from dtp.triggers import hyperpod as hyperpod_triggers
 from dtp.triggers.batch import BatchJobQueueTrigger
@@ -28,6 +30,13 @@ def client_error(code: str, status: int = 400) -> ClientError:
 
 
 THROTTLED = client_error("ThrottlingException")
+# pcluster's answers (exit status 1) when AWS throttled a call it made: a code it maps to its LimitExceededException,
+# whose message is AWS's, and one it does not (CloudFormation's Throttling, left to its InternalServiceException).
+PCLUSTER_THROTTLED = PclusterError("describe-cluster", 1, {"message": "Rate exceeded"})
+PCLUSTER_THROTTLED_UNMAPPED = PclusterError(
+    "describe-cluster", 1, {"message": "Failed when calling AWS service in describe_stack: Throttling: Rate exceeded"}
+)
+PCLUSTER_REFUSED = PclusterError("create-cluster", 1, {"message": "Bad Request: subnet-0 does not exist"})
 UNAVAILABLE = client_error("ServiceUnavailable", 503)
 ACCESS_DENIED = client_error("AccessDeniedException", 403)
 
@@ -99,6 +108,24 @@ def test_a_pcluster_that_does_not_answer_in_time_is_asked_again(
     assert (event["status"], event["cluster"]) == ("success", {"head_node": "10.0.0.7"})
 
 
+def test_a_pcluster_that_aws_throttled_is_asked_again_and_one_that_refused_is_not(
+    monkeypatch: pytest.MonkeyPatch, first_event: Any
+) -> None:
+    ready = {"clusterStatus": "CREATE_COMPLETE", "headNode": {"privateIpAddress": "10.0.0.7"}}
+    describe = Script(PCLUSTER_THROTTLED, PCLUSTER_THROTTLED_UNMAPPED, ready, PCLUSTER_REFUSED, ready)
+
+    class Platform:
+        cli = FakeHook(describe_cluster=describe)
+
+    monkeypatch.setattr(pc, "ParallelClusterPlatform", Platform)
+    event = first_event(ParallelClusterCreateTrigger("c", poll_interval=0))
+    assert (event["status"], event["cluster"]) == ("success", {"head_node": "10.0.0.7"})
+    assert describe.calls == 3
+    with pytest.raises(PclusterError, match="subnet-0 does not exist"):
+        first_event(ParallelClusterCreateTrigger("c", poll_interval=0))
+    assert describe.calls == 4
+
+
 def test_a_batch_poll_that_times_out_reading_is_tried_again(monkeypatch: pytest.MonkeyPatch, first_event: Any) -> None:
     valid = [{"status": "VALID"}]
     describe = Script(ReadTimeoutError(endpoint_url="https://batch"), valid, valid)
@@ -124,6 +151,13 @@ def test_a_batch_poll_that_times_out_reading_is_tried_again(monkeypatch: pytest.
         (client_error("ResourceNotFound"), False),
         (EndpointConnectionError(endpoint_url="https://x"), True),
         (subprocess.TimeoutExpired(["pcluster"], 120), True),
+        (PCLUSTER_THROTTLED, True),
+        (PCLUSTER_THROTTLED_UNMAPPED, True),
+        (PclusterError("describe-cluster", 1, {"message": "Request limit exceeded."}), True),
+        (PclusterError("describe-cluster", 1, {"message": "An error occurred (TooManyRequestsException)"}), True),
+        (PCLUSTER_REFUSED, False),
+        # A quota reached stays reached.
+        (PclusterError("create-cluster", 1, {"message": "Limit on the number of stacks exceeded"}), False),
         (ValueError("bad answer"), False),
     ],
 )

@@ -1,10 +1,12 @@
 """A backfill run trains with the image and AMI that were the newest at its logical date, read from the SSM
-parameters' history, and is refused when that AMI was deregistered since; every other run with the newest. moto's
-SSM and EC2 stand in for AWS's: SSM stamps each version with the real clock, so the instants between versions are
-taken from the history it keeps."""
+parameters' history, and is refused when that AMI was deregistered, or that image deleted from its registry, since;
+every other run with the newest. moto's SSM, EC2 and ECR stand in for AWS's: SSM stamps each version with the real
+clock, so the instants between versions are taken from the history it keeps."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -15,6 +17,7 @@ import pytest
 
 from dtp.form_params import parse_params
 from dtp.hooks.ami import AmiHook
+from dtp.hooks.registry import ContainerRegistryHook
 from dtp.images import ami, container
 from dtp.images.published import published_as_of
 from dtp.params import TrainParams
@@ -28,15 +31,43 @@ BACKFILL = ("backfill__2026-11-20T00:00:00+00:00", "backfill")
 TRIGGERED = ("backfill_triggered__20261207T101500__2026-11-20", "manual")
 MANUAL = ("manual__2026-12-07T10:15:00+00:00", "manual")
 SCHEDULED = ("scheduled__2026-11-20T00:00:00+00:00", "scheduled")
+# moto's account's ECR registry, and the repository container_build pushes the training image to.
+REGISTRY = "123456789012.dkr.ecr.us-east-1.amazonaws.com"
+REPOSITORY = "dtp/training"
 
 
 @pytest.fixture
-def ssm(moto_aws: Callable[[str], Any]) -> Any:
+def ecr(moto_aws: Callable[[str], Any], monkeypatch: pytest.MonkeyPatch) -> Any:
+    """moto's ECR with the training image's repository, behind the ``container_registry`` connection."""
+    conn = {"conn_type": "generic", "host": REGISTRY, "extra": {"ecr": True, "aws_conn_id": "aws_default"}}
+    monkeypatch.setenv("AIRFLOW_CONN_CONTAINER_REGISTRY", json.dumps(conn))
+    client = moto_aws("ecr")
+    client.create_repository(repositoryName=REPOSITORY)
+    return client
+
+
+@pytest.fixture
+def ssm(moto_aws: Callable[[str], Any], ecr: Any) -> Any:
     return moto_aws("ssm")
 
 
+def layer(version: int) -> str:
+    return f"sha256:{version:064d}"
+
+
 def image(version: int) -> str:
-    return f"registry.example.com/dtp/training@sha256:{version:064d}"
+    """The ``version``-th image's reference, pinned by digest (moto's: of its manifest's layers)."""
+    return f"{REGISTRY}/{REPOSITORY}@sha256:{hashlib.sha256(layer(version).encode()).hexdigest()}"
+
+
+def push_image(ecr: Any, version: int) -> None:
+    """Push the ``version``-th image (a manifest of one layer) to moto's ECR."""
+    manifest = {
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
+        "layers": [{"digest": layer(version), "size": 1}],
+    }
+    ecr.put_image(repositoryName=REPOSITORY, imageManifest=json.dumps(manifest), imageTag=f"v{version}")
 
 
 def register_ami(version: int) -> str:
@@ -50,8 +81,9 @@ def register_ami(version: int) -> str:
 
 
 def publish(ssm: Any, version: int) -> str:
-    """Publish the ``version``-th image and a newly registered AMI, then let the clock move on: moto stamps versions
-    to the millisecond. The AMI's id."""
+    """Push and publish the ``version``-th image and a newly registered AMI, then let the clock move on: moto stamps
+    versions to the millisecond. The AMI's id."""
+    push_image(ContainerRegistryHook().ecr.conn, version)
     ami_id = register_ami(version)
     ssm.put_parameter(Name=IMAGE, Value=image(version), Type="String", Overwrite=True)
     ssm.put_parameter(Name=AMI, Value=ami_id, Type="String", Overwrite=True)
@@ -114,6 +146,7 @@ def test_any_other_run_of_that_date_trains_with_the_newest_without_asking_ec2(
     newest = publish(ssm, 2)
     # The reaper spares the AMIs SSM points at now: only a backfill's may be gone.
     monkeypatch.setattr(AmiHook, "conn", property(lambda hook: pytest.fail("EC2 was asked")))
+    monkeypatch.setattr(ContainerRegistryHook, "has_image", lambda hook, image: pytest.fail("the registry was asked"))
     assert resolved(spec_of(run, written(ssm, IMAGE, 1))) == (image(2), newest)
 
 
@@ -172,3 +205,29 @@ def test_a_backfill_whose_image_was_never_published_falls_back_or_is_refused_as_
     torchtitan = spec_of(BACKFILL, date, recipe="llama3_1_8b_torchtitan", platform="parallelcluster")
     with pytest.raises(PlatformNotReady, match="publish it with container_build image=torchtitan"):
         container.resolve_runtime(get_platform("parallelcluster"), torchtitan, "aws_default")
+
+
+def test_a_backfill_whose_image_was_deleted_since_is_refused_naming_it(ssm, ecr) -> None:
+    publish(ssm, 1)
+    ecr.batch_delete_image(repositoryName=REPOSITORY, imageIds=[{"imageTag": "v1"}])  # ECR's lifecycle policy
+    second = publish(ssm, 2)
+    between = max(written(ssm, IMAGE, 1), written(ssm, AMI, 1))
+    with pytest.raises(PlatformNotReady) as refused:
+        resolved(spec_of(BACKFILL, between))
+    assert str(refused.value) == (
+        f"{IMAGE}: version 1, written {written(ssm, IMAGE, 1).isoformat()}, which the run's logical date "
+        f"{between.isoformat()} reads, is image {image(1)}, which its registry no longer has: deleted since (ECR's "
+        "lifecycle policy keeps a repository's newest 30 images), so the nodes could not pull it. Backfill later "
+        "dates, whose images are still kept"
+    )
+    assert resolved(spec_of(BACKFILL, max(written(ssm, IMAGE, 2), written(ssm, AMI, 2)))) == (image(2), second)
+
+
+def test_a_backfill_whose_image_is_in_another_registry_trains_with_it_unchecked(
+    ssm, caplog: pytest.LogCaptureFixture
+) -> None:
+    elsewhere = "registry.example.com/dtp/training@sha256:" + "0" * 64  # published before the connection moved
+    ssm.put_parameter(Name=IMAGE, Value=elsewhere, Type="String")
+    with caplog.at_level(logging.WARNING, logger="dtp.images.published"):
+        assert resolved(spec_of(BACKFILL, datetime.now(UTC)))[0] == elsewhere
+    assert caplog.messages == [f"{IMAGE}: image {elsewhere} is not in the registry {REGISTRY}: not checked"]

@@ -92,3 +92,10 @@ def test_credentials_the_token_service_refuses_fail_the_lookup(
     monkeypatch.setattr(registry, "credentials", lambda: ("robot", "wrong"))
     with pytest.raises(Exception, match="401"):
         registry.manifest_digest("team/trainer", "v1")
+
+
+def test_a_registry_has_the_images_whose_manifests_it_has(registry: ContainerRegistryHook) -> None:
+    # The local profile's registry, as a backfill run checks the image its date reads.
+    assert registry.has_image(f"{registry.registry}/team/trainer:v1")
+    assert not registry.has_image(f"{registry.registry}/team/trainer:v2")
+    assert not registry.has_image(f"{registry.registry}/team/trainer@sha256:{'cd' * 32}")

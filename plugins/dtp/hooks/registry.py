@@ -184,6 +184,19 @@ class ContainerRegistryHook(BaseHook):
             _raise_unless_absent(err)
             return None
 
+    def has_image(self, image: str) -> bool:
+        """Whether the registry still has ``image``, a ``registry/repository@digest`` (or ``:tag``) reference to an
+        image in it: ECR's DescribeImages on ECR, else a manifest lookup (``manifest_digest``)."""
+        repository, reference = split_reference(image.removeprefix(f"{self.registry}/"))
+        if not self.is_ecr:
+            return self.manifest_digest(repository, reference) is not None
+        client = self.ecr.conn
+        image_id = {"imageDigest": reference} if reference.startswith("sha256:") else {"imageTag": reference}
+        try:
+            return bool(client.describe_images(repositoryName=repository, imageIds=[image_id])["imageDetails"])
+        except (client.exceptions.ImageNotFoundException, client.exceptions.RepositoryNotFoundException):
+            return False
+
     @staticmethod
     def _head_digest(url: str, authorization: str | None) -> str | None:
         request = urllib.request.Request(url, method="HEAD", headers={"Accept": MANIFEST_TYPES})  # noqa: S310
@@ -234,6 +247,15 @@ class ContainerRegistryHook(BaseHook):
                 if not dest.is_dir():  # another run unpacked the same image meanwhile
                     raise
         return dest
+
+
+def split_reference(name: str) -> tuple[str, str]:
+    """``repository@digest`` or ``repository:tag`` -> (repository, digest or tag)."""
+    repository, at, digest = name.partition("@")
+    if at:
+        return repository, digest
+    repository, _, tag = name.rpartition(":")
+    return repository, tag
 
 
 def _set_by_dtp(policy: Mapping[str, Any]) -> bool:

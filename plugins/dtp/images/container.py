@@ -28,9 +28,10 @@ from pydantic import Field, model_validator
 
 from dtp.form_params import FormParams
 from dtp.hooks.ami import AmiHook
+from dtp.hooks.registry import ContainerRegistryHook
 from dtp.images import ami
 from dtp.images.ami import IMAGES_DIR
-from dtp.images.published import published_ami, published_as_of, published_value
+from dtp.images.published import published_ami, published_as_of, published_image
 from dtp.pipeline.frameworks import FRAMEWORK_IMAGES
 from dtp.platforms.base import PlatformNotReady
 from dtp.recipes import INCLUDE_DIR, Platform, instance_types
@@ -231,11 +232,12 @@ def resolve_runtime(platform: Any, spec: dict[str, Any], aws_conn_id: str | None
     use, with where the framework is in it (``FRAMEWORK_IMAGES``); for DTP's trainer the platform's default runtime
     when none is published. And the newest AMI of the family the run's nodes boot there. A backfill run gets those
     that were the newest at its logical date instead (``dtp.images.published``), and is refused
-    (``PlatformNotReady``) when that AMI was deregistered since."""
+    (``PlatformNotReady``) when that AMI was deregistered, or that image deleted from its registry, since."""
     instance, framework = spec["instance"], spec["recipe"]["framework"]
     ssm = SsmHook(aws_conn_id=aws_conn_id)
     as_of = published_as_of(spec)
-    image = published_value(ssm, training_parameter(platform.name, runtime_image(framework, instance)), as_of)
+    parameter = training_parameter(platform.name, runtime_image(framework, instance))
+    image = published_image(ssm, ContainerRegistryHook(), parameter, as_of)
     if framework in FRAMEWORK_IMAGES:
         if not image:  # validate_params refused it; the parameter was deleted since
             raise PlatformNotReady(_unpublished(framework, platform.name))

@@ -8,8 +8,10 @@ its date), so the history it fills in measures what a run of that date would
 have trained with, not today's image.
 
 The AMI so read may be gone: the reaper deregisters an AMI once its retain_days
-have passed, sparing only those SSM points runs at now. Such a run is refused
-while its images are resolved, before its network or cluster exists.
+have passed, sparing only those SSM points runs at now. So may the container
+image: ECR's lifecycle policy expires all but a repository's newest images.
+Such a run is refused while its images are resolved, before its network or
+cluster exists, not when its nodes fail to pull the image.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from airflow.providers.amazon.aws.hooks.ssm import SsmHook
 from botocore.exceptions import ClientError
 
 from dtp.hooks.ami import AmiHook
+from dtp.hooks.registry import IMAGES_KEPT, ContainerRegistryHook
 from dtp.pipeline.spec import is_backfill
 from dtp.platforms.base import PlatformNotReady
 
@@ -36,17 +39,32 @@ def published_as_of(spec: dict[str, Any]) -> datetime | None:
     return datetime.fromisoformat(spec["logical_date"])
 
 
-def published_value(ssm: SsmHook, parameter: str, as_of: datetime | None) -> str:
-    """The value of the SSM parameter ``parameter``, "" when it does not exist: the newest, or with ``as_of`` the
-    newest version written at or before it (the oldest version, with a warning, when none was)."""
+def published_image(ssm: SsmHook, registry: ContainerRegistryHook, parameter: str, as_of: datetime | None) -> str:
+    """The container image the SSM parameter ``parameter`` holds, "" when it does not exist: the newest, or with
+    ``as_of`` the newest version written at or before it (the oldest version, with a warning, when none was); then
+    refused (``PlatformNotReady``) when ``registry`` no longer has that image: ECR expires all but a repository's
+    newest ``IMAGES_KEPT``, so the nodes could not pull it. One in another registry than ``registry``'s (the
+    connection moved since) is not checked, with a warning."""
     if as_of is None:
         return ssm.get_parameter_value(parameter, default="")
     version = _version_as_of(ssm, parameter, as_of)
-    return str(version["Value"]) if version else ""
+    if not version:
+        return ""
+    image = str(version["Value"])
+    if not image.startswith(f"{registry.registry}/"):
+        log.warning("%s: image %s is not in the registry %s: not checked", parameter, image, registry.registry)
+    elif not registry.has_image(image):
+        raise PlatformNotReady(
+            f"{parameter}: version {version['Version']}, written {version['LastModifiedDate'].isoformat()}, which the "
+            f"run's logical date {as_of.isoformat()} reads, is image {image}, which its registry no longer has: "
+            f"deleted since (ECR's lifecycle policy keeps a repository's newest {IMAGES_KEPT} images), so the nodes "
+            "could not pull it. Backfill later dates, whose images are still kept"
+        )
+    return image
 
 
 def published_ami(ssm: SsmHook, ec2: AmiHook, parameter: str, as_of: datetime | None) -> str:
-    """The AMI id the SSM parameter ``parameter`` holds, as ``published_value`` reads it. With ``as_of``, refused
+    """The AMI id the SSM parameter ``parameter`` holds, as ``published_image`` reads it. With ``as_of``, refused
     (``PlatformNotReady``) when that AMI no longer exists: the reaper deregisters an AMI once its retain_days have
     passed, sparing only those SSM points runs at now, so nodes could not boot it."""
     if as_of is None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import tempfile
 from functools import cached_property
@@ -21,8 +22,30 @@ WHERE_PCLUSTER_IS = (
 )
 
 
+# What pcluster's answer says when AWS throttled one of its calls: AWS's message ("Rate exceeded"), which pcluster
+# passes on, or the error code (CloudFormation's "Throttling", EC2's "RequestLimitExceeded"...). Not "limit exceeded"
+# alone: a quota reached (too many stacks, say) stays reached.
+THROTTLED = re.compile(r"throttl|rate exceeded|request ?limit ?exceeded|too ?many ?requests", re.IGNORECASE)
+
+
 class PclusterError(RuntimeError):
-    """The pcluster CLI refused a command; the message carries pcluster's own."""
+    """The pcluster CLI refused a command; the message carries pcluster's own answer.
+
+    :param action: the pcluster command (``describe-cluster``...)
+    :param returncode: its exit status
+    :param answer: its JSON answer (pcluster answers errors in JSON too)
+    """
+
+    def __init__(self, action: str, returncode: int, answer: dict[str, Any]) -> None:
+        super().__init__(f"pcluster {action} exited {returncode}: {json.dumps(answer)}")
+        self.action = action
+        self.returncode = returncode
+        self.answer = answer
+
+    @property
+    def throttled(self) -> bool:
+        """Whether AWS throttled a call pcluster made: the same command may well succeed a little later."""
+        return bool(THROTTLED.search(json.dumps(self.answer)))
 
 
 class PclusterCli:
@@ -90,7 +113,7 @@ class PclusterCli:
         """Run ``pcluster action args``; its JSON answer, or ``PclusterError`` with pcluster's message."""
         returncode, answer = self.call(action, *args, timeout=timeout)
         if returncode != 0:
-            raise PclusterError(f"pcluster {action} exited {returncode}: {json.dumps(answer)}")
+            raise PclusterError(action, returncode, answer)
         return answer
 
     def create_cluster(
@@ -107,7 +130,7 @@ class PclusterCli:
             returncode, answer = self.call("create-cluster", *args)
         # A dry run that passes still exits 1, with this message.
         if returncode != 0 and not (dryrun and answer.get("message") == DRYRUN_PASSED):
-            raise PclusterError(f"pcluster create-cluster exited {returncode}: {json.dumps(answer)}")
+            raise PclusterError("create-cluster", returncode, answer)
         return answer
 
     def describe_cluster(self, name: str) -> dict[str, Any] | None:

@@ -13,6 +13,8 @@ from airflow.triggers.base import BaseTrigger
 from botocore.exceptions import ClientError, HTTPClientError
 from botocore.exceptions import ConnectionError as BotocoreConnectionError
 
+from dtp.platforms.pcluster_cli import PclusterError
+
 # Failed calls in a row a poll tries again before it gives up, and the longest wait between two tries.
 MAX_TRANSIENT_FAILURES = 10
 MAX_RETRY_DELAY_S = 300.0
@@ -23,11 +25,14 @@ T = TypeVar("T")
 
 def is_transient(error: BaseException) -> bool:
     """Whether a call that raised ``error`` may well succeed when made again a little later: AWS throttled it or
-    failed on its side (an error code the amazon provider's waiters keep waiting on, or a 5xx status), the
-    connection failed or timed out (botocore's own retries spent), or a command did not answer in time."""
+    failed on its side (an error code the amazon provider's waiters keep waiting on, or a 5xx status), throttled
+    a call of the pcluster CLI's, the connection failed or timed out (botocore's own retries spent), or a command did
+    not answer in time."""
     if isinstance(error, ClientError):
         status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
         return error.response.get("Error", {}).get("Code") in RETRIABLE_ERROR_CODES or status >= 500
+    if isinstance(error, PclusterError):
+        return error.throttled
     return isinstance(error, BotocoreConnectionError | HTTPClientError | subprocess.TimeoutExpired)
 
 
