@@ -1,5 +1,6 @@
 """On the local Slurm cluster, whose two nodes outlive runs, a one-node run trains on the node its preflight
-checked, though another is idle by then (the one Slurm would pick first)."""
+checked, though another is idle by then (the one Slurm would pick first); requeued once that node takes no jobs, it is
+unpinned from it and runs on the other."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from slurm_support import XComSink
 from dtp.form_params import parse_params
 from dtp.hooks.slurm import SlurmHook
 from dtp.hostlist import expand_hostlist
-from dtp.operators.slurm import submit_prepared_slurm_job
+from dtp.operators.slurm import SlurmSubmitJobOperator, submit_prepared_slurm_job
 from dtp.params import TrainParams
 from dtp.pipeline import jobs, results
 from dtp.pipeline.data import SAMPLE_CORPUS
@@ -87,3 +88,43 @@ def test_training_runs_on_the_node_preflight_checked(workdir: Path, cancel_after
     finally:
         hook.cancel_and_wait(spec["names"]["slurm_job"], prefix=True)
         hook.remove_tree(str(run_dir(spec, cluster)))
+
+
+def test_a_requeued_job_whose_pinned_node_takes_no_jobs_is_unpinned_and_runs_elsewhere(
+    workdir: Path, cancel_after: Cancel, first_event
+) -> None:
+    # n2 drained while the job, pinned to it, runs there (the job goes on); then the job is requeued, as Slurm
+    # requeues one whose node failed. Pinned, it would wait for n2 until the pending timeout.
+    hook = SlurmHook()
+    script = workdir / "job.sh"
+    script.write_text(
+        "#!/bin/bash\n#SBATCH --nodes=1\n#SBATCH --requeue\n#SBATCH --open-mode=append\n"
+        'echo "attempt ${SLURM_RESTART_COUNT:-0} on $SLURMD_NODENAME"\n'
+        'if [ "${SLURM_RESTART_COUNT:-0}" = 0 ]; then sleep 600; fi\n'
+    )
+    name = cancel_after(f"it-unpin-{workdir.name}")
+    operator = SlurmSubmitJobOperator(
+        task_id="run_job",
+        script_path=str(script),
+        job_name=name,
+        output_path=str(workdir / f"{name}-%j.out"),
+        poll_interval=1,
+        pending_timeout=300,
+        nodelist="n2",
+    )
+    sink = XComSink()
+    with pytest.raises(TaskDeferred) as deferred:
+        operator.execute({"ti": sink})
+    job_id = sink.pushed["job_id"]
+    try:
+        _wait_for(lambda: hook.get_job(job_id).state == "RUNNING", 300, "the job did not start on n2")
+        assert expand_hostlist(hook.get_job(job_id).nodes) == ["n2"]
+        hook.run(["scontrol", "update", "NodeName=n2", "State=DRAIN", "Reason=dtp-unpin-test"])
+        hook.run(["scontrol", "requeue", job_id])
+        event = first_event(deferred.value.trigger)
+    finally:
+        hook.run(["scontrol", "update", "NodeName=n2", "State=RESUME"])
+    assert event["status"] == "success", event
+    assert expand_hostlist(event["nodes"]) == ["n1"]
+    assert "attempt 1 on n1" in event["tail"]
+    assert "ReqNodeList=(null) " in hook.run(["scontrol", "show", "job", "-o", job_id])

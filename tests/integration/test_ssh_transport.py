@@ -5,6 +5,7 @@ connection."""
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 import time
 import uuid
@@ -15,6 +16,7 @@ from paramiko.ssh_exception import SSHException
 from slurm_support import job_script
 
 from dtp.form_params import ParamsError, parse_params
+from dtp.hooks.head_node_ssh import HeadNodeHostKeyMismatch
 from dtp.hooks.shared_fs import SharedFilesystemHook
 from dtp.hooks.slurm import SlurmHook
 from dtp.params import TrainParams
@@ -106,6 +108,20 @@ def test_the_runs_head_node_replaces_the_ssh_connections_host(stack, per_run_slu
         SlurmHook(per_run_slurm).node_count()
     cluster = {"slurm_conn_id": per_run_slurm, "head_node": "127.0.0.1"}
     assert SlurmHook.of_cluster(cluster).node_count() == stack.slurm_nodes
+
+
+def test_a_head_node_whose_host_key_is_pinned_is_reached_only_with_that_key(stack, per_run_slurm, tmp_path) -> None:
+    # The keys deploy_cluster read from the head node's console output win over the SSH connection's
+    # no_host_key_check: the stack's sshd with its own key runs the command, one that presents another is refused.
+    host_key = stack.ssh_key("host").with_name("host.pub").read_text().strip()
+    cluster = {"slurm_conn_id": per_run_slurm, "head_node": "127.0.0.1", "head_node_host_keys": [host_key]}
+    assert SlurmHook.of_cluster(cluster).node_count() == stack.slurm_nodes
+    other = tmp_path / "other"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(other)], check=True)
+    impostor = SlurmHook.of_cluster({**cluster, "head_node_host_keys": [other.with_name("other.pub").read_text()]})
+    impostor.ssh.conn_retry_attempts = 1
+    with pytest.raises(HeadNodeHostKeyMismatch, match=r"^head node 127\.0\.0\.1:\d+ presented the ssh-ed25519 host"):
+        impostor.node_count()
 
 
 def test_a_kept_parallelcluster_clusters_jobs_are_cancelled_on_its_head_node(

@@ -272,6 +272,13 @@ def test_worker_policy_scopes_deletes_to_dtps_resources() -> None:
         assert resources and all(f"/{PREFIX}-" in r or f":::{PREFIX}-" in r for r in resources), (action, resources)
 
 
+def test_worker_policy_reads_the_console_output_of_dtps_instances_only() -> None:
+    """deploy_cluster reads a head node's host keys from its console output, which may hold whatever any instance
+    printed at boot: the worker reads only that of instances that carry DTP's owner tag."""
+    reading = allowing(load("dtp-worker-policy.json"), "ec2:GetConsoleOutput")
+    assert reading and all(condition_values(s, f"aws:ResourceTag/{OWNER_TAG}") == [OWNER] for s in reading)
+
+
 def test_worker_policy_tags_ec2_resources_as_it_creates_them_or_once_they_are_dtps() -> None:
     """ec2:CreateTags is allowed within the calls that create the template's resources (ec2:CreateAction: their
     schemas say CloudFormation tags them as it creates them), or on what carries DTP's owner tag already (an AMI

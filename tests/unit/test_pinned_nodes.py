@@ -1,5 +1,6 @@
 """On a cluster whose nodes outlive runs, the training job runs on the nodes its preflight checked (sbatch
 ``--nodelist``), and a job that cannot start there says which of them take no jobs and how to train without them.
+Requeued (its node failed), it is unpinned from those of them that take no jobs rather than waiting for them.
 Slurm is a stand-in answering the hook's commands."""
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from dtp.operators.slurm import SlurmJobFailed, SlurmSubmitJobOperator, submit_p
 from dtp.params import TrainParams
 from dtp.pipeline import jobs
 from dtp.pipeline.spec import run_spec
+from dtp.triggers.slurm import SlurmJobTrigger
 
 LOCAL = {"platform": "local", "num_nodes": 2}
 PARALLELCLUSTER = {
@@ -38,17 +40,21 @@ def preflight_result(*nodes: str, ranks_per_node: int = 2) -> dict[str, Any]:
 
 
 class Sbatch:
-    """Slurm's commands as ``SlurmHook.run`` runs them: sbatch submits job 7, squeue and sacct know no job, sinfo
-    answers ``sinfo`` (or raises it); every argv is kept in ``ran``."""
+    """Slurm's commands as ``SlurmHook.run`` runs them: sbatch submits job 7, ``scontrol show job`` answers the next
+    of ``jobs`` (the last one from then on; none: no job), squeue and sacct know no job, sinfo answers ``sinfo`` (or
+    raises it); every argv is kept in ``ran``."""
 
     def __init__(self, sinfo: str | Exception = "") -> None:
         self.sinfo = sinfo
+        self.jobs: list[str] = []
         self.ran: list[list[str]] = []
 
     def __call__(self, hook: SlurmHook, argv: list[str], **_: Any) -> str:
         self.ran.append(argv)
         if argv[0] == "sbatch":
             return "7\n"
+        if argv[:3] == ["scontrol", "show", "job"] and self.jobs:
+            return self.jobs.pop(0) if len(self.jobs) > 1 else self.jobs[0]
         if argv[0] == "sinfo":
             if isinstance(self.sinfo, Exception):
                 raise self.sinfo
@@ -59,6 +65,10 @@ class Sbatch:
     def sbatch(self) -> list[str]:
         [argv] = [argv for argv in self.ran if argv[0] == "sbatch"]
         return argv
+
+    @property
+    def updates(self) -> list[list[str]]:
+        return [argv for argv in self.ran if argv[:2] == ["scontrol", "update"]]
 
 
 @pytest.fixture
@@ -127,9 +137,11 @@ def test_training_is_not_pinned_elsewhere(
     assert not [arg for arg in slurm.sbatch if arg.startswith("--nodelist")]
 
 
-def pending_timeout(slurm: Sbatch, sinfo: str | Exception, **options: Any) -> str:
+def pending_timeout(
+    slurm: Sbatch, sinfo: str | Exception, event_fields: dict[str, Any] | None = None, **options: Any
+) -> str:
     """The task's error for job 7, pinned to n2 and n3 and still PENDING at the pending timeout, when ``sinfo -N``
-    answers ``sinfo``."""
+    answers ``sinfo`` (``event_fields``: the trigger's event's further fields)."""
     slurm.sinfo = sinfo
     operator = SlurmSubmitJobOperator(
         task_id="run_job", script_path="/s.sh", job_name="run", output_path="/o-%j", pending_timeout=60, **options
@@ -143,6 +155,7 @@ def pending_timeout(slurm: Sbatch, sinfo: str | Exception, **options: Any) -> st
         "unavailable_nodes": ["n3 Not responding"],
         "tail": [],
         "errors": [],
+        **(event_fields or {}),
     }
     with pytest.raises(SlurmJobFailed) as failed:
         operator.execute_complete({}, event)
@@ -184,3 +197,82 @@ def test_an_unpinned_job_kept_pending_says_nothing_of_pinned_nodes(slurm: Sbatch
     message = pending_timeout(slurm, "n1 idle\n")
     assert message.endswith("Nodes down or drained, and why:\nn3 Not responding")
     assert not [argv for argv in slurm.ran if argv[0] == "sinfo"]
+
+
+def scontrol_job(state: str, required: str, restarts: int, **fields: str) -> str:
+    """``scontrol show job -o 7`` of a job in ``state`` required to run on ``required``, requeued ``restarts`` times."""
+    more = "".join(f" {key}={value}" for key, value in fields.items())
+    return f"JobId=7 JobName=run JobState={state} Restarts={restarts} ReqNodeList={required or '(null)'}{more}\n"
+
+
+@pytest.mark.parametrize(
+    ("sinfo", "dropped", "update"),
+    [
+        ("n1 idle\nn2 idle\nn3 down*\n", ["n3"], ["ReqNodeList=n2"]),
+        # All of them gone: the pin is cleared, any of the partition's nodes will do.
+        ("n1 idle\nn2 drain\n", ["n2", "n3"], ["ReqNodeList="]),
+        ("n1 idle\nn2 alloc\nn3 mix\n", [], None),
+    ],
+)
+def test_a_job_is_unpinned_from_the_nodes_it_requires_that_take_no_jobs(
+    slurm: Sbatch, sinfo: str, dropped: list[str], update: list[str] | None
+) -> None:
+    slurm.sinfo = sinfo
+    slurm.jobs = [scontrol_job("PENDING", "n[2-3]", 1, Reason="ReqNodeNotAvail,_UnavailableNodes:n3")]
+    job = SlurmHook().get_job("7")
+    assert (job.required_nodes, job.restarts) == ("n[2-3]", 1)
+    assert SlurmHook().unpin_unusable_nodes(job) == dropped
+    assert slurm.updates == ([["scontrol", "update", "JobId=7", *update]] if update else [])
+
+
+def test_a_requeued_job_whose_pinned_node_failed_is_unpinned_from_it_and_runs(
+    slurm: Sbatch, first_event: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    slurm.sinfo = "n1 idle\nn2 idle\nn3 down*\n"
+    slurm.jobs = [
+        scontrol_job("RUNNING", "n[2-3]", 0, NodeList="n[2-3]"),
+        scontrol_job("PENDING", "n[2-3]", 1, Reason="BeginTime"),  # requeued: n3 failed
+        scontrol_job("PENDING", "n2", 1, Reason="Resources"),  # as the update left it
+        scontrol_job("RUNNING", "n2", 1, NodeList="n[1-2]"),
+        scontrol_job("COMPLETED", "n2", 1, NodeList="n[1-2]", ExitCode="0:0"),
+    ]
+    trigger = SlurmJobTrigger(job_id="7", log_path="/nonexistent/o-7", poll_interval=0, nodelist="n[2-3]")
+    event = first_event(trigger)
+    assert (event["status"], event["nodes"]) == ("success", "n[1-2]")
+    assert slurm.updates == [["scontrol", "update", "JobId=7", "ReqNodeList=n2"]]  # once: n2 takes jobs
+    assert (
+        "Slurm job 7 was requeued, and of the nodes it was pinned to (n[2-3]) these take no jobs (down, drained or "
+        "gone from the partition): n3. Unpinned it from them so that it does not wait for them: it will run on n2 "
+        "and other nodes of the partition, which the run's preflight did not check"
+    ) in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("restarts", "nodelist"),
+    [
+        (0, "n[2-3]"),  # never ran: it waits for the nodes preflight checked, and says so at the pending timeout
+        (1, ""),  # pinned by its own sbatch arguments, not to the nodes preflight checked
+    ],
+)
+def test_only_a_requeued_job_pinned_to_the_nodes_preflight_checked_is_unpinned(
+    slurm: Sbatch, first_event: Any, restarts: int, nodelist: str
+) -> None:
+    slurm.sinfo = "n1 idle\nn2 idle\nn3 down*\n"
+    slurm.jobs = [scontrol_job("PENDING", "n[2-3]", restarts, Reason="ReqNodeNotAvail,_UnavailableNodes:n3")]
+    trigger = SlurmJobTrigger(
+        job_id="7", log_path="/nonexistent/o-7", poll_interval=0, pending_timeout=1e-9, nodelist=nodelist
+    )
+    event = first_event(trigger)
+    assert (event["status"], event["required_nodes"]) == ("pending", "n[2-3]")
+    assert slurm.updates == []
+
+
+def test_a_job_unpinned_from_some_nodes_that_still_does_not_start_names_those_it_kept(slurm: Sbatch) -> None:
+    message = pending_timeout(slurm, "n1 alloc\nn2 alloc\n", {"required_nodes": "n2"}, nodelist="n2,n3")
+    assert message.endswith(
+        "It must run on n2: of the nodes the run's preflight checked (n2,n3), those it was not unpinned from when "
+        "requeued; all of them take jobs (other jobs may hold them)"
+    )
+    # Unpinned from all of them, it may run on any node: nothing to say of pinned nodes.
+    message = pending_timeout(slurm, "n1 alloc\n", {"required_nodes": ""}, nodelist="n2,n3")
+    assert message.endswith("Nodes down or drained, and why:\nn3 Not responding")

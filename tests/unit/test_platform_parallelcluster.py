@@ -1,14 +1,17 @@
 """The ParallelCluster platform: configurations rendered for shipped recipes pass aws-parallelcluster's own schema
 (in .venv-pcluster, as scripts/setup makes it), violations are caught, no value can break the YAML, and
-``pcluster create-cluster --dryrun true`` accepts a rendered configuration against the local AWS emulator."""
+``pcluster create-cluster --dryrun true`` accepts a rendered configuration against the local AWS emulator, and a
+pcluster command that AWS throttled fails with an error a poll waits out."""
 
 from __future__ import annotations
 
+import json
 import re
 import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,11 +20,13 @@ import pytest
 import yaml
 from parallelcluster_support import NETWORK, SSH_ALLOWED_IPS, make_spec, needs_pcluster, use_settings
 
+from dtp.local.emulator import FAULTS_PATH
 from dtp.platforms import get_platform
 from dtp.platforms import parallelcluster as pc
 from dtp.platforms.base import PlatformNotReady
 from dtp.platforms.pcluster_cli import DRYRUN_PASSED, PclusterError
 from dtp.recipes import instance_types
+from dtp.triggers.deadline import is_transient
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 # Validators whose AWS calls the emulator cannot answer as AWS does (FACTS.md, offline validation).
@@ -405,3 +410,29 @@ def test_pcluster_dryrun_refusal_carries_pcluster_s_message(monkeypatch, emulato
             dryrun=True,
             suppress_validators=EMULATOR_SUPPRESSED,
         )
+
+
+def set_faults(emulator: str, rules: list[dict[str, Any]]) -> None:
+    """Make the emulator fail the calls ``rules`` match (none: no more faults)."""
+    request = urllib.request.Request(emulator + FAULTS_PATH, data=json.dumps({"rules": rules}).encode(), method="PUT")
+    urllib.request.urlopen(request, timeout=10).close()
+
+
+@needs_pcluster
+@pytest.mark.parametrize(("code", "throttled"), [("ThrottlingException", True), ("AccessDenied", False)])
+def test_a_pcluster_command_aws_throttled_fails_with_an_error_a_poll_waits_out(
+    monkeypatch, emulator, code: str, throttled: bool
+) -> None:
+    platform = use_settings(monkeypatch, endpoint=emulator, region=EMULATOR_REGION, key_name="dtp-head")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")  # pcluster's botocore gives up at once, as after its retries
+    message = "Rate exceeded" if throttled else "User is not authorized to perform: cloudformation:DescribeStacks"
+    set_faults(emulator, [{"service": "cloudformation", "action": "DescribeStacks", "code": code, "status": 400,
+                           "message": message}])  # fmt: skip
+    try:
+        with pytest.raises(PclusterError, match=f"describe-cluster exited 1: .*{message}") as failed:
+            platform.cli.describe_cluster("dtp-absent")
+    finally:
+        set_faults(emulator, [])
+    assert failed.value.throttled is throttled
+    assert is_transient(failed.value) is throttled
+    assert platform.cli.describe_cluster("dtp-absent") is None  # once AWS answers again

@@ -1,23 +1,20 @@
 """What a person reads when a Slurm job fails or waits: the task's error (the job's error lines before its last
 lines, its exit code, the node it failed with), the trigger's log while the job waits, and what it says when the job
-never starts. Also how the trigger reads a long log, which ended jobs the operator takes for its run's, and when the
-trigger's ``on_kill`` cancels the job. The hooks are stand-ins for a cluster."""
+never starts. Also how the trigger reads a long log, and that torchrun's output ends with a failed program's
+exception. The hook is a stand-in for a cluster (slurm_job_support.py)."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
-from airflow.sdk.exceptions import TaskDeferred
+from slurm_job_support import Cluster, job, operator, trigger, use_cluster
 
-from dtp.hooks.slurm import SlurmHook, SlurmJob
-from dtp.operators.slurm import SlurmJobFailed, SlurmSubmitJobOperator
-from dtp.triggers.slurm import SlurmJobTrigger
+from dtp.operators.slurm import SlurmJobFailed
 
 # What torchrun (torch 2.x) prints after a rank's exception when the program's entry point is not ``@record``ed.
 TORCHRUN_SUMMARY = """\
@@ -48,81 +45,9 @@ Root Cause (first observed failure):
 srun: error: n1: task 0: Exited with exit code 1""".splitlines()  # noqa: W291
 
 
-class Cluster:
-    """A ``SlurmHook`` stand-in: the job's log is ``log`` (its bytes as a poll finds them, ``reads`` by
-    ``read_log``), ``states`` what successive polls of ``get_job`` find (the last one from then on), ``active`` what
-    squeue lists, ``ended`` what sacct knows of ended jobs; it records the jobs it submits and cancels."""
-
-    log = b""
-    states: list[SlurmJob] = []
-    active: list[SlurmJob] = []
-    ended: list[SlurmJob] = []
-    unavailable: list[str] = []
-    made: list[Cluster] = []
-
-    def __init__(self, slurm_conn_id: str = "", head_node: str | None = None) -> None:
-        self.reads: list[tuple[int, int]] = []  # (offset, bytes read) of each read
-        self.polls = 0
-        self.submitted: list[str] = []
-        self.cancelled: list[str] = []
-        self.made.append(self)
-
-    def read_log(self, path: str, offset: int, max_bytes: int) -> tuple[str, int]:
-        data = self.log[offset : offset + max_bytes]
-        self.reads.append((offset, len(data)))
-        return data.decode(), offset + len(data)
-
-    def get_job(self, job_id: str) -> SlurmJob:
-        self.polls += 1
-        return self.states[min(self.polls, len(self.states)) - 1]
-
-    def unavailable_nodes(self) -> list[str]:
-        return self.unavailable
-
-    def find_jobs(self, name: str) -> list[SlurmJob]:
-        return self.active
-
-    def ended_jobs(self, name: str) -> list[SlurmJob]:
-        return self.ended
-
-    def submit(self, script_path: str, **options: Any) -> str:
-        self.submitted.append(options["job_name"])
-        return "99"
-
-    def cancel_job(self, job_id: str) -> None:
-        self.cancelled.append(job_id)
-
-    def close(self) -> None:
-        pass
-
-
 @pytest.fixture
 def cluster(monkeypatch: pytest.MonkeyPatch) -> type[Cluster]:
-    monkeypatch.setattr("dtp.triggers.slurm.SlurmHook", Cluster)
-    monkeypatch.setattr("dtp.operators.slurm.SlurmHook", Cluster)
-    Cluster.log, Cluster.states, Cluster.active, Cluster.ended, Cluster.unavailable, Cluster.made = (
-        b"",
-        [],
-        [],
-        [],
-        [],
-        [],
-    )
-    return Cluster
-
-
-def job(state: str, **fields: Any) -> SlurmJob:
-    return SlurmJob(job_id="7", name="run-train", state=state, **fields)
-
-
-def trigger(**kwargs: Any) -> SlurmJobTrigger:
-    return SlurmJobTrigger(job_id="7", log_path="/fsx/o-7", poll_interval=0, **kwargs)
-
-
-def operator(**kwargs: Any) -> SlurmSubmitJobOperator:
-    return SlurmSubmitJobOperator(
-        task_id="train", script_path="/s.sh", job_name="run-train", output_path="/o-%j", **kwargs
-    )
+    return use_cluster(monkeypatch)
 
 
 def test_a_failed_jobs_exception_is_in_the_tasks_error_however_much_boilerplate_follows_it(
@@ -254,163 +179,6 @@ def test_the_trigger_forwards_every_line_of_a_long_log_once_in_order(
     cluster.states = [job("RUNNING"), job("COMPLETED", exit_code="0:0")]
     first_event(trigger())
     assert logged(capsys, "[slurm 7] ") == [f"[slurm 7] {line}" for line in lines]
-
-
-def ended(job_id: str, state: str, submitted: str) -> SlurmJob:
-    return SlurmJob(job_id, "run-train", state, elapsed_s=60, submitted_at=datetime.fromisoformat(submitted))
-
-
-def test_a_completed_job_of_a_run_deleted_and_made_again_is_not_reused(cluster: type[Cluster]) -> None:
-    # A scheduled run deleted and triggered again has the same run id, so its jobs have the same names.
-    cluster.ended = [ended("5", "COMPLETED", "2025-03-01T10:00:00+00:00")]
-    spec_made = "2025-03-02T08:00:00+00:00"
-    with pytest.raises(TaskDeferred) as deferred:
-        operator(submitted_after=spec_made, time_limit_minutes=2).execute({"ti": XCom()})
-    assert deferred.value.trigger.job_id == "99"
-    assert cluster.made[-1].submitted == ["run-train"]
-    # Its own job, submitted after its spec was made, is.
-    cluster.ended.append(ended("6", "COMPLETED", "2025-03-02T08:05:00+00:00"))
-    reused = {"job_id": "6", "log_path": "/o-6", "state": "COMPLETED"}
-    assert operator(submitted_after=spec_made).execute({"ti": XCom()}) == reused
-    # A spec from before the operator knew when it was made: every job of the name is the run's, as before.
-    assert operator().execute({"ti": XCom()}) == reused
-
-
-def test_a_running_job_of_a_run_deleted_and_made_again_is_not_re_attached_to(cluster: type[Cluster]) -> None:
-    spec_made = "2025-03-02T08:00:00+00:00"
-    cluster.active = [SlurmJob("5", "run-train", "RUNNING", submitted_at=datetime(2025, 3, 1, 10, tzinfo=UTC))]
-    with pytest.raises(TaskDeferred) as deferred:
-        operator(submitted_after=spec_made).execute({"ti": XCom()})
-    assert deferred.value.trigger.job_id == "99" and cluster.made[-1].submitted == ["run-train"]
-    # Its own running job is.
-    cluster.active = [SlurmJob("6", "run-train", "RUNNING", submitted_at=datetime(2025, 3, 2, 8, 5, tzinfo=UTC))]
-    with pytest.raises(TaskDeferred) as deferred:
-        operator(submitted_after=spec_made).execute({"ti": XCom()})
-    assert deferred.value.trigger.job_id == "6" and cluster.made[-1].submitted == []
-
-
-def test_squeue_tells_an_active_jobs_submit_time_in_utc() -> None:
-    squeue = ("env", "TZ=UTC", "squeue", "-h", "-o", "%i|%j|%T|%V|%R", "-n", "run-train")
-    hook = Commands({squeue: "7|run-train|PENDING|2025-03-01T10:00:00|(Resources|Priority)\n"})
-    assert hook.find_jobs("run-train") == [
-        SlurmJob(
-            "7",
-            "run-train",
-            "PENDING",
-            reason="(Resources|Priority)",
-            submitted_at=datetime(2025, 3, 1, 10, tzinfo=UTC),
-        )
-    ]
-
-
-def test_a_spec_records_when_it_was_made(monkeypatch: pytest.MonkeyPatch) -> None:
-    from dtp.params import validate_params
-    from dtp.pipeline.spec import run_spec
-
-    before = datetime.now(UTC).replace(microsecond=0)
-    spec = run_spec(validate_params({"platform": "local", "recipe": "tiny"}), "train_e2e", "scheduled__x")
-    assert before <= datetime.fromisoformat(spec["created_at"]) <= datetime.now(UTC)
-
-
-class XCom:
-    def xcom_push(self, key: str, value: str) -> None:
-        pass
-
-
-class TaskInstance:
-    dag_id, run_id, task_id, map_index = "train_e2e", "manual__1", "train", -1
-
-
-@pytest.mark.parametrize(
-    ("task_states", "cancelled"),
-    [
-        ({"manual__1": {"train": "deferred"}}, []),  # the trigger moved to another triggerer
-        ({"manual__1": {"train": "failed"}}, ["7"]),  # a user marked the task failed
-        ({"manual__1": {"train": None}}, ["7"]),  # ... or cleared it
-        ({}, ["7"]),  # the run was deleted
-    ],
-)
-def test_on_kill_cancels_the_job_unless_the_task_still_waits_on_its_trigger(
-    cluster: type[Cluster], run_coroutine: Any, monkeypatch: pytest.MonkeyPatch, task_states: dict, cancelled: list
-) -> None:
-    from airflow.sdk.execution_time.task_runner import RuntimeTaskInstance
-
-    asked: list[dict[str, Any]] = []
-
-    def get_task_states(**query: Any) -> dict:
-        asked.append(query)
-        return task_states
-
-    monkeypatch.setattr(RuntimeTaskInstance, "get_task_states", staticmethod(get_task_states))
-    waiting = trigger()
-    waiting.task_instance = TaskInstance()  # type: ignore[assignment]
-    run_coroutine(waiting.on_kill())
-    assert asked == [{"dag_id": "train_e2e", "map_index": -1, "task_ids": ["train"], "run_ids": ["manual__1"]}]
-    assert [job_id for hook in cluster.made for job_id in hook.cancelled] == cancelled
-
-
-def test_on_kill_cancels_the_job_when_the_tasks_state_cannot_be_read(
-    cluster: type[Cluster], run_coroutine: Any, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    from airflow.sdk.execution_time.task_runner import RuntimeTaskInstance
-
-    def unreachable(**query: Any) -> dict:
-        raise ConnectionError("the API server is restarting")
-
-    monkeypatch.setattr(RuntimeTaskInstance, "get_task_states", staticmethod(unreachable))
-    waiting = trigger()
-    waiting.task_instance = TaskInstance()  # type: ignore[assignment]
-    run_coroutine(waiting.on_kill())
-    assert cluster.made[-1].cancelled == ["7"]
-
-
-class Commands(SlurmHook):
-    """A ``SlurmHook`` on this host whose commands answer from ``answers`` (by argv), recorded in ``ran``."""
-
-    def __init__(self, answers: dict[tuple[str, ...], str]) -> None:
-        super().__init__()
-        self.__dict__["extra"] = {}
-        self.answers = answers
-        self.ran: list[list[str]] = []
-
-    def run(self, argv: list[str], *, check: bool = True, input_text: str | None = None) -> str:
-        self.ran.append(argv)
-        return self.answers.get(tuple(argv), "")
-
-
-def test_sacct_tells_an_ended_jobs_exit_code_nodes_and_submit_time_in_utc() -> None:
-    sacct = ("env", "TZ=UTC", "sacct", "-c", "-n", "-P")
-    since = "--starttime=2000-01-01T00:00:00"
-    hook = Commands(
-        {
-            ("scontrol", "show", "job", "-o", "7"): "",
-            (*sacct, "-j", "7", "-o", "JobID,JobName,State,ExitCode,NodeList"): "7|run-train|NODE_FAIL|0:9|n[1-2]\n",
-            (*sacct, "--name=run-train", since, "-o", "JobID,JobName,State,ElapsedRaw,Submit"): (
-                "5|run-train|COMPLETED|61|2025-03-01T10:00:00\n6|run-train|CANCELLED by 0|3|Unknown\n"
-            ),
-        }
-    )  # fmt: skip
-    assert hook.get_job("7") == SlurmJob("7", "run-train", "NODE_FAIL", exit_code="0:9", nodes="n[1-2]")
-    assert hook.ended_jobs("run-train") == [
-        SlurmJob("5", "run-train", "COMPLETED", elapsed_s=61, submitted_at=datetime(2025, 3, 1, 10, tzinfo=UTC)),
-        SlurmJob("6", "run-train", "CANCELLED", elapsed_s=3),
-    ]
-
-
-def test_unavailable_nodes_are_sinfos_reasons_for_the_partition() -> None:
-    hook = Commands({("sinfo", "-R", "-h", "-o", "%N %E", "--partition=gpu"): "n1 Not responding\n\nn2 maint\n"})
-    hook.__dict__["extra"] = {"partition": "gpu"}
-    assert hook.unavailable_nodes() == ["n1 Not responding", "n2 maint"]
-
-
-def test_read_log_reads_at_most_max_bytes_and_no_cut_character(tmp_path: Path) -> None:
-    path = tmp_path / "o-7"
-    path.write_bytes("ab\né\n".encode())  # é is two bytes: 3 and 4
-    hook = Commands({})
-    assert hook.read_log(str(path), 0, 4) == ("ab\n", 3)
-    assert hook.read_log(str(path), 3, 4) == ("é\n", 6)
-    assert hook.read_log(str(path), 6, 4) == ("", 6)
-    assert hook.read_log(str(tmp_path / "missing"), 5, 4) == ("", 5)
 
 
 @pytest.mark.timeout(180)

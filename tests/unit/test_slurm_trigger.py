@@ -4,6 +4,7 @@ stand-in that fails the polls it is told to."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import pytest
@@ -21,7 +22,7 @@ class FlakyCluster:
     drops: list[BaseException | None] = []
     made: list[FlakyCluster] = []
 
-    def __init__(self, slurm_conn_id: str, head_node: str | None) -> None:
+    def __init__(self, slurm_conn_id: str, head_node: str | None, head_node_host_keys: Sequence[str] = ()) -> None:
         self.answers, self.closed = 0, 0
         self.made.append(self)
 

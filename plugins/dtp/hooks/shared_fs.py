@@ -4,7 +4,8 @@ The connection says how they are reached. ``transport: local`` runs commands and
 the local profile, an Airflow worker on a ParallelCluster head node, or a worker pod that mounts the EKS
 cluster's FSx claim (no connection at all). ``transport: ssh`` runs them on the head node through the ssh
 provider's ``SSHHook`` (``ssh_conn_id`` in the extra): the SSH connection's login and key, and its host unless the
-cluster names its own head node (a cluster created per run: its address is known only once it is up).
+cluster names its own head node (a cluster created per run: its address is known only once it is up, and so are
+its host keys, which the hook then checks: ``dtp.hooks.head_node_ssh``).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import os
 import shlex
 import shutil
 import subprocess
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import cached_property
 from typing import TYPE_CHECKING, Any, Self
@@ -21,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Self
 from airflow.sdk import BaseHook
 
 if TYPE_CHECKING:
-    from airflow.providers.ssh.hooks.ssh import SSHHook
+    from dtp.hooks.head_node_ssh import HeadNodeSSHHook
 
 # What a command run on this host gets of the worker's environment: where its programs are, who runs them, their
 # locale, Slurm's configuration, and the proxy a node may need to reach a registry (pyxis's enroot imports the job's
@@ -61,23 +63,28 @@ class SharedFilesystemHook(BaseHook):
         filesystem is mounted on this worker at ``DTP_SHARED_DIR`` (default ``/fsx``)
     :param head_node: over ssh, the host to reach instead of the SSH connection's own (the head node of a cluster
         created for the run: an address, or a name the worker's ``~/.ssh/config`` gives a ProxyCommand)
+    :param head_node_host_keys: over ssh, the head node's public host keys (``<type> <base64>``), which its ssh
+        then checks whatever the SSH connection says (none: the SSH connection says how its host key is checked)
     """
 
     conn_name_attr = "conn_id"
     conn_type = "generic"
     hook_name = "Shared filesystem"
 
-    def __init__(self, conn_id: str | None = None, head_node: str | None = None) -> None:
+    def __init__(
+        self, conn_id: str | None = None, head_node: str | None = None, head_node_host_keys: Sequence[str] = ()
+    ) -> None:
         super().__init__()
         self.conn_id = conn_id
         self.head_node = head_node
+        self.head_node_host_keys = list(head_node_host_keys)
 
     @classmethod
     def of_cluster(cls, cluster: dict[str, Any]) -> Self:
         """The filesystem of a cluster ``provision`` described: through its Slurm connection (and head node, where
-        the platform created one), or mounted here where the cluster has none (EKS: the training queue's worker
-        pods mount its FSx claim)."""
-        return cls(cluster.get("slurm_conn_id"), cluster.get("head_node"))
+        the platform created one, with its host keys where they were read), or mounted here where the cluster has
+        none (EKS: the training queue's worker pods mount its FSx claim)."""
+        return cls(cluster.get("slurm_conn_id"), cluster.get("head_node"), cluster.get("head_node_host_keys") or ())
 
     @cached_property
     def extra(self) -> dict[str, Any]:
@@ -121,12 +128,15 @@ class SharedFilesystemHook(BaseHook):
         return out
 
     @cached_property
-    def ssh(self) -> SSHHook:
-        """The ssh provider's hook to the head node. It keeps its connection open, so the commands of one hook (a
-        trigger's every poll) share it; it connects again when the connection dropped."""
-        from airflow.providers.ssh.hooks.ssh import SSHHook
+    def ssh(self) -> HeadNodeSSHHook:
+        """The ssh provider's hook to the head node, checking its host keys where they are known. It keeps its
+        connection open, so the commands of one hook (a trigger's every poll) share it; it connects again when the
+        connection dropped."""
+        from dtp.hooks.head_node_ssh import HeadNodeSSHHook
 
-        return SSHHook(ssh_conn_id=self.extra["ssh_conn_id"], remote_host=self.head_node or "")
+        return HeadNodeSSHHook(
+            ssh_conn_id=self.extra["ssh_conn_id"], remote_host=self.head_node or "", host_keys=self.head_node_host_keys
+        )
 
     def close(self) -> None:
         """Close the ssh connection, if one is open (a trigger's, when it ends: paramiko's would live on)."""

@@ -8,11 +8,12 @@ so no value is ever interpreted by a shell.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from dtp.hooks.shared_fs import ClusterCommandError, SharedFilesystemHook, _whole_characters
+from dtp.hostlist import compress_hostlist, expand_hostlist
 
 TERMINAL_STATES = frozenset(
     {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED", "BOOT_FAIL", "DEADLINE"}
@@ -48,6 +49,8 @@ class SlurmJob:
     nodes: str = ""
     elapsed_s: int = 0  # run time, known once the job ended (``ended_jobs``)
     submitted_at: datetime | None = None  # when it was submitted, known once the job ended (``ended_jobs``)
+    required_nodes: str = ""  # the hostlist it must run on (sbatch --nodelist), while slurmctld knows it
+    restarts: int = 0  # how many times it was requeued, while slurmctld knows it
 
     @property
     def finished(self) -> bool:
@@ -66,8 +69,13 @@ class SlurmHook(SharedFilesystemHook):
     conn_type = "generic"
     hook_name = "Slurm"
 
-    def __init__(self, slurm_conn_id: str = default_conn_name, head_node: str | None = None) -> None:
-        super().__init__(slurm_conn_id, head_node)
+    def __init__(
+        self,
+        slurm_conn_id: str = default_conn_name,
+        head_node: str | None = None,
+        head_node_host_keys: Sequence[str] = (),
+    ) -> None:
+        super().__init__(slurm_conn_id, head_node, head_node_host_keys)
         self.slurm_conn_id = slurm_conn_id
 
     @property
@@ -111,6 +119,8 @@ class SlurmHook(SharedFilesystemHook):
                 exit_code=fields.get("ExitCode", ""),
                 reason=fields.get("Reason", ""),
                 nodes=fields.get("NodeList", ""),
+                required_nodes=fields.get("ReqNodeList", "").replace("(null)", ""),
+                restarts=int(fields.get("Restarts") or 0),
             )
         for line in self._accounting("-j", job_id, "-o", "JobID,JobName,State,ExitCode,NodeList").splitlines():
             parts = line.split("|")
@@ -253,6 +263,18 @@ class SlurmHook(SharedFilesystemHook):
             argv.append(f"--partition={self.partition}")
         return dict(line.split(maxsplit=1) for line in self.run(argv).splitlines() if len(line.split()) == 2)
 
+    def unpin_unusable_nodes(self, job: SlurmJob) -> list[str]:
+        """Drop from the pending ``job``'s required nodes (its ReqNodeList, sbatch ``--nodelist``) those that take
+        no jobs (down, drained, failing, gone from the partition), so that it does not wait for them; Slurm gives it
+        other nodes of the partition in their place. The nodes dropped, none when all of them take jobs."""
+        required = expand_hostlist(job.required_nodes)
+        dropped = unusable(required, self.node_states())
+        if dropped:
+            kept = compress_hostlist([node for node in required if node not in dropped])
+            # An empty ReqNodeList= clears it (scontrol(1)); slurmctld refuses it for a job no longer pending.
+            self.run(["scontrol", "update", f"JobId={job.job_id}", f"ReqNodeList={kept}"])
+        return dropped
+
     def node_count(self) -> int:
         return len(self.node_states())
 
@@ -274,6 +296,12 @@ UNUSABLE_STATES = frozenset({"down", "drain", "drng", "fail", "failg", "futr", "
 def usable(state: str) -> bool:
     """Whether a node in sinfo's short ``state`` takes new jobs (a trailing ``*``: it does not answer)."""
     return not state.endswith("*") and state.rstrip("~#!%$@^-") not in UNUSABLE_STATES
+
+
+def unusable(nodes: list[str], states: dict[str, str]) -> list[str]:
+    """Those of ``nodes`` that take no new jobs, by their ``states`` (``node_states``): one missing from them is
+    gone from the partition."""
+    return [node for node in nodes if not usable(states.get(node, "down"))]
 
 
 def _utc_time(text: str) -> datetime | None:

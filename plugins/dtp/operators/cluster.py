@@ -7,7 +7,7 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from airflow.providers.standard.triggers.temporal import TimeDeltaTrigger
 from airflow.sdk import BaseOperator
@@ -15,13 +15,16 @@ from airflow.sdk.exceptions import AirflowException, AirflowFailException
 from botocore.exceptions import ClientError
 
 from dtp.naming import EXPIRES_TAG
-from dtp.params_env import mask_extra_env
+from dtp.operators.masking import ExtraEnvMaskingMixin
 from dtp.pipeline.spec import earlier_incarnations, tear_down_earlier_incarnations
 from dtp.platforms import get_platform
-from dtp.platforms.base import ComputePlatform, DeferrableTeardownPlatform, PlatformNotReady, ReservationUnavailable
-
-if TYPE_CHECKING:
-    import jinja2
+from dtp.platforms.base import (
+    ComputePlatform,
+    DeferrableTeardownPlatform,
+    PinnedHeadNodePlatform,
+    PlatformNotReady,
+    ReservationUnavailable,
+)
 
 # How long deploy_cluster waits for a capacity reservation other runs hold (ReservationUnavailable), looking again
 # every RESERVATION_POLL in the triggerer.
@@ -29,7 +32,7 @@ RESERVATION_WAIT_S = 1800
 RESERVATION_POLL = timedelta(minutes=5)
 
 
-class DeployClusterOperator(BaseOperator):
+class DeployClusterOperator(ExtraEnvMaskingMixin, BaseOperator):
     """
     Create (or find again) the run's cluster with ``platform.provision`` and return how to reach it.
 
@@ -42,8 +45,10 @@ class DeployClusterOperator(BaseOperator):
 
     When the platform hands back a trigger (its cluster takes minutes to hours to come up), the task
     defers to it and frees its worker slot; an event with ``provision_again`` (a cluster made in stages) has the
-    task provision again and defer to the next trigger. A platform that is not set up, or a call the AWS endpoint
-    does not implement (the local profile's emulator), fails the task at once, without retries.
+    task provision again and defer to the next trigger. On a platform that creates a head node reached over ssh
+    (``PinnedHeadNodePlatform``), the ready cluster's head node's host keys are recorded with it. A platform that
+    is not set up, or a call the AWS endpoint does not implement (the local profile's emulator), fails the task at
+    once, without retries.
 
     :param spec: the run spec from ``validate_params``
     :param network: the network stack's outputs
@@ -57,13 +62,6 @@ class DeployClusterOperator(BaseOperator):
         self.spec = spec
         self.network = network
         self.images = images
-
-    def render_template_fields(self, context: Any, jinja_env: jinja2.Environment | None = None) -> None:
-        """Render the templated fields once the values of the run's ``extra_env`` (tokens, some) are masked in this
-        process: the spec in the Rendered Template tab, and this task's log, would show them (a retry's worker never
-        saw validate_params mask them)."""
-        mask_extra_env(context["params"])
-        super().render_template_fields(context, jinja_env)
 
     def execute(self, context: Any) -> dict[str, Any]:
         platform = get_platform(self.spec["params"]["platform"])
@@ -116,10 +114,15 @@ class DeployClusterOperator(BaseOperator):
         if event["status"] != "success":
             raise AirflowException(event["message"])
         self.log.info(event["message"])
+        platform = get_platform(self.spec["params"]["platform"])
         if event.get("provision_again"):
             # A cluster made in stages (Batch: a job queue only on a VALID compute environment): the next stage.
-            return self._provision(get_platform(self.spec["params"]["platform"]))
-        return {**cluster, **event.get("cluster", {})}
+            return self._provision(platform)
+        ready = {**cluster, **event.get("cluster", {})}
+        if isinstance(platform, PinnedHeadNodePlatform):
+            # Read here, not by the trigger, which only waits: a retry finds the cluster ready and reads them again.
+            ready["head_node_host_keys"] = platform.head_node_host_keys(ready)
+        return ready
 
 
 @contextmanager
@@ -136,7 +139,7 @@ def fails_at_once_where_retries_cannot_help(platform: ComputePlatform) -> Iterat
         raise
 
 
-class TeardownClusterOperator(BaseOperator):
+class TeardownClusterOperator(ExtraEnvMaskingMixin, BaseOperator):
     """
     Delete the run's cluster (its jobs stopped first); with ``keep_cluster``, stop the jobs and keep it. Then delete
     the clusters of the run's earlier incarnations (``earlier_names``), kept or not.
@@ -153,13 +156,6 @@ class TeardownClusterOperator(BaseOperator):
     def __init__(self, *, spec: Any, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.spec = spec
-
-    def render_template_fields(self, context: Any, jinja_env: jinja2.Environment | None = None) -> None:
-        """Render the templated fields once the values of the run's ``extra_env`` (tokens, some) are masked in this
-        process: the spec in the Rendered Template tab, and this task's log, would show them (a retry's worker never
-        saw validate_params mask them)."""
-        mask_extra_env(context["params"])
-        super().render_template_fields(context, jinja_env)
 
     def execute(self, context: Any) -> dict[str, Any]:
         platform = get_platform(self.spec["params"]["platform"])

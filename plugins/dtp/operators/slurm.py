@@ -12,7 +12,7 @@ from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
 from dtp.connections import TRAINING_QUEUE
 from dtp.hooks.shared_fs import ClusterCommandError
-from dtp.hooks.slurm import SlurmHook, SlurmJob, usable
+from dtp.hooks.slurm import SlurmHook, SlurmJob, unusable
 from dtp.hostlist import expand_hostlist
 from dtp.operators.time_limit import time_left
 
@@ -69,18 +69,22 @@ class SlurmSubmitJobOperator(BaseOperator):
     :param sbatch_args: extra sbatch arguments, e.g. ``["--nodes=2"]``
     :param slurm_conn_id: the cluster's Slurm connection (see ``SlurmHook``)
     :param head_node: over ssh, the host to reach instead of the SSH connection's own (a cluster created per run)
+    :param head_node_host_keys: the host keys of ``head_node``, which its ssh checks (None: the SSH connection says
+        how its host key is checked)
     :param time_limit_minutes: sbatch ``--time``: Slurm stops the job after this many minutes, less what earlier
         jobs of this name ran (0: no limit)
     :param submitted_after: when the run's spec was made, an ISO-8601 time with its zone: a job of this name
         submitted before it is another run's (None: none is)
     :param nodelist: sbatch ``--nodelist``: the Slurm hostlist of the nodes the job must run on (the nodes the
-        run's preflight checked), a requeued job too; those of them that take no jobs are named when it does not
-        start ("": any of the partition's nodes)
+        run's preflight checked), a requeued job too, unless some of them take no jobs then: the trigger unpins it
+        from those; those of them that take no jobs are named when it does not start ("": any of the partition's
+        nodes)
     """
 
     template_fields: Sequence[str] = (
         "slurm_conn_id",
         "head_node",
+        "head_node_host_keys",
         "script_path",
         "job_name",
         "output_path",
@@ -107,6 +111,7 @@ class SlurmSubmitJobOperator(BaseOperator):
         poll_interval: float = 5.0,
         slurm_conn_id: str = SlurmHook.default_conn_name,
         head_node: str | None = None,
+        head_node_host_keys: list[str] | None = None,
         submitted_after: str | None = None,
         nodelist: str = "",
         **kwargs: Any,
@@ -123,6 +128,7 @@ class SlurmSubmitJobOperator(BaseOperator):
         self.poll_interval = poll_interval
         self.slurm_conn_id = slurm_conn_id
         self.head_node = head_node
+        self.head_node_host_keys = head_node_host_keys
         self.submitted_after = submitted_after
         self.nodelist = nodelist
 
@@ -130,7 +136,7 @@ class SlurmSubmitJobOperator(BaseOperator):
         # Here, not at the top: the trigger pulls in paramiko, which a DAG file parsing this module has no use for.
         from dtp.triggers.slurm import SlurmJobTrigger
 
-        hook = SlurmHook(self.slurm_conn_id, self.head_node)
+        hook = self._hook()
         active = self._this_runs(hook.find_jobs(self.job_name))
         if ending := [job for job in active if job.state == "COMPLETING"]:
             # Ending: cancelled with a killed or cleared try of this task, say. Judged by how it ended, not
@@ -169,9 +175,11 @@ class SlurmSubmitJobOperator(BaseOperator):
                 log_path=log_path,
                 slurm_conn_id=self.slurm_conn_id,
                 head_node=self.head_node,
+                head_node_host_keys=self.head_node_host_keys,
                 poll_interval=self.poll_interval,
                 hang_timeout=float(self.hang_timeout),
                 pending_timeout=float(self.pending_timeout),
+                nodelist=self.nodelist,
             ),
             method_name="execute_complete",
         )
@@ -188,7 +196,7 @@ class SlurmSubmitJobOperator(BaseOperator):
                 f" still {event['state']}, Slurm's reason: {event.get('reason') or '(none given)'}; "
                 f"{self._cancel(job_id)}"
                 + (f". Nodes down or drained, and why:{unavailable}" if unavailable else "")
-                + self._pinned_advice()
+                + self._pinned_advice(event.get("required_nodes", self.nodelist))
             )
         if event["status"] == "lost":
             raise SlurmJobFailed(f"Slurm job {job_id} is lost: {event['message']}. {excerpt}")
@@ -229,18 +237,24 @@ class SlurmSubmitJobOperator(BaseOperator):
             return f" on {nodes}"
         return f" on {nodes}; to train without them, trigger again with exclude_nodes={nodes}"
 
-    def _pinned_advice(self) -> str:
-        """For a job pinned to ``nodelist`` that did not start: the nodes it may run on, those of them that take no
-        jobs (down, drained, gone from the partition), and how to train without them."""
-        if not self.nodelist:
+    def _pinned_advice(self, pinned: str) -> str:
+        """For a job pinned to ``nodelist`` that did not start: the nodes it is pinned to (``pinned``, fewer once the
+        trigger unpinned a requeued job from those that took no jobs), those of them that take no jobs (down,
+        drained, gone from the partition), and how to train without them."""
+        if not (self.nodelist and pinned):
             return ""
-        advice = f". It may run only on {self.nodelist}, the nodes the run's preflight checked"
+        advice = (
+            f". It may run only on {pinned}, the nodes the run's preflight checked"
+            if pinned == self.nodelist
+            else f". It must run on {pinned}: of the nodes the run's preflight checked ({self.nodelist}), those it "
+            "was not unpinned from when requeued"
+        )
         try:
-            states = SlurmHook(self.slurm_conn_id, self.head_node).node_states()
+            states = self._hook().node_states()
         except ClusterCommandError:
             self.log.exception("Could not read the states of the nodes of Slurm job %s", self.job_name)
             return advice + ": if one of them is down or drained, trigger again with exclude_nodes=<that node>"
-        if down := [node for node in expand_hostlist(self.nodelist) if not usable(states.get(node, "down"))]:
+        if down := unusable(expand_hostlist(pinned), states):
             return advice + (
                 f"; of those, these take no jobs (down, drained or gone from the partition): {', '.join(down)}. To "
                 f"train without them, trigger again with exclude_nodes={','.join(down)}"
@@ -258,11 +272,15 @@ class SlurmSubmitJobOperator(BaseOperator):
         """Cancel the job and wait until Slurm no longer lists it, so that a retry submits a new one rather than
         re-attaching to it; say what became of it."""
         try:
-            SlurmHook(self.slurm_conn_id, self.head_node).cancel_and_wait(self.job_name)
+            self._hook().cancel_and_wait(self.job_name)
         except ClusterCommandError as err:
             self.log.exception("Could not cancel Slurm job %s (%s)", job_id, self.job_name)
             return f"cancelling it failed ({err})"
         return "cancelled it"
+
+    def _hook(self) -> SlurmHook:
+        """The hook to the job's cluster: through its head node, checking its host keys, where the run created it."""
+        return SlurmHook(self.slurm_conn_id, self.head_node, self.head_node_host_keys or ())
 
     def _nodelist_args(self) -> list[str]:
         """``--nodelist`` for a new job pinned to ``nodelist``: with ``--nodes``, the job takes exactly those."""
@@ -305,6 +323,7 @@ def submit_prepared_slurm_job(task_id: str, job: Any, **kwargs: Any) -> SlurmSub
         pending_timeout=PENDING_TIMEOUT_S,
         slurm_conn_id=job["slurm_conn_id"],
         head_node=job["head_node"],
+        head_node_host_keys=job["head_node_host_keys"],
         submitted_after=job["submitted_after"],
         nodelist=job["nodelist"],
         queue=TRAINING_QUEUE,

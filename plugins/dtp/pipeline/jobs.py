@@ -127,7 +127,7 @@ def _prepare_off_slurm(
 
 def _write_job(
     hook: SlurmHook, spec: dict[str, Any], workdir: Path, kind: str, script: str, job_name: str, nodelist: str = ""
-) -> dict[str, str | None]:
+) -> dict[str, Any]:
     """Write the batch script and its log folder; return what the Slurm operator needs to submit it. The script is
     its owner's alone: it exports the run's extra_env, which may hold tokens, and sbatch reads it as that user.
     ``nodelist``: the nodes the operator submits the job to (``pinned_nodes``; "": any of the partition's)."""
@@ -137,6 +137,7 @@ def _write_job(
     return {
         "slurm_conn_id": hook.slurm_conn_id,
         "head_node": hook.head_node,
+        "head_node_host_keys": hook.head_node_host_keys,
         "script_path": str(script_path),
         "output_path": str(workdir / "logs" / f"{kind}-%j.out"),
         "job_name": job_name,

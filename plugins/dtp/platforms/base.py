@@ -132,6 +132,18 @@ class DeferrableTeardownPlatform(Protocol):
         or one of them cannot be deleted, or the platform's deletion deadline passed."""
 
 
+@runtime_checkable
+class PinnedHeadNodePlatform(Protocol):
+    """A platform that creates its Slurm cluster's head node per run and reaches it over ssh (ParallelCluster): the
+    head node's host keys, known only once it is up, are recorded beside its address, and every ssh connection to
+    it checks them (``dtp.hooks.head_node_ssh``)."""
+
+    def head_node_host_keys(self, cluster: dict[str, Any]) -> list[str]:
+        """The host keys of the ready ``cluster``'s head node, each ``<type> <base64>``, read where the platform's
+        service keeps them (``dtp.platforms.host_keys``); none where its SSH connection checks no host keys. Raises
+        while they are not known."""
+
+
 def stop_before_delete(stop: Callable[[], list[str]]) -> list[str]:
     """``stop()``: the run's jobs stopped before its cluster is deleted. A controller, head node or API it cannot
     reach (ssh, SSM, Kubernetes, a missing connection) is logged, not raised: deleting the cluster stops the jobs on

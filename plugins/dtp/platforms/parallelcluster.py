@@ -28,7 +28,7 @@ from pydantic import Field, model_validator
 from dtp.costs import FSX_SMALLEST_GIB, FSX_STEP_GIB, checkpoint_footprint_bytes, fsx_storage_gib_for
 from dtp.hooks.stacks import StackHook
 from dtp.params import TrainParams
-from dtp.platforms import capacity_reservations
+from dtp.platforms import capacity_reservations, host_keys
 from dtp.platforms.base import PlatformNotReady, PlatformSettings, stop_before_delete
 from dtp.platforms.containers import FSX_MOUNT, ngc_pytorch_image
 from dtp.platforms.pcluster_cli import WHERE_PCLUSTER_IS, PclusterCli
@@ -42,6 +42,10 @@ log = logging.getLogger(__name__)
 READY_STATES = ("CREATE_COMPLETE", "UPDATE_COMPLETE")
 # How long a deleted cluster may take to be gone (its own FSx file system included).
 DELETE_TIMEOUT_S = 3600
+# How often, and how far apart, deploy_cluster reads a ready cluster's head node's host keys from its console output,
+# which may lag the cluster's CREATE_COMPLETE by a little.
+HOST_KEY_READS = 4
+HOST_KEY_READ_INTERVAL_S = 15.0
 
 PROJECT_ROOT = INCLUDE_DIR.parent
 PCLUSTER_VENV = PROJECT_ROOT / ".venv-pcluster"
@@ -275,6 +279,23 @@ class ParallelClusterPlatform:
         event adds the head node's address."""
         return ParallelClusterCreateTrigger(cluster["cluster_name"], started_at=cluster["created_at"])
 
+    def head_node_host_keys(self, cluster: dict[str, Any]) -> list[str]:
+        """The host keys of the ready ``cluster``'s head node (``host_keys.head_node_host_keys``), its instance as
+        describe-cluster names it."""
+        described = self.cli.describe_cluster(cluster["cluster_name"]) or {}
+        return self._host_keys(described, reads=HOST_KEY_READS)
+
+    def _host_keys(self, described: dict[str, Any], reads: int = 1) -> list[str]:
+        instance_id = (described.get("headNode") or {}).get("instanceId")
+        return host_keys.head_node_host_keys(
+            instance_id,
+            head_node_address(described),
+            self.settings.slurm_conn_id,
+            self.aws_conn_id,
+            reads=reads,
+            interval_s=HOST_KEY_READ_INTERVAL_S,
+        )
+
     def stop_jobs(self, spec: dict[str, Any]) -> dict[str, Any]:
         """Cancel the run's Slurm jobs on the head node (none while the cluster is not up)."""
         name = self.cluster_name(spec)
@@ -317,7 +338,7 @@ class ParallelClusterPlatform:
     def _cancel_jobs(self, spec: dict[str, Any], described: dict[str, Any]) -> list[str]:
         from dtp.hooks.slurm import SlurmHook
 
-        hook = SlurmHook(self.settings.slurm_conn_id, head_node_address(described))
+        hook = SlurmHook(self.settings.slurm_conn_id, head_node_address(described), self._host_keys(described))
         return hook.cancel_and_wait(spec["names"]["slurm_job"], prefix=True)
 
 

@@ -9,7 +9,10 @@ of for ``lost_timeout`` seconds (slurmctld forgot it, and the cluster keeps no
 completion log or accounting) is reported lost rather than waited on forever. A
 job that stays PENDING for ``pending_timeout`` seconds (nodes down, a request
 the partition cannot meet) is reported with Slurm's reason for keeping it
-waiting; the clock starts again each time the job runs and is requeued. A poll
+waiting; the clock starts again each time the job runs and is requeued. A job
+pinned to nodes (``nodelist``) that is requeued (its node failed, say) while
+some of them take no jobs is unpinned from those: it would otherwise wait for
+them until the pending timeout (see ``_unpin_unusable_nodes``). A poll
 that cannot reach the cluster (a dropped ssh connection, a restarting sshd) is
 tried again on a new connection after a backoff, as the ssh provider's
 ``SSHRemoteJobTrigger`` does; so is one slurmctld does not answer (restarting,
@@ -44,6 +47,7 @@ from paramiko.ssh_exception import SSHException
 
 from dtp.hooks.shared_fs import ClusterCommandError
 from dtp.hooks.slurm import SlurmControllerUnreachable, SlurmHook, SlurmJob
+from dtp.hostlist import compress_hostlist, expand_hostlist
 from dtp.triggers.kill import task_still_deferred
 
 # What a poll raises when the cluster is out of reach for a while; socket.timeout is an OSError. A slurmctld that
@@ -68,8 +72,12 @@ class SlurmJobTrigger(BaseTrigger):
     cluster stays out of reach (``error``).
 
     :param head_node: the host the Slurm connection's ssh reaches instead of its own (see ``SlurmHook``)
+    :param head_node_host_keys: the host keys of ``head_node``, which its ssh checks (None, as a trigger deferred
+        before DTP pinned them has: the SSH connection says how its host key is checked)
     :param pending_timeout: seconds the job may stay PENDING at a stretch before it is reported (0: no limit)
     :param max_reconnect_attempts: polls in a row that may fail to reach the cluster before the trigger gives up
+    :param nodelist: the hostlist the job was pinned to when submitted (the nodes the run's preflight checked); a
+        requeued job is unpinned from those of them that take no jobs ("": it was not pinned)
     """
 
     def __init__(
@@ -86,6 +94,8 @@ class SlurmJobTrigger(BaseTrigger):
         # kwargs, and an unknown one would fail it, and the task. Ignored: reading starts at 0 anyway.
         log_offset: int = 0,
         max_reconnect_attempts: int = 10,
+        nodelist: str = "",
+        head_node_host_keys: list[str] | None = None,
     ) -> None:
         super().__init__()
         self.job_id = job_id
@@ -97,6 +107,8 @@ class SlurmJobTrigger(BaseTrigger):
         self.lost_timeout = lost_timeout
         self.pending_timeout = pending_timeout
         self.max_reconnect_attempts = max_reconnect_attempts
+        self.nodelist = nodelist
+        self.head_node_host_keys = head_node_host_keys
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         return (
@@ -111,13 +123,15 @@ class SlurmJobTrigger(BaseTrigger):
                 "lost_timeout": self.lost_timeout,
                 "pending_timeout": self.pending_timeout,
                 "max_reconnect_attempts": self.max_reconnect_attempts,
+                "nodelist": self.nodelist,
+                "head_node_host_keys": self.head_node_host_keys,
             },
         )
 
     @cached_property
     def hook(self) -> SlurmHook:
         """The hook of the trigger's polls and of its ``on_kill``."""
-        return SlurmHook(self.slurm_conn_id, self.head_node)
+        return SlurmHook(self.slurm_conn_id, self.head_node, self.head_node_host_keys or ())
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
         try:
@@ -188,6 +202,8 @@ class SlurmJobTrigger(BaseTrigger):
             if (job.state, job.reason) != logged:
                 self._log_state(job)
                 logged = (job.state, job.reason)
+            if self.nodelist and job.state == "PENDING" and job.restarts and job.required_nodes:
+                await self._unpin_unusable_nodes(hook, job)
             if job.state == "RUNNING" and time.monotonic() - last_progress > self.hang_timeout:
                 yield self._event("hung", job, log, message=f"no new log line for {self.hang_timeout:.0f}s")
                 return
@@ -211,7 +227,13 @@ class SlurmJobTrigger(BaseTrigger):
                 )
                 unavailable = await self._unavailable_nodes(hook)
                 yield self._event(
-                    "pending", job, log, reason=job.reason, message=message, unavailable_nodes=unavailable
+                    "pending",
+                    job,
+                    log,
+                    reason=job.reason,
+                    message=message,
+                    unavailable_nodes=unavailable,
+                    required_nodes=job.required_nodes,
                 )
                 return
             if job.state != "RUNNING":
@@ -223,6 +245,29 @@ class SlurmJobTrigger(BaseTrigger):
         nodes = f" on {job.nodes}" if job.nodes and job.nodes != "(null)" else ""
         reason = f", reason: {job.reason}" if job.reason and job.reason != "None" else ""
         self.log.info("Slurm job %s is %s%s%s", self.job_id, job.state, nodes, reason)
+
+    async def _unpin_unusable_nodes(self, hook: SlurmHook, job: SlurmJob) -> None:
+        """Unpin the requeued, pending ``job`` from those of its required nodes that take no jobs (down, drained,
+        failing), which Slurm would wait for until the pending timeout: the run resumes from its checkpoint on the
+        nodes it keeps and others of the partition, as a run on a cluster made for it does on a replaced node. Those
+        others were not preflight-checked, which the warning says. A cluster that cannot be asked is asked again
+        at the next poll."""
+        try:
+            dropped = await asyncio.to_thread(hook.unpin_unusable_nodes, job)
+        except (*CONNECTION_ERRORS, ClusterCommandError) as err:
+            self.log.warning("Could not unpin requeued Slurm job %s from nodes that take no jobs: %r", self.job_id, err)
+            return
+        if dropped:
+            kept = [node for node in expand_hostlist(job.required_nodes) if node not in dropped]
+            self.log.warning(
+                "Slurm job %s was requeued, and of the nodes it was pinned to (%s) these take no jobs (down, drained "
+                "or gone from the partition): %s. Unpinned it from them so that it does not wait for them: it "
+                "will run on %sother nodes of the partition, which the run's preflight did not check",
+                self.job_id,
+                job.required_nodes,
+                ", ".join(dropped),
+                f"{compress_hostlist(kept)} and " if kept else "",
+            )
 
     async def _unavailable_nodes(self, hook: SlurmHook) -> list[str]:
         """The partition's down and drained nodes with their reasons, for a job that never started; none when the
