@@ -1,6 +1,6 @@
-"""What the Batch platform tests share (test_platform_batch.py, test_batch_requests.py, test_batch_checks.py): the
-dtp_batch connection's settings, a network stack's outputs, a run's spec and its requests as the platform renders
-them."""
+"""What the Batch platform tests share (test_platform_batch.py, test_batch_requests.py, test_batch_checks.py,
+test_batch_provision.py): the dtp_batch connection's settings, a network stack's outputs, a run's spec and its requests
+as the platform renders them."""
 
 from __future__ import annotations
 

@@ -4,25 +4,16 @@ statusReason fails the task (the Batch requests: test_batch_requests.py)."""
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import pytest
 from airflow.sdk.exceptions import AirflowException, TaskDeferred
+from batch_support import NETWORK, spec_for, use_settings
 
-from dtp.form_params import parse_params
 from dtp.operators import cluster as cluster_operator
 from dtp.operators.cluster import DeployClusterOperator
-from dtp.params import TrainParams
-from dtp.pipeline.spec import run_spec
 from dtp.platforms.batch import BatchPlatform
 from dtp.triggers.batch import BatchJobQueueTrigger
-
-SETTINGS = {
-    "instance_role_arn": "arn:aws:iam::111122223333:instance-profile/dtp-ecs-instance",
-    "launch_template_id": "lt-0123456789abcdef0",
-}
-NETWORK = {"SecurityGroup": "sg-0123456789abcdef0", "PrivateSubnet": "subnet-0123456789abcdef0"}
 
 
 class FakeBatch:
@@ -87,7 +78,7 @@ class FakeBatch:
 @pytest.fixture
 def batch(monkeypatch: pytest.MonkeyPatch) -> FakeBatch:
     """The fake Batch behind every BatchPlatform, deploy_cluster's and the trigger's."""
-    monkeypatch.setenv("AIRFLOW_CONN_DTP_BATCH", json.dumps({"conn_type": "generic", "extra": SETTINGS}))
+    use_settings(monkeypatch)
     fake = FakeBatch()
     monkeypatch.setattr(BatchPlatform, "client", property(lambda _: fake))
     monkeypatch.setattr(cluster_operator, "get_platform", lambda name: BatchPlatform(poll_seconds=0.01))
@@ -96,8 +87,7 @@ def batch(monkeypatch: pytest.MonkeyPatch) -> FakeBatch:
 
 @pytest.fixture
 def operator() -> DeployClusterOperator:
-    conf = {"platform": "batch", "recipe": "tiny", "instance_type": "m5.2xlarge", "num_nodes": 1}
-    spec = run_spec(parse_params(TrainParams, conf), "train_e2e", "manual__2026-12-02T10:00:00+00:00")
+    spec = spec_for(recipe="tiny", instance_type="m5.2xlarge", num_nodes=1)
     return DeployClusterOperator(task_id="deploy_cluster", spec=spec, network=NETWORK)
 
 

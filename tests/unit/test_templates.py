@@ -20,7 +20,7 @@ from dtp.templates import TEMPLATE_DIR, UnsafeTemplateValue, render
 # Platform documents, rendered and validated against their services' schemas by each platform's own tests.
 PLATFORM_TEMPLATES = {
     "eks/pytorchjob.yaml.j2": "test_platform_eks.py",
-    "parallelcluster/cluster-config.yaml.j2": "test_platform_parallelcluster.py",
+    "parallelcluster/cluster-config.yaml.j2": "test_parallelcluster_config.py",
 }
 
 
