@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import json
 import logging
+from base64 import b64encode
 from pathlib import Path
 from typing import Any
 
 import paramiko
 import pytest
 from airflow.providers.ssh.hooks.ssh import SSHHook
+from botocore.exceptions import ClientError
 from botocore.stub import Stubber
 from parallelcluster_support import make_spec, use_settings
 
@@ -108,18 +110,26 @@ class _StubbedEc2:
         self.conn = client
 
 
-def test_an_instance_type_without_a_latest_console_output_gives_its_buffered_one(monkeypatch, offline_aws) -> None:
+def test_the_output_buffered_since_boot_is_read_first_then_the_latest(monkeypatch, offline_aws) -> None:
     import boto3
 
     client = boto3.client("ec2", region_name="us-east-1")
     monkeypatch.setattr(host_keys, "EC2Hook", lambda **kwargs: _StubbedEc2(client))
+    buffered, latest = {"InstanceId": "i-1"}, {"InstanceId": "i-1", "Latest": True}
+    printed = b64encode(CONSOLE_OUTPUT.encode()).decode()  # as EC2 sends it: botocore decodes it
     with Stubber(client) as stub:
-        latest = {"InstanceId": "i-1", "Latest": True}
-        stub.add_client_error("get_console_output", "UnsupportedOperation", expected_params=latest)
-        stub.add_response("get_console_output", {"Output": "", "InstanceId": "i-1"}, {"InstanceId": "i-1"})
-        assert host_keys.console_host_keys("i-1", "aws_default") == []
+        # The boot's output keeps the keys however long the head node runs: no need for the latest.
+        stub.add_response("get_console_output", {"Output": printed, "InstanceId": "i-1"}, buffered)
+        assert host_keys.console_host_keys("i-1", "aws_default") == [ECDSA, ED25519]
         stub.assert_no_pending_responses()
-        stub.add_client_error("get_console_output", "UnauthorizedOperation", expected_params=latest)
+        # Not posted yet: the latest output (Nitro), or none where the instance type keeps no latest one.
+        stub.add_response("get_console_output", {"Output": "", "InstanceId": "i-1"}, buffered)
+        stub.add_response("get_console_output", {"Output": printed, "InstanceId": "i-1"}, latest)
+        assert host_keys.console_host_keys("i-1", "aws_default") == [ECDSA, ED25519]
+        stub.add_response("get_console_output", {"Output": "", "InstanceId": "i-1"}, buffered)
+        stub.add_client_error("get_console_output", "UnsupportedOperation", expected_params=latest)
+        assert host_keys.console_host_keys("i-1", "aws_default") == []
+        stub.add_client_error("get_console_output", "UnauthorizedOperation", expected_params=buffered)
         with pytest.raises(client.exceptions.ClientError, match="UnauthorizedOperation"):
             host_keys.console_host_keys("i-1", "aws_default")
 
@@ -183,6 +193,25 @@ def test_an_ssh_connection_that_checks_no_host_keys_goes_on_unpinned_with_a_warn
         cluster = deployed(make_spec("llama3_1_8b", "p5.48xlarge", 2))
     assert (cluster["head_node"], cluster["head_node_host_keys"]) == ("10.0.0.7", [])
     assert "its host key is not pinned" in caplog.text and head_node in caplog.text
+
+
+def _unauthorized(instance_id: str, aws_conn_id: str) -> list[str]:
+    error = {"Error": {"Code": "UnauthorizedOperation", "Message": "not authorized"}}
+    raise ClientError(error, "GetConsoleOutput")
+
+
+def test_a_console_output_the_worker_may_not_read_fails_only_a_connection_that_checks_keys(
+    head_node, monkeypatch, caplog
+) -> None:
+    monkeypatch.setattr(host_keys, "console_host_keys", _unauthorized)
+    use_slurm_connection(monkeypatch)
+    with pytest.raises(HostKeysUnknown, match="the worker needs ec2:GetConsoleOutput") as unknown:
+        deployed(make_spec("llama3_1_8b", "p5.48xlarge", 2))
+    assert isinstance(unknown.value.__cause__, ClientError)
+    use_slurm_connection(monkeypatch, no_host_key_check="true")
+    with caplog.at_level(logging.WARNING, logger=host_keys.__name__):
+        assert deployed(make_spec("llama3_1_8b", "p5.48xlarge", 2))["head_node_host_keys"] == []
+    assert "UnauthorizedOperation" in caplog.text and "its host key is not pinned" in caplog.text
 
 
 def test_keys_that_show_in_the_console_output_late_are_read_again_and_recorded(head_node, monkeypatch) -> None:

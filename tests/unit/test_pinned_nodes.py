@@ -183,6 +183,9 @@ def test_a_pinned_job_whose_nodes_all_take_jobs_says_so(slurm: Sbatch) -> None:
         "them)"
     )
     assert "exclude_nodes" not in message
+    # Slurm writes the job's nodes in its own short form, not the one DTP pinned them in: still those preflight checked.
+    message = pending_timeout(slurm, "n1 idle\nn2 alloc\nn3 mix\n", {"required_nodes": "n[2-3]"}, nodelist="n3,n2")
+    assert "It may run only on n[2-3], the nodes the run's preflight checked; all of them take jobs" in message
 
 
 def test_a_pinned_job_says_how_to_train_without_a_node_when_sinfo_cannot_tell_which(slurm: Sbatch) -> None:

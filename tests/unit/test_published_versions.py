@@ -231,3 +231,15 @@ def test_a_backfill_whose_image_is_in_another_registry_trains_with_it_unchecked(
     with caplog.at_level(logging.WARNING, logger="dtp.images.published"):
         assert resolved(spec_of(BACKFILL, datetime.now(UTC)))[0] == elsewhere
     assert caplog.messages == [f"{IMAGE}: image {elsewhere} is not in the registry {REGISTRY}: not checked"]
+
+
+def test_a_backfill_with_no_registry_connection_trains_with_its_image_unchecked(
+    ssm, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    publish(ssm, 1)
+    monkeypatch.delenv("AIRFLOW_CONN_CONTAINER_REGISTRY")
+    with caplog.at_level(logging.WARNING, logger="dtp.images.published"):
+        assert resolved(spec_of(BACKFILL, datetime.now(UTC)))[0] == image(1)
+    assert caplog.messages == [
+        f"{IMAGE}: image {image(1)}: no connection 'container_registry' to check its registry with: not checked"
+    ]

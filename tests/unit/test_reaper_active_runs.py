@@ -131,7 +131,7 @@ def test_a_run_state_the_api_server_cannot_give_is_an_error_not_a_deletion(monke
 class Cluster:
     """The Slurm hook _write_job writes a job's script and log folder through."""
 
-    slurm_conn_id, head_node = "slurm_default", None
+    slurm_conn_id, head_node, head_node_host_keys = "slurm_default", None, []
 
     def write_file(self, path: str, text: str, mode: int = 0o644) -> None:
         pass

@@ -21,6 +21,7 @@ from datetime import datetime
 from typing import Any
 
 from airflow.providers.amazon.aws.hooks.ssm import SsmHook
+from airflow.sdk.exceptions import AirflowNotFoundException
 from botocore.exceptions import ClientError
 
 from dtp.hooks.ami import AmiHook
@@ -51,8 +52,14 @@ def published_image(ssm: SsmHook, registry: ContainerRegistryHook, parameter: st
     if not version:
         return ""
     image = str(version["Value"])
-    if not image.startswith(f"{registry.registry}/"):
-        log.warning("%s: image %s is not in the registry %s: not checked", parameter, image, registry.registry)
+    try:
+        registry_host = registry.registry
+    except AirflowNotFoundException:
+        conn_id = registry.registry_conn_id
+        log.warning("%s: image %s: no connection %r to check its registry with: not checked", parameter, image, conn_id)
+        return image
+    if not image.startswith(f"{registry_host}/"):
+        log.warning("%s: image %s is not in the registry %s: not checked", parameter, image, registry_host)
     elif not registry.has_image(image):
         raise PlatformNotReady(
             f"{parameter}: version {version['Version']}, written {version['LastModifiedDate'].isoformat()}, which the "

@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING, Any
 from dtp.params_env import mask_extra_env
 
 if TYPE_CHECKING:
+    from collections.abc import Iterable
+
     import jinja2
     from airflow.sdk import BaseOperator
 
@@ -23,10 +25,19 @@ class ExtraEnvMaskingMixin(_Operator):
     job's env list) and the task's log (a provider's log of the job it submits) would show them. List it before the
     operator class: ``class SaveCheckpointOperator(ExtraEnvMaskingMixin, BaseOperator)``.
 
-    It hooks ``render_template_fields``, which a mapped task (``.expand()``) never calls on the task it unmaps: a
-    mapped operator would need ``SpecTaskOperator``'s hook (``dtp.pipeline.spec_tasks``) instead.
+    It masks them in ``_do_render_template_fields``, which both ways of rendering reach: the operator's own
+    ``render_template_fields``, and a mapped task's (``MappedOperator.render_template_fields``), which calls it on the
+    task it unmaps, never that task's ``render_template_fields``, once the run's params are in the context.
     """
 
-    def render_template_fields(self, context: Any, jinja_env: jinja2.Environment | None = None) -> None:
-        mask_extra_env(context["params"])
-        super().render_template_fields(context, jinja_env)
+    def _do_render_template_fields(
+        self,
+        parent: Any,
+        template_fields: Iterable[str],
+        context: Any,
+        jinja_env: jinja2.Environment,
+        seen_oids: set[int],
+    ) -> None:
+        if parent is self:  # not again for each templated object nested in the fields
+            mask_extra_env(context["params"])
+        super()._do_render_template_fields(parent, template_fields, context, jinja_env, seen_oids)

@@ -245,7 +245,7 @@ class SlurmSubmitJobOperator(BaseOperator):
             return ""
         advice = (
             f". It may run only on {pinned}, the nodes the run's preflight checked"
-            if pinned == self.nodelist
+            if set(expand_hostlist(pinned)) == set(expand_hostlist(self.nodelist))  # Slurm may write it otherwise
             else f". It must run on {pinned}: of the nodes the run's preflight checked ({self.nodelist}), those it "
             "was not unpinned from when requeued"
         )

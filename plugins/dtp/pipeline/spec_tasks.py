@@ -13,36 +13,17 @@ from typing import TYPE_CHECKING, Any
 from airflow.providers.standard.decorators.python import _PythonDecoratedOperator
 from airflow.sdk.bases.decorator import task_decorator_factory
 
-from dtp.params_env import mask_extra_env
+from dtp.operators.masking import ExtraEnvMaskingMixin
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable
-
-    import jinja2
     from airflow.sdk.bases.decorator import TaskDecorator
 
 
-class SpecTaskOperator(_PythonDecoratedOperator):
+class SpecTaskOperator(ExtraEnvMaskingMixin, _PythonDecoratedOperator):
     """The operator of a ``@spec_task``: ``@task``'s (the standard provider's decorated PythonOperator), masking the
-    run's ``extra_env`` values in its process before its arguments are rendered, so neither the Rendered Template
-    tab nor its log (a returned PyTorchJob manifest's env list, say) shows them.
-
-    It masks them in ``_do_render_template_fields``, which both ways of rendering reach: the operator's own
-    ``render_template_fields``, and a mapped task's (``MappedOperator.render_template_fields``), which calls it on the
-    task it unmaps, never that task's ``render_template_fields``, once the run's params are in the context.
-    """
-
-    def _do_render_template_fields(
-        self,
-        parent: Any,
-        template_fields: Iterable[str],
-        context: Any,
-        jinja_env: jinja2.Environment,
-        seen_oids: set[int],
-    ) -> None:
-        if parent is self:  # not again for each templated object nested in the arguments
-            mask_extra_env(context["params"])
-        super()._do_render_template_fields(parent, template_fields, context, jinja_env, seen_oids)
+    run's ``extra_env`` values in its process before its arguments are rendered (``ExtraEnvMaskingMixin``, mapped
+    or not), so neither the Rendered Template tab nor its log (a returned PyTorchJob manifest's env list, say) shows
+    them."""
 
 
 def spec_task(**kwargs: Any) -> TaskDecorator:

@@ -50,17 +50,20 @@ def parse_host_keys(console_output: str) -> list[str]:
 
 
 def console_host_keys(instance_id: str, aws_conn_id: str | None) -> list[str]:
-    """The host keys in the instance's console output (``parse_host_keys``): its latest output, where its instance
-    type keeps one (Nitro), else the output buffered at its last boot."""
+    """The host keys in the instance's console output (``parse_host_keys``): the output buffered since its last
+    boot, which keeps them however long the instance runs, else (not posted yet) its latest, where its instance type
+    keeps one (Nitro: the last 64 KiB, which a long-running head node's kernel messages push the keys out of)."""
     ec2 = EC2Hook(aws_conn_id=aws_conn_id, api_type="client_type").conn
+    # botocore decodes the base64 Output; an instance that printed nothing yet has none.
+    if keys := parse_host_keys(ec2.get_console_output(InstanceId=instance_id).get("Output") or ""):
+        return keys
     try:
-        output = ec2.get_console_output(InstanceId=instance_id, Latest=True)
+        latest = ec2.get_console_output(InstanceId=instance_id, Latest=True)
     except ClientError as err:
         if err.response.get("Error", {}).get("Code") != "UnsupportedOperation":
             raise
-        output = ec2.get_console_output(InstanceId=instance_id)
-    # botocore decodes the base64 Output; an instance that printed nothing yet has none.
-    return parse_host_keys(output.get("Output") or "")
+        return []
+    return parse_host_keys(latest.get("Output") or "")
 
 
 def checks_host_keys(slurm_conn_id: str) -> bool:
@@ -86,7 +89,12 @@ def head_node_host_keys(
     up to ``reads`` times, ``interval_s`` apart. None found: ``HostKeysUnknown``, unless the Slurm connection's ssh
     checks no host keys (``checks_host_keys``), which is logged (nothing is pinned)."""
     for read in range(1, reads + 1):
-        if instance_id and (keys := console_host_keys(instance_id, aws_conn_id)):
+        try:
+            keys = console_host_keys(instance_id, aws_conn_id) if instance_id else []
+        except ClientError as err:  # no ec2:GetConsoleOutput, say: only a connection that checks keys must fail
+            why = f"reading the console output of {instance_id} failed ({err}; the worker needs ec2:GetConsoleOutput)"
+            return _unpinned(head_node, why, slurm_conn_id, err)
+        if keys:
             log.info(
                 "Host keys of head node %s (%s), from its console output: %s", head_node, instance_id, ", ".join(keys)
             )
@@ -94,17 +102,23 @@ def head_node_host_keys(
         if read < reads:
             time.sleep(interval_s)
     where = f"the console output of {instance_id}" if instance_id else "describe-cluster, which names no instance"
+    return _unpinned(head_node, f"no SSH host key of it is in {where} yet", slurm_conn_id)
+
+
+def _unpinned(head_node: str, why: str, slurm_conn_id: str, cause: Exception | None = None) -> list[str]:
+    """No host key for ``head_node`` (``why``): none pinned where the Slurm connection's ssh checks none, logged;
+    else ``HostKeysUnknown``."""
     if not checks_host_keys(slurm_conn_id):
         log.warning(
-            "No host key of head node %s in %s, and connection %r checks none: its host key is not pinned, so its "
-            "ssh does not protect against a man in the middle",
+            "Head node %s: %s, and connection %r checks no host key: its host key is not pinned, so its ssh does "
+            "not protect against a man in the middle",
             head_node,
-            where,
+            why,
             slurm_conn_id,
         )
         return []
     raise HostKeysUnknown(
-        f"head node {head_node} is up, but no SSH host key of it is in {where} yet, so its ssh cannot be checked; "
-        f'a retry of the task reads it again (to accept any host key instead, set "no_host_key_check": true in '
-        f"the extra of the SSH connection of {slurm_conn_id!r})"
-    )
+        f"head node {head_node} is up, but {why}, so its ssh cannot be checked; a retry of the task reads it again "
+        f'(to accept any host key instead, set "no_host_key_check": true in the extra of the SSH connection of '
+        f"{slurm_conn_id!r})"
+    ) from cause
