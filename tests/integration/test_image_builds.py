@@ -135,6 +135,13 @@ def test_buildah_builds_pushes_and_the_registry_holds_the_digest(stack, tmp_path
     with urllib.request.urlopen(f"http://{stack.registry}/v2/{repository}/tags/list") as response:
         assert tag in response.read().decode()
 
+    # The worker keeps no copy of what it pushed: the runs pull it from the registry.
+    images = subprocess.run(
+        ["buildah", "--storage-driver", "vfs", "images", "--format", "{{.Name}}:{{.Tag}}"],
+        capture_output=True, text=True, check=True,
+    ).stdout.split()  # fmt: skip
+    assert first["tag"] not in images
+
     again = _build(build_args={"DTP_TRAINING_VERSION": version})
     assert (again["digest"], again["built"]) == (first["digest"], False)
     changed = _build(build_args={"DTP_TRAINING_VERSION": version + "b"})

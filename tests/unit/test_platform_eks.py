@@ -121,9 +121,10 @@ def test_command_runs_the_trainer_with_the_runs_config_from_the_image() -> None:
     assert len(env) == len(set(env))  # extra_env overrides a default instead of repeating it
     assert {"name": "NCCL_DEBUG", "value": "INFO"} in container(job)["env"]
     assert {"name": "OMP_NUM_THREADS", "value": "4"} in container(job)["env"]
-    # Restarts and the budget's time limit, as on Slurm.
+    # Restarts and the budget's time limit, as on Slurm; pods still running when the job ends free their nodes.
     assert job["spec"]["runPolicy"] == {
         "backoffLimit": 3,
+        "cleanPodPolicy": "Running",
         "activeDeadlineSeconds": spec["training_time_limit_minutes"] * 60,
     }
 
@@ -141,7 +142,8 @@ def test_a_retrys_job_is_the_rendered_one_with_what_is_left_of_its_deadline(kube
             hook.ensure_job(kubernetes, job, 600)
     (method, _, _, body), *_ = kubernetes_api.requests
     sent = json.loads(body)
-    assert method == "POST" and sent["spec"]["runPolicy"] == {"backoffLimit": 3, "activeDeadlineSeconds": 600}
+    sent_policy = {"backoffLimit": 3, "cleanPodPolicy": "Running", "activeDeadlineSeconds": 600}
+    assert method == "POST" and sent["spec"]["runPolicy"] == sent_policy
     assert {**sent["spec"], "runPolicy": job["spec"]["runPolicy"]} == job["spec"]
     assert EksPlatform().check({"pytorchjob.yaml": yaml.safe_dump(sent)}) == []
 

@@ -90,6 +90,13 @@ class ImageBuilder:
         )
         return digest_file.read_text().strip()
 
+    def remove(self, ref: str) -> None:
+        """Remove the local copy of ``ref`` once it is pushed (its base images stay, for the next build): every
+        build is gigabytes on the worker's disk (buildah's vfs storage copies each layer whole), and nothing reads
+        it again: the runs pull the image from the registry."""
+        argv = ["docker", "image", "rm", ref] if self.tool == "docker" else [*self._base(), "rmi", ref]
+        self._stream(argv, lambda line: None, env=None)
+
     def stop(self, grace_seconds: float = 10.0) -> None:
         """Stop the build or push under way, and everything it started (a killed task's ``on_kill``)."""
         if self._process is not None:

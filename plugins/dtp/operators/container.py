@@ -8,7 +8,7 @@ from typing import Any
 
 from airflow.sdk import BaseOperator
 
-from dtp.hooks.image_builder import ImageBuilder
+from dtp.hooks.image_builder import ContainerBuildError, ImageBuilder
 from dtp.hooks.packer import fingerprint
 from dtp.hooks.registry import ContainerRegistryHook
 
@@ -74,8 +74,11 @@ class ContainerImageBuildOperator(BaseOperator):
             self.log.info("Building %s with %s", ref, builder.tool)
             registry.ensure_repository(self.repository, self.labels)
             builder.build(context_dir, dockerfile, ref, self.build_args, self.labels, self.log.info)
-            with registry.auth_file() as auth:
-                digest = builder.push(ref, auth, registry.tls_verify, self.log.info)
+            try:
+                with registry.auth_file() as auth:
+                    digest = builder.push(ref, auth, registry.tls_verify, self.log.info)
+            finally:
+                self._remove_local(builder, ref)
         return {
             "image": f"{registry.registry}/{self.repository}@{digest}",
             "tag": ref,
@@ -83,6 +86,14 @@ class ContainerImageBuildOperator(BaseOperator):
             "built": built,
             "build_args": self.build_args,
         }
+
+    def _remove_local(self, builder: ImageBuilder, ref: str) -> None:
+        """Free the worker's disk of the built image, pushed or not (a retry builds again either way); a removal
+        that fails is logged, not raised: it changes nothing the task did."""
+        try:
+            builder.remove(ref)
+        except ContainerBuildError as err:
+            self.log.warning("Could not remove %s from this worker's %s storage: %s", ref, builder.tool, err)
 
     def on_kill(self) -> None:
         if self._builder is not None:
