@@ -22,6 +22,10 @@ RESERVED_ENV = frozenset(
         # bash's read-only variables: exporting one ends the job script under set -e; and those bash evaluates as
         # arithmetic, where a value that is not a number does the same.
         *("UID", "EUID", "PPID", "SHELLOPTS", "BASHOPTS", "RANDOM", "SRANDOM", "OPTIND", "HISTCMD"),
+        # Variables bash sets or computes itself as it runs (the last command's path, the seconds since it started,
+        # the directory, the nesting of shells, ...): a job's processes would not get the value the run gave.
+        *("_", "SECONDS", "LINENO", "BASHPID", "EPOCHSECONDS", "EPOCHREALTIME", "GROUPS", "FUNCNAME", "DIRSTACK"),
+        *("PIPESTATUS", "BASH", "SHLVL", "PWD", "OLDPWD"),
         *("RDZV_HOST", "RDZV_PORT", "FIRST_NODE", "ATTEMPT", "ATTEMPTS", "LATEST", "LOAD_PATH", "NSYS", "TRAIN"),
         *("LAUNCH", "STATUS", "STOP_FILE", "NCCOM_HOSTS", "NEURON_RT_ROOT_COMM_ID"),
         *("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE"),
@@ -65,16 +69,32 @@ def check_extra_env(env: dict[str, str]) -> dict[str, str]:
                 "has (such as aws-ofi or none)"
             )
         if name in RESERVED_ENV or name.startswith(RESERVED_ENV_PREFIXES):
-            raise ValueError(f"variable {name!r} is set by the pipeline and cannot be overridden")
+            raise ValueError(
+                f"variable {name!r} is set by the pipeline, Slurm or the job's shell and cannot be overridden"
+            )
         if len(value) > 4096 or any(c in value for c in "\0\n\r"):
             raise ValueError(f"value of {name!r} must be one line of at most 4096 characters")
+        if not _is_unicode(value):
+            raise ValueError(f"value of {name!r} must be Unicode text: it has a lone surrogate (such as \\ud800)")
     return env
 
 
+def _is_unicode(text: str) -> bool:
+    """Whether ``text`` encodes as UTF-8, as the job script that exports it is written: a JSON conf can carry a lone
+    surrogate (``"\\ud800"``), which no file can hold; the job would fail writing its script, after its cluster."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def describe_extra_env(env: Any) -> str:
-    """What extra_env (or one of its values) was, without a value: a mapping's names, else its type."""
+    """What extra_env (or one of its values) was, without a value: a mapping's names, else its type. A name that is
+    not a variable's is quoted: a line break in it would start a line of its own in the refusal."""
     if isinstance(env, Mapping):
-        return f"a mapping with {', '.join(map(str, env))}" if env else "an empty mapping"
+        names = (name if isinstance(name, str) and ENV_NAME.fullmatch(name) else repr(name) for name in env)
+        return f"a mapping with {', '.join(names)}" if env else "an empty mapping"
     return f"a value of type {type(env).__name__}"
 
 

@@ -1,5 +1,6 @@
 """extra_env in validate_params: a refusal names the variables but shows no value (a token, some), and variables
-that would have the job's processes load code from outside their image are refused, whoever sets them."""
+that would have the job's processes load code from outside their image are refused, whoever sets them, as are those
+bash sets itself."""
 
 from __future__ import annotations
 
@@ -67,3 +68,26 @@ def test_the_variables_of_nccl_libfabric_torch_cuda_hf_and_openmp_are_accepted()
         "PYTHONUNBUFFERED": "1",
     }
     assert validate_params({"extra_env": env}).extra_env == env
+
+
+@pytest.mark.parametrize("name", ["_", "SECONDS", "LINENO", "PIPESTATUS", "SHLVL", "PWD", "BASH"])
+def test_variables_bash_sets_itself_are_refused(name: str) -> None:
+    """bash gives these its own values as the job script runs (test_shell_safety_properties.py found them): the
+    training step would not get the run's."""
+    message = refuse({"extra_env": {name: "1"}})
+    assert f"variable {name!r} is set by the pipeline, Slurm or the job's shell and cannot be overridden" in message
+
+
+def test_a_value_with_a_lone_surrogate_is_refused_without_being_shown() -> None:
+    """A JSON conf can carry "\\ud800", which no job script can hold: refused before the cluster exists."""
+    message = refuse({"extra_env": {"HF_TOKEN": "hf_SECRET\ud800"}})
+    assert "value of 'HF_TOKEN' must be Unicode text: it has a lone surrogate (such as \\ud800)" in message
+    assert "hf_SECRET" not in message
+
+
+def test_a_malformed_name_is_quoted_so_that_the_refusal_keeps_one_problem_a_line() -> None:
+    message = refuse({"extra_env": {"A\nrecipe: fine": "1"}})
+    assert message.split("\n")[1:] == [
+        "extra_env: got a mapping with 'A\\nrecipe: fine'; variable name 'A\\nrecipe: fine' must match "
+        "^[A-Z_][A-Z0-9_]{0,63}$"
+    ]

@@ -202,7 +202,7 @@ class SharedFilesystemHook(BaseHook):
             os.makedirs(os.path.dirname(path), exist_ok=True)
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             os.fchmod(fd, mode)
-            with os.fdopen(fd, "w") as fh:
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:  # as over ssh: not the worker's locale's encoding
                 fh.write(text)
         else:
             self.run(["mkdir", "-p", os.path.dirname(path)])
