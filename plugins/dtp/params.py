@@ -38,6 +38,9 @@ NODES_OUTLIVE_RUNS = ("local",)
 # Platforms whose jobs can be Kubeflow PyTorchJobs (hyperpod: where its connection names an EKS orchestrator): only
 # there can a run ask for a gang scheduler (gang_scheduler); Slurm and AWS Batch start a job's nodes together anyway.
 KUBERNETES_PLATFORMS = ("eks", "hyperpod")
+# The longest expiry_hours a run may have: the longest its resources live, and so the longest a run may still boot
+# nodes from the AMI it resolved when it started (the reaper keeps an AMI SSM pointed at within it).
+MAX_EXPIRY_HOURS = 720
 
 
 class ClusterParams(FormParams):
@@ -73,7 +76,7 @@ class ClusterParams(FormParams):
     expiry_hours: float = Field(
         24,
         gt=0,
-        le=720,
+        le=MAX_EXPIRY_HOURS,
         title="Expiry (hours)",
         description="Tagged expiry of every resource; the reaper deletes past it.",
     )

@@ -220,10 +220,10 @@ def test_the_stacks_of_a_run_still_running_are_kept_whatever_their_expiry(cloudf
 def test_a_kind_that_cannot_be_looked_for_stops_no_other_kind_and_fails_the_reap(
     cloudformation, networks, monkeypatch
 ) -> None:
-    def no_images(*args: object) -> set[str]:
+    def no_images(*args: object) -> list[Expired]:
         raise ClientError({"Error": {"Code": "ThrottlingException", "Message": "Rate exceeded"}}, "GetParameters")
 
-    monkeypatch.setattr("dtp.reaper.aws.published_amis", no_images)
+    monkeypatch.setattr("dtp.reaper.aws.expired_amis", no_images)
     cloudformation.add_response(
         "describe_stacks", {"Stacks": [_stack(NETWORK, "CREATE_COMPLETE", _tags(RUN_KEY, EXPIRED))]}, {}
     )

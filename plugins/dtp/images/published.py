@@ -8,7 +8,8 @@ its date), so the history it fills in measures what a run of that date would
 have trained with, not today's image.
 
 The AMI so read may be gone: the reaper deregisters an AMI once its retain_days
-have passed, sparing only those SSM points runs at now. So may the container
+have passed, sparing only those a run may still boot (SSM points at them, or did
+within the longest a run lives, or an instance uses them). So may the container
 image: ECR's lifecycle policy expires all but a repository's newest images.
 Such a run is refused while its images are resolved, before its network or
 cluster exists, not when its nodes fail to pull the image.
@@ -73,7 +74,7 @@ def published_image(ssm: SsmHook, registry: ContainerRegistryHook, parameter: st
 def published_ami(ssm: SsmHook, ec2: AmiHook, parameter: str, as_of: datetime | None) -> str:
     """The AMI id the SSM parameter ``parameter`` holds, as ``published_image`` reads it. With ``as_of``, refused
     (``PlatformNotReady``) when that AMI no longer exists: the reaper deregisters an AMI once its retain_days have
-    passed, sparing only those SSM points runs at now, so nodes could not boot it."""
+    passed, sparing only those a run may still boot (dtp.reaper.amis), so nodes could not boot it."""
     if as_of is None:
         return ssm.get_parameter_value(parameter, default="")
     version = _version_as_of(ssm, parameter, as_of)

@@ -13,13 +13,13 @@ from airflow.providers.amazon.aws.hooks.s3 import S3Hook
 from airflow.providers.amazon.aws.hooks.ssm import SsmHook
 from botocore.exceptions import ClientError
 
-from dtp.hooks.ami import snapshot_ids
 from dtp.hooks.hyperpod import HyperPodHook
 from dtp.hooks.stacks import StackHook
 from dtp.hooks.sweeper import RunResourceSweeper
-from dtp.images.ami import AMI_PARAMETER_PATH, BUILDER_TAG
+from dtp.images.ami import BUILDER_TAG
 from dtp.naming import EXPIRES_TAG, tags_dict
 from dtp.reaper.active_runs import spare_active_runs, spare_other_installations
+from dtp.reaper.amis import expired_amis
 from dtp.reaper.expired import RUN, Expired, is_expired
 
 log = logging.getLogger(__name__)
@@ -42,10 +42,11 @@ def find_expired_in_aws(
     aws_conn_id: str, now: datetime | None = None, *, active: Callable[[str, str], bool], installation: str
 ) -> AwsFindings:
     """The account's expired stacks (network and ParallelCluster cluster stacks), buckets, VPCs, HyperPod clusters,
-    Batch environments, builder instances, unpublished AMIs and the snapshots AMIs left behind, less those of a run
-    of another installation than ``installation`` within a day of their expiry (``spare_other_installations``) and
-    those of a run ``active`` says is queued or running. Each kind is looked for on its own: one whose lookup fails
-    (an API down, a permission missing) is logged and named in ``unsearched``, and the others are still found."""
+    Batch environments, builder instances, AMIs no run may still boot and the snapshots AMIs left behind
+    (``expired_amis``, which logs the AMIs a bake left untagged), less those of a run of another installation than
+    ``installation`` within a day of their expiry (``spare_other_installations``) and those of a run ``active`` says
+    is queued or running. Each kind is looked for on its own: one whose lookup fails (an API down, a permission
+    missing) is logged and named in ``unsearched``, and the others are still found."""
     now = now or datetime.now(UTC)
     ec2 = RunResourceSweeper(aws_conn_id=aws_conn_id)  # one EC2 client, made at the first lookup that needs it
     lookups: dict[str, Callable[[], list[Expired]]] = {
@@ -55,7 +56,7 @@ def find_expired_in_aws(
         "hyperpod_cluster": lambda: expired_hyperpod_clusters(HyperPodHook(aws_conn_id=aws_conn_id), now),
         "batch": lambda: expired_batch_environments(BatchClientHook(aws_conn_id=aws_conn_id).client, now),
         "builder_instance": lambda: expired_builder_instances(ec2.conn, now),
-        "ami": lambda: expired_amis(ec2.conn, published_amis(aws_conn_id), now),
+        "ami": lambda: expired_amis(ec2.conn, SsmHook(aws_conn_id=aws_conn_id).conn, now),
     }
     found: list[Expired] = []
     unsearched: dict[str, str] = {}
@@ -141,27 +142,3 @@ def expired_builder_instances(ec2: Any, now: datetime) -> list[Expired]:
                 run_key = tags.get(RUN, instance["InstanceId"])
                 found.append(Expired.from_tags("builder_instance", instance["InstanceId"], tags, run_key))
     return found
-
-
-def expired_amis(ec2: Any, published: set[str], now: datetime) -> list[Expired]:
-    """Expired AMIs SSM does not point at (disabled ones too: their snapshots still cost), and expired snapshots
-    no AMI uses any more (an AMI deregistered whose snapshot could not be deleted then)."""
-    found, in_use = [], set()  # the snapshots of an AMI reaped now go with it (AmiHook.deregister_image)
-    for image in ec2.describe_images(Owners=["self"], IncludeDisabled=True)["Images"]:
-        in_use.update(snapshot_ids(image))
-        tags = tags_dict(image.get("Tags", []))
-        if RUN in tags and is_expired(tags.get(EXPIRES_TAG), now) and image["ImageId"] not in published:
-            found.append(Expired.from_tags("ami", image["ImageId"], tags))
-    snapshots = ec2.describe_snapshots(OwnerIds=["self"], Filters=[{"Name": "tag-key", "Values": [RUN]}])
-    for snapshot in snapshots["Snapshots"]:
-        tags = tags_dict(snapshot.get("Tags", []))
-        if is_expired(tags.get(EXPIRES_TAG), now) and snapshot["SnapshotId"] not in in_use:
-            found.append(Expired.from_tags("snapshot", snapshot["SnapshotId"], tags))
-    return found
-
-
-def published_amis(aws_conn_id: str) -> set[str]:
-    """The AMIs that SSM ``/dtp/amis/*`` points runs at: never reaped, whatever their expiry."""
-    ssm = SsmHook(aws_conn_id=aws_conn_id).conn
-    pages = ssm.get_paginator("get_parameters_by_path").paginate(Path=AMI_PARAMETER_PATH, Recursive=True)
-    return {parameter["Value"] for page in pages for parameter in page["Parameters"]}
