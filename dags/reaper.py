@@ -1,23 +1,25 @@
 """reaper: delete what DTP runs left behind past their expiry.
 
 Every resource a run creates carries a ``dtp:expires-at`` tag (Slurm jobs carry
-it in their comment, run directories on the shared filesystem in their
-``run.json``, and the directories runs share there, dataset mirrors and unpacked
-images, in a lease of each run that used them). Hourly, this DAG finds those past
-expiry (CloudFormation stacks, VPC pieces, S3 buckets, HyperPod and ParallelCluster
-clusters, Batch compute environments, baked AMIs and their snapshots, packer builder
-instances, Slurm jobs, run directories, and the shared directories whose every lease
-has expired) and deletes them in dependency order, each in its own find/delete
-pair: the AWS account, the ``slurm_default`` cluster, then the shared filesystem
-the training worker mounts (where EKS and Batch runs keep their run
-directories); an AMI that SSM
-``/dtp/amis/*`` still publishes is kept, and so is everything of a DAG run
-still queued or running here (a task cleared after its run's expiry recreates
-what it needs with that expiry), and for a day past its expiry what another
-Airflow installation's run made in the account (``dtp:installation``): this one
-cannot ask that installation whether the run still goes. A kind of AWS resource
-that cannot be looked for fails its pair once the others are deleted. Trigger it
-with ``dry_run`` to see what it would delete.
+it in their comment, PyTorchJobs in a ``dtp.dev/expires-at`` annotation, run
+directories on the shared filesystem in their ``run.json``, and the directories
+runs share there, dataset mirrors and unpacked images, in a lease of each run
+that used them). Hourly, this DAG finds those past expiry (CloudFormation stacks,
+VPC pieces, S3 buckets, HyperPod and ParallelCluster clusters, Batch compute
+environments, baked AMIs and their snapshots, packer builder instances,
+PyTorchJobs on the EKS clusters of ``dtp_eks`` and HyperPod on EKS, Slurm jobs,
+run directories, and the shared directories whose every lease has expired) and
+deletes them in dependency order, each in its own find/delete pair: the AWS
+account, the EKS clusters, the ``slurm_default`` cluster, then the shared
+filesystem the training worker mounts (where EKS and Batch runs keep their run
+directories); an AMI that SSM ``/dtp/amis/*`` still publishes is kept, and so is
+everything of a DAG run still queued or running here (a task cleared after its
+run's expiry recreates what it needs with that expiry), and for a day past its
+expiry what another Airflow installation's run made in the account
+(``dtp:installation``): this one cannot ask that installation whether the run
+still goes. A kind of AWS resource, or an EKS cluster, that cannot be looked for
+fails its pair once the others are deleted. Trigger it with ``dry_run`` to see
+what it would delete.
 """
 
 from __future__ import annotations
@@ -43,6 +45,18 @@ def find_expired_in_aws() -> dict[str, Any]:
     from dtp.reaper.aws import find_expired_in_aws
 
     findings = find_expired_in_aws(AWS_CONN_ID, active=run_is_active, installation=installation_id())
+    return {"found": [asdict(item) for item in findings.found], "unsearched": findings.unsearched}
+
+
+@task(multiple_outputs=True)
+def find_expired_on_eks() -> dict[str, Any]:
+    from dataclasses import asdict
+
+    from dtp.naming import installation_id
+    from dtp.reaper.active_runs import run_is_active
+    from dtp.reaper.pytorchjobs import find_expired_pytorchjobs
+
+    findings = find_expired_pytorchjobs(AWS_CONN_ID, active=run_is_active, installation=installation_id())
     return {"found": [asdict(item) for item in findings.found], "unsearched": findings.unsearched}
 
 
@@ -100,10 +114,13 @@ with DAG(
     tags=["dtp", "reliability"],
     default_args={"owner": "dtp", "retries": 2, "retry_delay": timedelta(minutes=1)},
 ):
-    # Sweeps failing each on its own: an AWS API or a cluster that cannot be asked holds up only its own.
+    # Sweeps failing each on its own: an AWS API, an EKS API server or a cluster that cannot be asked holds up only
+    # its own.
     # A kind of AWS resource that cannot be looked for still lets the others be deleted, then fails the deletion.
     in_aws = find_expired_in_aws()
     delete_expired.override(task_id="delete_expired_in_aws")(in_aws["found"], unsearched=in_aws["unsearched"])
+    on_eks = find_expired_on_eks()
+    delete_expired.override(task_id="delete_expired_on_eks")(on_eks["found"], unsearched=on_eks["unsearched"])
     on_cluster = delete_expired.override(task_id="delete_expired_on_cluster", queue=TRAINING_QUEUE)(
         find_expired_on_cluster(), SLURM_CONN_ID
     )

@@ -289,10 +289,16 @@ def test_on_fsx_the_file_system_exports_the_newest_step_and_the_manifest_follows
     prefix = f"s3://{bucket}/runs/{run_key}/checkpoints/"
     assert objects(aws, prefix) == {}  # the worker uploads nothing, and no manifest before the export ends
 
+    exported = {"step_100/__0_0.distcp": b"\x01" * 300, "step_100/meta.json": b'{"step": 100}'}
+    for relative, body in exported.items():  # as FSx writes them: without tags
+        aws("s3").put_object(Bucket=bucket, Key=f"runs/{run_key}/checkpoints/{relative}", Body=body)
     saved = operator(spec, cluster).execute_complete({}, export_event("SUCCEEDED", failed=0))
     assert saved == {"saved": True, "uri": prefix, "step": 100, "files": 2, "bytes": 313,
                      "exported_by": "task-0123456789abcdef1"}  # fmt: skip
-    assert set(objects(aws, prefix)) == {"MANIFEST.json"}  # the exported files are FSx's to write
+    assert set(objects(aws, prefix)) == {"MANIFEST.json", *exported}  # the worker wrote only the manifest
+    for relative in ("MANIFEST.json", *exported):  # and tagged the export, for the bucket to expire it
+        tagging = aws("s3").get_object_tagging(Bucket=bucket, Key=f"runs/{run_key}/checkpoints/{relative}")
+        assert tagging["TagSet"] == [{"Key": "dtp:kind", "Value": "checkpoint"}], relative
 
 
 def test_a_failed_export_is_uploaded_by_the_worker_instead(stack, aws, fsx, tmp_path) -> None:

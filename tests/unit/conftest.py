@@ -31,7 +31,8 @@ PODS_PATH = "/api/v1/namespaces/{namespace}/pods"
 
 class KubernetesApi(BaseHTTPRequestHandler):
     """PyTorchJobs (``jobs``, by name) and their pods (``pods``: name -> labels, ``logs``: name -> timestamped
-    lines) in namespace ``namespace``. A delete leaves the jobs in ``finalizing`` (their pods are still going).
+    lines) in namespace ``namespace``, each listed by label. A delete leaves the jobs in ``finalizing`` (their pods
+    are still going).
     Each GET of a job first applies the next step of ``timeline`` (a condition type or None, and log lines of
     worker 0), as the training operator and the pods would between two polls."""
 
@@ -69,6 +70,8 @@ class KubernetesApi(BaseHTTPRequestHandler):
         jobs, pods = JOBS_PATH.format(namespace=self.namespace), PODS_PATH.format(namespace=self.namespace)
         if url.path == jobs and self.command == "POST":
             self._create(json.loads(body))
+        elif url.path == jobs:
+            self._list(query.get("labelSelector", ""))
         elif url.path.startswith(f"{jobs}/"):
             self._job(url.path.removeprefix(f"{jobs}/"))
         elif url.path == pods:
@@ -95,6 +98,16 @@ class KubernetesApi(BaseHTTPRequestHandler):
             return
         self.jobs[name] = {**job, "status": {}}
         self._send(201, self.jobs[name])
+
+    def _list(self, selector: str) -> None:
+        """The jobs matching a label selector of ``key`` (has the label) and ``key=value`` terms."""
+        terms = [term.partition("=") for term in selector.split(",") if term]
+
+        def matches(labels: dict[str, str]) -> bool:
+            return all(key in labels and (not equals or labels[key] == value) for key, equals, value in terms)
+
+        items = [job for job in self.jobs.values() if matches((job.get("metadata") or {}).get("labels") or {})]
+        self._send(200, {"kind": "PyTorchJobList", "apiVersion": "kubeflow.org/v1", "metadata": {}, "items": items})
 
     def _job(self, name: str) -> None:
         if name not in self.jobs:

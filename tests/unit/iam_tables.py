@@ -34,6 +34,8 @@ ACTION_EXCEPTIONS: dict[str, tuple[str, ...]] = {
     "s3:ListBuckets": ("s3:ListAllMyBuckets",),
     "s3:DeleteObjects": ("s3:DeleteObject", "s3:DeleteObjectVersion"),  # per key, by version when one is given
     "s3:CopyObject": ("s3:GetObject", "s3:PutObject"),
+    "s3:GetBucketLifecycleConfiguration": ("s3:GetLifecycleConfiguration",),
+    "s3:PutBucketLifecycleConfiguration": ("s3:PutLifecycleConfiguration",),
     # The Resource Groups Tagging API signs as "tagging", is authorized as "tag", and tags a bucket through S3.
     "tagging:TagResources": ("tag:TagResources", "s3:GetBucketTagging", "s3:PutBucketTagging"),
 }

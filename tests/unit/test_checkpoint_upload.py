@@ -1,5 +1,6 @@
 """upload_checkpoint against moto's S3: a file the bucket holds with its size but other content (a tracker rewritten
-from "100" to "300") is uploaded again; a file it holds as it is, single-part or multipart, is not."""
+from "100" to "300") is uploaded again; a file it holds as it is, single-part or multipart, is not. Every object of
+the copy, uploaded, kept or exported by FSx, and its manifest carry the tag the bucket expires checkpoints by."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from typing import Any
 
 import pytest
 
-from dtp.pipeline.checkpoints import Checkpoint, etag, upload_checkpoint
+from dtp.pipeline.checkpoints import Checkpoint, etag, tag_checkpoint, upload_checkpoint, write_manifest
+from dtp.pipeline.retention import checkpoint_kind
 
 BUCKET = "dtp-artifacts-test"
 PREFIX = "runs/dtp-run-0123456789/checkpoints/"
@@ -31,12 +33,16 @@ def write(path: Path, data: bytes) -> Path:
     return path
 
 
-def checkpoint(directory: Path) -> Checkpoint:
-    return Checkpoint(directory, None, sorted(p for p in directory.rglob("*") if p.is_file()), BUCKET, PREFIX)
+def checkpoint(directory: Path, kind: str = "checkpoint") -> Checkpoint:
+    return Checkpoint(directory, None, sorted(p for p in directory.rglob("*") if p.is_file()), BUCKET, PREFIX, kind)
 
 
 def stored(s3: Any, relative: str) -> bytes:
     return s3.get_object(Bucket=BUCKET, Key=PREFIX + relative)["Body"].read()
+
+
+def tags(s3: Any, relative: str) -> dict[str, str]:
+    return {tag["Key"]: tag["Value"] for tag in s3.get_object_tagging(Bucket=BUCKET, Key=PREFIX + relative)["TagSet"]}
 
 
 def test_a_file_rewritten_with_its_size_is_uploaded_again_and_an_unchanged_one_is_not(s3, tmp_path) -> None:
@@ -83,3 +89,50 @@ def test_etag_is_the_one_s3_gives_the_uploaded_file(s3, tmp_path, size: int) -> 
     path = write(tmp_path / "f", hashlib.sha256(str(size).encode()).digest() * (size // 32) + b"x" * (size % 32))
     s3.upload_file(str(path), BUCKET, "f")  # boto3's own transfer, as S3Hook.load_file uploads
     assert etag(path, 8 * MIB, 8 * MIB) == s3.head_object(Bucket=BUCKET, Key="f")["ETag"].strip('"')
+
+
+CHECKPOINT_TAG = {"dtp:kind": "checkpoint"}
+
+
+def test_every_object_of_the_copy_and_its_manifest_carry_the_checkpoint_tag(s3, tmp_path) -> None:
+    write(tmp_path / "step_100" / "__0_0.distcp", b"\x01" * (9 * MIB))  # multipart: the tag goes with its creation
+    write(tmp_path / "step_100" / ".metadata", b"\x02" * 64)
+    kept = write(tmp_path / "step_100" / "__1_0.distcp", b"\x03" * 64)
+    os.utime(kept, (time.time() - 3600, time.time() - 3600))
+    s3.put_object(Bucket=BUCKET, Key=PREFIX + "step_100/__1_0.distcp", Body=b"\x03" * 64)  # an earlier try's, untagged
+    saved = checkpoint(tmp_path)
+    assert upload_checkpoint(saved, "aws_default")["uploaded"] == 2
+    spec = {"names": {"run_key": "dtp-run-0123456789"}, "recipe": {"framework": "fsdp", "model": "tiny"}}
+    write_manifest(spec, saved, "aws_default")
+    for relative in ("step_100/__0_0.distcp", "step_100/.metadata", "step_100/__1_0.distcp", "MANIFEST.json"):
+        assert tags(s3, relative) == CHECKPOINT_TAG, relative
+
+
+@pytest.mark.parametrize(
+    ("run_type", "run_id", "kind"),
+    [
+        ("manual", "manual__2026-12-07T10:00:00+00:00", "checkpoint"),
+        ("scheduled", "scheduled__2026-12-07T00:00:00+00:00", "regression-checkpoint"),
+        ("backfill", "backfill__2026-12-01T00:00:00+00:00", "regression-checkpoint"),
+        ("manual", "backfill_triggered__2026-12-07T10:00:00__2026-12-01", "regression-checkpoint"),
+    ],
+)
+def test_a_regression_runs_checkpoint_expires_and_a_persons_is_kept(run_type: str, run_id: str, kind: str) -> None:
+    assert checkpoint_kind({"run_type": run_type, "run_id": run_id}) == kind
+
+
+def test_a_regression_runs_copy_carries_the_tag_that_expires_it(s3, tmp_path) -> None:
+    write(tmp_path / "step_100" / ".metadata", b"\x02" * 64)
+    upload_checkpoint(checkpoint(tmp_path, "regression-checkpoint"), "aws_default")
+    assert tags(s3, "step_100/.metadata") == {"dtp:kind": "regression-checkpoint"}
+
+
+def test_a_checkpoint_fsx_exported_is_tagged_whole(s3, tmp_path) -> None:
+    write(tmp_path / "step_100" / "__0_0.distcp", b"\x01")
+    write(tmp_path / "step_100" / ".metadata", b"\x02")
+    for relative in ("step_100/__0_0.distcp", "step_100/.metadata"):  # as FSx writes them: without tags
+        s3.put_object(Bucket=BUCKET, Key=PREFIX + relative, Body=b"\x00")
+    s3.put_object(Bucket=BUCKET, Key="runs/dtp-other-run/checkpoints/step_1/x", Body=b"\x00")
+    tag_checkpoint(checkpoint(tmp_path), "aws_default")
+    assert tags(s3, "step_100/__0_0.distcp") == tags(s3, "step_100/.metadata") == CHECKPOINT_TAG
+    assert s3.get_object_tagging(Bucket=BUCKET, Key="runs/dtp-other-run/checkpoints/step_1/x")["TagSet"] == []

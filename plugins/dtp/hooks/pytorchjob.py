@@ -32,6 +32,7 @@ REPLICA_INDEX_LABEL = "training.kubeflow.org/replica-index"
 LEADER_LABELS = {REPLICA_TYPE_LABEL: "worker", REPLICA_INDEX_LABEL: "0"}
 CONTAINER = "pytorch"  # the container the operator gives torchrun's PET_* settings
 TERMINAL_CONDITIONS = ("Succeeded", "Failed")
+LIST_PAGE = 500  # jobs per list request
 # The API server and the operator's webhook fill in defaults, so a job's spec is compared through this annotation.
 SPEC_DIGEST_ANNOTATION = "dtp.dev/spec-sha256"
 # How a job stopped at runPolicy.activeDeadlineSeconds reads: training-operator v1.9's Failed condition says
@@ -264,6 +265,18 @@ class PyTorchJobHook(BaseHook):
                 return None
             raise
         return job
+
+    def labelled_jobs(self, kubernetes: KubernetesHook, label: str) -> list[dict[str, Any]]:
+        """The namespace's jobs that carry the label ``label``, whatever its value (read a page at a time)."""
+        jobs: list[dict[str, Any]] = []
+        token = None
+        while True:
+            page = kubernetes.custom_object_client.list_namespaced_custom_object(
+                GROUP, VERSION, self.namespace, PLURAL, label_selector=label, limit=LIST_PAGE, _continue=token
+            )
+            jobs += page.get("items") or []
+            if not (token := (page.get("metadata") or {}).get("continue")):
+                return jobs
 
     def suspend_job(self, kubernetes: KubernetesHook, name: str, active_seconds: float) -> None:
         """Suspend the job (the training operator deletes its pods and keeps the job) and record how long it was

@@ -113,6 +113,7 @@ class SaveCheckpointOperator(ExtraEnvMaskingMixin, BaseOperator):
         return self._upload(checkpoint)
 
     def _exported(self, checkpoint: Checkpoint, task_id: str) -> dict[str, Any]:
+        checkpoints.tag_checkpoint(checkpoint, self.aws_conn_id)  # FSx exports without the tag the bucket expires by
         return checkpoints.write_manifest(self.spec, checkpoint, self.aws_conn_id) | {"exported_by": task_id}
 
     def _upload(self, checkpoint: Checkpoint) -> dict[str, Any]:

@@ -7,7 +7,10 @@ outlives runs, and writes ``MANIFEST.json`` (every file, its size, the step) las
 whole. DTP's trainer's newest complete ``step_N`` folder is saved; another framework's whole checkpoint folder
 is saved, less the folders it has not finished (named ``tmp*``). A retry uploads only what the bucket lacks or
 holds with other content.
-``SaveCheckpointOperator`` does the saving, and has FSx for Lustre export the files where it can.
+``SaveCheckpointOperator`` does the saving, and has FSx for Lustre export the files where it can. Every object of
+the copy carries the tag ``dtp:kind``: a scheduled or backfilled regression run's (``regression-checkpoint``) is
+deleted by the bucket's lifecycle rules ``CHECKPOINT_DAYS`` after it was written, any other run's
+(``checkpoint``) is kept (``dtp.pipeline.retention``).
 
 A later run of the same framework and model may start from a saved checkpoint (its ``resume_from`` param):
 ``resume_source`` checks the manifest against the run before anything exists, and ``restore_checkpoint`` copies
@@ -33,6 +36,7 @@ from s3transfer.utils import ChunksizeAdjuster
 from dtp.form_params import ParamsError
 from dtp.pipeline.data import check_shared_dir_visible
 from dtp.pipeline.results import artifacts_bucket
+from dtp.pipeline.retention import CHECKPOINT_DAYS, checkpoint_kind, tag_objects, tagged_uploads
 from dtp.pipeline.run_dirs import RUNS_FOLDER, run_dir
 from dtp.pipeline.s3_objects import download_all, is_plain_relative, relative_key, s3_folder
 
@@ -43,6 +47,8 @@ HASH_BLOCK = 1 << 20  # bytes read at a time while hashing a file
 # How far the clock of the node that wrote a file may be behind S3's: an object newer than the file by less is
 # compared by content.
 CLOCK_SKEW = timedelta(minutes=1)
+# Why a checkpoint a run saved may be gone, as a refused resume_from says.
+EXPIRY = f"the artifacts bucket deletes a regression run's checkpoint {CHECKPOINT_DAYS} days after it was saved"
 
 
 def checkpoint_files(checkpoint_dir: Path, framework: str) -> tuple[int | None, list[Path]]:
@@ -73,6 +79,7 @@ class Checkpoint:
     files: list[Path]
     bucket: str
     prefix: str  # runs/<run_key>/checkpoints/
+    kind: str  # its objects' dtp:kind tag (``retention.checkpoint_kind``)
 
     @property
     def uri(self) -> str:
@@ -91,7 +98,7 @@ def newest_checkpoint(spec: dict[str, Any], cluster: dict[str, Any], aws_conn_id
         log.info("No checkpoint in %s: nothing to save", directory)
         return None
     prefix = f"{RUNS_FOLDER}/{spec['names']['run_key']}/checkpoints/"
-    return Checkpoint(directory, step, files, artifacts_bucket(aws_conn_id), prefix)
+    return Checkpoint(directory, step, files, artifacts_bucket(aws_conn_id), prefix, checkpoint_kind(spec))
 
 
 def upload_checkpoint(checkpoint: Checkpoint, aws_conn_id: str) -> dict[str, int]:
@@ -104,19 +111,30 @@ def upload_checkpoint(checkpoint: Checkpoint, aws_conn_id: str) -> dict[str, int
     of the same size is compared by content: the file is hashed and compared with the object's ETag, which S3
     computes from the content as uploaded (the MD5, or for a multipart upload the MD5 of its parts' MD5s: ``etag``
     computes it with the part size this upload uses). An object whose ETag is not of that kind (another part size,
-    a KMS-encrypted bucket) is uploaded again, the safe side."""
-    s3 = S3Hook(aws_conn_id=aws_conn_id)
+    a KMS-encrypted bucket) is uploaded again, the safe side. Uploads carry the checkpoint's tag; an object kept
+    (an FSx export's, an earlier try's) is given it."""
+    s3 = tagged_uploads(aws_conn_id, checkpoint.kind)
     existing = {obj["Key"]: obj for obj in s3.iter_file_metadata(checkpoint.prefix, checkpoint.bucket)}
     threshold, part_size = s3.transfer_config.multipart_threshold, s3.transfer_config.multipart_chunksize
     uploaded = uploaded_bytes = 0
+    kept = []
     for path in checkpoint.files:
         key, size = checkpoint.prefix + checkpoint.relative(path), path.stat().st_size
-        if not _stored_as_is(existing.get(key), path, threshold, part_size):
+        if _stored_as_is(existing.get(key), path, threshold, part_size):
+            kept.append(key)
+        else:
             s3.load_file(str(path), key, checkpoint.bucket, replace=True)
             uploaded, uploaded_bytes = uploaded + 1, uploaded_bytes + size
+    tag_objects(s3, checkpoint.bucket, kept, checkpoint.kind)
     log.info("Uploaded %d of %d files (%d bytes) to %s", uploaded, len(checkpoint.files), uploaded_bytes,
              checkpoint.uri)  # fmt: skip
     return {"uploaded": uploaded, "uploaded_bytes": uploaded_bytes}
+
+
+def tag_checkpoint(checkpoint: Checkpoint, aws_conn_id: str) -> None:
+    """Give the checkpoint's objects, which FSx exported untagged, the tag that has the bucket expire them."""
+    keys = (checkpoint.prefix + checkpoint.relative(path) for path in checkpoint.files)
+    tag_objects(S3Hook(aws_conn_id=aws_conn_id), checkpoint.bucket, keys, checkpoint.kind)
 
 
 def _stored_as_is(stored: dict[str, Any] | None, path: Path, threshold: int, part_size: int) -> bool:
@@ -162,7 +180,7 @@ def write_manifest(spec: dict[str, Any], checkpoint: Checkpoint, aws_conn_id: st
     recipe = spec["recipe"]
     manifest = {"run_key": spec["names"]["run_key"], "framework": recipe["framework"], "model": recipe["model"],
                 "step": checkpoint.step, "bytes": total, "files": entries}  # fmt: skip
-    S3Hook(aws_conn_id=aws_conn_id).load_string(
+    tagged_uploads(aws_conn_id, checkpoint.kind).load_string(
         json.dumps(manifest, indent=1), checkpoint.prefix + MANIFEST, checkpoint.bucket, replace=True
     )
     log.info("Saved %s to %s: %d files, %d bytes", checkpoint.directory, checkpoint.uri, len(entries), total)
@@ -225,16 +243,18 @@ def _manifest(s3: S3Hook, bucket: str, prefix: str) -> dict[str, Any] | None:
 
 def resume_source(spec: dict[str, Any], aws_conn_id: str) -> dict[str, Any] | None:
     """The checkpoint ``resume_from`` names (None when the run starts from scratch), refused unless a whole copy
-    is there (its manifest), of the run's framework and model, at a step before ``max_steps``."""
+    is there (its manifest, and every file it lists: the bucket expires a manifest no sooner than its files), of
+    the run's framework and model, at a step before ``max_steps``."""
     uri = spec["params"]["resume_from"]
     if not uri:
         return None
     bucket, prefix = _location(uri)
-    manifest = _manifest(S3Hook(aws_conn_id=aws_conn_id), bucket, prefix)
+    s3 = S3Hook(aws_conn_id=aws_conn_id)
+    manifest = _manifest(s3, bucket, prefix)
     if manifest is None:
         raise ParamsError.from_problems(
-            f"resume_from: no {MANIFEST} under s3://{bucket}/{prefix}: not a checkpoint "
-            "saved by a run's save_checkpoint, or its copy did not finish"
+            f"resume_from: no {MANIFEST} under s3://{bucket}/{prefix}: not a checkpoint saved by a run's "
+            f"save_checkpoint, its copy did not finish, or it has expired ({EXPIRY})"
         )
     recipe, problems = spec["recipe"], []
     for field in ("framework", "model"):
@@ -244,6 +264,10 @@ def resume_source(spec: dict[str, Any], aws_conn_id: str) -> dict[str, Any] | No
     step, max_steps = manifest.get("step"), spec["params"]["max_steps"]
     if step is not None and step >= max_steps:
         problems.append(f"its step {step} is not before max_steps ({max_steps}): there would be nothing to train")
+    stored = {obj["Key"] for obj in s3.iter_file_metadata(prefix, bucket)}
+    if missing := [entry["path"] for entry in manifest["files"] if prefix + entry["path"] not in stored]:
+        problems.append(f"{len(missing)} of the {len(manifest['files'])} files its {MANIFEST} lists are gone ("
+                        f"{', '.join(missing[:5])}): it may have expired ({EXPIRY})")  # fmt: skip
     if problems:
         raise ParamsError.from_problems(*(f"resume_from: {problem}" for problem in problems))
     return {"uri": f"s3://{bucket}/{prefix}", "step": step, "files": len(manifest["files"]), "bytes": manifest["bytes"],

@@ -2,7 +2,8 @@
 
 The artifacts bucket outlives runs (it is not a run resource and teardown
 leaves it): reports (with the preflight results), metrics and the history stay
-after the run's own bucket and network are gone.
+after the run's own bucket and network are gone; profile traces and saved
+checkpoints expire (``dtp.pipeline.retention``).
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from dtp.metrics.preflight_gate import (
 )
 from dtp.metrics.report import TREND_RUNS, render_report
 from dtp.naming import OWNER, TAG_PREFIX
+from dtp.pipeline.retention import TRACE, ensure_lifecycle, tagged_uploads
 from dtp.platforms.capacity import instance_of
 
 log = logging.getLogger(__name__)
@@ -54,13 +56,15 @@ HISTORY_WINDOW = TREND_RUNS
 
 
 def artifacts_bucket(aws_conn_id: str) -> str:
-    """``dtp-artifacts-<account>-<region>``, created and tagged on first use; refused when another account owns it
+    """``dtp-artifacts-<account>-<region>``, created and tagged on first use, with DTP's lifecycle rules (those of a
+    bucket made before them too: ``dtp.pipeline.retention``); refused when another account owns it
     (``owned_bucket_exists``)."""
     s3 = S3Hook(aws_conn_id=aws_conn_id)
     name = f"dtp-artifacts-{s3.account_id}-{s3.conn_region_name}"
     if not owned_bucket_exists(s3, name, s3.account_id):
         s3.create_bucket(name, region_name=s3.conn_region_name)
         s3.put_bucket_tagging(tag_set={f"{TAG_PREFIX}owner": OWNER, f"{TAG_PREFIX}role": "artifacts"}, bucket_name=name)
+    ensure_lifecycle(s3, name)
     return name
 
 
@@ -145,13 +149,15 @@ def check_preflight(
 def upload_profile(
     spec: dict[str, Any], cluster: dict[str, Any], profile_dir: str, s3: S3Hook, bucket: str
 ) -> dict[str, Any]:
-    """Copy the run's Chrome traces to the artifacts bucket; Nsight reports (binary) stay on the cluster."""
+    """Copy the run's Chrome traces to the artifacts bucket, tagged to expire; Nsight reports (binary) stay on the
+    cluster."""
     hook = SharedFilesystemHook.of_cluster(cluster)
+    traces = tagged_uploads(s3.aws_conn_id, TRACE)
     uploaded, on_cluster = [], []
     for name in hook.list_files(profile_dir):
         if name.endswith(".json"):
             key = f"runs/{spec['names']['run_key']}/profile/{name}"
-            s3.load_string(hook.read_file(f"{profile_dir}/{name}")[0], key, bucket, replace=True)
+            traces.load_string(hook.read_file(f"{profile_dir}/{name}")[0], key, bucket, replace=True)
             uploaded.append(f"s3://{bucket}/{key}")
         else:
             on_cluster.append(f"{profile_dir}/{name}")

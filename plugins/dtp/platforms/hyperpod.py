@@ -42,6 +42,7 @@ from dtp.platforms.base import PlatformNotReady, Scheduler, stop_before_delete
 from dtp.platforms.capacity import Placement, instance_fields, is_capacity_error, is_capacity_failure, placements
 from dtp.platforms.containers import FSX_MOUNT, image_runtime
 from dtp.platforms.eks import LABEL_DOMAIN, default_pod_runtime, delete_pytorchjobs, render_pytorchjobs
+from dtp.platforms.hyperpod_lifecycle import delete_lifecycle_objects, lifecycle_prefix
 from dtp.platforms.hyperpod_settings import HyperPodEksSettings, HyperPodSettings
 from dtp.platforms.pyxis import pyxis_runtime
 from dtp.platforms.service_models import request_problems
@@ -114,7 +115,7 @@ class HyperPodPlatform:
 
     # --- documents ------------------------------------------------------------------------------------------------
     def lifecycle_uri(self, spec: dict[str, Any]) -> str:
-        return f"s3://{self.settings.lifecycle_bucket}/{spec['names']['run_key']}/lifecycle/"
+        return f"s3://{self.settings.lifecycle_bucket}/{lifecycle_prefix(spec['names']['run_key'])}"
 
     def render(
         self, spec: dict[str, Any], network: dict[str, str], placement: Placement | None = None
@@ -320,7 +321,7 @@ class HyperPodPlatform:
             s3.create_bucket(bucket)
             s3.put_bucket_tagging(tag_set={f"{TAG_PREFIX}owner": OWNER, f"{TAG_PREFIX}role": "hyperpod-lifecycle"},
                                   bucket_name=bucket)  # fmt: skip
-        prefix = f"{spec['names']['run_key']}/lifecycle/"
+        prefix = lifecycle_prefix(spec["names"]["run_key"])
         if settings.base_config_uri:
             source_bucket, source_prefix = S3Hook.parse_s3_url(settings.base_config_uri)
             for key in s3.list_keys(source_bucket, prefix=source_prefix) or []:
@@ -342,12 +343,8 @@ class HyperPodPlatform:
         if (described := hook.describe_cluster(name)) is not None:
             cancelled = stop_before_delete(lambda: self._stop_jobs(spec, described))
         deleted = hook.delete_cluster(name)
-        s3 = S3Hook(aws_conn_id=self.aws_conn_id)
-        bucket = settings.lifecycle_bucket
-        keys = (s3.list_keys(bucket, prefix=f"{name}/") or []) if s3.check_for_bucket(bucket) else []
-        if keys:
-            s3.delete_objects(bucket, keys)
-        return {"cancelled_jobs": cancelled, "deleted_cluster": deleted, "deleted_lifecycle_objects": len(keys)}
+        objects = delete_lifecycle_objects(S3Hook(aws_conn_id=self.aws_conn_id), settings.lifecycle_bucket, name)
+        return {"cancelled_jobs": cancelled, "deleted_cluster": deleted, "deleted_lifecycle_objects": objects}
 
     def deleted_trigger(self, specs: list[dict[str, Any]]) -> HyperPodClusterDeleteTrigger:
         """Wait in the triggerer until the runs' clusters are gone, at most 30 minutes."""

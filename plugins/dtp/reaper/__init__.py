@@ -16,6 +16,8 @@ resources with the expiry its ``validate_params`` fixed, and they are in use.
 
 Its modules: ``expired`` (what a finder returns, and when a resource has
 expired), ``aws`` and ``cluster`` (the finders of the AWS account, and of the
-Slurm cluster and the worker's mount), ``active_runs`` (what a queued or
-running DAG run keeps) and ``deletion`` (``reap``).
+Slurm cluster and the worker's mount), ``amis`` (the AWS account's AMIs, less
+those a run may still boot), ``pytorchjobs`` (the finder of the PyTorchJobs on
+the EKS clusters runs train on), ``active_runs`` (what a queued or running DAG run
+keeps) and ``deletion`` (``reap``).
 """

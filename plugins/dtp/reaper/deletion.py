@@ -9,6 +9,8 @@ from dataclasses import asdict
 from pathlib import PurePosixPath
 from typing import Any
 
+from airflow.providers.amazon.aws.hooks.s3 import S3Hook
+
 from dtp.hooks.ami import AmiHook
 from dtp.hooks.hyperpod import HyperPodHook
 from dtp.hooks.shared_fs import SharedFilesystemHook
@@ -19,8 +21,11 @@ from dtp.pipeline.network import destroy_run_resources
 from dtp.pipeline.run_dirs import LEASES_FOLDER
 from dtp.platforms.batch import BatchPlatform
 from dtp.platforms.batch_settings import WAIT_TIMEOUT_MINUTES
+from dtp.platforms.hyperpod_lifecycle import delete_lifecycle_objects, lifecycle_buckets
 from dtp.reaper.cluster import LEASE, LEASED_DIRS
 from dtp.reaper.expired import Expired
+from dtp.reaper.pytorchjobs import KIND as PYTORCHJOB
+from dtp.reaper.pytorchjobs import pytorchjob_deleter
 
 log = logging.getLogger(__name__)
 # What a run's network sweep (destroy_run_resources) deletes together.
@@ -78,8 +83,8 @@ def reap(
     dry_run: bool,
     unsearched: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Delete what ``find_expired_in_aws``, ``find_expired_on_cluster(slurm_conn_id)`` or
-    ``find_expired_on_worker_mount`` (``slurm_conn_id`` None) found, run by run; return what was (or would be)
+    """Delete what ``find_expired_in_aws``, ``find_expired_pytorchjobs``, ``find_expired_on_cluster(slurm_conn_id)``
+    or ``find_expired_on_worker_mount`` (``slurm_conn_id`` None) found, run by run; return what was (or would be)
     deleted. ``unsearched``, the kinds the search could not look for (kind: the error), fails it once the rest is
     deleted (or listed), as a resource that could not be deleted does."""
     unsearched = dict(unsearched or {})
@@ -130,7 +135,14 @@ def reap(
         return [i for i in found if i.kind == kind]
 
     def delete_cluster(cluster: Expired) -> None:
-        HyperPodHook(aws_conn_id=aws_conn_id).delete_cluster_and_wait(cluster.name)
+        # Its lifecycle objects go as its deletion starts, as in teardown; the description naming their bucket
+        # is read first, while there is one.
+        hyperpod = HyperPodHook(aws_conn_id=aws_conn_id)
+        described = hyperpod.describe_cluster(cluster.name) or {}
+        hyperpod.delete_cluster(cluster.name)
+        for bucket in lifecycle_buckets(described, cluster.run_key):
+            delete_lifecycle_objects(S3Hook(aws_conn_id=aws_conn_id), bucket, cluster.run_key)
+        hyperpod.wait_until_deleted(cluster.name)
 
     def delete_parallelcluster(cluster: Expired) -> None:
         # Not `pcluster delete-cluster` (ParallelClusterPlatform.teardown): the reaper runs where that CLI is not
@@ -161,6 +173,9 @@ def reap(
             attempt_leased(of_kind(kind), shared)
     # Their clients are made at first use: a cluster sweep makes none.
     ec2, amis = RunResourceSweeper(aws_conn_id=aws_conn_id), AmiHook(aws_conn_id=aws_conn_id)
+    # Made at the first job (one kubeconfig per cluster): a sweep elsewhere asks no EKS cluster.
+    with pytorchjob_deleter(aws_conn_id) as delete_pytorchjob:
+        attempt(of_kind(PYTORCHJOB), delete_pytorchjob)
     attempt(of_kind("builder_instance"), lambda instance: ec2.conn.terminate_instances(InstanceIds=[instance.name]))
     # Clusters' nodes sit in their run's subnets: they go, and are waited on, before the network.
     attempt(of_kind("hyperpod_cluster"), delete_cluster)

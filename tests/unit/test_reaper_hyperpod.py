@@ -1,0 +1,66 @@
+"""The reaper's deletion of a HyperPod cluster teardown left, against moto's SageMaker and S3: the run's lifecycle
+objects go with it, found in the bucket the cluster's own description names, and no other run's."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from dtp.reaper.deletion import reap
+from dtp.reaper.expired import Expired
+
+BUCKET = "sagemaker-dtp-lifecycle"
+REAPED = "dtp-train-e2e-0123456789"
+# Another run, whose key starts with the reaped one's.
+OTHER = "dtp-train-e2e-01234567890"
+
+
+def create_cluster(sagemaker: Any, run_key: str, bucket: str = BUCKET) -> None:
+    """A cluster as HyperPodPlatform creates one: named by its run, its groups' scripts under the run's prefix."""
+    group = {
+        "InstanceGroupName": "compute-nodes",
+        "InstanceType": "ml.m5.2xlarge",
+        "InstanceCount": 1,
+        "LifeCycleConfig": {"SourceS3Uri": f"s3://{bucket}/{run_key}/lifecycle/", "OnCreate": "on_create.sh"},
+        "ExecutionRole": "arn:aws:iam::123456789012:role/dtp-hyperpod-execution",
+        "ThreadsPerCore": 1,
+    }
+    tags = [{"Key": "dtp:run", "Value": run_key}, {"Key": "dtp:owner", "Value": "dtp"}]
+    sagemaker.create_cluster(ClusterName=run_key, InstanceGroups=[group], Tags=tags)
+
+
+def keys(s3: Any, bucket: str = BUCKET) -> list[str]:
+    return [obj["Key"] for obj in s3.list_objects_v2(Bucket=bucket).get("Contents", [])]
+
+
+@pytest.fixture
+def lifecycle(moto_aws: Any) -> Any:
+    """The lifecycle bucket, holding the scripts of the reaped run and of another; the S3 client."""
+    s3 = moto_aws("s3")
+    s3.create_bucket(Bucket=BUCKET)
+    for run_key in (REAPED, OTHER):
+        for name in ("on_create.sh", "provisioning_parameters.json"):
+            s3.put_object(Bucket=BUCKET, Key=f"{run_key}/lifecycle/{name}", Body=b"#")
+    return s3
+
+
+def test_a_reaped_clusters_lifecycle_objects_go_with_it_and_no_other_runs(moto_aws, lifecycle) -> None:
+    sagemaker = moto_aws("sagemaker")
+    for run_key in (REAPED, OTHER):
+        create_cluster(sagemaker, run_key)
+    found = [Expired("hyperpod_cluster", REAPED, REAPED, "2026-12-01T00:00:00Z")]
+    assert [d["name"] for d in reap(found, "aws_default", None, dry_run=False)["deleted"]] == [REAPED]
+    assert [c["ClusterName"] for c in sagemaker.list_clusters()["ClusterSummaries"]] == [OTHER]
+    assert keys(lifecycle) == [f"{OTHER}/lifecycle/on_create.sh", f"{OTHER}/lifecycle/provisioning_parameters.json"]
+
+
+def test_the_bucket_is_the_one_the_cluster_was_created_with(moto_aws, lifecycle) -> None:
+    """The dtp_hyperpod connection may name another lifecycle bucket since: the cluster's description says."""
+    earlier = "sagemaker-dtp-lifecycle-earlier"
+    lifecycle.create_bucket(Bucket=earlier)
+    lifecycle.put_object(Bucket=earlier, Key=f"{REAPED}/lifecycle/on_create.sh", Body=b"#")
+    create_cluster(moto_aws("sagemaker"), REAPED, bucket=earlier)
+    reap([Expired("hyperpod_cluster", REAPED, REAPED, "2026-12-01T00:00:00Z")], "aws_default", None, dry_run=False)
+    assert keys(lifecycle, earlier) == []
+    assert len(keys(lifecycle)) == 4  # the bucket it was not created with keeps what it holds
