@@ -31,6 +31,8 @@ if TYPE_CHECKING:
 PREFIX = "dtp"
 OWNER = "dtp"
 TAG_PREFIX = "dtp:"
+# The DAG ids of the regression DAGs generated per recipe (``dtp.pipeline.factory``).
+REGRESSION_DAG_PREFIX = "regression__"
 EXPIRES_TAG = f"{TAG_PREFIX}expires-at"  # when the reaper may delete a resource (UTC, ISO 8601)
 # The installation whose run made a resource: another installation's reaper in the same account leaves it alone
 # for a while past its expiry, as it cannot ask this installation whether the run still goes.

@@ -4,11 +4,13 @@ rules expire them by, and the run's metrics do not."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
 import pytest
 from airflow.providers.amazon.aws.hooks.s3 import S3Hook
+from botocore.exceptions import ClientError
 from moto.core import DEFAULT_ACCOUNT_ID
 
 from dtp.pipeline import retention
@@ -83,3 +85,58 @@ def test_profile_traces_carry_the_trace_tag(s3, tmp_path: Path) -> None:
     assert profile["traces"] == [f"s3://{bucket}/runs/dtp-run-0123456789/profile/rank0.trace.json"]
     key = "runs/dtp-run-0123456789/profile/rank0.trace.json"
     assert s3.get_object_tagging(Bucket=bucket, Key=key)["TagSet"] == [{"Key": "dtp:kind", "Value": "trace"}]
+
+
+def _access_denied(operation: str) -> ClientError:
+    return ClientError({"Error": {"Code": "AccessDenied", "Message": "not authorized"}}, operation)
+
+
+def test_a_worker_not_allowed_the_lifecycle_rules_warns_and_goes_on(s3, monkeypatch, caplog) -> None:
+    """A worker whose policy predates the rules still creates and uses the bucket: retention never fails a run."""
+
+    def denied(s3: S3Hook, bucket: str) -> bool:
+        raise _access_denied("GetBucketLifecycleConfiguration")
+
+    monkeypatch.setattr(retention, "_ensure_lifecycle", denied)
+    with caplog.at_level(logging.WARNING, logger=retention.__name__):
+        assert artifacts_bucket("aws_default") == ARTIFACTS
+    assert "AccessDenied" in caplog.text and "s3:*LifecycleConfiguration" in caplog.text
+
+
+def test_uploads_a_worker_may_not_tag_go_untagged_with_a_warning(monkeypatch, caplog) -> None:
+    sent: list[dict[str, Any]] = []
+
+    def load_string(self: S3Hook, *args: Any, **kwargs: Any) -> None:
+        if "Tagging" in self.extra_args:  # PutObject allowed, its tagging not: S3 refuses the whole upload
+            raise _access_denied("PutObject")
+        sent.append(self.extra_args)
+
+    monkeypatch.setattr(S3Hook, "load_string", load_string)
+    hook = retention.tagged_uploads("aws_default", retention.TRACE)
+    with caplog.at_level(logging.WARNING, logger=retention.__name__):
+        hook.load_string("{}", "runs/r/profile/x.json", "bucket")
+        hook.load_string("{}", "runs/r/profile/y.json", "bucket")
+    assert sent == [{}, {}] and caplog.text.count("Uploading without the dtp:kind tag") == 1
+
+
+def test_a_refusal_other_than_tagging_still_fails_the_upload(monkeypatch) -> None:
+    def load_string(self: S3Hook, *args: Any, **kwargs: Any) -> None:
+        raise _access_denied("PutObject")  # not allowed to write there at all
+
+    monkeypatch.setattr(S3Hook, "load_string", load_string)
+    with pytest.raises(ClientError, match="AccessDenied"):
+        retention.tagged_uploads("aws_default", retention.TRACE).load_string("{}", "k", "bucket")
+
+
+@pytest.mark.parametrize(
+    ("dag_id", "run_type", "kind"),
+    [
+        ("train_e2e", "manual", "checkpoint"),
+        ("train_e2e", "asset_triggered", "checkpoint"),
+        ("regression__llama3_1_70b", "manual", "regression-checkpoint"),  # most sizes have no schedule
+        ("regression__tiny", "scheduled", "regression-checkpoint"),
+    ],
+)
+def test_a_regression_dags_checkpoint_expires_however_its_run_started(dag_id: str, run_type: str, kind: str) -> None:
+    spec = {"dag_id": dag_id, "run_type": run_type, "run_id": f"{run_type}__2026-12-07T10:00:00+00:00"}
+    assert retention.checkpoint_kind(spec) == kind

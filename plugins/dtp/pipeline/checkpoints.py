@@ -8,9 +8,9 @@ whole. DTP's trainer's newest complete ``step_N`` folder is saved; another frame
 is saved, less the folders it has not finished (named ``tmp*``). A retry uploads only what the bucket lacks or
 holds with other content.
 ``SaveCheckpointOperator`` does the saving, and has FSx for Lustre export the files where it can. Every object of
-the copy carries the tag ``dtp:kind``: a scheduled or backfilled regression run's (``regression-checkpoint``) is
-deleted by the bucket's lifecycle rules ``CHECKPOINT_DAYS`` after it was written, any other run's
-(``checkpoint``) is kept (``dtp.pipeline.retention``).
+the copy carries the tag ``dtp:kind``: a regression run's (``regression-checkpoint``: a regression DAG's, or a
+backfilled one) is deleted by the bucket's lifecycle rules ``CHECKPOINT_DAYS`` after it was written, any other
+run's (``checkpoint``) is kept (``dtp.pipeline.retention.checkpoint_kind``).
 
 A later run of the same framework and model may start from a saved checkpoint (its ``resume_from`` param):
 ``resume_source`` checks the manifest against the run before anything exists, and ``restore_checkpoint`` copies

@@ -17,11 +17,12 @@ from airflow.sdk import DAG
 from airflow.sdk.exceptions import AirflowTimetableInvalid
 
 from dtp.form import airflow_params
+from dtp.naming import REGRESSION_DAG_PREFIX
 from dtp.pipeline.graph import training_pipeline
 from dtp.recipes import RECIPE_DIR, Recipe, load_recipe_file
 
 log = logging.getLogger(__name__)
-DAG_PREFIX = "regression__"
+DAG_PREFIX = REGRESSION_DAG_PREFIX
 
 
 def regression_dag(recipe: Recipe) -> DAG:
