@@ -29,8 +29,8 @@ def test_the_text_goes_into_a_file_that_already_has_its_mode(
     fdopen = os.fdopen
 
     class Spying:
-        def __init__(self, fd: int, *args: Any) -> None:
-            self.fd, self.file = fd, fdopen(fd, *args)
+        def __init__(self, fd: int, *args: Any, **kwargs: Any) -> None:
+            self.fd, self.file = fd, fdopen(fd, *args, **kwargs)
 
         def __enter__(self) -> Spying:
             return self
