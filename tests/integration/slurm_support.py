@@ -1,14 +1,16 @@
 """What the Slurm integration tests share: a job script on the shared filesystem, the operator that submits it,
-and a stand-in for the task instance's XCom."""
+a stand-in for the task instance's XCom, and a drained node given back."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 from airflow.sdk.exceptions import TaskDeferred
 
+from dtp.hooks.slurm import SlurmHook
 from dtp.operators.slurm import SlurmSubmitJobOperator
 
 
@@ -48,3 +50,13 @@ def submit(workdir: Path, name: str, body: str, **options: Any) -> tuple[SlurmSu
     with pytest.raises(TaskDeferred) as deferred:
         operator.execute({"ti": sink})
     return operator, sink, deferred.value.trigger
+
+
+def resume_node(hook: SlurmHook, node: str, timeout_s: float = 120.0) -> None:
+    """Give a drained ``node`` back and wait until it takes jobs: resumed, it may show as not answering ("idle*")
+    until slurmctld's next ping of it, and a test after this one would find the cluster a node short."""
+    hook.run(["scontrol", "update", f"NodeName={node}", "State=RESUME"])
+    deadline = time.monotonic() + timeout_s
+    while hook.node_states()[node] != "idle" and time.monotonic() < deadline:
+        time.sleep(2)
+    assert hook.node_states()[node] == "idle"

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from airflow.sdk.exceptions import TaskDeferred
-from slurm_support import XComSink
+from slurm_support import XComSink, resume_node
 
 from dtp.form_params import parse_params
 from dtp.hooks.slurm import SlurmHook
@@ -123,7 +123,7 @@ def test_a_requeued_job_whose_pinned_node_takes_no_jobs_is_unpinned_and_runs_els
         hook.run(["scontrol", "requeue", job_id])
         event = first_event(deferred.value.trigger)
     finally:
-        hook.run(["scontrol", "update", "NodeName=n2", "State=RESUME"])
+        resume_node(hook, "n2")
     assert event["status"] == "success", event
     assert expand_hostlist(event["nodes"]) == ["n1"]
     assert "attempt 1 on n1" in event["tail"]

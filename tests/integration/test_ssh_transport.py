@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from paramiko.ssh_exception import SSHException
-from slurm_support import job_script
+from slurm_support import job_script, resume_node
 
 from dtp.form_params import ParamsError, parse_params
 from dtp.hooks.head_node_ssh import HeadNodeHostKeyMismatch
@@ -174,12 +174,7 @@ def test_validation_counts_only_the_nodes_that_take_jobs(stack) -> None:
         with pytest.raises(ParamsError, match=r"has no node n3 \(its nodes: n1, n2\)"):
             connect({**spec, "params": {**spec["params"], "num_nodes": 1, "exclude_nodes": "n[2-3]"}})
     finally:
-        hook.run(["scontrol", "update", "NodeName=n2", "State=RESUME"])
-    # Resumed, the node may show as not answering ("idle*") until slurmctld's next ping of it.
-    deadline = time.monotonic() + 120
-    while hook.node_states()["n2"] != "idle" and time.monotonic() < deadline:
-        time.sleep(2)
-    assert hook.node_states()["n2"] == "idle"
+        resume_node(hook, "n2")
 
 
 def test_a_hooks_commands_share_one_ssh_connection(stack) -> None:
