@@ -103,12 +103,18 @@ def _image_exists(ec2: AmiHook, image_id: str) -> bool:
         raise
 
 
+def parameter_versions(ssm: Any, parameter: str) -> list[dict[str, Any]]:
+    """Every version of ``parameter`` SSM keeps (its newest 100: GetParameterHistory, every page), oldest first;
+    ``ssm`` is a boto3 client. Raises its ``ParameterNotFound`` for a parameter that does not exist."""
+    pages = ssm.get_paginator("get_parameter_history").paginate(Name=parameter)
+    return sorted((version for page in pages for version in page["Parameters"]), key=lambda v: v["Version"])
+
+
 def _version_as_of(ssm: SsmHook, parameter: str, as_of: datetime) -> dict[str, Any] | None:
     """The version of ``parameter`` (GetParameterHistory's record) that was the newest at ``as_of``, logged: the
     oldest, with a warning, when none was written by then; None when the parameter does not exist."""
     try:
-        pages = ssm.conn.get_paginator("get_parameter_history").paginate(Name=parameter)
-        versions = [version for page in pages for version in page["Parameters"]]
+        versions = parameter_versions(ssm.conn, parameter)
     except ssm.conn.exceptions.ParameterNotFound:
         return None
     if written := [version for version in versions if version["LastModifiedDate"] <= as_of]:

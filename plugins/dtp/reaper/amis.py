@@ -18,6 +18,7 @@ from typing import Any
 
 from dtp.hooks.ami import snapshot_ids
 from dtp.images.ami import AMI_PARAMETER_PATH, BUILDER_EXPIRY_HOURS
+from dtp.images.published import parameter_versions
 from dtp.naming import EXPIRES_TAG, TAG_PREFIX, tags_dict
 from dtp.params import MAX_EXPIRY_HOURS
 from dtp.reaper.expired import RUN, Expired, is_expired
@@ -102,8 +103,7 @@ def published_amis(ssm: Any, now: datetime) -> dict[str, str]:
     for page in ssm.get_paginator("get_parameters_by_path").paginate(Path=AMI_PARAMETER_PATH, Recursive=True):
         for parameter in page["Parameters"]:
             name = parameter["Name"]
-            history = ssm.get_paginator("get_parameter_history").paginate(Name=name)
-            versions = sorted((v for page in history for v in page["Parameters"]), key=lambda v: v["Version"])
+            versions = parameter_versions(ssm, name)
             for version, newer in reversed(list(zip(versions, [*versions[1:], None], strict=True))):
                 if newer is None:
                     published.setdefault(version["Value"], f"SSM {name} points at it")
