@@ -19,10 +19,14 @@ from dtp.reaper.deletion import reap
 
 AWS = "aws_default"
 NOW = datetime.now(UTC)
-# When SSM's earlier versions, written now, pointed at their AMIs longer ago than any run lives.
-RUNS_OVER = NOW + RUN_LIFETIME + timedelta(hours=1)
 PARAMETER = "/dtp/amis/pcluster-gpu"
 BAKED_NAME = "dtp-pcluster-gpu-0123456789ab"  # bake_requests' name prefix and PackerBuildOperator's fingerprint
+
+
+def from_now(delta: timedelta) -> datetime:
+    """``delta`` after this moment, not after ``NOW``: moto stamps SSM versions and AMIs with the clock, and a full
+    suite reaches these tests over an hour after it imported this module."""
+    return datetime.now(UTC) + delta
 
 
 def no_run_active(dag_id: str, run_id: str) -> bool:
@@ -134,7 +138,8 @@ def test_an_expired_ami_ssm_pointed_at_within_a_runs_lifetime_is_kept(ec2, ssm, 
     assert f"keeping ami {older} of run" in caplog.text and f"SSM {PARAMETER} pointed at it until" in caplog.text
     assert f"keeping ami {newer} of run" in caplog.text and f"SSM {PARAMETER} points at it" in caplog.text
     # Once every run that could have resolved it is over, only the AMI SSM points at now is kept.
-    assert found_names(expired_amis(ec2, ssm, RUNS_OVER)) == [older]
+    runs_over = from_now(RUN_LIFETIME + timedelta(hours=1))
+    assert found_names(expired_amis(ec2, ssm, runs_over)) == [older]
 
 
 def test_an_old_unpublished_unused_ami_is_deregistered_with_its_snapshots(ec2, ssm) -> None:
@@ -164,7 +169,7 @@ def test_an_ami_a_bake_left_untagged_is_reported_and_not_deleted(ec2, ssm, caplo
     published, _ = untagged_ami(ec2, "dtp-eks-gpu-ba9876543210")
     publish(ssm, published)
     not_a_bake, _ = untagged_ami(ec2, "dtp-pcluster-gpu-manual-copy")
-    later = NOW + UNTAGGED_GRACE + timedelta(hours=1)
+    later = from_now(UNTAGGED_GRACE + timedelta(hours=1))
     with caplog.at_level(logging.INFO, logger="dtp.reaper.amis"):
         found = expired_amis(ec2, ssm, later)
     assert found == []  # no tags: no run, no installation to spare or reap it by
