@@ -1,6 +1,6 @@
 """The reaper's AMI sweep against moto's EC2 and SSM: expired AMIs no run may still boot (none launched from them,
-none SSM pointed at within the longest a run lives), the snapshots they left behind, and the AMIs a bake left
-untagged, which are reported, never deleted."""
+none SSM pointed at within the longest a run lives, none a launch template names), the snapshots they left behind,
+and the AMIs a bake left untagged, which are reported, never deleted."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from dtp.naming import RunNames, expiry, resource_tags
-from dtp.reaper.amis import RUN_LIFETIME, UNTAGGED_GRACE, expired_amis
+from dtp.reaper.amis import RUN_LIFETIME, UNTAGGED_GRACE, expired_amis, template_amis
 from dtp.reaper.aws import find_expired_in_aws
 from dtp.reaper.deletion import reap
 
@@ -72,6 +72,12 @@ def orphan(ec2: Any, hours: float) -> str:
 
 def launch(ec2: Any, image_id: str) -> str:
     return str(ec2.run_instances(ImageId=image_id, MinCount=1, MaxCount=1)["Instances"][0]["InstanceId"])
+
+
+def launch_template(ec2: Any, name: str, data: dict[str, Any]) -> str:
+    """The id of a launch template ``name`` whose first version launches with ``data``, as a node group's does."""
+    template = ec2.create_launch_template(LaunchTemplateName=name, LaunchTemplateData=data)["LaunchTemplate"]
+    return str(template["LaunchTemplateId"])
 
 
 def publish(ssm: Any, *image_ids: str) -> None:
@@ -142,6 +148,47 @@ def test_an_expired_ami_ssm_pointed_at_within_a_runs_lifetime_is_kept(ec2, ssm, 
     assert found_names(expired_amis(ec2, ssm, runs_over)) == [older]
 
 
+def test_an_expired_ami_a_launch_templates_default_or_latest_version_names_is_kept(ec2, ssm, caplog) -> None:
+    # An EKS node group scaled to zero: no instance of `older` is alive, yet its next node boots it.
+    older, _ = ami(ec2, -1)
+    newer, _ = ami(ec2, -1)
+    template = launch_template(ec2, "gpu-nodes", {"ImageId": older, "InstanceType": "p5.48xlarge"})
+    with caplog.at_level(logging.INFO, logger="dtp.reaper.amis"):
+        assert found_names(expired_amis(ec2, ssm, NOW)) == [newer]
+    assert f"keeping ami {older} of run" in caplog.text
+    assert f"launch template {template} (gpu-nodes) version 1 names it" in caplog.text
+    # A new latest version names `newer`; the group still launches the default one, `older`.
+    ec2.create_launch_template_version(LaunchTemplateId=template, LaunchTemplateData={"ImageId": newer})
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="dtp.reaper.amis"):
+        assert found_names(expired_amis(ec2, ssm, NOW)) == []
+    assert f"launch template {template} (gpu-nodes) version 2 names it" in caplog.text
+    # Once the new version is the default too, nothing launches `older` any more.
+    ec2.modify_launch_template(LaunchTemplateId=template, DefaultVersion="2")
+    assert found_names(expired_amis(ec2, ssm, NOW)) == [older]
+
+
+def test_a_launch_template_naming_no_ami_by_id_spares_nothing(ec2, ssm) -> None:
+    expired, _ = ami(ec2, -1)
+    launch_template(ec2, "no-image", {"InstanceType": "p5.48xlarge"})  # the node group's AMI type picks the AMI
+    # published_amis keeps what /dtp/amis names; the worker may read no other parameter.
+    launch_template(ec2, "ssm-image", {"ImageId": f"resolve:ssm:{PARAMETER}"})
+    assert template_amis(ec2) == {}
+    assert found_names(expired_amis(ec2, ssm, NOW)) == [expired]
+
+
+def test_a_launch_template_deleted_while_the_sweep_reads_it_spares_nothing(ec2, ssm, moto_aws) -> None:
+    # A cluster torn down between the sweep listing its launch template and reading the template's versions.
+    expired, _ = ami(ec2, -1)
+    template = launch_template(ec2, "torn-down", {"ImageId": expired})
+
+    def delete_template(**kwargs: Any) -> None:
+        moto_aws("ec2").delete_launch_template(LaunchTemplateId=template)
+
+    ec2.meta.events.register("before-call.ec2.DescribeLaunchTemplateVersions", delete_template)
+    assert found_names(expired_amis(ec2, ssm, NOW)) == [expired]
+
+
 def test_an_old_unpublished_unused_ami_is_deregistered_with_its_snapshots(ec2, ssm) -> None:
     expired, snapshot = ami(ec2, -1)
     kept, kept_snapshot = ami(ec2, -1)
@@ -181,6 +228,15 @@ def test_an_ami_a_bake_left_untagged_is_reported_and_not_deleted(ec2, ssm, caplo
     findings = find_expired_in_aws(AWS, later, active=no_run_active, installation="0a1b2c3d")
     reap(findings.found, AWS, None, dry_run=False)
     assert image_exists(ec2, left) and snapshot_exists(ec2, snapshot)
+
+
+def test_an_untagged_ami_of_a_bake_a_launch_template_names_is_not_reported(ec2, ssm, caplog) -> None:
+    left, _ = untagged_ami(ec2, BAKED_NAME)
+    template = launch_template(ec2, "gpu-nodes", {"ImageId": left})
+    with caplog.at_level(logging.INFO, logger="dtp.reaper.amis"):
+        expired_amis(ec2, ssm, from_now(UNTAGGED_GRACE + timedelta(hours=1)))
+    assert not [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert f"keeping untagged ami {left} ({BAKED_NAME}): launch template {template} (gpu-nodes)" in caplog.text
 
 
 def test_an_untagged_ami_of_a_bake_that_may_still_go_is_not_reported(ec2, ssm, caplog) -> None:

@@ -4,8 +4,9 @@ bake left untagged.
 An AMI's expiry (ami_bake's retain_days) says when no new run should use it, not when the last one has: SSM
 ``/dtp/amis/<family>`` moves to a rebake while runs that resolved the old AMI are still being created, and their
 clusters boot nodes from it for as long as they live (clustermgtd replacing a static node, an EKS node group's launch
-template). So an AMI is kept, whatever its expiry, while an instance not terminated was launched from it or while SSM
-pointed at it within the longest a run lives (``MAX_EXPIRY_HOURS``).
+template). So an AMI is kept, whatever its expiry, while an instance not terminated was launched from it, while SSM
+pointed at it within the longest a run lives (``MAX_EXPIRY_HOURS``), or while a launch template names it: a node group
+scaled to zero launches from its template with no instance of the AMI alive.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import re
 from collections.abc import Mapping
 from datetime import datetime, timedelta
 from typing import Any
+
+from botocore.exceptions import ClientError
 
 from dtp.hooks.ami import snapshot_ids
 from dtp.images.ami import AMI_PARAMETER_PATH, BUILDER_EXPIRY_HOURS
@@ -28,6 +31,11 @@ log = logging.getLogger(__name__)
 RUN_LIFETIME = timedelta(hours=MAX_EXPIRY_HOURS)
 # The states of an instance whose fleet may still launch more from its AMI.
 LIVE_INSTANCE_STATES = ["pending", "running", "stopping", "stopped"]
+# The versions of a launch template an Auto Scaling group (an EKS managed node group's too) launches from unless pinned
+# to a version number (Batch's compute environment asks for $Latest): a group pinned to an older one is not followed.
+LAUNCH_TEMPLATE_VERSIONS = ["$Default", "$Latest"]
+# How a launch template names its AMI by SSM parameter (resolve:ssm:<parameter>) instead of by id.
+SSM_IMAGE_REFERENCE = "resolve:ssm:"
 # Image ids asked about per DescribeInstances: EC2 refuses a filter of too many values (200, in practice).
 IMAGE_IDS_PER_CALL = 100
 # The name PackerBuildOperator gives an AMI: bake_requests' name prefix dtp-<family>, then its 12-digit fingerprint.
@@ -71,10 +79,11 @@ def expired_amis(ec2: Any, ssm: Any, now: datetime) -> list[Expired]:
 
 def kept_amis(ec2: Any, ssm: Any, image_ids: list[str], now: datetime) -> dict[str, str]:
     """Those of ``image_ids`` a run may still boot, each with why: one an instance not terminated was launched from
-    (``amis_in_use``), or one SSM points runs at or did within ``RUN_LIFETIME`` (``published_amis``)."""
+    (``amis_in_use``), one SSM points runs at or did within ``RUN_LIFETIME`` (``published_amis``), or one a launch
+    template's default or latest version names (``template_amis``)."""
     if not image_ids:
         return {}
-    return {**published_amis(ssm, now), **amis_in_use(ec2, image_ids)}
+    return {**template_amis(ec2), **published_amis(ssm, now), **amis_in_use(ec2, image_ids)}
 
 
 def amis_in_use(ec2: Any, image_ids: list[str]) -> dict[str, str]:
@@ -92,6 +101,40 @@ def amis_in_use(ec2: Any, image_ids: list[str]) -> dict[str, str]:
                     instance["ImageId"], f"instance {instance['InstanceId']} ({instance['State']['Name']}) uses it"
                 )
     return in_use
+
+
+def template_amis(ec2: Any) -> dict[str, str]:
+    """The AMIs the default or latest version (``LAUNCH_TEMPLATE_VERSIONS``) of a launch template in the account names
+    by id, each with why: an Auto Scaling group or EKS managed node group launching from it boots that AMI at its next
+    scale-up or node replacement, though none of its instances may be alive now. DTP creates no launch template
+    itself: ParallelCluster makes one per compute resource naming the cluster's ``CustomAmi``, Batch launches from the
+    ``dtp_batch`` connection's ``launch_template_id``, and an EKS cluster's node groups are its owner's."""
+    named: dict[str, str] = {}
+    for page in ec2.get_paginator("describe_launch_templates").paginate():
+        for template in page["LaunchTemplates"]:
+            template_id, name = template["LaunchTemplateId"], template["LaunchTemplateName"]
+            for version in launch_template_versions(ec2, template_id):
+                image_id = version["LaunchTemplateData"].get("ImageId", "")
+                # An SSM reference to /dtp/amis/... names an AMI published_amis keeps already; the worker may read
+                # no other parameter (docs/iam), so one elsewhere is not followed.
+                if image_id and not image_id.startswith(SSM_IMAGE_REFERENCE):
+                    why = f"launch template {template_id} ({name}) version {version['VersionNumber']} names it"
+                    named.setdefault(image_id, why)
+    return named
+
+
+def launch_template_versions(ec2: Any, template_id: str) -> list[dict[str, Any]]:
+    """The default and latest versions of launch template ``template_id``; none where it was deleted since it was
+    listed (a cluster torn down meanwhile): it launches nothing any more."""
+    try:
+        response = ec2.describe_launch_template_versions(
+            LaunchTemplateId=template_id, Versions=LAUNCH_TEMPLATE_VERSIONS
+        )
+    except ClientError as err:
+        if err.response["Error"]["Code"] == "InvalidLaunchTemplateId.NotFound":
+            return []
+        raise
+    return list(response["LaunchTemplateVersions"])
 
 
 def published_amis(ssm: Any, now: datetime) -> dict[str, str]:
