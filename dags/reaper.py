@@ -12,13 +12,16 @@ run directories, and the shared directories whose every lease has expired) and
 deletes them in dependency order, each in its own find/delete pair: the AWS
 account, the EKS clusters, the ``slurm_default`` cluster, then the shared
 filesystem the training worker mounts (where EKS and Batch runs keep their run
-directories); an AMI that SSM ``/dtp/amis/*`` still publishes is kept, and so is
+directories). It also deletes the runs' groups on the Pushgateway of the
+``prometheus_pushgateway`` connection a week after their last push (Prometheus
+keeps their numbers), so the gateway does not serve every run ever, in a pair
+of its own. An AMI that SSM ``/dtp/amis/*`` still publishes is kept, and so is
 everything of a DAG run still queued or running here (a task cleared after its
 run's expiry recreates what it needs with that expiry), and for a day past its
 expiry what another Airflow installation's run made in the account
 (``dtp:installation``): this one cannot ask that installation whether the run
-still goes. A kind of AWS resource, or an EKS cluster, that cannot be looked for
-fails its pair once the others are deleted. Trigger it with ``dry_run`` to see
+still goes. A kind of AWS resource, an EKS cluster, or the Pushgateway, that
+cannot be looked for fails its pair once the others are deleted. Trigger it with ``dry_run`` to see
 what it would delete.
 """
 
@@ -57,6 +60,17 @@ def find_expired_on_eks() -> dict[str, Any]:
     from dtp.reaper.pytorchjobs import find_expired_pytorchjobs
 
     findings = find_expired_pytorchjobs(AWS_CONN_ID, active=run_is_active, installation=installation_id())
+    return {"found": [asdict(item) for item in findings.found], "unsearched": findings.unsearched}
+
+
+# Not given run_is_active: a run's group on the Pushgateway is a copy of numbers Prometheus keeps, used by no run.
+@task(multiple_outputs=True)
+def find_expired_on_pushgateway() -> dict[str, Any]:
+    from dataclasses import asdict
+
+    from dtp.reaper.pushgateway import find_expired_pushgateway_groups
+
+    findings = find_expired_pushgateway_groups()
     return {"found": [asdict(item) for item in findings.found], "unsearched": findings.unsearched}
 
 
@@ -121,6 +135,10 @@ with DAG(
     delete_expired.override(task_id="delete_expired_in_aws")(in_aws["found"], unsearched=in_aws["unsearched"])
     on_eks = find_expired_on_eks()
     delete_expired.override(task_id="delete_expired_on_eks")(on_eks["found"], unsearched=on_eks["unsearched"])
+    on_gateway = find_expired_on_pushgateway()
+    delete_expired.override(task_id="delete_expired_on_pushgateway")(
+        on_gateway["found"], unsearched=on_gateway["unsearched"]
+    )
     on_cluster = delete_expired.override(task_id="delete_expired_on_cluster", queue=TRAINING_QUEUE)(
         find_expired_on_cluster(), SLURM_CONN_ID
     )

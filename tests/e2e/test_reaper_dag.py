@@ -40,6 +40,8 @@ def test_a_dry_run_finds_an_expired_job_and_leaves_it_running(airflow_api, stack
             "delete_expired_in_aws",
             "find_expired_on_eks",
             "delete_expired_on_eks",
+            "find_expired_on_pushgateway",
+            "delete_expired_on_pushgateway",
             "find_expired_on_cluster",
             "delete_expired_on_cluster",
             "find_expired_on_worker_mount",
@@ -48,6 +50,9 @@ def test_a_dry_run_finds_an_expired_job_and_leaves_it_running(airflow_api, stack
         # No dtp_eks connection, and dtp_hyperpod's clusters run Slurm: no EKS cluster to sweep.
         on_eks = airflow_api.xcom(DAG_ID, run_id, "delete_expired_on_eks")
         assert on_eks == {"dry_run": True, "found": [], "deleted": []}
+        # No prometheus_pushgateway connection in the local stack: no Pushgateway to sweep.
+        on_gateway = airflow_api.xcom(DAG_ID, run_id, "delete_expired_on_pushgateway")
+        assert on_gateway == {"dry_run": True, "found": [], "deleted": []}
         # The worker's mount is slurm_default's shared directory here: the cluster's sweep covers it.
         assert airflow_api.xcom(DAG_ID, run_id, "find_expired_on_worker_mount") == []
         on_cluster = airflow_api.xcom(DAG_ID, run_id, "delete_expired_on_cluster")

@@ -1,4 +1,5 @@
-"""Run metrics pushed to a real Pushgateway (Debian's prometheus-pushgateway) through the Airflow connection."""
+"""Run metrics pushed to a real Pushgateway (Debian's prometheus-pushgateway) through the Airflow connection, and
+swept off it by the reaper."""
 
 from __future__ import annotations
 
@@ -7,10 +8,14 @@ import subprocess
 import time
 import urllib.request
 from collections.abc import Iterator
+from datetime import timedelta
 
 import pytest
 
-from dtp.pipeline.results import PUSHGATEWAY_CONN_ID, export_metrics
+from dtp.metrics.prometheus import PUSHGATEWAY_CONN_ID, Pushgateway
+from dtp.pipeline.results import export_metrics
+from dtp.reaper.deletion import reap
+from dtp.reaper.pushgateway import RETENTION, find_expired_pushgateway_groups
 
 SPEC = {
     "dag_id": "train_e2e",
@@ -31,7 +36,8 @@ def _free_port() -> int:
 def pushgateway(tmp_path) -> Iterator[str]:
     port = _free_port()
     proc = subprocess.Popen(
-        ["prometheus-pushgateway", f"--web.listen-address=127.0.0.1:{port}"],
+        # In memory: Debian's default persistence file is the stack's gateway's (/var/lib/prometheus).
+        ["prometheus-pushgateway", f"--web.listen-address=127.0.0.1:{port}", "--persistence.file="],
         cwd=tmp_path,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -76,3 +82,36 @@ def test_run_metrics_land_on_the_pushgateway_once_per_run(pushgateway: str, monk
 def test_without_the_connection_nothing_is_pushed(monkeypatch) -> None:
     monkeypatch.delenv(f"AIRFLOW_CONN_{PUSHGATEWAY_CONN_ID.upper()}", raising=False)
     assert export_metrics(SPEC, METRICS, PREFLIGHT) is False
+
+
+def _put(url: str, path: str, body: str) -> None:
+    request = urllib.request.Request(f"{url}{path}", data=body.encode(), method="PUT")
+    urllib.request.urlopen(request, timeout=5).close()
+
+
+def test_the_reaper_deletes_run_groups_a_retention_after_their_push_and_no_other(pushgateway: str, monkeypatch) -> None:
+    monkeypatch.setenv(f"AIRFLOW_CONN_{PUSHGATEWAY_CONN_ID.upper()}", pushgateway)
+    assert export_metrics(SPEC, METRICS, PREFLIGHT)
+    gateway = Pushgateway(pushgateway)
+    gateway.push_run("dtp/odd", "odd_gauge 1\n")  # a run value only the base64 path addresses
+    kept = [
+        {"job": "other", "run": "dtp-train-e2e-0123456789"},
+        {"job": "dtp"},
+        {"job": "dtp", "run": "dtp-train-e2e-0123456789", "instance": "n1"},
+    ]
+    for labels in kept:
+        _put(pushgateway, "/metrics/" + "/".join(f"{k}/{v}" for k, v in labels.items()), "other_gauge 1\n")
+    pushed = [group.pushed_at for group in gateway.groups() if group.pushed_at]
+    assert len(pushed) == 5
+
+    assert find_expired_pushgateway_groups(now=min(pushed) + RETENTION - timedelta(seconds=1)).found == []
+    findings = find_expired_pushgateway_groups(now=max(pushed) + RETENTION + timedelta(seconds=1))
+    assert findings.unsearched == {}
+    assert sorted(item.name for item in findings.found) == ["dtp-train-e2e-0123456789", "dtp/odd"]
+
+    assert reap(findings.found, "aws_default", None, dry_run=True)["deleted"] == []
+    assert len(gateway.groups()) == 5
+    result = reap(findings.found, "aws_default", None, dry_run=False)
+    assert sorted(item["name"] for item in result["deleted"]) == ["dtp-train-e2e-0123456789", "dtp/odd"]
+    assert sorted((group.labels for group in gateway.groups()), key=str) == sorted(kept, key=str)
+    assert _series(pushgateway) == []  # Prometheus scrapes no run's numbers any more

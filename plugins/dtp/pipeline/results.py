@@ -13,7 +13,6 @@ import logging
 from typing import Any
 
 from airflow.providers.amazon.aws.hooks.s3 import S3Hook
-from airflow.sdk import BaseHook
 from airflow.sdk.exceptions import AirflowNotFoundException
 from botocore.exceptions import ClientError
 
@@ -43,6 +42,7 @@ from dtp.metrics.preflight_gate import (
     preflight_failures,
     preflight_warnings,
 )
+from dtp.metrics.prometheus import PUSHGATEWAY_CONN_ID
 from dtp.metrics.report import TREND_RUNS, render_report
 from dtp.naming import OWNER, TAG_PREFIX
 from dtp.pipeline.retention import TRACE, ensure_lifecycle, tagged_uploads
@@ -50,7 +50,6 @@ from dtp.platforms.capacity import instance_of
 
 log = logging.getLogger(__name__)
 REPORT_URL_TTL_S = 7 * 24 * 3600
-PUSHGATEWAY_CONN_ID = "prometheus_pushgateway"
 # Comparable runs read from the history for the report's trend (and further back for the regression baseline).
 HISTORY_WINDOW = TREND_RUNS
 
@@ -306,10 +305,9 @@ def publish_html(key: str, html: str, aws_conn_id: str) -> dict[str, str]:
 def export_metrics(spec: dict[str, Any], metrics: dict[str, Any], preflight: dict[str, Any] | None) -> bool:
     """Push the run's numbers to the Pushgateway of the ``prometheus_pushgateway`` connection, if there is one."""
     try:
-        conn = BaseHook.get_connection(PUSHGATEWAY_CONN_ID)
+        gateway = prometheus.Pushgateway.from_connection(PUSHGATEWAY_CONN_ID)
     except AirflowNotFoundException:
         log.info("No %s connection: metrics are not exported to Prometheus", PUSHGATEWAY_CONN_ID)
         return False
-    url = f"{conn.schema or 'http'}://{conn.host}" + (f":{conn.port}" if conn.port else "")
-    prometheus.push(url, spec["names"]["run_key"], prometheus.exposition(spec, metrics, preflight))
+    gateway.push_run(spec["names"]["run_key"], prometheus.exposition(spec, metrics, preflight))
     return True

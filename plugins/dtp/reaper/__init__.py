@@ -18,6 +18,8 @@ Its modules: ``expired`` (what a finder returns, and when a resource has
 expired), ``aws`` and ``cluster`` (the finders of the AWS account, and of the
 Slurm cluster and the worker's mount), ``amis`` (the AWS account's AMIs, less
 those a run may still boot), ``pytorchjobs`` (the finder of the PyTorchJobs on
-the EKS clusters runs train on), ``active_runs`` (what a queued or running DAG run
-keeps) and ``deletion`` (``reap``).
+the EKS clusters runs train on), ``pushgateway`` (the finder of the runs' groups
+on the Prometheus Pushgateway, past a retention from their last push rather than
+a tag), ``active_runs`` (what a queued or running DAG run keeps) and ``deletion``
+(``reap``).
 """

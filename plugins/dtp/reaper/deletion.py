@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import asdict
@@ -17,6 +18,7 @@ from dtp.hooks.shared_fs import SharedFilesystemHook
 from dtp.hooks.slurm import SlurmHook
 from dtp.hooks.stacks import StackHook
 from dtp.hooks.sweeper import RunResourceSweeper
+from dtp.metrics.prometheus import Pushgateway
 from dtp.pipeline.network import destroy_run_resources
 from dtp.pipeline.run_dirs import LEASES_FOLDER
 from dtp.platforms.batch import BatchPlatform
@@ -24,6 +26,7 @@ from dtp.platforms.batch_settings import WAIT_TIMEOUT_MINUTES
 from dtp.platforms.hyperpod_lifecycle import delete_lifecycle_objects, lifecycle_buckets
 from dtp.reaper.cluster import LEASE, LEASED_DIRS
 from dtp.reaper.expired import Expired
+from dtp.reaper.pushgateway import KIND as PUSHGATEWAY_GROUP
 from dtp.reaper.pytorchjobs import KIND as PYTORCHJOB
 from dtp.reaper.pytorchjobs import pytorchjob_deleter
 
@@ -83,10 +86,10 @@ def reap(
     dry_run: bool,
     unsearched: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Delete what ``find_expired_in_aws``, ``find_expired_pytorchjobs``, ``find_expired_on_cluster(slurm_conn_id)``
-    or ``find_expired_on_worker_mount`` (``slurm_conn_id`` None) found, run by run; return what was (or would be)
-    deleted. ``unsearched``, the kinds the search could not look for (kind: the error), fails it once the rest is
-    deleted (or listed), as a resource that could not be deleted does."""
+    """Delete what ``find_expired_in_aws``, ``find_expired_pytorchjobs``, ``find_expired_pushgateway_groups``,
+    ``find_expired_on_cluster(slurm_conn_id)`` or ``find_expired_on_worker_mount`` (``slurm_conn_id`` None) found,
+    run by run; return what was (or would be) deleted. ``unsearched``, the kinds the search could not look for (kind:
+    the error), fails it once the rest is deleted (or listed), as a resource that could not be deleted does."""
     unsearched = dict(unsearched or {})
     for item in found:
         log.info(
@@ -176,6 +179,9 @@ def reap(
     # Made at the first job (one kubeconfig per cluster): a sweep elsewhere asks no EKS cluster.
     with pytorchjob_deleter(aws_conn_id) as delete_pytorchjob:
         attempt(of_kind(PYTORCHJOB), delete_pytorchjob)
+    # Made at the first group, from the connection its finder read: a sweep elsewhere reads none.
+    gateway = functools.cache(Pushgateway.from_connection)
+    attempt(of_kind(PUSHGATEWAY_GROUP), lambda group: gateway().delete_run(group.name))
     attempt(of_kind("builder_instance"), lambda instance: ec2.conn.terminate_instances(InstanceIds=[instance.name]))
     # Clusters' nodes sit in their run's subnets: they go, and are waited on, before the network.
     attempt(of_kind("hyperpod_cluster"), delete_cluster)
