@@ -41,8 +41,9 @@ _EXPIRY_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
 _SAFE = re.compile(r"[^a-z0-9]+")
 _TAG_UNSAFE = re.compile(r"[^\w +\-=.:/@]", re.ASCII)
 INSTALLATION_VARIABLE = "dtp_installation_id"
-# DTP's IAM policies (docs/iam) let it pass only the roles whose path and name start with this
-# (arn:aws:iam::*:role/dtp-*): on any role, it could hand an admin's to an instance it starts.
+# DTP's IAM policies (docs/iam) let it pass only the roles with no path whose name starts with this (they allow
+# arn:aws:iam::*:role/dtp-* and deny role/dtp-*/*, as IAM's * matches a / too): on any role, it could hand an admin's
+# to an instance it starts.
 PASSED_ROLE_PREFIX = f"{PREFIX}-"
 
 
@@ -205,7 +206,9 @@ def passed_role_name(arn: str) -> str:
 
 def passed_role_problem(arn: str) -> str | None:
     """What keeps DTP's IAM policies from letting it pass the role or instance profile ``arn``, said of its name
-    (``passed_role_name``); None when nothing does."""
-    if passed_role_name(arn).startswith(PASSED_ROLE_PREFIX):
+    (``passed_role_name``); None when nothing does. A path is refused even where it starts with the prefix
+    (``dtp-ops/Admin``: a role ``Admin`` on the path ``/dtp-ops/``)."""
+    name = passed_role_name(arn)
+    if name.startswith(PASSED_ROLE_PREFIX) and "/" not in name:
         return None
     return f"must start with {PASSED_ROLE_PREFIX!r}, with no path"

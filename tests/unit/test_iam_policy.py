@@ -10,9 +10,9 @@ botocore's service model (``iam_inference``, ``iam_scan``). What the scan cannot
 tables of ``iam_tables``. A call it cannot map (an unknown client attribute, an unlisted provider hook method, an
 unlisted ``getattr``) fails the test instead of being skipped, so a new boto3 call either shows up as an action the
 policy must allow or as a table to extend. The other way round, the worker policy grants nothing the scan, the
-templates or a short list of reasons (``GRANTED_UNSCANNED``) do not account for, passes only roles of DTP's prefix,
-and lets the workers tag, take apart and delete EC2 resources only as they create them or once they carry DTP's
-owner tag.
+templates or a short list of reasons (``GRANTED_UNSCANNED``) do not account for, passes only roles of DTP's prefix
+with no path, and lets the workers tag, take apart and delete EC2 resources only as they create them or once they
+carry DTP's owner tag.
 
 The network template's resource types are checked too: CloudFormation creates and deletes them with the caller's
 permissions, and the actions listed for each are checked against the handler permissions of the resource provider
@@ -32,6 +32,7 @@ from typing import Any
 import cfnlint
 import pytest
 import yaml
+from iam_policy_documents import allowing, allows, condition_values, listed, load, missing, statements
 from iam_scan import Scan, operations, read_sources
 from iam_tables import (
     DEPLOY_SOURCES,
@@ -47,7 +48,7 @@ from iam_tables import (
     WORKER_SOURCES,
 )
 
-from dtp.naming import OWNER, PASSED_ROLE_PREFIX, PREFIX
+from dtp.naming import OWNER, PREFIX, passed_role_problem
 
 # --- policies -------------------------------------------------------------------------------------------------------
 POLICIES = sorted(IAM_DIR.glob("*.json"))
@@ -68,8 +69,19 @@ PERMISSION_ONLY = frozenset(
         "cloudformation:TagResource",
     }
 )
-# The only roles the worker and deploy policies let pass.
+# The only roles the worker and deploy policies let pass, less those on a path (IAM's * matches a / too).
 PASSED_ROLES_ARN = f"arn:aws:iam::*:role/{PREFIX}-*"
+PATHED_ROLES_ARN = f"{PASSED_ROLES_ARN}/*"
+# Roles (path and name) a setting may name, and whether the policies let them pass: a role Admin on the path /dtp-ops/
+# is no DTP role.
+PASSABLE_ROLES = {
+    "dtp-hyperpod-exec": True,
+    "dtp-batch": True,
+    "dtp-ops/Admin": False,
+    "dtp-ops/dtp-batch": False,
+    "admin/dtp-batch": False,
+    "Admin": False,
+}
 # Actions the worker policy grants that neither the scan nor CloudFormation's handlers (RESOURCE_ACTIONS) account
 # for, each with why the workers need it.
 GRANTED_UNSCANNED = {
@@ -79,47 +91,9 @@ GRANTED_UNSCANNED = {
 }
 
 
-def load(name: str) -> dict[str, Any]:
-    """The policy document ``docs/iam/<name>``."""
-    policy: dict[str, Any] = json.loads((IAM_DIR / name).read_text())
-    return policy
-
-
-def listed(value: str | list[str]) -> list[str]:
-    """A policy element that may be one string or a list of them, as a list."""
-    return [value] if isinstance(value, str) else list(value)
-
-
-def statements(policy: dict[str, Any]) -> list[dict[str, Any]]:
-    """The policy's statements."""
-    found = policy["Statement"]
-    return [found] if isinstance(found, dict) else list(found)
-
-
-def allowing(policy: dict[str, Any], action: str) -> list[dict[str, Any]]:
-    """The policy's Allow statements whose Action matches ``action`` (IAM's wildcards, case-insensitive)."""
-    return [
-        statement
-        for statement in statements(policy)
-        if statement["Effect"] == "Allow"
-        and any(fnmatch.fnmatchcase(action.lower(), pattern.lower()) for pattern in listed(statement["Action"]))
-    ]
-
-
-def missing(policy: dict[str, Any], actions: set[str]) -> list[str]:
-    """The ``actions`` no statement of the policy allows."""
-    return sorted(action for action in actions if not allowing(policy, action))
-
-
 def needed(scan: Scan) -> set[str]:
     """The actions a scan found, with the tagging actions of the operations that tag what they create."""
     return scan.actions | {TAG_ON_CREATE[action] for action in scan.actions if action in TAG_ON_CREATE}
-
-
-def condition_values(statement: dict[str, Any], key: str) -> list[str]:
-    """The values a statement's Condition (any operator) gives ``key``."""
-    tests = statement.get("Condition", {}).values()
-    return [value for test in tests for name, values in test.items() if name == key for value in listed(values)]
 
 
 @cache
@@ -185,7 +159,8 @@ def test_policy_is_a_valid_managed_policy(path: Path) -> None:
     assert all(sids) and len(set(sids)) == len(sids), f"every statement needs a Sid of its own: {sids}"
     for statement in statements(policy):
         assert set(statement) <= {"Sid", "Effect", "Action", "Resource", "Condition"}, statement["Sid"]
-        assert statement["Effect"] == "Allow" and statement["Action"] and statement["Resource"], statement["Sid"]
+        assert statement["Effect"] in ("Allow", "Deny"), statement["Sid"]
+        assert statement["Action"] and statement["Resource"], statement["Sid"]
         for action in listed(statement["Action"]):
             assert re.fullmatch(r"[a-z0-9-]+:[A-Za-z0-9*]+", action), f"{statement['Sid']}: {action}"
     assert len(re.sub(r"\s", "", path.read_text())) <= MANAGED_POLICY_CHARS, "over IAM's managed policy size"
@@ -237,9 +212,28 @@ def test_roles_are_passed_only_if_named_as_dtps(policy: str) -> None:
     it starts and read its credentials there), the prefix every setting that names a passed role requires
     (``dtp.naming.passed_role_problem``)."""
     resources = {r for s in allowing(load(policy), "iam:PassRole") for r in listed(s["Resource"])}
+    denying = [s for s in statements(load(policy)) if s["Effect"] == "Deny"]
     assert resources == {PASSED_ROLES_ARN}
-    assert fnmatch.fnmatchcase(f"arn:aws:iam::123456789012:role/{PASSED_ROLE_PREFIX}batch", PASSED_ROLES_ARN)
-    assert not fnmatch.fnmatchcase(f"arn:aws:iam::123456789012:role/admin/{PASSED_ROLE_PREFIX}batch", PASSED_ROLES_ARN)
+    assert [(listed(s["Action"]), s["Resource"], s.get("Condition")) for s in denying] == [
+        (["iam:PassRole"], PATHED_ROLES_ARN, None)
+    ]
+
+
+@pytest.mark.parametrize("policy", SCANNED_POLICIES)
+@pytest.mark.parametrize("role", PASSABLE_ROLES)
+def test_roles_are_passed_only_if_named_as_dtps_with_no_path(policy: str, role: str) -> None:
+    """A role is passable exactly when its name starts with DTP's prefix and it has no path, as the settings that name
+    it require (``dtp.naming.passed_role_problem``): the Allow on role/dtp-* alone would also pass a role Admin on the
+    path /dtp-ops/ (role/dtp-ops/Admin), which a Deny on role/dtp-*/* stops. It is passable to the services of the
+    operations that pass roles (``PASSED_ROLES``), and to no other."""
+    passing = scan_for(policy).actions & PASSED_ROLES.keys()
+    services = {service for action in passing for service in PASSED_ROLES[action]}
+    arn = f"arn:aws:iam::123456789012:role/{role}"
+    passable = PASSABLE_ROLES[role]
+    assert (passed_role_problem(arn) is None) == passable
+    for service in sorted(services | {"lambda.amazonaws.com"}):
+        context = {"iam:PassedToService": service}
+        assert allows(load(policy), "iam:PassRole", arn, context) == (passable and service in services), service
 
 
 @pytest.mark.parametrize("path", POLICIES, ids=lambda p: p.name)

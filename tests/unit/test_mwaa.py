@@ -226,6 +226,11 @@ def test_creates_when_absent_updates_when_present() -> None:
             "arn:aws:iam::123456789012:role/service-role/dtp-mwaa",
             r"must start with 'dtp-', with no path: dtp-mwaa-deploy-policy.json lets the deploy pass only dtp-\* roles",
         ),
+        (
+            "execution_role_arn",
+            "arn:aws:iam::123456789012:role/dtp-ops/Admin",
+            r"--role-arn '.*role/dtp-ops/Admin': the role's name must start with 'dtp-', with no path",
+        ),
         ("subnet_ids", ["subnet-0123456789abcdef0", "subnet-xyz"], r"--subnets 'subnet-xyz': must be a subnet id"),
         ("subnet_ids", ["subnet-0123456789abcdef0"] * 2, r"MWAA needs two different subnets"),
         ("subnet_ids", ["subnet-0123456789abcdef0"], r"MWAA needs two different subnets"),

@@ -16,6 +16,8 @@ from dtp.naming import (
     installation_id,
     parse_expiry,
     parse_slurm_comment,
+    passed_role_name,
+    passed_role_problem,
     resource_tags,
     slug,
     slurm_comment,
@@ -262,3 +264,20 @@ def test_an_older_slurm_comment_still_gives_what_it_carries_and_another_comment_
     )
     assert parse_slurm_comment("my experiment") == ("", "", "", "")
     assert parse_slurm_comment("") == ("", "", "", "")
+
+
+@pytest.mark.parametrize(
+    ("arn", "name", "passable"),
+    [
+        ("arn:aws:iam::123456789012:role/dtp-hyperpod-exec", "dtp-hyperpod-exec", True),
+        ("arn:aws:iam::123456789012:instance-profile/dtp-batch-instance", "dtp-batch-instance", True),
+        ("arn:aws:iam::123456789012:role/hyperpod-execution", "hyperpod-execution", False),
+        ("arn:aws:iam::123456789012:role/service-role/dtp-batch", "service-role/dtp-batch", False),
+        # a role Admin on the path /dtp-ops/: its path and name start with dtp-, but it is no DTP role
+        ("arn:aws:iam::123456789012:role/dtp-ops/Admin", "dtp-ops/Admin", False),
+        ("arn:aws:iam::123456789012:instance-profile/dtp-ops/dtp-batch", "dtp-ops/dtp-batch", False),
+    ],
+)
+def test_only_a_dtp_name_with_no_path_may_be_passed(arn: str, name: str, passable: bool) -> None:
+    assert passed_role_name(arn) == name
+    assert passed_role_problem(arn) == (None if passable else "must start with 'dtp-', with no path")

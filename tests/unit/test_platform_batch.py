@@ -81,6 +81,14 @@ def test_bad_settings_name_the_connection_and_field(settings, extra, field) -> N
             {"service_role_arn": "arn:aws:iam::111122223333:role/service-role/dtp-batch"},
             r"service_role_arn: the role's name 'service-role/dtp-batch' must start with 'dtp-', with no path",
         ),
+        (  # a role Admin on the path /dtp-ops/: the worker policy's Deny on role/dtp-*/* keeps it from being passed
+            {"service_role_arn": "arn:aws:iam::111122223333:role/dtp-ops/Admin"},
+            r"service_role_arn: the role's name 'dtp-ops/Admin' must start with 'dtp-', with no path",
+        ),
+        (
+            {"instance_role_arn": "arn:aws:iam::111122223333:instance-profile/dtp-ops/dtp-batch"},
+            r"instance_role_arn: the instance profile's name 'dtp-ops/dtp-batch' must start with 'dtp-', with no path",
+        ),
     ],
 )
 def test_roles_the_worker_policy_cannot_pass_are_refused(settings, extra, message) -> None:

@@ -119,7 +119,7 @@ def test_bad_settings_name_the_connection_and_field(settings, extra, field) -> N
         HyperPodPlatform().max_nodes()
 
 
-@pytest.mark.parametrize("role", ["hyperpod-execution", "service-role/dtp-hyperpod"])
+@pytest.mark.parametrize("role", ["hyperpod-execution", "service-role/dtp-hyperpod", "dtp-ops/Admin"])
 def test_an_execution_role_the_worker_policy_cannot_pass_is_refused(settings, role) -> None:
     settings(execution_role_arn=f"arn:aws:iam::111122223333:role/{role}")
     with pytest.raises(
