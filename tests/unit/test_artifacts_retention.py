@@ -5,11 +5,14 @@ rules expire them by, and the run's metrics do not."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 from airflow.providers.amazon.aws.hooks.s3 import S3Hook
+from boto3.exceptions import S3UploadFailedError
+from botocore.awsrequest import AWSResponse
 from botocore.exceptions import ClientError
 from moto.core import DEFAULT_ACCOUNT_ID
 
@@ -25,6 +28,7 @@ OWNERS_RULE = {
     "Filter": {"Prefix": "validation/"},
     "Transitions": [{"Days": 90, "StorageClass": "GLACIER"}],
 }
+MIB = 1 << 20
 
 
 @pytest.fixture
@@ -91,6 +95,46 @@ def _access_denied(operation: str) -> ClientError:
     return ClientError({"Error": {"Code": "AccessDenied", "Message": "not authorized"}}, operation)
 
 
+def refuse(
+    client: Any, event: str, code: str, when: Callable[[dict[str, Any]], bool] = lambda request: True
+) -> list[str]:
+    """Have S3 answer the client's requests of ``event`` (``before-call.s3.<operation>``, or ``before-call.s3`` for
+    every operation) that ``when(request)`` picks with the error ``code``, as S3 answers (moto enforces no IAM
+    policy); the operations refused, as they are."""
+    refused: list[str] = []
+
+    def answer(model: Any, params: dict[str, Any], **_: Any) -> tuple[AWSResponse, dict[str, Any]] | None:
+        if not when(params):
+            return None
+        refused.append(model.name)
+        status = 403 if code == "AccessDenied" else 400
+        error = {"Error": {"Code": code, "Message": "refused"}, "ResponseMetadata": {"HTTPStatusCode": status}}
+        return AWSResponse("https://s3.amazonaws.com", status, {}, None), error
+
+    client.meta.events.register(event, answer)
+    return refused
+
+
+def tagged(request: dict[str, Any]) -> bool:
+    """Whether the request tags what it creates: S3 refuses it whole to a worker without s3:PutObjectTagging."""
+    return "x-amz-tagging" in {name.lower() for name in request["headers"]}
+
+
+def test_an_owners_rule_s3_will_not_merge_with_is_kept_and_s3s_reason_logged(s3, caplog) -> None:
+    """S3 refuses a configuration mixing an owner's rule of the old form (``Prefix`` beside ``ID``, no ``Filter``) with
+    DTP's: that is S3's reason, not the worker's policy, and the owner's configuration stays."""
+    s3.create_bucket(Bucket=ARTIFACTS)
+    old_form = {"ID": "expire-scratch", "Prefix": "scratch/", "Status": "Enabled", "Expiration": {"Days": 7}}
+    s3.put_bucket_lifecycle_configuration(Bucket=ARTIFACTS, LifecycleConfiguration={"Rules": [old_form]})
+    hook = S3Hook(aws_conn_id="aws_default")
+    refused = refuse(hook.conn, "before-call.s3.PutBucketLifecycleConfiguration", "MalformedXML")
+    with caplog.at_level(logging.WARNING, logger=retention.__name__):
+        assert ensure_lifecycle(hook, ARTIFACTS) is False
+    assert refused == ["PutBucketLifecycleConfiguration"]
+    assert list(rules(s3)) == ["expire-scratch"]
+    assert "MalformedXML" in caplog.text and retention.NOT_ALLOWED not in caplog.text
+
+
 def test_a_worker_not_allowed_the_lifecycle_rules_warns_and_goes_on(s3, monkeypatch, caplog) -> None:
     """A worker whose policy predates the rules still creates and uses the bucket: retention never fails a run."""
 
@@ -117,6 +161,37 @@ def test_uploads_a_worker_may_not_tag_go_untagged_with_a_warning(monkeypatch, ca
         hook.load_string("{}", "runs/r/profile/x.json", "bucket")
         hook.load_string("{}", "runs/r/profile/y.json", "bucket")
     assert sent == [{}, {}] and caplog.text.count("Uploading without the dtp:kind tag") == 1
+
+
+@pytest.mark.parametrize(("size", "operation"), [(3, "PutObject"), (9 * MIB, "CreateMultipartUpload")])
+def test_files_a_worker_may_not_tag_are_uploaded_untagged_with_a_warning(
+    s3, tmp_path: Path, caplog, size: int, operation: str
+) -> None:
+    """A checkpoint's files go through boto3's file transfer (``load_file``), which raises S3UploadFailedError over
+    S3's AccessDenied; past its 8 MiB threshold the refused request is CreateMultipartUpload."""
+    s3.create_bucket(Bucket=ARTIFACTS)
+    hook = retention.tagged_uploads("aws_default", retention.REGRESSION_CHECKPOINT)
+    refused = refuse(hook.conn, "before-call.s3", "AccessDenied", tagged)
+    shard = tmp_path / "shard.distcp"
+    shard.write_bytes(b"\x01" * size)
+    key = "runs/dtp-run-0123456789/checkpoints/step_100/shard.distcp"
+    with caplog.at_level(logging.WARNING, logger=retention.__name__):
+        hook.load_file(str(shard), key, ARTIFACTS, replace=True)
+    assert refused == [operation]
+    assert s3.head_object(Bucket=ARTIFACTS, Key=key)["ContentLength"] == size
+    assert s3.get_object_tagging(Bucket=ARTIFACTS, Key=key)["TagSet"] == []
+    assert "Uploading without the dtp:kind tag" in caplog.text and "AccessDenied" in caplog.text
+
+
+def test_a_file_the_worker_may_not_write_at_all_still_fails_its_upload(s3, tmp_path: Path) -> None:
+    s3.create_bucket(Bucket=ARTIFACTS)
+    hook = retention.tagged_uploads("aws_default", retention.REGRESSION_CHECKPOINT)
+    refused = refuse(hook.conn, "before-call.s3.PutObject", "AccessDenied")
+    (tmp_path / "shard.distcp").write_bytes(b"\x01")
+    with pytest.raises(S3UploadFailedError, match="AccessDenied"):
+        hook.load_file(str(tmp_path / "shard.distcp"), "runs/r/checkpoints/shard.distcp", ARTIFACTS, replace=True)
+    assert refused == ["PutObject", "PutObject"]  # tagged, then untagged: refused both ways
+    assert "Contents" not in s3.list_objects_v2(Bucket=ARTIFACTS)
 
 
 def test_a_refusal_other_than_tagging_still_fails_the_upload(monkeypatch) -> None:

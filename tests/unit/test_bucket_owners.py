@@ -1,12 +1,14 @@
 """Buckets DTP finds by name are used only when this account owns them: the artifacts bucket, HyperPod's lifecycle
 bucket and the MWAA source bucket. A bucket name is global, so another account may create one of those names first
 and open it to everyone; DTP would then write its checkpoints, reports and lifecycle scripts there and read them back.
+Nor do teardown and the reaper delete a run's lifecycle objects from a bucket of that name another account made since.
 
 moto (the local emulator) answers HeadBucket without looking at ExpectedBucketOwner; ``s3_checks_owners`` makes it
 answer as S3 does, 403 when the bucket's owner is another account."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -14,15 +16,18 @@ from typing import Any
 import pytest
 from airflow.providers.amazon.aws.hooks.s3 import S3Hook
 from botocore.stub import Stubber
-from hyperpod_support import spec_for
+from hyperpod_support import SETTINGS, spec_for
 from moto.core import DEFAULT_ACCOUNT_ID
 from moto.s3.exceptions import MissingBucket
 from moto.s3.responses import S3Response
 
 from dtp.deploy.mwaa import package, upload
 from dtp.pipeline.results import artifacts_bucket, owned_bucket_exists
+from dtp.platforms import hyperpod_lifecycle
 from dtp.platforms.base import PlatformNotReady
 from dtp.platforms.hyperpod import HyperPodPlatform
+from dtp.reaper.deletion import reap
+from dtp.reaper.expired import Expired
 
 OTHER_ACCOUNT = "111122223333"
 ARTIFACTS = f"dtp-artifacts-{DEFAULT_ACCOUNT_ID}-us-east-1"
@@ -96,6 +101,59 @@ def test_hyperpod_refuses_a_lifecycle_bucket_another_account_owns_before_creatin
     with pytest.raises(PlatformNotReady, match="'dtp_hyperpod' extra: lifecycle_bucket: bucket sagemaker-dtp-lifecy"):
         HyperPodPlatform().provision(spec_for(), NETWORK)
     assert "Contents" not in s3_checks_owners.list_objects_v2(Bucket="sagemaker-dtp-lifecycle")
+
+
+def lifecycle_bucket_taken_since(s3: Any, monkeypatch: pytest.MonkeyPatch, run_key: str) -> list[str]:
+    """The lifecycle bucket, deleted since the run began and its name taken by another account, holding objects under
+    the run's prefix that are that account's; their keys."""
+    create_elsewhere(s3, monkeypatch, SETTINGS["lifecycle_bucket"])
+    keys = [f"{run_key}/lifecycle/on_create.sh", f"{run_key}/lifecycle/provisioning_parameters.json"]
+    for key in keys:
+        s3.put_object(Bucket=SETTINGS["lifecycle_bucket"], Key=key, Body=b"#")
+    return keys
+
+
+def stored(s3: Any) -> list[str]:
+    return [obj["Key"] for obj in s3.list_objects_v2(Bucket=SETTINGS["lifecycle_bucket"]).get("Contents", [])]
+
+
+def test_teardown_deletes_nothing_in_a_lifecycle_bucket_another_account_owns(
+    settings, s3_checks_owners, monkeypatch, caplog
+) -> None:
+    spec = spec_for()
+    keys = lifecycle_bucket_taken_since(s3_checks_owners, monkeypatch, spec["names"]["run_key"])
+    with caplog.at_level(logging.WARNING, logger=hyperpod_lifecycle.__name__):
+        done = HyperPodPlatform().start_teardown(spec)
+    assert done["deleted_lifecycle_objects"] == 0
+    assert stored(s3_checks_owners) == keys
+    assert "another AWS account owns it" in caplog.text
+
+
+def test_the_reaper_deletes_nothing_in_a_lifecycle_bucket_another_account_owns(
+    moto_aws, s3_checks_owners, monkeypatch, caplog
+) -> None:
+    """The reaper reads the bucket from the cluster's description: a name the cluster was created with, long ago."""
+    run_key = "dtp-train-e2e-0123456789"
+    keys = lifecycle_bucket_taken_since(s3_checks_owners, monkeypatch, run_key)
+    group = {
+        "InstanceGroupName": "compute-nodes",
+        "InstanceType": "ml.m5.2xlarge",
+        "InstanceCount": 1,
+        "LifeCycleConfig": {
+            "SourceS3Uri": f"s3://{SETTINGS['lifecycle_bucket']}/{run_key}/lifecycle/",
+            "OnCreate": "on_create.sh",
+        },
+        "ExecutionRole": SETTINGS["execution_role_arn"],
+        "ThreadsPerCore": 1,
+    }
+    sagemaker = moto_aws("sagemaker")
+    sagemaker.create_cluster(ClusterName=run_key, InstanceGroups=[group], Tags=[{"Key": "dtp:run", "Value": run_key}])
+    found = [Expired("hyperpod_cluster", run_key, run_key, "2026-12-01T00:00:00Z")]
+    with caplog.at_level(logging.WARNING, logger=hyperpod_lifecycle.__name__):
+        assert [d["name"] for d in reap(found, "aws_default", None, dry_run=False)["deleted"]] == [run_key]
+    assert sagemaker.list_clusters()["ClusterSummaries"] == []
+    assert stored(s3_checks_owners) == keys
+    assert "another AWS account owns it" in caplog.text
 
 
 def test_mwaa_refuses_a_source_bucket_another_account_owns(s3_checks_owners, monkeypatch, tmp_path: Path) -> None:

@@ -17,6 +17,7 @@ from typing import Any
 from urllib.parse import urlencode
 
 from airflow.providers.amazon.aws.hooks.s3 import S3Hook
+from boto3.exceptions import S3UploadFailedError
 from botocore.exceptions import BotoCoreError, ClientError
 
 from dtp.naming import REGRESSION_DAG_PREFIX, TAG_PREFIX
@@ -70,6 +71,14 @@ def _denied(err: ClientError) -> bool:
     return err.response.get("Error", {}).get("Code") in ("AccessDenied", "AccessDeniedException")
 
 
+def _client_error(err: BaseException | None) -> ClientError | None:
+    """The S3 refusal behind ``err``: itself, or the ClientError it was raised from or while handling (boto3's file
+    transfer, behind ``load_file``, raises S3UploadFailedError while handling S3's ClientError)."""
+    while err is not None and not isinstance(err, ClientError):
+        err = err.__cause__ or err.__context__
+    return err
+
+
 class TaggedUploadsHook(S3Hook):
     """``S3Hook`` whose uploads (``load_file``, ``load_string``) carry the tag ``dtp:kind=<kind>``: multipart ones
     too, boto3 passing the tags to CreateMultipartUpload. A worker whose policy predates the tags (PutObject allowed,
@@ -87,10 +96,11 @@ class TaggedUploadsHook(S3Hook):
     def _untagged_if_denied(self, upload: Any, *args: Any, **kwargs: Any) -> None:
         try:
             upload(*args, **kwargs)
-        except ClientError as err:
-            if not _denied(err) or "Tagging" not in self._extra_args:
+        except (ClientError, S3UploadFailedError) as err:
+            refusal = _client_error(err)
+            if refusal is None or not _denied(refusal) or "Tagging" not in self._extra_args:
                 raise
-            log.warning("Uploading without the dtp:kind tag: %s (%s)", NOT_ALLOWED, err)
+            log.warning("Uploading without the dtp:kind tag: %s (%s)", NOT_ALLOWED, refusal)
             self._extra_args = {name: value for name, value in self._extra_args.items() if name != "Tagging"}
             upload(*args, **kwargs)
 
@@ -121,7 +131,10 @@ def ensure_lifecycle(s3: S3Hook, bucket: str) -> bool:
     try:
         return _ensure_lifecycle(s3, bucket)
     except (ClientError, BotoCoreError) as err:
-        log.warning("Could not give bucket %s DTP's lifecycle rules (%s): %s", bucket, err, NOT_ALLOWED)
+        if isinstance(err, ClientError) and _denied(err):
+            log.warning("Could not give bucket %s DTP's lifecycle rules (%s): %s", bucket, err, NOT_ALLOWED)
+        else:
+            log.warning("Could not give bucket %s DTP's lifecycle rules, it keeps what it has: %s", bucket, err)
         return False
 
 

@@ -9,9 +9,14 @@ the cluster's own description (``lifecycle_buckets``).
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from airflow.providers.amazon.aws.hooks.s3 import S3Hook
+
+from dtp.pipeline.results import owned_bucket_exists
+
+log = logging.getLogger(__name__)
 
 
 def lifecycle_prefix(run_key: str) -> str:
@@ -21,8 +26,16 @@ def lifecycle_prefix(run_key: str) -> str:
 
 def delete_lifecycle_objects(s3: S3Hook, bucket: str, run_key: str) -> int:
     """Delete the run's objects in the lifecycle bucket ``bucket`` (all under its ``<run key>/``); how many (none
-    when the bucket is gone)."""
-    keys = (s3.list_keys(bucket, prefix=f"{run_key}/") or []) if s3.check_for_bucket(bucket) else []
+    when the bucket is gone, or another account owns it).
+
+    A bucket name is global: once the bucket is deleted, another account may create one of that name, and what it
+    holds under the run's prefix is not DTP's to delete."""
+    try:
+        exists = owned_bucket_exists(s3, bucket, s3.account_id)
+    except PermissionError as err:
+        log.warning("Deleting none of run %s's lifecycle objects: %s", run_key, err)
+        return 0
+    keys = (s3.list_keys(bucket, prefix=f"{run_key}/") or []) if exists else []
     if keys:
         s3.delete_objects(bucket, keys)
     return len(keys)
