@@ -1,5 +1,9 @@
 """Preflight checks on every node of a job: ``torchrun ... preflight.py --results out.json``.
 
+0. One result file per node (local rank 0, with --node-results): the node's
+   versions, visible device count and probes, written before anything that
+   can fail on a broken node (the rendezvous of the process group, opening a
+   GPU), so the gate names the node even when its fault ends the job.
 1. Environment screen per rank (the reference repo's pytorch-env-validation):
    host, torch / CUDA / NCCL versions, devices, and a small matmul checked
    against float64.
@@ -13,7 +17,9 @@
    has no CUDA (a Neuron image's) the sweep is gloo's on CPU tensors: TCP
    between the hosts, which the gate does not judge on an instance type with
    accelerators.
-Rank 0 writes everything to one JSON file for the gate to judge.
+Rank 0 writes everything to one JSON file for the gate to judge. The backend
+is the job's (--backend, from its instance type): a node whose torch lacks CUDA
+then fails on its own instead of choosing gloo while the others choose nccl.
 """
 
 from __future__ import annotations
@@ -101,6 +107,31 @@ def probes() -> dict[str, str | None]:
     }
 
 
+def node_record(backend: str, node_probes: dict[str, str | None]) -> dict:
+    """What this node reports before its ranks meet: versions, the CUDA devices torch sees and the probes."""
+    cuda = torch.cuda.is_available()
+    return {
+        "rank": int(os.environ.get("RANK", 0)),  # torchrun's, known before the process group exists
+        "host": socket.gethostname(),
+        "slurm_node": os.environ.get("SLURMD_NODENAME", ""),
+        "backend": backend,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "nccl": ".".join(map(str, torch.cuda.nccl.version())) if cuda else None,
+        "device_count": torch.cuda.device_count() if cuda else 0,
+        "probes": node_probes,
+    }
+
+
+def write_json(path: str, document: dict) -> None:
+    """Write ``document`` whole or not at all: the gate never reads half a file."""
+    partial = f"{path}.partial"
+    with open(partial, "w") as fh:
+        json.dump(document, fh, indent=1)
+    os.replace(partial, path)
+
+
 def bus_bandwidth(device: torch.device, max_bytes: int, iters: int = 5) -> list[dict]:
     world = dist.get_world_size()
     results = []
@@ -135,23 +166,29 @@ def main() -> None:
     parser.add_argument("--results", required=True)
     parser.add_argument("--max-bytes", type=int, default=16 << 20)
     parser.add_argument("--no-busbw", action="store_true", help="nccl-tests or nccom-test measures it instead")
+    parser.add_argument("--backend", choices=("nccl", "gloo"), help="the job's (default: nccl where torch has CUDA)")
+    parser.add_argument("--node-results", help="folder of the per-node result files, <node>.json")
     args = parser.parse_args()
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    dist.init_process_group(backend, timeout=timedelta(seconds=120))
+    backend = args.backend or ("nccl" if torch.cuda.is_available() else "gloo")
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    node_probes = probes() if local_rank == 0 else None
+    if node_probes is not None and args.node_results:
+        node = node_record(backend, node_probes)
+        write_json(os.path.join(args.node_results, f"{node['slurm_node'] or node['host']}.json"), node)
+    dist.init_process_group(backend, timeout=timedelta(seconds=120))
     device = torch.device("cuda", local_rank) if backend == "nccl" else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)  # NCCL's object collectives use the current device: each rank its own GPU
     record = environment(device)
-    if local_rank == 0:
-        record["probes"] = probes()
+    if node_probes is not None:
+        record["probes"] = node_probes
     envs: list = [None] * dist.get_world_size()
     dist.all_gather_object(envs, record)
     sweep = [] if args.no_busbw else bus_bandwidth(device, args.max_bytes)
     if dist.get_rank() == 0:
-        result = {"backend": backend, "world_size": dist.get_world_size(), "ranks": envs, "allreduce": sweep}
-        with open(args.results, "w") as fh:
-            json.dump(result, fh, indent=1)
+        write_json(
+            args.results, {"backend": backend, "world_size": dist.get_world_size(), "ranks": envs, "allreduce": sweep}
+        )
         best = max((r["busbw_gbps"] for r in sweep), default=None)
         print(json.dumps({"event": "preflight", "busbw_gbps_max": best}), flush=True)
     dist.destroy_process_group()

@@ -163,6 +163,20 @@ def test_validate_cluster_fails_when_its_jobs_stay_and_touches_the_shared_filesy
     assert {dag.get_task(t).queue for t in ("prepare_checks", "evaluate")} == {"training"}
 
 
+def test_validate_cluster_judges_what_a_failed_check_job_left_and_its_verdict_waits_on_no_report(
+    dagbag: DagBag,
+) -> None:
+    # A broken node can end the job: the other nodes' results still name it, in the report and the verdict. A
+    # report that could not be published hides no verdict.
+    dag = dagbag.dags["validate_cluster"]
+    assert dag.get_task("checks_done").trigger_rule == "all_done"
+    assert dag.get_task("checks_done").upstream_task_ids == {"run_checks"}
+    assert {"checks_done", "prepare_checks"} <= dag.get_task("evaluate").upstream_task_ids
+    assert dag.get_task("verdict").upstream_task_ids == {"evaluate"}
+    assert dag.get_task("report").upstream_task_ids == {"validate_params", "evaluate"}
+    assert "report" in dag.get_task("cancel_jobs").upstream_task_ids
+
+
 def test_watcher_fails_the_run_when_any_task_fails(dagbag: DagBag) -> None:
     dag = dagbag.dags["train_e2e"]
     watcher = dag.get_task("watcher")

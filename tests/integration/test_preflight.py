@@ -10,6 +10,7 @@ import pytest
 
 from dtp.form_params import ParamsError
 from dtp.hooks.slurm import SlurmHook
+from dtp.metrics.preflight_gate import bad_nodes
 from dtp.naming import RunNames
 from dtp.pipeline import jobs, results
 from dtp.pipeline.validation import build_validation_spec, connect
@@ -54,6 +55,19 @@ def test_unreachable_bandwidth_fails_with_the_table(stack, first_event) -> None:
     [failure] = checked["failures"]
     assert failure.startswith("busbw: ") and "< 800.000 GB/s (80% of the expected 1000.0 GB/s)" in failure
     assert "  1000.000   800.000  TOO LOW" in failure
+
+
+def test_nodes_whose_checks_cannot_run_are_named_and_the_job_completes(stack, first_event) -> None:
+    # No torch on either node (an interpreter that is not there): each node's step fails before it writes its
+    # result. The job still ends COMPLETED, and the gate names both nodes for exclude_nodes.
+    checked = _run_preflight(first_event, *_validation(python="/nonexistent/bin/python"))
+    failures = checked["failures"]
+    assert failures[:2] == [
+        "node n1: no preflight result (see the job log)",
+        "node n2: no preflight result (see the job log)",
+    ]
+    assert any(f.startswith("preflight step torch exited with code ") for f in failures), failures
+    assert bad_nodes(failures) == ["n1", "n2"]
 
 
 def test_slurm_ends_a_preflight_job_at_its_deadline(stack) -> None:

@@ -84,6 +84,35 @@ def test_without_the_connection_nothing_is_pushed(monkeypatch) -> None:
     assert export_metrics(SPEC, METRICS, PREFLIGHT) is False
 
 
+def test_an_unreachable_pushgateway_is_warned_about_and_fails_no_report(monkeypatch, caplog) -> None:
+    closed = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
+    monkeypatch.setenv(f"AIRFLOW_CONN_{PUSHGATEWAY_CONN_ID.upper()}", closed)
+    assert export_metrics(SPEC, METRICS, PREFLIGHT) is False
+    [warning] = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warning.startswith(
+        f"Metrics not exported: the Pushgateway {closed} ({PUSHGATEWAY_CONN_ID} connection) failed"
+    )
+    assert "Connection refused" in warning
+
+
+def test_a_push_the_pushgateway_refuses_is_warned_about_and_fails_no_report(
+    pushgateway: str, monkeypatch, caplog
+) -> None:
+    monkeypatch.setenv(f"AIRFLOW_CONN_{PUSHGATEWAY_CONN_ID.upper()}", pushgateway)
+    assert export_metrics(SPEC, {"first_loss": "not-a-number"}, None) is False  # the gateway answers 400
+    [warning] = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert pushgateway in warning and "HTTP Error 400" in warning
+    assert _series(pushgateway) == []
+
+
+def test_a_pushgateway_connection_that_is_not_http_is_an_error(monkeypatch) -> None:
+    # A mistake no retry or later run mends: the task fails so that someone sees it.
+    conn = '{"conn_type": "http", "host": "127.0.0.1", "schema": "file"}'
+    monkeypatch.setenv(f"AIRFLOW_CONN_{PUSHGATEWAY_CONN_ID.upper()}", conn)
+    with pytest.raises(ValueError, match=r"Pushgateway URL must be http\(s\): 'file://127.0.0.1'"):
+        export_metrics(SPEC, METRICS, PREFLIGHT)
+
+
 def _put(url: str, path: str, body: str) -> None:
     request = urllib.request.Request(f"{url}{path}", data=body.encode(), method="PUT")
     urllib.request.urlopen(request, timeout=5).close()

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from dtp.metrics.nccl_tests import NcclTestsOutputError, parse_nccl_tests
-from dtp.metrics.node_checks import cuda_failures, health_failures, versions, xid_errors
+from dtp.metrics.node_checks import cuda_failures, device_failures, health_failures, versions, xid_errors
 from dtp.metrics.preflight_gate import BusbwExpectation, bad_nodes, preflight_failures
 
 DATA = Path(__file__).parent / "data"
@@ -53,6 +53,15 @@ def test_nccl_tests_older_layout_without_root_column() -> None:
 def test_nccl_tests_wrong_results_are_counted() -> None:
     text = captured("nccl_tests_all_reduce_single_node.txt").replace("27.26      0   7380.5", "27.26      3   7380.5")
     assert parse_nccl_tests(text).wrong_results == 3
+
+
+def test_nccl_tests_wrong_in_place_results_are_counted_too() -> None:
+    sample = captured("nccl_tests_all_reduce_p5.txt")
+    in_place = sample.replace("257.50  482.82      0", "257.50  482.82      2")  # the 16 GiB row's in-place #wrong
+    assert in_place != sample
+    assert parse_nccl_tests(in_place).wrong_results == 2
+    both = in_place.replace("256.46  480.87      0", "256.46  480.87      1")
+    assert parse_nccl_tests(both).wrong_results == 3
 
 
 def test_nccl_tests_crash_before_the_table_is_an_error() -> None:
@@ -131,3 +140,36 @@ def test_the_preflight_gate_names_the_node_torch_runs_on_the_cpu() -> None:
     failures = preflight_failures(result, 2, BusbwExpectation(gbps=100.0, at_bytes=1 << 20), gpus_per_node=1)
     assert failures == ["node n2: torch can use 0 CUDA devices, expected 1 (one per process)"]
     assert bad_nodes(failures) == ["n2"]
+
+
+@pytest.mark.parametrize(
+    ("device", "accelerator"),
+    [
+        ("NVIDIA H100 80GB HBM3", "H100"),
+        ("NVIDIA H200", "H200"),
+        ("NVIDIA A100-SXM4-80GB", "A100-80GB"),
+        ("NVIDIA A100-SXM4-40GB", "A100"),
+        ("NVIDIA A10G", "A10G"),
+    ],
+)
+def test_a_device_of_the_instance_type_s_accelerator_passes(device: str, accelerator: str) -> None:
+    assert device_failures([{**_rank(0, "n1", 8), "device": device}], "p", accelerator) == []
+
+
+def test_a_node_with_other_gpus_than_the_instance_type_s_fails() -> None:
+    # The busbw floor and peak FLOPs are the typed instance type's: p5 figures would judge A100s wrongly.
+    ranks = [_rank(i, "p5-st-1", 8) for i in range(8)] + [
+        {**_rank(8 + i, "p5-st-2", 8), "device": "NVIDIA A100-SXM4-80GB"} for i in range(8)
+    ]
+    failures = device_failures(ranks, "p5.48xlarge", "H100")
+    assert failures == ["node p5-st-2: has NVIDIA A100-SXM4-80GB, p5.48xlarge has H100"]
+    assert bad_nodes(failures) == ["p5-st-2"]
+    assert device_failures(
+        [{**_rank(0, "n1", 8), "device": "NVIDIA A100-SXM4-40GB"}], "p4de.24xlarge", "A100-80GB"
+    ) == ["node n1: has NVIDIA A100-SXM4-40GB, p4de.24xlarge has A100-80GB"]
+
+
+def test_cpu_ranks_and_cpu_instance_types_are_not_judged_on_their_device() -> None:
+    assert device_failures([_rank(0, "n1", 0)], "p5.48xlarge", "H100") == []  # cuda_failures' to judge
+    assert device_failures([{"rank": 0, "slurm_node": "n1"}], "p5.48xlarge", "H100") == []  # no device recorded
+    assert device_failures([_rank(0, "n1", 1)], "local.cpu", "cpu") == []  # a GPU host may run a CPU type's jobs

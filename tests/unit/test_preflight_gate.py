@@ -121,7 +121,22 @@ def test_host_identifies_the_node_when_slurm_node_is_empty() -> None:
 def test_version_mismatch_names_the_odd_node(key: str) -> None:
     ranks = [rank("n1", **{key: "1.0"}), rank("n2", **{key: "1.0"}), rank("n3", **{key: "2.0"})]
     failures = preflight_failures(preflight(ranks, [1, 1, 1, 1, 100]), 3, EXPECTED)
-    assert failures == [f"{key} differs across nodes: n3=2.0 (others: 1.0)"]
+    assert failures == [f"node n3: {key} 2.0, where 2 of 3 nodes have 1.0"]
+    assert bad_nodes(failures) == ["n3"]
+
+
+def test_a_version_split_evenly_names_no_node_as_the_odd_one_out() -> None:
+    # Which half has the wrong version is not for the gate to guess: no exclude_nodes advice.
+    ranks = [rank(f"p5-st-{i}", torch="2.13.0" if i < 8 else "2.12.0") for i in range(16)]
+    failures = preflight_failures(preflight(ranks, [1, 1, 1, 1, 100]), 16, EXPECTED)
+    assert failures == [
+        "torch differs across nodes and no version is on most of them: 2.12.0 on p5-st-[8-15]; 2.13.0 on p5-st-[0-7]"
+    ]
+    assert "exclude_nodes" not in preflight_message(failures)
+    two = [rank("n1"), rank("n2", python="3.12.1")]
+    assert preflight_failures(preflight(two, [1, 1, 1, 1, 100]), 2, EXPECTED) == [
+        "python differs across nodes and no version is on most of them: 3.11.7 on n1; 3.12.1 on n2"
+    ]
 
 
 EFA_1_30 = "# EFA installer version: 1.30.0\n# Debug packages installed: no\n# Packages installed:\nlibfabric-aws\n"
@@ -157,13 +172,28 @@ def test_efa_installer_mismatch_fails_naming_the_node() -> None:
     old = probes(efa_installed_packages=EFA_1_30.replace("1.30.0", "1.29.1"))
     ranks = [rank("n1", probes=probes()), rank("n2", probes=old), rank("n3", probes=probes())]
     failures = preflight_failures(preflight(ranks, [1, 1, 1, 1, 100]), 3, EXPECTED, gpus_per_node=8)
-    assert failures == ["efa_installer differs across nodes: n2=1.29.1 (others: 1.30.0)"]
+    assert failures == ["node n2: efa_installer 1.29.1, where 2 of 3 nodes have 1.30.0"]
 
 
 def test_a_component_missing_on_one_node_is_a_mismatch() -> None:
-    ranks = [rank("n1", probes=probes()), rank("n2", probes=probes(fi_info_version=None))]
-    failures = preflight_failures(preflight(ranks, [1, 1, 1, 1, 100]), 2, EXPECTED, gpus_per_node=8)
-    assert failures == ["libfabric differs across nodes: n2=absent (others: 1.19.0amzn4.0)"]
+    ranks = [rank("n1", probes=probes()), rank("n2", probes=probes(fi_info_version=None)), rank("n3", probes=probes())]
+    failures = preflight_failures(preflight(ranks, [1, 1, 1, 1, 100]), 3, EXPECTED, gpus_per_node=8)
+    assert failures == ["node n2: libfabric absent, where 2 of 3 nodes have 1.19.0amzn4.0"]
+
+
+def test_every_odd_node_out_is_named_for_exclude_nodes() -> None:
+    # 16 nodes: one with an older EFA installer, another whose GPU computes NaN.
+    old = probes(efa_installed_packages=EFA_1_30.replace("1.30.0", "1.29.1"))
+    ranks = [
+        rank(f"p5-st-{i}", rank=i, probes=old if i == 7 else probes(), matmul_max_abs_error="nan" if i == 4 else 0.0)
+        for i in range(16)
+    ]
+    failures = preflight_failures(preflight(ranks, [1, 1, 1, 1, 100]), 16, EXPECTED, gpus_per_node=8)
+    assert failures == [
+        "node p5-st-7: efa_installer 1.29.1, where 15 of 16 nodes have 1.30.0",
+        "node p5-st-4: matmul on rank 4 is wrong (max error nan)",
+    ]
+    assert preflight_message(failures).endswith("trigger again with exclude_nodes=p5-st-4,p5-st-7")
 
 
 def test_gpu_health_names_the_bad_node_and_how_to_exclude_it() -> None:
@@ -211,18 +241,19 @@ def test_an_unreadable_kernel_log_is_reported_not_checked_not_passed() -> None:
 def test_wrong_matmul_names_the_node_and_error() -> None:
     ranks = [rank("n1"), rank("n2", matmul_max_abs_error=0.5)]
     failures = preflight_failures(preflight(ranks, [1, 1, 1, 1, 100]), 2, EXPECTED)
-    assert failures == ["matmul on n2 is wrong (max error 0.5)"]
+    assert failures == ["node n2: matmul on rank 0 is wrong (max error 0.5)"]
 
 
 @pytest.mark.parametrize("error", ["nan", "inf"])
 def test_a_matmul_that_is_not_a_number_fails(error: str) -> None:
     ranks = [rank("n1"), rank("n2", matmul_max_abs_error=error)]
     failures = preflight_failures(preflight(ranks, [1, 1, 1, 1, 100]), 2, EXPECTED)
-    assert failures == [f"matmul on n2 is wrong (max error {error})"]
+    assert failures == [f"node n2: matmul on rank 0 is wrong (max error {error})"]
 
 
 def test_every_preflight_failure_is_listed() -> None:
     ranks = [rank("n1", torch="2.12.0", matmul_max_abs_error=1.0)]
     failures = preflight_failures(preflight(ranks, [1.0]), 2, EXPECTED)
-    assert [f.split(" ")[0] for f in failures] == ["nodes:", "matmul", "busbw:"]
-    assert "exclude_nodes" not in preflight_message(failures)
+    assert [f.split(" ")[0] for f in failures] == ["nodes:", "node", "busbw:"]
+    # Only the node with the wrong matmul is named: a missing node or a slow network is no node to exclude.
+    assert preflight_message(failures).endswith("trigger again with exclude_nodes=n1")

@@ -11,6 +11,16 @@ from templates_support import CONTEXTS, fake_slurm
 from dtp.templates import render
 
 
+def job_files(folder: Path) -> dict[str, Path]:
+    """The paths of what the job writes besides a collective test's output, in ``folder``: a script the tests run
+    must not write to the context's /fsx."""
+    return {
+        "results_path": folder / "preflight.json",
+        "node_results_dir": folder / "preflight-nodes",
+        "status_path": folder / "preflight.status",
+    }
+
+
 def test_gpu_preflight_runs_nccl_tests_one_rank_per_gpu() -> None:
     context = {**CONTEXTS["slurm/preflight.sbatch.j2"], "procs_per_node": 8, "max_bytes": 16 << 30}
     torch_only = render("slurm/preflight.sbatch.j2", **{**context, "nccl_tests_path": "", "nccom_test_path": ""})
@@ -19,11 +29,11 @@ def test_gpu_preflight_runs_nccl_tests_one_rank_per_gpu() -> None:
     assert "#SBATCH --exclusive\n" in torch_only  # torch's all-reduce sweep needs whole nodes as much
     text = render("slurm/preflight.sbatch.j2", **context)
     assert "#SBATCH --exclusive\n" in text
-    assert "--max-bytes 17179869184 --no-busbw\n" in text
+    assert "--max-bytes 17179869184 --no-busbw || torch_rc=$?\n" in text
     assert (
         'srun --mpi=pmix -N "$SLURM_NNODES" -n $((SLURM_NNODES * 8)) --ntasks-per-node=8 \\\n'
         "  /opt/nccl-tests/build/all_reduce_perf -b 8 -e 17179869184 -f 2 -g 1 -c 1 -n 20 "
-        "> /fsx/runs/r/nccl-tests.out\n"
+        "| tee /fsx/runs/r/nccl-tests.out \\\n  || nccl_tests_rc=$?\n"
     ) in text
 
 
@@ -33,6 +43,7 @@ def test_nccl_tests_run_one_task_per_gpu_of_every_node_against_the_ami_s_librari
         **CONTEXTS["slurm/preflight.sbatch.j2"],
         "procs_per_node": 8,
         "env": {},
+        **job_files(tmp_path),
         "nccl_tests_path": tmp_path / "nccl-tests.out",
         "nccom_test_path": "",
     }
@@ -64,6 +75,7 @@ def test_trainium_preflight_runs_nccom_test_once_with_a_worker_per_neuron_core_o
         "procs_per_node": 32,
         "max_bytes": 2 << 30,
         "env": {},
+        **job_files(tmp_path),
         "nccl_tests_path": "",
         "nccom_test_path": tmp_path / "nccom-test.out",
         "nccom_test_bin": bin_dir,
@@ -93,3 +105,60 @@ def test_the_preflight_job_has_a_time_limit() -> None:
             "slurm/preflight.sbatch.j2", **{**CONTEXTS["slurm/preflight.sbatch.j2"], "nccl_tests_path": nccl_tests_path}
         )
         assert "\n#SBATCH --time=30\n" in text
+
+
+def test_a_failed_check_is_recorded_and_the_job_still_ends_completed(tmp_path: Path) -> None:
+    # A node whose GPU cannot be opened fails the torch step; the job goes on to nccl-tests and ends with exit 0
+    # (COMPLETED), its status file holding the job's nodes and each step's exit code for the gate.
+    run = tmp_path / "run"
+    (run / "preflight-nodes").mkdir(parents=True)
+    (run / "preflight.json").write_text("{}")  # an earlier try's
+    (run / "preflight-nodes" / "n9.json").write_text("{}")
+    context = {
+        **CONTEXTS["slurm/preflight.sbatch.j2"],
+        "procs_per_node": 8,
+        "env": {},
+        **job_files(run),
+        "nccl_tests_path": run / "nccl-tests.out",
+        "nccom_test_path": "",
+    }
+    script = tmp_path / "preflight.sbatch"
+    script.write_text(render("slurm/preflight.sbatch.j2", **context))
+    env = fake_slurm(tmp_path)
+    # The torch step fails with 1 and records its environment; nccl-tests prints its table and fails with 3.
+    (tmp_path / "bin" / "srun").write_text(
+        "#!/bin/bash\n"
+        f'if [[ "$*" == *preflight.py* ]]; then env > {tmp_path}/torch.env;'
+        f" printf '%s\\0' \"$@\" > {tmp_path}/torch.argv; exit 1; fi\n"
+        'echo "#  8  2  float  sum  -1  9.1  0.00  0.00  0"; exit 3\n'
+    )
+    ran = subprocess.run(["bash", str(script)], capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert ran.returncode == 0, ran.stderr
+    assert (run / "preflight.status").read_text() == "nodes=n1\ntorch_rc=1\nnccl_tests_rc=3\n"
+    assert not (run / "preflight.json").exists() and list((run / "preflight-nodes").iterdir()) == []
+    # nccl-tests' table is in the job's log (the hang detector reads it) and in its file.
+    assert "#  8  2  float" in ran.stdout and (run / "nccl-tests.out").read_text().startswith("#  8  2  float")
+    torch_argv = (tmp_path / "torch.argv").read_text().split("\0")[:-1]
+    assert torch_argv[torch_argv.index("--backend") + 1] == "nccl"
+    assert torch_argv[torch_argv.index("--node-results") + 1] == str(run / "preflight-nodes")
+    torch_env = dict(line.split("=", 1) for line in (tmp_path / "torch.env").read_text().splitlines() if "=" in line)
+    # NGC images turn TF32 on: the screen's fp32 matmul would miss its 1e-2 tolerance against float64.
+    assert torch_env["TORCH_ALLOW_TF32_CUBLAS_OVERRIDE"] == torch_env["NVIDIA_TF32_OVERRIDE"] == "0"
+
+
+def test_a_job_that_cannot_start_its_steps_still_fails(tmp_path: Path) -> None:
+    # Only a check's failure is recorded: a broken preamble (here, no scontrol to find the rendezvous host) fails
+    # the job as before.
+    context = {
+        **CONTEXTS["slurm/preflight.sbatch.j2"],
+        **job_files(tmp_path),
+        "nccl_tests_path": "",
+        "nccom_test_path": "",
+    }
+    script = tmp_path / "preflight.sbatch"
+    script.write_text(render("slurm/preflight.sbatch.j2", **context))
+    env = fake_slurm(tmp_path)
+    (tmp_path / "bin" / "scontrol").write_text("#!/bin/bash\nexit 1\n")
+    ran = subprocess.run(["bash", str(script)], capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert ran.returncode != 0
+    assert not (tmp_path / "srun.argv").exists()

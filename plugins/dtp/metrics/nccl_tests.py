@@ -3,7 +3,8 @@
 Both table layouts seen in the wild are read: the current one with ``root``
 and ``#wrong`` columns and the older one with ``error``; lines may carry an
 ``mpirun --tag-output`` prefix such as ``[1,0]<stdout>:``. The out-of-place
-columns are used, as the reference repo's plots do.
+columns are used, as the reference repo's plots do; wrong results are
+counted in both the out-of-place and the in-place ``#wrong`` columns.
 """
 
 from __future__ import annotations
@@ -57,8 +58,8 @@ def parse_nccl_tests(text: str) -> NcclTestsResult:
             time_us, algbw, busbw = (float(c) for c in cells[first : first + 3])
         except ValueError:
             continue
-        if cells[first + 3].isdigit():
-            result.wrong_results += int(cells[first + 3])
+        # #wrong of the out-of-place then the in-place result (a wrong one either way is wrong); "N/A" under -c 0.
+        result.wrong_results += sum(int(cell) for cell in cells[first + 3 : first + 8 : 4] if cell.isdigit())
         result.rows.append({"bytes": int(cells[0]), "time_us": time_us, "algbw_gbps": algbw, "busbw_gbps": busbw})
     if not result.rows:
         raise NcclTestsOutputError("no nccl-tests result row found: did the test run? (see the job log)")

@@ -12,6 +12,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from dtp.hostlist import compress_hostlist
+
 _EFA_INSTALLER = re.compile(r"#\s*EFA installer version:\s*(\S+)")
 _LIBFABRIC = re.compile(r"^libfabric:\s*(\S+)", re.MULTILINE)
 _OFI_NCCL = re.compile(r"aws-ofi-nccl\s+v?(\d+\.\d+\.\d+\S*)")
@@ -106,6 +108,30 @@ def cuda_failures(ranks: list[dict[str, Any]], expected_gpus: int) -> list[str]:
     ]
 
 
+def device_failures(ranks: list[dict[str, Any]], instance_type: str, accelerator: str) -> list[str]:
+    """Nodes whose devices are not the instance type's ``accelerator``: the busbw floor and the peak FLOPs follow
+    the instance type the run names, which would judge other hardware by figures not its own. A device is the
+    accelerator when each dash-separated part of the accelerator's name is a word of the device's name (``NVIDIA
+    A100-SXM4-80GB`` is an ``A100-80GB``, and an ``A100``). Not judged: a CPU instance type (its runs take any
+    node), ranks on the CPU (``cuda_failures`` judges those) and records without ``device``."""
+    if accelerator == "cpu":
+        return []
+    wanted = _words(accelerator)
+    found: dict[str, set[str]] = {}
+    for record in ranks:
+        device = str(record.get("device") or "cpu")
+        if device != "cpu" and not wanted <= _words(device):
+            found.setdefault(node_name(record), set()).add(device)
+    return [
+        f"node {node}: has {', '.join(sorted(devices))}, {instance_type} has {accelerator}"
+        for node, devices in sorted(found.items())
+    ]
+
+
+def _words(name: str) -> set[str]:
+    return set(re.split(r"[^a-z0-9]+", name.lower())) - {""}
+
+
 def unchecked(node: str, probes: dict[str, str | None], expected_gpus: int) -> list[str]:
     """Health checks that could not run on this node: the verdict holds without them, the report says so."""
     if expected_gpus and probes.get("dmesg_xid") is None:
@@ -117,15 +143,27 @@ def unchecked(node: str, probes: dict[str, str | None], expected_gpus: int) -> l
 
 
 def version_mismatches(per_node: dict[str, dict[str, str]]) -> list[str]:
-    """One line per component whose version differs across nodes, naming the odd nodes out."""
+    """Components whose version differs across nodes: a ``node <name>: ...`` line for each node off the version
+    most nodes have (more than half: the odd nodes out, for ``exclude_nodes``), or, where no version has most of
+    them (an even split), one line naming each version's nodes and no node as bad, since either side may be the
+    wrong one."""
     failures = []
     components = sorted({key for table in per_node.values() for key in table})
     for component in components:
         by_version: dict[str, list[str]] = {}
         for node, table in sorted(per_node.items()):
             by_version.setdefault(table.get(component, "absent"), []).append(node)
-        if len(by_version) > 1:
-            common = max(by_version, key=lambda v: len(by_version[v]))
-            odd = ", ".join(f"{n}={v}" for v, nodes in by_version.items() if v != common for n in nodes)
-            failures.append(f"{component} differs across nodes: {odd} (others: {common})")
+        if len(by_version) == 1:
+            continue
+        common = next((v for v, nodes in by_version.items() if 2 * len(nodes) > len(per_node)), None)
+        if common is None:
+            split = "; ".join(f"{v} on {compress_hostlist(nodes)}" for v, nodes in sorted(by_version.items()))
+            failures.append(f"{component} differs across nodes and no version is on most of them: {split}")
+            continue
+        failures += [
+            f"node {node}: {component} {table.get(component, 'absent')}, where {len(by_version[common])} of "
+            f"{len(per_node)} nodes have {common}"
+            for node, table in sorted(per_node.items())
+            if table.get(component, "absent") != common
+        ]
     return failures

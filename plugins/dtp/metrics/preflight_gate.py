@@ -114,7 +114,9 @@ def preflight_failures(
     for record in ranks:
         error = float(record.get("matmul_max_abs_error", 0))  # "nan" or "inf" from a device computing garbage
         if not error <= MATMUL_MAX_ERROR:
-            failures.append(f"matmul on {node_name(record)} is wrong (max error {error:.3g})")
+            failures.append(
+                f"node {node_name(record)}: matmul on rank {record.get('rank')} is wrong (max error {error:.3g})"
+            )
         if "probes" in record:
             failures += health_failures(node_name(record), record["probes"], gpus_per_node)
     failures += cuda_failures(ranks, gpus_per_node)

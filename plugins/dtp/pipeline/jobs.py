@@ -18,6 +18,7 @@ from dtp.hooks.shared_fs import SharedFilesystemHook
 from dtp.hooks.slurm import SlurmHook
 from dtp.hostlist import compress_hostlist
 from dtp.metrics.preflight_gate import checked_nodes
+from dtp.metrics.preflight_job import node_results_dir, status_path
 from dtp.naming import EXPIRES_TAG, INSTALLATION_TAG, slurm_comment
 from dtp.params import NODES_OUTLIVE_RUNS
 from dtp.pipeline import frameworks
@@ -168,6 +169,10 @@ def prepare_preflight(spec: dict[str, Any], cluster: dict[str, Any], images: dic
         **_common(spec, images, cluster),
         program=_programs(hook, images, workdir) / "preflight.py",
         results_path=results,
+        node_results_dir=node_results_dir(str(results)),
+        status_path=status_path(str(results)),
+        # The job's, not each rank's: a node whose torch lacks CUDA fails on its own instead of choosing gloo.
+        backend="nccl" if instance["collective_test"] == "nccl-tests" else "gloo",
         max_bytes=instance["busbw_at_bytes"],
         nccl_tests_path=nccl_tests or "",
         nccl_tests_bin=images.get("nccl_tests_bin", NCCL_TESTS_BIN),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+from http.client import HTTPException
 from typing import Any
 
 from airflow.providers.amazon.aws.hooks.s3 import S3Hook
@@ -31,8 +32,9 @@ from dtp.metrics.gates import (
     throughput_scale,
     training_failures,
 )
-from dtp.metrics.nccl_tests import parse_nccl_tests
-from dtp.metrics.nccom_test import parse_nccom_test
+from dtp.metrics.nccl_tests import NcclTestsOutputError, parse_nccl_tests
+from dtp.metrics.nccom_test import NccomTestOutputError, parse_nccom_test
+from dtp.metrics.node_checks import device_failures
 from dtp.metrics.parse import TrainingSummary
 from dtp.metrics.preflight_gate import (
     BusbwExpectation,
@@ -42,6 +44,7 @@ from dtp.metrics.preflight_gate import (
     preflight_failures,
     preflight_warnings,
 )
+from dtp.metrics.preflight_job import job_failures, node_results_dir, parse_status, status_path, with_node_records
 from dtp.metrics.prometheus import PUSHGATEWAY_CONN_ID
 from dtp.metrics.report import TREND_RUNS, render_report
 from dtp.naming import OWNER, TAG_PREFIX
@@ -103,27 +106,52 @@ def busbw_expectation(spec: dict[str, Any], cluster: dict[str, Any]) -> BusbwExp
     return BusbwExpectation(gbps=gbps, at_bytes=instance["busbw_at_bytes"])
 
 
+def read_preflight(cluster: dict[str, Any], results_path: str) -> tuple[dict[str, Any], list[str]]:
+    """preflight.py's results, and the failures the job's status file shows: the job's nodes that wrote no result,
+    the steps that exited non-zero. Where the job ended before the combined results, the per-node result files
+    stand in for them. Without a status file (a job off Slurm) the combined results alone: FileNotFoundError
+    when there are none."""
+    files = SharedFilesystemHook.of_cluster(cluster)
+    status, _ = files.read_file(status_path(results_path))
+    if not status:
+        return read_json(cluster, results_path), []
+    folder = node_results_dir(results_path)
+    names = [name for name in files.list_files(folder) if name.endswith(".json")]  # not a write in progress
+    records = [json.loads(files.read_file(f"{folder}/{name}")[0]) for name in names]
+    try:
+        combined: dict[str, Any] | None = read_json(cluster, results_path)
+    except FileNotFoundError:
+        combined = None
+    result = with_node_records(combined, records)
+    return result, job_failures(parse_status(status), result, records)
+
+
 def check_preflight(
     spec: dict[str, Any], cluster: dict[str, Any], results_path: str, collective_test_path: str = ""
 ) -> dict[str, Any]:
     """Judge the preflight job's results, with the all-reduce rows of the instance type's collective test
     (nccl-tests or nccom-test) where ``collective_test_path`` holds its output; the result gains the per-node
     version table, the verdict and the checks that could not run (``warnings``)."""
-    result = read_json(cluster, results_path)
+    result, failures = read_preflight(cluster, results_path)
     instance = instance_of(spec, cluster)
-    failures = []
     if collective_test_path:
         text, _ = SharedFilesystemHook.of_cluster(cluster).read_file(collective_test_path)
-        if instance["collective_test"] == "nccom-test":
-            nccom = parse_nccom_test(text)
-            result["allreduce"] = nccom.rows
-            result["nccom_test"] = {"avg_busbw_gbps": nccom.avg_busbw_gbps}
-        else:
-            nccl = parse_nccl_tests(text)
-            result["allreduce"] = nccl.rows
-            result["nccl_tests"] = {"avg_busbw_gbps": nccl.avg_busbw_gbps, "out_of_bounds": nccl.out_of_bounds}
-            if nccl.wrong_results or nccl.out_of_bounds:
-                failures.append(f"nccl-tests: {nccl.wrong_results} wrong results, {nccl.out_of_bounds} out of bounds")
+        try:
+            if instance["collective_test"] == "nccom-test":
+                nccom = parse_nccom_test(text)
+                result["allreduce"] = nccom.rows
+                result["nccom_test"] = {"avg_busbw_gbps": nccom.avg_busbw_gbps}
+            else:
+                nccl = parse_nccl_tests(text)
+                result["allreduce"] = nccl.rows
+                result["nccl_tests"] = {"avg_busbw_gbps": nccl.avg_busbw_gbps, "out_of_bounds": nccl.out_of_bounds}
+                if nccl.wrong_results or nccl.out_of_bounds:
+                    failures.append(
+                        f"nccl-tests: {nccl.wrong_results} wrong results, {nccl.out_of_bounds} out of bounds"
+                    )
+        except (NcclTestsOutputError, NccomTestOutputError) as err:  # it crashed, or never started
+            result["allreduce"] = []
+            failures.append(f"{instance['collective_test']}: {err}")
     busbw_checked = bool(collective_test_path) or not cpu_sweep_on_accelerators(result, instance["accelerator"])
     expected = busbw_expectation(spec, cluster)
     # NVIDIA instance types (the ones measured with nccl-tests) get the GPU health checks.
@@ -131,11 +159,16 @@ def check_preflight(
     failures += preflight_failures(
         result, spec["params"]["num_nodes"], expected, gpus_per_node=gpus, busbw_checked=busbw_checked
     )
+    instance_type = cluster.get("instance_type") or spec["params"]["instance_type"]
+    failures += device_failures(result.get("ranks", []), instance_type, instance["accelerator"])
     result["versions"] = node_versions(result)
     result["expected_busbw"] = (
         {"gbps": expected.gbps, "at_bytes": expected.at_bytes, "floor": expected.floor} if busbw_checked else None
     )
     result["failures"] = failures
+    # Here, where they are judged: the task log keeps them even where the report that lists them is not published.
+    for failure in failures:
+        log.error("Preflight failure: %s", failure)
     result["warnings"] = preflight_warnings(result, gpus_per_node=gpus, busbw_checked=busbw_checked)
     for warning in result["warnings"]:
         log.warning("%s", warning)
@@ -303,11 +336,22 @@ def publish_html(key: str, html: str, aws_conn_id: str) -> dict[str, str]:
 
 
 def export_metrics(spec: dict[str, Any], metrics: dict[str, Any], preflight: dict[str, Any] | None) -> bool:
-    """Push the run's numbers to the Pushgateway of the ``prometheus_pushgateway`` connection, if there is one."""
+    """Push the run's numbers to the Pushgateway of the ``prometheus_pushgateway`` connection, if there is one;
+    whether they were pushed.
+
+    A gateway that cannot be reached or refuses the push is warned about, not raised: the run and its report stand
+    without Prometheus, and a gateway that is down now may be up for the next run. A connection whose URL is not
+    http(s) raises (ValueError): no retry or later run mends it, and only a failed task makes it seen."""
     try:
         gateway = prometheus.Pushgateway.from_connection(PUSHGATEWAY_CONN_ID)
     except AirflowNotFoundException:
         log.info("No %s connection: metrics are not exported to Prometheus", PUSHGATEWAY_CONN_ID)
         return False
-    gateway.push_run(spec["names"]["run_key"], prometheus.exposition(spec, metrics, preflight))
+    try:
+        gateway.push_run(spec["names"]["run_key"], prometheus.exposition(spec, metrics, preflight))
+    except (OSError, HTTPException, RuntimeError) as err:  # URLError and HTTPError are OSErrors
+        log.warning(
+            "Metrics not exported: the Pushgateway %s (%s connection) failed: %s", gateway.url, PUSHGATEWAY_CONN_ID, err
+        )
+        return False
     return True

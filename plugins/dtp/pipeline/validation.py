@@ -2,8 +2,10 @@
 # mypy: disable-error-code="arg-type,index"
 """validate_cluster: the preflight checks as a pipeline of their own, against a cluster that already exists.
 
-    validate_params -> connect_cluster -> prepare_checks -> run_checks -> evaluate -> report -> verdict
+    validate_params -> connect_cluster -> prepare_checks -> run_checks -> checks_done -> evaluate -> report, verdict
     cancel_jobs -> judge_run
+        (checks_done passes on how run_checks ended, however it did: evaluate judges what the job left, which names
+        a node whose fault ended it; the verdict does not wait on the report's publication)
         (cancel_jobs, a teardown of prepare_checks: no job of the run is left on the cluster; judge_run, a teardown
         without setups after every task: fails the run if a task failed, also when the run was marked failed,
         which skips the verdict; the teardowns go first in the queue)
@@ -19,7 +21,7 @@ import logging
 import sys
 from typing import Any
 
-from airflow.sdk import DAG, task
+from airflow.sdk import DAG, TriggerRule, task
 from airflow.sdk.exceptions import AirflowFailException, AirflowNotFoundException
 
 from dtp.connections import AWS_CONN_ID, TRAINING_QUEUE
@@ -131,15 +133,32 @@ def prepare_checks(spec: dict[str, Any], cluster: dict[str, Any]) -> dict[str, s
     return jobs.prepare_preflight(spec, cluster, {"python": cluster["python"]})
 
 
+# A task of its own: Airflow lets a task that follows a setup (evaluate, prepare_checks') run only on ALL_SUCCESS.
+@task(trigger_rule=TriggerRule.ALL_DONE)
+def checks_done(**context: Any) -> str | None:
+    """The state run_checks ended in, whatever it was: a job a broken node ended still left the other nodes'
+    results, which name it."""
+    ti = context["ti"]
+    states = ti.get_task_states(dag_id=ti.dag_id, task_ids=["run_checks"], run_ids=[ti.run_id])
+    return states.get(ti.run_id, {}).get("run_checks")
+
+
 @spec_task(queue=TRAINING_QUEUE)
-def evaluate(spec: dict[str, Any], cluster: dict[str, Any], results_path: str, nccl_tests_path: str) -> dict[str, Any]:
-    """Judge the results; failures are reported first and fail the run in ``verdict``."""
-    return results.check_preflight(spec, cluster, results_path, nccl_tests_path)["result"]
+def evaluate(
+    spec: dict[str, Any], cluster: dict[str, Any], results_path: str, nccl_tests_path: str, run_checks_state: str
+) -> dict[str, Any]:
+    """Judge what the job left, however run_checks ended; failures are reported first and fail the run in
+    ``verdict``."""
+    try:
+        return results.check_preflight(spec, cluster, results_path, nccl_tests_path)["result"]
+    except FileNotFoundError:  # the job never ran, or Slurm ended it before any node wrote its result
+        return {"failures": [f"no preflight results: run_checks {run_checks_state}"], "warnings": [], "allreduce": []}
 
 
 @task
 def verdict(result: dict[str, Any]) -> None:
-    """Fail the run when a check failed (after the report has them all); log the checks that could not run."""
+    """Fail the run when a check failed (the report, beside it, lists them all); log the checks that could not
+    run."""
     if result["failures"]:
         raise AirflowFailException(preflight_message(result["failures"]))
     if result.get("warnings"):
@@ -160,10 +179,11 @@ def validation_pipeline(dag: DAG) -> None:
     cluster = connect_cluster(spec)
     job = prepare_checks(spec, cluster)
     run = submit_prepared_slurm_job("run_checks", job)
-    result = evaluate(spec, cluster, job["results_path"], job["nccl_tests_path"])
-    run >> result
+    done = checks_done()
+    run >> done
+    result = evaluate(spec, cluster, job["results_path"], job["nccl_tests_path"], done)
     report = ClusterValidationReportOperator(task_id="report", spec=spec, result=result, aws_conn_id=AWS_CONN_ID)
-    report >> verdict(result)
+    verdict(result)
     # No watcher here: the verdict fails the run when a check failed, and the teardown itself when the run's jobs
     # are still on the cluster.
     report >> cancel_jobs(spec, cluster).as_teardown(setups=job, on_failure_fail_dagrun=True)
