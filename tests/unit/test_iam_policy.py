@@ -315,6 +315,25 @@ def test_worker_policy_describes_only_eks_clusters() -> None:
     assert resources == ["arn:aws:eks:*:*:cluster/*"]
 
 
+@pytest.mark.parametrize(
+    ("group", "allowed"),
+    [
+        (f"/aws/sagemaker/Clusters/{PREFIX}-train-e2e-0123456789/a1b2c3d4e5f6", True),
+        ("/aws/sagemaker/Clusters/prod-cluster/a1b2c3d4e5f6", False),
+        ("/aws/batch/job", False),  # shared by every Batch job in the account: not DTP's to expire
+    ],
+)
+def test_worker_policy_sets_the_retention_of_dtps_hyperpod_log_groups_only(group: str, allowed: bool) -> None:
+    """Teardown and the reaper have a HyperPod cluster's log group expire (``dtp.platforms.hyperpod_logs``): its
+    cluster's, named by the run, and no other log group's, though one statement grants it with reading Batch logs."""
+    policy = load("dtp-worker-policy.json")
+    for arn in (
+        f"arn:aws:logs:us-east-1:123456789012:log-group:{group}",
+        f"arn:aws:logs:us-east-1:123456789012:log-group:{group}:*",
+    ):
+        assert allows(policy, "logs:PutRetentionPolicy", arn, {}) == allowed, arn
+
+
 @pytest.mark.parametrize("resource_type", template_resource_types())
 def test_cloudformation_can_create_and_delete(resource_type: str) -> None:
     """CloudFormation creates and deletes the template's resources with the worker's permissions."""

@@ -1,12 +1,16 @@
-"""The reaper's deletion of a HyperPod cluster teardown left, against moto's SageMaker and S3: the run's lifecycle
-objects go with it, found in the bucket the cluster's own description names, and no other run's."""
+"""The reaper's deletion of a HyperPod cluster teardown left, against moto's SageMaker, S3 and CloudWatch Logs: the
+run's lifecycle objects go with it, found in the bucket the cluster's own description names, and no other run's; its
+log group is made to expire, as teardown does."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import pytest
+from airflow.providers.amazon.aws.hooks.logs import AwsLogsHook
+from botocore.awsrequest import AWSResponse
 
+from dtp.platforms import hyperpod_logs
 from dtp.reaper.deletion import reap
 from dtp.reaper.expired import Expired
 
@@ -64,3 +68,50 @@ def test_the_bucket_is_the_one_the_cluster_was_created_with(moto_aws, lifecycle)
     reap([Expired("hyperpod_cluster", REAPED, REAPED, "2026-12-01T00:00:00Z")], "aws_default", None, dry_run=False)
     assert keys(lifecycle, earlier) == []
     assert len(keys(lifecycle)) == 4  # the bucket it was not created with keeps what it holds
+
+
+def log_group(sagemaker: Any, run_key: str) -> str:
+    """The log group SageMaker writes the cluster's node logs to: its name, then its id (the end of its ARN)."""
+    cluster_id = sagemaker.describe_cluster(ClusterName=run_key)["ClusterArn"].rsplit("/", 1)[1]
+    return f"/aws/sagemaker/Clusters/{run_key}/{cluster_id}"
+
+
+def retention(logs: Any, group: str) -> int | None:
+    """The days the log group ``group`` keeps its events; None: for ever."""
+    (found,) = [g for g in logs.describe_log_groups()["logGroups"] if g["logGroupName"] == group]
+    days: int | None = found.get("retentionInDays")
+    return days
+
+
+def test_a_reaped_clusters_log_group_expires_and_no_other_runs(moto_aws, lifecycle) -> None:
+    sagemaker, logs = moto_aws("sagemaker"), moto_aws("logs")
+    groups = {}
+    for run_key in (REAPED, OTHER):
+        create_cluster(sagemaker, run_key)
+        groups[run_key] = log_group(sagemaker, run_key)
+        logs.create_log_group(logGroupName=groups[run_key])  # as SageMaker makes it: no retention
+    reap([Expired("hyperpod_cluster", REAPED, REAPED, "2026-12-01T00:00:00Z")], "aws_default", None, dry_run=False)
+    assert (retention(logs, groups[REAPED]), retention(logs, groups[OTHER])) == (14, None)
+
+
+def test_a_worker_not_allowed_to_expire_the_log_group_still_reaps_the_cluster(
+    moto_aws, lifecycle, monkeypatch, caplog
+) -> None:
+    sagemaker = moto_aws("sagemaker")
+    create_cluster(sagemaker, REAPED)
+    group = log_group(sagemaker, REAPED)
+    hook = AwsLogsHook(aws_conn_id="aws_default")
+    hook.conn.create_log_group(logGroupName=group)
+    monkeypatch.setattr(hyperpod_logs, "AwsLogsHook", lambda **_: hook)
+
+    def refuse(**_: Any) -> tuple[AWSResponse, dict[str, Any]]:
+        # CloudWatch Logs' answer to a worker whose policy lacks the action (moto enforces no IAM policy).
+        error = {"Error": {"Code": "AccessDeniedException", "Message": "not authorized"}}
+        return AWSResponse("https://logs.us-east-1.amazonaws.com", 400, {}, None), error
+
+    hook.conn.meta.events.register("before-call.logs.PutRetentionPolicy", refuse)
+    found = [Expired("hyperpod_cluster", REAPED, REAPED, "2026-12-01T00:00:00Z")]
+    assert [d["name"] for d in reap(found, "aws_default", None, dry_run=False)["deleted"]] == [REAPED]
+    assert sagemaker.list_clusters()["ClusterSummaries"] == []
+    assert retention(hook.conn, group) is None
+    assert f"{group} keeps its events: the worker's policy lacks logs:PutRetentionPolicy" in caplog.text

@@ -23,6 +23,9 @@ if TYPE_CHECKING:
 Scheduler = Literal["slurm", "kubernetes", "batch"]
 # The whole time of a preflight job off Slurm (PyTorchJob, Batch job): image pulls, the screen, the sweep.
 PREFLIGHT_DEADLINE_S = 900
+# How long the CloudWatch log group a run's cluster leaves behind (ParallelCluster's, HyperPod's) keeps its events:
+# long enough for a post-mortem of a failed run, short enough that nothing accumulates (a value CloudWatch allows).
+CLUSTER_LOG_RETENTION_DAYS = 14
 S = TypeVar("S", bound="PlatformSettings")
 log = logging.getLogger(__name__)
 

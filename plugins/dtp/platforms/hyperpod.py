@@ -5,8 +5,9 @@
 run's prefix of the lifecycle bucket and calls ``CreateCluster`` with a
 controller group and a compute group; the task then waits in the triggerer
 until the cluster is InService. ``teardown`` cancels the run's Slurm jobs,
-starts deleting the cluster, deletes the run's lifecycle objects and waits
-until the cluster is gone (``teardown_cluster`` waits in the triggerer).
+starts deleting the cluster, deletes the run's lifecycle objects, has the
+cluster's log group expire (``dtp.platforms.hyperpod_logs``) and waits until the
+cluster is gone (``teardown_cluster`` waits in the triggerer).
 Jobs reach the controller through the Slurm connection the
 ``dtp_hyperpod`` connection names: on AWS its ssh goes to the run's controller,
 ``sagemaker-cluster:<cluster id>_controller-machine-<instance id>``, through
@@ -43,6 +44,7 @@ from dtp.platforms.capacity import Placement, instance_fields, is_capacity_error
 from dtp.platforms.containers import FSX_MOUNT, image_runtime
 from dtp.platforms.eks import LABEL_DOMAIN, default_pod_runtime, delete_pytorchjobs, render_pytorchjobs
 from dtp.platforms.hyperpod_lifecycle import delete_lifecycle_objects, lifecycle_prefix
+from dtp.platforms.hyperpod_logs import expire_cluster_logs
 from dtp.platforms.hyperpod_settings import HyperPodEksSettings, HyperPodSettings
 from dtp.platforms.pyxis import pyxis_runtime
 from dtp.platforms.service_models import request_problems
@@ -226,6 +228,7 @@ class HyperPodPlatform:
             options = options_after_failure(existing, options)
             log.warning("HyperPod cluster %s failed for capacity (%s); deleting it", name, existing["FailureMessage"])
             hook.delete_cluster_and_wait(name)
+            expire_cluster_logs(existing, self.aws_conn_id)
         for placement in options:
             documents = self.render(spec, network, placement)
             if problems := self.check(documents):
@@ -334,8 +337,9 @@ class HyperPodPlatform:
             s3.load_string(provisioning, prefix + "provisioning_parameters.json", bucket, replace=True)
 
     def start_teardown(self, spec: dict[str, Any]) -> dict[str, Any]:
-        """Cancel the run's jobs, start deleting its cluster (one already Deleting is left to it) and delete the
-        run's lifecycle objects (the nodes read them only when they are created)."""
+        """Cancel the run's jobs, start deleting its cluster (one already Deleting is left to it), delete the
+        run's lifecycle objects (the nodes read them only when they are created) and have the cluster's log group
+        expire (``expire_cluster_logs``)."""
         settings = self.settings
         name = spec["names"]["run_key"]
         hook = HyperPodHook(aws_conn_id=self.aws_conn_id)
@@ -344,6 +348,8 @@ class HyperPodPlatform:
             cancelled = stop_before_delete(lambda: self._stop_jobs(spec, described))
         deleted = hook.delete_cluster(name)
         objects = delete_lifecycle_objects(S3Hook(aws_conn_id=self.aws_conn_id), settings.lifecycle_bucket, name)
+        if described is not None:  # the id naming its log group is in the description
+            expire_cluster_logs(described, self.aws_conn_id)
         return {"cancelled_jobs": cancelled, "deleted_cluster": deleted, "deleted_lifecycle_objects": objects}
 
     def deleted_trigger(self, specs: list[dict[str, Any]]) -> HyperPodClusterDeleteTrigger:

@@ -29,7 +29,7 @@ from dtp.costs import FSX_SMALLEST_GIB, FSX_STEP_GIB, checkpoint_footprint_bytes
 from dtp.hooks.stacks import StackHook
 from dtp.params import TrainParams
 from dtp.platforms import capacity_reservations, host_keys
-from dtp.platforms.base import PlatformNotReady, PlatformSettings, stop_before_delete
+from dtp.platforms.base import CLUSTER_LOG_RETENTION_DAYS, PlatformNotReady, PlatformSettings, stop_before_delete
 from dtp.platforms.containers import FSX_MOUNT, ngc_pytorch_image
 from dtp.platforms.pcluster_cli import WHERE_PCLUSTER_IS, PclusterCli
 from dtp.platforms.pyxis import pyxis_runtime
@@ -203,6 +203,7 @@ class ParallelClusterPlatform:
             fsx_file_system_id=settings.fsx_file_system_id,
             fsx_storage_capacity_gib=self.fsx_storage_capacity_gib(spec),
             fsx_throughput_per_tib=settings.fsx_throughput_per_tib,
+            log_retention_days=CLUSTER_LOG_RETENTION_DAYS,
             tags=spec["tags"],
         )
         return {CONFIG_DOCUMENT: text}

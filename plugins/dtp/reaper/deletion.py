@@ -24,6 +24,7 @@ from dtp.pipeline.run_dirs import LEASES_FOLDER
 from dtp.platforms.batch import BatchPlatform
 from dtp.platforms.batch_settings import WAIT_TIMEOUT_MINUTES
 from dtp.platforms.hyperpod_lifecycle import delete_lifecycle_objects, lifecycle_buckets
+from dtp.platforms.hyperpod_logs import expire_cluster_logs
 from dtp.reaper.cluster import LEASE, LEASED_DIRS
 from dtp.reaper.expired import Expired
 from dtp.reaper.pushgateway import KIND as PUSHGATEWAY_GROUP
@@ -138,13 +139,15 @@ def reap(
         return [i for i in found if i.kind == kind]
 
     def delete_cluster(cluster: Expired) -> None:
-        # Its lifecycle objects go as its deletion starts, as in teardown; the description naming their bucket
-        # is read first, while there is one.
+        # Its lifecycle objects go, and its log group is made to expire, as its deletion starts, as in teardown;
+        # the description naming their bucket and the group's id is read first, while there is one.
         hyperpod = HyperPodHook(aws_conn_id=aws_conn_id)
         described = hyperpod.describe_cluster(cluster.name) or {}
         hyperpod.delete_cluster(cluster.name)
         for bucket in lifecycle_buckets(described, cluster.run_key):
             delete_lifecycle_objects(S3Hook(aws_conn_id=aws_conn_id), bucket, cluster.run_key)
+        if described:
+            expire_cluster_logs(described, aws_conn_id)
         hyperpod.wait_until_deleted(cluster.name)
 
     def delete_parallelcluster(cluster: Expired) -> None:
