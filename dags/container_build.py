@@ -1,14 +1,16 @@
 """container_build: build a training image, push it, publish it for training runs.
 
-Builds images/containers/<image>/Dockerfile (context include/, so the image
-carries DTP's training programs) with Docker, or buildah where no Docker daemon
-runs, and pushes it to the ``container_registry`` connection's registry (ECR on
-AWS, with credentials from the amazon provider's EcrHook; a loopback registry
-locally). The tag is a fingerprint of Dockerfile, context and build args: a
-rerun with the same inputs reuses the image, a changed build arg builds a new
-one. The digest-pinned reference goes to ``/dtp/images/<platform>/training``
-(the neuron image's to ``.../neuron``) in SSM, where train_e2e picks up the
-newest, and to an Asset event.
+Builds images/containers/<image>/Dockerfile (context include/training/, so the
+image carries DTP's training programs) with Docker, or buildah where no Docker
+daemon runs, and pushes it to the ``container_registry`` connection's registry
+(ECR on AWS, with credentials from the amazon provider's EcrHook; a loopback
+registry locally). The tag is a fingerprint of Dockerfile, context and build
+args: a rerun with the same inputs reuses the image, a changed build arg or
+training program builds a new one. The image is tagged
+``published-<platform>`` (kept by the ECR lifecycle policy), and its
+digest-pinned reference goes to ``/dtp/images/<platform>/<image>`` in SSM
+(``local-cpu``'s to ``.../training``), where train_e2e picks up the newest, and
+to an Asset event.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """A backfill run trains with the image and AMI that were the newest at its logical date, read from the SSM
-parameters' history, and is refused when that AMI was deregistered, or that image deleted from its registry, since;
-every other run with the newest. moto's SSM, EC2 and ECR stand in for AWS's: SSM stamps each version with the real
-clock, so the instants between versions are taken from the history it keeps."""
+parameters' history, and is refused when that AMI was deregistered since; every other run with the newest. Any run
+is refused when its image was deleted from its registry since it was published. moto's SSM, EC2 and ECR stand in for
+AWS's: SSM stamps each version with the real clock, so the instants between versions are taken from the history it
+keeps."""
 
 from __future__ import annotations
 
@@ -146,8 +147,25 @@ def test_any_other_run_of_that_date_trains_with_the_newest_without_asking_ec2(
     newest = publish(ssm, 2)
     # The reaper spares the AMIs SSM points at now: only a backfill's may be gone.
     monkeypatch.setattr(AmiHook, "conn", property(lambda hook: pytest.fail("EC2 was asked")))
-    monkeypatch.setattr(ContainerRegistryHook, "has_image", lambda hook, image: pytest.fail("the registry was asked"))
     assert resolved(spec_of(run, written(ssm, IMAGE, 1))) == (image(2), newest)
+
+
+@pytest.mark.parametrize("run", [MANUAL, SCHEDULED])
+def test_any_run_whose_newest_image_was_deleted_since_is_refused_naming_it(ssm, ecr, run: tuple[str, str]) -> None:
+    # Another platform's frequent pushes expired it (before the lifecycle policy kept published images), or a
+    # person deleted it: the run's nodes could not pull it.
+    publish(ssm, 1)
+    ecr.batch_delete_image(repositoryName=REPOSITORY, imageIds=[{"imageTag": "v1"}])
+    with pytest.raises(PlatformNotReady) as refused:
+        resolved(spec_of(run, datetime.now(UTC)))
+    assert str(refused.value) == (
+        f"{IMAGE}: its newest version is image {image(1)}, which its registry no longer has: deleted since (by hand, "
+        "or by ECR's lifecycle policy before it kept the image published for each platform, tagged "
+        "published-<platform>), so the nodes could not pull it. Run container_build for this image and platform "
+        "again to publish one the registry has"
+    )
+    second = publish(ssm, 2)
+    assert resolved(spec_of(run, datetime.now(UTC))) == (image(2), second)
 
 
 def test_a_backfill_whose_ami_was_deregistered_since_is_refused_naming_it(ssm) -> None:
@@ -223,23 +241,23 @@ def test_a_backfill_whose_image_was_deleted_since_is_refused_naming_it(ssm, ecr)
     assert resolved(spec_of(BACKFILL, max(written(ssm, IMAGE, 2), written(ssm, AMI, 2)))) == (image(2), second)
 
 
-def test_a_backfill_whose_image_is_in_another_registry_trains_with_it_unchecked(
-    ssm, caplog: pytest.LogCaptureFixture
-) -> None:
+@pytest.mark.parametrize("run", [BACKFILL, MANUAL])
+def test_an_image_in_another_registry_trains_unchecked(ssm, caplog: pytest.LogCaptureFixture, run) -> None:
     elsewhere = "registry.example.com/dtp/training@sha256:" + "0" * 64  # published before the connection moved
     ssm.put_parameter(Name=IMAGE, Value=elsewhere, Type="String")
     with caplog.at_level(logging.WARNING, logger="dtp.images.published"):
-        assert resolved(spec_of(BACKFILL, datetime.now(UTC)))[0] == elsewhere
+        assert resolved(spec_of(run, datetime.now(UTC)))[0] == elsewhere
     assert caplog.messages == [f"{IMAGE}: image {elsewhere} is not in the registry {REGISTRY}: not checked"]
 
 
-def test_a_backfill_with_no_registry_connection_trains_with_its_image_unchecked(
-    ssm, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+@pytest.mark.parametrize("run", [BACKFILL, MANUAL])
+def test_with_no_registry_connection_a_run_trains_with_its_image_unchecked(
+    ssm, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, run
 ) -> None:
     publish(ssm, 1)
     monkeypatch.delenv("AIRFLOW_CONN_CONTAINER_REGISTRY")
     with caplog.at_level(logging.WARNING, logger="dtp.images.published"):
-        assert resolved(spec_of(BACKFILL, datetime.now(UTC)))[0] == image(1)
+        assert resolved(spec_of(run, datetime.now(UTC)))[0] == image(1)
     assert caplog.messages == [
         f"{IMAGE}: image {image(1)}: no connection 'container_registry' to check its registry with: not checked"
     ]

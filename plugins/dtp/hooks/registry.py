@@ -5,12 +5,15 @@ The registry comes from a connection: ``host`` is the registry (``host[:port]``)
 "aws_conn_id": "aws_default"}`` (credentials from the amazon provider's
 ``EcrHook``, the repository created when missing and given DTP's lifecycle policy)
 or ``{"tls_verify": false}`` (a plain-HTTP registry on loopback). Credentials
-travel in a mode-600 auth file, never on a command line.
+travel in a mode-600 auth file, never on a command line. An image published for a
+platform is tagged ``published-<platform>`` (``tag_image``), which the lifecycle
+policy keeps.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import re
 import subprocess
@@ -39,23 +42,47 @@ MANIFEST_TYPES = ", ".join(
         "application/vnd.docker.distribution.manifest.list.v2+json",
     ]
 )
+# The single-platform manifests DTP's builds push, as ECR's BatchGetImage documents them (it names no index type).
+ECR_MANIFEST_TYPES = [
+    "application/vnd.oci.image.manifest.v1+json",
+    "application/vnd.docker.distribution.manifest.v2+json",
+]
 
+# The tag of the image SSM publishes for a platform (``/dtp/images/<platform>/...``): one per platform in each
+# repository, moved to the newest image container_build publishes there (``published_tag``).
+PUBLISHED_TAG_PREFIX = "published-"
 # The lifecycle policy of the ECR repositories DTP pushes to, without which every image built stays (and bills)
-# forever. DTP tags an image with the fingerprint of its inputs and pushes only a tag the registry lacks, so it
-# never moves a tag: the image an SSM parameter (``/dtp/images/...``) or a run pins by digest is a tagged one, and
-# an image is left untagged only by a push over one of its tags, which DTP does not make.
+# forever. DTP tags an image with the fingerprint of its inputs and pushes only a tag the registry lacks; the only
+# tags it moves are the published ones, onto images that keep their fingerprint tags. So the image an SSM parameter
+# or a run pins by digest is a tagged one, and an image is left untagged only by a push over one of its tags, which
+# DTP does not make.
 UNTAGGED_IMAGE_DAYS = 14  # two weeks to notice such a push, and tag the image it replaced again if it is wanted
-# SSM names the newest image published for each platform, and a run the one SSM named when it started. ECR counts
-# by push time, and an image a build finds instead of building it again keeps its first push's: so many are kept
-# that a published image expires only after this many builds with other inputs into its repository.
+# A run pins the image SSM named when it started, and a backfill one SSM named at its date. ECR counts by push
+# time, and an image a build finds instead of building it again keeps its first push's: so many are kept that such
+# an image expires only after this many builds with other inputs into its repository.
 IMAGES_KEPT = 30
+# More than the platforms that can publish into one repository: each published image is kept.
+PUBLISHED_IMAGES_KEPT = 100
 # The start of the description of each rule DTP sets: a policy whose rules all have it is DTP's, to be replaced by
 # the current one; any other is the account owner's, and left as it is.
 DTP_RULE = "dtp: "
 LIFECYCLE_POLICY: dict[str, Any] = {
     "rules": [
         {
+            # ECR's rules have no "keep" action: an image a rule selects is never expired by a rule of a lower
+            # priority (a higher number), and this one selects each published image and expires none of them.
             "rulePriority": 1,
+            "description": f"{DTP_RULE}keep the images published for each platform ({PUBLISHED_TAG_PREFIX}<platform>)",
+            "selection": {
+                "tagStatus": "tagged",
+                "tagPrefixList": [PUBLISHED_TAG_PREFIX],
+                "countType": "imageCountMoreThan",
+                "countNumber": PUBLISHED_IMAGES_KEPT,
+            },
+            "action": {"type": "expire"},
+        },
+        {
+            "rulePriority": 2,
             "description": f"{DTP_RULE}expire untagged images {UNTAGGED_IMAGE_DAYS} days after their push",
             "selection": {
                 "tagStatus": "untagged",
@@ -66,7 +93,7 @@ LIFECYCLE_POLICY: dict[str, Any] = {
             "action": {"type": "expire"},
         },
         {
-            "rulePriority": 2,
+            "rulePriority": 3,
             "description": f"{DTP_RULE}keep the newest {IMAGES_KEPT} images",
             "selection": {
                 # DTP's tags are fingerprints, which no prefix tells apart: "any" (evaluated last) takes them all.
@@ -165,24 +192,64 @@ class ContainerRegistryHook(BaseHook):
             client.put_lifecycle_policy(repositoryName=repository, lifecyclePolicyText=json.dumps(LIFECYCLE_POLICY))
 
     def manifest_digest(self, repository: str, reference: str) -> str | None:
-        """The registry's digest of ``repository:reference`` (``Docker-Content-Digest``), None if absent. A registry
-        that answers with a token challenge (Docker Hub, GHCR, Quay, Harbor) is asked for a pull token first."""
+        """The registry's digest of ``repository:reference`` (``Docker-Content-Digest``), None if absent."""
+        try:
+            headers, _ = self._manifest_call("HEAD", repository, reference, {"Accept": MANIFEST_TYPES})
+        except urllib.error.HTTPError as err:
+            _raise_unless_absent(err)
+            return None
+        return headers.get("Docker-Content-Digest")
+
+    def tag_image(self, repository: str, digest: str, tag: str) -> None:
+        """Point ``repository:tag`` at the image ``digest``, moving the tag off the image it named: the image's own
+        manifest put again under the tag (ECR's PutImage, else the registry's manifest API), so nothing is pushed
+        again and the digest stays. Tagging an image with the tag it has already does nothing."""
+        if not self.is_ecr:
+            headers, manifest = self._manifest_call("GET", repository, digest, {"Accept": MANIFEST_TYPES})
+            content_type = {"Content-Type": headers["Content-Type"]}
+            self._manifest_call("PUT", repository, tag, content_type, manifest, actions="pull,push")
+            return
+        client = self.ecr.conn
+        found = client.batch_get_image(
+            repositoryName=repository, imageIds=[{"imageDigest": digest}], acceptedMediaTypes=ECR_MANIFEST_TYPES
+        )
+        if not found["images"]:
+            raise ContainerBuildError(f"cannot tag {repository}@{digest} {tag}: {found['failures']}")
+        image = found["images"][0]
+        # ECR refuses to put a tag on the image it names already: a retry, or a rerun publishing the same image.
+        with contextlib.suppress(client.exceptions.ImageAlreadyExistsException):
+            client.put_image(
+                repositoryName=repository,
+                imageManifest=image["imageManifest"],
+                imageManifestMediaType=image["imageManifestMediaType"],
+                imageTag=tag,
+                imageDigest=digest,
+            )
+
+    def _manifest_call(
+        self,
+        method: str,
+        repository: str,
+        reference: str,
+        headers: Mapping[str, str],
+        body: bytes | None = None,
+        actions: str = "pull",
+    ) -> tuple[Any, bytes]:
+        """``method`` on the manifest ``repository:reference`` (the registry API's ``/v2/.../manifests/...``): the
+        answer's headers and body; raises ``urllib.error.HTTPError``. A registry that answers with a token challenge
+        (Docker Hub, GHCR, Quay, Harbor) is asked for a token for ``actions`` first."""
         scheme = "https" if self.tls_verify else "http"
         url = f"{scheme}://{self.registry}/v2/{repository}/manifests/{reference}"
         creds = self.credentials()
         basic = "Basic " + base64.b64encode(f"{creds[0]}:{creds[1]}".encode()).decode() if creds else None
         try:
-            return self._head_digest(url, basic)
+            return _send(method, url, headers, body, basic)
         except urllib.error.HTTPError as err:
             challenge = err.headers.get("WWW-Authenticate", "") if err.code == 401 else ""
             if not challenge.lower().startswith("bearer "):
-                _raise_unless_absent(err)
-                return None
-        try:
-            return self._head_digest(url, "Bearer " + bearer_token(challenge, repository, basic))
-        except urllib.error.HTTPError as err:
-            _raise_unless_absent(err)
-            return None
+                raise
+        bearer = "Bearer " + bearer_token(challenge, repository, basic, actions)
+        return _send(method, url, headers, body, bearer)
 
     def has_image(self, image: str) -> bool:
         """Whether the registry still has ``image``, a ``registry/repository@digest`` (or ``:tag``) reference to an
@@ -196,14 +263,6 @@ class ContainerRegistryHook(BaseHook):
             return bool(client.describe_images(repositoryName=repository, imageIds=[image_id])["imageDetails"])
         except (client.exceptions.ImageNotFoundException, client.exceptions.RepositoryNotFoundException):
             return False
-
-    @staticmethod
-    def _head_digest(url: str, authorization: str | None) -> str | None:
-        request = urllib.request.Request(url, method="HEAD", headers={"Accept": MANIFEST_TYPES})  # noqa: S310
-        if authorization:
-            request.add_header("Authorization", authorization)
-        with urllib.request.urlopen(request, timeout=30) as response:  # noqa: S310 - http(s) only
-            return response.headers.get("Docker-Content-Digest")
 
     def unpack(self, image: str, dest: Path) -> Path:
         """Unpack ``image`` (a ``registry/repo@digest`` reference) into ``dest`` as a root filesystem.
@@ -249,6 +308,11 @@ class ContainerRegistryHook(BaseHook):
         return dest
 
 
+def published_tag(platform: str) -> str:
+    """The tag of the image published for ``platform``, which DTP's lifecycle policy keeps."""
+    return f"{PUBLISHED_TAG_PREFIX}{platform}"
+
+
 def split_reference(name: str) -> tuple[str, str]:
     """``repository@digest`` or ``repository:tag`` -> (repository, digest or tag)."""
     repository, at, digest = name.partition("@")
@@ -270,13 +334,26 @@ def _raise_unless_absent(err: urllib.error.HTTPError) -> None:
         raise err
 
 
-def bearer_token(challenge: str, repository: str, basic: str | None) -> str:
-    """A pull token for ``repository`` from the token service a ``WWW-Authenticate: Bearer realm=...`` challenge
-    names (the registry token flow), asked with the connection's credentials when it has some."""
+def _send(
+    method: str, url: str, headers: Mapping[str, str], body: bytes | None, authorization: str | None
+) -> tuple[Any, bytes]:
+    """One HTTP(S) request to the registry: the answer's headers and body."""
+    request = urllib.request.Request(url, data=body, method=method, headers=dict(headers))  # noqa: S310
+    if authorization:
+        request.add_header("Authorization", authorization)
+    with urllib.request.urlopen(request, timeout=30) as response:  # noqa: S310 - http(s) only
+        return response.headers, response.read()
+
+
+def bearer_token(challenge: str, repository: str, basic: str | None, actions: str = "pull") -> str:
+    """A token for ``actions`` on ``repository`` (the scope the challenge names, if it names one) from the token
+    service a ``WWW-Authenticate: Bearer realm=...`` challenge names (the registry token flow), asked with the
+    connection's credentials when it has some."""
     fields = dict(re.findall(r'(\w+)="([^"]*)"', challenge))
     if not fields.get("realm", "").startswith(("https://", "http://")):
         raise ValueError(f"the registry's token challenge names no http(s) realm: {challenge!r}")
-    query = {"service": fields.get("service", ""), "scope": fields.get("scope") or f"repository:{repository}:pull"}
+    scope = fields.get("scope") or f"repository:{repository}:{actions}"
+    query = {"service": fields.get("service", ""), "scope": scope}
     request = urllib.request.Request(f"{fields['realm']}?{urllib.parse.urlencode(query)}")  # noqa: S310
     if basic:
         request.add_header("Authorization", basic)

@@ -1,8 +1,9 @@
 """Training container images (images/containers), the container_build form, and where runs find them.
 
 Each image is built from a Dockerfile under ``images/containers/`` with
-``include/`` as its context (so the image carries DTP's training programs);
-its ``ARG`` defaults are the form's build-arg defaults. The images of other
+``include/training/`` as its context (``BUILD_CONTEXT``: DTP's training programs,
+all an image carries from the project); its ``ARG`` defaults are the form's
+build-arg defaults. The images of other
 frameworks than DTP's trainer are stages of the GPU (``training``) and Neuron
 (``neuron``) Dockerfiles, on the same EFA/NCCL layers: ``IMAGES`` says which
 Dockerfile and which stage (its ``FRAMEWORK`` and ``BASE`` build args). A pushed
@@ -37,6 +38,9 @@ from dtp.platforms.base import PlatformNotReady
 from dtp.recipes import INCLUDE_DIR, Platform, instance_types
 
 CONTAINERS_DIR = IMAGES_DIR / "containers"
+# Every image's build context: all its Dockerfile copies, and nothing more. The image's tag fingerprints the context it
+# is built from (ContainerImageBuildOperator), so a change elsewhere in include/ (a template, a recipe) rebuilds none.
+BUILD_CONTEXT = INCLUDE_DIR / "training"
 TrainingImage = Literal[
     "local-cpu", "training", "neuron", "torchtitan", "megatron-lm", "picotron", "nemo", "neuronx-distributed"
 ]
@@ -189,7 +193,7 @@ class ContainerBuildParams(FormParams):
     def build_request(self) -> dict[str, Any]:
         """ContainerImageBuildOperator's kwargs for this image."""
         return {
-            "context_dir": str(INCLUDE_DIR),
+            "context_dir": str(BUILD_CONTEXT),
             "dockerfile": str(dockerfile(self.image)),
             "repository": f"dtp/{self.image}",
             "build_args": {**build_arg_defaults(self.image), **self.build_args, **IMAGES[self.image].stages},
@@ -231,8 +235,9 @@ def resolve_runtime(platform: Any, spec: dict[str, Any], aws_conn_id: str | None
     """The newest image published on ``platform`` for the run ``spec``'s recipe's framework, as the runtime its jobs
     use, with where the framework is in it (``FRAMEWORK_IMAGES``); for DTP's trainer the platform's default runtime
     when none is published. And the newest AMI of the family the run's nodes boot there. A backfill run gets those
-    that were the newest at its logical date instead (``dtp.images.published``), and is refused
-    (``PlatformNotReady``) when that AMI was deregistered, or that image deleted from its registry, since."""
+    that were the newest at its logical date instead (``dtp.images.published``). A run is refused
+    (``PlatformNotReady``) when its image was deleted from its registry since it was published, a backfill run also
+    when its AMI was deregistered."""
     instance, framework = spec["instance"], spec["recipe"]["framework"]
     ssm = SsmHook(aws_conn_id=aws_conn_id)
     as_of = published_as_of(spec)

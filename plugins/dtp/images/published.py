@@ -10,8 +10,11 @@ have trained with, not today's image.
 The AMI so read may be gone: the reaper deregisters an AMI once its retain_days
 have passed, sparing only those a run may still boot (SSM points at them, or did
 within the longest a run lives, or an instance uses them). So may the container
-image: ECR's lifecycle policy expires all but a repository's newest images.
-Such a run is refused while its images are resolved, before its network or
+image: ECR's lifecycle policy keeps the image each platform has published
+(tagged ``published-<platform>``) and a repository's newest others, but an
+earlier version, or one published before that tag or deleted by hand, may be
+gone. Every run's image is checked, a backfill's AMI too: a run whose image or
+AMI is gone is refused while its images are resolved, before its network or
 cluster exists, not when its nodes fail to pull the image.
 """
 
@@ -26,7 +29,7 @@ from airflow.sdk.exceptions import AirflowNotFoundException
 from botocore.exceptions import ClientError
 
 from dtp.hooks.ami import AmiHook
-from dtp.hooks.registry import IMAGES_KEPT, ContainerRegistryHook
+from dtp.hooks.registry import IMAGES_KEPT, PUBLISHED_TAG_PREFIX, ContainerRegistryHook
 from dtp.pipeline.spec import is_backfill
 from dtp.platforms.base import PlatformNotReady
 
@@ -44,24 +47,24 @@ def published_as_of(spec: dict[str, Any]) -> datetime | None:
 def published_image(ssm: SsmHook, registry: ContainerRegistryHook, parameter: str, as_of: datetime | None) -> str:
     """The container image the SSM parameter ``parameter`` holds, "" when it does not exist: the newest, or with
     ``as_of`` the newest version written at or before it (the oldest version, with a warning, when none was); then
-    refused (``PlatformNotReady``) when ``registry`` no longer has that image: ECR expires all but a repository's
-    newest ``IMAGES_KEPT``, so the nodes could not pull it. One in another registry than ``registry``'s (the
-    connection moved since) is not checked, with a warning."""
+    refused (``PlatformNotReady``) when ``registry`` no longer has that image, which the nodes could not pull. One
+    in another registry than ``registry``'s (the connection moved since), or with no registry connection to check
+    with, is not checked, with a warning."""
     if as_of is None:
-        return ssm.get_parameter_value(parameter, default="")
+        image = ssm.get_parameter_value(parameter, default="")
+        if image and not _in_registry(registry, parameter, image):
+            raise PlatformNotReady(
+                f"{parameter}: its newest version is image {image}, which its registry no longer has: deleted since "
+                "(by hand, or by ECR's lifecycle policy before it kept the image published for each platform, tagged "
+                f"{PUBLISHED_TAG_PREFIX}<platform>), so the nodes could not pull it. Run container_build for this "
+                "image and platform again to publish one the registry has"
+            )
+        return image
     version = _version_as_of(ssm, parameter, as_of)
     if not version:
         return ""
     image = str(version["Value"])
-    try:
-        registry_host = registry.registry
-    except AirflowNotFoundException:
-        conn_id = registry.registry_conn_id
-        log.warning("%s: image %s: no connection %r to check its registry with: not checked", parameter, image, conn_id)
-        return image
-    if not image.startswith(f"{registry_host}/"):
-        log.warning("%s: image %s is not in the registry %s: not checked", parameter, image, registry_host)
-    elif not registry.has_image(image):
+    if not _in_registry(registry, parameter, image):
         raise PlatformNotReady(
             f"{parameter}: version {version['Version']}, written {version['LastModifiedDate'].isoformat()}, which the "
             f"run's logical date {as_of.isoformat()} reads, is image {image}, which its registry no longer has: "
@@ -69,6 +72,22 @@ def published_image(ssm: SsmHook, registry: ContainerRegistryHook, parameter: st
             "could not pull it. Backfill later dates, whose images are still kept"
         )
     return image
+
+
+def _in_registry(registry: ContainerRegistryHook, parameter: str, image: str) -> bool:
+    """Whether ``registry`` still has ``image``, which the SSM parameter ``parameter`` names; True, with a warning,
+    for one that cannot be checked: no registry connection, or an image in another registry (published before the
+    connection moved)."""
+    try:
+        registry_host = registry.registry
+    except AirflowNotFoundException:
+        conn_id = registry.registry_conn_id
+        log.warning("%s: image %s: no connection %r to check its registry with: not checked", parameter, image, conn_id)
+        return True
+    if not image.startswith(f"{registry_host}/"):
+        log.warning("%s: image %s is not in the registry %s: not checked", parameter, image, registry_host)
+        return True
+    return registry.has_image(image)
 
 
 def published_ami(ssm: SsmHook, ec2: AmiHook, parameter: str, as_of: datetime | None) -> str:

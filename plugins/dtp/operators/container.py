@@ -23,7 +23,8 @@ class ContainerImageBuildOperator(BaseOperator):
     arg or file gives a new tag and a new image. Returns the pinned reference
     ``registry/repository@sha256:...``.
 
-    :param context_dir: the build context
+    :param context_dir: the build context, all of which goes into the tag: the folder the Dockerfile copies from,
+        not one above it, whose other files would rebuild the image when they change
     :param dockerfile: the Dockerfile (may lie outside the context)
     :param repository: repository in the registry, e.g. ``dtp/training``
     :param build_args: ``--build-arg`` values (versions)
@@ -63,6 +64,9 @@ class ContainerImageBuildOperator(BaseOperator):
         tag = fingerprint([dockerfile, context_dir], self.build_args)
         ref = f"{registry.registry}/{self.repository}:{tag}"
 
+        # Before the lookup, so an image found (not built) again also brings its repository's lifecycle policy up to
+        # date: the current one keeps the published images.
+        registry.ensure_repository(self.repository, self.labels)
         digest = registry.manifest_digest(self.repository, tag)
         built = digest is None
         if digest:
@@ -72,7 +76,6 @@ class ContainerImageBuildOperator(BaseOperator):
         else:
             builder = self._builder = ImageBuilder(self.tool)
             self.log.info("Building %s with %s", ref, builder.tool)
-            registry.ensure_repository(self.repository, self.labels)
             builder.build(context_dir, dockerfile, ref, self.build_args, self.labels, self.log.info)
             try:
                 with registry.auth_file() as auth:

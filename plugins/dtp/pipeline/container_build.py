@@ -4,7 +4,8 @@
 
     validate_params -> build (ContainerImageBuildOperator) -> publish
 
-``publish`` writes the digest-pinned reference to ``/dtp/images/<platform>/<image>``
+``publish`` tags the image ``published-<platform>`` (which the ECR lifecycle policy
+keeps), writes the digest-pinned reference to ``/dtp/images/<platform>/<image>``
 in SSM (``.../training`` for ``local-cpu``; train_e2e's resolve_images reads the one
 the run needs) and an event of the image's Asset.
 """
@@ -19,7 +20,7 @@ from airflow.sdk.exceptions import AirflowFailException
 
 from dtp.connections import AWS_CONN_ID
 from dtp.form_params import ParamsError, parse_params
-from dtp.hooks.registry import ContainerRegistryHook
+from dtp.hooks.registry import ContainerRegistryHook, published_tag
 from dtp.images.container import ContainerBuildParams, training_parameter
 from dtp.images.publish import IMAGE_ALIAS, emit, put_parameter
 from dtp.naming import OWNER, TAG_PREFIX
@@ -40,21 +41,23 @@ def validate_params(**context: Any) -> dict[str, Any]:
 
 @task(outlets=[IMAGE_ALIAS])
 def publish(request: dict[str, Any], built: dict[str, Any], *, outlet_events: Any = None) -> dict[str, Any]:
-    """Point the image's SSM parameter (``/dtp/images/<platform>/<image>``) at it and record an Asset event."""
+    """Tag the image as the platform's published one, point the image's SSM parameter
+    (``/dtp/images/<platform>/<image>``) at it and record an Asset event."""
+    registry = ContainerRegistryHook()
+    # Before SSM names it, so the image runs read there is one the lifecycle policy keeps.
+    registry.tag_image(request["repository"], built["digest"], published_tag(request["platform"]))
     parameter = training_parameter(request["platform"], request["image_name"])
     version = put_parameter(
         parameter, built["image"], f"DTP {request['image_name']} image", {f"{TAG_PREFIX}owner": OWNER}, AWS_CONN_ID
     )
-    registry = ContainerRegistryHook().registry
     extra = {
         "image": built["image"],
         "digest": built["digest"],
         "ssm_parameter": parameter,
         "build_args": built["build_args"],
     }
-    emit(
-        outlet_events, IMAGE_ALIAS, f"image/{request['image_name']}", f"oci://{registry}/{request['repository']}", extra
-    )
+    uri = f"oci://{registry.registry}/{request['repository']}"
+    emit(outlet_events, IMAGE_ALIAS, f"image/{request['image_name']}", uri, extra)
     log.info(
         "%s -> %s (parameter version %s; %s)",
         parameter,
