@@ -1,13 +1,15 @@
 """ami_bake: bake DTP's AMIs with Packer + Ansible and publish them.
 
-One mapped Packer build per AMI family chosen in the form (ParallelCluster GPU,
-CPU and Trainium nodes, EKS GPU workers; images/packer/). An AMI's name is a
-fingerprint of the template, playbooks, roles and versions: a rerun with the
-same inputs reuses it, a changed version bakes a new one. Each AMI id goes to
-the SSM parameter ``/dtp/amis/<family>`` (where train_e2e reads it) and to an
-event of the Asset ``dtp-ami://<family>``. Weekly, to pick up source-AMI and
-security updates for the default family and every family published before;
-trigger it by hand to change versions.
+One Packer build, then its publish, per AMI family chosen in the form (the task
+group ``family``, mapped: one family's failed bake leaves the others published
+and fails the run), for ParallelCluster GPU, CPU and Trainium nodes and EKS GPU
+workers (images/packer/). An AMI's name is a fingerprint of the template,
+playbooks, roles and versions: a rerun with the same inputs reuses it, a changed
+version bakes a new one. Each AMI id goes to the SSM parameter
+``/dtp/amis/<family>`` (where train_e2e reads it) and to an event of the Asset
+``dtp-ami://<family>``. Weekly, to pick up source-AMI and security updates for
+the default family and every family published before, each with the versions
+its published AMI was baked with; trigger it by hand to change versions.
 """
 
 from __future__ import annotations

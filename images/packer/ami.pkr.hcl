@@ -122,6 +122,7 @@ variable "neuron_version" {
   type = string
 }
 
+# Each version is tagged as dtp:<component>: the weekly ami_bake rebakes a family with its published AMI's versions.
 locals {
   versions = {
     "dtp:family"        = var.family
@@ -130,6 +131,7 @@ locals {
     "dtp:efa-installer" = var.efa_installer_version
     "dtp:nccl"          = var.nccl_version
     "dtp:aws-ofi-nccl"  = var.aws_ofi_nccl_version
+    "dtp:nccl-tests"    = var.nccl_tests_version
     "dtp:enroot"        = var.enroot_version
     "dtp:pyxis"         = var.pyxis_version
     "dtp:neuron"        = var.neuron_version

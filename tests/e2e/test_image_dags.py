@@ -34,7 +34,7 @@ def test_a_version_change_bakes_a_new_ami_and_publishes_it(airflow_api, aws) -> 
         run_id, tasks = _run(airflow_api, "ami_bake", {"families": ["pcluster-cpu"], "nccl_version": nccl})
         assert set(tasks.values()) == {"success"}, tasks
         quoted = urllib.parse.quote(run_id, safe="")
-        path = f"/api/v2/dags/ami_bake/dagRuns/{quoted}/taskInstances/publish/xcomEntries/return_value"
+        path = f"/api/v2/dags/ami_bake/dagRuns/{quoted}/taskInstances/family.publish/xcomEntries/return_value"
         _, body = airflow_api.request("GET", f"{path}?map_index=0&deserialize=true")
         published.append(body["value"])
     assert published[0]["ami_id"] != published[1]["ami_id"]

@@ -58,7 +58,7 @@ def test_playbooks_and_roles_pass_ansible_lint() -> None:
 def _bake(family: str, tags: dict[str, str], **versions: str) -> dict:
     params = parse_params(ami.AmiBakeParams, {"families": [family], **versions})
     request = ami.bake_requests(params, tags)[0]
-    return PackerBuildOperator(task_id="bake", template=str(ami.TEMPLATE), **request).execute({})
+    return PackerBuildOperator(task_id="bake", **ami.COMMON_BAKE_ARGUMENTS, **request).execute({})
 
 
 def test_packer_bakes_an_ami_in_the_emulator_and_finds_it_again(stack, aws) -> None:
@@ -103,7 +103,7 @@ def test_packer_tags_the_ami_and_its_snapshot_as_it_makes_them(stack, aws, tmp_p
     variables = {
         **request["variables"],
         "ami_name": f"dtp-it-{uuid.uuid4().hex[:12]}",
-        request["tags_variable"]: json.dumps(tags),
+        ami.COMMON_BAKE_ARGUMENTS["tags_variable"]: json.dumps(tags),
     }
     hook, output = PackerHook(), tmp_path / "packer.log"
     process = hook.start_build(ami.TEMPLATE, Path(request["var_file"]), variables, output)
@@ -159,7 +159,7 @@ def test_a_failing_bake_says_why(stack) -> None:
     request = ami.bake_requests(params, {"dtp:owner": "dtp"})[0]
     request["variables"] = {**request["variables"], "emulator_source_ami_name": f"no-such-ami-{uuid.uuid4().hex[:6]}-*"}
     with pytest.raises(PackerError, match="No AMI was found matching filters"):
-        PackerBuildOperator(task_id="bake", template=str(ami.TEMPLATE), **request).execute({})
+        PackerBuildOperator(task_id="bake", **ami.COMMON_BAKE_ARGUMENTS, **request).execute({})
 
 
 def test_unpacking_an_image_the_registry_lacks_names_it(stack, tmp_path) -> None:

@@ -27,6 +27,8 @@ from iam_tables import (
     UNFOLLOWED,
 )
 
+import dtp.hooks as dtp_hooks
+
 SESSION = botocore.session.get_session()
 # The amazon provider's modules whose classes (operators, sensors, triggers) call AWS themselves.
 PROVIDER_CLASS_MODULES = re.compile(r"airflow\.providers\.amazon\.aws\.(operators|sensors|triggers)\b")
@@ -40,16 +42,18 @@ def operations(service: str) -> dict[str, str]:
 
 @cache
 def waiters(service: str) -> dict[str, str]:
-    """The waiters of a ``service`` client or hook, to the operation each polls: botocore's (by boto3's names) and
-    the amazon provider's own, which a hook's ``get_waiter`` looks up first."""
+    """The waiters of a ``service`` client or hook, to the operation each polls: botocore's (by boto3's names), the
+    amazon provider's own, which a hook's ``get_waiter`` looks up first, and DTP's hooks' own (``dtp/hooks/waiters``,
+    their ``waiter_path``)."""
     try:
         model = SESSION.get_waiter_model(service)
         found = {xform_name(name): model.get_waiter(name).operation for name in model.waiter_names}
     except DataNotFoundError:
         found = {}
-    custom = Path(provider_waiters.__file__).parent / f"{service}.json"
-    if custom.exists():
-        found |= {name: w["operation"] for name, w in json.loads(custom.read_text())["waiters"].items()}
+    for folder in (Path(provider_waiters.__file__).parent, Path(dtp_hooks.__file__).parent / "waiters"):
+        custom = folder / f"{service}.json"
+        if custom.exists():
+            found |= {name: w["operation"] for name, w in json.loads(custom.read_text())["waiters"].items()}
     return found
 
 

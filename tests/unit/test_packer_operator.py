@@ -120,6 +120,66 @@ def test_an_ami_still_pending_when_the_wait_runs_out_fails_the_task_and_is_kept(
     assert not (tmp_path / "calls").exists()
 
 
+@pytest.mark.parametrize("state", ["pending", "transient"])
+def test_a_pending_ami_deregistered_while_waited_for_is_baked_again(
+    ec2, operator, earlier_ami, tmp_path, state
+) -> None:
+    # The killed try's packer cleans up the AMI it was making: the wait ends there, and the AMI is baked again.
+    set_state(earlier_ami["id"], state)
+    operator.waiter_max_attempts = 60
+    timer = threading.Timer(1.0, ec2.deregister_image, kwargs={"ImageId": earlier_ami["id"]})
+    timer.start()
+    try:
+        with pytest.raises(PackerError, match=r"packer validate ami\.pkr\.hcl failed:\nthis packer cannot bake"):
+            operator.execute({})
+    finally:
+        timer.cancel()
+    assert (tmp_path / "calls").read_text().startswith("validate ")
+
+
+def test_waiting_for_a_gone_ami_returns_none_at_once(ec2, operator, earlier_ami) -> None:
+    hook = operator.ami_hook
+    ec2.deregister_image(ImageId=earlier_ami["id"])
+    with Stubber(hook.conn) as stub:
+        # One check: a gone AMI is not polled until the attempts run out. EC2 lists a deregistered AMI for a while
+        # (moto not at all), then answers InvalidAMIID.NotFound.
+        stub.add_response("describe_images", {"Images": [{"ImageId": earlier_ami["id"], "State": "deregistered"}]})
+        stub.add_response("describe_images", {"Images": [{"ImageId": earlier_ami["id"], "State": "deregistered"}]})
+        assert hook.wait_available(earlier_ami["id"], delay=1, max_attempts=100) is None
+        stub.add_client_error("describe_images", "InvalidAMIID.NotFound")
+        stub.add_client_error("describe_images", "InvalidAMIID.NotFound")
+        assert hook.wait_available(earlier_ami["id"], delay=1, max_attempts=100) is None
+        stub.assert_no_pending_responses()
+    assert hook.wait_available(earlier_ami["id"], delay=1, max_attempts=100) is None
+
+
+def _expiry_tag(ec2: Any, image_id: str) -> str:
+    tags = ec2.describe_images(ImageIds=[image_id])["Images"][0]["Tags"]
+    return {t["Key"]: t["Value"] for t in tags}[EXPIRES_TAG]
+
+
+def test_a_reused_ami_keeps_its_later_expiry(ec2, operator, earlier_ami) -> None:
+    # Baked by hand with retain_days=3650, reused by the weekly run (90 days): it stays kept for ten years.
+    long_kept = expiry(3650 * 24)
+    ec2.create_tags(Resources=[earlier_ami["id"]], Tags=[{"Key": EXPIRES_TAG, "Value": long_kept}])
+    operator.tags = {"dtp:run": "weekly", EXPIRES_TAG: expiry(90 * 24)}
+    result = operator.execute({})
+    assert result["built"] is False
+    assert _expiry_tag(ec2, earlier_ami["id"]) == long_kept
+    snapshot = ec2.describe_snapshots(SnapshotIds=[earlier_ami["snapshot"]])["Snapshots"][0]
+    assert {"Key": "dtp:run", "Value": "weekly"} in snapshot["Tags"]
+    assert {"Key": EXPIRES_TAG, "Value": long_kept} in snapshot["Tags"]
+
+
+@pytest.mark.parametrize("earlier", [expiry(24), "whenever"], ids=["sooner", "not-an-expiry"])
+def test_a_reused_ami_takes_this_runs_later_expiry(ec2, operator, earlier_ami, earlier) -> None:
+    ec2.create_tags(Resources=[earlier_ami["id"]], Tags=[{"Key": EXPIRES_TAG, "Value": earlier}])
+    later = expiry(90 * 24)
+    operator.tags = {"dtp:run": "r2", EXPIRES_TAG: later}
+    operator.execute({})
+    assert _expiry_tag(ec2, earlier_ami["id"]) == later
+
+
 def test_disabled_amis_are_asked_for(ec2, operator, earlier_ami) -> None:
     # EC2 leaves disabled AMIs out of DescribeImages unless asked (moto lists them anyway: the request is checked).
     hook = operator.ami_hook

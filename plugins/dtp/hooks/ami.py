@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from airflow.providers.amazon.aws.hooks.ec2 import EC2Hook
@@ -53,21 +54,40 @@ class AmiHook(EC2Hook):
         )["Images"]
         return images[0] if images else None
 
+    @property
+    def waiter_path(self) -> Path:
+        """waiters/ec2.json beside this module: ``image_settled``."""
+        return Path(__file__).with_name("waiters") / "ec2.json"
+
     def describe_image(self, image_id: str) -> dict:
         """The AMI ``image_id`` as DescribeImages reports it."""
         return self.conn.describe_images(ImageIds=[image_id])["Images"][0]
 
-    def wait_available(self, image_id: str, delay: int = 15, max_attempts: int = 120) -> dict:
-        """Wait (EC2's ``image_available`` waiter) until the AMI is no longer pending, and return it: ``available``,
-        or ``failed``. Raises botocore's WaiterError when it is still pending after ``max_attempts`` checks ``delay``
-        seconds apart."""
+    def existing_image(self, image_id: str) -> dict | None:
+        """The AMI ``image_id`` as DescribeImages reports it; None when it is gone: deregistered (which EC2 lists
+        for a while as ``deregistered``, then not at all) or never there."""
         try:
-            self.conn.get_waiter("image_available").wait(
+            images = self.conn.describe_images(ImageIds=[image_id])["Images"]
+        except ClientError as err:
+            if err.response["Error"]["Code"] != "InvalidAMIID.NotFound":
+                raise
+            return None
+        return images[0] if images and images[0]["State"] != "deregistered" else None
+
+    def wait_available(self, image_id: str, delay: int = 15, max_attempts: int = 120) -> dict | None:
+        """Wait until the AMI is no longer pending, and return it: ``available``, or ``failed``; None when it is
+        gone (deregistered while waited for: a killed packer cleans up the AMI it was making). EC2's
+        ``image_available`` waiter, which also stops at a gone AMI (``image_settled``). Raises botocore's
+        WaiterError when it is still pending after ``max_attempts`` checks ``delay`` seconds apart."""
+        try:
+            self.get_waiter("image_settled").wait(
                 ImageIds=[image_id], WaiterConfig={"Delay": delay, "MaxAttempts": max_attempts}
             )
         except WaiterError:
-            if self.describe_image(image_id)["State"] != "failed":
+            image = self.existing_image(image_id)
+            if image is not None and image["State"] != "failed":
                 raise
+            return image
         return self.describe_image(image_id)
 
     def deregister_image(self, image_id: str) -> list[str]:

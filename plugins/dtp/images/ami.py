@@ -2,15 +2,17 @@
 
 A family is a var file ``images/packer/families/<family>.pkrvars.hcl`` with a
 playbook ``images/packer/ansible/<family>.yml``; the component versions'
-defaults live in ``images/packer/versions.pkrvars.hcl``. A baked AMI's id is
-published to the SSM parameter ``/dtp/amis/<family>`` and as an event of the
-Asset ``dtp-ami://<family>`` whose extra carries the versions.
+defaults live in ``images/packer/versions.pkrvars.hcl``; a baked AMI is tagged
+with its versions (``version_tag``). A baked AMI's id is published to the SSM
+parameter ``/dtp/amis/<family>`` and as an event of the Asset
+``dtp-ami://<family>`` whose extra carries the versions.
 """
 
 from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping
 from functools import cache
 from pathlib import Path
 from typing import Any, ClassVar
@@ -19,6 +21,7 @@ import yaml
 from pydantic import Field, create_model, field_validator
 
 from dtp.form_params import FormParams
+from dtp.naming import TAG_PREFIX
 
 IMAGES_DIR = Path(os.environ.get("DTP_IMAGES_DIR", Path(__file__).resolve().parents[3] / "images"))
 PACKER_DIR = IMAGES_DIR / "packer"
@@ -174,32 +177,55 @@ AmiBakeParams = create_model(
 )
 
 
-def published_families(ssm: Any) -> list[str]:
-    """The families with an AMI published under ``/dtp/amis/`` (those runs use), through the boto3 SSM client
-    ``ssm``; a parameter naming no family of this checkout is left out."""
-    names = {
-        parameter["Name"].rpartition("/")[2]
+def published_amis(ssm: Any) -> dict[str, str]:
+    """The AMI id published under ``/dtp/amis/`` (the one runs use) of each family that has one, through the boto3
+    SSM client ``ssm``; a parameter naming no family of this checkout is left out."""
+    published = {
+        parameter["Name"].rpartition("/")[2]: parameter["Value"]
         for page in ssm.get_paginator("get_parameters_by_path").paginate(Path=AMI_PARAMETER_PATH)
         for parameter in page["Parameters"]
     }
-    return sorted(names & set(ami_families()))
+    return {family: published[family] for family in sorted(published.keys() & set(ami_families()))}
 
 
-def bake_requests(params: Any, tags: dict[str, str]) -> list[dict[str, Any]]:
-    """One PackerBuildOperator's kwargs per family (for ``expand_kwargs``): ``tags`` for the AMI, which packer
-    sets as it makes it; the instance that bakes it gets them too, marked as a builder, with an expiry of
-    ``BUILDER_EXPIRY_HOURS`` from the time its bake starts."""
+def version_tag(name: str) -> str:
+    """The AMI tag recording the version variable ``name`` (the template's ``local.versions``):
+    ``nccl_tests_version`` is tagged ``dtp:nccl-tests``."""
+    return TAG_PREFIX + name.removesuffix("_version").replace("_", "-")
+
+
+def tagged_versions(tags: Mapping[str, str]) -> dict[str, str]:
+    """The version variables an AMI's ``tags`` record; those it has no tag for are left out."""
+    return {name: tags[version_tag(name)] for name in default_versions() if version_tag(name) in tags}
+
+
+# The PackerBuildOperator arguments every bake shares, beside its ``bake_requests`` request: the template, its map
+# variable that takes the AMI's tags (packer tags the AMI as it makes it), and the builder's expiry, counted from
+# the time its bake starts.
+COMMON_BAKE_ARGUMENTS: dict[str, Any] = {
+    "template": str(TEMPLATE),
+    "tags_variable": "image_tags",
+    "builder_expiry_hours": BUILDER_EXPIRY_HOURS,
+}
+
+
+def bake_requests(
+    params: Any, tags: dict[str, str], kept_versions: Mapping[str, Mapping[str, str]] | None = None
+) -> list[dict[str, Any]]:
+    """One bake request per family (for ``expand_kwargs``): the PackerBuildOperator arguments that differ between
+    families and runs, besides ``COMMON_BAKE_ARGUMENTS``. A family bakes with ``params``' versions, but for those
+    ``kept_versions`` gives it (a scheduled run's, from the AMI published now). ``tags`` are the AMI's; the
+    instance that bakes it gets them too, marked as a builder."""
     builder_tags = {**tags, BUILDER_TAG: "true"}
+    kept_versions = kept_versions or {}
     return [
         {
             "var_file": str(family_file(family)),
-            "variables": {"family": family, **params.versions()},
+            "variables": {"family": family, **params.versions(), **kept_versions.get(family, {})},
             "name_prefix": f"dtp-{family}",
             "fingerprint_paths": fingerprint_inputs(family),
             "tags": tags,
-            "tags_variable": "image_tags",
             "builder_tags": builder_tags,
-            "builder_expiry_hours": BUILDER_EXPIRY_HOURS,
             "source_ami": source_ami(family),
         }
         for family in params.families

@@ -14,7 +14,7 @@ from airflow.sdk.exceptions import AirflowFailException
 
 from dtp.hooks.ami import AmiHook
 from dtp.hooks.packer import PackerError, PackerHook, fingerprint
-from dtp.naming import EXPIRES_TAG, expiry
+from dtp.naming import EXPIRES_TAG, expiry, parse_expiry, tags_dict
 
 
 class PackerBuildOperator(BaseOperator):
@@ -28,13 +28,15 @@ class PackerBuildOperator(BaseOperator):
     without building; changing any version variable or file, or a newer source
     AMI, gives a new name and a new AMI. An AMI of that name still ``pending`` (an earlier
     try was killed after packer's CreateImage) is waited for with EC2's
-    ``image_available`` waiter and then returned. One that is ``disabled`` was
+    ``image_available`` waiter and then returned (baked again if it is deregistered
+    meanwhile: the killed try's packer cleaning up). One that is ``disabled`` was
     taken out of use on purpose: the task fails without baking, saying how to
     enable it or free its name. One that is, or turns out, anything else but
     ``available`` (``failed``, ``error``, ``invalid``...) is deregistered, its
     snapshots deleted, and the AMI baked again (packer would refuse the taken
     name). ``built`` is False when no bake was needed. The AMI
-    and its snapshots get ``tags`` every time.
+    and its snapshots get ``tags`` every time, but an AMI found again keeps its
+    own ``dtp:expires-at`` where that is later (a bake kept longer stays so).
     Packer's UI lines stream into the task log; killing the task interrupts
     packer (which cleans up its instance) and then kills its process tree.
 
@@ -123,13 +125,18 @@ class PackerBuildOperator(BaseOperator):
         """The hook that finds, tags and deregisters the AMIs."""
         return AmiHook(aws_conn_id=self.aws_conn_id)
 
+    def ami_name(self, amis: AmiHook) -> str:
+        """The name of the AMI these inputs make: ``<name_prefix>-<fingerprint>``."""
+        template = Path(self.template)
+        var_file = [Path(self.var_file)] if self.var_file else []
+        inputs = [Path(p) for p in self.fingerprint_paths] if self.fingerprint_paths else [template.parent]
+        return f"{self.name_prefix}-{fingerprint([template, *var_file, *inputs], self._fingerprinted(amis))}"
+
     def execute(self, context: Any) -> dict[str, Any]:
         hook, amis = self.hook, self.ami_hook
         template = Path(self.template)
         var_file = Path(self.var_file) if self.var_file else None
-        inputs = [Path(p) for p in self.fingerprint_paths] if self.fingerprint_paths else [template.parent]
-        digest = fingerprint([template, *([var_file] if var_file else []), *inputs], self._fingerprinted(amis))
-        name = f"{self.name_prefix}-{digest}"
+        name = self.ami_name(amis)
         variables = {**self.variables, self.name_variable: name}
 
         existing = amis.find_image(name)
@@ -142,7 +149,10 @@ class PackerBuildOperator(BaseOperator):
             self.log.info(
                 "AMI %s (%s) of an earlier try is still being made: waiting for it", name, existing["ImageId"]
             )
-            existing = amis.wait_available(existing["ImageId"], self.waiter_delay, self.waiter_max_attempts)
+            image_id = existing["ImageId"]
+            existing = amis.wait_available(image_id, self.waiter_delay, self.waiter_max_attempts)
+            if existing is None:
+                self.log.warning("AMI %s (%s) of an earlier try is gone (deregistered): baking again", name, image_id)
         if existing and existing["State"] != "available":
             self.log.warning(
                 "AMI %s (%s) of an earlier try is %s: deregistering it and baking again",
@@ -153,7 +163,7 @@ class PackerBuildOperator(BaseOperator):
             amis.deregister_image(existing["ImageId"])
             existing = None
         if existing:
-            image_id, built = existing["ImageId"], False
+            image_id, built, tags = existing["ImageId"], False, self._tags_keeping_expiry(existing)
             self.log.info("AMI %s already exists as %s (same template and inputs): not baking again", name, image_id)
         else:
             if self.builder_tags is not None:
@@ -172,8 +182,8 @@ class PackerBuildOperator(BaseOperator):
             region_amis = result.amis()
             if len(region_amis) != 1:
                 raise PackerError(f"expected one AMI from the build, packer reported {result.artifacts}")
-            image_id, built = next(iter(region_amis.values())), True
-        amis.tag_image(image_id, self.tags)
+            image_id, built, tags = next(iter(region_amis.values())), True, self.tags
+        amis.tag_image(image_id, tags)
         return {
             "ami_id": image_id,
             "ami_name": name,
@@ -190,6 +200,16 @@ class PackerBuildOperator(BaseOperator):
         self.log.info("Source AMI: %s (the newest %s of %s)", source, self.source_ami["name"], self.source_ami["owner"])
         return {**self.variables, "source_ami_id": source or "none"}
 
+    def _tags_keeping_expiry(self, image: dict[str, Any]) -> dict[str, str]:
+        """``tags`` for an AMI found again, but keeping the AMI's own expiry where it is later: reusing an AMI
+        baked to be kept longer (a larger retain_days) must not shorten its life, nor how far back a backfill
+        can reach for it."""
+        kept, new = tags_dict(image.get("Tags", [])).get(EXPIRES_TAG), self.tags.get(EXPIRES_TAG)
+        if kept is None or new is None or not _later(kept, new):
+            return self.tags
+        self.log.info("AMI %s keeps its later expiry %s (this run's: %s)", image["ImageId"], kept, new)
+        return {**self.tags, EXPIRES_TAG: kept}
+
     def _builder_tags(self) -> dict[str, str]:
         if self.builder_expiry_hours is None:
             return dict(self.builder_tags or {})
@@ -199,3 +219,11 @@ class PackerBuildOperator(BaseOperator):
         if self._process is not None:
             self.log.info("Stopping packer (pid %s) and its children", self._process.pid)
             PackerHook.stop(self._process)
+
+
+def _later(expires_at: str, than: str) -> bool:
+    """Whether the expiry ``expires_at`` is after ``than``; False when either is no expiry ``expiry`` wrote."""
+    try:
+        return parse_expiry(expires_at) > parse_expiry(than)
+    except ValueError:
+        return False
