@@ -178,7 +178,8 @@ def test_compiled_checkpointed_runs_save_the_plain_parameter_names(runs: dict[st
 
 def test_a_profiled_window_is_summarized_by_kind_of_work(runs: dict[str, Run]) -> None:
     trace = json.loads((runs["full"].directory / "profile" / "trace-rank0.json").read_text())
-    summary = summarize_trace(trace)
+    # Every operator by name: which of them make the top 8 depends on how loaded the machine was.
+    summary = summarize_trace(trace, top=len(trace["traceEvents"]))
     assert summary["source"] == "host operators"
     assert 0 < summary["busy_ms"] <= summary["span_ms"]
     # Two CPU ranks under FSDP: matrix products and gloo's collectives are both in the window.
