@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from airflow.sdk.exceptions import AirflowNotFoundException
 from botocore.stub import Stubber
-from hyperpod_support import NAMES, SETTINGS, spec_for
+from hyperpod_support import NAMES, SETTINGS, spec_for, stub_teardown
 
 from dtp.form_params import ParamsError, parse_params
 from dtp.hooks.hyperpod import HyperPodHook
@@ -289,19 +289,7 @@ def test_start_teardown_deletes_the_cluster_and_its_lifecycle_objects_without_wa
     s3.create_bucket(Bucket=SETTINGS["lifecycle_bucket"])
     for key in (f"{name}/lifecycle/on_create.sh", f"{name}/lifecycle/provisioning_parameters.json", "other/x"):
         s3.put_object(Bucket=SETTINGS["lifecycle_bucket"], Key=key, Body=b"#")
-    described = {
-        "ClusterArn": f"arn:aws:sagemaker:us-east-1:111122223333:cluster/{name}",
-        "ClusterName": name,
-        "ClusterStatus": status,
-        "CreationTime": datetime(2026, 12, 6, tzinfo=UTC),
-        "InstanceGroups": [],
-    }
-    # The jobs' controller is out of reach (no dtp_hyperpod_slurm connection): logged, the deletion goes on.
-    stub.add_response("describe_cluster", described, {"ClusterName": name})
-    stub.add_response("describe_cluster", described, {"ClusterName": name})  # delete_cluster's own look
-    if status == "InService":  # a retried teardown's cluster, already Deleting, is not deleted again
-        stub.add_response("delete_cluster", {"ClusterArn": described["ClusterArn"]}, {"ClusterName": name})
-    # No DescribeCluster after it (the Stubber would refuse one): the wait is the trigger's.
+    stub_teardown(stub, name, status)
     done = HyperPodPlatform().start_teardown(spec)
     assert done == {"cancelled_jobs": [], "deleted_cluster": True, "deleted_lifecycle_objects": 2}
     # The nodes read the lifecycle objects only when they are created: they go when the deletion starts.

@@ -4,14 +4,13 @@ ParallelCluster's retention, and neither fails for it (the reaper's deletion: te
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 from airflow.providers.amazon.aws.hooks.logs import AwsLogsHook
 from botocore.awsrequest import AWSResponse
 from botocore.stub import Stubber
-from hyperpod_support import SETTINGS, spec_for
+from hyperpod_support import SETTINGS, spec_for, stub_teardown
 
 from dtp.hooks.hyperpod import HyperPodHook
 from dtp.platforms import hyperpod as hyperpod_platform
@@ -52,22 +51,6 @@ def spec(moto_aws: Any) -> dict[str, Any]:
     return spec_for()
 
 
-def stub_teardown(stub: Stubber, name: str, status: str = "InService") -> None:
-    """SageMaker's answers to ``start_teardown`` of the cluster ``name`` (id ``CLUSTER_ID``), ``status`` at first."""
-    described = {
-        "ClusterArn": CLUSTER_ARN,
-        "ClusterName": name,
-        "ClusterStatus": status,
-        "CreationTime": datetime(2026, 12, 6, tzinfo=UTC),
-        "InstanceGroups": [],
-    }
-    # The jobs' controller is out of reach (no dtp_hyperpod_slurm connection): logged, the deletion goes on.
-    stub.add_response("describe_cluster", described, {"ClusterName": name})
-    stub.add_response("describe_cluster", described, {"ClusterName": name})  # delete_cluster's own look
-    if status == "InService":  # a retried teardown's cluster, already Deleting, is not deleted again
-        stub.add_response("delete_cluster", {"ClusterArn": CLUSTER_ARN}, {"ClusterName": name})
-
-
 def retention(logs: AwsLogsHook, group: str) -> int | None:
     """The days the log group ``group`` keeps its events; None: for ever."""
     (found,) = [g for g in logs.conn.describe_log_groups()["logGroups"] if g["logGroupName"] == group]
@@ -98,7 +81,7 @@ def test_teardown_has_the_clusters_log_group_expire(
     group, other = f"/aws/sagemaker/Clusters/{name}/{CLUSTER_ID}", f"/aws/sagemaker/Clusters/{name}-2/0123456789ab"
     for created in (group, other):
         logs.conn.create_log_group(logGroupName=created)
-    stub_teardown(stub, name, status)
+    stub_teardown(stub, name, status, CLUSTER_ARN)
     done = HyperPodPlatform().start_teardown(spec)
     assert done == {"cancelled_jobs": [], "deleted_cluster": True, "deleted_lifecycle_objects": 0}
     # Kept for a post-mortem, as a ParallelCluster's, then expired (a retried teardown puts the same retention).
@@ -108,7 +91,7 @@ def test_teardown_has_the_clusters_log_group_expire(
 def test_a_cluster_with_no_log_group_is_torn_down(settings, spec, stub: Stubber, logs: AwsLogsHook, caplog) -> None:
     """A cluster whose nodes never logged (never created, failed early) has no log group: nothing to expire."""
     name = spec["names"]["run_key"]
-    stub_teardown(stub, name)
+    stub_teardown(stub, name, arn=CLUSTER_ARN)
     with caplog.at_level("INFO", logger=hyperpod_logs.__name__):
         done = HyperPodPlatform().start_teardown(spec)
     assert done == {"cancelled_jobs": [], "deleted_cluster": True, "deleted_lifecycle_objects": 0}
@@ -123,7 +106,7 @@ def test_a_worker_not_allowed_to_expire_the_log_group_still_tears_the_cluster_do
     group = f"/aws/sagemaker/Clusters/{spec['names']['run_key']}/{CLUSTER_ID}"
     logs.conn.create_log_group(logGroupName=group)
     refused = deny(logs, "PutRetentionPolicy")
-    stub_teardown(stub, spec["names"]["run_key"])
+    stub_teardown(stub, spec["names"]["run_key"], arn=CLUSTER_ARN)
     done = HyperPodPlatform().start_teardown(spec)
     assert done == {"cancelled_jobs": [], "deleted_cluster": True, "deleted_lifecycle_objects": 0}
     assert refused == ["PutRetentionPolicy"] and retention(logs, group) is None
