@@ -1,9 +1,10 @@
 """Preflight checks on every node of a job: ``torchrun ... preflight.py --results out.json``.
 
-0. One result file per node (local rank 0, with --node-results): the node's
-   versions, visible device count and probes, written before anything that
-   can fail on a broken node (the rendezvous of the process group, opening a
-   GPU), so the gate names the node even when its fault ends the job.
+0. One result file per node (local rank 0, where DTP_PREFLIGHT_NODE_RESULTS
+   names their folder): the node's versions, visible device count and probes,
+   written before anything that can fail on a broken node (the rendezvous of
+   the process group, opening a GPU), so the gate names the node even when its
+   fault ends the job.
 1. Environment screen per rank (the reference repo's pytorch-env-validation):
    host, torch / CUDA / NCCL versions, devices, and a small matmul checked
    against float64.
@@ -18,8 +19,13 @@
    between the hosts, which the gate does not judge on an instance type with
    accelerators.
 Rank 0 writes everything to one JSON file for the gate to judge. The backend
-is the job's (--backend, from its instance type): a node whose torch lacks CUDA
-then fails on its own instead of choosing gloo while the others choose nccl.
+is the job's where DTP_PREFLIGHT_BACKEND names it (from its instance type): a
+node whose torch lacks CUDA then fails on its own instead of choosing gloo
+while the others choose nccl.
+
+The Slurm job passes those two settings in the environment, not as options: an
+image published before them holds a preflight.py whose options are only
+--results, --max-bytes and --no-busbw, and which ignores the environment.
 """
 
 from __future__ import annotations
@@ -39,6 +45,9 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 from torch.distributed.elastic.multiprocessing import errors
+
+NODE_RESULTS_ENV = "DTP_PREFLIGHT_NODE_RESULTS"  # the folder of the per-node result files, <node>.json
+BACKEND_ENV = "DTP_PREFLIGHT_BACKEND"  # the job's: nccl or gloo (default: nccl where torch has CUDA)
 
 
 def environment(device: torch.device) -> dict:
@@ -166,15 +175,16 @@ def main() -> None:
     parser.add_argument("--results", required=True)
     parser.add_argument("--max-bytes", type=int, default=16 << 20)
     parser.add_argument("--no-busbw", action="store_true", help="nccl-tests or nccom-test measures it instead")
-    parser.add_argument("--backend", choices=("nccl", "gloo"), help="the job's (default: nccl where torch has CUDA)")
-    parser.add_argument("--node-results", help="folder of the per-node result files, <node>.json")
     args = parser.parse_args()
-    backend = args.backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    backend = os.environ.get(BACKEND_ENV) or ("nccl" if torch.cuda.is_available() else "gloo")
+    if backend not in ("nccl", "gloo"):
+        parser.error(f"{BACKEND_ENV}={backend!r}: the backend is nccl or gloo")
+    node_results = os.environ.get(NODE_RESULTS_ENV)
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     node_probes = probes() if local_rank == 0 else None
-    if node_probes is not None and args.node_results:
+    if node_probes is not None and node_results:
         node = node_record(backend, node_probes)
-        write_json(os.path.join(args.node_results, f"{node['slurm_node'] or node['host']}.json"), node)
+        write_json(os.path.join(node_results, f"{node['slurm_node'] or node['host']}.json"), node)
     dist.init_process_group(backend, timeout=timedelta(seconds=120))
     device = torch.device("cuda", local_rank) if backend == "nccl" else torch.device("cpu")
     if device.type == "cuda":

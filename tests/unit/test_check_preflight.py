@@ -174,6 +174,57 @@ def test_the_combined_results_are_judged_with_the_job_s_status(preflight_output:
     ]
 
 
+def test_a_job_where_no_node_wrote_its_result_names_no_node(preflight_output: dict[str, Any]) -> None:
+    # torchrun's agents failed before any rank started (a container that did not start, torch that did not import, a
+    # rendezvous not reached): every task ends together, so no node is named, and excluding them all is no advice.
+    preflight_output["result"] = None
+    preflight_output["files"] = {"/fsx/runs/r/preflight.status": "nodes=n1,n2\ntorch_rc=1\n"}
+    failures = results.check_preflight(spec("m5.2xlarge"), {}, "/fsx/runs/r/preflight.json")["failures"]
+    assert failures[:2] == [
+        "preflight: no node wrote its result: the job ended before its ranks started (a container that did not "
+        "start, torch that did not import, a rendezvous not reached; see the job log)",
+        "preflight step torch exited with code 1 (see the job log)",
+    ]
+    assert bad_nodes(failures) == []
+    assert "exclude_nodes" not in preflight_message(failures)
+
+
+def test_a_step_slurm_ended_is_a_failure_whatever_the_job_left(preflight_output: dict[str, Any]) -> None:
+    # Slurm ended the job (its time limit) while torch ran: both nodes had written their files, and a table of
+    # nccl-tests is there (an earlier try's, say), yet neither step finished in this try.
+    preflight_output["result"] = None
+    preflight_output["collective_test"] = (DATA / "nccl_tests_all_reduce_p5.txt").read_text()
+    preflight_output["files"] = {
+        "/fsx/runs/r/preflight.status": "nodes=n1,n2\n",
+        "/fsx/runs/r/preflight-nodes/n1.json": json.dumps(node_record("n1", 0, 8)),
+        "/fsx/runs/r/preflight-nodes/n2.json": json.dumps(node_record("n2", 8, 8)),
+    }
+    p5 = spec("p5.48xlarge", expected_busbw_gbps=1.0)
+    failures = results.check_preflight(p5, {}, "/fsx/runs/r/preflight.json", "/fsx/runs/r/nccl-tests.out")["failures"]
+    assert failures == [
+        "preflight step torch did not finish (see the job log)",
+        "preflight step nccl-tests did not finish (see the job log)",
+    ]
+    # Where the job ran no collective test, torch's is the only step it owed.
+    preflight_output["files"]["/fsx/runs/r/preflight.status"] = "nodes=n1,n2\ntorch_rc=0\n"
+    assert results.check_preflight(p5, {}, "/fsx/runs/r/preflight.json", "/fsx/runs/r/nccl-tests.out")["failures"] == [
+        "preflight step nccl-tests did not finish (see the job log)"
+    ]
+
+
+def test_an_older_preflight_py_s_combined_results_are_judged_as_before(preflight_output: dict[str, Any]) -> None:
+    # The image's preflight.py predates the node files: the job's folder of them stays empty, the combined results
+    # name every node, and only what they show fails.
+    preflight_output["result"] = {"backend": "gloo", "world_size": 2, "ranks": [rank("n1"), rank("n2")]}
+    preflight_output["result"]["allreduce"] = gloo_sweep(0.5)
+    preflight_output["files"] = {"/fsx/runs/r/preflight.status": "nodes=n1,n2\ntorch_rc=0\n"}
+    assert results.check_preflight(spec("m5.2xlarge"), {}, "/fsx/runs/r/preflight.json")["failures"] == []
+    preflight_output["result"]["ranks"][1]["matmul_max_abs_error"] = "nan"
+    assert results.check_preflight(spec("m5.2xlarge"), {}, "/fsx/runs/r/preflight.json")["failures"] == [
+        "node n2: matmul on rank 0 is wrong (max error nan)"
+    ]
+
+
 def test_without_a_status_file_or_results_there_is_nothing_to_judge(preflight_output: dict[str, Any]) -> None:
     # Off Slurm (no status file) the combined results are all there is.
     preflight_output["result"] = None

@@ -3,7 +3,10 @@ GPU against the AMI's libraries, nccom-test with a worker per NeuronCore on Trai
 
 from __future__ import annotations
 
+import json
+import signal
 import subprocess
+import sys
 from pathlib import Path
 
 from templates_support import CONTEXTS, fake_slurm
@@ -114,6 +117,7 @@ def test_a_failed_check_is_recorded_and_the_job_still_ends_completed(tmp_path: P
     (run / "preflight-nodes").mkdir(parents=True)
     (run / "preflight.json").write_text("{}")  # an earlier try's
     (run / "preflight-nodes" / "n9.json").write_text("{}")
+    (run / "preflight.status").write_text("nodes=n9\ntorch_rc=0\n")
     context = {
         **CONTEXTS["slurm/preflight.sbatch.j2"],
         "procs_per_node": 8,
@@ -130,7 +134,7 @@ def test_a_failed_check_is_recorded_and_the_job_still_ends_completed(tmp_path: P
         "#!/bin/bash\n"
         f'if [[ "$*" == *preflight.py* ]]; then env > {tmp_path}/torch.env;'
         f" printf '%s\\0' \"$@\" > {tmp_path}/torch.argv; exit 1; fi\n"
-        'echo "#  8  2  float  sum  -1  9.1  0.00  0.00  0"; exit 3\n'
+        f'env > {tmp_path}/nccl.env; echo "#  8  2  float  sum  -1  9.1  0.00  0.00  0"; exit 3\n'
     )
     ran = subprocess.run(["bash", str(script)], capture_output=True, text=True, cwd=tmp_path, env=env)
     assert ran.returncode == 0, ran.stderr
@@ -138,12 +142,83 @@ def test_a_failed_check_is_recorded_and_the_job_still_ends_completed(tmp_path: P
     assert not (run / "preflight.json").exists() and list((run / "preflight-nodes").iterdir()) == []
     # nccl-tests' table is in the job's log (the hang detector reads it) and in its file.
     assert "#  8  2  float" in ran.stdout and (run / "nccl-tests.out").read_text().startswith("#  8  2  float")
-    torch_argv = (tmp_path / "torch.argv").read_text().split("\0")[:-1]
-    assert torch_argv[torch_argv.index("--backend") + 1] == "nccl"
-    assert torch_argv[torch_argv.index("--node-results") + 1] == str(run / "preflight-nodes")
     torch_env = dict(line.split("=", 1) for line in (tmp_path / "torch.env").read_text().splitlines() if "=" in line)
+    assert torch_env["DTP_PREFLIGHT_BACKEND"] == "nccl"
+    assert torch_env["DTP_PREFLIGHT_NODE_RESULTS"] == str(run / "preflight-nodes")
+    assert "DTP_PREFLIGHT_" not in (tmp_path / "nccl.env").read_text()  # the torch step's alone
     # NGC images turn TF32 on: the screen's fp32 matmul would miss its 1e-2 tolerance against float64.
     assert torch_env["TORCH_ALLOW_TF32_CUBLAS_OVERRIDE"] == torch_env["NVIDIA_TF32_OVERRIDE"] == "0"
+
+
+# preflight.py as images published before the node files carry it: its options are these three, and any other
+# ends it with argparse's exit 2 before it writes anything.
+OLD_PREFLIGHT = """\
+import argparse, json, os
+parser = argparse.ArgumentParser()
+parser.add_argument("--results", required=True)
+parser.add_argument("--max-bytes", type=int)
+parser.add_argument("--no-busbw", action="store_true")
+args = parser.parse_args()
+with open(args.results, "w") as fh:
+    json.dump({"backend": "gloo", "world_size": 1, "ranks": [{"slurm_node": os.environ["SLURMD_NODENAME"]}]}, fh)
+"""
+
+
+def test_an_image_s_preflight_py_from_before_the_node_files_still_writes_its_results(tmp_path: Path) -> None:
+    # The image's own preflight.py runs (pyxis images, the local unpacked one): the job's new settings must not be
+    # options it refuses. It writes the combined results and no node file, which the gate judges alone.
+    run = tmp_path / "run"
+    run.mkdir()
+    (tmp_path / "preflight.py").write_text(OLD_PREFLIGHT)
+    context = {
+        **CONTEXTS["slurm/preflight.sbatch.j2"],
+        "env": {},
+        "python": tmp_path / "torchrun-python",
+        "program": tmp_path / "preflight.py",
+        **job_files(run),
+        "nccl_tests_path": "",
+        "nccom_test_path": "",
+    }
+    script = tmp_path / "preflight.sbatch"
+    script.write_text(render("slurm/preflight.sbatch.j2", **context))
+    env = {**fake_slurm(tmp_path), "SLURMD_NODENAME": "n1"}
+    # srun runs its command on this host; `python -m torch.distributed.run` runs the program after its own options.
+    (tmp_path / "bin" / "srun").write_text('#!/bin/bash\nwhile [[ "$1" == -* ]]; do shift; done\nexec "$@"\n')
+    (tmp_path / "torchrun-python").write_text(
+        f'#!/bin/bash\nshift 2\nwhile [[ "$1" == -* ]]; do shift; done\nexec {sys.executable} "$@"\n'
+    )
+    (tmp_path / "torchrun-python").chmod(0o755)
+    ran = subprocess.run(["bash", str(script)], capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert ran.returncode == 0, ran.stderr
+    assert (run / "preflight.status").read_text() == "nodes=n1\ntorch_rc=0\n", ran.stderr
+    assert json.loads((run / "preflight.json").read_text())["ranks"] == [{"slurm_node": "n1"}]
+    assert list((run / "preflight-nodes").iterdir()) == []
+
+
+def test_a_try_slurm_ends_during_the_torch_step_leaves_no_exit_code_and_no_earlier_try_s_output(
+    tmp_path: Path,
+) -> None:
+    # Slurm ends the batch script (the time limit, a node lost) while torch runs: the status file shows the step
+    # unfinished, and the earlier try's nccl-tests table is gone rather than judged as this try's.
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "nccl-tests.out").write_text("#  8  2  float  sum  -1  9.1  0.00  0.00  0\n")  # an earlier try's
+    (run / "preflight.status").write_text("nodes=n1\ntorch_rc=0\nnccl_tests_rc=0\n")
+    context = {
+        **CONTEXTS["slurm/preflight.sbatch.j2"],
+        "env": {},
+        **job_files(run),
+        "nccl_tests_path": run / "nccl-tests.out",
+        "nccom_test_path": "",
+    }
+    script = tmp_path / "preflight.sbatch"
+    script.write_text(render("slurm/preflight.sbatch.j2", **context))
+    env = fake_slurm(tmp_path)
+    (tmp_path / "bin" / "srun").write_text("#!/bin/bash\nkill -KILL $PPID\n")  # the batch script
+    ran = subprocess.run(["bash", str(script)], capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert ran.returncode == -signal.SIGKILL
+    assert (run / "preflight.status").read_text() == "nodes=n1\n"
+    assert not (run / "nccl-tests.out").exists()
 
 
 def test_a_job_that_cannot_start_its_steps_still_fails(tmp_path: Path) -> None:

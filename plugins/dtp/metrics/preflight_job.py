@@ -5,11 +5,16 @@ in a status file beside the results, and each node's first rank writes that
 node's own result file before anything that can fail on a broken node. A node
 that ends the job (a GPU missing, torch without CUDA, a crash) leaves no
 combined results, yet the gate still reads every other node's file and names
-the one that wrote none.
+the one that wrote none. Where no node wrote one, the job ended before its
+ranks started (a container that did not start, torch that did not import, a
+rendezvous not reached): torchrun's agents then end together whichever node
+failed, so the gate names none. An image's preflight.py from before the node
+files writes none: its combined results are judged alone.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -62,14 +67,30 @@ def with_node_records(result: dict[str, Any] | None, node_records: list[dict[str
     }
 
 
-def job_failures(status: PreflightStatus, result: dict[str, Any], node_records: list[dict[str, Any]]) -> list[str]:
-    """The job's nodes that wrote no result (``node <name>: ...``, for the exclude_nodes advice), then the steps
-    that exited non-zero."""
+NO_NODE_RESULT = (
+    "preflight: no node wrote its result: the job ended before its ranks started (a container that did not start, "
+    "torch that did not import, a rendezvous not reached; see the job log)"
+)
+
+
+def job_failures(
+    status: PreflightStatus, result: dict[str, Any], node_records: list[dict[str, Any]], steps: Sequence[str]
+) -> list[str]:
+    """What the status file shows is wrong: the job's nodes that wrote no result (``node <name>: ...``, for the
+    exclude_nodes advice) where others did, or one line naming no node where none did; then each of the ``steps``
+    the job runs (``torch``, then its collective test's) that exited non-zero or recorded no exit code (Slurm ended
+    the job during it or before it: what the job left then is not the whole of it)."""
     answered = {node_name(record) for record in [*result.get("ranks", []), *node_records]}
-    failures = [f"node {node}: no preflight result (see the job log)" for node in status.nodes if node not in answered]
-    failures += [
-        f"preflight step {step} exited with code {code} (see the job log)"
-        for step, code in status.exit_codes.items()
-        if code != 0
-    ]
+    if answered:
+        failures = [
+            f"node {node}: no preflight result (see the job log)" for node in status.nodes if node not in answered
+        ]
+    else:
+        failures = [NO_NODE_RESULT]
+    for step in dict.fromkeys([*steps, *status.exit_codes]):
+        code = status.exit_codes.get(step)
+        if code is None:
+            failures.append(f"preflight step {step} did not finish (see the job log)")
+        elif code != 0:
+            failures.append(f"preflight step {step} exited with code {code} (see the job log)")
     return failures

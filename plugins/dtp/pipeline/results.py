@@ -106,11 +106,14 @@ def busbw_expectation(spec: dict[str, Any], cluster: dict[str, Any]) -> BusbwExp
     return BusbwExpectation(gbps=gbps, at_bytes=instance["busbw_at_bytes"])
 
 
-def read_preflight(cluster: dict[str, Any], results_path: str) -> tuple[dict[str, Any], list[str]]:
-    """preflight.py's results, and the failures the job's status file shows: the job's nodes that wrote no result,
-    the steps that exited non-zero. Where the job ended before the combined results, the per-node result files
-    stand in for them. Without a status file (a job off Slurm) the combined results alone: FileNotFoundError
-    when there are none."""
+def read_preflight(
+    cluster: dict[str, Any], results_path: str, steps: tuple[str, ...]
+) -> tuple[dict[str, Any], list[str]]:
+    """preflight.py's results, and the failures the job's status file shows: the job's nodes that wrote no result
+    (or that none did), the ``steps`` that exited non-zero or did not finish. Where the job ended before the
+    combined results, the per-node result files stand in for them; an image's preflight.py that writes none leaves
+    the combined results alone. Without a status file (a job off Slurm) the combined results alone:
+    FileNotFoundError when there are none."""
     files = SharedFilesystemHook.of_cluster(cluster)
     status, _ = files.read_file(status_path(results_path))
     if not status:
@@ -123,7 +126,7 @@ def read_preflight(cluster: dict[str, Any], results_path: str) -> tuple[dict[str
     except FileNotFoundError:
         combined = None
     result = with_node_records(combined, records)
-    return result, job_failures(parse_status(status), result, records)
+    return result, job_failures(parse_status(status), result, records, steps)
 
 
 def check_preflight(
@@ -132,8 +135,10 @@ def check_preflight(
     """Judge the preflight job's results, with the all-reduce rows of the instance type's collective test
     (nccl-tests or nccom-test) where ``collective_test_path`` holds its output; the result gains the per-node
     version table, the verdict and the checks that could not run (``warnings``)."""
-    result, failures = read_preflight(cluster, results_path)
     instance = instance_of(spec, cluster)
+    # The job's steps: torch's, then the collective test's where it ran one.
+    steps = ("torch", instance["collective_test"]) if collective_test_path else ("torch",)
+    result, failures = read_preflight(cluster, results_path, steps)
     if collective_test_path:
         text, _ = SharedFilesystemHook.of_cluster(cluster).read_file(collective_test_path)
         try:
