@@ -42,6 +42,12 @@ import subprocess
 import time
 from datetime import timedelta
 
+# NGC images turn TF32 on for every fp32 matmul (TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=1 in the image, which pyxis keeps
+# over a job's exported value; EKS and Batch set neither): the environment screen's fp32 matmul is checked against
+# float64 within 1e-2, which TF32 misses, so both are off in this process, before torch loads cuBLAS.
+os.environ["TORCH_ALLOW_TF32_CUBLAS_OVERRIDE"] = "0"
+os.environ["NVIDIA_TF32_OVERRIDE"] = "0"
+
 import torch
 import torch.distributed as dist
 from torch.distributed.elastic.multiprocessing import errors

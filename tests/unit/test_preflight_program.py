@@ -53,3 +53,22 @@ def test_a_backend_it_does_not_know_is_refused_before_anything_is_written(tmp_pa
     assert ran.returncode == 2
     assert "DTP_PREFLIGHT_BACKEND='mpi': the backend is nccl or gloo" in ran.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_tf32_overrides_are_off_in_the_program_whatever_its_image_sets() -> None:
+    # NGC images set TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=1, and pyxis keeps an image's value over the job's.
+    loaded = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import os, runpy, sys; runpy.run_path(sys.argv[1], run_name='preflight');"
+            " print(os.environ['TORCH_ALLOW_TF32_CUBLAS_OVERRIDE'], os.environ['NVIDIA_TF32_OVERRIDE'])",
+            str(PREFLIGHT),
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "TORCH_ALLOW_TF32_CUBLAS_OVERRIDE": "1", "NVIDIA_TF32_OVERRIDE": "1"},
+        timeout=120,
+    )
+    assert loaded.returncode == 0, loaded.stderr
+    assert loaded.stdout.split() == ["0", "0"]

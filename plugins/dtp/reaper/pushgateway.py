@@ -52,7 +52,8 @@ def find_expired_pushgateway_groups(conn_id: str = PUSHGATEWAY_CONN_ID, now: dat
 def expired_groups(groups: Iterable[PushedGroup], now: datetime) -> list[Expired]:
     """The groups DTP pushed (labels ``job="dtp"`` and ``run``, and no other: the run's group, which a DELETE of its
     path removes whole) whose last push is more than ``RETENTION`` before ``now``, named by their run key. Other jobs'
-    groups never are, and neither is one whose push time the gateway does not give. Its expiry is its last push plus
+    groups never are, and neither is one whose push time the gateway does not give; one no push of which succeeded
+    (push time 0) holds no numbers and goes at the first sweep. Its expiry is its last push plus
     ``RETENTION``, to the second."""
     found = []
     for group in groups:
