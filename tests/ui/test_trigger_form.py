@@ -8,6 +8,7 @@ from urllib.parse import unquote
 
 import pytest
 from playwright.sync_api import Locator, Page, expect
+from playwright.sync_api import TimeoutError as PlaywrightTimeoutError
 
 from dtp.images.ami import AmiBakeParams
 from dtp.images.container import ContainerBuildParams
@@ -111,9 +112,19 @@ def test_trigger_form_runs_train_e2e_and_links_its_report(page: Page, shot, stac
 
 def paste_conf(page: Page, dialog: Locator, conf: dict) -> None:
     """Replace the Advanced Options JSON with ``conf`` (pasted: typed text gets auto-closed quotes and braces)."""
-    dialog.get_by_role("button", name="Advanced Options").click()
     conf_editor = dialog.locator(".monaco-editor").last  # the first editor is extra_env's
-    conf_editor.locator(".view-lines").click()
+    lines = conf_editor.locator(".view-lines")
+    # A click on the section's toggle while the UI's first load is still settling may be lost: click until it opens.
+    toggle = dialog.get_by_role("button", name="Advanced Options")
+    for _ in range(3):
+        if toggle.get_attribute("aria-expanded") != "true":
+            toggle.click()
+        try:
+            lines.wait_for(state="visible", timeout=10_000)
+            break
+        except PlaywrightTimeoutError:
+            continue
+    lines.click()
     page.context.grant_permissions(["clipboard-read", "clipboard-write"])
     page.evaluate("text => navigator.clipboard.writeText(text)", json.dumps(conf))
     page.keyboard.press("Control+A")
